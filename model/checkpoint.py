@@ -1,0 +1,182 @@
+"""Checkpoints: orbax-saved weights (f32, bf16 or int8) plus the model config and the tokenizer.
+
+A checkpoint is a directory:
+  meshserve.json     {"format": 1, "model": ModelConfig fields, "weights": "f32"|"bf16"|"int8", "tokenizer": file}
+  params/            the weights, saved with orbax (int8 weights as {"values", "scale"} pairs)
+  tokenizer.json | tokenizer.model   (optional)
+Saving writes to a temporary sibling directory and renames it at the end, so a crash never leaves a
+half-written checkpoint. Restoring reads straight into the requested shardings: every host reads
+only its own shards, which is how a model too large for one host is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from meshserve.errors import UserError
+from meshserve.model.config import ConfigError, ModelConfig
+from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
+from meshserve.model.quant import QuantizedArray
+from meshserve.model.tokenizer import TOKENIZER_FILES
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_info",
+    "CheckpointError",
+    "CheckpointInfo",
+    "abstract_params_for",
+]
+
+FORMAT = 1
+META_FILE = "meshserve.json"
+_INT8_KEY = "__int8__"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt or does not match its config."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    config: ModelConfig
+    weights: str
+    tokenizer_path: Path | None
+
+
+def _to_plain(params: Params) -> dict:
+    """Replace each QuantizedArray by {"__int8__": {"values", "scale"}} (plain dicts serialise anywhere)."""
+    return jax.tree_util.tree_map(
+        lambda x: {_INT8_KEY: {"values": x.values, "scale": x.scale}} if isinstance(x, QuantizedArray) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, QuantizedArray),
+    )
+
+
+def _from_plain(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_INT8_KEY}:
+            return QuantizedArray(values=tree[_INT8_KEY]["values"], scale=tree[_INT8_KEY]["scale"])
+        return {k: _from_plain(v) for k, v in tree.items()}
+    return tree
+
+
+def abstract_params_for(config: ModelConfig, weights: str) -> Params:
+    """ShapeDtypeStructs of a model's weights in a given storage dtype (no allocation)."""
+    return jax.eval_shape(lambda: cast_params(config, init_params(config, jax.random.key(0)), weights))
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: ModelConfig,
+    params: Params,
+    weights: str,
+    tokenizer_file: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint atomically (temporary directory, then rename)."""
+    import orbax.checkpoint as ocp
+
+    if weights not in WEIGHT_DTYPES:
+        raise CheckpointError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        # StandardCheckpointer saves asynchronously: wait for the commit before the rename below.
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / "params", _to_plain(params))
+            checkpointer.wait_until_finished()
+        tok_name = None
+        if tokenizer_file is not None:
+            tok_name = "tokenizer.model" if str(tokenizer_file).endswith(".model") else "tokenizer.json"
+            shutil.copyfile(tokenizer_file, tmp / tok_name)
+        meta = {"format": FORMAT, "model": config.to_dict(), "weights": weights, "tokenizer": tok_name}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """The config, weight dtype and tokenizer of a checkpoint, without reading weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} is not a directory")
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = ModelConfig.from_dict(meta["model"])
+        weights = meta["weights"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a meshserve checkpoint (no {META_FILE})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
+    if meta.get("format") != FORMAT or weights not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')} / weights {weights!r}")
+    tok = None
+    for name in [meta["tokenizer"]] if meta.get("tokenizer") else list(TOKENIZER_FILES):
+        if (path / name).exists():
+            tok = path / name
+            break
+    return CheckpointInfo(path=path, config=config, weights=weights, tokenizer_path=tok)
+
+
+def load_checkpoint(
+    path: str | Path, *, weights: str | None = None, shardings: Callable[[Params], Any] | Any | None = None
+) -> tuple[CheckpointInfo, Params]:
+    """Restore a checkpoint's weights, optionally converted to another weight dtype.
+
+    shardings: None (default device), one `jax.sharding.Sharding` for every array, or a function
+    from the abstract params tree (as stored) to a matching tree of shardings. Arrays are read
+    straight into those shardings.
+    """
+    import orbax.checkpoint as ocp
+
+    info = read_checkpoint_info(path)
+    abstract = abstract_params_for(info.config, info.weights)
+    if callable(shardings):
+        sharding_tree = shardings(abstract)
+    else:
+        default = shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding_tree = jax.tree_util.tree_map(lambda _: default, abstract)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        _to_plain(abstract),
+        _to_plain(sharding_tree),
+    )
+    params_dir = info.path.absolute() / "params"
+    if not params_dir.is_dir():
+        raise CheckpointError(f"checkpoint {info.path} has no params/ directory")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(params_dir, target)
+    except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError/... on mismatch or damage
+        raise CheckpointError(
+            f"cannot restore {params_dir} as {info.config.name} ({info.weights}): {str(e).splitlines()[0][:300]}"
+        ) from None
+    params = _from_plain(restored)
+    if weights is not None and weights != info.weights:
+        params = cast_params(info.config, params, weights)
+    return info, params
+
+
+def to_dtype_name(dtype: jnp.dtype) -> str:
+    return {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.int8): "int8"}[dtype]

@@ -1,0 +1,189 @@
+"""Model configuration: one frozen dataclass and named presets, from `tiny` (tests) to PaLM 540B.
+
+Axis alphabet used throughout meshserve (einsum subscripts, names and shape comments), after PAPER.md:
+  B batch, T query tokens in this pass (the paper's L), S cache/context length, E d_model, F d_ff,
+  H query heads, K key/value heads (1 = multi-query), Q head dim, V vocab, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from meshserve.errors import UserError
+
+__all__ = ["ModelConfig", "PRESETS", "get_config", "ConfigError"]
+
+
+class ConfigError(UserError):
+    """A configuration that cannot describe a model (bad field, unknown preset or override key)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    The switches cover PaLM (parallel block, SwiGLU, multi-query, shared embedding, no biases) and
+    Falcon-style Hugging Face checkpoints (GELU MLP, LayerNorm with bias, optional linear biases).
+    """
+
+    name: str
+    vocab_size: int  # V
+    d_model: int  # E
+    d_ff: int  # F
+    n_layers: int  # N
+    n_heads: int  # H (query heads as stored; see `true_heads` for padding)
+    n_kv_heads: int  # K: 1 = multi-query, H = multi-head, between = grouped
+    d_head: int  # Q
+    max_seq_len: int = 2048  # S: the longest context (prompt + generated) the KV cache holds
+    parallel_block: bool = True  # y = x + attn(ln(x)) + mlp(ln(x)); else serial with two norms
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_bias: bool = False  # LayerNorm with a learned bias (Falcon) or scale only (PaLM)
+    norm_eps: float = 1e-6
+    linear_bias: bool = False  # biases on the attention and MLP projections
+    shared_embedding: bool = True  # output projection = input embedding transposed
+    rope_base: float = 10_000.0
+    # Heads that carry real weights; the rest of n_heads are zero padding so heads divide the chips
+    # (PaLM 540B: 48 heads padded to 64 for inference). 0 means all n_heads are real.
+    true_heads: int = 0
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in (
+            "vocab_size",
+            "d_model",
+            "d_ff",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_head",
+            "max_seq_len",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.d_head % 2:
+            raise ConfigError(f"d_head must be even for rotary embeddings, got {self.d_head}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ConfigError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if not 0 <= self.true_heads <= self.n_heads:
+            raise ConfigError(f"true_heads must be in [0, n_heads={self.n_heads}], got {self.true_heads}")
+
+    @property
+    def real_heads(self) -> int:
+        """Heads with real weights (the rest are zero padding)."""
+        return self.true_heads or self.n_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (H / K)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def multi_query(self) -> bool:
+        return self.n_kv_heads == 1
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A copy with some fields changed; unknown keys are refused with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def padded_heads(self, n_heads: int) -> ModelConfig:
+        """This model with query heads zero-padded to `n_heads` (so heads split evenly over chips)."""
+        if n_heads < self.real_heads or n_heads % self.n_kv_heads:
+            raise ConfigError(f"cannot pad {self.real_heads} heads to {n_heads} with {self.n_kv_heads} kv heads")
+        return self.replace(n_heads=n_heads, true_heads=self.real_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+_PALM = dict(
+    parallel_block=True,
+    mlp="swiglu",
+    norm="layernorm",
+    norm_bias=False,
+    linear_bias=False,
+    shared_embedding=True,
+    n_kv_heads=1,
+    d_head=256,
+    vocab_size=256_128,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny shapes keep every test compile short; 8 heads and d_ff 128 split over 8 emulated devices.
+    "tiny": ModelConfig(
+        name="tiny",
+        vocab_size=256,
+        d_model=64,
+        d_ff=128,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=1,
+        d_head=16,
+        max_seq_len=128,
+    ),
+    # The shipped model (model/demo/), trained by benchmarks/train_demo.py on Python's own docs.
+    "demo": ModelConfig(
+        name="demo",
+        vocab_size=4096,
+        d_model=256,
+        d_ff=768,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=1,
+        d_head=64,
+        max_seq_len=512,
+        bos_id=1,
+        eos_id=2,
+    ),
+    "palm-8b": ModelConfig(name="palm-8b", d_model=4096, d_ff=16384, n_layers=32, n_heads=16, **_PALM),
+    "palm-62b": ModelConfig(name="palm-62b", d_model=8192, d_ff=32768, n_layers=64, n_heads=32, **_PALM),
+    # 48 real heads; `padded_heads(64)` gives the inference shape the paper ran.
+    "palm-540b": ModelConfig(name="palm-540b", d_model=18432, d_ff=73728, n_layers=118, n_heads=48, **_PALM),
+    # tiiuae/falcon-7b: multi-query, parallel block, GELU MLP 4E, LayerNorm with bias, tied embedding.
+    "falcon-7b": ModelConfig(
+        name="falcon-7b",
+        vocab_size=65024,
+        d_model=4544,
+        d_ff=18176,
+        n_layers=32,
+        n_heads=71,
+        n_kv_heads=1,
+        d_head=64,
+        parallel_block=True,
+        mlp="gelu",
+        norm="layernorm",
+        norm_bias=True,
+        norm_eps=1e-5,
+        linear_bias=False,
+        shared_embedding=True,
+        eos_id=11,
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name, optionally with fields overridden; unknown names list the known presets."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    config = PRESETS[name]
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,113 @@
+"""The decoder layer: norms, rotary embeddings, (multi-query) attention and the MLP.
+
+Shapes use the alphabet of model/config.py: B batch, T query tokens, S keys, E d_model, F d_ff,
+H query heads, K kv heads, G = H/K heads per kv head, Q head dim.
+Every matmul goes through `quant.einsum`, so bf16/f32 and int8 weights share one path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from meshserve.model.config import ModelConfig
+from meshserve.model.quant import einsum
+
+__all__ = [
+    "norm",
+    "rope",
+    "attention_scores_mask",
+    "attend",
+    "qkv_projection",
+    "attention_output",
+    "mlp",
+    "layer_residual",
+]
+
+NEG_INF = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
+
+
+def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
+    """LayerNorm (optional bias) or RMSNorm over E, computed in float32. x: [..., E]."""
+    x32 = x.astype(jnp.float32)
+    if config.norm == "layernorm":
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (GPT-NeoX / Falcon). x: [B, T, h, Q]; positions: [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Q/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def qkv_projection(
+    h: jax.Array, p: dict[str, Any], positions: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """h: [B, T, E] -> q [B, T, H, Q] (rotated), k [B, T, K, Q] (rotated), v [B, T, K, Q]."""
+    q = einsum("BTE,EHQ->BTHQ", h, p["wq"])
+    k = einsum("BTE,EKQ->BTKQ", h, p["wk"])
+    v = einsum("BTE,EKQ->BTKQ", h, p["wv"])
+    if "bq" in p:
+        q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
+    return rope(q, positions, config.rope_base), rope(k, positions, config.rope_base), v
+
+
+def attention_scores_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array) -> jax.Array:
+    """Causal mask [B, T, S]: key s is visible to query t iff valid and k_pos <= q_pos."""
+    return (k_positions[:, None, :] <= q_positions[:, :, None]) & k_valid[:, None, :]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention (K = 1 is multi-query). q [B,T,H,Q], k/v [B,S,K,Q], mask [B,T,S] -> [B,T,H,Q]."""
+    B, T, H, Q = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Q)
+    scores = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(Q)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, Q).astype(q.dtype)
+
+
+def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
+    """o: [B, T, H, Q] -> [B, T, E]."""
+    y = einsum("BTHQ,HQE->BTE", o, p["wo"])
+    return y + p["bo"].astype(y.dtype) if "bo" in p else y
+
+
+def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
+    """SwiGLU (Swish(hW)·hV) or GELU MLP. h: [B, T, E] -> [B, T, E]."""
+    up = einsum("BTE,EF->BTF", h, p["w_up"])
+    if "b_up" in p:
+        up = up + p["b_up"].astype(up.dtype)
+    if config.mlp == "swiglu":
+        gate = einsum("BTE,EF->BTF", h, p["w_gate"])
+        if "b_gate" in p:
+            gate = gate + p["b_gate"].astype(gate.dtype)
+        act = jax.nn.silu(gate) * up
+    else:
+        act = jax.nn.gelu(up, approximate=False)
+    y = einsum("BTF,FE->BTE", act, p["w_down"])
+    return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
+
+
+def layer_residual(x: jax.Array, p: dict[str, Any], attn_fn, config: ModelConfig) -> jax.Array:
+    """One block. attn_fn(h) -> [B, T, E] runs attention (and updates the cache) on normalised h.
+
+    Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x). Serial: two norms, two residuals.
+    """
+    if config.parallel_block:
+        h = norm(x, p["attn_norm"], config)
+        return x + attn_fn(h) + mlp(h, p, config)
+    x = x + attn_fn(norm(x, p["attn_norm"], config))
+    return x + mlp(norm(x, p["mlp_norm"], config), p, config)

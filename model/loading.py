@@ -1,0 +1,50 @@
+"""Load a model for running: a checkpoint (the bundled demo by default) or a preset with random weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from meshserve.model.checkpoint import load_checkpoint
+from meshserve.model.config import ModelConfig, get_config
+from meshserve.model.params import Params, cast_params, init_params
+from meshserve.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["LoadedModel", "load_model", "DEMO_CHECKPOINT"]
+
+# The shipped model, trained by `python -m meshserve.model.demo_train` (see BUILD.md).
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    weights: str  # f32 | bf16 | int8
+    source: str  # checkpoint path or "random:<preset>"
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids for a text prompt, with the model's BOS token first when it has one."""
+        ids = self.tokenizer.encode(text)
+        return ([self.config.bos_id] if self.config.bos_id is not None else []) + ids
+
+    def stop_ids(self) -> list[int]:
+        eos = self.config.eos_id if self.config.eos_id is not None else self.tokenizer.eos_id
+        return [] if eos is None else [eos]
+
+
+def load_model(checkpoint: str | Path | None = None, *, weights: str | None = None, preset: str | None = None,
+               seed: int = 0, shardings=None) -> LoadedModel:
+    """A checkpoint (default: the bundled demo), or with `preset` a model of random weights (tests, benchmarks)."""
+    if preset is not None:
+        config = get_config(preset)
+        weights = weights or "f32"
+        params = cast_params(config, init_params(config, jax.random.key(seed)), weights)
+        return LoadedModel(config, params, ByteTokenizer(),
+                           weights, f"random:{preset}")
+    info, params = load_checkpoint(checkpoint or DEMO_CHECKPOINT, weights=weights, shardings=shardings)
+    tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else ByteTokenizer()
+    return LoadedModel(info.config, params, tokenizer, weights or info.weights, str(info.path))

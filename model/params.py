@@ -1,0 +1,198 @@
+"""Every weight declared once: shape, logical axes, which axes a matmul contracts, and its init.
+
+Init, abstract shapes (`jax.eval_shape`), shardings (partition/ maps the logical axes to mesh axes),
+byte counts (analytics/) and int8 quantisation all derive from `declare(config)`.
+Layer weights are stacked on a leading `layers` axis so the decoder scans over them.
+
+Logical axis names: layers, vocab, embed (E), mlp (F), heads (H), kv_heads (K), head_dim (Q).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshserve.model.config import ModelConfig
+from meshserve.model.quant import QuantizedArray, dequantize, quantize
+
+__all__ = [
+    "ParamSpec",
+    "declare",
+    "init_params",
+    "abstract_params",
+    "param_count",
+    "logical_axes",
+    "quantize_params",
+    "cast_params",
+    "params_nbytes",
+    "Params",
+    "WEIGHT_DTYPES",
+]
+
+# A params tree: nested dicts whose leaves are arrays or QuantizedArray.
+Params = dict[str, Any]
+
+WEIGHT_DTYPES = ("f32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One weight: shape, logical axes (one name per dim), contracted axes (for int8 scales), init."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"  # normal (std = init_std), ones, zeros
+    init_std: float = 0.02
+    contract: tuple[str, ...] = ()  # the axes a matmul sums over; () = not a matmul weight
+
+    @property
+    def quantizable(self) -> bool:
+        return bool(self.contract)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def declare(config: ModelConfig) -> dict[str, Any]:
+    """The model's weights as a tree of ParamSpec. Shapes in the axis alphabet of model/config.py."""
+    c = config
+    N, E, F, H, K, Q, V = c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size
+    std_in = 1.0 / math.sqrt(E)
+    # Output projections get a depth-scaled init so the residual stream stays O(1) (GPT-2 style).
+    std_out = 1.0 / math.sqrt(2 * N * max(F, H * Q))
+
+    def norm(prefix: tuple[int, ...] = (N,), prefix_axes: tuple[str, ...] = ("layers",)) -> dict:
+        spec = {"scale": ParamSpec(prefix + (E,), prefix_axes + ("embed",), init="ones")}
+        if c.norm == "layernorm" and c.norm_bias:
+            spec["bias"] = ParamSpec(prefix + (E,), prefix_axes + ("embed",), init="zeros")
+        return spec
+
+    def bias(shape: tuple[int, ...], axes: tuple[str, ...]) -> ParamSpec:
+        return ParamSpec((N,) + shape, ("layers",) + axes, init="zeros")
+
+    layer: dict[str, Any] = {
+        "attn_norm": norm(),
+        "wq": ParamSpec((N, E, H, Q), ("layers", "embed", "heads", "head_dim"), init_std=std_in, contract=("embed",)),
+        "wk": ParamSpec(
+            (N, E, K, Q), ("layers", "embed", "kv_heads", "head_dim"), init_std=std_in, contract=("embed",)
+        ),
+        "wv": ParamSpec(
+            (N, E, K, Q), ("layers", "embed", "kv_heads", "head_dim"), init_std=std_in, contract=("embed",)
+        ),
+        "wo": ParamSpec(
+            (N, H, Q, E),
+            ("layers", "heads", "head_dim", "embed"),
+            init_std=std_out,
+            contract=("heads", "head_dim"),
+        ),
+        "w_up": ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",)),
+        "w_down": ParamSpec((N, F, E), ("layers", "mlp", "embed"), init_std=std_out, contract=("mlp",)),
+    }
+    if c.mlp == "swiglu":
+        layer["w_gate"] = ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",))
+    if not c.parallel_block:
+        layer["mlp_norm"] = norm()
+    if c.linear_bias:
+        layer.update(
+            bq=bias((H, Q), ("heads", "head_dim")),
+            bk=bias((K, Q), ("kv_heads", "head_dim")),
+            bv=bias((K, Q), ("kv_heads", "head_dim")),
+            bo=bias((E,), ("embed",)),
+            b_up=bias((F,), ("mlp",)),
+            b_down=bias((E,), ("embed",)),
+        )
+        if c.mlp == "swiglu":
+            layer["b_gate"] = bias((F,), ("mlp",))
+    tree: dict[str, Any] = {
+        "embed": ParamSpec((V, E), ("vocab", "embed"), init_std=0.02),
+        "layers": layer,
+        "final_norm": norm((), ()),
+    }
+    if not c.shared_embedding:
+        tree["unembed"] = ParamSpec((E, V), ("embed", "vocab"), init_std=std_in, contract=("embed",))
+    return tree
+
+
+def _is_spec(x: object) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def _init_one(spec: ParamSpec, key: jax.Array, dtype) -> jax.Array:
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (spec.init_std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random weights from the declaration (padded heads, if any, are zero)."""
+    specs = declare(config)
+    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [_init_one(s, k, dtype) for s, k in zip(leaves, keys, strict=True)])
+    if config.true_heads and config.true_heads < config.n_heads:
+        layer = params["layers"]
+        layer["wq"] = layer["wq"].at[:, :, config.true_heads :].set(0)
+        layer["wo"] = layer["wo"].at[:, config.true_heads :].set(0)
+    return params
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
+    """ShapeDtypeStructs of every weight, with no allocation."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters, from the declared shapes via `jax.eval_shape` (no allocation)."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(config))))
+
+
+def logical_axes(config: ModelConfig) -> dict[str, Any]:
+    """Tree of logical-axis tuples with the structure of the params tree (before quantisation)."""
+    return jax.tree_util.tree_map(lambda s: s.axes, declare(config), is_leaf=_is_spec)
+
+
+def map_with_specs(fn: Callable[[ParamSpec, Any], Any], config: ModelConfig, params: Params) -> Params:
+    """Apply fn(spec, leaf) over params, where QuantizedArray leaves count as one leaf."""
+    specs = declare(config)
+    return jax.tree_util.tree_map(fn, specs, params, is_leaf=lambda x: _is_spec(x) or isinstance(x, QuantizedArray))
+
+
+def quantize_params(config: ModelConfig, params: Params) -> Params:
+    """int8 for every matmul weight (per output channel); embedding, norms and biases stay bf16."""
+
+    def one(spec: ParamSpec, w: Any) -> Any:
+        if isinstance(w, QuantizedArray):
+            return w
+        if spec.quantizable:
+            return quantize(w, [spec.axes.index(a) for a in spec.contract])
+        return w.astype(jnp.bfloat16)
+
+    return map_with_specs(one, config, params)
+
+
+def cast_params(config: ModelConfig, params: Params, weights: str) -> Params:
+    """Params in one of WEIGHT_DTYPES: f32 and bf16 cast every leaf, int8 quantises matmul weights."""
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
+    if weights == "int8":
+        return quantize_params(config, params)
+    dtype = jnp.float32 if weights == "f32" else jnp.bfloat16
+
+    def one(spec: ParamSpec, w: Any) -> Any:
+        if isinstance(w, QuantizedArray):
+            return dequantize(w, dtype)
+        return w.astype(dtype)
+
+    return map_with_specs(one, config, params)
+
+
+def params_nbytes(params: Params) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,85 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a seed per request.
+
+All parameters are per row ([B] arrays), so one compiled step serves a batch of requests that each
+asked for something different. Returned log-probs are those of the model's own distribution
+(log_softmax of the raw logits), whatever the sampling transform, as vLLM and TGI report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshserve.errors import UserError
+
+__all__ = ["SamplingParams", "SamplingError", "sample", "validate_sampling"]
+
+
+class SamplingError(UserError):
+    """A sampling value out of its range; the message names the field and the limit."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling: temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
+    if not np.isfinite(temperature) or temperature < 0:
+        raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not (0.0 < top_p <= 1.0):
+        raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
+    if int(seed) != seed or not (0 <= seed < 2**63):
+        raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed}")
+
+
+def stack_sampling(params: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """Per-row arrays for `sample`: temperature, top_k, top_p float/int [B] and seed uint32 [B]."""
+    return {
+        "temperature": np.array([p.temperature for p in params], np.float32),
+        "top_k": np.array([p.top_k for p in params], np.int32),
+        "top_p": np.array([p.top_p for p in params], np.float32),
+        # Fold the 63-bit seed into 32 bits; same seed -> same key.
+        "seed": np.array([(p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF for p in params], np.uint32),
+    }
+
+
+def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits float32 [B, V]; step: scalar int (decode index, folded into each row's key).
+
+    Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
+    """
+    B, V = logits.shape
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    temperature = sampling["temperature"]
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    # One descending sort serves both filters: top-k keeps ranks < k, top-p the smallest prefix whose
+    # probability mass reaches p (the token that crosses p is kept, as in HF and vLLM).
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    k = jnp.where(sampling["top_k"] > 0, jnp.minimum(sampling["top_k"], V), V)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
+    sorted_probs = jax.nn.softmax(jnp.where(jnp.arange(V)[None] < k[:, None], sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < sampling["top_p"][:, None]
+    n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+    pth = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(kth, pth)
+    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(sampling["seed"])
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,137 @@
+"""The decoder's two steps over a preallocated KV cache: prefill (a batch of prompts) and decode (one token).
+
+Prompts are right-padded to a common length T with per-row `lengths`; positions are 0..len-1 per row,
+and keys at or beyond a row's length are masked, so padding never changes a result.
+KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim) and lengths [B].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from meshserve.model import layers
+from meshserve.model.config import ModelConfig
+from meshserve.model.params import Params
+from meshserve.model.quant import einsum
+
+__all__ = ["KVCache", "init_cache", "prefill", "decode_step", "insert", "compute_dtype", "unembed"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """k, v: [N, B, S, K, Q]; lengths: int32 [B], tokens already in each row (= next write position)."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def compute_dtype(params: Params) -> jnp.dtype:
+    """Activations run in the embedding's dtype: f32 for f32 weights, bf16 for bf16 and int8."""
+    return params["embed"].dtype
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def unembed(h: jax.Array, params: Params) -> jax.Array:
+    """h: [B, T, E] -> float32 logits [B, T, V] (shared embedding unless an `unembed` weight exists)."""
+    if "unembed" in params:
+        return einsum("BTE,EV->BTV", h, params["unembed"], out_dtype=jnp.float32)
+    return einsum("BTE,VE->BTV", h, params["embed"], out_dtype=jnp.float32)
+
+
+def _final_logits(x: jax.Array, params: Params, config: ModelConfig) -> jax.Array:
+    return unembed(layers.norm(x, params["final_norm"], config), params)
+
+
+def prefill(
+    params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, *, all_logits: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run prompts through the model.
+
+    tokens: int32 [B, T] right-padded; lengths: int32 [B] (1 <= length <= T).
+    Returns (logits, k, v): logits float32 [B, V] at each row's last prompt token, or [B, T, V] with
+    all_logits; k, v [N, B, T, K, Q] ready for `insert` into a decode cache.
+    """
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = positions < lengths[:, None]
+    mask = layers.attention_scores_mask(positions, positions, valid)  # [B, T, T]
+    x = params["embed"][tokens].astype(compute_dtype(params))  # [B, T, E]
+
+    def layer_fn(x: jax.Array, p: dict[str, Any]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        kv = {}
+
+        def attn(h: jax.Array) -> jax.Array:
+            q, k, v = layers.qkv_projection(h, p, positions, config)
+            kv["k"], kv["v"] = k, v
+            return layers.attention_output(layers.attend(q, k, v, mask), p)
+
+        x = layers.layer_residual(x, p, attn, config)
+        return x, (kv["k"], kv["v"])
+
+    x, (k, v) = jax.lax.scan(layer_fn, x, params["layers"])
+    if all_logits:
+        return _final_logits(x, params, config), k, v
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+    return _final_logits(last, params, config)[:, 0], k, v
+
+
+def insert(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array, slots: jax.Array) -> KVCache:
+    """Write prefilled k, v [N, b, T, K, Q] (T <= S) into cache rows `slots` [b]; set their lengths."""
+    T = k.shape[2]
+    new_k = cache.k.at[:, slots, :T].set(k.astype(cache.k.dtype))
+    new_v = cache.v.at[:, slots, :T].set(v.astype(cache.v.dtype))
+    return KVCache(k=new_k, v=new_v, lengths=cache.lengths.at[slots].set(lengths.astype(jnp.int32)))
+
+
+def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One token per row. tokens: int32 [B] (the last sampled token of each row).
+
+    Writes each row's new k, v at position lengths[b], attends over positions <= lengths[b], and
+    returns float32 logits [B, V] and the cache with lengths + 1. Rows are independent; the caller
+    ignores rows it does not use.
+    """
+    B = tokens.shape[0]
+    S = cache.max_len
+    pos = jnp.minimum(cache.lengths, S - 1)  # a full row keeps overwriting its last slot, never out of range
+    positions = pos[:, None]  # [B, 1]
+    mask = layers.attention_scores_mask(
+        positions, jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), bool)
+    )  # [B, 1, S]
+    x = params["embed"][tokens][:, None, :].astype(compute_dtype(params))  # [B, 1, E]
+    rows = jnp.arange(B)
+
+    def layer_fn(carry, p_and_index):
+        x, ck, cv = carry
+        p, i = p_and_index
+
+        def attn(h: jax.Array) -> jax.Array:
+            nonlocal ck, cv
+            q, k, v = layers.qkv_projection(h, p, positions, config)
+            ck = ck.at[i, rows, pos].set(k[:, 0].astype(ck.dtype))
+            cv = cv.at[i, rows, pos].set(v[:, 0].astype(cv.dtype))
+            k_all, v_all = ck[i].astype(q.dtype), cv[i].astype(q.dtype)  # [B, S, K, Q]
+            return layers.attention_output(layers.attend(q, k_all, v_all, mask), p)
+
+        x = layers.layer_residual(x, p, attn, config)
+        return (x, ck, cv), None
+
+    (x, k, v), _ = jax.lax.scan(layer_fn, (x, cache.k, cache.v), (params["layers"], jnp.arange(config.n_layers)))
+    logits = _final_logits(x, params, config)[:, 0]
+    return logits, KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + 1, S))

@@ -1,0 +1,71 @@
+"""`meshserve generate`: generate text for one or more prompts, in process (one batch of different lengths)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from meshserve.errors import UserError
+
+__all__ = ["COMMANDS", "add_sampling_arguments"]
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens takes comma-separated integers, got {text!r}") from None
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by in-process and client-side generation."""
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts (several run as one batch)")
+    parser.add_argument("--tokens", action="append", type=_token_list, default=[], metavar="1,2,3",
+                        help="a prompt as token ids instead of text; repeat for several prompts")
+    parser.add_argument("--checkpoint", help="a meshserve checkpoint directory (default: the bundled demo model)")
+    parser.add_argument("--model", metavar="PRESET", help="instead of a checkpoint: a preset with random weights")
+    parser.add_argument("--weights", choices=["f32", "bf16", "int8"],
+                        help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)")
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshserve.model.sampling import SamplingParams
+
+    if not args.prompts and not args.tokens:
+        raise UserError("give at least one PROMPT or --tokens")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+
+    from meshserve.model.generate import generate
+    from meshserve.model.loading import load_model
+
+    model = load_model(args.checkpoint, weights=args.weights, preset=args.model, seed=args.seed)
+    prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
+    results = generate(model.params, model.config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop_ids=[] if args.ignore_eos else model.stop_ids())
+    texts = [p for p in args.prompts] + [None] * len(args.tokens)
+    for prompt_text, result in zip(texts, results, strict=True):
+        text = model.tokenizer.decode(result.tokens)
+        if args.json:
+            print(json.dumps({"tokens": result.tokens, "text": text, "logprobs": result.logprobs,
+                              "finish_reason": result.finish_reason}))
+        else:
+            shown = prompt_text if prompt_text is not None else model.tokenizer.decode([])
+            print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
+            print()
+    return 0
+
+
+COMMANDS = {"generate": (add_arguments, run)}
