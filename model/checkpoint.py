@@ -91,6 +91,13 @@ def save_checkpoint(
     if weights not in WEIGHT_DTYPES:
         raise CheckpointError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
     path = Path(path).absolute()
+    bad = [
+        jax.tree_util.keystr(k)
+        for k, x in jax.tree_util.tree_leaves_with_path(params)
+        if not hasattr(x, "shape") or not hasattr(x, "dtype")
+    ]
+    if bad:  # refuse before touching the disk (orbax would fail on a background thread)
+        raise CheckpointError(f"params leaf {bad[0]} is not an array")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-
 from meshserve.model.checkpoint import load_checkpoint
 from meshserve.model.config import ModelConfig, get_config
 from meshserve.model.params import Params, cast_params, init_params
@@ -36,15 +35,20 @@ class LoadedModel:
         return [] if eos is None else [eos]
 
 
-def load_model(checkpoint: str | Path | None = None, *, weights: str | None = None, preset: str | None = None,
-               seed: int = 0, shardings=None) -> LoadedModel:
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    weights: str | None = None,
+    preset: str | None = None,
+    seed: int = 0,
+    shardings=None,
+) -> LoadedModel:
     """A checkpoint (default: the bundled demo), or with `preset` a model of random weights (tests, benchmarks)."""
     if preset is not None:
         config = get_config(preset)
         weights = weights or "f32"
         params = cast_params(config, init_params(config, jax.random.key(seed)), weights)
-        return LoadedModel(config, params, ByteTokenizer(),
-                           weights, f"random:{preset}")
+        return LoadedModel(config, params, ByteTokenizer(), weights, f"random:{preset}")
     info, params = load_checkpoint(checkpoint or DEMO_CHECKPOINT, weights=weights, shardings=shardings)
     tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else ByteTokenizer()
     return LoadedModel(info.config, params, tokenizer, weights or info.weights, str(info.path))

@@ -1,0 +1,118 @@
+"""Checkpoints: round trips in every dtype, restore into a sharding, atomic writes, clear errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from meshserve.model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info, save_checkpoint
+from meshserve.model.config import get_config
+from meshserve.model.params import cast_params, init_params
+from meshserve.model.quant import QuantizedArray
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = get_config("tiny")
+    return config, init_params(config, jax.random.key(0))
+
+
+def _equal(a, b) -> bool:
+    return all(
+        bool(jnp.array_equal(x, y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize("weights", ["f32", "bf16", "int8"])
+def test_round_trip_keeps_every_weight_and_the_config(tmp_path, tiny, weights):
+    config, params = tiny
+    stored = cast_params(config, params, weights)
+    save_checkpoint(tmp_path / "ck", config, stored, weights)
+    info, restored = load_checkpoint(tmp_path / "ck")
+    assert info.config == config and info.weights == weights
+    assert _equal(stored, restored)
+    if weights == "int8":
+        assert isinstance(restored["layers"]["wq"], QuantizedArray)
+
+
+def test_load_converts_dtype_on_request(tmp_path, tiny):
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, cast_params(config, params, "bf16"), "bf16")
+    _, q = load_checkpoint(tmp_path / "ck", weights="int8")
+    assert q["layers"]["w_up"].values.dtype == jnp.int8
+
+
+def test_restore_straight_into_a_sharding(tmp_path, tiny):
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, cast_params(config, params, "int8"), "int8")
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    def shardings(abstract):
+        # Shard every array's last dim over y when it divides, else replicate.
+        def one(a):
+            spec = [None] * len(a.shape)
+            if a.shape and a.shape[-1] % 4 == 0:
+                spec[-1] = "y"
+            return NamedSharding(mesh, PartitionSpec(*spec))
+
+        return jax.tree_util.tree_map(one, abstract)
+
+    _, restored = load_checkpoint(tmp_path / "ck", shardings=shardings)
+    wq = restored["layers"]["wq"].values  # [N, E, H, Q] = [2, 64, 8, 16]
+    assert wq.sharding.spec == PartitionSpec(None, None, None, "y")
+    assert wq.addressable_shards[0].data.shape == (2, 64, 8, 4)
+
+
+def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, tiny):
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(tmp_path / "ck", config, params, "f32")
+    with pytest.raises(CheckpointError, match=r"params leaf \['embed'\] is not an array"):
+        save_checkpoint(tmp_path / "bad", config, dict(params, embed=object()), "f32")
+    # Fails after the weights are written (the tokenizer file is missing): nothing may be left behind.
+    with pytest.raises(FileNotFoundError):
+        save_checkpoint(tmp_path / "half", config, params, "f32", tokenizer_file=tmp_path / "missing.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path, tiny):
+    config, params = tiny
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        read_checkpoint_info(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a meshserve checkpoint"):
+        read_checkpoint_info(tmp_path / "empty")
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    meta = tmp_path / "ck" / "meshserve.json"
+    good = meta.read_text()
+    meta.write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        read_checkpoint_info(tmp_path / "ck")
+    # A config that does not match the stored weights.
+    wrong = json.loads(good)
+    wrong["model"]["d_model"] = 32
+    meta.write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        load_checkpoint(tmp_path / "ck")
+    meta.write_text(good)
+    shutil.rmtree(tmp_path / "ck" / "params")
+    with pytest.raises(CheckpointError, match="no params/ directory"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_restored_int8_model_computes_what_was_saved(tmp_path, tiny):
+    from meshserve.model.generate import generate
+
+    config, params = tiny
+    q = cast_params(config, params, "int8")
+    save_checkpoint(tmp_path / "ck", config, q, "int8")
+    _, restored = load_checkpoint(tmp_path / "ck")
+    a = generate(q, config, [[1, 2, 3]], max_new_tokens=6)[0]
+    b = generate(restored, config, [[1, 2, 3]], max_new_tokens=6)[0]
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs)

@@ -1,0 +1,51 @@
+"""int8 weights: per-output-channel scales, the one einsum path, and a whole model run in int8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshserve.model import transformer
+from meshserve.model.config import get_config
+from meshserve.model.params import cast_params, init_params, params_nbytes
+from meshserve.model.quant import QuantizedArray, dequantize, einsum, quantize
+
+
+def test_quantize_is_per_output_channel_and_within_half_a_step():
+    w = jax.random.normal(jax.random.key(0), (16, 4, 8)) * jnp.arange(1, 9)  # channels of different ranges
+    q = quantize(w, contract_axes=[0])
+    assert q.values.dtype == jnp.int8 and q.scale.shape == (1, 4, 8)
+    assert int(jnp.max(jnp.abs(q.values))) == 127
+    err = jnp.abs(dequantize(q) - w)
+    assert bool(jnp.all(err <= q.scale.astype(jnp.float32) * 0.5 + 1e-6))
+
+
+def test_int8_einsum_equals_einsum_of_the_dequantized_weight():
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 8))  # [B, T, H, Q]
+    w = jax.random.normal(jax.random.key(2), (4, 8, 16))  # [H, Q, E]
+    q = quantize(w, contract_axes=[0, 1])
+    np.testing.assert_allclose(
+        einsum("BTHQ,HQE->BTE", x, q), jnp.einsum("BTHQ,HQE->BTE", x, dequantize(q)), rtol=1e-5, atol=1e-5
+    )
+    # A scale on a non-trailing output axis, with output axes reordered relative to the weight.
+    w2 = jax.random.normal(jax.random.key(3), (16, 4, 8))  # [E, H, Q]
+    q2 = quantize(w2, contract_axes=[0])
+    y = jax.random.normal(jax.random.key(4), (2, 3, 16))
+    np.testing.assert_allclose(
+        einsum("BTE,EHQ->BQTH", y, q2), jnp.einsum("BTE,EHQ->BQTH", y, dequantize(q2)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_int8_model_quantizes_matmuls_keeps_embedding_and_stays_close():
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    q = cast_params(config, params, "int8")
+    assert isinstance(q["layers"]["wq"], QuantizedArray) and isinstance(q["layers"]["w_down"], QuantizedArray)
+    assert q["embed"].dtype == jnp.bfloat16 and not isinstance(q["embed"], QuantizedArray)
+    bf16 = cast_params(config, params, "bf16")
+    assert params_nbytes(q) < 0.75 * params_nbytes(bf16)
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, config.vocab_size)
+    lengths = jnp.asarray([16, 9])
+    ref, _, _ = transformer.prefill(params, config, tokens, lengths, all_logits=True)
+    got, _, _ = transformer.prefill(q, config, tokens, lengths, all_logits=True)
+    top1 = jnp.mean((jnp.argmax(ref[0], -1) == jnp.argmax(got[0], -1)).astype(jnp.float32))
+    assert float(top1) >= 0.9
+    assert float(jnp.max(jnp.abs(ref - got))) < 0.1 * float(jnp.max(jnp.abs(ref)))

@@ -1,0 +1,76 @@
+"""Sampling: greedy, temperature, top-k, top-p and seeds, checked against the distributions they define."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.model.sampling import SamplingError, SamplingParams, sample, stack_sampling
+
+LOGITS = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
+
+
+def _draw(params: SamplingParams, n: int, logits=LOGITS) -> np.ndarray:
+    """n draws for one request: steps 0..n-1 fold distinct keys from the same seed."""
+    s = {k: jnp.asarray(v) for k, v in stack_sampling([params]).items()}
+    step_fn = jax.jit(jax.vmap(lambda step: sample(logits, s, step)[0][0]))
+    return np.asarray(step_fn(jnp.arange(n)))
+
+
+def test_greedy_is_argmax_with_its_model_logprob():
+    tokens, logprobs = sample(LOGITS, {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()]).items()}, 0)
+    assert int(tokens[0]) == 1
+    assert float(logprobs[0]) == pytest.approx(np.log(0.4), abs=1e-6)
+
+
+def test_temperature_one_samples_the_model_distribution():
+    counts = np.bincount(_draw(SamplingParams(temperature=1.0, seed=3), 20000), minlength=5) / 20000
+    np.testing.assert_allclose(counts, [0.05, 0.4, 0.1, 0.3, 0.15], atol=0.015)
+
+
+def test_low_temperature_sharpens_towards_argmax():
+    counts = np.bincount(_draw(SamplingParams(temperature=0.2, seed=3), 4000), minlength=5) / 4000
+    p = np.array([0.05, 0.4, 0.1, 0.3, 0.15]) ** 5
+    np.testing.assert_allclose(counts, p / p.sum(), atol=0.03)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    counts = np.bincount(_draw(SamplingParams(temperature=1.0, top_k=2, seed=1), 8000), minlength=5) / 8000
+    np.testing.assert_allclose(counts, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], atol=0.02)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    # Sorted: 0.4, 0.3, 0.15, ... ; p = 0.6 needs {0.4, 0.3} (the token crossing p is kept).
+    counts = np.bincount(_draw(SamplingParams(temperature=1.0, top_p=0.6, seed=2), 8000), minlength=5) / 8000
+    np.testing.assert_allclose(counts, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], atol=0.02)
+    tiny_p = _draw(SamplingParams(temperature=1.0, top_p=0.01, seed=2), 200)
+    assert set(tiny_p.tolist()) == {1}
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    a = _draw(SamplingParams(temperature=1.0, seed=7), 64)
+    b = _draw(SamplingParams(temperature=1.0, seed=7), 64)
+    c = _draw(SamplingParams(temperature=1.0, seed=8), 64)
+    assert (a == b).all() and (a != c).any()
+
+
+def test_rows_sample_independently_with_their_own_settings():
+    logits = jnp.concatenate([LOGITS, LOGITS])
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1, seed=5)]
+    s = {k: jnp.asarray(v) for k, v in stack_sampling(rows).items()}
+    tokens, _ = sample(logits, s, 3)
+    assert tokens.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"seed": -3}, "seed must be"),
+    ],
+)
+def test_out_of_range_values_are_refused(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        SamplingParams(**kwargs)
