@@ -1,0 +1,222 @@
+"""The chip table: every hardware constant the cost model uses, each with its source.
+
+A `Chip` carries peak FLOP/s (bf16, int8), HBM size and bandwidth, the interconnect (bandwidth per link, links per
+mesh axis, torus or switch, per-hop latency) and two achievable-fraction factors (matmul and HBM) that turn datasheet
+peaks into what real kernels reach. The `local` chip is not in the table: `meshserve calibrate` measures it and stores
+it as JSON (default ~/.cache/meshserve/local_chip.json, or $MESHSERVE_LOCAL_CHIP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from meshserve.errors import UserError
+
+__all__ = ["Chip", "ChipError", "CHIPS", "chip_names", "get_chip", "local_chip_path", "save_local_chip", "GiB"]
+
+GiB = 2**30
+LOCAL_CHIP_ENV = "MESHSERVE_LOCAL_CHIP"
+
+
+class ChipError(UserError):
+    """Unknown chip name, or a `local` chip that has not been calibrated."""
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One accelerator. Bandwidths in bytes/s, FLOP/s per chip, latency in seconds.
+
+    Collective bandwidth over a set of mesh axes (see `collective_bandwidth`): on a torus each used axis contributes
+    `links_per_axis` links of `link_bandwidth` each (a bidirectional ring per axis); behind a switch (NVLink) every
+    GPU has `link_bandwidth` to all peers of its node and `inter_node_bandwidth` beyond `node_size` chips.
+    """
+
+    name: str
+    peak_flops_bf16: float
+    peak_flops_int8: float
+    hbm_bytes: float
+    hbm_bandwidth: float
+    link_bandwidth: float  # one direction, per link (torus) or per GPU to the switch
+    links_per_axis: int  # torus: 2 (both directions of the ring); switch: 1
+    topology: Literal["torus3d", "torus2d", "switch", "none"]
+    hop_latency_s: float  # per ring step of a collective (link latency plus synchronisation)
+    matmul_efficiency: float  # achievable fraction of peak FLOP/s on large matmuls
+    hbm_efficiency: float  # achievable fraction of HBM bandwidth on streaming reads
+    node_size: int = 0  # switch: GPUs per NVLink domain (0 = unlimited)
+    inter_node_bandwidth: float = 0.0  # switch: per-GPU bandwidth between nodes
+    step_overhead_s: float = 0.0  # fixed cost per layer per pass (kernel launches, host dispatch); measured for local
+    source: str = ""
+
+    def peak_flops(self, weights: str) -> float:
+        """Peak matmul rate for the weight storage: int8 weights with bf16 activations run at the bf16 rate.
+
+        The paper keeps activations bf16 (weight-only int8), so matmuls run at the bf16 rate on every chip here.
+        """
+        return self.peak_flops_bf16
+
+    def collective_bandwidth(self, axes_used: int, within_node: bool = True) -> float:
+        """Bytes/s one chip moves in a collective that spans `axes_used` mesh axes (of size > 1)."""
+        if self.topology == "switch":
+            return self.link_bandwidth if within_node or not self.inter_node_bandwidth else self.inter_node_bandwidth
+        return self.link_bandwidth * self.links_per_axis * max(1, axes_used)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Chip:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Fitted once to PAPER.md's worked example (PaLM 540B, 64 TPU v4, the four columns), then held fixed for every other
+# check: matmul efficiency from the 76% MFU of weight-gathered prefill at 1M tokens, hop latency from the 28.5 ms
+# decode step at batch 64 (its matmul and weight-load terms are a quarter of the step; the rest is ~3,500 small
+# collective steps per pass).
+_TPU_V4_FIT = dict(matmul_efficiency=0.80, hbm_efficiency=0.90, hop_latency_s=2.5e-6)
+# Chips without published end-to-end numbers get the H100 measurement's ratios (PAPER.md: 690/989 TFLOP/s, 2.8/3.35
+# TB/s), rounded: an assumption, flagged in `source`.
+_ASSUMED = dict(matmul_efficiency=0.70, hbm_efficiency=0.84)
+# TPU ICI per-hop latency without a fit: same as v4 (assumed). NVLink ring step: nccl-tests small-message all-gather
+# on 8 GPUs takes ~10-20 us over 7 steps, i.e. ~2 us per step (order of magnitude).
+_NVLINK_HOP_S = 2e-6
+
+CHIPS: dict[str, Chip] = {
+    "tpu-v4": Chip(
+        name="tpu-v4",
+        peak_flops_bf16=275e12,  # PAPER.md (Pope et al. sec. 2; Google Cloud TPU v4 datasheet)
+        peak_flops_int8=275e12,  # Google Cloud TPU v4 datasheet: 275 TFLOP/s bf16 or int8
+        hbm_bytes=32 * GiB,  # PAPER.md: 32 GiB HBM
+        hbm_bandwidth=1200e9,  # PAPER.md: 1200 GB/s
+        link_bandwidth=45e9,  # PAPER.md: 270 GB/s per chip over 6 torus links (±x, ±y, ±z)
+        links_per_axis=2,
+        topology="torus3d",
+        **_TPU_V4_FIT,
+        source="Pope et al. 2022 sec. 2 / PAPER.md; efficiencies and hop latency fitted to its worked example",
+    ),
+    "tpu-v5e": Chip(
+        name="tpu-v5e",
+        peak_flops_bf16=197e12,  # PAPER.md; Google Cloud TPU v5e datasheet
+        peak_flops_int8=394e12,  # Google Cloud TPU v5e datasheet: 394 TOP/s int8
+        hbm_bytes=16 * GiB,  # Google Cloud TPU v5e datasheet: 16 GiB HBM2
+        hbm_bandwidth=810e9,  # PAPER.md: 810 GB/s
+        link_bandwidth=45e9,  # PAPER.md: ICI 45 GB/s per link one way, 2D torus (4 links)
+        links_per_axis=2,
+        topology="torus2d",
+        hop_latency_s=_TPU_V4_FIT["hop_latency_s"],
+        **_ASSUMED,
+        source="PAPER.md datasheet line; efficiencies and hop latency assumed",
+    ),
+    "tpu-v5p": Chip(
+        name="tpu-v5p",
+        peak_flops_bf16=459e12,  # PAPER.md; Google Cloud TPU v5p datasheet
+        peak_flops_int8=918e12,  # Google Cloud TPU v5p datasheet: 918 TOP/s int8
+        hbm_bytes=95e9,  # PAPER.md: 95 GB
+        hbm_bandwidth=2760e9,  # PAPER.md: 2.76 TB/s
+        link_bandwidth=90e9,  # PAPER.md: 90 GB/s per link, 3D torus
+        links_per_axis=2,
+        topology="torus3d",
+        hop_latency_s=_TPU_V4_FIT["hop_latency_s"],
+        **_ASSUMED,
+        source="PAPER.md datasheet line; efficiencies and hop latency assumed",
+    ),
+    "tpu-v6e": Chip(
+        name="tpu-v6e",
+        peak_flops_bf16=918e12,  # PAPER.md; Google Cloud TPU v6e (Trillium) datasheet
+        peak_flops_int8=1836e12,  # Google Cloud TPU v6e datasheet: 1836 TOP/s int8
+        hbm_bytes=32 * GiB,  # PAPER.md: 32 GB
+        hbm_bandwidth=1600e9,  # PAPER.md: 1.6 TB/s
+        link_bandwidth=112e9,  # Google Cloud TPU v6e datasheet: ICI 3,584 Gbps per chip = 448 GB/s over 4 links
+        links_per_axis=2,
+        topology="torus2d",
+        hop_latency_s=_TPU_V4_FIT["hop_latency_s"],
+        **_ASSUMED,
+        source="PAPER.md and Google Cloud datasheet; efficiencies and hop latency assumed",
+    ),
+    "a100-80g": Chip(
+        name="a100-80g",
+        peak_flops_bf16=312e12,  # PAPER.md; NVIDIA A100 datasheet (dense)
+        peak_flops_int8=624e12,  # NVIDIA A100 datasheet: 624 TOP/s int8 dense
+        hbm_bytes=80 * GiB,  # NVIDIA A100 80GB datasheet
+        hbm_bandwidth=2.0e12,  # PAPER.md: 2.0 TB/s (datasheet 2,039 GB/s)
+        link_bandwidth=300e9,  # PAPER.md: NVLink 300 GB/s per direction (600 GB/s bidirectional)
+        links_per_axis=1,
+        topology="switch",
+        node_size=8,  # DGX/HGX A100: 8 GPUs per NVSwitch domain
+        inter_node_bandwidth=25e9,  # DGX A100: one 200 Gb/s HDR InfiniBand port per GPU
+        hop_latency_s=_NVLINK_HOP_S,
+        **_ASSUMED,
+        source="PAPER.md and NVIDIA datasheets; efficiencies assumed, hop latency from nccl-tests order of magnitude",
+    ),
+    "h100-sxm": Chip(
+        name="h100-sxm",
+        peak_flops_bf16=989e12,  # PAPER.md: 989 TFLOP/s dense bf16 (NVIDIA H100 SXM datasheet)
+        peak_flops_int8=1979e12,  # NVIDIA H100 SXM datasheet: 1,979 TOP/s int8 dense
+        hbm_bytes=80 * GiB,  # PAPER.md: 80 GB
+        hbm_bandwidth=3.35e12,  # PAPER.md: 3.35 TB/s
+        link_bandwidth=450e9,  # PAPER.md: NVLink 450 GB/s per direction
+        links_per_axis=1,
+        topology="switch",
+        node_size=8,  # HGX H100: 8 GPUs per NVSwitch domain
+        inter_node_bandwidth=50e9,  # DGX H100: one 400 Gb/s NDR InfiniBand port per GPU
+        hop_latency_s=_NVLINK_HOP_S,
+        matmul_efficiency=0.70,  # PAPER.md: measured bf16 8192^3 matmul ~690 TFLOP/s on one H100 with JAX
+        hbm_efficiency=0.84,  # PAPER.md: measured streaming read ~2.8 TB/s
+        source="PAPER.md (datasheet and one-H100 measurements) and NVIDIA datasheets",
+    ),
+    "h200": Chip(
+        name="h200",
+        peak_flops_bf16=989e12,  # NVIDIA H200 datasheet: same compute as H100 SXM
+        peak_flops_int8=1979e12,  # NVIDIA H200 datasheet
+        hbm_bytes=141e9,  # NVIDIA H200 datasheet: 141 GB HBM3e
+        hbm_bandwidth=4.8e12,  # NVIDIA H200 datasheet: 4.8 TB/s
+        link_bandwidth=450e9,  # NVIDIA H200 datasheet: NVLink 900 GB/s bidirectional
+        links_per_axis=1,
+        topology="switch",
+        node_size=8,
+        inter_node_bandwidth=50e9,  # 400 Gb/s NDR InfiniBand per GPU
+        hop_latency_s=_NVLINK_HOP_S,
+        **_ASSUMED,
+        source="NVIDIA H200 datasheet; efficiencies assumed from the H100 measurement",
+    ),
+}
+
+
+def chip_names() -> list[str]:
+    return [*CHIPS, "local"]
+
+
+def local_chip_path() -> Path:
+    """Where `meshserve calibrate` stores the `local` chip ($MESHSERVE_LOCAL_CHIP overrides)."""
+    env = os.environ.get(LOCAL_CHIP_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "meshserve" / "local_chip.json"
+
+
+def save_local_chip(chip: Chip, path: Path | None = None) -> Path:
+    """Write the chip as JSON atomically (a temporary file renamed into place)."""
+    path = Path(path) if path else local_chip_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(chip.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def get_chip(name: str, local_path: Path | None = None) -> Chip:
+    """A chip by name; `local` is read from the calibration file. Unknown names list the known ones."""
+    if name == "local":
+        path = Path(local_path) if local_path else local_chip_path()
+        if not path.exists():
+            raise ChipError(f"chip 'local' is not calibrated yet ({path} missing); run `meshserve calibrate` first")
+        try:
+            return Chip.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise ChipError(f"chip 'local': cannot read {path}: {e}") from None
+    if name not in CHIPS:
+        raise ChipError(f"unknown hardware {name!r}; known: {', '.join(chip_names())}")
+    return CHIPS[name]

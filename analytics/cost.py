@@ -1,0 +1,279 @@
+"""The cost model: time, MFU, cost and per-chip memory of one phase (prefill or decode) under one layout.
+
+Axis alphabet as in model/config.py and PAPER.md: B batch, L tokens per sequence in this pass (prefill: prompt
+length; decode: 1), S context attended over, E, F, H, K (kv heads), Q, V, N layers, n chips.
+
+Terms per pass (PAPER.md "Cost model: three times"):
+  compute     (2·B·L·P_layers + 2·B·E·V + N·4·B·L·S·H·Q) / (n · peak · matmul_efficiency)
+  weight load bytes of the weights each chip reads / (HBM bandwidth · hbm_efficiency)
+  KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth
+  comm        N · Σ over partition.comm.layer_collectives: bytes/bw(axes) · (K-1)/K + ring steps · hop latency,
+              all-reduce = 2 × all-gather
+Without overlap the terms add (what the paper's measured numbers follow with the fitted TPU v4 constants); with
+overlap ("looped collective einsum") compute, memory and bandwidth-bound communication run concurrently and only
+the per-hop latency stays serial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from meshserve.analytics.chips import Chip
+from meshserve.analytics.sizes import ModelSizes, model_sizes
+from meshserve.errors import UserError
+from meshserve.model.config import ModelConfig
+from meshserve.partition.comm import (
+    Collective,
+    LayerDims,
+    LayoutError,
+    MeshShape,
+    gathered_axes,
+    kv_axes,
+    layer_collectives,
+)
+
+__all__ = [
+    "Estimate",
+    "Breakdown",
+    "LayoutError",
+    "estimate",
+    "collective_time",
+    "layer_dims",
+    "memory_per_chip",
+    "PHASES",
+    "ANALYZE_WEIGHTS",
+]
+
+PHASES = ("prefill", "decode")
+ANALYZE_WEIGHTS = ("f32", "bf16", "int8")
+ACT_BYTES = 2  # activations and the KV cache are bf16 (PAPER.md)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Seconds per pass (one prefill, or one decode step) of each term."""
+
+    compute_s: float
+    weight_load_s: float
+    kv_load_s: float
+    comm_s: float
+    comm_latency_s: float  # the per-hop part of comm_s
+    overhead_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One (phase, layout, batch) on one mesh. Times in seconds; memory in bytes per chip."""
+
+    phase: str
+    ffn_layout: str
+    attention: str
+    batch: int
+    chips: int
+    mesh: str
+    weights: str
+    prompt_len: int
+    gen_len: int
+    step_s: float  # prefill: the whole prompt; decode: one step at the mean context
+    step_overlap_s: float  # the same with communication overlapped
+    latency_s: float  # prefill: step_s; decode: gen_len steps
+    tokens: int  # tokens this phase produces or consumes (prefill B·L, decode B·gen_len)
+    throughput_tokens_s: float
+    mfu: float
+    cost_chip_ms_per_token: float
+    memory: dict[str, float]  # weights, kv_cache, activations, total
+    memory_per_chip_bytes: float
+    fits: bool
+    overflow: str  # what overflows when it does not fit, else ""
+    breakdown: Breakdown
+    collectives: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The flat JSON row of `meshserve analyze --json` (without the collectives list)."""
+        d = asdict(self)
+        d.pop("collectives")
+        d["breakdown"] = asdict(self.breakdown)
+        return d
+
+
+def _ring_steps(mesh: MeshShape, axes: tuple[str, ...], chip: Chip) -> int:
+    if chip.topology == "switch":
+        return max(0, mesh.size(axes) - 1)
+    return sum(mesh.size((a,)) - 1 for a in axes)
+
+
+def _within_node(mesh: MeshShape, axes: tuple[str, ...], chip: Chip) -> bool:
+    """Devices are numbered x-major (z fastest), so a group is inside one node if its span fits in node_size."""
+    if not chip.node_size:
+        return True
+    names = ("x", "y", "z")
+    span = 1
+    for a in axes:
+        inner = math.prod(mesh.size((b,)) for b in names[names.index(a) + 1 :])
+        span = max(span, inner * mesh.size((a,)))
+    return span <= chip.node_size
+
+
+def collective_time(c: Collective, mesh: MeshShape, chip: Chip) -> tuple[float, float]:
+    """(total seconds, latency part) of one collective: D/bw · (K-1)/K + ring steps · hop latency."""
+    k = mesh.size(c.axes)
+    if k <= 1:
+        return 0.0, 0.0
+    used = sum(1 for a in c.axes if mesh.size((a,)) > 1)
+    bw = chip.collective_bandwidth(used, _within_node(mesh, c.axes, chip))
+    factor = 2.0 if c.kind == "all-reduce" else 1.0
+    latency = factor * _ring_steps(mesh, c.axes, chip) * chip.hop_latency_s
+    return factor * c.bytes_per_chip / bw * (k - 1) / k + latency, latency
+
+
+def layer_dims(config: ModelConfig, batch: int, tokens: int, context: int, weights: str) -> LayerDims:
+    """What one layer's pass sees, in partition.comm's terms."""
+    c = config
+    return LayerDims(
+        batch=batch, tokens=tokens, context=context, d_model=c.d_model, d_ff=c.d_ff, n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads, d_head=c.d_head, act_bytes=ACT_BYTES, weight_bytes=1 if weights == "int8" else
+        (4 if weights == "f32" else 2), gated=c.mlp == "swiglu",
+    )  # fmt: skip
+
+
+def _weight_read_bytes(sizes: ModelSizes, weights: str, ffn_layout: str, mesh: MeshShape) -> float:
+    """Bytes of weights one chip reads from HBM per pass: its shard, or the gathered copies under weight gathering."""
+    gathered = mesh.size(gathered_axes(ffn_layout))
+    layers = sizes.n_layers * sizes.layer_weight_bytes(weights) * gathered
+    rest = sizes.weight_bytes(weights) - sizes.n_layers * sizes.layer_weight_bytes(weights)
+    return (layers + rest) / mesh.n
+
+
+def _kv_bytes_per_token(
+    config: ModelConfig, ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims
+) -> float:
+    """KV-cache bytes one chip holds per context position for the whole batch, split as partition.comm says."""
+    batch_axes, head_axes = kv_axes(ffn_layout, attention, mesh, dims)
+    rows = dims.batch // mesh.size(batch_axes)
+    heads = config.n_kv_heads // mesh.size(head_axes)
+    return 2 * config.n_layers * rows * heads * config.d_head * ACT_BYTES
+
+
+def estimate(
+    config: ModelConfig,
+    chip: Chip,
+    mesh: MeshShape,
+    *,
+    phase: str,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    weights: str = "bf16",
+    ffn_layout: str = "ws2d",
+    attention: str = "heads",
+    overlap: bool = False,
+) -> Estimate:
+    """Cost of one phase. Prefill: one pass over B·prompt_len tokens. Decode: gen_len steps of B tokens."""
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if phase not in PHASES:
+        raise UserError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if weights not in ANALYZE_WEIGHTS:
+        raise UserError(f"weights must be one of {', '.join(ANALYZE_WEIGHTS)}, got {weights!r}")
+    sizes = model_sizes(config)
+    c, n = config, mesh.n
+    E, H, Q, V, N = c.d_model, c.n_heads, c.d_head, c.vocab_size, c.n_layers
+    if phase == "prefill":
+        L, S, passes, tokens = prompt_len, prompt_len, 1, batch * prompt_len
+    else:  # the KV load grows linearly with the context, so one step at the mean context times gen_len is exact
+        L, S, passes, tokens = 1, prompt_len + gen_len / 2, gen_len, batch * gen_len
+    dims = layer_dims(c, batch, L, math.ceil(S), weights)
+    colls = layer_collectives(ffn_layout, attention, mesh, dims)  # LayoutError when the dims do not split
+
+    # Logits only at the last prompt token (prefill) or the new token (decode): B rows either way.
+    matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * batch * E * V
+    attn_flops = N * 4 * batch * L * S * H * Q  # QK^T and PV over the whole (masked) context, as the code runs it
+    # ws2d with heads-sharded attention repeats attention on every x (partition/comm.py: all-reduce(x) of qkv).
+    attn_split = n // mesh.x if (ffn_layout == "ws2d" and attention == "heads") else n
+    rate = chip.peak_flops(weights) * chip.matmul_efficiency
+    compute_s = matmul_flops / (n * rate) + attn_flops / (attn_split * rate)
+    hbm = chip.hbm_bandwidth * chip.hbm_efficiency
+    weight_load_s = _weight_read_bytes(sizes, weights, ffn_layout, mesh) / hbm
+    kv_per_token = _kv_bytes_per_token(c, ffn_layout, attention, mesh, dims)
+    kv_load_s = kv_per_token * (S if phase == "decode" else L) / hbm  # decode reads the cache; prefill writes it
+
+    comm_s = comm_lat = 0.0
+    rows = []
+    for coll in colls:
+        t, lat = collective_time(coll, mesh, chip)
+        comm_s, comm_lat = comm_s + N * t, comm_lat + N * lat
+        rows.append({**asdict(coll), "seconds_per_layer": t})
+    overhead_s = N * chip.step_overhead_s
+
+    step_s = compute_s + weight_load_s + kv_load_s + comm_s + overhead_s
+    step_overlap_s = max(compute_s, weight_load_s + kv_load_s, comm_s - comm_lat) + comm_lat + overhead_s
+    step = step_overlap_s if overlap else step_s
+    latency_s = step * passes
+
+    memory = memory_per_chip(c, mesh, sizes, weights, ffn_layout, dims, kv_per_token * (prompt_len + gen_len))
+    total = memory["total"]
+    overflow = ""
+    if total > chip.hbm_bytes:
+        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items() if k != "total")
+        overflow = f"needs {total / 2**30:.2f} GiB per chip > {chip.hbm_bytes / 2**30:.2f} GiB HBM ({parts})"
+    useful = 2 * sizes.real_params * tokens
+    return Estimate(
+        phase=phase,
+        ffn_layout=ffn_layout,
+        attention=attention,
+        batch=batch,
+        chips=n,
+        mesh=f"{mesh.x}x{mesh.y}x{mesh.z}",
+        weights=weights,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        step_s=step,
+        step_overlap_s=step_overlap_s,
+        latency_s=latency_s,
+        tokens=tokens,
+        throughput_tokens_s=tokens / latency_s,
+        mfu=useful / (n * chip.peak_flops(weights) * latency_s),
+        cost_chip_ms_per_token=n * latency_s * 1e3 / tokens,
+        memory=memory,
+        memory_per_chip_bytes=total,
+        fits=not overflow,
+        overflow=overflow,
+        breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s),
+        collectives=rows,
+    )
+
+
+def memory_per_chip(
+    config: ModelConfig,
+    mesh: MeshShape,
+    sizes: ModelSizes,
+    weights: str,
+    ffn_layout: str,
+    dims: LayerDims,
+    kv_cache_bytes: float,
+) -> dict[str, float]:
+    """Bytes per chip: stored weights (always sharded n ways), the given KV cache, live activations.
+
+    Activations: the residual stream and the fused input-projection output (2F + HQ + 2KQ per token) as each layout
+    shards them (ws1d BLE + BLF_xyz; ws2d BLE_x + BLF_yz; weight-gathered over G chips B_G·L·E + B_G·L·F_(n/G)),
+    plus float32 logits; weight-gathered layouts also hold the largest gathered matrix (E·F) twice.
+    """
+    c = config
+    weights_b = sizes.weight_bytes(weights) / mesh.n
+    fused = 2 * c.d_ff + c.n_heads * c.d_head + 2 * c.n_kv_heads * c.d_head
+    t = dims.batch * dims.tokens
+    g = mesh.size(gathered_axes(ffn_layout))
+    if ffn_layout == "ws1d":
+        width = t * (c.d_model + fused / mesh.n)
+    elif ffn_layout == "ws2d":
+        width = t * (c.d_model / mesh.x + fused / (mesh.y * mesh.z))
+    else:
+        width = t / g * (c.d_model + fused * g / mesh.n)
+    act_b = ACT_BYTES * width + 4 * dims.batch * c.vocab_size / mesh.n
+    if g > 1:  # the largest gathered matrix (E·F), twice: the next gather runs during this matmul
+        act_b += 2 * c.d_model * c.d_ff * max(1.0, dims.weight_bytes) * g / mesh.n
+    total = weights_b + kv_cache_bytes + act_b
+    return {"weights": weights_b, "kv_cache": kv_cache_bytes, "activations": act_b, "total": total}
