@@ -1,0 +1,231 @@
+"""The plan chooser: mesh shape, weight storage and, per phase and batch bucket, the layouts to run.
+
+Within one (phase, batch bucket) the chosen layout is the lowest-latency one that fits in memory (the same rule
+`meshserve analyze` marks as `chosen`). The mesh and the weight storage are shared by every phase (weights are
+stored once, as 2D weight-stationary E_x·F_yz, so prefill and decode switch layouts without moving them) and are
+picked by the objective:
+  latency     lowest prefill latency at the smallest prefill bucket + decode latency at the smallest decode bucket
+  throughput  lowest chip-ms per token at the largest buckets (prefill + decode)
+  cost        lowest chip-ms per token at the largest decode bucket whose step meets `latency_bound_s`
+int8 weights cost some quality, so objectives other than latency keep bf16 unless int8 is needed to fit or improves
+the objective by more than INT8_GAIN (the paper: int8 "best at low batch, neutral at large batch").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.analytics.chips import Chip
+from meshserve.analytics.cost import Estimate, estimate
+from meshserve.errors import UserError
+from meshserve.model.config import ModelConfig
+from meshserve.partition.comm import FFN_LAYOUTS, LayoutError, MeshShape
+
+__all__ = ["Plan", "PhasePlan", "choose_plan", "candidate_meshes", "evaluate_layouts", "best_of", "OBJECTIVES"]
+
+OBJECTIVES = ("latency", "throughput", "cost")
+INT8_GAIN = 0.10  # int8 must beat bf16 by this fraction before a quality-neutral objective takes it
+# Among layouts of equal cost, prefer batch-sharded attention (smaller KV cache per chip), then this FFN order.
+_ATTENTION_ORDER = ("batch", "heads")
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """What to run for one phase at batches up to `batch`."""
+
+    phase: str
+    batch: int
+    ffn_layout: str
+    attention: str
+    step_s: float
+    latency_s: float
+    mfu: float
+    cost_chip_ms_per_token: float
+    memory_per_chip_bytes: float
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The mesh, weight storage and per-(phase, bucket) layouts a server runs."""
+
+    model: str
+    hardware: str
+    chips: int
+    mesh: str
+    weights: str
+    objective: str
+    prompt_len: int
+    gen_len: int
+    phases: tuple[PhasePlan, ...]
+    fits: bool
+    score: float  # the objective's value (seconds for latency, chip-ms per token otherwise)
+
+    def lookup(self, phase: str, batch: int) -> PhasePlan:
+        """The entry for the smallest bucket that holds `batch` (the largest bucket if none does)."""
+        entries = sorted((p for p in self.phases if p.phase == phase), key=lambda p: p.batch)
+        if not entries:
+            raise UserError(f"plan has no {phase!r} entries")
+        return next((p for p in entries if p.batch >= batch), entries[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def candidate_meshes(n_chips: int) -> list[MeshShape]:
+    """Every x·y·z = n_chips factorisation."""
+    if not isinstance(n_chips, int) or n_chips < 1:
+        raise UserError(f"chips must be a positive integer, got {n_chips!r}")
+    out = []
+    for x in range(1, n_chips + 1):
+        if n_chips % x:
+            continue
+        for y in range(1, n_chips // x + 1):
+            if (n_chips // x) % y == 0:
+                out.append(MeshShape(x, y, n_chips // (x * y)))
+    return out
+
+
+def evaluate_layouts(
+    config: ModelConfig,
+    chip: Chip,
+    mesh: MeshShape,
+    *,
+    phase: str,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    weights: str,
+    ffn_layouts: Sequence[str] = FFN_LAYOUTS,
+    attentions: Sequence[str] = _ATTENTION_ORDER,
+    overlap: bool = False,
+) -> list[Estimate]:
+    """Estimates for every layout that can split these dims (the others are skipped)."""
+    rows = []
+    for ffn, attention in itertools.product(ffn_layouts, attentions):
+        try:
+            rows.append(
+                estimate(
+                    config, chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                    weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap,
+                )
+            )  # fmt: skip
+        except LayoutError:
+            continue
+    return rows
+
+
+def best_of(rows: Sequence[Estimate]) -> Estimate | None:
+    """Lowest latency among the rows that fit; if none fits, the one needing the least memory."""
+    fitting = [r for r in rows if r.fits]
+    if fitting:
+        return min(fitting, key=lambda r: r.latency_s)
+    return min(rows, key=lambda r: r.memory_per_chip_bytes) if rows else None
+
+
+def _phase_plan(e: Estimate) -> PhasePlan:
+    return PhasePlan(
+        phase=e.phase, batch=e.batch, ffn_layout=e.ffn_layout, attention=e.attention, step_s=e.step_s,
+        latency_s=e.latency_s, mfu=e.mfu, cost_chip_ms_per_token=e.cost_chip_ms_per_token,
+        memory_per_chip_bytes=e.memory_per_chip_bytes, fits=e.fits,
+    )  # fmt: skip
+
+
+def _score(objective: str, chosen: dict[tuple[str, int], Estimate], latency_bound_s: float | None) -> float:
+    pre = sorted(b for p, b in chosen if p == "prefill")
+    dec = sorted(b for p, b in chosen if p == "decode")
+    if objective == "latency":
+        return chosen["prefill", pre[0]].latency_s + chosen["decode", dec[0]].latency_s
+    if objective == "throughput":
+        return chosen["prefill", pre[-1]].cost_chip_ms_per_token + chosen["decode", dec[-1]].cost_chip_ms_per_token
+    ok = [b for b in dec if latency_bound_s is None or chosen["decode", b].step_s <= latency_bound_s]
+    if not ok:
+        return float("inf")
+    return min(chosen["decode", b].cost_chip_ms_per_token for b in ok)
+
+
+def choose_plan(
+    config: ModelConfig,
+    chip: Chip,
+    n_chips: int | None = None,
+    mesh: MeshShape | str | None = None,
+    objective: str = "latency",
+    batch_buckets: Sequence[int] = (1, 8, 64),
+    prefill_buckets: Sequence[int] | None = None,
+    prompt_len: int = 2048,
+    gen_len: int = 64,
+    weights: str | None = None,
+    latency_bound_s: float | None = None,
+    overlap: bool = False,
+) -> Plan:
+    """Pick mesh, weights and per-(phase, bucket) layouts for `objective`.
+
+    batch_buckets are the decode buckets (and the prefill ones unless prefill_buckets is given). latency_bound_s
+    bounds the decode step time for objective "cost". Raises UserError on bad input; a plan that does not fit is
+    returned with fits=False.
+    """
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if isinstance(mesh, str):
+        mesh = MeshShape.parse(mesh)
+    if mesh is not None and n_chips is not None and mesh.n != n_chips:
+        raise UserError(f"mesh {mesh} has {mesh.n} chips but chips = {n_chips}")
+    if mesh is None and n_chips is None:
+        raise UserError("give chips or a mesh")
+    decode_buckets = sorted(set(batch_buckets))
+    pre_buckets = sorted(set(prefill_buckets if prefill_buckets is not None else batch_buckets))
+    for b in [*decode_buckets, *pre_buckets]:
+        if not isinstance(b, int) or b < 1:
+            raise UserError(f"batch buckets must be positive integers, got {b!r}")
+    if not decode_buckets or not pre_buckets:
+        raise UserError("batch buckets must not be empty")
+    meshes = [mesh] if mesh is not None else candidate_meshes(int(n_chips))  # type: ignore[arg-type]
+    storages = [weights] if weights else ["bf16", "int8"]
+
+    candidates: list[Plan] = []
+    for m, w in itertools.product(meshes, storages):
+        chosen: dict[tuple[str, int], Estimate] = {}
+        for phase, buckets in (("prefill", pre_buckets), ("decode", decode_buckets)):
+            for b in buckets:
+                best = best_of(
+                    evaluate_layouts(
+                        config, chip, m, phase=phase, batch=b, prompt_len=prompt_len, gen_len=gen_len, weights=w,
+                        overlap=overlap,
+                    )
+                )  # fmt: skip
+                if best is not None:
+                    chosen[phase, b] = best
+        if len(chosen) < len(pre_buckets) + len(decode_buckets):
+            continue  # some bucket has no layout that splits on this mesh
+        phases = tuple(_phase_plan(e) for e in chosen.values())
+        candidates.append(
+            Plan(
+                model=config.name, hardware=chip.name, chips=m.n, mesh=str(m), weights=w, objective=objective,
+                prompt_len=prompt_len, gen_len=gen_len, phases=phases, fits=all(p.fits for p in phases),
+                score=_score(objective, chosen, latency_bound_s),
+            )
+        )  # fmt: skip
+    if not candidates:
+        raise LayoutError(
+            f"no layout splits {config.name} with batches {decode_buckets} on "
+            f"{'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"
+        )
+    return _pick(candidates, objective)
+
+
+def _pick(candidates: list[Plan], objective: str) -> Plan:
+    fitting = [p for p in candidates if p.fits] or candidates
+    best_by_weights = {}
+    for p in sorted(fitting, key=lambda p: p.score):
+        best_by_weights.setdefault(p.weights, p)
+    best = min(best_by_weights.values(), key=lambda p: p.score)
+    bf16 = best_by_weights.get("bf16")
+    # Quality-neutral objectives keep bf16 unless int8 pays for itself (or bf16 does not fit).
+    keep_bf16 = objective != "latency" and bf16 is not None and bf16.fits and best.weights == "int8"
+    if keep_bf16 and best.score > (1 - INT8_GAIN) * bf16.score:
+        return bf16
+    return best
