@@ -194,5 +194,14 @@ def cast_params(config: ModelConfig, params: Params, weights: str) -> Params:
     return map_with_specs(one, config, params)
 
 
+def unstack_layers(params: Params) -> Params:
+    """The same weights with `layers` as a list of per-layer trees (the decoder then unrolls its layer loop)."""
+    layers = params["layers"]
+    if isinstance(layers, list):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return dict(params, layers=[jax.tree_util.tree_map(lambda x, i=i: x[i], layers) for i in range(n)])
+
+
 def params_nbytes(params: Params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))

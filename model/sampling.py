@@ -56,30 +56,41 @@ def stack_sampling(params: list[SamplingParams]) -> dict[str, np.ndarray]:
     }
 
 
-def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits float32 [B, V]; step: scalar int (decode index, folded into each row's key).
-
-    Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
-    """
-    B, V = logits.shape
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    temperature = sampling["temperature"]
-    greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
+    """Mask [B, V] logits outside each row's top-k and top-p sets with -inf."""
+    V = scaled.shape[-1]
     # One descending sort serves both filters: top-k keeps ranks < k, top-p the smallest prefix whose
     # probability mass reaches p (the token that crosses p is kept, as in HF and vLLM).
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     k = jnp.where(sampling["top_k"] > 0, jnp.minimum(sampling["top_k"], V), V)
     kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
-    sorted_probs = jax.nn.softmax(jnp.where(jnp.arange(V)[None] < k[:, None], sorted_logits, -jnp.inf), axis=-1)
+    in_top_k = jnp.arange(V)[None] < k[:, None]
+    sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < sampling["top_p"][:, None]
-    n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+    n_keep = jnp.maximum(jnp.sum(mass_before < sampling["top_p"][:, None], axis=-1), 1)
     pth = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)
-    threshold = jnp.maximum(kth, pth)
-    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
 
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(sampling["seed"])
-    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits float32 [B, V]; step: scalar int (decode index, folded into each row's key).
+
+    Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
+    """
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    temperature = sampling["temperature"]
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    needs_filter = jnp.any(~greedy & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1.0)))
+    # The sort over V is the costly part of a decode step's sampling: skip it unless a row filters.
+    filtered = jax.lax.cond(needs_filter, lambda: _top_k_top_p(scaled, sampling), lambda: scaled)
+
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw() -> jax.Array:
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(sampling["seed"])
+        sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+        return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
+
+    tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
     return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]

@@ -17,7 +17,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
 
-__all__ = ["KVCache", "init_cache", "prefill", "decode_step", "insert", "compute_dtype", "unembed"]
+__all__ = ["KVCache", "init_cache", "scan_layers", "prefill", "decode_step", "insert", "compute_dtype", "unembed"]
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +36,22 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+def scan_layers(fn, carry, layer_params, n_layers: int):
+    """Run fn(carry, p, i) -> (carry, y) over the layers; ys come back stacked on a leading N axis.
+
+    Stacked weights (a dict of [N, ...] arrays) run as one `lax.scan` (one compiled layer, short compiles).
+    A list of per-layer dicts (`params.unstack_layers`) runs as an unrolled Python loop: no dynamic slice of the
+    stacked weights per layer, which on GPUs can otherwise cost an extra copy of every weight per step.
+    """
+    if isinstance(layer_params, list | tuple):
+        ys = []
+        for i, p in enumerate(layer_params):
+            carry, y = fn(carry, p, i)
+            ys.append(y)
+        return carry, (None if ys[0] is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys))
+    return jax.lax.scan(lambda c, xs: fn(c, *xs), carry, (layer_params, jnp.arange(n_layers)))
 
 
 def compute_dtype(params: Params) -> jnp.dtype:
@@ -74,7 +90,7 @@ def prefill(
     mask = layers.attention_scores_mask(positions, positions, valid)  # [B, T, T]
     x = params["embed"][tokens].astype(compute_dtype(params))  # [B, T, E]
 
-    def layer_fn(x: jax.Array, p: dict[str, Any]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def layer_fn(x: jax.Array, p: dict[str, Any], i) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kv = {}
 
         def attn(h: jax.Array) -> jax.Array:
@@ -85,7 +101,7 @@ def prefill(
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])
 
-    x, (k, v) = jax.lax.scan(layer_fn, x, params["layers"])
+    x, (k, v) = scan_layers(layer_fn, x, params["layers"], config.n_layers)
     if all_logits:
         return _final_logits(x, params, config), k, v
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
@@ -117,9 +133,8 @@ def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: K
     x = params["embed"][tokens][:, None, :].astype(compute_dtype(params))  # [B, 1, E]
     rows = jnp.arange(B)
 
-    def layer_fn(carry, p_and_index):
+    def layer_fn(carry, p, i):
         x, ck, cv = carry
-        p, i = p_and_index
 
         def attn(h: jax.Array) -> jax.Array:
             nonlocal ck, cv
@@ -132,6 +147,6 @@ def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: K
         x = layers.layer_residual(x, p, attn, config)
         return (x, ck, cv), None
 
-    (x, k, v), _ = jax.lax.scan(layer_fn, (x, cache.k, cache.v), (params["layers"], jnp.arange(config.n_layers)))
+    (x, k, v), _ = scan_layers(layer_fn, (x, cache.k, cache.v), params["layers"], config.n_layers)
     logits = _final_logits(x, params, config)[:, 0]
     return logits, KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + 1, S))
