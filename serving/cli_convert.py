@@ -1,0 +1,97 @@
+"""`meshserve convert`: a Falcon-style Hugging Face directory -> a meshserve checkpoint, or change a checkpoint's dtype.
+
+  meshserve convert --from-hf DIR --out CKPT [--weights f32|bf16|int8]
+  meshserve convert --checkpoint CKPT --out CKPT2 --weights int8      (quantise at convert time)
+
+Everything is read and checked before anything is written; the checkpoint is written to a temporary
+sibling directory and renamed at the end (model/checkpoint.py), so a failure leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from meshserve.errors import UserError
+
+__all__ = ["COMMANDS", "ConvertError"]
+
+
+class ConvertError(UserError):
+    """Conflicting or missing convert options (the message names the flag)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Falcon directory: config.json + *.safetensors")
+    source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
+    parser.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint directory to write")
+    parser.add_argument(
+        "--weights",
+        choices=["f32", "bf16", "int8"],
+        help="stored weight dtype (int8 quantises matmul weights per output channel). Default with --from-hf: "
+        "f32 if every tensor is float32, else bf16; required with --checkpoint",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--json", action="store_true", help="print one JSON line describing the result")
+
+
+def _check_out(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConvertError(f"--out {out} already exists (pass --force to replace it)")
+    if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():
+        raise ConvertError("--out must differ from --checkpoint (the source is read while the output is written)")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = _check_out(args)
+    if args.checkpoint and not args.weights:
+        raise ConvertError("--weights (f32, bf16 or int8) is required with --checkpoint")
+    start = time.perf_counter()
+
+    from meshserve.model.checkpoint import load_checkpoint, save_checkpoint
+    from meshserve.model.params import cast_params, param_count
+
+    if args.from_hf:
+        from meshserve.model.hf_import import load_hf
+
+        imported = load_hf(args.from_hf, args.weights, progress=True)
+        config, params, tokenizer = imported.config, imported.params, imported.tokenizer_file
+        source, source_weights = str(Path(args.from_hf)), imported.source_dtype
+        weights = args.weights or imported.source_dtype
+    else:
+        info, params = load_checkpoint(args.checkpoint)
+        config, tokenizer = info.config, info.tokenizer_path
+        source, source_weights, weights = str(info.path), info.weights, args.weights
+    # --from-hf params are already read as f32 or bf16 (int8 is quantised here, from the source precision).
+    if weights == "int8" or (args.checkpoint and weights != source_weights):
+        print(f"casting to {weights}", file=sys.stderr)
+        params = cast_params(config, params, weights)
+    print(f"writing {out}", file=sys.stderr)
+    path = save_checkpoint(out, config, params, weights, tokenizer, overwrite=args.force)
+    summary = {
+        "out": str(path),
+        "source": source,
+        "model": config.name,
+        "params": param_count(config),
+        "weights": weights,
+        "source_weights": source_weights,
+        "tokenizer": tokenizer.name if tokenizer else None,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {path}: {config.name}, {summary['params']:,} parameters, {weights} weights"
+            f"{', tokenizer ' + summary['tokenizer'] if tokenizer else ''} ({summary['seconds']} s)"
+        )
+    return 0
+
+
+COMMANDS = {"convert": (add_arguments, run)}
