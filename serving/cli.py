@@ -36,7 +36,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="meshserve",
         description="Inference for PaLM-style decoder LLMs on device meshes (Pope et al., 2022).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\n`meshserve COMMAND --help` shows a command's options.",
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of the commands below")

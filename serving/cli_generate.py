@@ -26,18 +26,30 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    parser.add_argument("--json", action="store_true",
-                        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}')
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}',
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts (several run as one batch)")
-    parser.add_argument("--tokens", action="append", type=_token_list, default=[], metavar="1,2,3",
-                        help="a prompt as token ids instead of text; repeat for several prompts")
+    parser.add_argument(
+        "--tokens",
+        action="append",
+        type=_token_list,
+        default=[],
+        metavar="1,2,3",
+        help="a prompt as token ids instead of text; repeat for several prompts",
+    )
     parser.add_argument("--checkpoint", help="a meshserve checkpoint directory (default: the bundled demo model)")
     parser.add_argument("--model", metavar="PRESET", help="instead of a checkpoint: a preset with random weights")
-    parser.add_argument("--weights", choices=["f32", "bf16", "int8"],
-                        help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)")
+    parser.add_argument(
+        "--weights",
+        choices=["f32", "bf16", "int8"],
+        help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)",
+    )
     add_sampling_arguments(parser)
 
 
@@ -53,14 +65,28 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, seed=args.seed)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
-    results = generate(model.params, model.config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       stop_ids=[] if args.ignore_eos else model.stop_ids())
+    results = generate(
+        model.params,
+        model.config,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        stop_ids=[] if args.ignore_eos else model.stop_ids(),
+    )
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)
         if args.json:
-            print(json.dumps({"tokens": result.tokens, "text": text, "logprobs": result.logprobs,
-                              "finish_reason": result.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "tokens": result.tokens,
+                        "text": text,
+                        "logprobs": result.logprobs,
+                        "finish_reason": result.finish_reason,
+                    }
+                )
+            )
         else:
             shown = prompt_text if prompt_text is not None else model.tokenizer.decode([])
             print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")

@@ -1,0 +1,300 @@
+"""Benchmark of the decoder's two phases on the local device: prefill time and MFU, decode step time and HBM use.
+
+One row per (weights, batch): the prompt batch [B, P] is prefilled, inserted into a decode cache of P + G slots and
+decoded for G steps by an on-device loop (the same `transformer.decode_step` and `sampling.sample` the engine runs;
+greedy). Figures:
+  decode_step_ms   wall time of the G-step loop / G
+  hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context) / step time
+  hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer)
+  prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU
+  ttft_ms          prefill + the first sampled token, as a request sees it (no queueing)
+The peer (optional) is Hugging Face transformers' `generate` on the same shapes (Falcon-style models only), run in
+the same process after meshserve's rows, so the ratio is measured side by side.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshserve.errors import UserError
+from meshserve.model import transformer
+from meshserve.model.config import ModelConfig
+from meshserve.model.params import Params, cast_params, init_params, param_count, params_nbytes, unstack_layers
+from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+
+__all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "device_peak_flops", "peer_row"]
+
+
+@dataclass
+class BenchRow:
+    model: str
+    weights: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    layers: str  # "scan" (stacked weights, lax.scan) or "unrolled"
+    device: str
+    prefill_ms: float
+    ttft_ms: float
+    decode_step_ms: float | None
+    tokens_per_s: float | None
+    hbm_bytes_per_step: int
+    hbm_gbps: float | None
+    copy_gbps: float
+    hbm_fraction: float | None
+    prefill_mfu: float | None
+    peak_memory_bytes: int | None
+    peer_decode_step_ms: float | None = None
+    peer_tokens_per_s: float | None = None
+    peer_prefill_ms: float | None = None
+    speedup_vs_peer: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of fn() (its result blocked on), after one untimed warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a large on-device copy (read + write), the practical ceiling for a memory-bound step."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n_bytes = n_bytes or (1 << 27 if on_cpu else 1 << 31)
+    x = jnp.zeros((n_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.bfloat16(1))
+    seconds = _timed(lambda: copy(x), repeats)
+    return 2 * n_bytes / seconds
+
+
+def device_peak_flops() -> tuple[str, float | None]:
+    """(device kind, datasheet bf16 peak FLOP/s from analytics' chip table, or None when the chip is not in it)."""
+    from meshserve.analytics.chips import get_chip
+
+    kind = jax.devices()[0].device_kind
+    names = {
+        "H100": "h100-sxm",
+        "H200": "h200",
+        "A100": "a100-80g",
+        "TPU v4": "tpu-v4",
+        "TPU v5 lite": "tpu-v5e",
+        "TPU v5p": "tpu-v5p",
+        "TPU v6": "tpu-v6e",
+    }
+    for needle, chip in names.items():
+        if needle.lower() in kind.lower():
+            return kind, get_chip(chip).peak_flops_bf16
+    return kind, None
+
+
+def _peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def make_params(config: ModelConfig, weights: str, seed: int = 0) -> Params:
+    """Random weights made on the device in their storage dtype (no float32 copy of the model is ever held)."""
+    make = jax.jit(lambda key: cast_params(config, init_params(config, key, jnp.bfloat16), weights))
+    return make(jax.random.key(seed))
+
+
+_prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))
+
+
+@partial(jax.jit, static_argnames=("config", "context"))
+def _prefill_and_insert(params, config, tokens, lengths, sampling, context):
+    logits, k, v = transformer.prefill(params, config, tokens, lengths)
+    cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
+    cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
+    first, _ = sample(logits, sampling, jnp.int32(0))
+    return first, cache
+
+
+@partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("cache",))
+def _decode_loop(params, config, first, cache, sampling, steps):
+    def body(step, state):
+        last, cache = state
+        logits, cache = transformer.decode_step(params, config, last, cache)
+        tok, _ = sample(logits, sampling, step)
+        return tok, cache
+
+    return jax.lax.fori_loop(1, steps + 1, body, (first, cache))
+
+
+def bench_row(
+    params: Params,
+    config: ModelConfig,
+    weights: str,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    copy_bw: float,
+    peak_flops: float | None,
+    layers: str,
+    repeats: int = 3,
+) -> BenchRow:
+    """Measure one (weights, batch) point; see the module docstring for each figure."""
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    context = prompt_len + max(gen_len, 1)
+
+    prefill_s = _timed(lambda: _prefill(params, config, tokens, lengths)[0], repeats)
+    ttft_s = _timed(lambda: _prefill_and_insert(params, config, tokens, lengths, sampling, context)[0], repeats)
+    decode_s = None
+    if gen_len > 0:
+
+        def run_decode():
+            first, cache = _prefill_and_insert(params, config, tokens, lengths, sampling, context)
+            jax.block_until_ready(cache)
+            start = time.perf_counter()
+            jax.block_until_ready(_decode_loop(params, config, first, cache, sampling, gen_len))
+            return time.perf_counter() - start
+
+        run_decode()  # compile
+        decode_s = statistics.median(run_decode() for _ in range(repeats))
+    step_s = decode_s / gen_len if decode_s else None
+    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.d_head * 2  # k and v, bf16
+    mean_context = prompt_len + gen_len / 2
+    step_bytes = params_nbytes(params) + int(batch * mean_context * kv_per_token)
+    hbm = step_bytes / step_s if step_s else None
+    mfu = 2 * param_count(config) * batch * prompt_len / (prefill_s * peak_flops) if peak_flops else None
+    return BenchRow(
+        model=config.name,
+        weights=weights,
+        batch=batch,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        layers=layers,
+        device=jax.devices()[0].device_kind,
+        prefill_ms=prefill_s * 1e3,
+        ttft_ms=ttft_s * 1e3,
+        decode_step_ms=step_s * 1e3 if step_s else None,
+        tokens_per_s=batch / step_s if step_s else None,
+        hbm_bytes_per_step=step_bytes,
+        hbm_gbps=hbm / 1e9 if hbm else None,
+        copy_gbps=copy_bw / 1e9,
+        hbm_fraction=hbm / copy_bw if hbm else None,
+        prefill_mfu=mfu,
+        peak_memory_bytes=_peak_memory(),
+    )
+
+
+def run_bench(
+    config: ModelConfig,
+    batches: Sequence[int],
+    weights_list: Sequence[str],
+    prompt_len: int,
+    gen_len: int,
+    layers: str = "unrolled",
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """All (weights, batch) rows for one model, weights made once per dtype."""
+    for b in batches:
+        if b < 1:
+            raise UserError(f"--batch values must be >= 1, got {b}")
+    if prompt_len < 1 or gen_len < 0:
+        raise UserError(f"--prompt-len must be >= 1 and --gen-len >= 0, got {prompt_len} and {gen_len}")
+    if layers not in ("scan", "unrolled"):
+        raise UserError(f"--layers must be scan or unrolled, got {layers!r}")
+    from tqdm import tqdm
+
+    copy_bw = measure_copy_bandwidth()
+    _, peak = device_peak_flops()
+    rows = []
+    bar = tqdm(total=len(batches) * len(weights_list), desc=f"bench {config.name}", disable=not progress, unit="row")
+    for weights in weights_list:
+        params = make_params(config, weights)
+        if layers == "unrolled":
+            params = unstack_layers(params)
+        for batch in batches:
+            rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats))
+            bar.set_postfix(weights=weights, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")
+            bar.update()
+        del params
+        gc.collect()
+    bar.close()
+    return rows
+
+
+def peer_row(config: ModelConfig, batch: int, prompt_len: int, gen_len: int, repeats: int = 2) -> dict[str, float]:
+    """transformers' FalconForCausalLM.generate (eager, KV cache, greedy) on the same shapes, bf16, random weights."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    if config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1:
+        raise UserError(f"--peer needs a Falcon-shaped model (gelu, parallel, multi-query), not {config.name}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = FalconConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        multi_query=True,
+        parallel_attn=True,
+        bias=config.linear_bias,
+        new_decoder_architecture=False,
+        alibi=False,
+        layer_norm_epsilon=config.norm_eps,
+        rope_theta=config.rope_base,
+        max_position_embeddings=config.max_seq_len,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    prefill_s, total_s = _peer_times(FalconForCausalLM, hf_config, batch, prompt_len, gen_len, device, repeats)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    step_s = max(total_s - prefill_s, 1e-9) / gen_len
+    return {
+        "peer_prefill_ms": prefill_s * 1e3,
+        "peer_decode_step_ms": step_s * 1e3,
+        "peer_tokens_per_s": batch / step_s,
+    }
+
+
+def _peer_times(
+    model_cls, hf_config, batch: int, prompt_len: int, gen_len: int, device: str, repeats: int
+) -> tuple[float, float]:
+    """(prefill seconds, whole-generate seconds), medians; the model is freed when this returns."""
+    import torch
+
+    with torch.device(device):
+        model = model_cls(hf_config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, hf_config.vocab_size, (batch, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        prefill_s = timed(lambda: model(ids))
+        total_s = timed(lambda: model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False))
+    return prefill_s, total_s

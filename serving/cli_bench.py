@@ -1,0 +1,123 @@
+"""`meshserve bench`: prefill and decode speed, HBM bandwidth use and MFU on this machine's first device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from meshserve.errors import UserError
+
+__all__ = ["COMMANDS"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _weights(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in ("bf16", "int8", "f32")]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"--weights takes a comma list of bf16, int8, f32; got {text!r}")
+    return items
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="tiny", help="a preset (random weights): tiny, demo, falcon-7b, palm-8b, ..."
+    )
+    parser.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    parser.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence (0 = prefill only)")
+    parser.add_argument("--weights", type=_weights, default=["bf16", "int8"], help="comma list (default bf16,int8)")
+    parser.add_argument(
+        "--layers",
+        choices=["unrolled", "scan"],
+        default="unrolled",
+        help="layer loop: unrolled per-layer weights (default) or lax.scan over stacked weights",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time transformers' generate on the same shapes (needs torch + transformers)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON array")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON to this file")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        f"{'weights':>7} {'batch':>5} {'prefill ms':>10} {'ttft ms':>8} {'step ms':>8} {'tok/s':>9} "
+        f"{'HBM GB/s':>8} {'of copy':>7} {'MFU':>6} {'peak mem':>9} {'peer step':>9} {'speedup':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mem = r["peak_memory_bytes"]
+        print(
+            f"{r['weights']:>7} {r['batch']:>5} {r['prefill_ms']:>10.2f} {r['ttft_ms']:>8.2f} "
+            f"{_fmt(r['decode_step_ms'], '8.3f')} {_fmt(r['tokens_per_s'], '9.1f')} {_fmt(r['hbm_gbps'], '8.1f')} "
+            f"{_fmt(r['hbm_fraction'], '7.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
+            f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
+            f"{_fmt(r['speedup_vs_peer'], '6.1f')}x"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    from meshserve.model.config import get_config
+    from meshserve.serving.bench import peer_row, run_bench
+
+    config = get_config(args.model)
+    if args.peer and (config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1):
+        raise UserError(f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {args.model}")
+    context = args.prompt_len + args.gen_len
+    if context > config.max_seq_len:
+        config = config.replace(max_seq_len=context)  # random weights: any context the RoPE model can take
+    rows = [
+        r.to_dict()
+        for r in run_bench(
+            config,
+            args.batch,
+            args.weights,
+            args.prompt_len,
+            args.gen_len,
+            layers=args.layers,
+            repeats=args.repeats,
+            progress=not args.json,
+        )
+    ]
+    if args.peer and args.gen_len > 0:
+        for batch in args.batch:
+            peer = peer_row(config, batch, args.prompt_len, args.gen_len)
+            for r in rows:
+                if r["batch"] == batch:
+                    r.update(peer)
+                    if r["decode_step_ms"]:
+                        r["speedup_vs_peer"] = peer["peer_decode_step_ms"] / r["decode_step_ms"]
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.json:
+        json.dump(rows, sys.stdout)
+        print()
+    else:
+        print(
+            f"{config.name} on {rows[0]['device']}: prompt {args.prompt_len}, generate {args.gen_len}, "
+            f"copy bandwidth {rows[0]['copy_gbps']:.1f} GB/s"
+        )
+        print_table(rows)
+    return 0
+
+
+COMMANDS = {"bench": (add_arguments, run)}

@@ -1,0 +1,189 @@
+"""`meshserve serve`: run the gRPC inference server (the bundled demo model by default).
+
+Loads the model, chooses the plan, compiles every step (a progress bar on stderr), then listens. Prints
+`meshserve serve: listening on HOST:PORT` on stderr once requests are answered. SIGTERM or Ctrl-C drains: new
+requests are refused, in-flight ones finish within --grace seconds, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from meshserve.errors import UserError
+
+__all__ = ["COMMANDS", "parse_mesh", "add_model_arguments", "load_for_serving"]
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'1', '8', '2x2x2' -> {'x': .., 'y': .., 'z': ..} (missing axes are 1)."""
+    try:
+        sizes = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise UserError(f"--mesh takes sizes like 1, 8 or 2x2x2, got {text!r}") from None
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise UserError(f"--mesh takes one to three positive sizes (X[xYxZ]), got {text!r}")
+    sizes += [1] * (3 - len(sizes))
+    return dict(zip("xyz", sizes, strict=True))
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and plan flags shared by `serve` and the offline jobs."""
+    parser.add_argument("--checkpoint", help="a meshserve checkpoint directory (default: the bundled demo model)")
+    parser.add_argument("--model", metavar="PRESET", help="instead of a checkpoint: a preset with random weights")
+    parser.add_argument("--weights", choices=["f32", "bf16", "int8"], help="weight dtype (default: the checkpoint's)")
+    parser.add_argument("--mesh", default="1", help="device mesh XxYxZ (default 1: one device)")
+    parser.add_argument("--max-batch", type=int, help="decode slots (default: 32 for latency, 128 for throughput)")
+    parser.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's)")
+    parser.add_argument(
+        "--length-buckets",
+        type=_int_list,
+        metavar="16,64,...",
+        help="prompt-length buckets to compile (default: powers of two from 16 to the context)",
+    )
+    parser.add_argument(
+        "--decode-buckets",
+        type=_int_list,
+        metavar="1,8,...",
+        help="decode batch buckets to compile (default: powers of two up to --max-batch)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="persistent XLA compilation cache: restarts skip compiling (default: off)",
+    )
+
+
+def load_for_serving(args: argparse.Namespace, objective: str):
+    """(model, plan, mesh_info) from the flags above; JAX is imported here, not at CLI start."""
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from meshserve.model.loading import load_model
+    from meshserve.serving.plan import make_plan
+
+    mesh = parse_mesh(args.mesh)
+    n = mesh["x"] * mesh["y"] * mesh["z"]
+    if n > len(jax.devices()):
+        raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
+    if n > 1:
+        # Sharded steps (model/sharded.py) are not in this build yet; the plan refuses meshes it cannot lay out.
+        try:
+            import meshserve.model.sharded  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"--mesh {args.mesh}: sharded serving needs meshserve.model.sharded (not in this build)"
+            ) from None
+    model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
+    plan = make_plan(
+        model.config,
+        objective=objective,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        n_devices=n,
+        mesh_axes=mesh,
+        length_buckets=args.length_buckets,
+        decode_buckets=args.decode_buckets,
+    )
+    return model, plan, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 256)"
+    )
+    parser.add_argument(
+        "--max-new-tokens-limit", type=int, help="largest max_new_tokens accepted (default: the context)"
+    )
+    parser.add_argument(
+        "--objective",
+        choices=["latency", "throughput"],
+        default="latency",
+        help="plan for low latency (default) or high throughput",
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.add_argument("--auth-token-file", help="require `authorization: Bearer <token>`; the file holds the token")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics on this port at /metrics (default 0: off; 9090 is usual)",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM (default 30)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_new_tokens_limit is not None and args.max_new_tokens_limit < 1:
+        raise UserError(f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}")
+    from meshserve.serving.server import ServerOptions, build_server
+    from tqdm import tqdm
+
+    # Handlers first: a SIGTERM during warm-up then also exits cleanly (after warm-up, before serving).
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    model, plan, mesh_info = load_for_serving(args, args.objective)
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token_file=args.auth_token_file,
+        metrics_port=args.metrics_port,
+        max_new_tokens=args.max_new_tokens_limit,
+    )
+    n_steps = len(plan.steps) + len(plan.prefill_batches) * len(plan.prefill_lengths)  # + one insert per prefill
+    with tqdm(total=n_steps, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+        server = build_server(
+            model,
+            plan,
+            options,
+            mesh_info=mesh_info,
+            progress=lambda s: bar.update(2 if s.startswith("prefill") else 1),
+        )
+    if stop.is_set():
+        return 0
+    server.start()
+    print(
+        f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, "
+        f"{server.engine.compiled_steps()} compiled steps)",
+        file=sys.stderr,
+    )
+    print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)
+    while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+        pass
+    print("meshserve serve: draining", file=sys.stderr, flush=True)
+    clean = server.stop(args.grace)
+    print(
+        f"meshserve serve: stopped ({'all requests finished' if clean else 'some requests cancelled'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0
+
+
+COMMANDS = {"serve": (add_arguments, run)}

@@ -1,0 +1,152 @@
+"""A small Python client for meshserve.v1.Inference.
+
+    from meshserve.serving.client import Client
+    with Client("127.0.0.1:50051") as c:
+        print(c.generate("def fib(n):", max_new_tokens=32).text)
+        for chunk in c.generate_stream("import os", max_new_tokens=16):
+            print(chunk.text, end="", flush=True)
+
+Results are plain dataclasses (no proto types leak out); gRPC errors are raised as `grpc.RpcError`
+(`.code()`, `.details()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from meshserve.protos import inference_pb2 as pb
+from meshserve.protos import inference_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "Generation", "Chunk", "Score"]
+
+_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # length | stop | cancelled
+    prompt_tokens: int
+    generated_tokens: int
+    queue_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None  # set on the last chunk
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float
+    token_logprobs: list[float]
+    greedy: bool
+    continuation_tokens: list[int]
+
+
+def _input(prompt: str | Sequence[int]) -> dict:
+    return {"text": prompt} if isinstance(prompt, str) else {"tokens": pb.TokenIds(ids=list(prompt))}
+
+
+class Client:
+    """A channel to one server. target: HOST:PORT; token: bearer token; tls_ca: PEM root certificate(s) for TLS."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None, tls: bool = False):
+        if tls or tls_ca:
+            root = Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root))
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    @staticmethod
+    def request(
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        return_logprobs: bool = True,
+        ignore_eos: bool = False,
+    ) -> pb.GenerateRequest:
+        sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        req = pb.GenerateRequest(
+            sampling=sampling, stop=list(stop), return_logprobs=return_logprobs, ignore_eos=ignore_eos, **_input(prompt)
+        )
+        if max_new_tokens is not None:
+            req.max_new_tokens = max_new_tokens
+        return req
+
+    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs) -> Generation:
+        """One unary Generate call (kwargs: see `request`)."""
+        r = self.stub.Generate(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
+        return Generation(
+            list(r.tokens),
+            r.text,
+            list(r.logprobs),
+            _REASONS.get(r.finish_reason, "cancelled"),
+            r.usage.prompt_tokens,
+            r.usage.generated_tokens,
+            r.timing.queue_ms,
+            r.timing.time_to_first_token_ms,
+            r.timing.total_ms,
+        )
+
+    def generate_stream(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs
+    ) -> Iterator[Chunk]:
+        """GenerateStream; the iterator's `.cancel()` is on `stream_call(...)` when a caller needs it."""
+        for c in self.stream_call(prompt, timeout=timeout, **kwargs):
+            yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason))
+
+    def stream_call(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs):
+        """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""
+        return self.stub.GenerateStream(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
+
+    def score(
+        self, items: Sequence[tuple[str | Sequence[int], str | Sequence[int]]], *, timeout: float | None = None
+    ) -> list[Score]:
+        """Log-probs of each continuation given its prompt; items of (prompt, continuation), text or ids."""
+        pb_items = []
+        for prompt, cont in items:
+            item = pb.ScoreItem()
+            if isinstance(prompt, str):
+                item.prompt_text = prompt
+            else:
+                item.prompt_tokens.ids.extend(prompt)
+            if isinstance(cont, str):
+                item.continuation_text = cont
+            else:
+                item.continuation_tokens.ids.extend(cont)
+            pb_items.append(item)
+        r = self.stub.Score(pb.ScoreRequest(items=pb_items), timeout=timeout, metadata=self.metadata)
+        return [Score(x.logprob, list(x.token_logprobs), x.greedy, list(x.continuation_tokens)) for x in r.results]
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self.metadata)

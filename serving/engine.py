@@ -1,0 +1,280 @@
+"""The engine: compiled prefill, insert, decode (generate) and score steps, one per phase and bucket of the plan.
+
+Typed, single-threaded and free of protos: the orchestrator and the offline job drive it. Every step is
+compiled ahead of time in `warm_up` (`jit(...).lower(...).compile()`), and the engine refuses a shape it has no
+executable for, so no request ever pays a compile.
+
+Decode state lives on the device between steps: the KV cache [N, B, S, K, Q], each slot's last token [B],
+its sampling step [B] and its sampling parameters ([B] arrays), so a decode step needs no host input; its one
+device->host copy is the sampled tokens and their log-probs [b]. Decode bucket b runs slots [0, b): the
+scheduler fills the lowest free slot first, so active requests sit at the front.
+
+The step functions come in as `ModelSteps` (default: model/transformer.py on one device); a sharded build
+passes its own steps and shardings with the plan that chose them. Axis alphabet: model/config.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from meshserve.model import transformer
+from meshserve.model.config import ModelConfig
+from meshserve.model.params import Params
+from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+from meshserve.serving.plan import EnginePlan
+
+__all__ = ["Engine", "ModelSteps", "DecodeState", "PrefillResult", "ScoreOutput"]
+
+SamplingArrays = dict[str, jax.Array]  # temperature, top_k, top_p, seed: [B] each
+
+
+@dataclass(frozen=True)
+class ModelSteps:
+    """The model functions the engine compiles, and where their outputs live (None = default device)."""
+
+    prefill: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] = transformer.prefill
+    decode_step: Callable[..., tuple[jax.Array, transformer.KVCache]] = transformer.decode_step
+    insert: Callable[..., transformer.KVCache] = transformer.insert
+    # Decode-layout sharding of the decode state (insert reshards prefill's k, v into it); None on one device.
+    decode_state_sharding: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class DecodeState:
+    """Per-slot state carried on device from step to step."""
+
+    cache: transformer.KVCache  # k, v [N, B, S, K, Q], lengths [B]
+    last: jax.Array  # int32 [B]: each slot's latest token (the next step's input)
+    step: jax.Array  # int32 [B]: each slot's sampling step (0 = the prefill's token), folded into its key
+    sampling: SamplingArrays
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """A prefill's sampled first tokens int32 [b] and log-probs float32 [b], host copies (real rows only)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """Per-item continuation log-probs (float32 [c]) and whether each token is the argmax (bool [c])."""
+
+    token_logprobs: list[np.ndarray]
+    greedy: list[np.ndarray]
+
+
+def sample_rows(logits: jax.Array, sampling: SamplingArrays, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`sample` with a step per row: logits [B, V], steps int32 [B] -> tokens int32 [B], log-probs [B].
+
+    Row r with step s draws exactly what `model.generate` draws for that request at step s.
+    """
+
+    def one(row, t, k, p, seed, s):
+        tok, lp = sample(row[None], {"temperature": t[None], "top_k": k[None], "top_p": p[None], "seed": seed[None]}, s)
+        return tok[0], lp[0]
+
+    s = sampling
+    return jax.vmap(one)(logits, s["temperature"], s["top_k"], s["top_p"], s["seed"], steps)
+
+
+def _pad_sampling(params: list[SamplingParams], b: int) -> dict[str, np.ndarray]:
+    return stack_sampling(list(params) + [SamplingParams()] * (b - len(params)))
+
+
+@dataclass
+class Engine:
+    """Compiled steps over one model and plan. Not thread-safe: one driver thread calls it."""
+
+    params: Params
+    config: ModelConfig
+    plan: EnginePlan
+    steps: ModelSteps = field(default_factory=ModelSteps)
+    _prefill: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _decode: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
+    _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _state: DecodeState | None = field(default=None, init=False, repr=False)
+
+    # ----- the step functions (traced once per bucket) -----
+
+    def _prefill_fn(self, params, tokens, lengths, sampling):
+        """tokens [b, T], lengths [b] -> first tokens [b], log-probs [b], k, v [N, b, T, K, Q]."""
+        logits, k, v = self.steps.prefill(params, self.config, tokens, lengths)
+        tok, lp = sample(logits, sampling, jnp.int32(0))
+        return tok, lp, k, v
+
+    @staticmethod
+    def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling) -> DecodeState:
+        """Write b prefilled rows into decode slots `slots` [b] (index B = a padding row, dropped)."""
+        cache = insert(state.cache, k, v, lengths, slots)
+        return DecodeState(
+            cache=cache,
+            last=state.last.at[slots].set(first, mode="drop"),
+            step=state.step.at[slots].set(1, mode="drop"),
+            sampling={n: state.sampling[n].at[slots].set(sampling[n], mode="drop") for n in state.sampling},
+        )
+
+    def _decode_fn(self, b: int, params, state: DecodeState):
+        """One token for slots [0, b): -> new state, tokens int32 [b], log-probs float32 [b]."""
+        full = b == state.last.shape[0]
+        c = state.cache
+        sub = c if full else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
+        logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub)
+        samp = {n: a[:b] for n, a in state.sampling.items()}
+        tok, lp = sample_rows(logits, samp, state.step[:b])
+        if full:
+            cache = sub
+        else:
+            cache = transformer.KVCache(
+                c.k.at[:, :b].set(sub.k), c.v.at[:, :b].set(sub.v), c.lengths.at[:b].set(sub.lengths)
+            )
+        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling)
+        return new, tok, lp
+
+    def _score_fn(self, params, tokens, lengths):
+        """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], argmax-hit bool [b, T-1]."""
+        logits, _, _ = self.steps.prefill(params, self.config, tokens, lengths, all_logits=True)  # [b, T, V]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        target = tokens[:, 1:]
+        token_lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        return token_lp, jnp.argmax(logits[:, :-1], axis=-1) == target
+
+    # ----- warm-up -----
+
+    def _abstract_state(self) -> DecodeState:
+        B, S = self.plan.max_batch, self.plan.max_context
+        dtype = transformer.compute_dtype(self.params)
+        return jax.eval_shape(lambda: self._fresh_state(B, S, dtype))
+
+    def _fresh_state(self, B: int, S: int, dtype) -> DecodeState:
+        sampling = {n: jnp.asarray(a) for n, a in _pad_sampling([], B).items()}
+        return DecodeState(
+            transformer.init_cache(self.config, B, S, dtype),
+            jnp.zeros((B,), jnp.int32),
+            jnp.zeros((B,), jnp.int32),
+            sampling,
+        )
+
+    def compiled_steps(self) -> int:
+        return len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score)
+
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile every step of the plan and allocate the decode state."""
+        plan = self.plan
+        i32 = jax.ShapeDtypeStruct
+        state = self._abstract_state()
+        dtype = transformer.compute_dtype(self.params)
+        samp = lambda b: {n: i32((b,), a.dtype) for n, a in _pad_sampling([], b).items()}  # noqa: E731
+        for b in plan.prefill_batches:
+            for t in plan.prefill_lengths:
+                tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
+                self._prefill[(b, t)] = jax.jit(self._prefill_fn).lower(self.params, tokens, lengths, samp(b)).compile()
+                kv = i32((self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head), dtype)
+                insert = jax.jit(
+                    lambda *a: self._insert_fn(self.steps.insert, *a),
+                    donate_argnums=0,
+                    out_shardings=self.steps.decode_state_sharding,
+                )
+                self._insert[(b, t)] = insert.lower(
+                    state, kv, kv, lengths, i32((b,), jnp.int32), i32((b,), jnp.int32), samp(b)
+                ).compile()
+                if progress:
+                    progress(f"prefill b={b} T={t}")
+        for b in plan.decode_batches:
+            fn = jax.jit(lambda p, s, b=b: self._decode_fn(b, p, s), donate_argnums=1)
+            self._decode[b] = fn.lower(self.params, state).compile()
+            if progress:
+                progress(f"decode b={b}")
+        for b in plan.score_batches:
+            for t in plan.prefill_lengths:
+                tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
+                self._score[(b, t)] = jax.jit(self._score_fn).lower(self.params, tokens, lengths).compile()
+                if progress:
+                    progress(f"score b={b} T={t}")
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh decode state (all slots empty)."""
+        self._state = self._fresh_state(
+            self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
+        )
+        if self.steps.decode_state_sharding is not None:
+            self._state = jax.device_put(self._state, self.steps.decode_state_sharding)
+
+    # ----- steps -----
+
+    def prefill_insert(
+        self, prompts: list[list[int]], slots: list[int], sampling: list[SamplingParams], batch: int, length: int
+    ) -> PrefillResult:
+        """Prefill prompts as one [batch, length] bucket, insert them into decode `slots`; first tokens to host."""
+        n = len(prompts)
+        if not 0 < n <= batch or len(slots) != n or len(sampling) != n:
+            raise ValueError(f"prefill of {n} prompts into bucket batch={batch} with {len(slots)} slots")
+        key = (batch, length)
+        if key not in self._prefill:
+            raise KeyError(f"no compiled prefill for bucket {key}; plan has {sorted(self._prefill)}")
+        tokens = np.zeros((batch, length), np.int32)
+        lengths = np.ones((batch,), np.int32)  # padding rows: one token, never inserted
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
+        slot_arr[:n] = slots
+        samp = _pad_sampling(sampling, batch)
+        first, first_lp, k, v = self._prefill[key](self.params, tokens, lengths, samp)
+        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, first, samp)
+        first, first_lp = jax.device_get((first, first_lp))
+        return PrefillResult(first[:n], first_lp[:n])
+
+    def decode_async(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """Dispatch one decode step for slots [0, batch); returns device arrays (tokens, log-probs) [batch].
+
+        Nothing waits: the caller may dispatch more work before fetching these with `fetch`.
+        """
+        if batch not in self._decode:
+            raise KeyError(f"no compiled decode for batch {batch}; plan has {sorted(self._decode)}")
+        self._state, tok, lp = self._decode[batch](self.params, self._state)
+        return tok, lp
+
+    @staticmethod
+    def fetch(out: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+        """The one device->host copy of a decode step."""
+        tok, lp = jax.device_get(out)
+        return np.asarray(tok), np.asarray(lp)
+
+    def decode(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step, waited for: tokens int32 [batch], log-probs float32 [batch]."""
+        return self.fetch(self.decode_async(batch))
+
+    def score(self, items: list[tuple[list[int], list[int]]]) -> ScoreOutput:
+        """Log-probs of continuations given prompts; items of (prompt ids, continuation ids), any count.
+
+        Items are packed into the plan's score buckets in the given order (sort by length first to limit padding).
+        """
+        plan = self.plan
+        out_lp: list[np.ndarray] = []
+        out_greedy: list[np.ndarray] = []
+        cap = max(plan.score_batches)
+        for start in range(0, len(items), cap):
+            chunk = items[start : start + cap]
+            b = next(x for x in plan.score_batches if x >= len(chunk))
+            t = plan.length_bucket(max(len(p) + len(c) for p, c in chunk))
+            tokens = np.zeros((b, t), np.int32)
+            lengths = np.ones((b,), np.int32)
+            for i, (p, c) in enumerate(chunk):
+                tokens[i, : len(p) + len(c)] = list(p) + list(c)
+                lengths[i] = len(p) + len(c)
+            token_lp, greedy = jax.device_get(self._score[(b, t)](self.params, tokens, lengths))
+            for i, (p, c) in enumerate(chunk):
+                # position j predicts token j + 1: the continuation's tokens are predicted at len(p)-1 .. len(p+c)-2
+                out_lp.append(np.asarray(token_lp[i, len(p) - 1 : len(p) + len(c) - 1]))
+                out_greedy.append(np.asarray(greedy[i, len(p) - 1 : len(p) + len(c) - 1]))
+        return ScoreOutput(out_lp, out_greedy)

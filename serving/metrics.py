@@ -1,0 +1,80 @@
+"""Prometheus metrics of the server (prometheus-client), each in the server's own registry.
+
+Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /metrics:
+  meshserve_requests_total{method, code}      requests by RPC and gRPC status
+  meshserve_queue_seconds                     arrival -> prefill start
+  meshserve_time_to_first_token_seconds       arrival -> first token ready
+  meshserve_time_per_output_token_seconds     (last token - first token) / (generated - 1), per request
+  meshserve_generated_tokens_total            tokens generated (rate() gives tokens/s)
+  meshserve_tokens_per_second                 tokens/s over the last decode steps
+  meshserve_batch_occupancy                   live decode slots / max_batch, sampled every step
+  meshserve_decode_step_seconds               wall time of one decode step as the engine loop sees it
+  meshserve_queue_depth                       requests waiting
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+# Seconds: from 1 ms (a tiny model's decode step) to a minute (a long queue at full load).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    """One registry per server, so tests can run several servers in one process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("meshserve_requests", "Requests by RPC and status", ["method", "code"], registry=r)
+        self.queue_time = Histogram(
+            "meshserve_queue_seconds", "Arrival to prefill", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "meshserve_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "meshserve_time_per_output_token_seconds",
+            "Per output token after the first",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("meshserve_generated_tokens", "Generated tokens", registry=r)
+        self.tokens_per_second = Gauge("meshserve_tokens_per_second", "Generated tokens/s (recent steps)", registry=r)
+        self.occupancy = Gauge("meshserve_batch_occupancy", "Live decode slots / max_batch", registry=r)
+        self.step_time = Histogram(
+            "meshserve_decode_step_seconds",
+            "Decode step wall time in the engine loop",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("meshserve_queue_depth", "Requests waiting for a slot", registry=r)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent steps
+
+    def serve(self, port: int, host: str) -> None:
+        """Start the /metrics HTTP endpoint (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def step(self, seconds: float, tokens: int, occupancy: float, queue_depth: int) -> None:
+        now = time.monotonic()
+        self.step_time.observe(seconds)
+        self.tokens.inc(tokens)
+        self.occupancy.set(occupancy)
+        self.queue_depth.set(queue_depth)
+        self._recent.append((now, tokens))
+        if len(self._recent) > 1:
+            span = now - self._recent[0][0]
+            if span > 0:
+                self.tokens_per_second.set(sum(t for _, t in list(self._recent)[1:]) / span)
+
+    def finished(self, queue_s: float | None, ttft_s: float | None, total_s: float, generated: int) -> None:
+        if queue_s is not None:
+            self.queue_time.observe(queue_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+            if generated > 1:
+                self.tpot.observe((total_s - ttft_s) / (generated - 1))

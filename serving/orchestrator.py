@@ -1,0 +1,253 @@
+"""The orchestrator: one engine thread drives the scheduler and the engine; callers get per-request event queues.
+
+Thin by design: all batching decisions are the scheduler's (pure state), all device work the engine's. This file
+owns the thread, a lock around the scheduler, the per-request detokenizers and the hand-off to callers.
+
+Loop (one iteration): reap cancelled/expired requests -> run one Score job if queued -> prefill + insert queued
+requests into free slots -> dispatch decode step n+1 -> read step n's tokens (the one device->host copy) and
+deliver them. Dispatching before reading keeps the device busy while the host detokenizes and streams.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from meshserve.errors import UserError
+from meshserve.model.tokenizer import Tokenizer
+from meshserve.serving.detok import StreamDecoder
+from meshserve.serving.engine import Engine, ScoreOutput
+from meshserve.serving.metrics import ServerMetrics
+from meshserve.serving.scheduler import Request, Scheduler, Update
+
+__all__ = ["Orchestrator", "Event", "RequestHandle", "ShuttingDownError"]
+
+
+class ShuttingDownError(UserError):
+    """The server is draining and accepts no new requests (the servicer answers UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """New tokens/text of one request; finish_reason is set on its last event."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    """What a caller holds: the request (progress, timings) and the queue its events arrive on."""
+
+    request: Request
+    decoder: StreamDecoder
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    text: str = ""
+
+
+class Orchestrator:
+    """Runs `engine` (already warmed up) with `scheduler` on a background thread."""
+
+    def __init__(
+        self, engine: Engine, scheduler: Scheduler, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
+    ):
+        self.engine = engine
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.metrics = metrics or ServerMetrics()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._handles: dict[int, RequestHandle] = {}
+        self._scores: queue.SimpleQueue[tuple[list[tuple[list[int], list[int]]], Future]] = queue.SimpleQueue()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
+        self.steps = 0  # decode steps run
+        self.step_seconds = 0.0  # their wall time in the loop (dispatch to the next dispatch)
+        self.error: BaseException | None = None
+
+    # ----- caller side (any thread) -----
+
+    def start(self) -> Orchestrator:
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, stop: Sequence[str] = ()) -> RequestHandle:
+        """Queue a validated request; raises QueueFullError / ShuttingDownError."""
+        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop))
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("server is shutting down; not accepting new requests")
+            request.arrival = time.monotonic()
+            self.scheduler.submit(request)
+            self._handles[request.id] = handle
+        self._wake.set()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Cancel (client gone); the slot is freed at the next loop iteration. No-op when already finished."""
+        with self._lock:
+            self.scheduler.cancel(handle.request)
+        self._wake.set()
+
+    def score(self, items: list[tuple[list[int], list[int]]], timeout: float | None = None) -> ScoreOutput:
+        """Score (prompt ids, continuation ids) pairs on the engine thread, between decode steps."""
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("server is shutting down; not accepting new requests")
+        future: Future = Future()
+        # Sort by length so a chunk packs similar lengths (less padding); answers are put back in order.
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        self._scores.put(([items[i] for i in order], future))
+        self._wake.set()
+        out: ScoreOutput = future.result(timeout)
+        back = [0] * len(items)
+        for pos, i in enumerate(order):
+            back[i] = pos
+        return ScoreOutput([out.token_logprobs[j] for j in back], [out.greedy[j] for j in back])
+
+    def live_slots(self) -> int:
+        with self._lock:
+            return len(self.scheduler.active)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self.scheduler.queue)
+
+    def drain(self, grace: float) -> bool:
+        """Stop accepting, let in-flight requests finish for up to `grace` s, then cancel the rest and stop.
+
+        Returns True when every request finished on its own within the grace period.
+        """
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + grace
+        clean = True
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.scheduler.idle():
+                    break
+            time.sleep(0.02)
+        else:
+            clean = False
+        with self._lock:
+            for r in [*self.scheduler.queue, *self.scheduler.active]:
+                self.scheduler.cancel(r)
+                clean = False
+        self.stop()
+        return clean
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # ----- engine thread -----
+
+    def _run(self) -> None:
+        pending = None  # (ticket, device output, dispatch time) of the decode step in flight
+        try:
+            while True:
+                now = time.monotonic()
+                with self._lock:
+                    updates = self.scheduler.reap(now)
+                    if self._stop and self.scheduler.idle() and pending is None:
+                        break
+                self._deliver(updates)
+                worked = self._run_score()
+                with self._lock:
+                    batch = self.scheduler.next_prefill(time.monotonic())
+                if batch is not None:
+                    out = self.engine.prefill_insert(
+                        [r.prompt for r in batch.requests],
+                        list(batch.slots),
+                        [r.sampling for r in batch.requests],
+                        batch.batch,
+                        batch.length,
+                    )
+                    with self._lock:
+                        updates = self.scheduler.record_prefill(batch, out.tokens, out.logprobs, time.monotonic())
+                    self._deliver(updates)
+                    worked = True
+                with self._lock:
+                    ticket = self.scheduler.decode_ticket()
+                dispatched = None
+                if ticket is not None:
+                    dispatched = (ticket, self.engine.decode_async(ticket[0]), time.monotonic())
+                if pending is not None:
+                    self._finish_step(pending, dispatched)
+                pending = dispatched
+                if pending is None and not worked:
+                    self._wake.wait(0.05)  # idle: wake on submit/cancel/score, or to check deadlines
+                    self._wake.clear()
+        except BaseException as e:  # a bug: fail every waiting request instead of hanging it
+            self.error = e
+            with self._lock:
+                self._accepting = False
+                handles = list(self._handles.values())
+                self._handles.clear()
+            for h in handles:
+                h.events.put(e)
+            while not self._scores.empty():
+                self._scores.get().set_exception(e)
+            raise
+
+    def _finish_step(self, pending, dispatched) -> None:
+        ticket, out, t0 = pending
+        tokens, logprobs = self.engine.fetch(out)
+        now = time.monotonic()
+        with self._lock:
+            updates = self.scheduler.record_decode(ticket, tokens, logprobs, now)
+            occupancy, depth = self.scheduler.occupancy(), len(self.scheduler.queue)
+        # Step time: this step's dispatch to the next one's (or to now when none follows): what a token costs.
+        seconds = (dispatched[2] if dispatched else now) - t0
+        self.steps += 1
+        self.step_seconds += seconds
+        self.metrics.step(seconds, len(updates), occupancy, depth)
+        self._deliver(updates)
+
+    def _run_score(self) -> bool:
+        try:
+            items, future = self._scores.get_nowait()
+        except queue.Empty:
+            return False
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(self.engine.score(items))
+            except Exception as e:  # a bad item must not kill the loop
+                future.set_exception(e)
+        return True
+
+    def _deliver(self, updates: list[Update]) -> None:
+        for u in updates:
+            r = u.request
+            handle = self._handles.get(r.id)
+            if handle is None:
+                continue
+            reason = u.finish_reason
+            text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
+            if hit and reason is None:
+                with self._lock:
+                    self.scheduler.finish(r, "stop", time.monotonic())
+                reason = "stop"
+            if reason is not None:
+                text += handle.decoder.finish()
+            handle.text += text
+            handle.events.put(Event(u.tokens, u.logprobs, text, reason))
+            if reason is not None:
+                with self._lock:
+                    self._handles.pop(r.id, None)
+                end = r.finish_time or time.monotonic()
+                self.metrics.finished(
+                    None if r.prefill_start is None else r.prefill_start - r.arrival,
+                    None if r.first_token_time is None else r.first_token_time - r.arrival,
+                    end - r.arrival,
+                    len(r.tokens),
+                )

@@ -1,0 +1,170 @@
+"""The serving plan: which steps the engine compiles (phase x batch bucket x length bucket) and with which layout.
+
+On one device every step runs `replicated`; this fixed plan is the degenerate case of the planner's output, not a
+separate code path: the engine compiles exactly the buckets listed here, whoever chose them. When
+`meshserve.analytics.choose_plan` exists, `make_plan` asks it for layouts and predicted step times per bucket and
+records them; the bucket grid stays the engine's.
+
+Axis alphabet (model/config.py): B batch, T tokens in this pass, S context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from meshserve.errors import UserError
+from meshserve.model.config import ModelConfig
+
+__all__ = ["EnginePlan", "StepPlan", "PlanError", "make_plan", "pow2_buckets"]
+
+Objective = Literal["latency", "throughput"]
+
+
+class PlanError(UserError):
+    """A serving plan that cannot work (batch or context out of range)."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One compiled step: phase, batch bucket B, tokens per row T, its layouts and predicted time."""
+
+    phase: str  # prefill | decode | score
+    batch: int
+    length: int
+    ffn_layout: str = "replicated"
+    attention_layout: str = "replicated"
+    predicted_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything the engine compiles at warm-up, and the limits it enforces."""
+
+    objective: Objective
+    max_batch: int  # decode slots (B of the KV cache)
+    max_context: int  # S of the KV cache: prompt + generated tokens per request
+    prefill_batches: tuple[int, ...]  # batch buckets for prefill (requests prefilled together)
+    prefill_lengths: tuple[int, ...]  # prompt-length buckets T
+    decode_batches: tuple[int, ...]  # decode buckets: the step runs on slots [0, b)
+    score_batches: tuple[int, ...]  # batch buckets for Score (all-token logits)
+    prefill_token_budget: int  # most prompt tokens (B*T of the bucket) in one prefill between decode steps
+    mesh_axes: dict[str, int] = field(default_factory=lambda: {"x": 1, "y": 1, "z": 1})
+    steps: tuple[StepPlan, ...] = ()
+    source: str = "fixed"  # "fixed" (one device) or the planner that chose the layouts
+    planner: dict[str, Any] = field(default_factory=dict)  # the planner's own report (Plan.to_dict()), if any
+
+    def length_bucket(self, n: int) -> int:
+        """The smallest prompt-length bucket >= n (n <= max_context)."""
+        for length in self.prefill_lengths:
+            if length >= n:
+                return length
+        raise PlanError(f"prompt of {n} tokens exceeds the largest length bucket {self.prefill_lengths[-1]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from lo up to hi, with hi itself last (so every size up to hi has a bucket)."""
+    out, b = [], max(1, lo)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(sorted(set(out)))
+
+
+def _layouts(config: ModelConfig, plan: EnginePlan, n_devices: int) -> tuple[tuple[StepPlan, ...], str, dict]:
+    """Layouts per step: from analytics' plan chooser when present and the mesh is larger than one device."""
+    grid = (
+        [("prefill", b, t) for b in plan.prefill_batches for t in plan.prefill_lengths]
+        + [("decode", b, 1) for b in plan.decode_batches]
+        + [("score", b, t) for b in plan.score_batches for t in plan.prefill_lengths]
+    )
+    if n_devices == 1:
+        return tuple(StepPlan(p, b, t) for p, b, t in grid), "fixed", {}
+    try:  # the analytics engineer's chooser; absent in builds without analytics/
+        from meshserve.analytics import choose_plan  # type: ignore[attr-defined]
+    except ImportError:
+        raise PlanError(
+            f"a mesh of {n_devices} devices needs meshserve.analytics.choose_plan (not in this build)"
+        ) from None
+    chosen = choose_plan(config, n_devices=n_devices, objective=plan.objective)  # pragma: no cover (not landed)
+    report = chosen.to_dict()
+    steps = []
+    for phase, b, t in grid:
+        layout = chosen.layout_for(phase, b, t) if hasattr(chosen, "layout_for") else {}
+        steps.append(
+            StepPlan(
+                phase,
+                b,
+                t,
+                ffn_layout=str(layout.get("ffn", "planned")),
+                attention_layout=str(layout.get("attention", "planned")),
+                predicted_ms=float(layout.get("predicted_ms", 0.0)),
+            )
+        )
+    return tuple(steps), "analytics", report
+
+
+def make_plan(
+    config: ModelConfig,
+    *,
+    objective: Objective = "latency",
+    max_batch: int | None = None,
+    max_context: int | None = None,
+    n_devices: int = 1,
+    mesh_axes: dict[str, int] | None = None,
+    length_buckets: tuple[int, ...] | None = None,
+    decode_buckets: tuple[int, ...] | None = None,
+) -> EnginePlan:
+    """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
+    throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
+
+    length_buckets / decode_buckets override the power-of-two grids (fewer buckets: faster warm-up, more padding);
+    max_context and max_batch are added to them when missing, so every request still has a bucket.
+    """
+    if objective not in ("latency", "throughput"):
+        raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    max_batch = max_batch or (32 if objective == "latency" else 128)
+    max_context = max_context or config.max_seq_len
+    if not 1 <= max_batch <= 4096:
+        raise PlanError(f"max_batch must be in [1, 4096], got {max_batch}")
+    if not 2 <= max_context <= config.max_seq_len:
+        raise PlanError(f"max_context must be in [2, max_seq_len={config.max_seq_len}], got {max_context}")
+    # Short prompts share one 16-token bucket: below that the step is weight-load bound and padding is free.
+    lengths = pow2_buckets(min(16, max_context), max_context)
+    if length_buckets:
+        if min(length_buckets) < 1 or max(length_buckets) > max_context:
+            raise PlanError(f"length buckets must be in [1, max_context={max_context}], got {list(length_buckets)}")
+        lengths = tuple(sorted({*length_buckets, max_context}))
+    prefill_cap = 4 if objective == "latency" else 32
+    prefill_batches = tuple(b for b in (1, prefill_cap) if b <= max_batch) or (1,)
+    if max_batch < prefill_cap:
+        prefill_batches = tuple(sorted({1, max_batch}))
+    decode_batches = pow2_buckets(1, max_batch)
+    if decode_buckets:
+        if min(decode_buckets) < 1 or max(decode_buckets) > max_batch:
+            raise PlanError(f"decode buckets must be in [1, max_batch={max_batch}], got {list(decode_buckets)}")
+        decode_batches = tuple(sorted({*decode_buckets, max_batch}))
+    score_batches = tuple(sorted({1, min(8 if objective == "latency" else 32, max_batch)}))
+    # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
+    budget = 1024 if objective == "latency" else 16384
+    plan = EnginePlan(
+        objective=objective,
+        max_batch=max_batch,
+        max_context=max_context,
+        prefill_batches=prefill_batches,
+        prefill_lengths=lengths,
+        decode_batches=decode_batches,
+        score_batches=score_batches,
+        prefill_token_budget=max(budget, max_context),  # the longest prompt must always fit alone
+        mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
+    )
+    steps, source, report = _layouts(config, plan, n_devices)
+    return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

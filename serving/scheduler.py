@@ -1,0 +1,238 @@
+"""The continuous-batching scheduler as pure state: a bounded queue, decode slots and a prefill token budget.
+
+No threads, no clocks of its own (callers pass `now`), no device: each call turns the current state and its inputs
+into a schedule or a list of `Update`s, so it is tested synchronously with a mock engine. The driver loop
+(orchestrator.py, offline.py) is, per iteration:
+
+    reap(now)                       -> updates for cancelled / expired requests (their slots are free again)
+    next_prefill(now)               -> a PrefillBatch: queued requests, their slots and bucket, or None
+    record_prefill(batch, tokens)   -> updates (each request's first token)
+    ticket = decode_ticket()        -> which request owns each slot of the decode step about to run (or None)
+    record_decode(ticket, tokens)   -> updates (one token per live request in the ticket)
+
+Requests take the lowest free slot, so the live ones sit at the front and the decode bucket stays small.
+A ticket pins slot owners at dispatch time: the driver may dispatch the next step before it reads this one's
+tokens, and a token that arrives for a request that has since finished is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from meshserve.errors import UserError
+from meshserve.model.sampling import SamplingParams
+
+__all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS"]
+
+FINISH_REASONS = ("length", "stop", "cancelled")
+_ids = itertools.count(1)
+
+
+class QueueFullError(UserError):
+    """The bounded queue is full (the servicer answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and its progress. prompt: token ids (validated by the caller)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    deadline: float | None = None  # absolute time (same clock as `now`); past it the request is cancelled
+    arrival: float = 0.0
+    id: int = field(default_factory=lambda: next(_ids))
+    # progress (owned by the scheduler)
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prefill_start: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Update:
+    """New tokens for a request, and its finish reason when this update ends it."""
+
+    request: Request
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Requests to prefill together as one [batch, length] bucket, and the slots they go to."""
+
+    requests: tuple[Request, ...]
+    slots: tuple[int, ...]
+    batch: int
+    length: int
+
+
+class Scheduler:
+    """Queue -> slots. max_batch slots; at most max_queue requests waiting; prefill buckets from the plan."""
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_queue: int,
+        prefill_batches: Sequence[int],
+        length_bucket: Callable[[int], int],
+        decode_batches: Sequence[int],
+        prefill_token_budget: int,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_batches = tuple(sorted(prefill_batches))
+        self.length_bucket = length_bucket
+        self.decode_batches = tuple(sorted(decode_batches))
+        self.prefill_token_budget = prefill_token_budget
+        self.queue: deque[Request] = deque()
+        self.slots: list[Request | None] = [None] * max_batch
+
+    # ----- state -----
+
+    @property
+    def active(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.slots) if r is None]
+
+    def idle(self) -> bool:
+        return not self.queue and not self.active
+
+    def occupancy(self) -> float:
+        return len(self.active) / self.max_batch
+
+    # ----- inputs -----
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFullError when max_queue requests already wait."""
+        if len(self.queue) >= self.max_queue:
+            raise QueueFullError(f"queue full: {len(self.queue)} requests waiting (max_queue={self.max_queue})")
+        self.queue.append(request)
+
+    def cancel(self, request: Request) -> None:
+        """Ask for a request to end; it is finished (slot freed) at the next `reap`."""
+        request.cancel_requested = True
+
+    def finish(self, request: Request, reason: str, now: float) -> Update | None:
+        """End a request from outside (a stop string matched): free its slot now."""
+        if request.finished:
+            return None
+        self._finish(request, reason, now)
+        if request in self.queue:
+            self.queue.remove(request)
+        return Update(request, (), (), reason)
+
+    def _finish(self, request: Request, reason: str, now: float) -> None:
+        request.finish_reason = reason
+        request.finish_time = now
+        if request.slot is not None and self.slots[request.slot] is request:
+            self.slots[request.slot] = None
+
+    def reap(self, now: float) -> list[Update]:
+        """Finish cancelled and past-deadline requests, queued or running; their slots are free afterwards."""
+        updates = []
+        for r in [*self.queue, *self.active]:
+            if r.cancel_requested or (r.deadline is not None and now >= r.deadline):
+                self._finish(r, "cancelled", now)
+                updates.append(Update(r, (), (), "cancelled"))
+        if updates:
+            self.queue = deque(r for r in self.queue if not r.finished)
+        return updates
+
+    # ----- schedules -----
+
+    def next_prefill(self, now: float) -> PrefillBatch | None:
+        """Queued requests (FIFO) for the free slots, within the largest prefill bucket and the token budget."""
+        free = self.free_slots
+        if not self.queue or not free:
+            return None
+        cap = min(len(free), self.prefill_batches[-1])
+        taken: list[Request] = []
+        length = 0
+        for r in self.queue:
+            if len(taken) == cap:
+                break
+            new_length = max(length, self.length_bucket(len(r.prompt)))
+            batch = self._batch_bucket(len(taken) + 1)
+            if taken and batch * new_length > self.prefill_token_budget:
+                break
+            taken.append(r)
+            length = new_length
+        for _ in taken:
+            self.queue.popleft()
+        slots = tuple(free[: len(taken)])
+        for r, s in zip(taken, slots, strict=True):
+            r.slot = s
+            r.prefill_start = now
+            self.slots[s] = r
+        return PrefillBatch(tuple(taken), slots, self._batch_bucket(len(taken)), length)
+
+    def _batch_bucket(self, n: int) -> int:
+        return next(b for b in self.prefill_batches if b >= n)
+
+    def record_prefill(self, batch: PrefillBatch, tokens: Sequence[int], logprobs: Sequence[float], now: float):
+        """The prefill's first token per request -> updates."""
+        updates = []
+        for r, tok, lp in zip(batch.requests, tokens, logprobs, strict=True):
+            if r.finished:
+                continue
+            r.first_token_time = now
+            updates.append(self._accept(r, int(tok), float(lp), now))
+        return updates
+
+    def decode_batch(self) -> int | None:
+        """The decode bucket covering every live slot, or None when no slot is live."""
+        live = [i for i, r in enumerate(self.slots) if r is not None]
+        if not live:
+            return None
+        return next(b for b in self.decode_batches if b > live[-1])
+
+    def decode_ticket(self) -> tuple[int, tuple[Request | None, ...]] | None:
+        """(bucket, owner of each slot in it) for the step about to be dispatched; None when nothing is live."""
+        b = self.decode_batch()
+        return None if b is None else (b, tuple(self.slots[:b]))
+
+    def record_decode(
+        self,
+        ticket: tuple[int, tuple[Request | None, ...]],
+        tokens: Sequence[int],
+        logprobs: Sequence[float],
+        now: float,
+    ) -> list[Update]:
+        """One decode step's tokens [b] -> updates for the requests that owned the slots and are still running."""
+        _, owners = ticket
+        updates = []
+        for r, tok, lp in zip(owners, tokens, logprobs, strict=False):
+            if r is None or r.finished:
+                continue  # an empty slot, or a request that ended after this step was dispatched
+            updates.append(self._accept(r, int(tok), float(lp), now))
+        return updates
+
+    def _accept(self, r: Request, tok: int, lp: float, now: float) -> Update:
+        r.tokens.append(tok)
+        r.logprobs.append(lp)
+        reason = None
+        if tok in r.stop_ids:
+            reason = "stop"
+        elif len(r.tokens) >= r.max_new_tokens:
+            reason = "length"
+        if reason:
+            self._finish(r, reason, now)
+        return Update(r, (tok,), (lp,), reason)

@@ -1,0 +1,188 @@
+"""Assemble and run the gRPC server: model -> plan -> engine (warmed up) -> scheduler -> orchestrator -> servicer.
+
+Also the standard grpc.health.v1 service, server reflection, optional TLS, an optional bearer-token check
+(UNAUTHENTICATED; health stays open so load balancers can probe) and the Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from meshserve.errors import UserError
+from meshserve.protos import inference_pb2 as pb
+from meshserve.protos import inference_pb2_grpc as pb_grpc
+from meshserve.serving.engine import Engine, ModelSteps
+from meshserve.serving.metrics import ServerMetrics
+from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.plan import EnginePlan
+from meshserve.serving.scheduler import Scheduler
+from meshserve.serving.servicer import InferenceServicer, Limits
+
+__all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError"]
+
+log = logging.getLogger("meshserve.serve")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # meshserve.v1.Inference
+# gRPC's own cap on one incoming message; larger ones answer RESOURCE_EXHAUSTED before reaching the servicer.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class ServerError(UserError):
+    """A server option that cannot work (port in use, unreadable TLS or token file)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (see InferenceServer.port)
+    max_queue: int = 256
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token_file: str | None = None
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    max_new_tokens: int | None = None  # default: the whole context
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Every RPC but health checks needs `authorization: Bearer <token>`; the token is never logged."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("Stream") else self._deny
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ServerError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+class InferenceServer:
+    """A running server. `port` is the bound port; `stop(grace)` drains and stops."""
+
+    def __init__(self, model, engine: Engine, plan: EnginePlan, options: ServerOptions, mesh_info: dict | None = None):
+        self.model, self.engine, self.plan, self.options = model, engine, plan, options
+        self.metrics = ServerMetrics()
+        scheduler = Scheduler(
+            plan.max_batch,
+            options.max_queue,
+            plan.prefill_batches,
+            plan.length_bucket,
+            plan.decode_batches,
+            plan.prefill_token_budget,
+        )
+        self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics)
+        limits = Limits(
+            max_context=plan.max_context,
+            max_batch=plan.max_batch,
+            max_new_tokens=min(options.max_new_tokens or plan.max_context, plan.max_context),
+            max_queue=options.max_queue,
+        )
+        self.limits = limits
+        self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})
+        interceptors = []
+        if options.auth_token_file:
+            token = _read(options.auth_token_file, "auth token file").decode().strip()
+            if not token:
+                raise ServerError(f"auth token file {options.auth_token_file} is empty")
+            interceptors.append(_AuthInterceptor(token))
+        # Each open stream holds a worker thread; RPCs beyond slots + queue (+ a few for Score/info/health)
+        # answer RESOURCE_EXHAUSTED instead of waiting unseen inside gRPC.
+        workers = plan.max_batch + options.max_queue + 16
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._grpc = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshserve-rpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a port in use must fail, not be shared with another server
+            ],
+            maximum_concurrent_rpcs=workers,
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self._grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert or options.tls_key:
+            if not (options.tls_cert and options.tls_key):
+                raise ServerError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials(
+                [(_read(options.tls_key, "TLS key"), _read(options.tls_cert, "TLS certificate"))]
+            )
+            bound = self._grpc.add_secure_port(address, creds)
+        else:
+            bound = self._grpc.add_insecure_port(address)
+        if not bound:
+            raise ServerError(f"cannot listen on {address} (port in use or address not available)")
+        self.port = bound
+        self._stopped = threading.Event()
+
+    def start(self) -> InferenceServer:
+        self.orchestrator.start()
+        self._grpc.start()
+        if self.options.metrics_port:
+            self.metrics.serve(self.options.metrics_port, self.options.host)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 30.0) -> bool:
+        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish (up to `grace` s), then stop.
+
+        Returns True when every in-flight request finished within the grace period.
+        """
+        if self._stopped.is_set():
+            return True
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # gRPC refuses new RPCs from here on and cancels the ones still open after `grace`; meanwhile the engine
+        # finishes what it holds (and cancels the rest at the same deadline).
+        stopped = self._grpc.stop(grace=grace)
+        clean = self.orchestrator.drain(grace)
+        stopped.wait()
+        self._stopped.set()
+        return clean
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def build_server(
+    model,
+    plan: EnginePlan,
+    options: ServerOptions,
+    *,
+    steps: ModelSteps | None = None,
+    mesh_info: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> InferenceServer:
+    """Compile every step of the plan (warm-up), then bind the server (not started: call `.start()`)."""
+    if options.max_queue < 0:
+        raise ServerError(f"max_queue must be >= 0, got {options.max_queue}")
+    engine = Engine(model.params, model.config, plan, steps or ModelSteps())
+    engine.warm_up(progress)
+    return InferenceServer(model, engine, plan, options, mesh_info)
