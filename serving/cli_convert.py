@@ -24,7 +24,16 @@ class ConvertError(UserError):
     """Conflicting or missing convert options (the message names the flag)."""
 
 
+EXAMPLES = """examples:
+  meshserve convert --from-hf ./falcon-7b --out ./falcon-7b-ms --weights bf16
+  meshserve convert --checkpoint ./falcon-7b-ms --out ./falcon-7b-int8 --weights int8
+  meshserve generate --checkpoint ./falcon-7b-int8 "The capital of France is"
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Falcon directory: config.json + *.safetensors")
     source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
