@@ -275,3 +275,29 @@ def test_bad_input(tmp_path, capsys):
 def test_load_hf_errors_are_user_errors(tmp_path):
     with pytest.raises(HFImportError, match="not found"):
         load_hf(tmp_path / "nope")
+
+
+def test_falcon_7b_config_maps_to_preset():
+    """tiiuae/falcon-7b's config.json (as published, transformers 4.27 keys) gives exactly the falcon-7b preset."""
+    from meshserve.model.config import get_config
+    from meshserve.model.hf_import import falcon_config
+
+    published = {
+        "alibi": False,
+        "apply_residual_connection_post_layernorm": False,
+        "architectures": ["FalconForCausalLM"],
+        "bias": False,
+        "bos_token_id": 11,
+        "eos_token_id": 11,
+        "hidden_size": 4544,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "falcon",
+        "multi_query": True,
+        "new_decoder_architecture": False,
+        "num_attention_heads": 71,
+        "num_hidden_layers": 32,
+        "parallel_attn": True,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 65024,
+    }
+    assert falcon_config(published, name="falcon-7b") == get_config("falcon-7b")
