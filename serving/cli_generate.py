@@ -1,4 +1,5 @@
-"""`meshserve generate`: generate text for one or more prompts, in process (one batch of different lengths)."""
+"""`meshserve generate`: generate text for one or more prompts, in process (one batch of different lengths), or
+from a running server with `--server HOST:PORT` (same flags, same output; the prompts run concurrently there)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["f32", "bf16", "int8"],
         help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)",
     )
+    parser.add_argument(
+        "--server", metavar="HOST:PORT", help="ask a running `meshserve serve` instead of loading a model"
+    )
+    parser.add_argument("--auth-token-file", help="with --server: a file holding the server's bearer token")
+    parser.add_argument("--tls-ca", help="with --server: PEM root certificate to verify the server's TLS certificate")
+    parser.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request (default 300)")
     add_sampling_arguments(parser)
+
+
+def _print(args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str) -> None:
+    if args.json:
+        print(json.dumps({"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}))
+    else:
+        shown = prompt_text or ""
+        print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
+        print()
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    """Each prompt as one Generate call, all in flight at once; results printed in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import grpc
+    from meshserve.serving.client import Client
+
+    if args.checkpoint or args.model or args.weights:
+        raise UserError("--checkpoint, --model and --weights choose a local model; the server has its own (drop them)")
+    token = None
+    if args.auth_token_file:
+        try:
+            token = Path(args.auth_token_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --auth-token-file {args.auth_token_file}: {e.strerror}") from None
+    prompts = list(args.prompts) + [list(t) for t in args.tokens]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, return_logprobs=True)  # fmt: skip
+    with Client(args.server, token=token, tls_ca=args.tls_ca) as client:
+        try:
+            with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
+                results = list(pool.map(lambda p: client.generate(p, timeout=args.timeout, **kwargs), prompts))
+        except grpc.RpcError as e:
+            raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+    for prompt, r in zip(prompts, results, strict=True):
+        _print(args, prompt if isinstance(prompt, str) else None, r.tokens, r.text, r.logprobs, r.finish_reason)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompts and not args.tokens:
         raise UserError("give at least one PROMPT or --tokens")
+    if args.server:
+        return _run_remote(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
 
     from meshserve.model.generate import generate
@@ -76,21 +124,7 @@ def run(args: argparse.Namespace) -> int:
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "tokens": result.tokens,
-                        "text": text,
-                        "logprobs": result.logprobs,
-                        "finish_reason": result.finish_reason,
-                    }
-                )
-            )
-        else:
-            shown = prompt_text if prompt_text is not None else model.tokenizer.decode([])
-            print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
-            print()
+        _print(args, prompt_text, result.tokens, text, result.logprobs, result.finish_reason)
     return 0
 
 

@@ -91,10 +91,11 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         objective=objective,
         max_batch=args.max_batch,
         max_context=args.max_context,
-        n_devices=n,
         mesh_axes=mesh,
         length_buckets=args.length_buckets,
         decode_buckets=args.decode_buckets,
+        weights=model.weights,
+        device_kind=jax.devices()[0].device_kind,
     )
     return model, plan, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
 

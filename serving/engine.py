@@ -166,14 +166,17 @@ class Engine:
     def compiled_steps(self) -> int:
         return len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score)
 
-    def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile every step of the plan and allocate the decode state."""
+    def warm_up(
+        self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
+    ) -> None:
+        """Compile every step of the plan for `phases` (generate = prefill, insert and decode; score) and allocate
+        the decode state. A step missing here raises KeyError when called, never compiles on the request path."""
         plan = self.plan
         i32 = jax.ShapeDtypeStruct
         state = self._abstract_state()
         dtype = transformer.compute_dtype(self.params)
         samp = lambda b: {n: i32((b,), a.dtype) for n, a in _pad_sampling([], b).items()}  # noqa: E731
-        for b in plan.prefill_batches:
+        for b in plan.prefill_batches if "generate" in phases else ():
             for t in plan.prefill_lengths:
                 tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
                 self._prefill[(b, t)] = jax.jit(self._prefill_fn).lower(self.params, tokens, lengths, samp(b)).compile()
@@ -188,12 +191,12 @@ class Engine:
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
-        for b in plan.decode_batches:
+        for b in plan.decode_batches if "generate" in phases else ():
             fn = jax.jit(lambda p, s, b=b: self._decode_fn(b, p, s), donate_argnums=1)
             self._decode[b] = fn.lower(self.params, state).compile()
             if progress:
                 progress(f"decode b={b}")
-        for b in plan.score_batches:
+        for b in plan.score_batches if "score" in phases else ():
             for t in plan.prefill_lengths:
                 tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
                 self._score[(b, t)] = jax.jit(self._score_fn).lower(self.params, tokens, lengths).compile()

@@ -49,6 +49,7 @@ class RequestHandle:
     decoder: StreamDecoder
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     text: str = ""
+    done: queue.SimpleQueue | None = None  # also gets this handle when the request finishes (offline jobs)
 
 
 class Orchestrator:
@@ -78,9 +79,11 @@ class Orchestrator:
         self._thread.start()
         return self
 
-    def submit(self, request: Request, stop: Sequence[str] = ()) -> RequestHandle:
-        """Queue a validated request; raises QueueFullError / ShuttingDownError."""
-        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop))
+    def submit(
+        self, request: Request, stop: Sequence[str] = (), done: queue.SimpleQueue | None = None
+    ) -> RequestHandle:
+        """Queue a validated request; raises QueueFullError / ShuttingDownError. `done` receives the handle at the end."""
+        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop), done=done)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
@@ -195,6 +198,8 @@ class Orchestrator:
                 self._handles.clear()
             for h in handles:
                 h.events.put(e)
+                if h.done is not None:
+                    h.done.put(e)
             while not self._scores.empty():
                 self._scores.get().set_exception(e)
             raise
@@ -244,6 +249,8 @@ class Orchestrator:
             if reason is not None:
                 with self._lock:
                     self._handles.pop(r.id, None)
+                if handle.done is not None:
+                    handle.done.put(handle)
                 end = r.finish_time or time.monotonic()
                 self.metrics.finished(
                     None if r.prefill_start is None else r.prefill_start - r.arrival,

@@ -1,9 +1,9 @@
 """The serving plan: which steps the engine compiles (phase x batch bucket x length bucket) and with which layout.
 
-On one device every step runs `replicated`; this fixed plan is the degenerate case of the planner's output, not a
-separate code path: the engine compiles exactly the buckets listed here, whoever chose them. When
-`meshserve.analytics.choose_plan` exists, `make_plan` asks it for layouts and predicted step times per bucket and
-records them; the bucket grid stays the engine's.
+The engine compiles exactly the buckets listed here. `make_plan` asks analytics' plan chooser
+(`meshserve.analytics.plan.choose_plan`) for the layout and predicted step time of each bucket on this mesh and
+chip; on one device every layout computes the same thing, so there the plan labels and prices the steps (the
+degenerate case of the same path, not a separate one). Without analytics every step is `replicated`.
 
 Axis alphabet (model/config.py): B batch, T tokens in this pass, S context.
 """
@@ -79,36 +79,76 @@ def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def _layouts(config: ModelConfig, plan: EnginePlan, n_devices: int) -> tuple[tuple[StepPlan, ...], str, dict]:
-    """Layouts per step: from analytics' plan chooser when present and the mesh is larger than one device."""
+# Device kinds (jax Device.device_kind, lower-cased substrings) -> analytics chip table entries.
+_CHIP_BY_KIND = (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"), ("v6", "tpu-v6e"), ("v5p", "tpu-v5p"),
+                 ("v5", "tpu-v5e"), ("v4", "tpu-v4"))  # fmt: skip
+
+
+def _chip(device_kind: str):
+    """The analytics chip for this device kind; `local` (meshserve calibrate) for anything else, or None."""
+    from meshserve.analytics.chips import get_chip
+
+    kind = device_kind.lower()
+    name = next((chip for key, chip in _CHIP_BY_KIND if key in kind), "local")
+    try:
+        return get_chip(name)
+    except UserError:
+        return None  # an uncalibrated CPU: layouts without predicted times
+
+
+def _layouts(config: ModelConfig, plan: EnginePlan, weights: str, device_kind: str):
+    """Layouts and predicted step times per compiled step, from analytics' plan chooser.
+
+    Returns (steps, source, planner report). Without the chooser (or a chip to price it on) every step is
+    `replicated` with no prediction; with one device every layout computes the same thing, so the plan only
+    labels and prices the steps, while a sharded build runs the named layouts.
+    """
+    mesh = plan.mesh_axes
+    n = mesh["x"] * mesh["y"] * mesh["z"]
     grid = (
         [("prefill", b, t) for b in plan.prefill_batches for t in plan.prefill_lengths]
         + [("decode", b, 1) for b in plan.decode_batches]
         + [("score", b, t) for b in plan.score_batches for t in plan.prefill_lengths]
     )
-    if n_devices == 1:
-        return tuple(StepPlan(p, b, t) for p, b, t in grid), "fixed", {}
-    try:  # the analytics engineer's chooser; absent in builds without analytics/
-        from meshserve.analytics import choose_plan  # type: ignore[attr-defined]
+    try:
+        from meshserve.analytics.plan import choose_plan
+        from meshserve.partition.comm import MeshShape
     except ImportError:
-        raise PlanError(
-            f"a mesh of {n_devices} devices needs meshserve.analytics.choose_plan (not in this build)"
-        ) from None
-    chosen = choose_plan(config, n_devices=n_devices, objective=plan.objective)  # pragma: no cover (not landed)
-    report = chosen.to_dict()
+        if n > 1:
+            raise PlanError(f"a mesh of {n} devices needs meshserve.analytics (not in this build)") from None
+        return tuple(StepPlan(p, b, t) for p, b, t in grid), "fixed", {}
+    chip = _chip(device_kind)
+    if chip is None:
+        from meshserve.analytics.chips import get_chip
+
+        chip, priced = get_chip("tpu-v4"), False  # layouts still come from the cost model; times would mislead
+    else:
+        priced = True
+    storage = "int8" if weights == "int8" else "bf16"  # f32 is priced as bf16 (the chooser knows bf16 and int8)
+    shape = MeshShape(mesh["x"], mesh["y"], mesh["z"])
+    buckets = sorted({*plan.prefill_batches, *plan.score_batches})
+    by_length = {
+        t: choose_plan(
+            config,
+            chip,
+            mesh=shape,
+            objective=plan.objective,
+            batch_buckets=plan.decode_batches,
+            prefill_buckets=buckets,
+            prompt_len=t,
+            gen_len=max(1, plan.max_context - t),
+            weights=storage,
+        )  # fmt: skip
+        for t in plan.prefill_lengths
+    }
     steps = []
     for phase, b, t in grid:
-        layout = chosen.layout_for(phase, b, t) if hasattr(chosen, "layout_for") else {}
-        steps.append(
-            StepPlan(
-                phase,
-                b,
-                t,
-                ffn_layout=str(layout.get("ffn", "planned")),
-                attention_layout=str(layout.get("attention", "planned")),
-                predicted_ms=float(layout.get("predicted_ms", 0.0)),
-            )
-        )
+        chosen = by_length[plan.prefill_lengths[-1] if phase == "decode" else t]
+        entry = chosen.lookup("decode" if phase == "decode" else "prefill", b)
+        ms = entry.step_s * 1e3 if priced else 0.0
+        steps.append(StepPlan(phase, b, t, entry.ffn_layout, entry.attention, ms))
+    report = by_length[plan.prefill_lengths[-1]].to_dict()
+    report["priced_on"] = chip.name if priced else None
     return tuple(steps), "analytics", report
 
 
@@ -118,10 +158,11 @@ def make_plan(
     objective: Objective = "latency",
     max_batch: int | None = None,
     max_context: int | None = None,
-    n_devices: int = 1,
     mesh_axes: dict[str, int] | None = None,
     length_buckets: tuple[int, ...] | None = None,
     decode_buckets: tuple[int, ...] | None = None,
+    weights: str = "bf16",
+    device_kind: str = "cpu",
 ) -> EnginePlan:
     """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
@@ -166,5 +207,5 @@ def make_plan(
         prefill_token_budget=max(budget, max_context),  # the longest prompt must always fit alone
         mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
     )
-    steps, source, report = _layouts(config, plan, n_devices)
+    steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

@@ -1,0 +1,262 @@
+"""Offline jobs over JSONL files, in process: scoring and batch generation with the throughput plan.
+
+  score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
+  batch-generate  {"id", "prompt", "max_new_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
+                   "ignore_eos"?}                             -> {"id", "text", "tokens", "logprobs", "finish_reason"}
+
+Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
+resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first, so after any
+interruption (kill -9 included) rerunning the same command completes OUT with every id exactly once. Bad lines go
+to the errors file ({"line", "id", "error"}) and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshserve.errors import UserError
+from meshserve.model.sampling import SamplingError, SamplingParams
+
+__all__ = ["read_jobs", "resume_output", "run_score", "run_generate", "OfflineError", "JobLine", "JobSummary"]
+
+
+class OfflineError(UserError):
+    """A job that cannot start (missing input, output is a directory, ...)."""
+
+
+class LineError(UserError):
+    """One bad input line (reported to the errors file; the job goes on)."""
+
+
+@dataclass(frozen=True)
+class JobLine:
+    line: int  # 1-based line number in IN
+    id: Any
+    data: dict
+
+
+@dataclass
+class JobSummary:
+    done: int = 0  # results written this run
+    skipped: int = 0  # ids already in OUT
+    errors: int = 0  # bad lines reported
+    tokens: int = 0  # tokens scored or generated this run
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def resume_output(path: Path) -> set:
+    """Ids already written to OUT; a trailing partial or corrupt line (a kill mid-write) is truncated away."""
+    if not path.exists():
+        return set()
+    if path.is_dir():
+        raise OfflineError(f"output {path} is a directory")
+    done: set = set()
+    good_end = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                done.add(_key(json.loads(raw)["id"]))
+            except (ValueError, KeyError, TypeError):
+                break
+            good_end += len(raw)
+    if good_end != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def _key(value: Any) -> str:
+    """Ids compare by their JSON text, so 1 and "1" stay different and any JSON scalar works."""
+    return json.dumps(value, sort_keys=True)
+
+
+def read_jobs(path: Path, required: tuple[str, ...], errors: Callable[[int, Any, str], None]) -> Iterator[JobLine]:
+    """Valid lines of IN (objects with an id and the required string fields); the rest are reported."""
+    if not path.is_file():
+        raise OfflineError(f"input file not found: {path}")
+    seen: set = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as e:
+                errors(n, None, f"not JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(data, dict) or "id" not in data:
+                errors(n, None, 'each line must be a JSON object with an "id"')
+                continue
+            if not isinstance(data["id"], str | int) or isinstance(data["id"], bool):
+                errors(n, data["id"], "id must be a string or an integer")
+                continue
+            missing = [k for k in required if not isinstance(data.get(k), str)]
+            if missing:
+                errors(n, data["id"], f"missing or non-string field(s): {', '.join(missing)}")
+                continue
+            if _key(data["id"]) in seen:
+                errors(n, data["id"], "duplicate id (its first line is used)")
+                continue
+            seen.add(_key(data["id"]))
+            yield JobLine(n, data["id"], data)
+
+
+class _Writer:
+    """Appends result lines to OUT and error lines to the errors file, flushed line by line."""
+
+    def __init__(self, out: Path, errors: Path):
+        self.out = open(out, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.errors = open(errors, "w", encoding="utf-8")  # noqa: SIM115 (rewritten each run: same input, same errors)
+        self.summary = JobSummary()
+
+    def result(self, record: dict) -> None:
+        # One write of a complete line, then flush: a kill leaves at most one partial last line (resume cuts it).
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+        self.summary.done += 1
+
+    def error(self, line: int, id_: Any, message: str) -> None:
+        self.errors.write(json.dumps({"line": line, "id": id_, "error": message}, ensure_ascii=False) + "\n")
+        self.errors.flush()
+        self.summary.errors += 1
+
+    def close(self) -> None:
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.out.close()
+        self.errors.close()
+
+
+def _prepare(in_path: Path, out_path: Path, errors_path: Path, required: tuple[str, ...]):
+    done = resume_output(out_path)
+    writer = _Writer(out_path, errors_path)
+    todo = []
+    for job in read_jobs(in_path, required, writer.error):
+        if _key(job.id) in done:
+            writer.summary.skipped += 1
+        else:
+            todo.append(job)
+    return writer, todo
+
+
+def run_score(model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None) -> JobSummary:
+    """Score every (prompt, continuation) line not yet in OUT. `engine` is a warmed-up serving Engine."""
+    writer, todo = _prepare(in_path, out_path, errors_path, ("prompt", "continuation"))
+    limit = engine.plan.max_context
+    items = []
+    for job in todo:
+        prompt, cont = model.encode_prompt(job.data["prompt"]), model.tokenizer.encode(job.data["continuation"])
+        if not prompt or not cont:
+            writer.error(job.line, job.id, "prompt and continuation must not be empty")
+        elif len(prompt) + len(cont) > limit:
+            writer.error(job.line, job.id, f"{len(prompt)} + {len(cont)} tokens exceed the context limit {limit}")
+        else:
+            items.append((job, prompt, cont))
+    items.sort(key=lambda x: len(x[1]) + len(x[2]))  # similar lengths share a bucket: less padding
+    chunk = max(engine.plan.score_batches)
+    if progress is not None:
+        progress.reset(total=sum(len(p) + len(c) for _, p, c in items))
+    try:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            out = engine.score([(p, c) for _, p, c in part])
+            for (job, p, c), lp, greedy in zip(part, out.token_logprobs, out.greedy, strict=True):
+                writer.result(
+                    {"id": job.id, "logprob": float(lp.astype("float64").sum()), "token_logprobs": lp.tolist(),
+                     "greedy": bool(greedy.all())}
+                )  # fmt: skip
+                writer.summary.tokens += len(p) + len(c)
+                if progress is not None:
+                    progress.update(len(p) + len(c))
+    finally:
+        writer.close()
+    return writer.summary
+
+
+def _generation_request(model, engine, job: JobLine):
+    from meshserve.serving.scheduler import Request
+
+    d = job.data
+    prompt = model.encode_prompt(d["prompt"])
+    room = engine.plan.max_context - len(prompt)
+    n = d.get("max_new_tokens", min(64, room))
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
+        raise LineError(
+            f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {n!r}"
+        )
+    try:
+        sampling = SamplingParams(
+            temperature=float(d.get("temperature", 0.0)),
+            top_k=int(d.get("top_k", 0)),
+            top_p=float(d.get("top_p", 1.0)),
+            seed=int(d.get("seed", 0)),
+        )
+    except (SamplingError, TypeError, ValueError) as e:
+        raise LineError(str(e)) from None
+    stop = d.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise LineError("stop must be a non-empty string or a list of them")
+    stop_ids = frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids())
+    return Request(prompt, n, sampling, stop_ids), stop
+
+
+def run_generate(model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None) -> JobSummary:
+    """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread)."""
+    from meshserve.serving.orchestrator import Orchestrator
+    from meshserve.serving.scheduler import Scheduler
+
+    writer, todo = _prepare(in_path, out_path, errors_path, ("prompt",))
+    work = []
+    for job in todo:
+        try:
+            work.append((job, *_generation_request(model, engine, job)))
+        except LineError as e:
+            writer.error(job.line, job.id, str(e))
+    work.sort(key=lambda x: len(x[1].prompt))  # similar prompt lengths prefill together
+    plan = engine.plan
+    scheduler = Scheduler(
+        plan.max_batch,
+        len(work) + 1,
+        plan.prefill_batches,
+        plan.length_bucket,
+        plan.decode_batches,
+        plan.prefill_token_budget,
+    )
+    orch = Orchestrator(engine, scheduler, model.tokenizer).start()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    jobs = {}
+    if progress is not None:
+        progress.reset(total=sum(r.max_new_tokens for _, r, _ in work))
+    try:
+        for job, request, stop in work:
+            jobs[request.id] = job
+            orch.submit(request, stop, done=done)
+        for _ in range(len(work)):
+            handle = done.get()
+            if isinstance(handle, BaseException):
+                raise handle
+            r = handle.request
+            writer.result(
+                {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
+                 "finish_reason": r.finish_reason}
+            )  # fmt: skip
+            writer.summary.tokens += len(r.tokens)
+            if progress is not None:
+                progress.update(r.max_new_tokens)  # the total counts max_new_tokens: an early stop fills its share
+    finally:
+        if orch.error is None:
+            orch.drain(0.0)  # finished: stops the thread; interrupted: cancels what is left first
+        writer.close()
+    return writer.summary
