@@ -50,6 +50,7 @@ class Chip:
     matmul_efficiency: float  # achievable fraction of peak FLOP/s on large matmuls
     hbm_efficiency: float  # achievable fraction of HBM bandwidth on streaming reads
     ici_efficiency: float = 0.8  # achievable fraction of interconnect bandwidth in collectives
+    kv_efficiency: float = 1.0  # KV-cache access relative to streaming weights (1 on accelerators; fitted for local)
     node_size: int = 0  # switch: GPUs per NVLink domain (0 = unlimited)
     inter_node_bandwidth: float = 0.0  # switch: per-GPU bandwidth between nodes
     step_overhead_s: float = 0.0  # fixed cost per layer per pass (kernel launches, host dispatch); measured for local

@@ -198,7 +198,8 @@ def estimate(
     hbm = chip.hbm_bandwidth * chip.hbm_efficiency
     weight_load_s = _weight_read_bytes(sizes, weights, ffn_layout, mesh) / hbm
     kv_per_token = _kv_bytes_per_token(c, ffn_layout, attention, mesh, dims)
-    kv_load_s = kv_per_token * (S if phase == "decode" else L) / hbm  # decode reads the cache; prefill writes it
+    # decode reads the cache; prefill writes it
+    kv_load_s = kv_per_token * (S if phase == "decode" else L) / (hbm * chip.kv_efficiency)
 
     comm_s = comm_lat = prefetch_s = 0.0
     rows = []

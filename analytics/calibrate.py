@@ -1,0 +1,196 @@
+"""Calibration: measure this machine's first device and store it as the `local` chip.
+
+Measures (1) the f32 matmul rate, (2) streaming memory bandwidth (a matrix-vector product, the decode pattern),
+(3) real prefill and decode step times of a model (random weights, f32) at several batch sizes. The cost model's
+terms for each measured point (compute at the measured rate, memory at the measured bandwidth, layers) are then
+fitted to the step times by non-negative least squares on relative error: measured ≈ compute/η_mm +
+weights/η_hbm + kv/(η_hbm·η_kv) + layers·overhead, giving the local chip's efficiencies and per-layer fixed cost
+(dispatch, small ops). η_kv absorbs what the KV cache costs beyond streaming it (CPU: bf16 cache, per-row updates).
+JAX and numpy are imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from meshserve.analytics.chips import Chip
+from meshserve.analytics.cost import estimate
+from meshserve.model.config import ModelConfig
+from meshserve.partition.comm import MeshShape
+
+__all__ = ["CalibrationPoint", "measure", "calibrate", "local_base_chip"]
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    phase: str
+    batch: int
+    prompt_len: int
+    measured_s: float
+    predicted_s: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+
+def _min_times(fns: Sequence[Callable[[], Any]], rounds: int) -> list[float]:
+    """Fastest run of each function over `rounds` interleaved rounds, after one warm-up (compile) each.
+
+    Interleaving gives every point the same background load and the minimum drops the runs other processes slowed.
+    """
+    import jax
+
+    for fn in fns:
+        jax.block_until_ready(fn())
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def _matmul_probe(size: int = 512) -> tuple[Callable[[], Any], float]:
+    """A float32 [size, size] @ [size, size] matmul and its FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    return (lambda: f(a, b)), 2.0 * size**3
+
+
+def _bandwidth_probe(nbytes: int = 64 * 2**20) -> tuple[Callable[[], Any], float]:
+    """Streaming a float32 matrix of `nbytes` through a matrix-vector product (what decode does), and its bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    cols = 4096
+    w = jnp.ones((nbytes // (4 * cols), cols), jnp.float32)
+    v = jnp.ones((1, w.shape[0]), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    return (lambda: f(v, w)), float(nbytes)
+
+
+def _memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16.0 * 2**30
+
+
+def local_base_chip(matmul_flops: float, bandwidth: float, device: str) -> Chip:
+    """A one-device chip from measured rates (efficiencies 1: the measurements are already achieved rates)."""
+    return Chip(
+        name="local",
+        peak_flops_bf16=matmul_flops,
+        peak_flops_int8=matmul_flops,
+        hbm_bytes=_memory_bytes(),
+        hbm_bandwidth=bandwidth,
+        link_bandwidth=bandwidth,  # devices of one host exchange through its memory
+        links_per_axis=1,
+        topology="switch",
+        hop_latency_s=0.0,
+        matmul_efficiency=1.0,
+        hbm_efficiency=1.0,
+        ici_efficiency=1.0,
+        source=f"measured by `meshserve calibrate` on {device}",
+    )
+
+
+def measure(
+    config: ModelConfig, batches: Sequence[int], prompt_len: int, rounds: int = 10
+) -> tuple[float, float, list[tuple[str, int, float]]]:
+    """(matmul FLOP/s, bandwidth bytes/s, [(phase, batch, seconds)]) of the real jitted prefill (B x prompt_len)
+    and decode step (context prompt_len + 1), random float32 weights, on the default device."""
+    import jax
+    import jax.numpy as jnp
+    from meshserve.model.params import init_params
+    from meshserve.model.transformer import KVCache, decode_step, init_cache, prefill
+
+    params = init_params(config, jax.random.key(0), jnp.float32)
+    prefill_fn = jax.jit(prefill, static_argnums=1)
+    decode_fn = jax.jit(decode_step, static_argnums=1)
+    matmul, flops = _matmul_probe()
+    stream, nbytes = _bandwidth_probe()
+    fns: list[Callable[[], Any]] = [matmul, stream]
+    labels = []
+    for b in batches:
+        tokens = jnp.ones((b, prompt_len), jnp.int32)
+        lengths = jnp.full((b,), prompt_len, jnp.int32)
+        fns.append(lambda t=tokens, n=lengths: prefill_fn(params, config, t, n))
+        cache = init_cache(config, b, prompt_len + 1)
+        cache = KVCache(k=cache.k, v=cache.v, lengths=jnp.full((b,), prompt_len, jnp.int32))
+        step = jnp.ones((b,), jnp.int32)
+        fns.append(lambda t=step, c=cache: decode_fn(params, config, t, c))
+        labels += [("prefill", b), ("decode", b)]
+    times = _min_times(fns, rounds)
+    return flops / times[0], nbytes / times[1], [(p, b, t) for (p, b), t in zip(labels, times[2:], strict=True)]
+
+
+def _terms(config: ModelConfig, chip: Chip, phase: str, batch: int, prompt_len: int) -> tuple[float, ...]:
+    """(compute, weight load, KV load, layers) terms of the cost model for one point on one device."""
+    e = estimate(config, chip, MeshShape(1, 1, 1), phase=phase, batch=batch, prompt_len=prompt_len, gen_len=1,
+                 weights="f32", ffn_layout="ws2d", attention="heads")  # fmt: skip
+    b = e.breakdown
+    return b.compute_s, b.weight_load_s, b.kv_load_s, float(config.n_layers)
+
+
+def _fit(features: list[tuple[float, ...]], measured: list[float]) -> tuple[float, ...]:
+    """Non-negative least squares on relative error, by trying every subset of the coefficients."""
+    import itertools
+
+    import numpy as np
+
+    a = np.array(features) / np.array(measured)[:, None]
+    y = np.ones(len(measured))
+    width = a.shape[1]
+    best, best_err = (0.0,) * width, float("inf")
+    for k in range(1, width + 1):
+        for cols in itertools.combinations(range(width), k):
+            coef, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+            if (coef < 0).any():
+                continue
+            full = np.zeros(width)
+            full[list(cols)] = coef
+            err = float(np.sum((a @ full - y) ** 2))
+            if err < best_err:
+                best, best_err = tuple(float(c) for c in full), err
+    return best  # type: ignore[return-value]
+
+
+def calibrate(
+    config: ModelConfig,
+    batches: Sequence[int] = (1, 4, 16),
+    prompt_len: int = 64,
+    rounds: int = 10,
+) -> tuple[Chip, list[CalibrationPoint]]:
+    """Measure, fit efficiencies and the per-layer fixed cost, and return the `local` chip with its points."""
+    import jax
+
+    device = str(jax.devices()[0].device_kind)
+    flops, bandwidth, measured = measure(config, batches, prompt_len, rounds)
+    base = local_base_chip(flops, bandwidth, device)
+    features = [_terms(config, base, phase, b, prompt_len) for phase, b, _ in measured]
+    alpha, beta, kappa, gamma = _fit(features, [t for *_, t in measured])
+    # A coefficient fitted to 0 means that term never showed; keep a finite efficiency (the term is then ~free).
+    chip = replace(
+        base,
+        matmul_efficiency=1.0 / max(alpha, 1e-3),
+        hbm_efficiency=1.0 / max(beta, 1e-3),
+        kv_efficiency=max(beta, 1e-3) / max(kappa, 1e-3),
+        step_overhead_s=gamma,
+    )
+    points = []
+    for phase, b, t in measured:
+        e = estimate(config, chip, MeshShape(1, 1, 1), phase=phase, batch=b, prompt_len=prompt_len, gen_len=1,
+                     weights="f32", ffn_layout="ws2d", attention="heads")  # fmt: skip
+        points.append(CalibrationPoint(phase, b, prompt_len, t, e.step_s))
+    return chip, points

@@ -1,0 +1,283 @@
+"""`meshserve analyze | memory | plan | calibrate`: the analytics commands (JAX only where calibrate/memory need it)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from typing import Any
+
+from meshserve.errors import UserError
+
+__all__ = ["COMMANDS"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _positive(name: str, values: list[int] | int | None) -> None:
+    for v in [values] if isinstance(values, int) else values or []:
+        if v < 1:
+            raise UserError(f"{name} must be positive, got {v}")
+
+
+def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None:
+    p.add_argument("--model", default="palm-540b", help="model preset (default palm-540b)")
+    p.add_argument("--hardware", default="tpu-v4", help="chip: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100-80g, h100-sxm, "
+                   "h200 or local (after `meshserve calibrate`)")  # fmt: skip
+    p.add_argument("--chips", type=int, default=None, help="number of chips (default: the mesh's, else 64)")
+    p.add_argument("--mesh", default=None, help="mesh XxYxZ (default: chosen for --chips)")
+    p.add_argument("--batch", type=_ints, default=_ints(batch_default), help=f"batch sizes (default {batch_default})")
+    p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per sequence (default 2048)")
+    p.add_argument("--gen-len", type=int, default=64, help="generated tokens per sequence (default 64)")
+    p.add_argument("--overlap", action="store_true", help="assume communication overlaps compute (looped einsum)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from meshserve.analytics.chips import get_chip
+    from meshserve.analytics.sweep import analysis_config
+    from meshserve.model.config import get_config
+    from meshserve.partition.comm import MeshShape
+
+    chip = get_chip(args.hardware)
+    config = get_config(args.model)
+    mesh = MeshShape.parse(args.mesh) if args.mesh else None
+    if mesh is not None and args.chips is not None and mesh.n != args.chips:
+        raise UserError(f"mesh {mesh} has {mesh.n} chips but --chips is {args.chips}")
+    chips = mesh.n if mesh is not None else (args.chips if args.chips is not None else 64)
+    _positive("--chips", chips)
+    _positive("--batch", args.batch)
+    _positive("--prompt-len", args.prompt_len)
+    _positive("--gen-len", args.gen_len)
+    return analysis_config(config, chips), chip, mesh or chips
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> str:
+    cells = [[h for h, _, _ in columns]] + [[fmt(r[key]) for _, key, fmt in columns] for r in rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+# ---------------------------------------------------------------------------------------------------- analyze
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "f32"], help="weight storage (default bf16)")
+    p.add_argument("--phase", choices=["prefill", "decode"], default=None, help="one phase (default both)")
+    p.add_argument("--layout", default=None, help="feed-forward layout: ws1d, ws2d, wg-x, wg-xy, wg-xyz (default all)")
+    p.add_argument("--attention", choices=["heads", "batch"], default=None, help="attention layout (default both)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the rows as CSV")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the Pareto frontier and prefill MFU")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from meshserve.analytics.sweep import analyze, default_mesh
+    from meshserve.partition.comm import FFN_LAYOUTS
+
+    if args.layout is not None and args.layout not in FFN_LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(FFN_LAYOUTS)}, got {args.layout!r}")
+    config, chip, mesh = _setup(args)
+    if isinstance(mesh, int):
+        mesh = default_mesh(config, chip, mesh, args.batch, args.weights)
+    rows = analyze(
+        config, chip, mesh, batches=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+        weights=args.weights, phases=[args.phase] if args.phase else ["prefill", "decode"], layout=args.layout,
+        attention=args.attention, overlap=args.overlap,
+    )  # fmt: skip
+    if args.csv:
+        _write_csv(args.csv, rows)
+    if args.plot:
+        _plot(args, config, chip, mesh)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    heads = f" (query heads padded to {config.n_heads})" if config.true_heads else ""
+    print(f"{config.name}{heads} on {mesh.n} x {chip.name}, mesh {mesh}, weights {args.weights}, "
+          f"prompt {args.prompt_len}, generate {args.gen_len}; * = chosen (lowest latency that fits)")  # fmt: skip
+    columns = [
+        ("", "chosen", lambda v: "*" if v else ""),
+        ("phase", "phase", str),
+        ("batch", "batch", str),
+        ("ffn", "ffn_layout", str),
+        ("attn", "attention", str),
+        ("latency", "latency_s", _fmt_s),
+        ("step", "step_s", _fmt_s),
+        ("MFU", "mfu", lambda v: f"{v:.1%}"),
+        ("chip-ms/tok", "cost_chip_ms_per_token", lambda v: f"{v:.3f}"),
+        ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"),
+        ("fits", "fits", lambda v: "yes" if v else "NO"),
+    ]
+    print(_table(rows, columns))
+    for r in rows:
+        if not r["fits"] and r["chosen"] is False and r["overflow"] and args.layout:
+            print(f"{r['phase']} b{r['batch']} {r['ffn_layout']}/{r['attention']}: {r['overflow']}")
+    return 0
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    flat = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("breakdown", "memory")}
+        row.update({f"breakdown_{k}": v for k, v in r["breakdown"].items()})
+        row.update({f"memory_{k}": v for k, v in r["memory"].items()})
+        flat.append(row)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
+    from meshserve.analytics.plots import plot_analysis
+    from meshserve.analytics.sweep import pareto_frontier, pareto_points, prefill_mfu_curve
+    from meshserve.model.config import get_config
+    from tqdm import tqdm
+
+    chip_counts = [n for n in (8, 16, 32, 64, 128, 256) if n <= max(256, mesh.n)]
+    batches = [1, 4, 16, 64, 128, 256, 512, 1024]
+    points, frontiers = {}, {}
+    for name in tqdm([config.name], desc="pareto sweep", file=sys.stderr, disable=args.json):
+        pts = pareto_points(get_config(name), chip, chip_counts=chip_counts, batches=batches,
+                            prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights)  # fmt: skip
+        points[name], frontiers[name] = pts, pareto_frontier(pts)
+    tokens = [2**k for k in range(8, 21)]
+    curves, switches = prefill_mfu_curve(config, chip, mesh, token_batches=tokens, prompt_len=args.prompt_len,
+                                         weights=args.weights)  # fmt: skip
+    title = f"{config.name} on {chip.name} (prefill panel: mesh {mesh}, prompt {args.prompt_len})"
+    path = plot_analysis(args.plot, frontiers, points, curves, switches, title)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _common(p, batch_default="1,8,64")
+    p.add_argument("--prefill-batch", type=_ints, default=None, help="prefill buckets (default: --batch)")
+    p.add_argument("--objective", choices=["latency", "throughput", "cost"], default="latency")
+    p.add_argument("--weights", choices=["bf16", "int8", "f32"], default=None, help="fix the weight storage")
+    p.add_argument("--latency-bound", type=float, default=None, help="objective cost: max decode step seconds")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from meshserve.analytics.plan import choose_plan
+
+    config, chip, mesh = _setup(args)
+    if args.prefill_batch:
+        _positive("--prefill-batch", args.prefill_batch)
+    plan = choose_plan(
+        config, chip, n_chips=mesh if isinstance(mesh, int) else None, mesh=None if isinstance(mesh, int) else mesh,
+        objective=args.objective, batch_buckets=args.batch, prefill_buckets=args.prefill_batch,
+        prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights, latency_bound_s=args.latency_bound,
+        overlap=args.overlap,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        return 0
+    print(f"plan for {plan.model} on {plan.chips} x {plan.hardware}: mesh {plan.mesh}, weights {plan.weights}, "
+          f"objective {plan.objective}{'' if plan.fits else '  (DOES NOT FIT)'}")  # fmt: skip
+    rows = [p.__dict__ for p in plan.phases]
+    print(_table(rows, [
+        ("phase", "phase", str), ("batch<=", "batch", str), ("ffn", "ffn_layout", str), ("attn", "attention", str),
+        ("step", "step_s", _fmt_s), ("latency", "latency_s", _fmt_s), ("MFU", "mfu", lambda v: f"{v:.1%}"),
+        ("chip-ms/tok", "cost_chip_ms_per_token", lambda v: f"{v:.3f}"),
+        ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"), ("fits", "fits", lambda v: "yes" if v else "NO"),
+    ]))  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="palm-8b", help="model preset (default palm-8b)")
+    p.add_argument("--mode", choices=["inference", "finetune"], default="inference")
+    p.add_argument("--weights", choices=["f32", "bf16", "int8", "int4"], default="bf16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=None, help="context tokens (default: the model's max_seq_len)")
+    p.add_argument("--chips", type=int, default=1)
+    p.add_argument("--hardware", default=None, help="chip, to check the fit and for --kv-fraction")
+    p.add_argument("--attention", choices=["heads", "batch"], default="heads")
+    p.add_argument("--optimizer", choices=["adamw", "sgd", "adafactor"], default="adamw")
+    p.add_argument("--lora-rank", type=int, default=0, help="fine-tune rank-R adapters instead of every weight")
+    p.add_argument("--kv-fraction", type=float, default=None, help="report the longest context whose KV fits in F")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from meshserve.analytics.chips import get_chip
+    from meshserve.analytics.memory import memory_estimate
+    from meshserve.model.config import get_config
+
+    chip = get_chip(args.hardware) if args.hardware else None
+    out = memory_estimate(
+        get_config(args.model), mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
+        chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer, lora_rank=args.lora_rank,
+        kv_fraction=args.kv_fraction,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['model']} {out['mode']}, weights {out['weights']}, {out['params'] / 1e9:.3f}B parameters, "
+          f"{out['chips']} chip(s)")  # fmt: skip
+    for key in ("weights_bytes", "kv_cache_bytes", "activations_bytes", "gradients_bytes", "optimizer_bytes",
+                "total_bytes", "per_chip_bytes", "rule_of_thumb_bytes"):  # fmt: skip
+        print(f"  {key[:-6].replace('_', ' '):<16} {out[key] / 1e9:10.2f} GB")
+    if "fits" in out:
+        print(f"  fits in {out['hbm_bytes'] / 2**30:.0f} GiB {out['hardware']}: {'yes' if out['fits'] else 'NO'}")
+    if out["max_context_tokens"] is not None:
+        print(f"  max context with {args.kv_fraction:.0%} of HBM for KV: {out['max_context_tokens']} tokens")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- calibrate
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="model to time (random weights; default demo)")
+    p.add_argument("--batch", type=_ints, default=_ints("1,4,16"), help="batch sizes (default 1,4,16)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--rounds", type=int, default=10, help="timing rounds; the fastest counts (default 10)")
+    p.add_argument("--out", default=None, help="where to store the local chip (default ~/.cache/meshserve/"
+                   "local_chip.json or $MESHSERVE_LOCAL_CHIP)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from meshserve.analytics.calibrate import calibrate
+    from meshserve.analytics.chips import save_local_chip
+    from meshserve.model.config import get_config
+    from tqdm import tqdm
+
+    config = get_config(args.model)
+    _positive("--batch", args.batch)
+    _positive("--prompt-len", args.prompt_len)
+    _positive("--rounds", args.rounds)
+    with tqdm(total=1, desc=f"calibrating on {args.model}", file=sys.stderr, disable=args.json) as bar:
+        chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds)
+        bar.update()
+    path = save_local_chip(chip, args.out)
+    rows = [{"phase": p.phase, "batch": p.batch, "prompt_len": p.prompt_len, "measured_s": p.measured_s,
+             "predicted_s": p.predicted_s, "error": p.error} for p in points]  # fmt: skip
+    if args.json:
+        print(json.dumps({"chip": chip.to_dict(), "path": str(path), "points": rows}))
+        return 0
+    print(f"local chip: matmul {chip.peak_flops_bf16 / 1e9:.1f} GFLOP/s, bandwidth {chip.hbm_bandwidth / 1e9:.1f} GB/s,"
+          f" per-layer overhead {chip.step_overhead_s * 1e6:.1f} us -> {path}")  # fmt: skip
+    print(_table(rows, [("phase", "phase", str), ("batch", "batch", str), ("measured", "measured_s", _fmt_s),
+                        ("predicted", "predicted_s", _fmt_s), ("error", "error", lambda v: f"{v:+.1%}")]))  # fmt: skip
+    return 0
+
+
+COMMANDS = {
+    "analyze": (_analyze_args, _analyze),
+    "memory": (_memory_args, _memory),
+    "plan": (_plan_args, _plan),
+    "calibrate": (_calibrate_args, _calibrate),
+}
