@@ -7,6 +7,7 @@ Every matmul goes through `quant.einsum`, so bf16/f32 and int8 weights share one
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -77,6 +78,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, Q).astype(q.dtype)
+
+
+def prefill_attention_implementation(dtype) -> str:
+    """'cudnn' (fused flash attention) on GPUs for 16-bit activations, else 'xla'.
+
+    The XLA form materialises the [B, H, T, T] scores, which at long prompts costs as much HBM traffic as the
+    matmuls; cuDNN's fused kernel never writes them. MESHSERVE_ATTENTION=xla|cudnn overrides the choice.
+    """
+    forced = os.environ.get("MESHSERVE_ATTENTION")
+    if forced:
+        return forced
+    return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Causal self-attention over right-padded prompts. q [B,T,H,Q], k/v [B,T,K,Q], lengths [B] -> [B,T,H,Q].
+
+    Query rows at or past a row's length attend to that row's real keys only; their outputs are never used.
+    """
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        key_value_seq_lengths=lengths.astype(jnp.int32),
+        implementation=prefill_attention_implementation(q.dtype),
+    )
 
 
 def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:

@@ -86,8 +86,6 @@ def prefill(
     """
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    valid = positions < lengths[:, None]
-    mask = layers.attention_scores_mask(positions, positions, valid)  # [B, T, T]
     x = params["embed"][tokens].astype(compute_dtype(params))  # [B, T, E]
 
     def layer_fn(x: jax.Array, p: dict[str, Any], i) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -96,7 +94,7 @@ def prefill(
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
             kv["k"], kv["v"] = k, v
-            return layers.attention_output(layers.attend(q, k, v, mask), p)
+            return layers.attention_output(layers.attend_prefill(q, k, v, lengths), p)
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])

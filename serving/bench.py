@@ -296,5 +296,10 @@ def _peer_times(
 
     with torch.inference_mode():
         prefill_s = timed(lambda: model(ids))
-        total_s = timed(lambda: model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False))
+        mask = torch.ones_like(ids)
+        total_s = timed(
+            lambda: model.generate(
+                ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False
+            )
+        )
     return prefill_s, total_s

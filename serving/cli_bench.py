@@ -69,7 +69,7 @@ def print_table(rows: list[dict]) -> None:
             f"{_fmt(r['decode_step_ms'], '8.3f')} {_fmt(r['tokens_per_s'], '9.1f')} {_fmt(r['hbm_gbps'], '8.1f')} "
             f"{_fmt(r['hbm_fraction'], '7.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
             f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
-            f"{_fmt(r['speedup_vs_peer'], '6.1f')}x"
+            f"{_fmt(r['speedup_vs_peer'], '6.1f') + 'x' if r['speedup_vs_peer'] else '-':>7}"
         )
 
 
