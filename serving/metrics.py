@@ -9,13 +9,15 @@ Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /me
   meshserve_tokens_per_second                 tokens/s over the last decode steps
   meshserve_batch_occupancy                   live decode slots / max_batch, sampled every step
   meshserve_decode_step_seconds               wall time of one decode step as the engine loop sees it
-  meshserve_queue_depth                       requests waiting
+  meshserve_queue_depth                       requests waiting (read live at scrape time)
+  meshserve_live_slots                        decode slots holding a request (read live at scrape time)
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -53,18 +55,23 @@ class ServerMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("meshserve_queue_depth", "Requests waiting for a slot", registry=r)
+        self.live_slots = Gauge("meshserve_live_slots", "Decode slots holding a request", registry=r)
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent steps
+
+    def bind(self, live_slots: Callable[[], float], queue_depth: Callable[[], float]) -> None:
+        """Read slot and queue counts live at scrape time (an idle server runs no steps that would update them)."""
+        self.live_slots.set_function(live_slots)
+        self.queue_depth.set_function(queue_depth)
 
     def serve(self, port: int, host: str) -> None:
         """Start the /metrics HTTP endpoint (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
 
-    def step(self, seconds: float, tokens: int, occupancy: float, queue_depth: int) -> None:
+    def step(self, seconds: float, tokens: int, occupancy: float) -> None:
         now = time.monotonic()
         self.step_time.observe(seconds)
         self.tokens.inc(tokens)
         self.occupancy.set(occupancy)
-        self.queue_depth.set(queue_depth)
         self._recent.append((now, tokens))
         if len(self._recent) > 1:
             span = now - self._recent[0][0]

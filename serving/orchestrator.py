@@ -62,6 +62,7 @@ class Orchestrator:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.metrics = metrics or ServerMetrics()
+        self.metrics.bind(self.live_slots, self.queued)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
@@ -210,12 +211,12 @@ class Orchestrator:
         now = time.monotonic()
         with self._lock:
             updates = self.scheduler.record_decode(ticket, tokens, logprobs, now)
-            occupancy, depth = self.scheduler.occupancy(), len(self.scheduler.queue)
+            occupancy = self.scheduler.occupancy()
         # Step time: this step's dispatch to the next one's (or to now when none follows): what a token costs.
         seconds = (dispatched[2] if dispatched else now) - t0
         self.steps += 1
         self.step_seconds += seconds
-        self.metrics.step(seconds, len(updates), occupancy, depth)
+        self.metrics.step(seconds, len(updates), occupancy)
         self._deliver(updates)
 
     def _run_score(self) -> bool:

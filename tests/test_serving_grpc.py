@@ -1,0 +1,316 @@
+"""Real gRPC round trips against `meshserve serve` (a subprocess on a free port, tiny checkpoint, bearer token).
+
+Unary equals streaming equals in-process generation; Score equals in-process log-probs; 32 concurrent streams;
+cancelling half of them leaves every slot free; every bad input gets its status code and the server keeps
+serving; health, reflection, auth and metrics answer.
+"""
+
+import json
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.client import Client
+from test_serving_support import ServerProcess, env, make_checkpoint, meshserve
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    metrics_port = _free_port()
+    proc = ServerProcess(
+        checkpoint, "--max-queue", "32", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port)
+    )
+    proc.metrics_port = metrics_port
+    proc.token_file = token_file
+    yield proc
+    assert TOKEN not in proc.output()  # the token never reaches the logs
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, token=TOKEN) as c:
+        c.wait_ready()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    from meshserve.model.loading import load_model
+
+    return load_model(checkpoint)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _wait_idle(server, timeout=10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(server)
+        if (m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def _stream(client, prompt, **kw):
+    chunks = list(client.generate_stream(prompt, **kw))
+    return (
+        [t for c in chunks for t in c.tokens],
+        "".join(c.text for c in chunks),
+        [x for c in chunks for x in c.logprobs],
+        chunks[-1].finish_reason,
+    )
+
+
+def test_health_reflection_and_model_info(server, client):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)  # no token needed: load balancers probe without one
+    for service in ("", "meshserve.v1.Inference"):
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+    info = client.model_info()
+    assert info.model.name == "tiny" and info.weights == "f32" and info.limits.max_context == 128
+    assert info.limits.max_batch == 8 and info.limits.max_queue == 32
+    phases = {(p.phase, p.batch, p.length) for p in info.plan}
+    assert {("decode", 2, 1), ("decode", 8, 1), ("prefill", 1, 32), ("prefill", 4, 128), ("score", 8, 32)} <= phases
+    assert all(p.ffn_layout and p.attention_layout for p in info.plan)
+    assert json.loads(info.plan_json)["max_batch"] == 8 and info.mesh.device_count == 1
+
+
+def test_reflection_lists_services_with_token(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server.target))
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"meshserve.v1.Inference", "grpc.health.v1.Health"} <= names
+    # Reflection sits behind the token like every service but health.
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_auth_rejects_missing_and_wrong_token(server):
+    for token in (None, "wrong"):
+        with Client(server.target, token=token) as c, pytest.raises(grpc.RpcError) as err:
+            c.generate("hi", max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(server.target, token=token) as c, pytest.raises(grpc.RpcError) as err:
+            list(c.generate_stream("hi", max_new_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unary_equals_streaming_equals_in_process(client, model):
+    from meshserve.model.generate import generate
+    from meshserve.model.sampling import SamplingParams
+
+    cases = [dict(), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)]
+    prompts = ["The fox", [5, 6, 7, 200, 9]]  # <= 8 tokens: one compile of the reference
+    for prompt, kw in zip(prompts, cases, strict=True):
+        unary = client.generate(prompt, max_new_tokens=20, **kw)
+        tokens, text, logprobs, reason = _stream(client, prompt, max_new_tokens=20, **kw)
+        assert (unary.tokens, unary.text, reason) == (tokens, text, unary.finish_reason)
+        np.testing.assert_allclose(unary.logprobs, logprobs, rtol=0, atol=0)
+        ids = model.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        ref = generate(model.params, model.config, [ids], max_new_tokens=20, sampling=SamplingParams(**kw))[0]
+        assert unary.tokens == ref.tokens and unary.finish_reason == ref.finish_reason == "length"
+        assert unary.text == model.tokenizer.decode(ref.tokens)
+        np.testing.assert_allclose(unary.logprobs, ref.logprobs, atol=1e-4)
+        assert unary.prompt_tokens == len(ids) and unary.generated_tokens == 20
+        assert 0 <= unary.queue_ms <= unary.time_to_first_token_ms <= unary.total_ms
+
+
+def test_generate_cli_with_server_matches_in_process(server, model):
+    from meshserve.model.generate import generate
+
+    out = subprocess.run(
+        meshserve("generate", "--server", server.target, "--auth-token-file", str(server.token_file), "--json",
+                  "--max-new-tokens", "20", "hello", "--tokens", "1,2,3"),
+        capture_output=True, text=True, env=env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    # One prompt per call: the same compiled reference as the unary test.
+    refs = [
+        generate(model.params, model.config, [p], max_new_tokens=20)[0]
+        for p in (model.encode_prompt("hello"), [1, 2, 3])
+    ]
+    for line, ref in zip(lines, refs, strict=True):
+        assert set(line) == {"tokens", "text", "logprobs", "finish_reason"}
+        assert line["tokens"] == ref.tokens and line["finish_reason"] == ref.finish_reason
+        assert line["text"] == model.tokenizer.decode(ref.tokens)
+
+
+def test_score_equals_in_process_logprobs(client, model):
+    import jax
+    from meshserve.model import transformer
+
+    items = [("Hello", " world"), ([3, 4, 5, 6], [7, 8]), ("a" * 40, "bcd" * 10)]
+    results = client.score(items)
+    prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))
+    for (prompt, cont), res in zip(items, results, strict=True):
+        p = model.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        c = model.tokenizer.encode(cont) if isinstance(cont, str) else cont
+        assert res.continuation_tokens == c
+        ids = np.zeros((1, 128), np.int32)  # one padded shape: one compile (padding never changes a result)
+        ids[0, : len(p + c)] = p + c
+        logits, _, _ = prefill(model.params, model.config, ids, np.array([len(p + c)]), all_logits=True)
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        want = [logp[len(p) - 1 + j, c[j]] for j in range(len(c))]
+        np.testing.assert_allclose(res.token_logprobs, want, atol=1e-4)
+        assert res.logprob == pytest.approx(sum(want), abs=1e-3)
+        greedy = all(np.argmax(logp[len(p) - 1 + j]) == c[j] for j in range(len(c)))
+        assert res.greedy == greedy
+    # A greedy continuation scores greedy=True.
+    gen = client.generate([9, 10, 11], max_new_tokens=6)
+    assert client.score([([9, 10, 11], gen.tokens)])[0].greedy
+
+
+def test_stop_string_ends_early_and_is_cut(client):
+    full = client.generate([65, 66, 67], max_new_tokens=40, ignore_eos=True)
+    text = full.text
+    # A two-character stop string from the middle of the greedy text (not a replacement character).
+    k = next(i for i in range(4, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    stop = text[k : k + 2]
+    cut = client.generate([65, 66, 67], max_new_tokens=40, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
+    assert cut.tokens == full.tokens[: len(cut.tokens)] and len(cut.tokens) < 40
+    tokens, streamed, _, reason = _stream(client, [65, 66, 67], max_new_tokens=40, stop=[stop])
+    assert (streamed, reason, tokens) == (cut.text, "stop", cut.tokens)
+
+
+def test_32_concurrent_streams_complete_with_correct_lengths(server, client):
+    def one(i):
+        return _stream(client, f"request {i}:", max_new_tokens=5 + 3 * i % 60, ignore_eos=True)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    for i, (tokens, _, logprobs, reason) in enumerate(results):
+        assert len(tokens) == len(logprobs) == 5 + 3 * i % 60 and reason == "length"
+    m = _wait_idle(server)
+    assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
+
+
+def test_cancelling_half_mid_stream_frees_every_slot(server, client):
+    calls = [client.stream_call(f"cancel {i}", max_new_tokens=100, ignore_eos=True) for i in range(16)]
+    firsts = [next(iter(c)) for c in calls]  # every stream has started producing
+    assert all(len(f.tokens) == 1 for f in firsts)
+    for c in calls[::2]:
+        c.cancel()
+    for c in calls[1::2]:
+        chunks = list(c)
+        assert sum(len(x.tokens) for x in chunks) == 99 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    for c in calls[::2]:
+        assert c.code() == grpc.StatusCode.CANCELLED
+    m = _wait_idle(server)
+    assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
+    assert len(client.generate("still serving", max_new_tokens=8, ignore_eos=True).tokens) == 8
+
+
+def test_deadline_cancels_and_frees_the_slot(server, client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate([1, 2], max_new_tokens=120, ignore_eos=True, timeout=0.02)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_idle(server)["meshserve_live_slots"] == 0
+
+
+BAD = [
+    (dict(prompt=""), "input"),
+    (dict(prompt=[]), "input"),
+    (dict(prompt="hi", max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt="hi", max_new_tokens=129), "max_new_tokens"),
+    (dict(prompt=[1] * 100, max_new_tokens=29), "max_context=128"),
+    (dict(prompt=[1] * 128), "max_context=128"),
+    (dict(prompt="hi", temperature=-0.5), "temperature"),
+    (dict(prompt="hi", top_p=0.0), "top_p"),
+    (dict(prompt="hi", top_p=1.5), "top_p"),
+    (dict(prompt="hi", top_k=-1), "top_k"),
+    (dict(prompt=[1, 256]), "tokens.ids"),
+    (dict(prompt=[-3]), "tokens.ids"),
+    (dict(prompt="x" * 5000), "4096"),
+    (dict(prompt="hi", stop=[""]), "stop[0]"),
+    (dict(prompt="hi", stop=["a"] * 17), "stop"),
+]
+
+
+def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client):
+    for kw, field in BAD:
+        kw = dict(kw)
+        prompt = kw.pop("prompt")
+        for stream in (False, True):
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.generate_stream(prompt, **kw)) if stream else client.generate(prompt, **kw)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw, err.value.details())
+            assert field in err.value.details(), (field, err.value.details())
+    bad_scores = [[("", "x")], [("x", "")], [([1] * 100, [2] * 29)], [([999], [1])], []]
+    for items in bad_scores:
+        with pytest.raises(grpc.RpcError) as err:
+            client.score(items)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, items
+    # Oversized message: gRPC's own limit (4 MiB) answers RESOURCE_EXHAUSTED before the servicer.
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("y" * (5 << 20), max_new_tokens=1)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(client.generate("ok", max_new_tokens=4, ignore_eos=True).tokens) == 4
+    m = _wait_idle(server)
+    assert m["meshserve_live_slots"] == 0
+    assert m['meshserve_requests_total{code="INVALID_ARGUMENT",method="Generate"}'] >= len(BAD)
+
+
+def test_full_queue_answers_resource_exhausted(server, client):
+    codes, lock = [], threading.Lock()
+
+    def one(i):
+        try:
+            r = client.generate([i % 200 + 1], max_new_tokens=120, ignore_eos=True)
+            code = "OK" if len(r.tokens) == 120 else "SHORT"
+        except grpc.RpcError as e:
+            code = e.code().name
+        with lock:
+            codes.append(code)
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, range(64)))  # 8 slots + 32 queued < 64 at once
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 32
+    assert codes.count("RESOURCE_EXHAUSTED") >= 1
+    m = _wait_idle(server)
+    assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
+    assert m["meshserve_generated_tokens_total"] > 0 and m["meshserve_time_to_first_token_seconds_count"] > 0

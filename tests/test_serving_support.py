@@ -1,0 +1,76 @@
+"""Support for the serving tests (no tests here): a tiny checkpoint, a `meshserve serve` subprocess on a free port,
+and the grid of buckets every serving test compiles (small and identical, so the persistent XLA cache is shared)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# One small bucket grid for every serving test process: prompt buckets 32 and 128 (the tiny context), decode
+# buckets 2 and 8, 8 slots. Identical grids hit the same persistent compilation cache entries.
+GRID = ["--max-batch", "8", "--length-buckets", "32", "--decode-buckets", "2", "--objective", "latency"]
+CACHE_DIR = Path(tempfile.gettempdir()) / f"meshserve-test-xla-cache-{os.getuid()}"
+
+
+def env() -> dict[str, str]:
+    """The test process's environment (8 CPU devices from conftest) plus a shared persistent compilation cache."""
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def make_checkpoint(path: Path) -> Path:
+    """The tiny preset with random f32 weights (seed 0), ByteTokenizer (no tokenizer file)."""
+    import jax
+    from meshserve.model.checkpoint import save_checkpoint
+    from meshserve.model.config import get_config
+    from meshserve.model.params import init_params
+
+    config = get_config("tiny")
+    return save_checkpoint(path, config, init_params(config, jax.random.key(0)), "f32")
+
+
+def meshserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshserve.serving.cli", *args]
+
+
+class ServerProcess:
+    """`meshserve serve` on a free port; `.target` once it prints `listening on`."""
+
+    def __init__(self, checkpoint: Path, *extra: str, timeout: float = 240.0):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            meshserve("serve", "--checkpoint", str(checkpoint), "--port", "0", *GRID, *extra),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env(),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = Path(self.log.name).read_text()
+            m = re.search(r"listening on ([\d.]+):(\d+)", text)
+            if m:
+                self.target = f"{m.group(1)}:{m.group(2)}"
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(f"server not ready in {timeout} s:\n{Path(self.log.name).read_text()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name)
