@@ -1,0 +1,137 @@
+"""Every cost-model term re-derived by hand (PAPER.md formulas), plus memory arithmetic and bad input."""
+
+import math
+import sys
+
+import pytest
+from meshserve.analytics import choose_plan, collective_time, estimate, get_chip, memory_estimate, model_sizes
+from meshserve.analytics.chips import ChipError
+from meshserve.errors import UserError
+from meshserve.model.config import get_config
+from meshserve.partition.comm import Collective, LayoutError, MeshShape
+
+PALM = get_config("palm-540b").padded_heads(64)
+TPU = get_chip("tpu-v4")
+MESH = MeshShape(4, 4, 4)
+
+
+def test_param_counts_match_the_paper_and_the_per_layer_formula():
+    E, F, H, Q, V, N = 18432, 73728, 48, 256, 256128, 118
+    per_layer = E * (2 * F + H * Q) + E * 2 * Q + (F + H * Q) * E  # PAPER.md, fused SwiGLU
+    sizes = model_sizes(get_config("palm-540b"))
+    assert sizes.layer_matmul == per_layer
+    assert sizes.params == N * per_layer + V * E + N * E + E  # + layernorm scales
+    assert round(sizes.params / 1e9, 2) == 540.36
+    assert model_sizes(PALM).real_params == sizes.params  # padding is not counted by MFU
+
+
+def _prefill():
+    return estimate(PALM, TPU, MESH, phase="prefill", batch=1, prompt_len=2048, gen_len=64, weights="int8",
+                    ffn_layout="ws2d", attention="heads")  # fmt: skip
+
+
+def test_compute_weight_and_kv_terms_by_hand():
+    e, s = _prefill(), model_sizes(PALM)
+    E, H, Q, V, N, L = 18432, 64, 256, 256128, 118, 2048
+    rate = 275e12 * 0.80
+    matmul = 2 * L * N * s.layer_matmul + 2 * E * V
+    attention = N * 4 * L * L * H * Q
+    assert e.breakdown.compute_s == pytest.approx(matmul / (64 * rate) + attention / (16 * rate))  # repeated over x
+    int8_bytes = N * s.layer_matmul * 1 + 2 * (N * s.layer_scales + N * E + V * E + E)
+    assert e.breakdown.weight_load_s == pytest.approx(int8_bytes / 64 / (1200e9 * 0.9))
+    # multi-query heads-sharded: the one kv head on every chip; prefill writes L positions of K and V (bf16)
+    assert e.breakdown.kv_load_s == pytest.approx(2 * N * 1 * L * Q * 2 / (1200e9 * 0.9))
+
+
+def test_decode_kv_load_batch_sharded_by_hand():
+    e = estimate(PALM, TPU, MESH, phase="decode", batch=64, prompt_len=2048, gen_len=64, weights="bf16",
+                 ffn_layout="ws2d", attention="batch")  # fmt: skip
+    per_chip = 2 * 118 * (64 // 64) * (2048 + 32) * 256 * 2  # B/n rows at the mean context
+    assert e.breakdown.kv_load_s == pytest.approx(per_chip / (1200e9 * 0.9))
+    assert e.latency_s == pytest.approx(64 * e.step_s)
+
+
+def test_collective_prices_by_hand():
+    bw, hop = 270e9 * 0.40, 2.5e-6
+    ag = Collective("all-gather", ("y", "z"), 1_000_000, "", "ffn")
+    assert collective_time(ag, MESH, TPU)[0] == pytest.approx(1e6 / bw * 15 / 16 + 6 * hop)  # 16 chips, 3+3 steps
+    ar = Collective("all-reduce", ("x",), 1_000_000, "", "ffn")
+    assert collective_time(ar, MESH, TPU)[0] == pytest.approx(2 * (1e6 / bw * 3 / 4 + 3 * hop))
+    none = Collective("all-gather", ("x",), 1_000_000, "", "ffn")
+    assert collective_time(none, MeshShape(1, 8, 8), TPU) == (0.0, 0.0)
+
+
+def test_comm_term_is_the_sum_over_the_shared_collective_list():
+    e = _prefill()
+    assert e.collectives, "partition.comm lists collectives for ws2d on 4x4x4"
+    assert e.breakdown.comm_s == pytest.approx(118 * sum(c["seconds_per_layer"] for c in e.collectives))
+    kinds = {c["kind"] for c in e.collectives}
+    assert {"all-gather", "reduce-scatter"} <= kinds
+
+
+def test_overlap_and_metrics_definitions():
+    e = _prefill()
+    b = e.breakdown
+    assert e.step_s == pytest.approx(b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s)
+    assert e.step_overlap_s == pytest.approx(
+        max(b.compute_s, b.weight_load_s + b.kv_load_s, b.comm_s - b.comm_latency_s) + b.comm_latency_s
+    )
+    assert e.step_overlap_s < e.step_s
+    real = model_sizes(PALM).real_params
+    assert e.mfu == pytest.approx(2 * real * 2048 / (64 * 275e12 * e.latency_s))
+    assert e.cost_chip_ms_per_token == pytest.approx(64 * e.latency_s * 1e3 / 2048)
+
+
+def test_not_fitting_is_reported_not_raised():
+    e = estimate(PALM, TPU, MeshShape(2, 2, 2), phase="decode", batch=8, prompt_len=2048, gen_len=64,
+                 weights="bf16", ffn_layout="ws2d", attention="batch")  # fmt: skip
+    assert not e.fits and "weights" in e.overflow and e.memory["weights"] > TPU.hbm_bytes
+
+
+def test_finetune_memory_follows_the_7b_arithmetic():
+    config = get_config("falcon-7b")
+    P = model_sizes(config).params
+    f32 = memory_estimate(config, "finetune", "f32", context=128)
+    assert f32["weights_bytes"] == 4 * P and f32["gradients_bytes"] == 4 * P
+    assert f32["optimizer_bytes"] == pytest.approx(8 * P, rel=1e-6)  # two AdamW moments (+ a step count)
+    assert 105e9 < f32["weights_bytes"] + f32["gradients_bytes"] + f32["optimizer_bytes"] < 115e9  # "112 GB"
+    bf16 = memory_estimate(config, "finetune", "bf16", context=128)
+    assert bf16["optimizer_bytes"] == pytest.approx(f32["optimizer_bytes"] / 2, rel=1e-6)
+    int8 = memory_estimate(config, "finetune", "int8", context=128)
+    assert 27e9 < int8["weights_bytes"] + int8["gradients_bytes"] + int8["optimizer_bytes"] < 30e9  # "28 GB"
+    assert f32["rule_of_thumb_bytes"] == 16 * P
+    sharded = memory_estimate(config, "finetune", "f32", context=128, chips=8)
+    assert sharded["per_chip_bytes"] == pytest.approx(f32["per_chip_bytes"] / 8)
+    assert memory_estimate(config, "finetune", "f32", optimizer="sgd", context=128)["optimizer_bytes"] == 0
+
+
+def test_lora_counts_adapters_by_hand():
+    c = get_config("tiny")  # E 64, F 128, H 8, K 1, Q 16, N 2, swiglu
+    E, F, H, K, Q, N, R = 64, 128, 8, 1, 16, 2, 4
+    adapters = N * R * ((E + H * Q) + 2 * (E + K * Q) + (H * Q + E) + 2 * (E + F) + (F + E))
+    m = memory_estimate(c, "finetune", "f32", lora_rank=R, context=16)
+    assert m["trainable_params"] == adapters
+    assert m["gradients_bytes"] == 4 * adapters
+    assert m["weights_bytes"] == 4 * (model_sizes(c).params + adapters)
+
+
+def test_bad_input_is_a_user_error():
+    with pytest.raises(ChipError, match="known: tpu-v4"):
+        get_chip("tpu-v9")
+    with pytest.raises(UserError, match="batch"):
+        estimate(PALM, TPU, MESH, phase="decode", batch=0, prompt_len=8, gen_len=8)
+    with pytest.raises(LayoutError):
+        estimate(PALM, TPU, MESH, phase="decode", batch=3, prompt_len=8, gen_len=8, attention="batch")
+    with pytest.raises(UserError, match="4x4x4 has 64 chips"):
+        choose_plan(PALM, TPU, n_chips=32, mesh="4x4x4")
+    with pytest.raises(UserError):
+        memory_estimate(PALM, kv_fraction=0.3)  # needs a chip
+
+
+def test_importing_analytics_starts_no_jax():
+    import subprocess
+
+    code = "import sys, meshserve.analytics, meshserve.analytics.cli; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert math.isfinite(_prefill().latency_s)
