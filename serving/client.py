@@ -6,8 +6,8 @@
         for chunk in c.generate_stream("import os", max_new_tokens=16):
             print(chunk.text, end="", flush=True)
 
-Results are plain dataclasses (no proto types leak out); gRPC errors are raised as `grpc.RpcError`
-(`.code()`, `.details()`).
+Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
+`stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
 """
 
 from __future__ import annotations
