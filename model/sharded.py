@@ -28,6 +28,7 @@ from meshserve.model.transformer import KVCache, compute_dtype
 from meshserve.partition.comm import MESH_AXES, LayerDims, LayoutError, MeshShape, check_layout
 from meshserve.partition.mesh import mesh_shape
 from meshserve.partition.ops import Ops
+from meshserve.partition.overlap import all_gather_matmul, matmul_reduce_scatter
 from meshserve.partition.rules import TABLE_RULES, Layout, Rules, attention_axes, rules_for
 
 __all__ = [
@@ -269,32 +270,65 @@ def _from_attention(o, plan: _Plan, ops: Ops):
     return o
 
 
+_IN = {
+    "wq": "BTE,EHQ->BTHQ",
+    "wk": "BTE,EKQ->BTKQ",
+    "wv": "BTE,EKQ->BTKQ",
+    "w_up": "BTE,EF->BTF",
+    "w_gate": "BTE,EF->BTF",
+}
+
+
+def _in_projections(h: jax.Array, w: dict[str, Any]) -> dict[str, jax.Array]:
+    """The fused input matmuls (W_Q, W_K, W_V with the MLP's W and V) of one normalised h [B, T, E_loc]."""
+    return {name: einsum(sub, h, w[name]) for name, sub in _IN.items() if name in w}
+
+
+def _slice(w: Any, dim: int, start: jax.Array, size: int, scale_too: bool) -> Any:
+    """A chunk of a weight along `dim` (an int8 scale is sliced too when `dim` is an output dim)."""
+    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=dim)  # noqa: E731
+    if isinstance(w, QuantizedArray):
+        return QuantizedArray(cut(w.values), cut(w.scale) if scale_too else w.scale)
+    return cut(w)
+
+
+def _looped_in(x: jax.Array, p: dict[str, Any], plan: _Plan, ops: Ops) -> dict[str, jax.Array]:
+    """ws2d with overlap: norm on BLE_xyz, then the input matmuls as a looped all-gather(yz) einsum."""
+    h = _norm_split_x(x, p["attn_norm"], plan.config, ops, XYZ)  # statistics: all-reduce(xyz)
+    n = x.shape[2]
+
+    def matmul(chunk, c):
+        rows = {name: _slice(p[name], 0, c * n, n, False) for name in _IN if name in p}
+        return {k: v.astype(jnp.float32) for k, v in _in_projections(chunk, rows).items()}
+
+    with jax.named_scope("looped_input"):
+        # BLE_xyz --all-gather(yz)--> BLE_x as ring steps, each overlapped with the matmul of the chunk at hand
+        out = all_gather_matmul(h, matmul, ("y", "z"), ops)
+    return {k: v.astype(x.dtype) for k, v in out.items()}
+
+
 def layer_fn(x: jax.Array, p: dict[str, Any], plan: _Plan, ops: Ops, attn) -> jax.Array:
     """One parallel block on local shards. x: the residual in the layout's split; attn(q, k, v) -> o runs
     attention (and the cache) on the attention split, q/k not yet rotated."""
     c, ffn = plan.config, plan.layout.ffn
-    if plan.layout.overlap:
-        from meshserve.model.sharded_overlap import overlap_layer  # ws2d looped collective einsum
-
-        return overlap_layer(x, p, plan, ops, attn)
     rest = plan.rules.residual["embed"]
-    with jax.named_scope("gather_input"):
-        if ffn == "ws1d":
-            # BLE_xyz --all-gather(xyz)--> BLE
-            h = layers.norm(ops.all_gather(x, XYZ, 2), p["attn_norm"], c)
-        elif ffn == "ws2d":
-            # BLE_xyz --all-gather(yz)--> BLE_x
-            h = _norm_split_x(ops.all_gather(x, ("y", "z"), 2), p["attn_norm"], c, ops, ("x",))
-        else:
-            # B_xLE_yz --all-gather(yz)--> B_xLE  (weight-gathered: the batch stays split)
-            h = layers.norm(ops.all_gather(x, rest, 2), p["attn_norm"], c)
     w = _gather_weights(p, plan, ops) if plan.rules.gathered else p
-    q = einsum("BTE,EHQ->BTHQ", h, w["wq"])
-    k = einsum("BTE,EKQ->BTKQ", h, w["wk"])
-    v = einsum("BTE,EKQ->BTKQ", h, w["wv"])
-    o = _from_attention(attn(*_to_attention(q, k, v, plan, ops)), plan, ops)
-    up = einsum("BTE,EF->BTF", h, w["w_up"])
-    gate = einsum("BTE,EF->BTF", h, w["w_gate"]) if "w_gate" in w else None
+    if plan.layout.overlap:
+        mm = _looped_in(x, p, plan, ops)
+    else:
+        with jax.named_scope("gather_input"):
+            if ffn == "ws1d":
+                # BLE_xyz --all-gather(xyz)--> BLE
+                h = layers.norm(ops.all_gather(x, XYZ, 2), p["attn_norm"], c)
+            elif ffn == "ws2d":
+                # BLE_xyz --all-gather(yz)--> BLE_x
+                h = _norm_split_x(ops.all_gather(x, ("y", "z"), 2), p["attn_norm"], c, ops, ("x",))
+            else:
+                # B_xLE_yz --all-gather(yz)--> B_xLE  (weight-gathered: the batch stays split)
+                h = layers.norm(ops.all_gather(x, rest, 2), p["attn_norm"], c)
+        mm = _in_projections(h, w)
+    o = _from_attention(attn(*_to_attention(mm["wq"], mm["wk"], mm["wv"], plan, ops)), plan, ops)
+    up, gate = mm["w_up"], mm.get("w_gate")
     if ffn == "ws2d":
         with jax.named_scope("ffn_reduce_scatter"):
             # BLF_yz{partialsum-x} --reduce-scatter(x)--> BLF_xyz
@@ -305,6 +339,16 @@ def layer_fn(x: jax.Array, p: dict[str, Any], plan: _Plan, ops: Ops, attn) -> ja
         with jax.named_scope("ffn_all_gather"):
             # BLF_xyz --all-gather(x)--> BLF_yz
             act = ops.all_gather(act, ("x",), 2)
+    if plan.layout.overlap:
+        n = x.shape[2]
+
+        def matmul(chunk):
+            down, wo = _slice(w["w_down"], 1, chunk * n, n, True), _slice(w["wo"], 2, chunk * n, n, True)
+            return einsum("BTF,FE->BTE", act, down) + einsum("BTHQ,HQE->BTE", o, wo)
+
+        with jax.named_scope("looped_output"):
+            # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz as ring steps overlapped with the matmuls
+            return x + matmul_reduce_scatter(matmul, ("y", "z"), ops)
     y = einsum("BTF,FE->BTE", act, w["w_down"]) + einsum("BTHQ,HQE->BTE", o, w["wo"])
     with jax.named_scope("output_reduce_scatter"):
         if ffn == "ws1d":
@@ -489,3 +533,55 @@ def insert(cache: KVCache, k, v, lengths, slots, *, config, mesh: Mesh, prefill_
         prefill_layout=prefill_layout,
         decode_layout=decode_layout,
     )
+
+
+def layer_hlo(
+    params: Params,
+    config: ModelConfig,
+    mesh: Mesh,
+    layout: Layout,
+    batch: int,
+    tokens: int,
+    context: int = 0,
+    compiled: bool = True,
+) -> str:
+    """HLO text of ONE decoder layer under `layout` (for counting its collectives): compiled by XLA, or
+    as lowered (compiled=False: the program as written, before XLA's passes; exact dtypes).
+
+    context 0: a prefill layer (attention over its own `tokens`); else a decode layer over a cache of
+    `context` positions in the layout's KV split.
+    """  # fmt: skip
+    check_model(config, mesh, layout, batch)
+    plan = _Plan(config, layout, mesh_shape(mesh), batch)
+    r = plan.rules.residual
+    x_spec = P(r["batch"] or None, None, r["embed"] or None)
+    b, _, kv = plan.attn_axes
+    cache_spec = P(b or None, None, kv or None, None)
+    dtype = compute_dtype(params)
+
+    def body(layer_params, x, ck, cv):
+        ops = Ops(plan.shape)
+        p = jax.tree_util.tree_map(lambda a: a[0], layer_params)
+        pos = jnp.zeros((ck.shape[0], x.shape[1]), jnp.int32) + jnp.arange(x.shape[1])
+
+        def attn(q, k, v):
+            q, k = layers.rope(q, pos, config.rope_base), layers.rope(k, pos, config.rope_base)
+            if context:
+                k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), 0, axis=1).astype(q.dtype)
+                v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1).astype(q.dtype)
+            mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
+            return layers.attend(q, k, v, mask)
+
+        return layer_fn(x, p, plan, ops, attn)
+
+    specs = (param_specs(config, layout.ffn, params)["layers"], x_spec, cache_spec, cache_spec)
+    fn = jax.jit(_shard_map(body, mesh, specs, x_spec))
+    S = max(context, 1)
+    args = (
+        params["layers"],
+        jax.ShapeDtypeStruct((batch, tokens, config.d_model), dtype),
+        jax.ShapeDtypeStruct((batch, S, config.n_kv_heads, config.d_head), dtype),
+        jax.ShapeDtypeStruct((batch, S, config.n_kv_heads, config.d_head), dtype),
+    )
+    lowered = fn.lower(*args)
+    return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")

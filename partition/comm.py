@@ -91,7 +91,7 @@ class MeshShape:
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str  # "all-gather" | "reduce-scatter" | "all-reduce" | "all-to-all"
+    kind: str  # "all-gather" | "reduce-scatter" | "all-reduce" | "all-to-all" (| "collective-permute": overlap)
     axes: tuple[str, ...]  # mesh axes it runs over, in x, y, z order
     bytes_per_chip: int  # all-gather: per-chip OUTPUT; reduce-scatter: per-chip INPUT; others: per-chip buffer
     tensor: str  # the paper's notation
@@ -351,17 +351,46 @@ def _wg(mesh: MeshShape, layout: str, d: LayerDims) -> list[Collective]:
     return out
 
 
-def layer_collectives(ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims) -> list[Collective]:
+def layer_collectives(
+    ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims, overlap: bool = False
+) -> list[Collective]:
     """Every collective one decoder layer runs under this layout, in program order.
 
+    overlap (ws2d only): the looped collective einsum. Its input all-gather(yz) and output reduce-scatter(yz)
+    become YZ-1 "collective-permute" steps each (bytes_per_chip: the chunk one chip sends per step, so a
+    permute costs bytes/bw with no (K-1)/K factor), and the norm statistics are summed over xyz.
     Raises LayoutError when the layout cannot split these dims (see `check_layout`).
     """
     check_layout(ffn_layout, attention, mesh, dims)
+    if overlap and ffn_layout != "ws2d":
+        raise LayoutError(f"collective matmul overlap is a ws2d option, not {ffn_layout}")
     if ffn_layout == "ws1d":
         return _ws1d(mesh, attention, dims)
     if ffn_layout == "ws2d":
-        return _ws2d(mesh, attention, dims)
+        return _overlapped(mesh, dims, _ws2d(mesh, attention, dims)) if overlap else _ws2d(mesh, attention, dims)
     return _wg(mesh, ffn_layout, dims)
+
+
+def _overlapped(mesh: MeshShape, d: LayerDims, plain: list[Collective]) -> list[Collective]:
+    """ws2d's list with the looped collective einsum's ring steps in place of AG(yz) and RS(yz)."""
+    yz = _live(mesh, ("y", "z"))
+    chunk = d.batch * d.tokens * (d.d_model // mesh.n) * d.act_bytes
+    steps = mesh.size(yz) - 1
+    stats = _live(mesh, MESH_AXES)
+    out: list[Collective] = []
+    for c in plain:
+        if c.axes == yz and c.kind == "all-gather":
+            text = "BLE_xyz --collective-permute(yz)--> next chip (looped all-gather(yz))"
+            out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
+            if stats:
+                text = "BL2{partialsum-xyz} --all-reduce(xyz)--> BL2"
+                out.append(Collective("all-reduce", stats, d.batch * d.tokens * NORM_STAT_BYTES, text, "ffn"))
+        elif c.axes == yz and c.kind == "reduce-scatter":
+            text = "BLE_x{partialsum-yz} --collective-permute(yz)--> next chip (looped reduce-scatter(yz))"
+            out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
+        elif not (c.kind == "all-reduce" and c.bytes_per_chip == d.batch * d.tokens * NORM_STAT_BYTES):
+            out.append(c)
+    return out
 
 
 def kv_axes(
