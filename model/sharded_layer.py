@@ -1,0 +1,294 @@
+"""One decoder layer under a layout, on local shards inside `jax.shard_map`, plus the embedding and logits.
+
+The dataflow of every layout is written out with explicit collectives (partition/ops.py), each with its
+paper-notation comment and a `jax.named_scope`, so this file reads like PAPER.md; the math (norm, rope,
+attend, int8 einsum) is model/layers.py's. partition/comm.py lists the same collectives per layer.
+Axis alphabet (model/config.py); local (per-chip) shapes in comments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from meshserve.model import layers
+from meshserve.model.config import ModelConfig
+from meshserve.model.params import Params, declare
+from meshserve.model.quant import QuantizedArray, einsum
+from meshserve.model.transformer import compute_dtype
+from meshserve.partition.comm import MESH_AXES, MeshShape
+from meshserve.partition.ops import Ops
+from meshserve.partition.overlap import all_gather_matmul, matmul_reduce_scatter
+from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for
+
+__all__ = ["Plan", "layer_fn", "embed", "logits", "shard_map", "spec_of", "XYZ"]
+
+XYZ = MESH_AXES
+# Order in which weight-gathered layouts gather a layer's weights (partition/comm.py lists the same order).
+WEIGHT_ORDER = ("w_up", "w_gate", "wq", "wk", "wv", "wo", "w_down")
+
+
+def shard_map(f, mesh: Mesh, in_specs, out_specs):
+    # check_vma off: the bodies mix replicated and split values on purpose (e.g. MQA K/V repeated per chip).
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # older JAX
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def spec_of(axes: tuple[str, ...], table: dict[str, tuple[str, ...]], multi_query: bool) -> P:
+    dims = []
+    for a in axes:
+        mesh_axes = () if (a == "kv_heads" and multi_query) else table.get(a, ())
+        dims.append(mesh_axes if mesh_axes else None)
+    return P(*dims)
+
+
+# ------------------------------------------------------------------------------------------ one layer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static facts one step's body needs."""
+
+    config: ModelConfig
+    layout: Layout
+    shape: MeshShape
+    batch: int  # the attention batch (prefill rows, or cache slots in decode)
+
+    @property
+    def rules(self) -> Rules:
+        return rules_for(self.layout.ffn)
+
+    @property
+    def attn_axes(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        return attention_axes(self.layout, self.shape, self.batch, self.config.multi_query)
+
+
+def _norm_split_x(h: jax.Array, p: dict[str, jax.Array], config: ModelConfig, ops: Ops, axes) -> jax.Array:
+    """Norm of h [B, T, E_axes]: the per-token statistics are summed over `axes` (one small all-reduce)."""
+    h32 = h.astype(jnp.float32)
+    stats = jnp.stack([jnp.sum(h32, -1), jnp.sum(h32 * h32, -1)], -1)  # [B, T, 2] partial over axes
+    with jax.named_scope("norm_stats"):
+        # BL2{partialsum-x} --all-reduce(x)--> BL2
+        stats = ops.all_reduce(stats, axes)
+    mean, msq = stats[..., :1] / config.d_model, stats[..., 1:] / config.d_model
+    if config.norm == "layernorm":
+        y = (h32 - mean) * jax.lax.rsqrt(msq - mean * mean + config.norm_eps)
+    else:
+        y = h32 * jax.lax.rsqrt(msq + config.norm_eps)
+    y = y * ops.local(p["scale"], axes, 0).astype(jnp.float32)
+    if "bias" in p:
+        y = y + ops.local(p["bias"], axes, 0).astype(jnp.float32)
+    return y.astype(h.dtype)
+
+
+def _gather_weights(p: dict[str, Any], plan: Plan, ops: Ops) -> dict[str, Any]:
+    """Weight-gathered layouts: all-gather each 2D-stored weight over the gathered axes before use."""
+    G = plan.rules.gathered
+    declared = declare(plan.config)["layers"]
+    out = dict(p)
+    for name in WEIGHT_ORDER:
+        if name not in p:
+            continue
+        axes = declared[name].axes[1:]  # without the scanned layers axis
+        split = {d: s for d, s in enumerate(spec_of(axes, plan.rules.weights, plan.config.multi_query)) if s}
+        split = {d: (s,) if isinstance(s, str) else tuple(s) for d, s in split.items()}
+        with jax.named_scope(f"gather_{name}"):
+            # W_in E_x·F_yz --all-gather(G)--> E·F_rest (likewise every weight of the layer)
+            w = p[name]
+            if isinstance(w, QuantizedArray):
+                contract = {axes.index(a) for a in declared[name].contract}
+                scale_split = {d: s for d, s in split.items() if d not in contract}
+                values = ops.gather_dims(w.values, split, _meets(G, split))
+                out[name] = QuantizedArray(values, ops.gather_dims(w.scale, scale_split, _meets(G, scale_split)))
+            else:
+                out[name] = ops.gather_dims(w, split, _meets(G, split))
+    return out
+
+
+def _meets(G: tuple[str, ...], split: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
+    used = {a for s in split.values() for a in s}
+    return tuple(a for a in XYZ if a in G and a in used)
+
+
+def _to_attention(q, k, v, plan: Plan, ops: Ops):
+    """q [B, T, H_loc, Q], k, v [B, T, K_loc, Q] after the input projection -> the attention split."""
+    ffn = plan.layout.ffn
+    batch_axes, _, _ = plan.attn_axes
+    if ffn == "ws2d":
+        nq, nk = q.shape[2], k.shape[2]
+        qkv = jnp.concatenate([q, k, v], axis=2)
+        if not batch_axes:
+            with jax.named_scope("qkv_all_reduce"):
+                # BLHQ_yz{partialsum-x} --all-reduce(x)--> BLHQ_yz  (attention repeated over x)
+                qkv = ops.all_reduce(qkv, ("x",))
+        else:
+            with jax.named_scope("qkv_reduce_scatter"):
+                # BLHQ_yz{partialsum-x} --reduce-scatter(x)--> B_xLHQ_yz
+                qkv = ops.reduce_scatter(qkv, ("x",), 0)
+        q, k, v = jnp.split(qkv, [nq, nq + nk], axis=2)
+        inner = tuple(a for a in batch_axes if a != "x")
+    else:
+        inner = batch_axes if ffn == "ws1d" else ()
+    if not inner:
+        return q, k, v
+    with jax.named_scope("to_batch_all_to_all"):
+        # BLHQ_yz --all-to-all(yz)--> B_yzLHQ : the heads' split moves to the batch
+        if plan.config.multi_query:
+            q = ops.all_to_all(q, inner, 0, 2)
+            k, v = ops.local(k, inner, 0), ops.local(v, inner, 0)  # one kv head, already on every chip
+        else:
+            nq, nk = q.shape[2], k.shape[2]
+            qkv = ops.all_to_all(jnp.concatenate([q, k, v], axis=2), inner, 0, 2)
+            qkv = qkv.reshape(qkv.shape[:2] + (ops.size(inner), nq + 2 * nk, qkv.shape[-1]))
+            q, k, v = (t.reshape(t.shape[:2] + (-1, t.shape[-1])) for t in jnp.split(qkv, [nq, nq + nk], axis=3))
+    return q, k, v
+
+
+def _from_attention(o, plan: Plan, ops: Ops):
+    """o in the attention split -> [B, T, H_loc, Q] as W_O's local heads expect."""
+    ffn = plan.layout.ffn
+    batch_axes, _, _ = plan.attn_axes
+    if ffn not in ("ws1d", "ws2d") or not batch_axes:
+        return o
+    inner = tuple(a for a in batch_axes if a != "x") if ffn == "ws2d" else batch_axes
+    with jax.named_scope("from_batch_all_to_all"):
+        # B_yzLHQ --all-to-all(yz)--> BLHQ_yz
+        o = ops.all_to_all(o, inner, 2, 0)
+    if ffn == "ws2d":
+        with jax.named_scope("attention_all_gather"):
+            # B_xLHQ_yz --all-gather(x)--> BLHQ_yz
+            o = ops.all_gather(o, ("x",), 0)
+    return o
+
+
+_IN = {
+    "wq": "BTE,EHQ->BTHQ",
+    "wk": "BTE,EKQ->BTKQ",
+    "wv": "BTE,EKQ->BTKQ",
+    "w_up": "BTE,EF->BTF",
+    "w_gate": "BTE,EF->BTF",
+}
+
+
+def _in_projections(h: jax.Array, w: dict[str, Any]) -> dict[str, jax.Array]:
+    """The fused input matmuls (W_Q, W_K, W_V with the MLP's W and V) of one normalised h [B, T, E_loc]."""
+    return {name: einsum(sub, h, w[name]) for name, sub in _IN.items() if name in w}
+
+
+def _slice(w: Any, dim: int, start: jax.Array, size: int, scale_too: bool) -> Any:
+    """A chunk of a weight along `dim` (an int8 scale is sliced too when `dim` is an output dim)."""
+    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=dim)  # noqa: E731
+    if isinstance(w, QuantizedArray):
+        return QuantizedArray(cut(w.values), cut(w.scale) if scale_too else w.scale)
+    return cut(w)
+
+
+def _looped_in(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops) -> dict[str, jax.Array]:
+    """ws2d with overlap: norm on BLE_xyz, then the input matmuls as a looped all-gather(yz) einsum."""
+    h = _norm_split_x(x, p["attn_norm"], plan.config, ops, XYZ)  # statistics: all-reduce(xyz)
+    n = x.shape[2]
+
+    def matmul(chunk, c):
+        rows = {name: _slice(p[name], 0, c * n, n, False) for name in _IN if name in p}
+        return {k: v.astype(jnp.float32) for k, v in _in_projections(chunk, rows).items()}
+
+    with jax.named_scope("looped_input"):
+        # BLE_xyz --all-gather(yz)--> BLE_x as ring steps, each overlapped with the matmul of the chunk at hand
+        out = all_gather_matmul(h, matmul, ("y", "z"), ops)
+    return {k: v.astype(x.dtype) for k, v in out.items()}
+
+
+def layer_fn(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops, attn) -> jax.Array:
+    """One parallel block on local shards. x: the residual in the layout's split; attn(q, k, v) -> o runs
+    attention (and the cache) on the attention split, q/k not yet rotated."""
+    c, ffn = plan.config, plan.layout.ffn
+    rest = plan.rules.residual["embed"]
+    w = _gather_weights(p, plan, ops) if plan.rules.gathered else p
+    if plan.layout.overlap:
+        mm = _looped_in(x, p, plan, ops)
+    else:
+        with jax.named_scope("gather_input"):
+            if ffn == "ws1d":
+                # BLE_xyz --all-gather(xyz)--> BLE
+                h = layers.norm(ops.all_gather(x, XYZ, 2), p["attn_norm"], c)
+            elif ffn == "ws2d":
+                # BLE_xyz --all-gather(yz)--> BLE_x
+                h = _norm_split_x(ops.all_gather(x, ("y", "z"), 2), p["attn_norm"], c, ops, ("x",))
+            else:
+                # B_xLE_yz --all-gather(yz)--> B_xLE  (weight-gathered: the batch stays split)
+                h = layers.norm(ops.all_gather(x, rest, 2), p["attn_norm"], c)
+        mm = _in_projections(h, w)
+    o = _from_attention(attn(*_to_attention(mm["wq"], mm["wk"], mm["wv"], plan, ops)), plan, ops)
+    up, gate = mm["w_up"], mm.get("w_gate")
+    if ffn == "ws2d":
+        with jax.named_scope("ffn_reduce_scatter"):
+            # BLF_yz{partialsum-x} --reduce-scatter(x)--> BLF_xyz
+            both = ops.reduce_scatter(jnp.stack([up] if gate is None else [up, gate], 2), ("x",), 3)
+            up, gate = both[:, :, 0], (None if gate is None else both[:, :, 1])
+    act = jax.nn.silu(gate) * up if gate is not None else jax.nn.gelu(up, approximate=False)
+    if ffn == "ws2d":
+        with jax.named_scope("ffn_all_gather"):
+            # BLF_xyz --all-gather(x)--> BLF_yz
+            act = ops.all_gather(act, ("x",), 2)
+    if plan.layout.overlap:
+        n = x.shape[2]
+
+        def matmul(chunk):
+            down, wo = _slice(w["w_down"], 1, chunk * n, n, True), _slice(w["wo"], 2, chunk * n, n, True)
+            return einsum("BTF,FE->BTE", act, down) + einsum("BTHQ,HQE->BTE", o, wo)
+
+        with jax.named_scope("looped_output"):
+            # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz as ring steps overlapped with the matmuls
+            return x + matmul_reduce_scatter(matmul, ("y", "z"), ops)
+    y = einsum("BTF,FE->BTE", act, w["w_down"]) + einsum("BTHQ,HQE->BTE", o, w["wo"])
+    with jax.named_scope("output_reduce_scatter"):
+        if ffn == "ws1d":
+            # BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz
+            y = ops.reduce_scatter(y, XYZ, 2)
+        elif ffn == "ws2d":
+            # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz
+            y = ops.reduce_scatter(y, ("y", "z"), 2)
+        else:
+            # B_xLE{partialsum-yz} --reduce-scatter(yz)--> B_xLE_yz
+            y = ops.reduce_scatter(y, rest, 2)
+    return x + y
+
+
+# --------------------------------------------------------------------------------- embedding and logits
+
+
+def embed(tokens: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:
+    """tokens [B, T] (whole on every chip) -> the residual [B, T, E] in the layout's split."""
+    table = params["embed"]  # [V_xyz, E]
+    rows = table.shape[0]
+    ids = tokens - ops.index(XYZ) * rows
+    here = (ids >= 0) & (ids < rows)
+    x = jnp.where(here[..., None], table[jnp.clip(ids, 0, rows - 1)], jnp.zeros((), table.dtype))
+    with jax.named_scope("embed_all_reduce"):
+        # BLE{partialsum-xyz} --all-reduce(xyz)--> BLE  (each token's row lives on one chip)
+        x = ops.all_reduce(x, XYZ)
+    r = plan.rules.residual
+    return ops.local(ops.local(x, r["batch"], 0), r["embed"], 2).astype(compute_dtype(params))
+
+
+def logits(x: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:
+    """The residual [B, T, E] in the layout's split -> float32 logits [B, T, V] on every chip."""
+    r = plan.rules.residual
+    with jax.named_scope("final_all_gather"):
+        # B_xLE_yz --all-gather(yz)--> B_xLE --all-gather(x)--> BLE
+        x = ops.all_gather(ops.all_gather(x, r["embed"], 2), r["batch"], 0)
+    h = layers.norm(x, params["final_norm"], plan.config)
+    if "unembed" in params:
+        logits = einsum("BTE,EV->BTV", h, params["unembed"], out_dtype=jnp.float32)
+    else:
+        logits = einsum("BTE,VE->BTV", h, params["embed"], out_dtype=jnp.float32)
+    with jax.named_scope("logits_all_gather"):
+        # BLV_xyz --all-gather(xyz)--> BLV
+        return ops.all_gather(logits, XYZ, 2)
