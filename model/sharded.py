@@ -47,6 +47,7 @@ __all__ = [
     "insert",
     "decode_step",
     "layer_hlo",
+    "insert_hlo",
     "generate_sharded",
     "min_batch",
     "check_phases",
@@ -324,6 +325,31 @@ def layer_hlo(
         jax.ShapeDtypeStruct((batch, S, config.n_kv_heads, config.d_head), dtype),
     )
     lowered = fn.lower(*args)
+    return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")
+
+
+def insert_hlo(
+    config: ModelConfig,
+    mesh: Mesh,
+    prefill_layout: Layout,
+    decode_layout: Layout,
+    batch: int,
+    tokens: int,
+    slots: int,
+    context: int,
+    dtype=jnp.bfloat16,
+    compiled: bool = True,
+) -> str:
+    """HLO text of the phase switch: `batch` prefilled rows of `tokens` into a cache of `slots` rows."""  # fmt: skip
+    check_model(config, mesh, prefill_layout, batch)
+    check_model(config, mesh, decode_layout, slots)
+    shape = lambda b, t: (config.n_layers, b, t, config.n_kv_heads, config.d_head)  # noqa: E731
+    sds = lambda s, spec, dt=dtype: jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, spec))  # noqa: E731
+    cache_kv = sds(shape(slots, context), kv_spec(config, mesh, decode_layout, slots))
+    new_kv = sds(shape(batch, tokens), kv_spec(config, mesh, prefill_layout, batch))
+    cache = KVCache(k=cache_kv, v=cache_kv, lengths=sds((slots,), P(), jnp.int32))
+    lowered = _insert.lower(cache, new_kv, new_kv, sds((batch,), P(), jnp.int32), sds((batch,), P(), jnp.int32),
+                            config=config, mesh=mesh, prefill_layout=prefill_layout, decode_layout=decode_layout)  # fmt: skip
     return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")
 
 

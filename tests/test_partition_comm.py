@@ -1,0 +1,110 @@
+"""partition/comm.py and rules.py without devices: the collective list against PAPER.md's formulas, bad input."""
+
+import pytest
+from meshserve.errors import UserError
+from meshserve.partition.comm import (
+    FFN_LAYOUTS,
+    LayerDims,
+    LayoutError,
+    MeshShape,
+    attention_batch_axes,
+    kv_axes,
+    layer_collectives,
+    reshard_collectives,
+)
+from meshserve.partition.rules import check_rules, make_rules_two_d, make_rules_weight_gathered
+
+M = MeshShape(2, 2, 2)
+PALM_8B = dict(d_model=4096, d_ff=16384, n_heads=16, n_kv_heads=1, d_head=256)
+
+
+def dims(batch=8, tokens=4, **kw):
+    return LayerDims(batch=batch, tokens=tokens, context=tokens, **{**PALM_8B, **kw})
+
+
+def total(colls, block=None, kinds=("all-gather", "reduce-scatter")):
+    return sum(c.bytes_per_chip for c in colls if c.kind in kinds and (block is None or c.block == block))
+
+
+def test_mesh_parse_and_errors():
+    m = MeshShape.parse("1x2x4")
+    assert (m.x, m.y, m.z, m.n, m.size(("y", "z"))) == (1, 2, 4, 8, 8)
+    for bad in ("2x2", "2x2x2x2", "axbxc", "0x2x2", ""):
+        with pytest.raises(UserError, match="mesh"):
+            MeshShape.parse(bad)
+
+
+def test_ws1d_moves_2BLE_independent_of_chips():
+    # PAPER.md: 1D T_comm = 2·B·L·E/bw whatever n (all-gather + reduce-scatter of the whole BLE).
+    for mesh in (MeshShape(2, 2, 2), MeshShape(4, 4, 4)):
+        d = dims(n_heads=64)
+        assert total(layer_collectives("ws1d", "heads", mesh, d)) == 2 * d.batch * d.tokens * d.d_model * 2
+
+
+def test_ws2d_matches_paper_formula():
+    # PAPER.md: 2D T_comm = (2·B·L/bw)·(E/X + F/(Y·Z)); SwiGLU's two input matmuls double the F reduce-scatter.
+    mesh, d = MeshShape(4, 4, 4), dims(n_heads=64)
+    colls = layer_collectives("ws2d", "heads", mesh, d)
+    B, L, E, F = d.batch, d.tokens, d.d_model, d.d_ff
+    ffn = total(colls, "ffn")
+    assert ffn == 2 * (2 * B * L * E // 4 + 3 * B * L * F // 16)  # AG+RS of E/X, RS of 2·F/YZ, AG of F/YZ
+    assert [c.kind for c in colls if c.axes == ("x",)].count("all-reduce") == 2  # norm statistics, qkv
+
+
+def test_weight_gathered_traffic():
+    # PAPER.md: weights gathered over N chips, activations over n/N: per-chip bytes E·F·(F/YZ)... per weight.
+    d = dims(batch=64)
+    for layout, N in (("wg-x", 2), ("wg-xy", 4), ("wg-xyz", 8)):
+        colls = layer_collectives(layout, "batch", M, d)
+        w_up = next(c for c in colls if c.tensor.startswith("W_up"))
+        assert w_up.bytes_per_chip == d.d_model * d.d_ff * N // M.n * 2
+        acts = total(colls, "ffn")
+        assert acts == (0 if N == 8 else 2 * (d.batch // N) * d.tokens * d.d_model * 2)
+    int8 = layer_collectives("wg-xyz", "batch", M, dims(batch=64, weight_bytes=1))
+    bf16 = layer_collectives("wg-xyz", "batch", M, dims(batch=64))
+    assert total(int8, "weights") < 0.51 * total(bf16, "weights")  # int8 gathers half the bytes (+ scales)
+
+
+def test_batch_attention_splits_a_subset_when_batch_is_small():
+    assert attention_batch_axes("ws2d", "batch", M, 8) == ("x", "z", "y")
+    assert attention_batch_axes("ws2d", "batch", M, 4) == ("x", "y")
+    assert attention_batch_axes("ws2d", "batch", M, 2) == ("x",)
+    assert attention_batch_axes("ws1d", "batch", M, 2) == ("z",)
+    assert attention_batch_axes("ws2d", "heads", M, 1) == ()
+    with pytest.raises(LayoutError, match="batch 1"):
+        attention_batch_axes("ws2d", "batch", M, 1)
+
+
+def test_bad_dims_name_the_dim_and_split():
+    with pytest.raises(LayoutError, match=r"n_heads H = 12 .* 8"):
+        layer_collectives("ws1d", "heads", M, dims(n_heads=12))
+    with pytest.raises(LayoutError, match=r"d_ff F = 100 "):
+        layer_collectives("ws2d", "heads", M, dims(d_ff=100))
+    with pytest.raises(LayoutError, match=r"batch B = 4 .* split 8"):
+        layer_collectives("wg-xyz", "batch", M, dims(batch=4))
+    with pytest.raises(LayoutError, match="layout must be one of"):
+        layer_collectives("ws3d", "heads", M, dims())
+
+
+def test_size_one_axes_run_no_collectives():
+    one = MeshShape(1, 1, 1)
+    for layout in FFN_LAYOUTS:
+        assert layer_collectives(layout, "batch", one, dims(batch=1)) == []
+
+
+def test_kv_split_and_reshard():
+    d = dims(batch=8, n_kv_heads=8)
+    assert kv_axes("ws2d", "heads", M, d) == ((), ("y", "z"))
+    assert kv_axes("ws2d", "batch", M, d) == (("x", "y", "z"), ())
+    assert kv_axes("wg-x", "heads", M, d) == (("x",), ("y", "z"))
+    assert reshard_collectives("ws2d", "heads", "ws2d", "heads", M, d) == []
+    (gather,) = reshard_collectives("wg-xyz", "batch", "ws2d", "batch", M, dims(batch=8), n_layers=3)
+    assert (gather.kind, gather.axes) == ("all-gather", ("x", "y", "z"))
+    assert gather.bytes_per_chip == 2 * 3 * 8 * 4 * 1 * 256 * 2  # K and V, 3 layers, B·T·K·Q bf16
+
+
+def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
+    assert make_rules_two_d().weights["embed"] == ("x",)
+    assert make_rules_weight_gathered(("x", "y")).residual == {"batch": ("x", "y"), "embed": ("z",)}
+    with pytest.raises(LayoutError, match="mesh axis x holds both"):
+        check_rules({"embed": ("x",), "mlp": ("x", "y")})

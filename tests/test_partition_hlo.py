@@ -1,0 +1,102 @@
+"""The collectives each layout compiles to equal partition/comm.py's list (kind, mesh axes, bytes per chip).
+
+comm.py is what analytics/ prices, so these tests keep the cost model and the code from drifting apart.
+The lowered HLO (the program as written, exact dtypes) is compared for every layout × attention × phase ×
+(bf16, int8) × (multi-query, multi-head); the compiled HLO (after XLA's passes) for a subset in float32,
+because XLA:CPU widens bf16 collectives to f32 (it would double their bytes on this machine only).
+"""
+
+import jax
+import pytest
+from meshserve.model import get_config, sharded
+from meshserve.model.params import cast_params, init_params
+from meshserve.partition.comm import ATTENTION_LAYOUTS, FFN_LAYOUTS, LayerDims, layer_collectives, reshard_collectives
+from meshserve.partition.hlo import collectives_in_hlo, summarize
+from meshserve.partition.mesh import make_mesh, mesh_shape
+from meshserve.partition.rules import Layout
+
+BYTES = {"f32": 4, "bf16": 2, "int8": 1}
+PHASES = {"prefill": (4, 0), "decode": (1, 16)}  # (tokens L, context S; 0 = attend over its own tokens)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Sharded tiny models by (kv heads, weights, storage layout, mesh)."""
+    cache = {}
+
+    def get(kv_heads, weights, layout, mesh):
+        key = (kv_heads, weights, layout.ffn == "ws1d", str(mesh_shape(mesh)))
+        if key not in cache:
+            config = get_config("tiny", n_kv_heads=kv_heads)
+            params = cast_params(config, init_params(config, jax.random.key(0)), weights)
+            cache[key] = config, sharded.shard_params(params, config, mesh, layout.ffn)
+        return cache[key]
+
+    return get
+
+
+def expected(config, layout, mesh, weights, batch, tokens, context, overlap=False):
+    act = 4 if weights == "f32" else 2
+    dims = LayerDims(batch, tokens, context or tokens, config.d_model, config.d_ff, config.n_heads,
+                     config.n_kv_heads, config.d_head, act_bytes=act, weight_bytes=BYTES[weights])  # fmt: skip
+    return summarize(layer_collectives(layout.ffn, layout.attention, mesh_shape(mesh), dims, overlap=overlap))
+
+
+def compare(models, layout, mesh, kv_heads, weights, phase, compiled, batch=8):
+    config, params = models(kv_heads, weights, layout, mesh)
+    tokens, context = PHASES[phase]
+    text = sharded.layer_hlo(params, config, mesh, layout, batch, tokens, context, compiled=compiled)
+    got = summarize(collectives_in_hlo(text, mesh))
+    want = expected(config, layout, mesh, weights, batch, tokens, context, layout.overlap)
+    assert got == want, f"{layout} {phase} K={kv_heads} {weights}: HLO-only {got - want}, list-only {want - got}"
+    return got
+
+
+@pytest.mark.parametrize("ffn", FFN_LAYOUTS)
+def test_every_layout_lowers_to_its_listed_collectives(models, ffn):
+    mesh = make_mesh("2x2x2")
+    for kv_heads in (1, 8):
+        for weights in ("bf16", "int8"):
+            for attention in ATTENTION_LAYOUTS:
+                for phase in PHASES:
+                    got = compare(models, Layout(ffn, attention), mesh, kv_heads, weights, phase, compiled=False)
+                    assert sum(got.values()) >= 1  # every layout communicates on 2x2x2
+
+
+@pytest.mark.parametrize(
+    "mesh_text,layout,kv_heads",
+    [
+        ("2x2x2", Layout("ws2d", "batch"), 1),
+        ("2x2x2", Layout("ws2d", "heads", overlap=True), 8),
+        ("2x2x2", Layout("ws1d", "batch"), 8),
+        ("2x2x2", Layout("wg-xy", "heads"), 1),
+        ("2x1x2", Layout("ws2d", "batch"), 8),  # the paper's 4-chip mesh, on 4 of the 8 devices
+        ("2x1x2", Layout("wg-x", "batch"), 1),
+    ],
+)
+def test_compiled_collectives_equal_the_list(models, mesh_text, layout, kv_heads):
+    n = 1
+    for part in mesh_text.split("x"):
+        n *= int(part)
+    mesh = make_mesh(mesh_text, jax.devices()[:n])
+    for phase in PHASES:
+        compare(models, layout, mesh, kv_heads, "f32", phase, compiled=True)
+
+
+@pytest.mark.parametrize(
+    "prefill,decode,kv_heads",
+    [
+        (Layout("wg-xyz", "batch"), Layout("ws2d", "batch"), 1),  # the paper's high-throughput pair
+        (Layout("ws2d", "heads"), Layout("ws2d", "batch"), 1),  # low latency: the slice is local, nothing moves
+        (Layout("wg-x", "heads"), Layout("ws2d", "batch"), 8),  # multi-head: rows and kv heads both move
+    ],
+)
+def test_phase_switch_reshard_equals_the_list(prefill, decode, kv_heads):
+    mesh = make_mesh("2x2x2")
+    config = get_config("tiny", n_kv_heads=kv_heads)
+    text = sharded.insert_hlo(config, mesh, prefill, decode, batch=8, tokens=4, slots=8, context=16, compiled=False)
+    got = summarize([c for c in collectives_in_hlo(text, mesh)])
+    dims = LayerDims(8, 4, 4, config.d_model, config.d_ff, config.n_heads, kv_heads, config.d_head)
+    listed = reshard_collectives(prefill.ffn, prefill.attention, decode.ffn, decode.attention, mesh_shape(mesh), dims,
+                                 n_layers=config.n_layers)  # fmt: skip
+    assert got == summarize(listed)
