@@ -370,7 +370,9 @@ def train(
             next_eval += 1.0 / evals
             ppl = evaluate(params, config, val_rows)["perplexity"]
             log["val"].append((step, ppl))
-            bar.write(f"step {step}: train loss {np.mean(log['loss'][-50:]):.3f}, validation ppl {ppl:.2f}")
+            bar.write(
+                f"step {step}: train loss {np.mean(log['loss'][-50:]):.3f}, validation ppl {ppl:.2f}", file=sys.stderr
+            )
             if ppl < best[0]:
                 best = (ppl, jax.device_get(params), step)
     bar.close()
