@@ -44,9 +44,12 @@ def make_mesh(shape: MeshShape | str | None = None, devices: Sequence[jax.Device
     elif isinstance(shape, str):
         shape = MeshShape.parse(shape)
     if shape.n != len(devices):
+        hint = ""
+        if devices[0].platform == "cpu":
+            hint = f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={shape.n} emulates {shape.n} devices)"
         raise LayoutError(
             f"mesh {shape} has {shape.n} chips (x*y*z) but there are {len(devices)} devices; "
-            f"give a mesh whose sizes multiply to {len(devices)}"
+            f"give a mesh whose sizes multiply to {len(devices)}{hint}"
         )
     return jax.make_mesh((shape.x, shape.y, shape.z), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="with --server: PEM root certificate to verify the server's TLS certificate")
     parser.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request (default 300)")
     add_sampling_arguments(parser)
+    from meshserve.partition.cli_args import add_mesh_arguments  # argparse only: --help stays fast
+
+    add_mesh_arguments(parser)
 
 
 def _print(args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str) -> None:
@@ -104,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompts and not args.tokens:
         raise UserError("give at least one PROMPT or --tokens")
+    from meshserve.partition.cli_args import mesh_args
+
+    on_mesh = mesh_args(args)  # layouts from --mesh/--prefill-layout/--decode-layout/--attention (None: one device)
     if args.server:
+        if on_mesh is not None:
+            raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
         return _run_remote(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
 
@@ -113,14 +121,16 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, seed=args.seed)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
-    results = generate(
-        model.params,
-        model.config,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        sampling=sampling,
-        stop_ids=[] if args.ignore_eos else model.stop_ids(),
-    )
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
+                  stop_ids=[] if args.ignore_eos else model.stop_ids())  # fmt: skip
+    if on_mesh is not None:
+        from meshserve.model.sharded import generate_sharded
+        from meshserve.partition.mesh import make_mesh
+
+        results = generate_sharded(model.params, model.config, prompts, mesh=make_mesh(on_mesh.mesh),
+                                   prefill_layout=on_mesh.prefill, decode_layout=on_mesh.decode, **kwargs)  # fmt: skip
+    else:
+        results = generate(model.params, model.config, prompts, **kwargs)
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)

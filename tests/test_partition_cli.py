@@ -1,0 +1,82 @@
+"""`meshserve generate --mesh ... --prefill-layout ... --decode-layout ... --attention ...`: the same --json output
+as one device, and one-line errors (exit 2, nothing compiled) for meshes and layouts that cannot work."""
+
+import json
+
+import jax
+import pytest
+from meshserve.model.checkpoint import save_checkpoint
+from meshserve.model.config import get_config
+from meshserve.model.params import init_params
+from meshserve.serving.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = get_config("tiny", n_kv_heads=8)
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    save_checkpoint(path, config, init_params(config, jax.random.key(3)), "f32")
+    return str(path)
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_unchanged_under_a_mesh(capsys, checkpoint):
+    base = ["generate", "--checkpoint", checkpoint, "--json", "--max-new-tokens", "8", "--tokens", "1,2,3,4,5",
+            "--tokens", "9,8"]  # fmt: skip
+    code, one_device, _ = _run(capsys, *base)
+    assert code == 0
+    flags = ["--mesh", "2x2x2", "--prefill-layout", "wg-xy", "--decode-layout", "ws2d", "--attention", "batch",
+             "--collective-matmul"]  # fmt: skip
+    code, on_mesh, err = _run(capsys, *base, *flags)
+    assert code == 0, err
+    a, b = ([json.loads(line) for line in out.splitlines()] for out in (one_device, on_mesh))
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b] and len(a) == 2
+    assert all(
+        abs(x - y) < 1e-4
+        for ra, rb in zip(a, b, strict=True)
+        for x, y in zip(ra["logprobs"], rb["logprobs"], strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--mesh", "2x2x4"], "mesh 2x2x4 has 16 chips (x*y*z) but there are 8 devices"),
+        (["--mesh", "2x2x2", "--prefill-layout", "ws1d"], "store weights differently"),
+        (["--mesh", "1x1x8", "--attention", "heads", "--model", "demo"], "n_heads H = 4 is not divisible"),
+        (["--mesh", "2x2x2", "--decode-layout", "wg-x", "--collective-matmul"], "--collective-matmul needs"),
+    ],
+)
+def test_bad_mesh_or_layout_is_one_line_exit_2(capsys, checkpoint, flags, message):
+    argv = ["generate", "--tokens", "1,2,3", "--max-new-tokens", "2", *flags]
+    code, _, err = _run(capsys, *argv, *([] if "--model" in flags else ["--checkpoint", checkpoint]))
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_malformed_mesh_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--tokens", "1,2,3", "--mesh", "2x2"])
+    assert exit_.value.code == 2 and "mesh must be XxYxZ" in capsys.readouterr().err
+
+
+def test_api_refuses_a_batch_smaller_than_its_split_before_compiling():
+    import jax.numpy as jnp
+    from meshserve.errors import UserError
+    from meshserve.model import sharded
+    from meshserve.partition.mesh import make_mesh
+    from meshserve.partition.rules import Layout
+
+    config = get_config("tiny")
+    mesh = make_mesh("2x2x2")
+    params = sharded.shard_params(init_params(config, jax.random.key(0)), config, mesh, "ws2d")
+    tokens, lengths = jnp.ones((1, 4), jnp.int32), jnp.full((1,), 4)
+    with pytest.raises(UserError, match=r"batch 1 cannot be split"):
+        sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=Layout("ws2d", "batch"))
+    with pytest.raises(UserError, match=r"batch B = 2 .* split 8"):
+        sharded.init_cache(config, mesh, Layout("wg-xyz", "heads"), 2, 16)
+    assert sharded._prefill._cache_size() == 0  # nothing was traced or compiled
