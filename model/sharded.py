@@ -1,7 +1,7 @@
 """The decoder's steps under a layout on a device mesh: prefill, insert (the phase switch) and decode.
 
-Each step is one `jax.shard_map` over the (x, y, z) mesh whose body reads like PAPER.md: the dataflow of
-every layout is written out with explicit collectives (partition/ops.py), each with its paper-notation
+Each step is one `jax.shard_map` over the (x, y, z) mesh whose body (model/sharded_layer.py) reads like PAPER.md: the
+dataflow of every layout written out with explicit collectives (partition/ops.py), each with its paper-notation
 comment and a `jax.named_scope`; the math (norm, rope, attend, int8 einsum) is model/layers.py's.
 partition/comm.py lists the same collectives per layer for the cost model; tests compare the two in HLO.
 
