@@ -48,13 +48,20 @@ def test_json_output_unchanged_under_a_mesh(capsys, checkpoint):
     [
         (["--mesh", "2x2x4"], "mesh 2x2x4 has 16 chips (x*y*z) but there are 8 devices"),
         (["--mesh", "2x2x2", "--prefill-layout", "ws1d"], "store weights differently"),
-        (["--mesh", "1x1x8", "--attention", "heads", "--model", "demo"], "n_heads H = 4 is not divisible"),
+        (
+            ["--mesh", "1x1x8", "--attention", "heads", "four-heads"],
+            "n_heads H = 4 is not divisible by the ws2d split 8",
+        ),
         (["--mesh", "2x2x2", "--decode-layout", "wg-x", "--collective-matmul"], "--collective-matmul needs"),
     ],
 )
-def test_bad_mesh_or_layout_is_one_line_exit_2(capsys, checkpoint, flags, message):
+def test_bad_mesh_or_layout_is_one_line_exit_2(capsys, checkpoint, tmp_path, flags, message):
+    if "four-heads" in flags:  # a model whose 4 heads cannot split over the 8 chips of y·z
+        flags.remove("four-heads")
+        config = get_config("tiny", n_heads=4)
+        checkpoint = str(save_checkpoint(tmp_path / "h4", config, init_params(config, jax.random.key(0)), "f32"))
     argv = ["generate", "--tokens", "1,2,3", "--max-new-tokens", "2", *flags]
-    code, _, err = _run(capsys, *argv, *([] if "--model" in flags else ["--checkpoint", checkpoint]))
+    code, _, err = _run(capsys, *argv, "--checkpoint", checkpoint)
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
