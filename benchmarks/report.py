@@ -46,15 +46,16 @@ def _f(x, spec: str) -> str:
 def main(paths: list[str]) -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text())]
     print(
-        "| model | weights | layers | batch | prompt+gen | prefill ms (pred.) | TTFT ms | decode ms/step (pred.) "
+        "| model | weights | int8 matmul | layers | batch | prompt+gen | prefill ms (pred.) | TTFT ms | decode ms/step (pred.) "
         "| tok/s | HBM GB/s | of copy bw | prefill MFU | peak mem GiB | peer ms/step | speedup |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pred_prefill, pred_step = _predict(r)
         mem = r["peak_memory_bytes"]
         print(
-            f"| {r['model']} | {r['weights']} | {r['layers']} | {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
+            f"| {r['model']} | {r['weights']} | {r.get('int8_matmul', 'xla') if r['weights'] == 'int8' else '–'} "
+            f"| {r['layers']} | {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
             f"| {r['prefill_ms']:.2f} ({_f(pred_prefill, '.2f')}) | {r['ttft_ms']:.2f} "
             f"| {_f(r['decode_step_ms'], '.3f')} ({_f(pred_step, '.3f')}) | {_f(r['tokens_per_s'], '.0f')} "
             f"| {_f(r['hbm_gbps'], '.0f')} | {_f(r['hbm_fraction'], '.1%')} | {_f(r['prefill_mfu'], '.1%')} "

@@ -9,6 +9,8 @@ matmul's output, so the int8 values are what moves through memory and collective
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +73,43 @@ def _scale_for_output(subscripts: str, scale: jax.Array) -> jax.Array:
     return squeezed.reshape(shape)
 
 
+def _split(subscripts: str) -> tuple[str, str, str, str]:
+    """(x letters, w letters, out letters, contracted letters) of a two-operand einsum."""
+    inputs, out = subscripts.replace(" ", "").split("->")
+    x_letters, w_letters = inputs.split(",")
+    return x_letters, w_letters, out, "".join(c for c in w_letters if c in x_letters and c not in out)
+
+
+def _use_int8_kernel(subscripts: str, x: jax.Array) -> bool:
+    """The fused Pallas kernel (model/int8_kernel.py) runs when asked for, on a GPU, for decode-sized batches and
+    einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model)."""
+    if os.environ.get("MESHSERVE_INT8_MATMUL", "xla") != "pallas" or jax.default_backend() != "gpu":
+        return False
+    from meshserve.model.int8_kernel import MAX_TOKENS
+
+    x_letters, w_letters, out, c = _split(subscripts)
+    free_x, free_w = x_letters[: len(x_letters) - len(c)], w_letters[len(c) :]
+    rows = math.prod(x.shape[: len(free_x)])
+    return (
+        x_letters.endswith(c)
+        and w_letters.startswith(c)
+        and out == free_x + free_w
+        and rows <= MAX_TOKENS
+        and jnp.dtype(x.dtype).itemsize == 2
+    )
+
+
+def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
+    from meshserve.model.int8_kernel import int8_matmul
+
+    x_letters, w_letters, _, c = _split(subscripts)
+    n_free_x = len(x_letters) - len(c)
+    free_x_shape, free_w_shape = x.shape[:n_free_x], w.values.shape[len(c) :]
+    k = math.prod(x.shape[n_free_x:])
+    y = int8_matmul(x.reshape(-1, k), w.values.reshape(k, -1), w.scale.reshape(-1))
+    return y.reshape(*free_x_shape, *free_w_shape)
+
+
 def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_dtype=None) -> jax.Array:
     """The one matmul of the model: `jnp.einsum(subscripts, x, w)` for plain or int8 weights.
 
@@ -78,6 +117,8 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     is exact because each scale is constant along the contracted axes.
     """
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, QuantizedArray) and _use_int8_kernel(subscripts, x):
+        return _kernel_einsum(subscripts, x, w).astype(out_dtype)
     if isinstance(w, QuantizedArray):
         y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)

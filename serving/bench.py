@@ -15,6 +15,7 @@ the same process after meshserve's rows, so the ratio is measured side by side.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ class BenchRow:
     prompt_len: int
     gen_len: int
     layers: str  # "scan" (stacked weights, lax.scan) or "unrolled"
+    int8_matmul: str  # "xla" (convert + GEMM) or "pallas" (model/int8_kernel.py), from MESHSERVE_INT8_MATMUL
     device: str
     prefill_ms: float
     ttft_ms: float
@@ -194,6 +196,7 @@ def bench_row(
         prompt_len=prompt_len,
         gen_len=gen_len,
         layers=layers,
+        int8_matmul=os.environ.get("MESHSERVE_INT8_MATMUL", "xla"),
         device=jax.devices()[0].device_kind,
         prefill_ms=prefill_s * 1e3,
         ttft_ms=ttft_s * 1e3,
@@ -271,11 +274,12 @@ def peer_row(config: ModelConfig, batch: int, prompt_len: int, gen_len: int, rep
         eos_token_id=0,
         pad_token_id=0,
     )
-    prefill_s, total_s = _peer_times(FalconForCausalLM, hf_config, batch, prompt_len, gen_len, device, repeats)
+    prefill_s, one_s, total_s = _peer_times(FalconForCausalLM, hf_config, batch, prompt_len, gen_len, device, repeats)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    step_s = max(total_s - prefill_s, 1e-9) / gen_len
+    # Decode step = (generate(G) - generate(1)) / (G - 1): prefill and generate's set-up cancel out.
+    step_s = max(total_s - one_s, 1e-9) / max(gen_len - 1, 1)
     return {
         "peer_prefill_ms": prefill_s * 1e3,
         "peer_decode_step_ms": step_s * 1e3,
@@ -286,7 +290,7 @@ def peer_row(config: ModelConfig, batch: int, prompt_len: int, gen_len: int, rep
 def _peer_times(
     model_cls, hf_config, batch: int, prompt_len: int, gen_len: int, device: str, repeats: int
 ) -> tuple[float, float]:
-    """(prefill seconds, whole-generate seconds), medians; the model is freed when this returns."""
+    """(forward-pass seconds, generate(1 token) seconds, generate(G) seconds), medians; the model is freed on return."""
     import torch
 
     with torch.device(device):
@@ -308,9 +312,10 @@ def _peer_times(
     with torch.inference_mode():
         prefill_s = timed(lambda: model(ids))
         mask = torch.ones_like(ids)
-        total_s = timed(
-            lambda: model.generate(
-                ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False
-            )
-        )
-    return prefill_s, total_s
+
+        def gen(n: int):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        one_s = timed(lambda: gen(1))
+        total_s = timed(lambda: gen(gen_len))
+    return prefill_s, one_s, total_s
