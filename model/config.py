@@ -142,8 +142,20 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=128,
     ),
     # Falcon-shaped tiny model: the CPU stand-in for falcon-7b in benchmark and import tests.
-    "tiny-falcon": ModelConfig(name="tiny-falcon", vocab_size=256, d_model=64, d_ff=256, n_layers=2, n_heads=8,
-                               n_kv_heads=1, d_head=8, max_seq_len=128, mlp="gelu", norm_bias=True, norm_eps=1e-5),
+    "tiny-falcon": ModelConfig(
+        name="tiny-falcon",
+        vocab_size=256,
+        d_model=64,
+        d_ff=256,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=1,
+        d_head=8,
+        max_seq_len=128,
+        mlp="gelu",
+        norm_bias=True,
+        norm_eps=1e-5,
+    ),
     # The shipped model (model/demo/), trained by `python -m meshserve.model.demo_train` on Python's own docs.
     # 2.3 M parameters (4.7 MB in bf16, well under the 10 MB repository budget): sized for the ~1 M tokens
     # that ~20 minutes on 2 shared CPU cores can train on; a larger model would be undertrained.
