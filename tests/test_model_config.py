@@ -50,7 +50,7 @@ def test_palm_540b_pads_48_heads_to_64_for_inference():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known presets: tiny, demo"):
+    with pytest.raises(ConfigError, match="known presets: tiny, tiny-falcon, demo, palm-8b"):
         get_config("gpt-5")
 
 
