@@ -7,9 +7,10 @@ any mix of requests; padding never changes a result (see transformer.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
-__all__ = ["GenerationResult", "GenerateError", "generate", "validate_prompts", "bucket"]
+__all__ = ["GenerationResult", "GenerateError", "generate", "validate_prompts", "bucket", "Batch", "decode_loop"]
 
 
 class GenerateError(UserError):
@@ -57,28 +58,82 @@ def validate_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_
             )
 
 
-@partial(jax.jit, static_argnames=("config", "context", "steps"))
-def _generate(
-    params: Params,
-    config: ModelConfig,
-    tokens: jax.Array,
-    lengths: jax.Array,
+@dataclass(frozen=True)
+class Batch:
+    """Prompts packed for one compiled generate call (numpy arrays; padding rows have length 1, results dropped)."""
+
+    tokens: np.ndarray  # int32 [B, T], right-padded
+    lengths: np.ndarray  # int32 [B]
+    sampling: dict[str, np.ndarray]  # per-row arrays from stack_sampling, [B] each
+    stop_ids: np.ndarray  # int32 [P], -1 = unused
+    max_new: np.ndarray  # int32 [B]
+    context: int  # S of the decode cache
+    steps: int  # decode loop length (max_new_tokens rounded up to a bucket)
+    n_real: int  # rows that carry real prompts
+    stops: tuple[int, ...]
+
+    @classmethod
+    def pack(
+        cls,
+        config: ModelConfig,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | Sequence[SamplingParams] | None,
+        stop_ids: Sequence[int],
+        batch_multiple: int = 1,
+    ) -> Batch:
+        """Validate and pad a request batch (B to a power of two that is a multiple of `batch_multiple`)."""
+        validate_prompts(config, prompts, max_new_tokens)
+        sampling = sampling or SamplingParams()
+        rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(rows) != len(prompts):
+            raise GenerateError(f"{len(rows)} sampling settings for {len(prompts)} prompts")
+        B = -(-bucket(len(prompts), 1) // batch_multiple) * batch_multiple
+        T = bucket(max(len(p) for p in prompts))
+        steps = bucket(max_new_tokens, 1)
+        tokens = np.zeros((B, T), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        stops = tuple(sorted(set(stop_ids)))
+        stop_arr = np.full((max(1, len(stops)),), -1, np.int32)
+        stop_arr[: len(stops)] = stops
+        return cls(tokens=tokens, lengths=lengths, sampling=stack_sampling(rows + [SamplingParams()] * (B - len(rows))),
+                   stop_ids=stop_arr, max_new=np.full((B,), max_new_tokens, np.int32),
+                   context=min(bucket(T + steps), bucket(config.max_seq_len)), steps=steps, n_real=len(prompts),
+                   stops=stops)  # fmt: skip
+
+    def results(self, out_tokens: np.ndarray, out_logprobs: np.ndarray, n: np.ndarray) -> list[GenerationResult]:
+        """The real rows of a decode_loop's output, in input order."""
+        results = []
+        for i in range(self.n_real):
+            ids = [int(t) for t in out_tokens[i, : int(n[i])]]
+            reason = "stop" if ids and ids[-1] in self.stops else "length"
+            results.append(GenerationResult(ids, [float(x) for x in out_logprobs[i, : int(n[i])]], reason))
+        return results
+
+
+def decode_loop(
+    step_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    logits: jax.Array,
+    cache: Any,
     sampling: dict[str, jax.Array],
     stop_ids: jax.Array,
     max_new: jax.Array,
-    context: int,
     steps: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens [B, T], lengths [B], stop_ids [P] (-1 = unused), max_new [B] -> out ids/logprobs [B, steps], n [B]."""
-    B = tokens.shape[0]
-    logits, k, v = transformer.prefill(params, config, tokens, lengths)
-    cache = transformer.init_cache(config, B, context, k.dtype)
-    cache = transformer.insert(cache, k, v, lengths, jnp.arange(B))
+    """Sample from prefill logits [B, V], then decode on device until every row hit a stop token or max_new.
+
+    step_fn(last tokens [B], cache) -> (logits [B, V], cache) is one decode step (one device or a mesh layout).
+    Returns generated ids and their log-probs [B, steps] and the count per row n [B]; the whole loop is one
+    `lax.while_loop`, so no token pays a host round trip.
+    """
+    B = logits.shape[0]
     first, first_lp = sample(logits, sampling, jnp.int32(0))
     out_tokens = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
     out_lp = jnp.zeros((B, steps), jnp.float32).at[:, 0].set(first_lp)
     done = jnp.isin(first, stop_ids) | (max_new <= 1)
-    n = jnp.ones((B,), jnp.int32)
 
     def cond(state):
         step, _, _, _, done, _, _ = state
@@ -86,7 +141,7 @@ def _generate(
 
     def body(state):
         step, cache, last, n, done, out_tokens, out_lp = state
-        logits, cache = transformer.decode_step(params, config, last, cache)
+        logits, cache = step_fn(last, cache)
         tok, lp = sample(logits, sampling, step)
         out_tokens = out_tokens.at[:, step].set(jnp.where(done, 0, tok))
         out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
@@ -94,9 +149,21 @@ def _generate(
         done = done | jnp.isin(tok, stop_ids) | (n >= max_new)
         return step + 1, cache, tok, n, done, out_tokens, out_lp
 
-    state = (jnp.int32(1), cache, first, n, done, out_tokens, out_lp)
+    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out_tokens, out_lp)
     _, _, _, n, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, state)
     return out_tokens, out_lp, n
+
+
+@partial(jax.jit, static_argnames=("config", "context", "steps"))
+def _generate(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
+              sampling: dict[str, jax.Array], stop_ids: jax.Array, max_new: jax.Array, context: int, steps: int
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """tokens [B, T], lengths [B] -> decode_loop's (ids [B, steps], logprobs [B, steps], n [B]) on one device."""
+    logits, k, v = transformer.prefill(params, config, tokens, lengths)
+    cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
+    cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
+    step = lambda last, cache: transformer.decode_step(params, config, last, cache)
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps)
 
 
 def generate(
@@ -109,46 +176,7 @@ def generate(
     stop_ids: Sequence[int] = (),
 ) -> list[GenerationResult]:
     """Generate for several prompts as one batch of different lengths; results in input order."""
-    validate_prompts(config, prompts, max_new_tokens)
-    sampling = sampling or SamplingParams()
-    if isinstance(sampling, SamplingParams):
-        sampling = [sampling] * len(prompts)
-    if len(sampling) != len(prompts):
-        raise GenerateError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
-    n_real = len(prompts)
-    B = bucket(n_real, 1)
-    T = bucket(max(len(p) for p in prompts))
-    steps = bucket(max_new_tokens, 1)
-    context = min(bucket(T + steps), bucket(config.max_seq_len))
-    tokens = np.zeros((B, T), np.int32)
-    lengths = np.ones((B,), np.int32)  # padding rows: one token, results dropped
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        lengths[i] = len(p)
-    rows = list(sampling) + [SamplingParams()] * (B - n_real)
-    stops = sorted(set(stop_ids))
-    stop_arr = np.full((max(1, len(stops)),), -1, np.int32)
-    stop_arr[: len(stops)] = stops
-    max_new = np.full((B,), max_new_tokens, np.int32)
-    out_tokens, out_lp, n = jax.device_get(
-        _generate(
-            params,
-            config,
-            jnp.asarray(tokens),
-            jnp.asarray(lengths),
-            stack_sampling(rows),
-            jnp.asarray(stop_arr),
-            jnp.asarray(max_new),
-            context=context,
-            steps=steps,
-        )
-    )
-    results = []
-    for i in range(n_real):
-        count = int(n[i])
-        ids = [int(t) for t in out_tokens[i, :count]]
-        reason = "stop" if ids and ids[-1] in stops else "length"
-        results.append(
-            GenerationResult(tokens=ids, logprobs=[float(x) for x in out_lp[i, :count]], finish_reason=reason)
-        )
-    return results
+    b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids)
+    out = _generate(params, config, jnp.asarray(b.tokens), jnp.asarray(b.lengths), b.sampling, jnp.asarray(b.stop_ids),
+                    jnp.asarray(b.max_new), context=b.context, steps=b.steps)  # fmt: skip
+    return b.results(*jax.device_get(out))

@@ -18,16 +18,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
 from meshserve.model import layers
 from meshserve.model.config import ModelConfig
-from meshserve.model.generate import GenerateError, GenerationResult, bucket, validate_prompts
+from meshserve.model.generate import Batch, GenerationResult, decode_loop
 from meshserve.model.params import Params, ParamSpec, declare
 from meshserve.model.quant import QuantizedArray
-from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+from meshserve.model.sampling import SamplingParams
 from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map, spec_of
 from meshserve.model.transformer import KVCache, compute_dtype
 from meshserve.partition.comm import LayerDims, LayoutError, check_layout
@@ -385,27 +384,8 @@ def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, m
     cache = KVCache(k=empty, v=empty, lengths=jnp.zeros((B,), jnp.int32))
     cache = _insert(cache, k, v, lengths, jnp.arange(B), config=config, mesh=mesh, prefill_layout=prefill_layout,
                     decode_layout=decode_layout)  # fmt: skip
-    first, first_lp = sample(logits, sampling, jnp.int32(0))
-    out_tokens = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.zeros((B, steps), jnp.float32).at[:, 0].set(first_lp)
-    done = jnp.isin(first, stop_ids) | (max_new <= 1)
-
-    def cond(state):
-        return (state[0] < steps) & ~jnp.all(state[4])
-
-    def body(state):
-        step, cache, last, n, done, out_tokens, out_lp = state
-        logits, cache = _decode(params, config, last, cache, mesh=mesh, layout=decode_layout)
-        tok, lp = sample(logits, sampling, step)
-        out_tokens = out_tokens.at[:, step].set(jnp.where(done, 0, tok))
-        out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
-        n = n + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, stop_ids) | (n >= max_new)
-        return step + 1, cache, tok, n, done, out_tokens, out_lp
-
-    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out_tokens, out_lp)
-    _, _, _, n, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, state)
-    return out_tokens, out_lp, n
+    step = lambda last, cache: _decode(params, config, last, cache, mesh=mesh, layout=decode_layout)
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps)
 
 
 def generate_sharded(
@@ -424,37 +404,14 @@ def generate_sharded(
 
     The batch is padded (rows whose results are dropped) to a multiple of both layouts' batch splits.
     """
-    validate_prompts(config, prompts, max_new_tokens)
     check_phases(prefill_layout, decode_layout)
-    sampling = sampling or SamplingParams()
-    rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-    if len(rows) != len(prompts):
-        raise GenerateError(f"{len(rows)} sampling settings for {len(prompts)} prompts")
     split = math.lcm(min_batch(prefill_layout, mesh), min_batch(decode_layout, mesh))
-    B = -(-bucket(len(prompts), 1) // split) * split
-    T = bucket(max(len(p) for p in prompts))
-    steps = bucket(max_new_tokens, 1)
-    context = min(bucket(T + steps), bucket(config.max_seq_len))
+    b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids, batch_multiple=split)
+    B = b.tokens.shape[0]
     check_model(config, mesh, prefill_layout, B)
     check_model(config, mesh, decode_layout, B)
-    tokens = np.zeros((B, T), np.int32)
-    lengths = np.ones((B,), np.int32)  # padding rows: one token, results dropped
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        lengths[i] = len(p)
-    stops = sorted(set(stop_ids))
-    stop_arr = np.full((max(1, len(stops)),), -1, np.int32)
-    stop_arr[: len(stops)] = stops
     params = jax.device_put(params, param_shardings(config, mesh, prefill_layout.ffn)(params))
-    out_tokens, out_lp, n = jax.device_get(
-        _generate(params, config, jnp.asarray(tokens), jnp.asarray(lengths),
-                  stack_sampling(rows + [SamplingParams()] * (B - len(prompts))), jnp.asarray(stop_arr),
-                  jnp.full((B,), max_new_tokens, jnp.int32), mesh=mesh, prefill_layout=prefill_layout,
-                  decode_layout=decode_layout, context=context, steps=steps)
-    )  # fmt: skip
-    results = []
-    for i in range(len(prompts)):
-        ids = [int(t) for t in out_tokens[i, : int(n[i])]]
-        reason = "stop" if ids and ids[-1] in stops else "length"
-        results.append(GenerationResult(ids, [float(x) for x in out_lp[i, : int(n[i])]], reason))
-    return results
+    out = _generate(params, config, jnp.asarray(b.tokens), jnp.asarray(b.lengths), b.sampling,
+                    jnp.asarray(b.stop_ids), jnp.asarray(b.max_new), mesh=mesh, prefill_layout=prefill_layout,
+                    decode_layout=decode_layout, context=b.context, steps=b.steps)  # fmt: skip
+    return b.results(*jax.device_get(out))
