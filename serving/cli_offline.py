@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
-    from meshserve.serving.engine import Engine
+    from meshserve.serving.engine import Engine, ModelSteps
     from meshserve.serving.offline import run_generate, run_score
     from tqdm import tqdm
 
@@ -47,8 +47,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     if in_path.resolve() == out_path.resolve():
         raise UserError("output must be a different file from the input")
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
-    model, plan, _ = load_for_serving(args, args.objective)
-    engine = Engine(model.params, model.config, plan)
+    model, plan, steps, _ = load_for_serving(args, args.objective)
+    engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     if kind == "score":
         phases, n_compile = ("score",), len(plan.score_batches) * len(plan.prefill_lengths)
     else:

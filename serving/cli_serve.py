@@ -64,7 +64,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_serving(args: argparse.Namespace, objective: str):
-    """(model, plan, mesh_info) from the flags above; JAX is imported here, not at CLI start."""
+    """(model, plan, steps, mesh_info) from the flags above; JAX is imported here, not at CLI start.
+
+    steps is None on one device (the engine's default, model/transformer.py) and serving/sharding.py's sharded
+    steps on a mesh, with params placed in the plan's weight storage and the plan as it will run."""
     import jax
 
     if args.compile_cache:
@@ -77,14 +80,6 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     n = mesh["x"] * mesh["y"] * mesh["z"]
     if n > len(jax.devices()):
         raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
-    if n > 1:
-        # Sharded steps (model/sharded.py) are not in this build yet; the plan refuses meshes it cannot lay out.
-        try:
-            import meshserve.model.sharded  # noqa: F401
-        except ImportError:
-            raise UserError(
-                f"--mesh {args.mesh}: sharded serving needs meshserve.model.sharded (not in this build)"
-            ) from None
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
     plan = make_plan(
         model.config,
@@ -97,7 +92,12 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         weights=model.weights,
         device_kind=jax.devices()[0].device_kind,
     )
-    return model, plan, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
+    steps = None
+    if n > 1:
+        from meshserve.serving.sharding import mesh_steps
+
+        model.params, steps, plan = mesh_steps(model.config, model.params, plan)
+    return model, plan, steps, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    model, plan, mesh_info = load_for_serving(args, args.objective)
+    model, plan, steps, mesh_info = load_for_serving(args, args.objective)
     options = ServerOptions(
         host=args.host,
         port=args.port,
@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             plan,
             options,
+            steps=steps,
             mesh_info=mesh_info,
             progress=lambda s: bar.update(2 if s.startswith("prefill") else 1),
         )

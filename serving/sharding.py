@@ -1,0 +1,97 @@
+"""Sharded serving: the engine's `ModelSteps` on a device mesh, with the layouts the serving plan chose.
+
+On one device the engine runs model/transformer.py's steps; on a mesh of n > 1 devices it runs model/sharded.py's
+(each step one shard_map with the paper's explicit collectives). The decode layout is one for the whole server,
+because the KV cache lives in its split; each prefill (and score) bucket runs the layout the plan chose for it, as
+long as it reads the same weight storage, and `insert` reshards its KV output into the decode split (the phase
+switch). Decode runs only the full-batch bucket on a mesh: slicing a batch-sharded cache would reshard it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from meshserve.errors import UserError
+from meshserve.model.config import ModelConfig
+from meshserve.model.params import Params
+from meshserve.serving.engine import DecodeState, ModelSteps
+from meshserve.serving.plan import EnginePlan, StepPlan
+
+__all__ = ["mesh_steps"]
+
+
+def _valid(config: ModelConfig, mesh: Mesh, layout: Any, batch: int) -> bool:
+    from meshserve.model.sharded import check_model
+
+    try:
+        check_model(config, mesh, layout, batch)
+        return True
+    except UserError:
+        return False
+
+
+def _layout_for(config: ModelConfig, mesh: Mesh, step: StepPlan, storage_ffn: str):
+    """The plan's layout for a prefill/score bucket, or the nearest one that shares the weights and fits the batch."""
+    from meshserve.partition.rules import Layout, storage_of
+
+    ffn = step.ffn_layout if storage_of(step.ffn_layout) == storage_of(storage_ffn) else storage_ffn
+    for layout in (Layout(ffn, step.attention_layout), Layout(storage_ffn, "heads"), Layout(storage_ffn, "batch")):
+        if _valid(config, mesh, layout, step.batch):
+            return layout
+    raise UserError(f"no layout of the {storage_ffn} weight storage fits {step.phase} batch {step.batch} on "
+                    f"mesh {dict(mesh.shape)} (heads {config.n_heads}, d_ff {config.d_ff})")  # fmt: skip
+
+
+def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[Params, ModelSteps, EnginePlan]:
+    """(params placed on the mesh, the sharded steps, the plan as it will run) for plan.mesh_axes (n > 1)."""
+    from meshserve.model import sharded
+    from meshserve.partition.comm import MeshShape
+    from meshserve.partition.mesh import make_mesh
+    from meshserve.partition.rules import Layout
+
+    shape = MeshShape(plan.mesh_axes["x"], plan.mesh_axes["y"], plan.mesh_axes["z"])
+    mesh = make_mesh(shape, jax.devices()[: shape.n])
+    B = plan.max_batch
+    planned = next(s for s in plan.steps if s.phase == "decode" and s.batch == B)
+    decode = Layout(planned.ffn_layout, planned.attention_layout)
+    if not _valid(config, mesh, decode, B):
+        decode = next((lay for att in ("batch", "heads") if _valid(config, mesh, lay := Layout("ws2d", att), B)), None)
+        if decode is None:
+            raise UserError(f"no decode layout fits batch {B} on mesh {shape} (heads {config.n_heads})")
+    layouts: dict[tuple[int, int], Any] = {}
+    steps = []
+    for step in plan.steps:
+        if step.phase == "decode":
+            if step.batch == B:
+                steps.append(dataclasses.replace(step, ffn_layout=decode.ffn, attention_layout=decode.attention))
+            continue
+        layout = layouts.setdefault((step.batch, step.length), _layout_for(config, mesh, step, decode.ffn))
+        steps.append(dataclasses.replace(step, ffn_layout=layout.ffn, attention_layout=layout.attention))
+    run_plan = dataclasses.replace(plan, decode_batches=(B,), steps=tuple(steps), source=f"{plan.source}+mesh")
+
+    def prefill(params, config, tokens, lengths, all_logits=False):
+        layout = layouts[tokens.shape]  # [b, T]: one layout per bucket
+        return sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
+
+    def insert(cache, k, v, lengths, slots):
+        layout = layouts[(k.shape[1], k.shape[2])]  # k [N, b, T, K, Q] in that bucket's prefill split
+        return sharded.insert(cache, k, v, lengths, slots, config=config, mesh=mesh, prefill_layout=layout,
+                              decode_layout=decode)  # fmt: skip
+
+    def decode_step(params, config, tokens, cache):
+        return sharded.decode_step(params, config, tokens, cache, mesh=mesh, layout=decode)
+
+    replicated = NamedSharding(mesh, P())
+    kv = NamedSharding(mesh, sharded.kv_spec(config, mesh, decode, B))
+    from meshserve.model.transformer import KVCache
+
+    state_sharding = DecodeState(
+        cache=KVCache(k=kv, v=kv, lengths=replicated), last=replicated, step=replicated,
+        sampling={name: replicated for name in ("temperature", "top_k", "top_p", "seed")},
+    )  # fmt: skip
+    placed = jax.device_put(params, sharded.param_shardings(config, mesh, decode.ffn)(params))
+    return placed, ModelSteps(prefill, decode_step, insert, state_sharding), run_plan
