@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from meshserve.model import demo_train
+from meshserve.model import demo_corpus, demo_train
 from meshserve.model.loading import DEMO_CHECKPOINT, load_model
 from meshserve.model.params import cast_params
 
@@ -36,7 +36,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def heldout(demo) -> np.ndarray:
-    rows = demo_train.heldout_rows(demo.tokenizer, SEQ_LEN)
+    rows = demo_corpus.heldout_rows(demo.tokenizer, SEQ_LEN)
     pick = np.linspace(0, len(rows) - 1, HELDOUT_ROWS).round().astype(int)
     return rows[pick]
 
@@ -63,12 +63,12 @@ def test_shipped_checkpoint_loads_with_its_tokenizer(demo):
 
 
 def test_split_is_fixed_and_disjoint():
-    docs = demo_train.stdlib_documents()
-    train, val, heldout = demo_train.split_documents(docs)
+    docs = demo_corpus.stdlib_documents()
+    train, val, heldout = demo_corpus.split_documents(docs)
     keys = [{d.key for d in part} for part in (train, val, heldout)]
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
     assert len(train) + len(val) + len(heldout) == len(docs)
-    assert 0.02 < len(heldout) / len(docs) < 0.10 and heldout == demo_train.split_documents(docs)[2]
+    assert 0.02 < len(heldout) / len(docs) < 0.10 and heldout == demo_corpus.split_documents(docs)[2]
 
 
 def test_heldout_perplexity_of_bf16_weights(stats):
