@@ -5,7 +5,8 @@
                    "ignore_eos"?}                             -> {"id", "text", "tokens", "logprobs", "finish_reason"}
 
 Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
-resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first, so after any
+resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines
+are skipped; a corrupt complete line stops the job with its line number, never a truncation), so after any
 interruption (kill -9 included) rerunning the same command completes OUT with every id exactly once. Bad lines go
 to the errors file ({"line", "id", "error"}) and the job goes on.
 """
@@ -53,7 +54,9 @@ class JobSummary:
 
 
 def resume_output(path: Path) -> set:
-    """Ids already written to OUT; a trailing partial or corrupt line (a kill mid-write) is truncated away."""
+    """Ids already written to OUT. Blank lines are skipped; an unterminated last line (a kill mid-write) is
+    truncated away. A complete line that is not a result is never cut (that would drop every result after it):
+    it raises OfflineError naming the line."""
     if not path.exists():
         return set()
     if path.is_dir():
@@ -61,14 +64,19 @@ def resume_output(path: Path) -> set:
     done: set = set()
     good_end = 0
     with open(path, "rb") as f:
-        for raw in f:
+        for n, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
-                break
+                break  # only the last line can lack its newline: the one a kill cut short
+            good_end += len(raw)
+            if not raw.strip():
+                continue
             try:
                 done.add(_key(json.loads(raw)["id"]))
             except (ValueError, KeyError, TypeError):
-                break
-            good_end += len(raw)
+                raise OfflineError(
+                    f'output {path} line {n} is not a result line (JSON object with an "id"); fix or remove '
+                    "it, then rerun"
+                ) from None
     if good_end != path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(good_end)
