@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model
 
-    model = load_model(args.checkpoint, weights=args.weights, preset=args.model, seed=args.seed)
+    # A preset's random weights use a fixed seed: --seed is the sampling seed only.
+    model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
                   stop_ids=[] if args.ignore_eos else model.stop_ids())  # fmt: skip
