@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,8 @@ def choose_plan(
         raise UserError(f"mesh {mesh} has {mesh.n} chips but chips = {n_chips}")
     if mesh is None and n_chips is None:
         raise UserError("give chips or a mesh")
+    if latency_bound_s is not None and not (latency_bound_s > 0 and math.isfinite(latency_bound_s)):
+        raise UserError(f"latency bound must be a positive number of seconds, got {latency_bound_s!r}")
     decode_buckets = sorted(set(batch_buckets))
     pre_buckets = sorted(set(prefill_buckets if prefill_buckets is not None else batch_buckets))
     for b in [*decode_buckets, *pre_buckets]:
@@ -213,6 +216,14 @@ def choose_plan(
         raise LayoutError(
             f"no layout splits {config.name} with batches {decode_buckets} on "
             f"{'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"
+        )
+    if objective == "cost" and all(math.isinf(p.score) for p in candidates):
+        # No mesh/storage meets the bound at any decode bucket: an error, not an arbitrary plan with score inf.
+        fitting = [p for p in candidates if p.fits] or candidates
+        best = min(min(e.step_s for e in p.phases if e.phase == "decode") for p in fitting)
+        raise UserError(
+            f"latency bound {latency_bound_s:g} s per decode step cannot be met: the fastest decode step "
+            f"{'that fits ' if any(p.fits for p in candidates) else ''}is {best:.4g} s"
         )
     return _pick(candidates, objective)
 
