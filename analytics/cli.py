@@ -44,7 +44,6 @@ def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from meshserve.analytics.chips import get_chip
-    from meshserve.analytics.sweep import analysis_config
     from meshserve.model.config import get_config
     from meshserve.partition.comm import MeshShape
 
@@ -58,7 +57,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     _positive("--batch", args.batch)
     _positive("--prompt-len", args.prompt_len)
     _positive("--gen-len", args.gen_len)
-    return analysis_config(config, chips), chip, mesh or chips
+    return config, chip, mesh or chips  # multi-query heads are padded per mesh and layout (plan.analysis_config)
 
 
 def _fmt_s(s: float) -> str:
@@ -103,7 +102,8 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    heads = f" (query heads padded to {config.n_heads})" if config.true_heads else ""
+    padded = sorted({(r["ffn_layout"], r["n_heads"]) for r in rows if r["n_heads"] != config.n_heads})
+    heads = f" (query heads padded: {', '.join(f'{f} {h}' for f, h in padded)})" if padded else ""
     print(f"{config.name}{heads} on {mesh.n} x {chip.name}, mesh {mesh}, weights {args.weights}, "
           f"prompt {args.prompt_len}, generate {args.gen_len}; * = chosen (lowest latency that fits)")  # fmt: skip
     columns = [

@@ -26,7 +26,16 @@ from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import FFN_LAYOUTS, LayoutError, MeshShape
 
-__all__ = ["Plan", "PhasePlan", "choose_plan", "candidate_meshes", "evaluate_layouts", "best_of", "OBJECTIVES"]
+__all__ = [
+    "Plan",
+    "PhasePlan",
+    "choose_plan",
+    "candidate_meshes",
+    "evaluate_layouts",
+    "best_of",
+    "analysis_config",
+    "OBJECTIVES",
+]
 
 OBJECTIVES = ("latency", "throughput", "cost")
 INT8_GAIN = 0.10  # int8 must beat bf16 by this fraction before a quality-neutral objective takes it
@@ -91,6 +100,20 @@ def candidate_meshes(n_chips: int) -> list[MeshShape]:
     return out
 
 
+def analysis_config(config: ModelConfig, mesh: MeshShape, ffn_layout: str) -> ModelConfig:
+    """`config` with multi-query query heads zero-padded to what `ffn_layout` splits them over on `mesh`.
+
+    ws1d splits heads over all n chips (H_xyz), every other layout reads the 2D storage (H_yz), so heads pad to a
+    multiple of n or of y·z respectively, from the real head count. PaLM 540B (48 heads) on 4x8x8: ws2d pads to 64
+    (as the paper did), ws1d to 256. A config whose heads already divide (e.g. `padded_heads(64)`) is unchanged.
+    Multi-head and grouped models are never padded (their kv heads would have to grow too).
+    """
+    split = mesh.n if ffn_layout == "ws1d" else mesh.y * mesh.z
+    if not config.multi_query or split <= 1 or config.n_heads % split == 0:
+        return config
+    return config.padded_heads(-(-config.real_heads // split) * split)
+
+
 def evaluate_layouts(
     config: ModelConfig,
     chip: Chip,
@@ -105,14 +128,17 @@ def evaluate_layouts(
     attentions: Sequence[str] = _ATTENTION_ORDER,
     overlap: bool = False,
 ) -> list[Estimate]:
-    """Estimates for every layout that can split these dims (the others are skipped)."""
+    """Estimates for every layout that can split these dims (the others are skipped).
+
+    Multi-query heads are padded per layout (`analysis_config`), so each row is charged only its own padding.
+    """
     rows = []
     for ffn, attention in itertools.product(ffn_layouts, attentions):
         try:
             rows.append(
                 estimate(
-                    config, chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-                    weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap,
+                    analysis_config(config, mesh, ffn), chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len,
+                    gen_len=gen_len, weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap,
                 )
             )  # fmt: skip
         except LayoutError:

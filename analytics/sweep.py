@@ -10,19 +10,12 @@ from typing import Any
 
 from meshserve.analytics.chips import Chip
 from meshserve.analytics.cost import Estimate
-from meshserve.analytics.plan import best_of, choose_plan, evaluate_layouts
+from meshserve.analytics.plan import analysis_config, best_of, choose_plan, evaluate_layouts
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import ATTENTION_LAYOUTS, FFN_LAYOUTS, LayoutError, MeshShape
 
 __all__ = ["analysis_config", "default_mesh", "analyze", "pareto_points", "pareto_frontier", "prefill_mfu_curve"]
-
-
-def analysis_config(config: ModelConfig, chips: int) -> ModelConfig:
-    """Multi-query models get their query heads zero-padded to a multiple of the chips (PaLM 540B: 48 -> 64)."""
-    if config.multi_query and config.n_heads % chips and chips > 1:
-        return config.padded_heads(-(-config.n_heads // chips) * chips)
-    return config
 
 
 def default_mesh(config: ModelConfig, chip: Chip, chips: int, batches: Sequence[int], weights: str) -> MeshShape:
@@ -65,6 +58,7 @@ def analyze(
                 row = e.row()
                 row["chosen"] = e is best and e.fits
                 row["model"] = config.name
+                row["n_heads"] = analysis_config(config, mesh, e.ffn_layout).n_heads  # query heads as charged
                 rows.append(row)
     return rows
 
@@ -82,10 +76,9 @@ def pareto_points(
     """Decode (latency per token, chip-ms per token) of the best fitting layout for every (chips, batch)."""
     points = []
     for n in chip_counts:
-        cfg = analysis_config(config, n)
         for b in batches:
             try:
-                plan = choose_plan(cfg, chip, n_chips=n, objective="latency", batch_buckets=[b], weights=weights,
+                plan = choose_plan(config, chip, n_chips=n, objective="latency", batch_buckets=[b], weights=weights,
                                    prompt_len=prompt_len, gen_len=gen_len)  # fmt: skip
             except (LayoutError, UserError):
                 continue

@@ -33,3 +33,32 @@ def test_plan_cli_unmeetable_bound_is_one_line_exit_2(capsys):
     assert code == 2 and "latency bound" in err and err.count("\n") == 1
     code, _, err = _run(capsys, "plan", "--mesh", "4x4x4", "--objective", "cost", "--latency-bound", "0")
     assert code == 2 and "positive" in err
+
+
+def test_heads_padded_per_mesh_and_layout_not_per_chip_count():
+    from meshserve.analytics.plan import analysis_config
+    from meshserve.partition.comm import MeshShape
+
+    palm = get_config("palm-540b")  # 48 real heads, multi-query
+    assert analysis_config(palm, MeshShape(4, 8, 8), "ws2d").n_heads == 64  # y·z = 64
+    assert analysis_config(palm, MeshShape(4, 4, 4), "ws2d").n_heads == 48  # 48 % 16 == 0: no padding needed
+    assert analysis_config(palm, MeshShape(4, 4, 4), "ws1d").n_heads == 64  # heads over all 64 chips
+    assert analysis_config(palm, MeshShape(4, 8, 8), "ws1d").n_heads == 256
+    assert analysis_config(PALM, MeshShape(4, 4, 4), "ws1d") is PALM  # already divides: unchanged
+
+
+def test_palm_540b_on_256_chips_is_not_charged_772b_parameters(capsys):
+    import json
+
+    code, out, _ = _run(capsys, "analyze", "--model", "palm-540b", "--chips", "256", "--batch", "64", "--phase",
+                        "decode", "--weights", "bf16", "--json")  # fmt: skip
+    assert code == 0
+    rows = json.loads(out)
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["ffn_layout"] != "ws1d"
+    for r in rows:
+        params = r["memory"]["weights"] * r["chips"] / 2  # bf16 weights, split evenly over the chips
+        if r["ffn_layout"] != "ws1d" and r["mesh"] == "4x8x8":
+            # 64 padded heads: 540.35B + 118 layers x 16 extra heads x (wq + wo) 2·18432·256 = 558.2B
+            assert params == pytest.approx(540.35e9 + 118 * 16 * 2 * 18432 * 256, rel=0.01), r
+        assert params < 560e9 or r["ffn_layout"] == "ws1d"
