@@ -9,6 +9,8 @@ Terms per pass (PAPER.md "Cost model: three times"):
   KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth
   comm        N · Σ over partition.comm.layer_collectives: bytes/bw(axes) · (K-1)/K + ring steps · hop latency,
               all-reduce = 2 × all-gather
+  reshard     prefill only, once per pass: the phase switch of the KV cache into the decode layout's split
+              (partition.comm.reshard_collectives for all N layers), priced like comm
 Without overlap the terms add (what the paper's measured numbers follow with the fitted TPU v4 constants), except
 that weight-gathered layouts' weight all-gathers (which need no activations) are prefetched under the matmuls and
 only their excess over compute shows; with overlap ("looped collective einsum") compute, memory and
@@ -33,6 +35,7 @@ from meshserve.partition.comm import (
     gathered_axes,
     kv_axes,
     layer_collectives,
+    reshard_collectives,
 )
 
 __all__ = [
@@ -62,6 +65,7 @@ class Breakdown:
     comm_s: float
     comm_latency_s: float  # the per-hop part of comm_s
     overhead_s: float = 0.0
+    reshard_s: float = 0.0  # prefill only: the phase switch (prefill KV split -> decode cache split), once per pass
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,13 @@ class Estimate:
     overflow: str  # what overflows when it does not fit, else ""
     breakdown: Breakdown
     collectives: list[dict[str, Any]] = field(default_factory=list)
+    once_collectives: list[dict[str, Any]] = field(default_factory=list)  # once per pass (phase switch, ...)
 
     def row(self) -> dict[str, Any]:
-        """The flat JSON row of `meshserve analyze --json` (without the collectives list)."""
+        """The flat JSON row of `meshserve analyze --json` (without the collectives lists)."""
         d = asdict(self)
         d.pop("collectives")
+        d.pop("once_collectives")
         d["breakdown"] = asdict(self.breakdown)
         return d
 
@@ -169,8 +175,16 @@ def estimate(
     ffn_layout: str = "ws2d",
     attention: str = "heads",
     overlap: bool = False,
+    decode_layout: str | None = None,
+    decode_attention: str | None = None,
+    decode_batch: int | None = None,
 ) -> Estimate:
-    """Cost of one phase. Prefill: one pass over B·prompt_len tokens. Decode: gen_len steps of B tokens."""
+    """Cost of one phase. Prefill: one pass over B·prompt_len tokens. Decode: gen_len steps of B tokens.
+
+    Prefill also pays the phase switch into the decode cache (`breakdown.reshard_s`, partition.comm's
+    reshard_collectives for all N layers): decode_layout / decode_attention / decode_batch name the decode
+    side (default: the prefill's own layout and batch).
+    """
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -211,9 +225,20 @@ def estimate(
         rows.append({**asdict(coll), "seconds_per_layer": t})
     overhead_s = N * chip.step_overhead_s
 
+    reshard_s, once = 0.0, []
+    if phase == "prefill":  # the phase switch runs once per prefill pass, after the last layer
+        switch = reshard_collectives(
+            ffn_layout, attention, decode_layout or ffn_layout, decode_attention or attention, mesh, dims,
+            n_layers=N, cache_bytes=ACT_BYTES, decode_batch=decode_batch,
+        )  # fmt: skip
+        for coll in switch:
+            t, lat = collective_time(coll, mesh, chip)
+            reshard_s += t
+            once.append({**asdict(coll), "seconds": t, "what": "phase switch"})
+
     exposed_comm = comm_s - prefetch_s + max(0.0, prefetch_s - compute_s)
-    step_s = compute_s + weight_load_s + kv_load_s + exposed_comm + overhead_s
-    step_overlap_s = max(compute_s, weight_load_s + kv_load_s, comm_s - comm_lat) + comm_lat + overhead_s
+    step_s = compute_s + weight_load_s + kv_load_s + exposed_comm + overhead_s + reshard_s
+    step_overlap_s = max(compute_s, weight_load_s + kv_load_s, comm_s - comm_lat) + comm_lat + overhead_s + reshard_s
     step = step_overlap_s if overlap else step_s
     latency_s = step * passes
 
@@ -245,8 +270,9 @@ def estimate(
         memory_per_chip_bytes=total,
         fits=not overflow,
         overflow=overflow,
-        breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s),
+        breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s, reshard_s),
         collectives=rows,
+        once_collectives=once,
     )
 
 

@@ -72,7 +72,7 @@ def test_comm_term_is_the_sum_over_the_shared_collective_list():
 def test_overlap_and_metrics_definitions():
     e = _prefill()
     b = e.breakdown
-    assert e.step_s == pytest.approx(b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s)
+    assert e.step_s == pytest.approx(b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s + b.reshard_s)
     assert e.step_overlap_s == pytest.approx(
         max(b.compute_s, b.weight_load_s + b.kv_load_s, b.comm_s - b.comm_latency_s) + b.comm_latency_s
     )
@@ -135,3 +135,24 @@ def test_importing_analytics_starts_no_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert math.isfinite(_prefill().latency_s)
+
+
+def test_prefill_pays_the_phase_switch_reshard_by_hand():
+    # wg-xyz batch prefill (the paper's throughput pair) -> ws2d batch decode: the multi-query KV of all B rows and
+    # N layers is all-gathered over xyz (partition/comm.py reshard_collectives), once per prefill pass.
+    B, L, N, Q = 64, 2048, 118, 256
+    e = estimate(PALM, TPU, MESH, phase="prefill", batch=B, prompt_len=L, gen_len=64, weights="bf16",
+                 ffn_layout="wg-xyz", attention="batch", decode_layout="ws2d", decode_attention="batch")  # fmt: skip
+    per_chip = 2 * N * B * L * 1 * Q * 2  # K and V, every row, bf16, after the gather
+    bw, hop = 270e9 * 0.40, 2.5e-6
+    assert e.breakdown.reshard_s == pytest.approx(per_chip / bw * 63 / 64 + 9 * hop)  # 3+3+3 torus steps
+    (row,) = e.once_collectives
+    assert (row["kind"], row["axes"], row["bytes_per_chip"]) == ("all-gather", ("x", "y", "z"), per_chip)
+    b = e.breakdown
+    assert e.latency_s == e.step_s > b.compute_s + b.weight_load_s + b.kv_load_s + b.reshard_s
+    # ws2d heads -> ws2d heads: the KV split agrees (multi-query, no batch split), nothing moves
+    assert _prefill().breakdown.reshard_s == 0.0 and _prefill().once_collectives == []
+    # decode never pays it (it is counted once, with the prefill that produced the cache)
+    d = estimate(PALM, TPU, MESH, phase="decode", batch=B, prompt_len=L, gen_len=64, ffn_layout="ws2d",
+                 attention="batch")  # fmt: skip
+    assert d.breakdown.reshard_s == 0.0
