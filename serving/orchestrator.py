@@ -67,6 +67,7 @@ class Orchestrator:
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
         self._scores: queue.SimpleQueue[tuple[list[tuple[list[int], list[int]]], Future]] = queue.SimpleQueue()
+        self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
@@ -101,20 +102,35 @@ class Orchestrator:
         self._wake.set()
 
     def score(self, items: list[tuple[list[int], list[int]]], timeout: float | None = None) -> ScoreOutput:
-        """Score (prompt ids, continuation ids) pairs on the engine thread, between decode steps."""
-        with self._lock:
-            if not self._accepting:
-                raise ShuttingDownError("server is shutting down; not accepting new requests")
+        """Score (prompt ids, continuation ids) pairs on the engine thread, between decode steps.
+
+        Raises TimeoutError after `timeout` s (the job is dropped if it has not started), ShuttingDownError when
+        draining, or the engine thread's error if it died.
+        """
         future: Future = Future()
         # Sort by length so a chunk packs similar lengths (less padding); answers are put back in order.
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
-        self._scores.put(([items[i] for i in order], future))
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("server is shutting down; not accepting new requests")
+            # Counted under the same lock as the accepting check: drain() sees every Score it has to wait for.
+            self._scores_pending += 1
+            future.add_done_callback(self._score_done)
+            self._scores.put(([items[i] for i in order], future))
         self._wake.set()
-        out: ScoreOutput = future.result(timeout)
+        try:
+            out: ScoreOutput = future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # not started yet: the engine thread skips it
+            raise
         back = [0] * len(items)
         for pos, i in enumerate(order):
             back[i] = pos
         return ScoreOutput([out.token_logprobs[j] for j in back], [out.greedy[j] for j in back])
+
+    def _score_done(self, future: Future) -> None:
+        with self._lock:
+            self._scores_pending -= 1
 
     def live_slots(self) -> int:
         with self._lock:
@@ -125,17 +141,18 @@ class Orchestrator:
             return len(self.scheduler.queue)
 
     def drain(self, grace: float) -> bool:
-        """Stop accepting, let in-flight requests finish for up to `grace` s, then cancel the rest and stop.
+        """Stop accepting, let in-flight requests and Score jobs finish for up to `grace` s, then cancel the rest
+        (queued Score jobs fail with ShuttingDownError; a running one completes) and stop.
 
-        Returns True when every request finished on its own within the grace period.
+        Returns True when every request and Score finished on its own within the grace period.
         """
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + grace
         clean = True
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._thread.is_alive():
             with self._lock:
-                if self.scheduler.idle():
+                if self.scheduler.idle() and self._scores_pending == 0:
                     break
             time.sleep(0.02)
         else:
@@ -144,8 +161,22 @@ class Orchestrator:
             for r in [*self.scheduler.queue, *self.scheduler.active]:
                 self.scheduler.cancel(r)
                 clean = False
+        if self._fail_scores(ShuttingDownError("server drained before this Score ran")):
+            clean = False
         self.stop()
         return clean
+
+    def _fail_scores(self, error: BaseException) -> int:
+        """Fail every queued (not yet running) Score job with `error`; returns how many."""
+        n = 0
+        while True:
+            try:
+                _, future = self._scores.get_nowait()
+            except queue.Empty:
+                return n
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+                n += 1
 
     def stop(self) -> None:
         self._stop = True
@@ -162,7 +193,7 @@ class Orchestrator:
                 now = time.monotonic()
                 with self._lock:
                     updates = self.scheduler.reap(now)
-                    if self._stop and self.scheduler.idle() and pending is None:
+                    if self._stop and self.scheduler.idle() and pending is None and self._scores.empty():
                         break
                 self._deliver(updates)
                 worked = self._run_score()
@@ -201,9 +232,11 @@ class Orchestrator:
                 h.events.put(e)
                 if h.done is not None:
                     h.done.put(e)
-            while not self._scores.empty():
-                self._scores.get().set_exception(e)
+            self._fail_scores(e)
             raise
+        finally:
+            # Whatever ended the loop, no Score caller may wait forever on a future nobody will answer.
+            self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"))
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0 = pending

@@ -223,11 +223,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if len(request.items) > lim.max_score_items:
                 raise RequestError(f"items: {len(request.items)} items exceed the limit of {lim.max_score_items}")
             pairs = [self._score_item(i, item) for i, item in enumerate(request.items)]
-            out = self.orch.score(pairs)
+            # The client's deadline bounds the wait; a worker never blocks past it. Without a deadline gRPC
+            # reports a huge remaining time (too large for a thread wait): wait without a timeout then.
+            remaining = context.time_remaining()
+            out = self.orch.score(pairs, timeout=remaining if remaining is not None and remaining < 1e6 else None)
         except ShuttingDownError as e:
             self._abort(context, "Score", grpc.StatusCode.UNAVAILABLE, str(e))
         except UserError as e:
             self._abort(context, "Score", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TimeoutError:
+            self._abort(context, "Score", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except Exception as e:  # the engine thread died (orchestrator.error): answer instead of hanging
+            self._abort(context, "Score", grpc.StatusCode.INTERNAL, f"engine failed: {type(e).__name__}")
         self.metrics.requests.labels("Score", "OK").inc()
         results = [
             pb.ScoreResult(

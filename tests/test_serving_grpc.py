@@ -314,3 +314,19 @@ def test_full_queue_answers_resource_exhausted(server, client):
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
     assert m["meshserve_generated_tokens_total"] > 0 and m["meshserve_time_to_first_token_seconds_count"] > 0
+
+
+def test_score_past_its_deadline_answers_deadline_exceeded_on_the_server(server, client):
+    # 256 full-context items: 32 score chunks on the engine thread, far longer than the deadline.
+    items = [([1 + i % 200] * 64, [2] * 63) for i in range(256)]
+    key = 'meshserve_requests_total{code="DEADLINE_EXCEEDED",method="Score"}'
+    before = _metrics(server).get(key, 0.0)
+    with pytest.raises(grpc.RpcError) as err:
+        client.score(items, timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server itself gave up at the deadline (the worker is not blocked until the job ends).
+    deadline = time.monotonic() + 10
+    while _metrics(server).get(key, 0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metrics(server).get(key, 0.0) == before + 1
+    assert len(client.score([([1, 2], [3])])) == 1  # still serving

@@ -1,6 +1,7 @@
 """The scheduler as pure state (no threads, no device), the streaming detokenizer, and the orchestrator's
 pipelined loop over a hand-computable mock engine."""
 
+import threading
 import time
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import PrefillResult, ScoreOutput
-from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.orchestrator import Orchestrator, ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError, Request, Scheduler
 
 
@@ -169,3 +170,97 @@ def test_orchestrator_pipelined_loop_over_mock_engine():
     finally:
         orch.stop()
     assert orch.error is None
+
+
+class BlockingScoreEngine(MockEngine):
+    """Score waits until `release` is set (a long Score job); prefill can be made to fail (an engine bug)."""
+
+    def __init__(self, max_batch: int, fail_prefill: bool = False):
+        super().__init__(max_batch)
+        self.release = threading.Event()
+        self.scoring = threading.Event()
+        self.fail_prefill = fail_prefill
+
+    def score(self, items):
+        self.scoring.set()
+        assert self.release.wait(10)
+        return super().score(items)
+
+    def prefill_insert(self, prompts, slots, sampling, batch, length):
+        if self.fail_prefill:
+            raise RuntimeError("engine bug")
+        return super().prefill_insert(prompts, slots, sampling, batch, length)
+
+
+def _score_in_thread(orch, results, key, timeout=5.0):
+    def run():
+        try:
+            results[key] = orch.score([([1], [2, 3])], timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 (the test inspects what the caller got)
+            results[key] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread re-raises
+def test_engine_crash_fails_queued_score_jobs():
+    engine = BlockingScoreEngine(4, fail_prefill=True)
+    orch = Orchestrator(engine, make(max_batch=4), ByteTokenizer()).start()
+    results = {}
+    a = _score_in_thread(orch, results, "a")
+    assert engine.scoring.wait(5)  # A runs on the engine thread; B and a request queue behind it
+    b = _score_in_thread(orch, results, "b")
+    deadline = time.monotonic() + 5
+    while orch._scores.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h = orch.submit(req())
+    engine.release.set()  # A finishes, then the prefill raises: B must fail with the engine's error, not hang
+    a.join(10)
+    b.join(10)
+    assert isinstance(results["a"], ScoreOutput)
+    assert isinstance(results["b"], RuntimeError) and str(results["b"]) == "engine bug", results["b"]
+    assert isinstance(h.events.get(timeout=5), RuntimeError) and isinstance(orch.error, RuntimeError)
+    with pytest.raises(ShuttingDownError):
+        orch.score([([1], [2])], timeout=1)
+
+
+def test_drain_waits_for_queued_score_jobs():
+    engine = BlockingScoreEngine(4)
+    orch = Orchestrator(engine, make(max_batch=4), ByteTokenizer()).start()
+    results = {}
+    a = _score_in_thread(orch, results, "a")
+    assert engine.scoring.wait(5)
+    b = _score_in_thread(orch, results, "b")
+    deadline = time.monotonic() + 5
+    while orch._scores.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drained = {}
+    d = threading.Thread(target=lambda: drained.setdefault("clean", orch.drain(10.0)))
+    d.start()
+    time.sleep(0.2)
+    assert d.is_alive()  # a Score in flight: the drain waits for it (the scheduler alone is idle)
+    engine.release.set()
+    d.join(10)
+    a.join(10)
+    b.join(10)
+    assert isinstance(results["a"], ScoreOutput) and isinstance(results["b"], ScoreOutput), results
+    assert drained["clean"] is True and orch.error is None
+
+
+def test_drain_past_grace_fails_queued_score_jobs_and_score_times_out():
+    engine = BlockingScoreEngine(4)
+    orch = Orchestrator(engine, make(max_batch=4), ByteTokenizer()).start()
+    with pytest.raises(TimeoutError):
+        orch.score([([1], [2])], timeout=0.2)  # the engine holds it: the caller gets its deadline
+    results = {}
+    b = _score_in_thread(orch, results, "b")
+    deadline = time.monotonic() + 5
+    while orch._scores.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Timer(0.5, engine.release.set).start()
+    assert orch.drain(0.1) is False  # grace too short: B is failed, not left waiting
+    b.join(10)
+    assert isinstance(results["b"], ShuttingDownError), results
+    assert not orch._thread.is_alive()
