@@ -88,7 +88,10 @@ class Chip:
 # check: matmul efficiency from the 76% MFU of weight-gathered prefill at 1M tokens, ICI efficiency from the 43% MFU
 # of 2D weight-stationary prefill at 2048 tokens (its communication is a third of the pass), hop latency from the
 # 28.5 ms decode step at batch 64 (its matmul and weight-load terms are under half the step; the rest is ~3,500
-# small collective steps per pass).
+# small collective steps per pass), HBM efficiency from the 36.9 ms bf16 decode step at batch 64 (the step that
+# weight loading dominates: 0.84 gives 38.1 ms, 1.0 gives 35.3 ms, 0.90 gives 36.9 ms; no published HBM measurement
+# behind it). Four constants, four worked-example numbers: checks of those cells are in-sample
+# (tests/test_analytics_paper.py says which checks are independent).
 _TPU_V4_FIT = dict(matmul_efficiency=0.80, hbm_efficiency=0.90, ici_efficiency=0.40, hop_latency_s=2.5e-6)
 # Chips without published end-to-end numbers get the H100 measurement's ratios (PAPER.md: 690/989 TFLOP/s, 2.8/3.35
 # TB/s), rounded: an assumption, flagged in `source`.
