@@ -224,6 +224,7 @@ def test_engine_crash_fails_queued_score_jobs():
     assert isinstance(h.events.get(timeout=5), RuntimeError) and isinstance(orch.error, RuntimeError)
     with pytest.raises(ShuttingDownError):
         orch.score([([1], [2])], timeout=1)
+    orch._thread.join(5)  # its re-raised error is reported (and filtered) within this test
 
 
 def test_drain_waits_for_queued_score_jobs():
