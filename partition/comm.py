@@ -372,23 +372,27 @@ def layer_collectives(
 
 
 def _overlapped(mesh: MeshShape, d: LayerDims, plain: list[Collective]) -> list[Collective]:
-    """ws2d's list with the looped collective einsum's ring steps in place of AG(yz) and RS(yz)."""
+    """ws2d's list with the looped collective einsum's ring steps in place of AG(yz) and RS(yz).
+
+    The norm runs on BLE_xyz before the looped gather, so its statistics are summed over every live axis
+    (whatever Y·Z is), replacing the plain layout's all-reduce(x) of them.
+    """
     yz = _live(mesh, ("y", "z"))
     chunk = d.batch * d.tokens * (d.d_model // mesh.n) * d.act_bytes
     steps = mesh.size(yz) - 1
     stats = _live(mesh, MESH_AXES)
     out: list[Collective] = []
+    if stats:
+        text = "BL2{partialsum-xyz} --all-reduce(xyz)--> BL2"
+        out.append(Collective("all-reduce", stats, d.batch * d.tokens * NORM_STAT_BYTES, text, "ffn"))
     for c in plain:
         if c.axes == yz and c.kind == "all-gather":
             text = "BLE_xyz --collective-permute(yz)--> next chip (looped all-gather(yz))"
             out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
-            if stats:
-                text = "BL2{partialsum-xyz} --all-reduce(xyz)--> BL2"
-                out.append(Collective("all-reduce", stats, d.batch * d.tokens * NORM_STAT_BYTES, text, "ffn"))
         elif c.axes == yz and c.kind == "reduce-scatter":
             text = "BLE_x{partialsum-yz} --collective-permute(yz)--> next chip (looped reduce-scatter(yz))"
             out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
-        elif not (c.kind == "all-reduce" and c.bytes_per_chip == d.batch * d.tokens * NORM_STAT_BYTES):
+        elif not c.tensor.startswith("BL2{"):  # the plain norm statistics: replaced by the xyz ones above
             out.append(c)
     return out
 

@@ -108,3 +108,11 @@ def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
     assert make_rules_weight_gathered(("x", "y")).residual == {"batch": ("x", "y"), "embed": ("z",)}
     with pytest.raises(LayoutError, match="mesh axis x holds both"):
         check_rules({"embed": ("x",), "mlp": ("x", "y")})
+
+
+def test_overlap_keeps_the_norm_statistics_when_yz_is_one():
+    # the looped einsum's norm sums its statistics over every live axis, also when Y·Z = 1 (no ring at all)
+    for mesh in (MeshShape(2, 1, 1), MeshShape(8, 1, 1), MeshShape(2, 2, 2)):
+        colls = layer_collectives("ws2d", "heads", mesh, dims(), overlap=True)
+        stats = [c for c in colls if c.tensor.startswith("BL2")]
+        assert [(c.kind, c.axes) for c in stats] == [("all-reduce", tuple(a for a in "xyz" if getattr(mesh, a) > 1))]

@@ -72,6 +72,8 @@ def test_every_layout_lowers_to_its_listed_collectives(models, ffn):
         ("2x2x2", Layout("wg-xy", "heads"), 1),
         ("2x1x2", Layout("ws2d", "batch"), 8),  # the paper's 4-chip mesh, on 4 of the 8 devices
         ("2x1x2", Layout("wg-x", "batch"), 1),
+        ("2x1x1", Layout("ws2d", "heads", overlap=True), 1),  # Y·Z = 1: no ring, the norm statistics still sum
+        ("8x1x1", Layout("ws2d", "batch", overlap=True), 8),
     ],
 )
 def test_compiled_collectives_equal_the_list(models, mesh_text, layout, kv_heads):
