@@ -37,6 +37,7 @@ from meshserve.partition.comm import (
     layer_collectives,
     reshard_collectives,
 )
+from meshserve.partition.rules import weight_bytes_per_chip
 
 __all__ = [
     "Estimate",
@@ -285,14 +286,18 @@ def memory_per_chip(
     dims: LayerDims,
     kv_cache_bytes: float,
 ) -> dict[str, float]:
-    """Bytes per chip: stored weights (always sharded n ways), the given KV cache, live activations.
+    """Bytes per chip: stored weights as the layout really splits them (partition.rules.weight_bytes_per_chip:
+    multi-query W_K/W_V split over E_x only, norms whole, int8 scales split like their output dim), the given
+    KV cache, live activations.
 
     Activations: the residual stream and the fused input-projection output (2F + HQ + 2KQ per token) as each layout
     shards them (ws1d BLE + BLF_xyz; ws2d BLE_x + BLF_yz; weight-gathered over G chips B_G·L·E + B_G·L·F_(n/G)),
     plus float32 logits; weight-gathered layouts also hold the largest gathered matrix (E·F) twice.
     """
     c = config
-    weights_b = sizes.weight_bytes(weights) / mesh.n
+    from meshserve.model.params import declare  # imports JAX, as model_sizes already did for this config
+
+    weights_b = float(weight_bytes_per_chip(declare(c), ffn_layout, mesh, weights, c.multi_query))
     fused = 2 * c.d_ff + c.n_heads * c.d_head + 2 * c.n_kv_heads * c.d_head
     t = dims.batch * dims.tokens
     g = mesh.size(gathered_axes(ffn_layout))

@@ -27,12 +27,12 @@ from meshserve.model.generate import Batch, GenerationResult, decode_loop
 from meshserve.model.params import Params, ParamSpec, declare
 from meshserve.model.quant import QuantizedArray
 from meshserve.model.sampling import SamplingParams
-from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map, spec_of
+from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map
 from meshserve.model.transformer import KVCache, compute_dtype
 from meshserve.partition.comm import LayerDims, LayoutError, check_layout
 from meshserve.partition.mesh import mesh_shape
 from meshserve.partition.ops import Ops
-from meshserve.partition.rules import TABLE_RULES, Layout, Rules, attention_axes, rules_for, storage_of
+from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for, storage_of, weight_split
 
 __all__ = [
     "Layout",
@@ -56,15 +56,11 @@ __all__ = [
 
 
 def _leaf_specs(config: ModelConfig, rules: Rules) -> dict[str, Any]:
-    """PartitionSpec per declared weight: layer matmuls by the layout's rules, tables over vocab, norms whole."""
+    """PartitionSpec per declared weight, as partition.rules.weight_split says (the cost model reads the same)."""
 
     def one(path, spec: ParamSpec) -> P:
-        top = path[0].key
-        if top in ("embed", "unembed"):
-            return spec_of(spec.axes, TABLE_RULES, config.multi_query)
-        if spec.contract:
-            return spec_of(spec.axes, rules.weights, config.multi_query)
-        return P()
+        split = weight_split(path[0].key, spec.axes, spec.contract, rules.name, config.multi_query)
+        return P(*(axes or None for axes in split))
 
     return jax.tree_util.tree_map_with_path(one, declare(config), is_leaf=lambda s: isinstance(s, ParamSpec))
 

@@ -35,7 +35,14 @@ __all__ = [
     "check_rules",
     "attention_axes",
     "storage_of",
+    "weight_split",
+    "weight_bytes_per_chip",
 ]
+
+# Bytes per element of each stored leaf in a weights mode: int8 quantises matmul weights (bf16 scales, one per
+# output channel); every other leaf (norms, the embedding) stays bf16, as model.params.quantize_params stores them.
+_MATMUL_BYTES = {"f32": 4, "bf16": 2, "int8": 1}
+_OTHER_BYTES = {"f32": 4, "bf16": 2, "int8": 2}
 
 YZ = ("z", "y")  # the model-parallel split of the 2D storage, z-major (see module docstring)
 TABLE_RULES = {"vocab": MESH_AXES, "embed": ()}
@@ -139,3 +146,55 @@ def attention_axes(
     head_order = MESH_AXES if layout.ffn == "ws1d" else YZ
     heads = tuple(a for a in head_order if a not in batch_axes)
     return batch_axes, heads, () if multi_query else heads
+
+
+def weight_split(
+    top: str, axes: tuple[str, ...], contract: tuple[str, ...], ffn_layout: str, multi_query: bool
+) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes each dim of one stored weight is split over (the source of model/sharded.py's specs).
+
+    top: the weight's top-level name (embed / unembed use TABLE_RULES); matmul weights (a non-empty `contract`)
+    follow the layout's storage rules, multi-query kv_heads never split; norms are whole on every chip.
+    """
+    if top in ("embed", "unembed"):
+        table = TABLE_RULES
+    elif contract:
+        table = rules_for(ffn_layout).weights
+    else:
+        return tuple(() for _ in axes)
+    return tuple(() if (a == "kv_heads" and multi_query) else tuple(table.get(a, ())) for a in axes)
+
+
+def weight_bytes_per_chip(declared: dict, ffn_layout: str, mesh: MeshShape, weights: str, multi_query: bool) -> int:
+    """Bytes one chip stores of the weights `declared` (model.params.declare's tree) under `ffn_layout`.
+
+    Each leaf: its shape divided by the sizes of the axes `weight_split` gives each dim; int8 matmul weights
+    add their bf16 scale (contracted dims kept as 1, never split over: model/sharded.py's scale specs).
+    """
+    if weights not in _MATMUL_BYTES:
+        raise LayoutError(f"weights must be one of {', '.join(_MATMUL_BYTES)}, got {weights!r}")
+    total = 0
+
+    def local(shape, split) -> int:
+        out = 1
+        for n, axes in zip(shape, split, strict=True):
+            out *= n // mesh.size(axes)
+        return out
+
+    def walk(tree: dict, top: str | None) -> None:
+        nonlocal total
+        for name, spec in tree.items():
+            if isinstance(spec, dict):
+                walk(spec, top or name)
+                continue
+            split = weight_split(top or name, spec.axes, spec.contract, ffn_layout, multi_query)
+            if spec.contract and weights == "int8":
+                total += local(spec.shape, split)
+                scale_shape = tuple(1 if a in spec.contract else n for a, n in zip(spec.axes, spec.shape, strict=True))
+                scale_split = tuple(() if a in spec.contract else s for a, s in zip(spec.axes, split, strict=True))
+                total += 2 * local(scale_shape, scale_split)
+            else:
+                total += local(spec.shape, split) * (_MATMUL_BYTES if spec.contract else _OTHER_BYTES)[weights]
+
+    walk(declared, None)
+    return total

@@ -156,3 +156,19 @@ def test_prefill_pays_the_phase_switch_reshard_by_hand():
     d = estimate(PALM, TPU, MESH, phase="decode", batch=B, prompt_len=L, gen_len=64, ffn_layout="ws2d",
                  attention="batch")  # fmt: skip
     assert d.breakdown.reshard_s == 0.0
+
+
+def test_weights_per_chip_as_stored_by_hand():
+    # PaLM 540B int8, ws2d on 4x4x4 (2D storage E_x·F_yz, heads over yz): every tensor as the layout stores it.
+    assert PALM.shared_embedding
+    N, E, F, H, Q, V = 118, 18432, 73728, 64, 256, 256128
+    ex, fyz, hyz = E // 4, F // 16, H // 16
+    wq = N * ex * hyz * Q + 2 * N * hyz * Q  # int8 values + bf16 scale [N, 1, H_yz, Q]
+    wkv = 2 * (N * ex * Q + 2 * N * Q)  # multi-query: [N, E_x, 1, Q], E split over x only; scale whole
+    wo = N * hyz * Q * ex + 2 * N * ex
+    mlp = 2 * (N * ex * fyz + 2 * N * fyz) + (N * fyz * ex + 2 * N * ex)  # w_up, w_gate, w_down
+    rest = 2 * (N * E + E) + 2 * V // 64 * E  # norms whole on every chip (bf16), embedding over V_xyz
+    e = estimate(PALM, TPU, MESH, phase="decode", batch=64, prompt_len=2048, gen_len=64, weights="int8",
+                 ffn_layout="ws2d", attention="batch")  # fmt: skip
+    assert e.memory["weights"] == wq + wkv + wo + mlp + rest
+    assert N * ex * Q * 2 > 278e6  # W_K + W_V alone: ~278 MB per chip, not 1/64 of their size
