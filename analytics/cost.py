@@ -11,10 +11,12 @@ Terms per pass (PAPER.md "Cost model: three times"):
               all-reduce = 2 × all-gather
   reshard     prefill only, once per pass: the phase switch of the KV cache into the decode layout's split
               (partition.comm.reshard_collectives for all N layers), priced like comm
-Without overlap the terms add (what the paper's measured numbers follow with the fitted TPU v4 constants), except
-that weight-gathered layouts' weight all-gathers (which need no activations) are prefetched under the matmuls and
-only their excess over compute shows; with overlap ("looped collective einsum") compute, memory and
-bandwidth-bound communication all run concurrently and only the per-hop latency stays serial.
+The terms add (what the paper's measured numbers follow with the fitted TPU v4 constants), except what the code
+really overlaps: weight-gathered layouts' weight all-gathers (which need no activations) are prefetched under the
+matmuls, and with overlap=True (ws2d only: the looped collective einsum, partition.comm's overlap list) the ring
+steps that replace the all-gather(yz) and reduce-scatter(yz) run under the projection matmuls; only their excess
+shows. Every other collective and every hop latency stays serial. Layouts without a looped einsum ignore
+overlap=True and report Estimate.overlap = False.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Estimate:
     prompt_len: int
     gen_len: int
     step_s: float  # prefill: the whole prompt; decode: one step at the mean context
-    step_overlap_s: float  # the same with communication overlapped
+    step_overlap_s: float  # the same with ws2d's looped collective einsum (= step_s for layouts without one)
     latency_s: float  # prefill: step_s; decode: gen_len steps
     tokens: int  # tokens this phase produces or consumes (prefill B·L, decode B·gen_len)
     throughput_tokens_s: float
@@ -96,6 +98,7 @@ class Estimate:
     breakdown: Breakdown
     collectives: list[dict[str, Any]] = field(default_factory=list)
     once_collectives: list[dict[str, Any]] = field(default_factory=list)  # once per pass (phase switch, ...)
+    overlap: bool = False  # step_s priced the looped collective einsum (ws2d with overlap=True only)
 
     def row(self) -> dict[str, Any]:
         """The flat JSON row of `meshserve analyze --json` (without the collectives lists)."""
@@ -125,14 +128,42 @@ def _within_node(mesh: MeshShape, axes: tuple[str, ...], chip: Chip) -> bool:
 
 
 def collective_time(c: Collective, mesh: MeshShape, chip: Chip) -> tuple[float, float]:
-    """(total seconds, latency part) of one collective: D/bw · (K-1)/K + ring steps · hop latency."""
+    """(total seconds, latency part) of one collective: D/bw · (K-1)/K + ring steps · hop latency
+    (a collective-permute, one step of a looped einsum: D/bw + one hop)."""
     k = mesh.size(c.axes)
     if k <= 1:
         return 0.0, 0.0
     bw = chip.collective_bandwidth(_within_node(mesh, c.axes, chip))
+    if c.kind == "collective-permute":  # one ring step: the chunk to the next chip, one hop (partition.comm)
+        return c.bytes_per_chip / bw + chip.hop_latency_s, chip.hop_latency_s
     factor = 2.0 if c.kind == "all-reduce" else 1.0
     latency = factor * _ring_steps(mesh, c.axes, chip) * chip.hop_latency_s
     return factor * c.bytes_per_chip / bw * (k - 1) / k + latency, latency
+
+
+def _layer_comm(
+    colls: list[Collective], mesh: MeshShape, chip: Chip, n_layers: int, compute_s: float, matmul_s: float
+) -> tuple[float, float, float, list[dict[str, Any]]]:
+    """(comm seconds, its latency part, the part left exposed, rows) of N layers of `colls`.
+
+    Hidden, as the code runs them: weight-gathered layouts' weight all-gathers (they need no activations, so
+    they are prefetched under the matmuls: only their excess over compute shows) and the looped collective
+    einsum's collective-permutes (each overlaps the input/output projection matmul of the chunk at hand,
+    whose time is max(compute, weight load): only their excess shows). Every hop latency and every other
+    collective is serial.
+    """
+    comm = lat_total = prefetch = ring = 0.0
+    rows = []
+    for coll in colls:
+        t, lat = collective_time(coll, mesh, chip)
+        comm, lat_total = comm + n_layers * t, lat_total + n_layers * lat
+        if coll.block == "weights":
+            prefetch += n_layers * (t - lat)
+        elif coll.kind == "collective-permute":
+            ring += n_layers * (t - lat)
+        rows.append({**asdict(coll), "seconds_per_layer": t})
+    exposed = comm - prefetch - ring + max(0.0, prefetch - compute_s) + max(0.0, ring - matmul_s)
+    return comm, lat_total, exposed, rows
 
 
 def layer_dims(config: ModelConfig, batch: int, tokens: int, context: int, weights: str) -> LayerDims:
@@ -202,6 +233,10 @@ def estimate(
         L, S, passes, tokens = 1, prompt_len + gen_len / 2, gen_len, batch * gen_len
     dims = layer_dims(c, batch, L, math.ceil(S), weights)
     colls = layer_collectives(ffn_layout, attention, mesh, dims)  # LayoutError when the dims do not split
+    # The looped collective einsum exists for ws2d only (partition/ refuses it elsewhere): other layouts are
+    # priced without overlap and say so in Estimate.overlap.
+    looped = layer_collectives(ffn_layout, attention, mesh, dims, overlap=True) if ffn_layout == "ws2d" else None
+    overlapped = bool(overlap and looped is not None)
 
     # Logits only at the last prompt token (prefill) or the new token (decode): B rows either way.
     matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * batch * E * V
@@ -216,14 +251,8 @@ def estimate(
     # decode reads the cache; prefill writes it
     kv_load_s = kv_per_token * (S if phase == "decode" else L) / (hbm * chip.kv_efficiency)
 
-    comm_s = comm_lat = prefetch_s = 0.0
-    rows = []
-    for coll in colls:
-        t, lat = collective_time(coll, mesh, chip)
-        comm_s, comm_lat = comm_s + N * t, comm_lat + N * lat
-        if coll.block == "weights":  # weight gathers do not wait for activations: prefetched under the matmuls
-            prefetch_s += N * (t - lat)
-        rows.append({**asdict(coll), "seconds_per_layer": t})
+    comm_s, comm_lat, exposed_comm, rows = _layer_comm(looped if overlapped else colls, mesh, chip, N, compute_s,
+                                                       max(compute_s, weight_load_s))  # fmt: skip
     overhead_s = N * chip.step_overhead_s
 
     reshard_s, once = 0.0, []
@@ -237,10 +266,12 @@ def estimate(
             reshard_s += t
             once.append({**asdict(coll), "seconds": t, "what": "phase switch"})
 
-    exposed_comm = comm_s - prefetch_s + max(0.0, prefetch_s - compute_s)
-    step_s = compute_s + weight_load_s + kv_load_s + exposed_comm + overhead_s + reshard_s
-    step_overlap_s = max(compute_s, weight_load_s + kv_load_s, comm_s - comm_lat) + comm_lat + overhead_s + reshard_s
-    step = step_overlap_s if overlap else step_s
+    # The phase switch waits for the last layer and overlaps nothing.
+    serial = compute_s + weight_load_s + kv_load_s + overhead_s + reshard_s
+    step = serial + exposed_comm
+    step_overlap_s = step
+    if looped is not None:
+        step_overlap_s = serial + _layer_comm(looped, mesh, chip, N, compute_s, max(compute_s, weight_load_s))[2]
     latency_s = step * passes
 
     memory = memory_per_chip(c, mesh, sizes, weights, ffn_layout, dims, kv_per_token * (prompt_len + gen_len))
@@ -274,6 +305,7 @@ def estimate(
         breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s, reshard_s),
         collectives=rows,
         once_collectives=once,
+        overlap=overlapped,
     )
 
 

@@ -6,9 +6,10 @@ import sys
 import pytest
 from meshserve.analytics import choose_plan, collective_time, estimate, get_chip, memory_estimate, model_sizes
 from meshserve.analytics.chips import ChipError
+from meshserve.analytics.cost import layer_dims
 from meshserve.errors import UserError
 from meshserve.model.config import get_config
-from meshserve.partition.comm import Collective, LayoutError, MeshShape
+from meshserve.partition.comm import Collective, LayoutError, MeshShape, layer_collectives
 
 PALM = get_config("palm-540b").padded_heads(64)
 TPU = get_chip("tpu-v4")
@@ -72,14 +73,41 @@ def test_comm_term_is_the_sum_over_the_shared_collective_list():
 def test_overlap_and_metrics_definitions():
     e = _prefill()
     b = e.breakdown
+    assert not e.overlap
     assert e.step_s == pytest.approx(b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s + b.reshard_s)
-    assert e.step_overlap_s == pytest.approx(
-        max(b.compute_s, b.weight_load_s + b.kv_load_s, b.comm_s - b.comm_latency_s) + b.comm_latency_s
-    )
-    assert e.step_overlap_s < e.step_s
+    assert e.step_overlap_s < e.step_s  # ws2d has the looped collective einsum
     real = model_sizes(PALM).real_params
     assert e.mfu == pytest.approx(2 * real * 2048 / (64 * 275e12 * e.latency_s))
     assert e.cost_chip_ms_per_token == pytest.approx(64 * e.latency_s * 1e3 / 2048)
+
+
+def test_overlap_prices_the_looped_list_and_hides_only_its_ring_steps():
+    kw = dict(phase="decode", batch=64, prompt_len=2048, gen_len=64, weights="int8", attention="batch")
+    e = estimate(PALM, TPU, MESH, ffn_layout="ws2d", overlap=True, **kw)
+    assert e.overlap
+    dims = layer_dims(PALM, 64, 1, 2048 + 32, "int8")
+    listed = layer_collectives("ws2d", "batch", MESH, dims, overlap=True)
+    assert [(c["kind"], c["axes"], c["bytes_per_chip"]) for c in e.collectives] == [
+        (c.kind, c.axes, c.bytes_per_chip) for c in listed
+    ]
+    times = [collective_time(c, MESH, TPU) for c in listed]
+    ring = 118 * sum(t - lat for c, (t, lat) in zip(listed, times, strict=True) if c.kind == "collective-permute")
+    serial = 118 * sum(t for c, (t, _) in zip(listed, times, strict=True) if c.kind != "collective-permute")
+    serial += 118 * sum(lat for c, (_, lat) in zip(listed, times, strict=True) if c.kind == "collective-permute")
+    b = e.breakdown
+    assert ring > 0 and serial > 0  # the all-reduces, reduce-scatter(x), all-to-alls stay exposed
+    hidden_under = max(b.compute_s, b.weight_load_s)
+    want = b.compute_s + b.weight_load_s + b.kv_load_s + b.overhead_s + serial + max(0.0, ring - hidden_under)
+    assert e.step_s == pytest.approx(want) and e.step_overlap_s == pytest.approx(want)
+    plain = estimate(PALM, TPU, MESH, ffn_layout="ws2d", **kw)
+    assert plain.step_overlap_s == pytest.approx(e.step_s)
+    # decode at B=64 is latency-bound: 2 x 15 one-hop ring steps and a 9-step all-reduce(xyz) per layer cost more
+    # than the 3+3-step all-gather(yz) / reduce-scatter(yz) and all-reduce(x) they replace; a 2048-token prefill wins
+    assert e.step_s > plain.step_s and _prefill().step_overlap_s < _prefill().step_s
+    # no looped einsum outside ws2d (partition/ refuses it): overlap=True is labelled as not applied
+    wg = estimate(PALM, TPU, MESH, ffn_layout="wg-xyz", overlap=True, **kw)
+    assert not wg.overlap
+    assert wg.step_s == estimate(PALM, TPU, MESH, ffn_layout="wg-xyz", **kw).step_s == wg.step_overlap_s
 
 
 def test_not_fitting_is_reported_not_raised():
@@ -172,3 +200,8 @@ def test_weights_per_chip_as_stored_by_hand():
                  ffn_layout="ws2d", attention="batch")  # fmt: skip
     assert e.memory["weights"] == wq + wkv + wo + mlp + rest
     assert N * ex * Q * 2 > 278e6  # W_K + W_V alone: ~278 MB per chip, not 1/64 of their size
+
+
+def test_a_ring_step_costs_its_chunk_and_one_hop():
+    step = Collective("collective-permute", ("y", "z"), 1_000_000, "", "ffn")
+    assert collective_time(step, MESH, TPU) == pytest.approx((1e6 / (270e9 * 0.40) + 2.5e-6, 2.5e-6))
