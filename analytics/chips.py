@@ -229,8 +229,11 @@ def get_chip(name: str, local_path: Path | None = None) -> Chip:
         if not path.exists():
             raise ChipError(f"chip 'local' is not calibrated yet ({path} missing); run `meshserve calibrate` first")
         try:
-            return Chip.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object of chip fields, got {type(data).__name__}")
+            return Chip.from_dict(data)
+        except (ValueError, TypeError, OSError) as e:
             raise ChipError(f"chip 'local': cannot read {path}: {e}") from None
     if name not in CHIPS:
         raise ChipError(f"unknown hardware {name!r}; known: {', '.join(chip_names())}")

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from meshserve.errors import UserError
@@ -87,6 +88,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
     if args.layout is not None and args.layout not in FFN_LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(FFN_LAYOUTS)}, got {args.layout!r}")
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        _check_writable(flag, path)  # before the sweep, so a bad path costs nothing and writes nothing
     config, chip, mesh = _setup(args)
     if isinstance(mesh, int):
         mesh = default_mesh(config, chip, mesh, args.batch, args.weights)
@@ -126,6 +129,17 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory, expected a file name")
+
+
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     flat = []
     for r in rows:
@@ -133,10 +147,13 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         row.update({f"breakdown_{k}": v for k, v in r["breakdown"].items()})
         row.update({f"memory_{k}": v for k, v in r["memory"].items()})
         flat.append(row)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
+    try:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+    except OSError as e:
+        raise UserError(f"--csv {path}: cannot write: {e.strerror or e}") from None
 
 
 def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
@@ -156,7 +173,10 @@ def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
     curves, switches = prefill_mfu_curve(config, chip, mesh, token_batches=tokens, prompt_len=args.prompt_len,
                                          weights=args.weights)  # fmt: skip
     title = f"{config.name} on {chip.name} (prefill panel: mesh {mesh}, prompt {args.prompt_len})"
-    path = plot_analysis(args.plot, frontiers, points, curves, switches, title)
+    try:
+        path = plot_analysis(args.plot, frontiers, points, curves, switches, title)
+    except OSError as e:
+        raise UserError(f"--plot {args.plot}: cannot write: {e.strerror or e}") from None
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -102,7 +102,10 @@ def save_checkpoint(
         raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:  # a parent that cannot exist or be written (/proc/..., a file, no permission)
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({e.filename})") from None
         # StandardCheckpointer saves asynchronously: wait for the commit before the rename below.
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / "params", _to_plain(params))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.errors import UserError
 
-__all__ = ["SamplingParams", "SamplingError", "sample", "validate_sampling"]
+__all__ = ["SamplingParams", "SamplingError", "sample", "validate_sampling", "TOP_K_MAX"]
 
 
 class SamplingError(UserError):
@@ -34,11 +34,14 @@ class SamplingParams:
         validate_sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
+TOP_K_MAX = 2**31 - 1  # int32; any k >= the vocabulary keeps every token anyway
+
+
 def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
     if not np.isfinite(temperature) or temperature < 0:
         raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
-        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if int(top_k) != top_k or not 0 <= top_k <= TOP_K_MAX:  # stored as int32 per row (stack_sampling)
+        raise SamplingError(f"top_k must be an integer in [0, {TOP_K_MAX}] (0 = off), got {top_k}")
     if not (0.0 < top_p <= 1.0):
         raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
     if int(seed) != seed or not (0 <= seed < 2**63):

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
+    # Refuse a parent that cannot hold a directory before reading any weights (a file, or a missing root).
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ConvertError(f"--out {out}: {parent} is not a directory")
     if out.exists() and not args.force:
         raise ConvertError(f"--out {out} already exists (pass --force to replace it)")
     if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():

@@ -116,3 +116,28 @@ def test_restored_int8_model_computes_what_was_saved(tmp_path, tiny):
     b = generate(restored, config, [[1, 2, 3]], max_new_tokens=6)[0]
     assert a.tokens == b.tokens
     np.testing.assert_allclose(a.logprobs, b.logprobs)
+
+
+def _convert(capsys, *argv):
+    from meshserve.serving.cli import main
+
+    code = main(["convert", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_convert_to_an_unwritable_out_is_one_line_exit_2(tmp_path, tiny, capsys):
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    (tmp_path / "file").write_text("x")
+    for out in ("/proc/nope/ck", tmp_path / "file" / "ck"):
+        code, err = _convert(capsys, "--checkpoint", tmp_path / "ck", "--out", out, "--weights", "bf16")
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err and last.startswith("meshserve convert: error:"), err
+        assert "is not a directory" in last or "cannot write checkpoint" in last, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]  # nothing half-written
+
+
+def test_save_into_an_impossible_parent_is_a_checkpoint_error(tmp_path, tiny):
+    config, params = tiny
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        save_checkpoint("/proc/nope/ck", config, params, "f32")

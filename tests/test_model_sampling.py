@@ -65,7 +65,8 @@ def test_rows_sample_independently_with_their_own_settings():
     "kwargs,message",
     [
         ({"temperature": -0.1}, "temperature must be >= 0"),
-        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": -1}, r"top_k must be an integer in \[0, 2147483647\]"),
+        ({"top_k": 99_999_999_999}, r"top_k must be an integer in \[0, 2147483647\]"),  # was an int32 OverflowError
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"seed": -3}, "seed must be"),
@@ -74,3 +75,11 @@ def test_rows_sample_independently_with_their_own_settings():
 def test_out_of_range_values_are_refused(kwargs, message):
     with pytest.raises(SamplingError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_generate_cli_huge_top_k_is_one_line_exit_2(capsys):
+    from meshserve.serving.cli import main
+
+    code = main(["generate", "--top-k", "99999999999", "--max-new-tokens", "1", "--tokens", "1,2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "top_k" in err and "Traceback" not in err and err.count("\n") == 1, err
