@@ -2,6 +2,8 @@
 
 Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /metrics:
   meshserve_requests_total{method, code}      requests by RPC and gRPC status
+  meshserve_finished_total{reason}            generations the engine ended, by reason (length, stop, cancelled:
+                                              a client gone or a deadline passed, seen from the engine's side)
   meshserve_queue_seconds                     arrival -> prefill start
   meshserve_time_to_first_token_seconds       arrival -> first token ready
   meshserve_time_per_output_token_seconds     (last token - first token) / (generated - 1), per request
@@ -45,6 +47,9 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.finished_requests = Counter(
+            "meshserve_finished", "Generations ended by the engine, by reason", ["reason"], registry=r
+        )
         self.tokens = Counter("meshserve_generated_tokens", "Generated tokens", registry=r)
         self.tokens_per_second = Gauge("meshserve_tokens_per_second", "Generated tokens/s (recent steps)", registry=r)
         self.occupancy = Gauge("meshserve_batch_occupancy", "Live decode slots / max_batch", registry=r)
@@ -78,7 +83,11 @@ class ServerMetrics:
             if span > 0:
                 self.tokens_per_second.set(sum(t for _, t in list(self._recent)[1:]) / span)
 
-    def finished(self, queue_s: float | None, ttft_s: float | None, total_s: float, generated: int) -> None:
+    def finished(
+        self, queue_s: float | None, ttft_s: float | None, total_s: float, generated: int, reason: str | None = None
+    ) -> None:
+        if reason is not None:
+            self.finished_requests.labels(reason).inc()
         if queue_s is not None:
             self.queue_time.observe(queue_s)
         if ttft_s is not None:

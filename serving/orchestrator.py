@@ -50,6 +50,7 @@ class RequestHandle:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     text: str = ""
     done: queue.SimpleQueue | None = None  # also gets this handle when the request finishes (offline jobs)
+    counted: bool = False  # the servicer has counted this RPC's outcome in the metrics (exactly once)
 
 
 class Orchestrator:
@@ -291,4 +292,5 @@ class Orchestrator:
                     None if r.first_token_time is None else r.first_token_time - r.arrival,
                     end - r.arrival,
                     len(r.tokens),
+                    reason,
                 )

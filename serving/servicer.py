@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.limits = limits
         self.mesh_info = mesh_info
         self.metrics = orchestrator.metrics
+        self._count_lock = threading.Lock()  # the handler and the RPC-end callback race to count an outcome
 
     # ----- validation -----
 
@@ -136,14 +138,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
         except UserError as e:
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        context.add_callback(lambda: self.orch.cancel(handle))  # runs when the RPC ends, however it ends
+
+        def ended() -> None:
+            # Runs when the RPC ends, however it ends. A client that cancels a stream ends it without the handler
+            # seeing a last event (gRPC just stops pulling chunks), so the outcome is counted here too.
+            self.orch.cancel(handle)
+            r = handle.request
+            expired = r.deadline is not None and time.monotonic() >= r.deadline
+            self._count(handle, method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+
+        context.add_callback(ended)
         return handle
+
+    def _count(self, handle: RequestHandle, method: str, code: str) -> None:
+        """Count one RPC's outcome in meshserve_requests_total, once (the first caller wins)."""
+        with self._count_lock:
+            if handle.counted:
+                return
+            handle.counted = True
+        self.metrics.requests.labels(method, code).inc()
 
     def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
         self.metrics.requests.labels(method, code.name).inc()
         context.abort(code, message)
 
-    def _events(self, handle: RequestHandle, context):
+    def _events(self, handle: RequestHandle, context, method: str):
         """The request's events until its last; stops early when the client is gone."""
         while True:
             try:
@@ -154,6 +173,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
                 continue
             if isinstance(event, BaseException):
+                self._count(handle, method, "INTERNAL")
                 context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {type(event).__name__}")
             yield event
             if event.finish_reason is not None:
@@ -174,14 +194,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             and handle.request.deadline is not None
             and time.monotonic() >= handle.request.deadline
         ):
-            self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        self.metrics.requests.labels(method, "CANCELLED" if reason in (None, "cancelled") else "OK").inc()
+            self._count(handle, method, "DEADLINE_EXCEEDED")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        self._count(handle, method, "CANCELLED" if reason in (None, "cancelled") else "OK")
 
     def Generate(self, request, context):
         handle = self._start(request, context, "Generate")
         tokens, logprobs, reason = [], [], None
         event: Event
-        for event in self._events(handle, context):
+        for event in self._events(handle, context, "Generate"):
             tokens.extend(event.tokens)
             logprobs.extend(event.logprobs)
             reason = event.finish_reason
@@ -199,7 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def GenerateStream(self, request, context):
         handle = self._start(request, context, "GenerateStream")
         reason = None
-        for event in self._events(handle, context):
+        for event in self._events(handle, context, "GenerateStream"):
             reason = event.finish_reason
             chunk = pb.GenerateChunk(
                 tokens=event.tokens, text=event.text, logprobs=event.logprobs if request.return_logprobs else []
@@ -213,7 +234,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if chunk.tokens or chunk.text or reason is not None:
                 yield chunk
         if reason is None:
-            self.metrics.requests.labels("GenerateStream", "CANCELLED").inc()
+            self._count(handle, "GenerateStream", "CANCELLED")
 
     def Score(self, request, context):
         lim = self.limits

@@ -229,27 +229,60 @@ def test_32_concurrent_streams_complete_with_correct_lengths(server, client):
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
 
 
+def _counter(server, name: str, **labels: str) -> float:
+    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    return _metrics(server).get(key, 0.0)
+
+
 def test_cancelling_half_mid_stream_frees_every_slot(server, client):
-    calls = [client.stream_call(f"cancel {i}", max_new_tokens=100, ignore_eos=True) for i in range(16)]
-    firsts = [next(iter(c)) for c in calls]  # every stream has started producing
-    assert all(len(f.tokens) == 1 for f in firsts)
-    for c in calls[::2]:
+    # At most max_batch (8) streams: all of them hold a slot at once, so a cancel reaches a request the server is
+    # still generating (more streams would queue, and the first ones would be done before the last one started).
+    n, cancelled = 8, 4
+    assert _wait_idle(server)["meshserve_live_slots"] == 0
+    before_cancelled = _counter(server, "meshserve_requests_total", method="GenerateStream", code="CANCELLED")
+    before_tokens = _counter(server, "meshserve_generated_tokens_total")
+    before_engine = _counter(server, "meshserve_finished_total", reason="cancelled")
+    calls = [client.stream_call(f"cancel {i}", max_new_tokens=120, ignore_eos=True) for i in range(n)]
+    iters = [iter(c) for c in calls]
+    firsts = [next(it) for it in iters]  # every stream has started producing
+    assert all(len(f.tokens) >= 1 for f in firsts)
+    for c in calls[:cancelled]:
         c.cancel()
-    for c in calls[1::2]:
-        chunks = list(c)
-        assert sum(len(x.tokens) for x in chunks) == 99 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    for c in calls[::2]:
+    for f, it in zip(firsts[cancelled:], iters[cancelled:], strict=True):
+        chunks = [f, *it]
+        assert sum(len(x.tokens) for x in chunks) == 120 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    for c in calls[:cancelled]:
         assert c.code() == grpc.StatusCode.CANCELLED
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
+    # The server saw the cancellations and stopped generating for them: fewer than n * 120 tokens were made.
+    key = 'meshserve_requests_total{code="CANCELLED",method="GenerateStream"}'
+    assert m.get(key, 0.0) - before_cancelled == cancelled
+    assert (
+        m.get('meshserve_finished_total{reason="cancelled"}', 0.0) - before_engine == cancelled
+    )  # ended by the engine
+    generated = m["meshserve_generated_tokens_total"] - before_tokens
+    assert (n - cancelled) * 119 <= generated < n * 120 - cancelled * 20, generated
     assert len(client.generate("still serving", max_new_tokens=8, ignore_eos=True).tokens) == 8
 
 
 def test_deadline_cancels_and_frees_the_slot(server, client):
+    before = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+    before_engine = _counter(server, "meshserve_finished_total", reason="cancelled")
     with pytest.raises(grpc.RpcError) as err:
-        client.generate([1, 2], max_new_tokens=120, ignore_eos=True, timeout=0.02)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.generate([1, 2], max_new_tokens=120, ignore_eos=True, timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # set by the client library either way
     assert _wait_idle(server)["meshserve_live_slots"] == 0
+    # The server itself ended the request at its deadline (not the client giving up on a request that ran on).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+        if now > before:
+            break
+        time.sleep(0.05)
+    assert now == before + 1
+    # ... and the engine ended it there (a request left running would finish with reason length).
+    assert _counter(server, "meshserve_finished_total", reason="cancelled") == before_engine + 1
 
 
 BAD = [
@@ -296,7 +329,7 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
 
 
 def test_full_queue_answers_resource_exhausted(server, client):
-    codes, lock = [], threading.Lock()
+    codes, details, lock = [], [], threading.Lock()
 
     def one(i):
         try:
@@ -304,13 +337,19 @@ def test_full_queue_answers_resource_exhausted(server, client):
             code = "OK" if len(r.tokens) == 120 else "SHORT"
         except grpc.RpcError as e:
             code = e.code().name
+            with lock:
+                details.append(e.details())
         with lock:
             codes.append(code)
 
-    with ThreadPoolExecutor(64) as pool:
-        list(pool.map(one, range(64)))  # 8 slots + 32 queued < 64 at once
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 32
+    # 8 slots + 32 queued = 40 < 48 clients, and 48 < the 56 RPCs gRPC itself admits (slots + queue + 16): a
+    # RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue.
+    n = 48
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 40, codes
     assert codes.count("RESOURCE_EXHAUSTED") >= 1
+    assert all("queue full" in d and "max_queue=32" in d for d in details), details
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
     assert m["meshserve_generated_tokens_total"] > 0 and m["meshserve_time_to_first_token_seconds_count"] > 0
