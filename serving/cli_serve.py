@@ -2,7 +2,8 @@
 
 Loads the model, chooses the plan, compiles every step (a progress bar on stderr), then listens. Prints
 `meshserve serve: listening on HOST:PORT` on stderr once requests are answered. SIGTERM or Ctrl-C drains: new
-requests are refused, in-flight ones finish within --grace seconds, and the process exits 0.
+requests are refused, in-flight ones finish within --grace seconds, and the process exits 0. If the engine thread
+dies, health turns NOT_SERVING and the process exits 1.
 """
 
 from __future__ import annotations
@@ -177,7 +178,18 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-        pass
+        if server.orchestrator.error is not None:
+            break
+    error = server.orchestrator.error
+    if error is not None:
+        # The engine thread died (a bug; its traceback is above): every request would fail, so do not look
+        # healthy to a load balancer; stop and exit non-zero so a supervisor restarts the server.
+        server.set_serving(False)
+        print(
+            f"meshserve serve: engine failed ({type(error).__name__}: {error}); stopping", file=sys.stderr, flush=True
+        )
+        server.stop(0.0)
+        return 1
     print("meshserve serve: draining", file=sys.stderr, flush=True)
     clean = server.stop(args.grace)
     print(

@@ -146,9 +146,14 @@ class InferenceServer:
         self._grpc.start()
         if self.options.metrics_port:
             self.metrics.serve(self.options.metrics_port, self.options.host)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
         return self
+
+    def set_serving(self, serving: bool) -> None:
+        """Health of the server and of meshserve.v1.Inference: SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
 
     def stop(self, grace: float = 30.0) -> bool:
         """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish (up to `grace` s), then stop.
@@ -157,8 +162,7 @@ class InferenceServer:
         """
         if self._stopped.is_set():
             return True
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_serving(False)
         # gRPC refuses new RPCs from here on and cancels the ones still open after `grace`; meanwhile the engine
         # finishes what it holds (and cancels the rest at the same deadline).
         stopped = self._grpc.stop(grace=grace)

@@ -50,6 +50,36 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint):
         server.close()
 
 
+# The engine's decode step raises (a stand-in for any bug on the engine thread); everything else is the real CLI.
+_BROKEN_ENGINE = """
+import sys
+from meshserve.serving import engine
+def decode_async(self, batch):
+    raise RuntimeError("injected engine failure")
+engine.Engine.decode_async = decode_async
+from meshserve.serving.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_dead_engine_thread_stops_the_server_with_exit_1(checkpoint):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = ServerProcess(checkpoint, python_code=_BROKEN_ENGINE)
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
+        with Client(server.target) as client, pytest.raises(grpc.RpcError) as err:
+            client.generate("boom", max_new_tokens=4, timeout=30)
+        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        assert server.proc.wait(30) == 1  # not a live server that refuses everything
+        assert "engine failed (RuntimeError: injected engine failure); stopping" in server.output()
+    finally:
+        server.close()
+
+
 def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 

@@ -45,10 +45,15 @@ def meshserve(*args: str) -> list[str]:
 class ServerProcess:
     """`meshserve serve` on a free port; `.target` once it prints `listening on`."""
 
-    def __init__(self, checkpoint: Path, *extra: str, timeout: float = 240.0):
+    def __init__(self, checkpoint: Path, *extra: str, timeout: float = 240.0, python_code: str | None = None):
+        """`python_code`, when given, runs instead of `python -m meshserve.serving.cli` (with the same arguments in
+        sys.argv[1:]): a test can change something in the process (inject a fault) before calling the CLI."""
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = meshserve("serve", "--checkpoint", str(checkpoint), "--port", "0", *GRID, *extra)
+        if python_code is not None:
+            cmd = [sys.executable, "-c", python_code, *cmd[3:]]
         self.proc = subprocess.Popen(
-            meshserve("serve", "--checkpoint", str(checkpoint), "--port", "0", *GRID, *extra),
+            cmd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env(),
