@@ -273,10 +273,12 @@ class Orchestrator:
                 continue
             reason = u.finish_reason
             text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
-            if hit and reason is None:
-                with self._lock:
-                    self.scheduler.finish(r, "stop", time.monotonic())
-                reason = "stop"
+            if hit:
+                # A stop string wins over `length`: it may complete on the last allowed token.
+                if reason is None:
+                    with self._lock:
+                        self.scheduler.finish(r, "stop", time.monotonic())
+                reason = r.finish_reason = "stop"
             if reason is not None:
                 text += handle.decoder.finish()
             handle.text += text

@@ -265,3 +265,22 @@ def test_drain_past_grace_fails_queued_score_jobs_and_score_times_out():
     b.join(10)
     assert isinstance(results["b"], ShuttingDownError), results
     assert not orch._thread.is_alive()
+
+
+def _events_of(handle, timeout=10.0):
+    events, deadline = [], time.monotonic() + timeout
+    while not events or events[-1].finish_reason is None:
+        events.append(handle.events.get(timeout=max(0.1, deadline - time.monotonic())))
+    return events
+
+
+def test_stop_string_completed_on_the_last_allowed_token_reports_stop():
+    orch = Orchestrator(MockEngine(4), make(max_batch=4), ByteTokenizer()).start()
+    try:
+        # Tokens 101, 102, 103 = "e", "f", "g": the stop string "fg" completes on the third and last token.
+        h = orch.submit(Request([100], 3), stop=["fg"])
+        events = _events_of(h)
+        assert events[-1].finish_reason == "stop" and h.request.finish_reason == "stop"
+        assert h.text == "e"
+    finally:
+        orch.stop()
