@@ -210,6 +210,7 @@ class Orchestrator:
                     )
                     with self._lock:
                         updates = self.scheduler.record_prefill(batch, out.tokens, out.logprobs, time.monotonic())
+                    self.metrics.generated(sum(len(u.tokens) for u in updates))  # each request's first token
                     self._deliver(updates)
                     worked = True
                 with self._lock:

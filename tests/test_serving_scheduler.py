@@ -284,3 +284,16 @@ def test_stop_string_completed_on_the_last_allowed_token_reports_stop():
         assert h.text == "e"
     finally:
         orch.stop()
+
+
+def test_token_metrics_count_every_generated_token_including_the_first():
+    orch = Orchestrator(MockEngine(4), make(max_batch=4), ByteTokenizer()).start()
+    try:
+        handles = [orch.submit(Request([10 + i], 4)) for i in range(3)]
+        for h in handles:
+            _events_of(h)
+    finally:
+        orch.stop()
+    generated = sum(len(h.request.tokens) for h in handles)
+    assert generated == 12
+    assert orch.metrics.registry.get_sample_value("meshserve_generated_tokens_total") == generated
