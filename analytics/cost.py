@@ -9,6 +9,8 @@ Terms per pass (PAPER.md "Cost model: three times"):
   KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth
   comm        N · Σ over partition.comm.layer_collectives: bytes/bw(axes) · (K-1)/K + ring steps · hop latency,
               all-reduce = 2 × all-gather
+  step comm   once per pass (not per layer): embedding all-reduce, final all-gather, logits all-gather
+              (partition.comm.step_collectives), priced like comm
   reshard     prefill only, once per pass: the phase switch of the KV cache into the decode layout's split
               (partition.comm.reshard_collectives for all N layers), priced like comm
 The terms add (what the paper's measured numbers follow with the fitted TPU v4 constants), except what the code
@@ -38,6 +40,7 @@ from meshserve.partition.comm import (
     kv_axes,
     layer_collectives,
     reshard_collectives,
+    step_collectives,
 )
 from meshserve.partition.rules import weight_bytes_per_chip
 
@@ -69,6 +72,7 @@ class Breakdown:
     comm_latency_s: float  # the per-hop part of comm_s
     overhead_s: float = 0.0
     reshard_s: float = 0.0  # prefill only: the phase switch (prefill KV split -> decode cache split), once per pass
+    step_comm_s: float = 0.0  # once per pass: embedding all-reduce, final all-gather, logits all-gather
 
 
 @dataclass(frozen=True)
@@ -266,8 +270,14 @@ def estimate(
             reshard_s += t
             once.append({**asdict(coll), "seconds": t, "what": "phase switch"})
 
-    # The phase switch waits for the last layer and overlaps nothing.
-    serial = compute_s + weight_load_s + kv_load_s + overhead_s + reshard_s
+    step_comm_s = 0.0  # embedding, final gather, logits: once per pass, on the critical path
+    for coll in step_collectives(ffn_layout, attention, mesh, dims, V):
+        t, _ = collective_time(coll, mesh, chip)
+        step_comm_s += t
+        once.append({**asdict(coll), "seconds": t, "what": "once per pass"})
+
+    # The phase switch waits for the last layer and overlaps nothing; nor do the once-per-pass collectives.
+    serial = compute_s + weight_load_s + kv_load_s + overhead_s + reshard_s + step_comm_s
     step = serial + exposed_comm
     step_overlap_s = step
     if looped is not None:
@@ -302,7 +312,7 @@ def estimate(
         memory_per_chip_bytes=total,
         fits=not overflow,
         overflow=overflow,
-        breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s, reshard_s),
+        breakdown=Breakdown(compute_s, weight_load_s, kv_load_s, comm_s, comm_lat, overhead_s, reshard_s, step_comm_s),
         collectives=rows,
         once_collectives=once,
         overlap=overlapped,
@@ -324,7 +334,7 @@ def memory_per_chip(
 
     Activations: the residual stream and the fused input-projection output (2F + HQ + 2KQ per token) as each layout
     shards them (ws1d BLE + BLF_xyz; ws2d BLE_x + BLF_yz; weight-gathered over G chips B_G·L·E + B_G·L·F_(n/G)),
-    plus float32 logits; weight-gathered layouts also hold the largest gathered matrix (E·F) twice.
+    plus float32 logits (the gathered B·V and this chip's B·V/n); weight-gathered layouts also hold the largest gathered matrix (E·F) twice.
     """
     c = config
     from meshserve.model.params import declare  # imports JAX, as model_sizes already did for this config
@@ -339,7 +349,8 @@ def memory_per_chip(
         width = t * (c.d_model / mesh.x + fused / (mesh.y * mesh.z))
     else:
         width = t / g * (c.d_model + fused * g / mesh.n)
-    act_b = ACT_BYTES * width + 4 * dims.batch * c.vocab_size / mesh.n
+    # float32 logits: every chip holds the all-gathered [B, V] (partition.comm.step_collectives) beside its V_xyz part
+    act_b = ACT_BYTES * width + 4 * dims.batch * c.vocab_size * (1 + 1 / mesh.n)
     if g > 1:  # the largest gathered matrix (E·F), twice: the next gather runs during this matmul
         act_b += 2 * c.d_model * c.d_ff * max(1.0, dims.weight_bytes) * g / mesh.n
     total = weights_b + kv_cache_bytes + act_b

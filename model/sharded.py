@@ -47,6 +47,7 @@ __all__ = [
     "decode_step",
     "layer_hlo",
     "insert_hlo",
+    "decode_hlo",
     "generate_sharded",
     "min_batch",
     "check_phases",
@@ -321,6 +322,15 @@ def layer_hlo(
     )
     lowered = fn.lower(*args)
     return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")
+
+
+def decode_hlo(params: Params, config: ModelConfig, mesh: Mesh, layout: Layout, batch: int, context: int) -> str:
+    """Compiled HLO text of one whole decode step (embedding, the scanned layers, logits) for `batch` rows
+    over a cache of `context` positions; the layers' collectives sit once in the scan's while body."""
+    check_model(config, mesh, layout, batch)
+    cache = init_cache(config, mesh, layout, batch, context, compute_dtype(params))
+    tokens = jnp.zeros((batch,), jnp.int32)
+    return _decode.lower(params, config, tokens, cache, mesh=mesh, layout=layout).compile().as_text()
 
 
 def insert_hlo(

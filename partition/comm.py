@@ -37,6 +37,7 @@ __all__ = [
     "LayoutError",
     "layer_collectives",
     "reshard_collectives",
+    "step_collectives",
     "attention_batch_axes",
     "gathered_axes",
     "check_layout",
@@ -394,6 +395,35 @@ def _overlapped(mesh: MeshShape, d: LayerDims, plain: list[Collective]) -> list[
             out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
         elif not c.tensor.startswith("BL2{"):  # the plain norm statistics: replaced by the xyz ones above
             out.append(c)
+    return out
+
+
+def step_collectives(
+    ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims, vocab_size: int, logits_tokens: int = 1
+) -> list[Collective]:
+    """The collectives one pass runs once (not per layer): embedding, final gather and logits, in program order.
+
+    The embedding table is split over V_xyz, so each token's row comes from one chip: all-reduce(xyz) of BLE.
+    After the last layer the residual (B_G·L·E_R) is gathered whole for the final norm, then the float32
+    logits BLV_xyz are all-gathered so every chip holds [B, logits_tokens, V] (prefill keeps one token per row).
+    """
+    check_layout(ffn_layout, attention, mesh, dims)
+    B, L, E, a, T = dims.batch, dims.tokens, dims.d_model, dims.act_bytes, logits_tokens
+    xyz = _live(mesh, MESH_AXES)
+    G = gathered_axes(ffn_layout)
+    g, r = _live(mesh, G), _live(mesh, tuple(ax for ax in MESH_AXES if ax not in G))
+    out: list[Collective] = []
+    if xyz:
+        out.append(Collective("all-reduce", xyz, B * L * E * a, "BLE{partialsum-xyz} --all-reduce(xyz)--> BLE", "step"))
+    if r:
+        b = f"B_{_name(g)}" if g else "B"
+        text = f"{b}LE_{_name(r)} --all-gather({_name(r)})--> {b}LE"
+        out.append(Collective("all-gather", r, B // mesh.size(G) * T * E * a, text, "step"))
+    if g:
+        text = f"B_{_name(g)}LE --all-gather({_name(g)})--> BLE"
+        out.append(Collective("all-gather", g, B * T * E * a, text, "step"))
+    if xyz:
+        out.append(Collective("all-gather", xyz, B * T * vocab_size * 4, "BLV_xyz --all-gather(xyz)--> BLV", "step"))
     return out
 
 

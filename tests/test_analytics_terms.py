@@ -74,7 +74,9 @@ def test_overlap_and_metrics_definitions():
     e = _prefill()
     b = e.breakdown
     assert not e.overlap
-    assert e.step_s == pytest.approx(b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s + b.reshard_s)
+    assert e.step_s == pytest.approx(
+        b.compute_s + b.weight_load_s + b.kv_load_s + b.comm_s + b.reshard_s + b.step_comm_s
+    )
     assert e.step_overlap_s < e.step_s  # ws2d has the looped collective einsum
     real = model_sizes(PALM).real_params
     assert e.mfu == pytest.approx(2 * real * 2048 / (64 * 275e12 * e.latency_s))
@@ -97,7 +99,15 @@ def test_overlap_prices_the_looped_list_and_hides_only_its_ring_steps():
     b = e.breakdown
     assert ring > 0 and serial > 0  # the all-reduces, reduce-scatter(x), all-to-alls stay exposed
     hidden_under = max(b.compute_s, b.weight_load_s)
-    want = b.compute_s + b.weight_load_s + b.kv_load_s + b.overhead_s + serial + max(0.0, ring - hidden_under)
+    want = (
+        b.compute_s
+        + b.weight_load_s
+        + b.kv_load_s
+        + b.overhead_s
+        + b.step_comm_s
+        + serial
+        + max(0.0, ring - hidden_under)
+    )
     assert e.step_s == pytest.approx(want) and e.step_overlap_s == pytest.approx(want)
     plain = estimate(PALM, TPU, MESH, ffn_layout="ws2d", **kw)
     assert plain.step_overlap_s == pytest.approx(e.step_s)
@@ -174,12 +184,13 @@ def test_prefill_pays_the_phase_switch_reshard_by_hand():
     per_chip = 2 * N * B * L * 1 * Q * 2  # K and V, every row, bf16, after the gather
     bw, hop = 270e9 * 0.40, 2.5e-6
     assert e.breakdown.reshard_s == pytest.approx(per_chip / bw * 63 / 64 + 9 * hop)  # 3+3+3 torus steps
-    (row,) = e.once_collectives
+    (row,) = [c for c in e.once_collectives if c["what"] == "phase switch"]
     assert (row["kind"], row["axes"], row["bytes_per_chip"]) == ("all-gather", ("x", "y", "z"), per_chip)
     b = e.breakdown
     assert e.latency_s == e.step_s > b.compute_s + b.weight_load_s + b.kv_load_s + b.reshard_s
     # ws2d heads -> ws2d heads: the KV split agrees (multi-query, no batch split), nothing moves
-    assert _prefill().breakdown.reshard_s == 0.0 and _prefill().once_collectives == []
+    assert _prefill().breakdown.reshard_s == 0.0
+    assert [c["what"] for c in _prefill().once_collectives] == ["once per pass"] * 3
     # decode never pays it (it is counted once, with the prefill that produced the cache)
     d = estimate(PALM, TPU, MESH, phase="decode", batch=B, prompt_len=L, gen_len=64, ffn_layout="ws2d",
                  attention="batch")  # fmt: skip
@@ -205,3 +216,26 @@ def test_weights_per_chip_as_stored_by_hand():
 def test_a_ring_step_costs_its_chunk_and_one_hop():
     step = Collective("collective-permute", ("y", "z"), 1_000_000, "", "ffn")
     assert collective_time(step, MESH, TPU) == pytest.approx((1e6 / (270e9 * 0.40) + 2.5e-6, 2.5e-6))
+
+
+def test_once_per_step_collectives_by_hand():
+    # decode, ws2d batch on 4x4x4, B = 512: embedding all-reduce(xyz) of B·E, final all-gather(xyz) of B·E (bf16),
+    # logits all-gather(xyz) of B·V float32 (PAPER.md's ~5% of the step)
+    B, E, V = 512, 18432, 256128
+    e = estimate(PALM, TPU, MESH, phase="decode", batch=B, prompt_len=2048, gen_len=64, weights="bf16",
+                 ffn_layout="ws2d", attention="batch")  # fmt: skip
+    bw, hop = 270e9 * 0.40, 2.5e-6
+    ag = lambda nbytes: nbytes / bw * 63 / 64 + 9 * hop  # noqa: E731
+    want = 2 * ag(B * E * 2) + ag(B * E * 2) + ag(B * V * 4)  # all-reduce = 2 x all-gather
+    assert e.breakdown.step_comm_s == pytest.approx(want)
+    assert 0.03 < e.breakdown.step_comm_s / e.step_s < 0.1
+    assert [(c["kind"], c["bytes_per_chip"]) for c in e.once_collectives] == [
+        ("all-reduce", B * E * 2),
+        ("all-gather", B * E * 2),
+        ("all-gather", B * V * 4),
+    ]
+    # logits as compiled: every chip holds the gathered float32 [B, V] (and its own V/64 part)
+    small = estimate(PALM, TPU, MESH, phase="decode", batch=64, prompt_len=2048, gen_len=64, weights="bf16",
+                     ffn_layout="ws2d", attention="batch")  # fmt: skip
+    grew = e.memory["activations"] - small.memory["activations"]
+    assert grew >= 4 * (B - 64) * V

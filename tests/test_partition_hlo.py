@@ -10,7 +10,14 @@ import jax
 import pytest
 from meshserve.model import get_config, sharded
 from meshserve.model.params import cast_params, init_params
-from meshserve.partition.comm import ATTENTION_LAYOUTS, FFN_LAYOUTS, LayerDims, layer_collectives, reshard_collectives
+from meshserve.partition.comm import (
+    ATTENTION_LAYOUTS,
+    FFN_LAYOUTS,
+    LayerDims,
+    layer_collectives,
+    reshard_collectives,
+    step_collectives,
+)
 from meshserve.partition.hlo import collectives_in_hlo, summarize
 from meshserve.partition.mesh import make_mesh, mesh_shape
 from meshserve.partition.rules import Layout
@@ -102,3 +109,23 @@ def test_phase_switch_reshard_equals_the_list(prefill, decode, kv_heads):
     listed = reshard_collectives(prefill.ffn, prefill.attention, decode.ffn, decode.attention, mesh_shape(mesh), dims,
                                  n_layers=config.n_layers)  # fmt: skip
     assert got == summarize(listed)
+
+
+@pytest.mark.parametrize("layout", [Layout("ws2d", "batch"), Layout("wg-xy", "heads")])
+def test_whole_decode_step_is_n_layers_plus_the_step_list(models, layout):
+    """The full compiled decode step: N x the layer list (the scan's while body, run N times) + step_collectives."""
+    mesh = make_mesh("2x2x2")
+    config, params = models(1, "f32", layout, mesh)
+    text = sharded.decode_hlo(params, config, mesh, layout, batch=8, context=16)
+    found = collectives_in_hlo(text, mesh)
+    in_loop = [c for c in found if "while/body" in c.tensor]
+    once = [c for c in found if "while/body" not in c.tensor]
+    dims = LayerDims(8, 1, 16, config.d_model, config.d_ff, config.n_heads, config.n_kv_heads, config.d_head,
+                     act_bytes=4, weight_bytes=4)  # fmt: skip
+    shape = mesh_shape(mesh)
+    assert summarize(in_loop) == summarize(layer_collectives(layout.ffn, layout.attention, shape, dims))
+    want_once = step_collectives(layout.ffn, layout.attention, shape, dims, config.vocab_size)
+    assert summarize(once) == summarize(want_once)
+    assert {c.kind for c in want_once} == {"all-reduce", "all-gather"}  # embedding, final gather, logits
+    # the while body runs once per layer: XLA records its trip count, N
+    assert f'known_trip_count":{{"n":"{config.n_layers}"}}' in text and len(in_loop) > 0
