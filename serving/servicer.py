@@ -147,7 +147,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             expired = r.deadline is not None and time.monotonic() >= r.deadline
             self._count(handle, method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
 
-        context.add_callback(ended)
+        if not context.add_callback(ended):
+            ended()  # the RPC already ended (client gone in between): the callback will never run
         return handle
 
     def _count(self, handle: RequestHandle, method: str, code: str) -> None:

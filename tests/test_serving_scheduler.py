@@ -297,3 +297,31 @@ def test_token_metrics_count_every_generated_token_including_the_first():
     generated = sum(len(h.request.tokens) for h in handles)
     assert generated == 12
     assert orch.metrics.registry.get_sample_value("meshserve_generated_tokens_total") == generated
+
+
+class _EndedContext:
+    """A gRPC context whose RPC already ended (the client left before the callback was registered)."""
+
+    def time_remaining(self):
+        return None
+
+    def add_callback(self, callback):
+        return False  # grpc's answer when the RPC has already terminated: the callback will never run
+
+    def is_active(self):
+        return False
+
+
+def test_request_of_an_rpc_that_already_ended_is_cancelled():
+    from types import SimpleNamespace
+
+    from meshserve.model.config import get_config
+    from meshserve.protos import inference_pb2 as pb
+    from meshserve.serving.servicer import InferenceServicer, Limits
+
+    tok = ByteTokenizer()
+    model = SimpleNamespace(config=get_config("tiny"), tokenizer=tok, encode_prompt=tok.encode, stop_ids=lambda: [])
+    orch = Orchestrator(MockEngine(4), make(max_batch=4), tok)  # not started: the request stays queued
+    servicer = InferenceServicer(orch, model, None, Limits(128, 4, 128, 8), {})
+    handle = servicer._start(pb.GenerateRequest(text="hi", max_new_tokens=4), _EndedContext(), "Generate")
+    assert handle.request.cancel_requested  # freed at the next step instead of generating for nobody
