@@ -100,6 +100,11 @@ def save_checkpoint(
         raise CheckpointError(f"params leaf {bad[0]} is not an array")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
+    if path.exists() and not (path / META_FILE).is_file():
+        # Overwrite replaces checkpoints only: never a file, a Hugging Face directory or anything else.
+        raise CheckpointError(
+            f"{path} exists and is not a meshserve checkpoint (no {META_FILE}); refusing to replace it"
+        )
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         try:
@@ -116,13 +121,30 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_file, tmp / tok_name)
         meta = {"format": FORMAT, "model": config.to_dict(), "weights": weights, "tokenizer": tok_name}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Move the finished `tmp` to `path`; an old checkpoint there is renamed aside first and removed only after.
+
+    At every moment `path` holds either the old or the new complete checkpoint (or, between the two renames, nothing
+    with the old one at the backup name); a failed second rename puts the old one back.
+    """
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, backup)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:

@@ -56,8 +56,14 @@ def _check_out(args: argparse.Namespace) -> Path:
         raise ConvertError(f"--out {out}: {parent} is not a directory")
     if out.exists() and not args.force:
         raise ConvertError(f"--out {out} already exists (pass --force to replace it)")
-    if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():
-        raise ConvertError("--out must differ from --checkpoint (the source is read while the output is written)")
+    for flag, source in (("--checkpoint", args.checkpoint), ("--from-hf", args.from_hf)):
+        if source and out.resolve() == Path(source).resolve():
+            raise ConvertError(f"--out must differ from {flag} (the source is read while the output is written)")
+    if out.exists() and not (out / "meshserve.json").is_file():
+        # --force replaces an old checkpoint only, never a file or another directory (e.g. the HF source).
+        raise ConvertError(
+            f"--out {out} exists and is not a meshserve checkpoint (no meshserve.json); not replacing it"
+        )
     return out
 
 

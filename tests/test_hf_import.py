@@ -259,14 +259,19 @@ def test_bad_input(tmp_path, capsys):
     assert "model-00001.safetensors" in _convert_error(capsys, hf, out)
     reset()
 
-    # An existing --out is refused (and kept) unless --force.
+    # An existing --out is refused (and kept) unless --force, and --force replaces only a meshserve checkpoint.
     out.mkdir()
     (out / "keep").write_text("mine")
     capsys.readouterr()
     assert main(["convert", "--from-hf", str(hf), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err and (out / "keep").read_text() == "mine"
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--force"]) == 2
+    assert "not a meshserve checkpoint" in capsys.readouterr().err and (out / "keep").read_text() == "mine"
+    (out / "keep").unlink()
+    out.rmdir()
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--weights", "f32"]) == 0
     assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--force", "--weights", "bf16"]) == 0
-    assert read_checkpoint_info(out).weights == "bf16" and not (out / "keep").exists()
+    assert read_checkpoint_info(out).weights == "bf16"
     capsys.readouterr()
     assert main(["convert", "--checkpoint", str(out), "--out", str(tmp_path / "o2")]) == 2
     assert "--weights" in capsys.readouterr().err

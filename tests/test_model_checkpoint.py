@@ -141,3 +141,46 @@ def test_save_into_an_impossible_parent_is_a_checkpoint_error(tmp_path, tiny):
     config, params = tiny
     with pytest.raises(CheckpointError, match="cannot write checkpoint"):
         save_checkpoint("/proc/nope/ck", config, params, "f32")
+
+
+def test_overwrite_swaps_atomically_and_keeps_the_old_one_on_failure(tmp_path, tiny, monkeypatch):
+    import meshserve.model.checkpoint as ck
+
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    save_checkpoint(tmp_path / "ck", config, params, "bf16", overwrite=True)
+    assert read_checkpoint_info(tmp_path / "ck").weights == "bf16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no backup or temporary left behind
+    # The rename of the new checkpoint into place fails: the old one must still be there, whole.
+    real_replace = ck.os.replace
+
+    def failing_replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ck", config, params, "f32", overwrite=True)
+    monkeypatch.undo()
+    assert read_checkpoint_info(tmp_path / "ck").weights == "bf16"
+    _, restored = load_checkpoint(tmp_path / "ck")
+    assert restored["embed"].dtype == jnp.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_overwrite_refuses_anything_but_a_checkpoint(tmp_path, tiny, capsys):
+    config, params = tiny
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for target in ("file", "hf"):
+        with pytest.raises(CheckpointError, match="is not a meshserve checkpoint"):
+            save_checkpoint(tmp_path / target, config, params, "f32", overwrite=True)
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    for argv in (["--from-hf", tmp_path / "hf", "--out", tmp_path / "hf"],  # the source itself
+                 ["--checkpoint", tmp_path / "ck", "--out", tmp_path / "file", "--weights", "bf16"],
+                 ["--checkpoint", tmp_path / "ck", "--out", tmp_path / "hf", "--weights", "bf16"]):  # fmt: skip
+        code, err = _convert(capsys, *argv, "--force")
+        assert code == 2 and err.count("\n") == 1 and ("must differ" in err or "not a meshserve checkpoint" in err)
+    assert (tmp_path / "file").read_text() == "keep me" and (tmp_path / "hf" / "config.json").exists()
