@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-from meshserve.errors import UserError
 from meshserve.serving.cli_serve import add_model_arguments, load_for_serving
 
 __all__ = ["COMMANDS"]
@@ -36,17 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, kind: str) -> int:
     from meshserve.serving.engine import Engine, ModelSteps
-    from meshserve.serving.offline import run_generate, run_score
+    from meshserve.serving.offline import check_paths, resume_output, run_generate, run_score
     from tqdm import tqdm
 
     in_path, out_path = Path(args.input), Path(args.output)
-    if not in_path.is_file():
-        raise UserError(f"input file not found: {in_path}")
-    if out_path.is_dir():
-        raise UserError(f"output {out_path} is a directory")
-    if in_path.resolve() == out_path.resolve():
-        raise UserError("output must be a different file from the input")
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
+    # Before loading and compiling (minutes on a large model): bad paths and a corrupt OUT fail fast.
+    check_paths(in_path, out_path, errors_path)
+    resume_output(out_path)
     model, plan, steps, _ = load_for_serving(args, args.objective)
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     if kind == "score":

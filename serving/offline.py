@@ -24,7 +24,16 @@ from typing import Any
 from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingError, SamplingParams
 
-__all__ = ["read_jobs", "resume_output", "run_score", "run_generate", "OfflineError", "JobLine", "JobSummary"]
+__all__ = [
+    "check_paths",
+    "read_jobs",
+    "resume_output",
+    "run_score",
+    "run_generate",
+    "OfflineError",
+    "JobLine",
+    "JobSummary",
+]
 
 
 class OfflineError(UserError):
@@ -81,6 +90,24 @@ def resume_output(path: Path) -> set:
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done
+
+
+def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:
+    """Refuse paths that would destroy data: OUT or the errors file (rewritten each run) on top of IN, or the
+    errors file on top of OUT. Compared after resolving, so `./in.jsonl` and `d/../in.jsonl` count as IN."""
+    if not in_path.is_file():
+        raise OfflineError(f"input file not found: {in_path}")
+    if out_path.is_dir():
+        raise OfflineError(f"output {out_path} is a directory")
+    if errors_path.is_dir():
+        raise OfflineError(f"--errors {errors_path} is a directory")
+    src, out, err = (p.resolve() for p in (in_path, out_path, errors_path))
+    if out == src:
+        raise OfflineError("output must be a different file from the input")
+    if err == src:
+        raise OfflineError(f"--errors must be a different file from the input ({in_path})")
+    if err == out:
+        raise OfflineError(f"--errors must be a different file from the output ({out_path})")
 
 
 def _key(value: Any) -> str:
@@ -146,6 +173,7 @@ class _Writer:
 
 
 def _prepare(in_path: Path, out_path: Path, errors_path: Path, required: tuple[str, ...]):
+    check_paths(in_path, out_path, errors_path)  # before anything is opened for writing
     done = resume_output(out_path)
     writer = _Writer(out_path, errors_path)
     todo = []

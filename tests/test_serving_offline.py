@@ -40,3 +40,25 @@ def test_resume_refuses_a_corrupt_complete_line_and_changes_nothing(tmp_path):
     _write(out, [*rows[:2], '{"no_id": 1}\n', *rows[2:]])
     with pytest.raises(OfflineError, match="line 3"):
         resume_output(out)
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_errors_path_equal_to_input_or_output_is_refused_before_anything_is_written(tmp_path, which, monkeypatch):
+    import subprocess
+
+    from test_serving_support import env, meshserve
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": 1, "prompt": "a", "continuation": "b"}) + "\n")
+    out.write_text(json.dumps({"id": 0, "logprob": -1.0}) + "\n")
+    before = {p: p.read_bytes() for p in (src, out)}
+    monkeypatch.chdir(tmp_path)
+    errors = "./in.jsonl" if which == "input" else "sub/../out.jsonl"  # the same file under another spelling
+    (tmp_path / "sub").mkdir()
+    done = subprocess.run(
+        meshserve("score", "in.jsonl", "-o", "out.jsonl", "--errors", errors),
+        capture_output=True, text=True, env=env(), timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--errors must be a different file from the {which}" in done.stderr and "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in (src, out)} == before
