@@ -49,13 +49,13 @@ def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 
 
 
 def stack_sampling(params: list[SamplingParams]) -> dict[str, np.ndarray]:
-    """Per-row arrays for `sample`: temperature, top_k, top_p float/int [B] and seed uint32 [B]."""
+    """Per-row arrays for `sample`: temperature, top_k, top_p float/int [B] and seed uint32 [B, 2] (high, low)."""
     return {
         "temperature": np.array([p.temperature for p in params], np.float32),
         "top_k": np.array([p.top_k for p in params], np.int32),
         "top_p": np.array([p.top_p for p in params], np.float32),
-        # Fold the 63-bit seed into 32 bits; same seed -> same key.
-        "seed": np.array([(p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF for p in params], np.uint32),
+        # Both 32-bit halves of the 63-bit seed: distinct seeds give distinct keys (folding them collided).
+        "seed": np.array([(p.seed >> 32, p.seed & 0xFFFFFFFF) for p in params], np.uint32).reshape(len(params), 2),
     }
 
 
@@ -71,8 +71,16 @@ def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array
     sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     n_keep = jnp.maximum(jnp.sum(mass_before < sampling["top_p"][:, None], axis=-1), 1)
+    # top_p = 1 keeps everything: float32 cumsum can reach 1.0 before the tail and would drop it.
+    n_keep = jnp.where(sampling["top_p"] >= 1.0, V, n_keep)
     pth = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)
     return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+
+
+def _seed_key(halves: jax.Array) -> jax.Array:
+    """A threefry key whose data is the seed's (high, low) uint32 halves [2]: what `jax.random.key(seed)` builds
+    for a 64-bit seed, so seeds below 2**32 keep the streams they had (key data [0, seed])."""
+    return jax.random.wrap_key_data(halves.astype(jnp.uint32), impl="threefry2x32")
 
 
 def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -91,7 +99,7 @@ def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw() -> jax.Array:
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(sampling["seed"])
+        keys = jax.vmap(lambda s: jax.random.fold_in(_seed_key(s), step))(sampling["seed"])
         sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 

@@ -83,3 +83,25 @@ def test_generate_cli_huge_top_k_is_one_line_exit_2(capsys):
     code = main(["generate", "--top-k", "99999999999", "--max-new-tokens", "1", "--tokens", "1,2"])
     err = capsys.readouterr().err
     assert code == 2 and "top_k" in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_top_p_one_keeps_every_token_next_to_a_filtering_row():
+    from meshserve.model.sampling import _top_k_top_p
+
+    # 32k random logits: float32 cumsum of the sorted probabilities reaches 1.0 before the tail for this draw
+    # (2800 tokens were masked in row 0 before the fix), and row 1 makes the filter run for the whole batch.
+    logits = jax.random.normal(jax.random.key(0), (2, 32000)) * 4
+    s = {"top_k": jnp.array([0, 0]), "top_p": jnp.array([1.0, 0.5], jnp.float32)}
+    out = np.asarray(_top_k_top_p(logits, s))
+    assert np.isfinite(out[0]).all()
+    assert 0 < np.isfinite(out[1]).sum() < 32000  # the filtering row still filters
+
+
+def test_seeds_differing_only_in_the_high_32_bits_draw_differently():
+    a = _draw(SamplingParams(temperature=1.0, seed=1), 64)
+    b = _draw(SamplingParams(temperature=1.0, seed=2**32), 64)  # folded to the same 32 bits before the fix
+    c = _draw(SamplingParams(temperature=1.0, seed=2**32 + 1), 64)
+    assert (a != b).any() and (a != c).any() and (b != c).any()
+    # seeds below 2**32 keep their jax.random.key(seed) streams
+    s = stack_sampling([SamplingParams(temperature=1.0, seed=7)])
+    assert s["seed"].tolist() == [[0, 7]]
