@@ -29,7 +29,8 @@ from meshserve.model.params import WEIGHT_DTYPES, Params, declare
 __all__ = ["HFImportError", "HFCheckpoint", "falcon_config", "read_hf_config", "load_hf", "TENSOR_DTYPES"]
 
 # safetensors dtype tags -> meshserve weight names; a checkpoint of only F32 converts to f32 by default.
-TENSOR_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "bf16"}
+# FP16 is its own tag: it is read as float32 (exact) and cast once to the stored dtype, never through bf16.
+TENSOR_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 _MODEL_TYPES = ("falcon", "RefinedWebModel")  # RefinedWebModel: the pre-transformers name of Falcon-7B
 # Tensors Falcon checkpoints may carry that hold no weights (older exports saved rotary buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -45,9 +46,14 @@ class HFCheckpoint:
 
     config: ModelConfig
     params: Params
-    source_dtype: str  # f32 when every tensor was float32, else bf16
+    source_dtype: str  # what the files hold: f32, bf16, f16, or a mix such as "bf16+f32"
     tokenizer_file: Path | None
     n_tensors: int
+
+    @property
+    def default_weights(self) -> str:
+        """The stored dtype when none is asked for: f32 for an all-float32 source, else bf16."""
+        return "f32" if self.source_dtype == "f32" else "bf16"
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -263,7 +269,7 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
 
 
 def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool = False) -> HFCheckpoint:
-    """Read a Falcon-style HF directory into numpy params (f32 if `weights` is f32 or the source is, else bf16).
+    """Read a Falcon-style HF directory into numpy params: bf16 when bf16 is stored, else float32.
 
     Every tensor is checked against the shape config.json implies before any is read; a mismatch
     names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).
@@ -299,12 +305,15 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     if unsupported:
         raise HFImportError(f"unsupported tensor dtype(s) {unsupported}; supported: {sorted(TENSOR_DTYPES)}")
 
-    source = "f32" if all(TENSOR_DTYPES[tensors.dtypes[n]] == "f32" for n in expected) else "bf16"
-    # int8 is quantised by the caller from the source precision, so read f32 sources as f32 for it.
-    dtype = np.float32 if (weights if weights in ("f32", "bf16") else source) == "f32" else ml_dtypes.bfloat16
+    source = "+".join(sorted({TENSOR_DTYPES[tensors.dtypes[n]] for n in expected}))
+    # Read in bf16 only when bf16 is what is stored (or all the source holds); otherwise float32, exact for every
+    # source dtype, so int8 is quantised by the caller from the source precision and FP16 is rounded only once.
+    target = weights or ("f32" if source == "f32" else "bf16")
+    dtype = ml_dtypes.bfloat16 if target == "bf16" or (target == "int8" and source == "bf16") else np.float32
     params = _empty_params(config, dtype)
     for name, _, dest, layer in tqdm(plan, desc="reading tensors", unit="tensor", disable=not progress, leave=False):
-        _place(params, dest, layer, tensors.get(name).astype(dtype), config)
+        # float16 -> float32 first (exact), then to the target: one rounding, never f16 -> bf16 directly.
+        _place(params, dest, layer, tensors.get(name).astype(np.float32).astype(dtype), config)
     tokenizer = next((directory / f for f in ("tokenizer.json", "tokenizer.model") if (directory / f).is_file()), None)
     return HFCheckpoint(config, params, source, tokenizer, len(plan))
 

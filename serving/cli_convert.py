@@ -82,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         imported = load_hf(args.from_hf, args.weights, progress=True)
         config, params, tokenizer = imported.config, imported.params, imported.tokenizer_file
         source, source_weights = str(Path(args.from_hf)), imported.source_dtype
-        weights = args.weights or imported.source_dtype
+        weights = args.weights or imported.default_weights
     else:
         info, params = load_checkpoint(args.checkpoint)
         config, tokenizer = info.config, info.tokenizer_path
         source, source_weights, weights = str(info.path), info.weights, args.weights
-    # --from-hf params are already read as f32 or bf16 (int8 is quantised here, from the source precision).
+    # --from-hf params are already read as f32 or bf16 (int8 is quantised here, from f32 unless the source is bf16).
     if weights == "int8" or (args.checkpoint and weights != source_weights):
         print(f"casting to {weights}", file=sys.stderr)
         params = cast_params(config, params, weights)

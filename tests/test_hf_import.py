@@ -306,3 +306,21 @@ def test_falcon_7b_config_maps_to_preset():
         "vocab_size": 65024,
     }
     assert falcon_config(published, name="falcon-7b") == get_config("falcon-7b")
+
+
+def test_fp16_safetensors_are_read_through_float32_and_reported_as_f16(tmp_path, capsys):
+    import ml_dtypes
+
+    model = make_falcon(tmp_path / "hf", dtype=torch.float16)
+    exact = model.transformer.word_embeddings.weight.float().detach().numpy()  # f16 -> f32 is exact
+    for weights in ("int8", "f32"):  # int8 is quantised by the caller: it must get the f16 values, not bf16's
+        imported = load_hf(tmp_path / "hf", weights)
+        assert imported.source_dtype == "f16" and imported.params["embed"].dtype == np.float32
+        np.testing.assert_array_equal(imported.params["embed"], exact)
+    imported = load_hf(tmp_path / "hf")
+    assert imported.default_weights == "bf16" and imported.params["embed"].dtype.name == "bfloat16"
+    np.testing.assert_array_equal(imported.params["embed"], exact.astype(ml_dtypes.bfloat16))
+    capsys.readouterr()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["source_weights"] == "f16" and summary["weights"] == "bf16"
