@@ -134,7 +134,8 @@ def memory_estimate(
     trainable = 0
     if mode == "inference":
         # The widest live tensors of one prefill pass: residual + fused input projection output.
-        fused = 2 * c.d_ff + c.n_heads * c.d_head + 2 * c.n_kv_heads * c.d_head
+        mlp_in = 2 * c.d_ff if c.mlp == "swiglu" else c.d_ff  # w_up, plus w_gate for SwiGLU only
+        fused = mlp_in + c.n_heads * c.d_head + 2 * c.n_kv_heads * c.d_head
         act_b = ACT_BYTES * batch * context * (c.d_model + fused)
     else:
         import jax

@@ -85,3 +85,19 @@ def test_local_chip_file_that_is_not_an_object_is_one_line_exit_2(capsys, tmp_pa
     monkeypatch.setenv("MESHSERVE_LOCAL_CHIP", str(path))
     code, _, err = _run(capsys, "analyze", "--hardware", "local", "--chips", "1", "--model", "tiny")
     assert code == 2 and "chip 'local': cannot read" in err and err.count("\n") == 1, err
+
+
+def test_memory_estimate_activations_by_hand():
+    from meshserve.analytics import memory_estimate
+
+    # Inference: the widest live tensors of one prefill pass, bf16: residual E + fused input projection
+    # (w_up F, w_gate F when SwiGLU, queries H·Q, keys and values 2·K·Q) per token.
+    # palm-8b: E 4096, F 16384 (SwiGLU), H 16, K 1, Q 256; batch 4, context 1024.
+    got = memory_estimate(get_config("palm-8b"), batch=4, context=1024)["activations_bytes"]
+    assert got == 2 * 4 * 1024 * (4096 + 2 * 16384 + 16 * 256 + 2 * 1 * 256)
+    # falcon-7b: GELU MLP (no gate): E 4544, F 18176, H 71, K 1, Q 64.
+    got = memory_estimate(get_config("falcon-7b"), batch=2, context=512)["activations_bytes"]
+    assert got == 2 * 2 * 512 * (4544 + 18176 + 71 * 64 + 2 * 64)
+    # Fine-tuning: Korthikanti et al. 2022 eq. 2, s·b·h·(34 + 5·a·s/h) bytes per layer, 32 layers.
+    got = memory_estimate(get_config("palm-8b"), mode="finetune", batch=1, context=256)["activations_bytes"]
+    assert got == pytest.approx(32 * 256 * 1 * 4096 * (34 + 5 * 16 * 256 / 4096))
