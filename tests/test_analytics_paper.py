@@ -99,7 +99,10 @@ IDEAL = dataclasses.replace(TPU, topology="switch", links_per_axis=1, link_bandw
 PLAIN = get_config("palm-540b").replace(mlp="gelu", n_heads=256)  # F = 4E; heads split up to 256 chips
 
 
-def _ffn_comm(config, ffn, mesh, tokens, attention="heads"):
+def _ffn_comm(config, ffn, mesh, tokens, attention=None):
+    # Only FFN/weight collectives are summed, so the attention layout does not change the sum; weight-gathered
+    # layouts always split attention's batch (partition.comm refuses "heads" for them).
+    attention = attention or ("heads" if ffn in ("ws1d", "ws2d") else "batch")
     dims = layer_dims(config, 1, tokens, tokens, "bf16")
     if tokens % 64 == 0:  # 64 sequences so every weight-gathered batch split divides
         dims = dataclasses.replace(dims, batch=64, tokens=tokens // 64)
