@@ -30,7 +30,7 @@ from meshserve.serving.plan import EnginePlan
 
 __all__ = ["Engine", "ModelSteps", "DecodeState", "PrefillResult", "ScoreOutput"]
 
-SamplingArrays = dict[str, jax.Array]  # temperature, top_k, top_p, seed: [B] each
+SamplingArrays = dict[str, jax.Array]  # temperature, top_k, top_p: [B]; seed: [B, 2] (model/sampling.py)
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ class Engine:
         i32 = jax.ShapeDtypeStruct
         state = self._abstract_state()
         dtype = transformer.compute_dtype(self.params)
-        samp = lambda b: {n: i32((b,), a.dtype) for n, a in _pad_sampling([], b).items()}  # noqa: E731
+        # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2]), with b rows.
+        samp = lambda b: {n: i32((b, *a.shape[1:]), a.dtype) for n, a in _pad_sampling([], b).items()}  # noqa: E731
         for b in plan.prefill_batches if "generate" in phases else ():
             for t in plan.prefill_lengths:
                 tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
