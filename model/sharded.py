@@ -96,7 +96,8 @@ def param_shardings(config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d"):
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d") -> Params:
     """Place params in the layout's storage (2D for every layout but ws1d) on `mesh`."""
-    check_model(config, mesh, Layout(ffn_layout), 1 if ffn_layout.startswith("ws") else mesh.size)
+    gathered = not ffn_layout.startswith("ws")
+    check_model(config, mesh, Layout(ffn_layout, "batch" if gathered else "heads"), mesh.size if gathered else 1)
     return jax.device_put(params, param_shardings(config, mesh, ffn_layout)(params))
 
 

@@ -49,7 +49,7 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention",
         choices=ATTENTION_LAYOUTS,
         help="attention sharded over heads or batch, both phases (default: heads for prefill, "
-        "batch for decode, as the paper)",
+        "batch for decode, as the paper; weight-gathered layouts take batch only)",
     )
     group.add_argument("--collective-matmul", action="store_true",
                        help="ws2d decode: overlap its collectives with the matmuls (looped collective einsum)")  # fmt: skip
@@ -60,7 +60,9 @@ def mesh_args(args: argparse.Namespace) -> MeshArgs | None:
     names = ("mesh", "prefill_layout", "decode_layout", "attention", "collective_matmul")
     if not any(getattr(args, name, None) for name in names):
         return None
-    prefill = Layout(args.prefill_layout or "ws2d", args.attention or "heads")
+    prefill_ffn = args.prefill_layout or "ws2d"
+    # weight-gathered layouts split attention's batch (attention 'heads' is refused for them)
+    prefill = Layout(prefill_ffn, args.attention or ("batch" if prefill_ffn.startswith("wg") else "heads"))
     decode_ffn = args.decode_layout or "ws2d"
     if args.collective_matmul and decode_ffn != "ws2d":
         raise LayoutError(f"--collective-matmul needs --decode-layout ws2d, got {decode_ffn}")

@@ -16,7 +16,8 @@ the query heads.
          heads: -AR(x)-> BLHQ_yz (attention repeated over x); batch: -RS(x)-> B_x, all-to-all(A - x) -> B_A, back,
          -AG(x)->; SwiGLU; BLF_xyz -AG(x)-> BLF_yz; out BLE_x{partialsum-yz} -RS(yz)-> BLE_xyz
   wg-*:  activations B_G·L·E_R (G gathered axes, R the rest); -AG(R)-> B_G·L·E; each weight -AG(G ∩ its split)->;
-         attention runs locally (batch over G, heads over R, whatever `attention` says); out -RS(R)-> B_G·L·E_R.
+         attention runs locally (batch over G, heads over R: attention 'batch' only, 'heads' is refused);
+         out -RS(R)-> B_G·L·E_R.
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def check_layout(ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDi
         raise LayoutError(f"layout must be one of {', '.join(FFN_LAYOUTS)}, got {ffn_layout!r}")
     if attention not in ATTENTION_LAYOUTS:
         raise LayoutError(f"attention must be one of {', '.join(ATTENTION_LAYOUTS)}, got {attention!r}")
+    if ffn_layout in _GATHERED and attention != "batch":
+        raise LayoutError(
+            f"attention '{attention}' means nothing under {ffn_layout}: a weight-gathered layout always splits "
+            f"attention's batch over its gathered axes ({_name(_GATHERED[ffn_layout])}) and heads over the rest; "
+            "use attention 'batch'"
+        )
     n, X, YZ = mesh.n, mesh.x, mesh.y * mesh.z
     if ffn_layout == "ws1d":
         need = [("d_model E", dims.d_model, n), ("d_ff F", dims.d_ff, n), ("n_heads H", dims.n_heads, n)]

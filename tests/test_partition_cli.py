@@ -53,6 +53,7 @@ def test_json_output_unchanged_under_a_mesh(capsys, checkpoint):
             "n_heads H = 4 is not divisible by the ws2d split 8",
         ),
         (["--mesh", "2x2x2", "--decode-layout", "wg-x", "--collective-matmul"], "--collective-matmul needs"),
+        (["--mesh", "2x2x2", "--prefill-layout", "wg-x", "--attention", "heads"], "means nothing under wg-x"),
     ],
 )
 def test_bad_mesh_or_layout_is_one_line_exit_2(capsys, checkpoint, tmp_path, flags, message):
@@ -85,5 +86,5 @@ def test_api_refuses_a_batch_smaller_than_its_split_before_compiling():
     with pytest.raises(UserError, match=r"batch 1 cannot be split"):
         sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=Layout("ws2d", "batch"))
     with pytest.raises(UserError, match=r"batch B = 2 .* split 8"):
-        sharded.init_cache(config, mesh, Layout("wg-xyz", "heads"), 2, 16)
+        sharded.init_cache(config, mesh, Layout("wg-xyz", "batch"), 2, 16)
     assert sharded._prefill._cache_size() == 0  # nothing was traced or compiled

@@ -96,7 +96,7 @@ def test_kv_split_and_reshard():
     d = dims(batch=8, n_kv_heads=8)
     assert kv_axes("ws2d", "heads", M, d) == ((), ("y", "z"))
     assert kv_axes("ws2d", "batch", M, d) == (("x", "y", "z"), ())
-    assert kv_axes("wg-x", "heads", M, d) == (("x",), ("y", "z"))
+    assert kv_axes("wg-x", "batch", M, d) == (("x",), ("y", "z"))
     assert reshard_collectives("ws2d", "heads", "ws2d", "heads", M, d) == []
     (gather,) = reshard_collectives("wg-xyz", "batch", "ws2d", "batch", M, dims(batch=8), n_layers=3)
     assert (gather.kind, gather.axes) == ("all-gather", ("x", "y", "z"))
@@ -116,3 +116,11 @@ def test_overlap_keeps_the_norm_statistics_when_yz_is_one():
         colls = layer_collectives("ws2d", "heads", mesh, dims(), overlap=True)
         stats = [c for c in colls if c.tensor.startswith("BL2")]
         assert [(c.kind, c.axes) for c in stats] == [("all-reduce", tuple(a for a in "xyz" if getattr(mesh, a) > 1))]
+
+
+def test_weight_gathered_layouts_refuse_heads_attention():
+    # wg-* always split attention's batch over their gathered axes: 'heads' would be silently ignored
+    for layout in ("wg-x", "wg-xy", "wg-xyz"):
+        with pytest.raises(LayoutError, match=rf"attention 'heads' means nothing under {layout}"):
+            layer_collectives(layout, "heads", M, dims(batch=8))
+        assert layer_collectives(layout, "batch", M, dims(batch=8))

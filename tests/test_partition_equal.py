@@ -35,8 +35,8 @@ STEP_CASES = [  # each layout once, attention and kv heads alternating (the gene
     ("ws1d", "heads", 1),
     ("ws2d", "batch", 8),
     ("wg-x", "batch", 1),
-    ("wg-xy", "heads", 8),
-    ("wg-xyz", "heads", 1),
+    ("wg-xy", "batch", 8),
+    ("wg-xyz", "batch", 1),
 ]
 
 
@@ -71,8 +71,8 @@ GENERATIONS = [
     # (mesh, prefill layout, decode layout, kv heads, weights): each layout appears in both phases.
     ("2x2x2", Layout("wg-xyz", "batch"), Layout("ws2d", "batch"), 1, "bf16"),  # the paper's high throughput
     ("2x2x2", Layout("ws2d", "heads"), Layout("ws2d", "batch", overlap=True), 1, "int8"),  # its low latency
-    ("2x2x2", Layout("wg-x", "heads"), Layout("wg-xyz", "batch"), 8, "int8"),
-    ("2x2x2", Layout("wg-xy", "batch"), Layout("wg-x", "heads"), 8, "bf16"),
+    ("2x2x2", Layout("wg-x", "batch"), Layout("wg-xyz", "batch"), 8, "int8"),
+    ("2x2x2", Layout("wg-xy", "batch"), Layout("wg-x", "batch"), 8, "bf16"),
     ("1x2x2", Layout("ws1d", "heads"), Layout("ws1d", "batch"), 8, "int8"),  # 4 devices
     ("2x1x2", Layout("ws2d", "batch"), Layout("wg-xy", "batch"), 1, "bf16"),  # 4 devices, the paper's shape
 ]
@@ -108,7 +108,7 @@ def test_generation_equals_one_device(references, mesh_text, prefill, decode, kv
     "prefill,decode,kv_heads,weights",
     [
         (Layout("ws2d", "heads"), Layout("ws2d", "batch"), 1, "int8"),
-        (Layout("wg-xyz", "batch"), Layout("wg-xy", "heads"), 8, "bf16"),
+        (Layout("wg-xyz", "batch"), Layout("wg-xy", "batch"), 8, "bf16"),
     ],
 )
 def test_bf16_compute_logits_within_bf16_rounding(prefill, decode, kv_heads, weights):

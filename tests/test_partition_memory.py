@@ -32,7 +32,7 @@ def per_chip_bytes(tree) -> int:
         ("2x2x2", Layout("ws2d", "heads"), 1, "int8"),
         ("2x2x2", Layout("ws1d", "heads"), 8, "int8"),
         ("2x2x2", Layout("ws1d", "batch"), 1, "bf16"),
-        ("1x2x4", Layout("wg-xy", "heads"), 8, "bf16"),
+        ("1x2x4", Layout("wg-xy", "batch"), 8, "bf16"),
         ("2x1x2", Layout("wg-xyz", "batch"), 8, "int8"),
     ],
 )
