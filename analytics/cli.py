@@ -264,6 +264,12 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_ints, default=_ints("1,4,16"), help="batch sizes (default 1,4,16)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds; the fastest counts (default 10)")
+    p.add_argument(
+        "--held-out",
+        type=_ints,
+        default=_ints("8"),
+        help="batch sizes measured but kept out of the fit, to test the model out of sample (default 8)",
+    )
     p.add_argument("--out", default=None, help="where to store the local chip (default ~/.cache/meshserve/"
                    "local_chip.json or $MESHSERVE_LOCAL_CHIP)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -280,18 +286,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     _positive("--prompt-len", args.prompt_len)
     _positive("--rounds", args.rounds)
     with tqdm(total=1, desc=f"calibrating on {args.model}", file=sys.stderr, disable=args.json) as bar:
-        chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds)
+        chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds, held_out=args.held_out)
         bar.update()
     path = save_local_chip(chip, args.out)
     rows = [{"phase": p.phase, "batch": p.batch, "prompt_len": p.prompt_len, "measured_s": p.measured_s,
-             "predicted_s": p.predicted_s, "error": p.error} for p in points]  # fmt: skip
+             "predicted_s": p.predicted_s, "error": p.error, "held_out": p.held_out} for p in points]  # fmt: skip
     if args.json:
         print(json.dumps({"chip": chip.to_dict(), "path": str(path), "points": rows}))
         return 0
     print(f"local chip: matmul {chip.peak_flops_bf16 / 1e9:.1f} GFLOP/s, bandwidth {chip.hbm_bandwidth / 1e9:.1f} GB/s,"
           f" per-layer overhead {chip.step_overhead_s * 1e6:.1f} us -> {path}")  # fmt: skip
     print(_table(rows, [("phase", "phase", str), ("batch", "batch", str), ("measured", "measured_s", _fmt_s),
-                        ("predicted", "predicted_s", _fmt_s), ("error", "error", lambda v: f"{v:+.1%}")]))  # fmt: skip
+                        ("predicted", "predicted_s", _fmt_s), ("error", "error", lambda v: f"{v:+.1%}"),
+                        ("held out", "held_out", lambda v: "yes" if v else "")]))  # fmt: skip
     return 0
 
 

@@ -93,26 +93,28 @@ def test_plot_writes_a_png(capsys, tmp_path):
 
 
 def test_calibrate_predicts_its_own_machine_within_15_percent(capsys, tmp_path, monkeypatch):
+    """Fitted on batches 1, 4, 16; batch 8 is measured but held out of the fit, so its error tests the model."""
     out_path = tmp_path / "local_chip.json"
-    argv = ["calibrate", "--model", "tiny", "--batch", "1,4,16", "--prompt-len", "16", "--rounds", "20",
-            "--out", str(out_path), "--json"]  # fmt: skip
+    argv = ["calibrate", "--model", "tiny", "--batch", "1,4,16", "--held-out", "8", "--prompt-len", "16",
+            "--rounds", "20", "--out", str(out_path), "--json"]  # fmt: skip
     for _attempt in range(2):  # a shared machine may be busy during one measurement: one re-measure allowed
         code, out, _ = _run(capsys, *argv)
         result = json.loads(out)
         errors = [p["error"] for p in result["points"]]
         if max(abs(e) for e in errors) < 0.15:
             break
-    assert code == 0 and len(errors) == 6
+    assert code == 0 and len(errors) == 8
+    assert [p["batch"] for p in result["points"] if p["held_out"]] == [8, 8]
     assert max(abs(e) for e in errors) < 0.15, result["points"]
     chip = get_chip("local", out_path)
     assert chip.name == "local" and chip.peak_flops_bf16 > 1e8 and chip.hbm_bandwidth > 1e8
     # the stored chip drives the cost model like any other
     monkeypatch.setenv("MESHSERVE_LOCAL_CHIP", str(out_path))
-    code, out, _ = _run(capsys, "analyze", "--model", "tiny", "--hardware", "local", "--chips", "1", "--batch", "4",
+    code, out, _ = _run(capsys, "analyze", "--model", "tiny", "--hardware", "local", "--chips", "1", "--batch", "8",
                         "--prompt-len", "16", "--gen-len", "1", "--weights", "f32", "--json")  # fmt: skip
     rows = {(r["phase"], r["ffn_layout"], r["attention"]): r for r in json.loads(out)}
     assert code == 0
-    measured = {p["phase"]: p["measured_s"] for p in result["points"] if p["batch"] == 4}
+    measured = {p["phase"]: p["measured_s"] for p in result["points"] if p["batch"] == 8}  # the held-out point
     assert rows["prefill", "ws2d", "heads"]["step_s"] == pytest.approx(measured["prefill"], rel=0.15)
 
 
