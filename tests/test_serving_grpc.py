@@ -8,7 +8,6 @@ serving; health, reflection, auth and metrics answer.
 import json
 import re
 import subprocess
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -329,24 +328,23 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
 
 
 def test_full_queue_answers_resource_exhausted(server, client):
-    codes, details, lock = [], [], threading.Lock()
-
-    def one(i):
-        try:
-            r = client.generate([i % 200 + 1], max_new_tokens=120, ignore_eos=True)
-            code = "OK" if len(r.tokens) == 120 else "SHORT"
-        except grpc.RpcError as e:
-            code = e.code().name
-            with lock:
-                details.append(e.details())
-        with lock:
-            codes.append(code)
-
-    # 8 slots + 32 queued = 40 < 48 clients, and 48 < the 56 RPCs gRPC itself admits (slots + queue + 16): a
-    # RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue.
+    # 8 slots + 32 queued = 40 < 48 requests, and 48 < the 56 RPCs gRPC itself admits (slots + queue + 16): a
+    # RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue. Sent as futures from one thread,
+    # all 48 arrive within milliseconds, long before the first 8 finish their 120 tokens.
     n = 48
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(one, range(n)))
+    futures = [
+        client.stub.Generate.future(
+            client.request([i % 200 + 1], max_new_tokens=120, ignore_eos=True), metadata=client.metadata
+        )
+        for i in range(n)
+    ]
+    codes, details = [], []
+    for f in futures:
+        try:
+            codes.append("OK" if len(f.result(timeout=120).tokens) == 120 else "SHORT")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+            details.append(e.details())
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 40, codes
     assert codes.count("RESOURCE_EXHAUSTED") >= 1
     assert all("queue full" in d and "max_queue=32" in d for d in details), details
