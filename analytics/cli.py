@@ -80,6 +80,12 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=["heads", "batch"], default=None, help="attention layout (default both)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the Pareto frontier and prefill MFU")
+    p.add_argument(
+        "--plot-models",
+        default=None,
+        metavar="M1,M2",
+        help="more models for the Pareto panel, one curve each, as in the paper's Figure 1 (e.g. palm-8b,palm-62b)",
+    )
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -90,6 +96,11 @@ def _analyze(args: argparse.Namespace) -> int:
         raise UserError(f"--layout must be one of {', '.join(FFN_LAYOUTS)}, got {args.layout!r}")
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         _check_writable(flag, path)  # before the sweep, so a bad path costs nothing and writes nothing
+    if args.plot_models:
+        from meshserve.model.config import get_config
+
+        for name in args.plot_models.split(","):
+            get_config(name)  # an unknown name is a one-line error listing the presets, before any work
     config, chip, mesh = _setup(args)
     if isinstance(mesh, int):
         mesh = default_mesh(config, chip, mesh, args.batch, args.weights)
@@ -165,7 +176,8 @@ def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
     chip_counts = [n for n in (8, 16, 32, 64, 128, 256) if n <= max(256, mesh.n)]
     batches = [1, 4, 16, 64, 128, 256, 512, 1024]
     points, frontiers = {}, {}
-    for name in tqdm([config.name], desc="pareto sweep", file=sys.stderr, disable=args.json):
+    names = [config.name] + [m for m in (args.plot_models or "").split(",") if m and m != config.name]
+    for name in tqdm(names, desc="pareto sweep", file=sys.stderr, disable=args.json):
         pts = pareto_points(get_config(name), chip, chip_counts=chip_counts, batches=batches,
                             prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights)  # fmt: skip
         points[name], frontiers[name] = pts, pareto_frontier(pts)

@@ -122,3 +122,9 @@ def test_uncalibrated_local_chip_is_a_user_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MESHSERVE_LOCAL_CHIP", str(tmp_path / "missing.json"))
     code, _, err = _run(capsys, "analyze", "--hardware", "local", "--chips", "1", "--model", "tiny")
     assert code == 2 and "meshserve calibrate" in err
+
+
+def test_plot_models_with_an_unknown_name_is_one_line_exit_2(capsys, tmp_path):
+    code, out, err = _run(capsys, "analyze", "--model", "palm-8b", "--hardware", "tpu-v4", "--chips", "8",
+                          "--plot", str(tmp_path / "p.png"), "--plot-models", "palm-62b,gpt-9")  # fmt: skip
+    assert code == 2 and "unknown model preset 'gpt-9'" in err and not (tmp_path / "p.png").exists()
