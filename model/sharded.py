@@ -382,15 +382,20 @@ def check_phases(prefill_layout: Layout, decode_layout: Layout) -> None:
 @partial(jax.jit, static_argnames=("config", "mesh", "prefill_layout", "decode_layout", "context", "steps"))
 def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, mesh, prefill_layout, decode_layout,
               context, steps):  # fmt: skip
-    """model.generate's loop with sharded steps: prefill layout, phase switch, decode layout."""
-    B = tokens.shape[0]
+    """model.generate's loop with sharded steps: prefill layout, phase switch, decode layout.
+
+    tokens [b, T]: the real rows padded to the prefill split only; the decode cache has B = max_new.shape[0]
+    slots (the decode split's padding); rows b.. of the cache are padding (results dropped).
+    """
+    b, B = tokens.shape[0], max_new.shape[0]
     logits, k, v = _prefill(params, config, tokens, lengths, mesh=mesh, layout=prefill_layout, all_logits=False)
     shape = (config.n_layers, B, context, config.n_kv_heads, config.d_head)
     kv = NamedSharding(mesh, kv_spec(config, mesh, decode_layout, B))
     empty = jax.lax.with_sharding_constraint(jnp.zeros(shape, k.dtype), kv)
     cache = KVCache(k=empty, v=empty, lengths=jnp.zeros((B,), jnp.int32))
-    cache = _insert(cache, k, v, lengths, jnp.arange(B), config=config, mesh=mesh, prefill_layout=prefill_layout,
+    cache = _insert(cache, k, v, lengths, jnp.arange(b), config=config, mesh=mesh, prefill_layout=prefill_layout,
                     decode_layout=decode_layout)  # fmt: skip
+    logits = jnp.zeros((B, logits.shape[1]), logits.dtype).at[:b].set(logits)  # padding slots: never read back
     step = lambda last, cache: _decode(params, config, last, cache, mesh=mesh, layout=decode_layout)
     return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps)
 
@@ -409,16 +414,20 @@ def generate_sharded(
 ) -> list[GenerationResult]:
     """`model.generate.generate` on a mesh: the same results list, prefill and decode each in its layout.
 
-    The batch is padded (rows whose results are dropped) to a multiple of both layouts' batch splits.
+    Prefill runs only the real prompts, padded to a multiple of the prefill layout's batch split; the decode
+    cache has the request batch padded to the decode split (padding rows' results are dropped).
     """
     check_phases(prefill_layout, decode_layout)
-    split = math.lcm(min_batch(prefill_layout, mesh), min_batch(decode_layout, mesh))
-    b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids, batch_multiple=split)
-    B = b.tokens.shape[0]
-    check_model(config, mesh, prefill_layout, B)
-    check_model(config, mesh, decode_layout, B)
+    p_split, d_split = min_batch(prefill_layout, mesh), min_batch(decode_layout, mesh)
+    prefill_rows = -(-len(prompts) // p_split) * p_split
+    b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids, batch_multiple=d_split)
+    if b.tokens.shape[0] < prefill_rows:  # the decode cache must hold every prefilled row
+        b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids, math.lcm(p_split, d_split))
+    tokens, lengths = b.tokens[:prefill_rows], b.lengths[:prefill_rows]
+    check_model(config, mesh, prefill_layout, prefill_rows)
+    check_model(config, mesh, decode_layout, b.tokens.shape[0])
     params = jax.device_put(params, param_shardings(config, mesh, prefill_layout.ffn)(params))
-    out = _generate(params, config, jnp.asarray(b.tokens), jnp.asarray(b.lengths), b.sampling,
+    out = _generate(params, config, jnp.asarray(tokens), jnp.asarray(lengths), b.sampling,
                     jnp.asarray(b.stop_ids), jnp.asarray(b.max_new), mesh=mesh, prefill_layout=prefill_layout,
                     decode_layout=decode_layout, context=b.context, steps=b.steps)  # fmt: skip
     return b.results(*jax.device_get(out))

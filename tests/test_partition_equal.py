@@ -130,3 +130,28 @@ def test_bf16_compute_logits_within_bf16_rounding(prefill, decode, kv_heads, wei
     np.testing.assert_allclose(logits, ref, atol=0.05 * scale)
     np.testing.assert_allclose(step, ref_step, atol=0.05 * scale)
     assert float(jnp.max(jnp.abs(logits - ref))) > 0  # bf16 rounding really differs: the check is not vacuous
+
+
+@pytest.mark.parametrize(
+    "prefill,decode,prompts,rows",
+    [
+        (Layout("ws2d", "heads"), Layout("ws2d", "batch"), PROMPTS[:1], 1),  # one prompt is prefilled as 1 row
+        (Layout("wg-xyz", "batch"), Layout("ws2d", "heads"), PROMPTS[1:], 8),  # the prefill split pads to 8
+    ],
+)
+def test_generation_prefills_only_the_real_rows(monkeypatch, references, prefill, decode, prompts, rows):
+    config, params, _ = references(1, "bf16")
+    mesh = make_mesh("2x2x2")
+    seen, real = [], sharded._prefill
+
+    def spy(params, config, tokens, lengths, **kw):  # records the traced prefill batch, runs the real step
+        seen.append(tokens.shape[0])
+        return real(params, config, tokens, lengths, **kw)
+
+    monkeypatch.setattr(sharded, "_prefill", spy)
+    sharded._generate.clear_cache()  # trace afresh so the spy sees this call's shapes
+    out = sharded.generate_sharded(params, config, prompts, mesh=mesh, prefill_layout=prefill, decode_layout=decode,
+                                   max_new_tokens=16)  # fmt: skip
+    assert seen == [rows]
+    want = generate(params, config, prompts, max_new_tokens=16)
+    assert [r.tokens for r in out] == [r.tokens for r in want]
