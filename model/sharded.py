@@ -40,6 +40,7 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "check_model",
+    "check_params",
     "kv_spec",
     "init_cache",
     "prefill",
@@ -116,6 +117,25 @@ def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> 
     if config.vocab_size % shape.n:
         raise LayoutError(f"vocab_size V = {config.vocab_size} is not divisible by the {shape.n} chips of mesh {shape}")
     check_layout(layout.ffn, layout.attention, shape, _dims(config, batch, 1))
+
+
+def check_params(params: Params, config: ModelConfig, mesh: Mesh, layout: Layout) -> None:
+    """Refuse params already placed on `mesh` in another storage (e.g. ws1d's for a ws2d step): jit would
+    silently re-shard every weight on every call. Params not yet on this mesh (host / one device) pass."""
+    specs = param_specs(config, layout.ffn, params)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    for (path, spec), leaf in zip(
+        jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0], jax.tree_util.tree_leaves(params), strict=True
+    ):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or sharding.mesh.devices.shape != mesh.devices.shape:
+            continue
+        if not sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim):
+            name = jax.tree_util.keystr(path)
+            raise LayoutError(
+                f"params{name} is stored as {sharding.spec}, not as the {layout.ffn} layout's {spec} "
+                f"({storage_of(layout.ffn)} storage); place them with shard_params(..., ffn_layout={layout.ffn!r})"
+            )
 
 
 def kv_spec(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> P:
@@ -224,6 +244,7 @@ def prefill(params, config, tokens, lengths, *, mesh: Mesh, layout: Layout, all_
     k, v [N, B, T, K, Q] come back in the layout's KV split (`kv_spec`), ready for `insert`.
     """
     check_model(config, mesh, layout, tokens.shape[0])
+    check_params(params, config, mesh, layout)
     return _prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
 
 
@@ -240,7 +261,10 @@ def _decode(params, config, tokens, cache, *, mesh, layout):
 
 def decode_step(params, config, tokens, cache: KVCache, *, mesh: Mesh, layout: Layout):
     """`transformer.decode_step` under `layout`: tokens [B] and a cache in the layout's KV split."""
+    if tokens.shape != (cache.batch,):
+        raise LayoutError(f"decode tokens have shape {tuple(tokens.shape)}; the cache has batch B = {cache.batch} rows")
     check_model(config, mesh, layout, tokens.shape[0])
+    check_params(params, config, mesh, layout)
     return _decode(params, config, tokens, cache, mesh=mesh, layout=layout)
 
 
@@ -258,7 +282,19 @@ def _insert(cache, k, v, lengths, slots, *, config, mesh, prefill_layout, decode
 
 def insert(cache: KVCache, k, v, lengths, slots, *, config, mesh: Mesh, prefill_layout: Layout, decode_layout: Layout):
     """The phase switch: prefill k, v [N, b, T, K, Q] (prefill split) into cache rows `slots` (decode split)."""
-    check_model(config, mesh, prefill_layout, k.shape[1])
+    layers_in, b, t_len = k.shape[:3]
+    if k.shape != v.shape or layers_in != config.n_layers or k.shape[3:] != (config.n_kv_heads, config.d_head):
+        raise LayoutError(
+            f"prefill k, v must both be [N, b, T, K, Q] = [{config.n_layers}, b, T, {config.n_kv_heads}, "
+            f"{config.d_head}]; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if t_len > cache.max_len:
+        raise LayoutError(f"prefill length T = {t_len} exceeds the cache length S = {cache.max_len}")
+    if tuple(lengths.shape) != (b,) or tuple(slots.shape) != (b,):
+        raise LayoutError(f"lengths {tuple(lengths.shape)} and slots {tuple(slots.shape)} must both be [{b}]")
+    if b > cache.batch:
+        raise LayoutError(f"{b} prefilled rows do not fit a cache of batch B = {cache.batch} slots")
+    check_model(config, mesh, prefill_layout, b)
     check_model(config, mesh, decode_layout, cache.batch)
     return _insert(
         cache,

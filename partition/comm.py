@@ -154,10 +154,13 @@ def attention_batch_axes(ffn_layout: str, attention: str, mesh: MeshShape, batch
         size = mesh.size(axes)
         if batch % size == 0 and (size > 1 or mesh.n == 1):
             return axes
-    smallest = mesh.size(candidates[-1])
+    splits = sorted({(mesh.size(axes), _name(_live(mesh, axes))) for axes in candidates if mesh.size(axes) > 1})
+    smallest, axes_name = splits[0]
+    options = ", ".join(f"{size} over {name}" for size, name in splits)
     raise LayoutError(
         f"attention 'batch' under {ffn_layout} on mesh {mesh} splits the batch at least {smallest} ways "
-        f"(axes {_name(candidates[-1])}); batch {batch} cannot be split (use attention 'heads' or a larger batch)"
+        f"(axes {axes_name}); batch {batch} cannot be split: use a batch that is a multiple of {smallest} "
+        f"(possible splits: {options}) or attention 'heads'"
     )
 
 

@@ -39,6 +39,8 @@ def make_mesh(shape: MeshShape | str | None = None, devices: Sequence[jax.Device
     Raises LayoutError (a UserError) when the shape does not multiply to the device count.
     """
     devices = list(devices if devices is not None else jax.devices())
+    if not devices:
+        raise LayoutError("make_mesh got no devices: pass at least one device (or None for all of jax.devices())")
     if shape is None:
         shape = default_shape(len(devices))
     elif isinstance(shape, str):

@@ -88,3 +88,33 @@ def test_api_refuses_a_batch_smaller_than_its_split_before_compiling():
     with pytest.raises(UserError, match=r"batch B = 2 .* split 8"):
         sharded.init_cache(config, mesh, Layout("wg-xyz", "batch"), 2, 16)
     assert sharded._prefill._cache_size() == 0  # nothing was traced or compiled
+
+
+def test_bad_shapes_and_storage_are_layout_errors_before_compiling():
+    import jax.numpy as jnp
+    from meshserve.model import sharded
+    from meshserve.partition.comm import LayoutError
+    from meshserve.partition.mesh import make_mesh
+    from meshserve.partition.rules import Layout
+
+    with pytest.raises(LayoutError, match="no devices"):
+        make_mesh("1x1x1", devices=[])
+    config = get_config("tiny")
+    mesh = make_mesh("2x2x2")
+    layout = Layout("ws2d", "heads")
+    params = init_params(config, jax.random.key(0))
+    cache = sharded.init_cache(config, mesh, layout, 2, 8)
+    k = jnp.zeros((config.n_layers, 2, 16, config.n_kv_heads, config.d_head), jnp.bfloat16)
+    before = sharded._insert._cache_size(), sharded._decode._cache_size(), sharded._prefill._cache_size()
+    with pytest.raises(LayoutError, match=r"T = 16 exceeds the cache length S = 8"):
+        sharded.insert(cache, k, k, jnp.full((2,), 16), jnp.arange(2), config=config, mesh=mesh,
+                       prefill_layout=layout, decode_layout=layout)  # fmt: skip
+    with pytest.raises(LayoutError, match=r"shape \(4,\); the cache has batch B = 2"):
+        sharded.decode_step(params, config, jnp.zeros((4,), jnp.int32), cache, mesh=mesh, layout=layout)
+    one_d = sharded.shard_params(params, config, mesh, "ws1d")
+    with pytest.raises(LayoutError, match=r"stored as .* not as the ws2d layout's .* shard_params"):
+        sharded.decode_step(one_d, config, jnp.zeros((2,), jnp.int32), cache, mesh=mesh, layout=layout)
+    with pytest.raises(LayoutError, match="ws2d layout"):
+        sharded.prefill(one_d, config, jnp.ones((2, 4), jnp.int32), jnp.full((2,), 4), mesh=mesh, layout=layout)
+    after = sharded._insert._cache_size(), sharded._decode._cache_size(), sharded._prefill._cache_size()
+    assert after == before  # refused before anything was traced or compiled

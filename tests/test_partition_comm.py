@@ -124,3 +124,13 @@ def test_weight_gathered_layouts_refuse_heads_attention():
         with pytest.raises(LayoutError, match=rf"attention 'heads' means nothing under {layout}"):
             layer_collectives(layout, "heads", M, dims(batch=8))
         assert layer_collectives(layout, "batch", M, dims(batch=8))
+
+
+def test_batch_split_error_names_the_smallest_real_split_on_a_mesh_with_size_one_axes():
+    # ws2d on 1x2x4: x has one chip, so the smallest batch split is over y (2 ways), not "1 ways (axes x)"
+    with pytest.raises(
+        LayoutError, match=r"at least 2 ways \(axes y\); batch 1 .* multiple of 2 .*2 over y, 8 over yz"
+    ):
+        attention_batch_axes("ws2d", "batch", MeshShape(1, 2, 4), 1)
+    with pytest.raises(LayoutError, match=r"at least 2 ways \(axes z\); batch 3 .*splits: 2 over z, 4 over xz\)"):
+        attention_batch_axes("ws1d", "batch", MeshShape(2, 1, 2), 3)
