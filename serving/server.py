@@ -127,25 +127,33 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{options.host}:{options.port}"
-        if options.tls_cert or options.tls_key:
-            if not (options.tls_cert and options.tls_key):
-                raise ServerError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials(
-                [(_read(options.tls_key, "TLS key"), _read(options.tls_cert, "TLS certificate"))]
-            )
-            bound = self._grpc.add_secure_port(address, creds)
-        else:
-            bound = self._grpc.add_insecure_port(address)
+        if (options.tls_cert or options.tls_key) and not (options.tls_cert and options.tls_key):
+            raise ServerError("TLS needs both --tls-cert and --tls-key")
+        try:
+            if options.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(_read(options.tls_key, "TLS key"), _read(options.tls_cert, "TLS certificate"))]
+                )
+                bound = self._grpc.add_secure_port(address, creds)
+            else:
+                bound = self._grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises (older releases returned 0) when the address cannot be bound
+            bound = 0
         if not bound:
             raise ServerError(f"cannot listen on {address} (port in use or address not available)")
         self.port = bound
+        if options.metrics_port:
+            # Bound here, before the caller's warm-up: a port in use fails in seconds, not after minutes of compiling.
+            try:
+                self.metrics.serve(options.metrics_port, options.host)
+            except OSError as e:
+                raise ServerError(f"cannot serve metrics on {options.host}:{options.metrics_port}: "
+                                  f"{e.strerror or e}") from None  # fmt: skip
         self._stopped = threading.Event()
 
     def start(self) -> InferenceServer:
         self.orchestrator.start()
         self._grpc.start()
-        if self.options.metrics_port:
-            self.metrics.serve(self.options.metrics_port, self.options.host)
         self.set_serving(True)
         return self
 
@@ -184,9 +192,13 @@ def build_server(
     mesh_info: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> InferenceServer:
-    """Compile every step of the plan (warm-up), then bind the server (not started: call `.start()`)."""
+    """Bind the ports and read the TLS and token files, then compile every step of the plan (warm-up).
+
+    The server is returned bound but not started (call `.start()`); a bad port or file fails before any compile.
+    """
     if options.max_queue < 0:
         raise ServerError(f"max_queue must be >= 0, got {options.max_queue}")
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
+    server = InferenceServer(model, engine, plan, options, mesh_info)
     engine.warm_up(progress)
-    return InferenceServer(model, engine, plan, options, mesh_info)
+    return server

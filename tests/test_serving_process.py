@@ -119,3 +119,21 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)  # nothing left to do
     assert json.loads(again.stdout.splitlines()[-1])["done"] == 0 and len(_lines(out)) == n
+
+
+@pytest.mark.parametrize("flag,message", [("--port", "cannot listen on"), ("--metrics-port", "cannot serve metrics")])
+def test_a_busy_port_fails_in_one_line_before_any_compile(checkpoint, flag, message):
+    import re
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        args = ["serve", "--checkpoint", str(checkpoint), *GRID, "--port", port if flag == "--port" else "0"]
+        if flag == "--metrics-port":
+            args += ["--metrics-port", port]
+        proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"compiling:[^\n\r]*\b[1-9]\d*/\d+", proc.stderr) is None  # no step was compiled first
