@@ -102,6 +102,17 @@ def _run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_only(args: argparse.Namespace):
+    """The model's config without loading its weights (a preset, or the checkpoint's metadata)."""
+    from meshserve.model.checkpoint import read_checkpoint_info
+    from meshserve.model.config import get_config
+    from meshserve.model.loading import DEMO_CHECKPOINT
+
+    if args.model is not None:
+        return get_config(args.model)
+    return read_checkpoint_info(args.checkpoint or DEMO_CHECKPOINT).config
+
+
 def run(args: argparse.Namespace) -> int:
     from meshserve.model.sampling import SamplingParams
 
@@ -119,16 +130,26 @@ def run(args: argparse.Namespace) -> int:
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model
 
+    mesh, shardings = None, None
+    if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
+        from meshserve.model.sharded import check_model, check_phases, min_batch, param_shardings
+        from meshserve.partition.mesh import make_mesh
+
+        config = _config_only(args)
+        mesh = make_mesh(on_mesh.mesh)
+        check_phases(on_mesh.prefill, on_mesh.decode)
+        for layout in (on_mesh.prefill, on_mesh.decode):
+            check_model(config, mesh, layout, min_batch(layout, mesh))
+        shardings = param_shardings(config, mesh, on_mesh.prefill.ffn)  # the checkpoint loads straight onto the mesh
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
-    model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
+    model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
                   stop_ids=[] if args.ignore_eos else model.stop_ids())  # fmt: skip
     if on_mesh is not None:
         from meshserve.model.sharded import generate_sharded
-        from meshserve.partition.mesh import make_mesh
 
-        results = generate_sharded(model.params, model.config, prompts, mesh=make_mesh(on_mesh.mesh),
+        results = generate_sharded(model.params, model.config, prompts, mesh=mesh,
                                    prefill_layout=on_mesh.prefill, decode_layout=on_mesh.decode, **kwargs)  # fmt: skip
     else:
         results = generate(model.params, model.config, prompts, **kwargs)

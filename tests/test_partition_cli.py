@@ -118,3 +118,33 @@ def test_bad_shapes_and_storage_are_layout_errors_before_compiling():
         sharded.prefill(one_d, config, jnp.ones((2, 4), jnp.int32), jnp.full((2,), 4), mesh=mesh, layout=layout)
     after = sharded._insert._cache_size(), sharded._decode._cache_size(), sharded._prefill._cache_size()
     assert after == before  # refused before anything was traced or compiled
+
+
+def test_layout_is_checked_on_the_config_before_the_weights_are_read(capsys, tmp_path):
+    import shutil
+
+    config = get_config("tiny", n_heads=4)  # 4 heads cannot split over the 8 chips of y·z on 1x1x8
+    path = save_checkpoint(tmp_path / "h4", config, init_params(config, jax.random.key(0)), "f32")
+    shutil.rmtree(path / "params")  # no weights at all: only the config (meshserve.json) can be read
+    argv = ["generate", "--tokens", "1,2,3", "--checkpoint", str(path), "--mesh", "1x1x8", "--attention", "heads"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "n_heads H = 4 is not divisible by the ws2d split 8" in err and "Traceback" not in err
+
+
+def test_checkpoint_loads_straight_into_the_prefill_layout(monkeypatch, checkpoint):
+    from meshserve.model import loading, sharded
+    from meshserve.partition.mesh import make_mesh
+
+    seen = {}
+    real = loading.load_checkpoint
+
+    def spy(path, weights=None, shardings=None):  # records what the CLI asked for, loads for real
+        info, params = real(path, weights=weights, shardings=shardings)
+        seen["wq"] = params["layers"]["wq"].sharding
+        return info, params
+
+    monkeypatch.setattr(loading, "load_checkpoint", spy)
+    argv = ["generate", "--checkpoint", checkpoint, "--tokens", "1,2,3", "--max-new-tokens", "2", "--mesh", "2x2x2"]
+    assert main(argv) == 0
+    want = sharded.param_specs(get_config("tiny", n_kv_heads=8), "ws2d")["layers"]["wq"]
+    assert seen["wq"].is_equivalent_to(jax.sharding.NamedSharding(make_mesh("2x2x2"), want), 4)
