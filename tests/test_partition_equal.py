@@ -1,6 +1,7 @@
 """Sharded equals one device: every layout, in both phases, against the unsharded model on the same weights.
 
-float32 weights: logits equal to float32 rounding at every step (prefill, the phase switch, decode).
+float32 compute (over f32, bf16 or int8 stored weights): logits equal to float32 rounding at every step (prefill,
+the phase switch, decode) for every layout x attention, both storages, multi-query and multi-head, B = 2, 4, 8.
 bf16 / int8 weights: whole generations (prefill layout -> phase switch -> 16 greedy decode steps in the decode
 layout) give identical tokens, computing in float32 over the stored bf16/int8 weights (which move and gather
 as stored); and with bf16 compute, prefill and decode logits agree within bf16 rounding. (A random tiny model's
@@ -31,22 +32,34 @@ def tiny(kv_heads: int, weights: str, compute_f32: bool = False):
     return config, params
 
 
-STEP_CASES = [  # each layout once, attention and kv heads alternating (the generations below cover the rest)
-    ("ws1d", "heads", 1),
-    ("ws2d", "batch", 8),
-    ("wg-x", "batch", 1),
-    ("wg-xy", "batch", 8),
-    ("wg-xyz", "batch", 1),
-]
+def _step_cases() -> list[tuple[str, str, int, str, int]]:
+    """(ffn, attention, kv heads, stored weights, batch B): every layout x attention (weight-gathered: batch only)
+    twice, so each sees bf16 and int8 storage and multi-query and multi-head, and B = 2 and 4 split the batch
+    over a subset of the mesh's axes (ws1d z / yz, ws2d x / xy; wg-x / wg-xy their own). The f32-stored cases at
+    B = 8 split it over the whole mesh. 16 cases rather than the whole 7 x 2 x 2 x 2 product keep it ~1 minute."""
+    combos = [("ws1d", "heads"), ("ws1d", "batch"), ("ws2d", "heads"), ("ws2d", "batch"), ("wg-x", "batch"),
+              ("wg-xy", "batch"), ("wg-xyz", "batch")]  # fmt: skip
+    gathered = {"wg-x": 2, "wg-xy": 4, "wg-xyz": 8}
+    cases = []
+    for i, (ffn, attention) in enumerate(combos):
+        for j, weights in enumerate(("bf16", "int8")):
+            kv = (1, 8)[(i + j) % 2]
+            batch = max(gathered.get(ffn, 1), (2, 4)[j])
+            cases.append((ffn, attention, kv, weights, batch))
+    full = [("ws1d", "batch", 8), ("ws2d", "batch", 1)]  # the batch over all of x, y, z (wg-xyz above too)
+    return cases + [(ffn, attention, kv, "f32", 8) for ffn, attention, kv in full]
 
 
-@pytest.mark.parametrize("ffn,attention,kv_heads", STEP_CASES)
-def test_float32_steps_equal_one_device(ffn, attention, kv_heads):
+STEP_CASES = _step_cases()
+
+
+@pytest.mark.parametrize("ffn,attention,kv_heads,weights,B", STEP_CASES)
+def test_float32_steps_equal_one_device(ffn, attention, kv_heads, weights, B):
     mesh = make_mesh("2x2x2")
-    B, T, S = 8, 8, 16
+    T, S = 8, 16
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, 256)
-    lengths = jnp.array([8, 3, 5, 1, 8, 2, 7, 4])
-    config, params = tiny(kv_heads, "f32")
+    lengths = jnp.array([8, 3, 5, 1, 8, 2, 7, 4])[:B]
+    config, params = tiny(kv_heads, weights, compute_f32=True)  # float32 compute over the stored weights
     ref_logits, k, v = transformer.prefill(params, config, tokens, lengths)
     cache = transformer.insert(transformer.init_cache(config, B, S, k.dtype), k, v, lengths, jnp.arange(B))
     nxt = jnp.argmax(ref_logits, -1)
