@@ -214,18 +214,25 @@ def _insert_body(ck, cv, lengths, k, v, new_lengths, slots, *, prefill_plan: Pla
     ops = Ops(decode_plan.shape)
     p_batch, _, p_kv = prefill_plan.attn_axes
     d_batch, _, d_kv = decode_plan.attn_axes
-    kv = jnp.stack([k, v])  # [2, N, b, T, K, Q] in the prefill split
-    with jax.named_scope("reshard_kv"):
-        # B_xyzSKQ --all-gather(xyz)--> BSKQ : every chip then keeps the rows whose cache slots it holds
-        kv = ops.all_gather(kv, p_batch, 2)
-        if set(ops.live(p_kv)) != set(ops.live(d_kv)):
-            # BSKQ_yz --all-gather(yz)--> BSKQ, then this chip's kv heads of the decode split
-            kv = ops.local(ops.all_gather(kv, p_kv, 4), d_kv, 4)
-    rows, T = ck.shape[1], kv.shape[3]
+    rows, T = ck.shape[1], k.shape[2]
     local = slots - ops.index(d_batch) * rows
     local = jnp.where((local >= 0) & (local < rows), local, rows)  # rows held elsewhere are dropped
-    ck = ck.at[:, local, :T].set(kv[0].astype(ck.dtype), mode="drop")
-    cv = cv.at[:, local, :T].set(kv[1].astype(cv.dtype), mode="drop")
+
+    def layer(i, caches):
+        # One layer at a time: a chip holds one layer's gathered rows, not all N layers' (peak memory / N).
+        ck, cv = caches
+        kv = jnp.stack([k[i], v[i]])  # [2, b, T, K, Q] in the prefill split
+        with jax.named_scope("reshard_kv"):
+            # B_xyzSKQ --all-gather(xyz)--> BSKQ : every chip then keeps the rows whose cache slots it holds
+            kv = ops.all_gather(kv, p_batch, 1)
+            if set(ops.live(p_kv)) != set(ops.live(d_kv)):
+                # BSKQ_yz --all-gather(yz)--> BSKQ, then this chip's kv heads of the decode split
+                kv = ops.local(ops.all_gather(kv, p_kv, 3), d_kv, 3)
+        ck = ck.at[i, local, :T].set(kv[0].astype(ck.dtype), mode="drop")
+        cv = cv.at[i, local, :T].set(kv[1].astype(cv.dtype), mode="drop")
+        return ck, cv
+
+    ck, cv = jax.lax.fori_loop(0, k.shape[0], layer, (ck, cv))
     return ck, cv, lengths.at[slots].set(new_lengths.astype(jnp.int32))
 
 

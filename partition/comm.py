@@ -465,12 +465,14 @@ def reshard_collectives(
     cache_bytes: int = 2,
     decode_batch: int | None = None,
 ) -> list[Collective]:
-    """The prefill -> decode KV-cache reshard (phase switch) for `n_layers` layers (default: per layer).
+    """The prefill -> decode KV-cache reshard (phase switch): the per-layer list, `n_layers` times (default 1).
 
-    dims.batch rows of dims.tokens prefilled tokens each. The prefill K and V (stacked, one collective)
-    are all-gathered over the prefill's batch axes (every chip then writes the rows whose cache slots it
-    holds) and, when the kv heads are split differently in the two layouts, over the prefill's kv-head
-    axes; the decode layout's own split is a local slice. Nothing moves when the splits already agree.
+    dims.batch rows of dims.tokens prefilled tokens each, one layer at a time (model/sharded.py loops over the
+    layers, so a chip holds one layer's gathered rows). Each layer's K and V (stacked, one collective) are
+    all-gathered over the prefill's batch axes (every chip then writes the rows whose cache slots it holds,
+    whatever the decode split) and, when the kv heads are split differently in the two layouts, over the
+    prefill's kv-head axes; the decode layout's own split is a local slice. So nothing moves only when the
+    prefill splits no batch and its kv-head split equals the decode's.
     decode_batch: the decode cache's rows (slots), which pick its batch split; default dims.batch.
     """
     check_layout(prefill_layout, prefill_attention, mesh, dims)
@@ -479,13 +481,13 @@ def reshard_collectives(
     check_layout(decode_layout, decode_attention, mesh, decode_dims)
     _, d_heads = kv_axes(decode_layout, decode_attention, mesh, decode_dims)
     B, T, K, Q = dims.batch, dims.tokens, dims.n_kv_heads, dims.d_head
-    per_chip = 2 * n_layers * T * Q * cache_bytes  # k and v
+    per_chip = 2 * T * Q * cache_bytes  # k and v of one layer
     out = []
     if p_batch:
         elements = B * K // mesh.size(p_heads)
-        text = f"B_{_name(p_batch)}SKQ --all-gather({_name(p_batch)})--> BSKQ"
+        text = f"B_{_name(p_batch)}SKQ --all-gather({_name(p_batch)})--> BSKQ (one layer)"
         out.append(Collective("all-gather", p_batch, per_chip * elements, text, "attention"))
     if p_heads and p_heads != d_heads:
-        text = f"BSKQ_{_name(p_heads)} --all-gather({_name(p_heads)})--> BSKQ"
+        text = f"BSKQ_{_name(p_heads)} --all-gather({_name(p_heads)})--> BSKQ (one layer)"
         out.append(Collective("all-gather", p_heads, per_chip * B * K, text, "attention"))
-    return out
+    return out * n_layers

@@ -6,6 +6,8 @@ The lowered HLO (the program as written, exact dtypes) is compared for every lay
 because XLA:CPU widens bf16 collectives to f32 (it would double their bytes on this machine only).
 """
 
+from collections import Counter
+
 import jax
 import pytest
 from meshserve.model import get_config, sharded
@@ -104,11 +106,15 @@ def test_phase_switch_reshard_equals_the_list(prefill, decode, kv_heads):
     mesh = make_mesh("2x2x2")
     config = get_config("tiny", n_kv_heads=kv_heads)
     text = sharded.insert_hlo(config, mesh, prefill, decode, batch=8, tokens=4, slots=8, context=16, compiled=False)
-    got = summarize([c for c in collectives_in_hlo(text, mesh)])
+    found = collectives_in_hlo(text, mesh)
+    # one layer at a time: the program gathers one layer's rows inside a loop over the N layers
+    # (each listed gather carries one layer's bytes; the lowered program has it once, in the loop body)
+    assert "while" in text
+    got = summarize(found)
     dims = LayerDims(8, 4, 4, config.d_model, config.d_ff, config.n_heads, kv_heads, config.d_head)
     listed = reshard_collectives(prefill.ffn, prefill.attention, decode.ffn, decode.attention, mesh_shape(mesh), dims,
                                  n_layers=config.n_layers)  # fmt: skip
-    assert got == summarize(listed)
+    assert summarize(listed) == Counter({key: count * config.n_layers for key, count in got.items()})
 
 
 @pytest.mark.parametrize("layout", [Layout("ws2d", "batch"), Layout("wg-xy", "batch")])
