@@ -15,6 +15,7 @@ from meshserve.partition.comm import (
     MeshShape,
     layer_collectives,
     reshard_collectives,
+    step_collectives,
 )
 from meshserve.partition.rules import Layout, Rules, rules_for
 
@@ -28,6 +29,7 @@ __all__ = [
     "LayoutError",
     "layer_collectives",
     "reshard_collectives",
+    "step_collectives",
     "Layout",
     "Rules",
     "rules_for",
