@@ -51,7 +51,7 @@ def test_text_prompts_and_sampling_flags(capsys, checkpoint):
     [
         (["--temperature", "-1", "--tokens", "1"], "temperature must be >= 0"),
         (["--top-p", "0", "--tokens", "1"], r"top_p must be in (0, 1]"),
-        (["--top-k", "-2", "--tokens", "1"], "top_k must be an integer >= 0"),
+        (["--top-k", "-2", "--tokens", "1"], "top_k must be an integer in [0, "),
         (["--max-new-tokens", "0", "--tokens", "1"], "max_new_tokens must be >= 1"),
         (["--tokens", "1,999"], "token id 999 outside the vocabulary [0, 256)"),
         (["--tokens", ",".join(["1"] * 127), "--max-new-tokens", "2"], "exceed the context limit max_seq_len=128"),
