@@ -17,7 +17,17 @@ from typing import Any, Literal
 
 from meshserve.errors import UserError
 
-__all__ = ["Chip", "ChipError", "CHIPS", "chip_names", "get_chip", "local_chip_path", "save_local_chip", "GiB"]
+__all__ = [
+    "Chip",
+    "ChipError",
+    "CHIPS",
+    "chip_names",
+    "get_chip",
+    "chip_for_device",
+    "local_chip_path",
+    "save_local_chip",
+    "GiB",
+]
 
 GiB = 2**30
 LOCAL_CHIP_ENV = "MESHSERVE_LOCAL_CHIP"
@@ -220,6 +230,17 @@ def save_local_chip(chip: Chip, path: Path | None = None) -> Path:
     tmp.write_text(json.dumps(chip.to_dict(), indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+# JAX device kinds (lower-cased substrings, first match wins: "v5p" before "v5") -> chip table names.
+_CHIP_BY_DEVICE_KIND = (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"), ("v6", "tpu-v6e"),
+                        ("v5p", "tpu-v5p"), ("v5", "tpu-v5e"), ("v4", "tpu-v4"))  # fmt: skip
+
+
+def chip_for_device(device_kind: str) -> str | None:
+    """The chip table name for a JAX `device_kind` (e.g. 'NVIDIA H100 80GB HBM3' -> 'h100-sxm'), or None."""
+    kind = device_kind.lower()
+    return next((chip for key, chip in _CHIP_BY_DEVICE_KIND if key in kind), None)
 
 
 def get_chip(name: str, local_path: Path | None = None) -> Chip:

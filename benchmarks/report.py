@@ -10,19 +10,15 @@ import json
 import sys
 from pathlib import Path
 
-from meshserve.analytics.chips import get_chip
+from meshserve.analytics.chips import chip_for_device, get_chip
 from meshserve.analytics.cost import estimate
 from meshserve.model.config import get_config
 from meshserve.partition.comm import MeshShape
 
-CHIP_OF_DEVICE = {"h100": "h100-sxm", "h200": "h200", "a100": "a100-80g"}
-
 
 def _chip(device: str):
-    for needle, name in CHIP_OF_DEVICE.items():
-        if needle in device.lower():
-            return get_chip(name)
-    return None
+    name = chip_for_device(device)
+    return get_chip(name) if name else None
 
 
 def _predict(row: dict) -> tuple[float | None, float | None]:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from meshserve.errors import UserError
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
@@ -208,7 +207,3 @@ def load_checkpoint(
     if weights is not None and weights != info.weights:
         params = cast_params(info.config, params, weights)
     return info, params
-
-
-def to_dtype_name(dtype: jnp.dtype) -> str:
-    return {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.int8): "int8"}[dtype]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedArray", "quantize", "dequantize", "einsum", "is_quantized"]
+__all__ = ["QuantizedArray", "quantize", "dequantize", "einsum"]
 
 
 @jax.tree_util.register_dataclass
@@ -39,10 +39,6 @@ class QuantizedArray:
     @property
     def nbytes(self) -> int:
         return int(self.values.size * self.values.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize)
-
-
-def is_quantized(x: object) -> bool:
-    return isinstance(x, QuantizedArray)
 
 
 def quantize(w: jax.Array, contract_axes: Sequence[int], scale_dtype=jnp.bfloat16) -> QuantizedArray:

@@ -87,22 +87,11 @@ def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> floa
 
 def device_peak_flops() -> tuple[str, float | None]:
     """(device kind, datasheet bf16 peak FLOP/s from analytics' chip table, or None when the chip is not in it)."""
-    from meshserve.analytics.chips import get_chip
+    from meshserve.analytics.chips import chip_for_device, get_chip
 
     kind = jax.devices()[0].device_kind
-    names = {
-        "H100": "h100-sxm",
-        "H200": "h200",
-        "A100": "a100-80g",
-        "TPU v4": "tpu-v4",
-        "TPU v5 lite": "tpu-v5e",
-        "TPU v5p": "tpu-v5p",
-        "TPU v6": "tpu-v6e",
-    }
-    for needle, chip in names.items():
-        if needle.lower() in kind.lower():
-            return kind, get_chip(chip).peak_flops_bf16
-    return kind, None
+    chip = chip_for_device(kind)
+    return kind, get_chip(chip).peak_flops_bf16 if chip else None
 
 
 def _compiled_peak(compiled: Any) -> int:

@@ -79,17 +79,11 @@ def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-# Device kinds (jax Device.device_kind, lower-cased substrings) -> analytics chip table entries.
-_CHIP_BY_KIND = (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"), ("v6", "tpu-v6e"), ("v5p", "tpu-v5p"),
-                 ("v5", "tpu-v5e"), ("v4", "tpu-v4"))  # fmt: skip
-
-
 def _chip(device_kind: str):
     """The analytics chip for this device kind; `local` (meshserve calibrate) for anything else, or None."""
-    from meshserve.analytics.chips import get_chip
+    from meshserve.analytics.chips import chip_for_device, get_chip
 
-    kind = device_kind.lower()
-    name = next((chip for key, chip in _CHIP_BY_KIND if key in kind), "local")
+    name = chip_for_device(device_kind) or "local"
     try:
         return get_chip(name)
     except UserError:

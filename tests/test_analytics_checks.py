@@ -101,3 +101,10 @@ def test_memory_estimate_activations_by_hand():
     # Fine-tuning: Korthikanti et al. 2022 eq. 2, s·b·h·(34 + 5·a·s/h) bytes per layer, 32 layers.
     got = memory_estimate(get_config("palm-8b"), mode="finetune", batch=1, context=256)["activations_bytes"]
     assert got == pytest.approx(32 * 256 * 1 * 4096 * (34 + 5 * 16 * 256 / 4096))
+
+
+def test_device_kinds_map_to_the_chip_table():
+    from meshserve.analytics.chips import chip_for_device
+
+    kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "TPU v4", "TPU v5 lite", "TPU v5p", "cpu"]
+    assert [chip_for_device(k) for k in kinds] == ["h100-sxm", "h200", "a100-80g", "tpu-v4", "tpu-v5e", "tpu-v5p", None]
