@@ -6,6 +6,12 @@ Text is what `tokenizer.decode(all generated ids)` gives; each step emits only t
   - a tail that could be the start of a stop string is held back until it is clear it is not one;
   - when a stop string appears, the text is cut before it and the request ends.
 Concatenating every emitted piece gives the final text exactly (`finish` flushes what was held back).
+
+Each push costs O(new tokens + a small window), not O(all tokens): as vLLM's `detokenize_incrementally` and TGI's
+`decode_token`, only ids[prefix:] is decoded and compared with ids[prefix:read], the window of ids whose text is
+already out (decoding the window again, rather than the new ids alone, keeps what the tokenizer does at a word
+start, e.g. SentencePiece dropping a leading space, out of the difference). `finish` decodes all ids once, so the
+final text is the full decode whenever it extends what was emitted (emitted text is never taken back).
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from meshserve.model.tokenizer import Tokenizer
 __all__ = ["StreamDecoder"]
 
 _REPLACEMENT = "\ufffd"
+# Ids whose text stays held back (a run of incomplete or empty pieces) before the decoder settles all but the
+# last _RESOLVE of them: a UTF-8 character is at most 4 bytes, so 4 later ids decide every earlier byte. Bounds
+# the window when a model emits invalid bytes or skipped special tokens over and over.
+_MAX_PENDING = 8
+_RESOLVE = 4
 
 
 class StreamDecoder:
@@ -26,53 +37,81 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
-        self.emitted = ""  # text already handed out
         self.stopped = False
+        # ids[:_read] are text already (emitted or in _pending); ids[_prefix:_read] is decoded again as context.
+        self._prefix = 0
+        self._read = 0
+        self._pieces: list[str] = []  # emitted text, in the pieces handed out
+        self._pending = ""  # decoded text not handed out yet: a tail that may start a stop string
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids) if self.ids else ""
+    @property
+    def emitted(self) -> str:
+        """The text handed out so far."""
+        return "".join(self._pieces)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if ids else ""
 
     def push(self, tokens: Sequence[int]) -> tuple[str, bool]:
         """Add tokens; returns (new settled text, whether a stop string ended the request)."""
         if self.stopped:
             return "", True
         self.ids.extend(int(t) for t in tokens)
-        text = self._decode()
-        if text.endswith(_REPLACEMENT):
-            return "", False  # wait for the bytes that complete the character
+        text = self._pending + self._advance()
         cut = self._find_stop(text)
         if cut is not None:
             self.stopped = True
+            self._pending = ""
             return self._emit(text[:cut]), True
         hold = self._stop_prefix_len(text)
+        self._pending = text[len(text) - hold :]
         return self._emit(text[: len(text) - hold]), False
 
     def finish(self) -> str:
         """The rest of the text at the end of the request (held-back pieces included)."""
         if self.stopped:
             return ""
-        text = self._decode()
-        cut = self._find_stop(text)
-        return self._emit(text if cut is None else text[:cut])
+        emitted = self.emitted
+        full = self._decode(self.ids)  # once per request: the final text is the full decode
+        if full.startswith(emitted):
+            rest = full[len(emitted) :]
+        else:  # a tokenizer whose full decode rewrites emitted text: never take it back, flush the window instead
+            prefix_text = self._decode(self.ids[self._prefix : self._read])
+            rest = self._pending + self._decode(self.ids[self._prefix :])[len(prefix_text) :]
+        self._pending = ""
+        self.stopped = True  # nothing more is emitted
+        cut = self._find_stop(rest)
+        return self._emit(rest if cut is None else rest[:cut])
 
-    def _emit(self, settled: str) -> str:
-        # Re-decoding can, with some tokenizers, change already-emitted text (a merge across pieces); never take
-        # emitted text back, emit only what extends it.
-        if not settled.startswith(self.emitted):
-            common = 0
-            for a, b in zip(settled, self.emitted, strict=False):
-                if a != b:
-                    break
-                common += 1
-            settled = self.emitted + settled[common:] if common == len(self.emitted) else self.emitted
-        new = settled[len(self.emitted) :]
-        self.emitted = settled
-        return new
+    def _advance(self) -> str:
+        """Text of the ids since `_read` that is settled now; moves the window. Decodes O(window) ids."""
+        ids, p, r = self.ids, self._prefix, self._read
+        if len(ids) == r:
+            return ""
+        prefix_text = self._decode(ids[p:r])
+        new_text = self._decode(ids[p:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
+            self._prefix, self._read = r, len(ids)
+            return new_text[len(prefix_text) :]
+        if len(ids) - r > _MAX_PENDING:
+            # Still unsettled after many ids: the text up to all but the last few is final if those ids left it
+            # unchanged (its replacement characters are invalid bytes, not a character waiting for its end).
+            k = len(ids) - _RESOLVE
+            mid = self._decode(ids[p:k])
+            if new_text.startswith(mid):
+                self._prefix, self._read = r, k
+                return mid[len(prefix_text) :]
+        return ""
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self._pieces.append(text)
+        return text
 
     def _find_stop(self, text: str) -> int | None:
-        # Only the unsettled tail can hold a new match; search from the earliest place a stop string could start.
-        start = max(0, len(self.emitted) - max((len(s) for s in self.stop), default=0))
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        # `text` is everything not yet emitted: a stop string cannot start in emitted text, since a tail that could
+        # start one is held back (see push).
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
     def _stop_prefix_len(self, text: str) -> int:
