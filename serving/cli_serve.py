@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens-limit", type=int, help="largest max_new_tokens accepted (default: the context)"
     )
     parser.add_argument(
+        "--max-score-queue",
+        type=int,
+        default=16,
+        help="Score requests running or waiting before RESOURCE_EXHAUSTED (default 16)",
+    )
+    parser.add_argument(
         "--objective",
         choices=["latency", "throughput"],
         default="latency",
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_score_queue < 1:
+        raise UserError(f"--max-score-queue must be >= 1, got {args.max_score_queue}")
     if args.max_new_tokens_limit is not None and args.max_new_tokens_limit < 1:
         raise UserError(f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}")
     from meshserve.serving.server import ServerOptions, build_server
@@ -157,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         auth_token_file=args.auth_token_file,
         metrics_port=args.metrics_port,
         max_new_tokens=args.max_new_tokens_limit,
+        max_score_queue=args.max_score_queue,
     )
     n_steps = len(plan.steps) + len(plan.prefill_batches) * len(plan.prefill_lengths)  # + one insert per prefill
     with tqdm(total=n_steps, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:

@@ -258,27 +258,44 @@ class Engine:
         """One decode step, waited for: tokens int32 [batch], log-probs float32 [batch]."""
         return self.fetch(self.decode_async(batch))
 
+    @property
+    def score_chunk_size(self) -> int:
+        """Most items one `score_chunk` call takes (the largest score batch bucket)."""
+        return max(self.plan.score_batches)
+
+    def score_chunk(self, items: list[tuple[list[int], list[int]]]) -> ScoreOutput:
+        """Score at most `score_chunk_size` (prompt ids, continuation ids) items as one compiled [b, T] bucket call.
+
+        The orchestrator calls this once per loop iteration, so decode steps run between the chunks of a Score.
+        """
+        plan = self.plan
+        if not 0 < len(items) <= self.score_chunk_size:
+            raise ValueError(f"score chunk of {len(items)} items; a chunk holds 1 to {self.score_chunk_size}")
+        b = next(x for x in plan.score_batches if x >= len(items))
+        t = plan.length_bucket(max(len(p) + len(c) for p, c in items))
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, (p, c) in enumerate(items):
+            tokens[i, : len(p) + len(c)] = list(p) + list(c)
+            lengths[i] = len(p) + len(c)
+        token_lp, greedy = jax.device_get(self._score[(b, t)](self.params, tokens, lengths))
+        # position j predicts token j + 1: the continuation's tokens are predicted at len(p)-1 .. len(p+c)-2
+        spans = [(len(p) - 1, len(p) + len(c) - 1) for p, c in items]
+        return ScoreOutput(
+            [np.asarray(token_lp[i, a:z]) for i, (a, z) in enumerate(spans)],
+            [np.asarray(greedy[i, a:z]) for i, (a, z) in enumerate(spans)],
+        )
+
     def score(self, items: list[tuple[list[int], list[int]]]) -> ScoreOutput:
         """Log-probs of continuations given prompts; items of (prompt ids, continuation ids), any count.
 
-        Items are packed into the plan's score buckets in the given order (sort by length first to limit padding).
+        Items are packed into the plan's score buckets in the given order (sort by length first to limit padding),
+        one `score_chunk` after another.
         """
-        plan = self.plan
-        out_lp: list[np.ndarray] = []
-        out_greedy: list[np.ndarray] = []
-        cap = max(plan.score_batches)
+        out = ScoreOutput([], [])
+        cap = self.score_chunk_size
         for start in range(0, len(items), cap):
-            chunk = items[start : start + cap]
-            b = next(x for x in plan.score_batches if x >= len(chunk))
-            t = plan.length_bucket(max(len(p) + len(c) for p, c in chunk))
-            tokens = np.zeros((b, t), np.int32)
-            lengths = np.ones((b,), np.int32)
-            for i, (p, c) in enumerate(chunk):
-                tokens[i, : len(p) + len(c)] = list(p) + list(c)
-                lengths[i] = len(p) + len(c)
-            token_lp, greedy = jax.device_get(self._score[(b, t)](self.params, tokens, lengths))
-            for i, (p, c) in enumerate(chunk):
-                # position j predicts token j + 1: the continuation's tokens are predicted at len(p)-1 .. len(p+c)-2
-                out_lp.append(np.asarray(token_lp[i, len(p) - 1 : len(p) + len(c) - 1]))
-                out_greedy.append(np.asarray(greedy[i, len(p) - 1 : len(p) + len(c) - 1]))
-        return ScoreOutput(out_lp, out_greedy)
+            part = self.score_chunk(items[start : start + cap])
+            out.token_logprobs.extend(part.token_logprobs)
+            out.greedy.extend(part.greedy)
+        return out

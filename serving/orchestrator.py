@@ -3,7 +3,8 @@
 Thin by design: all batching decisions are the scheduler's (pure state), all device work the engine's. This file
 owns the thread, a lock around the scheduler, the per-request detokenizers and the hand-off to callers.
 
-Loop (one iteration): reap cancelled/expired requests -> run one Score job if queued -> prefill + insert queued
+Loop (one iteration): reap cancelled/expired requests -> score one chunk of the running Score job (one compiled
+bucket call; a Score of many items spreads over many iterations, so streams keep decoding) -> prefill + insert queued
 requests into free slots -> dispatch decode step n+1 -> read step n's tokens (the one device->host copy) and
 deliver them. Dispatching before reading keeps the device busy while the host detokenizes and streams.
 """
@@ -22,13 +23,23 @@ from meshserve.model.tokenizer import Tokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import Engine, ScoreOutput
 from meshserve.serving.metrics import ServerMetrics
-from meshserve.serving.scheduler import Request, Scheduler, Update
+from meshserve.serving.scheduler import QueueFullError, Request, Scheduler, Update
 
-__all__ = ["Orchestrator", "Event", "RequestHandle", "ShuttingDownError"]
+__all__ = ["Orchestrator", "Event", "RequestHandle", "ShuttingDownError", "ScoreQueueFullError", "ScoreCancelledError"]
+
+DEFAULT_MAX_SCORES = 16
 
 
 class ShuttingDownError(UserError):
     """The server is draining and accepts no new requests (the servicer answers UNAVAILABLE)."""
+
+
+class ScoreQueueFullError(QueueFullError):
+    """Too many Score requests accepted and not answered yet (the servicer answers RESOURCE_EXHAUSTED)."""
+
+
+class ScoreCancelledError(Exception):
+    """The Score's caller cancelled it (client gone); the engine stopped between chunks."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +64,32 @@ class RequestHandle:
     counted: bool = False  # the servicer has counted this RPC's outcome in the metrics (exactly once)
 
 
+@dataclass(eq=False)
+class _ScoreJob:
+    """One Score request on the engine thread: its items (sorted by length), progress and how it may end early."""
+
+    items: list[tuple[list[int], list[int]]]
+    future: Future
+    deadline: float | None  # time.monotonic() after which the engine stops it between chunks
+    cancel: threading.Event  # set by the caller (client gone, or gave up waiting)
+    error: BaseException | None = None  # set with `cancel` when the server fails it (drain past grace)
+    done: int = 0  # items scored so far
+    token_logprobs: list = field(default_factory=list)
+    greedy: list = field(default_factory=list)
+
+
 class Orchestrator:
-    """Runs `engine` (already warmed up) with `scheduler` on a background thread."""
+    """Runs `engine` (already warmed up) with `scheduler` on a background thread.
+
+    `max_scores` bounds the Score requests accepted and not answered yet (running + queued)."""
 
     def __init__(
-        self, engine: Engine, scheduler: Scheduler, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        metrics: ServerMetrics | None = None,
+        max_scores: int = DEFAULT_MAX_SCORES,
     ):
         self.engine = engine
         self.scheduler = scheduler
@@ -67,8 +99,10 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
-        self._scores: queue.SimpleQueue[tuple[list[tuple[list[int], list[int]]], Future]] = queue.SimpleQueue()
+        self._scores: queue.SimpleQueue[_ScoreJob] = queue.SimpleQueue()
+        self._score_job: _ScoreJob | None = None  # the Score being scored, a chunk per loop iteration (engine thread)
         self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
+        self.max_scores = max_scores
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
@@ -102,26 +136,40 @@ class Orchestrator:
             self.scheduler.cancel(handle.request)
         self._wake.set()
 
-    def score(self, items: list[tuple[list[int], list[int]]], timeout: float | None = None) -> ScoreOutput:
-        """Score (prompt ids, continuation ids) pairs on the engine thread, between decode steps.
+    def score(
+        self,
+        items: list[tuple[list[int], list[int]]],
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ScoreOutput:
+        """Score (prompt ids, continuation ids) pairs on the engine thread, one chunk between decode steps.
 
-        Raises TimeoutError after `timeout` s (the job is dropped if it has not started), ShuttingDownError when
-        draining, or the engine thread's error if it died.
+        Raises TimeoutError after `timeout` s (the engine stops the job at its next chunk), ScoreCancelledError when
+        `cancel` is set (checked between chunks), ScoreQueueFullError when `max_scores` Scores are pending,
+        ShuttingDownError when draining, or the engine thread's error if it died.
         """
         future: Future = Future()
         # Sort by length so a chunk packs similar lengths (less padding); answers are put back in order.
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = _ScoreJob([items[i] for i in order], future, deadline, cancel or threading.Event())
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
+            if self._scores_pending >= self.max_scores:
+                raise ScoreQueueFullError(
+                    f"Score queue full: {self._scores_pending} Score requests pending (max_score_queue="
+                    f"{self.max_scores}); retry later"
+                )
             # Counted under the same lock as the accepting check: drain() sees every Score it has to wait for.
             self._scores_pending += 1
             future.add_done_callback(self._score_done)
-            self._scores.put(([items[i] for i in order], future))
+            self._scores.put(job)
         self._wake.set()
         try:
             out: ScoreOutput = future.result(timeout)
         except TimeoutError:
+            job.cancel.set()  # running: the engine thread stops it at its next chunk
             future.cancel()  # not started yet: the engine thread skips it
             raise
         back = [0] * len(items)
@@ -143,7 +191,7 @@ class Orchestrator:
 
     def drain(self, grace: float) -> bool:
         """Stop accepting, let in-flight requests and Score jobs finish for up to `grace` s, then cancel the rest
-        (queued Score jobs fail with ShuttingDownError; a running one completes) and stop.
+        (Score jobs fail with ShuttingDownError, a running one at its next chunk) and stop.
 
         Returns True when every request and Score finished on its own within the grace period.
         """
@@ -162,21 +210,27 @@ class Orchestrator:
             for r in [*self.scheduler.queue, *self.scheduler.active]:
                 self.scheduler.cancel(r)
                 clean = False
-        if self._fail_scores(ShuttingDownError("server drained before this Score ran")):
+        if self._fail_scores(ShuttingDownError("server drained before this Score finished")):
             clean = False
         self.stop()
         return clean
 
-    def _fail_scores(self, error: BaseException) -> int:
-        """Fail every queued (not yet running) Score job with `error`; returns how many."""
+    def _fail_scores(self, error: BaseException, running: bool = True) -> int:
+        """Fail every queued Score job with `error` (and, with `running`, stop the running one at its next chunk);
+        returns how many."""
         n = 0
+        job = self._score_job
+        if running and job is not None and not job.future.done():
+            job.error = error
+            job.cancel.set()
+            n += 1
         while True:
             try:
-                _, future = self._scores.get_nowait()
+                job = self._scores.get_nowait()
             except queue.Empty:
                 return n
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
                 n += 1
 
     def stop(self) -> None:
@@ -194,7 +248,13 @@ class Orchestrator:
                 now = time.monotonic()
                 with self._lock:
                     updates = self.scheduler.reap(now)
-                    if self._stop and self.scheduler.idle() and pending is None and self._scores.empty():
+                    if (
+                        self._stop
+                        and self.scheduler.idle()
+                        and pending is None
+                        and self._scores.empty()
+                        and self._score_job is None
+                    ):
                         break
                 self._deliver(updates)
                 worked = self._run_score()
@@ -234,11 +294,13 @@ class Orchestrator:
                 h.events.put(e)
                 if h.done is not None:
                     h.done.put(e)
-            self._fail_scores(e)
+            self._fail_scores(e, running=False)
+            if self._score_job is not None and not self._score_job.future.done():
+                self._score_job.future.set_exception(e)
             raise
         finally:
             # Whatever ended the loop, no Score caller may wait forever on a future nobody will answer.
-            self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"))
+            self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"), running=False)
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0 = pending
@@ -255,15 +317,39 @@ class Orchestrator:
         self._deliver(updates)
 
     def _run_score(self) -> bool:
-        try:
-            items, future = self._scores.get_nowait()
-        except queue.Empty:
-            return False
-        if future.set_running_or_notify_cancel():
+        """Score one chunk (one compiled bucket call) of the running Score job, starting the next queued one when
+        none runs; stops a job that was cancelled or passed its deadline. Returns whether there was a job."""
+        job = self._score_job
+        if job is None:
             try:
-                future.set_result(self.engine.score(items))
-            except Exception as e:  # a bad item must not kill the loop
-                future.set_exception(e)
+                job = self._scores.get_nowait()
+            except queue.Empty:
+                return False
+            if not job.future.set_running_or_notify_cancel():
+                return True  # its caller gave up before it started
+            self._score_job = job
+        n = len(job.items)
+        if job.cancel.is_set() or (job.deadline is not None and time.monotonic() >= job.deadline):
+            self._score_job = None
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            elif job.cancel.is_set():
+                job.future.set_exception(ScoreCancelledError(f"Score cancelled after {job.done} of {n} items"))
+            else:
+                job.future.set_exception(TimeoutError(f"Score deadline passed after {job.done} of {n} items"))
+            return True
+        try:
+            out = self.engine.score_chunk(job.items[job.done : job.done + self.engine.score_chunk_size])
+        except Exception as e:  # a bad item must not kill the loop
+            self._score_job = None
+            job.future.set_exception(e)
+            return True
+        job.token_logprobs.extend(out.token_logprobs)
+        job.greedy.extend(out.greedy)
+        job.done += len(out.token_logprobs)
+        if job.done >= n:
+            self._score_job = None
+            job.future.set_result(ScoreOutput(job.token_logprobs, job.greedy))
         return True
 
     def _deliver(self, updates: list[Update]) -> None:

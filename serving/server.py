@@ -21,7 +21,7 @@ from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.engine import Engine, ModelSteps
 from meshserve.serving.metrics import ServerMetrics
-from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.orchestrator import DEFAULT_MAX_SCORES, Orchestrator
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.servicer import InferenceServicer, Limits
@@ -48,6 +48,7 @@ class ServerOptions:
     auth_token_file: str | None = None
     metrics_port: int = 0  # 0 = no metrics endpoint
     max_new_tokens: int | None = None  # default: the whole context
+    max_score_queue: int = DEFAULT_MAX_SCORES  # Score requests running + waiting before RESOURCE_EXHAUSTED
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -92,7 +93,7 @@ class InferenceServer:
             plan.decode_batches,
             plan.prefill_token_budget,
         )
-        self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics)
+        self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue)
         limits = Limits(
             max_context=plan.max_context,
             max_batch=plan.max_batch,
@@ -107,9 +108,9 @@ class InferenceServer:
             if not token:
                 raise ServerError(f"auth token file {options.auth_token_file} is empty")
             interceptors.append(_AuthInterceptor(token))
-        # Each open stream holds a worker thread; RPCs beyond slots + queue (+ a few for Score/info/health)
-        # answer RESOURCE_EXHAUSTED instead of waiting unseen inside gRPC.
-        workers = plan.max_batch + options.max_queue + 16
+        # Each open stream or Score holds a worker thread; RPCs beyond slots + queue + Score queue (+ a few for
+        # info/health) answer RESOURCE_EXHAUSTED instead of waiting unseen inside gRPC.
+        workers = plan.max_batch + options.max_queue + options.max_score_queue + 16
         from concurrent.futures import ThreadPoolExecutor
 
         self._grpc = grpc.server(
@@ -198,6 +199,8 @@ def build_server(
     """
     if options.max_queue < 0:
         raise ServerError(f"max_queue must be >= 0, got {options.max_queue}")
+    if options.max_score_queue < 1:
+        raise ServerError(f"max_score_queue must be >= 1, got {options.max_score_queue}")
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     server = InferenceServer(model, engine, plan, options, mesh_info)
     engine.warm_up(progress)

@@ -21,7 +21,13 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.sampling import SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
-from meshserve.serving.orchestrator import Event, Orchestrator, RequestHandle, ShuttingDownError
+from meshserve.serving.orchestrator import (
+    Event,
+    Orchestrator,
+    RequestHandle,
+    ScoreCancelledError,
+    ShuttingDownError,
+)
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import QueueFullError, Request
 
@@ -248,13 +254,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # The client's deadline bounds the wait; a worker never blocks past it. Without a deadline gRPC
             # reports a huge remaining time (too large for a thread wait): wait without a timeout then.
             remaining = context.time_remaining()
-            out = self.orch.score(pairs, timeout=remaining if remaining is not None and remaining < 1e6 else None)
+            # A client that goes away stops the job at its next chunk (the callback also runs at a normal end).
+            cancel = threading.Event()
+            if not context.add_callback(cancel.set):
+                cancel.set()
+            out = self.orch.score(
+                pairs, timeout=remaining if remaining is not None and remaining < 1e6 else None, cancel=cancel
+            )
+        except QueueFullError as e:
+            self._abort(context, "Score", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ShuttingDownError as e:
             self._abort(context, "Score", grpc.StatusCode.UNAVAILABLE, str(e))
         except UserError as e:
             self._abort(context, "Score", grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TimeoutError:
             self._abort(context, "Score", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except ScoreCancelledError as e:
+            self._abort(context, "Score", grpc.StatusCode.CANCELLED, str(e))
         except Exception as e:  # the engine thread died (orchestrator.error): answer instead of hanging
             self._abort(context, "Score", grpc.StatusCode.INTERNAL, f"engine failed: {type(e).__name__}")
         self.metrics.requests.labels("Score", "OK").inc()

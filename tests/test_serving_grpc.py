@@ -328,9 +328,9 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
 
 
 def test_full_queue_answers_resource_exhausted(server, client):
-    # 8 slots + 32 queued = 40 < 48 requests, and 48 < the 56 RPCs gRPC itself admits (slots + queue + 16): a
-    # RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue. Sent as futures from one thread,
-    # all 48 arrive within milliseconds, long before the first 8 finish their 120 tokens.
+    # 8 slots + 32 queued = 40 < 48 requests, and 48 < the 72 RPCs gRPC itself admits (slots + queue + Score queue
+    # 16 + 16): a RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue. Sent as futures from one
+    # thread, all 48 arrive within milliseconds, long before the first 8 finish their 120 tokens.
     n = 48
     futures = [
         client.stub.Generate.future(

@@ -3,9 +3,11 @@ pipelined loop over a hand-computable mock engine."""
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from meshserve.model.config import get_config
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import PrefillResult, ScoreOutput
@@ -150,6 +152,11 @@ class MockEngine:
 
     def score(self, items):
         return ScoreOutput([np.zeros(len(c), np.float32) for _, c in items], [np.ones(len(c), bool) for _, c in items])
+
+    score_chunk_size = 8
+
+    def score_chunk(self, items):
+        return self.score(items)
 
 
 def test_orchestrator_pipelined_loop_over_mock_engine():
@@ -313,9 +320,6 @@ class _EndedContext:
 
 
 def test_request_of_an_rpc_that_already_ended_is_cancelled():
-    from types import SimpleNamespace
-
-    from meshserve.model.config import get_config
     from meshserve.protos import inference_pb2 as pb
     from meshserve.serving.servicer import InferenceServicer, Limits
 
@@ -325,3 +329,48 @@ def test_request_of_an_rpc_that_already_ended_is_cancelled():
     servicer = InferenceServicer(orch, model, None, Limits(128, 4, 128, 8), {})
     handle = servicer._start(pb.GenerateRequest(text="hi", max_new_tokens=4), _EndedContext(), "Generate")
     assert handle.request.cancel_requested  # freed at the next step instead of generating for nobody
+
+
+class _AbortContext:
+    """A live gRPC context whose abort raises like grpc's, keeping the status code."""
+
+    def time_remaining(self):
+        return None
+
+    def add_callback(self, callback):
+        return True
+
+    def abort(self, code, details):
+        raise RuntimeError(code, details)
+
+
+def test_score_queue_is_bounded_and_a_full_one_answers_resource_exhausted():
+    import grpc
+    from meshserve.protos import inference_pb2 as pb
+    from meshserve.serving.orchestrator import ScoreQueueFullError
+    from meshserve.serving.servicer import InferenceServicer, Limits
+
+    engine = BlockingScoreEngine(4)
+    orch = Orchestrator(engine, make(max_batch=4), ByteTokenizer(), max_scores=2).start()
+    results = {}
+    a = _score_in_thread(orch, results, "a")
+    assert engine.scoring.wait(5)  # A runs, B waits: 2 pending, the limit
+    b = _score_in_thread(orch, results, "b")
+    deadline = time.monotonic() + 5
+    while orch._scores.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(ScoreQueueFullError, match=r"max_score_queue=2"):
+        orch.score([([1], [2])], timeout=1)
+    tok = ByteTokenizer()
+    model = SimpleNamespace(config=get_config("tiny"), tokenizer=tok, encode_prompt=tok.encode, stop_ids=lambda: [])
+    servicer = InferenceServicer(orch, model, None, Limits(128, 4, 128, 8), {})
+    request = pb.ScoreRequest(items=[pb.ScoreItem(prompt_text="a", continuation_text="b")])
+    with pytest.raises(RuntimeError) as err:
+        servicer.Score(request, _AbortContext())
+    assert err.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_score_queue=2" in err.value.args[1]
+    engine.release.set()
+    a.join(10)
+    b.join(10)
+    assert isinstance(results["a"], ScoreOutput) and isinstance(results["b"], ScoreOutput), results
+    assert len(orch.score([([1], [2, 3])], timeout=5).token_logprobs[0]) == 2  # room again
+    orch.stop()

@@ -1,0 +1,134 @@
+"""Score jobs on the real engine (tiny preset, one device) share the engine thread with decoding: one compiled
+score bucket call per loop iteration, streams receive tokens between a Score's chunks, and a cancelled or expired
+Score stops between chunks instead of running to the end."""
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from meshserve.model.config import get_config
+from meshserve.model.params import init_params
+from meshserve.model.sampling import SamplingParams
+from meshserve.model.tokenizer import ByteTokenizer
+from meshserve.serving.engine import Engine
+from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.plan import make_plan
+from meshserve.serving.scheduler import Request, Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine():
+    config = get_config("tiny")
+    # Two slots, one 32-token bucket: score batches (1, 2), so a Score of n items runs n / 2 chunks.
+    plan = make_plan(config, max_batch=2, max_context=32, length_buckets=(32,), decode_buckets=(2,), weights="f32")
+    engine = Engine(init_params(config, jax.random.key(0)), config, plan)
+    engine.warm_up()
+    return engine
+
+
+class Recorder:
+    """Wraps the engine's compiled score calls and the orchestrator's delivery, logging both in engine order."""
+
+    def __init__(self, engine: Engine, orch: Orchestrator, on_score=None):
+        self.log: list[str] = []
+        self.compiled = dict(engine._score)
+        self.engine = engine
+
+        def wrap(fn):
+            def call(*args):
+                self.log.append("score")
+                if on_score is not None:
+                    on_score(self.log.count("score"))
+                return fn(*args)
+
+            return call
+
+        engine._score = {k: wrap(f) for k, f in self.compiled.items()}
+        deliver = orch._deliver
+
+        def logged(updates):
+            self.log.extend("token" for u in updates if u.tokens)
+            deliver(updates)
+
+        orch._deliver = logged
+
+    def restore(self) -> None:
+        self.engine._score = self.compiled
+
+
+def _orchestrator(engine, **kw) -> Orchestrator:
+    p = engine.plan
+    scheduler = Scheduler(p.max_batch, 8, p.prefill_batches, p.length_bucket, p.decode_batches, p.prefill_token_budget)
+    return Orchestrator(engine, scheduler, ByteTokenizer(), **kw)
+
+
+def _items(n):
+    rng = np.random.default_rng(n)
+    return [([int(x) for x in rng.integers(1, 255, 6)], [int(x) for x in rng.integers(1, 255, 8)]) for _ in range(n)]
+
+
+def test_stream_gets_tokens_between_the_chunks_of_a_long_score(engine):
+    engine.reset()
+    orch = _orchestrator(engine)
+    rec = Recorder(engine, orch)
+    orch.start()
+    try:
+        handle = orch.submit(Request([65, 66, 67], 28, SamplingParams(), frozenset()))
+        assert handle.events.get(timeout=30).tokens  # the stream is decoding
+        items = _items(16)  # 8 chunks of 2
+        out = orch.score(items, timeout=60)
+        events = [handle.events.get(timeout=30)]
+        while events[-1].finish_reason is None:
+            events.append(handle.events.get(timeout=30))
+    finally:
+        orch.stop()
+        rec.restore()
+    log = rec.log
+    chunks = [i for i, e in enumerate(log) if e == "score"]
+    assert len(chunks) == 8, log
+    # Between every two chunks of the Score, the stream received a token (the engine decoded in between).
+    gaps = [log[a + 1 : b] for a, b in zip(chunks, chunks[1:], strict=False)]
+    assert all("token" in g for g in gaps), log
+    assert len(handle.request.tokens) == 28 and events[-1].finish_reason == "length"
+    ref = engine.score(items)  # the same answers as scoring alone, in the caller's order
+    for a, b in zip(out.token_logprobs, ref.token_logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert [g.tolist() for g in out.greedy] == [g.tolist() for g in ref.greedy]
+
+
+def test_cancelled_score_stops_between_chunks(engine):
+    from meshserve.serving.orchestrator import ScoreCancelledError
+
+    engine.reset()
+    orch = _orchestrator(engine)
+    cancel = threading.Event()
+    rec = Recorder(engine, orch, on_score=lambda n: cancel.set() if n == 2 else None)
+    orch.start()
+    try:
+        with pytest.raises(ScoreCancelledError, match="cancelled after 4 of 64 items"):
+            orch.score(_items(64), timeout=60, cancel=cancel)  # 32 chunks; the client goes away in the second
+        assert rec.log.count("score") == 2
+        assert len(orch.score(_items(2), timeout=60).token_logprobs) == 2  # the engine serves the next Score
+    finally:
+        orch.stop()
+        rec.restore()
+    assert orch.error is None
+
+
+def test_score_past_its_deadline_stops_on_the_engine_thread(engine):
+    engine.reset()
+    orch = _orchestrator(engine)
+    rec = Recorder(engine, orch, on_score=lambda n: time.sleep(0.05))  # each chunk takes >= 50 ms
+    orch.start()
+    try:
+        with pytest.raises(TimeoutError):
+            orch.score(_items(128), timeout=0.3)  # 64 chunks: >= 3.2 s of work
+        time.sleep(0.3)
+        ran = rec.log.count("score")
+        time.sleep(0.3)
+        assert rec.log.count("score") == ran < 64  # stopped at the deadline, not still scoring for nobody
+    finally:
+        orch.stop()
+        rec.restore()
