@@ -1,79 +1,200 @@
-"""A fused weight-only int8 matmul for decode-sized token batches on GPUs (Pallas, Triton backend).
+"""Fused weight-only int8 matmuls for decode-sized token batches on GPUs (Pallas, Triton backend).
 
 XLA lowers `x @ w_int8.astype(bf16)` by first writing the converted bf16 weights to memory and then running a bf16
 GEMM, so an int8 weight costs 1 + 2 + 2 bytes of traffic per parameter instead of 1: at decode batch sizes, where
-the step is bound by reading weights, int8 ran slower than bf16 (measured on an H100: BENCHMARKS.md). This kernel
-reads each int8 weight once, converts it in registers and accumulates in float32:
+the step is bound by reading weights, int8 ran slower than bf16 (measured on an H100: BENCHMARKS.md). These kernels
+read each int8 weight once, convert it in registers and accumulate in float32:
 
-  out[M, N] = (x[M, K] @ w[K, N]) * scale[N]      x bf16, w int8, scale bf16; M <= 64 (padded to 16)
+  out[M, N] = (x[M, K] @ w[K, N]) * scale[N]      x bf16/f16, w int8 [K, N] (N contiguous), scale [N]
 
-One program per block of bn output columns streams its [K, bn] slice of w in chunks of bk rows; bn is chosen so the
-grid has at least ~one program per SM. Used by `quant.einsum` when MESHSERVE_INT8_MATMUL=pallas (see there).
+Two forms, one grid: program (j, s) owns output columns [j*bn, (j+1)*bn) and the s-th of `split` slices of K
+(split-K raises the number of programs in flight when N/bn alone leaves SMs idle; the partial sums [split, M, N]
+are added by XLA, a few hundred KiB against tens of MiB of weights):
+  - "reduce" (M <= REDUCE_MAX_ROWS): CUDA-core multiply-add into a [bk, bn] float32 tile per row, summed over bk
+    once at the end. No tensor cores and no shared-memory staging of the int8 tile for an MMA operand layout;
+    at M = 1 the step is pure streaming of w.
+  - "mma": tensor-core dot of x [m_pad, bk] (M padded to 16) with the converted [bk, bn] tile.
+
+Which block sizes stream fastest depends on the GPU and the shape, so `Int8KernelConfig` is explicit and
+`benchmarks/int8_probe.py` times candidates on the device and writes a tuning file; MESHSERVE_INT8_TUNING=path makes
+`int8_matmul` use it (`default_config` otherwise). Used by `quant.einsum` when MESHSERVE_INT8_MATMUL=pallas.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from meshserve.errors import UserError
 
-__all__ = ["int8_matmul", "MAX_TOKENS"]
+__all__ = [
+    "Int8KernelConfig",
+    "MAX_TOKENS",
+    "REDUCE_MAX_ROWS",
+    "candidate_configs",
+    "choose_config",
+    "default_config",
+    "int8_matmul",
+    "load_tuning",
+    "tuning_key",
+]
 
 MAX_TOKENS = 64  # above this many rows a matmul is compute-bound and XLA's GEMM is the better choice
-_MIN_PROGRAMS = 128  # about one program per SM on an H100 (132 SMs)
+REDUCE_MAX_ROWS = 4  # the CUDA-core form keeps M [bk, bn] float32 tiles in registers; past a few rows use the MMA
+_TARGET_PROGRAMS = 512  # ~4 programs per SM on an H100 (132 SMs): enough loads in flight to cover HBM latency
 
 
-def _largest_pow2_divisor(n: int, cap: int) -> int:
+@dataclass(frozen=True)
+class Int8KernelConfig:
+    """One kernel variant: form "reduce" | "mma", column block bn, K chunk bk, split-K slices, Triton warps/stages."""
+
+    form: str
+    bn: int
+    bk: int
+    split: int = 1
+    warps: int = 4
+    stages: int = 3
+
+    def check(self, m: int, k: int, n: int) -> None:
+        """Raise ValueError unless this config tiles x [m, k] @ w [k, n] exactly."""
+        if self.form not in ("reduce", "mma"):
+            raise ValueError(f"form must be 'reduce' or 'mma', got {self.form!r}")
+        if self.form == "reduce" and m > REDUCE_MAX_ROWS:
+            raise ValueError(f"the reduce form takes at most {REDUCE_MAX_ROWS} rows, got M={m}")
+        for name, value in (("bn", self.bn), ("bk", self.bk), ("split", self.split)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if n % self.bn or k % (self.bk * self.split):
+            raise ValueError(f"config {self} does not tile K={k}, N={n} (N % bn and K % (bk*split) must be 0)")
+        if self.form == "mma" and self.bk < 16:
+            raise ValueError(f"the mma form needs bk >= 16, got {self.bk}")
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
     b = 1
     while b * 2 <= cap and n % (b * 2) == 0:
         b *= 2
     return b
 
 
-def _block_n(n: int) -> int:
-    """Largest power-of-two column block (16..256) dividing n that still leaves >= _MIN_PROGRAMS programs."""
-    bn = _largest_pow2_divisor(n, 256)
-    while bn > 16 and n // bn < _MIN_PROGRAMS:
+def default_config(m: int, k: int, n: int) -> Int8KernelConfig:
+    """A config without tuning: reduce form for a few rows, enough programs (N/bn * split) to fill the GPU."""
+    form = "reduce" if m <= REDUCE_MAX_ROWS else "mma"
+    bn = _pow2_divisor(n, 128)
+    while bn > 32 and n // bn < _TARGET_PROGRAMS:
         bn //= 2
-    return bn
+    bk = _pow2_divisor(k, 32 if form == "reduce" else 64)
+    split = 1
+    while (n // bn) * split < _TARGET_PROGRAMS and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 8:
+        split *= 2
+    return Int8KernelConfig(form, bn, bk, split, warps=4, stages=3)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, interpret: bool = False) -> jax.Array:
+def candidate_configs(m: int, k: int, n: int, limit: int = 12) -> list[Int8KernelConfig]:
+    """Configs worth timing for one shape, the default first, then ordered by distance from the target grid size."""
+    form = "reduce" if m <= REDUCE_MAX_ROWS else "mma"
+    found = []
+    for bn in (32, 64, 128, 256):
+        for bk in (16, 32, 64) if form == "reduce" else (32, 64, 128):
+            for split in (1, 2, 4, 8):
+                for warps in (4, 8):
+                    cfg = Int8KernelConfig(form, bn, bk, split, warps, stages=3 if form == "reduce" else 4)
+                    try:
+                        cfg.check(m, k, n)
+                    except ValueError:
+                        continue
+                    tile_regs = max(m, 1) * bk * bn // (32 * warps)  # float32 accumulator registers per thread
+                    if form == "reduce" and tile_regs > 64 or k // (bk * split) < 4:
+                        continue
+                    programs = n // bn * split
+                    found.append((abs(programs - _TARGET_PROGRAMS) / _TARGET_PROGRAMS + 0.1 * (warps == 8), cfg))
+    ordered = [default_config(m, k, n)] + [c for _, c in sorted(found, key=lambda t: t[0])]
+    return list(dict.fromkeys(ordered))[:limit]
+
+
+def tuning_key(m: int, k: int, n: int) -> str:
+    """Tuning-file key: rows are bucketed to the next power of two (decode batches are bucketed the same way)."""
+    return f"{1 << max(m - 1, 0).bit_length()}x{k}x{n}"
+
+
+@functools.cache
+def load_tuning(path: str) -> dict[str, Int8KernelConfig | None]:
+    """{tuning_key: config, or None where XLA's convert + GEMM won} from benchmarks/int8_probe.py --tune's file."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        return {key: None if v["form"] == "xla" else Int8KernelConfig(**v) for key, v in table.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"MESHSERVE_INT8_TUNING={path}: not a tuning file from int8_probe.py --tune ({e})") from e
+
+
+def choose_config(m: int, k: int, n: int) -> Int8KernelConfig | None:
+    """The config for x [m, k] @ w [k, n]: the tuning file's entry (None: XLA was faster there), else the default."""
+    path = os.environ.get("MESHSERVE_INT8_TUNING")
+    if path:
+        table = load_tuning(path)
+        key = tuning_key(m, k, n)
+        if key in table:
+            return table[key]
+    return default_config(m, k, n)
+
+
+def int8_matmul(
+    x: jax.Array, w: jax.Array, scale: jax.Array, config: Int8KernelConfig | None = None, interpret: bool = False
+) -> jax.Array:
     """x [M, K] (16-bit), w int8 [K, N], scale [N] -> [M, N] in x's dtype (float32 accumulation)."""
+    (m, k), n = x.shape, w.shape[1]
+    config = config or choose_config(m, k, n) or default_config(m, k, n)
+    config.check(m, k, n)
+    return _int8_matmul(x, w, scale, config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _int8_matmul(x, w, scale, *, config: Int8KernelConfig, interpret: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    M, K = x.shape
-    N = w.shape[1]
-    bn, bk = _block_n(N), _largest_pow2_divisor(K, 256)
-    if bn < 16 or bk < 16:
-        raise ValueError(f"int8_matmul needs N and K divisible by 16, got K={K}, N={N}")
-    m_pad = max(16, 1 << (M - 1).bit_length())
-    xp = jnp.pad(x, ((0, m_pad - M), (0, 0)))
-    n_k = K // bk
+    (m, k), n = x.shape, w.shape[1]
+    bn, bk, split = config.bn, config.bk, config.split
+    k_part = k // split
+    n_chunks = k_part // bk
+    rows = m if config.form == "reduce" else max(16, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x, ((0, rows - m), (0, 0)))
 
-    def kernel(x_ref, w_ref, s_ref, o_ref):
+    def reduce_kernel(x_ref, w_ref, o_ref):
         def body(i, acc):
-            xk = x_ref[:, pl.ds(i * bk, bk)]  # [m_pad, bk]
-            wk = w_ref[pl.ds(i * bk, bk), :].astype(xk.dtype)  # [bk, bn]: int8 read once, converted in registers
+            wk = w_ref[pl.ds(i * bk, bk), :].astype(jnp.float32)  # [bk, bn]: int8 read once, converted in registers
+            return tuple(acc[r] + x_ref[r, pl.ds(i * bk, bk)].astype(jnp.float32)[:, None] * wk for r in range(rows))
+
+        init = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(rows))
+        acc = jax.lax.fori_loop(0, n_chunks, body, init)
+        for r in range(rows):
+            o_ref[0, r, :] = jnp.sum(acc[r], axis=0)  # the one cross-thread reduction, after the K loop
+
+    def mma_kernel(x_ref, w_ref, o_ref):
+        def body(i, acc):
+            xk = x_ref[:, pl.ds(i * bk, bk)]  # [rows, bk]
+            wk = w_ref[pl.ds(i * bk, bk), :].astype(xk.dtype)  # [bk, bn]
             return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((m_pad, bn), jnp.float32))
-        o_ref[...] = (acc * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
+        o_ref[0] = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((rows, bn), jnp.float32))
 
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, N), x.dtype),
-        grid=(N // bn,),
+    partial = pl.pallas_call(
+        reduce_kernel if config.form == "reduce" else mma_kernel,
+        out_shape=jax.ShapeDtypeStruct((split, rows, n), jnp.float32),
+        grid=(n // bn, split),
         in_specs=[
-            pl.BlockSpec((m_pad, K), lambda j: (0, 0)),
-            pl.BlockSpec((K, bn), lambda j: (0, j)),
-            pl.BlockSpec((1, bn), lambda j: (0, j)),
+            pl.BlockSpec((rows, k_part), lambda j, s: (0, s)),
+            pl.BlockSpec((k_part, bn), lambda j, s: (s, j)),
         ],
-        out_specs=pl.BlockSpec((m_pad, bn), lambda j: (0, j)),
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=3),
+        out_specs=pl.BlockSpec((1, rows, bn), lambda j, s: (s, 0, j)),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=config.warps, num_stages=config.stages),
         interpret=interpret,
-    )(xp, w, scale.reshape(1, N))
-    return out[:M]
+    )(xp, w)
+    # [split, rows, N] partial sums -> [M, N]; the per-column scale is exact after the sum (constant along K).
+    out = partial.sum(axis=0)[:m] * scale.astype(jnp.float32)[None, :]
+    return out.astype(x.dtype)

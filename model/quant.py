@@ -76,23 +76,28 @@ def _split(subscripts: str) -> tuple[str, str, str, str]:
     return x_letters, w_letters, out, "".join(c for c in w_letters if c in x_letters and c not in out)
 
 
-def _use_int8_kernel(subscripts: str, x: jax.Array) -> bool:
+def _use_int8_kernel(subscripts: str, x: jax.Array, w: QuantizedArray) -> bool:
     """The fused Pallas kernel (model/int8_kernel.py) runs when asked for, on a GPU, for decode-sized batches and
     einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model)."""
     if os.environ.get("MESHSERVE_INT8_MATMUL", "xla") != "pallas" or jax.default_backend() != "gpu":
         return False
-    from meshserve.model.int8_kernel import MAX_TOKENS
+    from meshserve.model.int8_kernel import MAX_TOKENS, choose_config
 
     x_letters, w_letters, out, c = _split(subscripts)
     free_x, free_w = x_letters[: len(x_letters) - len(c)], w_letters[len(c) :]
     rows = math.prod(x.shape[: len(free_x)])
-    return (
+    fits = (
         x_letters.endswith(c)
         and w_letters.startswith(c)
         and out == free_x + free_w
         and rows <= MAX_TOKENS
         and jnp.dtype(x.dtype).itemsize == 2
     )
+    if not fits:
+        return False
+    k = math.prod(x.shape[len(free_x) :])
+    n = math.prod(w.shape[len(c) :])
+    return choose_config(rows, k, n) is not None  # a tuning file may say XLA is faster for this shape
 
 
 def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
@@ -113,7 +118,7 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     is exact because each scale is constant along the contracted axes.
     """
     out_dtype = out_dtype or x.dtype
-    if isinstance(w, QuantizedArray) and _use_int8_kernel(subscripts, x):
+    if isinstance(w, QuantizedArray) and _use_int8_kernel(subscripts, x, w):
         return _kernel_einsum(subscripts, x, w).astype(out_dtype)
     if isinstance(w, QuantizedArray):
         y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -43,7 +43,7 @@ class BenchRow:
     prompt_len: int
     gen_len: int
     layers: str  # "scan" (stacked weights, lax.scan) or "unrolled"
-    int8_matmul: str  # "xla" (convert + GEMM) or "pallas" (model/int8_kernel.py), from MESHSERVE_INT8_MATMUL
+    int8_matmul: str  # "xla" (convert + GEMM), "pallas" (model/int8_kernel.py) or "pallas-tuned" (with a tuning file)
     device: str
     prefill_ms: float
     ttft_ms: float
@@ -62,6 +62,14 @@ class BenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _int8_matmul_label() -> str:
+    """How int8 matmuls run in this process (model/quant.py reads the same variables)."""
+    label = os.environ.get("MESHSERVE_INT8_MATMUL", "xla")
+    if jax.default_backend() != "gpu":
+        return "xla"  # the Pallas kernel is GPU-only; elsewhere quant.einsum always takes XLA's path
+    return label + "-tuned" if label == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else label
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -185,7 +193,7 @@ def bench_row(
         prompt_len=prompt_len,
         gen_len=gen_len,
         layers=layers,
-        int8_matmul=os.environ.get("MESHSERVE_INT8_MATMUL", "xla"),
+        int8_matmul=_int8_matmul_label(),
         device=jax.devices()[0].device_kind,
         prefill_ms=prefill_s * 1e3,
         ttft_ms=ttft_s * 1e3,

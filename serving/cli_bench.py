@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="unrolled",
         help="layer loop: unrolled per-layer weights (default) or lax.scan over stacked weights",
     )
+    parser.add_argument(
+        "--int8-matmul",
+        choices=["xla", "pallas"],
+        default=None,
+        help="int8 weight matmul: XLA's convert + GEMM, or the fused Pallas kernel on a GPU "
+        "(default: $MESHSERVE_INT8_MATMUL, else xla)",
+    )
+    parser.add_argument(
+        "--int8-tuning",
+        type=Path,
+        default=None,
+        help="kernel configs per shape from `benchmarks/int8_probe.py --tune` (default: $MESHSERVE_INT8_TUNING)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     parser.add_argument(
         "--peer",
@@ -76,6 +90,12 @@ def print_table(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.int8_matmul:
+        os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when a step is traced
+    if args.int8_tuning:
+        if not args.int8_tuning.is_file():
+            raise UserError(f"--int8-tuning: no such file {args.int8_tuning}")
+        os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
     from meshserve.model.config import get_config
     from meshserve.serving.bench import peer_row, run_bench
 

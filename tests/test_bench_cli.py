@@ -1,0 +1,55 @@
+"""`meshserve bench` end to end on the CPU (tiny shapes): the JSON rows the issue asks for, the peer, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+REQUIRED = ("batch", "weights", "prefill_ms", "ttft_ms", "decode_step_ms", "tokens_per_s", "hbm_gbps", "hbm_fraction",
+            "prefill_mfu", "peak_memory_bytes", "int8_matmul")  # fmt: skip
+
+
+def _bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meshserve.serving.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_bench_rows_with_peer(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _bench("--model", "tiny-falcon", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "4",
+                  "--weights", "bf16,int8", "--repeats", "1", "--peer", "--json", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert rows == json.loads(out.read_text())
+    assert sorted((r["weights"], r["batch"]) for r in rows) == [("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2)]
+    for r in rows:
+        assert all(key in r for key in REQUIRED)
+        assert r["prefill_ms"] > 0 and r["decode_step_ms"] > 0 and r["ttft_ms"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["decode_step_ms"] * 1e3)
+        assert r["int8_matmul"] == "xla"  # the Pallas kernel never runs off a GPU
+        assert r["peer_decode_step_ms"] > 0
+        assert r["speedup_vs_peer"] == pytest.approx(r["peer_decode_step_ms"] / r["decode_step_ms"])
+    bf16, int8 = (next(r for r in rows if r["weights"] == w and r["batch"] == 1) for w in ("bf16", "int8"))
+    assert int8["hbm_bytes_per_step"] < bf16["hbm_bytes_per_step"]  # int8 weights move fewer bytes per step
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--int8-tuning", "/no/such/tuning.json"], "--int8-tuning: no such file"),
+        (["--model", "tiny", "--peer"], "--peer needs a Falcon-shaped model"),
+        (["--weights", "fp4"], "--weights takes a comma list"),
+    ],
+)
+def test_bench_bad_input_is_one_line(args, message):
+    proc = _bench(*args, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,102 @@
+"""The Pallas int8 matmul kernels (model/int8_kernel.py): numerics in interpret mode, Triton lowering, configs.
+
+No GPU here: interpret mode runs the kernel bodies on the CPU for the numbers, and exporting for the `cuda` platform
+runs Pallas' Triton lowering (the step that rejects unsupported ops or layouts) without a device. Speed is measured
+on a GPU by benchmarks/int8_probe.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.errors import UserError
+from meshserve.model import int8_kernel
+from meshserve.model.config import get_config
+from meshserve.model.int8_kernel import Int8KernelConfig, candidate_configs, choose_config, default_config, int8_matmul
+
+K, N = 256, 128
+
+
+def _operands(m: int):
+    w = jax.random.randint(jax.random.key(1), (K, N), -127, 128, jnp.int32).astype(jnp.int8)
+    scale = jax.random.uniform(jax.random.key(2), (N,), jnp.float32, 0.005, 0.02).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(m), (m, K), jnp.bfloat16)
+    ref = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)) * np.asarray(scale, np.float64)
+    return x, w, scale, ref
+
+
+@pytest.mark.parametrize(
+    "m, config",
+    [
+        (1, Int8KernelConfig("reduce", bn=32, bk=32)),
+        (3, Int8KernelConfig("reduce", bn=64, bk=16, split=4)),  # rows not a power of two, split-K partial sums
+        (8, Int8KernelConfig("mma", bn=32, bk=64, split=2)),
+        (64, Int8KernelConfig("mma", bn=64, bk=32)),
+    ],
+)
+def test_kernel_matches_float64_reference(m, config):
+    x, w, scale, ref = _operands(m)
+    got = np.asarray(int8_matmul(x, w, scale, config=config, interpret=True), np.float64)
+    assert got.shape == (m, N)
+    # bf16 output: relative error of a few bf16 ulps of the largest value
+    assert np.max(np.abs(got - ref)) <= 1e-2 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("form", ["reduce", "mma"])
+def test_kernel_lowers_to_triton_for_cuda(form):
+    """Pallas' Triton lowering accepts both kernel bodies (would fail on an unsupported op or block shape)."""
+    m = 1 if form == "reduce" else 8
+    x, w, scale, _ = _operands(m)
+    config = Int8KernelConfig(form, bn=64, bk=32, split=2)
+    fn = jax.jit(lambda x, w, s: int8_matmul(x, w, s, config=config))
+    exported = jax.export.export(
+        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    )(x, w, scale)
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "grid_x = 2" in text and "grid_y = 2" in text  # N/bn column blocks x split slices of K
+
+
+@pytest.mark.parametrize("preset", ["falcon-7b", "palm-8b"])
+def test_default_and_candidate_configs_tile_every_model_matmul(preset):
+    c = get_config(preset)
+    shapes = [(c.d_model, c.d_ff), (c.d_ff, c.d_model), (c.d_model, c.n_heads * c.d_head), (c.d_model, c.d_head)]
+    for k, n in shapes:
+        for m in (1, 2, 8, 64):
+            configs = candidate_configs(m, k, n)
+            assert configs[0] == default_config(m, k, n) and len(configs) == len(set(configs))
+            for cfg in configs:
+                cfg.check(m, k, n)  # raises if the grid would not tile the matrix exactly
+                assert cfg.form == ("reduce" if m <= int8_kernel.REDUCE_MAX_ROWS else "mma")
+    # falcon's 4544 x 18176 MLP: enough programs to fill an H100's 132 SMs several times over
+    cfg = default_config(1, 4544, 18176)
+    assert 18176 // cfg.bn * cfg.split >= 4 * 132
+
+
+def test_config_check_names_the_problem():
+    with pytest.raises(ValueError, match="does not tile"):
+        Int8KernelConfig("mma", bn=64, bk=64, split=2).check(8, 4544, 18176)  # 4544 % 128 != 0
+    with pytest.raises(ValueError, match="power of two"):
+        Int8KernelConfig("reduce", bn=48, bk=32).check(1, 256, 96)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        Int8KernelConfig("reduce", bn=32, bk=32).check(8, 256, 128)
+
+
+def test_tuning_file_chooses_per_shape(tmp_path, monkeypatch):
+    tuned = Int8KernelConfig("reduce", bn=128, bk=16, split=4, warps=8, stages=2)
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"1x256x128": vars(tuned), "8x256x128": {"form": "xla"}}))
+    monkeypatch.setenv("MESHSERVE_INT8_TUNING", str(path))
+    int8_kernel.load_tuning.cache_clear()
+    assert choose_config(1, 256, 128) == tuned
+    assert choose_config(5, 256, 128) is None  # bucket 8 -> XLA was faster there
+    assert choose_config(1, 512, 128) == default_config(1, 512, 128)  # not tuned
+    path.write_text("{not json")
+    int8_kernel.load_tuning.cache_clear()
+    with pytest.raises(UserError, match="MESHSERVE_INT8_TUNING"):
+        choose_config(1, 256, 128)
+    int8_kernel.load_tuning.cache_clear()
