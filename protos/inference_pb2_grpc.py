@@ -27,7 +27,10 @@ if _version_not_supported:
 
 class InferenceStub:
     """The inference service. Bad requests answer INVALID_ARGUMENT with a message naming the field and its limit; a
-    full queue answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants one) UNAUTHENTICATED.
+    full queue (requests or Scores) answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants
+    one) UNAUTHENTICATED. A message over 4 MiB (request or reply) answers RESOURCE_EXHAUSTED from gRPC itself: Score
+    limits its items (limits.max_score_items) and their total tokens (limits.max_score_tokens) so that a valid Score's
+    reply always fits.
     """
 
     def __init__(self, channel):
@@ -60,7 +63,10 @@ class InferenceStub:
 
 class InferenceServicer:
     """The inference service. Bad requests answer INVALID_ARGUMENT with a message naming the field and its limit; a
-    full queue answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants one) UNAUTHENTICATED.
+    full queue (requests or Scores) answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants
+    one) UNAUTHENTICATED. A message over 4 MiB (request or reply) answers RESOURCE_EXHAUSTED from gRPC itself: Score
+    limits its items (limits.max_score_items) and their total tokens (limits.max_score_tokens) so that a valid Score's
+    reply always fits.
     """
 
     def Generate(self, request, context):
@@ -125,7 +131,10 @@ def add_InferenceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Inference:
     """The inference service. Bad requests answer INVALID_ARGUMENT with a message naming the field and its limit; a
-    full queue answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants one) UNAUTHENTICATED.
+    full queue (requests or Scores) answers RESOURCE_EXHAUSTED; a missing or wrong bearer token (when the server wants
+    one) UNAUTHENTICATED. A message over 4 MiB (request or reply) answers RESOURCE_EXHAUSTED from gRPC itself: Score
+    limits its items (limits.max_score_items) and their total tokens (limits.max_score_tokens) so that a valid Score's
+    reply always fits.
     """
 
     @staticmethod

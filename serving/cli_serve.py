@@ -120,6 +120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Score requests running or waiting before RESOURCE_EXHAUSTED (default 16)",
     )
     parser.add_argument(
+        "--max-score-tokens",
+        type=int,
+        default=262144,
+        help="prompt + continuation tokens over all items of one Score request, beyond which it answers "
+        "INVALID_ARGUMENT (default 262144 = 256 items x 1024; its reply, ~9 bytes a token, fits the 4 MiB limit)",
+    )
+    parser.add_argument(
         "--objective",
         choices=["latency", "throughput"],
         default="latency",
@@ -148,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-score-queue must be >= 1, got {args.max_score_queue}")
     if args.max_new_tokens_limit is not None and args.max_new_tokens_limit < 1:
         raise UserError(f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}")
-    from meshserve.serving.server import ServerOptions, build_server
+    from meshserve.serving.server import ServerOptions, build_server, check_score_tokens
+
+    check_score_tokens(args.max_score_tokens)  # before loading the model: a bad flag fails in one line
     from tqdm import tqdm
 
     # Handlers first: a SIGTERM during warm-up then also exits cleanly (after warm-up, before serving).
@@ -166,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         max_new_tokens=args.max_new_tokens_limit,
         max_score_queue=args.max_score_queue,
+        max_score_tokens=args.max_score_tokens,
     )
     n_steps = len(plan.steps) + len(plan.prefill_batches) * len(plan.prefill_lengths)  # + one insert per prefill
     with tqdm(total=n_steps, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:

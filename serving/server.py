@@ -24,9 +24,9 @@ from meshserve.serving.metrics import ServerMetrics
 from meshserve.serving.orchestrator import DEFAULT_MAX_SCORES, Orchestrator
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
-from meshserve.serving.servicer import InferenceServicer, Limits
+from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
 
-__all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError"]
+__all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError", "check_score_tokens"]
 
 log = logging.getLogger("meshserve.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # meshserve.v1.Inference
@@ -49,6 +49,7 @@ class ServerOptions:
     metrics_port: int = 0  # 0 = no metrics endpoint
     max_new_tokens: int | None = None  # default: the whole context
     max_score_queue: int = DEFAULT_MAX_SCORES  # Score requests running + waiting before RESOURCE_EXHAUSTED
+    max_score_tokens: int = DEFAULT_MAX_SCORE_TOKENS  # prompt + continuation tokens over one Score's items
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -99,6 +100,7 @@ class InferenceServer:
             max_batch=plan.max_batch,
             max_new_tokens=min(options.max_new_tokens or plan.max_context, plan.max_context),
             max_queue=options.max_queue,
+            max_score_tokens=options.max_score_tokens,
         )
         self.limits = limits
         self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})
@@ -184,6 +186,16 @@ class InferenceServer:
         self._stopped.wait()
 
 
+def check_score_tokens(max_score_tokens: int, max_items: int = Limits.max_score_items) -> None:
+    """Refuse a Score token limit whose largest valid reply would not fit gRPC's send limit."""
+    room = (MAX_MESSAGE_BYTES - 32 * max_items) // 9
+    if not 1 <= max_score_tokens <= room or score_reply_bytes(max_items, max_score_tokens) > MAX_MESSAGE_BYTES:
+        raise ServerError(
+            f"max_score_tokens must be in [1, {room}] (a Score reply carries ~9 bytes per token and must fit "
+            f"{MAX_MESSAGE_BYTES} bytes), got {max_score_tokens}"
+        )
+
+
 def build_server(
     model,
     plan: EnginePlan,
@@ -201,6 +213,7 @@ def build_server(
         raise ServerError(f"max_queue must be >= 0, got {options.max_queue}")
     if options.max_score_queue < 1:
         raise ServerError(f"max_score_queue must be >= 1, got {options.max_score_queue}")
+    check_score_tokens(options.max_score_tokens)
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     server = InferenceServer(model, engine, plan, options, mesh_info)
     engine.warm_up(progress)

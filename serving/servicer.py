@@ -31,7 +31,14 @@ from meshserve.serving.orchestrator import (
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import QueueFullError, Request
 
-__all__ = ["InferenceServicer", "Limits", "RequestError", "FINISH_REASON"]
+__all__ = [
+    "InferenceServicer",
+    "Limits",
+    "RequestError",
+    "FINISH_REASON",
+    "score_reply_bytes",
+    "DEFAULT_MAX_SCORE_TOKENS",
+]
 
 FINISH_REASON = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -39,6 +46,19 @@ FINISH_REASON = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
 DEFAULT_MAX_NEW_TOKENS = 64
+# Prompt + continuation tokens over one Score's items: 256 items x 1024 tokens. Its largest reply,
+# score_reply_bytes(256, 262144) ~ 2.4 MB, fits gRPC's 4 MiB send limit (serving/server.py MAX_MESSAGE_BYTES).
+DEFAULT_MAX_SCORE_TOKENS = 262144
+
+
+def score_reply_bytes(max_items: int, max_tokens: int) -> int:
+    """An upper bound on the serialized ScoreResponse for `max_items` items of `max_tokens` tokens in all.
+
+    Per continuation token: a packed float (4 bytes) and an int32 id as a varint (at most 5 bytes for ids < 2**31).
+    Per item: the ScoreResult's tag and length (<= 6), logprob double (9), greedy (2), two packed fields' tags and
+    lengths (<= 12): 32 bytes with room to spare.
+    """
+    return 9 * max_tokens + 32 * max_items
 
 
 class RequestError(UserError):
@@ -55,6 +75,7 @@ class Limits:
     max_stop_length: int = 256
     max_score_items: int = 256
     max_text_chars: int = 0  # 0: 32 characters per context token (no tokenizer packs more into one token)
+    max_score_tokens: int = DEFAULT_MAX_SCORE_TOKENS  # prompt + continuation tokens over one Score's items
 
     @property
     def text_chars(self) -> int:
@@ -251,6 +272,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if len(request.items) > lim.max_score_items:
                 raise RequestError(f"items: {len(request.items)} items exceed the limit of {lim.max_score_items}")
             pairs = [self._score_item(i, item) for i, item in enumerate(request.items)]
+            total = sum(len(p) + len(c) for p, c in pairs)
+            if total > lim.max_score_tokens:
+                raise RequestError(
+                    f"items: {total} prompt + continuation tokens in all exceed the limit of "
+                    f"max_score_tokens={lim.max_score_tokens}; split the request"
+                )
             # The client's deadline bounds the wait; a worker never blocks past it. Without a deadline gRPC
             # reports a huge remaining time (too large for a thread wait): wait without a timeout then.
             remaining = context.time_remaining()
@@ -350,6 +377,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_stop_length=lim.max_stop_length,
                 max_score_items=lim.max_score_items,
                 max_text_chars=lim.text_chars,
+                max_score_tokens=lim.max_score_tokens,
             ),
             plan_json=self.plan.to_json(),
         )

@@ -21,6 +21,7 @@ from meshserve.serving.client import Client
 from test_serving_support import ServerProcess, env, make_checkpoint, meshserve
 
 TOKEN = "s3cret-token"
+SCORE_TOKENS = 20000  # --max-score-tokens: 160 full-context (128-token) items exceed it
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def server(checkpoint, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     metrics_port = _free_port()
     proc = ServerProcess(
-        checkpoint, "--max-queue", "32", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port)
-    )
+        checkpoint,
+        "--max-queue", "32", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
+        "--max-score-tokens", str(SCORE_TOKENS),
+    )  # fmt: skip
     proc.metrics_port = metrics_port
     proc.token_file = token_file
     yield proc
@@ -105,6 +108,7 @@ def test_health_reflection_and_model_info(server, client):
     info = client.model_info()
     assert info.model.name == "tiny" and info.weights == "f32" and info.limits.max_context == 128
     assert info.limits.max_batch == 8 and info.limits.max_queue == 32
+    assert info.limits.max_score_tokens == SCORE_TOKENS and info.limits.max_score_items == 256
     phases = {(p.phase, p.batch, p.length) for p in info.plan}
     assert {("decode", 2, 1), ("decode", 8, 1), ("prefill", 1, 32), ("prefill", 4, 128), ("score", 8, 32)} <= phases
     assert all(p.ffn_layout and p.attention_layout for p in info.plan)
@@ -354,8 +358,8 @@ def test_full_queue_answers_resource_exhausted(server, client):
 
 
 def test_score_past_its_deadline_answers_deadline_exceeded_on_the_server(server, client):
-    # 256 full-context items: 32 score chunks on the engine thread, far longer than the deadline.
-    items = [([1 + i % 200] * 64, [2] * 63) for i in range(256)]
+    # 150 full-context items (under --max-score-tokens): 19 score chunks, far longer than the deadline.
+    items = [([1 + i % 200] * 64, [2] * 63) for i in range(150)]
     key = 'meshserve_requests_total{code="DEADLINE_EXCEEDED",method="Score"}'
     before = _metrics(server).get(key, 0.0)
     with pytest.raises(grpc.RpcError) as err:
@@ -367,3 +371,35 @@ def test_score_past_its_deadline_answers_deadline_exceeded_on_the_server(server,
         time.sleep(0.05)
     assert _metrics(server).get(key, 0.0) == before + 1
     assert len(client.score([([1, 2], [3])])) == 1  # still serving
+
+
+def test_score_over_the_token_limit_is_refused_up_front_naming_the_limit(server, client):
+    items = [([1 + i % 200] * 64, [2] * 64) for i in range(160)]  # 160 x 128 = 20480 tokens > 20000
+    with pytest.raises(grpc.RpcError) as err:
+        client.score(items)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items" in err.value.details() and f"max_score_tokens={SCORE_TOKENS}" in err.value.details()
+    assert len(client.score(items[:150])) == 150  # 19200 tokens: under the limit, answered
+
+
+def test_largest_valid_score_reply_fits_the_message_limit():
+    from meshserve.serving.server import MAX_MESSAGE_BYTES, check_score_tokens
+    from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, Limits, score_reply_bytes
+
+    def reply(items, tokens_each, token_id):
+        # Worst case per token: a 4-byte float and the largest int32 id (5-byte varint); nonzero log-probs.
+        return pb.ScoreResponse(
+            results=[
+                pb.ScoreResult(logprob=-1.5, token_logprobs=[-0.5] * tokens_each, greedy=True,
+                               continuation_tokens=[token_id] * tokens_each)
+                for _ in range(items)
+            ]
+        ).ByteSize()  # fmt: skip
+
+    n = Limits.max_score_items
+    at_limit = reply(n, DEFAULT_MAX_SCORE_TOKENS // n, 2**31 - 1)
+    assert at_limit <= score_reply_bytes(n, DEFAULT_MAX_SCORE_TOKENS) <= MAX_MESSAGE_BYTES
+    assert reply(n, 2048, 2**31 - 1) > MAX_MESSAGE_BYTES  # the review's case: 256 x 2048 tokens need not fit
+    check_score_tokens(DEFAULT_MAX_SCORE_TOKENS)
+    with pytest.raises(ValueError, match="max_score_tokens must be in"):
+        check_score_tokens(256 * 2048)

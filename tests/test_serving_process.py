@@ -137,3 +137,13 @@ def test_a_busy_port_fails_in_one_line_before_any_compile(checkpoint, flag, mess
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert re.search(r"compiling:[^\n\r]*\b[1-9]\d*/\d+", proc.stderr) is None  # no step was compiled first
+
+
+def test_serve_help_shows_score_limits_and_a_reply_limit_that_cannot_fit_is_refused(checkpoint):
+    help_text = subprocess.run(meshserve("serve", "--help"), capture_output=True, text=True, env=env(), timeout=60)
+    assert help_text.returncode == 0 and "--max-score-tokens" in help_text.stdout and "262144" in help_text.stdout
+    assert "--max-score-queue" in help_text.stdout
+    args = ["serve", "--checkpoint", str(checkpoint), *GRID, "--port", "0", "--max-score-tokens", "600000"]
+    proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "max_score_tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr
