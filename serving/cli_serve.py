@@ -2,7 +2,8 @@
 
 Loads the model, chooses the plan, compiles every step (a progress bar on stderr), then listens. Prints
 `meshserve serve: listening on HOST:PORT` on stderr once requests are answered. SIGTERM or Ctrl-C drains: new
-requests are refused, in-flight ones finish within --grace seconds, and the process exits 0. If the engine thread
+requests are refused, in-flight ones finish within --grace seconds (those still running then end with UNAVAILABLE),
+and the process exits 0. If the engine thread
 dies, health turns NOT_SERVING and the process exits 1.
 """
 
@@ -142,7 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics on this port at /metrics (default 0: off; 9090 is usual)",
     )
     parser.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM (default 30)"
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on SIGTERM; then they end with UNAVAILABLE (default 30)",
     )
 
 
@@ -151,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.grace < 0:
+        raise UserError(f"--grace must be >= 0, got {args.grace}")
     if args.max_score_queue < 1:
         raise UserError(f"--max-score-queue must be >= 1, got {args.max_score_queue}")
     if args.max_new_tokens_limit is not None and args.max_new_tokens_limit < 1:

@@ -104,6 +104,7 @@ class Orchestrator:
         self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
         self.max_scores = max_scores
         self._accepting = True
+        self.grace_passed = False  # drain's grace ran out and it cancelled what was left (servicer: UNAVAILABLE)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
         self.steps = 0  # decode steps run
@@ -207,6 +208,7 @@ class Orchestrator:
         else:
             clean = False
         with self._lock:
+            self.grace_passed = True
             for r in [*self.scheduler.queue, *self.scheduler.active]:
                 self.scheduler.cancel(r)
                 clean = False

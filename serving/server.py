@@ -32,6 +32,7 @@ log = logging.getLogger("meshserve.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # meshserve.v1.Inference
 # gRPC's own cap on one incoming message; larger ones answer RESOURCE_EXHAUSTED before reaching the servicer.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_HANDLER_GRACE_S = 2.0  # after the drain's grace: time for handlers to send the status of cancelled requests
 
 
 class ServerError(UserError):
@@ -174,9 +175,10 @@ class InferenceServer:
         if self._stopped.is_set():
             return True
         self.set_serving(False)
-        # gRPC refuses new RPCs from here on and cancels the ones still open after `grace`; meanwhile the engine
-        # finishes what it holds (and cancels the rest at the same deadline).
-        stopped = self._grpc.stop(grace=grace)
+        # gRPC refuses new RPCs from here on; the engine finishes what it holds and cancels the rest at `grace`,
+        # whose handlers then end their RPCs with UNAVAILABLE. gRPC's own hard stop comes a little later, so it
+        # only cuts an RPC whose handler did not end by then.
+        stopped = self._grpc.stop(grace=grace + _HANDLER_GRACE_S)
         clean = self.orchestrator.drain(grace)
         stopped.wait()
         self._stopped.set()

@@ -224,6 +224,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         ):
             self._count(handle, method, "DEADLINE_EXCEEDED")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if reason == "cancelled" and self.orch.grace_passed and context.is_active():
+            self._count(handle, method, "UNAVAILABLE")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server shut down: the request was cancelled when the drain's grace period (--grace) ended",
+            )
         self._count(handle, method, "CANCELLED" if reason in (None, "cancelled") else "OK")
 
     def Generate(self, request, context):

@@ -220,14 +220,21 @@ def test_stop_string_ends_early_and_is_cut(client):
     assert (streamed, reason, tokens) == (cut.text, "stop", cut.tokens)
 
 
-def test_32_concurrent_streams_complete_with_correct_lengths(server, client):
+def test_32_concurrent_streams_equal_each_request_served_alone(server, client):
+    def kw(i):  # even: greedy; odd: sampled with a fixed seed
+        sampling = {} if i % 2 == 0 else dict(temperature=0.8, top_k=50, seed=1000 + i)
+        return dict(max_new_tokens=5 + 3 * i % 60, ignore_eos=True, return_logprobs=True, **sampling)
+
     def one(i):
-        return _stream(client, f"request {i}:", max_new_tokens=5 + 3 * i % 60, ignore_eos=True)
+        return _stream(client, f"request {i}:", **kw(i))
 
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(32)))
-    for i, (tokens, _, logprobs, reason) in enumerate(results):
+    for i, (tokens, text, logprobs, reason) in enumerate(results):
         assert len(tokens) == len(logprobs) == 5 + 3 * i % 60 and reason == "length"
+        alone = client.generate(f"request {i}:", **kw(i))  # nothing else running: a batch of one
+        assert tokens == alone.tokens and text == alone.text, i
+        np.testing.assert_allclose(logprobs, alone.logprobs, atol=1e-4)
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
 
@@ -316,11 +323,21 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
                 list(client.generate_stream(prompt, **kw)) if stream else client.generate(prompt, **kw)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw, err.value.details())
             assert field in err.value.details(), (field, err.value.details())
-    bad_scores = [[("", "x")], [("x", "")], [([1] * 100, [2] * 29)], [([999], [1])], []]
-    for items in bad_scores:
+    bad_scores = [
+        ([("", "x")], "items[0]: empty prompt"),
+        ([("a", "b"), ("x", "")], "items[1]: empty continuation"),
+        ([([1] * 100, [2] * 29)], "items[0]: 100 prompt + 29 continuation tokens exceed the context limit max_context"),
+        ([([999], [1])], "items[0].prompt_tokens.ids: token id 999"),
+        ([([1], [2, 300])], "items[0].continuation_tokens.ids: token id 300"),
+        ([("x" * 5000, "y")], "items[0].prompt_text: 5000 characters exceed the limit of 4096"),
+        ([("a", "b")] * 257, "items: 257 items exceed the limit of 256"),
+        ([], "items: no items"),
+    ]
+    for items, message in bad_scores:
         with pytest.raises(grpc.RpcError) as err:
             client.score(items)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, items
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert message in err.value.details(), (message, err.value.details())
     # Oversized message: gRPC's own limit (4 MiB) answers RESOURCE_EXHAUSTED before the servicer.
     with pytest.raises(grpc.RpcError) as err:
         client.generate("y" * (5 << 20), max_new_tokens=1)

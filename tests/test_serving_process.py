@@ -50,6 +50,46 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint):
         server.close()
 
 
+# Every decode step takes >= 50 ms (a stand-in for a big model), so a 120-token stream outlasts a 1 s grace period;
+# everything else is the real CLI.
+_SLOW_ENGINE = """
+import sys, time
+from meshserve.serving import engine
+fast = engine.Engine.decode_async
+def decode_async(self, batch):
+    time.sleep(0.05)
+    return fast(self, batch)
+engine.Engine.decode_async = decode_async
+from meshserve.serving.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_past_grace_ends_open_streams_unavailable_and_exits_in_time(checkpoint):
+    server = ServerProcess(checkpoint, "--grace", "1", python_code=_SLOW_ENGINE)
+    try:
+        with Client(server.target) as client:
+            client.wait_ready()
+            call = client.stream_call([1, 2, 3], max_new_tokens=120, ignore_eos=True)  # >= 6 s of decoding
+            it = iter(call)
+            got = len(next(it).tokens)
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as err:
+                for chunk in it:
+                    got += len(chunk.tokens)
+            ended = time.monotonic() - start
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+            assert "grace" in err.value.details()
+            assert 0.8 <= ended <= 1 + 3, ended  # the stream ran on for the grace period, then was ended
+            assert 1 < got < 120  # it kept streaming while draining
+        assert server.proc.wait(1 + 5) == 0  # the process exits within grace + margin
+        assert time.monotonic() - start <= 1 + 5
+        assert "some requests cancelled" in server.output()
+    finally:
+        server.close()
+
+
 # The engine's decode step raises (a stand-in for any bug on the engine thread); everything else is the real CLI.
 _BROKEN_ENGINE = """
 import sys
