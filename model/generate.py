@@ -81,15 +81,25 @@ class Batch:
         sampling: SamplingParams | Sequence[SamplingParams] | None,
         stop_ids: Sequence[int],
         batch_multiple: int = 1,
+        shape: tuple[int, int] | None = None,
     ) -> Batch:
-        """Validate and pad a request batch (B to a power of two that is a multiple of `batch_multiple`)."""
+        """Validate and pad a request batch (B to a power of two that is a multiple of `batch_multiple`).
+
+        `shape` = (B, T) pads to exactly that compiled bucket instead (the serving engine's prefill buckets).
+        """
         validate_prompts(config, prompts, max_new_tokens)
         sampling = sampling or SamplingParams()
         rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(rows) != len(prompts):
             raise GenerateError(f"{len(rows)} sampling settings for {len(prompts)} prompts")
-        B = -(-bucket(len(prompts), 1) // batch_multiple) * batch_multiple
-        T = bucket(max(len(p) for p in prompts))
+        if shape is None:
+            B = -(-bucket(len(prompts), 1) // batch_multiple) * batch_multiple
+            T = bucket(max(len(p) for p in prompts))
+        else:
+            B, T = shape
+            longest = max(len(p) for p in prompts)
+            if len(prompts) > B or longest > T:
+                raise GenerateError(f"{len(prompts)} prompts of up to {longest} tokens do not fit shape=({B}, {T})")
         steps = bucket(max_new_tokens, 1)
         tokens = np.zeros((B, T), np.int32)
         lengths = np.ones((B,), np.int32)

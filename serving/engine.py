@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
+from meshserve.model.generate import Batch
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 from meshserve.serving.plan import EnginePlan
@@ -225,14 +226,11 @@ class Engine:
         key = (batch, length)
         if key not in self._prefill:
             raise KeyError(f"no compiled prefill for bucket {key}; plan has {sorted(self._prefill)}")
-        tokens = np.zeros((batch, length), np.int32)
-        lengths = np.ones((batch,), np.int32)  # padding rows: one token, never inserted
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
-            lengths[i] = len(p)
+        # Right-padded [batch, length] tokens, padding rows of length 1 (never inserted), sampling rows [batch].
+        packed = Batch.pack(self.config, prompts, 1, list(sampling), (), shape=key)
+        tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
         slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
         slot_arr[:n] = slots
-        samp = _pad_sampling(sampling, batch)
         first, first_lp, k, v = self._prefill[key](self.params, tokens, lengths, samp)
         self._state = self._insert[key](self._state, k, v, lengths, slot_arr, first, samp)
         first, first_lp = jax.device_get((first, first_lp))

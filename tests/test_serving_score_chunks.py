@@ -1,6 +1,6 @@
 """Score jobs on the real engine (tiny preset, one device) share the engine thread with decoding: one compiled
 score bucket call per loop iteration, streams receive tokens between a Score's chunks, and a cancelled or expired
-Score stops between chunks instead of running to the end."""
+Score stops between chunks instead of running to the end. Also: the engine packs prefill prompts with Batch.pack."""
 
 import threading
 import time
@@ -132,3 +132,19 @@ def test_score_past_its_deadline_stops_on_the_engine_thread(engine):
     finally:
         orch.stop()
         rec.restore()
+
+
+def test_engine_prefill_packs_prompts_with_batch_pack(engine):
+    from meshserve.model.generate import Batch, GenerateError, generate
+
+    b = Batch.pack(engine.config, [[1, 2, 3], [4, 5]], 1, None, (), shape=(2, 32))  # the engine's exact bucket
+    assert b.tokens.shape == (2, 32) and b.lengths.tolist() == [3, 2] and b.tokens[1, :3].tolist() == [4, 5, 0]
+    assert b.sampling["seed"].shape[0] == 2
+    with pytest.raises(GenerateError, match=r"2 prompts of up to 1 tokens do not fit shape=\(1, 32\)"):
+        Batch.pack(engine.config, [[1], [2]], 1, None, (), shape=(1, 32))
+    engine.reset()
+    prompts = [[65, 66, 67], [10, 20, 30, 40, 50]]
+    out = engine.prefill_insert(prompts, [0, 1], [SamplingParams()] * 2, 2, 32)
+    ref = generate(engine.params, engine.config, prompts, max_new_tokens=1)
+    assert out.tokens.tolist() == [r.tokens[0] for r in ref]
+    np.testing.assert_allclose(out.logprobs, [r.logprobs[0] for r in ref], atol=1e-5)
