@@ -41,7 +41,7 @@ for step in $STEPS; do
         small=(); [ "${SMALL:-0}" = 1 ] && small=(--small)
         timeout 200 $PY benchmarks/int8_probe.py --model "$MODEL" --rows 1,8,64 --tune "$TUNING" --budget-s 150 \
           "${small[@]}" 2>&1 | grep -v -i warning | tee "$OUT/int8_probe.txt"
-        grep -q "cudnn attention FAILED" "$OUT/int8_probe.txt" && echo "MESHSERVE_ATTENTION=xla" > "$OUT/attention.env"
+        grep -q "cudnn attention FAILED (causal)" "$OUT/int8_probe.txt" && echo "MESHSERVE_ATTENTION=xla" > "$OUT/attention.env"
       fi
       [ -s "$TUNING" ] && cp "$TUNING" "${TUNING%.json}.results.json" "$OUT/" 2>/dev/null; [ -s "$TUNING" ] && int8_args=(--int8-matmul pallas --int8-tuning "$TUNING")
       ;;

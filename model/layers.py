@@ -92,18 +92,17 @@ def prefill_attention_implementation(dtype) -> str:
     return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
-def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Causal self-attention over right-padded prompts. q [B,T,H,Q], k/v [B,T,K,Q], lengths [B] -> [B,T,H,Q].
+def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention over right-padded prompts. q [B,T,H,Q], k/v [B,T,K,Q] -> [B,T,H,Q].
 
-    Query rows at or past a row's length attend to that row's real keys only; their outputs are never used.
+    No padding mask is needed: with right padding a real query (t < length) sees only keys s <= t < length, so
+    the causal mask alone hides the padding from every output that is used. Padded query rows compute finite
+    values nobody reads, and their keys reach the decode cache only at positions >= length, which decode
+    overwrites before its mask lets them be read. Plain causal is also the fused kernels' fastest path (cuDNN
+    otherwise switches to its padding-mask variant).
     """
     return jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        is_causal=True,
-        key_value_seq_lengths=lengths.astype(jnp.int32),
-        implementation=prefill_attention_implementation(q.dtype),
+        q, k, v, is_causal=True, implementation=prefill_attention_implementation(q.dtype)
     )
 
 

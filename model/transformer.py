@@ -94,7 +94,7 @@ def prefill(
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
             kv["k"], kv["v"] = k, v
-            return layers.attention_output(layers.attend_prefill(q, k, v, lengths), p)
+            return layers.attention_output(layers.attend_prefill(q, k, v), p)
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])
