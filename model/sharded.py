@@ -29,7 +29,7 @@ from meshserve.model.quant import QuantizedArray
 from meshserve.model.sampling import SamplingParams
 from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map
 from meshserve.model.transformer import KVCache, compute_dtype
-from meshserve.partition.comm import LayerDims, LayoutError, check_layout
+from meshserve.partition.comm import MESH_AXES, LayerDims, LayoutError, MeshShape, check_layout, reshard_plan
 from meshserve.partition.mesh import mesh_shape
 from meshserve.partition.ops import Ops
 from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for, storage_of, weight_split
@@ -210,24 +210,58 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
     return logits(x, params, plan, ops)[:, 0], ck, cv
 
 
-def _insert_body(ck, cv, lengths, k, v, new_lengths, slots, *, prefill_plan: Plan, decode_plan: Plan):
-    ops = Ops(decode_plan.shape)
-    p_batch, _, p_kv = prefill_plan.attn_axes
-    d_batch, _, d_kv = decode_plan.attn_axes
-    rows, T = ck.shape[1], k.shape[2]
-    local = slots - ops.index(d_batch) * rows
-    local = jnp.where((local >= 0) & (local < rows), local, rows)  # rows held elsewhere are dropped
+def _insert_body(ck, cv, lengths, k, v, new_lengths, slots, *, shape: MeshShape, switch: dict):
+    """ck, cv [N, R, S, K_d, Q] (decode split), k, v [N, b, T, K_p, Q] (prefill split), slots [b] (any order)."""
+    ops = Ops(shape)
+    p_batch, d_batch, kept, gather, cap = (switch[key] for key in ("p_batch", "d_batch", "heads_kept",
+                                                                   "heads_gather", "cap"))  # fmt: skip
+    finer = switch["d_kv"][len(kept) :]  # the decode's kv-head split inside the block kept after the gather
+    R, b, T, group = ck.shape[1], k.shape[1], k.shape[2], ops.size(p_batch)
+    K_d = ck.shape[3]
+    mine = ops.index(d_batch)  # this chip's block of decode slots
+
+    def picked(block, src):
+        """[cap] indices of prefill block `src`'s rows whose slots lie in decode block `block` (first), and
+        their slots local to that block (R: none, dropped). Sender and receiver compute it alike from slots."""
+        s = jax.lax.dynamic_slice_in_dim(slots, src * b, b)
+        hit = s // R == block
+        order = jnp.argsort(~hit, stable=True)[:cap]
+        return order, jnp.where(hit[order], s[order] - block * R, R)
+
+    def coords(member: int) -> dict[str, Any]:
+        """Mesh coordinates of `member` (linear over p_batch) of this chip's p_batch group."""
+        out = {a: jax.lax.axis_index(a) for a in ops.live(MESH_AXES)}
+        for a in reversed(p_batch):
+            out[a], member = member % getattr(shape, a), member // getattr(shape, a)
+        return out
+
+    def ravel(c: dict[str, Any], axes: tuple[str, ...]):
+        idx = jnp.int32(0)
+        for a in axes:
+            idx = idx * getattr(shape, a) + c[a]
+        return idx
 
     def layer(i, caches):
-        # One layer at a time: a chip holds one layer's gathered rows, not all N layers' (peak memory / N).
+        # One layer at a time: a chip holds one layer's moving rows, not all N layers' (peak memory / N).
         ck, cv = caches
-        kv = jnp.stack([k[i], v[i]])  # [2, b, T, K, Q] in the prefill split
+        kv = jnp.stack([k[i], v[i]])  # [2, b, T, K_p, Q] in the prefill split
         with jax.named_scope("reshard_kv"):
-            # B_xyzSKQ --all-gather(xyz)--> BSKQ : every chip then keeps the rows whose cache slots it holds
-            kv = ops.all_gather(kv, p_batch, 1)
-            if set(ops.live(p_kv)) != set(ops.live(d_kv)):
-                # BSKQ_yz --all-gather(yz)--> BSKQ, then this chip's kv heads of the decode split
-                kv = ops.local(ops.all_gather(kv, p_kv, 3), d_kv, 3)
+            # bSKQ_yz --all-gather(y)--> bSKQ_z : kv heads the decode split does not start with (own rows only)
+            kv = ops.all_gather(kv, gather, 3)
+            if not p_batch:  # every chip holds every row: keep its kv heads and (below) the rows of its slots
+                kv, local = ops.local(kv, finer, 3), slots - mine * R
+            else:
+                # B_xyzSKQ --all-to-all(xyz)--> B_slotsSKQ : each chip gets, from each chip of its prefill-batch
+                # group, the (at most cap) rows whose slots it holds, in the decode's kv-head split
+                send = []
+                for member in range(group):
+                    c = coords(member)
+                    rows = jnp.take(kv, picked(ravel(c, d_batch), ops.index(p_batch))[0], axis=1)
+                    send.append(jax.lax.dynamic_slice_in_dim(rows, ravel(c, finer) * K_d, K_d, axis=3))
+                got = ops.all_to_all(jnp.stack(send), p_batch, 0, 0)  # [group, 2, cap, T, K_d, Q]: m from block m
+                kv = jnp.moveaxis(got, 0, 1).reshape((2, group * cap) + got.shape[3:])
+                local = jnp.concatenate([picked(mine, m)[1] for m in range(group)])
+            local = jnp.where((local >= 0) & (local < R), local, R)  # rows held elsewhere are dropped
         ck = ck.at[i, local, :T].set(kv[0].astype(ck.dtype), mode="drop")
         cv = cv.at[i, local, :T].set(kv[1].astype(cv.dtype), mode="drop")
         return ck, cv
@@ -278,10 +312,10 @@ def decode_step(params, config, tokens, cache: KVCache, *, mesh: Mesh, layout: L
 @partial(jax.jit, static_argnames=("config", "mesh", "prefill_layout", "decode_layout"))
 def _insert(cache, k, v, lengths, slots, *, config, mesh, prefill_layout, decode_layout):
     shape = mesh_shape(mesh)
-    p_plan = Plan(config, prefill_layout, shape, k.shape[1])
-    d_plan = Plan(config, decode_layout, shape, cache.batch)
+    switch = reshard_plan(prefill_layout.ffn, prefill_layout.attention, decode_layout.ffn, decode_layout.attention,
+                          shape, _dims(config, k.shape[1], k.shape[2]), decode_batch=cache.batch)  # fmt: skip
     p_kv, d_kv = kv_spec(config, mesh, prefill_layout, k.shape[1]), kv_spec(config, mesh, decode_layout, cache.batch)
-    body = partial(_insert_body, prefill_plan=p_plan, decode_plan=d_plan)
+    body = partial(_insert_body, shape=shape, switch=switch)
     specs = (d_kv, d_kv, P(), p_kv, p_kv, P(), P())
     ck, cv, n = shard_map(body, mesh, specs, (d_kv, d_kv, P()))(cache.k, cache.v, cache.lengths, k, v, lengths, slots)
     return KVCache(k=ck, v=cv, lengths=n)

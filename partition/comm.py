@@ -38,6 +38,7 @@ __all__ = [
     "LayoutError",
     "layer_collectives",
     "reshard_collectives",
+    "reshard_plan",
     "step_collectives",
     "attention_batch_axes",
     "gathered_axes",
@@ -454,6 +455,52 @@ def kv_axes(
     return _live(mesh, batch), _live(mesh, heads)
 
 
+def _kv_split_order(ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims) -> tuple[str, ...]:
+    """The live mesh axes the KV cache's kv heads are split over, in split order (partition/rules.py's
+    attention_axes: ws1d heads over x, y, z; the 2D storage over z, y, z-major), minus the batch axes."""
+    if not _kv_split(dims):
+        return ()
+    batch = attention_batch_axes(ffn_layout, attention, mesh, dims.batch)
+    order = MESH_AXES if ffn_layout == "ws1d" else ("z", "y")
+    return tuple(a for a in order if a not in batch and getattr(mesh, a) > 1)
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def reshard_plan(
+    prefill_layout: str,
+    prefill_attention: str,
+    decode_layout: str,
+    decode_attention: str,
+    mesh: MeshShape,
+    dims: LayerDims,
+    decode_batch: int | None = None,
+) -> dict[str, tuple[str, ...] | int]:
+    """What the phase switch moves (model/sharded.py's insert follows it; `reshard_collectives` prices it).
+
+    Returns live axes in split order: `p_batch` / `d_batch` (the prefill / decode batch split), `heads_kept`
+    (the part of the prefill kv-head split the decode split starts with), `heads_gather` (the rest: gathered),
+    and `cap` (rows one chip can send another: min(prefill rows per chip, decode slots per chip)).
+    """
+    check_layout(prefill_layout, prefill_attention, mesh, dims)
+    decode_dims = dims if decode_batch is None else replace(dims, batch=decode_batch, tokens=1)
+    check_layout(decode_layout, decode_attention, mesh, decode_dims)
+    live = lambda axes: tuple(a for a in axes if getattr(mesh, a) > 1)  # noqa: E731  (split order kept)
+    p_batch = live(attention_batch_axes(prefill_layout, prefill_attention, mesh, dims.batch))
+    d_batch = live(attention_batch_axes(decode_layout, decode_attention, mesh, decode_dims.batch))
+    p_kv = _kv_split_order(prefill_layout, prefill_attention, mesh, dims)
+    d_kv = _kv_split_order(decode_layout, decode_attention, mesh, decode_dims)
+    kept = _common_prefix(p_kv, d_kv)
+    cap = min(dims.batch // mesh.size(p_batch), decode_dims.batch // mesh.size(d_batch))
+    return {"p_batch": p_batch, "d_batch": d_batch, "p_kv": p_kv, "d_kv": d_kv, "heads_kept": kept,
+            "heads_gather": p_kv[len(kept):], "cap": cap}  # fmt: skip
+
+
 def reshard_collectives(
     prefill_layout: str,
     prefill_attention: str,
@@ -467,27 +514,36 @@ def reshard_collectives(
 ) -> list[Collective]:
     """The prefill -> decode KV-cache reshard (phase switch): the per-layer list, `n_layers` times (default 1).
 
-    dims.batch rows of dims.tokens prefilled tokens each, one layer at a time (model/sharded.py loops over the
-    layers, so a chip holds one layer's gathered rows). Each layer's K and V (stacked, one collective) are
-    all-gathered over the prefill's batch axes (every chip then writes the rows whose cache slots it holds,
-    whatever the decode split) and, when the kv heads are split differently in the two layouts, over the
-    prefill's kv-head axes; the decode layout's own split is a local slice. So nothing moves only when the
-    prefill splits no batch and its kv-head split equals the decode's.
+    dims.batch rows of dims.tokens prefilled tokens each go to arbitrary cache slots (the caller's `slots`), one
+    layer at a time (model/sharded.py loops over the layers). Per layer, K and V stacked in one collective:
+    1. kv heads (multi-head only): the prefill's kv-head split is all-gathered over its axes that the decode
+       split does not start with (`reshard_plan`'s heads_gather), on this chip's own rows only; the decode
+       split's finer part is a local slice.
+    2. rows: when the prefill splits the batch, one all-to-all over the prefill's batch axes sends each chip
+       the rows whose slots it holds. The slots are data, so each (sender, receiver) chunk has room for the most
+       rows that can meet there: cap = min(prefill rows per chip, decode slots per chip). Per-chip buffer
+       P·cap rows (P chips in the group) against the all-gather's B rows: less whenever a decode chip holds
+       fewer slots than a prefill chip holds rows; equal otherwise (any slot pattern may send all of one chip's
+       rows to one chip). A prefill that splits no batch moves no rows: each chip keeps the rows of its slots.
+    Nothing moves when the prefill splits no batch and its kv-head split is where the decode's starts.
     decode_batch: the decode cache's rows (slots), which pick its batch split; default dims.batch.
     """
-    check_layout(prefill_layout, prefill_attention, mesh, dims)
-    p_batch, p_heads = kv_axes(prefill_layout, prefill_attention, mesh, dims)
-    decode_dims = dims if decode_batch is None else replace(dims, batch=decode_batch, tokens=1)
-    check_layout(decode_layout, decode_attention, mesh, decode_dims)
-    _, d_heads = kv_axes(decode_layout, decode_attention, mesh, decode_dims)
+    plan = reshard_plan(prefill_layout, prefill_attention, decode_layout, decode_attention, mesh, dims,
+                        decode_batch)  # fmt: skip
+    p_batch, gather, cap = plan["p_batch"], plan["heads_gather"], plan["cap"]
     B, T, K, Q = dims.batch, dims.tokens, dims.n_kv_heads, dims.d_head
-    per_chip = 2 * T * Q * cache_bytes  # k and v of one layer
+    rows = B // mesh.size(p_batch)  # prefill rows on one chip
+    per_row = 2 * T * Q * cache_bytes  # k and v of one row, one kv head, one layer
     out = []
+    if gather:
+        heads = K // mesh.size(plan["heads_kept"])
+        text = f"b SKQ_{_name(plan['p_kv'])} --all-gather({_name(gather)})--> b SKQ_{_name(plan['heads_kept'])}"
+        out.append(Collective("all-gather", _live(mesh, gather), per_row * rows * heads, text + " (one layer)",
+                              "attention"))  # fmt: skip
     if p_batch:
-        elements = B * K // mesh.size(p_heads)
-        text = f"B_{_name(p_batch)}SKQ --all-gather({_name(p_batch)})--> BSKQ (one layer)"
-        out.append(Collective("all-gather", p_batch, per_chip * elements, text, "attention"))
-    if p_heads and p_heads != d_heads:
-        text = f"BSKQ_{_name(p_heads)} --all-gather({_name(p_heads)})--> BSKQ (one layer)"
-        out.append(Collective("all-gather", p_heads, per_chip * B * K, text, "attention"))
+        heads = K // mesh.size(plan["d_kv"])
+        size = mesh.size(p_batch) * cap
+        text = f"B_{_name(p_batch)}SKQ --all-to-all({_name(p_batch)}, {cap} rows per chip pair)--> slots' chips"
+        out.append(Collective("all-to-all", _live(mesh, p_batch), per_row * size * heads, text + " (one layer)",
+                              "attention"))  # fmt: skip
     return out * n_layers

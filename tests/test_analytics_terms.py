@@ -176,17 +176,17 @@ def test_importing_analytics_starts_no_jax():
 
 
 def test_prefill_pays_the_phase_switch_reshard_by_hand():
-    # wg-xyz batch prefill (the paper's throughput pair) -> ws2d batch decode: the multi-query KV of all B rows and
-    # N layers is all-gathered over xyz (partition/comm.py reshard_collectives), once per prefill pass.
+    # wg-xyz batch prefill (the paper's throughput pair) -> ws2d batch decode: the multi-query KV of N layers moves
+    # by one all-to-all(xyz) per layer, 64 chip pairs x 1 row (partition/comm.py reshard_collectives), once per pass.
     B, L, N, Q = 64, 2048, 118, 256
     e = estimate(PALM, TPU, MESH, phase="prefill", batch=B, prompt_len=L, gen_len=64, weights="bf16",
                  ffn_layout="wg-xyz", attention="batch", decode_layout="ws2d", decode_attention="batch")  # fmt: skip
-    per_layer = 2 * B * L * 1 * Q * 2  # K and V of one layer, every row, bf16, after the gather
+    per_layer = 2 * B * L * 1 * Q * 2  # K and V of one layer, 64 chips x cap 1 row, bf16: the all-to-all's buffer
     bw, hop = 270e9 * 0.40, 2.5e-6
     assert e.breakdown.reshard_s == pytest.approx(N * (per_layer / bw * 63 / 64 + 9 * hop))  # 3+3+3 torus steps
     rows = [c for c in e.once_collectives if c["what"] == "phase switch"]
-    assert len(rows) == N  # one gather per layer
-    assert {(r["kind"], r["axes"], r["bytes_per_chip"]) for r in rows} == {("all-gather", ("x", "y", "z"), per_layer)}
+    assert len(rows) == N  # one all-to-all per layer
+    assert {(r["kind"], r["axes"], r["bytes_per_chip"]) for r in rows} == {("all-to-all", ("x", "y", "z"), per_layer)}
     b = e.breakdown
     assert e.latency_s == e.step_s > b.compute_s + b.weight_load_s + b.kv_load_s + b.reshard_s
     # ws2d heads -> ws2d heads: the KV split agrees (multi-query, no batch split), nothing moves

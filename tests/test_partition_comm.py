@@ -98,11 +98,12 @@ def test_kv_split_and_reshard():
     assert kv_axes("ws2d", "batch", M, d) == (("x", "y", "z"), ())
     assert kv_axes("wg-x", "batch", M, d) == (("x",), ("y", "z"))
     assert reshard_collectives("ws2d", "heads", "ws2d", "heads", M, d) == []
-    gathers = reshard_collectives("wg-xyz", "batch", "ws2d", "batch", M, dims(batch=8), n_layers=3)
-    assert len(gathers) == 3  # one per layer: a chip never holds more than one layer's gathered rows
-    for gather in gathers:
-        assert (gather.kind, gather.axes) == ("all-gather", ("x", "y", "z"))
-        assert gather.bytes_per_chip == 2 * 8 * 4 * 1 * 256 * 2  # K and V of one layer, B·T·K·Q bf16
+    moves = reshard_collectives("wg-xyz", "batch", "ws2d", "batch", M, dims(batch=8), n_layers=3)
+    assert len(moves) == 3  # one per layer: a chip never holds more than one layer's moving rows
+    for move in moves:
+        assert (move.kind, move.axes) == ("all-to-all", ("x", "y", "z"))
+        # K and V of one layer: 8 chip pairs x cap = min(1 row per prefill chip, 1 slot per decode chip), T·K·Q bf16
+        assert move.bytes_per_chip == 2 * 8 * 1 * 4 * 1 * 256 * 2
 
 
 def test_rules_refuse_two_logical_axes_on_one_mesh_axis():

@@ -107,8 +107,8 @@ def test_phase_switch_reshard_equals_the_list(prefill, decode, kv_heads):
     config = get_config("tiny", n_kv_heads=kv_heads)
     text = sharded.insert_hlo(config, mesh, prefill, decode, batch=8, tokens=4, slots=8, context=16, compiled=False)
     found = collectives_in_hlo(text, mesh)
-    # one layer at a time: the program gathers one layer's rows inside a loop over the N layers
-    # (each listed gather carries one layer's bytes; the lowered program has it once, in the loop body)
+    # one layer at a time: the program moves one layer's rows inside a loop over the N layers
+    # (each listed collective carries one layer's bytes; the lowered program has it once, in the loop body)
     assert "while" in text
     got = summarize(found)
     dims = LayerDims(8, 4, 4, config.d_model, config.d_ff, config.n_heads, kv_heads, config.d_head)
