@@ -9,7 +9,7 @@ Terms per pass (PAPER.md "Cost model: three times"):
   KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth
   comm        N · Σ over partition.comm.layer_collectives: bytes/bw(axes) · (K-1)/K + ring steps · hop latency,
               all-reduce = 2 × all-gather
-  step comm   once per pass (not per layer): embedding all-reduce, final all-gather, logits all-gather
+  step comm   once per pass (not per layer): embedding reduce-scatter, final all-gather, logits all-gather
               (partition.comm.step_collectives), priced like comm
   reshard     prefill only, once per pass: the phase switch of the KV cache into the decode layout's split
               (partition.comm.reshard_collectives for all N layers), priced like comm
@@ -72,7 +72,7 @@ class Breakdown:
     comm_latency_s: float  # the per-hop part of comm_s
     overhead_s: float = 0.0
     reshard_s: float = 0.0  # prefill only: the phase switch (prefill KV split -> decode cache split), once per pass
-    step_comm_s: float = 0.0  # once per pass: embedding all-reduce, final all-gather, logits all-gather
+    step_comm_s: float = 0.0  # once per pass: embedding reduce-scatter, final all-gather, logits all-gather
 
 
 @dataclass(frozen=True)

@@ -271,11 +271,14 @@ def embed(tokens: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:
     ids = tokens - ops.index(XYZ) * rows
     here = (ids >= 0) & (ids < rows)
     x = jnp.where(here[..., None], table[jnp.clip(ids, 0, rows - 1)], jnp.zeros((), table.dtype))
-    with jax.named_scope("embed_all_reduce"):
-        # BLE{partialsum-xyz} --all-reduce(xyz)--> BLE  (each token's row lives on one chip)
-        x = ops.all_reduce(x, XYZ)
     r = plan.rules.residual
-    return ops.local(ops.local(x, r["batch"], 0), r["embed"], 2).astype(compute_dtype(params))
+    if set(ops.live(r["batch"] + r["embed"])) != set(ops.live(XYZ)):  # the sum must run over every chip
+        raise ValueError(f"{plan.rules.name}: the residual split {r} does not cover the mesh axes {XYZ}")
+    with jax.named_scope("embed_reduce_scatter"):
+        # BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz (ws1d, ws2d) or B_xLE_yz (wg-x, likewise wg-xy,
+        # wg-xyz): each token's row lives on one chip, and the first layer reads the residual in its split
+        x = ops.reduce_scatter_dims(x, {0: r["batch"], 2: r["embed"]})
+    return x.astype(compute_dtype(params))
 
 
 def logits(x: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:

@@ -414,8 +414,9 @@ def step_collectives(
 ) -> list[Collective]:
     """The collectives one pass runs once (not per layer): embedding, final gather and logits, in program order.
 
-    The embedding table is split over V_xyz, so each token's row comes from one chip: all-reduce(xyz) of BLE.
-    After the last layer the residual (B_G·L·E_R) is gathered whole for the final norm, then the float32
+    The embedding table is split over V_xyz, so each token's row comes from one chip: one reduce-scatter(xyz) of
+    BLE into the residual's split (BLE_xyz, or B_G·L·E_R weight-gathered), which the first layer reads. After the
+    last layer the residual (B_G·L·E_R) is gathered whole for the final norm, then the float32
     logits BLV_xyz are all-gathered so every chip holds [B, logits_tokens, V] (prefill keeps one token per row).
     """
     check_layout(ffn_layout, attention, mesh, dims)
@@ -424,10 +425,11 @@ def step_collectives(
     G = gathered_axes(ffn_layout)
     g, r = _live(mesh, G), _live(mesh, tuple(ax for ax in MESH_AXES if ax not in G))
     out: list[Collective] = []
+    b = f"B_{_name(g)}" if g else "B"
     if xyz:
-        out.append(Collective("all-reduce", xyz, B * L * E * a, "BLE{partialsum-xyz} --all-reduce(xyz)--> BLE", "step"))
+        text = f"BLE{{partialsum-xyz}} --reduce-scatter(xyz)--> {b}LE" + (f"_{_name(r)}" if r else "")
+        out.append(Collective("reduce-scatter", xyz, B * L * E * a, text, "step"))
     if r:
-        b = f"B_{_name(g)}" if g else "B"
         text = f"{b}LE_{_name(r)} --all-gather({_name(r)})--> {b}LE"
         out.append(Collective("all-gather", r, B // mesh.size(G) * T * E * a, text, "step"))
     if g:

@@ -51,6 +51,30 @@ class Ops:
         axes = self.live(axes)
         return jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True) if axes else x
 
+    def reduce_scatter_dims(self, x: jax.Array, split: dict[int, tuple[str, ...]]) -> jax.Array:
+        """One reduce-scatter that leaves each dim d split over split[d] (axes in split order, first major).
+
+        The dims' blocks are moved to one leading dim, ordered as the concatenated axes (dims in increasing
+        order), so a single psum_scatter over those axes hands every chip its block of each dim.
+        """
+        split = {d: self.live(axes) for d, axes in sorted(split.items()) if self.live(axes)}
+        if not split:
+            return x
+        shape: list[int] = []  # each split dim d of size n becomes (blocks, n / blocks)
+        lead: list[int] = []  # positions of the block dims in `shape`
+        rest: list[int] = []  # positions of everything else
+        for d, n in enumerate(x.shape):
+            if d in split:
+                lead.append(len(shape))
+                shape += [self.size(split[d]), n // self.size(split[d])]
+                rest.append(len(shape) - 1)
+            else:
+                rest.append(len(shape))
+                shape.append(n)
+        y = jnp.transpose(x.reshape(shape), lead + rest).reshape((-1,) + tuple(shape[i] for i in rest))
+        axes = tuple(a for d in split for a in split[d])
+        return jax.lax.psum_scatter(y, axes, scatter_dimension=0, tiled=True)[0]
+
     def all_reduce(self, x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
         axes = self.live(axes)
         return jax.lax.psum(x, axes) if axes else x
