@@ -331,6 +331,10 @@ class Orchestrator:
                 return True  # its caller gave up before it started
             self._score_job = job
         n = len(job.items)
+        if n == 0:
+            self._score_job = None
+            job.future.set_result(ScoreOutput([], []))
+            return True
         if job.cancel.is_set() or (job.deadline is not None and time.monotonic() >= job.deadline):
             self._score_job = None
             if job.error is not None:
