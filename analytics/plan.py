@@ -25,6 +25,7 @@ from meshserve.analytics.cost import Estimate, estimate
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import FFN_LAYOUTS, LayoutError, MeshShape
+from meshserve.partition.rules import storage_of
 
 __all__ = [
     "Plan",
@@ -57,6 +58,7 @@ class PhasePlan:
     cost_chip_ms_per_token: float
     memory_per_chip_bytes: float
     fits: bool
+    reshard_s: float = 0.0  # prefill: the phase switch into the decode cache, inside step_s (score does not pay it)
 
 
 @dataclass(frozen=True)
@@ -127,18 +129,26 @@ def evaluate_layouts(
     ffn_layouts: Sequence[str] = FFN_LAYOUTS,
     attentions: Sequence[str] = _ATTENTION_ORDER,
     overlap: bool = False,
+    decode: Estimate | None = None,
 ) -> list[Estimate]:
     """Estimates for every layout that can split these dims (the others are skipped).
 
     Multi-query heads are padded per layout (`analysis_config`), so each row is charged only its own padding.
+    decode (prefill only): the decode step whose KV cache the prefill fills; each prefill row then pays the phase
+    switch into that cache's split (`Breakdown.reshard_s`), and only layouts of its weight storage are tried
+    (both phases read one copy of the weights). None: the switch into the prefill's own layout and batch.
     """
+    if decode is not None:
+        ffn_layouts = [f for f in ffn_layouts if storage_of(f) == storage_of(decode.ffn_layout)]
+    switch = {} if decode is None else dict(decode_layout=decode.ffn_layout, decode_attention=decode.attention,
+                                            decode_batch=decode.batch)  # fmt: skip
     rows = []
     for ffn, attention in itertools.product(ffn_layouts, attentions):
         try:
             rows.append(
                 estimate(
                     analysis_config(config, mesh, ffn), chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len,
-                    gen_len=gen_len, weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap,
+                    gen_len=gen_len, weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap, **switch,
                 )
             )  # fmt: skip
         except LayoutError:
@@ -158,7 +168,7 @@ def _phase_plan(e: Estimate) -> PhasePlan:
     return PhasePlan(
         phase=e.phase, batch=e.batch, ffn_layout=e.ffn_layout, attention=e.attention, step_s=e.step_s,
         latency_s=e.latency_s, mfu=e.mfu, cost_chip_ms_per_token=e.cost_chip_ms_per_token,
-        memory_per_chip_bytes=e.memory_per_chip_bytes, fits=e.fits,
+        memory_per_chip_bytes=e.memory_per_chip_bytes, fits=e.fits, reshard_s=e.breakdown.reshard_s,
     )  # fmt: skip
 
 
@@ -218,19 +228,24 @@ def choose_plan(
     candidates: list[Plan] = []
     for m, w in itertools.product(meshes, storages):
         chosen: dict[tuple[str, int], Estimate] = {}
-        for phase, buckets in (("prefill", pre_buckets), ("decode", decode_buckets)):
+        # Decode first: the KV cache lives in the largest decode bucket's layout (a server's cache has that many
+        # slots), and every prefill pays the phase switch into it.
+        for phase, buckets in (("decode", decode_buckets), ("prefill", pre_buckets)):
+            cache = chosen.get(("decode", decode_buckets[-1])) if phase == "prefill" else None
+            if phase == "prefill" and cache is None:
+                break
             for b in buckets:
                 best = best_of(
                     evaluate_layouts(
                         config, chip, m, phase=phase, batch=b, prompt_len=prompt_len, gen_len=gen_len, weights=w,
-                        overlap=overlap,
+                        overlap=overlap, decode=cache,
                     )
                 )  # fmt: skip
                 if best is not None:
                     chosen[phase, b] = best
         if len(chosen) < len(pre_buckets) + len(decode_buckets):
             continue  # some bucket has no layout that splits on this mesh
-        phases = tuple(_phase_plan(e) for e in chosen.values())
+        phases = tuple(_phase_plan(chosen[k]) for k in sorted(chosen, key=lambda k: (k[0] != "prefill", k[1])))
         candidates.append(
             Plan(
                 model=config.name, hardware=chip.name, chips=m.n, mesh=str(m), weights=w, objective=objective,

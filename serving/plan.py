@@ -135,11 +135,13 @@ def _layouts(config: ModelConfig, plan: EnginePlan, weights: str, device_kind: s
         )  # fmt: skip
         for t in plan.prefill_lengths
     }
+    # choose_plan prices each prefill with the phase switch into the decode cache (the largest decode bucket's
+    # layout, as the sharded engine runs it); a score step runs the same pass but inserts nothing.
     steps = []
     for phase, b, t in grid:
         chosen = by_length[plan.prefill_lengths[-1] if phase == "decode" else t]
         entry = chosen.lookup("decode" if phase == "decode" else "prefill", b)
-        ms = entry.step_s * 1e3 if priced else 0.0
+        ms = (entry.step_s - (entry.reshard_s if phase == "score" else 0.0)) * 1e3 if priced else 0.0
         steps.append(StepPlan(phase, b, t, entry.ffn_layout, entry.attention, ms))
     report = by_length[plan.prefill_lengths[-1]].to_dict()
     report["priced_on"] = chip.name if priced else None

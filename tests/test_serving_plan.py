@@ -1,0 +1,37 @@
+"""serving/plan.py's predicted step times: a prefill is priced with the phase switch into the server's decode cache."""
+
+from meshserve.analytics import get_chip
+from meshserve.analytics.cost import estimate
+from meshserve.analytics.plan import analysis_config
+from meshserve.model.config import get_config
+from meshserve.partition.comm import MeshShape
+from meshserve.partition.rules import storage_of
+from meshserve.serving.plan import make_plan
+
+
+def test_prefill_prediction_pays_the_phase_switch_into_the_decode_cache():
+    # Grouped (4 kv heads) on 2x2x2: the decode cache (ws2d batch at B = 32 slots) keeps whole kv heads, so a prefill
+    # that splits them over yz (ws2d heads at batch 1) gathers them at the switch: a cost its own layout lacks.
+    config = get_config("palm-8b", n_kv_heads=4)
+    plan = make_plan(config, objective="latency", max_context=2048, mesh_axes={"x": 2, "y": 2, "z": 2},
+                     length_buckets=(512,), device_kind="TPU v4")  # fmt: skip
+    chip, mesh = get_chip("tpu-v4"), MeshShape(2, 2, 2)
+    [cache] = [s for s in plan.steps if s.phase == "decode" and s.batch == plan.max_batch]
+    prefills = [s for s in plan.steps if s.phase == "prefill"]
+    scores = {(s.batch, s.length): s for s in plan.steps if s.phase == "score"}
+    assert prefills and plan.source == "analytics" and (cache.ffn_layout, cache.attention_layout) == ("ws2d", "batch")
+    paid = 0
+    for step in prefills:
+        assert storage_of(step.ffn_layout) == storage_of(cache.ffn_layout)  # one copy of the weights
+        kw = dict(phase="prefill", batch=step.batch, prompt_len=step.length, gen_len=max(1, plan.max_context - step.length),
+                  weights="bf16", ffn_layout=step.ffn_layout, attention=step.attention_layout)  # fmt: skip
+        padded = analysis_config(config, mesh, step.ffn_layout)
+        switched = estimate(padded, chip, mesh, decode_layout=cache.ffn_layout, decode_attention=cache.attention_layout,
+                            decode_batch=cache.batch, **kw)  # fmt: skip
+        assert abs(step.predicted_ms - switched.step_s * 1e3) < 1e-9
+        score = scores.get((step.batch, step.length))
+        if score is not None and score.ffn_layout == step.ffn_layout:  # the same pass, no insert: no switch
+            assert abs(score.predicted_ms - (switched.step_s - switched.breakdown.reshard_s) * 1e3) < 1e-9
+        own = estimate(padded, chip, mesh, **kw)  # the switch into the prefill's own layout: what was priced before
+        paid += switched.breakdown.reshard_s > own.breakdown.reshard_s
+    assert paid  # at least one bucket's prediction now carries a switch its own layout would not pay
