@@ -109,13 +109,16 @@ def prefill_mfu_curve(
 ) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, str, str]]]:
     """Prefill MFU per FFN layout against tokens per batch (B·prompt_len), and where the best layout switches.
 
+    A prefill batch is whole prompts, so each requested token count runs B = tokens // prompt_len rows and is
+    reported at B·prompt_len tokens: counts below one prompt are skipped, and counts that round to the same B
+    are priced and reported once (at the first of them), so every point on a curve is a distinct batch.
     Returns ({layout: [(tokens, mfu)]}, [(tokens, from_layout, to_layout)]).
     """
     curves: dict[str, list[tuple[int, float]]] = {f: [] for f in FFN_LAYOUTS}
     switches: list[tuple[int, str, str]] = []
     previous = None
-    for tokens in token_batches:
-        batch = max(1, tokens // prompt_len)
+    batches = list(dict.fromkeys(tokens // prompt_len for tokens in token_batches if tokens >= prompt_len))
+    for batch in batches:
         rows = evaluate_layouts(config, chip, mesh, phase="prefill", batch=batch, prompt_len=prompt_len, gen_len=1,
                                 weights=weights, attentions=ATTENTION_LAYOUTS)  # fmt: skip
         per_layout: dict[str, Estimate] = {}

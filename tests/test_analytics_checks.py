@@ -4,6 +4,7 @@ import pytest
 from meshserve.analytics import choose_plan, get_chip
 from meshserve.errors import UserError
 from meshserve.model.config import get_config
+from meshserve.partition.comm import MeshShape
 from meshserve.serving.cli import main
 
 PALM = get_config("palm-540b").padded_heads(64)
@@ -108,3 +109,18 @@ def test_device_kinds_map_to_the_chip_table():
 
     kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "TPU v4", "TPU v5 lite", "TPU v5p", "cpu"]
     assert [chip_for_device(k) for k in kinds] == ["h100-sxm", "h200", "a100-80g", "tpu-v4", "tpu-v5e", "tpu-v5p", None]
+
+
+def test_prefill_mfu_curve_reports_each_whole_prompt_batch_once():
+    # token counts below one prompt have no prefill batch; counts that round to the same B are one point
+    from meshserve.analytics.sweep import prefill_mfu_curve
+
+    config, chip, mesh = get_config("palm-8b"), get_chip("tpu-v4"), MeshShape(2, 2, 2)
+    requested = [256, 1024, 2048, 3000, 4096, 5000, 8192]
+    curves, switches = prefill_mfu_curve(config, chip, mesh, token_batches=requested, prompt_len=2048, weights="bf16")
+    assert curves
+    for layout, points in curves.items():
+        tokens = [t for t, _ in points]
+        assert tokens == sorted(set(tokens)), (layout, tokens)  # one point per batch
+        assert set(tokens) <= {2048, 4096, 8192}, (layout, tokens)  # B·prompt_len, never below one prompt
+    assert all(t in (4096, 8192) for t, _, _ in switches)  # a switch is at a batch after the first
