@@ -73,12 +73,19 @@ def test_stream_gets_tokens_between_the_chunks_of_a_long_score(engine):
     engine.reset()
     orch = _orchestrator(engine)
     rec = Recorder(engine, orch)
+    items = _items(16)  # 8 chunks of 2
+    # Both queued before the engine thread starts, so the 28-token stream outlasts the Score on any machine.
+    handle = orch.submit(Request([65, 66, 67], 28, SamplingParams(), frozenset()))
+    result = {}
+    scorer = threading.Thread(target=lambda: result.setdefault("out", orch.score(items, timeout=60)))
+    scorer.start()
+    deadline = time.monotonic() + 10
+    while orch._scores.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
     orch.start()
     try:
-        handle = orch.submit(Request([65, 66, 67], 28, SamplingParams(), frozenset()))
-        assert handle.events.get(timeout=30).tokens  # the stream is decoding
-        items = _items(16)  # 8 chunks of 2
-        out = orch.score(items, timeout=60)
+        scorer.join(60)
+        out = result["out"]
         events = [handle.events.get(timeout=30)]
         while events[-1].finish_reason is None:
             events.append(handle.events.get(timeout=30))
