@@ -61,5 +61,5 @@ for step in $STEPS; do
   esac
   [ -s "$OUT/attention.env" ] && export "$(cat "$OUT/attention.env")"  # cuDNN attention failed: XLA attention
 done
-rows=$(ls "$OUT"/falcon_*.json "$OUT"/palm.json 2>/dev/null); [ -n "$rows" ] && $PY benchmarks/report.py $rows \
+rows=$(ls "$OUT"/falcon_*.json "$OUT"/palm.json 2>/dev/null); [ -n "$rows" ] && $PY benchmarks/report.py --plot "$OUT/decode.png" $rows \
   | tee "$OUT/BENCHMARKS.part.md"

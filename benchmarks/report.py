@@ -1,6 +1,6 @@
 """Turn `meshserve bench --out` JSON files into the BENCHMARKS.md tables, with analytics' predictions beside them.
 
-Usage: python benchmarks/report.py out/*.json > table.md
+Usage: python benchmarks/report.py out/*.json > table.md    (add --plot decode.png for the figure)
 The prediction is analytics.cost.estimate on one chip (mesh 1x1x1) of the chip the device maps to.
 """
 
@@ -63,4 +63,14 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if "--plot" in args:
+        i = args.index("--plot")
+        plot_path, args = args[i + 1], args[:i] + args[i + 2 :]
+        from meshserve.serving.bench_plot import plot_bench
+
+        try:
+            plot_bench([r for p in args for r in json.loads(Path(p).read_text())], plot_path)
+        except ValueError as e:  # e.g. only prefill rows: the tables still print
+            print(f"no plot: {e}", file=sys.stderr)
+    main(args)

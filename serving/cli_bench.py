@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON array")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON to this file")
+    parser.add_argument("--plot", type=Path, help="also draw decode step time against the byte floor (PNG)")
 
 
 def _fmt(value, spec: str) -> str:
@@ -90,6 +91,10 @@ def print_table(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.plot and args.gen_len == 0:
+        raise UserError("--plot draws decode steps: it needs --gen-len > 0")
+    if args.plot and not args.plot.parent.is_dir():
+        raise UserError(f"--plot: no such directory {args.plot.parent}")
     if args.int8_matmul:
         os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when a step is traced
     if args.int8_tuning:
@@ -128,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
                         r["speedup_vs_peer"] = peer["peer_decode_step_ms"] / r["decode_step_ms"]
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot and args.gen_len > 0:
+        from meshserve.serving.bench_plot import plot_bench
+
+        print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
     if args.json:
         json.dump(rows, sys.stdout)
         print()

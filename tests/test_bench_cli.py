@@ -24,10 +24,11 @@ def _bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_bench_rows_with_peer(tmp_path):
     out = tmp_path / "rows.json"
     proc = _bench("--model", "tiny-falcon", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "4",
-                  "--weights", "bf16,int8", "--repeats", "1", "--peer", "--json", "--out", str(out))  # fmt: skip
+                  "--weights", "bf16,int8", "--repeats", "1", "--peer", "--json", "--out", str(out), "--plot", str(tmp_path / "decode.png"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert rows == json.loads(out.read_text())
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted((r["weights"], r["batch"]) for r in rows) == [("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2)]
     for r in rows:
         assert all(key in r for key in REQUIRED)
@@ -47,6 +48,7 @@ def test_bench_rows_with_peer(tmp_path):
         (["--int8-tuning", "/no/such/tuning.json"], "--int8-tuning: no such file"),
         (["--model", "tiny", "--peer"], "--peer needs a Falcon-shaped model"),
         (["--weights", "fp4"], "--weights takes a comma list"),
+        (["--gen-len", "0", "--plot", "x.png"], "--plot draws decode steps"),
     ],
 )
 def test_bench_bad_input_is_one_line(args, message):
