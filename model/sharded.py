@@ -5,6 +5,9 @@ dataflow of every layout written out with explicit collectives (partition/ops.py
 comment and a `jax.named_scope`; the math (norm, rope, attend, int8 einsum) is model/layers.py's.
 partition/comm.py lists the same collectives per layer for the cost model; tests compare the two in HLO.
 
+Weight and cache placement with the checks before compiling live in model/sharded_specs.py, the HLO helpers tests
+count collectives with in model/sharded_hlo.py; every name is re-exported here (`from meshserve.model import sharded`).
+
 Axis alphabet (model/config.py): B batch, T tokens, S cache, E, F, H, K, Q, V, N layers. Local shapes in
 comments are per chip. Supported models: parallel block without linear biases (PaLM, Falcon-7B, demo).
 """
@@ -20,19 +23,28 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from meshserve.errors import UserError
 from meshserve.model import layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, GenerationResult, decode_loop
-from meshserve.model.params import Params, ParamSpec, declare
-from meshserve.model.quant import QuantizedArray
+from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams
+from meshserve.model.sharded_hlo import decode_hlo, insert_hlo, layer_hlo
 from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map
-from meshserve.model.transformer import KVCache, compute_dtype
-from meshserve.partition.comm import MESH_AXES, LayerDims, LayoutError, MeshShape, check_layout, reshard_plan
+from meshserve.model.sharded_specs import (
+    check_model,
+    check_params,
+    init_cache,
+    kv_spec,
+    param_shardings,
+    param_specs,
+    shard_params,
+    step_dims,
+)
+from meshserve.model.transformer import KVCache
+from meshserve.partition.comm import MESH_AXES, LayoutError, MeshShape, reshard_plan
 from meshserve.partition.mesh import mesh_shape
 from meshserve.partition.ops import Ops
-from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for, storage_of, weight_split
+from meshserve.partition.rules import Layout, rules_for, storage_of
 
 __all__ = [
     "Layout",
@@ -53,106 +65,6 @@ __all__ = [
     "min_batch",
     "check_phases",
 ]
-
-# ----------------------------------------------------------------------------------------------- specs
-
-
-def _leaf_specs(config: ModelConfig, rules: Rules) -> dict[str, Any]:
-    """PartitionSpec per declared weight, as partition.rules.weight_split says (the cost model reads the same)."""
-
-    def one(path, spec: ParamSpec) -> P:
-        split = weight_split(path[0].key, spec.axes, spec.contract, rules.name, config.multi_query)
-        return P(*(axes or None for axes in split))
-
-    return jax.tree_util.tree_map_with_path(one, declare(config), is_leaf=lambda s: isinstance(s, ParamSpec))
-
-
-def param_specs(config: ModelConfig, ffn_layout: str, params: Params | None = None) -> Any:
-    """PartitionSpecs matching `params` (QuantizedArray leaves get values and scale specs; a scale is
-    not split on its contracted, size-1 dims). Without params: the specs of plain (unquantised) weights."""
-    specs = _leaf_specs(config, rules_for(ffn_layout))
-    if params is None:
-        return specs
-    declared = declare(config)
-
-    def one(spec: P, decl: ParamSpec, leaf: Any) -> Any:
-        if isinstance(leaf, QuantizedArray):
-            scale = P(*(None if a in decl.contract else s for a, s in zip(decl.axes, spec, strict=True)))
-            return QuantizedArray(values=spec, scale=scale)
-        return spec
-
-    is_leaf = lambda x: isinstance(x, (P, ParamSpec, QuantizedArray))  # noqa: E731
-    return jax.tree_util.tree_map(one, specs, declared, params, is_leaf=is_leaf)
-
-
-def param_shardings(config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d"):
-    """A function abstract params -> NamedSharding tree, for `load_checkpoint(path, shardings=fn)`."""
-
-    def fn(abstract: Params) -> Any:
-        specs = param_specs(config, ffn_layout, abstract)
-        return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-
-    return fn
-
-
-def shard_params(params: Params, config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d") -> Params:
-    """Place params in the layout's storage (2D for every layout but ws1d) on `mesh`."""
-    gathered = not ffn_layout.startswith("ws")
-    check_model(config, mesh, Layout(ffn_layout, "batch" if gathered else "heads"), mesh.size if gathered else 1)
-    return jax.device_put(params, param_shardings(config, mesh, ffn_layout)(params))
-
-
-def _dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
-    return LayerDims(
-        batch, tokens, tokens, config.d_model, config.d_ff, config.n_heads, config.n_kv_heads, config.d_head,
-        gated=config.mlp == "swiglu",
-    )  # fmt: skip
-
-
-def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:
-    """Refuse (before any compile) a model, mesh, layout and batch that do not fit; messages name the dims."""
-    if not config.parallel_block or config.linear_bias:
-        raise UserError(f"sharded steps support parallel-block models without linear biases; {config.name} is not")
-    shape = mesh_shape(mesh)
-    if config.vocab_size % shape.n:
-        raise LayoutError(f"vocab_size V = {config.vocab_size} is not divisible by the {shape.n} chips of mesh {shape}")
-    check_layout(layout.ffn, layout.attention, shape, _dims(config, batch, 1))
-
-
-def check_params(params: Params, config: ModelConfig, mesh: Mesh, layout: Layout) -> None:
-    """Refuse params already placed on `mesh` in another storage (e.g. ws1d's for a ws2d step): jit would
-    silently re-shard every weight on every call. Params not yet on this mesh (host / one device) pass."""
-    specs = param_specs(config, layout.ffn, params)
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    for (path, spec), leaf in zip(
-        jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0], jax.tree_util.tree_leaves(params), strict=True
-    ):
-        sharding = getattr(leaf, "sharding", None)
-        if not isinstance(sharding, NamedSharding) or sharding.mesh.devices.shape != mesh.devices.shape:
-            continue
-        if not sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim):
-            name = jax.tree_util.keystr(path)
-            raise LayoutError(
-                f"params{name} is stored as {sharding.spec}, not as the {layout.ffn} layout's {spec} "
-                f"({storage_of(layout.ffn)} storage); place them with shard_params(..., ffn_layout={layout.ffn!r})"
-            )
-
-
-def kv_spec(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> P:
-    """The KV cache's split [N, B, S, K, Q] under `layout` for `batch` rows."""
-    b, _, kv = attention_axes(layout, mesh_shape(mesh), batch, config.multi_query)
-    return P(None, b or None, None, kv or None, None)
-
-
-def init_cache(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int, max_len: int, dtype=jnp.bfloat16):
-    """An empty KV cache placed in the decode layout's split."""
-    check_model(config, mesh, layout, batch)
-    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
-    kv = NamedSharding(mesh, kv_spec(config, mesh, layout, batch))
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv)
-    lengths = jax.device_put(jnp.zeros((batch,), jnp.int32), NamedSharding(mesh, P()))
-    return KVCache(k=zeros(), v=zeros(), lengths=lengths)
-
 
 # ------------------------------------------------------------------------------------------ the steps
 
@@ -313,7 +225,7 @@ def decode_step(params, config, tokens, cache: KVCache, *, mesh: Mesh, layout: L
 def _insert(cache, k, v, lengths, slots, *, config, mesh, prefill_layout, decode_layout):
     shape = mesh_shape(mesh)
     switch = reshard_plan(prefill_layout.ffn, prefill_layout.attention, decode_layout.ffn, decode_layout.attention,
-                          shape, _dims(config, k.shape[1], k.shape[2]), decode_batch=cache.batch)  # fmt: skip
+                          shape, step_dims(config, k.shape[1], k.shape[2]), decode_batch=cache.batch)  # fmt: skip
     p_kv, d_kv = kv_spec(config, mesh, prefill_layout, k.shape[1]), kv_spec(config, mesh, decode_layout, cache.batch)
     body = partial(_insert_body, shape=shape, switch=switch)
     specs = (d_kv, d_kv, P(), p_kv, p_kv, P(), P())
@@ -348,92 +260,6 @@ def insert(cache: KVCache, k, v, lengths, slots, *, config, mesh: Mesh, prefill_
         prefill_layout=prefill_layout,
         decode_layout=decode_layout,
     )
-
-
-def layer_hlo(
-    params: Params,
-    config: ModelConfig,
-    mesh: Mesh,
-    layout: Layout,
-    batch: int,
-    tokens: int,
-    context: int = 0,
-    compiled: bool = True,
-) -> str:
-    """HLO text of ONE decoder layer under `layout` (for counting its collectives): compiled by XLA, or
-    as lowered (compiled=False: the program as written, before XLA's passes; exact dtypes).
-
-    context 0: a prefill layer (attention over its own `tokens`); else a decode layer over a cache of
-    `context` positions in the layout's KV split.
-    """  # fmt: skip
-    check_model(config, mesh, layout, batch)
-    plan = Plan(config, layout, mesh_shape(mesh), batch)
-    r = plan.rules.residual
-    x_spec = P(r["batch"] or None, None, r["embed"] or None)
-    b, _, kv = plan.attn_axes
-    cache_spec = P(b or None, None, kv or None, None)
-    dtype = compute_dtype(params)
-
-    def body(layer_params, x, ck, cv):
-        ops = Ops(plan.shape)
-        p = jax.tree_util.tree_map(lambda a: a[0], layer_params)
-        pos = jnp.zeros((ck.shape[0], x.shape[1]), jnp.int32) + jnp.arange(x.shape[1])
-
-        def attn(q, k, v):
-            q, k = layers.rope(q, pos, config.rope_base), layers.rope(k, pos, config.rope_base)
-            if context:
-                k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), 0, axis=1).astype(q.dtype)
-                v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1).astype(q.dtype)
-            mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
-            return layers.attend(q, k, v, mask)
-
-        return layer_fn(x, p, plan, ops, attn)
-
-    specs = (param_specs(config, layout.ffn, params)["layers"], x_spec, cache_spec, cache_spec)
-    fn = jax.jit(shard_map(body, mesh, specs, x_spec))
-    S = max(context, 1)
-    args = (
-        params["layers"],
-        jax.ShapeDtypeStruct((batch, tokens, config.d_model), dtype),
-        jax.ShapeDtypeStruct((batch, S, config.n_kv_heads, config.d_head), dtype),
-        jax.ShapeDtypeStruct((batch, S, config.n_kv_heads, config.d_head), dtype),
-    )
-    lowered = fn.lower(*args)
-    return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")
-
-
-def decode_hlo(params: Params, config: ModelConfig, mesh: Mesh, layout: Layout, batch: int, context: int) -> str:
-    """Compiled HLO text of one whole decode step (embedding, the scanned layers, logits) for `batch` rows
-    over a cache of `context` positions; the layers' collectives sit once in the scan's while body."""
-    check_model(config, mesh, layout, batch)
-    cache = init_cache(config, mesh, layout, batch, context, compute_dtype(params))
-    tokens = jnp.zeros((batch,), jnp.int32)
-    return _decode.lower(params, config, tokens, cache, mesh=mesh, layout=layout).compile().as_text()
-
-
-def insert_hlo(
-    config: ModelConfig,
-    mesh: Mesh,
-    prefill_layout: Layout,
-    decode_layout: Layout,
-    batch: int,
-    tokens: int,
-    slots: int,
-    context: int,
-    dtype=jnp.bfloat16,
-    compiled: bool = True,
-) -> str:
-    """HLO text of the phase switch: `batch` prefilled rows of `tokens` into a cache of `slots` rows."""  # fmt: skip
-    check_model(config, mesh, prefill_layout, batch)
-    check_model(config, mesh, decode_layout, slots)
-    shape = lambda b, t: (config.n_layers, b, t, config.n_kv_heads, config.d_head)  # noqa: E731
-    sds = lambda s, spec, dt=dtype: jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, spec))  # noqa: E731
-    cache_kv = sds(shape(slots, context), kv_spec(config, mesh, decode_layout, slots))
-    new_kv = sds(shape(batch, tokens), kv_spec(config, mesh, prefill_layout, batch))
-    cache = KVCache(k=cache_kv, v=cache_kv, lengths=sds((slots,), P(), jnp.int32))
-    lowered = _insert.lower(cache, new_kv, new_kv, sds((batch,), P(), jnp.int32), sds((batch,), P(), jnp.int32),
-                            config=config, mesh=mesh, prefill_layout=prefill_layout, decode_layout=decode_layout)  # fmt: skip
-    return lowered.compile().as_text() if compiled else lowered.as_text(dialect="hlo")
 
 
 # ------------------------------------------------------------------------------------------ generation
