@@ -208,8 +208,9 @@ class Orchestrator:
         else:
             clean = False
         with self._lock:
-            self.grace_passed = True
-            for r in [*self.scheduler.queue, *self.scheduler.active]:
+            left = [*self.scheduler.queue, *self.scheduler.active]
+            self.grace_passed = bool(left)
+            for r in left:
                 self.scheduler.cancel(r)
                 clean = False
         if self._fail_scores(ShuttingDownError("server drained before this Score finished")):

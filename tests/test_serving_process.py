@@ -35,6 +35,11 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint):
             threads = [threading.Thread(target=drain, args=(i,)) for i in range(6)]
             for t in threads:
                 t.start()
+            # The signal is handled on the server's main loop (a 0.5 s wait): on a loaded machine a fixed sleep here
+            # raced it. Wait for the drain to begin, then a little for gRPC to stop taking calls.
+            deadline = time.monotonic() + 30
+            while "draining" not in server.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
             time.sleep(0.2)
             # Draining: new requests are refused (UNAVAILABLE) while the in-flight ones finish.
             with pytest.raises(grpc.RpcError) as err:
