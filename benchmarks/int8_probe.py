@@ -1,13 +1,16 @@
 """Probe and tune the weight-only int8 matmul for a model's shapes on this GPU; write a tuning file.
 
-For each weight matmul of the model (x [M, K] @ w [K, N], K and N from the config: E x HQ, E x KQ, HQ x E, E x F,
-F x E, E x V) and each row count M (decode batch sizes), times
+For each int8 weight matmul of the model (x [M, K] @ w [K, N] from the config: E x F, F x E, E x HQ, HQ x E,
+E x KQ, and E x V when the unembedding is its own weight), MLP first, and each row count M (decode batch sizes),
+times
   bf16      x @ w_bf16                                  (the byte floor's reference: 2 bytes per weight)
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
   pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
 and reports GB/s of weight bytes read. The fastest int8 form per (M, K, N) goes into the tuning file ("xla" where
-XLA won); run the model with MESHSERVE_INT8_MATMUL=pallas MESHSERVE_INT8_TUNING=<file> to use it. Weights are
-replicated into enough copies (>= 256 MiB) that repeated calls do not hit L2. Also checks cuDNN fused attention.
+XLA won; shapes the budget did not reach are left out and so also run XLA), rewritten after every shape. Run the
+model with MESHSERVE_INT8_MATMUL=pallas MESHSERVE_INT8_TUNING=<file> to use it. Weights are replicated into up to
+16 copies (~256 MiB) so repeated calls do not hit L2 (the small E x KQ weight still may). First it checks cuDNN's
+fused attention at the bench's prefill shapes (`--attention-only`: just that).
 
   python benchmarks/int8_probe.py --model falcon-7b --rows 1,8,64 --tune out/int8_tuning.json --budget-s 150
   python benchmarks/int8_probe.py --model tiny --rows 1,8 --small        # CPU dry run (Pallas interpret mode)
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -56,7 +60,7 @@ def time_form(shape: dict, form: str, fn, x, weights, nbytes: int, config, repea
 
 
 def model_shapes(name: str) -> list[tuple[str, int, int]]:
-    """(weight name, K, N) of every weight matmul, largest first (the ones worth tuning first)."""
+    """(weight name, K, N) of every int8 weight matmul the model runs, the MLP's first (most of a layer's bytes)."""
     from meshserve.model.config import get_config
 
     c = get_config(name)
@@ -66,10 +70,11 @@ def model_shapes(name: str) -> list[tuple[str, int, int]]:
         "wq": (c.d_model, c.n_heads * c.d_head),
         "wo": (c.n_heads * c.d_head, c.d_model),
         "wk": (c.d_model, c.n_kv_heads * c.d_head),
-        "unembed": (c.d_model, c.vocab_size),
     }
+    if not c.shared_embedding:
+        shapes["unembed"] = (c.d_model, c.vocab_size)  # a shared embedding is never quantized (params.py)
     seen, out = set(), []
-    for label, (k, n) in sorted(shapes.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+    for label, (k, n) in shapes.items():
         if (k, n) not in seen:
             seen.add((k, n))
             out.append((label, k, n))
@@ -84,15 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,8,64", help="token rows M per matmul, comma-separated (default 1,8,64)")
     ap.add_argument("--tune", default=None, help="write the fastest int8 form per (M, K, N) to this JSON file")
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop trying candidates after this many seconds")
-    ap.add_argument("--candidates", type=int, default=10, help="Pallas configs tried per shape (default 10)")
+    ap.add_argument("--candidates", type=int, default=8, help="Pallas configs tried per shape (default 8)")
+    ap.add_argument("--attention-only", action="store_true", help="only check cuDNN attention (a few seconds)")
     ap.add_argument("--small", action="store_true", help="CPU dry run: interpret mode, 3 candidates, 2 repeats")
     args = ap.parse_args(argv)
     rows_list = [int(r) for r in args.rows.split(",")]
     interpret, repeats = args.small, (2 if args.small else 20)
     n_candidates = 3 if args.small else args.candidates
-    start, table, results = time.perf_counter(), {}, []
+    start, results = time.perf_counter(), []
+    check_cudnn_attention(args.model)
+    if args.attention_only:
+        return 0
+    tuning = {"model": args.model, "device": jax.devices()[0].device_kind, "configs": {}}
     print(f"{'weight':>8} {'M':>3} {'K':>6} {'N':>6} {'form':>7} {'us':>8} {'GB/s':>6}  config")
     for label, k, n in model_shapes(args.model):
+        if time.perf_counter() - start > args.budget_s:
+            break  # (said once below)
         copies = 1 if args.small else min(16, max(1, -(-(256 << 20) // (k * n))))  # small weights may sit in L2
         w = jax.random.normal(jax.random.key(k * 7 + n), (copies, k, n), jnp.bfloat16)
         wq = jnp.clip(jnp.round(w.astype(jnp.float32) * 40), -127, 127).astype(jnp.int8)
@@ -102,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
             "xla": (lambda x, w, s=scale: jnp.stack([(x @ w[i].astype(x.dtype)) * s for i in range(w.shape[0])]), wq, 1),
         }  # fmt: skip
         for m in rows_list:
+            if time.perf_counter() - start > args.budget_s:
+                print(f"!! budget of {args.budget_s:.0f} s spent: {label} M={m} and later shapes not tuned (XLA)")
+                break
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             shape = dict(weight=label, m=m, k=k, n=n)
             for form, (fn, weights, nbytes) in forms.items():
                 results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
             xla = results[-1]
-            best, best_config = (xla["us"], {"form": "xla"}) if xla["ok"] else (None, {"form": "xla"})
+            best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
             for cfg in candidate_configs(m, k, n, limit=n_candidates):
                 if time.perf_counter() - start > args.budget_s:
-                    print(f"!! tuning budget of {args.budget_s:.0f} s spent; later shapes keep their defaults")
                     break
 
                 def pallas(x, w, cfg=cfg, s=scale):
@@ -122,24 +136,36 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 if row["ok"] and (best is None or row["us"] < best):
                     best, best_config = row["us"], vars(cfg)
-            table[tuning_key(m, k, n)] = best_config
+            tuning["configs"][tuning_key(m, k, n)] = best_config
+            if args.tune:  # after every shape, so a run cut short keeps what it measured
+                _write_json(args.tune, tuning)
+                _write_json(args.tune.removesuffix(".json") + ".results.json", results)
     if args.tune:
-        with open(args.tune, "w") as f:
-            json.dump(table, f, indent=1)
-        with open(args.tune.removesuffix(".json") + ".results.json", "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.tune} ({sum(v['form'] != 'xla' for v in table.values())} of {len(table)} shapes Pallas)")
-    check_cudnn_attention()
+        pallas_won = sum(v["form"] != "xla" for v in tuning["configs"].values())
+        print(f"wrote {args.tune} ({pallas_won} of {len(tuning['configs'])} shapes Pallas)")
     return 0
 
 
-def check_cudnn_attention() -> None:
-    """Time cuDNN's fused causal attention at falcon-7b's 2048-token prefill, with and without a padding mask."""
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def check_cudnn_attention(model: str) -> None:
+    """cuDNN fused causal attention at the bench's prefill shapes (prints 'cudnn attention FAILED (causal)' if any
+    fails, so the caller can fall back to XLA attention), and at 2048 tokens with and without a padding mask."""
     if jax.default_backend() != "gpu":
         return
-    q = jnp.ones((1, 2048, 71, 64), jnp.bfloat16)
-    kv = jnp.ones((1, 2048, 1, 64), jnp.bfloat16)
-    for label, lengths in (("causal", None), ("causal + seq lengths", jnp.array([2048], jnp.int32))):
+    from meshserve.model.config import get_config
+
+    c = get_config(model)
+    cases = [(1, 2048, "causal"), (64, 128, "causal"), (256, 128, "causal"), (1, 2048, "causal + seq lengths")]
+    for batch, t, label in cases:
+        q = jnp.ones((batch, t, c.n_heads, c.d_head), jnp.bfloat16)
+        kv = jnp.ones((batch, t, c.n_kv_heads, c.d_head), jnp.bfloat16)
+        lengths = jnp.full((batch,), t, jnp.int32) if "lengths" in label else None
         try:
             f = jax.jit(
                 lambda q, k, v, n=lengths: jax.nn.dot_product_attention(
@@ -147,9 +173,9 @@ def check_cudnn_attention() -> None:
                 )
             )
             ms = timed(f, q, kv, kv, repeats=20) * 1e3
-            print(f"cudnn attention ok: {ms:.3f} ms for T=2048, H=71, K=1, Q=64 ({label})")
+            print(f"cudnn attention ok: {ms:.3f} ms for B={batch}, T={t}, H={c.n_heads}, K={c.n_kv_heads} ({label})")
         except Exception as e:  # report and let the caller fall back to XLA attention
-            print(f"cudnn attention FAILED ({label}): {type(e).__name__}: {str(e)[:300]}")
+            print(f"cudnn attention FAILED ({label}) B={batch} T={t}: {type(e).__name__}: {str(e)[:300]}")
 
 
 if __name__ == "__main__":

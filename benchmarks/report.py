@@ -59,7 +59,10 @@ def main(paths: list[str]) -> None:
             f"| {_f(r['speedup_vs_peer'], '.1f')}{'×' if r['speedup_vs_peer'] else ''} |"
         )
     if rows:
-        print(f"\nDevice: {rows[0]['device']}; measured copy bandwidth {rows[0]['copy_gbps']:.0f} GB/s (read + write).")
+        read = rows[0].get("read_gbps")
+        read_text = f", read-only stream {read:.0f} GB/s" if read else ""
+        print(f"\nDevice: {rows[0]['device']}; measured copy bandwidth {rows[0]['copy_gbps']:.0f} GB/s (read + write)"
+              f"{read_text}.")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +66,15 @@ class Int8KernelConfig:
             raise ValueError(f"form must be 'reduce' or 'mma', got {self.form!r}")
         if self.form == "reduce" and m > REDUCE_MAX_ROWS:
             raise ValueError(f"the reduce form takes at most {REDUCE_MAX_ROWS} rows, got M={m}")
-        for name, value in (("bn", self.bn), ("bk", self.bk), ("split", self.split)):
+        for name, value in (("bn", self.bn), ("bk", self.bk)):  # Triton loads and stores power-of-two tiles
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.split < 1 or self.warps < 1 or self.stages < 1:
+            raise ValueError(f"split, warps and stages must be >= 1, got {self}")
         if n % self.bn or k % (self.bk * self.split):
             raise ValueError(f"config {self} does not tile K={k}, N={n} (N % bn and K % (bk*split) must be 0)")
-        if self.form == "mma" and self.bk < 16:
-            raise ValueError(f"the mma form needs bk >= 16, got {self.bk}")
+        if self.form == "mma" and min(self.bn, self.bk) < 16:
+            raise ValueError(f"the mma form needs bn, bk >= 16 (tensor-core tiles), got bn={self.bn}, bk={self.bk}")
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -84,8 +87,9 @@ def _pow2_divisor(n: int, cap: int) -> int:
 def default_config(m: int, k: int, n: int) -> Int8KernelConfig:
     """A config without tuning: reduce form for a few rows, enough programs (N/bn * split) to fill the GPU."""
     form = "reduce" if m <= REDUCE_MAX_ROWS else "mma"
+    floor = 32 if form == "reduce" else 16
     bn = _pow2_divisor(n, 128)
-    while bn > 32 and n // bn < _TARGET_PROGRAMS:
+    while bn > floor and n // bn < _TARGET_PROGRAMS:
         bn //= 2
     bk = _pow2_divisor(k, 32 if form == "reduce" else 64)
     split = 1
@@ -94,25 +98,47 @@ def default_config(m: int, k: int, n: int) -> Int8KernelConfig:
     return Int8KernelConfig(form, bn, bk, split, warps=4, stages=3)
 
 
-def candidate_configs(m: int, k: int, n: int, limit: int = 12) -> list[Int8KernelConfig]:
-    """Configs worth timing for one shape, the default first, then ordered by distance from the target grid size."""
+def _feasible(m: int, k: int, n: int) -> list[Int8KernelConfig]:
+    """Every tiling worth considering (warps 4, stages 3): power-of-two bn, bk; split any divisor of K/bk <= 256."""
     form = "reduce" if m <= REDUCE_MAX_ROWS else "mma"
-    found = []
-    for bn in (32, 64, 128, 256):
-        for bk in (16, 32, 64) if form == "reduce" else (32, 64, 128):
-            for split in (1, 2, 4, 8):
-                for warps in (4, 8):
-                    cfg = Int8KernelConfig(form, bn, bk, split, warps, stages=3 if form == "reduce" else 4)
-                    try:
-                        cfg.check(m, k, n)
-                    except ValueError:
-                        continue
-                    tile_regs = max(m, 1) * bk * bn // (32 * warps)  # float32 accumulator registers per thread
-                    if form == "reduce" and tile_regs > 64 or k // (bk * split) < 4:
-                        continue
-                    programs = n // bn * split
-                    found.append((abs(programs - _TARGET_PROGRAMS) / _TARGET_PROGRAMS + 0.1 * (warps == 8), cfg))
-    ordered = [default_config(m, k, n)] + [c for _, c in sorted(found, key=lambda t: t[0])]
+    out = []
+    for bn in (16, 32, 64, 128, 256):
+        for bk in (16, 32, 64) if form == "reduce" else (16, 32, 64, 128):
+            if k % bk:
+                continue
+            for split in (d for d in range(1, min(k // bk, 256) + 1) if (k // bk) % d == 0):
+                cfg = Int8KernelConfig(form, bn, bk, split, warps=4, stages=3)
+                try:
+                    cfg.check(m, k, n)
+                except ValueError:
+                    continue
+                if form == "reduce" and max(m, 1) * bk * bn // (32 * 8) > 64:
+                    continue  # float32 accumulators per thread even at 8 warps: spills
+                out.append(cfg)
+    return out
+
+
+def candidate_configs(m: int, k: int, n: int, limit: int = 12) -> list[Int8KernelConfig]:
+    """Configs worth timing for one shape: the default, then the largest tile at each grid size (programs = N/bn *
+    split, from ~128 to ~8192, nearest the target first), then stage/warp variants of the best-placed ones."""
+    by_size: dict[int, Int8KernelConfig] = {}
+    for cfg in _feasible(m, k, n):
+        programs = n // cfg.bn * cfg.split
+        if not 96 <= programs <= 12288:
+            continue
+        bucket = round(math.log2(programs))
+        best = by_size.get(bucket)
+        if best is None or (cfg.bk * cfg.bn, -cfg.split) > (best.bk * best.bn, -best.split):
+            by_size[bucket] = cfg
+    target = math.log2(_TARGET_PROGRAMS)
+    picks = [by_size[b] for b in sorted(by_size, key=lambda b: abs(b - target))]
+    variants = [
+        replace(cfg, warps=warps, stages=stages)
+        for cfg in picks[:3]
+        for warps, stages in ((4, 2), (4, 4), (8, 3), (8, 4))
+        if not (cfg.form == "reduce" and m * cfg.bk * cfg.bn // (32 * warps) > 64)
+    ]
+    ordered = [default_config(m, k, n), *picks, *variants]
     return list(dict.fromkeys(ordered))[:limit]
 
 
@@ -123,23 +149,25 @@ def tuning_key(m: int, k: int, n: int) -> str:
 
 @functools.cache
 def load_tuning(path: str) -> dict[str, Int8KernelConfig | None]:
-    """{tuning_key: config, or None where XLA's convert + GEMM won} from benchmarks/int8_probe.py --tune's file."""
+    """{tuning_key: config, or None where XLA's convert + GEMM won} from benchmarks/int8_probe.py --tune's file:
+    {"model": ..., "device": ..., "configs": {key: {"form": ..., ...}}}."""
     try:
         with open(path) as f:
-            table = json.load(f)
+            table = json.load(f)["configs"]
         return {key: None if v["form"] == "xla" else Int8KernelConfig(**v) for key, v in table.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"MESHSERVE_INT8_TUNING={path}: not a tuning file from int8_probe.py --tune ({e})") from e
 
 
 def choose_config(m: int, k: int, n: int) -> Int8KernelConfig | None:
-    """The config for x [m, k] @ w [k, n]: the tuning file's entry (None: XLA was faster there), else the default."""
+    """The config for x [m, k] @ w [k, n], None meaning XLA's convert + GEMM.
+
+    With a tuning file (MESHSERVE_INT8_TUNING) only measured winners run the kernel: a shape the file does not
+    name takes XLA, since an untimed config may be slower or fail to compile. Without one, `default_config`.
+    """
     path = os.environ.get("MESHSERVE_INT8_TUNING")
     if path:
-        table = load_tuning(path)
-        key = tuning_key(m, k, n)
-        if key in table:
-            return table[key]
+        return load_tuning(path).get(tuning_key(m, k, n))
     return default_config(m, k, n)
 
 

@@ -5,7 +5,8 @@ decoded for G steps by an on-device loop (the same `transformer.decode_step` and
 greedy). Figures:
   decode_step_ms   wall time of the G-step loop / G
   hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context) / step time
-  hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer)
+  hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer); read_gbps,
+                   a read-only stream's bandwidth, is reported beside it (a decode step mostly reads)
   prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU
   ttft_ms          prefill + the first sampled token, as a request sees it (no queueing)
 The peer (optional) is Hugging Face transformers' `generate` on the same shapes (Falcon-style models only), run in
@@ -32,7 +33,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params, cast_params, init_params, param_count, params_nbytes, unstack_layers
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
-__all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "device_peak_flops", "peer_row"]
+__all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_bandwidth", "device_peak_flops", "peer_row"]
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BenchRow:
     peer_tokens_per_s: float | None = None
     peer_prefill_ms: float | None = None
     speedup_vs_peer: float | None = None
+    read_gbps: float | None = None  # read-only stream bandwidth of the device (measure_read_bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +93,16 @@ def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> floa
     copy = jax.jit(lambda a: a + jnp.bfloat16(1))
     seconds = _timed(lambda: copy(x), repeats)
     return 2 * n_bytes / seconds
+
+
+def measure_read_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a read-only stream (a sum over a large buffer): what a weight-reading decode step mostly does, and
+    often above the copy figure (no writes). Reported beside the copy bandwidth, not used in hbm_fraction."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n_bytes = n_bytes or (1 << 27 if on_cpu else 1 << 31)
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    return n_bytes / _timed(lambda: total(x), repeats)
 
 
 def device_peak_flops() -> tuple[str, float | None]:
@@ -217,8 +229,10 @@ def run_bench(
     layers: str = "unrolled",
     repeats: int = 3,
     progress: bool = True,
+    on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
-    """All (weights, batch) rows for one model, weights made once per dtype."""
+    """All (weights, batch) rows for one model, weights made once per dtype; on_row(row) is called as each is done
+    (so a caller can save rows before a long run ends or is cut off)."""
     for b in batches:
         if b < 1:
             raise UserError(f"--batch values must be >= 1, got {b}")
@@ -229,6 +243,7 @@ def run_bench(
     from tqdm import tqdm
 
     copy_bw = measure_copy_bandwidth()
+    read_bw = measure_read_bandwidth()
     _, peak = device_peak_flops()
     rows = []
     bar = tqdm(total=len(batches) * len(weights_list), desc=f"bench {config.name}", disable=not progress, unit="row")
@@ -238,6 +253,9 @@ def run_bench(
             params = unstack_layers(params)
         for batch in batches:
             rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats))
+            rows[-1].read_gbps = read_bw / 1e9
+            if on_row is not None:
+                on_row(rows[-1])
             bar.set_postfix(weights=weights, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")
             bar.update()
         del params

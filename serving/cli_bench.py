@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.plot and args.gen_len == 0:
         raise UserError("--plot draws decode steps: it needs --gen-len > 0")
+    if args.out and not args.out.parent.is_dir():
+        raise UserError(f"--out: no such directory {args.out.parent}")
     if args.plot and not args.plot.parent.is_dir():
         raise UserError(f"--plot: no such directory {args.plot.parent}")
     if args.int8_matmul:
@@ -110,19 +112,19 @@ def run(args: argparse.Namespace) -> int:
     context = args.prompt_len + args.gen_len
     if context > config.max_seq_len:
         config = config.replace(max_seq_len=context)  # random weights: any context the RoPE model can take
-    rows = [
-        r.to_dict()
-        for r in run_bench(
-            config,
-            args.batch,
-            args.weights,
-            args.prompt_len,
-            args.gen_len,
-            layers=args.layers,
-            repeats=args.repeats,
-            progress=not args.json,
-        )
-    ]
+    rows: list[dict] = []
+
+    def save(row=None) -> None:
+        """Rewrite --out after every row (and peer), atomically: a run cut off keeps the rows it finished."""
+        if row is not None:
+            rows.append(row.to_dict())
+        if args.out:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+            os.replace(tmp, args.out)
+
+    run_bench(config, args.batch, args.weights, args.prompt_len, args.gen_len, layers=args.layers,
+              repeats=args.repeats, progress=not args.json, on_row=save)  # fmt: skip
     if args.peer and args.gen_len > 0:
         for batch in args.batch:
             peer = peer_row(config, batch, args.prompt_len, args.gen_len)
@@ -131,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
                     r.update(peer)
                     if r["decode_step_ms"]:
                         r["speedup_vs_peer"] = peer["peer_decode_step_ms"] / r["decode_step_ms"]
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+            save()
     if args.plot and args.gen_len > 0:
         from meshserve.serving.bench_plot import plot_bench
 

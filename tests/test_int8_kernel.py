@@ -34,6 +34,7 @@ def _operands(m: int):
     [
         (1, Int8KernelConfig("reduce", bn=32, bk=32)),
         (3, Int8KernelConfig("reduce", bn=64, bk=16, split=4)),  # rows not a power of two, split-K partial sums
+        (1, Int8KernelConfig("reduce", bn=32, bk=16, split=16)),  # one K chunk per program
         (8, Int8KernelConfig("mma", bn=32, bk=64, split=2)),
         (64, Int8KernelConfig("mma", bn=64, bk=32)),
     ],
@@ -82,6 +83,9 @@ def test_config_check_names_the_problem():
         Int8KernelConfig("mma", bn=64, bk=64, split=2).check(8, 4544, 18176)  # 4544 % 128 != 0
     with pytest.raises(ValueError, match="power of two"):
         Int8KernelConfig("reduce", bn=48, bk=32).check(1, 256, 96)
+    with pytest.raises(ValueError, match="bn, bk >= 16"):
+        Int8KernelConfig("mma", bn=8, bk=64).check(8, 256, 64)
+    Int8KernelConfig("reduce", bn=32, bk=64, split=71).check(1, 4544, 18176)  # split need not be a power of two
     with pytest.raises(ValueError, match="at most 4 rows"):
         Int8KernelConfig("reduce", bn=32, bk=32).check(8, 256, 128)
 
@@ -89,12 +93,13 @@ def test_config_check_names_the_problem():
 def test_tuning_file_chooses_per_shape(tmp_path, monkeypatch):
     tuned = Int8KernelConfig("reduce", bn=128, bk=16, split=4, warps=8, stages=2)
     path = tmp_path / "tuning.json"
-    path.write_text(json.dumps({"1x256x128": vars(tuned), "8x256x128": {"form": "xla"}}))
+    configs = {"1x256x128": vars(tuned), "8x256x128": {"form": "xla"}}
+    path.write_text(json.dumps({"model": "tiny", "device": "cpu", "configs": configs}))
     monkeypatch.setenv("MESHSERVE_INT8_TUNING", str(path))
     int8_kernel.load_tuning.cache_clear()
     assert choose_config(1, 256, 128) == tuned
     assert choose_config(5, 256, 128) is None  # bucket 8 -> XLA was faster there
-    assert choose_config(1, 512, 128) == default_config(1, 512, 128)  # not tuned
+    assert choose_config(1, 512, 128) is None  # not in the file: never timed on this device, so XLA
     path.write_text("{not json")
     int8_kernel.load_tuning.cache_clear()
     with pytest.raises(UserError, match="MESHSERVE_INT8_TUNING"):
