@@ -62,6 +62,10 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
         budget=$(( $(left) > 400 ? 110 : $(left) / 4 ))
         timeout $((budget + 40)) $PY benchmarks/int8_probe.py --model "$MODEL" --rows 1,8,64 --tune "$TUNING" \
           --budget-s "$budget" "${small[@]}" 2>&1 | grep -v -i warning | tee "$OUT/int8_probe.txt"
+        # Does XLA fuse the int8 convert into a Triton GEMM when told to use Triton for every GEMM? (seconds)
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_triton_gemm_any=true" timeout 60 $PY benchmarks/int8_probe.py \
+          --model "$MODEL" --rows 1,8,64 --xla-only "${small[@]}" 2>&1 | grep -v -i warning \
+          | sed 's/^/[triton_gemm_any] /' | tee -a "$OUT/int8_probe.txt"
       fi
       if [ -s "$TUNING" ]; then
         cp "$TUNING" "$OUT/int8_tuning.json"

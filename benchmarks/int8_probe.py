@@ -91,18 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop trying candidates after this many seconds")
     ap.add_argument("--candidates", type=int, default=8, help="Pallas configs tried per shape (default 8)")
     ap.add_argument("--attention-only", action="store_true", help="only check cuDNN attention (a few seconds)")
+    ap.add_argument(
+        "--xla-only",
+        action="store_true",
+        help="time only bf16 and XLA int8 on the MLP shapes (to compare XLA_FLAGS settings; writes no tuning)",
+    )
     ap.add_argument("--small", action="store_true", help="CPU dry run: interpret mode, 3 candidates, 2 repeats")
     args = ap.parse_args(argv)
     rows_list = [int(r) for r in args.rows.split(",")]
     interpret, repeats = args.small, (2 if args.small else 20)
     n_candidates = 3 if args.small else args.candidates
     start, results = time.perf_counter(), []
-    check_cudnn_attention(args.model)
+    if not args.xla_only:
+        check_cudnn_attention(args.model)
     if args.attention_only:
         return 0
+    if args.xla_only:
+        n_candidates, args.tune = 0, None
     tuning = {"model": args.model, "device": jax.devices()[0].device_kind, "configs": {}}
     print(f"{'weight':>8} {'M':>3} {'K':>6} {'N':>6} {'form':>7} {'us':>8} {'GB/s':>6}  config")
-    for label, k, n in model_shapes(args.model):
+    for label, k, n in model_shapes(args.model)[: 2 if args.xla_only else None]:
         if time.perf_counter() - start > args.budget_s:
             break  # (said once below)
         copies = 1 if args.small else min(16, max(1, -(-(256 << 20) // (k * n))))  # small weights may sit in L2
