@@ -1,9 +1,12 @@
-"""The plan chooser: mesh shape, weight storage and, per phase and batch bucket, the layouts to run.
+"""The plan chooser: mesh shape, weight dtype, weight storage and, per phase and batch bucket, the layouts to run.
 
-Within one (phase, batch bucket) the chosen layout is the lowest-latency one that fits in memory (the same rule
-`meshserve analyze` marks as `chosen`). The mesh and the weight storage are shared by every phase (weights are
-stored once, as 2D weight-stationary E_x·F_yz, so prefill and decode switch layouts without moving them) and are
-picked by the objective:
+A server stores its weights once, in one of two storages: 1D (E·F_xyz, read by ws1d) or 2D (E_x·F_yz, read by
+ws2d and every weight-gathered layout, so prefill and decode switch between them without moving weights). So a
+plan uses layouts of one storage in every bucket of both phases. Within a candidate (mesh, dtype, storage) the
+decode layout of each bucket is the lowest-latency one of that storage that fits in memory (the rule
+`meshserve analyze` marks as `chosen`); the KV cache lives in the largest decode bucket's layout, and each prefill
+bucket takes the lowest-latency layout of the storage once the phase switch into that cache is paid. The
+candidates are whole plans, compared by the objective's total:
   latency     lowest prefill latency at the smallest prefill bucket + decode latency at the smallest decode bucket
   throughput  lowest chip-ms per token at the largest buckets (prefill + decode)
   cost        lowest chip-ms per token at the largest decode bucket whose step meets `latency_bound_s`
@@ -36,9 +39,13 @@ __all__ = [
     "best_of",
     "analysis_config",
     "OBJECTIVES",
+    "STORAGES",
 ]
 
 OBJECTIVES = ("latency", "throughput", "cost")
+# Weight storages and the layouts that read each, in FFN_LAYOUTS order. 2D first: on a tie (e.g. one chip) the
+# storage every weight-gathered layout shares wins.
+STORAGES = {s: tuple(f for f in FFN_LAYOUTS if storage_of(f) == s) for s in ("2d", "1d")}
 INT8_GAIN = 0.10  # int8 must beat bf16 by this fraction before a quality-neutral objective takes it
 # Among layouts of equal cost, prefer batch-sharded attention (smaller KV cache per chip), then this FFN order.
 _ATTENTION_ORDER = ("batch", "heads")
@@ -69,7 +76,8 @@ class Plan:
     hardware: str
     chips: int
     mesh: str
-    weights: str
+    weights: str  # weight dtype: bf16 or int8
+    storage: str  # weight storage, one for every bucket: "1d" (ws1d) or "2d" (ws2d and weight-gathered)
     objective: str
     prompt_len: int
     gen_len: int
@@ -185,6 +193,34 @@ def _score(objective: str, chosen: dict[tuple[str, int], Estimate], latency_boun
     return min(chosen["decode", b].cost_chip_ms_per_token for b in ok)
 
 
+def _choose_layouts(
+    config: ModelConfig,
+    chip: Chip,
+    mesh: MeshShape,
+    weights: str,
+    ffn_layouts: Sequence[str],
+    decode_buckets: Sequence[int],
+    pre_buckets: Sequence[int],
+    **kw: Any,
+) -> dict[tuple[str, int], Estimate] | None:
+    """The best layout per (phase, bucket) among `ffn_layouts` (one storage); None if some bucket has none.
+
+    Decode first: the KV cache lives in the largest decode bucket's layout (a server's cache has that many slots),
+    and every prefill pays the phase switch into it.
+    """
+    chosen: dict[tuple[str, int], Estimate] = {}
+    for phase, buckets in (("decode", decode_buckets), ("prefill", pre_buckets)):
+        cache = chosen["decode", decode_buckets[-1]] if phase == "prefill" else None
+        for b in buckets:
+            rows = evaluate_layouts(config, chip, mesh, phase=phase, batch=b, weights=weights, ffn_layouts=ffn_layouts,
+                                    decode=cache, **kw)  # fmt: skip
+            best = best_of(rows)
+            if best is None:
+                return None
+            chosen[phase, b] = best
+    return chosen
+
+
 def choose_plan(
     config: ModelConfig,
     chip: Chip,
@@ -198,12 +234,14 @@ def choose_plan(
     weights: str | None = None,
     latency_bound_s: float | None = None,
     overlap: bool = False,
+    storage: str | None = None,
 ) -> Plan:
     """Pick mesh, weights and per-(phase, bucket) layouts for `objective`.
 
     batch_buckets are the decode buckets (and the prefill ones unless prefill_buckets is given). latency_bound_s
-    bounds the decode step time for objective "cost". Raises UserError on bad input; a plan that does not fit is
-    returned with fits=False.
+    bounds the decode step time for objective "cost". weights / storage fix the weight dtype (bf16, int8) / storage
+    (1d, 2d); None: each is a candidate, chosen by the objective's total over the whole plan. Raises UserError on
+    bad input; a plan that does not fit is returned with fits=False.
     """
     if objective not in OBJECTIVES:
         raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -215,6 +253,8 @@ def choose_plan(
         raise UserError("give chips or a mesh")
     if latency_bound_s is not None and not (latency_bound_s > 0 and math.isfinite(latency_bound_s)):
         raise UserError(f"latency bound must be a positive number of seconds, got {latency_bound_s!r}")
+    if storage is not None and storage not in STORAGES:
+        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     decode_buckets = sorted(set(batch_buckets))
     pre_buckets = sorted(set(prefill_buckets if prefill_buckets is not None else batch_buckets))
     for b in [*decode_buckets, *pre_buckets]:
@@ -223,43 +263,32 @@ def choose_plan(
     if not decode_buckets or not pre_buckets:
         raise UserError("batch buckets must not be empty")
     meshes = [mesh] if mesh is not None else candidate_meshes(int(n_chips))  # type: ignore[arg-type]
-    storages = [weights] if weights else ["bf16", "int8"]
+    dtypes = [weights] if weights else ["bf16", "int8"]
+    storages = [storage] if storage else list(STORAGES)
 
     candidates: list[Plan] = []
-    for m, w in itertools.product(meshes, storages):
-        chosen: dict[tuple[str, int], Estimate] = {}
-        # Decode first: the KV cache lives in the largest decode bucket's layout (a server's cache has that many
-        # slots), and every prefill pays the phase switch into it.
-        for phase, buckets in (("decode", decode_buckets), ("prefill", pre_buckets)):
-            cache = chosen.get(("decode", decode_buckets[-1])) if phase == "prefill" else None
-            if phase == "prefill" and cache is None:
-                break
-            for b in buckets:
-                best = best_of(
-                    evaluate_layouts(
-                        config, chip, m, phase=phase, batch=b, prompt_len=prompt_len, gen_len=gen_len, weights=w,
-                        overlap=overlap, decode=cache,
-                    )
-                )  # fmt: skip
-                if best is not None:
-                    chosen[phase, b] = best
-        if len(chosen) < len(pre_buckets) + len(decode_buckets):
-            continue  # some bucket has no layout that splits on this mesh
+    for m, w, s in itertools.product(meshes, dtypes, storages):
+        chosen = _choose_layouts(
+            config, chip, m, w, STORAGES[s], decode_buckets, pre_buckets, prompt_len=prompt_len, gen_len=gen_len,
+            overlap=overlap,
+        )  # fmt: skip
+        if chosen is None:
+            continue  # some bucket has no layout of this storage that splits on this mesh
         phases = tuple(_phase_plan(chosen[k]) for k in sorted(chosen, key=lambda k: (k[0] != "prefill", k[1])))
         candidates.append(
             Plan(
-                model=config.name, hardware=chip.name, chips=m.n, mesh=str(m), weights=w, objective=objective,
-                prompt_len=prompt_len, gen_len=gen_len, phases=phases, fits=all(p.fits for p in phases),
-                score=_score(objective, chosen, latency_bound_s),
+                model=config.name, hardware=chip.name, chips=m.n, mesh=str(m), weights=w, storage=s,
+                objective=objective, prompt_len=prompt_len, gen_len=gen_len, phases=phases,
+                fits=all(p.fits for p in phases), score=_score(objective, chosen, latency_bound_s),
             )
         )  # fmt: skip
     if not candidates:
         raise LayoutError(
-            f"no layout splits {config.name} with batches {decode_buckets} on "
-            f"{'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"
+            f"no layout{' of storage ' + storage if storage else ''} splits {config.name} with batches "
+            f"{decode_buckets} on {'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"
         )
     if objective == "cost" and all(math.isinf(p.score) for p in candidates):
-        # No mesh/storage meets the bound at any decode bucket: an error, not an arbitrary plan with score inf.
+        # No mesh/dtype/storage meets the bound at any decode bucket: an error, not an arbitrary plan with score inf.
         fitting = [p for p in candidates if p.fits] or candidates
         best = min(min(e.step_s for e in p.phases if e.phase == "decode") for p in fitting)
         raise UserError(
