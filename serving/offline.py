@@ -192,8 +192,11 @@ def run_score(model, engine, in_path: Path, out_path: Path, errors_path: Path, p
     items = []
     for job in todo:
         prompt, cont = model.encode_prompt(job.data["prompt"]), model.tokenizer.encode(job.data["continuation"])
+        bad = _out_of_vocab(model.config, prompt, "prompt") or _out_of_vocab(model.config, cont, "continuation")
         if not prompt or not cont:
             writer.error(job.line, job.id, "prompt and continuation must not be empty")
+        elif bad:
+            writer.error(job.line, job.id, bad)
         elif len(prompt) + len(cont) > limit:
             writer.error(job.line, job.id, f"{len(prompt)} + {len(cont)} tokens exceed the context limit {limit}")
         else:
@@ -219,11 +222,20 @@ def run_score(model, engine, in_path: Path, out_path: Path, errors_path: Path, p
     return writer.summary
 
 
+def _out_of_vocab(config, ids: list[int], field: str) -> str | None:
+    """The error for the first id outside the model's vocabulary (a tokenizer may know more ids than the model)."""
+    bad = next((t for t in ids if not 0 <= t < config.vocab_size), None)
+    return None if bad is None else f"{field}: token id {bad} outside the vocabulary [0, {config.vocab_size})"
+
+
 def _generation_request(model, engine, job: JobLine):
     from meshserve.serving.scheduler import Request
 
     d = job.data
     prompt = model.encode_prompt(d["prompt"])
+    bad = _out_of_vocab(model.config, prompt, "prompt")
+    if bad:
+        raise LineError(bad)
     room = engine.plan.max_context - len(prompt)
     n = d.get("max_new_tokens", min(64, room))
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
@@ -284,6 +296,11 @@ def run_generate(model, engine, in_path: Path, out_path: Path, errors_path: Path
             if isinstance(handle, BaseException):
                 raise handle
             r = handle.request
+            if handle.error is not None:  # the engine refused it (and its prefill batch); the job goes on
+                writer.error(jobs[r.id].line, jobs[r.id].id, str(handle.error))
+                if progress is not None:
+                    progress.update(r.max_new_tokens)
+                continue
             writer.result(
                 {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
                  "finish_reason": r.finish_reason}

@@ -25,7 +25,15 @@ from meshserve.serving.engine import Engine, ScoreOutput
 from meshserve.serving.metrics import ServerMetrics
 from meshserve.serving.scheduler import QueueFullError, Request, Scheduler, Update
 
-__all__ = ["Orchestrator", "Event", "RequestHandle", "ShuttingDownError", "ScoreQueueFullError", "ScoreCancelledError"]
+__all__ = [
+    "Orchestrator",
+    "Event",
+    "RequestHandle",
+    "ShuttingDownError",
+    "ScoreQueueFullError",
+    "ScoreCancelledError",
+    "RequestFailedError",
+]
 
 DEFAULT_MAX_SCORES = 16
 
@@ -36,6 +44,10 @@ class ShuttingDownError(UserError):
 
 class ScoreQueueFullError(QueueFullError):
     """Too many Score requests accepted and not answered yet (the servicer answers RESOURCE_EXHAUSTED)."""
+
+
+class RequestFailedError(UserError):
+    """A request the engine refused at prefill (with the rest of its prefill batch); the engine goes on."""
 
 
 class ScoreCancelledError(Exception):
@@ -62,6 +74,7 @@ class RequestHandle:
     text: str = ""
     done: queue.SimpleQueue | None = None  # also gets this handle when the request finishes (offline jobs)
     counted: bool = False  # the servicer has counted this RPC's outcome in the metrics (exactly once)
+    error: BaseException | None = None  # set when the request failed (RequestFailedError), before `done` gets it
 
 
 @dataclass(eq=False)
@@ -264,13 +277,20 @@ class Orchestrator:
                 with self._lock:
                     batch = self.scheduler.next_prefill(time.monotonic())
                 if batch is not None:
-                    out = self.engine.prefill_insert(
-                        [r.prompt for r in batch.requests],
-                        list(batch.slots),
-                        [r.sampling for r in batch.requests],
-                        batch.batch,
-                        batch.length,
-                    )
+                    try:
+                        out = self.engine.prefill_insert(
+                            [r.prompt for r in batch.requests],
+                            list(batch.slots),
+                            [r.sampling for r in batch.requests],
+                            batch.batch,
+                            batch.length,
+                        )
+                    except UserError as e:
+                        # A prompt the model cannot take (an id outside its vocabulary) that got past the caller's
+                        # checks: refused while packing, before any device work, so the decode state is intact and
+                        # only this batch fails; the loop goes on.
+                        self._fail_batch(batch, e)
+                        continue
                     with self._lock:
                         updates = self.scheduler.record_prefill(batch, out.tokens, out.logprobs, time.monotonic())
                     self.metrics.generated(sum(len(u.tokens) for u in updates))  # each request's first token
@@ -304,6 +324,28 @@ class Orchestrator:
         finally:
             # Whatever ended the loop, no Score caller may wait forever on a future nobody will answer.
             self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"), running=False)
+
+    def _fail_batch(self, batch, error: UserError) -> None:
+        """End every request of a refused prefill batch: free its slot, and hand its caller a RequestFailedError
+        (a UserError: the servicer answers INVALID_ARGUMENT, an offline job writes the line to its errors file)."""
+        V = self.engine.config.vocab_size
+        now = time.monotonic()
+        for r in batch.requests:
+            bad = next((t for t in r.prompt if not 0 <= t < V), None)
+            failure = RequestFailedError(
+                f"prompt: token id {bad} outside the vocabulary [0, {V})"
+                if bad is not None
+                else f"refused with its prefill batch, which held a prompt the model cannot take: {error}"
+            )
+            with self._lock:
+                self.scheduler.finish(r, "cancelled", now)
+                handle = self._handles.pop(r.id, None)
+            if handle is None:
+                continue
+            handle.error = failure
+            handle.events.put(failure)
+            if handle.done is not None:
+                handle.done.put(handle)
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0 = pending

@@ -98,6 +98,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # ----- validation -----
 
     def _ids(self, field: str, ids) -> list[int]:
+        """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
+        a tokenizer may know more ids than the model embeds, and such an id must not reach the engine thread."""
         ids = list(ids)
         V = self.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < V), None)
@@ -113,7 +115,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _request(self, req: pb.GenerateRequest, context) -> tuple[Request, list[str]]:
         which = req.WhichOneof("input")
         if which == "text":
-            prompt = self.model.encode_prompt(self._text("text", req.text)) if req.text else []
+            prompt = self._ids("text", self.model.encode_prompt(self._text("text", req.text))) if req.text else []
         elif which == "tokens":
             prompt = self._ids("tokens.ids", req.tokens.ids)
         else:
@@ -200,6 +202,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     self.orch.cancel(handle)
                     return
                 continue
+            if isinstance(event, UserError):  # this request's prefill batch was refused (the engine goes on)
+                self._count(handle, method, "INVALID_ARGUMENT")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(event))
             if isinstance(event, BaseException):
                 self._count(handle, method, "INTERNAL")
                 context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {type(event).__name__}")
@@ -320,11 +325,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _score_item(self, i: int, item: pb.ScoreItem) -> tuple[list[int], list[int]]:
         if item.WhichOneof("prompt") == "prompt_text":
-            prompt = self.model.encode_prompt(self._text(f"items[{i}].prompt_text", item.prompt_text))
+            field = f"items[{i}].prompt_text"
+            prompt = self._ids(field, self.model.encode_prompt(self._text(field, item.prompt_text)))
         else:
             prompt = self._ids(f"items[{i}].prompt_tokens.ids", item.prompt_tokens.ids)
         if item.WhichOneof("continuation") == "continuation_text":
-            cont = self.model.tokenizer.encode(self._text(f"items[{i}].continuation_text", item.continuation_text))
+            field = f"items[{i}].continuation_text"
+            cont = self._ids(field, self.model.tokenizer.encode(self._text(field, item.continuation_text)))
         else:
             cont = self._ids(f"items[{i}].continuation_tokens.ids", item.continuation_tokens.ids)
         if not prompt:
