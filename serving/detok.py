@@ -24,8 +24,9 @@ __all__ = ["StreamDecoder"]
 
 _REPLACEMENT = "\ufffd"
 # Ids whose text stays held back (a run of incomplete or empty pieces) before the decoder settles all but the
-# last _RESOLVE of them: a UTF-8 character is at most 4 bytes, so 4 later ids decide every earlier byte. Bounds
-# the window when a model emits invalid bytes or skipped special tokens over and over.
+# last _RESOLVE of them: a UTF-8 character is at most 4 bytes, so 4 later ids that add text decide every earlier
+# byte (ids that add nothing, skipped special tokens, decide nothing: see _advance). Bounds the window when a model
+# emits invalid bytes or skipped special tokens over and over.
 _MAX_PENDING = 8
 _RESOLVE = 4
 
@@ -96,9 +97,11 @@ class StreamDecoder:
         if len(ids) - r > _MAX_PENDING:
             # Still unsettled after many ids: the text up to all but the last few is final if those ids left it
             # unchanged (its replacement characters are invalid bytes, not a character waiting for its end).
+            # Unless they added nothing: skipped special tokens decode to nothing, so a character's first bytes
+            # followed by pads end in U+FFFD that its remaining bytes may still complete.
             k = len(ids) - _RESOLVE
             mid = self._decode(ids[p:k])
-            if new_text.startswith(mid):
+            if new_text.startswith(mid) and (len(new_text) > len(mid) or not mid.endswith(_REPLACEMENT)):
                 self._prefix, self._read = r, k
                 return mid[len(prefix_text) :]
         return ""

@@ -130,3 +130,31 @@ def test_push_cost_does_not_grow_with_length(tok, kind):
     assert late <= early
     counting.lengths.clear()
     assert d.emitted + d.finish() == tok.decode(ids) and counting.lengths == [len(ids)]  # one full decode
+
+
+@pytest.mark.parametrize("pads", [1, 4, 8, 9, 20])
+def test_skipped_special_tokens_inside_a_character_never_emit_a_replacement(pads):
+    # '€' is three byte-level pieces; <pad> tokens (decoded to nothing) between them once made the decoder settle
+    # the first piece as U+FFFD after 8 pending ids, a character the full decode does not have.
+    tok = load_tokenizer(DEMO)
+    euro = tok.encode("€")
+    ids = euro[:1] + [0] * pads + euro[1:]
+    d = StreamDecoder(tok)
+    pieces = [d.push([t])[0] for t in ids]
+    assert tok.decode(ids) == "€" and "".join(pieces) == "€" and d.finish() == "", pieces
+
+
+def test_stream_equals_full_decode_with_special_tokens_densely_mixed_in():
+    tok = load_tokenizer(DEMO)
+    pool = [0, 1, 2, *tok.encode("€日🙂é a")]  # specials and the pieces of multi-byte characters
+    rng = np.random.default_rng(4)
+    for _ in range(400):
+        ids = [int(x) for x in rng.choice(pool, int(rng.integers(1, 40)))]
+        d = StreamDecoder(tok)
+        pieces, i = [], 0
+        while i < len(ids):
+            n = int(rng.integers(1, 4))
+            pieces.append(d.push(ids[i : i + n])[0])
+            i += n
+            assert tok.decode(ids[:i]).startswith(d.emitted), ids[:i]  # never taken back
+        assert "".join(pieces) + d.finish() == tok.decode(ids), ids
