@@ -113,7 +113,8 @@ class Orchestrator:
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
         self._scores: queue.SimpleQueue[_ScoreJob] = queue.SimpleQueue()
-        self._score_job: _ScoreJob | None = None  # the Score being scored, a chunk per loop iteration (engine thread)
+        # The Score being scored, a chunk per loop iteration (engine thread); set and read elsewhere under _lock.
+        self._score_job: _ScoreJob | None = None
         self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
         self.max_scores = max_scores
         self._accepting = True
@@ -235,19 +236,25 @@ class Orchestrator:
         """Fail every queued Score job with `error` (and, with `running`, stop the running one at its next chunk);
         returns how many."""
         n = 0
-        job = self._score_job
-        if running and job is not None and not job.future.done():
-            job.error = error
-            job.cancel.set()
-            n += 1
-        while True:
-            try:
-                job = self._scores.get_nowait()
-            except queue.Empty:
-                return n
+        queued = []
+        # Under the lock, as the engine thread takes a job off the queue and makes it the running one (_run_score):
+        # every job is then either running or queued here, never in between and missed.
+        with self._lock:
+            job = self._score_job
+            if running and job is not None and not job.future.done():
+                job.error = error
+                job.cancel.set()
+                n += 1
+            while True:
+                try:
+                    queued.append(self._scores.get_nowait())
+                except queue.Empty:
+                    break
+        for job in queued:  # outside the lock: a future's done callback (_score_done) takes it
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
                 n += 1
+        return n
 
     def stop(self) -> None:
         self._stop = True
@@ -364,15 +371,16 @@ class Orchestrator:
     def _run_score(self) -> bool:
         """Score one chunk (one compiled bucket call) of the running Score job, starting the next queued one when
         none runs; stops a job that was cancelled or passed its deadline. Returns whether there was a job."""
-        job = self._score_job
-        if job is None:
-            try:
-                job = self._scores.get_nowait()
-            except queue.Empty:
-                return False
-            if not job.future.set_running_or_notify_cancel():
-                return True  # its caller gave up before it started
-            self._score_job = job
+        with self._lock:  # taken and made the running job in one step: drain's _fail_scores sees it either way
+            job = self._score_job
+            if job is None:
+                try:
+                    job = self._scores.get_nowait()
+                except queue.Empty:
+                    return False
+                if not job.future.set_running_or_notify_cancel():
+                    return True  # its caller gave up before it started
+                self._score_job = job
         n = len(job.items)
         if n == 0:
             self._score_job = None

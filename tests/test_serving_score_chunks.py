@@ -2,6 +2,7 @@
 score bucket call per loop iteration, streams receive tokens between a Score's chunks, and a cancelled or expired
 Score stops between chunks instead of running to the end. Also: the engine packs prefill prompts with Batch.pack."""
 
+import queue
 import threading
 import time
 
@@ -139,6 +140,45 @@ def test_score_past_its_deadline_stops_on_the_engine_thread(engine):
     finally:
         orch.stop()
         rec.restore()
+
+
+def test_drain_fails_a_score_the_engine_thread_is_taking_off_the_queue(engine):
+    """drain must see a Score between the engine thread's taking it off the queue and its becoming the running job:
+    the queue below holds the engine thread right there until drain has been called."""
+    from meshserve.serving.orchestrator import ShuttingDownError
+
+    taken, release = threading.Event(), threading.Event()
+
+    class HeldQueue(queue.SimpleQueue):
+        def get_nowait(self):
+            job = super().get_nowait()
+            taken.set()
+            release.wait(5)  # drain runs meanwhile
+            return job
+
+    engine.reset()
+    orch = _orchestrator(engine)
+    orch._scores = HeldQueue()
+    orch.start()
+    result = {}
+
+    def score():
+        try:
+            result["out"] = orch.score(_items(64), timeout=60)  # 32 chunks
+        except Exception as e:
+            result["error"] = e
+
+    scorer = threading.Thread(target=score)
+    scorer.start()
+    assert taken.wait(30)
+    drain = threading.Thread(target=lambda: result.setdefault("clean", orch.drain(0.0)))
+    drain.start()
+    time.sleep(0.3)  # drain reads the running job now (unfixed: None, the job is in neither place)
+    release.set()
+    drain.join(60)
+    scorer.join(60)
+    assert isinstance(result.get("error"), ShuttingDownError), result
+    assert result["clean"] is False and orch.error is None
 
 
 def test_engine_prefill_packs_prompts_with_batch_pack(engine):
