@@ -216,7 +216,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
-    print(f"plan for {plan.model} on {plan.chips} x {plan.hardware}: mesh {plan.mesh}, weights {plan.weights}, "
+    print(f"plan for {plan.model} on {plan.chips} x {plan.hardware}: mesh {plan.mesh}, weights {plan.weights} "
+          f"stored {plan.storage.upper()}, "
           f"objective {plan.objective}{'' if plan.fits else '  (DOES NOT FIT)'}")  # fmt: skip
     rows = [p.__dict__ for p in plan.phases]
     print(_table(rows, [

@@ -201,19 +201,23 @@ def _choose_layouts(
     ffn_layouts: Sequence[str],
     decode_buckets: Sequence[int],
     pre_buckets: Sequence[int],
+    decode_cache: tuple[str, str] | None = None,
     **kw: Any,
 ) -> dict[tuple[str, int], Estimate] | None:
     """The best layout per (phase, bucket) among `ffn_layouts` (one storage); None if some bucket has none.
 
     Decode first: the KV cache lives in the largest decode bucket's layout (a server's cache has that many slots),
-    and every prefill pays the phase switch into it.
+    and every prefill pays the phase switch into it. decode_cache fixes that bucket's (ffn_layout, attention).
     """
     chosen: dict[tuple[str, int], Estimate] = {}
     for phase, buckets in (("decode", decode_buckets), ("prefill", pre_buckets)):
         cache = chosen["decode", decode_buckets[-1]] if phase == "prefill" else None
         for b in buckets:
-            rows = evaluate_layouts(config, chip, mesh, phase=phase, batch=b, weights=weights, ffn_layouts=ffn_layouts,
-                                    decode=cache, **kw)  # fmt: skip
+            only = {}
+            if phase == "decode" and b == decode_buckets[-1] and decode_cache is not None:
+                only = dict(ffn_layouts=[f for f in ffn_layouts if f == decode_cache[0]], attentions=[decode_cache[1]])
+            rows = evaluate_layouts(config, chip, mesh, phase=phase, batch=b, weights=weights,
+                                    **{"ffn_layouts": ffn_layouts, **only}, decode=cache, **kw)  # fmt: skip
             best = best_of(rows)
             if best is None:
                 return None
@@ -235,13 +239,16 @@ def choose_plan(
     latency_bound_s: float | None = None,
     overlap: bool = False,
     storage: str | None = None,
+    decode_cache: tuple[str, str] | None = None,
 ) -> Plan:
     """Pick mesh, weights and per-(phase, bucket) layouts for `objective`.
 
     batch_buckets are the decode buckets (and the prefill ones unless prefill_buckets is given). latency_bound_s
     bounds the decode step time for objective "cost". weights / storage fix the weight dtype (bf16, int8) / storage
-    (1d, 2d); None: each is a candidate, chosen by the objective's total over the whole plan. Raises UserError on
-    bad input; a plan that does not fit is returned with fits=False.
+    (1d, 2d); None: each is a candidate, chosen by the objective's total over the whole plan. decode_cache fixes the
+    (ffn_layout, attention) of the largest decode bucket, the KV cache every prefill switches into (a server pricing
+    more prompt lengths against the cache it already runs); it implies its storage. Raises UserError on bad input;
+    a plan that does not fit is returned with fits=False.
     """
     if objective not in OBJECTIVES:
         raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -255,6 +262,17 @@ def choose_plan(
         raise UserError(f"latency bound must be a positive number of seconds, got {latency_bound_s!r}")
     if storage is not None and storage not in STORAGES:
         raise UserError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if decode_cache is not None:
+        if len(decode_cache) != 2 or decode_cache[0] not in FFN_LAYOUTS or decode_cache[1] not in _ATTENTION_ORDER:
+            raise UserError(
+                f"decode cache must be (ffn_layout in {', '.join(FFN_LAYOUTS)}, attention in "
+                f"{', '.join(_ATTENTION_ORDER)}), got {decode_cache!r}"
+            )
+        if storage is not None and storage != storage_of(decode_cache[0]):
+            raise UserError(
+                f"decode cache {decode_cache[0]} reads storage {storage_of(decode_cache[0])}, not {storage}"
+            )
+        storage = storage_of(decode_cache[0])
     decode_buckets = sorted(set(batch_buckets))
     pre_buckets = sorted(set(prefill_buckets if prefill_buckets is not None else batch_buckets))
     for b in [*decode_buckets, *pre_buckets]:
@@ -269,8 +287,8 @@ def choose_plan(
     candidates: list[Plan] = []
     for m, w, s in itertools.product(meshes, dtypes, storages):
         chosen = _choose_layouts(
-            config, chip, m, w, STORAGES[s], decode_buckets, pre_buckets, prompt_len=prompt_len, gen_len=gen_len,
-            overlap=overlap,
+            config, chip, m, w, STORAGES[s], decode_buckets, pre_buckets, decode_cache, prompt_len=prompt_len,
+            gen_len=gen_len, overlap=overlap,
         )  # fmt: skip
         if chosen is None:
             continue  # some bucket has no layout of this storage that splits on this mesh

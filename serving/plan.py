@@ -118,32 +118,30 @@ def _layouts(config: ModelConfig, plan: EnginePlan, weights: str, device_kind: s
         chip, priced = get_chip("tpu-v4"), False  # layouts still come from the cost model; times would mislead
     else:
         priced = True
-    storage = "int8" if weights == "int8" else "bf16"  # f32 is priced as bf16 (the chooser knows bf16 and int8)
+    dtype = "int8" if weights == "int8" else "bf16"  # f32 is priced as bf16 (the chooser knows bf16 and int8)
     shape = MeshShape(mesh["x"], mesh["y"], mesh["z"])
     buckets = sorted({*plan.prefill_batches, *plan.score_batches})
-    by_length = {
-        t: choose_plan(
-            config,
-            chip,
-            mesh=shape,
-            objective=plan.objective,
-            batch_buckets=plan.decode_batches,
-            prefill_buckets=buckets,
-            prompt_len=t,
-            gen_len=max(1, plan.max_context - t),
-            weights=storage,
+    # The largest prompt length decides the weight storage (1d or 2d: the weights are stored once) and the decode
+    # cache's layout (the largest decode bucket's); each shorter length only chooses its prefill layouts, within
+    # that storage and priced with the switch into that same cache.
+    longest = plan.prefill_lengths[-1]
+    by_length: dict[int, Any] = {}
+    for t in sorted(plan.prefill_lengths, reverse=True):
+        cache = None if t == longest else by_length[longest].lookup("decode", plan.max_batch)
+        by_length[t] = choose_plan(
+            config, chip, mesh=shape, objective=plan.objective, batch_buckets=plan.decode_batches,
+            prefill_buckets=buckets, prompt_len=t, gen_len=max(1, plan.max_context - t), weights=dtype,
+            decode_cache=None if cache is None else (cache.ffn_layout, cache.attention),
         )  # fmt: skip
-        for t in plan.prefill_lengths
-    }
     # choose_plan prices each prefill with the phase switch into the decode cache (the largest decode bucket's
     # layout, as the sharded engine runs it); a score step runs the same pass but inserts nothing.
     steps = []
     for phase, b, t in grid:
-        chosen = by_length[plan.prefill_lengths[-1] if phase == "decode" else t]
+        chosen = by_length[longest if phase == "decode" else t]
         entry = chosen.lookup("decode" if phase == "decode" else "prefill", b)
         ms = (entry.step_s - (entry.reshard_s if phase == "score" else 0.0)) * 1e3 if priced else 0.0
         steps.append(StepPlan(phase, b, t, entry.ffn_layout, entry.attention, ms))
-    report = by_length[plan.prefill_lengths[-1]].to_dict()
+    report = by_length[longest].to_dict()
     report["priced_on"] = chip.name if priced else None
     return tuple(steps), "analytics", report
 

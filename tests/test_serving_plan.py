@@ -1,5 +1,7 @@
-"""serving/plan.py's predicted step times: a prefill is priced with the phase switch into the server's decode cache."""
+"""serving/plan.py's predicted step times: a prefill is priced with the phase switch into the server's decode cache,
+and every step of a plan reads one weight storage (the weights are stored once)."""
 
+import pytest
 from meshserve.analytics import get_chip
 from meshserve.analytics.cost import estimate
 from meshserve.analytics.plan import analysis_config
@@ -35,3 +37,26 @@ def test_prefill_prediction_pays_the_phase_switch_into_the_decode_cache():
         own = estimate(padded, chip, mesh, **kw)  # the switch into the prefill's own layout: what was priced before
         paid += switched.breakdown.reshard_s > own.breakdown.reshard_s
     assert paid  # at least one bucket's prediction now carries a switch its own layout would not pay
+
+
+@pytest.mark.parametrize(
+    "model, mesh, objective",
+    # Before: each prompt length chose its own storage, so these plans mixed ws1d and ws2d steps.
+    [("falcon-7b", (4, 4, 4), "latency"), ("palm-8b", (2, 2, 2), "throughput")],
+)
+def test_every_length_uses_one_storage_and_the_servers_decode_cache(model, mesh, objective):
+    config, chip, shape = get_config(model), get_chip("tpu-v4"), MeshShape(*mesh)
+    plan = make_plan(config, objective=objective, max_context=2048, mesh_axes=dict(zip("xyz", mesh, strict=True)),
+                     length_buckets=(64, 512), device_kind="TPU v4")  # fmt: skip
+    assert {storage_of(s.ffn_layout) for s in plan.steps} == {plan.planner["storage"]}
+    [cache] = [s for s in plan.steps if s.phase == "decode" and s.batch == plan.max_batch]
+    prefills = [s for s in plan.steps if s.phase == "prefill"]
+    assert {s.length for s in prefills} == {64, 512, 2048}
+    for step in prefills:
+        switched = estimate(
+            analysis_config(config, shape, step.ffn_layout), chip, shape, phase="prefill", batch=step.batch,
+            prompt_len=step.length, gen_len=max(1, plan.max_context - step.length), weights="bf16",
+            ffn_layout=step.ffn_layout, attention=step.attention_layout, decode_layout=cache.ffn_layout,
+            decode_attention=cache.attention_layout, decode_batch=cache.batch,
+        )  # fmt: skip
+        assert abs(step.predicted_ms - switched.step_s * 1e3) < 1e-9, (step, cache)
