@@ -156,17 +156,20 @@ class Orchestrator:
         items: list[tuple[list[int], list[int]]],
         timeout: float | None = None,
         cancel: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> ScoreOutput:
         """Score (prompt ids, continuation ids) pairs on the engine thread, one chunk between decode steps.
 
-        Raises TimeoutError after `timeout` s (the engine stops the job at its next chunk), ScoreCancelledError when
-        `cancel` is set (checked between chunks), ScoreQueueFullError when `max_scores` Scores are pending,
-        ShuttingDownError when draining, or the engine thread's error if it died.
+        Raises TimeoutError after `timeout` s (the engine stops the job at its next chunk) or once the engine passes
+        `deadline` (time.monotonic(); default: now + timeout), ScoreCancelledError when `cancel` is set (checked
+        between chunks), ScoreQueueFullError when `max_scores` Scores are pending, ShuttingDownError when draining,
+        or the engine thread's error if it died.
         """
         future: Future = Future()
         # Sort by length so a chunk packs similar lengths (less padding); answers are put back in order.
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         job = _ScoreJob([items[i] for i in order], future, deadline, cancel or threading.Event())
         with self._lock:
             if not self._accepting:

@@ -131,8 +131,9 @@ def test_score_past_its_deadline_stops_on_the_engine_thread(engine):
     rec = Recorder(engine, orch, on_score=lambda n: time.sleep(0.05))  # each chunk takes >= 50 ms
     orch.start()
     try:
-        with pytest.raises(TimeoutError):
-            orch.score(_items(128), timeout=0.3)  # 64 chunks: >= 3.2 s of work
+        # No caller timeout (nothing on the caller's side sets `cancel`): only the engine's deadline check ends it.
+        with pytest.raises(TimeoutError, match=r"Score deadline passed after \d+ of 128 items"):
+            orch.score(_items(128), timeout=None, deadline=time.monotonic() + 0.3)  # 64 chunks: >= 3.2 s of work
         time.sleep(0.3)
         ran = rec.log.count("score")
         time.sleep(0.3)
