@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}")
     from meshserve.serving.server import ServerOptions, build_server, check_score_tokens
 
-    check_score_tokens(args.max_score_tokens)  # before loading the model: a bad flag fails in one line
+    # Before loading the model: a bad flag fails in one line, naming the flag.
+    check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
     from tqdm import tqdm
 
     # Handlers first: a SIGTERM during warm-up then also exits cleanly (after warm-up, before serving).

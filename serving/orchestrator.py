@@ -230,7 +230,9 @@ class Orchestrator:
             for r in left:
                 self.scheduler.cancel(r)
                 clean = False
-        if self._fail_scores(ShuttingDownError("server drained before this Score finished")):
+        if self._fail_scores(
+            ShuttingDownError("server shut down: the Score was cancelled when the drain's grace period (--grace) ended")
+        ):
             clean = False
         self.stop()
         return clean

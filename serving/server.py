@@ -188,12 +188,15 @@ class InferenceServer:
         self._stopped.wait()
 
 
-def check_score_tokens(max_score_tokens: int, max_items: int = Limits.max_score_items) -> None:
-    """Refuse a Score token limit whose largest valid reply would not fit gRPC's send limit."""
+def check_score_tokens(
+    max_score_tokens: int, max_items: int = Limits.max_score_items, name: str = "max_score_tokens"
+) -> None:
+    """Refuse a Score token limit whose largest valid reply would not fit gRPC's send limit. `name`: what the
+    message calls the limit (the CLI passes its flag, --max-score-tokens)."""
     room = (MAX_MESSAGE_BYTES - 32 * max_items) // 9
     if not 1 <= max_score_tokens <= room or score_reply_bytes(max_items, max_score_tokens) > MAX_MESSAGE_BYTES:
         raise ServerError(
-            f"max_score_tokens must be in [1, {room}] (a Score reply carries ~9 bytes per token and must fit "
+            f"{name} must be in [1, {room}] (a Score reply carries ~9 bytes per token and must fit "
             f"{MAX_MESSAGE_BYTES} bytes), got {max_score_tokens}"
         )
 

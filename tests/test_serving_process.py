@@ -191,4 +191,4 @@ def test_serve_help_shows_score_limits_and_a_reply_limit_that_cannot_fit_is_refu
     args = ["serve", "--checkpoint", str(checkpoint), *GRID, "--port", "0", "--max-score-tokens", "600000"]
     proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "max_score_tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr
+    assert "--max-score-tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr

@@ -179,6 +179,7 @@ def test_drain_fails_a_score_the_engine_thread_is_taking_off_the_queue(engine):
     drain.join(60)
     scorer.join(60)
     assert isinstance(result.get("error"), ShuttingDownError), result
+    assert "the drain's grace period (--grace) ended" in str(result["error"])  # as a request's UNAVAILABLE says
     assert result["clean"] is False and orch.error is None
 
 
