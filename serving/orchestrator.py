@@ -16,14 +16,22 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
 from meshserve.model.tokenizer import Tokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import Engine, ScoreOutput
 from meshserve.serving.metrics import ServerMetrics
-from meshserve.serving.scheduler import QueueFullError, Request, Scheduler, Update
+from meshserve.serving.requests import (
+    Event,
+    RequestFailedError,
+    RequestHandle,
+    ScoreCancelledError,
+    ScoreJob,
+    ScoreQueueFullError,
+    ShuttingDownError,
+)
+from meshserve.serving.scheduler import Request, Scheduler, Update
 
 __all__ = [
     "Orchestrator",
@@ -36,59 +44,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SCORES = 16
-
-
-class ShuttingDownError(UserError):
-    """The server is draining and accepts no new requests (the servicer answers UNAVAILABLE)."""
-
-
-class ScoreQueueFullError(QueueFullError):
-    """Too many Score requests accepted and not answered yet (the servicer answers RESOURCE_EXHAUSTED)."""
-
-
-class RequestFailedError(UserError):
-    """A request the engine refused at prefill (with the rest of its prefill batch); the engine goes on."""
-
-
-class ScoreCancelledError(Exception):
-    """The Score's caller cancelled it (client gone); the engine stopped between chunks."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """New tokens/text of one request; finish_reason is set on its last event."""
-
-    tokens: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    text: str
-    finish_reason: str | None = None
-
-
-@dataclass(eq=False)
-class RequestHandle:
-    """What a caller holds: the request (progress, timings) and the queue its events arrive on."""
-
-    request: Request
-    decoder: StreamDecoder
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    text: str = ""
-    done: queue.SimpleQueue | None = None  # also gets this handle when the request finishes (offline jobs)
-    counted: bool = False  # the servicer has counted this RPC's outcome in the metrics (exactly once)
-    error: BaseException | None = None  # set when the request failed (RequestFailedError), before `done` gets it
-
-
-@dataclass(eq=False)
-class _ScoreJob:
-    """One Score request on the engine thread: its items (sorted by length), progress and how it may end early."""
-
-    items: list[tuple[list[int], list[int]]]
-    future: Future
-    deadline: float | None  # time.monotonic() after which the engine stops it between chunks
-    cancel: threading.Event  # set by the caller (client gone, or gave up waiting)
-    error: BaseException | None = None  # set with `cancel` when the server fails it (drain past grace)
-    done: int = 0  # items scored so far
-    token_logprobs: list = field(default_factory=list)
-    greedy: list = field(default_factory=list)
 
 
 class Orchestrator:
@@ -112,9 +67,9 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
-        self._scores: queue.SimpleQueue[_ScoreJob] = queue.SimpleQueue()
+        self._scores: queue.SimpleQueue[ScoreJob] = queue.SimpleQueue()
         # The Score being scored, a chunk per loop iteration (engine thread); set and read elsewhere under _lock.
-        self._score_job: _ScoreJob | None = None
+        self._score_job: ScoreJob | None = None
         self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
         self.max_scores = max_scores
         self._accepting = True
@@ -170,7 +125,7 @@ class Orchestrator:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout
-        job = _ScoreJob([items[i] for i in order], future, deadline, cancel or threading.Event())
+        job = ScoreJob([items[i] for i in order], future, deadline, cancel or threading.Event())
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
