@@ -6,6 +6,8 @@ times
   bf16      x @ w_bf16                                  (the byte floor's reference: 2 bytes per weight)
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
   pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
+  rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: would XLA's row
+            reduction stream it? A layout experiment for the next step, not a tuning choice)
 and reports GB/s of weight bytes read. The fastest int8 form per (M, K, N) goes into the tuning file ("xla" where
 XLA won; shapes the budget did not reach are left out and so also run XLA), rewritten after every shape. Run the
 model with MESHSERVE_INT8_MATMUL=pallas MESHSERVE_INT8_TUNING=<file> to use it. Weights are replicated into up to
@@ -40,14 +42,16 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_form(shape: dict, form: str, fn, x, weights, nbytes: int, config, repeats: int) -> dict:
-    """Time fn(x, weights) (a stack of `copies` matmuls), check it against float32, print and return one row."""
-    copies, k, n = weights.shape
+def time_form(shape: dict, form: str, fn, x, weights, nbytes: int, config, repeats: int, ref_weights=None) -> dict:
+    """Time fn(x, weights) (a stack of `copies` matmuls), check it against float32, print and return one row.
+    ref_weights: the [copies, K, N] weights to check against when `weights` are stored otherwise (transposed)."""
+    ref_weights = weights if ref_weights is None else ref_weights
+    copies, k, n = ref_weights.shape
     label = f"{shape['weight']:>8} {shape['m']:>3} {k:>6} {n:>6} {form:>7}"
     row = dict(shape, form=form, config=None if config is None else vars(config), us=None, gbps=None, ok=False)
     try:
         got = jax.jit(fn)(x, weights)[0].astype(jnp.float32)
-        ref = x.astype(jnp.float32) @ weights[0].astype(jnp.float32) * (0.025 if nbytes == 1 else 1.0)
+        ref = x.astype(jnp.float32) @ ref_weights[0].astype(jnp.float32) * (0.025 if nbytes == 1 else 1.0)
         err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
         seconds = timed(jax.jit(fn), x, weights, repeats=repeats) / copies
     except Exception as e:  # a config that fails to compile is reported, not fatal
@@ -130,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             for form, (fn, weights, nbytes) in forms.items():
                 results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
             xla = results[-1]
+            if m <= 4:  # a layout experiment, not a tuning choice: int8 stored [N, K], a row reduction per output
+                wq_t = jnp.swapaxes(wq, 1, 2)
+
+                def rowsum(x, w, s=scale):
+                    prod = x[:, None, :].astype(jnp.float32)
+                    return jnp.stack([jnp.sum(prod * w[i].astype(jnp.float32), -1) * s for i in range(w.shape[0])])
+
+                results.append(time_form(shape, "rowsum", rowsum, x, wq_t, 1, None, repeats, ref_weights=wq))
             best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
             for cfg in candidate_configs(m, k, n, limit=n_candidates):
                 if time.perf_counter() - start > args.budget_s:
