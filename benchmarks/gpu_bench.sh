@@ -4,7 +4,7 @@
 # are merged into $OUT/rows.json, the tables printed and written to $OUT/BENCHMARKS.part.md, the plot drawn, and the
 # logs packed into $OUT/logs.tgz, so at most 5 files come back.
 #
-#   DEADLINE=420 bash benchmarks/gpu_bench.sh              # call 1 (default STEPS): tune int8, the targets, prefill
+#   DEADLINE=450 bash benchmarks/gpu_bench.sh              # call 1 (default STEPS): tune int8, the targets, prefill
 #   TUNING=benchmarks/results/int8_tuning.falcon-7b.json STEPS="tune b8 b256" DEADLINE=300 bash benchmarks/gpu_bench.sh
 #                                                          # call 2, with call 1's tuning file copied into the tree
 #   MODEL=tiny-falcon PALM=tiny PROMPT_LONG=64 SMALL=1 STEPS="tune targets prefill b8 palm" \
@@ -18,7 +18,7 @@ set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 MODEL=${MODEL:-falcon-7b}; PALM=${PALM:-palm-8b}; PROMPT_LONG=${PROMPT_LONG:-2048}
 STEPS=${STEPS:-tune targets prefill}
-DEADLINE=${DEADLINE:-420}  # seconds for this call; later steps shrink or are skipped to end in time
+DEADLINE=${DEADLINE:-450}  # seconds for this call; later steps shrink or are skipped to end in time
 TUNING=${TUNING:-/tmp/meshserve_int8_tuning.$MODEL.json}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch (the peer) shares the GPU with JAX
 PY=${PY:-python3}
@@ -59,11 +59,11 @@ for step in $STEPS; do
 print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
       else
         small=(); [ "${SMALL:-0}" = 1 ] && small=(--small)
-        budget=$(( $(left) > 400 ? 110 : $(left) / 4 ))
+        budget=$(( $(left) / 5 ))  # ~80 s of 450: the targets and prefill steps need the rest
         timeout $((budget + 40)) $PY benchmarks/int8_probe.py --model "$MODEL" --rows 1,8,64 --tune "$TUNING" \
           --budget-s "$budget" "${small[@]}" 2>&1 | grep -v -i warning | tee "$OUT/int8_probe.txt"
         # Does XLA fuse the int8 convert into a Triton GEMM when told to use Triton for every GEMM? (seconds)
-        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_triton_gemm_any=true" timeout 60 $PY benchmarks/int8_probe.py \
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_triton_gemm_any=true" timeout 45 $PY benchmarks/int8_probe.py \
           --model "$MODEL" --rows 1,8,64 --xla-only "${small[@]}" 2>&1 | grep -v -i warning \
           | sed 's/^/[triton_gemm_any] /' | tee -a "$OUT/int8_probe.txt"
       fi
