@@ -84,9 +84,12 @@ def _seed_key(halves: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits float32 [B, V]; step: scalar int (decode index, folded into each row's key).
+    """logits float32 [B, V]; step: int scalar or [B] (each row's decode index, folded into its key).
 
     Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
+    The batch-wide conditions (any row filters? every row greedy?) are real branches: do not vmap this over rows
+    (under vmap `lax.cond` runs both branches, i.e. the vocabulary sort for every row on every step); pass
+    per-row steps instead.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     temperature = sampling["temperature"]
@@ -98,8 +101,10 @@ def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -
 
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), greedy.shape)
+
     def draw() -> jax.Array:
-        keys = jax.vmap(lambda s: jax.random.fold_in(_seed_key(s), step))(sampling["seed"])
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(_seed_key(s), t))(sampling["seed"], steps)
         sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 

@@ -75,15 +75,10 @@ class ScoreOutput:
 def sample_rows(logits: jax.Array, sampling: SamplingArrays, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`sample` with a step per row: logits [B, V], steps int32 [B] -> tokens int32 [B], log-probs [B].
 
-    Row r with step s draws exactly what `model.generate` draws for that request at step s.
+    Row r with step s draws exactly what `model.generate` draws for that request at step s. One batched call, not
+    a vmap over rows: vmapped, sampling's branches would both run (a vocabulary sort per row, every step).
     """
-
-    def one(row, t, k, p, seed, s):
-        tok, lp = sample(row[None], {"temperature": t[None], "top_k": k[None], "top_p": p[None], "seed": seed[None]}, s)
-        return tok[0], lp[0]
-
-    s = sampling
-    return jax.vmap(one)(logits, s["temperature"], s["top_k"], s["top_p"], s["seed"], steps)
+    return sample(logits, sampling, steps)
 
 
 def _pad_sampling(params: list[SamplingParams], b: int) -> dict[str, np.ndarray]:

@@ -105,3 +105,48 @@ def test_seeds_differing_only_in_the_high_32_bits_draw_differently():
     # seeds below 2**32 keep their jax.random.key(seed) streams
     s = stack_sampling([SamplingParams(temperature=1.0, seed=7)])
     assert s["seed"].tolist() == [[0, 7]]
+
+
+def _primitives(jaxpr, *, into_cond: bool = False) -> set[str]:
+    """Primitive names in a jaxpr and its nested jits (and cond branches only with into_cond)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name == "cond" and not into_cond:
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner, into_cond=into_cond)
+    return names
+
+
+def test_per_row_steps_draw_what_each_row_draws_alone():
+    """sample(logits, sampling, steps [B]) row r == sample(row r alone, step steps[r]): the serving engine's rows."""
+    from meshserve.serving.engine import sample_rows
+
+    B, V = 6, 50
+    logits = jax.random.normal(jax.random.key(1), (B, V)) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+              for t, k, p, s in [(0.0, 0, 1.0, 0), (0.9, 0, 1.0, 7), (1.2, 5, 1.0, 8), (0.7, 0, 0.8, 9),
+                                 (1.0, 3, 0.5, 2**40), (0.0, 4, 0.3, 3)]]  # fmt: skip
+    arrays = {k: jnp.asarray(v) for k, v in stack_sampling(params).items()}
+    steps = jnp.array([0, 1, 5, 17, 2, 9], jnp.int32)
+    tokens, logprobs = jax.jit(sample_rows)(logits, arrays, steps)
+    for r in range(B):
+        alone = {k: jnp.asarray(v) for k, v in stack_sampling([params[r]]).items()}
+        tok, lp = sample(logits[r : r + 1], alone, steps[r])
+        assert int(tokens[r]) == int(tok[0]) and float(logprobs[r]) == pytest.approx(float(lp[0]), abs=1e-6)
+
+
+def test_vocabulary_sort_runs_only_inside_a_branch():
+    """The batch-wide conditions stay real branches with per-row steps (a vmap over rows would turn them into
+    selects that sort the vocabulary for every row on every step, greedy or not)."""
+    from meshserve.serving.engine import sample_rows
+
+    B, V = 4, 64
+    arrays = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * B).items()}
+    jaxpr = jax.make_jaxpr(sample_rows)(jnp.zeros((B, V)), arrays, jnp.zeros((B,), jnp.int32)).jaxpr
+    assert "sort" not in _primitives(jaxpr)  # outside every branch
+    assert "sort" in _primitives(jaxpr, into_cond=True)  # ...but there, behind `any row filters`
