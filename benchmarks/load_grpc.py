@@ -103,12 +103,13 @@ def _bare_steps(args, buckets: list[int]) -> dict[int, float]:
     engine = Engine(model.params, model.config, plan)
     engine.warm_up(phases=("generate",))
     out = {}
+    context = 32 + args.new_tokens  # what the server's steps attend over: a short prompt plus the new tokens
     for b in buckets:
-        engine.decode(b)
+        engine.decode(b, context)
         times = []
         for _ in range(args.bare_steps):
             t = time.perf_counter()
-            engine.decode(b)
+            engine.decode(b, context)
             times.append(time.perf_counter() - t)
         out[b] = statistics.median(times) * 1e3
     return out

@@ -20,6 +20,7 @@ __all__ = [
     "rope",
     "attention_scores_mask",
     "attend",
+    "attend_cached",
     "qkv_projection",
     "attention_output",
     "mlp",
@@ -77,6 +78,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, Q).astype(q.dtype)
+
+
+def attend_cached(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array, k_new: jax.Array, v_new: jax.Array
+) -> jax.Array:
+    """Decode attention over cached keys plus this step's own key, without writing or concatenating the cache.
+
+    q [B,1,H,Q]; k_cache/v_cache [B,C,K,Q]; visible bool [B,C] (cached positions this row may see); k_new/v_new
+    [B,1,K,Q] (always visible) -> [B,1,H,Q]. Equals `attend` over the keys [cache; new]: one softmax over C + 1
+    scores, the new key's part added separately, so the cache is only read.
+    """
+    B, T, H, Q = q.shape
+    K = k_cache.shape[2]
+    qg = q.reshape(B, T, K, H // K, Q)
+    scale = 1.0 / jnp.sqrt(jnp.float32(Q))
+    old = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(visible[:, None, None, None, :], old, NEG_INF)
+    own = jnp.einsum("BTKGQ,BTKQ->BKGT", qg, k_new, preferred_element_type=jnp.float32)[..., None] * scale
+    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1).astype(v_cache.dtype)  # [B,K,G,T,C+1]
+    out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs[..., :-1], v_cache, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("BKGT,BTKQ->BTKGQ", probs[..., -1], v_new, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, Q).astype(q.dtype)
 
 

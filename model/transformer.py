@@ -114,37 +114,47 @@ def insert(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array, slots
     return KVCache(k=new_k, v=new_v, lengths=cache.lengths.at[slots].set(lengths.astype(jnp.int32)))
 
 
-def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache, *, context: int | None = None
+) -> tuple[jax.Array, KVCache]:
     """One token per row. tokens: int32 [B] (the last sampled token of each row).
 
     Writes each row's new k, v at position lengths[b], attends over positions <= lengths[b], and
     returns float32 logits [B, V] and the cache with lengths + 1. Rows are independent; the caller
     ignores rows it does not use.
+
+    context (static, <= S): attend over cache positions [0, context) only, so a step reads the filled part of
+    the cache rather than all S slots. The caller promises lengths[b] < context for every row it uses.
     """
     B = tokens.shape[0]
     S = cache.max_len
+    C = S if context is None else context
+    if not 1 <= C <= S:
+        raise ValueError(f"context must be in [1, S={S}], got {context}")
     pos = jnp.minimum(cache.lengths, S - 1)  # a full row keeps overwriting its last slot, never out of range
     positions = pos[:, None]  # [B, 1]
-    mask = layers.attention_scores_mask(
-        positions, jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), bool)
-    )  # [B, 1, S]
+    # Keys: the cache's positions before pos (within the context) and this step's own key, attended without
+    # writing the cache (layers.attend_cached); the new k, v of all layers go in with one scatter after the layer
+    # loop, not one per layer, and no layer's attention waits on a cache write.
+    visible = jnp.arange(C)[None, :] < positions  # [B, C]
     x = params["embed"][tokens][:, None, :].astype(compute_dtype(params))  # [B, 1, E]
     rows = jnp.arange(B)
 
-    def layer_fn(carry, p, i):
-        x, ck, cv = carry
+    def layer_fn(x, p, i):
+        new = {}
 
         def attn(h: jax.Array) -> jax.Array:
-            nonlocal ck, cv
             q, k, v = layers.qkv_projection(h, p, positions, config)
-            ck = ck.at[i, rows, pos].set(k[:, 0].astype(ck.dtype))
-            cv = cv.at[i, rows, pos].set(v[:, 0].astype(cv.dtype))
-            k_all, v_all = ck[i].astype(q.dtype), cv[i].astype(q.dtype)  # [B, S, K, Q]
-            return layers.attention_output(layers.attend(q, k_all, v_all, mask), p)
+            new["k"], new["v"] = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # [B, 1, K, Q], as stored
+            kc, vc = cache.k[i, :, :C].astype(q.dtype), cache.v[i, :, :C].astype(q.dtype)  # [B, C, K, Q]
+            o = layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
+            return layers.attention_output(o, p)
 
         x = layers.layer_residual(x, p, attn, config)
-        return (x, ck, cv), None
+        return x, (new["k"], new["v"])
 
-    (x, k, v), _ = scan_layers(layer_fn, (x, cache.k, cache.v), params["layers"], config.n_layers)
+    x, (k_new, v_new) = scan_layers(layer_fn, x, params["layers"], config.n_layers)  # [N, B, 1, K, Q]
+    k = cache.k.at[:, rows, pos].set(k_new[:, :, 0])
+    v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])
     logits = _final_logits(x, params, config)[:, 0]
     return logits, KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + 1, S))

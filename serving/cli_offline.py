@@ -49,7 +49,9 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         phases, n_compile = ("score",), len(plan.score_batches) * len(plan.prefill_lengths)
     else:
         phases = ("generate",)
-        n_compile = len(plan.decode_batches) + 2 * len(plan.prefill_batches) * len(plan.prefill_lengths)
+        n_compile = len(plan.decode_batches) * len(plan.contexts()) + 2 * len(plan.prefill_batches) * len(
+            plan.prefill_lengths
+        )
     with tqdm(total=n_compile, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
         engine.warm_up(lambda s: bar.update(2 if s.startswith("prefill") else 1), phases)
     start = time.monotonic()

@@ -95,7 +95,7 @@ class Engine:
     steps: ModelSteps = field(default_factory=ModelSteps)
     _prefill: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
-    _decode: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
+    _decode: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _state: DecodeState | None = field(default=None, init=False, repr=False)
 
@@ -118,12 +118,14 @@ class Engine:
             sampling={n: state.sampling[n].at[slots].set(sampling[n], mode="drop") for n in state.sampling},
         )
 
-    def _decode_fn(self, b: int, params, state: DecodeState):
-        """One token for slots [0, b): -> new state, tokens int32 [b], log-probs float32 [b]."""
+    def _decode_fn(self, b: int, context: int, params, state: DecodeState):
+        """One token for slots [0, b), attending over cache positions [0, context) (every used row's length is
+        below it): -> new state, tokens int32 [b], log-probs float32 [b]."""
         full = b == state.last.shape[0]
         c = state.cache
         sub = c if full else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
-        logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub)
+        bounded = {} if context == c.max_len else {"context": context}
+        logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub, **bounded)
         samp = {n: a[:b] for n, a in state.sampling.items()}
         tok, lp = sample_rows(logits, samp, state.step[:b])
         if full:
@@ -189,10 +191,11 @@ class Engine:
                 if progress:
                     progress(f"prefill b={b} T={t}")
         for b in plan.decode_batches if "generate" in phases else ():
-            fn = jax.jit(lambda p, s, b=b: self._decode_fn(b, p, s), donate_argnums=1)
-            self._decode[b] = fn.lower(self.params, state).compile()
-            if progress:
-                progress(f"decode b={b}")
+            for c in plan.contexts():
+                fn = jax.jit(lambda p, s, b=b, c=c: self._decode_fn(b, c, p, s), donate_argnums=1)
+                self._decode[(b, c)] = fn.lower(self.params, state).compile()
+                if progress:
+                    progress(f"decode b={b} C={c}")
         for b in plan.score_batches if "score" in phases else ():
             for t in plan.prefill_lengths:
                 tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
@@ -231,14 +234,17 @@ class Engine:
         first, first_lp = jax.device_get((first, first_lp))
         return PrefillResult(first[:n], first_lp[:n])
 
-    def decode_async(self, batch: int) -> tuple[jax.Array, jax.Array]:
+    def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, jax.Array]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens, log-probs) [batch].
 
+        context: more than the longest cache length of any used row in [0, batch) at this step (the step then
+        attends over the smallest context bucket >= it); None = the whole cache.
         Nothing waits: the caller may dispatch more work before fetching these with `fetch`.
         """
-        if batch not in self._decode:
-            raise KeyError(f"no compiled decode for batch {batch}; plan has {sorted(self._decode)}")
-        self._state, tok, lp = self._decode[batch](self.params, self._state)
+        c = self.plan.max_context if context is None else self.plan.context_bucket(context)
+        if (batch, c) not in self._decode:
+            raise KeyError(f"no compiled decode for batch {batch}, context {c}; plan has {sorted(self._decode)}")
+        self._state, tok, lp = self._decode[(batch, c)](self.params, self._state)
         return tok, lp
 
     @staticmethod
@@ -247,9 +253,9 @@ class Engine:
         tok, lp = jax.device_get(out)
         return np.asarray(tok), np.asarray(lp)
 
-    def decode(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, batch: int, context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One decode step, waited for: tokens int32 [batch], log-probs float32 [batch]."""
-        return self.fetch(self.decode_async(batch))
+        return self.fetch(self.decode_async(batch, context))
 
     @property
     def score_chunk_size(self) -> int:

@@ -46,6 +46,16 @@ __all__ = [
 DEFAULT_MAX_SCORES = 16
 
 
+def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
+    """A decode context above every live row's cache length for the step about to be dispatched.
+
+    A row's cache holds its prompt and all but its newest token; the step writes at that length, and one earlier
+    step may still be in flight (dispatched, tokens not yet recorded), hence + 2.
+    """
+    live = [len(r.prompt) + len(r.tokens) for r in ticket[1] if r is not None and not r.finished]
+    return max(live, default=0) + 2
+
+
 class Orchestrator:
     """Runs `engine` (already warmed up) with `scheduler` on a background thread.
 
@@ -267,7 +277,11 @@ class Orchestrator:
                     ticket = self.scheduler.decode_ticket()
                 dispatched = None
                 if ticket is not None:
-                    dispatched = (ticket, self.engine.decode_async(ticket[0]), time.monotonic())
+                    dispatched = (
+                        ticket,
+                        self.engine.decode_async(ticket[0], _context_needed(ticket)),
+                        time.monotonic(),
+                    )
                 if pending is not None:
                     self._finish_step(pending, dispatched)
                 pending = dispatched

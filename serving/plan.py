@@ -11,6 +11,7 @@ Axis alphabet (model/config.py): B batch, T tokens in this pass, S context.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +55,17 @@ class EnginePlan:
     steps: tuple[StepPlan, ...] = ()
     source: str = "fixed"  # "fixed" (one device) or the planner that chose the layouts
     planner: dict[str, Any] = field(default_factory=dict)  # the planner's own report (Plan.to_dict()), if any
+    # Decode context buckets C: a step attends over cache positions [0, C) for the smallest C above every live
+    # row's length, so it reads the filled part of the cache. () = (max_context,), e.g. on a mesh.
+    decode_contexts: tuple[int, ...] = ()
+
+    def contexts(self) -> tuple[int, ...]:
+        """The decode context buckets, ascending, max_context last."""
+        return self.decode_contexts or (self.max_context,)
+
+    def context_bucket(self, n: int) -> int:
+        """The smallest decode context bucket >= n (max_context for anything longer)."""
+        return next((c for c in self.contexts() if c >= n), self.max_context)
 
     def length_bucket(self, n: int) -> int:
         """The smallest prompt-length bucket >= n (n <= max_context)."""
@@ -155,6 +167,7 @@ def make_plan(
     mesh_axes: dict[str, int] | None = None,
     length_buckets: tuple[int, ...] | None = None,
     decode_buckets: tuple[int, ...] | None = None,
+    context_buckets: tuple[int, ...] | None = None,
     weights: str = "bf16",
     device_kind: str = "cpu",
 ) -> EnginePlan:
@@ -163,6 +176,8 @@ def make_plan(
 
     length_buckets / decode_buckets override the power-of-two grids (fewer buckets: faster warm-up, more padding);
     max_context and max_batch are added to them when missing, so every request still has a bucket.
+    context_buckets: decode context buckets (default powers of two from 128 to max_context on one device; on a
+    mesh only max_context, as the sharded decode step attends over the whole cache).
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -188,6 +203,14 @@ def make_plan(
             raise PlanError(f"decode buckets must be in [1, max_batch={max_batch}], got {list(decode_buckets)}")
         decode_batches = tuple(sorted({*decode_buckets, max_batch}))
     score_batches = tuple(sorted({1, min(8 if objective == "latency" else 32, max_batch)}))
+    on_mesh = math.prod((mesh_axes or {}).values() or [1]) > 1
+    contexts = (max_context,) if on_mesh else pow2_buckets(min(128, max_context), max_context)
+    if context_buckets:
+        if on_mesh:
+            raise PlanError("context buckets need one device: the sharded decode step attends over the whole cache")
+        if min(context_buckets) < 1 or max(context_buckets) > max_context:
+            raise PlanError(f"context buckets must be in [1, max_context={max_context}], got {list(context_buckets)}")
+        contexts = tuple(sorted({*context_buckets, max_context}))
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(
@@ -198,6 +221,7 @@ def make_plan(
         prefill_lengths=lengths,
         decode_batches=decode_batches,
         score_batches=score_batches,
+        decode_contexts=contexts,
         prefill_token_budget=max(budget, max_context),  # the longest prompt must always fit alone
         mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
     )

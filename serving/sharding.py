@@ -71,7 +71,9 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
             continue
         layout = layouts.setdefault((step.batch, step.length), _layout_for(config, mesh, step, decode.ffn))
         steps.append(dataclasses.replace(step, ffn_layout=layout.ffn, attention_layout=layout.attention))
-    run_plan = dataclasses.replace(plan, decode_batches=(B,), steps=tuple(steps), source=f"{plan.source}+mesh")
+    run_plan = dataclasses.replace(
+        plan, decode_batches=(B,), decode_contexts=(plan.max_context,), steps=tuple(steps), source=f"{plan.source}+mesh"
+    )
 
     def prefill(params, config, tokens, lengths, all_logits=False):
         layout = layouts[tokens.shape]  # [b, T]: one layout per bucket

@@ -61,9 +61,9 @@ _SLOW_ENGINE = """
 import sys, time
 from meshserve.serving import engine
 fast = engine.Engine.decode_async
-def decode_async(self, batch):
+def decode_async(self, batch, context=None):
     time.sleep(0.05)
-    return fast(self, batch)
+    return fast(self, batch, context)
 engine.Engine.decode_async = decode_async
 from meshserve.serving.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -99,7 +99,7 @@ def test_sigterm_past_grace_ends_open_streams_unavailable_and_exits_in_time(chec
 _BROKEN_ENGINE = """
 import sys
 from meshserve.serving import engine
-def decode_async(self, batch):
+def decode_async(self, batch, context=None):
     raise RuntimeError("injected engine failure")
 engine.Engine.decode_async = decode_async
 from meshserve.serving.cli import main

@@ -141,7 +141,7 @@ class MockEngine:
         self.calls.append(("prefill", batch, length))
         return PrefillResult(first, np.zeros(len(prompts), np.float32))
 
-    def decode_async(self, batch):
+    def decode_async(self, batch, context=None):
         self.last[:batch] += 1
         self.calls.append(("decode", batch))
         return self.last[:batch].copy(), np.full(batch, -1.0, np.float32)

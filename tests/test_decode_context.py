@@ -1,0 +1,118 @@
+"""Decode steps that attend over the filled part of the cache only (context buckets), on one device.
+
+`transformer.decode_step(..., context=C)` must equal the full-cache step for every row whose length is below C, and
+the serving engine must produce the same tokens as `model.generate` while its steps move through several context
+buckets (a long generation crosses them) and back down when long requests leave.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.model import transformer
+from meshserve.model.config import get_config
+from meshserve.model.generate import generate
+from meshserve.model.params import init_params
+from meshserve.model.sampling import SamplingParams
+from meshserve.model.tokenizer import ByteTokenizer
+from meshserve.serving.engine import Engine
+from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.plan import PlanError, make_plan
+from meshserve.serving.scheduler import Request, Scheduler
+
+CONFIG = get_config("tiny")
+
+
+def test_bounded_context_step_equals_the_full_cache_step():
+    params = init_params(CONFIG, jax.random.key(0), jnp.float32)
+    B, S, C = 3, 64, 16
+    key = jax.random.key(1)
+    shape = (CONFIG.n_layers, B, S, CONFIG.n_kv_heads, CONFIG.d_head)
+    cache = transformer.KVCache(
+        jax.random.normal(key, shape), jax.random.normal(jax.random.fold_in(key, 1), shape), jnp.array([3, 15, 9])
+    )
+    tokens = jnp.array([5, 7, 11], jnp.int32)
+    full_logits, full_cache = transformer.decode_step(params, CONFIG, tokens, cache)
+    logits, bounded = transformer.decode_step(params, CONFIG, tokens, cache, context=C)
+    np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(bounded.k, full_cache.k)  # the new token is written the same way
+    np.testing.assert_array_equal(bounded.lengths, full_cache.lengths)
+    # Keys past C would matter to the full step: with garbage there, only the bounded step ignores it.
+    k_far = cache.k.at[:, :, C:].set(1e3)
+    far_logits, _ = transformer.decode_step(params, CONFIG, tokens, transformer.KVCache(k_far, cache.v, cache.lengths))
+    near_logits, _ = transformer.decode_step(
+        params, CONFIG, tokens, transformer.KVCache(k_far, cache.v, cache.lengths), context=C
+    )
+    np.testing.assert_allclose(near_logits, full_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(far_logits, full_logits, rtol=1e-5, atol=1e-5)  # masked either way (pos < C)
+    with pytest.raises(ValueError, match="context must be in"):
+        transformer.decode_step(params, CONFIG, tokens, cache, context=S + 1)
+
+
+def test_plan_context_buckets():
+    plan = make_plan(CONFIG, max_context=128, context_buckets=(16, 32, 64), decode_buckets=(2,), max_batch=2)
+    assert plan.contexts() == (16, 32, 64, 128)
+    assert [plan.context_bucket(n) for n in (1, 16, 17, 65, 500)] == [16, 16, 32, 128, 128]
+    assert make_plan(get_config("demo")).contexts() == (128, 256, 512)  # default: powers of two from 128
+    mesh = make_plan(CONFIG, mesh_axes={"x": 2, "y": 2, "z": 2}, max_batch=8)
+    assert mesh.contexts() == (mesh.max_context,)  # the sharded step attends over the whole cache
+    with pytest.raises(PlanError, match="context buckets must be in"):
+        make_plan(CONFIG, max_context=64, context_buckets=(128,))
+
+
+def test_engine_tokens_equal_generate_across_context_buckets():
+    params = init_params(CONFIG, jax.random.key(2), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=2, max_context=128, length_buckets=(16,), decode_buckets=(2,),
+                     context_buckets=(16, 32, 64), weights="f32")  # fmt: skip
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    used = []
+    dispatch = engine.decode_async
+
+    def recording(batch, context=None):
+        used.append(plan.context_bucket(context))
+        return dispatch(batch, context)
+
+    engine.decode_async = recording
+    scheduler = Scheduler(plan.max_batch, 8, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
+                          plan.prefill_token_budget)  # fmt: skip
+    orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
+    cases = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90, SamplingParams()), ([40, 41, 42], 20, SamplingParams(0.9, seed=5))]
+    try:
+        handles = [orch.submit(Request(list(p), n, sampling=s)) for p, n, s in cases]
+        got = []
+        for h in handles:
+            tokens, deadline = [], time.monotonic() + 60
+            while True:
+                event = h.events.get(timeout=max(0.1, deadline - time.monotonic()))
+                tokens += event.tokens
+                if event.finish_reason is not None:
+                    break
+            got.append(tokens)
+    finally:
+        orch.stop()
+    assert orch.error is None
+    for (prompt, n, sampling), tokens in zip(cases, got, strict=True):
+        ref = generate(params, CONFIG, [prompt], max_new_tokens=n, sampling=sampling)[0]
+        assert tokens == list(ref.tokens)
+    assert {16, 32, 64, 128} <= set(used)  # the long request walked up through every bucket
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_attend_cached_equals_attention_over_cache_plus_new_key(kv_heads):
+    from meshserve.model import layers
+
+    B, C, H, Q = 3, 10, 4, 8
+    keys = jax.random.split(jax.random.key(3), 5)
+    q = jax.random.normal(keys[0], (B, 1, H, Q))
+    kc, vc = (jax.random.normal(k, (B, C, kv_heads, Q)) for k in keys[1:3])
+    kn, vn = (jax.random.normal(k, (B, 1, kv_heads, Q)) for k in keys[3:5])
+    visible = jnp.arange(C)[None, :] < jnp.array([[0], [4], [10]])  # nothing cached, some, all
+    got = layers.attend_cached(q, kc, vc, visible, kn, vn)
+    mask = jnp.concatenate([visible, jnp.ones((B, 1), bool)], axis=-1)[:, None, :]  # [B, 1, C+1]
+    want = layers.attend(q, jnp.concatenate([kc, kn], 1), jnp.concatenate([vc, vn], 1), mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
