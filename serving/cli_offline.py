@@ -45,14 +45,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     resume_output(out_path)
     model, plan, steps, _ = load_for_serving(args, args.objective)
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
-    if kind == "score":
-        phases, n_compile = ("score",), len(plan.score_batches) * len(plan.prefill_lengths)
-    else:
-        phases = ("generate",)
-        n_compile = len(plan.decode_batches) * len(plan.contexts()) + 2 * len(plan.prefill_batches) * len(
-            plan.prefill_lengths
-        )
-    with tqdm(total=n_compile, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+    phases = ("score",) if kind == "score" else ("generate",)
+    with tqdm(total=plan.compile_count(phases), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
         engine.warm_up(lambda s: bar.update(2 if s.startswith("prefill") else 1), phases)
     start = time.monotonic()
     job = run_score if kind == "score" else run_generate

@@ -184,10 +184,7 @@ def run(args: argparse.Namespace) -> int:
         max_score_queue=args.max_score_queue,
         max_score_tokens=args.max_score_tokens,
     )
-    # + one insert per prefill bucket, + the decode context buckets beyond the one each decode StepPlan counts
-    n_steps = len(plan.steps) + len(plan.prefill_batches) * len(plan.prefill_lengths)
-    n_steps += len(plan.decode_batches) * (len(plan.contexts()) - 1)
-    with tqdm(total=n_steps, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=plan.compile_count(), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
         server = build_server(
             model,
             plan,

@@ -63,6 +63,16 @@ class EnginePlan:
         """The decode context buckets, ascending, max_context last."""
         return self.decode_contexts or (self.max_context,)
 
+    def compile_count(self, phases: tuple[str, ...] = ("generate", "score")) -> int:
+        """How many steps `Engine.warm_up(phases=...)` compiles (prefill and its insert count two)."""
+        n = 0
+        if "generate" in phases:
+            n += 2 * len(self.prefill_batches) * len(self.prefill_lengths)
+            n += len(self.decode_batches) * len(self.contexts())
+        if "score" in phases:
+            n += len(self.score_batches) * len(self.prefill_lengths)
+        return n
+
     def context_bucket(self, n: int) -> int:
         """The smallest decode context bucket >= n (max_context for anything longer)."""
         return next((c for c in self.contexts() if c >= n), self.max_context)

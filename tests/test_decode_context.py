@@ -62,6 +62,8 @@ def test_plan_context_buckets():
     assert mesh.contexts() == (mesh.max_context,)  # the sharded step attends over the whole cache
     with pytest.raises(PlanError, match="context buckets must be in"):
         make_plan(CONFIG, max_context=64, context_buckets=(128,))
+    with pytest.raises(PlanError, match="context buckets need one device"):
+        make_plan(CONFIG, mesh_axes={"x": 2, "y": 2, "z": 2}, max_batch=8, context_buckets=(32,))
 
 
 def test_engine_tokens_equal_generate_across_context_buckets():
@@ -70,6 +72,7 @@ def test_engine_tokens_equal_generate_across_context_buckets():
                      context_buckets=(16, 32, 64), weights="f32")  # fmt: skip
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
+    assert engine.compiled_steps() == plan.compile_count(("generate",))  # what the CLIs' progress bars count
     used = []
     dispatch = engine.decode_async
 
