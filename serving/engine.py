@@ -72,15 +72,6 @@ class ScoreOutput:
     greedy: list[np.ndarray]
 
 
-def sample_rows(logits: jax.Array, sampling: SamplingArrays, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`sample` with a step per row: logits [B, V], steps int32 [B] -> tokens int32 [B], log-probs [B].
-
-    Row r with step s draws exactly what `model.generate` draws for that request at step s. One batched call, not
-    a vmap over rows: vmapped, sampling's branches would both run (a vocabulary sort per row, every step).
-    """
-    return sample(logits, sampling, steps)
-
-
 def _pad_sampling(params: list[SamplingParams], b: int) -> dict[str, np.ndarray]:
     return stack_sampling(list(params) + [SamplingParams()] * (b - len(params)))
 
@@ -127,7 +118,7 @@ class Engine:
         bounded = {} if context == c.max_len else {"context": context}
         logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub, **bounded)
         samp = {n: a[:b] for n, a in state.sampling.items()}
-        tok, lp = sample_rows(logits, samp, state.step[:b])
+        tok, lp = sample(logits, samp, state.step[:b])  # each row's own step: what `generate` draws for it
         if full:
             cache = sub
         else:

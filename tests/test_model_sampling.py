@@ -124,8 +124,6 @@ def _primitives(jaxpr, *, into_cond: bool = False) -> set[str]:
 
 def test_per_row_steps_draw_what_each_row_draws_alone():
     """sample(logits, sampling, steps [B]) row r == sample(row r alone, step steps[r]): the serving engine's rows."""
-    from meshserve.serving.engine import sample_rows
-
     B, V = 6, 50
     logits = jax.random.normal(jax.random.key(1), (B, V)) * 3
     params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
@@ -133,7 +131,7 @@ def test_per_row_steps_draw_what_each_row_draws_alone():
                                  (1.0, 3, 0.5, 2**40), (0.0, 4, 0.3, 3)]]  # fmt: skip
     arrays = {k: jnp.asarray(v) for k, v in stack_sampling(params).items()}
     steps = jnp.array([0, 1, 5, 17, 2, 9], jnp.int32)
-    tokens, logprobs = jax.jit(sample_rows)(logits, arrays, steps)
+    tokens, logprobs = jax.jit(sample)(logits, arrays, steps)
     for r in range(B):
         alone = {k: jnp.asarray(v) for k, v in stack_sampling([params[r]]).items()}
         tok, lp = sample(logits[r : r + 1], alone, steps[r])
@@ -143,10 +141,25 @@ def test_per_row_steps_draw_what_each_row_draws_alone():
 def test_vocabulary_sort_runs_only_inside_a_branch():
     """The batch-wide conditions stay real branches with per-row steps (a vmap over rows would turn them into
     selects that sort the vocabulary for every row on every step, greedy or not)."""
-    from meshserve.serving.engine import sample_rows
-
     B, V = 4, 64
     arrays = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * B).items()}
-    jaxpr = jax.make_jaxpr(sample_rows)(jnp.zeros((B, V)), arrays, jnp.zeros((B,), jnp.int32)).jaxpr
+    jaxpr = jax.make_jaxpr(sample)(jnp.zeros((B, V)), arrays, jnp.zeros((B,), jnp.int32)).jaxpr
     assert "sort" not in _primitives(jaxpr)  # outside every branch
     assert "sort" in _primitives(jaxpr, into_cond=True)  # ...but there, behind `any row filters`
+
+
+def test_engine_decode_step_sorts_the_vocabulary_only_behind_a_branch():
+    """The serving engine's compiled decode step keeps sampling's branches (a vmap over rows there would not)."""
+    from meshserve.model.config import get_config
+    from meshserve.model.params import init_params
+    from meshserve.serving.engine import Engine
+    from meshserve.serving.plan import make_plan
+
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0), jnp.float32)
+    plan = make_plan(config, max_batch=2, max_context=32, length_buckets=(16,), decode_buckets=(2,), weights="f32")
+    engine = Engine(params, config, plan)
+    state = engine._fresh_state(2, 32, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, s: engine._decode_fn(2, 32, p, s))(params, state).jaxpr
+    assert "sort" not in _primitives(jaxpr)
+    assert "sort" in _primitives(jaxpr, into_cond=True)
