@@ -85,24 +85,26 @@ def _timed(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a large on-device copy (read + write), the practical ceiling for a memory-bound step."""
+def _stream_bandwidth(
+    kernel: Callable[[jax.Array], jax.Array], passes: int, n_bytes: int | None, repeats: int
+) -> float:
+    """Bytes/s of jit(kernel) over a large bf16 buffer (2 GiB; 128 MiB on a CPU), moving `passes` times its size."""
     on_cpu = jax.devices()[0].platform == "cpu"
     n_bytes = n_bytes or (1 << 27 if on_cpu else 1 << 31)
-    x = jnp.zeros((n_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.bfloat16(1))
-    seconds = _timed(lambda: copy(x), repeats)
-    return 2 * n_bytes / seconds
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    fn = jax.jit(kernel)
+    return passes * n_bytes / _timed(lambda: fn(x), repeats)
+
+
+def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a large on-device copy (read + write), the practical ceiling for a memory-bound step."""
+    return _stream_bandwidth(lambda a: a + jnp.bfloat16(1), 2, n_bytes, repeats)
 
 
 def measure_read_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
     """Bytes/s of a read-only stream (a sum over a large buffer): what a weight-reading decode step mostly does, and
     often above the copy figure (no writes). Reported beside the copy bandwidth, not used in hbm_fraction."""
-    on_cpu = jax.devices()[0].platform == "cpu"
-    n_bytes = n_bytes or (1 << 27 if on_cpu else 1 << 31)
-    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    return n_bytes / _timed(lambda: total(x), repeats)
+    return _stream_bandwidth(lambda a: jnp.sum(a, dtype=jnp.float32), 1, n_bytes, repeats)
 
 
 def device_peak_flops() -> tuple[str, float | None]:
@@ -163,6 +165,7 @@ def bench_row(
     peak_flops: float | None,
     layers: str,
     repeats: int = 3,
+    read_bw: float | None = None,
 ) -> BenchRow:
     """Measure one (weights, batch) point; see the module docstring for each figure."""
     rng = np.random.default_rng(0)
@@ -214,6 +217,7 @@ def bench_row(
         hbm_bytes_per_step=step_bytes,
         hbm_gbps=hbm / 1e9 if hbm else None,
         copy_gbps=copy_bw / 1e9,
+        read_gbps=read_bw / 1e9 if read_bw else None,
         hbm_fraction=hbm / copy_bw if hbm else None,
         prefill_mfu=mfu,
         peak_memory_bytes=peak or None,
@@ -252,8 +256,8 @@ def run_bench(
         if layers == "unrolled":
             params = unstack_layers(params)
         for batch in batches:
-            rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats))
-            rows[-1].read_gbps = read_bw / 1e9
+            rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats,
+                                  read_bw=read_bw))  # fmt: skip
             if on_row is not None:
                 on_row(rows[-1])
             bar.set_postfix(weights=weights, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")

@@ -35,6 +35,7 @@ def test_bench_rows_with_peer(tmp_path):
         assert r["prefill_ms"] > 0 and r["decode_step_ms"] > 0 and r["ttft_ms"] > 0 and r["peak_memory_bytes"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["decode_step_ms"] * 1e3)
         assert r["int8_matmul"] == "xla"  # the Pallas kernel never runs off a GPU
+        assert r["read_gbps"] > 0 and r["copy_gbps"] > 0
         assert r["peer_decode_step_ms"] > 0
         assert r["speedup_vs_peer"] == pytest.approx(r["peer_decode_step_ms"] / r["decode_step_ms"])
     bf16, int8 = (next(r for r in rows if r["weights"] == w and r["batch"] == 1) for w in ("bf16", "int8"))
@@ -49,6 +50,8 @@ def test_bench_rows_with_peer(tmp_path):
         (["--model", "tiny", "--peer"], "--peer needs a Falcon-shaped model"),
         (["--weights", "fp4"], "--weights takes a comma list"),
         (["--gen-len", "0", "--plot", "x.png"], "--plot draws decode steps"),
+        (["--out", "/no/such/dir/rows.json"], "--out: no such directory /no/such/dir"),
+        (["--plot", "/no/such/dir/decode.png"], "--plot: no such directory /no/such/dir"),
     ],
 )
 def test_bench_bad_input_is_one_line(args, message):
