@@ -101,24 +101,26 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
     batch_axes = plan.attn_axes[0]
     pos = ops.local(jnp.minimum(lengths, S - 1), batch_axes, 0)  # [b] this chip's attention rows
     rows = jnp.arange(pos.shape[0])
-    keys = jnp.broadcast_to(jnp.arange(S), (pos.shape[0], S))
-    mask = layers.attention_scores_mask(pos[:, None], keys, jnp.ones_like(keys, bool))  # [b, 1, S]
+    visible = jnp.arange(S)[None, :] < pos[:, None]  # [b, S]: cached positions before this step's own
 
-    def layer(carry, p_and_index):
-        x, ck, cv = carry
+    def layer(x, p_and_index):
         p, i = p_and_index
+        new = {}
 
         def attn(q, k, v):
-            nonlocal ck, cv
+            # The cache is only read here; all layers' new k, v go in with one scatter after the loop (as in
+            # transformer.decode_step).
             q, k = layers.rope(q, pos[:, None], c.rope_base), layers.rope(k, pos[:, None], c.rope_base)
-            ck = ck.at[i, rows, pos].set(k[:, 0].astype(ck.dtype))
-            cv = cv.at[i, rows, pos].set(v[:, 0].astype(cv.dtype))
-            return layers.attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask)
+            new["k"], new["v"] = k.astype(ck.dtype), v.astype(cv.dtype)
+            kc, vc = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+            return layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
 
-        return (layer_fn(x, p, plan, ops, attn), ck, cv), None
+        return layer_fn(x, p, plan, ops, attn), (new["k"], new["v"])
 
     x = embed(tokens[:, None], params, plan, ops)
-    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (params["layers"], jnp.arange(c.n_layers)))
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], jnp.arange(c.n_layers)))  # [N, b, 1, K, Q]
+    ck = ck.at[:, rows, pos].set(k_new[:, :, 0])
+    cv = cv.at[:, rows, pos].set(v_new[:, :, 0])
     return logits(x, params, plan, ops)[:, 0], ck, cv
 
 
