@@ -76,11 +76,12 @@ def _split(subscripts: str) -> tuple[str, str, str, str]:
     return x_letters, w_letters, out, "".join(c for c in w_letters if c in x_letters and c not in out)
 
 
-def _use_int8_kernel(subscripts: str, x: jax.Array, w: QuantizedArray) -> bool:
-    """The fused Pallas kernel (model/int8_kernel.py) runs when asked for, on a GPU, for decode-sized batches and
-    einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model)."""
+def _int8_kernel_config(subscripts: str, x: jax.Array, w: QuantizedArray):
+    """The Pallas kernel config (model/int8_kernel.py) for this einsum, or None for XLA's path. The kernel runs when
+    asked for, on a GPU, for decode-sized batches and einsums of the form [free_x, c] x [c, free_w] ->
+    [free_x, free_w] (every weight matmul of the model), unless a tuning file says XLA is faster for the shape."""
     if os.environ.get("MESHSERVE_INT8_MATMUL", "xla") != "pallas" or jax.default_backend() != "gpu":
-        return False
+        return None
     from meshserve.model.int8_kernel import MAX_TOKENS, choose_config
 
     x_letters, w_letters, out, c = _split(subscripts)
@@ -94,20 +95,18 @@ def _use_int8_kernel(subscripts: str, x: jax.Array, w: QuantizedArray) -> bool:
         and jnp.dtype(x.dtype).itemsize == 2
     )
     if not fits:
-        return False
-    k = math.prod(x.shape[len(free_x) :])
-    n = math.prod(w.shape[len(c) :])
-    return choose_config(rows, k, n) is not None  # a tuning file may say XLA is faster for this shape
+        return None
+    return choose_config(rows, math.prod(x.shape[len(free_x) :]), math.prod(w.shape[len(c) :]))
 
 
-def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
+def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, config) -> jax.Array:
     from meshserve.model.int8_kernel import int8_matmul
 
     x_letters, w_letters, _, c = _split(subscripts)
     n_free_x = len(x_letters) - len(c)
     free_x_shape, free_w_shape = x.shape[:n_free_x], w.values.shape[len(c) :]
     k = math.prod(x.shape[n_free_x:])
-    y = int8_matmul(x.reshape(-1, k), w.values.reshape(k, -1), w.scale.reshape(-1))
+    y = int8_matmul(x.reshape(-1, k), w.values.reshape(k, -1), w.scale.reshape(-1), config=config)
     return y.reshape(*free_x_shape, *free_w_shape)
 
 
@@ -118,8 +117,9 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     is exact because each scale is constant along the contracted axes.
     """
     out_dtype = out_dtype or x.dtype
-    if isinstance(w, QuantizedArray) and _use_int8_kernel(subscripts, x, w):
-        return _kernel_einsum(subscripts, x, w).astype(out_dtype)
+    config = _int8_kernel_config(subscripts, x, w) if isinstance(w, QuantizedArray) else None
+    if config is not None:
+        return _kernel_einsum(subscripts, x, w, config).astype(out_dtype)
     if isinstance(w, QuantizedArray):
         y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
