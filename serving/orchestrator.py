@@ -7,6 +7,8 @@ Loop (one iteration): reap cancelled/expired requests -> score one chunk of the 
 bucket call; a Score of many items spreads over many iterations, so streams keep decoding) -> prefill + insert queued
 requests into free slots -> dispatch decode step n+1 -> read step n's tokens (the one device->host copy) and
 deliver them. Dispatching before reading keeps the device busy while the host detokenizes and streams.
+When the engine refuses a prefill batch (a prompt it cannot take), only the bad requests fail; the rest go back to
+the front of the queue and are prefilled in the next iteration.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from meshserve.errors import UserError
+from meshserve.model.generate import validate_prompts
 from meshserve.model.tokenizer import Tokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import Engine, ScoreOutput
@@ -31,7 +34,7 @@ from meshserve.serving.requests import (
     ScoreQueueFullError,
     ShuttingDownError,
 )
-from meshserve.serving.scheduler import Request, Scheduler, Update
+from meshserve.serving.scheduler import PrefillBatch, Request, Scheduler, Update
 
 __all__ = [
     "Orchestrator",
@@ -264,9 +267,9 @@ class Orchestrator:
                         )
                     except UserError as e:
                         # A prompt the model cannot take (an id outside its vocabulary) that got past the caller's
-                        # checks: refused while packing, before any device work, so the decode state is intact and
-                        # only this batch fails; the loop goes on.
-                        self._fail_batch(batch, e)
+                        # checks: refused while packing, before any device work, so the decode state is intact.
+                        # Only the bad requests fail; the rest of the batch is tried again; the loop goes on.
+                        self._refuse_batch(batch, e)
                         continue
                     with self._lock:
                         updates = self.scheduler.record_prefill(batch, out.tokens, out.logprobs, time.monotonic())
@@ -306,23 +309,43 @@ class Orchestrator:
             # Whatever ended the loop, no Score caller may wait forever on a future nobody will answer.
             self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"), running=False)
 
-    def _fail_batch(self, batch, error: UserError) -> None:
-        """End every request of a refused prefill batch: free its slot, and hand its caller a RequestFailedError
-        (a UserError: the servicer answers INVALID_ARGUMENT, an offline job writes the line to its errors file)."""
+    def _refusal(self, request: Request) -> str | None:
+        """Why the engine cannot take this request's prompt on its own (the message its caller gets), or None."""
         V = self.engine.config.vocab_size
+        bad = next((t for t in request.prompt if not 0 <= t < V), None)
+        if bad is not None:
+            return f"prompt: token id {bad} outside the vocabulary [0, {V})"
+        try:  # what the engine checks while packing a prefill (max_new_tokens 1: prefill makes one token)
+            validate_prompts(self.engine.config, [request.prompt], 1)
+        except UserError as e:
+            return str(e).replace("prompt 0", "prompt", 1)
+        return None
+
+    def _refuse_batch(self, batch: PrefillBatch, error: UserError) -> None:
+        """The engine refused a prefill batch: fail the requests whose own prompt it cannot take, and put the others
+        back at the front of the queue in their order (slots freed, arrival kept), to be prefilled again next
+        iteration. A refusal no single request explains fails the whole batch."""
+        refused = {r.id: why for r in batch.requests if (why := self._refusal(r)) is not None}
+        if not refused:
+            why = f"refused with its prefill batch, which held a prompt the model cannot take: {error}"
+            self._fail(batch.requests, {r.id: why for r in batch.requests})
+            return
+        self._fail([r for r in batch.requests if r.id in refused], refused)
+        # Each retry drops at least one request, so a batch is never retried forever.
+        with self._lock:
+            self.scheduler.requeue([r for r in batch.requests if r.id not in refused])
+
+    def _fail(self, requests: Sequence[Request], why: dict[int, str]) -> None:
+        """End each request now: free its slot, and hand its caller a RequestFailedError(why[id]) (a UserError: the
+        servicer answers INVALID_ARGUMENT, an offline job writes the line to its errors file)."""
         now = time.monotonic()
-        for r in batch.requests:
-            bad = next((t for t in r.prompt if not 0 <= t < V), None)
-            failure = RequestFailedError(
-                f"prompt: token id {bad} outside the vocabulary [0, {V})"
-                if bad is not None
-                else f"refused with its prefill batch, which held a prompt the model cannot take: {error}"
-            )
+        for r in requests:
             with self._lock:
                 self.scheduler.finish(r, "cancelled", now)
                 handle = self._handles.pop(r.id, None)
             if handle is None:
                 continue
+            failure = RequestFailedError(why[r.id])
             handle.error = failure
             handle.events.put(failure)
             if handle.done is not None:

@@ -34,7 +34,8 @@ class ScoreQueueFullError(QueueFullError):
 
 
 class RequestFailedError(UserError):
-    """A request the engine refused at prefill (with the rest of its prefill batch); the engine goes on."""
+    """A request the engine refused at prefill (its prompt; or its whole batch when no one prompt explains the
+    refusal); the engine goes on, and the other requests of that batch are prefilled again."""
 
 
 class ScoreCancelledError(Exception):

@@ -6,6 +6,7 @@ into a schedule or a list of `Update`s, so it is tested synchronously with a moc
 
     reap(now)                       -> updates for cancelled / expired requests (their slots are free again)
     next_prefill(now)               -> a PrefillBatch: queued requests, their slots and bucket, or None
+    requeue(requests)               -> (only when the engine refused the batch) its good requests go back in front
     record_prefill(batch, tokens)   -> updates (each request's first token)
     ticket = decode_ticket()        -> which request owns each slot of the decode step about to run (or None)
     record_decode(ticket, tokens)   -> updates (one token per live request in the ticket)
@@ -183,6 +184,20 @@ class Scheduler:
             r.prefill_start = now
             self.slots[s] = r
         return PrefillBatch(tuple(taken), slots, self._batch_bucket(len(taken)), length)
+
+    def requeue(self, requests: Sequence[Request]) -> None:
+        """Put requests of a prefill batch that never ran back at the front of the queue, in their order.
+
+        Their slots are free again and their prefill start is cleared; their arrival is kept, so the time they
+        queued still counts from their submit. Finished ones are dropped. The queue may briefly hold more than
+        max_queue: these were admitted already.
+        """
+        for r in requests:
+            if r.slot is not None and self.slots[r.slot] is r:
+                self.slots[r.slot] = None
+            r.slot = None
+            r.prefill_start = None
+        self.queue.extendleft(r for r in reversed(requests) if not r.finished)
 
     def _batch_bucket(self, n: int) -> int:
         return next(b for b in self.prefill_batches if b >= n)

@@ -111,6 +111,43 @@ def test_external_finish_for_stop_strings():
     assert s.finish(r, "stop", 1.0) is None and s.idle()
 
 
+def test_requeue_puts_a_refused_batch_back_in_front_in_order_with_slots_free():
+    s = make(max_batch=4)
+    a, b, c, later = req(arrival=1.0), req(arrival=2.0), req(arrival=3.0), req(arrival=4.0)
+    for r in (a, b, c):
+        s.submit(r)
+    batch = s.next_prefill(5.0)
+    assert batch.requests == (a, b, c) and batch.slots == (0, 1, 2)
+    s.submit(later)
+    s.finish(b, "cancelled", 6.0)  # the one refused request fails; the others go back
+    s.requeue([a, b, c])
+    assert list(s.queue) == [a, c, later] and s.free_slots == [0, 1, 2, 3]
+    assert (a.slot, a.prefill_start, a.arrival) == (None, None, 1.0) and c.arrival == 3.0
+    again = s.next_prefill(7.0)
+    assert again.requests == (a, c, later) and again.slots == (0, 1, 2) and a.prefill_start == 7.0
+
+
+def test_prefill_refusal_no_request_explains_fails_the_whole_batch():
+    from meshserve.errors import UserError
+
+    class RefusingEngine(MockEngine):
+        config = get_config("tiny")  # every prompt below is one the model can take
+
+        def prefill_insert(self, prompts, slots, sampling, batch, length):
+            raise UserError("bucket refused")
+
+    s = make(max_batch=4)
+    orch = Orchestrator(RefusingEngine(4), s, ByteTokenizer())
+    handles = [orch.submit(req()) for _ in range(2)]  # queued before the start: one prefill batch
+    orch.start()
+    try:
+        errors = [h.events.get(timeout=10) for h in handles]
+    finally:
+        orch.stop()
+    assert all(isinstance(e, UserError) and "refused with its prefill batch" in str(e) for e in errors), errors
+    assert "bucket refused" in str(errors[0]) and s.idle() and len(s.free_slots) == 4 and orch.error is None
+
+
 def test_stream_decoder_holds_incomplete_utf8_and_stop_prefixes():
     tok = ByteTokenizer()
     d = StreamDecoder(tok, stop=["END"])
