@@ -5,44 +5,28 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
-from meshserve.model.checkpoint import save_checkpoint
-from meshserve.model.config import get_config
-from meshserve.model.params import init_params
-from meshserve.serving.cli import main
+from cli_helpers import checkpoint_fixture, run_cli
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = get_config("tiny")
-    path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_checkpoint(path, config, init_params(config, jax.random.key(0)), "f32")
-    return str(path)
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+checkpoint = checkpoint_fixture(seed=0)
 
 
 def test_json_lines_in_input_order_and_padding_changes_nothing(capsys, checkpoint):
     base = ["generate", "--checkpoint", checkpoint, "--json", "--max-new-tokens", "6"]
-    code, out, _ = _run(capsys, *base, "--tokens", "1,2,3,4,5,6,7", "--tokens", "9,8")
+    code, out, _ = run_cli(capsys, *base, "--tokens", "1,2,3,4,5,6,7", "--tokens", "9,8")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 2 and all(len(r["tokens"]) == 6 == len(r["logprobs"]) for r in rows)
     assert all(r["finish_reason"] == "length" and isinstance(r["text"], str) for r in rows)
-    _, alone, _ = _run(capsys, *base, "--tokens", "9,8")
+    _, alone, _ = run_cli(capsys, *base, "--tokens", "9,8")
     assert json.loads(alone)["tokens"] == rows[1]["tokens"]
 
 
 def test_text_prompts_and_sampling_flags(capsys, checkpoint):
     base = ["generate", "--checkpoint", checkpoint, "--json", "--max-new-tokens", "8", "hello"]
-    _, a, _ = _run(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
-    _, b, _ = _run(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
-    _, c, _ = _run(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "2")
+    _, a, _ = run_cli(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
+    _, b, _ = run_cli(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
+    _, c, _ = run_cli(capsys, *base, "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "2")
     assert a == b and a != c
 
 
@@ -61,7 +45,7 @@ def test_text_prompts_and_sampling_flags(capsys, checkpoint):
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, checkpoint, args, message):
     argv = ["generate", *([] if "--model" in args else ["--checkpoint", checkpoint]), *args]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
 

@@ -5,34 +5,23 @@ import json
 
 import jax
 import pytest
+from cli_helpers import checkpoint_fixture, run_cli
 from meshserve.model.checkpoint import save_checkpoint
 from meshserve.model.config import get_config
 from meshserve.model.params import init_params
 from meshserve.serving.cli import main
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = get_config("tiny", n_kv_heads=8)
-    path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_checkpoint(path, config, init_params(config, jax.random.key(3)), "f32")
-    return str(path)
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+checkpoint = checkpoint_fixture(seed=3, n_kv_heads=8)
 
 
 def test_json_output_unchanged_under_a_mesh(capsys, checkpoint):
     base = ["generate", "--checkpoint", checkpoint, "--json", "--max-new-tokens", "8", "--tokens", "1,2,3,4,5",
             "--tokens", "9,8"]  # fmt: skip
-    code, one_device, _ = _run(capsys, *base)
+    code, one_device, _ = run_cli(capsys, *base)
     assert code == 0
     flags = ["--mesh", "2x2x2", "--prefill-layout", "wg-xy", "--decode-layout", "ws2d", "--attention", "batch",
              "--collective-matmul"]  # fmt: skip
-    code, on_mesh, err = _run(capsys, *base, *flags)
+    code, on_mesh, err = run_cli(capsys, *base, *flags)
     assert code == 0, err
     a, b = ([json.loads(line) for line in out.splitlines()] for out in (one_device, on_mesh))
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b] and len(a) == 2
@@ -62,7 +51,7 @@ def test_bad_mesh_or_layout_is_one_line_exit_2(capsys, checkpoint, tmp_path, fla
         config = get_config("tiny", n_heads=4)
         checkpoint = str(save_checkpoint(tmp_path / "h4", config, init_params(config, jax.random.key(0)), "f32"))
     argv = ["generate", "--tokens", "1,2,3", "--max-new-tokens", "2", *flags]
-    code, _, err = _run(capsys, *argv, "--checkpoint", checkpoint)
+    code, _, err = run_cli(capsys, *argv, "--checkpoint", checkpoint)
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
@@ -127,7 +116,7 @@ def test_layout_is_checked_on_the_config_before_the_weights_are_read(capsys, tmp
     path = save_checkpoint(tmp_path / "h4", config, init_params(config, jax.random.key(0)), "f32")
     shutil.rmtree(path / "params")  # no weights at all: only the config (meshserve.json) can be read
     argv = ["generate", "--tokens", "1,2,3", "--checkpoint", str(path), "--mesh", "1x1x8", "--attention", "heads"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "n_heads H = 4 is not divisible by the ws2d split 8" in err and "Traceback" not in err
 
 
