@@ -25,7 +25,7 @@ CONFIG = get_config("tiny")  # vocab_size V = 256
 @pytest.fixture(scope="module")
 def model():
     params = init_params(CONFIG, jax.random.key(4), jnp.float32)
-    plan = make_plan(CONFIG, max_batch=4, max_context=32, length_buckets=(16,), decode_buckets=(4,), weights="f32")
+    plan = make_plan(CONFIG, max_batch=4, max_context=16, length_buckets=(16,), decode_buckets=(4,), weights="f32")
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
     return params, engine
