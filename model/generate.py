@@ -19,7 +19,7 @@ from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling
 
 __all__ = ["GenerationResult", "GenerateError", "generate", "validate_prompts", "bucket", "Batch", "decode_loop"]
 
@@ -132,35 +132,39 @@ def decode_loop(
     stop_ids: jax.Array,
     max_new: jax.Array,
     steps: int,
+    history: TokenHistory,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sample from prefill logits [B, V], then decode on device until every row hit a stop token or max_new.
 
-    step_fn(last tokens [B], cache) -> (logits [B, V], cache) is one decode step (one device or a mesh layout).
+    step_fn(last tokens [B], cache) -> (logits [B, V], cache) is one decode step (one device or a mesh layout);
+    history: the prompts' tokens (`TokenHistory.of_prompts`), for the repetition penalties.
     Returns generated ids and their log-probs [B, steps] and the count per row n [B]; the whole loop is one
     `lax.while_loop`, so no token pays a host round trip.
     """
     B = logits.shape[0]
-    first, first_lp = sample(logits, sampling, jnp.int32(0))
+    first, first_lp = sample(logits, sampling, jnp.int32(0), history)
+    history = history.add(first)
     out_tokens = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
     out_lp = jnp.zeros((B, steps), jnp.float32).at[:, 0].set(first_lp)
     done = jnp.isin(first, stop_ids) | (max_new <= 1)
 
     def cond(state):
-        step, _, _, _, done, _, _ = state
+        step, _, _, _, done, _, _, _ = state
         return (step < steps) & ~jnp.all(done)
 
     def body(state):
-        step, cache, last, n, done, out_tokens, out_lp = state
+        step, cache, last, n, done, out_tokens, out_lp, history = state
         logits, cache = step_fn(last, cache)
-        tok, lp = sample(logits, sampling, step)
+        tok, lp = sample(logits, sampling, step, history)
+        history = history.add(tok, live=~done)
         out_tokens = out_tokens.at[:, step].set(jnp.where(done, 0, tok))
         out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
         n = n + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stop_ids) | (n >= max_new)
-        return step + 1, cache, tok, n, done, out_tokens, out_lp
+        return step + 1, cache, tok, n, done, out_tokens, out_lp, history
 
-    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out_tokens, out_lp)
-    _, _, _, n, _, out_tokens, out_lp = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out_tokens, out_lp, history)
+    _, _, _, n, _, out_tokens, out_lp, _ = jax.lax.while_loop(cond, body, state)
     return out_tokens, out_lp, n
 
 
@@ -173,7 +177,8 @@ def _generate(params: Params, config: ModelConfig, tokens: jax.Array, lengths: j
     cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
     cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
     step = lambda last, cache: transformer.decode_step(params, config, last, cache)
-    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps)
+    history = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history)
 
 
 def generate(

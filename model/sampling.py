@@ -1,8 +1,17 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a seed per request.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalties, with a seed per request.
 
 All parameters are per row ([B] arrays), so one compiled step serves a batch of requests that each
 asked for something different. Returned log-probs are those of the model's own distribution
 (log_softmax of the raw logits), whatever the sampling transform, as vLLM and TGI report them.
+
+The order is vLLM's and Hugging Face's: penalties on the raw logits (so they steer greedy decoding too), then
+temperature, then the top-k / top-p / min-p filters, then the draw. The penalties follow the usual definitions:
+- repetition_penalty r (CTRL, Keskar et al. 2019; HF, TGI, vLLM): a token that occurs in the prompt or the output
+  so far has its logit divided by r when positive and multiplied by r when negative; 1 = off.
+- presence_penalty p and frequency_penalty f (OpenAI's API, vLLM): logit - p * [count > 0] - f * count, where
+  count is the token's occurrences in the output so far (not the prompt); 0 = off.
+- min_p m (Nguyen et al. 2024; HF, vLLM): keep tokens whose probability is at least m times the most likely
+  token's (after temperature); 0 = off.
 """
 
 from __future__ import annotations
@@ -14,7 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.errors import UserError
 
-__all__ = ["SamplingParams", "SamplingError", "sample", "validate_sampling", "TOP_K_MAX"]
+__all__ = [
+    "SamplingParams",
+    "SamplingError",
+    "TokenHistory",
+    "sample",
+    "stack_sampling",
+    "validate_sampling",
+    "TOP_K_MAX",
+    "FREQUENCY_PENALTY_MAX",
+    "SAMPLING_FIELDS",
+]
 
 
 class SamplingError(UserError):
@@ -23,21 +42,47 @@ class SamplingError(UserError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling: temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+    """One request's sampling: temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off; penalties 1, 0, 0 = off."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        validate_sampling(
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.seed,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            min_p=self.min_p,
+        )
 
 
 TOP_K_MAX = 2**31 - 1  # int32; any k >= the vocabulary keeps every token anyway
+FREQUENCY_PENALTY_MAX = 2.0  # presence and frequency penalties in [-2, 2], as OpenAI's API and vLLM bound them
+REPETITION_PENALTY_MAX = 1e4  # a finite bound: past it every seen token is excluded anyway
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
+def validate_sampling(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int = 0,
+    *,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    min_p: float = 0.0,
+) -> None:
+    """Raise SamplingError naming the first field outside its range."""
     if not np.isfinite(temperature) or temperature < 0:
         raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if int(top_k) != top_k or not 0 <= top_k <= TOP_K_MAX:  # stored as int32 per row (stack_sampling)
@@ -46,17 +91,78 @@ def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 
         raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
     if int(seed) != seed or not (0 <= seed < 2**63):
         raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed}")
+    if not (0.0 < repetition_penalty <= REPETITION_PENALTY_MAX):
+        raise SamplingError(
+            f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX:g}] (1 = off), got {repetition_penalty}"
+        )
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (-FREQUENCY_PENALTY_MAX <= value <= FREQUENCY_PENALTY_MAX):
+            raise SamplingError(
+                f"{name} must be in [-{FREQUENCY_PENALTY_MAX:g}, {FREQUENCY_PENALTY_MAX:g}] (0 = off), got {value}"
+            )
+    if not (0.0 <= min_p <= 1.0):
+        raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+
+
+# The per-row arrays `stack_sampling` builds, in order: what a decode state carries for each slot.
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_p",
+)
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 
 def stack_sampling(params: list[SamplingParams]) -> dict[str, np.ndarray]:
-    """Per-row arrays for `sample`: temperature, top_k, top_p float/int [B] and seed uint32 [B, 2] (high, low)."""
-    return {
-        "temperature": np.array([p.temperature for p in params], np.float32),
-        "top_k": np.array([p.top_k for p in params], np.int32),
-        "top_p": np.array([p.top_p for p in params], np.float32),
-        # Both 32-bit halves of the 63-bit seed: distinct seeds give distinct keys (folding them collided).
-        "seed": np.array([(p.seed >> 32, p.seed & 0xFFFFFFFF) for p in params], np.uint32).reshape(len(params), 2),
-    }
+    """Per-row arrays for `sample`: SAMPLING_FIELDS, float32 / int32 [B], and seed uint32 [B, 2] (high, low)."""
+    out = {name: np.array([getattr(p, name) for p in params], np.float32) for name in _FLOAT_FIELDS}
+    out["top_k"] = np.array([p.top_k for p in params], np.int32)
+    # Both 32-bit halves of the 63-bit seed: distinct seeds give distinct keys (folding them collided).
+    out["seed"] = np.array([(p.seed >> 32, p.seed & 0xFFFFFFFF) for p in params], np.uint32).reshape(len(params), 2)
+    return {name: out[name] for name in SAMPLING_FIELDS}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TokenHistory:
+    """The tokens each row has seen, for the penalties: `in_prompt` bool [B, V], `counts` int32 [B, V] (output)."""
+
+    in_prompt: jax.Array
+    counts: jax.Array
+
+    @classmethod
+    def of_prompts(cls, tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> TokenHistory:
+        """tokens int32 [B, T] right-padded to lengths [B] -> the prompts' tokens, nothing generated yet."""
+        B, T = tokens.shape
+        valid = jnp.arange(T)[None] < lengths[:, None]
+        ids = jnp.where(valid, tokens, vocab_size)  # padding -> out of range, dropped by the scatter
+        in_prompt = jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], ids].set(True, mode="drop")
+        return cls(in_prompt, jnp.zeros((B, vocab_size), jnp.int32))
+
+    def add(self, tokens: jax.Array, live: jax.Array | None = None) -> TokenHistory:
+        """Count tokens int32 [B] as generated (only where live bool [B], when given)."""
+        B = tokens.shape[0]
+        one = jnp.ones((B,), jnp.int32) if live is None else live.astype(jnp.int32)
+        return TokenHistory(self.in_prompt, self.counts.at[jnp.arange(B), tokens].add(one, mode="drop"))
+
+
+def _penalize(logits: jax.Array, sampling: dict[str, jax.Array], history: TokenHistory) -> jax.Array:
+    """Repetition, presence and frequency penalties on logits float32 [B, V] (the module docstring's definitions)."""
+    counts = history.counts
+    generated = counts > 0
+    rep = sampling["repetition_penalty"][:, None]
+    seen = history.in_prompt | generated
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (
+        logits
+        - sampling["frequency_penalty"][:, None] * counts.astype(jnp.float32)
+        - sampling["presence_penalty"][:, None] * generated.astype(jnp.float32)
+    )
 
 
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
@@ -83,15 +189,25 @@ def _seed_key(halves: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(halves.astype(jnp.uint32), impl="threefry2x32")
 
 
-def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits float32 [B, V]; step: int scalar or [B] (each row's decode index, folded into its key).
+def sample(
+    logits: jax.Array,
+    sampling: dict[str, jax.Array],
+    step: jax.Array,
+    history: TokenHistory | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """logits float32 [B, V]; step: int scalar or [B] (each row's decode index, folded into its key); history:
+    the tokens each row has seen (None: no row may ask for a penalty; the bench's default-sampling loops).
 
     Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
-    The batch-wide conditions (any row filters? every row greedy?) are real branches: do not vmap this over rows
-    (under vmap `lax.cond` runs both branches, i.e. the vocabulary sort for every row on every step); pass
-    per-row steps instead.
+    The batch-wide conditions (any row penalizes? filters? every row greedy?) are real branches: do not vmap this
+    over rows (under vmap `lax.cond` runs both branches, i.e. the vocabulary sort for every row on every step);
+    pass per-row steps instead.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    if history is not None:
+        penalized = (sampling["repetition_penalty"] != 1.0) | (sampling["presence_penalty"] != 0.0)
+        penalized |= sampling["frequency_penalty"] != 0.0
+        logits = jax.lax.cond(jnp.any(penalized), lambda: _penalize(logits, sampling, history), lambda: logits)
     temperature = sampling["temperature"]
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
@@ -104,8 +220,11 @@ def sample(logits: jax.Array, sampling: dict[str, jax.Array], step: jax.Array) -
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), greedy.shape)
 
     def draw() -> jax.Array:
+        # min-p needs no sort: p >= min_p * p_max  <=>  scaled >= max(scaled) + log(min_p) (min_p 0: log 0 = -inf).
+        floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(sampling["min_p"])[:, None]
+        kept = jnp.where(scaled >= floor, filtered, -jnp.inf)
         keys = jax.vmap(lambda s, t: jax.random.fold_in(_seed_key(s), t))(sampling["seed"], steps)
-        sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+        sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, kept)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)

@@ -27,7 +27,7 @@ from meshserve.model import layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, GenerationResult, decode_loop
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams
+from meshserve.model.sampling import SamplingParams, TokenHistory
 from meshserve.model.sharded_hlo import decode_hlo, insert_hlo, layer_hlo
 from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map
 from meshserve.model.sharded_specs import (
@@ -302,7 +302,10 @@ def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, m
                     decode_layout=decode_layout)  # fmt: skip
     logits = jnp.zeros((B, logits.shape[1]), logits.dtype).at[:b].set(logits)  # padding slots: never read back
     step = lambda last, cache: _decode(params, config, last, cache, mesh=mesh, layout=decode_layout)
-    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps)
+    prompts = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
+    history = TokenHistory(jnp.zeros((B, config.vocab_size), bool).at[:b].set(prompts.in_prompt),
+                           jnp.zeros((B, config.vocab_size), jnp.int32))  # fmt: skip
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history)
 
 
 def generate_sharded(

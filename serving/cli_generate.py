@@ -26,6 +26,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide (multiply if negative) the logits of tokens already in the prompt or output (1 = off)",
+    )
+    parser.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated, in [-2, 2]"
+    )
+    parser.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="subtract per occurrence in the output, in [-2, 2]"
+    )
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument(
         "--json",
@@ -89,8 +102,8 @@ def _run_remote(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserError(f"cannot read --auth-token-file {args.auth_token_file}: {e.strerror}") from None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, return_logprobs=True)  # fmt: skip
+    kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
+                  **_sampling_fields(args))  # fmt: skip
     with Client(args.server, token=token, tls_ca=args.tls_ca) as client:
         try:
             with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
@@ -113,6 +126,12 @@ def _config_only(args: argparse.Namespace):
     return read_checkpoint_info(args.checkpoint or DEMO_CHECKPOINT).config
 
 
+def _sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling flags as SamplingParams' (and Client.request's) keyword arguments."""
+    names = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
+    return {name: getattr(args, name) for name in (*names, "min_p")}
+
+
 def run(args: argparse.Namespace) -> int:
     from meshserve.model.sampling import SamplingParams
 
@@ -125,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         if on_mesh is not None:
             raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
         return _run_remote(args)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = SamplingParams(**_sampling_fields(args))
 
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model

@@ -94,8 +94,21 @@ class Client:
         stop: Sequence[str] = (),
         return_logprobs: bool = True,
         ignore_eos: bool = False,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        min_p: float = 0.0,
     ) -> pb.GenerateRequest:
-        sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        sampling = pb.SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            min_p=min_p,
+        )
         req = pb.GenerateRequest(
             sampling=sampling, stop=list(stop), return_logprobs=return_logprobs, ignore_eos=ignore_eos, **_input(prompt)
         )

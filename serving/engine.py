@@ -5,7 +5,8 @@ compiled ahead of time in `warm_up` (`jit(...).lower(...).compile()`), and the e
 executable for, so no request ever pays a compile.
 
 Decode state lives on the device between steps: the KV cache [N, B, S, K, Q], each slot's last token [B],
-its sampling step [B] and its sampling parameters ([B] arrays), so a decode step needs no host input; its one
+its sampling step [B], its sampling parameters ([B] arrays) and the tokens it has seen ([B, V], for the
+repetition penalties), so a decode step needs no host input; its one
 device->host copy is the sampled tokens and their log-probs [b]. Decode bucket b runs slots [0, b): the
 scheduler fills the lowest free slot first, so active requests sit at the front.
 
@@ -26,12 +27,12 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling
 from meshserve.serving.plan import EnginePlan
 
 __all__ = ["Engine", "ModelSteps", "DecodeState", "PrefillResult", "ScoreOutput"]
 
-SamplingArrays = dict[str, jax.Array]  # temperature, top_k, top_p: [B]; seed: [B, 2] (model/sampling.py)
+SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2] (model/sampling.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class DecodeState:
     last: jax.Array  # int32 [B]: each slot's latest token (the next step's input)
     step: jax.Array  # int32 [B]: each slot's sampling step (0 = the prefill's token), folded into its key
     sampling: SamplingArrays
+    history: TokenHistory  # in_prompt bool [B, V], counts int32 [B, V] of generated tokens
 
 
 @dataclass(frozen=True)
@@ -93,20 +95,24 @@ class Engine:
     # ----- the step functions (traced once per bucket) -----
 
     def _prefill_fn(self, params, tokens, lengths, sampling):
-        """tokens [b, T], lengths [b] -> first tokens [b], log-probs [b], k, v [N, b, T, K, Q]."""
+        """tokens [b, T], lengths [b] -> first tokens [b], log-probs [b], k, v [N, b, T, K, Q], and the prompts'
+        tokens in_prompt bool [b, V] (for insert)."""
         logits, k, v = self.steps.prefill(params, self.config, tokens, lengths)
-        tok, lp = sample(logits, sampling, jnp.int32(0))
-        return tok, lp, k, v
+        history = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
+        tok, lp = sample(logits, sampling, jnp.int32(0), history)
+        return tok, lp, k, v, history.in_prompt
 
     @staticmethod
-    def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling) -> DecodeState:
+    def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
         """Write b prefilled rows into decode slots `slots` [b] (index B = a padding row, dropped)."""
         cache = insert(state.cache, k, v, lengths, slots)
+        counts = state.history.counts.at[slots].set(0, mode="drop").at[slots, first].set(1, mode="drop")
         return DecodeState(
             cache=cache,
             last=state.last.at[slots].set(first, mode="drop"),
             step=state.step.at[slots].set(1, mode="drop"),
             sampling={n: state.sampling[n].at[slots].set(sampling[n], mode="drop") for n in state.sampling},
+            history=TokenHistory(state.history.in_prompt.at[slots].set(in_prompt, mode="drop"), counts),
         )
 
     def _decode_fn(self, b: int, context: int, params, state: DecodeState):
@@ -118,14 +124,16 @@ class Engine:
         bounded = {} if context == c.max_len else {"context": context}
         logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub, **bounded)
         samp = {n: a[:b] for n, a in state.sampling.items()}
-        tok, lp = sample(logits, samp, state.step[:b])  # each row's own step: what `generate` draws for it
+        seen = TokenHistory(state.history.in_prompt[:b], state.history.counts[:b])
+        tok, lp = sample(logits, samp, state.step[:b], seen)  # each row's own step: what `generate` draws for it
         if full:
             cache = sub
         else:
             cache = transformer.KVCache(
                 c.k.at[:, :b].set(sub.k), c.v.at[:, :b].set(sub.v), c.lengths.at[:b].set(sub.lengths)
             )
-        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling)
+        history = TokenHistory(state.history.in_prompt, state.history.counts.at[jnp.arange(b), tok].add(1))
+        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling, history)
         return new, tok, lp
 
     def _score_fn(self, params, tokens, lengths):
@@ -150,6 +158,9 @@ class Engine:
             jnp.zeros((B,), jnp.int32),
             jnp.zeros((B,), jnp.int32),
             sampling,
+            TokenHistory(
+                jnp.zeros((B, self.config.vocab_size), bool), jnp.zeros((B, self.config.vocab_size), jnp.int32)
+            ),
         )
 
     def compiled_steps(self) -> int:
@@ -171,13 +182,14 @@ class Engine:
                 tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
                 self._prefill[(b, t)] = jax.jit(self._prefill_fn).lower(self.params, tokens, lengths, samp(b)).compile()
                 kv = i32((self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head), dtype)
+                in_prompt = i32((b, self.config.vocab_size), jnp.bool_)
                 insert = jax.jit(
                     lambda *a: self._insert_fn(self.steps.insert, *a),
                     donate_argnums=0,
                     out_shardings=self.steps.decode_state_sharding,
                 )
                 self._insert[(b, t)] = insert.lower(
-                    state, kv, kv, lengths, i32((b,), jnp.int32), i32((b,), jnp.int32), samp(b)
+                    state, kv, kv, lengths, i32((b,), jnp.int32), i32((b,), jnp.int32), samp(b), in_prompt
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
@@ -220,8 +232,8 @@ class Engine:
         tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
         slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
         slot_arr[:n] = slots
-        first, first_lp, k, v = self._prefill[key](self.params, tokens, lengths, samp)
-        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, first, samp)
+        first, first_lp, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
+        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, first, samp, in_prompt)
         first, first_lp = jax.device_get((first, first_lp))
         return PrefillResult(first[:n], first_lp[:n])
 

@@ -2,7 +2,8 @@
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt", "max_new_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
-                   "ignore_eos"?}                             -> {"id", "text", "tokens", "logprobs", "finish_reason"}
+                   "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?}
+                                                              -> {"id", "text", "tokens", "logprobs", "finish_reason"}
 
 Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
 resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines
@@ -13,6 +14,7 @@ to the errors file ({"line", "id", "error"}) and the job goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -242,14 +244,18 @@ def _generation_request(model, engine, job: JobLine):
         raise LineError(
             f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {n!r}"
         )
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    values = {}
+    for name, field in fields.items():
+        value = d.get(name, field.default)
+        kind = int if field.type in (int, "int") else float
+        # JSON numbers only: bool is an int in Python, and float("nan") from a string would slip through.
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
+            raise LineError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        values[name] = kind(value)
     try:
-        sampling = SamplingParams(
-            temperature=float(d.get("temperature", 0.0)),
-            top_k=int(d.get("top_k", 0)),
-            top_p=float(d.get("top_p", 1.0)),
-            seed=int(d.get("seed", 0)),
-        )
-    except (SamplingError, TypeError, ValueError) as e:
+        sampling = SamplingParams(**values)
+    except SamplingError as e:
         raise LineError(str(e)) from None
     stop = d.get("stop", [])
     if isinstance(stop, str):

@@ -141,8 +141,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             n = min(DEFAULT_MAX_NEW_TOKENS, room, lim.max_new_tokens)
         s = req.sampling
         top_p = s.top_p if s.HasField("top_p") else 1.0
+        repetition = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
         try:
-            sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=top_p, seed=s.seed)
+            sampling = SamplingParams(
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=top_p,
+                seed=s.seed,
+                repetition_penalty=repetition,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                min_p=s.min_p,
+            )
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
         if len(req.stop) > lim.max_stop_strings:

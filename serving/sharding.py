@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
+from meshserve.model.sampling import SAMPLING_FIELDS, TokenHistory
 from meshserve.serving.engine import DecodeState, ModelSteps
 from meshserve.serving.plan import EnginePlan, StepPlan
 
@@ -93,7 +94,8 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
 
     state_sharding = DecodeState(
         cache=KVCache(k=kv, v=kv, lengths=replicated), last=replicated, step=replicated,
-        sampling={name: replicated for name in ("temperature", "top_k", "top_p", "seed")},
+        sampling={name: replicated for name in SAMPLING_FIELDS},
+        history=TokenHistory(in_prompt=replicated, counts=replicated),
     )  # fmt: skip
     placed = jax.device_put(params, sharded.param_shardings(config, mesh, decode.ffn)(params))
     return placed, ModelSteps(prefill, decode_step, insert, state_sharding), run_plan

@@ -145,8 +145,10 @@ def test_unary_equals_streaming_equals_in_process(client, model):
     from meshserve.model.generate import generate
     from meshserve.model.sampling import SamplingParams
 
-    cases = [dict(), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)]
-    prompts = ["The fox", [5, 6, 7, 200, 9]]  # <= 8 tokens: one compile of the reference
+    cases = [dict(), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7),
+             dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4, min_p=0.05, temperature=0.8,
+                  seed=3)]  # fmt: skip
+    prompts = ["The fox", [5, 6, 7, 200, 9], [5, 5, 6, 5]]  # <= 8 tokens: one compile of the reference
     for prompt, kw in zip(prompts, cases, strict=True):
         unary = client.generate(prompt, max_new_tokens=20, **kw)
         tokens, text, logprobs, reason = _stream(client, prompt, max_new_tokens=20, **kw)
@@ -306,6 +308,10 @@ BAD = [
     (dict(prompt="hi", top_p=0.0), "top_p"),
     (dict(prompt="hi", top_p=1.5), "top_p"),
     (dict(prompt="hi", top_k=-1), "top_k"),
+    (dict(prompt="hi", repetition_penalty=0.0), "sampling.repetition_penalty must be in (0, 10000]"),
+    (dict(prompt="hi", presence_penalty=2.5), "sampling.presence_penalty must be in [-2, 2]"),
+    (dict(prompt="hi", frequency_penalty=-9.0), "sampling.frequency_penalty"),
+    (dict(prompt="hi", min_p=1.5), "sampling.min_p must be in [0, 1]"),
     (dict(prompt=[1, 256]), "tokens.ids"),
     (dict(prompt=[-3]), "tokens.ids"),
     (dict(prompt="x" * 5000), "4096"),

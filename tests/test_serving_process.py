@@ -138,6 +138,8 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
             f.write("\n")
         f.write("{broken\n")  # line n + 1
         f.write(json.dumps({"id": "bad", "prompt": "x", "max_new_tokens": 0}) + "\n")  # line n + 2
+        f.write(json.dumps({"id": "bad2", "prompt": "x", "temperature": "hot"}) + "\n")  # line n + 3
+        f.write(json.dumps({"id": "bad3", "prompt": "x", "presence_penalty": 3}) + "\n")  # line n + 4
     out = tmp_path / "out.jsonl"
     cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
@@ -154,13 +156,15 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
-    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 2
+    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 4
     rows = _lines(out)
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(n))  # each id exactly once
     assert all(len(r["tokens"]) == 24 and r["finish_reason"] == "length" for r in rows)
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
-    assert [e["line"] for e in errors] == [n + 1, n + 2]
+    assert [e["line"] for e in errors] == [n + 1, n + 2, n + 3, n + 4]
     assert "max_new_tokens" in errors[1]["error"]
+    assert errors[2]["error"] == "temperature must be a number, got 'hot'"
+    assert errors[3]["error"].startswith("presence_penalty must be in [-2, 2]")
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)  # nothing left to do
     assert json.loads(again.stdout.splitlines()[-1])["done"] == 0 and len(_lines(out)) == n
