@@ -128,6 +128,22 @@ _PALM = dict(
     vocab_size=256_128,
 )
 
+_LLAMA_2 = dict(
+    vocab_size=32_000,
+    d_head=128,
+    max_seq_len=4096,
+    parallel_block=False,
+    mlp="swiglu",
+    norm="rmsnorm",
+    norm_bias=False,
+    norm_eps=1e-5,
+    linear_bias=False,
+    shared_embedding=False,
+    rope_base=10_000.0,
+    bos_id=1,
+    eos_id=2,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Tiny shapes keep every test compile short; 8 heads and d_ff 128 split over 8 emulated devices.
     "tiny": ModelConfig(
@@ -194,6 +210,17 @@ PRESETS: dict[str, ModelConfig] = {
         linear_bias=False,
         shared_embedding=True,
         eos_id=11,
+    ),
+    # Llama 2 (Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models", Table 1 and section 2.2:
+    # 4k context, grouped-query attention for 34B/70B) with the shapes and switches of the model cards' config.json
+    # (meta-llama/Llama-2-7b-hf, -70b-hf): serial block, SwiGLU, RMSNorm eps 1e-5, no biases, untied embedding,
+    # rope_theta 1e4, bos 1, eos 2. Shapes only: meshserve does not import Llama weights.
+    "llama-2-7b": ModelConfig(
+        name="llama-2-7b", d_model=4096, d_ff=11008, n_layers=32, n_heads=32, n_kv_heads=32, **_LLAMA_2
+    ),
+    # 8 kv heads shared by 64 query heads (groups of 8).
+    "llama-2-70b": ModelConfig(
+        name="llama-2-70b", d_model=8192, d_ff=28672, n_layers=80, n_heads=64, n_kv_heads=8, **_LLAMA_2
     ),
 }
 
