@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.errors import UserError
+from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
 __all__ = ["COMMANDS"]
 
@@ -30,8 +31,20 @@ def _positive(name: str, values: list[int] | int | None) -> None:
             raise UserError(f"{name} must be positive, got {v}")
 
 
+def _model_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--model", default=default, help=f"{MODEL_HELP} (default {default})")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
+
+
+def _model(args: argparse.Namespace) -> Any:
+    """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override)."""
+    from meshserve.model.model_spec import parse_overrides, resolve_model
+
+    return resolve_model(args.model, parse_overrides(args.set))
+
+
 def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None:
-    p.add_argument("--model", default="palm-540b", help="model preset (default palm-540b)")
+    _model_args(p, "palm-540b")
     p.add_argument("--hardware", default="tpu-v4", help="chip: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100-80g, h100-sxm, "
                    "h200 or local (after `meshserve calibrate`)")  # fmt: skip
     p.add_argument("--chips", type=int, default=None, help="number of chips (default: the mesh's, else 64)")
@@ -45,11 +58,10 @@ def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from meshserve.analytics.chips import get_chip
-    from meshserve.model.config import get_config
     from meshserve.partition.comm import MeshShape
 
     chip = get_chip(args.hardware)
-    config = get_config(args.model)
+    config = _model(args)
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     if mesh is not None and args.chips is not None and mesh.n != args.chips:
         raise UserError(f"mesh {mesh} has {mesh.n} chips but --chips is {args.chips}")
@@ -84,7 +96,8 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
         "--plot-models",
         default=None,
         metavar="M1,M2",
-        help="more models for the Pareto panel, one curve each, as in the paper's Figure 1 (e.g. palm-8b,palm-62b)",
+        help="more models for the Pareto panel, one curve each, as in the paper's Figure 1 (e.g. palm-8b,palm-62b): "
+        "presets, checkpoint directories or config.json files (--set applies to --model only)",
     )
 
 
@@ -96,11 +109,10 @@ def _analyze(args: argparse.Namespace) -> int:
         raise UserError(f"--layout must be one of {', '.join(FFN_LAYOUTS)}, got {args.layout!r}")
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         _check_writable(flag, path)  # before the sweep, so a bad path costs nothing and writes nothing
-    if args.plot_models:
-        from meshserve.model.config import get_config
+    from meshserve.model.model_spec import resolve_model
 
-        for name in args.plot_models.split(","):
-            get_config(name)  # an unknown name is a one-line error listing the presets, before any work
+    # Resolved before any work: an unknown name or a bad config.json is a one-line error that costs nothing.
+    plot_models = [resolve_model(m) for m in (args.plot_models or "").split(",") if m.strip()]
     config, chip, mesh = _setup(args)
     if isinstance(mesh, int):
         mesh = default_mesh(config, chip, mesh, args.batch, args.weights)
@@ -112,7 +124,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.csv:
         _write_csv(args.csv, rows)
     if args.plot:
-        _plot(args, config, chip, mesh)
+        _plot(args, config, chip, mesh, plot_models)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -167,18 +179,18 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         raise UserError(f"--csv {path}: cannot write: {e.strerror or e}") from None
 
 
-def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
+def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any, plot_models: list[Any]) -> None:
     from meshserve.analytics.plots import plot_analysis
     from meshserve.analytics.sweep import pareto_frontier, pareto_points, prefill_mfu_curve
-    from meshserve.model.config import get_config
     from tqdm import tqdm
 
     chip_counts = [n for n in (8, 16, 32, 64, 128, 256) if n <= max(256, mesh.n)]
     batches = [1, 4, 16, 64, 128, 256, 512, 1024]
     points, frontiers = {}, {}
-    names = [config.name] + [m for m in (args.plot_models or "").split(",") if m and m != config.name]
-    for name in tqdm(names, desc="pareto sweep", file=sys.stderr, disable=args.json):
-        pts = pareto_points(get_config(name), chip, chip_counts=chip_counts, batches=batches,
+    models = list(dict.fromkeys([config, *plot_models]))  # a model named twice is drawn once (configs hash)
+    for model in tqdm(models, desc="pareto sweep", file=sys.stderr, disable=args.json):
+        name = model.name if model.name not in points else f"{model.name} #{len(points) + 1}"  # two config.json
+        pts = pareto_points(model, chip, chip_counts=chip_counts, batches=batches,
                             prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights)  # fmt: skip
         points[name], frontiers[name] = pts, pareto_frontier(pts)
     tokens = [2**k for k in range(8, 21)]
@@ -231,7 +243,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- memory
 def _memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="palm-8b", help="model preset (default palm-8b)")
+    _model_args(p, "palm-8b")
     p.add_argument("--mode", choices=["inference", "finetune"], default="inference")
     p.add_argument("--weights", choices=["f32", "bf16", "int8", "int4"], default="bf16")
     p.add_argument("--batch", type=int, default=1)
@@ -248,11 +260,11 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
 def _memory(args: argparse.Namespace) -> int:
     from meshserve.analytics.chips import get_chip
     from meshserve.analytics.memory import memory_estimate
-    from meshserve.model.config import get_config
 
+    config = _model(args)
     chip = get_chip(args.hardware) if args.hardware else None
     out = memory_estimate(
-        get_config(args.model), mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
+        config, mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
         chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer, lora_rank=args.lora_rank,
         kv_fraction=args.kv_fraction,
     )  # fmt: skip
@@ -273,7 +285,7 @@ def _memory(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- calibrate
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="model to time (random weights; default demo)")
+    _model_args(p, "demo")  # timed with random weights of that shape
     p.add_argument("--batch", type=_ints, default=_ints("1,4,16"), help="batch sizes (default 1,4,16)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds; the fastest counts (default 10)")
@@ -291,14 +303,13 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from meshserve.analytics.calibrate import calibrate
     from meshserve.analytics.chips import save_local_chip
-    from meshserve.model.config import get_config
     from tqdm import tqdm
 
-    config = get_config(args.model)
+    config = _model(args)
     _positive("--batch", args.batch)
     _positive("--prompt-len", args.prompt_len)
     _positive("--rounds", args.rounds)
-    with tqdm(total=1, desc=f"calibrating on {args.model}", file=sys.stderr, disable=args.json) as bar:
+    with tqdm(total=1, desc=f"calibrating on {config.name}", file=sys.stderr, disable=args.json) as bar:
         chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds, held_out=args.held_out)
         bar.update()
     path = save_local_chip(chip, args.out)

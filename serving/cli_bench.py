@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from meshserve.errors import UserError
+from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
 __all__ = ["COMMANDS"]
 
@@ -29,9 +30,8 @@ def _weights(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="tiny", help="a preset (random weights): tiny, demo, falcon-7b, palm-8b, ..."
-    )
+    parser.add_argument("--model", default="tiny", help=f"{MODEL_HELP}; timed with random weights (default tiny)")
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
     parser.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence (0 = prefill only)")
@@ -103,12 +103,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.int8_tuning.is_file():
             raise UserError(f"--int8-tuning: no such file {args.int8_tuning}")
         os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
-    from meshserve.model.config import get_config
+    from meshserve.model.model_spec import parse_overrides, resolve_model
+
+    config = resolve_model(args.model, parse_overrides(args.set))
+    if args.peer and (config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1):
+        raise UserError(
+            f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {config.name}"
+        )
     from meshserve.serving.bench import peer_row, run_bench
 
-    config = get_config(args.model)
-    if args.peer and (config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1):
-        raise UserError(f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {args.model}")
     context = args.prompt_len + args.gen_len
     if context > config.max_seq_len:
         config = config.replace(max_seq_len=context)  # random weights: any context the RoPE model can take

@@ -1,0 +1,326 @@
+"""`--model SPEC [--set key=value,...]`: a ModelConfig from a preset, a meshserve checkpoint or a Hugging Face config.json.
+
+Resolution order of `resolve_model(spec)`:
+  1. a preset name (`model/config.py` PRESETS): a bare preset name is always the preset, even when a file or
+     directory of that name exists in the current directory; write `./tiny` (any path with a separator) for the path;
+  2. a directory holding `meshserve.json`: a meshserve checkpoint (only its metadata is read, never the weights);
+  3. a directory holding `config.json`, or a JSON file (any name): a Hugging Face config. `model_type` picks the
+     mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama and mistral through
+     `llama_config` below; anything else is refused;
+  4. anything else is an error naming the spec and the known presets.
+A directory with both `meshserve.json` and `config.json` is read as the meshserve checkpoint (step 2 first).
+
+Overrides (`--set`) then replace ModelConfig fields by name, each value parsed to the field's type; the result is
+checked by ModelConfig itself (e.g. n_heads must be a multiple of n_kv_heads) and named `base[key=value,...]`.
+
+A config for analytics (analyze, memory, plan) only needs shapes and switches, and bench and calibrate time random
+weights of that shape. Importing real weights (`meshserve convert`) is Falcon-only: a Llama or Mistral config.json
+gives the shapes, not a servable model. Llama-style configs map to a serial block (two RMSNorms, scale only),
+SwiGLU MLP (silu(x W_gate) * (x W_up), as layers.mlp), rotate-half RoPE, bias-free projections and a tied or untied
+output embedding; that is the math of transformers' LlamaForCausalLM, so the parameter count is exact. Settings that
+change the architecture beyond that (rope scaling, sliding-window attention, mixture of experts, biases, another
+activation) are refused with an error naming the config.json key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from meshserve.errors import UserError
+from meshserve.model.config import PRESETS, ConfigError, ModelConfig
+
+__all__ = [
+    "resolve_model",
+    "parse_overrides",
+    "apply_overrides",
+    "llama_config",
+    "hf_config_file",
+    "ModelSpecError",
+    "MODEL_HELP",
+    "SET_HELP",
+]
+
+MODEL_HELP = "a preset name, a meshserve checkpoint directory or a Hugging Face config.json"
+SET_HELP = "override model fields: key=value[,key=value] (repeatable), e.g. n_kv_heads=8,max_seq_len=8192"
+
+_CHECKPOINT_META = "meshserve.json"  # model/checkpoint.py META_FILE (that module imports JAX; this one must not)
+_FALCON_TYPES = ("falcon", "RefinedWebModel")  # what model.hf_import.falcon_config accepts
+_LLAMA_TYPES = ("llama", "mistral")
+# transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig).
+_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
+# Keys whose presence (with a non-empty value) means mixture-of-experts layers, which ModelConfig cannot describe.
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class ModelSpecError(ConfigError):
+    """A --model spec that names nothing, a config.json meshserve cannot describe, or a bad --set override."""
+
+
+def resolve_model(spec: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig `spec` names (a preset, a checkpoint directory, a HF config.json or its directory),
+    with `overrides` (field -> value or its text, as from `--set`) applied. See the module docstring for the order."""
+    config = _resolve(spec)
+    return apply_overrides(config, overrides) if overrides else config
+
+
+def _resolve(spec: str) -> ModelConfig:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"model must be {MODEL_HELP}, got {spec!r}")
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / _CHECKPOINT_META).is_file():
+            from meshserve.model.checkpoint import read_checkpoint_info  # imports JAX: only for checkpoints
+
+            return read_checkpoint_info(path).config
+        if (path / "config.json").is_file():
+            return hf_config_file(path / "config.json")
+        raise ModelSpecError(
+            f"model directory {path} holds neither {_CHECKPOINT_META} (a meshserve checkpoint) nor config.json "
+            "(a Hugging Face model)"
+        )
+    if path.is_file():
+        if path.name == _CHECKPOINT_META:
+            return _resolve(str(path.parent))
+        return hf_config_file(path)
+    if path.exists():
+        raise ModelSpecError(f"model {spec!r} is neither a file nor a directory")
+    raise ModelSpecError(f"model {spec!r} is not a preset ({', '.join(PRESETS)}) and no such file or directory exists")
+
+
+def hf_config_file(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face config.json (llama, mistral or falcon `model_type`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelSpecError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ModelSpecError(f"{path} is not JSON ({e}): expected a Hugging Face config.json") from None
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"{path}: expected a JSON object (a Hugging Face config.json), got {type(data).__name__}")
+    # A model directory names the model (…/Llama-2-7b-hf/config.json); a loose file is named by its stem.
+    name = (path.resolve().parent.name if path.name == "config.json" else path.stem) or "hf-model"
+    model_type = data.get("model_type")
+    if model_type in _LLAMA_TYPES:
+        return llama_config(data, name=name, source=str(path))
+    if model_type in _FALCON_TYPES:
+        from meshserve.model.hf_import import falcon_config  # imports JAX (through model/params.py)
+
+        try:
+            return falcon_config(data, name=name)
+        except UserError as e:  # HFImportError: already names the key; add the file
+            raise ModelSpecError(f"{path}: {e}") from None
+    if model_type is None:
+        raise ModelSpecError(f"{path} has no model_type key: not a Hugging Face config.json")
+    raise _refuse(str(path), "model_type", model_type, f"supported: {', '.join(_LLAMA_TYPES + _FALCON_TYPES)}")
+
+
+def _refuse(source: str, key: str, value: Any, why: str) -> ModelSpecError:
+    return ModelSpecError(f"{source}: unsupported config.json {key}={json.dumps(value)}: {why}")
+
+
+def _positive_int(source: str, hf: Mapping[str, Any], key: str, default: Any = None) -> int:
+    value = hf.get(key)
+    value = default if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelSpecError(f"{source}: config.json {key} must be a positive integer, got {json.dumps(value)}")
+    return value
+
+
+def _token_id(value: Any) -> int | None:
+    """bos/eos as one id: the first of a list (Llama 3 lists several eos ids; ModelConfig keeps one)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a Llama- or Mistral-style config.json; unsupported settings raise ModelSpecError naming
+    the key. `source` (the file) prefixes every message."""
+    model_type = hf.get("model_type")
+    if model_type not in _LLAMA_TYPES:
+        raise _refuse(source, "model_type", model_type, f"llama_config maps {', '.join(_LLAMA_TYPES)} only")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse(source, "hidden_act", hf["hidden_act"], "only SiLU-gated MLPs (SwiGLU) are supported")
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            raise _refuse(source, key, hf[key], "mixture-of-experts layers are not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise _refuse(source, key, hf[key], "Llama-style configs map to bias-free projections")
+    if hf.get("rope_scaling"):
+        raise _refuse(source, "rope_scaling", hf["rope_scaling"], "rotary scaling is not implemented")
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise _refuse(source, "rope_parameters", rope, "expected an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise _refuse(source, "rope_parameters.rope_type", rope_type, "only the default rotary embedding")
+    max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
+    window = hf.get("sliding_window")
+    # A window at least as long as the longest context attends to everything: plain causal attention.
+    if window is not None and hf.get("use_sliding_window", True) and (not isinstance(window, int) or window < max_pos):
+        raise _refuse(
+            source, "sliding_window", window,
+            f"sliding-window attention is not implemented (a {window}-token window changes attention for contexts "
+            f"up to max_position_embeddings={max_pos})",
+        )  # fmt: skip
+    layer_types = hf.get("layer_types") or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise _refuse(source, "layer_types", other, "only full attention layers are supported")
+
+    E = _positive_int(source, hf, "hidden_size")
+    H = _positive_int(source, hf, "num_attention_heads")
+    K = _positive_int(source, hf, "num_key_value_heads", H)
+    if H % K:
+        raise ModelSpecError(
+            f"{source}: config.json num_attention_heads={H} must be a multiple of num_key_value_heads={K}"
+        )
+    if hf.get("head_dim") is None and E % H:
+        raise ModelSpecError(
+            f"{source}: config.json hidden_size={E} must be a multiple of num_attention_heads={H} (or give head_dim)"
+        )
+    Q = _positive_int(source, hf, "head_dim", E // H)
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    eps = hf.get("rms_norm_eps", 1e-6)
+    for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ModelSpecError(f"{source}: config.json {key} must be a positive number, got {json.dumps(value)}")
+    try:
+        return ModelConfig(
+            name=name,
+            vocab_size=_positive_int(source, hf, "vocab_size"),
+            d_model=E,
+            d_ff=_positive_int(source, hf, "intermediate_size"),
+            n_layers=_positive_int(source, hf, "num_hidden_layers"),
+            n_heads=H,
+            n_kv_heads=K,
+            d_head=Q,
+            max_seq_len=max_pos,
+            parallel_block=False,  # Llama: x += attn(norm(x)); x += mlp(norm(x))
+            mlp="swiglu",
+            norm="rmsnorm",
+            norm_bias=False,
+            norm_eps=float(eps),
+            linear_bias=False,
+            shared_embedding=bool(hf.get("tie_word_embeddings", False)),
+            rope_base=float(theta),
+            bos_id=_token_id(hf.get("bos_token_id")),
+            eos_id=_token_id(hf.get("eos_token_id")),
+        )
+    except ConfigError as e:  # e.g. an odd head_dim (RoPE rotates pairs)
+        raise ModelSpecError(f"{source}: config.json describes no model meshserve can run: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- overrides
+def _fields() -> dict[str, Any]:
+    """ModelConfig field name -> its resolved type hint (the module uses postponed annotations)."""
+    return typing.get_type_hints(ModelConfig)
+
+
+def parse_overrides(items: str | Sequence[str] | None) -> dict[str, str]:
+    """`--set` values ("k=v,k2=v2", the flag repeatable) -> {field: value text}; parsed by `apply_overrides`."""
+    out: dict[str, str] = {}
+    for item in [items] if isinstance(items, str) else items or []:
+        for pair in item.split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = (s.strip() for s in pair.partition("="))
+            if not sep or not key:
+                raise ModelSpecError(
+                    f"model override {pair.strip()!r} is not key=value; valid keys: {', '.join(_fields())}"
+                )
+            if key in out and out[key] != value:
+                raise ModelSpecError(f"model override {key} is given twice ({out[key]!r} and {value!r})")
+            out[key] = value
+    return out
+
+
+def _describe(hint: Any) -> str:
+    if hint is bool:
+        return "true or false"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:  # int | None
+        return f"{_describe(args[0])} or none"
+    return {int: "an integer", float: "a positive number", str: "text"}.get(hint, str(hint))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` (text from --set, or already typed) as a value of the field's type; ModelSpecError if it is not."""
+    bad = ModelSpecError(f"model override {key}={value!r}: expected {_describe(hint)}")
+    text = value.strip().lower() if isinstance(value, str) else None
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        if value not in args:
+            raise bad
+        return value
+    if type(None) in args:  # optional ids: "none" clears them
+        if value is None or text in ("none", "null", ""):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad
+    if isinstance(value, bool) and hint in (int, float):
+        raise bad  # bool is an int subclass in Python; True is no layer count
+    if hint is int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(text) if text is not None else int(_not_text(value))
+        except (TypeError, ValueError):
+            raise bad from None
+    if hint is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        # Both float fields (norm_eps, rope_base) must be positive and finite for the model to compute anything.
+        if not math.isfinite(number) or number <= 0:
+            raise bad
+        return number
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            raise bad
+        return value.strip()
+    raise bad
+
+
+def _not_text(value: Any) -> Any:
+    """A typed int field value that is not an int: a float is refused (no silent truncation of 2.5 layers)."""
+    raise TypeError(f"not an integer: {value!r}")
+
+
+def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
+    """`config` with fields replaced; values may be text (from `--set`) or typed. The copy is named
+    `name[key=value,...]` unless `name` itself is overridden. Unknown keys list the valid ones; a value of the wrong
+    type names the type; a combination ModelConfig refuses (n_heads not a multiple of n_kv_heads) names both."""
+    hints = _fields()
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        raise ModelSpecError(f"unknown model override key(s) {', '.join(unknown)}; valid keys: {', '.join(hints)}")
+    typed = {key: _coerce(key, value, hints[key]) for key, value in overrides.items()}
+    if not typed:
+        return config
+    shown = ",".join(f"{k}={v}" for k, v in typed.items() if k != "name")
+    name = typed.pop("name", None) or f"{config.name}[{shown}]"
+    try:
+        return dataclasses.replace(config, name=name, **typed)
+    except ConfigError as e:
+        raise ModelSpecError(f"model override {shown} on {config.name}: {e}") from None
