@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="with --server: PEM root certificate to verify the server's TLS certificate")
     parser.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request (default 300)")
     add_sampling_arguments(parser)
+    from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
+
+    add_compile_cache_argument(parser)
     from meshserve.partition.cli_args import add_mesh_arguments  # argparse only: --help stays fast
 
     add_mesh_arguments(parser)
@@ -145,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
         return _run_remote(args)
     sampling = SamplingParams(**_sampling_fields(args))
+    from meshserve.serving.cli_serve import setup_compile_cache
 
+    setup_compile_cache(args.compile_cache)
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model
 
