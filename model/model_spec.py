@@ -94,7 +94,10 @@ def _resolve(spec: str) -> ModelConfig:
         return hf_config_file(path)
     if path.exists():
         raise ModelSpecError(f"model {spec!r} is neither a file nor a directory")
-    raise ModelSpecError(f"model {spec!r} is not a preset ({', '.join(PRESETS)}) and no such file or directory exists")
+    raise ModelSpecError(
+        f"unknown model preset {spec!r} and no such file or directory; known presets: {', '.join(PRESETS)} "
+        "(or give a meshserve checkpoint directory or a Hugging Face config.json)"
+    )
 
 
 def hf_config_file(path: str | Path) -> ModelConfig:
@@ -270,7 +273,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if type(None) in args:  # optional ids: "none" clears them
         if value is None or text in ("none", "null", ""):
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        try:
+            return _coerce(key, value, next(a for a in args if a is not type(None)))
+        except ModelSpecError:
+            raise bad from None  # its message says "or none"
     if hint is bool:
         if isinstance(value, bool):
             return value
