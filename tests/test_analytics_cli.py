@@ -128,3 +128,67 @@ def test_plot_models_with_an_unknown_name_is_one_line_exit_2(capsys, tmp_path):
     code, out, err = _run(capsys, "analyze", "--model", "palm-8b", "--hardware", "tpu-v4", "--chips", "8",
                           "--plot", str(tmp_path / "p.png"), "--plot-models", "palm-62b,gpt-9")  # fmt: skip
     assert code == 2 and "unknown model preset 'gpt-9'" in err and not (tmp_path / "p.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- --model specs
+def _llama_json(tmp_path) -> str:
+    """A Llama config.json as transformers writes it: grouped-query attention (16 heads, 4 kv heads)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)  # fmt: skip
+    cfg.save_pretrained(tmp_path / "my-llama")
+    return str(tmp_path / "my-llama" / "config.json")
+
+
+def test_analyze_a_hugging_face_config_json_equals_the_preset_with_the_same_shapes(capsys, tmp_path):
+    argv = ["--chips", "8", "--hardware", "tpu-v4", "--batch", "1", "--json"]
+    code, out, err = _run(capsys, "analyze", "--model", _llama_json(tmp_path), *argv)
+    rows = json.loads(out)
+    assert code == 0 and rows and {r["phase"] for r in rows} == {"prefill", "decode"}, err
+    assert all(r["model"] == "my-llama" and r["n_heads"] == 16 for r in rows)  # grouped heads are never padded
+    assert any(r["chosen"] and r["fits"] for r in rows)
+    # The same shapes reached from a preset through --set give the same numbers (only the name differs).
+    shapes = "vocab_size=32000,d_model=1024,d_ff=2816,n_layers=4,n_heads=16,n_kv_heads=4,d_head=64"
+    code, out, _ = _run(capsys, "analyze", "--model", "llama-2-7b", "--set", shapes, *argv)
+    assert code == 0
+    assert [{**r, "model": None} for r in json.loads(out)] == [{**r, "model": None} for r in rows]
+
+
+def test_set_n_kv_heads_follows_the_config_rules_and_shrinks_the_kv_cache(capsys):
+    code, _, err = _run(capsys, "analyze", "--model", "llama-2-7b", "--set", "n_kv_heads=3", "--chips", "8")
+    assert code == 2 and err.count("\n") == 1
+    assert "n_heads (32) must be a multiple of n_kv_heads (3)" in err and "Traceback" not in err
+    kv = {}
+    for extra in ([], ["--set", "n_kv_heads=8"]):
+        code, out, _ = _run(capsys, "memory", "--model", "llama-2-7b", "--context", "4096", "--json", *extra)
+        kv[len(extra)] = json.loads(out)["kv_cache_bytes"]
+        assert code == 0
+    assert kv[0] == 2 * 32 * 1 * 4096 * 32 * 128 * 2 and kv[2] * 4 == kv[0]  # 2 (k, v) N B S K Q bytes
+
+
+def test_llama_2_70b_grouped_query_attention_runs_through_plan_and_memory(capsys):
+    code, out, _ = _run(capsys, "memory", "--model", "llama-2-70b", "--json")
+    assert code == 0 and json.loads(out)["kv_cache_bytes"] == 2 * 80 * 1 * 4096 * 8 * 128 * 2  # K = 8 kv heads
+    code, out, _ = _run(capsys, "plan", "--model", "llama-2-70b", "--chips", "64", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["fits"] and {p["phase"] for p in plan["phases"]} == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("command", ["analyze", "memory", "plan", "calibrate", "bench"])
+def test_every_model_command_gives_one_line_errors_for_bad_specs(capsys, tmp_path, command):
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [
+        (["--model", str(tmp_path / "missing" / "config.json")], "no such file or directory"),
+        (["--model", str(tmp_path / "bad.json")], "is not JSON"),
+        (["--model", "tiny", "--set", "n_kv=2"], "valid keys: name, vocab_size"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _run(capsys, command, *argv)
+        assert code == 2 and err.startswith(f"meshserve {command}: error: ") and needle in err, err
+        assert err.count("\n") == 1
+
+
+def test_plot_models_take_paths_and_refuse_a_missing_one_before_any_work(capsys, tmp_path):
+    code, _, err = _run(capsys, "analyze", "--model", "palm-8b", "--chips", "8", "--plot", str(tmp_path / "p.png"),
+                        "--plot-models", f"{_llama_json(tmp_path)},{tmp_path / 'none.json'}")  # fmt: skip
+    assert code == 2 and "none.json" in err and not (tmp_path / "p.png").exists()
