@@ -3,7 +3,8 @@
 Resolution order of `resolve_model(spec)`:
   1. a preset name (`model/config.py` PRESETS): a bare preset name is always the preset, even when a file or
      directory of that name exists in the current directory; write `./tiny` (any path with a separator) for the path;
-  2. a directory holding `meshserve.json`: a meshserve checkpoint (only its metadata is read, never the weights);
+  2. a directory holding `meshserve.json` (or that file itself): a meshserve checkpoint (only its metadata is read,
+     never the weights);
   3. a directory holding `config.json`, or a JSON file (any name): a Hugging Face config. `model_type` picks the
      mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama and mistral through
      `llama_config` below; anything else is refused;
