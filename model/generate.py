@@ -8,7 +8,7 @@ any mix of requests; padding never changes a result (see transformer.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -19,7 +19,14 @@ from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling
+from meshserve.model.sampling import (
+    TOP_LOGPROBS_MAX,
+    SamplingParams,
+    TokenHistory,
+    sample,
+    stack_sampling,
+    top_logprobs,
+)
 
 __all__ = ["GenerationResult", "GenerateError", "generate", "validate_prompts", "bucket", "Batch", "decode_loop"]
 
@@ -33,6 +40,8 @@ class GenerationResult:
     tokens: list[int]  # generated ids (a stop token, when hit, is the last one)
     logprobs: list[float]  # log p(token) under the model, one per generated token
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    # per token, when sampling.top_logprobs > 0: the most likely (ids, log-probs) at that step, best first
+    top_logprobs: list[tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=list)
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -114,13 +123,23 @@ class Batch:
                    context=min(bucket(T + steps), bucket(config.max_seq_len)), steps=steps, n_real=len(prompts),
                    stops=stops)  # fmt: skip
 
-    def results(self, out_tokens: np.ndarray, out_logprobs: np.ndarray, n: np.ndarray) -> list[GenerationResult]:
-        """The real rows of a decode_loop's output, in input order."""
+    @property
+    def with_top(self) -> bool:
+        """Whether some row asked for alternatives (decode_loop's static with_top)."""
+        return bool(self.sampling["top_logprobs"].max() > 0)
+
+    def results(self, out: dict[str, np.ndarray]) -> list[GenerationResult]:
+        """The real rows of a decode_loop's output (host copies), in input order."""
         results = []
         for i in range(self.n_real):
-            ids = [int(t) for t in out_tokens[i, : int(n[i])]]
+            n, k = int(out["n"][i]), int(self.sampling["top_logprobs"][i])
+            ids = [int(t) for t in out["tokens"][i, :n]]
             reason = "stop" if ids and ids[-1] in self.stops else "length"
-            results.append(GenerationResult(ids, [float(x) for x in out_logprobs[i, : int(n[i])]], reason))
+            top = []
+            if k:
+                top = [(tuple(int(t) for t in out["top_ids"][i, j, :k]),
+                        tuple(float(x) for x in out["top_logprobs"][i, j, :k])) for j in range(n)]  # fmt: skip
+            results.append(GenerationResult(ids, [float(x) for x in out["logprobs"][i, :n]], reason, top))
         return results
 
 
@@ -133,52 +152,67 @@ def decode_loop(
     max_new: jax.Array,
     steps: int,
     history: TokenHistory,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    with_top: bool = False,
+) -> dict[str, jax.Array]:
     """Sample from prefill logits [B, V], then decode on device until every row hit a stop token or max_new.
 
     step_fn(last tokens [B], cache) -> (logits [B, V], cache) is one decode step (one device or a mesh layout);
     history: the prompts' tokens (`TokenHistory.of_prompts`), for the repetition penalties.
-    Returns generated ids and their log-probs [B, steps] and the count per row n [B]; the whole loop is one
+    Returns {"tokens" int32, "logprobs" float32 [B, steps], "n" int32 [B] (tokens per row), and with_top
+    "top_ids" int32, "top_logprobs" float32 [B, steps, K] (sampling.top_logprobs)}; the whole loop is one
     `lax.while_loop`, so no token pays a host round trip.
     """
     B = logits.shape[0]
+    out = {"tokens": jnp.zeros((B, steps), jnp.int32), "logprobs": jnp.zeros((B, steps), jnp.float32)}
+    if with_top:
+        K = min(TOP_LOGPROBS_MAX, logits.shape[1])
+        out |= {"top_ids": jnp.zeros((B, steps, K), jnp.int32), "top_logprobs": jnp.zeros((B, steps, K), jnp.float32)}
+
+    def record(out, step, logits, tok, lp, live):
+        """Write step `step`'s outputs for the live rows (finished rows keep zeros)."""
+        new = {"tokens": tok, "logprobs": lp}
+        if with_top:
+            new["top_ids"], new["top_logprobs"] = top_logprobs(logits, sampling)
+        return {
+            name: buf.at[:, step].set(jnp.where(live.reshape(B, *[1] * (buf.ndim - 2)), new[name], 0))
+            for name, buf in out.items()
+        }
+
     first, first_lp = sample(logits, sampling, jnp.int32(0), history)
     history = history.add(first)
-    out_tokens = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.zeros((B, steps), jnp.float32).at[:, 0].set(first_lp)
+    out = record(out, 0, logits, first, first_lp, jnp.ones((B,), bool))
     done = jnp.isin(first, stop_ids) | (max_new <= 1)
 
     def cond(state):
-        step, _, _, _, done, _, _, _ = state
+        step, _, _, _, done, _, _ = state
         return (step < steps) & ~jnp.all(done)
 
     def body(state):
-        step, cache, last, n, done, out_tokens, out_lp, history = state
+        step, cache, last, n, done, out, history = state
         logits, cache = step_fn(last, cache)
         tok, lp = sample(logits, sampling, step, history)
         history = history.add(tok, live=~done)
-        out_tokens = out_tokens.at[:, step].set(jnp.where(done, 0, tok))
-        out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
+        out = record(out, step, logits, tok, lp, ~done)
         n = n + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stop_ids) | (n >= max_new)
-        return step + 1, cache, tok, n, done, out_tokens, out_lp, history
+        return step + 1, cache, tok, n, done, out, history
 
-    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out_tokens, out_lp, history)
-    _, _, _, n, _, out_tokens, out_lp, _ = jax.lax.while_loop(cond, body, state)
-    return out_tokens, out_lp, n
+    state = (jnp.int32(1), cache, first, jnp.ones((B,), jnp.int32), done, out, history)
+    _, _, _, n, _, out, _ = jax.lax.while_loop(cond, body, state)
+    return out | {"n": n}
 
 
-@partial(jax.jit, static_argnames=("config", "context", "steps"))
+@partial(jax.jit, static_argnames=("config", "context", "steps", "with_top"))
 def _generate(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
-              sampling: dict[str, jax.Array], stop_ids: jax.Array, max_new: jax.Array, context: int, steps: int
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
-    """tokens [B, T], lengths [B] -> decode_loop's (ids [B, steps], logprobs [B, steps], n [B]) on one device."""
+              sampling: dict[str, jax.Array], stop_ids: jax.Array, max_new: jax.Array, context: int, steps: int,
+              with_top: bool) -> dict[str, jax.Array]:  # fmt: skip
+    """tokens [B, T], lengths [B] -> decode_loop's outputs on one device."""
     logits, k, v = transformer.prefill(params, config, tokens, lengths)
     cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
     cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
     step = lambda last, cache: transformer.decode_step(params, config, last, cache)
     history = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
-    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history)
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history, with_top)
 
 
 def generate(
@@ -193,5 +227,5 @@ def generate(
     """Generate for several prompts as one batch of different lengths; results in input order."""
     b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids)
     out = _generate(params, config, jnp.asarray(b.tokens), jnp.asarray(b.lengths), b.sampling, jnp.asarray(b.stop_ids),
-                    jnp.asarray(b.max_new), context=b.context, steps=b.steps)  # fmt: skip
-    return b.results(*jax.device_get(out))
+                    jnp.asarray(b.max_new), context=b.context, steps=b.steps, with_top=b.with_top)  # fmt: skip
+    return b.results(jax.device_get(out))

@@ -33,6 +33,8 @@ __all__ = [
     "TOP_K_MAX",
     "FREQUENCY_PENALTY_MAX",
     "SAMPLING_FIELDS",
+    "TOP_LOGPROBS_MAX",
+    "top_logprobs",
 ]
 
 
@@ -52,6 +54,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_p: float = 0.0
+    top_logprobs: int = 0  # report the n most likely tokens at each step (not a sampling knob; vLLM keeps it here)
 
     def __post_init__(self) -> None:
         validate_sampling(
@@ -63,12 +66,14 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             min_p=self.min_p,
+            top_logprobs=self.top_logprobs,
         )
 
 
 TOP_K_MAX = 2**31 - 1  # int32; any k >= the vocabulary keeps every token anyway
 FREQUENCY_PENALTY_MAX = 2.0  # presence and frequency penalties in [-2, 2], as OpenAI's API and vLLM bound them
 REPETITION_PENALTY_MAX = 1e4  # a finite bound: past it every seen token is excluded anyway
+TOP_LOGPROBS_MAX = 20  # alternatives per token, OpenAI's bound; compiled steps always compute this many
 
 
 def validate_sampling(
@@ -81,6 +86,7 @@ def validate_sampling(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     min_p: float = 0.0,
+    top_logprobs: int = 0,
 ) -> None:
     """Raise SamplingError naming the first field outside its range."""
     if not np.isfinite(temperature) or temperature < 0:
@@ -102,6 +108,8 @@ def validate_sampling(
             )
     if not (0.0 <= min_p <= 1.0):
         raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if int(top_logprobs) != top_logprobs or not 0 <= top_logprobs <= TOP_LOGPROBS_MAX:
+        raise SamplingError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS_MAX}] (0 = off), got {top_logprobs}")
 
 
 # The per-row arrays `stack_sampling` builds, in order: what a decode state carries for each slot.
@@ -114,6 +122,7 @@ SAMPLING_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "min_p",
+    "top_logprobs",
 )
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
@@ -122,6 +131,7 @@ def stack_sampling(params: list[SamplingParams]) -> dict[str, np.ndarray]:
     """Per-row arrays for `sample`: SAMPLING_FIELDS, float32 / int32 [B], and seed uint32 [B, 2] (high, low)."""
     out = {name: np.array([getattr(p, name) for p in params], np.float32) for name in _FLOAT_FIELDS}
     out["top_k"] = np.array([p.top_k for p in params], np.int32)
+    out["top_logprobs"] = np.array([p.top_logprobs for p in params], np.int32)
     # Both 32-bit halves of the 63-bit seed: distinct seeds give distinct keys (folding them collided).
     out["seed"] = np.array([(p.seed >> 32, p.seed & 0xFFFFFFFF) for p in params], np.uint32).reshape(len(params), 2)
     return {name: out[name] for name in SAMPLING_FIELDS}
@@ -229,3 +239,18 @@ def sample(
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
     return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+
+
+def top_logprobs(logits: jax.Array, sampling: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The K = min(TOP_LOGPROBS_MAX, V) most likely tokens of each row under the model: ids int32 [B, K], log-probs
+    float32 [B, K], best first; zeros unless some row asked for them (a batch-wide branch, like sample's)."""
+    B, K = logits.shape[0], min(TOP_LOGPROBS_MAX, logits.shape[1])
+
+    def compute() -> tuple[jax.Array, jax.Array]:
+        values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), K)
+        return ids.astype(jnp.int32), values
+
+    def skip() -> tuple[jax.Array, jax.Array]:
+        return jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32)
+
+    return jax.lax.cond(jnp.any(sampling["top_logprobs"] > 0), compute, skip)

@@ -284,9 +284,10 @@ def check_phases(prefill_layout: Layout, decode_layout: Layout) -> None:
         )
 
 
-@partial(jax.jit, static_argnames=("config", "mesh", "prefill_layout", "decode_layout", "context", "steps"))
+@partial(jax.jit, static_argnames=("config", "mesh", "prefill_layout", "decode_layout", "context", "steps",
+                                   "with_top"))  # fmt: skip
 def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, mesh, prefill_layout, decode_layout,
-              context, steps):  # fmt: skip
+              context, steps, with_top):  # fmt: skip
     """model.generate's loop with sharded steps: prefill layout, phase switch, decode layout.
 
     tokens [b, T]: the real rows padded to the prefill split only; the decode cache has B = max_new.shape[0]
@@ -305,7 +306,7 @@ def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, m
     prompts = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
     history = TokenHistory(jnp.zeros((B, config.vocab_size), bool).at[:b].set(prompts.in_prompt),
                            jnp.zeros((B, config.vocab_size), jnp.int32))  # fmt: skip
-    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history)
+    return decode_loop(step, logits, cache, sampling, stop_ids, max_new, steps, history, with_top)
 
 
 def generate_sharded(
@@ -337,5 +338,5 @@ def generate_sharded(
     params = jax.device_put(params, param_shardings(config, mesh, prefill_layout.ffn)(params))
     out = _generate(params, config, jnp.asarray(tokens), jnp.asarray(lengths), b.sampling,
                     jnp.asarray(b.stop_ids), jnp.asarray(b.max_new), mesh=mesh, prefill_layout=prefill_layout,
-                    decode_layout=decode_layout, context=b.context, steps=b.steps)  # fmt: skip
-    return b.results(*jax.device_get(out))
+                    decode_layout=decode_layout, context=b.context, steps=b.steps, with_top=b.with_top)  # fmt: skip
+    return b.results(jax.device_get(out))

@@ -39,6 +39,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--frequency-penalty", type=float, default=0.0, help="subtract per occurrence in the output, in [-2, 2]"
     )
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    parser.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show the N most likely tokens at each step, in [0, 20] (one line per token; in --json too)",
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument(
         "--json",
@@ -79,13 +86,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mesh_arguments(parser)
 
 
-def _print(args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str) -> None:
+def _print(
+    args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str, top=()
+) -> None:
+    """One result; top: per generated token, its alternatives as (id, text, logprob) (with --top-logprobs)."""
     if args.json:
-        print(json.dumps({"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}))
-    else:
-        shown = prompt_text or ""
-        print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
-        print()
+        row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if args.top_logprobs:
+            row["top_logprobs"] = [[{"token": t, "text": s, "logprob": lp} for t, s, lp in alts] for alts in top]
+        print(json.dumps(row))
+        return
+    shown = prompt_text or ""
+    print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
+    for token, lp, alts in zip(tokens, logprobs, top, strict=False):  # one line per token: its pick, then the top n
+        others = "  ".join(f"{s!r} {x:.2f}" for _, s, x in alts)
+        print(f"  {token:>6} {lp:8.3f}  | {others}")
+    print()
 
 
 def _run_remote(args: argparse.Namespace) -> int:
@@ -114,7 +130,8 @@ def _run_remote(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
     for prompt, r in zip(prompts, results, strict=True):
-        _print(args, prompt if isinstance(prompt, str) else None, r.tokens, r.text, r.logprobs, r.finish_reason)
+        shown = prompt if isinstance(prompt, str) else None
+        _print(args, shown, r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
     return 0
 
 
@@ -132,7 +149,7 @@ def _config_only(args: argparse.Namespace):
 def _sampling_fields(args: argparse.Namespace) -> dict:
     """The sampling flags as SamplingParams' (and Client.request's) keyword arguments."""
     names = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    return {name: getattr(args, name) for name in (*names, "min_p")}
+    return {name: getattr(args, name) for name in (*names, "min_p", "top_logprobs")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)
-        _print(args, prompt_text, result.tokens, text, result.logprobs, result.finish_reason)
+        decode = model.tokenizer.decode
+        top = [[(t, decode([t]), lp) for t, lp in zip(ids, lps, strict=True)] for ids, lps in result.top_logprobs]
+        _print(args, prompt_text, result.tokens, text, result.logprobs, result.finish_reason, top)
     return 0
 
 

@@ -13,7 +13,7 @@ Results are plain dataclasses, except `model_info()` (the ModelInfo message: it 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,6 +23,11 @@ from meshserve.protos import inference_pb2_grpc as pb_grpc
 __all__ = ["Client", "Generation", "Chunk", "Score"]
 
 _REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
+
+
+def _top(messages) -> list[list[tuple[int, str, float]]]:
+    """TopLogprobs messages -> per token, its alternatives as (id, text, logprob), best first."""
+    return [list(zip(m.tokens, m.texts, m.logprobs, strict=True)) for m in messages]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Generation:
     queue_ms: float
     time_to_first_token_ms: float
     total_ms: float
+    top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Chunk:
     text: str
     logprobs: list[float]
     finish_reason: str | None  # set on the last chunk
+    top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token in `tokens`
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Client:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         min_p: float = 0.0,
+        top_logprobs: int = 0,
     ) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(
             temperature=temperature,
@@ -110,7 +118,12 @@ class Client:
             min_p=min_p,
         )
         req = pb.GenerateRequest(
-            sampling=sampling, stop=list(stop), return_logprobs=return_logprobs, ignore_eos=ignore_eos, **_input(prompt)
+            sampling=sampling,
+            stop=list(stop),
+            return_logprobs=return_logprobs,
+            ignore_eos=ignore_eos,
+            top_logprobs=top_logprobs,
+            **_input(prompt),
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
@@ -129,6 +142,7 @@ class Client:
             r.timing.queue_ms,
             r.timing.time_to_first_token_ms,
             r.timing.total_ms,
+            _top(r.top_logprobs),
         )
 
     def generate_stream(
@@ -136,7 +150,7 @@ class Client:
     ) -> Iterator[Chunk]:
         """GenerateStream; the iterator's `.cancel()` is on `stream_call(...)` when a caller needs it."""
         for c in self.stream_call(prompt, timeout=timeout, **kwargs):
-            yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason))
+            yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs))
 
     def stream_call(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs):
         """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""

@@ -27,10 +27,10 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling
+from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling, top_logprobs
 from meshserve.serving.plan import EnginePlan
 
-__all__ = ["Engine", "ModelSteps", "DecodeState", "PrefillResult", "ScoreOutput"]
+__all__ = ["Engine", "ModelSteps", "DecodeState", "StepOutput", "ScoreOutput"]
 
 SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2] (model/sampling.py)
 
@@ -59,11 +59,14 @@ class DecodeState:
 
 
 @dataclass(frozen=True)
-class PrefillResult:
-    """A prefill's sampled first tokens int32 [b] and log-probs float32 [b], host copies (real rows only)."""
+class StepOutput:
+    """Host copies of one step's sampled tokens int32 [b] and their log-probs float32 [b]; with the K most likely
+    alternatives ids int32 [b, K] and log-probs float32 [b, K] (sampling.top_logprobs) when they were fetched."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,12 @@ class Engine:
     # ----- the step functions (traced once per bucket) -----
 
     def _prefill_fn(self, params, tokens, lengths, sampling):
-        """tokens [b, T], lengths [b] -> first tokens [b], log-probs [b], k, v [N, b, T, K, Q], and the prompts'
-        tokens in_prompt bool [b, V] (for insert)."""
+        """tokens [b, T], lengths [b] -> (first tokens [b], log-probs [b], top ids and log-probs [b, K]), k, v
+        [N, b, T, K, Q], and the prompts' tokens in_prompt bool [b, V] (for insert)."""
         logits, k, v = self.steps.prefill(params, self.config, tokens, lengths)
         history = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
         tok, lp = sample(logits, sampling, jnp.int32(0), history)
-        return tok, lp, k, v, history.in_prompt
+        return (tok, lp, *top_logprobs(logits, sampling)), k, v, history.in_prompt
 
     @staticmethod
     def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
@@ -117,7 +120,7 @@ class Engine:
 
     def _decode_fn(self, b: int, context: int, params, state: DecodeState):
         """One token for slots [0, b), attending over cache positions [0, context) (every used row's length is
-        below it): -> new state, tokens int32 [b], log-probs float32 [b]."""
+        below it): -> new state, (tokens int32 [b], log-probs float32 [b], top ids int32 and log-probs [b, K])."""
         full = b == state.last.shape[0]
         c = state.cache
         sub = c if full else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
@@ -134,7 +137,7 @@ class Engine:
             )
         history = TokenHistory(state.history.in_prompt, state.history.counts.at[jnp.arange(b), tok].add(1))
         new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling, history)
-        return new, tok, lp
+        return new, (tok, lp, *top_logprobs(logits, samp))
 
     def _score_fn(self, params, tokens, lengths):
         """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], argmax-hit bool [b, T-1]."""
@@ -219,7 +222,7 @@ class Engine:
 
     def prefill_insert(
         self, prompts: list[list[int]], slots: list[int], sampling: list[SamplingParams], batch: int, length: int
-    ) -> PrefillResult:
+    ) -> StepOutput:
         """Prefill prompts as one [batch, length] bucket, insert them into decode `slots`; first tokens to host."""
         n = len(prompts)
         if not 0 < n <= batch or len(slots) != n or len(sampling) != n:
@@ -232,13 +235,13 @@ class Engine:
         tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
         slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
         slot_arr[:n] = slots
-        first, first_lp, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
-        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, first, samp, in_prompt)
-        first, first_lp = jax.device_get((first, first_lp))
-        return PrefillResult(first[:n], first_lp[:n])
+        out, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
+        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, out[0], samp, in_prompt)
+        return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
 
-    def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, jax.Array]:
-        """Dispatch one decode step for slots [0, batch); returns device arrays (tokens, log-probs) [batch].
+    def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
+        """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],
+        top ids [batch, K], top log-probs [batch, K]).
 
         context: more than the longest cache length of any used row in [0, batch) at this step (the step then
         attends over the smallest context bucket >= it); None = the whole cache.
@@ -247,18 +250,18 @@ class Engine:
         c = self.plan.max_context if context is None else self.plan.context_bucket(context)
         if (batch, c) not in self._decode:
             raise KeyError(f"no compiled decode for batch {batch}, context {c}; plan has {sorted(self._decode)}")
-        self._state, tok, lp = self._decode[(batch, c)](self.params, self._state)
-        return tok, lp
+        self._state, out = self._decode[(batch, c)](self.params, self._state)
+        return out
 
     @staticmethod
-    def fetch(out: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
-        """The one device->host copy of a decode step."""
-        tok, lp = jax.device_get(out)
-        return np.asarray(tok), np.asarray(lp)
+    def fetch(out: tuple[jax.Array, ...], top: bool = False) -> StepOutput:
+        """The one device->host copy of a decode step; the alternatives only when `top` (some row asked for them:
+        a step that needs none copies [batch] arrays only)."""
+        return StepOutput(*(np.asarray(a) for a in jax.device_get(out if top else out[:2])))
 
-    def decode(self, batch: int, context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One decode step, waited for: tokens int32 [batch], log-probs float32 [batch]."""
-        return self.fetch(self.decode_async(batch, context))
+    def decode(self, batch: int, context: int | None = None, top: bool = False) -> StepOutput:
+        """One decode step, waited for (see `fetch`)."""
+        return self.fetch(self.decode_async(batch, context), top)
 
     @property
     def score_chunk_size(self) -> int:

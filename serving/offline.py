@@ -2,8 +2,8 @@
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt", "max_new_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
-                   "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?}
-                                                              -> {"id", "text", "tokens", "logprobs", "finish_reason"}
+                   "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
+                   "top_logprobs"?}               -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
 
 Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
 resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines
@@ -307,10 +307,15 @@ def run_generate(model, engine, in_path: Path, out_path: Path, errors_path: Path
                 if progress is not None:
                     progress.update(r.max_new_tokens)
                 continue
-            writer.result(
-                {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
-                 "finish_reason": r.finish_reason}
-            )  # fmt: skip
+            row = {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
+                   "finish_reason": r.finish_reason}  # fmt: skip
+            if r.sampling.top_logprobs:
+                decode = model.tokenizer.decode
+                row["top_logprobs"] = [
+                    [{"token": t, "text": decode([t]), "logprob": lp} for t, lp in zip(ids, lps, strict=True)]
+                    for ids, lps in r.top_logprobs
+                ]
+            writer.result(row)
             writer.summary.tokens += len(r.tokens)
             if progress is not None:
                 progress.update(r.max_new_tokens)  # the total counts max_new_tokens: an early stop fills its share

@@ -272,7 +272,9 @@ class Orchestrator:
                         self._refuse_batch(batch, e)
                         continue
                     with self._lock:
-                        updates = self.scheduler.record_prefill(batch, out.tokens, out.logprobs, time.monotonic())
+                        updates = self.scheduler.record_prefill(
+                            batch, out.tokens, out.logprobs, time.monotonic(), top=(out.top_ids, out.top_logprobs)
+                        )
                     self.metrics.generated(sum(len(u.tokens) for u in updates))  # each request's first token
                     self._deliver(updates)
                     worked = True
@@ -353,10 +355,16 @@ class Orchestrator:
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0 = pending
-        tokens, logprobs = self.engine.fetch(out)
+        out = self.engine.fetch(out, top=Scheduler.wants_top(ticket))
         now = time.monotonic()
         with self._lock:
-            updates = self.scheduler.record_decode(ticket, tokens, logprobs, now)
+            updates = self.scheduler.record_decode(
+                ticket,
+                out.tokens,
+                out.logprobs,
+                now,
+                top=None if out.top_ids is None else (out.top_ids, out.top_logprobs),
+            )
             occupancy = self.scheduler.occupancy()
         # Step time: this step's dispatch to the next one's (or to now when none follows): what a token costs.
         seconds = (dispatched[2] if dispatched else now) - t0
@@ -423,7 +431,7 @@ class Orchestrator:
             if reason is not None:
                 text += handle.decoder.finish()
             handle.text += text
-            handle.events.put(Event(u.tokens, u.logprobs, text, reason))
+            handle.events.put(Event(u.tokens, u.logprobs, text, reason, u.top_logprobs))
             if reason is not None:
                 with self._lock:
                     self._handles.pop(r.id, None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
 from meshserve.serving.detok import StreamDecoder
-from meshserve.serving.scheduler import QueueFullError, Request
+from meshserve.serving.scheduler import Alternatives, QueueFullError, Request
 
 __all__ = [
     "Event",
@@ -50,6 +50,7 @@ class Event:
     logprobs: tuple[float, ...]
     text: str
     finish_reason: str | None = None
+    top_logprobs: tuple[Alternatives, ...] = ()  # per token, when the request asked for alternatives
 
 
 @dataclass(eq=False)

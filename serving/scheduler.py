@@ -23,13 +23,25 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingParams
 
-__all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS"]
+__all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS", "Alternatives"]
 
 FINISH_REASONS = ("length", "stop", "cancelled")
 _ids = itertools.count(1)
+
+Alternatives = tuple[tuple[int, ...], tuple[float, ...]]  # the n most likely tokens at one step: ids, log-probs
+
+
+def _alternatives(r: Request, top: tuple[np.ndarray, np.ndarray] | None, row: int) -> Alternatives | None:
+    """Row `row` of a step's alternatives [b, K], cut to the request's top_logprobs; None when it asked for none."""
+    n = r.sampling.top_logprobs
+    if n == 0 or top is None:
+        return None
+    ids, lps = top
+    return tuple(int(t) for t in ids[row, :n]), tuple(float(x) for x in lps[row, :n])
 
 
 class QueueFullError(UserError):
@@ -51,6 +63,8 @@ class Request:
     slot: int | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # per generated token, when sampling.top_logprobs > 0: the n most likely (ids, log-probs), best first
+    top_logprobs: list[Alternatives] = field(default_factory=list)
     finish_reason: str | None = None
     prefill_start: float | None = None
     first_token_time: float | None = None
@@ -70,6 +84,7 @@ class Update:
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str | None = None
+    top_logprobs: tuple[Alternatives, ...] = ()  # one per token when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -202,14 +217,21 @@ class Scheduler:
     def _batch_bucket(self, n: int) -> int:
         return next(b for b in self.prefill_batches if b >= n)
 
-    def record_prefill(self, batch: PrefillBatch, tokens: Sequence[int], logprobs: Sequence[float], now: float):
-        """The prefill's first token per request -> updates."""
+    def record_prefill(
+        self,
+        batch: PrefillBatch,
+        tokens: Sequence[int],
+        logprobs: Sequence[float],
+        now: float,
+        top: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        """The prefill's first token per request -> updates; top: alternatives' ids and log-probs [b, K]."""
         updates = []
-        for r, tok, lp in zip(batch.requests, tokens, logprobs, strict=True):
+        for i, (r, tok, lp) in enumerate(zip(batch.requests, tokens, logprobs, strict=True)):
             if r.finished:
                 continue
             r.first_token_time = now
-            updates.append(self._accept(r, int(tok), float(lp), now))
+            updates.append(self._accept(r, int(tok), float(lp), now, _alternatives(r, top, i)))
         return updates
 
     def decode_batch(self) -> int | None:
@@ -230,19 +252,28 @@ class Scheduler:
         tokens: Sequence[int],
         logprobs: Sequence[float],
         now: float,
+        top: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[Update]:
-        """One decode step's tokens [b] -> updates for the requests that owned the slots and are still running."""
+        """One decode step's tokens [b] -> updates for the requests that owned the slots and are still running;
+        top: the step's alternatives [b, K] (fetched when some owner asked for them: `wants_top`)."""
         _, owners = ticket
         updates = []
-        for r, tok, lp in zip(owners, tokens, logprobs, strict=False):
+        for i, (r, tok, lp) in enumerate(zip(owners, tokens, logprobs, strict=False)):
             if r is None or r.finished:
                 continue  # an empty slot, or a request that ended after this step was dispatched
-            updates.append(self._accept(r, int(tok), float(lp), now))
+            updates.append(self._accept(r, int(tok), float(lp), now, _alternatives(r, top, i)))
         return updates
 
-    def _accept(self, r: Request, tok: int, lp: float, now: float) -> Update:
+    @staticmethod
+    def wants_top(ticket: tuple[int, tuple[Request | None, ...]]) -> bool:
+        """Whether any request of a decode step asked for alternatives (only then are they copied to the host)."""
+        return any(r is not None and r.sampling.top_logprobs > 0 for r in ticket[1])
+
+    def _accept(self, r: Request, tok: int, lp: float, now: float, alternatives: Alternatives | None) -> Update:
         r.tokens.append(tok)
         r.logprobs.append(lp)
+        if alternatives is not None:
+            r.top_logprobs.append(alternatives)
         reason = None
         if tok in r.stop_ids:
             reason = "stop"
@@ -250,4 +281,4 @@ class Scheduler:
             reason = "length"
         if reason:
             self._finish(r, reason, now)
-        return Update(r, (tok,), (lp,), reason)
+        return Update(r, (tok,), (lp,), reason, () if alternatives is None else (alternatives,))

@@ -18,7 +18,7 @@ import grpc
 import jax
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
-from meshserve.model.sampling import SamplingError, SamplingParams
+from meshserve.model.sampling import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.orchestrator import (
@@ -139,6 +139,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
         else:
             n = min(DEFAULT_MAX_NEW_TOKENS, room, lim.max_new_tokens)
+        if not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:  # a request field, checked before sampling's own fields
+            raise RequestError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}] (0 = none), got {req.top_logprobs}")
         s = req.sampling
         top_p = s.top_p if s.HasField("top_p") else 1.0
         repetition = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
@@ -152,6 +154,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
                 min_p=s.min_p,
+                top_logprobs=req.top_logprobs,
             )
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
@@ -247,13 +250,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         self._count(handle, method, "CANCELLED" if reason in (None, "cancelled") else "OK")
 
+    def _top(self, alternatives) -> list[pb.TopLogprobs]:
+        """Scheduler alternatives (ids, log-probs) per token -> TopLogprobs messages, each token decoded alone."""
+        decode = self.model.tokenizer.decode
+        return [pb.TopLogprobs(tokens=ids, logprobs=lps, texts=[decode([t]) for t in ids]) for ids, lps in alternatives]
+
     def Generate(self, request, context):
         handle = self._start(request, context, "Generate")
-        tokens, logprobs, reason = [], [], None
+        tokens, logprobs, top, reason = [], [], [], None
         event: Event
         for event in self._events(handle, context, "Generate"):
             tokens.extend(event.tokens)
             logprobs.extend(event.logprobs)
+            top.extend(event.top_logprobs)
             reason = event.finish_reason
         self._done(context, "Generate", handle, reason)
         usage, timing = self._usage_timing(handle)
@@ -264,6 +273,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             finish_reason=FINISH_REASON.get(reason, pb.FINISH_REASON_CANCELLED),
             usage=usage,
             timing=timing,
+            top_logprobs=self._top(top),
         )
 
     def GenerateStream(self, request, context):
@@ -272,7 +282,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         for event in self._events(handle, context, "GenerateStream"):
             reason = event.finish_reason
             chunk = pb.GenerateChunk(
-                tokens=event.tokens, text=event.text, logprobs=event.logprobs if request.return_logprobs else []
+                tokens=event.tokens,
+                text=event.text,
+                logprobs=event.logprobs if request.return_logprobs else [],
+                top_logprobs=self._top(event.top_logprobs),
             )
             if reason is not None:
                 self._done(context, "GenerateStream", handle, reason)
@@ -401,6 +414,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_score_items=lim.max_score_items,
                 max_text_chars=lim.text_chars,
                 max_score_tokens=lim.max_score_tokens,
+                max_top_logprobs=TOP_LOGPROBS_MAX,
             ),
             plan_json=self.plan.to_json(),
         )

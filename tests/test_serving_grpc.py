@@ -109,6 +109,7 @@ def test_health_reflection_and_model_info(server, client):
     assert info.model.name == "tiny" and info.weights == "f32" and info.limits.max_context == 128
     assert info.limits.max_batch == 8 and info.limits.max_queue == 32
     assert info.limits.max_score_tokens == SCORE_TOKENS and info.limits.max_score_items == 256
+    assert info.limits.max_top_logprobs == 20
     phases = {(p.phase, p.batch, p.length) for p in info.plan}
     assert {("decode", 2, 1), ("decode", 8, 1), ("prefill", 1, 32), ("prefill", 4, 128), ("score", 8, 32)} <= phases
     assert all(p.ffn_layout and p.attention_layout for p in info.plan)
@@ -161,6 +162,24 @@ def test_unary_equals_streaming_equals_in_process(client, model):
         np.testing.assert_allclose(unary.logprobs, ref.logprobs, atol=1e-4)
         assert unary.prompt_tokens == len(ids) and unary.generated_tokens == 20
         assert 0 <= unary.queue_ms <= unary.time_to_first_token_ms <= unary.total_ms
+
+
+def test_top_logprobs_unary_equals_streaming_equals_in_process(client, model):
+    from meshserve.model.generate import generate
+    from meshserve.model.sampling import SamplingParams
+
+    prompt = [5, 6, 7, 200, 9]  # the unary test's prompt bucket: no new compile of the reference
+    unary = client.generate(prompt, max_new_tokens=12, top_logprobs=4)
+    chunks = list(client.generate_stream(prompt, max_new_tokens=12, top_logprobs=4))
+    streamed = [alts for c in chunks for alts in c.top_logprobs]
+    assert all(len(c.top_logprobs) == len(c.tokens) for c in chunks)
+    assert unary.top_logprobs == streamed and len(streamed) == len(unary.tokens) == 12
+    ref = generate(model.params, model.config, [prompt], max_new_tokens=12, sampling=SamplingParams(top_logprobs=4))
+    for alts, (ids, lps), tok in zip(unary.top_logprobs, ref[0].top_logprobs, unary.tokens, strict=True):
+        assert [a[0] for a in alts] == list(ids) and alts[0][0] == tok  # greedy: the pick is the first
+        np.testing.assert_allclose([a[2] for a in alts], lps, atol=1e-4)
+        assert [a[1] for a in alts] == [model.tokenizer.decode([t]) for t in ids]
+    assert client.generate(prompt, max_new_tokens=3).top_logprobs == []
 
 
 def test_generate_cli_with_server_matches_in_process(server, model):
@@ -312,6 +331,8 @@ BAD = [
     (dict(prompt="hi", presence_penalty=2.5), "sampling.presence_penalty must be in [-2, 2]"),
     (dict(prompt="hi", frequency_penalty=-9.0), "sampling.frequency_penalty"),
     (dict(prompt="hi", min_p=1.5), "sampling.min_p must be in [0, 1]"),
+    (dict(prompt="hi", top_logprobs=21), "top_logprobs must be in [0, 20]"),
+    (dict(prompt="hi", top_logprobs=-1), "top_logprobs"),
     (dict(prompt=[1, 256]), "tokens.ids"),
     (dict(prompt=[-3]), "tokens.ids"),
     (dict(prompt="x" * 5000), "4096"),

@@ -18,9 +18,9 @@ def _run(engine: Engine, steps: int = 6) -> tuple[np.ndarray, np.ndarray]:
     first = engine.prefill_insert(PROMPTS, [0, 1, 2], [SamplingParams()] * 3, batch=4, length=16)
     tokens, logprobs = [first.tokens], [first.logprobs]
     for _ in range(steps):
-        tok, lp = engine.decode(8)
-        tokens.append(tok[:3])
-        logprobs.append(lp[:3])
+        out = engine.decode(8)
+        tokens.append(out.tokens[:3])
+        logprobs.append(out.logprobs[:3])
     return np.stack(tokens, 1), np.stack(logprobs, 1)
 
 

@@ -134,8 +134,8 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     src = tmp_path / "in.jsonl"
     with open(src, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"r{i}", "prompt": "x" * (1 + i % 20), "max_new_tokens": 24, "ignore_eos": True}))
-            f.write("\n")
+            row = {"id": f"r{i}", "prompt": "x" * (1 + i % 20), "max_new_tokens": 24, "ignore_eos": True}
+            f.write(json.dumps(row | ({"top_logprobs": 3} if i % 7 == 0 else {})) + "\n")
         f.write("{broken\n")  # line n + 1
         f.write(json.dumps({"id": "bad", "prompt": "x", "max_new_tokens": 0}) + "\n")  # line n + 2
         f.write(json.dumps({"id": "bad2", "prompt": "x", "temperature": "hot"}) + "\n")  # line n + 3
@@ -160,6 +160,12 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     rows = _lines(out)
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(n))  # each id exactly once
     assert all(len(r["tokens"]) == 24 and r["finish_reason"] == "length" for r in rows)
+    for r in rows:  # every 7th line asked for 3 alternatives per token; the others get no key
+        alts = r.get("top_logprobs")
+        if int(r["id"][1:]) % 7:
+            assert alts is None
+        else:
+            assert len(alts) == 24 and all(len(a) == 3 and a[0]["logprob"] >= a[2]["logprob"] for a in alts)
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
     assert [e["line"] for e in errors] == [n + 1, n + 2, n + 3, n + 4]
     assert "max_new_tokens" in errors[1]["error"]

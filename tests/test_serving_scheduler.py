@@ -10,7 +10,7 @@ import pytest
 from meshserve.model.config import get_config
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.detok import StreamDecoder
-from meshserve.serving.engine import PrefillResult, ScoreOutput
+from meshserve.serving.engine import ScoreOutput, StepOutput
 from meshserve.serving.orchestrator import Orchestrator, ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError, Request, Scheduler
 
@@ -176,7 +176,7 @@ class MockEngine:
         first = np.array([p[-1] + 1 for p in prompts], np.int32)
         self.last[list(slots)] = first
         self.calls.append(("prefill", batch, length))
-        return PrefillResult(first, np.zeros(len(prompts), np.float32))
+        return StepOutput(first, np.zeros(len(prompts), np.float32))
 
     def decode_async(self, batch, context=None):
         self.last[:batch] += 1
@@ -184,8 +184,8 @@ class MockEngine:
         return self.last[:batch].copy(), np.full(batch, -1.0, np.float32)
 
     @staticmethod
-    def fetch(out):
-        return out
+    def fetch(out, top=False):
+        return StepOutput(*out)
 
     def score(self, items):
         return ScoreOutput([np.zeros(len(c), np.float32) for _, c in items], [np.ones(len(c), bool) for _, c in items])
