@@ -35,6 +35,7 @@ from meshserve.serving.requests import (
     ShuttingDownError,
 )
 from meshserve.serving.scheduler import PrefillBatch, Request, Scheduler, Update
+from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
 
 __all__ = [
     "Orchestrator",
@@ -45,8 +46,6 @@ __all__ = [
     "ScoreCancelledError",
     "RequestFailedError",
 ]
-
-DEFAULT_MAX_SCORES = 16
 
 
 def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
@@ -80,11 +79,7 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._handles: dict[int, RequestHandle] = {}
-        self._scores: queue.SimpleQueue[ScoreJob] = queue.SimpleQueue()
-        # The Score being scored, a chunk per loop iteration (engine thread); set and read elsewhere under _lock.
-        self._score_job: ScoreJob | None = None
-        self._scores_pending = 0  # Score jobs accepted and not yet answered (queued or running); under _lock
-        self.max_scores = max_scores
+        self.scores = ScoreJobs(self._lock, max_scores)
         self._accepting = True
         self.grace_passed = False  # drain's grace ran out and it cancelled what was left (servicer: UNAVAILABLE)
         self._stop = False
@@ -142,15 +137,7 @@ class Orchestrator:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
-            if self._scores_pending >= self.max_scores:
-                raise ScoreQueueFullError(
-                    f"Score queue full: {self._scores_pending} Score requests pending (max_score_queue="
-                    f"{self.max_scores}); retry later"
-                )
-            # Counted under the same lock as the accepting check: drain() sees every Score it has to wait for.
-            self._scores_pending += 1
-            future.add_done_callback(self._score_done)
-            self._scores.put(job)
+            self.scores.add(job)
         self._wake.set()
         try:
             out: ScoreOutput = future.result(timeout)
@@ -162,10 +149,6 @@ class Orchestrator:
         for pos, i in enumerate(order):
             back[i] = pos
         return ScoreOutput([out.token_logprobs[j] for j in back], [out.greedy[j] for j in back])
-
-    def _score_done(self, future: Future) -> None:
-        with self._lock:
-            self._scores_pending -= 1
 
     def live_slots(self) -> int:
         with self._lock:
@@ -187,7 +170,7 @@ class Orchestrator:
         clean = True
         while time.monotonic() < deadline and self._thread.is_alive():
             with self._lock:
-                if self.scheduler.idle() and self._scores_pending == 0:
+                if self.scheduler.idle() and self.scores.pending == 0:
                     break
             time.sleep(0.02)
         else:
@@ -198,36 +181,12 @@ class Orchestrator:
             for r in left:
                 self.scheduler.cancel(r)
                 clean = False
-        if self._fail_scores(
+        if self.scores.fail(
             ShuttingDownError("server shut down: the Score was cancelled when the drain's grace period (--grace) ended")
         ):
             clean = False
         self.stop()
         return clean
-
-    def _fail_scores(self, error: BaseException, running: bool = True) -> int:
-        """Fail every queued Score job with `error` (and, with `running`, stop the running one at its next chunk);
-        returns how many."""
-        n = 0
-        queued = []
-        # Under the lock, as the engine thread takes a job off the queue and makes it the running one (_run_score):
-        # every job is then either running or queued here, never in between and missed.
-        with self._lock:
-            job = self._score_job
-            if running and job is not None and not job.future.done():
-                job.error = error
-                job.cancel.set()
-                n += 1
-            while True:
-                try:
-                    queued.append(self._scores.get_nowait())
-                except queue.Empty:
-                    break
-        for job in queued:  # outside the lock: a future's done callback (_score_done) takes it
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
-                n += 1
-        return n
 
     def stop(self) -> None:
         self._stop = True
@@ -244,16 +203,10 @@ class Orchestrator:
                 now = time.monotonic()
                 with self._lock:
                     updates = self.scheduler.reap(now)
-                    if (
-                        self._stop
-                        and self.scheduler.idle()
-                        and pending is None
-                        and self._scores.empty()
-                        and self._score_job is None
-                    ):
+                    if self._stop and self.scheduler.idle() and pending is None and self.scores.idle():
                         break
                 self._deliver(updates)
-                worked = self._run_score()
+                worked = self.scores.run_chunk(self.engine)
                 with self._lock:
                     batch = self.scheduler.next_prefill(time.monotonic())
                 if batch is not None:
@@ -303,13 +256,12 @@ class Orchestrator:
                 h.events.put(e)
                 if h.done is not None:
                     h.done.put(e)
-            self._fail_scores(e, running=False)
-            if self._score_job is not None and not self._score_job.future.done():
-                self._score_job.future.set_exception(e)
+            self.scores.fail(e, running=False)
+            self.scores.abort_running(e)
             raise
         finally:
             # Whatever ended the loop, no Score caller may wait forever on a future nobody will answer.
-            self._fail_scores(ShuttingDownError("the engine stopped before this Score ran"), running=False)
+            self.scores.fail(ShuttingDownError("the engine stopped before this Score ran"), running=False)
 
     def _refusal(self, request: Request) -> str | None:
         """Why the engine cannot take this request's prompt on its own (the message its caller gets), or None."""
@@ -372,47 +324,6 @@ class Orchestrator:
         self.step_seconds += seconds
         self.metrics.step(seconds, len(updates), occupancy)
         self._deliver(updates)
-
-    def _run_score(self) -> bool:
-        """Score one chunk (one compiled bucket call) of the running Score job, starting the next queued one when
-        none runs; stops a job that was cancelled or passed its deadline. Returns whether there was a job."""
-        with self._lock:  # taken and made the running job in one step: drain's _fail_scores sees it either way
-            job = self._score_job
-            if job is None:
-                try:
-                    job = self._scores.get_nowait()
-                except queue.Empty:
-                    return False
-                if not job.future.set_running_or_notify_cancel():
-                    return True  # its caller gave up before it started
-                self._score_job = job
-        n = len(job.items)
-        if n == 0:
-            self._score_job = None
-            job.future.set_result(ScoreOutput([], []))
-            return True
-        if job.cancel.is_set() or (job.deadline is not None and time.monotonic() >= job.deadline):
-            self._score_job = None
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            elif job.cancel.is_set():
-                job.future.set_exception(ScoreCancelledError(f"Score cancelled after {job.done} of {n} items"))
-            else:
-                job.future.set_exception(TimeoutError(f"Score deadline passed after {job.done} of {n} items"))
-            return True
-        try:
-            out = self.engine.score_chunk(job.items[job.done : job.done + self.engine.score_chunk_size])
-        except Exception as e:  # a bad item must not kill the loop
-            self._score_job = None
-            job.future.set_exception(e)
-            return True
-        job.token_logprobs.extend(out.token_logprobs)
-        job.greedy.extend(out.greedy)
-        job.done += len(out.token_logprobs)
-        if job.done >= n:
-            self._score_job = None
-            job.future.set_result(ScoreOutput(job.token_logprobs, job.greedy))
-        return True
 
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:

@@ -21,9 +21,10 @@ from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.engine import Engine, ModelSteps
 from meshserve.serving.metrics import ServerMetrics
-from meshserve.serving.orchestrator import DEFAULT_MAX_SCORES, Orchestrator
+from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
+from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES
 from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
 
 __all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError", "check_score_tokens"]

@@ -257,7 +257,7 @@ def test_engine_crash_fails_queued_score_jobs():
     assert engine.scoring.wait(5)  # A runs on the engine thread; B and a request queue behind it
     b = _score_in_thread(orch, results, "b")
     deadline = time.monotonic() + 5
-    while orch._scores.empty() and time.monotonic() < deadline:
+    while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
     h = orch.submit(req())
     engine.release.set()  # A finishes, then the prefill raises: B must fail with the engine's error, not hang
@@ -279,7 +279,7 @@ def test_drain_waits_for_queued_score_jobs():
     assert engine.scoring.wait(5)
     b = _score_in_thread(orch, results, "b")
     deadline = time.monotonic() + 5
-    while orch._scores.empty() and time.monotonic() < deadline:
+    while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
     drained = {}
     d = threading.Thread(target=lambda: drained.setdefault("clean", orch.drain(10.0)))
@@ -302,7 +302,7 @@ def test_drain_past_grace_fails_queued_score_jobs_and_score_times_out():
     results = {}
     b = _score_in_thread(orch, results, "b")
     deadline = time.monotonic() + 5
-    while orch._scores.empty() and time.monotonic() < deadline:
+    while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
     threading.Timer(0.5, engine.release.set).start()
     assert orch.drain(0.1) is False  # grace too short: B is failed, not left waiting
@@ -394,7 +394,7 @@ def test_score_queue_is_bounded_and_a_full_one_answers_resource_exhausted():
     assert engine.scoring.wait(5)  # A runs, B waits: 2 pending, the limit
     b = _score_in_thread(orch, results, "b")
     deadline = time.monotonic() + 5
-    while orch._scores.empty() and time.monotonic() < deadline:
+    while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(ScoreQueueFullError, match=r"max_score_queue=2"):
         orch.score([([1], [2])], timeout=1)

@@ -81,7 +81,7 @@ def test_stream_gets_tokens_between_the_chunks_of_a_long_score(engine):
     scorer = threading.Thread(target=lambda: result.setdefault("out", orch.score(items, timeout=60)))
     scorer.start()
     deadline = time.monotonic() + 10
-    while orch._scores.empty() and time.monotonic() < deadline:
+    while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
     orch.start()
     try:
@@ -159,7 +159,7 @@ def test_drain_fails_a_score_the_engine_thread_is_taking_off_the_queue(engine):
 
     engine.reset()
     orch = _orchestrator(engine)
-    orch._scores = HeldQueue()
+    orch.scores.queue = HeldQueue()
     orch.start()
     result = {}
 
