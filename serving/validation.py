@@ -1,0 +1,166 @@
+"""Request validation for the gRPC servicer: meshserve.v1 request protos -> engine requests, every field checked.
+
+Split from serving/servicer.py. Every bad field raises RequestError (INVALID_ARGUMENT) with a message naming the
+field and its limit, before anything is queued, so no input reaches the engine thread unchecked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from meshserve.errors import UserError
+from meshserve.model.sampling import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
+from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.scheduler import Request
+
+__all__ = [
+    "RequestParser",
+    "RequestError",
+    "Limits",
+    "score_reply_bytes",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_MAX_SCORE_TOKENS",
+]
+
+DEFAULT_MAX_NEW_TOKENS = 64
+# Prompt + continuation tokens over one Score's items: 256 items x 1024 tokens. Its largest reply,
+# score_reply_bytes(256, 262144) ~ 2.4 MB, fits gRPC's 4 MiB send limit (serving/server.py MAX_MESSAGE_BYTES).
+DEFAULT_MAX_SCORE_TOKENS = 262144
+
+
+def score_reply_bytes(max_items: int, max_tokens: int) -> int:
+    """An upper bound on the serialized ScoreResponse for `max_items` items of `max_tokens` tokens in all.
+
+    Per continuation token: a packed float (4 bytes) and an int32 id as a varint (at most 5 bytes for ids < 2**31).
+    Per item: the ScoreResult's tag and length (<= 6), logprob double (9), greedy (2), two packed fields' tags and
+    lengths (<= 12): 32 bytes with room to spare.
+    """
+    return 9 * max_tokens + 32 * max_items
+
+
+class RequestError(UserError):
+    """An invalid request; the message names the field and its limit (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server (GetModelInfo.limits; `meshserve serve` flags)."""
+
+    max_context: int
+    max_batch: int
+    max_new_tokens: int
+    max_queue: int
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_score_items: int = 256
+    max_text_chars: int = 0  # 0: 32 characters per context token (no tokenizer packs more into one token)
+    max_score_tokens: int = DEFAULT_MAX_SCORE_TOKENS  # prompt + continuation tokens over one Score's items
+
+    @property
+    def text_chars(self) -> int:
+        return self.max_text_chars or 32 * self.max_context
+
+
+class RequestParser:
+    """Checks requests against the model (vocabulary, context, tokenizer) and the server's limits."""
+
+    def __init__(self, model, limits: Limits):
+        self.model = model
+        self.config = model.config
+        self.limits = limits
+
+    def ids(self, field: str, ids) -> list[int]:
+        """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
+        a tokenizer may know more ids than the model embeds, and such an id must not reach the engine thread."""
+        ids = list(ids)
+        V = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise RequestError(f"{field}: token id {bad} outside the vocabulary [0, {V})")
+        return ids
+
+    def text(self, field: str, text: str) -> str:
+        if len(text) > self.limits.text_chars:
+            raise RequestError(f"{field}: {len(text)} characters exceed the limit of {self.limits.text_chars}")
+        return text
+
+    def generate(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[Request, list[str]]:
+        """A GenerateRequest -> (engine Request, stop strings); time_remaining: the client's deadline in s (None:
+        none). Raises RequestError naming the first bad field."""
+        which = req.WhichOneof("input")
+        if which == "text":
+            prompt = self.ids("text", self.model.encode_prompt(self.text("text", req.text))) if req.text else []
+        elif which == "tokens":
+            prompt = self.ids("tokens.ids", req.tokens.ids)
+        else:
+            prompt = []
+        if not prompt:
+            raise RequestError("input: empty prompt (set text or tokens.ids)")
+        lim = self.limits
+        room = lim.max_context - len(prompt)
+        if room < 1:
+            raise RequestError(
+                f"input: {len(prompt)} prompt tokens leave no room in the context (max_context={lim.max_context})"
+            )
+        if req.HasField("max_new_tokens"):
+            n = req.max_new_tokens
+            if not 1 <= n <= lim.max_new_tokens:
+                raise RequestError(f"max_new_tokens must be in [1, {lim.max_new_tokens}], got {n}")
+            if n > room:
+                raise RequestError(
+                    f"max_new_tokens: {len(prompt)} prompt tokens + max_new_tokens {n} exceed the context limit "
+                    f"max_context={lim.max_context}"
+                )
+        else:
+            n = min(DEFAULT_MAX_NEW_TOKENS, room, lim.max_new_tokens)
+        if not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:  # a request field, checked before sampling's own fields
+            raise RequestError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}] (0 = none), got {req.top_logprobs}")
+        s = req.sampling
+        top_p = s.top_p if s.HasField("top_p") else 1.0
+        repetition = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+        try:
+            sampling = SamplingParams(
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=top_p,
+                seed=s.seed,
+                repetition_penalty=repetition,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                min_p=s.min_p,
+                top_logprobs=req.top_logprobs,
+            )
+        except SamplingError as e:
+            raise RequestError(f"sampling.{e}") from None
+        if len(req.stop) > lim.max_stop_strings:
+            raise RequestError(f"stop: {len(req.stop)} stop strings exceed the limit of {lim.max_stop_strings}")
+        for i, st in enumerate(req.stop):
+            if not 1 <= len(st) <= lim.max_stop_length:
+                raise RequestError(f"stop[{i}]: length must be in [1, {lim.max_stop_length}], got {len(st)}")
+        deadline = time.monotonic() + time_remaining if time_remaining is not None else None
+        stop_ids = frozenset() if req.ignore_eos else frozenset(self.model.stop_ids())
+        return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
+
+    def score_item(self, i: int, item: pb.ScoreItem) -> tuple[list[int], list[int]]:
+        """Item i of a ScoreRequest -> (prompt ids, continuation ids), each checked against the vocabulary."""
+        if item.WhichOneof("prompt") == "prompt_text":
+            field = f"items[{i}].prompt_text"
+            prompt = self.ids(field, self.model.encode_prompt(self.text(field, item.prompt_text)))
+        else:
+            prompt = self.ids(f"items[{i}].prompt_tokens.ids", item.prompt_tokens.ids)
+        if item.WhichOneof("continuation") == "continuation_text":
+            field = f"items[{i}].continuation_text"
+            cont = self.ids(field, self.model.tokenizer.encode(self.text(field, item.continuation_text)))
+        else:
+            cont = self.ids(f"items[{i}].continuation_tokens.ids", item.continuation_tokens.ids)
+        if not prompt:
+            raise RequestError(f"items[{i}]: empty prompt")
+        if not cont:
+            raise RequestError(f"items[{i}]: empty continuation")
+        if len(prompt) + len(cont) > self.limits.max_context:
+            raise RequestError(
+                f"items[{i}]: {len(prompt)} prompt + {len(cont)} continuation tokens exceed the context limit "
+                f"max_context={self.limits.max_context}"
+            )
+        return prompt, cont
