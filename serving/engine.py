@@ -6,8 +6,9 @@ executable for, so no request ever pays a compile.
 
 Decode state lives on the device between steps: the KV cache [N, B, S, K, Q], each slot's last token [B],
 its sampling step [B], its sampling parameters ([B] arrays) and the tokens it has seen ([B, V], for the
-repetition penalties), so a decode step needs no host input; its one
-device->host copy is the sampled tokens and their log-probs [b]. Decode bucket b runs slots [0, b): the
+repetition penalties), so a decode step needs no host input; its one device->host copy is the sampled tokens
+and their log-probs [b] (with the top_logprobs alternatives [b, K] on steps where a row asked for them).
+Decode bucket b runs slots [0, b): the
 scheduler fills the lowest free slot first, so active requests sit at the front.
 
 The step functions come in as `ModelSteps` (default: model/transformer.py on one device); a sharded build
