@@ -1,7 +1,8 @@
 """`meshserve score` and `meshserve batch-generate`: offline JSONL jobs in process (no server), throughput plan.
 
 Rerunning a command after an interruption (Ctrl-C, kill -9, a crash) continues where it stopped: ids already in
-OUT are skipped. Bad input lines go to the errors file (default OUT.errors.jsonl) with their line numbers.
+OUT are skipped. Bad input lines go to the errors file (default OUT.errors.jsonl) with their line numbers. The
+input and output fields are in each command's --help (the epilogs below; serving/offline.py checks them).
 """
 
 from __future__ import annotations
@@ -14,11 +15,66 @@ from pathlib import Path
 
 from meshserve.serving.cli_serve import add_model_arguments, load_for_serving
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
+
+_COMMON = """
+Each input line is a JSON object; blank lines are skipped. A line with any other key, a missing or empty field, a
+duplicate id or a bad value goes to the errors file as {"line", "id", "error"} and the job goes on. Results are
+appended to OUT as they finish (one flushed line each); rerunning the same command skips the ids already in OUT,
+so it completes an interrupted job. An empty input, or one whose ids are all in OUT, finishes without loading the
+model. The errors file is rewritten each run and only created when there is a bad line.
+"""
+
+SCORE_EPILOG = (
+    """input fields (IN.jsonl, one object per line):
+  id            string or integer (required, unique)
+  prompt        text that conditions the continuation (required, non-empty)
+  continuation  text whose tokens are scored (required, non-empty)
+
+output fields (OUT.jsonl, one object per id):
+  id              the input's id
+  logprob         sum of the continuation's token log-probabilities
+  token_logprobs  log-probability of each continuation token, in order
+  greedy          true if every continuation token is the model's most likely one
+"""
+    + _COMMON
+)
+
+GENERATE_EPILOG = (
+    """input fields (IN.jsonl, one object per line; all but id and prompt optional):
+  id                 string or integer (required, unique)
+  prompt             text to continue (required, non-empty)
+  max_new_tokens     tokens to generate, >= 1 (default: 64, or what is left of the context if less)
+  temperature        0 = greedy (default 0)
+  top_k              keep the k most likely tokens, 0 = off (default 0)
+  top_p              nucleus sampling in (0, 1] (default 1)
+  min_p              drop tokens below min_p x the top probability, 0 = off (default 0)
+  seed               integer seed for sampling (default 0)
+  repetition_penalty in (0, 10000], 1 = off (default 1)
+  presence_penalty   in [-2, 2] (default 0)
+  frequency_penalty  in [-2, 2] (default 0)
+  top_logprobs       alternatives per generated token, 0 = off, at most 20 (default 0)
+  stop               a string or a list of strings that end the text (default none)
+  ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
+Each value must be a JSON number of the field's type (integers for max_new_tokens, top_k, seed, top_logprobs).
+
+output fields (OUT.jsonl, one object per id):
+  id             the input's id
+  text           the generated text
+  tokens         the generated token ids
+  logprobs       log-probability of each generated token
+  finish_reason  "stop" (end-of-sequence or a stop string) or "length" (max_new_tokens reached)
+  top_logprobs   only when asked: per token, a list of {"token", "text", "logprob"}, most likely first
+"""
+    + _COMMON
+)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="IN.jsonl", help="input lines (see `meshserve COMMAND --help` for fields)")
+def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
+    # The dispatcher builds the parser; the field lists need their line breaks kept.
+    parser.epilog = epilog
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("input", metavar="IN.jsonl", help="input lines (fields below)")
     parser.add_argument(
         "-o", "--output", required=True, metavar="OUT.jsonl", help="results, one line per id (appended)"
     )
@@ -33,36 +89,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
 
 
+def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_path: Path, errors_path: Path) -> None:
+    report = {**summary.to_dict(), "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
+              "output": str(out_path), "errors_file": str(errors_path)}  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    where = f" (see {errors_path})" if summary.errors else ""
+    print(f"meshserve {kind}: {summary.done} written, {summary.skipped} already done, {summary.errors} bad lines"
+          f"{where}, {report['tokens_per_s']} tokens/s", file=sys.stderr)  # fmt: skip
+
+
 def _run(args: argparse.Namespace, kind: str) -> int:
-    from meshserve.serving.engine import Engine, ModelSteps
-    from meshserve.serving.offline import check_paths, resume_output, run_generate, run_score
-    from tqdm import tqdm
+    from meshserve.serving.offline import finish_job, prepare_job, run_generate, run_score
 
     in_path, out_path = Path(args.input), Path(args.output)
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
-    # Before loading and compiling (minutes on a large model): bad paths and a corrupt OUT fail fast.
-    check_paths(in_path, out_path, errors_path)
-    resume_output(out_path)
+    # Before loading and compiling (minutes on a large model): bad paths and a corrupt OUT fail fast, and a job with
+    # nothing left to do ends here.
+    job = prepare_job(kind, in_path, out_path, errors_path)
+    start = time.monotonic()
+    if not job.todo:
+        summary = finish_job(job)
+        _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
+        return 0
+    from meshserve.serving.engine import Engine, ModelSteps
+    from tqdm import tqdm
+
     model, plan, steps, _ = load_for_serving(args, args.objective)
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     phases = ("score",) if kind == "score" else ("generate",)
     with tqdm(total=plan.compile_count(phases), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
         engine.warm_up(lambda s: bar.update(2 if s.startswith("prefill") else 1), phases)
     start = time.monotonic()
-    job = run_score if kind == "score" else run_generate
+    run = run_score if kind == "score" else run_generate
     with tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True) as bar:
-        summary = job(model, engine, in_path, out_path, errors_path, progress=bar)
-    seconds = time.monotonic() - start
-    report = {**summary.to_dict(), "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
-              "output": str(out_path), "errors_file": str(errors_path)}  # fmt: skip
-    if args.json:
-        print(json.dumps(report))
-    print(f"meshserve {kind}: {summary.done} written, {summary.skipped} already done, {summary.errors} bad lines "
-          f"(see {errors_path}), {report['tokens_per_s']} tokens/s", file=sys.stderr)  # fmt: skip
+        summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
+    _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
     return 0
 
 
 COMMANDS = {
-    "score": (add_arguments, lambda args: _run(args, "score")),
-    "batch-generate": (add_arguments, lambda args: _run(args, "batch-generate")),
+    "score": (lambda parser: _add_arguments(parser, SCORE_EPILOG), lambda args: _run(args, "score")),
+    "batch-generate": (
+        lambda parser: _add_arguments(parser, GENERATE_EPILOG),
+        lambda args: _run(args, "batch-generate"),
+    ),
 }

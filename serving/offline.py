@@ -9,7 +9,11 @@ Both sort the work by length (less padding), write each result as soon as it is 
 resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines
 are skipped; a corrupt complete line stops the job with its line number, never a truncation), so after any
 interruption (kill -9 included) rerunning the same command completes OUT with every id exactly once. Bad lines go
-to the errors file ({"line", "id", "error"}) and the job goes on.
+to the errors file ({"line", "id", "error"}) and the job goes on: a line with a key not listed above (a typo such
+as "max_tokens" would otherwise fall back to a default unseen) or an empty prompt is one of them. The errors file is
+rewritten each run (bad lines are never done, so every run reports them all); it is created only when there is an
+error, and an old one is emptied. `prepare_job` reads IN and OUT without a model, so a job with nothing left to do
+(an empty input, a finished resume) ends before anything is loaded.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingError, SamplingParams
 
 __all__ = [
+    "SCORE_KEYS",
+    "GENERATE_KEYS",
+    "job_keys",
     "check_paths",
+    "prepare_job",
+    "finish_job",
+    "PreparedJob",
     "read_jobs",
     "resume_output",
     "run_score",
@@ -44,6 +54,21 @@ class OfflineError(UserError):
 
 class LineError(UserError):
     """One bad input line (reported to the errors file; the job goes on)."""
+
+
+# The keys a line may have; any other key is refused (line by line), never ignored.
+SCORE_KEYS = ("id", "prompt", "continuation")
+GENERATE_KEYS = (
+    "id", "prompt", "max_new_tokens", *(f.name for f in dataclasses.fields(SamplingParams)), "stop", "ignore_eos"
+)  # fmt: skip
+_REQUIRED = {"score": ("prompt", "continuation"), "batch-generate": ("prompt",)}
+
+
+def job_keys(kind: str) -> tuple[str, ...]:
+    """The keys an input line of `kind` ("score" or "batch-generate") may have."""
+    if kind not in _REQUIRED:
+        raise OfflineError(f"job kind must be 'score' or 'batch-generate', got {kind!r}")
+    return SCORE_KEYS if kind == "score" else GENERATE_KEYS
 
 
 @dataclass(frozen=True)
@@ -94,15 +119,35 @@ def resume_output(path: Path) -> set:
     return done
 
 
+def _check_writable(path: Path, what: str) -> None:
+    """A file we will create or append to: its folder must exist and be writable (checked before any loading, so
+    a typo in a path never costs a model load and compile, and never leaves the other file created)."""
+    if path.is_dir():
+        raise OfflineError(f"{what} {path} is a directory")
+    folder = path.parent
+    if not folder.exists():
+        raise OfflineError(f"{what} {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise OfflineError(f"{what} {path}: {folder} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OfflineError(f"{what} {path} is not writable")
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise OfflineError(f"{what} {path}: folder {folder} is not writable")
+
+
 def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:
-    """Refuse paths that would destroy data: OUT or the errors file (rewritten each run) on top of IN, or the
-    errors file on top of OUT. Compared after resolving, so `./in.jsonl` and `d/../in.jsonl` count as IN."""
+    """Refuse paths that cannot work or would destroy data, before anything is loaded or written: a missing or
+    unreadable IN, OUT or the errors file in a missing or read-only folder, OUT or the errors file (rewritten each
+    run) on top of IN, or the errors file on top of OUT. Compared after resolving, so `./in.jsonl` and
+    `d/../in.jsonl` count as IN."""
+    if in_path.is_dir():
+        raise OfflineError(f"input {in_path} is a directory, not a JSONL file")
     if not in_path.is_file():
         raise OfflineError(f"input file not found: {in_path}")
-    if out_path.is_dir():
-        raise OfflineError(f"output {out_path} is a directory")
-    if errors_path.is_dir():
-        raise OfflineError(f"--errors {errors_path} is a directory")
+    if not os.access(in_path, os.R_OK):
+        raise OfflineError(f"input {in_path} is not readable")
+    _check_writable(out_path, "output")
+    _check_writable(errors_path, "--errors")
     src, out, err = (p.resolve() for p in (in_path, out_path, errors_path))
     if out == src:
         raise OfflineError("output must be a different file from the input")
@@ -117,8 +162,16 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def read_jobs(path: Path, required: tuple[str, ...], errors: Callable[[int, Any, str], None]) -> Iterator[JobLine]:
-    """Valid lines of IN (objects with an id and the required string fields); the rest are reported."""
+def read_jobs(
+    path: Path,
+    required: tuple[str, ...],
+    errors: Callable[[int, Any, str], None],
+    known: tuple[str, ...] | None = None,
+) -> Iterator[JobLine]:
+    """Valid lines of IN (objects with an id and the required non-empty string fields, and, when `known` is given,
+    no other keys); the rest are reported."""
+    if path.is_dir():
+        raise OfflineError(f"input {path} is a directory, not a JSONL file")
     if not path.is_file():
         raise OfflineError(f"input file not found: {path}")
     seen: set = set()
@@ -137,9 +190,20 @@ def read_jobs(path: Path, required: tuple[str, ...], errors: Callable[[int, Any,
             if not isinstance(data["id"], str | int) or isinstance(data["id"], bool):
                 errors(n, data["id"], "id must be a string or an integer")
                 continue
+            unknown = [k for k in data if known is not None and k not in known]
+            if unknown:
+                listed = ", ".join(repr(k) for k in unknown)
+                errors(
+                    n, data["id"], f"unknown key{'s' if len(unknown) > 1 else ''} {listed} (known: {', '.join(known)})"
+                )
+                continue
             missing = [k for k in required if not isinstance(data.get(k), str)]
             if missing:
                 errors(n, data["id"], f"missing or non-string field(s): {', '.join(missing)}")
+                continue
+            empty = [k for k in required if not data[k]]
+            if empty:  # the gRPC server refuses an empty prompt too; BOS alone is no input
+                errors(n, data["id"], f"{' and '.join(empty)} must not be empty")
                 continue
             if _key(data["id"]) in seen:
                 errors(n, data["id"], "duplicate id (its first line is used)")
@@ -149,11 +213,14 @@ def read_jobs(path: Path, required: tuple[str, ...], errors: Callable[[int, Any,
 
 
 class _Writer:
-    """Appends result lines to OUT and error lines to the errors file, flushed line by line."""
+    """Appends result lines to OUT and error lines to the errors file, flushed line by line. The errors file is
+    rewritten each run (same input, same errors): an existing one is emptied at once (its errors were an earlier
+    run's), a missing one is created at the first error only."""
 
     def __init__(self, out: Path, errors: Path):
         self.out = open(out, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self.errors = open(errors, "w", encoding="utf-8")  # noqa: SIM115 (rewritten each run: same input, same errors)
+        self.errors_path = errors
+        self.errors = open(errors, "w", encoding="utf-8") if errors.exists() else None  # noqa: SIM115
         self.summary = JobSummary()
 
     def result(self, record: dict) -> None:
@@ -163,6 +230,8 @@ class _Writer:
         self.summary.done += 1
 
     def error(self, line: int, id_: Any, message: str) -> None:
+        if self.errors is None:
+            self.errors = open(self.errors_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.errors.write(json.dumps({"line": line, "id": id_, "error": message}, ensure_ascii=False) + "\n")
         self.errors.flush()
         self.summary.errors += 1
@@ -171,32 +240,73 @@ class _Writer:
         self.out.flush()
         os.fsync(self.out.fileno())
         self.out.close()
-        self.errors.close()
+        if self.errors is not None:
+            self.errors.close()
 
 
-def _prepare(in_path: Path, out_path: Path, errors_path: Path, required: tuple[str, ...]):
+@dataclass
+class PreparedJob:
+    """IN read against OUT, before any model is loaded: the lines still to do, the bad ones, the ids done."""
+
+    kind: str
+    out_path: Path
+    errors_path: Path
+    todo: list[JobLine]
+    bad: list[tuple[int, Any, str]]  # (line, id, error) for the errors file
+    skipped: int
+
+    def open(self) -> _Writer:
+        """The writer for this run, with the bad lines found so far already reported."""
+        writer = _Writer(self.out_path, self.errors_path)
+        writer.summary.skipped = self.skipped
+        for line, id_, message in self.bad:
+            writer.error(line, id_, message)
+        return writer
+
+
+def prepare_job(kind: str, in_path: Path, out_path: Path, errors_path: Path) -> PreparedJob:
+    """Check the paths, resume OUT (cutting a partial last line) and read IN: no model, nothing written besides
+    that cut. `kind` is "score" or "batch-generate"."""
+    known = job_keys(kind)
     check_paths(in_path, out_path, errors_path)  # before anything is opened for writing
     done = resume_output(out_path)
-    writer = _Writer(out_path, errors_path)
-    todo = []
-    for job in read_jobs(in_path, required, writer.error):
+    bad: list[tuple[int, Any, str]] = []
+    todo, skipped = [], 0
+    for job in read_jobs(in_path, _REQUIRED[kind], lambda *e: bad.append(e), known):
         if _key(job.id) in done:
-            writer.summary.skipped += 1
+            skipped += 1
         else:
             todo.append(job)
-    return writer, todo
+    return PreparedJob(kind, out_path, errors_path, todo, bad, skipped)
 
 
-def run_score(model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None) -> JobSummary:
-    """Score every (prompt, continuation) line not yet in OUT. `engine` is a warmed-up serving Engine."""
-    writer, todo = _prepare(in_path, out_path, errors_path, ("prompt", "continuation"))
+def finish_job(job: PreparedJob) -> JobSummary:
+    """A job with nothing left to do (`job.todo` empty): report its bad lines and return the summary, no model."""
+    if job.todo:
+        raise OfflineError(f"{len(job.todo)} lines are still to do: run the job with a model")
+    writer = job.open()
+    writer.close()
+    return writer.summary
+
+
+def _prepare(kind: str, in_path: Path, out_path: Path, errors_path: Path, prepared: PreparedJob | None):
+    job = prepared if prepared is not None else prepare_job(kind, in_path, out_path, errors_path)
+    return job.open(), job.todo
+
+
+def run_score(
+    model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None, prepared: PreparedJob | None = None
+) -> JobSummary:
+    """Score every (prompt, continuation) line not yet in OUT. `engine` is a warmed-up serving Engine; `prepared`
+    is `prepare_job("score", ...)` when the caller already read the files."""
+    writer, todo = _prepare("score", in_path, out_path, errors_path, prepared)
     limit = engine.plan.max_context
     items = []
     for job in todo:
         prompt, cont = model.encode_prompt(job.data["prompt"]), model.tokenizer.encode(job.data["continuation"])
         bad = _out_of_vocab(model.config, prompt, "prompt") or _out_of_vocab(model.config, cont, "continuation")
-        if not prompt or not cont:
-            writer.error(job.line, job.id, "prompt and continuation must not be empty")
+        if not prompt or not cont:  # non-empty text (read_jobs) that the tokenizer turns into no tokens
+            writer.error(job.line, job.id, f"{'prompt' if not prompt else 'continuation'} encodes to no tokens")
         elif bad:
             writer.error(job.line, job.id, bad)
         elif len(prompt) + len(cont) > limit:
@@ -266,12 +376,15 @@ def _generation_request(model, engine, job: JobLine):
     return Request(prompt, n, sampling, stop_ids), stop
 
 
-def run_generate(model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None) -> JobSummary:
-    """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread)."""
+def run_generate(
+    model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None, prepared: PreparedJob | None = None
+) -> JobSummary:
+    """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread);
+    `prepared` is `prepare_job("batch-generate", ...)` when the caller already read the files."""
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.scheduler import Scheduler
 
-    writer, todo = _prepare(in_path, out_path, errors_path, ("prompt",))
+    writer, todo = _prepare("batch-generate", in_path, out_path, errors_path, prepared)
     work = []
     for job in todo:
         try:

@@ -185,14 +185,18 @@ def make_plan(
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
 
     length_buckets / decode_buckets override the power-of-two grids (fewer buckets: faster warm-up, more padding);
-    max_context and max_batch are added to them when missing, so every request still has a bucket.
+    max_context and max_batch are added to them when missing, so every request still has a bucket; None takes the
+    default for either (0 is refused like any other value out of range).
     context_buckets: decode context buckets (default powers of two from 128 to max_context on one device; on a
     mesh only max_context, as the sharded decode step attends over the whole cache).
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
-    max_batch = max_batch or (32 if objective == "latency" else 128)
-    max_context = max_context or config.max_seq_len
+    # None (not 0) means the default: a 0 from a flag is a mistake to refuse, not a request for the default.
+    if max_batch is None:
+        max_batch = 32 if objective == "latency" else 128
+    if max_context is None:
+        max_context = config.max_seq_len
     if not 1 <= max_batch <= 4096:
         raise PlanError(f"max_batch must be in [1, 4096], got {max_batch}")
     if not 2 <= max_context <= config.max_seq_len:
