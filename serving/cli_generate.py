@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 from meshserve.errors import UserError
 
-__all__ = ["COMMANDS", "add_sampling_arguments"]
+__all__ = ["COMMANDS", "add_sampling_arguments", "TIMEOUT_S"]
+
+TIMEOUT_S = 300.0  # --timeout's default: seconds per request to a server
 
 
 def _token_list(text: str) -> list[int]:
@@ -22,61 +26,95 @@ def _token_list(text: str) -> list[int]:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by in-process and client-side generation."""
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    parser.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed in [0, 2**63): same seed, same output (default 0)"
+    )
     parser.add_argument(
         "--repetition-penalty",
         type=float,
         default=1.0,
-        help="divide (multiply if negative) the logits of tokens already in the prompt or output (1 = off)",
+        help="divide (multiply if negative) the logits of tokens already in the prompt or output (default 1 = off)",
     )
     parser.add_argument(
-        "--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated, in [-2, 2]"
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract from tokens already generated, in [-2, 2] (default 0 = off)",
     )
     parser.add_argument(
-        "--frequency-penalty", type=float, default=0.0, help="subtract per occurrence in the output, in [-2, 2]"
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract per occurrence in the output, in [-2, 2] (default 0 = off)",
     )
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min_p x the top probability, in [0, 1] (default 0 = off)",
+    )
     parser.add_argument(
         "--top-logprobs",
         type=int,
         default=0,
         metavar="N",
-        help="also show the N most likely tokens at each step, in [0, 20] (one line per token; in --json too)",
+        help="also show the N most likely tokens at each step, in [0, 20] (one line per token; in --json too; default 0)",
     )
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
-        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}',
+        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"} (default: text)',
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts (several run as one batch)")
+    parser.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help="text prompts, not empty (several run as one batch)"
+    )
     parser.add_argument(
         "--tokens",
         action="append",
         type=_token_list,
         default=[],
         metavar="1,2,3",
-        help="a prompt as token ids instead of text; repeat for several prompts",
+        help="a prompt as token ids instead of text; repeat for several prompts (default: none)",
     )
     parser.add_argument("--checkpoint", help="a meshserve checkpoint directory (default: the bundled demo model)")
-    parser.add_argument("--model", metavar="PRESET", help="instead of a checkpoint: a preset with random weights")
+    parser.add_argument(
+        "--model", metavar="PRESET", help="instead of --checkpoint: a preset with random weights (default: none)"
+    )
     parser.add_argument(
         "--weights",
         choices=["f32", "bf16", "int8"],
         help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)",
     )
     parser.add_argument(
-        "--server", metavar="HOST:PORT", help="ask a running `meshserve serve` instead of loading a model"
+        "--server",
+        metavar="HOST:PORT",
+        help="ask a running `meshserve serve` instead of loading a model (default: none, in process)",
     )
-    parser.add_argument("--auth-token-file", help="with --server: a file holding the server's bearer token")
-    parser.add_argument("--tls-ca", help="with --server: PEM root certificate to verify the server's TLS certificate")
-    parser.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request (default 300)")
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="with --server: a file holding the server's bearer token (default: none)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="with --server: root certificate to verify the server's TLS certificate (default: none, plaintext)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --server: seconds per request, > 0 (default {TIMEOUT_S:g})",
+    )
     add_sampling_arguments(parser)
     from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
 
@@ -84,6 +122,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from meshserve.partition.cli_args import add_mesh_arguments  # argparse only: --help stays fast
 
     add_mesh_arguments(parser)
+
+
+class _Status:
+    """A one-line status on stderr, rewritten in place, only when stderr is a terminal: stdout (--json) stays
+    clean, and logs and pipes see nothing."""
+
+    def __init__(self) -> None:
+        self.on = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\033[Kmeshserve generate: {text}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
 
 
 def _print(
@@ -104,31 +163,39 @@ def _print(
     print()
 
 
-def _run_remote(args: argparse.Namespace) -> int:
+def _read_file(flag: str, path: str, binary: bool = False) -> str | bytes:
+    """A --flag's file, or a one-line UserError naming the flag and the reason."""
+    try:
+        return Path(path).read_bytes() if binary else Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {path}: {e.strerror}") from None
+
+
+def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     """Each prompt as one Generate call, all in flight at once; results printed in input order."""
     from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
 
     import grpc
     from meshserve.serving.client import Client
 
     if args.checkpoint or args.model or args.weights:
         raise UserError("--checkpoint, --model and --weights choose a local model; the server has its own (drop them)")
-    token = None
-    if args.auth_token_file:
-        try:
-            token = Path(args.auth_token_file).read_text().strip()
-        except OSError as e:
-            raise UserError(f"cannot read --auth-token-file {args.auth_token_file}: {e.strerror}") from None
+    token = _read_file("--auth-token-file", args.auth_token_file) if args.auth_token_file else None
+    tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
                   **_sampling_fields(args))  # fmt: skip
-    with Client(args.server, token=token, tls_ca=args.tls_ca) as client:
+    for prompt in prompts:  # every value the request's fields cannot hold is refused before anything is sent
+        Client.request(prompt, **kwargs)
+    timeout = TIMEOUT_S if args.timeout is None else args.timeout
+    status(f"asking {args.server} ({len(prompts)} prompt{'s' * (len(prompts) > 1)}) ...")
+    with Client(args.server, token=token, tls_ca=tls_ca) as client:
         try:
             with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
-                results = list(pool.map(lambda p: client.generate(p, timeout=args.timeout, **kwargs), prompts))
+                results = list(pool.map(lambda p: client.generate(p, timeout=timeout, **kwargs), prompts))
         except grpc.RpcError as e:
             raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+    status.clear()
     for prompt, r in zip(prompts, results, strict=True):
         shown = prompt if isinstance(prompt, str) else None
         _print(args, shown, r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
@@ -152,19 +219,49 @@ def _sampling_fields(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in (*names, "min_p", "top_logprobs")}
 
 
-def run(args: argparse.Namespace) -> int:
-    from meshserve.model.sampling import SamplingParams
-
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations and values that would be ignored or fail later (one line each, nothing loaded)."""
     if not args.prompts and not args.tokens:
         raise UserError("give at least one PROMPT or --tokens")
+    for i, text in enumerate(args.prompts, 1):
+        if text == "":  # the server refuses it too ("input: empty prompt"); BOS alone is not a prompt
+            raise UserError(f"PROMPT {i} of {len(args.prompts)} is empty: give it some text, or drop it")
+    if args.checkpoint and args.model:
+        raise UserError(
+            "give --checkpoint or --model, not both: drop --model to run the checkpoint, or --checkpoint for the "
+            f"preset {args.model!r} with random weights"
+        )
+    if not args.server:
+        given = [flag for flag, value in (("--auth-token-file", args.auth_token_file), ("--tls-ca", args.tls_ca),
+                                          ("--timeout", args.timeout)) if value is not None]  # fmt: skip
+        if given:
+            verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+            raise UserError(f"{' and '.join(given)} only {verb} with --server HOST:PORT (add it, or drop {them})")
+    if args.timeout is not None and not (0 < args.timeout < math.inf):
+        raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshserve.model.sampling import SamplingParams
     from meshserve.partition.cli_args import mesh_args
 
+    _check_flags(args)
+    mesh_flags = ("mesh", "prefill_layout", "decode_layout", "attention", "collective_matmul")
+    if args.server and any(getattr(args, name) for name in mesh_flags):
+        raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
     on_mesh = mesh_args(args)  # layouts from --mesh/--prefill-layout/--decode-layout/--attention (None: one device)
-    if args.server:
-        if on_mesh is not None:
-            raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
-        return _run_remote(args)
-    sampling = SamplingParams(**_sampling_fields(args))
+    sampling = SamplingParams(**_sampling_fields(args))  # the same checks in process and with --server
+    status = _Status()
+    try:
+        if args.server:
+            return _run_remote(args, status)
+        return _run_local(args, on_mesh, sampling, status)
+    finally:
+        status.clear()  # before an error line or the results
+
+
+def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> int:
+    """Load the model (onto the mesh when given), generate all prompts as one batch, print in input order."""
     from meshserve.serving.cli_serve import setup_compile_cache
 
     setup_compile_cache(args.compile_cache)
@@ -182,11 +279,14 @@ def run(args: argparse.Namespace) -> int:
         for layout in (on_mesh.prefill, on_mesh.decode):
             check_model(config, mesh, layout, min_batch(layout, mesh))
         shardings = param_shardings(config, mesh, on_mesh.prefill.ffn)  # the checkpoint loads straight onto the mesh
+    status(f"loading {f'preset {args.model}' if args.model else args.checkpoint or 'the demo model'} ...")
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
                   stop_ids=[] if args.ignore_eos else model.stop_ids())  # fmt: skip
+    # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
+    status(f"compiling and generating {len(prompts)} prompt{'s' * (len(prompts) > 1)} ...")
     if on_mesh is not None:
         from meshserve.model.sharded import generate_sharded
 
@@ -194,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
                                    prefill_layout=on_mesh.prefill, decode_layout=on_mesh.decode, **kwargs)  # fmt: skip
     else:
         results = generate(model.params, model.config, prompts, **kwargs)
+    status.clear()
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)

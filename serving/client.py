@@ -8,6 +8,8 @@
 
 Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
 `stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
+A request value the server would refuse, or that its protobuf field cannot hold, raises a ValueError naming the field
+(`InvalidRequest`, or the in-process `SamplingError`) before anything is sent.
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
+from meshserve.errors import UserError
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Generation", "Chunk", "Score"]
+__all__ = ["Client", "Generation", "Chunk", "Score", "InvalidRequest", "INT32_MAX"]
+
+INT32_MAX = 2**31 - 1  # GenerateRequest.max_new_tokens and TokenIds.ids are int32 fields
+
+
+class InvalidRequest(UserError):
+    """A request value refused before sending (a ValueError); the message names the field and the limit."""
+
 
 _REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -61,16 +72,29 @@ class Score:
     continuation_tokens: list[int]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _input(prompt: str | Sequence[int]) -> dict:
-    return {"text": prompt} if isinstance(prompt, str) else {"tokens": pb.TokenIds(ids=list(prompt))}
+    if isinstance(prompt, str):
+        return {"text": prompt}
+    ids = list(prompt)
+    bad = next((t for t in ids if not _is_int(t) or not 0 <= t <= INT32_MAX), None)
+    if bad is not None:  # the server checks the vocabulary; this is only what the int32 field can hold
+        raise InvalidRequest(f"tokens.ids: token id {bad!r} is not an integer in [0, {INT32_MAX}]")
+    return {"tokens": pb.TokenIds(ids=ids)}
 
 
 class Client:
     """A channel to one server. target: HOST:PORT; token: bearer token; tls_ca: PEM root certificate(s) for TLS."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None, tls: bool = False):
+    def __init__(
+        self, target: str, *, token: str | None = None, tls_ca: str | Path | bytes | None = None, tls: bool = False
+    ):
+        """tls_ca: a PEM file's path, or its bytes (an unreadable path raises OSError)."""
         if tls or tls_ca:
-            root = Path(tls_ca).read_bytes() if tls_ca else None
+            root = (tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()) if tls_ca else None
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root))
         else:
             self.channel = grpc.insecure_channel(target)
@@ -107,6 +131,15 @@ class Client:
         min_p: float = 0.0,
         top_logprobs: int = 0,
     ) -> pb.GenerateRequest:
+        """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
+        same checks as in-process generation (`validate_sampling`), before anything is sent."""
+        from meshserve.model.sampling import validate_sampling  # imports JAX: only once a request is built
+
+        validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
+                          top_logprobs=top_logprobs)  # fmt: skip
+        if max_new_tokens is not None and (not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= INT32_MAX):
+            raise InvalidRequest(f"max_new_tokens must be an integer in [1, {INT32_MAX}], got {max_new_tokens!r}")
         sampling = pb.SamplingParams(
             temperature=temperature,
             top_k=top_k,
