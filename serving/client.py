@@ -133,7 +133,7 @@ class Client:
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent."""
-        from meshserve.model.sampling import validate_sampling  # imports JAX: only once a request is built
+        from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
