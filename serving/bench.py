@@ -8,7 +8,16 @@ greedy). Figures:
   hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer); read_gbps,
                    a read-only stream's bandwidth, is reported beside it (a decode step mostly reads)
   prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU
-  ttft_ms          prefill + the first sampled token, as a request sees it (no queueing)
+  prefill_ms       the jitted prefill alone: prompts [B, P] -> last-token logits and k, v
+  ttft_ms          prefill + writing k, v into a fresh decode cache + sampling the first token, as a request sees
+                   it (no queueing): the same prefill plus more work, so ttft_ms >= prefill_ms up to timing noise
+Every figure is the median of --repeats timed runs. prefill and ttft are timed in interleaved rounds (prefill, ttft,
+prefill, ttft, ...) after two untimed rounds: timed back to back with one warm-up each, whichever ran first after
+compilation read slow (tiny, 120-token prompt, CPU: prefill 2.0 ms, ttft 1.4 ms; swap the order and it swaps), which
+is how ttft once came out below the prefill it contains.
+On a CPU, hbm_fraction compares unlike things: a small model's weights and KV cache (tiny: ~0.2 MiB) stay in the
+CPU caches between steps, while the copy figure streams 128 MiB through DRAM with a bf16 add that is itself partly
+compute-bound; it can exceed 100% there and is not a bandwidth ceiling (the table says so under the rows).
 The peer (optional) is Hugging Face transformers' `generate` on the same shapes (Falcon-style models only), run in
 the same process after meshserve's rows, so the ratio is measured side by side.
 """
@@ -61,6 +70,7 @@ class BenchRow:
     peer_prefill_ms: float | None = None
     speedup_vs_peer: float | None = None
     read_gbps: float | None = None  # read-only stream bandwidth of the device (measure_read_bandwidth)
+    platform: str = ""  # jax platform (cpu, gpu, tpu): on cpu hbm_fraction is not a bandwidth fraction (module doc)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +93,21 @@ def _timed(fn: Callable[[], Any], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _timed_together(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall seconds of each fn() (its result blocked on), timed in `repeats` interleaved rounds after `warmup`
+    untimed rounds, so every figure sees the same background load and the same warm state (see the module doc)."""
+    for _ in range(warmup):
+        for fn in fns:
+            jax.block_until_ready(fn())
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _stream_bandwidth(
@@ -177,8 +202,10 @@ def bench_row(
     # Compile ahead of time: one compile per function, and the compiler's own peak-memory figure.
     prefill_c = _prefill.lower(params, config, tokens, lengths).compile()
     insert_c = _prefill_and_insert.lower(params, config, tokens, lengths, sampling, context).compile()
-    prefill_s = _timed(lambda: prefill_c(params, tokens, lengths)[0], repeats)
-    ttft_s = _timed(lambda: insert_c(params, tokens, lengths, sampling)[0], repeats)
+    # Interleaved: ttft contains the prefill, so both must be timed under the same conditions to compare.
+    prefill_s, ttft_s = _timed_together(
+        [lambda: prefill_c(params, tokens, lengths), lambda: insert_c(params, tokens, lengths, sampling)], repeats
+    )
     peak = _compiled_peak(insert_c)
     decode_s = None
     if gen_len > 0:
@@ -210,6 +237,7 @@ def bench_row(
         layers=layers,
         int8_matmul=_int8_matmul_label(),
         device=jax.devices()[0].device_kind,
+        platform=jax.devices()[0].platform,
         prefill_ms=prefill_s * 1e3,
         ttft_ms=ttft_s * 1e3,
         decode_step_ms=step_s * 1e3 if step_s else None,

@@ -7,11 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
 from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
-__all__ = ["COMMANDS"]
+if TYPE_CHECKING:
+    from meshserve.model.config import ModelConfig
+
+__all__ = ["COMMANDS", "check_args", "check_context", "lengths", "print_table"]
 
 
 def _ints(text: str) -> list[int]:
@@ -33,8 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help=f"{MODEL_HELP}; timed with random weights (default tiny)")
     parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
-    parser.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence (0 = prefill only)")
+    parser.add_argument(
+        "--prompt-len",
+        type=int,
+        default=None,
+        help="prompt tokens per sequence (default 128, or half the model's max_seq_len when that is less: 64 on tiny)",
+    )
+    parser.add_argument(
+        "--gen-len",
+        type=int,
+        default=None,
+        help="generated tokens per sequence, 0 = prefill only (default 128, or what is left of max_seq_len after "
+        "the prompt); --prompt-len + --gen-len must fit the model's max_seq_len",
+    )
     parser.add_argument("--weights", type=_weights, default=["bf16", "int8"], help="comma list (default bf16,int8)")
     parser.add_argument(
         "--layers",
@@ -55,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="kernel configs per shape from `benchmarks/int8_probe.py --tune` (default: $MESHSERVE_INT8_TUNING)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per figure; the median is reported (default 3)"
+    )
     parser.add_argument(
         "--peer",
         action="store_true",
@@ -70,10 +87,24 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def copy_note(rows: list[dict]) -> str | None:
+    """Why "of copy" is not a bandwidth fraction on a CPU, or None on an accelerator (see serving/bench.py)."""
+    if not rows or rows[0].get("platform", "cpu") != "cpu":
+        return None
+    step = max(r["hbm_bytes_per_step"] for r in rows)
+    return (
+        f"* of copy is not a bandwidth fraction on a CPU: a step's weights + KV cache ({step / 2**20:.2f} MiB at most "
+        "here) can stay in the CPU caches between steps, while the copy figure streams 128 MiB through DRAM with a "
+        "bf16 add that is partly compute-bound, so it can read over 100%. On a GPU or TPU both are HBM traffic."
+    )
+
+
 def print_table(rows: list[dict]) -> None:
+    note = copy_note(rows)
     head = (
         f"{'weights':>7} {'batch':>5} {'prefill ms':>10} {'ttft ms':>8} {'step ms':>8} {'tok/s':>9} "
-        f"{'HBM GB/s':>8} {'of copy':>7} {'MFU':>6} {'peak mem':>9} {'peer step':>9} {'speedup':>7}"
+        f"{'HBM GB/s':>8} {'of copy' + ('*' if note else ''):>8} {'MFU':>6} {'peak mem':>9} {'peer step':>9} "
+        f"{'speedup':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -82,39 +113,75 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{r['weights']:>7} {r['batch']:>5} {r['prefill_ms']:>10.2f} {r['ttft_ms']:>8.2f} "
             f"{_fmt(r['decode_step_ms'], '8.3f')} {_fmt(r['tokens_per_s'], '9.1f')} {_fmt(r['hbm_gbps'], '8.1f')} "
-            f"{_fmt(r['hbm_fraction'], '7.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
+            f"{_fmt(r['hbm_fraction'], '8.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
             f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
             f"{_fmt(r['speedup_vs_peer'], '6.1f') + 'x' if r['speedup_vs_peer'] else '-':>7}"
+        )
+    if note:
+        print(note)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every user-input check, before any JAX work (compile, bandwidth probes, measurement)."""
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    for b in args.batch:
+        if b < 1:
+            raise UserError(f"--batch values must be >= 1, got {b}")
+    if args.prompt_len is not None and args.prompt_len < 1:
+        raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
+    if args.gen_len is not None and args.gen_len < 0:
+        raise UserError(f"--gen-len must be >= 0, got {args.gen_len}")
+    if args.plot and args.gen_len == 0:
+        raise UserError("--plot draws decode steps: it needs --gen-len > 0")
+    from meshserve.analytics.output import check_image_path, check_output_path
+
+    check_output_path("--out", args.out)
+    check_image_path("--plot", args.plot)
+    if args.int8_tuning and not args.int8_tuning.is_file():
+        raise UserError(f"--int8-tuning: no such file {args.int8_tuning}")
+
+
+def lengths(config: ModelConfig, prompt_len: int | None, gen_len: int | None) -> tuple[int, int]:
+    """(prompt, generated) tokens: the given ones, else 128 each, shortened to fit the model's context when not
+    given (tiny, max_seq_len 128: 64 + 64); given ones are checked by `check_context`, never shortened."""
+    if prompt_len is None:
+        prompt_len = max(1, min(128, config.max_seq_len // 2))
+    if gen_len is None:
+        gen_len = max(0, min(128, config.max_seq_len - prompt_len))
+    return prompt_len, gen_len
+
+
+def check_context(config: ModelConfig, prompt_len: int, gen_len: int) -> None:
+    """Refuse a prompt (+ generated tokens) beyond the model's context: it is past what the model was built for, and
+    a long enough one asks the device for more memory than it has (100000 tokens of tiny: 970 GB)."""
+    context = prompt_len + gen_len
+    if context > config.max_seq_len:
+        raise UserError(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} = {context} tokens exceeds {config.name}'s "
+            f"max_seq_len {config.max_seq_len} (to time a longer context on purpose: --set max_seq_len={context})"
         )
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.plot and args.gen_len == 0:
-        raise UserError("--plot draws decode steps: it needs --gen-len > 0")
-    if args.out and not args.out.parent.is_dir():
-        raise UserError(f"--out: no such directory {args.out.parent}")
-    if args.plot and not args.plot.parent.is_dir():
-        raise UserError(f"--plot: no such directory {args.plot.parent}")
+    check_args(args)
     if args.int8_matmul:
         os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when a step is traced
     if args.int8_tuning:
-        if not args.int8_tuning.is_file():
-            raise UserError(f"--int8-tuning: no such file {args.int8_tuning}")
         os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
     from meshserve.model.model_spec import parse_overrides, resolve_model
 
     config = resolve_model(args.model, parse_overrides(args.set))
+    args.prompt_len, args.gen_len = lengths(config, args.prompt_len, args.gen_len)
+    check_context(config, args.prompt_len, args.gen_len)
+    if args.plot and args.gen_len == 0:
+        raise UserError("--plot draws decode steps: it needs --gen-len > 0")
     if args.peer and (config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1):
         raise UserError(
             f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {config.name}"
         )
     from meshserve.serving.bench import peer_row, run_bench
 
-    context = args.prompt_len + args.gen_len
-    if context > config.max_seq_len:
-        config = config.replace(max_seq_len=context)  # random weights: any context the RoPE model can take
     rows: list[dict] = []
 
     def save(row=None) -> None:

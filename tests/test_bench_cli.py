@@ -50,11 +50,46 @@ def test_bench_rows_with_peer(tmp_path):
         (["--model", "tiny", "--peer"], "--peer needs a Falcon-shaped model"),
         (["--weights", "fp4"], "--weights takes a comma list"),
         (["--gen-len", "0", "--plot", "x.png"], "--plot draws decode steps"),
-        (["--out", "/no/such/dir/rows.json"], "--out: no such directory /no/such/dir"),
-        (["--plot", "/no/such/dir/decode.png"], "--plot: no such directory /no/such/dir"),
+        (["--out", "/no/such/dir/rows.json"], "--out /no/such/dir/rows.json: directory /no/such/dir does not exist"),
+        (["--plot", "/no/such/dir/decode.png"], "--plot /no/such/dir/decode.png: directory /no/such/dir does not"),
+        # a prompt past the context: refused naming the limit, not an out-of-memory traceback (970 GB asked)
+        (["--model", "tiny", "--prompt-len", "100000", "--batch", "1", "--gen-len", "1", "--weights", "bf16"],
+         "--prompt-len 100000 + --gen-len 1 = 100001 tokens exceeds tiny's max_seq_len 128"),
+        (["--model", "tiny", "--prompt-len", "120", "--gen-len", "64"], "184 tokens exceeds tiny's max_seq_len 128"),
+        (["--out", "/tmp"], "--out /tmp is a directory"),
+        (["--plot", "decode.txt"], "--plot decode.txt: extension .txt; use an image format matplotlib writes: "),
+        (["--plot", "decode"], "--plot decode: no extension"),
     ],
 )
 def test_bench_bad_input_is_one_line(args, message):
+    """Refused before the bandwidth probes and any compile (the run ends in seconds), as one line, exit 2."""
     proc = _bench(*args, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("meshserve bench: error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1 or proc.stderr.startswith("usage: "), proc.stderr  # argparse adds its usage
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "bench tiny" not in proc.stderr  # the progress bar of the measurement never started
+
+
+def test_bench_defaults_fit_the_model_and_ttft_contains_the_prefill():
+    """Defaults shrink to tiny's 128-token context (64 + 64); ttft (prefill + cache insert + first sample) is timed
+    interleaved with the prefill it contains, so it is not below it (it once read 1.65 ms against 6.40 ms)."""
+    proc = _bench("--model", "tiny", "--batch", "1", "--weights", "bf16", "--repeats", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("tiny on cpu: prompt 64, generate 64")
+    assert "of copy*" in lines[1] and lines[-1].startswith("* of copy is not a bandwidth fraction on a CPU")
+    cells = lines[3].split()
+    prefill_ms, ttft_ms = float(cells[2]), float(cells[3])
+    assert ttft_ms >= 0.9 * prefill_ms, lines  # more work than the prefill alone; 10% for a shared machine's noise
+
+
+def test_bench_prompt_len_alone_takes_what_is_left_for_generation(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _bench("--model", "tiny", "--batch", "1", "--weights", "bf16", "--repeats", "1", "--prompt-len", "120",
+                  "--json", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert (row["prompt_len"], row["gen_len"], row["platform"]) == (120, 8, "cpu")  # 128 - 120 left to generate
+    assert row["ttft_ms"] > 0 and row["prefill_ms"] > 0

@@ -1,0 +1,85 @@
+"""Where the analytics and bench commands write.
+
+Output paths are checked before any work: `meshserve analyze | calibrate | bench` refuse a path they could not write
+(a directory, a missing or read-only directory, an image format matplotlib cannot draw) before a sweep or a
+measurement, so a typo costs nothing and writes nothing. `quiet_broken_pipe` lets a reader such as `| head -2` close
+stdout early without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from meshserve.errors import UserError
+
+__all__ = ["check_output_path", "check_image_path", "image_formats", "quiet_broken_pipe", "EXIT_BROKEN_PIPE"]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+
+
+def quiet_broken_pipe(run: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's run(args): when the reader of stdout has closed it (`| head -2`), stop quietly with exit
+    status 141 instead of a BrokenPipeError traceback. stdout is pointed at /dev/null so that the interpreter's own
+    flush at exit does not raise again."""
+
+    @functools.wraps(run)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            code = run(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass  # stdout is not a file descriptor (captured in a test): nothing left to flush into a pipe
+            return EXIT_BROKEN_PIPE
+
+    return wrapped
+
+
+def check_output_path(flag: str, path: str | Path | None, *, create_parent: bool = False) -> None:
+    """Raise UserError naming `flag` when `path` cannot be written as a file.
+
+    create_parent: the writer makes missing parent directories itself (calibrate's chip file), so only a parent
+    that exists as a file, or an existing directory that is not writable, is refused.
+    """
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory, expected a file name")
+    parent = target.absolute().parent
+    existing = parent
+    while create_parent and not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest ancestor that exists is where the writer starts creating
+    if not existing.is_dir():
+        what = "is not a directory" if existing.exists() else "does not exist"
+        raise UserError(f"{flag} {path}: directory {existing} {what}")
+    if not os.access(existing, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable")
+
+
+def image_formats() -> list[str]:
+    """File extensions matplotlib's Agg backend writes (png, svg, pdf, ...; the list depends on its version)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+def check_image_path(flag: str, path: str | Path | None) -> None:
+    """check_output_path, and the extension must name an image format matplotlib writes (it picks the format from
+    the extension and fails only after the figure is drawn)."""
+    if path is None:
+        return
+    check_output_path(flag, path)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = image_formats()
+    if suffix not in formats:
+        got = f"extension .{suffix}" if suffix else "no extension"
+        raise UserError(f"{flag} {path}: {got}; use an image format matplotlib writes: {', '.join(formats)}")
