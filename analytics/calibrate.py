@@ -22,7 +22,12 @@ from meshserve.analytics.cost import estimate
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import MeshShape
 
-__all__ = ["CalibrationPoint", "measure", "calibrate", "local_base_chip"]
+__all__ = ["CalibrationPoint", "measure", "calibrate", "calibration_warnings", "local_base_chip", "PLAUSIBLE"]
+
+_MIN_COEF = 1e-3  # a fitted coefficient is kept >= this, so an efficiency is at most 1 / _MIN_COEF = 1000 (the clamp)
+# Efficiencies outside this band are not a rate the device reached: measured rates (the probes) are within a few
+# times of what a model's own kernels reach, so 10x faster means the term was too small to show in the step times.
+PLAUSIBLE = (0.01, 10.0)
 
 
 @dataclass(frozen=True)
@@ -190,13 +195,15 @@ def calibrate(
     fitted = [(phase, b, t) for phase, b, t in measured if b not in extra]
     features = [_terms(config, base, phase, b, prompt_len) for phase, b, _ in fitted]
     alpha, beta, kappa, gamma = _fit(features, [t for *_, t in fitted])
-    # A coefficient fitted to 0 means that term never showed; keep a finite efficiency (the term is then ~free).
+    # A coefficient fitted to 0 means that term never showed; keep a finite efficiency (the term is then ~free,
+    # which calibration_warnings reports).
     chip = replace(
         base,
-        matmul_efficiency=1.0 / max(alpha, 1e-3),
-        hbm_efficiency=1.0 / max(beta, 1e-3),
-        kv_efficiency=max(beta, 1e-3) / max(kappa, 1e-3),
+        matmul_efficiency=1.0 / max(alpha, _MIN_COEF),
+        hbm_efficiency=1.0 / max(beta, _MIN_COEF),
+        kv_efficiency=max(beta, _MIN_COEF) / max(kappa, _MIN_COEF),
         step_overhead_s=gamma,
+        source=f"{base.source}; fitted on {config.name}",
     )
     points = []
     for phase, b, t in measured:
@@ -204,3 +211,28 @@ def calibrate(
                      weights="f32", ffn_layout="ws2d", attention="heads")  # fmt: skip
         points.append(CalibrationPoint(phase, b, prompt_len, t, e.step_s, held_out=b in extra))
     return chip, points
+
+
+def calibration_warnings(chip: Chip, model: str = "the model") -> list[str]:
+    """One sentence per fitted efficiency that sits at its clamp (the fit set the term to zero: free) or outside
+    PLAUSIBLE, naming the field and value: `model`, the one timed, was too small for that term to show in its step times,
+    so predictions on `local` will ignore or mis-price it. Empty when every coefficient looks like a real rate."""
+    terms = (
+        ("matmul_efficiency", chip.matmul_efficiency, "compute (matmul FLOPs)"),
+        ("hbm_efficiency", chip.hbm_efficiency, "weight loading"),
+        # the KV read runs at hbm_efficiency * kv_efficiency of the measured bandwidth; that product is what was fit
+        ("kv_efficiency", chip.kv_efficiency, "KV-cache reads", chip.hbm_efficiency * chip.kv_efficiency),
+    )
+    out = []
+    low, high = PLAUSIBLE
+    for name, value, term, *effective in terms:
+        rate = effective[0] if effective else value
+        if rate >= (1 - 1e-9) / _MIN_COEF:
+            why = f"at its clamp: the fit found no {term} time, so {term} is treated as free"
+        elif not low <= value <= high:
+            why = f"outside the plausible {low:g}..{high:g}"
+        else:
+            continue
+        out.append(f"{name} = {value:.4g} is {why}; {model} is too small to measure that term here "
+                   "(calibrate with a larger --model, e.g. demo)")  # fmt: skip
+    return out

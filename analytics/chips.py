@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -222,12 +223,13 @@ def local_chip_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "meshserve" / "local_chip.json"
 
 
-def save_local_chip(chip: Chip, path: Path | None = None) -> Path:
-    """Write the chip as JSON atomically (a temporary file renamed into place)."""
+def save_local_chip(chip: Chip, path: Path | None = None, warnings: Sequence[str] = ()) -> Path:
+    """Write the chip as JSON atomically (a temporary file renamed into place). warnings (calibration's doubts about
+    its own coefficients) are stored beside the fields as "warnings"; `Chip.from_dict` ignores them."""
     path = Path(path) if path else local_chip_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(chip.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps({**chip.to_dict(), "warnings": list(warnings)}, indent=2) + "\n")
     tmp.replace(path)
     return path
 

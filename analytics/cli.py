@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe
 from meshserve.errors import UserError
 from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
@@ -73,6 +74,15 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return config, chip, mesh or chips  # multi-query heads are padded per mesh and layout (plan.analysis_config)
 
 
+def _warn_context(config: Any, prompt_len: int, gen_len: int) -> None:
+    """One stderr line when the priced context is longer than the model's: a what-if question can be legitimate
+    (the rows are kept), but a default --prompt-len 2048 on tiny (128) should not pass silently."""
+    context = prompt_len + gen_len
+    if context > config.max_seq_len:
+        print(f"warning: prompt {prompt_len} + generate {gen_len} = {context} tokens is beyond {config.name}'s "
+              f"max_seq_len {config.max_seq_len}; the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
+
+
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -107,8 +117,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
     if args.layout is not None and args.layout not in FFN_LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(FFN_LAYOUTS)}, got {args.layout!r}")
-    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
-        _check_writable(flag, path)  # before the sweep, so a bad path costs nothing and writes nothing
+    # Before the sweep, so a bad path costs nothing and writes nothing.
+    check_output_path("--csv", args.csv)
+    check_image_path("--plot", args.plot)
     from meshserve.model.model_spec import resolve_model
 
     # Resolved before any work: an unknown name or a bad config.json is a one-line error that costs nothing.
@@ -121,6 +132,7 @@ def _analyze(args: argparse.Namespace) -> int:
         weights=args.weights, phases=[args.phase] if args.phase else ["prefill", "decode"], layout=args.layout,
         attention=args.attention, overlap=args.overlap,
     )  # fmt: skip
+    _warn_context(config, args.prompt_len, args.gen_len)  # after the sweep: an error there stays one line
     if args.csv:
         _write_csv(args.csv, rows)
     if args.plot:
@@ -150,17 +162,6 @@ def _analyze(args: argparse.Namespace) -> int:
         if not r["fits"] and r["chosen"] is False and r["overflow"] and args.layout:
             print(f"{r['phase']} b{r['batch']} {r['ffn_layout']}/{r['attention']}: {r['overflow']}")
     return 0
-
-
-def _check_writable(flag: str, path: str | None) -> None:
-    if path is None:
-        return
-    target = Path(path)
-    parent = target.absolute().parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: directory {parent} does not exist")
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a directory, expected a file name")
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -206,10 +207,17 @@ def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any, plot_mode
 
 # ---------------------------------------------------------------------------------------------------- plan
 def _plan_args(p: argparse.ArgumentParser) -> None:
+    from meshserve.analytics.plan import INT8_GAIN
+
     _common(p, batch_default="1,8,64")
     p.add_argument("--prefill-batch", type=_ints, default=None, help="prefill buckets (default: --batch)")
-    p.add_argument("--objective", choices=["latency", "throughput", "cost"], default="latency")
-    p.add_argument("--weights", choices=["bf16", "int8", "f32"], default=None, help="fix the weight storage")
+    p.add_argument("--objective", choices=["latency", "throughput", "cost"], default="latency",
+                   help="what the plan minimises: latency (prefill at the smallest bucket + decode at the smallest), "
+                   "throughput (chip-ms per token at the largest buckets), or cost (the lowest chip-ms per token "
+                   "among decode buckets whose step meets --latency-bound); default latency")  # fmt: skip
+    p.add_argument("--weights", choices=["bf16", "int8", "f32"], default=None,
+                   help="fix the weight storage (default: both tried; latency takes the faster, the other objectives keep "
+                   f"bf16 unless int8 is needed to fit or gains over {round(INT8_GAIN * 100)}%%)")  # fmt: skip
     p.add_argument("--latency-bound", type=float, default=None, help="objective cost: max decode step seconds")
 
 
@@ -225,6 +233,7 @@ def _plan(args: argparse.Namespace) -> int:
         prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights, latency_bound_s=args.latency_bound,
         overlap=args.overlap,
     )  # fmt: skip
+    _warn_context(config, args.prompt_len, args.gen_len)
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
@@ -244,43 +253,68 @@ def _plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- memory
 def _memory_args(p: argparse.ArgumentParser) -> None:
     _model_args(p, "palm-8b")
-    p.add_argument("--mode", choices=["inference", "finetune"], default="inference")
-    p.add_argument("--weights", choices=["f32", "bf16", "int8", "int4"], default="bf16")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mode", choices=["inference", "finetune"], default="inference",
+                   help="inference (weights, KV cache, activations of a prefill) or finetune (adds gradients and "
+                   "optimizer state; training activations) (default inference)")  # fmt: skip
+    p.add_argument("--weights", choices=["f32", "bf16", "int8", "int4"], default="bf16",
+                   help="weight storage; fine-tuning keeps gradients and optimizer state in it too (default bf16)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     p.add_argument("--context", type=int, default=None, help="context tokens (default: the model's max_seq_len)")
-    p.add_argument("--chips", type=int, default=1)
-    p.add_argument("--hardware", default=None, help="chip, to check the fit and for --kv-fraction")
-    p.add_argument("--attention", choices=["heads", "batch"], default="heads")
-    p.add_argument("--optimizer", choices=["adamw", "sgd", "adafactor"], default="adamw")
-    p.add_argument("--lora-rank", type=int, default=0, help="fine-tune rank-R adapters instead of every weight")
+    p.add_argument("--chips", type=int, default=1, help="chips the model is split over (default 1)")
+    p.add_argument("--hardware", default=None, help="chip, to check the fit and for --kv-fraction (default none)")
+    p.add_argument("--attention", choices=["heads", "batch"], default="heads",
+                   help="how the KV cache is split over the chips: by kv heads or by batch rows (default heads)")  # fmt: skip
+    p.add_argument("--optimizer", choices=["adamw", "sgd", "adafactor"], default=None,
+                   help="--mode finetune only: optimizer whose state is counted (default adamw)")  # fmt: skip
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="--mode finetune only: train rank-R adapters instead of every weight (default 0: all)")  # fmt: skip
     p.add_argument("--kv-fraction", type=float, default=None, help="report the longest context whose KV fits in F")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _count(n: float) -> str:
+    """A parameter count people read: 102.6K, 2.3M, 8.63B (never 0.000B)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}" if n < 100 * scale else f"{n / scale:.0f}{suffix}"
+    return f"{n:.0f}"
 
 
 def _memory(args: argparse.Namespace) -> int:
     from meshserve.analytics.chips import get_chip
     from meshserve.analytics.memory import memory_estimate
 
+    if args.mode == "inference":
+        given = [flag for flag, value in (("--optimizer", args.optimizer), ("--lora-rank", args.lora_rank)) if value]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UserError(f"{' and '.join(given)} {verb} to --mode finetune only (inference has no optimizer "
+                            "state or adapters)")  # fmt: skip
     config = _model(args)
     chip = get_chip(args.hardware) if args.hardware else None
     out = memory_estimate(
         config, mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
-        chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer, lora_rank=args.lora_rank,
-        kv_fraction=args.kv_fraction,
+        chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer or "adamw",
+        lora_rank=args.lora_rank or 0, kv_fraction=args.kv_fraction,
     )  # fmt: skip
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['model']} {out['mode']}, weights {out['weights']}, {out['params'] / 1e9:.3f}B parameters, "
+    print(f"{out['model']} {out['mode']}, weights {out['weights']}, {_count(out['params'])} parameters, "
           f"{out['chips']} chip(s)")  # fmt: skip
     for key in ("weights_bytes", "kv_cache_bytes", "activations_bytes", "gradients_bytes", "optimizer_bytes",
                 "total_bytes", "per_chip_bytes", "rule_of_thumb_bytes"):  # fmt: skip
-        print(f"  {key[:-6].replace('_', ' '):<16} {out[key] / 1e9:10.2f} GB")
+        print(f"  {key[:-6].replace('_', ' '):<16} {_gib(out[key])}")
     if "fits" in out:
         print(f"  fits in {out['hbm_bytes'] / 2**30:.0f} GiB {out['hardware']}: {'yes' if out['fits'] else 'NO'}")
     if out["max_context_tokens"] is not None:
         print(f"  max context with {args.kv_fraction:.0%} of HBM for KV: {out['max_context_tokens']} tokens")
     return 0
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB (2**30, the unit `analyze` and the fit line use), with MiB precision for small models."""
+    return f"{n / 2**30:10.2f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**30:10.2f} GiB ({n / 2**20:.2f} MiB)"
 
 
 # ---------------------------------------------------------------------------------------------------- calibrate
@@ -301,22 +335,32 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from meshserve.analytics.calibrate import calibrate
-    from meshserve.analytics.chips import save_local_chip
+    from meshserve.analytics.calibrate import calibrate, calibration_warnings
+    from meshserve.analytics.chips import local_chip_path, save_local_chip
     from tqdm import tqdm
 
     config = _model(args)
     _positive("--batch", args.batch)
+    _positive("--held-out", args.held_out)
     _positive("--prompt-len", args.prompt_len)
     _positive("--rounds", args.rounds)
+    if args.prompt_len >= config.max_seq_len:
+        # The decode points run one step after the prompt; far beyond the context the cache alone exhausts memory.
+        raise UserError(f"--prompt-len {args.prompt_len} is beyond {config.name}'s context: calibrate times a decode "
+                        f"step after the prompt, so it must be below max_seq_len {config.max_seq_len}")  # fmt: skip
+    out_path = Path(args.out) if args.out else local_chip_path()
+    check_output_path("--out", out_path, create_parent=True)
     with tqdm(total=1, desc=f"calibrating on {config.name}", file=sys.stderr, disable=args.json) as bar:
         chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds, held_out=args.held_out)
         bar.update()
-    path = save_local_chip(chip, args.out)
+    warnings = calibration_warnings(chip, config.name)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    path = save_local_chip(chip, out_path, warnings=warnings)
     rows = [{"phase": p.phase, "batch": p.batch, "prompt_len": p.prompt_len, "measured_s": p.measured_s,
              "predicted_s": p.predicted_s, "error": p.error, "held_out": p.held_out} for p in points]  # fmt: skip
     if args.json:
-        print(json.dumps({"chip": chip.to_dict(), "path": str(path), "points": rows}))
+        print(json.dumps({"chip": chip.to_dict(), "path": str(path), "points": rows, "warnings": warnings}))
         return 0
     print(f"local chip: matmul {chip.peak_flops_bf16 / 1e9:.1f} GFLOP/s, bandwidth {chip.hbm_bandwidth / 1e9:.1f} GB/s,"
           f" per-layer overhead {chip.step_overhead_s * 1e6:.1f} us -> {path}")  # fmt: skip
@@ -327,8 +371,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "analyze": (_analyze_args, _analyze),
-    "memory": (_memory_args, _memory),
-    "plan": (_plan_args, _plan),
-    "calibrate": (_calibrate_args, _calibrate),
+    "analyze": (_analyze_args, quiet_broken_pipe(_analyze)),
+    "memory": (_memory_args, quiet_broken_pipe(_memory)),
+    "plan": (_plan_args, quiet_broken_pipe(_plan)),
+    "calibrate": (_calibrate_args, quiet_broken_pipe(_calibrate)),
 }

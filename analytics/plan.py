@@ -138,8 +138,12 @@ def evaluate_layouts(
     attentions: Sequence[str] = _ATTENTION_ORDER,
     overlap: bool = False,
     decode: Estimate | None = None,
+    reasons: list[str] | None = None,
 ) -> list[Estimate]:
     """Estimates for every layout that can split these dims (the others are skipped).
+
+    reasons: when given, each skipped layout's LayoutError message is appended to it (partition/dims.check_layout
+    names the dim and the split), so a caller left with no estimate can say why.
 
     Multi-query heads are padded per layout (`analysis_config`), so each row is charged only its own padding.
     decode (prefill only): the decode step whose KV cache the prefill fills; each prefill row then pays the phase
@@ -159,7 +163,9 @@ def evaluate_layouts(
                     gen_len=gen_len, weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap, **switch,
                 )
             )  # fmt: skip
-        except LayoutError:
+        except LayoutError as e:
+            if reasons is not None:
+                reasons.append(f"{ffn}/{attention}: {e}")
             continue
     return rows
 

@@ -45,14 +45,20 @@ def analyze(
     rows: list[dict[str, Any]] = []
     for phase in phases:
         for batch in batches:
+            reasons: list[str] = []
             estimates: list[Estimate] = evaluate_layouts(
                 config, chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                 weights=weights, ffn_layouts=[layout] if layout else FFN_LAYOUTS,
-                attentions=[attention] if attention else ("batch", "heads"), overlap=overlap,
+                attentions=[attention] if attention else ("batch", "heads"), overlap=overlap, reasons=reasons,
             )  # fmt: skip
             if not estimates:
                 what = f"layout {layout or 'any'} with attention {attention or 'any'}"
-                raise LayoutError(f"{what} cannot split {config.name} at batch {batch} on mesh {mesh}")
+                by_reason: dict[str, list[str]] = {}  # the same reason for several layouts is said once
+                for r in reasons:
+                    label, _, why = r.partition(": ")
+                    by_reason.setdefault(why, []).append(label)
+                said = "; ".join(f"{', '.join(labels)}: {why}" for why, labels in by_reason.items())
+                raise LayoutError(f"{what} cannot split {config.name} at batch {batch} on mesh {mesh}: {said}")
             best = best_of(estimates)
             for e in estimates:
                 row = e.row()

@@ -98,7 +98,7 @@ def test_calibrate_predicts_its_own_machine_within_15_percent(capsys, tmp_path, 
     argv = ["calibrate", "--model", "tiny", "--batch", "1,4,16", "--held-out", "8", "--prompt-len", "16",
             "--rounds", "20", "--out", str(out_path), "--json"]  # fmt: skip
     for _attempt in range(2):  # a shared machine may be busy during one measurement: one re-measure allowed
-        code, out, _ = _run(capsys, *argv)
+        code, out, err = _run(capsys, *argv)
         result = json.loads(out)
         errors = [p["error"] for p in result["points"]]
         if max(abs(e) for e in errors) < 0.15:
@@ -106,6 +106,12 @@ def test_calibrate_predicts_its_own_machine_within_15_percent(capsys, tmp_path, 
     assert code == 0 and len(errors) == 8
     assert [p["batch"] for p in result["points"] if p["held_out"]] == [8, 8]
     assert max(abs(e) for e in errors) < 0.15, result["points"]
+    # doubts about the fit (a coefficient at its clamp: the model too small to show that term) on stderr and in both
+    # JSONs, never silently
+    assert result["warnings"] == json.loads(out_path.read_text())["warnings"]
+    assert [line for line in err.splitlines() if line.startswith("warning: ")] == [
+        f"warning: {w}" for w in result["warnings"]
+    ]
     chip = get_chip("local", out_path)
     assert chip.name == "local" and chip.peak_flops_bf16 > 1e8 and chip.hbm_bandwidth > 1e8
     # the stored chip drives the cost model like any other
