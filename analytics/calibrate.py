@@ -215,8 +215,9 @@ def calibrate(
 
 def calibration_warnings(chip: Chip, model: str = "the model") -> list[str]:
     """One sentence per fitted efficiency that sits at its clamp (the fit set the term to zero: free) or outside
-    PLAUSIBLE, naming the field and value: `model`, the one timed, was too small for that term to show in its step times,
-    so predictions on `local` will ignore or mis-price it. Empty when every coefficient looks like a real rate."""
+    PLAUSIBLE, naming the field and value: `model`, the one timed, was too small for that term to show in its step
+    times, so predictions on `local` will ignore or mis-price it. Empty when every coefficient looks like a real
+    rate."""
     terms = (
         ("matmul_efficiency", chip.matmul_efficiency, "compute (matmul FLOPs)"),
         ("hbm_efficiency", chip.hbm_efficiency, "weight loading"),

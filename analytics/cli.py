@@ -80,7 +80,8 @@ def _warn_context(config: Any, prompt_len: int, gen_len: int) -> None:
     context = prompt_len + gen_len
     if context > config.max_seq_len:
         print(f"warning: prompt {prompt_len} + generate {gen_len} = {context} tokens is beyond {config.name}'s "
-              f"max_seq_len {config.max_seq_len}; the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
+              f"max_seq_len {config.max_seq_len}; the rows price a context the model does not have",
+              file=sys.stderr)  # fmt: skip
 
 
 def _fmt_s(s: float) -> str:
@@ -216,7 +217,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    "throughput (chip-ms per token at the largest buckets), or cost (the lowest chip-ms per token "
                    "among decode buckets whose step meets --latency-bound); default latency")  # fmt: skip
     p.add_argument("--weights", choices=["bf16", "int8", "f32"], default=None,
-                   help="fix the weight storage (default: both tried; latency takes the faster, the other objectives keep "
+                   help="fix the weight storage (default: both tried; latency takes the faster, the other objectives "
+                   "keep "
                    f"bf16 unless int8 is needed to fit or gains over {round(INT8_GAIN * 100)}%%)")  # fmt: skip
     p.add_argument("--latency-bound", type=float, default=None, help="objective cost: max decode step seconds")
 
@@ -257,17 +259,20 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
                    help="inference (weights, KV cache, activations of a prefill) or finetune (adds gradients and "
                    "optimizer state; training activations) (default inference)")  # fmt: skip
     p.add_argument("--weights", choices=["f32", "bf16", "int8", "int4"], default="bf16",
-                   help="weight storage; fine-tuning keeps gradients and optimizer state in it too (default bf16)")  # fmt: skip
+                   help="weight storage; fine-tuning keeps gradients and optimizer state in it too "
+                   "(default bf16)")  # fmt: skip
     p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     p.add_argument("--context", type=int, default=None, help="context tokens (default: the model's max_seq_len)")
     p.add_argument("--chips", type=int, default=1, help="chips the model is split over (default 1)")
     p.add_argument("--hardware", default=None, help="chip, to check the fit and for --kv-fraction (default none)")
     p.add_argument("--attention", choices=["heads", "batch"], default="heads",
-                   help="how the KV cache is split over the chips: by kv heads or by batch rows (default heads)")  # fmt: skip
+                   help="how the KV cache is split over the chips: by kv heads or by batch rows "
+                   "(default heads)")  # fmt: skip
     p.add_argument("--optimizer", choices=["adamw", "sgd", "adafactor"], default=None,
                    help="--mode finetune only: optimizer whose state is counted (default adamw)")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=None,
-                   help="--mode finetune only: train rank-R adapters instead of every weight (default 0: all)")  # fmt: skip
+                   help="--mode finetune only: train rank-R adapters instead of every weight "
+                   "(default 0: all)")  # fmt: skip
     p.add_argument("--kv-fraction", type=float, default=None, help="report the longest context whose KV fits in F")
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -53,8 +53,10 @@ def test_bench_rows_with_peer(tmp_path):
         (["--out", "/no/such/dir/rows.json"], "--out /no/such/dir/rows.json: directory /no/such/dir does not exist"),
         (["--plot", "/no/such/dir/decode.png"], "--plot /no/such/dir/decode.png: directory /no/such/dir does not"),
         # a prompt past the context: refused naming the limit, not an out-of-memory traceback (970 GB asked)
-        (["--model", "tiny", "--prompt-len", "100000", "--batch", "1", "--gen-len", "1", "--weights", "bf16"],
-         "--prompt-len 100000 + --gen-len 1 = 100001 tokens exceeds tiny's max_seq_len 128"),
+        (
+            ["--model", "tiny", "--prompt-len", "100000", "--batch", "1", "--gen-len", "1", "--weights", "bf16"],
+            "--prompt-len 100000 + --gen-len 1 = 100001 tokens exceeds tiny's max_seq_len 128",
+        ),
         (["--model", "tiny", "--prompt-len", "120", "--gen-len", "64"], "184 tokens exceeds tiny's max_seq_len 128"),
         (["--out", "/tmp"], "--out /tmp is a directory"),
         (["--plot", "decode.txt"], "--plot decode.txt: extension .txt; use an image format matplotlib writes: "),
