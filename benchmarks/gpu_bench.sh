@@ -8,7 +8,8 @@
 #   TUNING=benchmarks/results/int8_tuning.falcon-7b.json STEPS="tune b8 b256" DEADLINE=300 bash benchmarks/gpu_bench.sh
 #                                                          # call 2, with call 1's tuning file copied into the tree
 #   MODEL=tiny-falcon PALM=tiny PROMPT_LONG=64 SMALL=1 STEPS="tune targets prefill b8 palm" \
-#     PY=.venv/bin/python OUT=/tmp/gb TUNING=/tmp/gb-tuning.json bash benchmarks/gpu_bench.sh    # CPU dry run
+#     BENCH_EXTRA="--set max_seq_len=256" PY=.venv/bin/python OUT=/tmp/gb TUNING=/tmp/gb-tuning.json \
+#     bash benchmarks/gpu_bench.sh                        # CPU dry run (tiny models' context is 128 tokens)
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
@@ -22,6 +23,7 @@ DEADLINE=${DEADLINE:-450}  # seconds for this call; later steps shrink or are sk
 TUNING=${TUNING:-/tmp/meshserve_int8_tuning.$MODEL.json}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch (the peer) shares the GPU with JAX
 PY=${PY:-python3}
+read -r -a bench_extra <<< "${BENCH_EXTRA:-}"  # more `meshserve bench` flags for every step (the dry run's --set)
 if ! $PY -c "import meshserve.serving.bench" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 2
 fi
@@ -39,13 +41,13 @@ bench() {  # bench NAME LIMIT_S ARGS...: one `meshserve bench` call, cut to the 
   [ "$(left)" -lt 30 ] && { echo "!! $name skipped: out of time"; return; }
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   local rc=0
-  timeout "$limit" $PY -m meshserve.serving.cli bench --json --out "$OUT/$name.json" "$@" > /dev/null \
+  timeout "$limit" $PY -m meshserve.serving.cli bench --json --out "$OUT/$name.json" "$@" "${bench_extra[@]}" > /dev/null \
     2> "$OUT/$name.log" || { rc=$?; echo "!! $name failed or timed out after $((SECONDS - t0)) s (see $name.log)"; }
   if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -qi "cudnn" "$OUT/$name.log" && [ -z "${MESHSERVE_ATTENTION:-}" ] \
     && [ "$(left)" -ge 60 ]; then
     echo "!! $name: cuDNN error, once more with XLA attention"
     MESHSERVE_ATTENTION=xla timeout "$(left)" $PY -m meshserve.serving.cli bench --json --out "$OUT/$name.json" \
-      "$@" > /dev/null 2> "$OUT/$name.xla.log" || echo "!! $name failed again (see $name.xla.log)"
+      "$@" "${bench_extra[@]}" > /dev/null 2> "$OUT/$name.xla.log" || echo "!! $name failed again (see $name.xla.log)"
   fi
   grep -v "%|" "$OUT/$name.log" | tail -n 3
   echo "== $name done in $((SECONDS - t0)) s"

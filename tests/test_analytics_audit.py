@@ -65,6 +65,8 @@ def test_analyze_beyond_the_context_keeps_the_rows_and_warns_once_on_stderr(caps
     assert code == 0 and "demo's max_seq_len 512" in err and err.count("warning") == 1
     code, out, err = _run(capsys, "plan", "--model", "tiny", "--chips", "8", "--prompt-len", "16", "--gen-len", "16")
     assert code == 0 and err == ""  # within the context: no warning
+    code, out, err = _run(capsys, "analyze", "--model", "palm-8b", "--chips", "8", "--batch", "1")
+    assert code == 0 and err == ""  # the paper's setting, 2048 + 64 on a 2048 context: generation past it is fine
 
 
 def test_ws1d_on_a_grouped_query_model_names_the_dim_that_does_not_divide(capsys):
