@@ -3,8 +3,13 @@
 Loads the model, chooses the plan, compiles every step (a progress bar on stderr), then listens. Prints
 `meshserve serve: listening on HOST:PORT` on stderr once requests are answered. SIGTERM or Ctrl-C drains: new
 requests are refused, in-flight ones finish within --grace seconds (those still running then end with UNAVAILABLE),
-and the process exits 0. If the engine thread
-dies, health turns NOT_SERVING and the process exits 1.
+and the process exits 0. If the engine thread dies, health turns NOT_SERVING and the process exits 1.
+
+Before `listening` (loading, compiling: minutes on a large model) there is nothing to drain, so a signal stops the
+process at once (within the step being compiled): Ctrl-C prints `meshserve serve: interrupted` and exits 130 like
+every other command; SIGTERM prints `meshserve serve: terminated before listening` and exits 143 (128 + SIGTERM, the
+shell's code for a process ended by SIGTERM), not 0, so a supervisor or script can tell a server that never served
+from one that drained cleanly.
 """
 
 from __future__ import annotations
@@ -149,7 +154,33 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     return model, plan, steps, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
 
 
+SIGNALS_EPILOG = """signals:
+  before `listening on` (loading, compiling): Ctrl-C stops at once and exits 130; SIGTERM stops at once and exits
+  143 (128 + SIGTERM: the server never served, so a supervisor does not read it as a clean drain).
+  after `listening on`: Ctrl-C or SIGTERM drains (new requests refused, in-flight ones get --grace seconds) and
+  exits 0; a dead engine thread exits 1."""
+
+
+def _stop_before_listening(signum: int, abandon: bool) -> int:
+    """A signal before the server listened: nothing was served, nothing to drain. Ctrl-C exits 130 (as every command
+    does), SIGTERM 143. With `abandon` the warm-up thread is still inside loading or an XLA compile, which cannot be
+    interrupted and must not meet interpreter shutdown (JAX's exit hooks tear down the backend it is using), so the
+    process ends with os._exit after flushing its output; nothing of the server's is on disk to clean up."""
+    interrupted = signum == signal.SIGINT
+    # An abandoned progress bar is left mid-line: the message starts on a line of its own.
+    print(f"{chr(10) if abandon else ''}meshserve serve: {'interrupted' if interrupted else 'terminated before listening'}",
+          file=sys.stderr)  # fmt: skip
+    code = 130 if interrupted else 143
+    if abandon:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = SIGNALS_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
@@ -214,11 +245,20 @@ def run(args: argparse.Namespace) -> int:
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
     from tqdm import tqdm
 
-    # Handlers first: a SIGTERM during warm-up then also exits cleanly (after warm-up, before serving).
+    # Signals only record themselves here; the main thread acts on them. Raising from the handler is not safe: it
+    # lands at whatever bytecode runs, and during compiles that is often JAX's gc callback, where the exception is
+    # printed and swallowed (the compile goes on). So loading and warm-up run on a worker thread while the main
+    # thread waits, and a signal before `listening` (nothing to drain yet) ends the process at once, mid-compile
+    # included. After `listening` a signal drains (the loop below): requests in flight finish first.
     stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    model, plan, steps, mesh_info = load_for_serving(args, args.objective)
+        signal.signal(sig, on_signal)
     options = ServerOptions(
         host=args.host,
         port=args.port,
@@ -231,17 +271,37 @@ def run(args: argparse.Namespace) -> int:
         max_score_queue=args.max_score_queue,
         max_score_tokens=args.max_score_tokens,
     )
-    with tqdm(total=plan.compile_count(), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-        server = build_server(
-            model,
-            plan,
-            options,
-            steps=steps,
-            mesh_info=mesh_info,
-            progress=lambda s: bar.update(2 if s.startswith("prefill") else 1),
-        )
+    built: dict = {}
+    done = threading.Event()
+
+    def load_and_warm_up() -> None:
+        try:
+            model, plan, steps, mesh_info = load_for_serving(args, args.objective)
+            with tqdm(total=plan.compile_count(), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+                server = build_server(
+                    model,
+                    plan,
+                    options,
+                    steps=steps,
+                    mesh_info=mesh_info,
+                    progress=lambda s: bar.update(2 if s.startswith("prefill") else 1),
+                )
+            built["value"] = model, plan, server
+        except BaseException as e:  # re-raised on the main thread: a UserError still exits 2 in one line
+            built["error"] = e
+        finally:
+            done.set()
+
+    # A daemon thread: if the process is stopped mid-compile, nothing waits for it.
+    threading.Thread(target=load_and_warm_up, name="meshserve-warm-up", daemon=True).start()
+    while not done.wait(0.1):
+        if stop.is_set():
+            _stop_before_listening(signals[0], abandon=True)
     if stop.is_set():
-        return 0
+        return _stop_before_listening(signals[0], abandon=False)
+    if "error" in built:
+        raise built["error"]
+    model, plan, server = built["value"]
     server.start()
     print(
         f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, "
