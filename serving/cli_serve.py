@@ -59,8 +59,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PRESET", help="instead of a checkpoint: a preset with random weights")
     parser.add_argument("--weights", choices=["f32", "bf16", "int8"], help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--mesh", default="1", help="device mesh XxYxZ (default 1: one device)")
-    parser.add_argument("--max-batch", type=int, help="decode slots (default: 32 for latency, 128 for throughput)")
-    parser.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's)")
+    parser.add_argument(
+        "--max-batch", type=int, help="decode slots, 1 to 4096 (default: 32 for latency, 128 for throughput)"
+    )
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        help="prompt + generated tokens per request, 2 to the model's max_seq_len (default: the max_seq_len)",
+    )
     parser.add_argument(
         "--length-buckets",
         type=_int_list,

@@ -60,3 +60,14 @@ def test_every_length_uses_one_storage_and_the_servers_decode_cache(model, mesh,
             decode_attention=cache.attention_layout, decode_batch=cache.batch,
         )  # fmt: skip
         assert abs(step.predicted_ms - switched.step_s * 1e3) < 1e-9, (step, cache)
+
+
+@pytest.mark.parametrize("field", ["max_batch", "max_context"])
+def test_zero_batch_or_context_is_refused_and_only_none_means_the_default(field):
+    from meshserve.serving.plan import PlanError
+
+    config = get_config("tiny")
+    with pytest.raises(PlanError, match=rf"^{field} must be in \[.*got 0$"):
+        make_plan(config, **{field: 0})
+    default = make_plan(config, **{field: None})
+    assert (default.max_batch, default.max_context) == (32, config.max_seq_len)
