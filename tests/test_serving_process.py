@@ -1,5 +1,6 @@
-"""Process-level behaviour: SIGTERM drains a running `meshserve serve` (in-flight streams finish, exit 0), and the
-offline job resumes after kill -9 with every id written exactly once."""
+"""Process-level behaviour: SIGTERM drains a running `meshserve serve` (in-flight streams finish, exit 0), a signal
+during warm-up stops it at once (Ctrl-C 130, SIGTERM 143), and the offline job resumes after kill -9 with every id
+written exactly once."""
 
 import json
 import signal
@@ -140,6 +141,8 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
         f.write(json.dumps({"id": "bad", "prompt": "x", "max_new_tokens": 0}) + "\n")  # line n + 2
         f.write(json.dumps({"id": "bad2", "prompt": "x", "temperature": "hot"}) + "\n")  # line n + 3
         f.write(json.dumps({"id": "bad3", "prompt": "x", "presence_penalty": 3}) + "\n")  # line n + 4
+        f.write(json.dumps({"id": "bad4", "prompt": "x", "max_tokens": 3}) + "\n")  # line n + 5: a typo'd key
+        f.write(json.dumps({"id": "bad5", "prompt": ""}) + "\n")  # line n + 6
     out = tmp_path / "out.jsonl"
     cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
@@ -156,7 +159,7 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
-    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 4
+    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 6
     rows = _lines(out)
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(n))  # each id exactly once
     assert all(len(r["tokens"]) == 24 and r["finish_reason"] == "length" for r in rows)
@@ -167,10 +170,13 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
         else:
             assert len(alts) == 24 and all(len(a) == 3 and a[0]["logprob"] >= a[2]["logprob"] for a in alts)
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
-    assert [e["line"] for e in errors] == [n + 1, n + 2, n + 3, n + 4]
-    assert "max_new_tokens" in errors[1]["error"]
-    assert errors[2]["error"] == "temperature must be a number, got 'hot'"
-    assert errors[3]["error"].startswith("presence_penalty must be in [-2, 2]")
+    # Lines refused on reading (no model needed) come first, then those the model's limits refuse.
+    assert [e["line"] for e in errors] == [n + 1, n + 5, n + 6, n + 2, n + 3, n + 4]
+    assert errors[1]["error"].startswith("unknown key 'max_tokens' (known: id, prompt, max_new_tokens, ")
+    assert errors[2]["error"] == "prompt must not be empty"
+    assert "max_new_tokens" in errors[3]["error"]
+    assert errors[4]["error"] == "temperature must be a number, got 'hot'"
+    assert errors[5]["error"].startswith("presence_penalty must be in [-2, 2]")
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)  # nothing left to do
     assert json.loads(again.stdout.splitlines()[-1])["done"] == 0 and len(_lines(out)) == n
@@ -202,3 +208,50 @@ def test_serve_help_shows_score_limits_and_a_reply_limit_that_cannot_fit_is_refu
     proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--max-score-tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr
+
+
+# Every XLA compile takes >= 1.5 s more (a stand-in for a big model's warm-up: the demo model takes 1-2 minutes);
+# everything else is the real CLI.
+_SLOW_COMPILE = """
+import sys, time
+from jax._src import stages
+compile_ = stages.Lowered.compile
+def compile(self, *a, **k):
+    out = compile_(self, *a, **k)
+    time.sleep(1.5)
+    return out
+stages.Lowered.compile = compile
+from meshserve.serving.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated before listening")])  # fmt: skip
+def test_a_signal_during_warm_up_stops_the_server_at_once(checkpoint, tmp_path, sig, code, message):
+    import re
+    import sys
+
+    log = tmp_path / "serve.log"
+    args = ["serve", "--checkpoint", str(checkpoint), "--port", "0", *GRID]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMPILE, *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=env())  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        # Two or more steps compiled of a grid of more: the signal lands in the middle of warm-up.
+        while not re.search(r"compiling:[^\n\r]*\b([2-9]|\d\d+)/\d+", log.read_text()) and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()
+        start = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(15) == code, log.read_text()
+        assert time.monotonic() - start < 5  # not after the rest of the grid compiled (>= 1.5 s a step)
+        text = log.read_text()
+        assert f"meshserve serve: {message}" in text
+        assert "listening on" not in text and "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
