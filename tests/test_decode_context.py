@@ -7,22 +7,18 @@ buckets (a long generation crosses them) and back down when long requests leave.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import serve_requests
 from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.generate import generate
 from meshserve.model.params import init_params
 from meshserve.model.sampling import SamplingParams
-from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
-from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import PlanError, make_plan
-from meshserve.serving.scheduler import Request, Scheduler
 
 CONFIG = get_config("tiny")
 
@@ -81,24 +77,8 @@ def test_engine_tokens_equal_generate_across_context_buckets():
         return dispatch(batch, context)
 
     engine.decode_async = recording
-    scheduler = Scheduler(plan.max_batch, 8, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                          plan.prefill_token_budget)  # fmt: skip
-    orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
     cases = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90, SamplingParams()), ([40, 41, 42], 20, SamplingParams(0.9, seed=5))]
-    try:
-        handles = [orch.submit(Request(list(p), n, sampling=s)) for p, n, s in cases]
-        got = []
-        for h in handles:
-            tokens, deadline = [], time.monotonic() + 60
-            while True:
-                event = h.events.get(timeout=max(0.1, deadline - time.monotonic()))
-                tokens += event.tokens
-                if event.finish_reason is not None:
-                    break
-            got.append(tokens)
-    finally:
-        orch.stop()
-    assert orch.error is None
+    got = [r.tokens for r in serve_requests(engine, cases)]
     for (prompt, n, sampling), tokens in zip(cases, got, strict=True):
         ref = generate(params, CONFIG, [prompt], max_new_tokens=n, sampling=sampling)[0]
         assert tokens == list(ref.tokens)

@@ -3,23 +3,19 @@ reference decode loop, through `generate` and through the serving engine (slots 
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from engine_helpers import serve_requests
 from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.generate import generate
 from meshserve.model.params import init_params
 from meshserve.model.sampling import SamplingError, SamplingParams, TokenHistory, sample, stack_sampling
-from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
-from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
-from meshserve.serving.scheduler import Request, Scheduler
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 CONFIG = get_config("tiny")
@@ -117,28 +113,12 @@ def test_engine_penalties_equal_generate_and_reset_when_a_slot_is_reused():
                      context_buckets=(64,), weights="f32")  # fmt: skip
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
-    scheduler = Scheduler(plan.max_batch, 8, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                          plan.prefill_token_budget)  # fmt: skip
     cases = [
         ([3, 4, 5, 3, 4], 20, SamplingParams(frequency_penalty=2.0)),
         ([9, 9, 9], 6, SamplingParams(temperature=0.9, seed=11, repetition_penalty=1.5, min_p=0.1)),
         ([3, 4, 5, 3, 4], 14, SamplingParams(repetition_penalty=1.7, presence_penalty=0.5)),
     ]
-    orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
-    try:
-        handles = [orch.submit(Request(list(p), n, sampling=s)) for p, n, s in cases]
-        got = []
-        for h in handles:
-            tokens, deadline = [], time.monotonic() + 60
-            while True:
-                event = h.events.get(timeout=max(0.1, deadline - time.monotonic()))
-                tokens += event.tokens
-                if event.finish_reason is not None:
-                    break
-            got.append(tokens)
-    finally:
-        orch.stop()
-    assert orch.error is None
+    got = [r.tokens for r in serve_requests(engine, cases)]
     for (prompt, n, sampling), tokens in zip(cases, got, strict=True):
         assert tokens == generate(params, CONFIG, [prompt], max_new_tokens=n, sampling=sampling)[0].tokens
 

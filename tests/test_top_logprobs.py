@@ -4,22 +4,19 @@ CLI, checked against the model's own full-sequence logits."""
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import serve_requests
 from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.generate import generate
 from meshserve.model.params import init_params
 from meshserve.model.sampling import TOP_LOGPROBS_MAX, SamplingParams, stack_sampling, top_logprobs
-from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
-from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
-from meshserve.serving.scheduler import Request, Scheduler
 
 CONFIG = get_config("tiny")
 
@@ -83,26 +80,10 @@ def test_engine_streams_the_alternatives_generate_gives(params):
                      context_buckets=(64,), weights="f32")  # fmt: skip
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
-    scheduler = Scheduler(plan.max_batch, 8, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                          plan.prefill_token_budget)  # fmt: skip
     cases = [([4, 5, 6], 10, SamplingParams(top_logprobs=6)), ([7, 8], 10, SamplingParams())]
-    orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
-    try:
-        handles = [orch.submit(Request(list(p), n, sampling=s)) for p, n, s in cases]
-        got = []
-        for h in handles:
-            tokens, top, deadline = [], [], time.monotonic() + 60
-            while True:
-                event = h.events.get(timeout=max(0.1, deadline - time.monotonic()))
-                tokens += event.tokens
-                top += event.top_logprobs
-                assert len(event.top_logprobs) in (0, len(event.tokens))
-                if event.finish_reason is not None:
-                    break
-            got.append((tokens, top))
-    finally:
-        orch.stop()
-    assert orch.error is None
+    received = serve_requests(engine, cases)
+    assert all(r.aligned for r in received)
+    got = [(r.tokens, r.top_logprobs) for r in received]
     for (prompt, n, sampling), (tokens, top) in zip(cases, got, strict=True):
         ref = generate(params, CONFIG, [prompt], max_new_tokens=n, sampling=sampling)[0]
         assert tokens == ref.tokens
