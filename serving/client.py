@@ -76,11 +76,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _input(prompt: str | Sequence[int]) -> dict:
+def _input(prompt: str | Sequence[int], validate: bool = True) -> dict:
     if isinstance(prompt, str):
         return {"text": prompt}
     ids = list(prompt)
-    bad = next((t for t in ids if not _is_int(t) or not 0 <= t <= INT32_MAX), None)
+    low = 0 if validate else -INT32_MAX - 1  # unvalidated: anything the int32 field holds, for the server to refuse
+    bad = next((t for t in ids if not _is_int(t) or not low <= t <= INT32_MAX), None)
     if bad is not None:  # the server checks the vocabulary; this is only what the int32 field can hold
         raise InvalidRequest(f"tokens.ids: token id {bad!r} is not an integer in [0, {INT32_MAX}]")
     return {"tokens": pb.TokenIds(ids=ids)}
@@ -130,15 +131,22 @@ class Client:
         frequency_penalty: float = 0.0,
         min_p: float = 0.0,
         top_logprobs: int = 0,
+        validate: bool = True,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
-        same checks as in-process generation (`validate_sampling`), before anything is sent."""
+        same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
+        values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
-        validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
-                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
-                          top_logprobs=top_logprobs)  # fmt: skip
-        if max_new_tokens is not None and (not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= INT32_MAX):
+        if validate:
+            validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
+                              top_logprobs=top_logprobs)  # fmt: skip
+        if (
+            validate
+            and max_new_tokens is not None
+            and (not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= INT32_MAX)
+        ):
             raise InvalidRequest(f"max_new_tokens must be an integer in [1, {INT32_MAX}], got {max_new_tokens!r}")
         sampling = pb.SamplingParams(
             temperature=temperature,
@@ -156,7 +164,7 @@ class Client:
             return_logprobs=return_logprobs,
             ignore_eos=ignore_eos,
             top_logprobs=top_logprobs,
-            **_input(prompt),
+            **_input(prompt, validate),
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens

@@ -298,22 +298,29 @@ def test_cancelling_half_mid_stream_frees_every_slot(server, client):
 
 
 def test_deadline_cancels_and_frees_the_slot(server, client):
-    before = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
-    before_engine = _counter(server, "meshserve_finished_total", reason="cancelled")
-    with pytest.raises(grpc.RpcError) as err:
-        client.generate([1, 2], max_new_tokens=120, ignore_eos=True, timeout=0.05)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # set by the client library either way
-    assert _wait_idle(server)["meshserve_live_slots"] == 0
-    # The server itself ended the request at its deadline (not the client giving up on a request that ran on).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        now = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
-        if now > before:
+    """A request whose deadline passes mid-generation is ended by the server (counted DEADLINE_EXCEEDED) and by the
+    engine (finished "cancelled"), and its slot is freed. On a loaded machine a 50 ms deadline can pass before the
+    server sees the call at all (then neither counts it): such an attempt is retried, up to 5 times."""
+    for _ in range(5):
+        before = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+        before_engine = _counter(server, "meshserve_finished_total", reason="cancelled")
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate([1, 2], max_new_tokens=120, ignore_eos=True, timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # set by the client library either way
+        assert _wait_idle(server)["meshserve_live_slots"] == 0
+        # The server itself ended the request at its deadline (not the client giving up on a request that ran on).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = _counter(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+            cancelled = _counter(server, "meshserve_finished_total", reason="cancelled")
+            if now > before and cancelled > before_engine:
+                break
+            time.sleep(0.05)
+        if now > before or cancelled > before_engine:
             break
-        time.sleep(0.05)
     assert now == before + 1
     # ... and the engine ended it there (a request left running would finish with reason length).
-    assert _counter(server, "meshserve_finished_total", reason="cancelled") == before_engine + 1
+    assert cancelled == before_engine + 1
 
 
 BAD = [
@@ -347,7 +354,9 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
         prompt = kw.pop("prompt")
         for stream in (False, True):
             with pytest.raises(grpc.RpcError) as err:
-                list(client.generate_stream(prompt, **kw)) if stream else client.generate(prompt, **kw)
+                # validate=False: the client would refuse most of these itself; this checks the server's own checks
+                call = client.generate_stream if stream else client.generate
+                list(call(prompt, validate=False, **kw)) if stream else call(prompt, validate=False, **kw)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw, err.value.details())
             assert field in err.value.details(), (field, err.value.details())
     bad_scores = [
