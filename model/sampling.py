@@ -73,11 +73,14 @@ class TokenHistory:
 
 
 def _penalize(logits: jax.Array, sampling: dict[str, jax.Array], history: TokenHistory) -> jax.Array:
-    """Repetition, presence and frequency penalties on logits float32 [B, V] (the module docstring's definitions)."""
-    counts = history.counts
+    """Repetition, presence and frequency penalties on logits float32 [B, V] (the module docstring's definitions);
+    history may hold more rows (a decode state's): its first B are these rows, sliced here, inside the branch, so
+    a step that penalizes nothing copies none of it."""
+    B = logits.shape[0]
+    counts = history.counts[:B]
     generated = counts > 0
     rep = sampling["repetition_penalty"][:, None]
-    seen = history.in_prompt | generated
+    seen = history.in_prompt[:B] | generated
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     return (
         logits
@@ -117,7 +120,7 @@ def sample(
     history: TokenHistory | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """logits float32 [B, V]; step: int scalar or [B] (each row's decode index, folded into its key); history:
-    the tokens each row has seen (None: no row may ask for a penalty; the bench's default-sampling loops).
+    the tokens each row has seen, rows [0, B) of it (None: no row may ask for a penalty; the bench's loops).
 
     Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
     The batch-wide conditions (any row penalizes? filters? every row greedy?) are real branches: do not vmap this

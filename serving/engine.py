@@ -17,6 +17,7 @@ passes its own steps and shardings with the plan that chose them. Axis alphabet:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,7 @@ class Engine:
     _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _decode: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _release: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False)  # one step: () -> executable
     _state: DecodeState | None = field(default=None, init=False, repr=False)
 
     # ----- the step functions (traced once per bucket) -----
@@ -128,8 +130,8 @@ class Engine:
         bounded = {} if context == c.max_len else {"context": context}
         logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub, **bounded)
         samp = {n: a[:b] for n, a in state.sampling.items()}
-        seen = TokenHistory(state.history.in_prompt[:b], state.history.counts[:b])
-        tok, lp = sample(logits, samp, state.step[:b], seen)  # each row's own step: what `generate` draws for it
+        # The whole history goes in: sample slices rows [0, b) only inside its penalty branch.
+        tok, lp = sample(logits, samp, state.step[:b], state.history)  # each row's own step, as in `generate`
         if full:
             cache = sub
         else:
@@ -139,6 +141,17 @@ class Engine:
         history = TokenHistory(state.history.in_prompt, state.history.counts.at[jnp.arange(b), tok].add(1))
         new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling, history)
         return new, (tok, lp, *top_logprobs(logits, samp))
+
+    @staticmethod
+    def _release_fn(state: DecodeState, free: jax.Array) -> DecodeState:
+        """Default sampling settings in the slots where free bool [B]: a finished request's penalties, filters or
+        top_logprobs must not keep the batch-wide branches of later steps switched on."""
+        defaults = _pad_sampling([], 1)
+        sampling = {
+            n: jnp.where(free.reshape(-1, *[1] * (a.ndim - 1)), jnp.asarray(defaults[n][0]), a)
+            for n, a in state.sampling.items()
+        }
+        return dataclasses.replace(state, sampling=sampling)
 
     def _score_fn(self, params, tokens, lengths):
         """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], argmax-hit bool [b, T-1]."""
@@ -168,7 +181,7 @@ class Engine:
         )
 
     def compiled_steps(self) -> int:
-        return len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score)
+        return len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score) + len(self._release)
 
     def warm_up(
         self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
@@ -197,6 +210,9 @@ class Engine:
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
+        if "generate" in phases:
+            release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
+            self._release[()] = release.lower(state, i32((plan.max_batch,), jnp.bool_)).compile()
         for b in plan.decode_batches if "generate" in phases else ():
             for c in plan.contexts():
                 fn = jax.jit(lambda p, s, b=b, c=c: self._decode_fn(b, c, p, s), donate_argnums=1)
@@ -239,6 +255,12 @@ class Engine:
         out, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
         self._state = self._insert[key](self._state, k, v, lengths, slot_arr, out[0], samp, in_prompt)
         return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
+
+    def release(self, slots: list[int]) -> None:
+        """Reset the sampling settings of slots no request holds any more (see `_release_fn`)."""
+        free = np.zeros((self.plan.max_batch,), bool)
+        free[list(slots)] = True
+        self._state = self._release[()](self._state, free)
 
     def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],

@@ -203,6 +203,10 @@ class Orchestrator:
                 now = time.monotonic()
                 with self._lock:
                     updates = self.scheduler.reap(now)
+                    freed = self.scheduler.take_freed()
+                if freed:  # slots no request holds now: their sampling settings go back to the defaults
+                    self.engine.release(freed)
+                with self._lock:
                     if self._stop and self.scheduler.idle() and pending is None and self.scores.idle():
                         break
                 self._deliver(updates)

@@ -64,10 +64,11 @@ class EnginePlan:
         return self.decode_contexts or (self.max_context,)
 
     def compile_count(self, phases: tuple[str, ...] = ("generate", "score")) -> int:
-        """How many steps `Engine.warm_up(phases=...)` compiles (prefill and its insert count two)."""
+        """How many steps `Engine.warm_up(phases=...)` compiles (prefill and its insert count two; generation adds
+        one slot-release step)."""
         n = 0
         if "generate" in phases:
-            n += 2 * len(self.prefill_batches) * len(self.prefill_lengths)
+            n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
         if "score" in phases:
             n += len(self.score_batches) * len(self.prefill_lengths)

@@ -117,6 +117,7 @@ class Scheduler:
         self.prefill_token_budget = prefill_token_budget
         self.queue: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
+        self._held: set[int] = set()  # slots given to a request since they were last reported by take_freed
 
     # ----- state -----
 
@@ -130,6 +131,12 @@ class Scheduler:
 
     def idle(self) -> bool:
         return not self.queue and not self.active
+
+    def take_freed(self) -> list[int]:
+        """Slots that held a request since the last call and hold none now (the engine resets their sampling)."""
+        freed = sorted(s for s in self._held if self.slots[s] is None)
+        self._held.difference_update(freed)
+        return freed
 
     def occupancy(self) -> float:
         return len(self.active) / self.max_batch
@@ -198,6 +205,7 @@ class Scheduler:
             r.slot = s
             r.prefill_start = now
             self.slots[s] = r
+            self._held.add(s)
         return PrefillBatch(tuple(taken), slots, self._batch_bucket(len(taken)), length)
 
     def requeue(self, requests: Sequence[Request]) -> None:

@@ -138,3 +138,52 @@ def test_engine_penalties_equal_generate_and_reset_when_a_slot_is_reused():
 def test_out_of_range_penalties_are_refused(kwargs, message):
     with pytest.raises(SamplingError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampled_presence_and_frequency_penalties_come_before_temperature():
+    """Draws follow softmax((logits - penalties) / T), vLLM's order: penalizing after the temperature division
+    would give another distribution (for a repetition penalty, a scaling, the order would not show)."""
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.0]])
+    p = SamplingParams(temperature=0.5, presence_penalty=2.0, frequency_penalty=0.5, seed=9)
+    history = TokenHistory.of_prompts(jnp.asarray([[3]]), jnp.asarray([1]), 4).add(jnp.asarray([0]))
+    arrays = _arrays([p])
+    draw = jax.jit(jax.vmap(lambda step: sample(logits, arrays, step, history)[0][0]))
+    counts = np.bincount(np.asarray(draw(jnp.arange(8000))), minlength=4) / 8000
+    penalized = np.array([2.0 - 2.0 - 0.5, 1.5, 1.0, 0.0])  # token 0 generated once; token 3 only in the prompt
+    expected = np.exp(penalized / 0.5) / np.exp(penalized / 0.5).sum()
+    np.testing.assert_allclose(counts, expected, atol=0.02)
+
+
+def test_a_reused_slot_forgets_the_previous_prompt():
+    """One slot, two requests: A's prompt is B's plain greedy output, so a slot that kept A's prompt tokens would
+    penalize exactly the tokens B picks; B must get what it gets alone."""
+    params = init_params(CONFIG, jax.random.key(6), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=1, max_context=64, length_buckets=(16,), decode_buckets=(1,),
+                     context_buckets=(64,), weights="f32")  # fmt: skip
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    prompt_b = [30, 31, 32]
+    plain_b = generate(params, CONFIG, [prompt_b], max_new_tokens=8)[0].tokens
+    penalized = SamplingParams(repetition_penalty=3.0)
+    alone = generate(params, CONFIG, [prompt_b], max_new_tokens=8, sampling=penalized)[0].tokens
+    leaked = generate(params, CONFIG, [plain_b + prompt_b], max_new_tokens=8, sampling=penalized)[0].tokens
+    assert alone != leaked or alone != plain_b  # the scenario can tell a leak apart (else this test proves nothing)
+    got = serve_requests(engine, [(plain_b[:12], 4, SamplingParams()), (prompt_b, 8, penalized)])
+    assert got[1].tokens == alone
+
+
+def test_a_freed_slot_gets_default_sampling_back():
+    """A finished request's penalties, filters and top_logprobs leave its slot (else they would keep the batch-wide
+    penalty, sort and top-k branches running on every later step that covers the slot)."""
+    params = init_params(CONFIG, jax.random.key(7), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=2, max_context=64, length_buckets=(16,), decode_buckets=(2,),
+                     context_buckets=(64,), weights="f32")  # fmt: skip
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    assert engine.compiled_steps() == plan.compile_count(("generate",))
+    asks = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.5, frequency_penalty=0.3, top_logprobs=4)
+    serve_requests(engine, [([5, 6, 7], 6, asks)])
+    defaults = {k: v[0] for k, v in stack_sampling([SamplingParams()]).items()}
+    state = jax.device_get(engine._state.sampling)
+    for name, value in defaults.items():
+        np.testing.assert_array_equal(state[name][0], value, err_msg=name)

@@ -187,6 +187,9 @@ class MockEngine:
     def fetch(out, top=False):
         return StepOutput(*out)
 
+    def release(self, slots):
+        pass  # no per-slot sampling state here
+
     def score(self, items):
         return ScoreOutput([np.zeros(len(c), np.float32) for _, c in items], [np.ones(len(c), bool) for _, c in items])
 
