@@ -85,8 +85,10 @@ def test_min_p_samples_what_transformers_min_p_warper_keeps():
 def _reference_greedy(params, prompt: list[int], n: int, p: SamplingParams) -> list[int]:
     """Greedy decoding the slow way: a full prefill per token, penalties applied by the reference above."""
     seq, out = list(prompt), []
+    width = len(prompt) + n  # one padded shape for every step: one compile (prefill reads row lengths)
+    prefill = jax.jit(lambda tokens, lengths: transformer.prefill(params, CONFIG, tokens, lengths)[0])
     for _ in range(n):
-        logits, _, _ = transformer.prefill(params, CONFIG, jnp.asarray([seq]), jnp.asarray([len(seq)]))
+        logits = prefill(jnp.asarray([seq + [0] * (width - len(seq))]), jnp.asarray([len(seq)]))
         tok = int(np.argmax(_reference_logits(np.asarray(logits[0]), seq, out, p)))
         seq.append(tok)
         out.append(tok)
