@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\x0cmeshserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\r\n\x05min_p\x18\x08 \x01(\x02\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyJ\x04\x08\t\x10\n\"\x8b\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensJ\x04\x08\t\x10\x10\">\n\x0bTopLogprobs\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05texts\x18\x03 \x03(\t\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"L\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xf0\x01\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.meshserve.v1.Timing\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.TopLogprobs\"\xed\x01\n\rGenerateChunk\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.meshserve.v1.Timing\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.TopLogprobs\"\xc1\x01\n\tScoreItem\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12/\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12\x1b\n\x11\x63ontinuation_text\x18\x03 \x01(\tH\x01\x12\x35\n\x13\x63ontinuation_tokens\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x01\x42\x08\n\x06promptB\x0e\n\x0c\x63ontinuation\"6\n\x0cScoreRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ScoreItem\"c\n\x0bScoreResult\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x0e\n\x06greedy\x18\x03 \x01(\x08\x12\x1b\n\x13\x63ontinuation_tokens\x18\x04 \x03(\x05\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ScoreResult\"\x15\n\x13GetModelInfoRequest\"\xb8\x01\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x04 \x01(\x05\x12\x10\n\x08n_layers\x18\x05 \x01(\x05\x12\x0f\n\x07n_heads\x18\x06 \x01(\x05\x12\x12\n\nn_kv_heads\x18\x07 \x01(\x05\x12\x0e\n\x06\x64_head\x18\x08 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\t \x01(\x05\x12\x0c\n\x04json\x18\n \x01(\t\"Y\n\x04Mesh\x12\x12\n\naxis_names\x18\x01 \x03(\t\x12\x12\n\naxis_sizes\x18\x02 \x03(\x05\x12\x13\n\x0b\x64\x65vice_kind\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x04 \x01(\x05\"}\n\tPhasePlan\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12\x12\n\nffn_layout\x18\x04 \x01(\t\x12\x18\n\x10\x61ttention_layout\x18\x05 \x01(\t\x12\x14\n\x0cpredicted_ms\x18\x06 \x01(\x01\"\xf3\x01\n\x06Limits\x12\x13\n\x0bmax_context\x18\x01 \x01(\x05\x12\x11\n\tmax_batch\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x18\n\x10max_stop_strings\x18\x05 \x01(\x05\x12\x17\n\x0fmax_stop_length\x18\x06 \x01(\x05\x12\x17\n\x0fmax_score_items\x18\x07 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x08 \x01(\x05\x12\x18\n\x10max_score_tokens\x18\t \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\n \x01(\x05\"\xf1\x01\n\tModelInfo\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.meshserve.v1.ModelConfig\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12 \n\x04mesh\x18\x04 \x01(\x0b\x32\x12.meshserve.v1.Mesh\x12\x11\n\tobjective\x18\x05 \x01(\t\x12%\n\x04plan\x18\x06 \x03(\x0b\x32\x17.meshserve.v1.PhasePlan\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.meshserve.v1.Limits\x12\x11\n\tplan_json\x18\x08 \x01(\tJ\x04\x08\t\x10\x10*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb4\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1b.meshserve.v1.GenerateChunk0\x01\x12@\n\x05Score\x12\x1a.meshserve.v1.ScoreRequest\x1a\x1b.meshserve.v1.ScoreResponse\x12J\n\x0cGetModelInfo\x12!.meshserve.v1.GetModelInfoRequest\x1a\x17.meshserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\x0cmeshserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\r\n\x05min_p\x18\x08 \x01(\x02\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyJ\x04\x08\t\x10\n\"\xa3\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensJ\x04\x08\n\x10\x10\">\n\x0bTopLogprobs\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05texts\x18\x03 \x03(\t\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"L\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xf0\x01\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.meshserve.v1.Timing\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.TopLogprobs\"\xed\x01\n\rGenerateChunk\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.meshserve.v1.Timing\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.meshserve.v1.TopLogprobs\"\xc1\x01\n\tScoreItem\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12/\n\rprompt_tokens\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x00\x12\x1b\n\x11\x63ontinuation_text\x18\x03 \x01(\tH\x01\x12\x35\n\x13\x63ontinuation_tokens\x18\x04 \x01(\x0b\x32\x16.meshserve.v1.TokenIdsH\x01\x42\x08\n\x06promptB\x0e\n\x0c\x63ontinuation\"6\n\x0cScoreRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ScoreItem\"c\n\x0bScoreResult\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x0e\n\x06greedy\x18\x03 \x01(\x08\x12\x1b\n\x13\x63ontinuation_tokens\x18\x04 \x03(\x05\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ScoreResult\"\x15\n\x13GetModelInfoRequest\"\xb8\x01\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x04 \x01(\x05\x12\x10\n\x08n_layers\x18\x05 \x01(\x05\x12\x0f\n\x07n_heads\x18\x06 \x01(\x05\x12\x12\n\nn_kv_heads\x18\x07 \x01(\x05\x12\x0e\n\x06\x64_head\x18\x08 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\t \x01(\x05\x12\x0c\n\x04json\x18\n \x01(\t\"Y\n\x04Mesh\x12\x12\n\naxis_names\x18\x01 \x03(\t\x12\x12\n\naxis_sizes\x18\x02 \x03(\x05\x12\x13\n\x0b\x64\x65vice_kind\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x04 \x01(\x05\"}\n\tPhasePlan\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12\x12\n\nffn_layout\x18\x04 \x01(\t\x12\x18\n\x10\x61ttention_layout\x18\x05 \x01(\t\x12\x14\n\x0cpredicted_ms\x18\x06 \x01(\x01\"\xf3\x01\n\x06Limits\x12\x13\n\x0bmax_context\x18\x01 \x01(\x05\x12\x11\n\tmax_batch\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x18\n\x10max_stop_strings\x18\x05 \x01(\x05\x12\x17\n\x0fmax_stop_length\x18\x06 \x01(\x05\x12\x17\n\x0fmax_score_items\x18\x07 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x08 \x01(\x05\x12\x18\n\x10max_score_tokens\x18\t \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\n \x01(\x05\"\xf1\x01\n\tModelInfo\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.meshserve.v1.ModelConfig\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12 \n\x04mesh\x18\x04 \x01(\x0b\x32\x12.meshserve.v1.Mesh\x12\x11\n\tobjective\x18\x05 \x01(\t\x12%\n\x04plan\x18\x06 \x03(\x0b\x32\x17.meshserve.v1.PhasePlan\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.meshserve.v1.Limits\x12\x11\n\tplan_json\x18\x08 \x01(\tJ\x04\x08\t\x10\x10*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb4\x02\n\tInference\x12I\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1b.meshserve.v1.GenerateChunk0\x01\x12@\n\x05Score\x12\x1a.meshserve.v1.ScoreRequest\x1a\x1b.meshserve.v1.ScoreResponse\x12J\n\x0cGetModelInfo\x12!.meshserve.v1.GetModelInfoRequest\x1a\x17.meshserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2572
-  _globals['_FINISHREASON']._serialized_end=2696
+  _globals['_FINISHREASON']._serialized_start=2596
+  _globals['_FINISHREASON']._serialized_end=2720
   _globals['_TOKENIDS']._serialized_start=33
   _globals['_TOKENIDS']._serialized_end=56
   _globals['_SAMPLINGPARAMS']._serialized_start=59
   _globals['_SAMPLINGPARAMS']._serialized_end=285
   _globals['_GENERATEREQUEST']._serialized_start=288
-  _globals['_GENERATEREQUEST']._serialized_end=555
-  _globals['_TOPLOGPROBS']._serialized_start=557
-  _globals['_TOPLOGPROBS']._serialized_end=619
-  _globals['_USAGE']._serialized_start=621
-  _globals['_USAGE']._serialized_end=677
-  _globals['_TIMING']._serialized_start=679
-  _globals['_TIMING']._serialized_end=755
-  _globals['_GENERATERESPONSE']._serialized_start=758
-  _globals['_GENERATERESPONSE']._serialized_end=998
-  _globals['_GENERATECHUNK']._serialized_start=1001
-  _globals['_GENERATECHUNK']._serialized_end=1238
-  _globals['_SCOREITEM']._serialized_start=1241
-  _globals['_SCOREITEM']._serialized_end=1434
-  _globals['_SCOREREQUEST']._serialized_start=1436
-  _globals['_SCOREREQUEST']._serialized_end=1490
-  _globals['_SCORERESULT']._serialized_start=1492
-  _globals['_SCORERESULT']._serialized_end=1591
-  _globals['_SCORERESPONSE']._serialized_start=1593
-  _globals['_SCORERESPONSE']._serialized_end=1652
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1654
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1675
-  _globals['_MODELCONFIG']._serialized_start=1678
-  _globals['_MODELCONFIG']._serialized_end=1862
-  _globals['_MESH']._serialized_start=1864
-  _globals['_MESH']._serialized_end=1953
-  _globals['_PHASEPLAN']._serialized_start=1955
-  _globals['_PHASEPLAN']._serialized_end=2080
-  _globals['_LIMITS']._serialized_start=2083
-  _globals['_LIMITS']._serialized_end=2326
-  _globals['_MODELINFO']._serialized_start=2329
-  _globals['_MODELINFO']._serialized_end=2570
-  _globals['_INFERENCE']._serialized_start=2699
-  _globals['_INFERENCE']._serialized_end=3007
+  _globals['_GENERATEREQUEST']._serialized_end=579
+  _globals['_TOPLOGPROBS']._serialized_start=581
+  _globals['_TOPLOGPROBS']._serialized_end=643
+  _globals['_USAGE']._serialized_start=645
+  _globals['_USAGE']._serialized_end=701
+  _globals['_TIMING']._serialized_start=703
+  _globals['_TIMING']._serialized_end=779
+  _globals['_GENERATERESPONSE']._serialized_start=782
+  _globals['_GENERATERESPONSE']._serialized_end=1022
+  _globals['_GENERATECHUNK']._serialized_start=1025
+  _globals['_GENERATECHUNK']._serialized_end=1262
+  _globals['_SCOREITEM']._serialized_start=1265
+  _globals['_SCOREITEM']._serialized_end=1458
+  _globals['_SCOREREQUEST']._serialized_start=1460
+  _globals['_SCOREREQUEST']._serialized_end=1514
+  _globals['_SCORERESULT']._serialized_start=1516
+  _globals['_SCORERESULT']._serialized_end=1615
+  _globals['_SCORERESPONSE']._serialized_start=1617
+  _globals['_SCORERESPONSE']._serialized_end=1676
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1678
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1699
+  _globals['_MODELCONFIG']._serialized_start=1702
+  _globals['_MODELCONFIG']._serialized_end=1886
+  _globals['_MESH']._serialized_start=1888
+  _globals['_MESH']._serialized_end=1977
+  _globals['_PHASEPLAN']._serialized_start=1979
+  _globals['_PHASEPLAN']._serialized_end=2104
+  _globals['_LIMITS']._serialized_start=2107
+  _globals['_LIMITS']._serialized_end=2350
+  _globals['_MODELINFO']._serialized_start=2353
+  _globals['_MODELINFO']._serialized_end=2594
+  _globals['_INFERENCE']._serialized_start=2723
+  _globals['_INFERENCE']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)

@@ -67,6 +67,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
     )
     parser.add_argument(
+        "--stop-token-ids",
+        type=_token_list,
+        default=[],
+        metavar="7,9",
+        help="more token ids that end generation, e.g. a chat template's end-of-turn token (default none)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"} (default: text)',
@@ -184,7 +191,7 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
-                  **_sampling_fields(args))  # fmt: skip
+                  stop_token_ids=args.stop_token_ids, **_sampling_fields(args))  # fmt: skip
     for prompt in prompts:  # every value the request's fields cannot hold is refused before anything is sent
         Client.request(prompt, **kwargs)
     timeout = TIMEOUT_S if args.timeout is None else args.timeout
@@ -283,8 +290,11 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
-                  stop_ids=[] if args.ignore_eos else model.stop_ids())  # fmt: skip
+    bad = next((t for t in args.stop_token_ids if not 0 <= t < model.config.vocab_size), None)
+    if bad is not None:
+        raise UserError(f"--stop-token-ids: token id {bad} outside the vocabulary [0, {model.config.vocab_size})")
+    stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
     status(f"compiling and generating {len(prompts)} prompt{'s' * (len(prompts) > 1)} ...")
     if on_mesh is not None:

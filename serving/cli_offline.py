@@ -55,6 +55,7 @@ GENERATE_EPILOG = (
   frequency_penalty  in [-2, 2] (default 0)
   top_logprobs       alternatives per generated token, 0 = off, at most 20 (default 0)
   stop               a string or a list of strings that end the text (default none)
+  stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
 Each value must be a JSON number of the field's type (integers for max_new_tokens, top_k, seed, top_logprobs).
 

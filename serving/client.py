@@ -131,6 +131,7 @@ class Client:
         frequency_penalty: float = 0.0,
         min_p: float = 0.0,
         top_logprobs: int = 0,
+        stop_token_ids: Sequence[int] = (),
         validate: bool = True,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
@@ -164,6 +165,7 @@ class Client:
             return_logprobs=return_logprobs,
             ignore_eos=ignore_eos,
             top_logprobs=top_logprobs,
+            stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate),
         )
         if max_new_tokens is not None:

@@ -49,7 +49,8 @@ class LineError(UserError):
 # The keys a line may have; any other key is refused (line by line), never ignored.
 SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
-    "id", "prompt", "max_new_tokens", *(f.name for f in dataclasses.fields(SamplingParams)), "stop", "ignore_eos"
+    "id", "prompt", "max_new_tokens", *(f.name for f in dataclasses.fields(SamplingParams)), "stop", "stop_token_ids",
+    "ignore_eos"
 )  # fmt: skip
 _REQUIRED = {"score": ("prompt", "continuation"), "batch-generate": ("prompt",)}
 

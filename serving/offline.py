@@ -3,7 +3,8 @@
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt", "max_new_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
-                   "top_logprobs"?}               -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
+                   "top_logprobs"?, "stop_token_ids"?}
+                                            -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
 
 The files (paths, resume, line checks, writing) are serving/jsonl_jobs.py's; this module runs the jobs on the
 engine. Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
@@ -141,7 +142,13 @@ def _generation_request(model, engine, job: JobLine):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise LineError("stop must be a non-empty string or a list of them")
-    stop_ids = frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids())
+    extra = d.get("stop_token_ids", [])
+    if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
+        raise LineError(f"stop_token_ids must be a list of token ids, got {extra!r}")
+    bad = _out_of_vocab(model.config, extra, "stop_token_ids")
+    if bad:
+        raise LineError(bad)
+    stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
     return Request(prompt, n, sampling, stop_ids), stop
 
 

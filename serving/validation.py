@@ -138,8 +138,13 @@ class RequestParser:
         for i, st in enumerate(req.stop):
             if not 1 <= len(st) <= lim.max_stop_length:
                 raise RequestError(f"stop[{i}]: length must be in [1, {lim.max_stop_length}], got {len(st)}")
+        if len(req.stop_token_ids) > lim.max_stop_strings:
+            raise RequestError(
+                f"stop_token_ids: {len(req.stop_token_ids)} ids exceed the limit of {lim.max_stop_strings}"
+            )
+        extra = self.ids("stop_token_ids", req.stop_token_ids)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
-        stop_ids = frozenset() if req.ignore_eos else frozenset(self.model.stop_ids())
+        stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
         return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
 
     def score_item(self, i: int, item: pb.ScoreItem) -> tuple[list[int], list[int]]:

@@ -148,3 +148,21 @@ def test_status_line_goes_to_a_terminals_stderr_and_never_to_stdout():
     text = seen.decode()
     assert "loading preset tiny" in text and "compiling" in text
     assert text.endswith("\r\x1b[K")  # the line is cleared before the results
+
+
+def test_stop_token_ids_end_in_process_generation_and_ids_outside_the_vocabulary_are_refused(capsys):
+    from cli_helpers import run_cli
+
+    base = ("generate", "--model", "tiny", "--tokens", "1,2,3", "--max-new-tokens", "10", "--ignore-eos", "--json")
+    code, out, err = run_cli(capsys, *base)
+    assert code == 0, err
+    plain = json.loads(out)["tokens"]
+    stop_at = next(i for i, t in enumerate(plain) if i >= 2 and t not in plain[:i])
+    code, out, err = run_cli(capsys, *base, "--stop-token-ids", str(plain[stop_at]))
+    row = json.loads(out)
+    assert code == 0 and row["tokens"] == plain[: stop_at + 1] and row["finish_reason"] == "stop"
+    code, out, err = run_cli(capsys, *base, "--stop-token-ids", "256")
+    assert (
+        code == 2
+        and err.strip() == "meshserve generate: error: --stop-token-ids: token id 256 outside the vocabulary [0, 256)"
+    )

@@ -182,6 +182,21 @@ def test_top_logprobs_unary_equals_streaming_equals_in_process(client, model):
     assert client.generate(prompt, max_new_tokens=3).top_logprobs == []
 
 
+def test_stop_token_ids_end_generation_at_that_token(client):
+    prompt = [5, 6, 7, 200, 9]
+    plain = client.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    stop_at = next(i for i, t in enumerate(plain.tokens) if i >= 2 and t not in plain.tokens[:i])  # first new id
+    for stream in (False, True):
+        kw = dict(max_new_tokens=12, ignore_eos=True, stop_token_ids=[plain.tokens[stop_at], 255])
+        if stream:
+            chunks = list(client.generate_stream(prompt, **kw))
+            tokens, reason = [t for c in chunks for t in c.tokens], chunks[-1].finish_reason
+        else:
+            r = client.generate(prompt, **kw)
+            tokens, reason = r.tokens, r.finish_reason
+        assert tokens == plain.tokens[: stop_at + 1] and reason == "stop"
+
+
 def test_generate_cli_with_server_matches_in_process(server, model):
     from meshserve.model.generate import generate
 
@@ -340,6 +355,8 @@ BAD = [
     (dict(prompt="hi", min_p=1.5), "sampling.min_p must be in [0, 1]"),
     (dict(prompt="hi", top_logprobs=21), "top_logprobs must be in [0, 20]"),
     (dict(prompt="hi", top_logprobs=-1), "top_logprobs"),
+    (dict(prompt="hi", stop_token_ids=[999]), "stop_token_ids: token id 999 outside the vocabulary [0, 256)"),
+    (dict(prompt="hi", stop_token_ids=[1] * 17), "stop_token_ids: 17 ids exceed the limit of 16"),
     (dict(prompt=[1, 256]), "tokens.ids"),
     (dict(prompt=[-3]), "tokens.ids"),
     (dict(prompt="x" * 5000), "4096"),

@@ -143,6 +143,7 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
         f.write(json.dumps({"id": "bad3", "prompt": "x", "presence_penalty": 3}) + "\n")  # line n + 4
         f.write(json.dumps({"id": "bad4", "prompt": "x", "max_tokens": 3}) + "\n")  # line n + 5: a typo'd key
         f.write(json.dumps({"id": "bad5", "prompt": ""}) + "\n")  # line n + 6
+        f.write(json.dumps({"id": "bad6", "prompt": "x", "stop_token_ids": [9999]}) + "\n")  # line n + 7
     out = tmp_path / "out.jsonl"
     cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
@@ -159,7 +160,7 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
-    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 6
+    assert summary["skipped"] == first and summary["done"] == n - first and summary["errors"] == 7
     rows = _lines(out)
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(n))  # each id exactly once
     assert all(len(r["tokens"]) == 24 and r["finish_reason"] == "length" for r in rows)
@@ -171,12 +172,13 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
             assert len(alts) == 24 and all(len(a) == 3 and a[0]["logprob"] >= a[2]["logprob"] for a in alts)
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
     # Lines refused on reading (no model needed) come first, then those the model's limits refuse.
-    assert [e["line"] for e in errors] == [n + 1, n + 5, n + 6, n + 2, n + 3, n + 4]
+    assert [e["line"] for e in errors] == [n + 1, n + 5, n + 6, n + 2, n + 3, n + 4, n + 7]
     assert errors[1]["error"].startswith("unknown key 'max_tokens' (known: id, prompt, max_new_tokens, ")
     assert errors[2]["error"] == "prompt must not be empty"
     assert "max_new_tokens" in errors[3]["error"]
     assert errors[4]["error"] == "temperature must be a number, got 'hot'"
     assert errors[5]["error"].startswith("presence_penalty must be in [-2, 2]")
+    assert errors[6]["error"] == "stop_token_ids: token id 9999 outside the vocabulary [0, 256)"
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)  # nothing left to do
     assert json.loads(again.stdout.splitlines()[-1])["done"] == 0 and len(_lines(out)) == n
