@@ -101,7 +101,8 @@ def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_pa
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
-    from meshserve.serving.offline import finish_job, prepare_job, run_generate, run_score
+    from meshserve.serving.jsonl_jobs import finish_job, prepare_job
+    from meshserve.serving.offline import run_generate, run_score
 
     in_path, out_path = Path(args.input), Path(args.output)
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")

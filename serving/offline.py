@@ -26,37 +26,14 @@ from pathlib import Path
 
 from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.jsonl_jobs import (
-    GENERATE_KEYS,
-    SCORE_KEYS,
     JobLine,
     JobSummary,
     LineError,
-    OfflineError,
     PreparedJob,
-    check_paths,
-    finish_job,
-    job_keys,
     prepare_job,
-    read_jobs,
-    resume_output,
 )
 
-__all__ = [
-    "SCORE_KEYS",
-    "GENERATE_KEYS",
-    "job_keys",
-    "check_paths",
-    "prepare_job",
-    "finish_job",
-    "PreparedJob",
-    "read_jobs",
-    "resume_output",
-    "run_score",
-    "run_generate",
-    "OfflineError",
-    "JobLine",
-    "JobSummary",
-]
+__all__ = ["run_score", "run_generate"]
 
 
 def _prepare(kind: str, in_path: Path, out_path: Path, errors_path: Path, prepared: PreparedJob | None):

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from meshserve.serving.offline import GENERATE_KEYS, SCORE_KEYS, prepare_job
+from meshserve.serving.jsonl_jobs import GENERATE_KEYS, SCORE_KEYS, prepare_job
 from test_serving_support import env, meshserve
 
 KINDS = ["score", "batch-generate"]

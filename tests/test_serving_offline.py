@@ -4,7 +4,7 @@ errors file can never be the input or the output."""
 import json
 
 import pytest
-from meshserve.serving.offline import OfflineError, resume_output
+from meshserve.serving.jsonl_jobs import OfflineError, resume_output
 
 
 def _write(path, lines: list[str]) -> None:
