@@ -8,12 +8,13 @@ Axis alphabet used throughout meshserve (einsum subscripts, names and shape comm
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshserve.errors import UserError
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "ConfigError"]
+__all__ = ["ModelConfig", "PRESETS", "get_config", "ConfigError", "vocab_error"]
 
 
 class ConfigError(UserError):
@@ -231,3 +232,10 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
+
+
+def vocab_error(config: ModelConfig, ids: Iterable[int], field: str) -> str | None:
+    """The message for the first id outside the model's vocabulary (`field: token id X outside the vocabulary
+    [0, V)`), or None. A tokenizer may know more ids than the model embeds, so text prompts are checked too."""
+    bad = next((t for t in ids if not 0 <= int(t) < config.vocab_size), None)
+    return None if bad is None else f"{field}: token id {bad} outside the vocabulary [0, {config.vocab_size})"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.errors import UserError
 from meshserve.model import transformer
-from meshserve.model.config import ModelConfig
+from meshserve.model.config import ModelConfig, vocab_error
 from meshserve.model.params import Params
 from meshserve.model.sampling import (
     TOP_LOGPROBS_MAX,
@@ -57,9 +57,8 @@ def validate_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise GenerateError(f"prompt {i} is empty")
-        bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise GenerateError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+        if error := vocab_error(config, prompt, f"prompt {i}"):
+            raise GenerateError(error)
         if len(prompt) + max_new_tokens > config.max_seq_len:
             raise GenerateError(
                 f"prompt {i}: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} exceed the context "

@@ -272,6 +272,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     from meshserve.serving.cli_serve import setup_compile_cache
 
     setup_compile_cache(args.compile_cache)
+    from meshserve.model.config import vocab_error
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model
 
@@ -290,9 +291,8 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
-    bad = next((t for t in args.stop_token_ids if not 0 <= t < model.config.vocab_size), None)
-    if bad is not None:
-        raise UserError(f"--stop-token-ids: token id {bad} outside the vocabulary [0, {model.config.vocab_size})")
+    if error := vocab_error(model.config, args.stop_token_ids, "--stop-token-ids"):
+        raise UserError(error)
     stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.

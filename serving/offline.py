@@ -24,6 +24,7 @@ import dataclasses
 import queue
 from pathlib import Path
 
+from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.jsonl_jobs import (
     JobLine,
@@ -51,7 +52,7 @@ def run_score(
     items = []
     for job in todo:
         prompt, cont = model.encode_prompt(job.data["prompt"]), model.tokenizer.encode(job.data["continuation"])
-        bad = _out_of_vocab(model.config, prompt, "prompt") or _out_of_vocab(model.config, cont, "continuation")
+        bad = vocab_error(model.config, prompt, "prompt") or vocab_error(model.config, cont, "continuation")
         if not prompt or not cont:  # non-empty text (read_jobs) that the tokenizer turns into no tokens
             writer.error(job.line, job.id, f"{'prompt' if not prompt else 'continuation'} encodes to no tokens")
         elif bad:
@@ -81,18 +82,12 @@ def run_score(
     return writer.summary
 
 
-def _out_of_vocab(config, ids: list[int], field: str) -> str | None:
-    """The error for the first id outside the model's vocabulary (a tokenizer may know more ids than the model)."""
-    bad = next((t for t in ids if not 0 <= t < config.vocab_size), None)
-    return None if bad is None else f"{field}: token id {bad} outside the vocabulary [0, {config.vocab_size})"
-
-
 def _generation_request(model, engine, job: JobLine):
     from meshserve.serving.scheduler import Request
 
     d = job.data
     prompt = model.encode_prompt(d["prompt"])
-    bad = _out_of_vocab(model.config, prompt, "prompt")
+    bad = vocab_error(model.config, prompt, "prompt")
     if bad:
         raise LineError(bad)
     room = engine.plan.max_context - len(prompt)
@@ -122,7 +117,7 @@ def _generation_request(model, engine, job: JobLine):
     extra = d.get("stop_token_ids", [])
     if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
         raise LineError(f"stop_token_ids must be a list of token ids, got {extra!r}")
-    bad = _out_of_vocab(model.config, extra, "stop_token_ids")
+    bad = vocab_error(model.config, extra, "stop_token_ids")
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))

@@ -269,10 +269,6 @@ class Orchestrator:
 
     def _refusal(self, request: Request) -> str | None:
         """Why the engine cannot take this request's prompt on its own (the message its caller gets), or None."""
-        V = self.engine.config.vocab_size
-        bad = next((t for t in request.prompt if not 0 <= t < V), None)
-        if bad is not None:
-            return f"prompt: token id {bad} outside the vocabulary [0, {V})"
         try:  # what the engine checks while packing a prefill (max_new_tokens 1: prefill makes one token)
             validate_prompts(self.engine.config, [request.prompt], 1)
         except UserError as e:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from meshserve.errors import UserError
+from meshserve.model.config import vocab_error
 from meshserve.model.sampling import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.scheduler import Request
@@ -74,10 +75,8 @@ class RequestParser:
         """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
         a tokenizer may know more ids than the model embeds, and such an id must not reach the engine thread."""
         ids = list(ids)
-        V = self.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < V), None)
-        if bad is not None:
-            raise RequestError(f"{field}: token id {bad} outside the vocabulary [0, {V})")
+        if error := vocab_error(self.config, ids, field):
+            raise RequestError(error)
         return ids
 
     def text(self, field: str, text: str) -> str:
