@@ -159,7 +159,9 @@ def _print(
     if args.json:
         row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         if args.top_logprobs:
-            row["top_logprobs"] = [[{"token": t, "text": s, "logprob": lp} for t, s, lp in alts] for alts in top]
+            from meshserve.serving.detok import alternatives_json
+
+            row["top_logprobs"] = alternatives_json(top)
         print(json.dumps(row))
         return
     shown = prompt_text or ""
@@ -275,6 +277,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     from meshserve.model.config import vocab_error
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model
+    from meshserve.serving.detok import alternatives_with_text
 
     mesh, shardings = None, None
     if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
@@ -308,8 +311,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
         text = model.tokenizer.decode(result.tokens)
-        decode = model.tokenizer.decode
-        top = [[(t, decode([t]), lp) for t, lp in zip(ids, lps, strict=True)] for ids, lps in result.top_logprobs]
+        top = alternatives_with_text(model.tokenizer, result.top_logprobs)
         _print(args, prompt_text, result.tokens, text, result.logprobs, result.finish_reason, top)
     return 0
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from meshserve.model.tokenizer import Tokenizer
 
-__all__ = ["StreamDecoder"]
+__all__ = ["StreamDecoder", "alternatives_with_text", "alternatives_json"]
 
 _REPLACEMENT = "\ufffd"
 # Ids whose text stays held back (a run of incomplete or empty pieces) before the decoder settles all but the
@@ -126,3 +126,16 @@ class StreamDecoder:
                     best = n
                     break
         return best
+
+
+def alternatives_with_text(
+    tokenizer: Tokenizer, alternatives: Sequence[tuple[Sequence[int], Sequence[float]]]
+) -> list[list[tuple[int, str, float]]]:
+    """top_logprobs per token, (ids, log-probs) -> [(id, text, logprob)], each token decoded alone (a piece of a
+    multi-byte character shows as U+FFFD)."""
+    return [[(t, tokenizer.decode([t]), lp) for t, lp in zip(ids, lps, strict=True)] for ids, lps in alternatives]
+
+
+def alternatives_json(rows: Sequence[Sequence[tuple[int, str, float]]]) -> list[list[dict]]:
+    """The JSON form of `alternatives_with_text` (generate --json, batch-generate): {"token", "text", "logprob"}."""
+    return [[{"token": t, "text": s, "logprob": lp} for t, s, lp in alts] for alts in rows]

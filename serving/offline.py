@@ -26,6 +26,7 @@ from pathlib import Path
 
 from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import SamplingError, SamplingParams
+from meshserve.serving.detok import alternatives_json, alternatives_with_text
 from meshserve.serving.jsonl_jobs import (
     JobLine,
     JobSummary,
@@ -171,11 +172,7 @@ def run_generate(
             row = {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
                    "finish_reason": r.finish_reason}  # fmt: skip
             if r.sampling.top_logprobs:
-                decode = model.tokenizer.decode
-                row["top_logprobs"] = [
-                    [{"token": t, "text": decode([t]), "logprob": lp} for t, lp in zip(ids, lps, strict=True)]
-                    for ids, lps in r.top_logprobs
-                ]
+                row["top_logprobs"] = alternatives_json(alternatives_with_text(model.tokenizer, r.top_logprobs))
             writer.result(row)
             writer.summary.tokens += len(r.tokens)
             if progress is not None:

@@ -20,6 +20,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.sampling import TOP_LOGPROBS_MAX
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
+from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.orchestrator import (
     Event,
     Orchestrator,
@@ -151,8 +152,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _top(self, alternatives) -> list[pb.TopLogprobs]:
         """Scheduler alternatives (ids, log-probs) per token -> TopLogprobs messages, each token decoded alone."""
-        decode = self.model.tokenizer.decode
-        return [pb.TopLogprobs(tokens=ids, logprobs=lps, texts=[decode([t]) for t in ids]) for ids, lps in alternatives]
+        rows = alternatives_with_text(self.model.tokenizer, alternatives)
+        return [
+            pb.TopLogprobs(tokens=[a[0] for a in r], texts=[a[1] for a in r], logprobs=[a[2] for a in r]) for r in rows
+        ]
 
     def Generate(self, request, context):
         handle = self._start(request, context, "Generate")
