@@ -95,7 +95,7 @@ class Engine:
     _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _decode: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
-    _release: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False)  # one step: () -> executable
+    _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
     _state: DecodeState | None = field(default=None, init=False, repr=False)
 
     # ----- the step functions (traced once per bucket) -----
@@ -181,7 +181,9 @@ class Engine:
         )
 
     def compiled_steps(self) -> int:
-        return len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score) + len(self._release)
+        return (
+            len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score) + (self._release is not None)
+        )
 
     def warm_up(
         self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
@@ -212,7 +214,7 @@ class Engine:
                     progress(f"prefill b={b} T={t}")
         if "generate" in phases:
             release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
-            self._release[()] = release.lower(state, i32((plan.max_batch,), jnp.bool_)).compile()
+            self._release = release.lower(state, i32((plan.max_batch,), jnp.bool_)).compile()
         for b in plan.decode_batches if "generate" in phases else ():
             for c in plan.contexts():
                 fn = jax.jit(lambda p, s, b=b, c=c: self._decode_fn(b, c, p, s), donate_argnums=1)
@@ -260,7 +262,7 @@ class Engine:
         """Reset the sampling settings of slots no request holds any more (see `_release_fn`)."""
         free = np.zeros((self.plan.max_batch,), bool)
         free[list(slots)] = True
-        self._state = self._release[()](self._state, free)
+        self._state = self._release(self._state, free)
 
     def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],
