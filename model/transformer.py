@@ -17,7 +17,17 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
 
-__all__ = ["KVCache", "init_cache", "scan_layers", "prefill", "decode_step", "insert", "compute_dtype", "unembed"]
+__all__ = [
+    "KVCache",
+    "Prefix",
+    "init_cache",
+    "scan_layers",
+    "prefill",
+    "decode_step",
+    "insert",
+    "compute_dtype",
+    "unembed",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +46,19 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Prefix:
+    """Keys and values already computed for the first `lengths[b]` tokens of each row (a cached prompt prefix).
+
+    k, v: [N, b, C, K, Q], valid at positions [0, lengths[b]) of each row; lengths: int32 [b] (0 = no prefix).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
 
 
 def scan_layers(fn, carry, layer_params, n_layers: int):
@@ -76,17 +99,38 @@ def _final_logits(x: jax.Array, params: Params, config: ModelConfig) -> jax.Arra
 
 
 def prefill(
-    params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, *, all_logits: bool = False
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    *,
+    all_logits: bool = False,
+    prefix: Prefix | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Run prompts through the model.
 
     tokens: int32 [B, T] right-padded; lengths: int32 [B] (1 <= length <= T).
     Returns (logits, k, v): logits float32 [B, V] at each row's last prompt token, or [B, T, V] with
     all_logits; k, v [N, B, T, K, Q] ready for `insert` into a decode cache.
+
+    prefix: the rows' earlier tokens, already in a cache (prefix caching, or the previous chunk of a long prompt):
+    `tokens` then continue each row at position prefix.lengths[b] and attend over the prefix too; k, v are still
+    only the new tokens' (insert them at `offsets=prefix.lengths`).
     """
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    start = jnp.zeros((B,), jnp.int32) if prefix is None else prefix.lengths
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     x = params["embed"][tokens].astype(compute_dtype(params))  # [B, T, E]
+    if prefix is not None:
+        C = prefix.k.shape[2]
+        # Keys [prefix C; new T]: a prefix key is visible below the row's prefix length, a new key causally.
+        mask = jnp.concatenate(
+            [
+                jnp.broadcast_to((jnp.arange(C)[None, :] < start[:, None])[:, None, :], (B, T, C)),
+                jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)),
+            ],
+            axis=-1,
+        )  # [B, T, C + T]
 
     def layer_fn(x: jax.Array, p: dict[str, Any], i) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kv = {}
@@ -94,7 +138,11 @@ def prefill(
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
             kv["k"], kv["v"] = k, v
-            return layers.attention_output(layers.attend_prefill(q, k, v), p)
+            if prefix is None:
+                return layers.attention_output(layers.attend_prefill(q, k, v), p)
+            keys = jnp.concatenate([prefix.k[i].astype(k.dtype), k], axis=1)  # [B, C + T, K, Q]
+            values = jnp.concatenate([prefix.v[i].astype(v.dtype), v], axis=1)
+            return layers.attention_output(layers.attend(q, keys, values, mask), p)
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])
@@ -106,12 +154,38 @@ def prefill(
     return _final_logits(last, params, config)[:, 0], k, v
 
 
-def insert(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array, slots: jax.Array) -> KVCache:
-    """Write prefilled k, v [N, b, T, K, Q] (T <= S) into cache rows `slots` [b]; set their lengths."""
-    T = k.shape[2]
-    new_k = cache.k.at[:, slots, :T].set(k.astype(cache.k.dtype))
-    new_v = cache.v.at[:, slots, :T].set(v.astype(cache.v.dtype))
-    return KVCache(k=new_k, v=new_v, lengths=cache.lengths.at[slots].set(lengths.astype(jnp.int32)))
+def insert(
+    cache: KVCache,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    slots: jax.Array,
+    *,
+    prefix: Prefix | None = None,
+) -> KVCache:
+    """Write prefilled k, v [N, b, T, K, Q] (T <= S) into cache rows `slots` [b]; set their lengths.
+
+    With a prefix (the one `prefill` attended over), row b becomes prefix positions [0, prefix.lengths[b]) then
+    the new tokens from there on, and its length prefix.lengths[b] + lengths[b]. The prefix is written too, so it
+    may come from another row (a prompt shared with another slot). A slot index out of range (B) drops its row,
+    and so does a position past S.
+    """
+    dtype = cache.k.dtype
+    if prefix is None:
+        T = k.shape[2]
+        new_k = cache.k.at[:, slots, :T].set(k.astype(dtype), mode="drop")
+        new_v = cache.v.at[:, slots, :T].set(v.astype(dtype), mode="drop")
+        return KVCache(new_k, new_v, cache.lengths.at[slots].set(lengths.astype(jnp.int32), mode="drop"))
+    C, T = prefix.k.shape[2], k.shape[2]
+    new_k = cache.k.at[:, slots, :C].set(prefix.k.astype(dtype), mode="drop")
+    new_v = cache.v.at[:, slots, :C].set(prefix.v.astype(dtype), mode="drop")
+    # Positions past a row's prefix hold another prompt's keys (or nothing): the new tokens overwrite them.
+    rows = slots[:, None]  # [b, 1]
+    at = prefix.lengths[:, None] + jnp.arange(T)[None, :]  # [b, T]
+    new_k = new_k.at[:, rows, at].set(k.astype(dtype), mode="drop")
+    new_v = new_v.at[:, rows, at].set(v.astype(dtype), mode="drop")
+    new_lengths = cache.lengths.at[slots].set((prefix.lengths + lengths).astype(jnp.int32), mode="drop")
+    return KVCache(new_k, new_v, new_lengths)
 
 
 def decode_step(

@@ -18,6 +18,7 @@ passes its own steps and shardings with the plan that chose them. Axis alphabet:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
-from meshserve.model.generate import Batch
+from meshserve.model.generate import Batch, validate_prompts
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling, top_logprobs
 from meshserve.serving.plan import EnginePlan
+from meshserve.serving.prefix_cache import PrefixReuse
 
 __all__ = ["Engine", "ModelSteps", "DecodeState", "StepOutput", "ScoreOutput"]
 
@@ -93,6 +95,7 @@ class Engine:
     steps: ModelSteps = field(default_factory=ModelSteps)
     _prefill: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _extend: dict[tuple[int, int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, T, C)
     _decode: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
@@ -107,6 +110,24 @@ class Engine:
         history = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
         tok, lp = sample(logits, sampling, jnp.int32(0), history)
         return (tok, lp, *top_logprobs(logits, sampling)), k, v, history.in_prompt
+
+    def _extend_fn(self, params, state: DecodeState, tokens, lengths, prefix_tokens, cached, sources, slots, sampling):
+        """Prefill the rest of prompts whose first cached [b] tokens (prefix_tokens [b, C], right-padded) already sit
+        in cache rows sources [b], and insert them into slots [b] (prefix included): tokens [b, T] are the rest,
+        lengths [b] their counts. -> new state, and the outputs of `_prefill_fn`."""
+        C = prefix_tokens.shape[1]
+        c = state.cache
+        prefix = transformer.Prefix(c.k[:, sources, :C], c.v[:, sources, :C], cached)  # [N, b, C, K, Q]
+        logits, k, v = self.steps.prefill(params, self.config, tokens, lengths, prefix=prefix)
+        rest = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
+        history = TokenHistory(
+            rest.in_prompt | TokenHistory.of_prompts(prefix_tokens, cached, self.config.vocab_size).in_prompt,
+            rest.counts,
+        )
+        tok, lp = sample(logits, sampling, jnp.int32(0), history)
+        insert = functools.partial(self.steps.insert, prefix=prefix)
+        new = self._insert_fn(insert, state, k, v, lengths, slots, tok, sampling, history.in_prompt)
+        return new, (tok, lp, *top_logprobs(logits, sampling))
 
     @staticmethod
     def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
@@ -181,9 +202,8 @@ class Engine:
         )
 
     def compiled_steps(self) -> int:
-        return (
-            len(self._prefill) + len(self._insert) + len(self._decode) + len(self._score) + (self._release is not None)
-        )
+        compiled = (self._prefill, self._insert, self._extend, self._decode, self._score)
+        return sum(map(len, compiled)) + (self._release is not None)
 
     def warm_up(
         self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
@@ -212,6 +232,14 @@ class Engine:
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
+                for c in plan.contexts() if plan.prefix_caching else ():
+                    extend = jax.jit(self._extend_fn, donate_argnums=1)
+                    rows, prefix = i32((b,), jnp.int32), i32((b, c), jnp.int32)
+                    self._extend[(b, t, c)] = extend.lower(
+                        self.params, state, tokens, lengths, prefix, rows, rows, rows, samp(b)
+                    ).compile()
+                    if progress:
+                        progress(f"extend b={b} T={t} C={c}")
         if "generate" in phases:
             release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
             self._release = release.lower(state, i32((plan.max_batch,), jnp.bool_)).compile()
@@ -240,22 +268,57 @@ class Engine:
     # ----- steps -----
 
     def prefill_insert(
-        self, prompts: list[list[int]], slots: list[int], sampling: list[SamplingParams], batch: int, length: int
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        sampling: list[SamplingParams],
+        batch: int,
+        length: int,
+        reuse: PrefixReuse | None = None,
     ) -> StepOutput:
-        """Prefill prompts as one [batch, length] bucket, insert them into decode `slots`; first tokens to host."""
+        """Prefill prompts as one [batch, length] bucket, insert them into decode `slots`; first tokens to host.
+
+        reuse: prompt prefixes already in the cache (prefix caching); `length` then buckets the tokens after them.
+        """
         n = len(prompts)
         if not 0 < n <= batch or len(slots) != n or len(sampling) != n:
             raise ValueError(f"prefill of {n} prompts into bucket batch={batch} with {len(slots)} slots")
+        slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
+        slot_arr[:n] = slots
+        if reuse is not None:
+            return self._extend_insert(prompts, slot_arr, sampling, batch, length, reuse)
         key = (batch, length)
         if key not in self._prefill:
             raise KeyError(f"no compiled prefill for bucket {key}; plan has {sorted(self._prefill)}")
         # Right-padded [batch, length] tokens, padding rows of length 1 (never inserted), sampling rows [batch].
         packed = Batch.pack(self.config, prompts, 1, list(sampling), (), shape=key)
         tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
-        slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
-        slot_arr[:n] = slots
         out, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
         self._state = self._insert[key](self._state, k, v, lengths, slot_arr, out[0], samp, in_prompt)
+        return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
+
+    def _extend_insert(self, prompts, slot_arr, sampling, batch: int, length: int, reuse: PrefixReuse) -> StepOutput:
+        """`prefill_insert` over cached prefixes: one compiled extend step (b, T, C)."""
+        n = len(prompts)
+        key = (batch, length, reuse.context)
+        if key not in self._extend:
+            raise KeyError(f"no compiled extend step for {key}; plan has {sorted(self._extend)}")
+        if len(reuse.sources) != n or len(reuse.lengths) != n:
+            raise ValueError(f"prefix reuse for {len(reuse.lengths)} of {n} prompts")
+        for i, (p, m, src) in enumerate(zip(prompts, reuse.lengths, reuse.sources, strict=True)):
+            if not (0 <= m < len(p) and m <= reuse.context and 0 <= src < self.plan.max_batch):
+                raise ValueError(f"prompt {i}: cached prefix {m} from slot {src} (prompt {len(p)}, C={reuse.context})")
+        validate_prompts(self.config, prompts, 1)  # the whole prompts, as a plain prefill would
+        rests = [p[m:] for p, m in zip(prompts, reuse.lengths, strict=True)]
+        rest = Batch.pack(self.config, rests, 1, list(sampling), (), shape=(batch, length))
+        prefix_tokens = np.zeros((batch, reuse.context), np.int32)
+        cached = np.zeros((batch,), np.int32)
+        sources = np.zeros((batch,), np.int32)
+        for i, (p, m) in enumerate(zip(prompts, reuse.lengths, strict=True)):
+            prefix_tokens[i, :m], cached[i], sources[i] = p[:m], m, reuse.sources[i]
+        self._state, out = self._extend[key](
+            self.params, self._state, rest.tokens, rest.lengths, prefix_tokens, cached, sources, slot_arr, rest.sampling
+        )
         return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
 
     def release(self, slots: list[int]) -> None:

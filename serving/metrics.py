@@ -8,6 +8,8 @@ Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /me
   meshserve_time_to_first_token_seconds       arrival -> first token ready
   meshserve_time_per_output_token_seconds     (last token - first token) / (generated - 1), per request
   meshserve_generated_tokens_total            tokens generated (rate() gives tokens/s)
+  meshserve_prompt_tokens_total               prompt tokens prefilled (cached ones included)
+  meshserve_prefix_cache_hit_tokens_total     of those, tokens whose keys and values came from the prefix cache
   meshserve_tokens_per_second                 tokens/s over the last decode steps
   meshserve_batch_occupancy                   live decode slots / max_batch, sampled every step
   meshserve_decode_step_seconds               wall time of one decode step as the engine loop sees it
@@ -51,6 +53,10 @@ class ServerMetrics:
             "meshserve_finished", "Generations ended by the engine, by reason", ["reason"], registry=r
         )
         self.tokens = Counter("meshserve_generated_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefix_hits = Counter(
+            "meshserve_prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache", registry=r
+        )
         self.tokens_per_second = Gauge("meshserve_tokens_per_second", "Generated tokens/s (recent steps)", registry=r)
         self.occupancy = Gauge("meshserve_batch_occupancy", "Live decode slots / max_batch", registry=r)
         self.step_time = Histogram(
@@ -71,6 +77,11 @@ class ServerMetrics:
     def serve(self, port: int, host: str) -> None:
         """Start the /metrics HTTP endpoint (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
+
+    def prefilled(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """One prefill batch: its prompts' tokens, and how many of them the prefix cache supplied."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_hits.inc(cached_tokens)
 
     def step(self, seconds: float, tokens: int, occupancy: float) -> None:
         """One decode step: its wall time, the tokens it generated, the batch occupancy."""

@@ -142,14 +142,7 @@ def run_generate(
             writer.error(job.line, job.id, str(e))
     work.sort(key=lambda x: len(x[1].prompt))  # similar prompt lengths prefill together
     plan = engine.plan
-    scheduler = Scheduler(
-        plan.max_batch,
-        len(work) + 1,
-        plan.prefill_batches,
-        plan.length_bucket,
-        plan.decode_batches,
-        plan.prefill_token_budget,
-    )
+    scheduler = Scheduler.for_plan(plan, len(work) + 1)
     orch = Orchestrator(engine, scheduler, model.tokenizer).start()
     done: queue.SimpleQueue = queue.SimpleQueue()
     jobs = {}

@@ -221,6 +221,7 @@ class Orchestrator:
                             [r.sampling for r in batch.requests],
                             batch.batch,
                             batch.length,
+                            reuse=batch.reuse,
                         )
                     except UserError as e:
                         # A prompt the model cannot take (an id outside its vocabulary) that got past the caller's
@@ -233,6 +234,9 @@ class Orchestrator:
                             batch, out.tokens, out.logprobs, time.monotonic(), top=(out.top_ids, out.top_logprobs)
                         )
                     self.metrics.generated(sum(len(u.tokens) for u in updates))  # each request's first token
+                    self.metrics.prefilled(
+                        sum(len(r.prompt) for r in batch.requests), batch.reuse.tokens if batch.reuse else 0
+                    )
                     self._deliver(updates)
                     worked = True
                 with self._lock:

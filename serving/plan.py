@@ -58,6 +58,9 @@ class EnginePlan:
     # Decode context buckets C: a step attends over cache positions [0, C) for the smallest C above every live
     # row's length, so it reads the filled part of the cache. () = (max_context,), e.g. on a mesh.
     decode_contexts: tuple[int, ...] = ()
+    # Prefix caching (serving/prefix_cache.py): a prompt that starts with tokens a cache slot holds prefills only
+    # the rest, in an "extend" step per prefill bucket and context bucket. One device only, for now.
+    prefix_caching: bool = False
 
     def contexts(self) -> tuple[int, ...]:
         """The decode context buckets, ascending, max_context last."""
@@ -65,11 +68,13 @@ class EnginePlan:
 
     def compile_count(self, phases: tuple[str, ...] = ("generate", "score")) -> int:
         """How many steps `Engine.warm_up(phases=...)` compiles (prefill and its insert count two; generation adds
-        one slot-release step)."""
+        one slot-release step, and prefix caching one extend step per prefill bucket and context)."""
         n = 0
         if "generate" in phases:
             n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
+            if self.prefix_caching:
+                n += len(self.prefill_batches) * len(self.prefill_lengths) * len(self.contexts())
         if "score" in phases:
             n += len(self.score_batches) * len(self.prefill_lengths)
         return n
@@ -181,6 +186,7 @@ def make_plan(
     context_buckets: tuple[int, ...] | None = None,
     weights: str = "bf16",
     device_kind: str = "cpu",
+    prefix_caching: bool = False,
 ) -> EnginePlan:
     """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
@@ -190,6 +196,8 @@ def make_plan(
     default for either (0 is refused like any other value out of range).
     context_buckets: decode context buckets (default powers of two from 128 to max_context on one device; on a
     mesh only max_context, as the sharded decode step attends over the whole cache).
+    prefix_caching: compile the extend steps that reuse cached prompt prefixes (one device only: the sharded steps
+    have no extend step yet). serve and batch-generate turn it on by default.
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -226,6 +234,8 @@ def make_plan(
         if min(context_buckets) < 1 or max(context_buckets) > max_context:
             raise PlanError(f"context buckets must be in [1, max_context={max_context}], got {list(context_buckets)}")
         contexts = tuple(sorted({*context_buckets, max_context}))
+    if prefix_caching and on_mesh:
+        raise PlanError("prefix caching needs one device: the sharded steps have no extend step yet")
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(
@@ -239,6 +249,7 @@ def make_plan(
         decode_contexts=contexts,
         prefill_token_budget=max(budget, max_context),  # the longest prompt must always fit alone
         mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
+        prefix_caching=prefix_caching,
     )
     steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

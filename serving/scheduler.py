@@ -5,13 +5,16 @@ into a schedule or a list of `Update`s, so it is tested synchronously with a moc
 (orchestrator.py, offline.py) is, per iteration:
 
     reap(now)                       -> updates for cancelled / expired requests (their slots are free again)
-    next_prefill(now)               -> a PrefillBatch: queued requests, their slots and bucket, or None
+    next_prefill(now)               -> a PrefillBatch: queued requests, their slots and bucket (and the cached
+                                       prompt prefixes they reuse, with prefix caching), or None
     requeue(requests)               -> (only when the engine refused the batch) its good requests go back in front
     record_prefill(batch, tokens)   -> updates (each request's first token)
     ticket = decode_ticket()        -> which request owns each slot of the decode step about to run (or None)
     record_decode(ticket, tokens)   -> updates (one token per live request in the ticket)
 
 Requests take the lowest free slot, so the live ones sit at the front and the decode bucket stays small.
+With a PrefixIndex (prefix_cache.py), a request whose prompt starts with tokens some slot holds reuses them: it is
+bucketed by the tokens left to compute, and the engine copies the prefix into its slot.
 A ticket pins slot owners at dispatch time: the driver may dispatch the next step before it reads this one's
 tokens, and a token that arrives for a request that has since finished is dropped.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingParams
+from meshserve.serving.prefix_cache import PrefixIndex, PrefixReuse
 
 __all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS", "Alternatives"]
 
@@ -70,6 +74,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     cancel_requested: bool = False
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -89,16 +94,22 @@ class Update:
 
 @dataclass(frozen=True)
 class PrefillBatch:
-    """Requests to prefill together as one [batch, length] bucket, and the slots they go to."""
+    """Requests to prefill together as one [batch, length] bucket, and the slots they go to; `length` buckets the
+    tokens left to compute when the batch reuses cached prefixes (`reuse`, None = every prompt prefilled whole)."""
 
     requests: tuple[Request, ...]
     slots: tuple[int, ...]
     batch: int
     length: int
+    reuse: PrefixReuse | None = None
 
 
 class Scheduler:
-    """Queue -> slots. max_batch slots; at most max_queue requests waiting; prefill buckets from the plan."""
+    """Queue -> slots. max_batch slots; at most max_queue requests waiting; prefill buckets from the plan.
+
+    prefix_index: turns on prefix caching (the engine must have compiled its extend steps); context_bucket maps a
+    reused prefix length to the cache context the extend step reads (plan.context_bucket).
+    """
 
     def __init__(
         self,
@@ -108,6 +119,8 @@ class Scheduler:
         length_bucket: Callable[[int], int],
         decode_batches: Sequence[int],
         prefill_token_budget: int,
+        prefix_index: PrefixIndex | None = None,
+        context_bucket: Callable[[int], int] | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -118,6 +131,17 @@ class Scheduler:
         self.queue: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self._held: set[int] = set()  # slots given to a request since they were last reported by take_freed
+        if prefix_index is not None and context_bucket is None:
+            raise ValueError("prefix caching needs context_bucket")
+        self.prefix_index = prefix_index
+        self.context_bucket = context_bucket
+
+    @classmethod
+    def for_plan(cls, plan, max_queue: int) -> Scheduler:
+        """A scheduler over an EnginePlan's buckets, with prefix caching when the plan compiles it."""
+        index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching else None
+        return cls(plan.max_batch, max_queue, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
+                   plan.prefill_token_budget, index, plan.context_bucket)  # fmt: skip
 
     # ----- state -----
 
@@ -167,6 +191,8 @@ class Scheduler:
         request.finish_time = now
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
+            if self.prefix_index is not None and request.tokens:  # prefilled: the slot keeps its keys and values
+                self.prefix_index.record(request.slot, request.prompt + request.tokens[:-1])
 
     def reap(self, now: float) -> list[Update]:
         """Finish cancelled and past-deadline requests, queued or running; their slots are free afterwards."""
@@ -187,26 +213,45 @@ class Scheduler:
         if not self.queue or not free:
             return None
         cap = min(len(free), self.prefill_batches[-1])
-        taken: list[Request] = []
+        taken: list[tuple[Request, int, int]] = []  # (request, source slot, cached prefix length)
         length = 0
         for r in self.queue:
             if len(taken) == cap:
                 break
-            new_length = max(length, self.length_bucket(len(r.prompt)))
+            source, cached = self._cached_prefix(r.prompt)
+            new_length = max(length, self.length_bucket(len(r.prompt) - cached))
             batch = self._batch_bucket(len(taken) + 1)
             if taken and batch * new_length > self.prefill_token_budget:
                 break
-            taken.append(r)
+            taken.append((r, source, cached))
             length = new_length
         for _ in taken:
             self.queue.popleft()
         slots = tuple(free[: len(taken)])
-        for r, s in zip(taken, slots, strict=True):
+        for (r, _, cached), s in zip(taken, slots, strict=True):
             r.slot = s
             r.prefill_start = now
+            r.cached_tokens = cached
             self.slots[s] = r
             self._held.add(s)
-        return PrefillBatch(tuple(taken), slots, self._batch_bucket(len(taken)), length)
+        reuse = None
+        if any(cached for _, _, cached in taken):
+            reuse = PrefixReuse(
+                sources=tuple(source if cached else s for (_, source, cached), s in zip(taken, slots, strict=True)),
+                lengths=tuple(cached for _, _, cached in taken),
+                context=self.context_bucket(max(cached for _, _, cached in taken)),
+            )
+        return PrefillBatch(tuple(r for r, _, _ in taken), slots, self._batch_bucket(len(taken)), length, reuse)
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, n): the longest cached prefix of `prompt` worth reusing, n = 0 when none is. Worth it means the
+        rest of the prompt falls in a smaller length bucket: within one bucket a whole prefill costs the same."""
+        if self.prefix_index is None:
+            return 0, 0
+        slot, n = self.prefix_index.longest(prompt)
+        if n == 0 or self.length_bucket(len(prompt) - n) >= self.length_bucket(len(prompt)):
+            return 0, 0
+        return slot, n
 
     def requeue(self, requests: Sequence[Request]) -> None:
         """Put requests of a prefill batch that never ran back at the front of the queue, in their order.
@@ -217,9 +262,10 @@ class Scheduler:
         """
         for r in requests:
             if r.slot is not None and self.slots[r.slot] is r:
-                self.slots[r.slot] = None
+                self.slots[r.slot] = None  # nothing was written: the slot keeps what the prefix index says
             r.slot = None
             r.prefill_start = None
+            r.cached_tokens = 0
         self.queue.extendleft(r for r in reversed(requests) if not r.finished)
 
     def _batch_bucket(self, n: int) -> int:
@@ -234,6 +280,9 @@ class Scheduler:
         top: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         """The prefill's first token per request -> updates; top: alternatives' ids and log-probs [b, K]."""
+        if self.prefix_index is not None:
+            for r, slot in zip(batch.requests, batch.slots, strict=True):
+                self.prefix_index.record(slot, r.prompt)  # written by the step, even for a request since cancelled
         updates = []
         for i, (r, tok, lp) in enumerate(zip(batch.requests, tokens, logprobs, strict=True)):
             if r.finished:

@@ -88,14 +88,7 @@ class InferenceServer:
     def __init__(self, model, engine: Engine, plan: EnginePlan, options: ServerOptions, mesh_info: dict | None = None):
         self.model, self.engine, self.plan, self.options = model, engine, plan, options
         self.metrics = ServerMetrics()
-        scheduler = Scheduler(
-            plan.max_batch,
-            options.max_queue,
-            plan.prefill_batches,
-            plan.length_bucket,
-            plan.decode_batches,
-            plan.prefill_token_budget,
-        )
+        scheduler = Scheduler.for_plan(plan, options.max_queue)
         self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue)
         limits = Limits(
             max_context=plan.max_context,

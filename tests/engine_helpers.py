@@ -31,8 +31,7 @@ def serve_requests(
     """Submit every (prompt ids, max_new_tokens, sampling) at once to an Orchestrator over `engine` (already warmed
     up) and read each stream to its end; asserts the engine thread ended without an error."""
     plan = engine.plan
-    scheduler = Scheduler(plan.max_batch, 8, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                          plan.prefill_token_budget)  # fmt: skip
+    scheduler = Scheduler.for_plan(plan, 8)
     orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
     got = []
     try:

@@ -62,9 +62,9 @@ def test_bad_prompt_fails_alone_and_its_batch_mates_are_served_as_if_alone(model
     calls = []  # the prompts of every prefill the engine was asked for, refused or not
     real = engine.prefill_insert
 
-    def recording(prompts, *args):
+    def recording(prompts, *args, **kwargs):
         calls.append([list(p) for p in prompts])
-        return real(prompts, *args)
+        return real(prompts, *args, **kwargs)
 
     engine.prefill_insert = recording
     orch = Orchestrator(engine, _scheduler(plan), ByteTokenizer())

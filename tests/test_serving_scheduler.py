@@ -133,7 +133,7 @@ def test_prefill_refusal_no_request_explains_fails_the_whole_batch():
     class RefusingEngine(MockEngine):
         config = get_config("tiny")  # every prompt below is one the model can take
 
-        def prefill_insert(self, prompts, slots, sampling, batch, length):
+        def prefill_insert(self, prompts, slots, sampling, batch, length, reuse=None):
             raise UserError("bucket refused")
 
     s = make(max_batch=4)
@@ -172,7 +172,7 @@ class MockEngine:
         self.last = np.zeros(max_batch, np.int32)
         self.calls = []
 
-    def prefill_insert(self, prompts, slots, sampling, batch, length):
+    def prefill_insert(self, prompts, slots, sampling, batch, length, reuse=None):
         first = np.array([p[-1] + 1 for p in prompts], np.int32)
         self.last[list(slots)] = first
         self.calls.append(("prefill", batch, length))
@@ -233,10 +233,10 @@ class BlockingScoreEngine(MockEngine):
         assert self.release.wait(10)
         return super().score(items)
 
-    def prefill_insert(self, prompts, slots, sampling, batch, length):
+    def prefill_insert(self, prompts, slots, sampling, batch, length, reuse=None):
         if self.fail_prefill:
             raise RuntimeError("engine bug")
-        return super().prefill_insert(prompts, slots, sampling, batch, length)
+        return super().prefill_insert(prompts, slots, sampling, batch, length, reuse)
 
 
 def _score_in_thread(orch, results, key, timeout=5.0):

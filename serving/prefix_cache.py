@@ -1,0 +1,75 @@
+"""Prefix caching: a new request reuses the keys and values of a prompt prefix some decode slot already holds.
+
+Chat traffic repeats itself: every turn of a conversation resends the whole history, and many requests open with
+the same system prompt or few-shot examples. The engine's KV cache keeps each slot's rows after its request ends
+(until another request takes the slot), so the scheduler can look up, for each queued prompt, the slot whose cached
+tokens share the longest prefix with it, and the engine then prefills only the rest ("extend": the new tokens attend
+over the cached prefix, which is copied into the request's own slot in the same step).
+
+`PrefixIndex` is the host's record of which tokens each slot holds; pure Python and numpy, owned by the scheduler.
+What a slot holds:
+- while its request runs: the prompt (decode steps in flight write later positions only);
+- after it ends: the prompt and every generated token but the last, whose keys no step wrote. Decode steps that
+  still run over a free slot write at its length and beyond, never below, except that a full row keeps rewriting
+  position S - 1, so at most S - 1 tokens are ever recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PrefixReuse", "PrefixIndex"]
+
+
+@dataclass(frozen=True)
+class PrefixReuse:
+    """How a prefill batch reuses cached prefixes: request i's first lengths[i] prompt tokens are in decode cache row
+    sources[i] (0 = nothing reused: the row is prefilled whole); the step reads cache positions [0, context)."""
+
+    sources: tuple[int, ...]
+    lengths: tuple[int, ...]
+    context: int
+
+    @property
+    def tokens(self) -> int:
+        """Prompt tokens the batch does not compute."""
+        return sum(self.lengths)
+
+
+class PrefixIndex:
+    """Which tokens' keys and values each of `max_batch` decode slots holds (see the module docstring)."""
+
+    def __init__(self, max_batch: int, max_context: int) -> None:
+        self.max_tokens = max_context - 1
+        self._held: list[np.ndarray] = [np.zeros((0,), np.int64) for _ in range(max_batch)]
+
+    def held(self, slot: int) -> np.ndarray:
+        """The token ids whose keys and values slot `slot` holds at positions [0, n)."""
+        return self._held[slot]
+
+    def record(self, slot: int, tokens: Sequence[int]) -> None:
+        """Slot `slot` now holds these tokens' keys and values (cut to S - 1)."""
+        self._held[slot] = np.asarray(tokens[: self.max_tokens], np.int64)
+
+    def clear(self) -> None:
+        for slot in range(len(self._held)):
+            self._held[slot] = np.zeros((0,), np.int64)
+
+    def longest(self, prompt: Sequence[int]) -> tuple[int, int]:
+        """(slot, n): the slot holding the longest prefix of `prompt` and its length, at most len(prompt) - 1 (the
+        last prompt token is always computed: its logits give the first new token); (0, 0) when none matches.
+        Ties go to the lowest slot."""
+        want = np.asarray(prompt, np.int64)[: len(prompt) - 1]
+        best_slot, best = 0, 0
+        for slot, held in enumerate(self._held):
+            n = min(len(held), len(want))
+            if n <= best:
+                continue
+            differs = np.flatnonzero(held[:n] != want[:n])
+            shared = int(differs[0]) if len(differs) else n
+            if shared > best:
+                best_slot, best = slot, shared
+        return best_slot, best

@@ -1,0 +1,155 @@
+"""Prefix caching in the serving path: the prefix index, the scheduler's choice of reuse, and the real engine.
+
+A request whose prompt starts with tokens a decode slot still holds (the same system prompt, or the previous turn
+of a conversation) must prefill only the rest and still produce exactly the tokens a whole prefill would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.model.config import get_config
+from meshserve.model.generate import generate
+from meshserve.model.params import init_params
+from meshserve.model.sampling import SamplingParams
+from meshserve.model.tokenizer import ByteTokenizer
+from meshserve.serving.engine import Engine
+from meshserve.serving.orchestrator import Orchestrator
+from meshserve.serving.plan import PlanError, make_plan
+from meshserve.serving.prefix_cache import PrefixIndex
+from meshserve.serving.scheduler import Request, Scheduler
+
+CONFIG = get_config("tiny")
+BUCKETS = (16, 64, 128)
+
+
+def _scheduler(max_batch: int = 4) -> Scheduler:
+    lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
+    contexts = lambda n: 64 if n <= 64 else 128  # noqa: E731
+    return Scheduler(max_batch, 8, (1, 4), lengths, (1, 2, 4), 1024, PrefixIndex(max_batch, 128), contexts)
+
+
+def test_index_finds_the_longest_shared_prefix_and_leaves_the_last_token():
+    index = PrefixIndex(3, 16)
+    index.record(0, [1, 2, 3, 4])
+    index.record(1, [1, 2, 3, 9, 9, 9])
+    index.record(2, list(range(100)))  # cut to S - 1 = 15 tokens
+    assert len(index.held(2)) == 15
+    assert index.longest([1, 2, 3, 4, 5]) == (0, 4)
+    assert index.longest([1, 2, 3, 9, 9, 9, 7]) == (1, 6)
+    assert index.longest([1, 2, 3, 4]) == (0, 3)  # the last prompt token is always computed
+    assert index.longest([1, 2, 7]) == (0, 2)  # a tie goes to the lowest slot
+    assert index.longest([5, 6]) == (0, 0)
+    assert index.longest(list(range(40))) == (2, 15)
+    index.clear()
+    assert index.longest([1, 2, 3, 4, 5]) == (0, 0)
+
+
+def test_scheduler_reuses_a_prefix_only_when_the_rest_needs_a_smaller_bucket():
+    s = _scheduler()
+    system = list(range(1, 41))
+    first = Request(system + [50, 51], 3)
+    s.submit(first)
+    batch = s.next_prefill(0.0)
+    assert batch.reuse is None and batch.length == 64  # nothing cached yet
+    s.record_prefill(batch, [60], [0.0], 0.0)
+    assert list(s.prefix_index.held(0)) == first.prompt  # the slot holds the prompt while it runs
+    # A second request with the same system prompt, while the first still runs: its rest (3 tokens) fits in 16.
+    second = Request(system + [70, 71, 72], 2)
+    # A short prompt sharing only 2 tokens: 16 either way, so it is prefilled whole.
+    short = Request([1, 2, 99, 98], 2)
+    s.submit(second)
+    s.submit(short)
+    batch = s.next_prefill(1.0)
+    assert batch.requests == (second, short) and batch.slots == (1, 2)
+    assert batch.reuse.sources == (0, 2) and batch.reuse.lengths == (40, 0) and batch.reuse.context == 64
+    assert batch.length == 16 and second.cached_tokens == 40 and short.cached_tokens == 0
+    s.record_prefill(batch, [80, 81], [0.0, 0.0], 1.0)
+    # The first request ends after 3 tokens: its slot keeps the prompt and all but the last token.
+    s.record_decode((4, (first, second, short, None)), [61, 82, 83, 0], [0.0] * 4, 2.0)
+    s.record_decode((4, (first, second, short, None)), [62, 84, 85, 0], [0.0] * 4, 3.0)
+    assert first.finished and list(s.prefix_index.held(0)) == first.prompt + [60, 61]
+    # The next turn of that conversation reuses all of it, from the freed slot it lands in.
+    turn = Request(first.prompt + first.tokens + [90, 91], 2)
+    s.submit(turn)
+    batch = s.next_prefill(4.0)
+    assert batch.slots == (0,) and batch.reuse.sources == (0,) and batch.reuse.lengths == (44,)
+
+
+def test_a_requeued_batch_leaves_the_index_as_it_was():
+    s = _scheduler()
+    done = Request(list(range(1, 30)), 1)
+    s.submit(done)
+    batch = s.next_prefill(0.0)
+    s.record_prefill(batch, [5], [0.0], 0.0)  # one token: finished, slot 0 free, its prompt cached
+    assert done.finished
+    nxt = Request(list(range(1, 30)) + [7], 1)
+    s.submit(nxt)
+    batch = s.next_prefill(1.0)
+    assert batch.reuse.lengths == (29,)
+    s.requeue(batch.requests)  # the engine never ran it: slot 0 still holds the old prompt
+    assert nxt.cached_tokens == 0 and list(s.prefix_index.held(0)) == done.prompt
+    assert s.next_prefill(2.0).reuse.lengths == (29,)
+
+
+def test_plan_counts_the_extend_steps_and_refuses_them_on_a_mesh():
+    plain = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,))
+    cached = make_plan(
+        CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,), prefix_caching=True
+    )
+    assert cached.compile_count() - plain.compile_count() == 2 * 3 * 2  # prefill batches x lengths x contexts
+    with pytest.raises(PlanError, match="prefix caching needs one device"):
+        make_plan(CONFIG, mesh_axes={"x": 2, "y": 2, "z": 2}, max_batch=8, prefix_caching=True)
+
+
+def _run(orch: Orchestrator, prompt: list[int], n: int, sampling: SamplingParams) -> Request:
+    return orch.submit(Request(list(prompt), n, sampling=sampling)).request
+
+
+def _wait(requests: list[Request], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(r.finished for r in requests):
+        assert time.monotonic() < deadline, "requests did not finish"
+        time.sleep(0.01)
+
+
+def test_engine_with_reused_prefixes_equals_whole_prefills():
+    params = init_params(CONFIG, jax.random.key(7), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
+                     decode_buckets=(4,), weights="f32", prefix_caching=True)  # fmt: skip
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    assert engine.compiled_steps() == plan.compile_count(("generate",))
+    orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
+    rng = np.random.default_rng(3)
+    system = [int(t) for t in rng.integers(1, CONFIG.vocab_size, 40)]
+    greedy, penalised = SamplingParams(), SamplingParams(repetition_penalty=1.5, presence_penalty=0.5)
+    sampled = SamplingParams(0.8, top_k=30, seed=11)
+    try:
+        turn1 = _run(orch, system + [3, 4, 5, 6, 7], 8, greedy)
+        _wait([turn1])
+        # Submitted together: one extend batch. turn2 reuses turn 1's whole slot (prompt and answer); `other` shares
+        # the system prompt and reads it from slot 0 in the same step that overwrites slot 0 with turn2.
+        turn2 = _run(orch, turn1.prompt + turn1.tokens + [9, 10, 11], 8, penalised)
+        other = _run(orch, system + [20, 21], 6, sampled)
+        _wait([turn2, other])
+        # A prompt with nothing cached, batched with one that reuses: rows without a prefix extend from position 0.
+        fresh = _run(orch, [int(t) for t in rng.integers(1, CONFIG.vocab_size, 30)], 5, greedy)
+        again = _run(orch, system + [20, 21, 22, 23], 5, penalised)
+        _wait([fresh, again])
+    finally:
+        orch.stop()
+    assert orch.error is None
+    assert turn1.cached_tokens == 0 and fresh.cached_tokens == 0
+    assert turn2.cached_tokens == len(turn1.prompt) + len(turn1.tokens) - 1
+    assert other.cached_tokens == 40 and again.cached_tokens >= 42
+    for r in (turn1, turn2, other, fresh, again):
+        ref = generate(params, CONFIG, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
+        assert r.tokens == list(ref.tokens), (r.cached_tokens, r.prompt)
+        np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+    hits = orch.metrics.prefix_hits._value.get()
+    assert hits == sum(r.cached_tokens for r in (turn2, other, again))
