@@ -79,6 +79,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="1,8,...",
         help="decode batch buckets to compile (default: powers of two up to --max-batch)",
     )
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="reuse the keys and values of prompt prefixes still in the cache (a shared system prompt, the earlier "
+        "turns of a chat), so only the rest is prefilled; compiles one extend step per prefill bucket and context "
+        "(default: on with one device; a mesh has no extend step yet)",
+    )
     add_compile_cache_argument(parser)
 
 
@@ -140,6 +147,9 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     n = mesh["x"] * mesh["y"] * mesh["z"]
     if n > len(jax.devices()):
         raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
+    prefix_caching = n == 1 if args.prefix_caching is None else args.prefix_caching
+    if prefix_caching and n > 1:
+        raise UserError(f"--prefix-caching needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
     plan = make_plan(
         model.config,
@@ -151,6 +161,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         decode_buckets=args.decode_buckets,
         weights=model.weights,
         device_kind=jax.devices()[0].device_kind,
+        prefix_caching=prefix_caching,
     )
     steps = None
     if n > 1:

@@ -53,6 +53,7 @@ class Generation:
     time_to_first_token_ms: float
     total_ms: float
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
+    cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache supplied
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Client:
             r.timing.time_to_first_token_ms,
             r.timing.total_ms,
             _top(r.top_logprobs),
+            r.usage.cached_prompt_tokens,
         )
 
     def generate_stream(

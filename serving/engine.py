@@ -233,7 +233,9 @@ class Engine:
                 if progress:
                     progress(f"prefill b={b} T={t}")
                 for c in plan.contexts() if plan.prefix_caching else ():
-                    extend = jax.jit(self._extend_fn, donate_argnums=1)
+                    extend = jax.jit(
+                        self._extend_fn, donate_argnums=1, out_shardings=(self.steps.decode_state_sharding, None)
+                    )
                     rows, prefix = i32((b,), jnp.int32), i32((b, c), jnp.int32)
                     self._extend[(b, t, c)] = extend.lower(
                         self.params, state, tokens, lengths, prefix, rows, rows, rows, samp(b)

@@ -128,7 +128,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _usage_timing(self, handle: RequestHandle) -> tuple[pb.Usage, pb.Timing]:
         r = handle.request
         ms = lambda t: 0.0 if t is None else (t - r.arrival) * 1e3  # noqa: E731
-        usage = pb.Usage(prompt_tokens=len(r.prompt), generated_tokens=len(r.tokens))
+        usage = pb.Usage(
+            prompt_tokens=len(r.prompt), generated_tokens=len(r.tokens), cached_prompt_tokens=r.cached_tokens
+        )
         timing = pb.Timing(
             queue_ms=ms(r.prefill_start), time_to_first_token_ms=ms(r.first_token_time), total_ms=ms(r.finish_time)
         )

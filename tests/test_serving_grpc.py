@@ -164,6 +164,28 @@ def test_unary_equals_streaming_equals_in_process(client, model):
         assert 0 <= unary.queue_ms <= unary.time_to_first_token_ms <= unary.total_ms
 
 
+def test_a_follow_up_turn_reuses_the_cached_conversation(client, model, server):
+    from meshserve.model.generate import generate
+    from meshserve.model.sampling import SamplingParams
+
+    # Longer than the 32-token bucket, so reuse shrinks the prefill to one; penalties see the whole prompt.
+    history = [int(t) for t in np.random.default_rng(5).integers(1, 256, 60)]
+    kw = dict(repetition_penalty=1.4, temperature=0.7, seed=9)
+    before = _metrics(server).get("meshserve_prefix_cache_hit_tokens_total", 0.0)
+    first = client.generate(history, max_new_tokens=6, **kw)
+    follow = history + first.tokens + [10, 11, 12]
+    second = client.generate(follow, max_new_tokens=6, **kw)
+    # The first turn's slot holds its prompt and all generated tokens but the last.
+    assert second.cached_prompt_tokens == len(history) + len(first.tokens) - 1
+    assert second.prompt_tokens == len(follow)
+    for ids, got in ((history, first), (follow, second)):
+        ref = generate(model.params, model.config, [ids], max_new_tokens=6, sampling=SamplingParams(**kw))[0]
+        assert got.tokens == ref.tokens
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+    hits = _metrics(server)["meshserve_prefix_cache_hit_tokens_total"] - before
+    assert hits == first.cached_prompt_tokens + second.cached_prompt_tokens
+
+
 def test_top_logprobs_unary_equals_streaming_equals_in_process(client, model):
     from meshserve.model.generate import generate
     from meshserve.model.sampling import SamplingParams
