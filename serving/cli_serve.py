@@ -86,6 +86,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "turns of a chat), so only the rest is prefilled; compiles one extend step per prefill bucket and context "
         "(default: on with one device; a mesh has no extend step yet)",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="TOKENS",
+        help="prefill prompts longer than this in chunks (a prompt-length bucket), one per engine step with decode "
+        "steps between, so a long prompt stalls the running streams for one chunk at a time (default: 512 for the "
+        "latency objective when the context is longer, else 0 = off; one device)",
+    )
     add_compile_cache_argument(parser)
 
 
@@ -150,7 +158,13 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     prefix_caching = n == 1 if args.prefix_caching is None else args.prefix_caching
     if prefix_caching and n > 1:
         raise UserError(f"--prefix-caching needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
+    if args.prefill_chunk and n > 1:
+        raise UserError(f"--prefill-chunk needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
+    chunk = args.prefill_chunk
+    if chunk is None:
+        context = args.max_context or model.config.max_seq_len
+        chunk = 512 if objective == "latency" and context > 512 and n == 1 else 0
     plan = make_plan(
         model.config,
         objective=objective,
@@ -162,6 +176,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         weights=model.weights,
         device_kind=jax.devices()[0].device_kind,
         prefix_caching=prefix_caching,
+        prefill_chunk=chunk,
     )
     steps = None
     if n > 1:

@@ -232,7 +232,7 @@ class Engine:
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
-                for c in plan.contexts() if plan.prefix_caching else ():
+                for c in plan.contexts() if plan.extends else ():
                     extend = jax.jit(
                         self._extend_fn, donate_argnums=1, out_shardings=(self.steps.decode_state_sharding, None)
                     )

@@ -216,7 +216,7 @@ class Orchestrator:
                 if batch is not None:
                     try:
                         out = self.engine.prefill_insert(
-                            [r.prompt for r in batch.requests],
+                            batch.prompts,
                             list(batch.slots),
                             [r.sampling for r in batch.requests],
                             batch.batch,
@@ -234,9 +234,8 @@ class Orchestrator:
                             batch, out.tokens, out.logprobs, time.monotonic(), top=(out.top_ids, out.top_logprobs)
                         )
                     self.metrics.generated(sum(len(u.tokens) for u in updates))  # each request's first token
-                    self.metrics.prefilled(
-                        sum(len(r.prompt) for r in batch.requests), batch.reuse.tokens if batch.reuse else 0
-                    )
+                    done = batch.completed  # counted once, when the whole prompt is in
+                    self.metrics.prefilled(sum(len(r.prompt) for r in done), sum(r.cached_tokens for r in done))
                     self._deliver(updates)
                     worked = True
                 with self._lock:

@@ -59,8 +59,16 @@ class EnginePlan:
     # row's length, so it reads the filled part of the cache. () = (max_context,), e.g. on a mesh.
     decode_contexts: tuple[int, ...] = ()
     # Prefix caching (serving/prefix_cache.py): a prompt that starts with tokens a cache slot holds prefills only
-    # the rest, in an "extend" step per prefill bucket and context bucket. One device only, for now.
+    # the rest, in an "extend" step per prefill bucket and context bucket (on a mesh: the one context, max_context).
     prefix_caching: bool = False
+    # Chunked prefill: a prompt longer than this (a length bucket) is prefilled one chunk per engine-loop iteration
+    # through the same extend steps, with decode steps between the chunks. 0 = off.
+    prefill_chunk: int = 0
+
+    @property
+    def extends(self) -> bool:
+        """Whether the engine compiles extend steps (prefix caching or chunked prefill use them)."""
+        return self.prefix_caching or self.prefill_chunk > 0
 
     def contexts(self) -> tuple[int, ...]:
         """The decode context buckets, ascending, max_context last."""
@@ -73,7 +81,7 @@ class EnginePlan:
         if "generate" in phases:
             n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
-            if self.prefix_caching:
+            if self.extends:
                 n += len(self.prefill_batches) * len(self.prefill_lengths) * len(self.contexts())
         if "score" in phases:
             n += len(self.score_batches) * len(self.prefill_lengths)
@@ -187,6 +195,7 @@ def make_plan(
     weights: str = "bf16",
     device_kind: str = "cpu",
     prefix_caching: bool = False,
+    prefill_chunk: int = 0,
 ) -> EnginePlan:
     """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
@@ -196,8 +205,12 @@ def make_plan(
     default for either (0 is refused like any other value out of range).
     context_buckets: decode context buckets (default powers of two from 128 to max_context on one device; on a
     mesh only max_context, as the sharded decode step attends over the whole cache).
-    prefix_caching: compile the extend steps that reuse cached prompt prefixes (one device only: the sharded steps
-    have no extend step yet). serve and batch-generate turn it on by default.
+    prefix_caching: compile the extend steps that reuse cached prompt prefixes, one per prefill bucket and context
+    bucket (on a mesh one per prefill bucket: the context is max_context). serve and batch-generate turn it on by
+    default.
+    prefill_chunk: prefill prompts longer than this many tokens in chunks (rounded down to a length bucket; 0 = off):
+    a long prompt then stalls the running streams for one chunk's prefill at a time, not for all of it. serve
+    turns it on (512) for the latency objective.
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -234,8 +247,11 @@ def make_plan(
         if min(context_buckets) < 1 or max(context_buckets) > max_context:
             raise PlanError(f"context buckets must be in [1, max_context={max_context}], got {list(context_buckets)}")
         contexts = tuple(sorted({*context_buckets, max_context}))
-    if prefix_caching and on_mesh:
-        raise PlanError("prefix caching needs one device: the sharded steps have no extend step yet")
+    if prefill_chunk:
+        if not 1 <= prefill_chunk < max_context:
+            raise PlanError(f"prefill chunk must be in [1, max_context={max_context}), got {prefill_chunk} (0 = off)")
+        # A chunk is a whole length bucket (no padding inside a long prompt); below the smallest it is the smallest.
+        prefill_chunk = max([t for t in lengths if t <= prefill_chunk], default=lengths[0])
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(
@@ -250,6 +266,7 @@ def make_plan(
         prefill_token_budget=max(budget, max_context),  # the longest prompt must always fit alone
         mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
         prefix_caching=prefix_caching,
+        prefill_chunk=prefill_chunk,
     )
     steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

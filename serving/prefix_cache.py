@@ -33,11 +33,6 @@ class PrefixReuse:
     lengths: tuple[int, ...]
     context: int
 
-    @property
-    def tokens(self) -> int:
-        """Prompt tokens the batch does not compute."""
-        return sum(self.lengths)
-
 
 class PrefixIndex:
     """Which tokens' keys and values each of `max_batch` decode slots holds (see the module docstring)."""

@@ -75,6 +75,7 @@ class Request:
     finish_time: float | None = None
     cancel_requested: bool = False
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    prefilled: int = 0  # prompt tokens in its slot's cache so far (less than the prompt while a chunked prefill runs)
 
     @property
     def finished(self) -> bool:
@@ -94,21 +95,38 @@ class Update:
 
 @dataclass(frozen=True)
 class PrefillBatch:
-    """Requests to prefill together as one [batch, length] bucket, and the slots they go to; `length` buckets the
-    tokens left to compute when the batch reuses cached prefixes (`reuse`, None = every prompt prefilled whole)."""
+    """Requests to prefill together as one [batch, length] bucket, and the slots they go to.
+
+    Request i's step covers its prompt up to ends[i] (the whole prompt, or one chunk of a long one), from
+    reuse.lengths[i] on when the batch continues cached or earlier-chunked prefixes (`reuse`; None = all from 0):
+    `length` buckets the tokens computed, not the prompts.
+    """
 
     requests: tuple[Request, ...]
     slots: tuple[int, ...]
     batch: int
     length: int
     reuse: PrefixReuse | None = None
+    ends: tuple[int, ...] = ()
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        """What the engine prefills: each prompt up to its end in this step."""
+        return [r.prompt[:end] for r, end in zip(self.requests, self.ends, strict=True)]
+
+    @property
+    def completed(self) -> list[Request]:
+        """The requests whose whole prompt is in the cache after this step (the others have chunks to go)."""
+        return [r for r, end in zip(self.requests, self.ends, strict=True) if end == len(r.prompt)]
 
 
 class Scheduler:
     """Queue -> slots. max_batch slots; at most max_queue requests waiting; prefill buckets from the plan.
 
-    prefix_index: turns on prefix caching (the engine must have compiled its extend steps); context_bucket maps a
-    reused prefix length to the cache context the extend step reads (plan.context_bucket).
+    prefix_index: turns on prefix caching; prefill_chunk (a length bucket; 0 = off): prompts longer than this are
+    prefilled a chunk per loop iteration, with decode steps between, so one long prompt never stalls the running
+    streams for longer than a chunk. Either needs the engine's extend steps; context_bucket maps a prefix length to
+    the cache context an extend step reads (plan.context_bucket).
     """
 
     def __init__(
@@ -121,6 +139,7 @@ class Scheduler:
         prefill_token_budget: int,
         prefix_index: PrefixIndex | None = None,
         context_bucket: Callable[[int], int] | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -131,17 +150,18 @@ class Scheduler:
         self.queue: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self._held: set[int] = set()  # slots given to a request since they were last reported by take_freed
-        if prefix_index is not None and context_bucket is None:
-            raise ValueError("prefix caching needs context_bucket")
+        if (prefix_index is not None or prefill_chunk) and context_bucket is None:
+            raise ValueError("prefix caching and chunked prefill need context_bucket")
         self.prefix_index = prefix_index
         self.context_bucket = context_bucket
+        self.prefill_chunk = prefill_chunk
 
     @classmethod
     def for_plan(cls, plan, max_queue: int) -> Scheduler:
-        """A scheduler over an EnginePlan's buckets, with prefix caching when the plan compiles it."""
+        """A scheduler over an EnginePlan's buckets, with prefix caching and chunked prefill as the plan has them."""
         index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching else None
         return cls(plan.max_batch, max_queue, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                   plan.prefill_token_budget, index, plan.context_bucket)  # fmt: skip
+                   plan.prefill_token_budget, index, plan.context_bucket, plan.prefill_chunk)  # fmt: skip
 
     # ----- state -----
 
@@ -208,50 +228,67 @@ class Scheduler:
     # ----- schedules -----
 
     def next_prefill(self, now: float) -> PrefillBatch | None:
-        """Queued requests (FIFO) for the free slots, within the largest prefill bucket and the token budget."""
+        """The next prefill step: requests part-way through a chunked prompt first, then queued requests (FIFO) for
+        the free slots, within the largest prefill bucket and the token budget."""
         free = self.free_slots
-        if not self.queue or not free:
-            return None
-        cap = min(len(free), self.prefill_batches[-1])
-        taken: list[tuple[Request, int, int]] = []  # (request, source slot, cached prefix length)
+        partial = [r for r in self.slots if r is not None and 0 < r.prefilled < len(r.prompt)]
+        cap = self.prefill_batches[-1]
+        work: list[tuple[Request, int, int, int]] = []  # (request, source slot, start, end) of each row
         length = 0
-        for r in self.queue:
-            if len(taken) == cap:
-                break
-            source, cached = self._cached_prefix(r.prompt)
-            new_length = max(length, self.length_bucket(len(r.prompt) - cached))
-            batch = self._batch_bucket(len(taken) + 1)
-            if taken and batch * new_length > self.prefill_token_budget:
-                break
-            taken.append((r, source, cached))
+
+        def add(r: Request, source: int, start: int) -> bool:
+            nonlocal length
+            end = len(r.prompt) if not self.prefill_chunk else min(len(r.prompt), start + self.prefill_chunk)
+            new_length = max(length, self.length_bucket(end - start))
+            if work and self._batch_bucket(len(work) + 1) * new_length > self.prefill_token_budget:
+                return False
+            work.append((r, source, start, end))
             length = new_length
-        for _ in taken:
-            self.queue.popleft()
-        slots = tuple(free[: len(taken)])
-        for (r, _, cached), s in zip(taken, slots, strict=True):
-            r.slot = s
-            r.prefill_start = now
-            r.cached_tokens = cached
+            return True
+
+        for r in partial[:cap]:
+            if not add(r, r.slot, r.prefilled):
+                break
+        queued = 0
+        for r in self.queue:
+            if len(work) == cap or queued == len(free) or not add(r, *self._cached_prefix(r.prompt)):
+                break
+            queued += 1
+        if not work:
+            return None
+        for r, s in zip([self.queue.popleft() for _ in range(queued)], free, strict=False):
+            r.slot, r.prefill_start = s, now
             self.slots[s] = r
             self._held.add(s)
+        for r, _, start, _ in work[len(work) - queued :]:
+            r.cached_tokens = start  # from the prefix cache (a chunk continuation's start is its own work)
         reuse = None
-        if any(cached for _, _, cached in taken):
+        if any(start for _, _, start, _ in work):
             reuse = PrefixReuse(
-                sources=tuple(source if cached else s for (_, source, cached), s in zip(taken, slots, strict=True)),
-                lengths=tuple(cached for _, _, cached in taken),
-                context=self.context_bucket(max(cached for _, _, cached in taken)),
+                sources=tuple(source if start else r.slot for r, source, start, _ in work),
+                lengths=tuple(start for _, _, start, _ in work),
+                context=self.context_bucket(max(start for _, _, start, _ in work)),
             )
-        return PrefillBatch(tuple(r for r, _, _ in taken), slots, self._batch_bucket(len(taken)), length, reuse)
+        requests = tuple(r for r, _, _, _ in work)
+        return PrefillBatch(requests, tuple(r.slot for r in requests), self._batch_bucket(len(work)), length, reuse,
+                            tuple(end for _, _, _, end in work))  # fmt: skip
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(slot, n): the longest cached prefix of `prompt` worth reusing, n = 0 when none is. Worth it means the
-        rest of the prompt falls in a smaller length bucket: within one bucket a whole prefill costs the same."""
+        """(slot, n): the longest cached prefix of `prompt` worth reusing, n = 0 when none is. Worth it means fewer
+        bucketed tokens to prefill: within one length bucket a whole prefill costs the same."""
         if self.prefix_index is None:
             return 0, 0
         slot, n = self.prefix_index.longest(prompt)
-        if n == 0 or self.length_bucket(len(prompt) - n) >= self.length_bucket(len(prompt)):
+        if n == 0 or self._prefill_cost(len(prompt) - n) >= self._prefill_cost(len(prompt)):
             return 0, 0
         return slot, n
+
+    def _prefill_cost(self, n: int) -> int:
+        """Bucketed tokens computed to prefill n prompt tokens (whole chunks, then the rest's bucket)."""
+        if not self.prefill_chunk:
+            return self.length_bucket(n)
+        full, rest = divmod(n, self.prefill_chunk)
+        return full * self.prefill_chunk + (self.length_bucket(rest) if rest else 0)
 
     def requeue(self, requests: Sequence[Request]) -> None:
         """Put requests of a prefill batch that never ran back at the front of the queue, in their order.
@@ -266,6 +303,7 @@ class Scheduler:
             r.slot = None
             r.prefill_start = None
             r.cached_tokens = 0
+            r.prefilled = 0  # a chunked prompt starts over (or from what the prefix index still finds)
         self.queue.extendleft(r for r in reversed(requests) if not r.finished)
 
     def _batch_bucket(self, n: int) -> int:
@@ -279,21 +317,23 @@ class Scheduler:
         now: float,
         top: tuple[np.ndarray, np.ndarray] | None = None,
     ):
-        """The prefill's first token per request -> updates; top: alternatives' ids and log-probs [b, K]."""
-        if self.prefix_index is not None:
-            for r, slot in zip(batch.requests, batch.slots, strict=True):
-                self.prefix_index.record(slot, r.prompt)  # written by the step, even for a request since cancelled
+        """The prefill's first token per request whose whole prompt is in -> updates (a request with chunks to go
+        gets none yet); top: alternatives' ids and log-probs [b, K]."""
+        for r, slot, end in zip(batch.requests, batch.slots, batch.ends, strict=True):
+            r.prefilled = end
+            if self.prefix_index is not None:
+                self.prefix_index.record(slot, r.prompt[:end])  # written by the step, even if since cancelled
         updates = []
-        for i, (r, tok, lp) in enumerate(zip(batch.requests, tokens, logprobs, strict=True)):
-            if r.finished:
+        for i, (r, tok, lp, end) in enumerate(zip(batch.requests, tokens, logprobs, batch.ends, strict=True)):
+            if r.finished or end < len(r.prompt):
                 continue
             r.first_token_time = now
             updates.append(self._accept(r, int(tok), float(lp), now, _alternatives(r, top, i)))
         return updates
 
     def decode_batch(self) -> int | None:
-        """The decode bucket covering every live slot, or None when no slot is live."""
-        live = [i for i, r in enumerate(self.slots) if r is not None]
+        """The decode bucket covering every live slot (one whose request has its first token), or None."""
+        live = [i for i, r in enumerate(self.slots) if r is not None and r.tokens]
         if not live:
             return None
         return next(b for b in self.decode_batches if b > live[-1])
@@ -301,7 +341,8 @@ class Scheduler:
     def decode_ticket(self) -> tuple[int, tuple[Request | None, ...]] | None:
         """(bucket, owner of each slot in it) for the step about to be dispatched; None when nothing is live."""
         b = self.decode_batch()
-        return None if b is None else (b, tuple(self.slots[:b]))
+        # A slot still being prefilled in chunks is no owner: the step's token for it is not a token of its request.
+        return None if b is None else (b, tuple(r if r is not None and r.tokens else None for r in self.slots[:b]))
 
     def record_decode(
         self,

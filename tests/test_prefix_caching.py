@@ -96,14 +96,16 @@ def test_a_requeued_batch_leaves_the_index_as_it_was():
     assert s.next_prefill(2.0).reuse.lengths == (29,)
 
 
-def test_plan_counts_the_extend_steps_and_refuses_them_on_a_mesh():
-    plain = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,))
-    cached = make_plan(
-        CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,), prefix_caching=True
-    )
+def test_plan_counts_the_extend_steps_and_checks_the_chunk():
+    grid = dict(max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,))
+    plain, cached = make_plan(CONFIG, **grid), make_plan(CONFIG, **grid, prefix_caching=True)
     assert cached.compile_count() - plain.compile_count() == 2 * 3 * 2  # prefill batches x lengths x contexts
-    with pytest.raises(PlanError, match="prefix caching needs one device"):
-        make_plan(CONFIG, mesh_axes={"x": 2, "y": 2, "z": 2}, max_batch=8, prefix_caching=True)
+    chunked = make_plan(CONFIG, **grid, prefill_chunk=100)  # chunks use the extend steps too
+    assert chunked.prefill_chunk == 64 and chunked.compile_count() == cached.compile_count()  # a whole bucket
+    assert make_plan(CONFIG, **grid, prefill_chunk=5).prefill_chunk == 16  # at least the smallest bucket
+    for bad in (-1, 128):
+        with pytest.raises(PlanError, match=r"prefill chunk must be in \[1, max_context=128\)"):
+            make_plan(CONFIG, **grid, prefill_chunk=bad)
 
 
 def _run(orch: Orchestrator, prompt: list[int], n: int, sampling: SamplingParams) -> Request:
@@ -153,3 +155,79 @@ def test_engine_with_reused_prefixes_equals_whole_prefills():
         np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
     hits = orch.metrics.prefix_hits._value.get()
     assert hits == sum(r.cached_tokens for r in (turn2, other, again))
+
+
+def test_scheduler_prefills_a_long_prompt_in_chunks_between_decode_steps():
+    lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
+    s = Scheduler(4, 8, (1, 4), lengths, (1, 2, 4), 1024, None, lambda n: 64 if n <= 64 else 128, prefill_chunk=16)
+    running = Request([1, 2, 3], 10)
+    s.submit(running)
+    s.record_prefill(s.next_prefill(0.0), [9], [0.0], 0.0)
+    long = Request(list(range(1, 51)), 3)  # 50 tokens: chunks [0, 16), [16, 32), [32, 48), [48, 50)
+    s.submit(long)
+    spans = []
+    for step in range(4):
+        batch = s.next_prefill(float(step))
+        assert batch.requests == (long,) and batch.slots == (1,) and batch.length == 16
+        start = batch.reuse.lengths[0] if batch.reuse else 0
+        spans.append((start, batch.ends[0]))
+        if start:
+            assert batch.reuse.sources == (1,)  # continues from its own slot
+        assert batch.prompts == [long.prompt[: batch.ends[0]]]
+        updates = s.record_prefill(batch, [7], [0.0], float(step))
+        # Until its last chunk it has no token, is not a decode owner, and the running request keeps decoding.
+        ticket = s.decode_ticket()
+        if step < 3:
+            assert updates == [] and ticket == (1, (running,))
+            s.record_decode(ticket, [5], [0.0], float(step))
+        else:
+            assert [u.tokens for u in updates] == [(7,)] and ticket == (2, (running, long))
+    assert spans == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert long.prefill_start == 0.0 and long.first_token_time == 3.0 and long.cached_tokens == 0
+    assert len(running.tokens) == 4  # three decode steps ran between the chunks
+
+
+def test_a_cancelled_chunked_prompt_frees_its_slot():
+    lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
+    index = PrefixIndex(4, 128)
+    s = Scheduler(4, 8, (1, 4), lengths, (1, 2, 4), 1024, index, lambda n: 64 if n <= 64 else 128, prefill_chunk=16)
+    long = Request(list(range(1, 51)), 3)
+    s.submit(long)
+    s.record_prefill(s.next_prefill(0.0), [7], [0.0], 0.0)
+    s.cancel(long)
+    assert [u.finish_reason for u in s.reap(1.0)] == ["cancelled"]
+    assert s.free_slots == [0, 1, 2, 3] and s.next_prefill(2.0) is None
+    assert list(index.held(0)) == long.prompt[:16]  # the chunk that ran stays reusable
+
+
+def test_engine_chunked_prefill_equals_a_whole_prefill():
+    params = init_params(CONFIG, jax.random.key(8), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
+                     decode_buckets=(4,), weights="f32", prefill_chunk=16)  # fmt: skip
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    calls = []
+    prefill, decode = engine.prefill_insert, engine.decode_async
+    engine.prefill_insert = lambda prompts, *a, **kw: (
+        calls.append(("prefill", len(prompts[0]))) or prefill(prompts, *a, **kw)
+    )
+    engine.decode_async = lambda *a: calls.append(("decode",)) or decode(*a)
+    orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
+    rng = np.random.default_rng(4)
+    try:
+        short = _run(orch, [5, 6, 7], 30, SamplingParams())
+        while not short.tokens:
+            time.sleep(0.005)
+        long = _run(orch, [int(t) for t in rng.integers(1, CONFIG.vocab_size, 70)], 6,
+                    SamplingParams(repetition_penalty=1.3, temperature=0.5, seed=4))  # fmt: skip
+        _wait([short, long])
+    finally:
+        orch.stop()
+    assert orch.error is None
+    for r in (short, long):
+        ref = generate(params, CONFIG, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
+        assert r.tokens == list(ref.tokens)
+        np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+    chunks = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[1] > 3]
+    assert [calls[i][1] for i in chunks] == [16, 32, 48, 64, 70]  # each chunk's prompt end
+    assert all(("decode",) in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))  # decode between them

@@ -36,11 +36,15 @@ def test_prefill_fills_lowest_free_slots_within_bucket_and_budget():
     # 2 x 16-token prompts fit a (4, 16) bucket; the 100-token prompt would make (4, 128) = 512 > 128 tokens.
     assert [r.id for r in batch.requests] == [rs[0].id, rs[1].id]
     assert batch.slots == (0, 1) and batch.batch == 4 and batch.length == 16
+    assert s.decode_batch() is None  # a slot decodes once its prefill's first token is recorded
+    s.record_prefill(batch, [1, 1], [0.0, 0.0], 0.0)
     assert s.decode_batch() == 2
     batch2 = s.next_prefill(0.0)  # the long prompt alone: always admitted, even over the budget
     assert batch2.requests == (rs[2],) and batch2.batch == 1 and batch2.length == 128 and batch2.slots == (2,)
     batch3 = s.next_prefill(0.0)
     assert batch3.slots == (3,) and s.next_prefill(0.0) is None  # no free slot left
+    for b in (batch2, batch3):
+        s.record_prefill(b, [1], [0.0], 0.0)
     assert s.decode_batch() == 4
 
 
