@@ -47,6 +47,35 @@ def _layout_for(config: ModelConfig, mesh: Mesh, step: StepPlan, storage_ffn: st
                     f"mesh {dict(mesh.shape)} (heads {config.n_heads}, d_ff {config.d_ff})")  # fmt: skip
 
 
+def _extend_prefill(params, config, tokens, lengths, prefix, all_logits, kv: NamedSharding):
+    """`transformer.prefill` over a cached prefix, partitioned by XLA's SPMD partitioner from the placed arrays.
+
+    params sit in the decode layout's weight storage; prefix.k, v [N, b, C, K, Q] (rows gathered from the decode
+    cache) and the new k, v [N, b, T, K, Q] are pinned to the bucket's prefill KV split `kv`, and the logits
+    ([b, V] or [b, T, V]) replicated, as sharded.prefill returns them.
+    """
+    from meshserve.model.transformer import Prefix, prefill
+
+    pin = lambda a: jax.lax.with_sharding_constraint(a, kv)  # noqa: E731
+    with jax.named_scope("extend_prefill"):
+        prefix = Prefix(pin(prefix.k), pin(prefix.v), prefix.lengths)
+        logits, k, v = prefill(params, config, tokens, lengths, all_logits=all_logits, prefix=prefix)
+        # Replicated logits, as sharded.prefill returns them: left free, the vocab split of the unembedding spreads
+        # through sampling into the decode state's [B, V] history, whose input sharding the engine leaves open.
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(kv.mesh, P()))
+        return logits, pin(k), pin(v)
+
+
+def _extend_insert(cache, k, v, lengths, slots, prefix, decode: Any):
+    """`transformer.insert` with a prefix (rows prefix, then the new tokens) into the decode cache; the new cache is
+    pinned to the decode state's sharding `decode` (a KVCache of NamedShardings), so the scatter stays in its split."""
+    from meshserve.model.transformer import insert
+
+    with jax.named_scope("extend_insert"):
+        new = insert(cache, k, v, lengths, slots, prefix=prefix)
+        return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, new, decode)
+
+
 def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[Params, ModelSteps, EnginePlan]:
     """(params placed on the mesh, the sharded steps, the plan as it will run) for plan.mesh_axes (n > 1)."""
     from meshserve.model import sharded
@@ -76,18 +105,6 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
         plan, decode_batches=(B,), decode_contexts=(plan.max_context,), steps=tuple(steps), source=f"{plan.source}+mesh"
     )
 
-    def prefill(params, config, tokens, lengths, all_logits=False):
-        layout = layouts[tokens.shape]  # [b, T]: one layout per bucket
-        return sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
-
-    def insert(cache, k, v, lengths, slots):
-        layout = layouts[(k.shape[1], k.shape[2])]  # k [N, b, T, K, Q] in that bucket's prefill split
-        return sharded.insert(cache, k, v, lengths, slots, config=config, mesh=mesh, prefill_layout=layout,
-                              decode_layout=decode)  # fmt: skip
-
-    def decode_step(params, config, tokens, cache):
-        return sharded.decode_step(params, config, tokens, cache, mesh=mesh, layout=decode)
-
     replicated = NamedSharding(mesh, P())
     kv = NamedSharding(mesh, sharded.kv_spec(config, mesh, decode, B))
     from meshserve.model.transformer import KVCache
@@ -97,5 +114,25 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
         sampling={name: replicated for name in SAMPLING_FIELDS},
         history=TokenHistory(in_prompt=replicated, counts=replicated),
     )  # fmt: skip
+
+    def prefill(params, config, tokens, lengths, all_logits=False, prefix=None):
+        layout = layouts[tokens.shape]  # [b, T]: one layout per bucket
+        if prefix is not None:
+            return _extend_prefill(params, config, tokens, lengths, prefix, all_logits, bucket_kv(layout, tokens))
+        return sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
+
+    def insert(cache, k, v, lengths, slots, prefix=None):
+        layout = layouts[(k.shape[1], k.shape[2])]  # k [N, b, T, K, Q] in that bucket's prefill split
+        if prefix is not None:
+            return _extend_insert(cache, k, v, lengths, slots, prefix, state_sharding.cache)
+        return sharded.insert(cache, k, v, lengths, slots, config=config, mesh=mesh, prefill_layout=layout,
+                              decode_layout=decode)  # fmt: skip
+
+    def bucket_kv(layout, tokens) -> NamedSharding:
+        return NamedSharding(mesh, sharded.kv_spec(config, mesh, layout, tokens.shape[0]))
+
+    def decode_step(params, config, tokens, cache):
+        return sharded.decode_step(params, config, tokens, cache, mesh=mesh, layout=decode)
+
     placed = jax.device_put(params, sharded.param_shardings(config, mesh, decode.ffn)(params))
     return placed, ModelSteps(prefill, decode_step, insert, state_sharding), run_plan
