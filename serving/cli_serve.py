@@ -337,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     print(
         f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, "
-        f"{server.engine.compiled_steps()} compiled steps)",
+        f"{server.engine.compiled_steps()} compiled steps, prefix caching {'on' if plan.prefix_caching else 'off'}, "
+        f"prefill chunk {plan.prefill_chunk or 'off'})",
         file=sys.stderr,
     )
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)

@@ -150,11 +150,13 @@ class Client:
             and (not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= INT32_MAX)
         ):
             raise InvalidRequest(f"max_new_tokens must be an integer in [1, {INT32_MAX}], got {max_new_tokens!r}")
+        # Whole floats (top_k=2.0) passed the checks above as the numbers they are; protobuf's int fields take ints.
+        whole = (lambda x: int(x) if isinstance(x, float) and x.is_integer() else x) if validate else (lambda x: x)
         sampling = pb.SamplingParams(
             temperature=temperature,
-            top_k=top_k,
+            top_k=whole(top_k),
             top_p=top_p,
-            seed=seed,
+            seed=whole(seed),
             repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
@@ -165,7 +167,7 @@ class Client:
             stop=list(stop),
             return_logprobs=return_logprobs,
             ignore_eos=ignore_eos,
-            top_logprobs=top_logprobs,
+            top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate),
         )

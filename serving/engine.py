@@ -1,4 +1,4 @@
-"""The engine: compiled prefill, insert, decode (generate) and score steps, one per phase and bucket of the plan.
+"""The engine: compiled prefill, insert, extend, decode (generate) and score steps, per phase and bucket of the plan.
 
 Typed, single-threaded and free of protos: the orchestrator and the offline job drive it. Every step is
 compiled ahead of time in `warm_up` (`jit(...).lower(...).compile()`), and the engine refuses a shape it has no
@@ -10,6 +10,10 @@ repetition penalties), so a decode step needs no host input; its one device->hos
 and their log-probs [b] (with the top_logprobs alternatives [b, K] on steps where a row asked for them).
 Decode bucket b runs slots [0, b): the
 scheduler fills the lowest free slot first, so active requests sit at the front.
+
+An extend step (with prefix caching or chunked prefill) prefills prompts that continue a prefix already in the
+cache: it gathers the prefix rows [0, C) of a source slot, runs the rest of the prompt over them, and writes prefix
+and rest into the request's slot, all in one compiled call per (batch, length, context) bucket (serving/prefix_cache.py).
 
 The step functions come in as `ModelSteps` (default: model/transformer.py on one device); a sharded build
 passes its own steps and shardings with the plan that chose them. Axis alphabet: model/config.py.
@@ -232,7 +236,7 @@ class Engine:
                 ).compile()
                 if progress:
                     progress(f"prefill b={b} T={t}")
-                for c in plan.contexts() if plan.extends else ():
+                for c in plan.contexts() if t in plan.extend_lengths else ():
                     extend = jax.jit(
                         self._extend_fn, donate_argnums=1, out_shardings=(self.steps.decode_state_sharding, None)
                     )

@@ -66,9 +66,11 @@ class EnginePlan:
     prefill_chunk: int = 0
 
     @property
-    def extends(self) -> bool:
-        """Whether the engine compiles extend steps (prefix caching or chunked prefill use them)."""
-        return self.prefix_caching or self.prefill_chunk > 0
+    def extend_lengths(self) -> tuple[int, ...]:
+        """The length buckets T of the extend steps (prefix caching and chunked prefill use them): all but the
+        largest, which no reuse or chunk needs (the rest of a reused prompt falls in a smaller bucket than the whole,
+        and a chunk is below max_context)."""
+        return self.prefill_lengths[:-1] if self.prefix_caching or self.prefill_chunk else ()
 
     def contexts(self) -> tuple[int, ...]:
         """The decode context buckets, ascending, max_context last."""
@@ -81,8 +83,7 @@ class EnginePlan:
         if "generate" in phases:
             n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
-            if self.extends:
-                n += len(self.prefill_batches) * len(self.prefill_lengths) * len(self.contexts())
+            n += len(self.prefill_batches) * len(self.extend_lengths) * len(self.contexts())
         if "score" in phases:
             n += len(self.score_batches) * len(self.prefill_lengths)
         return n
@@ -252,6 +253,8 @@ def make_plan(
             raise PlanError(f"prefill chunk must be in [1, max_context={max_context}), got {prefill_chunk} (0 = off)")
         # A chunk is a whole length bucket (no padding inside a long prompt); below the smallest it is the smallest.
         prefill_chunk = max([t for t in lengths if t <= prefill_chunk], default=lengths[0])
+        if prefill_chunk >= max_context:
+            raise PlanError(f"prefill chunk needs a length bucket below max_context={max_context}; buckets {lengths}")
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(

@@ -16,12 +16,23 @@ What a slot holds:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PrefixReuse", "PrefixIndex"]
+__all__ = ["PrefixReuse", "PrefixIndex", "ExtendSteps"]
+
+
+@dataclass(frozen=True)
+class ExtendSteps:
+    """The extend steps the engine compiled, as the scheduler needs them: the largest length bucket T they take (the
+    largest prompt bucket is left out: no reuse or chunk can need it), the context bucket C read for a prefix of n
+    tokens, and the chunk length of chunked prefill (0 = off)."""
+
+    max_length: int
+    context_bucket: Callable[[int], int]
+    chunk: int = 0
 
 
 @dataclass(frozen=True)

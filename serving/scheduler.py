@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingParams
-from meshserve.serving.prefix_cache import PrefixIndex, PrefixReuse
+from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex, PrefixReuse
 
 __all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS", "Alternatives"]
 
@@ -123,10 +123,9 @@ class PrefillBatch:
 class Scheduler:
     """Queue -> slots. max_batch slots; at most max_queue requests waiting; prefill buckets from the plan.
 
-    prefix_index: turns on prefix caching; prefill_chunk (a length bucket; 0 = off): prompts longer than this are
-    prefilled a chunk per loop iteration, with decode steps between, so one long prompt never stalls the running
-    streams for longer than a chunk. Either needs the engine's extend steps; context_bucket maps a prefix length to
-    the cache context an extend step reads (plan.context_bucket).
+    prefix_index: turns on prefix caching. extend: the engine's extend steps, which prefix caching needs; with
+    extend.chunk (a length bucket), prompts longer than it are prefilled a chunk per loop iteration, with decode
+    steps between, so one long prompt never stalls the running streams for longer than a chunk.
     """
 
     def __init__(
@@ -138,8 +137,7 @@ class Scheduler:
         decode_batches: Sequence[int],
         prefill_token_budget: int,
         prefix_index: PrefixIndex | None = None,
-        context_bucket: Callable[[int], int] | None = None,
-        prefill_chunk: int = 0,
+        extend: ExtendSteps | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -150,18 +148,21 @@ class Scheduler:
         self.queue: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self._held: set[int] = set()  # slots given to a request since they were last reported by take_freed
-        if (prefix_index is not None or prefill_chunk) and context_bucket is None:
-            raise ValueError("prefix caching and chunked prefill need context_bucket")
+        if prefix_index is not None and extend is None:
+            raise ValueError("prefix caching needs the engine's extend steps")
         self.prefix_index = prefix_index
-        self.context_bucket = context_bucket
-        self.prefill_chunk = prefill_chunk
+        self.extend = extend
+        self.prefill_chunk = extend.chunk if extend else 0
 
     @classmethod
     def for_plan(cls, plan, max_queue: int) -> Scheduler:
         """A scheduler over an EnginePlan's buckets, with prefix caching and chunked prefill as the plan has them."""
         index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching else None
+        extend = None
+        if plan.extend_lengths:
+            extend = ExtendSteps(max(plan.extend_lengths), plan.context_bucket, plan.prefill_chunk)
         return cls(plan.max_batch, max_queue, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                   plan.prefill_token_budget, index, plan.context_bucket, plan.prefill_chunk)  # fmt: skip
+                   plan.prefill_token_budget, index, extend)  # fmt: skip
 
     # ----- state -----
 
@@ -242,6 +243,8 @@ class Scheduler:
             new_length = max(length, self.length_bucket(end - start))
             if work and self._batch_bucket(len(work) + 1) * new_length > self.prefill_token_budget:
                 return False
+            if (start or any(w[2] for w in work)) and new_length > self.extend.max_length:
+                return False  # an extend batch with a whole prompt of the largest bucket: left for a plain one
             work.append((r, source, start, end))
             length = new_length
             return True
@@ -267,7 +270,7 @@ class Scheduler:
             reuse = PrefixReuse(
                 sources=tuple(source if start else r.slot for r, source, start, _ in work),
                 lengths=tuple(start for _, _, start, _ in work),
-                context=self.context_bucket(max(start for _, _, start, _ in work)),
+                context=self.extend.context_bucket(max(start for _, _, start, _ in work)),
             )
         requests = tuple(r for r, _, _, _ in work)
         return PrefillBatch(requests, tuple(r.slot for r in requests), self._batch_bucket(len(work)), length, reuse,

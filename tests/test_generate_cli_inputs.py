@@ -166,3 +166,9 @@ def test_stop_token_ids_end_in_process_generation_and_ids_outside_the_vocabulary
         code == 2
         and err.strip() == "meshserve generate: error: --stop-token-ids: token id 256 outside the vocabulary [0, 256)"
     )
+
+
+def test_client_request_takes_whole_floats_for_integer_fields():
+    # The checks accept 2.0 as the integer it is; protobuf's int fields must get an int, not a TypeError.
+    req = Client.request("hi", top_k=2.0, seed=3.0, top_logprobs=4.0)
+    assert (req.sampling.top_k, req.sampling.seed, req.top_logprobs) == (2, 3, 4)

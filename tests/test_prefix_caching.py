@@ -20,17 +20,19 @@ from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import PlanError, make_plan
-from meshserve.serving.prefix_cache import PrefixIndex
+from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex
 from meshserve.serving.scheduler import Request, Scheduler
 
 CONFIG = get_config("tiny")
 BUCKETS = (16, 64, 128)
 
 
-def _scheduler(max_batch: int = 4) -> Scheduler:
+def _scheduler(max_batch: int = 4, index: bool = True, chunk: int = 0) -> Scheduler:
+    """Length buckets 16, 64, 128 (extend steps up to 64), context buckets 64, 128."""
     lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
-    contexts = lambda n: 64 if n <= 64 else 128  # noqa: E731
-    return Scheduler(max_batch, 8, (1, 4), lengths, (1, 2, 4), 1024, PrefixIndex(max_batch, 128), contexts)
+    extend = ExtendSteps(64, lambda n: 64 if n <= 64 else 128, chunk)
+    prefixes = PrefixIndex(max_batch, 128) if index else None
+    return Scheduler(max_batch, 8, (1, 4), lengths, (1, 2, 4), 1024, prefixes, extend)
 
 
 def test_index_finds_the_longest_shared_prefix_and_leaves_the_last_token():
@@ -99,7 +101,8 @@ def test_a_requeued_batch_leaves_the_index_as_it_was():
 def test_plan_counts_the_extend_steps_and_checks_the_chunk():
     grid = dict(max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,))
     plain, cached = make_plan(CONFIG, **grid), make_plan(CONFIG, **grid, prefix_caching=True)
-    assert cached.compile_count() - plain.compile_count() == 2 * 3 * 2  # prefill batches x lengths x contexts
+    # prefill batches x lengths below the largest (16, 64) x contexts (64, 128)
+    assert cached.extend_lengths == (16, 64) and cached.compile_count() - plain.compile_count() == 2 * 2 * 2
     chunked = make_plan(CONFIG, **grid, prefill_chunk=100)  # chunks use the extend steps too
     assert chunked.prefill_chunk == 64 and chunked.compile_count() == cached.compile_count()  # a whole bucket
     assert make_plan(CONFIG, **grid, prefill_chunk=5).prefill_chunk == 16  # at least the smallest bucket
@@ -158,8 +161,7 @@ def test_engine_with_reused_prefixes_equals_whole_prefills():
 
 
 def test_scheduler_prefills_a_long_prompt_in_chunks_between_decode_steps():
-    lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
-    s = Scheduler(4, 8, (1, 4), lengths, (1, 2, 4), 1024, None, lambda n: 64 if n <= 64 else 128, prefill_chunk=16)
+    s = _scheduler(index=False, chunk=16)
     running = Request([1, 2, 3], 10)
     s.submit(running)
     s.record_prefill(s.next_prefill(0.0), [9], [0.0], 0.0)
@@ -188,9 +190,8 @@ def test_scheduler_prefills_a_long_prompt_in_chunks_between_decode_steps():
 
 
 def test_a_cancelled_chunked_prompt_frees_its_slot():
-    lengths = lambda n: next(b for b in BUCKETS if b >= n)  # noqa: E731
-    index = PrefixIndex(4, 128)
-    s = Scheduler(4, 8, (1, 4), lengths, (1, 2, 4), 1024, index, lambda n: 64 if n <= 64 else 128, prefill_chunk=16)
+    s = _scheduler(chunk=16)
+    index = s.prefix_index
     long = Request(list(range(1, 51)), 3)
     s.submit(long)
     s.record_prefill(s.next_prefill(0.0), [7], [0.0], 0.0)
@@ -231,3 +232,16 @@ def test_engine_chunked_prefill_equals_a_whole_prefill():
     chunks = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[1] > 3]
     assert [calls[i][1] for i in chunks] == [16, 32, 48, 64, 70]  # each chunk's prompt end
     assert all(("decode",) in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))  # decode between them
+
+
+def test_an_extend_batch_never_needs_the_largest_length_bucket():
+    s = _scheduler()
+    s.prefix_index.record(3, list(range(1, 41)))
+    whole = Request([200 + i % 50 for i in range(100)], 2)  # nothing cached: a 128-token bucket
+    reuse = Request(list(range(1, 41)) + [7, 8], 2)  # 40 cached, 2 to compute
+    s.submit(whole)
+    s.submit(reuse)
+    first = s.next_prefill(0.0)  # one (T=128) extend step is not compiled: the reusing request waits
+    assert first.requests == (whole,) and first.reuse is None and first.length == 128
+    second = s.next_prefill(0.0)
+    assert second.requests == (reuse,) and second.reuse.lengths == (40,) and second.length == 16
