@@ -84,7 +84,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="reuse the keys and values of prompt prefixes still in the cache (a shared system prompt, the earlier "
         "turns of a chat), so only the rest is prefilled; compiles one extend step per prefill bucket and context "
-        "(default: on with one device; a mesh has no extend step yet)",
+        "below the largest prompt bucket (default: on, with one device or a mesh)",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -155,9 +155,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     n = mesh["x"] * mesh["y"] * mesh["z"]
     if n > len(jax.devices()):
         raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
-    prefix_caching = n == 1 if args.prefix_caching is None else args.prefix_caching
-    if prefix_caching and n > 1:
-        raise UserError(f"--prefix-caching needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
+    prefix_caching = True if args.prefix_caching is None else args.prefix_caching
     if args.prefill_chunk and n > 1:
         raise UserError(f"--prefill-chunk needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
