@@ -206,9 +206,9 @@ def make_plan(
     default for either (0 is refused like any other value out of range).
     context_buckets: decode context buckets (default powers of two from 128 to max_context on one device; on a
     mesh only max_context, as the sharded decode step attends over the whole cache).
-    prefix_caching: compile the extend steps that reuse cached prompt prefixes, one per prefill bucket and context
-    bucket (on a mesh one per prefill bucket: the context is max_context). serve and batch-generate turn it on by
-    default.
+    prefix_caching: compile the extend steps that reuse cached prompt prefixes, one per prefill batch, length bucket
+    in `extend_lengths` and context bucket (on a mesh the one context, max_context: the sharded engine runs them
+    too). serve and batch-generate turn it on by default.
     prefill_chunk: prefill prompts longer than this many tokens in chunks (rounded down to a length bucket; 0 = off):
     a long prompt then stalls the running streams for one chunk's prefill at a time, not for all of it. serve
     turns it on (512) for the latency objective.
