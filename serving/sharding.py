@@ -67,11 +67,14 @@ def _extend_prefill(params, config, tokens, lengths, prefix, all_logits, kv: Nam
 
 
 def _extend_insert(cache, k, v, lengths, slots, prefix, decode: Any):
-    """`transformer.insert` with a prefix (rows prefix, then the new tokens) into the decode cache; the new cache is
-    pinned to the decode state's sharding `decode` (a KVCache of NamedShardings), so the scatter stays in its split."""
+    """`transformer.insert` with a prefix (rows prefix, then the new tokens) into the decode cache, the cache pinned
+    to the decode state's sharding `decode` (a KVCache of NamedShardings) on the way in and out: the scatter stays
+    in its split, and the prefill's head split cannot spread back into the cache the step reads (the engine compiles
+    it from an unplaced abstract state), which would reshard the whole cache every step and void its donation."""
     from meshserve.model.transformer import insert
 
     with jax.named_scope("extend_insert"):
+        cache = jax.tree_util.tree_map(jax.lax.with_sharding_constraint, cache, decode)
         new = insert(cache, k, v, lengths, slots, prefix=prefix)
         return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, new, decode)
 

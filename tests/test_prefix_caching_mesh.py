@@ -1,6 +1,6 @@
 """Prefix caching on an emulated 2x2x2 mesh: the sharded engine's extend steps (serving/sharding.py) reuse cached
 prompt prefixes and produce exactly the tokens model.generate produces on one device, with the KV cache kept in
-the decode layout's split (batch-sharded or, for this multi-query model, heads-sharded = replicated)."""
+the decode layout's split (batch- or heads-sharded)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from meshserve.serving.plan import EnginePlan, make_plan
 from meshserve.serving.scheduler import Request, Scheduler
 from meshserve.serving.sharding import mesh_steps
 
-CONFIG = get_config("tiny")
+# tiny with a key/value head per query head: heads-sharded attention then splits the cache's K over the mesh (one
+# multi-query head would leave it replicated), and the prefill's head split must not leak into a batch-split cache.
+CONFIG = get_config("tiny", n_kv_heads=8)
 MESH = {"x": 2, "y": 2, "z": 2}
 
 
@@ -61,7 +63,8 @@ def test_mesh_engine_with_reused_prefixes_equals_one_device_generate(attention):
     decode = next(s for s in plan.steps if s.phase == "decode")
     assert (decode.attention_layout, plan.prefix_caching) == (attention, True)
     kv = steps.decode_state_sharding.cache.k
-    assert (kv.spec[1] is not None) == (attention == "batch")  # batch: the cache's B split over the mesh
+    # batch: the cache's B split over the mesh; heads: its K split
+    assert (kv.spec[1] is not None, kv.spec[3] is not None) == (attention == "batch", attention == "heads")
     engine = Engine(placed, CONFIG, plan, steps)
     engine.warm_up(phases=("generate",))
     assert engine.compiled_steps() == plan.compile_count(("generate",))
