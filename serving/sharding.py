@@ -5,6 +5,10 @@ On one device the engine runs model/transformer.py's steps; on a mesh of n > 1 d
 because the KV cache lives in its split; each prefill (and score) bucket runs the layout the plan chose for it, as
 long as it reads the same weight storage, and `insert` reshards its KV output into the decode split (the phase
 switch). Decode runs only the full-batch bucket on a mesh: slicing a batch-sharded cache would reshard it.
+
+Extend steps (prefix caching: a prefill over a cached prefix) run model/transformer.py's plain prefill and insert,
+partitioned by XLA's SPMD partitioner (the mesh's axes are Auto) from the placed weights and the decode-split cache,
+with sharding constraints that keep the cache in the decode split; their collectives are XLA's, not written out.
 """
 
 from __future__ import annotations
