@@ -66,6 +66,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value < low:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if args.start_timeout <= 0:
+        raise FlagError(f"--start-timeout must be > 0 seconds, got {args.start_timeout}")
     if args.system_tokens is not None and args.system_tokens < 0:
         raise FlagError(f"--system-tokens must be >= 0, got {args.system_tokens}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -141,7 +143,13 @@ class Server:
         with open(self.log, "w") as out:
             # The caller's environment as is: a test's compilation cache directory reaches the server.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + args.start_timeout
+        try:
+            self._wait(mode, time.monotonic() + args.start_timeout)
+        except BaseException:  # Ctrl-C while it compiles, or it never listened: no server left behind
+            self.stop()
+            raise
+
+    def _wait(self, mode: str, deadline: float) -> None:
         while True:
             m = re.search(r"listening on ([\d.]+):(\d+)", self.log.read_text())
             if m:
@@ -230,7 +238,7 @@ def _run_mode(args: argparse.Namespace, server: Server, system: list, users: lis
         for _ in client.stream_call(warm, max_new_tokens=1):
             pass
     t0 = time.monotonic()
-    threads = [threading.Thread(target=guarded) for _ in range(args.concurrency)]
+    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(args.concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -310,6 +318,7 @@ def _plot(report: dict, path: str) -> None:
         ax.plot(
             range(len(s["ttft_p50_by_turn_ms"])), s["ttft_p50_by_turn_ms"], marker="o", label=f"prefix caching {mode}"
         )
+    ax.set_xticks(range(len(next(iter(report["modes"].values()))["ttft_p50_by_turn_ms"])))
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT p50 (ms, client)")
     ax.set_title(f"chat TTFT by turn, {report['model']} on {report['device']}")
@@ -320,7 +329,9 @@ def _plot(report: dict, path: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description="\n\n".join(doc[:2]), epilog="\n\n".join(doc[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--checkpoint", help="checkpoint to serve (default: the bundled demo model)")
     p.add_argument("--model", metavar="PRESET", help="a preset with random weights instead (e.g. tiny)")
     p.add_argument("--weights", choices=["f32", "bf16", "int8"], help="server weight dtype (default: the "
@@ -392,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         print(f"chat_prefix: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the servers were stopped on the way out (finally above)
+        bar.close()
+        print("chat_prefix: interrupted", file=sys.stderr)
+        return 130
     bar.close()
     if {"on", "off"} <= report["modes"].keys():
         on, off = report["modes"]["on"], report["modes"]["off"]
