@@ -92,7 +92,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TOKENS",
         help="prefill prompts longer than this in chunks (a prompt-length bucket), one per engine step with decode "
         "steps between, so a long prompt stalls the running streams for one chunk at a time (default: 512 for the "
-        "latency objective when the context is longer, else 0 = off; one device)",
+        "latency objective when the context is longer, else 0 = off)",
     )
     add_compile_cache_argument(parser)
 
@@ -156,13 +156,11 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     if n > len(jax.devices()):
         raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
     prefix_caching = True if args.prefix_caching is None else args.prefix_caching
-    if args.prefill_chunk and n > 1:
-        raise UserError(f"--prefill-chunk needs one device (--mesh 1); --mesh {args.mesh} has no extend step yet")
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
     chunk = args.prefill_chunk
     if chunk is None:
         context = args.max_context or model.config.max_seq_len
-        chunk = 512 if objective == "latency" and context > 512 and n == 1 else 0
+        chunk = 512 if objective == "latency" and context > 512 else 0
     plan = make_plan(
         model.config,
         objective=objective,

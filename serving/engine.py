@@ -189,9 +189,17 @@ class Engine:
     # ----- warm-up -----
 
     def _abstract_state(self) -> DecodeState:
+        """The decode state's shapes, with the decode layout's shardings on a mesh: every step that takes the state
+        is compiled for the state as `reset` places it, so its donated buffers are updated in place (left open,
+        XLA may choose another input split and copy the whole cache on every call)."""
         B, S = self.plan.max_batch, self.plan.max_context
         dtype = transformer.compute_dtype(self.params)
-        return jax.eval_shape(lambda: self._fresh_state(B, S, dtype))
+        shapes = jax.eval_shape(lambda: self._fresh_state(B, S, dtype))
+        if self.steps.decode_state_sharding is None:
+            return shapes
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.steps.decode_state_sharding
+        )
 
     def _fresh_state(self, B: int, S: int, dtype) -> DecodeState:
         sampling = {n: jnp.asarray(a) for n, a in _pad_sampling([], B).items()}
