@@ -51,6 +51,31 @@ class PrefixIndex:
     def __init__(self, max_batch: int, max_context: int) -> None:
         self.max_tokens = max_context - 1
         self._held: list[np.ndarray] = [np.zeros((0,), np.int64) for _ in range(max_batch)]
+        self._used = [-1] * max_batch  # when each slot's cache was last written or read as a prefix (-1 = never)
+        self._clock = 0
+
+    def touch(self, slot: int) -> None:
+        """Slot `slot`'s cache was just used (written, or read as a prefix): it is the last to be overwritten."""
+        self._clock += 1
+        self._used[slot] = self._clock
+
+    def place(self, wants: Sequence[tuple[int, int]], free: Sequence[int]) -> list[int]:
+        """One of the `free` slots (at least len(wants)) for each new request, given as (source slot, reused prefix
+        length): its own source slot when that is free (the prefix is extended in place), else an empty slot, else
+        the least recently used, sparing slots a request of this batch reads while others are left (ties: lowest).
+        So the histories other conversations may come back to are overwritten last."""
+        pool = list(free)
+        chosen: list[int | None] = [None] * len(wants)
+        for i, (source, start) in enumerate(wants):
+            if start and source in pool:
+                chosen[i] = source
+                pool.remove(source)
+        reading = {source for source, start in wants if start}
+        for i in range(len(wants)):
+            if chosen[i] is None:
+                chosen[i] = min(pool, key=lambda s: (s in reading, self._used[s], s))
+                pool.remove(chosen[i])
+        return chosen
 
     def held(self, slot: int) -> np.ndarray:
         """The token ids whose keys and values slot `slot` holds at positions [0, n)."""
@@ -59,10 +84,12 @@ class PrefixIndex:
     def record(self, slot: int, tokens: Sequence[int]) -> None:
         """Slot `slot` now holds these tokens' keys and values (cut to S - 1)."""
         self._held[slot] = np.asarray(tokens[: self.max_tokens], np.int64)
+        self.touch(slot)
 
     def clear(self) -> None:
         for slot in range(len(self._held)):
             self._held[slot] = np.zeros((0,), np.int64)
+            self._used[slot] = -1
 
     def longest(self, prompt: Sequence[int]) -> tuple[int, int]:
         """(slot, n): the slot holding the longest prefix of `prompt` and its length, at most len(prompt) - 1 (the

@@ -259,12 +259,16 @@ class Scheduler:
             queued += 1
         if not work:
             return None
-        for r, s in zip([self.queue.popleft() for _ in range(queued)], free, strict=False):
+        newcomers = work[len(work) - queued :]
+        slots = self._free_slots_for([(source, start) for _, source, start, _ in newcomers], free)
+        for (r, source, start, _), s in zip(newcomers, slots, strict=True):
+            self.queue.popleft()  # r: the newcomers are the queue's head, in order
             r.slot, r.prefill_start = s, now
+            r.cached_tokens = start  # from the prefix cache (a chunk continuation's start is its own work)
             self.slots[s] = r
             self._held.add(s)
-        for r, _, start, _ in work[len(work) - queued :]:
-            r.cached_tokens = start  # from the prefix cache (a chunk continuation's start is its own work)
+            if start:
+                self.prefix_index.touch(source)
         reuse = None
         if any(start for _, _, start, _ in work):
             reuse = PrefixReuse(
@@ -275,6 +279,17 @@ class Scheduler:
         requests = tuple(r for r, _, _, _ in work)
         return PrefillBatch(requests, tuple(r.slot for r in requests), self._batch_bucket(len(work)), length, reuse,
                             tuple(end for _, _, _, end in work))  # fmt: skip
+
+    def _free_slots_for(self, wants: list[tuple[int, int]], free: list[int]) -> list[int]:
+        """A free slot for each new request, given as (source slot, reused prefix length): the lowest free slots
+        (live requests stay at the front: a small decode bucket); with prefix caching, the index's choice among the
+        free slots below the decode bucket these requests need anyway."""
+        if self.prefix_index is None:
+            return free[: len(wants)]
+        occupied = [i for i, r in enumerate(self.slots) if r is not None]
+        need, above = len(occupied) + len(wants), occupied[-1] if occupied else -1
+        bound = next((b for b in self.decode_batches if b >= need and b > above), self.max_batch)
+        return self.prefix_index.place(wants, [s for s in free if s < bound])  # every occupied slot is below bound
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
         """(slot, n): the longest cached prefix of `prompt` worth reusing, n = 0 when none is. Worth it means fewer

@@ -245,3 +245,36 @@ def test_an_extend_batch_never_needs_the_largest_length_bucket():
     assert first.requests == (whole,) and first.reuse is None and first.length == 128
     second = s.next_prefill(0.0)
     assert second.requests == (reuse,) and second.reuse.lengths == (40,) and second.length == 16
+
+
+def test_new_requests_overwrite_least_recently_used_slots_within_the_decode_bucket():
+    s = _scheduler()
+    chats = [Request([100 + c] * 20 + [c], 1) for c in range(3)]  # three conversations, one token each
+    live = Request([50] * 20, 50)  # keeps slot 3 busy: the decode bucket is 4 throughout
+    for r in (*chats, live):
+        s.submit(r)
+    batch = s.next_prefill(0.0)
+    assert batch.slots == (0, 1, 2, 3)
+    s.record_prefill(batch, [5] * 4, [0.0] * 4, 0.0)  # the chats finish: slots 0-2 keep their histories
+    # An unrelated prompt overwrites the least recently used history (conversation 0).
+    s.submit(Request([7] * 20, 1))
+    s.record_prefill(b := s.next_prefill(1.0), [5], [0.0], 1.0)
+    assert b.slots == (0,)
+    # Conversation 1 comes back: it reuses its slot in place, which makes that slot the most recent.
+    s.submit(Request(chats[1].prompt + [9] * 50, 1))  # 71 tokens: bucket 128, the rest 64
+    b = s.next_prefill(2.0)
+    assert b.slots == (1,) and b.reuse.sources == (1,) and b.reuse.lengths == (21,)
+    s.record_prefill(b, [5], [0.0], 2.0)
+    # Two more unrelated prompts: conversation 2's old history goes first, then slot 0; conversation 1's stays.
+    for p in ([8] * 20, [6] * 20):
+        s.submit(Request(p, 1))
+    assert s.next_prefill(3.0).slots == (2, 0)
+
+
+def test_with_nothing_live_a_new_request_takes_slot_0_to_keep_decode_at_batch_1():
+    s = _scheduler()
+    for c in range(2):
+        s.submit(Request([100 + c] * 20, 1))
+    s.record_prefill(s.next_prefill(0.0), [5, 5], [0.0] * 2, 0.0)
+    s.submit(Request([7] * 20, 4))
+    assert s.next_prefill(1.0).slots == (0,)  # not the empty slot 2: a decode bucket of 1 costs least
