@@ -96,8 +96,9 @@ def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_pa
     if args.json:
         print(json.dumps(report))
     where = f" (see {errors_path})" if summary.errors else ""
+    cached = f", {summary.cached_prompt_tokens} prompt tokens from the prefix cache" if kind == "batch-generate" else ""
     print(f"meshserve {kind}: {summary.done} written, {summary.skipped} already done, {summary.errors} bad lines"
-          f"{where}, {report['tokens_per_s']} tokens/s", file=sys.stderr)  # fmt: skip
+          f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:

@@ -272,7 +272,8 @@ class Engine:
         self.reset()
 
     def reset(self) -> None:
-        """A fresh decode state (all slots empty)."""
+        """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
+        engine with a new Scheduler after a reset."""
         self._state = self._fresh_state(
             self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
         )

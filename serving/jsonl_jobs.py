@@ -75,6 +75,7 @@ class JobSummary:
     skipped: int = 0  # ids already in OUT
     errors: int = 0  # bad lines reported
     tokens: int = 0  # tokens scored or generated this run
+    cached_prompt_tokens: int = 0  # batch-generate: prompt tokens the prefix cache supplied (not prefilled again)
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -168,6 +168,7 @@ def run_generate(
                 row["top_logprobs"] = alternatives_json(alternatives_with_text(model.tokenizer, r.top_logprobs))
             writer.result(row)
             writer.summary.tokens += len(r.tokens)
+            writer.summary.cached_prompt_tokens += r.cached_tokens
             if progress is not None:
                 progress.update(r.max_new_tokens)  # the total counts max_new_tokens: an early stop fills its share
     finally:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PrefixReuse", "PrefixIndex", "ExtendSteps"]
+__all__ = ["PrefixReuse", "PrefixIndex", "ExtendSteps", "shared_prefix", "wait_for"]
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two id arrays have in common."""
+    n = min(len(a), len(b))
+    differs = np.flatnonzero(a[:n] != b[:n])
+    return int(differs[0]) if len(differs) else n
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,16 @@ class PrefixReuse:
     sources: tuple[int, ...]
     lengths: tuple[int, ...]
     context: int
+
+
+def wait_for(prompt: Sequence[int], cached: int, batch: Sequence[Sequence[int]], cost: Callable[[int], int]) -> bool:
+    """Whether `prompt` (with `cached` tokens in the cache) shares more with a prompt a prefill step is about to
+    compute (`batch`, each cut to what the step covers) than the cache holds, enough that it would compute less
+    (cost: bucketed tokens to prefill n prompt tokens) by waiting a step and reusing that prompt. So a burst of
+    requests with one system prompt or few-shot prefix prefills it once, not once per request of the first batch."""
+    want = np.asarray(prompt[:-1], np.int64)
+    shared = max((shared_prefix(np.asarray(p, np.int64), want) for p in batch), default=0)
+    return shared > cached and cost(len(prompt) - shared) < cost(len(prompt) - cached)
 
 
 class PrefixIndex:
@@ -91,6 +108,12 @@ class PrefixIndex:
             self._held[slot] = np.zeros((0,), np.int64)
             self._used[slot] = -1
 
+    def reusable(self, prompt: Sequence[int], cost: Callable[[int], int]) -> tuple[int, int]:
+        """`longest`, when reusing it is worth it: fewer bucketed tokens to prefill (cost of n prompt tokens; within
+        one length bucket a whole prefill costs the same); else (0, 0)."""
+        slot, n = self.longest(prompt)
+        return (slot, n) if n and cost(len(prompt) - n) < cost(len(prompt)) else (0, 0)
+
     def longest(self, prompt: Sequence[int]) -> tuple[int, int]:
         """(slot, n): the slot holding the longest prefix of `prompt` and its length, at most len(prompt) - 1 (the
         last prompt token is always computed: its logits give the first new token); (0, 0) when none matches.
@@ -98,11 +121,6 @@ class PrefixIndex:
         want = np.asarray(prompt, np.int64)[: len(prompt) - 1]
         best_slot, best = 0, 0
         for slot, held in enumerate(self._held):
-            n = min(len(held), len(want))
-            if n <= best:
-                continue
-            differs = np.flatnonzero(held[:n] != want[:n])
-            shared = int(differs[0]) if len(differs) else n
-            if shared > best:
+            if min(len(held), len(want)) > best and (shared := shared_prefix(held, want)) > best:
                 best_slot, best = slot, shared
         return best_slot, best

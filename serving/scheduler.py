@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from meshserve.errors import UserError
 from meshserve.model.sampling import SamplingParams
-from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex, PrefixReuse
+from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex, PrefixReuse, wait_for
 
 __all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS", "Alternatives"]
 
@@ -252,9 +252,14 @@ class Scheduler:
         for r in partial[:cap]:
             if not add(r, r.slot, r.prefilled):
                 break
-        queued = 0
+        queued, cost = 0, self._prefill_cost
         for r in self.queue:
-            if len(work) == cap or queued == len(free) or not add(r, *self._cached_prefix(r.prompt)):
+            if len(work) == cap or queued == len(free):
+                break
+            source, start = (0, 0) if self.prefix_index is None else self.prefix_index.reusable(r.prompt, cost)
+            if self.prefix_index is not None and wait_for(r.prompt, start, [w[0].prompt[: w[3]] for w in work], cost):
+                break  # it shares more with a prompt of this step than the cache holds: next step reuses that
+            if not add(r, source, start):
                 break
             queued += 1
         if not work:
@@ -290,16 +295,6 @@ class Scheduler:
         need, above = len(occupied) + len(wants), occupied[-1] if occupied else -1
         bound = next((b for b in self.decode_batches if b >= need and b > above), self.max_batch)
         return self.prefix_index.place(wants, [s for s in free if s < bound])  # every occupied slot is below bound
-
-    def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(slot, n): the longest cached prefix of `prompt` worth reusing, n = 0 when none is. Worth it means fewer
-        bucketed tokens to prefill: within one length bucket a whole prefill costs the same."""
-        if self.prefix_index is None:
-            return 0, 0
-        slot, n = self.prefix_index.longest(prompt)
-        if n == 0 or self._prefill_cost(len(prompt) - n) >= self._prefill_cost(len(prompt)):
-            return 0, 0
-        return slot, n
 
     def _prefill_cost(self, n: int) -> int:
         """Bucketed tokens computed to prefill n prompt tokens (whole chunks, then the rest's bucket)."""

@@ -278,3 +278,43 @@ def test_with_nothing_live_a_new_request_takes_slot_0_to_keep_decode_at_batch_1(
     s.record_prefill(s.next_prefill(0.0), [5, 5], [0.0] * 2, 0.0)
     s.submit(Request([7] * 20, 4))
     assert s.next_prefill(1.0).slots == (0,)  # not the empty slot 2: a decode bucket of 1 costs least
+
+
+def test_batch_generate_reuses_a_shared_few_shot_prefix(tmp_path):
+    import json
+
+    from meshserve.model.loading import load_model
+    from meshserve.serving.offline import run_generate
+
+    model = load_model(preset="tiny", weights="f32")
+    plan = make_plan(model.config, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
+                     weights="f32", prefix_caching=True)  # fmt: skip
+    engine = Engine(model.params, model.config, plan)
+    engine.warm_up(phases=("generate",))
+    shots = "Q: 2+2? A: 4. Q: 3+3? A: 6. Q: 5+1? A: 6. Q: 7+2? A: 9. "  # one few-shot prefix for every line
+    lines = [{"id": i, "prompt": shots + f"Q: {i}+{i}? A:", "max_new_tokens": 4} for i in range(6)]
+    src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = run_generate(model, engine, src, out, errors)
+    assert summary.done == 6 and summary.errors == 0
+    # The first prompt prefills whole; the rest reuse at least the few-shot prefix from a slot that holds it.
+    assert summary.cached_prompt_tokens >= 5 * len(model.encode_prompt(shots))
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for x in lines:
+        ref = generate(model.params, model.config, [model.encode_prompt(x["prompt"])], max_new_tokens=4)[0]
+        assert rows[x["id"]]["tokens"] == list(ref.tokens)
+
+
+def test_a_burst_sharing_a_prefix_prefills_it_once():
+    s = _scheduler()
+    system = list(range(1, 61))
+    burst = [Request(system + [70 + i], 2) for i in range(3)]  # 61 tokens each: bucket 64; nothing cached yet
+    unrelated = Request([200] * 10, 2)
+    for r in (*burst, unrelated):
+        s.submit(r)
+    first = s.next_prefill(0.0)
+    assert first.requests == (burst[0],)  # the others would compute 64 tokens each now, 16 next step
+    s.record_prefill(first, [5], [0.0], 0.0)
+    second = s.next_prefill(1.0)
+    assert second.requests == (burst[1], burst[2], unrelated)
+    assert second.reuse.lengths == (60, 60, 0) and second.reuse.sources == (0, 0, 3) and second.length == 16
