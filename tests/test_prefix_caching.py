@@ -287,8 +287,9 @@ def test_batch_generate_reuses_a_shared_few_shot_prefix(tmp_path):
     from meshserve.serving.offline import run_generate
 
     model = load_model(preset="tiny", weights="f32")
+    # The engine test's plan: its compiled steps are in the compile cache already.
     plan = make_plan(model.config, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
-                     weights="f32", prefix_caching=True)  # fmt: skip
+                     decode_buckets=(4,), weights="f32", prefix_caching=True)  # fmt: skip
     engine = Engine(model.params, model.config, plan)
     engine.warm_up(phases=("generate",))
     shots = "Q: 2+2? A: 4. Q: 3+3? A: 6. Q: 5+1? A: 6. Q: 7+2? A: 9. "  # one few-shot prefix for every line
