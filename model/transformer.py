@@ -1,7 +1,8 @@
 """The decoder's two steps over a preallocated KV cache: prefill (a batch of prompts) and decode (one token).
 
-Prompts are right-padded to a common length T with per-row `lengths`; positions are 0..len-1 per row,
-and keys at or beyond a row's length are masked, so padding never changes a result.
+Prompts are right-padded to a common length T with per-row `lengths`; positions are 0..len-1 per row (from the
+prefix length on, when prefill continues a cached `Prefix`), and keys at or beyond a row's length are masked, so
+padding never changes a result.
 KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim) and lengths [B].
 """
 
@@ -115,7 +116,7 @@ def prefill(
 
     prefix: the rows' earlier tokens, already in a cache (prefix caching, or the previous chunk of a long prompt):
     `tokens` then continue each row at position prefix.lengths[b] and attend over the prefix too; k, v are still
-    only the new tokens' (insert them at `offsets=prefix.lengths`).
+    only the new tokens' (`insert(..., prefix=prefix)` writes both).
     """
     B, T = tokens.shape
     start = jnp.zeros((B,), jnp.int32) if prefix is None else prefix.lengths

@@ -13,7 +13,7 @@ scheduler fills the lowest free slot first, so active requests sit at the front.
 
 An extend step (with prefix caching or chunked prefill) prefills prompts that continue a prefix already in the
 cache: it gathers the prefix rows [0, C) of a source slot, runs the rest of the prompt over them, and writes prefix
-and rest into the request's slot, all in one compiled call per (batch, length, context) bucket (serving/prefix_cache.py).
+and rest into the request's slot, in one compiled call per (batch, length, context) bucket (serving/prefix_cache.py).
 
 The step functions come in as `ModelSteps` (default: model/transformer.py on one device); a sharded build
 passes its own steps and shardings with the plan that chose them. Axis alphabet: model/config.py.
@@ -118,7 +118,7 @@ class Engine:
     def _extend_fn(self, params, state: DecodeState, tokens, lengths, prefix_tokens, cached, sources, slots, sampling):
         """Prefill the rest of prompts whose first cached [b] tokens (prefix_tokens [b, C], right-padded) already sit
         in cache rows sources [b], and insert them into slots [b] (prefix included): tokens [b, T] are the rest,
-        lengths [b] their counts. -> new state, and the outputs of `_prefill_fn`."""
+        lengths [b] their counts. -> new state, (first tokens [b], log-probs [b], top ids and log-probs [b, K])."""
         C = prefix_tokens.shape[1]
         c = state.cache
         prefix = transformer.Prefix(c.k[:, sources, :C], c.v[:, sources, :C], cached)  # [N, b, C, K, Q]
@@ -220,8 +220,9 @@ class Engine:
     def warm_up(
         self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
     ) -> None:
-        """Compile every step of the plan for `phases` (generate = prefill, insert and decode; score) and allocate
-        the decode state. A step missing here raises KeyError when called, never compiles on the request path."""
+        """Compile every step of the plan for `phases` (generate = prefill, insert, extend and decode; score) and
+        allocate the decode state. A step missing here raises KeyError when called, never compiles on the request
+        path."""
         plan = self.plan
         i32 = jax.ShapeDtypeStruct
         state = self._abstract_state()

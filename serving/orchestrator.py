@@ -5,8 +5,9 @@ owns the thread, a lock around the scheduler, the per-request detokenizers and t
 
 Loop (one iteration): reap cancelled/expired requests -> score one chunk of the running Score job (one compiled
 bucket call; a Score of many items spreads over many iterations, so streams keep decoding) -> prefill + insert queued
-requests into free slots (or the next chunk of a long prompt; reusing cached prefixes) -> dispatch decode step n+1 -> read step n's tokens (the one device->host copy) and
-deliver them. Dispatching before reading keeps the device busy while the host detokenizes and streams.
+requests into free slots (or the next chunk of a long prompt; reusing cached prefixes) -> dispatch decode step n+1
+-> read step n's tokens (the one device->host copy) and deliver them. Dispatching before reading keeps the device
+busy while the host detokenizes and streams.
 When the engine refuses a prefill batch (a prompt it cannot take), only the bad requests fail; the rest go back to
 the front of the queue and are prefilled in the next iteration.
 """

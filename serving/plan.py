@@ -248,6 +248,8 @@ def make_plan(
         if min(context_buckets) < 1 or max(context_buckets) > max_context:
             raise PlanError(f"context buckets must be in [1, max_context={max_context}], got {list(context_buckets)}")
         contexts = tuple(sorted({*context_buckets, max_context}))
+    # One length bucket: the rest of a prompt never falls in a smaller one, so there is nothing to reuse.
+    prefix_caching = prefix_caching and len(lengths) > 1
     if prefill_chunk:
         if not 1 <= prefill_chunk < max_context:
             raise PlanError(f"prefill chunk must be in [1, max_context={max_context}), got {prefill_chunk} (0 = off)")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PrefixReuse", "PrefixIndex", "ExtendSteps", "shared_prefix", "wait_for"]
+__all__ = ["PrefixReuse", "PrefixIndex", "ExtendSteps", "wait_for"]
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -102,11 +102,6 @@ class PrefixIndex:
         """Slot `slot` now holds these tokens' keys and values (cut to S - 1)."""
         self._held[slot] = np.asarray(tokens[: self.max_tokens], np.int64)
         self.touch(slot)
-
-    def clear(self) -> None:
-        for slot in range(len(self._held)):
-            self._held[slot] = np.zeros((0,), np.int64)
-            self._used[slot] = -1
 
     def reusable(self, prompt: Sequence[int], cost: Callable[[int], int]) -> tuple[int, int]:
         """`longest`, when reusing it is worth it: fewer bucketed tokens to prefill (cost of n prompt tokens; within

@@ -157,7 +157,7 @@ class Scheduler:
     @classmethod
     def for_plan(cls, plan, max_queue: int) -> Scheduler:
         """A scheduler over an EnginePlan's buckets, with prefix caching and chunked prefill as the plan has them."""
-        index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching else None
+        index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching and plan.extend_lengths else None
         extend = None
         if plan.extend_lengths:
             extend = ExtendSteps(max(plan.extend_lengths), plan.context_bucket, plan.prefill_chunk)
@@ -258,16 +258,18 @@ class Scheduler:
                 break
             source, start = (0, 0) if self.prefix_index is None else self.prefix_index.reusable(r.prompt, cost)
             if self.prefix_index is not None and wait_for(r.prompt, start, [w[0].prompt[: w[3]] for w in work], cost):
-                break  # it shares more with a prompt of this step than the cache holds: next step reuses that
+                continue  # it shares more with a prompt of this step than the cache holds: a later step reuses that
             if not add(r, source, start):
                 break
             queued += 1
         if not work:
             return None
         newcomers = work[len(work) - queued :]
+        if newcomers:  # the queue's head in order, but for requests left waiting to reuse a batch-mate's prompt
+            admitted = {id(r) for r, _, _, _ in newcomers}
+            self.queue = deque(r for r in self.queue if id(r) not in admitted)
         slots = self._free_slots_for([(source, start) for _, source, start, _ in newcomers], free)
         for (r, source, start, _), s in zip(newcomers, slots, strict=True):
-            self.queue.popleft()  # r: the newcomers are the queue's head, in order
             r.slot, r.prefill_start = s, now
             r.cached_tokens = start  # from the prefix cache (a chunk continuation's start is its own work)
             self.slots[s] = r

@@ -6,13 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from meshserve.model.sampling import SamplingParams
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.scheduler import Request, Scheduler
 
-__all__ = ["Received", "serve_requests"]
+__all__ = ["Received", "serve_requests", "wait_finished", "run_prefix_scenario", "assert_equal_to_generate"]
 
 
 @dataclass
@@ -51,3 +52,44 @@ def serve_requests(
         orch.stop()
     assert orch.error is None
     return got
+
+
+def wait_finished(requests: list[Request], timeout: float = 60.0) -> None:
+    """Wait until every request is finished (a request's fields are updated by the engine thread)."""
+    deadline = time.monotonic() + timeout
+    while not all(r.finished for r in requests):
+        assert time.monotonic() < deadline, "requests did not finish"
+        time.sleep(0.01)
+
+
+def run_prefix_scenario(orch: Orchestrator, vocab_size: int) -> list[Request]:
+    """The prefix-caching scenario, through a started Orchestrator whose plan has prefix caching: a first turn; then
+    its follow-up (the whole conversation) and a request sharing only its 40-token system prompt, submitted together
+    (one extend batch that reads slot 0 while overwriting it); then a prompt with nothing cached batched with one
+    that reuses (a row without a prefix extends from position 0). Asserts what each reused; returns the requests."""
+    rng = np.random.default_rng(3)
+    system = [int(t) for t in rng.integers(1, vocab_size, 40)]
+    greedy, penalised = SamplingParams(), SamplingParams(repetition_penalty=1.5, presence_penalty=0.5)
+    run = lambda prompt, n, sampling: orch.submit(Request(list(prompt), n, sampling=sampling)).request  # noqa: E731
+    turn1 = run(system + [3, 4, 5, 6, 7], 8, greedy)
+    wait_finished([turn1])
+    turn2 = run(turn1.prompt + turn1.tokens + [9, 10, 11], 6, penalised)
+    other = run(system + [20, 21], 6, SamplingParams(0.8, top_k=30, seed=11))
+    wait_finished([turn2, other])
+    fresh = run([int(t) for t in rng.integers(1, vocab_size, 30)], 5, greedy)
+    again = run(system + [20, 21, 22, 23], 5, penalised)
+    wait_finished([fresh, again])
+    assert turn1.cached_tokens == 0 and fresh.cached_tokens == 0
+    assert turn2.cached_tokens == len(turn1.prompt) + len(turn1.tokens) - 1
+    assert other.cached_tokens == 40 and again.cached_tokens >= 42
+    return [turn1, turn2, other, fresh, again]
+
+
+def assert_equal_to_generate(params, config, requests: list[Request]) -> None:
+    """Each request got the tokens (and log-probs) `model.generate` gives its prompt alone on one device."""
+    from meshserve.model.generate import generate
+
+    for r in requests:
+        ref = generate(params, config, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
+        assert r.tokens == list(ref.tokens), (r.cached_tokens, r.prompt)
+        np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import assert_equal_to_generate, run_prefix_scenario, wait_finished
 from meshserve.model.config import get_config
 from meshserve.model.generate import generate
 from meshserve.model.params import init_params
@@ -47,8 +48,6 @@ def test_index_finds_the_longest_shared_prefix_and_leaves_the_last_token():
     assert index.longest([1, 2, 7]) == (0, 2)  # a tie goes to the lowest slot
     assert index.longest([5, 6]) == (0, 0)
     assert index.longest(list(range(40))) == (2, 15)
-    index.clear()
-    assert index.longest([1, 2, 3, 4, 5]) == (0, 0)
 
 
 def test_scheduler_reuses_a_prefix_only_when_the_rest_needs_a_smaller_bucket():
@@ -115,13 +114,6 @@ def _run(orch: Orchestrator, prompt: list[int], n: int, sampling: SamplingParams
     return orch.submit(Request(list(prompt), n, sampling=sampling)).request
 
 
-def _wait(requests: list[Request], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(r.finished for r in requests):
-        assert time.monotonic() < deadline, "requests did not finish"
-        time.sleep(0.01)
-
-
 def test_engine_with_reused_prefixes_equals_whole_prefills():
     params = init_params(CONFIG, jax.random.key(7), jnp.float32)
     plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
@@ -130,34 +122,13 @@ def test_engine_with_reused_prefixes_equals_whole_prefills():
     engine.warm_up(phases=("generate",))
     assert engine.compiled_steps() == plan.compile_count(("generate",))
     orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
-    rng = np.random.default_rng(3)
-    system = [int(t) for t in rng.integers(1, CONFIG.vocab_size, 40)]
-    greedy, penalised = SamplingParams(), SamplingParams(repetition_penalty=1.5, presence_penalty=0.5)
-    sampled = SamplingParams(0.8, top_k=30, seed=11)
     try:
-        turn1 = _run(orch, system + [3, 4, 5, 6, 7], 8, greedy)
-        _wait([turn1])
-        # Submitted together: one extend batch. turn2 reuses turn 1's whole slot (prompt and answer); `other` shares
-        # the system prompt and reads it from slot 0 in the same step that overwrites slot 0 with turn2.
-        turn2 = _run(orch, turn1.prompt + turn1.tokens + [9, 10, 11], 8, penalised)
-        other = _run(orch, system + [20, 21], 6, sampled)
-        _wait([turn2, other])
-        # A prompt with nothing cached, batched with one that reuses: rows without a prefix extend from position 0.
-        fresh = _run(orch, [int(t) for t in rng.integers(1, CONFIG.vocab_size, 30)], 5, greedy)
-        again = _run(orch, system + [20, 21, 22, 23], 5, penalised)
-        _wait([fresh, again])
+        requests = run_prefix_scenario(orch, CONFIG.vocab_size)
     finally:
         orch.stop()
     assert orch.error is None
-    assert turn1.cached_tokens == 0 and fresh.cached_tokens == 0
-    assert turn2.cached_tokens == len(turn1.prompt) + len(turn1.tokens) - 1
-    assert other.cached_tokens == 40 and again.cached_tokens >= 42
-    for r in (turn1, turn2, other, fresh, again):
-        ref = generate(params, CONFIG, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
-        assert r.tokens == list(ref.tokens), (r.cached_tokens, r.prompt)
-        np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
-    hits = orch.metrics.prefix_hits._value.get()
-    assert hits == sum(r.cached_tokens for r in (turn2, other, again))
+    assert_equal_to_generate(params, CONFIG, requests)
+    assert orch.metrics.prefix_hits._value.get() == sum(r.cached_tokens for r in requests)
 
 
 def test_scheduler_prefills_a_long_prompt_in_chunks_between_decode_steps():
@@ -204,7 +175,7 @@ def test_a_cancelled_chunked_prompt_frees_its_slot():
 def test_engine_chunked_prefill_equals_a_whole_prefill():
     params = init_params(CONFIG, jax.random.key(8), jnp.float32)
     plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
-                     decode_buckets=(4,), weights="f32", prefill_chunk=16)  # fmt: skip
+                     decode_buckets=(4,), weights="f32", prefill_chunk=16, prefix_caching=True)  # fmt: skip
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
     calls = []
@@ -219,19 +190,23 @@ def test_engine_chunked_prefill_equals_a_whole_prefill():
         short = _run(orch, [5, 6, 7], 30, SamplingParams())
         while not short.tokens:
             time.sleep(0.005)
-        long = _run(orch, [int(t) for t in rng.integers(1, CONFIG.vocab_size, 70)], 6,
-                    SamplingParams(repetition_penalty=1.3, temperature=0.5, seed=4))  # fmt: skip
-        _wait([short, long])
+        text = [int(t) for t in rng.integers(1, CONFIG.vocab_size, 70)]
+        long = _run(orch, text, 6, SamplingParams(repetition_penalty=1.3, temperature=0.5, seed=4))
+        wait_finished([short, long])
+        # The same document again with another question: its first 70 tokens come from the chunked request's slot.
+        again = _run(orch, text + [9, 9, 9], 4, SamplingParams())
+        wait_finished([again])
     finally:
         orch.stop()
     assert orch.error is None
-    for r in (short, long):
+    assert long.cached_tokens == 0 and again.cached_tokens >= 70
+    for r in (short, long, again):
         ref = generate(params, CONFIG, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
         assert r.tokens == list(ref.tokens)
         np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
     chunks = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[1] > 3]
-    assert [calls[i][1] for i in chunks] == [16, 32, 48, 64, 70]  # each chunk's prompt end
-    assert all(("decode",) in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))  # decode between them
+    assert [calls[i][1] for i in chunks] == [16, 32, 48, 64, 70, 73]  # each chunk's prompt end; then `again`
+    assert all(("decode",) in calls[a:b] for a, b in zip(chunks, chunks[1:5], strict=False))  # decode between
 
 
 def test_an_extend_batch_never_needs_the_largest_length_bucket():
@@ -245,6 +220,18 @@ def test_an_extend_batch_never_needs_the_largest_length_bucket():
     assert first.requests == (whole,) and first.reuse is None and first.length == 128
     second = s.next_prefill(0.0)
     assert second.requests == (reuse,) and second.reuse.lengths == (40,) and second.length == 16
+    # The other order: a batch that reuses does not take a whole prompt of the largest bucket either.
+    s = _scheduler()
+    s.prefix_index.record(3, list(range(1, 41)))
+    s.submit(reuse := Request(list(range(1, 41)) + [7, 8], 2))
+    s.submit(whole := Request([200 + i % 50 for i in range(100)], 2))
+    assert s.next_prefill(0.0).requests == (reuse,) and s.next_prefill(0.0).requests == (whole,)
+
+
+def test_one_length_bucket_turns_prefix_caching_off():
+    plan = make_plan(CONFIG, max_batch=2, max_context=16, prefix_caching=True)  # the one bucket is 16
+    assert plan.prefill_lengths == (16,) and not plan.prefix_caching and plan.extend_lengths == ()
+    assert Scheduler.for_plan(plan, 4).prefix_index is None
 
 
 def test_new_requests_overwrite_least_recently_used_slots_within_the_decode_bucket():
@@ -314,8 +301,9 @@ def test_a_burst_sharing_a_prefix_prefills_it_once():
     for r in (*burst, unrelated):
         s.submit(r)
     first = s.next_prefill(0.0)
-    assert first.requests == (burst[0],)  # the others would compute 64 tokens each now, 16 next step
-    s.record_prefill(first, [5], [0.0], 0.0)
+    # The others would compute 64 tokens each now, 16 next step; the unrelated one need not wait behind them.
+    assert first.requests == (burst[0], unrelated) and list(s.queue) == burst[1:]
+    s.record_prefill(first, [5, 5], [0.0] * 2, 0.0)
     second = s.next_prefill(1.0)
-    assert second.requests == (burst[1], burst[2], unrelated)
-    assert second.reuse.lengths == (60, 60, 0) and second.reuse.sources == (0, 0, 3) and second.length == 16
+    assert second.requests == (burst[1], burst[2])
+    assert second.reuse.lengths == (60, 60) and second.reuse.sources == (0, 0) and second.length == 16

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import assert_equal_to_generate, run_prefix_scenario
 from meshserve.model.config import get_config
-from meshserve.model.generate import generate
 from meshserve.model.params import init_params
-from meshserve.model.sampling import SamplingParams
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import EnginePlan, make_plan
-from meshserve.serving.scheduler import Request, Scheduler
+from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.sharding import mesh_steps
 
 # tiny with a key/value head per query head: heads-sharded attention then splits the cache's K over the mesh (one
@@ -36,13 +34,6 @@ def _plan(attention: str) -> EnginePlan:
                      mesh_axes=MESH, prefix_caching=True)  # fmt: skip
     steps = tuple(dataclasses.replace(s, attention_layout=attention) if s.phase == "decode" else s for s in plan.steps)
     return dataclasses.replace(plan, steps=steps)
-
-
-def _wait(requests: list[Request], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(r.finished for r in requests):
-        assert time.monotonic() < deadline, "requests did not finish"
-        time.sleep(0.01)
 
 
 def _collectives(hlo: str) -> list[tuple[str, int]]:
@@ -81,32 +72,11 @@ def test_mesh_engine_with_reused_prefixes_equals_one_device_generate(attention):
         assert all(n < cache_elements for n in gathered), (key, gathered)
 
     orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
-    rng = np.random.default_rng(3)
-    system = [int(t) for t in rng.integers(1, CONFIG.vocab_size, 40)]
-    greedy, penalised = SamplingParams(), SamplingParams(repetition_penalty=1.5, presence_penalty=0.5)
-    sampled = SamplingParams(0.8, top_k=30, seed=11)
-    run = lambda prompt, n, sampling: orch.submit(Request(list(prompt), n, sampling=sampling)).request  # noqa: E731
     try:
-        turn1 = run(system + [3, 4, 5, 6, 7], 8, greedy)
-        _wait([turn1])
-        # One extend batch: turn2 reuses turn 1's whole slot (prompt and answer); `other` reads the system prompt
-        # from that slot in the same step that overwrites it with turn2.
-        turn2 = run(turn1.prompt + turn1.tokens + [9, 10, 11], 6, penalised)
-        other = run(system + [20, 21], 6, sampled)
-        _wait([turn2, other])
-        # Nothing cached for `fresh`, batched with one that reuses: a row without a prefix extends from position 0.
-        fresh = run([int(t) for t in rng.integers(1, CONFIG.vocab_size, 30)], 5, greedy)
-        again = run(system + [20, 21, 22, 23], 5, penalised)
-        _wait([fresh, again])
+        requests = run_prefix_scenario(orch, CONFIG.vocab_size)
     finally:
         orch.stop()
     assert orch.error is None
-    assert turn1.cached_tokens == 0 and fresh.cached_tokens == 0
-    assert turn2.cached_tokens == len(turn1.prompt) + len(turn1.tokens) - 1
-    assert other.cached_tokens == 40 and again.cached_tokens >= 42
     state = engine._state.cache
     assert state.k.sharding.is_equivalent_to(kv, 5) and state.v.sharding.is_equivalent_to(kv, 5)
-    for r in (turn1, turn2, other, fresh, again):
-        ref = generate(params, CONFIG, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
-        assert r.tokens == list(ref.tokens), (r.cached_tokens, r.prompt)
-        np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+    assert_equal_to_generate(params, CONFIG, requests)
