@@ -62,11 +62,22 @@ def wait_finished(requests: list[Request], timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def run_prefix_scenario(orch: Orchestrator, vocab_size: int) -> list[Request]:
-    """The prefix-caching scenario, through a started Orchestrator whose plan has prefix caching: a first turn; then
-    its follow-up (the whole conversation) and a request sharing only its 40-token system prompt, submitted together
-    (one extend batch that reads slot 0 while overwriting it); then a prompt with nothing cached batched with one
-    that reuses (a row without a prefix extends from position 0). Asserts what each reused; returns the requests."""
+def run_prefix_scenario(engine: Engine) -> tuple[list[Request], Orchestrator]:
+    """The prefix-caching scenario, through an Orchestrator over `engine` (warmed up, its plan with prefix caching):
+    a first turn; then its follow-up (the whole conversation) and a request sharing only its 40-token system prompt,
+    submitted together (one extend batch that reads slot 0 while overwriting it); then a prompt with nothing cached
+    batched with one that reuses (a row without a prefix extends from position 0). Asserts what each reused and that
+    the engine thread ended cleanly; returns the requests and the (stopped) orchestrator."""
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
+    try:
+        requests = _prefix_requests(orch, engine.config.vocab_size)
+    finally:
+        orch.stop()
+    assert orch.error is None
+    return requests, orch
+
+
+def _prefix_requests(orch: Orchestrator, vocab_size: int) -> list[Request]:
     rng = np.random.default_rng(3)
     system = [int(t) for t in rng.integers(1, vocab_size, 40)]
     greedy, penalised = SamplingParams(), SamplingParams(repetition_penalty=1.5, presence_penalty=0.5)

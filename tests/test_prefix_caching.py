@@ -121,12 +121,7 @@ def test_engine_with_reused_prefixes_equals_whole_prefills():
     engine = Engine(params, CONFIG, plan)
     engine.warm_up(phases=("generate",))
     assert engine.compiled_steps() == plan.compile_count(("generate",))
-    orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
-    try:
-        requests = run_prefix_scenario(orch, CONFIG.vocab_size)
-    finally:
-        orch.stop()
-    assert orch.error is None
+    requests, orch = run_prefix_scenario(engine)
     assert_equal_to_generate(params, CONFIG, requests)
     assert orch.metrics.prefix_hits._value.get() == sum(r.cached_tokens for r in requests)
 

@@ -14,11 +14,8 @@ import pytest
 from engine_helpers import assert_equal_to_generate, run_prefix_scenario
 from meshserve.model.config import get_config
 from meshserve.model.params import init_params
-from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
-from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import EnginePlan, make_plan
-from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.sharding import mesh_steps
 
 # tiny with a key/value head per query head: heads-sharded attention then splits the cache's K over the mesh (one
@@ -71,12 +68,7 @@ def test_mesh_engine_with_reused_prefixes_equals_one_device_generate(attention):
         gathered = [n for op, n in _collectives(step.as_text()) if op == "all-gather"]
         assert all(n < cache_elements for n in gathered), (key, gathered)
 
-    orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
-    try:
-        requests = run_prefix_scenario(orch, CONFIG.vocab_size)
-    finally:
-        orch.stop()
-    assert orch.error is None
+    requests, orch = run_prefix_scenario(engine)
     state = engine._state.cache
     assert state.k.sharding.is_equivalent_to(kv, 5) and state.v.sharding.is_equivalent_to(kv, 5)
     assert_equal_to_generate(params, CONFIG, requests)
