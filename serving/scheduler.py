@@ -106,8 +106,8 @@ class PrefillBatch:
     slots: tuple[int, ...]
     batch: int
     length: int
+    ends: tuple[int, ...]
     reuse: PrefixReuse | None = None
-    ends: tuple[int, ...] = ()
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -284,8 +284,10 @@ class Scheduler:
                 context=self.extend.context_bucket(max(start for _, _, start, _ in work)),
             )
         requests = tuple(r for r, _, _, _ in work)
-        return PrefillBatch(requests, tuple(r.slot for r in requests), self._batch_bucket(len(work)), length, reuse,
-                            tuple(end for _, _, _, end in work))  # fmt: skip
+        ends = tuple(end for _, _, _, end in work)
+        return PrefillBatch(
+            requests, tuple(r.slot for r in requests), self._batch_bucket(len(work)), length, ends, reuse
+        )
 
     def _free_slots_for(self, wants: list[tuple[int, int]], free: list[int]) -> list[int]:
         """A free slot for each new request, given as (source slot, reused prefix length): the lowest free slots
