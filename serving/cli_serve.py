@@ -102,12 +102,8 @@ def add_compile_cache_argument(parser: argparse.ArgumentParser) -> None:
         "--compile-cache",
         metavar="DIR|off",
         help="persistent XLA compilation cache, so a restart skips compiling (default: $JAX_COMPILATION_CACHE_DIR, "
-        f"else {default_compile_cache()}; off = none); kept under 4 GiB by evicting the least recently used entries "
-        "($JAX_COMPILATION_CACHE_MAX_SIZE, in bytes, sets another limit)",
+        f"else {default_compile_cache()}; off = none)",
     )
-
-
-COMPILE_CACHE_MAX_BYTES = 4 << 30  # the demo server's 85 steps take 24 MB; a 7B model's, some hundreds of MB
 
 
 def default_compile_cache() -> Path:
@@ -141,9 +137,6 @@ def setup_compile_cache(value: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Every step is worth caching: a server compiles dozens of small ones.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # else JAX already took the user's own limit
-        # Bounded, least recently used entries evicted first: every model, plan and JAX version adds its own.
-        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return str(path)
 
 

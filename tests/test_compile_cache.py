@@ -14,15 +14,10 @@ from test_serving_support import env, meshserve
 
 @pytest.fixture(autouse=True)
 def _restore_jax_cache_config():
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_compilation_cache_max_size",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
 
 
 def test_default_is_the_jax_variable_else_the_xdg_cache(tmp_path, monkeypatch):
@@ -57,16 +52,3 @@ def test_generate_fills_the_named_cache_and_a_second_run_reads_it(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled: every step came from the cache
-
-
-def test_the_cache_is_bounded_unless_jax_was_given_a_limit(tmp_path, monkeypatch):
-    from meshserve.serving.cli_serve import COMPILE_CACHE_MAX_BYTES
-
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
-    jax.config.update("jax_compilation_cache_max_size", -1)
-    setup_compile_cache(str(tmp_path / "a"))
-    assert jax.config.jax_compilation_cache_max_size == COMPILE_CACHE_MAX_BYTES == 4 << 30
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "1000")  # JAX read the user's own limit: left alone
-    jax.config.update("jax_compilation_cache_max_size", 1000)
-    setup_compile_cache(str(tmp_path / "b"))
-    assert jax.config.jax_compilation_cache_max_size == 1000
