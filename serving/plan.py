@@ -88,6 +88,16 @@ class EnginePlan:
             n += len(self.score_batches) * len(self.prefill_lengths)
         return n
 
+    def cheap_decode_batch(self, within: float = 0.05) -> int:
+        """The largest decode bucket whose predicted step time is within `within` of the smallest bucket's: below
+        it, a wider decode step costs about nothing (weight loads dominate), so free slots there may keep prefix
+        cache histories. 1 without the cost model's predictions (a CPU has no chip model)."""
+        times = {s.batch: s.predicted_ms for s in self.steps if s.phase == "decode"}
+        base = times.get(self.decode_batches[0], 0.0)
+        if base <= 0:
+            return 1
+        return max(b for b in self.decode_batches if times.get(b, float("inf")) <= (1 + within) * base)
+
     def context_bucket(self, n: int) -> int:
         """The smallest decode context bucket >= n (max_context for anything longer)."""
         return next((c for c in self.contexts() if c >= n), self.max_context)

@@ -65,7 +65,10 @@ def wait_for(prompt: Sequence[int], cached: int, batch: Sequence[Sequence[int]],
 class PrefixIndex:
     """Which tokens' keys and values each of `max_batch` decode slots holds (see the module docstring)."""
 
-    def __init__(self, max_batch: int, max_context: int) -> None:
+    def __init__(self, max_batch: int, max_context: int, cheap_batch: int = 1) -> None:
+        """cheap_batch: slots below it may take a new request even when the live ones need a smaller decode bucket
+        (EnginePlan.cheap_decode_batch: the cost model predicts that wider step at about the same time)."""
+        self.cheap_batch = cheap_batch
         self.max_tokens = max_context - 1
         self._held: list[np.ndarray] = [np.zeros((0,), np.int64) for _ in range(max_batch)]
         self._used = [-1] * max_batch  # when each slot's cache was last written or read as a prefix (-1 = never)

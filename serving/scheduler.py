@@ -157,8 +157,9 @@ class Scheduler:
     @classmethod
     def for_plan(cls, plan, max_queue: int) -> Scheduler:
         """A scheduler over an EnginePlan's buckets, with prefix caching and chunked prefill as the plan has them."""
-        index = PrefixIndex(plan.max_batch, plan.max_context) if plan.prefix_caching and plan.extend_lengths else None
-        extend = None
+        index = extend = None
+        if plan.prefix_caching and plan.extend_lengths:
+            index = PrefixIndex(plan.max_batch, plan.max_context, plan.cheap_decode_batch())
         if plan.extend_lengths:
             extend = ExtendSteps(max(plan.extend_lengths), plan.context_bucket, plan.prefill_chunk)
         return cls(plan.max_batch, max_queue, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
@@ -264,10 +265,9 @@ class Scheduler:
             queued += 1
         if not work:
             return None
-        newcomers = work[len(work) - queued :]
-        if newcomers:  # the queue's head in order, but for requests left waiting to reuse a batch-mate's prompt
-            admitted = {id(r) for r, _, _, _ in newcomers}
-            self.queue = deque(r for r in self.queue if id(r) not in admitted)
+        newcomers = work[len(work) - queued :]  # the queue's head, but for requests waiting to reuse a batch-mate's
+        admitted = {id(r) for r, _, _, _ in newcomers}
+        self.queue = deque(r for r in self.queue if id(r) not in admitted)
         slots = self._free_slots_for([(source, start) for _, source, start, _ in newcomers], free)
         for (r, source, start, _), s in zip(newcomers, slots, strict=True):
             r.slot, r.prefill_start = s, now
@@ -292,12 +292,13 @@ class Scheduler:
     def _free_slots_for(self, wants: list[tuple[int, int]], free: list[int]) -> list[int]:
         """A free slot for each new request, given as (source slot, reused prefix length): the lowest free slots
         (live requests stay at the front: a small decode bucket); with prefix caching, the index's choice among the
-        free slots below the decode bucket these requests need anyway."""
+        free slots below the decode bucket these requests need anyway, or below its cheap_batch if that is wider."""
         if self.prefix_index is None:
             return free[: len(wants)]
         occupied = [i for i, r in enumerate(self.slots) if r is not None]
         need, above = len(occupied) + len(wants), occupied[-1] if occupied else -1
         bound = next((b for b in self.decode_batches if b >= need and b > above), self.max_batch)
+        bound = max(bound, self.prefix_index.cheap_batch)  # a decode step that wide costs about the same
         return self.prefix_index.place(wants, [s for s in free if s < bound])  # every occupied slot is below bound
 
     def _prefill_cost(self, n: int) -> int:

@@ -6,6 +6,7 @@ of a conversation) must prefill only the rest and still produce exactly the toke
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -253,13 +254,31 @@ def test_new_requests_overwrite_least_recently_used_slots_within_the_decode_buck
     assert s.next_prefill(3.0).slots == (2, 0)
 
 
-def test_with_nothing_live_a_new_request_takes_slot_0_to_keep_decode_at_batch_1():
+def test_with_nothing_live_a_new_request_takes_slot_0_unless_a_wider_decode_step_is_cheap():
     s = _scheduler()
     for c in range(2):
         s.submit(Request([100 + c] * 20, 1))
     s.record_prefill(s.next_prefill(0.0), [5, 5], [0.0] * 2, 0.0)
     s.submit(Request([7] * 20, 4))
     assert s.next_prefill(1.0).slots == (0,)  # not the empty slot 2: a decode bucket of 1 costs least
+    # Where the cost model says a 4-wide decode step costs what a 1-wide one does, both histories are kept.
+    s = _scheduler()
+    s.prefix_index.cheap_batch = 4
+    for c in range(2):
+        s.submit(Request([100 + c] * 20, 1))
+    s.record_prefill(s.next_prefill(0.0), [5, 5], [0.0] * 2, 0.0)
+    s.submit(Request([7] * 20, 4))
+    assert s.next_prefill(1.0).slots == (2,)
+
+
+def test_cheap_decode_batch_follows_the_cost_model():
+    assert make_plan(get_config("demo")).cheap_decode_batch() == 1  # no chip model on a CPU: no predictions
+    gpu = make_plan(get_config("falcon-7b"), device_kind="NVIDIA H100 80GB HBM3")
+    times = {s.batch: s.predicted_ms for s in gpu.steps if s.phase == "decode"}
+    cheap = gpu.cheap_decode_batch()
+    assert 1 < cheap < gpu.max_batch  # weight loads dominate small batches, not 32
+    assert times[cheap] <= 1.05 * times[1] < times[2 * cheap]
+    assert Scheduler.for_plan(dataclasses.replace(gpu, prefix_caching=True), 4).prefix_index.cheap_batch == cheap
 
 
 def test_batch_generate_reuses_a_shared_few_shot_prefix(tmp_path):
