@@ -28,7 +28,16 @@ from meshserve.model.sampling import (
     top_logprobs,
 )
 
-__all__ = ["GenerationResult", "GenerateError", "generate", "validate_prompts", "bucket", "Batch", "decode_loop"]
+__all__ = [
+    "GenerationResult",
+    "GenerateError",
+    "generate",
+    "validate_prompts",
+    "prompt_error",
+    "bucket",
+    "Batch",
+    "decode_loop",
+]
 
 
 class GenerateError(UserError):
@@ -49,21 +58,28 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def prompt_error(config: ModelConfig, prompt: Sequence[int], max_new_tokens: int, name: str = "prompt") -> str | None:
+    """Why the model cannot take this prompt with max_new_tokens more tokens (a message naming `name`), or None."""
+    if len(prompt) == 0:
+        return f"{name} is empty"
+    if error := vocab_error(config, prompt, name):
+        return error
+    if len(prompt) + max_new_tokens > config.max_seq_len:
+        return (
+            f"{name}: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} exceed the context "
+            f"limit max_seq_len={config.max_seq_len}"
+        )
+    return None
+
+
 def validate_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if not prompts:
         raise GenerateError("no prompts given")
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise GenerateError(f"prompt {i} is empty")
-        if error := vocab_error(config, prompt, f"prompt {i}"):
+        if error := prompt_error(config, prompt, max_new_tokens, f"prompt {i}"):
             raise GenerateError(error)
-        if len(prompt) + max_new_tokens > config.max_seq_len:
-            raise GenerateError(
-                f"prompt {i}: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} exceed the context "
-                f"limit max_seq_len={config.max_seq_len}"
-            )
 
 
 @dataclass(frozen=True)

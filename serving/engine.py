@@ -163,8 +163,8 @@ class Engine:
             cache = transformer.KVCache(
                 c.k.at[:, :b].set(sub.k), c.v.at[:, :b].set(sub.v), c.lengths.at[:b].set(sub.lengths)
             )
-        history = TokenHistory(state.history.in_prompt, state.history.counts.at[jnp.arange(b), tok].add(1))
-        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling, history)
+        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling,
+                          state.history.add(tok))  # fmt: skip
         return new, (tok, lp, *top_logprobs(logits, samp))
 
     @staticmethod

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from meshserve.errors import UserError
-from meshserve.model.generate import validate_prompts
+from meshserve.model.generate import prompt_error
 from meshserve.model.tokenizer import Tokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import Engine, ScoreOutput
@@ -273,11 +273,8 @@ class Orchestrator:
 
     def _refusal(self, request: Request) -> str | None:
         """Why the engine cannot take this request's prompt on its own (the message its caller gets), or None."""
-        try:  # what the engine checks while packing a prefill (max_new_tokens 1: prefill makes one token)
-            validate_prompts(self.engine.config, [request.prompt], 1)
-        except UserError as e:
-            return str(e).replace("prompt 0", "prompt", 1)
-        return None
+        # What the engine checks while packing a prefill (max_new_tokens 1: prefill makes one token).
+        return prompt_error(self.engine.config, request.prompt, 1)
 
     def _refuse_batch(self, batch: PrefillBatch, error: UserError) -> None:
         """The engine refused a prefill batch: fail the requests whose own prompt it cannot take, and put the others
