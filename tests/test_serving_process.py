@@ -257,3 +257,12 @@ def test_a_signal_during_warm_up_stops_the_server_at_once(checkpoint, tmp_path, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("chunk", ["-1", "128"])
+def test_a_prefill_chunk_outside_the_context_is_refused_before_any_compile(checkpoint, chunk):
+    args = ["serve", "--checkpoint", str(checkpoint), *GRID, "--port", "0", "--prefill-chunk", chunk]
+    proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"prefill chunk must be in [1, max_context=128), got {chunk} (0 = off)" in proc.stderr
+    assert "compiling" not in proc.stderr and "listening" not in proc.stderr
