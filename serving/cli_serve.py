@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from meshserve.errors import UserError
@@ -239,6 +240,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="latency",
         help="plan for low latency (default) or high throughput",
     )
+    parser.add_argument(
+        "--warm-up",
+        choices=["background", "all"],
+        default="background",
+        help="background (default): compile the largest bucket of each step, start serving, and compile the other "
+        "buckets on a background thread, smallest first (until each is in, requests of its shape run padded to a "
+        "larger one: correct, a little slower); all: compile every bucket before listening",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--auth-token-file", help="require `authorization: Bearer <token>`; the file holds the token")
@@ -298,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens_limit,
         max_score_queue=args.max_score_queue,
         max_score_tokens=args.max_score_tokens,
+        warm_up=args.warm_up,
     )
     built: dict = {}
     done = threading.Event()
@@ -305,7 +315,11 @@ def run(args: argparse.Namespace) -> int:
     def load_and_warm_up() -> None:
         try:
             model, plan, steps, mesh_info = load_for_serving(args, args.objective)
-            with tqdm(total=plan.compile_count(), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+            from meshserve.serving.warm_up import compile_order
+
+            jobs = compile_order(plan)
+            total = sum(job.units for job in jobs if job.first or args.warm_up == "all")
+            with tqdm(total=total, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
                 server = build_server(
                     model,
                     plan,
@@ -330,11 +344,24 @@ def run(args: argparse.Namespace) -> int:
     if "error" in built:
         raise built["error"]
     model, plan, server = built["value"]
-    server.start()
+    compiled, pending = server.engine.compiled_steps(), server.engine.pending_steps()
+    listening = time.monotonic()
+    server.start(
+        lambda n: print(
+            f"meshserve serve: warm-up done, {n} compiled steps ({time.monotonic() - listening:.0f} s "
+            "in the background)",
+            file=sys.stderr,
+            flush=True,
+        )  # fmt: skip
+    )
+    steps = (
+        f"{compiled} of {compiled + pending} steps compiled, the rest in the background"
+        if pending
+        else (f"{compiled} compiled steps")
+    )
     print(
-        f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, "
-        f"{server.engine.compiled_steps()} compiled steps, prefix caching {'on' if plan.prefix_caching else 'off'}, "
-        f"prefill chunk {plan.prefill_chunk or 'off'})",
+        f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, {steps}, "
+        f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'})",
         file=sys.stderr,
     )
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)

@@ -1,15 +1,17 @@
 """The engine: compiled prefill, insert, extend, decode (generate) and score steps, per phase and bucket of the plan.
 
-Typed, single-threaded and free of protos: the orchestrator and the offline job drive it. Every step is
-compiled ahead of time in `warm_up` (`jit(...).lower(...).compile()`), and the engine refuses a shape it has no
-executable for, so no request ever pays a compile.
+Typed and free of protos: the orchestrator and the offline job drive it from one thread. Every step is compiled
+ahead of time (`jit(...).lower(...).compile()`), never on the request path: `warm_up` compiles the whole plan, or
+with defer=True only each kind's largest bucket, and `compile_pending` (on a background thread) the rest, smallest
+first; until a bucket is in, its shapes run padded in the smallest compiled bucket that covers them
+(serving/warm_up.py). A shape no compiled step covers is refused. What each step computes: serving/engine_steps.py.
 
 Decode state lives on the device between steps: the KV cache [N, B, S, K, Q], each slot's last token [B],
 its sampling step [B], its sampling parameters ([B] arrays) and the tokens it has seen ([B, V], for the
 repetition penalties), so a decode step needs no host input; its one device->host copy is the sampled tokens
 and their log-probs [b] (with the top_logprobs alternatives [b, K] on steps where a row asked for them).
-Decode bucket b runs slots [0, b): the
-scheduler fills the lowest free slot first, so active requests sit at the front.
+Decode bucket b runs slots [0, b): the scheduler fills the lowest free slot first, so active requests sit at the
+front.
 
 An extend step (with prefix caching or chunked prefill) prefills prompts that continue a prefix already in the
 cache: it gathers the prefix rows [0, C) of a source slot, runs the rest of the prompt over them, and writes prefix
@@ -21,8 +23,9 @@ passes its own steps and shardings with the plan that chose them. Axis alphabet:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,36 +37,24 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, validate_prompts
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling, top_logprobs
+from meshserve.model.sampling import SamplingParams
+from meshserve.serving.engine_steps import (
+    DecodeState,
+    ModelSteps,
+    decode_rows,
+    extend_step,
+    fresh_state,
+    insert_rows,
+    pad_sampling,
+    prefill_step,
+    release_slots,
+    score_tokens,
+)
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.prefix_cache import PrefixReuse
+from meshserve.serving.warm_up import PHASES, CompileJob, compile_order, covering
 
 __all__ = ["Engine", "ModelSteps", "DecodeState", "StepOutput", "ScoreOutput"]
-
-SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2] (model/sampling.py)
-
-
-@dataclass(frozen=True)
-class ModelSteps:
-    """The model functions the engine compiles, and where their outputs live (None = default device)."""
-
-    prefill: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] = transformer.prefill
-    decode_step: Callable[..., tuple[jax.Array, transformer.KVCache]] = transformer.decode_step
-    insert: Callable[..., transformer.KVCache] = transformer.insert
-    # Decode-layout sharding of the decode state (insert reshards prefill's k, v into it); None on one device.
-    decode_state_sharding: Any = None
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class DecodeState:
-    """Per-slot state carried on device from step to step."""
-
-    cache: transformer.KVCache  # k, v [N, B, S, K, Q], lengths [B]
-    last: jax.Array  # int32 [B]: each slot's latest token (the next step's input)
-    step: jax.Array  # int32 [B]: each slot's sampling step (0 = the prefill's token), folded into its key
-    sampling: SamplingArrays
-    history: TokenHistory  # in_prompt bool [B, V], counts int32 [B, V] of generated tokens
 
 
 @dataclass(frozen=True)
@@ -85,10 +76,6 @@ class ScoreOutput:
     greedy: list[np.ndarray]
 
 
-def _pad_sampling(params: list[SamplingParams], b: int) -> dict[str, np.ndarray]:
-    return stack_sampling(list(params) + [SamplingParams()] * (b - len(params)))
-
-
 @dataclass
 class Engine:
     """Compiled steps over one model and plan. Not thread-safe: one driver thread calls it."""
@@ -104,87 +91,7 @@ class Engine:
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
     _state: DecodeState | None = field(default=None, init=False, repr=False)
-
-    # ----- the step functions (traced once per bucket) -----
-
-    def _prefill_fn(self, params, tokens, lengths, sampling):
-        """tokens [b, T], lengths [b] -> (first tokens [b], log-probs [b], top ids and log-probs [b, K]), k, v
-        [N, b, T, K, Q], and the prompts' tokens in_prompt bool [b, V] (for insert)."""
-        logits, k, v = self.steps.prefill(params, self.config, tokens, lengths)
-        history = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
-        tok, lp = sample(logits, sampling, jnp.int32(0), history)
-        return (tok, lp, *top_logprobs(logits, sampling)), k, v, history.in_prompt
-
-    def _extend_fn(self, params, state: DecodeState, tokens, lengths, prefix_tokens, cached, sources, slots, sampling):
-        """Prefill the rest of prompts whose first cached [b] tokens (prefix_tokens [b, C], right-padded) already sit
-        in cache rows sources [b], and insert them into slots [b] (prefix included): tokens [b, T] are the rest,
-        lengths [b] their counts. -> new state, (first tokens [b], log-probs [b], top ids and log-probs [b, K])."""
-        C = prefix_tokens.shape[1]
-        c = state.cache
-        prefix = transformer.Prefix(c.k[:, sources, :C], c.v[:, sources, :C], cached)  # [N, b, C, K, Q]
-        logits, k, v = self.steps.prefill(params, self.config, tokens, lengths, prefix=prefix)
-        rest = TokenHistory.of_prompts(tokens, lengths, self.config.vocab_size)
-        history = TokenHistory(
-            rest.in_prompt | TokenHistory.of_prompts(prefix_tokens, cached, self.config.vocab_size).in_prompt,
-            rest.counts,
-        )
-        tok, lp = sample(logits, sampling, jnp.int32(0), history)
-        insert = functools.partial(self.steps.insert, prefix=prefix)
-        new = self._insert_fn(insert, state, k, v, lengths, slots, tok, sampling, history.in_prompt)
-        return new, (tok, lp, *top_logprobs(logits, sampling))
-
-    @staticmethod
-    def _insert_fn(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
-        """Write b prefilled rows into decode slots `slots` [b] (index B = a padding row, dropped)."""
-        cache = insert(state.cache, k, v, lengths, slots)
-        counts = state.history.counts.at[slots].set(0, mode="drop").at[slots, first].set(1, mode="drop")
-        return DecodeState(
-            cache=cache,
-            last=state.last.at[slots].set(first, mode="drop"),
-            step=state.step.at[slots].set(1, mode="drop"),
-            sampling={n: state.sampling[n].at[slots].set(sampling[n], mode="drop") for n in state.sampling},
-            history=TokenHistory(state.history.in_prompt.at[slots].set(in_prompt, mode="drop"), counts),
-        )
-
-    def _decode_fn(self, b: int, context: int, params, state: DecodeState):
-        """One token for slots [0, b), attending over cache positions [0, context) (every used row's length is
-        below it): -> new state, (tokens int32 [b], log-probs float32 [b], top ids int32 and log-probs [b, K])."""
-        full = b == state.last.shape[0]
-        c = state.cache
-        sub = c if full else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
-        bounded = {} if context == c.max_len else {"context": context}
-        logits, sub = self.steps.decode_step(params, self.config, state.last[:b], sub, **bounded)
-        samp = {n: a[:b] for n, a in state.sampling.items()}
-        # The whole history goes in: sample slices rows [0, b) only inside its penalty branch.
-        tok, lp = sample(logits, samp, state.step[:b], state.history)  # each row's own step, as in `generate`
-        if full:
-            cache = sub
-        else:
-            cache = transformer.KVCache(
-                c.k.at[:, :b].set(sub.k), c.v.at[:, :b].set(sub.v), c.lengths.at[:b].set(sub.lengths)
-            )
-        new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling,
-                          state.history.add(tok))  # fmt: skip
-        return new, (tok, lp, *top_logprobs(logits, samp))
-
-    @staticmethod
-    def _release_fn(state: DecodeState, free: jax.Array) -> DecodeState:
-        """Default sampling settings in the slots where free bool [B]: a finished request's penalties, filters or
-        top_logprobs must not keep the batch-wide branches of later steps switched on."""
-        defaults = _pad_sampling([], 1)
-        sampling = {
-            n: jnp.where(free.reshape(-1, *[1] * (a.ndim - 1)), jnp.asarray(defaults[n][0]), a)
-            for n, a in state.sampling.items()
-        }
-        return dataclasses.replace(state, sampling=sampling)
-
-    def _score_fn(self, params, tokens, lengths):
-        """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], argmax-hit bool [b, T-1]."""
-        logits, _, _ = self.steps.prefill(params, self.config, tokens, lengths, all_logits=True)  # [b, T, V]
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        target = tokens[:, 1:]
-        token_lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-        return token_lp, jnp.argmax(logits[:, :-1], axis=-1) == target
+    _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
 
     # ----- warm-up -----
 
@@ -194,89 +101,112 @@ class Engine:
         XLA may choose another input split and copy the whole cache on every call)."""
         B, S = self.plan.max_batch, self.plan.max_context
         dtype = transformer.compute_dtype(self.params)
-        shapes = jax.eval_shape(lambda: self._fresh_state(B, S, dtype))
+        shapes = jax.eval_shape(lambda: fresh_state(self.config, B, S, dtype))
         if self.steps.decode_state_sharding is None:
             return shapes
         return jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.steps.decode_state_sharding
         )
 
-    def _fresh_state(self, B: int, S: int, dtype) -> DecodeState:
-        sampling = {n: jnp.asarray(a) for n, a in _pad_sampling([], B).items()}
-        return DecodeState(
-            transformer.init_cache(self.config, B, S, dtype),
-            jnp.zeros((B,), jnp.int32),
-            jnp.zeros((B,), jnp.int32),
-            sampling,
-            TokenHistory(
-                jnp.zeros((B, self.config.vocab_size), bool), jnp.zeros((B, self.config.vocab_size), jnp.int32)
-            ),
-        )
-
     def compiled_steps(self) -> int:
+        """Steps compiled so far (a prefill and its insert count two, as in `EnginePlan.compile_count`)."""
         compiled = (self._prefill, self._insert, self._extend, self._decode, self._score)
         return sum(map(len, compiled)) + (self._release is not None)
 
     def warm_up(
-        self, progress: Callable[[str], None] | None = None, phases: tuple[str, ...] = ("generate", "score")
+        self,
+        progress: Callable[[str], None] | None = None,
+        phases: tuple[str, ...] = PHASES,
+        defer: bool = False,
     ) -> None:
-        """Compile every step of the plan for `phases` (generate = prefill, insert, extend and decode; score) and
-        allocate the decode state. A step missing here raises KeyError when called, never compiles on the request
-        path."""
-        plan = self.plan
-        i32 = jax.ShapeDtypeStruct
+        """Compile the plan's steps for `phases` (generate = prefill, insert, extend, decode and slot release; score)
+        and allocate the decode state. progress: called with each step's label once it is compiled.
+
+        defer: compile only the largest bucket of each kind now (it serves every request, padded) and leave the rest
+        to `compile_pending` (warm_up.py); by default every step is compiled before this returns. No step compiles
+        on the request path: a shape no compiled step covers raises KeyError."""
+        jobs = compile_order(self.plan, phases)
         state = self._abstract_state()
-        dtype = transformer.compute_dtype(self.params)
+        for job in jobs:
+            if job.first or not defer:
+                self._compile(job, state, progress)
+        self._pending = deque(job for job in jobs if defer and not job.first)
+        self.reset()
+
+    def pending_steps(self) -> int:
+        """Steps a deferred warm-up has left to `compile_pending` (prefill and its insert count two)."""
+        return sum(job.units for job in list(self._pending))
+
+    def compile_pending(
+        self, progress: Callable[[str], None] | None = None, stop: threading.Event | None = None
+    ) -> None:
+        """Compile what a deferred warm-up left, smallest buckets first, until done or `stop` is set. Meant for one
+        background thread while another drives the engine: each step is usable as soon as it is stored (XLA's
+        compile releases the GIL, so the driving thread keeps running)."""
+        state = self._abstract_state()
+        while self._pending and not (stop is not None and stop.is_set()):
+            self._compile(self._pending.popleft(), state, progress)
+
+    def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[str], None] | None) -> None:
+        i32 = jax.ShapeDtypeStruct
         # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2]), with b rows.
-        samp = lambda b: {n: i32((b, *a.shape[1:]), a.dtype) for n, a in _pad_sampling([], b).items()}  # noqa: E731
-        for b in plan.prefill_batches if "generate" in phases else ():
-            for t in plan.prefill_lengths:
-                tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
-                self._prefill[(b, t)] = jax.jit(self._prefill_fn).lower(self.params, tokens, lengths, samp(b)).compile()
-                kv = i32((self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head), dtype)
+        samp = lambda b: {n: i32((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
+        key = job.key
+        rows = lambda b: i32((b,), jnp.int32)  # noqa: E731
+        if job.kind == "release":
+            release = jax.jit(release_slots, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
+            self._release = release.lower(state, i32((self.plan.max_batch,), jnp.bool_)).compile()
+        elif job.kind in ("prefill", "score", "extend"):
+            b, t = key[:2]
+            tokens = i32((b, t), jnp.int32)
+            if job.kind == "score":
+                self._score[key] = (
+                    jax.jit(functools.partial(score_tokens, self.steps, self.config))
+                    .lower(self.params, tokens, rows(b))
+                    .compile()
+                )
+            elif job.kind == "extend":
+                extend = jax.jit(
+                    functools.partial(extend_step, self.steps, self.config),
+                    donate_argnums=1,
+                    out_shardings=(self.steps.decode_state_sharding, None),
+                )
+                prefix = i32((b, key[2]), jnp.int32)
+                self._extend[key] = extend.lower(
+                    self.params, state, tokens, rows(b), prefix, rows(b), rows(b), rows(b), samp(b)
+                ).compile()
+            else:
+                kv = i32(
+                    (self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head),
+                    transformer.compute_dtype(self.params),
+                )
                 in_prompt = i32((b, self.config.vocab_size), jnp.bool_)
                 insert = jax.jit(
-                    lambda *a: self._insert_fn(self.steps.insert, *a),
+                    functools.partial(insert_rows, self.steps.insert),
                     donate_argnums=0,
                     out_shardings=self.steps.decode_state_sharding,
                 )
-                self._insert[(b, t)] = insert.lower(
-                    state, kv, kv, lengths, i32((b,), jnp.int32), i32((b,), jnp.int32), samp(b), in_prompt
-                ).compile()
-                if progress:
-                    progress(f"prefill b={b} T={t}")
-                for c in plan.contexts() if t in plan.extend_lengths else ():
-                    extend = jax.jit(
-                        self._extend_fn, donate_argnums=1, out_shardings=(self.steps.decode_state_sharding, None)
-                    )
-                    rows, prefix = i32((b,), jnp.int32), i32((b, c), jnp.int32)
-                    self._extend[(b, t, c)] = extend.lower(
-                        self.params, state, tokens, lengths, prefix, rows, rows, rows, samp(b)
-                    ).compile()
-                    if progress:
-                        progress(f"extend b={b} T={t} C={c}")
-        if "generate" in phases:
-            release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
-            self._release = release.lower(state, i32((plan.max_batch,), jnp.bool_)).compile()
-        for b in plan.decode_batches if "generate" in phases else ():
-            for c in plan.contexts():
-                fn = jax.jit(lambda p, s, b=b, c=c: self._decode_fn(b, c, p, s), donate_argnums=1)
-                self._decode[(b, c)] = fn.lower(self.params, state).compile()
-                if progress:
-                    progress(f"decode b={b} C={c}")
-        for b in plan.score_batches if "score" in phases else ():
-            for t in plan.prefill_lengths:
-                tokens, lengths = i32((b, t), jnp.int32), i32((b,), jnp.int32)
-                self._score[(b, t)] = jax.jit(self._score_fn).lower(self.params, tokens, lengths).compile()
-                if progress:
-                    progress(f"score b={b} T={t}")
-        self.reset()
+                # The insert first: a prefill bucket is looked up only once both of its steps are in.
+                self._insert[key] = insert.lower(state, kv, kv, rows(b), rows(b), rows(b), samp(b), in_prompt).compile()
+                self._prefill[key] = (
+                    jax.jit(functools.partial(prefill_step, self.steps, self.config))
+                    .lower(self.params, tokens, rows(b), samp(b))
+                    .compile()
+                )
+        elif job.kind == "decode":
+            b, c = key
+            fn = jax.jit(functools.partial(decode_rows, self.steps, self.config, b, c), donate_argnums=1)
+            self._decode[key] = fn.lower(self.params, state).compile()
+        else:
+            raise ValueError(f"unknown step kind {job.kind!r}")
+        if progress:
+            progress(job.label)
 
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
         engine with a new Scheduler after a reset."""
-        self._state = self._fresh_state(
-            self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
+        self._state = fresh_state(
+            self.config, self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
         )
         if self.steps.decode_state_sharding is not None:
             self._state = jax.device_put(self._state, self.steps.decode_state_sharding)
@@ -299,26 +229,29 @@ class Engine:
         n = len(prompts)
         if not 0 < n <= batch or len(slots) != n or len(sampling) != n:
             raise ValueError(f"prefill of {n} prompts into bucket batch={batch} with {len(slots)} slots")
-        slot_arr = np.full((batch,), self.plan.max_batch, np.int32)  # index B is out of range: the scatter drops it
-        slot_arr[:n] = slots
         if reuse is not None:
-            return self._extend_insert(prompts, slot_arr, sampling, batch, length, reuse)
-        key = (batch, length)
-        if key not in self._prefill:
-            raise KeyError(f"no compiled prefill for bucket {key}; plan has {sorted(self._prefill)}")
-        # Right-padded [batch, length] tokens, padding rows of length 1 (never inserted), sampling rows [batch].
+            return self._extend_insert(prompts, slots, sampling, batch, length, reuse)
+        # The bucket's own step, or a larger one while a deferred warm-up has not compiled it yet.
+        key, prefill = covering(self._prefill, (batch, length), "prefill")
+        # Right-padded [b, T] tokens, padding rows of length 1 (never inserted), sampling rows [b].
         packed = Batch.pack(self.config, prompts, 1, list(sampling), (), shape=key)
         tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
-        out, k, v, in_prompt = self._prefill[key](self.params, tokens, lengths, samp)
-        self._state = self._insert[key](self._state, k, v, lengths, slot_arr, out[0], samp, in_prompt)
+        out, k, v, in_prompt = prefill(self.params, tokens, lengths, samp)
+        self._state = self._insert[key](self._state, k, v, lengths, self._slot_rows(slots, key[0]), out[0], samp,
+                                        in_prompt)  # fmt: skip
         return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
 
-    def _extend_insert(self, prompts, slot_arr, sampling, batch: int, length: int, reuse: PrefixReuse) -> StepOutput:
+    def _slot_rows(self, slots: list[int], b: int) -> np.ndarray:
+        """Decode slots int32 [b] of a step's rows; padding rows get index B, out of range: the scatter drops them."""
+        rows = np.full((b,), self.plan.max_batch, np.int32)
+        rows[: len(slots)] = slots
+        return rows
+
+    def _extend_insert(self, prompts, slots, sampling, batch: int, length: int, reuse: PrefixReuse) -> StepOutput:
         """`prefill_insert` over cached prefixes: one compiled extend step (b, T, C)."""
         n = len(prompts)
-        key = (batch, length, reuse.context)
-        if key not in self._extend:
-            raise KeyError(f"no compiled extend step for {key}; plan has {sorted(self._extend)}")
+        key, extend = covering(self._extend, (batch, length, reuse.context), "extend")
+        batch, length, context = key
         if len(reuse.sources) != n or len(reuse.lengths) != n:
             raise ValueError(f"prefix reuse for {len(reuse.lengths)} of {n} prompts")
         for i, (p, m, src) in enumerate(zip(prompts, reuse.lengths, reuse.sources, strict=True)):
@@ -327,18 +260,17 @@ class Engine:
         validate_prompts(self.config, prompts, 1)  # the whole prompts, as a plain prefill would
         rests = [p[m:] for p, m in zip(prompts, reuse.lengths, strict=True)]
         rest = Batch.pack(self.config, rests, 1, list(sampling), (), shape=(batch, length))
-        prefix_tokens = np.zeros((batch, reuse.context), np.int32)
+        prefix_tokens = np.zeros((batch, context), np.int32)
         cached = np.zeros((batch,), np.int32)
         sources = np.zeros((batch,), np.int32)
         for i, (p, m) in enumerate(zip(prompts, reuse.lengths, strict=True)):
             prefix_tokens[i, :m], cached[i], sources[i] = p[:m], m, reuse.sources[i]
-        self._state, out = self._extend[key](
-            self.params, self._state, rest.tokens, rest.lengths, prefix_tokens, cached, sources, slot_arr, rest.sampling
-        )
+        self._state, out = extend(self.params, self._state, rest.tokens, rest.lengths, prefix_tokens, cached, sources,
+                                  self._slot_rows(slots, batch), rest.sampling)  # fmt: skip
         return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
 
     def release(self, slots: list[int]) -> None:
-        """Reset the sampling settings of slots no request holds any more (see `_release_fn`)."""
+        """Reset the sampling settings of slots no request holds any more (see `release_slots`)."""
         free = np.zeros((self.plan.max_batch,), bool)
         free[list(slots)] = True
         self._state = self._release(self._state, free)
@@ -352,10 +284,11 @@ class Engine:
         Nothing waits: the caller may dispatch more work before fetching these with `fetch`.
         """
         c = self.plan.max_context if context is None else self.plan.context_bucket(context)
-        if (batch, c) not in self._decode:
-            raise KeyError(f"no compiled decode for batch {batch}, context {c}; plan has {sorted(self._decode)}")
-        self._state, out = self._decode[(batch, c)](self.params, self._state)
-        return out
+        # A wider step (while a deferred warm-up compiles this one) also runs the slots after `batch`: rows no
+        # request owns, whose new keys land past anything the prefix index records, as a bucket's free slots do.
+        (b, _), decode = covering(self._decode, (batch, c), "decode")
+        self._state, out = decode(self.params, self._state)
+        return out if b == batch else tuple(a[:batch] for a in out)
 
     @staticmethod
     def fetch(out: tuple[jax.Array, ...], top: bool = False) -> StepOutput:
@@ -380,14 +313,17 @@ class Engine:
         plan = self.plan
         if not 0 < len(items) <= self.score_chunk_size:
             raise ValueError(f"score chunk of {len(items)} items; a chunk holds 1 to {self.score_chunk_size}")
-        b = next(x for x in plan.score_batches if x >= len(items))
-        t = plan.length_bucket(max(len(p) + len(c) for p, c in items))
+        bucket = (
+            next(x for x in plan.score_batches if x >= len(items)),
+            plan.length_bucket(max(len(p) + len(c) for p, c in items)),
+        )
+        (b, t), score = covering(self._score, bucket, "score")
         tokens = np.zeros((b, t), np.int32)
         lengths = np.ones((b,), np.int32)
         for i, (p, c) in enumerate(items):
             tokens[i, : len(p) + len(c)] = list(p) + list(c)
             lengths[i] = len(p) + len(c)
-        token_lp, greedy = jax.device_get(self._score[(b, t)](self.params, tokens, lengths))
+        token_lp, greedy = jax.device_get(score(self.params, tokens, lengths))
         # position j predicts token j + 1: the continuation's tokens are predicted at len(p)-1 .. len(p+c)-2
         spans = [(len(p) - 1, len(p) + len(c) - 1) for p, c in items]
         return ScoreOutput(

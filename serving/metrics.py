@@ -15,6 +15,8 @@ Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /me
   meshserve_decode_step_seconds               wall time of one decode step as the engine loop sees it
   meshserve_queue_depth                       requests waiting (read live at scrape time)
   meshserve_live_slots                        decode slots holding a request (read live at scrape time)
+  meshserve_compile_pending_steps             steps a background warm-up has yet to compile (serve --warm-up
+                                              background; until 0, requests of those shapes run padded to a larger one)
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("meshserve_queue_depth", "Requests waiting for a slot", registry=r)
         self.live_slots = Gauge("meshserve_live_slots", "Decode slots holding a request", registry=r)
+        self.compile_pending = Gauge(
+            "meshserve_compile_pending_steps", "Steps the background warm-up has yet to compile", registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent steps
 
     def bind(self, live_slots: Callable[[], float], queue_depth: Callable[[], float]) -> None:

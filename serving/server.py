@@ -52,6 +52,9 @@ class ServerOptions:
     max_new_tokens: int | None = None  # default: the whole context
     max_score_queue: int = DEFAULT_MAX_SCORES  # Score requests running + waiting before RESOURCE_EXHAUSTED
     max_score_tokens: int = DEFAULT_MAX_SCORE_TOKENS  # prompt + continuation tokens over one Score's items
+    # "all": compile every step before serving. "background": compile each kind's largest bucket, serve, and compile
+    # the other buckets on a background thread (requests of their shapes run padded to a larger one meanwhile).
+    warm_up: str = "all"
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -88,6 +91,7 @@ class InferenceServer:
     def __init__(self, model, engine: Engine, plan: EnginePlan, options: ServerOptions, mesh_info: dict | None = None):
         self.model, self.engine, self.plan, self.options = model, engine, plan, options
         self.metrics = ServerMetrics()
+        self.metrics.compile_pending.set_function(engine.pending_steps)
         scheduler = Scheduler.for_plan(plan, options.max_queue)
         self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue)
         limits = Limits(
@@ -148,12 +152,29 @@ class InferenceServer:
                 raise ServerError(f"cannot serve metrics on {options.host}:{options.metrics_port}: "
                                   f"{e.strerror or e}") from None  # fmt: skip
         self._stopped = threading.Event()
+        self._compiler: threading.Thread | None = None
+        self._stop_compiling = threading.Event()
 
-    def start(self) -> InferenceServer:
+    def start(self, warm: Callable[[int], None] | None = None) -> InferenceServer:
+        """Serve; with steps a deferred warm-up left, compile them on a background thread, then call `warm` with
+        the number of compiled steps (not when the server stops first)."""
         self.orchestrator.start()
         self._grpc.start()
         self.set_serving(True)
+        if self.engine.pending_steps():
+            self._compiler = threading.Thread(target=self._compile_rest, args=(warm,), name="meshserve-compile",
+                                              daemon=True)  # fmt: skip
+            self._compiler.start()
         return self
+
+    def _compile_rest(self, warm: Callable[[int], None] | None) -> None:
+        try:
+            self.engine.compile_pending(stop=self._stop_compiling)
+        except Exception:  # a step that fails to compile leaves its shapes to the larger steps that did compile
+            log.exception("background warm-up stopped")
+            return
+        if warm is not None and not self.engine.pending_steps():
+            warm(self.engine.compiled_steps())
 
     def set_serving(self, serving: bool) -> None:
         """Health of the server and of meshserve.v1.Inference: SERVING or NOT_SERVING."""
@@ -169,6 +190,7 @@ class InferenceServer:
         if self._stopped.is_set():
             return True
         self.set_serving(False)
+        self._stop_compiling.set()  # a draining server needs no more buckets
         # gRPC refuses new RPCs from here on; the engine finishes what it holds and cancels the rest at `grace`,
         # whose handlers then end their RPCs with UNAVAILABLE. gRPC's own hard stop comes a little later, so it
         # only cuts an RPC whose handler did not end by then.
@@ -176,6 +198,8 @@ class InferenceServer:
         clean = self.orchestrator.drain(grace)
         stopped.wait()
         self._stopped.set()
+        if self._compiler is not None:
+            self._compiler.join()  # at most the one compile in flight: the thread checks between steps
         return clean
 
     def wait(self) -> None:
@@ -204,7 +228,8 @@ def build_server(
     mesh_info: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> InferenceServer:
-    """Bind the ports and read the TLS and token files, then compile every step of the plan (warm-up).
+    """Bind the ports and read the TLS and token files, then compile the plan's steps (warm-up): all of them, or with
+    options.warm_up "background" each kind's largest bucket, leaving the rest to a thread that `start` runs.
 
     The server is returned bound but not started (call `.start()`); a bad port or file fails before any compile.
     """
@@ -213,7 +238,9 @@ def build_server(
     if options.max_score_queue < 1:
         raise ServerError(f"max_score_queue must be >= 1, got {options.max_score_queue}")
     check_score_tokens(options.max_score_tokens)
+    if options.warm_up not in ("all", "background"):
+        raise ServerError(f"warm_up must be 'all' or 'background', got {options.warm_up!r}")
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     server = InferenceServer(model, engine, plan, options, mesh_info)
-    engine.warm_up(progress)
+    engine.warm_up(progress, defer=options.warm_up == "background")
     return server

@@ -23,7 +23,7 @@ from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.sampling import SAMPLING_FIELDS, TokenHistory
-from meshserve.serving.engine import DecodeState, ModelSteps
+from meshserve.serving.engine_steps import DecodeState, ModelSteps
 from meshserve.serving.plan import EnginePlan, StepPlan
 
 __all__ = ["mesh_steps"]

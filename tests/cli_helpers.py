@@ -10,7 +10,7 @@ from meshserve.model.config import get_config
 from meshserve.model.params import init_params
 from meshserve.serving.cli import main
 
-__all__ = ["checkpoint_fixture", "run_cli"]
+__all__ = ["checkpoint_fixture", "free_port", "run_cli"]
 
 
 def checkpoint_fixture(seed: int = 0, **overrides):
@@ -32,3 +32,12 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server that needs the number before it binds)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

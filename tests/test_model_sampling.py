@@ -152,14 +152,11 @@ def test_engine_decode_step_sorts_the_vocabulary_only_behind_a_branch():
     """The serving engine's compiled decode step keeps sampling's branches (a vmap over rows there would not)."""
     from meshserve.model.config import get_config
     from meshserve.model.params import init_params
-    from meshserve.serving.engine import Engine
-    from meshserve.serving.plan import make_plan
+    from meshserve.serving.engine_steps import ModelSteps, decode_rows, fresh_state
 
     config = get_config("tiny")
     params = init_params(config, jax.random.key(0), jnp.float32)
-    plan = make_plan(config, max_batch=2, max_context=32, length_buckets=(16,), decode_buckets=(2,), weights="f32")
-    engine = Engine(params, config, plan)
-    state = engine._fresh_state(2, 32, jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda p, s: engine._decode_fn(2, 32, p, s))(params, state).jaxpr
+    state = fresh_state(config, 2, 32, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, s: decode_rows(ModelSteps(), config, 2, 32, p, s))(params, state).jaxpr
     assert "sort" not in _primitives(jaxpr)
     assert "sort" in _primitives(jaxpr, into_cond=True)

@@ -1,0 +1,86 @@
+"""Which steps the engine compiles, in which order, and which compiled step serves a shape.
+
+A plan lists one compiled step per bucket: prefill (with its insert) per (batch, length), extend per (batch, length,
+context), decode per (batch, context), score per (batch, length), and one slot-release step. Compiling them all
+takes a while: about 1.5 s a step on a 2-core CPU for the 85 steps of the demo model, longer for a 7B model on a
+GPU host. The largest bucket of each kind can run every request its smaller buckets would (padded with rows that are
+dropped and positions that are masked), so `compile_order` puts those "covering" steps first: a server can start
+answering once they are compiled (`Engine.warm_up(defer=True)`) and compile the others in the background, where
+each one, once compiled, takes over the shapes it fits better (`covering`). Nothing ever compiles on the request
+path: a shape that no compiled step covers is refused (KeyError), as with the whole plan compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import zip_longest
+from typing import Any
+
+from meshserve.serving.plan import EnginePlan
+
+__all__ = ["CompileJob", "compile_order", "covering"]
+
+PHASES = ("generate", "score")
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One step to compile: kind "release" | "prefill" (with its insert) | "extend" | "decode" | "score", and its
+    bucket key: (b, T) for prefill and score, (b, T, C) for extend, (b, C) for decode, () for release."""
+
+    kind: str
+    key: tuple[int, ...]
+    first: bool = False  # a covering step: compiled before a deferred warm-up returns
+
+    @property
+    def units(self) -> int:
+        """Steps it counts for in `EnginePlan.compile_count` (a prefill and its insert count two)."""
+        return 2 if self.kind == "prefill" else 1
+
+    @property
+    def label(self) -> str:
+        names = {"prefill": ("b", "T"), "score": ("b", "T"), "extend": ("b", "T", "C"), "decode": ("b", "C")}
+        return " ".join([self.kind, *(f"{n}={v}" for n, v in zip(names.get(self.kind, ()), self.key, strict=True))])
+
+
+def _keys(plan: EnginePlan, phases: tuple[str, ...]) -> dict[str, list[tuple[int, ...]]]:
+    """Each kind's bucket keys, smallest first (by padded tokens, then lexicographically)."""
+    keys: dict[str, list[tuple[int, ...]]] = {}
+    if "generate" in phases:
+        keys["prefill"] = [(b, t) for b in plan.prefill_batches for t in plan.prefill_lengths]
+        keys["extend"] = [(b, t, c) for b in plan.prefill_batches for t in plan.extend_lengths for c in plan.contexts()]
+        keys["decode"] = [(b, c) for b in plan.decode_batches for c in plan.contexts()]
+    if "score" in phases:
+        keys["score"] = [(b, t) for b in plan.score_batches for t in plan.prefill_lengths]
+    return {kind: sorted(ks, key=lambda k: (math.prod(k), k)) for kind, ks in keys.items() if ks}
+
+
+def compile_order(plan: EnginePlan, phases: tuple[str, ...] = PHASES) -> list[CompileJob]:
+    """Every step the plan has for `phases`: the release step and each kind's largest bucket first (`first`), then
+    the other buckets, kinds taking turns, smallest first (the buckets light traffic uses)."""
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise ValueError(f"phases must be among {PHASES}, got {sorted(unknown)}")
+    keys = _keys(plan, phases)
+    jobs = [CompileJob("release", (), first=True)] if "generate" in phases else []
+    jobs += [CompileJob(kind, ks[-1], first=True) for kind, ks in keys.items()]
+    rounds: Iterator[tuple[Any, ...]] = zip_longest(*(ks[:-1] for ks in keys.values()))
+    for keys_of_round in rounds:
+        jobs += [CompileJob(kind, k) for kind, k in zip(keys, keys_of_round, strict=True) if k is not None]
+    return jobs
+
+
+def covering(table: dict[tuple[int, ...], Any], key: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
+    """(bucket, compiled step) for `key`: its own bucket when compiled, else the compiled bucket at least as large in
+    every dimension with the fewest padded elements. KeyError (naming `what`) when none is."""
+    step = table.get(key)
+    if step is not None:
+        return key, step
+    # list() copies the keys under the GIL in one call: a background warm-up may add buckets meanwhile.
+    fits = [k for k in list(table) if all(a >= b for a, b in zip(k, key, strict=True))]
+    if not fits:
+        raise KeyError(f"no compiled {what} step covers {key}; compiled: {sorted(table)}")
+    best = min(fits, key=lambda k: (math.prod(k), k))
+    return best, table[best]

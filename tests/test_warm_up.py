@@ -1,0 +1,144 @@
+"""Deferred warm-up: the order steps compile in, which compiled step serves a shape, and an engine (and a real gRPC
+server) answering correctly while only each kind's largest bucket is compiled, with the rest compiling behind it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_helpers import free_port
+from engine_helpers import assert_equal_to_generate, run_prefix_scenario
+from meshserve.model.config import get_config
+from meshserve.model.loading import LoadedModel
+from meshserve.model.params import init_params
+from meshserve.model.tokenizer import ByteTokenizer
+from meshserve.protos import inference_pb2 as pb
+from meshserve.protos import inference_pb2_grpc as pb_grpc
+from meshserve.serving.engine import Engine
+from meshserve.serving.plan import make_plan
+from meshserve.serving.server import ServerError, ServerOptions, build_server
+from meshserve.serving.warm_up import compile_order, covering
+
+CONFIG = get_config("tiny")
+
+
+def _plan(**kw):
+    return make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
+                     decode_buckets=(1, 4), weights="f32", prefix_caching=True, **kw)  # fmt: skip
+
+
+def test_compile_order_puts_each_kinds_largest_bucket_first_and_covers_the_plan_once():
+    plan = _plan()
+    jobs = compile_order(plan)
+    first = [(j.kind, j.key) for j in jobs if j.first]
+    assert first == [("release", ()), ("prefill", (4, 128)), ("extend", (4, 64, 128)), ("decode", (4, 128)),
+                     ("score", (4, 128))]  # fmt: skip
+    assert all(j.first for j in jobs[: len(first)])  # the covering steps come before every other
+    keys = [(j.kind, j.key) for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert sum(j.units for j in jobs) == plan.compile_count()
+    prefill = [j.key for j in jobs if j.kind == "prefill" and not j.first]
+    assert prefill == sorted(prefill, key=lambda k: k[0] * k[1])  # smallest first: the buckets light traffic uses
+    assert jobs[len(first)].kind != jobs[len(first) + 1].kind  # kinds take turns
+    assert [j.kind for j in compile_order(plan, ("score",))] == ["score"] * 6
+    with pytest.raises(ValueError, match="phases"):
+        compile_order(plan, ("train",))
+
+
+def test_covering_takes_the_own_bucket_else_the_smallest_larger_one():
+    table = {(4, 64): "a", (1, 128): "b", (8, 128): "c"}
+    assert covering(table, (4, 64), "prefill") == ((4, 64), "a")
+    assert covering(table, (1, 16), "prefill") == ((1, 128), "b")  # the fewest padded elements: 128 of 256, 1024
+    assert covering(table, (1, 100), "prefill") == ((1, 128), "b")
+    assert covering(table, (2, 100), "prefill") == ((8, 128), "c")
+    with pytest.raises(KeyError, match="no compiled prefill step covers"):
+        covering(table, (16, 16), "prefill")
+
+
+def test_an_engine_with_only_covering_steps_gives_the_tokens_of_a_full_warm_up():
+    """The prefix scenario (plain prefills, extends, decode at batch 1 and 4) on the covering steps alone, then again
+    once the rest compiled: every request equals model.generate on its own; scoring too."""
+    params = init_params(CONFIG, jax.random.key(9), jnp.float32)
+    plan = _plan()
+    engine = Engine(params, CONFIG, plan)
+    engine.warm_up(defer=True)
+    assert engine.compiled_steps() == sum(j.units for j in compile_order(plan) if j.first) == 6
+    assert engine.pending_steps() == plan.compile_count() - 6
+    requests, _ = run_prefix_scenario(engine)
+    assert_equal_to_generate(params, CONFIG, requests)
+    items = [([1, 5, 9], [4, 4]), ([2] * 20, [7, 8, 9])]
+    padded = engine.score(items)
+    engine.compile_pending()
+    assert engine.pending_steps() == 0 and engine.compiled_steps() == plan.compile_count()
+    exact = engine.score(items)
+    for a, b in zip(padded.token_logprobs + padded.greedy, exact.token_logprobs + exact.greedy, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    engine.reset()
+    requests, _ = run_prefix_scenario(engine)
+    assert_equal_to_generate(params, CONFIG, requests)
+
+
+def test_compile_pending_stops_between_steps_when_asked():
+    engine = Engine(init_params(CONFIG, jax.random.key(1), jnp.float32), CONFIG, _plan())
+    engine.warm_up(phases=("score",), defer=True)
+    stop = threading.Event()
+    seen = []
+    engine.compile_pending(lambda label: seen.append(label) or stop.set(), stop)
+    assert seen == ["score b=1 T=16"]  # one step, then it saw the event
+    assert engine.pending_steps() == 4
+
+
+def _generate(stub, prompt: list[int], n: int) -> list[int]:
+    req = pb.GenerateRequest(tokens=pb.TokenIds(ids=prompt), max_new_tokens=n)
+    return list(stub.Generate(req, timeout=60).tokens)
+
+
+def test_a_server_answers_while_its_background_warm_up_compiles():
+    """A real gRPC server with warm_up="background": requests (concurrent, while the other buckets compile) get the
+    tokens model.generate gives; the metrics gauge counts the steps left, and reaches 0."""
+    from meshserve.model.generate import generate
+
+    params = init_params(CONFIG, jax.random.key(2), jnp.float32)
+    model = LoadedModel(CONFIG, params, ByteTokenizer(), "f32", "random:tiny")
+    plan = _plan()
+    metrics_port = free_port()
+    options = ServerOptions(port=0, metrics_port=metrics_port, warm_up="background")
+    server = build_server(model, plan, options)
+    assert server.engine.pending_steps() > 0
+    done = []
+    server.start(done.append)
+    try:
+        prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9] * 3, [2, 7]]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            results: dict[int, list[int]] = {}
+            threads = [threading.Thread(target=lambda i=i: results.update({i: _generate(stub, prompts[i], 6)}))
+                       for i in range(len(prompts))]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, p in enumerate(prompts):
+                assert results[i] == list(generate(params, CONFIG, [p], max_new_tokens=6)[0].tokens)
+            deadline = time.monotonic() + 300
+            while not done:
+                assert time.monotonic() < deadline, "the background warm-up did not finish"
+                time.sleep(0.2)
+            assert done == [plan.compile_count()]
+            assert _generate(stub, prompts[0], 6) == results[0]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "meshserve_compile_pending_steps 0.0" in metrics
+    finally:
+        server.stop(0)
+
+
+def test_build_server_refuses_an_unknown_warm_up():
+    model = LoadedModel(CONFIG, init_params(CONFIG, jax.random.key(0), jnp.float32), ByteTokenizer(), "f32", "x")
+    with pytest.raises(ServerError, match="warm_up must be 'all' or 'background', got 'lazy'"):
+        build_server(model, _plan(), ServerOptions(port=0, warm_up="lazy"))
