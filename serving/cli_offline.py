@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     phases = ("score",) if kind == "score" else ("generate",)
     with tqdm(total=plan.compile_count(phases), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-        engine.warm_up(lambda s: bar.update(2 if s.startswith("prefill") else 1), phases)
+        engine.warm_up(lambda job: bar.update(job.units), phases)
     start = time.monotonic()
     run = run_score if kind == "score" else run_generate
     with tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True) as bar:

@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
                     options,
                     steps=steps,
                     mesh_info=mesh_info,
-                    progress=lambda s: bar.update(2 if s.startswith("prefill") else 1),
+                    progress=lambda job: bar.update(job.units),
                 )
             built["value"] = model, plan, server
         except BaseException as e:  # re-raised on the main thread: a UserError still exits 2 in one line

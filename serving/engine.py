@@ -115,12 +115,12 @@ class Engine:
 
     def warm_up(
         self,
-        progress: Callable[[str], None] | None = None,
+        progress: Callable[[CompileJob], None] | None = None,
         phases: tuple[str, ...] = PHASES,
         defer: bool = False,
     ) -> None:
         """Compile the plan's steps for `phases` (generate = prefill, insert, extend, decode and slot release; score)
-        and allocate the decode state. progress: called with each step's label once it is compiled.
+        and allocate the decode state. progress: called with each step's CompileJob once it is compiled.
 
         defer: compile only the largest bucket of each kind now (it serves every request, padded) and leave the rest
         to `compile_pending` (warm_up.py); by default every step is compiled before this returns. No step compiles
@@ -138,7 +138,7 @@ class Engine:
         return sum(job.units for job in list(self._pending))
 
     def compile_pending(
-        self, progress: Callable[[str], None] | None = None, stop: threading.Event | None = None
+        self, progress: Callable[[CompileJob], None] | None = None, stop: threading.Event | None = None
     ) -> None:
         """Compile what a deferred warm-up left, smallest buckets first, until done or `stop` is set. Meant for one
         background thread while another drives the engine: each step is usable as soon as it is stored (XLA's
@@ -147,7 +147,7 @@ class Engine:
         while self._pending and not (stop is not None and stop.is_set()):
             self._compile(self._pending.popleft(), state, progress)
 
-    def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[str], None] | None) -> None:
+    def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
         i32 = jax.ShapeDtypeStruct
         # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2]), with b rows.
         samp = lambda b: {n: i32((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
@@ -200,7 +200,7 @@ class Engine:
         else:
             raise ValueError(f"unknown step kind {job.kind!r}")
         if progress:
-            progress(job.label)
+            progress(job)
 
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the

@@ -76,6 +76,8 @@ class Request:
     cancel_requested: bool = False
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     prefilled: int = 0  # prompt tokens in its slot's cache so far (less than the prompt while a chunked prefill runs)
+    # Prompt positions [a, b) it prefilled itself before a requeue: found in the cache again, they are no cache hit.
+    computed: tuple[int, int] = (0, 0)
 
     @property
     def finished(self) -> bool:
@@ -271,7 +273,8 @@ class Scheduler:
         slots = self._free_slots_for([(source, start) for _, source, start, _ in newcomers], free)
         for (r, source, start, _), s in zip(newcomers, slots, strict=True):
             r.slot, r.prefill_start = s, now
-            r.cached_tokens = start  # from the prefix cache (a chunk continuation's start is its own work)
+            own = max(0, min(start, r.computed[1]) - r.computed[0])  # its own chunks, before a requeue
+            r.cached_tokens = start - own  # from the prefix cache (a chunk continuation's start is its own work)
             self.slots[s] = r
             self._held.add(s)
             if start:
@@ -320,6 +323,9 @@ class Scheduler:
                 self.slots[r.slot] = None  # nothing was written: the slot keeps what the prefix index says
             r.slot = None
             r.prefill_start = None
+            if r.prefilled > r.cached_tokens:  # chunks it computed, which the prefix index may hand back to it
+                lo, hi = r.computed if r.computed[1] else (r.cached_tokens, 0)
+                r.computed = (min(lo, r.cached_tokens), max(hi, r.prefilled))
             r.cached_tokens = 0
             r.prefilled = 0  # a chunked prompt starts over (or from what the prefix index still finds)
         self.queue.extendleft(r for r in reversed(requests) if not r.finished)

@@ -26,6 +26,7 @@ from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES
 from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
+from meshserve.serving.warm_up import CompileJob
 
 __all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError", "check_score_tokens"]
 
@@ -226,7 +227,7 @@ def build_server(
     *,
     steps: ModelSteps | None = None,
     mesh_info: dict | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[CompileJob], None] | None = None,
 ) -> InferenceServer:
     """Bind the ports and read the TLS and token files, then compile the plan's steps (warm-up): all of them, or with
     options.warm_up "background" each kind's largest bucket, leaving the rest to a thread that `start` runs.

@@ -98,6 +98,23 @@ def test_a_requeued_batch_leaves_the_index_as_it_was():
     assert s.next_prefill(2.0).reuse.lengths == (29,)
 
 
+def test_a_requeued_chunked_prompt_does_not_count_its_own_chunks_as_cache_hits():
+    s = _scheduler(chunk=16)
+    system = list(range(1, 21))
+    s.prefix_index.record(0, system)  # free slot 0 holds a 20-token system prompt from an earlier request
+    long = Request(system + list(range(100, 140)), 2)  # 60 tokens: 20 cached, then chunks [20, 36), [36, 52), ...
+    s.submit(long)
+    first = s.next_prefill(1.0)
+    assert first.reuse.lengths == (20,) and first.ends == (36,) and long.cached_tokens == 20
+    s.record_prefill(first, [0], [0.0], 1.0)
+    second = s.next_prefill(2.0)
+    assert second.requests == (long,) and second.ends == (52,)
+    s.requeue(second.requests)  # the engine refused the step: [20, 36) is in the slot, computed by this request
+    again = s.next_prefill(3.0)
+    assert again.requests == (long,) and again.reuse.lengths == (36,)
+    assert long.cached_tokens == 20  # the system prompt, not the request's own first chunk
+
+
 def test_plan_counts_the_extend_steps_and_checks_the_chunk():
     grid = dict(max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,))
     plain, cached = make_plan(CONFIG, **grid), make_plan(CONFIG, **grid, prefix_caching=True)

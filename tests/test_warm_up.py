@@ -89,7 +89,7 @@ def test_compile_pending_stops_between_steps_when_asked():
     engine.warm_up(phases=("score",), defer=True)
     stop = threading.Event()
     seen = []
-    engine.compile_pending(lambda label: seen.append(label) or stop.set(), stop)
+    engine.compile_pending(lambda job: seen.append(job.label) or stop.set(), stop)
     assert seen == ["score b=1 T=16"]  # one step, then it saw the event
     assert engine.pending_steps() == 4
 
