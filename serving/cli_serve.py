@@ -20,9 +20,11 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from meshserve.errors import UserError
+
+# Moved to serving/compile_cache.py; imported back so `from meshserve.serving.cli_serve import ...` keeps working.
+from meshserve.serving.compile_cache import add_compile_cache_argument, default_compile_cache, setup_compile_cache
 
 __all__ = [
     "COMMANDS",
@@ -98,49 +100,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_compile_cache_argument(parser)
 
 
-def add_compile_cache_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--compile-cache",
-        metavar="DIR|off",
-        help="persistent XLA compilation cache, so a restart skips compiling (default: $JAX_COMPILATION_CACHE_DIR, "
-        f"else {default_compile_cache()}; off = none)",
-    )
-
-
-def default_compile_cache() -> Path:
-    """$XDG_CACHE_HOME/meshserve/xla (~/.cache/meshserve/xla), where vLLM-style servers keep compiled artifacts."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshserve" / "xla"
-
-
-def setup_compile_cache(value: str | None) -> str | None:
-    """Point JAX's persistent compilation cache at `value` (a directory, "off", or None for the default); returns
-    the directory used. An unusable default directory only warns (a cache must never stop a server); an unusable
-    directory the user named is an error."""
-    import jax
-
-    if value == "off":
-        jax.config.update("jax_compilation_cache_dir", None)
-        return None
-    named = value is not None
-    if value is None:
-        value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_compile_cache())
-    path = Path(value).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        if named:
-            raise UserError(f"--compile-cache {value}: cannot write there: {e.strerror}") from None
-        print(f"meshserve: compilation cache off ({path}: {e.strerror})", file=sys.stderr)
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    # Every step is worth caching: a server compiles dozens of small ones.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return str(path)
-
-
 def load_for_serving(args: argparse.Namespace, objective: str):
     """(model, plan, steps, mesh_info) from the flags above; JAX is imported here, not at CLI start.
 
@@ -148,7 +107,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     steps on a mesh, with params placed in the plan's weight storage and the plan as it will run."""
     import jax
 
-    setup_compile_cache(args.compile_cache)
+    setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.loading import load_model
     from meshserve.serving.plan import make_plan
 
