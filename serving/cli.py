@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("meshserve.analytics.cli", "the layout plan the server would use"),
     "calibrate": ("meshserve.analytics.cli", "measure this machine and store it as the `local` chip"),
     "bench": ("meshserve.serving.cli_bench", "benchmark prefill and decode (speed, bandwidth, MFU)"),
+    "cache": ("meshserve.serving.compile_cache", "show, clear or prune the persistent XLA compile cache"),
 }
 
 

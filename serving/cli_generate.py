@@ -271,9 +271,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> int:
     """Load the model (onto the mesh when given), generate all prompts as one batch, print in input order."""
-    from meshserve.serving.cli_serve import setup_compile_cache
+    from meshserve.serving.compile_cache import setup_compile_cache
 
-    setup_compile_cache(args.compile_cache)
+    setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.config import vocab_error
     from meshserve.model.generate import generate
     from meshserve.model.loading import load_model

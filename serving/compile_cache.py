@@ -214,7 +214,8 @@ def prune_compile_cache(path: str | os.PathLike, max_bytes: int) -> PruneResult:
 
 def _summary(result: PruneResult, path: Path) -> str:
     return (
-        f"removed {result.removed_entries} entries ({result.removed_bytes / _MIB:.1f} MiB), "
+        f"removed {result.removed_entries} {'entry' if result.removed_entries == 1 else 'entries'} "
+        f"({result.removed_bytes / _MIB:.1f} MiB), "
         f"{result.kept_bytes / _MIB:.1f} MiB kept in {path}"
     )
 

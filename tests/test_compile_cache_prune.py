@@ -184,7 +184,7 @@ def test_cache_command_shows_prunes_and_clears_only_entries(tmp_path, cache_cli,
     assert pruned["entries"] == 1 and pruned["removed_entries"] == 2 and _cache_keys(tmp_path) == {keys[0]}
     assert cache_cli("--compile-cache", str(tmp_path), "--clear") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"removed 1 entries (1.0 MiB), 0.0 MiB kept in {tmp_path}", f"{tmp_path}: 0 entries, 0.0 MiB"]
+    assert out == [f"removed 1 entry (1.0 MiB), 0.0 MiB kept in {tmp_path}", f"{tmp_path}: 0 entries, 0.0 MiB"]
     assert not list(tmp_path.glob("*-atime")) and all((tmp_path / n).read_bytes() == d for n, d in foreign.items())
     assert cache_cli("--compile-cache", str(tmp_path / "never-made"), "--json") == 0  # shown as empty, not made
     assert json.loads(capsys.readouterr().out)["entries"] == 0 and not (tmp_path / "never-made").exists()
