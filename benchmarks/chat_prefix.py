@@ -29,34 +29,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import queue
-import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from serve_process import ServeProcess
 
 MODES = {"on": "--prefix-caching", "off": "--no-prefix-caching"}
+COUNTERS = ("meshserve_prefix_cache_hit_tokens_total", "meshserve_prompt_tokens_total")
 DEFAULT_USER_TOKENS = 24  # a short chat message; 1 + 24 new tokens per turn fit one 32-token prefill bucket
 DEFAULT_NEW_TOKENS = 40  # demo (512 context): 170 system + 4 turns x (24 + 40) = 426 tokens, inside the context
 
 
 class FlagError(Exception):
     """A bad flag value: one line on stderr, exit 2."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -124,61 +113,18 @@ def _workload(args: argparse.Namespace, vocab: int, bos: int | None, eos: int | 
     return system, users
 
 
-class Server:
-    """`meshserve serve` in a subprocess; `.target` once it prints `listening on`."""
+class Server(ServeProcess):
+    """`meshserve serve` for one mode, every step compiled before it listens (--warm-up all): a background warm-up
+    would run the first requests in padded buckets and skew TTFT."""
 
     def __init__(self, args: argparse.Namespace, mode: str) -> None:
         source = (
             ["--model", args.model] if args.model else (["--checkpoint", args.checkpoint] if args.checkpoint else [])
         )
-        self.metrics_port = _free_port()
         extra = ["--length-buckets", args.length_buckets] if args.length_buckets else []
         extra += ["--weights", args.weights] if args.weights else []
-        cmd = [sys.executable, "-m", "meshserve.serving.cli", "serve", *source, MODES[mode], "--port", "0",
-               "--metrics-port", str(self.metrics_port), "--max-batch", str(args.max_batch), *extra]  # fmt: skip
-        self.log = Path(tempfile.gettempdir()) / f"chat_prefix_{mode}_{os.getpid()}.log"
-        from tqdm import tqdm
-
-        tqdm.write(f"chat_prefix: starting {' '.join(cmd[3:])} (log {self.log})", file=sys.stderr)
-        with open(self.log, "w") as out:
-            # The caller's environment as is: a test's compilation cache directory reaches the server.
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            self._wait(mode, time.monotonic() + args.start_timeout)
-        except BaseException:  # Ctrl-C while it compiles, or it never listened: no server left behind
-            self.stop()
-            raise
-
-    def _wait(self, mode: str, deadline: float) -> None:
-        while True:
-            m = re.search(r"listening on ([\d.]+):(\d+)", self.log.read_text())
-            if m:
-                self.target = f"{m.group(1)}:{m.group(2)}"
-                return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self.log.read_text().replace("\r", "\n").splitlines()[-20:])
-                raise RuntimeError(f"server ({mode}) did not start (exit {self.proc.returncode}):\n{tail}")
-            time.sleep(0.2)
-
-    def scrape(self) -> dict[str, float]:
-        """The prefix-cache counters from /metrics."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        out = {}
-        for name in ("meshserve_prefix_cache_hit_tokens_total", "meshserve_prompt_tokens_total"):
-            m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-            out[name] = float(m.group(1)) if m else float("nan")
-        return out
-
-    def stop(self) -> None:
-        """SIGTERM (the server drains and exits), then wait; kill only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        flags = [*source, MODES[mode], "--warm-up", "all", "--max-batch", str(args.max_batch), *extra]
+        super().__init__(flags, f"chat_prefix_{mode}", args.start_timeout)
 
 
 def _run_mode(args: argparse.Namespace, server: Server, system: list, users: list, bar) -> tuple[list, float]:
@@ -392,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "system_tokens", "user_tokens", "new_tokens", "max_batch", "seed")}  # fmt: skip
                     report["workload"]["max_context"] = info.limits.max_context
                 records, wall = _run_mode(args, server, *workload, bar)
-                report["modes"][mode] = _summary(records, wall, args.turns, server.scrape())
+                report["modes"][mode] = _summary(records, wall, args.turns, server.scrape(COUNTERS))
             finally:
                 server.stop()
     except FlagError as e:
