@@ -204,8 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["background", "all"],
         default="background",
         help="background (default): compile the largest bucket of each step, start serving, and compile the other "
-        "buckets on a background thread, smallest first (until each is in, requests of its shape run padded to a "
-        "larger one: correct, a little slower); all: compile every bucket before listening",
+        "buckets on a background thread, smallest first; until a bucket is in, requests of its shape run padded in a "
+        "larger one (slower, several times so for the first seconds; the same answers up to float rounding, as "
+        "between any two buckets); all: compile every bucket before listening",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
@@ -304,26 +305,25 @@ def run(args: argparse.Namespace) -> int:
         raise built["error"]
     model, plan, server = built["value"]
     compiled, pending = server.engine.compiled_steps(), server.engine.pending_steps()
-    listening = time.monotonic()
-    server.start(
-        lambda n: print(
-            f"meshserve serve: warm-up done, {n} compiled steps ({time.monotonic() - listening:.0f} s "
-            "in the background)",
-            file=sys.stderr,
-            flush=True,
-        )  # fmt: skip
-    )
-    steps = (
-        f"{compiled} of {compiled + pending} steps compiled, the rest in the background"
-        if pending
-        else (f"{compiled} compiled steps")
-    )
+    listening, announced = time.monotonic(), threading.Event()
+
+    def warm(n_compiled: int, failed: int) -> None:
+        announced.wait()  # after the `listening on` line, even when the last steps came from the compile cache
+        failures = f", {failed} failed to compile (see above; their shapes run padded)" if failed else ""
+        print(f"meshserve serve: warm-up done, {n_compiled} compiled steps{failures} ({time.monotonic() - listening:.0f}"
+              " s in the background)", file=sys.stderr, flush=True)  # fmt: skip
+
+    server.start(warm)
+    steps = f"{compiled} of {compiled + pending} steps compiled, the rest in the background" if pending else (
+        f"{compiled} compiled steps"
+    )  # fmt: skip
     print(
         f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, {steps}, "
         f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'})",
         file=sys.stderr,
     )
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)
+    announced.set()
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
         if server.orchestrator.error is not None:
             break

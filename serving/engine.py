@@ -78,7 +78,8 @@ class ScoreOutput:
 
 @dataclass
 class Engine:
-    """Compiled steps over one model and plan. Not thread-safe: one driver thread calls it."""
+    """Compiled steps over one model and plan. One driver thread runs the steps; besides it, one other thread may run
+    `compile_pending` (the only method meant for it)."""
 
     params: Params
     config: ModelConfig
@@ -139,26 +140,36 @@ class Engine:
 
     def compile_pending(
         self, progress: Callable[[CompileJob], None] | None = None, stop: threading.Event | None = None
-    ) -> None:
-        """Compile what a deferred warm-up left, smallest buckets first, until done or `stop` is set. Meant for one
-        background thread while another drives the engine: each step is usable as soon as it is stored (XLA's
-        compile releases the GIL, so the driving thread keeps running)."""
+    ) -> list[tuple[CompileJob, Exception]]:
+        """Compile what a deferred warm-up left, smallest buckets first, until done or `stop` is set; returns the
+        steps that failed to compile, with their errors (their shapes stay with the larger steps that compiled).
+
+        Meant for one background thread while another drives the engine: each step is usable as soon as it is
+        stored. Tracing and lowering hold the GIL (~15% of a step's compile time here), XLA's compile releases it,
+        so the driving thread keeps running. A step leaves `pending_steps` only once it is compiled."""
         state = self._abstract_state()
+        failed = []
         while self._pending and not (stop is not None and stop.is_set()):
-            self._compile(self._pending.popleft(), state, progress)
+            job = self._pending[0]
+            try:
+                self._compile(job, state, progress)
+            except Exception as e:  # e.g. out of device memory for one bucket: the others may still fit
+                failed.append((job, e))
+            self._pending.popleft()
+        return failed
 
     def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
-        i32 = jax.ShapeDtypeStruct
+        spec = jax.ShapeDtypeStruct
         # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2]), with b rows.
-        samp = lambda b: {n: i32((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
+        samp = lambda b: {n: spec((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
         key = job.key
-        rows = lambda b: i32((b,), jnp.int32)  # noqa: E731
+        rows = lambda b: spec((b,), jnp.int32)  # noqa: E731
         if job.kind == "release":
             release = jax.jit(release_slots, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
-            self._release = release.lower(state, i32((self.plan.max_batch,), jnp.bool_)).compile()
+            self._release = release.lower(state, spec((self.plan.max_batch,), jnp.bool_)).compile()
         elif job.kind in ("prefill", "score", "extend"):
             b, t = key[:2]
-            tokens = i32((b, t), jnp.int32)
+            tokens = spec((b, t), jnp.int32)
             if job.kind == "score":
                 self._score[key] = (
                     jax.jit(functools.partial(score_tokens, self.steps, self.config))
@@ -171,16 +182,16 @@ class Engine:
                     donate_argnums=1,
                     out_shardings=(self.steps.decode_state_sharding, None),
                 )
-                prefix = i32((b, key[2]), jnp.int32)
+                prefix = spec((b, key[2]), jnp.int32)
                 self._extend[key] = extend.lower(
                     self.params, state, tokens, rows(b), prefix, rows(b), rows(b), rows(b), samp(b)
                 ).compile()
             else:
-                kv = i32(
+                kv = spec(
                     (self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head),
                     transformer.compute_dtype(self.params),
                 )
-                in_prompt = i32((b, self.config.vocab_size), jnp.bool_)
+                in_prompt = spec((b, self.config.vocab_size), jnp.bool_)
                 insert = jax.jit(
                     functools.partial(insert_rows, self.steps.insert),
                     donate_argnums=0,

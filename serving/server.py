@@ -156,9 +156,9 @@ class InferenceServer:
         self._compiler: threading.Thread | None = None
         self._stop_compiling = threading.Event()
 
-    def start(self, warm: Callable[[int], None] | None = None) -> InferenceServer:
-        """Serve; with steps a deferred warm-up left, compile them on a background thread, then call `warm` with
-        the number of compiled steps (not when the server stops first)."""
+    def start(self, warm: Callable[[int, int], None] | None = None) -> InferenceServer:
+        """Serve; with steps a deferred warm-up left, compile them on a background thread, then call
+        warm(compiled steps, steps that failed to compile) (not when the server stops first)."""
         self.orchestrator.start()
         self._grpc.start()
         self.set_serving(True)
@@ -168,14 +168,12 @@ class InferenceServer:
             self._compiler.start()
         return self
 
-    def _compile_rest(self, warm: Callable[[int], None] | None) -> None:
-        try:
-            self.engine.compile_pending(stop=self._stop_compiling)
-        except Exception:  # a step that fails to compile leaves its shapes to the larger steps that did compile
-            log.exception("background warm-up stopped")
-            return
-        if warm is not None and not self.engine.pending_steps():
-            warm(self.engine.compiled_steps())
+    def _compile_rest(self, warm: Callable[[int, int], None] | None) -> None:
+        failed = self.engine.compile_pending(stop=self._stop_compiling)
+        for job, error in failed:  # its shapes stay with the larger buckets that compiled
+            log.error("background warm-up: %s failed to compile: %s: %s", job.label, type(error).__name__, error)
+        if warm is not None and not self._stop_compiling.is_set() and not self.engine.pending_steps():
+            warm(self.engine.compiled_steps(), sum(job.units for job, _ in failed))
 
     def set_serving(self, serving: bool) -> None:
         """Health of the server and of meshserve.v1.Inference: SERVING or NOT_SERVING."""
@@ -200,7 +198,9 @@ class InferenceServer:
         stopped.wait()
         self._stopped.set()
         if self._compiler is not None:
-            self._compiler.join()  # at most the one compile in flight: the thread checks between steps
+            # It checks between steps; one step of a large model can take tens of seconds, and the thread is a
+            # daemon, so a stopped server does not wait that long for it.
+            self._compiler.join(timeout=5.0)
         return clean
 
     def wait(self) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 
 from meshserve.serving.plan import EnginePlan
 
-__all__ = ["CompileJob", "compile_order", "covering"]
+__all__ = ["PHASES", "CompileJob", "compile_order", "covering"]
 
-PHASES = ("generate", "score")
+PHASES = ("generate", "score")  # what Engine.warm_up compiles by default
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class CompileJob:
 
     @property
     def label(self) -> str:
+        """E.g. "decode b=4 C=128": the kind and its bucket, for logs and progress."""
         names = {"prefill": ("b", "T"), "score": ("b", "T"), "extend": ("b", "T", "C"), "decode": ("b", "C")}
         return " ".join([self.kind, *(f"{n}={v}" for n, v in zip(names.get(self.kind, ()), self.key, strict=True))])
 

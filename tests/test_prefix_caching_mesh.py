@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -71,4 +72,20 @@ def test_mesh_engine_with_reused_prefixes_equals_one_device_generate(attention):
     requests, orch = run_prefix_scenario(engine)
     state = engine._state.cache
     assert state.k.sharding.is_equivalent_to(kv, 5) and state.v.sharding.is_equivalent_to(kv, 5)
+    assert_equal_to_generate(params, CONFIG, requests)
+
+
+def test_mesh_engine_serves_from_covering_steps_while_the_rest_compile_on_a_thread():
+    """A deferred warm-up on the mesh (serve's default): the prefix scenario runs while `compile_pending` compiles
+    the other buckets on a second thread; every request equals one-device generate, and every step ends compiled."""
+    params = init_params(CONFIG, jax.random.key(7), jnp.float32)
+    placed, steps, plan = mesh_steps(CONFIG, params, _plan("batch"))
+    engine = Engine(placed, CONFIG, plan, steps)
+    engine.warm_up(phases=("generate",), defer=True)
+    assert 0 < engine.compiled_steps() < plan.compile_count(("generate",))
+    compiler = threading.Thread(target=engine.compile_pending)
+    compiler.start()
+    requests, _ = run_prefix_scenario(engine)
+    compiler.join()
+    assert engine.pending_steps() == 0 and engine.compiled_steps() == plan.compile_count(("generate",))
     assert_equal_to_generate(params, CONFIG, requests)

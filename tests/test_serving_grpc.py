@@ -36,7 +36,7 @@ def server(checkpoint, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     metrics_port = free_port()
     # --warm-up all: the tests below compare answers bit for bit, and while a background warm-up runs a request may
-    # run in a larger bucket, whose float sums can round differently in the last bit (tests/test_warm_up.py).
+    # run in a larger bucket, the same up to float rounding (as between any two buckets; tests/test_warm_up.py).
     proc = ServerProcess(
         checkpoint, "--warm-up", "all",
         "--max-queue", "32", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),

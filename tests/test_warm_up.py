@@ -3,6 +3,7 @@ server) answering correctly while only each kind's largest bucket is compiled, w
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -13,15 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_helpers import free_port
-from engine_helpers import assert_equal_to_generate, run_prefix_scenario
+from engine_helpers import assert_equal_to_generate, run_prefix_scenario, wait_finished
 from meshserve.model.config import get_config
 from meshserve.model.loading import LoadedModel
 from meshserve.model.params import init_params
+from meshserve.model.sampling import SamplingParams
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.engine import Engine
+from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
+from meshserve.serving.scheduler import Request, Scheduler
 from meshserve.serving.server import ServerError, ServerOptions, build_server
 from meshserve.serving.warm_up import compile_order, covering
 
@@ -74,6 +78,7 @@ def test_an_engine_with_only_covering_steps_gives_the_tokens_of_a_full_warm_up()
     assert_equal_to_generate(params, CONFIG, requests)
     items = [([1, 5, 9], [4, 4]), ([2] * 20, [7, 8, 9])]
     padded = engine.score(items)
+    assert engine.compiled_steps() == 6  # nothing compiled on the request path
     engine.compile_pending()
     assert engine.pending_steps() == 0 and engine.compiled_steps() == plan.compile_count()
     exact = engine.score(items)
@@ -82,6 +87,53 @@ def test_an_engine_with_only_covering_steps_gives_the_tokens_of_a_full_warm_up()
     engine.reset()
     requests, _ = run_prefix_scenario(engine)
     assert_equal_to_generate(params, CONFIG, requests)
+
+
+def test_covering_decode_steps_free_slots_holding_prefixes_and_chunked_prompts_unharmed():
+    """Only the covering steps: a long request decodes at batch 1 in the 4-wide step, which also steps slot 1 (a
+    finished request's cached prefix, reused afterwards) and the slot of a prompt being prefilled in chunks beside it;
+    every request equals model.generate."""
+    params = init_params(CONFIG, jax.random.key(5), jnp.float32)
+    engine = Engine(params, CONFIG, _plan(prefill_chunk=16))
+    engine.warm_up(phases=("generate",), defer=True)
+    rng = np.random.default_rng(0)
+    ids = lambda n: [int(t) for t in rng.integers(3, CONFIG.vocab_size, n)]  # noqa: E731
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
+    greedy = SamplingParams()
+    run = lambda p, n, s=greedy: orch.submit(Request(list(p), n, sampling=s)).request  # noqa: E731
+    try:
+        long = run(ids(10), 90)  # slot 0, decoding throughout
+        short = run(ids(30), 3, SamplingParams(repetition_penalty=1.3))  # slot 1: finishes, keeps its prefix
+        wait_finished([short])
+        while len(long.tokens) < len(short.tokens) + 10:  # decode steps run over slot 1 while it is free
+            time.sleep(0.01)
+        follow = run(short.prompt + short.tokens + ids(5), 6)  # reuses slot 1's prefix
+        chunked = run(ids(100), 5, SamplingParams(0.9, top_k=20, seed=3))  # 7 chunks of 16, decode between
+        wait_finished([long, follow, chunked])
+    finally:
+        orch.stop()
+    assert orch.error is None
+    assert follow.cached_tokens == len(short.prompt) + len(short.tokens) - 1
+    assert engine.compiled_steps() == 5  # generate's covering steps only: nothing compiled on the request path
+    assert_equal_to_generate(params, CONFIG, [long, short, follow, chunked])
+
+
+def test_a_step_that_fails_to_compile_leaves_the_others_compiling(monkeypatch):
+    engine = Engine(init_params(CONFIG, jax.random.key(1), jnp.float32), CONFIG, _plan())
+    engine.warm_up(phases=("score",), defer=True)
+    compile_one = engine._compile
+
+    def flaky(job, state, progress):
+        if job.key == (1, 64):
+            raise RuntimeError("out of memory")
+        compile_one(job, state, progress)
+
+    monkeypatch.setattr(engine, "_compile", flaky)
+    failed = engine.compile_pending()
+    assert [(job.key, str(e)) for job, e in failed] == [((1, 64), "out of memory")]
+    assert engine.pending_steps() == 0 and engine.compiled_steps() == 5  # 6 score buckets, one failed
+    out = engine.score([([1, 2, 3] * 10, [4, 5])])  # 32 tokens: bucket (1, 64) is missing, (4, 64) covers it
+    assert len(out.token_logprobs[0]) == 2
 
 
 def test_compile_pending_stops_between_steps_when_asked():
@@ -110,9 +162,14 @@ def test_a_server_answers_while_its_background_warm_up_compiles():
     metrics_port = free_port()
     options = ServerOptions(port=0, metrics_port=metrics_port, warm_up="background")
     server = build_server(model, plan, options)
-    assert server.engine.pending_steps() > 0
+    pending = server.engine.pending_steps()
+    assert pending > 0
+    # Hold the compile thread before its first step until the answers are in: they must come from the covering steps.
+    gate, compile_one = threading.Event(), server.engine._compile
+    server.engine._compile = lambda *a: gate.wait(300) and compile_one(*a)
     done = []
-    server.start(done.append)
+    server.start(lambda *counts: done.append(counts))
+    gauge = lambda: _scrape(metrics_port, "meshserve_compile_pending_steps")  # noqa: E731
     try:
         prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9] * 3, [2, 7]]
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -126,16 +183,22 @@ def test_a_server_answers_while_its_background_warm_up_compiles():
                 t.join()
             for i, p in enumerate(prompts):
                 assert results[i] == list(generate(params, CONFIG, [p], max_new_tokens=6)[0].tokens)
+            assert server.engine.compiled_steps() == 6 and gauge() == pending
+            gate.set()
             deadline = time.monotonic() + 300
             while not done:
                 assert time.monotonic() < deadline, "the background warm-up did not finish"
                 time.sleep(0.2)
-            assert done == [plan.compile_count()]
+            assert done == [(plan.compile_count(), 0)] and gauge() == 0
             assert _generate(stub, prompts[0], 6) == results[0]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert "meshserve_compile_pending_steps 0.0" in metrics
     finally:
+        gate.set()
         server.stop(0)
+
+
+def _scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
 
 
 def test_build_server_refuses_an_unknown_warm_up():
