@@ -6,8 +6,24 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"meshserve-test-xla-cache-{os.getuid()}")
 )
+
+
+@pytest.fixture
+def restored_jax_cache():
+    """For tests that point JAX's persistent cache elsewhere (tmp_path): restore its config afterwards, and make JAX
+    re-open its cache from the restored directory."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    jax_cache.reset_cache()

@@ -11,13 +11,7 @@ from meshserve.errors import UserError
 from meshserve.serving.cli_serve import default_compile_cache, setup_compile_cache
 from test_serving_support import env, meshserve
 
-
-@pytest.fixture(autouse=True)
-def _restore_jax_cache_config():
-    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+pytestmark = pytest.mark.usefixtures("restored_jax_cache")
 
 
 def test_default_is_the_jax_variable_else_the_xdg_cache(tmp_path, monkeypatch):

@@ -23,14 +23,7 @@ from test_serving_support import env, meshserve
 HASH = "0123456789abcdef" * 4  # JAX's keys end in a sha256 hex digest
 
 
-@pytest.fixture(autouse=True)
-def _restore_jax_cache_config():
-    """Tests here point JAX's cache at tmp_path: restore the config, and make JAX re-open its cache from it."""
-    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-    jax_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("restored_jax_cache")
 
 
 @pytest.fixture
