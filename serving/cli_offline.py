@@ -45,6 +45,8 @@ GENERATE_EPILOG = (
   id                 string or integer (required, unique)
   prompt             text to continue (required, non-empty)
   max_new_tokens     tokens to generate, >= 1 (default: 64, or what is left of the context if less)
+  n                  samples of this prompt, 1 to 64 (default 1); sample i uses seed + i, so with temperature 0
+                     all n are the same; the line is written once all n finished, its samples under "choices"
   temperature        0 = greedy (default 0)
   top_k              keep the k most likely tokens, 0 = off (default 0)
   top_p              nucleus sampling in (0, 1] (default 1)
@@ -66,6 +68,12 @@ output fields (OUT.jsonl, one object per id):
   logprobs       log-probability of each generated token
   finish_reason  "stop" (end-of-sequence or a stop string) or "length" (max_new_tokens reached)
   top_logprobs   only when asked: per token, a list of {"token", "text", "logprob"}, most likely first
+  choices        only when n > 1, instead of the five fields above: a list of n objects in sample order, each
+                 {"index", "text", "tokens", "logprobs", "finish_reason", "top_logprobs" (when asked)}
+The summary (--json) counts tokens and cached_prompt_tokens over every sample, and samples: the generations in the
+lines written; done, skipped and errors count lines. The shared prompt of a line's n samples is prefilled once
+when the prefix cache is on (--prefix-caching, the default) and the prompt is long enough for reuse to save a
+prompt bucket.
 """
     + _COMMON
 )

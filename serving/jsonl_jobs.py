@@ -49,8 +49,8 @@ class LineError(UserError):
 # The keys a line may have; any other key is refused (line by line), never ignored.
 SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
-    "id", "prompt", "max_new_tokens", *(f.name for f in dataclasses.fields(SamplingParams)), "stop", "stop_token_ids",
-    "ignore_eos"
+    "id", "prompt", "max_new_tokens", "n", *(f.name for f in dataclasses.fields(SamplingParams)), "stop",
+    "stop_token_ids", "ignore_eos"
 )  # fmt: skip
 _REQUIRED = {"score": ("prompt", "continuation"), "batch-generate": ("prompt",)}
 
@@ -74,8 +74,9 @@ class JobSummary:
     done: int = 0  # results written this run
     skipped: int = 0  # ids already in OUT
     errors: int = 0  # bad lines reported
-    tokens: int = 0  # tokens scored or generated this run
+    tokens: int = 0  # tokens scored or generated this run, over every sample
     cached_prompt_tokens: int = 0  # batch-generate: prompt tokens the prefix cache supplied (not prefilled again)
+    samples: int = 0  # batch-generate: generations in the lines written (an id with "n": k counts k); score: 0
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -1,10 +1,20 @@
 """Offline jobs over JSONL files, in process: scoring and batch generation with the throughput plan.
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
-  batch-generate  {"id", "prompt", "max_new_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
+  batch-generate  {"id", "prompt", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
                    "top_logprobs"?, "stop_token_ids"?}
-                                            -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
+                   n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
+                   n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
+                                                          "top_logprobs"?}, ...]}  (index order)
+
+"n" (an integer in [1, N_MAX]) samples a prompt n times, as OpenAI's and vLLM's n: sample i is its own request with
+seed + i (so greedy samples are identical, and sample i equals a line of its own with seed + i), and the line is
+written once, when all n finished. A line's requests are queued together, so the prefix cache and the scheduler's
+burst rule (serving/prefix_cache.py wait_for) prefill the shared prompt once where it is long enough for reuse to
+save a bucket: n samples cost about one prompt prefill plus n decodes. Resume stays per id: a kill before the line
+is written redoes all n samples. The summary's tokens, cached_prompt_tokens and samples count every sample; done,
+skipped and errors count lines.
 
 The files (paths, resume, line checks, writing) are serving/jsonl_jobs.py's; this module runs the jobs on the
 engine. Both sort the work by length (less padding), write each result as soon as it is done (one flushed line), and
@@ -35,7 +45,9 @@ from meshserve.serving.jsonl_jobs import (
     prepare_job,
 )
 
-__all__ = ["run_score", "run_generate"]
+__all__ = ["N_MAX", "run_score", "run_generate"]
+
+N_MAX = 64  # samples per prompt ("n"): the requests one input line may queue
 
 
 def _prepare(kind: str, in_path: Path, out_path: Path, errors_path: Path, prepared: PreparedJob | None):
@@ -83,10 +95,20 @@ def run_score(
     return writer.summary
 
 
-def _generation_request(model, engine, job: JobLine):
+def _samples(data: dict) -> int:
+    """The line's "n" (samples per prompt), checked like the other fields: a JSON integer in [1, N_MAX]."""
+    n = data.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= N_MAX:
+        raise LineError(f"n must be an integer in [1, {N_MAX}], got {n!r}")
+    return n
+
+
+def _generation_requests(model, engine, job: JobLine):
+    """The line's n requests (sample i samples with seed + i) and its stop strings; LineError for a bad field."""
     from meshserve.serving.scheduler import Request
 
     d = job.data
+    samples = _samples(d)
     prompt = model.encode_prompt(d["prompt"])
     bad = vocab_error(model.config, prompt, "prompt")
     if bad:
@@ -110,6 +132,10 @@ def _generation_request(model, engine, job: JobLine):
         sampling = SamplingParams(**values)
     except SamplingError as e:
         raise LineError(str(e)) from None
+    if sampling.seed + samples - 1 >= 2**63:  # the last sample's seed must be a valid seed too
+        raise LineError(
+            f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {sampling.seed}, n {samples}"
+        )
     stop = d.get("stop", [])
     if isinstance(stop, str):
         stop = [stop]
@@ -122,14 +148,28 @@ def _generation_request(model, engine, job: JobLine):
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
-    return Request(prompt, n, sampling, stop_ids), stop
+    requests = [
+        Request(list(prompt), n, dataclasses.replace(sampling, seed=sampling.seed + i), stop_ids)
+        for i in range(samples)
+    ]
+    return requests, stop
+
+
+def _choice(model, handle) -> dict:
+    """One finished request as an output row's fields (without the id)."""
+    r = handle.request
+    row = {"text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs, "finish_reason": r.finish_reason}
+    if r.sampling.top_logprobs:
+        row["top_logprobs"] = alternatives_json(alternatives_with_text(model.tokenizer, r.top_logprobs))
+    return row
 
 
 def run_generate(
     model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None, prepared: PreparedJob | None = None
 ) -> JobSummary:
     """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread);
-    `prepared` is `prepare_job("batch-generate", ...)` when the caller already read the files."""
+    `prepared` is `prepare_job("batch-generate", ...)` when the caller already read the files. A line with "n": k
+    submits k requests and is written once all k finished (one line, its samples under "choices")."""
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.scheduler import Scheduler
 
@@ -137,40 +177,57 @@ def run_generate(
     work = []
     for job in todo:
         try:
-            work.append((job, *_generation_request(model, engine, job)))
+            requests, stop = _generation_requests(model, engine, job)
         except LineError as e:
             writer.error(job.line, job.id, str(e))
-    work.sort(key=lambda x: len(x[1].prompt))  # similar prompt lengths prefill together
-    plan = engine.plan
-    scheduler = Scheduler.for_plan(plan, len(work) + 1)
+            continue
+        work.append((job, requests, stop))
+    # Similar prompt lengths prefill together; a line's samples stay adjacent, so they share one prompt prefill
+    # (the scheduler's burst rule, prefix_cache.wait_for) and the line is written soon after its first sample.
+    work.sort(key=lambda x: len(x[1][0].prompt))
+    total = sum(len(requests) for _, requests, _ in work)
+    scheduler = Scheduler.for_plan(engine.plan, total + 1)
     orch = Orchestrator(engine, scheduler, model.tokenizer).start()
     done: queue.SimpleQueue = queue.SimpleQueue()
-    jobs = {}
+    owner = {}  # request id -> (job, sample index)
+    pending = {}  # job line -> its finished choices so far (None once an error was reported for the line)
     if progress is not None:
-        progress.reset(total=sum(r.max_new_tokens for _, r, _ in work))
+        progress.reset(total=sum(r.max_new_tokens for _, requests, _ in work for r in requests))
     try:
-        for job, request, stop in work:
-            jobs[request.id] = job
-            orch.submit(request, stop, done=done)
-        for _ in range(len(work)):
+        for job, requests, stop in work:
+            pending[job.line] = [None] * len(requests)
+            for i, request in enumerate(requests):
+                owner[request.id] = (job, i)
+                orch.submit(request, stop, done=done)
+        for _ in range(total):
             handle = done.get()
             if isinstance(handle, BaseException):
                 raise handle
             r = handle.request
-            if handle.error is not None:  # the engine refused it (and its prefill batch); the job goes on
-                writer.error(jobs[r.id].line, jobs[r.id].id, str(handle.error))
-                if progress is not None:
-                    progress.update(r.max_new_tokens)
-                continue
-            row = {"id": jobs[r.id].id, "text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs,
-                   "finish_reason": r.finish_reason}  # fmt: skip
-            if r.sampling.top_logprobs:
-                row["top_logprobs"] = alternatives_json(alternatives_with_text(model.tokenizer, r.top_logprobs))
-            writer.result(row)
-            writer.summary.tokens += len(r.tokens)
-            writer.summary.cached_prompt_tokens += r.cached_tokens
+            job, index = owner[r.id]
             if progress is not None:
                 progress.update(r.max_new_tokens)  # the total counts max_new_tokens: an early stop fills its share
+            choices = pending[job.line]
+            if choices is None:  # another sample of the line failed: it is reported once and not written
+                continue
+            if handle.error is not None:  # the engine refused it (and its prefill batch); the job goes on
+                writer.error(job.line, job.id, str(handle.error))
+                pending[job.line] = None
+                continue
+            choices[index] = handle
+            if any(c is None for c in choices):
+                continue
+            del pending[job.line]
+            if len(choices) == 1:  # n = 1: the flat row, exactly as before "n" existed
+                writer.result({"id": job.id, **_choice(model, choices[0])})
+            else:
+                writer.result(
+                    {"id": job.id, "choices": [{"index": i, **_choice(model, c)} for i, c in enumerate(choices)]}
+                )
+            writer.summary.samples += len(choices)
+            for c in choices:
+                writer.summary.tokens += len(c.request.tokens)
+                writer.summary.cached_prompt_tokens += c.request.cached_tokens
     finally:
         if orch.error is None:
             orch.drain(0.0)  # finished: stops the thread; interrupted: cancels what is left first
