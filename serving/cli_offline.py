@@ -59,7 +59,7 @@ GENERATE_EPILOG = (
   stop               a string or a list of strings that end the text (default none)
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
-Each value must be a JSON number of the field's type (integers for max_new_tokens, top_k, seed, top_logprobs).
+Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs).
 
 output fields (OUT.jsonl, one object per id):
   id             the input's id
