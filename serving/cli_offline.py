@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
-from meshserve.serving.cli_serve import add_model_arguments, load_for_serving
+from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving
 
 __all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
 
@@ -95,6 +96,7 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
         help="plan objective (default throughput: large batches)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    add_warm_up_argument(parser, "the job", "starting")
     add_model_arguments(parser)
 
 
@@ -124,17 +126,29 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
         return 0
     from meshserve.serving.engine import Engine, ModelSteps
+    from meshserve.serving.warm_up import compile_order
     from tqdm import tqdm
 
     model, plan, steps, _ = load_for_serving(args, args.objective)
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())
     phases = ("score",) if kind == "score" else ("generate",)
-    with tqdm(total=plan.compile_count(phases), desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-        engine.warm_up(lambda job: bar.update(job.units), phases)
+    defer = args.warm_up == "background"
+    first = sum(j.units for j in compile_order(plan, phases) if j.first or not defer)
+    with tqdm(total=first, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+        engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
+    # The other buckets compile beside the job. At its end, wait for the step in flight: a process that exits while
+    # XLA compiles on another thread aborts (SIGABRT, exit 134).
+    stop = threading.Event()
+    compiler = threading.Thread(target=engine.compile_pending, kwargs={"stop": stop}, name="meshserve-compile")
+    compiler.start()
     start = time.monotonic()
     run = run_score if kind == "score" else run_generate
-    with tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True) as bar:
-        summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
+    try:
+        with tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True) as bar:
+            summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
+    finally:
+        stop.set()
+        compiler.join()
     _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
     return 0
 

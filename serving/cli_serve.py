@@ -100,6 +100,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_compile_cache_argument(parser)
 
 
+def add_warm_up_argument(parser: argparse.ArgumentParser, work: str, before: str) -> None:
+    """--warm-up background|all (serving/warm_up.py), for serve (`work` "serving") and the offline jobs."""
+    parser.add_argument(
+        "--warm-up",
+        choices=["background", "all"],
+        default="background",
+        help=f"background (default): compile the largest bucket of each step, start {work}, and compile the other "
+        "buckets on a background thread, smallest first; until a bucket is in, requests of its shape run padded in a "
+        "larger one (slower, several times so for the first seconds; the same answers up to float rounding, as "
+        f"between any two buckets); all: compile every bucket before {before}",
+    )
+
+
 def load_for_serving(args: argparse.Namespace, objective: str):
     """(model, plan, steps, mesh_info) from the flags above; JAX is imported here, not at CLI start.
 
@@ -199,15 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="latency",
         help="plan for low latency (default) or high throughput",
     )
-    parser.add_argument(
-        "--warm-up",
-        choices=["background", "all"],
-        default="background",
-        help="background (default): compile the largest bucket of each step, start serving, and compile the other "
-        "buckets on a background thread, smallest first; until a bucket is in, requests of its shape run padded in a "
-        "larger one (slower, several times so for the first seconds; the same answers up to float rounding, as "
-        "between any two buckets); all: compile every bucket before listening",
-    )
+    add_warm_up_argument(parser, "serving", "listening")
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--auth-token-file", help="require `authorization: Bearer <token>`; the file holds the token")

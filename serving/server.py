@@ -198,9 +198,9 @@ class InferenceServer:
         stopped.wait()
         self._stopped.set()
         if self._compiler is not None:
-            # It checks between steps; one step of a large model can take tens of seconds, and the thread is a
-            # daemon, so a stopped server does not wait that long for it.
-            self._compiler.join(timeout=5.0)
+            # It stops between steps: wait for the one in flight. A process that exits while XLA compiles on another
+            # thread aborts (SIGABRT, exit 134: seen with batch-generate), which a supervisor would read as a crash.
+            self._compiler.join()
         return clean
 
     def wait(self) -> None:

@@ -3,6 +3,7 @@ server) answering correctly while only each kind's largest bucket is compiled, w
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import free_port
+from cli_helpers import checkpoint_fixture, free_port, run_cli
 from engine_helpers import assert_equal_to_generate, run_prefix_scenario, wait_finished
 from meshserve.model.config import get_config
 from meshserve.model.loading import LoadedModel
@@ -30,6 +31,7 @@ from meshserve.serving.server import ServerError, ServerOptions, build_server
 from meshserve.serving.warm_up import compile_order, covering
 
 CONFIG = get_config("tiny")
+checkpoint = checkpoint_fixture(seed=4)
 
 
 def _plan(**kw):
@@ -205,3 +207,19 @@ def test_build_server_refuses_an_unknown_warm_up():
     model = LoadedModel(CONFIG, init_params(CONFIG, jax.random.key(0), jnp.float32), ByteTokenizer(), "f32", "x")
     with pytest.raises(ServerError, match="warm_up must be 'all' or 'background', got 'lazy'"):
         build_server(model, _plan(), ServerOptions(port=0, warm_up="lazy"))
+
+
+def test_batch_generate_with_a_background_warm_up_writes_what_a_full_one_does(checkpoint, tmp_path, capsys):
+    """The offline job starts on the covering steps while the rest compile (f32: the same tokens as --warm-up all)."""
+    rows = [{"id": i, "prompt": "ab" * (1 + 5 * i), "max_new_tokens": 6, "temperature": 0.7, "seed": i}
+            for i in range(10)]  # fmt: skip
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = {}
+    for mode in ("background", "all"):
+        out = tmp_path / f"{mode}.jsonl"
+        code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--checkpoint", checkpoint,
+                               "--max-batch", "4", "--length-buckets", "16,64", "--warm-up", mode)  # fmt: skip
+        assert code == 0, err
+        outputs[mode] = {r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())}
+    assert len(outputs["all"]) == 10 and outputs["background"] == outputs["all"]
