@@ -107,7 +107,8 @@ def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_pa
         print(json.dumps(report))
     where = f" (see {errors_path})" if summary.errors else ""
     cached = f", {summary.cached_prompt_tokens} prompt tokens from the prefix cache" if kind == "batch-generate" else ""
-    print(f"meshserve {kind}: {summary.done} written, {summary.skipped} already done, {summary.errors} bad lines"
+    samples = f" ({summary.samples} samples)" if kind == "batch-generate" and summary.samples != summary.done else ""
+    print(f"meshserve {kind}: {summary.done} written{samples}, {summary.skipped} already done, {summary.errors} bad lines"
           f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 
 
