@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=5, help="requests after warm-up is done (default 5)")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between requests (default 0.5)")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for `listening on` (900)")
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="stop sending this many seconds after launch even if warm-up is not done (0 = no limit)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--plot", metavar="PNG", help="also plot TTFT against time since launch")
     return p
@@ -56,7 +58,8 @@ def _check(args: argparse.Namespace) -> list[str]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES] or ([] if modes else ["(none)"])
     for name, value, low in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
-                             ("--after", args.after, 1), ("--interval", args.interval, 0)):  # fmt: skip
+                             ("--after", args.after, 1), ("--interval", args.interval, 0),
+                             ("--max-seconds", args.max_seconds, 0)):  # fmt: skip
         if value < low:
             raise SystemExit(f"cold_start: error: {name} must be >= {low}, got {value}")
     if bad:
@@ -87,7 +90,9 @@ def _run_mode(args: argparse.Namespace, mode: str, prompt: list[int]) -> dict:
     try:
         with Client(server.target) as client:
             after = 0
-            while after < args.after:
+            while after < args.after and not (
+                args.max_seconds and time.monotonic() - server.started > args.max_seconds
+            ):
                 sent = time.monotonic() - server.started
                 ttft, total, tokens = _request(client, prompt, args.new_tokens)
                 if warm_at is None and "warm-up done" in server.text():
@@ -136,17 +141,25 @@ def _distinct_answers(modes: dict) -> list[dict]:
             for a in seen.values()]  # fmt: skip
 
 
+def _cell(summary: dict, key: str, count: bool = False) -> str:
+    if not summary["requests"]:
+        return "–"
+    return f"{summary[key]:.1f}" + (f" ({summary['requests']})" if count else "")
+
+
+def _seconds(value: float | None) -> str:
+    return "not done" if value is None else f"{value:.1f}"
+
+
 def _table(report: dict) -> str:
     lines = ["| warm-up | listening s | steps then | warm-up done s | TTFT p50 ms during (n) | TTFT max ms during |"
              " TTFT p50 ms after (n) | total p50 ms after |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, m in report["modes"].items():
         d, a = m["during"], m["after"]
-        during = (
-            (f"{d['ttft_ms_p50']:.1f} ({d['requests']})", f"{d['ttft_ms_max']:.1f}") if d["requests"] else ("–",) * 2
-        )
+        cells = [_cell(d, "ttft_ms_p50", count=True), _cell(d, "ttft_ms_max"), _cell(a, "ttft_ms_p50", count=True),
+                 _cell(a, "total_ms_p50")]  # fmt: skip
         lines.append(f"| {mode} | {m['listening_s']:.1f} | {m['steps_before_listening']} of {m['steps']} | "
-                     f"{m['warm_up_done_s']:.1f} | {during[0]} | {during[1]} | {a['ttft_ms_p50']:.1f} ({a['requests']})"
-                     f" | {a['total_ms_p50']:.1f} |")  # fmt: skip
+                     f"{_seconds(m['warm_up_done_s'])} | {' | '.join(cells)} |")  # fmt: skip
     answers = report["answers"]
     lines.append(f"\ndistinct answers to the one greedy prompt: {len(answers)}")
     for a in answers:
@@ -166,7 +179,8 @@ def _plot(report: dict, path: str) -> None:
         ax.plot([r["sent_s"] for r in m["per_request"]], [r["ttft_ms"] for r in m["per_request"]], "o-", ms=3,
                 color=color, label=f"--warm-up {mode}")  # fmt: skip
         ax.axvline(m["listening_s"], color=color, ls=":", lw=1)
-        ax.axvline(m["warm_up_done_s"], color=color, ls="--", lw=1)
+        if m["warm_up_done_s"] is not None:
+            ax.axvline(m["warm_up_done_s"], color=color, ls="--", lw=1)
     ax.set_xlabel("seconds since launch (dotted: listening, dashed: every step compiled)")
     ax.set_ylabel("time to first token, ms")
     ax.set_yscale("log")

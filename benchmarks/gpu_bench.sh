@@ -13,7 +13,9 @@
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
-# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), scan (lax.scan).
+# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), scan (lax.scan),
+# coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
+# `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -85,6 +87,13 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
     palm) bench palm 150 --model "$PALM" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16,int8 ;;
     scan) bench falcon_scan 60 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 32 --weights bf16 \
             --layers scan ;;
+    coldstart)  # not in the default STEPS: how long a 7B server takes to answer from an empty compile cache
+      if [ "$(left)" -ge 60 ]; then
+        timeout "$(left)" $PY benchmarks/cold_start.py --model "$MODEL" --modes background --after 3 \
+          --max-seconds $(( $(left) - 30 )) --json --plot "$OUT/cold_start.png" > "$OUT/cold_start.json" \
+          2> "$OUT/cold_start.log" || echo "!! coldstart failed (see cold_start.log)"
+        tail -n 3 "$OUT/cold_start.log"
+      else echo "!! coldstart skipped: out of time"; fi ;;
     *) echo "!! unknown step $step" ;;
   esac
 done
