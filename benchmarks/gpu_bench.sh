@@ -13,7 +13,8 @@
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
-# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), scan (lax.scan),
+# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), w8a8 (falcon-7b int8
+# batch 1 and 64 with int8 activations: an int8 x int8 GEMM, model/quant.py), scan (lax.scan),
 # coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
 # `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
@@ -85,6 +86,8 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
     b256) bench falcon_b256 200 --model "$MODEL" --batch 256 --prompt-len 128 --gen-len 128 --weights bf16,int8 \
             --peer ;;
     palm) bench palm 150 --model "$PALM" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16,int8 ;;
+    w8a8) bench falcon_w8a8 150 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights int8 \
+            --int8-matmul w8a8 ;;
     scan) bench falcon_scan 60 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 32 --weights bf16 \
             --layers scan ;;
     coldstart)  # not in the default STEPS: how long a 7B server takes to answer from an empty compile cache

@@ -5,6 +5,8 @@ E x KQ, and E x V when the unembedding is its own weight), MLP first, and each r
 times
   bf16      x @ w_bf16                                  (the byte floor's reference: 2 bytes per weight)
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
+  w8a8      int8(x / row scale) @ w_int8 -> int32, rescaled (MESHSERVE_INT8_MATMUL=w8a8: int8 activations too, so
+            an integer GEMM reads the weights with no conversion; changes the numerics, never a tuning choice)
   pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
   rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: would XLA's row
             reduction stream it? A layout experiment for the next step, not a tuning choice)
@@ -29,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from meshserve.model.quant import QuantizedArray, w8a8_einsum
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         forms = {
             "bf16": (lambda x, w: jnp.stack([x @ w[i] for i in range(w.shape[0])]), w, 2),
             "xla": (lambda x, w, s=scale: jnp.stack([(x @ w[i].astype(x.dtype)) * s for i in range(w.shape[0])]), wq, 1),
+            # int8 activations too (MESHSERVE_INT8_MATMUL=w8a8): an int8 x int8 -> int32 GEMM, no weight conversion
+            "w8a8": (lambda x, w, s=scale: jnp.stack([w8a8_einsum("mk,kn->mn", x, QuantizedArray(w[i], s[None]))
+                                                      for i in range(w.shape[0])]), wq, 1),
         }  # fmt: skip
         for m in rows_list:
             if time.perf_counter() - start > args.budget_s:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = dict(weight=label, m=m, k=k, n=n)
             for form, (fn, weights, nbytes) in forms.items():
                 results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
-            xla = results[-1]
+            xla = next(r for r in results[-len(forms) :] if r["form"] == "xla")
             if m <= 4:  # a layout experiment, not a tuning choice: int8 stored [N, K], a row reduction per output
                 wq_t = jnp.swapaxes(wq, 1, 2)
 

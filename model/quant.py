@@ -5,6 +5,13 @@ Per-output-channel symmetric quantisation (PAPER.md "Other measures"): for a wei
 The scale keeps the weight's rank, with size 1 on the contracted axes, so it shards with the same
 logical axes as the values. Activations stay in the compute dtype; the scale is applied to the
 matmul's output, so the int8 values are what moves through memory and collectives.
+
+MESHSERVE_INT8_MATMUL picks how an int8-weight matmul runs: "xla" (default: XLA converts the weights to the compute
+dtype, then a float GEMM), "pallas" (model/int8_kernel.py, GPUs, decode-sized batches), or "w8a8": each row of the
+activations (one token) is quantised too, to int8 with its own absmax scale, and the matmul runs int8 x int8 ->
+int32 (integer tensor cores on a GPU: the weights are read as int8 with no conversion pass), both scales applied to
+the output (as SmoothQuant's W8A8, without its smoothing). It changes the numerics (the activations lose precision,
+~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedArray", "quantize", "dequantize", "einsum"]
+__all__ = ["QuantizedArray", "quantize", "dequantize", "einsum", "INT8_MATMULS", "int8_matmul_mode", "w8a8_einsum"]
+
+INT8_MATMULS = ("xla", "pallas", "w8a8")
 
 
 @jax.tree_util.register_dataclass
@@ -76,27 +85,48 @@ def _split(subscripts: str) -> tuple[str, str, str, str]:
     return x_letters, w_letters, out, "".join(c for c in w_letters if c in x_letters and c not in out)
 
 
+def int8_matmul_mode() -> str:
+    """MESHSERVE_INT8_MATMUL (default "xla"); a value outside INT8_MATMULS is a UserError naming the variable."""
+    mode = os.environ.get("MESHSERVE_INT8_MATMUL", "xla")
+    if mode not in INT8_MATMULS:
+        from meshserve.errors import UserError
+
+        raise UserError(f"MESHSERVE_INT8_MATMUL must be one of {', '.join(INT8_MATMULS)}, got {mode!r}")
+    return mode
+
+
+def _plain_form(subscripts: str) -> bool:
+    """Whether the einsum is [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model)."""
+    x_letters, w_letters, out, c = _split(subscripts)
+    free_x, free_w = x_letters[: len(x_letters) - len(c)], w_letters[len(c) :]
+    return bool(c) and x_letters.endswith(c) and w_letters.startswith(c) and out == free_x + free_w
+
+
+def w8a8_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
+    """x [free_x, c] quantised per row (absmax over the contracted axes c / 127) to int8, an int8 x int8 -> int32
+    einsum with the int8 weights [c, free_w], then row scale [free_x, 1...] x channel scale applied: float32 out."""
+    n_c = len(_split(subscripts)[3])
+    xf = x.astype(jnp.float32)
+    row_scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_c, x.ndim))), 1e-30) / 127  # [free_x]
+    xq = jnp.round(xf / row_scale.reshape(*row_scale.shape, *[1] * n_c)).astype(jnp.int8)  # |x| / scale <= 127
+    y = jnp.einsum(subscripts, xq, w.values, preferred_element_type=jnp.int32).astype(jnp.float32)
+    n_free_w = w.values.ndim - n_c
+    return y * row_scale.reshape(*row_scale.shape, *[1] * n_free_w) * _scale_for_output(subscripts, w.scale)
+
+
 def _int8_kernel_config(subscripts: str, x: jax.Array, w: QuantizedArray):
     """The Pallas kernel config (model/int8_kernel.py) for this einsum, or None for XLA's path. The kernel runs when
     asked for, on a GPU, for decode-sized batches and einsums of the form [free_x, c] x [c, free_w] ->
     [free_x, free_w] (every weight matmul of the model), unless a tuning file says XLA is faster for the shape."""
-    if os.environ.get("MESHSERVE_INT8_MATMUL", "xla") != "pallas" or jax.default_backend() != "gpu":
+    if int8_matmul_mode() != "pallas" or jax.default_backend() != "gpu":
         return None
     from meshserve.model.int8_kernel import MAX_TOKENS, choose_config
 
-    x_letters, w_letters, out, c = _split(subscripts)
-    free_x, free_w = x_letters[: len(x_letters) - len(c)], w_letters[len(c) :]
-    rows = math.prod(x.shape[: len(free_x)])
-    fits = (
-        x_letters.endswith(c)
-        and w_letters.startswith(c)
-        and out == free_x + free_w
-        and rows <= MAX_TOKENS
-        and jnp.dtype(x.dtype).itemsize == 2
-    )
-    if not fits:
+    n_c = len(_split(subscripts)[3])
+    rows = math.prod(x.shape[: x.ndim - n_c])
+    if not (_plain_form(subscripts) and rows <= MAX_TOKENS and jnp.dtype(x.dtype).itemsize == 2):
         return None
-    return choose_config(rows, math.prod(x.shape[len(free_x) :]), math.prod(w.shape[len(c) :]))
+    return choose_config(rows, math.prod(x.shape[x.ndim - n_c :]), math.prod(w.shape[n_c:]))
 
 
 def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, config) -> jax.Array:
@@ -120,6 +150,8 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     config = _int8_kernel_config(subscripts, x, w) if isinstance(w, QuantizedArray) else None
     if config is not None:
         return _kernel_einsum(subscripts, x, w, config).astype(out_dtype)
+    if isinstance(w, QuantizedArray) and int8_matmul_mode() == "w8a8" and _plain_form(subscripts):
+        return w8a8_einsum(subscripts, x, w).astype(out_dtype)
     if isinstance(w, QuantizedArray):
         y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)

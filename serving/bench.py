@@ -53,7 +53,8 @@ class BenchRow:
     prompt_len: int
     gen_len: int
     layers: str  # "scan" (stacked weights, lax.scan) or "unrolled"
-    int8_matmul: str  # "xla" (convert + GEMM), "pallas" (model/int8_kernel.py) or "pallas-tuned" (with a tuning file)
+    int8_matmul: str  # "xla" (convert + GEMM), "pallas" (model/int8_kernel.py), "pallas-tuned" (with a tuning file)
+    # or "w8a8" (int8 activations too: model/quant.py)
     device: str
     prefill_ms: float
     ttft_ms: float
@@ -79,8 +80,8 @@ class BenchRow:
 def _int8_matmul_label() -> str:
     """How int8 matmuls run in this process (model/quant.py reads the same variables)."""
     label = os.environ.get("MESHSERVE_INT8_MATMUL", "xla")
-    if jax.default_backend() != "gpu":
-        return "xla"  # the Pallas kernel is GPU-only; elsewhere quant.einsum always takes XLA's path
+    if label == "pallas" and jax.default_backend() != "gpu":
+        return "xla"  # the Pallas kernel is GPU-only; elsewhere quant.einsum takes XLA's path
     return label + "-tuned" if label == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else label
 
 

@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--int8-matmul",
-        choices=["xla", "pallas"],
+        choices=["xla", "pallas", "w8a8"],
         default=None,
-        help="int8 weight matmul: XLA's convert + GEMM, or the fused Pallas kernel on a GPU "
-        "(default: $MESHSERVE_INT8_MATMUL, else xla)",
+        help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, or w8a8 (activations "
+        "quantised per token too, an int8 x int8 GEMM; changes the numerics) (default: $MESHSERVE_INT8_MATMUL, "
+        "else xla)",
     )
     parser.add_argument(
         "--int8-tuning",

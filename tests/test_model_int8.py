@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.params import cast_params, init_params, params_nbytes
@@ -49,3 +51,30 @@ def test_int8_model_quantizes_matmuls_keeps_embedding_and_stays_close():
     top1 = jnp.mean((jnp.argmax(ref[0], -1) == jnp.argmax(got[0], -1)).astype(jnp.float32))
     assert float(top1) >= 0.9
     assert float(jnp.max(jnp.abs(ref - got))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_w8a8_quantizes_each_token_and_multiplies_in_integers(monkeypatch):
+    """MESHSERVE_INT8_MATMUL=w8a8: int8 x int8 -> int32 dots, within the activations' rounding of the dequantized
+    product; an einsum of another form (output axes reordered) keeps the float path; a typo'd mode is refused."""
+    x = jax.random.normal(jax.random.key(6), (2, 3, 64)) * jnp.arange(1, 4)[None, :, None]  # rows of other ranges
+    q = quantize(jax.random.normal(jax.random.key(7), (64, 32)), contract_axes=[0])
+    exact = jnp.einsum("BTE,EF->BTF", x, dequantize(q))
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "w8a8")
+    got = einsum("BTE,EF->BTF", x, q)
+    assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 1e-2
+    assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) > 1e-5  # the activations really were rounded
+    dots = [e for e in jax.make_jaxpr(lambda a: einsum("BTE,EF->BTF", a, q))(x).jaxpr.eqns if "dot" in e.primitive.name]
+    assert [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype)) for e in dots] == [("int8", "int8")]
+    w2 = quantize(jax.random.normal(jax.random.key(3), (64, 4, 8)), contract_axes=[0])
+    np.testing.assert_allclose(einsum("BTE,EHQ->BQTH", x, w2), jnp.einsum("BTE,EHQ->BQTH", x, dequantize(w2)),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, config.vocab_size)
+    ref, _, _ = transformer.prefill(params, config, tokens, jnp.asarray([16, 9]), all_logits=True)
+    got, _, _ = transformer.prefill(cast_params(config, params, "int8"), config, tokens, jnp.asarray([16, 9]),
+                                    all_logits=True)  # fmt: skip
+    assert float(jnp.mean((jnp.argmax(ref[0], -1) == jnp.argmax(got[0], -1)).astype(jnp.float32))) >= 0.9
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "int4")
+    with pytest.raises(UserError, match="MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, got 'int4'"):
+        einsum("BTE,EF->BTF", x, q)
