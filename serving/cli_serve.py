@@ -97,6 +97,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "steps between, so a long prompt stalls the running streams for one chunk at a time (default: 512 for the "
         "latency objective when the context is longer, else 0 = off)",
     )
+    parser.add_argument(
+        "--layers",
+        choices=["auto", "unrolled", "scan"],
+        default="auto",
+        help="layer loop: unrolled (per-layer weights: no per-step slice of the stacked weights, 2.7x faster decode "
+        "on an H100, longer compiles) or scan (lax.scan over stacked weights: one compiled layer); default auto: "
+        "unrolled on a GPU with one device, else scan (a mesh always runs scan)",
+    )
     add_compile_cache_argument(parser)
 
 
@@ -128,8 +136,16 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     n = mesh["x"] * mesh["y"] * mesh["z"]
     if n > len(jax.devices()):
         raise UserError(f"--mesh {args.mesh} needs {n} devices; this machine has {len(jax.devices())}")
+    if args.layers == "unrolled" and n > 1:
+        raise UserError(f"--layers unrolled needs one device; --mesh {args.mesh} runs the stacked layers (scan)")
     prefix_caching = True if args.prefix_caching is None else args.prefix_caching
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
+    if args.layers == "unrolled" or (args.layers == "auto" and n == 1 and jax.default_backend() == "gpu"):
+        from meshserve.model.params import unstack_layers
+
+        # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). The stacked arrays
+        # are freed once `model.params` drops them; until then the weights take twice their memory.
+        model.params = unstack_layers(model.params)
     chunk = args.prefill_chunk
     if chunk is None:
         context = args.max_context or model.config.max_seq_len
@@ -324,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(
         f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, {steps}, "
+        f"{'unrolled' if isinstance(model.params['layers'], list) else 'scan'} layers, "
         f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'})",
         file=sys.stderr,
     )

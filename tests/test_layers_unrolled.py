@@ -1,0 +1,32 @@
+"""`--layers`: the serving engine over per-layer weights (an unrolled layer loop, the default on a GPU) gives the
+tokens of the stacked weights' lax.scan; a mesh refuses it in one line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from cli_helpers import run_cli
+from engine_helpers import assert_equal_to_generate, run_prefix_scenario
+from meshserve.model.config import get_config
+from meshserve.model.params import init_params, unstack_layers
+from meshserve.serving.engine import Engine
+from meshserve.serving.plan import make_plan
+
+CONFIG = get_config("tiny")
+
+
+def test_an_engine_over_unrolled_layers_equals_generate_over_stacked_ones():
+    params = init_params(CONFIG, jax.random.key(11), jnp.float32)
+    plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
+                     decode_buckets=(4,), weights="f32", prefix_caching=True)  # fmt: skip
+    engine = Engine(unstack_layers(params), CONFIG, plan)
+    engine.warm_up(phases=("generate",))
+    assert isinstance(engine.params["layers"], list) and len(engine.params["layers"]) == CONFIG.n_layers
+    requests, _ = run_prefix_scenario(engine)
+    assert_equal_to_generate(params, CONFIG, requests)  # the reference runs the stacked weights (lax.scan)
+
+
+def test_unrolled_layers_on_a_mesh_are_refused_before_loading(capsys):
+    code, _, err = run_cli(capsys, "serve", "--model", "tiny", "--mesh", "2x2x2", "--layers", "unrolled")
+    assert code == 2
+    assert "--layers unrolled needs one device; --mesh 2x2x2 runs the stacked layers (scan)" in err
