@@ -306,7 +306,12 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         results = generate_sharded(model.params, model.config, prompts, mesh=mesh,
                                    prefill_layout=on_mesh.prefill, decode_layout=on_mesh.decode, **kwargs)  # fmt: skip
     else:
-        results = generate(model.params, model.config, prompts, **kwargs)
+        import jax
+        from meshserve.model.params import unstack_layers
+
+        # On a GPU the unrolled layer loop decodes 2.7x faster than lax.scan over stacked weights (BUILD.md).
+        params = unstack_layers(model.params) if jax.default_backend() == "gpu" else model.params
+        results = generate(params, model.config, prompts, **kwargs)
     status.clear()
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
     for prompt_text, result in zip(texts, results, strict=True):
