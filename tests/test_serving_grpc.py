@@ -445,7 +445,9 @@ def test_full_queue_answers_resource_exhausted(server, client):
         except grpc.RpcError as e:
             codes.append(e.code().name)
             details.append(e.details())
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 40, codes
+    # At least the 32 the queue holds are answered; up to 40 when the engine moved 8 into slots before the burst
+    # ended (run alone on an idle machine it had not: 37 and 33 answered).
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and 32 <= codes.count("OK") <= 40, codes
     assert codes.count("RESOURCE_EXHAUSTED") >= 1
     assert all("queue full" in d and "max_queue=32" in d for d in details), details
     m = _wait_idle(server)
