@@ -168,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     if args.int8_matmul:
         os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when a step is traced
+    from meshserve.model.quant import int8_matmul_mode
+
+    int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
     if args.int8_tuning:
         os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
     from meshserve.model.model_spec import parse_overrides, resolve_model

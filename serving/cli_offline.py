@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -101,7 +103,10 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
 
 
 def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_path: Path, errors_path: Path) -> None:
-    report = {**summary.to_dict(), "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
+    counts = summary.to_dict()
+    if kind == "score":
+        counts.pop("samples", None)  # one score per line: nothing to count apart
+    report = {**counts, "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
               "output": str(out_path), "errors_file": str(errors_path)}  # fmt: skip
     if args.json:
         print(json.dumps(report))
@@ -110,6 +115,39 @@ def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_pa
     samples = f" ({summary.samples} samples)" if kind == "batch-generate" and summary.samples != summary.done else ""
     print(f"meshserve {kind}: {summary.done} written{samples}, {summary.skipped} already done, {summary.errors} bad lines"
           f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
+
+
+def _interruptible(work, kind: str):
+    """work() (loading and the first compiles: minutes on a large model) on a worker thread while this thread waits:
+    Ctrl-C or SIGTERM meanwhile ends the process at once, exit 130 or 143, as `serve` does before it listens. Nothing
+    is written yet. A KeyboardInterrupt raised in this phase lands wherever Python runs, often JAX's gc callback,
+    which prints and swallows it (the job went on), and a normal exit while XLA compiles crashed in interpreter
+    shutdown (SIGSEGV, exit 139); so no exception is raised and the process leaves with os._exit."""
+    signals: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:  # re-raised below: a UserError still exits 2 in one line
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name="meshserve-load", daemon=True)
+    worker.start()
+    while worker.is_alive() and not signals:
+        worker.join(0.1)
+    if signals:
+        interrupted = signals[0] == signal.SIGINT
+        print(f"\nmeshserve {kind}: {'interrupted' if interrupted else 'terminated'}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130 if interrupted else 143)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
@@ -130,17 +168,26 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     from meshserve.serving.warm_up import compile_order
     from tqdm import tqdm
 
-    model, plan, steps, _ = load_for_serving(args, args.objective)
-    engine = Engine(model.params, model.config, plan, steps or ModelSteps())
+    def load_and_warm_up():
+        model, plan, steps, _ = load_for_serving(args, args.objective)
+        engine = Engine(model.params, model.config, plan, steps or ModelSteps())
+        first = sum(j.units for j in compile_order(plan, phases) if j.first or args.warm_up == "all")
+        with tqdm(total=first, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+            engine.warm_up(lambda j: bar.update(j.units), phases, defer=args.warm_up == "background")
+        return model, engine
+
     phases = ("score",) if kind == "score" else ("generate",)
-    defer = args.warm_up == "background"
-    first = sum(j.units for j in compile_order(plan, phases) if j.first or not defer)
-    with tqdm(total=first, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-        engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
+    model, engine = _interruptible(load_and_warm_up, kind)
     # The other buckets compile beside the job. At its end, wait for the step in flight: a process that exits while
     # XLA compiles on another thread aborts (SIGABRT, exit 134).
     stop = threading.Event()
-    compiler = threading.Thread(target=engine.compile_pending, kwargs={"stop": stop}, name="meshserve-compile")
+
+    def compile_rest() -> None:
+        for failed, error in engine.compile_pending(stop=stop):
+            print(f"meshserve {kind}: {failed.label} failed to compile ({type(error).__name__}: {error}); its shapes "
+                  "run padded in a larger bucket", file=sys.stderr, flush=True)  # fmt: skip
+
+    compiler = threading.Thread(target=compile_rest, name="meshserve-compile")
     compiler.start()
     start = time.monotonic()
     run = run_score if kind == "score" else run_generate

@@ -130,6 +130,9 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 
     setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.loading import load_model
+    from meshserve.model.quant import int8_matmul_mode
+
+    int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
     from meshserve.serving.plan import make_plan
 
     mesh = parse_mesh(args.mesh)
@@ -174,8 +177,8 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 SIGNALS_EPILOG = """signals:
   before `listening on` (loading, compiling): Ctrl-C stops at once and exits 130; SIGTERM stops at once and exits
   143 (128 + SIGTERM: the server never served, so a supervisor does not read it as a clean drain).
-  after `listening on`: Ctrl-C or SIGTERM drains (new requests refused, in-flight ones get --grace seconds) and
-  exits 0; a dead engine thread exits 1."""
+  after `listening on`: Ctrl-C or SIGTERM drains (new requests refused, in-flight ones get --grace seconds; a
+  background warm-up finishes the step it is compiling) and exits 0; a dead engine thread exits 1."""
 
 
 def _stop_before_listening(signum: int, abandon: bool) -> int:

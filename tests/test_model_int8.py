@@ -61,8 +61,13 @@ def test_w8a8_quantizes_each_token_and_multiplies_in_integers(monkeypatch):
     exact = jnp.einsum("BTE,EF->BTF", x, dequantize(q))
     monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "w8a8")
     got = einsum("BTE,EF->BTF", x, q)
-    assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 1e-2
-    assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) > 1e-5  # the activations really were rounded
+    row_err = jnp.linalg.norm(got - exact, axis=-1) / jnp.linalg.norm(exact, axis=-1)  # [B, T]
+    assert float(jnp.max(row_err)) < 1e-2 and float(jnp.min(row_err)) > 1e-5  # every token rounded, none badly
+    # Each token has its own scale: a row 1000x smaller than the others keeps its precision (one scale for the
+    # whole tensor would round it to a few levels).
+    tiny_row = x.at[0, 0].multiply(1e-3)
+    tiny_err = jnp.linalg.norm(einsum("BTE,EF->BTF", tiny_row, q)[0, 0] - (tiny_row @ dequantize(q))[0, 0])
+    assert float(tiny_err / jnp.linalg.norm((tiny_row @ dequantize(q))[0, 0])) < 1e-2
     dots = [e for e in jax.make_jaxpr(lambda a: einsum("BTE,EF->BTF", a, q))(x).jaxpr.eqns if "dot" in e.primitive.name]
     assert [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype)) for e in dots] == [("int8", "int8")]
     w2 = quantize(jax.random.normal(jax.random.key(3), (64, 4, 8)), contract_axes=[0])
