@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving
+from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving, run_interruptibly
 
 __all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
 
@@ -117,39 +116,6 @@ def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_pa
           f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 
 
-def _interruptible(work, kind: str):
-    """work() (loading and the first compiles: minutes on a large model) on a worker thread while this thread waits:
-    Ctrl-C or SIGTERM meanwhile ends the process at once, exit 130 or 143, as `serve` does before it listens. Nothing
-    is written yet. A KeyboardInterrupt raised in this phase lands wherever Python runs, often JAX's gc callback,
-    which prints and swallows it (the job went on), and a normal exit while XLA compiles crashed in interpreter
-    shutdown (SIGSEGV, exit 139); so no exception is raised and the process leaves with os._exit."""
-    signals: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["value"] = work()
-        except BaseException as e:  # re-raised below: a UserError still exits 2 in one line
-            result["error"] = e
-
-    worker = threading.Thread(target=run, name="meshserve-load", daemon=True)
-    worker.start()
-    while worker.is_alive() and not signals:
-        worker.join(0.1)
-    if signals:
-        interrupted = signals[0] == signal.SIGINT
-        print(f"\nmeshserve {kind}: {'interrupted' if interrupted else 'terminated'}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130 if interrupted else 143)
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def _run(args: argparse.Namespace, kind: str) -> int:
     from meshserve.serving.jsonl_jobs import finish_job, prepare_job
     from meshserve.serving.offline import run_generate, run_score
@@ -165,19 +131,28 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
         return 0
     from meshserve.serving.engine import Engine, ModelSteps
-    from meshserve.serving.warm_up import compile_order
+    from meshserve.serving.warm_up import upfront_steps
     from tqdm import tqdm
+
+    phases = ("score",) if kind == "score" else ("generate",)
+    defer = args.warm_up == "background"
 
     def load_and_warm_up():
         model, plan, steps, _ = load_for_serving(args, args.objective)
         engine = Engine(model.params, model.config, plan, steps or ModelSteps())
-        first = sum(j.units for j in compile_order(plan, phases) if j.first or args.warm_up == "all")
-        with tqdm(total=first, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-            engine.warm_up(lambda j: bar.update(j.units), phases, defer=args.warm_up == "background")
+        with tqdm(total=upfront_steps(plan, phases, defer), desc="compiling", unit="step", file=sys.stderr,
+                  leave=False) as bar:  # fmt: skip
+            engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
         return model, engine
 
-    phases = ("score",) if kind == "score" else ("generate",)
-    model, engine = _interruptible(load_and_warm_up, kind)
+    # Until the job starts writing, a signal ends the process at once (run_interruptibly); then the handlers that
+    # were there before come back (Ctrl-C mid-job: KeyboardInterrupt, exit 130, lines written so far kept).
+    signals: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    model, engine = run_interruptibly(load_and_warm_up, signals, kind, "terminated")
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     # The other buckets compile beside the job. At its end, wait for the step in flight: a process that exits while
     # XLA compiles on another thread aborts (SIGABRT, exit 134).
     stop = threading.Event()

@@ -20,11 +20,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from meshserve.errors import UserError
 
 # Moved to serving/compile_cache.py; imported back so `from meshserve.serving.cli_serve import ...` keeps working.
 from meshserve.serving.compile_cache import add_compile_cache_argument, default_compile_cache, setup_compile_cache
+
+T = TypeVar("T")
 
 __all__ = [
     "COMMANDS",
@@ -181,21 +185,37 @@ SIGNALS_EPILOG = """signals:
   background warm-up finishes the step it is compiling) and exits 0; a dead engine thread exits 1."""
 
 
-def _stop_before_listening(signum: int, abandon: bool) -> int:
-    """A signal before the server listened: nothing was served, nothing to drain. Ctrl-C exits 130 (as every command
-    does), SIGTERM 143. With `abandon` the warm-up thread is still inside loading or an XLA compile, which cannot be
-    interrupted and must not meet interpreter shutdown (JAX's exit hooks tear down the backend it is using), so the
-    process ends with os._exit after flushing its output; nothing of the server's is on disk to clean up."""
-    interrupted = signum == signal.SIGINT
-    # An abandoned progress bar is left mid-line: the message starts on a line of its own.
-    print(f"{chr(10) if abandon else ''}meshserve serve: {'interrupted' if interrupted else 'terminated before listening'}",
-          file=sys.stderr)  # fmt: skip
-    code = 130 if interrupted else 143
-    if abandon:
+def run_interruptibly(work: Callable[[], T], signals: list[int], command: str, terminated: str) -> T:
+    """work() (loading and the first compiles: minutes on a large model) on a daemon worker thread while this thread
+    waits; its result, or its exception re-raised here (a UserError still exits 2 in one line).
+
+    `signals` is filled by the caller's SIGINT/SIGTERM handlers, which must only record: raising from a handler
+    lands at whatever bytecode runs, during compiles often JAX's gc callback, which prints and swallows it (the
+    compile goes on). A signal before work returns ends the process at once, Ctrl-C 130 (as every command), SIGTERM
+    143 (the `terminated` message): the worker may be inside an XLA compile, which cannot be interrupted and must not
+    meet interpreter shutdown (JAX's exit hooks tear down the backend it uses; a normal exit from there crashed,
+    SIGSEGV), so the process leaves with os._exit after flushing. Nothing is on disk yet to clean up."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name=f"meshserve-{command}-load", daemon=True)
+    worker.start()
+    while worker.is_alive() and not signals:
+        worker.join(0.1)
+    if signals:
+        interrupted = signals[0] == signal.SIGINT
+        # A progress bar may be left mid-line: the message starts on a line of its own.
+        print(f"\nmeshserve {command}: {'interrupted' if interrupted else terminated}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+        os._exit(130 if interrupted else 143)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,11 +286,8 @@ def run(args: argparse.Namespace) -> int:
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
     from tqdm import tqdm
 
-    # Signals only record themselves here; the main thread acts on them. Raising from the handler is not safe: it
-    # lands at whatever bytecode runs, and during compiles that is often JAX's gc callback, where the exception is
-    # printed and swallowed (the compile goes on). So loading and warm-up run on a worker thread while the main
-    # thread waits, and a signal before `listening` (nothing to drain yet) ends the process at once, mid-compile
-    # included. After `listening` a signal drains (the loop below): requests in flight finish first.
+    # Signals only record themselves; the main thread acts on them: before `listening` (nothing to drain yet) they
+    # end the process at once (run_interruptibly), after it they drain (the loop below).
     stop = threading.Event()
     signals: list[int] = []
 
@@ -293,41 +310,18 @@ def run(args: argparse.Namespace) -> int:
         max_score_tokens=args.max_score_tokens,
         warm_up=args.warm_up,
     )
-    built: dict = {}
-    done = threading.Event()
 
-    def load_and_warm_up() -> None:
-        try:
-            model, plan, steps, mesh_info = load_for_serving(args, args.objective)
-            from meshserve.serving.warm_up import compile_order
+    from meshserve.serving.warm_up import PHASES, upfront_steps
 
-            jobs = compile_order(plan)
-            total = sum(job.units for job in jobs if job.first or args.warm_up == "all")
-            with tqdm(total=total, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
-                server = build_server(
-                    model,
-                    plan,
-                    options,
-                    steps=steps,
-                    mesh_info=mesh_info,
-                    progress=lambda job: bar.update(job.units),
-                )
-            built["value"] = model, plan, server
-        except BaseException as e:  # re-raised on the main thread: a UserError still exits 2 in one line
-            built["error"] = e
-        finally:
-            done.set()
+    def load_and_warm_up():
+        model, plan, steps, mesh_info = load_for_serving(args, args.objective)
+        total = upfront_steps(plan, PHASES, defer=args.warm_up == "background")
+        with tqdm(total=total, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+            server = build_server(model, plan, options, steps=steps, mesh_info=mesh_info,
+                                  progress=lambda job: bar.update(job.units))  # fmt: skip
+        return model, plan, server
 
-    # A daemon thread: if the process is stopped mid-compile, nothing waits for it.
-    threading.Thread(target=load_and_warm_up, name="meshserve-warm-up", daemon=True).start()
-    while not done.wait(0.1):
-        if stop.is_set():
-            _stop_before_listening(signals[0], abandon=True)
-    if stop.is_set():
-        return _stop_before_listening(signals[0], abandon=False)
-    if "error" in built:
-        raise built["error"]
-    model, plan, server = built["value"]
+    model, plan, server = run_interruptibly(load_and_warm_up, signals, "serve", "terminated before listening")
     compiled, pending = server.engine.compiled_steps(), server.engine.pending_steps()
     listening, announced = time.monotonic(), threading.Event()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from meshserve.serving.plan import EnginePlan
 
-__all__ = ["PHASES", "CompileJob", "compile_order", "covering"]
+__all__ = ["PHASES", "CompileJob", "compile_order", "covering", "upfront_steps"]
 
 PHASES = ("generate", "score")  # what Engine.warm_up compiles by default
 
@@ -71,6 +71,12 @@ def compile_order(plan: EnginePlan, phases: tuple[str, ...] = PHASES) -> list[Co
     for keys_of_round in rounds:
         jobs += [CompileJob(kind, k) for kind, k in zip(keys, keys_of_round, strict=True) if k is not None]
     return jobs
+
+
+def upfront_steps(plan: EnginePlan, phases: tuple[str, ...] = PHASES, defer: bool = False) -> int:
+    """Steps `Engine.warm_up(phases=..., defer=...)` compiles before it returns (a prefill and its insert count two):
+    the whole plan, or with defer only the covering steps. For a progress bar's total."""
+    return sum(job.units for job in compile_order(plan, phases) if job.first or not defer)
 
 
 def covering(table: dict[tuple[int, ...], Any], key: tuple[int, ...], what: str) -> tuple[tuple[int, ...], Any]:
