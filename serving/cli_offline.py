@@ -11,7 +11,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
         return 0
     from meshserve.serving.engine import Engine, ModelSteps
-    from meshserve.serving.warm_up import upfront_steps
+    from meshserve.serving.warm_up import BackgroundCompile, upfront_steps
     from tqdm import tqdm
 
     phases = ("score",) if kind == "score" else ("generate",)
@@ -153,25 +152,17 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     model, engine = run_interruptibly(load_and_warm_up, signals, kind, "terminated")
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-    # The other buckets compile beside the job. At its end, wait for the step in flight: a process that exits while
-    # XLA compiles on another thread aborts (SIGABRT, exit 134).
-    stop = threading.Event()
 
-    def compile_rest() -> None:
-        for failed, error in engine.compile_pending(stop=stop):
-            print(f"meshserve {kind}: {failed.label} failed to compile ({type(error).__name__}: {error}); its shapes "
-                  "run padded in a larger bucket", file=sys.stderr, flush=True)  # fmt: skip
+    def failed(job, error: Exception) -> None:
+        print(f"meshserve {kind}: {job.label} failed to compile ({type(error).__name__}: {error}); its shapes run "
+              "padded in a larger bucket", file=sys.stderr, flush=True)  # fmt: skip
 
-    compiler = threading.Thread(target=compile_rest, name="meshserve-compile")
-    compiler.start()
     start = time.monotonic()
     run = run_score if kind == "score" else run_generate
-    try:
-        with tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True) as bar:
-            summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
-    finally:
-        stop.set()
-        compiler.join()
+    # The other buckets compile beside the job; leaving the block waits for the step in flight.
+    with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
+                                                  dynamic_ncols=True) as bar:  # fmt: skip
+        summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
     _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
     return 0
 

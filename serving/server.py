@@ -26,7 +26,7 @@ from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES
 from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
-from meshserve.serving.warm_up import CompileJob
+from meshserve.serving.warm_up import BackgroundCompile, CompileJob
 
 __all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError", "check_score_tokens"]
 
@@ -153,8 +153,7 @@ class InferenceServer:
                 raise ServerError(f"cannot serve metrics on {options.host}:{options.metrics_port}: "
                                   f"{e.strerror or e}") from None  # fmt: skip
         self._stopped = threading.Event()
-        self._compiler: threading.Thread | None = None
-        self._stop_compiling = threading.Event()
+        self._compiler: BackgroundCompile | None = None
 
     def start(self, warm: Callable[[int, int], None] | None = None) -> InferenceServer:
         """Serve; with steps a deferred warm-up left, compile them on a background thread, then call
@@ -163,17 +162,13 @@ class InferenceServer:
         self._grpc.start()
         self.set_serving(True)
         if self.engine.pending_steps():
-            self._compiler = threading.Thread(target=self._compile_rest, args=(warm,), name="meshserve-compile",
-                                              daemon=True)  # fmt: skip
-            self._compiler.start()
+            self._compiler = BackgroundCompile(
+                self.engine,
+                lambda job, e: log.error("background warm-up: %s failed to compile: %s: %s", job.label,
+                                         type(e).__name__, e),
+                None if warm is None else lambda failed: warm(self.engine.compiled_steps(), failed),
+            ).start()  # fmt: skip
         return self
-
-    def _compile_rest(self, warm: Callable[[int, int], None] | None) -> None:
-        failed = self.engine.compile_pending(stop=self._stop_compiling)
-        for job, error in failed:  # its shapes stay with the larger buckets that compiled
-            log.error("background warm-up: %s failed to compile: %s: %s", job.label, type(error).__name__, error)
-        if warm is not None and not self._stop_compiling.is_set() and not self.engine.pending_steps():
-            warm(self.engine.compiled_steps(), sum(job.units for job, _ in failed))
 
     def set_serving(self, serving: bool) -> None:
         """Health of the server and of meshserve.v1.Inference: SERVING or NOT_SERVING."""
@@ -189,7 +184,8 @@ class InferenceServer:
         if self._stopped.is_set():
             return True
         self.set_serving(False)
-        self._stop_compiling.set()  # a draining server needs no more buckets
+        if self._compiler is not None:
+            self._compiler.stop(wait=False)  # a draining server needs no more buckets
         # gRPC refuses new RPCs from here on; the engine finishes what it holds and cancels the rest at `grace`,
         # whose handlers then end their RPCs with UNAVAILABLE. gRPC's own hard stop comes a little later, so it
         # only cuts an RPC whose handler did not end by then.
@@ -198,9 +194,7 @@ class InferenceServer:
         stopped.wait()
         self._stopped.set()
         if self._compiler is not None:
-            # It stops between steps: wait for the one in flight. A process that exits while XLA compiles on another
-            # thread aborts (SIGABRT, exit 134: seen with batch-generate), which a supervisor would read as a crash.
-            self._compiler.join()
+            self._compiler.stop()  # waits for the step in flight
         return clean
 
     def wait(self) -> None:

@@ -13,14 +13,15 @@ path: a shape that no compiled step covers is refused (KeyError), as with the wh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
 from meshserve.serving.plan import EnginePlan
 
-__all__ = ["PHASES", "CompileJob", "compile_order", "covering", "upfront_steps"]
+__all__ = ["PHASES", "BackgroundCompile", "CompileJob", "compile_order", "covering", "upfront_steps"]
 
 PHASES = ("generate", "score")  # what Engine.warm_up compiles by default
 
@@ -91,3 +92,44 @@ def covering(table: dict[tuple[int, ...], Any], key: tuple[int, ...], what: str)
         raise KeyError(f"no compiled {what} step covers {key}; compiled: {sorted(table)}")
     best = min(fits, key=lambda k: (math.prod(k), k))
     return best, table[best]
+
+
+class BackgroundCompile:
+    """`engine.compile_pending` on a thread, as a context: entering starts it, `stop` (or leaving) asks it to end
+    after the step in flight and waits for that step, since a process that exits while XLA compiles on another
+    thread aborts (SIGABRT, exit 134: seen with batch-generate). `start` without the context works too. on_failure(job, error) for each step that failed to
+    compile (its shapes stay with larger buckets); on_done(failed steps) once everything else compiled, unless
+    stopped first."""
+
+    def __init__(
+        self,
+        engine,
+        on_failure: Callable[[CompileJob, Exception], None],
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine, self.on_failure, self.on_done = engine, on_failure, on_done
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshserve-compile", daemon=True)
+
+    def _run(self) -> None:
+        failed = self.engine.compile_pending(stop=self._stop)
+        for job, error in failed:
+            self.on_failure(job, error)
+        if self.on_done is not None and not self._stop.is_set() and not self.engine.pending_steps():
+            self.on_done(sum(job.units for job, _ in failed))
+
+    def start(self) -> BackgroundCompile:
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> BackgroundCompile:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, wait: bool = True) -> None:
+        """No step after the one in flight; with `wait`, wait for that one too."""
+        self._stop.set()
+        if wait and self._thread.ident is not None:  # started
+            self._thread.join()
