@@ -283,7 +283,7 @@ def run_bench(
     for weights in weights_list:
         params = make_params(config, weights)
         if layers == "unrolled":
-            params = unstack_layers(params)
+            params = unstack_layers(params, consume=True)  # the weights held once: the peak memory column
         for batch in batches:
             rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats,
                                   read_bw=read_bw))  # fmt: skip

@@ -310,9 +310,9 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         from meshserve.model.params import unstack_layers
 
         # On a GPU the unrolled layer loop decodes 2.7x faster than lax.scan over stacked weights (BUILD.md); the
-        # stacked arrays are dropped, so the weights are held once.
+        # stacked arrays are deleted as they are sliced, so the weights are held once.
         if jax.default_backend() == "gpu":
-            model.params = unstack_layers(model.params)
+            model.params = unstack_layers(model.params, consume=True)
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
     texts = [p for p in args.prompts] + [None] * len(args.tokens)

@@ -150,9 +150,9 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     if args.layers == "unrolled" or (args.layers == "auto" and n == 1 and jax.default_backend() == "gpu"):
         from meshserve.model.params import unstack_layers
 
-        # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). The stacked arrays
-        # are freed once `model.params` drops them; until then the weights take twice their memory.
-        model.params = unstack_layers(model.params)
+        # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). Each stacked array
+        # is deleted once sliced, so the weights are never held twice.
+        model.params = unstack_layers(model.params, consume=True)
     chunk = args.prefill_chunk
     if chunk is None:
         context = args.max_context or model.config.max_seq_len

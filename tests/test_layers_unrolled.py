@@ -30,3 +30,20 @@ def test_unrolled_layers_on_a_mesh_are_refused_before_loading(capsys):
     code, _, err = run_cli(capsys, "serve", "--model", "tiny", "--mesh", "2x2x2", "--layers", "unrolled")
     assert code == 2
     assert "--layers unrolled needs one device; --mesh 2x2x2 runs the stacked layers (scan)" in err
+
+
+def test_consuming_unstack_deletes_each_stacked_leaf_and_keeps_every_value():
+    """consume=True (serve, generate and bench on a GPU) frees the stacked weights as it slices them, so a large
+    model is not held twice; the per-layer values are those of a plain unstack, int8 scales included."""
+    from meshserve.model.params import cast_params
+
+    params = cast_params(CONFIG, init_params(CONFIG, jax.random.key(3), jnp.float32), "int8")
+    expected = jax.device_get(unstack_layers(params)["layers"])
+    stacked = jax.tree_util.tree_leaves(params["layers"])
+    unrolled = unstack_layers(params, consume=True)
+    assert all(leaf.is_deleted() for leaf in stacked)
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(unrolled))
+    got = jax.device_get(unrolled["layers"])
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True):
+        assert a.dtype == b.dtype and (a == b).all()
