@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 
-from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving, run_interruptibly
+from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving
+from meshserve.serving.signals import SignalLatch, run_interruptibly
 
 __all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
 
@@ -144,25 +144,27 @@ def _run(args: argparse.Namespace, kind: str) -> int:
             engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
         return model, engine
 
-    # Until the job starts writing, a signal ends the process at once (run_interruptibly); then the handlers that
-    # were there before come back (Ctrl-C mid-job: KeyboardInterrupt, exit 130, lines written so far kept).
-    signals: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
-    model, engine = run_interruptibly(load_and_warm_up, signals, kind, "terminated")
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    # Signals only record themselves (serving/signals.py). Until the job starts writing, one ends the process at
+    # once (run_interruptibly); during the job it stops it in order: no new lines, the compile thread and the engine
+    # stopped, the lines written so far kept (a rerun continues), exit 130 (Ctrl-C) or 143 (SIGTERM). A second
+    # signal ends the process at once.
+    with SignalLatch(kind) as latch:
+        model, engine = run_interruptibly(load_and_warm_up, latch, "terminated")
 
-    def failed(job, error: Exception) -> None:
-        print(f"meshserve {kind}: {job.label} failed to compile ({type(error).__name__}: {error}); its shapes run "
-              "padded in a larger bucket", file=sys.stderr, flush=True)  # fmt: skip
+        def failed(job, error: Exception) -> None:
+            print(f"meshserve {kind}: {job.label} failed to compile ({type(error).__name__}: {error}); its shapes "
+                  "run padded in a larger bucket", file=sys.stderr, flush=True)  # fmt: skip
 
-    start = time.monotonic()
-    run = run_score if kind == "score" else run_generate
-    # The other buckets compile beside the job; leaving the block waits for the step in flight.
-    with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
-                                                  dynamic_ncols=True) as bar:  # fmt: skip
-        summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job)
+        start = time.monotonic()
+        run = run_score if kind == "score" else run_generate
+        # The other buckets compile beside the job; leaving the block waits for the step in flight.
+        with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
+                                                      dynamic_ncols=True) as bar:  # fmt: skip
+            summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event)
+    if latch.signals:
+        print(f"meshserve {kind}: {'interrupted' if latch.interrupted else 'terminated'} after {summary.done} "
+              f"line{'s' * (summary.done != 1)}; rerun the same command to continue", file=sys.stderr)  # fmt: skip
+        return latch.code
     _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
     return 0
 

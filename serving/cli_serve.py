@@ -1,9 +1,11 @@
 """`meshserve serve`: run the gRPC inference server (the bundled demo model by default).
 
-Loads the model, chooses the plan, compiles every step (a progress bar on stderr), then listens. Prints
+Loads the model, chooses the plan, compiles the largest step of each kind (every step with --warm-up all; a
+progress bar on stderr), then listens and compiles the rest in the background. Prints
 `meshserve serve: listening on HOST:PORT` on stderr once requests are answered. SIGTERM or Ctrl-C drains: new
 requests are refused, in-flight ones finish within --grace seconds (those still running then end with UNAVAILABLE),
-and the process exits 0. If the engine thread dies, health turns NOT_SERVING and the process exits 1.
+and the process exits 0; a second signal while draining stops at once (130 for Ctrl-C, 143 for SIGTERM). If the
+engine thread dies, health turns NOT_SERVING and the process exits 1.
 
 Before `listening` (loading, compiling: minutes on a large model) there is nothing to drain, so a signal stops the
 process at once (within the step being compiled): Ctrl-C prints `meshserve serve: interrupted` and exits 130 like
@@ -15,20 +17,15 @@ from one that drained cleanly.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from meshserve.errors import UserError
 
 # Moved to serving/compile_cache.py; imported back so `from meshserve.serving.cli_serve import ...` keeps working.
 from meshserve.serving.compile_cache import add_compile_cache_argument, default_compile_cache, setup_compile_cache
-
-T = TypeVar("T")
+from meshserve.serving.signals import SignalLatch, run_interruptibly
 
 __all__ = [
     "COMMANDS",
@@ -182,40 +179,8 @@ SIGNALS_EPILOG = """signals:
   before `listening on` (loading, compiling): Ctrl-C stops at once and exits 130; SIGTERM stops at once and exits
   143 (128 + SIGTERM: the server never served, so a supervisor does not read it as a clean drain).
   after `listening on`: Ctrl-C or SIGTERM drains (new requests refused, in-flight ones get --grace seconds; a
-  background warm-up finishes the step it is compiling) and exits 0; a dead engine thread exits 1."""
-
-
-def run_interruptibly(work: Callable[[], T], signals: list[int], command: str, terminated: str) -> T:
-    """work() (loading and the first compiles: minutes on a large model) on a daemon worker thread while this thread
-    waits; its result, or its exception re-raised here (a UserError still exits 2 in one line).
-
-    `signals` is filled by the caller's SIGINT/SIGTERM handlers, which must only record: raising from a handler
-    lands at whatever bytecode runs, during compiles often JAX's gc callback, which prints and swallows it (the
-    compile goes on). A signal before work returns ends the process at once, Ctrl-C 130 (as every command), SIGTERM
-    143 (the `terminated` message): the worker may be inside an XLA compile, which cannot be interrupted and must not
-    meet interpreter shutdown (JAX's exit hooks tear down the backend it uses; a normal exit from there crashed,
-    SIGSEGV), so the process leaves with os._exit after flushing. Nothing is on disk yet to clean up."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["value"] = work()
-        except BaseException as e:
-            result["error"] = e
-
-    worker = threading.Thread(target=run, name=f"meshserve-{command}-load", daemon=True)
-    worker.start()
-    while worker.is_alive() and not signals:
-        worker.join(0.1)
-    if signals:
-        interrupted = signals[0] == signal.SIGINT
-        # A progress bar may be left mid-line: the message starts on a line of its own.
-        print(f"\nmeshserve {command}: {'interrupted' if interrupted else terminated}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130 if interrupted else 143)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+  background warm-up finishes the step it is compiling) and exits 0; a second Ctrl-C or SIGTERM stops at once
+  (exit 130 or 143, streams still open are cut); a dead engine thread exits 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +196,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-new-tokens-limit", type=int, help="largest max_new_tokens accepted (default: the context)"
+    )
+    from meshserve.serving.validation import DEFAULT_MAX_N, max_n_flag  # no JAX: --help stays fast
+
+    parser.add_argument(
+        "--max-n",
+        type=max_n_flag,
+        default=DEFAULT_MAX_N,
+        help=f"largest n (samples per Generate request; each takes a queue place) accepted (default {DEFAULT_MAX_N})",
     )
     parser.add_argument(
         "--max-score-queue",
@@ -286,17 +259,9 @@ def run(args: argparse.Namespace) -> int:
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
     from tqdm import tqdm
 
-    # Signals only record themselves; the main thread acts on them: before `listening` (nothing to drain yet) they
-    # end the process at once (run_interruptibly), after it they drain (the loop below).
-    stop = threading.Event()
-    signals: list[int] = []
-
-    def on_signal(signum, _frame):
-        signals.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    # Signals only record themselves (serving/signals.py); the main thread acts on them: before `listening`
+    # (nothing to drain yet) they end the process at once (run_interruptibly), after it they drain (the loop below).
+    latch = SignalLatch("serve")
     options = ServerOptions(
         host=args.host,
         port=args.port,
@@ -309,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
         max_score_queue=args.max_score_queue,
         max_score_tokens=args.max_score_tokens,
         warm_up=args.warm_up,
+        max_n=args.max_n,
     )
 
     from meshserve.serving.warm_up import PHASES, upfront_steps
@@ -321,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                                   progress=lambda job: bar.update(job.units))  # fmt: skip
         return model, plan, server
 
-    model, plan, server = run_interruptibly(load_and_warm_up, signals, "serve", "terminated before listening")
+    model, plan, server = run_interruptibly(load_and_warm_up, latch, "terminated before listening")
     compiled, pending = server.engine.compiled_steps(), server.engine.pending_steps()
     listening, announced = time.monotonic(), threading.Event()
 
@@ -343,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)
     announced.set()
-    while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+    while not latch.event.wait(0.5):  # a timed wait keeps the main thread responsive to signals
         if server.orchestrator.error is not None:
             break
     error = server.orchestrator.error
@@ -356,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
         )
         server.stop(0.0)
         return 1
-    print("meshserve serve: draining", file=sys.stderr, flush=True)
+    print(f"meshserve serve: draining (a second {'Ctrl-C' if latch.interrupted else 'signal'} stops at once)",
+          file=sys.stderr, flush=True)  # fmt: skip
     clean = server.stop(args.grace)
     print(
         f"meshserve serve: stopped ({'all requests finished' if clean else 'some requests cancelled'})",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 from pathlib import Path
 
 from meshserve.model.config import vocab_error
@@ -56,10 +57,18 @@ def _prepare(kind: str, in_path: Path, out_path: Path, errors_path: Path, prepar
 
 
 def run_score(
-    model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None, prepared: PreparedJob | None = None
+    model,
+    engine,
+    in_path: Path,
+    out_path: Path,
+    errors_path: Path,
+    progress=None,
+    prepared: PreparedJob | None = None,
+    stop: threading.Event | None = None,
 ) -> JobSummary:
     """Score every (prompt, continuation) line not yet in OUT. `engine` is a warmed-up serving Engine; `prepared`
-    is `prepare_job("score", ...)` when the caller already read the files."""
+    is `prepare_job("score", ...)` when the caller already read the files. Once `stop` is set no further chunk
+    starts (a Ctrl-C): the lines written so far stay, a rerun continues."""
     writer, todo = _prepare("score", in_path, out_path, errors_path, prepared)
     limit = engine.plan.max_context
     items = []
@@ -80,6 +89,8 @@ def run_score(
         progress.reset(total=sum(len(p) + len(c) for _, p, c in items))
     try:
         for start in range(0, len(items), chunk):
+            if stop is not None and stop.is_set():
+                break
             part = items[start : start + chunk]
             out = engine.score([(p, c) for _, p, c in part])
             for (job, p, c), lp, greedy in zip(part, out.token_logprobs, out.greedy, strict=True):
@@ -93,6 +104,16 @@ def run_score(
     finally:
         writer.close()
     return writer.summary
+
+
+def _next_finished(done: queue.SimpleQueue, stop: threading.Event | None):
+    """The next finished request's handle (or the engine's exception), or None once `stop` is set."""
+    while stop is None or not stop.is_set():
+        try:
+            return done.get(timeout=None if stop is None else 0.1)  # a timed wait, to see `stop` soon
+        except queue.Empty:
+            pass
+    return None
 
 
 def _samples(data: dict) -> int:
@@ -165,11 +186,19 @@ def _choice(model, handle) -> dict:
 
 
 def run_generate(
-    model, engine, in_path: Path, out_path: Path, errors_path: Path, progress=None, prepared: PreparedJob | None = None
+    model,
+    engine,
+    in_path: Path,
+    out_path: Path,
+    errors_path: Path,
+    progress=None,
+    prepared: PreparedJob | None = None,
+    stop: threading.Event | None = None,
 ) -> JobSummary:
     """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread);
     `prepared` is `prepare_job("batch-generate", ...)` when the caller already read the files. A line with "n": k
-    submits k requests and is written once all k finished (one line, its samples under "choices")."""
+    submits k requests and is written once all k finished (one line, its samples under "choices"). Once `stop` is
+    set (a Ctrl-C) no further line is written and what is in flight is cancelled; a rerun continues."""
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.scheduler import Scheduler
 
@@ -177,11 +206,11 @@ def run_generate(
     work = []
     for job in todo:
         try:
-            requests, stop = _generation_requests(model, engine, job)
+            requests, stop_strings = _generation_requests(model, engine, job)
         except LineError as e:
             writer.error(job.line, job.id, str(e))
             continue
-        work.append((job, requests, stop))
+        work.append((job, requests, stop_strings))
     # Similar prompt lengths prefill together; a line's samples stay adjacent, so they share one prompt prefill
     # (the scheduler's burst rule, prefix_cache.wait_for) and the line is written soon after its first sample.
     work.sort(key=lambda x: len(x[1][0].prompt))
@@ -194,13 +223,15 @@ def run_generate(
     if progress is not None:
         progress.reset(total=sum(r.max_new_tokens for _, requests, _ in work for r in requests))
     try:
-        for job, requests, stop in work:
+        for job, requests, stop_strings in work:
             pending[job.line] = [None] * len(requests)
             for i, request in enumerate(requests):
                 owner[request.id] = (job, i)
-                orch.submit(request, stop, done=done)
+                orch.submit(request, stop_strings, done=done)
         for _ in range(total):
-            handle = done.get()
+            handle = _next_finished(done, stop)
+            if handle is None:
+                break
             if isinstance(handle, BaseException):
                 raise handle
             r = handle.request

@@ -1,0 +1,97 @@
+"""Ctrl-C and SIGTERM for the long-running commands (serve, batch-generate, score), handled without raising.
+
+A Python signal handler that raises lands its KeyboardInterrupt at whatever bytecode the main thread runs: during
+compiles often JAX's gc callback, which prints and swallows it, or inside `Thread.start()` or a `with` statement's
+entry, where the thread it was starting is never joined. A process that then exits while another thread runs an XLA
+compile or step aborts (SIGABRT, exit 134) or crashes in interpreter shutdown (SIGSEGV, 139). So the handlers here
+only record the signal; the command's main loop looks at `SignalLatch.event` and stops in order. A second signal
+ends the process at once (os._exit after flushing): the user asked twice, and whatever is in flight (a drain, the
+step being compiled) is what they chose not to wait for. The offline jobs' output survives that as it survives
+kill -9 (a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["SignalLatch", "run_interruptibly"]
+
+T = TypeVar("T")
+_HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class SignalLatch:
+    """Records SIGINT/SIGTERM for `command` from construction until `restore()` (or leaving it as a context).
+
+    signals: those received, in order; event: set by the first. The second ends the process at once with `code`."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.signals: list[int] = []
+        self.event = threading.Event()
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in _HANDLED}
+
+    def __enter__(self) -> SignalLatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """The handlers from before; signals after this are the process's default behaviour again."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def interrupted(self) -> bool:
+        """The first signal was Ctrl-C (SIGINT), rather than SIGTERM."""
+        return bool(self.signals) and self.signals[0] == signal.SIGINT
+
+    @property
+    def code(self) -> int:
+        """The exit status for a stop by signal: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as shells do)."""
+        return 130 if self.interrupted else 143
+
+    def exit_now(self, message: str) -> None:
+        """End the process at once with `code`, after printing `meshserve COMMAND: message` on a line of its own (a
+        progress bar may be mid-line) and flushing. No interpreter shutdown: see the module docstring."""
+        print(f"\nmeshserve {self.command}: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(self.code)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.signals.append(signum)
+        self.event.set()
+        if len(self.signals) > 1:
+            self.exit_now("second signal: stopped at once")
+
+
+def run_interruptibly(work: Callable[[], T], latch: SignalLatch, terminated: str) -> T:
+    """work() (loading and the first compiles: minutes on a large model) on a daemon worker thread while this thread
+    waits; its result, or its exception re-raised here (a UserError still exits 2 in one line).
+
+    A signal before work returns ends the process at once (latch.exit_now): Ctrl-C 130 ("interrupted"), SIGTERM 143
+    (`terminated`). The worker may be inside an XLA compile, which cannot be interrupted and must not meet
+    interpreter shutdown. Nothing is on disk yet to clean up."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name=f"meshserve-{latch.command}-load", daemon=True)
+    worker.start()
+    while worker.is_alive() and not latch.event.is_set():
+        worker.join(0.1)
+    if latch.signals:
+        latch.exit_now("interrupted" if latch.interrupted else terminated)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -1,0 +1,93 @@
+"""Signals during the long-running commands (serving/signals.py): Ctrl-C or SIGTERM in the middle of batch-generate
+stops it in order (whole lines only, exit 130 or 143, a rerun completes the job), and a second signal ends a
+draining server at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from meshserve.serving.client import Client
+from test_serving_support import GRID, ServerProcess, env, make_checkpoint, meshserve
+
+# Every decode step takes >= 50 ms more (a stand-in for a big model), so a job or a stream lasts long enough to be
+# interrupted in its middle; everything else is the real CLI.
+_SLOW_DECODE = """
+import sys, time
+from meshserve.serving import engine
+fast = engine.Engine.decode_async
+def decode_async(self, batch, context=None):
+    time.sleep(0.05)
+    return fast(self, batch, context)
+engine.Engine.decode_async = decode_async
+from meshserve.serving.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _ids(path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint, tmp_path, sig, code, word):
+    n = 96
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x" * (1 + i % 9), "max_new_tokens": 16,
+                                       "ignore_eos": True}) + "\n" for i in range(n)))  # fmt: skip
+    args = ["batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DECODE, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
+    deadline = time.monotonic() + 240
+    while (not out.exists() or out.read_bytes().count(b"\n") < 8) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no output lines in time"
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    written = _ids(out)  # every line whole: the job stopped between lines, not in the middle of one
+    assert 8 <= len(written) < n and out.read_bytes().endswith(b"\n")
+    assert f"meshserve batch-generate: {word} after {len(written)} lines; rerun the same command to continue" in stderr
+    assert "Traceback" not in stderr and stdout == ""  # no summary: the job did not finish
+
+    again = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=300)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["skipped"] == len(written) and summary["done"] == n - len(written)
+    assert sorted(_ids(out)) == sorted(f"r{i}" for i in range(n))  # each id exactly once
+
+
+def test_a_second_signal_while_draining_stops_the_server_at_once(checkpoint):
+    server = ServerProcess(checkpoint, "--grace", "120", python_code=_SLOW_DECODE)
+    try:
+        with Client(server.target) as client:
+            client.wait_ready()
+            call = client.stream_call([1, 2, 3], max_new_tokens=120, ignore_eos=True)  # >= 6 s of decoding
+            first = next(iter(call))
+            assert len(first.tokens) >= 1
+            server.proc.send_signal(signal.SIGTERM)  # drains: the stream may run on for up to --grace 120 s
+            deadline = time.monotonic() + 30
+            while "draining" not in server.output():
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.05)
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGINT)
+            assert server.proc.wait(10) == 143  # the first signal's code: SIGTERM
+            assert time.monotonic() - start < 5
+            call.cancel()
+        text = server.output()
+        assert "draining (a second signal stops at once)" in text
+        assert "meshserve serve: second signal: stopped at once" in text and "Traceback" not in text
+        assert "stopped (" not in text  # not the orderly end of a drain
+    finally:
+        server.close()
