@@ -70,7 +70,7 @@ class InferenceServicer:
     """
 
     def Generate(self, request, context):
-        """Generate a continuation and answer once it is complete.
+        """Generate a continuation (or n of them: GenerateRequest.n) and answer once every one is complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,7 +78,7 @@ class InferenceServicer:
 
     def GenerateStream(self, request, context):
         """Generate a continuation and stream it: one chunk per decode step that produced text or tokens; the last chunk
-        carries finish_reason, usage and timing.
+        carries finish_reason, usage and timing. With n > 1 the samples' chunks interleave, each tagged with its index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

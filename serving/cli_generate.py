@@ -1,5 +1,10 @@
 """`meshserve generate`: generate text for one or more prompts, in process (one batch of different lengths), or
-from a running server with `--server HOST:PORT` (same flags, same output; the prompts run concurrently there)."""
+from a running server with `--server HOST:PORT` (same flags, same output; the prompts run concurrently there).
+
+`--n K` samples each prompt K times, sample i with seed + i (OpenAI's n; GenerateRequest.n with --server, where the
+server's limits.max_n bounds it; in process the prompt is repeated in the batch, up to N_MAX_LOCAL). Text output
+puts each sample under a `--- sample i ---` header; --json prints one line per prompt, {"choices": [{"index",
+"tokens", "text", "logprobs", "finish_reason"}, ...]}. K = 1 (the default) prints exactly what it did before."""
 
 from __future__ import annotations
 
@@ -11,9 +16,13 @@ from pathlib import Path
 
 from meshserve.errors import UserError
 
-__all__ = ["COMMANDS", "add_sampling_arguments", "TIMEOUT_S"]
+INT32_MAX = 2**31 - 1  # GenerateRequest.n is an int32 field
+
+__all__ = ["COMMANDS", "add_sampling_arguments", "TIMEOUT_S", "N_MAX_LOCAL"]
 
 TIMEOUT_S = 300.0  # --timeout's default: seconds per request to a server
+# --n in process: every sample is a row of the one batch (prompts x n), as batch-generate's line limit.
+N_MAX_LOCAL = 64
 
 
 def _token_list(text: str) -> list[int]:
@@ -74,9 +83,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="more token ids that end generation, e.g. a chat template's end-of-turn token (default none)",
     )
     parser.add_argument(
+        "--n",
+        type=int,
+        default=1,
+        metavar="K",
+        help="samples per prompt, sample i with seed + i (use --temperature > 0, or all K are the same): with "
+        f"--server up to the server's max_n (16 by default), in process up to {N_MAX_LOCAL}, each a row of the "
+        "batch; each sample printed under a '--- sample i ---' header (default 1)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
-        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"} (default: text)',
+        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}; with --n K '
+        '> 1: {"choices": [{"index", "tokens", "text", "logprobs", "finish_reason"}, ...]} (default: text)',
     )
 
 
@@ -152,17 +171,35 @@ class _Status:
             self.shown = False
 
 
+def _row(args: argparse.Namespace, tokens, text: str, logprobs, finish_reason: str, top=()) -> dict:
+    """One sample as --json prints it; top: per token, its alternatives as (id, text, logprob)."""
+    row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if args.top_logprobs:
+        from meshserve.serving.detok import alternatives_json
+
+        row["top_logprobs"] = alternatives_json(top)
+    return row
+
+
+def _print_samples(args: argparse.Namespace, prompt_text: str | None, samples: list[tuple]) -> None:
+    """One prompt's samples, each (tokens, text, logprobs, finish_reason, top): one alone as `_print` does (the
+    output from before --n existed); several as one --json line of "choices", or each under a text header."""
+    if len(samples) == 1:
+        _print(args, prompt_text, *samples[0])
+    elif args.json:
+        print(json.dumps({"choices": [{"index": i, **_row(args, *s)} for i, s in enumerate(samples)]}))
+    else:
+        for i, s in enumerate(samples):
+            print(f"--- sample {i} ---")
+            _print(args, prompt_text, *s)
+
+
 def _print(
     args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str, top=()
 ) -> None:
     """One result; top: per generated token, its alternatives as (id, text, logprob) (with --top-logprobs)."""
     if args.json:
-        row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        if args.top_logprobs:
-            from meshserve.serving.detok import alternatives_json
-
-            row["top_logprobs"] = alternatives_json(top)
-        print(json.dumps(row))
+        print(json.dumps(_row(args, tokens, text, logprobs, finish_reason, top)))
         return
     shown = prompt_text or ""
     print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
@@ -193,7 +230,7 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
-                  stop_token_ids=args.stop_token_ids, **_sampling_fields(args))  # fmt: skip
+                  stop_token_ids=args.stop_token_ids, n=args.n, **_sampling_fields(args))  # fmt: skip
     for prompt in prompts:  # every value the request's fields cannot hold is refused before anything is sent
         Client.request(prompt, **kwargs)
     timeout = TIMEOUT_S if args.timeout is None else args.timeout
@@ -207,7 +244,10 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     status.clear()
     for prompt, r in zip(prompts, results, strict=True):
         shown = prompt if isinstance(prompt, str) else None
-        _print(args, shown, r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
+        samples = [(c.tokens, c.text, c.logprobs, c.finish_reason, c.top_logprobs) for c in r.choices] or [
+            (r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
+        ]
+        _print_samples(args, shown, samples)
     return 0
 
 
@@ -248,6 +288,16 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"{' and '.join(given)} only {verb} with --server HOST:PORT (add it, or drop {them})")
     if args.timeout is not None and not (0 < args.timeout < math.inf):
         raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+    # With --server the server checks n against its own max_n (INVALID_ARGUMENT names it); in process every
+    # sample is a batch row.
+    top = INT32_MAX if args.server else N_MAX_LOCAL
+    if not 1 <= args.n <= top:
+        where = "the server's max_n bounds it" if args.server else "samples of one prompt in process"
+        raise UserError(f"--n must be in [1, {top}] ({where}), got {args.n}")
+    if args.n > 1 and args.seed + args.n - 1 >= 2**63:
+        raise UserError(
+            f"--seed + --n - 1 must be below 2**63 (sample i uses seed + i), got {args.seed} + {args.n} - 1"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,12 +344,20 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
+    n = args.n
+    if n > 1:  # every prompt n times in the batch, sample i with seed + i (as the server's n)
+        import dataclasses
+
+        prompts = [p for p in prompts for _ in range(n)]
+        sampling = [dataclasses.replace(sampling, seed=sampling.seed + i) for _ in range(len(prompts) // n)
+                    for i in range(n)]  # fmt: skip
     if error := vocab_error(model.config, args.stop_token_ids, "--stop-token-ids"):
         raise UserError(error)
     stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
-    status(f"compiling and generating {len(prompts)} prompt{'s' * (len(prompts) > 1)} ...")
+    k = len(prompts) // n
+    status(f"compiling and generating {k} prompt{'s' * (k > 1)}{f' x {n} samples' if n > 1 else ''} ...")
     if on_mesh is not None:
         from meshserve.model.sharded import generate_sharded
 
@@ -316,10 +374,13 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
     texts = [p for p in args.prompts] + [None] * len(args.tokens)
-    for prompt_text, result in zip(texts, results, strict=True):
-        text = model.tokenizer.decode(result.tokens)
-        top = alternatives_with_text(model.tokenizer, result.top_logprobs)
-        _print(args, prompt_text, result.tokens, text, result.logprobs, result.finish_reason, top)
+    rows = [
+        (r.tokens, model.tokenizer.decode(r.tokens), r.logprobs, r.finish_reason,
+         alternatives_with_text(model.tokenizer, r.top_logprobs))
+        for r in results
+    ]  # fmt: skip
+    for j, prompt_text in enumerate(texts):  # prompt j's samples are rows j * n .. (j + 1) * n - 1
+        _print_samples(args, prompt_text, rows[j * n : (j + 1) * n])
     return 0
 
 

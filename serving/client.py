@@ -5,6 +5,8 @@
         print(c.generate("def fib(n):", max_new_tokens=32).text)
         for chunk in c.generate_stream("import os", max_new_tokens=16):
             print(chunk.text, end="", flush=True)
+        for choice in c.generate("Once upon", n=3, temperature=0.8, seed=1).choices:  # 3 samples, seeds 1, 2, 3
+            print(choice.index, choice.text)
 
 Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
 `stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
@@ -24,7 +26,7 @@ from meshserve.errors import UserError
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Generation", "Chunk", "Score", "InvalidRequest", "INT32_MAX"]
+__all__ = ["Client", "Generation", "Choice", "Chunk", "Score", "InvalidRequest", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1  # GenerateRequest.max_new_tokens and TokenIds.ids are int32 fields
 
@@ -42,7 +44,23 @@ def _top(messages) -> list[list[tuple[int, str, float]]]:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One of the n samples of a Generate call with n > 1 (sample `index` used seed + index)."""
+
+    index: int
+    tokens: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # length | stop | cancelled
+    top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
+
+
+@dataclass(frozen=True)
 class Generation:
+    """A Generate answer. n = 1: the sample in the flat fields, `choices` empty. n > 1: the samples in `choices`
+    (index order); tokens, text, logprobs and top_logprobs are empty and finish_reason is "" (as on the wire), and
+    the counts and times are the whole request's (prompt_tokens once; generated and cached tokens summed)."""
+
     tokens: list[int]
     text: str
     logprobs: list[float]
@@ -54,6 +72,7 @@ class Generation:
     total_ms: float
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
     cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache supplied
+    choices: list[Choice] = field(default_factory=list)  # the samples when n > 1
 
 
 @dataclass(frozen=True)
@@ -61,8 +80,9 @@ class Chunk:
     tokens: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: str | None  # set on the last chunk
+    finish_reason: str | None  # set on the last chunk (of its sample, when n > 1)
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token in `tokens`
+    index: int = 0  # which sample (n > 1); 0 when n = 1
 
 
 @dataclass(frozen=True)
@@ -133,11 +153,13 @@ class Client:
         min_p: float = 0.0,
         top_logprobs: int = 0,
         stop_token_ids: Sequence[int] = (),
+        n: int = 1,
         validate: bool = True,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
-        values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests."""
+        values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests. n: samples
+        (sample i with seed + i), at most the server's GetModelInfo().limits.max_n."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -150,6 +172,12 @@ class Client:
             and (not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= INT32_MAX)
         ):
             raise InvalidRequest(f"max_new_tokens must be an integer in [1, {INT32_MAX}], got {max_new_tokens!r}")
+        if validate and (not _is_int(n) or not 1 <= n <= INT32_MAX):
+            raise InvalidRequest(f"n must be an integer in [1, {INT32_MAX}] (the server's limits.max_n), got {n!r}")
+        if validate and seed + n - 1 >= 2**63:
+            raise InvalidRequest(
+                f"n: sample i uses seed + i, so seed + n - 1 must be below 2**63, got seed {seed}, n {n}"
+            )
         # Whole floats (top_k=2.0) passed the checks above as the numbers they are; protobuf's int fields take ints.
         whole = (lambda x: int(x) if isinstance(x, float) and x.is_integer() else x) if validate else (lambda x: x)
         sampling = pb.SamplingParams(
@@ -173,16 +201,23 @@ class Client:
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
+        if n != 1:  # 1 stays unset (0 on the wire): an n = 1 request is byte for byte what it was before n existed
+            req.n = n
         return req
 
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs) -> Generation:
-        """One unary Generate call (kwargs: see `request`)."""
+        """One unary Generate call (kwargs: see `request`; n > 1: the samples are in `.choices`)."""
         r = self.stub.Generate(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
+        choices = [
+            Choice(c.index, list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason, "cancelled"),
+                   _top(c.top_logprobs))
+            for c in r.choices
+        ]  # fmt: skip
         return Generation(
             list(r.tokens),
             r.text,
             list(r.logprobs),
-            _REASONS.get(r.finish_reason, "cancelled"),
+            "" if choices else _REASONS.get(r.finish_reason, "cancelled"),
             r.usage.prompt_tokens,
             r.usage.generated_tokens,
             r.timing.queue_ms,
@@ -190,14 +225,17 @@ class Client:
             r.timing.total_ms,
             _top(r.top_logprobs),
             r.usage.cached_prompt_tokens,
+            choices,
         )
 
     def generate_stream(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs
     ) -> Iterator[Chunk]:
-        """GenerateStream; the iterator's `.cancel()` is on `stream_call(...)` when a caller needs it."""
+        """GenerateStream; the iterator's `.cancel()` is on `stream_call(...)` when a caller needs it. With n > 1 the
+        samples' chunks interleave: `.index` says whose, and each sample's last chunk has its finish_reason."""
         for c in self.stream_call(prompt, timeout=timeout, **kwargs):
-            yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs))
+            yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs),
+                        c.index)  # fmt: skip
 
     def stream_call(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs):
         """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""

@@ -35,7 +35,7 @@ from meshserve.serving.requests import (
     ScoreQueueFullError,
     ShuttingDownError,
 )
-from meshserve.serving.scheduler import PrefillBatch, Request, Scheduler, Update
+from meshserve.serving.scheduler import PrefillBatch, QueueFullError, Request, Scheduler, Update
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
 
 __all__ = [
@@ -57,6 +57,19 @@ def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
     """
     live = [len(r.prompt) + len(r.tokens) for r in ticket[1] if r is not None and not r.finished]
     return max(live, default=0) + 2
+
+
+class _Tagged:
+    """One sample's event queue (RequestHandle.events) in a group from `submit_many`: whatever the engine thread puts
+    in (events, failures) goes to the queue the group shares, as (sample index, item), so one reader sees every
+    sample's events in the order they came. Put-only: read the shared queue."""
+
+    def __init__(self, shared: queue.SimpleQueue, index: int):
+        self.shared = shared
+        self.index = index
+
+    def put(self, item) -> None:
+        self.shared.put((self.index, item))
 
 
 class Orchestrator:
@@ -108,6 +121,36 @@ class Orchestrator:
             self._handles[request.id] = handle
         self._wake.set()
         return handle
+
+    def submit_many(
+        self, requests: Sequence[Request], stop: Sequence[str] = ()
+    ) -> tuple[list[RequestHandle], queue.SimpleQueue]:
+        """Queue the n samples of one request (validated), all or none: QueueFullError when the queue cannot take
+        all n (none is queued), ShuttingDownError when draining. Returns their handles and the one queue all their
+        events arrive on, as (sample index, Event or error). Queued at once under the lock, so the engine thread sees
+        them together: where the prompt is long enough for reuse to pay, the first sample prefills it and the others
+        reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handles = [
+            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=_Tagged(events, i))  # type: ignore[arg-type]
+            for i, r in enumerate(requests)
+        ]
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("server is shutting down; not accepting new requests")
+            waiting, limit = len(self.scheduler.queue), self.scheduler.max_queue
+            if len(requests) > 1 and waiting + len(requests) > limit:  # one request: the scheduler's own check
+                raise QueueFullError(
+                    f"queue full: {waiting} requests waiting, and n={len(requests)} samples need {len(requests)} "
+                    f"places (max_queue={limit})"
+                )
+            now = time.monotonic()
+            for r, handle in zip(requests, handles, strict=True):
+                r.arrival = now  # one arrival: the request's timing covers all its samples
+                self.scheduler.submit(r)  # cannot fail now: the room was checked under the same lock
+                self._handles[r.id] = handle
+        self._wake.set()
+        return handles, events
 
     def cancel(self, handle: RequestHandle) -> None:
         """Cancel (client gone); the slot is freed at the next loop iteration. No-op when already finished."""

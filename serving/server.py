@@ -56,6 +56,7 @@ class ServerOptions:
     # "all": compile every step before serving. "background": compile each kind's largest bucket, serve, and compile
     # the other buckets on a background thread (requests of their shapes run padded to a larger one meanwhile).
     warm_up: str = "all"
+    max_n: int = Limits.max_n  # samples per Generate request (GenerateRequest.n)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -101,6 +102,7 @@ class InferenceServer:
             max_new_tokens=min(options.max_new_tokens or plan.max_context, plan.max_context),
             max_queue=options.max_queue,
             max_score_tokens=options.max_score_tokens,
+            max_n=options.max_n,
         )
         self.limits = limits
         self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})

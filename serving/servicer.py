@@ -4,6 +4,11 @@ Validation (serving/validation.py) happens before anything is queued: every bad 
 with a message naming the field and its limit, so no input reaches the engine thread unchecked. A full queue answers RESOURCE_EXHAUSTED, a
 draining server UNAVAILABLE. A client that goes away (or a deadline that passes) cancels its request; the engine
 frees the slot at its next step.
+
+GenerateRequest.n > 1 asks for n samples: n engine requests (sample i with seed + i, as batch-generate's "n"),
+queued together, all or none, and cancelled together; the RPC is counted once in meshserve_requests_total. Unary
+answers carry them in `choices` with only usage and timing flat; streams tag each chunk with its sample's index. With
+n = 1 every reply is what it was before n existed (choices empty, index 0 and so never on the wire).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import jax
@@ -54,6 +60,27 @@ FINISH_REASON = {
 }
 
 
+@dataclass(eq=False)
+class _Call:
+    """One Generate / GenerateStream RPC: its n samples' handles (index order), the queue their events arrive on as
+    (sample index, event), and whether its outcome was counted in the metrics (once per RPC, whatever n)."""
+
+    handles: list[RequestHandle]
+    events: queue.SimpleQueue
+    counted: bool = False
+
+    @property
+    def first(self):
+        """Sample 0's request: the prompt, deadline and arrival are the same for every sample."""
+        return self.handles[0].request
+
+
+def _pick(f, values):
+    """f (min or max) over the values that are set; None when none is."""
+    values = [v for v in values if v is not None]
+    return f(values) if values else None
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     """meshserve.v1.Inference over an orchestrator. `model` gives the tokenizer, config and stop ids."""
 
@@ -70,10 +97,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # ----- RPCs -----
 
-    def _start(self, request, context, method: str) -> RequestHandle:
+    def _start(self, request, context, method: str) -> _Call:
         try:
-            r, stop = self.parse.generate(request, context.time_remaining() if context is not None else None)
-            handle = self.orch.submit(r, stop)
+            requests, stop = self.parse.samples(request, context.time_remaining() if context is not None else None)
+            handles, events = self.orch.submit_many(requests, stop)  # all n queued, or none
         except QueueFullError as e:
             self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ShuttingDownError as e:
@@ -81,76 +108,91 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except UserError as e:
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
+        call = _Call(handles, events)
+
         def ended() -> None:
-            # Runs when the RPC ends, however it ends. A client that cancels a stream ends it without the handler
-            # seeing a last event (gRPC just stops pulling chunks), so the outcome is counted here too.
-            self.orch.cancel(handle)
-            r = handle.request
+            # Runs when the RPC ends, however it ends: every sample still running is cancelled (their slots are
+            # freed at the engine's next step). A client that cancels a stream ends it without the handler seeing a
+            # last event (gRPC just stops pulling chunks), so the outcome is counted here too.
+            self._cancel(call)
+            r = call.first
             expired = r.deadline is not None and time.monotonic() >= r.deadline
-            self._count(handle, method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            self._count(call, method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
 
         if not context.add_callback(ended):
             ended()  # the RPC already ended (client gone in between): the callback will never run
-        return handle
+        return call
 
-    def _count(self, handle: RequestHandle, method: str, code: str) -> None:
+    def _cancel(self, call: _Call) -> None:
+        for handle in call.handles:  # a finished one is a no-op
+            self.orch.cancel(handle)
+
+    def _count(self, call: _Call, method: str, code: str) -> None:
         """Count one RPC's outcome in meshserve_requests_total, once (the first caller wins)."""
         with self._count_lock:
-            if handle.counted:
+            if call.counted:
                 return
-            handle.counted = True
+            call.counted = True
         self.metrics.requests.labels(method, code).inc()
 
     def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
         self.metrics.requests.labels(method, code.name).inc()
         context.abort(code, message)
 
-    def _events(self, handle: RequestHandle, context, method: str):
-        """The request's events until its last; stops early when the client is gone."""
-        while True:
+    def _events(self, call: _Call, context, method: str):
+        """(sample index, event) of every sample until each has had its last; stops early when the client is gone
+        (cancelling every sample). A failed sample fails the RPC, which cancels the others."""
+        left = len(call.handles)
+        while left:
             try:
-                event = handle.events.get(timeout=0.5)
+                index, event = call.events.get(timeout=0.5)
             except queue.Empty:
                 if not context.is_active():
-                    self.orch.cancel(handle)
+                    self._cancel(call)
                     return
                 continue
             if isinstance(event, UserError):  # this request's prefill batch was refused (the engine goes on)
-                self._count(handle, method, "INVALID_ARGUMENT")
+                self._count(call, method, "INVALID_ARGUMENT")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(event))
             if isinstance(event, BaseException):
-                self._count(handle, method, "INTERNAL")
+                self._count(call, method, "INTERNAL")
                 context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {type(event).__name__}")
-            yield event
+            yield index, event
             if event.finish_reason is not None:
-                return
+                left -= 1
 
-    def _usage_timing(self, handle: RequestHandle) -> tuple[pb.Usage, pb.Timing]:
-        r = handle.request
-        ms = lambda t: 0.0 if t is None else (t - r.arrival) * 1e3  # noqa: E731
+    def _usage_timing(self, call: _Call) -> tuple[pb.Usage, pb.Timing]:
+        """Usage and timing of the whole request: the prompt once, generated and cached tokens summed over the
+        samples; queue until the last sample's prefill started, first token of any sample, last token of all."""
+        rs = [h.request for h in call.handles]
+        arrival = call.first.arrival  # the same for every sample (submit_many)
+        ms = lambda t: 0.0 if t is None else (t - arrival) * 1e3  # noqa: E731
         usage = pb.Usage(
-            prompt_tokens=len(r.prompt), generated_tokens=len(r.tokens), cached_prompt_tokens=r.cached_tokens
+            prompt_tokens=len(call.first.prompt),
+            generated_tokens=sum(len(r.tokens) for r in rs),
+            cached_prompt_tokens=sum(r.cached_tokens for r in rs),
         )
         timing = pb.Timing(
-            queue_ms=ms(r.prefill_start), time_to_first_token_ms=ms(r.first_token_time), total_ms=ms(r.finish_time)
+            queue_ms=ms(_pick(max, [r.prefill_start for r in rs])),
+            time_to_first_token_ms=ms(_pick(min, [r.first_token_time for r in rs])),
+            total_ms=ms(_pick(max, [r.finish_time for r in rs])),
         )
         return usage, timing
 
-    def _done(self, context, method: str, handle: RequestHandle, reason: str | None) -> None:
-        if (
-            reason == "cancelled"
-            and handle.request.deadline is not None
-            and time.monotonic() >= handle.request.deadline
-        ):
-            self._count(handle, method, "DEADLINE_EXCEEDED")
+    def _done(self, context, method: str, call: _Call, reasons: list[str | None]) -> None:
+        """Count the RPC's outcome once every sample ended (reasons: each sample's; None = never finished), or
+        answer DEADLINE_EXCEEDED / UNAVAILABLE when the samples were cancelled by a deadline or the drain."""
+        deadline = call.first.deadline
+        if "cancelled" in reasons and deadline is not None and time.monotonic() >= deadline:
+            self._count(call, method, "DEADLINE_EXCEEDED")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        if reason == "cancelled" and self.orch.grace_passed and context.is_active():
-            self._count(handle, method, "UNAVAILABLE")
+        if "cancelled" in reasons and self.orch.grace_passed and context.is_active():
+            self._count(call, method, "UNAVAILABLE")
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server shut down: the request was cancelled when the drain's grace period (--grace) ended",
             )
-        self._count(handle, method, "CANCELLED" if reason in (None, "cancelled") else "OK")
+        self._count(call, method, "CANCELLED" if None in reasons or "cancelled" in reasons else "OK")
 
     def _top(self, alternatives) -> list[pb.TopLogprobs]:
         """Scheduler alternatives (ids, log-probs) per token -> TopLogprobs messages, each token decoded alone."""
@@ -160,47 +202,76 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         ]
 
     def Generate(self, request, context):
-        handle = self._start(request, context, "Generate")
-        tokens, logprobs, top, reason = [], [], [], None
+        call = self._start(request, context, "Generate")
+        n = len(call.handles)
+        tokens, logprobs, top = ([[] for _ in range(n)] for _ in range(3))
+        reasons: list[str | None] = [None] * n
         event: Event
-        for event in self._events(handle, context, "Generate"):
-            tokens.extend(event.tokens)
-            logprobs.extend(event.logprobs)
-            top.extend(event.top_logprobs)
-            reason = event.finish_reason
-        self._done(context, "Generate", handle, reason)
-        usage, timing = self._usage_timing(handle)
-        return pb.GenerateResponse(
-            tokens=tokens,
-            text=handle.text,
-            logprobs=logprobs if request.return_logprobs else [],
-            finish_reason=FINISH_REASON.get(reason, pb.FINISH_REASON_CANCELLED),
-            usage=usage,
-            timing=timing,
-            top_logprobs=self._top(top),
-        )
+        for i, event in self._events(call, context, "Generate"):
+            tokens[i].extend(event.tokens)
+            logprobs[i].extend(event.logprobs)
+            top[i].extend(event.top_logprobs)
+            reasons[i] = event.finish_reason
+        samples = [
+            dict(
+                tokens=tokens[i],
+                text=h.text,
+                logprobs=logprobs[i] if request.return_logprobs else [],
+                finish_reason=FINISH_REASON.get(reasons[i], pb.FINISH_REASON_CANCELLED),
+                top_logprobs=self._top(top[i]),
+            )
+            for i, h in enumerate(call.handles)
+        ]
+        usage, timing = self._usage_timing(call)
+        if n == 1:  # the flat reply, as before n existed
+            reply = pb.GenerateResponse(**samples[0], usage=usage, timing=timing)
+        else:
+            reply = pb.GenerateResponse(
+                usage=usage, timing=timing, choices=[pb.Choice(index=i, **s) for i, s in enumerate(samples)]
+            )
+        if None not in reasons and "cancelled" not in reasons:
+            self._check_reply_size(context, reply, n)
+        self._done(context, "Generate", call, reasons)
+        return reply
+
+    def _check_reply_size(self, context, reply: pb.GenerateResponse, n: int) -> None:
+        """RESOURCE_EXHAUSTED naming what to lower when the reply exceeds gRPC's message limit (n samples of many
+        tokens with top_logprobs can), instead of gRPC failing the send with a message that names nothing."""
+        from meshserve.serving.server import MAX_MESSAGE_BYTES  # here: server.py imports this module
+
+        size = reply.ByteSize()
+        if size > MAX_MESSAGE_BYTES:
+            self._abort(
+                context,
+                "Generate",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the reply ({size} bytes) exceeds the message limit of {MAX_MESSAGE_BYTES} bytes: lower n ({n}), "
+                "max_new_tokens or top_logprobs, or use GenerateStream",
+            )
 
     def GenerateStream(self, request, context):
-        handle = self._start(request, context, "GenerateStream")
-        reason = None
-        for event in self._events(handle, context, "GenerateStream"):
-            reason = event.finish_reason
+        call = self._start(request, context, "GenerateStream")
+        reasons: list[str | None] = [None] * len(call.handles)
+        for i, event in self._events(call, context, "GenerateStream"):
+            reason = reasons[i] = event.finish_reason
             chunk = pb.GenerateChunk(
                 tokens=event.tokens,
                 text=event.text,
                 logprobs=event.logprobs if request.return_logprobs else [],
                 top_logprobs=self._top(event.top_logprobs),
+                index=i,  # 0 with n = 1: proto3 leaves it off the wire
             )
             if reason is not None:
-                self._done(context, "GenerateStream", handle, reason)
-                usage, timing = self._usage_timing(handle)
                 chunk.finish_reason = FINISH_REASON[reason]
-                chunk.usage.CopyFrom(usage)
-                chunk.timing.CopyFrom(timing)
+                if None not in reasons:  # the last sample to finish: the stream's last chunk
+                    self._done(context, "GenerateStream", call, reasons)
+                    usage, timing = self._usage_timing(call)
+                    chunk.usage.CopyFrom(usage)
+                    chunk.timing.CopyFrom(timing)
             if chunk.tokens or chunk.text or reason is not None:
                 yield chunk
-        if reason is None:
-            self._count(handle, "GenerateStream", "CANCELLED")
+        if None in reasons:
+            self._count(call, "GenerateStream", "CANCELLED")
 
     def Score(self, request, context):
         lim = self.limits
@@ -297,6 +368,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_text_chars=lim.text_chars,
                 max_score_tokens=lim.max_score_tokens,
                 max_top_logprobs=TOP_LOGPROBS_MAX,
+                max_n=lim.max_n,
             ),
             plan_json=self.plan.to_json(),
         )

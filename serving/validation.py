@@ -6,14 +6,19 @@ field and its limit, before anything is queued, so no input reaches the engine t
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
 from meshserve.model.config import vocab_error
-from meshserve.model.sampling import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
+from meshserve.model.sampling_params import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.scheduler import Request
+
+if TYPE_CHECKING:  # the scheduler imports JAX; `meshserve serve --help` imports this module for --max-n
+    from meshserve.serving.scheduler import Request
 
 __all__ = [
     "RequestParser",
@@ -22,12 +27,17 @@ __all__ = [
     "score_reply_bytes",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_MAX_SCORE_TOKENS",
+    "DEFAULT_MAX_N",
+    "max_n_flag",
 ]
 
 DEFAULT_MAX_NEW_TOKENS = 64
 # Prompt + continuation tokens over one Score's items: 256 items x 1024 tokens. Its largest reply,
 # score_reply_bytes(256, 262144) ~ 2.4 MB, fits gRPC's 4 MiB send limit (serving/server.py MAX_MESSAGE_BYTES).
 DEFAULT_MAX_SCORE_TOKENS = 262144
+# Samples per Generate request (GenerateRequest.n): OpenAI's best-of / self-consistency use stays well below it, and
+# each sample takes a queue place and later a decode slot, so one request cannot fill a default queue (256).
+DEFAULT_MAX_N = 16
 
 
 def score_reply_bytes(max_items: int, max_tokens: int) -> int:
@@ -44,6 +54,17 @@ class RequestError(UserError):
     """An invalid request; the message names the field and its limit (INVALID_ARGUMENT)."""
 
 
+def max_n_flag(text: str) -> int:
+    """argparse type of `meshserve serve --max-n`: an integer >= 1 (argparse reports anything else, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (samples per Generate request), got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of this server (GetModelInfo.limits; `meshserve serve` flags)."""
@@ -57,6 +78,7 @@ class Limits:
     max_score_items: int = 256
     max_text_chars: int = 0  # 0: 32 characters per context token (no tokenizer packs more into one token)
     max_score_tokens: int = DEFAULT_MAX_SCORE_TOKENS  # prompt + continuation tokens over one Score's items
+    max_n: int = DEFAULT_MAX_N  # samples per Generate request (GenerateRequest.n)
 
     @property
     def text_chars(self) -> int:
@@ -144,7 +166,31 @@ class RequestParser:
         extra = self.ids("stop_token_ids", req.stop_token_ids)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
+        from meshserve.serving.scheduler import Request
+
         return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
+
+    def samples(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[list[Request], list[str]]:
+        """A GenerateRequest -> its n engine Requests (sample i with seed + i, as batch-generate's "n") and the stop
+        strings. n = 1 (or unset) is exactly `generate`'s one request. Raises RequestError naming the first bad
+        field; n is checked first, so a bad n is reported whatever else is wrong."""
+        n = req.n or 1  # proto3: unset reads 0
+        if not 1 <= n <= self.limits.max_n:
+            raise RequestError(f"n must be in [1, {self.limits.max_n}] (0 = 1), got {req.n}")
+        first, stop = self.generate(req, time_remaining)
+        from meshserve.serving.scheduler import Request
+
+        seed = first.sampling.seed
+        if seed + n - 1 >= 2**63:  # the last sample's seed must be a valid seed too (see offline.py)
+            raise RequestError(
+                f"n: sample i uses seed + i, so seed + n - 1 must be below 2**63, got sampling.seed {seed}, n {n}"
+            )
+        rest = [
+            Request(list(first.prompt), first.max_new_tokens, dataclasses.replace(first.sampling, seed=seed + i),
+                    first.stop_ids, deadline=first.deadline)
+            for i in range(1, n)
+        ]  # fmt: skip
+        return [first, *rest], stop
 
     def score_item(self, i: int, item: pb.ScoreItem) -> tuple[list[int], list[int]]:
         """Item i of a ScoreRequest -> (prompt ids, continuation ids), each checked against the vocabulary."""
