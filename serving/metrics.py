@@ -17,6 +17,11 @@ Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /me
   meshserve_live_slots                        decode slots holding a request (read live at scrape time)
   meshserve_compile_pending_steps             steps a background warm-up has yet to compile (serve --warm-up
                                               background; until 0, requests of those shapes run padded to a larger one)
+
+A Generate request with n > 1 (n samples) is one RPC in meshserve_requests_total; everything the engine measures
+(finished, queue, time to first token, per-token time, generated, prompt and prefix-hit tokens) counts each sample as
+a generation of its own: n samples of a P-token prompt add n x P prompt tokens, of which the samples that reused the
+prompt another one prefilled add P - 1 hits each.
 """
 
 from __future__ import annotations
