@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     # once (run_interruptibly); during the job it stops it in order: no new lines, the compile thread and the engine
     # stopped, the lines written so far kept (a rerun continues), exit 130 (Ctrl-C) or 143 (SIGTERM). A second
     # signal ends the process at once.
-    with SignalLatch(kind) as latch:
+    with SignalLatch(kind) as latch:  # to the end: a signal as the job finishes is not a traceback at exit
         model, engine = run_interruptibly(load_and_warm_up, latch, "terminated")
 
         def failed(job, error: Exception) -> None:
@@ -161,11 +161,12 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
                                                       dynamic_ncols=True) as bar:  # fmt: skip
             summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event)
-    if latch.signals:
-        print(f"meshserve {kind}: {'interrupted' if latch.interrupted else 'terminated'} after {summary.done} "
-              f"line{'s' * (summary.done != 1)}; rerun the same command to continue", file=sys.stderr)  # fmt: skip
-        return latch.code
-    _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
+            stopped = latch.event.is_set()
+        if stopped:
+            print(f"meshserve {kind}: {'interrupted' if latch.interrupted else 'terminated'} after {summary.done} "
+                  f"line{'s' * (summary.done != 1)}; rerun the same command to continue", file=sys.stderr)  # fmt: skip
+            return latch.code
+        _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
     return 0
 
 
