@@ -235,6 +235,8 @@ def build_server(
     if options.max_score_queue < 1:
         raise ServerError(f"max_score_queue must be >= 1, got {options.max_score_queue}")
     check_score_tokens(options.max_score_tokens)
+    if options.max_n < 1:
+        raise ServerError(f"max_n must be >= 1, got {options.max_n}")
     if options.warm_up not in ("all", "background"):
         raise ServerError(f"warm_up must be 'all' or 'background', got {options.warm_up!r}")
     engine = Engine(model.params, model.config, plan, steps or ModelSteps())

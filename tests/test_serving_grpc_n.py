@@ -221,3 +221,20 @@ def test_a_reply_past_the_message_limit_is_refused_naming_what_to_lower(checkpoi
             assert len(c.generate([1, 2, 3], max_new_tokens=4, top_logprobs=2).tokens) == 4  # small ones pass
     finally:
         proc.close()
+
+
+def test_build_server_refuses_max_n_below_1():
+    import jax
+    import jax.numpy as jnp
+    from meshserve.model.config import get_config
+    from meshserve.model.loading import LoadedModel
+    from meshserve.model.params import init_params
+    from meshserve.model.tokenizer import ByteTokenizer
+    from meshserve.serving.plan import make_plan
+    from meshserve.serving.server import ServerError, ServerOptions, build_server
+
+    config = get_config("tiny")
+    model = LoadedModel(config, init_params(config, jax.random.key(0), jnp.float32), ByteTokenizer(), "f32", "x")
+    plan = make_plan(config, max_batch=2, max_context=64, length_buckets=(16,), weights="f32")
+    with pytest.raises(ServerError, match="max_n must be >= 1, got 0"):  # before any compile
+        build_server(model, plan, ServerOptions(port=0, max_n=0))

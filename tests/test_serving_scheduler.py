@@ -363,16 +363,19 @@ class _EndedContext:
         return False
 
 
-def test_request_of_an_rpc_that_already_ended_is_cancelled():
+@pytest.mark.parametrize("n", [1, 3])
+def test_requests_of_an_rpc_that_already_ended_are_cancelled(n):
     from meshserve.protos import inference_pb2 as pb
     from meshserve.serving.servicer import InferenceServicer, Limits
 
     tok = ByteTokenizer()
     model = SimpleNamespace(config=get_config("tiny"), tokenizer=tok, encode_prompt=tok.encode, stop_ids=lambda: [])
-    orch = Orchestrator(MockEngine(4), make(max_batch=4), tok)  # not started: the request stays queued
+    orch = Orchestrator(MockEngine(4), make(max_batch=4), tok)  # not started: the requests stay queued
     servicer = InferenceServicer(orch, model, None, Limits(128, 4, 128, 8), {})
-    handle = servicer._start(pb.GenerateRequest(text="hi", max_new_tokens=4), _EndedContext(), "Generate")
-    assert handle.request.cancel_requested  # freed at the next step instead of generating for nobody
+    call = servicer._start(pb.GenerateRequest(text="hi", max_new_tokens=4, n=n), _EndedContext(), "Generate")
+    assert len(call.handles) == n
+    # Every sample is freed at the next step instead of generating for nobody.
+    assert all(h.request.cancel_requested for h in call.handles)
 
 
 class _AbortContext:
