@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 from meshserve.serving.client import Client
-from test_serving_support import GRID, ServerProcess, env, make_checkpoint, meshserve
+from test_serving_support import GRID, SLOW_DECODE, ServerProcess, env, make_checkpoint, meshserve
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +56,8 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint):
         server.close()
 
 
-# Every decode step takes >= 50 ms (a stand-in for a big model), so a 120-token stream outlasts a 1 s grace period;
-# everything else is the real CLI.
-_SLOW_ENGINE = """
-import sys, time
-from meshserve.serving import engine
-fast = engine.Engine.decode_async
-def decode_async(self, batch, context=None):
-    time.sleep(0.05)
-    return fast(self, batch, context)
-engine.Engine.decode_async = decode_async
-from meshserve.serving.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigterm_past_grace_ends_open_streams_unavailable_and_exits_in_time(checkpoint):
-    server = ServerProcess(checkpoint, "--grace", "1", python_code=_SLOW_ENGINE)
+    server = ServerProcess(checkpoint, "--grace", "1", python_code=SLOW_DECODE)
     try:
         with Client(server.target) as client:
             client.wait_ready()

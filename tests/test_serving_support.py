@@ -79,3 +79,19 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         os.unlink(self.log.name)
+
+
+# Every decode step takes >= 50 ms more (a stand-in for a big model), so a stream or a job lasts long enough to be
+# interrupted or drained in its middle; everything else is the real CLI. For ServerProcess(python_code=...) or
+# `python -c SLOW_DECODE ARGS...`.
+SLOW_DECODE = """
+import sys, time
+from meshserve.serving import engine
+fast = engine.Engine.decode_async
+def decode_async(self, batch, context=None):
+    time.sleep(0.05)
+    return fast(self, batch, context)
+engine.Engine.decode_async = decode_async
+from meshserve.serving.cli import main
+sys.exit(main(sys.argv[1:]))
+"""

@@ -12,21 +12,7 @@ import time
 
 import pytest
 from meshserve.serving.client import Client
-from test_serving_support import GRID, ServerProcess, env, make_checkpoint, meshserve
-
-# Every decode step takes >= 50 ms more (a stand-in for a big model), so a job or a stream lasts long enough to be
-# interrupted in its middle; everything else is the real CLI.
-_SLOW_DECODE = """
-import sys, time
-from meshserve.serving import engine
-fast = engine.Engine.decode_async
-def decode_async(self, batch, context=None):
-    time.sleep(0.05)
-    return fast(self, batch, context)
-engine.Engine.decode_async = decode_async
-from meshserve.serving.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from test_serving_support import GRID, SLOW_DECODE, ServerProcess, env, make_checkpoint, meshserve
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint,
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x" * (1 + i % 9), "max_new_tokens": 16,
                                        "ignore_eos": True}) + "\n" for i in range(n)))  # fmt: skip
     args = ["batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json"]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DECODE, *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DECODE, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
     deadline = time.monotonic() + 240
     while (not out.exists() or out.read_bytes().count(b"\n") < 8) and proc.poll() is None:
@@ -68,7 +54,7 @@ def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint,
 
 
 def test_a_second_signal_while_draining_stops_the_server_at_once(checkpoint):
-    server = ServerProcess(checkpoint, "--grace", "120", python_code=_SLOW_DECODE)
+    server = ServerProcess(checkpoint, "--grace", "120", python_code=SLOW_DECODE)
     try:
         with Client(server.target) as client:
             client.wait_ready()
