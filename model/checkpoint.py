@@ -170,6 +170,36 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, config=config, weights=weights, tokenizer_path=tok)
 
 
+def _name(path) -> str:
+    """A tree path as the weight's name: layers/wq/values."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _stored_mismatch(checkpointer, params_dir: Path, target: Any) -> str | None:
+    """The first array whose stored shape is not what the config needs (or that one side lacks), as a
+    message; None when everything matches or the stored metadata cannot be read (restore then reports).
+
+    Checked before restoring because a failed orbax restore leaves tensorstore reads in flight whose callbacks
+    later hit orbax's closed event loop and print tracebacks (RuntimeError: Event loop is closed) after our one-line
+    error: a config edited by hand, or weights from another model, is a user mistake, not a crash."""
+    try:
+        stored_tree = checkpointer.metadata(params_dir)
+        stored_tree = getattr(stored_tree, "item_metadata", stored_tree)  # StepMetadata in orbax >= 0.11
+        stored = {_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    except Exception:
+        return None
+    wanted = {_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for key, want in wanted.items():
+        have = stored.get(key)
+        if have is None:
+            return f"{key} is not in the checkpoint"
+        shape = tuple(getattr(have, "shape", ()))
+        if shape != tuple(want.shape):  # dtypes may differ: restore casts to the target's
+            return f"{key} is stored with shape {shape}, the config needs {tuple(want.shape)}"
+    extra = sorted(set(stored) - set(wanted))
+    return f"{extra[0]} is stored but the config has no such weight" if extra else None
+
+
 def load_checkpoint(
     path: str | Path, *, weights: str | None = None, shardings: Callable[[Params], Any] | Any | None = None
 ) -> tuple[CheckpointInfo, Params]:
@@ -198,11 +228,15 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {info.path} has no params/ directory")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(params_dir, target)
+            mismatch = _stored_mismatch(checkpointer, params_dir, target)
+            if mismatch is None:
+                restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError/... on mismatch or damage
         raise CheckpointError(
             f"cannot restore {params_dir} as {info.config.name} ({info.weights}): {str(e).splitlines()[0][:300]}"
         ) from None
+    if mismatch is not None:
+        raise CheckpointError(f"cannot restore {params_dir} as {info.config.name} ({info.weights}): {mismatch}")
     params = _from_plain(restored)
     if weights is not None and weights != info.weights:
         params = cast_params(info.config, params, weights)

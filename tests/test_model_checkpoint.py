@@ -184,3 +184,24 @@ def test_overwrite_refuses_anything_but_a_checkpoint(tmp_path, tiny, capsys):
         code, err = _convert(capsys, *argv, "--force")
         assert code == 2 and err.count("\n") == 1 and ("must differ" in err or "not a meshserve checkpoint" in err)
     assert (tmp_path / "file").read_text() == "keep me" and (tmp_path / "hf" / "config.json").exists()
+
+
+def test_weights_of_another_shape_fail_in_one_line_without_tracebacks(tmp_path, tiny):
+    """A config edited by hand (or weights from another model): one line naming the first weight that does not
+    fit, exit 2, and nothing after it (a failed orbax restore used to print 'Event loop is closed' tracebacks)."""
+    import subprocess
+    import sys
+
+    config, params = tiny
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    meta = tmp_path / "ck" / "meshserve.json"
+    wrong = json.loads(meta.read_text())
+    wrong["model"]["d_model"] = 32
+    meta.write_text(json.dumps(wrong))
+    cmd = [sys.executable, "-m", "meshserve.serving.cli", "generate", "--checkpoint", str(tmp_path / "ck"), "hi"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"meshserve generate: error: cannot restore {tmp_path / 'ck' / 'params'} as {config.name} (f32): embed is "
+        "stored with shape (256, 64), the config needs (256, 32)"
+    ]
