@@ -126,6 +126,16 @@ def _check_writable(path: Path, what: str) -> None:
         raise OfflineError(f"{what} {path} is not writable")
     if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
         raise OfflineError(f"{what} {path}: folder {folder} is not writable")
+    # os.access says yes to root everywhere, /proc and friends included: only creating the file tells. An empty
+    # probe file is removed at once; an existing file is opened for append and left as it was.
+    try:
+        if path.exists():
+            open(path, "a").close()  # noqa: SIM115
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            os.unlink(path)
+    except OSError as e:
+        raise OfflineError(f"{what} {path} cannot be written: {e.strerror or e}") from None
 
 
 def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:

@@ -37,6 +37,20 @@ def test_a_path_in_a_missing_folder_is_refused_before_loading_and_creates_nothin
     assert _files(tmp_path) == before  # no empty x.jsonl left behind
 
 
+@pytest.mark.parametrize("which", ["output", "errors"])
+def test_a_path_no_file_can_be_created_in_is_refused_before_loading(tmp_path, which):
+    """/proc passes os.access for root (CI runs as root): only creating the file shows it cannot be written."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, **LINE["score"]}) + "\n")
+    before = _files(tmp_path)
+    paths = ["-o", "/proc/x.jsonl"] if which == "output" else ["-o", "x.jsonl", "--errors", "/proc/e.jsonl"]
+    done = _run(tmp_path, "score", "in.jsonl", *paths, "--model", "tiny")
+    assert done.returncode == 2, done.stderr
+    what = "output /proc/x.jsonl" if which == "output" else "--errors /proc/e.jsonl"
+    assert done.stderr.strip().splitlines() == [f"meshserve score: error: {what} cannot be written: No such file or "
+                                                "directory"]  # fmt: skip
+    assert _files(tmp_path) == before  # the probe for --errors left no x.jsonl either
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_directory_as_input_is_named_a_directory(tmp_path, kind):
     (tmp_path / "d").mkdir()
