@@ -34,6 +34,7 @@ __all__ = [
     "generate",
     "validate_prompts",
     "prompt_error",
+    "sampling_error",
     "bucket",
     "Batch",
     "decode_loop",
@@ -70,6 +71,19 @@ def prompt_error(config: ModelConfig, prompt: Sequence[int], max_new_tokens: int
             f"limit max_seq_len={config.max_seq_len}"
         )
     return None
+
+
+def sampling_error(config: ModelConfig, sampling: SamplingParams, prefix: str = "") -> str | None:
+    """Why the model cannot take these sampling settings (a logit_bias id outside its vocabulary), or None; the
+    message names the field (after `prefix`, e.g. "sampling."). Stop ids are not checked here: one past the
+    vocabulary can never be drawn, and its min_tokens entry falls out of the bias scatter."""
+    return vocab_error(config, [t for t, _ in sampling.logit_bias], f"{prefix}logit_bias")
+
+
+def _with_stops(rows: list[SamplingParams], stops: tuple[int, ...]) -> list[SamplingParams]:
+    """Rows that ask for min_tokens hold back the batch's stop ids as well as their own (generate's stop_ids end
+    every row; a row's own stop_ids came from whoever built it)."""
+    return [r.with_stop_ids((*r.stop_ids, *stops)) if r.min_tokens and stops else r for r in rows]
 
 
 def validate_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -131,6 +145,10 @@ class Batch:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         stops = tuple(sorted(set(stop_ids)))
+        rows = _with_stops(rows, stops)
+        for i, row in enumerate(rows):
+            if error := sampling_error(config, row, f"sampling {i}: " if len(rows) > 1 else ""):
+                raise GenerateError(error)
         stop_arr = np.full((max(1, len(stops)),), -1, np.int32)
         stop_arr[: len(stops)] = stops
         return cls(tokens=tokens, lengths=lengths, sampling=stack_sampling(rows + [SamplingParams()] * (B - len(rows))),

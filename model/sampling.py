@@ -1,17 +1,29 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalties, with a seed per request.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalties, logit_bias and min_tokens, with
+a seed per request.
 
-All parameters are per row ([B] arrays), so one compiled step serves a batch of requests that each
-asked for something different. Returned log-probs are those of the model's own distribution
-(log_softmax of the raw logits), whatever the sampling transform, as vLLM and TGI report them.
+All parameters are per row ([B] arrays, the bias table [B, L_MAX]), so one compiled step serves a batch of requests
+that each asked for something different. Returned log-probs (and top_logprobs) are those of the model's own
+distribution (log_softmax of the raw logits), whatever the sampling transform, as vLLM (its default logprobs_mode,
+raw_logprobs) and TGI report them: a logit_bias or min_tokens changes which token is drawn, not the log-prob
+reported for it. (OpenAI's API reports the biased distribution instead; one rule for every knob here keeps a
+token's reported log-prob comparable between requests that differ only in their sampling.)
 
-The order is vLLM's and Hugging Face's: penalties on the raw logits (so they steer greedy decoding too), then
-temperature, then the top-k / top-p / min-p filters, then the draw. The penalties follow the usual definitions:
+The order is vLLM's (its v1 sampler; Hugging Face also adds SequenceBias before RepetitionPenalty): the bias table
+(logit_bias, min_tokens) on the raw logits, then the penalties, both before temperature so they steer greedy
+decoding too, then the top-k / top-p / min-p filters, then the draw. (So a repetition penalty r scales a biased
+logit: (logit + bias) / r; min_tokens' -inf stays -inf whatever follows.) The knobs follow the usual definitions:
 - repetition_penalty r (CTRL, Keskar et al. 2019; HF, TGI, vLLM): a token that occurs in the prompt or the output
   so far has its logit divided by r when positive and multiplied by r when negative; 1 = off.
 - presence_penalty p and frequency_penalty f (OpenAI's API, vLLM): logit - p * [count > 0] - f * count, where
   count is the token's occurrences in the output so far (not the prompt); 0 = off.
 - min_p m (Nguyen et al. 2024; HF, vLLM): keep tokens whose probability is at least m times the most likely
   token's (after temperature); 0 = off.
+- logit_bias (OpenAI's API, vLLM): {id: b} adds b in [-100, 100] to that token's logit at every step.
+- min_tokens n (vLLM; HF's MinNewTokensLengthLogitsProcessor, TGI's min_new_tokens): the request's stop ids
+  (end-of-sequence included) get -inf while the row has generated fewer than n tokens, so the earliest a stop id can
+  be drawn is as token n + 1.
+Both are entries (id, bias, until) of the row's bias table (model/sampling_params.py); a row's generated count is
+its sampling step (0 for the token sampled from the prefill).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from meshserve.model.sampling_params import (
     FREQUENCY_PENALTY_MAX,
+    L_MAX,
+    LOGIT_BIAS_MAX,
     REPETITION_PENALTY_MAX,
     SAMPLING_FIELDS,
     TOP_K_MAX,
@@ -45,6 +59,8 @@ __all__ = [
     "SAMPLING_FIELDS",
     "TOP_LOGPROBS_MAX",
     "top_logprobs",
+    "L_MAX",
+    "LOGIT_BIAS_MAX",
 ]
 
 
@@ -89,6 +105,14 @@ def _penalize(logits: jax.Array, sampling: dict[str, jax.Array], history: TokenH
     )
 
 
+def _bias(logits: jax.Array, sampling: dict[str, jax.Array], active: jax.Array) -> jax.Array:
+    """logits float32 [B, V] plus each row's active bias entries (active bool [B, L]); an inactive or unused entry
+    points past the vocabulary and the scatter drops it. Entries on one token add up (-inf stays -inf)."""
+    B, V = logits.shape
+    ids = jnp.where(active, sampling["bias_ids"], V)
+    return logits.at[jnp.arange(B)[:, None], ids].add(sampling["bias_values"], mode="drop")
+
+
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
     """Mask [B, V] logits outside each row's top-k and top-p sets with -inf."""
     V = scaled.shape[-1]
@@ -119,20 +143,27 @@ def sample(
     step: jax.Array,
     history: TokenHistory | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """logits float32 [B, V]; step: int scalar or [B] (each row's decode index, folded into its key); history:
-    the tokens each row has seen, rows [0, B) of it (None: no row may ask for a penalty; the bench's loops).
+    """logits float32 [B, V]; step: int scalar or [B] (each row's decode index = tokens it generated so far, folded
+    into its key and compared with its bias entries' `until`); history: the tokens each row has seen, rows [0, B) of
+    it (None: no row may ask for a penalty; the bench's loops).
 
     Returns tokens int32 [B] and their log-probs float32 [B] under the unmodified model distribution.
-    The batch-wide conditions (any row penalizes? filters? every row greedy?) are real branches: do not vmap this
-    over rows (under vmap `lax.cond` runs both branches, i.e. the vocabulary sort for every row on every step);
-    pass per-row steps instead.
+    The batch-wide conditions (any live bias entry? any row penalizes? filters? every row greedy?) are real
+    branches: do not vmap this over rows (under vmap `lax.cond` runs both branches, i.e. the vocabulary sort for
+    every row on every step); pass per-row steps instead.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    temperature = sampling["temperature"]
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), temperature.shape)
+    if "bias_ids" in sampling:  # hand-built sampling dicts without the table (older callers) bias nothing
+        # An entry is live while the row's generated count (its step) is below its `until`: min_tokens' entries
+        # expire, so after min_tokens steps a batch with no logit_bias skips the scatter again.
+        active = (sampling["bias_ids"] >= 0) & (steps[:, None] < sampling["bias_until"])
+        logits = jax.lax.cond(jnp.any(active), lambda: _bias(logits, sampling, active), lambda: logits)
     if history is not None:
         penalized = (sampling["repetition_penalty"] != 1.0) | (sampling["presence_penalty"] != 0.0)
         penalized |= sampling["frequency_penalty"] != 0.0
         logits = jax.lax.cond(jnp.any(penalized), lambda: _penalize(logits, sampling, history), lambda: logits)
-    temperature = sampling["temperature"]
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     needs_filter = jnp.any(~greedy & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1.0)))
@@ -140,8 +171,6 @@ def sample(
     filtered = jax.lax.cond(needs_filter, lambda: _top_k_top_p(scaled, sampling), lambda: scaled)
 
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), greedy.shape)
 
     def draw() -> jax.Array:
         # min-p needs no sort: p >= min_p * p_max  <=>  scaled >= max(scaled) + log(min_p) (min_p 0: log 0 = -inf).

@@ -32,6 +32,27 @@ def _token_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--tokens takes comma-separated integers, got {text!r}") from None
 
 
+def _logit_bias(text: str) -> dict[int, float]:
+    """--logit-bias ID:BIAS,ID:BIAS -> {id: bias} (ranges are SamplingParams' checks; the vocabulary the model's)."""
+    out: dict[int, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        token, sep, bias = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            token_id, value = int(token), float(bias)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"takes comma-separated TOKEN_ID:BIAS pairs, e.g. 123:-100,456:5, got {item!r}"
+            ) from None
+        if token_id in out:
+            raise argparse.ArgumentTypeError(f"token id {token_id} is given more than once")
+        out[token_id] = value
+    return out
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by in-process and client-side generation."""
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
@@ -71,6 +92,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="also show the N most likely tokens at each step, in [0, 20] (one line per token; in --json too; default 0)",
+    )
+    parser.add_argument(
+        "--logit-bias",
+        type=_logit_bias,
+        default={},
+        metavar="ID:BIAS,...",
+        help="add BIAS in [-100, 100] to token ID's logit before sampling (greedy too), e.g. 123:-100,456:5: -100 "
+        "all but bans a token, +100 all but forces it; at most 64 entries, --min-tokens' included (default none)",
+    )
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="end-of-sequence and --stop-token-ids cannot be sampled before N tokens are generated; each such id "
+        "takes one of --logit-bias's 64 entries (default 0 = off)",
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
@@ -265,7 +302,7 @@ def _config_only(args: argparse.Namespace):
 def _sampling_fields(args: argparse.Namespace) -> dict:
     """The sampling flags as SamplingParams' (and Client.request's) keyword arguments."""
     names = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    return {name: getattr(args, name) for name in (*names, "min_p", "top_logprobs")}
+    return {name: getattr(args, name) for name in (*names, "min_p", "top_logprobs", "logit_bias", "min_tokens")}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -309,7 +346,10 @@ def run(args: argparse.Namespace) -> int:
     if args.server and any(getattr(args, name) for name in mesh_flags):
         raise UserError("--mesh and the layout flags place a local model; the server has its own (drop them)")
     on_mesh = mesh_args(args)  # layouts from --mesh/--prefill-layout/--decode-layout/--attention (None: one device)
-    sampling = SamplingParams(**_sampling_fields(args))  # the same checks in process and with --server
+    # The same checks in process and with --server; min_tokens' entries (one per stop id) count against the bias
+    # table: --stop-token-ids here, the end-of-sequence id once the model (or server) is known.
+    held = args.stop_token_ids if args.min_tokens else ()
+    sampling = SamplingParams(**_sampling_fields(args), stop_ids=[t for t in held if t >= 0])
     status = _Status()
     try:
         if args.server:
@@ -354,6 +394,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     if error := vocab_error(model.config, args.stop_token_ids, "--stop-token-ids"):
         raise UserError(error)
     stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
+    # generate() adds stop_ids to the ids min_tokens holds back, and checks logit_bias against the vocabulary.
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
     k = len(prompts) // n

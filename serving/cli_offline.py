@@ -57,10 +57,15 @@ GENERATE_EPILOG = (
   presence_penalty   in [-2, 2] (default 0)
   frequency_penalty  in [-2, 2] (default 0)
   top_logprobs       alternatives per generated token, 0 = off, at most 20 (default 0)
+  logit_bias         {"token id": bias} added to those logits before sampling, e.g. {"123": -100, "7": 5}: keys
+                     digit strings, biases in [-100, 100], at most 64 entries with min_tokens' (default none)
+  min_tokens         end-of-sequence and stop_token_ids cannot end the text before this many tokens; each such
+                     id takes one of logit_bias's 64 entries (default 0 = off)
   stop               a string or a list of strings that end the text (default none)
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
-Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs).
+Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs,
+min_tokens).
 
 output fields (OUT.jsonl, one object per id):
   id             the input's id

@@ -16,7 +16,7 @@ A request value the server would refuse, or that its protobuf field cannot hold,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,17 +155,25 @@ class Client:
         stop_token_ids: Sequence[int] = (),
         n: int = 1,
         validate: bool = True,
+        logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (),
+        min_tokens: int = 0,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
         values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests. n: samples
-        (sample i with seed + i), at most the server's GetModelInfo().limits.max_n."""
+        (sample i with seed + i), at most the server's GetModelInfo().limits.max_n. logit_bias {id: bias} and
+        min_tokens: SamplingParams' (the server checks the ids against its vocabulary, and counts its end-of-sequence
+        id among min_tokens' entries)."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
+            # min_tokens' entries count against logit_bias's limit: the stop ids known here (the server adds its
+            # end-of-sequence id and checks again).
+            held = [t for t in stop_token_ids if _is_int(t) and t >= 0] if min_tokens else ()
             validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
-                              top_logprobs=top_logprobs)  # fmt: skip
+                              top_logprobs=top_logprobs, logit_bias=logit_bias, min_tokens=min_tokens,
+                              stop_ids=held)  # fmt: skip
         if (
             validate
             and max_new_tokens is not None
@@ -189,6 +197,8 @@ class Client:
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             min_p=min_p,
+            logit_bias=dict(logit_bias),
+            min_tokens=whole(min_tokens),
         )
         req = pb.GenerateRequest(
             sampling=sampling,

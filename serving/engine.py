@@ -160,7 +160,7 @@ class Engine:
 
     def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
         spec = jax.ShapeDtypeStruct
-        # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2]), with b rows.
+        # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2], bias table [b, L_MAX]), b rows.
         samp = lambda b: {n: spec((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
         key = job.key
         rows = lambda b: spec((b,), jnp.int32)  # noqa: E731

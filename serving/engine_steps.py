@@ -33,7 +33,7 @@ __all__ = [
     "score_tokens",
 ]
 
-SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2] (model/sampling.py)
+SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2], bias table [B, L_MAX] (sampling.py)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ class DecodeState:
 
     cache: transformer.KVCache  # k, v [N, B, S, K, Q], lengths [B]
     last: jax.Array  # int32 [B]: each slot's latest token (the next step's input)
-    step: jax.Array  # int32 [B]: each slot's sampling step (0 = the prefill's token), folded into its key
+    # int32 [B]: each slot's sampling step (0 = the prefill's token) = tokens it generated so far, folded into its
+    # key and compared with its bias entries' `until` (min_tokens)
+    step: jax.Array
     sampling: SamplingArrays
     history: TokenHistory  # in_prompt bool [B, V], counts int32 [B, V] of generated tokens
 
@@ -151,8 +153,8 @@ def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
 
 
 def release_slots(state: DecodeState, free: jax.Array) -> DecodeState:
-    """Default sampling settings in the slots where free bool [B]: a finished request's penalties, filters or
-    top_logprobs must not keep the batch-wide branches of later steps switched on."""
+    """Default sampling settings in the slots where free bool [B]: a finished request's penalties, filters, bias
+    entries or top_logprobs must not keep the batch-wide branches of later steps switched on."""
     defaults = pad_sampling([], 1)
     sampling = {
         n: jnp.where(free.reshape(-1, *[1] * (a.ndim - 1)), jnp.asarray(defaults[n][0]), a)

@@ -124,6 +124,25 @@ def _samples(data: dict) -> int:
     return n
 
 
+def _logit_bias(model, value) -> dict[int, float]:
+    """The line's "logit_bias": a JSON object {"token id": bias} (JSON keys are strings: digit strings only) ->
+    {id: bias}, ids checked against the vocabulary; the bias range is SamplingParams' check."""
+    if not isinstance(value, dict):
+        raise LineError(f'logit_bias must be a JSON object of token ids to biases, e.g. {{"123": -100}}, got {value!r}')
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise LineError(f'logit_bias: key {key!r} is not a token id (a string of digits, e.g. "123")')
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise LineError(f"logit_bias[{key}] must be a number in [-100, 100], got {bias!r}")
+        if int(key) in out:  # "7" and "07"
+            raise LineError(f"logit_bias: token id {int(key)} is given more than once")
+        out[int(key)] = float(bias)
+    if bad := vocab_error(model.config, out, "logit_bias"):
+        raise LineError(bad)
+    return out
+
+
 def _generation_requests(model, engine, job: JobLine):
     """The line's n requests (sample i samples with seed + i) and its stop strings; LineError for a bad field."""
     from meshserve.serving.scheduler import Request
@@ -140,8 +159,9 @@ def _generation_requests(model, engine, job: JobLine):
         raise LineError(
             f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {n!r}"
         )
-    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
-    values = {}
+    # logit_bias is a JSON object (parsed below); stop_ids come from stop_token_ids and ignore_eos, not the line.
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams) if f.name not in ("logit_bias", "stop_ids")}
+    values = {"logit_bias": _logit_bias(model, d.get("logit_bias", {}))}
     for name, field in fields.items():
         value = d.get(name, field.default)
         kind = int if field.type in (int, "int") else float
@@ -169,6 +189,10 @@ def _generation_requests(model, engine, job: JobLine):
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
+    try:  # min_tokens holds back exactly the ids this request stops on (one bias entry each)
+        sampling = sampling.with_stop_ids(stop_ids)
+    except SamplingError as e:
+        raise LineError(str(e)) from None
     requests = [
         Request(list(prompt), n, dataclasses.replace(sampling, seed=sampling.seed + i), stop_ids)
         for i in range(samples)

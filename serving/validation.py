@@ -151,9 +151,12 @@ class RequestParser:
                 frequency_penalty=s.frequency_penalty,
                 min_p=s.min_p,
                 top_logprobs=req.top_logprobs,
+                logit_bias=dict(s.logit_bias),
+                min_tokens=s.min_tokens,
             )
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
+        self.ids("sampling.logit_bias", sorted(s.logit_bias))
         if len(req.stop) > lim.max_stop_strings:
             raise RequestError(f"stop: {len(req.stop)} stop strings exceed the limit of {lim.max_stop_strings}")
         for i, st in enumerate(req.stop):
@@ -166,6 +169,10 @@ class RequestParser:
         extra = self.ids("stop_token_ids", req.stop_token_ids)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
+        try:  # min_tokens holds back exactly the ids this request stops on (one bias entry each)
+            sampling = sampling.with_stop_ids(stop_ids)
+        except SamplingError as e:
+            raise RequestError(f"sampling.{e}") from None
         from meshserve.serving.scheduler import Request
 
         return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
