@@ -16,7 +16,14 @@ from pathlib import Path
 
 from meshserve.errors import UserError
 
-__all__ = ["check_output_path", "check_image_path", "image_formats", "quiet_broken_pipe", "EXIT_BROKEN_PIPE"]
+__all__ = [
+    "check_output_path",
+    "write_probe",
+    "check_image_path",
+    "image_formats",
+    "quiet_broken_pipe",
+    "EXIT_BROKEN_PIPE",
+]
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
@@ -63,6 +70,24 @@ def check_output_path(flag: str, path: str | Path | None, *, create_parent: bool
         raise UserError(f"{flag} {path}: directory {existing} {what}")
     if not os.access(existing, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UserError(f"{flag} {path}: not writable")
+    why = write_probe(target if target.absolute().parent == existing else existing / f".meshserve-probe-{os.getpid()}")
+    if why is not None:
+        raise UserError(f"{flag} {path}: cannot be written ({why})")
+
+
+def write_probe(path: Path) -> str | None:
+    """Why a file cannot be written at `path`, found by trying (None when it can): an existing file is opened for
+    append and left as it was; a new one is created and removed at once. os.access says yes to root everywhere,
+    /proc and read-only bind mounts included (containers often run as root), so only trying tells."""
+    try:
+        if path.exists():
+            open(path, "a").close()  # noqa: SIM115
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            os.unlink(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def image_formats() -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshserve.analytics.output import write_probe
 from meshserve.errors import UserError
 from meshserve.model.sampling_params import SamplingParams
 
@@ -46,11 +47,13 @@ class LineError(UserError):
     """One bad input line (reported to the errors file; the job goes on)."""
 
 
-# The keys a line may have; any other key is refused (line by line), never ignored.
+# The keys a line may have; any other key is refused (line by line), never ignored. SamplingParams.stop_ids is no
+# key: it is filled from stop_token_ids and ignore_eos.
 SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
-    "id", "prompt", "max_new_tokens", "n", *(f.name for f in dataclasses.fields(SamplingParams)), "stop",
-    "stop_token_ids", "ignore_eos"
+    "id", "prompt", "max_new_tokens", "n",
+    *(f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop_ids"),
+    "stop", "stop_token_ids", "ignore_eos"
 )  # fmt: skip
 _REQUIRED = {"score": ("prompt", "continuation"), "batch-generate": ("prompt",)}
 
@@ -126,16 +129,9 @@ def _check_writable(path: Path, what: str) -> None:
         raise OfflineError(f"{what} {path} is not writable")
     if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
         raise OfflineError(f"{what} {path}: folder {folder} is not writable")
-    # os.access says yes to root everywhere, /proc and friends included: only creating the file tells. An empty
-    # probe file is removed at once; an existing file is opened for append and left as it was.
-    try:
-        if path.exists():
-            open(path, "a").close()  # noqa: SIM115
-        else:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-            os.unlink(path)
-    except OSError as e:
-        raise OfflineError(f"{what} {path} cannot be written: {e.strerror or e}") from None
+    why = write_probe(path)  # os.access says yes to root everywhere: only trying tells
+    if why is not None:
+        raise OfflineError(f"{what} {path} cannot be written: {why}")
 
 
 def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:

@@ -59,6 +59,8 @@ def test_bench_rows_with_peer(tmp_path):
         ),
         (["--model", "tiny", "--prompt-len", "120", "--gen-len", "64"], "184 tokens exceeds tiny's max_seq_len 128"),
         (["--out", "/tmp"], "--out /tmp is a directory"),
+        # passes os.access as root (CI): only creating the file shows it cannot be written
+        (["--out", "/proc/rows.json"], "--out /proc/rows.json: cannot be written (No such file or directory)"),
         (["--plot", "decode.txt"], "--plot decode.txt: extension .txt; use an image format matplotlib writes: "),
         (["--plot", "decode"], "--plot decode: no extension"),
     ],
