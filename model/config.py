@@ -51,6 +51,8 @@ class ModelConfig:
     true_heads: int = 0
     bos_id: int | None = None
     eos_id: int | None = None
+    # Biases on the q, k and v projections only (Qwen2); linear_bias implies them with the o and MLP biases too.
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in (

@@ -1,8 +1,12 @@
-"""Import a Falcon-style Hugging Face checkpoint directory (config.json + *.safetensors) as meshserve params.
+"""Import a Hugging Face checkpoint directory (config.json + *.safetensors) as meshserve params.
 
-Supported: `model_type` falcon with rotary positions, the original decoder (`new_decoder_architecture`
-false), multi-query (`multi_query` true: one k/v head) or multi-head attention, parallel or serial
-block, exact GELU, LayerNorm with bias, optional linear biases, tied or separate `lm_head`.
+Supported `model_type`s:
+  llama, mistral, qwen2: config from model/model_spec.py `llama_config` (serial block, RMSNorm, SwiGLU, grouped-query
+    attention, rotate-half RoPE, tied or separate `lm_head`, Qwen2's q/k/v biases; a sliding window caps
+    max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only when the HF tokenizer prepends it.
+  falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
+    true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
+    optional linear biases, tied or separate `lm_head`.
 Anything else is refused with an error naming the config.json key.
 
 Falcon stores q, k and v as one fused `query_key_value` weight [out, E] (torch Linear: y = x W^T + b).
@@ -23,7 +27,9 @@ from typing import Any
 
 import numpy as np
 from meshserve.errors import UserError
+from meshserve.model import hf_llama
 from meshserve.model.config import ConfigError, ModelConfig
+from meshserve.model.model_spec import ModelSpecError, llama_config
 from meshserve.model.params import WEIGHT_DTYPES, Params, declare
 
 __all__ = ["HFImportError", "HFCheckpoint", "falcon_config", "read_hf_config", "load_hf", "TENSOR_DTYPES"]
@@ -244,7 +250,7 @@ def _split_qkv(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarr
 
 
 def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.ndarray, config: ModelConfig) -> None:
-    """Write one HF tensor (torch layout) into the stacked meshserve arrays."""
+    """Write one HF tensor (torch layout) into the stacked meshserve arrays (Falcon's and hf_llama's plans)."""
     E, H, Q = config.d_model, config.n_heads, config.d_head
     lay = params["layers"]
     if layer is None:
@@ -258,9 +264,13 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
         lay["wq"][layer], lay["wk"][layer], lay["wv"][layer] = _split_qkv(value, config)
     elif kind == "qkv_bias":
         lay["bq"][layer], lay["bk"][layer], lay["bv"][layer] = _split_qkv(value, config)
+    elif kind in ("wq", "wk", "wv"):
+        lay[kind][layer] = value.T.reshape(E, -1, Q)  # separate projection [heads*Q, E] -> [E, heads, Q]
+    elif kind in ("bq", "bk", "bv"):
+        lay[kind][layer] = value.reshape(-1, Q)  # [heads*Q] -> [heads, Q]
     elif kind == "wo":
-        lay["wo"][layer] = value.T.reshape(H, Q, E)  # dense [E, H*Q] -> [H, Q, E]
-    elif kind in ("w_up", "w_down"):
+        lay["wo"][layer] = value.T.reshape(H, Q, E)  # dense / o_proj [E, H*Q] -> [H, Q, E]
+    elif kind in ("w_up", "w_down", "w_gate"):
         lay[kind][layer] = value.T  # torch Linear [out, in] -> [in, out]
     elif len(dest) == 2:
         lay[dest[0]][dest[1]][layer] = value
@@ -269,7 +279,7 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
 
 
 def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool = False) -> HFCheckpoint:
-    """Read a Falcon-style HF directory into numpy params: bf16 when bf16 is stored, else float32.
+    """Read a Llama / Mistral / Qwen2 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
 
     Every tensor is checked against the shape config.json implies before any is read; a mismatch
     names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).
@@ -281,10 +291,26 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
         raise HFImportError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
     directory = Path(directory)
     hf = read_hf_config(directory)
-    config = falcon_config(hf, name=directory.resolve().name or "falcon-hf")
+    name = directory.resolve().name or "hf-model"
+    model_type = hf.get("model_type")
+    if model_type in hf_llama.MODEL_TYPES:
+        try:
+            config = llama_config(hf, name=name, source=str(directory / "config.json"))
+        except ModelSpecError as e:  # already names the key and the file
+            raise HFImportError(str(e)) from None
+        if config.bos_id is not None and hf_llama.tokenizer_adds_bos(directory, config.bos_id) is False:
+            config = config.replace(bos_id=None)  # e.g. a tokenizer_config.json with add_bos_token false
+    elif model_type in _MODEL_TYPES:
+        config = falcon_config(hf, name=name)
+    else:
+        known = ", ".join(hf_llama.MODEL_TYPES + _MODEL_TYPES)
+        raise _refuse("model_type", model_type, f"meshserve converts {known} checkpoints only")
     tensors = _Tensors(directory)
-    prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.files) else ""
-    plan = list(_plan(config, prefix))
+    if model_type in hf_llama.MODEL_TYPES:
+        plan = list(hf_llama.llama_plan(config, "model." if any(n.startswith("model.") for n in tensors.files) else ""))
+    else:
+        prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.files) else ""
+        plan = list(_plan(config, prefix))
 
     expected = {name for name, *_ in plan}
     for name, shape, *_ in plan:
@@ -294,7 +320,8 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
             raise HFImportError(
                 f"tensor {name} has shape {tensors.shapes[name]} in {tensors.files[name].name}, but config.json "
                 f"implies {shape} (hidden_size={config.d_model}, num_attention_heads={config.n_heads}, "
-                f"multi_query={config.multi_query}, ffn_hidden_size={config.d_ff}, vocab_size={config.vocab_size})"
+                f"kv heads={config.n_kv_heads}, head_dim={config.d_head}, ffn/intermediate_size={config.d_ff}, "
+                f"vocab_size={config.vocab_size})"
             )
     tied_head = {"lm_head.weight"} if config.shared_embedding else set()
     extra = sorted(n for n in tensors.files if n not in (expected | tied_head) and not n.endswith(_IGNORED_SUFFIXES))

@@ -6,7 +6,7 @@ Resolution order of `resolve_model(spec)`:
   2. a directory holding `meshserve.json` (or that file itself): a meshserve checkpoint (only its metadata is read,
      never the weights);
   3. a directory holding `config.json`, or a JSON file (any name): a Hugging Face config. `model_type` picks the
-     mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama and mistral through
+     mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama, mistral and qwen2 through
      `llama_config` below; anything else is refused;
   4. anything else is an error naming the spec and the known presets.
 A directory with both `meshserve.json` and `config.json` is read as the meshserve checkpoint (step 2 first).
@@ -15,12 +15,15 @@ Overrides (`--set`) then replace ModelConfig fields by name, each value parsed t
 checked by ModelConfig itself (e.g. n_heads must be a multiple of n_kv_heads) and named `base[key=value,...]`.
 
 A config for analytics (analyze, memory, plan) only needs shapes and switches, and bench and calibrate time random
-weights of that shape. Importing real weights (`meshserve convert`) is Falcon-only: a Llama or Mistral config.json
-gives the shapes, not a servable model. Llama-style configs map to a serial block (two RMSNorms, scale only),
-SwiGLU MLP (silu(x W_gate) * (x W_up), as layers.mlp), rotate-half RoPE, bias-free projections and a tied or untied
-output embedding; that is the math of transformers' LlamaForCausalLM, so the parameter count is exact. Settings that
-change the architecture beyond that (rope scaling, sliding-window attention, mixture of experts, biases, another
-activation) are refused with an error naming the config.json key and value.
+weights of that shape; `meshserve convert --from-hf` (model/hf_import.py) imports the weights of the same mapping.
+Llama-style configs map to a serial block (two RMSNorms, scale only), SwiGLU MLP (silu(x W_gate) * (x W_up), as
+layers.mlp), rotate-half RoPE, bias-free projections and a tied or untied output embedding; that is the math of
+transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (which adds biases on q, k and v only:
+`qkv_bias`), so the parameter count is exact. Llama's `attention_bias` and `mlp_bias` map to `linear_bias` when both
+are set (one without the other is refused). A sliding window (Mistral's `sliding_window`, Qwen2's with
+`use_sliding_window`) caps max_seq_len at the window: up to that length sliding-window attention is plain causal
+attention, so the capped model is exact. Settings that change the architecture beyond that (rope scaling, mixture of
+experts, another activation) are refused with an error naming the config.json key and value.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ SET_HELP = "override model fields: key=value[,key=value] (repeatable), e.g. n_kv
 
 _CHECKPOINT_META = "meshserve.json"  # model/checkpoint.py META_FILE (that module imports JAX; this one must not)
 _FALCON_TYPES = ("falcon", "RefinedWebModel")  # what model.hf_import.falcon_config accepts
-_LLAMA_TYPES = ("llama", "mistral")
-# transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig).
-_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
+_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+# transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig, Qwen2Config).
+_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 # Keys whose presence (with a non-empty value) means mixture-of-experts layers, which ModelConfig cannot describe.
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
 _TRUE = ("true", "1", "yes", "on")
@@ -102,7 +105,7 @@ def _resolve(spec: str) -> ModelConfig:
 
 
 def hf_config_file(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a Hugging Face config.json (llama, mistral or falcon `model_type`)."""
+    """The ModelConfig of a Hugging Face config.json (llama, mistral, qwen2 or falcon `model_type`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -149,8 +152,9 @@ def _token_id(value: Any) -> int | None:
 
 
 def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "config.json") -> ModelConfig:
-    """The ModelConfig of a Llama- or Mistral-style config.json; unsupported settings raise ModelSpecError naming
-    the key. `source` (the file) prefixes every message."""
+    """The ModelConfig of a Llama-, Mistral- or Qwen2-style config.json; unsupported settings raise ModelSpecError
+    naming the key. `source` (the file) prefixes every message. A sliding window shorter than max_position_embeddings
+    becomes max_seq_len (see the module docstring)."""
     model_type = hf.get("model_type")
     if model_type not in _LLAMA_TYPES:
         raise _refuse(source, "model_type", model_type, f"llama_config maps {', '.join(_LLAMA_TYPES)} only")
@@ -159,9 +163,14 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     for key in _MOE_KEYS:
         if hf.get(key):
             raise _refuse(source, key, hf[key], "mixture-of-experts layers are not supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise _refuse(source, key, hf[key], "Llama-style configs map to bias-free projections")
+    # Only LlamaConfig reads these two keys (Mistral and Qwen2 hard-code their projections' biases).
+    attention_bias = model_type == "llama" and bool(hf.get("attention_bias"))
+    mlp_bias = model_type == "llama" and bool(hf.get("mlp_bias"))
+    if attention_bias != mlp_bias:
+        key = "attention_bias" if attention_bias else "mlp_bias"
+        raise _refuse(
+            source, key, hf[key], "biases on the attention or the MLP projections alone are not supported (both are)"
+        )
     if hf.get("rope_scaling"):
         raise _refuse(source, "rope_scaling", hf["rope_scaling"], "rotary scaling is not implemented")
     rope = hf.get("rope_parameters") or {}
@@ -172,15 +181,17 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
         raise _refuse(source, "rope_parameters.rope_type", rope_type, "only the default rotary embedding")
     max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
     window = hf.get("sliding_window")
-    # A window at least as long as the longest context attends to everything: plain causal attention.
-    if window is not None and hf.get("use_sliding_window", True) and (not isinstance(window, int) or window < max_pos):
-        raise _refuse(
-            source, "sliding_window", window,
-            f"sliding-window attention is not implemented (a {window}-token window changes attention for contexts "
-            f"up to max_position_embeddings={max_pos})",
-        )  # fmt: skip
-    layer_types = hf.get("layer_types") or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    # Qwen2 carries a sliding_window it does not use unless use_sliding_window; Mistral always uses it.
+    uses_window = window is not None and hf.get("use_sliding_window", True)
+    if uses_window:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise _refuse(source, "sliding_window", window, "expected a positive integer or null")
+        # transformers' window lets query t see keys s with t - s < window: for contexts up to the window that is
+        # every earlier key, plain causal attention. So serving at most `window` tokens is exact (Mistral 7B v0.1:
+        # 4096 of its 32768 positions); longer contexts would need sliding-window attention, which is not built.
+        max_pos = min(max_pos, window)
+    full = ("full_attention", "sliding_attention") if uses_window else ("full_attention",)
+    other = sorted({t for t in hf.get("layer_types") or [] if t not in full})
     if other:
         raise _refuse(source, "layer_types", other, "only full attention layers are supported")
 
@@ -201,13 +212,15 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             raise ModelSpecError(f"{source}: config.json {key} must be a positive number, got {json.dumps(value)}")
+    # Read before the try below: its ConfigError handler would wrap these messages (which name the key) twice.
+    V, F, N = (_positive_int(source, hf, key) for key in ("vocab_size", "intermediate_size", "num_hidden_layers"))
     try:
         return ModelConfig(
             name=name,
-            vocab_size=_positive_int(source, hf, "vocab_size"),
+            vocab_size=V,
             d_model=E,
-            d_ff=_positive_int(source, hf, "intermediate_size"),
-            n_layers=_positive_int(source, hf, "num_hidden_layers"),
+            d_ff=F,
+            n_layers=N,
             n_heads=H,
             n_kv_heads=K,
             d_head=Q,
@@ -217,11 +230,13 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
             norm="rmsnorm",
             norm_bias=False,
             norm_eps=float(eps),
-            linear_bias=False,
+            linear_bias=attention_bias and mlp_bias,
             shared_embedding=bool(hf.get("tie_word_embeddings", False)),
             rope_base=float(theta),
-            bos_id=_token_id(hf.get("bos_token_id")),
+            # Qwen2's tokenizers prepend nothing (its config's bos_token_id is <|endoftext|>, never put first).
+            bos_id=None if model_type == "qwen2" else _token_id(hf.get("bos_token_id")),
             eos_id=_token_id(hf.get("eos_token_id")),
+            qkv_bias=model_type == "qwen2",  # Qwen2Attention: q, k and v with bias, o without
         )
     except ConfigError as e:  # e.g. an odd head_dim (RoPE rotates pairs)
         raise ModelSpecError(f"{source}: config.json describes no model meshserve can run: {e}") from None

@@ -98,11 +98,14 @@ def declare(config: ModelConfig) -> dict[str, Any]:
         layer["w_gate"] = ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",))
     if not c.parallel_block:
         layer["mlp_norm"] = norm()
-    if c.linear_bias:
+    if c.linear_bias or c.qkv_bias:  # qkv_bias alone: Qwen2's q, k and v biases, none on o or the MLP
         layer.update(
             bq=bias((H, Q), ("heads", "head_dim")),
             bk=bias((K, Q), ("kv_heads", "head_dim")),
             bv=bias((K, Q), ("kv_heads", "head_dim")),
+        )
+    if c.linear_bias:
+        layer.update(
             bo=bias((E,), ("embed",)),
             b_up=bias((F,), ("mlp",)),
             b_down=bias((E,), ("embed",)),

@@ -90,7 +90,7 @@ def step_dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
 
 def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:
     """Refuse (before any compile) a model, mesh, layout and batch that do not fit; messages name the dims."""
-    if not config.parallel_block or config.linear_bias:
+    if not config.parallel_block or config.linear_bias or config.qkv_bias:
         raise UserError(f"sharded steps support parallel-block models without linear biases; {config.name} is not")
     shape = mesh_shape(mesh)
     if config.vocab_size % shape.n:

@@ -1,4 +1,6 @@
-"""`meshserve convert`: a Falcon-style Hugging Face directory -> a meshserve checkpoint, or change a checkpoint's dtype.
+"""`meshserve convert`: a Hugging Face directory -> a meshserve checkpoint, or change a checkpoint's dtype.
+
+Hugging Face `model_type`s: llama, mistral, qwen2 and falcon (model/hf_import.py says what each may hold).
 
   meshserve convert --from-hf DIR --out CKPT [--weights f32|bf16|int8]
   meshserve convert --checkpoint CKPT --out CKPT2 --weights int8      (quantise at convert time)
@@ -25,6 +27,7 @@ class ConvertError(UserError):
 
 
 EXAMPLES = """examples:
+  meshserve convert --from-hf ./Mistral-7B-v0.3 --out ./mistral-7b-ms
   meshserve convert --from-hf ./falcon-7b --out ./falcon-7b-ms --weights bf16
   meshserve convert --checkpoint ./falcon-7b-ms --out ./falcon-7b-int8 --weights int8
   meshserve generate --checkpoint ./falcon-7b-int8 "The capital of France is"
@@ -35,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Falcon directory: config.json + *.safetensors")
+    source.add_argument(
+        "--from-hf",
+        metavar="DIR",
+        help="a Hugging Face Llama, Mistral, Qwen2 or Falcon directory: config.json + *.safetensors (+ tokenizer)",
+    )
     source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
     parser.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint directory to write")
     parser.add_argument(

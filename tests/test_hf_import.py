@@ -229,7 +229,7 @@ def test_bad_input(tmp_path, capsys):
         ("alibi", True),
         ("new_decoder_architecture", True),
         ("activation", "relu"),
-        ("model_type", "llama"),
+        ("model_type", "gpt2"),
         ("rope_parameters", {"rope_type": "linear", "factor": 2.0}),
     ]:
         _edit_config(hf, **{key: value})

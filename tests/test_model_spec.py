@@ -57,12 +57,12 @@ def test_mistral_config_json_and_its_sliding_window(tmp_path):
     config = resolve_model(str(tmp_path / "mistral" / "config.json"))
     assert (config.n_kv_heads, config.max_seq_len, config.parallel_block, config.norm) == (4, 512, False, "rmsnorm")
     assert param_count(config) == _torch_count(transformers.MistralForCausalLM(cfg))
-    # A window as long as the context changes nothing; a shorter one (Mistral 7B v0.1: 4096) is refused.
+    # A window as long as the context changes nothing; a shorter one (Mistral 7B v0.1: 4096) caps the context, since
+    # up to the window sliding-window attention is causal attention.
     transformers.MistralConfig(**TINY, max_position_embeddings=512, sliding_window=512).save_pretrained(tmp_path / "w")
     assert resolve_model(str(tmp_path / "w")).max_seq_len == 512
     transformers.MistralConfig(**TINY, max_position_embeddings=512, sliding_window=128).save_pretrained(tmp_path / "s")
-    with pytest.raises(ModelSpecError, match="sliding_window=128"):
-        resolve_model(str(tmp_path / "s"))
+    assert resolve_model(str(tmp_path / "s")).max_seq_len == 128
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def _llama(**changes):
         (_llama(num_local_experts=8), "num_local_experts=8"),
         (_llama(hidden_act="gelu"), 'hidden_act="gelu"'),
         (_llama(attention_bias=True), "attention_bias=true"),
-        (_llama(model_type="mistral", sliding_window=64), "sliding_window=64"),
+        (_llama(model_type="mistral", sliding_window=0), "sliding_window=0"),
         (_llama(num_key_value_heads=3), "num_key_value_heads=3"),
         (_llama(hidden_size=None), "hidden_size"),
         (_llama(intermediate_size="96"), "intermediate_size"),
