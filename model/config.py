@@ -53,6 +53,9 @@ class ModelConfig:
     eos_id: int | None = None
     # Biases on the q, k and v projections only (Qwen2); linear_bias implies them with the o and MLP biases too.
     qkv_bias: bool = False
+    # Llama 3.1's rotary scaling, (factor, low_freq_factor, high_freq_factor, original_max_len); () = none.
+    # layers.rope_frequencies applies it.
+    rope_scaling: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for field in (
@@ -78,6 +81,14 @@ class ModelConfig:
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if not 0 <= self.true_heads <= self.n_heads:
             raise ConfigError(f"true_heads must be in [0, n_heads={self.n_heads}], got {self.true_heads}")
+        if not isinstance(self.rope_scaling, tuple):  # meshserve.json holds a list; a config must hash (jit static)
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        scaling = self.rope_scaling
+        if scaling and (len(scaling) != 4 or min(scaling) <= 0 or scaling[2] <= scaling[1]):
+            raise ConfigError(
+                "rope_scaling must be () or (factor, low_freq_factor, high_freq_factor, original_max_len), all "
+                f"positive with high_freq_factor > low_freq_factor, got {scaling!r}"
+            )
 
     @property
     def real_heads(self) -> int:

@@ -18,6 +18,7 @@ from meshserve.model.quant import einsum
 __all__ = [
     "norm",
     "rope",
+    "rope_frequencies",
     "attention_scores_mask",
     "attend",
     "attend_cached",
@@ -42,10 +43,31 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
     return y.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (GPT-NeoX / Falcon). x: [B, T, h, Q]; positions: [B, T]."""
-    half = x.shape[-1] // 2
+def rope_frequencies(half: int, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
+    """Inverse frequencies [Q/2] of the rotary embedding: base^(-i / (Q/2)).
+
+    scaling: Llama 3.1's (factor, low_freq_factor, high_freq_factor, original_max_len), as transformers'
+    `_compute_llama3_parameters`: wavelengths longer than original_max_len / low_freq_factor are stretched by
+    `factor` (slower rotation, for contexts past the trained length), those shorter than original_max_len /
+    high_freq_factor are kept, and those between are blended linearly in original_max_len / wavelength.
+    """
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    if not scaling:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
+    """Rotary embedding, rotate-half convention (GPT-NeoX / Falcon / HF Llama). x: [B, T, h, Q]; positions: [B, T].
+    scaling: see `rope_frequencies` (config.rope_scaling)."""
+    half = x.shape[-1] // 2
+    inv_freq = rope_frequencies(half, base, scaling)
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Q/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -61,7 +83,8 @@ def qkv_projection(
     v = einsum("BTE,EKQ->BTKQ", h, p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
-    return rope(q, positions, config.rope_base), rope(k, positions, config.rope_base), v
+    base, scaling = config.rope_base, config.rope_scaling
+    return rope(q, positions, base, scaling), rope(k, positions, base, scaling), v
 
 
 def attention_scores_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array) -> jax.Array:

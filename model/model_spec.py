@@ -22,7 +22,8 @@ transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (which a
 `qkv_bias`), so the parameter count is exact. Llama's `attention_bias` and `mlp_bias` map to `linear_bias` when both
 are set (one without the other is refused). A sliding window (Mistral's `sliding_window`, Qwen2's with
 `use_sliding_window`) caps max_seq_len at the window: up to that length sliding-window attention is plain causal
-attention, so the capped model is exact. Settings that change the architecture beyond that (rope scaling, mixture of
+attention, so the capped model is exact. Llama 3.1's `llama3` rope scaling maps to ModelConfig.rope_scaling (applied
+by layers.rope_frequencies). Settings that change the architecture beyond that (other rope scaling types, mixture of
 experts, another activation) are refused with an error naming the config.json key and value.
 """
 
@@ -151,6 +152,31 @@ def _token_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: Mapping[str, Any], source: str) -> tuple[dict[str, Any], tuple[float, ...]]:
+    """The rotary settings (transformers 5's `rope_parameters`, or the older `rope_scaling` with a top-level
+    `rope_theta`) and ModelConfig.rope_scaling: () for the default rotary embedding, Llama 3.1's four numbers for
+    `rope_type` llama3; every other type (linear, dynamic, yarn, longrope, ...) is refused naming the key."""
+    legacy = hf.get("rope_scaling")
+    key, rope = ("rope_scaling", legacy) if legacy else ("rope_parameters", hf.get("rope_parameters") or {})
+    if not isinstance(rope, dict):
+        raise _refuse(source, key, rope, "expected an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return rope, ()
+    if rope_type != "llama3":
+        raise _refuse(source, f"{key}.rope_type", rope_type, "only the default and Llama 3's (llama3) rotary embedding")
+    values = [rope.get(k) for k in _LLAMA3_KEYS]
+    for k, v in zip(_LLAMA3_KEYS, values, strict=True):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise _refuse(source, f"{key}.{k}", v, "llama3 rope scaling needs a positive number")
+    if values[2] <= values[1]:
+        raise _refuse(source, f"{key}.high_freq_factor", values[2], f"must exceed low_freq_factor={values[1]}")
+    return rope, tuple(float(v) for v in values)
+
+
 def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "config.json") -> ModelConfig:
     """The ModelConfig of a Llama-, Mistral- or Qwen2-style config.json; unsupported settings raise ModelSpecError
     naming the key. `source` (the file) prefixes every message. A sliding window shorter than max_position_embeddings
@@ -171,14 +197,7 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
         raise _refuse(
             source, key, hf[key], "biases on the attention or the MLP projections alone are not supported (both are)"
         )
-    if hf.get("rope_scaling"):
-        raise _refuse(source, "rope_scaling", hf["rope_scaling"], "rotary scaling is not implemented")
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise _refuse(source, "rope_parameters", rope, "expected an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise _refuse(source, "rope_parameters.rope_type", rope_type, "only the default rotary embedding")
+    rope, rope_scaling = _rope(hf, source)
     max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
     window = hf.get("sliding_window")
     # Qwen2 carries a sliding_window it does not use unless use_sliding_window; Mistral always uses it.
@@ -237,6 +256,7 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
             bos_id=None if model_type == "qwen2" else _token_id(hf.get("bos_token_id")),
             eos_id=_token_id(hf.get("eos_token_id")),
             qkv_bias=model_type == "qwen2",  # Qwen2Attention: q, k and v with bias, o without
+            rope_scaling=rope_scaling,
         )
     except ConfigError as e:  # e.g. an odd head_dim (RoPE rotates pairs)
         raise ModelSpecError(f"{source}: config.json describes no model meshserve can run: {e}") from None

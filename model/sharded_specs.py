@@ -90,8 +90,10 @@ def step_dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
 
 def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:
     """Refuse (before any compile) a model, mesh, layout and batch that do not fit; messages name the dims."""
-    if not config.parallel_block or config.linear_bias or config.qkv_bias:
-        raise UserError(f"sharded steps support parallel-block models without linear biases; {config.name} is not")
+    if not config.parallel_block or config.linear_bias or config.qkv_bias or config.rope_scaling:
+        raise UserError(
+            f"sharded steps support parallel-block models without linear biases or rope scaling; {config.name} is not"
+        )
     shape = mesh_shape(mesh)
     if config.vocab_size % shape.n:
         raise LayoutError(f"vocab_size V = {config.vocab_size} is not divisible by the {shape.n} chips of mesh {shape}")

@@ -44,7 +44,9 @@ FAMILIES = {
 }
 
 
-def make_model(path: Path, family: str, *, kv_heads=2, tie=False, shard=False, dtype=None, **extra):
+def make_model(
+    path: Path, family: str, *, kv_heads=2, tie=False, shard=False, dtype=None, rope=None, positions=64, **extra
+):
     """Save a tiny transformers model of `family` with weights scaled so logits are peaked (greedy tokens vary)."""
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
     config = config_cls(
@@ -54,10 +56,11 @@ def make_model(path: Path, family: str, *, kv_heads=2, tie=False, shard=False, d
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         tie_word_embeddings=tie,
         rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500.0},  # not 10k: the base must be carried over
+        # rope_theta not 10k: the base must be carried over
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0, **(rope or {})},
         bos_token_id=1,
         eos_token_id=2,
         **extra,
@@ -136,6 +139,40 @@ def test_logits_and_greedy_match_transformers(tmp_path, family, kv_heads, tie, s
         expected = hf_generate(model, list(row), NEW_TOKENS)
         assert len(set(expected)) > 3  # not a degenerate repeat of one token
         assert result.tokens == expected
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """Llama 3.1's rope scaling with original_max_position_embeddings=64, so the 4 frequencies of head_dim 8 fall in
+    all three bands (kept, blended, stretched by `factor`), and a 100-token prompt runs past the original length."""
+    from meshserve.model.layers import rope_frequencies
+
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = make_model(tmp_path, "llama", rope={"rope_type": "llama3", **llama3}, positions=256)
+    config = load_hf(tmp_path).config
+    assert config.rope_scaling == (8.0, 1.0, 4.0, 64.0)
+    scaled, plain = np.asarray(rope_frequencies(4, 500.0, config.rope_scaling)), np.asarray(rope_frequencies(4, 500.0))
+    np.testing.assert_allclose(scaled, model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    assert scaled[0] == plain[0] and plain[1] / 8 < scaled[1] < plain[1] and np.allclose(scaled[2:], plain[2:] / 8)
+    # The Hub's Llama 3.1 config.json form (transformers 4.x keys): rope_scaling plus a top-level rope_theta.
+    data = json.loads((tmp_path / "config.json").read_text())
+    rope = data.pop("rope_parameters")
+    data.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert load_hf(tmp_path).config == config
+
+    params = jax.tree.map(jnp.asarray, load_hf(tmp_path).params)
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 100))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    ours, _, _ = transformer.prefill(
+        params, config, jnp.asarray(tokens, jnp.int32), jnp.full((2,), 100, jnp.int32), all_logits=True
+    )
+    err = rel_error(np.asarray(ours), ref)
+    print(f"max relative logits error (llama3 rope scaling, 100 tokens): {err:.2e}")
+    assert err < RTOL
+    row = list(prompts()[0])
+    [result] = generate(params, config, [row], max_new_tokens=NEW_TOKENS)
+    assert result.tokens == hf_generate(model, row, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

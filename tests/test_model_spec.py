@@ -110,8 +110,8 @@ def _llama(**changes):
     [
         (_llama(model_type="gpt2"), 'model_type="gpt2"'),
         ({k: v for k, v in _llama().items() if k != "model_type"}, "no model_type"),
-        (_llama(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling="),
-        (_llama(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), 'rope_parameters.rope_type="llama3"'),
+        (_llama(rope_scaling={"rope_type": "linear", "factor": 2.0}), 'rope_scaling.rope_type="linear"'),
+        (_llama(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "rope_parameters.factor=null"),
         (_llama(num_local_experts=8), "num_local_experts=8"),
         (_llama(hidden_act="gelu"), 'hidden_act="gelu"'),
         (_llama(attention_bias=True), "attention_bias=true"),
