@@ -25,8 +25,9 @@ class ConfigError(UserError):
 class ModelConfig:
     """Architecture of a decoder-only transformer.
 
-    The switches cover PaLM (parallel block, SwiGLU, multi-query, shared embedding, no biases) and
-    Falcon-style Hugging Face checkpoints (GELU MLP, LayerNorm with bias, optional linear biases).
+    The switches cover PaLM (parallel block, SwiGLU, multi-query, shared embedding, no biases), Falcon (GELU MLP,
+    LayerNorm with bias, optional linear biases) and the Llama family (serial block, RMSNorm, grouped-query
+    attention, Qwen2's q/k/v biases, Llama 3.1's rope scaling, several eos ids).
     """
 
     name: str
@@ -56,6 +57,8 @@ class ModelConfig:
     # Llama 3.1's rotary scaling, (factor, low_freq_factor, high_freq_factor, original_max_len); () = none.
     # layers.rope_frequencies applies it.
     rope_scaling: tuple[float, ...] = ()
+    # More ids that end generation as eos_id does (Llama 3 lists several: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+    extra_eos_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in (
@@ -83,6 +86,11 @@ class ModelConfig:
             raise ConfigError(f"true_heads must be in [0, n_heads={self.n_heads}], got {self.true_heads}")
         if not isinstance(self.rope_scaling, tuple):  # meshserve.json holds a list; a config must hash (jit static)
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if not isinstance(self.extra_eos_ids, tuple):  # as rope_scaling
+            object.__setattr__(self, "extra_eos_ids", tuple(self.extra_eos_ids))
+        bad = [i for i in self.extra_eos_ids if not isinstance(i, int) or not 0 <= i < self.vocab_size]
+        if bad:
+            raise ConfigError(f"extra_eos_ids must be token ids in [0, vocab_size={self.vocab_size}), got {bad[0]!r}")
         scaling = self.rope_scaling
         if scaling and (len(scaling) != 4 or min(scaling) <= 0 or scaling[2] <= scaling[1]):
             raise ConfigError(

@@ -31,8 +31,10 @@ class LoadedModel:
         return ([self.config.bos_id] if self.config.bos_id is not None else []) + ids
 
     def stop_ids(self) -> list[int]:
+        """The ids that end generation unless a request ignores eos: the model's eos (the config's, else the
+        tokenizer's) and the config's extra_eos_ids."""
         eos = self.config.eos_id if self.config.eos_id is not None else self.tokenizer.eos_id
-        return [] if eos is None else [eos]
+        return ([] if eos is None else [eos]) + [i for i in self.config.extra_eos_ids if i != eos]
 
 
 def load_model(

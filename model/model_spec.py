@@ -145,11 +145,16 @@ def _positive_int(source: str, hf: Mapping[str, Any], key: str, default: Any = N
     return value
 
 
+def _token_ids(value: Any) -> list[int]:
+    """bos/eos ids as a list: one id, or Llama 3's several eos ids; anything else is none."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
 def _token_id(value: Any) -> int | None:
-    """bos/eos as one id: the first of a list (Llama 3 lists several eos ids; ModelConfig keeps one)."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """bos/eos as one id: the first of a list (the others of an eos list go to extra_eos_ids)."""
+    ids = _token_ids(value)
+    return ids[0] if ids else None
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -255,6 +260,7 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
             # Qwen2's tokenizers prepend nothing (its config's bos_token_id is <|endoftext|>, never put first).
             bos_id=None if model_type == "qwen2" else _token_id(hf.get("bos_token_id")),
             eos_id=_token_id(hf.get("eos_token_id")),
+            extra_eos_ids=tuple(_token_ids(hf.get("eos_token_id"))[1:]),
             qkv_bias=model_type == "qwen2",  # Qwen2Attention: q, k and v with bias, o without
             rope_scaling=rope_scaling,
         )

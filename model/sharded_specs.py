@@ -28,6 +28,7 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "check_model",
+    "check_supported",
     "check_params",
     "kv_spec",
     "init_cache",
@@ -88,12 +89,17 @@ def step_dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
     )  # fmt: skip
 
 
-def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:
-    """Refuse (before any compile) a model, mesh, layout and batch that do not fit; messages name the dims."""
+def check_supported(config: ModelConfig) -> None:
+    """Refuse a model the sharded steps cannot run at all, whatever the mesh and layout."""
     if not config.parallel_block or config.linear_bias or config.qkv_bias or config.rope_scaling:
         raise UserError(
             f"sharded steps support parallel-block models without linear biases or rope scaling; {config.name} is not"
         )
+
+
+def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:
+    """Refuse (before any compile) a model, mesh, layout and batch that do not fit; messages name the dims."""
+    check_supported(config)
     shape = mesh_shape(mesh)
     if config.vocab_size % shape.n:
         raise LayoutError(f"vocab_size V = {config.vocab_size} is not divisible by the {shape.n} chips of mesh {shape}")

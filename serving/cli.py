@@ -20,7 +20,10 @@ __all__ = ["main"]
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("meshserve.serving.cli_generate", "generate text in process (or from a server with --server)"),
-    "convert": ("meshserve.serving.cli_convert", "convert a Hugging Face Falcon-style checkpoint or change dtype"),
+    "convert": (
+        "meshserve.serving.cli_convert",
+        "convert a Hugging Face checkpoint (Llama, Mistral, Qwen2, Falcon) or change dtype",
+    ),
     "serve": ("meshserve.serving.cli_serve", "run the gRPC inference server"),
     "score": ("meshserve.serving.cli_offline", "score continuations in a JSONL file (offline, in process)"),
     "batch-generate": ("meshserve.serving.cli_offline", "generate for every line of a JSONL file (offline)"),

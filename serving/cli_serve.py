@@ -144,6 +144,10 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         raise UserError(f"--layers unrolled needs one device; --mesh {args.mesh} runs the stacked layers (scan)")
     prefix_caching = True if args.prefix_caching is None else args.prefix_caching
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model)
+    if n > 1:
+        from meshserve.model.sharded_specs import check_supported
+
+        check_supported(model.config)  # before the plan chooser, which would only say no layout fits
     if args.layers == "unrolled" or (args.layers == "auto" and n == 1 and jax.default_backend() == "gpu"):
         from meshserve.model.params import unstack_layers
 

@@ -86,10 +86,12 @@ def _extend_insert(cache, k, v, lengths, slots, prefix, decode: Any):
 def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[Params, ModelSteps, EnginePlan]:
     """(params placed on the mesh, the sharded steps, the plan as it will run) for plan.mesh_axes (n > 1)."""
     from meshserve.model import sharded
+    from meshserve.model.sharded_specs import check_supported
     from meshserve.partition.comm import MeshShape
     from meshserve.partition.mesh import make_mesh
     from meshserve.partition.rules import Layout
 
+    check_supported(config)  # named as such, not as "no decode layout fits" below
     shape = MeshShape(plan.mesh_axes["x"], plan.mesh_axes["y"], plan.mesh_axes["z"])
     mesh = make_mesh(shape, jax.devices()[: shape.n])
     B = plan.max_batch

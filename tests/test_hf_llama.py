@@ -273,3 +273,47 @@ def test_refusals_are_one_line_naming_the_key(tmp_path, capsys):
     # Through the real entry point: exit 2 and one line.
     result = _cli("convert", "--from-hf", str(hf), "--out", str(out))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "q_proj.bias" in result.stderr
+
+
+def test_every_eos_id_of_a_llama3_style_list_ends_generation(tmp_path):
+    """Llama 3 lists several eos ids (eos_token_id: [128001, 128008, 128009]; chats end on <|eot_id|>, not the
+    first): the first is the config's eos_id, the others extra_eos_ids, and each stops generation."""
+    from meshserve.model.checkpoint import save_checkpoint
+    from meshserve.model.loading import load_model
+
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    model = make_model(hf, "llama")
+    prompt = list(prompts()[0])
+    greedy = hf_generate(model, prompt, NEW_TOKENS)
+    at = next(i for i in range(3, NEW_TOKENS) if greedy[i] not in greedy[:i] and greedy[i] != 2)  # first at i
+    meta = json.loads((hf / "config.json").read_text())
+    meta["eos_token_id"] = [2, greedy[at], 3]
+    (hf / "config.json").write_text(json.dumps(meta))
+    imported = load_hf(hf)
+    assert (imported.config.eos_id, imported.config.extra_eos_ids) == (2, (greedy[at], 3))
+    save_checkpoint(ckpt, imported.config, imported.params, "f32")
+    loaded = load_model(ckpt)
+    assert loaded.config.extra_eos_ids == (greedy[at], 3)  # through meshserve.json (a list there)
+    assert loaded.stop_ids() == [2, greedy[at], 3]
+    result = generate(loaded.params, loaded.config, [prompt], max_new_tokens=NEW_TOKENS, stop_ids=loaded.stop_ids())
+    assert result[0].tokens == greedy[: at + 1] and result[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_a_llama_checkpoint_on_a_mesh_is_refused_naming_why(tmp_path, command):
+    """The sharded layouts implement the paper's parallel block: a serial-block model on a mesh is refused in one
+    line that says so (serve used to say "no decode layout fits batch 32")."""
+    from meshserve.model.checkpoint import save_checkpoint
+
+    make_model(tmp_path / "hf", "llama")
+    imported = load_hf(tmp_path / "hf")
+    save_checkpoint(tmp_path / "ckpt", imported.config, imported.params, "f32")
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--mesh", "2x2x2"] + (
+        ["--port", "0"] if command == "serve" else ["hi"]
+    )
+    proc = _cli(command, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"meshserve {command}: error: sharded steps support parallel-block models without linear biases or rope "
+        f"scaling; {imported.config.name} is not"
+    )
