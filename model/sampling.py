@@ -113,6 +113,36 @@ def _bias(logits: jax.Array, sampling: dict[str, jax.Array], active: jax.Array) 
     return logits.at[jnp.arange(B)[:, None], ids].add(sampling["bias_values"], mode="drop")
 
 
+def _adjust(
+    logits: jax.Array, sampling: dict[str, jax.Array], steps: jax.Array, history: TokenHistory | None
+) -> jax.Array:
+    """The bias table, then the penalties, on logits float32 [B, V] (steps int32 [B]). One batch-wide branch around
+    both, each inside under its own: a `lax.cond` returns a new [B, V] buffer even when its branch passes the logits
+    through (XLA copies them: seen in the compiled HLO), so a batch that uses neither knob pays for one such branch,
+    as it did before the bias table existed. (Without a history, the bench's loops, the table's branch is the one.)"""
+    conds = []
+    if "bias_ids" in sampling:  # hand-built sampling dicts without the table (older callers) bias nothing
+        # An entry is live while the row's generated count (its step) is below its `until`: min_tokens' entries
+        # expire, so after min_tokens steps a batch with no logit_bias skips the scatter again.
+        active = (sampling["bias_ids"] >= 0) & (steps[:, None] < sampling["bias_until"])
+        conds.append((jnp.any(active), lambda x: _bias(x, sampling, active)))
+    if history is not None:
+        penalized = (sampling["repetition_penalty"] != 1.0) | (sampling["presence_penalty"] != 0.0)
+        penalized |= sampling["frequency_penalty"] != 0.0
+        conds.append((jnp.any(penalized), lambda x: _penalize(x, sampling, history)))
+    if not conds:
+        return logits
+    if len(conds) == 1:
+        return jax.lax.cond(conds[0][0], conds[0][1], lambda x: x, logits)
+
+    def both(x: jax.Array) -> jax.Array:
+        for on, fn in conds:
+            x = jax.lax.cond(on, fn, lambda y: y, x)
+        return x
+
+    return jax.lax.cond(conds[0][0] | conds[1][0], both, lambda x: x, logits)
+
+
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
     """Mask [B, V] logits outside each row's top-k and top-p sets with -inf."""
     V = scaled.shape[-1]
@@ -155,15 +185,7 @@ def sample(
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     temperature = sampling["temperature"]
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), temperature.shape)
-    if "bias_ids" in sampling:  # hand-built sampling dicts without the table (older callers) bias nothing
-        # An entry is live while the row's generated count (its step) is below its `until`: min_tokens' entries
-        # expire, so after min_tokens steps a batch with no logit_bias skips the scatter again.
-        active = (sampling["bias_ids"] >= 0) & (steps[:, None] < sampling["bias_until"])
-        logits = jax.lax.cond(jnp.any(active), lambda: _bias(logits, sampling, active), lambda: logits)
-    if history is not None:
-        penalized = (sampling["repetition_penalty"] != 1.0) | (sampling["presence_penalty"] != 0.0)
-        penalized |= sampling["frequency_penalty"] != 0.0
-        logits = jax.lax.cond(jnp.any(penalized), lambda: _penalize(logits, sampling, history), lambda: logits)
+    logits = _adjust(logits, sampling, steps, history)
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     needs_filter = jnp.any(~greedy & ((sampling["top_k"] > 0) | (sampling["top_p"] < 1.0)))
