@@ -111,6 +111,21 @@ def test_no_live_entry_is_bit_identical_to_no_table():
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
+def test_a_step_with_a_history_has_the_branches_it_had_before_the_table():
+    """The compiled sample step with a history has as many top-level conditionals with the table as without it:
+    each copies the [B, V] logits on its pass-through branch, so one more would cost every plain decode step."""
+    B, V = 4, 512
+    history = TokenHistory.of_prompts(jnp.ones((B, 2), jnp.int32), jnp.full((B,), 2), V)
+    table = _arrays([SamplingParams()] * B)
+    bare = {k: v for k, v in table.items() if not k.startswith("bias_")}
+
+    def branches(arrays) -> int:
+        text = jax.jit(sample).lower(jnp.zeros((B, V)), arrays, jnp.int32(0), history).compile().as_text()
+        return text[text.index("ENTRY") :].count(" conditional(")
+
+    assert branches(table) == branches(bare) >= 2
+
+
 def test_min_tokens_holds_eos_back_until_step_min_tokens():
     """min_tokens 3 with +100 on eos: eos is not drawn at steps 0..2 (greedy or not), and is at step 3."""
     V = 32
