@@ -9,7 +9,8 @@ Weight and cache placement with the checks before compiling live in model/sharde
 count collectives with in model/sharded_hlo.py; every name is re-exported here (`from meshserve.model import sharded`).
 
 Axis alphabet (model/config.py): B batch, T tokens, S cache, E, F, H, K, Q, V, N layers. Local shapes in
-comments are per chip. Supported models: parallel block without linear biases (PaLM, Falcon-7B, demo).
+comments are per chip. Supported models: the parallel block (PaLM, Falcon, demo) and the serial block (Llama,
+Mistral, Qwen2), with or without linear / q-k-v biases and Llama 3.1's rope scaling.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from meshserve.model.generate import Batch, GenerationResult, decode_loop
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, TokenHistory
 from meshserve.model.sharded_hlo import decode_hlo, insert_hlo, layer_hlo
-from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, shard_map
+from meshserve.model.sharded_layer import Plan, embed, layer_fn, logits, rope_qk, shard_map
 from meshserve.model.sharded_specs import (
     check_model,
     check_params,
@@ -80,7 +81,7 @@ def _prefill_body(params, tokens, lengths, *, plan: Plan, all_logits: bool):
         kv = {}
 
         def attn(q, k, v):
-            q, k = layers.rope(q, pos, c.rope_base), layers.rope(k, pos, c.rope_base)
+            q, k = rope_qk(q, k, pos, c)
             kv["k"], kv["v"] = k, v
             return layers.attend(q, k, v, mask)
 
@@ -110,7 +111,7 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
         def attn(q, k, v):
             # The cache is only read here; all layers' new k, v go in with one scatter after the loop (as in
             # transformer.decode_step).
-            q, k = layers.rope(q, pos[:, None], c.rope_base), layers.rope(k, pos[:, None], c.rope_base)
+            q, k = rope_qk(q, k, pos[:, None], c)
             new["k"], new["v"] = k.astype(ck.dtype), v.astype(cv.dtype)
             kc, vc = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
             return layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from meshserve.model import layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
-from meshserve.model.sharded_layer import Plan, layer_fn, shard_map
+from meshserve.model.sharded_layer import Plan, layer_fn, rope_qk, shard_map
 from meshserve.model.sharded_specs import check_model, init_cache, kv_spec, param_specs
 from meshserve.model.transformer import KVCache, compute_dtype
 from meshserve.partition.mesh import mesh_shape
@@ -54,7 +54,7 @@ def layer_hlo(
         pos = jnp.zeros((ck.shape[0], x.shape[1]), jnp.int32) + jnp.arange(x.shape[1])
 
         def attn(q, k, v):
-            q, k = layers.rope(q, pos, config.rope_base), layers.rope(k, pos, config.rope_base)
+            q, k = rope_qk(q, k, pos, config)
             if context:
                 k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), 0, axis=1).astype(q.dtype)
                 v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1).astype(q.dtype)

@@ -25,7 +25,7 @@ from meshserve.partition.ops import Ops
 from meshserve.partition.overlap import all_gather_matmul, matmul_reduce_scatter
 from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for
 
-__all__ = ["Plan", "layer_fn", "embed", "logits", "shard_map", "spec_of", "XYZ"]
+__all__ = ["Plan", "layer_fn", "rope_qk", "embed", "logits", "shard_map", "spec_of", "XYZ"]
 
 XYZ = MESH_AXES
 # Order in which weight-gathered layouts gather a layer's weights (partition/comm.py lists the same order).
@@ -68,6 +68,13 @@ class Plan:
     @property
     def attn_axes(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         return attention_axes(self.layout, self.shape, self.batch, self.config.multi_query)
+
+
+def rope_qk(q: jax.Array, k: jax.Array, positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """q [B, T, H_loc, Q], k [B, T, K_loc, Q] rotated at positions [B, T] with the config's base and scaling
+    (Llama 3.1), as layers.qkv_projection rotates them on one device."""
+    base, scaling = config.rope_base, config.rope_scaling
+    return layers.rope(q, positions, base, scaling), layers.rope(k, positions, base, scaling)
 
 
 def _norm_split_x(h: jax.Array, p: dict[str, jax.Array], config: ModelConfig, ops: Ops, axes) -> jax.Array:
@@ -117,10 +124,34 @@ def _meets(G: tuple[str, ...], split: dict[int, tuple[str, ...]]) -> tuple[str, 
     return tuple(a for a in XYZ if a in G and a in used)
 
 
-def _to_attention(q, k, v, plan: Plan, ops: Ops):
-    """q [B, T, H_loc, Q], k, v [B, T, K_loc, Q] after the input projection -> the attention split."""
+def _out_split(plan: Plan, logical: str) -> tuple[str, ...]:
+    """The mesh axes (split order) an input projection's output dim `logical` (heads, kv_heads, mlp) is split over
+    on a chip: its weight's storage split less the axes a weight-gathered layout gathers (multi-query K/V: none)."""
+    if logical == "kv_heads" and plan.config.multi_query:
+        return ()
+    return tuple(a for a in plan.rules.weights[logical] if a not in plan.rules.gathered)
+
+
+def _bias(y: jax.Array, p: dict[str, Any], name: str, axes: tuple[str, ...], ops: Ops) -> jax.Array:
+    """y [..., D_loc, (Q)] + this chip's block of bias p[name] [D, (Q)] (stored whole on every chip) whose D is
+    split over `axes` as y's is; y itself when the model has no such bias (the program is then unchanged)."""
+    return y + ops.local(p[name], axes, 0).astype(y.dtype) if name in p else y
+
+
+def _qkv_bias(q, k, v, p: dict[str, Any], plan: Plan, ops: Ops):
+    """q/k/v biases (Qwen2, linear_bias) on the local heads of whole sums (after ws2d's reduction over x:
+    before it each of the X partial sums would carry the bias, adding it X times)."""
+    heads, kv = _out_split(plan, "heads"), _out_split(plan, "kv_heads")
+    return _bias(q, p, "bq", heads, ops), _bias(k, p, "bk", kv, ops), _bias(v, p, "bv", kv, ops)
+
+
+def _to_attention(q, k, v, p: dict[str, Any], plan: Plan, ops: Ops):
+    """q [B, T, H_loc, Q], k, v [B, T, K_loc, Q] after the input projection -> the attention split (q/k/v biases
+    added on the way)."""
     ffn = plan.layout.ffn
     batch_axes, _, _ = plan.attn_axes
+    if ffn != "ws2d":
+        q, k, v = _qkv_bias(q, k, v, p, plan, ops)
     if ffn == "ws2d":
         nq, nk = q.shape[2], k.shape[2]
         qkv = jnp.concatenate([q, k, v], axis=2)
@@ -132,7 +163,7 @@ def _to_attention(q, k, v, plan: Plan, ops: Ops):
             with jax.named_scope("qkv_reduce_scatter"):
                 # BLHQ_yz{partialsum-x} --reduce-scatter(x)--> B_xLHQ_yz
                 qkv = ops.reduce_scatter(qkv, ("x",), 0)
-        q, k, v = jnp.split(qkv, [nq, nq + nk], axis=2)
+        q, k, v = _qkv_bias(*jnp.split(qkv, [nq, nq + nk], axis=2), p, plan, ops)
         inner = tuple(a for a in batch_axes if a != "x")
     else:
         inner = batch_axes if ffn == "ws1d" else ()
@@ -175,11 +206,13 @@ _IN = {
     "w_up": "BTE,EF->BTF",
     "w_gate": "BTE,EF->BTF",
 }
+_ATTN_IN, _MLP_IN = ("wq", "wk", "wv"), ("w_up", "w_gate")  # the serial block's two halves
 
 
-def _in_projections(h: jax.Array, w: dict[str, Any]) -> dict[str, jax.Array]:
-    """The fused input matmuls (W_Q, W_K, W_V with the MLP's W and V) of one normalised h [B, T, E_loc]."""
-    return {name: einsum(sub, h, w[name]) for name, sub in _IN.items() if name in w}
+def _in_projections(h: jax.Array, w: dict[str, Any], names=tuple(_IN)) -> dict[str, jax.Array]:
+    """The input matmuls `names` (parallel block: W_Q, W_K, W_V fused with the MLP's W and V) of one normalised
+    h [B, T, E_loc]."""
+    return {name: einsum(_IN[name], h, w[name]) for name in names if name in w}
 
 
 def _slice(w: Any, dim: int, start: jax.Array, size: int, scale_too: bool) -> Any:
@@ -190,14 +223,14 @@ def _slice(w: Any, dim: int, start: jax.Array, size: int, scale_too: bool) -> An
     return cut(w)
 
 
-def _looped_in(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops) -> dict[str, jax.Array]:
+def _looped_in(x: jax.Array, norm: dict[str, jax.Array], w: dict[str, Any], names, plan: Plan, ops: Ops):
     """ws2d with overlap: norm on BLE_xyz, then the input matmuls as a looped all-gather(yz) einsum."""
-    h = _norm_split_x(x, p["attn_norm"], plan.config, ops, XYZ)  # statistics: all-reduce(xyz)
+    h = _norm_split_x(x, norm, plan.config, ops, XYZ)  # statistics: all-reduce(xyz)
     n = x.shape[2]
 
     def matmul(chunk, c):
-        rows = {name: _slice(p[name], 0, c * n, n, False) for name in _IN if name in p}
-        return {k: v.astype(jnp.float32) for k, v in _in_projections(chunk, rows).items()}
+        rows = {name: _slice(w[name], 0, c * n, n, False) for name in names if name in w}
+        return {k: v.astype(jnp.float32) for k, v in _in_projections(chunk, rows, names).items()}
 
     with jax.named_scope("looped_input"):
         # BLE_xyz --all-gather(yz)--> BLE_x as ring steps, each overlapped with the matmul of the chunk at hand
@@ -205,60 +238,117 @@ def _looped_in(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops) -> dict[st
     return {k: v.astype(x.dtype) for k, v in out.items()}
 
 
-def layer_fn(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops, attn) -> jax.Array:
-    """One parallel block on local shards. x: the residual in the layout's split; attn(q, k, v) -> o runs
-    attention (and the cache) on the attention split, q/k not yet rotated."""
+def _input_matmuls(x: jax.Array, norm: dict[str, jax.Array], w: dict[str, Any], names, plan: Plan, ops: Ops):
+    """The residual x in the layout's split -> gathered, normalised (`norm`'s weights) and projected by `names`."""
     c, ffn = plan.config, plan.layout.ffn
-    rest = plan.rules.residual["embed"]
-    w = _gather_weights(p, plan, ops) if plan.rules.gathered else p
     if plan.layout.overlap:
-        mm = _looped_in(x, p, plan, ops)
-    else:
-        with jax.named_scope("gather_input"):
-            if ffn == "ws1d":
-                # BLE_xyz --all-gather(xyz)--> BLE
-                h = layers.norm(ops.all_gather(x, XYZ, 2), p["attn_norm"], c)
-            elif ffn == "ws2d":
-                # BLE_xyz --all-gather(yz)--> BLE_x
-                h = _norm_split_x(ops.all_gather(x, ("y", "z"), 2), p["attn_norm"], c, ops, ("x",))
-            else:
-                # B_xLE_yz --all-gather(yz)--> B_xLE  (weight-gathered: the batch stays split)
-                h = layers.norm(ops.all_gather(x, rest, 2), p["attn_norm"], c)
-        mm = _in_projections(h, w)
-    o = _from_attention(attn(*_to_attention(mm["wq"], mm["wk"], mm["wv"], plan, ops)), plan, ops)
-    up, gate = mm["w_up"], mm.get("w_gate")
-    if ffn == "ws2d":
+        return _looped_in(x, norm, w, names, plan, ops)
+    with jax.named_scope("gather_input"):
+        if ffn == "ws1d":
+            # BLE_xyz --all-gather(xyz)--> BLE
+            h = layers.norm(ops.all_gather(x, XYZ, 2), norm, c)
+        elif ffn == "ws2d":
+            # BLE_xyz --all-gather(yz)--> BLE_x
+            h = _norm_split_x(ops.all_gather(x, ("y", "z"), 2), norm, c, ops, ("x",))
+        else:
+            # B_xLE_yz --all-gather(yz)--> B_xLE  (weight-gathered: the batch stays split)
+            h = layers.norm(ops.all_gather(x, plan.rules.residual["embed"], 2), norm, c)
+    return _in_projections(h, w, names)
+
+
+def _activation(up: jax.Array, gate: jax.Array | None, p: dict[str, Any], plan: Plan, ops: Ops) -> jax.Array:
+    """The MLP's input matmuls [B, T, F_loc] -> the activation as W_down's rows expect (b_up / b_gate added on
+    this chip's F block of whole sums)."""
+    f_axes = _out_split(plan, "mlp")
+    if plan.layout.ffn == "ws2d":
         with jax.named_scope("ffn_reduce_scatter"):
             # BLF_yz{partialsum-x} --reduce-scatter(x)--> BLF_xyz
             both = ops.reduce_scatter(jnp.stack([up] if gate is None else [up, gate], 2), ("x",), 3)
             up, gate = both[:, :, 0], (None if gate is None else both[:, :, 1])
-    act = jax.nn.silu(gate) * up if gate is not None else jax.nn.gelu(up, approximate=False)
-    if ffn == "ws2d":
+        f_axes += ("x",)  # F_yz's block, split further over x by the reduce-scatter
+    up = _bias(up, p, "b_up", f_axes, ops)
+    if gate is not None:
+        act = jax.nn.silu(_bias(gate, p, "b_gate", f_axes, ops)) * up
+    else:
+        act = jax.nn.gelu(up, approximate=False)
+    if plan.layout.ffn == "ws2d":
         with jax.named_scope("ffn_all_gather"):
             # BLF_xyz --all-gather(x)--> BLF_yz
             act = ops.all_gather(act, ("x",), 2)
+    return act
+
+
+def _attention(mm: dict[str, jax.Array], p: dict[str, Any], plan: Plan, ops: Ops, attn) -> jax.Array:
+    """q, k, v from the input matmuls -> attention's output [B, T, H_loc, Q] as W_O's local heads expect."""
+    return _from_attention(attn(*_to_attention(mm["wq"], mm["wk"], mm["wv"], p, plan, ops)), plan, ops)
+
+
+# Output matmuls: (einsum, weight, the weight's output (E) dim that the looped reduce-scatter chunks).
+_DOWN, _WO = ("BTF,FE->BTE", "w_down", 1), ("BTHQ,HQE->BTE", "wo", 2)
+
+
+def _residual_add(x: jax.Array, terms, w: dict[str, Any], p: dict[str, Any], biases, plan: Plan, ops: Ops):
+    """x + the sum over `terms` ((a, (einsum, weight, E dim)) pairs) of a·w, reduce-scattered into x's split.
+
+    biases (bo, b_down) are added once, after the reduce-scatter, on this chip's E slice: added before it, each
+    of the chips summed over would carry its own copy (the bias n times).
+    """
+    ffn, rest = plan.layout.ffn, plan.rules.residual["embed"]
+
+    def matmul(a, sub, name, dim, chunk):
+        return einsum(sub, a, w[name] if chunk is None else _slice(w[name], dim, chunk * x.shape[2], x.shape[2], True))
+
+    def total(chunk=None):
+        out = None
+        for a, (sub, name, dim) in terms:
+            y = matmul(a, sub, name, dim, chunk)
+            out = y if out is None else out + y
+        return out
+
     if plan.layout.overlap:
-        n = x.shape[2]
-
-        def matmul(chunk):
-            down, wo = _slice(w["w_down"], 1, chunk * n, n, True), _slice(w["wo"], 2, chunk * n, n, True)
-            return einsum("BTF,FE->BTE", act, down) + einsum("BTHQ,HQE->BTE", o, wo)
-
         with jax.named_scope("looped_output"):
             # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz as ring steps overlapped with the matmuls
-            return x + matmul_reduce_scatter(matmul, ("y", "z"), ops)
-    y = einsum("BTF,FE->BTE", act, w["w_down"]) + einsum("BTHQ,HQE->BTE", o, w["wo"])
-    with jax.named_scope("output_reduce_scatter"):
-        if ffn == "ws1d":
-            # BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz
-            y = ops.reduce_scatter(y, XYZ, 2)
-        elif ffn == "ws2d":
-            # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz
-            y = ops.reduce_scatter(y, ("y", "z"), 2)
-        else:
-            # B_xLE{partialsum-yz} --reduce-scatter(yz)--> B_xLE_yz
-            y = ops.reduce_scatter(y, rest, 2)
+            y = matmul_reduce_scatter(total, ("y", "z"), ops)
+    else:
+        y = total()
+        with jax.named_scope("output_reduce_scatter"):
+            if ffn == "ws1d":
+                # BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz
+                y = ops.reduce_scatter(y, XYZ, 2)
+            elif ffn == "ws2d":
+                # BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz
+                y = ops.reduce_scatter(y, ("y", "z"), 2)
+            else:
+                # B_xLE{partialsum-yz} --reduce-scatter(yz)--> B_xLE_yz
+                y = ops.reduce_scatter(y, rest, 2)
+    for name in biases:
+        y = _bias(y, p, name, rest, ops)
     return x + y
+
+
+def layer_fn(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops, attn) -> jax.Array:
+    """One decoder block on local shards. x: the residual in the layout's split; attn(q, k, v) -> o runs
+    attention (and the cache) on the attention split, q/k not yet rotated.
+
+    Parallel (PaLM): x + attn(h) + mlp(h) over one h = norm(x): one gather, the fused input matmuls, one output
+    reduce-scatter of both outputs' sum. Serial (Llama): the attention half, then the MLP half on the updated
+    residual, each with its own gather + norm and its own output reduce-scatter.
+    """
+    w = _gather_weights(p, plan, ops) if plan.rules.gathered else p
+    if plan.config.parallel_block:
+        mm = _input_matmuls(x, p["attn_norm"], w, tuple(_IN), plan, ops)
+        o = _attention(mm, p, plan, ops, attn)
+        act = _activation(mm["w_up"], mm.get("w_gate"), p, plan, ops)
+        return _residual_add(x, [(act, _DOWN), (o, _WO)], w, p, ("bo", "b_down"), plan, ops)
+    with jax.named_scope("attention_half"):
+        # x += W_O·attn(norm1(x)): BLE_xyz -gather-> ... -reduce-scatter-> BLE_xyz
+        mm = _input_matmuls(x, p["attn_norm"], w, _ATTN_IN, plan, ops)
+        x = _residual_add(x, [(_attention(mm, p, plan, ops, attn), _WO)], w, p, ("bo",), plan, ops)
+    with jax.named_scope("mlp_half"):
+        # x += W_down·act(norm2(x)): the same gather and reduce-scatter again, around the MLP
+        mm = _input_matmuls(x, p["mlp_norm"], w, _MLP_IN, plan, ops)
+        act = _activation(mm["w_up"], mm.get("w_gate"), p, plan, ops)
+        return _residual_add(x, [(act, _DOWN)], w, p, ("b_down",), plan, ops)
 
 
 # --------------------------------------------------------------------------------- embedding and logits

@@ -1,7 +1,8 @@
 """Where a layout puts the weights and the KV cache on a mesh, and the checks run before anything compiles.
 
 Split out of model/sharded.py (which re-exports every name): the PartitionSpecs of the stored weights (from
-partition/rules.py's split tables, which the cost model reads too), placing params, the KV cache's split, and the
+partition/rules.py's split tables, which the cost model reads too; norms, mlp_norm and every bias are whole on
+every chip, where each chip slices the block its activations need), placing params, the KV cache's split, and the
 refusals (LayoutError / UserError naming the dim and the split) for a model, mesh, layout or batch that cannot work.
 Axis alphabet (model/config.py): B batch, S cache, K kv heads, Q head dim, N layers.
 """
@@ -85,16 +86,20 @@ def step_dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
     """partition.comm's LayerDims of one step of `batch` rows and `tokens` tokens (context = tokens)."""
     return LayerDims(
         batch, tokens, tokens, config.d_model, config.d_ff, config.n_heads, config.n_kv_heads, config.d_head,
-        gated=config.mlp == "swiglu",
+        gated=config.mlp == "swiglu", serial=not config.parallel_block,
     )  # fmt: skip
 
 
 def check_supported(config: ModelConfig) -> None:
-    """Refuse a model the sharded steps cannot run at all, whatever the mesh and layout."""
-    if not config.parallel_block or config.linear_bias or config.qkv_bias or config.rope_scaling:
-        raise UserError(
-            f"sharded steps support parallel-block models without linear biases or rope scaling; {config.name} is not"
-        )
+    """Refuse a model the sharded steps cannot run at all, whatever the mesh and layout.
+
+    Every architecture ModelConfig describes runs sharded: the parallel block (PaLM, Falcon) and the serial block
+    (Llama, Mistral, Qwen2), q/k/v and linear biases (stored whole on every chip, each chip adds its slice) and
+    rope scaling. What a given mesh cannot split (heads, d_ff, vocab, batch) is refused by `check_model`. Kept as
+    the one place the serving paths ask (serve, generate --mesh) before choosing a plan.
+    """
+    if not isinstance(config, ModelConfig):
+        raise UserError(f"sharded steps need a ModelConfig, got {type(config).__name__}")
 
 
 def check_model(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> None:

@@ -19,12 +19,19 @@ the query heads.
          attention runs locally (batch over G, heads over R: attention 'batch' only, 'heads' is refused);
          out -RS(R)-> B_G·L·E_R.
 
+Serial block (Llama, Mistral, Qwen2: x += attn(norm1(x)); x += mlp(norm2(x))): the same collectives, but the
+attention half and the MLP half each gather the residual (ws2d: with its norm statistics) and reduce-scatter
+their own output, because the MLP's input is the residual after the attention's add: per layer one more input
+gather and one more output reduce-scatter (ws2d overlap: one more ring each) than the parallel block.
+
 partition/comm_step.py lists what runs once per pass (embedding, logits) and at the phase switch; partition/dims.py
 holds the shared types and splits. Both are re-exported here: `from meshserve.partition.comm import ...` is the
 one import path for all of them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from meshserve.partition.comm_step import reshard_collectives, reshard_plan, step_collectives
 from meshserve.partition.dims import (
@@ -64,66 +71,86 @@ __all__ = [
 ]
 
 
-def _ws1d(mesh: MeshShape, attention: str, d: LayerDims) -> list[Collective]:
+@dataclass(frozen=True)
+class _Parts:
+    """One layer's collectives by where they run: the two blocks read and write the residual alike, so the
+    serial block repeats `input` and `output` (and keeps the rest) where the parallel block runs each once."""
+
+    input: list[Collective]  # the residual's gather (+ ws2d's norm statistics), before the input matmuls
+    weights: list[Collective]  # weight-gathered layouts: each weight's all-gather
+    attention: list[Collective]  # between q/k/v and W_O (the attention split and back)
+    ffn_in: list[Collective]  # ws2d: into the activation, BLF_yz{partialsum-x} -> BLF_xyz
+    ffn_out: list[Collective]  # ws2d: out of it, BLF_xyz -> BLF_yz
+    output: list[Collective]  # the output reduce-scatter back into the residual's split
+
+    def layer(self, serial: bool) -> list[Collective]:
+        """Program order. Parallel: one gather, the fused input matmuls, attention and the MLP, one
+        reduce-scatter of their summed outputs. Serial: the attention half, then the MLP half, each with its
+        own gather and reduce-scatter."""
+        if not serial:
+            return self.input + self.weights + self.ffn_in + self.attention + self.ffn_out + self.output
+        attention_half = self.input + self.weights + self.attention + self.output
+        return attention_half + self.input + self.ffn_in + self.ffn_out + self.output
+
+
+def _ws1d(mesh: MeshShape, attention: str, d: LayerDims) -> _Parts:
     B, L, E, H, K, Q, a, n = d.batch, d.tokens, d.d_model, d.n_heads, d.n_kv_heads, d.d_head, d.act_bytes, mesh.n
     xyz = _live(mesh, MESH_AXES)
-    out: list[Collective] = []
+    gather: list[Collective] = []
+    scatter: list[Collective] = []
     if xyz:
-        out.append(Collective("all-gather", xyz, B * L * E * a, "BLE_xyz --all-gather(xyz)--> BLE", "ffn"))
+        gather.append(Collective("all-gather", xyz, B * L * E * a, "BLE_xyz --all-gather(xyz)--> BLE", "ffn"))
+        text = "BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz"
+        scatter.append(Collective("reduce-scatter", xyz, B * L * E * a, text, "ffn"))
+    attn: list[Collective] = []
     A = _live(mesh, attention_batch_axes("ws1d", attention, mesh, B))
     if A:
         kv = 2 * K // n if _kv_split(d) else 0
         a2a = f"all-to-all({_name(A)})"
-        out.append(
+        attn.append(
             Collective(
                 "all-to-all", A, B * L * (H // n + kv) * Q * a, f"BLHQ_xyz --{a2a}--> B_{_name(A)}LHQ", "attention"
             )
         )
-        out.append(
+        attn.append(
             Collective("all-to-all", A, B * L * (H // n) * Q * a, f"B_{_name(A)}LHQ --{a2a}--> BLHQ_xyz", "attention")
         )
-    if xyz:
-        out.append(
-            Collective(
-                "reduce-scatter", xyz, B * L * E * a, "BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz", "ffn"
-            )
-        )
-    return out
+    return _Parts(gather, [], attn, [], [], scatter)
 
 
-def _ws2d(mesh: MeshShape, attention: str, d: LayerDims) -> list[Collective]:
+def _ws2d(mesh: MeshShape, attention: str, d: LayerDims) -> _Parts:
     B, L, E, F, H, K, Q, a = d.batch, d.tokens, d.d_model, d.d_ff, d.n_heads, d.n_kv_heads, d.d_head, d.act_bytes
     X, YZ = mesh.x, mesh.y * mesh.z
     x, yz = _live(mesh, ("x",)), _live(mesh, ("y", "z"))
     g = 2 if d.gated else 1
     kv_local = 2 * (K // YZ if _kv_split(d) else K)  # k and v heads on one chip before attention
     qkv = B * L * (H // YZ + kv_local) * Q * a
-    out: list[Collective] = []
+    gather: list[Collective] = []
+    scatter: list[Collective] = []
+    ffn_in: list[Collective] = []
+    ffn_out: list[Collective] = []
     if yz:
-        out.append(Collective("all-gather", yz, B * L * (E // X) * a, "BLE_xyz --all-gather(yz)--> BLE_x", "ffn"))
+        gather.append(Collective("all-gather", yz, B * L * (E // X) * a, "BLE_xyz --all-gather(yz)--> BLE_x", "ffn"))
+        text = "BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz"
+        scatter.append(Collective("reduce-scatter", yz, B * L * (E // X) * a, text, "ffn"))
     if x:
-        out.append(
-            Collective("all-reduce", x, B * L * NORM_STAT_BYTES, "BL2{partialsum-x} --all-reduce(x)--> BL2", "ffn")
-        )
-        out.append(
-            Collective(
-                "reduce-scatter",
-                x,
-                B * L * g * (F // YZ) * a,
-                "BLF_yz{partialsum-x} --reduce-scatter(x)--> BLF_xyz",
-                "ffn",
-            )
-        )
+        text = "BL2{partialsum-x} --all-reduce(x)--> BL2"
+        gather.append(Collective("all-reduce", x, B * L * NORM_STAT_BYTES, text, "ffn"))
+        text = "BLF_yz{partialsum-x} --reduce-scatter(x)--> BLF_xyz"
+        ffn_in.append(Collective("reduce-scatter", x, B * L * g * (F // YZ) * a, text, "ffn"))
+        text = "BLF_xyz --all-gather(x)--> BLF_yz"
+        ffn_out.append(Collective("all-gather", x, B * L * (F // YZ) * a, text, "ffn"))
+    attn: list[Collective] = []
     A = attention_batch_axes("ws2d", attention, mesh, B)
     if not A:
         if x:
-            out.append(
+            attn.append(
                 Collective("all-reduce", x, qkv, "BLHQ_yz{partialsum-x} --all-reduce(x)--> BLHQ_yz", "attention")
             )
     else:
         inner = _live(mesh, tuple(ax for ax in A if ax != "x"))
         if x:
-            out.append(
+            attn.append(
                 Collective(
                     "reduce-scatter", x, qkv, "BLHQ_yz{partialsum-x} --reduce-scatter(x)--> B_xLHQ_yz", "attention"
                 )
@@ -132,29 +159,17 @@ def _ws2d(mesh: MeshShape, attention: str, d: LayerDims) -> list[Collective]:
             kv = 2 * K // YZ if _kv_split(d) else 0
             a2a, bx = f"all-to-all({_name(inner)})", f"B_{_name(A)}"
             size = (B // X) * L * Q * a
-            out.append(
+            attn.append(
                 Collective("all-to-all", inner, size * (H // YZ + kv), f"B_xLHQ_yz --{a2a}--> {bx}LHQ", "attention")
             )
-            out.append(Collective("all-to-all", inner, size * (H // YZ), f"{bx}LHQ --{a2a}--> B_xLHQ_yz", "attention"))
+            attn.append(Collective("all-to-all", inner, size * (H // YZ), f"{bx}LHQ --{a2a}--> B_xLHQ_yz", "attention"))
         if x:
-            out.append(
+            attn.append(
                 Collective(
                     "all-gather", x, B * L * (H // YZ) * Q * a, "B_xLHQ_yz --all-gather(x)--> BLHQ_yz", "attention"
                 )
             )
-    if x:
-        out.append(Collective("all-gather", x, B * L * (F // YZ) * a, "BLF_xyz --all-gather(x)--> BLF_yz", "ffn"))
-    if yz:
-        out.append(
-            Collective(
-                "reduce-scatter",
-                yz,
-                B * L * (E // X) * a,
-                "BLE_x{partialsum-yz} --reduce-scatter(yz)--> BLE_xyz",
-                "ffn",
-            )
-        )
-    return out
+    return _Parts(gather, [], attn, ffn_in, ffn_out, scatter)
 
 
 def _weight_gathers(mesh: MeshShape, layout: str, d: LayerDims) -> list[Collective]:
@@ -204,27 +219,19 @@ def _weight_gathers(mesh: MeshShape, layout: str, d: LayerDims) -> list[Collecti
     return out
 
 
-def _wg(mesh: MeshShape, layout: str, d: LayerDims) -> list[Collective]:
+def _wg(mesh: MeshShape, layout: str, d: LayerDims) -> _Parts:
     B, L, E, a = d.batch, d.tokens, d.d_model, d.act_bytes
     G = gathered_axes(layout)
     R = _live(mesh, tuple(a_ for a_ in ("y", "z") if a_ not in G))
     b = B // mesh.size(G)
     g, r = _name(G), _name(R)
-    out: list[Collective] = []
+    gather: list[Collective] = []
+    scatter: list[Collective] = []
     if R:
-        out.append(Collective("all-gather", R, b * L * E * a, f"B_{g}LE_{r} --all-gather({r})--> B_{g}LE", "ffn"))
-    out += _weight_gathers(mesh, layout, d)
-    if R:
-        out.append(
-            Collective(
-                "reduce-scatter",
-                R,
-                b * L * E * a,
-                f"B_{g}LE{{partialsum-{r}}} --reduce-scatter({r})--> B_{g}LE_{r}",
-                "ffn",
-            )
-        )
-    return out
+        gather.append(Collective("all-gather", R, b * L * E * a, f"B_{g}LE_{r} --all-gather({r})--> B_{g}LE", "ffn"))
+        text = f"B_{g}LE{{partialsum-{r}}} --reduce-scatter({r})--> B_{g}LE_{r}"
+        scatter.append(Collective("reduce-scatter", R, b * L * E * a, text, "ffn"))
+    return _Parts(gather, _weight_gathers(mesh, layout, d), [], [], [], scatter)
 
 
 def layer_collectives(
@@ -232,6 +239,8 @@ def layer_collectives(
 ) -> list[Collective]:
     """Every collective one decoder layer runs under this layout, in program order.
 
+    dims.serial (Llama's serial block): the attention half and the MLP half each gather the residual (ws2d: and
+    all-reduce their norm statistics) and reduce-scatter their output, so `input` and `output` run twice.
     overlap (ws2d only): the looped collective einsum. Its input all-gather(yz) and output reduce-scatter(yz)
     become YZ-1 "collective-permute" steps each (bytes_per_chip: the chunk one chip sends per step, so a
     permute costs bytes/bw with no (K-1)/K factor), and the norm statistics are summed over xyz.
@@ -241,14 +250,16 @@ def layer_collectives(
     if overlap and ffn_layout != "ws2d":
         raise LayoutError(f"collective matmul overlap is a ws2d option, not {ffn_layout}")
     if ffn_layout == "ws1d":
-        return _ws1d(mesh, attention, dims)
-    if ffn_layout == "ws2d":
-        return _overlapped(mesh, dims, _ws2d(mesh, attention, dims)) if overlap else _ws2d(mesh, attention, dims)
-    return _wg(mesh, ffn_layout, dims)
+        parts = _ws1d(mesh, attention, dims)
+    elif ffn_layout == "ws2d":
+        parts = _overlapped(mesh, dims, _ws2d(mesh, attention, dims)) if overlap else _ws2d(mesh, attention, dims)
+    else:
+        parts = _wg(mesh, ffn_layout, dims)
+    return parts.layer(dims.serial)
 
 
-def _overlapped(mesh: MeshShape, d: LayerDims, plain: list[Collective]) -> list[Collective]:
-    """ws2d's list with the looped collective einsum's ring steps in place of AG(yz) and RS(yz).
+def _overlapped(mesh: MeshShape, d: LayerDims, plain: _Parts) -> _Parts:
+    """ws2d's parts with the looped collective einsum's ring steps in place of AG(yz) and RS(yz).
 
     The norm runs on BLE_xyz before the looped gather, so its statistics are summed over every live axis
     (whatever Y·Z is), replacing the plain layout's all-reduce(x) of them.
@@ -257,17 +268,12 @@ def _overlapped(mesh: MeshShape, d: LayerDims, plain: list[Collective]) -> list[
     chunk = d.batch * d.tokens * (d.d_model // mesh.n) * d.act_bytes
     steps = mesh.size(yz) - 1
     stats = _live(mesh, MESH_AXES)
-    out: list[Collective] = []
+    gather: list[Collective] = []
     if stats:
         text = "BL2{partialsum-xyz} --all-reduce(xyz)--> BL2"
-        out.append(Collective("all-reduce", stats, d.batch * d.tokens * NORM_STAT_BYTES, text, "ffn"))
-    for c in plain:
-        if c.axes == yz and c.kind == "all-gather":
-            text = "BLE_xyz --collective-permute(yz)--> next chip (looped all-gather(yz))"
-            out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
-        elif c.axes == yz and c.kind == "reduce-scatter":
-            text = "BLE_x{partialsum-yz} --collective-permute(yz)--> next chip (looped reduce-scatter(yz))"
-            out += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
-        elif not c.tensor.startswith("BL2{"):  # the plain norm statistics: replaced by the xyz ones above
-            out.append(c)
-    return out
+        gather.append(Collective("all-reduce", stats, d.batch * d.tokens * NORM_STAT_BYTES, text, "ffn"))
+    text = "BLE_xyz --collective-permute(yz)--> next chip (looped all-gather(yz))"
+    gather += [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
+    text = "BLE_x{partialsum-yz} --collective-permute(yz)--> next chip (looped reduce-scatter(yz))"
+    scatter = [Collective("collective-permute", yz, chunk, text, "ffn")] * steps
+    return _Parts(gather, plain.weights, plain.attention, plain.ffn_in, plain.ffn_out, scatter)

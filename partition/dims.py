@@ -98,6 +98,9 @@ class LayerDims:
     act_bytes: int = 2  # activation dtype bytes (bf16)
     weight_bytes: int = 2  # 2 bf16, 1 int8 (weight-gathered layouts gather int8, plus their bf16 scales)
     gated: bool = True  # SwiGLU (two input matmuls, W and V) or a plain GELU MLP (one)
+    # Serial block (Llama: x += attn(norm1(x)); x += mlp(norm2(x))): a second input gather (and norm statistics)
+    # and a second output reduce-scatter per layer; False: the paper's parallel block.
+    serial: bool = False
 
 
 def _live(mesh: MeshShape, axes: tuple[str, ...]) -> tuple[str, ...]:
