@@ -79,6 +79,12 @@ class Request:
     # Prompt positions [a, b) it prefilled itself before a requeue: found in the cache again, they are no cache hit.
     computed: tuple[int, int] = (0, 0)
 
+    def __post_init__(self) -> None:
+        # min_tokens holds back the ids this request stops on, which the engine reads from `sampling`: a caller
+        # that gave none there (SamplingParams(min_tokens=k) alone) gets the request's stop ids.
+        if self.sampling.min_tokens and not self.sampling.stop_ids and self.stop_ids:
+            self.sampling = self.sampling.with_stop_ids(sorted(self.stop_ids))
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -421,3 +421,13 @@ def test_score_queue_is_bounded_and_a_full_one_answers_resource_exhausted():
     assert isinstance(results["a"], ScoreOutput) and isinstance(results["b"], ScoreOutput), results
     assert len(orch.score([([1], [2, 3])], timeout=5).token_logprobs[0]) == 2  # room again
     orch.stop()
+
+
+def test_min_tokens_holds_back_the_ids_the_request_stops_on():
+    """The engine reads min_tokens' ids from the sampling params; a Request keeps them equal to its stop_ids, so a
+    caller that built SamplingParams(min_tokens=...) without stop ids still gets eos held back."""
+    from meshserve.model.sampling_params import SamplingParams
+
+    r = Request([1, 2], 8, SamplingParams(min_tokens=3), frozenset({7, 2}))
+    assert sorted(r.sampling.stop_ids) == [2, 7] and r.sampling.min_tokens == 3
+    assert Request([1], 8, SamplingParams(), frozenset({7})).sampling.stop_ids == ()  # no min_tokens: nothing held
