@@ -1,0 +1,123 @@
+"""The sampling flags of `meshserve generate` (in process and with --server), and their parsers: --logit-bias
+ID:BIAS pairs, comma-separated token ids. Ranges are checked where the values are used (SamplingParams, the
+model's vocabulary), so every entry point reports them alike."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_sampling_arguments", "token_list", "N_MAX_LOCAL"]
+
+# --n in process: every sample is a row of the one batch (prompts x n), as batch-generate's line limit.
+N_MAX_LOCAL = 64
+
+
+def token_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens takes comma-separated integers, got {text!r}") from None
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    """--logit-bias ID:BIAS,ID:BIAS -> {id: bias} (ranges are SamplingParams' checks; the vocabulary the model's)."""
+    out: dict[int, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        token, sep, bias = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            token_id, value = int(token), float(bias)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"takes comma-separated TOKEN_ID:BIAS pairs, e.g. 123:-100,456:5, got {item!r}"
+            ) from None
+        if token_id in out:
+            raise argparse.ArgumentTypeError(f"token id {token_id} is given more than once")
+        out[token_id] = value
+    return out
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by in-process and client-side generation."""
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed in [0, 2**63): same seed, same output (default 0)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide (multiply if negative) the logits of tokens already in the prompt or output (default 1 = off)",
+    )
+    parser.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract from tokens already generated, in [-2, 2] (default 0 = off)",
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract per occurrence in the output, in [-2, 2] (default 0 = off)",
+    )
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min_p x the top probability, in [0, 1] (default 0 = off)",
+    )
+    parser.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show the N most likely tokens at each step, in [0, 20] (one line per token; in --json too; default 0)",
+    )
+    parser.add_argument(
+        "--logit-bias",
+        type=_logit_bias,
+        default={},
+        metavar="ID:BIAS,...",
+        help="add BIAS in [-100, 100] to token ID's logit before sampling (greedy too), e.g. 123:-100,456:5: -100 "
+        "all but bans a token, +100 all but forces it; at most 64 entries, --min-tokens' included (default none)",
+    )
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="end-of-sequence and --stop-token-ids cannot be sampled before N tokens are generated; each such id "
+        "takes one of --logit-bias's 64 entries (default 0 = off)",
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
+    )
+    parser.add_argument(
+        "--stop-token-ids",
+        type=token_list,
+        default=[],
+        metavar="7,9",
+        help="more token ids that end generation, e.g. a chat template's end-of-turn token (default none)",
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=1,
+        metavar="K",
+        help="samples per prompt, sample i with seed + i (use --temperature > 0, or all K are the same): with "
+        f"--server up to the server's max_n (16 by default), in process up to {N_MAX_LOCAL}, each a row of the "
+        "batch; each sample printed under a '--- sample i ---' header (default 1)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON line per prompt, in input order: {"tokens", "text", "logprobs", "finish_reason"}; with --n K '
+        '> 1: {"choices": [{"index", "tokens", "text", "logprobs", "finish_reason"}, ...]} (default: text)',
+    )
