@@ -258,7 +258,7 @@ class PhasePlan(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., batch: _Optional[int] = ..., length: _Optional[int] = ..., ffn_layout: _Optional[str] = ..., attention_layout: _Optional[str] = ..., predicted_ms: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_context", "max_batch", "max_new_tokens", "max_queue", "max_stop_strings", "max_stop_length", "max_score_items", "max_text_chars", "max_score_tokens", "max_top_logprobs", "max_n")
+    __slots__ = ("max_context", "max_batch", "max_new_tokens", "max_queue", "max_stop_strings", "max_stop_length", "max_score_items", "max_text_chars", "max_score_tokens", "max_top_logprobs", "max_n", "max_logit_bias")
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class Limits(_message.Message):
     MAX_SCORE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     max_context: int
     max_batch: int
     max_new_tokens: int
@@ -281,7 +282,8 @@ class Limits(_message.Message):
     max_score_tokens: int
     max_top_logprobs: int
     max_n: int
-    def __init__(self, max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_length: _Optional[int] = ..., max_score_items: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_score_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_n: _Optional[int] = ...) -> None: ...
+    max_logit_bias: int
+    def __init__(self, max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_length: _Optional[int] = ..., max_score_items: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_score_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_n: _Optional[int] = ..., max_logit_bias: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "source", "weights", "mesh", "objective", "plan", "limits", "plan_json")

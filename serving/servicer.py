@@ -23,7 +23,7 @@ import grpc
 import jax
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
-from meshserve.model.sampling import TOP_LOGPROBS_MAX
+from meshserve.model.sampling import L_MAX, TOP_LOGPROBS_MAX
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.detok import alternatives_with_text
@@ -369,6 +369,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_score_tokens=lim.max_score_tokens,
                 max_top_logprobs=TOP_LOGPROBS_MAX,
                 max_n=lim.max_n,
+                max_logit_bias=L_MAX,
             ),
             plan_json=self.plan.to_json(),
         )
