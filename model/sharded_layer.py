@@ -295,13 +295,12 @@ def _residual_add(x: jax.Array, terms, w: dict[str, Any], p: dict[str, Any], bia
     """
     ffn, rest = plan.layout.ffn, plan.rules.residual["embed"]
 
-    def matmul(a, sub, name, dim, chunk):
-        return einsum(sub, a, w[name] if chunk is None else _slice(w[name], dim, chunk * x.shape[2], x.shape[2], True))
-
     def total(chunk=None):
+        n = x.shape[2]  # looped: the E chunk of W's output dim this ring step's sum is headed to
+        ws = [w[name] if chunk is None else _slice(w[name], dim, chunk * n, n, True) for _, (_, name, dim) in terms]
         out = None
-        for a, (sub, name, dim) in terms:
-            y = matmul(a, sub, name, dim, chunk)
+        for (a, (sub, _, _)), weight in zip(terms, ws, strict=True):
+            y = einsum(sub, a, weight)
             out = y if out is None else out + y
         return out
 
