@@ -137,3 +137,53 @@ def test_batch_split_error_names_the_smallest_real_split_on_a_mesh_with_size_one
         attention_batch_axes("ws2d", "batch", MeshShape(1, 2, 4), 1)
     with pytest.raises(LayoutError, match=r"at least 2 ways \(axes z\); batch 3 .*splits: 2 over z, 4 over xz\)"):
         attention_batch_axes("ws1d", "batch", MeshShape(2, 1, 2), 3)
+
+
+def _key(c):
+    return c.kind, c.axes, c.bytes_per_chip
+
+
+def test_serial_block_adds_one_input_gather_and_one_output_reduce_scatter():
+    # Llama's serial block: the MLP reads the residual after attention's add, so each half gathers the residual
+    # (ws2d: and sums its norm statistics) and reduce-scatters its own output; everything else runs once.
+    from collections import Counter
+
+    d = dims(n_kv_heads=8)  # grouped-query: 8 kv heads of 16
+    cases = [("ws1d", "batch", False, M), ("ws2d", "heads", False, M), ("ws2d", "batch", True, M),
+             ("wg-xy", "batch", False, M), ("ws2d", "batch", True, MeshShape(2, 1, 1))]  # fmt: skip
+    for layout, attention, overlap, mesh in cases:
+        parallel = Counter(map(_key, layer_collectives(layout, attention, mesh, d, overlap=overlap)))
+        serial_dims = LayerDims(**{**d.__dict__, "serial": True})
+        serial = Counter(map(_key, layer_collectives(layout, attention, mesh, serial_dims, overlap)))
+        assert not parallel - serial  # nothing dropped
+        # the extra ones: the residual's gather (+ statistics; overlap: its ring) and the output reduce-scatter
+        # (overlap: its ring), not ws2d's ffn RS(x)/AG(x) around the activation, nor the weights' gathers
+        sides = [c for c in layer_collectives(layout, attention, mesh, d, overlap=overlap)
+                 if c.block == "ffn" and (c.kind == "all-reduce" or c.axes != ("x",))]  # fmt: skip
+        assert serial - parallel == Counter(map(_key, sides)), (layout, attention, overlap, mesh)
+        ring = 2 * (mesh.y * mesh.z - 1) if overlap else 0
+        assert len(sides) == {"ws1d": 2, "wg-xy": 2}.get(layout, 1 + ring if overlap else 3)
+
+
+def test_the_cost_model_prices_a_serial_model_s_own_list():
+    # analytics.cost reads partition.comm: Llama's step pays its extra collectives, a parallel twin does not
+    from meshserve.analytics import collective_time, estimate, get_chip
+    from meshserve.analytics.cost import layer_dims
+    from meshserve.model.config import get_config
+
+    llama, chip = get_config("llama-2-70b"), get_chip("tpu-v4")
+    twin = llama.replace(parallel_block=True)
+    kw = dict(phase="decode", batch=64, prompt_len=2048, gen_len=64, weights="int8", ffn_layout="ws2d",
+              attention="batch")  # fmt: skip
+    serial, parallel = estimate(llama, chip, M, **kw), estimate(twin, chip, M, **kw)
+    dims, twin_dims = layer_dims(llama, 64, 1, 2048 + 32, "int8"), layer_dims(twin, 64, 1, 2048 + 32, "int8")
+    assert dims.serial and not twin_dims.serial
+    listed = layer_collectives("ws2d", "batch", M, dims)
+    assert [(c["kind"], c["axes"], c["bytes_per_chip"]) for c in serial.collectives] == list(map(_key, listed))
+
+    def comm(colls):
+        return sum(collective_time(c, M, chip)[0] for c in colls)
+
+    difference = llama.n_layers * (comm(listed) - comm(layer_collectives("ws2d", "batch", M, twin_dims)))
+    assert serial.breakdown.comm_s - parallel.breakdown.comm_s == pytest.approx(difference)
+    assert difference > 0 and serial.step_s > parallel.step_s

@@ -7,7 +7,8 @@ layout) give identical tokens, computing in float32 over the stored bf16/int8 we
 as stored); and with bf16 compute, prefill and decode logits agree within bf16 rounding. (A random tiny model's
 top-2 logits are often closer than bf16 rounding, so greedy tokens are compared where rounding cannot swap them.)
 Together the cases run every layout in both phases, with bf16 and int8, multi-query and multi-head, on 8 and 4
-emulated devices.
+emulated devices. Llama-family variants (serial block, grouped-query attention, q/k/v and linear biases, rope
+scaling) and a biased parallel block equal one device under each ws layout, the looped einsum and two wg layouts.
 """
 
 import jax
@@ -55,18 +56,21 @@ STEP_CASES = _step_cases()
 
 @pytest.mark.parametrize("ffn,attention,kv_heads,weights,B", STEP_CASES)
 def test_float32_steps_equal_one_device(ffn, attention, kv_heads, weights, B):
-    mesh = make_mesh("2x2x2")
+    config, params = tiny(kv_heads, weights, compute_f32=True)  # float32 compute over the stored weights
+    _steps_equal_one_device(config, params, make_mesh("2x2x2"), Layout(ffn, attention), B)
+
+
+def _steps_equal_one_device(config, params, mesh, layout, B):
+    """Prefill, the phase switch and one decode step on `mesh` give the one-device float32 logits."""
     T, S = 8, 16
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, 256)
     lengths = jnp.array([8, 3, 5, 1, 8, 2, 7, 4])[:B]
-    config, params = tiny(kv_heads, weights, compute_f32=True)  # float32 compute over the stored weights
     ref_logits, k, v = transformer.prefill(params, config, tokens, lengths)
     cache = transformer.insert(transformer.init_cache(config, B, S, k.dtype), k, v, lengths, jnp.arange(B))
     nxt = jnp.argmax(ref_logits, -1)
     ref_step, _ = transformer.decode_step(params, config, nxt, cache)
 
-    layout = Layout(ffn, attention)
-    on_mesh = sharded.shard_params(params, config, mesh, ffn)
+    on_mesh = sharded.shard_params(params, config, mesh, layout.ffn)
     logits, k, v = sharded.prefill(on_mesh, config, tokens, lengths, mesh=mesh, layout=layout)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-6, rtol=1e-5)
     cache = sharded.init_cache(config, mesh, layout, B, S, k.dtype)
@@ -78,6 +82,80 @@ def test_float32_steps_equal_one_device(ffn, attention, kv_heads, weights, B):
     np.testing.assert_allclose(step[::-1], ref_step, atol=2e-6, rtol=1e-5)
     assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, sharded.kv_spec(config, mesh, layout, B)), 5)
     np.testing.assert_array_equal(cache.lengths, lengths[::-1] + 1)
+
+
+# Llama-family variants of tiny (float32): Qwen2-like (serial block, RMSNorm, grouped-query K = 4, q/k/v biases),
+# Llama-3.1-like (serial, multi-query, every linear bias, rope scaling whose original length 4 < the 8-token prompts
+# puts the 8 frequencies of d_head 16 in all three bands) and a Falcon-like parallel block (GELU, LayerNorm with
+# bias, linear biases: b_up without a gate).
+FAMILIES = {
+    "qwen2": dict(parallel_block=False, norm="rmsnorm", n_kv_heads=4, qkv_bias=True),
+    "llama31": dict(parallel_block=False, norm="rmsnorm", linear_bias=True, rope_scaling=(8.0, 1.0, 4.0, 4.0)),
+    "falcon": dict(mlp="gelu", norm_bias=True, linear_bias=True),
+}
+
+
+def family(name: str, **drop):
+    """(config, float32 params) with random biases and norm weights (init makes them 0 and 1, which would hide a
+    bias added twice or the MLP half reading attn_norm). drop: config fields to reset, for the checks below."""
+    config = get_config("tiny", **{**FAMILIES[name], **drop})
+    params = init_params(config, jax.random.key(7))
+    keys = iter(jax.random.split(jax.random.key(8), 16))
+    layer = params["layers"]
+    for key in [k for k in layer if k.startswith("b")]:
+        layer[key] = 0.3 * jax.random.normal(next(keys), layer[key].shape)
+    for norm in [k for k in layer if k.endswith("_norm")]:
+        layer[norm] = {k: v + 0.3 * jax.random.normal(next(keys), v.shape) for k, v in layer[norm].items()}
+    return config, params
+
+
+SERIAL_CASES = [
+    # (family, mesh, layout, B): each ws layout with heads and batch attention, the looped einsum, a wg layout
+    ("qwen2", "2x2x2", Layout("ws2d", "heads"), 4),
+    ("qwen2", "2x2x2", Layout("ws2d", "batch", overlap=True), 8),
+    ("qwen2", "1x2x2", Layout("ws1d", "batch"), 4),  # K = 4 kv heads split over 4 chips
+    ("qwen2", "2x2x2", Layout("wg-xy", "batch"), 4),
+    ("llama31", "2x2x2", Layout("ws2d", "batch"), 8),
+    ("llama31", "2x2x2", Layout("ws1d", "heads"), 2),
+    ("llama31", "2x2x2", Layout("wg-xyz", "batch"), 8),
+    ("falcon", "2x2x2", Layout("ws2d", "heads", overlap=True), 2),
+]
+
+
+def _case_id(case) -> str:
+    name, mesh_text, layout, B = case
+    return f"{name}-{mesh_text}-{layout.ffn}-{layout.attention}{'-overlap' if layout.overlap else ''}-B{B}"
+
+
+@pytest.mark.parametrize("name,mesh_text,layout,B", SERIAL_CASES, ids=[_case_id(c) for c in SERIAL_CASES])
+def test_serial_block_biases_and_rope_scaling_equal_one_device(name, mesh_text, layout, B):
+    n = int(np.prod([int(s) for s in mesh_text.split("x")]))
+    config, params = family(name)
+    _steps_equal_one_device(config, params, make_mesh(mesh_text, jax.devices()[:n]), layout, B)
+
+
+@pytest.mark.parametrize(
+    "name,change",
+    [("qwen2", ("bq", "bk", "bv")), ("llama31", ("bo", "b_down")), ("llama31", ("b_up", "b_gate")),
+     ("llama31", "rope_scaling"), ("llama31", "mlp_norm"), ("falcon", ("bo", "b_up", "b_down"))],
+)  # fmt: skip
+def test_each_family_feature_moves_the_logits(name, change):
+    """The cases above would pass vacuously if a feature did nothing: without each one (biases zeroed, no rope
+    scaling, attn_norm's weights for the MLP half) the logits move far more than their tolerance, so e.g. a bias
+    added X times or the MLP half normalised with attn_norm would show."""
+    tokens, lengths = jax.random.randint(jax.random.key(1), (2, 8), 0, 256), jnp.array([8, 5])
+    config, params = family(name)
+    layer = dict(params["layers"])
+    other = config
+    if change == "rope_scaling":
+        other = config.replace(rope_scaling=())
+    elif change == "mlp_norm":
+        layer["mlp_norm"] = layer["attn_norm"]
+    else:
+        layer.update({key: jnp.zeros_like(layer[key]) for key in change})
+    want = transformer.prefill(params, config, tokens, lengths, all_logits=True)[0]
+    got = transformer.prefill({**params, "layers": layer}, other, tokens, lengths, all_logits=True)[0]
+    assert float(jnp.max(jnp.abs(got - want))) > 1e-2
 
 
 GENERATIONS = [
