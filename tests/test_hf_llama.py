@@ -4,6 +4,8 @@ Parity: logits within 1e-4 relative and 32 greedy tokens identical to transforme
 multi-head attention, tied and untied embeddings, Qwen2's q/k/v biases, a Mistral sliding window (capping
 max_seq_len) and a sharded save with an index file; the same through `meshserve convert` and `meshserve generate` in
 subprocesses with a tokenizer that prepends BOS. Refusals: exit 2 and one line naming the config.json key or tensor.
+On the 2x2x2 mesh: `meshserve generate` and `meshserve serve` give the one-device tokens (serial block, rope
+scaling); a mesh the kv heads cannot split is refused in one line.
 Helpers (thread pinning, prompts, greedy reference, CLI runners) come from test_hf_import.py.
 """
 
@@ -299,21 +301,61 @@ def test_every_eos_id_of_a_llama3_style_list_ends_generation(tmp_path):
     assert result[0].tokens == greedy[: at + 1] and result[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("command", ["serve", "generate"])
-def test_a_llama_checkpoint_on_a_mesh_is_refused_naming_why(tmp_path, command):
-    """The sharded layouts implement the paper's parallel block: a serial-block model on a mesh is refused in one
-    line that says so (serve used to say "no decode layout fits batch 32")."""
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def _llama_checkpoint(tmp_path: Path, kv_heads: int):
+    """A converted tiny Llama 3.1 (serial block, rope scaling from 16 positions on): (transformers model, path)."""
     from meshserve.model.checkpoint import save_checkpoint
 
-    make_model(tmp_path / "hf", "llama")
+    model = make_model(tmp_path / "hf", "llama", kv_heads=kv_heads, rope=LLAMA31_ROPE)
     imported = load_hf(tmp_path / "hf")
     save_checkpoint(tmp_path / "ckpt", imported.config, imported.params, "f32")
-    args = ["--checkpoint", str(tmp_path / "ckpt"), "--mesh", "2x2x2"] + (
-        ["--port", "0"] if command == "serve" else ["hi"]
-    )
+    return model, imported, tmp_path / "ckpt"
+
+
+def test_a_llama_checkpoint_runs_on_a_mesh(tmp_path):
+    """The serial block on the 2x2x2 mesh (4 kv heads split over ws2d's y·z = 4; rope scaling past position 16):
+    `meshserve generate --mesh 2x2x2` gives the one-device tokens (= transformers' greedy ones), and `meshserve
+    serve --mesh 2x2x2` starts and answers a request with them too."""
+    from meshserve.serving.client import Client
+    from test_serving_support import ServerProcess
+
+    model, imported, ckpt = _llama_checkpoint(tmp_path, kv_heads=4)
+    assert not imported.config.parallel_block and imported.config.rope_scaling
+    prompt = list(prompts()[0]) * 3  # 24 tokens: with 32 new ones, positions run past the original 16
+    expected = hf_generate(model, prompt, NEW_TOKENS)
+    params = jax.tree.map(jnp.asarray, imported.params)
+    assert generate(params, imported.config, [prompt], max_new_tokens=NEW_TOKENS)[0].tokens == expected
+    assert len(set(expected)) > 3  # not a degenerate repeat of one token
+
+    args = ["--json", "--ignore-eos", "--max-new-tokens", str(NEW_TOKENS), "--tokens", ",".join(map(str, prompt))]
+    gen = _cli("generate", "--checkpoint", str(ckpt), "--mesh", "2x2x2", *args)
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout.splitlines()[0])["tokens"] == expected
+
+    server = ServerProcess(ckpt, "--mesh", "2x2x2")
+    try:
+        with Client(server.target) as client:
+            client.wait_ready()
+            reply = client.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert reply.tokens == expected
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_a_mesh_the_kv_heads_cannot_split_is_refused(tmp_path, command):
+    """Every architecture runs sharded; what a mesh cannot split is refused in one line before compiling:
+    2 kv heads over ws2d's y·z = 4 chips (generate names the dim; serve's plan finds no layout for the model)."""
+    _, imported, ckpt = _llama_checkpoint(tmp_path, kv_heads=2)
+    args = ["--checkpoint", str(ckpt), "--mesh", "2x2x2"] + (["--port", "0"] if command == "serve" else ["hi"])
     proc = _cli(command, *args)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"meshserve {command}: error: sharded steps support parallel-block models without linear biases or rope "
-        f"scaling; {imported.config.name} is not"
-    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"meshserve {command}: error: ") and "2x2x2" in last and "Traceback" not in proc.stderr
+    if command == "generate":
+        assert "n_kv_heads K = 2 is not divisible by the ws2d split 4" in last
+    else:
+        assert imported.config.name in last
