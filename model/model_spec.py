@@ -206,7 +206,8 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
     window = hf.get("sliding_window")
     # Qwen2 carries a sliding_window it does not use unless use_sliding_window; Mistral always uses it.
-    uses_window = window is not None and hf.get("use_sliding_window", True)
+    # transformers' Qwen2Config defaults use_sliding_window to False; Mistral has no such key.
+    uses_window = window is not None and hf.get("use_sliding_window", model_type != "qwen2")
     if uses_window:
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise _refuse(source, "sliding_window", window, "expected a positive integer or null")

@@ -105,14 +105,28 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
     add_model_arguments(parser)
 
 
-def _report(args: argparse.Namespace, kind: str, summary, seconds: float, out_path: Path, errors_path: Path) -> None:
+def _report(
+    args: argparse.Namespace,
+    kind: str,
+    summary,
+    seconds: float,
+    out_path: Path,
+    errors_path: Path,
+    stopped_by: str | None = None,
+) -> None:
+    """The --json summary on stdout and one line on stderr. stopped_by: "interrupted" or "terminated" when a signal
+    stopped the job (the summary counts what was written; a rerun continues)."""
     counts = summary.to_dict()
     if kind == "score":
         counts.pop("samples", None)  # one score per line: nothing to count apart
     report = {**counts, "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
-              "output": str(out_path), "errors_file": str(errors_path)}  # fmt: skip
+              "output": str(out_path), "errors_file": str(errors_path), "interrupted": stopped_by is not None}  # fmt: skip
     if args.json:
         print(json.dumps(report))
+    if stopped_by is not None:
+        lines = f"{summary.done} line{'s' * (summary.done != 1)}"
+        print(f"meshserve {kind}: {stopped_by} after {lines}; rerun the same command to continue", file=sys.stderr)
+        return
     where = f" (see {errors_path})" if summary.errors else ""
     cached = f", {summary.cached_prompt_tokens} prompt tokens from the prefix cache" if kind == "batch-generate" else ""
     samples = f" ({summary.samples} samples)" if kind == "batch-generate" and summary.samples != summary.done else ""
@@ -167,12 +181,9 @@ def _run(args: argparse.Namespace, kind: str) -> int:
                                                       dynamic_ncols=True) as bar:  # fmt: skip
             summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event)
             stopped = latch.event.is_set()
-        if stopped:
-            print(f"meshserve {kind}: {'interrupted' if latch.interrupted else 'terminated'} after {summary.done} "
-                  f"line{'s' * (summary.done != 1)}; rerun the same command to continue", file=sys.stderr)  # fmt: skip
-            return latch.code
-        _report(args, kind, summary, time.monotonic() - start, out_path, errors_path)
-    return 0
+        stopped_by = ("interrupted" if latch.interrupted else "terminated") if stopped else None
+        _report(args, kind, summary, time.monotonic() - start, out_path, errors_path, stopped_by)
+    return latch.code if stopped else 0
 
 
 COMMANDS = {

@@ -207,7 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-n",
         type=max_n_flag,
         default=DEFAULT_MAX_N,
-        help=f"largest n (samples per Generate request; each takes a queue place) accepted (default {DEFAULT_MAX_N})",
+        help=f"largest n (samples per Generate request) accepted; each sample takes a queue place, so it is capped at "
+        f"--max-queue (default {DEFAULT_MAX_N})",
     )
     parser.add_argument(
         "--max-score-queue",

@@ -102,7 +102,9 @@ class InferenceServer:
             max_new_tokens=min(options.max_new_tokens or plan.max_context, plan.max_context),
             max_queue=options.max_queue,
             max_score_tokens=options.max_score_tokens,
-            max_n=options.max_n,
+            # Each sample takes a queue place and all n are queued at once: a larger n could never be admitted, and
+            # should be refused as invalid (INVALID_ARGUMENT) rather than as busy (RESOURCE_EXHAUSTED, retried).
+            max_n=min(options.max_n, max(1, options.max_queue)),
         )
         self.limits = limits
         self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})

@@ -12,28 +12,39 @@ kill -9 (a rerun resumes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["SignalLatch", "run_interruptibly"]
+__all__ = ["SignalLatch", "run_interruptibly", "REPEAT_S"]
 
 T = TypeVar("T")
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
+# A signal this soon after the first is the same request delivered twice, not a second one: GNU timeout (without
+# --foreground) signals the child and then its whole process group, and a wrapper that forwards Ctrl-C to a child
+# that also got it from the terminal does the same. Seen: `timeout -s INT 5 meshserve batch-generate` took the
+# "stopped at once" path.
+REPEAT_S = 1.0
+
+
 class SignalLatch:
     """Records SIGINT/SIGTERM for `command` from construction until `restore()` (or leaving it as a context).
 
-    signals: those received, in order; event: set by the first. The second ends the process at once with `code`."""
+    signals: those received, in order (a repeat within REPEAT_S of the first is not counted); event: set by the
+    first. The second ends the process at once with `code`."""
 
     def __init__(self, command: str) -> None:
         self.command = command
         self.signals: list[int] = []
         self.event = threading.Event()
+        self._first_at = 0.0
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in _HANDLED}
 
     def __enter__(self) -> SignalLatch:
@@ -58,13 +69,24 @@ class SignalLatch:
         return 130 if self.interrupted else 143
 
     def exit_now(self, message: str) -> None:
-        """End the process at once with `code`, after printing `meshserve COMMAND: message` on a line of its own (a
-        progress bar may be mid-line) and flushing. No interpreter shutdown: see the module docstring."""
-        print(f"\nmeshserve {self.command}: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
+        """End the process at once with `code`, after writing `meshserve COMMAND: message` on a line of its own (a
+        progress bar may be mid-line). No interpreter shutdown: see the module docstring. Safe inside a signal
+        handler: the line goes straight to fd 2 (sys.stderr's buffer may be mid-write on the main thread, where a
+        print would raise RuntimeError: reentrant call), and stdout is flushed only if it is free."""
+        busy = (RuntimeError, OSError, ValueError)  # mid-write on the interrupted main thread, or closed
+        with contextlib.suppress(*busy):
+            sys.stderr.flush()  # what the progress bar wrote goes before the message
+        os.write(2, f"\nmeshserve {self.command}: {message}\n".encode())
+        with contextlib.suppress(*busy):
+            sys.stdout.flush()
         os._exit(self.code)
 
     def _on_signal(self, signum: int, _frame) -> None:
+        now = time.monotonic()
+        if self.signals and now - self._first_at < REPEAT_S:
+            return  # the first signal delivered twice (see REPEAT_S)
+        if not self.signals:
+            self._first_at = now
         self.signals.append(signum)
         self.event.set()
         if len(self.signals) > 1:

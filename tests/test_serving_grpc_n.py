@@ -21,6 +21,7 @@ from test_serving_support import ServerProcess, make_checkpoint
 
 MAX_N = 6  # --max-n: small, so max_n + 1 is cheap to refuse
 MAX_QUEUE = 4  # --max-queue: n = 5 can never be queued whole, n = 4 just can
+LIMIT = min(MAX_N, MAX_QUEUE)  # the server caps --max-n at --max-queue: a larger n could never be admitted
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def client(server):
 
 
 def test_n_samples_equal_separate_requests_with_seeds_seed_plus_i(server, client):
-    assert client.model_info().limits.max_n == MAX_N
+    assert client.model_info().limits.max_n == LIMIT
     # 40 tokens: past the 32-token bucket, so samples 1 and 2 wait for sample 0's prefill and reuse its prompt.
     prompt = [int(t) for t in np.random.default_rng(21).integers(1, 256, 40)]
     kw = dict(max_new_tokens=8, temperature=0.9, top_k=40, ignore_eos=True)
@@ -97,7 +98,7 @@ def test_streamed_chunks_by_index_reassemble_the_unary_choices(client):
 
 
 def test_bad_n_answers_invalid_argument_naming_the_limit(client):
-    for n in (-1, MAX_N + 1):
+    for n in (-1, LIMIT + 1, MAX_N + 1):
         for stream in (False, True):
             with pytest.raises(grpc.RpcError) as err:
                 if stream:
@@ -105,7 +106,7 @@ def test_bad_n_answers_invalid_argument_naming_the_limit(client):
                 else:
                     client.generate("hi", n=n, max_new_tokens=2, validate=False)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert f"n must be in [1, {MAX_N}]" in err.value.details() and str(n) in err.value.details()
+            assert f"n must be in [1, {LIMIT}]" in err.value.details() and str(n) in err.value.details()
     with pytest.raises(grpc.RpcError) as err:  # the last sample's seed would be 2**63
         client.generate("hi", n=3, seed=2**63 - 2, max_new_tokens=2, validate=False)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "seed + n - 1" in err.value.details()
@@ -116,19 +117,21 @@ def test_bad_n_answers_invalid_argument_naming_the_limit(client):
     assert client.stub.Generate(pb.GenerateRequest(text="hi", max_new_tokens=3, ignore_eos=True)).choices == []
 
 
-def test_n_past_the_queue_is_refused_whole_and_nothing_leaks(server, client):
-    before = _counter(server, "meshserve_requests_total", method="Generate", code="RESOURCE_EXHAUSTED")
+def test_n_past_the_queue_is_refused_as_invalid_and_nothing_leaks(server, client):
+    """--max-n 6 over --max-queue 4: n = 5 could never be queued whole, so it is invalid (not RESOURCE_EXHAUSTED,
+    which clients retry); a queue with room for some but not all n is the orchestrator test below."""
+    before = _counter(server, "meshserve_requests_total", method="Generate", code="INVALID_ARGUMENT")
     finished = _counter(server, "meshserve_finished_total", reason="cancelled")
     for stream in (False, True):
         with pytest.raises(grpc.RpcError) as err:
             call = client.generate_stream if stream else client.generate
             out = call("hi", n=MAX_QUEUE + 1, max_new_tokens=4)
             list(out) if stream else out
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"n={MAX_QUEUE + 1}" in err.value.details() and f"max_queue={MAX_QUEUE}" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"n must be in [1, {MAX_QUEUE}]" in err.value.details()
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
-    assert _counter(server, "meshserve_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == before + 1
+    assert _counter(server, "meshserve_requests_total", method="Generate", code="INVALID_ARGUMENT") == before + 1
     assert _counter(server, "meshserve_finished_total", reason="cancelled") == finished  # none was ever queued
     # The server still serves, n = max_queue included.
     full = client.generate("hi", n=MAX_QUEUE, max_new_tokens=4, ignore_eos=True, temperature=0.5)
@@ -191,8 +194,8 @@ def test_generate_cli_n2_with_server_and_in_process(server, client, checkpoint, 
     flags = flags[:-1]  # text output
     code, out, err = run_cli(capsys, "generate", "--server", server.target, "--n", "2", *flags, "hello")
     assert code == 0 and out.count("--- sample ") == 2 and "--- sample 1 ---" in out, out
-    code, out, err = run_cli(capsys, "generate", "--server", server.target, "--n", str(MAX_N + 1), "hello")
-    assert code == 2 and f"n must be in [1, {MAX_N}]" in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "generate", "--server", server.target, "--n", str(LIMIT + 1), "hello")
+    assert code == 2 and f"n must be in [1, {LIMIT}]" in err and "Traceback" not in err
 
 
 # The server with gRPC's message limit lowered to 20 kB (from 4 MiB): a reply past it is as easy to ask for with n as

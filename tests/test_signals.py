@@ -1,6 +1,6 @@
 """Signals during the long-running commands (serving/signals.py): Ctrl-C or SIGTERM in the middle of batch-generate
-stops it in order (whole lines only, exit 130 or 143, a rerun completes the job), and a second signal ends a
-draining server at once."""
+stops it in order (whole lines only, exit 130 or 143, a rerun completes the job; the same signal delivered twice is
+one), and a second signal ends a draining server at once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import pytest
 from meshserve.serving.client import Client
+from meshserve.serving.signals import REPEAT_S
 from test_serving_support import GRID, SLOW_DECODE, ServerProcess, env, make_checkpoint, meshserve
 
 
@@ -24,8 +25,12 @@ def _ids(path) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint, tmp_path, sig, code, word):
+@pytest.mark.parametrize(
+    "sig,code,word,times",
+    [(signal.SIGINT, 130, "interrupted", 1), (signal.SIGTERM, 143, "terminated", 1), (signal.SIGINT, 130,
+     "interrupted", 2)],  # twice: one Ctrl-C delivered twice (GNU timeout signals the child, then its group)
+)  # fmt: skip
+def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint, tmp_path, sig, code, word, times):
     n = 96
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x" * (1 + i % 9), "max_new_tokens": 16,
@@ -38,18 +43,23 @@ def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint,
         assert time.monotonic() < deadline, "no output lines in time"
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(sig)
+    for i in range(times):
+        time.sleep(0.2 * i)  # apart, so Python does not fold them into one (it does for two in a row)
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     written = _ids(out)  # every line whole: the job stopped between lines, not in the middle of one
     assert 8 <= len(written) < n and out.read_bytes().endswith(b"\n")
     assert f"meshserve batch-generate: {word} after {len(written)} lines; rerun the same command to continue" in stderr
-    assert "Traceback" not in stderr and stdout == ""  # no summary: the job did not finish
+    assert "Traceback" not in stderr and "second signal" not in stderr
+    summary = json.loads(stdout.splitlines()[-1])  # --json: what was written, marked interrupted
+    assert summary["interrupted"] is True and summary["done"] == len(written)
 
     again = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=300)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.splitlines()[-1])
     assert summary["skipped"] == len(written) and summary["done"] == n - len(written)
+    assert summary["interrupted"] is False
     assert sorted(_ids(out)) == sorted(f"r{i}" for i in range(n))  # each id exactly once
 
 
@@ -62,10 +72,13 @@ def test_a_second_signal_while_draining_stops_the_server_at_once(checkpoint):
             first = next(iter(call))
             assert len(first.tokens) >= 1
             server.proc.send_signal(signal.SIGTERM)  # drains: the stream may run on for up to --grace 120 s
-            deadline = time.monotonic() + 30
+            first = time.monotonic()
+            deadline = first + 30
             while "draining" not in server.output():
                 assert time.monotonic() < deadline, server.output()
                 time.sleep(0.05)
+            # Within REPEAT_S of the first a signal counts as the first delivered twice.
+            time.sleep(max(0.0, first + REPEAT_S + 0.2 - time.monotonic()))
             start = time.monotonic()
             server.proc.send_signal(signal.SIGINT)
             assert server.proc.wait(10) == 143  # the first signal's code: SIGTERM
