@@ -3,6 +3,9 @@
 The dataflow of every layout is written out with explicit collectives (partition/ops.py), each with its
 paper-notation comment and a `jax.named_scope`, so this file reads like PAPER.md; the math (norm, rope,
 attend, int8 einsum) is model/layers.py's. partition/comm.py lists the same collectives per layer.
+Both blocks share the pieces: the parallel block (PaLM) runs gather + norm, the fused input matmuls, attention
+and the activation, and one output reduce-scatter; the serial block (Llama) runs the same pieces per half.
+Biases (stored whole on every chip) are added on the local slice of whole sums, never to a partial sum.
 Axis alphabet (model/config.py); local (per-chip) shapes in comments.
 """
 
