@@ -47,7 +47,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="sampling seed in [0, 2**63): same seed, same output (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed in [0, 2**63): same seed, same output (default 0, also with --server; a gRPC request "
+        "that sets no seed gets a random one)",
     )
     parser.add_argument(
         "--repetition-penalty",

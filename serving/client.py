@@ -143,7 +143,7 @@ class Client:
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         stop: Sequence[str] = (),
         return_logprobs: bool = True,
         ignore_eos: bool = False,
@@ -160,7 +160,8 @@ class Client:
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
-        values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests. n: samples
+        values as given (within the proto fields' ranges) for the server to refuse: its own checks' tests. seed: None
+        (default) lets the server draw a random one (give one for reproducible samples). n: samples
         (sample i with seed + i), at most the server's GetModelInfo().limits.max_n. logit_bias {id: bias} and
         min_tokens: SamplingParams' (the server checks the ids against its vocabulary, and counts its end-of-sequence
         id among min_tokens' entries)."""
@@ -170,7 +171,7 @@ class Client:
             # min_tokens' entries count against logit_bias's limit: the stop ids known here (the server adds its
             # end-of-sequence id and checks again).
             held = [t for t in stop_token_ids if _is_int(t) and t >= 0] if min_tokens else ()
-            validate_sampling(temperature, top_k, top_p, seed, repetition_penalty=repetition_penalty,
+            validate_sampling(temperature, top_k, top_p, seed or 0, repetition_penalty=repetition_penalty,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
                               top_logprobs=top_logprobs, logit_bias=logit_bias, min_tokens=min_tokens,
                               stop_ids=held)  # fmt: skip
@@ -182,7 +183,7 @@ class Client:
             raise InvalidRequest(f"max_new_tokens must be an integer in [1, {INT32_MAX}], got {max_new_tokens!r}")
         if validate and (not _is_int(n) or not 1 <= n <= INT32_MAX):
             raise InvalidRequest(f"n must be an integer in [1, {INT32_MAX}] (the server's limits.max_n), got {n!r}")
-        if validate and seed + n - 1 >= 2**63:
+        if validate and seed is not None and seed + n - 1 >= 2**63:
             raise InvalidRequest(
                 f"n: sample i uses seed + i, so seed + n - 1 must be below 2**63, got seed {seed}, n {n}"
             )
@@ -192,7 +193,7 @@ class Client:
             temperature=temperature,
             top_k=whole(top_k),
             top_p=top_p,
-            seed=whole(seed),
+            seed=None if seed is None else whole(seed),  # unset: the server draws a random seed
             repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,

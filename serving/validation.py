@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -145,7 +146,8 @@ class RequestParser:
                 temperature=s.temperature,
                 top_k=s.top_k,
                 top_p=top_p,
-                seed=s.seed,
+                # Unset: a random seed, as OpenAI's API and vLLM's server; 62 bits leave room for seed + n - 1.
+                seed=s.seed if s.HasField("seed") else secrets.randbits(62),
                 repetition_penalty=repetition,
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,

@@ -241,3 +241,15 @@ def test_build_server_refuses_max_n_below_1():
     plan = make_plan(config, max_batch=2, max_context=64, length_buckets=(16,), weights="f32")
     with pytest.raises(ServerError, match="max_n must be >= 1, got 0"):  # before any compile
         build_server(model, plan, ServerOptions(port=0, max_n=0))
+
+
+def test_an_unset_seed_is_drawn_at_random_and_a_given_one_repeats(client):
+    """No seed: the server draws one per request (OpenAI's and vLLM's servers), so asking again samples again;
+    the same explicit seed repeats the output, 0 included (an explicit 0 is a seed, not "unset")."""
+    kw = dict(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    unseeded = [tuple(client.generate([5, 6, 7], **kw).tokens) for _ in range(3)]
+    assert len(set(unseeded)) == 3  # 24 tokens at temperature 1 over 256 ids: a repeat would be a fixed seed
+    for seed in (0, 12):
+        assert client.generate([5, 6, 7], seed=seed, **kw).tokens == client.generate([5, 6, 7], seed=seed, **kw).tokens
+    samples = client.generate([5, 6, 7], n=2, **kw).choices  # one random seed s, then s + 1
+    assert samples[0].tokens != samples[1].tokens
