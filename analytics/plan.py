@@ -307,9 +307,16 @@ def choose_plan(
             )
         )  # fmt: skip
     if not candidates:
+        # Why, for one mesh: a refusal of the largest decode bucket (ws2d's, the usual decode layout) names the dim
+        # and the split (e.g. kv heads that the heads split does not divide), which the user can act on.
+        reasons: list[str] = []
+        if mesh is not None:
+            evaluate_layouts(config, chip, mesh, phase="decode", batch=max(decode_buckets), prompt_len=prompt_len,
+                             gen_len=gen_len, weights=dtypes[0], reasons=reasons)  # fmt: skip
         raise LayoutError(
             f"no layout{' of storage ' + storage if storage else ''} splits {config.name} with batches "
             f"{decode_buckets} on {'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"
+            + (f" (e.g. {next((r for r in reasons if r.startswith('ws2d')), reasons[0])})" if reasons else "")
         )
     if objective == "cost" and all(math.isinf(p.score) for p in candidates):
         # No mesh/dtype/storage meets the bound at any decode bucket: an error, not an arbitrary plan with score inf.
