@@ -44,7 +44,8 @@ def test_a_signal_mid_job_keeps_whole_lines_and_a_rerun_completes_it(checkpoint,
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()
     for i in range(times):
-        time.sleep(0.2 * i)  # apart, so Python does not fold them into one (it does for two in a row)
+        time.sleep(0.05 * i)  # apart, so Python does not fold them into one (it does for two in a row), and
+        # soon, while the job is still stopping (it takes a step or so; a signal after that meets the default handler)
         proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
