@@ -105,8 +105,13 @@ def test_logits_and_greedy_match_transformers(tmp_path, multi_query, parallel, b
     assert (config.n_kv_heads == 1) == multi_query and config.parallel_block == parallel
     assert config.linear_bias == bias and config.shared_embedding == tie and config.rope_base == 500.0
     assert imported.source_dtype == "f32" and imported.n_tensors == len(model.state_dict()) - tie
-    params = jax.tree.map(jnp.asarray, imported.params)
+    assert_matches_transformers(model, imported, config.name, hf_greedy)
 
+
+def assert_matches_transformers(model, imported, label: str, greedy) -> None:
+    """The imported model's logits on prompts() within RTOL of transformers' `model`, and NEW_TOKENS greedy tokens
+    equal to `greedy(model, prompt, steps)` (transformers' own continuation)."""
+    config, params = imported.config, jax.tree.map(jnp.asarray, imported.params)
     tokens = prompts()
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
@@ -114,13 +119,13 @@ def test_logits_and_greedy_match_transformers(tmp_path, multi_query, parallel, b
         params, config, jnp.asarray(tokens, jnp.int32), jnp.full((2,), PROMPT_LEN, jnp.int32), all_logits=True
     )
     err = rel_error(np.asarray(ours), ref)
-    print(f"max relative logits error ({config.name}): {err:.2e}")
+    print(f"max relative logits error ({label}): {err:.2e}")
     assert err < RTOL
     assert np.abs(ref).max() > 1.0  # peaked logits, so argmax is a meaningful comparison
 
     results = generate(params, config, [list(t) for t in tokens], max_new_tokens=NEW_TOKENS)
     for row, result in zip(tokens, results, strict=True):
-        expected = hf_greedy(model, list(row), NEW_TOKENS)
+        expected = greedy(model, list(row), NEW_TOKENS)
         assert len(set(expected)) > 3  # not a degenerate repeat of one token
         assert result.tokens == expected
 

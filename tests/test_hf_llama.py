@@ -31,6 +31,7 @@ from test_hf_import import (  # noqa: F401  (_torch_one_thread: an autouse fixtu
     _convert_error,
     _edit_config,
     _torch_one_thread,
+    assert_matches_transformers,
     hf_greedy,
     prompts,
     rel_error,
@@ -123,24 +124,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, family, kv_heads, tie, s
     assert config.max_seq_len == extra.get("sliding_window", 64)
     assert (config.bos_id, config.eos_id) == (None if family == "qwen2" else 1, 2)
     assert imported.source_dtype == "f32" and imported.n_tensors == len(model.state_dict()) - tie
-    params = jax.tree.map(jnp.asarray, imported.params)
-
-    tokens = prompts()
-    with torch.no_grad():
-        ref = model(torch.tensor(tokens)).logits.numpy()
-    ours, _, _ = transformer.prefill(
-        params, config, jnp.asarray(tokens, jnp.int32), jnp.full((2,), PROMPT_LEN, jnp.int32), all_logits=True
-    )
-    err = rel_error(np.asarray(ours), ref)
-    print(f"max relative logits error ({family}, K={kv_heads}, tie={tie}): {err:.2e}")
-    assert err < RTOL
-    assert np.abs(ref).max() > 1.0  # peaked logits, so argmax is a meaningful comparison
-
-    results = generate(params, config, [list(t) for t in tokens], max_new_tokens=NEW_TOKENS)
-    for row, result in zip(tokens, results, strict=True):
-        expected = hf_generate(model, list(row), NEW_TOKENS)
-        assert len(set(expected)) > 3  # not a degenerate repeat of one token
-        assert result.tokens == expected
+    assert_matches_transformers(model, imported, f"{family}, K={kv_heads}, tie={tie}", hf_generate)
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
