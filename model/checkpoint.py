@@ -4,6 +4,8 @@ A checkpoint is a directory:
   meshserve.json     {"format": 1, "model": ModelConfig fields, "weights": "f32"|"bf16"|"int8", "tokenizer": file}
   params/            the weights, saved with orbax (int8 weights as {"values", "scale"} pairs)
   tokenizer.json | tokenizer.model   (optional)
+  chat_template.jinja (optional)     the chat template from the Hugging Face source (model/chat.py); the special-token
+                                     strings it uses are meshserve.json's "chat": {"bos_token", "eos_token"}
 Saving writes to a temporary sibling directory and renames it at the end, so a crash never leaves a
 half-written checkpoint. Restoring reads straight into the requested shardings: every host reads
 only its own shards, which is how a model too large for one host is loaded.
@@ -22,6 +24,7 @@ from typing import Any
 
 import jax
 from meshserve.errors import UserError
+from meshserve.model.chat import TEMPLATE_FILE, ChatTemplate
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
 from meshserve.model.quant import QuantizedArray
@@ -51,6 +54,7 @@ class CheckpointInfo:
     config: ModelConfig
     weights: str
     tokenizer_path: Path | None
+    chat: ChatTemplate | None = None  # the chat template, when the checkpoint has one
 
 
 def _to_plain(params: Params) -> dict:
@@ -83,8 +87,9 @@ def save_checkpoint(
     tokenizer_file: str | Path | None = None,
     *,
     overwrite: bool = False,
+    chat: ChatTemplate | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary directory, then rename)."""
+    """Write a checkpoint atomically (temporary directory, then rename); `chat`: the chat template to keep."""
     import orbax.checkpoint as ocp
 
     if weights not in WEIGHT_DTYPES:
@@ -119,6 +124,9 @@ def save_checkpoint(
             tok_name = "tokenizer.model" if str(tokenizer_file).endswith(".model") else "tokenizer.json"
             shutil.copyfile(tokenizer_file, tmp / tok_name)
         meta = {"format": FORMAT, "model": config.to_dict(), "weights": weights, "tokenizer": tok_name}
+        if chat is not None:
+            (tmp / TEMPLATE_FILE).write_text(chat.template, encoding="utf-8")
+            meta["chat"] = {"bos_token": chat.bos_token, "eos_token": chat.eos_token}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _swap_in(tmp, path)
     finally:
@@ -167,7 +175,21 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         if (path / name).exists():
             tok = path / name
             break
-    return CheckpointInfo(path=path, config=config, weights=weights, tokenizer_path=tok)
+    return CheckpointInfo(path=path, config=config, weights=weights, tokenizer_path=tok, chat=_read_chat(path, meta))
+
+
+def _read_chat(path: Path, meta: dict) -> ChatTemplate | None:
+    """The checkpoint's chat_template.jinja with meshserve.json's special-token strings; None without the file."""
+    file = path / TEMPLATE_FILE
+    if not file.is_file():
+        return None
+    try:
+        template = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    tokens = meta.get("chat") if isinstance(meta.get("chat"), dict) else {}
+    bos, eos = tokens.get("bos_token"), tokens.get("eos_token")
+    return ChatTemplate(template, bos if isinstance(bos, str) else None, eos if isinstance(eos, str) else None)
 
 
 def _name(path) -> str:

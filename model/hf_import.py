@@ -7,7 +7,8 @@ Supported `model_type`s:
   falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
     true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
     optional linear biases, tied or separate `lm_head`.
-Anything else is refused with an error naming the config.json key.
+Anything else is refused with an error naming the config.json key. The chat template (tokenizer_config.json's
+`chat_template` or chat_template.jinja) comes along in HFCheckpoint.chat (model/chat.py `hf_chat_template`).
 
 Falcon stores q, k and v as one fused `query_key_value` weight [out, E] (torch Linear: y = x W^T + b).
 Its output rows, as `FalconAttention._split_heads` reads them:
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from meshserve.errors import UserError
 from meshserve.model import hf_llama
+from meshserve.model.chat import ChatTemplate, hf_chat_template
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.model_spec import ModelSpecError, llama_config
 from meshserve.model.params import WEIGHT_DTYPES, Params, declare
@@ -48,13 +50,15 @@ class HFImportError(UserError):
 
 @dataclass(frozen=True)
 class HFCheckpoint:
-    """An imported model: config, params (numpy, f32 or bf16), the dtype read, and the tokenizer file if any."""
+    """An imported model: config, params (numpy, f32 or bf16), the dtype read, the tokenizer file and the chat
+    template if any."""
 
     config: ModelConfig
     params: Params
     source_dtype: str  # what the files hold: f32, bf16, f16, or a mix such as "bf16+f32"
     tokenizer_file: Path | None
     n_tensors: int
+    chat: ChatTemplate | None = None  # tokenizer_config.json's chat_template or chat_template.jinja (model/chat.py)
 
     @property
     def default_weights(self) -> str:
@@ -305,6 +309,7 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     else:
         known = ", ".join(hf_llama.MODEL_TYPES + _MODEL_TYPES)
         raise _refuse("model_type", model_type, f"meshserve converts {known} checkpoints only")
+    chat = hf_chat_template(directory)  # read before the tensors: a damaged tokenizer_config.json fails fast
     tensors = _Tensors(directory)
     if model_type in hf_llama.MODEL_TYPES:
         plan = list(hf_llama.llama_plan(config, "model." if any(n.startswith("model.") for n in tensors.files) else ""))
@@ -342,7 +347,7 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
         # float16 -> float32 first (exact), then to the target: one rounding, never f16 -> bf16 directly.
         _place(params, dest, layer, tensors.get(name).astype(np.float32).astype(dtype), config)
     tokenizer = next((directory / f for f in ("tokenizer.json", "tokenizer.model") if (directory / f).is_file()), None)
-    return HFCheckpoint(config, params, source, tokenizer, len(plan))
+    return HFCheckpoint(config, params, source, tokenizer, len(plan), chat)
 
 
 def _empty_params(config: ModelConfig, dtype: Any) -> Params:

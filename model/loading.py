@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+from meshserve.model.chat import ChatError, ChatTemplate
 from meshserve.model.checkpoint import load_checkpoint
 from meshserve.model.config import ModelConfig, get_config
 from meshserve.model.params import Params, cast_params, init_params
@@ -24,11 +25,21 @@ class LoadedModel:
     tokenizer: Tokenizer
     weights: str  # f32 | bf16 | int8
     source: str  # checkpoint path or "random:<preset>"
+    chat: ChatTemplate | None = None  # the checkpoint's chat template (converted from a Hugging Face directory)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids for a text prompt, with the model's BOS token first when it has one."""
         ids = self.tokenizer.encode(text)
         return ([self.config.bos_id] if self.config.bos_id is not None else []) + ids
+
+    def encode_chat(self, messages) -> list[int]:
+        """Token ids for a conversation (a list of {"role", "content"}, roles system/user/assistant) rendered by the
+        model's chat template with the assistant's turn opened: transformers' `apply_chat_template(messages,
+        add_generation_prompt=True, tokenize=True)`. The template writes BOS itself where the model wants it, so
+        nothing is added to the tokenizer's encoding (encode_prompt's BOS would be a second one). Raises ChatError."""
+        if self.chat is None:
+            raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
+        return self.tokenizer.encode(self.chat.render(messages))
 
     def stop_ids(self) -> list[int]:
         """The ids that end generation unless a request ignores eos: the model's eos (the config's, else the
@@ -53,4 +64,4 @@ def load_model(
         return LoadedModel(config, params, ByteTokenizer(), weights, f"random:{preset}")
     info, params = load_checkpoint(checkpoint or DEMO_CHECKPOINT, weights=weights, shardings=shardings)
     tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else ByteTokenizer()
-    return LoadedModel(info.config, params, tokenizer, weights or info.weights, str(info.path))
+    return LoadedModel(info.config, params, tokenizer, weights or info.weights, str(info.path), info.chat)

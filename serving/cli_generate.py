@@ -4,7 +4,10 @@ from a running server with `--server HOST:PORT` (same flags, same output; the pr
 `--n K` samples each prompt K times, sample i with seed + i (OpenAI's n; GenerateRequest.n with --server, where the
 server's limits.max_n bounds it; in process the prompt is repeated in the batch, up to N_MAX_LOCAL). Text output
 puts each sample under a `--- sample i ---` header; --json prints one line per prompt, {"choices": [{"index",
-"tokens", "text", "logprobs", "finish_reason"}, ...]}. K = 1 (the default) prints exactly what it did before."""
+"tokens", "text", "logprobs", "finish_reason"}, ...]}. K = 1 (the default) prints exactly what it did before.
+
+`--chat` makes each PROMPT the user message of its own conversation (after `--system TEXT` when given), rendered by
+the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed."""
 
 from __future__ import annotations
 
@@ -15,7 +18,13 @@ import sys
 from pathlib import Path
 
 from meshserve.errors import UserError
-from meshserve.serving.cli_sampling import N_MAX_LOCAL, add_sampling_arguments, token_list
+from meshserve.serving.cli_sampling import (
+    N_MAX_LOCAL,
+    add_chat_arguments,
+    add_sampling_arguments,
+    chat_messages,
+    token_list,
+)
 
 INT32_MAX = 2**31 - 1  # GenerateRequest.n is an int32 field
 
@@ -67,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --server: seconds per request, > 0 (default {TIMEOUT_S:g})",
     )
     add_sampling_arguments(parser)
+    add_chat_arguments(parser)
     from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
 
     add_compile_cache_argument(parser)
@@ -156,19 +166,21 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
                   stop_token_ids=args.stop_token_ids, n=args.n, **_sampling_fields(args))  # fmt: skip
-    for prompt in prompts:  # every value the request's fields cannot hold is refused before anything is sent
-        Client.request(prompt, **kwargs)
+    # --chat: each prompt goes as messages (the server renders its model's chat template).
+    inputs = [{"messages": chat_messages(p, args.system)} if args.chat else {"prompt": p} for p in prompts]
+    for one in inputs:  # every value the request's fields cannot hold is refused before anything is sent
+        Client.request(**one, **kwargs)
     timeout = TIMEOUT_S if args.timeout is None else args.timeout
     status(f"asking {args.server} ({len(prompts)} prompt{'s' * (len(prompts) > 1)}) ...")
     with Client(args.server, token=token, tls_ca=tls_ca) as client:
         try:
             with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
-                results = list(pool.map(lambda p: client.generate(p, timeout=timeout, **kwargs), prompts))
+                results = list(pool.map(lambda one: client.generate(**one, timeout=timeout, **kwargs), inputs))
         except grpc.RpcError as e:
             raise UserError(f"server {args.server}: {e.code().name}: {e.details()}") from None
     status.clear()
     for prompt, r in zip(prompts, results, strict=True):
-        shown = prompt if isinstance(prompt, str) else None
+        shown = prompt if isinstance(prompt, str) and not args.chat else None  # --chat: the reply alone
         samples = [(c.tokens, c.text, c.logprobs, c.finish_reason, c.top_logprobs) for c in r.choices] or [
             (r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
         ]
@@ -200,6 +212,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     for i, text in enumerate(args.prompts, 1):
         if text == "":  # the server refuses it too ("input: empty prompt"); BOS alone is not a prompt
             raise UserError(f"PROMPT {i} of {len(args.prompts)} is empty: give it some text, or drop it")
+    if args.system is not None and not args.chat:
+        raise UserError("--system applies with --chat only (add --chat, or drop --system)")
+    if args.chat and args.tokens:
+        raise UserError("--chat takes text PROMPTs (each a user message); --tokens are token ids already (drop one)")
     if args.checkpoint and args.model:
         raise UserError(
             "give --checkpoint or --model, not both: drop --model to run the checkpoint, or --checkpoint for the "
@@ -271,7 +287,10 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     status(f"loading {f'preset {args.model}' if args.model else args.checkpoint or 'the demo model'} ...")
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
-    prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
+    if args.chat:  # the template writes BOS itself; a model without one is refused here, before compiling
+        prompts = [model.encode_chat(chat_messages(p, args.system)) for p in args.prompts]
+    else:
+        prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
     n = args.n
     if n > 1:  # every prompt n times in the batch, sample i with seed + i (as the server's n)
         import dataclasses
@@ -302,7 +321,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
             model.params = unstack_layers(model.params, consume=True)
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
-    texts = [p for p in args.prompts] + [None] * len(args.tokens)
+    texts = [None if args.chat else p for p in args.prompts] + [None] * len(args.tokens)  # --chat: the reply alone
     rows = [
         (r.tokens, model.tokenizer.decode(r.tokens), r.logprobs, r.finish_reason,
          alternatives_with_text(model.tokenizer, r.top_logprobs))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_sampling_arguments", "token_list", "N_MAX_LOCAL"]
+__all__ = ["add_sampling_arguments", "add_chat_arguments", "chat_messages", "token_list", "N_MAX_LOCAL"]
 
 # --n in process: every sample is a row of the one batch (prompts x n), as batch-generate's line limit.
 N_MAX_LOCAL = 64
@@ -38,6 +38,28 @@ def _logit_bias(text: str) -> dict[int, float]:
             raise argparse.ArgumentTypeError(f"token id {token_id} is given more than once")
         out[token_id] = value
     return out
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """--chat and --system: PROMPTs as user messages through the model's chat template (model/chat.py)."""
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="treat each PROMPT as one user message of its own conversation, rendered by the model's chat template "
+        "(a checkpoint converted from a Hugging Face directory that has one) with the assistant's turn opened; "
+        "prints the reply only (default: PROMPTs are plain text)",
+    )
+    parser.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="with --chat: a system message before each PROMPT's user message (default: none)",
+    )
+
+
+def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """One PROMPT of `generate --chat` as its conversation: [system,] user."""
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [*head, {"role": "user", "content": prompt}]
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

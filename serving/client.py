@@ -7,6 +7,12 @@
             print(chunk.text, end="", flush=True)
         for choice in c.generate("Once upon", n=3, temperature=0.8, seed=1).choices:  # 3 samples, seeds 1, 2, 3
             print(choice.index, choice.text)
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+        print(c.generate(messages=chat, max_new_tokens=64).text)  # rendered by the model's chat template
+
+A prompt is text, token ids, or (the `messages=` keyword instead of a prompt) a conversation of {"role", "content"}
+dicts, roles system / user / assistant, which the server renders with the model's chat template and the assistant's
+turn opened (GenerateRequest.messages).
 
 Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
 `stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
@@ -97,7 +103,25 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _input(prompt: str | Sequence[int], validate: bool = True) -> dict:
+def _messages(messages, validate: bool) -> pb.ChatMessages:
+    """{"role", "content"} dicts -> ChatMessages; validate=False sends any strings for the server to refuse."""
+    if validate:
+        from meshserve.model.chat import ChatError, check_messages  # stdlib only: no JAX, no jinja2
+
+        try:
+            messages = check_messages(messages)
+        except ChatError as e:
+            raise InvalidRequest(str(e)) from None
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+
+
+def _input(
+    prompt: str | Sequence[int] | None, validate: bool = True, messages: Sequence[Mapping[str, str]] | None = None
+) -> dict:
+    if (prompt is None) == (messages is None):
+        raise InvalidRequest("give a prompt (text or token ids) or messages=[...], exactly one")
+    if messages is not None:
+        return {"messages": _messages(messages, validate)}
     if isinstance(prompt, str):
         return {"text": prompt}
     ids = list(prompt)
@@ -137,8 +161,9 @@ class Client:
 
     @staticmethod
     def request(
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
+        messages: Sequence[Mapping[str, str]] | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -164,7 +189,8 @@ class Client:
         (default) lets the server draw a random one (give one for reproducible samples). n: samples
         (sample i with seed + i), at most the server's GetModelInfo().limits.max_n. logit_bias {id: bias} and
         min_tokens: SamplingParams' (the server checks the ids against its vocabulary, and counts its end-of-sequence
-        id among min_tokens' entries)."""
+        id among min_tokens' entries). messages: instead of a prompt, a conversation [{"role", "content"}, ...] (roles
+        system, user, assistant) for the model's chat template; give a prompt or messages, not both."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -208,7 +234,7 @@ class Client:
             ignore_eos=ignore_eos,
             top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
-            **_input(prompt, validate),
+            **_input(prompt, validate, messages),
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
@@ -216,8 +242,11 @@ class Client:
             req.n = n
         return req
 
-    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs) -> Generation:
-        """One unary Generate call (kwargs: see `request`; n > 1: the samples are in `.choices`)."""
+    def generate(
+        self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **kwargs
+    ) -> Generation:
+        """One unary Generate call (kwargs: see `request`, `messages=` among them instead of a prompt; n > 1: the
+        samples are in `.choices`)."""
         r = self.stub.Generate(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
         choices = [
             Choice(c.index, list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason, "cancelled"),
@@ -240,7 +269,7 @@ class Client:
         )
 
     def generate_stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs
+        self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **kwargs
     ) -> Iterator[Chunk]:
         """GenerateStream; the iterator's `.cancel()` is on `stream_call(...)` when a caller needs it. With n > 1 the
         samples' chunks interleave: `.index` says whose, and each sample's last chunk has its finish_reason."""
@@ -248,7 +277,7 @@ class Client:
             yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs),
                         c.index)  # fmt: skip
 
-    def stream_call(self, prompt: str | Sequence[int], *, timeout: float | None = None, **kwargs):
+    def stream_call(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **kwargs):
         """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""
         return self.stub.GenerateStream(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
 

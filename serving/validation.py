@@ -107,6 +107,31 @@ class RequestParser:
             raise RequestError(f"{field}: {len(text)} characters exceed the limit of {self.limits.text_chars}")
         return text
 
+    def chat(self, messages) -> list[int]:
+        """ChatMessage protos -> prompt ids through the model's chat template (model/chat.py). The limits are `text`'s
+        over all contents, and at most max_context messages (a template writes at least a role header per message,
+        so more could never fit). Raises RequestError naming the field."""
+        from meshserve.model.chat import ChatError
+
+        if getattr(self.model, "chat", None) is None:
+            raise RequestError(
+                "messages: the model has no chat template (convert it from a Hugging Face directory that has one)"
+            )
+        if not messages:
+            raise RequestError("messages: empty list (give at least one message)")
+        if len(messages) > self.limits.max_context:
+            raise RequestError(
+                f"messages: {len(messages)} messages exceed the limit of {self.limits.max_context} (max_context)"
+            )
+        chars = sum(len(m.content) for m in messages)
+        if chars > self.limits.text_chars:
+            raise RequestError(f"messages: {chars} characters of content exceed the limit of {self.limits.text_chars}")
+        try:
+            ids = self.model.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        except ChatError as e:
+            raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
+        return self.ids("messages", ids)
+
     def generate(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[Request, list[str]]:
         """A GenerateRequest -> (engine Request, stop strings); time_remaining: the client's deadline in s (None:
         none). Raises RequestError naming the first bad field."""
@@ -115,10 +140,12 @@ class RequestParser:
             prompt = self.ids("text", self.model.encode_prompt(self.text("text", req.text))) if req.text else []
         elif which == "tokens":
             prompt = self.ids("tokens.ids", req.tokens.ids)
+        elif which == "messages":
+            prompt = self.chat(req.messages.messages)
         else:
             prompt = []
         if not prompt:
-            raise RequestError("input: empty prompt (set text or tokens.ids)")
+            raise RequestError("input: empty prompt (set text, tokens.ids or messages)")
         lim = self.limits
         room = lim.max_context - len(prompt)
         if room < 1:

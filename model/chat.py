@@ -1,0 +1,203 @@
+"""Chat messages -> prompt text, through the chat template that ships with a Hugging Face checkpoint.
+
+A template is the Jinja string of tokenizer_config.json's `chat_template` (or chat_template.jinja). It is rendered as
+transformers' `apply_chat_template` renders it (utils/chat_template_utils.py `_compile_jinja_template`): an
+ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols extension, a `tojson` filter that
+does not escape HTML, the globals `raise_exception` and `strftime_now`, a namespace that refuses underscore names, and
+`{% generation %}` blocks rendered as plain text. The variables are `messages`, `add_generation_prompt`, and the
+special tokens `bos_token` and `eos_token` (strings).
+
+The rendered text carries the template's own special tokens (BOS included where the model wants one), so it is
+encoded without adding any (model/loading.py `LoadedModel.encode_chat`): transformers'
+`apply_chat_template(..., tokenize=True)` encodes with add_special_tokens=False too.
+
+A checkpoint keeps the template as `chat_template.jinja` and the special tokens in meshserve.json's "chat" entry
+(model/checkpoint.py); `hf_chat_template` reads both from a Hugging Face directory at convert time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from meshserve.errors import UserError
+
+__all__ = ["ChatTemplate", "ChatError", "ROLES", "TEMPLATE_FILE", "check_messages", "render_chat", "hf_chat_template"]
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "chat_template.jinja"  # the file name in a meshserve checkpoint (and transformers' newer one)
+
+
+class ChatError(UserError):
+    """Messages a chat template cannot take, a model without a template, or the template's own refusal."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's chat template and the special-token strings it may reference."""
+
+    template: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.template, messages, self.bos_token, self.eos_token, add_generation_prompt)
+
+
+def check_messages(messages: Any, field: str = "messages") -> list[dict[str, str]]:
+    """`messages` as plain {"role", "content"} dicts; raises ChatError naming the first bad field
+    (`messages[2].role`): an empty list, a role outside ROLES, content that is not a string, other keys."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise ChatError(f"{field} must be a list of {{'role', 'content'}} messages, got {type(messages).__name__}")
+    if not messages:
+        raise ChatError(f"{field}: empty list (give at least one message)")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(m, Mapping):
+            raise ChatError(f"{where} must be a {{'role', 'content'}} mapping, got {type(m).__name__}")
+        extra = sorted(str(k) for k in m if k not in ("role", "content"))
+        if extra:
+            raise ChatError(f"{where}: unknown key {extra[0]!r} (a message has 'role' and 'content')")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ChatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ChatError(f"{where}.content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text `template` makes of `messages` (checked by `check_messages`). A template that refuses the
+    conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the template's message."""
+    import jinja2
+
+    messages = check_messages(messages)
+    compiled = _compile(template)
+    special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    except jinja2.TemplateError as e:  # raise_exception's, undefined names, sandbox refusals
+        raise ChatError(f"chat template: {e.message or type(e).__name__}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        # Python errors inside the template's expressions: the template's fault with these messages, not the server's.
+        raise ChatError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)  # a server renders one template for every request: compile it once
+def _compile(template: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker) renders its body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """A namespace that refuses underscore-prefixed names (transformers' guard against reaching internals)."""
+
+        def __init__(*args, **kwargs):  # Jinja's signature trick: `namespace(self=...)` still works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes <, >, & for HTML; templates expect plain JSON.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = Namespace
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatError(f"chat template: line {e.lineno}: {e.message}") from None
+
+
+def _token_string(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def hf_chat_template(directory: str | Path) -> ChatTemplate | None:
+    """The chat template of a Hugging Face directory, as transformers loads it: chat_template.jinja when present
+    (it takes priority), else tokenizer_config.json's `chat_template` (a string, or from a list of {name, template}
+    the one named "default"); the bos/eos strings from tokenizer_config.json, else special_tokens_map.json.
+    None when the directory has no template."""
+    directory = Path(directory)
+    config = _json_object(directory / "tokenizer_config.json")
+    template = None
+    jinja_file = directory / TEMPLATE_FILE
+    if jinja_file.is_file():
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatError(f"cannot read {jinja_file}: {e}") from None
+    else:
+        raw = config.get("chat_template")
+        if isinstance(raw, str):
+            template = raw
+        elif isinstance(raw, list):  # named templates: the default one (tool_use and others are not served)
+            template = next(
+                (t.get("template") for t in raw if isinstance(t, dict) and t.get("name") == "default"), None
+            )
+    if not isinstance(template, str) or not template.strip():
+        return None
+    tokens = _json_object(directory / "special_tokens_map.json")
+    bos = _token_string(config.get("bos_token")) or _token_string(tokens.get("bos_token"))
+    eos = _token_string(config.get("eos_token")) or _token_string(tokens.get("eos_token"))
+    return ChatTemplate(template, bos, eos)
