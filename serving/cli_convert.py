@@ -88,18 +88,20 @@ def run(args: argparse.Namespace) -> int:
 
         imported = load_hf(args.from_hf, args.weights, progress=True)
         config, params, tokenizer = imported.config, imported.params, imported.tokenizer_file
+        chat = imported.chat  # the Hugging Face chat template, kept as chat_template.jinja
         source, source_weights = str(Path(args.from_hf)), imported.source_dtype
         weights = args.weights or imported.default_weights
     else:
         info, params = load_checkpoint(args.checkpoint)
         config, tokenizer = info.config, info.tokenizer_path
+        chat = info.chat
         source, source_weights, weights = str(info.path), info.weights, args.weights
     # --from-hf params are already read as f32 or bf16 (int8 is quantised here, from f32 unless the source is bf16).
     if weights == "int8" or (args.checkpoint and weights != source_weights):
         print(f"casting to {weights}", file=sys.stderr)
         params = cast_params(config, params, weights)
     print(f"writing {out}", file=sys.stderr)
-    path = save_checkpoint(out, config, params, weights, tokenizer, overwrite=args.force)
+    path = save_checkpoint(out, config, params, weights, tokenizer, overwrite=args.force, chat=chat)
     summary = {
         "out": str(path),
         "source": source,
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": weights,
         "source_weights": source_weights,
         "tokenizer": tokenizer.name if tokenizer else None,
+        "chat_template": chat is not None,
         "seconds": round(time.perf_counter() - start, 2),
     }
     if args.json:
