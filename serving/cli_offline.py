@@ -44,7 +44,9 @@ output fields (OUT.jsonl, one object per id):
 GENERATE_EPILOG = (
     """input fields (IN.jsonl, one object per line; all but id and prompt optional):
   id                 string or integer (required, unique)
-  prompt             text to continue (required, non-empty)
+  prompt             text to continue (required, non-empty, unless "messages" is given)
+  messages           instead of prompt: a chat, [{"role": "system"|"user"|"assistant", "content": TEXT}, ...],
+                     rendered by the model's chat template with the assistant's turn opened
   max_new_tokens     tokens to generate, >= 1 (default: 64, or what is left of the context if less)
   n                  samples of this prompt, 1 to 64 (default 1); sample i uses seed + i, so with temperature 0
                      all n are the same; the line is written once all n finished, its samples under "choices"

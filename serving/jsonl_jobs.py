@@ -51,7 +51,7 @@ class LineError(UserError):
 # key: it is filled from stop_token_ids and ignore_eos.
 SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
-    "id", "prompt", "max_new_tokens", "n",
+    "id", "prompt", "messages", "max_new_tokens", "n",
     *(f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop_ids"),
     "stop", "stop_token_ids", "ignore_eos"
 )  # fmt: skip
@@ -196,11 +196,18 @@ def read_jobs(
                     n, data["id"], f"unknown key{'s' if len(unknown) > 1 else ''} {listed} (known: {', '.join(known)})"
                 )
                 continue
-            missing = [k for k in required if not isinstance(data.get(k), str)]
+            need = required
+            if known is not None and "messages" in known and "messages" in data:
+                # A chat instead of a prompt (batch-generate): exactly one of the two; offline.py checks the list.
+                if "prompt" in data:
+                    errors(n, data["id"], 'give "prompt" (text) or "messages" (a chat), not both')
+                    continue
+                need = tuple(k for k in required if k != "prompt")
+            missing = [k for k in need if not isinstance(data.get(k), str)]
             if missing:
                 errors(n, data["id"], f"missing or non-string field(s): {', '.join(missing)}")
                 continue
-            empty = [k for k in required if not data[k]]
+            empty = [k for k in need if not data[k]]
             if empty:  # the gRPC server refuses an empty prompt too; BOS alone is no input
                 errors(n, data["id"], f"{' and '.join(empty)} must not be empty")
                 continue

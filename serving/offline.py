@@ -1,12 +1,16 @@
 """Offline jobs over JSONL files, in process: scoring and batch generation with the throughput plan.
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
-  batch-generate  {"id", "prompt", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
+  batch-generate  {"id", "prompt" | "messages", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
                    "top_logprobs"?, "stop_token_ids"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
                    n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
                                                           "top_logprobs"?}, ...]}  (index order)
+
+"messages" (instead of "prompt", exactly one of the two) is a chat, [{"role", "content"}, ...] with roles system, user,
+assistant, rendered by the model's chat template with the assistant's turn opened (model/chat.py), as
+GenerateRequest.messages; a model without a template, or a list the template refuses, is a bad line.
 
 "n" (an integer in [1, N_MAX]) samples a prompt n times, as OpenAI's and vLLM's n: sample i is its own request with
 seed + i (so greedy samples are identical, and sample i equals a line of its own with seed + i), and the line is
@@ -149,8 +153,18 @@ def _generation_requests(model, engine, job: JobLine):
 
     d = job.data
     samples = _samples(d)
-    prompt = model.encode_prompt(d["prompt"])
-    bad = vocab_error(model.config, prompt, "prompt")
+    if "messages" in d:  # read_jobs let it through instead of "prompt"
+        from meshserve.model.chat import ChatError
+
+        try:
+            prompt = model.encode_chat(d["messages"])
+        except ChatError as e:
+            raise LineError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
+        if not prompt:
+            raise LineError("messages: the chat template renders no tokens")
+    else:
+        prompt = model.encode_prompt(d["prompt"])
+    bad = vocab_error(model.config, prompt, "messages" if "messages" in d else "prompt")
     if bad:
         raise LineError(bad)
     room = engine.plan.max_context - len(prompt)

@@ -247,3 +247,28 @@ def test_cli_generate_chat(capsys, checkpoint, client, server, model):
     assert NO_TEMPLATE in _one_line_error(capsys, "--model", "tiny", "--chat", "hello")
     err = _one_line_error(capsys, "--server", server.target, "--model", "tiny", "--chat", "hello")
     assert "--checkpoint, --model and --weights choose a local model" in err
+
+
+def test_batch_generate_lines_may_carry_messages(checkpoint, client, model, tmp_path):
+    from test_serving_support import GRID  # the serving tests' small bucket grid
+
+    src, out, err = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    rows = [
+        {"id": 1, "messages": CONVERSATION, "max_new_tokens": 4, "ignore_eos": True},
+        {"id": 2, "prompt": "w5", "messages": CONVERSATION},
+        {"id": 3, "messages": [{"role": "robot", "content": "w5"}]},
+        {"id": 4, "messages": [{"role": "assistant", "content": "w5"}]},
+        {"id": 5, "messages": "w5"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["batch-generate", str(src), "-o", str(out), "--errors", str(err), "--checkpoint", str(checkpoint)]
+    assert main([*args, *GRID]) == 0
+    done = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = model.encode_chat(CONVERSATION)
+    assert [d["id"] for d in done] == [1]
+    assert done[0]["tokens"] == client.generate(ids, max_new_tokens=4, ignore_eos=True, seed=0).tokens
+    errors = {e["id"]: e["error"] for e in map(json.loads, err.read_text().splitlines())}
+    assert errors[2] == 'give "prompt" (text) or "messages" (a chat), not both'
+    assert errors[3].startswith("messages[0].role must be one of system, user, assistant")
+    assert errors[4] == "messages: chat template: Conversation must start with a system or user message"
+    assert errors[5].startswith("messages must be a list")
