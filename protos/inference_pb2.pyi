@@ -302,7 +302,7 @@ class Limits(_message.Message):
     def __init__(self, max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_length: _Optional[int] = ..., max_score_items: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_score_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_n: _Optional[int] = ..., max_logit_bias: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "source", "weights", "mesh", "objective", "plan", "limits", "plan_json")
+    __slots__ = ("model", "source", "weights", "mesh", "objective", "plan", "limits", "plan_json", "chat_template")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +311,7 @@ class ModelInfo(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model: ModelConfig
     source: str
     weights: str
@@ -319,4 +320,5 @@ class ModelInfo(_message.Message):
     plan: _containers.RepeatedCompositeFieldContainer[PhasePlan]
     limits: Limits
     plan_json: str
-    def __init__(self, model: _Optional[_Union[ModelConfig, _Mapping]] = ..., source: _Optional[str] = ..., weights: _Optional[str] = ..., mesh: _Optional[_Union[Mesh, _Mapping]] = ..., objective: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PhasePlan, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    chat_template: bool
+    def __init__(self, model: _Optional[_Union[ModelConfig, _Mapping]] = ..., source: _Optional[str] = ..., weights: _Optional[str] = ..., mesh: _Optional[_Union[Mesh, _Mapping]] = ..., objective: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[PhasePlan, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., plan_json: _Optional[str] = ..., chat_template: _Optional[bool] = ...) -> None: ...

@@ -372,4 +372,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 max_logit_bias=L_MAX,
             ),
             plan_json=self.plan.to_json(),
+            chat_template=getattr(self.model, "chat", None) is not None,
         )

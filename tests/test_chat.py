@@ -165,6 +165,7 @@ def test_render_refusals_name_the_field_or_carry_the_template_message():
 
 
 def test_grpc_messages_equal_the_rendered_token_prompt(client, model):
+    assert client.model_info().chat_template  # clients can tell that messages are accepted
     ids = model.encode_chat(CONVERSATION)
     kw = dict(max_new_tokens=8, ignore_eos=True, seed=0)
     by_messages = client.generate(messages=CONVERSATION, **kw)

@@ -105,6 +105,7 @@ def test_health_reflection_and_model_info(server, client):
     assert info.limits.max_batch == 8 and info.limits.max_queue == 32
     assert info.limits.max_score_tokens == SCORE_TOKENS and info.limits.max_score_items == 256
     assert info.limits.max_top_logprobs == 20 and info.limits.max_logit_bias == 64
+    assert not info.chat_template  # the tiny test checkpoint has none
     phases = {(p.phase, p.batch, p.length) for p in info.plan}
     assert {("decode", 2, 1), ("decode", 8, 1), ("prefill", 1, 32), ("prefill", 4, 128), ("score", 8, 32)} <= phases
     assert all(p.ffn_layout and p.attention_layout for p in info.plan)
