@@ -306,6 +306,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except TimeoutError:
             self._abort(context, "Score", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except ScoreCancelledError as e:
+            # The RPC ended before the job did. When its deadline had passed (on a loaded server it can pass before
+            # the wait starts, and gRPC then ends the RPC, which cancels the job), that is the deadline, not the
+            # client going away.
+            left = context.time_remaining()
+            if left is not None and left <= 0:
+                self._abort(context, "Score", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             self._abort(context, "Score", grpc.StatusCode.CANCELLED, str(e))
         except Exception as e:  # the engine thread died (orchestrator.error): answer instead of hanging
             self._abort(context, "Score", grpc.StatusCode.INTERNAL, f"engine failed: {type(e).__name__}")

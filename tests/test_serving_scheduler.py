@@ -423,6 +423,61 @@ def test_score_queue_is_bounded_and_a_full_one_answers_resource_exhausted():
     orch.stop()
 
 
+class _DeadlineContext(_AbortContext):
+    """An RPC with a deadline: `expire()` is gRPC ending it when the deadline passes (its callbacks run, and no
+    time remains)."""
+
+    def __init__(self):
+        self.left, self.callbacks = 30.0, []
+
+    def time_remaining(self):
+        return self.left
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+        return True
+
+    def expire(self):
+        self.left = 0.0
+        for callback in self.callbacks:
+            callback()
+
+
+def test_a_score_ended_by_its_deadline_answers_deadline_exceeded_not_cancelled():
+    """gRPC ends an RPC whose deadline passed, which cancels its Score job; the engine can notice that cancel before
+    the handler's own wait times out. That is still the deadline, not a client that went away (seen: a loaded
+    cold-cache CI run counted it CANCELLED and the test of the deadline metric failed)."""
+    import grpc
+    from meshserve.protos import inference_pb2 as pb
+    from meshserve.serving.servicer import InferenceServicer, Limits
+
+    engine = BlockingScoreEngine(4)
+    engine.score_chunk = engine.score  # each chunk blocks until released
+    orch = Orchestrator(engine, make(max_batch=4), ByteTokenizer()).start()
+    model = SimpleNamespace(config=get_config("tiny"), tokenizer=ByteTokenizer(), encode_prompt=ByteTokenizer().encode)
+    servicer = InferenceServicer(orch, model, None, Limits(128, 4, 128, 8), {})
+    items = [pb.ScoreItem(prompt_text="a" * (1 + i), continuation_text="b") for i in range(12)]  # two chunks of 8
+    context, got = _DeadlineContext(), {}
+
+    def call():
+        try:
+            servicer.Score(pb.ScoreRequest(items=items), context)
+        except RuntimeError as e:
+            got["code"] = e.args[0]
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    try:
+        assert engine.scoring.wait(5)  # the first chunk runs
+        context.expire()  # the deadline passes: gRPC ends the RPC, the job is cancelled at its next chunk
+        engine.release.set()
+        worker.join(10)
+        assert got.get("code") == grpc.StatusCode.DEADLINE_EXCEEDED, got
+    finally:
+        engine.release.set()
+        orch.stop()
+
+
 def test_min_tokens_holds_back_the_ids_the_request_stops_on():
     """The engine reads min_tokens' ids from the sampling params; a Request keeps them equal to its stop_ids, so a
     caller that built SamplingParams(min_tokens=...) without stop ids still gets eos held back."""
