@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["f32", "bf16", "int8"], help="weight dtype (default: the model's)")
     p.add_argument("--compile-cache", default="off", metavar="DIR|off",
                    help="the server's persistent compile cache (default off: a true cold start)")  # fmt: skip
+    p.add_argument(
+        "--serve-args",
+        default="",
+        metavar="'FLAGS'",
+        help="more flags for meshserve serve, e.g. '--max-batch 8 --length-buckets 32' (default none)",
+    )
     p.add_argument("--modes", default="background,all", help="warm-up modes to run, comma-separated (default both)")
     p.add_argument("--prompt-tokens", type=int, default=24, help="prompt length in tokens (default 24)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
@@ -83,7 +90,8 @@ def _run_mode(args: argparse.Namespace, mode: str, prompt: list[int]) -> dict:
 
     source = ["--model", args.model] if args.model else (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     source += ["--weights", args.weights] if args.weights else []
-    server = ServeProcess([*source, "--warm-up", mode, "--compile-cache", args.compile_cache], f"cold_start_{mode}",
+    server = ServeProcess([*source, "--warm-up", mode, "--compile-cache", args.compile_cache,
+                           *shlex.split(args.serve_args)], f"cold_start_{mode}",
                           args.start_timeout)  # fmt: skip
     records = []
     warm_at = server.listening - server.started if mode == "all" else None

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_serving_support import env
+from test_serving_support import GRID, env
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cold_start.py"
 
@@ -22,8 +22,10 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def test_both_modes_answer_the_same_and_background_listens_before_compiling_everything(tmp_path):
     cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    # The serving tests' small grid: its steps are in the shared compile cache (and there are few of them).
     done = _run("--model", "tiny", "--weights", "f32", "--compile-cache", cache, "--after", "2", "--interval", "0",
-                "--new-tokens", "4", "--json", "--plot", str(tmp_path / "cold.png"))  # fmt: skip
+                "--new-tokens", "4", "--json", "--plot", str(tmp_path / "cold.png"), "--serve-args",
+                " ".join(GRID))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     background, everything = report["modes"]["background"], report["modes"]["all"]
