@@ -27,3 +27,13 @@ def restored_jax_cache():
     jax.config.update("jax_compilation_cache_dir", saved[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
     jax_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A Client of the test module's `server` fixture (a ServerProcess), once that server answers."""
+    from meshserve.serving.client import Client
+
+    with Client(server.target) as c:
+        c.wait_ready()
+        yield c

@@ -97,13 +97,6 @@ def server(checkpoint):
     proc.close()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.target) as c:
-        c.wait_ready()
-        yield c
-
-
 def test_render_and_encode_equal_transformers(hf_dir, model):
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
     expected = hf.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True)

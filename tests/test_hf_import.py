@@ -57,13 +57,20 @@ def make_falcon(path: Path, *, multi_query=True, parallel=True, bias=False, tie=
     )
     torch.manual_seed(hash((multi_query, parallel, bias, tie)) % 1000)
     model = transformers.FalconForCausalLM(config).eval()
+    return peak_and_save(model, path, ("layernorm", "ln_f"), "embeddings", dtype=dtype, shard=shard)
+
+
+def peak_and_save(model, path: Path, norms: tuple[str, ...], embedding: str, *, dtype=None, shard=False):
+    """Scale a tiny random transformers model's weights so its logits are peaked (greedy tokens vary), then
+    save_pretrained it (in 16 KB shards with an index file when `shard`). Parameters whose name contains one of
+    `norms` are norm scales near 1 (their biases near 0); `embedding` names the input embedding."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layernorm" in name or "ln_f" in name:
+            if any(n in name for n in norms):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.2)
-            elif "embeddings" in name:
+            elif embedding in name:
                 p.normal_(0.0, 0.3)
             elif "lm_head" in name:
                 p.normal_(0.0, 1.0)

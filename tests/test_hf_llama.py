@@ -33,6 +33,7 @@ from test_hf_import import (  # noqa: F401  (_torch_one_thread: an autouse fixtu
     _torch_one_thread,
     assert_matches_transformers,
     hf_greedy,
+    peak_and_save,
     prompts,
     rel_error,
 )
@@ -70,22 +71,7 @@ def make_model(
     )
     torch.manual_seed(sum(map(ord, family)) + 10 * kv_heads + tie)  # not hash(): str hashes vary per process
     model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 0.3)
-            elif "lm_head" in name:
-                p.normal_(0.0, 1.0)
-            else:  # 2/sqrt(fan_in): layers outweigh the embedding, so greedy decoding does not just repeat a token
-                p.normal_(0.0, 2.0 * p.shape[1] ** -0.5)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(path, **({"max_shard_size": "16KB"} if shard else {}))
-    return model
+    return peak_and_save(model, path, ("norm",), "embed_tokens", dtype=dtype, shard=shard)
 
 
 def hf_generate(model, prompt: list[int], steps: int) -> list[int]:

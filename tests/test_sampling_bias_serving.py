@@ -38,13 +38,6 @@ def server(checkpoint):
     proc.close()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.target) as c:
-        c.wait_ready()
-        yield c
-
-
 def _stream(client, prompt, **kw) -> tuple[list[int], str]:
     chunks = list(client.generate_stream(prompt, **kw))
     return [t for c in chunks for t in c.tokens], chunks[-1].finish_reason

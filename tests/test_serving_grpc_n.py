@@ -40,13 +40,6 @@ def server(checkpoint):
     proc.close()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.target) as c:
-        c.wait_ready()
-        yield c
-
-
 def test_n_samples_equal_separate_requests_with_seeds_seed_plus_i(server, client):
     assert client.model_info().limits.max_n == LIMIT
     # 40 tokens: past the 32-token bucket, so samples 1 and 2 wait for sample 0's prefill and reuse its prompt.
