@@ -34,6 +34,7 @@ from meshserve.serving.requests import (
     ScoreJob,
     ScoreQueueFullError,
     ShuttingDownError,
+    TaggedQueue,
 )
 from meshserve.serving.scheduler import PrefillBatch, QueueFullError, Request, Scheduler, Update
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
@@ -57,19 +58,6 @@ def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
     """
     live = [len(r.prompt) + len(r.tokens) for r in ticket[1] if r is not None and not r.finished]
     return max(live, default=0) + 2
-
-
-class _Tagged:
-    """One sample's event queue (RequestHandle.events) in a group from `submit_many`: whatever the engine thread puts
-    in (events, failures) goes to the queue the group shares, as (sample index, item), so one reader sees every
-    sample's events in the order they came. Put-only: read the shared queue."""
-
-    def __init__(self, shared: queue.SimpleQueue, index: int):
-        self.shared = shared
-        self.index = index
-
-    def put(self, item) -> None:
-        self.shared.put((self.index, item))
 
 
 class Orchestrator:
@@ -132,7 +120,7 @@ class Orchestrator:
         reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         handles = [
-            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=_Tagged(events, i))  # type: ignore[arg-type]
+            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore[arg-type]
             for i, r in enumerate(requests)
         ]
         with self._lock:

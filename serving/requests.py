@@ -1,28 +1,95 @@
-"""What the orchestrator hands out and keeps per request: events, request handles, Score jobs and their errors.
+"""The requests and what the orchestrator hands out and keeps per request: a generation Request and its Updates,
+events, request handles, Score jobs and their errors.
 
-Split from serving/orchestrator.py (the engine thread and its loop); everything here is plain data.
+Split from serving/orchestrator.py and serving/scheduler.py (the engine thread's loop and the scheduling state);
+everything here is plain data, with no JAX import (the servicer's validation builds Requests before any model).
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
+from meshserve.model.sampling_params import SamplingParams
 from meshserve.serving.detok import StreamDecoder
-from meshserve.serving.scheduler import Alternatives, QueueFullError, Request
 
 __all__ = [
+    "Request",
+    "Update",
+    "QueueFullError",
+    "FINISH_REASONS",
+    "Alternatives",
     "Event",
     "RequestHandle",
+    "TaggedQueue",
     "ScoreJob",
     "ShuttingDownError",
     "ScoreQueueFullError",
     "ScoreCancelledError",
     "RequestFailedError",
 ]
+
+FINISH_REASONS = ("length", "stop", "cancelled")
+_ids = itertools.count(1)
+
+Alternatives = tuple[tuple[int, ...], tuple[float, ...]]  # the n most likely tokens at one step: ids, log-probs
+
+
+class QueueFullError(UserError):
+    """The bounded queue is full (the servicer answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and its progress. prompt: token ids (validated by the caller)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    deadline: float | None = None  # absolute time (same clock as `now`); past it the request is cancelled
+    arrival: float = 0.0
+    id: int = field(default_factory=lambda: next(_ids))
+    # progress (owned by the scheduler)
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    # per generated token, when sampling.top_logprobs > 0: the n most likely (ids, log-probs), best first
+    top_logprobs: list[Alternatives] = field(default_factory=list)
+    finish_reason: str | None = None
+    prefill_start: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cancel_requested: bool = False
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    prefilled: int = 0  # prompt tokens in its slot's cache so far (less than the prompt while a chunked prefill runs)
+    # Prompt positions [a, b) it prefilled itself before a requeue: found in the cache again, they are no cache hit.
+    computed: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        # min_tokens holds back the ids this request stops on, which the engine reads from `sampling`: a caller
+        # that gave none there (SamplingParams(min_tokens=k) alone) gets the request's stop ids.
+        if self.sampling.min_tokens and not self.sampling.stop_ids and self.stop_ids:
+            self.sampling = self.sampling.with_stop_ids(sorted(self.stop_ids))
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Update:
+    """New tokens for a request, and its finish reason when this update ends it."""
+
+    request: Request
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None = None
+    top_logprobs: tuple[Alternatives, ...] = ()  # one per token when the request asked for them
 
 
 class ShuttingDownError(UserError):
@@ -67,6 +134,19 @@ class RequestHandle:
 
 
 @dataclass(eq=False)
+class TaggedQueue:
+    """One sample's event queue (RequestHandle.events) in a group from `submit_many`: whatever the engine thread puts
+    in (events, failures) goes to the queue the group shares, as (sample index, item), so one reader sees every
+    sample's events in the order they came. Put-only: read the shared queue."""
+
+    def __init__(self, shared: queue.SimpleQueue, index: int):
+        self.shared = shared
+        self.index = index
+
+    def put(self, item) -> None:
+        self.shared.put((self.index, item))
+
+
 class ScoreJob:
     """One Score request on the engine thread: its items (sorted by length), progress and how it may end early."""
 

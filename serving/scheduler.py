@@ -21,22 +21,17 @@ tokens, and a token that arrives for a request that has since finished is droppe
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from meshserve.errors import UserError
-from meshserve.model.sampling import SamplingParams
 from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex, PrefixReuse, wait_for
 
+# The request types live in serving/requests.py (plain data, no JAX); imported here for the scheduler's callers.
+from meshserve.serving.requests import FINISH_REASONS, Alternatives, QueueFullError, Request, Update
+
 __all__ = ["Request", "Update", "PrefillBatch", "Scheduler", "QueueFullError", "FINISH_REASONS", "Alternatives"]
-
-FINISH_REASONS = ("length", "stop", "cancelled")
-_ids = itertools.count(1)
-
-Alternatives = tuple[tuple[int, ...], tuple[float, ...]]  # the n most likely tokens at one step: ids, log-probs
 
 
 def _alternatives(r: Request, top: tuple[np.ndarray, np.ndarray] | None, row: int) -> Alternatives | None:
@@ -46,59 +41,6 @@ def _alternatives(r: Request, top: tuple[np.ndarray, np.ndarray] | None, row: in
         return None
     ids, lps = top
     return tuple(int(t) for t in ids[row, :n]), tuple(float(x) for x in lps[row, :n])
-
-
-class QueueFullError(UserError):
-    """The bounded queue is full (the servicer answers RESOURCE_EXHAUSTED)."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation request and its progress. prompt: token ids (validated by the caller)."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_ids: frozenset[int] = frozenset()
-    deadline: float | None = None  # absolute time (same clock as `now`); past it the request is cancelled
-    arrival: float = 0.0
-    id: int = field(default_factory=lambda: next(_ids))
-    # progress (owned by the scheduler)
-    slot: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    # per generated token, when sampling.top_logprobs > 0: the n most likely (ids, log-probs), best first
-    top_logprobs: list[Alternatives] = field(default_factory=list)
-    finish_reason: str | None = None
-    prefill_start: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    cancel_requested: bool = False
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    prefilled: int = 0  # prompt tokens in its slot's cache so far (less than the prompt while a chunked prefill runs)
-    # Prompt positions [a, b) it prefilled itself before a requeue: found in the cache again, they are no cache hit.
-    computed: tuple[int, int] = (0, 0)
-
-    def __post_init__(self) -> None:
-        # min_tokens holds back the ids this request stops on, which the engine reads from `sampling`: a caller
-        # that gave none there (SamplingParams(min_tokens=k) alone) gets the request's stop ids.
-        if self.sampling.min_tokens and not self.sampling.stop_ids and self.stop_ids:
-            self.sampling = self.sampling.with_stop_ids(sorted(self.stop_ids))
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(frozen=True)
-class Update:
-    """New tokens for a request, and its finish reason when this update ends it."""
-
-    request: Request
-    tokens: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    finish_reason: str | None = None
-    top_logprobs: tuple[Alternatives, ...] = ()  # one per token when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,12 @@ import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
 from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
-
-if TYPE_CHECKING:  # the scheduler imports JAX; `meshserve serve --help` imports this module for --max-n
-    from meshserve.serving.scheduler import Request
+from meshserve.serving.requests import Request  # plain data, no JAX: `meshserve serve --help` imports this module
 
 __all__ = [
     "RequestParser",
@@ -202,8 +199,6 @@ class RequestParser:
             sampling = sampling.with_stop_ids(stop_ids)
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
-        from meshserve.serving.scheduler import Request
-
         return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
 
     def samples(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[list[Request], list[str]]:
@@ -214,8 +209,6 @@ class RequestParser:
         if not 1 <= n <= self.limits.max_n:
             raise RequestError(f"n must be in [1, {self.limits.max_n}] (0 = 1), got {req.n}")
         first, stop = self.generate(req, time_remaining)
-        from meshserve.serving.scheduler import Request
-
         seed = first.sampling.seed
         if seed + n - 1 >= 2**63:  # the last sample's seed must be a valid seed too (see offline.py)
             raise RequestError(
