@@ -133,7 +133,6 @@ class RequestHandle:
     error: BaseException | None = None  # set when the request failed (RequestFailedError), before `done` gets it
 
 
-@dataclass(eq=False)
 class TaggedQueue:
     """One sample's event queue (RequestHandle.events) in a group from `submit_many`: whatever the engine thread puts
     in (events, failures) goes to the queue the group shares, as (sample index, item), so one reader sees every
@@ -147,6 +146,7 @@ class TaggedQueue:
         self.shared.put((self.index, item))
 
 
+@dataclass(eq=False)
 class ScoreJob:
     """One Score request on the engine thread: its items (sorted by length), progress and how it may end early."""
 
