@@ -86,7 +86,9 @@ def test_bench_defaults_fit_the_model_and_ttft_contains_the_prefill():
     assert "of copy*" in lines[1] and lines[-1].startswith("* of copy is not a bandwidth fraction on a CPU")
     cells = lines[3].split()
     prefill_ms, ttft_ms = float(cells[2]), float(cells[3])
-    assert ttft_ms >= 0.9 * prefill_ms, lines  # more work than the prefill alone; 10% for a shared machine's noise
+    # More work than the prefill alone. Both are ~1 ms here, where a shared machine's noise reaches 10% (a CI run
+    # read 0.91 against 1.02 ms); the bug this guards against was off by 4x.
+    assert ttft_ms >= 0.5 * prefill_ms, lines
 
 
 def test_bench_prompt_len_alone_takes_what_is_left_for_generation(tmp_path):
