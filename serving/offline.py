@@ -187,10 +187,6 @@ def _generation_requests(model, engine, job: JobLine):
         sampling = SamplingParams(**values)
     except SamplingError as e:
         raise LineError(str(e)) from None
-    if sampling.seed + samples - 1 >= 2**63:  # the last sample's seed must be a valid seed too
-        raise LineError(
-            f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {sampling.seed}, n {samples}"
-        )
     stop = d.get("stop", [])
     if isinstance(stop, str):
         stop = [stop]
@@ -203,15 +199,10 @@ def _generation_requests(model, engine, job: JobLine):
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
-    try:  # min_tokens holds back exactly the ids this request stops on (one bias entry each)
-        sampling = sampling.with_stop_ids(stop_ids)
+    try:  # the Request gives min_tokens its stop ids (one bias entry each); sample i uses seed + i
+        return Request(prompt, n, sampling, stop_ids).samples(samples), stop
     except SamplingError as e:
         raise LineError(str(e)) from None
-    requests = [
-        Request(list(prompt), n, dataclasses.replace(sampling, seed=sampling.seed + i), stop_ids)
-        for i in range(samples)
-    ]
-    return requests, stop
 
 
 def _choice(model, handle) -> dict:

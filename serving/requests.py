@@ -7,6 +7,7 @@ everything here is plain data, with no JAX import (the servicer's validation bui
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -14,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from meshserve.errors import UserError
-from meshserve.model.sampling_params import SamplingParams
+from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.detok import StreamDecoder
 
 __all__ = [
@@ -79,6 +80,19 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def samples(self, n: int) -> list[Request]:
+        """This request and n - 1 new ones like it, sample i with seed + i (OpenAI's and vLLM's n: the gRPC
+        request's and a batch-generate line's). Raises SamplingError when the last seed would pass 2**63."""
+        seed = self.sampling.seed
+        if seed + n - 1 >= 2**63:
+            raise SamplingError(f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {seed}, n {n}")
+        rest = [
+            Request(list(self.prompt), self.max_new_tokens, dataclasses.replace(self.sampling, seed=seed + i),
+                    self.stop_ids, deadline=self.deadline)
+            for i in range(1, n)
+        ]  # fmt: skip
+        return [self, *rest]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ field and its limit, before anything is queued, so no input reaches the engine t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -195,11 +194,10 @@ class RequestParser:
         extra = self.ids("stop_token_ids", req.stop_token_ids)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
-        try:  # min_tokens holds back exactly the ids this request stops on (one bias entry each)
-            sampling = sampling.with_stop_ids(stop_ids)
+        try:  # the Request gives min_tokens its stop ids, one bias entry each: the table's limit applies
+            return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
-        return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
 
     def samples(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[list[Request], list[str]]:
         """A GenerateRequest -> its n engine Requests (sample i with seed + i, as batch-generate's "n") and the stop
@@ -209,17 +207,10 @@ class RequestParser:
         if not 1 <= n <= self.limits.max_n:
             raise RequestError(f"n must be in [1, {self.limits.max_n}] (0 = 1), got {req.n}")
         first, stop = self.generate(req, time_remaining)
-        seed = first.sampling.seed
-        if seed + n - 1 >= 2**63:  # the last sample's seed must be a valid seed too (see offline.py)
-            raise RequestError(
-                f"n: sample i uses seed + i, so seed + n - 1 must be below 2**63, got sampling.seed {seed}, n {n}"
-            )
-        rest = [
-            Request(list(first.prompt), first.max_new_tokens, dataclasses.replace(first.sampling, seed=seed + i),
-                    first.stop_ids, deadline=first.deadline)
-            for i in range(1, n)
-        ]  # fmt: skip
-        return [first, *rest], stop
+        try:
+            return first.samples(n), stop
+        except SamplingError as e:
+            raise RequestError(f"n: {e}") from None
 
     def score_item(self, i: int, item: pb.ScoreItem) -> tuple[list[int], list[int]]:
         """Item i of a ScoreRequest -> (prompt ids, continuation ids), each checked against the vocabulary."""
