@@ -34,6 +34,14 @@ from serve_process import ServeProcess
 MODES = ("background", "all")
 
 
+def _split_flags(text: str) -> list[str]:
+    """--serve-args as the shell would split it; unbalanced quotes are argparse's one-line error."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r}: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     source = p.add_mutually_exclusive_group()
@@ -44,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the server's persistent compile cache (default off: a true cold start)")  # fmt: skip
     p.add_argument(
         "--serve-args",
-        default="",
+        type=_split_flags,
+        default=[],
         metavar="'FLAGS'",
         help="more flags for meshserve serve, e.g. '--max-batch 8 --length-buckets 32' (default none)",
     )
@@ -91,7 +100,7 @@ def _run_mode(args: argparse.Namespace, mode: str, prompt: list[int]) -> dict:
     source = ["--model", args.model] if args.model else (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     source += ["--weights", args.weights] if args.weights else []
     server = ServeProcess([*source, "--warm-up", mode, "--compile-cache", args.compile_cache,
-                           *shlex.split(args.serve_args)], f"cold_start_{mode}",
+                           *args.serve_args], f"cold_start_{mode}",
                           args.start_timeout)  # fmt: skip
     records = []
     warm_at = server.listening - server.started if mode == "all" else None

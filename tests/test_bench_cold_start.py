@@ -43,6 +43,7 @@ def test_both_modes_answer_the_same_and_background_listens_before_compiling_ever
 
 def test_bad_flags_exit_with_one_line():
     for flags, message in ((["--modes", "lazy"], "--modes must be among background,all"),
-                           (["--after", "0"], "--after must be >= 1")):  # fmt: skip
+                           (["--after", "0"], "--after must be >= 1"),
+                           (["--serve-args", "'oops"], "No closing quotation")):  # fmt: skip
         done = _run(*flags, timeout=60)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr

@@ -67,6 +67,9 @@ def test_unknown_override_key_is_refused():
         ("n_kv_heads", 3, "multiple of n_kv_heads"),
         ("d_head", 15, "d_head must be even"),
         ("mlp", "relu", "mlp must be"),
+        ("extra_eos_ids", (5, 256), r"extra_eos_ids must be token ids in \[0, vocab_size=256\), got 256"),
+        ("extra_eos_ids", ("7",), r"extra_eos_ids must be token ids .* got '7'"),
+        ("rope_scaling", (8.0, 1.0), r"rope_scaling must be \(\) or \(factor, low_freq_factor"),
     ],
 )
 def test_invalid_config_fields_name_the_field(field, value, message):
