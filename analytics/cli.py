@@ -142,6 +142,10 @@ def _analyze(args: argparse.Namespace) -> int:
         return 0
     padded = sorted({(r["ffn_layout"], r["n_heads"]) for r in rows if r["n_heads"] != config.n_heads})
     heads = f" (query heads padded: {', '.join(f'{f} {h}' for f, h in padded)})" if padded else ""
+    copies = sorted({(r["ffn_layout"], r["kv_replication"], r["n_kv_heads"]) for r in rows if r["kv_replication"] > 1})
+    if copies:  # priced as the mesh entry points run it: each kv head repeated so every chip holds whole ones
+        heads += (f" (kv heads replicated: {', '.join(f'{f} {r}x to {k}' for f, r, k in copies)}; "
+                  f"{config.n_kv_heads} do not divide the heads split)")  # fmt: skip
     print(f"{config.name}{heads} on {mesh.n} x {chip.name}, mesh {mesh}, weights {args.weights}, "
           f"prompt {args.prompt_len}, generate {args.gen_len}; * = chosen (lowest latency that fits)")  # fmt: skip
     columns = [
@@ -241,6 +245,9 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"plan for {plan.model} on {plan.chips} x {plan.hardware}: mesh {plan.mesh}, weights {plan.weights} "
           f"stored {plan.storage.upper()}, "
           f"objective {plan.objective}{'' if plan.fits else '  (DOES NOT FIT)'}")  # fmt: skip
+    if plan.kv_replication > 1:
+        print(f"kv heads replicated {plan.kv_replication}x ({config.n_kv_heads} -> {plan.n_kv_heads}) so each chip "
+              f"of the heads split holds whole kv heads; priced with the larger KV cache and K/V weights")  # fmt: skip
     rows = [p.__dict__ for p in plan.phases]
     print(_table(rows, [
         ("phase", "phase", str), ("batch<=", "batch", str), ("ffn", "ffn_layout", str), ("attn", "attention", str),

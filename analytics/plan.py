@@ -28,6 +28,7 @@ from meshserve.analytics.cost import Estimate, estimate
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import FFN_LAYOUTS, LayoutError, MeshShape
+from meshserve.partition.dims import heads_split
 from meshserve.partition.rules import storage_of
 
 __all__ = [
@@ -84,6 +85,8 @@ class Plan:
     phases: tuple[PhasePlan, ...]
     fits: bool
     score: float  # the objective's value (seconds for latency, chip-ms per token otherwise)
+    n_kv_heads: int = 0  # kv heads as the storage runs them (analysis_config: replicated for the heads split)
+    kv_replication: int = 1  # how many times each of the model's kv heads is repeated for this mesh and storage
 
     def lookup(self, phase: str, batch: int) -> PhasePlan:
         """The entry for the smallest bucket that holds `batch` (the largest bucket if none does)."""
@@ -116,10 +119,21 @@ def analysis_config(config: ModelConfig, mesh: MeshShape, ffn_layout: str) -> Mo
     ws1d splits heads over all n chips (H_xyz), every other layout reads the 2D storage (H_yz), so heads pad to a
     multiple of n or of y·z respectively, from the real head count. PaLM 540B (48 heads) on 4x8x8: ws2d pads to 64
     (as the paper did), ws1d to 256. A config whose heads already divide (e.g. `padded_heads(64)`) is unchanged.
-    Multi-head and grouped models are never padded (their kv heads would have to grow too).
+    Multi-head and grouped models are never padded (their kv heads would have to grow too). A grouped-query
+    model's kv heads are instead replicated the fewest times that the split gives every chip whole kv heads
+    (ModelConfig.for_kv_split, as the mesh entry points load it): Llama 2 70B (K = 8) on 4x4x4 runs ws2d with
+    K = 16 and ws1d with K = 64, and each row is priced with those (more KV cache and K/V weight bytes per chip).
+    When no replication works the config is unchanged and partition/dims.check_layout names H, K and the split.
     """
-    split = mesh.n if ffn_layout == "ws1d" else mesh.y * mesh.z
-    if not config.multi_query or split <= 1 or config.n_heads % split == 0:
+    split = heads_split(ffn_layout, mesh)
+    if split <= 1:
+        return config
+    if not config.multi_query:
+        try:
+            return config.for_kv_split(split)
+        except UserError:
+            return config
+    if config.n_heads % split == 0:
         return config
     return config.padded_heads(-(-config.real_heads // split) * split)
 
@@ -299,11 +313,13 @@ def choose_plan(
         if chosen is None:
             continue  # some bucket has no layout of this storage that splits on this mesh
         phases = tuple(_phase_plan(chosen[k]) for k in sorted(chosen, key=lambda k: (k[0] != "prefill", k[1])))
+        run = analysis_config(config, m, STORAGES[s][0])  # every layout of a storage splits heads alike
         candidates.append(
             Plan(
                 model=config.name, hardware=chip.name, chips=m.n, mesh=str(m), weights=w, storage=s,
                 objective=objective, prompt_len=prompt_len, gen_len=gen_len, phases=phases,
                 fits=all(p.fits for p in phases), score=_score(objective, chosen, latency_bound_s),
+                n_kv_heads=run.n_kv_heads, kv_replication=run.n_kv_heads // config.n_kv_heads,
             )
         )  # fmt: skip
     if not candidates:

@@ -32,7 +32,7 @@ class ModelSizes:
     """Element counts of one model, as declared (padded heads included) plus the real (unpadded) count."""
 
     params: int  # every declared element, padding included
-    real_params: int  # without zero-padded heads: what MFU counts (PaLM 540B: 540.35e9)
+    real_params: int  # without zero-padded heads or kv-head copies: what MFU counts (PaLM 540B: 540.35e9)
     layer_matmul: int  # matmul weights of ONE layer (wq, wk, wv, wo, w_up, w_gate, w_down)
     layer_other: int  # norms and biases of one layer
     layer_scales: int  # per-output-channel int8 scales of one layer's matmul weights
@@ -83,11 +83,14 @@ def _spec_counts(config: ModelConfig) -> tuple[int, int, int, int, int, int, int
 
 @functools.cache
 def model_sizes(config: ModelConfig) -> ModelSizes:
-    """Sizes of `config` from its declaration; `real_params` drops zero-padded heads (`true_heads`)."""
+    """Sizes of `config` from its declaration; `real_params` drops zero-padded heads (`true_heads`) and replicated
+    kv heads (`true_kv_heads`)."""
     layer_matmul, layer_other, layer_scales, embed, unembed, unembed_scales, final_other = _spec_counts(config)
     total = config.n_layers * (layer_matmul + layer_other) + embed + unembed + final_other
     real = total
-    if config.true_heads and config.true_heads < config.n_heads:
+    if config.true_kv_heads:  # replicated kv heads are copies: MFU counts the model's own weights once
+        real = model_sizes(config.replace(n_kv_heads=config.true_kv_heads, true_kv_heads=0)).real_params
+    elif config.true_heads and config.true_heads < config.n_heads:
         real = model_sizes(config.replace(n_heads=config.true_heads, true_heads=0)).params
     return ModelSizes(
         params=total,

@@ -64,7 +64,10 @@ def analyze(
                 row = e.row()
                 row["chosen"] = e is best and e.fits
                 row["model"] = config.name
-                row["n_heads"] = analysis_config(config, mesh, e.ffn_layout).n_heads  # query heads as charged
+                run = analysis_config(config, mesh, e.ffn_layout)  # the model as this layout runs it
+                row["n_heads"] = run.n_heads  # query heads as charged (multi-query: padded)
+                row["n_kv_heads"] = run.n_kv_heads  # kv heads as charged (grouped query: replicated)
+                row["kv_replication"] = run.n_kv_heads // config.n_kv_heads
                 rows.append(row)
     return rows
 

@@ -8,13 +8,14 @@ Axis alphabet used throughout meshserve (einsum subscripts, names and shape comm
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshserve.errors import UserError
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "ConfigError", "vocab_error"]
+__all__ = ["ModelConfig", "PRESETS", "get_config", "ConfigError", "vocab_error", "kv_replication"]
 
 
 class ConfigError(UserError):
@@ -59,6 +60,10 @@ class ModelConfig:
     rope_scaling: tuple[float, ...] = ()
     # More ids that end generation as eos_id does (Llama 3 lists several: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
     extra_eos_ids: tuple[int, ...] = ()
+    # KV heads that carry distinct weights; n_kv_heads is then a multiple, each true kv head repeated
+    # n_kv_heads / true_kv_heads times in a row, so a heads split larger than the true count still gives every chip
+    # whole kv heads (`replicate_kv_heads`; done at load for a mesh, never saved). 0 means not replicated.
+    true_kv_heads: int = 0
 
     def __post_init__(self) -> None:
         for field in (
@@ -84,6 +89,10 @@ class ModelConfig:
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if not 0 <= self.true_heads <= self.n_heads:
             raise ConfigError(f"true_heads must be in [0, n_heads={self.n_heads}], got {self.true_heads}")
+        if self.true_kv_heads and (self.true_kv_heads > self.n_kv_heads or self.n_kv_heads % self.true_kv_heads):
+            raise ConfigError(
+                f"true_kv_heads must be 0 or divide n_kv_heads={self.n_kv_heads}, got {self.true_kv_heads}"
+            )
         if not isinstance(self.rope_scaling, tuple):  # meshserve.json holds a list; a config must hash (jit static)
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if not isinstance(self.extra_eos_ids, tuple):  # as rope_scaling
@@ -102,6 +111,16 @@ class ModelConfig:
     def real_heads(self) -> int:
         """Heads with real weights (the rest are zero padding)."""
         return self.true_heads or self.n_heads
+
+    @property
+    def real_kv_heads(self) -> int:
+        """KV heads with distinct weights (the rest of n_kv_heads are their repeats)."""
+        return self.true_kv_heads or self.n_kv_heads
+
+    @property
+    def kv_replication(self) -> int:
+        """How many times each true kv head is repeated in n_kv_heads (1: not replicated)."""
+        return self.n_kv_heads // self.real_kv_heads
 
     @property
     def group_size(self) -> int:
@@ -125,6 +144,31 @@ class ModelConfig:
         if n_heads < self.real_heads or n_heads % self.n_kv_heads:
             raise ConfigError(f"cannot pad {self.real_heads} heads to {n_heads} with {self.n_kv_heads} kv heads")
         return self.replace(n_heads=n_heads, true_heads=self.real_heads)
+
+    def replicate_kv_heads(self, r: int) -> ModelConfig:
+        """This model with each kv head repeated `r` times in a row (n_kv_heads K -> K·r, true_kv_heads = the true
+        count). Exact: query head h reads kv head h // (H/K); after the repeat it reads h // (H/(K·r)), a copy of
+        the same head. model.params.replicate_kv_params repeats the weights to match. r = 1 returns self."""
+        if not isinstance(r, int) or r < 1:
+            raise ConfigError(f"kv head replication must be a positive integer, got {r!r}")
+        if r == 1:
+            return self
+        K = self.n_kv_heads * r
+        if self.multi_query or self.n_heads % K:
+            raise ConfigError(
+                f"cannot repeat {self.n_kv_heads} kv heads {r} times: {K} must divide n_heads H = {self.n_heads}"
+                + (" (a multi-query model keeps its one kv head whole on every chip)" if self.multi_query else "")
+            )
+        return self.replace(n_kv_heads=K, true_kv_heads=self.real_kv_heads)
+
+    def for_kv_split(self, split: int) -> ModelConfig:
+        """This model with its kv heads replicated the fewest times that `split` chips get whole kv heads each
+        (`kv_replication`); unchanged when they already divide, for multi-query (never split over heads) and for
+        multi-head models (every query head has its own kv head). ConfigError, naming H, K and the split, when no
+        replication works."""
+        if self.multi_query or self.n_kv_heads == self.n_heads:
+            return self
+        return self.replicate_kv_heads(kv_replication(self.n_heads, self.n_kv_heads, split))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,6 +297,26 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
+
+
+def kv_replication(n_heads: int, n_kv_heads: int, split: int) -> int:
+    """The smallest r with (K·r) % split == 0 and H % (K·r) == 0: how many times to repeat each kv head so a heads
+    split over `split` chips gives every chip whole kv heads, while K·r still divides H (grouped query stays exact).
+
+    Every valid K·r is a common multiple of K and the split that divides H, so the answer is lcm(K, split) / K when
+    lcm(K, split) divides H; ConfigError naming H, K and the split otherwise. (When H itself divides by the split,
+    as every heads split needs, lcm(K, split) always divides H.)
+    """
+    for name, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("split", split)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    target = math.lcm(n_kv_heads, split)
+    if n_heads % n_kv_heads or n_heads % target:
+        raise ConfigError(
+            f"n_kv_heads K = {n_kv_heads} cannot be replicated to split over {split} chips: K·r must be a multiple of "
+            f"{split} that divides n_heads H = {n_heads}, and the smallest multiple of both K and {split} is {target}"
+        )
+    return target // n_kv_heads
 
 
 def vocab_error(config: ModelConfig, ids: Iterable[int], field: str) -> str | None:

@@ -30,6 +30,7 @@ __all__ = [
     "quantize_params",
     "cast_params",
     "params_nbytes",
+    "replicate_kv_params",
     "Params",
     "WEIGHT_DTYPES",
 ]
@@ -218,6 +219,43 @@ def unstack_layers(params: Params, *, consume: bool = False) -> Params:
         for layer, piece in zip(per_layer, slices, strict=True):
             layer.append(piece)
     return dict(params, layers=[jax.tree_util.tree_unflatten(treedef, layer) for layer in per_layer])
+
+
+def replicate_kv_params(
+    config: ModelConfig, params: Params, r: int, shardings: Any = None, *, consume: bool = False
+) -> Params:
+    """`params` of `config` with every kv head repeated `r` times in a row, for `config.replicate_kv_heads(r)`.
+
+    wk, wv [N, E, K, Q] -> [N, E, K·r, Q] and bk, bv [N, K, Q] -> [N, K·r, Q] (when declared) by repeat-interleave
+    along the kv_heads axis: new head j' is old head j' // r, as query head h's group index h // (H/K) needs. int8
+    weights (QuantizedArray) repeat values and scales alike (the scale keeps the kv axis). Other leaves are the same
+    objects. Only the kv weights are copied (K/H of wq's size each, before the repeat).
+
+    shardings: a tree like the result's (e.g. `sharded.param_shardings(config.replicate_kv_heads(r), mesh, ...)`)
+    or None: each repeated leaf is produced directly in its sharding, so no chip holds more than its shard of it.
+    consume: delete each original kv leaf once its repeat exists (the caller must not use `params` afterwards).
+    """
+    if r == 1:
+        return params
+    if isinstance(params["layers"], list):
+        raise ValueError("replicate_kv_params needs the stacked layers (before unstack_layers)")
+    declared = declare(config)["layers"]
+    layer = dict(params["layers"])
+    targets = None if shardings is None else shardings["layers"]
+    for name, spec in declared.items():
+        if not isinstance(spec, ParamSpec) or "kv_heads" not in spec.axes:
+            continue
+        axis = spec.axes.index("kv_heads")
+        repeat = jax.jit(lambda a, axis=axis: jax.tree_util.tree_map(lambda x: jnp.repeat(x, r, axis=axis), a),
+                         out_shardings=None if targets is None else targets[name])  # fmt: skip
+        old = layer[name]
+        layer[name] = repeat(old)
+        if consume:
+            jax.block_until_ready(layer[name])
+            for leaf in jax.tree_util.tree_leaves(old):
+                if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                    leaf.delete()
+    return dict(params, layers=layer)
 
 
 def params_nbytes(params: Params) -> int:

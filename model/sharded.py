@@ -36,8 +36,10 @@ from meshserve.model.sharded_specs import (
     check_params,
     init_cache,
     kv_spec,
+    mesh_config,
     param_shardings,
     param_specs,
+    replicate_for_mesh,
     shard_params,
     step_dims,
 )
@@ -65,6 +67,8 @@ __all__ = [
     "generate_sharded",
     "min_batch",
     "check_phases",
+    "mesh_config",
+    "replicate_for_mesh",
 ]
 
 # ------------------------------------------------------------------------------------------ the steps
@@ -325,9 +329,12 @@ def generate_sharded(
     """`model.generate.generate` on a mesh: the same results list, prefill and decode each in its layout.
 
     Prefill runs only the real prompts, padded to a multiple of the prefill layout's batch split; the decode
-    cache has the request batch padded to the decode split (padding rows' results are dropped).
+    cache has the request batch padded to the decode split (padding rows' results are dropped). A grouped-query
+    model whose kv heads the heads split does not divide runs with them replicated (`replicate_for_mesh`: the same
+    tokens, more KV cache per chip); `config` and `params` are the model as loaded.
     """
     check_phases(prefill_layout, decode_layout)
+    config, params = replicate_for_mesh(config, params, mesh, prefill_layout.ffn)
     p_split, d_split = min_batch(prefill_layout, mesh), min_batch(decode_layout, mesh)
     prefill_rows = -(-len(prompts) // p_split) * p_split
     b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids, batch_multiple=d_split)

@@ -9,6 +9,7 @@ Axis alphabet (model/config.py): B batch, S cache, K kv heads, Q head dim, N lay
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -17,10 +18,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
-from meshserve.model.params import Params, ParamSpec, declare
+from meshserve.model.params import Params, ParamSpec, declare, replicate_kv_params
 from meshserve.model.quant import QuantizedArray
 from meshserve.model.transformer import KVCache
-from meshserve.partition.comm import LayerDims, LayoutError, check_layout
+from meshserve.partition.comm import LayerDims, LayoutError, MeshShape, check_layout
+from meshserve.partition.dims import heads_split
 from meshserve.partition.mesh import mesh_shape
 from meshserve.partition.rules import Layout, Rules, attention_axes, rules_for, storage_of, weight_split
 
@@ -34,6 +36,8 @@ __all__ = [
     "kv_spec",
     "init_cache",
     "step_dims",
+    "mesh_config",
+    "replicate_for_mesh",
 ]
 
 
@@ -66,13 +70,67 @@ def param_specs(config: ModelConfig, ffn_layout: str, params: Params | None = No
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d"):
-    """A function abstract params -> NamedSharding tree, for `load_checkpoint(path, shardings=fn)`."""
+    """A function abstract params -> NamedSharding tree, for `load_checkpoint(path, shardings=fn)`.
+
+    A kv_heads dim the mesh axes do not divide (a grouped-query checkpoint's true kv heads, before
+    `replicate_for_mesh` repeats them for this split) is stored whole on those axes, so the checkpoint still loads
+    straight onto the mesh; every other dim splits as `param_specs` says (check_model refuses what cannot).
+    """
+
+    def whole_kv(spec: P, decl: ParamSpec, leaf: Any) -> P:
+        dims = list(spec) + [None] * (len(decl.axes) - len(spec))
+        for d, (axis, split) in enumerate(zip(decl.axes, dims, strict=True)):
+            names = (split,) if isinstance(split, str) else split or ()
+            if axis == "kv_heads" and names and leaf.shape[d] % math.prod(mesh.shape[a] for a in names):
+                dims[d] = None
+        return P(*dims)
 
     def fn(abstract: Params) -> Any:
         specs = param_specs(config, ffn_layout, abstract)
-        return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+        declared = declare(config)
+        is_leaf = lambda x: isinstance(x, (P, ParamSpec, QuantizedArray))  # noqa: E731
+
+        def one(spec: Any, decl: ParamSpec, leaf: Any) -> Any:
+            if isinstance(leaf, QuantizedArray):
+                return QuantizedArray(NamedSharding(mesh, whole_kv(spec.values, decl, leaf.values)),
+                                      NamedSharding(mesh, whole_kv(spec.scale, decl, leaf.scale)))  # fmt: skip
+            return NamedSharding(mesh, whole_kv(spec, decl, leaf))
+
+        return jax.tree_util.tree_map(one, specs, declared, abstract, is_leaf=is_leaf)
 
     return fn
+
+
+def mesh_config(config: ModelConfig, mesh: Mesh | MeshShape, ffn_layout: str) -> ModelConfig:
+    """`config` as it runs under `ffn_layout`'s weight storage on `mesh`: a grouped-query model's kv heads
+    replicated the fewest times that the heads split (ws1d: all n chips; 2D storage: y·z) gives each chip whole kv
+    heads (ModelConfig.for_kv_split). Unchanged when they already divide, for multi-query and multi-head models,
+    and when no replication can work (check_model then refuses, naming H, K and the split)."""
+    shape = mesh if isinstance(mesh, MeshShape) else mesh_shape(mesh)
+    try:
+        return config.for_kv_split(heads_split(ffn_layout, shape))
+    except UserError:
+        return config
+
+
+def replicate_for_mesh(
+    config: ModelConfig, params: Params, mesh: Mesh | MeshShape, ffn_layout: str, *, consume: bool = False
+) -> tuple[ModelConfig, Params]:
+    """(mesh_config, params with the kv weights repeated to match): what the mesh entry points run.
+
+    With a Mesh, the repeated kv weights are produced straight in `ffn_layout`'s storage on it (each chip computes
+    only its shard); with a MeshShape they stay where the originals were. Other weights are untouched. consume:
+    delete each original kv weight once repeated. A model that needs no replication comes back as given.
+    """
+    target = mesh_config(config, mesh, ffn_layout)
+    r = target.n_kv_heads // config.n_kv_heads
+    if r == 1:
+        return config, params
+    shardings = None
+    if isinstance(mesh, Mesh):
+        abstract = jax.eval_shape(lambda p: replicate_kv_params(config, p, r), params)
+        shardings = param_shardings(target, mesh, ffn_layout)(abstract)
+    return target, replicate_kv_params(config, params, r, shardings, consume=consume)
 
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh, ffn_layout: str = "ws2d") -> Params:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from meshserve.errors import UserError
+from meshserve.model.config import ConfigError, kv_replication
 
 __all__ = [
     "MESH_AXES",
@@ -26,6 +27,7 @@ __all__ = [
     "gathered_axes",
     "check_layout",
     "kv_axes",
+    "heads_split",
 ]
 
 MESH_AXES = ("x", "y", "z")
@@ -122,6 +124,24 @@ def _kv_split(dims: LayerDims) -> bool:
     return dims.n_kv_heads > 1
 
 
+def heads_split(ffn_layout: str, mesh: MeshShape) -> int:
+    """How many chips the stored weights split (kv) heads over: ws1d all n (H_xyz), every other layout y·z (the 2D
+    storage, H_yz). A grouped-query model's kv heads must divide it (or be replicated until they do)."""
+    return mesh.n if ffn_layout == "ws1d" else mesh.y * mesh.z
+
+
+def _kv_advice(dims: LayerDims, split: int) -> str:
+    """What to do about kv heads the split does not divide: the replication that fixes it, or why none does."""
+    try:
+        r = kv_replication(dims.n_heads, dims.n_kv_heads, split)
+    except ConfigError as e:
+        return f"; {e}"
+    return (
+        f"; replicate each kv head {r} times (K = {dims.n_kv_heads * r}: ModelConfig.replicate_kv_heads, which "
+        "meshserve's mesh entry points apply when they load a model for a mesh)"
+    )
+
+
 def attention_batch_axes(ffn_layout: str, attention: str, mesh: MeshShape, batch: int) -> tuple[str, ...]:
     """The mesh axes the batch is split over inside attention (the KV cache's batch split), in split order.
 
@@ -175,7 +195,10 @@ def check_layout(ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDi
         need += [("d_model E", dims.d_model, R)]
     for label, value, split in need:
         if value % split:
-            raise LayoutError(f"{label} = {value} is not divisible by the {ffn_layout} split {split} (mesh {mesh})")
+            advice = _kv_advice(dims, split) if label.startswith("n_kv_heads") else ""
+            raise LayoutError(
+                f"{label} = {value} is not divisible by the {ffn_layout} split {split} (mesh {mesh}){advice}"
+            )
     batch_axes = attention_batch_axes(ffn_layout, attention, mesh, dims.batch)
     split = mesh.size(batch_axes)
     if dims.batch % split:
