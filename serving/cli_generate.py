@@ -275,11 +275,12 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
 
     mesh, shardings = None, None
     if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
-        from meshserve.model.sharded import check_model, check_phases, min_batch, param_shardings
+        from meshserve.model.sharded import check_model, check_phases, mesh_config, min_batch, param_shardings
         from meshserve.partition.mesh import make_mesh
 
-        config = _config_only(args)
         mesh = make_mesh(on_mesh.mesh)
+        # As generate_sharded runs it: grouped-query kv heads the heads split does not divide are replicated.
+        config = mesh_config(_config_only(args), mesh, on_mesh.prefill.ffn)
         check_phases(on_mesh.prefill, on_mesh.decode)
         for layout in (on_mesh.prefill, on_mesh.decode):
             check_model(config, mesh, layout, min_batch(layout, mesh))

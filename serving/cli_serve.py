@@ -173,7 +173,11 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     )
     steps = None
     if n > 1:
+        from meshserve.serving.plan import replicate_kv_for_plan
         from meshserve.serving.sharding import mesh_steps
+
+        # Grouped-query kv heads the plan's heads split does not divide: repeated so each chip holds whole ones.
+        model.config, model.params = replicate_kv_for_plan(model.config, model.params, plan)
 
         model.params, steps, plan = mesh_steps(model.config, model.params, plan)
     return model, plan, steps, {"device_kind": jax.devices()[0].device_kind, "device_count": n}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 
-__all__ = ["EnginePlan", "StepPlan", "PlanError", "make_plan", "pow2_buckets"]
+__all__ = ["EnginePlan", "StepPlan", "PlanError", "make_plan", "pow2_buckets", "replicate_kv_for_plan"]
 
 Objective = Literal["latency", "throughput"]
 
@@ -285,3 +285,18 @@ def make_plan(
     )
     steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})
+
+
+def replicate_kv_for_plan(config: ModelConfig, params: Any, plan: EnginePlan) -> tuple[ModelConfig, Any]:
+    """(config, params) as `plan`'s mesh runs them: a grouped-query model's kv heads replicated for the weight
+    storage of the plan's decode layout (model.sharded_specs.replicate_for_mesh; the plan chooser priced the same),
+    the original kv weights freed once repeated. One device, or kv heads the split already divides: as given."""
+    shape = plan.mesh_axes
+    if math.prod(shape.values()) <= 1:
+        return config, params
+    from meshserve.model.sharded_specs import replicate_for_mesh
+    from meshserve.partition.comm import MeshShape
+
+    decode = next((s for s in plan.steps if s.phase == "decode" and s.batch == plan.max_batch), None)
+    ffn = decode.ffn_layout if decode is not None and decode.ffn_layout != "replicated" else "ws2d"
+    return replicate_for_mesh(config, params, MeshShape(shape["x"], shape["y"], shape["z"]), ffn, consume=True)

@@ -5,7 +5,7 @@ multi-head attention, tied and untied embeddings, Qwen2's q/k/v biases, a Mistra
 max_seq_len) and a sharded save with an index file; the same through `meshserve convert` and `meshserve generate` in
 subprocesses with a tokenizer that prepends BOS. Refusals: exit 2 and one line naming the config.json key or tensor.
 On the 2x2x2 mesh: `meshserve generate` and `meshserve serve` give the one-device tokens (serial block, rope
-scaling); a mesh the kv heads cannot split is refused in one line.
+scaling); 2 kv heads on a heads split of 4 are replicated at load and give the one-device tokens too.
 Helpers (thread pinning, prompts, greedy reference, CLI runners) come from test_hf_import.py.
 """
 
@@ -316,15 +316,28 @@ def test_a_llama_checkpoint_runs_on_a_mesh(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
-def test_a_mesh_the_kv_heads_cannot_split_is_refused(tmp_path, command):
-    """Every architecture runs sharded; what a mesh cannot split is refused in one line before compiling:
-    2 kv heads over a heads split of 4 chips (both name the dim; serve's plan chooser says so for one layout)."""
+def test_kv_heads_the_mesh_does_not_divide_are_replicated(tmp_path, command):
+    """2 kv heads over ws2d's heads split of y·z = 4 chips (2x2x2), once refused, are repeated twice at load for
+    the mesh (model.sharded_specs.replicate_for_mesh; serve via the plan, generate via generate_sharded): both
+    commands give the one-device greedy tokens."""
     _, imported, ckpt = _llama_checkpoint(tmp_path, kv_heads=2)
-    args = ["--checkpoint", str(ckpt), "--mesh", "2x2x2"] + (["--port", "0"] if command == "serve" else ["hi"])
-    proc = _cli(command, *args)
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"meshserve {command}: error: ") and "2x2x2" in last and "Traceback" not in proc.stderr
-    assert "n_kv_heads K = 2 is not divisible by the" in last
-    if command == "serve":
-        assert imported.config.name in last and "no layout" in last
+    prompt = list(prompts()[0])
+    params = jax.tree.map(jnp.asarray, imported.params)
+    expected = generate(params, imported.config, [prompt], max_new_tokens=8)[0].tokens
+    if command == "generate":
+        args = ["--json", "--ignore-eos", "--max-new-tokens", "8", "--tokens", ",".join(map(str, prompt))]
+        gen = _cli("generate", "--checkpoint", str(ckpt), "--mesh", "2x2x2", *args)
+        assert gen.returncode == 0, gen.stderr
+        assert json.loads(gen.stdout.splitlines()[0])["tokens"] == expected
+        return
+    from meshserve.serving.client import Client
+    from test_serving_support import ServerProcess
+
+    server = ServerProcess(ckpt, "--mesh", "2x2x2", "--max-batch", "2", "--length-buckets", "16")
+    try:
+        with Client(server.target) as client:
+            client.wait_ready()
+            reply = client.generate(prompt, max_new_tokens=8, ignore_eos=True)
+        assert reply.tokens == expected
+    finally:
+        server.close()
