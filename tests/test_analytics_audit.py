@@ -69,13 +69,28 @@ def test_analyze_beyond_the_context_keeps_the_rows_and_warns_once_on_stderr(caps
     assert code == 0 and err == ""  # the paper's setting, 2048 + 64 on a 2048 context: generation past it is fine
 
 
-def test_ws1d_on_a_grouped_query_model_names_the_dim_that_does_not_divide(capsys):
-    code, _, err = _run(capsys, "analyze", "--model", "llama-2-70b", "--chips", "64", "--hardware", "tpu-v4",
-                        "--layout", "ws1d")  # fmt: skip
-    _one_line_error("analyze", code, err)
-    assert "cannot split llama-2-70b" in err
-    assert "n_kv_heads K = 8 is not divisible by the ws1d split 64" in err
-    assert err.count("n_kv_heads K = 8") == 1  # one reason for both attention layouts, said once
+def test_ws1d_on_a_grouped_query_model_prices_its_kv_heads_replicated_and_says_so(capsys):
+    """8 kv heads over ws1d's 64-chip heads split (once refused: 8 is not divisible by 64) run repeated 8 times, one
+    whole kv head per chip: the row prices that KV cache (8x the model's own K = 8 spread over 64 chips) and the
+    table says so; the plan command too."""
+    argv = ["analyze", "--model", "llama-2-70b", "--chips", "64", "--hardware", "tpu-v4", "--layout", "ws1d",
+            "--batch", "4", "--prompt-len", "1024", "--gen-len", "64"]  # fmt: skip
+    code, out, err = _run(capsys, *argv)
+    assert code == 0 and err == "" and "kv heads replicated: ws1d 8x to 64" in out.splitlines()[0]
+    code, out, _ = _run(capsys, *argv, "--json")
+    rows = json.loads(out)
+    assert code == 0 and {r["ffn_layout"] for r in rows} == {"ws1d"} and len(rows) == 4  # 2 phases x 2 attentions
+    assert all(r["n_kv_heads"] == 64 and r["kv_replication"] == 8 for r in rows)
+    heads = next(r for r in rows if r["attention"] == "heads")  # every chip: all 4 rows, its one kv head
+    one_head = 2 * 80 * 4 * (1024 + 64) * 1 * 128 * 2  # k and v, N, B, S, one kv head, Q, bf16
+    assert heads["memory"]["kv_cache"] == one_head
+    assert heads["memory"]["kv_cache"] * 64 == 8 * (2 * 80 * 4 * (1024 + 64) * 8 * 128 * 2)  # 8x the true cache
+    code, out, _ = _run(capsys, "plan", "--model", "llama-2-70b", "--mesh", "4x4x4", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["kv_replication"] == {"1d": 8, "2d": 2}[plan["storage"]]  # y·z = 16 for 2D storage
+    assert plan["n_kv_heads"] == 8 * plan["kv_replication"]
+    code, out, _ = _run(capsys, "plan", "--model", "llama-2-70b", "--mesh", "4x4x4")
+    assert code == 0 and f"kv heads replicated {plan['kv_replication']}x (8 -> {plan['n_kv_heads']})" in out, out
 
 
 def test_calibration_warnings_name_a_clamped_or_implausible_coefficient():

@@ -14,7 +14,8 @@ from meshserve.serving.plan import make_plan
 def test_prefill_prediction_pays_the_phase_switch_into_the_decode_cache():
     # Grouped (4 kv heads) on 2x2x2: the decode cache (ws2d batch at B = 32 slots) keeps whole kv heads, so a prefill
     # that splits them over yz (ws2d heads at batch 1) gathers them at the switch: a cost its own layout lacks.
-    config = get_config("palm-8b", n_kv_heads=4)
+    # 12 query heads keep ws1d (heads over all 8 chips) out, as 4 kv heads did before they could be replicated.
+    config = get_config("palm-8b", n_heads=12, n_kv_heads=4)
     plan = make_plan(config, objective="latency", max_context=2048, mesh_axes={"x": 2, "y": 2, "z": 2},
                      length_buckets=(512,), device_kind="TPU v4")  # fmt: skip
     chip, mesh = get_chip("tpu-v4"), MeshShape(2, 2, 2)
