@@ -200,6 +200,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     parser.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API on this port: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health (default: off; 8000 is usual; 0 = any free port)",
+    )
+    parser.add_argument(
+        "--served-model-name", metavar="NAME", help="the model's id in the HTTP API (default: the model's name)"
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 256)"
     )
     parser.add_argument(
@@ -254,6 +263,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise UserError(f"--http-port must be in [0, 65535], got {args.http_port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name must not be empty")
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.grace < 0:
@@ -284,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         max_score_tokens=args.max_score_tokens,
         warm_up=args.warm_up,
         max_n=args.max_n,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
     )
 
     from meshserve.serving.warm_up import PHASES, upfront_steps
@@ -316,6 +331,10 @@ def run(args: argparse.Namespace) -> int:
         f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'})",
         file=sys.stderr,
     )
+    if server.http is not None:
+        scheme = "https" if args.tls_cert else "http"
+        print(f"meshserve serve: OpenAI-compatible API on {scheme}://{args.host}:{server.http.port}/v1 (model "
+              f"{server.http.model_name!r})", file=sys.stderr)  # fmt: skip
     print(f"meshserve serve: listening on {args.host}:{server.port}", file=sys.stderr, flush=True)
     announced.set()
     while not latch.event.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -1,13 +1,15 @@
 """Assemble and run the gRPC server: model -> plan -> engine (warmed up) -> scheduler -> orchestrator -> servicer.
 
 Also the standard grpc.health.v1 service, server reflection, optional TLS, an optional bearer-token check
-(UNAUTHENTICATED; health stays open so load balancers can probe) and the Prometheus endpoint.
+(UNAUTHENTICATED; health stays open so load balancers can probe), the Prometheus endpoint and the OpenAI-compatible
+HTTP API (serving/http_server.py; same TLS, token, engine and limits).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from meshserve.errors import UserError
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.engine import Engine, ModelSteps
+from meshserve.serving.http_server import HttpFront
 from meshserve.serving.metrics import ServerMetrics
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import EnginePlan
@@ -57,6 +60,8 @@ class ServerOptions:
     # the other buckets on a background thread (requests of their shapes run padded to a larger one meanwhile).
     warm_up: str = "all"
     max_n: int = Limits.max_n  # samples per Generate request (GenerateRequest.n)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (serving/http_server.py); None = off, 0 = any port
+    served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -109,6 +114,7 @@ class InferenceServer:
         self.limits = limits
         self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})
         interceptors = []
+        token = None
         if options.auth_token_file:
             token = _read(options.auth_token_file, "auth token file").decode().strip()
             if not token:
@@ -156,14 +162,29 @@ class InferenceServer:
             except OSError as e:
                 raise ServerError(f"cannot serve metrics on {options.host}:{options.metrics_port}: "
                                   f"{e.strerror or e}") from None  # fmt: skip
+        self.http: HttpFront | None = None
+        if options.http_port is not None:
+            self.http = self._bind_http(options, token)
         self._stopped = threading.Event()
         self._compiler: BackgroundCompile | None = None
+
+    def _bind_http(self, options: ServerOptions, token: str | None) -> HttpFront:
+        tls = (options.tls_cert, options.tls_key) if options.tls_cert else None
+        try:
+            return HttpFront(self.orchestrator, self.model, self.limits, host=options.host, port=options.http_port,
+                             model_name=options.served_model_name or self.model.config.name, token=token, tls=tls)  # fmt: skip
+        except (OSError, ssl.SSLError) as e:
+            self._grpc.stop(None)  # the gRPC port is bound: free it, the server will not start
+            where = f"{options.host}:{options.http_port}"
+            raise ServerError(f"cannot serve HTTP on {where}: {getattr(e, 'strerror', None) or e}") from None
 
     def start(self, warm: Callable[[int, int], None] | None = None) -> InferenceServer:
         """Serve; with steps a deferred warm-up left, compile them on a background thread, then call
         warm(compiled steps, steps that failed to compile) (not when the server stops first)."""
         self.orchestrator.start()
         self._grpc.start()
+        if self.http is not None:
+            self.http.start()
         self.set_serving(True)
         if self.engine.pending_steps():
             self._compiler = BackgroundCompile(
@@ -179,6 +200,8 @@ class InferenceServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+        if self.http is not None:
+            self.http.serving = serving
 
     def stop(self, grace: float = 30.0) -> bool:
         """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish (up to `grace` s), then stop.
@@ -195,6 +218,8 @@ class InferenceServer:
         # only cuts an RPC whose handler did not end by then.
         stopped = self._grpc.stop(grace=grace + _HANDLER_GRACE_S)
         clean = self.orchestrator.drain(grace)
+        if self.http is not None:
+            self.http.stop(_HANDLER_GRACE_S)  # its handlers write their last answers (or 503s), then it closes
         stopped.wait()
         self._stopped.set()
         if self._compiler is not None:

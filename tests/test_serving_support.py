@@ -74,6 +74,13 @@ class ServerProcess:
     def output(self) -> str:
         return Path(self.log.name).read_text()
 
+    @property
+    def http(self) -> str:
+        """The OpenAI-compatible API's base URL (serve --http-port), e.g. http://127.0.0.1:8000/v1."""
+        m = re.search(r"OpenAI-compatible API on (https?://[\d.]+:\d+/v1)", self.output())
+        assert m, f"no HTTP API announced:\n{self.output()}"
+        return m.group(1)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP front of `meshserve serve --http-port`: /v1/completions, /v1/chat/completions,
+/v1/models and /health, beside the gRPC API and over the same engine, queue, limits and metrics.
+
+Standard library only (http.server, one thread per connection): a body is parsed by serving/openai_protocol.py,
+validated by the same RequestParser as gRPC (so the limits and checks are the same, reported under the OpenAI field
+names), queued all-or-none with Orchestrator.submit_many, and answered as OpenAI's API does: a JSON object, or with
+"stream": true server-sent events ending in `data: [DONE]`. Errors are OpenAI's {"error": {"message", "type",
+"param", "code"}} with 400 (bad field), 401 (bearer token), 404 (path or model), 413 (body size), 429 (queue full),
+503 (draining) or 500 (engine failed). A client that goes away cancels its samples (their slots are freed at the
+engine's next step): a stream notices at its next write, a plain request while it waits (not under TLS, where a
+closed socket cannot be told from pending data without reading; it notices when the answer is written).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import select
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from meshserve.errors import UserError
+from meshserve.serving.openai_protocol import (
+    CHAT,
+    COMPLETIONS,
+    ModelNotFound,
+    OpenAIRequest,
+    openai_error,
+    param_of,
+    parse_body,
+)
+from meshserve.serving.openai_responses import Choices, chunk, final_response
+from meshserve.serving.orchestrator import Orchestrator, ShuttingDownError
+from meshserve.serving.scheduler import QueueFullError
+from meshserve.serving.validation import Limits, RequestError, RequestParser
+
+__all__ = ["HttpFront", "HttpError"]
+
+log = logging.getLogger("meshserve.http")
+_ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405:
+          "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable"}  # fmt: skip
+_CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 411: "INVALID_ARGUMENT",
+          413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
+
+
+class HttpError(Exception):
+    """An answer other than 200: status, message (naming the field and its limit) and the OpenAI `param`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was complete."""
+
+
+class HttpFront:
+    """The HTTP server: bound in __init__ (a port in use fails before any compile), served by `start`."""
+
+    def __init__(self, orchestrator: Orchestrator, model, limits: Limits, *, host: str, port: int, model_name: str,
+                 token: str | None = None, tls: tuple[str, str] | None = None):  # fmt: skip
+        self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
+        self.parser = RequestParser(model, limits)
+        self.metrics = orchestrator.metrics
+        self._expected = f"Bearer {token}".encode() if token else None
+        self.created = int(time.time())
+        self.serving = False  # /health answers 200 only while serving (not before start, not while draining)
+        # A body holds at most the text limit (JSON may escape a character as 6 bytes) and some fields.
+        self.max_body_bytes = 6 * limits.text_chars + 65536
+        self._active = 0
+        self._idle = threading.Condition()
+        self.httpd = _Server((host, port), _Handler, bind_and_activate=True)
+        self.httpd.daemon_threads = True  # an idle keep-alive connection must not hold the process at exit
+        self.httpd.front = self  # type: ignore[attr-defined]
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile=tls[0], keyfile=tls[1])
+            # The handshake happens on the connection's own thread (its first read), never in the accept loop.
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="meshserve-http", daemon=True)
+
+    def start(self) -> HttpFront:
+        self._thread.start()
+        return self
+
+    def stop(self, wait_s: float) -> None:
+        """After the orchestrator drained: give handlers `wait_s` to write their last answers, then close."""
+        deadline = time.monotonic() + wait_s
+        with self._idle:
+            while self._active and self._idle.wait(max(0.0, deadline - time.monotonic())):
+                pass
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def authorized(self, header: str | None) -> bool:
+        return self._expected is None or hmac.compare_digest((header or "").encode(), self._expected)
+
+    def models(self) -> dict:
+        """GET /v1/models: the one model this server serves."""
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshserve",
+                "max_model_len": self.limits.max_context}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    def count(self, path: str, status: int) -> None:
+        self.metrics.requests.labels(f"POST {path}", _CODES.get(status, str(status))).inc()
+
+    # ----- a generation: parse, validate, queue, wait -----
+
+    def submit(self, kind: str, body) -> tuple[OpenAIRequest, list, queue.SimpleQueue]:
+        """Parse and validate every prompt, then queue all their samples at once (all or none)."""
+        try:
+            parsed = parse_body(kind, body, self.model_name)
+        except ModelNotFound as e:
+            raise HttpError(404, str(e), "model") from None
+        except RequestError as e:
+            raise HttpError(400, str(e), param_of(str(e))) from None
+        need = len(parsed.requests) * parsed.n
+        if need > max(1, self.limits.max_queue):
+            raise HttpError(400, f"prompt: {len(parsed.requests)} prompts x n={parsed.n} need {need} queue places, more "
+                            f"than the server's max_queue={self.limits.max_queue}", "prompt")  # fmt: skip
+        samples, stop = [], []
+        for i, req in enumerate(parsed.requests):
+            try:
+                requests, stop = self.parser.samples(req, None)
+            except RequestError as e:
+                index = i if len(parsed.requests) > 1 else None
+                message, param = openai_error(kind, e, parsed.max_tokens_field, index)
+                raise HttpError(400, message, param) from None
+            samples += requests
+        try:
+            handles, events = self.orch.submit_many(samples, stop)
+        except QueueFullError as e:
+            raise HttpError(429, str(e)) from None
+        except ShuttingDownError as e:
+            raise HttpError(503, str(e)) from None
+        return parsed, handles, events
+
+    def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):
+        """(choice index, Event) until every sample had its last; the client gone -> cancel all, raise _ClientGone."""
+        left, checked = len(handles), time.monotonic()
+        while left:
+            try:
+                index, event = events.get(timeout=0.5)
+            except queue.Empty:
+                index, event = None, None
+            if time.monotonic() - checked >= 0.5:  # twice a second, also while events keep coming
+                checked = time.monotonic()
+                if gone():
+                    raise _ClientGone
+            if event is None:
+                continue
+            if isinstance(event, UserError):  # the engine refused this prompt at prefill (it goes on)
+                raise HttpError(400, str(event))
+            if isinstance(event, BaseException):
+                raise HttpError(500, f"engine failed: {type(event).__name__}")
+            yield index, event
+            if event.finish_reason is not None:
+                left -= 1
+
+    def cancel(self, handles: list) -> None:
+        for handle in handles:
+            self.orch.cancel(handle)
+
+    def shut_down_error(self, reasons: list[str | None]) -> HttpError | None:
+        if "cancelled" in reasons and self.orch.grace_passed:
+            return HttpError(503, "server shut down: the request was cancelled when the drain's grace period ended")
+        return None
+
+    def active(self, delta: int) -> None:
+        with self._idle:
+            self._active += delta
+            self._idle.notify_all()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A connection that fails outside a request's own handling (a plain-HTTP client at a TLS port, a reset):
+        one log line, not socketserver's traceback on stderr. Anything else is a bug: logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # ssl.SSLError, ConnectionResetError, TimeoutError ...
+            log.info("HTTP connection from %s failed: %s", client_address[0], error)
+        else:
+            log.exception("HTTP request from %s failed", client_address[0])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI's clients expect
+    server_version = "meshserve"
+    timeout = 300  # an idle keep-alive connection is closed after this many seconds
+
+    @property
+    def front(self) -> HttpFront:
+        return self.server.front  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = urlsplit(self.path).path
+        if path == "/health":  # open without a token, for load balancers
+            return self._json(
+                200 if self.front.serving else 503, {"status": "ok" if self.front.serving else "draining"}
+            )
+        if not self._authorized():
+            return
+        if path == "/v1/models":
+            return self._json(200, self.front.models())
+        self._error(HttpError(404, f"GET {path}: not found (GET /v1/models, GET /health)"))
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        kind = _ROUTES.get(path)
+        front = self.front
+        if kind is None:
+            self.close_connection = True  # the body is not read: the connection cannot carry another request
+            return self._error(HttpError(404, f"POST {path}: not found (POST /v1/completions, /v1/chat/completions)"))
+        if not self._authorized():
+            self.close_connection = True
+            return front.count(path, 401)
+        front.active(+1)
+        try:
+            status = self._generate(kind, path)
+        finally:
+            front.active(-1)
+        front.count(path, status)
+
+    def _generate(self, kind: str, path: str) -> int:
+        """Answer one completion; returns the status counted in the metrics (0: the client went away)."""
+        front = self.front
+        handles: list = []
+        try:
+            parsed, handles, events = front.submit(kind, self._body())
+            if parsed.stream:
+                return self._stream(parsed, handles, events)
+            out = Choices(front.model.tokenizer, parsed, handles)
+            for index, event in front.events(handles, events, self._client_gone):
+                out.add(index, event)
+            if error := front.shut_down_error(out.reasons):
+                raise error
+            self._json(200, final_response(out, front.model_name))
+            return 200
+        except HttpError as e:
+            front.cancel(handles)
+            self._error(e)
+            return e.status
+        except (_ClientGone, BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+            front.cancel(handles)
+            self.close_connection = True
+            return 0
+
+    def _stream(self, parsed: OpenAIRequest, handles: list, events) -> int:
+        """Server-sent events: a chunk per engine event with new text (and per choice, its finish), the usage chunk
+        when asked for, then `data: [DONE]`. An error after the first byte is sent as a last `data: {"error"}`."""
+        front = self.front
+        out = Choices(front.model.tokenizer, parsed, handles)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no length known: the end of the stream is the connection's
+        self.end_headers()
+        self.close_connection = True
+        if parsed.kind == CHAT:  # OpenAI's first chunk of each choice gives the role
+            self._send(chunk(out, front.model_name, [out.role_delta(i) for i in range(len(handles))]))
+        try:
+            for index, event in front.events(handles, events, lambda: False):
+                piece = out.add(index, event)
+                if piece is not None:
+                    self._send(chunk(out, front.model_name, [piece]))
+            if error := front.shut_down_error(out.reasons):
+                raise error
+            if parsed.include_usage:
+                self._send(chunk(out, front.model_name, [], usage=True))
+            self._sse("[DONE]")
+            return 200
+        except HttpError as e:
+            front.cancel(handles)
+            self._sse(json.dumps(_error_body(e)))
+            return e.status
+
+    def _send(self, obj: dict) -> None:
+        self._sse(json.dumps(obj, ensure_ascii=False))
+
+    def _sse(self, data: str) -> None:
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _authorized(self) -> bool:
+        if self.front.authorized(self.headers.get("Authorization")):
+            return True
+        self._error(HttpError(401, "missing or invalid bearer token (header Authorization: Bearer <token>)"))
+        return False
+
+    def _body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise HttpError(411, "Content-Length: required (a JSON body; chunked uploads are not supported)")
+        size, limit = int(length), self.front.max_body_bytes
+        if size > limit:
+            self.close_connection = True  # not read: the connection cannot carry another request
+            raise HttpError(413, f"request body: {size} bytes exceed the limit of {limit}")
+        raw = self.rfile.read(size)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HttpError(400, f"request body: invalid JSON ({e})") from None
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (readable with nothing to read). Under TLS: not knowable, False."""
+        sock = self.connection
+        if isinstance(sock, ssl.SSLSocket):
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, error: HttpError) -> None:
+        self._json(error.status, _error_body(error))
+
+
+def _error_body(error: HttpError) -> dict:
+    kind = _TYPES.get(error.status, HTTPStatus(error.status).phrase)
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.status}}

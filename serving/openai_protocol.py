@@ -1,0 +1,315 @@
+"""OpenAI's completions and chat-completions JSON <-> meshserve.v1 GenerateRequest protos and back. No HTTP here.
+
+The HTTP front (serving/http_server.py) parses a body with `parse_body`, which checks every field's JSON type and
+builds one GenerateRequest per prompt; serving/validation.py's RequestParser then checks limits exactly as for gRPC,
+and `openai_error` renames the gRPC field its message names to the OpenAI field the client sent (max_new_tokens ->
+max_tokens, sampling.temperature -> temperature, text -> prompt ...), so a bad field is reported under its own name.
+
+Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 0, greedy); JSON null means unset;
+choice i of prompt p has index p * n + i. Left as the gRPC default: an unset max_tokens generates
+min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. What meshserve cannot do (tools,
+echo, suffix, best_of != n, images, JSON mode) is refused by name rather than ignored, as is any unknown field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.validation import RequestError
+
+__all__ = ["OpenAIRequest", "ModelNotFound", "parse_body", "openai_error", "param_of", "COMPLETIONS", "CHAT"]
+
+COMPLETIONS = "completions"
+CHAT = "chat"
+_INT32 = 2**31
+_IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls", "store"})  # no effect on the output
+_COMMON = frozenset({
+    "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
+    "frequency_penalty", "logit_bias", "max_tokens", "logprobs",
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",  # vLLM's extras
+})  # fmt: skip
+_FIELDS = {
+    COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
+    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice"},
+}
+# gRPC field names in RequestParser's messages -> the OpenAI field, per endpoint (longest prefix first).
+_RENAMES = {
+    COMPLETIONS: (("max_new_tokens", "max_tokens"), ("tokens.ids", "prompt"), ("top_logprobs", "logprobs"),
+                  ("sampling.", ""), ("input", "prompt"), ("text", "prompt")),
+    CHAT: (("max_new_tokens", "max_tokens"), ("sampling.", ""), ("input", "messages")),
+}  # fmt: skip
+
+
+@dataclass
+class OpenAIRequest:
+    """A checked OpenAI body: one GenerateRequest per prompt (chat: one), each asking for n samples."""
+
+    kind: str  # COMPLETIONS or CHAT
+    requests: list[pb.GenerateRequest]
+    n: int
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    logprobs: bool  # return the chosen tokens' log-probs
+    top_logprobs: int  # alternatives per token
+    max_tokens_field: str  # what the client called max_new_tokens (chat: max_tokens or max_completion_tokens)
+
+
+class _Body:
+    """Typed reads of a JSON object's fields; JSON null reads as unset. Errors name the field."""
+
+    def __init__(self, body: dict, prefix: str = ""):
+        self.body = body
+        self.prefix = prefix
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str):
+        value = self.body.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise RequestError(f"{self.prefix}{key}: expected {what}, got {_show(value)}")
+        return value
+
+    def number(self, key: str) -> float | None:
+        return self._get(key, (int, float), "a number")
+
+    def integer(self, key: str, low: int = -_INT32, high: int = _INT32) -> int | None:
+        value = self._get(key, (int,), "an integer")
+        if value is not None and not low <= value < high:
+            raise RequestError(f"{self.prefix}{key} must be in [{low}, {high - 1}], got {value}")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        return self._get(key, (bool,), "true or false")
+
+    def string(self, key: str) -> str | None:
+        return self._get(key, (str,), "a string")
+
+    def object(self, key: str) -> dict | None:
+        return self._get(key, (dict,), "an object")
+
+    def array(self, key: str) -> list | None:
+        return self._get(key, (list,), "a list")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
+    """A decoded JSON body of POST /v1/completions (kind COMPLETIONS) or /v1/chat/completions (CHAT) -> the
+    GenerateRequests to validate. Raises RequestError naming the OpenAI field; ModelNotFound for another model."""
+    if not isinstance(body, dict):
+        raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
+    for key in body:
+        if key in _ELSEWHERE[kind]:
+            raise RequestError(f"{key}: not a field of {_PATHS[kind]} ({_ELSEWHERE[kind][key]})")
+        if key not in _FIELDS[kind] and key not in _IGNORED:
+            raise RequestError(f"{key}: unknown field ({_PATHS[kind]} takes {', '.join(sorted(_FIELDS[kind]))})")
+    b = _Body(body)
+    model = b.string("model")
+    if model and model != served_model:
+        raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
+    template = pb.GenerateRequest()
+    _sampling(b, template)
+    n = b.integer("n")
+    if n is not None and n < 1:
+        raise RequestError(f"n must be >= 1 (samples per prompt), got {n}")
+    template.n = n or 1  # the limit (the server's max_n) is RequestParser's
+    stream = bool(b.boolean("stream"))
+    options = _Body(b.object("stream_options") or {}, "stream_options.")
+    for key in options.body:
+        if key != "include_usage":
+            raise RequestError(f"stream_options.{key}: unknown field (takes include_usage)")
+    include_usage = bool(options.boolean("include_usage"))
+    if include_usage and not stream:
+        raise RequestError("stream_options: only allowed with stream: true")
+    max_field = "max_tokens"
+    if kind == CHAT and body.get("max_completion_tokens") is not None:
+        if body.get("max_tokens") is not None:
+            raise RequestError("max_completion_tokens: give it or max_tokens, not both")
+        max_field = "max_completion_tokens"
+    max_tokens = b.integer(max_field)  # its range, [1, the server's limit], is RequestParser's
+    if max_tokens is not None:
+        template.max_new_tokens = max_tokens
+    if kind == COMPLETIONS:
+        logprobs = b.integer("logprobs", 0)
+        want_logprobs, top = logprobs is not None, logprobs or 0
+        _refuse_completion_extras(b, template.n)
+        prompts = _prompts(b)
+    else:
+        want_logprobs = bool(b.boolean("logprobs"))
+        top = b.integer("top_logprobs", 0) or 0
+        if top and not want_logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true")
+        _refuse_chat_extras(b)
+        prompts = [_messages(b)]
+    template.return_logprobs = want_logprobs
+    template.top_logprobs = top
+    requests = []
+    for prompt in prompts:
+        req = pb.GenerateRequest()
+        req.CopyFrom(template)
+        if isinstance(prompt, str):
+            req.text = prompt
+        elif kind == COMPLETIONS:
+            req.tokens.ids.extend(prompt)
+        else:
+            req.messages.messages.extend(prompt)
+        requests.append(req)
+    return OpenAIRequest(kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field)
+
+
+_PATHS = {COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
+_ELSEWHERE = {
+    COMPLETIONS: {"messages": "a conversation goes to POST /v1/chat/completions"},
+    CHAT: {"prompt": "a plain prompt goes to POST /v1/completions"},
+}
+
+
+class ModelNotFound(RequestError):
+    """The body names a model this server does not serve (404, as OpenAI's API and vLLM answer)."""
+
+
+def _sampling(b: _Body, req: pb.GenerateRequest) -> None:
+    """The sampling fields (values are range-checked by SamplingParams, via RequestParser)."""
+    s = req.sampling
+    temperature = b.number("temperature")
+    s.temperature = 1.0 if temperature is None else temperature  # OpenAI's default; 0 is greedy
+    for key in ("top_p", "repetition_penalty"):
+        if (value := b.number(key)) is not None:
+            setattr(s, key, value)
+    for key in ("presence_penalty", "frequency_penalty", "min_p"):
+        setattr(s, key, b.number(key) or 0.0)
+    top_k = b.integer("top_k", -1)
+    s.top_k = 0 if top_k in (None, -1) else top_k  # vLLM's -1 = off, as meshserve's 0
+    s.min_tokens = b.integer("min_tokens", 0) or 0
+    if (seed := b.integer("seed", 0, 2**63)) is not None:
+        s.seed = seed
+    bias = b.object("logit_bias") or {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError(f"logit_bias: key {_show(key)} is not a token id") from None
+        if not 0 <= token < _INT32 or isinstance(value, bool) or not isinstance(value, int | float):
+            raise RequestError(f"logit_bias[{key}]: expected a token id in [0, 2**31) and a number, got {_show(value)}")
+        s.logit_bias[token] = value
+    stop = b._get("stop", (str, list), "a string or a list of strings")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    for i, st in enumerate(stops):
+        if not isinstance(st, str):
+            raise RequestError(f"stop[{i}]: expected a string, got {_show(st)}")
+    req.stop.extend(stops)
+    req.stop_token_ids.extend(_ints(b.array("stop_token_ids") or [], "stop_token_ids"))
+    req.ignore_eos = bool(b.boolean("ignore_eos"))
+
+
+def _ints(values: list, field: str) -> list[int]:
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _INT32:
+            raise RequestError(f"{field}[{i}]: expected a token id (an integer in [0, 2**31)), got {_show(v)}")
+    return values
+
+
+def _refuse_completion_extras(b: _Body, n: int) -> None:
+    if b.boolean("echo"):
+        raise RequestError("echo: not supported (score the prompt with meshserve's Score RPC instead)")
+    if b.string("suffix"):
+        raise RequestError("suffix: not supported (no fill-in-the-middle)")
+    best_of = b.integer("best_of", 1)
+    if best_of is not None and best_of != n:
+        raise RequestError(f"best_of: only best_of = n ({n}) is supported, got {best_of}")
+
+
+def _refuse_chat_extras(b: _Body) -> None:
+    if b.array("tools"):
+        raise RequestError("tools: tool calls are not supported")
+    choice = b.body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        raise RequestError(f"tool_choice: tool calls are not supported, got {_show(choice)}")
+    fmt = _Body(b.object("response_format") or {}, "response_format.")
+    if fmt.string("type") not in (None, "text"):
+        raise RequestError(f"response_format.type: only 'text' is supported, got {_show(fmt.body['type'])}")
+
+
+def _prompts(b: _Body) -> list:
+    """`prompt`: a string, a list of token ids, or a list of either (several prompts)."""
+    prompt = b._get("prompt", (str, list), "a string, a list of token ids, or a list of those")
+    if prompt is None:
+        raise RequestError("prompt: missing (a string, a list of token ids, or a list of those)")
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise RequestError("prompt: empty list")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [_ints(prompt, "prompt")]
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, list) and p:
+            out.append(_ints(p, f"prompt[{i}]"))
+        else:
+            raise RequestError(f"prompt[{i}]: expected a string or a non-empty list of token ids, got {_show(p)}")
+    return out
+
+
+def _messages(b: _Body) -> list[pb.ChatMessage]:
+    """`messages`: [{"role", "content"}], content a string or a list of {"type": "text", "text"} parts (joined by
+    newlines, as vLLM does). The chat template decides which roles it accepts."""
+    messages = b.array("messages")
+    if not messages:
+        raise RequestError("messages: missing or empty (give at least one message)")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}]: expected an object with role and content, got {_show(m)}")
+        mb = _Body(m, f"messages[{i}].")
+        for key in m:
+            if key not in ("role", "content", "name"):
+                raise RequestError(f"messages[{i}].{key}: not supported (messages take role, content and name)")
+        role = mb.string("role")
+        if not role:
+            raise RequestError(f"messages[{i}].role: missing")
+        content = mb._get("content", (str, list), "a string or a list of text parts")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(
+                        f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are "
+                        f"supported, got {_show(kind if kind is not None else part)}"
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        out.append(pb.ChatMessage(role=role, content=content or ""))
+    return out
+
+
+def openai_error(
+    kind: str, error: RequestError, max_tokens_field: str = "max_tokens", prompt_index: int | None = None
+) -> tuple[str, str | None]:
+    """RequestParser's message with the gRPC field it names renamed to the OpenAI one: (message, param).
+    prompt_index: which of several completion prompts the message is about (named prompt[i])."""
+    message = str(error)
+    for grpc_name, name in _RENAMES[kind]:
+        if message.startswith(grpc_name):
+            name = max_tokens_field if name == "max_tokens" else name
+            if name == "prompt" and prompt_index is not None:
+                name = f"prompt[{prompt_index}]"
+            rest = message[len(grpc_name) :]
+            if "_" in grpc_name:  # an identifier the message may repeat ("... + max_new_tokens 60 exceed ...")
+                rest = re.sub(rf"\b{grpc_name}\b", name, rest)
+            message = name + rest
+            break
+    return message, param_of(message)
+
+
+def param_of(message: str) -> str | None:
+    """The top-level field an error message starts with (OpenAI's `param`): "messages[2].role: ..." -> messages."""
+    return message.split(":")[0].split(" ")[0].split("[")[0].split(".")[0] or None

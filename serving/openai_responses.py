@@ -1,0 +1,126 @@
+"""OpenAI response objects from engine events: text_completion and chat.completion, whole or as stream chunks.
+
+One `Choices` per HTTP request gathers every sample's tokens, log-probs and finish reason as the engine's events
+arrive (choice index = prompt index x n + sample index) and gives each event's piece of a stream chunk. Token
+strings in log-probs are each token decoded alone (a piece of a multi-byte character shows as U+FFFD), as gRPC's
+top_logprobs texts are.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from meshserve.serving.openai_protocol import CHAT, OpenAIRequest
+from meshserve.serving.requests import Event
+
+__all__ = ["Choices", "chunk", "final_response"]
+
+
+class Choices:
+    """Every choice of one request: what the engine generated so far and how each ended."""
+
+    def __init__(self, tokenizer, parsed: OpenAIRequest, handles: list):
+        self.tokenizer, self.parsed, self.handles = tokenizer, parsed, handles
+        prefix = "chatcmpl-" if parsed.kind == CHAT else "cmpl-"
+        self.id = prefix + secrets.token_hex(12)
+        self.created = int(time.time())
+        n = len(handles)
+        self.reasons: list[str | None] = [None] * n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.top: list[list] = [[] for _ in range(n)]
+        self._offsets = [0] * n  # completions' text_offset: characters of token text so far, per choice
+
+    def add(self, index: int, event: Event) -> dict | None:
+        """Record one event of choice `index`; returns its stream piece (None when it carries nothing to send)."""
+        self.tokens[index] += event.tokens
+        self.logprobs[index] += event.logprobs
+        self.top[index] += event.top_logprobs
+        reason = self.reasons[index] = event.finish_reason
+        logprobs = self._logprobs(index, event.tokens, event.logprobs, event.top_logprobs)
+        if not (event.text or reason is not None or (logprobs and event.tokens)):
+            return None
+        finish = None if reason is None else _finish(reason)
+        if self.parsed.kind == CHAT:
+            delta = {"content": event.text} if event.text else {}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+
+    def role_delta(self, index: int) -> dict:
+        """A chat stream's first piece of each choice: the assistant's role, no content yet."""
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def whole(self) -> list[dict]:
+        """Every choice, complete (non-streamed answer)."""
+        self._offsets = [0] * len(self.handles)
+        out = []
+        for i, handle in enumerate(self.handles):
+            logprobs = self._logprobs(i, self.tokens[i], self.logprobs[i], self.top[i])
+            finish = _finish(self.reasons[i])
+            if self.parsed.kind == CHAT:
+                message = {"role": "assistant", "content": handle.text}
+                out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            else:
+                out.append({"index": i, "text": handle.text, "logprobs": logprobs, "finish_reason": finish})
+        return out
+
+    def usage(self) -> dict:
+        """Each prompt once (its first sample's), every sample's generated and prefix-cache-reused tokens."""
+        prompts = sum(len(h.request.prompt) for h in self.handles[:: self.parsed.n])
+        generated = sum(len(h.request.tokens) for h in self.handles)
+        cached = sum(h.request.cached_tokens for h in self.handles)
+        return {"prompt_tokens": prompts, "completion_tokens": generated, "total_tokens": prompts + generated,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+
+    def _logprobs(self, index: int, tokens, logprobs, top) -> dict | None:
+        if not self.parsed.logprobs:
+            return None
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        texts = [decode(t) for t in tokens]
+        if self.parsed.kind == CHAT:
+            entries = []
+            for k, (text, lp) in enumerate(zip(texts, logprobs, strict=True)):
+                alts = []
+                if self.parsed.top_logprobs:
+                    ids, lps = top[k]
+                    alts = [_chat_logprob(decode(t), a) for t, a in zip(ids, lps, strict=True)]
+                entries.append({**_chat_logprob(text, lp), "top_logprobs": alts})
+            return {"content": entries}
+        offsets = []
+        for text in texts:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(text)
+        tops = None
+        if self.parsed.top_logprobs:
+            tops = [{decode(t): a for t, a in zip(*top[k], strict=True)} for k in range(len(tokens))]
+        return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprob(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _finish(reason: str | None) -> str | None:
+    """meshserve's finish reasons are OpenAI's (stop: a stop token or string, length); cancelled -> vLLM's abort."""
+    return {"cancelled": "abort"}.get(reason, reason)  # type: ignore[arg-type]
+
+
+def _object(out: Choices, streamed: bool) -> str:
+    if out.parsed.kind == CHAT:
+        return "chat.completion.chunk" if streamed else "chat.completion"
+    return "text_completion"
+
+
+def chunk(out: Choices, model: str, pieces: list[dict], usage: bool = False) -> dict:
+    """One stream chunk: these choice pieces, or (usage=True) no choices and the request's usage."""
+    body = {"id": out.id, "object": _object(out, True), "created": out.created, "model": model, "choices": pieces}
+    if out.parsed.include_usage:
+        body["usage"] = out.usage() if usage else None  # OpenAI: null on every chunk but the last
+    return body
+
+
+def final_response(out: Choices, model: str) -> dict:
+    """The whole answer of a request that did not stream."""
+    return {"id": out.id, "object": _object(out, False), "created": out.created, "model": model,
+            "choices": out.whole(), "usage": out.usage()}  # fmt: skip

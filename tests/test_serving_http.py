@@ -1,0 +1,351 @@
+"""The OpenAI-compatible HTTP API (`meshserve serve --http-port`), end to end: a real server process, the official
+`openai` Python client and raw HTTP. Its answers equal the gRPC API's on the same server (greedy text, usage, seeded
+samples); streams concatenate to the whole answer; bad fields answer 400 naming the OpenAI field and the limit; a
+client that goes away frees its slot; a drain answers 503 to new requests and lets a running stream finish.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from cli_helpers import free_port
+from meshserve.serving.cli import main
+from meshserve.serving.client import Client
+from test_chat import CONVERSATION, _chatml_tokenizer
+from test_hf_llama import make_model
+from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint
+
+openai = pytest.importorskip("openai")
+
+TOKEN = "s3cret-http"
+PROMPT = "w5 w6 w7 w8"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny Llama with a ChatML template (as tests/test_chat.py builds), converted to meshserve."""
+    directory = tmp_path_factory.mktemp("hf") / "llama-chat"
+    make_model(directory, "llama")
+    _chatml_tokenizer(directory)
+    out = tmp_path_factory.mktemp("ckpt") / "llama-chat-ms"
+    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    # Decode steps slowed to >= 50 ms (SLOW_DECODE), so a client can leave while its request runs. --warm-up all:
+    # answers are compared bit for bit with gRPC's, so both must run in the same compiled buckets.
+    proc = ServerProcess(
+        checkpoint, "--http-port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(free_port()),
+        "--served-model-name", "chat-tiny", "--warm-up", "all", python_code=SLOW_DECODE,
+    )  # fmt: skip
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with Client(server.target, token=TOKEN) as c:
+        c.wait_ready()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=server.http, api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def _post_to(oa, path: str, body) -> tuple[int, dict]:
+    return _post_url(str(oa.base_url), path, body)
+
+
+def _post(server, path: str, body, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
+    return _post_url(server.http, path, body, token, raw)
+
+
+def _post_url(base: str, path: str, body, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST", path, body=raw if raw is not None else json.dumps(body).encode(), headers=headers)
+    reply = conn.getresponse()
+    status, data = reply.status, json.loads(reply.read())
+    conn.close()
+    return status, data
+
+
+def _metric(server, name: str, **labels) -> float:
+    port = re.search(r"--metrics-port (\d+)", " ".join(server.proc.args)).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if m and ",".join(sorted(m.group(1).split(","))) == want:
+            total += float(m.group(2))
+    return total
+
+
+def test_completions_equal_grpc(oa, grpc_client, checkpoint):
+    want = grpc_client.generate(PROMPT, max_new_tokens=6)  # gRPC: greedy by default
+    got = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert got.object == "text_completion" and got.model == "chat-tiny" and got.id.startswith("cmpl-")
+    (choice,) = got.choices
+    assert choice.text == want.text and choice.finish_reason == want.finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.generated_tokens)
+    assert got.usage.total_tokens == want.prompt_tokens + 6
+    # A token prompt is the same request; the model field may be left out.
+    from meshserve.model.loading import load_model
+
+    ids = load_model(checkpoint).encode_prompt(PROMPT)
+    status, raw = _post_to(oa, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and raw["choices"][0]["text"] == want.text and raw["model"] == "chat-tiny"
+    assert [m.id for m in oa.models.list().data] == ["chat-tiny"]
+
+
+def test_chat_equal_grpc(oa, grpc_client):
+    want = grpc_client.generate(messages=CONVERSATION, max_new_tokens=6)
+    got = oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, max_tokens=6, temperature=0)
+    assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
+    (choice,) = got.choices
+    assert choice.message.role == "assistant" and choice.message.content == want.text
+    assert got.usage.prompt_tokens == want.prompt_tokens and got.usage.completion_tokens == 6
+    # Content as a list of text parts; max_completion_tokens as OpenAI's newer name for max_tokens.
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]
+    again = oa.chat.completions.create(model="chat-tiny", messages=parts, max_completion_tokens=6, temperature=0)
+    assert again.choices[0].message.content == want.text
+
+
+def test_streams_concatenate_to_the_whole_answer(oa):
+    whole = oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, max_tokens=8, temperature=0)
+    chunks = list(oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, max_tokens=8, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    # n = 2 sampled with a seed: each streamed choice equals the unary answer's, sample i with seed + i.
+    kw = dict(model="chat-tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7)
+    unary = oa.completions.create(n=2, **kw)
+    streamed = {0: "", 1: ""}
+    for c in oa.completions.create(n=2, stream=True, **kw):
+        for choice in c.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == {c.index: c.text for c in unary.choices}
+    assert oa.completions.create(**{**kw, "seed": 8}).choices[0].text == streamed[1]
+
+
+def test_logprobs(oa):
+    got = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == got.usage.completion_tokens == 5
+    lengths = [len(t) for t in lp.tokens]
+    assert lp.text_offset == [sum(lengths[:i]) for i in range(5)]
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 3 and top[token] == pytest.approx(chosen, abs=1e-5)  # greedy: the best one
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5) and chosen <= 0
+    chat = oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, max_tokens=4, temperature=0,
+                                      logprobs=True, top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+    plain = oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_several_prompts(oa):
+    one = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    other = oa.completions.create(model="chat-tiny", prompt="w9 w10", max_tokens=4, temperature=0)
+    both = oa.completions.create(model="chat-tiny", prompt=[PROMPT, "w9 w10"], n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]  # prompt p's sample i is choice p * n + i
+    assert [c.text for c in both.choices] == [one.choices[0].text] * 2 + [other.choices[0].text] * 2
+    assert both.usage.prompt_tokens == one.usage.prompt_tokens + other.usage.prompt_tokens
+    assert both.usage.completion_tokens == 16
+
+
+BAD = [
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature: expected a number, got 'hot'"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 60}, 400, "max_tokens: 5 prompt tokens + max_tokens 60"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n must be >= 1"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 99}, 400, "n must be in [1, 16]"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 21}, 400, "logprobs must be in [0, 20]"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 7}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"w5": 1}}, 400, "logit_bias: key 'w5' is not a token id"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"99999": 1}}, 400, "logit_bias: token id 99999 outside"),
+    ("/v1/completions", {"prompt": PROMPT, "echo": True}, 400, "echo: not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, 400, "best_of: only best_of = n (1)"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["x", 3]}, 400, "stop[1]: expected a string, got 3"),
+    ("/v1/completions", {"prompt": PROMPT, "frobnicate": 1}, 400, "frobnicate: unknown field (/v1/completions takes"),
+    ("/v1/completions", {"messages": CONVERSATION}, 400, "messages: not a field of /v1/completions"),
+    ("/v1/completions", {"prompt": [PROMPT, "w1 " * 3000]}, 400, "prompt[1]: 9000 characters exceed the limit"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt: token id 99999"),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options: only"),
+    ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4o"}, 404, "model: 'gpt-4o' is not served here"),
+    ("/v1/completions", [PROMPT], 400, "request body: expected a JSON object, got list"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages: missing or empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 3}, 400, None),  # content may be absent
+    ("/v1/chat/completions", {"messages": [{"content": "w5"}]}, 400, "messages[0].role: missing"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "w5"}]}, 400,
+     "Conversation must start with a system or user message"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages[0].content[0]: only text parts"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "tools": [{"type": "function"}]}, 400, "tools: tool calls"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "top_logprobs": 2}, 400, "top_logprobs: needs logprobs"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "max_tokens": 2, "max_completion_tokens": 2}, 400,
+     "max_completion_tokens: give it or max_tokens, not both"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 0}, 400,
+     "max_completion_tokens must be in [1, "),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "response_format": {"type": "json_object"}}, 400,
+     "response_format.type: only 'text'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path,body,status,message", BAD, ids=[f"{p[4:]}-{m}" for p, _, _, m in BAD])
+def test_bad_requests_name_their_field(server, path, body, status, message):
+    got_status, got = _post(server, path, body)
+    if message is None:  # a valid request: answered
+        assert got_status == 200 and got["choices"][0]["message"]["role"] == "assistant", got
+        return
+    assert got_status == status, got
+    assert message in got["error"]["message"], got
+    assert got["error"]["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def test_protocol_errors_and_auth(server, oa):
+    url = urlsplit(server.http)
+    assert _post(server, "/v1/completions", None, raw=b"{not json")[1]["error"]["message"].startswith(
+        "request body: invalid JSON"
+    )
+    status, got = _post(server, "/v1/completions", {"prompt": PROMPT}, token=None)
+    assert status == 401 and "bearer token" in got["error"]["message"]
+    assert _post(server, "/v1/completions", {"prompt": PROMPT}, token="wrong")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.http, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+        oa.completions.create(model="chat-tiny", prompt=PROMPT, temperature=-1)
+    # Health needs no token; an unknown path is a 404; an over-long body is refused unread (413).
+    health = urllib.request.urlopen(f"http://{url.hostname}:{url.port}/health", timeout=10)
+    assert health.status == 200 and json.loads(health.read()) == {"status": "ok"}
+    assert _post(server, "/v2/complete", {})[0] == 404
+    status, got = _post(server, "/v1/completions", None, raw=b" " * 200_000)
+    assert status == 413 and "request body: 200000 bytes exceed the limit of" in got["error"]["message"]
+    # The server still answers, and counted what it refused.
+    assert oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    assert _metric(server, "meshserve_requests_total", method="POST /v1/completions", code="UNAUTHENTICATED") >= 2
+    assert "Traceback" not in server.output()
+
+
+def _cancelled(server) -> float:
+    return _metric(server, "meshserve_finished_total", reason="cancelled")
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_client_that_goes_away_frees_its_slot(server, oa):
+    before = _cancelled(server)
+    # A stream left after two chunks (50 tokens would take >= 2.5 s).
+    stream = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=50, temperature=0, stream=True)
+    for _, _chunk in zip(range(2), stream, strict=False):
+        pass
+    stream.close()
+    assert _wait_for(lambda: _cancelled(server) >= before + 1), "the stream's request was not cancelled"
+    # A plain request whose client closes the connection while it waits.
+    url = urlsplit(server.http)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 50}).encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        time.sleep(0.5)
+    assert _wait_for(lambda: _cancelled(server) >= before + 2), "the plain request was not cancelled"
+    assert _metric(server, "meshserve_requests_total", method="POST /v1/completions", code="CANCELLED") >= 2
+    assert oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_drain_refuses_new_requests_and_finishes_running_ones(tmp_path):
+    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", python_code=SLOW_DECODE)
+    try:
+        client = openai.OpenAI(base_url=proc.http, api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model="tiny", prompt="hello", max_tokens=40, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.proc.send_signal(signal.SIGTERM)
+        url = urlsplit(proc.http)
+        assert _wait_for(lambda: _health(url) == 503), "health did not turn 503 while draining"
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+        assert refused.value.status_code == 503 and "shutting down" in str(refused.value)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert len(first.choices[0].text + "".join(c.choices[0].text for c in rest)) > 0
+        assert proc.proc.wait(timeout=60) == 0
+    finally:
+        proc.close()
+
+
+def _health(url) -> int:
+    try:
+        return urllib.request.urlopen(f"http://{url.hostname}:{url.port}/health", timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def test_tls_serves_grpc_and_https_with_one_certificate(tmp_path):
+    """--tls-cert/--tls-key cover both APIs: gRPC over TLS and HTTPS answer; plain HTTP to the HTTPS port gets no
+    answer, and the server goes on."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", "--tls-cert", str(cert),
+                         "--tls-key", str(key))  # fmt: skip
+    try:
+        assert proc.http.startswith("https://")
+        with Client(proc.target, tls_ca=cert) as c:
+            c.wait_ready()
+            want = c.generate("hello", max_new_tokens=4)
+        url = urlsplit(proc.http)
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):  # TLS reads no plain HTTP
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+            conn.request("GET", "/health")
+            conn.getresponse()
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=30, context=context)
+        body = json.dumps({"prompt": "hello", "max_tokens": 4, "temperature": 0})
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["choices"][0]["text"] == want.text
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.close()
