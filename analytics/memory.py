@@ -4,7 +4,8 @@ Parameters come from the model's declared shapes; optimizer state is counted exa
 optax optimizer's `init` (no allocation). Gradients and optimizer state are kept in the weights' precision, as in
 the arithmetic this project follows (7B with AdamW: weights 28 + gradients 28 + moments 56 = 112 GB in f32).
 KV cache per chip follows PAPER.md: multi-query heads-sharded keeps the one kv head on every chip; batch-sharded
-splits rows over the chips; multi-head splits kv heads over the chips (at least one head per chip).
+splits rows over the chips; multi-head splits kv heads over the chips (at least one head per chip: a grouped-query
+model with fewer kv heads than chips runs them replicated, model.config.kv_replication, one whole head per chip).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Split out of model/sharded.py (which re-exports every name): the PartitionSpecs of the stored weights (from
 partition/rules.py's split tables, which the cost model reads too; norms, mlp_norm and every bias are whole on
 every chip, where each chip slices the block its activations need), placing params, the KV cache's split, and the
-refusals (LayoutError / UserError naming the dim and the split) for a model, mesh, layout or batch that cannot work.
+refusals (LayoutError / UserError naming the dim and the split) for a model, mesh, layout or batch that cannot work,
+and the model as a mesh runs it: a grouped-query model whose kv heads the heads split does not divide gets each kv
+head repeated (`mesh_config`, `replicate_for_mesh`; exact, at the cost of r times the KV cache and K/V weights).
 Axis alphabet (model/config.py): B batch, S cache, K kv heads, Q head dim, N layers.
 """
 
