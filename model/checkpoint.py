@@ -94,6 +94,11 @@ def save_checkpoint(
 
     if weights not in WEIGHT_DTYPES:
         raise CheckpointError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
+    if config.true_kv_heads:  # replicated for a mesh at load (ModelConfig.replicate_kv_heads): not the model's own
+        raise CheckpointError(
+            f"config has its {config.true_kv_heads} kv heads replicated to {config.n_kv_heads} for a mesh; save the "
+            "model as loaded, before replicate_kv_heads"
+        )
     path = Path(path).absolute()
     bad = [
         jax.tree_util.keystr(k)

@@ -338,7 +338,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 d_ff=c.d_ff,
                 n_layers=c.n_layers,
                 n_heads=c.n_heads,
-                n_kv_heads=c.n_kv_heads,
+                n_kv_heads=c.real_kv_heads,  # the model's own (a mesh may run each one replicated)
                 d_head=c.d_head,
                 max_seq_len=c.max_seq_len,
                 json=json.dumps(c.to_dict(), sort_keys=True),

@@ -98,6 +98,13 @@ def test_replicated_config_records_the_true_count_and_round_trips(tmp_path):
     assert info.config == config and info.config.true_kv_heads == 0
     a = replicate_kv_params(config, params, 2)["layers"]["wk"]
     np.testing.assert_array_equal(replicate_kv_params(info.config, loaded, 2)["layers"]["wk"], a)
+    # A replicated model is never saved: it is refused before anything is written.
+    from meshserve.model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="kv heads replicated to 4 for a mesh"):
+        save_checkpoint(tmp_path / "replicated", config.replicate_kv_heads(2), replicate_kv_params(config, params, 2),
+                        "f32")  # fmt: skip
+    assert not (tmp_path / "replicated").exists()
 
 
 # ------------------------------------------------------------------------------------------------ the weights
