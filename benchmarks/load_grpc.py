@@ -1,12 +1,14 @@
-"""Load test of `meshserve serve` over gRPC: requests/s, p50/p99 time to first token (TTFT) and time per output
-token (TPOT) at several client concurrencies, and the server's overhead per decode step over the bare engine step.
+"""Load test of `meshserve serve` over gRPC (or its OpenAI-compatible HTTP API): requests/s, p50/p99 time to first
+token (TTFT) and time per output token (TPOT) at several client concurrencies, and the server's overhead per decode
+step over the bare engine step.
 
     python benchmarks/load_grpc.py                       # starts a server (demo model, or --model tiny) and loads it
+    python benchmarks/load_grpc.py --api http            # the same load through POST /v1/completions, streamed
     python benchmarks/load_grpc.py --json > load.json
 
-Each client loops: one GenerateStream of --new-tokens tokens (ignore_eos, greedy) on a short prompt, for
---seconds per concurrency level. TTFT and TPOT are measured at the client (so they include gRPC and
-detokenization). Server step time comes from the server's Prometheus histogram meshserve_decode_step_seconds
+Each client loops: one GenerateStream (or a streamed completion) of --new-tokens tokens (ignore_eos, greedy) on a
+short prompt, for --seconds per concurrency level. TTFT and TPOT are measured at the client (so they include gRPC or
+HTTP and detokenization). Server step time comes from the server's Prometheus histogram meshserve_decode_step_seconds
 (dispatch to dispatch in the engine loop); the bare engine step is `Engine.decode(b)` timed in this process on the
 same plan and batch bucket, with nothing else running.
 """
@@ -42,33 +44,72 @@ def _scrape(port: int) -> tuple[float, float]:
     return total, count
 
 
-def _level(target: str, concurrency: int, seconds: float, new_tokens: int, metrics_port: int) -> dict:
+def _grpc_stream(target: str):
+    """A function (prompt, new_tokens) -> (arrival times of the chunks that carried tokens, tokens generated), over
+    one gRPC channel."""
     from meshserve.serving.client import Client
 
+    client = Client(target)
+
+    def stream(prompt: str, new_tokens: int) -> tuple[list[float], int]:
+        times, count = [], 0
+        for chunk in client.generate_stream(prompt, max_new_tokens=new_tokens, ignore_eos=True):
+            if chunk.tokens:
+                times.append(time.perf_counter())
+                count += len(chunk.tokens)
+        return times, count
+
+    return stream
+
+
+def _http_stream(target: str):
+    """As _grpc_stream, through a streamed POST /v1/completions (a connection per request: a stream ends with its
+    connection). Chunks carry text, not token ids: the count is the usage chunk's completion_tokens."""
+    import http.client
+
+    host, port = target.rsplit(":", 1)
+
+    def stream(prompt: str, new_tokens: int) -> tuple[list[float], int]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        body = {"prompt": prompt, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        if reply.status != 200:
+            raise SystemExit(f"HTTP {reply.status}: {reply.read()[:500]!r}")
+        times, count = [], 0
+        for line in reply:
+            if not line.startswith(b"data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data["choices"] and data["choices"][0]["text"]:
+                times.append(time.perf_counter())
+            elif data.get("usage"):
+                count = data["usage"]["completion_tokens"]
+        conn.close()
+        return times, count
+
+    return stream
+
+
+def _level(target: str, concurrency: int, seconds: float, new_tokens: int, metrics_port: int, api: str) -> dict:
     ttft, tpot, done = [], [], []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
     s0, c0 = _scrape(metrics_port)
 
     def worker(i: int) -> None:
-        with Client(target) as client:
-            n = 0
-            while time.monotonic() < stop_at:
-                start = time.perf_counter()
-                first = last = None
-                count = 0
-                for chunk in client.generate_stream(f"def f{i}_{n}(x):", max_new_tokens=new_tokens, ignore_eos=True):
-                    now = time.perf_counter()
-                    if chunk.tokens and first is None:
-                        first = now
-                    count += len(chunk.tokens)
-                    last = now
-                with lock:
-                    ttft.append(first - start)
-                    if count > 1:
-                        tpot.append((last - first) / (count - 1))
-                    done.append(last)
-                n += 1
+        stream = (_grpc_stream if api == "grpc" else _http_stream)(target)
+        n = 0
+        while time.monotonic() < stop_at:
+            start = time.perf_counter()
+            times, count = stream(f"def f{i}_{n}(x):", new_tokens)
+            with lock:
+                ttft.append(times[0] - start)
+                if count > 1:
+                    tpot.append((times[-1] - times[0]) / (count - 1))
+                done.append(times[-1])
+            n += 1
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -124,15 +165,21 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--max-batch", type=int, default=32, help="server decode slots (default 32)")
     p.add_argument("--bare-steps", type=int, default=100, help="bare engine steps timed per bucket (default 100)")
+    p.add_argument(
+        "--api",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="load gRPC's GenerateStream (default) or the OpenAI-compatible POST /v1/completions, streamed",
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     source = ["--model", args.model] if args.model else (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     buckets = sorted({min(args.max_batch, 1 << (c - 1).bit_length()) for c in levels})
     cmd = [sys.executable, "-m", "meshserve.serving.cli", "serve", *source, "--port", str(port), "--metrics-port",
            str(metrics_port), "--max-batch", str(args.max_batch), "--length-buckets", "32",
-           "--decode-buckets", ",".join(map(str, buckets))]  # fmt: skip
+           "--decode-buckets", ",".join(map(str, buckets)), "--http-port", str(http_port)]  # fmt: skip
     log = Path("/tmp") / f"load_grpc_server_{port}.log"
     server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
@@ -140,8 +187,8 @@ def main() -> int:
             if server.poll() is not None:
                 raise SystemExit(f"server exited:\n{log.read_text()}")
             time.sleep(0.2)
-        target = f"127.0.0.1:{port}"
-        results = [_level(target, c, args.seconds, args.new_tokens, metrics_port) for c in levels]
+        target = f"127.0.0.1:{port if args.api == 'grpc' else http_port}"
+        results = [_level(target, c, args.seconds, args.new_tokens, metrics_port, args.api) for c in levels]
     finally:
         server.terminate()
         server.wait(60)
@@ -152,12 +199,13 @@ def main() -> int:
         r["server_overhead_per_step_ms"] = r["server_step_ms"] - bare[b]
     import jax
 
-    report = {"device": jax.devices()[0].device_kind, "source": source or ["demo"], "new_tokens": args.new_tokens,
-              "levels": results}  # fmt: skip
+    report = {"device": jax.devices()[0].device_kind, "source": source or ["demo"], "api": args.api,
+              "new_tokens": args.new_tokens, "levels": results}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"device {report['device']}, model {' '.join(report['source'])}, {args.new_tokens} tokens/request")
+        print(f"device {report['device']}, model {' '.join(report['source'])}, {args.api}, {args.new_tokens} "
+              "tokens/request")  # fmt: skip
         head = (
             "clients  req/s  out tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   server step ms  bare step ms  overhead ms"
         )
