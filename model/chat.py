@@ -27,7 +27,16 @@ from typing import Any
 
 from meshserve.errors import UserError
 
-__all__ = ["ChatTemplate", "ChatError", "ROLES", "TEMPLATE_FILE", "check_messages", "render_chat", "hf_chat_template"]
+__all__ = [
+    "ChatTemplate",
+    "ChatError",
+    "ROLES",
+    "TEMPLATE_FILE",
+    "check_messages",
+    "check_template",
+    "render_chat",
+    "hf_chat_template",
+]
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = "chat_template.jinja"  # the file name in a meshserve checkpoint (and transformers' newer one)
@@ -156,6 +165,14 @@ def _compile(template: str):
         raise ChatError(f"chat template: line {e.lineno}: {e.message}") from None
 
 
+def check_template(template: str, source: str | Path) -> None:
+    """Raise ChatError naming `source` (the file it came from) and the line when `template` is not valid Jinja."""
+    try:
+        _compile(template)
+    except ChatError as e:
+        raise ChatError(f"{source}: {e} (fix the template, or delete it to serve without chat)") from None
+
+
 def _token_string(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
     if isinstance(value, dict):
@@ -197,6 +214,8 @@ def hf_chat_template(directory: str | Path) -> ChatTemplate | None:
             )
     if not isinstance(template, str) or not template.strip():
         return None
+    source = jinja_file if jinja_file.is_file() else directory / "tokenizer_config.json"
+    check_template(template, source)  # a template that cannot compile is refused now, not at the first request
     tokens = _json_object(directory / "special_tokens_map.json")
     bos = _token_string(config.get("bos_token")) or _token_string(tokens.get("bos_token"))
     eos = _token_string(config.get("eos_token")) or _token_string(tokens.get("eos_token"))

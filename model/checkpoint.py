@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 from meshserve.errors import UserError
-from meshserve.model.chat import TEMPLATE_FILE, ChatTemplate
+from meshserve.model.chat import TEMPLATE_FILE, ChatError, ChatTemplate, check_template
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
 from meshserve.model.quant import QuantizedArray
@@ -192,6 +192,10 @@ def _read_chat(path: Path, meta: dict) -> ChatTemplate | None:
         template = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {file}: {e}") from None
+    try:
+        check_template(template, file)  # a broken template fails the load in one line, not every chat request
+    except ChatError as e:
+        raise CheckpointError(str(e)) from None
     tokens = meta.get("chat") if isinstance(meta.get("chat"), dict) else {}
     bos, eos = tokens.get("bos_token"), tokens.get("eos_token")
     return ChatTemplate(template, bos if isinstance(bos, str) else None, eos if isinstance(eos, str) else None)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from meshserve.errors import UserError
 from meshserve.model.chat import ChatError, ChatTemplate, hf_chat_template, render_chat
 from meshserve.model.checkpoint import read_checkpoint_info
 from meshserve.serving.cli import main
@@ -266,3 +267,27 @@ def test_batch_generate_lines_may_carry_messages(checkpoint, client, model, tmp_
     assert errors[3].startswith("messages[0].role must be one of system, user, assistant")
     assert errors[4] == "messages: chat template: Conversation must start with a system or user message"
     assert errors[5].startswith("messages must be a list")
+
+
+def test_a_template_that_cannot_compile_is_refused_at_convert_and_load(hf_dir, checkpoint, tmp_path, capsys):
+    """A syntax error in the template fails `convert` and loading in one line naming the file and the line, instead
+    of answering every chat request with it; nothing is written."""
+    import shutil
+
+    broken_hf = tmp_path / "hf-broken"
+    shutil.copytree(hf_dir, broken_hf)
+    settings = json.loads((broken_hf / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m.content }\n{% endfor %}"
+    (broken_hf / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert main(["convert", "--from-hf", str(broken_hf), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenizer_config.json: chat template: line 1:" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+    broken = tmp_path / "ckpt-broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "chat_template.jinja").write_text("{% if %}")
+    with pytest.raises(UserError, match=r"chat_template.jinja: chat template: line 1: .*delete it to serve without"):
+        read_checkpoint_info(broken)
+    (broken / "chat_template.jinja").unlink()  # as the message says: the model loads, without chat
+    assert read_checkpoint_info(broken).chat is None
