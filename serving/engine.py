@@ -70,10 +70,22 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class ScoreOutput:
-    """Per-item continuation log-probs (float32 [c]) and whether each token is the argmax (bool [c])."""
+    """Per item, over its continuation's c tokens: their log-probs (float32 [c]), whether each is the argmax
+    (bool [c]), and the argmax itself: ids (int32 [c]) and log-probs (float32 [c]; OpenAI's echo with logprobs=1)."""
 
     token_logprobs: list[np.ndarray]
     greedy: list[np.ndarray]
+    best_ids: list[np.ndarray] = field(default_factory=list)
+    best_logprobs: list[np.ndarray] = field(default_factory=list)
+
+    def extend(self, other: ScoreOutput) -> None:
+        for name in ("token_logprobs", "greedy", "best_ids", "best_logprobs"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def pick(self, order: list[int]) -> ScoreOutput:
+        """The items in this order."""
+        lists = (self.token_logprobs, self.greedy, self.best_ids, self.best_logprobs)
+        return ScoreOutput(*([x[j] for j in order] if x else [] for x in lists))
 
 
 @dataclass
@@ -334,13 +346,11 @@ class Engine:
         for i, (p, c) in enumerate(items):
             tokens[i, : len(p) + len(c)] = list(p) + list(c)
             lengths[i] = len(p) + len(c)
-        token_lp, greedy = jax.device_get(score(self.params, tokens, lengths))
+        token_lp, best, best_lp = (np.asarray(a) for a in jax.device_get(score(self.params, tokens, lengths)))
+        greedy = best == tokens[:, 1:]
         # position j predicts token j + 1: the continuation's tokens are predicted at len(p)-1 .. len(p+c)-2
         spans = [(len(p) - 1, len(p) + len(c) - 1) for p, c in items]
-        return ScoreOutput(
-            [np.asarray(token_lp[i, a:z]) for i, (a, z) in enumerate(spans)],
-            [np.asarray(greedy[i, a:z]) for i, (a, z) in enumerate(spans)],
-        )
+        return ScoreOutput(*([a[i, s:e] for i, (s, e) in enumerate(spans)] for a in (token_lp, greedy, best, best_lp)))
 
     def score(self, items: list[tuple[list[int], list[int]]]) -> ScoreOutput:
         """Log-probs of continuations given prompts; items of (prompt ids, continuation ids), any count.
@@ -351,7 +361,5 @@ class Engine:
         out = ScoreOutput([], [])
         cap = self.score_chunk_size
         for start in range(0, len(items), cap):
-            part = self.score_chunk(items[start : start + cap])
-            out.token_logprobs.extend(part.token_logprobs)
-            out.greedy.extend(part.greedy)
+            out.extend(self.score_chunk(items[start : start + cap]))
         return out

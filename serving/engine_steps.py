@@ -164,9 +164,11 @@ def release_slots(state: DecodeState, free: jax.Array) -> DecodeState:
 
 
 def score_tokens(steps: ModelSteps, config: ModelConfig, params, tokens, lengths):
-    """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], argmax-hit bool [b, T-1]."""
+    """tokens [b, T], lengths [b] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [b, T-1], and the most likely token at
+    each position with its log-prob: ids int32 [b, T-1], log-probs [b, T-1] (a token is greedy when it is that id)."""
     logits, _, _ = steps.prefill(params, config, tokens, lengths, all_logits=True)  # [b, T, V]
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     target = tokens[:, 1:]
     token_lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    return token_lp, jnp.argmax(logits[:, :-1], axis=-1) == target
+    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    return token_lp, best, jnp.take_along_axis(logp, best[..., None], axis=-1)[..., 0]

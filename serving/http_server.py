@@ -38,7 +38,7 @@ from meshserve.serving.openai_protocol import (
     param_of,
     parse_body,
 )
-from meshserve.serving.openai_responses import Choices, chunk, final_response
+from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, final_response
 from meshserve.serving.orchestrator import Orchestrator, ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
@@ -119,8 +119,9 @@ class HttpFront:
 
     # ----- a generation: parse, validate, queue, wait -----
 
-    def submit(self, kind: str, body) -> tuple[OpenAIRequest, list, queue.SimpleQueue]:
-        """Parse and validate every prompt, then queue all their samples at once (all or none)."""
+    def submit(self, kind: str, body) -> tuple[OpenAIRequest, list, queue.SimpleQueue, list[Echo] | None]:
+        """Parse and validate every prompt, score the prompts when echoed, then queue all their samples at once (all
+        or none). Returns the parsed body, the samples' handles, their event queue and the echoed prompts."""
         try:
             parsed = parse_body(kind, body, self.model_name)
         except ModelNotFound as e:
@@ -140,17 +141,51 @@ class HttpFront:
                 message, param = openai_error(kind, e, parsed.max_tokens_field, index)
                 raise HttpError(400, message, param) from None
             samples += requests
+        echo = self._echo(parsed, samples[:: parsed.n]) if parsed.echo else None
+        if parsed.score_only:  # nothing to generate: every choice is its prompt, finished
+            return parsed, [Unsent(r) for r in samples], queue.SimpleQueue(), echo
         try:
             handles, events = self.orch.submit_many(samples, stop)
         except QueueFullError as e:
             raise HttpError(429, str(e)) from None
         except ShuttingDownError as e:
             raise HttpError(503, str(e)) from None
-        return parsed, handles, events
+        return parsed, handles, events, echo
+
+    def _echo(self, parsed: OpenAIRequest, firsts: list) -> list[Echo]:
+        """Each prompt's tokens with their log-probs (the first has none) and most likely alternatives, from one
+        Score job on the engine thread (between decode steps, as gRPC's Score)."""
+        prompts = [r.prompt for r in firsts]
+        total = sum(len(p) for p in prompts)
+        if total > self.limits.max_score_tokens:
+            raise HttpError(400, f"prompt: {total} prompt tokens to echo exceed the limit of "
+                            f"max_score_tokens={self.limits.max_score_tokens}", "prompt")  # fmt: skip
+        items = [(p[:1], p[1:]) for p in prompts if len(p) > 1]
+        try:
+            out = self.orch.score(items) if items else None
+        except QueueFullError as e:
+            raise HttpError(429, str(e)) from None
+        except ShuttingDownError as e:
+            raise HttpError(503, str(e)) from None
+        except UserError as e:
+            raise HttpError(400, f"prompt: {e}", "prompt") from None
+        except Exception as e:  # the engine thread died (orchestrator.error)
+            raise HttpError(500, f"engine failed: {type(e).__name__}") from None
+        echoes, k = [], 0
+        for req, prompt in zip(parsed.requests, prompts, strict=True):
+            text = req.text if req.WhichOneof("input") == "text" else self.model.tokenizer.decode(prompt)
+            if len(prompt) > 1:
+                lps, best, best_lps = out.token_logprobs[k], out.best_ids[k], out.best_logprobs[k]
+                k += 1
+                echoes.append(Echo(prompt, text, [None, *map(float, lps)],
+                                   [None, *zip(map(int, best), map(float, best_lps), strict=True)]))  # fmt: skip
+            else:
+                echoes.append(Echo(prompt, text, [None], [None]))
+        return echoes
 
     def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):
         """(choice index, Event) until every sample had its last; the client gone -> cancel all, raise _ClientGone."""
-        left, checked = len(handles), time.monotonic()
+        left, checked = sum(not isinstance(h, Unsent) for h in handles), time.monotonic()
         while left:
             try:
                 index, event = events.get(timeout=0.5)
@@ -242,10 +277,10 @@ class _Handler(BaseHTTPRequestHandler):
         front = self.front
         handles: list = []
         try:
-            parsed, handles, events = front.submit(kind, self._body())
+            parsed, handles, events, echo = front.submit(kind, self._body())
             if parsed.stream:
                 return self._stream(parsed, handles, events)
-            out = Choices(front.model.tokenizer, parsed, handles)
+            out = Choices(front.model.tokenizer, parsed, handles, echo)
             for index, event in front.events(handles, events, self._client_gone):
                 out.add(index, event)
             if error := front.shut_down_error(out.reasons):

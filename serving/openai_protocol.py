@@ -9,7 +9,9 @@ Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 
 choice i of prompt p has index p * n + i. Left as the gRPC default: an unset max_tokens generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. What meshserve cannot do (tools,
-echo, suffix, best_of != n, images, JSON mode) is refused by name rather than ignored, as is any unknown field.
+suffix, best_of != n, images, JSON mode, echo with stream or with logprobs > 1) is refused by name rather than
+ignored, as is any unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
+logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harness's loglikelihood requests need.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class OpenAIRequest:
     logprobs: bool  # return the chosen tokens' log-probs
     top_logprobs: int  # alternatives per token
     max_tokens_field: str  # what the client called max_new_tokens (chat: max_tokens or max_completion_tokens)
+    echo: bool = False  # completions: the prompt comes back before the completion (with its log-probs)
+    score_only: bool = False  # echo with max_tokens 0: the prompt's log-probs, nothing generated
 
 
 class _Body:
@@ -133,12 +137,14 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
             raise RequestError("max_completion_tokens: give it or max_tokens, not both")
         max_field = "max_completion_tokens"
     max_tokens = b.integer(max_field)  # its range, [1, the server's limit], is RequestParser's
-    if max_tokens is not None:
+    echo = kind == COMPLETIONS and bool(b.boolean("echo"))
+    score_only = echo and max_tokens == 0  # OpenAI's legacy scoring call: echo the prompt, generate nothing
+    if max_tokens is not None and not score_only:
         template.max_new_tokens = max_tokens
     if kind == COMPLETIONS:
         logprobs = b.integer("logprobs", 0)
         want_logprobs, top = logprobs is not None, logprobs or 0
-        _refuse_completion_extras(b, template.n)
+        _refuse_completion_extras(b, template.n, stream, top)
         prompts = _prompts(b)
     else:
         want_logprobs = bool(b.boolean("logprobs"))
@@ -160,7 +166,9 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
         else:
             req.messages.messages.extend(prompt)
         requests.append(req)
-    return OpenAIRequest(kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field)
+    return OpenAIRequest(
+        kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only
+    )
 
 
 _PATHS = {COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
@@ -215,9 +223,12 @@ def _ints(values: list, field: str) -> list[int]:
     return values
 
 
-def _refuse_completion_extras(b: _Body, n: int) -> None:
-    if b.boolean("echo"):
-        raise RequestError("echo: not supported (score the prompt with meshserve's Score RPC instead)")
+def _refuse_completion_extras(b: _Body, n: int, stream: bool, top: int) -> None:
+    if b.boolean("echo") and stream:
+        raise RequestError("echo: not supported with stream: true")
+    if b.boolean("echo") and top > 1:
+        raise RequestError(f"logprobs: at most 1 with echo (a prompt token's alternative is its most likely token), "
+                           f"got {top}")  # fmt: skip
     if b.string("suffix"):
         raise RequestError("suffix: not supported (no fill-in-the-middle)")
     best_of = b.integer("best_of", 1)

@@ -8,25 +8,46 @@ top_logprobs texts are.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
+from dataclasses import dataclass
 
 from meshserve.serving.openai_protocol import CHAT, OpenAIRequest
-from meshserve.serving.requests import Event
+from meshserve.serving.requests import Event, Request
 
-__all__ = ["Choices", "chunk", "final_response"]
+__all__ = ["Choices", "Echo", "Unsent", "chunk", "final_response"]
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as completions' echo returns it: its ids and text, and per token its log-prob and most likely
+    (id, log-prob), None for the first token (nothing predicts it)."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[float | None]
+    best: list[tuple[int, float] | None]
+
+
+@dataclass
+class Unsent:
+    """A sample that is not generated (echo with max_tokens 0): its request, no text, finished by length."""
+
+    request: Request
+    text: str = ""
 
 
 class Choices:
     """Every choice of one request: what the engine generated so far and how each ended."""
 
-    def __init__(self, tokenizer, parsed: OpenAIRequest, handles: list):
-        self.tokenizer, self.parsed, self.handles = tokenizer, parsed, handles
+    def __init__(self, tokenizer, parsed: OpenAIRequest, handles: list, echo: list[Echo] | None = None):
+        self.tokenizer, self.parsed, self.handles, self.echo = tokenizer, parsed, handles, echo
         prefix = "chatcmpl-" if parsed.kind == CHAT else "cmpl-"
         self.id = prefix + secrets.token_hex(12)
         self.created = int(time.time())
         n = len(handles)
-        self.reasons: list[str | None] = [None] * n
+        self.reasons: list[str | None] = ["length" if isinstance(h, Unsent) else None for h in handles]
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
         self.top: list[list] = [[] for _ in range(n)]
@@ -61,9 +82,28 @@ class Choices:
             if self.parsed.kind == CHAT:
                 message = {"role": "assistant", "content": handle.text}
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            elif self.echo is not None:
+                echo = self.echo[i // self.parsed.n]
+                logprobs = self._echo_logprobs(echo, logprobs)
+                out.append({"index": i, "text": echo.text + handle.text, "logprobs": logprobs, "finish_reason": finish})
             else:
                 out.append({"index": i, "text": handle.text, "logprobs": logprobs, "finish_reason": finish})
         return out
+
+    def _echo_logprobs(self, echo: Echo, generated: dict | None) -> dict | None:
+        """The prompt's tokens, log-probs and alternatives (logprobs = 1: the most likely token) before the
+        generated ones; text offsets run over both."""
+        if generated is None:
+            return None
+        texts = [self.tokenizer.decode([t]) for t in echo.ids]
+        tops = None
+        if self.parsed.top_logprobs:
+            tops = [None if b is None else {self.tokenizer.decode([b[0]]): b[1]} for b in echo.best]
+            tops += generated["top_logprobs"]
+        ends = list(itertools.accumulate(len(t) for t in texts))
+        offsets, shift = [0, *ends[:-1]], ends[-1]
+        return {"tokens": texts + generated["tokens"], "token_logprobs": echo.logprobs + generated["token_logprobs"],
+                "top_logprobs": tops, "text_offset": offsets + [shift + o for o in generated["text_offset"]]}  # fmt: skip
 
     def usage(self) -> dict:
         """Each prompt once (its first sample's), every sample's generated and prefix-cache-reused tokens."""

@@ -165,7 +165,9 @@ class Orchestrator:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout
-        job = ScoreJob([items[i] for i in order], future, deadline, cancel or threading.Event())
+        job = ScoreJob(
+            [items[i] for i in order], future, deadline, cancel or threading.Event(), output=ScoreOutput([], [])
+        )
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
@@ -180,7 +182,7 @@ class Orchestrator:
         back = [0] * len(items)
         for pos, i in enumerate(order):
             back[i] = pos
-        return ScoreOutput([out.token_logprobs[j] for j in back], [out.greedy[j] for j in back])
+        return out.pick(back)
 
     def live_slots(self) -> int:
         with self._lock:

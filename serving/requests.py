@@ -13,6 +13,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshserve.errors import UserError
 from meshserve.model.sampling_params import SamplingError, SamplingParams
@@ -170,5 +171,4 @@ class ScoreJob:
     cancel: threading.Event  # set by the caller (client gone, or gave up waiting)
     error: BaseException | None = None  # set with `cancel` when the server fails it (drain past grace)
     done: int = 0  # items scored so far
-    token_logprobs: list = field(default_factory=list)
-    greedy: list = field(default_factory=list)
+    output: Any = None  # engine.ScoreOutput of the items scored so far (set by the orchestrator)

@@ -107,11 +107,10 @@ class ScoreJobs:
             except Exception as e:  # a bad item must not kill the loop
                 self._end(job, error=e)
                 return True
-            job.token_logprobs.extend(out.token_logprobs)
-            job.greedy.extend(out.greedy)
+            job.output.extend(out)
             job.done += len(out.token_logprobs)
             if job.done >= n:
-                self._end(job, result=ScoreOutput(job.token_logprobs, job.greedy))
+                self._end(job, result=job.output)
         return True
 
     def _end(self, job: ScoreJob, result: ScoreOutput | None = None, error: BaseException | None = None) -> None:

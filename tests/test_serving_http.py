@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 from cli_helpers import free_port
 from meshserve.serving.cli import main
@@ -180,6 +181,39 @@ def test_several_prompts(oa):
     assert both.usage.completion_tokens == 16
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(oa, grpc_client, checkpoint):
+    """lm-evaluation-harness's loglikelihood request (token prompt = context + continuation, echo, logprobs 1,
+    max_tokens 1): the continuation's log-probs equal gRPC Score's, and its greedy flag is each token being the
+    top alternative. max_tokens 0 scores without generating."""
+    from meshserve.model.loading import load_model
+
+    encode = load_model(checkpoint).encode_prompt
+    context, continuation = encode("w5 w6 w7"), encode("w8 w9")[1:]  # [1:]: the continuation has no BOS
+    (want,) = grpc_client.score([(context, continuation)])
+    status, got = _post_to(oa, "/v1/completions", {"prompt": context + continuation, "max_tokens": 1, "echo": True,
+                                                   "logprobs": 1, "temperature": 0})  # fmt: skip
+    assert status == 200, got
+    choice = got["choices"][0]
+    lp = choice["logprobs"]
+    n = len(context) + len(continuation)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == n + 1  # the prompt, then the one generated token
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    span = slice(len(context), n)
+    np.testing.assert_allclose(lp["token_logprobs"][span], want.token_logprobs, rtol=1e-5, atol=1e-5)
+    greedy = all(
+        max(top, key=top.get) == tok for tok, top in zip(lp["tokens"][span], lp["top_logprobs"][span], strict=True)
+    )
+    assert greedy == want.greedy
+    for top, chosen in zip(lp["top_logprobs"][1:n], lp["token_logprobs"][1:n], strict=True):
+        assert len(top) == 1 and next(iter(top.values())) >= chosen - 1e-5  # the most likely token
+    assert choice["text"].startswith(load_model(checkpoint).tokenizer.decode(context + continuation))
+    assert got["usage"]["completion_tokens"] == 1
+    # max_tokens 0: the prompt only; a text prompt is echoed as sent.
+    status, got = _post_to(oa, "/v1/completions", {"prompt": "w5 w6 w7", "max_tokens": 0, "echo": True})
+    assert status == 200 and got["choices"][0]["text"] == "w5 w6 w7" and got["choices"][0]["logprobs"] is None
+    assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 0
+
+
 BAD = [
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature: expected a number, got 'hot'"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),
@@ -190,7 +224,9 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "top_p": 7}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"w5": 1}}, 400, "logit_bias: key 'w5' is not a token id"),
     ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"99999": 1}}, 400, "logit_bias: token id 99999 outside"),
-    ("/v1/completions", {"prompt": PROMPT, "echo": True}, 400, "echo: not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo: not supported with stream"),
+    ("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 2}, 400, "logprobs: at most 1 with echo"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),
     ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, 400, "best_of: only best_of = n (1)"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["x", 3]}, 400, "stop[1]: expected a string, got 3"),
     ("/v1/completions", {"prompt": PROMPT, "frobnicate": 1}, 400, "frobnicate: unknown field (/v1/completions takes"),
