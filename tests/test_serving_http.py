@@ -53,6 +53,7 @@ def server(checkpoint, tmp_path_factory):
         "--served-model-name", "chat-tiny", "--warm-up", "all", python_code=SLOW_DECODE,
     )  # fmt: skip
     yield proc
+    assert TOKEN not in proc.output()  # the token never reaches the logs
     proc.close()
 
 
