@@ -29,9 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from meshserve.errors import UserError
+from meshserve.serving.http_tokens import detokenize, echo_prompts, tokenize
 from meshserve.serving.openai_protocol import (
     CHAT,
     COMPLETIONS,
+    HttpError,
     ModelNotFound,
     OpenAIRequest,
     openai_error,
@@ -47,19 +49,13 @@ __all__ = ["HttpFront", "HttpError"]
 
 log = logging.getLogger("meshserve.http")
 _ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+_TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405:
           "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "service_unavailable"}  # fmt: skip
-_CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 411: "INVALID_ARGUMENT",
-          413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
-
-
-class HttpError(Exception):
-    """An answer other than 200: status, message (naming the field and its limit) and the OpenAI `param`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+_CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
+          411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+          503: "UNAVAILABLE"}  # fmt: skip
 
 
 class _ClientGone(Exception):
@@ -141,7 +137,7 @@ class HttpFront:
                 message, param = openai_error(kind, e, parsed.max_tokens_field, index)
                 raise HttpError(400, message, param) from None
             samples += requests
-        echo = self._echo(parsed, samples[:: parsed.n]) if parsed.echo else None
+        echo = echo_prompts(self, parsed, samples[:: parsed.n]) if parsed.echo else None
         if parsed.score_only:  # nothing to generate: every choice is its prompt, finished
             return parsed, [Unsent(r) for r in samples], queue.SimpleQueue(), echo
         try:
@@ -151,37 +147,6 @@ class HttpFront:
         except ShuttingDownError as e:
             raise HttpError(503, str(e)) from None
         return parsed, handles, events, echo
-
-    def _echo(self, parsed: OpenAIRequest, firsts: list) -> list[Echo]:
-        """Each prompt's tokens with their log-probs (the first has none) and most likely alternatives, from one
-        Score job on the engine thread (between decode steps, as gRPC's Score)."""
-        prompts = [r.prompt for r in firsts]
-        total = sum(len(p) for p in prompts)
-        if total > self.limits.max_score_tokens:
-            raise HttpError(400, f"prompt: {total} prompt tokens to echo exceed the limit of "
-                            f"max_score_tokens={self.limits.max_score_tokens}", "prompt")  # fmt: skip
-        items = [(p[:1], p[1:]) for p in prompts if len(p) > 1]
-        try:
-            out = self.orch.score(items) if items else None
-        except QueueFullError as e:
-            raise HttpError(429, str(e)) from None
-        except ShuttingDownError as e:
-            raise HttpError(503, str(e)) from None
-        except UserError as e:
-            raise HttpError(400, f"prompt: {e}", "prompt") from None
-        except Exception as e:  # the engine thread died (orchestrator.error)
-            raise HttpError(500, f"engine failed: {type(e).__name__}") from None
-        echoes, k = [], 0
-        for req, prompt in zip(parsed.requests, prompts, strict=True):
-            text = req.text if req.WhichOneof("input") == "text" else self.model.tokenizer.decode(prompt)
-            if len(prompt) > 1:
-                lps, best, best_lps = out.token_logprobs[k], out.best_ids[k], out.best_logprobs[k]
-                k += 1
-                echoes.append(Echo(prompt, text, [None, *map(float, lps)],
-                                   [None, *zip(map(int, best), map(float, best_lps), strict=True)]))  # fmt: skip
-            else:
-                echoes.append(Echo(prompt, text, [None], [None]))
-        return echoes
 
     def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):
         """(choice index, Event) until every sample had its last; the client gone -> cancel all, raise _ClientGone."""
@@ -259,18 +224,30 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         kind = _ROUTES.get(path)
         front = self.front
-        if kind is None:
+        if kind is None and path not in _TOKENIZERS:
             self.close_connection = True  # the body is not read: the connection cannot carry another request
-            return self._error(HttpError(404, f"POST {path}: not found (POST /v1/completions, /v1/chat/completions)"))
+            return self._error(HttpError(404, f"POST {path}: not found (POST /v1/completions, /v1/chat/completions, "
+                                              "/tokenize, /detokenize)"))  # fmt: skip
         if not self._authorized():
             self.close_connection = True
             return front.count(path, 401)
+        if kind is None:
+            return front.count(path, self._tokenizer(path))
         front.active(+1)
         try:
             status = self._generate(kind, path)
         finally:
             front.active(-1)
         front.count(path, status)
+
+    def _tokenizer(self, path: str) -> int:
+        try:
+            body = self._body()
+            self._json(200, (tokenize if path == "/tokenize" else detokenize)(self.front, body))
+            return 200
+        except HttpError as e:
+            self._error(e)
+            return e.status
 
     def _generate(self, kind: str, path: str) -> int:
         """Answer one completion; returns the status counted in the metrics (0: the client went away)."""

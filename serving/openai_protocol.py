@@ -22,7 +22,18 @@ from dataclasses import dataclass
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.validation import RequestError
 
-__all__ = ["OpenAIRequest", "ModelNotFound", "parse_body", "openai_error", "param_of", "COMPLETIONS", "CHAT"]
+__all__ = [
+    "OpenAIRequest",
+    "HttpError",
+    "ModelNotFound",
+    "parse_body",
+    "parse_tokenize",
+    "parse_detokenize",
+    "openai_error",
+    "param_of",
+    "COMPLETIONS",
+    "CHAT",
+]
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -43,6 +54,14 @@ _RENAMES = {
                   ("sampling.", ""), ("input", "prompt"), ("text", "prompt")),
     CHAT: (("max_new_tokens", "max_tokens"), ("sampling.", ""), ("input", "messages")),
 }  # fmt: skip
+
+
+class HttpError(Exception):
+    """An answer other than 200: status, message (naming the field and its limit) and the OpenAI `param`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
 
 
 @dataclass
@@ -300,6 +319,38 @@ def _messages(b: _Body) -> list[pb.ChatMessage]:
             content = "\n".join(texts)
         out.append(pb.ChatMessage(role=role, content=content or ""))
     return out
+
+
+def parse_tokenize(body, served_model: str) -> str | list[pb.ChatMessage]:
+    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...]} (through the chat template) -> the
+    text or the messages to encode. Raises RequestError naming the field."""
+    _check_fields(body, "/tokenize", {"model", "prompt", "messages"}, served_model)
+    b = _Body(body)
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise RequestError("prompt: give a prompt (text) or messages, one of them")
+    if body.get("prompt") is not None:
+        return b.string("prompt")
+    return _messages(b)
+
+
+def parse_detokenize(body, served_model: str) -> list[int]:
+    """POST /detokenize's body (vLLM's): {"tokens": [ids]} -> the ids. Raises RequestError naming the field."""
+    _check_fields(body, "/detokenize", {"model", "tokens"}, served_model)
+    tokens = _Body(body).array("tokens")
+    if tokens is None:
+        raise RequestError("tokens: missing (a list of token ids)")
+    return _ints(tokens, "tokens")
+
+
+def _check_fields(body, path: str, fields: set[str], served_model: str) -> None:
+    if not isinstance(body, dict):
+        raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
+    for key in body:
+        if key not in fields:
+            raise RequestError(f"{key}: unknown field ({path} takes {', '.join(sorted(fields))})")
+    model = _Body(body).string("model")
+    if model and model != served_model:
+        raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
 
 
 def openai_error(

@@ -215,6 +215,35 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(oa, grpc_client, checkpoint):
     assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 0
 
 
+def test_tokenize_and_detokenize(server, oa, grpc_client, checkpoint):
+    """vLLM's /tokenize: a prompt's ids as a completion sees them (usage.prompt_tokens agrees), a conversation's
+    through the chat template (as gRPC's messages); /detokenize inverts it; bad fields are named."""
+    from meshserve.model.loading import load_model
+
+    model = load_model(checkpoint)
+    status, got = _post(server, "/tokenize", {"prompt": PROMPT, "model": "chat-tiny"})
+    assert status == 200 and got["tokens"] == model.encode_prompt(PROMPT) and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == grpc_client.model_info().limits.max_context
+    completion = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=1)
+    assert completion.usage.prompt_tokens == got["count"]
+    status, chat = _post(server, "/tokenize", {"messages": CONVERSATION})
+    assert status == 200 and chat["tokens"] == model.encode_chat(CONVERSATION)
+    status, back = _post(server, "/detokenize", {"tokens": got["tokens"]})
+    assert status == 200 and back["prompt"] == model.tokenizer.decode(got["tokens"])
+    for path, body, message in [
+        ("/tokenize", {}, "prompt: give a prompt (text) or messages, one of them"),
+        ("/tokenize", {"prompt": "w5", "messages": CONVERSATION}, "prompt: give a prompt (text) or messages"),
+        ("/tokenize", {"prompt": 5}, "prompt: expected a string, got 5"),
+        ("/tokenize", {"text": "w5"}, "text: unknown field (/tokenize takes messages, model, prompt)"),
+        ("/detokenize", {"tokens": [5, -1]}, "tokens[1]: expected a token id"),
+        ("/detokenize", {"tokens": [99999]}, "tokens: token id 99999 outside the vocabulary"),
+        ("/detokenize", {}, "tokens: missing"),
+    ]:
+        status, got = _post(server, path, body)
+        assert status == 400 and message in got["error"]["message"], (path, body, got)
+    assert _post(server, "/tokenize", {"prompt": "w5"}, token=None)[0] == 401
+
+
 BAD = [
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature: expected a number, got 'hot'"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),

@@ -1,0 +1,83 @@
+"""Prompt tokens over HTTP: completions' echo (the prompt's log-probs, from a Score job) and vLLM's POST /tokenize
+and /detokenize. Split from serving/http_server.py; each function takes the HttpFront it serves."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from meshserve.errors import UserError
+from meshserve.serving.openai_protocol import (
+    HttpError,
+    ModelNotFound,
+    OpenAIRequest,
+    param_of,
+    parse_detokenize,
+    parse_tokenize,
+)
+from meshserve.serving.openai_responses import Echo
+from meshserve.serving.requests import QueueFullError, ShuttingDownError
+from meshserve.serving.validation import RequestError
+
+if TYPE_CHECKING:
+    from meshserve.serving.http_server import HttpFront
+
+__all__ = ["echo_prompts", "tokenize", "detokenize"]
+
+
+def echo_prompts(front: HttpFront, parsed: OpenAIRequest, firsts: list) -> list[Echo]:
+    """Each prompt's tokens with their log-probs (the first has none) and most likely alternatives, from one
+    Score job on the engine thread (between decode steps, as gRPC's Score)."""
+    prompts = [r.prompt for r in firsts]
+    total = sum(len(p) for p in prompts)
+    if total > front.limits.max_score_tokens:
+        raise HttpError(400, f"prompt: {total} prompt tokens to echo exceed the limit of "
+                        f"max_score_tokens={front.limits.max_score_tokens}", "prompt")  # fmt: skip
+    items = [(p[:1], p[1:]) for p in prompts if len(p) > 1]
+    try:
+        out = front.orch.score(items) if items else None
+    except QueueFullError as e:
+        raise HttpError(429, str(e)) from None
+    except ShuttingDownError as e:
+        raise HttpError(503, str(e)) from None
+    except UserError as e:
+        raise HttpError(400, f"prompt: {e}", "prompt") from None
+    except Exception as e:  # the engine thread died (orchestrator.error)
+        raise HttpError(500, f"engine failed: {type(e).__name__}") from None
+    echoes, k = [], 0
+    for req, prompt in zip(parsed.requests, prompts, strict=True):
+        text = req.text if req.WhichOneof("input") == "text" else front.model.tokenizer.decode(prompt)
+        if len(prompt) > 1:
+            lps, best, best_lps = out.token_logprobs[k], out.best_ids[k], out.best_logprobs[k]
+            k += 1
+            echoes.append(Echo(prompt, text, [None, *map(float, lps)],
+                               [None, *zip(map(int, best), map(float, best_lps), strict=True)]))  # fmt: skip
+        else:
+            echoes.append(Echo(prompt, text, [None], [None]))
+    return echoes
+
+
+def tokenize(front: HttpFront, body) -> dict:
+    """POST /tokenize: a prompt's ids as a completion would see them (BOS included), or a conversation's through
+    the chat template; with the count and the context limit, so a client can budget max_tokens."""
+    try:
+        what = parse_tokenize(body, front.model_name)
+        if isinstance(what, str):
+            ids = front.parser.ids("prompt", front.model.encode_prompt(front.parser.text("prompt", what)))
+        else:
+            ids = front.parser.chat(what)
+    except ModelNotFound as e:
+        raise HttpError(404, str(e), "model") from None
+    except RequestError as e:
+        raise HttpError(400, str(e), param_of(str(e))) from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": front.limits.max_context}
+
+
+def detokenize(front: HttpFront, body) -> dict:
+    """POST /detokenize: token ids -> text (every id checked against the vocabulary)."""
+    try:
+        ids = front.parser.ids("tokens", parse_detokenize(body, front.model_name))
+    except ModelNotFound as e:
+        raise HttpError(404, str(e), "model") from None
+    except RequestError as e:
+        raise HttpError(400, str(e), param_of(str(e))) from None
+    return {"prompt": front.model.tokenizer.decode(ids)}
