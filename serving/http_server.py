@@ -13,6 +13,7 @@ closed socket cannot be told from pending data without reading; it notices when 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -41,7 +42,7 @@ from meshserve.serving.openai_protocol import (
     parse_body,
 )
 from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, final_response
-from meshserve.serving.orchestrator import Orchestrator, ShuttingDownError
+from meshserve.serving.orchestrator import GRACE_ENDED, Orchestrator, ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
 
@@ -70,11 +71,13 @@ class HttpFront:
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
         self.parser = RequestParser(model, limits)
         self.metrics = orchestrator.metrics
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
         self.created = int(time.time())
         self.serving = False  # /health answers 200 only while serving (not before start, not while draining)
-        # A body holds at most the text limit (JSON may escape a character as 6 bytes) and some fields.
-        self.max_body_bytes = 6 * limits.text_chars + 65536
+        # A body holds at most the text limit (JSON may escape a character as 6 bytes), or a batch of token-id prompts
+        # (up to a queue's worth of whole contexts, ~8 bytes an id), and some fields.
+        prompts = max(1, min(limits.max_queue, 256))
+        self.max_body_bytes = max(6 * limits.text_chars, 8 * limits.max_context * prompts) + 65536
         self._active = 0
         self._idle = threading.Condition()
         self.httpd = _Server((host, port), _Handler, bind_and_activate=True)
@@ -102,13 +105,20 @@ class HttpFront:
         self.httpd.server_close()
 
     def authorized(self, header: str | None) -> bool:
-        return self._expected is None or hmac.compare_digest((header or "").encode(), self._expected)
+        """`Authorization: Bearer <token>` (the scheme in any case, RFC 7235), or no token configured."""
+        if self._token is None:
+            return True
+        scheme, _, given = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
 
     def models(self) -> dict:
         """GET /v1/models: the one model this server serves."""
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshserve",
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        """GET /v1/models/{id}: this server's model."""
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshserve",
                 "max_model_len": self.limits.max_context}  # fmt: skip
-        return {"object": "list", "data": [card]}
 
     def count(self, path: str, status: int) -> None:
         self.metrics.requests.labels(f"POST {path}", _CODES.get(status, str(status))).inc()
@@ -124,19 +134,21 @@ class HttpFront:
             raise HttpError(404, str(e), "model") from None
         except RequestError as e:
             raise HttpError(400, str(e), param_of(str(e))) from None
-        need = len(parsed.requests) * parsed.n
-        if need > max(1, self.limits.max_queue):
-            raise HttpError(400, f"prompt: {len(parsed.requests)} prompts x n={parsed.n} need {need} queue places, more "
-                            f"than the server's max_queue={self.limits.max_queue}", "prompt")  # fmt: skip
         samples, stop = [], []
         for i, req in enumerate(parsed.requests):
             try:
-                requests, stop = self.parser.samples(req, None)
+                # Chat without max_tokens runs to the end of the context (OpenAI, vLLM); completions as gRPC (64).
+                requests, stop = self.parser.samples(req, None, *([self.limits.max_context] if kind == CHAT else []))
             except RequestError as e:
                 index = i if len(parsed.requests) > 1 else None
                 message, param = openai_error(kind, e, parsed.max_tokens_field, index)
                 raise HttpError(400, message, param) from None
             samples += requests
+        need = len(samples)
+        if need > max(1, self.limits.max_queue):
+            raise HttpError(400, f"prompt: {len(parsed.requests)} prompts x n={parsed.n} need {need} queue places, more "
+                            f"than the server's max_queue={self.limits.max_queue}; send fewer prompts per request",
+                            "prompt")  # fmt: skip
         echo = echo_prompts(self, parsed, samples[:: parsed.n]) if parsed.echo else None
         if parsed.score_only:  # nothing to generate: every choice is its prompt, finished
             return parsed, [Unsent(r) for r in samples], queue.SimpleQueue(), echo
@@ -176,7 +188,7 @@ class HttpFront:
 
     def shut_down_error(self, reasons: list[str | None]) -> HttpError | None:
         if "cancelled" in reasons and self.orch.grace_passed:
-            return HttpError(503, "server shut down: the request was cancelled when the drain's grace period ended")
+            return HttpError(503, GRACE_ENDED)
         return None
 
     def active(self, delta: int) -> None:
@@ -198,7 +210,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI's clients expect
+    _streaming = False  # headers of a stream sent: errors go out as a last event, not a status
     server_version = "meshserve"
+    sys_version = ""  # the Server header names meshserve only, not the Python version
     timeout = 300  # an idle keep-alive connection is closed after this many seconds
 
     @property
@@ -218,6 +232,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/v1/models":
             return self._json(200, self.front.models())
+        if path.startswith("/v1/models/"):
+            name = path.removeprefix("/v1/models/")
+            if name == self.front.model_name:
+                return self._json(200, self.front.model_card())
+            message = f"model: {name!r} is not served here (this server serves {self.front.model_name!r})"
+            return self._error(HttpError(404, message, "model"))
         self._error(HttpError(404, f"GET {path}: not found (GET /v1/models, GET /health)"))
 
     def do_POST(self) -> None:  # noqa: N802
@@ -272,6 +292,16 @@ class _Handler(BaseHTTPRequestHandler):
             front.cancel(handles)
             self.close_connection = True
             return 0
+        except Exception as e:  # a bug: answer (the client must not wait or retry blindly) and free the samples
+            log.exception("%s failed", path)
+            front.cancel(handles)
+            self.close_connection = True
+            if self._streaming:
+                self._sse(json.dumps(_error_body(HttpError(500, f"internal error: {type(e).__name__}"))))
+                self._end_stream()
+            else:
+                self._error(HttpError(500, f"internal error: {type(e).__name__}"))
+            return 500
 
     def _stream(self, parsed: OpenAIRequest, handles: list, events) -> int:
         """Server-sent events: a chunk per engine event with new text (and per choice, its finish), the usage chunk
@@ -281,9 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # no length known: the end of the stream is the connection's
+        self.send_header("Transfer-Encoding", "chunked")  # the connection stays open for the client's next request
         self.end_headers()
-        self.close_connection = True
+        self._streaming = True
         if parsed.kind == CHAT:  # OpenAI's first chunk of each choice gives the role
             self._send(chunk(out, front.model_name, [out.role_delta(i) for i in range(len(handles))]))
         try:
@@ -296,18 +326,27 @@ class _Handler(BaseHTTPRequestHandler):
             if parsed.include_usage:
                 self._send(chunk(out, front.model_name, [], usage=True))
             self._sse("[DONE]")
+            self._end_stream()
             return 200
         except HttpError as e:
             front.cancel(handles)
             self._sse(json.dumps(_error_body(e)))
+            self._end_stream()
             return e.status
 
     def _send(self, obj: dict) -> None:
         self._sse(json.dumps(obj, ensure_ascii=False))
 
     def _sse(self, data: str) -> None:
-        self.wfile.write(f"data: {data}\n\n".encode())
+        """One server-sent event, as one HTTP chunk."""
+        event = f"data: {data}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
         self.wfile.flush()
+
+    def _end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")  # the last chunk
+        self.wfile.flush()
+        self._streaming = False
 
     def _authorized(self) -> bool:
         if self.front.authorized(self.headers.get("Authorization")):
@@ -317,17 +356,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self):
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self.close_connection = True
             raise HttpError(411, "Content-Length: required (a JSON body; chunked uploads are not supported)")
         size, limit = int(length), self.front.max_body_bytes
         if size > limit:
             self.close_connection = True  # not read: the connection cannot carry another request
-            raise HttpError(413, f"request body: {size} bytes exceed the limit of {limit}")
+            raise HttpError(413, f"request body: {size} bytes exceed the limit of {limit} (send fewer prompts per "
+                            "request)")  # fmt: skip
         raw = self.rfile.read(size)
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:
+            raise HttpError(400, "request body: JSON nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise HttpError(400, f"request body: invalid JSON ({e})") from None
 
     def _client_gone(self) -> bool:
@@ -342,12 +384,25 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # say so: a client reusing the connection would meet a closed socket
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (an unknown method such as OPTIONS, a malformed request line) in OpenAI's
+        error shape instead of an HTML page."""
+        self.close_connection = True
+        what = f"{self.command} {urlsplit(self.path).path}" if getattr(self, "command", None) else "request"
+        with contextlib.suppress(OSError):
+            self._json(code, _error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
+
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        self.send_error(405, "method not allowed (no CORS preflight: call from a server, not a browser page)")
 
     def _error(self, error: HttpError) -> None:
         self._json(error.status, _error_body(error))

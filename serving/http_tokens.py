@@ -6,13 +6,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
+from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.openai_protocol import (
+    Body,
     HttpError,
     ModelNotFound,
     OpenAIRequest,
+    chat_messages,
+    check_text,
+    ints,
     param_of,
-    parse_detokenize,
-    parse_tokenize,
+    show,
 )
 from meshserve.serving.openai_responses import Echo
 from meshserve.serving.requests import QueueFullError, ShuttingDownError
@@ -81,3 +85,36 @@ def detokenize(front: HttpFront, body) -> dict:
     except RequestError as e:
         raise HttpError(400, str(e), param_of(str(e))) from None
     return {"prompt": front.model.tokenizer.decode(ids)}
+
+
+def parse_tokenize(body, served_model: str) -> str | list[pb.ChatMessage]:
+    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...]} (through the chat template) -> the
+    text or the messages to encode. Raises RequestError naming the field."""
+    _check_fields(body, "/tokenize", {"model", "prompt", "messages"}, served_model)
+    b = Body(body)
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise RequestError("prompt: give a prompt (text) or messages, one of them")
+    if body.get("prompt") is not None:
+        return b.string("prompt")
+    return chat_messages(b)
+
+
+def parse_detokenize(body, served_model: str) -> list[int]:
+    """POST /detokenize's body (vLLM's): {"tokens": [ids]} -> the ids. Raises RequestError naming the field."""
+    _check_fields(body, "/detokenize", {"model", "tokens"}, served_model)
+    tokens = Body(body).array("tokens")
+    if tokens is None:
+        raise RequestError("tokens: missing (a list of token ids)")
+    return ints(tokens, "tokens")
+
+
+def _check_fields(body, path: str, fields: set[str], served_model: str) -> None:
+    if not isinstance(body, dict):
+        raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
+    check_text(body)
+    for key in body:
+        if key not in fields:
+            raise RequestError(f"{key}: unknown field ({path} takes {', '.join(sorted(fields))})")
+    model = Body(body).string("model")
+    if model and model != served_model:
+        raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")

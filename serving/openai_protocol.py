@@ -6,7 +6,8 @@ and `openai_error` renames the gRPC field its message names to the OpenAI field 
 max_tokens, sampling.temperature -> temperature, text -> prompt ...), so a bad field is reported under its own name.
 
 Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 0, greedy); JSON null means unset;
-choice i of prompt p has index p * n + i. Left as the gRPC default: an unset max_tokens generates
+choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to the end of the context (the
+server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. What meshserve cannot do (tools,
 suffix, best_of != n, images, JSON mode, echo with stream or with logprobs > 1) is refused by name rather than
@@ -24,11 +25,14 @@ from meshserve.serving.validation import RequestError
 
 __all__ = [
     "OpenAIRequest",
+    "Body",
     "HttpError",
+    "check_text",
+    "ints",
+    "chat_messages",
+    "show",
     "ModelNotFound",
     "parse_body",
-    "parse_tokenize",
-    "parse_detokenize",
     "openai_error",
     "param_of",
     "COMPLETIONS",
@@ -80,7 +84,7 @@ class OpenAIRequest:
     score_only: bool = False  # echo with max_tokens 0: the prompt's log-probs, nothing generated
 
 
-class _Body:
+class Body:
     """Typed reads of a JSON object's fields; JSON null reads as unset. Errors name the field."""
 
     def __init__(self, body: dict, prefix: str = ""):
@@ -91,12 +95,12 @@ class _Body:
         value = self.body.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            raise RequestError(f"{self.prefix}{key}: expected {what}, got {_show(value)}")
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise RequestError(f"{self.prefix}{key}: expected {what}, got {show(value)}")
         return value
 
     def number(self, key: str) -> float | None:
-        return self._get(key, (int, float), "a number")
+        return _float(self._get(key, (int, float), "a number"), f"{self.prefix}{key}")
 
     def integer(self, key: str, low: int = -_INT32, high: int = _INT32) -> int | None:
         value = self._get(key, (int,), "an integer")
@@ -117,7 +121,42 @@ class _Body:
         return self._get(key, (list,), "a list")
 
 
-def _show(value) -> str:
+def check_text(body: dict) -> None:
+    """Refuse a body holding a string that is not text (JSON's \\ud800 escapes decode to lone surrogates, which no
+    tokenizer, proto or reply can encode), naming the top-level field it is in."""
+    for field, value in body.items():
+        if not _encodable(field):
+            raise RequestError(f"{show(field)}: a field name that is not valid text (a lone surrogate)")
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str) and not _encodable(item):
+                raise RequestError(f"{field}: not valid text (a lone surrogate such as \\ud800)")
+            if isinstance(item, dict):
+                stack += [*item.keys(), *item.values()]
+            elif isinstance(item, list):
+                stack += item
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _float(value, field: str) -> float | None:
+    """A JSON number as a float (an integer of 400 digits does not fit one: refused naming the field)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        raise RequestError(f"{field}: {show(value)} is out of range for a number") from None
+
+
+def show(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -127,12 +166,13 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
     GenerateRequests to validate. Raises RequestError naming the OpenAI field; ModelNotFound for another model."""
     if not isinstance(body, dict):
         raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
+    check_text(body)
     for key in body:
         if key in _ELSEWHERE[kind]:
             raise RequestError(f"{key}: not a field of {_PATHS[kind]} ({_ELSEWHERE[kind][key]})")
         if key not in _FIELDS[kind] and key not in _IGNORED:
             raise RequestError(f"{key}: unknown field ({_PATHS[kind]} takes {', '.join(sorted(_FIELDS[kind]))})")
-    b = _Body(body)
+    b = Body(body)
     model = b.string("model")
     if model and model != served_model:
         raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
@@ -143,7 +183,7 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
         raise RequestError(f"n must be >= 1 (samples per prompt), got {n}")
     template.n = n or 1  # the limit (the server's max_n) is RequestParser's
     stream = bool(b.boolean("stream"))
-    options = _Body(b.object("stream_options") or {}, "stream_options.")
+    options = Body(b.object("stream_options") or {}, "stream_options.")
     for key in options.body:
         if key != "include_usage":
             raise RequestError(f"stream_options.{key}: unknown field (takes include_usage)")
@@ -171,7 +211,7 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
         if top and not want_logprobs:
             raise RequestError("top_logprobs: needs logprobs: true")
         _refuse_chat_extras(b)
-        prompts = [_messages(b)]
+        prompts = [chat_messages(b)]
     template.return_logprobs = want_logprobs
     template.top_logprobs = top
     requests = []
@@ -201,7 +241,7 @@ class ModelNotFound(RequestError):
     """The body names a model this server does not serve (404, as OpenAI's API and vLLM answer)."""
 
 
-def _sampling(b: _Body, req: pb.GenerateRequest) -> None:
+def _sampling(b: Body, req: pb.GenerateRequest) -> None:
     """The sampling fields (values are range-checked by SamplingParams, via RequestParser)."""
     s = req.sampling
     temperature = b.number("temperature")
@@ -221,28 +261,28 @@ def _sampling(b: _Body, req: pb.GenerateRequest) -> None:
         try:
             token = int(key)
         except ValueError:
-            raise RequestError(f"logit_bias: key {_show(key)} is not a token id") from None
+            raise RequestError(f"logit_bias: key {show(key)} is not a token id") from None
         if not 0 <= token < _INT32 or isinstance(value, bool) or not isinstance(value, int | float):
-            raise RequestError(f"logit_bias[{key}]: expected a token id in [0, 2**31) and a number, got {_show(value)}")
-        s.logit_bias[token] = value
+            raise RequestError(f"logit_bias[{key}]: expected a token id in [0, 2**31) and a number, got {show(value)}")
+        s.logit_bias[token] = _float(value, f"logit_bias[{key}]")
     stop = b._get("stop", (str, list), "a string or a list of strings")
     stops = [stop] if isinstance(stop, str) else stop or []
     for i, st in enumerate(stops):
         if not isinstance(st, str):
-            raise RequestError(f"stop[{i}]: expected a string, got {_show(st)}")
+            raise RequestError(f"stop[{i}]: expected a string, got {show(st)}")
     req.stop.extend(stops)
-    req.stop_token_ids.extend(_ints(b.array("stop_token_ids") or [], "stop_token_ids"))
+    req.stop_token_ids.extend(ints(b.array("stop_token_ids") or [], "stop_token_ids"))
     req.ignore_eos = bool(b.boolean("ignore_eos"))
 
 
-def _ints(values: list, field: str) -> list[int]:
+def ints(values: list, field: str) -> list[int]:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _INT32:
-            raise RequestError(f"{field}[{i}]: expected a token id (an integer in [0, 2**31)), got {_show(v)}")
+            raise RequestError(f"{field}[{i}]: expected a token id (an integer in [0, 2**31)), got {show(v)}")
     return values
 
 
-def _refuse_completion_extras(b: _Body, n: int, stream: bool, top: int) -> None:
+def _refuse_completion_extras(b: Body, n: int, stream: bool, top: int) -> None:
     if b.boolean("echo") and stream:
         raise RequestError("echo: not supported with stream: true")
     if b.boolean("echo") and top > 1:
@@ -255,18 +295,18 @@ def _refuse_completion_extras(b: _Body, n: int, stream: bool, top: int) -> None:
         raise RequestError(f"best_of: only best_of = n ({n}) is supported, got {best_of}")
 
 
-def _refuse_chat_extras(b: _Body) -> None:
+def _refuse_chat_extras(b: Body) -> None:
     if b.array("tools"):
         raise RequestError("tools: tool calls are not supported")
     choice = b.body.get("tool_choice")
     if choice not in (None, "none", "auto"):
-        raise RequestError(f"tool_choice: tool calls are not supported, got {_show(choice)}")
-    fmt = _Body(b.object("response_format") or {}, "response_format.")
+        raise RequestError(f"tool_choice: tool calls are not supported, got {show(choice)}")
+    fmt = Body(b.object("response_format") or {}, "response_format.")
     if fmt.string("type") not in (None, "text"):
-        raise RequestError(f"response_format.type: only 'text' is supported, got {_show(fmt.body['type'])}")
+        raise RequestError(f"response_format.type: only 'text' is supported, got {show(fmt.body['type'])}")
 
 
-def _prompts(b: _Body) -> list:
+def _prompts(b: Body) -> list:
     """`prompt`: a string, a list of token ids, or a list of either (several prompts)."""
     prompt = b._get("prompt", (str, list), "a string, a list of token ids, or a list of those")
     if prompt is None:
@@ -276,19 +316,19 @@ def _prompts(b: _Body) -> list:
     if not prompt:
         raise RequestError("prompt: empty list")
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return [_ints(prompt, "prompt")]
+        return [ints(prompt, "prompt")]
     out = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             out.append(p)
         elif isinstance(p, list) and p:
-            out.append(_ints(p, f"prompt[{i}]"))
+            out.append(ints(p, f"prompt[{i}]"))
         else:
-            raise RequestError(f"prompt[{i}]: expected a string or a non-empty list of token ids, got {_show(p)}")
+            raise RequestError(f"prompt[{i}]: expected a string or a non-empty list of token ids, got {show(p)}")
     return out
 
 
-def _messages(b: _Body) -> list[pb.ChatMessage]:
+def chat_messages(b: Body) -> list[pb.ChatMessage]:
     """`messages`: [{"role", "content"}], content a string or a list of {"type": "text", "text"} parts (joined by
     newlines, as vLLM does). The chat template decides which roles it accepts."""
     messages = b.array("messages")
@@ -297,11 +337,11 @@ def _messages(b: _Body) -> list[pb.ChatMessage]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RequestError(f"messages[{i}]: expected an object with role and content, got {_show(m)}")
-        mb = _Body(m, f"messages[{i}].")
+            raise RequestError(f"messages[{i}]: expected an object with role and content, got {show(m)}")
+        mb = Body(m, f"messages[{i}].")
         for key in m:
-            if key not in ("role", "content", "name"):
-                raise RequestError(f"messages[{i}].{key}: not supported (messages take role, content and name)")
+            if key not in ("role", "content"):
+                raise RequestError(f"messages[{i}].{key}: not supported (a message takes role and content)")
         role = mb.string("role")
         if not role:
             raise RequestError(f"messages[{i}].role: missing")
@@ -313,44 +353,12 @@ def _messages(b: _Body) -> list[pb.ChatMessage]:
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise RequestError(
                         f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are "
-                        f"supported, got {_show(kind if kind is not None else part)}"
+                        f"supported, got {show(kind if kind is not None else part)}"
                     )
                 texts.append(part["text"])
             content = "\n".join(texts)
         out.append(pb.ChatMessage(role=role, content=content or ""))
     return out
-
-
-def parse_tokenize(body, served_model: str) -> str | list[pb.ChatMessage]:
-    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...]} (through the chat template) -> the
-    text or the messages to encode. Raises RequestError naming the field."""
-    _check_fields(body, "/tokenize", {"model", "prompt", "messages"}, served_model)
-    b = _Body(body)
-    if (body.get("prompt") is None) == (body.get("messages") is None):
-        raise RequestError("prompt: give a prompt (text) or messages, one of them")
-    if body.get("prompt") is not None:
-        return b.string("prompt")
-    return _messages(b)
-
-
-def parse_detokenize(body, served_model: str) -> list[int]:
-    """POST /detokenize's body (vLLM's): {"tokens": [ids]} -> the ids. Raises RequestError naming the field."""
-    _check_fields(body, "/detokenize", {"model", "tokens"}, served_model)
-    tokens = _Body(body).array("tokens")
-    if tokens is None:
-        raise RequestError("tokens: missing (a list of token ids)")
-    return _ints(tokens, "tokens")
-
-
-def _check_fields(body, path: str, fields: set[str], served_model: str) -> None:
-    if not isinstance(body, dict):
-        raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
-    for key in body:
-        if key not in fields:
-            raise RequestError(f"{key}: unknown field ({path} takes {', '.join(sorted(fields))})")
-    model = _Body(body).string("model")
-    if model and model != served_model:
-        raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
 
 
 def openai_error(
@@ -367,11 +375,14 @@ def openai_error(
             rest = message[len(grpc_name) :]
             if "_" in grpc_name:  # an identifier the message may repeat ("... + max_new_tokens 60 exceed ...")
                 rest = re.sub(rf"\b{grpc_name}\b", name, rest)
-            message = name + rest
+            message = name + rest.replace(" (set text, tokens.ids or messages)", "")  # gRPC's field names
             break
     return message, param_of(message)
 
 
 def param_of(message: str) -> str | None:
-    """The top-level field an error message starts with (OpenAI's `param`): "messages[2].role: ..." -> messages."""
+    """The top-level field an error message starts with (OpenAI's `param`): "messages[2].role: ..." -> messages;
+    None for the body as a whole."""
+    if message.startswith("request body"):
+        return None
     return message.split(":")[0].split(" ")[0].split("[")[0].split(".")[0] or None

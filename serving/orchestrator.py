@@ -47,7 +47,11 @@ __all__ = [
     "ScoreQueueFullError",
     "ScoreCancelledError",
     "RequestFailedError",
+    "GRACE_ENDED",
 ]
+
+# What a request (gRPC: UNAVAILABLE, HTTP: 503) or Score hears when the drain's grace period cancelled it.
+GRACE_ENDED = "server shut down: the request was cancelled when the drain's grace period (--grace) ended"
 
 
 def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
@@ -215,9 +219,7 @@ class Orchestrator:
             for r in left:
                 self.scheduler.cancel(r)
                 clean = False
-        if self.scores.fail(
-            ShuttingDownError("server shut down: the Score was cancelled when the drain's grace period (--grace) ended")
-        ):
+        if self.scores.fail(ShuttingDownError(GRACE_ENDED.replace("the request", "the Score"))):
             clean = False
         self.stop()
         return clean

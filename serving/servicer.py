@@ -28,6 +28,7 @@ from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.orchestrator import (
+    GRACE_ENDED,
     Event,
     Orchestrator,
     RequestHandle,
@@ -190,7 +191,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._count(call, method, "UNAVAILABLE")
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                "server shut down: the request was cancelled when the drain's grace period (--grace) ended",
+                GRACE_ENDED,
             )
         self._count(call, method, "CANCELLED" if None in reasons or "cancelled" in reasons else "OK")
 

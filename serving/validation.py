@@ -128,9 +128,12 @@ class RequestParser:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
         return self.ids("messages", ids)
 
-    def generate(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[Request, list[str]]:
+    def generate(
+        self, req: pb.GenerateRequest, time_remaining: float | None, default_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> tuple[Request, list[str]]:
         """A GenerateRequest -> (engine Request, stop strings); time_remaining: the client's deadline in s (None:
-        none). Raises RequestError naming the first bad field."""
+        none); default_new_tokens: max_new_tokens when unset (capped by the room in the context and the server's
+        limit). Raises RequestError naming the first bad field."""
         which = req.WhichOneof("input")
         if which == "text":
             prompt = self.ids("text", self.model.encode_prompt(self.text("text", req.text))) if req.text else []
@@ -158,7 +161,7 @@ class RequestParser:
                     f"max_context={lim.max_context}"
                 )
         else:
-            n = min(DEFAULT_MAX_NEW_TOKENS, room, lim.max_new_tokens)
+            n = min(default_new_tokens, room, lim.max_new_tokens)
         if not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:  # a request field, checked before sampling's own fields
             raise RequestError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}] (0 = none), got {req.top_logprobs}")
         s = req.sampling
@@ -199,14 +202,16 @@ class RequestParser:
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
 
-    def samples(self, req: pb.GenerateRequest, time_remaining: float | None) -> tuple[list[Request], list[str]]:
+    def samples(
+        self, req: pb.GenerateRequest, time_remaining: float | None, default_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> tuple[list[Request], list[str]]:
         """A GenerateRequest -> its n engine Requests (sample i with seed + i, as batch-generate's "n") and the stop
         strings. n = 1 (or unset) is exactly `generate`'s one request. Raises RequestError naming the first bad
         field; n is checked first, so a bad n is reported whatever else is wrong."""
         n = req.n or 1  # proto3: unset reads 0
         if not 1 <= n <= self.limits.max_n:
             raise RequestError(f"n must be in [1, {self.limits.max_n}] (0 = 1), got {req.n}")
-        first, stop = self.generate(req, time_remaining)
+        first, stop = self.generate(req, time_remaining, default_new_tokens)
         try:
             return first.samples(n), stop
         except SamplingError as e:

@@ -266,9 +266,18 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options: only"),
     ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4o"}, 404, "model: 'gpt-4o' is not served here"),
     ("/v1/completions", [PROMPT], 400, "request body: expected a JSON object, got list"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": 10**400}, 400, "temperature: 1000000"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": -(10**400)}}, 400, "logit_bias[5]: -1000000"),
+    ("/v1/completions", {"prompt": "w5 \ud800"}, 400, "prompt: not valid text (a lone surrogate"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["\udfff"]}, 400, "stop: not valid text"),
+    ("/v1/completions", {"prompt": PROMPT, "\ud800": 1}, 400, "'\\ud800': a field name that is not valid text"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 2**31 - 1}, 400, "n must be in [1, 16]"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt: empty prompt"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages: missing or empty"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 3}, 400, None),  # content may be absent
     ("/v1/chat/completions", {"messages": [{"content": "w5"}]}, 400, "messages[0].role: missing"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5", "name": "x"}]}, 400,
+     "messages[0].name: not supported (a message takes role and content)"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "w5"}]}, 400,
      "Conversation must start with a system or user message"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -293,6 +302,71 @@ def test_bad_requests_name_their_field(server, path, body, status, message):
     assert got_status == status, got
     assert message in got["error"]["message"], got
     assert got["error"]["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+    assert got["error"]["param"] == (None if message.startswith("request body") else got["error"]["param"])
+    assert "(set text, tokens.ids or messages)" not in got["error"]["message"]  # no gRPC names over HTTP
+
+
+def _raw(server, request: bytes) -> tuple[int, dict, bytes]:
+    """Send raw bytes; (status, headers, body) of the answer."""
+    url = urlsplit(server.http)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        while len(body) < int(headers.get("Content-Length", 0)):
+            body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_malformed_http_is_answered_not_dropped(server, oa):
+    """What http.server or the parser could trip on gets an OpenAI error object, never a dropped connection or a
+    traceback; a connection the server will close says so; keep-alive serves request after request, streams too."""
+    auth = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+    deep = b'{"prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    status, _, body = _raw(server, b"POST /v1/completions HTTP/1.1\r\n" + auth + b"Content-Length: %d\r\n\r\n" %
+                           len(deep) + deep)  # fmt: skip
+    assert status == 400 and b"JSON nested too deeply" in body
+    status, headers, body = _raw(server, b"POST /v1/completions HTTP/1.1\r\n" + auth + "Content-Length: ²\r\n\r\n"
+                                 .encode())  # fmt: skip
+    assert status == 411 and headers.get("Connection") == "close"
+    status, headers, body = _raw(server, b"OPTIONS /v1/completions HTTP/1.1\r\n\r\n")
+    assert status == 405 and json.loads(body)["error"]["message"].startswith("OPTIONS /v1/completions: method not")
+    assert "Python" not in headers["Server"]
+    # The model card; the scheme of the bearer token in any case.
+    url = urlsplit(server.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    for path, want in (("/v1/models/chat-tiny", 200), ("/v1/models/gpt-4o", 404)):
+        conn.request("GET", path, headers={"Authorization": f"bearer {TOKEN}"})
+        reply = conn.getresponse()
+        data = json.loads(reply.read())
+        assert reply.status == want and (data.get("id") == "chat-tiny" or "not served here" in data["error"]["message"])
+    # One connection: a 404 that closes it says so; then a fresh one carries a stream, a plain request and another
+    # stream in turn (streams are chunked, not ended by closing).
+    conn.request("POST", "/v1/nothing", body=b"{}", headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    reply.read()
+    assert reply.status == 404 and reply.getheader("Connection") == "close"
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    for stream in (True, False, True):
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": stream})
+        conn.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        reply = conn.getresponse()
+        data = reply.read()
+        assert reply.status == 200 and (data.endswith(b"data: [DONE]\n\n") if stream else json.loads(data)["choices"])
+    conn.close()
+    assert "Traceback" not in server.output()
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(oa, grpc_client):
+    """As OpenAI and vLLM: an unset max_tokens in a chat is the room left in the context (a completion keeps gRPC's
+    default of 64 at most)."""
+    got = oa.chat.completions.create(model="chat-tiny", messages=CONVERSATION, temperature=0, logit_bias={2: -100})
+    room = grpc_client.model_info().limits.max_context - got.usage.prompt_tokens
+    assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == room
 
 
 def test_protocol_errors_and_auth(server, oa):
