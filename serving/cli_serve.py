@@ -106,6 +106,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "on an H100, longer compiles) or scan (lax.scan over stacked weights: one compiled layer); default auto: "
         "unrolled on a GPU with one device, else scan (a mesh always runs scan)",
     )
+    parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding by prompt lookup: draft up to K tokens per greedy request from its own prompt and "
+        "output (a repeated n-gram's continuation) and verify them in one step; the answers are plain greedy's, "
+        "faster where text repeats (code edits, quoting, summaries); one device; default 0 = off, 4 is usual",
+    )
+    parser.add_argument(
+        "--speculative-ngram",
+        type=int,
+        default=3,
+        metavar="N",
+        help="the longest suffix n-gram looked up for drafts (default 3; shorter ones are tried when it is not found)",
+    )
+    parser.add_argument(
+        "--speculative-max-batch",
+        type=int,
+        default=8,
+        metavar="B",
+        help="speculate only while at most B requests decode (default 8: above, a step is no longer bound by loading "
+        "the weights, and verifying drafts costs more than it saves)",
+    )
     add_compile_cache_argument(parser)
 
 
@@ -170,6 +194,9 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         device_kind=jax.devices()[0].device_kind,
         prefix_caching=prefix_caching,
         prefill_chunk=chunk,
+        speculative_tokens=args.speculative_tokens,
+        speculative_max_batch=args.speculative_max_batch,
+        speculative_ngram=args.speculative_ngram,
     )
     steps = None
     if n > 1:

@@ -49,12 +49,13 @@ from meshserve.serving.engine_steps import (
     prefill_step,
     release_slots,
     score_tokens,
+    verify_rows,
 )
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.prefix_cache import PrefixReuse
 from meshserve.serving.warm_up import PHASES, CompileJob, compile_order, covering
 
-__all__ = ["Engine", "ModelSteps", "DecodeState", "StepOutput", "ScoreOutput"]
+__all__ = ["Engine", "ModelSteps", "DecodeState", "StepOutput", "ScoreOutput", "VerifyOutput"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,18 @@ class StepOutput:
     logprobs: np.ndarray
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class VerifyOutput:
+    """A verify step on the host: tokens int32 [b, k + 1] of which row r keeps the first counts[r], their log-probs
+    [b, k + 1], and position 0's alternatives [b, K] (see engine_steps.verify_rows)."""
+
+    tokens: np.ndarray
+    counts: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class Engine:
     _insert: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _extend: dict[tuple[int, int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, T, C)
     _decode: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
+    _verify: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
     _state: DecodeState | None = field(default=None, init=False, repr=False)
@@ -123,7 +137,7 @@ class Engine:
 
     def compiled_steps(self) -> int:
         """Steps compiled so far (a prefill and its insert count two, as in `EnginePlan.compile_count`)."""
-        compiled = (self._prefill, self._insert, self._extend, self._decode, self._score)
+        compiled = (self._prefill, self._insert, self._extend, self._decode, self._verify, self._score)
         return sum(map(len, compiled)) + (self._release is not None)
 
     def warm_up(
@@ -220,6 +234,12 @@ class Engine:
             b, c = key
             fn = jax.jit(functools.partial(decode_rows, self.steps, self.config, b, c), donate_argnums=1)
             self._decode[key] = fn.lower(self.params, state).compile()
+        elif job.kind == "verify":
+            b, c = key
+            fn = jax.jit(functools.partial(verify_rows, self.steps, self.config, b, c), donate_argnums=1,
+                         out_shardings=(self.steps.decode_state_sharding, None))  # fmt: skip
+            drafts = spec((b, self.plan.speculative_tokens), jnp.int32)
+            self._verify[key] = fn.lower(self.params, state, drafts).compile()
         else:
             raise ValueError(f"unknown step kind {job.kind!r}")
         if progress:
@@ -322,6 +342,18 @@ class Engine:
     def decode(self, batch: int, context: int | None = None, top: bool = False) -> StepOutput:
         """One decode step, waited for (see `fetch`)."""
         return self.fetch(self.decode_async(batch, context), top)
+
+    def verify(self, drafts: np.ndarray, context: int) -> VerifyOutput:
+        """One speculative step (engine_steps.verify_rows) over slots [0, b) of drafts int32 [b, k] (-1 = none):
+        b is padded up to a compiled verify bucket, context to one >= every used row's length. Waited for."""
+        b, k = drafts.shape
+        if k != self.plan.speculative_tokens:
+            raise ValueError(f"drafts of {k} tokens; the plan verifies {self.plan.speculative_tokens}")
+        (bb, _), verify = covering(self._verify, (b, context), "verify")
+        if bb > b:
+            drafts = np.concatenate([drafts, np.full((bb - b, k), -1, np.int32)])
+        self._state, out = verify(self.params, self._state, drafts)
+        return VerifyOutput(*(np.asarray(a)[:b] for a in jax.device_get(out)))
 
     @property
     def score_chunk_size(self) -> int:

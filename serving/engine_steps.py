@@ -31,6 +31,7 @@ __all__ = [
     "prefill_step",
     "release_slots",
     "score_tokens",
+    "verify_rows",
 ]
 
 SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2], bias table [B, L_MAX] (sampling.py)
@@ -150,6 +151,56 @@ def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling,
                       state.history.add(tok))  # fmt: skip
     return new, (tok, lp, *top_logprobs(logits, samp))
+
+
+def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState, drafts):
+    """Speculative decoding's step: each slot of [0, b) runs its last token and its drafts int32 [b, k] (proposed
+    next tokens, -1 = none) in one pass over cache positions [0, context) (>= every used row's length), and keeps
+    the drafts the model itself would have produced, plus one token of its own after them.
+
+    Position 0 is sampled as `decode_rows` samples (every row's own sampler, step, history), so a row without
+    drafts gets exactly a decode step's token. Positions j >= 1 are greedy (argmax): only rows whose sampling is
+    plain greedy may carry drafts (the caller's rule), and for them every position is argmax, so the kept tokens
+    are the tokens plain decoding would give. Row r keeps n[r] = 1 + (its leading drafts equal to those tokens).
+
+    -> new state (k, v of the kept positions written, lengths + n, last = the n-th token, step + n, history), and
+    (tokens int32 [b, k + 1] (the first n[r] are row r's), n int32 [b], log-probs float32 [b, k + 1] under the
+    model, top ids and log-probs [b, K] of position 0).
+    """
+    c = state.cache
+    k_drafts = drafts.shape[1]
+    T = k_drafts + 1
+    lengths = c.lengths[:b]
+    # Rows [0, b) are sliced out, written and put back at a static offset, as decode_rows does: a scatter at
+    # dynamic positions straight into the whole [N, B, S, K, Q] cache made XLA (CPU) copy all of it every step.
+    sub_k, sub_v = c.k[:, :b], c.v[:, :b]  # [N, b, S, K, Q]
+    tokens = jnp.concatenate([state.last[:b, None], jnp.maximum(drafts, 0)], axis=1)  # [b, T]
+    prefix = transformer.Prefix(sub_k[:, :, :context], sub_v[:, :, :context], jnp.minimum(lengths, context))
+    logits, k_new, v_new = steps.prefill(params, config, tokens, jnp.full((b,), T, jnp.int32), all_logits=True,
+                                         prefix=prefix)  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
+    samp = {n: a[:b] for n, a in state.sampling.items()}
+    first, first_lp = sample(logits[:, 0], samp, state.step[:b], state.history)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [b, T, V]
+    out = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[:, 0].set(first)  # [b, T]
+    out_lp = jnp.take_along_axis(logp, out[..., None], axis=-1)[..., 0].at[:, 0].set(first_lp)
+    match = (drafts >= 0) & (drafts == out[:, :k_drafts])  # [b, k]
+    n = 1 + jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)  # [b], 1..T
+    S = c.max_len
+    rows = jnp.arange(b)[:, None]
+    at = lengths[:, None] + jnp.arange(T)[None, :]  # [b, T]; past S dropped (the caller keeps rows within S)
+    dtype = c.k.dtype
+    sub_k = sub_k.at[:, rows, at].set(k_new.astype(dtype), mode="drop")
+    sub_v = sub_v.at[:, rows, at].set(v_new.astype(dtype), mode="drop")
+    cache = transformer.KVCache(
+        c.k.at[:, :b].set(sub_k), c.v.at[:, :b].set(sub_v), c.lengths.at[:b].set(jnp.minimum(lengths + n, S))
+    )
+    kept = jnp.arange(T)[None, :] < n[:, None]  # [b, T]
+    counts = state.history.counts
+    counts = counts.at[:b].set(counts[:b].at[rows, out].add(kept.astype(jnp.int32), mode="drop"))
+    last = jnp.take_along_axis(out, (n - 1)[:, None], axis=1)[:, 0]
+    new = DecodeState(cache, state.last.at[:b].set(last), state.step.at[:b].add(n), state.sampling,
+                      dataclasses.replace(state.history, counts=counts))  # fmt: skip
+    return new, (out, n, out_lp, *top_logprobs(logits[:, 0], samp))
 
 
 def release_slots(state: DecodeState, free: jax.Array) -> DecodeState:

@@ -16,7 +16,6 @@ from meshserve.serving.openai_protocol import (
     check_text,
     ints,
     param_of,
-    show,
 )
 from meshserve.serving.openai_responses import Echo
 from meshserve.serving.requests import QueueFullError, ShuttingDownError

@@ -245,7 +245,9 @@ def run_generate(
     work.sort(key=lambda x: len(x[1][0].prompt))
     total = sum(len(requests) for _, requests, _ in work)
     scheduler = Scheduler.for_plan(engine.plan, total + 1)
-    orch = Orchestrator(engine, scheduler, model.tokenizer).start()
+    from meshserve.serving.speculative import speculator_for
+
+    orch = Orchestrator(engine, scheduler, model.tokenizer, speculator=speculator_for(engine.plan)).start()
     done: queue.SimpleQueue = queue.SimpleQueue()
     owner = {}  # request id -> (job, sample index)
     pending = {}  # job line -> its finished choices so far (None once an error was reported for the line)

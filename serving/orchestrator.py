@@ -38,6 +38,7 @@ from meshserve.serving.requests import (
 )
 from meshserve.serving.scheduler import PrefillBatch, QueueFullError, Request, Scheduler, Update
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
+from meshserve.serving.speculative import NgramSpeculator
 
 __all__ = [
     "Orchestrator",
@@ -76,7 +77,14 @@ class Orchestrator:
         tokenizer: Tokenizer,
         metrics: ServerMetrics | None = None,
         max_scores: int = DEFAULT_MAX_SCORES,
+        speculator: NgramSpeculator | None = None,
     ):
+        """speculator: draft tokens for greedy rows, verified in the engine's verify steps (the plan must have
+        them: speculative_tokens = the speculator's k); None = plain decoding."""
+        if speculator is not None and speculator.k != engine.plan.speculative_tokens:
+            raise ValueError(f"the speculator drafts {speculator.k} tokens; the plan verifies "
+                             f"{engine.plan.speculative_tokens}")  # fmt: skip
+        self.speculator = speculator
         self.engine = engine
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -276,6 +284,17 @@ class Orchestrator:
                     worked = True
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
+                if ticket is not None and self.speculator is not None:
+                    if pending is not None and ticket[0] <= self.speculator.max_batch:
+                        # Drafts come from each request's tokens so far, which lag a step while one is in flight.
+                        self._finish_step(pending, None)
+                        pending = None
+                        with self._lock:
+                            ticket = self.scheduler.decode_ticket()
+                    drafts = None if ticket is None else self.speculator.drafts(ticket, self.engine.plan.max_context)
+                    if drafts is not None:
+                        self._verify_step(ticket, drafts)
+                        continue
                 dispatched = None
                 if ticket is not None:
                     dispatched = (
@@ -340,6 +359,23 @@ class Orchestrator:
             handle.events.put(failure)
             if handle.done is not None:
                 handle.done.put(handle)
+
+    def _verify_step(self, ticket: tuple[int, tuple[Request | None, ...]], drafts) -> None:
+        """A speculative step (serving/speculative.py): verify the drafts, deliver each row's kept tokens."""
+        t0 = time.monotonic()
+        out = self.engine.verify(drafts, _context_needed(ticket))
+        now = time.monotonic()
+        with self._lock:
+            updates = self.scheduler.record_verify(
+                ticket, out.tokens, out.counts, out.logprobs, now, top=(out.top_ids, out.top_logprobs)
+            )
+            occupancy = self.scheduler.occupancy()
+        proposed, accepted = self.speculator.record(drafts, out.counts)
+        self.steps += 1
+        self.step_seconds += now - t0
+        self.metrics.step(now - t0, sum(len(u.tokens) for u in updates), occupancy)
+        self.metrics.speculated(proposed, accepted)
+        self._deliver(updates)
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0 = pending

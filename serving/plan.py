@@ -64,6 +64,19 @@ class EnginePlan:
     # Chunked prefill: a prompt longer than this (a length bucket) is prefilled one chunk per engine-loop iteration
     # through the same extend steps, with decode steps between the chunks. 0 = off.
     prefill_chunk: int = 0
+    # Speculative decoding (serving/speculative.py): up to this many drafted tokens per greedy row are verified in
+    # one "verify" step per decode bucket <= speculative_max_batch and context bucket. 0 = off.
+    speculative_tokens: int = 0
+    speculative_max_batch: int = 8
+    speculative_ngram: int = 3  # the longest suffix n-gram looked up in a request's own tokens
+
+    @property
+    def verify_batches(self) -> tuple[int, ...]:
+        """The decode buckets a verify step is compiled for (speculation pays at small batches, where a decode step
+        is bound by loading the weights; above, the extra positions cost compute). () when speculation is off."""
+        if not self.speculative_tokens:
+            return ()
+        return tuple(b for b in self.decode_batches if b <= self.speculative_max_batch)
 
     @property
     def extend_lengths(self) -> tuple[int, ...]:
@@ -84,6 +97,7 @@ class EnginePlan:
             n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
             n += len(self.prefill_batches) * len(self.extend_lengths) * len(self.contexts())
+            n += len(self.verify_batches) * len(self.contexts())
         if "score" in phases:
             n += len(self.score_batches) * len(self.prefill_lengths)
         return n
@@ -207,6 +221,9 @@ def make_plan(
     device_kind: str = "cpu",
     prefix_caching: bool = False,
     prefill_chunk: int = 0,
+    speculative_tokens: int = 0,
+    speculative_max_batch: int = 8,
+    speculative_ngram: int = 3,
 ) -> EnginePlan:
     """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
@@ -222,6 +239,8 @@ def make_plan(
     prefill_chunk: prefill prompts longer than this many tokens in chunks (rounded down to a length bucket; 0 = off):
     a long prompt then stalls the running streams for one chunk's prefill at a time, not for all of it. serve
     turns it on (512) for the latency objective.
+    speculative_tokens: draft tokens per verify step (serving/speculative.py; 0 = off), compiled for the decode
+    buckets up to speculative_max_batch; one device only for now. speculative_ngram: the longest n-gram looked up.
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -267,6 +286,15 @@ def make_plan(
         prefill_chunk = max([t for t in lengths if t <= prefill_chunk], default=lengths[0])
         if prefill_chunk >= max_context:
             raise PlanError(f"prefill chunk needs a length bucket below max_context={max_context}; buckets {lengths}")
+    if speculative_tokens:
+        if mesh_axes and math.prod(mesh_axes.values()) > 1:
+            raise PlanError("speculative decoding runs on one device for now (the sharded verify step is not built)")
+        if not 1 <= speculative_tokens <= min(16, max_context - 1):
+            raise PlanError(f"speculative tokens must be in [1, {min(16, max_context - 1)}] (0 = off), got "
+                            f"{speculative_tokens}")  # fmt: skip
+        if speculative_max_batch < 1 or speculative_ngram < 1:
+            raise PlanError(f"speculative max batch and n-gram must be >= 1, got {speculative_max_batch}, "
+                            f"{speculative_ngram}")  # fmt: skip
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(
@@ -282,6 +310,9 @@ def make_plan(
         mesh_axes=dict(mesh_axes or {"x": 1, "y": 1, "z": 1}),
         prefix_caching=prefix_caching,
         prefill_chunk=prefill_chunk,
+        speculative_tokens=speculative_tokens,
+        speculative_max_batch=speculative_max_batch,
+        speculative_ngram=speculative_ngram,
     )
     steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

@@ -334,6 +334,34 @@ class Scheduler:
             updates.append(self._accept(r, int(tok), float(lp), now, _alternatives(r, top, i)))
         return updates
 
+    def record_verify(
+        self,
+        ticket: tuple[int, tuple[Request | None, ...]],
+        tokens: np.ndarray,
+        counts: np.ndarray,
+        logprobs: np.ndarray,
+        now: float,
+        top: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> list[Update]:
+        """A verify step's kept tokens (row i: tokens[i, :counts[i]], serving/speculative.py) -> one update per
+        running owner, its tokens in order up to the one that ends it (a stop id or its limit: the rest, computed
+        past the end, are dropped). top: position 0's alternatives [b, K] (rows that want them never draft)."""
+        _, owners = ticket
+        updates = []
+        for i, r in enumerate(owners):
+            if r is None or r.finished:
+                continue
+            parts = []
+            for j in range(int(counts[i])):
+                parts.append(self._accept(r, int(tokens[i, j]), float(logprobs[i, j]), now,
+                                          _alternatives(r, top, i) if j == 0 else None))  # fmt: skip
+                if r.finished:
+                    break
+            updates.append(Update(r, tuple(t for u in parts for t in u.tokens), tuple(x for u in parts for x in
+                                  u.logprobs), parts[-1].finish_reason, tuple(a for u in parts for a in
+                                  u.top_logprobs)))  # fmt: skip
+        return updates
+
     @staticmethod
     def wants_top(ticket: tuple[int, tuple[Request | None, ...]]) -> bool:
         """Whether any request of a decode step asked for alternatives (only then are they copied to the host)."""

@@ -29,6 +29,7 @@ from meshserve.serving.plan import EnginePlan
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES
 from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
+from meshserve.serving.speculative import speculator_for
 from meshserve.serving.warm_up import BackgroundCompile, CompileJob
 
 __all__ = ["ServerOptions", "InferenceServer", "build_server", "ServerError", "check_score_tokens"]
@@ -100,7 +101,8 @@ class InferenceServer:
         self.metrics = ServerMetrics()
         self.metrics.compile_pending.set_function(engine.pending_steps)
         scheduler = Scheduler.for_plan(plan, options.max_queue)
-        self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue)
+        self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue,
+                                         speculator_for(plan))  # fmt: skip
         limits = Limits(
             max_context=plan.max_context,
             max_batch=plan.max_batch,

@@ -28,8 +28,9 @@ PHASES = ("generate", "score")  # what Engine.warm_up compiles by default
 
 @dataclass(frozen=True)
 class CompileJob:
-    """One step to compile: kind "release" | "prefill" (with its insert) | "extend" | "decode" | "score", and its
-    bucket key: (b, T) for prefill and score, (b, T, C) for extend, (b, C) for decode, () for release."""
+    """One step to compile: kind "release" | "prefill" (with its insert) | "extend" | "decode" | "verify" | "score",
+    and its bucket key: (b, T) for prefill and score, (b, T, C) for extend, (b, C) for decode and verify, () for
+    release."""
 
     kind: str
     key: tuple[int, ...]
@@ -43,7 +44,8 @@ class CompileJob:
     @property
     def label(self) -> str:
         """E.g. "decode b=4 C=128": the kind and its bucket, for logs and progress."""
-        names = {"prefill": ("b", "T"), "score": ("b", "T"), "extend": ("b", "T", "C"), "decode": ("b", "C")}
+        names = {"prefill": ("b", "T"), "score": ("b", "T"), "extend": ("b", "T", "C"), "decode": ("b", "C"),
+                 "verify": ("b", "C")}  # fmt: skip
         return " ".join([self.kind, *(f"{n}={v}" for n, v in zip(names.get(self.kind, ()), self.key, strict=True))])
 
 
@@ -54,6 +56,7 @@ def _keys(plan: EnginePlan, phases: tuple[str, ...]) -> dict[str, list[tuple[int
         keys["prefill"] = [(b, t) for b in plan.prefill_batches for t in plan.prefill_lengths]
         keys["extend"] = [(b, t, c) for b in plan.prefill_batches for t in plan.extend_lengths for c in plan.contexts()]
         keys["decode"] = [(b, c) for b in plan.decode_batches for c in plan.contexts()]
+        keys["verify"] = [(b, c) for b in plan.verify_batches for c in plan.contexts()]
     if "score" in phases:
         keys["score"] = [(b, t) for b in plan.score_batches for t in plan.prefill_lengths]
     return {kind: sorted(ks, key=lambda k: (math.prod(k), k)) for kind, ks in keys.items() if ks}

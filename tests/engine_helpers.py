@@ -27,13 +27,14 @@ class Received:
 
 
 def serve_requests(
-    engine: Engine, cases: list[tuple[list[int], int, SamplingParams]], timeout: float = 60.0
+    engine: Engine, cases: list[tuple[list[int], int, SamplingParams]], timeout: float = 60.0, speculator=None
 ) -> list[Received]:
     """Submit every (prompt ids, max_new_tokens, sampling) at once to an Orchestrator over `engine` (already warmed
-    up) and read each stream to its end; asserts the engine thread ended without an error."""
+    up; with `speculator`, its verify steps drafted by it) and read each stream to its end; asserts the engine
+    thread ended without an error."""
     plan = engine.plan
     scheduler = Scheduler.for_plan(plan, 8)
-    orch = Orchestrator(engine, scheduler, ByteTokenizer()).start()
+    orch = Orchestrator(engine, scheduler, ByteTokenizer(), speculator=speculator).start()
     got = []
     try:
         handles = [orch.submit(Request(list(p), n, sampling=s)) for p, n, s in cases]

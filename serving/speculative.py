@@ -1,0 +1,103 @@
+"""Speculative decoding by prompt lookup (n-gram drafting): no draft model, drafts come from the request's own text.
+
+Text that repeats (code being edited, a document being quoted or summarized, a chat that restates the question)
+often continues the way it did before: when the last n tokens of a request (n = max_ngram down to 1) occurred
+earlier in its prompt or output, the tokens that followed that occurrence are proposed as its next k tokens. The
+engine's verify step (serving/engine_steps.py `verify_rows`) runs the row's last token and its drafts in one pass
+and keeps the drafts the model itself would have produced, plus one token of its own: a step yields 1 to k + 1
+tokens for about the cost of one decode step while decoding is bound by loading the weights (small batches).
+
+Exact: only rows whose sampling is plain greedy draft (temperature 0; no penalties, logit bias, min_tokens or
+top_logprobs), and for them every kept token is the model's argmax given the tokens before it, so the output equals
+plain greedy decoding (up to float rounding between the verify and the decode step, as between any two buckets).
+Other rows ride along in the same step with no drafts and get exactly a decode step's token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from meshserve.model.sampling_params import SamplingParams
+from meshserve.serving.requests import Request
+
+__all__ = ["propose", "plain_greedy", "NgramSpeculator", "speculator_for"]
+
+
+def propose(history: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of history's last n tokens, for the largest n in
+    [min_ngram, max_ngram] that occurred before; [] when none did."""
+    h = np.asarray(history, np.int64)
+    L = len(h)
+    for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
+        # Windows starting at 0 .. L-n-1: every n-gram but the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+        hits = np.flatnonzero((windows == h[L - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n  # the latest occurrence: the nearest context
+            return h[start : start + k].tolist()
+    return []
+
+
+def plain_greedy(sampling: SamplingParams) -> bool:
+    """Whether every token of this sampling is the argmax of the raw logits (the rows that may carry drafts)."""
+    s = sampling
+    return (
+        s.temperature <= 0
+        and s.repetition_penalty == 1.0
+        and s.presence_penalty == 0.0
+        and s.frequency_penalty == 0.0
+        and not s.logit_bias
+        and not s.min_tokens
+        and not s.top_logprobs
+    )
+
+
+def speculator_for(plan) -> NgramSpeculator | None:
+    """The speculator an EnginePlan asks for (its speculative_* fields), or None when speculation is off."""
+    if not plan.speculative_tokens:
+        return None
+    return NgramSpeculator(plan.speculative_tokens, plan.speculative_ngram, plan.speculative_max_batch)
+
+
+class NgramSpeculator:
+    """Drafts for a decode step's rows: k tokens per plain-greedy row (fewer near its token limit or the end of
+    the context), by `propose` over its prompt and output."""
+
+    def __init__(self, k: int, max_ngram: int = 3, max_batch: int = 8):
+        if k < 1 or max_ngram < 1:
+            raise ValueError(f"speculative tokens and n-gram size must be >= 1, got {k}, {max_ngram}")
+        self.k, self.max_ngram, self.max_batch = k, max_ngram, max_batch
+        self.proposed = 0  # draft tokens sent to verify steps
+        self.accepted = 0  # of those, tokens the model agreed with
+
+    def drafts(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> np.ndarray | None:
+        """int32 [b, k] drafts (-1 = none) for the ticket's rows, or None when no row has one (or the bucket is
+        above max_batch): then a plain decode step is the better step."""
+        b, owners = ticket
+        if b > self.max_batch:
+            return None
+        out = np.full((b, self.k), -1, np.int32)
+        found = False
+        for i, r in enumerate(owners):
+            if r is None or r.finished or not plain_greedy(r.sampling):
+                continue
+            seen = len(r.prompt) + len(r.tokens)
+            # The verify step keeps at most drafts + 1 tokens: stay within the request's limit and the cache.
+            room = min(self.k, r.max_new_tokens - len(r.tokens) - 1, max_context - seen)
+            if room <= 0:
+                continue
+            draft = propose([*r.prompt, *r.tokens], room, self.max_ngram)
+            if draft:
+                out[i, : len(draft)] = draft
+                found = True
+        return out if found else None
+
+    def record(self, drafts: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
+        """Count a verify step's drafts and the ones kept (count - 1 per row: the last token is the model's own);
+        returns (proposed, accepted) of this step."""
+        proposed = int((drafts >= 0).sum())
+        accepted = int(np.maximum(counts - 1, 0)[(drafts >= 0).any(axis=1)].sum())
+        self.proposed += proposed
+        self.accepted += accepted
+        return proposed, accepted

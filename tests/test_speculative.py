@@ -1,0 +1,145 @@
+"""Speculative decoding by prompt lookup: the drafter (serving/speculative.py), the engine's verify step (every kept
+token is the model's argmax, whatever the drafts) and serving through the orchestrator, whose greedy answers equal
+plain decoding's with fewer steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from cli_helpers import checkpoint_fixture, run_cli
+from engine_helpers import serve_requests
+from meshserve.model.config import get_config
+from meshserve.model.params import init_params
+from meshserve.model.sampling import SamplingParams
+from meshserve.serving.engine import Engine
+from meshserve.serving.plan import make_plan
+from meshserve.serving.speculative import NgramSpeculator, plain_greedy, propose
+
+K = 4  # draft tokens per verify step
+
+
+def test_propose_follows_the_latest_earlier_occurrence():
+    assert propose([1, 2, 3, 9, 9, 1, 2, 3], 3) == [9, 9, 1]  # the 3-gram 1 2 3 occurred at 0
+    assert propose([5, 1, 2, 7, 1, 2, 8, 0, 1, 2], 2) == [8, 0]  # the latest of two occurrences
+    assert propose([4, 6, 4, 7, 7, 6], 5, max_ngram=3) == [4, 7, 7, 6]  # only the 1-gram 6 matches
+    assert propose([1, 2, 3, 4], 4) == [] and propose([7], 2) == []  # nothing repeats
+    assert propose([3, 3, 3, 3], 2) == [3]  # the continuation stops at the end of the history
+    assert propose([1, 2, 1, 2], 3, max_ngram=2, min_ngram=2) == [1, 2]
+
+
+def test_only_plain_greedy_rows_draft():
+    assert plain_greedy(SamplingParams())
+    for changed in (dict(temperature=0.7), dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
+                    dict(frequency_penalty=0.5), dict(logit_bias={3: 1.0}), dict(min_tokens=2, stop_ids=(1,)),
+                    dict(top_logprobs=2)):  # fmt: skip
+        assert not plain_greedy(SamplingParams(**changed)), changed
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """A tiny f32 model: one engine plain, one with verify steps (k = 4), same buckets."""
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(3))
+    kw = dict(max_batch=4, max_context=128, length_buckets=(16, 64), decode_buckets=(1, 4), context_buckets=(128,))
+    plain = Engine(params, config, make_plan(config, **kw))
+    spec = Engine(params, config, dataclasses.replace(make_plan(config, **kw), speculative_tokens=K))
+    for e in (plain, spec):
+        e.warm_up(phases=("generate",))
+    return plain, spec
+
+
+def _greedy_reference(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    engine.reset()
+    out = engine.prefill_insert([prompt], [0], [SamplingParams()], 1, 16)
+    tokens = [int(out.tokens[0])]
+    for _ in range(n - 1):
+        tokens.append(int(engine.decode(1, 128).tokens[0]))
+    return tokens
+
+
+def test_verify_keeps_exactly_the_greedy_tokens(engines):
+    """Drafts that are the greedy continuation are all kept (k + 1 tokens a step); wrong drafts are cut at the
+    first mismatch; either way the tokens are plain decoding's, and the cache stays consistent for what follows."""
+    plain, spec = engines
+    prompt = [5, 9, 2, 7, 11, 3]
+    want = _greedy_reference(plain, prompt, 1 + 3 * (K + 1))
+    for label, corrupt in (("right", False), ("wrong", True)):
+        spec.reset()
+        got = [int(spec.prefill_insert([prompt], [0], [SamplingParams()], 1, 16).tokens[0])]
+        steps = 0
+        while len(got) < len(want):
+            drafts = np.array([want[len(got) : len(got) + K]], np.int32)
+            if corrupt:
+                drafts[0, 2] = (drafts[0, 2] + 1) % spec.config.vocab_size  # the third draft is wrong
+            drafts = np.pad(drafts, ((0, 0), (0, K - drafts.shape[1])), constant_values=-1)
+            out = spec.verify(drafts, 128)
+            n = int(out.counts[0])
+            assert n == (3 if corrupt else K + 1) or len(got) + n >= len(want), (label, n)
+            got += out.tokens[0, :n].tolist()
+            steps += 1
+        assert got[: len(want)] == want, label
+    # With no drafts a verify step is a decode step.
+    spec.reset()
+    spec.prefill_insert([prompt], [0], [SamplingParams()], 1, 16)
+    out = spec.verify(np.full((1, K), -1, np.int32), 128)
+    assert out.counts.tolist() == [1] and int(out.tokens[0, 0]) == want[1]
+
+
+def test_serving_with_speculation_equals_plain_decoding(engines):
+    """Through the orchestrator: greedy requests (repetitive prompts, so drafts are found) get plain decoding's
+    tokens in fewer engine steps; a sampled request beside them is unaffected (its own sampler, no drafts)."""
+    plain, spec = engines
+    loop = [7, 3, 9, 12, 4, 7, 3, 9, 12, 4, 7, 3]
+    cases = [
+        (loop, 40, SamplingParams()),
+        ([2, 8, 2, 8, 2, 8, 5], 30, SamplingParams()),
+        (loop, 20, SamplingParams(temperature=0.9, seed=5)),
+    ]
+    want = serve_requests(plain, cases)
+    speculator = NgramSpeculator(K)
+    got = serve_requests(spec, cases, speculator=speculator)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert speculator.accepted > 0 and speculator.proposed >= speculator.accepted
+
+
+checkpoint = checkpoint_fixture(seed=4)
+
+
+def test_batch_generate_with_speculation_writes_the_same_lines(checkpoint, tmp_path, capsys):
+    """The CLI path: --speculative-tokens reaches the plan and the offline job's orchestrator; greedy lines (one
+    that repeats itself) are written exactly as without it, a sampled line too."""
+    src = tmp_path / "in.jsonl"
+    lines = [{"id": "loop", "prompt": "abcabcabcabcab", "max_new_tokens": 24},
+             {"id": "sampled", "prompt": "hello", "max_new_tokens": 12, "temperature": 0.8, "seed": 3}]  # fmt: skip
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    outputs = {}
+    for k in ("0", "4"):
+        out = tmp_path / f"out{k}.jsonl"
+        code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--checkpoint", checkpoint,
+                               "--speculative-tokens", k, "--length-buckets", "16", "--decode-buckets", "1,2",
+                               "--max-context", "64")  # fmt: skip
+        assert code == 0, err
+        outputs[k] = {(r := json.loads(line))["id"]: r["tokens"] for line in out.read_text().splitlines()}
+    assert outputs["0"] == outputs["4"] and len(outputs["4"]["loop"]) == 24
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--speculative-tokens", "99"], "speculative tokens must be in [1, 16] (0 = off), got 99"),
+        (["--speculative-tokens", "-1"], "speculative tokens must be in [1, 16] (0 = off), got -1"),
+        (["--speculative-tokens", "4", "--speculative-ngram", "0"], "n-gram must be >= 1"),
+        (["--speculative-tokens", "4", "--mesh", "2x2x2"], "speculative decoding runs on one device for now"),
+    ],
+)
+def test_bad_speculative_flags_fail_in_one_line(checkpoint, tmp_path, capsys, flags, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "ab"}\n')
+    code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(tmp_path / "o.jsonl"), "--checkpoint",
+                           checkpoint, *flags)  # fmt: skip
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.jsonl").exists()
