@@ -16,7 +16,9 @@
 # tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), w8a8 (falcon-7b int8
 # batch 1 and 64 with int8 activations: an int8 x int8 GEMM, model/quant.py), scan (lax.scan),
 # coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
-# `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png).
+# `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png),
+# spec (benchmarks/speculative.py on $MODEL: a verify step of 4 and 8 drafts against a decode step at batch 1;
+# random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -97,6 +99,12 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           2> "$OUT/cold_start.log" || echo "!! coldstart failed (see cold_start.log)"
         tail -n 3 "$OUT/cold_start.log"
       else echo "!! coldstart skipped: out of time"; fi ;;
+    spec)  # not in the default STEPS: the verify step's cost against a decode step at b=1 (speculative decoding)
+      if [ "$(left)" -ge 60 ]; then
+        timeout "$(left)" $PY benchmarks/speculative.py --model "$MODEL" --tokens 4,8 --new-tokens 64 --json \
+          > "$OUT/speculative.json" 2> "$OUT/speculative.log" || echo "!! spec failed (see speculative.log)"
+        tail -n 3 "$OUT/speculative.log"
+      else echo "!! spec skipped: out of time"; fi ;;
     *) echo "!! unknown step $step" ;;
   esac
 done

@@ -93,13 +93,16 @@ def main() -> int:
     p.add_argument("--model", help="a preset with random weights instead (e.g. tiny)")
     p.add_argument("--tokens", default="4", help="draft tokens K to try, comma-separated (default 4)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per request (default 128)")
-    p.add_argument("--context", type=int, default=256, help="the engine's context (default 256)")
+    p.add_argument(
+        "--context", type=int, help="the engine's context (default: 256, or the model's max_seq_len if less)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
     import jax
     from meshserve.model.loading import load_model
 
     model = load_model(args.checkpoint, preset=args.model)
+    args.context = args.context or min(256, model.config.max_seq_len)
     ks = [int(x) for x in args.tokens.split(",")]
     rows = []
     plain_engine = _engine(model, 0, args)
