@@ -349,7 +349,7 @@ class Engine:
         b, k = drafts.shape
         if k != self.plan.speculative_tokens:
             raise ValueError(f"drafts of {k} tokens; the plan verifies {self.plan.speculative_tokens}")
-        (bb, _), verify = covering(self._verify, (b, context), "verify")
+        (bb, _), verify = covering(self._verify, (b, self.plan.context_bucket(context)), "verify")
         if bb > b:
             drafts = np.concatenate([drafts, np.full((bb - b, k), -1, np.int32)])
         self._state, out = verify(self.params, self._state, drafts)

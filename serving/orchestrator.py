@@ -285,7 +285,7 @@ class Orchestrator:
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
                 if ticket is not None and self.speculator is not None:
-                    if pending is not None and ticket[0] <= self.speculator.max_batch:
+                    if pending is not None and self.speculator.may_draft(ticket):
                         # Drafts come from each request's tokens so far, which lag a step while one is in flight.
                         self._finish_step(pending, None)
                         pending = None
@@ -370,7 +370,7 @@ class Orchestrator:
                 ticket, out.tokens, out.counts, out.logprobs, now, top=(out.top_ids, out.top_logprobs)
             )
             occupancy = self.scheduler.occupancy()
-        proposed, accepted = self.speculator.record(drafts, out.counts)
+        proposed, accepted = self.speculator.record(drafts, updates)
         self.steps += 1
         self.step_seconds += now - t0
         self.metrics.step(now - t0, sum(len(u.tokens) for u in updates), occupancy)
@@ -397,6 +397,29 @@ class Orchestrator:
         self.metrics.step(seconds, len(updates), occupancy)
         self._deliver(updates)
 
+    def _push(self, handle: RequestHandle, u: Update) -> tuple[str, bool, Update]:
+        """Detokenize an update's tokens: (settled text, whether a stop string ended the request, the update). A
+        verify step's update carries several tokens: they go in one at a time, as plain decoding's would, and the
+        ones after the token that completed a stop string are dropped from the update and the request."""
+        if len(u.tokens) <= 1:
+            text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
+            return text, hit, u
+        text, hit, used = "", False, 0
+        for token in u.tokens:
+            piece, hit = handle.decoder.push((token,))
+            text, used = text + piece, used + 1
+            if hit:
+                break
+        drop = len(u.tokens) - used
+        if drop:
+            r = u.request
+            with self._lock:
+                del r.tokens[-drop:], r.logprobs[-drop:]
+                if u.top_logprobs:
+                    del r.top_logprobs[-min(drop, len(u.top_logprobs)) :]
+            u = Update(r, u.tokens[:used], u.logprobs[:used], u.finish_reason, u.top_logprobs[:used])
+        return text, hit, u
+
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:
             r = u.request
@@ -404,7 +427,7 @@ class Orchestrator:
             if handle is None:
                 continue
             reason = u.finish_reason
-            text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
+            text, hit, u = self._push(handle, u)
             if hit:
                 # A stop string wins over `length`: it may complete on the last allowed token.
                 if reason is None:

@@ -71,6 +71,15 @@ class NgramSpeculator:
         self.proposed = 0  # draft tokens sent to verify steps
         self.accepted = 0  # of those, tokens the model agreed with
 
+    def may_draft(self, ticket: tuple[int, tuple[Request | None, ...]]) -> bool:
+        """Whether some row of the ticket could carry drafts (cheap: no lookup), so a step in flight is worth
+        finishing first; when none could, decoding stays pipelined."""
+        b, owners = ticket
+        return b <= self.max_batch and any(
+            r is not None and not r.finished and plain_greedy(r.sampling) and len(r.tokens) + 1 < r.max_new_tokens
+            for r in owners
+        )
+
     def drafts(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> np.ndarray | None:
         """int32 [b, k] drafts (-1 = none) for the ticket's rows, or None when no row has one (or the bucket is
         above max_batch): then a plain decode step is the better step."""
@@ -93,11 +102,11 @@ class NgramSpeculator:
                 found = True
         return out if found else None
 
-    def record(self, drafts: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
-        """Count a verify step's drafts and the ones kept (count - 1 per row: the last token is the model's own);
-        returns (proposed, accepted) of this step."""
+    def record(self, drafts: np.ndarray, updates: Sequence) -> tuple[int, int]:
+        """Count a verify step's drafts and the ones its requests kept (an update's tokens but the last, the model's
+        own; tokens past a request's end are not in its update); returns (proposed, accepted) of this step."""
         proposed = int((drafts >= 0).sum())
-        accepted = int(np.maximum(counts - 1, 0)[(drafts >= 0).any(axis=1)].sum())
+        accepted = sum(max(len(u.tokens) - 1, 0) for u in updates)
         self.proposed += proposed
         self.accepted += accepted
         return proposed, accepted

@@ -143,3 +143,45 @@ def test_bad_speculative_flags_fail_in_one_line(checkpoint, tmp_path, capsys, fl
                            checkpoint, *flags)  # fmt: skip
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def _generate_with_stop(engine: Engine, tokenizer, prompt: list[int], stop: list[str], speculator):
+    """(tokens, text, finish reason) of one greedy request with stop strings, through an Orchestrator."""
+    from meshserve.serving.orchestrator import Orchestrator
+    from meshserve.serving.scheduler import Request, Scheduler
+
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 4), tokenizer, speculator=speculator).start()
+    try:
+        handle = orch.submit(Request(prompt, 48, SamplingParams()), stop)
+        tokens, reason = [], None
+        while reason is None:
+            event = handle.events.get(timeout=60)
+            tokens += event.tokens
+            reason = event.finish_reason
+        assert tokens == handle.request.tokens  # what was streamed is what the request holds
+    finally:
+        orch.stop()
+    return tokens, handle.text, reason
+
+
+def test_a_stop_string_inside_a_verify_step_ends_the_request_where_plain_decoding_does():
+    """A verify step keeps several tokens at once; when a stop string completes on one of them, the tokens after it
+    are dropped (tokens, log-probs, usage), so the answer is plain decoding's token for token, not only its text.
+    The bundled demo model: its greedy text repeats itself, so most steps keep several drafts."""
+    from meshserve.model.loading import load_model
+
+    model = load_model(None)
+    kw = dict(max_batch=1, max_context=128, length_buckets=(32,), decode_buckets=(1,), context_buckets=(128,))
+    plain = Engine(model.params, model.config, make_plan(model.config, **kw))
+    spec = Engine(model.params, model.config, make_plan(model.config, speculative_tokens=K, **kw))
+    for e in (plain, spec):
+        e.warm_up(phases=("generate",))
+    prompt = model.encode_prompt("def area(width, height):\n    return width * height\n\n\ndef area(width, height):\n")
+    free_tokens, free_text, _ = _generate_with_stop(plain, model.tokenizer, prompt, [], None)
+    assert free_text.startswith("Return the widget with the w")  # so "with the w" completes inside a verify step
+    for start in range(4, 60, 5):  # stop strings completing at different offsets within the verify steps
+        stop = free_text[start : start + 10]
+        want = _generate_with_stop(plain, model.tokenizer, prompt, [stop], None)
+        got = _generate_with_stop(spec, model.tokenizer, prompt, [stop], NgramSpeculator(K))
+        assert got == want, (stop, got, want)
+        assert want[2] == "stop" and len(want[0]) < len(free_tokens)
