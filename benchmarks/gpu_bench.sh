@@ -18,7 +18,8 @@
 # coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
 # `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png),
 # spec (benchmarks/speculative.py on $MODEL: a verify step of 4 and 8 drafts against a decode step at batch 1;
-# random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json).
+# random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json),
+# slots (benchmarks/slot_overhead.py: whether a decode step of b rows pays for a cache of 32 or 128 slots).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -105,6 +106,12 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           > "$OUT/speculative.json" 2> "$OUT/speculative.log" || echo "!! spec failed (see speculative.log)"
         tail -n 3 "$OUT/speculative.log"
       else echo "!! spec skipped: out of time"; fi ;;
+    slots)  # not in the default STEPS: decode step time at b = 1 and 8 with 32 and 128 slots (serve --max-batch)
+      if [ "$(left)" -ge 60 ]; then
+        timeout "$(left)" $PY benchmarks/slot_overhead.py --model "$MODEL" --batch 1,8 --slots 32,128 --json \
+          > "$OUT/slot_overhead.json" 2> "$OUT/slot_overhead.log" || echo "!! slots failed (see slot_overhead.log)"
+        tail -n 3 "$OUT/slot_overhead.log"
+      else echo "!! slots skipped: out of time"; fi ;;
     *) echo "!! unknown step $step" ;;
   esac
 done

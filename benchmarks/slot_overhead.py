@@ -38,14 +38,15 @@ def main() -> int:
     rows = []
     for b in (int(x) for x in args.batch.split(",")):
         for B in sorted({b, *(int(x) for x in args.slots.split(","))}):
-            if B < b:
+            if b > B:
                 continue
             plan = make_plan(model.config, max_batch=B, max_context=S, length_buckets=(16,),
                              decode_buckets=tuple(sorted({b, B})), context_buckets=(S,))  # fmt: skip
             engine = Engine(model.params, model.config, plan)
             engine.warm_up(phases=("generate",))
             prompt = model.encode_prompt("def f(x):")[:16]
-            engine.prefill_insert([prompt] * b, list(range(b)), [SamplingParams()] * b, b, 16)
+            for slot in range(b):  # one at a time: the prefill batch buckets need not include b
+                engine.prefill_insert([prompt], [slot], [SamplingParams()], 1, 16)
             engine.decode(b, S)
             times = []
             for _ in range(args.steps):
