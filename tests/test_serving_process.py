@@ -169,7 +169,14 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     assert json.loads(again.stdout.splitlines()[-1])["done"] == 0 and len(_lines(out)) == n
 
 
-@pytest.mark.parametrize("flag,message", [("--port", "cannot listen on"), ("--metrics-port", "cannot serve metrics")])
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--port", "cannot listen on"),
+        ("--metrics-port", "cannot serve metrics"),
+        ("--http-port", "cannot serve HTTP on"),
+    ],
+)
 def test_a_busy_port_fails_in_one_line_before_any_compile(checkpoint, flag, message):
     import re
     import socket
@@ -179,8 +186,8 @@ def test_a_busy_port_fails_in_one_line_before_any_compile(checkpoint, flag, mess
         busy.listen()
         port = str(busy.getsockname()[1])
         args = ["serve", "--checkpoint", str(checkpoint), *GRID, "--port", port if flag == "--port" else "0"]
-        if flag == "--metrics-port":
-            args += ["--metrics-port", port]
+        if flag != "--port":
+            args += [flag, port]
         proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -195,6 +202,11 @@ def test_serve_help_shows_score_limits_and_a_reply_limit_that_cannot_fit_is_refu
     proc = subprocess.run(meshserve(*args), capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--max-score-tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr
+    for flags, want in ((["--http-port", "70000"], "--http-port must be in [0, 65535], got 70000"),
+                        (["--served-model-name", " "], "--served-model-name must not be empty")):  # fmt: skip
+        proc = subprocess.run(meshserve("serve", "--checkpoint", str(checkpoint), *GRID, "--port", "0", *flags),
+                              capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 # Every XLA compile takes >= 1.5 s more (a stand-in for a big model's warm-up: the demo model takes 1-2 minutes);
