@@ -16,9 +16,9 @@ same plan and batch bucket, with nothing else running.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from timing import median_ms
 
 
 def _free_port() -> int:
@@ -146,13 +147,7 @@ def _bare_steps(args, buckets: list[int]) -> dict[int, float]:
     out = {}
     context = 32 + args.new_tokens  # what the server's steps attend over: a short prompt plus the new tokens
     for b in buckets:
-        engine.decode(b, context)
-        times = []
-        for _ in range(args.bare_steps):
-            t = time.perf_counter()
-            engine.decode(b, context)
-            times.append(time.perf_counter() - t)
-        out[b] = statistics.median(times) * 1e3
+        out[b] = median_ms(functools.partial(engine.decode, b, context), args.bare_steps)
     return out
 
 

@@ -10,10 +10,11 @@ time grows with B (BUILD.md, "Benchmarks and GPU notes").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
-import time
+
+from timing import median_ms
 
 
 def main() -> int:
@@ -47,14 +48,9 @@ def main() -> int:
             prompt = model.encode_prompt("def f(x):")[:16]
             for slot in range(b):  # one at a time: the prefill batch buckets need not include b
                 engine.prefill_insert([prompt], [slot], [SamplingParams()], 1, 16)
-            engine.decode(b, S)
-            times = []
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                engine.decode(b, S)
-                times.append(time.perf_counter() - t)
+            step_ms = median_ms(functools.partial(engine.decode, b, S), args.steps)
             cache = engine._state.cache
-            rows.append({"batch": b, "slots": B, "context": S, "decode_step_ms": statistics.median(times) * 1e3,
+            rows.append({"batch": b, "slots": B, "context": S, "decode_step_ms": step_ms,
                          "cache_bytes": int(cache.k.nbytes + cache.v.nbytes)})  # fmt: skip
             del engine
     report = {"device": jax.devices()[0].device_kind, "model": model.config.name, "weights": model.weights,

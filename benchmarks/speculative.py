@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import numpy as np
+from timing import median_ms
 
 PROMPTS = {
     "restated-code": "def area(width, height):\n    return width * height\n\n\ndef area(width, height):\n",
@@ -73,18 +73,11 @@ def _step_ms(engine, prompt: list[int], k: int, repeats: int = 30) -> tuple[floa
 
     engine.reset()
     engine.prefill_insert([prompt], [0], [SamplingParams()], 1, 64)
-    out = []
-    for fn in (lambda: engine.decode(1, engine.plan.max_context),
-               lambda: engine.verify(np.full((1, k), 5, np.int32), engine.plan.max_context)):  # fmt: skip
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out.append(statistics.median(times) * 1e3)
+    context = engine.plan.max_context
+    decode_ms = median_ms(lambda: engine.decode(1, context), repeats)
+    verify_ms = median_ms(lambda: engine.verify(np.full((1, k), 5, np.int32), context), repeats)
     engine.reset()
-    return out[0], out[1]
+    return decode_ms, verify_ms
 
 
 def main() -> int:
