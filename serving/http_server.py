@@ -128,6 +128,8 @@ class HttpFront:
     def submit(self, kind: str, body) -> tuple[OpenAIRequest, list, queue.SimpleQueue, list[Echo] | None]:
         """Parse and validate every prompt, score the prompts when echoed, then queue all their samples at once (all
         or none). Returns the parsed body, the samples' handles, their event queue and the echoed prompts."""
+        if not self.serving:  # draining: refused from the moment /health says so, before the engine stops taking any
+            raise HttpError(503, "server is shutting down; not accepting new requests")
         try:
             parsed = parse_body(kind, body, self.model_name)
         except ModelNotFound as e:
