@@ -41,7 +41,7 @@ from meshserve.serving.openai_protocol import (
     param_of,
     parse_body,
 )
-from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, final_response
+from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, error_body, final_response
 from meshserve.serving.orchestrator import GRACE_ENDED, Orchestrator, ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
@@ -51,9 +51,6 @@ __all__ = ["HttpFront", "HttpError"]
 log = logging.getLogger("meshserve.http")
 _ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
 _TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405:
-          "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "service_unavailable"}  # fmt: skip
 _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
           411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
           503: "UNAVAILABLE"}  # fmt: skip
@@ -299,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
             front.cancel(handles)
             self.close_connection = True
             if self._streaming:
-                self._sse(json.dumps(_error_body(HttpError(500, f"internal error: {type(e).__name__}"))))
+                self._sse(json.dumps(error_body(HttpError(500, f"internal error: {type(e).__name__}"))))
                 self._end_stream()
             else:
                 self._error(HttpError(500, f"internal error: {type(e).__name__}"))
@@ -332,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             return 200
         except HttpError as e:
             front.cancel(handles)
-            self._sse(json.dumps(_error_body(e)))
+            self._sse(json.dumps(error_body(e)))
             self._end_stream()
             return e.status
 
@@ -401,15 +398,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         what = f"{self.command} {urlsplit(self.path).path}" if getattr(self, "command", None) else "request"
         with contextlib.suppress(OSError):
-            self._json(code, _error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
+            self._json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         self.send_error(405, "method not allowed (no CORS preflight: call from a server, not a browser page)")
 
     def _error(self, error: HttpError) -> None:
-        self._json(error.status, _error_body(error))
-
-
-def _error_body(error: HttpError) -> dict:
-    kind = _TYPES.get(error.status, HTTPStatus(error.status).phrase)
-    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.status}}
+        self._json(error.status, error_body(error))

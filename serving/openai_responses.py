@@ -12,11 +12,12 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 
-from meshserve.serving.openai_protocol import CHAT, OpenAIRequest
+from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
 from meshserve.serving.requests import Event, Request
 
-__all__ = ["Choices", "Echo", "Unsent", "chunk", "final_response"]
+__all__ = ["Choices", "Echo", "Unsent", "chunk", "error_body", "final_response"]
 
 
 @dataclass(frozen=True)
@@ -164,3 +165,14 @@ def final_response(out: Choices, model: str) -> dict:
     """The whole answer of a request that did not stream."""
     return {"id": out.id, "object": _object(out, False), "created": out.created, "model": model,
             "choices": out.whole(), "usage": out.usage()}  # fmt: skip
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}  # fmt: skip
+
+
+def error_body(error: HttpError) -> dict:
+    """OpenAI's error object for an answer other than 200."""
+    kind = _ERROR_TYPES.get(error.status, HTTPStatus(error.status).phrase)
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.status}}

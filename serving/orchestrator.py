@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 
 from meshserve.errors import UserError
 from meshserve.model.generate import prompt_error
@@ -31,14 +30,13 @@ from meshserve.serving.requests import (
     RequestFailedError,
     RequestHandle,
     ScoreCancelledError,
-    ScoreJob,
     ScoreQueueFullError,
     ShuttingDownError,
     TaggedQueue,
 )
 from meshserve.serving.scheduler import PrefillBatch, QueueFullError, Request, Scheduler, Update
-from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
-from meshserve.serving.speculative import NgramSpeculator
+from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs, new_score_job, wait_for_score
+from meshserve.serving.speculative import NgramSpeculator, push_verified
 
 __all__ = [
     "Orchestrator",
@@ -53,16 +51,6 @@ __all__ = [
 
 # What a request (gRPC: UNAVAILABLE, HTTP: 503) or Score hears when the drain's grace period cancelled it.
 GRACE_ENDED = "server shut down: the request was cancelled when the drain's grace period (--grace) ended"
-
-
-def _context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
-    """A decode context above every live row's cache length for the step about to be dispatched.
-
-    A row's cache holds its prompt and all but its newest token; the step writes at that length, and one earlier
-    step may still be in flight (dispatched, tokens not yet recorded), hence + 2.
-    """
-    live = [len(r.prompt) + len(r.tokens) for r in ticket[1] if r is not None and not r.finished]
-    return max(live, default=0) + 2
 
 
 class Orchestrator:
@@ -172,29 +160,13 @@ class Orchestrator:
         between chunks), ScoreQueueFullError when `max_scores` Scores are pending, ShuttingDownError when draining,
         or the engine thread's error if it died.
         """
-        future: Future = Future()
-        # Sort by length so a chunk packs similar lengths (less padding); answers are put back in order.
-        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
-        if deadline is None and timeout is not None:
-            deadline = time.monotonic() + timeout
-        job = ScoreJob(
-            [items[i] for i in order], future, deadline, cancel or threading.Event(), output=ScoreOutput([], [])
-        )
+        job, order = new_score_job(items, timeout, cancel, deadline)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
             self.scores.add(job)
         self._wake.set()
-        try:
-            out: ScoreOutput = future.result(timeout)
-        except TimeoutError:
-            job.cancel.set()  # running: the engine thread stops it at its next chunk
-            future.cancel()  # not started yet: the engine thread skips it
-            raise
-        back = [0] * len(items)
-        for pos, i in enumerate(order):
-            back[i] = pos
-        return out.pick(back)
+        return wait_for_score(job, order, timeout)
 
     def live_slots(self) -> int:
         with self._lock:
@@ -299,7 +271,7 @@ class Orchestrator:
                 if ticket is not None:
                     dispatched = (
                         ticket,
-                        self.engine.decode_async(ticket[0], _context_needed(ticket)),
+                        self.engine.decode_async(ticket[0], Scheduler.context_needed(ticket)),
                         time.monotonic(),
                     )
                 if pending is not None:
@@ -363,7 +335,7 @@ class Orchestrator:
     def _verify_step(self, ticket: tuple[int, tuple[Request | None, ...]], drafts) -> None:
         """A speculative step (serving/speculative.py): verify the drafts, deliver each row's kept tokens."""
         t0 = time.monotonic()
-        out = self.engine.verify(drafts, _context_needed(ticket))
+        out = self.engine.verify(drafts, Scheduler.context_needed(ticket))
         now = time.monotonic()
         with self._lock:
             updates = self.scheduler.record_verify(
@@ -397,29 +369,6 @@ class Orchestrator:
         self.metrics.step(seconds, len(updates), occupancy)
         self._deliver(updates)
 
-    def _push(self, handle: RequestHandle, u: Update) -> tuple[str, bool, Update]:
-        """Detokenize an update's tokens: (settled text, whether a stop string ended the request, the update). A
-        verify step's update carries several tokens: they go in one at a time, as plain decoding's would, and the
-        ones after the token that completed a stop string are dropped from the update and the request."""
-        if len(u.tokens) <= 1:
-            text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
-            return text, hit, u
-        text, hit, used = "", False, 0
-        for token in u.tokens:
-            piece, hit = handle.decoder.push((token,))
-            text, used = text + piece, used + 1
-            if hit:
-                break
-        drop = len(u.tokens) - used
-        if drop:
-            r = u.request
-            with self._lock:
-                del r.tokens[-drop:], r.logprobs[-drop:]
-                if u.top_logprobs:
-                    del r.top_logprobs[-min(drop, len(u.top_logprobs)) :]
-            u = Update(r, u.tokens[:used], u.logprobs[:used], u.finish_reason, u.top_logprobs[:used])
-        return text, hit, u
-
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:
             r = u.request
@@ -427,7 +376,10 @@ class Orchestrator:
             if handle is None:
                 continue
             reason = u.finish_reason
-            text, hit, u = self._push(handle, u)
+            if len(u.tokens) > 1:  # a verify step's: a stop string may complete before its last token
+                text, hit, u = push_verified(handle.decoder, u, self._lock)
+            else:
+                text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
             if hit:
                 # A stop string wins over `length`: it may complete on the last allowed token.
                 if reason is None:

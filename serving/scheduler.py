@@ -363,6 +363,16 @@ class Scheduler:
         return updates
 
     @staticmethod
+    def context_needed(ticket: tuple[int, tuple[Request | None, ...]]) -> int:
+        """A decode context above every live row's cache length for the step about to be dispatched.
+
+        A row's cache holds its prompt and all but its newest token; the step writes at that length, and one earlier
+        step may still be in flight (dispatched, tokens not yet recorded), hence + 2.
+        """
+        live = [len(r.prompt) + len(r.tokens) for r in ticket[1] if r is not None and not r.finished]
+        return max(live, default=0) + 2
+
+    @staticmethod
     def wants_top(ticket: tuple[int, tuple[Request | None, ...]]) -> bool:
         """Whether any request of a decode step asked for alternatives (only then are they copied to the host)."""
         return any(r is not None and r.sampling.top_logprobs > 0 for r in ticket[1])

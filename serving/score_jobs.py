@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from meshserve.serving.engine import Engine, ScoreOutput
 from meshserve.serving.requests import ScoreCancelledError, ScoreJob, ScoreQueueFullError
 
-__all__ = ["ScoreJobs", "DEFAULT_MAX_SCORES"]
+__all__ = ["ScoreJobs", "DEFAULT_MAX_SCORES", "new_score_job", "wait_for_score"]
 
 DEFAULT_MAX_SCORES = 16
 
@@ -119,3 +119,35 @@ class ScoreJobs:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
+
+
+def new_score_job(
+    items: list[tuple[list[int], list[int]]],
+    timeout: float | None,
+    cancel: threading.Event | None,
+    deadline: float | None,
+) -> tuple[ScoreJob, list[int]]:
+    """A job for `items`, sorted by length so a chunk packs similar lengths (less padding), and the order it sorted
+    them in (`wait_for_score` puts the answers back). deadline defaults to now + timeout."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
+    job = ScoreJob(
+        [items[i] for i in order], Future(), deadline, cancel or threading.Event(), output=ScoreOutput([], [])
+    )
+    return job, order
+
+
+def wait_for_score(job: ScoreJob, order: list[int], timeout: float | None) -> ScoreOutput:
+    """The job's answers in the caller's item order; TimeoutError after `timeout` s (the job is stopped: a running
+    one at its next chunk, a queued one skipped)."""
+    try:
+        out: ScoreOutput = job.future.result(timeout)
+    except TimeoutError:
+        job.cancel.set()
+        job.future.cancel()
+        raise
+    back = [0] * len(order)
+    for pos, i in enumerate(order):
+        back[i] = pos
+    return out.pick(back)

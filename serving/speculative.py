@@ -15,13 +15,15 @@ Other rows ride along in the same step with no drafts and get exactly a decode s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 from meshserve.model.sampling_params import SamplingParams
-from meshserve.serving.requests import Request
+from meshserve.serving.detok import StreamDecoder
+from meshserve.serving.requests import Request, Update
 
-__all__ = ["propose", "plain_greedy", "NgramSpeculator", "speculator_for"]
+__all__ = ["propose", "plain_greedy", "NgramSpeculator", "speculator_for", "push_verified"]
 
 
 def propose(history: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -110,3 +112,24 @@ class NgramSpeculator:
         self.proposed += proposed
         self.accepted += accepted
         return proposed, accepted
+
+
+def push_verified(decoder: StreamDecoder, u: Update, lock: threading.Lock) -> tuple[str, bool, Update]:
+    """Detokenize a verify step's update of several tokens one at a time, as plain decoding's updates would come:
+    (settled text, whether a stop string ended the request, the update). The tokens after the one that completed a
+    stop string are dropped from the update and from the request (its lists are the scheduler's: under `lock`)."""
+    text, hit, used = "", False, 0
+    for token in u.tokens:
+        piece, hit = decoder.push((token,))
+        text, used = text + piece, used + 1
+        if hit:
+            break
+    drop = len(u.tokens) - used
+    if drop:
+        r = u.request
+        with lock:
+            del r.tokens[-drop:], r.logprobs[-drop:]
+            if u.top_logprobs:
+                del r.top_logprobs[-min(drop, len(u.top_logprobs)) :]
+        u = Update(r, u.tokens[:used], u.logprobs[:used], u.finish_reason, u.top_logprobs[:used])
+    return text, hit, u
