@@ -236,6 +236,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", metavar="NAME", help="the model's id in the HTTP API (default: the model's name)"
     )
     parser.add_argument(
+        "--http-max-connections",
+        type=int,
+        metavar="N",
+        help="open HTTP connections (idle keep-alive ones too) beyond which a new one is answered 503 (default: "
+        "max batch + max queue + max score queue + 16, as many as gRPC's worker threads)",
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED (default 256)"
     )
     parser.add_argument(
@@ -292,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.http_port is not None and not 0 <= args.http_port <= 65535:
         raise UserError(f"--http-port must be in [0, 65535], got {args.http_port}")
+    if args.http_max_connections is not None and args.http_max_connections < 1:
+        raise UserError(f"--http-max-connections must be >= 1, got {args.http_max_connections}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name must not be empty")
     if args.max_queue < 0:
@@ -326,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         http_port=args.http_port,
         served_model_name=args.served_model_name,
+        http_max_connections=args.http_max_connections,
     )
 
     from meshserve.serving.warm_up import PHASES, upfront_steps

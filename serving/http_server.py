@@ -64,7 +64,9 @@ class HttpFront:
     """The HTTP server: bound in __init__ (a port in use fails before any compile), served by `start`."""
 
     def __init__(self, orchestrator: Orchestrator, model, limits: Limits, *, host: str, port: int, model_name: str,
-                 token: str | None = None, tls: tuple[str, str] | None = None):  # fmt: skip
+                 token: str | None = None, tls: tuple[str, str] | None = None, max_connections: int = 0):  # fmt: skip
+        """max_connections: open connections (each holds a thread, idle keep-alive ones too) beyond which a new one
+        is answered 503 and closed; 0 = no cap."""
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
         self.parser = RequestParser(model, limits)
         self.metrics = orchestrator.metrics
@@ -80,6 +82,8 @@ class HttpFront:
         self.httpd = _Server((host, port), _Handler, bind_and_activate=True)
         self.httpd.daemon_threads = True  # an idle keep-alive connection must not hold the process at exit
         self.httpd.front = self  # type: ignore[attr-defined]
+        self.httpd.open_slots = threading.BoundedSemaphore(max_connections) if max_connections else None
+        self.httpd.max_connections = max_connections
         if tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(certfile=tls[0], keyfile=tls[1])
@@ -197,6 +201,38 @@ class HttpFront:
 
 
 class _Server(ThreadingHTTPServer):
+    open_slots: threading.BoundedSemaphore | None = None
+    max_connections = 0
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection, or (past max_connections) a 503 and the connection closed: a client that
+        opens thousands of connections must not get thousands of threads."""
+        if self.open_slots is not None and not self.open_slots.acquire(blocking=False):
+            log.warning("HTTP connection from %s refused: %d connections open", client_address[0],
+                        self.max_connections)  # fmt: skip
+            if not isinstance(request, ssl.SSLSocket):  # a TLS answer needs a handshake, not here in the accept loop
+                message = (f"too many open connections (the server's limit is {self.max_connections}, "
+                           "--http-max-connections): close idle ones or retry")  # fmt: skip
+                body = json.dumps(error_body(HttpError(503, message))).encode()
+                with contextlib.suppress(OSError):
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            if self.open_slots is not None:
+                self.open_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.open_slots is not None:
+                self.open_slots.release()
+
     def handle_error(self, request, client_address) -> None:
         """A connection that fails outside a request's own handling (a plain-HTTP client at a TLS port, a reset):
         one log line, not socketserver's traceback on stderr. Anything else is a bug: logged with its traceback."""

@@ -63,6 +63,7 @@ class ServerOptions:
     max_n: int = Limits.max_n  # samples per Generate request (GenerateRequest.n)
     http_port: int | None = None  # the OpenAI-compatible HTTP API (serving/http_server.py); None = off, 0 = any port
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
+    http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -166,15 +167,17 @@ class InferenceServer:
                                   f"{e.strerror or e}") from None  # fmt: skip
         self.http: HttpFront | None = None
         if options.http_port is not None:
-            self.http = self._bind_http(options, token)
+            self.http = self._bind_http(options, token, workers)
         self._stopped = threading.Event()
         self._compiler: BackgroundCompile | None = None
 
-    def _bind_http(self, options: ServerOptions, token: str | None) -> HttpFront:
+    def _bind_http(self, options: ServerOptions, token: str | None, workers: int) -> HttpFront:
         tls = (options.tls_cert, options.tls_key) if options.tls_cert else None
+        cap = workers if options.http_max_connections is None else options.http_max_connections
         try:
             return HttpFront(self.orchestrator, self.model, self.limits, host=options.host, port=options.http_port,
-                             model_name=options.served_model_name or self.model.config.name, token=token, tls=tls)  # fmt: skip
+                             model_name=options.served_model_name or self.model.config.name, token=token, tls=tls,
+                             max_connections=cap)  # fmt: skip
         except (OSError, ssl.SSLError) as e:
             self._grpc.stop(None)  # the gRPC port is bound: free it, the server will not start
             where = f"{options.host}:{options.http_port}"

@@ -490,3 +490,23 @@ def test_tls_serves_grpc_and_https_with_one_certificate(tmp_path):
         assert "Traceback" not in proc.output()
     finally:
         proc.close()
+
+
+def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path):
+    """Each open connection holds a thread (an idle keep-alive one too): past --http-max-connections a new one gets
+    a 503 in OpenAI's shape and is closed; once one closes, a new connection is served again."""
+    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", "--http-max-connections", "2")
+    try:
+        url = urlsplit(proc.http)
+        idle = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(2)]
+        time.sleep(0.5)  # both accepted, each a thread waiting for its request line
+        status, headers, body = _raw(proc, b"GET /health HTTP/1.1\r\n\r\n")
+        assert status == 503 and headers.get("Connection") == "close"
+        assert "too many open connections (the server's limit is 2" in json.loads(body)["error"]["message"]
+        idle.pop().close()
+        assert _wait_for(lambda: _health(url) == 200), "a connection was not served after one closed"
+        for sock in idle:
+            sock.close()
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.close()

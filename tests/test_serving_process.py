@@ -203,7 +203,8 @@ def test_serve_help_shows_score_limits_and_a_reply_limit_that_cannot_fit_is_refu
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--max-score-tokens must be in [1, 465123]" in proc.stderr and "600000" in proc.stderr
     for flags, want in ((["--http-port", "70000"], "--http-port must be in [0, 65535], got 70000"),
-                        (["--served-model-name", " "], "--served-model-name must not be empty")):  # fmt: skip
+                        (["--served-model-name", " "], "--served-model-name must not be empty"),
+                        (["--http-max-connections", "0"], "--http-max-connections must be >= 1, got 0")):  # fmt: skip
         proc = subprocess.run(meshserve("serve", "--checkpoint", str(checkpoint), *GRID, "--port", "0", *flags),
                               capture_output=True, text=True, env=env(), timeout=120)  # fmt: skip
         assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
