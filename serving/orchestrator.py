@@ -256,14 +256,19 @@ class Orchestrator:
                     worked = True
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
-                if ticket is not None and self.speculator is not None:
-                    if pending is not None and self.speculator.may_draft(ticket):
+                max_context = self.engine.plan.max_context
+                if (
+                    ticket is not None
+                    and self.speculator is not None
+                    and self.speculator.may_draft(ticket, max_context)
+                ):
+                    if pending is not None:
                         # Drafts come from each request's tokens so far, which lag a step while one is in flight.
                         self._finish_step(pending, None)
                         pending = None
                         with self._lock:
                             ticket = self.scheduler.decode_ticket()
-                    drafts = None if ticket is None else self.speculator.drafts(ticket, self.engine.plan.max_context)
+                    drafts = None if ticket is None else self.speculator.drafts(ticket, max_context)
                     if drafts is not None:
                         self._verify_step(ticket, drafts)
                         continue

@@ -73,14 +73,18 @@ class NgramSpeculator:
         self.proposed = 0  # draft tokens sent to verify steps
         self.accepted = 0  # of those, tokens the model agreed with
 
-    def may_draft(self, ticket: tuple[int, tuple[Request | None, ...]]) -> bool:
+    def _room(self, r: Request | None, max_context: int) -> int:
+        """Drafts row r may carry: 0 unless it is a running plain-greedy request; the verify step keeps at most
+        drafts + 1 tokens, so they stay within the request's limit and the cache."""
+        if r is None or r.finished or not plain_greedy(r.sampling):
+            return 0
+        return min(self.k, r.max_new_tokens - len(r.tokens) - 1, max_context - len(r.prompt) - len(r.tokens))
+
+    def may_draft(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> bool:
         """Whether some row of the ticket could carry drafts (cheap: no lookup), so a step in flight is worth
-        finishing first; when none could, decoding stays pipelined."""
+        finishing first and `drafts` worth calling; when none could, decoding stays pipelined."""
         b, owners = ticket
-        return b <= self.max_batch and any(
-            r is not None and not r.finished and plain_greedy(r.sampling) and len(r.tokens) + 1 < r.max_new_tokens
-            for r in owners
-        )
+        return b <= self.max_batch and any(self._room(r, max_context) > 0 for r in owners)
 
     def drafts(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> np.ndarray | None:
         """int32 [b, k] drafts (-1 = none) for the ticket's rows, or None when no row has one (or the bucket is
@@ -91,11 +95,7 @@ class NgramSpeculator:
         out = np.full((b, self.k), -1, np.int32)
         found = False
         for i, r in enumerate(owners):
-            if r is None or r.finished or not plain_greedy(r.sampling):
-                continue
-            seen = len(r.prompt) + len(r.tokens)
-            # The verify step keeps at most drafts + 1 tokens: stay within the request's limit and the cache.
-            room = min(self.k, r.max_new_tokens - len(r.tokens) - 1, max_context - seen)
+            room = self._room(r, max_context)
             if room <= 0:
                 continue
             draft = propose([*r.prompt, *r.tokens], room, self.max_ngram)
