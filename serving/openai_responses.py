@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
 from meshserve.serving.requests import Event, Request
 
@@ -117,24 +118,17 @@ class Choices:
     def _logprobs(self, index: int, tokens, logprobs, top) -> dict | None:
         if not self.parsed.logprobs:
             return None
-        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
-        texts = [decode(t) for t in tokens]
+        texts = [self.tokenizer.decode([t]) for t in tokens]
+        # Per token: its alternatives as (id, text, log-prob), each decoded alone; [] when none were asked for.
+        rows = alternatives_with_text(self.tokenizer, top) if self.parsed.top_logprobs else [[] for _ in tokens]
         if self.parsed.kind == CHAT:
-            entries = []
-            for k, (text, lp) in enumerate(zip(texts, logprobs, strict=True)):
-                alts = []
-                if self.parsed.top_logprobs:
-                    ids, lps = top[k]
-                    alts = [_chat_logprob(decode(t), a) for t, a in zip(ids, lps, strict=True)]
-                entries.append({**_chat_logprob(text, lp), "top_logprobs": alts})
-            return {"content": entries}
+            return {"content": [{**_chat_logprob(text, lp), "top_logprobs": [_chat_logprob(s, a) for _, s, a in alts]}
+                                for text, lp, alts in zip(texts, logprobs, rows, strict=True)]}  # fmt: skip
         offsets = []
         for text in texts:
             offsets.append(self._offsets[index])
             self._offsets[index] += len(text)
-        tops = None
-        if self.parsed.top_logprobs:
-            tops = [{decode(t): a for t, a in zip(*top[k], strict=True)} for k in range(len(tokens))]
+        tops = [{s: a for _, s, a in alts} for alts in rows] if self.parsed.top_logprobs else None
         return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}
 
 
