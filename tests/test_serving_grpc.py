@@ -6,10 +6,8 @@ serving; health, reflection, auth and metrics answer.
 """
 
 import json
-import re
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,7 +17,7 @@ from cli_helpers import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.client import Client
-from test_serving_support import ServerProcess, env, make_checkpoint, meshserve
+from test_serving_support import ServerProcess, env, make_checkpoint, meshserve, scrape_metrics
 
 TOKEN = "s3cret-token"
 SCORE_TOKENS = 20000  # --max-score-tokens: 160 full-context (128-token) items exceed it
@@ -64,13 +62,7 @@ def model(checkpoint):
 
 
 def _metrics(server) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
+    return scrape_metrics(server.metrics_port)
 
 
 def _wait_idle(server, timeout=10.0) -> dict[str, float]:

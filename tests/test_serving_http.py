@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import signal
 import socket
 import time
@@ -23,7 +22,7 @@ from meshserve.serving.cli import main
 from meshserve.serving.client import Client
 from test_chat import CONVERSATION, _chatml_tokenizer
 from test_hf_llama import make_model
-from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint
+from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint, scrape_metrics
 
 openai = pytest.importorskip("openai")
 
@@ -48,10 +47,12 @@ def server(checkpoint, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     # Decode steps slowed to >= 50 ms (SLOW_DECODE), so a client can leave while its request runs. --warm-up all:
     # answers are compared bit for bit with gRPC's, so both must run in the same compiled buckets.
+    metrics_port = free_port()
     proc = ServerProcess(
-        checkpoint, "--http-port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(free_port()),
+        checkpoint, "--http-port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
         "--served-model-name", "chat-tiny", "--warm-up", "all", python_code=SLOW_DECODE,
     )  # fmt: skip
+    proc.metrics_port = metrics_port
     yield proc
     assert TOKEN not in proc.output()  # the token never reaches the logs
     proc.close()
@@ -91,15 +92,9 @@ def _post_url(base: str, path: str, body, token: str | None = TOKEN, raw: bytes 
 
 
 def _metric(server, name: str, **labels) -> float:
-    port = re.search(r"--metrics-port (\d+)", " ".join(server.proc.args)).group(1)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if m and ",".join(sorted(m.group(1).split(","))) == want:
-            total += float(m.group(2))
-    return total
+    """One labelled metric of `server`; 0 before it is first set. prometheus-client writes the labels sorted."""
+    key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return scrape_metrics(server.metrics_port).get(key, 0.0)
 
 
 def test_completions_equal_grpc(oa, grpc_client, checkpoint):

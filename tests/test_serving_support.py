@@ -42,6 +42,20 @@ def meshserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshserve.serving.cli", *args]
 
 
+def scrape_metrics(port: int) -> dict[str, float]:
+    """A server's Prometheus metrics (--metrics-port): {'name{labels as exposed}': value}, e.g.
+    'meshserve_requests_total{code="OK",method="Generate"}' (labels as prometheus-client writes them: sorted)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
 class ServerProcess:
     """`meshserve serve` on a free port; `.target` once it prints `listening on`."""
 

@@ -4,10 +4,8 @@ server) answering correctly while only each kind's largest bucket is compiled, w
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-import urllib.request
 
 import grpc
 import jax
@@ -29,6 +27,7 @@ from meshserve.serving.plan import make_plan
 from meshserve.serving.scheduler import Request, Scheduler
 from meshserve.serving.server import ServerError, ServerOptions, build_server
 from meshserve.serving.warm_up import compile_order, covering
+from test_serving_support import scrape_metrics
 
 CONFIG = get_config("tiny")
 checkpoint = checkpoint_fixture(seed=4)
@@ -199,8 +198,7 @@ def test_a_server_answers_while_its_background_warm_up_compiles():
 
 
 def _scrape(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
+    return scrape_metrics(port)[name]
 
 
 def test_build_server_refuses_an_unknown_warm_up():
