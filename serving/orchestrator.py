@@ -256,19 +256,15 @@ class Orchestrator:
                     worked = True
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
-                max_context = self.engine.plan.max_context
-                if (
-                    ticket is not None
-                    and self.speculator is not None
-                    and self.speculator.may_draft(ticket, max_context)
-                ):
+                spec = self.speculator  # the engine's plan is read only when speculating (test engines have none)
+                if ticket is not None and spec is not None and spec.may_draft(ticket, self.engine.plan.max_context):
                     if pending is not None:
                         # Drafts come from each request's tokens so far, which lag a step while one is in flight.
                         self._finish_step(pending, None)
                         pending = None
                         with self._lock:
                             ticket = self.scheduler.decode_ticket()
-                    drafts = None if ticket is None else self.speculator.drafts(ticket, max_context)
+                    drafts = None if ticket is None else spec.drafts(ticket, self.engine.plan.max_context)
                     if drafts is not None:
                         self._verify_step(ticket, drafts)
                         continue
