@@ -76,6 +76,18 @@ class _Call:
         return self.handles[0].request
 
 
+# The client's deadline timer and the server's time the same timeout from about the same moment (the server's starts
+# when the call arrives, one-way latency after the client's; the client's cancel takes that latency too), so a
+# client's cancel at its deadline reaches the server a hair before the server's own deadline passes. A call ended
+# within this margin of its deadline is counted as its deadline passing (seen: every such call counted CANCELLED).
+DEADLINE_MARGIN_S = 0.05
+
+
+def _past_deadline(deadline: float | None) -> bool:
+    """Whether a request's deadline (time.monotonic(); None: none) has passed, up to DEADLINE_MARGIN_S."""
+    return deadline is not None and time.monotonic() >= deadline - DEADLINE_MARGIN_S
+
+
 def _pick(f, values):
     """f (min or max) over the values that are set; None when none is."""
     values = [v for v in values if v is not None]
@@ -116,9 +128,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # freed at the engine's next step). A client that cancels a stream ends it without the handler seeing a
             # last event (gRPC just stops pulling chunks), so the outcome is counted here too.
             self._cancel(call)
-            r = call.first
-            expired = r.deadline is not None and time.monotonic() >= r.deadline
-            self._count(call, method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            self._count(call, method, "DEADLINE_EXCEEDED" if _past_deadline(call.first.deadline) else "CANCELLED")
 
         if not context.add_callback(ended):
             ended()  # the RPC already ended (client gone in between): the callback will never run
@@ -183,8 +193,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _done(self, context, method: str, call: _Call, reasons: list[str | None]) -> None:
         """Count the RPC's outcome once every sample ended (reasons: each sample's; None = never finished), or
         answer DEADLINE_EXCEEDED / UNAVAILABLE when the samples were cancelled by a deadline or the drain."""
-        deadline = call.first.deadline
-        if "cancelled" in reasons and deadline is not None and time.monotonic() >= deadline:
+        if "cancelled" in reasons and _past_deadline(call.first.deadline):
             self._count(call, method, "DEADLINE_EXCEEDED")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         if "cancelled" in reasons and self.orch.grace_passed and context.is_active():
@@ -311,7 +320,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # the wait starts, and gRPC then ends the RPC, which cancels the job), that is the deadline, not the
             # client going away.
             left = context.time_remaining()
-            if left is not None and left <= 0:
+            if left is not None and left <= DEADLINE_MARGIN_S:
                 self._abort(context, "Score", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             self._abort(context, "Score", grpc.StatusCode.CANCELLED, str(e))
         except Exception as e:  # the engine thread died (orchestrator.error): answer instead of hanging

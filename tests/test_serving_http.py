@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
 import numpy as np
 import pytest
 from cli_helpers import free_port
@@ -93,7 +94,7 @@ def _post_url(base: str, path: str, body, token: str | None = TOKEN, raw: bytes 
 
 def _metric(server, name: str, **labels) -> float:
     """One labelled metric of `server`; 0 before it is first set. prometheus-client writes the labels sorted."""
-    key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
     return scrape_metrics(server.metrics_port).get(key, 0.0)
 
 
@@ -425,6 +426,30 @@ def test_a_client_that_goes_away_frees_its_slot(server, oa):
     assert gone, f"the plain request was not cancelled:\n{server.output()[-3000:]}"
     assert _metric(server, "meshserve_requests_total", method="POST /v1/completions", code="CANCELLED") >= 2
     assert oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_grpc_deadline_cancels_and_frees_the_slot(server, grpc_client):
+    """A gRPC request whose deadline passes mid-generation is ended by the server (counted DEADLINE_EXCEEDED) and by
+    the engine (finished "cancelled"). Here, on this module's slowed server, 60 tokens take >= 3 s, so a 1 s
+    deadline passes mid-generation on any machine and long after the server has taken the call (on a fast server a
+    deadline short enough to pass mid-generation could pass before the call reached the handler: CI saw that)."""
+    assert _wait_for(lambda: _metric(server, "meshserve_live_slots") == 0, timeout=60)
+    before = _metric(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+    before_cancelled = _cancelled(server)
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_client.generate([1, 2], max_new_tokens=60, ignore_eos=True, timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # set by the client library either way
+
+    # The server ended it at its deadline (not the client giving up on a request that ran on), and so did the engine
+    # (a request left running would finish with reason length, some 2 s later).
+    def deadlines() -> float:
+        return _metric(server, "meshserve_requests_total", method="Generate", code="DEADLINE_EXCEEDED")
+
+    ended = _wait_for(lambda: deadlines() > before and _cancelled(server) > before_cancelled, timeout=4)
+    assert ended, f"deadline counted {deadlines() - before}, engine cancels {_cancelled(server) - before_cancelled}"
+    assert deadlines() == before + 1
+    assert _cancelled(server) == before_cancelled + 1
+    assert _wait_for(lambda: _metric(server, "meshserve_live_slots") == 0, timeout=10), "its slot was not freed"
 
 
 def test_drain_refuses_new_requests_and_finishes_running_ones(tmp_path):
