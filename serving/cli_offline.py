@@ -79,7 +79,8 @@ output fields (OUT.jsonl, one object per id):
   choices        only when n > 1, instead of the five fields above: a list of n objects in sample order, each
                  {"index", "text", "tokens", "logprobs", "finish_reason", "top_logprobs" (when asked)}
 The summary (--json) counts tokens and cached_prompt_tokens over every sample, and samples: the generations in the
-lines written; done, skipped and errors count lines. The shared prompt of a line's n samples is prefilled once
+lines written; done, skipped and errors count lines; draft_tokens and accepted_draft_tokens the speculative drafts
+verified and kept (--speculative-tokens). The shared prompt of a line's n samples is prefilled once
 when the prefix cache is on (--prefix-caching, the default) and the prompt is long enough for reuse to save a
 prompt bucket.
 """
@@ -120,7 +121,8 @@ def _report(
     stopped the job (the summary counts what was written; a rerun continues)."""
     counts = summary.to_dict()
     if kind == "score":
-        counts.pop("samples", None)  # one score per line: nothing to count apart
+        for key in ("samples", "draft_tokens", "accepted_draft_tokens"):  # one score per line; no decoding
+            counts.pop(key, None)
     report = {**counts, "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
               "output": str(out_path), "errors_file": str(errors_path), "interrupted": stopped_by is not None}  # fmt: skip
     if args.json:
@@ -132,6 +134,9 @@ def _report(
     where = f" (see {errors_path})" if summary.errors else ""
     cached = f", {summary.cached_prompt_tokens} prompt tokens from the prefix cache" if kind == "batch-generate" else ""
     samples = f" ({summary.samples} samples)" if kind == "batch-generate" and summary.samples != summary.done else ""
+    if summary.draft_tokens:
+        share = summary.accepted_draft_tokens / summary.draft_tokens
+        cached += f", {summary.accepted_draft_tokens} of {summary.draft_tokens} draft tokens accepted ({share:.0%})"
     print(f"meshserve {kind}: {summary.done} written{samples}, {summary.skipped} already done, {summary.errors} bad lines"
           f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 

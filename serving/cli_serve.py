@@ -113,7 +113,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="speculative decoding by prompt lookup: draft up to K tokens per greedy request from its own prompt and "
         "output (a repeated n-gram's continuation) and verify them in one step; the answers are plain greedy's, "
-        "faster where text repeats (code edits, quoting, summaries); one device; default 0 = off, 4 is usual",
+        "faster where text repeats (code edits, quoting, summaries); default 0 = off, 4 is usual",
     )
     parser.add_argument(
         "--speculative-ngram",
@@ -128,7 +128,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         metavar="B",
         help="speculate only while at most B requests decode (default 8: above, a step is no longer bound by loading "
-        "the weights, and verifying drafts costs more than it saves)",
+        "the weights, and verifying drafts costs more than it saves); on a mesh every step runs all --max-batch "
+        "slots, so there --max-batch must not exceed B",
     )
     add_compile_cache_argument(parser)
 

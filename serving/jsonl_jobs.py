@@ -80,6 +80,9 @@ class JobSummary:
     tokens: int = 0  # tokens scored or generated this run, over every sample
     cached_prompt_tokens: int = 0  # batch-generate: prompt tokens the prefix cache supplied (not prefilled again)
     samples: int = 0  # batch-generate: generations in the lines written (an id with "n": k counts k); score: 0
+    # batch-generate --speculative-tokens: draft tokens verified, and of those the ones the model agreed with
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -247,7 +247,8 @@ def run_generate(
     scheduler = Scheduler.for_plan(engine.plan, total + 1)
     from meshserve.serving.speculative import speculator_for
 
-    orch = Orchestrator(engine, scheduler, model.tokenizer, speculator=speculator_for(engine.plan)).start()
+    speculator = speculator_for(engine.plan)
+    orch = Orchestrator(engine, scheduler, model.tokenizer, speculator=speculator).start()
     done: queue.SimpleQueue = queue.SimpleQueue()
     owner = {}  # request id -> (job, sample index)
     pending = {}  # job line -> its finished choices so far (None once an error was reported for the line)
@@ -293,5 +294,7 @@ def run_generate(
     finally:
         if orch.error is None:
             orch.drain(0.0)  # finished: stops the thread; interrupted: cancels what is left first
+        if speculator is not None:
+            writer.summary.draft_tokens, writer.summary.accepted_draft_tokens = speculator.proposed, speculator.accepted
         writer.close()
     return writer.summary

@@ -240,7 +240,8 @@ def make_plan(
     a long prompt then stalls the running streams for one chunk's prefill at a time, not for all of it. serve
     turns it on (512) for the latency objective.
     speculative_tokens: draft tokens per verify step (serving/speculative.py; 0 = off), compiled for the decode
-    buckets up to speculative_max_batch; one device only for now. speculative_ngram: the longest n-gram looked up.
+    buckets up to speculative_max_batch (on a mesh: the one decode bucket, max_batch, which must not exceed it).
+    speculative_ngram: the longest n-gram looked up.
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
@@ -287,14 +288,18 @@ def make_plan(
         if prefill_chunk >= max_context:
             raise PlanError(f"prefill chunk needs a length bucket below max_context={max_context}; buckets {lengths}")
     if speculative_tokens:
-        if mesh_axes and math.prod(mesh_axes.values()) > 1:
-            raise PlanError("speculative decoding runs on one device for now (the sharded verify step is not built)")
         if not 1 <= speculative_tokens <= min(16, max_context - 1):
             raise PlanError(f"speculative tokens must be in [1, {min(16, max_context - 1)}] (0 = off), got "
                             f"{speculative_tokens}")  # fmt: skip
         if speculative_max_batch < 1 or speculative_ngram < 1:
             raise PlanError(f"speculative max batch and n-gram must be >= 1, got {speculative_max_batch}, "
                             f"{speculative_ngram}")  # fmt: skip
+        if on_mesh and max_batch > speculative_max_batch:
+            # The sharded engine runs every decode step over all max_batch slots (serving/sharding.py), so a
+            # verify step would too: with more slots than speculative_max_batch it would never run.
+            raise PlanError(f"on a mesh every step runs all max_batch={max_batch} slots, above speculative max batch "
+                            f"{speculative_max_batch}: speculation would never run; raise the speculative max batch "
+                            f"or lower max_batch")  # fmt: skip
     # Latency: a prefill never stalls decode by more than ~1k tokens of work; throughput: large prefill batches.
     budget = 1024 if objective == "latency" else 16384
     plan = EnginePlan(

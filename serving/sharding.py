@@ -9,6 +9,7 @@ switch). Decode runs only the full-batch bucket on a mesh: slicing a batch-shard
 Extend steps (prefix caching: a prefill over a cached prefix) run model/transformer.py's plain prefill and insert,
 partitioned by XLA's SPMD partitioner (the mesh's axes are Auto) from the placed weights and the decode-split cache,
 with sharding constraints that keep the cache in the decode split; their collectives are XLA's, not written out.
+Verify steps (speculative decoding) are extends too, of all B slots at once in the decode layout.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
     run_plan = dataclasses.replace(
         plan, decode_batches=(B,), decode_contexts=(plan.max_context,), steps=tuple(steps), source=f"{plan.source}+mesh"
     )
+    # A verify step (speculative decoding: engine_steps.verify_rows) is an extend of every slot's last token and its
+    # drafts [B, k + 1] over the decode cache: it runs in the decode layout itself, so the cache it reads as the
+    # prefix and the k, v it writes back keep the decode split (no reshard of the cache).
+    for b in run_plan.verify_batches:
+        layouts.setdefault((b, plan.speculative_tokens + 1), decode)
 
     replicated = NamedSharding(mesh, P())
     kv = NamedSharding(mesh, sharded.kv_spec(config, mesh, decode, B))

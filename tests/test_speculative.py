@@ -119,10 +119,16 @@ def test_batch_generate_with_speculation_writes_the_same_lines(checkpoint, tmp_p
     outputs = {}
     for k in ("0", "4"):
         out = tmp_path / f"out{k}.jsonl"
-        code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--checkpoint", checkpoint,
-                               "--speculative-tokens", k, "--length-buckets", "16", "--decode-buckets", "1,2",
-                               "--max-context", "64")  # fmt: skip
+        code, stdout, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--checkpoint", checkpoint,
+                                    "--speculative-tokens", k, "--length-buckets", "16", "--decode-buckets", "1,2",
+                                    "--max-context", "64", "--json")  # fmt: skip
         assert code == 0, err
+        report = json.loads(stdout)
+        if k == "4":  # the drafts it verified and kept are reported; the looping line has some kept
+            assert 0 < report["accepted_draft_tokens"] <= report["draft_tokens"], report
+            assert f"{report['accepted_draft_tokens']} of {report['draft_tokens']} draft tokens accepted" in err
+        else:
+            assert report["draft_tokens"] == 0 and "draft tokens" not in err
         outputs[k] = {(r := json.loads(line))["id"]: r["tokens"] for line in out.read_text().splitlines()}
     assert outputs["0"] == outputs["4"] and len(outputs["4"]["loop"]) == 24
 
@@ -133,7 +139,7 @@ def test_batch_generate_with_speculation_writes_the_same_lines(checkpoint, tmp_p
         (["--speculative-tokens", "99"], "speculative tokens must be in [1, 16] (0 = off), got 99"),
         (["--speculative-tokens", "-1"], "speculative tokens must be in [1, 16] (0 = off), got -1"),
         (["--speculative-tokens", "4", "--speculative-ngram", "0"], "n-gram must be >= 1"),
-        (["--speculative-tokens", "4", "--mesh", "2x2x2"], "speculative decoding runs on one device for now"),
+        (["--speculative-tokens", "4", "--mesh", "2x2x2", "--max-batch", "16"], "speculation would never run"),
     ],
 )
 def test_bad_speculative_flags_fail_in_one_line(checkpoint, tmp_path, capsys, flags, message):
