@@ -78,6 +78,16 @@ def _wait_idle(server, timeout=10.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
+def _wait_for(condition, timeout: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` s pass (False); ends as soon as it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _stream(client, prompt, **kw):
     chunks = list(client.generate_stream(prompt, **kw))
     return (
@@ -297,17 +307,26 @@ def _counter(server, name: str, **labels: str) -> float:
 def test_cancelling_half_mid_stream_frees_every_slot(server, client):
     # At most max_batch (8) streams: all of them hold a slot at once, so a cancel reaches a request the server is
     # still generating (more streams would queue, and the first ones would be done before the last one started).
+    # Slowed until the engine has ended the cancelled ones: 120 tokens then take >= 6 s, so every cancel lands with
+    # most of its request still to generate, on any machine (unslowed, a fast one makes 120 tokens in ~20 ms, which
+    # can be over before the client's cancel reaches the server). The other four then finish at full speed.
     n, cancelled = 8, 4
     assert _wait_idle(server)["meshserve_live_slots"] == 0
     before_cancelled = _counter(server, "meshserve_requests_total", method="GenerateStream", code="CANCELLED")
     before_tokens = _counter(server, "meshserve_generated_tokens_total")
     before_engine = _counter(server, "meshserve_finished_total", reason="cancelled")
-    calls = [client.stream_call(f"cancel {i}", max_new_tokens=120, ignore_eos=True) for i in range(n)]
-    iters = [iter(c) for c in calls]
-    firsts = [next(it) for it in iters]  # every stream has started producing
-    assert all(len(f.tokens) >= 1 for f in firsts)
-    for c in calls[:cancelled]:
-        c.cancel()
+
+    def engine_cancels() -> float:
+        return _counter(server, "meshserve_finished_total", reason="cancelled") - before_engine
+
+    with slowed(server.slow):
+        calls = [client.stream_call(f"cancel {i}", max_new_tokens=120, ignore_eos=True) for i in range(n)]
+        iters = [iter(c) for c in calls]
+        firsts = [next(it) for it in iters]  # every stream has started producing
+        assert all(len(f.tokens) >= 1 for f in firsts)
+        for c in calls[:cancelled]:
+            c.cancel()
+        assert _wait_for(lambda: engine_cancels() >= cancelled, timeout=30), engine_cancels()
     for f, it in zip(firsts[cancelled:], iters[cancelled:], strict=True):
         chunks = [f, *it]
         assert sum(len(x.tokens) for x in chunks) == 120 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
@@ -392,14 +411,24 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, client
 def test_full_queue_answers_resource_exhausted(server, client):
     # 8 slots + 32 queued = 40 < 48 requests, and 48 < the 72 RPCs gRPC itself admits (slots + queue + Score queue
     # 16 + 16): a RESOURCE_EXHAUSTED here can only come from the scheduler's bounded queue. Sent as futures from one
-    # thread, all 48 arrive within milliseconds, long before the first 8 finish their 120 tokens.
+    # thread, all 48 arrive within milliseconds. Slowed until every RPC of the burst is queued, in a slot or
+    # refused, so no request can finish (120 tokens take >= 6 s) and free its place before the burst ends, however
+    # the client's and the server's threads are scheduled (a loaded machine can pause the sender for longer than
+    # the first 8 take unslowed); the accepted ones then run at full speed.
     n = 48
-    futures = [
-        client.stub.Generate.future(
-            client.request([i % 200 + 1], max_new_tokens=120, ignore_eos=True), metadata=client.metadata
-        )
-        for i in range(n)
-    ]
+    with slowed(server.slow):
+        futures = [
+            client.stub.Generate.future(
+                client.request([i % 200 + 1], max_new_tokens=120, ignore_eos=True), metadata=client.metadata
+            )
+            for i in range(n)
+        ]
+
+        def accounted() -> float:  # refused (answered at once) + holding a slot + queued
+            m = _metrics(server)
+            return sum(f.done() for f in futures) + m["meshserve_live_slots"] + m["meshserve_queue_depth"]
+
+        assert _wait_for(lambda: accounted() == n, timeout=60), accounted()
     codes, details = [], []
     for f in futures:
         try:
@@ -418,17 +447,18 @@ def test_full_queue_answers_resource_exhausted(server, client):
 
 
 def test_score_past_its_deadline_answers_deadline_exceeded_on_the_server(server, client):
-    # 150 full-context items (under --max-score-tokens): 19 score chunks, far longer than the deadline.
+    # 150 full-context items (under --max-score-tokens): 19 score chunks, slowed to >= 50 ms each, so the job takes
+    # >= 0.95 s on any machine and the 0.5 s deadline passes in its middle (unslowed, a fast machine could score
+    # them all within a deadline short enough; one that passes before the handler starts still counts on the server).
     items = [([1 + i % 200] * 64, [2] * 63) for i in range(150)]
     key = 'meshserve_requests_total{code="DEADLINE_EXCEEDED",method="Score"}'
     before = _metrics(server).get(key, 0.0)
-    with pytest.raises(grpc.RpcError) as err:
-        client.score(items, timeout=0.05)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The server itself gave up at the deadline (the worker is not blocked until the job ends).
-    deadline = time.monotonic() + 10
-    while _metrics(server).get(key, 0.0) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with slowed(server.slow):
+        with pytest.raises(grpc.RpcError) as err:
+            client.score(items, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server itself gave up at the deadline (the worker is not blocked until the job ends).
+        assert _wait_for(lambda: _metrics(server).get(key, 0.0) > before, timeout=10)
     assert _metrics(server).get(key, 0.0) == before + 1
     assert len(client.score([([1, 2], [3])])) == 1  # still serving
 

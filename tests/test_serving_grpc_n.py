@@ -16,8 +16,8 @@ from meshserve.serving.client import Client, InvalidRequest
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.requests import ShuttingDownError
 from meshserve.serving.scheduler import QueueFullError, Request, Scheduler
-from test_serving_grpc import _counter, _metrics, _wait_idle
-from test_serving_support import ServerProcess, make_checkpoint
+from test_serving_grpc import _counter, _metrics, _wait_for, _wait_idle
+from test_serving_support import ServerProcess, make_checkpoint, slow_decode, slowed
 
 MAX_N = 6  # --max-n: small, so max_n + 1 is cheap to refuse
 MAX_QUEUE = 4  # --max-queue: n = 5 can never be queued whole, n = 4 just can
@@ -30,12 +30,15 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server(checkpoint, tmp_path_factory):
     metrics_port = free_port()
+    slow = tmp_path_factory.mktemp("slow") / "on"  # decode steps >= 50 ms more while a test holds slowed(server.slow)
     # --warm-up all: samples are compared token for token with separate requests (see test_serving_grpc.py).
     proc = ServerProcess(checkpoint, "--warm-up", "all", "--max-queue", str(MAX_QUEUE), "--max-n", str(MAX_N),
-                         "--metrics-port", str(metrics_port))  # fmt: skip
+                         "--metrics-port", str(metrics_port),
+                         python_code=slow_decode(0.05, while_exists=slow))  # fmt: skip
     proc.metrics_port = metrics_port
+    proc.slow = slow
     yield proc
     proc.close()
 
@@ -156,14 +159,19 @@ def test_cancelling_an_n3_stream_cancels_every_sample(server, client):
     cancelled = _counter(server, "meshserve_requests_total", method="GenerateStream", code="CANCELLED")
     engine = _counter(server, "meshserve_finished_total", reason="cancelled")
     tokens = _counter(server, "meshserve_generated_tokens_total")
-    call = client.stream_call([1, 2, 3], n=3, max_new_tokens=120, ignore_eos=True, temperature=0.7)
-    seen = set()
-    for chunk in call:  # until every sample has produced a token (all three hold a slot)
-        seen.add(chunk.index)
-        if seen == {0, 1, 2}:
-            break
-    call.cancel()
-    assert call.code() == grpc.StatusCode.CANCELLED
+    # Slowed until the engine has ended the three samples: 120 tokens then take >= 6 s, so the cancel reaches them
+    # mid-generation on any machine (unslowed, a fast one makes 120 tokens in ~20 ms, which can be over first).
+    with slowed(server.slow):
+        call = client.stream_call([1, 2, 3], n=3, max_new_tokens=120, ignore_eos=True, temperature=0.7)
+        seen = set()
+        for chunk in call:  # until every sample has produced a token (all three hold a slot)
+            seen.add(chunk.index)
+            if seen == {0, 1, 2}:
+                break
+        call.cancel()
+        assert call.code() == grpc.StatusCode.CANCELLED
+        ended = lambda: _counter(server, "meshserve_finished_total", reason="cancelled") - engine  # noqa: E731
+        assert _wait_for(lambda: ended() >= 3, timeout=30), ended()
     m = _wait_idle(server)
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
     key = 'meshserve_requests_total{code="CANCELLED",method="GenerateStream"}'

@@ -3,12 +3,14 @@ and the grid of buckets every serving test compiles (small and identical, so the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # One small bucket grid for every serving test process: prompt buckets 32 and 128 (the tiny context), decode
@@ -102,17 +104,47 @@ class ServerProcess:
         os.unlink(self.log.name)
 
 
-# Every decode step takes >= 50 ms more (a stand-in for a big model), so a stream or a job lasts long enough to be
-# interrupted or drained in its middle; everything else is the real CLI. For ServerProcess(python_code=...) or
-# `python -c SLOW_DECODE ARGS...`.
-SLOW_DECODE = """
-import sys, time
-from meshserve.serving import engine
-fast = engine.Engine.decode_async
-def decode_async(self, batch, context=None):
-    time.sleep(0.05)
-    return fast(self, batch, context)
-engine.Engine.decode_async = decode_async
-from meshserve.serving.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def slow_decode(seconds: float = 0.05, while_exists: Path | None = None, score: bool = False) -> str:
+    """Python code for ServerProcess(python_code=...) or `python -c CODE ARGS...`: the real CLI, but every decode step
+    (and, with `score`, every Score chunk) takes >= `seconds` more (a stand-in for a big model), so a stream or a job
+    lasts long enough to be interrupted or drained in its middle on any machine. With `while_exists`, only while that
+    file exists: a test turns the slowdown on (see `slowed`) for just the part that must outlast a client's action,
+    and the rest of its module runs at full speed."""
+    check = f"os.path.exists({str(while_exists)!r})" if while_exists is not None else "True"
+    patch_score = (
+        "fast_score = engine.Engine.score_chunk\n"
+        "def score_chunk(self, items):\n"
+        f"    if {check}:\n"
+        f"        time.sleep({seconds!r})\n"
+        "    return fast_score(self, items)\n"
+        "engine.Engine.score_chunk = score_chunk\n"
+        if score
+        else ""
+    )
+    return (
+        "import os, sys, time\n"
+        "from meshserve.serving import engine\n"
+        "fast = engine.Engine.decode_async\n"
+        "def decode_async(self, batch, context=None):\n"
+        f"    if {check}:\n"
+        f"        time.sleep({seconds!r})\n"
+        "    return fast(self, batch, context)\n"
+        "engine.Engine.decode_async = decode_async\n"
+        f"{patch_score}"
+        "from meshserve.serving.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+
+
+@contextlib.contextmanager
+def slowed(flag: Path) -> Iterator[None]:
+    """A server started with slow_decode(while_exists=flag) runs slowed inside this block, at full speed after."""
+    flag.touch()
+    try:
+        yield
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+# Every decode step takes >= 50 ms more, always: for a server or job that must be slow from its first step.
+SLOW_DECODE = slow_decode(0.05)
