@@ -5,10 +5,11 @@ resumes with every id written once, all n samples together."""
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
-from test_serving_support import GRID, env, make_checkpoint, meshserve
+from test_serving_support import GRID, env, make_checkpoint, meshserve, slow_decode
 
 # Longer than the smallest prompt bucket (32 in GRID), so reusing it saves a bucket and the prefix cache is used.
 PROMPT = "Q: 2+2? A: 4. Q: 3+3? A: 6. Q: 5+1? A: 6. Q: 7+"
@@ -95,7 +96,11 @@ def test_a_killed_job_resumes_writing_each_id_once_with_all_its_samples(checkpoi
         )
     )  # fmt: skip
     cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    # The killed run's decode steps take >= 10 ms more: its ~800 steps take >= 8 s, so the kill lands mid-job even
+    # when this process is paused a while after the 3rd line (unslowed, a fast machine runs the job in ~0.5 s). The
+    # rerun is the real CLI at full speed.
+    slow = [sys.executable, "-c", slow_decode(0.01), *cmd[3:]]
+    proc = subprocess.Popen(slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     deadline = time.monotonic() + 240
     while len(_lines(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -5,13 +5,14 @@ written exactly once."""
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import pytest
 from meshserve.serving.client import Client
-from test_serving_support import GRID, SLOW_DECODE, ServerProcess, env, make_checkpoint, meshserve
+from test_serving_support import GRID, SLOW_DECODE, ServerProcess, env, make_checkpoint, meshserve, slow_decode
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,10 @@ def checkpoint(tmp_path_factory):
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint):
-    server = ServerProcess(checkpoint, "--grace", "60")
+    # Decode steps >= 20 ms more: 120 tokens take >= 2.4 s, so the streams are still running when the drain starts
+    # (the signal is seen within 0.5 s) on any machine; unslowed, a fast one finishes them first, and the drain
+    # would have nothing in flight to wait for.
+    server = ServerProcess(checkpoint, "--grace", "60", python_code=slow_decode(0.02))
     try:
         with Client(server.target) as client:
             client.wait_ready()
@@ -131,7 +135,11 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
         f.write(json.dumps({"id": "bad6", "prompt": "x", "stop_token_ids": [9999]}) + "\n")  # line n + 7
     out = tmp_path / "out.jsonl"
     cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), *GRID, "--json")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
+    # The killed run's decode steps take >= 10 ms more: its 1800 steps take >= 18 s, so the kill lands mid-job even
+    # when this process is paused a while after the 20th line (unslowed, a fast machine runs the job in ~1 s). The
+    # rerun is the real CLI at full speed.
+    slow = [sys.executable, "-c", slow_decode(0.01), *cmd[3:]]
+    proc = subprocess.Popen(slow, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
     deadline = time.monotonic() + 240
     while len(_lines(out)) < 20 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
