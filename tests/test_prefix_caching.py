@@ -7,6 +7,7 @@ of a conversation) must prefill only the rest and still produce exactly the toke
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import jax
@@ -196,7 +197,16 @@ def test_engine_chunked_prefill_equals_a_whole_prefill():
     engine.prefill_insert = lambda prompts, *a, **kw: (
         calls.append(("prefill", len(prompts[0]))) or prefill(prompts, *a, **kw)
     )
-    engine.decode_async = lambda *a: calls.append(("decode",)) or decode(*a)
+    # The first decode step waits until `long` is queued: `short` (30 tokens) then still decodes between all of
+    # long's chunks, on any machine (unheld, a fast one can decode 30 tokens before this thread sees the first).
+    queued = threading.Event()
+
+    def held_decode(*a):
+        calls.append(("decode",))
+        assert queued.wait(60), "long was not queued"
+        return decode(*a)
+
+    engine.decode_async = held_decode
     orch = Orchestrator(engine, Scheduler.for_plan(plan, 8), ByteTokenizer()).start()
     rng = np.random.default_rng(4)
     try:
@@ -205,11 +215,13 @@ def test_engine_chunked_prefill_equals_a_whole_prefill():
             time.sleep(0.005)
         text = [int(t) for t in rng.integers(1, CONFIG.vocab_size, 70)]
         long = _run(orch, text, 6, SamplingParams(repetition_penalty=1.3, temperature=0.5, seed=4))
+        queued.set()
         wait_finished([short, long])
         # The same document again with another question: its first 70 tokens come from the chunked request's slot.
         again = _run(orch, text + [9, 9, 9], 4, SamplingParams())
         wait_finished([again])
     finally:
+        queued.set()
         orch.stop()
     assert orch.error is None
     assert long.cached_tokens == 0 and again.cached_tokens >= 70

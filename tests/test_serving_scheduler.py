@@ -311,7 +311,9 @@ def test_drain_past_grace_fails_queued_score_jobs_and_score_times_out():
     deadline = time.monotonic() + 5
     while orch.scores.queue.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
-    threading.Timer(0.5, engine.release.set).start()
+    # The engine holds the first job until B has its answer (or 10 s): released by a fixed timer, a drain slower
+    # than the timer (a loaded machine) found B already taken off the queue and scored.
+    threading.Thread(target=lambda: (b.join(10), engine.release.set())).start()
     assert orch.drain(0.1) is False  # grace too short: B is failed, not left waiting
     b.join(10)
     assert isinstance(results["b"], ShuttingDownError), results

@@ -3,6 +3,7 @@ server) answering correctly while only each kind's largest bucket is compiled, w
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -99,6 +100,16 @@ def test_covering_decode_steps_free_slots_holding_prefixes_and_chunked_prompts_u
     engine.warm_up(phases=("generate",), defer=True)
     rng = np.random.default_rng(0)
     ids = lambda n: [int(t) for t in rng.integers(3, CONFIG.vocab_size, n)]  # noqa: E731
+    # The 20th decode step waits until `follow` and `chunked` are queued: `long` then has ~70 of its 90 tokens to go
+    # and decodes beside both of them on any machine (unheld, a fast one decodes 90 tokens in ~30 ms).
+    steps, queued, decode = itertools.count(), threading.Event(), engine.decode_async
+
+    def held_decode(batch, context=None):
+        if next(steps) == 20:
+            assert queued.wait(60), "follow and chunked were not queued"
+        return decode(batch, context)
+
+    engine.decode_async = held_decode
     orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
     greedy = SamplingParams()
     run = lambda p, n, s=greedy: orch.submit(Request(list(p), n, sampling=s)).request  # noqa: E731
@@ -110,10 +121,13 @@ def test_covering_decode_steps_free_slots_holding_prefixes_and_chunked_prompts_u
             time.sleep(0.01)
         follow = run(short.prompt + short.tokens + ids(5), 6)  # reuses slot 1's prefix
         chunked = run(ids(100), 5, SamplingParams(0.9, top_k=20, seed=3))  # 7 chunks of 16, decode between
+        queued.set()
         wait_finished([long, follow, chunked])
     finally:
+        queued.set()
         orch.stop()
     assert orch.error is None
+    assert long.finish_time > max(follow.finish_time, chunked.finish_time)  # long decoded beside both throughout
     assert follow.cached_tokens == len(short.prompt) + len(short.tokens) - 1
     assert engine.compiled_steps() == 5  # generate's covering steps only: nothing compiled on the request path
     assert_equal_to_generate(params, CONFIG, [long, short, follow, chunked])
