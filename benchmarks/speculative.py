@@ -4,9 +4,11 @@ share of drafts kept, and the cost of a verify step against a decode step on thi
 
     python benchmarks/speculative.py                     # the bundled demo model, K = 4
     python benchmarks/speculative.py --model tiny --tokens 2,4,8 --json
+    python benchmarks/speculative.py --temperature 0.3,0.7   # seeded sampling (drafts kept with p(draft))
 
-Prompts: code restated (the drafts come from the prompt) and a short one (any drafts come from the output). Greedy, --new-tokens each (ignore_eos), after a
-warm-up request per setting. The answers of both modes are compared token for token (they must be equal).
+Prompts: code restated (the drafts come from the prompt) and a short one (any drafts come from the output).
+Greedy by default (--temperature 0), --new-tokens each (ignore_eos), after a warm-up request per setting; a
+sampled run uses seed 1 in both modes. The answers of both modes are compared token for token (they must be equal).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _engine(model, k: int, args):
     return engine
 
 
-def _run(engine, model, prompt: list[int], new_tokens: int, k: int) -> dict:
+def _run(engine, model, prompt: list[int], new_tokens: int, k: int, temperature: float = 0.0) -> dict:
     from meshserve.model.sampling import SamplingParams
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.scheduler import Request, Scheduler
@@ -45,7 +47,8 @@ def _run(engine, model, prompt: list[int], new_tokens: int, k: int) -> dict:
     speculator = speculator_for(engine.plan)
     orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 4), model.tokenizer, speculator=speculator).start()
     try:
-        handle = orch.submit(Request(prompt, new_tokens, SamplingParams(), frozenset()))
+        sampling = SamplingParams(temperature=temperature, seed=1)
+        handle = orch.submit(Request(prompt, new_tokens, sampling, frozenset()))
         tokens, first = [], None
         while True:
             event = handle.events.get(timeout=300)
@@ -86,6 +89,7 @@ def main() -> int:
     p.add_argument("--model", help="a preset with random weights instead (e.g. tiny)")
     p.add_argument("--tokens", default="4", help="draft tokens K to try, comma-separated (default 4)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per request (default 128)")
+    p.add_argument("--temperature", default="0", help="temperatures to try, comma-separated (default 0: greedy)")
     p.add_argument(
         "--context", type=int, help="the engine's context (default: 256, or the model's max_seq_len if less)"
     )
@@ -99,32 +103,37 @@ def main() -> int:
     ks = [int(x) for x in args.tokens.split(",")]
     rows = []
     plain_engine = _engine(model, 0, args)
+    temperatures = [float(x) for x in args.temperature.split(",")]
     for k in ks:
         engine = _engine(model, k, args)
         for name, text in PROMPTS.items():
             prompt = model.encode_prompt(text)[:64]
             n = min(args.new_tokens, args.context - len(prompt))
-            _run(plain_engine, model, prompt, 8, 0)  # warm the loop
-            plain = _run(plain_engine, model, prompt, n, 0)
-            _run(engine, model, prompt, 8, k)
-            spec = _run(engine, model, prompt, n, k)
             decode_ms, verify_ms = _step_ms(engine, prompt, k)
-            rows.append({
-                "k": k, "prompt": name, "new_tokens": n, "same_tokens": plain["tokens"] == spec["tokens"],
-                "plain_tokens_per_s": plain["decode_tokens_per_s"], "spec_tokens_per_s": spec["decode_tokens_per_s"],
-                "speedup": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
-                "tokens_per_step": spec["tokens_per_step"], "drafts_kept": spec["drafts_kept"],
-                "decode_step_ms": decode_ms, "verify_step_ms": verify_ms,
-            })  # fmt: skip
+            for t in temperatures:
+                _run(plain_engine, model, prompt, 8, 0, t)  # warm the loop
+                plain = _run(plain_engine, model, prompt, n, 0, t)
+                _run(engine, model, prompt, 8, k, t)
+                spec = _run(engine, model, prompt, n, k, t)
+                rows.append({
+                    "k": k, "temperature": t, "prompt": name, "new_tokens": n,
+                    "same_tokens": plain["tokens"] == spec["tokens"],
+                    "plain_tokens_per_s": plain["decode_tokens_per_s"], "spec_tokens_per_s": spec["decode_tokens_per_s"],
+                    "speedup": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+                    "tokens_per_step": spec["tokens_per_step"], "drafts_kept": spec["drafts_kept"],
+                    "decode_step_ms": decode_ms, "verify_step_ms": verify_ms,
+                })  # fmt: skip
     report = {"device": jax.devices()[0].device_kind, "model": model.config.name, "rows": rows}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"device {report['device']}, model {report['model']}, one request at a time, greedy")
-        print(" K  prompt         same  plain tok/s  spec tok/s  speedup  tok/step  drafts kept  decode ms  verify ms")
+        print(f"device {report['device']}, model {report['model']}, one request at a time")
+        print(
+            " K  temp  prompt         same  plain tok/s  spec tok/s  speedup  tok/step  drafts kept  decode ms  verify ms"
+        )
         for r in rows:
             kept = "-" if r["drafts_kept"] is None else f"{r['drafts_kept']:.0%}"
-            print(f"{r['k']:>2}  {r['prompt']:<13}  {'yes' if r['same_tokens'] else 'NO':<4}  "
+            print(f"{r['k']:>2}  {r['temperature']:4.1f}  {r['prompt']:<13}  {'yes' if r['same_tokens'] else 'NO':<4}  "
                   f"{r['plain_tokens_per_s']:11.0f}  {r['spec_tokens_per_s']:10.0f}  {r['speedup']:6.2f}x  "
                   f"{r['tokens_per_step']:8.2f}  {kept:>11}  {r['decode_step_ms']:9.2f}  {r['verify_step_ms']:9.2f}")  # fmt: skip
     return 0 if all(r["same_tokens"] for r in rows) else 1

@@ -111,9 +111,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="K",
-        help="speculative decoding by prompt lookup: draft up to K tokens per greedy request from its own prompt and "
-        "output (a repeated n-gram's continuation) and verify them in one step; the answers are plain greedy's, "
-        "faster where text repeats (code edits, quoting, summaries); default 0 = off, 4 is usual",
+        help="speculative decoding by prompt lookup: draft up to K tokens per request from its own prompt and output "
+        "(a repeated n-gram's continuation) and verify them in one step; the answers are token for token plain "
+        "decoding's (greedy or seeded sampling; requests with penalties do not draft), faster where text repeats "
+        "(code edits, quoting, summaries) at low temperatures; default 0 = off, 4 is usual",
     )
     parser.add_argument(
         "--speculative-ngram",

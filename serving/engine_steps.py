@@ -159,9 +159,13 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     the drafts the model itself would have produced, plus one token of its own after them.
 
     Position 0 is sampled as `decode_rows` samples (every row's own sampler, step, history), so a row without
-    drafts gets exactly a decode step's token. Positions j >= 1 are greedy (argmax): only rows whose sampling is
-    plain greedy may carry drafts (the caller's rule), and for them every position is argmax, so the kept tokens
-    are the tokens plain decoding would give. Row r keeps n[r] = 1 + (its leading drafts equal to those tokens).
+    drafts gets exactly a decode step's token. Position j >= 1 is sampled by the row's own sampler at step + j,
+    the key and bias entries plain decoding would use for that token, without the penalties' history: only rows
+    without penalties (or top_logprobs) may carry drafts (the caller's rule, speculative.may_draft_sampling). Row r
+    keeps n[r] = 1 + (its leading drafts equal to the tokens sampled before them): each kept token was sampled
+    from the context plain decoding would have had, with the same key, so the tokens are plain decoding's, greedy
+    or sampled. (A draft d is kept with probability p(d), as speculative sampling keeps a one-token draft, and a
+    rejected draft's position gets a token drawn from p without d, its residual.)
 
     -> new state (k, v of the kept positions written, lengths + n, last = the n-th token, step + n, history), and
     (tokens int32 [b, k + 1] (the first n[r] are row r's), n int32 [b], log-probs float32 [b, k + 1] under the
@@ -180,9 +184,14 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
                                          prefix=prefix)  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
     samp = {n: a[:b] for n, a in state.sampling.items()}
     first, first_lp = sample(logits[:, 0], samp, state.step[:b], state.history)
-    logp = jax.nn.log_softmax(logits, axis=-1)  # [b, T, V]
-    out = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[:, 0].set(first)  # [b, T]
-    out_lp = jnp.take_along_axis(logp, out[..., None], axis=-1)[..., 0].at[:, 0].set(first_lp)
+    # Positions 1 .. k as b * k rows of one sample call: each row's settings repeated, its step advanced by j (an
+    # all-greedy batch takes sample's argmax branch, as before sampled rows could draft).
+    V = logits.shape[-1]
+    steps = (state.step[:b, None] + jnp.arange(1, T)[None, :]).reshape(-1)  # [b * k]
+    rest, rest_lp = sample(logits[:, 1:].reshape(-1, V), {n: jnp.repeat(a, k_drafts, axis=0) for n, a in samp.items()},
+                           steps)  # fmt: skip  # [b * k] each
+    out = jnp.concatenate([first[:, None], rest.reshape(b, k_drafts)], axis=1)  # [b, T]
+    out_lp = jnp.concatenate([first_lp[:, None], rest_lp.reshape(b, k_drafts)], axis=1)
     match = (drafts >= 0) & (drafts == out[:, :k_drafts])  # [b, k]
     n = 1 + jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)  # [b], 1..T
     S = c.max_len

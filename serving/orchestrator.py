@@ -343,7 +343,7 @@ class Orchestrator:
                 ticket, out.tokens, out.counts, out.logprobs, now, top=(out.top_ids, out.top_logprobs)
             )
             occupancy = self.scheduler.occupancy()
-        proposed, accepted = self.speculator.record(drafts, updates)
+        proposed, accepted = self.speculator.record(ticket, drafts, out.counts, updates)
         self.steps += 1
         self.step_seconds += now - t0
         self.metrics.step(now - t0, sum(len(u.tokens) for u in updates), occupancy)

@@ -17,7 +17,14 @@ from meshserve.model.params import init_params
 from meshserve.model.sampling import SamplingParams
 from meshserve.serving.engine import Engine
 from meshserve.serving.plan import make_plan
-from meshserve.serving.speculative import NgramSpeculator, plain_greedy, propose
+from meshserve.serving.requests import Request
+from meshserve.serving.speculative import (
+    PAUSE_TOKENS,
+    NgramIndex,
+    NgramSpeculator,
+    may_draft_sampling,
+    propose,
+)
 
 K = 4  # draft tokens per verify step
 
@@ -31,12 +38,29 @@ def test_propose_follows_the_latest_earlier_occurrence():
     assert propose([1, 2, 1, 2], 3, max_ngram=2, min_ngram=2) == [1, 2]
 
 
-def test_only_plain_greedy_rows_draft():
-    assert plain_greedy(SamplingParams())
-    for changed in (dict(temperature=0.7), dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
-                    dict(frequency_penalty=0.5), dict(logit_bias={3: 1.0}), dict(min_tokens=2, stop_ids=(1,)),
+def test_the_ngram_index_proposes_what_a_scan_of_the_history_does():
+    """NgramIndex (kept as a request grows) against propose (a scan of the whole history), after every token of
+    random short-alphabet sequences (many repeats), for several k and n."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        max_ngram = 1 + trial % 4
+        index = NgramIndex(max_ngram)
+        history = rng.integers(0, 1 + trial % 6, 60).tolist()
+        index.extend(history[:5])
+        for end in range(5, len(history) + 1):
+            for k in (1, 3, 8):
+                assert index.propose(k) == propose(history[:end], k, max_ngram), (trial, end, k)
+            assert index.propose(4, min_ngram=2) == propose(history[:end], 4, max_ngram, min_ngram=2)
+            index.extend(history[end : end + 1])
+
+
+def test_rows_with_penalties_or_top_logprobs_do_not_draft():
+    for kept in (dict(), dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, seed=3), dict(logit_bias={3: 1.0}),
+                 dict(min_tokens=2, stop_ids=(1,))):  # fmt: skip
+        assert may_draft_sampling(SamplingParams(**kept)), kept
+    for changed in (dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(frequency_penalty=0.5),
                     dict(top_logprobs=2)):  # fmt: skip
-        assert not plain_greedy(SamplingParams(**changed)), changed
+        assert not may_draft_sampling(SamplingParams(**changed)), changed
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +113,63 @@ def test_verify_keeps_exactly_the_greedy_tokens(engines):
     assert out.counts.tolist() == [1] and int(out.tokens[0, 0]) == want[1]
 
 
+LOOP = [7, 3, 9, 12, 4, 7, 3, 9, 12, 4, 7, 3]
+
+
+def test_a_row_whose_drafts_are_refused_pauses_then_drafts_again():
+    """Drafts mostly refused cost more than they save: two verify steps that keep none of a row's drafts pause its
+    drafting for PAUSE_TOKENS tokens (the other row, whose drafts are kept, goes on); then it drafts again."""
+    spec = NgramSpeculator(K)
+    refused, kept = Request(list(LOOP), 200), Request(list(LOOP), 200)
+    ticket = (2, (refused, kept))
+    for step in range(2):
+        drafts = spec.drafts(ticket, 256)
+        assert drafts is not None and (drafts >= 0).any(axis=1).all(), step
+        spec.record(ticket, drafts, np.array([1, K + 1]), [])  # row 0 kept nothing, row 1 all K
+        refused.tokens.append(LOOP[len(refused.tokens) % len(LOOP)])
+    assert spec.paused == 1
+    drafts = spec.drafts(ticket, 256)
+    assert (drafts[0] < 0).all() and (drafts[1] >= 0).any()
+    assert not spec.may_draft((1, (refused,)), 256)  # alone it would not even stop the pipelined decode
+    refused.tokens += [LOOP[(len(refused.tokens) + i) % len(LOOP)] for i in range(PAUSE_TOKENS)]
+    assert spec.may_draft((1, (refused,)), 256) and (spec.drafts(ticket, 256)[0] >= 0).any()
+    # Back from the pause, one more step that keeps nothing pauses it again.
+    spec.record(ticket, spec.drafts(ticket, 256), np.array([1, 1]), [])
+    assert spec.paused == 2 and (spec.drafts(ticket, 256)[0] < 0).all()
+
+
 def test_serving_with_speculation_equals_plain_decoding(engines):
     """Through the orchestrator: greedy requests (repetitive prompts, so drafts are found) get plain decoding's
-    tokens in fewer engine steps; a sampled request beside them is unaffected (its own sampler, no drafts)."""
+    tokens in fewer engine steps; a request with a penalty beside them is unaffected (its own sampler, no drafts)."""
     plain, spec = engines
-    loop = [7, 3, 9, 12, 4, 7, 3, 9, 12, 4, 7, 3]
     cases = [
-        (loop, 40, SamplingParams()),
+        (LOOP, 40, SamplingParams()),
         ([2, 8, 2, 8, 2, 8, 5], 30, SamplingParams()),
-        (loop, 20, SamplingParams(temperature=0.9, seed=5)),
+        (LOOP, 20, SamplingParams(temperature=0.9, seed=5, repetition_penalty=1.3)),
     ]
     want = serve_requests(plain, cases)
     speculator = NgramSpeculator(K)
     got = serve_requests(spec, cases, speculator=speculator)
     assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert speculator.accepted > 0 and speculator.proposed >= speculator.accepted
+
+
+def test_sampled_requests_draft_and_keep_their_seeded_tokens(engines):
+    """Sampled requests draft too: each position of a verify step is sampled with the key plain decoding uses for
+    that token, so seeded samples (filters, logit bias and min_tokens included) are token for token the same with
+    speculation as without, and low-temperature rows keep some drafts."""
+    plain, spec = engines
+    cases = [
+        (LOOP, 40, SamplingParams(temperature=0.3, seed=11)),
+        (LOOP, 40, SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=12)),
+        ([2, 8, 2, 8, 2, 8, 5], 30, SamplingParams(temperature=0.5, min_p=0.05, seed=13, logit_bias={3: 2.0})),
+        ([5, 6, 5, 6, 5, 6], 24, SamplingParams(temperature=0.6, seed=14, min_tokens=20, stop_ids=(6,))),
+    ]
+    want = serve_requests(plain, cases)
+    speculator = NgramSpeculator(K)
+    got = serve_requests(spec, cases, speculator=speculator)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert 6 not in got[3].tokens[:20]  # min_tokens held in the verify steps' positions too
     assert speculator.accepted > 0 and speculator.proposed >= speculator.accepted
 
 
