@@ -418,10 +418,13 @@ def test_a_client_that_goes_away_frees_its_slot(server, oa):
     # A plain request whose client closes the connection while it waits.
     url = urlsplit(server.http)
     body = json.dumps({"prompt": PROMPT, "max_tokens": 50}).encode()
+    live = lambda: _metric(server, "meshserve_live_slots")  # noqa: E731
+    assert _wait_for(lambda: live() == 0, timeout=30), "the stream's slot was not freed"
     with socket.create_connection((url.hostname, url.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-        time.sleep(0.5)
+        # Closed once the request holds a slot (a fixed wait could close it before a loaded server queued it).
+        assert _wait_for(lambda: live() >= 1, timeout=30), "the plain request never started"
     gone = _wait_for(lambda: _cancelled(server) >= before + 2, timeout=60)  # generous: CI machines run loaded
     assert gone, f"the plain request was not cancelled:\n{server.output()[-3000:]}"
     assert _metric(server, "meshserve_requests_total", method="POST /v1/completions", code="CANCELLED") >= 2
