@@ -54,7 +54,12 @@ class SignalLatch:
         self.restore()
 
     def restore(self) -> None:
-        """The handlers from before; signals after this are the process's default behaviour again."""
+        """The handlers from before; signals after this are the process's default behaviour again. Once a signal
+        was recorded the latch stays instead: the process is stopping, and a repeat of that signal (REPEAT_S) that
+        arrived between here and the exit would meet the default handler (a KeyboardInterrupt traceback at exit in
+        place of `code`); a later, second signal still ends it at once."""
+        if self.signals:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
