@@ -214,18 +214,25 @@ def estimate(
     decode_layout: str | None = None,
     decode_attention: str | None = None,
     decode_batch: int | None = None,
+    tokens_per_step: int = 1,
 ) -> Estimate:
     """Cost of one phase. Prefill: one pass over B·prompt_len tokens. Decode: gen_len steps of B tokens.
+
+    tokens_per_step (decode only): each row runs this many query tokens a step over its cache (speculative
+    decoding's verify step: the last token and k drafts, logits at every one); 1 is plain decoding.
 
     Prefill also pays the phase switch into the decode cache (`breakdown.reshard_s`, partition.comm's
     reshard_collectives for all N layers): decode_layout / decode_attention / decode_batch name the decode
     side (default: the prefill's own layout and batch).
     """
-    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len)):
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),
+                        ("tokens_per_step", tokens_per_step)):  # fmt: skip
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if phase not in PHASES:
         raise UserError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if phase == "prefill" and tokens_per_step != 1:
+        raise UserError(f"tokens_per_step is a decode step's; prefill takes 1, got {tokens_per_step}")
     if weights not in ANALYZE_WEIGHTS:
         raise UserError(f"weights must be one of {', '.join(ANALYZE_WEIGHTS)}, got {weights!r}")
     sizes = model_sizes(config)
@@ -234,7 +241,7 @@ def estimate(
     if phase == "prefill":
         L, S, passes, tokens = prompt_len, prompt_len, 1, batch * prompt_len
     else:  # the KV load grows linearly with the context, so one step at the mean context times gen_len is exact
-        L, S, passes, tokens = 1, prompt_len + gen_len / 2, gen_len, batch * gen_len
+        L, S, passes, tokens = tokens_per_step, prompt_len + gen_len / 2, gen_len, batch * gen_len
     dims = layer_dims(c, batch, L, math.ceil(S), weights)
     colls = layer_collectives(ffn_layout, attention, mesh, dims)  # LayoutError when the dims do not split
     # The looped collective einsum exists for ws2d only (partition/ refuses it elsewhere): other layouts are
@@ -242,8 +249,9 @@ def estimate(
     looped = layer_collectives(ffn_layout, attention, mesh, dims, overlap=True) if ffn_layout == "ws2d" else None
     overlapped = bool(overlap and looped is not None)
 
-    # Logits only at the last prompt token (prefill) or the new token (decode): B rows either way.
-    matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * batch * E * V
+    # Logits only at the last prompt token (prefill) or at each of a decode step's tokens: B (·L) rows.
+    logit_rows = batch * (L if phase == "decode" else 1)
+    matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * logit_rows * E * V
     attn_flops = N * 4 * batch * L * S * H * Q  # QK^T and PV over the whole (masked) context, as the code runs it
     # ws2d with heads-sharded attention repeats attention on every x (partition/comm.py: all-reduce(x) of qkv).
     attn_split = n // mesh.x if (ffn_layout == "ws2d" and attention == "heads") else n

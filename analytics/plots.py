@@ -1,4 +1,5 @@
-"""Plots for `meshserve analyze --plot`: the Pareto frontier (paper Figure 1) and prefill MFU with switch points.
+"""Plots for `meshserve analyze --plot` (the Pareto frontier, paper Figure 1, and prefill MFU with switch points) and
+`meshserve speculate --plot` (speedup against the draft acceptance rate).
 
 matplotlib is imported here only, with the Agg backend, so nothing else in analytics/ needs it.
 """
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_analysis"]
+__all__ = ["plot_analysis", "plot_speculation"]
 
 
 def plot_analysis(
@@ -61,3 +62,28 @@ def plot_analysis(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_speculation(path: str | Path, curves: dict[str, list[tuple[float, float]]], k: int, title: str) -> Path:
+    """Speedup of speculative decoding over plain decoding against the draft acceptance rate, one curve per batch
+    (curves: label -> [(acceptance, speedup)]); the break-even line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, points in curves.items():
+        ax.plot([a for a, _ in points], [s for _, s in points], label=label)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("acceptance rate per draft token")
+    ax.set_ylabel(f"speedup over plain decoding (k = {k} drafts)")
+    ax.set_xlim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

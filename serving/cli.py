@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("meshserve.analytics.cli", "memory needed for inference or fine-tuning"),
     "plan": ("meshserve.analytics.cli", "the layout plan the server would use"),
     "calibrate": ("meshserve.analytics.cli", "measure this machine and store it as the `local` chip"),
+    "speculate": (
+        "meshserve.analytics.cli_speculate",
+        "what-if: would speculative decoding pay (verify vs decode step)",
+    ),
     "bench": ("meshserve.serving.cli_bench", "benchmark prefill and decode (speed, bandwidth, MFU)"),
     "cache": ("meshserve.serving.compile_cache", "show, clear or prune the persistent XLA compile cache"),
 }
