@@ -4,8 +4,14 @@ A template is the Jinja string of tokenizer_config.json's `chat_template` (or ch
 transformers' `apply_chat_template` renders it (utils/chat_template_utils.py `_compile_jinja_template`): an
 ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols extension, a `tojson` filter that
 does not escape HTML, the globals `raise_exception` and `strftime_now`, a namespace that refuses underscore names, and
-`{% generation %}` blocks rendered as plain text. The variables are `messages`, `add_generation_prompt`, and the
-special tokens `bos_token` and `eos_token` (strings).
+`{% generation %}` blocks rendered as plain text. The variables are `messages`, `tools` (None, or the request's tools:
+OpenAI's [{"type": "function", "function": {...}}] dicts as given), `documents` (None), `add_generation_prompt`, and
+the special tokens `bos_token` and `eos_token` (strings), as transformers' `apply_chat_template(messages, tools=tools)`.
+
+Messages are OpenAI's: role system/user/assistant/tool and content; an assistant message may carry `tool_calls`
+(its content may then be None, rendered as ""), a tool message carries `tool_call_id`. Each call's
+`function.arguments` is parsed from its JSON string into a dict (or whatever JSON value it holds) before rendering:
+tool-use templates expect a dict (transformers' docs), and vLLM parses them the same way.
 
 The rendered text carries the template's own special tokens (BOS included where the model wants one), so it is
 encoded without adding any (model/loading.py `LoadedModel.encode_chat`): transformers'
@@ -38,7 +44,7 @@ __all__ = [
     "hf_chat_template",
 ]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"  # the file name in a meshserve checkpoint (and transformers' newer one)
 
 
@@ -54,13 +60,17 @@ class ChatTemplate:
     bos_token: str | None = None
     eos_token: str | None = None
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.template, messages, self.bos_token, self.eos_token, add_generation_prompt)
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        return render_chat(self.template, messages, self.bos_token, self.eos_token, add_generation_prompt, tools)
 
 
-def check_messages(messages: Any, field: str = "messages") -> list[dict[str, str]]:
-    """`messages` as plain {"role", "content"} dicts; raises ChatError naming the first bad field
-    (`messages[2].role`): an empty list, a role outside ROLES, content that is not a string, other keys."""
+def check_messages(messages: Any, field: str = "messages") -> list[dict[str, Any]]:
+    """`messages` as plain dicts for the template; raises ChatError naming the first bad field (`messages[2].role`,
+    `messages[1].tool_calls[0].function.arguments`): an empty list, a role outside ROLES, content that is not a string
+    (None only beside tool_calls), tool_calls off an assistant message or malformed, arguments that are not JSON, a
+    tool message without a tool_call_id, other keys. Keys a message does not use are left out, as a client would."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ChatError(f"{field} must be a list of {{'role', 'content'}} messages, got {type(messages).__name__}")
     if not messages:
@@ -70,15 +80,65 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict[str, str
         where = f"{field}[{i}]"
         if not isinstance(m, Mapping):
             raise ChatError(f"{where} must be a {{'role', 'content'}} mapping, got {type(m).__name__}")
-        extra = sorted(str(k) for k in m if k not in ("role", "content"))
+        extra = sorted(str(k) for k in m if k not in _KEYS)
         if extra:
-            raise ChatError(f"{where}: unknown key {extra[0]!r} (a message has 'role' and 'content')")
+            raise ChatError(f"{where}: unknown key {extra[0]!r} (a message has {', '.join(map(repr, _KEYS))})")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ChatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        calls = m.get("tool_calls") or None  # [] is no calls, as None (clients send either)
+        if calls is not None and role != "assistant":
+            raise ChatError(f"{where}.tool_calls: only an assistant message calls tools (role is {role!r})")
+        if content is None and calls is not None:
+            content = ""  # a message that only calls tools has no text (the proto's content cannot be None either)
         if not isinstance(content, str):
             raise ChatError(f"{where}.content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            message["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        call_id = m.get("tool_call_id")
+        if role == "tool":
+            if not isinstance(call_id, str) or not call_id:
+                raise ChatError(f"{where}.tool_call_id: a tool message names the call it answers (a non-empty string)")
+            message["tool_call_id"] = call_id
+        elif call_id is not None:
+            raise ChatError(f"{where}.tool_call_id: only a tool message answers a call (role is {role!r})")
+        out.append(message)
+    return out
+
+
+_KEYS = ("role", "content", "tool_calls", "tool_call_id")
+
+
+def _tool_calls(calls: Any, field: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as templates read them: {"id", "type": "function", "function": {"name",
+    "arguments"}}, arguments parsed from JSON text (a dict or other JSON value given as such is kept)."""
+    if isinstance(calls, str | bytes) or not isinstance(calls, Sequence):
+        raise ChatError(f"{field} must be a list of calls, got {type(calls).__name__}")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"{field}[{j}]"
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise ChatError(f"{where}.function: missing (a call is {{'id', 'type': 'function', 'function': "
+                            "{'name', 'arguments'}}})")  # fmt: skip
+        if call.get("type", "function") != "function":
+            raise ChatError(f"{where}.type must be 'function', got {call.get('type')!r}")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not name:
+            raise ChatError(f"{where}.function.name: expected a non-empty string, got {name!r}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError) as e:
+                raise ChatError(f"{where}.function.arguments: not JSON ({e})") from None
+        elif arguments is None:
+            raise ChatError(f"{where}.function.arguments: missing (the arguments as a JSON string)")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ChatError(f"{where}.id: expected a string, got {type(call_id).__name__}")
+        entry: dict[str, Any] = {"id": call_id} if call_id else {}
+        out.append({**entry, "type": "function", "function": {"name": name, "arguments": arguments}})
     return out
 
 
@@ -88,16 +148,24 @@ def render_chat(
     bos_token: str | None = None,
     eos_token: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list | None = None,
 ) -> str:
-    """The prompt text `template` makes of `messages` (checked by `check_messages`). A template that refuses the
+    """The prompt text `template` makes of `messages` (checked by `check_messages`) and `tools` (None: none; a
+    list: the template's `tools`, OpenAI's tool dicts as the client sent them). A template that refuses the
     conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the template's message."""
     import jinja2
 
     messages = check_messages(messages)
     compiled = _compile(template)
     special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
-    try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    try:  # tools and documents are always defined, as transformers' render: templates test `tools is not none`
+        return compiled.render(
+            messages=messages,
+            tools=tools or None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **special,
+        )
     except jinja2.TemplateError as e:  # raise_exception's, undefined names, sandbox refusals
         raise ChatError(f"chat template: {e.message or type(e).__name__}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:

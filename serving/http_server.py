@@ -21,15 +21,15 @@ import queue
 import select
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 from meshserve.errors import UserError
+from meshserve.serving.http_connections import CappedHTTPServer
 from meshserve.serving.http_tokens import detokenize, echo_prompts, tokenize
 from meshserve.serving.openai_protocol import (
     CHAT,
@@ -64,10 +64,13 @@ class HttpFront:
     """The HTTP server: bound in __init__ (a port in use fails before any compile), served by `start`."""
 
     def __init__(self, orchestrator: Orchestrator, model, limits: Limits, *, host: str, port: int, model_name: str,
-                 token: str | None = None, tls: tuple[str, str] | None = None, max_connections: int = 0):  # fmt: skip
+                 token: str | None = None, tls: tuple[str, str] | None = None, max_connections: int = 0,
+                 tool_parser: str | None = None):  # fmt: skip
         """max_connections: open connections (each holds a thread, idle keep-alive ones too) beyond which a new one
-        is answered 503 and closed; 0 = no cap."""
+        is answered 503 and closed; 0 = no cap. tool_parser: chat tool calls' format (serve --tool-call-parser,
+        serving/openai_tools.py PARSERS); None: a chat with tools is refused."""
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
+        self.tool_parser = tool_parser
         self.parser = RequestParser(model, limits)
         self.metrics = orchestrator.metrics
         self._token = token.encode() if token else None
@@ -79,7 +82,7 @@ class HttpFront:
         self.max_body_bytes = max(6 * limits.text_chars, 8 * limits.max_context * prompts) + 65536
         self._active = 0
         self._idle = threading.Condition()
-        self.httpd = _Server((host, port), _Handler, bind_and_activate=True)
+        self.httpd = CappedHTTPServer((host, port), _Handler, bind_and_activate=True)
         self.httpd.daemon_threads = True  # an idle keep-alive connection must not hold the process at exit
         self.httpd.front = self  # type: ignore[attr-defined]
         self.httpd.open_slots = threading.BoundedSemaphore(max_connections) if max_connections else None
@@ -132,7 +135,7 @@ class HttpFront:
         if not self.serving:  # draining: refused from the moment /health says so, before the engine stops taking any
             raise HttpError(503, "server is shutting down; not accepting new requests")
         try:
-            parsed = parse_body(kind, body, self.model_name)
+            parsed = parse_body(kind, body, self.model_name, self.tool_parser)
         except ModelNotFound as e:
             raise HttpError(404, str(e), "model") from None
         except RequestError as e:
@@ -198,49 +201,6 @@ class HttpFront:
         with self._idle:
             self._active += delta
             self._idle.notify_all()
-
-
-class _Server(ThreadingHTTPServer):
-    open_slots: threading.BoundedSemaphore | None = None
-    max_connections = 0
-
-    def process_request(self, request, client_address) -> None:
-        """A thread for the connection, or (past max_connections) a 503 and the connection closed: a client that
-        opens thousands of connections must not get thousands of threads."""
-        if self.open_slots is not None and not self.open_slots.acquire(blocking=False):
-            log.warning("HTTP connection from %s refused: %d connections open", client_address[0],
-                        self.max_connections)  # fmt: skip
-            if not isinstance(request, ssl.SSLSocket):  # a TLS answer needs a handshake, not here in the accept loop
-                message = (f"too many open connections (the server's limit is {self.max_connections}, "
-                           "--http-max-connections): close idle ones or retry")  # fmt: skip
-                body = json.dumps(error_body(HttpError(503, message))).encode()
-                with contextlib.suppress(OSError):
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            if self.open_slots is not None:
-                self.open_slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            if self.open_slots is not None:
-                self.open_slots.release()
-
-    def handle_error(self, request, client_address) -> None:
-        """A connection that fails outside a request's own handling (a plain-HTTP client at a TLS port, a reset):
-        one log line, not socketserver's traceback on stderr. Anything else is a bug: logged with its traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):  # ssl.SSLError, ConnectionResetError, TimeoutError ...
-            log.info("HTTP connection from %s failed: %s", client_address[0], error)
-        else:
-            log.exception("HTTP request from %s failed", client_address[0])
 
 
 class _Handler(BaseHTTPRequestHandler):

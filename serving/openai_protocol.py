@@ -9,18 +9,21 @@ Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 
 choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to the end of the context (the
 server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. What meshserve cannot do (tools,
-suffix, best_of != n, images, JSON mode, echo with stream or with logprobs > 1) is refused by name rather than
-ignored, as is any unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. `tools` need `serve --tool-call-parser`
+(serving/openai_tools.py). What meshserve cannot do (tool_choice "required" or a named function, suffix,
+best_of != n, images, JSON mode, echo with stream or with logprobs > 1) is refused by name rather than ignored, as
+is any unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
 logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harness's loglikelihood requests need.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools
 from meshserve.serving.validation import RequestError
 
 __all__ = [
@@ -42,7 +45,7 @@ __all__ = [
 COMPLETIONS = "completions"
 CHAT = "chat"
 _INT32 = 2**31
-_IGNORED = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls", "store"})  # no effect on the output
+_IGNORED = frozenset({"user", "metadata", "service_tier", "store"})  # no effect on the output
 _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "max_tokens", "logprobs",
@@ -50,7 +53,16 @@ _COMMON = frozenset({
 })  # fmt: skip
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
-    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice"},
+    CHAT: _COMMON
+    | {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    },
 }
 # gRPC field names in RequestParser's messages -> the OpenAI field, per endpoint (longest prefix first).
 _RENAMES = {
@@ -82,6 +94,7 @@ class OpenAIRequest:
     max_tokens_field: str  # what the client called max_new_tokens (chat: max_tokens or max_completion_tokens)
     echo: bool = False  # completions: the prompt comes back before the completion (with its log-probs)
     score_only: bool = False  # echo with max_tokens 0: the prompt's log-probs, nothing generated
+    tools: ToolUse | None = None  # chat with tools (tool_choice auto): parse tool calls out of the text
 
 
 class Body:
@@ -161,9 +174,10 @@ def show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
+def parse_body(kind: str, body, served_model: str, tool_parser: str | None = None) -> OpenAIRequest:
     """A decoded JSON body of POST /v1/completions (kind COMPLETIONS) or /v1/chat/completions (CHAT) -> the
-    GenerateRequests to validate. Raises RequestError naming the OpenAI field; ModelNotFound for another model."""
+    GenerateRequests to validate. tool_parser: the server's --tool-call-parser (None: a body with tools is refused).
+    Raises RequestError naming the OpenAI field; ModelNotFound for another model."""
     if not isinstance(body, dict):
         raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
     check_text(body)
@@ -211,6 +225,7 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
         if top and not want_logprobs:
             raise RequestError("top_logprobs: needs logprobs: true")
         _refuse_chat_extras(b)
+        tools, tool_use = request_tools(body, tool_parser)
         prompts = [chat_messages(b)]
     template.return_logprobs = want_logprobs
     template.top_logprobs = top
@@ -224,10 +239,13 @@ def parse_body(kind: str, body, served_model: str) -> OpenAIRequest:
             req.tokens.ids.extend(prompt)
         else:
             req.messages.messages.extend(prompt)
+            if tools:  # the template's `tools`, exactly as sent (its tojson keeps the client's key order)
+                req.messages.tools_json = json.dumps(tools, ensure_ascii=False)
         requests.append(req)
     return OpenAIRequest(
-        kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only
-    )
+        kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only,
+        tool_use if kind == CHAT else None,
+    )  # fmt: skip
 
 
 _PATHS = {COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
@@ -296,11 +314,6 @@ def _refuse_completion_extras(b: Body, n: int, stream: bool, top: int) -> None:
 
 
 def _refuse_chat_extras(b: Body) -> None:
-    if b.array("tools"):
-        raise RequestError("tools: tool calls are not supported")
-    choice = b.body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise RequestError(f"tool_choice: tool calls are not supported, got {show(choice)}")
     fmt = Body(b.object("response_format") or {}, "response_format.")
     if fmt.string("type") not in (None, "text"):
         raise RequestError(f"response_format.type: only 'text' is supported, got {show(fmt.body['type'])}")
@@ -330,7 +343,8 @@ def _prompts(b: Body) -> list:
 
 def chat_messages(b: Body) -> list[pb.ChatMessage]:
     """`messages`: [{"role", "content"}], content a string or a list of {"type": "text", "text"} parts (joined by
-    newlines, as vLLM does). The chat template decides which roles it accepts."""
+    newlines, as vLLM does), null as ""; an assistant message's `tool_calls` and a tool message's `tool_call_id`
+    (serving/openai_tools.py). The chat template decides which roles it accepts."""
     messages = b.array("messages")
     if not messages:
         raise RequestError("messages: missing or empty (give at least one message)")
@@ -340,8 +354,8 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
             raise RequestError(f"messages[{i}]: expected an object with role and content, got {show(m)}")
         mb = Body(m, f"messages[{i}].")
         for key in m:
-            if key not in ("role", "content"):
-                raise RequestError(f"messages[{i}].{key}: not supported (a message takes role and content)")
+            if key not in _MESSAGE_KEYS:
+                raise RequestError(f"messages[{i}].{key}: not supported (a message takes {', '.join(_MESSAGE_KEYS)})")
         role = mb.string("role")
         if not role:
             raise RequestError(f"messages[{i}].role: missing")
@@ -357,8 +371,12 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
                     )
                 texts.append(part["text"])
             content = "\n".join(texts)
-        out.append(pb.ChatMessage(role=role, content=content or ""))
+        calls, call_id = message_tool_fields(m, i)
+        out.append(pb.ChatMessage(role=role, content=content or "", tool_calls=calls, tool_call_id=call_id))
     return out
+
+
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 
 
 def openai_error(

@@ -3,7 +3,10 @@
 One `Choices` per HTTP request gathers every sample's tokens, log-probs and finish reason as the engine's events
 arrive (choice index = prompt index x n + sample index) and gives each event's piece of a stream chunk. Token
 strings in log-probs are each token decoded alone (a piece of a multi-byte character shows as U+FFFD), as gRPC's
-top_logprobs texts are.
+top_logprobs texts are. A chat with tools (serve --tool-call-parser) parses each choice's text for tool calls
+(serving/openai_tools.py): the whole answer's message gets `tool_calls` and the text outside them as content; a
+stream holds text from a `<tool_call>` on and sends the calls with the choice's last piece. finish_reason is
+"tool_calls" when a choice that stopped by itself made a call.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from http import HTTPStatus
 
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
+from meshserve.serving.openai_tools import ToolCallStream, finish_reason, openai_calls, parse_tool_calls
 from meshserve.serving.requests import Event, Request
 
 __all__ = ["Choices", "Echo", "Unsent", "chunk", "error_body", "final_response"]
@@ -54,6 +58,8 @@ class Choices:
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
         self.top: list[list] = [[] for _ in range(n)]
         self._offsets = [0] * n  # completions' text_offset: characters of token text so far, per choice
+        self.tools = parsed.tools  # None: the text is the content, as is
+        self._held = [ToolCallStream() for _ in range(n)] if self.tools is not None else None
 
     def add(self, index: int, event: Event) -> dict | None:
         """Record one event of choice `index`; returns its stream piece (None when it carries nothing to send)."""
@@ -66,9 +72,24 @@ class Choices:
             return None
         finish = None if reason is None else _finish(reason)
         if self.parsed.kind == CHAT:
-            delta = {"content": event.text} if event.text else {}
+            text, calls = event.text, []
+            if self._held is not None:  # tool calls: hold what may be one, send the calls at the end
+                text = self._held[index].feed(text)
+                if reason is not None:
+                    rest, calls = self._held[index].finish()
+                    text, calls = text + rest, self._keep(calls)
+                    finish = finish_reason(finish, calls)
+            delta = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = openai_calls(calls, streamed=True)
+            if not (delta or reason is not None or (logprobs and event.tokens)):
+                return None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _keep(self, calls: list) -> list:
+        """parallel_tool_calls false: only the first call."""
+        return calls if self.tools is None or self.tools.parallel else calls[:1]
 
     def role_delta(self, index: int) -> dict:
         """A chat stream's first piece of each choice: the assistant's role, no content yet."""
@@ -83,6 +104,11 @@ class Choices:
             finish = _finish(self.reasons[i])
             if self.parsed.kind == CHAT:
                 message = {"role": "assistant", "content": handle.text}
+                if self.tools is not None:
+                    content, calls = parse_tool_calls(handle.text)
+                    if calls := self._keep(calls):
+                        message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
+                        finish = finish_reason(finish, calls)
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             elif self.echo is not None:
                 echo = self.echo[i // self.parsed.n]

@@ -64,6 +64,7 @@ class ServerOptions:
     http_port: int | None = None  # the OpenAI-compatible HTTP API (serving/http_server.py); None = off, 0 = any port
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
     http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
+    tool_call_parser: str | None = None  # chat tool calls' format in the HTTP API (serving/openai_tools.py); None = off
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -177,7 +178,7 @@ class InferenceServer:
         try:
             return HttpFront(self.orchestrator, self.model, self.limits, host=options.host, port=options.http_port,
                              model_name=options.served_model_name or self.model.config.name, token=token, tls=tls,
-                             max_connections=cap)  # fmt: skip
+                             max_connections=cap, tool_parser=options.tool_call_parser)  # fmt: skip
         except (OSError, ssl.SSLError) as e:
             self._grpc.stop(None)  # the gRPC port is bound: free it, the server will not start
             where = f"{options.host}:{options.http_port}"

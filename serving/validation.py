@@ -7,6 +7,7 @@ field and its limit, before anything is queued, so no input reaches the engine t
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,6 +36,34 @@ DEFAULT_MAX_SCORE_TOKENS = 262144
 # Samples per Generate request (GenerateRequest.n): OpenAI's best-of / self-consistency use stays well below it, and
 # each sample takes a queue place and later a decode slot, so one request cannot fill a default queue (256).
 DEFAULT_MAX_N = 16
+
+
+def _message(m: pb.ChatMessage) -> dict:
+    """A ChatMessage as model/chat.py's messages: OpenAI's JSON shape, the tool fields only where set."""
+    out: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                **({"id": c.id} if c.id else {}),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(tools_json: str) -> list:
+    """ChatMessages.tools_json -> the tools, checked as the HTTP API checks `tools` (serving/openai_tools.py)."""
+    from meshserve.serving.openai_tools import check_tools  # it imports RequestError from here
+
+    try:
+        tools = json.loads(tools_json)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(f"messages.tools_json: not JSON ({e})") from None
+    return check_tools(tools, "messages.tools_json")
 
 
 def score_reply_bytes(max_items: int, max_tokens: int) -> int:
@@ -103,10 +132,12 @@ class RequestParser:
             raise RequestError(f"{field}: {len(text)} characters exceed the limit of {self.limits.text_chars}")
         return text
 
-    def chat(self, messages) -> list[int]:
-        """ChatMessage protos -> prompt ids through the model's chat template (model/chat.py). The limits are `text`'s
-        over all contents, and at most max_context messages (a template writes at least a role header per message,
-        so more could never fit). Raises RequestError naming the field."""
+    def chat(self, messages, tools_json: str = "") -> list[int]:
+        """ChatMessage protos (and ChatMessages.tools_json, "" = no tools) -> prompt ids through the model's chat
+        template (model/chat.py, which also checks roles, tool calls and their arguments' JSON). The limits are
+        `text`'s over all contents, tool calls and the tools' JSON together, and at most max_context messages (a
+        template writes at least a role header per message, so more could never fit). Raises RequestError naming
+        the field."""
         from meshserve.model.chat import ChatError
 
         if getattr(self.model, "chat", None) is None:
@@ -119,11 +150,16 @@ class RequestParser:
             raise RequestError(
                 f"messages: {len(messages)} messages exceed the limit of {self.limits.max_context} (max_context)"
             )
-        chars = sum(len(m.content) for m in messages)
+        chars = len(tools_json) + sum(
+            len(m.content) + len(m.tool_call_id) + sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
+            for m in messages
+        )
         if chars > self.limits.text_chars:
-            raise RequestError(f"messages: {chars} characters of content exceed the limit of {self.limits.text_chars}")
+            what = "content, tool calls and tools" if tools_json or any(m.tool_calls for m in messages) else "content"
+            raise RequestError(f"messages: {chars} characters of {what} exceed the limit of {self.limits.text_chars}")
+        tools = _tools(tools_json) if tools_json else None
         try:
-            ids = self.model.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+            ids = self.model.encode_chat([_message(m) for m in messages], tools)
         except ChatError as e:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
         return self.ids("messages", ids)
@@ -140,7 +176,7 @@ class RequestParser:
         elif which == "tokens":
             prompt = self.ids("tokens.ids", req.tokens.ids)
         elif which == "messages":
-            prompt = self.chat(req.messages.messages)
+            prompt = self.chat(req.messages.messages, req.messages.tools_json)
         else:
             prompt = []
         if not prompt:

@@ -143,7 +143,11 @@ def test_hf_template_sources(tmp_path):
 def test_render_refusals_name_the_field_or_carry_the_template_message():
     cases = [
         ([], "messages: empty list"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role must be one of system, user, assistant, got 'tool'"),
+        (
+            [{"role": "function", "content": "x"}],
+            "messages[0].role must be one of system, user, assistant, tool, got 'function'",
+        ),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id: a tool message names the call it answers"),
         ([{"role": "user", "content": 3}], "messages[0].content must be a string, got int"),
         ([{"role": "user", "content": "x", "name": "a"}], "messages[0]: unknown key 'name'"),
         ([{"role": "assistant", "content": "x"}], "chat template: Conversation must start with a system or user"),

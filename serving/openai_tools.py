@@ -1,0 +1,260 @@
+"""Tool calling in the chat API, as vLLM's `--enable-auto-tool-choice --tool-call-parser hermes`: the request's
+`tools`, `tool_choice` and `parallel_tool_calls` checked, assistant `tool_calls` and tool messages read into the
+proto, and the Hermes format's calls parsed out of the generated text, whole or while it streams.
+
+Hermes-format models (Qwen2.5, Hermes 2 Pro / 3, ...) see the tools in their chat template's `tools` variable and
+answer a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (one block per call, JSON inside,
+whitespace around). `parse_tool_calls` turns each block whose JSON is an object naming a function into a call, and
+the text outside the blocks into the content (None when it is only whitespace); a block that does not parse stays
+content. As vLLM's hermes parser, a last block left open (`<tool_call>{...}` with no closing tag, the model stopped
+right after the JSON) counts when its JSON parses. Unlike vLLM's regex, the JSON is read by the JSON decoder, so a
+`</tool_call>` inside an argument's string does not cut the block. `ToolCallStream` is the same parse for a stream: text before the
+first `<tool_call>` goes out at once (unless it is only whitespace so far: it may turn out to be the space between
+no content and a call), from the tag on everything is held, and the end gives the rest of the content and the calls;
+its pieces always join to exactly what `parse_tool_calls` makes of the whole text (tested over random splits).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.validation import RequestError
+
+__all__ = [
+    "PARSERS",
+    "MAX_TOOLS",
+    "ToolUse",
+    "ToolCall",
+    "check_tools",
+    "request_tools",
+    "message_tool_fields",
+    "parse_tool_calls",
+    "ToolCallStream",
+    "openai_calls",
+    "finish_reason",
+]
+
+PARSERS = ("hermes",)  # serve --tool-call-parser's choices
+MAX_TOOLS = 128  # OpenAI's API refuses more tools than this in one request
+MAX_NAME = 64  # OpenAI's limit on a function name's length
+START, END = "<tool_call>", "</tool_call>"
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_DECODER = json.JSONDecoder()
+_FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's tools as the output parser needs them: which parser, and whether to keep every call."""
+
+    parser: str
+    parallel: bool = True  # parallel_tool_calls: false keeps only the first call
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call parsed out of the text: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12), compare=False)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_tools(tools: Any, name: str = "tools") -> list[dict]:
+    """`tools`: a list of at most MAX_TOOLS {"type": "function", "function": {"name", "description"?,
+    "parameters"? (a JSON schema object), "strict"?}}; returned as given (the template renders what the client sent).
+    Raises RequestError naming the field (`tools[1].function.name: ...`)."""
+    if not isinstance(tools, list):
+        raise RequestError(f"{name}: expected a list of tools, got {_show(tools)}")
+    if len(tools) > MAX_TOOLS:
+        raise RequestError(f"{name}: {len(tools)} tools exceed the limit of {MAX_TOOLS}")
+    for i, tool in enumerate(tools):
+        where = f"{name}[{i}]"
+        if not isinstance(tool, dict):
+            raise RequestError(f"{where}: expected an object {{'type': 'function', 'function': {{...}}}}, got "
+                               f"{_show(tool)}")  # fmt: skip
+        for key in tool:
+            if key not in ("type", "function"):
+                raise RequestError(f"{where}.{key}: unknown field (a tool takes type and function)")
+        if tool.get("type") != "function":
+            raise RequestError(f"{where}.type: must be 'function', got {_show(tool.get('type'))}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise RequestError(f"{where}.function: expected an object with name, description, parameters, got "
+                               f"{_show(function)}")  # fmt: skip
+        for key in function:
+            if key not in _FUNCTION_KEYS:
+                raise RequestError(f"{where}.function.{key}: unknown field (takes {', '.join(_FUNCTION_KEYS)})")
+        fname = function.get("name")
+        if not isinstance(fname, str) or not 1 <= len(fname) <= MAX_NAME:
+            raise RequestError(f"{where}.function.name: expected a string of 1 to {MAX_NAME} characters, got "
+                               f"{_show(fname)}")  # fmt: skip
+        checks = (("description", str, "a string"), ("parameters", dict, "a JSON schema object"),
+                  ("strict", bool, "true or false"))  # fmt: skip
+        for key, kind, what in checks:
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise RequestError(f"{where}.function.{key}: expected {what}, got {_show(function[key])}")
+    return tools
+
+
+def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, ToolUse | None]:
+    """A chat body's `tools`, `tool_choice` and `parallel_tool_calls` -> (the tools the template renders, how to
+    parse the output); (None, None) when no tools are used. `parser`: the server's --tool-call-parser (None: off).
+    tool_choice "auto" (the default with tools) renders and parses; "none" neither; "required" and a named function
+    need guided decoding, which meshserve does not have: refused."""
+    tools = body.get("tools")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise RequestError(f"parallel_tool_calls: expected true or false, got {_show(parallel)}")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto"):
+        if choice == "required" or isinstance(choice, dict):
+            raise RequestError(f"tool_choice: {_show(choice)} needs guided decoding, which meshserve does not have "
+                               "(use 'auto' or 'none')")  # fmt: skip
+        raise RequestError(f"tool_choice: expected 'auto', 'none', 'required' or a named function, got {_show(choice)}")
+    if tools is None or tools == []:
+        return None, None
+    if parser is None:
+        raise RequestError("tools: tool calling is off on this server (start it with `meshserve serve "
+                           "--tool-call-parser hermes`)")  # fmt: skip
+    tools = check_tools(tools)
+    if choice == "none":  # the model is not told about the tools, and its text is not parsed
+        return None, None
+    return tools, ToolUse(parser, parallel is not False)
+
+
+def message_tool_fields(message: dict, i: int) -> tuple[list[pb.ToolCall], str]:
+    """messages[i]'s `tool_calls` ([{"id", "type": "function", "function": {"name", "arguments": JSON text}}]) and
+    `tool_call_id` as the proto carries them; JSON types checked here, the rest (arguments' JSON, which roles may
+    carry them) where every API's messages are checked (model/chat.py check_messages)."""
+    calls = message.get("tool_calls")
+    call_id = message.get("tool_call_id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise RequestError(f"messages[{i}].tool_call_id: expected a string, got {_show(call_id)}")
+    if calls is None:
+        return [], call_id or ""
+    if not isinstance(calls, list):
+        raise RequestError(f"messages[{i}].tool_calls: expected a list of calls, got {_show(calls)}")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise RequestError(f"{where}: expected an object {{'id', 'type', 'function'}}, got {_show(call)}")
+        for key in call:
+            if key not in ("id", "type", "function"):
+                raise RequestError(f"{where}.{key}: unknown field (a call takes id, type and function)")
+        if call.get("type", "function") != "function":
+            raise RequestError(f"{where}.type: must be 'function', got {_show(call.get('type'))}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise RequestError(f"{where}.function: expected an object with name and arguments, got {_show(function)}")
+        for key in function:
+            if key not in ("name", "arguments"):
+                raise RequestError(f"{where}.function.{key}: unknown field (takes name and arguments)")
+        values = {"id": call.get("id"), "function.name": function.get("name")}
+        values["function.arguments"] = function.get("arguments")
+        for key, value in values.items():
+            if not isinstance(value, str) and not (key == "id" and value is None):
+                raise RequestError(f"{where}.{key}: expected a string, got {_show(value)}")
+        out.append(pb.ToolCall(id=call.get("id") or "", name=function["name"], arguments=function["arguments"]))
+    return out, call_id or ""
+
+
+def _call(obj: Any) -> ToolCall | None:
+    """A block's JSON as a call: an object with a non-empty string `name`; None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    return ToolCall(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))
+
+
+def _blocks(text: str):
+    """(start, end, call) of each tool call block: `<tool_call>`, whitespace, one JSON value read by the JSON decoder
+    itself (so braces and even `</tool_call>` inside its strings are its own), whitespace, then `</tool_call>` or
+    the end of the text (a last block left open). A tag not followed by that is text, and the search goes on after
+    it."""
+    pos = 0
+    while (start := text.find(START, pos)) >= 0:
+        pos = start + len(START)
+        at = _SPACE.match(text, pos).end()
+        try:
+            obj, after = _DECODER.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            continue
+        after = _SPACE.match(text, after).end()
+        if text.startswith(END, after):
+            after += len(END)
+        elif after != len(text):
+            continue
+        if (call := _call(obj)) is not None:
+            yield start, after, call
+            pos = after
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+    """Generated text -> (content, calls). Without a call the content is the text, unchanged; with calls it is the
+    text outside their blocks, None when that is only whitespace (a bare call has no content)."""
+    calls, outside, end = [], [], 0
+    for start, after, call in _blocks(text):
+        calls.append(call)
+        outside.append(text[end:start])
+        end = after
+    if not calls:
+        return text, []
+    content = "".join(outside) + text[end:]
+    return (content if content.strip() else None), calls
+
+
+def _held_from(text: str) -> int:
+    """Where `text` must start being held: its first `<tool_call>`, else a tail that could begin one."""
+    at = text.find(START)
+    if at >= 0:
+        return at
+    for k in range(min(len(START) - 1, len(text)), 0, -1):
+        if START.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)
+
+
+class ToolCallStream:
+    """One streamed choice's text: `feed` each piece and send what it returns as content; `finish` gives the rest of
+    the content and the calls. The pieces join to `parse_tool_calls(whole text)`'s content ("" for None)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0  # characters of text already sent as content (always before the first <tool_call>)
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        safe = _held_from(self.text)
+        if safe <= self.sent or not self.text[:safe].strip():  # blank so far: maybe the space before a bare call
+            return ""
+        out, self.sent = self.text[self.sent : safe], safe
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        content, calls = parse_tool_calls(self.text)
+        return (content or "")[self.sent :], calls
+
+
+def openai_calls(calls: list[ToolCall], streamed: bool = False) -> list[dict]:
+    """Calls as OpenAI's message.tool_calls, or (streamed) as the delta's, each with its index."""
+    out = []
+    for k, call in enumerate(calls):
+        entry = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        out.append({"index": k, **entry} if streamed else entry)
+    return out
+
+
+def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """OpenAI's "tool_calls" for a generation that ended by itself (stop) with at least one call, as vLLM."""
+    return "tool_calls" if calls and reason == "stop" else reason
