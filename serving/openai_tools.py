@@ -5,7 +5,8 @@ proto, and the Hermes format's calls parsed out of the generated text, whole or 
 Hermes-format models (Qwen2.5, Hermes 2 Pro / 3, ...) see the tools in their chat template's `tools` variable and
 answer a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (one block per call, JSON inside,
 whitespace around). `parse_tool_calls` turns each block whose JSON is an object naming a function into a call, and
-the text outside the blocks into the content (None when it is only whitespace); a block that does not parse stays
+the text outside the blocks into the content (None when it is only whitespace; whitespace between and after blocks
+is dropped); a block that does not parse stays
 content. As vLLM's hermes parser, a last block left open (`<tool_call>{...}` with no closing tag, the model stopped
 right after the JSON) counts when its JSON parses. Unlike vLLM's regex, the JSON is read by the JSON decoder, so a
 `</tool_call>` inside an argument's string does not cut the block. `ToolCallStream` is the same parse for a stream: text before the
@@ -202,7 +203,8 @@ def _blocks(text: str):
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """Generated text -> (content, calls). Without a call the content is the text, unchanged; with calls it is the
-    text outside their blocks, None when that is only whitespace (a bare call has no content)."""
+    text outside their blocks (all of it before the first; after it, the pieces that are not only whitespace, such
+    as the newlines between blocks), None when that is only whitespace (a bare call has no content)."""
     calls, outside, end = [], [], 0
     for start, after, call in _blocks(text):
         calls.append(call)
@@ -210,7 +212,8 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         end = after
     if not calls:
         return text, []
-    content = "".join(outside) + text[end:]
+    outside.append(text[end:])
+    content = outside[0] + "".join(piece for piece in outside[1:] if piece.strip())
     return (content if content.strip() else None), calls
 
 

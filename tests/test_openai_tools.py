@@ -110,7 +110,9 @@ def test_several_calls_and_the_text_around_them():
     assert calls_of(TWO) == [("get_weather", {"city": "Paris"}), ("local_time", {})]
     assert parse_tool_calls(TWO)[0] is None  # the newline between blocks is no content
     content, calls = parse_tool_calls("Let me check.\n" + TWO + "\nDone.")
-    assert content == "Let me check.\n\n\nDone." and len(calls) == 2  # each newline outside the blocks
+    assert content == "Let me check.\n\nDone." and len(calls) == 2  # the blank gap between the blocks dropped
+    content, calls = parse_tool_calls("A" + ONE + " B " + ONE + " ")
+    assert content == "A B " and len(calls) == 2
     # Without whitespace around, and with it inside the tags.
     assert calls_of('<tool_call>{"name":"f","arguments":{"a":1}}</tool_call>') == [("f", {"a": 1})]
     assert calls_of('<tool_call>  \n\t{"name": "f", "arguments": {}}  \n</tool_call>') == [("f", {})]
@@ -355,3 +357,56 @@ def test_the_request_path_renders_as_transformers(hf_tokenizer):
     (req,) = parse_body(CHAT, {"messages": bad, "tools": TOOLS}, "m", "hermes").requests
     with pytest.raises(RequestError, match=r"^messages\[2\]\.tool_calls\[1\]\.function\.arguments: not JSON"):
         parser.chat(req.messages.messages, req.messages.tools_json)
+
+
+# ----- the answer: what a client sees -----
+
+
+def _answer(text: str, pieces: list[str], body: dict, reason: str = "stop") -> tuple[dict, list[dict]]:
+    """The chat.completion and the stream's pieces (openai_responses.Choices) for a choice that generated `text`
+    in `pieces`, one engine event each (the last ends it with `reason`)."""
+    from meshserve.serving.openai_responses import Choices, Unsent, final_response
+    from meshserve.serving.requests import Event, Request
+
+    parsed = parse_body(CHAT, {"messages": [{"role": "user", "content": "hi"}], **body}, "m", "hermes")
+    request = Request([1, 2, 3], 16)
+    request.tokens = list(range(len(pieces)))
+    out = Choices(None, parsed, [Unsent(request, text)])
+    stream = []
+    for k, piece in enumerate(pieces):
+        last = k == len(pieces) - 1
+        got = out.add(0, Event((k,), (-0.5,), piece, reason if last else None))
+        if got is not None:
+            stream.append(got)
+    return final_response(out, "m"), stream
+
+
+def test_a_tool_call_answer_whole_and_streamed():
+    text = "Checking.\n" + TWO
+    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+    whole, stream = _answer(text, pieces, {"tools": TOOLS})
+    (choice,) = whole["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking.\n"
+    calls = choice["message"]["tool_calls"]
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"}), ("function", "local_time", {})]  # fmt: skip
+    assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+    assert whole["usage"]["prompt_tokens"] == 3 and whole["usage"]["completion_tokens"] == len(pieces)
+    # The stream: the content before the tag at once, nothing from the tag on, the calls with the last piece.
+    assert "".join(p["delta"].get("content", "") for p in stream) == "Checking.\n"
+    assert all("<" not in p["delta"].get("content", "") for p in stream)
+    last = stream[-1]
+    assert last["finish_reason"] == "tool_calls" and [d["index"] for d in last["delta"]["tool_calls"]] == [0, 1]
+    assert [d["function"]["name"] for d in last["delta"]["tool_calls"]] == ["get_weather", "local_time"]
+    # parallel_tool_calls false: the first call only. Cut by length: the calls, but finish_reason stays length.
+    whole, _ = _answer(text, [text], {"tools": TOOLS, "parallel_tool_calls": False})
+    assert [c["function"]["name"] for c in whole["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+    whole, stream = _answer(ONE, [ONE], {"tools": TOOLS}, reason="length")
+    assert whole["choices"][0]["finish_reason"] == stream[-1]["finish_reason"] == "length"
+    assert whole["choices"][0]["message"]["content"] is None
+    # tool_choice none, or no tools: the text is the content, as is.
+    for body in ({"tools": TOOLS, "tool_choice": "none"}, {}):
+        whole, stream = _answer(text, pieces, body)
+        assert whole["choices"][0]["message"] == {"role": "assistant", "content": text}
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        assert "".join(p["delta"].get("content", "") for p in stream) == text
