@@ -51,6 +51,7 @@ from meshserve.serving.engine_steps import (
     score_tokens,
     verify_rows,
 )
+from meshserve.serving.memory_fit import check_decode_state
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.prefix_cache import PrefixReuse
 from meshserve.serving.warm_up import PHASES, CompileJob, compile_order, covering
@@ -119,6 +120,7 @@ class Engine:
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
     _state: DecodeState | None = field(default=None, init=False, repr=False)
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
+    _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
 
     # ----- warm-up -----
 
@@ -248,11 +250,16 @@ class Engine:
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
         engine with a new Scheduler after a reset."""
-        self._state = fresh_state(
-            self.config, self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
-        )
-        if self.steps.decode_state_sharding is not None:
-            self._state = jax.device_put(self._state, self.steps.decode_state_sharding)
+        B, S, dtype = self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
+        if self._state is None:  # the first allocation: later ones replace a state already counted in use
+            check_decode_state(self._abstract_state(), B, S, self.params)
+        if self._allocate is None:
+            # Allocated in place, in its split on a mesh (built whole on one device first, a large cache did not
+            # fit that device).
+            fresh = functools.partial(fresh_state, self.config, B, S, dtype)
+            self._allocate = jax.jit(fresh, out_shardings=self.steps.decode_state_sharding)
+        self._state = None  # the old state's buffers go before the new ones are allocated
+        self._state = self._allocate()
 
     # ----- steps -----
 

@@ -1,0 +1,96 @@
+"""Will the decode state fit on the devices? Checked before it is allocated, where the devices report their memory.
+
+The decode state (engine_steps.DecodeState: the KV cache [N, B, S, K, Q] of max_batch slots x max_context tokens,
+and per slot the token history [B, V]) is allocated once, when the engine starts, after the weights were placed.
+Too many slots for the device's memory used to fail there with XLA's RESOURCE_EXHAUSTED traceback; now it is a
+one-line error naming --max-batch / --max-context, with the largest max_batch that would fit.
+
+GPUs and TPUs report their memory (`Device.memory_stats()`: bytes_limit, bytes_in_use); the CPU does not, so
+there nothing is checked (host memory is the operating system's). A share of the device's memory is kept free
+for the steps' own buffers (activations, logits, XLA's workspace), which are not part of the state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from meshserve.errors import UserError
+
+__all__ = [
+    "MemoryFitError",
+    "STEP_RESERVE",
+    "state_bytes_per_device",
+    "free_bytes",
+    "check_state_fits",
+    "check_decode_state",
+]
+
+# Kept free for the compiled steps' temporaries: a decode step's are small, a prefill's logits and activations
+# ([b, T, E] per layer, [b, V] logits) and XLA's workspace are not; 10% of the device is vLLM's default too
+# (gpu_memory_utilization 0.9).
+STEP_RESERVE = 0.10
+
+
+class MemoryFitError(UserError):
+    """The decode state for these slots and this context does not fit the device memory left after the weights."""
+
+
+def state_bytes_per_device(abstract_state: Any) -> int:
+    """Bytes one device holds of a state given as a tree of jax.ShapeDtypeStruct (its shard where the leaf has a
+    sharding, else the whole array)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(abstract_state):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def free_bytes(devices: Sequence[Any]) -> tuple[int, int, Any] | None:
+    """(free bytes, bytes_limit, device) of the device with the least memory free, or None when a device does not
+    report its memory (the CPU)."""
+    worst = None
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if worst is None or free < worst[0]:
+            worst = (free, stats["bytes_limit"], d)
+    return worst
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_state_fits(need: int, per_slot: int, max_batch: int, max_context: int, memory: tuple[int, int, Any]):
+    """Raise MemoryFitError unless `need` bytes of state (per device; `per_slot` of them per decode slot) fit in
+    the free memory of `memory` (free_bytes' answer) less STEP_RESERVE of its limit."""
+    free, limit, device = memory
+    budget = free - STEP_RESERVE * limit
+    if need <= budget:
+        return
+    slots = max(int((budget - (need - per_slot * max_batch)) // per_slot), 0) if per_slot else 0
+    fit = f"at most {slots} slots fit at this context" if slots else "not one slot fits at this context"
+    raise MemoryFitError(
+        f"max_batch: the decode state for {max_batch} slots x {max_context} tokens needs {_gib(need)} per device, "
+        f"but {device} has {_gib(free)} free after the weights, less {STEP_RESERVE:.0%} of its "
+        f"{_gib(limit)} kept for the steps' buffers ({_gib(max(budget, 0))}): {fit}; lower --max-batch or "
+        f"--max-context"
+    )
+
+
+def check_decode_state(abstract_state: Any, max_batch: int, max_context: int, params: Any) -> None:
+    """check_state_fits for an engine's decode state (its abstract shapes and shardings) on the devices its
+    weights sit on; nothing where they do not report their memory."""
+    devices = {d for leaf in jax.tree_util.tree_leaves(params) for d in getattr(leaf, "devices", lambda: ())()}
+    memory = free_bytes(sorted(devices, key=lambda d: d.id)) if devices else None
+    if memory is None:
+        return
+    need = state_bytes_per_device(abstract_state)
+    # The per-slot share: everything with the batch as its axis (cache, history, sampling); lengths and the like too.
+    check_state_fits(need, need // max_batch, max_batch, max_context, memory)
