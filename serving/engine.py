@@ -156,6 +156,8 @@ class Engine:
         on the request path: a shape no compiled step covers raises KeyError."""
         jobs = compile_order(self.plan, phases)
         state = self._abstract_state()
+        if self._state is None:  # before minutes of compiling, not after (reset checks again: the same answer)
+            check_decode_state(state, self.plan.max_batch, self.plan.max_context, self.params)
         for job in jobs:
             if job.first or not defer:
                 self._compile(job, state, progress)
