@@ -126,7 +126,7 @@ def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, To
     if tools is None or tools == []:
         return None, None
     if parser is None:
-        raise RequestError("tools: tool calling is off on this server (start it with `meshserve serve "
+        raise RequestError("tools: tool calls are off on this server (start it with `meshserve serve "
                            "--tool-call-parser hermes`)")  # fmt: skip
     tools = check_tools(tools)
     if choice == "none":  # the model is not told about the tools, and its text is not parsed

@@ -206,7 +206,7 @@ def _refused(body: dict, parser: str | None = "hermes") -> str:
 
 
 def test_tools_need_the_flag_and_tool_choice_auto_or_none():
-    assert _refused({"tools": TOOLS}, None).startswith("tools: tool calling is off")
+    assert _refused({"tools": TOOLS}, None).startswith("tools: tool calls are off")
     assert "--tool-call-parser hermes" in _refused({"tools": TOOLS}, None)
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         message = _refused({"tools": TOOLS, "tool_choice": choice})
