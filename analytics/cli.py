@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default=None, help="feed-forward layout: ws1d, ws2d, wg-x, wg-xy, wg-xyz (default all)")
     p.add_argument("--attention", choices=["heads", "batch"], default=None, help="attention layout (default both)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the rows as CSV")
+    p.add_argument("--chip-hour-usd", type=float, default=None, metavar="PRICE",
+                   help="what one chip costs per hour (your cloud's price): adds the cost in USD per million tokens "
+                   "(usd_per_million_tokens in --json and --csv)")  # fmt: skip
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the Pareto frontier and prefill MFU")
     p.add_argument(
         "--plot-models",
@@ -120,6 +124,8 @@ def _analyze(args: argparse.Namespace) -> int:
     # Before the sweep, so a bad path costs nothing and writes nothing.
     check_output_path("--csv", args.csv)
     check_image_path("--plot", args.plot)
+    if args.chip_hour_usd is not None and not 0 < args.chip_hour_usd < math.inf:  # NaN too
+        raise UserError(f"--chip-hour-usd must be a positive price, got {args.chip_hour_usd}")
     from meshserve.model.model_spec import resolve_model
 
     # Resolved before any work: an unknown name or a bad config.json is a one-line error that costs nothing.
@@ -133,6 +139,9 @@ def _analyze(args: argparse.Namespace) -> int:
         attention=args.attention, overlap=args.overlap,
     )  # fmt: skip
     _warn_context(config, args.prompt_len, args.gen_len)  # after the sweep: an error there stays one line
+    if args.chip_hour_usd is not None:  # chip-ms per token x USD per chip-ms x 1e6 tokens
+        for r in rows:
+            r["usd_per_million_tokens"] = r["cost_chip_ms_per_token"] * args.chip_hour_usd / 3.6e6 * 1e6
     if args.csv:
         _write_csv(args.csv, rows)
     if args.plot:
@@ -158,6 +167,7 @@ def _analyze(args: argparse.Namespace) -> int:
         ("step", "step_s", _fmt_s),
         ("MFU", "mfu", lambda v: f"{v:.1%}"),
         ("chip-ms/tok", "cost_chip_ms_per_token", lambda v: f"{v:.3f}"),
+        *([("$/1M tok", "usd_per_million_tokens", lambda v: f"{v:.2f}")] if args.chip_hour_usd is not None else []),
         ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"),
         ("fits", "fits", lambda v: "yes" if v else "NO"),
     ]

@@ -206,3 +206,18 @@ def test_plot_models_take_paths_and_refuse_a_missing_one_before_any_work(capsys,
     code, _, err = _run(capsys, "analyze", "--model", "palm-8b", "--chips", "8", "--plot", str(tmp_path / "p.png"),
                         "--plot-models", f"{_llama_json(tmp_path)},{tmp_path / 'none.json'}")  # fmt: skip
     assert code == 2 and "none.json" in err and not (tmp_path / "p.png").exists()
+
+
+def test_chip_hour_price_gives_usd_per_million_tokens(capsys):
+    argv = ["analyze", "--model", "falcon-7b", "--hardware", "h100-sxm", "--chips", "1", "--batch", "1,64",
+            "--phase", "decode", "--chip-hour-usd", "2.5"]  # fmt: skip
+    code, out, err = _run(capsys, *argv, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    for r in rows:  # chip-ms per token at 2.5 USD per 3.6e6 chip-ms, per 1e6 tokens
+        assert r["usd_per_million_tokens"] == pytest.approx(r["cost_chip_ms_per_token"] * 2.5 / 3.6)
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0 and "$/1M tok" in out.splitlines()[1]
+    for bad in ("0", "-1", "nan", "inf"):
+        code, out, err = _run(capsys, "analyze", "--chip-hour-usd", bad)
+        assert code == 2 and "--chip-hour-usd must be a positive price" in err and not out, err
