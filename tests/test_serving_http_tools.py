@@ -134,3 +134,27 @@ def test_tools_without_the_flag_are_refused(server):
         assert status == 200
     finally:
         plain.close()
+
+
+def test_grpc_takes_tools_and_tool_messages(server, hf_tokenizer):
+    """The same conversation as GenerateRequest.messages (ToolCall protos, tools_json): the same prompt."""
+    import grpc
+    from meshserve.protos import inference_pb2 as pb
+    from meshserve.protos import inference_pb2_grpc
+
+    messages = []
+    for m in TOOL_CONVERSATION:
+        calls = [pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+                 for c in m.get("tool_calls") or []]  # fmt: skip
+        messages.append(pb.ChatMessage(role=m["role"], content=m["content"] or "", tool_calls=calls,
+                                       tool_call_id=m.get("tool_call_id", "")))  # fmt: skip
+    chat = pb.ChatMessages(messages=messages, tools_json=json.dumps(TOOLS))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        reply = stub.Generate(pb.GenerateRequest(messages=chat, max_new_tokens=2), timeout=60)
+        assert reply.usage.prompt_tokens == hf_prompt_tokens(hf_tokenizer, TOOL_CONVERSATION, TOOLS)
+        chat.messages[3].tool_call_id = ""
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(pb.GenerateRequest(messages=chat, max_new_tokens=2), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("messages[3].tool_call_id:")
