@@ -22,9 +22,11 @@ A request value the server would refuse, or that its protobuf field cannot hold,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -103,8 +105,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _messages(messages, validate: bool) -> pb.ChatMessages:
-    """{"role", "content"} dicts -> ChatMessages; validate=False sends any strings for the server to refuse."""
+def _tool_call(call: Mapping) -> pb.ToolCall:
+    """OpenAI's {"id", "type": "function", "function": {"name", "arguments"}} -> ToolCall (arguments as JSON text;
+    check_messages has parsed a valid call's into a dict)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments", "{}")
+    return pb.ToolCall(id=call.get("id") or "", name=function.get("name") or "",
+                       arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))  # fmt: skip
+
+
+def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None) -> pb.ChatMessages:
+    """OpenAI-style message dicts ({"role", "content"}, an assistant's "tool_calls", a tool message's
+    "tool_call_id") and the tools -> ChatMessages; validate=False sends any strings for the server to refuse."""
     if validate:
         from meshserve.model.chat import ChatError, check_messages  # stdlib only: no JAX, no jinja2
 
@@ -112,16 +124,27 @@ def _messages(messages, validate: bool) -> pb.ChatMessages:
             messages = check_messages(messages)
         except ChatError as e:
             raise InvalidRequest(str(e)) from None
-    return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+    out = pb.ChatMessages(tools_json=json.dumps(list(tools)) if tools else "")
+    for m in messages:
+        out.messages.append(pb.ChatMessage(
+            role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "",
+            tool_calls=[_tool_call(c) for c in m.get("tool_calls") or ()],
+        ))  # fmt: skip
+    return out
 
 
 def _input(
-    prompt: str | Sequence[int] | None, validate: bool = True, messages: Sequence[Mapping[str, str]] | None = None
+    prompt: str | Sequence[int] | None,
+    validate: bool = True,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping] | None = None,
 ) -> dict:
     if (prompt is None) == (messages is None):
         raise InvalidRequest("give a prompt (text or token ids) or messages=[...], exactly one")
+    if tools and messages is None:
+        raise InvalidRequest("tools: only a chat (messages=[...]) takes tools")
     if messages is not None:
-        return {"messages": _messages(messages, validate)}
+        return {"messages": _messages(messages, validate, tools)}
     if isinstance(prompt, str):
         return {"text": prompt}
     ids = list(prompt)
@@ -163,7 +186,8 @@ class Client:
     def request(
         prompt: str | Sequence[int] | None = None,
         *,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -190,7 +214,9 @@ class Client:
         (sample i with seed + i), at most the server's GetModelInfo().limits.max_n. logit_bias {id: bias} and
         min_tokens: SamplingParams' (the server checks the ids against its vocabulary, and counts its end-of-sequence
         id among min_tokens' entries). messages: instead of a prompt, a conversation [{"role", "content"}, ...] (roles
-        system, user, assistant) for the model's chat template; give a prompt or messages, not both."""
+        system, user, assistant, tool; an assistant's "tool_calls" and a tool message's "tool_call_id" as in OpenAI's
+        API) for the model's chat template; give a prompt or messages, not both. tools: OpenAI-style function tools
+        for the template (a chat only; the server answers text: parsing tool calls is the HTTP API's)."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -234,7 +260,7 @@ class Client:
             ignore_eos=ignore_eos,
             top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
-            **_input(prompt, validate, messages),
+            **_input(prompt, validate, messages, tools),
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens

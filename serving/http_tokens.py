@@ -3,6 +3,7 @@ and /detokenize. Split from serving/http_server.py; each function takes the Http
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
@@ -18,6 +19,7 @@ from meshserve.serving.openai_protocol import (
     param_of,
 )
 from meshserve.serving.openai_responses import Echo
+from meshserve.serving.openai_tools import check_tools
 from meshserve.serving.requests import QueueFullError, ShuttingDownError
 from meshserve.serving.validation import RequestError
 
@@ -63,11 +65,11 @@ def tokenize(front: HttpFront, body) -> dict:
     """POST /tokenize: a prompt's ids as a completion would see them (BOS included), or a conversation's through
     the chat template; with the count and the context limit, so a client can budget max_tokens."""
     try:
-        what = parse_tokenize(body, front.model_name)
+        what, tools_json = parse_tokenize(body, front.model_name)
         if isinstance(what, str):
             ids = front.parser.ids("prompt", front.model.encode_prompt(front.parser.text("prompt", what)))
         else:
-            ids = front.parser.chat(what)
+            ids = front.parser.chat(what, tools_json)
     except ModelNotFound as e:
         raise HttpError(404, str(e), "model") from None
     except RequestError as e:
@@ -86,16 +88,20 @@ def detokenize(front: HttpFront, body) -> dict:
     return {"prompt": front.model.tokenizer.decode(ids)}
 
 
-def parse_tokenize(body, served_model: str) -> str | list[pb.ChatMessage]:
-    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...]} (through the chat template) -> the
-    text or the messages to encode. Raises RequestError naming the field."""
-    _check_fields(body, "/tokenize", {"model", "prompt", "messages"}, served_model)
+def parse_tokenize(body, served_model: str) -> tuple[str | list[pb.ChatMessage], str]:
+    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...], "tools"?: [...]} (through the chat
+    template) -> (the text or the messages to encode, the tools as JSON text or ""). Raises RequestError naming the
+    field. Tools are rendered whether or not the server parses tool calls: this only counts the prompt."""
+    _check_fields(body, "/tokenize", {"model", "prompt", "messages", "tools"}, served_model)
     b = Body(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise RequestError("prompt: give a prompt (text) or messages, one of them")
     if body.get("prompt") is not None:
-        return b.string("prompt")
-    return chat_messages(b)
+        if body.get("tools") is not None:
+            raise RequestError("tools: only messages take tools")
+        return b.string("prompt"), ""
+    tools = check_tools(body["tools"]) if body.get("tools") is not None else None
+    return chat_messages(b), json.dumps(tools, ensure_ascii=False) if tools else ""
 
 
 def parse_detokenize(body, served_model: str) -> list[int]:

@@ -65,7 +65,7 @@ def hf_prompt_tokens(hf_tokenizer, messages, tools=None) -> int:
     return len(getattr(ids, "input_ids", ids))  # a BatchEncoding in transformers 5, a list before
 
 
-def test_a_chat_with_tools_renders_them(oa, hf_tokenizer):
+def test_a_chat_with_tools_renders_them(server, oa, hf_tokenizer):
     got = oa.chat.completions.create(model="tools", messages=QUESTION, tools=TOOLS, max_tokens=6, temperature=0)
     (choice,) = got.choices
     # The random model writes words, never a <tool_call>: the text comes back as content, no calls.
@@ -79,6 +79,11 @@ def test_a_chat_with_tools_renders_them(oa, hf_tokenizer):
     )
     assert none.usage.prompt_tokens == without
     assert oa.chat.completions.create(model="tools", messages=QUESTION, max_tokens=1).usage.prompt_tokens == without
+    # POST /tokenize counts the same prompt (tools rendered); a text prompt takes no tools.
+    status, body = _post_url(server.http, "/tokenize", {"messages": QUESTION, "tools": TOOLS}, token=None)
+    assert status == 200 and body["count"] == got.usage.prompt_tokens, body
+    status, body = _post_url(server.http, "/tokenize", {"prompt": "w5", "tools": TOOLS}, token=None)
+    assert status == 400 and body["error"]["message"].startswith("tools: only messages take tools"), body
 
 
 def test_tool_calls_and_tool_results_are_accepted(oa, hf_tokenizer):
@@ -158,3 +163,14 @@ def test_grpc_takes_tools_and_tool_messages(server, hf_tokenizer):
             stub.Generate(pb.GenerateRequest(messages=chat, max_new_tokens=2), timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details().startswith("messages[3].tool_call_id:")
+
+
+def test_the_python_client_sends_tools_and_tool_messages(server, hf_tokenizer):
+    """meshserve.serving.client.Client(messages=..., tools=...): OpenAI-style dicts become the same protos."""
+    from meshserve.serving.client import Client, InvalidRequest
+
+    with Client(server.target) as client:
+        reply = client.generate(messages=TOOL_CONVERSATION, tools=TOOLS, max_new_tokens=2)
+        assert reply.prompt_tokens == hf_prompt_tokens(hf_tokenizer, TOOL_CONVERSATION, TOOLS)
+        with pytest.raises(InvalidRequest, match="tools: only a chat"):
+            client.generate("w5 w6", tools=TOOLS, max_new_tokens=2)
