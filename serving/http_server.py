@@ -43,6 +43,7 @@ from meshserve.serving.openai_protocol import (
 )
 from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, error_body, final_response
 from meshserve.serving.orchestrator import GRACE_ENDED, Orchestrator, ShuttingDownError
+from meshserve.serving.requests import ClientGone, sample_events
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
 
@@ -54,10 +55,6 @@ _TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
 _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
           411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
           503: "UNAVAILABLE"}  # fmt: skip
-
-
-class _ClientGone(Exception):
-    """The client closed the connection before its answer was complete."""
 
 
 class HttpFront:
@@ -167,26 +164,16 @@ class HttpFront:
         return parsed, handles, events, echo
 
     def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):
-        """(choice index, Event) until every sample had its last; the client gone -> cancel all, raise _ClientGone."""
-        left, checked = sum(not isinstance(h, Unsent) for h in handles), time.monotonic()
-        while left:
-            try:
-                index, event = events.get(timeout=0.5)
-            except queue.Empty:
-                index, event = None, None
-            if time.monotonic() - checked >= 0.5:  # twice a second, also while events keep coming
-                checked = time.monotonic()
-                if gone():
-                    raise _ClientGone
-            if event is None:
-                continue
-            if isinstance(event, UserError):  # the engine refused this prompt at prefill (it goes on)
-                raise HttpError(400, str(event))
-            if isinstance(event, BaseException):
-                raise HttpError(500, f"engine failed: {type(event).__name__}")
-            yield index, event
-            if event.finish_reason is not None:
-                left -= 1
+        """(choice index, Event) until every sample had its last (requests.sample_events); the client gone ->
+        ClientGone; the engine refusing the prompt -> 400, the engine failing -> 500."""
+        try:
+            yield from sample_events(events, sum(not isinstance(h, Unsent) for h in handles), gone)
+        except (ClientGone, GeneratorExit):  # GeneratorExit: the caller closed this generator
+            raise
+        except UserError as e:  # the engine refused this prompt at prefill (it goes on)
+            raise HttpError(400, str(e)) from None
+        except BaseException as e:  # the engine thread failed (what it put on the queue)
+            raise HttpError(500, f"engine failed: {type(e).__name__}") from None
 
     def cancel(self, handles: list) -> None:
         for handle in handles:
@@ -283,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
             front.cancel(handles)
             self._error(e)
             return e.status
-        except (_ClientGone, BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+        except (ClientGone, BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
             front.cancel(handles)
             self.close_connection = True
             return 0

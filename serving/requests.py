@@ -11,6 +11,8 @@ import dataclasses
 import itertools
 import queue
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,8 @@ from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.detok import StreamDecoder
 
 __all__ = [
+    "ClientGone",
+    "sample_events",
     "Request",
     "Update",
     "QueueFullError",
@@ -172,3 +176,34 @@ class ScoreJob:
     error: BaseException | None = None  # set with `cancel` when the server fails it (drain past grace)
     done: int = 0  # items scored so far
     output: Any = None  # engine.ScoreOutput of the items scored so far (set by the orchestrator)
+
+
+class ClientGone(Exception):
+    """The caller of a request went away (a gRPC client cancelled, an HTTP connection closed): cancel its samples."""
+
+
+def sample_events(
+    events: queue.SimpleQueue, samples: int, gone: Callable[[], bool], poll_s: float = 0.5
+) -> Iterator[tuple[int, Event]]:
+    """(sample index, Event) from a request's event queue (TaggedQueue's) until each of `samples` samples had its
+    last event. gone() is asked at least every poll_s seconds, also while events keep coming: once it says the
+    caller went away this raises ClientGone. An engine error on the queue is raised as is: a UserError when the
+    engine refused this request's prefill batch (the engine goes on), another exception when its thread failed;
+    the gRPC and HTTP fronts map them to their status codes."""
+    left, checked = samples, time.monotonic()
+    while left:
+        try:
+            index, event = events.get(timeout=poll_s)
+        except queue.Empty:
+            index, event = None, None
+        if time.monotonic() - checked >= poll_s:
+            checked = time.monotonic()
+            if gone():
+                raise ClientGone
+        if event is None:
+            continue
+        if isinstance(event, BaseException):
+            raise event
+        yield index, event
+        if event.finish_reason is not None:
+            left -= 1

@@ -36,6 +36,7 @@ from meshserve.serving.orchestrator import (
     ShuttingDownError,
 )
 from meshserve.serving.plan import EnginePlan
+from meshserve.serving.requests import ClientGone, sample_events
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import (
     DEFAULT_MAX_SCORE_TOKENS,
@@ -151,26 +152,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         context.abort(code, message)
 
     def _events(self, call: _Call, context, method: str):
-        """(sample index, event) of every sample until each has had its last; stops early when the client is gone
-        (cancelling every sample). A failed sample fails the RPC, which cancels the others."""
-        left = len(call.handles)
-        while left:
-            try:
-                index, event = call.events.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    self._cancel(call)
-                    return
-                continue
-            if isinstance(event, UserError):  # this request's prefill batch was refused (the engine goes on)
-                self._count(call, method, "INVALID_ARGUMENT")
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(event))
-            if isinstance(event, BaseException):
-                self._count(call, method, "INTERNAL")
-                context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {type(event).__name__}")
-            yield index, event
-            if event.finish_reason is not None:
-                left -= 1
+        """(sample index, event) of every sample until each has had its last (requests.sample_events); stops early
+        when the client is gone (cancelling every sample). A failed sample fails the RPC, which cancels the others."""
+        try:
+            yield from sample_events(call.events, len(call.handles), lambda: not context.is_active())
+        except ClientGone:
+            self._cancel(call)
+        except UserError as e:  # this request's prefill batch was refused (the engine goes on)
+            self._count(call, method, "INVALID_ARGUMENT")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except GeneratorExit:
+            raise
+        except BaseException as e:  # the engine thread failed (what it put on the queue)
+            self._count(call, method, "INTERNAL")
+            context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {type(e).__name__}")
 
     def _usage_timing(self, call: _Call) -> tuple[pb.Usage, pb.Timing]:
         """Usage and timing of the whole request: the prompt once, generated and cached tokens summed over the
