@@ -296,6 +296,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics on this port at /metrics (default 0: off; 9090 is usual)",
     )
     parser.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="write a line per finished request to stderr (gRPC and HTTP): method, status, samples, prompt, cached "
+        "and generated tokens, finish reasons, queue / first-token / total ms, id; counts and times only, never "
+        "the text (default: off)",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         default=30.0,
@@ -348,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         http_max_connections=args.http_max_connections,
         tool_call_parser=args.tool_call_parser,
+        log_requests=args.log_requests,
     )
 
     from meshserve.serving.warm_up import PHASES, upfront_steps

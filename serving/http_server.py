@@ -121,8 +121,8 @@ class HttpFront:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshserve",
                 "max_model_len": self.limits.max_context}  # fmt: skip
 
-    def count(self, path: str, status: int) -> None:
-        self.metrics.requests.labels(f"POST {path}", _CODES.get(status, str(status))).inc()
+    def count(self, path: str, status: int, handles: list = ()) -> None:
+        self.metrics.count_request(f"POST {path}", _CODES.get(status, str(status)), handles)
 
     # ----- a generation: parse, validate, queue, wait -----
 
@@ -236,11 +236,12 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None:
             return front.count(path, self._tokenizer(path))
         front.active(+1)
+        self._handles: list = []  # the request's samples, once queued (for the request log)
         try:
             status = self._generate(kind, path)
         finally:
             front.active(-1)
-        front.count(path, status)
+        front.count(path, status, self._handles)
 
     def _tokenizer(self, path: str) -> int:
         try:
@@ -257,6 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         handles: list = []
         try:
             parsed, handles, events, echo = front.submit(kind, self._body())
+            self._handles = handles
             if parsed.stream:
                 return self._stream(parsed, handles, events)
             out = Choices(front.model.tokenizer, parsed, handles, echo)

@@ -28,9 +28,11 @@ prompt another one prefilled add P - 1 hits each.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -44,6 +46,9 @@ class ServerMetrics:
     """One registry per server, so tests can run several servers in one process."""
 
     def __init__(self) -> None:
+        # serve --log-requests: where count_request writes a line per request (access_log.py); None = no log
+        self.request_log: TextIO | None = None
+        self._log_lock = threading.Lock()  # lines from the gRPC workers and HTTP threads never interleave
         r = self.registry = CollectorRegistry()
         self.requests = Counter("meshserve_requests", "Requests by RPC and status", ["method", "code"], registry=r)
         self.draft_tokens = Counter("meshserve_speculative_draft_tokens", "Draft tokens verified", registry=r)
@@ -104,6 +109,17 @@ class ServerMetrics:
         self.step_time.observe(seconds)
         self.occupancy.set(occupancy)
         self.generated(tokens)
+
+    def count_request(self, method: str, code: str, handles: Sequence[Any] = (), **extra: Any) -> None:
+        """One request ended: counted in meshserve_requests_total{method, code} and, with --log-requests, logged
+        (access_log.request_line: counts and times from its samples' handles, and `extra` fields)."""
+        self.requests.labels(method, code).inc()
+        if self.request_log is not None:
+            from meshserve.serving.access_log import request_line
+
+            line = request_line(method, code, handles, **extra)
+            with self._log_lock:
+                print(line, file=self.request_log, flush=True)
 
     def speculated(self, proposed: int, accepted: int) -> None:
         """One verify step: draft tokens proposed and accepted."""

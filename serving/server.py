@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ServerOptions:
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
     http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
     tool_call_parser: str | None = None  # chat tool calls' format in the HTTP API (serving/openai_tools.py); None = off
+    log_requests: bool = False  # a line per finished request on stderr (serving/access_log.py)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -101,6 +103,8 @@ class InferenceServer:
     def __init__(self, model, engine: Engine, plan: EnginePlan, options: ServerOptions, mesh_info: dict | None = None):
         self.model, self.engine, self.plan, self.options = model, engine, plan, options
         self.metrics = ServerMetrics()
+        if options.log_requests:
+            self.metrics.request_log = sys.stderr
         self.metrics.compile_pending.set_function(engine.pending_steps)
         scheduler = Scheduler.for_plan(plan, options.max_queue)
         self.orchestrator = Orchestrator(engine, scheduler, model.tokenizer, self.metrics, options.max_score_queue,

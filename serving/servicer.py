@@ -145,10 +145,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if call.counted:
                 return
             call.counted = True
-        self.metrics.requests.labels(method, code).inc()
+        self.metrics.count_request(method, code, call.handles)
 
     def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
-        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.count_request(method, code.name)
         context.abort(code, message)
 
     def _events(self, call: _Call, context, method: str):
@@ -320,7 +320,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._abort(context, "Score", grpc.StatusCode.CANCELLED, str(e))
         except Exception as e:  # the engine thread died (orchestrator.error): answer instead of hanging
             self._abort(context, "Score", grpc.StatusCode.INTERNAL, f"engine failed: {type(e).__name__}")
-        self.metrics.requests.labels("Score", "OK").inc()
+        self.metrics.count_request("Score", "OK", items=len(pairs), tokens=total)
         results = [
             pb.ScoreResult(
                 logprob=float(lp.astype("float64").sum()),

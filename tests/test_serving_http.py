@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import time
@@ -51,7 +52,7 @@ def server(checkpoint, tmp_path_factory):
     metrics_port = free_port()
     proc = ServerProcess(
         checkpoint, "--http-port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-        "--served-model-name", "chat-tiny", "--warm-up", "all", python_code=SLOW_DECODE,
+        "--served-model-name", "chat-tiny", "--warm-up", "all", "--log-requests", python_code=SLOW_DECODE,
     )  # fmt: skip
     proc.metrics_port = metrics_port
     yield proc
@@ -538,3 +539,32 @@ def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path):
         assert "Traceback" not in proc.output()
     finally:
         proc.close()
+
+
+def _request_lines(server) -> list[dict[str, str]]:
+    """The server's --log-requests lines as {field: value} (logfmt; quoted values unquoted)."""
+    out = []
+    for line in server.output().splitlines():
+        if line.startswith("meshserve request: "):
+            pairs = re.findall(r'(\w+)=("[^"]*"|\S+)', line[len("meshserve request: ") :])
+            out.append({k: v.strip('"') for k, v in pairs})
+    return out
+
+
+def test_the_request_log_has_a_line_per_request_and_no_text(server, oa, grpc_client):
+    before = len(_request_lines(server))
+    got = oa.completions.create(model="chat-tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+    reply = grpc_client.generate(PROMPT, max_new_tokens=2, n=2, temperature=0.5, seed=1)
+    status, _ = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": -1})
+    assert status == 400
+    assert _wait_for(lambda: len(_request_lines(server)) >= before + 3, timeout=10), server.output()[-2000:]
+    http, grpc_line, bad = _request_lines(server)[before : before + 3]
+    assert (http["method"], http["code"], http["samples"], http["finish"]) == ("POST /v1/completions", "OK", "1",
+                                                                               "length")  # fmt: skip
+    assert (int(http["prompt_tokens"]), int(http["generated_tokens"])) == (got.usage.prompt_tokens, 3)
+    assert 0 <= float(http["queue_ms"]) <= float(http["ttft_ms"]) <= float(http["total_ms"])
+    assert (grpc_line["method"], grpc_line["code"], grpc_line["samples"]) == ("Generate", "OK", "2")
+    assert int(grpc_line["generated_tokens"]) == reply.generated_tokens == 4
+    assert (bad["method"], bad["code"]) == ("POST /v1/completions", "INVALID_ARGUMENT") and "samples" not in bad
+    log = "\n".join(line for line in server.output().splitlines() if line.startswith("meshserve request"))
+    assert "w5" not in log and "w6" not in log  # counts and times only: no prompt text
