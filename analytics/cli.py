@@ -10,48 +10,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshserve.analytics.cli_helpers import fmt_s, ints, model_args, model_from_args, positive, table
 from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe
 from meshserve.errors import UserError
-from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
 __all__ = ["COMMANDS"]
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _positive(name: str, values: list[int] | int | None) -> None:
-    for v in [values] if isinstance(values, int) else values or []:
-        if v < 1:
-            raise UserError(f"{name} must be positive, got {v}")
-
-
-def _model_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--model", default=default, help=f"{MODEL_HELP} (default {default})")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
-
-
-def _model(args: argparse.Namespace) -> Any:
-    """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override)."""
-    from meshserve.model.model_spec import parse_overrides, resolve_model
-
-    return resolve_model(args.model, parse_overrides(args.set))
-
-
 def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None:
-    _model_args(p, "palm-540b")
+    model_args(p, "palm-540b")
     p.add_argument("--hardware", default="tpu-v4", help="chip: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100-80g, h100-sxm, "
                    "h200 or local (after `meshserve calibrate`)")  # fmt: skip
     p.add_argument("--chips", type=int, default=None, help="number of chips (default: the mesh's, else 64)")
     p.add_argument("--mesh", default=None, help="mesh XxYxZ (default: chosen for --chips)")
-    p.add_argument("--batch", type=_ints, default=_ints(batch_default), help=f"batch sizes (default {batch_default})")
+    p.add_argument("--batch", type=ints, default=ints(batch_default), help=f"batch sizes (default {batch_default})")
     p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per sequence (default 2048)")
     p.add_argument("--gen-len", type=int, default=64, help="generated tokens per sequence (default 64)")
     p.add_argument("--overlap", action="store_true", help="assume communication overlaps compute (looped einsum)")
@@ -63,15 +35,15 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from meshserve.partition.comm import MeshShape
 
     chip = get_chip(args.hardware)
-    config = _model(args)
+    config = model_from_args(args)
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     if mesh is not None and args.chips is not None and mesh.n != args.chips:
         raise UserError(f"mesh {mesh} has {mesh.n} chips but --chips is {args.chips}")
     chips = mesh.n if mesh is not None else (args.chips if args.chips is not None else 64)
-    _positive("--chips", chips)
-    _positive("--batch", args.batch)
-    _positive("--prompt-len", args.prompt_len)
-    _positive("--gen-len", args.gen_len)
+    positive("--chips", chips)
+    positive("--batch", args.batch)
+    positive("--prompt-len", args.prompt_len)
+    positive("--gen-len", args.gen_len)
     return config, chip, mesh or chips  # multi-query heads are padded per mesh and layout (plan.analysis_config)
 
 
@@ -82,16 +54,6 @@ def _warn_context(config: Any, prompt_len: int, gen_len: int) -> None:
     if prompt_len > config.max_seq_len:
         print(f"warning: prompt {prompt_len} tokens is beyond {config.name}'s max_seq_len {config.max_seq_len}; "
               "the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
-
-
-def _fmt_s(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> str:
-    cells = [[h for h, _, _ in columns]] + [[fmt(r[key]) for _, key, fmt in columns] for r in rows]
-    widths = [max(len(str(row[i])) for row in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
 # ---------------------------------------------------------------------------------------------------- analyze
@@ -163,15 +125,15 @@ def _analyze(args: argparse.Namespace) -> int:
         ("batch", "batch", str),
         ("ffn", "ffn_layout", str),
         ("attn", "attention", str),
-        ("latency", "latency_s", _fmt_s),
-        ("step", "step_s", _fmt_s),
+        ("latency", "latency_s", fmt_s),
+        ("step", "step_s", fmt_s),
         ("MFU", "mfu", lambda v: f"{v:.1%}"),
         ("chip-ms/tok", "cost_chip_ms_per_token", lambda v: f"{v:.3f}"),
         *([("$/1M tok", "usd_per_million_tokens", lambda v: f"{v:.2f}")] if args.chip_hour_usd is not None else []),
         ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"),
         ("fits", "fits", lambda v: "yes" if v else "NO"),
     ]
-    print(_table(rows, columns))
+    print(table(rows, columns))
     for r in rows:
         if not r["fits"] and r["chosen"] is False and r["overflow"] and args.layout:
             print(f"{r['phase']} b{r['batch']} {r['ffn_layout']}/{r['attention']}: {r['overflow']}")
@@ -224,7 +186,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     from meshserve.analytics.plan import INT8_GAIN
 
     _common(p, batch_default="1,8,64")
-    p.add_argument("--prefill-batch", type=_ints, default=None, help="prefill buckets (default: --batch)")
+    p.add_argument("--prefill-batch", type=ints, default=None, help="prefill buckets (default: --batch)")
     p.add_argument("--objective", choices=["latency", "throughput", "cost"], default="latency",
                    help="what the plan minimises: latency (prefill at the smallest bucket + decode at the smallest), "
                    "throughput (chip-ms per token at the largest buckets), or cost (the lowest chip-ms per token "
@@ -241,7 +203,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     config, chip, mesh = _setup(args)
     if args.prefill_batch:
-        _positive("--prefill-batch", args.prefill_batch)
+        positive("--prefill-batch", args.prefill_batch)
     plan = choose_plan(
         config, chip, n_chips=mesh if isinstance(mesh, int) else None, mesh=None if isinstance(mesh, int) else mesh,
         objective=args.objective, batch_buckets=args.batch, prefill_buckets=args.prefill_batch,
@@ -259,9 +221,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"kv heads replicated {plan.kv_replication}x ({config.n_kv_heads} -> {plan.n_kv_heads}) so each chip "
               f"of the heads split holds whole kv heads; priced with the larger KV cache and K/V weights")  # fmt: skip
     rows = [p.__dict__ for p in plan.phases]
-    print(_table(rows, [
+    print(table(rows, [
         ("phase", "phase", str), ("batch<=", "batch", str), ("ffn", "ffn_layout", str), ("attn", "attention", str),
-        ("step", "step_s", _fmt_s), ("latency", "latency_s", _fmt_s), ("MFU", "mfu", lambda v: f"{v:.1%}"),
+        ("step", "step_s", fmt_s), ("latency", "latency_s", fmt_s), ("MFU", "mfu", lambda v: f"{v:.1%}"),
         ("chip-ms/tok", "cost_chip_ms_per_token", lambda v: f"{v:.3f}"),
         ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"), ("fits", "fits", lambda v: "yes" if v else "NO"),
     ]))  # fmt: skip
@@ -270,7 +232,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- memory
 def _memory_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p, "palm-8b")
+    model_args(p, "palm-8b")
     p.add_argument("--mode", choices=["inference", "finetune"], default="inference",
                    help="inference (weights, KV cache, activations of a prefill) or finetune (adds gradients and "
                    "optimizer state; training activations) (default inference)")  # fmt: skip
@@ -311,7 +273,7 @@ def _memory(args: argparse.Namespace) -> int:
             verb = "apply" if len(given) > 1 else "applies"
             raise UserError(f"{' and '.join(given)} {verb} to --mode finetune only (inference has no optimizer "
                             "state or adapters)")  # fmt: skip
-    config = _model(args)
+    config = model_from_args(args)
     chip = get_chip(args.hardware) if args.hardware else None
     out = memory_estimate(
         config, mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
@@ -340,14 +302,14 @@ def _gib(n: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------- calibrate
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p, "demo")  # timed with random weights of that shape
-    p.add_argument("--batch", type=_ints, default=_ints("1,4,16"), help="batch sizes (default 1,4,16)")
+    model_args(p, "demo")  # timed with random weights of that shape
+    p.add_argument("--batch", type=ints, default=ints("1,4,16"), help="batch sizes (default 1,4,16)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds; the fastest counts (default 10)")
     p.add_argument(
         "--held-out",
-        type=_ints,
-        default=_ints("8"),
+        type=ints,
+        default=ints("8"),
         help="batch sizes measured but kept out of the fit, to test the model out of sample (default 8)",
     )
     p.add_argument("--out", default=None, help="where to store the local chip (default ~/.cache/meshserve/"
@@ -360,11 +322,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     from meshserve.analytics.chips import local_chip_path, save_local_chip
     from tqdm import tqdm
 
-    config = _model(args)
-    _positive("--batch", args.batch)
-    _positive("--held-out", args.held_out)
-    _positive("--prompt-len", args.prompt_len)
-    _positive("--rounds", args.rounds)
+    config = model_from_args(args)
+    positive("--batch", args.batch)
+    positive("--held-out", args.held_out)
+    positive("--prompt-len", args.prompt_len)
+    positive("--rounds", args.rounds)
     if args.prompt_len >= config.max_seq_len:
         # The decode points run one step after the prompt; far beyond the context the cache alone exhausts memory.
         raise UserError(f"--prompt-len {args.prompt_len} is beyond {config.name}'s context: calibrate times a decode "
@@ -385,8 +347,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 0
     print(f"local chip: matmul {chip.peak_flops_bf16 / 1e9:.1f} GFLOP/s, bandwidth {chip.hbm_bandwidth / 1e9:.1f} GB/s,"
           f" per-layer overhead {chip.step_overhead_s * 1e6:.1f} us -> {path}")  # fmt: skip
-    print(_table(rows, [("phase", "phase", str), ("batch", "batch", str), ("measured", "measured_s", _fmt_s),
-                        ("predicted", "predicted_s", _fmt_s), ("error", "error", lambda v: f"{v:+.1%}"),
+    print(table(rows, [("phase", "phase", str), ("batch", "batch", str), ("measured", "measured_s", fmt_s),
+                        ("predicted", "predicted_s", fmt_s), ("error", "error", lambda v: f"{v:+.1%}"),
                         ("held out", "held_out", lambda v: "yes" if v else "")]))  # fmt: skip
     return 0
 

@@ -7,21 +7,11 @@ import json
 import sys
 from typing import Any
 
-from meshserve.analytics.cli import _fmt_s, _ints, _model, _model_args, _positive, _table
+from meshserve.analytics.cli_helpers import floats, fmt_s, ints, model_args, model_from_args, positive, table
 from meshserve.analytics.output import check_image_path, quiet_broken_pipe
 from meshserve.errors import UserError
 
 __all__ = ["COMMANDS"]
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -30,15 +20,15 @@ def _args(p: argparse.ArgumentParser) -> None:
         "acceptance rate speculative decoding (serve --speculative-tokens K) pays: at small batches a decode step "
         "is bound by reading the weights and the extra tokens are nearly free; at large ones it is bound by compute."
     )
-    _model_args(p, "palm-540b")
+    model_args(p, "palm-540b")
     p.add_argument("--hardware", default="tpu-v4", help="chip: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100-80g, h100-sxm, "
                    "h200 or local (after `meshserve calibrate`)")  # fmt: skip
     p.add_argument("--chips", type=int, default=None, help="number of chips (default: the mesh's, else 64)")
     p.add_argument("--mesh", default=None, help="mesh XxYxZ (default: chosen for --chips)")
-    p.add_argument("--batch", type=_ints, default=_ints("1,8,64,256"), help="batch sizes (default 1,8,64,256)")
+    p.add_argument("--batch", type=ints, default=ints("1,8,64,256"), help="batch sizes (default 1,8,64,256)")
     p.add_argument("--context", type=int, default=2048, help="tokens in each row's cache (default 2048)")
     p.add_argument("--tokens", type=int, default=4, metavar="K", help="drafts per verify step, 1 to 16 (default 4)")
-    p.add_argument("--acceptance", type=_floats, default=_floats("0.5,0.7,0.9"),
+    p.add_argument("--acceptance", type=floats, default=floats("0.5,0.7,0.9"),
                    help="draft acceptance rates to price, each in [0, 1] (default 0.5,0.7,0.9)")  # fmt: skip
     p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "f32"], help="weight storage (default bf16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -52,20 +42,20 @@ def _run(args: argparse.Namespace) -> int:
     from meshserve.partition.comm import MeshShape
 
     check_image_path("--plot", args.plot)  # before any work, so a bad path costs nothing
-    _positive("--batch", args.batch)
-    _positive("--context", args.context)
+    positive("--batch", args.batch)
+    positive("--context", args.context)
     if not 1 <= args.tokens <= 16:
         raise UserError(f"--tokens must be in [1, 16] (drafts per verify step), got {args.tokens}")
     bad = [a for a in args.acceptance if not 0.0 <= a <= 1.0]
     if bad:
         raise UserError(f"--acceptance: each rate must be in [0, 1], got {bad[0]:g}")
-    chip, config = get_chip(args.hardware), _model(args)
+    chip, config = get_chip(args.hardware), model_from_args(args)
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     if mesh is not None and args.chips is not None and mesh.n != args.chips:
         raise UserError(f"mesh {mesh} has {mesh.n} chips but --chips is {args.chips}")
     if mesh is None:
         chips = args.chips if args.chips is not None else 64
-        _positive("--chips", chips)
+        positive("--chips", chips)
         mesh = default_mesh(config, chip, chips, args.batch, args.weights)
     rows = speculation(config, chip, mesh, batches=args.batch, context=args.context, k=args.tokens,
                        acceptances=args.acceptance, weights=args.weights)  # fmt: skip
@@ -81,10 +71,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"speculative decoding, {args.tokens} drafts a step: {config.name} on mesh {mesh} of {chip.name}, "
           f"{args.weights} weights, {args.context}-token context")  # fmt: skip
-    table = [{**r.__dict__, **{f"x{a}": r.speedup[a] for a in args.acceptance}} for r in rows]
-    print(_table(table, [
+    shown = [{**r.__dict__, **{f"x{a}": r.speedup[a] for a in args.acceptance}} for r in rows]
+    print(table(shown, [
         ("batch", "batch", str), ("ffn", "ffn_layout", str), ("attn", "attention", str),
-        ("decode step", "decode_step_s", _fmt_s), ("verify step", "verify_step_s", _fmt_s),
+        ("decode step", "decode_step_s", fmt_s), ("verify step", "verify_step_s", fmt_s),
         ("verify/decode", "cost_ratio", lambda v: f"{v:.2f}"),
         ("pays from", "break_even_acceptance", lambda v: "never" if v is None else f"a={v:.2f}"),
         *[(f"speedup a={a:g}", f"x{a}", lambda v: f"{v:.2f}x") for a in args.acceptance],

@@ -1,0 +1,66 @@
+"""Shared by the analytics commands' CLIs (analytics/cli.py, analytics/cli_speculate.py): list flags, positive checks,
+the --model/--set arguments and the plain-text table."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from meshserve.errors import UserError
+from meshserve.model.model_spec import MODEL_HELP, SET_HELP
+
+__all__ = ["numbers", "ints", "floats", "positive", "model_args", "model_from_args", "fmt_s", "table"]
+
+
+def numbers(text: str, convert: Callable[[str], Any], what: str) -> list:
+    """A comma-separated list flag's values (argparse `type=`), each through `convert`."""
+    try:
+        values = [convert(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
+    return values
+
+
+def ints(text: str) -> list[int]:
+    """`1,64,512` -> [1, 64, 512]."""
+    return numbers(text, int, "integer")
+
+
+def floats(text: str) -> list[float]:
+    """`0.5,0.9` -> [0.5, 0.9]."""
+    return numbers(text, float, "number")
+
+
+def positive(name: str, values: list[int] | int | None) -> None:
+    """A UserError naming the flag unless every value is >= 1."""
+    for v in [values] if isinstance(values, int) else values or []:
+        if v < 1:
+            raise UserError(f"{name} must be positive, got {v}")
+
+
+def model_args(p: argparse.ArgumentParser, default: str) -> None:
+    """--model SPEC (default `default`) and --set KEY=VALUE."""
+    p.add_argument("--model", default=default, help=f"{MODEL_HELP} (default {default})")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override)."""
+    from meshserve.model.model_spec import parse_overrides, resolve_model
+
+    return resolve_model(args.model, parse_overrides(args.set))
+
+
+def fmt_s(s: float) -> str:
+    """Seconds as "12.34 ms" below a second, else "1.23 s"."""
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> str:
+    """Right-aligned text columns: (header, row key, formatter) each."""
+    cells = [[h for h, _, _ in columns]] + [[fmt(r[key]) for _, key, fmt in columns] for r in rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
