@@ -59,6 +59,9 @@ def _run(args: argparse.Namespace) -> int:
         mesh = default_mesh(config, chip, chips, args.batch, args.weights)
     rows = speculation(config, chip, mesh, batches=args.batch, context=args.context, k=args.tokens,
                        acceptances=args.acceptance, weights=args.weights)  # fmt: skip
+    if args.context > config.max_seq_len:  # priced anyway (a what-if), as analyze does, but said
+        print(f"warning: context {args.context} tokens is beyond {config.name}'s max_seq_len {config.max_seq_len}; "
+              "the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
     if args.plot:
         _plot(args, config, chip, mesh)
     if args.json:
@@ -78,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         ("verify/decode", "cost_ratio", lambda v: f"{v:.2f}"),
         ("pays from", "break_even_acceptance", lambda v: "never" if v is None else f"a={v:.2f}"),
         *[(f"speedup a={a:g}", f"x{a}", lambda v: f"{v:.2f}x") for a in args.acceptance],
+        ("GiB/chip", "memory_per_chip_bytes", lambda v: f"{v / 2**30:.1f}"), ("fits", "fits", lambda v: "yes" if v else "NO"),
     ]))  # fmt: skip
     return 0
 

@@ -279,7 +279,7 @@ def estimate(
             once.append({**asdict(coll), "seconds": t, "what": "phase switch"})
 
     step_comm_s = 0.0  # embedding, final gather, logits: once per pass, on the critical path
-    for coll in step_collectives(ffn_layout, attention, mesh, dims, V):
+    for coll in step_collectives(ffn_layout, attention, mesh, dims, V, logits_tokens=logit_rows // batch):
         t, _ = collective_time(coll, mesh, chip)
         step_comm_s += t
         once.append({**asdict(coll), "seconds": t, "what": "once per pass"})

@@ -44,6 +44,8 @@ class SpeculationRow:
     break_even_acceptance: float | None
     tokens_per_step: dict[float, float]
     speedup: dict[float, float]
+    memory_per_chip_bytes: float  # the decode layout's weights, KV cache and activations at this batch and context
+    fits: bool
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -99,5 +101,6 @@ def speculation(
             batch=batch, ffn_layout=decode.ffn_layout, attention=decode.attention, decode_step_s=decode.step_s,
             verify_step_s=verify.step_s, cost_ratio=ratio, break_even_acceptance=break_even_acceptance(ratio, k),
             tokens_per_step=tokens, speedup={a: e / ratio for a, e in tokens.items()},
+            memory_per_chip_bytes=decode.memory_per_chip_bytes, fits=decode.fits,
         ))  # fmt: skip
     return rows

@@ -39,6 +39,11 @@ def test_a_verify_step_costs_k_plus_1_times_the_compute_and_the_same_reads():
     assert verify.breakdown.weight_load_s == plain.breakdown.weight_load_s
     assert verify.breakdown.kv_load_s == plain.breakdown.kv_load_s
     assert verify.breakdown.comm_s > plain.breakdown.comm_s  # activations k + 1 times larger
+    # The once-per-step collectives too: the embedding's and the logits' ([B, k + 1, V]) carry k + 1 tokens a row.
+    pairs = list(zip(plain.once_collectives, verify.once_collectives, strict=True))
+    assert any("BLV" in p["tensor"] for p, _ in pairs)
+    for p, v in pairs:
+        assert v["bytes_per_chip"] == 5 * p["bytes_per_chip"], (p["tensor"], p["bytes_per_chip"], v["bytes_per_chip"])
     with pytest.raises(UserError, match="tokens_per_step"):
         estimate(config, chip, mesh, **{**kw, "phase": "prefill"}, tokens_per_step=5)
 
@@ -64,6 +69,9 @@ def test_speculate_command(capsys, tmp_path):
     report = json.loads(out)
     assert report["mesh"] == "1x1x1" and [r["batch"] for r in report["rows"]] == [1, 64]
     assert set(report["rows"][0]["speedup"]) == {"0.6"} and report["rows"][0]["verify_step_s"] > 0
+    assert report["rows"][0]["fits"] is True and report["rows"][0]["memory_per_chip_bytes"] > 13e9  # 7B in bf16
+    code, out, err = run_cli(capsys, "speculate", "--context", "1000000", "--batch", "256")
+    assert code == 0 and "beyond palm-540b's max_seq_len 2048" in err and out.splitlines()[-1].endswith("NO")
     plot = tmp_path / "spec.png"
     code, out, err = run_cli(capsys, "speculate", "--model", "palm-8b", "--chips", "8", "--plot", str(plot))
     assert code == 0 and "pays from" in out and "speedup a=0.7" in out
