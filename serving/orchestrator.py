@@ -67,8 +67,8 @@ class Orchestrator:
         max_scores: int = DEFAULT_MAX_SCORES,
         speculator: NgramSpeculator | None = None,
     ):
-        """speculator: draft tokens for greedy rows, verified in the engine's verify steps (the plan must have
-        them: speculative_tokens = the speculator's k); None = plain decoding."""
+        """speculator: draft tokens for the rows that may draft, verified in the engine's verify steps when they are
+        expected to pay (the plan must have them: speculative_tokens = the speculator's k); None = plain decoding."""
         if speculator is not None and speculator.k != engine.plan.speculative_tokens:
             raise ValueError(f"the speculator drafts {speculator.k} tokens; the plan verifies "
                              f"{engine.plan.speculative_tokens}")  # fmt: skip
@@ -257,14 +257,16 @@ class Orchestrator:
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
                 spec = self.speculator  # the engine's plan is read only when speculating (test engines have none)
-                if ticket is not None and spec is not None and spec.may_draft(ticket, self.engine.plan.max_context):
-                    if pending is not None:
-                        # Drafts come from each request's tokens so far, which lag a step while one is in flight.
+                if ticket is not None and spec is not None:
+                    context = self.engine.plan.max_context
+                    drafts = spec.drafts(ticket, context)  # on tokens a step behind while one is in flight
+                    if drafts is not None and pending is not None:
+                        # Worth it: finish the step in flight, whose tokens the drafts must follow, and look again.
                         self._finish_step(pending, None)
                         pending = None
                         with self._lock:
                             ticket = self.scheduler.decode_ticket()
-                    drafts = None if ticket is None else spec.drafts(ticket, self.engine.plan.max_context)
+                        drafts = None if ticket is None else spec.drafts(ticket, context)
                     if drafts is not None:
                         self._verify_step(ticket, drafts)
                         continue
@@ -344,6 +346,7 @@ class Orchestrator:
             )
             occupancy = self.scheduler.occupancy()
         proposed, accepted = self.speculator.record(ticket, drafts, out.counts, updates)
+        self.speculator.costs.add("verify", ticket[0], now - t0)
         self.steps += 1
         self.step_seconds += now - t0
         self.metrics.step(now - t0, sum(len(u.tokens) for u in updates), occupancy)
@@ -365,6 +368,8 @@ class Orchestrator:
             occupancy = self.scheduler.occupancy()
         # Step time: this step's dispatch to the next one's (or to now when none follows): what a token costs.
         seconds = (dispatched[2] if dispatched else now) - t0
+        if self.speculator is not None:  # what speculating must beat, per bucket
+            self.speculator.costs.add("decode", ticket[0], seconds)
         self.steps += 1
         self.step_seconds += seconds
         self.metrics.step(seconds, len(updates), occupancy)
@@ -394,6 +399,8 @@ class Orchestrator:
             if reason is not None:
                 with self._lock:
                     self._handles.pop(r.id, None)
+                if self.speculator is not None:
+                    self.speculator.forget(r)
                 if handle.done is not None:
                     handle.done.put(handle)
                 end = r.finish_time or time.monotonic()

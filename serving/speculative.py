@@ -15,15 +15,21 @@ p(draft) under the row's sampling, so drafts pay most for greedy and low-tempera
 (repetition, presence, frequency: they read the history of tokens, which the drafts would change mid-step) or
 top_logprobs do not draft; they ride along in the same step and get exactly a decode step's token.
 
-Drafts that are mostly refused cost more than they save (a verify step costs more than a decode step, and the
-engine loop gives up a step of pipelining to speculate), e.g. sampled rows at temperature 0.7: a row whose average
-of kept drafts per verify step falls below MIN_KEPT pauses drafting for PAUSE_TOKENS tokens, then tries again.
+A verify step costs more than a decode step (by little while a step is bound by reading the weights, by up to
+k + 1 times once it is bound by compute), and the engine loop gives up a step of pipelining to speculate. So the
+speculator times both kinds of step per batch bucket as the server runs them (StepCosts: the median of the recent
+ones) and verifies only when the drafts are expected to pay: sum over the drafting rows of their expected kept
+tokens (an average of what each row kept per verify step, drifting back to one kept token over RECOVER_TOKENS
+tokens, so a row whose text turns repetitive later is tried again) > live rows x (verify time / decode time - 1).
+A bucket's first steps decode plainly (the decode time is measured first), then one verify step measures its cost.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,8 +45,9 @@ __all__ = [
     "NgramSpeculator",
     "speculator_for",
     "push_verified",
-    "MIN_KEPT",
-    "PAUSE_TOKENS",
+    "StepCosts",
+    "KEPT_PRIOR",
+    "RECOVER_TOKENS",
 ]
 
 
@@ -70,12 +77,12 @@ def may_draft_sampling(sampling: SamplingParams) -> bool:
     )
 
 
-# A row keeps drafting while an exponential average (weight 1/2 on the newest step) of the drafts it kept per verify
-# step stays >= MIN_KEPT, i.e. its steps yield >= 1.5 tokens; the break-even on this CPU is about 1.3 (a verify step
-# 1.1-1.4x a decode step, plus the lost pipelining; BUILD.md). A new row starts at 1 (two steps with nothing kept
-# pause it); a row back from a pause starts at MIN_KEPT (one step that keeps a draft keeps it going).
-MIN_KEPT = 0.5
-PAUSE_TOKENS = 32
+# A row's expected kept drafts per verify step: an average (weight 1/2 on the newest step) of what it kept, which
+# drifts back to KEPT_PRIOR over RECOVER_TOKENS generated tokens without a verify step. A new row starts at the prior.
+KEPT_PRIOR = 1.0
+RECOVER_TOKENS = 256
+COST_WINDOW = 16  # step times kept per (kind, bucket) for their median
+COST_MIN_SAMPLES = 3  # before as many, a bucket's step time is not known (verify steps run to time it)
 
 
 class NgramIndex:
@@ -109,12 +116,41 @@ class NgramIndex:
 
 @dataclass
 class _DraftTrack:
-    """One request's drafting: its n-gram index, the average of drafts kept per verify step, and the generated-token
-    count below which it does not draft (a pause)."""
+    """One request's drafting: its n-gram index, the average of drafts kept per verify step, and how many tokens it
+    had generated when that average was last updated."""
 
     index: NgramIndex
-    kept: float = 1.0
-    resume_at: int = 0
+    kept: float = KEPT_PRIOR
+    at_tokens: int = 0
+
+    def expected(self, tokens: int) -> float:
+        """The drafts it is expected to keep in a verify step now that it has generated `tokens`."""
+        if self.kept >= KEPT_PRIOR:
+            return self.kept
+        return min(KEPT_PRIOR, self.kept + (KEPT_PRIOR - self.kept) * (tokens - self.at_tokens) / RECOVER_TOKENS)
+
+
+class StepCosts:
+    """Wall times of the engine's decode and verify steps per batch bucket, as the engine loop saw them: the median
+    of the last COST_WINDOW of each (kind, bucket), once COST_MIN_SAMPLES were timed after the first (a compiled
+    step's first run can pay one-off costs; one slow sample must not close the gate for good); None before."""
+
+    def __init__(self) -> None:
+        self._times: dict[tuple[str, int], deque[float]] = {}
+        self._medians: dict[tuple[str, int], float] = {}  # computed when a time comes in, read every step
+
+    def add(self, kind: str, bucket: int, seconds: float) -> None:
+        key = (kind, bucket)
+        if key not in self._times:  # the first is dropped
+            self._times[key] = deque(maxlen=COST_WINDOW)
+            return
+        times = self._times[key]
+        times.append(seconds)
+        if len(times) >= COST_MIN_SAMPLES:
+            self._medians[key] = statistics.median(times)
+
+    def median(self, kind: str, bucket: int) -> float | None:
+        return self._medians.get((kind, bucket))
 
 
 def speculator_for(plan) -> NgramSpeculator | None:
@@ -125,34 +161,34 @@ def speculator_for(plan) -> NgramSpeculator | None:
 
 
 class NgramSpeculator:
-    """Drafts for a decode step's rows: k tokens per row that may draft (fewer near its token limit or the end of
-    the context), by `propose` over its prompt and output (each request's NgramIndex)."""
+    """Drafts for a decode step's rows: up to k tokens per row that may draft (fewer near its token limit or the end
+    of the context), by `propose` over its prompt and output (each request's NgramIndex), when they are expected to
+    pay for the verify step (see the module docstring)."""
 
-    def __init__(self, k: int, max_ngram: int = 3, max_batch: int = 8):
+    def __init__(self, k: int, max_ngram: int = 3, max_batch: int = 8, gate: bool = True):
+        """gate=False verifies whenever some row has drafts, whatever the steps cost (tests that must run verify
+        steps on any machine)."""
         if k < 1 or max_ngram < 1:
             raise ValueError(f"speculative tokens and n-gram size must be >= 1, got {k}, {max_ngram}")
-        self.k, self.max_ngram, self.max_batch = k, max_ngram, max_batch
+        self.k, self.max_ngram, self.max_batch, self.gate = k, max_ngram, max_batch, gate
         self.proposed = 0  # draft tokens sent to verify steps
         self.accepted = 0  # of those, tokens the model agreed with
-        self.paused = 0  # times a row's drafts were paused for being mostly refused
-        # Per request, dropped with the request (a cancelled or finished one is not recorded again).
+        self.costs = StepCosts()  # the orchestrator reports every decode and verify step's time
+        # Per request; `forget` drops one when it finishes (an offline job keeps its finished requests alive).
         self._tracks: weakref.WeakKeyDictionary[Request, _DraftTrack] = weakref.WeakKeyDictionary()
 
     def _room(self, r: Request | None, max_context: int) -> int:
-        """Drafts row r may carry: 0 unless it is a running request whose sampling may draft; the verify step keeps at most
-        drafts + 1 tokens, so they stay within the request's limit and the cache."""
+        """Drafts row r may carry: 0 unless it is a running request whose sampling may draft; the verify step keeps
+        at most drafts + 1 tokens, so they stay within the request's limit and the cache."""
         if r is None or r.finished or not may_draft_sampling(r.sampling):
             return 0
-        track = self._tracks.get(r)
-        if track is not None and len(r.tokens) < track.resume_at:
-            return 0  # paused: its recent drafts were mostly refused
         return min(self.k, r.max_new_tokens - len(r.tokens) - 1, max_context - len(r.prompt) - len(r.tokens))
 
     def _track(self, r: Request) -> _DraftTrack:
         """r's drafting record, its index brought up to the request's prompt and tokens so far."""
         track = self._tracks.get(r)
         if track is None:
-            track = self._tracks[r] = _DraftTrack(NgramIndex(self.max_ngram))
+            track = self._tracks[r] = _DraftTrack(NgramIndex(self.max_ngram), at_tokens=len(r.tokens))
         index, P = track.index, len(r.prompt)
         have = len(index.tokens)
         if have > P + len(r.tokens):  # tokens were taken back (a stop string inside a verify step): start over
@@ -164,40 +200,57 @@ class NgramSpeculator:
         index.extend(r.tokens[have - P :])
         return track
 
-    def _lookup(self, r: Request | None, max_context: int) -> list[int]:
-        """Row r's drafts now: up to its room of the tokens that followed its last n-gram's latest earlier
-        occurrence; [] when it may not draft or nothing repeats."""
-        room = self._room(r, max_context)
-        return self._track(r).index.propose(room) if room > 0 else []
+    def forget(self, r: Request) -> None:
+        """Drop a finished request's record (its index holds ~300 bytes per token)."""
+        self._tracks.pop(r, None)
 
-    def may_draft(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> bool:
-        """Whether some row of the ticket has drafts now, so a step in flight is worth finishing first and `drafts`
-        worth calling; when none has, decoding stays pipelined. While a step is in flight a row's tokens lag it by
-        one: a repeat found there usually still holds once its token is in (when not, one step runs unpipelined)."""
-        b, owners = ticket
-        return b <= self.max_batch and any(self._lookup(r, max_context) for r in owners)
+    def worth_verifying(self, bucket: int, live: int, expected_kept: float) -> bool:
+        """Whether a verify step of this bucket, `live` rows running, is expected to yield more tokens per second
+        than a decode step: (live + expected_kept) / verify time > live / decode time. A bucket whose decode time is
+        not measured yet decodes (it is measured first); one whose verify time is not verifies once (to measure it)."""
+        if expected_kept <= 0 or bucket > self.max_batch:
+            return False
+        if not self.gate:
+            return True
+        decode, verify = self.costs.median("decode", bucket), self.costs.median("verify", bucket)
+        if decode is None:
+            return False
+        return verify is None or expected_kept > live * (verify / decode - 1.0)
 
     def drafts(self, ticket: tuple[int, tuple[Request | None, ...]], max_context: int) -> np.ndarray | None:
-        """int32 [b, k] drafts (-1 = none) for the ticket's rows, or None when no row has one (or the bucket is
-        above max_batch): then a plain decode step is the better step."""
+        """int32 [b, k] drafts (-1 = none) for the ticket's rows, or None when a plain decode step is the better
+        step: no row has drafts, or they are not expected to pay for a verify step (`worth_verifying`). Called
+        while a step is in flight too (the engine loop asks before giving up its pipelining): the rows' tokens then
+        lag by one, and a repeat found there usually still holds once its token is in."""
         b, owners = ticket
         if b > self.max_batch:
             return None
+        rows = [(i, r, self._room(r, max_context)) for i, r in enumerate(owners) if r is not None and not r.finished]
+        # First the most the rows could be expected to keep, from their records alone (no lookup): most steps of
+        # rows that keep little end here, at the cost of a few attribute reads.
+        tracks = self._tracks
+        most = sum(min(t.expected(len(r.tokens)) if (t := tracks.get(r)) else KEPT_PRIOR, room)
+                   for _, r, room in rows if room > 0)  # fmt: skip
+        if not self.worth_verifying(b, len(rows), most):
+            return None
         out = np.full((b, self.k), -1, np.int32)
-        found = False
-        for i, r in enumerate(owners):
-            draft = self._lookup(r, max_context)
+        expected = 0.0
+        for i, r, room in rows:
+            if room <= 0:
+                continue
+            track = self._track(r)
+            draft = track.index.propose(room)
             if draft:
                 out[i, : len(draft)] = draft
-                found = True
-        return out if found else None
+                expected += min(track.expected(len(r.tokens)), len(draft))
+        return out if self.worth_verifying(b, len(rows), expected) else None
 
     def record(
         self, ticket: tuple[int, tuple[Request | None, ...]], drafts: np.ndarray, counts: np.ndarray, updates: Sequence
     ) -> tuple[int, int]:
         """Count a verify step's drafts int32 [b, k] and the ones its requests kept (an update's tokens but the last,
-        the model's own; tokens past a request's end are not in its update), and pause the rows whose drafts are
-        mostly refused (counts int32 [b]: tokens each row's step yielded). Returns (proposed, accepted)."""
+        the model's own; tokens past a request's end are not in its update), and update each drafting row's average
+        kept (counts int32 [b]: tokens each row's step yielded). Returns (proposed, accepted)."""
         proposed = int((drafts >= 0).sum())
         accepted = sum(max(len(u.tokens) - 1, 0) for u in updates)
         self.proposed += proposed
@@ -206,10 +259,8 @@ class NgramSpeculator:
             if r is None or r.finished or not (drafts[i] >= 0).any():
                 continue
             track = self._track(r)
-            track.kept = (track.kept + int(counts[i]) - 1) / 2
-            if track.kept < MIN_KEPT:
-                track.kept, track.resume_at = MIN_KEPT, len(r.tokens) + PAUSE_TOKENS
-                self.paused += 1
+            track.kept = (track.expected(len(r.tokens)) + int(counts[i]) - 1) / 2
+            track.at_tokens = len(r.tokens)
         return proposed, accepted
 
 

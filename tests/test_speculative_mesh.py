@@ -1,7 +1,7 @@
 """Speculative decoding on an emulated 2x2x2 mesh: the sharded engine's verify step (an extend of every slot's last
-token and drafts in the decode layout, serving/sharding.py) keeps the KV cache in the decode split, and greedy
-requests served with drafts get exactly the tokens model.generate gives on one device; a sampled request beside
-them too."""
+token and drafts in the decode layout, serving/sharding.py) keeps the KV cache in the decode split, and greedy and
+sampled requests served with drafts get exactly the tokens model.generate gives on one device; a request with a
+penalty (no drafts) beside them too."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ def test_mesh_speculation_equals_one_device_generate(attention):
         (loop, 40, SamplingParams()),
         ([2, 8, 2, 8, 2, 8, 5], 30, SamplingParams()),
         ([11, 5, 6], 24, SamplingParams()),
-        (loop, 20, SamplingParams(temperature=0.9, seed=5)),  # never drafts; rides along in the verify steps
+        (loop, 20, SamplingParams(temperature=0.5, seed=5)),  # sampled: drafts too
+        (loop, 20, SamplingParams(temperature=0.9, seed=6, repetition_penalty=1.2)),  # never drafts (a penalty)
     ]
-    speculator = NgramSpeculator(K)
+    speculator = NgramSpeculator(K, gate=False)  # verify steps whatever they cost here
     got = serve_requests(engine, cases, speculator=speculator)
     for (prompt, n, sampling), received in zip(cases, got, strict=True):
         want = generate(params, CONFIG, [prompt], max_new_tokens=n, sampling=sampling)[0]
