@@ -112,9 +112,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="K",
         help="speculative decoding by prompt lookup: draft up to K tokens per request from its own prompt and output "
-        "(a repeated n-gram's continuation) and verify them in one step; the answers are token for token plain "
-        "decoding's (greedy or seeded sampling; requests with penalties do not draft), faster where text repeats "
-        "(code edits, quoting, summaries) at low temperatures; default 0 = off, 4 is usual",
+        "(a repeated n-gram's continuation) and verify them in one step when that is expected to pay; the answers "
+        "are plain decoding's token for token (greedy or seeded sampling; requests with penalties do not draft) up "
+        "to float rounding (in bf16 a near-tie can flip now and then, as between two batch buckets), faster where "
+        "text repeats (code edits, quoting, summaries) at low temperatures; default 0 = off, 4 is usual",
     )
     parser.add_argument(
         "--speculative-ngram",
