@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "meshserve.serving.cli_convert",
         "convert a Hugging Face checkpoint (Llama, Mistral, Qwen2, Falcon) or change dtype",
     ),
-    "serve": ("meshserve.serving.cli_serve", "run the gRPC inference server"),
+    "serve": ("meshserve.serving.cli_serve", "run the inference server: gRPC, and OpenAI's HTTP API with --http-port"),
     "score": ("meshserve.serving.cli_offline", "score continuations in a JSONL file (offline, in process)"),
     "batch-generate": ("meshserve.serving.cli_offline", "generate for every line of a JSONL file (offline)"),
     "analyze": ("meshserve.analytics.cli", "what-if: latency, MFU and cost per layout and batch"),
