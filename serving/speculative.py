@@ -207,7 +207,7 @@ class NgramSpeculator:
     def worth_verifying(self, bucket: int, live: int, expected_kept: float) -> bool:
         """Whether a verify step of this bucket, `live` rows running, is expected to yield more tokens per second
         than a decode step: (live + expected_kept) / verify time > live / decode time. A bucket whose decode time is
-        not measured yet decodes (it is measured first); one whose verify time is not verifies once (to measure it)."""
+        not known yet decodes (it is timed first); one whose verify time is not verifies (until it is timed)."""
         if expected_kept <= 0 or bucket > self.max_batch:
             return False
         if not self.gate:
