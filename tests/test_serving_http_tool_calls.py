@@ -1,0 +1,110 @@
+"""A model that calls a tool, end to end: a tiny Llama whose weights are set by hand so that, greedy, it answers
+the chat's generation prompt with one Hermes tool call and its end-of-sequence token, served by a real
+`meshserve serve --tool-call-parser hermes` and read with the official `openai` client. The call comes back as
+message.tool_calls with finish_reason "tool_calls", whole and streamed; without the parser the same text comes back
+as content.
+
+How the weights script it: every layer's output projections (attention's o_proj, the MLP's down_proj) are zero,
+so the residual stream at each position is that token's embedding. The embedding gives each token of the script
+its own unit direction, the final norm is 1, and the unembedding maps each direction to the next token of the
+script: greedy decoding then follows the script token by token, from the prompt's last token to </s>. The word
+tokenizer (test_hf_llama's, with test_chat's ChatML words) gets the call's pieces as words; it decodes with
+spaces between words, which JSON and the parser allow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from meshserve.serving.cli import main
+from test_chat import _chatml_tokenizer
+from test_hf_llama import make_model
+from test_openai_tools import TOOL_TEMPLATE, TOOLS
+from test_serving_support import ServerProcess
+
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+QUESTION = [{"role": "user", "content": "w20 w21"}]
+# The call as words of the tokenizer (no spaces inside one): `<tool_call> {"name": "get_weather", "arguments":
+# {"city": "Paris"}} </tool_call>` once decoded.
+PIECES = ["<tool_call>", '{"name":', '"get_weather",', '"arguments":', '{"city":', '"Paris"}}', "</tool_call>"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("hf") / "llama-calls"
+    make_model(directory, "llama", positions=256)
+    _chatml_tokenizer(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    data = json.loads((directory / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    for i, piece in enumerate(PIECES):  # words w60 ... w66 become the call's pieces
+        vocab[piece] = vocab.pop(f"w{60 + i}")
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    last = hf.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True)
+    last = list(getattr(last, "input_ids", last))[-1]  # the generation prompt's last token
+    script = [last, *(vocab[p] for p in PIECES), hf.eos_token_id]
+    assert len(set(script)) == len(script)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # [V, E] each
+        embed.zero_()
+        head.zero_()
+        for j, (token, following) in enumerate(zip(script[:-1], script[1:], strict=True)):
+            embed[token, j] = 1.0
+            head[following, j] = 10.0
+    model.save_pretrained(directory)
+    out = tmp_path_factory.mktemp("ckpt") / "llama-calls-ms"
+    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = ServerProcess(checkpoint, "--http-port", "0", "--tool-call-parser", "hermes", "--served-model-name", "m")
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=60)
+
+
+def test_the_scripted_model_calls_a_tool(oa):
+    got = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, temperature=0)
+    (choice,) = got.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert got.usage.completion_tokens == len(PIECES) + 1  # the call's words and </s>
+
+
+def test_a_streamed_call_arrives_whole_in_the_last_chunk(oa):
+    chunks = list(oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, temperature=0, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert content == "" and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    (call,) = calls
+    assert call.index == 0 and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_without_tools_the_same_words_are_content(oa):
+    # tool_choice "none": nothing about tools is rendered or parsed; the script starts from the same last token.
+    got = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, tool_choice="none", temperature=0)
+    (choice,) = got.choices
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert choice.message.content.split() == PIECES
