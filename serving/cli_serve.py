@@ -241,9 +241,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tool-call-parser",
         choices=("hermes",),  # serving/openai_tools.py PARSERS (not imported: --help stays fast)
-        help="tool calling in the HTTP chat API (vLLM's --enable-auto-tool-choice --tool-call-parser): `tools` are "
-        "rendered by the chat template and the model's <tool_call>{...}</tool_call> blocks (Hermes format: "
-        "Qwen2.5, Hermes 2/3) come back as message.tool_calls (default: off, a request with tools answers 400)",
+        help="tool calling in chats (vLLM's --enable-auto-tool-choice --tool-call-parser): `tools` are rendered by "
+        "the chat template and the model's <tool_call>{...}</tool_call> blocks (Hermes format: Qwen2.5, Hermes 2/3) "
+        "come back as the HTTP API's message.tool_calls and gRPC's GenerateResponse.tool_calls (default: off; an "
+        "HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
     )
     parser.add_argument(
         "--http-max-connections",
@@ -316,8 +317,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.http_port is not None and not 0 <= args.http_port <= 65535:
         raise UserError(f"--http-port must be in [0, 65535], got {args.http_port}")
-    if args.tool_call_parser is not None and args.http_port is None:
-        raise UserError("--tool-call-parser: needs --http-port (tool calls are parsed in the HTTP chat API)")
     if args.http_max_connections is not None and args.http_max_connections < 1:
         raise UserError(f"--http-max-connections must be >= 1, got {args.http_max_connections}")
     if args.served_model_name is not None and not args.served_model_name.strip():

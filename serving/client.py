@@ -43,7 +43,13 @@ class InvalidRequest(UserError):
     """A request value refused before sending (a ValueError); the message names the field and the limit."""
 
 
-_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
+_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled",
+            pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}  # fmt: skip
+
+
+def _calls(calls) -> list[dict]:
+    """ToolCall messages -> OpenAI's tool_calls dicts."""
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 def _top(messages) -> list[list[tuple[int, str, float]]]:
@@ -59,8 +65,9 @@ class Choice:
     tokens: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: str  # length | stop | cancelled
+    finish_reason: str  # length | stop | cancelled | tool_calls
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
+    tool_calls: list[dict] = field(default_factory=list)  # see Generation.tool_calls
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ class Generation:
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
     cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache supplied
     choices: list[Choice] = field(default_factory=list)  # the samples when n > 1
+    # A chat with tools on a server with --tool-call-parser: OpenAI's tool_calls, [{"id", "type": "function",
+    # "function": {"name", "arguments" (JSON text)}}], and `text` is the text outside the calls
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Chunk:
     finish_reason: str | None  # set on the last chunk (of its sample, when n > 1)
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token in `tokens`
     index: int = 0  # which sample (n > 1); 0 when n = 1
+    tool_calls: list[dict] = field(default_factory=list)  # on a sample's last chunk (see Generation.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,7 @@ class Client:
         r = self.stub.Generate(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
         choices = [
             Choice(c.index, list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason, "cancelled"),
-                   _top(c.top_logprobs))
+                   _top(c.top_logprobs), _calls(c.tool_calls))
             for c in r.choices
         ]  # fmt: skip
         return Generation(
@@ -292,6 +303,7 @@ class Client:
             _top(r.top_logprobs),
             r.usage.cached_prompt_tokens,
             choices,
+            _calls(r.tool_calls),
         )
 
     def generate_stream(
@@ -301,7 +313,7 @@ class Client:
         samples' chunks interleave: `.index` says whose, and each sample's last chunk has its finish_reason."""
         for c in self.stream_call(prompt, timeout=timeout, **kwargs):
             yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs),
-                        c.index)  # fmt: skip
+                        c.index, _calls(c.tool_calls))  # fmt: skip
 
     def stream_call(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **kwargs):
         """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""

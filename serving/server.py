@@ -120,7 +120,9 @@ class InferenceServer:
             max_n=min(options.max_n, max(1, options.max_queue)),
         )
         self.limits = limits
-        self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {})
+        self.servicer = InferenceServicer(
+            self.orchestrator, model, plan, limits, mesh_info or {}, tool_parser=options.tool_call_parser
+        )
         interceptors = []
         token = None
         if options.auth_token_file:

@@ -13,20 +13,20 @@ n = 1 every reply is what it was before n existed (choices empty, index 0 and so
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
 from dataclasses import dataclass
 
 import grpc
-import jax
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
-from meshserve.model.sampling import L_MAX, TOP_LOGPROBS_MAX
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.detok import alternatives_with_text
+from meshserve.serving.model_info import model_info
+from meshserve.serving.openai_tools import ToolCallStream, parse_tool_calls
+from meshserve.serving.openai_tools import finish_reason as finish_reason_of
 from meshserve.serving.orchestrator import (
     GRACE_ENDED,
     Event,
@@ -89,6 +89,16 @@ def _past_deadline(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_MARGIN_S
 
 
+def _tool_fields(calls: list, reason: str | None, finish_reason: int) -> dict:
+    """A sample's tool calls as ToolCall protos, and its finish reason: TOOL_CALLS when it called a tool and stopped
+    by itself (as OpenAI's and vLLM's "tool_calls"), else as it was."""
+    return {
+        "tool_calls": [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
+        "finish_reason": pb.FINISH_REASON_TOOL_CALLS if finish_reason_of(reason, calls) == "tool_calls" else
+        finish_reason,
+    }  # fmt: skip
+
+
 def _pick(f, values):
     """f (min or max) over the values that are set; None when none is."""
     values = [v for v in values if v is not None]
@@ -98,7 +108,18 @@ def _pick(f, values):
 class InferenceServicer(pb_grpc.InferenceServicer):
     """meshserve.v1.Inference over an orchestrator. `model` gives the tokenizer, config and stop ids."""
 
-    def __init__(self, orchestrator: Orchestrator, model, plan: EnginePlan, limits: Limits, mesh_info: dict):
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        model,
+        plan: EnginePlan,
+        limits: Limits,
+        mesh_info: dict,
+        tool_parser: str | None = None,
+    ):
+        """tool_parser: serve --tool-call-parser (serving/openai_tools.py PARSERS): a chat with tools gets the calls
+        parsed out of its text (GenerateResponse.tool_calls); None: its text comes back as generated."""
+        self.tool_parser = tool_parser
         self.orch = orchestrator
         self.model = model
         self.config: ModelConfig = model.config
@@ -108,6 +129,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.mesh_info = mesh_info
         self.metrics = orchestrator.metrics
         self._count_lock = threading.Lock()  # the handler and the RPC-end callback race to count an outcome
+
+    def _parses_tools(self, request) -> bool:
+        """Whether this request's text is parsed for tool calls: a chat with tools, on a server with a parser."""
+        return (
+            self.tool_parser is not None
+            and request.WhichOneof("input") == "messages"
+            and bool(request.messages.tools_json)
+        )
 
     # ----- RPCs -----
 
@@ -227,6 +256,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
             for i, h in enumerate(call.handles)
         ]
+        if self._parses_tools(request):
+            for sample, reason in zip(samples, reasons, strict=True):
+                content, calls = parse_tool_calls(sample["text"])
+                sample.update(text=content or "", **_tool_fields(calls, reason, sample["finish_reason"]))
         usage, timing = self._usage_timing(call)
         if n == 1:  # the flat reply, as before n existed
             reply = pb.GenerateResponse(**samples[0], usage=usage, timing=timing)
@@ -257,17 +290,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def GenerateStream(self, request, context):
         call = self._start(request, context, "GenerateStream")
         reasons: list[str | None] = [None] * len(call.handles)
+        # With tools: each sample's text goes through a ToolCallStream (text from a <tool_call> on is held back).
+        held = [ToolCallStream() for _ in call.handles] if self._parses_tools(request) else None
         for i, event in self._events(call, context, "GenerateStream"):
             reason = reasons[i] = event.finish_reason
             chunk = pb.GenerateChunk(
                 tokens=event.tokens,
-                text=event.text,
+                text=event.text if held is None else held[i].feed(event.text),
                 logprobs=event.logprobs if request.return_logprobs else [],
                 top_logprobs=self._top(event.top_logprobs),
                 index=i,  # 0 with n = 1: proto3 leaves it off the wire
             )
             if reason is not None:
                 chunk.finish_reason = FINISH_REASON[reason]
+                if held is not None:
+                    rest, calls = held[i].finish()
+                    chunk.text += rest
+                    fields = _tool_fields(calls, reason, chunk.finish_reason)
+                    chunk.tool_calls.extend(fields["tool_calls"])
+                    chunk.finish_reason = fields["finish_reason"]
                 if None not in reasons:  # the last sample to finish: the stream's last chunk
                     self._done(context, "GenerateStream", call, reasons)
                     usage, timing = self._usage_timing(call)
@@ -333,55 +374,4 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ScoreResponse(results=results)
 
     def GetModelInfo(self, request, context):
-        c = self.config
-        lim = self.limits
-        return pb.ModelInfo(
-            model=pb.ModelConfig(
-                name=c.name,
-                vocab_size=c.vocab_size,
-                d_model=c.d_model,
-                d_ff=c.d_ff,
-                n_layers=c.n_layers,
-                n_heads=c.n_heads,
-                n_kv_heads=c.real_kv_heads,  # the model's own (a mesh may run each one replicated)
-                d_head=c.d_head,
-                max_seq_len=c.max_seq_len,
-                json=json.dumps(c.to_dict(), sort_keys=True),
-            ),
-            source=self.model.source,
-            weights=self.model.weights,
-            mesh=pb.Mesh(
-                axis_names=list(self.plan.mesh_axes),
-                axis_sizes=list(self.plan.mesh_axes.values()),
-                device_kind=self.mesh_info.get("device_kind", jax.devices()[0].device_kind),
-                device_count=self.mesh_info.get("device_count", 1),
-            ),
-            objective=self.plan.objective,
-            plan=[
-                pb.PhasePlan(
-                    phase=s.phase,
-                    batch=s.batch,
-                    length=s.length,
-                    ffn_layout=s.ffn_layout,
-                    attention_layout=s.attention_layout,
-                    predicted_ms=s.predicted_ms,
-                )
-                for s in self.plan.steps
-            ],
-            limits=pb.Limits(
-                max_context=lim.max_context,
-                max_batch=lim.max_batch,
-                max_new_tokens=lim.max_new_tokens,
-                max_queue=lim.max_queue,
-                max_stop_strings=lim.max_stop_strings,
-                max_stop_length=lim.max_stop_length,
-                max_score_items=lim.max_score_items,
-                max_text_chars=lim.text_chars,
-                max_score_tokens=lim.max_score_tokens,
-                max_top_logprobs=TOP_LOGPROBS_MAX,
-                max_n=lim.max_n,
-                max_logit_bias=L_MAX,
-            ),
-            plan_json=self.plan.to_json(),
-            chat_template=getattr(self.model, "chat", None) is not None,
-        )
+        return model_info(self.model, self.plan, self.limits, self.mesh_info)

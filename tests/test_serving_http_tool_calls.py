@@ -108,3 +108,23 @@ def test_without_tools_the_same_words_are_content(oa):
     (choice,) = got.choices
     assert choice.message.tool_calls is None and choice.finish_reason == "stop"
     assert choice.message.content.split() == PIECES
+
+
+def test_grpc_returns_the_call_too(server):
+    """The same chat over gRPC (Client(messages=..., tools=...)): GenerateResponse.tool_calls and finish_reason
+    tool_calls, text outside the blocks empty, every generated token still in tokens; streamed, the last chunk
+    brings the call and no chunk's text shows the block; without tools the words are the text."""
+    from meshserve.serving.client import Client
+
+    with Client(server.target) as client:
+        got = client.generate(messages=QUESTION, tools=TOOLS, max_new_tokens=16)
+        assert (got.finish_reason, got.text, len(got.tokens)) == ("tool_calls", "", len(PIECES) + 1)
+        (call,) = got.tool_calls
+        assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+        chunks = list(client.generate_stream(messages=QUESTION, tools=TOOLS, max_new_tokens=16))
+        assert "".join(c.text for c in chunks) == "" and chunks[-1].finish_reason == "tool_calls"
+        assert [c["function"]["name"] for c in chunks[-1].tool_calls] == ["get_weather"]
+        assert sum(len(c.tokens) for c in chunks) == len(PIECES) + 1
+        plain = client.generate(messages=QUESTION, max_new_tokens=16)
+        assert plain.tool_calls == [] and plain.finish_reason == "stop" and plain.text.split() == PIECES
