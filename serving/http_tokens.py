@@ -3,7 +3,6 @@ and /detokenize. Split from serving/http_server.py; each function takes the Http
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
@@ -19,7 +18,7 @@ from meshserve.serving.openai_protocol import (
     param_of,
 )
 from meshserve.serving.openai_responses import Echo
-from meshserve.serving.openai_tools import check_tools
+from meshserve.serving.openai_tools import check_tools, tools_json
 from meshserve.serving.requests import QueueFullError, ShuttingDownError
 from meshserve.serving.validation import RequestError
 
@@ -101,7 +100,7 @@ def parse_tokenize(body, served_model: str) -> tuple[str | list[pb.ChatMessage],
             raise RequestError("tools: only messages take tools")
         return b.string("prompt"), ""
     tools = check_tools(body["tools"]) if body.get("tools") is not None else None
-    return chat_messages(b), json.dumps(tools, ensure_ascii=False) if tools else ""
+    return chat_messages(b), tools_json(tools)
 
 
 def parse_detokenize(body, served_model: str) -> list[int]:

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from meshserve.serving.access_log import request_line
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 __all__ = ["ServerMetrics"]
@@ -115,8 +116,6 @@ class ServerMetrics:
         (access_log.request_line: counts and times from its samples' handles, and `extra` fields)."""
         self.requests.labels(method, code).inc()
         if self.request_log is not None:
-            from meshserve.serving.access_log import request_line
-
             line = request_line(method, code, handles, **extra)
             with self._log_lock:
                 print(line, file=self.request_log, flush=True)

@@ -18,12 +18,11 @@ logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harne
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools
+from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
 from meshserve.serving.validation import RequestError
 
 __all__ = [
@@ -239,8 +238,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
             req.tokens.ids.extend(prompt)
         else:
             req.messages.messages.extend(prompt)
-            if tools:  # the template's `tools`, exactly as sent (its tojson keeps the client's key order)
-                req.messages.tools_json = json.dumps(tools, ensure_ascii=False)
+            req.messages.tools_json = tools_json(tools)
         requests.append(req)
     return OpenAIRequest(
         kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only,

@@ -32,6 +32,7 @@ __all__ = [
     "ToolUse",
     "ToolCall",
     "check_tools",
+    "tools_json",
     "request_tools",
     "message_tool_fields",
     "parse_tool_calls",
@@ -106,6 +107,12 @@ def check_tools(tools: Any, name: str = "tools") -> list[dict]:
             if function.get(key) is not None and not isinstance(function[key], kind):
                 raise RequestError(f"{where}.function.{key}: expected {what}, got {_show(function[key])}")
     return tools
+
+
+def tools_json(tools: list[dict] | None) -> str:
+    """ChatMessages.tools_json for checked tools: the template's `tools` exactly as sent (its tojson keeps the
+    client's key order); "" for none."""
+    return json.dumps(tools, ensure_ascii=False) if tools else ""
 
 
 def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, ToolUse | None]:

@@ -347,9 +347,7 @@ class Orchestrator:
             occupancy = self.scheduler.occupancy()
         proposed, accepted = self.speculator.record(ticket, drafts, out.counts, updates)
         self.speculator.costs.add("verify", ticket[0], now - t0)
-        self.steps += 1
-        self.step_seconds += now - t0
-        self.metrics.step(now - t0, sum(len(u.tokens) for u in updates), occupancy)
+        self._stepped(now - t0, sum(len(u.tokens) for u in updates), occupancy)
         self.metrics.speculated(proposed, accepted)
         self._deliver(updates)
 
@@ -370,10 +368,14 @@ class Orchestrator:
         seconds = (dispatched[2] if dispatched else now) - t0
         if self.speculator is not None:  # what speculating must beat, per bucket
             self.speculator.costs.add("decode", ticket[0], seconds)
+        self._stepped(seconds, len(updates), occupancy)
+        self._deliver(updates)
+
+    def _stepped(self, seconds: float, tokens: int, occupancy: float) -> None:
+        """A decode or verify step ran: counted, timed and in the metrics."""
         self.steps += 1
         self.step_seconds += seconds
-        self.metrics.step(seconds, len(updates), occupancy)
-        self._deliver(updates)
+        self.metrics.step(seconds, tokens, occupancy)
 
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:

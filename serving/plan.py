@@ -64,8 +64,8 @@ class EnginePlan:
     # Chunked prefill: a prompt longer than this (a length bucket) is prefilled one chunk per engine-loop iteration
     # through the same extend steps, with decode steps between the chunks. 0 = off.
     prefill_chunk: int = 0
-    # Speculative decoding (serving/speculative.py): up to this many drafted tokens per greedy row are verified in
-    # one "verify" step per decode bucket <= speculative_max_batch and context bucket. 0 = off.
+    # Speculative decoding (serving/speculative.py): up to this many drafted tokens per row (rows without penalties)
+    # are verified in one "verify" step per decode bucket <= speculative_max_batch and context bucket. 0 = off.
     speculative_tokens: int = 0
     speculative_max_batch: int = 8
     speculative_ngram: int = 3  # the longest suffix n-gram looked up in a request's own tokens

@@ -65,7 +65,7 @@ class ServerOptions:
     http_port: int | None = None  # the OpenAI-compatible HTTP API (serving/http_server.py); None = off, 0 = any port
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
     http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
-    tool_call_parser: str | None = None  # chat tool calls' format in the HTTP API (serving/openai_tools.py); None = off
+    tool_call_parser: str | None = None  # chat tool calls' format, HTTP and gRPC (serving/openai_tools.py); None = off
     log_requests: bool = False  # a line per finished request on stderr (serving/access_log.py)
 
 

@@ -89,14 +89,16 @@ def _past_deadline(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_MARGIN_S
 
 
-def _tool_fields(calls: list, reason: str | None, finish_reason: int) -> dict:
-    """A sample's tool calls as ToolCall protos, and its finish reason: TOOL_CALLS when it called a tool and stopped
-    by itself (as OpenAI's and vLLM's "tool_calls"), else as it was."""
+def _tool_fields(calls: list, reason: str | None) -> dict:
+    """A sample's tool calls as ToolCall protos, and its finish reason (the engine's `reason`): TOOL_CALLS when it
+    called a tool and stopped by itself (as OpenAI's and vLLM's "tool_calls")."""
+    finish = finish_reason_of(reason, calls)
     return {
         "tool_calls": [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
-        "finish_reason": pb.FINISH_REASON_TOOL_CALLS if finish_reason_of(reason, calls) == "tool_calls" else
-        finish_reason,
-    }  # fmt: skip
+        "finish_reason": pb.FINISH_REASON_TOOL_CALLS
+        if finish == "tool_calls"
+        else FINISH_REASON.get(finish, pb.FINISH_REASON_CANCELLED),
+    }
 
 
 def _pick(f, values):
@@ -259,7 +261,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if self._parses_tools(request):
             for sample, reason in zip(samples, reasons, strict=True):
                 content, calls = parse_tool_calls(sample["text"])
-                sample.update(text=content or "", **_tool_fields(calls, reason, sample["finish_reason"]))
+                sample.update(text=content or "", **_tool_fields(calls, reason))
         usage, timing = self._usage_timing(call)
         if n == 1:  # the flat reply, as before n existed
             reply = pb.GenerateResponse(**samples[0], usage=usage, timing=timing)
@@ -306,7 +308,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if held is not None:
                     rest, calls = held[i].finish()
                     chunk.text += rest
-                    fields = _tool_fields(calls, reason, chunk.finish_reason)
+                    fields = _tool_fields(calls, reason)
                     chunk.tool_calls.extend(fields["tool_calls"])
                     chunk.finish_reason = fields["finish_reason"]
                 if None not in reasons:  # the last sample to finish: the stream's last chunk

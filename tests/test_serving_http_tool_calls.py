@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 from meshserve.serving.cli import main
-from test_chat import _chatml_tokenizer
-from test_hf_llama import make_model
-from test_openai_tools import TOOL_TEMPLATE, TOOLS
+from test_openai_tools import TOOLS
+from test_serving_http_tools import save_tool_chat_model
 from test_serving_support import ServerProcess
 
 openai = pytest.importorskip("openai")
@@ -36,11 +35,7 @@ PIECES = ["<tool_call>", '{"name":', '"get_weather",', '"arguments":', '{"city":
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("hf") / "llama-calls"
-    make_model(directory, "llama", positions=256)
-    _chatml_tokenizer(directory)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    directory = save_tool_chat_model(tmp_path_factory.mktemp("hf") / "llama-calls")
     data = json.loads((directory / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
     for i, piece in enumerate(PIECES):  # words w60 ... w66 become the call's pieces

@@ -27,15 +27,19 @@ transformers = pytest.importorskip("transformers")
 QUESTION = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w20 w21 w22"}]
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """test_chat's ChatML Llama with the tool template, 256 positions (the tools' text is ~100 words)."""
-    directory = tmp_path_factory.mktemp("hf") / "llama-tools"
+def save_tool_chat_model(directory: Path) -> Path:
+    """test_chat's ChatML Llama with the tool template, 256 positions (the tools' text is ~100 words), saved as a
+    Hugging Face directory."""
     make_model(directory, "llama", positions=256)
     _chatml_tokenizer(directory)
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
     return directory
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return save_tool_chat_model(tmp_path_factory.mktemp("hf") / "llama-tools")
 
 
 @pytest.fixture(scope="module")
