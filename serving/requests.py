@@ -20,6 +20,7 @@ from typing import Any
 from meshserve.errors import UserError
 from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.detok import StreamDecoder
+from meshserve.serving.guided.spec import GuideSpec
 
 __all__ = [
     "ClientGone",
@@ -58,6 +59,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     deadline: float | None = None  # absolute time (same clock as `now`); past it the request is cancelled
+    guide: GuideSpec | None = None  # the format its output must follow (guided decoding); None = free text
     arrival: float = 0.0
     id: int = field(default_factory=lambda: next(_ids))
     # progress (owned by the scheduler)
@@ -94,7 +96,7 @@ class Request:
             raise SamplingError(f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {seed}, n {n}")
         rest = [
             Request(list(self.prompt), self.max_new_tokens, dataclasses.replace(self.sampling, seed=seed + i),
-                    self.stop_ids, deadline=self.deadline)
+                    self.stop_ids, deadline=self.deadline, guide=self.guide)
             for i in range(1, n)
         ]  # fmt: skip
         return [self, *rest]

@@ -1,0 +1,37 @@
+"""What a request asks its output to be (`GuideSpec`), and the error for a spec meshserve cannot follow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshserve.errors import UserError
+
+__all__ = ["GuideError", "GuideSpec", "KINDS"]
+
+KINDS = ("json_object", "json_schema", "tool_calls")
+
+
+class GuideError(UserError):
+    """A format meshserve cannot guide to (a schema keyword it does not support, a tool that does not exist); the
+    message names where in the spec, e.g. `schema.properties.age.pattern: not supported`."""
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """One request's output format.
+
+    kind "json_object": any JSON object (response_format {"type": "json_object"}).
+    kind "json_schema": a JSON value `schema` (JSON text of a JSON Schema) accepts (response_format json_schema).
+    kind "tool_calls": one or more calls (exactly one unless `parallel`) of the tools in `tools` (ChatMessages
+      .tools_json: OpenAI's `tools` list as JSON text), written in the `parser`'s format (serve --tool-call-parser;
+      "hermes": `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`); `tool_name` "" = any of the tools
+      (tool_choice "required"), else only that function (a named tool_choice). Arguments follow the tool's
+      `parameters` schema where it has one, any JSON object otherwise.
+    """
+
+    kind: str
+    schema: str = ""
+    tools: str = ""
+    tool_name: str = ""
+    parallel: bool = True
+    parser: str = "hermes"
