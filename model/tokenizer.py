@@ -51,6 +51,10 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes (guided decoding's masks): id i is the byte i."""
+        return [bytes([i]) for i in range(256)]
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json (BPE, Unigram, WordPiece, ...)."""
@@ -79,6 +83,33 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as decode writes them (guided decoding's masks); None for special tokens. Byte-level BPE
+        pieces map back through GPT-2's byte-to-character table; other pieces (Metaspace / SentencePiece style) write
+        "▁" as a space and "<0xAB>" byte-fallback pieces as that byte; non-special added tokens are their text."""
+        import json
+
+        spec = json.loads(self._tok.to_str())
+        added = {t["id"]: t for t in spec.get("added_tokens") or []}
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) or "ByteLevel" in json.dumps(
+            spec.get("pre_tokenizer")
+        )
+        to_byte = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if i in added:
+                out.append(None if added[i].get("special") else added[i]["content"].encode())
+            elif piece is None:
+                out.append(None)
+            elif byte_level and all(c in to_byte for c in piece):
+                out.append(bytes(to_byte[c] for c in piece))
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
+
 
 class SentencePieceTokenizer:
     """A SentencePiece .model file (PaLM, T5, LLaMA-1 style)."""
@@ -100,6 +131,33 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as decode writes them (guided decoding's masks): None for control and unknown pieces,
+        the byte of a byte-fallback piece, else the piece with "\u2581" as a space (decode drops the text's first
+        space)."""
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            if self._sp.IsControl(i) or self._sp.IsUnknown(i) or self._sp.IsUnused(i):
+                out.append(None)
+            elif self._sp.IsByte(i):
+                out.append(bytes([int(self._sp.IdToPiece(i)[3:5], 16)]))
+            else:
+                out.append(self._sp.IdToPiece(i).replace("\u2581", " ").encode())
+        return out
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE writes each byte of a piece as one of these)."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:

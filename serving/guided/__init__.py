@@ -14,6 +14,9 @@ The pieces (no JAX here; the engine applies the masks, serving/engine_steps.py):
 
 from __future__ import annotations
 
+from meshserve.serving.guided.grammar import Grammar
+from meshserve.serving.guided.masks import Guide, TokenTable
+from meshserve.serving.guided.schema import compile_spec
 from meshserve.serving.guided.spec import GuideError, GuideSpec
 
-__all__ = ["GuideError", "GuideSpec"]
+__all__ = ["GuideError", "GuideSpec", "Grammar", "Guide", "TokenTable", "compile_spec"]

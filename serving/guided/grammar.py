@@ -1,0 +1,368 @@
+"""A byte-level matcher for JSON shaped by a compiled schema (`Grammar`): a pushdown automaton with nondeterminism.
+
+Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, referenced by its index):
+  ("alt", (ids...))                       one of the nodes (anyOf, type lists, enum, $ref targets)
+  ("obj", props | None, value_id)          props: ((key JSON bytes incl. quotes, node id, required), ...) written in
+                                           that order, no other keys; None: any keys, each value a `value_id`
+  ("arr", prefix ids, items id | -1, min, max | -1)   -1 items: nothing beyond the prefix
+  ("str", min_length, max_length | -1)
+  ("num", integer: bool)
+  ("lit", bytes)                           exact bytes (true, false, null, a const's JSON)
+  ("tools", call node id, parallel)        Hermes `<tool_call>` blocks around the call objects
+
+A state is a frozenset of deterministic stacks; a stack is a tuple of frames (tuples of ints), its top last. A frame
+is a value being written; the frame below is its container, already in the state it takes once the value ends (so a
+value ending is a pop). States are canonical: the same position reached by any path is the same frozenset, so masks
+cache per state.
+
+Bounds on runs a model could repeat without progress:
+- Whitespace: at most WS_BYTES (32) bytes holding at most WS_NEWLINES (2) newlines between two JSON tokens. 32, not
+  16: pretty-printed JSON writes a newline and the indentation before each member, so indent 2 stays possible 15
+  levels deep and indent 4 seven levels deep; 2 newlines allow one blank line. The same bound holds before the top
+  value (models often start with a space or newline) and around Hermes tags.
+- Digits: at most NUM_DIGITS (20) in a number's integer part, fraction and exponent each.
+Strings may be as long as the request's max_tokens allows: each character is progress.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Grammar", "WS_BYTES", "WS_NEWLINES", "NUM_DIGITS"]
+
+WS_BYTES = 32
+WS_NEWLINES = 2
+NUM_DIGITS = 20
+_MEMO_LIMIT = 1 << 20  # (state, byte) -> next state entries kept per grammar before the memo is dropped
+
+# Frame tags (first element of each frame).
+VAL, OBJ, ARR, STR, NUM, LIT, TOOLS = range(7)
+# OBJ states: after "{", after ",", inside a key literal, before ":", after a value.
+O_OPEN, O_KEY, O_KEYM, O_COLON, O_AFTER = range(5)
+# ARR states: after "[", after a value.
+A_OPEN, A_AFTER = range(2)
+# TOOLS states: in the opening tag, in the closing tag, after a block (parallel: another may follow).
+T_OPEN, T_CLOSE, T_MORE = range(3)
+OPEN_TAG, CLOSE_TAG = b"<tool_call>", b"</tool_call>"
+
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+_NUM_DONE = frozenset((1, 2, 4, 7))  # number states where what is written is a whole number
+
+
+def _ws(ws: int, b: int) -> int:
+    """The whitespace run's counter (bytes | newlines << 8) after byte b, or -1 past the bound."""
+    n, nl = (ws & 0xFF) + 1, (ws >> 8) + (b == 10)
+    return -1 if n > WS_BYTES or nl > WS_NEWLINES else n | nl << 8
+
+
+def _utf8_lead(b: int) -> tuple[int, int, int] | None:
+    """(continuation bytes to come, lowest, highest allowed next byte) after lead byte b >= 0x80; None if invalid.
+    The ranges exclude overlong forms, surrogates and code points past U+10FFFF."""
+    if 0xC2 <= b <= 0xDF:
+        return 1, 0x80, 0xBF
+    if b == 0xE0:
+        return 2, 0xA0, 0xBF
+    if b == 0xED:
+        return 2, 0x80, 0x9F
+    if 0xE1 <= b <= 0xEF:
+        return 2, 0x80, 0xBF
+    if b == 0xF0:
+        return 3, 0x90, 0xBF
+    if 0xF1 <= b <= 0xF3:
+        return 3, 0x80, 0xBF
+    if b == 0xF4:
+        return 3, 0x80, 0x8F
+    return None
+
+
+class Grammar:
+    """A compiled format: `start()`, `advance(state, bytes)`, `accepts(state)`, `must_end(state)`."""
+
+    def __init__(self, nodes: list[tuple], start: tuple, where: str = ""):
+        self.nodes = nodes
+        self.where = where  # what it was compiled from, for repr
+        self._start = frozenset((start,))
+        self._leaves: dict[int, tuple[int, ...]] = {}
+        self._memo: dict[tuple[frozenset, int], frozenset | None] = {}
+        self._ends: dict[frozenset, bool] = {}
+
+    def __repr__(self) -> str:
+        return f"Grammar({self.where}, {len(self.nodes)} nodes)"
+
+    # -- public interface --------------------------------------------------------------------------------------
+
+    def start(self) -> frozenset:
+        return self._start
+
+    def advance(self, state: frozenset | None, data: bytes) -> frozenset | None:
+        """The state after `data`, or None when it cannot follow."""
+        for b in data:
+            if state is None:
+                return None
+            state = self.step(state, b)
+        return state
+
+    def accepts(self, state: frozenset) -> bool:
+        """What is written so far is a whole output: it may end here."""
+        return any(self._can_end(stack) for stack in state)
+
+    def must_end(self, state: frozenset) -> bool:
+        """accepts(state) and no byte can follow."""
+        done = self._ends.get(state)
+        if done is None:
+            done = self.accepts(state) and all(self.step(state, b) is None for b in range(256))
+            self._ends[state] = done
+        return done
+
+    def step(self, state: frozenset, b: int) -> frozenset | None:
+        """One byte (memoized: masks walk the vocabulary's trie through the same (state, byte) pairs again)."""
+        key = (state, b)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        out: set[tuple] = set()
+        for stack in state:
+            out.update(self._step(stack, b))
+        nxt = frozenset(out) if out else None
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = nxt
+        return nxt
+
+    def string_room(self, state: frozenset) -> int | None:
+        """When every stack is inside a string between characters: the most characters any may still take (a plain
+        token of that many characters or fewer is allowed); None otherwise."""
+        room = 0
+        for stack in state:
+            top = stack[-1] if stack else None
+            if top is None or top[0] != STR or top[3] or top[4]:
+                return None
+            _, lo, hi = self.nodes[top[1]]
+            room = max(room, 1 << 30 if hi < 0 else hi - top[2])
+        return room
+
+    # -- the automaton ------------------------------------------------------------------------------------------
+
+    def leaves(self, node: int) -> tuple[int, ...]:
+        """The non-alternative nodes `node` may be (alternatives and $ref placeholders flattened; cycles skipped)."""
+        out = self._leaves.get(node)
+        if out is None:
+            found: list[int] = []
+            seen: set[int] = set()
+            todo = [node]
+            while todo:
+                n = todo.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                if self.nodes[n][0] == "alt":
+                    todo.extend(reversed(self.nodes[n][1]))
+                else:
+                    found.append(n)
+            out = self._leaves[node] = tuple(found)
+        return out
+
+    def _can_end(self, stack: tuple) -> bool:
+        if not stack:
+            return True
+        if len(stack) != 1:
+            return False
+        top = stack[0]
+        return (top[0] == NUM and top[2] in _NUM_DONE) or (top[0] == TOOLS and top[2] == T_MORE and top[3] == 0)
+
+    def _begin(self, rest: tuple, node: int, b: int) -> list[tuple]:
+        """Stacks after byte b starts a value of leaf `node` on top of `rest`."""
+        spec = self.nodes[node]
+        kind = spec[0]
+        if kind == "obj":
+            return [rest + ((OBJ, node, O_OPEN, 0, 0, 0),)] if b == 0x7B else []
+        if kind == "arr":
+            return [rest + ((ARR, node, A_OPEN, 0, 0),)] if b == 0x5B else []
+        if kind == "str":
+            return [rest + ((STR, node, 0, 0, 0, 0, 0),)] if b == 0x22 else []
+        if kind == "num":
+            if b == 0x2D:
+                return [rest + ((NUM, node, 0, 0),)]
+            if b == 0x30:
+                return [rest + ((NUM, node, 1, 0),)]
+            return [rest + ((NUM, node, 2, 1),)] if b in _DIGITS else []
+        if kind == "lit":
+            lit = spec[1]
+            if b != lit[0]:
+                return []
+            return [rest] if len(lit) == 1 else [rest + ((LIT, node, 1),)]
+        if kind == "tools":
+            return []
+        raise AssertionError(kind)
+
+    def _value(self, rest: tuple, node: int, b: int) -> list[tuple]:
+        out: list[tuple] = []
+        for leaf in self.leaves(node):
+            out.extend(self._begin(rest, leaf, b))
+        return out
+
+    def _step(self, stack: tuple, b: int) -> list[tuple]:
+        if not stack:
+            return []
+        top, rest = stack[-1], stack[:-1]
+        tag = top[0]
+        if tag == STR:
+            return self._string(top, rest, b)
+        if tag == VAL:
+            if b in _WS:
+                ws = _ws(top[2], b)
+                return [rest + ((VAL, top[1], ws),)] if ws >= 0 else []
+            return self._value(rest, top[1], b)
+        if tag == LIT:
+            lit, pos = self.nodes[top[1]][1], top[2]
+            if b != lit[pos]:
+                return []
+            return [rest] if pos + 1 == len(lit) else [rest + ((LIT, top[1], pos + 1),)]
+        if tag == NUM:
+            return self._number(top, rest, b)
+        if tag == OBJ:
+            return self._object(top, rest, b)
+        if tag == ARR:
+            return self._array(top, rest, b)
+        return self._tools(top, rest, b)
+
+    def _string(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
+        _, node, count, esc, more, lo, hi = top
+        _, min_len, max_len = self.nodes[node]
+        cap = max_len if max_len >= 0 else min_len  # counting past this changes nothing: keep states few
+        done = min(count + 1, cap)
+        if esc == 1:
+            if b in _ESCAPES:
+                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
+            return [rest + ((STR, node, count, 2, 0, 0, 0),)] if b == 0x75 else []
+        if esc:
+            if b not in _HEX:
+                return []
+            if esc == 5:
+                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
+            return [rest + ((STR, node, count, esc + 1, 0, 0, 0),)]
+        if more:
+            if not lo <= b <= hi:
+                return []
+            if more == 1:
+                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
+            return [rest + ((STR, node, count, 0, more - 1, 0x80, 0xBF),)]
+        if b == 0x22:
+            return [rest] if count >= min_len else []
+        if b < 0x20 or (0 <= max_len <= count):
+            return []
+        if b == 0x5C:
+            return [rest + ((STR, node, count, 1, 0, 0, 0),)]
+        if b < 0x80:
+            return [rest + ((STR, node, done, 0, 0, 0, 0),)]
+        lead = _utf8_lead(b)
+        return [rest + ((STR, node, count, 0) + lead,)] if lead else []
+
+    def _number(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
+        _, node, st, nd = top
+        integer = self.nodes[node][1]
+        digit = b in _DIGITS
+        if st == 0:  # after "-"
+            if b == 0x30:
+                return [rest + ((NUM, node, 1, 0),)]
+            return [rest + ((NUM, node, 2, 1),)] if digit else []
+        if st == 3 or st == 6:  # after "." or an exponent's sign: a digit must follow
+            return [rest + ((NUM, node, st + 1, 1),)] if digit else []
+        if st == 5:  # after "e"
+            if b == 0x2B or b == 0x2D:
+                return [rest + ((NUM, node, 6, 0),)]
+            return [rest + ((NUM, node, 7, 1),)] if digit else []
+        # st in 1, 2, 4, 7: a whole number so far
+        if digit and st != 1 and nd < NUM_DIGITS:
+            return [rest + ((NUM, node, st, nd + 1),)]
+        if not integer and st in (1, 2):
+            if b == 0x2E:
+                return [rest + ((NUM, node, 3, 0),)]
+            if b == 0x65 or b == 0x45:
+                return [rest + ((NUM, node, 5, 0),)]
+        if not integer and st == 4 and (b == 0x65 or b == 0x45):
+            return [rest + ((NUM, node, 5, 0),)]
+        return self._step(rest, b)  # the number ended before b: b belongs to the container
+
+    def _keys(self, node: int, props: tuple, pos: int, rest: tuple) -> list[tuple]:
+        """After a key's opening quote: one stack per property that may come next (those from `pos` up to and
+        including the first required one)."""
+        out = []
+        for j in range(pos, len(props)):
+            out.append(rest + ((OBJ, node, O_KEYM, j, 1, 0),))
+            if props[j][2]:
+                break
+        return out
+
+    def _object(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
+        _, node, st, pos, k, ws = top
+        _, props, value = self.nodes[node]
+        if st == O_KEYM:  # props is not None here
+            key = props[pos][0]
+            if b != key[k]:
+                return []
+            if k + 1 == len(key):
+                return [rest + ((OBJ, node, O_COLON, pos, 0, 0),)]
+            return [rest + ((OBJ, node, O_KEYM, pos, k + 1, 0),)]
+        if b in _WS:
+            ws = _ws(ws, b)
+            return [rest + ((OBJ, node, st, pos, k, ws),)] if ws >= 0 else []
+        if st == O_COLON:
+            if b != 0x3A:
+                return []
+            if props is None:
+                return [rest + ((OBJ, node, O_AFTER, 0, 0, 0), (VAL, value, 0))]
+            return [rest + ((OBJ, node, O_AFTER, pos + 1, 0, 0), (VAL, props[pos][1], 0))]
+        if st == O_AFTER:
+            if b == 0x2C and (props is None or pos < len(props)):
+                return [rest + ((OBJ, node, O_KEY, pos, 0, 0),)]
+            if b == 0x7D and (props is None or not any(p[2] for p in props[pos:])):
+                return [rest]
+            return []
+        # O_OPEN or O_KEY: a key's opening quote (or, right after "{", the closing brace)
+        if b == 0x22:
+            if props is None:
+                return [rest + ((OBJ, node, O_COLON, 0, 0, 0), (STR, self._key_node, 0, 0, 0, 0, 0))]
+            return self._keys(node, props, pos, rest)
+        if b == 0x7D and st == O_OPEN and (props is None or not any(p[2] for p in props)):
+            return [rest]
+        return []
+
+    _key_node = 0  # schema.py puts a plain ("str", 0, -1) node first: any object's keys
+
+    def _array(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
+        _, node, st, count, ws = top
+        _, prefix, items, lo, hi = self.nodes[node]
+        if b in _WS:
+            ws = _ws(ws, b)
+            return [rest + ((ARR, node, st, count, ws),)] if ws >= 0 else []
+        if b == 0x5D:
+            return [rest] if count >= lo and (st == A_AFTER or count == 0) else []
+        if st == A_AFTER:
+            if b != 0x2C or 0 <= hi <= count:
+                return []
+            item = prefix[count] if count < len(prefix) else items
+            return [rest + ((ARR, node, A_AFTER, count + 1, 0), (VAL, item, 0))]
+        if hi == 0:  # A_OPEN of an array that must stay empty
+            return []
+        item = prefix[0] if prefix else items
+        return self._value(rest + ((ARR, node, A_AFTER, 1, 0),), item, b)
+
+    def _tools(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
+        _, node, st, k, ws = top
+        _, call, parallel = self.nodes[node]
+        if k == 0 and b in _WS:
+            ws = _ws(ws, b)
+            return [rest + ((TOOLS, node, st, 0, ws),)] if ws >= 0 else []
+        if st == T_MORE:
+            st = T_OPEN  # another block: its tag starts here
+        tag = OPEN_TAG if st == T_OPEN else CLOSE_TAG
+        if b != tag[k]:
+            return []
+        if k + 1 < len(tag):
+            return [rest + ((TOOLS, node, st, k + 1, 0),)]
+        if st == T_OPEN:
+            return [rest + ((TOOLS, node, T_CLOSE, 0, 0), (VAL, call, 0))]
+        return [rest + ((TOOLS, node, T_MORE, 0, 0),)] if parallel else [rest]
