@@ -7,7 +7,10 @@ puts each sample under a `--- sample i ---` header; --json prints one line per p
 "tokens", "text", "logprobs", "finish_reason"}, ...]}. K = 1 (the default) prints exactly what it did before.
 
 `--chat` makes each PROMPT the user message of its own conversation (after `--system TEXT` when given), rendered by
-the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed."""
+the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed.
+
+`--json-object` / `--json-schema FILE` (with --server) guide the output to a JSON object / JSON the schema accepts
+(GenerateRequest.response_format); in process there is no guided decoding (the decode loop runs on the device)."""
 
 from __future__ import annotations
 
@@ -77,6 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_sampling_arguments(parser)
     add_chat_arguments(parser)
+    guided = parser.add_mutually_exclusive_group()
+    guided.add_argument(
+        "--json-object",
+        action="store_true",
+        help="with --server: the output is a JSON object (guided decoding; it ends when the object is complete)",
+    )
+    guided.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="with --server: the output is JSON that this JSON Schema file accepts (guided decoding; default: none)",
+    )
     from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
 
     add_compile_cache_argument(parser)
@@ -165,7 +179,8 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
-                  stop_token_ids=args.stop_token_ids, n=args.n, **_sampling_fields(args))  # fmt: skip
+                  stop_token_ids=args.stop_token_ids, n=args.n, response_format=_response_format(args),
+                  **_sampling_fields(args))  # fmt: skip
     # --chat: each prompt goes as messages (the server renders its model's chat template).
     inputs = [{"messages": chat_messages(p, args.system)} if args.chat else {"prompt": p} for p in prompts]
     for one in inputs:  # every value the request's fields cannot hold is refused before anything is sent
@@ -186,6 +201,24 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
         ]
         _print_samples(args, shown, samples)
     return 0
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """--json-object / --json-schema FILE as OpenAI's response_format (None: free text); the file must hold a JSON
+    object (one-line UserError naming the flag otherwise)."""
+    if args.json_object:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    text = _read_file("--json-schema", args.json_schema)
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--json-schema {args.json_schema}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {args.json_schema}: expected a JSON Schema object, got {type(schema).__name__}")
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(args.json_schema).stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
 def _config_only(args: argparse.Namespace):
@@ -227,6 +260,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         if given:
             verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
             raise UserError(f"{' and '.join(given)} only {verb} with --server HOST:PORT (add it, or drop {them})")
+    if not args.server and (args.json_object or args.json_schema is not None):
+        flag = "--json-object" if args.json_object else "--json-schema"
+        raise UserError(
+            f"{flag} needs guided decoding, which in-process generate (one decode loop on the device) cannot do: "
+            "ask a server (--server HOST:PORT, after `meshserve serve`), or use `meshserve batch-generate` with a "
+            '"response_format" per line'
+        )
+    if args.json_schema is not None:
+        _response_format(args)  # a missing or bad file is reported before anything is asked
     if args.timeout is not None and not (0 < args.timeout < math.inf):
         raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     # With --server the server checks n against its own max_n (INVALID_ARGUMENT names it); in process every

@@ -66,6 +66,9 @@ GENERATE_EPILOG = (
   stop               a string or a list of strings that end the text (default none)
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
+  response_format    guided decoding, as OpenAI's: {"type": "json_object"} (any JSON object) or {"type":
+                     "json_schema", "json_schema": {"name": NAME, "schema": {...}}} (JSON the schema accepts);
+                     the text then ends as soon as the JSON is complete (default: free text)
 Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs,
 min_tokens).
 

@@ -68,7 +68,7 @@ class HttpFront:
         serving/openai_tools.py PARSERS); None: a chat with tools is refused."""
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
         self.tool_parser = tool_parser
-        self.parser = RequestParser(model, limits)
+        self.parser = RequestParser(model, limits, tool_parser=tool_parser)
         self.metrics = orchestrator.metrics
         self._token = token.encode() if token else None
         self.created = int(time.time())

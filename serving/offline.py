@@ -3,7 +3,7 @@
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt" | "messages", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
-                   "top_logprobs"?, "stop_token_ids"?}
+                   "top_logprobs"?, "stop_token_ids"?, "response_format"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
                    n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
                                                           "top_logprobs"?}, ...]}  (index order)
@@ -11,6 +11,10 @@
 "messages" (instead of "prompt", exactly one of the two) is a chat, [{"role", "content"}, ...] with roles system, user,
 assistant, rendered by the model's chat template with the assistant's turn opened (model/chat.py), as
 GenerateRequest.messages; a model without a template, or a list the template refuses, is a bad line.
+
+"response_format" (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}},
+checked as the HTTP API checks it) guides the line's output to JSON (that the schema accepts); it ends when the JSON
+is complete (finish_reason "stop"). A schema meshserve cannot follow is a bad line.
 
 "n" (an integer in [1, N_MAX]) samples a prompt n times, as OpenAI's and vLLM's n: sample i is its own request with
 seed + i (so greedy samples are identical, and sample i equals a line of its own with seed + i), and the line is
@@ -199,9 +203,24 @@ def _generation_requests(model, engine, job: JobLine):
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
+    guide = _guide(d.get("response_format"))
     try:  # the Request gives min_tokens its stop ids (one bias entry each); sample i uses seed + i
-        return Request(prompt, n, sampling, stop_ids).samples(samples), stop
+        return Request(prompt, n, sampling, stop_ids, guide=guide).samples(samples), stop
     except SamplingError as e:
+        raise LineError(str(e)) from None
+
+
+def _guide(value):
+    """A line's response_format as the GuideSpec its requests follow (None: free text), compiled once to check it
+    (serving/guided_requests.py); LineError naming the field."""
+    from meshserve.errors import UserError
+    from meshserve.serving.guided_requests import compiled, response_format
+
+    try:
+        spec = response_format(value)
+        field = "response_format.json_schema" if spec is not None and spec.kind == "json_schema" else "response_format"
+        return None if spec is None else compiled(spec, field)
+    except UserError as e:
         raise LineError(str(e)) from None
 
 

@@ -10,9 +10,10 @@ choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to 
 server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. `tools` need `serve --tool-call-parser`
-(serving/openai_tools.py). What meshserve cannot do (tool_choice "required" or a named function, suffix,
-best_of != n, images, JSON mode, echo with stream or with logprobs > 1) is refused by name rather than ignored, as
-is any unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
+(serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions) and tool_choice
+"required" or a named function are guided decoding (serving/guided_requests.py). What meshserve cannot do (suffix,
+best_of != n, images, echo with stream or with logprobs > 1) is refused by name rather than ignored, as is any
+unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
 logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harness's loglikelihood requests need.
 """
 
@@ -22,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.guided_requests import format_proto, response_format
 from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
 from meshserve.serving.validation import RequestError
 
@@ -47,27 +49,21 @@ _INT32 = 2**31
 _IGNORED = frozenset({"user", "metadata", "service_tier", "store"})  # no effect on the output
 _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
-    "frequency_penalty", "logit_bias", "max_tokens", "logprobs",
+    "frequency_penalty", "logit_bias", "max_tokens", "logprobs", "response_format",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",  # vLLM's extras
 })  # fmt: skip
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
     CHAT: _COMMON
-    | {
-        "messages",
-        "max_completion_tokens",
-        "top_logprobs",
-        "response_format",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-    },
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
 }
 # gRPC field names in RequestParser's messages -> the OpenAI field, per endpoint (longest prefix first).
 _RENAMES = {
     COMPLETIONS: (("max_new_tokens", "max_tokens"), ("tokens.ids", "prompt"), ("top_logprobs", "logprobs"),
                   ("sampling.", ""), ("input", "prompt"), ("text", "prompt")),
-    CHAT: (("max_new_tokens", "max_tokens"), ("sampling.", ""), ("input", "messages")),
+    CHAT: (("messages.tool_choice_function", "tool_choice"), ("messages.tool_choice", "tool_choice"),
+           ("messages.tools_json", "tools"), ("max_new_tokens", "max_tokens"), ("sampling.", ""),
+           ("input", "messages")),
 }  # fmt: skip
 
 
@@ -191,6 +187,8 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
     template = pb.GenerateRequest()
     _sampling(b, template)
+    if (fmt := format_proto(response_format(body.get("response_format")))) is not None:
+        template.response_format.CopyFrom(fmt)  # compiled (and its size checked) by RequestParser
     n = b.integer("n")
     if n is not None and n < 1:
         raise RequestError(f"n must be >= 1 (samples per prompt), got {n}")
@@ -223,7 +221,6 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         top = b.integer("top_logprobs", 0) or 0
         if top and not want_logprobs:
             raise RequestError("top_logprobs: needs logprobs: true")
-        _refuse_chat_extras(b)
         tools, tool_use = request_tools(body, tool_parser)
         prompts = [chat_messages(b)]
     template.return_logprobs = want_logprobs
@@ -239,6 +236,9 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         else:
             req.messages.messages.extend(prompt)
             req.messages.tools_json = tools_json(tools)
+            if tool_use is not None and tool_use.choice:  # "required" / a named function: guided into calls
+                req.messages.tool_choice, req.messages.tool_choice_function = tool_use.choice, tool_use.function
+                req.messages.parallel_tool_calls = tool_use.parallel
         requests.append(req)
     return OpenAIRequest(
         kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only,
@@ -309,12 +309,6 @@ def _refuse_completion_extras(b: Body, n: int, stream: bool, top: int) -> None:
     best_of = b.integer("best_of", 1)
     if best_of is not None and best_of != n:
         raise RequestError(f"best_of: only best_of = n ({n}) is supported, got {best_of}")
-
-
-def _refuse_chat_extras(b: Body) -> None:
-    fmt = Body(b.object("response_format") or {}, "response_format.")
-    if fmt.string("type") not in (None, "text"):
-        raise RequestError(f"response_format.type: only 'text' is supported, got {show(fmt.body['type'])}")
 
 
 def _prompts(b: Body) -> list:

@@ -33,6 +33,7 @@ __all__ = [
     "ToolCall",
     "check_tools",
     "tools_json",
+    "tool_choice",
     "request_tools",
     "message_tool_fields",
     "parse_tool_calls",
@@ -52,10 +53,13 @@ _FUNCTION_KEYS = ("name", "description", "parameters", "strict")
 
 @dataclass(frozen=True)
 class ToolUse:
-    """A chat request's tools as the output parser needs them: which parser, and whether to keep every call."""
+    """A chat request's tools as the output parser needs them: which parser, and whether to keep every call; and
+    the tool_choice as ChatMessages carries it (guided decoding when `choice` is "required")."""
 
     parser: str
-    parallel: bool = True  # parallel_tool_calls: false keeps only the first call
+    parallel: bool = True  # parallel_tool_calls: false keeps only the first call (and guides to exactly one)
+    choice: str = ""  # ChatMessages.tool_choice: "" (auto) or "required" (a named function too)
+    function: str = ""  # ChatMessages.tool_choice_function: the function that must be called ("" = any)
 
 
 @dataclass(frozen=True)
@@ -115,30 +119,58 @@ def tools_json(tools: list[dict] | None) -> str:
     return json.dumps(tools, ensure_ascii=False) if tools else ""
 
 
+def tool_choice(choice: Any) -> tuple[str, str]:
+    """OpenAI's tool_choice -> (ChatMessages.tool_choice, tool_choice_function): "auto" / None -> ("", ""), "none",
+    "required", and {"type": "function", "function": {"name": NAME}} -> ("required", NAME). Raises RequestError
+    naming the field."""
+    if choice is None or choice == "auto":
+        return "", ""
+    if choice in ("none", "required"):
+        return choice, ""
+    if not isinstance(choice, dict):
+        raise RequestError(f"tool_choice: expected 'auto', 'none', 'required' or {{'type': 'function', 'function': "
+                           f"{{'name': ...}}}}, got {_show(choice)}")  # fmt: skip
+    for key in choice:
+        if key not in ("type", "function"):
+            raise RequestError(f"tool_choice.{key}: unknown field (a named function takes type and function)")
+    if choice.get("type") != "function":
+        raise RequestError(f"tool_choice.type: must be 'function', got {_show(choice.get('type'))}")
+    function = choice.get("function")
+    if not isinstance(function, dict) or set(function) != {"name"}:
+        raise RequestError(f"tool_choice.function: expected {{'name': ...}}, got {_show(function)}")
+    name = function["name"]
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
+        raise RequestError(f"tool_choice.function.name: expected a string of 1 to {MAX_NAME} characters, got "
+                           f"{_show(name)}")  # fmt: skip
+    return "required", name
+
+
 def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, ToolUse | None]:
     """A chat body's `tools`, `tool_choice` and `parallel_tool_calls` -> (the tools the template renders, how to
     parse the output); (None, None) when no tools are used. `parser`: the server's --tool-call-parser (None: off).
     tool_choice "auto" (the default with tools) renders and parses; "none" neither; "required" and a named function
-    need guided decoding, which meshserve does not have: refused."""
+    also guide the output into calls (of that function), which the server compiles (serving/guided_requests.py)."""
     tools = body.get("tools")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise RequestError(f"parallel_tool_calls: expected true or false, got {_show(parallel)}")
-    choice = body.get("tool_choice")
-    if choice is not None and choice not in ("none", "auto"):
-        if choice == "required" or isinstance(choice, dict):
-            raise RequestError(f"tool_choice: {_show(choice)} needs guided decoding, which meshserve does not have "
-                               "(use 'auto' or 'none')")  # fmt: skip
-        raise RequestError(f"tool_choice: expected 'auto', 'none', 'required' or a named function, got {_show(choice)}")
+    choice, function = tool_choice(body.get("tool_choice"))
     if tools is None or tools == []:
+        if choice == "required":
+            raise RequestError(f"tool_choice: {_show(body['tool_choice'])} needs tools (the functions the model "
+                               "must call)")  # fmt: skip
         return None, None
     if parser is None:
         raise RequestError("tools: tool calls are off on this server (start it with `meshserve serve "
                            "--tool-call-parser hermes`)")  # fmt: skip
     tools = check_tools(tools)
+    names = [t["function"]["name"] for t in tools]
+    if function and function not in names:
+        raise RequestError(f"tool_choice.function.name: no tool named {function!r} in tools (they are "
+                           f"{', '.join(map(repr, names))})")  # fmt: skip
     if choice == "none":  # the model is not told about the tools, and its text is not parsed
         return None, None
-    return tools, ToolUse(parser, parallel is not False)
+    return tools, ToolUse(parser, parallel is not False, choice, function)
 
 
 def message_tool_fields(message: dict, i: int) -> tuple[list[pb.ToolCall], str]:

@@ -127,7 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.config: ModelConfig = model.config
         self.plan = plan
         self.limits = limits
-        self.parse = RequestParser(model, limits)
+        self.parse = RequestParser(model, limits, tool_parser=tool_parser)
         self.mesh_info = mesh_info
         self.metrics = orchestrator.metrics
         self._count_lock = threading.Lock()  # the handler and the RPC-end callback race to count an outcome
@@ -138,6 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.tool_parser is not None
             and request.WhichOneof("input") == "messages"
             and bool(request.messages.tools_json)
+            and request.messages.tool_choice != "none"  # the model was not told about the tools
         )
 
     # ----- RPCs -----

@@ -114,10 +114,13 @@ class Limits:
 class RequestParser:
     """Checks requests against the model (vocabulary, context, tokenizer) and the server's limits."""
 
-    def __init__(self, model, limits: Limits):
+    def __init__(self, model, limits: Limits, tool_parser: str | None = None):
+        """tool_parser: the server's --tool-call-parser (None: off): tool_choice "required" or a named function
+        guides the output into calls in its format, and is refused without one."""
         self.model = model
         self.config = model.config
         self.limits = limits
+        self.tool_parser = tool_parser
 
     def ids(self, field: str, ids) -> list[int]:
         """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
@@ -132,9 +135,10 @@ class RequestParser:
             raise RequestError(f"{field}: {len(text)} characters exceed the limit of {self.limits.text_chars}")
         return text
 
-    def chat(self, messages, tools_json: str = "") -> list[int]:
+    def chat(self, messages, tools_json: str = "", render_tools: bool = True) -> list[int]:
         """ChatMessage protos (and ChatMessages.tools_json, "" = no tools) -> prompt ids through the model's chat
-        template (model/chat.py, which also checks roles, tool calls and their arguments' JSON). The limits are
+        template (model/chat.py, which also checks roles, tool calls and their arguments' JSON); render_tools=False
+        (tool_choice "none") checks the tools but does not give them to the template. The limits are
         `text`'s over all contents, tool calls and the tools' JSON together, and at most max_context messages (a
         template writes at least a role header per message, so more could never fit). Raises RequestError naming
         the field."""
@@ -159,7 +163,7 @@ class RequestParser:
             raise RequestError(f"messages: {chars} characters of {what} exceed the limit of {self.limits.text_chars}")
         tools = _tools(tools_json) if tools_json else None
         try:
-            ids = self.model.encode_chat([_message(m) for m in messages], tools)
+            ids = self.model.encode_chat([_message(m) for m in messages], tools if render_tools else None)
         except ChatError as e:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
         return self.ids("messages", ids)
@@ -176,7 +180,8 @@ class RequestParser:
         elif which == "tokens":
             prompt = self.ids("tokens.ids", req.tokens.ids)
         elif which == "messages":
-            prompt = self.chat(req.messages.messages, req.messages.tools_json)
+            chat = req.messages
+            prompt = self.chat(chat.messages, chat.tools_json, render_tools=chat.tool_choice != "none")
         else:
             prompt = []
         if not prompt:
@@ -231,12 +236,23 @@ class RequestParser:
                 f"stop_token_ids: {len(req.stop_token_ids)} ids exceed the limit of {lim.max_stop_strings}"
             )
         extra = self.ids("stop_token_ids", req.stop_token_ids)
+        guide = self.guide(req)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
         try:  # the Request gives min_tokens its stop ids, one bias entry each: the table's limit applies
-            return Request(prompt, n, sampling, stop_ids, deadline=deadline), list(req.stop)
+            return Request(prompt, n, sampling, stop_ids, deadline=deadline, guide=guide), list(req.stop)
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
+
+    def guide(self, req: pb.GenerateRequest):
+        """The output format the request asks for (response_format, or a chat's tool_choice "required" / a named
+        function) as a checked, compiled GuideSpec (serving/guided_requests.py); None for free text."""
+        from meshserve.serving.guided_requests import request_guide  # it imports RequestError from here
+
+        tools = None
+        if req.WhichOneof("input") == "messages" and req.messages.tools_json:
+            tools = _tools(req.messages.tools_json)  # checked already by `chat`: this only parses
+        return request_guide(req, tools, self.tool_parser, self.limits.text_chars)
 
     def samples(
         self, req: pb.GenerateRequest, time_remaining: float | None, default_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -290,8 +290,8 @@ BAD = [
      "max_completion_tokens: give it or max_tokens, not both"),
     ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 0}, 400,
      "max_completion_tokens must be in [1, "),
-    ("/v1/chat/completions", {"messages": CONVERSATION, "response_format": {"type": "json_object"}}, 400,
-     "response_format.type: only 'text'"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "response_format": {"type": "xml"}}, 400,
+     "response_format.type: expected one of 'text', 'json_object', 'json_schema'"),
 ]  # fmt: skip
 
 

@@ -119,8 +119,8 @@ def _bad(server, body: dict) -> dict:
 
 def test_bad_tool_fields_are_named(server):
     asked = {"messages": QUESTION, "tools": TOOLS}
-    error = _bad(server, {**asked, "tool_choice": "required"})
-    assert error["param"] == "tool_choice" and "guided decoding" in error["message"]
+    error = _bad(server, {**asked, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert error["param"] == "tool_choice" and "no tool named 'nope'" in error["message"]
     error = _bad(server, {**asked, "tools": [TOOLS[0], {"type": "function", "function": {"description": "?"}}]})
     assert error["param"] == "tools" and error["message"].startswith("tools[1].function.name:")
     bad_args = json.loads(json.dumps(TOOL_CONVERSATION))
