@@ -89,6 +89,9 @@ BAD_GRPC = [
     (_chat(tools=None, choice="required"), r"^messages\.tool_choice: 'required' needs tools \(messages\.tools_json"),
     (_chat(tools=None, function="f"), r"^messages\.tool_choice_function: function 'f' needs tools"),
     (_chat(function="get_wether"), r"^messages\.tool_choice_function: no tool named 'get_wether' in messages\.tools_j"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "pattern": "^[A-Z]"}}}}}], choice="required"),
+     r"^messages\.tools_json\[0\]\.function\.parameters\.properties\.city\.pattern: not supported"),
     (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=pb.ResponseFormat(json_object=True)),
      r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
 ]  # fmt: skip

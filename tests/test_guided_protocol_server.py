@@ -1,0 +1,153 @@
+"""Guided decoding through real servers and the batch-generate CLI: bad response_format / tool_choice values answer
+400 naming the field (`param`), and end to end (the engine's masks, serving/engine_steps.py) a JSON schema request
+returns JSON that json.loads parses and that the schema accepts, over HTTP, gRPC and batch-generate lines, and
+tool_choice "required" / a named function returns tool_calls with finish_reason "tool_calls" on the scripted Llama
+of tests/test_serving_http_tool_calls.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+from test_openai_tools import TOOLS
+from test_serving_http_tool_calls import QUESTION, checkpoint  # noqa: F401 (the scripted Llama fixture)
+from test_serving_support import GRID, ServerProcess, env, make_checkpoint, meshserve
+
+openai = pytest.importorskip("openai")
+
+# Booleans and an enum only: a tiny random model's greedy output is bounded (whitespace is, by the grammar), so the
+# JSON completes well inside the 128-token context.
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+
+
+def _matches(value) -> bool:
+    return (
+        isinstance(value, dict) and set(value) == {"ok", "color"} and isinstance(value["ok"], bool)
+        and value["color"] in ("red", "green")
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    proc = ServerProcess(tiny, "--http-port", "0", "--served-model-name", "m")
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def tool_server(checkpoint):  # noqa: F811 (the imported fixture)
+    proc = ServerProcess(checkpoint, "--http-port", "0", "--tool-call-parser", "hermes", "--served-model-name", "m")
+    yield proc
+    proc.close()
+
+
+def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{base}{path}", json.dumps({"model": "m", **body}).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string",
+          "pattern": "a+"}}}}, "response_format", "response_format.json_schema: schema.pattern: not supported"),
+        ({"response_format": {"type": "json_object", "strict": True}}, "response_format",
+         "response_format.strict: unknown field"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}},
+         "response_format", "response_format.json_schema.name: expected 1 to 64 characters"),
+    ],
+)  # fmt: skip
+def test_bad_formats_answer_400_naming_the_field(server, body, param, message):
+    status, got = _post(server.http, "/completions", {"prompt": "hi", "max_tokens": 4, **body})
+    assert status == 400, got
+    assert got["error"]["param"] == param and got["error"]["message"].startswith(message), got
+
+
+def test_bad_tool_choices_answer_400_naming_the_field(tool_server):
+    asked = {"messages": QUESTION, "tools": TOOLS, "max_tokens": 4}
+    status, got = _post(tool_server.http, "/chat/completions", {**asked, "tool_choice": "required",
+                                                                 "response_format": {"type": "json_object"}})  # fmt: skip
+    assert status == 400 and got["error"]["param"] == "response_format", got
+    assert "cannot be combined with" in got["error"]["message"] and "tool_choice" in got["error"]["message"]
+    named = {"type": "function", "function": {"name": "get_wether"}}
+    status, got = _post(tool_server.http, "/chat/completions", {**asked, "tool_choice": named})
+    assert status == 400 and got["error"]["param"] == "tool_choice" and "no tool named 'get_wether'" in str(got)
+
+
+# ----- end to end: needs the engine's guided decoding -----
+
+
+def test_json_schema_over_http_and_grpc_returns_json_the_schema_accepts(server):
+    from meshserve.serving.client import Client
+
+    oa = openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=120)
+    got = oa.completions.create(model="m", prompt="Answer:", max_tokens=100, temperature=0,
+                                extra_body={"response_format": JSON_SCHEMA})  # fmt: skip
+    (choice,) = got.choices
+    assert choice.finish_reason == "stop" and _matches(json.loads(choice.text)), choice.text
+    with Client(server.target) as client:
+        for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 3, "n": 2}):
+            reply = client.generate("Answer:", max_new_tokens=100, response_format=JSON_SCHEMA, **kwargs)
+            for sample in reply.choices or [reply]:
+                assert sample.finish_reason == "stop" and _matches(json.loads(sample.text)), sample.text
+        chunks = list(client.generate_stream("Answer:", max_new_tokens=100, response_format={"type": "json_object"}))
+        text = "".join(c.text for c in chunks)
+        assert chunks[-1].finish_reason == "stop" and isinstance(json.loads(text), dict), text
+
+
+def test_tool_choice_required_and_named_return_calls(tool_server):
+    from meshserve.serving.client import Client
+
+    oa = openai.OpenAI(base_url=tool_server.http, api_key="none", max_retries=0, timeout=120)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        got = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, tool_choice=choice,
+                                         temperature=0, max_tokens=32)  # fmt: skip
+        (answer,) = got.choices
+        assert answer.finish_reason == "tool_calls", answer
+        (call,) = answer.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    with Client(tool_server.target) as client:
+        got = client.generate(messages=QUESTION, tools=TOOLS, tool_choice="required", max_new_tokens=32)
+        assert got.finish_reason == "tool_calls" and [c["function"]["name"] for c in got.tool_calls] == ["get_weather"]
+
+
+def test_batch_generate_lines_take_response_format(tiny, tmp_path):
+    rows = [
+        {"id": "bad", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+        {"id": "pattern", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "a", "schema": {"type": "string", "pattern": "x"}}}},
+        {"id": "json", "prompt": "Answer:", "max_new_tokens": 100, "response_format": JSON_SCHEMA},
+        {"id": "free", "prompt": "Answer:", "max_new_tokens": 4, "ignore_eos": True},
+    ]  # fmt: skip
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = meshserve("batch-generate", str(src), "-o", str(out), "--checkpoint", str(tiny), *GRID, "--json")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=240)
+    assert done.returncode == 0, done.stderr
+    errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern")]
+    assert errors[0]["error"].startswith("response_format.json_schema.schema: expected a JSON Schema object")
+    assert errors[1]["error"].startswith("response_format.json_schema: schema.pattern: not supported")
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(results) == {"json", "free"} and len(results["free"]["tokens"]) == 4
+    assert results["json"]["finish_reason"] == "stop" and _matches(json.loads(results["json"]["text"]))
