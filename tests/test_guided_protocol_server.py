@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from test_openai_tools import TOOLS
-from test_serving_http_tool_calls import QUESTION, checkpoint  # noqa: F401 (the scripted Llama fixture)
+from test_serving_http_tool_calls import PIECES, QUESTION, checkpoint  # noqa: F401 (the scripted Llama fixture)
 from test_serving_support import GRID, ServerProcess, env, make_checkpoint, meshserve
 
 openai = pytest.importorskip("openai")
@@ -91,6 +91,17 @@ def test_bad_tool_choices_answer_400_naming_the_field(tool_server):
     named = {"type": "function", "function": {"name": "get_wether"}}
     status, got = _post(tool_server.http, "/chat/completions", {**asked, "tool_choice": named})
     assert status == 400 and got["error"]["param"] == "tool_choice" and "no tool named 'get_wether'" in str(got)
+
+
+def test_grpc_tool_choice_none_neither_renders_nor_parses_the_tools(tool_server):
+    """As the HTTP API: the template is not given the tools (the script starts from the same last token) and the
+    text is not parsed, so the call's words come back as text."""
+    from meshserve.serving.client import Client
+
+    with Client(tool_server.target) as client:
+        got = client.generate(messages=QUESTION, tools=TOOLS, tool_choice="none", max_new_tokens=16)
+        assert got.tool_calls == [] and got.finish_reason == "stop" and got.text.split() == PIECES
+        assert got.prompt_tokens == client.generate(messages=QUESTION, max_new_tokens=1).prompt_tokens
 
 
 # ----- end to end: needs the engine's guided decoding -----
