@@ -10,10 +10,12 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
   ("lit", bytes)                           exact bytes (true, false, null, a const's JSON)
   ("tools", call node id, parallel)        Hermes `<tool_call>` blocks around the call objects
 
-A state is a frozenset of deterministic stacks; a stack is a tuple of frames (tuples of ints), its top last. A frame
+A state is a sorted tuple of distinct deterministic stacks (the alternatives still open); a stack is a tuple of
+frames (tuples of ints), its top last. A frame
 is a value being written; the frame below is its container, already in the state it takes once the value ends (so a
-value ending is a pop). States are canonical: the same position reached by any path is the same frozenset, so masks
-cache per state.
+value ending is a pop). States are canonical: the same position reached by any path is the same tuple, so masks
+cache per state. Tuples of ints, not frozensets: the cyclic garbage collector stops tracking them, so the (state,
+byte) memo does not make its full collections slow (frozensets there cost tens of ms pauses).
 
 Bounds on runs a model could repeat without progress:
 - Whitespace: at most WS_BYTES (32) bytes holding at most WS_NEWLINES (2) newlines between two JSON tokens. 32, not
@@ -26,7 +28,9 @@ Strings may be as long as the request's max_tokens allows: each character is pro
 
 from __future__ import annotations
 
-__all__ = ["Grammar", "WS_BYTES", "WS_NEWLINES", "NUM_DIGITS"]
+__all__ = ["Grammar", "State", "WS_BYTES", "WS_NEWLINES", "NUM_DIGITS"]
+
+State = tuple  # a sorted tuple of stacks (tuples of frames)
 
 WS_BYTES = 32
 WS_NEWLINES = 2
@@ -82,20 +86,21 @@ class Grammar:
     def __init__(self, nodes: list[tuple], start: tuple, where: str = ""):
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
-        self._start = frozenset((start,))
+        self._start: State = (start,)
         self._leaves: dict[int, tuple[int, ...]] = {}
-        self._memo: dict[tuple[frozenset, int], frozenset | None] = {}
-        self._ends: dict[frozenset, bool] = {}
+        self._memo: dict[State, dict[int, State | None]] = {}  # state -> {byte: next state}
+        self._size = 0  # entries in the memo
+        self._ends: dict[State, bool] = {}
 
     def __repr__(self) -> str:
         return f"Grammar({self.where}, {len(self.nodes)} nodes)"
 
     # -- public interface --------------------------------------------------------------------------------------
 
-    def start(self) -> frozenset:
+    def start(self) -> State:
         return self._start
 
-    def advance(self, state: frozenset | None, data: bytes) -> frozenset | None:
+    def advance(self, state: State | None, data: bytes) -> State | None:
         """The state after `data`, or None when it cannot follow."""
         for b in data:
             if state is None:
@@ -103,11 +108,11 @@ class Grammar:
             state = self.step(state, b)
         return state
 
-    def accepts(self, state: frozenset) -> bool:
+    def accepts(self, state: State) -> bool:
         """What is written so far is a whole output: it may end here."""
         return any(self._can_end(stack) for stack in state)
 
-    def must_end(self, state: frozenset) -> bool:
+    def must_end(self, state: State) -> bool:
         """accepts(state) and no byte can follow."""
         done = self._ends.get(state)
         if done is None:
@@ -115,23 +120,32 @@ class Grammar:
             self._ends[state] = done
         return done
 
-    def step(self, state: frozenset, b: int) -> frozenset | None:
+    def step(self, state: State, b: int) -> State | None:
         """One byte (memoized: masks walk the vocabulary's trie through the same (state, byte) pairs again)."""
-        key = (state, b)
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
+        row = self.row(state)
+        return row[b] if b in row else self.fill(row, state, b)
+
+    def row(self, state: State) -> dict[int, State | None]:
+        """The memo of `state`'s successors by byte (filled as bytes are tried)."""
+        row = self._memo.get(state)
+        if row is None:
+            if self._size >= _MEMO_LIMIT:
+                self._memo.clear()
+                self._size = 0
+            row = self._memo[state] = {}
+        return row
+
+    def fill(self, row: dict[int, State | None], state: State, b: int) -> State | None:
+        """Compute and memoize the state after byte b (`row` is `row(state)`)."""
         out: set[tuple] = set()
         for stack in state:
             out.update(self._step(stack, b))
-        nxt = frozenset(out) if out else None
-        if len(self._memo) >= _MEMO_LIMIT:
-            self._memo.clear()
-        self._memo[key] = nxt
+        nxt = tuple(sorted(out)) if out else None
+        row[b] = nxt
+        self._size += 1
         return nxt
 
-    def string_room(self, state: frozenset) -> int | None:
+    def string_room(self, state: State) -> int | None:
         """When every stack is inside a string between characters: the most characters any may still take (a plain
         token of that many characters or fewer is allowed); None otherwise."""
         room = 0

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-from meshserve.serving.guided.grammar import Grammar
+from meshserve.serving.guided.grammar import Grammar, State
 from meshserve.serving.guided.spec import GuideError
 
 __all__ = ["TokenTable", "Guide", "MASK_CACHE"]
@@ -90,7 +90,7 @@ class TokenTable:
         out.setflags(write=False)
         return out
 
-    def mask(self, grammar: Grammar, state: frozenset) -> np.ndarray:
+    def mask(self, grammar: Grammar, state: State) -> np.ndarray:
         """The tokens whose bytes can follow `state` (stop tokens not included): uint32 [W], read-only, cached."""
         cache = self._masks.get(grammar)
         if cache is None:
@@ -113,17 +113,18 @@ class TokenTable:
         return out
 
     @staticmethod
-    def _walk(grammar: Grammar, state: frozenset, trie: dict) -> list[int]:
+    def _walk(grammar: Grammar, state: State, trie: dict) -> list[int]:
         """Ids of the tokens in `trie` whose bytes the grammar takes from `state` (depth-first, pruned)."""
         ids: list[int] = []
-        step = grammar.step
+        row_of, fill = grammar.row, grammar.fill
         todo = [(trie, state)]
         while todo:
             node, at = todo.pop()
+            row = row_of(at)
             for b, child in node.items():
                 if b < 0:
                     continue
-                nxt = step(at, b)
+                nxt = row[b] if b in row else fill(row, at, b)
                 if nxt is None:
                     continue
                 ended = child.get(-1)

@@ -1,0 +1,184 @@
+"""How long guided decoding's masks take: `python -m meshserve.serving.guided.bench [--vocab 32000] [--json]`.
+
+Trains a byte-level BPE (GPT-2 style, the `tokenizers` library) of `--vocab` tokens on generated JSON and
+English-like text, then reports:
+- the first mask of a new state (nothing cached for the grammar yet, and with the grammar's byte memo warm): at the
+  start of a json_object, in a string, after a key, in a number;
+- over random walks through the masks that write `--docs` JSON documents (about 200 tokens each, json_object and a
+  schema in turn), the mask time per token (mean, p50, p99, max) and how many masks came from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "train_vocab"]
+
+_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "email": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+        "address": {"type": "object", "properties": {"street": {"type": "string"}, "zip": {"type": "number"}}},
+        "kind": {"enum": ["person", "company", "robot"]},
+    },
+    "required": ["name", "age"],
+}
+
+
+def _corpus(rng: random.Random, lines: int) -> list[str]:
+    """Generated JSON and English-like text over a synthetic lexicon (enough distinct words for 32k merges)."""
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    common = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "was",
+        "with",
+        "on",
+        "by",
+        "are",
+        "this",
+        "be",
+        "at",
+        "from",
+        "or",
+        "an",
+    ]
+    out = []
+    for i in range(lines):
+        pick = [rng.choice(common if rng.random() < 0.4 else words) for _ in range(rng.randint(4, 14))]
+        if i % 2:
+            out.append(" ".join(pick).capitalize() + rng.choice([".", ",", ";", "?"]))
+        else:
+            doc = {w: rng.choice([rng.randint(-999, 99999), " ".join(pick[:3]), None, True, [w, 1.5]]) for w in pick}
+            out.append(json.dumps(doc, indent=rng.choice([None, 2, 4]), ensure_ascii=rng.random() < 0.5))
+    return out
+
+
+def train_vocab(size: int, seed: int = 0):
+    """A byte-level BPE HFTokenizer of `size` tokens trained here (a few seconds for 32k)."""
+    from meshserve.model.tokenizer import HFTokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(_corpus(random.Random(seed), 60000), trainer)
+    path = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    tok.save(str(path))
+    return HFTokenizer(path)
+
+
+def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float]:
+    """(ms for the first mask of the state after `prefix` on a fresh grammar and table, ms for another new state's
+    mask once the grammar's byte memo is warm: the same position one byte later)."""
+    from meshserve.serving.guided import TokenTable, compile_spec
+
+    compile_spec.cache_clear()
+    grammar = compile_spec(spec)
+    table = TokenTable(tokenizer.token_bytes(), tokenizer.vocab_size)
+    state = grammar.advance(grammar.start(), prefix)
+    t0 = time.perf_counter()
+    table.mask(grammar, state)
+    cold = time.perf_counter() - t0
+    table._masks.clear()  # the mask cache emptied, the grammar's memo kept
+    t0 = time.perf_counter()
+    table.mask(grammar, state)
+    return cold * 1e3, (time.perf_counter() - t0) * 1e3
+
+
+def _walks(tokenizer, docs: int, seed: int) -> dict:
+    from meshserve.serving.guided import Guide, GuideSpec, TokenTable, compile_spec
+    from tqdm import tqdm
+
+    table = TokenTable.of(tokenizer, tokenizer.vocab_size)
+    specs = [GuideSpec("json_object"), GuideSpec("json_schema", schema=json.dumps(_SCHEMA))]
+    structure = frozenset(b'"]},:')
+    weights = np.array([30.0 if data and structure & set(data) else 1.0 for data in table.bytes])
+    rng = np.random.default_rng(seed)
+    times, tokens, finished = [], 0, 0
+    for d in tqdm(range(docs), desc="walks", file=sys.stderr):
+        guide = Guide(compile_spec(specs[d % 2]), table, [tokenizer.eos_id])
+        for _ in range(400):
+            t0 = time.perf_counter()
+            mask = guide.mask()
+            times.append(time.perf_counter() - t0)
+            allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: table.vocab_size])
+            w = weights[allowed]
+            token = int(rng.choice(allowed, p=w / w.sum()))
+            guide.advance(token)
+            tokens += 1
+            if token == tokenizer.eos_id or guide.done:
+                finished += 1
+                break
+    ms = np.array(times) * 1e3
+    return {"docs": docs, "finished": finished, "tokens": tokens, "tokens_per_doc": tokens / docs,
+            "mask_ms_mean": float(ms.mean()), "mask_ms_p50": float(np.percentile(ms, 50)),
+            "mask_ms_p99": float(np.percentile(ms, 99)), "mask_ms_max": float(ms.max()),
+            "mask_ms_total": float(ms.sum())}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshserve.serving.guided.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary size to train (default 32000)")
+    parser.add_argument("--docs", type=int, default=20, help="random-walk documents (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    from meshserve.serving.guided import GuideSpec
+
+    t0 = time.perf_counter()
+    tokenizer = train_vocab(args.vocab, args.seed)
+    trained = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from meshserve.serving.guided import TokenTable
+
+    TokenTable.of(tokenizer, tokenizer.vocab_size)
+    table_s = time.perf_counter() - t0
+    obj, schema = GuideSpec("json_object"), GuideSpec("json_schema", schema=json.dumps(_SCHEMA))
+    cases = {"start": (obj, b""), "in a string": (obj, b'{"name": "Ada Lo'),
+             "after a key": (obj, b'{"name"'), "in a number": (obj, b'{"age": 12'),
+             "schema: in a string": (schema, b'{"name": "Ada Lo'), "schema: after a key": (schema, b'{"name"'),
+             "schema: in a number": (schema, b'{"name": "x", "age": 12')}  # fmt: skip
+    new_state = {name: _new_state_ms(tokenizer, spec, prefix) for name, (spec, prefix) in cases.items()}
+    result = {"vocab": tokenizer.vocab_size, "train_s": trained, "table_build_s": table_s,
+              "new_state_ms": {k: {"cold": v[0], "memo_warm": v[1]} for k, v in new_state.items()},
+              "walks": _walks(tokenizer, args.docs, args.seed)}  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"vocab {result['vocab']}: trained in {trained:.1f} s, token table built in {table_s:.2f} s")
+    for name, (cold, warm) in new_state.items():
+        print(f"  new state, {name:22s} {cold:7.2f} ms (byte memo warm: {warm:6.2f} ms)")
+    w = result["walks"]
+    print(f"  walks: {w['docs']} docs ({w['finished']} finished), {w['tokens']} tokens, mask per token: "
+          f"mean {w['mask_ms_mean']:.3f} ms, p50 {w['mask_ms_p50']:.3f}, p99 {w['mask_ms_p99']:.2f}, "
+          f"max {w['mask_ms_max']:.2f}; total {w['mask_ms_total']:.0f} ms")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

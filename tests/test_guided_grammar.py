@@ -1,0 +1,241 @@
+"""Guided decoding's grammar, byte by byte: JSON per RFC 8259 (numbers, escapes, UTF-8), the whitespace and digit
+bounds, the schema subset, Hermes tool calls, canonical states, and every unsupported schema refused by its path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from meshserve.errors import UserError
+from meshserve.serving.guided import GuideError, GuideSpec, compile_spec
+from meshserve.serving.guided.grammar import NUM_DIGITS, WS_BYTES
+
+
+def schema_grammar(schema):
+    return compile_spec(GuideSpec("json_schema", schema=json.dumps(schema)))
+
+
+def whole(grammar, data: bytes) -> bool:
+    """`data` is a whole output of the grammar."""
+    state = grammar.advance(grammar.start(), data)
+    return state is not None and grammar.accepts(state)
+
+
+def prefix(grammar, data: bytes) -> bool:
+    return grammar.advance(grammar.start(), data) is not None
+
+
+ANY_OBJECT = compile_spec(GuideSpec("json_object"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"{}",
+        b' \n{"a": 1}',
+        b'{"a": [1, -0, 0.5, -12.25e-3, 1E+9, true, false, null, {}, []], "b": {"c": "d"}}',
+        '{"é": "日本 🙂 \\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 \\uD83D\\uDE00"}'.encode(),
+        json.dumps({"x": [{"y": [1, {"z": None}]}]}, indent=2).encode(),
+        json.dumps({"k" * 3: list(range(3)), "w": {"v": "é"}}, indent=4, ensure_ascii=False).encode(),
+    ],
+)
+def test_json_object_accepts_valid_json(text):
+    assert whole(ANY_OBJECT, text), text
+    state = ANY_OBJECT.advance(ANY_OBJECT.start(), text)
+    assert ANY_OBJECT.must_end(state)  # after the top-level "}" nothing may follow
+    assert json.loads(text) is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[]",  # json_object: the top level is an object
+        b'"a"',
+        b"{,}",
+        b'{"a" 1}',
+        b'{"a": 01}',  # no leading zeros
+        b'{"a": 1.}',
+        b'{"a": .5}',
+        b'{"a": +1}',
+        b'{"a": 1e}',
+        b'{"a": tru}',
+        b'{"a": "\x01"}',  # raw control byte in a string
+        b'{"a": "\\x"}',  # unknown escape
+        b'{"a": "\\u12G4"}',
+        b'{"a": "\xc0\xaf"}',  # overlong
+        b'{"a": "\xed\xa0\x80"}',  # UTF-8 surrogate
+        b'{"a": "\xf4\x90\x80\x80"}',  # past U+10FFFF
+        b'{"a": "\xe6\x97"}',  # a character cut short by the quote
+        b'{"a": 1,}',
+        b'{"a": 1} ',  # nothing after the top-level object
+        b'{"a": [1 2]}',
+    ],
+)
+def test_json_object_rejects_invalid_json(text):
+    assert not whole(ANY_OBJECT, text), text
+
+
+def test_whitespace_and_digit_runs_are_bounded():
+    assert prefix(ANY_OBJECT, b"{" + b" " * WS_BYTES)
+    assert not prefix(ANY_OBJECT, b"{" + b" " * (WS_BYTES + 1))
+    assert prefix(ANY_OBJECT, b'{"a":\n\n')
+    assert not prefix(ANY_OBJECT, b'{"a":\n\n\n')
+    assert prefix(ANY_OBJECT, b'{"a":\n\n  1,\n\n "b": 2')  # the bound is per gap between tokens
+    digits = b"1" * NUM_DIGITS
+    assert whole(ANY_OBJECT, b'{"a": ' + digits + b"." + digits + b"e" + digits + b"}")
+    assert not prefix(ANY_OBJECT, b'{"a": ' + digits + b"1")
+    assert not prefix(ANY_OBJECT, b'{"a": 1.' + digits + b"1")
+
+
+def test_states_are_canonical():
+    g = ANY_OBJECT
+    a = g.advance(g.start(), b'{"key": [1, "x"')
+    b = g.advance(g.advance(g.advance(g.start(), b'{"ke'), b'y": [1'), b', "x"')
+    assert a == b and hash(a) == hash(b)
+    # The same position through different keys of an any-object: the key's text is not remembered.
+    assert g.advance(g.start(), b'{"a": ') == g.advance(g.start(), b'{"bcd": ')
+    s = schema_grammar({"anyOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]})
+    assert len(s.advance(s.start(), b'"ab')) == 2 and len(s.advance(s.start(), b'"abc')) == 1
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 4},
+        "age": {"type": "integer"},
+        "email": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", 3]}, "minItems": 1, "maxItems": 2},
+    },
+    "required": ["name", "age"],
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ('{"name": "Bo", "age": 3}', True),
+        ('{"name": "Bo", "age": 3, "email": null, "tags": ["a", 3]}', True),
+        ('{"name": "Bo", "age": 3, "tags": ["b"]}', True),
+        ('{"name": "Bo"}', False),  # age is required
+        ('{"age": 3, "name": "Bo"}', False),  # properties in the schema's order
+        ('{"name": "", "age": 3}', False),  # minLength
+        ('{"name": "Bobby", "age": 3}', False),  # maxLength
+        ('{"name": "日本人", "age": 3}', True),  # lengths count characters, not bytes
+        ('{"name": "Bo", "age": 3.5}', False),  # integer
+        ('{"name": "Bo", "age": 3, "tags": []}', False),  # minItems
+        ('{"name": "Bo", "age": 3, "tags": ["a", "b", "a"]}', False),  # maxItems
+        ('{"name": "Bo", "age": 3, "tags": ["c"]}', False),  # enum
+        ('{"name": "Bo", "age": 3, "x": 1}', False),  # no keys beyond properties
+    ],
+)
+def test_schema_subset(text, ok):
+    assert whole(schema_grammar(PERSON), text.encode()) is ok
+
+
+def test_refs_consts_prefix_items_and_top_level_values():
+    tree = {
+        "$ref": "#/$defs/node",
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                "required": ["v"],
+            }
+        },
+    }
+    g = schema_grammar(tree)
+    assert whole(g, b'{"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": [{"v": 4, "kids": []}]}]}')
+    assert not whole(g, b'{"v": 1, "kids": [{"kids": []}]}')
+    g = schema_grammar({"const": {"a": [1, "x"], "b": None}})
+    assert whole(g, b'{"a": [1, "x"], "b": null}') and whole(g, b'{"a":[1,"x"],"b":null}')
+    assert not whole(g, b'{"a": [1, "y"], "b": null}')
+    g = schema_grammar({"type": "array", "prefixItems": [{"type": "boolean"}, {"type": "null"}], "items": False})
+    assert whole(g, b"[true, null]") and whole(g, b"[]") and not whole(g, b"[true, null, 1]")
+    g = schema_grammar({"type": "number"})  # a top-level number may end, or take more digits
+    state = g.advance(g.start(), b" 12")
+    assert g.accepts(state) and not g.must_end(state) and whole(g, b"12.5")
+    g = schema_grammar({"enum": ["a", "ab", 1, True]})
+    state = g.advance(g.start(), b'"a"')
+    assert g.must_end(state) and whole(g, b'"ab"') and whole(g, b"true") and not whole(g, b'"b"')
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "schema.properties.age.minimum"),
+        ({"type": "string", "pattern": "^a"}, "schema.pattern: not supported (supported keywords: type,"),
+        ({"type": "array", "uniqueItems": True}, "schema.uniqueItems"),
+        ({"not": {}}, "schema.not"),
+        ({"if": {}, "then": {}}, "schema.if"),
+        ({"type": "object", "patternProperties": {}}, "schema.patternProperties"),
+        ({"type": "number", "multipleOf": 2}, "schema.multipleOf"),
+        ({"type": "object", "properties": {"a": {"items": [{}]}}}, "schema.properties.a.items"),
+        ({"type": "thing"}, "schema.type"),
+        ({"$ref": "http://x/y"}, "schema.$ref"),
+        ({"$ref": "#/$defs/missing", "$defs": {}}, "schema.$ref"),
+        ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "schema.$defs.a: refers only to itself"),
+        ({"allOf": [{}, {}]}, "schema.allOf"),
+        ({"anyOf": []}, "schema.anyOf"),
+        ({"anyOf": [{"type": "string"}], "maxLength": 3}, "schema: anyOf together with maxLength"),
+        ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "schema.required: 'b'"),
+        ({"type": "object", "properties": {}, "additionalProperties": {"type": "string"}}, "additionalProperties"),
+        ({"type": "array", "minItems": 3, "maxItems": 2}, "schema.minItems"),
+        ({"type": "string", "maxLength": -1}, "schema.maxLength"),
+        ({"enum": []}, "schema.enum"),
+        ({"type": "string", "enum": [1, 2]}, "schema.enum: no value has type"),
+        (
+            {"type": "object", "properties": {"a": {"anyOf": [{"format": "x", "minimum": 1}]}}},
+            "schema.properties.a.anyOf[0].minimum",
+        ),  # fmt: skip
+        ([1], "schema: expected a JSON Schema object"),
+    ],
+)
+def test_unsupported_schemas_name_their_place(schema, where):
+    with pytest.raises(GuideError, match=None) as err:
+        schema_grammar(schema)
+    assert where in str(err.value)
+    assert isinstance(err.value, UserError)
+
+
+def test_bad_specs_name_their_field():
+    with pytest.raises(GuideError, match=r"^schema: not valid JSON"):
+        compile_spec(GuideSpec("json_schema", schema="{nope"))
+    tools = [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}}]
+    with pytest.raises(GuideError, match=r"^tools: no tool named 'x' \(tools: a, b\)"):
+        compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), tool_name="x"))
+    bad = [
+        *tools,
+        {"type": "function", "function": {"name": "c", "parameters": {"type": "object", "minProperties": 1}}},
+    ]
+    with pytest.raises(GuideError, match=r"^tools\[2\]\.function\.parameters\.minProperties: not supported"):
+        compile_spec(GuideSpec("tool_calls", tools=json.dumps(bad)))
+    with pytest.raises(GuideError, match=r"^tools\[1\]: expected"):
+        compile_spec(GuideSpec("tool_calls", tools=json.dumps([tools[0], {"type": "x"}])))
+    with pytest.raises(GuideError, match=r"^tools\[1\]\.function\.name: 'a' is also"):
+        compile_spec(GuideSpec("tool_calls", tools=json.dumps([tools[0], tools[0]])))
+    with pytest.raises(GuideError, match=r"^parser:"):
+        compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), parser="mistral"))
+    with pytest.raises(GuideError, match=r"^kind:"):
+        compile_spec(GuideSpec("regex"))
+    # Cached per spec: the same spec gives the same grammar object.
+    assert compile_spec(GuideSpec("json_object")) is compile_spec(GuideSpec("json_object"))
+
+
+def test_tool_call_text():
+    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": params}},
+             {"type": "function", "function": {"name": "time"}}]  # fmt: skip
+    one = compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), parallel=False))
+    call = b'<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    state = one.advance(one.start(), call)
+    assert one.must_end(state)
+    assert not prefix(one, call + b"\n<")
+    assert not whole(one, b'<tool_call>{"name": "weather", "arguments": {}}</tool_call>')  # city is required
+    assert not whole(one, b'<tool_call>{"arguments": {}, "name": "time"}</tool_call>')  # name first
+    assert whole(one, b'<tool_call>{"name": "time", "arguments": {"any": [1]}}</tool_call>')
+    many = compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools)))
+    two = call + b'\n<tool_call>{"name": "time", "arguments": {}}</tool_call>'
+    state = many.advance(many.start(), two)
+    assert many.accepts(state) and not many.must_end(state)
+    named = compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), tool_name="time"))
+    assert not prefix(named, b'<tool_call>{"name": "w') and prefix(named, b'<tool_call>{"name": "t')
