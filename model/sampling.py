@@ -24,14 +24,20 @@ logit: (logit + bias) / r; min_tokens' -inf stays -inf whatever follows.) The kn
   be drawn is as token n + 1.
 Both are entries (id, bias, until) of the row's bias table (model/sampling_params.py); a row's generated count is
 its sampling step (0 for the token sampled from the prefill).
+- guided decoding (the serving engine's: serving/guided/): a row with guided True may only draw the tokens whose
+  bit is set in its packed mask `allowed` uint32 [B, W] (token v: bit v % 32 of word v // 32); the others get
+  -inf after the bias table and the penalties, so no bias can bring them back. The host writes each guided row's
+  mask between steps.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from meshserve.model.sampling_params import (
     FREQUENCY_PENALTY_MAX,
     L_MAX,
@@ -57,6 +63,8 @@ __all__ = [
     "FREQUENCY_PENALTY_MAX",
     "REPETITION_PENALTY_MAX",
     "SAMPLING_FIELDS",
+    "GUIDE_FIELDS",
+    "guide_arrays",
     "TOP_LOGPROBS_MAX",
     "top_logprobs",
     "L_MAX",
@@ -113,13 +121,37 @@ def _bias(logits: jax.Array, sampling: dict[str, jax.Array], active: jax.Array) 
     return logits.at[jnp.arange(B)[:, None], ids].add(sampling["bias_values"], mode="drop")
 
 
+GUIDE_FIELDS = ("allowed", "guided")  # the serving engine's per-row guided-decoding arrays (guide_arrays)
+
+
+def guide_arrays(vocab_size: int, b: int, masks=()) -> dict[str, np.ndarray]:
+    """Guided decoding's rows for `sample`: allowed uint32 [b, W] (W = ceil(V / 32); all bits set = no constraint)
+    and guided bool [b]; masks: up to b packed masks [W] (None = that row is not guided)."""
+    words = -(-vocab_size // 32)
+    allowed = np.full((b, words), 0xFFFFFFFF, np.uint32)
+    guided = np.zeros((b,), bool)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            allowed[i], guided[i] = mask, True
+    return {"allowed": allowed, "guided": guided}
+
+
+def _guide(logits: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
+    """-inf on logits float32 [B, V] where a guided row's mask bit is clear (bit v % 32 of word v // 32)."""
+    B, V = logits.shape
+    words = sampling["allowed"]  # [B, W]
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+    allowed = bits.reshape(B, -1)[:, :V].astype(bool)
+    return jnp.where(allowed | ~sampling["guided"][:, None], logits, -jnp.inf)
+
+
 def _adjust(
     logits: jax.Array, sampling: dict[str, jax.Array], steps: jax.Array, history: TokenHistory | None
 ) -> jax.Array:
-    """The bias table, then the penalties, on logits float32 [B, V] (steps int32 [B]). One batch-wide branch around
-    both, each inside under its own: a `lax.cond` returns a new [B, V] buffer even when its branch passes the logits
-    through (XLA copies them: seen in the compiled HLO), so a batch that uses neither knob pays for one such branch,
-    as it did before the bias table existed. (Without a history, the bench's loops, the table's branch is the one.)"""
+    """The bias table, then the penalties, then guided rows' masks on logits float32 [B, V] (steps int32 [B]).
+    One batch-wide branch around them all, each inside under its own: a `lax.cond` returns a new [B, V] buffer even
+    when its branch passes the logits through (XLA copies them: seen in the compiled HLO), so a batch that uses no
+    knob pays for one such branch, as it did before the bias table existed. (Without a history, the bench's loops, the table's branch is the one.)"""
     conds = []
     if "bias_ids" in sampling:  # hand-built sampling dicts without the table (older callers) bias nothing
         # An entry is live while the row's generated count (its step) is below its `until`: min_tokens' entries
@@ -130,17 +162,19 @@ def _adjust(
         penalized = (sampling["repetition_penalty"] != 1.0) | (sampling["presence_penalty"] != 0.0)
         penalized |= sampling["frequency_penalty"] != 0.0
         conds.append((jnp.any(penalized), lambda x: _penalize(x, sampling, history)))
+    if "guided" in sampling:  # the serving engine's steps (model.generate's loop has no guided rows)
+        conds.append((jnp.any(sampling["guided"]), lambda x: _guide(x, sampling)))
     if not conds:
         return logits
     if len(conds) == 1:
         return jax.lax.cond(conds[0][0], conds[0][1], lambda x: x, logits)
 
-    def both(x: jax.Array) -> jax.Array:
+    def each(x: jax.Array) -> jax.Array:
         for on, fn in conds:
             x = jax.lax.cond(on, fn, lambda y: y, x)
         return x
 
-    return jax.lax.cond(conds[0][0] | conds[1][0], both, lambda x: x, logits)
+    return jax.lax.cond(functools.reduce(jnp.logical_or, [on for on, _ in conds]), each, lambda x: x, logits)
 
 
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +37,20 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, validate_prompts
 from meshserve.model.params import Params
-from meshserve.model.sampling import SamplingParams
+from meshserve.model.sampling import SamplingParams, guide_arrays
 from meshserve.serving.engine_steps import (
     DecodeState,
     ModelSteps,
     decode_rows,
     extend_step,
     fresh_state,
+    guide_buckets,
     insert_rows,
     pad_sampling,
     prefill_step,
     release_slots,
     score_tokens,
+    set_guides,
     verify_rows,
 )
 from meshserve.serving.memory_fit import check_decode_state
@@ -118,6 +120,7 @@ class Engine:
     _verify: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
+    _guide: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # guided masks' writes, per G
     _state: DecodeState | None = field(default=None, init=False, repr=False)
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
@@ -191,12 +194,20 @@ class Engine:
     def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
         spec = jax.ShapeDtypeStruct
         # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2], bias table [b, L_MAX]), b rows.
-        samp = lambda b: {n: spec((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b).items()}  # noqa: E731
+        V = self.config.vocab_size
+        samp = lambda b: {n: spec((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b, V).items()}  # noqa: E731
         key = job.key
         rows = lambda b: spec((b,), jnp.int32)  # noqa: E731
         if job.kind == "release":
             release = jax.jit(release_slots, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
             self._release = release.lower(state, spec((self.plan.max_batch,), jnp.bool_)).compile()
+            # Guided decoding's mask writes, one per row bucket (the masks of the guided rows of a step).
+            guide = jax.jit(set_guides, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
+            words = state.sampling["allowed"].shape[1]
+            self._guide = {
+                g: guide.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
+                for g in guide_buckets(self.plan.max_batch)
+            }
         elif job.kind in ("prefill", "score", "extend"):
             b, t = key[:2]
             tokens = spec((b, t), jnp.int32)
@@ -273,21 +284,24 @@ class Engine:
         batch: int,
         length: int,
         reuse: PrefixReuse | None = None,
+        guides: Sequence[np.ndarray | None] = (),
     ) -> StepOutput:
         """Prefill prompts as one [batch, length] bucket, insert them into decode `slots`; first tokens to host.
 
         reuse: prompt prefixes already in the cache (prefix caching); `length` then buckets the tokens after them.
+        guides: per prompt, the packed mask uint32 [W] its first token must follow (guided decoding), or None.
         """
         n = len(prompts)
         if not 0 < n <= batch or len(slots) != n or len(sampling) != n:
             raise ValueError(f"prefill of {n} prompts into bucket batch={batch} with {len(slots)} slots")
         if reuse is not None:
-            return self._extend_insert(prompts, slots, sampling, batch, length, reuse)
+            return self._extend_insert(prompts, slots, sampling, batch, length, reuse, guides)
         # The bucket's own step, or a larger one while a deferred warm-up has not compiled it yet.
         key, prefill = covering(self._prefill, (batch, length), "prefill")
         # Right-padded [b, T] tokens, padding rows of length 1 (never inserted), sampling rows [b].
         packed = Batch.pack(self.config, prompts, 1, list(sampling), (), shape=key)
-        tokens, lengths, samp = packed.tokens, packed.lengths, packed.sampling
+        tokens, lengths = packed.tokens, packed.lengths
+        samp = {**packed.sampling, **guide_arrays(self.config.vocab_size, key[0], guides)}
         out, k, v, in_prompt = prefill(self.params, tokens, lengths, samp)
         self._state = self._insert[key](self._state, k, v, lengths, self._slot_rows(slots, key[0]), out[0], samp,
                                         in_prompt)  # fmt: skip
@@ -299,7 +313,8 @@ class Engine:
         rows[: len(slots)] = slots
         return rows
 
-    def _extend_insert(self, prompts, slots, sampling, batch: int, length: int, reuse: PrefixReuse) -> StepOutput:
+    def _extend_insert(self, prompts, slots, sampling, batch: int, length: int, reuse: PrefixReuse,
+                       guides: Sequence[np.ndarray | None]) -> StepOutput:  # fmt: skip
         """`prefill_insert` over cached prefixes: one compiled extend step (b, T, C)."""
         n = len(prompts)
         key, extend = covering(self._extend, (batch, length, reuse.context), "extend")
@@ -317,8 +332,9 @@ class Engine:
         sources = np.zeros((batch,), np.int32)
         for i, (p, m) in enumerate(zip(prompts, reuse.lengths, strict=True)):
             prefix_tokens[i, :m], cached[i], sources[i] = p[:m], m, reuse.sources[i]
+        samp = {**rest.sampling, **guide_arrays(self.config.vocab_size, batch, guides)}
         self._state, out = extend(self.params, self._state, rest.tokens, rest.lengths, prefix_tokens, cached, sources,
-                                  self._slot_rows(slots, batch), rest.sampling)  # fmt: skip
+                                  self._slot_rows(slots, batch), samp)  # fmt: skip
         return StepOutput(*(np.asarray(a)[:n] for a in jax.device_get(out)))
 
     def release(self, slots: list[int]) -> None:
@@ -326,6 +342,16 @@ class Engine:
         free = np.zeros((self.plan.max_batch,), bool)
         free[list(slots)] = True
         self._state = self._release(self._state, free)
+
+    def guide(self, slots: Sequence[int], masks: Sequence[np.ndarray]) -> None:
+        """Guided rows' masks for the next step: masks[i] (packed uint32 [W]) for slot slots[i]."""
+        if not slots:
+            return
+        g = min(b for b in self._guide if b >= len(slots))
+        rows = self._slot_rows(list(slots), g)
+        packed = np.full((g, self._state.sampling["allowed"].shape[1]), 0xFFFFFFFF, np.uint32)
+        packed[: len(slots)] = np.stack(masks)
+        self._state = self._guide[g](self._state, rows, packed)
 
     def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],

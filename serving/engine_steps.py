@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
-from meshserve.model.sampling import SamplingParams, TokenHistory, sample, stack_sampling, top_logprobs
+from meshserve.model.sampling import (
+    SamplingParams,
+    TokenHistory,
+    guide_arrays,
+    sample,
+    stack_sampling,
+    top_logprobs,
+)
 
 __all__ = [
     "DecodeState",
@@ -26,15 +33,18 @@ __all__ = [
     "decode_rows",
     "extend_step",
     "fresh_state",
+    "guide_buckets",
     "insert_rows",
     "pad_sampling",
     "prefill_step",
     "release_slots",
     "score_tokens",
+    "set_guides",
     "verify_rows",
 ]
 
-SamplingArrays = dict[str, jax.Array]  # SAMPLING_FIELDS: [B] each, seed [B, 2], bias table [B, L_MAX] (sampling.py)
+# SAMPLING_FIELDS: [B] each, seed [B, 2], bias table [B, L_MAX]; GUIDE_FIELDS: allowed [B, W], guided [B] (sampling.py)
+SamplingArrays = dict[str, jax.Array]
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,14 @@ class DecodeState:
     history: TokenHistory  # in_prompt bool [B, V], counts int32 [B, V] of generated tokens
 
 
-def pad_sampling(params: list[SamplingParams], b: int) -> dict[str, np.ndarray]:
-    """Sampling arrays of `params` padded with defaults to b rows ([b] each, seed [b, 2])."""
-    return stack_sampling(list(params) + [SamplingParams()] * (b - len(params)))
+def pad_sampling(params: list[SamplingParams], b: int, vocab_size: int, masks=()) -> dict[str, np.ndarray]:
+    """Sampling arrays of `params` padded with defaults to b rows ([b] each, seed [b, 2], bias table [b, L_MAX]),
+    and guided decoding's (allowed uint32 [b, ceil(V / 32)], guided bool [b]) from masks: the packed mask of each
+    guided row, None for the others (serving/guided/)."""
+    return {
+        **stack_sampling(list(params) + [SamplingParams()] * (b - len(params))),
+        **guide_arrays(vocab_size, b, masks),
+    }
 
 
 def fresh_state(config: ModelConfig, B: int, S: int, dtype) -> DecodeState:
@@ -73,7 +88,7 @@ def fresh_state(config: ModelConfig, B: int, S: int, dtype) -> DecodeState:
         transformer.init_cache(config, B, S, dtype),
         jnp.zeros((B,), jnp.int32),
         jnp.zeros((B,), jnp.int32),
-        {n: jnp.asarray(a) for n, a in pad_sampling([], B).items()},
+        {n: jnp.asarray(a) for n, a in pad_sampling([], B, config.vocab_size).items()},
         TokenHistory(jnp.zeros((B, config.vocab_size), bool), jnp.zeros((B, config.vocab_size), jnp.int32)),
     )
 
@@ -212,10 +227,22 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     return new, (out, n, out_lp, *top_logprobs(logits[:, 0], samp))
 
 
+def guide_buckets(max_batch: int) -> list[int]:
+    """Row counts G the guided masks' write is compiled for: powers of 4 below max_batch, and max_batch (a step
+    with g guided rows uploads the smallest G >= g masks, not B)."""
+    return sorted({*(4**i for i in range(max_batch.bit_length()) if 4**i < max_batch), max_batch})
+
+
+def set_guides(state: DecodeState, rows: jax.Array, masks: jax.Array) -> DecodeState:
+    """Guided rows' next masks: masks uint32 [G, W] into slots rows [G] (index B = a padding row, dropped)."""
+    allowed = state.sampling["allowed"].at[rows].set(masks, mode="drop")
+    return dataclasses.replace(state, sampling={**state.sampling, "allowed": allowed})
+
+
 def release_slots(state: DecodeState, free: jax.Array) -> DecodeState:
     """Default sampling settings in the slots where free bool [B]: a finished request's penalties, filters, bias
     entries or top_logprobs must not keep the batch-wide branches of later steps switched on."""
-    defaults = pad_sampling([], 1)
+    defaults = pad_sampling([], 1, 32 * state.sampling["allowed"].shape[1])
     sampling = {
         n: jnp.where(free.reshape(-1, *[1] * (a.ndim - 1)), jnp.asarray(defaults[n][0]), a)
         for n, a in state.sampling.items()

@@ -24,6 +24,7 @@ from meshserve.model.generate import prompt_error
 from meshserve.model.tokenizer import Tokenizer
 from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.engine import Engine, ScoreOutput
+from meshserve.serving.guided.tracker import GuideTracker
 from meshserve.serving.metrics import ServerMetrics
 from meshserve.serving.requests import (
     Event,
@@ -73,6 +74,7 @@ class Orchestrator:
             raise ValueError(f"the speculator drafts {speculator.k} tokens; the plan verifies "
                              f"{engine.plan.speculative_tokens}")  # fmt: skip
         self.speculator = speculator
+        self.guides = GuideTracker(tokenizer, engine)  # guided requests' grammars and masks (serving/guided/)
         self.engine = engine
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -101,12 +103,17 @@ class Orchestrator:
     ) -> RequestHandle:
         """Queue a validated request; raises QueueFullError / ShuttingDownError. `done` receives the handle at the end."""
         handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop), done=done)
-        with self._lock:
-            if not self._accepting:
-                raise ShuttingDownError("server is shutting down; not accepting new requests")
-            request.arrival = time.monotonic()
-            self.scheduler.submit(request)
-            self._handles[request.id] = handle
+        self.guides.add([request])
+        try:
+            with self._lock:
+                if not self._accepting:
+                    raise ShuttingDownError("server is shutting down; not accepting new requests")
+                request.arrival = time.monotonic()
+                self.scheduler.submit(request)
+                self._handles[request.id] = handle
+        except BaseException:
+            self.guides.forget(request, None)
+            raise
         self._wake.set()
         return handle
 
@@ -123,6 +130,18 @@ class Orchestrator:
             RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore[arg-type]
             for i, r in enumerate(requests)
         ]
+        self.guides.add(requests)
+        try:
+            self._queue_all(requests, handles)
+        except BaseException:
+            for r in requests:
+                self.guides.forget(r, None)
+            raise
+        self._wake.set()
+        return handles, events
+
+    def _queue_all(self, requests: Sequence[Request], handles: list[RequestHandle]) -> None:
+        """submit_many's queueing, under the lock: all the requests or none."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down; not accepting new requests")
@@ -137,8 +156,6 @@ class Orchestrator:
                 r.arrival = now  # one arrival: the request's timing covers all its samples
                 self.scheduler.submit(r)  # cannot fail now: the room was checked under the same lock
                 self._handles[r.id] = handle
-        self._wake.set()
-        return handles, events
 
     def cancel(self, handle: RequestHandle) -> None:
         """Cancel (client gone); the slot is freed at the next loop iteration. No-op when already finished."""
@@ -238,6 +255,7 @@ class Orchestrator:
                             batch.batch,
                             batch.length,
                             reuse=batch.reuse,
+                            **self.guides.prefill_kwargs(batch.requests),
                         )
                     except UserError as e:
                         # A prompt the model cannot take (an id outside its vocabulary) that got past the caller's
@@ -256,6 +274,13 @@ class Orchestrator:
                     worked = True
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
+                if ticket is not None and pending is not None and self.guides.live(ticket[1]):
+                    # A guided row's next mask needs its last token: read the step in flight first.
+                    self._finish_step(pending, None)
+                    pending = None
+                    with self._lock:
+                        ticket = self.scheduler.decode_ticket()
+                self.guides.flush()  # the guided rows' masks for the step about to run
                 spec = self.speculator  # the engine's plan is read only when speculating (test engines have none)
                 if ticket is not None and spec is not None:
                     context = self.engine.plan.max_context
@@ -324,6 +349,7 @@ class Orchestrator:
         servicer answers INVALID_ARGUMENT, an offline job writes the line to its errors file)."""
         now = time.monotonic()
         for r in requests:
+            self.guides.forget(r, r.slot)
             with self._lock:
                 self.scheduler.finish(r, "cancelled", now)
                 handle = self._handles.pop(r.id, None)
@@ -383,11 +409,18 @@ class Orchestrator:
             handle = self._handles.get(r.id)
             if handle is None:
                 continue
+            slot = r.slot  # before a finish frees it
             reason = u.finish_reason
             if len(u.tokens) > 1:  # a verify step's: a stop string may complete before its last token
                 text, hit, u = push_verified(handle.decoder, u, self._lock)
             else:
                 text, hit = handle.decoder.push(u.tokens) if u.tokens else ("", False)
+            if reason is None and not hit and u.tokens:
+                try:  # guided: past its new tokens; a complete format ends the request as a stop string does
+                    hit = self.guides.advance(r, u.tokens)
+                except ValueError as e:  # a token its mask did not allow: a bug, this request fails alone
+                    self._fail([r], {r.id: f"guided decoding failed: {e}"})
+                    continue
             if hit:
                 # A stop string wins over `length`: it may complete on the last allowed token.
                 if reason is None:
@@ -403,6 +436,7 @@ class Orchestrator:
                     self._handles.pop(r.id, None)
                 if self.speculator is not None:
                     self.speculator.forget(r)
+                self.guides.forget(r, slot)
                 if handle.done is not None:
                     handle.done.put(handle)
                 end = r.finish_time or time.monotonic()

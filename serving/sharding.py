@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
-from meshserve.model.sampling import SAMPLING_FIELDS, TokenHistory
+from meshserve.model.sampling import GUIDE_FIELDS, SAMPLING_FIELDS, TokenHistory
 from meshserve.serving.engine_steps import DecodeState, ModelSteps
 from meshserve.serving.plan import EnginePlan, StepPlan
 
@@ -126,7 +126,7 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
 
     state_sharding = DecodeState(
         cache=KVCache(k=kv, v=kv, lengths=replicated), last=replicated, step=replicated,
-        sampling={name: replicated for name in SAMPLING_FIELDS},
+        sampling={name: replicated for name in (*SAMPLING_FIELDS, *GUIDE_FIELDS)},
         history=TokenHistory(in_prompt=replicated, counts=replicated),
     )  # fmt: skip
 

@@ -180,7 +180,8 @@ class NgramSpeculator:
     def _room(self, r: Request | None, max_context: int) -> int:
         """Drafts row r may carry: 0 unless it is a running request whose sampling may draft; the verify step keeps
         at most drafts + 1 tokens, so they stay within the request's limit and the cache."""
-        if r is None or r.finished or not may_draft_sampling(r.sampling):
+        # A guided row's masks follow its tokens one step at a time: it never drafts (position 0 only).
+        if r is None or r.finished or r.guide is not None or not may_draft_sampling(r.sampling):
             return 0
         return min(self.k, r.max_new_tokens - len(r.tokens) - 1, max_context - len(r.prompt) - len(r.tokens))
 

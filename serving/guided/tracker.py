@@ -1,0 +1,89 @@
+"""The engine loop's side of guided decoding: each guided request's `Guide`, moved past every token it is given,
+and the masks its slot needs before the next step.
+
+A guided row's mask for step n + 1 depends on its token of step n, so while one runs the engine loop does not
+dispatch a step before reading the previous one (the pipelining that keeps the device busy for free text):
+`live(ticket)` tells the loop when. Masks are computed on the host (serving/guided/: cached per grammar state) and
+written into the decode state's `allowed` rows in one small compiled scatter per step (Engine.guide).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from meshserve.serving.requests import Request
+
+__all__ = ["GuideTracker"]
+
+
+class GuideTracker:
+    """Guides of the guided requests an orchestrator holds, by request id, and the masks waiting to be written, by
+    slot. `add` runs on the callers' threads (it builds the vocabulary's table once, and the first mask); the rest
+    on the engine thread."""
+
+    def __init__(self, tokenizer, engine):
+        self.tokenizer, self.engine = tokenizer, engine  # the engine's config is read at the first guided request
+        self._table = None  # TokenTable, built at the first guided request
+        self._table_lock = threading.Lock()
+        self._guides: dict[int, object] = {}  # request id -> its Guide
+        self._masks: dict[int, np.ndarray] = {}  # slot -> its next mask, uint32 [W]
+
+    def _token_table(self):
+        from meshserve.serving.guided import TokenTable  # the grammar modules load with the first guided request
+
+        with self._table_lock:  # built once (a vocabulary's trie: up to a second for 100k+ tokens)
+            if self._table is None:
+                self._table = TokenTable.of(self.tokenizer, self.engine.config.vocab_size)
+            return self._table
+
+    def add(self, requests: Iterable[Request]) -> None:
+        """Start a Guide for each guided request (before it is queued); its first mask is computed here."""
+        for r in requests:
+            if r.guide is not None:
+                from meshserve.serving.guided import Guide, compile_spec
+
+                guide = Guide(compile_spec(r.guide), self._token_table(), r.stop_ids)
+                guide.mask()  # the start state's mask, cached for the prefill
+                self._guides[r.id] = guide
+
+    def prefill_kwargs(self, requests: Sequence[Request]) -> dict[str, list[np.ndarray | None]]:
+        """Engine.prefill_insert's `guides` for a prefill batch (per request, the mask its first token must follow,
+        None when not guided); no keyword when none is guided."""
+        masks = [None if (g := self._guides.get(r.id)) is None else g.mask() for r in requests]
+        return {"guides": masks} if any(m is not None for m in masks) else {}
+
+    def live(self, owners: Sequence[Request | None]) -> bool:
+        """Whether a step over these slots' requests has a guided row (it must see the previous step's tokens)."""
+        return bool(self._guides) and any(r is not None and r.id in self._guides for r in owners)
+
+    def advance(self, request: Request, tokens: Sequence[int]) -> bool:
+        """Move the request's guide past its new tokens; True when the format is complete and nothing may follow
+        (the request ends now). Otherwise its next mask waits for `flush`. ValueError: a token the mask did not
+        allow (a bug: the engine samples only allowed tokens)."""
+        guide = self._guides.get(request.id)
+        if guide is None:
+            return False
+        for token in tokens:
+            guide.advance(int(token))
+        if guide.done:
+            return True
+        if request.slot is not None:
+            self._masks[request.slot] = guide.mask()
+        return False
+
+    def forget(self, request: Request, slot: int | None) -> None:
+        """The request ended: drop its guide and any mask still waiting for its slot."""
+        if self._guides.pop(request.id, None) is not None and slot is not None:
+            self._masks.pop(slot, None)
+
+    def flush(self) -> None:
+        """Write the waiting masks into their slots (before the next step is dispatched)."""
+        if self._masks:
+            slots = list(self._masks)
+            self.engine.guide(slots, [self._masks[s] for s in slots])
+            self._masks.clear()
+
+    def __len__(self) -> int:
+        return len(self._guides)
