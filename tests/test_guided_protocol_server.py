@@ -18,8 +18,9 @@ from test_serving_support import GRID, ServerProcess, env, make_checkpoint, mesh
 
 openai = pytest.importorskip("openai")
 
-# Booleans and an enum only: a tiny random model's greedy output is bounded (whitespace is, by the grammar), so the
-# JSON completes well inside the 128-token context.
+# Booleans and an enum only, so the output's length is bounded. A random tiny model likes JSON's optional whitespace
+# (the grammar allows 32 bytes between two tokens), so the tests bias the whitespace bytes away (the byte tokenizer's
+# ids are the bytes), as a user may: the JSON then completes well inside the 128-token context.
 SCHEMA = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
@@ -27,6 +28,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+NO_SPACE = {ord(c): -100.0 for c in " \t\n\r"}
 
 
 def _matches(value) -> bool:
@@ -111,18 +113,22 @@ def test_json_schema_over_http_and_grpc_returns_json_the_schema_accepts(server):
     from meshserve.serving.client import Client
 
     oa = openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=120)
-    got = oa.completions.create(model="m", prompt="Answer:", max_tokens=100, temperature=0,
+    got = oa.completions.create(model="m", prompt="Answer:", max_tokens=100, temperature=0, logit_bias=NO_SPACE,
                                 extra_body={"response_format": JSON_SCHEMA})  # fmt: skip
     (choice,) = got.choices
     assert choice.finish_reason == "stop" and _matches(json.loads(choice.text)), choice.text
     with Client(server.target) as client:
         for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 3, "n": 2}):
-            reply = client.generate("Answer:", max_new_tokens=100, response_format=JSON_SCHEMA, **kwargs)
+            reply = client.generate(
+                "Answer:", max_new_tokens=100, response_format=JSON_SCHEMA, logit_bias=NO_SPACE, **kwargs
+            )
             for sample in reply.choices or [reply]:
                 assert sample.finish_reason == "stop" and _matches(json.loads(sample.text)), sample.text
-        chunks = list(client.generate_stream("Answer:", max_new_tokens=100, response_format={"type": "json_object"}))
+        # Any object: with '"' biased away too (no key can start) the only object left is {}.
+        chunks = list(client.generate_stream("Answer:", max_new_tokens=100, response_format={"type": "json_object"},
+                                             logit_bias={**NO_SPACE, ord('"'): -100.0}))  # fmt: skip
         text = "".join(c.text for c in chunks)
-        assert chunks[-1].finish_reason == "stop" and isinstance(json.loads(text), dict), text
+        assert chunks[-1].finish_reason == "stop" and json.loads(text) == {}, text
 
 
 def test_tool_choice_required_and_named_return_calls(tool_server):
@@ -147,7 +153,8 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
         {"id": "bad", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
         {"id": "pattern", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
             "name": "a", "schema": {"type": "string", "pattern": "x"}}}},
-        {"id": "json", "prompt": "Answer:", "max_new_tokens": 100, "response_format": JSON_SCHEMA},
+        {"id": "json", "prompt": "Answer:", "max_new_tokens": 100, "response_format": JSON_SCHEMA,
+         "logit_bias": {str(k): v for k, v in NO_SPACE.items()}},
         {"id": "free", "prompt": "Answer:", "max_new_tokens": 4, "ignore_eos": True},
     ]  # fmt: skip
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
