@@ -35,7 +35,7 @@ State = tuple  # a sorted tuple of stacks (tuples of frames)
 WS_BYTES = 32
 WS_NEWLINES = 2
 NUM_DIGITS = 20
-_MEMO_LIMIT = 1 << 20  # (state, byte) -> next state entries kept per grammar before the memo is dropped
+_MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
 # Frame tags (first element of each frame).
 VAL, OBJ, ARR, STR, NUM, LIT, TOOLS = range(7)
@@ -117,7 +117,7 @@ class Grammar:
         done = self._ends.get(state)
         if done is None:
             done = self.accepts(state) and all(self.step(state, b) is None for b in range(256))
-            self._ends[state] = done
+            self._ends[state] = done  # bounded: cleared with the memo (each entry here put 256 there)
         return done
 
     def step(self, state: State, b: int) -> State | None:
@@ -131,6 +131,7 @@ class Grammar:
         if row is None:
             if self._size >= _MEMO_LIMIT:
                 self._memo.clear()
+                self._ends.clear()
                 self._size = 0
             row = self._memo[state] = {}
         return row

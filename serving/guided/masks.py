@@ -3,14 +3,16 @@ its grammar (`Guide`).
 
 A mask is uint32 [W], W = ceil(V / 32): token v is allowed iff (mask[v // 32] >> (v % 32)) & 1 (the layout of
 np.packbits(bool [W * 32], bitorder="little").view("<u4")). A new state's mask walks the vocabulary's byte trie with
-the grammar, pruning a subtree at its first rejected byte; masks are cached per (grammar, state) in the table (LRU,
-MASK_CACHE per grammar). Inside a string (every stack between two characters of a string) the "plain" tokens (valid
+the grammar, pruning a subtree at its first rejected byte; masks are cached per (grammar, state) in the table (one
+LRU over the table's grammars: at most MASK_CACHE masks and MASK_CACHE_BYTES; a Qwen-sized V of 152k makes a mask
+19 KiB). Inside a string (every stack between two characters of a string) the "plain" tokens (valid
 UTF-8 without a quote, backslash or control byte) are allowed wholesale from a precomputed mask by their character
 count, and only the other tokens are walked.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -19,9 +21,10 @@ import numpy as np
 from meshserve.serving.guided.grammar import Grammar, State
 from meshserve.serving.guided.spec import GuideError
 
-__all__ = ["TokenTable", "Guide", "MASK_CACHE"]
+__all__ = ["TokenTable", "Guide", "MASK_CACHE", "MASK_CACHE_BYTES"]
 
-MASK_CACHE = 4096  # masks kept per grammar (a state's mask is ~V/8 bytes: 4 KiB for V = 32k)
+MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
+MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -70,7 +73,9 @@ class TokenTable:
                 by_count[n, v] = True
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
-        self._masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._masks: OrderedDict[tuple[Grammar, State], np.ndarray] = OrderedDict()
+        self._cache_limit = max(1, min(MASK_CACHE, MASK_CACHE_BYTES // (4 * self.words)))
+        self._lock = threading.Lock()  # requests' first masks are computed on the callers' threads
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int) -> TokenTable:
@@ -91,13 +96,16 @@ class TokenTable:
         return out
 
     def mask(self, grammar: Grammar, state: State) -> np.ndarray:
-        """The tokens whose bytes can follow `state` (stop tokens not included): uint32 [W], read-only, cached."""
-        cache = self._masks.get(grammar)
-        if cache is None:
-            cache = self._masks[grammar] = OrderedDict()
-        out = cache.get(state)
+        """The tokens whose bytes can follow `state` (stop tokens not included): uint32 [W], read-only, cached.
+        Thread-safe (one mask at a time per table)."""
+        with self._lock:
+            return self._mask(grammar, state)
+
+    def _mask(self, grammar: Grammar, state: State) -> np.ndarray:
+        cache, key = self._masks, (grammar, state)
+        out = cache.get(key)
         if out is not None:
-            cache.move_to_end(state)
+            cache.move_to_end(key)
             return out
         room = grammar.string_room(state)
         allowed = np.zeros(self.words * 32, bool)
@@ -107,8 +115,8 @@ class TokenTable:
         if room is not None:
             out = out | self._plain[min(room, len(self._plain) - 1)]
             out.setflags(write=False)
-        cache[state] = out
-        if len(cache) > MASK_CACHE:
+        cache[key] = out
+        if len(cache) > self._cache_limit:
             cache.popitem(last=False)
         return out
 
