@@ -11,9 +11,8 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
   ("tools", call node id, parallel)        Hermes `<tool_call>` blocks around the call objects
 
 A state is a sorted tuple of distinct deterministic stacks (the alternatives still open); a stack is a tuple of
-frames (tuples of ints), its top last. A frame
-is a value being written; the frame below is its container, already in the state it takes once the value ends (so a
-value ending is a pop). States are canonical: the same position reached by any path is the same tuple, so masks
+frames (tuples of ints), its top last. A frame is a value being written; the frame below is its container, already
+in the state it takes once the value ends (so a value ending is a pop). States are canonical: the same position reached by any path is the same tuple, so masks
 cache per state. Tuples of ints, not frozensets: the cyclic garbage collector stops tracking them, so the (state,
 byte) memo does not make its full collections slow (frozensets there cost tens of ms pauses).
 
