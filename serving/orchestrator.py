@@ -14,7 +14,6 @@ the front of the queue and are prefilled in the next iteration.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -22,10 +21,10 @@ from collections.abc import Sequence
 from meshserve.errors import UserError
 from meshserve.model.generate import prompt_error
 from meshserve.model.tokenizer import Tokenizer
-from meshserve.serving.detok import StreamDecoder
-from meshserve.serving.engine import Engine, ScoreOutput
+from meshserve.serving.engine import Engine
 from meshserve.serving.guided.tracker import GuideTracker
 from meshserve.serving.metrics import ServerMetrics
+from meshserve.serving.orchestrator_calls import GRACE_ENDED, CallerSide
 from meshserve.serving.requests import (
     Event,
     RequestFailedError,
@@ -33,10 +32,9 @@ from meshserve.serving.requests import (
     ScoreCancelledError,
     ScoreQueueFullError,
     ShuttingDownError,
-    TaggedQueue,
 )
-from meshserve.serving.scheduler import PrefillBatch, QueueFullError, Request, Scheduler, Update
-from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs, new_score_job, wait_for_score
+from meshserve.serving.scheduler import PrefillBatch, Request, Scheduler, Update
+from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES, ScoreJobs
 from meshserve.serving.speculative import NgramSpeculator, push_verified
 
 __all__ = [
@@ -50,11 +48,8 @@ __all__ = [
     "GRACE_ENDED",
 ]
 
-# What a request (gRPC: UNAVAILABLE, HTTP: 503) or Score hears when the drain's grace period cancelled it.
-GRACE_ENDED = "server shut down: the request was cancelled when the drain's grace period (--grace) ended"
 
-
-class Orchestrator:
+class Orchestrator(CallerSide):
     """Runs `engine` (already warmed up) with `scheduler` on a background thread.
 
     `max_scores` bounds the Score requests accepted and not answered yet (running + queued)."""
@@ -92,140 +87,11 @@ class Orchestrator:
         self.step_seconds = 0.0  # their wall time in the loop (dispatch to the next dispatch)
         self.error: BaseException | None = None
 
-    # ----- caller side (any thread) -----
+    # ----- caller side (any thread): serving/orchestrator_calls.py, and -----
 
     def start(self) -> Orchestrator:
         self._thread.start()
         return self
-
-    def submit(
-        self, request: Request, stop: Sequence[str] = (), done: queue.SimpleQueue | None = None
-    ) -> RequestHandle:
-        """Queue a validated request; raises QueueFullError / ShuttingDownError. `done` receives the handle at the end."""
-        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop), done=done)
-        self.guides.add([request])
-        try:
-            with self._lock:
-                if not self._accepting:
-                    raise ShuttingDownError("server is shutting down; not accepting new requests")
-                request.arrival = time.monotonic()
-                self.scheduler.submit(request)
-                self._handles[request.id] = handle
-        except BaseException:
-            self.guides.forget(request, None)
-            raise
-        self._wake.set()
-        return handle
-
-    def submit_many(
-        self, requests: Sequence[Request], stop: Sequence[str] = ()
-    ) -> tuple[list[RequestHandle], queue.SimpleQueue]:
-        """Queue the n samples of one request (validated), all or none: QueueFullError when the queue cannot take
-        all n (none is queued), ShuttingDownError when draining. Returns their handles and the one queue all their
-        events arrive on, as (sample index, Event or error). Queued at once under the lock, so the engine thread sees
-        them together: where the prompt is long enough for reuse to pay, the first sample prefills it and the others
-        reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        handles = [
-            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore[arg-type]
-            for i, r in enumerate(requests)
-        ]
-        self.guides.add(requests)
-        try:
-            self._queue_all(requests, handles)
-        except BaseException:
-            for r in requests:
-                self.guides.forget(r, None)
-            raise
-        self._wake.set()
-        return handles, events
-
-    def _queue_all(self, requests: Sequence[Request], handles: list[RequestHandle]) -> None:
-        """submit_many's queueing, under the lock: all the requests or none."""
-        with self._lock:
-            if not self._accepting:
-                raise ShuttingDownError("server is shutting down; not accepting new requests")
-            waiting, limit = len(self.scheduler.queue), self.scheduler.max_queue
-            if len(requests) > 1 and waiting + len(requests) > limit:  # one request: the scheduler's own check
-                raise QueueFullError(
-                    f"queue full: {waiting} requests waiting, and n={len(requests)} samples need {len(requests)} "
-                    f"places (max_queue={limit})"
-                )
-            now = time.monotonic()
-            for r, handle in zip(requests, handles, strict=True):
-                r.arrival = now  # one arrival: the request's timing covers all its samples
-                self.scheduler.submit(r)  # cannot fail now: the room was checked under the same lock
-                self._handles[r.id] = handle
-
-    def cancel(self, handle: RequestHandle) -> None:
-        """Cancel (client gone); the slot is freed at the next loop iteration. No-op when already finished."""
-        with self._lock:
-            self.scheduler.cancel(handle.request)
-        self._wake.set()
-
-    def score(
-        self,
-        items: list[tuple[list[int], list[int]]],
-        timeout: float | None = None,
-        cancel: threading.Event | None = None,
-        deadline: float | None = None,
-    ) -> ScoreOutput:
-        """Score (prompt ids, continuation ids) pairs on the engine thread, one chunk between decode steps.
-
-        Raises TimeoutError after `timeout` s (the engine stops the job at its next chunk) or once the engine passes
-        `deadline` (time.monotonic(); default: now + timeout), ScoreCancelledError when `cancel` is set (checked
-        between chunks), ScoreQueueFullError when `max_scores` Scores are pending, ShuttingDownError when draining,
-        or the engine thread's error if it died.
-        """
-        job, order = new_score_job(items, timeout, cancel, deadline)
-        with self._lock:
-            if not self._accepting:
-                raise ShuttingDownError("server is shutting down; not accepting new requests")
-            self.scores.add(job)
-        self._wake.set()
-        return wait_for_score(job, order, timeout)
-
-    def live_slots(self) -> int:
-        with self._lock:
-            return len(self.scheduler.active)
-
-    def queued(self) -> int:
-        with self._lock:
-            return len(self.scheduler.queue)
-
-    def drain(self, grace: float) -> bool:
-        """Stop accepting, let in-flight requests and Score jobs finish for up to `grace` s, then cancel the rest
-        (Score jobs fail with ShuttingDownError, a running one at its next chunk) and stop.
-
-        Returns True when every request and Score finished on its own within the grace period.
-        """
-        with self._lock:
-            self._accepting = False
-        deadline = time.monotonic() + grace
-        clean = True
-        while time.monotonic() < deadline and self._thread.is_alive():
-            with self._lock:
-                if self.scheduler.idle() and self.scores.pending == 0:
-                    break
-            time.sleep(0.02)
-        else:
-            clean = False
-        with self._lock:
-            left = [*self.scheduler.queue, *self.scheduler.active]
-            self.grace_passed = bool(left)
-            for r in left:
-                self.scheduler.cancel(r)
-                clean = False
-        if self.scores.fail(ShuttingDownError(GRACE_ENDED.replace("the request", "the Score"))):
-            clean = False
-        self.stop()
-        return clean
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     # ----- engine thread -----
 
