@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from meshserve.model.config import get_config
@@ -148,3 +149,27 @@ def test_a_guided_request_runs_beside_speculation():
         assert isinstance(json.loads(text), dict)
     else:  # a random model may not close its object in 40 tokens: what it wrote is still a JSON prefix
         assert reason == "length" and text.lstrip().startswith("{")
+
+
+def test_guided_rows_on_a_mesh_equal_one_device():
+    """On an emulated 2x2x2 mesh (the masks replicated beside the sharded cache) a guided request gets exactly the
+    one-device engine's tokens, and the masks' write keeps the decode state's split."""
+    from meshserve.serving.sharding import mesh_steps
+
+    config = get_config("tiny", n_kv_heads=8)
+    params = init_params(config, jax.random.key(5), jnp.float32)
+    kw = dict(max_batch=8, max_context=128, length_buckets=(16,), decode_buckets=(8,), weights="f32",
+              prefix_caching=False)  # fmt: skip
+    one = Engine(params, config, make_plan(config, **kw))
+    placed, steps, plan = mesh_steps(config, params, make_plan(config, mesh_axes={"x": 2, "y": 2, "z": 2}, **kw))
+    mesh = Engine(placed, config, plan, steps)
+    compact = SamplingParams(temperature=0.8, seed=4, logit_bias={ord(c): -100 for c in " \t\n\r"})
+    spec = GuideSpec("json_schema", schema=json.dumps(SCHEMA))
+    got = []
+    for engine in (one, mesh):
+        engine.warm_up(phases=("generate",))
+        got.append(_serve(engine, [Request([3, 14, 15], 100, compact, guide=spec), Request([6, 6], 20)]))
+    assert got[0] == got[1]
+    json.loads(got[0][0][0])
+    kv = steps.decode_state_sharding.cache.k
+    assert mesh._state.cache.k.sharding.is_equivalent_to(kv, 5)
