@@ -10,6 +10,7 @@ written into the decode state's `allowed` rows in one small compiled scatter per
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ class GuideTracker:
         self._table_lock = threading.Lock()
         self._guides: dict[int, object] = {}  # request id -> its Guide
         self._masks: dict[int, np.ndarray] = {}  # slot -> its next mask, uint32 [W]
+        self.tokens = 0  # guided tokens moved past on the engine thread
+        self.seconds = 0.0  # engine-thread time spent on them: moving guides, their masks, the masks' writes
 
     def _token_table(self):
         from meshserve.serving.guided import TokenTable  # the grammar modules load with the first guided request
@@ -65,13 +68,18 @@ class GuideTracker:
         guide = self._guides.get(request.id)
         if guide is None:
             return False
-        for token in tokens:
-            guide.advance(int(token))
-        if guide.done:
-            return True
-        if request.slot is not None:
-            self._masks[request.slot] = guide.mask()
-        return False
+        t0 = time.perf_counter()
+        try:
+            for token in tokens:
+                guide.advance(int(token))
+            if guide.done:
+                return True
+            if request.slot is not None:
+                self._masks[request.slot] = guide.mask()
+            return False
+        finally:
+            self.tokens += len(tokens)
+            self.seconds += time.perf_counter() - t0
 
     def forget(self, request: Request, slot: int | None) -> None:
         """The request ended: drop its guide and any mask still waiting for its slot."""
@@ -81,9 +89,11 @@ class GuideTracker:
     def flush(self) -> None:
         """Write the waiting masks into their slots (before the next step is dispatched)."""
         if self._masks:
+            t0 = time.perf_counter()
             slots = list(self._masks)
             self.engine.guide(slots, [self._masks[s] for s in slots])
             self._masks.clear()
+            self.seconds += time.perf_counter() - t0
 
     def __len__(self) -> int:
         return len(self._guides)
