@@ -131,6 +131,18 @@ def test_json_schema_over_http_and_grpc_returns_json_the_schema_accepts(server):
         assert chunks[-1].finish_reason == "stop" and json.loads(text) == {}, text
 
 
+def test_generate_json_schema_with_server(server, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    (tmp_path / "answer.json").write_text(json.dumps(SCHEMA))
+    bias = ",".join(f"{k}:{v:g}" for k, v in NO_SPACE.items())
+    code, out, err = run_cli(capsys, "generate", "Answer:", "--server", server.target, "--json-schema",
+                             str(tmp_path / "answer.json"), "--logit-bias", bias, "--max-new-tokens", "100", "--json")  # fmt: skip
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["finish_reason"] == "stop" and _matches(json.loads(row["text"])), row
+
+
 def test_tool_choice_required_and_named_return_calls(tool_server):
     from meshserve.serving.client import Client
 
