@@ -31,27 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, validate_prompts
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, guide_arrays
+from meshserve.serving.engine_compile import compile_job
 from meshserve.serving.engine_steps import (
     DecodeState,
     ModelSteps,
-    decode_rows,
-    extend_step,
     fresh_state,
-    guide_buckets,
-    insert_rows,
-    pad_sampling,
-    prefill_step,
-    release_slots,
-    score_tokens,
-    set_guides,
-    verify_rows,
 )
 from meshserve.serving.memory_fit import check_decode_state
 from meshserve.serving.plan import EnginePlan
@@ -124,6 +114,7 @@ class Engine:
     _state: DecodeState | None = field(default=None, init=False, repr=False)
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
+    _fit_checked: bool = field(default=False, init=False, repr=False)  # the state was checked against device memory
 
     # ----- warm-up -----
 
@@ -159,8 +150,9 @@ class Engine:
         on the request path: a shape no compiled step covers raises KeyError."""
         jobs = compile_order(self.plan, phases)
         state = self._abstract_state()
-        if self._state is None:  # before minutes of compiling, not after (reset checks again: the same answer)
+        if self._state is None and not self._fit_checked:  # before minutes of compiling, not after
             check_decode_state(state, self.plan.max_batch, self.plan.max_context, self.params)
+            self._fit_checked = True
         for job in jobs:
             if job.first or not defer:
                 self._compile(job, state, progress)
@@ -192,80 +184,15 @@ class Engine:
         return failed
 
     def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
-        spec = jax.ShapeDtypeStruct
-        # Each sampling array's shape as stack_sampling builds it ([b], seed [b, 2], bias table [b, L_MAX]), b rows.
-        V = self.config.vocab_size
-        samp = lambda b: {n: spec((b, *a.shape[1:]), a.dtype) for n, a in pad_sampling([], b, V).items()}  # noqa: E731
-        key = job.key
-        rows = lambda b: spec((b,), jnp.int32)  # noqa: E731
-        if job.kind == "release":
-            release = jax.jit(release_slots, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
-            self._release = release.lower(state, spec((self.plan.max_batch,), jnp.bool_)).compile()
-            # Guided decoding's mask writes, one per row bucket (the masks of the guided rows of a step).
-            guide = jax.jit(set_guides, donate_argnums=0, out_shardings=self.steps.decode_state_sharding)
-            words = state.sampling["allowed"].shape[1]
-            self._guide = {
-                g: guide.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
-                for g in guide_buckets(self.plan.max_batch)
-            }
-        elif job.kind in ("prefill", "score", "extend"):
-            b, t = key[:2]
-            tokens = spec((b, t), jnp.int32)
-            if job.kind == "score":
-                self._score[key] = (
-                    jax.jit(functools.partial(score_tokens, self.steps, self.config))
-                    .lower(self.params, tokens, rows(b))
-                    .compile()
-                )
-            elif job.kind == "extend":
-                extend = jax.jit(
-                    functools.partial(extend_step, self.steps, self.config),
-                    donate_argnums=1,
-                    out_shardings=(self.steps.decode_state_sharding, None),
-                )
-                prefix = spec((b, key[2]), jnp.int32)
-                self._extend[key] = extend.lower(
-                    self.params, state, tokens, rows(b), prefix, rows(b), rows(b), rows(b), samp(b)
-                ).compile()
-            else:
-                kv = spec(
-                    (self.config.n_layers, b, t, self.config.n_kv_heads, self.config.d_head),
-                    transformer.compute_dtype(self.params),
-                )
-                in_prompt = spec((b, self.config.vocab_size), jnp.bool_)
-                insert = jax.jit(
-                    functools.partial(insert_rows, self.steps.insert),
-                    donate_argnums=0,
-                    out_shardings=self.steps.decode_state_sharding,
-                )
-                # The insert first: a prefill bucket is looked up only once both of its steps are in.
-                self._insert[key] = insert.lower(state, kv, kv, rows(b), rows(b), rows(b), samp(b), in_prompt).compile()
-                self._prefill[key] = (
-                    jax.jit(functools.partial(prefill_step, self.steps, self.config))
-                    .lower(self.params, tokens, rows(b), samp(b))
-                    .compile()
-                )
-        elif job.kind == "decode":
-            b, c = key
-            fn = jax.jit(functools.partial(decode_rows, self.steps, self.config, b, c), donate_argnums=1)
-            self._decode[key] = fn.lower(self.params, state).compile()
-        elif job.kind == "verify":
-            b, c = key
-            fn = jax.jit(functools.partial(verify_rows, self.steps, self.config, b, c), donate_argnums=1,
-                         out_shardings=(self.steps.decode_state_sharding, None))  # fmt: skip
-            drafts = spec((b, self.plan.speculative_tokens), jnp.int32)
-            self._verify[key] = fn.lower(self.params, state, drafts).compile()
-        else:
-            raise ValueError(f"unknown step kind {job.kind!r}")
-        if progress:
-            progress(job)
+        compile_job(self, job, state, progress)
 
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
         engine with a new Scheduler after a reset."""
         B, S, dtype = self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
-        if self._state is None:  # the first allocation: later ones replace a state already counted in use
+        if self._state is None and not self._fit_checked:  # the first allocation (unless warm_up checked it)
             check_decode_state(self._abstract_state(), B, S, self.params)
+            self._fit_checked = True
         if self._allocate is None:
             # Allocated in place, in its split on a mesh (built whole on one device first, a large cache did not
             # fit that device).
