@@ -113,7 +113,7 @@ def test_guided_requests_follow_their_schema_beside_free_ones(engine, temperatur
     requests in the same batch write what they write alone."""
     engine.reset()
     spec = GuideSpec("json_schema", schema=json.dumps(SCHEMA))
-    # A random model spends its tokens on the whitespace JSON allows (up to 32 bytes between tokens): biased away.
+    # A random model spends its tokens on the whitespace JSON allows (a space, or a newline and 24 indentation bytes, between tokens): biased away.
     compact = {ord(c): -100 for c in " \t\n\r"}
     prompt = [3, 14, 15, 92]
     free_alone = _serve(engine, [Request(prompt, 12, SamplingParams(temperature=temperature, seed=1))])

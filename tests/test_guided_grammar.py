@@ -8,7 +8,7 @@ import json
 import pytest
 from meshserve.errors import UserError
 from meshserve.serving.guided import GuideError, GuideSpec, compile_spec
-from meshserve.serving.guided.grammar import NUM_DIGITS, WS_BYTES
+from meshserve.serving.guided.grammar import NUM_DIGITS, WS_INDENT
 
 
 def schema_grammar(schema):
@@ -32,7 +32,7 @@ ANY_OBJECT = compile_spec(GuideSpec("json_object"))
     "text",
     [
         b"{}",
-        b' \n{"a": 1}',
+        b'\n  {"a": 1}',
         b'{"a": [1, -0, 0.5, -12.25e-3, 1E+9, true, false, null, {}, []], "b": {"c": "d"}}',
         '{"é": "日本 🙂 \\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 \\uD83D\\uDE00"}'.encode(),
         json.dumps({"x": [{"y": [1, {"z": None}]}]}, indent=2).encode(),
@@ -76,11 +76,13 @@ def test_json_object_rejects_invalid_json(text):
 
 
 def test_whitespace_and_digit_runs_are_bounded():
-    assert prefix(ANY_OBJECT, b"{" + b" " * WS_BYTES)
-    assert not prefix(ANY_OBJECT, b"{" + b" " * (WS_BYTES + 1))
-    assert prefix(ANY_OBJECT, b'{"a":\n\n')
-    assert not prefix(ANY_OBJECT, b'{"a":\n\n\n')
-    assert prefix(ANY_OBJECT, b'{"a":\n\n  1,\n\n "b": 2')  # the bound is per gap between tokens
+    assert prefix(ANY_OBJECT, b"{\n" + b" " * WS_INDENT)
+    assert not prefix(ANY_OBJECT, b"{\n" + b" " * (WS_INDENT + 1))
+    assert prefix(ANY_OBJECT, b'{"a": ') and prefix(ANY_OBJECT, b'{"a":\n\t\t')
+    for gap in (b"  ", b"\n\n", b" \n", b"\t", b"\r\n"):  # one space, or a newline and indentation: nothing else
+        assert not prefix(ANY_OBJECT, b'{"a":' + gap), gap
+    pretty = b'{\n  "a": {\n    "b": [\n      1,\n      2\n    ]\n  },\n  "c": null\n}'
+    assert whole(ANY_OBJECT, pretty) and whole(ANY_OBJECT, b'{"a":{"b":[1,2]},"c":null}')  # json.dumps' two forms
     digits = b"1" * NUM_DIGITS
     assert whole(ANY_OBJECT, b'{"a": ' + digits + b"." + digits + b"e" + digits + b"}")
     assert not prefix(ANY_OBJECT, b'{"a": ' + digits + b"1")

@@ -19,7 +19,7 @@ from test_serving_support import GRID, ServerProcess, env, make_checkpoint, mesh
 openai = pytest.importorskip("openai")
 
 # Booleans and an enum only, so the output's length is bounded. A random tiny model likes JSON's optional whitespace
-# (the grammar allows 32 bytes between two tokens), so the tests bias the whitespace bytes away (the byte tokenizer's
+# (a space, or a newline and up to 24 indentation bytes, between two tokens), so the tests bias the whitespace bytes away (the byte tokenizer's
 # ids are the bytes), as a user may: the JSON then completes well inside the 128-token context.
 SCHEMA = {
     "type": "object",

@@ -17,22 +17,22 @@ cache per state. Tuples of ints, not frozensets: the cyclic garbage collector st
 byte) memo does not make its full collections slow (frozensets there cost tens of ms pauses).
 
 Bounds on runs a model could repeat without progress:
-- Whitespace: at most WS_BYTES (32) bytes holding at most WS_NEWLINES (2) newlines between two JSON tokens. 32, not
-  16: pretty-printed JSON writes a newline and the indentation before each member, so indent 2 stays possible 15
-  levels deep and indent 4 seven levels deep; 2 newlines allow one blank line. The same bound holds before the top
-  value (models often start with a space or newline) and around Hermes tags.
+- Whitespace between two JSON tokens (and before the value, and around Hermes tags) is one of: nothing, one space,
+  or a newline and at most WS_INDENT (24) spaces or tabs, as llama.cpp's JSON grammars allow. So compact JSON and
+  pretty-printed JSON (indent 2 to 12 levels deep, indent 4 to 6) can both be written, but not runs of blank lines
+  or long space runs: a small model left free filled every gap up to any looser bound (measured on the demo model
+  with 32 bytes / 2 newlines between tokens: 30-space runs in most gaps).
 - Digits: at most NUM_DIGITS (20) in a number's integer part, fraction and exponent each.
 Strings may be as long as the request's max_tokens allows: each character is progress.
 """
 
 from __future__ import annotations
 
-__all__ = ["Grammar", "State", "WS_BYTES", "WS_NEWLINES", "NUM_DIGITS"]
+__all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS"]
 
 State = tuple  # a sorted tuple of stacks (tuples of frames)
 
-WS_BYTES = 32
-WS_NEWLINES = 2
+WS_INDENT = 24
 NUM_DIGITS = 20
 _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
@@ -54,9 +54,13 @@ _NUM_DONE = frozenset((1, 2, 4, 7))  # number states where what is written is a 
 
 
 def _ws(ws: int, b: int) -> int:
-    """The whitespace run's counter (bytes | newlines << 8) after byte b, or -1 past the bound."""
-    n, nl = (ws & 0xFF) + 1, (ws >> 8) + (b == 10)
-    return -1 if n > WS_BYTES or nl > WS_NEWLINES else n | nl << 8
+    """The whitespace gap's counter after byte b, or -1 when b cannot extend it. 0: empty, 1: one space (complete),
+    2 + n: a newline and n indentation bytes."""
+    if ws == 0:
+        return 1 if b == 0x20 else 2 if b == 0x0A else -1
+    if ws >= 2 and b in (0x20, 0x09) and ws - 2 < WS_INDENT:
+        return ws + 1
+    return -1
 
 
 def _utf8_lead(b: int) -> tuple[int, int, int] | None:
