@@ -9,8 +9,9 @@ puts each sample under a `--- sample i ---` header; --json prints one line per p
 `--chat` makes each PROMPT the user message of its own conversation (after `--system TEXT` when given), rendered by
 the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed.
 
-`--json-object` / `--json-schema FILE` (with --server) guide the output to a JSON object / JSON the schema accepts
-(GenerateRequest.response_format); in process there is no guided decoding (the decode loop runs on the device)."""
+`--json-object` / `--json-schema FILE` guide the output to a JSON object / JSON the schema accepts (with --server:
+GenerateRequest.response_format; in process the prompts run through the serving engine, cli_generate_guided.py,
+since model.generate's on-device loop cannot follow a grammar)."""
 
 from __future__ import annotations
 
@@ -84,12 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guided.add_argument(
         "--json-object",
         action="store_true",
-        help="with --server: the output is a JSON object (guided decoding; it ends when the object is complete)",
+        help="the output is a JSON object (guided decoding; it ends when the object is complete; default: off)",
     )
     guided.add_argument(
         "--json-schema",
         metavar="FILE",
-        help="with --server: the output is JSON that this JSON Schema file accepts (guided decoding; default: none)",
+        help="the output is JSON that this JSON Schema file accepts (guided decoding; default: none)",
     )
     from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
 
@@ -260,13 +261,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         if given:
             verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
             raise UserError(f"{' and '.join(given)} only {verb} with --server HOST:PORT (add it, or drop {them})")
-    if not args.server and (args.json_object or args.json_schema is not None):
+    if not args.server and (args.json_object or args.json_schema is not None) and args.mesh:
         flag = "--json-object" if args.json_object else "--json-schema"
-        raise UserError(
-            f"{flag} needs guided decoding, which in-process generate (one decode loop on the device) cannot do: "
-            "ask a server (--server HOST:PORT, after `meshserve serve`), or use `meshserve batch-generate` with a "
-            '"response_format" per line'
-        )
+        raise UserError(f"{flag} runs in process on one device (the serving engine); drop --mesh, or ask a server "
+                        "started with --mesh (--server HOST:PORT)")  # fmt: skip
     if args.json_schema is not None:
         _response_format(args)  # a missing or bad file is reported before anything is asked
     if args.timeout is not None and not (0 < args.timeout < math.inf):
@@ -311,9 +309,9 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
 
     setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.config import vocab_error
-    from meshserve.model.generate import generate
+    from meshserve.model.generate import GenerationResult, generate
     from meshserve.model.loading import load_model
-    from meshserve.serving.detok import alternatives_with_text
+    from meshserve.model.sampling import SamplingParams
 
     mesh, shardings = None, None
     if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
@@ -346,10 +344,19 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
     # generate() adds stop_ids to the ids min_tokens holds back, and checks logit_bias against the vocabulary.
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
+    texts = [None if args.chat else p for p in args.prompts] + [None] * len(args.tokens)  # --chat: the reply alone
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
     k = len(prompts) // n
     status(f"compiling and generating {k} prompt{'s' * (k > 1)}{f' x {n} samples' if n > 1 else ''} ...")
-    if on_mesh is not None:
+    if (fmt := _response_format(args)) is not None:  # guided: the serving engine (cli_generate_guided.py)
+        from meshserve.serving.cli_generate_guided import generate_guided
+        from meshserve.serving.guided_requests import response_format
+
+        spec = response_format(fmt, "--json-schema" if args.json_schema else "--json-object")
+        rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else sampling
+        results = [GenerationResult(*r) for r in
+                   generate_guided(model, prompts, rows, stop_ids, args.max_new_tokens, spec, status)]  # fmt: skip
+    elif on_mesh is not None:
         from meshserve.model.sharded import generate_sharded
 
         results = generate_sharded(model.params, model.config, prompts, mesh=mesh,
@@ -364,7 +371,14 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
             model.params = unstack_layers(model.params, consume=True)
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
-    texts = [None if args.chat else p for p in args.prompts] + [None] * len(args.tokens)  # --chat: the reply alone
+    _print_rows(args, model, texts, results, n)
+    return 0
+
+
+def _print_rows(args: argparse.Namespace, model, texts: list, results, n: int) -> None:
+    """Print every prompt's n samples (results: row j * n + i is prompt j's sample i)."""
+    from meshserve.serving.detok import alternatives_with_text
+
     rows = [
         (r.tokens, model.tokenizer.decode(r.tokens), r.logprobs, r.finish_reason,
          alternatives_with_text(model.tokenizer, r.top_logprobs))
@@ -372,7 +386,6 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     ]  # fmt: skip
     for j, prompt_text in enumerate(texts):  # prompt j's samples are rows j * n .. (j + 1) * n - 1
         _print_samples(args, prompt_text, rows[j * n : (j + 1) * n])
-    return 0
 
 
 COMMANDS = {"generate": (add_arguments, run)}

@@ -256,8 +256,8 @@ def test_client_refuses_bad_keywords_before_sending(kwargs, message):
 
 
 def test_generate_json_flags(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--json-object")
-    assert code == 2 and "--json-object needs guided decoding" in err and "--server" in err and "batch-generate" in err
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--json-object", "--mesh", "2x2x2")
+    assert code == 2 and "--json-object runs in process on one device" in err and "drop --mesh" in err
     with pytest.raises(SystemExit) as e:  # argparse: one or the other
         run_cli(capsys, "generate", "hi", "--json-object", "--json-schema", "s.json")
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
@@ -270,3 +270,25 @@ def test_generate_json_flags(capsys, tmp_path):
     (tmp_path / "list.json").write_text("[]")
     code, _, err = run_cli(capsys, "generate", "hi", *server, "--json-schema", str(tmp_path / "list.json"))
     assert code == 2 and "expected a JSON Schema object, got list" in err
+
+
+def test_generate_in_process_follows_the_schema(capsys, tmp_path):
+    """In process, guided prompts run through the serving engine: two prompts x 2 samples of a random tiny model
+    (whitespace biased away, as a user may) come back as JSON the schema accepts, ended by the format (stop)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, "three"]}},
+              "required": ["ok", "n"]}  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    bias = ",".join(f"{ord(c)}:-100" for c in " \t\n\r")
+    code, out, err = run_cli(capsys, "generate", "hi", "there", "--model", "tiny", "--json-schema",
+                             str(tmp_path / "s.json"), "--temperature", "1", "--n", "2", "--logit-bias", bias,
+                             "--max-new-tokens", "100", "--json", "--compile-cache", "off")  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 2 and all(len(line["choices"]) == 2 for line in lines)
+    for choice in (c for line in lines for c in line["choices"]):
+        value = json.loads(choice["text"])
+        assert choice["finish_reason"] == "stop" and set(value) == {"ok", "n"}, choice
+        assert isinstance(value["ok"], bool) and value["n"] in (1, 2, "three")
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--json-schema", str(tmp_path / "bad.json"))
+    assert code == 2 and "schema.pattern: not supported" in err
