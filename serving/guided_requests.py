@@ -22,7 +22,7 @@ from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.guided.spec import GuideError, GuideSpec
-from meshserve.serving.validation import RequestError
+from meshserve.serving.validation import RequestError, refuse_unknown
 
 __all__ = ["FORMAT_TYPES", "TOOL_CHOICES", "response_format", "format_proto", "request_guide", "compiled"]
 
@@ -49,10 +49,9 @@ def response_format(value: Any, field: str = "response_format") -> GuideSpec | N
     kind = value.get("type")
     if kind not in FORMAT_TYPES:
         raise RequestError(f"{field}.type: expected one of {', '.join(map(repr, FORMAT_TYPES))}, got {_show(kind)}")
-    for key in value:
-        if key != "type" and not (kind == "json_schema" and key == "json_schema"):
-            takes = "type and json_schema" if kind == "json_schema" else "type only"
-            raise RequestError(f"{field}.{key}: unknown field ({field} of type {kind!r} takes {takes})")
+    takes = "type and json_schema" if kind == "json_schema" else "type only"
+    allowed = ("type", "json_schema") if kind == "json_schema" else ("type",)
+    refuse_unknown(value, allowed, field, f"{field} of type {kind!r} takes {takes}")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -62,9 +61,7 @@ def response_format(value: Any, field: str = "response_format") -> GuideSpec | N
     if not isinstance(inner, Mapping):
         raise RequestError(f"{where}: expected an object {{'name', 'schema', 'strict'?, 'description'?}}, got "
                            f"{_show(inner)}")  # fmt: skip
-    for key in inner:
-        if key not in _SCHEMA_KEYS:
-            raise RequestError(f"{where}.{key}: unknown field (takes {', '.join(_SCHEMA_KEYS)})")
+    refuse_unknown(inner, _SCHEMA_KEYS, where, f"takes {', '.join(_SCHEMA_KEYS)}")
     name = inner.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RequestError(f"{where}.name: expected 1 to 64 characters of a-z, A-Z, 0-9, _ and -, got {_show(name)}")

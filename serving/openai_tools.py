@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.validation import RequestError
+from meshserve.serving.validation import RequestError, refuse_unknown
 
 __all__ = [
     "PARSERS",
@@ -89,18 +89,14 @@ def check_tools(tools: Any, name: str = "tools") -> list[dict]:
         if not isinstance(tool, dict):
             raise RequestError(f"{where}: expected an object {{'type': 'function', 'function': {{...}}}}, got "
                                f"{_show(tool)}")  # fmt: skip
-        for key in tool:
-            if key not in ("type", "function"):
-                raise RequestError(f"{where}.{key}: unknown field (a tool takes type and function)")
+        refuse_unknown(tool, ("type", "function"), where, "a tool takes type and function")
         if tool.get("type") != "function":
             raise RequestError(f"{where}.type: must be 'function', got {_show(tool.get('type'))}")
         function = tool.get("function")
         if not isinstance(function, dict):
             raise RequestError(f"{where}.function: expected an object with name, description, parameters, got "
                                f"{_show(function)}")  # fmt: skip
-        for key in function:
-            if key not in _FUNCTION_KEYS:
-                raise RequestError(f"{where}.function.{key}: unknown field (takes {', '.join(_FUNCTION_KEYS)})")
+        refuse_unknown(function, _FUNCTION_KEYS, f"{where}.function", f"takes {', '.join(_FUNCTION_KEYS)}")
         fname = function.get("name")
         if not isinstance(fname, str) or not 1 <= len(fname) <= MAX_NAME:
             raise RequestError(f"{where}.function.name: expected a string of 1 to {MAX_NAME} characters, got "
@@ -130,9 +126,7 @@ def tool_choice(choice: Any) -> tuple[str, str]:
     if not isinstance(choice, dict):
         raise RequestError(f"tool_choice: expected 'auto', 'none', 'required' or {{'type': 'function', 'function': "
                            f"{{'name': ...}}}}, got {_show(choice)}")  # fmt: skip
-    for key in choice:
-        if key not in ("type", "function"):
-            raise RequestError(f"tool_choice.{key}: unknown field (a named function takes type and function)")
+    refuse_unknown(choice, ("type", "function"), "tool_choice", "a named function takes type and function")
     if choice.get("type") != "function":
         raise RequestError(f"tool_choice.type: must be 'function', got {_show(choice.get('type'))}")
     function = choice.get("function")
@@ -190,17 +184,13 @@ def message_tool_fields(message: dict, i: int) -> tuple[list[pb.ToolCall], str]:
         where = f"messages[{i}].tool_calls[{j}]"
         if not isinstance(call, dict):
             raise RequestError(f"{where}: expected an object {{'id', 'type', 'function'}}, got {_show(call)}")
-        for key in call:
-            if key not in ("id", "type", "function"):
-                raise RequestError(f"{where}.{key}: unknown field (a call takes id, type and function)")
+        refuse_unknown(call, ("id", "type", "function"), where, "a call takes id, type and function")
         if call.get("type", "function") != "function":
             raise RequestError(f"{where}.type: must be 'function', got {_show(call.get('type'))}")
         function = call.get("function")
         if not isinstance(function, dict):
             raise RequestError(f"{where}.function: expected an object with name and arguments, got {_show(function)}")
-        for key in function:
-            if key not in ("name", "arguments"):
-                raise RequestError(f"{where}.function.{key}: unknown field (takes name and arguments)")
+        refuse_unknown(function, ("name", "arguments"), f"{where}.function", "takes name and arguments")
         values = {"id": call.get("id"), "function.name": function.get("name")}
         values["function.arguments"] = function.get("arguments")
         for key, value in values.items():

@@ -19,6 +19,7 @@ from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.requests import Request  # plain data, no JAX: `meshserve serve --help` imports this module
 
 __all__ = [
+    "refuse_unknown",
     "RequestParser",
     "RequestError",
     "Limits",
@@ -78,6 +79,14 @@ def score_reply_bytes(max_items: int, max_tokens: int) -> int:
 
 class RequestError(UserError):
     """An invalid request; the message names the field and its limit (INVALID_ARGUMENT)."""
+
+
+def refuse_unknown(obj: dict, allowed: tuple[str, ...], where: str, takes: str) -> None:
+    """RequestError "`where`.`key`: unknown field (`takes`)" for obj's first key not in `allowed` (a typo in a JSON
+    body must not be silently ignored)."""
+    for key in obj:
+        if key not in allowed:
+            raise RequestError(f"{where}.{key}: unknown field ({takes})")
 
 
 def max_n_flag(text: str) -> int:
