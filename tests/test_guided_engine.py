@@ -17,9 +17,10 @@ from meshserve.model.sampling import SamplingParams
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.guided import GuideSpec
+from meshserve.serving.guided.grammar import MAX_OPEN
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
-from meshserve.serving.requests import Request
+from meshserve.serving.requests import Request, RequestFailedError
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.speculative import NgramSpeculator
 
@@ -173,3 +174,31 @@ def test_guided_rows_on_a_mesh_equal_one_device():
     json.loads(got[0][0][0])
     kv = steps.decode_state_sharding.cache.k
     assert mesh._state.cache.k.sharding.is_equivalent_to(kv, 5)
+
+
+def test_a_format_past_its_bounds_fails_its_request_alone(engine):
+    """Overlapping anyOf branches under a recursive $ref, forced deeper with logit_bias on "[": the request fails
+    (RequestFailedError naming the bound) once its alternatives pass MAX_OPEN, the free request beside it ends as
+    it would alone, the guide is dropped and the slot freed."""
+    engine.reset()
+    schema = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}},
+                                        {"type": "array", "maxItems": 5, "items": {"$ref": "#/$defs/x"}}]}},
+              "$ref": "#/$defs/x"}  # fmt: skip
+    spec = GuideSpec("json_schema", schema=json.dumps(schema))
+    alone = _serve(engine, [Request([3, 14, 15], 30)])
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
+    try:
+        hostile = orch.submit(Request([5, 6], 60, SamplingParams(logit_bias={ord("["): 100}), guide=spec))
+        free = orch.submit(Request([3, 14, 15], 30))
+        failure = None
+        while failure is None:
+            event = hostile.events.get(timeout=60)
+            failure = event if isinstance(event, RequestFailedError) else None
+            assert isinstance(event, RequestFailedError) or event.finish_reason is None
+        assert f"more than {MAX_OPEN} alternatives open" in str(failure)
+        while (event := free.events.get(timeout=60)).finish_reason is None:
+            pass
+        assert (free.text, event.finish_reason) == alone[0]
+    finally:
+        orch.stop()
+    assert orch.error is None and len(orch.guides) == 0 and not orch.scheduler.active

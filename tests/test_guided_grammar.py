@@ -8,7 +8,8 @@ import json
 import pytest
 from meshserve.errors import UserError
 from meshserve.serving.guided import GuideError, GuideSpec, compile_spec
-from meshserve.serving.guided.grammar import NUM_DIGITS, WS_INDENT
+from meshserve.serving.guided.grammar import MAX_OPEN, NUM_DIGITS, WS_INDENT
+from meshserve.serving.guided.schema import MAX_DEPTH
 
 
 def schema_grammar(schema):
@@ -241,3 +242,39 @@ def test_tool_call_text():
     assert many.accepts(state) and not many.must_end(state)
     named = compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), tool_name="time"))
     assert not prefix(named, b'<tool_call>{"name": "w') and prefix(named, b'<tool_call>{"name": "t')
+
+
+RECURSIVE = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}}] * 2}}, "$ref": "#/$defs/x"}
+
+
+def test_identical_alternatives_are_one_and_overlapping_ones_are_bounded():
+    """Two equal anyOf branches under a recursive $ref compile to one alternative (they doubled at each "[", a
+    stall of every request on the engine); branches that differ but overlap are refused past MAX_OPEN."""
+    g = schema_grammar(RECURSIVE)
+    state = g.advance(g.start(), b"[" * 40)
+    assert state is not None and len(state) == 1
+    overlapping = json.loads(json.dumps(RECURSIVE))
+    overlapping["$defs"]["x"]["anyOf"][1]["maxItems"] = 5
+    g = schema_grammar(overlapping)
+    state, depth = g.start(), 0
+    with pytest.raises(GuideError, match=f"more than {MAX_OPEN} alternatives open"):
+        while depth < 40:
+            state, depth = g.advance(state, b"["), depth + 1
+    assert MAX_OPEN // 2 < len(state) <= MAX_OPEN  # refused at the "[" that would pass the bound, not before
+    enum = schema_grammar({"enum": [f"v{i}" for i in range(2 * MAX_OPEN)]})  # literals do not count
+    assert whole(enum, f'"v{2 * MAX_OPEN - 1}"'.encode())
+
+
+def test_nesting_is_bounded_with_the_path_named():
+    def nested(levels: int) -> dict:
+        schema: dict = {"type": "integer"}
+        for _ in range(levels):
+            schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+        return schema
+
+    g = schema_grammar(nested(MAX_DEPTH - 1))
+    assert whole(g, b'{"a":' * (MAX_DEPTH - 1) + b"1" + b"}" * (MAX_DEPTH - 1))
+    with pytest.raises(GuideError, match=f"schema.properties.a.*: nested deeper than {MAX_DEPTH} levels"):
+        schema_grammar(nested(200))  # past Python's recursion limit unbounded: an internal error before
+    with pytest.raises(GuideError, match=r"^schema.const: NaN is not a JSON value"):
+        compile_spec(GuideSpec("json_schema", schema='{"const": NaN}'))

@@ -28,11 +28,18 @@ Strings may be as long as the request's max_tokens allows: each character is pro
 
 from __future__ import annotations
 
-__all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS"]
+from meshserve.serving.guided.spec import GuideError
+
+__all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN"]
 
 State = tuple  # a sorted tuple of stacks (tuples of frames)
 
 WS_INDENT = 24
+# Alternatives (stacks) a state may hold, not counting those inside a literal (an enum's values, each cheap): each
+# costs every byte of every mask. Overlapping anyOf branches under a recursive $ref double them at each nesting level
+# (a 152-character schema reached 65,536 and 24 s a step, stalling every request of the engine): past the bound the
+# request fails alone. 256 open alternatives cost ~0.07 s for a new state's mask (4096-token vocabulary, this CPU).
+MAX_OPEN = 256
 NUM_DIGITS = 20
 _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
@@ -140,10 +147,16 @@ class Grammar:
         return row
 
     def fill(self, row: dict[int, State | None], state: State, b: int) -> State | None:
-        """Compute and memoize the state after byte b (`row` is `row(state)`)."""
+        """Compute and memoize the state after byte b (`row` is `row(state)`). GuideError when more than
+        MAX_OPEN alternatives would be open (see MAX_OPEN)."""
         out: set[tuple] = set()
         for stack in state:
             out.update(self._step(stack, b))
+        if len(out) > MAX_OPEN and sum(1 for stack in out if stack and stack[-1][0] != LIT) > MAX_OPEN:
+            raise GuideError(
+                f"the format keeps more than {MAX_OPEN} alternatives open at once (overlapping anyOf / oneOf / type "
+                "lists, often under a recursive $ref): simplify the schema"
+            )
         nxt = tuple(sorted(out)) if out else None
         row[b] = nxt
         self._size += 1

@@ -24,7 +24,9 @@ from typing import Any
 from meshserve.serving.guided.grammar import T_OPEN, TOOLS, VAL, Grammar
 from meshserve.serving.guided.spec import KINDS, GuideError, GuideSpec
 
-__all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS"]
+__all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH"]
+
+MAX_DEPTH = 64  # schema (and const/enum value) nesting levels a guided format may have
 
 SUPPORTED_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
                       "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength")  # fmt: skip
@@ -71,11 +73,28 @@ class _Compiler:
         self.doc: Any = None  # the schema document $refs resolve in
         self.doc_path = "schema"
         self._any: int | None = None
+        self._known: dict[tuple, int] = {}  # node -> its id (add)
+        self.depth = 0  # schema levels being compiled (_nest)
 
     def add(self, node: tuple, path: str) -> int:
+        """node's id: an equal node already added is reused (so identical subschemas, e.g. two anyOf branches
+        alike, are one alternative, not two that the matcher would follow side by side), except the empty
+        alternatives that $refs and any_value fill in later."""
+        if node != ("alt", ()) and (known := self._known.get(node)) is not None:
+            return known
         self.nodes.append(node)
         self.paths.append(path)
+        if node != ("alt", ()):
+            self._known[node] = len(self.nodes) - 1
         return len(self.nodes) - 1
+
+    def _nest(self, path: str) -> None:
+        """One level deeper into the schema; a GuideError past MAX_DEPTH (a deeper schema would exhaust Python's
+        recursion: an internal error, not an answer)."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            where = path if len(path) <= 100 else f"{path[:40]}...{path[-40:]}"
+            raise GuideError(f"{where}: nested deeper than {MAX_DEPTH} levels (the limit for a guided schema)")
 
     def any_value(self) -> int:
         """Any JSON value (objects and arrays of any values, recursively)."""
@@ -92,6 +111,13 @@ class _Compiler:
         return self.add(("obj", None, self.any_value()), "any object")
 
     def const(self, value: Any, path: str) -> int:
+        self._nest(path)
+        try:
+            return self._const(value, path)
+        finally:
+            self.depth -= 1
+
+    def _const(self, value: Any, path: str) -> int:
         if isinstance(value, dict):
             props = tuple((_key(k), self.const(v, f"{path}.{k}"), True) for k, v in value.items())
             return self.add(("obj", props, -1), path)
@@ -105,6 +131,13 @@ class _Compiler:
         return self.add(("lit", text.encode()), path)
 
     def compile(self, schema: Any, path: str) -> int:
+        self._nest(path)
+        try:
+            return self._compile(schema, path)
+        finally:
+            self.depth -= 1
+
+    def _compile(self, schema: Any, path: str) -> int:
         if schema is True or schema == {}:
             return self.any_value()
         if not isinstance(schema, dict):
@@ -164,6 +197,8 @@ class _Compiler:
         kept = [v for v in values if _type_of(v) in allowed]
         if not kept:
             raise GuideError(f"{where}: no value has type {schema.get('type')!r}")
+        if "const" in schema:
+            return self.const(kept[0], where)
         ids = tuple(self.const(v, f"{where}[{i}]") for i, v in enumerate(kept))
         return ids[0] if len(ids) == 1 else self.add(("alt", ids), path)
 
@@ -301,6 +336,13 @@ def _tools(spec: GuideSpec, c: _Compiler) -> int:
 def compile_spec(spec: GuideSpec) -> Grammar:
     """The spec's grammar (cached per spec). Raises GuideError naming the place in the spec that is not supported
     ("schema.properties.age.pattern: not supported (...)"); callers prefix the request's field."""
+    try:
+        return _compile_spec(spec)
+    except RecursionError:  # MAX_DEPTH bounds what the compiler walks; this is the last guard, never a crash
+        raise GuideError(f"{spec.kind}: nested too deeply to compile") from None
+
+
+def _compile_spec(spec: GuideSpec) -> Grammar:
     c = _Compiler()
     if spec.kind == "json_object":
         start = ((VAL, c.any_object(), 0),)
