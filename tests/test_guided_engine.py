@@ -202,3 +202,14 @@ def test_a_format_past_its_bounds_fails_its_request_alone(engine):
     finally:
         orch.stop()
     assert orch.error is None and len(orch.guides) == 0 and not orch.scheduler.active
+
+
+def test_a_choice_request_answers_one_of_its_strings(engine):
+    """vLLM's guided_choice: a random tiny model answers exactly one of the labels, ended by the format (stop)."""
+    engine.reset()
+    labels = ("positive", "negative", "neutral", "neg")
+    spec = GuideSpec("choice", choices=labels)
+    got = _serve(engine, [Request([3, 14, 15 + i], 40, SamplingParams(temperature=1.0, seed=i), guide=spec)
+                          for i in range(6)])  # fmt: skip
+    for text, reason in got:
+        assert text in labels and (reason == "stop" or text == "neg"), (text, reason)

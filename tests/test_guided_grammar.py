@@ -4,6 +4,7 @@ bounds, the schema subset, Hermes tool calls, canonical states, and every unsupp
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from meshserve.errors import UserError
@@ -278,3 +279,16 @@ def test_nesting_is_bounded_with_the_path_named():
         schema_grammar(nested(200))  # past Python's recursion limit unbounded: an internal error before
     with pytest.raises(GuideError, match=r"^schema.const: NaN is not a JSON value"):
         compile_spec(GuideSpec("json_schema", schema='{"const": NaN}'))
+
+
+def test_choice_is_exactly_one_of_its_strings():
+    g = compile_spec(GuideSpec("choice", choices=("yes", "no", "not sure", "no", "día")))
+    for text in ("yes", "no", "not sure", "día"):
+        assert whole(g, text.encode()), text
+    for text in (b"not", b"maybe", b" yes", b"yes ", b"yess", b'"yes"', b"d\xc3"):
+        assert not whole(g, text), text
+    assert g.must_end(g.advance(g.start(), b"yes")) and not g.must_end(g.advance(g.start(), b"no"))  # "not sure"
+    for bad, message in [((), "choices: expected at least one string"), (("a", ""), "choices[1]: expected a non-empty"),
+                         (("a",) * 5000, "choices: 5000 strings exceed the limit")]:  # fmt: skip
+        with pytest.raises(GuideError, match=re.escape(message)):
+            compile_spec(GuideSpec("choice", choices=bad))

@@ -93,10 +93,11 @@ def _utf8_lead(b: int) -> tuple[int, int, int] | None:
 class Grammar:
     """A compiled format: `start()`, `advance(state, bytes)`, `accepts(state)`, `must_end(state)`."""
 
-    def __init__(self, nodes: list[tuple], start: tuple, where: str = ""):
+    def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = ""):
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
-        self._start: State = (start,)
+        # One stack, or several alternatives (a "choice" format: one per string).
+        self._start: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
         self._leaves: dict[int, tuple[int, ...]] = {}
         self._memo: dict[State, dict[int, State | None]] = {}  # state -> {byte: next state}
         self._size = 0  # entries in the memo

@@ -21,12 +21,13 @@ import functools
 import json
 from typing import Any
 
-from meshserve.serving.guided.grammar import T_OPEN, TOOLS, VAL, Grammar
+from meshserve.serving.guided.grammar import LIT, T_OPEN, TOOLS, VAL, Grammar
 from meshserve.serving.guided.spec import KINDS, GuideError, GuideSpec
 
-__all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH"]
+__all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH", "MAX_CHOICES"]
 
 MAX_DEPTH = 64  # schema (and const/enum value) nesting levels a guided format may have
+MAX_CHOICES = 4096  # strings of a "choice" format (vLLM's guided_choice)
 
 SUPPORTED_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
                       "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength")  # fmt: skip
@@ -332,6 +333,18 @@ def _tools(spec: GuideSpec, c: _Compiler) -> int:
     return c.add(("alt", tuple(calls)), "tools")
 
 
+def _choices(spec: GuideSpec, c: _Compiler) -> list[tuple]:
+    """One stack per choice: its literal bytes from the first (equal choices are one)."""
+    if not spec.choices:
+        raise GuideError("choices: expected at least one string")
+    if len(spec.choices) > MAX_CHOICES:
+        raise GuideError(f"choices: {len(spec.choices)} strings exceed the limit of {MAX_CHOICES}")
+    for i, choice in enumerate(spec.choices):
+        if not isinstance(choice, str) or not choice:
+            raise GuideError(f"choices[{i}]: expected a non-empty string, got {_show(choice)}")
+    return [((LIT, c.add(("lit", choice.encode()), f"choices[{i}]"), 0),) for i, choice in enumerate(spec.choices)]
+
+
 @functools.lru_cache(maxsize=256)
 def compile_spec(spec: GuideSpec) -> Grammar:
     """The spec's grammar (cached per spec). Raises GuideError naming the place in the spec that is not supported
@@ -349,6 +362,8 @@ def _compile_spec(spec: GuideSpec) -> Grammar:
     elif spec.kind == "json_schema":
         c.doc = _json(spec.schema, "schema")
         start = ((VAL, c.compile(c.doc, "schema"), 0),)
+    elif spec.kind == "choice":
+        start = _choices(spec, c)
     elif spec.kind == "tool_calls":
         call = _tools(spec, c)
         start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)

@@ -8,7 +8,7 @@ from meshserve.errors import UserError
 
 __all__ = ["GuideError", "GuideSpec", "KINDS"]
 
-KINDS = ("json_object", "json_schema", "tool_calls")
+KINDS = ("json_object", "json_schema", "tool_calls", "choice")
 
 
 class GuideError(UserError):
@@ -27,6 +27,8 @@ class GuideSpec:
       "hermes": `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`); `tool_name` "" = any of the tools
       (tool_choice "required"), else only that function (a named tool_choice). Arguments follow the tool's
       `parameters` schema where it has one, any JSON object otherwise.
+    kind "choice": exactly one of the strings `choices`, as written (no quotes, no whitespace around; vLLM's
+      guided_choice): a label for a classification job, say.
     """
 
     kind: str
@@ -35,3 +37,4 @@ class GuideSpec:
     tool_name: str = ""
     parallel: bool = True
     parser: str = "hermes"
+    choices: tuple[str, ...] = ()
