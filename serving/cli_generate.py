@@ -9,9 +9,9 @@ puts each sample under a `--- sample i ---` header; --json prints one line per p
 `--chat` makes each PROMPT the user message of its own conversation (after `--system TEXT` when given), rendered by
 the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed.
 
-`--json-object` / `--json-schema FILE` guide the output to a JSON object / JSON the schema accepts (with --server:
-GenerateRequest.response_format; in process the prompts run through the serving engine, cli_generate_guided.py,
-since model.generate's on-device loop cannot follow a grammar)."""
+`--json-object` / `--json-schema FILE` / `--choice TEXT ...` guide the output to a JSON object / JSON the schema
+accepts / exactly one of the strings (with --server: GenerateRequest.response_format; in process the prompts run
+through the serving engine, cli_generate_guided.py, since model.generate's on-device loop cannot follow a grammar)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from meshserve.errors import UserError
+from meshserve.serving.cli_generate_guided import add_guided_arguments, guided_flag, guided_kwargs, guided_spec
 from meshserve.serving.cli_sampling import (
     N_MAX_LOCAL,
     add_chat_arguments,
@@ -81,17 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_sampling_arguments(parser)
     add_chat_arguments(parser)
-    guided = parser.add_mutually_exclusive_group()
-    guided.add_argument(
-        "--json-object",
-        action="store_true",
-        help="the output is a JSON object (guided decoding; it ends when the object is complete; default: off)",
-    )
-    guided.add_argument(
-        "--json-schema",
-        metavar="FILE",
-        help="the output is JSON that this JSON Schema file accepts (guided decoding; default: none)",
-    )
+    add_guided_arguments(parser)
     from meshserve.serving.cli_serve import add_compile_cache_argument  # argparse only
 
     add_compile_cache_argument(parser)
@@ -180,7 +171,7 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
-                  stop_token_ids=args.stop_token_ids, n=args.n, response_format=_response_format(args),
+                  stop_token_ids=args.stop_token_ids, n=args.n, **guided_kwargs(args),
                   **_sampling_fields(args))  # fmt: skip
     # --chat: each prompt goes as messages (the server renders its model's chat template).
     inputs = [{"messages": chat_messages(p, args.system)} if args.chat else {"prompt": p} for p in prompts]
@@ -202,24 +193,6 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
         ]
         _print_samples(args, shown, samples)
     return 0
-
-
-def _response_format(args: argparse.Namespace) -> dict | None:
-    """--json-object / --json-schema FILE as OpenAI's response_format (None: free text); the file must hold a JSON
-    object (one-line UserError naming the flag otherwise)."""
-    if args.json_object:
-        return {"type": "json_object"}
-    if args.json_schema is None:
-        return None
-    text = _read_file("--json-schema", args.json_schema)
-    try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"--json-schema {args.json_schema}: not JSON ({e})") from None
-    if not isinstance(schema, dict):
-        raise UserError(f"--json-schema {args.json_schema}: expected a JSON Schema object, got {type(schema).__name__}")
-    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(args.json_schema).stem)[:64] or "schema"
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
 def _config_only(args: argparse.Namespace):
@@ -261,12 +234,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         if given:
             verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
             raise UserError(f"{' and '.join(given)} only {verb} with --server HOST:PORT (add it, or drop {them})")
-    if not args.server and (args.json_object or args.json_schema is not None) and args.mesh:
-        flag = "--json-object" if args.json_object else "--json-schema"
+    if not args.server and (flag := guided_flag(args)) and args.mesh:
         raise UserError(f"{flag} runs in process on one device (the serving engine); drop --mesh, or ask a server "
                         "started with --mesh (--server HOST:PORT)")  # fmt: skip
-    if args.json_schema is not None:
-        _response_format(args)  # a missing or bad file is reported before anything is asked
+    guided_kwargs(args)  # a missing or bad --json-schema file, or a bad --choice, is reported before anything is asked
     if args.timeout is not None and not (0 < args.timeout < math.inf):
         raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     # With --server the server checks n against its own max_n (INVALID_ARGUMENT names it); in process every
@@ -348,11 +319,9 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
     k = len(prompts) // n
     status(f"compiling and generating {k} prompt{'s' * (k > 1)}{f' x {n} samples' if n > 1 else ''} ...")
-    if (fmt := _response_format(args)) is not None:  # guided: the serving engine (cli_generate_guided.py)
+    if (spec := guided_spec(args)) is not None:  # guided: the serving engine (cli_generate_guided.py)
         from meshserve.serving.cli_generate_guided import generate_guided
-        from meshserve.serving.guided_requests import response_format
 
-        spec = response_format(fmt, "--json-schema" if args.json_schema else "--json-object")
         rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else sampling
         results = [GenerationResult(*r) for r in
                    generate_guided(model, prompts, rows, stop_ids, args.max_new_tokens, spec, status)]  # fmt: skip

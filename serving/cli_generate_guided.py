@@ -1,18 +1,101 @@
-"""`meshserve generate --json-object / --json-schema FILE` in process: guided decoding needs the host between decode
-steps (each guided row's next token mask follows its last token), which model.generate's on-device loop never
-visits, so these prompts run through the serving engine instead: an Engine compiled for exactly this batch (one
-prefill bucket, one decode bucket, one context) under an Orchestrator, as `meshserve serve` would run them.
+"""`meshserve generate --json-object / --json-schema FILE / --choice TEXT ...`: the flags (`add_guided_arguments`),
+what they ask a server for (`guided_kwargs`: Client.request's keywords) and, in process, their GuideSpec
+(`guided_spec`) and `generate_guided`: guided decoding needs the host between decode steps (each guided row's next
+token mask follows its last token), which model.generate's on-device loop never visits, so these prompts run
+through the serving engine instead: an Engine compiled for exactly this batch (one prefill bucket, one decode
+bucket, one context) under an Orchestrator, as `meshserve serve` would run them.
+
+Imports stay light at module level (argparse, json): `meshserve generate --help` imports this module.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshserve.errors import UserError
-from meshserve.model.sampling_params import SamplingParams
-from meshserve.serving.guided import GuideSpec
 
-__all__ = ["generate_guided"]
+if TYPE_CHECKING:
+    from meshserve.model.sampling_params import SamplingParams
+    from meshserve.serving.guided import GuideSpec
+
+__all__ = ["add_guided_arguments", "guided_flag", "guided_kwargs", "guided_spec", "generate_guided"]
+
+
+def add_guided_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json-object, --json-schema FILE and --choice TEXT (repeatable), one of them."""
+    guided = parser.add_mutually_exclusive_group()
+    guided.add_argument(
+        "--json-object",
+        action="store_true",
+        help="the output is a JSON object (guided decoding; it ends when the object is complete; default: off)",
+    )
+    guided.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="the output is JSON that this JSON Schema file accepts (guided decoding; default: none)",
+    )
+    guided.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="the output is exactly one of these strings, as written (vLLM's guided_choice); repeat for each, e.g. "
+        "--choice yes --choice no (guided decoding; default: none, free text)",
+    )
+
+
+def guided_flag(args: argparse.Namespace) -> str | None:
+    """The guided-decoding flag given (None: free text)."""
+    if args.json_object:
+        return "--json-object"
+    return "--json-schema" if args.json_schema is not None else "--choice" if args.choice is not None else None
+
+
+def _read_schema(path: str) -> dict:
+    """--json-schema's file as a JSON object, or a one-line UserError naming the flag and the reason."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"cannot read --json-schema {path}: {e.strerror}") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--json-schema {path}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {path}: expected a JSON Schema object, got {type(schema).__name__}")
+    return schema
+
+
+def guided_kwargs(args: argparse.Namespace) -> dict:
+    """The flags as Client.request's keywords: response_format (OpenAI's) or guided_choice; {} for free text. A
+    missing or bad file, or a bad --choice, is a one-line UserError naming the flag."""
+    if args.json_object:
+        return {"response_format": {"type": "json_object"}}
+    if args.json_schema is not None:
+        schema = _read_schema(args.json_schema)
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(args.json_schema).stem)[:64] or "schema"
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}}
+    if args.choice is not None:
+        from meshserve.serving.guided_requests import choice_spec
+
+        choice_spec(args.choice, "--choice")  # "--choice[1]: expected a non-empty string, got ''"
+        return {"guided_choice": list(args.choice)}
+    return {}
+
+
+def guided_spec(args: argparse.Namespace) -> GuideSpec | None:
+    """The flags' GuideSpec for in-process generation (None: free text), checked as a server checks it."""
+    from meshserve.serving.guided_requests import choice_spec, response_format
+
+    kwargs = guided_kwargs(args)
+    if "guided_choice" in kwargs:
+        return choice_spec(kwargs["guided_choice"], "--choice")
+    if "response_format" in kwargs:
+        return response_format(kwargs["response_format"], guided_flag(args))
+    return None
 
 
 def generate_guided(

@@ -69,6 +69,8 @@ GENERATE_EPILOG = (
   response_format    guided decoding, as OpenAI's: {"type": "json_object"} (any JSON object) or {"type":
                      "json_schema", "json_schema": {"name": NAME, "schema": {...}}} (JSON the schema accepts);
                      the text then ends as soon as the JSON is complete (default: free text)
+  guided_choice      instead of response_format, vLLM's: a list of non-empty strings (at most 4096), e.g.
+                     ["positive", "negative"]; the text is exactly one of them (default: none)
 Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs,
 min_tokens).
 

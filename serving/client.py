@@ -16,9 +16,9 @@
 A prompt is text, token ids, or (the `messages=` keyword instead of a prompt) a conversation of {"role", "content"}
 dicts, roles system / user / assistant, which the server renders with the model's chat template and the assistant's
 turn opened (GenerateRequest.messages). `response_format=` (OpenAI's: {"type": "json_object"} or {"type":
-"json_schema", "json_schema": {"name", "schema"}}) and, in a chat with `tools=`, `tool_choice=` ("auto", "none",
-"required" or {"type": "function", "function": {"name"}}) guide the output (GenerateRequest.response_format,
-ChatMessages.tool_choice).
+"json_schema", "json_schema": {"name", "schema"}}) or `guided_choice=` (vLLM's: a list of strings, the output is
+exactly one of them) and, in a chat with `tools=`, `tool_choice=` ("auto", "none", "required" or {"type":
+"function", "function": {"name"}}) guide the output (GenerateRequest.response_format, ChatMessages.tool_choice).
 
 Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
 `stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
@@ -150,44 +150,15 @@ def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None) 
     return out
 
 
-def _guide_fields(req: pb.GenerateRequest, response_format, tool_choice, parallel_tool_calls, tools, validate) -> None:
-    """Set the guided-decoding fields: response_format (OpenAI's dict) and a chat's tool_choice (OpenAI's value) and
-    parallel_tool_calls; validate=False sends a response_format's schema and a tool_choice string as given."""
-    from meshserve.serving.guided_requests import format_proto
-    from meshserve.serving.guided_requests import response_format as format_spec
-    from meshserve.serving.openai_tools import tool_choice as choice_fields
+def _guide_fields(req: pb.GenerateRequest, response_format, guided_choice, tool_choice, parallel_tool_calls, tools,
+                 validate) -> None:  # fmt: skip
+    """Set the guided-decoding fields (serving/guided_requests.py client_fields); InvalidRequest naming the keyword."""
+    from meshserve.serving.guided_requests import client_fields
 
-    chat = req.WhichOneof("input") == "messages"
-    if not chat and (tool_choice is not None or parallel_tool_calls is not None):
-        raise InvalidRequest("tool_choice: only a chat (messages=[...]) with tools takes tool_choice and "
-                             "parallel_tool_calls")  # fmt: skip
     try:
-        if response_format is not None and validate:
-            if (fmt := format_proto(format_spec(response_format))) is not None:  # {"type": "text"}: left unset
-                req.response_format.CopyFrom(fmt)
-        elif response_format is not None:  # as given, for the server to refuse: a str schema is sent as its text
-            schema = (response_format.get("json_schema") or {}).get("schema")
-            if response_format.get("type") == "json_object":
-                req.response_format.json_object = True
-            else:
-                req.response_format.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
-        if tool_choice is not None:
-            if validate or not isinstance(tool_choice, str):
-                choice, function = choice_fields(tool_choice)
-            else:
-                choice, function = tool_choice, ""
-            if validate and choice == "required" and not tools:
-                raise InvalidRequest(f"tool_choice: {tool_choice!r} needs tools=[...] (the functions to call)")
-            names = [(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, Mapping)]
-            if validate and function and function not in names:
-                raise InvalidRequest(f"tool_choice.function.name: no tool named {function!r} in tools")
-            req.messages.tool_choice, req.messages.tool_choice_function = choice, function
+        client_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate)
     except UserError as e:
         raise InvalidRequest(str(e)) from None
-    if parallel_tool_calls is not None:
-        if validate and not isinstance(parallel_tool_calls, bool):
-            raise InvalidRequest(f"parallel_tool_calls: expected True or False, got {parallel_tool_calls!r}")
-        req.messages.parallel_tool_calls = parallel_tool_calls
 
 
 def _input(
@@ -264,6 +235,7 @@ class Client:
         logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (),
         min_tokens: int = 0,
         response_format: Mapping[str, Any] | None = None,
+        guided_choice: Sequence[str] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
     ) -> pb.GenerateRequest:
@@ -279,7 +251,8 @@ class Client:
         for the template (a chat only; a server with --tool-call-parser returns the calls in `.tool_calls`).
         response_format: OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
         "schema", "strict"?, "description"?}}: the output is guided to JSON (that the schema accepts) and ends when
-        it is complete. tool_choice: with tools, "auto" (default), "none" (the template is not given the tools),
+        it is complete. guided_choice: vLLM's, a list of strings: the output is exactly one of them (not with a
+        response_format). tool_choice: with tools, "auto" (default), "none" (the template is not given the tools),
         "required" or {"type": "function", "function": {"name": ...}} (guided into calls of the tools / of that
         one; the server needs --tool-call-parser); parallel_tool_calls=False: exactly one call."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
@@ -327,7 +300,7 @@ class Client:
             stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate, messages, tools),
         )
-        _guide_fields(req, response_format, tool_choice, parallel_tool_calls, tools, validate)
+        _guide_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate)
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
         if n != 1:  # 1 stays unset (0 on the wire): an n = 1 request is byte for byte what it was before n existed

@@ -2,9 +2,10 @@
 
 Two shapes reach it:
 - OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
-  "strict"?, "description"?}}): the HTTP API's bodies, batch-generate's lines and the Python client's keyword, all
-  checked by `response_format` (JSON types, the name's alphabet, unknown keys refused) and sent as the proto's
-  ResponseFormat (`format_proto`).
+  "strict"?, "description"?}}) and vLLM's `guided_choice` (a list of strings) and, over HTTP, `guided_json` (a JSON
+  Schema object or its JSON text): the HTTP API's bodies (`http_format`), batch-generate's lines and the Python
+  client's keywords (`client_fields`), all checked here (JSON types, the name's alphabet, unknown keys refused, at
+  most one format) and sent as the proto's ResponseFormat (`format_proto`).
 - The gRPC fields (GenerateRequest.response_format, ChatMessages.tool_choice / tool_choice_function /
   parallel_tool_calls): `request_guide` builds the spec and compiles it once (`compile_spec`, cached per spec, so the
   engine's own compile is free), so a schema meshserve cannot follow is INVALID_ARGUMENT before anything is queued.
@@ -24,12 +25,29 @@ from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.guided.spec import GuideError, GuideSpec
 from meshserve.serving.validation import RequestError, refuse_unknown
 
-__all__ = ["FORMAT_TYPES", "TOOL_CHOICES", "response_format", "format_proto", "request_guide", "compiled"]
+__all__ = [
+    "FORMAT_TYPES",
+    "TOOL_CHOICES",
+    "UNSUPPORTED",
+    "response_format",
+    "choice_spec",
+    "guided_json",
+    "one_format",
+    "http_format",
+    "http_renames",
+    "client_fields",
+    "format_proto",
+    "request_guide",
+    "compiled",
+]
 
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 TOOL_CHOICES = ("", "auto", "none", "required")  # ChatMessages.tool_choice's values
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
 _SCHEMA_KEYS = ("name", "schema", "strict", "description")
+# vLLM's other guided_* fields: refused by name rather than ignored (the output would not follow them).
+UNSUPPORTED = ("guided_regex", "guided_grammar")
+CHOICE_FIELD = "response_format.choice.values"  # the gRPC name of a choice format's strings
 
 
 def _show(value: Any) -> str:
@@ -76,14 +94,143 @@ def response_format(value: Any, field: str = "response_format") -> GuideSpec | N
     return GuideSpec("json_schema", schema=json.dumps(schema, ensure_ascii=False))
 
 
+def choice_spec(values: Any, field: str = "guided_choice") -> GuideSpec:
+    """vLLM's guided_choice (a list of non-empty strings, at most MAX_CHOICES = 4096) -> its "choice" spec, compiled;
+    RequestError naming the field and the string ("guided_choice[1]: expected a non-empty string, got ''")."""
+    if not isinstance(values, list | tuple):
+        raise RequestError(f"{field}: expected a list of strings, got {_show(values)}")
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not value:  # before compiling: the spec must be hashable
+            raise RequestError(f"{field}[{i}]: expected a non-empty string, got {_show(value)}")
+    return compiled(GuideSpec("choice", choices=tuple(values)), field)
+
+
+def guided_json(value: Any, field: str = "guided_json") -> GuideSpec:
+    """vLLM's guided_json (a JSON Schema object, or its JSON text) -> a json_schema spec (the schema as JSON text,
+    in the client's key order), as response_format's json_schema; whether meshserve can follow it is `compiled`'s."""
+    if isinstance(value, str):
+        try:
+            schema = json.loads(value)
+        except (ValueError, RecursionError) as e:
+            raise RequestError(f"{field}: not JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise RequestError(f"{field}: expected a JSON Schema object, got {_show(schema)}")
+        return GuideSpec("json_schema", schema=value)
+    if not isinstance(value, Mapping):
+        raise RequestError(f"{field}: expected a JSON Schema object or its JSON text, got {_show(value)}")
+    return GuideSpec("json_schema", schema=json.dumps(value, ensure_ascii=False))
+
+
+def one_format(given: Mapping[str, bool]) -> None:
+    """RequestError naming the first two fields of `given` that are set (each asks for the output's format)."""
+    both = [name for name, set_ in given.items() if set_][:2]
+    if len(both) < 2:
+        return
+    if both[1] == "tool_choice":
+        raise RequestError(f"{both[0]}: cannot be combined with tool_choice 'required' or a named function (the "
+                           "output is then tool calls); drop one")  # fmt: skip
+    raise RequestError(f"{both[0]}: cannot be combined with {both[1]} (each sets the output's format); give one")
+
+
+def _required(choice: Any) -> bool:
+    """Whether an OpenAI tool_choice guides into calls ("required" or a named function; its checks are elsewhere)."""
+    return choice == "required" or isinstance(choice, Mapping)
+
+
+def http_format(body: Mapping[str, Any]) -> tuple[pb.ResponseFormat | None, str]:
+    """An HTTP body's output format: response_format, or vLLM's guided_json / guided_choice -> (the proto's
+    ResponseFormat, None for free text; the field it came from, so that the server's errors about it are named after
+    it). At most one of them and a tool_choice "required" / named function; guided_regex and guided_grammar are
+    refused by name. Raises RequestError naming the field."""
+    for key in UNSUPPORTED:
+        if body.get(key) is not None:
+            raise RequestError(f"{key}: not supported: meshserve guides to JSON, JSON Schema and choices "
+                               "(response_format, guided_json, guided_choice)")  # fmt: skip
+    fmt = body.get("response_format")
+    one_format({
+        "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
+        "guided_json": body.get("guided_json") is not None,
+        "guided_choice": body.get("guided_choice") is not None,
+        "tool_choice": _required(body.get("tool_choice")),
+    })  # fmt: skip
+    if body.get("guided_json") is not None:
+        return format_proto(guided_json(body["guided_json"])), "guided_json"
+    if body.get("guided_choice") is not None:
+        return format_proto(choice_spec(body["guided_choice"])), "guided_choice"
+    return format_proto(response_format(fmt)), "response_format"
+
+
+def http_renames(guide_field: str) -> tuple[tuple[str, str], ...]:
+    """(gRPC name, HTTP name) of the format's fields in RequestParser's messages for a body whose format came from
+    `guide_field` (http_format's): a choice is guided_choice's (OpenAI's response_format has none), a schema is
+    guided_json's when the body sent one."""
+    schema = (("response_format.json_schema", "guided_json"),) if guide_field == "guided_json" else ()
+    return ((CHOICE_FIELD, "guided_choice"), *schema)
+
+
+def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice: Any, tool_choice: Any,
+                  parallel_tool_calls: Any, tools: Any, validate: bool) -> None:  # fmt: skip
+    """The Python client's guided-decoding keywords into `req`: response_format (OpenAI's dict), guided_choice (a
+    list of strings), a chat's tool_choice (OpenAI's value) and parallel_tool_calls. validate=False sends a
+    response_format's schema, the choices and a tool_choice string as given, for the server to refuse. Raises
+    RequestError (UserError) naming the keyword."""
+    from meshserve.serving.openai_tools import tool_choice as choice_fields
+
+    chat = req.WhichOneof("input") == "messages"
+    if not chat and (tool_choice is not None or parallel_tool_calls is not None):
+        raise RequestError("tool_choice: only a chat (messages=[...]) with tools takes tool_choice and "
+                           "parallel_tool_calls")  # fmt: skip
+    if validate:
+        fmt = response_format_
+        one_format({
+            "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
+            "guided_choice": guided_choice is not None,
+            "tool_choice": _required(tool_choice),
+        })  # fmt: skip
+    if guided_choice is not None:
+        if validate:
+            req.response_format.CopyFrom(format_proto(choice_spec(guided_choice)))
+        elif isinstance(guided_choice, list | tuple) and all(isinstance(v, str) for v in guided_choice):
+            req.response_format.choice.values.extend(guided_choice)  # an empty list sends an empty Choices
+            req.response_format.choice.SetInParent()
+        else:
+            raise RequestError(f"guided_choice: the proto field holds a list of strings, got {_show(guided_choice)}")
+    elif response_format_ is not None and validate:
+        if (fmt := format_proto(response_format(response_format_))) is not None:  # {"type": "text"}: left unset
+            req.response_format.CopyFrom(fmt)
+    elif response_format_ is not None:  # as given, for the server to refuse: a str schema is sent as its text
+        schema = (response_format_.get("json_schema") or {}).get("schema")
+        if response_format_.get("type") == "json_object":
+            req.response_format.json_object = True
+        else:
+            req.response_format.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    if tool_choice is not None:
+        if validate or not isinstance(tool_choice, str):
+            choice, function = choice_fields(tool_choice)
+        else:
+            choice, function = tool_choice, ""
+        if validate and choice == "required" and not tools:
+            raise RequestError(f"tool_choice: {tool_choice!r} needs tools=[...] (the functions to call)")
+        names = [(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, Mapping)]
+        if validate and function and function not in names:
+            raise RequestError(f"tool_choice.function.name: no tool named {function!r} in tools")
+        req.messages.tool_choice, req.messages.tool_choice_function = choice, function
+    if parallel_tool_calls is not None:
+        if validate and not isinstance(parallel_tool_calls, bool):
+            raise RequestError(f"parallel_tool_calls: expected True or False, got {parallel_tool_calls!r}")
+        req.messages.parallel_tool_calls = parallel_tool_calls
+
+
 def format_proto(spec: GuideSpec | None) -> pb.ResponseFormat | None:
-    """A json_object / json_schema spec as GenerateRequest.response_format; None for free text."""
+    """A json_object / json_schema / choice spec as GenerateRequest.response_format; None for free text."""
     if spec is None:
         return None
     if spec.kind == "json_object":
         return pb.ResponseFormat(json_object=True)
     if spec.kind == "json_schema":
         return pb.ResponseFormat(json_schema=spec.schema)
+    if spec.kind == "choice":
+        return pb.ResponseFormat(choice=pb.Choices(values=spec.choices))
     raise ValueError(f"{spec.kind!r} is no response_format (tool calls are ChatMessages.tool_choice)")
 
 
@@ -95,6 +242,11 @@ def _format_guide(req: pb.GenerateRequest, max_chars: int) -> GuideSpec | None:
     which = fmt.WhichOneof("format")
     if which == "json_object":
         return GuideSpec("json_object") if fmt.json_object else None
+    if which == "choice":  # the strings themselves are compile_spec's to check (named under CHOICE_FIELD)
+        chars = sum(map(len, fmt.choice.values))
+        if chars > max_chars:
+            raise RequestError(f"{CHOICE_FIELD}: {chars} characters exceed the limit of {max_chars}")
+        return GuideSpec("choice", choices=tuple(fmt.choice.values))
     if which != "json_schema":
         return None
     text = fmt.json_schema
@@ -144,7 +296,8 @@ def _tool_guide(chat: pb.ChatMessages, tools: list | None, parser: str | None) -
 def compiled(spec: GuideSpec, field: str) -> GuideSpec:
     """`spec` once `compile_spec` accepts it (its Grammar is cached for the engine); GuideError as a RequestError
     under `field`: "response_format.json_schema: schema.properties.age.pattern: not supported ...". A tool_calls
-    spec's errors about a tool ("tools[0].function.parameters...") are named under messages.tools_json."""
+    spec's errors about a tool ("tools[0].function.parameters...") are named under messages.tools_json, a choice
+    spec's about its strings ("choices[1]: ...") under `field` ("response_format.choice.values[1]: ...")."""
     from meshserve.serving.guided import compile_spec
 
     try:
@@ -153,6 +306,8 @@ def compiled(spec: GuideSpec, field: str) -> GuideSpec:
         message = str(e)
         if spec.kind == "tool_calls" and message.startswith("tools"):
             raise RequestError("messages.tools_json" + message[len("tools") :]) from None
+        if spec.kind == "choice" and message.startswith("choices"):
+            raise RequestError(field + message[len("choices") :]) from None
         raise RequestError(f"{field}: {message}") from None
     return spec
 
@@ -169,7 +324,8 @@ def request_guide(req: pb.GenerateRequest, tools: list | None, parser: str | Non
             "output is then tool calls); drop one"
         )
     if fmt is not None:
-        return compiled(fmt, "response_format" if fmt.kind == "json_object" else "response_format.json_schema")
+        field = {"json_schema": "response_format.json_schema", "choice": CHOICE_FIELD}.get(fmt.kind, "response_format")
+        return compiled(fmt, field)
     if tool is not None:
         return compiled(tool, "messages.tool_choice")
     return None

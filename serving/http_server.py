@@ -144,7 +144,7 @@ class HttpFront:
                 requests, stop = self.parser.samples(req, None, *([self.limits.max_context] if kind == CHAT else []))
             except RequestError as e:
                 index = i if len(parsed.requests) > 1 else None
-                message, param = openai_error(kind, e, parsed.max_tokens_field, index)
+                message, param = openai_error(kind, e, parsed.max_tokens_field, index, parsed.guide_field)
                 raise HttpError(400, message, param) from None
             samples += requests
         need = len(samples)

@@ -3,7 +3,7 @@
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt" | "messages", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
-                   "top_logprobs"?, "stop_token_ids"?, "response_format"?}
+                   "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
                    n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
                                                           "top_logprobs"?}, ...]}  (index order)
@@ -14,7 +14,8 @@ GenerateRequest.messages; a model without a template, or a list the template ref
 
 "response_format" (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}},
 checked as the HTTP API checks it) guides the line's output to JSON (that the schema accepts); it ends when the JSON
-is complete (finish_reason "stop"). A schema meshserve cannot follow is a bad line.
+is complete (finish_reason "stop"). A schema meshserve cannot follow is a bad line. "guided_choice" (vLLM's: a list
+of non-empty strings, at most 4096) instead makes the output exactly one of them; a line with both is a bad line.
 
 "n" (an integer in [1, N_MAX]) samples a prompt n times, as OpenAI's and vLLM's n: sample i is its own request with
 seed + i (so greedy samples are identical, and sample i equals a line of its own with seed + i), and the line is
@@ -203,20 +204,25 @@ def _generation_requests(model, engine, job: JobLine):
     if bad:
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
-    guide = _guide(d.get("response_format"))
+    guide = _guide(d)
     try:  # the Request gives min_tokens its stop ids (one bias entry each); sample i uses seed + i
         return Request(prompt, n, sampling, stop_ids, guide=guide).samples(samples), stop
     except SamplingError as e:
         raise LineError(str(e)) from None
 
 
-def _guide(value):
-    """A line's response_format as the GuideSpec its requests follow (None: free text), compiled once to check it
-    (serving/guided_requests.py); LineError naming the field."""
+def _guide(d: dict):
+    """A line's response_format or guided_choice as the GuideSpec its requests follow (None: free text), compiled
+    once to check it (serving/guided_requests.py); LineError naming the field (both fields: naming both)."""
     from meshserve.errors import UserError
-    from meshserve.serving.guided_requests import compiled, response_format
+    from meshserve.serving.guided_requests import choice_spec, compiled, one_format, response_format
 
+    value, choices = d.get("response_format"), d.get("guided_choice")
     try:
+        text = isinstance(value, dict) and value.get("type") == "text"
+        one_format({"response_format": value is not None and not text, "guided_choice": choices is not None})
+        if choices is not None:
+            return choice_spec(choices)
         spec = response_format(value)
         field = "response_format.json_schema" if spec is not None and spec.kind == "json_schema" else "response_format"
         return None if spec is None else compiled(spec, field)

@@ -10,11 +10,12 @@ choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to 
 server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. `tools` need `serve --tool-call-parser`
-(serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions) and tool_choice
-"required" or a named function are guided decoding (serving/guided_requests.py). What meshserve cannot do (suffix,
-best_of != n, images, echo with stream or with logprobs > 1) is refused by name rather than ignored, as is any
-unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
-logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harness's loglikelihood requests need.
+(serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions), vLLM's
+guided_json / guided_choice (not guided_regex / guided_grammar) and tool_choice "required" or a named function are
+guided decoding (serving/guided_requests.py), at most one of them. What meshserve cannot do (suffix, best_of != n,
+images, echo with stream or with logprobs > 1) is refused by name rather than ignored, as is any unknown field. echo
+(with max_tokens 0: score only) gives the prompt's log-probs, and for logprobs = 1 each prompt token's most likely
+alternative, as lm-evaluation-harness's loglikelihood requests need.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.guided_requests import format_proto, response_format
+from meshserve.serving.guided_requests import UNSUPPORTED, http_format, http_renames
 from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
 from meshserve.serving.validation import RequestError
 
@@ -51,6 +52,7 @@ _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "max_tokens", "logprobs", "response_format",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",  # vLLM's extras
+    "guided_json", "guided_choice", *UNSUPPORTED,
 })  # fmt: skip
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
@@ -90,6 +92,7 @@ class OpenAIRequest:
     echo: bool = False  # completions: the prompt comes back before the completion (with its log-probs)
     score_only: bool = False  # echo with max_tokens 0: the prompt's log-probs, nothing generated
     tools: ToolUse | None = None  # chat with tools (tool_choice auto): parse tool calls out of the text
+    guide_field: str = "response_format"  # where the format came from (guided_json: the server's errors renamed)
 
 
 class Body:
@@ -187,7 +190,8 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
     template = pb.GenerateRequest()
     _sampling(b, template)
-    if (fmt := format_proto(response_format(body.get("response_format")))) is not None:
+    fmt, guide_field = http_format(body)
+    if fmt is not None:
         template.response_format.CopyFrom(fmt)  # compiled (and its size checked) by RequestParser
     n = b.integer("n")
     if n is not None and n < 1:
@@ -242,7 +246,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         requests.append(req)
     return OpenAIRequest(
         kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only,
-        tool_use if kind == CHAT else None,
+        tool_use if kind == CHAT else None, guide_field,
     )  # fmt: skip
 
 
@@ -372,13 +376,13 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 
 
-def openai_error(
-    kind: str, error: RequestError, max_tokens_field: str = "max_tokens", prompt_index: int | None = None
-) -> tuple[str, str | None]:
+def openai_error(kind: str, error: RequestError, max_tokens_field: str = "max_tokens", prompt_index: int | None = None,
+                 guide_field: str = "response_format") -> tuple[str, str | None]:  # fmt: skip
     """RequestParser's message with the gRPC field it names renamed to the OpenAI one: (message, param).
-    prompt_index: which of several completion prompts the message is about (named prompt[i])."""
+    prompt_index: which of several completion prompts the message is about (named prompt[i]); guide_field: the
+    body's format field (OpenAIRequest.guide_field: a guided_json schema's errors are named guided_json)."""
     message = str(error)
-    for grpc_name, name in _RENAMES[kind]:
+    for grpc_name, name in (*http_renames(guide_field), *_RENAMES[kind]):
         if message.startswith(grpc_name):
             name = max_tokens_field if name == "max_tokens" else name
             if name == "prompt" and prompt_index is not None:
