@@ -1,7 +1,8 @@
 """Guided decoding's request fields, checked where they enter (no server here; tests/test_guided_protocol_server.py
 runs them through real servers): gRPC's GenerateRequest.response_format and ChatMessages.tool_choice through
 RequestParser (the GuideSpec a Request carries, every bad value named), OpenAI's response_format / tool_choice in
-HTTP bodies, the Python client's keywords, and `meshserve generate`'s --json-object / --json-schema flags."""
+HTTP bodies (and vLLM's guided_choice / guided_json), the Python client's keywords, and `meshserve generate`'s
+--json-object / --json-schema / --choice flags."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from test_openai_tools import TOOL_TEMPLATE, TOOLS
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
 CHAT_MESSAGES = [{"role": "user", "content": "hi"}]
+LABELS = ("yes", "no", "not sure")
+
+
+def _choice(*values: str) -> pb.ResponseFormat:
+    return pb.ResponseFormat(choice=pb.Choices(values=values))
+
+
 LIMITS = Limits(max_context=4096, max_batch=1, max_new_tokens=8, max_queue=4, max_text_chars=2000)
 
 
@@ -62,6 +70,13 @@ def test_a_response_format_becomes_the_requests_guide(parser):
         assert parser.generate(free, None)[0].guide is None
 
 
+def test_a_choice_format_becomes_the_requests_guide(parser):
+    requests, _ = parser.samples(pb.GenerateRequest(text="hi", n=2, response_format=_choice(*LABELS)), None)
+    assert [r.guide for r in requests] == [GuideSpec("choice", choices=LABELS)] * 2
+    got = parser.generate(pb.GenerateRequest(text="hi", response_format=_choice("x" * 1000, "y" * 1000)), None)[0]
+    assert got.guide.choices == ("x" * 1000, "y" * 1000)  # 2000 characters: at the limit
+
+
 def test_tool_choice_required_or_named_guides_into_calls(parser, model):
     tools_json = json.dumps(TOOLS)
     got = parser.generate(_chat(choice="required"), None)[0].guide
@@ -93,6 +108,14 @@ BAD_GRPC = [
         "city": {"type": "string", "pattern": "^[A-Z]"}}}}}], choice="required"),
      r"^messages\.tools_json\[0\]\.function\.parameters\.properties\.city\.pattern: not supported"),
     (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=pb.ResponseFormat(json_object=True)),
+     r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
+    (pb.GenerateRequest(text="hi", response_format=_choice("a", "")),
+     r"^response_format\.choice\.values\[1\]: expected a non-empty string, got ''$"),
+    (pb.GenerateRequest(text="hi", response_format=_choice()),
+     r"^response_format\.choice\.values: expected at least one string$"),
+    (pb.GenerateRequest(text="hi", response_format=_choice("x" * 1500, "y" * 501)),
+     r"^response_format\.choice\.values: 2001 characters exceed the limit of 2000$"),
+    (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=_choice("a")),
      r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
 ]  # fmt: skip
 
@@ -187,6 +210,49 @@ def test_http_bodies_carry_the_fields_into_the_proto():
     assert auto.tool_choice == "" and not auto.HasField("parallel_tool_calls")  # as before: no guide
 
 
+def test_http_guided_choice_and_guided_json_carry_into_the_proto():
+    for kind, base in ((COMPLETIONS, {"prompt": "x"}), (CHAT, {"messages": CHAT_MESSAGES})):
+        parsed = parse_body(kind, {**base, "guided_choice": list(LABELS), "n": 2}, "m")
+        assert parsed.requests[0].response_format == _choice(*LABELS) and parsed.guide_field == "guided_choice"
+        for schema in (SCHEMA, json.dumps(SCHEMA)):  # an object or its JSON text
+            parsed = parse_body(kind, {**base, "guided_json": schema, "response_format": {"type": "text"}}, "m")
+            got = parsed.requests[0].response_format.json_schema
+            assert json.loads(got) == SCHEMA and parsed.guide_field == "guided_json"
+    plain = parse_body(CHAT, {"messages": CHAT_MESSAGES, "guided_choice": None, "guided_regex": None}, "m")
+    assert not plain.requests[0].HasField("response_format") and plain.guide_field == "response_format"
+
+
+BAD_HTTP_GUIDES = [
+    ({"guided_choice": "yes"}, "guided_choice: expected a list of strings, got 'yes'", "guided_choice"),
+    ({"guided_choice": ["yes", ""]}, "guided_choice[1]: expected a non-empty string, got ''", "guided_choice"),
+    ({"guided_choice": ["yes", 3]}, "guided_choice[1]: expected a non-empty string, got 3", "guided_choice"),
+    ({"guided_choice": []}, "guided_choice: expected at least one string", "guided_choice"),
+    ({"guided_choice": ["a"] * 4097}, "guided_choice: 4097 strings exceed the limit of 4096", "guided_choice"),
+    ({"guided_json": 3}, "guided_json: expected a JSON Schema object or its JSON text, got 3", "guided_json"),
+    ({"guided_json": "{oops"}, "guided_json: not JSON", "guided_json"),
+    ({"guided_json": "[1]"}, "guided_json: expected a JSON Schema object, got [1]", "guided_json"),
+    ({"guided_regex": "a+"}, "guided_regex: not supported: meshserve guides to JSON, JSON Schema and", "guided_regex"),
+    ({"guided_grammar": "root ::= x"}, "guided_grammar: not supported: meshserve guides to JSON", "guided_grammar"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+     "response_format: cannot be combined with guided_choice", "response_format"),
+    ({"guided_choice": ["a"], "guided_json": {}}, "guided_json: cannot be combined with guided_choice", "guided_json"),
+    ({"guided_json": SCHEMA, "response_format": JSON_SCHEMA}, "response_format: cannot be combined with guided_json",
+     "response_format"),
+    ({"guided_choice": ["a"], "tools": TOOLS, "tool_choice": "required"},
+     "guided_choice: cannot be combined with tool_choice 'required' or a named function", "guided_choice"),
+    ({"guided_json": SCHEMA, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "local_time"}}},
+     "guided_json: cannot be combined with tool_choice 'required'", "guided_json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, message, param", BAD_HTTP_GUIDES, ids=[m[:48] for _, m, _ in BAD_HTTP_GUIDES])
+def test_bad_guided_choice_and_guided_json_name_the_field(body, message, param):
+    with pytest.raises(RequestError) as e:
+        parse_body(CHAT, {"messages": CHAT_MESSAGES, **body}, "m", "hermes")
+    got, got_param = openai_error(CHAT, e.value)
+    assert got.startswith(message) and got_param == param, got
+
+
 @pytest.mark.parametrize(
     "body, message, param",
     [
@@ -210,9 +276,15 @@ def test_grpc_names_become_openai_names_over_http():
         ("messages.tool_choice: 'required' needs a server", "tool_choice: 'required' needs a server"),
         ("messages.tools_json[0].function.parameters.x: not supported", "tools[0].function.parameters.x: not"),
         ("response_format.json_schema: schema.pattern: not supported", "response_format.json_schema: schema.pat"),
+        ("response_format.choice.values[2]: expected a non-empty", "guided_choice[2]: expected a non-empty"),
+        ("response_format.choice.values: 9000 characters exceed", "guided_choice: 9000 characters exceed"),
     ]:
         message, param = openai_error(CHAT, RequestError(grpc_message))
         assert message.startswith(want) and param == want.split(".")[0].split(":")[0].split("[")[0]
+    # A schema the body sent as guided_json is named guided_json (http_server passes parsed.guide_field).
+    message = "response_format.json_schema: 9000 characters exceed the limit of 4096"
+    got = openai_error(COMPLETIONS, RequestError(message), "max_tokens", None, "guided_json")
+    assert got == ("guided_json: 9000 characters exceed the limit of 4096", "guided_json")
 
 
 # ----- the Python client -----
@@ -231,6 +303,10 @@ def test_client_keywords_fill_the_proto():
     # validate=False sends what the server must refuse itself.
     raw = Client.request("hi", validate=False, response_format={"type": "json_schema", "json_schema": {"schema": "{"}})
     assert raw.response_format.json_schema == "{"
+    assert Client.request("hi", guided_choice=list(LABELS)).response_format == _choice(*LABELS)
+    assert Client.request("hi", guided_choice=("a",), response_format={"type": "text"}).response_format == _choice("a")
+    assert Client.request("hi", validate=False, guided_choice=["a", ""]).response_format == _choice("a", "")
+    assert Client.request("hi", validate=False, guided_choice=[]).response_format.HasField("choice")  # empty Choices
 
 
 @pytest.mark.parametrize(
@@ -244,6 +320,13 @@ def test_client_keywords_fill_the_proto():
          "tool_choice.function.name: no tool named 'z'"),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "tool_choice": "always"}, "tool_choice: expected"),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls: expected"),
+        ({"guided_choice": "yes"}, "guided_choice: expected a list of strings, got 'yes'"),
+        ({"guided_choice": ["yes", ""]}, "guided_choice[1]: expected a non-empty string, got ''"),
+        ({"guided_choice": ["a"] * 4097}, "guided_choice: 4097 strings exceed the limit of 4096"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+         "response_format: cannot be combined with guided_choice"),
+        ({"messages": CHAT_MESSAGES, "tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]},
+         "guided_choice: cannot be combined with tool_choice 'required'"),
     ],
 )  # fmt: skip
 def test_client_refuses_bad_keywords_before_sending(kwargs, message):
@@ -272,9 +355,27 @@ def test_generate_json_flags(capsys, tmp_path):
     assert code == 2 and "expected a JSON Schema object, got list" in err
 
 
-def test_generate_in_process_follows_the_schema(capsys, tmp_path):
+def test_generate_choice_flags(capsys):
+    for other in (("--json-object",), ("--json-schema", "s.json")):  # argparse: one format
+        with pytest.raises(SystemExit) as e:
+            run_cli(capsys, "generate", "hi", "--choice", "yes", *other)
+        assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    server = ("--server", "127.0.0.1:1")  # nothing is asked: the flags are checked first
+    code, out, err = run_cli(capsys, "generate", "hi", *server, "--choice", "yes", "--choice", "")
+    want = "meshserve generate: error: --choice[1]: expected a non-empty string, got ''\n"  # one line, exit 2
+    assert code == 2 and not out and err == want
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--choice", "a", "--mesh", "2x2x2")
+    assert code == 2 and "--choice runs in process on one device" in err
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "generate", "--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--choice TEXT" in out and "(guided decoding; default: none, free text)" in out
+
+
+def test_generate_in_process_follows_the_format(capsys, tmp_path):
     """In process, guided prompts run through the serving engine: two prompts x 2 samples of a random tiny model
-    (whitespace biased away, as a user may) come back as JSON the schema accepts, ended by the format (stop)."""
+    (whitespace biased away, as a user may) come back as JSON the schema accepts, ended by the format (stop); with
+    --choice (the same batch: the same compiled engine) as one of the strings."""
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, "three"]}},
               "required": ["ok", "n"]}  # fmt: skip
     (tmp_path / "s.json").write_text(json.dumps(schema))
@@ -289,6 +390,12 @@ def test_generate_in_process_follows_the_schema(capsys, tmp_path):
         value = json.loads(choice["text"])
         assert choice["finish_reason"] == "stop" and set(value) == {"ok", "n"}, choice
         assert isinstance(value["ok"], bool) and value["n"] in (1, 2, "three")
+    code, out, err = run_cli(capsys, "generate", "hi", "there", "--model", "tiny", "--choice", "positive", "--choice",
+                             "negative", "--temperature", "1", "--n", "2", "--max-new-tokens", "100", "--json",
+                             "--compile-cache", "off")  # fmt: skip
+    got = [c for line in out.splitlines() for c in json.loads(line)["choices"]]
+    assert code == 0 and len(got) == 4, err
+    assert all(c["text"] in ("positive", "negative") and c["finish_reason"] == "stop" for c in got), got
     (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "a+"}))
     code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--json-schema", str(tmp_path / "bad.json"))
     assert code == 2 and "schema.pattern: not supported" in err

@@ -1,8 +1,9 @@
-"""Guided decoding through real servers and the batch-generate CLI: bad response_format / tool_choice values answer
-400 naming the field (`param`), and end to end (the engine's masks, serving/engine_steps.py) a JSON schema request
-returns JSON that json.loads parses and that the schema accepts, over HTTP, gRPC and batch-generate lines, and
-tool_choice "required" / a named function returns tool_calls with finish_reason "tool_calls" on the scripted Llama
-of tests/test_serving_http_tool_calls.py."""
+"""Guided decoding through real servers and the batch-generate CLI: bad response_format / guided_choice /
+guided_json / tool_choice values answer 400 naming the field (`param`) or INVALID_ARGUMENT naming it, and end to end
+(the engine's masks, serving/engine_steps.py) a JSON schema request returns JSON that json.loads parses and that the
+schema accepts and a guided_choice request exactly one of its strings, over HTTP, gRPC, batch-generate lines and
+`meshserve generate`, and tool_choice "required" / a named function returns tool_calls with finish_reason
+"tool_calls" on the scripted Llama of tests/test_serving_http_tool_calls.py."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SCHEMA = {
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
 NO_SPACE = {ord(c): -100.0 for c in " \t\n\r"}
+LABELS = ("red", "green", "blue")  # none a prefix of another: each answer ends with its string ("stop")
 
 
 def _matches(value) -> bool:
@@ -76,6 +78,15 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
          "response_format.strict: unknown field"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}},
          "response_format", "response_format.json_schema.name: expected 1 to 64 characters"),
+        ({"guided_choice": ["yes", ""]}, "guided_choice", "guided_choice[1]: expected a non-empty string, got ''"),
+        ({"guided_choice": ["x" * 3000, "y" * 3000]}, "guided_choice",  # the server's limit (32 x 128 context)
+         "guided_choice: 6000 characters exceed the limit of 4096"),
+        ({"guided_json": {"type": "string", "pattern": "a+"}}, "guided_json",  # compiled by the server: renamed
+         "guided_json: schema.pattern: not supported"),
+        ({"guided_json": "[]"}, "guided_json", "guided_json: expected a JSON Schema object, got []"),
+        ({"guided_regex": "[a-z]+"}, "guided_regex", "guided_regex: not supported: meshserve guides to JSON"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "response_format",
+         "response_format: cannot be combined with guided_choice"),
     ],
 )  # fmt: skip
 def test_bad_formats_answer_400_naming_the_field(server, body, param, message):
@@ -131,6 +142,39 @@ def test_json_schema_over_http_and_grpc_returns_json_the_schema_accepts(server):
         assert chunks[-1].finish_reason == "stop" and json.loads(text) == {}, text
 
 
+def test_guided_choice_over_http_and_grpc_answers_one_of_the_strings(server):
+    import grpc
+    from meshserve.serving.client import Client
+
+    oa = openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=120)
+    got = oa.completions.create(model="m", prompt=["Color:", "Another:"], max_tokens=20, temperature=1.0, seed=5, n=2,
+                                extra_body={"guided_choice": list(LABELS)})  # fmt: skip
+    assert len(got.choices) == 4
+    for choice in got.choices:
+        assert choice.text in LABELS and choice.finish_reason == "stop", choice
+    with Client(server.target) as client:
+        reply = client.generate("Color:", max_new_tokens=20, temperature=1.0, seed=9, n=3, guided_choice=LABELS)
+        for sample in reply.choices:
+            assert sample.text in LABELS and sample.finish_reason == "stop", sample
+        with pytest.raises(grpc.RpcError) as e:  # the server's own check (the client's is skipped)
+            client.generate("Color:", validate=False, guided_choice=["red", ""])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("response_format.choice.values[1]: expected a non-empty string, got ''")
+
+
+def test_generate_choice_with_server(server, capsys):
+    """`meshserve generate --choice ...` asking the server prints one of the strings (in process: tests/
+    test_guided_protocol.py)."""
+    from cli_helpers import run_cli
+
+    flags = [f for label in LABELS for f in ("--choice", label)]
+    code, out, err = run_cli(capsys, "generate", "one", "two", "--server", server.target, *flags, "--temperature", "1",
+                             "--n", "2", "--max-new-tokens", "20", "--json")  # fmt: skip
+    assert code == 0, err
+    got = [c for line in out.splitlines() for c in json.loads(line)["choices"]]
+    assert len(got) == 4 and all(c["text"] in LABELS and c["finish_reason"] == "stop" for c in got), got
+
+
 def test_generate_json_schema_with_server(server, tmp_path, capsys):
     from cli_helpers import run_cli
 
@@ -168,6 +212,9 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
         {"id": "json", "prompt": "Answer:", "max_new_tokens": 100, "response_format": JSON_SCHEMA,
          "logit_bias": {str(k): v for k, v in NO_SPACE.items()}},
         {"id": "free", "prompt": "Answer:", "max_new_tokens": 4, "ignore_eos": True},
+        {"id": "both", "prompt": "hi", "guided_choice": ["a"], "response_format": {"type": "json_object"}},
+        {"id": "empty", "prompt": "hi", "guided_choice": ["a", ""]},
+        {"id": "choice", "prompt": "Color:", "guided_choice": list(LABELS), "temperature": 1.0, "n": 2},
     ]  # fmt: skip
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -175,9 +222,13 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=240)
     assert done.returncode == 0, done.stderr
     errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
-    assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern")]
+    assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern"), (5, "both"), (6, "empty")]
     assert errors[0]["error"].startswith("response_format.json_schema.schema: expected a JSON Schema object")
     assert errors[1]["error"].startswith("response_format.json_schema: schema.pattern: not supported")
+    assert errors[2]["error"].startswith("response_format: cannot be combined with guided_choice")
+    assert errors[3]["error"].startswith("guided_choice[1]: expected a non-empty string, got ''")
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(results) == {"json", "free"} and len(results["free"]["tokens"]) == 4
+    assert set(results) == {"json", "free", "choice"} and len(results["free"]["tokens"]) == 4
     assert results["json"]["finish_reason"] == "stop" and _matches(json.loads(results["json"]["text"]))
+    for sample in results["choice"]["choices"]:
+        assert sample["text"] in LABELS and sample["finish_reason"] == "stop", sample
