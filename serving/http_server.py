@@ -161,6 +161,8 @@ class HttpFront:
             raise HttpError(429, str(e)) from None
         except ShuttingDownError as e:
             raise HttpError(503, str(e)) from None
+        except UserError as e:  # a guided format past its bounds, found while preparing its masks
+            raise HttpError(400, str(e), "response_format") from None
         return parsed, handles, events, echo
 
     def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from meshserve.model.params import init_params
 from meshserve.model.sampling import SamplingParams
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
-from meshserve.serving.guided import GuideSpec
+from meshserve.serving.guided import GuideError, GuideSpec
 from meshserve.serving.guided.grammar import MAX_OPEN
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
@@ -213,3 +214,19 @@ def test_a_choice_request_answers_one_of_its_strings(engine):
                           for i in range(6)])  # fmt: skip
     for text, reason in got:
         assert text in labels and (reason == "stop" or text == "neg"), (text, reason)
+
+
+def test_a_regex_request_matches_its_pattern_and_a_bad_one_is_refused_at_submit(engine):
+    """vLLM's guided_regex: random tiny-model answers the pattern matches whole (re.fullmatch), ended by the format;
+    a pattern whose positions are too many to prepare is refused by submit, before it is queued."""
+    engine.reset()
+    pattern = r"(\d{3}-\d{4}|[A-Z][a-z]{2,5}!)"
+    spec = GuideSpec("regex", pattern=pattern)
+    got = _serve(engine, [Request([7, 8 + i], 30, SamplingParams(temperature=1.0, seed=i), guide=spec)
+                          for i in range(4)])  # fmt: skip
+    for text, reason in got:
+        assert re.fullmatch(pattern, text) and reason == "stop", (text, reason)
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer())
+    with pytest.raises(GuideError, match="more than 1024 positions"):
+        orch.submit(Request([7], 30, guide=GuideSpec("regex", pattern=r".{0,300}")))
+    assert len(orch.guides) == 0 and not orch.scheduler.queue

@@ -356,6 +356,10 @@ def compile_spec(spec: GuideSpec) -> Grammar:
 
 
 def _compile_spec(spec: GuideSpec) -> Grammar:
+    if spec.kind == "regex":
+        from meshserve.serving.guided.regex import compile_regex
+
+        return compile_regex(spec.pattern, "pattern")
     c = _Compiler()
     if spec.kind == "json_object":
         start = ((VAL, c.any_object(), 0),)

@@ -8,7 +8,7 @@ from meshserve.errors import UserError
 
 __all__ = ["GuideError", "GuideSpec", "KINDS"]
 
-KINDS = ("json_object", "json_schema", "tool_calls", "choice")
+KINDS = ("json_object", "json_schema", "tool_calls", "choice", "regex")
 
 
 class GuideError(UserError):
@@ -29,6 +29,8 @@ class GuideSpec:
       `parameters` schema where it has one, any JSON object otherwise.
     kind "choice": exactly one of the strings `choices`, as written (no quotes, no whitespace around; vLLM's
       guided_choice): a label for a classification job, say.
+    kind "regex": a string the regular expression `pattern` matches whole (vLLM's guided_regex; the subset in
+      serving/guided/regex.py).
     """
 
     kind: str
@@ -38,3 +40,4 @@ class GuideSpec:
     parallel: bool = True
     parser: str = "hermes"
     choices: tuple[str, ...] = ()
+    pattern: str = ""

@@ -42,14 +42,22 @@ class GuideTracker:
             return self._table
 
     def add(self, requests: Iterable[Request]) -> None:
-        """Start a Guide for each guided request (before it is queued); its first mask is computed here."""
+        """Start a Guide for each guided request (before it is queued); its first mask is computed here, and a
+        regex's every mask. All or none: a GuideError (a format past its bounds) leaves no guide behind."""
+        started = {}
         for r in requests:
             if r.guide is not None:
                 from meshserve.serving.guided import Guide, compile_spec
 
-                guide = Guide(compile_spec(r.guide), self._token_table(), r.stop_ids)
+                grammar = compile_spec(r.guide)
+                guide = Guide(grammar, self._token_table(), r.stop_ids)
+                if r.guide.kind == "regex":  # finitely many positions: all their masks now, none on the engine thread
+                    from meshserve.serving.guided.regex import prepare_masks
+
+                    prepare_masks(grammar, guide.table)
                 guide.mask()  # the start state's mask, cached for the prefill
-                self._guides[r.id] = guide
+                started[r.id] = guide
+        self._guides.update(started)
 
     def prefill_kwargs(self, requests: Sequence[Request]) -> dict[str, list[np.ndarray | None]]:
         """Engine.prefill_insert's `guides` for a prefill batch (per request, the mask its first token must follow,

@@ -1,0 +1,350 @@
+"""A "regex" format (vLLM's guided_regex, TGI's grammar {"type": "regex"}): the output is a string the regular
+expression matches whole (`re.fullmatch`), as a byte-level matcher with the same interface as the JSON `Grammar`.
+
+The pattern is parsed by Python's own parser (re._parser) and built into a Thompson NFA over characters: each NFA
+state consumes one character of a class (sorted code point ranges) or is the accepting state; a matcher state is
+the sorted tuple of the NFA states reachable (epsilon closure), each as a one-frame stack (RX, nfa state, bytes of a
+character begun but not finished), so `Grammar`'s memo, masks and bounds (MAX_OPEN) apply unchanged. A multi-byte
+character is taken byte by byte: a lead byte (and each continuation) is allowed only when some character it can
+still become is in the class, so no token leads into a dead end.
+
+Supported: literals, `.` (not newline), classes `[...]` and `[^...]` with ranges, \\d \\w \\s (written as ASCII: a
+subset of Python's Unicode classes, so what is written always matches) and \\D \\W \\S (exactly what re matches),
+alternation `|`, groups (capturing or not), `?` `*` `+` `{m}` `{m,n}` (lazy forms as greedy: the same set of
+strings), `^` at the start and `$` / `\\Z` at the end. Refused with the construct named: backreferences,
+lookarounds, conditionals, inline flags, other anchors. Sizes are bounded: MAX_NFA states after expanding repeats.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Any
+
+from meshserve.serving.guided.grammar import Grammar, _utf8_lead
+from meshserve.serving.guided.spec import GuideError
+
+try:  # Python 3.11+: the parser behind `re`
+    import re._constants as _c
+    import re._parser as _parser
+except ImportError:  # pragma: no cover - older layouts
+    import sre_constants as _c  # type: ignore[no-redef]
+    import sre_parse as _parser  # type: ignore[no-redef]
+
+__all__ = ["compile_regex", "prepare_masks", "MAX_NFA", "MAX_PATTERN", "MAX_POSITIONS", "PREPARE_S"]
+
+MAX_NFA = 20_000  # NFA states after `{m,n}` copies (a{1000}{1000} would be a million)
+MAX_PATTERN = 4096  # characters of a pattern
+# A regex has finitely many positions (matcher states): their masks are all computed before the request is queued,
+# on the caller's thread, so the engine thread only looks them up. Each costs a walk of the vocabulary (~0.1 s for
+# a 32,000-token BPE when most tokens fit, as in .{0,300}: 300 positions, 30 s): bounded in count and time.
+MAX_POSITIONS = 1024
+PREPARE_S = 10.0
+RX = 16  # the frame tag of a regex stack (not one of grammar.py's JSON tags)
+_WHOLE = -1  # a pending character whose every completion is in the class (RegexGrammar._pending)
+_TOP = 0x10FFFF
+_SURROGATES = (0xD800, 0xDFFF)
+_ASCII = {
+    _c.CATEGORY_DIGIT: [(0x30, 0x39)],
+    _c.CATEGORY_WORD: [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
+    _c.CATEGORY_SPACE: [(0x09, 0x0D), (0x20, 0x20)],
+}
+# What Python's re matches for each class in a str pattern (sre: isdecimal, isalnum or "_", isspace).
+_UNICODE_TEST = {
+    _c.CATEGORY_DIGIT: str.isdecimal,
+    _c.CATEGORY_WORD: lambda ch: ch.isalnum() or ch == "_",
+    _c.CATEGORY_SPACE: str.isspace,
+}
+
+
+@functools.cache
+def _unicode(category) -> tuple[tuple[int, int], ...]:
+    """The code point ranges Python's re matches for \\d, \\w or \\s (computed once: ~0.2 s)."""
+    test = _UNICODE_TEST[category]
+    ranges: list[tuple[int, int]] = []
+    for code in range(_TOP + 1):
+        if test(chr(code)):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return _normalize(ranges)
+
+
+_ANCHORS = {_c.AT_BOUNDARY: "\\b", _c.AT_NON_BOUNDARY: "\\B", _c.AT_BEGINNING: "^", _c.AT_END: "$",
+            _c.AT_BEGINNING_STRING: "\\A", _c.AT_END_STRING: "\\Z"}  # fmt: skip
+_NEGATED = {_c.CATEGORY_NOT_DIGIT: _c.CATEGORY_DIGIT, _c.CATEGORY_NOT_WORD: _c.CATEGORY_WORD,
+            _c.CATEGORY_NOT_SPACE: _c.CATEGORY_SPACE}  # fmt: skip
+
+
+def _normalize(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged code point ranges without the surrogates."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        for a, b in ((lo, min(hi, _SURROGATES[0] - 1)), (max(lo, _SURROGATES[1] + 1), hi)):
+            if a > b:
+                continue
+            if out and a <= out[-1][1] + 1:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+def _complement(ranges: tuple[tuple[int, int], ...], top: int = _TOP) -> tuple[tuple[int, int], ...]:
+    out, at = [], 0
+    for lo, hi in _normalize(list(ranges)):
+        if lo > at:
+            out.append((at, lo - 1))
+        at = hi + 1
+    if at <= top:
+        out.append((at, top))
+    return _normalize(out)
+
+
+def _overlaps(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
+    return any(a <= hi and lo <= b for a, b in ranges)
+
+
+class _Nfa:
+    """Thompson NFA: `edges[s]` = (class ranges, next state) for a consuming state, None for the accept state and
+    epsilon-only states (whose successors are in `eps[s]`)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.edges: list[tuple[tuple[tuple[int, int], ...], int] | None] = []
+        self.eps: list[list[int]] = []
+
+    def state(self) -> int:
+        if len(self.edges) >= MAX_NFA:
+            raise GuideError(
+                f"{self.where}: more than {MAX_NFA} states once its repeats are expanded (make it smaller)"
+            )
+        self.edges.append(None)
+        self.eps.append([])
+        return len(self.edges) - 1
+
+    def build(self, items: Any, start: int, where: str) -> int:
+        """Connect `items` (a parsed subpattern) from `start`; returns its end state."""
+        at = start
+        for i, (op, arg) in enumerate(items):
+            at = self.item(op, arg, at, where, first=(i == 0), last=(i == len(items) - 1))
+        return at
+
+    def char(self, ranges: tuple[tuple[int, int], ...], start: int) -> int:
+        """One character of `ranges` after `start` (through a fresh consuming state: `start` may have other moves)."""
+        if not ranges:
+            raise GuideError(f"{self.where}: a class that matches no character")
+        mid, end = self.state(), self.state()
+        self.eps[start].append(mid)
+        self.edges[mid] = (ranges, end)
+        return end
+
+    def item(self, op, arg, start: int, where: str, first: bool, last: bool) -> int:
+        if op == _c.LITERAL:
+            return self.char(_normalize([(arg, arg)]), start)
+        if op == _c.NOT_LITERAL:
+            return self.char(_complement(((arg, arg),)), start)
+        if op == _c.ANY:
+            return self.char(_complement(((0x0A, 0x0A),)), start)
+        if op == _c.IN:
+            return self.char(_class(arg, where), start)
+        if op == _c.BRANCH:
+            end = self.state()
+            for alternative in arg[1]:
+                begin = self.state()
+                self.eps[start].append(begin)
+                self.eps[self.build(alternative, begin, where)].append(end)
+            return end
+        if op == _c.SUBPATTERN:
+            _, add_flags, del_flags, sub = arg
+            if add_flags or del_flags:
+                raise GuideError(f"{where}: inline flags (?...) are not supported")
+            return self.build(sub, start, where)
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = arg
+            at = start
+            for _ in range(lo):
+                at = self.build(sub, at, where)
+            if hi == _c.MAXREPEAT:
+                loop = self.state()
+                self.eps[at].append(loop)
+                self.eps[self.build(sub, loop, where)].append(loop)
+                end = self.state()
+                self.eps[loop].append(end)
+                return end
+            end = self.state()
+            for _ in range(hi - lo):
+                self.eps[at].append(end)
+                at = self.build(sub, at, where)
+            self.eps[at].append(end)
+            return end
+        if op == _c.AT:
+            if (arg in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING) and first) or (
+                arg in (_c.AT_END, _c.AT_END_STRING) and last
+            ):
+                return start  # the whole output is matched anyway (fullmatch)
+            anchor = _ANCHORS.get(arg, str(arg).lower())
+            raise GuideError(f"{where}: the anchor {anchor} is supported only as ^ at the start or $ at the end")
+        name = {_c.GROUPREF: "backreferences", _c.ASSERT: "lookaheads/lookbehinds",
+                _c.ASSERT_NOT: "negative lookarounds", _c.GROUPREF_EXISTS: "conditionals"}.get(op, str(op).lower())  # fmt: skip
+        raise GuideError(f"{where}: {name} are not supported")
+
+
+def _class(items: Any, where: str) -> tuple[tuple[int, int], ...]:
+    """A `[...]` class's code point ranges."""
+    ranges: list[tuple[int, int]] = []
+    negate = any(op == _c.NEGATE for op, _ in items)
+    for op, arg in items:
+        if op == _c.NEGATE:
+            continue
+        if op == _c.LITERAL:
+            ranges.append((arg, arg))
+        elif op == _c.RANGE:
+            ranges.append(arg)
+        elif op == _c.CATEGORY and arg in _ASCII:
+            # \d \w \s write ASCII (a subset of what re matches); inside [^...] the exact set is taken away.
+            ranges += _unicode(arg) if negate else _ASCII[arg]
+        elif op == _c.CATEGORY and arg in _NEGATED:
+            ranges += _complement(_unicode(_NEGATED[arg]))  # \D \W \S: exactly what re matches
+        else:
+            raise GuideError(f"{where}: {str(op).lower()} {str(arg).lower()} inside a class is not supported")
+    out = _normalize(ranges)
+    return _complement(out) if negate else out
+
+
+class RegexGrammar(Grammar):
+    """`Grammar`'s interface over an NFA (see the module docstring): stacks are ((RX, nfa state, *pending bytes),)."""
+
+    def __init__(self, nfa: _Nfa, start: int, accept: int, where: str):
+        self.nfa, self.accept = nfa, accept
+        self._closures: dict[int, tuple[int, ...]] = {}
+        super().__init__([], [((RX, s),) for s in self._closure(start)], where)
+
+    def _closure(self, state: int) -> tuple[int, ...]:
+        """The consuming (or accepting) NFA states reachable from `state` by epsilon moves."""
+        out = self._closures.get(state)
+        if out is None:
+            seen, todo, found = set(), [state], []
+            while todo:
+                s = todo.pop()
+                if s in seen:
+                    continue
+                seen.add(s)
+                if self.nfa.edges[s] is not None or s == self.accept:
+                    found.append(s)
+                todo.extend(self.nfa.eps[s])
+            out = self._closures[state] = tuple(sorted(found))
+        return out
+
+    def _can_end(self, stack: tuple) -> bool:
+        return len(stack[0]) == 2 and stack[0][1] == self.accept
+
+    def string_room(self, state) -> None:
+        return None  # masks walk every token (no JSON-string fast path)
+
+    def _step(self, stack: tuple, b: int) -> list[tuple]:
+        frame = stack[0]
+        edge = self.nfa.edges[frame[1]]
+        if edge is None:
+            return []
+        ranges, nxt = edge
+        pending = frame[2:]
+        if not pending:
+            if b < 0x80:
+                return [((RX, s),) for s in self._closure(nxt)] if _overlaps(ranges, b, b) else []
+            lead = _utf8_lead(b)
+            if lead is None:
+                return []
+            need, lo, hi = lead
+            return self._pending(frame[1], ranges, (b,), need, lo, hi)
+        if pending[0] == _WHOLE:  # (_WHOLE, continuation bytes left, next byte's range): every completion is in
+            _, left, low, high = pending
+            if not low <= b <= high:
+                return []
+            if left == 1:
+                return [((RX, s),) for s in self._closure(nxt)]
+            return [((RX, frame[1], _WHOLE, left - 1, 0x80, 0xBF),)]
+        need, lo, hi = _utf8_lead(pending[0])
+        low, high = (lo, hi) if len(pending) == 1 else (0x80, 0xBF)
+        if not low <= b <= high:
+            return []
+        got = (*pending, b)
+        if len(got) == need + 1:
+            code = bytes(got).decode("utf-8")
+            return [((RX, s),) for s in self._closure(nxt)] if _overlaps(ranges, ord(code), ord(code)) else []
+        return self._pending(frame[1], ranges, got, need, lo, hi)
+
+    @staticmethod
+    def _pending(state: int, ranges, got: tuple[int, ...], need: int, lo: int, hi: int) -> list[tuple]:
+        """The stack after the bytes `got` of a character begun in NFA state `state`: none when no completion is in
+        the class; a canonical (_WHOLE, ...) frame when every completion is (so `.` or [^"] after any lead byte is
+        one of a few positions, not one per prefix: masks are computed per position); else the bytes themselves."""
+        first, last = _span(got, need, lo, hi)
+        if not _overlaps(ranges, first, last):
+            return []
+        if any(a <= first and last <= b for a, b in ranges):
+            low, high = (lo, hi) if len(got) == 1 else (0x80, 0xBF)
+            return [((RX, state, _WHOLE, need + 1 - len(got), low, high),)]
+        return [((RX, state, *got),)]
+
+
+def _span(got: tuple[int, ...], need: int, lo: int, hi: int) -> tuple[int, int]:
+    """The lowest and highest code points a UTF-8 character beginning with bytes `got` can be (lead byte's first
+    continuation range lo..hi)."""
+
+    def value(rest: list[int]) -> int:
+        data = [*got, *rest]
+        code = data[0] & (0x7F >> (need + 1))
+        for byte in data[1:]:
+            code = code << 6 | (byte & 0x3F)
+        return code
+
+    left = need + 1 - len(got)
+    first = len(got) == 1
+    return (value(([lo] if first else []) + [0x80] * (left - first)),
+            value(([hi] if first else []) + [0xBF] * (left - first)))  # fmt: skip
+
+
+def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
+    """The matcher of strings `pattern` fullmatches. GuideError naming `where` for what it cannot guide to."""
+    if not isinstance(pattern, str) or not pattern:
+        raise GuideError(f"{where}: expected a non-empty pattern")
+    if len(pattern) > MAX_PATTERN:
+        raise GuideError(f"{where}: {len(pattern)} characters exceed the limit of {MAX_PATTERN}")
+    try:
+        parsed = _parser.parse(pattern)
+    except re.error as e:
+        raise GuideError(f"{where}: not a valid regular expression ({e})") from None
+    if parsed.state.flags & ~(re.UNICODE | getattr(re, "U", 0)):
+        raise GuideError(f"{where}: flags are not supported")
+    nfa = _Nfa(where)
+    start = nfa.state()
+    accept = nfa.build(list(parsed), start, where)
+    return RegexGrammar(nfa, start, accept, where)
+
+
+def prepare_masks(grammar: RegexGrammar, table, max_positions: int = MAX_POSITIONS, seconds: float = PREPARE_S) -> int:
+    """Compute (and cache in `table`) the mask of every position the pattern can reach; returns how many. GuideError
+    past `max_positions` positions or `seconds` of work (the pattern is refused before it runs)."""
+    start = time.perf_counter()
+    seen = {grammar.start()}
+    todo = [grammar.start()]
+    while todo:
+        state = todo.pop()
+        table.mask(grammar, state)
+        if time.perf_counter() - start > seconds:
+            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ({len(seen)} "
+                             "positions so far; a long bounded repeat such as .{0,300} has one position per count: "
+                             "use * or + or a smaller bound)")  # fmt: skip
+        row = grammar.row(state)
+        for b in range(256):
+            nxt = row[b] if b in row else grammar.fill(row, state, b)
+            if nxt is not None and nxt not in seen:
+                if len(seen) >= max_positions:
+                    raise GuideError(f"{grammar.where}: more than {max_positions} positions to prepare token masks "
+                                     "for (use * or + for long repeats, or a smaller bound)")  # fmt: skip
+                seen.add(nxt)
+                todo.append(nxt)
+    return len(seen)
