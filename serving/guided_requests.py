@@ -137,10 +137,10 @@ def _required(choice: Any) -> bool:
     return choice == "required" or isinstance(choice, Mapping)
 
 
-def http_format(body: Mapping[str, Any]) -> tuple[pb.ResponseFormat | None, str]:
-    """An HTTP body's output format: response_format, or vLLM's guided_json / guided_choice -> (the proto's
-    ResponseFormat, None for free text; the field it came from, so that the server's errors about it are named after
-    it). At most one of them and a tool_choice "required" / named function; guided_regex and guided_grammar are
+def http_format(body: Mapping[str, Any], req: pb.GenerateRequest) -> str:
+    """An HTTP body's output format (response_format, or vLLM's guided_json / guided_choice) into req.response_format
+    (left unset for free text); returns the field it came from, so that the server's errors about it are named after
+    it. At most one of them and a tool_choice "required" / named function; guided_regex and guided_grammar are
     refused by name. Raises RequestError naming the field."""
     for key in UNSUPPORTED:
         if body.get(key) is not None:
@@ -153,11 +153,11 @@ def http_format(body: Mapping[str, Any]) -> tuple[pb.ResponseFormat | None, str]
         "guided_choice": body.get("guided_choice") is not None,
         "tool_choice": _required(body.get("tool_choice")),
     })  # fmt: skip
-    if body.get("guided_json") is not None:
-        return format_proto(guided_json(body["guided_json"])), "guided_json"
-    if body.get("guided_choice") is not None:
-        return format_proto(choice_spec(body["guided_choice"])), "guided_choice"
-    return format_proto(response_format(fmt)), "response_format"
+    field = next((key for key in ("guided_json", "guided_choice") if body.get(key) is not None), "response_format")
+    read = {"guided_json": guided_json, "guided_choice": choice_spec, "response_format": response_format}[field]
+    if (proto := format_proto(read(body.get(field)))) is not None:
+        req.response_format.CopyFrom(proto)
+    return field
 
 
 def http_renames(guide_field: str) -> tuple[tuple[str, str], ...]:

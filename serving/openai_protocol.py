@@ -190,9 +190,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         raise ModelNotFound(f"model: {model!r} is not served here (this server serves {served_model!r})")
     template = pb.GenerateRequest()
     _sampling(b, template)
-    fmt, guide_field = http_format(body)
-    if fmt is not None:
-        template.response_format.CopyFrom(fmt)  # compiled (and its size checked) by RequestParser
+    guide_field = http_format(body, template)  # compiled (and its size checked) by RequestParser
     n = b.integer("n")
     if n is not None and n < 1:
         raise RequestError(f"n must be >= 1 (samples per prompt), got {n}")
