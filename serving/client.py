@@ -16,9 +16,10 @@
 A prompt is text, token ids, or (the `messages=` keyword instead of a prompt) a conversation of {"role", "content"}
 dicts, roles system / user / assistant, which the server renders with the model's chat template and the assistant's
 turn opened (GenerateRequest.messages). `response_format=` (OpenAI's: {"type": "json_object"} or {"type":
-"json_schema", "json_schema": {"name", "schema"}}) or `guided_choice=` (vLLM's: a list of strings, the output is
-exactly one of them) and, in a chat with `tools=`, `tool_choice=` ("auto", "none", "required" or {"type":
-"function", "function": {"name"}}) guide the output (GenerateRequest.response_format, ChatMessages.tool_choice).
+"json_schema", "json_schema": {"name", "schema"}}), `guided_choice=` (vLLM's: a list of strings, the output is
+exactly one of them) or `guided_regex=` (vLLM's: a pattern the whole output matches, e.g. "[0-9]{3}-[0-9]{4}") and, in a
+chat with `tools=`, `tool_choice=` ("auto", "none", "required" or {"type": "function", "function": {"name"}}) guide
+the output (GenerateRequest.response_format, ChatMessages.tool_choice).
 
 Results are plain dataclasses, except `model_info()` (the ModelInfo message: it is mostly nested metadata) and
 `stream_call()` (the raw call, for `.cancel()`); gRPC errors are raised as `grpc.RpcError` (`.code()`, `.details()`).
@@ -151,12 +152,13 @@ def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None) 
 
 
 def _guide_fields(req: pb.GenerateRequest, response_format, guided_choice, tool_choice, parallel_tool_calls, tools,
-                 validate) -> None:  # fmt: skip
+                 validate, guided_regex=None) -> None:  # fmt: skip
     """Set the guided-decoding fields (serving/guided_requests.py client_fields); InvalidRequest naming the keyword."""
     from meshserve.serving.guided_requests import client_fields
 
     try:
-        client_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate)
+        client_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate,
+                      guided_regex)  # fmt: skip
     except UserError as e:
         raise InvalidRequest(str(e)) from None
 
@@ -236,6 +238,7 @@ class Client:
         min_tokens: int = 0,
         response_format: Mapping[str, Any] | None = None,
         guided_choice: Sequence[str] | None = None,
+        guided_regex: str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
     ) -> pb.GenerateRequest:
@@ -252,9 +255,11 @@ class Client:
         response_format: OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
         "schema", "strict"?, "description"?}}: the output is guided to JSON (that the schema accepts) and ends when
         it is complete. guided_choice: vLLM's, a list of strings: the output is exactly one of them (not with a
-        response_format). tool_choice: with tools, "auto" (default), "none" (the template is not given the tools),
-        "required" or {"type": "function", "function": {"name": ...}} (guided into calls of the tools / of that
-        one; the server needs --tool-call-parser); parallel_tool_calls=False: exactly one call."""
+        response_format). guided_regex: vLLM's, a Python regular expression the whole output matches (re.fullmatch;
+        the subset in serving/guided/regex.py; one format at most). tool_choice: with tools, "auto" (default),
+        "none" (the template is not given the tools), "required" or {"type": "function", "function": {"name": ...}}
+        (guided into calls of the tools / of that one; the server needs --tool-call-parser);
+        parallel_tool_calls=False: exactly one call."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -300,7 +305,8 @@ class Client:
             stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate, messages, tools),
         )
-        _guide_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate)
+        _guide_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate,
+                      guided_regex)  # fmt: skip
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
         if n != 1:  # 1 stays unset (0 on the wire): an n = 1 request is byte for byte what it was before n existed

@@ -2,10 +2,10 @@
 
 Two shapes reach it:
 - OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
-  "strict"?, "description"?}}) and vLLM's `guided_choice` (a list of strings) and, over HTTP, `guided_json` (a JSON
-  Schema object or its JSON text): the HTTP API's bodies (`http_format`), batch-generate's lines and the Python
-  client's keywords (`client_fields`), all checked here (JSON types, the name's alphabet, unknown keys refused, at
-  most one format) and sent as the proto's ResponseFormat (`format_proto`).
+  "strict"?, "description"?}}), vLLM's `guided_choice` (a list of strings) and `guided_regex` (a regular expression)
+  and, over HTTP, `guided_json` (a JSON Schema object or its JSON text): the HTTP API's bodies (`http_format`),
+  batch-generate's lines and the Python client's keywords (`client_fields`), all checked here (JSON types, the
+  name's alphabet, unknown keys refused, at most one format) and sent as the proto's ResponseFormat (`format_proto`).
 - The gRPC fields (GenerateRequest.response_format, ChatMessages.tool_choice / tool_choice_function /
   parallel_tool_calls): `request_guide` builds the spec and compiles it once (`compile_spec`, cached per spec, so the
   engine's own compile is free), so a schema meshserve cannot follow is INVALID_ARGUMENT before anything is queued.
@@ -29,12 +29,15 @@ __all__ = [
     "FORMAT_TYPES",
     "TOOL_CHOICES",
     "UNSUPPORTED",
+    "HTTP_FORMATS",
     "response_format",
     "choice_spec",
+    "regex_spec",
     "guided_json",
     "one_format",
     "http_format",
     "http_renames",
+    "submit_error",
     "client_fields",
     "format_proto",
     "request_guide",
@@ -45,9 +48,11 @@ FORMAT_TYPES = ("text", "json_object", "json_schema")
 TOOL_CHOICES = ("", "auto", "none", "required")  # ChatMessages.tool_choice's values
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
 _SCHEMA_KEYS = ("name", "schema", "strict", "description")
-# vLLM's other guided_* fields: refused by name rather than ignored (the output would not follow them).
-UNSUPPORTED = ("guided_regex", "guided_grammar")
+# vLLM's other guided_* field: refused by name rather than ignored (the output would not follow it).
+UNSUPPORTED = ("guided_grammar",)
+HTTP_FORMATS = ("guided_json", "guided_choice", "guided_regex", *UNSUPPORTED)  # vLLM's fields an HTTP body may hold
 CHOICE_FIELD = "response_format.choice.values"  # the gRPC name of a choice format's strings
+REGEX_FIELD = "response_format.regex"  # the gRPC name of a regex format's pattern
 
 
 def _show(value: Any) -> str:
@@ -105,6 +110,16 @@ def choice_spec(values: Any, field: str = "guided_choice") -> GuideSpec:
     return compiled(GuideSpec("choice", choices=tuple(values)), field)
 
 
+def regex_spec(value: Any, field: str = "guided_regex") -> GuideSpec:
+    """vLLM's guided_regex (a Python regular expression the whole output must match, in serving/guided/regex.py's
+    subset, at most 4096 characters) -> its "regex" spec, compiled; RequestError naming the field ("guided_regex:
+    backreferences are not supported"). Whether its token masks can all be prepared (at most 1024 positions) is
+    known only at submit (the orchestrator's GuideError, `submit_error`)."""
+    if not isinstance(value, str):
+        raise RequestError(f"{field}: expected a regular expression (a string), got {_show(value)}")
+    return compiled(GuideSpec("regex", pattern=value), field)
+
+
 def guided_json(value: Any, field: str = "guided_json") -> GuideSpec:
     """vLLM's guided_json (a JSON Schema object, or its JSON text) -> a json_schema spec (the schema as JSON text,
     in the client's key order), as response_format's json_schema; whether meshserve can follow it is `compiled`'s."""
@@ -138,23 +153,26 @@ def _required(choice: Any) -> bool:
 
 
 def http_format(body: Mapping[str, Any], req: pb.GenerateRequest) -> str:
-    """An HTTP body's output format (response_format, or vLLM's guided_json / guided_choice) into req.response_format
-    (left unset for free text); returns the field it came from, so that the server's errors about it are named after
-    it. At most one of them and a tool_choice "required" / named function; guided_regex and guided_grammar are
-    refused by name. Raises RequestError naming the field."""
+    """An HTTP body's output format (response_format, or vLLM's guided_json / guided_choice / guided_regex) into
+    req.response_format (left unset for free text); returns the field it came from, so that the server's errors
+    about it are named after it. At most one of them and a tool_choice "required" / named function; guided_grammar
+    is refused by name. Raises RequestError naming the field."""
     for key in UNSUPPORTED:
         if body.get(key) is not None:
-            raise RequestError(f"{key}: not supported: meshserve guides to JSON, JSON Schema and choices "
-                               "(response_format, guided_json, guided_choice)")  # fmt: skip
+            raise RequestError(f"{key}: not supported: meshserve guides to JSON, JSON Schema, choices and regular "
+                               "expressions (response_format, guided_json, guided_choice, guided_regex)")  # fmt: skip
     fmt = body.get("response_format")
     one_format({
         "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
         "guided_json": body.get("guided_json") is not None,
         "guided_choice": body.get("guided_choice") is not None,
+        "guided_regex": body.get("guided_regex") is not None,
         "tool_choice": _required(body.get("tool_choice")),
     })  # fmt: skip
-    field = next((key for key in ("guided_json", "guided_choice") if body.get(key) is not None), "response_format")
-    read = {"guided_json": guided_json, "guided_choice": choice_spec, "response_format": response_format}[field]
+    vllm = ("guided_json", "guided_choice", "guided_regex")
+    field = next((key for key in vllm if body.get(key) is not None), "response_format")
+    read = {"guided_json": guided_json, "guided_choice": choice_spec, "guided_regex": regex_spec,
+            "response_format": response_format}[field]  # fmt: skip
     if (proto := format_proto(read(body.get(field)))) is not None:
         req.response_format.CopyFrom(proto)
     return field
@@ -162,18 +180,27 @@ def http_format(body: Mapping[str, Any], req: pb.GenerateRequest) -> str:
 
 def http_renames(guide_field: str) -> tuple[tuple[str, str], ...]:
     """(gRPC name, HTTP name) of the format's fields in RequestParser's messages for a body whose format came from
-    `guide_field` (http_format's): a choice is guided_choice's (OpenAI's response_format has none), a schema is
-    guided_json's when the body sent one."""
+    `guide_field` (http_format's): a choice is guided_choice's and a pattern guided_regex's (OpenAI's
+    response_format has neither), a schema is guided_json's when the body sent one."""
     schema = (("response_format.json_schema", "guided_json"),) if guide_field == "guided_json" else ()
-    return ((CHOICE_FIELD, "guided_choice"), *schema)
+    return ((CHOICE_FIELD, "guided_choice"), (REGEX_FIELD, "guided_regex"), *schema)
+
+
+def submit_error(message: str, guide_field: str) -> tuple[str, str]:
+    """A GuideError from queueing a request (the orchestrator preparing a regex's masks: "pattern: more than 1024
+    positions ...") as (message, param) named after the body's format field (`guide_field`: "guided_regex: more
+    than 1024 positions ...")."""
+    if message.startswith("pattern:"):
+        message = guide_field + message[len("pattern") :]
+    return message, guide_field
 
 
 def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice: Any, tool_choice: Any,
-                  parallel_tool_calls: Any, tools: Any, validate: bool) -> None:  # fmt: skip
+                  parallel_tool_calls: Any, tools: Any, validate: bool, guided_regex: Any = None) -> None:  # fmt: skip
     """The Python client's guided-decoding keywords into `req`: response_format (OpenAI's dict), guided_choice (a
-    list of strings), a chat's tool_choice (OpenAI's value) and parallel_tool_calls. validate=False sends a
-    response_format's schema, the choices and a tool_choice string as given, for the server to refuse. Raises
-    RequestError (UserError) naming the keyword."""
+    list of strings), guided_regex (a pattern), a chat's tool_choice (OpenAI's value) and parallel_tool_calls.
+    validate=False sends a response_format's schema, the choices, the pattern and a tool_choice string as given, for
+    the server to refuse. Raises RequestError (UserError) naming the keyword."""
     from meshserve.serving.openai_tools import tool_choice as choice_fields
 
     chat = req.WhichOneof("input") == "messages"
@@ -185,9 +212,16 @@ def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice:
         one_format({
             "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
             "guided_choice": guided_choice is not None,
+            "guided_regex": guided_regex is not None,
             "tool_choice": _required(tool_choice),
         })  # fmt: skip
-    if guided_choice is not None:
+    if guided_regex is not None:
+        if validate:
+            regex_spec(guided_regex)
+        elif not isinstance(guided_regex, str):
+            raise RequestError(f"guided_regex: the proto field holds a string, got {_show(guided_regex)}")
+        req.response_format.regex = guided_regex  # unvalidated, an empty string is sent set (for the server to refuse)
+    elif guided_choice is not None:
         if validate:
             req.response_format.CopyFrom(format_proto(choice_spec(guided_choice)))
         elif isinstance(guided_choice, list | tuple) and all(isinstance(v, str) for v in guided_choice):
@@ -222,7 +256,7 @@ def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice:
 
 
 def format_proto(spec: GuideSpec | None) -> pb.ResponseFormat | None:
-    """A json_object / json_schema / choice spec as GenerateRequest.response_format; None for free text."""
+    """A json_object / json_schema / choice / regex spec as GenerateRequest.response_format; None for free text."""
     if spec is None:
         return None
     if spec.kind == "json_object":
@@ -231,6 +265,8 @@ def format_proto(spec: GuideSpec | None) -> pb.ResponseFormat | None:
         return pb.ResponseFormat(json_schema=spec.schema)
     if spec.kind == "choice":
         return pb.ResponseFormat(choice=pb.Choices(values=spec.choices))
+    if spec.kind == "regex":
+        return pb.ResponseFormat(regex=spec.pattern)
     raise ValueError(f"{spec.kind!r} is no response_format (tool calls are ChatMessages.tool_choice)")
 
 
@@ -247,6 +283,10 @@ def _format_guide(req: pb.GenerateRequest, max_chars: int) -> GuideSpec | None:
         if chars > max_chars:
             raise RequestError(f"{CHOICE_FIELD}: {chars} characters exceed the limit of {max_chars}")
         return GuideSpec("choice", choices=tuple(fmt.choice.values))
+    if which == "regex":  # the pattern itself is compile_spec's to check (named under REGEX_FIELD)
+        if len(fmt.regex) > max_chars:
+            raise RequestError(f"{REGEX_FIELD}: {len(fmt.regex)} characters exceed the limit of {max_chars}")
+        return GuideSpec("regex", pattern=fmt.regex)
     if which != "json_schema":
         return None
     text = fmt.json_schema
@@ -297,7 +337,8 @@ def compiled(spec: GuideSpec, field: str) -> GuideSpec:
     """`spec` once `compile_spec` accepts it (its Grammar is cached for the engine); GuideError as a RequestError
     under `field`: "response_format.json_schema: schema.properties.age.pattern: not supported ...". A tool_calls
     spec's errors about a tool ("tools[0].function.parameters...") are named under messages.tools_json, a choice
-    spec's about its strings ("choices[1]: ...") under `field` ("response_format.choice.values[1]: ...")."""
+    spec's about its strings ("choices[1]: ...") under `field` ("response_format.choice.values[1]: ..."), a regex
+    spec's about its pattern ("pattern: ...") under `field` ("response_format.regex: ...")."""
     from meshserve.serving.guided import compile_spec
 
     try:
@@ -308,6 +349,8 @@ def compiled(spec: GuideSpec, field: str) -> GuideSpec:
             raise RequestError("messages.tools_json" + message[len("tools") :]) from None
         if spec.kind == "choice" and message.startswith("choices"):
             raise RequestError(field + message[len("choices") :]) from None
+        if spec.kind == "regex" and message.startswith("pattern"):
+            raise RequestError(field + message[len("pattern") :]) from None
         raise RequestError(f"{field}: {message}") from None
     return spec
 
@@ -324,8 +367,8 @@ def request_guide(req: pb.GenerateRequest, tools: list | None, parser: str | Non
             "output is then tool calls); drop one"
         )
     if fmt is not None:
-        field = {"json_schema": "response_format.json_schema", "choice": CHOICE_FIELD}.get(fmt.kind, "response_format")
-        return compiled(fmt, field)
+        fields = {"json_schema": "response_format.json_schema", "choice": CHOICE_FIELD, "regex": REGEX_FIELD}
+        return compiled(fmt, fields.get(fmt.kind, "response_format"))
     if tool is not None:
         return compiled(tool, "messages.tool_choice")
     return None

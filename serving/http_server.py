@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 from meshserve.errors import UserError
+from meshserve.serving.guided_requests import submit_error
 from meshserve.serving.http_connections import CappedHTTPServer
 from meshserve.serving.http_tokens import detokenize, echo_prompts, tokenize
 from meshserve.serving.openai_protocol import (
@@ -162,7 +163,7 @@ class HttpFront:
         except ShuttingDownError as e:
             raise HttpError(503, str(e)) from None
         except UserError as e:  # a guided format past its bounds, found while preparing its masks
-            raise HttpError(400, str(e), "response_format") from None
+            raise HttpError(400, *submit_error(str(e), parsed.guide_field)) from None
         return parsed, handles, events, echo
 
     def events(self, handles: list, events: queue.SimpleQueue, gone: Callable[[], bool]):

@@ -11,7 +11,7 @@ server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens 
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. `tools` need `serve --tool-call-parser`
 (serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions), vLLM's
-guided_json / guided_choice (not guided_regex / guided_grammar) and tool_choice "required" or a named function are
+guided_json / guided_choice / guided_regex (not guided_grammar) and tool_choice "required" or a named function are
 guided decoding (serving/guided_requests.py), at most one of them. What meshserve cannot do (suffix, best_of != n,
 images, echo with stream or with logprobs > 1) is refused by name rather than ignored, as is any unknown field. echo
 (with max_tokens 0: score only) gives the prompt's log-probs, and for logprobs = 1 each prompt token's most likely
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.guided_requests import UNSUPPORTED, http_format, http_renames
+from meshserve.serving.guided_requests import HTTP_FORMATS, http_format, http_renames
 from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
 from meshserve.serving.validation import RequestError
 
@@ -52,7 +52,7 @@ _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "max_tokens", "logprobs", "response_format",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",  # vLLM's extras
-    "guided_json", "guided_choice", *UNSUPPORTED,
+    *HTTP_FORMATS,
 })  # fmt: skip
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
