@@ -9,9 +9,10 @@ puts each sample under a `--- sample i ---` header; --json prints one line per p
 `--chat` makes each PROMPT the user message of its own conversation (after `--system TEXT` when given), rendered by
 the model's chat template (model/chat.py; GenerateRequest.messages with --server); the reply alone is printed.
 
-`--json-object` / `--json-schema FILE` / `--choice TEXT ...` guide the output to a JSON object / JSON the schema
-accepts / exactly one of the strings (with --server: GenerateRequest.response_format; in process the prompts run
-through the serving engine, cli_generate_guided.py, since model.generate's on-device loop cannot follow a grammar)."""
+`--json-object` / `--json-schema FILE` / `--choice TEXT ...` / `--regex PATTERN` guide the output to a JSON object /
+JSON the schema accepts / exactly one of the strings / a string the pattern matches whole (with --server:
+GenerateRequest.response_format; in process the prompts run through the serving engine, cli_generate_guided.py,
+since model.generate's on-device loop cannot follow a grammar)."""
 
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if not args.server and (flag := guided_flag(args)) and args.mesh:
         raise UserError(f"{flag} runs in process on one device (the serving engine); drop --mesh, or ask a server "
                         "started with --mesh (--server HOST:PORT)")  # fmt: skip
-    guided_kwargs(args)  # a missing or bad --json-schema file, or a bad --choice, is reported before anything is asked
+    guided_kwargs(args)  # a missing or bad --json-schema file, a bad --choice or --regex: reported before anything
     if args.timeout is not None and not (0 < args.timeout < math.inf):
         raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     # With --server the server checks n against its own max_n (INVALID_ARGUMENT names it); in process every

@@ -1,9 +1,9 @@
-"""`meshserve generate --json-object / --json-schema FILE / --choice TEXT ...`: the flags (`add_guided_arguments`),
-what they ask a server for (`guided_kwargs`: Client.request's keywords) and, in process, their GuideSpec
-(`guided_spec`) and `generate_guided`: guided decoding needs the host between decode steps (each guided row's next
-token mask follows its last token), which model.generate's on-device loop never visits, so these prompts run
-through the serving engine instead: an Engine compiled for exactly this batch (one prefill bucket, one decode
-bucket, one context) under an Orchestrator, as `meshserve serve` would run them.
+"""`meshserve generate --json-object / --json-schema FILE / --choice TEXT ... / --regex PATTERN`: the flags
+(`add_guided_arguments`), what they ask a server for (`guided_kwargs`: Client.request's keywords) and, in process,
+their GuideSpec (`guided_spec`) and `generate_guided`: guided decoding needs the host between decode steps (each
+guided row's next token mask follows its last token), which model.generate's on-device loop never visits, so these
+prompts run through the serving engine instead: an Engine compiled for exactly this batch (one prefill bucket, one
+decode bucket, one context) under an Orchestrator, as `meshserve serve` would run them.
 
 Imports stay light at module level (argparse, json): `meshserve generate --help` imports this module.
 """
@@ -26,7 +26,7 @@ __all__ = ["add_guided_arguments", "guided_flag", "guided_kwargs", "guided_spec"
 
 
 def add_guided_arguments(parser: argparse.ArgumentParser) -> None:
-    """--json-object, --json-schema FILE and --choice TEXT (repeatable), one of them."""
+    """--json-object, --json-schema FILE, --choice TEXT (repeatable) and --regex PATTERN, one of them."""
     guided = parser.add_mutually_exclusive_group()
     guided.add_argument(
         "--json-object",
@@ -45,13 +45,23 @@ def add_guided_arguments(parser: argparse.ArgumentParser) -> None:
         help="the output is exactly one of these strings, as written (vLLM's guided_choice); repeat for each, e.g. "
         "--choice yes --choice no (guided decoding; default: none, free text)",
     )
+    guided.add_argument(
+        "--regex",
+        metavar="PATTERN",
+        help="the output is a string this Python regular expression matches whole (vLLM's guided_regex), e.g. "
+        "--regex '[0-9]{3}-[0-9]{4}'; literals, ., classes, \\d \\w \\s, |, groups and repeats (no "
+        "backreferences, lookarounds or flags), at most 4096 characters and 1024 positions to prepare (guided "
+        "decoding; default: none, free text)",
+    )
 
 
 def guided_flag(args: argparse.Namespace) -> str | None:
     """The guided-decoding flag given (None: free text)."""
     if args.json_object:
         return "--json-object"
-    return "--json-schema" if args.json_schema is not None else "--choice" if args.choice is not None else None
+    if args.json_schema is not None:
+        return "--json-schema"
+    return "--choice" if args.choice is not None else "--regex" if args.regex is not None else None
 
 
 def _read_schema(path: str) -> dict:
@@ -70,8 +80,8 @@ def _read_schema(path: str) -> dict:
 
 
 def guided_kwargs(args: argparse.Namespace) -> dict:
-    """The flags as Client.request's keywords: response_format (OpenAI's) or guided_choice; {} for free text. A
-    missing or bad file, or a bad --choice, is a one-line UserError naming the flag."""
+    """The flags as Client.request's keywords: response_format (OpenAI's), guided_choice or guided_regex; {} for
+    free text. A missing or bad file, or a bad --choice or --regex, is a one-line UserError naming the flag."""
     if args.json_object:
         return {"response_format": {"type": "json_object"}}
     if args.json_schema is not None:
@@ -83,16 +93,23 @@ def guided_kwargs(args: argparse.Namespace) -> dict:
 
         choice_spec(args.choice, "--choice")  # "--choice[1]: expected a non-empty string, got ''"
         return {"guided_choice": list(args.choice)}
+    if args.regex is not None:
+        from meshserve.serving.guided_requests import regex_spec
+
+        regex_spec(args.regex, "--regex")  # "--regex: backreferences are not supported"
+        return {"guided_regex": args.regex}
     return {}
 
 
 def guided_spec(args: argparse.Namespace) -> GuideSpec | None:
     """The flags' GuideSpec for in-process generation (None: free text), checked as a server checks it."""
-    from meshserve.serving.guided_requests import choice_spec, response_format
+    from meshserve.serving.guided_requests import choice_spec, regex_spec, response_format
 
     kwargs = guided_kwargs(args)
     if "guided_choice" in kwargs:
         return choice_spec(kwargs["guided_choice"], "--choice")
+    if "guided_regex" in kwargs:
+        return regex_spec(kwargs["guided_regex"], "--regex")
     if "response_format" in kwargs:
         return response_format(kwargs["response_format"], guided_flag(args))
     return None
