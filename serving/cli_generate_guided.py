@@ -64,6 +64,12 @@ def guided_flag(args: argparse.Namespace) -> str | None:
     return "--choice" if args.choice is not None else "--regex" if args.regex is not None else None
 
 
+def _flag_of(spec: GuideSpec) -> str:
+    """The flag that asks for a spec of this kind ("--regex" for a regex)."""
+    flags = {"json_object": "--json-object", "json_schema": "--json-schema", "choice": "--choice"}
+    return flags.get(spec.kind, "--regex")
+
+
 def _read_schema(path: str) -> dict:
     """--json-schema's file as a JSON object, or a one-line UserError naming the flag and the reason."""
     try:
@@ -128,7 +134,8 @@ def generate_guided(
     finish reason, top log-probs as (ids, log-probs) per token). UserError for a prompt the model cannot take."""
     from meshserve.model.generate import bucket, prompt_error
     from meshserve.serving.engine import Engine
-    from meshserve.serving.guided import compile_spec
+    from meshserve.serving.guided import GuideError, compile_spec
+    from meshserve.serving.guided_requests import submit_error
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.plan import make_plan
     from meshserve.serving.scheduler import Request, Scheduler
@@ -151,7 +158,10 @@ def generate_guided(
     try:
         requests = [Request(list(p), max_new_tokens, s, frozenset(stop_ids), guide=spec)
                     for p, s in zip(prompts, sampling, strict=True)]  # fmt: skip
-        handles = [orch.submit(r) for r in requests]
+        try:
+            handles = [orch.submit(r) for r in requests]
+        except GuideError as e:  # a regex past its preparation bounds (all its masks are prepared at submit)
+            raise UserError(submit_error(str(e), _flag_of(spec))[0]) from None
         out = []
         for h in handles:
             while (event := h.events.get()) is not None:
