@@ -71,6 +71,9 @@ GENERATE_EPILOG = (
                      the text then ends as soon as the JSON is complete (default: free text)
   guided_choice      instead of response_format, vLLM's: a list of non-empty strings (at most 4096), e.g.
                      ["positive", "negative"]; the text is exactly one of them (default: none)
+  guided_regex       instead of those, vLLM's: a Python regular expression, e.g. "[0-9]{3}-[0-9]{4}"; the text is
+                     a string it matches whole (literals, ., classes, \\d \\w \\s, |, groups, repeats; at most 4096
+                     characters and 1024 positions to prepare; default: none)
 Each value must be a JSON number of the field's type (integers for max_new_tokens, n, top_k, seed, top_logprobs,
 min_tokens).
 

@@ -3,7 +3,7 @@
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
   batch-generate  {"id", "prompt" | "messages", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
-                   "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"?}
+                   "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"? | "guided_regex"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
                    n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
                                                           "top_logprobs"?}, ...]}  (index order)
@@ -15,7 +15,9 @@ GenerateRequest.messages; a model without a template, or a list the template ref
 "response_format" (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}},
 checked as the HTTP API checks it) guides the line's output to JSON (that the schema accepts); it ends when the JSON
 is complete (finish_reason "stop"). A schema meshserve cannot follow is a bad line. "guided_choice" (vLLM's: a list
-of non-empty strings, at most 4096) instead makes the output exactly one of them; a line with both is a bad line.
+of non-empty strings, at most 4096) instead makes the output exactly one of them, "guided_regex" (vLLM's: a Python
+regular expression) a string the pattern matches whole; a line with two formats is a bad line, as is a pattern
+whose token masks cannot all be prepared when it is queued (more than 1024 positions: the job goes on).
 
 "n" (an integer in [1, N_MAX]) samples a prompt n times, as OpenAI's and vLLM's n: sample i is its own request with
 seed + i (so greedy samples are identical, and sample i equals a line of its own with seed + i), and the line is
@@ -212,22 +214,45 @@ def _generation_requests(model, engine, job: JobLine):
 
 
 def _guide(d: dict):
-    """A line's response_format or guided_choice as the GuideSpec its requests follow (None: free text), compiled
-    once to check it (serving/guided_requests.py); LineError naming the field (both fields: naming both)."""
+    """A line's response_format, guided_choice or guided_regex as the GuideSpec its requests follow (None: free
+    text), compiled once to check it (serving/guided_requests.py); LineError naming the field (two fields: naming
+    both)."""
     from meshserve.errors import UserError
-    from meshserve.serving.guided_requests import choice_spec, compiled, one_format, response_format
+    from meshserve.serving.guided_requests import choice_spec, compiled, one_format, regex_spec, response_format
 
-    value, choices = d.get("response_format"), d.get("guided_choice")
+    value, choices, pattern = d.get("response_format"), d.get("guided_choice"), d.get("guided_regex")
     try:
         text = isinstance(value, dict) and value.get("type") == "text"
-        one_format({"response_format": value is not None and not text, "guided_choice": choices is not None})
+        one_format({"response_format": value is not None and not text, "guided_choice": choices is not None,
+                    "guided_regex": pattern is not None})  # fmt: skip
         if choices is not None:
             return choice_spec(choices)
+        if pattern is not None:
+            return regex_spec(pattern)
         spec = response_format(value)
         field = "response_format.json_schema" if spec is not None and spec.kind == "json_schema" else "response_format"
         return None if spec is None else compiled(spec, field)
     except UserError as e:
         raise LineError(str(e)) from None
+
+
+def _submit_line(orch, requests, stop_strings, done) -> tuple[int, str | None]:
+    """Queue a line's samples: (how many were queued, None), or (how many, why) when queueing one failed on its
+    format (a pattern past its preparation bounds: all of a regex's masks are prepared at submit). Then the samples
+    queued before it are cancelled (they still arrive on `done`: the count includes them) and the job goes on."""
+    from meshserve.serving.guided import GuideError
+    from meshserve.serving.guided_requests import submit_error
+
+    handles = []
+    for request in requests:
+        try:
+            handles.append(orch.submit(request, stop_strings, done=done))
+        except GuideError as e:
+            for h in handles:
+                orch.cancel(h)
+            field = "guided_regex" if request.guide is not None and request.guide.kind == "regex" else "response_format"
+            return len(handles), submit_error(str(e), field)[0]
+    return len(handles), None
 
 
 def _choice(model, handle) -> dict:
@@ -277,14 +302,20 @@ def run_generate(
     done: queue.SimpleQueue = queue.SimpleQueue()
     owner = {}  # request id -> (job, sample index)
     pending = {}  # job line -> its finished choices so far (None once an error was reported for the line)
-    if progress is not None:
-        progress.reset(total=sum(r.max_new_tokens for _, requests, _ in work for r in requests))
     try:
+        queued = []
         for job, requests, stop_strings in work:
             pending[job.line] = [None] * len(requests)
             for i, request in enumerate(requests):
                 owner[request.id] = (job, i)
-                orch.submit(request, stop_strings, done=done)
+            count, why = _submit_line(orch, requests, stop_strings, done)
+            queued += requests[:count]
+            if why is not None:  # its queued samples were cancelled: they arrive, and are skipped (None)
+                writer.error(job.line, job.id, why)
+                pending[job.line] = None
+        total = len(queued)
+        if progress is not None:
+            progress.reset(total=sum(r.max_new_tokens for r in queued))
         for _ in range(total):
             handle = _next_finished(done, stop)
             if handle is None:
