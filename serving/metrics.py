@@ -19,6 +19,10 @@ Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /me
   meshserve_speculative_accepted_tokens_total of those, the ones the model agreed with (each saves a decode step)
   meshserve_compile_pending_steps             steps a background warm-up has yet to compile (serve --warm-up
                                               background; until 0, requests of those shapes run padded to a larger one)
+  meshserve_guided_requests_total{kind}       guided generations (json_object, json_schema, choice, regex,
+                                              tool_calls), each of n samples counted
+  meshserve_guided_seconds_total              engine-thread time spent on them: moving each guide past its token,
+                                              its next mask, the masks' write (the share of a step it costs)
 
 A Generate request with n > 1 (n samples) is one RPC in meshserve_requests_total; everything the engine measures
 (finished, queue, time to first token, per-token time, generated, prompt and prefix-hit tokens) counts each sample as
@@ -86,6 +90,9 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("meshserve_queue_depth", "Requests waiting for a slot", registry=r)
         self.live_slots = Gauge("meshserve_live_slots", "Decode slots holding a request", registry=r)
+        self.guided_requests = Counter("meshserve_guided_requests", "Guided generations by format", ["kind"],
+                                       registry=r)  # fmt: skip
+        self.guided_seconds = Counter("meshserve_guided_seconds", "Engine-thread time on guided tokens", registry=r)
         self.compile_pending = Gauge(
             "meshserve_compile_pending_steps", "Steps the background warm-up has yet to compile", registry=r
         )

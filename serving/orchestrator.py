@@ -69,11 +69,12 @@ class Orchestrator(CallerSide):
             raise ValueError(f"the speculator drafts {speculator.k} tokens; the plan verifies "
                              f"{engine.plan.speculative_tokens}")  # fmt: skip
         self.speculator = speculator
-        self.guides = GuideTracker(tokenizer, engine)  # guided requests' grammars and masks (serving/guided/)
         self.engine = engine
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.metrics = metrics or ServerMetrics()
+        # Guided requests' grammars and masks (serving/guided/).
+        self.guides = GuideTracker(tokenizer, engine, self.metrics)
         self.metrics.bind(self.live_slots, self.queued)
         self._lock = threading.Lock()
         self._wake = threading.Event()

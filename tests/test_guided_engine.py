@@ -230,3 +230,21 @@ def test_a_regex_request_matches_its_pattern_and_a_bad_one_is_refused_at_submit(
     with pytest.raises(GuideError, match="more than 1024 positions"):
         orch.submit(Request([7], 30, guide=GuideSpec("regex", pattern=r".{0,300}")))
     assert len(orch.guides) == 0 and not orch.scheduler.queue
+
+
+def test_guided_requests_are_counted_in_the_metrics(engine):
+    engine.reset()
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
+    try:
+        spec = GuideSpec("choice", choices=("a", "b"))
+        handles = [orch.submit(Request([5, 6 + i], 10, guide=spec)) for i in range(2)]
+        handles.append(orch.submit(Request([5, 9], 10)))
+        for h in handles:
+            while h.events.get(timeout=60).finish_reason is None:
+                pass
+    finally:
+        orch.stop()
+    value = orch.metrics.registry.get_sample_value
+    assert value("meshserve_guided_requests_total", {"kind": "choice"}) == 2
+    assert value("meshserve_guided_requests_total", {"kind": "json_object"}) is None
+    assert 0 < value("meshserve_guided_seconds_total") == pytest.approx(orch.guides.seconds)

@@ -24,8 +24,9 @@ class GuideTracker:
     slot. `add` runs on the callers' threads (it builds the vocabulary's table once, and the first mask); the rest
     on the engine thread."""
 
-    def __init__(self, tokenizer, engine):
+    def __init__(self, tokenizer, engine, metrics=None):
         self.tokenizer, self.engine = tokenizer, engine  # the engine's config is read at the first guided request
+        self.metrics = metrics  # ServerMetrics: guided requests by kind, engine-thread seconds (None: not counted)
         self._table = None  # TokenTable, built at the first guided request
         self._table_lock = threading.Lock()
         self._guides: dict[int, object] = {}  # request id -> its Guide
@@ -58,6 +59,10 @@ class GuideTracker:
                 guide.mask()  # the start state's mask, cached for the prefill
                 started[r.id] = guide
         self._guides.update(started)
+        if self.metrics is not None:
+            for r in requests:
+                if r.guide is not None:
+                    self.metrics.guided_requests.labels(r.guide.kind).inc()
 
     def prefill_kwargs(self, requests: Sequence[Request]) -> dict[str, list[np.ndarray | None]]:
         """Engine.prefill_insert's `guides` for a prefill batch (per request, the mask its first token must follow,
@@ -87,7 +92,7 @@ class GuideTracker:
             return False
         finally:
             self.tokens += len(tokens)
-            self.seconds += time.perf_counter() - t0
+            self._spent(time.perf_counter() - t0)
 
     def forget(self, request: Request, slot: int | None) -> None:
         """The request ended: drop its guide and any mask still waiting for its slot."""
@@ -101,7 +106,12 @@ class GuideTracker:
             slots = list(self._masks)
             self.engine.guide(slots, [self._masks[s] for s in slots])
             self._masks.clear()
-            self.seconds += time.perf_counter() - t0
+            self._spent(time.perf_counter() - t0)
+
+    def _spent(self, seconds: float) -> None:
+        self.seconds += seconds
+        if self.metrics is not None:
+            self.metrics.guided_seconds.inc(seconds)
 
     def __len__(self) -> int:
         return len(self._guides)
