@@ -57,6 +57,7 @@ def test_classes_write_only_what_re_matches():
         (r"(?=a)a", "lookaheads/lookbehinds are not supported"),
         (r"(?i)abc", "flags are not supported"),
         (r"a\bb", r"the anchor \b is supported only as ^ at the start or $ at the end"),
+        (r"a(^b)", r"the anchor ^ is supported only as ^ at the start or $ at the end"),
         (r"[", "not a valid regular expression"),
         ("a" * 5000, "5000 characters exceed the limit of 4096"),
         (r"(a{100}){300}", "more than 20000 states"),

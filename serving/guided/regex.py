@@ -125,11 +125,11 @@ class _Nfa:
         self.eps.append([])
         return len(self.edges) - 1
 
-    def build(self, items: Any, start: int, where: str) -> int:
-        """Connect `items` (a parsed subpattern) from `start`; returns its end state."""
+    def build(self, items: Any, start: int, where: str, top: bool = False) -> int:
+        """Connect `items` (a parsed subpattern; `top`: the whole pattern) from `start`; returns its end state."""
         at = start
         for i, (op, arg) in enumerate(items):
-            at = self.item(op, arg, at, where, first=(i == 0), last=(i == len(items) - 1))
+            at = self.item(op, arg, at, where, first=top and i == 0, last=top and i == len(items) - 1)
         return at
 
     def char(self, ranges: tuple[tuple[int, int], ...], start: int) -> int:
@@ -321,7 +321,7 @@ def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
         raise GuideError(f"{where}: flags are not supported")
     nfa = _Nfa(where)
     start = nfa.state()
-    accept = nfa.build(list(parsed), start, where)
+    accept = nfa.build(list(parsed), start, where, top=True)
     return RegexGrammar(nfa, start, accept, where)
 
 
