@@ -1,13 +1,15 @@
 """Guided decoding through real servers and the batch-generate CLI: bad response_format / guided_choice /
-guided_json / tool_choice values answer 400 naming the field (`param`) or INVALID_ARGUMENT naming it, and end to end
-(the engine's masks, serving/engine_steps.py) a JSON schema request returns JSON that json.loads parses and that the
-schema accepts and a guided_choice request exactly one of its strings, over HTTP, gRPC, batch-generate lines and
-`meshserve generate`, and tool_choice "required" / a named function returns tool_calls with finish_reason
-"tool_calls" on the scripted Llama of tests/test_serving_http_tool_calls.py."""
+guided_json / guided_regex / tool_choice values answer 400 naming the field (`param`) or INVALID_ARGUMENT naming it
+(a pattern past its preparation bound too, found at submit), and end to end (the engine's masks,
+serving/engine_steps.py) a JSON schema request returns JSON that json.loads parses and that the schema accepts, a
+guided_choice request exactly one of its strings and a guided_regex request a string the pattern fullmatches, over
+HTTP, gRPC, batch-generate lines and `meshserve generate`, and tool_choice "required" / a named function returns
+tool_calls with finish_reason "tool_calls" on the scripted Llama of tests/test_serving_http_tool_calls.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -31,6 +33,8 @@ SCHEMA = {
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
 NO_SPACE = {ord(c): -100.0 for c in " \t\n\r"}
 LABELS = ("red", "green", "blue")  # none a prefix of another: each answer ends with its string ("stop")
+PATTERN = r"(\d{3}-\d{4}|[A-Z][a-z]{2,5}!)"  # every match ends the output: nothing may follow it ("stop")
+TOO_BIG = r".{0,300}"  # a long bounded repeat: more positions than the 1024 whose masks are prepared at submit
 
 
 def _matches(value) -> bool:
@@ -84,7 +88,9 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
         ({"guided_json": {"type": "string", "pattern": "a+"}}, "guided_json",  # compiled by the server: renamed
          "guided_json: schema.pattern: not supported"),
         ({"guided_json": "[]"}, "guided_json", "guided_json: expected a JSON Schema object, got []"),
-        ({"guided_regex": "[a-z]+"}, "guided_regex", "guided_regex: not supported: meshserve guides to JSON"),
+        ({"guided_regex": r"(a)\1"}, "guided_regex", "guided_regex: backreferences are not supported"),
+        ({"guided_regex": TOO_BIG}, "guided_regex", "guided_regex: more than 1024 positions"),  # found at submit
+        ({"guided_grammar": "root ::= x"}, "guided_grammar", "guided_grammar: not supported: meshserve guides to"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "response_format",
          "response_format: cannot be combined with guided_choice"),
     ],
@@ -162,6 +168,32 @@ def test_guided_choice_over_http_and_grpc_answers_one_of_the_strings(server):
         assert e.value.details().startswith("response_format.choice.values[1]: expected a non-empty string, got ''")
 
 
+def test_guided_regex_over_http_and_grpc_answers_a_match(server):
+    """Samples of a random tiny model under a pattern fullmatch it and end with it; a pattern past the preparation
+    bound is refused when queued (HTTP 400 naming guided_regex, gRPC INVALID_ARGUMENT), and the server goes on."""
+    import grpc
+    from meshserve.serving.client import Client
+
+    oa = openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=120)
+    got = oa.completions.create(model="m", prompt=["Phone:", "Name:"], max_tokens=20, temperature=1.0, seed=5, n=2,
+                                extra_body={"guided_regex": PATTERN})  # fmt: skip
+    assert len(got.choices) == 4
+    for choice in got.choices:
+        assert re.fullmatch(PATTERN, choice.text) and choice.finish_reason == "stop", choice
+    with Client(server.target) as client:
+        reply = client.generate("Phone:", max_new_tokens=20, temperature=1.0, seed=9, n=3, guided_regex=PATTERN)
+        for sample in reply.choices:
+            assert re.fullmatch(PATTERN, sample.text) and sample.finish_reason == "stop", sample
+        with pytest.raises(grpc.RpcError) as e:  # prepared at submit: past the bound
+            client.generate("Phone:", max_new_tokens=4, guided_regex=TOO_BIG)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than 1024 positions" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # the server's own check (the client's is skipped)
+            client.generate("Phone:", validate=False, guided_regex=r"(a)\1")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("response_format.regex: backreferences are not supported")
+        assert re.fullmatch(PATTERN, client.generate("Name:", max_new_tokens=20, guided_regex=PATTERN).text)
+
+
 def test_generate_choice_with_server(server, capsys):
     """`meshserve generate --choice ...` asking the server prints one of the strings (in process: tests/
     test_guided_protocol.py)."""
@@ -173,6 +205,9 @@ def test_generate_choice_with_server(server, capsys):
     assert code == 0, err
     got = [c for line in out.splitlines() for c in json.loads(line)["choices"]]
     assert len(got) == 4 and all(c["text"] in LABELS and c["finish_reason"] == "stop" for c in got), got
+    code, out, err = run_cli(capsys, "generate", "one", "--server", server.target, "--regex", PATTERN,
+                             "--max-new-tokens", "20", "--json")  # fmt: skip
+    assert code == 0 and re.fullmatch(PATTERN, json.loads(out)["text"]), (out, err)
 
 
 def test_generate_json_schema_with_server(server, tmp_path, capsys):
@@ -215,6 +250,9 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
         {"id": "both", "prompt": "hi", "guided_choice": ["a"], "response_format": {"type": "json_object"}},
         {"id": "empty", "prompt": "hi", "guided_choice": ["a", ""]},
         {"id": "choice", "prompt": "Color:", "guided_choice": list(LABELS), "temperature": 1.0, "n": 2},
+        {"id": "backref", "prompt": "hi", "guided_regex": r"(a)\1"},
+        {"id": "too big", "prompt": "hi", "guided_regex": TOO_BIG, "n": 2},  # refused at submit: the job goes on
+        {"id": "regex", "prompt": "Phone:", "guided_regex": PATTERN, "temperature": 1.0, "n": 2},
     ]  # fmt: skip
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -222,13 +260,19 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=240)
     assert done.returncode == 0, done.stderr
     errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
-    assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern"), (5, "both"), (6, "empty")]
+    # Lines refused while reading come first, in order; a pattern refused at submit after them.
+    assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern"), (5, "both"), (6, "empty"),
+                                                      (8, "backref"), (9, "too big")]  # fmt: skip
     assert errors[0]["error"].startswith("response_format.json_schema.schema: expected a JSON Schema object")
     assert errors[1]["error"].startswith("response_format.json_schema: schema.pattern: not supported")
     assert errors[2]["error"].startswith("response_format: cannot be combined with guided_choice")
     assert errors[3]["error"].startswith("guided_choice[1]: expected a non-empty string, got ''")
+    assert errors[4]["error"].startswith("guided_regex: backreferences are not supported")
+    assert errors[5]["error"].startswith("guided_regex: more than 1024 positions to prepare token masks")
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(results) == {"json", "free", "choice"} and len(results["free"]["tokens"]) == 4
+    assert set(results) == {"json", "free", "choice", "regex"} and len(results["free"]["tokens"]) == 4
     assert results["json"]["finish_reason"] == "stop" and _matches(json.loads(results["json"]["text"]))
     for sample in results["choice"]["choices"]:
         assert sample["text"] in LABELS and sample["finish_reason"] == "stop", sample
+    for sample in results["regex"]["choices"]:
+        assert re.fullmatch(PATTERN, sample["text"]) and sample["finish_reason"] == "stop", sample
