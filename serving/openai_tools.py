@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.tool_call_stream import END, START, ToolCall, block_call
 from meshserve.serving.validation import RequestError, refuse_unknown
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
 PARSERS = ("hermes",)  # serve --tool-call-parser's choices
 MAX_TOOLS = 128  # OpenAI's API refuses more tools than this in one request
 MAX_NAME = 64  # OpenAI's limit on a function name's length
-START, END = "<tool_call>", "</tool_call>"
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 _DECODER = json.JSONDecoder()
 _FUNCTION_KEYS = ("name", "description", "parameters", "strict")
@@ -60,15 +59,6 @@ class ToolUse:
     parallel: bool = True  # parallel_tool_calls: false keeps only the first call (and guides to exactly one)
     choice: str = ""  # ChatMessages.tool_choice: "" (auto) or "required" (a named function too)
     function: str = ""  # ChatMessages.tool_choice_function: the function that must be called ("" = any)
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One call parsed out of the text: the function's name and its arguments as JSON text."""
-
-    name: str
-    arguments: str
-    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12), compare=False)
 
 
 def _show(value: Any) -> str:
@@ -200,13 +190,6 @@ def message_tool_fields(message: dict, i: int) -> tuple[list[pb.ToolCall], str]:
     return out, call_id or ""
 
 
-def _call(obj: Any) -> ToolCall | None:
-    """A block's JSON as a call: an object with a non-empty string `name`; None when it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    return ToolCall(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))
-
-
 def _blocks(text: str):
     """(start, end, call) of each tool call block: `<tool_call>`, whitespace, one JSON value read by the JSON decoder
     itself (so braces and even `</tool_call>` inside its strings are its own), whitespace, then `</tool_call>` or
@@ -217,15 +200,15 @@ def _blocks(text: str):
         pos = start + len(START)
         at = _SPACE.match(text, pos).end()
         try:
-            obj, after = _DECODER.raw_decode(text, at)
+            obj, end = _DECODER.raw_decode(text, at)
         except (ValueError, RecursionError):
             continue
-        after = _SPACE.match(text, after).end()
+        after = _SPACE.match(text, end).end()
         if text.startswith(END, after):
             after += len(END)
         elif after != len(text):
             continue
-        if (call := _call(obj)) is not None:
+        if (call := block_call(text[at:end], obj)) is not None:
             yield start, after, call
             pos = after
 

@@ -1,0 +1,436 @@
+"""Hermes tool calls streamed as they are generated, as vLLM's hermes parser and OpenAI stream them: a delta opening
+call k (index, id, type, function.name, arguments "") once its block's `<tool_call>{"name": "<name>", "arguments": `
+is complete, then {"index": k, "function": {"arguments": <fragment>}} as the arguments' JSON value grows.
+
+`JsonScan` reads one JSON value a character at a time, as Python's JSON decoder does (the same grammar: strict
+strings, NaN / Infinity, no trailing commas), tracks strings, escapes and depth, and writes the value of the top-level
+object's "arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a "head" block),
+in json.dumps(..., ensure_ascii=False)'s form while it reads it: whitespace dropped, ", " and ": " separators,
+strings re-escaped (`\\u00e9` becomes é, `\\/` becomes /), each number written once complete as json.dumps writes
+its value. So a fragment is only ever a piece that can no longer change, and the fragments join to exactly what
+`openai_tools.parse_tool_calls` gives as that call's arguments: it reads head blocks with the same scanner. That
+equals json.dumps(json.loads(value)) except for an object with a repeated key, which keeps every copy (json.loads
+of it still gives the same dict: the last copy wins). Blocks whose JSON is not a head (arguments first, no
+arguments) are held and sent whole once closed, as before.
+
+`ToolCallDeltas` is one streamed choice: `feed` each piece of text, `finish` at the end; each returns content strings
+and call deltas in order. Their content joins to `parse_tool_calls(text)`'s content ("" for None) and their calls to
+its calls (names, arguments, order; one id per call) for every text except one whose head block breaks after
+opening (the generation cut inside its arguments, or invalid JSON there): that call was announced and stays, with
+the fragments sent, its text is no content, and the parse goes on after the point where it broke (the whole-text
+parse makes such a block content).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["START", "END", "ToolCall", "JsonScan", "block_call", "ToolCallDeltas"]
+
+START, END = "<tool_call>", "</tool_call>"
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_DECODER = json.JSONDecoder()
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")  # the JSON decoder's number
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
+_LITERALS = {"t": "true", "f": "false", "n": "null", "N": "NaN", "I": "Infinity"}
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+# What JsonScan expects next outside a token.
+_VALUE, _FIRST_VALUE, _KEY, _FIRST_KEY, _COLON, _NEXT = range(6)
+# JsonScan.head: how far the top-level object matches {"name": <non-empty string>, "arguments": <value> ...}.
+WAIT, NO, NAME_KEY, NAME, ARGS_KEY, OPEN, ARGS = range(7)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call parsed out of the text: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12), compare=False)
+
+
+class JsonScan:
+    """One JSON value read from `text[start:]` a character at a time (`advance(text)` as text grows). `state`:
+    "open" (a valid prefix so far), "done" (`pos` = the index after the value) or "bad" (`pos` = where it broke).
+    `head` and `name` say whether it is a head block; `out` holds the arguments' normalized text so far."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.pos, self.state = start, "open"
+        self.stack: list[str] = []  # open containers, "{" or "["
+        self.expect = _VALUE
+        self.token = ""  # in progress: "" none, '"' a string, "0" a number, "l" a literal
+        self.raw = ""  # the number or literal so far; a string's escape so far
+        self.literal = ""  # the literal being read
+        self.high: int | None = None  # a string's \uD8xx escape waiting for its low surrogate
+        self.chars: list[str] = []  # decoded text of a top-level key or of the name
+        self.head, self.name = WAIT, ""
+        self.out: list[str] = []
+
+    def arguments(self) -> str:
+        return "".join(self.out)
+
+    def advance(self, text: str) -> None:
+        """Read text[pos:] (stopping at the value's end or where it breaks)."""
+        while self.state == "open" and self.pos < len(text):
+            if self._char(text[self.pos]):
+                self.pos += 1
+
+    def _bad(self) -> bool:
+        self.state = "bad"
+        return False
+
+    def _put(self, piece: str) -> None:
+        if self.head == OPEN:
+            self.out.append(piece)
+
+    def _char(self, ch: str) -> bool:
+        """Read one character; False when it must be read again (it ended a number) or the value broke."""
+        if self.token == '"':
+            return self._string_char(ch)
+        if self.token == "0":
+            if ch in _NUMBER_CHARS:
+                self.raw += ch
+                return True
+            if self.raw == "-" and ch == "I":
+                self.token, self.literal, self.raw = "l", "-Infinity", "-I"
+                return True
+            if not _NUMBER.fullmatch(self.raw):
+                return self._bad()
+            self._scalar(self.raw)
+            return False  # ch ended the number: read it again
+        if self.token == "l":
+            self.raw += ch
+            if not self.literal.startswith(self.raw):
+                return self._bad()
+            if self.raw == self.literal:
+                self._scalar(self.raw)
+            return True
+        if ch in " \t\n\r":
+            return True
+        expect = self.expect
+        if expect in (_VALUE, _FIRST_VALUE):
+            if expect == _FIRST_VALUE and ch == "]":
+                return self._close(ch)
+            return self._value_start(ch)
+        if expect in (_KEY, _FIRST_KEY):
+            if expect == _FIRST_KEY and ch == "}":
+                return self._close(ch)
+            if ch != '"':
+                return self._bad()
+            self.token, self.chars = '"', []
+            self._put('"')
+            return True
+        if expect == _COLON:
+            if ch != ":":
+                return self._bad()
+            self.expect = _VALUE
+            self._put(": ")
+            if len(self.stack) == 1 and self.head == ARGS_KEY:
+                self.head = OPEN
+            return True
+        # _NEXT: a comma or the container's end
+        if ch == ",":
+            self._put(", ")
+            self.expect = _KEY if self.stack[-1] == "{" else _VALUE
+            return True
+        if ch in "}]":
+            return self._close(ch)
+        return self._bad()
+
+    def _value_start(self, ch: str) -> bool:
+        if (not self.stack and ch != "{") or (len(self.stack) == 1 and self.head == NAME and ch != '"'):
+            self.head = NO  # not an object, or a name that is not a string
+        if ch in "{[":
+            self._put(ch)
+            self.stack.append(ch)
+            self.expect = _FIRST_KEY if ch == "{" else _FIRST_VALUE
+            if len(self.stack) == 1 and self.head == WAIT:
+                self.head = NAME_KEY
+        elif ch == '"':
+            self.token, self.chars = '"', []
+            self._put('"')
+        elif ch == "-" or ch.isascii() and ch.isdigit():
+            self.token, self.raw = "0", ch
+        elif ch in _LITERALS:
+            self.token, self.literal, self.raw = "l", _LITERALS[ch], ch
+        else:
+            return self._bad()
+        return True
+
+    def _close(self, ch: str) -> bool:
+        if not self.stack or (self.stack[-1] == "{") != (ch == "}"):
+            return self._bad()
+        self._put(ch)
+        self.stack.pop()
+        if not self.stack and self.head not in (ARGS, NO):  # the object ended before its arguments
+            self.head = NO
+        self._value_done()
+        return True
+
+    def _value_done(self) -> None:
+        """A value ended at the current depth."""
+        self.expect = _NEXT
+        if len(self.stack) == 1 and self.head == OPEN:
+            self.head = ARGS
+        elif not self.stack:
+            self.state = "done"
+
+    def _scalar(self, raw: str) -> None:
+        """A number or literal ended: written as json.dumps writes its value."""
+        self.token, self.raw = "", ""
+        try:
+            text = json.dumps(json.loads(raw))
+        except ValueError:  # an integer past Python's digit limit: the decoder refuses it too
+            self._bad()
+            return
+        self._put(text)
+        self._value_done()
+
+    def _string_char(self, ch: str) -> bool:
+        raw = self.raw
+        if raw:  # inside an escape
+            raw = self.raw = raw + ch
+            if len(raw) == 2:
+                if ch == "u":
+                    return True
+                if ch not in _ESCAPES:
+                    return self._bad()
+                self.raw = ""
+                self._flush_high()
+                self._decoded(_ESCAPES[ch])
+                return True
+            if ch not in _HEX:
+                return self._bad()
+            if len(raw) == 6:
+                self.raw = ""
+                self._code(int(raw[2:], 16))
+            return True
+        if ch == "\\":
+            self.raw = ch
+            return True
+        self._flush_high()
+        if ch == '"':
+            self._string_done()
+            return True
+        if ch < " ":  # strict: control characters must be escaped
+            return self._bad()
+        self._decoded(ch)
+        return True
+
+    def _flush_high(self) -> None:
+        """A high surrogate not followed by a \\u escape stands alone (as the decoder leaves it)."""
+        if self.high is not None:
+            self._decoded(chr(self.high))
+            self.high = None
+
+    def _code(self, code: int) -> None:
+        """A \\uXXXX escape: surrogate pairs join, as the decoder joins them."""
+        if self.high is not None:
+            high, self.high = self.high, None
+            if 0xDC00 <= code <= 0xDFFF:
+                self._decoded(chr(0x10000 + ((high - 0xD800) << 10) + (code - 0xDC00)))
+                return
+            self._decoded(chr(high))
+        if 0xD800 <= code <= 0xDBFF:
+            self.high = code
+        else:
+            self._decoded(chr(code))
+
+    def _decoded(self, ch: str) -> None:
+        if len(self.stack) == 1 and self.head in (NAME_KEY, NAME, ARGS_KEY):
+            self.chars.append(ch)
+        if self.head == OPEN:
+            self.out.append(ch if ch >= " " and ch not in '"\\' else json.dumps(ch, ensure_ascii=False)[1:-1])
+
+    def _string_done(self) -> None:
+        self.token = ""
+        self._put('"')
+        key = self.expect in (_KEY, _FIRST_KEY)
+        if len(self.stack) == 1 and self.head in (NAME_KEY, NAME, ARGS_KEY):  # the top-level object's head
+            text = "".join(self.chars)
+            if key and self.head == NAME_KEY:
+                self.head = NAME if text == "name" else NO
+            elif key and self.head == ARGS_KEY:
+                self.head = ARGS_KEY if text == "arguments" else NO
+            elif not key and self.head == NAME:
+                self.name = text
+                self.head = ARGS_KEY if text else NO
+        if key:
+            self.expect = _COLON
+        else:
+            self._value_done()
+
+
+def _call(obj: Any) -> ToolCall | None:
+    """A block's JSON as a call: an object with a non-empty string `name`; None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    return ToolCall(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))
+
+
+def block_call(raw: str, obj: Any) -> ToolCall | None:
+    """The call of a block whose JSON text `raw` decoded to `obj`: a head block's first name and its arguments as
+    JsonScan writes them (what a stream sends), else the object's name and json.dumps(arguments); None when it
+    names no function."""
+    scan = JsonScan()
+    scan.advance(raw)
+    if scan.state == "done" and scan.head == ARGS:
+        return ToolCall(scan.name, scan.arguments())
+    return _call(obj)
+
+
+@dataclass
+class _Block:
+    """The `<tool_call>` block being read: where its tag starts, its JSON's scanner (None until the JSON's first
+    character), and (a head block) the id it was opened with and how many argument pieces went out."""
+
+    start: int
+    scan: JsonScan | None = None
+    id: str = ""
+    sent: int = 0
+
+
+class ToolCallDeltas:
+    """One streamed choice's text: `feed` each piece, `finish` at the end; each returns what to send, in order: str
+    items are content, dict items a call's delta ({"index", "id", "type", "function": {"name", "arguments"}} opening
+    call k, {"index", "function": {"arguments"}} for a fragment). `calls`: the calls kept so far. `parallel` False:
+    only the first call is sent (the text is still parsed the same). See the module docstring."""
+
+    def __init__(self, parallel: bool = True) -> None:
+        self.text, self.parallel = "", parallel
+        self.calls: list[ToolCall] = []  # every call made, kept or not
+        self.pos = 0  # where the search for the next <tool_call> resumes
+        self.searched = 0  # no <tool_call> starts before here (past pos)
+        self.piece = 0  # where the text outside blocks that is being read began
+        self.content = ""  # content settled so far: the text before the first call, then each non-blank piece
+        self.sent = 0  # characters of content sent
+        self.block: _Block | None = None
+
+    @property
+    def kept(self) -> list[ToolCall]:
+        return self.calls if self.parallel else self.calls[:1]
+
+    def feed(self, piece: str) -> list:
+        self.text += piece
+        return self._advance(False)
+
+    def finish(self) -> list:
+        return self._advance(True)
+
+    def _advance(self, final: bool) -> list:
+        out: list = []
+        text = self.text
+        while True:
+            if self.block is None:
+                at = text.find(START, max(self.pos, self.searched))
+                if at < 0:
+                    self.searched = max(self.pos, len(text) - len(START) + 1)
+                    self._content(len(text) if final else _held_from(text, self.pos), out, final)
+                    return out
+                self._content(at, out, False)
+                self.block = _Block(at)
+            if not self._read_block(out, final):
+                return out
+
+    def _content(self, upto: int, out: list, final: bool) -> None:
+        """Send what is now certain of the content: the settled part, and the piece being read up to `upto` when
+        it counts (before any call always, as it is not only whitespace after one); nothing while all of it is
+        blank, unless the text ended without a call (then the text is the content, blank or not)."""
+        part = self.text[self.piece : upto]
+        if self.calls and not part.strip():
+            part = ""
+        known = len(self.content) + len(part)
+        if known <= self.sent or not (self.content.strip() or part.strip() or (final and not self.calls)):
+            return
+        if self.sent < len(self.content):
+            out.append(self.content[self.sent :] + part)
+        else:
+            out.append(part[self.sent - len(self.content) :])
+        self.sent = known
+
+    def _settle(self, upto: int, resume: int) -> None:
+        """A call took the text from `upto` to `resume`: the piece before it ends (kept when it is the first piece
+        or not blank) and the next one begins."""
+        part = self.text[self.piece : upto]
+        if not self.calls or part.strip():
+            self.content += part
+        self.piece = self.pos = resume
+
+    def _read_block(self, out: list, final: bool) -> bool:
+        """Read the pending block further; True when it is resolved (a call, or text after all)."""
+        text, block = self.text, self.block
+        assert block is not None
+        if block.scan is None:
+            at = _SPACE.match(text, block.start + len(START)).end()
+            if at == len(text) and not final:
+                return False
+            block.scan = JsonScan(at)
+        scan, k = block.scan, len(self.calls)
+        scan.advance(text)
+        if scan.head in (OPEN, ARGS):
+            if not block.id:
+                block.id = "call_" + secrets.token_hex(12)
+                self._delta(out, k, {"index": k, "id": block.id, "type": "function",
+                                     "function": {"name": scan.name, "arguments": ""}})  # fmt: skip
+            if block.sent < len(scan.out):
+                fragment = "".join(scan.out[block.sent :])
+                block.sent = len(scan.out)
+                self._delta(out, k, {"index": k, "function": {"arguments": fragment}})
+        end, broke = None, scan.pos  # the block's end when it closes; where it broke when it does not
+        if scan.state == "open":
+            if not final:
+                return False
+            broke = len(text)
+        elif scan.state == "done":
+            broke = _SPACE.match(text, scan.pos).end()
+            if text.startswith(END, broke):
+                end = broke = broke + len(END)
+            elif broke == len(text) or END.startswith(text[broke:]):
+                if not final:
+                    return False
+                end = broke if broke == len(text) else None
+        call = None if end is None else self._decided(block, scan)
+        self.block = None
+        if call is not None:
+            self._settle(block.start, end)
+            self.calls.append(call)
+            if not block.id:  # not a head block: the call whole, now that it closed
+                self._delta(out, k, {"index": k, "id": call.id, "type": "function",
+                                     "function": {"name": call.name, "arguments": call.arguments}})  # fmt: skip
+        elif block.id:  # an opened call broke: it stays as sent; the parse goes on where it broke
+            self._settle(block.start, broke)
+            self.calls.append(ToolCall(scan.name, scan.arguments(), block.id))
+        else:
+            self.pos = block.start + len(START)  # not a block: its text is content, searched again from after the tag
+        return True
+
+    def _decided(self, block: _Block, scan: JsonScan) -> ToolCall | None:
+        """A closed block's call, as the whole-text parse decides it (the JSON decoder has the last word)."""
+        at = block.start + len(START)
+        at = _SPACE.match(self.text, at).end()
+        try:
+            obj, after = _DECODER.raw_decode(self.text, at)
+        except (ValueError, RecursionError):
+            return None
+        if after != scan.pos:
+            return None
+        if block.id:
+            return ToolCall(scan.name, scan.arguments(), block.id)
+        return _call(obj)
+
+    def _delta(self, out: list, k: int, delta: dict) -> None:
+        if self.parallel or k == 0:
+            out.append(delta)
+
+
+def _held_from(text: str, pos: int) -> int:
+    """Where text[pos:] (no <tool_call> in it) must start being held: a tail that could begin one."""
+    for k in range(min(len(START) - 1, len(text) - pos), 0, -1):
+        if START.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)
