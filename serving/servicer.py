@@ -24,6 +24,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.protos import inference_pb2 as pb
 from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.detok import alternatives_with_text
+from meshserve.serving.guided_requests import REGEX_FIELD, submit_error
 from meshserve.serving.model_info import model_info
 from meshserve.serving.openai_tools import ToolCallStream, parse_tool_calls
 from meshserve.serving.openai_tools import finish_reason as finish_reason_of
@@ -151,8 +152,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ShuttingDownError as e:
             self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
-        except UserError as e:
-            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except UserError as e:  # also a regex format past its bounds, found while its masks were prepared
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, submit_error(str(e), REGEX_FIELD)[0])
 
         call = _Call(handles, events)
 
