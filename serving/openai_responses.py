@@ -5,8 +5,9 @@ arrive (choice index = prompt index x n + sample index) and gives each event's p
 strings in log-probs are each token decoded alone (a piece of a multi-byte character shows as U+FFFD), as gRPC's
 top_logprobs texts are. A chat with tools (serve --tool-call-parser) parses each choice's text for tool calls
 (serving/openai_tools.py): the whole answer's message gets `tool_calls` and the text outside them as content; a
-stream holds text from a `<tool_call>` on and sends the calls with the choice's last piece. finish_reason is
-"tool_calls" when a choice that stopped by itself made a call.
+stream sends each call as it is generated (serving/tool_call_stream.py: a delta opening call k with its id and name,
+then its arguments' JSON in fragments; a block that is not name-first whole once it closes), in each event's chunk
+with the content outside the blocks. finish_reason is "tool_calls" when a choice that stopped by itself made a call.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from http import HTTPStatus
 
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
-from meshserve.serving.openai_tools import ToolCallStream, finish_reason, openai_calls, parse_tool_calls
+from meshserve.serving.openai_tools import finish_reason, openai_calls, parse_tool_calls
 from meshserve.serving.requests import Event, Request
+from meshserve.serving.tool_call_stream import ToolCallDeltas
 
 __all__ = ["Choices", "Echo", "Unsent", "chunk", "error_body", "final_response"]
 
@@ -59,7 +61,7 @@ class Choices:
         self.top: list[list] = [[] for _ in range(n)]
         self._offsets = [0] * n  # completions' text_offset: characters of token text so far, per choice
         self.tools = parsed.tools  # None: the text is the content, as is
-        self._held = [ToolCallStream() for _ in range(n)] if self.tools is not None else None
+        self._held = [ToolCallDeltas(self.tools.parallel) for _ in range(n)] if self.tools is not None else None
 
     def add(self, index: int, event: Event) -> dict | None:
         """Record one event of choice `index`; returns its stream piece (None when it carries nothing to send)."""
@@ -73,15 +75,16 @@ class Choices:
         finish = None if reason is None else _finish(reason)
         if self.parsed.kind == CHAT:
             text, calls = event.text, []
-            if self._held is not None:  # tool calls: hold what may be one, send the calls at the end
-                text = self._held[index].feed(text)
+            if self._held is not None:  # tool calls: the content outside blocks and the calls' deltas, in order
+                stream = self._held[index]
+                items = stream.feed(text) + (stream.finish() if reason is not None else [])
+                text = "".join(item for item in items if isinstance(item, str))
+                calls = _merged([item for item in items if isinstance(item, dict)])
                 if reason is not None:
-                    rest, calls = self._held[index].finish()
-                    text, calls = text + rest, self._keep(calls)
-                    finish = finish_reason(finish, calls)
+                    finish = finish_reason(finish, stream.kept)
             delta = {"content": text} if text else {}
             if calls:
-                delta["tool_calls"] = openai_calls(calls, streamed=True)
+                delta["tool_calls"] = calls
             if not (delta or reason is not None or (logprobs and event.tokens)):
                 return None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -156,6 +159,18 @@ class Choices:
             self._offsets[index] += len(text)
         tops = [{s: a for _, s, a in alts} for alts in rows] if self.parsed.top_logprobs else None
         return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def _merged(deltas: list[dict]) -> list[dict]:
+    """One event's call deltas with a call's consecutive ones joined (its opening and fragments: arguments
+    concatenated), so a chunk names each call once, as a client accumulating them by index expects."""
+    out: list[dict] = []
+    for delta in deltas:
+        if out and out[-1]["index"] == delta["index"]:
+            out[-1]["function"]["arguments"] += delta["function"]["arguments"]
+        else:
+            out.append(delta)
+    return out
 
 
 def _chat_logprob(text: str, logprob: float) -> dict:

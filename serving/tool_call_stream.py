@@ -310,6 +310,7 @@ class ToolCallDeltas:
         self.content = ""  # content settled so far: the text before the first call, then each non-blank piece
         self.sent = 0  # characters of content sent
         self.block: _Block | None = None
+        self.broken = 0  # opened calls whose block then broke (where this stream and parse_tool_calls differ)
 
     @property
     def kept(self) -> list[ToolCall]:
@@ -405,6 +406,7 @@ class ToolCallDeltas:
         elif block.id:  # an opened call broke: it stays as sent; the parse goes on where it broke
             self._settle(block.start, broke)
             self.calls.append(ToolCall(scan.name, scan.arguments(), block.id))
+            self.broken += 1
         else:
             self.pos = block.start + len(START)  # not a block: its text is content, searched again from after the tag
         return True

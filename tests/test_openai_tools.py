@@ -21,6 +21,7 @@ from meshserve.serving.openai_tools import (
     parse_tool_calls,
     request_tools,
 )
+from meshserve.serving.tool_call_stream import ToolCallDeltas
 from meshserve.serving.validation import RequestError
 
 # Qwen2.5's tool section, shortened (the same structure: tools as JSON lines inside <tools>, assistant calls as
@@ -182,6 +183,83 @@ def test_stream_holder_equals_the_whole_parse_for_any_split(text):
         assert "".join(sent) + rest == (content or "")
         assert got == calls  # names and arguments (ids are random)
         assert "<tool_call>" not in "".join(sent)
+
+
+def replay(text: str, sizes: list[int], parallel: bool = True) -> tuple[str, list[tuple[str, str]], ToolCallDeltas]:
+    """Stream `text` through ToolCallDeltas in pieces of `sizes` (random sizes when they run out) and reassemble what
+    a client would: (content, [(name, arguments)] by index, the stream). Checks the deltas' shape on the way: call k
+    opens (index, id, type, name, arguments "") before any fragment of it ({"index", "function": {"arguments"}}
+    only), calls open in index order, and the ids are the stream's calls'."""
+    rng, stream, items, i = random.Random(len(text)), ToolCallDeltas(parallel), [], 0
+    while i < len(text):
+        step = sizes[0] if sizes else rng.randint(1, 12)
+        sizes = sizes[1:]
+        items += stream.feed(text[i : i + step])
+        i += step
+    items += stream.finish()
+    calls: dict[int, list] = {}
+    for item in items:
+        if isinstance(item, str):
+            continue
+        k, function = item["index"], item["function"]
+        if "id" in item:
+            assert k == len(calls) and item["type"] == "function" and item["id"].startswith("call_")
+            calls[k] = [item["id"], function["name"], function["arguments"]]
+        else:
+            assert set(item) == {"index", "function"} and set(function) == {"arguments"} and k == len(calls) - 1
+            calls[k][2] += function["arguments"]
+    assert [c[0] for c in calls.values()] == [c.id for c in stream.kept]
+    return "".join(x for x in items if isinstance(x, str)), [(n, a) for _, n, a in calls.values()], stream
+
+
+DELTA_TEXTS = STREAM_TEXTS + [
+    '<tool_call>{"arguments": {"a": 1}, "name": "args_first"}</tool_call> and <tool_call>{"name": "g"}</tool_call>',
+    '\n<tool_call>{"name": "f", "arguments": {"q": "}{ \\" \\\\ \\u00e9\\ud83d\\ude42", "n": [1.0, -0, 2E3, true]}}'
+    "</tool_call>\n\nWait.\n",
+    '<tool_call> {"name": "f", "arguments": "as a string: {\\"a\\": 1}"} </tool_call>x<tool_call>{"name": ""}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": []}</tool_c',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}} x</tool_call> ' + ONE,  # junk after the JSON: not a block
+    '<tool_call>{"name": "n", "arguments": {"t": "<tool_call>{\\"name\\": \\"inner\\"}</tool_call>"}}</tool_call>',
+]
+
+
+def random_call_text(rng: random.Random) -> str:
+    """Text around blocks: name-first with random arguments written every way, arguments-first, malformed."""
+    parts = []
+    for _ in range(rng.randint(1, 4)):
+        parts.append(rng.choice(["", " ", "\n", "Let me look. ", "ok <tool", "a <b> c"]))
+        args = rng.choice([{}, {"city": "Zürich"}, {"x": [1, {"y": None}], "s": 'q"}'}, [1.5, "é"], "plain", 7])
+        dumped = json.dumps(
+            args, **rng.choice([{}, {"ensure_ascii": False}, {"indent": 1}, {"separators": (",", ":")}])
+        )
+        bodies = ['{"name": "f%d", "arguments": %s}', '{"arguments": %s, "name": "g%d"}', '{"name": "h%d"}',
+                  '{"name": "b%d", "arguments": %s', "[%s, %d]"]  # fmt: skip
+        body = rng.choices(bodies, weights=[6, 2, 1, 1, 1])[0]
+        body = body.replace("%d", str(len(parts))).replace("%s", dumped)
+        parts.append("<tool_call>" + rng.choice(["", "\n", " "]) + body + rng.choice(["", "\n"]) + "</tool_call>")
+    parts.append(rng.choice(["", "\n", " done", "<tool_call>"]))
+    return "".join(parts)
+
+
+def test_deltas_reassemble_to_the_whole_parse_for_any_split():
+    """Content, names, arguments and order of the streamed deltas equal parse_tool_calls of the whole text, over
+    character-by-character, one-piece and random splits, for the texts above and random ones."""
+    rng = random.Random(7)
+    texts = DELTA_TEXTS + [random_call_text(rng) for _ in range(60)]
+    equal = 0
+    for text in texts:
+        content, calls = parse_tool_calls(text)
+        want = ((content or ""), [(c.name, c.arguments) for c in calls])
+        broken = replay(text, [len(text)])[2].broken
+        for sizes in ([1] * len(text), [len(text)], *([] for _ in range(8))):
+            got, names, stream = replay(text, sizes)
+            assert stream.broken == broken  # whether a head block breaks does not depend on the split
+            if not broken:  # (a call opened and then broken stays a call: tests/test_tool_call_stream.py)
+                assert (got, names) == want, (text, sizes)
+        if not broken:
+            assert replay(text, [], parallel=False)[:2] == (want[0], want[1][:1]), text
+            equal += 1
+    assert equal >= 0.6 * len(texts)
 
 
 def test_stream_sends_content_early_and_holds_a_possible_tag():
@@ -392,12 +470,22 @@ def test_a_tool_call_answer_whole_and_streamed():
         ("function", "get_weather", {"city": "Paris"}), ("function", "local_time", {})]  # fmt: skip
     assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
     assert whole["usage"]["prompt_tokens"] == 3 and whole["usage"]["completion_tokens"] == len(pieces)
-    # The stream: the content before the tag at once, nothing from the tag on, the calls with the last piece.
+    # The stream: the content before the tag at once, never a tag; each call opened once (id, name), then its
+    # arguments in fragments, in order; finish_reason on the last piece.
     assert "".join(p["delta"].get("content", "") for p in stream) == "Checking.\n"
     assert all("<" not in p["delta"].get("content", "") for p in stream)
-    last = stream[-1]
-    assert last["finish_reason"] == "tool_calls" and [d["index"] for d in last["delta"]["tool_calls"]] == [0, 1]
-    assert [d["function"]["name"] for d in last["delta"]["tool_calls"]] == ["get_weather", "local_time"]
+    deltas = [d for p in stream for d in p["delta"].get("tool_calls", [])]
+    streamed: dict[int, dict] = {}
+    for d in deltas:
+        if d["index"] not in streamed:
+            streamed[d["index"]] = {"id": d["id"], "type": d["type"], "function": dict(d["function"])}
+        else:
+            assert set(d) == {"index", "function"}
+            streamed[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed.values()] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls]  # fmt: skip
+    assert sum(1 for p in stream if p["delta"].get("tool_calls")) > 2  # spread over the pieces, not all at the end
+    assert stream[-1]["finish_reason"] == "tool_calls"
     # parallel_tool_calls false: the first call only. Cut by length: the calls, but finish_reason stays length.
     whole, _ = _answer(text, [text], {"tools": TOOLS, "parallel_tool_calls": False})
     assert [c["function"]["name"] for c in whole["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
