@@ -87,14 +87,27 @@ def test_the_scripted_model_calls_a_tool(oa):
     assert got.usage.completion_tokens == len(PIECES) + 1  # the call's words and </s>
 
 
-def test_a_streamed_call_arrives_whole_in_the_last_chunk(oa):
+def test_a_streamed_call_arrives_as_it_is_generated(oa):
+    """Streamed: a chunk opens call 0 (id, type, name, arguments "") once `"arguments":` is generated, the
+    arguments follow in fragments over the next tokens' chunks, and finish_reason is tool_calls; the openai client's
+    stream helper (`chat.completions.stream`, which needs strict tools) accumulates them into the call."""
     chunks = list(oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, temperature=0, stream=True))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    with_calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert content == "" and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-    (call,) = calls
-    assert call.index == 0 and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    (opening,), *fragments = with_calls
+    assert opening.index == 0 and opening.id.startswith("call_") and opening.type == "function"
+    assert (opening.function.name, opening.function.arguments) == ("get_weather", "")
+    assert len(fragments) >= 2 and all(len(f) == 1 and f[0].index == 0 and f[0].id is None for f in fragments)
+    assert "".join(f[0].function.arguments for f in fragments) == '{"city": "Paris"}'
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    with oa.chat.completions.stream(model="m", messages=QUESTION, tools=strict, temperature=0) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
+    assert call.function.parsed_arguments == {"city": "Paris"} and [e.name for e in done] == ["get_weather"]
+    assert final.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
 
 
 def test_without_tools_the_same_words_are_content(oa):
