@@ -9,10 +9,14 @@ the text outside the blocks into the content (None when it is only whitespace; w
 is dropped); a block that does not parse stays
 content. As vLLM's hermes parser, a last block left open (`<tool_call>{...}` with no closing tag, the model stopped
 right after the JSON) counts when its JSON parses. Unlike vLLM's regex, the JSON is read by the JSON decoder, so a
-`</tool_call>` inside an argument's string does not cut the block. `ToolCallStream` is the same parse for a stream: text before the
-first `<tool_call>` goes out at once (unless it is only whitespace so far: it may turn out to be the space between
-no content and a call), from the tag on everything is held, and the end gives the rest of the content and the calls;
-its pieces always join to exactly what `parse_tool_calls` makes of the whole text (tested over random splits).
+`</tool_call>` inside an argument's string does not cut the block. A block whose JSON starts {"name": ...,
+"arguments": ...} gets its arguments written by serving/tool_call_stream.py's JsonScan, as the HTTP stream sends them
+(json.dumps' form; an object with a repeated key keeps every copy); other blocks json.dumps the decoded arguments.
+`ToolCallStream` (gRPC's) is the same parse for a stream: text before the first `<tool_call>` goes out at once
+(unless it is only whitespace so far: it may turn out to be the space between no content and a call), from the tag
+on everything is held, and the end gives the rest of the content and the calls; its pieces always join to exactly
+what `parse_tool_calls` makes of the whole text (tested over random splits). The HTTP chat stream sends calls as they
+are generated instead (tool_call_stream.ToolCallDeltas).
 """
 
 from __future__ import annotations

@@ -298,8 +298,8 @@ class _Block:
 class ToolCallDeltas:
     """One streamed choice's text: `feed` each piece, `finish` at the end; each returns what to send, in order: str
     items are content, dict items a call's delta ({"index", "id", "type", "function": {"name", "arguments"}} opening
-    call k, {"index", "function": {"arguments"}} for a fragment). `calls`: the calls kept so far. `parallel` False:
-    only the first call is sent (the text is still parsed the same). See the module docstring."""
+    call k, {"index", "function": {"arguments"}} for a fragment). `kept`: the calls made so far (with parallel False
+    only the first, the only one sent; the text is still parsed the same). See the module docstring."""
 
     def __init__(self, parallel: bool = True) -> None:
         self.text, self.parallel = "", parallel
