@@ -12,8 +12,9 @@ import json
 import random
 
 import pytest
+from meshserve.serving.json_scan import ARGS, JsonScan
 from meshserve.serving.openai_tools import parse_tool_calls
-from meshserve.serving.tool_call_stream import ARGS, JsonScan, ToolCallDeltas
+from meshserve.serving.tool_call_stream import ToolCallDeltas
 from test_openai_tools import replay
 
 LEAVES = [0, -0.0, 1.5, -12, 10**20, 1e-7, 2.5e300, True, False, None, "", 'a"b\\c', "é🙂\n\t\x01/", "}{][", "\ud83d",
