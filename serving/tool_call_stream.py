@@ -2,16 +2,16 @@
 call k (index, id, type, function.name, arguments "") once its block's `<tool_call>{"name": "<name>", "arguments": `
 is complete, then {"index": k, "function": {"arguments": <fragment>}} as the arguments' JSON value grows.
 
-`JsonScan` (serving/json_scan.py) reads one JSON value a character at a time, as Python's JSON decoder does (the same grammar: strict
-strings, NaN / Infinity, no trailing commas), tracks strings, escapes and depth, and writes the value of the top-level
-object's "arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a "head" block),
-in json.dumps(..., ensure_ascii=False)'s form while it reads it: whitespace dropped, ", " and ": " separators,
-strings re-escaped (`\\u00e9` becomes é, `\\/` becomes /), each number written once complete as json.dumps writes
-its value. So a fragment is only ever a piece that can no longer change, and the fragments join to exactly what
+`JsonScan` (serving/json_scan.py) reads one JSON value a character at a time, as Python's JSON decoder does (the same
+grammar: strict strings, NaN / Infinity, no trailing commas), tracks strings, escapes and depth, and writes the value
+of the top-level object's "arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a
+"head" block), in json.dumps(..., ensure_ascii=False)'s form while it reads it: whitespace dropped, ", " and ": "
+separators, strings re-escaped (`\\u00e9` becomes é, `\\/` becomes /), each number written once complete as json.dumps
+writes its value. So a fragment is only ever a piece that can no longer change, and the fragments join to exactly what
 `openai_tools.parse_tool_calls` gives as that call's arguments: it reads head blocks with the same scanner. That
-equals json.dumps(json.loads(value)) except for an object with a repeated key, which keeps every copy (json.loads
-of it still gives the same dict: the last copy wins). Blocks whose JSON is not a head (arguments first, no
-arguments) are held and sent whole once closed, as before.
+equals json.dumps(json.loads(value)) except for an object with a repeated key, which keeps every copy (json.loads of
+it still gives the same dict: the last copy wins). Blocks whose JSON is not a head (arguments first, no arguments) are
+held and sent whole once closed, as before.
 
 `ToolCallDeltas` is one streamed choice: `feed` each piece of text, `finish` at the end; each returns content strings
 and call deltas in order. Their content joins to `parse_tool_calls(text)`'s content ("" for None) and their calls to
