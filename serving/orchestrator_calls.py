@@ -41,7 +41,8 @@ class CallerSide:
     def submit(
         self, request: Request, stop: Sequence[str] = (), done: queue.SimpleQueue | None = None
     ) -> RequestHandle:
-        """Queue a validated request; raises QueueFullError / ShuttingDownError. `done` receives the handle at the end."""
+        """Queue a validated request; raises QueueFullError / ShuttingDownError (or a GuideError: a format past its
+        bounds). `done` receives the handle at the end."""
         handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop), done=done)
         self.guides.add([request])
         try:
@@ -67,7 +68,7 @@ class CallerSide:
         reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         handles = [
-            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore[arg-type]
+            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore
             for i, r in enumerate(requests)
         ]
         self.guides.add(requests)

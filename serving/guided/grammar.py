@@ -12,9 +12,10 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
 
 A state is a sorted tuple of distinct deterministic stacks (the alternatives still open); a stack is a tuple of
 frames (tuples of ints), its top last. A frame is a value being written; the frame below is its container, already
-in the state it takes once the value ends (so a value ending is a pop). States are canonical: the same position reached by any path is the same tuple, so masks
-cache per state. Tuples of ints, not frozensets: the cyclic garbage collector stops tracking them, so the (state,
-byte) memo does not make its full collections slow (frozensets there cost tens of ms pauses).
+in the state it takes once the value ends (so a value ending is a pop). States are canonical: the same position
+reached by any path is the same tuple, so masks cache per state. Tuples of ints, not frozensets: the cyclic garbage
+collector stops tracking them, so the (state, byte) memo does not make its full collections slow (frozensets there
+cost tens of ms pauses).
 
 Bounds on runs a model could repeat without progress:
 - Whitespace between two JSON tokens (and before the value, and around Hermes tags) is one of: nothing, one space,

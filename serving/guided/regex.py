@@ -187,8 +187,9 @@ class _Nfa:
                 return start  # the whole output is matched anyway (fullmatch)
             anchor = _ANCHORS.get(arg, str(arg).lower())
             raise GuideError(f"{where}: the anchor {anchor} is supported only as ^ at the start or $ at the end")
-        name = {_c.GROUPREF: "backreferences", _c.ASSERT: "lookaheads/lookbehinds",
-                _c.ASSERT_NOT: "negative lookarounds", _c.GROUPREF_EXISTS: "conditionals"}.get(op, str(op).lower())  # fmt: skip
+        names = {_c.GROUPREF: "backreferences", _c.ASSERT: "lookaheads/lookbehinds",
+                 _c.ASSERT_NOT: "negative lookarounds", _c.GROUPREF_EXISTS: "conditionals"}  # fmt: skip
+        name = names.get(op, str(op).lower())
         raise GuideError(f"{where}: {name} are not supported")
 
 

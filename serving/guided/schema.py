@@ -29,8 +29,10 @@ __all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH"
 MAX_DEPTH = 64  # schema (and const/enum value) nesting levels a guided format may have
 MAX_CHOICES = 4096  # strings of a "choice" format (vLLM's guided_choice)
 
-SUPPORTED_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-                      "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength")  # fmt: skip
+SUPPORTED_KEYWORDS = (
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems", "enum",
+    "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength",
+)  # fmt: skip
 IGNORED_KEYWORDS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                     "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions")  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
