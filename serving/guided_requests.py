@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.guided.regex import MAX_PATTERN
 from meshserve.serving.guided.spec import GuideError, GuideSpec
 from meshserve.serving.validation import RequestError, refuse_unknown
 
@@ -284,8 +285,9 @@ def _format_guide(req: pb.GenerateRequest, max_chars: int) -> GuideSpec | None:
             raise RequestError(f"{CHOICE_FIELD}: {chars} characters exceed the limit of {max_chars}")
         return GuideSpec("choice", choices=tuple(fmt.choice.values))
     if which == "regex":  # the pattern itself is compile_spec's to check (named under REGEX_FIELD)
-        if len(fmt.regex) > max_chars:
-            raise RequestError(f"{REGEX_FIELD}: {len(fmt.regex)} characters exceed the limit of {max_chars}")
+        limit = min(max_chars, MAX_PATTERN)  # the pattern's own limit (4096) unless the server's text limit is lower
+        if len(fmt.regex) > limit:
+            raise RequestError(f"{REGEX_FIELD}: {len(fmt.regex)} characters exceed the limit of {limit}")
         return GuideSpec("regex", pattern=fmt.regex)
     if which != "json_schema":
         return None

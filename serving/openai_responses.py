@@ -81,7 +81,7 @@ class Choices:
                 text = "".join(item for item in items if isinstance(item, str))
                 calls = _merged([item for item in items if isinstance(item, dict)])
                 if reason is not None:
-                    finish = finish_reason(finish, stream.kept)
+                    finish = finish_reason(finish, stream.complete)  # not for a call broken after it opened
             delta = {"content": text} if text else {}
             if calls:
                 delta["tool_calls"] = calls

@@ -55,6 +55,7 @@ class CallerSide:
         except BaseException:
             self.guides.forget(request, None)
             raise
+        self.guides.queued([request])
         self._wake.set()
         return handle
 
@@ -78,6 +79,7 @@ class CallerSide:
             for r in requests:
                 self.guides.forget(r, None)
             raise
+        self.guides.queued(requests)
         self._wake.set()
         return handles, events
 

@@ -92,10 +92,17 @@ class ToolCallDeltas:
         self.sent = 0  # characters of content sent
         self.block: _Block | None = None
         self.broken = 0  # opened calls whose block then broke (where this stream and parse_tool_calls differ)
+        self._broken_ids: set[str] = set()
 
     @property
     def kept(self) -> list[ToolCall]:
         return self.calls if self.parallel else self.calls[:1]
+
+    @property
+    def complete(self) -> list[ToolCall]:
+        """The kept calls whose block closed as a call (not broken after opening): what finish_reason "tool_calls"
+        promises a client (arguments that parse)."""
+        return [c for c in self.kept if c.id not in self._broken_ids]
 
     def feed(self, piece: str) -> list:
         self.text += piece
@@ -188,6 +195,7 @@ class ToolCallDeltas:
             self._settle(block.start, broke)
             self.calls.append(ToolCall(scan.name, scan.arguments(), block.id))
             self.broken += 1
+            self._broken_ids.add(block.id)
         else:
             self.pos = block.start + len(START)  # not a block: its text is content, searched again from after the tag
         return True

@@ -56,6 +56,8 @@ def test_classes_write_only_what_re_matches():
         (r"(a)\1", "backreferences are not supported"),
         (r"(?=a)a", "lookaheads/lookbehinds are not supported"),
         (r"(?i)abc", "flags are not supported"),
+        (r"a*+a", "possessive repeats (*+ ++ ?+ {m,n}+) are not supported"),
+        (r"(?>ab|a)b", "atomic groups (?>...) are not supported"),
         (r"a\bb", r"the anchor \b is supported only as ^ at the start or $ at the end"),
         (r"a(^b)", r"the anchor ^ is supported only as ^ at the start or $ at the end"),
         (r"[", "not a valid regular expression"),
@@ -91,14 +93,32 @@ def test_random_walks_write_only_matches(bpe, pattern):  # noqa: F811
 
 
 def test_every_position_is_prepared_before_the_request_runs():
-    """A regex's positions are finite: their masks are all computed on the caller's thread (prepare_masks), and a
-    pattern with too many (a long bounded repeat) is refused, by count or by time, before it is queued."""
+    """A regex's positions are finite: their masks are all computed on the caller's thread (prepare_masks) and pinned
+    on the request's guide (the table's cache may evict them; the engine thread never computes one), and a pattern
+    with too many positions or too costly ones is refused the same way every time, before it is queued."""
     table = TokenTable.of(ByteTokenizer(), 256)
-    grammar = regex(r".*x")
-    assert prepare_masks(grammar, table) <= 16  # a multi-byte character's positions are shared (not one per prefix)
-    state = grammar.advance(grammar.start(), "é€".encode() + b"\xf0\x9f")
-    assert (grammar, state) in table._masks  # the mask the engine will need is already there
-    with pytest.raises(GuideError, match=r"pattern: more than 1024 positions to prepare token masks for"):
-        prepare_masks(regex(r".{0,300}"), table)
+    guide = Guide(regex(r".*x"), table)
+    assert prepare_masks(guide) <= 16  # a multi-byte character's positions are shared (not one per prefix)
+    state = guide.grammar.advance(guide.grammar.start(), "é€".encode() + b"\xf0\x9f")
+    assert state in guide.pinned
+    table._masks.clear()  # evicted from the shared cache: the guide still has it
+    guide.state = state
+    assert guide.mask() is guide.pinned[state] and not table._masks
+    for _ in range(2):  # refused again on a retry, whatever the first try cached
+        with pytest.raises(GuideError, match=r"pattern: more than 1024 positions to prepare token masks for"):
+            prepare_masks(Guide(regex(r".{0,300}"), table))
+    overlapping = "(?:" + "|".join(f"[^\\x{i:02x}]" for i in range(1, 200)) + "){0,3}"
+    with pytest.raises(GuideError, match=r"pattern: more than 2048 position-stacks"):
+        prepare_masks(Guide(regex(overlapping), table))
     with pytest.raises(GuideError, match=r"pattern: its token masks take more than 0 s to prepare"):
-        prepare_masks(regex(r"[a-z]{0,30}"), table, seconds=0.0)
+        prepare_masks(Guide(regex(r"[a-z]{0,30}"), table), seconds=0.0)
+    with pytest.raises(GuideError, match=r"pattern: the format keeps more than 256 alternatives open"):
+        regex("(?:a?){4000}")
+
+
+def test_a_pattern_matching_only_the_empty_string_needs_a_stop_token():
+    table = TokenTable.of(ByteTokenizer(), 256)
+    with pytest.raises(GuideError, match=r"pattern: the format is complete with nothing written, and this request "
+                                         r"has no stop token"):  # fmt: skip
+        Guide(regex("a{0}"), table).mask()
+    assert np.flatnonzero(bits(Guide(regex("a{0}"), table, [7]).mask())).tolist() == [7]  # only the stop

@@ -148,3 +148,17 @@ def test_parallel_tool_calls_false_sends_the_first_call_only(parallel):
     content, calls, stream = replay(text, [6] * len(text), parallel=parallel)
     assert content == parse_tool_calls(text)[0] == "x  y"
     assert [name for name, _ in calls] == (["a", "b"] if parallel else ["a"]) == [c.name for c in stream.kept]
+
+
+def test_a_call_broken_after_opening_is_not_complete():
+    """The documented difference: a call opened then broken stays (its fragments were sent), but it is not among
+    the completed calls that make the stream's finish_reason "tool_calls"."""
+    stream = ToolCallDeltas()
+    items = stream.feed('<tool_call>{"name": "f", "arguments": {"a": 1}} junk') + stream.finish()
+    opened = [i for i in items if isinstance(i, dict) and "id" in i]
+    assert len(opened) == 1 and stream.broken == 1
+    assert [c.name for c in stream.kept] == ["f"] and stream.complete == []
+    whole = ToolCallDeltas()
+    whole.feed('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
+    whole.finish()
+    assert [c.arguments for c in whole.complete] == ['{"a": 1}']

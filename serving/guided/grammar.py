@@ -156,8 +156,9 @@ class Grammar:
             out.update(self._step(stack, b))
         if len(out) > MAX_OPEN and sum(1 for stack in out if stack and stack[-1][0] != LIT) > MAX_OPEN:
             raise GuideError(
-                f"the format keeps more than {MAX_OPEN} alternatives open at once (overlapping anyOf / oneOf / type "
-                "lists, often under a recursive $ref): simplify the schema"
+                f"{self.where}: the format keeps more than {MAX_OPEN} alternatives open at once (overlapping "
+                "alternatives: anyOf / oneOf / type lists under a recursive $ref, or a regex's | and optional "
+                "repeats): simplify it"
             )
         nxt = tuple(sorted(out)) if out else None
         row[b] = nxt

@@ -97,16 +97,22 @@ class TokenTable:
 
     def mask(self, grammar: Grammar, state: State) -> np.ndarray:
         """The tokens whose bytes can follow `state` (stop tokens not included): uint32 [W], read-only, cached.
-        Thread-safe (one mask at a time per table)."""
-        with self._lock:
-            return self._mask(grammar, state)
-
-    def _mask(self, grammar: Grammar, state: State) -> np.ndarray:
-        cache, key = self._masks, (grammar, state)
-        out = cache.get(key)
+        Thread-safe. A cached mask is read without the lock, and a mask is computed outside it (only the cache's
+        update holds it): the engine thread never waits for a caller thread's long computation (two threads may
+        compute the same mask once each; the grammar's memo takes equal entries from either)."""
+        key = (grammar, state)
+        out = self._masks.get(key)
         if out is not None:
-            cache.move_to_end(key)
             return out
+        out = self._compute(grammar, state)
+        with self._lock:
+            cache = self._masks
+            cache[key] = out
+            if len(cache) > self._cache_limit:
+                cache.popitem(last=False)  # least recently computed (lookups do not reorder: no lock on them)
+        return out
+
+    def _compute(self, grammar: Grammar, state: State) -> np.ndarray:
         room = grammar.string_room(state)
         allowed = np.zeros(self.words * 32, bool)
         ids = self._walk(grammar, state, self.trie if room is None else self.other_trie)
@@ -115,9 +121,6 @@ class TokenTable:
         if room is not None:
             out = out | self._plain[min(room, len(self._plain) - 1)]
             out.setflags(write=False)
-        cache[key] = out
-        if len(cache) > self._cache_limit:
-            cache.popitem(last=False)
         return out
 
     @staticmethod
@@ -152,6 +155,8 @@ class Guide:
         self.table = table
         self.stop_ids = tuple(sorted({int(t) for t in stop_ids if 0 <= int(t) < table.vocab_size}))
         self.state = grammar.start()
+        # Masks held by this request whatever the table's cache evicts (a regex's every position: prepare_masks).
+        self.pinned: dict[State, np.ndarray] = {}
 
     @property
     def done(self) -> bool:
@@ -162,14 +167,20 @@ class Guide:
 
     def mask(self) -> np.ndarray:
         """uint32 [W]: the tokens that may come next (read-only when cached; a fresh array when stops are added)."""
-        out = self.table.mask(self.grammar, self.state)
+        out = self.pinned.get(self.state)
+        if out is None:
+            out = self.table.mask(self.grammar, self.state)
         if self.stop_ids and self.grammar.accepts(self.state):
             out = out.copy()
             for t in self.stop_ids:
                 out[t >> 5] |= np.uint32(1 << (t & 31))
-        if not out.any() and not self.done:
-            raise GuideError("no token of this vocabulary can continue the guided output here (the format needs "
-                             "bytes no token holds)")  # fmt: skip
+        if not out.any():
+            where = self.grammar.where
+            if self.done:  # complete before anything was written (a pattern matching only ""), and no stop token
+                raise GuideError(f"{where}: the format is complete with nothing written, and this request has no "
+                                 "stop token to end on (it matches only the empty string)")  # fmt: skip
+            raise GuideError(f"{where}: no token of this vocabulary can continue the guided output here (the format "
+                             "needs bytes no token holds)")  # fmt: skip
         return out
 
     def advance(self, token: int) -> None:

@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any
 
-from meshserve.serving.guided.grammar import Grammar, _utf8_lead
+from meshserve.serving.guided.grammar import MAX_OPEN, Grammar, _utf8_lead
 from meshserve.serving.guided.spec import GuideError
 
 try:  # Python 3.11+: the parser behind `re`
@@ -32,7 +32,16 @@ except ImportError:  # pragma: no cover - older layouts
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _parser  # type: ignore[no-redef]
 
-__all__ = ["compile_regex", "prepare_masks", "MAX_NFA", "MAX_PATTERN", "MAX_POSITIONS", "PREPARE_S"]
+__all__ = [
+    "compile_regex",
+    "positions",
+    "prepare_masks",
+    "MAX_NFA",
+    "MAX_PATTERN",
+    "MAX_POSITIONS",
+    "MAX_WORK",
+    "PREPARE_S",
+]
 
 MAX_NFA = 20_000  # NFA states after `{m,n}` copies (a{1000}{1000} would be a million)
 MAX_PATTERN = 4096  # characters of a pattern
@@ -40,6 +49,7 @@ MAX_PATTERN = 4096  # characters of a pattern
 # on the caller's thread, so the engine thread only looks them up. Each costs a walk of the vocabulary (~0.1 s for
 # a 32,000-token BPE when most tokens fit, as in .{0,300}: 300 positions, 30 s): bounded in count and time.
 MAX_POSITIONS = 1024
+MAX_WORK = 2048  # the positions' stacks added up: each costs every mask that walks it (~5 ms per stack, 32k vocabulary)
 PREPARE_S = 10.0
 RX = 16  # the frame tag of a regex stack (not one of grammar.py's JSON tags)
 _WHOLE = -1  # a pending character whose every completion is in the class (RegexGrammar._pending)
@@ -162,7 +172,9 @@ class _Nfa:
             if add_flags or del_flags:
                 raise GuideError(f"{where}: inline flags (?...) are not supported")
             return self.build(sub, start, where)
-        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
+        # Possessive repeats (a*+, a{1,3}+) never give back what they took: another set of strings (a*+a matches
+        # nothing), refused below by name with the other constructs an NFA of this kind cannot follow.
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
             lo, hi, sub = arg
             at = start
             for _ in range(lo):
@@ -189,6 +201,8 @@ class _Nfa:
             raise GuideError(f"{where}: the anchor {anchor} is supported only as ^ at the start or $ at the end")
         names = {_c.GROUPREF: "backreferences", _c.ASSERT: "lookaheads/lookbehinds",
                  _c.ASSERT_NOT: "negative lookarounds", _c.GROUPREF_EXISTS: "conditionals"}  # fmt: skip
+        names[getattr(_c, "POSSESSIVE_REPEAT", None)] = "possessive repeats (*+ ++ ?+ {m,n}+)"
+        names[getattr(_c, "ATOMIC_GROUP", None)] = "atomic groups (?>...)"
         name = names.get(op, str(op).lower())
         raise GuideError(f"{where}: {name} are not supported")
 
@@ -221,7 +235,11 @@ class RegexGrammar(Grammar):
     def __init__(self, nfa: _Nfa, start: int, accept: int, where: str):
         self.nfa, self.accept = nfa, accept
         self._closures: dict[int, tuple[int, ...]] = {}
-        super().__init__([], [((RX, s),) for s in self._closure(start)], where)
+        first = self._closure(start)
+        if len(first) > MAX_OPEN:  # later states are bounded in Grammar.fill; the start state is bounded here
+            raise GuideError(f"{where}: the format keeps more than {MAX_OPEN} alternatives open at once (a regex's "
+                             "| and optional repeats): simplify it")  # fmt: skip
+        super().__init__([], [((RX, s),) for s in first], where)
 
     def _closure(self, state: int) -> tuple[int, ...]:
         """The consuming (or accepting) NFA states reachable from `state` by epsilon moves."""
@@ -326,26 +344,40 @@ def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
     return RegexGrammar(nfa, start, accept, where)
 
 
-def prepare_masks(grammar: RegexGrammar, table, max_positions: int = MAX_POSITIONS, seconds: float = PREPARE_S) -> int:
-    """Compute (and cache in `table`) the mask of every position the pattern can reach; returns how many. GuideError
-    past `max_positions` positions or `seconds` of work (the pattern is refused before it runs)."""
-    start = time.perf_counter()
-    seen = {grammar.start()}
+def positions(grammar: RegexGrammar, max_positions: int = MAX_POSITIONS, max_work: int = MAX_WORK) -> list:
+    """Every position (matcher state) the pattern can reach, found by trying each byte from each. GuideError past
+    `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grows with its state's
+    stacks: 250 overlapping alternatives made one mask cost ~1 s). Deterministic: the same pattern is accepted or
+    refused whatever is cached and however loaded the machine is."""
+    seen = {grammar.start(): None}
     todo = [grammar.start()]
+    work = len(grammar.start())
     while todo:
         state = todo.pop()
-        table.mask(grammar, state)
-        if time.perf_counter() - start > seconds:
-            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ({len(seen)} "
-                             "positions so far; a long bounded repeat such as .{0,300} has one position per count: "
-                             "use * or + or a smaller bound)")  # fmt: skip
         row = grammar.row(state)
         for b in range(256):
             nxt = row[b] if b in row else grammar.fill(row, state, b)
-            if nxt is not None and nxt not in seen:
-                if len(seen) >= max_positions:
-                    raise GuideError(f"{grammar.where}: more than {max_positions} positions to prepare token masks "
-                                     "for (use * or + for long repeats, or a smaller bound)")  # fmt: skip
-                seen.add(nxt)
-                todo.append(nxt)
-    return len(seen)
+            if nxt is None or nxt in seen:
+                continue
+            work += len(nxt)
+            if len(seen) >= max_positions or work > max_work:
+                what = f"{max_positions} positions" if len(seen) >= max_positions else f"{max_work} position-stacks"
+                raise GuideError(f"{grammar.where}: more than {what} to prepare token masks for (use * or + for long "
+                                 "repeats, or a smaller bound; fewer overlapping alternatives)")  # fmt: skip
+            seen[nxt] = None
+            todo.append(nxt)
+    return list(seen)
+
+
+def prepare_masks(guide, max_positions: int = MAX_POSITIONS, seconds: float = PREPARE_S) -> int:
+    """Compute the mask of every position a regex guide's pattern can reach and pin them on the guide (the engine
+    thread then only looks them up, whatever the table's cache evicts); returns how many. GuideError past the
+    bounds of `positions`, or past `seconds` of mask work (a backstop for a very large vocabulary)."""
+    grammar, table = guide.grammar, guide.table
+    start = time.perf_counter()
+    for state in positions(grammar, max_positions):
+        guide.pinned[state] = table.mask(grammar, state)
+        if time.perf_counter() - start > seconds:
+            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
+                             f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip
+    return len(guide.pinned)

@@ -55,10 +55,13 @@ class GuideTracker:
                 if r.guide.kind == "regex":  # finitely many positions: all their masks now, none on the engine thread
                     from meshserve.serving.guided.regex import prepare_masks
 
-                    prepare_masks(grammar, guide.table)
+                    prepare_masks(guide)
                 guide.mask()  # the start state's mask, cached for the prefill
                 started[r.id] = guide
         self._guides.update(started)
+
+    def queued(self, requests: Iterable[Request]) -> None:
+        """The requests were queued (after `add`): count the guided ones in the metrics."""
         if self.metrics is not None:
             for r in requests:
                 if r.guide is not None:
@@ -67,8 +70,12 @@ class GuideTracker:
     def prefill_kwargs(self, requests: Sequence[Request]) -> dict[str, list[np.ndarray | None]]:
         """Engine.prefill_insert's `guides` for a prefill batch (per request, the mask its first token must follow,
         None when not guided); no keyword when none is guided."""
+        t0 = time.perf_counter()
         masks = [None if (g := self._guides.get(r.id)) is None else g.mask() for r in requests]
-        return {"guides": masks} if any(m is not None for m in masks) else {}
+        if not any(m is not None for m in masks):
+            return {}
+        self._spent(time.perf_counter() - t0)
+        return {"guides": masks}
 
     def live(self, owners: Sequence[Request | None]) -> bool:
         """Whether a step over these slots' requests has a guided row (it must see the previous step's tokens)."""
