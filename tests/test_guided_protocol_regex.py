@@ -53,7 +53,10 @@ def test_a_regex_format_becomes_the_requests_guide(parser):
         ("", "response_format.regex: expected a non-empty pattern"),  # set to "" is set (a oneof member)
         ("[a-", "response_format.regex: not a valid regular expression"),
         ("a" * 5000, "response_format.regex: 5000 characters exceed the limit of 4096"),
-        ("a" * 10_001, "response_format.regex: 10001 characters exceed the limit of 4096"),  # 4096 before max_text_chars
+        (
+            "a" * 10_001,
+            "response_format.regex: 10001 characters exceed the limit of 4096",
+        ),  # 4096 before max_text_chars
     ],
     ids=lambda x: x[:30] if isinstance(x, str) else None,
 )
