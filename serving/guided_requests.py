@@ -125,13 +125,7 @@ def guided_json(value: Any, field: str = "guided_json") -> GuideSpec:
     """vLLM's guided_json (a JSON Schema object, or its JSON text) -> a json_schema spec (the schema as JSON text,
     in the client's key order), as response_format's json_schema; whether meshserve can follow it is `compiled`'s."""
     if isinstance(value, str):
-        try:
-            schema = json.loads(value)
-        except (ValueError, RecursionError) as e:
-            raise RequestError(f"{field}: not JSON ({e})") from None
-        if not isinstance(schema, dict):
-            raise RequestError(f"{field}: expected a JSON Schema object, got {_show(schema)}")
-        return GuideSpec("json_schema", schema=value)
+        return _schema_text(value, field)
     if not isinstance(value, Mapping):
         raise RequestError(f"{field}: expected a JSON Schema object or its JSON text, got {_show(value)}")
     return GuideSpec("json_schema", schema=json.dumps(value, ensure_ascii=False))
@@ -294,12 +288,18 @@ def _format_guide(req: pb.GenerateRequest, max_chars: int) -> GuideSpec | None:
     text = fmt.json_schema
     if len(text) > max_chars:
         raise RequestError(f"response_format.json_schema: {len(text)} characters exceed the limit of {max_chars}")
+    return _schema_text(text, "response_format.json_schema")
+
+
+def _schema_text(text: str, field: str) -> GuideSpec:
+    """A schema given as JSON text -> its json_schema spec (the text kept as sent); RequestError naming `field` when
+    it is not JSON or not an object."""
     try:
         schema = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise RequestError(f"response_format.json_schema: not JSON ({e})") from None
+        raise RequestError(f"{field}: not JSON ({e})") from None
     if not isinstance(schema, dict):
-        raise RequestError(f"response_format.json_schema: expected a JSON Schema object, got {_show(schema)}")
+        raise RequestError(f"{field}: expected a JSON Schema object, got {_show(schema)}")
     return GuideSpec("json_schema", schema=text)
 
 
