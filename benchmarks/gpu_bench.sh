@@ -19,7 +19,9 @@
 # `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png),
 # spec (benchmarks/speculative.py on $MODEL: a verify step of 4 and 8 drafts against a decode step at batch 1;
 # random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json),
-# slots (benchmarks/slot_overhead.py: whether a decode step of b rows pays for a cache of 32 or 128 slots).
+# slots (benchmarks/slot_overhead.py: whether a decode step of b rows pays for a cache of 32 or 128 slots),
+# guided (benchmarks/guided.py on $MODEL: wall ms per step of guided rows, json_object / a schema, against free ones
+# at batch 1 and 8, and the engine thread's time per guided token; writes guided.json).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -112,6 +114,12 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           > "$OUT/slot_overhead.json" 2> "$OUT/slot_overhead.log" || echo "!! slots failed (see slot_overhead.log)"
         tail -n 3 "$OUT/slot_overhead.log"
       else echo "!! slots skipped: out of time"; fi ;;
+    guided)  # not in the default STEPS: what guided decoding (masks, no pipelining) costs a decode step
+      if [ "$(left)" -ge 60 ]; then
+        timeout "$(left)" $PY benchmarks/guided.py --model "$MODEL" --batch 1,8 --new-tokens 64 --repeats 2 --json \
+          > "$OUT/guided.json" 2> "$OUT/guided.log" || echo "!! guided failed (see guided.log)"
+        tail -n 3 "$OUT/guided.log"
+      else echo "!! guided skipped: out of time"; fi ;;
     *) echo "!! unknown step $step" ;;
   esac
 done

@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
     import jax
+    from meshserve.model.generate import bucket
     from meshserve.model.loading import load_model
     from meshserve.serving.engine import Engine
     from meshserve.serving.guided import GuideSpec
@@ -83,8 +84,9 @@ def main() -> int:
     model = load_model(args.checkpoint, preset=args.model)
     batches = [int(x) for x in args.batch.split(",")]
     context = min(256, model.config.max_seq_len)
-    plan = make_plan(model.config, max_batch=max(batches), length_buckets=(64,), decode_buckets=tuple(batches),
-                     context_buckets=(context,), max_context=context)  # fmt: skip
+    prompt_bucket = bucket(len(model.encode_prompt(PROMPT)))  # a byte tokenizer (presets) makes ~80 tokens of it
+    plan = make_plan(model.config, max_batch=max(batches), length_buckets=(prompt_bucket,),
+                     decode_buckets=tuple(batches), context_buckets=(context,), max_context=context)  # fmt: skip
     engine = Engine(model.params, model.config, plan)
     engine.warm_up(phases=("generate",))
     orch = Orchestrator(engine, Scheduler.for_plan(plan, 2 * max(batches)), model.tokenizer).start()
