@@ -166,7 +166,12 @@ def test_refs_consts_prefix_items_and_top_level_values():
 @pytest.mark.parametrize(
     ("schema", "where"),
     [
-        ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "schema.properties.age.minimum"),
+        (
+            {"type": "object", "properties": {"age": {"type": "number", "minimum": 0}}},
+            "schema.properties.age.minimum: followed for type integer only",
+        ),
+        ({"type": "integer", "minimum": 5, "maximum": 4}, "schema: no integer is within its bounds (5 > 4)"),
+        ({"type": "integer", "maximum": "7"}, "schema.maximum: expected a number"),
         ({"type": "string", "pattern": "^a"}, "schema.pattern: not supported (supported keywords: type,"),
         ({"type": "array", "uniqueItems": True}, "schema.uniqueItems"),
         ({"not": {}}, "schema.not"),
@@ -292,3 +297,26 @@ def test_choice_is_exactly_one_of_its_strings():
                          (("a",) * 5000, "choices: 5000 strings exceed the limit")]:  # fmt: skip
         with pytest.raises(GuideError, match=re.escape(message)):
             compile_spec(GuideSpec("choice", choices=bad))
+
+
+def test_bounded_integers_write_only_values_in_range():
+    """minimum / maximum / exclusiveMinimum / exclusiveMaximum on type integer: a digit is allowed only when some
+    completion stays in range, and the number may end only in range (every integer from -300 to 300 checked)."""
+    for schema in (
+        {"type": "integer", "minimum": -5, "maximum": 120},
+        {"type": "integer", "exclusiveMinimum": 17},
+        {"type": "integer", "exclusiveMaximum": -2.5},
+        {"type": "integer", "minimum": 0.5, "maximum": 3},
+    ):
+        g = schema_grammar(schema)
+        lo = max([schema.get("minimum", -1e9), schema.get("exclusiveMinimum", -1e9) + 1e-9])
+        hi = min([schema.get("maximum", 1e9), schema.get("exclusiveMaximum", 1e9) - 1e-9])
+        for n in range(-300, 301):
+            text = str(n).encode()
+            assert whole(g, text) == (lo <= n <= hi), (schema, n)
+            if lo <= n <= hi:  # every prefix of a value in range is alive
+                assert all(g.advance(g.start(), text[:k]) is not None for k in range(1, len(text)))
+    g = schema_grammar({"type": "object", "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 130}}})
+    assert whole(g, b'{"age": 99}') and not whole(g, b'{"age": 9}') and prefix(g, b'{"age": 1')
+    assert not prefix(g, b'{"age": 2') or whole(g, b'{"age": 25}')  # 2 -> 20..29 in range
+    assert not prefix(g, b'{"age": 0') and not prefix(g, b'{"age": -')

@@ -133,7 +133,8 @@ def test_sentencepiece_bytes_match_decode(tmp_path):
 
 SCHEMAS = [
     {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"}, "score": {"type": "number"},
+        "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 18, "maximum": 130},
+        "score": {"type": "number"},
         "email": {"type": ["string", "null"]}, "kind": {"enum": ["cat", "dog", 7, None]},
         "tags": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 3},
         "ok": {"type": "boolean"}}, "required": ["name", "age", "tags"]},
@@ -191,6 +192,9 @@ def conforms(value, schema, root) -> bool:
                    for i, v in enumerate(value))  # fmt: skip
     if isinstance(value, str):
         return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (schema.get("minimum", -(1 << 70)) <= value <= schema.get("maximum", 1 << 70)
+                and schema.get("exclusiveMinimum", -(1 << 70)) < value < schema.get("exclusiveMaximum", 1 << 70))  # fmt: skip
     return True
 
 

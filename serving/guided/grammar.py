@@ -7,6 +7,7 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
   ("arr", prefix ids, items id | -1, min, max | -1)   -1 items: nothing beyond the prefix
   ("str", min_length, max_length | -1)
   ("num", integer: bool)
+  ("int", lo | None, hi | None)           an integer within bounds (serving/guided/ranges.py)
   ("lit", bytes)                           exact bytes (true, false, null, a const's JSON)
   ("tools", call node id, parallel)        Hermes `<tool_call>` blocks around the call objects
 
@@ -29,6 +30,8 @@ Strings may be as long as the request's max_tokens allows: each character is pro
 
 from __future__ import annotations
 
+from meshserve.serving.guided import ranges
+from meshserve.serving.guided.ranges import RNG
 from meshserve.serving.guided.spec import GuideError
 
 __all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN"]
@@ -204,6 +207,8 @@ class Grammar:
         if len(stack) != 1:
             return False
         top = stack[0]
+        if top[0] == RNG:
+            return ranges.complete(top, *self.nodes[top[1]][1:])
         return (top[0] == NUM and top[2] in _NUM_DONE) or (top[0] == TOOLS and top[2] == T_MORE and top[3] == 0)
 
     def _begin(self, rest: tuple, node: int, b: int) -> list[tuple]:
@@ -222,6 +227,9 @@ class Grammar:
             if b == 0x30:
                 return [rest + ((NUM, node, 1, 0),)]
             return [rest + ((NUM, node, 2, 1),)] if b in _DIGITS else []
+        if kind == "int":
+            frame = ranges.begin(node, spec[1], spec[2], b)
+            return [] if frame is None else [rest + (frame,)]
         if kind == "lit":
             lit = spec[1]
             if b != lit[0]:
@@ -256,6 +264,11 @@ class Grammar:
             return [rest] if pos + 1 == len(lit) else [rest + ((LIT, top[1], pos + 1),)]
         if tag == NUM:
             return self._number(top, rest, b)
+        if tag == RNG:
+            lo, hi = self.nodes[top[1]][1:]
+            if (frame := ranges.step(top, lo, hi, b)) is not None:
+                return [rest + (frame,)]
+            return self._step(rest, b) if ranges.complete(top, lo, hi) else []  # the number ended before b
         if tag == OBJ:
             return self._object(top, rest, b)
         if tag == ARR:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Any
 
 from meshserve.serving.guided.grammar import LIT, T_OPEN, TOOLS, VAL, Grammar
@@ -31,14 +32,17 @@ MAX_CHOICES = 4096  # strings of a "choice" format (vLLM's guided_choice)
 
 SUPPORTED_KEYWORDS = (
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems", "enum",
-    "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength",
+    "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum",
 )  # fmt: skip
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # followed on type integer only
 IGNORED_KEYWORDS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                     "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions")  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _IMPLIED = {  # the type a keyword implies when a schema has no "type"
     "properties": "object", "required": "object", "additionalProperties": "object", "items": "array",
     "prefixItems": "array", "minItems": "array", "maxItems": "array", "minLength": "string", "maxLength": "string",
+    "minimum": "number", "maximum": "number", "exclusiveMinimum": "number", "exclusiveMaximum": "number",
 }  # fmt: skip
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_KEYWORDS)
 
@@ -223,10 +227,35 @@ class _Compiler:
                 raise GuideError(f"{path}.maxLength: {hi} is below minLength {lo}")
             return self.add(("str", lo, hi), path)
         if kind in ("number", "integer"):
+            given = [k for k in BOUNDS if k in schema]
+            if given and kind == "number":
+                raise GuideError(f"{path}.{given[0]}: followed for type integer only (a number's decimals have no "
+                                 "bound here): use type integer, or drop it")  # fmt: skip
+            if given:
+                return self.add(("int", *self.bounds(schema, path)), path)
             return self.add(("num", kind == "integer"), path)
         if kind == "boolean":
             return self.add(("alt", (self.const(True, path), self.const(False, path))), path)
         return self.const(None, path)
+
+    def bounds(self, schema: dict, path: str) -> tuple[int | None, int | None]:
+        """An integer schema's inclusive (lo, hi) from minimum / maximum / exclusiveMinimum / exclusiveMaximum."""
+        lo = hi = None
+        for key in BOUNDS:
+            if key not in schema:
+                continue
+            value = schema[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) > 1e20:
+                raise GuideError(f"{path}.{key}: expected a number of at most 20 digits, got {_show(value)}")
+            if key == "minimum" or key == "exclusiveMinimum":
+                low = math.ceil(value) if key == "minimum" else math.floor(value) + 1
+                lo = low if lo is None else max(lo, low)
+            else:
+                high = math.floor(value) if key == "maximum" else math.ceil(value) - 1
+                hi = high if hi is None else min(hi, high)
+        if lo is not None and hi is not None and lo > hi:
+            raise GuideError(f"{path}: no integer is within its bounds ({lo} > {hi})")
+        return lo, hi
 
     def object(self, schema: dict, path: str) -> int:
         props, required = schema.get("properties"), schema.get("required", [])
