@@ -193,8 +193,9 @@ def conforms(value, schema, root) -> bool:
     if isinstance(value, str):
         return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30)
     if isinstance(value, int) and not isinstance(value, bool):
-        return (schema.get("minimum", -(1 << 70)) <= value <= schema.get("maximum", 1 << 70)
-                and schema.get("exclusiveMinimum", -(1 << 70)) < value < schema.get("exclusiveMaximum", 1 << 70))  # fmt: skip
+        low, high = -(1 << 70), 1 << 70
+        inclusive = schema.get("minimum", low) <= value <= schema.get("maximum", high)
+        return inclusive and schema.get("exclusiveMinimum", low) < value < schema.get("exclusiveMaximum", high)
     return True
 
 
