@@ -36,6 +36,7 @@ __all__ = [
     "regex_spec",
     "guided_json",
     "one_format",
+    "read_format",
     "http_format",
     "http_renames",
     "submit_error",
@@ -147,28 +148,41 @@ def _required(choice: Any) -> bool:
     return choice == "required" or isinstance(choice, Mapping)
 
 
+# vLLM's format fields and how each is read (response_format, OpenAI's, is the default).
+_READERS = {"guided_json": guided_json, "guided_choice": choice_spec, "guided_regex": regex_spec}
+
+
+def _given(fields: Mapping[str, Any], tool_choice: Any = None) -> dict[str, bool]:
+    """Which of the format fields are set (response_format counts unless it is {"type": "text"}), in the order
+    `one_format` names them."""
+    fmt = fields.get("response_format")
+    return {
+        "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
+        **{key: fields.get(key) is not None for key in _READERS},
+        "tool_choice": _required(tool_choice),
+    }
+
+
+def read_format(fields: Mapping[str, Any], tool_choice: Any = None) -> tuple[str, GuideSpec | None]:
+    """The output format of `fields` (an HTTP body, a batch-generate line, the client's keywords: response_format
+    and vLLM's guided_json / guided_choice / guided_regex) -> (the field it came from, its spec; None for free
+    text). At most one of them and a tool_choice "required" / named function. Raises RequestError naming the
+    field; a choice or a pattern is compiled here, a schema is `compiled`'s to check."""
+    one_format(_given(fields, tool_choice))
+    field = next((key for key in _READERS if fields.get(key) is not None), "response_format")
+    return field, _READERS.get(field, response_format)(fields.get(field))
+
+
 def http_format(body: Mapping[str, Any], req: pb.GenerateRequest) -> str:
-    """An HTTP body's output format (response_format, or vLLM's guided_json / guided_choice / guided_regex) into
-    req.response_format (left unset for free text); returns the field it came from, so that the server's errors
-    about it are named after it. At most one of them and a tool_choice "required" / named function; guided_grammar
-    is refused by name. Raises RequestError naming the field."""
+    """An HTTP body's output format (`read_format`) into req.response_format (left unset for free text); returns the
+    field it came from, so that the server's errors about it are named after it. guided_grammar is refused by name.
+    Raises RequestError naming the field."""
     for key in UNSUPPORTED:
         if body.get(key) is not None:
             raise RequestError(f"{key}: not supported: meshserve guides to JSON, JSON Schema, choices and regular "
                                "expressions (response_format, guided_json, guided_choice, guided_regex)")  # fmt: skip
-    fmt = body.get("response_format")
-    one_format({
-        "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
-        "guided_json": body.get("guided_json") is not None,
-        "guided_choice": body.get("guided_choice") is not None,
-        "guided_regex": body.get("guided_regex") is not None,
-        "tool_choice": _required(body.get("tool_choice")),
-    })  # fmt: skip
-    vllm = ("guided_json", "guided_choice", "guided_regex")
-    field = next((key for key in vllm if body.get(key) is not None), "response_format")
-    read = {"guided_json": guided_json, "guided_choice": choice_spec, "guided_regex": regex_spec,
-            "response_format": response_format}[field]  # fmt: skip
-    if (proto := format_proto(read(body.get(field)))) is not None:
+    field, spec = read_format(body, body.get("tool_choice"))
+    if (proto := format_proto(spec)) is not None:
         req.response_format.CopyFrom(proto)
     return field
 
@@ -203,30 +217,19 @@ def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice:
         raise RequestError("tool_choice: only a chat (messages=[...]) with tools takes tool_choice and "
                            "parallel_tool_calls")  # fmt: skip
     if validate:
-        fmt = response_format_
-        one_format({
-            "response_format": fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"),
-            "guided_choice": guided_choice is not None,
-            "guided_regex": guided_regex is not None,
-            "tool_choice": _required(tool_choice),
-        })  # fmt: skip
-    if guided_regex is not None:
-        if validate:
-            regex_spec(guided_regex)
-        elif not isinstance(guided_regex, str):
+        fields = {"response_format": response_format_, "guided_choice": guided_choice, "guided_regex": guided_regex}
+        if (fmt := format_proto(read_format(fields, tool_choice)[1])) is not None:  # {"type": "text"}: left unset
+            req.response_format.CopyFrom(fmt)
+    elif guided_regex is not None:
+        if not isinstance(guided_regex, str):
             raise RequestError(f"guided_regex: the proto field holds a string, got {_show(guided_regex)}")
-        req.response_format.regex = guided_regex  # unvalidated, an empty string is sent set (for the server to refuse)
+        req.response_format.regex = guided_regex  # an empty string is sent set (for the server to refuse)
     elif guided_choice is not None:
-        if validate:
-            req.response_format.CopyFrom(format_proto(choice_spec(guided_choice)))
-        elif isinstance(guided_choice, list | tuple) and all(isinstance(v, str) for v in guided_choice):
+        if isinstance(guided_choice, list | tuple) and all(isinstance(v, str) for v in guided_choice):
             req.response_format.choice.values.extend(guided_choice)  # an empty list sends an empty Choices
             req.response_format.choice.SetInParent()
         else:
             raise RequestError(f"guided_choice: the proto field holds a list of strings, got {_show(guided_choice)}")
-    elif response_format_ is not None and validate:
-        if (fmt := format_proto(response_format(response_format_))) is not None:  # {"type": "text"}: left unset
-            req.response_format.CopyFrom(fmt)
     elif response_format_ is not None:  # as given, for the server to refuse: a str schema is sent as its text
         schema = (response_format_.get("json_schema") or {}).get("schema")
         if response_format_.get("type") == "json_object":

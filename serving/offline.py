@@ -218,20 +218,13 @@ def _guide(d: dict):
     text), compiled once to check it (serving/guided_requests.py); LineError naming the field (two fields: naming
     both)."""
     from meshserve.errors import UserError
-    from meshserve.serving.guided_requests import choice_spec, compiled, one_format, regex_spec, response_format
+    from meshserve.serving.guided_requests import compiled, read_format
 
-    value, choices, pattern = d.get("response_format"), d.get("guided_choice"), d.get("guided_regex")
-    try:
-        text = isinstance(value, dict) and value.get("type") == "text"
-        one_format({"response_format": value is not None and not text, "guided_choice": choices is not None,
-                    "guided_regex": pattern is not None})  # fmt: skip
-        if choices is not None:
-            return choice_spec(choices)
-        if pattern is not None:
-            return regex_spec(pattern)
-        spec = response_format(value)
-        field = "response_format.json_schema" if spec is not None and spec.kind == "json_schema" else "response_format"
-        return None if spec is None else compiled(spec, field)
+    try:  # a line holds response_format, guided_choice or guided_regex (jsonl_jobs.GENERATE_KEYS)
+        field, spec = read_format(d)
+        if spec is None or field != "response_format":  # a choice or a pattern is compiled already
+            return spec
+        return compiled(spec, "response_format.json_schema" if spec.kind == "json_schema" else "response_format")
     except UserError as e:
         raise LineError(str(e)) from None
 
