@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshserve.analytics.cli_helpers import fmt_s, ints, model_args, model_from_args, positive, table
+from meshserve.analytics.cli_helpers import (
+    fmt_s,
+    ints,
+    kv_cache_dtype_arg,
+    model_args,
+    model_from_args,
+    positive,
+    table,
+)
 from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe
 from meshserve.errors import UserError
 
@@ -27,6 +35,7 @@ def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None
     p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per sequence (default 2048)")
     p.add_argument("--gen-len", type=int, default=64, help="generated tokens per sequence (default 64)")
     p.add_argument("--overlap", action="store_true", help="assume communication overlaps compute (looped einsum)")
+    kv_cache_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -94,11 +103,11 @@ def _analyze(args: argparse.Namespace) -> int:
     plot_models = [resolve_model(m) for m in (args.plot_models or "").split(",") if m.strip()]
     config, chip, mesh = _setup(args)
     if isinstance(mesh, int):
-        mesh = default_mesh(config, chip, mesh, args.batch, args.weights)
+        mesh = default_mesh(config, chip, mesh, args.batch, args.weights, args.kv_cache_dtype)
     rows = analyze(
         config, chip, mesh, batches=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
         weights=args.weights, phases=[args.phase] if args.phase else ["prefill", "decode"], layout=args.layout,
-        attention=args.attention, overlap=args.overlap,
+        attention=args.attention, overlap=args.overlap, kv_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     _warn_context(config, args.prompt_len, args.gen_len)  # after the sweep: an error there stays one line
     if args.chip_hour_usd is not None:  # chip-ms per token x USD per chip-ms x 1e6 tokens
@@ -118,7 +127,7 @@ def _analyze(args: argparse.Namespace) -> int:
         heads += (f" (kv heads replicated: {', '.join(f'{f} {r}x to {k}' for f, r, k in copies)}; "
                   f"{config.n_kv_heads} do not divide the heads split)")  # fmt: skip
     print(f"{config.name}{heads} on {mesh.n} x {chip.name}, mesh {mesh}, weights {args.weights}, "
-          f"prompt {args.prompt_len}, generate {args.gen_len}; * = chosen (lowest latency that fits)")  # fmt: skip
+          f"kv cache {args.kv_cache_dtype}, prompt {args.prompt_len}, generate {args.gen_len}; * = chosen (lowest latency that fits)")  # fmt: skip
     columns = [
         ("", "chosen", lambda v: "*" if v else ""),
         ("phase", "phase", str),
@@ -168,11 +177,12 @@ def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any, plot_mode
     for model in tqdm(models, desc="pareto sweep", file=sys.stderr, disable=args.json):
         name = model.name if model.name not in points else f"{model.name} #{len(points) + 1}"  # two config.json
         pts = pareto_points(model, chip, chip_counts=chip_counts, batches=batches,
-                            prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights)  # fmt: skip
+                            prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights,
+                            kv_dtype=args.kv_cache_dtype)  # fmt: skip
         points[name], frontiers[name] = pts, pareto_frontier(pts)
     tokens = [2**k for k in range(8, 21)]
     curves, switches = prefill_mfu_curve(config, chip, mesh, token_batches=tokens, prompt_len=args.prompt_len,
-                                         weights=args.weights)  # fmt: skip
+                                         weights=args.weights, kv_dtype=args.kv_cache_dtype)  # fmt: skip
     title = f"{config.name} on {chip.name} (prefill panel: mesh {mesh}, prompt {args.prompt_len})"
     try:
         path = plot_analysis(args.plot, frontiers, points, curves, switches, title)
@@ -208,14 +218,14 @@ def _plan(args: argparse.Namespace) -> int:
         config, chip, n_chips=mesh if isinstance(mesh, int) else None, mesh=None if isinstance(mesh, int) else mesh,
         objective=args.objective, batch_buckets=args.batch, prefill_buckets=args.prefill_batch,
         prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights, latency_bound_s=args.latency_bound,
-        overlap=args.overlap,
+        overlap=args.overlap, kv_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     _warn_context(config, args.prompt_len, args.gen_len)
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
     print(f"plan for {plan.model} on {plan.chips} x {plan.hardware}: mesh {plan.mesh}, weights {plan.weights} "
-          f"stored {plan.storage.upper()}, "
+          f"stored {plan.storage.upper()}, kv cache {plan.kv_cache_dtype}, "
           f"objective {plan.objective}{'' if plan.fits else '  (DOES NOT FIT)'}")  # fmt: skip
     if plan.kv_replication > 1:
         print(f"kv heads replicated {plan.kv_replication}x ({config.n_kv_heads} -> {plan.n_kv_heads}) so each chip "
@@ -252,6 +262,7 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
                    help="--mode finetune only: train rank-R adapters instead of every weight "
                    "(default 0: all)")  # fmt: skip
     p.add_argument("--kv-fraction", type=float, default=None, help="report the longest context whose KV fits in F")
+    kv_cache_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -273,17 +284,21 @@ def _memory(args: argparse.Namespace) -> int:
             verb = "apply" if len(given) > 1 else "applies"
             raise UserError(f"{' and '.join(given)} {verb} to --mode finetune only (inference has no optimizer "
                             "state or adapters)")  # fmt: skip
+    elif args.kv_cache_dtype != "bf16":
+        raise UserError(f"--kv-cache-dtype {args.kv_cache_dtype} applies to --mode inference only (fine-tuning holds "
+                        "no KV cache)")  # fmt: skip
     config = model_from_args(args)
     chip = get_chip(args.hardware) if args.hardware else None
     out = memory_estimate(
         config, mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
         chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer or "adamw",
-        lora_rank=args.lora_rank or 0, kv_fraction=args.kv_fraction,
+        lora_rank=args.lora_rank or 0, kv_fraction=args.kv_fraction, kv_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['model']} {out['mode']}, weights {out['weights']}, {_count(out['params'])} parameters, "
+    kv = f", kv cache {out['kv_cache_dtype']}" if out["mode"] == "inference" else ""
+    print(f"{out['model']} {out['mode']}, weights {out['weights']}{kv}, {_count(out['params'])} parameters, "
           f"{out['chips']} chip(s)")  # fmt: skip
     for key in ("weights_bytes", "kv_cache_bytes", "activations_bytes", "gradients_bytes", "optimizer_bytes",
                 "total_bytes", "per_chip_bytes", "rule_of_thumb_bytes"):  # fmt: skip
@@ -291,7 +306,8 @@ def _memory(args: argparse.Namespace) -> int:
     if "fits" in out:
         print(f"  fits in {out['hbm_bytes'] / 2**30:.0f} GiB {out['hardware']}: {'yes' if out['fits'] else 'NO'}")
     if out["max_context_tokens"] is not None:
-        print(f"  max context with {args.kv_fraction:.0%} of HBM for KV: {out['max_context_tokens']} tokens")
+        print(f"  max context with {args.kv_fraction:.0%} of HBM for the KV cache ({out['kv_cache_dtype']}): "
+              f"{out['max_context_tokens']} tokens")  # fmt: skip
     return 0
 
 

@@ -10,7 +10,23 @@ from typing import Any
 from meshserve.errors import UserError
 from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
-__all__ = ["numbers", "ints", "floats", "positive", "model_args", "model_from_args", "fmt_s", "table"]
+__all__ = [
+    "numbers",
+    "ints",
+    "floats",
+    "positive",
+    "model_args",
+    "model_from_args",
+    "kv_cache_dtype_arg",
+    "fmt_s",
+    "table",
+]
+
+KV_CACHE_DTYPE_HELP = (
+    "the KV cache's storage, as `meshserve serve --kv-cache-dtype` stores it: bf16 (2 bytes per element) or int8 "
+    "(int8 values and one power-of-two exponent per token and kv head: 1 + 1/d_head bytes per element, about half "
+    "the cache's memory and of the cache bytes a decode step reads) (default bf16)"
+)
 
 
 def numbers(text: str, convert: Callable[[str], Any], what: str) -> list:
@@ -52,6 +68,13 @@ def model_from_args(args: argparse.Namespace) -> Any:
     from meshserve.model.model_spec import parse_overrides, resolve_model
 
     return resolve_model(args.model, parse_overrides(args.set))
+
+
+def kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype {bf16,int8} (default bf16): the KV cache's storage the cost or memory model prices."""
+    from meshserve.analytics.sizes import KV_DTYPES
+
+    p.add_argument("--kv-cache-dtype", choices=list(KV_DTYPES), default="bf16", help=KV_CACHE_DTYPE_HELP)
 
 
 def fmt_s(s: float) -> str:

@@ -7,7 +7,16 @@ import json
 import sys
 from typing import Any
 
-from meshserve.analytics.cli_helpers import floats, fmt_s, ints, model_args, model_from_args, positive, table
+from meshserve.analytics.cli_helpers import (
+    floats,
+    fmt_s,
+    ints,
+    kv_cache_dtype_arg,
+    model_args,
+    model_from_args,
+    positive,
+    table,
+)
 from meshserve.analytics.output import check_image_path, quiet_broken_pipe
 from meshserve.errors import UserError
 
@@ -31,6 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--acceptance", type=floats, default=floats("0.5,0.7,0.9"),
                    help="draft acceptance rates to price, each in [0, 1] (default 0.5,0.7,0.9)")  # fmt: skip
     p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "f32"], help="weight storage (default bf16)")
+    kv_cache_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw speedup against acceptance, per batch")
 
@@ -56,9 +66,9 @@ def _run(args: argparse.Namespace) -> int:
     if mesh is None:
         chips = args.chips if args.chips is not None else 64
         positive("--chips", chips)
-        mesh = default_mesh(config, chip, chips, args.batch, args.weights)
+        mesh = default_mesh(config, chip, chips, args.batch, args.weights, args.kv_cache_dtype)
     rows = speculation(config, chip, mesh, batches=args.batch, context=args.context, k=args.tokens,
-                       acceptances=args.acceptance, weights=args.weights)  # fmt: skip
+                       acceptances=args.acceptance, weights=args.weights, kv_dtype=args.kv_cache_dtype)  # fmt: skip
     if args.context > config.max_seq_len:  # priced anyway (a what-if), as analyze does, but said
         print(f"warning: context {args.context} tokens is beyond {config.name}'s max_seq_len {config.max_seq_len}; "
               "the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
@@ -67,13 +77,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "model": config.name, "hardware": chip.name, "mesh": str(mesh), "weights": args.weights,
-            "context": args.context, "tokens": args.tokens,
+            "kv_cache_dtype": args.kv_cache_dtype, "context": args.context, "tokens": args.tokens,
             "rows": [{**r.__dict__, "tokens_per_step": {str(a): v for a, v in r.tokens_per_step.items()},
                       "speedup": {str(a): v for a, v in r.speedup.items()}} for r in rows],
         }))  # fmt: skip
         return 0
     print(f"speculative decoding, {args.tokens} drafts a step: {config.name} on mesh {mesh} of {chip.name}, "
-          f"{args.weights} weights, {args.context}-token context")  # fmt: skip
+          f"{args.weights} weights, {args.kv_cache_dtype} kv cache, {args.context}-token context")  # fmt: skip
     shown = [{**r.__dict__, **{f"x{a}": r.speedup[a] for a in args.acceptance}} for r in rows]
     print(table(shown, [
         ("batch", "batch", str), ("ffn", "ffn_layout", str), ("attn", "attention", str),
@@ -92,9 +102,9 @@ def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any) -> None:
 
     grid = [i / 50 for i in range(51)]
     rows = speculation(config, chip, mesh, batches=args.batch, context=args.context, k=args.tokens,
-                       acceptances=grid, weights=args.weights)  # fmt: skip
+                       acceptances=grid, weights=args.weights, kv_dtype=args.kv_cache_dtype)  # fmt: skip
     curves = {f"batch {r.batch} ({r.ffn_layout}/{r.attention})": list(r.speedup.items()) for r in rows}
-    title = f"{config.name} on {mesh} x {chip.name}, {args.weights}, context {args.context}"
+    title = f"{config.name} on {mesh} x {chip.name}, {args.weights}, kv {args.kv_cache_dtype}, context {args.context}"
     try:
         path = plot_speculation(args.plot, curves, args.tokens, title)
     except OSError as e:

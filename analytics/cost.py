@@ -6,7 +6,8 @@ length; decode: 1), S context attended over, E, F, H, K (kv heads), Q, V, N laye
 Terms per pass (PAPER.md "Cost model: three times"):
   compute     (2·B·L·P_layers + 2·B·E·V + N·4·B·L·S·H·Q) / (n · peak · matmul_efficiency)
   weight load bytes of the weights each chip reads / (HBM bandwidth · hbm_efficiency)
-  KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth
+  KV load     bytes of KV cache each chip reads (decode) or writes (prefill) / same bandwidth; kv_dtype prices the
+              cache's storage: bf16 2 bytes per element, int8 1 + 1/Q (model/kv_quant.py: a per-vector exponent)
   comm        N · Σ over partition.comm.layer_collectives: bytes/bw(axes) · (K-1)/K + ring steps · hop latency,
               all-reduce = 2 × all-gather
   step comm   once per pass (not per layer): embedding reduce-scatter, final all-gather, logits all-gather
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshserve.analytics.chips import Chip
-from meshserve.analytics.sizes import ModelSizes, model_sizes
+from meshserve.analytics.sizes import KV_DTYPES, ModelSizes, kv_bytes_per_element, model_sizes
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import (
@@ -54,11 +55,12 @@ __all__ = [
     "memory_per_chip",
     "PHASES",
     "ANALYZE_WEIGHTS",
+    "KV_DTYPES",
 ]
 
 PHASES = ("prefill", "decode")
 ANALYZE_WEIGHTS = ("f32", "bf16", "int8")
-ACT_BYTES = 2  # activations and the KV cache are bf16 (PAPER.md)
+ACT_BYTES = 2  # activations are bf16 (PAPER.md); the KV cache too unless kv_dtype="int8"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Estimate:
     collectives: list[dict[str, Any]] = field(default_factory=list)
     once_collectives: list[dict[str, Any]] = field(default_factory=list)  # once per pass (phase switch, ...)
     overlap: bool = False  # step_s priced the looped collective einsum (ws2d with overlap=True only)
+    kv_cache_dtype: str = "bf16"  # the KV cache's storage priced (sizes.KV_DTYPES)
 
     def row(self) -> dict[str, Any]:
         """The flat JSON row of `meshserve analyze --json` (without the collectives lists)."""
@@ -189,13 +192,14 @@ def _weight_read_bytes(sizes: ModelSizes, weights: str, ffn_layout: str, mesh: M
 
 
 def _kv_bytes_per_token(
-    config: ModelConfig, ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims
+    config: ModelConfig, ffn_layout: str, attention: str, mesh: MeshShape, dims: LayerDims, kv_dtype: str = "bf16"
 ) -> float:
-    """KV-cache bytes one chip holds per context position for the whole batch, split as partition.comm says."""
+    """KV-cache bytes one chip holds per context position for the whole batch, split as partition.comm says, in
+    the cache's storage (bf16: 2 bytes per element; int8: 1 + 1/Q, the exponent of each Q-vector)."""
     batch_axes, head_axes = kv_axes(ffn_layout, attention, mesh, dims)
     rows = dims.batch // mesh.size(batch_axes)
     heads = config.n_kv_heads // mesh.size(head_axes)
-    return 2 * config.n_layers * rows * heads * config.d_head * ACT_BYTES
+    return 2 * config.n_layers * rows * heads * config.d_head * kv_bytes_per_element(kv_dtype, config.d_head)
 
 
 def estimate(
@@ -215,6 +219,7 @@ def estimate(
     decode_attention: str | None = None,
     decode_batch: int | None = None,
     tokens_per_step: int = 1,
+    kv_dtype: str = "bf16",
 ) -> Estimate:
     """Cost of one phase. Prefill: one pass over B·prompt_len tokens. Decode: gen_len steps of B tokens.
 
@@ -224,6 +229,10 @@ def estimate(
     Prefill also pays the phase switch into the decode cache (`breakdown.reshard_s`, partition.comm's
     reshard_collectives for all N layers): decode_layout / decode_attention / decode_batch name the decode
     side (default: the prefill's own layout and batch).
+
+    kv_dtype: the KV cache's storage, "bf16" or "int8" (serve --kv-cache-dtype): the bytes a decode step reads from
+    the cache, a prefill writes into it, and the cache's share of memory. The phase switch stays bf16 (it moves the
+    prefill's own k, v; the engine quantises at the write into the cache).
     """
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),
                         ("tokens_per_step", tokens_per_step)):  # fmt: skip
@@ -235,6 +244,8 @@ def estimate(
         raise UserError(f"tokens_per_step is a decode step's; prefill takes 1, got {tokens_per_step}")
     if weights not in ANALYZE_WEIGHTS:
         raise UserError(f"weights must be one of {', '.join(ANALYZE_WEIGHTS)}, got {weights!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise UserError(f"kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     sizes = model_sizes(config)
     c, n = config, mesh.n
     E, H, Q, V, N = c.d_model, c.n_heads, c.d_head, c.vocab_size, c.n_layers
@@ -259,8 +270,8 @@ def estimate(
     compute_s = matmul_flops / (n * rate) + attn_flops / (attn_split * rate)
     hbm = chip.hbm_bandwidth * chip.hbm_efficiency
     weight_load_s = _weight_read_bytes(sizes, weights, ffn_layout, mesh) / hbm
-    kv_per_token = _kv_bytes_per_token(c, ffn_layout, attention, mesh, dims)
-    # decode reads the cache; prefill writes it
+    kv_per_token = _kv_bytes_per_token(c, ffn_layout, attention, mesh, dims, kv_dtype)
+    # decode reads the cache; prefill writes it (int8: the quantised values and exponents, what the cache stores)
     kv_load_s = kv_per_token * (S if phase == "decode" else L) / (hbm * chip.kv_efficiency)
 
     comm_s, comm_lat, exposed_comm, rows = _layer_comm(looped if overlapped else colls, mesh, chip, N, compute_s,
@@ -269,6 +280,8 @@ def estimate(
 
     reshard_s, once = 0.0, []
     if phase == "prefill":  # the phase switch runs once per prefill pass, after the last layer
+        # Priced at bf16 whatever kv_dtype is: the switch moves the prefill's own k, v (bf16 activations) into the
+        # decode cache's split, and the engine quantises them only at the write into the cache, after the move.
         switch = reshard_collectives(
             ffn_layout, attention, decode_layout or ffn_layout, decode_attention or attention, mesh, dims,
             n_layers=N, cache_bytes=ACT_BYTES, decode_batch=decode_batch,
@@ -324,6 +337,7 @@ def estimate(
         collectives=rows,
         once_collectives=once,
         overlap=overlapped,
+        kv_cache_dtype=kv_dtype,
     )
 
 

@@ -6,6 +6,8 @@ the arithmetic this project follows (7B with AdamW: weights 28 + gradients 28 + 
 KV cache per chip follows PAPER.md: multi-query heads-sharded keeps the one kv head on every chip; batch-sharded
 splits rows over the chips; multi-head splits kv heads over the chips (at least one head per chip: a grouped-query
 model with fewer kv heads than chips runs them replicated, model.config.kv_replication, one whole head per chip).
+The KV cache is stored in bf16 (2 bytes per element) or, with kv_dtype="int8" (serve --kv-cache-dtype int8), as int8
+values with one int8 exponent per (token, kv head) vector of Q elements: 1 + 1/Q bytes per element.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 from typing import Any
 
 from meshserve.analytics.chips import Chip
-from meshserve.analytics.sizes import WEIGHT_BYTES, model_sizes, weight_bytes_per_param
+from meshserve.analytics.sizes import WEIGHT_BYTES, kv_bytes_per_element, model_sizes, weight_bytes_per_param
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 
@@ -22,29 +24,40 @@ __all__ = ["memory_estimate", "kv_bytes_per_token_per_chip", "max_context_tokens
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 MODES = ("inference", "finetune")
-ACT_BYTES = 2  # bf16 activations and KV cache
+ACT_BYTES = 2  # bf16 activations (the KV cache: kv_bytes_per_element)
 RULE_OF_THUMB = {"inference": 2.0, "finetune": 16.0}  # bytes per parameter: bf16 weights; Adam mixed precision
 
 
-def kv_bytes_per_token_per_chip(config: ModelConfig, batch: int, chips: int, attention: str) -> float:
-    """KV-cache bytes one chip holds per context position, for the whole batch (bf16; 2 for K and V)."""
+def kv_bytes_per_token_per_chip(
+    config: ModelConfig, batch: int, chips: int, attention: str, kv_dtype: str = "bf16"
+) -> float:
+    """KV-cache bytes one chip holds per context position, for the whole batch (2 for K and V; each element 2
+    bytes in bf16, 1 + 1/Q in int8)."""
     c = config
+    per_element = kv_bytes_per_element(kv_dtype, c.d_head)
     if attention == "batch":
         rows, width = math.ceil(batch / chips), c.n_kv_heads * c.d_head
     elif attention == "heads":
         rows, width = batch, max(c.n_kv_heads * c.d_head / chips, c.d_head)
     else:
         raise UserError(f"attention must be 'heads' or 'batch', got {attention!r}")
-    return 2 * c.n_layers * rows * width * ACT_BYTES
+    return 2 * c.n_layers * rows * width * per_element
 
 
 def max_context_tokens(
-    config: ModelConfig, chip: Chip, chips: int, batch: int, attention: str, kv_fraction: float
+    config: ModelConfig,
+    chip: Chip,
+    chips: int,
+    batch: int,
+    attention: str,
+    kv_fraction: float,
+    kv_dtype: str = "bf16",
 ) -> int:
-    """Longest context whose KV cache fits in kv_fraction of each chip's HBM."""
+    """Longest context whose KV cache (stored as kv_dtype) fits in kv_fraction of each chip's HBM."""
     if not 0 < kv_fraction <= 1:
         raise UserError(f"kv-fraction must be in (0, 1], got {kv_fraction}")
-    return int(kv_fraction * chip.hbm_bytes // kv_bytes_per_token_per_chip(config, batch, chips, attention))
+    per_token = kv_bytes_per_token_per_chip(config, batch, chips, attention, kv_dtype)
+    return int(kv_fraction * chip.hbm_bytes // per_token)
 
 
 def _optimizer(name: str):
@@ -109,11 +122,13 @@ def memory_estimate(
     optimizer: str = "adamw",
     lora_rank: int = 0,
     kv_fraction: float | None = None,
+    kv_dtype: str = "bf16",
 ) -> dict[str, Any]:
     """Bytes for weights, KV cache, activations (and gradients, optimizer state when fine-tuning), total and per chip.
 
     context defaults to the model's max_seq_len. Per chip: weights, gradients, optimizer state and activations are
-    split over the chips; the KV cache as `attention` splits it.
+    split over the chips; the KV cache as `attention` splits it, stored as kv_dtype ("bf16" or "int8"; inference
+    only: fine-tuning holds no KV cache).
     """
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -126,11 +141,15 @@ def memory_estimate(
         raise UserError(f"lora-rank must be a non-negative integer, got {lora_rank!r}")
     if optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    kv_element = kv_bytes_per_element(kv_dtype, config.d_head)  # a UserError naming the field for a bad value
+    if mode == "finetune" and kv_dtype != "bf16":
+        raise UserError(f"kv-cache-dtype {kv_dtype} applies to --mode inference only (fine-tuning holds no KV cache)")
     sizes = model_sizes(config)
     c, per = config, WEIGHT_BYTES[weights]
     weights_b = sizes.weight_bytes(weights)
-    kv_chip = kv_bytes_per_token_per_chip(c, batch, chips, attention) * context if mode == "inference" else 0.0
-    kv_total = 2 * c.n_layers * batch * context * c.n_kv_heads * c.d_head * ACT_BYTES if mode == "inference" else 0
+    inference = mode == "inference"
+    kv_chip = kv_bytes_per_token_per_chip(c, batch, chips, attention, kv_dtype) * context if inference else 0.0
+    kv_total = 2 * c.n_layers * batch * context * c.n_kv_heads * c.d_head * kv_element if inference else 0
     grads_b = opt_b = 0.0
     trainable = 0
     if mode == "inference":
@@ -155,6 +174,7 @@ def memory_estimate(
         "model": c.name,
         "mode": mode,
         "weights": weights,
+        "kv_cache_dtype": kv_dtype,
         "chips": chips,
         "params": sizes.params,
         "trainable_params": trainable if mode == "finetune" else 0,
@@ -175,5 +195,5 @@ def memory_estimate(
     if kv_fraction is not None:
         if chip is None:
             raise UserError("--kv-fraction needs --hardware (the chip's memory size)")
-        out["max_context_tokens"] = max_context_tokens(c, chip, chips, batch, attention, kv_fraction)
+        out["max_context_tokens"] = max_context_tokens(c, chip, chips, batch, attention, kv_fraction, kv_dtype)
     return out

@@ -11,7 +11,9 @@ candidates are whole plans, compared by the objective's total:
   throughput  lowest chip-ms per token at the largest buckets (prefill + decode)
   cost        lowest chip-ms per token at the largest decode bucket whose step meets `latency_bound_s`
 int8 weights cost some quality, so objectives other than latency keep bf16 unless int8 is needed to fit or improves
-the objective by more than INT8_GAIN (the paper: int8 "best at low batch, neutral at large batch").
+the objective by more than INT8_GAIN (the paper: int8 "best at low batch, neutral at large batch"). The KV cache's
+storage (kv_dtype: bf16, or int8 as serve --kv-cache-dtype int8 stores it) is the caller's choice, not a candidate:
+every estimate of the plan prices it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.analytics.chips import Chip
-from meshserve.analytics.cost import Estimate, estimate
+from meshserve.analytics.cost import KV_DTYPES, Estimate, estimate
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import FFN_LAYOUTS, LayoutError, MeshShape
@@ -87,6 +89,7 @@ class Plan:
     score: float  # the objective's value (seconds for latency, chip-ms per token otherwise)
     n_kv_heads: int = 0  # kv heads as the storage runs them (analysis_config: replicated for the heads split)
     kv_replication: int = 1  # how many times each of the model's kv heads is repeated for this mesh and storage
+    kv_cache_dtype: str = "bf16"  # the KV cache's storage every entry was priced with (bf16 or int8)
 
     def lookup(self, phase: str, batch: int) -> PhasePlan:
         """The entry for the smallest bucket that holds `batch` (the largest bucket if none does)."""
@@ -153,6 +156,7 @@ def evaluate_layouts(
     overlap: bool = False,
     decode: Estimate | None = None,
     reasons: list[str] | None = None,
+    kv_dtype: str = "bf16",
 ) -> list[Estimate]:
     """Estimates for every layout that can split these dims (the others are skipped).
 
@@ -163,6 +167,7 @@ def evaluate_layouts(
     decode (prefill only): the decode step whose KV cache the prefill fills; each prefill row then pays the phase
     switch into that cache's split (`Breakdown.reshard_s`), and only layouts of its weight storage are tried
     (both phases read one copy of the weights). None: the switch into the prefill's own layout and batch.
+    kv_dtype: the KV cache's storage, "bf16" or "int8" (cost.estimate).
     """
     if decode is not None:
         ffn_layouts = [f for f in ffn_layouts if storage_of(f) == storage_of(decode.ffn_layout)]
@@ -175,6 +180,7 @@ def evaluate_layouts(
                 estimate(
                     analysis_config(config, mesh, ffn), chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len,
                     gen_len=gen_len, weights=weights, ffn_layout=ffn, attention=attention, overlap=overlap, **switch,
+                    kv_dtype=kv_dtype,
                 )
             )  # fmt: skip
         except LayoutError as e:
@@ -260,6 +266,7 @@ def choose_plan(
     overlap: bool = False,
     storage: str | None = None,
     decode_cache: tuple[str, str] | None = None,
+    kv_dtype: str = "bf16",
 ) -> Plan:
     """Pick mesh, weights and per-(phase, bucket) layouts for `objective`.
 
@@ -267,11 +274,14 @@ def choose_plan(
     bounds the decode step time for objective "cost". weights / storage fix the weight dtype (bf16, int8) / storage
     (1d, 2d); None: each is a candidate, chosen by the objective's total over the whole plan. decode_cache fixes the
     (ffn_layout, attention) of the largest decode bucket, the KV cache every prefill switches into (a server pricing
-    more prompt lengths against the cache it already runs); it implies its storage. Raises UserError on bad input;
-    a plan that does not fit is returned with fits=False.
+    more prompt lengths against the cache it already runs); it implies its storage. kv_dtype is the KV cache's
+    storage ("bf16" or "int8": serve --kv-cache-dtype), priced in every entry (decode's cache reads, prefill's
+    writes, memory). Raises UserError on bad input; a plan that does not fit is returned with fits=False.
     """
     if objective not in OBJECTIVES:
         raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise UserError(f"kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     if isinstance(mesh, str):
         mesh = MeshShape.parse(mesh)
     if mesh is not None and n_chips is not None and mesh.n != n_chips:
@@ -308,7 +318,7 @@ def choose_plan(
     for m, w, s in itertools.product(meshes, dtypes, storages):
         chosen = _choose_layouts(
             config, chip, m, w, STORAGES[s], decode_buckets, pre_buckets, decode_cache, prompt_len=prompt_len,
-            gen_len=gen_len, overlap=overlap,
+            gen_len=gen_len, overlap=overlap, kv_dtype=kv_dtype,
         )  # fmt: skip
         if chosen is None:
             continue  # some bucket has no layout of this storage that splits on this mesh
@@ -320,6 +330,7 @@ def choose_plan(
                 objective=objective, prompt_len=prompt_len, gen_len=gen_len, phases=phases,
                 fits=all(p.fits for p in phases), score=_score(objective, chosen, latency_bound_s),
                 n_kv_heads=run.n_kv_heads, kv_replication=run.n_kv_heads // config.n_kv_heads,
+                kv_cache_dtype=kv_dtype,
             )
         )  # fmt: skip
     if not candidates:
@@ -328,7 +339,7 @@ def choose_plan(
         reasons: list[str] = []
         if mesh is not None:
             evaluate_layouts(config, chip, mesh, phase="decode", batch=max(decode_buckets), prompt_len=prompt_len,
-                             gen_len=gen_len, weights=dtypes[0], reasons=reasons)  # fmt: skip
+                             gen_len=gen_len, weights=dtypes[0], reasons=reasons, kv_dtype=kv_dtype)  # fmt: skip
         raise LayoutError(
             f"no layout{' of storage ' + storage if storage else ''} splits {config.name} with batches "
             f"{decode_buckets} on {'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"

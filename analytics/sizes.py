@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from meshserve.model.config import ModelConfig
 
-__all__ = ["ModelSizes", "model_sizes", "WEIGHT_BYTES", "weight_bytes_per_param"]
+__all__ = ["ModelSizes", "model_sizes", "WEIGHT_BYTES", "weight_bytes_per_param", "KV_DTYPES", "kv_bytes_per_element"]
 
 # Bytes per stored element of a matmul weight; norms, biases and (for int8/int4) the embedding stay bf16, as in
 # model.params.quantize_params (PAPER.md "Other measures": the embedding stays bf16).
@@ -25,6 +25,22 @@ def weight_bytes_per_param(weights: str) -> float:
 
         raise UserError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {weights!r}")
     return WEIGHT_BYTES[weights]
+
+
+# The KV cache's storage (meshserve serve --kv-cache-dtype): bf16, or int8 values with one int8 power-of-two exponent
+# per (token, kv head) vector of Q elements (model/kv_quant.py), so 1 + 1/Q bytes per element.
+KV_DTYPES = ("bf16", "int8")
+
+
+def kv_bytes_per_element(kv_dtype: str, d_head: int) -> float:
+    """Bytes one stored K or V element costs in the cache: bf16 2; int8 1 + 1/d_head (the per-vector exponent)."""
+    if kv_dtype == "bf16":
+        return 2  # an int, so bf16 byte counts stay the integers they always were (JSON 17301504, not 17301504.0)
+    if kv_dtype == "int8":
+        return 1.0 + 1.0 / d_head
+    from meshserve.errors import UserError
+
+    raise UserError(f"kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
 
 
 @dataclass(frozen=True)

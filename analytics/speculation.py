@@ -78,9 +78,11 @@ def speculation(
     k: int,
     acceptances: Sequence[float],
     weights: str = "bf16",
+    kv_dtype: str = "bf16",
 ) -> list[SpeculationRow]:
     """One row per batch: the fastest fitting decode layout at this context (as `meshserve analyze` picks it) and
-    a verify step of k drafts in that same layout (the server verifies in the decode layout: serving/sharding.py)."""
+    a verify step of k drafts in that same layout (the server verifies in the decode layout: serving/sharding.py).
+    kv_dtype: the KV cache's storage (bf16 or int8), read by both steps alike."""
     if not 1 <= k <= 16:
         raise UserError(f"tokens (drafts per verify step) must be in [1, 16], got {k}")
     for a in acceptances:
@@ -89,12 +91,12 @@ def speculation(
     rows = []
     for batch in batches:
         decode = best_of(evaluate_layouts(config, chip, mesh, phase="decode", batch=batch, prompt_len=context,
-                                          gen_len=1, weights=weights))  # fmt: skip
+                                          gen_len=1, weights=weights, kv_dtype=kv_dtype))  # fmt: skip
         if decode is None:
             raise UserError(f"no layout splits batch {batch} of {config.name} on mesh {mesh}")
         verify = estimate(analysis_config(config, mesh, decode.ffn_layout), chip, mesh, phase="decode", batch=batch,
                           prompt_len=context, gen_len=1, weights=weights, ffn_layout=decode.ffn_layout,
-                          attention=decode.attention, tokens_per_step=k + 1)  # fmt: skip
+                          attention=decode.attention, tokens_per_step=k + 1, kv_dtype=kv_dtype)  # fmt: skip
         ratio = verify.step_s / decode.step_s
         tokens = {a: expected_tokens(a, k) for a in acceptances}
         rows.append(SpeculationRow(

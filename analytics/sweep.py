@@ -18,9 +18,12 @@ from meshserve.partition.comm import ATTENTION_LAYOUTS, FFN_LAYOUTS, LayoutError
 __all__ = ["analysis_config", "default_mesh", "analyze", "pareto_points", "pareto_frontier", "prefill_mfu_curve"]
 
 
-def default_mesh(config: ModelConfig, chip: Chip, chips: int, batches: Sequence[int], weights: str) -> MeshShape:
-    """The mesh the latency-objective plan picks for these batches."""
-    plan = choose_plan(config, chip, n_chips=chips, objective="latency", batch_buckets=list(batches), weights=weights)
+def default_mesh(
+    config: ModelConfig, chip: Chip, chips: int, batches: Sequence[int], weights: str, kv_dtype: str = "bf16"
+) -> MeshShape:
+    """The mesh the latency-objective plan picks for these batches (with the KV cache stored as kv_dtype)."""
+    plan = choose_plan(config, chip, n_chips=chips, objective="latency", batch_buckets=list(batches), weights=weights,
+                       kv_dtype=kv_dtype)  # fmt: skip
     return MeshShape.parse(plan.mesh)
 
 
@@ -37,8 +40,10 @@ def analyze(
     layout: str | None = None,
     attention: str | None = None,
     overlap: bool = False,
+    kv_dtype: str = "bf16",
 ) -> list[dict[str, Any]]:
     """One row per (phase, batch, layout); in each (phase, batch) group the fitting row of lowest latency is chosen.
+    kv_dtype: the KV cache's storage, bf16 or int8 (each row's kv_cache_dtype).
 
     A layout named explicitly that cannot split the dims is an error; unnamed ones that cannot are skipped.
     """
@@ -50,6 +55,7 @@ def analyze(
                 config, chip, mesh, phase=phase, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                 weights=weights, ffn_layouts=[layout] if layout else FFN_LAYOUTS,
                 attentions=[attention] if attention else ("batch", "heads"), overlap=overlap, reasons=reasons,
+                kv_dtype=kv_dtype,
             )  # fmt: skip
             if not estimates:
                 what = f"layout {layout or 'any'} with attention {attention or 'any'}"
@@ -81,6 +87,7 @@ def pareto_points(
     prompt_len: int,
     gen_len: int,
     weights: str,
+    kv_dtype: str = "bf16",
 ) -> list[dict[str, Any]]:
     """Decode (latency per token, chip-ms per token) of the best fitting layout for every (chips, batch)."""
     points = []
@@ -88,7 +95,7 @@ def pareto_points(
         for b in batches:
             try:
                 plan = choose_plan(config, chip, n_chips=n, objective="latency", batch_buckets=[b], weights=weights,
-                                   prompt_len=prompt_len, gen_len=gen_len)  # fmt: skip
+                                   prompt_len=prompt_len, gen_len=gen_len, kv_dtype=kv_dtype)  # fmt: skip
             except (LayoutError, UserError):
                 continue
             entry = plan.lookup("decode", b)
@@ -115,6 +122,7 @@ def prefill_mfu_curve(
     token_batches: Sequence[int],
     prompt_len: int,
     weights: str,
+    kv_dtype: str = "bf16",
 ) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, str, str]]]:
     """Prefill MFU per FFN layout against tokens per batch (B·prompt_len), and where the best layout switches.
 
@@ -129,7 +137,7 @@ def prefill_mfu_curve(
     batches = list(dict.fromkeys(tokens // prompt_len for tokens in token_batches if tokens >= prompt_len))
     for batch in batches:
         rows = evaluate_layouts(config, chip, mesh, phase="prefill", batch=batch, prompt_len=prompt_len, gen_len=1,
-                                weights=weights, attentions=ATTENTION_LAYOUTS)  # fmt: skip
+                                weights=weights, attentions=ATTENTION_LAYOUTS, kv_dtype=kv_dtype)  # fmt: skip
         per_layout: dict[str, Estimate] = {}
         for r in rows:
             if r.ffn_layout not in per_layout or r.latency_s < per_layout[r.ffn_layout].latency_s:
