@@ -21,7 +21,9 @@
 # random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json),
 # slots (benchmarks/slot_overhead.py: whether a decode step of b rows pays for a cache of 32 or 128 slots),
 # guided (benchmarks/guided.py on $MODEL: wall ms per step of guided rows, json_object / a schema, against free ones
-# at batch 1 and 8, and the engine thread's time per guided token; writes guided.json).
+# at batch 1 and 8, and the engine thread's time per guided token; writes guided.json),
+# kvint8 (`meshserve bench --kv-cache-dtype auto,int8` on $KV_MODEL, default llama-2-7b: multi-head, so its KV cache
+# at batch 32 x 1088 tokens (17 GiB in bf16) outweighs its weights; the int8 cache's decode step against bf16's).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -120,6 +122,9 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           > "$OUT/guided.json" 2> "$OUT/guided.log" || echo "!! guided failed (see guided.log)"
         tail -n 3 "$OUT/guided.log"
       else echo "!! guided skipped: out of time"; fi ;;
+    kvint8)  # not in the default STEPS: the int8 KV cache against bf16 where the cache is read more than the weights
+      bench kv_int8 200 --model "${KV_MODEL:-llama-2-7b}" --batch "${KV_BATCH:-8,32}" --prompt-len "${KV_PROMPT:-1024}" \
+        --gen-len 64 --weights bf16 --kv-cache-dtype auto,int8 ;;
     *) echo "!! unknown step $step" ;;
   esac
 done

@@ -18,6 +18,7 @@ import numpy as np
 from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig, vocab_error
+from meshserve.model.kv_quant import check_kv_cache_dtype
 from meshserve.model.params import Params
 from meshserve.model.sampling import (
     TOP_LOGPROBS_MAX,
@@ -235,13 +236,13 @@ def decode_loop(
     return out | {"n": n}
 
 
-@partial(jax.jit, static_argnames=("config", "context", "steps", "with_top"))
+@partial(jax.jit, static_argnames=("config", "context", "steps", "with_top", "int8_kv"))
 def _generate(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
               sampling: dict[str, jax.Array], stop_ids: jax.Array, max_new: jax.Array, context: int, steps: int,
-              with_top: bool) -> dict[str, jax.Array]:  # fmt: skip
+              with_top: bool, int8_kv: bool = False) -> dict[str, jax.Array]:  # fmt: skip
     """tokens [B, T], lengths [B] -> decode_loop's outputs on one device."""
-    logits, k, v = transformer.prefill(params, config, tokens, lengths)
-    cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
+    logits, k, v = transformer.prefill(params, config, tokens, lengths, int8_kv=int8_kv)
+    cache = transformer.init_cache(config, tokens.shape[0], context, jnp.int8 if int8_kv else k.dtype)
     cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
     step = lambda last, cache: transformer.decode_step(params, config, last, cache)
     history = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
@@ -256,9 +257,13 @@ def generate(
     max_new_tokens: int = 32,
     sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     stop_ids: Sequence[int] = (),
+    kv_cache_dtype: str = "auto",
 ) -> list[GenerationResult]:
-    """Generate for several prompts as one batch of different lengths; results in input order."""
+    """Generate for several prompts as one batch of different lengths; results in input order.
+    kv_cache_dtype: "auto" (the compute dtype) or "int8" (model/kv_quant.py)."""
+    int8_kv = check_kv_cache_dtype(kv_cache_dtype) == "int8"
     b = Batch.pack(config, prompts, max_new_tokens, sampling, stop_ids)
     out = _generate(params, config, jnp.asarray(b.tokens), jnp.asarray(b.lengths), b.sampling, jnp.asarray(b.stop_ids),
-                    jnp.asarray(b.max_new), context=b.context, steps=b.steps, with_top=b.with_top)  # fmt: skip
+                    jnp.asarray(b.max_new), context=b.context, steps=b.steps, with_top=b.with_top,
+                    int8_kv=int8_kv)  # fmt: skip
     return b.results(jax.device_get(out))

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from meshserve.model import layers
+from meshserve.model import kv_quant, layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.generate import Batch, GenerationResult, decode_loop
+from meshserve.model.kv_quant import check_kv_cache_dtype
 from meshserve.model.params import Params
 from meshserve.model.sampling import SamplingParams, TokenHistory
 from meshserve.model.sharded_hlo import decode_hlo, insert_hlo, layer_hlo
@@ -74,7 +75,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ the steps
 
 
-def _prefill_body(params, tokens, lengths, *, plan: Plan, all_logits: bool):
+def _prefill_body(params, tokens, lengths, *, plan: Plan, all_logits: bool, int8_kv: bool):
     ops, c = Ops(plan.shape), plan.config
     B, T = tokens.shape
     batch_axes = plan.attn_axes[0]
@@ -86,6 +87,8 @@ def _prefill_body(params, tokens, lengths, *, plan: Plan, all_logits: bool):
 
         def attn(q, k, v):
             q, k = rope_qk(q, k, pos, c)
+            if int8_kv:  # rounded to the int8 cache's grid first, as transformer.prefill
+                k, v = kv_quant.round_to_int8(k), kv_quant.round_to_int8(v)
             kv["k"], kv["v"] = k, v
             return layers.attend(q, k, v, mask)
 
@@ -116,7 +119,7 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
             # The cache is only read here; all layers' new k, v go in with one scatter after the loop (as in
             # transformer.decode_step).
             q, k = rope_qk(q, k, pos[:, None], c)
-            new["k"], new["v"] = k.astype(ck.dtype), v.astype(cv.dtype)
+            new["k"], new["v"] = kv_quant.storable(k, ck), kv_quant.storable(v, cv)
             kc, vc = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
             return layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
 
@@ -130,7 +133,9 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
 
 
 def _insert_body(ck, cv, lengths, k, v, new_lengths, slots, *, shape: MeshShape, switch: dict):
-    """ck, cv [N, R, S, K_d, Q] (decode split), k, v [N, b, T, K_p, Q] (prefill split), slots [b] (any order)."""
+    """ck, cv [N, R, S, K_d, Q] (decode split; arrays or `Int8KV`), k, v [N, b, T, K_p, Q] (prefill split, the
+    compute dtype: the switch moves them as prefill made them, and the write rounds them into an int8 cache),
+    slots [b] (any order)."""
     ops = Ops(shape)
     p_batch, d_batch, kept, gather, cap = (switch[key] for key in ("p_batch", "d_batch", "heads_kept",
                                                                    "heads_gather", "cap"))  # fmt: skip
@@ -181,37 +186,40 @@ def _insert_body(ck, cv, lengths, k, v, new_lengths, slots, *, shape: MeshShape,
                 kv = jnp.moveaxis(got, 0, 1).reshape((2, group * cap) + got.shape[3:])
                 local = jnp.concatenate([picked(mine, m)[1] for m in range(group)])
             local = jnp.where((local >= 0) & (local < R), local, R)  # rows held elsewhere are dropped
-        ck = ck.at[i, local, :T].set(kv[0].astype(ck.dtype), mode="drop")
-        cv = cv.at[i, local, :T].set(kv[1].astype(cv.dtype), mode="drop")
+        ck = ck.at[i, local, :T].set(kv_quant.storable(kv[0], ck), mode="drop")
+        cv = cv.at[i, local, :T].set(kv_quant.storable(kv[1], cv), mode="drop")
         return ck, cv
 
     ck, cv = jax.lax.fori_loop(0, k.shape[0], layer, (ck, cv))
     return ck, cv, lengths.at[slots].set(new_lengths.astype(jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("config", "mesh", "layout", "all_logits"))
-def _prefill(params, config, tokens, lengths, *, mesh, layout, all_logits):
+@partial(jax.jit, static_argnames=("config", "mesh", "layout", "all_logits", "int8_kv"))
+def _prefill(params, config, tokens, lengths, *, mesh, layout, all_logits, int8_kv=False):
     plan = Plan(config, layout, mesh_shape(mesh), tokens.shape[0])
     kv = kv_spec(config, mesh, layout, tokens.shape[0])
-    body = partial(_prefill_body, plan=plan, all_logits=all_logits)
+    body = partial(_prefill_body, plan=plan, all_logits=all_logits, int8_kv=int8_kv)
     specs = (param_specs(config, layout.ffn, params), P(), P())
     return shard_map(body, mesh, specs, (P(), kv, kv))(params, tokens, lengths)
 
 
-def prefill(params, config, tokens, lengths, *, mesh: Mesh, layout: Layout, all_logits: bool = False):
+def prefill(
+    params, config, tokens, lengths, *, mesh: Mesh, layout: Layout, all_logits: bool = False, int8_kv: bool = False
+):
     """`transformer.prefill` under `layout`: tokens [B, T], lengths [B] -> (logits [B, V] or [B, T, V], k, v).
 
-    k, v [N, B, T, K, Q] come back in the layout's KV split (`kv_spec`), ready for `insert`.
+    k, v [N, B, T, K, Q] come back in the layout's KV split (`kv_spec`), ready for `insert` (int8_kv: rounded to
+    an int8 cache's grid, as transformer.prefill).
     """
     check_model(config, mesh, layout, tokens.shape[0])
     check_params(params, config, mesh, layout)
-    return _prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
+    return _prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits, int8_kv=int8_kv)
 
 
 @partial(jax.jit, static_argnames=("config", "mesh", "layout"))
 def _decode(params, config, tokens, cache, *, mesh, layout):
     plan = Plan(config, layout, mesh_shape(mesh), tokens.shape[0])
-    kv = kv_spec(config, mesh, layout, tokens.shape[0])
+    kv = kv_quant.spec_of(cache.k, kv_spec(config, mesh, layout, tokens.shape[0]))  # [N, B, S, K, Q]
     specs = (param_specs(config, layout.ffn, params), P(), kv, kv, P())
     body = partial(_decode_body, plan=plan)
     logits, k, v = shard_map(body, mesh, specs, (P(), kv, kv))(params, tokens, cache.k, cache.v, cache.lengths)
@@ -233,7 +241,8 @@ def _insert(cache, k, v, lengths, slots, *, config, mesh, prefill_layout, decode
     shape = mesh_shape(mesh)
     switch = reshard_plan(prefill_layout.ffn, prefill_layout.attention, decode_layout.ffn, decode_layout.attention,
                           shape, step_dims(config, k.shape[1], k.shape[2]), decode_batch=cache.batch)  # fmt: skip
-    p_kv, d_kv = kv_spec(config, mesh, prefill_layout, k.shape[1]), kv_spec(config, mesh, decode_layout, cache.batch)
+    p_kv = kv_spec(config, mesh, prefill_layout, k.shape[1])
+    d_kv = kv_quant.spec_of(cache.k, kv_spec(config, mesh, decode_layout, cache.batch))
     body = partial(_insert_body, shape=shape, switch=switch)
     specs = (d_kv, d_kv, P(), p_kv, p_kv, P(), P())
     ck, cv, n = shard_map(body, mesh, specs, (d_kv, d_kv, P()))(cache.k, cache.v, cache.lengths, k, v, lengths, slots)
@@ -290,19 +299,21 @@ def check_phases(prefill_layout: Layout, decode_layout: Layout) -> None:
 
 
 @partial(jax.jit, static_argnames=("config", "mesh", "prefill_layout", "decode_layout", "context", "steps",
-                                   "with_top"))  # fmt: skip
+                                   "with_top", "int8_kv"))  # fmt: skip
 def _generate(params, config, tokens, lengths, sampling, stop_ids, max_new, *, mesh, prefill_layout, decode_layout,
-              context, steps, with_top):  # fmt: skip
+              context, steps, with_top, int8_kv):  # fmt: skip
     """model.generate's loop with sharded steps: prefill layout, phase switch, decode layout.
 
     tokens [b, T]: the real rows padded to the prefill split only; the decode cache has B = max_new.shape[0]
     slots (the decode split's padding); rows b.. of the cache are padding (results dropped).
     """
     b, B = tokens.shape[0], max_new.shape[0]
-    logits, k, v = _prefill(params, config, tokens, lengths, mesh=mesh, layout=prefill_layout, all_logits=False)
+    logits, k, v = _prefill(params, config, tokens, lengths, mesh=mesh, layout=prefill_layout, all_logits=False,
+                            int8_kv=int8_kv)  # fmt: skip
     shape = (config.n_layers, B, context, config.n_kv_heads, config.d_head)
-    kv = NamedSharding(mesh, kv_spec(config, mesh, decode_layout, B))
-    empty = jax.lax.with_sharding_constraint(jnp.zeros(shape, k.dtype), kv)
+    empty = kv_quant.zeros(shape, jnp.int8 if int8_kv else k.dtype)
+    kv = kv_quant.sharding_of(empty, NamedSharding(mesh, kv_spec(config, mesh, decode_layout, B)))
+    empty = jax.tree_util.tree_map(jax.lax.with_sharding_constraint, empty, kv)
     cache = KVCache(k=empty, v=empty, lengths=jnp.zeros((B,), jnp.int32))
     cache = _insert(cache, k, v, lengths, jnp.arange(b), config=config, mesh=mesh, prefill_layout=prefill_layout,
                     decode_layout=decode_layout)  # fmt: skip
@@ -325,6 +336,7 @@ def generate_sharded(
     max_new_tokens: int = 32,
     sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     stop_ids: Sequence[int] = (),
+    kv_cache_dtype: str = "auto",
 ) -> list[GenerationResult]:
     """`model.generate.generate` on a mesh: the same results list, prefill and decode each in its layout.
 
@@ -346,5 +358,6 @@ def generate_sharded(
     params = jax.device_put(params, param_shardings(config, mesh, prefill_layout.ffn)(params))
     out = _generate(params, config, jnp.asarray(tokens), jnp.asarray(lengths), b.sampling,
                     jnp.asarray(b.stop_ids), jnp.asarray(b.max_new), mesh=mesh, prefill_layout=prefill_layout,
-                    decode_layout=decode_layout, context=b.context, steps=b.steps, with_top=b.with_top)  # fmt: skip
+                    decode_layout=decode_layout, context=b.context, steps=b.steps, with_top=b.with_top,
+                    int8_kv=check_kv_cache_dtype(kv_cache_dtype) == "int8")  # fmt: skip
     return b.results(jax.device_get(out))

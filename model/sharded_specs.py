@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
+from meshserve.model import kv_quant
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params, ParamSpec, declare, replicate_kv_params
 from meshserve.model.quant import QuantizedArray
@@ -197,10 +198,11 @@ def kv_spec(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int) -> P:
 
 
 def init_cache(config: ModelConfig, mesh: Mesh, layout: Layout, batch: int, max_len: int, dtype=jnp.bfloat16):
-    """An empty KV cache placed in the decode layout's split."""
+    """An empty KV cache placed in the decode layout's split (int8: `kv_quant.Int8KV`, exponents split alike)."""
     check_model(config, mesh, layout, batch)
     shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
-    kv = NamedSharding(mesh, kv_spec(config, mesh, layout, batch))
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv)
+    empty = lambda: kv_quant.zeros(shape, dtype)  # noqa: E731
+    kv = kv_quant.sharding_of(jax.eval_shape(empty), NamedSharding(mesh, kv_spec(config, mesh, layout, batch)))
+    zeros = jax.jit(empty, out_shardings=kv)
     lengths = jax.device_put(jnp.zeros((batch,), jnp.int32), NamedSharding(mesh, P()))
     return KVCache(k=zeros(), v=zeros(), lengths=lengths)

@@ -3,7 +3,9 @@
 Prompts are right-padded to a common length T with per-row `lengths`; positions are 0..len-1 per row (from the
 prefix length on, when prefill continues a cached `Prefix`), and keys at or beyond a row's length are masked, so
 padding never changes a result.
-KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim) and lengths [B].
+KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim) and lengths [B]; k and v are
+arrays of the compute dtype, or `kv_quant.Int8KV` (int8 values, a power-of-two scale per token and kv head), which
+the code below slices, writes and reads as it does an array.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from meshserve.model import layers
+from meshserve.model import kv_quant, layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
@@ -34,10 +36,11 @@ __all__ = [
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """k, v: [N, B, S, K, Q]; lengths: int32 [B], tokens already in each row (= next write position)."""
+    """k, v: [N, B, S, K, Q] (an array, or `Int8KV`); lengths: int32 [B], tokens already in each row (= next write
+    position)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | kv_quant.Int8KV
+    v: jax.Array | kv_quant.Int8KV
     lengths: jax.Array
 
     @property
@@ -54,11 +57,12 @@ class KVCache:
 class Prefix:
     """Keys and values already computed for the first `lengths[b]` tokens of each row (a cached prompt prefix).
 
-    k, v: [N, b, C, K, Q], valid at positions [0, lengths[b]) of each row; lengths: int32 [b] (0 = no prefix).
+    k, v: [N, b, C, K, Q] (rows of a cache, so arrays or `Int8KV`), valid at positions [0, lengths[b]) of each
+    row; lengths: int32 [b] (0 = no prefix).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | kv_quant.Int8KV
+    v: jax.Array | kv_quant.Int8KV
     lengths: jax.Array
 
 
@@ -84,8 +88,10 @@ def compute_dtype(params: Params) -> jnp.dtype:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty cache [N, batch, max_len, K, Q] of `dtype`; int8 is an `Int8KV` cache."""
     shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.d_head)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+    empty = kv_quant.zeros(shape, dtype)
+    return KVCache(k=empty, v=empty, lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def unembed(h: jax.Array, params: Params) -> jax.Array:
@@ -107,6 +113,7 @@ def prefill(
     *,
     all_logits: bool = False,
     prefix: Prefix | None = None,
+    int8_kv: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Run prompts through the model.
 
@@ -117,6 +124,9 @@ def prefill(
     prefix: the rows' earlier tokens, already in a cache (prefix caching, or the previous chunk of a long prompt):
     `tokens` then continue each row at position prefix.lengths[b] and attend over the prefix too; k, v are still
     only the new tokens' (`insert(..., prefix=prefix)` writes both).
+
+    int8_kv: the cache these k, v go into is int8: they are rounded to its grid before the prompt attends over them
+    (and come back rounded), so prefill reads the keys a later decode step reads (model/kv_quant.py).
     """
     B, T = tokens.shape
     start = jnp.zeros((B,), jnp.int32) if prefix is None else prefix.lengths
@@ -138,6 +148,8 @@ def prefill(
 
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
+            if int8_kv:
+                k, v = kv_quant.round_to_int8(k), kv_quant.round_to_int8(v)
             kv["k"], kv["v"] = k, v
             if prefix is None:
                 return layers.attention_output(layers.attend_prefill(q, k, v), p)
@@ -171,20 +183,20 @@ def insert(
     may come from another row (a prompt shared with another slot). A slot index out of range (B) drops its row,
     and so does a position past S.
     """
-    dtype = cache.k.dtype
+    k, v = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)
     if prefix is None:
         T = k.shape[2]
-        new_k = cache.k.at[:, slots, :T].set(k.astype(dtype), mode="drop")
-        new_v = cache.v.at[:, slots, :T].set(v.astype(dtype), mode="drop")
+        new_k = cache.k.at[:, slots, :T].set(k, mode="drop")
+        new_v = cache.v.at[:, slots, :T].set(v, mode="drop")
         return KVCache(new_k, new_v, cache.lengths.at[slots].set(lengths.astype(jnp.int32), mode="drop"))
     C, T = prefix.k.shape[2], k.shape[2]
-    new_k = cache.k.at[:, slots, :C].set(prefix.k.astype(dtype), mode="drop")
-    new_v = cache.v.at[:, slots, :C].set(prefix.v.astype(dtype), mode="drop")
+    new_k = cache.k.at[:, slots, :C].set(kv_quant.storable(prefix.k, cache.k), mode="drop")
+    new_v = cache.v.at[:, slots, :C].set(kv_quant.storable(prefix.v, cache.v), mode="drop")
     # Positions past a row's prefix hold another prompt's keys (or nothing): the new tokens overwrite them.
     rows = slots[:, None]  # [b, 1]
     at = prefix.lengths[:, None] + jnp.arange(T)[None, :]  # [b, T]
-    new_k = new_k.at[:, rows, at].set(k.astype(dtype), mode="drop")
-    new_v = new_v.at[:, rows, at].set(v.astype(dtype), mode="drop")
+    new_k = new_k.at[:, rows, at].set(k, mode="drop")
+    new_v = new_v.at[:, rows, at].set(v, mode="drop")
     new_lengths = cache.lengths.at[slots].set((prefix.lengths + lengths).astype(jnp.int32), mode="drop")
     return KVCache(new_k, new_v, new_lengths)
 
@@ -220,7 +232,7 @@ def decode_step(
 
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
-            new["k"], new["v"] = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # [B, 1, K, Q], as stored
+            new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
             kc, vc = cache.k[i, :, :C].astype(q.dtype), cache.v[i, :, :C].astype(q.dtype)  # [B, C, K, Q]
             o = layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
             return layers.attention_output(o, p)

@@ -1,10 +1,12 @@
 """Benchmark of the decoder's two phases on the local device: prefill time and MFU, decode step time and HBM use.
 
-One row per (weights, batch): the prompt batch [B, P] is prefilled, inserted into a decode cache of P + G slots and
+One row per (weights, KV cache dtype, batch): the prompt batch [B, P] is prefilled, inserted into a decode cache of
+P + G slots (the compute dtype, or int8: model/kv_quant.py) and
 decoded for G steps by an on-device loop (the same `transformer.decode_step` and `sampling.sample` the engine runs;
 greedy). Figures:
   decode_step_ms   wall time of the G-step loop / G
-  hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context) / step time
+  hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context, in its
+                   storage: 2 bytes per element in bf16, 1 + 1/Q in int8) / step time
   hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer); read_gbps,
                    a read-only stream's bandwidth, is reported beside it (a decode step mostly reads)
   prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU
@@ -39,6 +41,7 @@ import numpy as np
 from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
+from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, param_count, params_nbytes, unstack_layers
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
@@ -49,6 +52,7 @@ __all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_band
 class BenchRow:
     model: str
     weights: str
+    kv_cache_dtype: str  # "auto" (the compute dtype) or "int8"
     batch: int
     prompt_len: int
     gen_len: int
@@ -160,10 +164,10 @@ def make_params(config: ModelConfig, weights: str, seed: int = 0) -> Params:
 _prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))
 
 
-@partial(jax.jit, static_argnames=("config", "context"))
-def _prefill_and_insert(params, config, tokens, lengths, sampling, context):
-    logits, k, v = transformer.prefill(params, config, tokens, lengths)
-    cache = transformer.init_cache(config, tokens.shape[0], context, k.dtype)
+@partial(jax.jit, static_argnames=("config", "context", "int8_kv"))
+def _prefill_and_insert(params, config, tokens, lengths, sampling, context, int8_kv=False):
+    logits, k, v = transformer.prefill(params, config, tokens, lengths, int8_kv=int8_kv)
+    cache = transformer.init_cache(config, tokens.shape[0], context, jnp.int8 if int8_kv else k.dtype)
     cache = transformer.insert(cache, k, v, lengths, jnp.arange(tokens.shape[0]))
     first, _ = sample(logits, sampling, jnp.int32(0))
     return first, cache
@@ -192,8 +196,9 @@ def bench_row(
     layers: str,
     repeats: int = 3,
     read_bw: float | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> BenchRow:
-    """Measure one (weights, batch) point; see the module docstring for each figure."""
+    """Measure one (weights, KV cache dtype, batch) point; see the module docstring for each figure."""
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -202,7 +207,8 @@ def bench_row(
 
     # Compile ahead of time: one compile per function, and the compiler's own peak-memory figure.
     prefill_c = _prefill.lower(params, config, tokens, lengths).compile()
-    insert_c = _prefill_and_insert.lower(params, config, tokens, lengths, sampling, context).compile()
+    int8_kv = kv_cache_dtype == "int8"
+    insert_c = _prefill_and_insert.lower(params, config, tokens, lengths, sampling, context, int8_kv).compile()
     # Interleaved: ttft contains the prefill, so both must be timed under the same conditions to compare.
     prefill_s, ttft_s = _timed_together(
         [lambda: prefill_c(params, tokens, lengths), lambda: insert_c(params, tokens, lengths, sampling)], repeats
@@ -224,7 +230,8 @@ def bench_row(
         run_decode()  # warm-up
         decode_s = statistics.median(run_decode() for _ in range(repeats))
     step_s = decode_s / gen_len if decode_s else None
-    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.d_head * 2  # k and v, bf16
+    kv_dtype = jnp.int8 if int8_kv else transformer.compute_dtype(params)
+    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.d_head * bytes_per_element(kv_dtype, config.d_head)
     mean_context = prompt_len + gen_len / 2
     step_bytes = params_nbytes(params) + int(batch * mean_context * kv_per_token)
     hbm = step_bytes / step_s if step_s else None
@@ -232,6 +239,7 @@ def bench_row(
     return BenchRow(
         model=config.name,
         weights=weights,
+        kv_cache_dtype=kv_cache_dtype,
         batch=batch,
         prompt_len=prompt_len,
         gen_len=gen_len,
@@ -263,9 +271,10 @@ def run_bench(
     repeats: int = 3,
     progress: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
+    kv_cache_dtypes: Sequence[str] = ("auto",),
 ) -> list[BenchRow]:
-    """All (weights, batch) rows for one model, weights made once per dtype; on_row(row) is called as each is done
-    (so a caller can save rows before a long run ends or is cut off)."""
+    """All (weights, KV cache dtype, batch) rows for one model, weights made once per dtype; on_row(row) is called as
+    each is done (so a caller can save rows before a long run ends or is cut off)."""
     for b in batches:
         if b < 1:
             raise UserError(f"--batch values must be >= 1, got {b}")
@@ -279,18 +288,22 @@ def run_bench(
     read_bw = measure_read_bandwidth()
     _, peak = device_peak_flops()
     rows = []
-    bar = tqdm(total=len(batches) * len(weights_list), desc=f"bench {config.name}", disable=not progress, unit="row")
+    for kv in kv_cache_dtypes:
+        check_kv_cache_dtype(kv)
+    total = len(batches) * len(weights_list) * len(kv_cache_dtypes)
+    bar = tqdm(total=total, desc=f"bench {config.name}", disable=not progress, unit="row")
     for weights in weights_list:
         params = make_params(config, weights)
         if layers == "unrolled":
             params = unstack_layers(params, consume=True)  # the weights held once: the peak memory column
-        for batch in batches:
-            rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers, repeats,
-                                  read_bw=read_bw))  # fmt: skip
-            if on_row is not None:
-                on_row(rows[-1])
-            bar.set_postfix(weights=weights, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")
-            bar.update()
+        for kv in kv_cache_dtypes:
+            for batch in batches:
+                rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers,
+                                      repeats, read_bw=read_bw, kv_cache_dtype=kv))  # fmt: skip
+                if on_row is not None:
+                    on_row(rows[-1])
+                bar.set_postfix(weights=weights, kv=kv, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")
+                bar.update()
         del params
         gc.collect()
     bar.close()

@@ -33,6 +33,13 @@ def _weights(text: str) -> list[str]:
     return items
 
 
+def _kv_dtypes(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in ("auto", "int8") for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of auto and int8, got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help=f"{MODEL_HELP}; timed with random weights (default tiny)")
     parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
@@ -51,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the prompt); --prompt-len + --gen-len must fit the model's max_seq_len",
     )
     parser.add_argument("--weights", type=_weights, default=["bf16", "int8"], help="comma list (default bf16,int8)")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        type=_kv_dtypes,
+        default=["auto"],
+        metavar="auto,int8",
+        help="KV cache storage, a comma list: auto (the compute dtype) and/or int8 (half of bf16's bytes); a row per "
+        "value (default auto)",
+    )
     parser.add_argument(
         "--layers",
         choices=["unrolled", "scan"],
@@ -103,7 +118,7 @@ def copy_note(rows: list[dict]) -> str | None:
 def print_table(rows: list[dict]) -> None:
     note = copy_note(rows)
     head = (
-        f"{'weights':>7} {'batch':>5} {'prefill ms':>10} {'ttft ms':>8} {'step ms':>8} {'tok/s':>9} "
+        f"{'weights':>7} {'kv':>4} {'batch':>5} {'prefill ms':>10} {'ttft ms':>8} {'step ms':>8} {'tok/s':>9} "
         f"{'HBM GB/s':>8} {'of copy' + ('*' if note else ''):>8} {'MFU':>6} {'peak mem':>9} {'peer step':>9} "
         f"{'speedup':>7}"
     )
@@ -112,7 +127,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         mem = r["peak_memory_bytes"]
         print(
-            f"{r['weights']:>7} {r['batch']:>5} {r['prefill_ms']:>10.2f} {r['ttft_ms']:>8.2f} "
+            f"{r['weights']:>7} {r['kv_cache_dtype']:>4} {r['batch']:>5} {r['prefill_ms']:>10.2f} {r['ttft_ms']:>8.2f} "
             f"{_fmt(r['decode_step_ms'], '8.3f')} {_fmt(r['tokens_per_s'], '9.1f')} {_fmt(r['hbm_gbps'], '8.1f')} "
             f"{_fmt(r['hbm_fraction'], '8.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
             f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
@@ -198,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             os.replace(tmp, args.out)
 
     run_bench(config, args.batch, args.weights, args.prompt_len, args.gen_len, layers=args.layers,
-              repeats=args.repeats, progress=not args.json, on_row=save)  # fmt: skip
+              repeats=args.repeats, progress=not args.json, on_row=save, kv_cache_dtypes=args.kv_cache_dtype)  # fmt: skip
     if args.peer and args.gen_len > 0:
         for batch in args.batch:
             peer = peer_row(config, batch, args.prompt_len, args.gen_len)

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight dtype (default: the checkpoint's; f32 computes in float32 for exact comparisons)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8"],
+        help="KV cache storage: auto (the compute dtype) or int8 (half of bf16's memory; see serve --help); "
+        "default auto",
+    )
+    parser.add_argument(
         "--server",
         metavar="HOST:PORT",
         help="ask a running `meshserve serve` instead of loading a model (default: none, in process)",
@@ -166,8 +172,9 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     import grpc
     from meshserve.serving.client import Client
 
-    if args.checkpoint or args.model or args.weights:
-        raise UserError("--checkpoint, --model and --weights choose a local model; the server has its own (drop them)")
+    if args.checkpoint or args.model or args.weights or args.kv_cache_dtype:
+        raise UserError("--checkpoint, --model, --weights and --kv-cache-dtype choose a local model; the server has its "
+                        "own (drop them)")  # fmt: skip
     token = _read_file("--auth-token-file", args.auth_token_file) if args.auth_token_file else None
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
@@ -315,7 +322,9 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         raise UserError(error)
     stop_ids = [*args.stop_token_ids, *([] if args.ignore_eos else model.stop_ids())]
     # generate() adds stop_ids to the ids min_tokens holds back, and checks logit_bias against the vocabulary.
-    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids)
+    kv_cache_dtype = args.kv_cache_dtype or "auto"
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                  kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     texts = [None if args.chat else p for p in args.prompts] + [None] * len(args.tokens)  # --chat: the reply alone
     # One jit holds prefill and the whole decode loop: compiling it is most of a first run's time.
     k = len(prompts) // n
@@ -324,8 +333,8 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         from meshserve.serving.cli_generate_guided import generate_guided
 
         rows = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else sampling
-        results = [GenerationResult(*r) for r in
-                   generate_guided(model, prompts, rows, stop_ids, args.max_new_tokens, spec, status)]  # fmt: skip
+        results = [GenerationResult(*r) for r in generate_guided(model, prompts, rows, stop_ids, args.max_new_tokens,
+                                                                 spec, status, kv_cache_dtype)]  # fmt: skip
     elif on_mesh is not None:
         from meshserve.model.sharded import generate_sharded
 

@@ -129,6 +129,7 @@ def generate_guided(
     max_new_tokens: int,
     spec: GuideSpec,
     status: Callable[[str], None],
+    kv_cache_dtype: str = "auto",
 ) -> list[tuple[list[int], list[float], str, list]]:
     """Generate for every prompt (row i with sampling[i]) under the format `spec`: per row (tokens, log-probs,
     finish reason, top log-probs as (ids, log-probs) per token). UserError for a prompt the model cannot take."""
@@ -149,7 +150,7 @@ def generate_guided(
     context = min(config.max_seq_len, bucket(longest + max_new_tokens))
     length = min(bucket(longest), context)
     plan = make_plan(config, max_batch=rows, max_context=context, length_buckets=(length,), decode_buckets=(rows,),
-                     context_buckets=(context,))  # fmt: skip
+                     context_buckets=(context,), kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     engine = Engine(model.params, config, plan)
     status(f"compiling the serving engine for {rows} guided row{'s' * (rows > 1)} ...")
     engine.warm_up(phases=("generate",))

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from meshserve.serving.cli_serve import add_model_arguments, add_warm_up_argument, load_for_serving
+from meshserve.serving.cli_model import add_model_arguments, add_warm_up_argument, load_for_serving
 from meshserve.serving.signals import SignalLatch, run_interruptibly
 
 __all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
@@ -116,14 +117,22 @@ class Engine:
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
     _fit_checked: bool = field(default=False, init=False, repr=False)  # the state was checked against device memory
 
+    @property
+    def kv_dtype(self) -> jnp.dtype:
+        """The KV cache's storage: the compute dtype, or int8 (plan.kv_cache_dtype, model/kv_quant.py)."""
+        return jnp.dtype(jnp.int8) if self.int8_kv else jnp.dtype(transformer.compute_dtype(self.params))
+
+    @property
+    def int8_kv(self) -> bool:
+        return self.plan.kv_cache_dtype == "int8"
+
     # ----- warm-up -----
 
     def _abstract_state(self) -> DecodeState:
         """The decode state's shapes, with the decode layout's shardings on a mesh: every step that takes the state
         is compiled for the state as `reset` places it, so its donated buffers are updated in place (left open,
         XLA may choose another input split and copy the whole cache on every call)."""
-        B, S = self.plan.max_batch, self.plan.max_context
-        dtype = transformer.compute_dtype(self.params)
+        B, S, dtype = self.plan.max_batch, self.plan.max_context, self.kv_dtype
         shapes = jax.eval_shape(lambda: fresh_state(self.config, B, S, dtype))
         if self.steps.decode_state_sharding is None:
             return shapes
@@ -189,7 +198,7 @@ class Engine:
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
         engine with a new Scheduler after a reset."""
-        B, S, dtype = self.plan.max_batch, self.plan.max_context, transformer.compute_dtype(self.params)
+        B, S, dtype = self.plan.max_batch, self.plan.max_context, self.kv_dtype
         if self._state is None and not self._fit_checked:  # the first allocation (unless warm_up checked it)
             check_decode_state(self._abstract_state(), B, S, self.params)
             self._fit_checked = True

@@ -86,7 +86,7 @@ def compile_job(
             # The insert first: a prefill bucket is looked up only once both of its steps are in.
             engine._insert[key] = insert.lower(state, kv, kv, rows(b), rows(b), rows(b), samp(b), in_prompt).compile()
             engine._prefill[key] = (
-                jax.jit(functools.partial(prefill_step, engine.steps, engine.config))
+                jax.jit(functools.partial(prefill_step, engine.steps, engine.config, int8_kv=engine.int8_kv))
                 .lower(engine.params, tokens, rows(b), samp(b))
                 .compile()
             )

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from meshserve.model import transformer
+from meshserve.model import kv_quant, transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.sampling import (
     SamplingParams,
@@ -83,7 +83,8 @@ def pad_sampling(params: list[SamplingParams], b: int, vocab_size: int, masks=()
 
 
 def fresh_state(config: ModelConfig, B: int, S: int, dtype) -> DecodeState:
-    """All B slots empty: an [N, B, S, K, Q] cache of `dtype`, default sampling, no history."""
+    """All B slots empty: an [N, B, S, K, Q] cache of `dtype` (int8: `kv_quant.Int8KV`), default sampling, no
+    history."""
     return DecodeState(
         transformer.init_cache(config, B, S, dtype),
         jnp.zeros((B,), jnp.int32),
@@ -93,10 +94,11 @@ def fresh_state(config: ModelConfig, B: int, S: int, dtype) -> DecodeState:
     )
 
 
-def prefill_step(steps: ModelSteps, config: ModelConfig, params, tokens, lengths, sampling):
+def prefill_step(steps: ModelSteps, config: ModelConfig, params, tokens, lengths, sampling, *, int8_kv: bool = False):
     """tokens [b, T], lengths [b] -> (first tokens [b], log-probs [b], top ids and log-probs [b, K]), k, v
-    [N, b, T, K, Q], and the prompts' tokens in_prompt bool [b, V] (for insert)."""
-    logits, k, v = steps.prefill(params, config, tokens, lengths)
+    [N, b, T, K, Q], and the prompts' tokens in_prompt bool [b, V] (for insert). int8_kv: the decode cache is int8
+    (k, v rounded to its grid before the prompt attends over them, model/kv_quant.py)."""
+    logits, k, v = steps.prefill(params, config, tokens, lengths, **_int8(int8_kv))
     history = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
     tok, lp = sample(logits, sampling, jnp.int32(0), history)
     return (tok, lp, *top_logprobs(logits, sampling)), k, v, history.in_prompt
@@ -121,7 +123,7 @@ def extend_step(
     C = prefix_tokens.shape[1]
     c = state.cache
     prefix = transformer.Prefix(c.k[:, sources, :C], c.v[:, sources, :C], cached)  # [N, b, C, K, Q]
-    logits, k, v = steps.prefill(params, config, tokens, lengths, prefix=prefix)
+    logits, k, v = steps.prefill(params, config, tokens, lengths, prefix=prefix, **_int8(_is_int8(c)))
     rest = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
     history = TokenHistory(
         rest.in_prompt | TokenHistory.of_prompts(prefix_tokens, cached, config.vocab_size).in_prompt,
@@ -131,6 +133,15 @@ def extend_step(
     insert = functools.partial(steps.insert, prefix=prefix)
     new = insert_rows(insert, state, k, v, lengths, slots, tok, sampling, history.in_prompt)
     return new, (tok, lp, *top_logprobs(logits, sampling))
+
+
+def _is_int8(cache: transformer.KVCache) -> bool:
+    return isinstance(cache.k, kv_quant.Int8KV)
+
+
+def _int8(int8_kv: bool) -> dict[str, bool]:
+    """prefill's int8_kv keyword, only when set: a ModelSteps.prefill written before int8 caches need not take it."""
+    return {"int8_kv": True} if int8_kv else {}
 
 
 def insert_rows(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
@@ -196,7 +207,7 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     tokens = jnp.concatenate([state.last[:b, None], jnp.maximum(drafts, 0)], axis=1)  # [b, T]
     prefix = transformer.Prefix(sub_k[:, :, :context], sub_v[:, :, :context], jnp.minimum(lengths, context))
     logits, k_new, v_new = steps.prefill(params, config, tokens, jnp.full((b,), T, jnp.int32), all_logits=True,
-                                         prefix=prefix)  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
+                                         prefix=prefix, **_int8(_is_int8(c)))  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
     samp = {n: a[:b] for n, a in state.sampling.items()}
     first, first_lp = sample(logits[:, 0], samp, state.step[:b], state.history)
     # Positions 1 .. k as b * k rows of one sample call: each row's settings repeated, its step advanced by j (an
@@ -212,9 +223,8 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     S = c.max_len
     rows = jnp.arange(b)[:, None]
     at = lengths[:, None] + jnp.arange(T)[None, :]  # [b, T]; past S dropped (the caller keeps rows within S)
-    dtype = c.k.dtype
-    sub_k = sub_k.at[:, rows, at].set(k_new.astype(dtype), mode="drop")
-    sub_v = sub_v.at[:, rows, at].set(v_new.astype(dtype), mode="drop")
+    sub_k = sub_k.at[:, rows, at].set(kv_quant.storable(k_new, sub_k), mode="drop")
+    sub_v = sub_v.at[:, rows, at].set(kv_quant.storable(v_new, sub_v), mode="drop")
     cache = transformer.KVCache(
         c.k.at[:, :b].set(sub_k), c.v.at[:, :b].set(sub_v), c.lengths.at[:b].set(jnp.minimum(lengths + n, S))
     )

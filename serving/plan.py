@@ -69,6 +69,8 @@ class EnginePlan:
     speculative_tokens: int = 0
     speculative_max_batch: int = 8
     speculative_ngram: int = 3  # the longest suffix n-gram looked up in a request's own tokens
+    # The KV cache's storage: "auto" (the compute dtype) or "int8" (model/kv_quant.py: half of bf16's bytes).
+    kv_cache_dtype: str = "auto"
 
     @property
     def verify_batches(self) -> tuple[int, ...]:
@@ -193,6 +195,7 @@ def _layouts(config: ModelConfig, plan: EnginePlan, weights: str, device_kind: s
             config, chip, mesh=shape, objective=plan.objective, batch_buckets=plan.decode_batches,
             prefill_buckets=buckets, prompt_len=t, gen_len=max(1, plan.max_context - t), weights=dtype,
             decode_cache=None if cache is None else (cache.ffn_layout, cache.attention),
+            kv_dtype="int8" if plan.kv_cache_dtype == "int8" else "bf16",  # auto: priced as bf16, as the weights
         )  # fmt: skip
     # choose_plan prices each prefill with the phase switch into the decode cache (the largest decode bucket's
     # layout, as the sharded engine runs it); a score step runs the same pass but inserts nothing.
@@ -224,6 +227,7 @@ def make_plan(
     speculative_tokens: int = 0,
     speculative_max_batch: int = 8,
     speculative_ngram: int = 3,
+    kv_cache_dtype: str = "auto",
 ) -> EnginePlan:
     """The bucket grid for an objective. latency: 32 slots, prefill one or four prompts at a time;
     throughput: 128 slots, prefill up to 32 prompts at a time (weight-gathered prefill pays at large B*T).
@@ -242,9 +246,12 @@ def make_plan(
     speculative_tokens: draft tokens per verify step (serving/speculative.py; 0 = off), compiled for the decode
     buckets up to speculative_max_batch (on a mesh: the one decode bucket, max_batch, which must not exceed it).
     speculative_ngram: the longest n-gram looked up.
+    kv_cache_dtype: "auto" (the compute dtype) or "int8" (model/kv_quant.py: half of bf16's bytes).
     """
     if objective not in ("latency", "throughput"):
         raise PlanError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    if kv_cache_dtype not in ("auto", "int8"):
+        raise PlanError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
     # None (not 0) means the default: a 0 from a flag is a mistake to refuse, not a request for the default.
     if max_batch is None:
         max_batch = 32 if objective == "latency" else 128
@@ -318,6 +325,7 @@ def make_plan(
         speculative_tokens=speculative_tokens,
         speculative_max_batch=speculative_max_batch,
         speculative_ngram=speculative_ngram,
+        kv_cache_dtype=kv_cache_dtype,
     )
     steps, source, report = _layouts(config, plan, weights, device_kind)
     return EnginePlan(**{**plan.__dict__, "steps": steps, "source": source, "planner": report})

@@ -21,6 +21,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from meshserve.errors import UserError
+from meshserve.model import kv_quant
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.sampling import GUIDE_FIELDS, SAMPLING_FIELDS, TokenHistory
@@ -61,10 +62,13 @@ def _extend_prefill(params, config, tokens, lengths, prefix, all_logits, kv: Nam
     """
     from meshserve.model.transformer import Prefix, prefill
 
-    pin = lambda a: jax.lax.with_sharding_constraint(a, kv)  # noqa: E731
+    def pin(a):  # an array, or an int8 cache's rows (values and exponents, kv_quant.Int8KV)
+        return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, a, kv_quant.sharding_of(a, kv))
+
+    int8_kv = isinstance(prefix.k, kv_quant.Int8KV)  # rows of an int8 cache: the new k, v go in on its grid
     with jax.named_scope("extend_prefill"):
         prefix = Prefix(pin(prefix.k), pin(prefix.v), prefix.lengths)
-        logits, k, v = prefill(params, config, tokens, lengths, all_logits=all_logits, prefix=prefix)
+        logits, k, v = prefill(params, config, tokens, lengths, all_logits=all_logits, prefix=prefix, int8_kv=int8_kv)
         # Replicated logits, as sharded.prefill returns them: left free, the vocab split of the unembedding spreads
         # through sampling into the decode state's [B, V] history, whose input sharding the engine leaves open.
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(kv.mesh, P()))
@@ -122,6 +126,8 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
 
     replicated = NamedSharding(mesh, P())
     kv = NamedSharding(mesh, sharded.kv_spec(config, mesh, decode, B))
+    if plan.kv_cache_dtype == "int8":  # values [N, B, S, K, Q] and exponents [N, B, S, K], split alike
+        kv = kv_quant.Int8KV(kv, NamedSharding(mesh, P(*tuple(kv.spec)[:-1])))
     from meshserve.model.transformer import KVCache
 
     state_sharding = DecodeState(
@@ -130,11 +136,12 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
         history=TokenHistory(in_prompt=replicated, counts=replicated),
     )  # fmt: skip
 
-    def prefill(params, config, tokens, lengths, all_logits=False, prefix=None):
+    def prefill(params, config, tokens, lengths, all_logits=False, prefix=None, int8_kv=False):
         layout = layouts[tokens.shape]  # [b, T]: one layout per bucket
         if prefix is not None:
             return _extend_prefill(params, config, tokens, lengths, prefix, all_logits, bucket_kv(layout, tokens))
-        return sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits)
+        return sharded.prefill(params, config, tokens, lengths, mesh=mesh, layout=layout, all_logits=all_logits,
+                               int8_kv=int8_kv)  # fmt: skip
 
     def insert(cache, k, v, lengths, slots, prefix=None):
         layout = layouts[(k.shape[1], k.shape[2])]  # k [N, b, T, K, Q] in that bucket's prefill split

@@ -97,11 +97,12 @@ def _prefix_requests(orch: Orchestrator, vocab_size: int) -> list[Request]:
     return [turn1, turn2, other, fresh, again]
 
 
-def assert_equal_to_generate(params, config, requests: list[Request]) -> None:
+def assert_equal_to_generate(params, config, requests: list[Request], kv_cache_dtype: str = "auto") -> None:
     """Each request got the tokens (and log-probs) `model.generate` gives its prompt alone on one device."""
     from meshserve.model.generate import generate
 
     for r in requests:
-        ref = generate(params, config, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling)[0]
+        ref = generate(params, config, [r.prompt], max_new_tokens=r.max_new_tokens, sampling=r.sampling,
+                       kv_cache_dtype=kv_cache_dtype)[0]  # fmt: skip
         assert r.tokens == list(ref.tokens), (r.cached_tokens, r.prompt)
         np.testing.assert_allclose(r.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)

@@ -42,9 +42,25 @@ def test_bench_rows_with_peer(tmp_path):
     assert int8["hbm_bytes_per_step"] < bf16["hbm_bytes_per_step"]  # int8 weights move fewer bytes per step
 
 
+def test_bench_rows_per_kv_cache_dtype():
+    """--kv-cache-dtype auto,int8: a row each; the int8 cache's bytes per step are bf16's less the KV bytes saved."""
+    from meshserve.model.config import get_config
+
+    proc = _bench("--model", "tiny", "--batch", "2", "--prompt-len", "8", "--gen-len", "4", "--weights", "bf16",
+                  "--kv-cache-dtype", "auto,int8", "--repeats", "1", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    auto, int8 = json.loads(proc.stdout)
+    assert (auto["kv_cache_dtype"], int8["kv_cache_dtype"]) == ("auto", "int8") and int8["decode_step_ms"] > 0
+    c = get_config("tiny")
+    elements = 2 * (8 + 4 / 2) * 2 * c.n_layers * c.n_kv_heads * c.d_head  # batch x mean context x (k, v) per token
+    saved = elements * (2 - (1 + 1 / c.d_head))  # bf16's 2 bytes against int8's 1 + one exponent byte per vector
+    assert auto["hbm_bytes_per_step"] - int8["hbm_bytes_per_step"] == pytest.approx(saved, abs=1)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--kv-cache-dtype", "fp8"], "expected a comma list of auto and int8"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--int8-tuning", "/no/such/tuning.json"], "--int8-tuning: no such file"),
         (["--model", "tiny", "--peer"], "--peer needs a Falcon-shaped model"),

@@ -245,7 +245,7 @@ def test_cli_generate_chat(capsys, checkpoint, client, server, model):
     assert "--chat takes text PROMPTs" in _one_line_error(capsys, "--model", "tiny", "--chat", "--tokens", "1,2")
     assert NO_TEMPLATE in _one_line_error(capsys, "--model", "tiny", "--chat", "hello")
     err = _one_line_error(capsys, "--server", server.target, "--model", "tiny", "--chat", "hello")
-    assert "--checkpoint, --model and --weights choose a local model" in err
+    assert "--checkpoint, --model, --weights and --kv-cache-dtype choose a local model" in err
 
 
 def test_batch_generate_lines_may_carry_messages(checkpoint, client, model, tmp_path):
