@@ -37,7 +37,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["f32", "bf16", "int8"], help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--mesh", default="1", help="device mesh XxYxZ (default 1: one device)")
     parser.add_argument(
-        "--max-batch", type=int, help="decode slots, 1 to 4096 (default: 32 for latency, 128 for throughput)"
+        "--max-batch",
+        type=int,
+        help="decode slots, 1 to 4096 (default: 32 for latency, 128 for throughput, or fewer on one GPU or TPU when "
+        "fewer fit its free memory after the weights, less 10%% for the steps' buffers)",
     )
     parser.add_argument(
         "--max-context",
@@ -163,14 +166,17 @@ def load_for_serving(args: argparse.Namespace, objective: str):
         # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). Each stacked array
         # is deleted once sliced, so the weights are never held twice.
         model.params = unstack_layers(model.params, consume=True)
+    context = args.max_context or model.config.max_seq_len
     chunk = args.prefill_chunk
     if chunk is None:
-        context = args.max_context or model.config.max_seq_len
         chunk = 512 if objective == "latency" and context > 512 else 0
+    max_batch = args.max_batch
+    if max_batch is None and n == 1:
+        max_batch = _default_slots_that_fit(model, objective, context, args.kv_cache_dtype)
     plan = make_plan(
         model.config,
         objective=objective,
-        max_batch=args.max_batch,
+        max_batch=max_batch,
         max_context=args.max_context,
         mesh_axes=mesh,
         length_buckets=args.length_buckets,
@@ -194,3 +200,32 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 
         model.params, steps, plan = mesh_steps(model.config, model.params, plan)
     return model, plan, steps, {"device_kind": jax.devices()[0].device_kind, "device_count": n}
+
+
+def _default_slots_that_fit(model, objective: str, context: int, kv_cache_dtype: str) -> int | None:
+    """The default number of decode slots, or fewer when fewer fit the free memory of the device the weights sit on
+    (one device; a note on stderr says so). None: the plan's default (no memory report, as on a CPU, or it fits,
+    or not one slot fits: then the engine's check names the limits)."""
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+    from meshserve.model.transformer import compute_dtype
+    from meshserve.serving.engine_steps import fresh_state
+    from meshserve.serving.memory_fit import free_bytes, slots_that_fit, state_bytes_per_device
+    from meshserve.serving.plan import DEFAULT_MAX_BATCH
+
+    devices = {d for leaf in jax.tree_util.tree_leaves(model.params) for d in leaf.devices()}
+    memory = free_bytes(sorted(devices, key=lambda d: d.id))
+    if memory is None:
+        return None
+    dtype = jnp.int8 if kv_cache_dtype == "int8" else compute_dtype(model.params)
+    state = lambda B: state_bytes_per_device(jax.eval_shape(lambda: fresh_state(model.config, B, context, dtype)))  # noqa: E731
+    default = DEFAULT_MAX_BATCH[objective]
+    fit = slots_that_fit(state, default, memory)
+    if not 1 <= fit < default:
+        return None
+    hint = "" if kv_cache_dtype == "int8" else "; --kv-cache-dtype int8 holds twice the slots"
+    print(f"meshserve: max_batch {fit}, not the default {default}: {fit} slots x {context} tokens is what fits the "
+          f"{memory[0] / 2**30:.1f} GiB free on {memory[2]} after the weights{hint}", file=sys.stderr)  # fmt: skip
+    return fit

@@ -8,16 +8,20 @@ one-line error naming --max-batch / --max-context, with the largest max_batch th
 GPUs and TPUs report their memory (`Device.memory_stats()`: bytes_limit, bytes_in_use); the CPU does not, so
 there nothing is checked (host memory is the operating system's). A share of the device's memory is kept free
 for the steps' own buffers (activations, logits, XLA's workspace), which are not part of the state.
+
+When max_batch is left to its default, `serve` and the offline jobs size it to the memory instead (`slots_that_fit`,
+as vLLM sizes its KV cache to gpu_memory_utilization): the default number of slots, or fewer when fewer fit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from meshserve.errors import UserError
+from meshserve.model.kv_quant import Int8KV
 
 __all__ = [
     "MemoryFitError",
@@ -26,6 +30,7 @@ __all__ = [
     "free_bytes",
     "check_state_fits",
     "check_decode_state",
+    "slots_that_fit",
 ]
 
 # Kept free for the compiled steps' temporaries: a decode step's are small, a prefill's logits and activations
@@ -67,11 +72,19 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_state_fits(need: int, per_slot: int, max_batch: int, max_context: int, memory: tuple[int, int, Any]):
+def _budget(memory: tuple[int, int, Any]) -> float:
+    free, limit, _ = memory
+    return free - STEP_RESERVE * limit
+
+
+def check_state_fits(
+    need: int, per_slot: int, max_batch: int, max_context: int, memory: tuple[int, int, Any], hint_int8: bool = False
+):
     """Raise MemoryFitError unless `need` bytes of state (per device; `per_slot` of them per decode slot) fit in
-    the free memory of `memory` (free_bytes' answer) less STEP_RESERVE of its limit."""
+    the free memory of `memory` (free_bytes' answer) less STEP_RESERVE of its limit. hint_int8: the cache is in the
+    compute dtype, and the message says an int8 cache would take half of it."""
     free, limit, device = memory
-    budget = free - STEP_RESERVE * limit
+    budget = _budget(memory)
     if need <= budget:
         return
     slots = max(int((budget - (need - per_slot * max_batch)) // per_slot), 0) if per_slot else 0
@@ -80,8 +93,19 @@ def check_state_fits(need: int, per_slot: int, max_batch: int, max_context: int,
         f"max_batch: the decode state for {max_batch} slots x {max_context} tokens needs {_gib(need)} per device, "
         f"but {device} has {_gib(free)} free after the weights, less {STEP_RESERVE:.0%} of its "
         f"{_gib(limit)} kept for the steps' buffers ({_gib(max(budget, 0))}): {fit}; lower --max-batch or "
-        f"--max-context"
+        f"--max-context{', or store the cache in int8 (--kv-cache-dtype int8: half the bytes)' if hint_int8 else ''}"
     )
+
+
+def slots_that_fit(state_bytes: Callable[[int], int], wanted: int, memory: tuple[int, int, Any]) -> int:
+    """The most decode slots, up to `wanted`, whose state fits `memory` (free_bytes' answer) less STEP_RESERVE;
+    0 when not one does. state_bytes(B): the state's bytes per device for B slots (linear in B)."""
+    one = state_bytes(1)
+    per_slot = state_bytes(2) - one
+    fixed = one - per_slot
+    if per_slot <= 0:
+        return wanted
+    return max(0, min(wanted, int((_budget(memory) - fixed) // per_slot)))
 
 
 def check_decode_state(abstract_state: Any, max_batch: int, max_context: int, params: Any) -> None:
@@ -92,5 +116,6 @@ def check_decode_state(abstract_state: Any, max_batch: int, max_context: int, pa
     if memory is None:
         return
     need = state_bytes_per_device(abstract_state)
+    float_kv = not isinstance(getattr(getattr(abstract_state, "cache", None), "k", None), Int8KV)
     # The per-slot share: everything with the batch as its axis (cache, history, sampling); lengths and the like too.
-    check_state_fits(need, need // max_batch, max_batch, max_context, memory)
+    check_state_fits(need, need // max_batch, max_batch, max_context, memory, hint_int8=float_kv)

@@ -18,9 +18,21 @@ from typing import Any, Literal
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 
-__all__ = ["EnginePlan", "StepPlan", "PlanError", "make_plan", "pow2_buckets", "replicate_kv_for_plan"]
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "EnginePlan",
+    "StepPlan",
+    "PlanError",
+    "make_plan",
+    "pow2_buckets",
+    "replicate_kv_for_plan",
+]
 
 Objective = Literal["latency", "throughput"]
+
+
+# Decode slots when max_batch is not given (serve and the offline jobs lower it to what fits the device's memory).
+DEFAULT_MAX_BATCH = {"latency": 32, "throughput": 128}
 
 
 class PlanError(UserError):
@@ -254,7 +266,7 @@ def make_plan(
         raise PlanError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
     # None (not 0) means the default: a 0 from a flag is a mistake to refuse, not a request for the default.
     if max_batch is None:
-        max_batch = 32 if objective == "latency" else 128
+        max_batch = DEFAULT_MAX_BATCH[objective]
     if max_context is None:
         max_context = config.max_seq_len
     if not 1 <= max_batch <= 4096:

@@ -53,3 +53,48 @@ def test_cpu_devices_report_no_memory_and_the_engine_allocates_without_a_check()
     engine.reset()
     k = engine._state.cache.k
     assert k.shape == (config.n_layers, 4, 64, config.n_kv_heads, config.d_head) and not np.asarray(k).any()
+
+
+def _serve_args(*argv: str):
+    import argparse
+
+    from meshserve.serving.cli_serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--model", "tiny", "--length-buckets", "32", "--compile-cache", "off", *argv])
+
+
+def test_the_default_max_batch_is_what_fits_the_memory(monkeypatch, capsys):
+    """With no --max-batch, serve sizes the slots to the device's free memory (a GPU's, faked here): the default
+    32 when they fit, fewer when not, twice as many with an int8 cache; an explicit --max-batch is never changed."""
+    from meshserve.serving import memory_fit
+    from meshserve.serving.cli_model import load_for_serving
+    from meshserve.serving.engine_steps import fresh_state
+
+    config = get_config("tiny")
+    S = config.max_seq_len
+
+    def state(B: int, dtype=jnp.float32) -> int:
+        return state_bytes_per_device(jax.eval_shape(lambda: fresh_state(config, B, S, dtype)))
+
+    per_slot, limit = state(2) - state(1), 64 * GIB
+    free = STEP_RESERVE * limit + state(1) + 9.5 * per_slot  # room for 10 slots (f32, the preset's weights)
+    monkeypatch.setattr(memory_fit, "free_bytes", lambda devices: (free, limit, "cuda:0"))
+    _, plan, _, _ = load_for_serving(_serve_args(), "latency")
+    assert plan.max_batch == 10
+    assert "max_batch 10, not the default 32" in capsys.readouterr().err
+    _, plan, _, _ = load_for_serving(_serve_args("--kv-cache-dtype", "int8"), "latency")
+    per_slot8 = state(2, jnp.int8) - state(1, jnp.int8)
+    fit8 = int((free - STEP_RESERVE * limit - (state(1, jnp.int8) - per_slot8)) // per_slot8)
+    assert plan.max_batch == min(32, fit8) > 10  # the cache's share halved (the token history [B, V] is not)
+    _, plan, _, _ = load_for_serving(_serve_args("--max-batch", "16"), "latency")
+    assert plan.max_batch == 16  # asked for: the engine's check refuses it if it does not fit, naming the limit
+    monkeypatch.setattr(memory_fit, "free_bytes", lambda devices: (limit, limit, "cuda:0"))
+    _, plan, _, _ = load_for_serving(_serve_args(), "latency")
+    assert plan.max_batch == 32  # all fit: the default
+
+
+def test_a_float_cache_too_large_names_the_int8_cache():
+    with pytest.raises(MemoryFitError, match="--kv-cache-dtype int8: half the bytes"):
+        check_state_fits(10 * GIB, GIB, 10, 2048, (8 * GIB, 16 * GIB, "cuda:0"), hint_int8=True)
