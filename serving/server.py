@@ -198,6 +198,9 @@ class InferenceServer:
         if self.http is not None:
             self.http.start()
         self.set_serving(True)
+        # The vocabulary's table for guided decoding (a trie of every token's bytes: ~0.4 s for 90k tokens) is built
+        # now, beside the first requests, rather than by the first guided request.
+        threading.Thread(target=self.orchestrator.guides.prepare, name="guided-token-table", daemon=True).start()
         if self.engine.pending_steps():
             self._compiler = BackgroundCompile(
                 self.engine,

@@ -206,6 +206,8 @@ def test_a_server_answers_while_its_background_warm_up_compiles():
                 time.sleep(0.2)
             assert done == [(plan.compile_count(), 0)] and gauge() == 0
             assert _generate(stub, prompts[0], 6) == results[0]
+            # Guided decoding's token table was built at start, on its own thread, for every byte of the vocabulary.
+            assert server.orchestrator.guides._table is not None
     finally:
         gate.set()
         server.stop(0)

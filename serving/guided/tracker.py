@@ -9,6 +9,7 @@ written into the decode state's `allowed` rows in one small compiled scatter per
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from meshserve.serving.requests import Request
 
 __all__ = ["GuideTracker"]
+
+log = logging.getLogger(__name__)
 
 
 class GuideTracker:
@@ -27,7 +30,7 @@ class GuideTracker:
     def __init__(self, tokenizer, engine, metrics=None):
         self.tokenizer, self.engine = tokenizer, engine  # the engine's config is read at the first guided request
         self.metrics = metrics  # ServerMetrics: guided requests by kind, engine-thread seconds (None: not counted)
-        self._table = None  # TokenTable, built at the first guided request
+        self._table = None  # TokenTable: built by `prepare` (a server at start) or the first guided request
         self._table_lock = threading.Lock()
         self._guides: dict[int, object] = {}  # request id -> its Guide
         self._masks: dict[int, np.ndarray] = {}  # slot -> its next mask, uint32 [W]
@@ -41,6 +44,14 @@ class GuideTracker:
             if self._table is None:
                 self._table = TokenTable.of(self.tokenizer, self.engine.config.vocab_size)
             return self._table
+
+    def prepare(self) -> None:
+        """Build the vocabulary's table now (a server calls it on a thread at start), not at the first guided
+        request. A tokenizer the table cannot read is left for that request to report."""
+        try:
+            self._token_table()
+        except Exception as e:  # noqa: BLE001 (the first guided request raises it again, to its caller)
+            log.info("guided decoding's token table not built at start: %s: %s", type(e).__name__, e)
 
     def add(self, requests: Iterable[Request]) -> None:
         """Start a Guide for each guided request (before it is queued); its first mask is computed here, and a
