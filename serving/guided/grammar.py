@@ -6,6 +6,8 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
                                            that order, no other keys; None: any keys, each value a `value_id`
   ("arr", prefix ids, items id | -1, min, max | -1)   -1 items: nothing beyond the prefix
   ("str", min_length, max_length | -1)
+  ("pat", StringPattern)                   a string whose content a pattern matches (JSON Schema pattern / format:
+                                           serving/guided/patterns.py; its frames: strings.py)
   ("num", integer: bool)
   ("int", lo | None, hi | None)           an integer within bounds (serving/guided/ranges.py)
   ("lit", bytes)                           exact bytes (true, false, null, a const's JSON)
@@ -25,14 +27,16 @@ Bounds on runs a model could repeat without progress:
   or long space runs: a small model left free filled every gap up to any looser bound (measured on the demo model
   with 32 bytes / 2 newlines between tokens: 30-space runs in most gaps).
 - Digits: at most NUM_DIGITS (20) in a number's integer part, fraction and exponent each.
-Strings may be as long as the request's max_tokens allows: each character is progress.
+Strings may be as long as the request's max_tokens allows: each character is progress. String content is stepped in
+strings.py (plain strings and pattern strings).
 """
 
 from __future__ import annotations
 
-from meshserve.serving.guided import ranges
+from meshserve.serving.guided import ranges, strings
 from meshserve.serving.guided.ranges import RNG
 from meshserve.serving.guided.spec import GuideError
+from meshserve.serving.guided.strings import PAT
 
 __all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN"]
 
@@ -49,6 +53,7 @@ _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar be
 
 # Frame tags (first element of each frame).
 VAL, OBJ, ARR, STR, NUM, LIT, TOOLS = range(7)
+assert STR == strings.STR  # strings.py steps these frames
 # OBJ states: after "{", after ",", inside a key literal, before ":", after a value.
 O_OPEN, O_KEY, O_KEYM, O_COLON, O_AFTER = range(5)
 # ARR states: after "[", after a value.
@@ -59,8 +64,6 @@ OPEN_TAG, CLOSE_TAG = b"<tool_call>", b"</tool_call>"
 
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_ESCAPES = frozenset(b'"\\/bfnrt')
 _NUM_DONE = frozenset((1, 2, 4, 7))  # number states where what is written is a whole number
 
 
@@ -72,26 +75,6 @@ def _ws(ws: int, b: int) -> int:
     if ws >= 2 and b in (0x20, 0x09) and ws - 2 < WS_INDENT:
         return ws + 1
     return -1
-
-
-def _utf8_lead(b: int) -> tuple[int, int, int] | None:
-    """(continuation bytes to come, lowest, highest allowed next byte) after lead byte b >= 0x80; None if invalid.
-    The ranges exclude overlong forms, surrogates and code points past U+10FFFF."""
-    if 0xC2 <= b <= 0xDF:
-        return 1, 0x80, 0xBF
-    if b == 0xE0:
-        return 2, 0xA0, 0xBF
-    if b == 0xED:
-        return 2, 0x80, 0x9F
-    if 0xE1 <= b <= 0xEF:
-        return 2, 0x80, 0xBF
-    if b == 0xF0:
-        return 3, 0x90, 0xBF
-    if 0xF1 <= b <= 0xF3:
-        return 3, 0x80, 0xBF
-    if b == 0xF4:
-        return 3, 0x80, 0x8F
-    return None
 
 
 class Grammar:
@@ -221,6 +204,8 @@ class Grammar:
             return [rest + ((ARR, node, A_OPEN, 0, 0),)] if b == 0x5B else []
         if kind == "str":
             return [rest + ((STR, node, 0, 0, 0, 0, 0),)] if b == 0x22 else []
+        if kind == "pat":  # a pattern string (strings.py): the pattern's first characters
+            return [rest + (frame,) for frame in spec[1].begin(node)] if b == 0x22 else []
         if kind == "num":
             if b == 0x2D:
                 return [rest + ((NUM, node, 0, 0),)]
@@ -251,7 +236,9 @@ class Grammar:
         top, rest = stack[-1], stack[:-1]
         tag = top[0]
         if tag == STR:
-            return self._string(top, rest, b)
+            return strings.plain(self.nodes[top[1]], top, rest, b)
+        if tag == PAT:
+            return strings.pattern(self.nodes[top[1]][1], top, rest, b)
         if tag == VAL:
             if b in _WS:
                 ws = _ws(top[2], b)
@@ -274,38 +261,6 @@ class Grammar:
         if tag == ARR:
             return self._array(top, rest, b)
         return self._tools(top, rest, b)
-
-    def _string(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
-        _, node, count, esc, more, lo, hi = top
-        _, min_len, max_len = self.nodes[node]
-        cap = max_len if max_len >= 0 else min_len  # counting past this changes nothing: keep states few
-        done = min(count + 1, cap)
-        if esc == 1:
-            if b in _ESCAPES:
-                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
-            return [rest + ((STR, node, count, 2, 0, 0, 0),)] if b == 0x75 else []
-        if esc:
-            if b not in _HEX:
-                return []
-            if esc == 5:
-                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
-            return [rest + ((STR, node, count, esc + 1, 0, 0, 0),)]
-        if more:
-            if not lo <= b <= hi:
-                return []
-            if more == 1:
-                return [rest + ((STR, node, done, 0, 0, 0, 0),)]
-            return [rest + ((STR, node, count, 0, more - 1, 0x80, 0xBF),)]
-        if b == 0x22:
-            return [rest] if count >= min_len else []
-        if b < 0x20 or (0 <= max_len <= count):
-            return []
-        if b == 0x5C:
-            return [rest + ((STR, node, count, 1, 0, 0, 0),)]
-        if b < 0x80:
-            return [rest + ((STR, node, done, 0, 0, 0, 0),)]
-        lead = _utf8_lead(b)
-        return [rest + ((STR, node, count, 0) + lead,)] if lead else []
 
     def _number(self, top: tuple, rest: tuple, b: int) -> list[tuple]:
         _, node, st, nd = top

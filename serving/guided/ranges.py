@@ -1,12 +1,18 @@
 """Integers with bounds (JSON Schema minimum / maximum / exclusiveMinimum / exclusiveMaximum on type integer) for
-the JSON grammar: a frame (RNG, node, negative, digits' value, digit count) and whether a prefix can still become an
-integer in range. A digit is allowed only when some completion of the number stays within the bounds, so the
+the JSON grammar: the schema's bounds read (`read_bounds`), a frame (RNG, node, negative, digits' value, digit count)
+and whether a prefix can still become an integer in range. A digit is allowed only when some completion of the number stays within the bounds, so the
 output never needs a number it cannot finish; the number may end only when its value is in range.
 """
 
 from __future__ import annotations
 
-__all__ = ["RNG", "begin", "step", "complete"]
+import math
+
+from meshserve.serving.guided.spec import GuideError, show
+
+__all__ = ["RNG", "BOUNDS", "read_bounds", "begin", "step", "complete"]
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # followed on type integer only
 
 RNG = 7  # the frame tag (after grammar.py's VAL, OBJ, ARR, STR, NUM, LIT, TOOLS)
 MAX_DIGITS = 20  # as grammar.NUM_DIGITS: a number's integer part
@@ -51,3 +57,23 @@ def complete(frame: tuple, lo: int | None, hi: int | None) -> bool:
     _, _, negative, value, count = frame
     number = -value if negative else value
     return count > 0 and (lo is None or number >= lo) and (hi is None or number <= hi)
+
+
+def read_bounds(schema: dict, path: str) -> tuple[int | None, int | None]:
+    """An integer schema's inclusive (lo, hi) from minimum / maximum / exclusiveMinimum / exclusiveMaximum."""
+    lo = hi = None
+    for key in BOUNDS:
+        if key not in schema:
+            continue
+        value = schema[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) > 1e20:
+            raise GuideError(f"{path}.{key}: expected a number of at most 20 digits, got {show(value)}")
+        if key == "minimum" or key == "exclusiveMinimum":
+            low = math.ceil(value) if key == "minimum" else math.floor(value) + 1
+            lo = low if lo is None else max(lo, low)
+        else:
+            high = math.floor(value) if key == "maximum" else math.ceil(value) - 1
+            hi = high if hi is None else min(hi, high)
+    if lo is not None and hi is not None and lo > hi:
+        raise GuideError(f"{path}: no integer is within its bounds ({lo} > {hi})")
+    return lo, hi

@@ -12,18 +12,23 @@ Supported: literals, `.` (not newline), classes `[...]` and `[^...]` with ranges
 subset of Python's Unicode classes, so what is written always matches) and \\D \\W \\S (exactly what re matches),
 alternation `|`, groups (capturing or not), `?` `*` `+` `{m}` `{m,n}` (lazy forms as greedy: the same set of
 strings), `^` at the start and `$` / `\\Z` at the end. Refused with the construct named: backreferences,
-lookarounds, conditionals, inline flags, other anchors. Sizes are bounded: MAX_NFA states after expanding repeats.
+lookarounds, conditionals, inline flags, other anchors. Sizes are bounded: MAX_NFA states after expanding repeats;
+a regex's positions and their masks by positions.py (re-exported here).
+
+`build_nfa(pattern, where, exclude)` is the NFA alone, its classes without the code points in `exclude`: a JSON
+Schema pattern's string (patterns.py) writes no character JSON must escape, and follows the same NFA's `step`.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import time
 from typing import Any
 
-from meshserve.serving.guided.grammar import MAX_OPEN, Grammar, _utf8_lead
+from meshserve.serving.guided.grammar import MAX_OPEN, Grammar
+from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK, PREPARE_S, positions, prepare_masks
 from meshserve.serving.guided.spec import GuideError
+from meshserve.serving.guided.strings import utf8_lead
 
 try:  # Python 3.11+: the parser behind `re`
     import re._constants as _c
@@ -34,6 +39,7 @@ except ImportError:  # pragma: no cover - older layouts
 
 __all__ = [
     "compile_regex",
+    "build_nfa",
     "positions",
     "prepare_masks",
     "MAX_NFA",
@@ -45,12 +51,6 @@ __all__ = [
 
 MAX_NFA = 20_000  # NFA states after `{m,n}` copies (a{1000}{1000} would be a million)
 MAX_PATTERN = 4096  # characters of a pattern
-# A regex has finitely many positions (matcher states): their masks are all computed before the request is queued,
-# on the caller's thread, so the engine thread only looks them up. Each costs a walk of the vocabulary (~0.1 s for
-# a 32,000-token BPE when most tokens fit, as in .{0,300}: 300 positions, 30 s): bounded in count and time.
-MAX_POSITIONS = 1024
-MAX_WORK = 2048  # the positions' stacks added up: each costs every mask that walks it (~5 ms per stack, 32k vocabulary)
-PREPARE_S = 10.0
 RX = 16  # the frame tag of a regex stack (not one of grammar.py's JSON tags)
 _WHOLE = -1  # a pending character whose every completion is in the class (RegexGrammar._pending)
 _TOP = 0x10FFFF
@@ -117,14 +117,29 @@ def _overlaps(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
     return any(a <= hi and lo <= b for a, b in ranges)
 
 
+def _without(ranges: tuple[tuple[int, int], ...], taken: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The code points of `ranges` not in `taken`."""
+    out = []
+    for lo, hi in ranges:
+        for a, b in _complement(taken):
+            if max(lo, a) <= min(hi, b):
+                out.append((max(lo, a), min(hi, b)))
+    return _normalize(out)
+
+
 class _Nfa:
     """Thompson NFA: `edges[s]` = (class ranges, next state) for a consuming state, None for the accept state and
-    epsilon-only states (whose successors are in `eps[s]`)."""
+    epsilon-only states (whose successors are in `eps[s]`). `exclude`: code points no class may hold (a JSON
+    string's escaped characters: patterns.py); a class left empty by it is a branch nothing can take (its end is
+    reached from nowhere), not an error."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, exclude: tuple[tuple[int, int], ...] = ()) -> None:
         self.where = where
+        self.exclude = exclude
         self.edges: list[tuple[tuple[tuple[int, int], ...], int] | None] = []
         self.eps: list[list[int]] = []
+        self.start = self.accept = -1  # set by build_nfa
+        self._closures: dict[int, tuple[int, ...]] = {}
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA:
@@ -135,6 +150,68 @@ class _Nfa:
         self.eps.append([])
         return len(self.edges) - 1
 
+    def closure(self, state: int) -> tuple[int, ...]:
+        """The consuming (or accepting) NFA states reachable from `state` by epsilon moves, sorted."""
+        out = self._closures.get(state)
+        if out is None:
+            seen, todo, found = set(), [state], []
+            while todo:
+                s = todo.pop()
+                if s in seen:
+                    continue
+                seen.add(s)
+                if self.edges[s] is not None or s == self.accept:
+                    found.append(s)
+                todo.extend(self.eps[s])
+            out = self._closures[state] = tuple(sorted(found))
+        return out
+
+    def step(self, at: tuple, b: int) -> list[tuple]:
+        """The places after byte b from place `at` = (nfa state, *bytes of a character begun): (s,) for each state
+        of the next closure once a character is whole, (state, *pending) while one is not."""
+        edge = self.edges[at[0]]
+        if edge is None:
+            return []
+        ranges, nxt = edge
+        pending = at[1:]
+        if not pending:
+            if b < 0x80:
+                return [(s,) for s in self.closure(nxt)] if _overlaps(ranges, b, b) else []
+            lead = utf8_lead(b)
+            if lead is None:
+                return []
+            need, lo, hi = lead
+            return self._pending(at[0], ranges, (b,), need, lo, hi)
+        if pending[0] == _WHOLE:  # (_WHOLE, continuation bytes left, next byte's range): every completion is in
+            _, left, low, high = pending
+            if not low <= b <= high:
+                return []
+            if left == 1:
+                return [(s,) for s in self.closure(nxt)]
+            return [(at[0], _WHOLE, left - 1, 0x80, 0xBF)]
+        need, lo, hi = utf8_lead(pending[0])
+        low, high = (lo, hi) if len(pending) == 1 else (0x80, 0xBF)
+        if not low <= b <= high:
+            return []
+        got = (*pending, b)
+        if len(got) == need + 1:
+            code = bytes(got).decode("utf-8")
+            return [(s,) for s in self.closure(nxt)] if _overlaps(ranges, ord(code), ord(code)) else []
+        return self._pending(at[0], ranges, got, need, lo, hi)
+
+    @staticmethod
+    def _pending(state: int, ranges, got: tuple[int, ...], need: int, lo: int, hi: int) -> list[tuple]:
+        """The place after the bytes `got` of a character begun in NFA state `state`: none when no completion is in
+        the class; a canonical (_WHOLE, ...) one when every completion is (so `.` or [^"] after any lead byte is
+        one of a few positions, not one per prefix: masks are computed per position); else the bytes themselves."""
+        first, last = _span(got, need, lo, hi)
+        if not _overlaps(ranges, first, last):
+            return []
+        if any(a <= first and last <= b for a, b in ranges):
+            low, high = (lo, hi) if len(got) == 1 else (0x80, 0xBF)
+            return [(state, _WHOLE, need + 1 - len(got), low, high)]
+        return [(state, *got)]
+
     def build(self, items: Any, start: int, where: str, top: bool = False) -> int:
         """Connect `items` (a parsed subpattern; `top`: the whole pattern) from `start`; returns its end state."""
         at = start
@@ -144,6 +221,10 @@ class _Nfa:
 
     def char(self, ranges: tuple[tuple[int, int], ...], start: int) -> int:
         """One character of `ranges` after `start` (through a fresh consuming state: `start` may have other moves)."""
+        if self.exclude:
+            ranges = _without(ranges, self.exclude)
+            if not ranges:
+                return self.state()  # nothing can be written here: a dead end, unreachable
         if not ranges:
             raise GuideError(f"{self.where}: a class that matches no character")
         mid, end = self.state(), self.state()
@@ -234,28 +315,11 @@ class RegexGrammar(Grammar):
 
     def __init__(self, nfa: _Nfa, start: int, accept: int, where: str):
         self.nfa, self.accept = nfa, accept
-        self._closures: dict[int, tuple[int, ...]] = {}
-        first = self._closure(start)
+        first = nfa.closure(start)
         if len(first) > MAX_OPEN:  # later states are bounded in Grammar.fill; the start state is bounded here
             raise GuideError(f"{where}: the format keeps more than {MAX_OPEN} alternatives open at once (a regex's "
                              "| and optional repeats): simplify it")  # fmt: skip
         super().__init__([], [((RX, s),) for s in first], where)
-
-    def _closure(self, state: int) -> tuple[int, ...]:
-        """The consuming (or accepting) NFA states reachable from `state` by epsilon moves."""
-        out = self._closures.get(state)
-        if out is None:
-            seen, todo, found = set(), [state], []
-            while todo:
-                s = todo.pop()
-                if s in seen:
-                    continue
-                seen.add(s)
-                if self.nfa.edges[s] is not None or s == self.accept:
-                    found.append(s)
-                todo.extend(self.nfa.eps[s])
-            out = self._closures[state] = tuple(sorted(found))
-        return out
 
     def _can_end(self, stack: tuple) -> bool:
         return len(stack[0]) == 2 and stack[0][1] == self.accept
@@ -264,49 +328,7 @@ class RegexGrammar(Grammar):
         return None  # masks walk every token (no JSON-string fast path)
 
     def _step(self, stack: tuple, b: int) -> list[tuple]:
-        frame = stack[0]
-        edge = self.nfa.edges[frame[1]]
-        if edge is None:
-            return []
-        ranges, nxt = edge
-        pending = frame[2:]
-        if not pending:
-            if b < 0x80:
-                return [((RX, s),) for s in self._closure(nxt)] if _overlaps(ranges, b, b) else []
-            lead = _utf8_lead(b)
-            if lead is None:
-                return []
-            need, lo, hi = lead
-            return self._pending(frame[1], ranges, (b,), need, lo, hi)
-        if pending[0] == _WHOLE:  # (_WHOLE, continuation bytes left, next byte's range): every completion is in
-            _, left, low, high = pending
-            if not low <= b <= high:
-                return []
-            if left == 1:
-                return [((RX, s),) for s in self._closure(nxt)]
-            return [((RX, frame[1], _WHOLE, left - 1, 0x80, 0xBF),)]
-        need, lo, hi = _utf8_lead(pending[0])
-        low, high = (lo, hi) if len(pending) == 1 else (0x80, 0xBF)
-        if not low <= b <= high:
-            return []
-        got = (*pending, b)
-        if len(got) == need + 1:
-            code = bytes(got).decode("utf-8")
-            return [((RX, s),) for s in self._closure(nxt)] if _overlaps(ranges, ord(code), ord(code)) else []
-        return self._pending(frame[1], ranges, got, need, lo, hi)
-
-    @staticmethod
-    def _pending(state: int, ranges, got: tuple[int, ...], need: int, lo: int, hi: int) -> list[tuple]:
-        """The stack after the bytes `got` of a character begun in NFA state `state`: none when no completion is in
-        the class; a canonical (_WHOLE, ...) frame when every completion is (so `.` or [^"] after any lead byte is
-        one of a few positions, not one per prefix: masks are computed per position); else the bytes themselves."""
-        first, last = _span(got, need, lo, hi)
-        if not _overlaps(ranges, first, last):
-            return []
-        if any(a <= first and last <= b for a, b in ranges):
-            low, high = (lo, hi) if len(got) == 1 else (0x80, 0xBF)
-            return [((RX, state, _WHOLE, need + 1 - len(got), low, high),)]
-        return [((RX, state, *got),)]
+        return [((RX, *tail),) for tail in self.nfa.step(stack[0][1:], b)]
 
 
 def _span(got: tuple[int, ...], need: int, lo: int, hi: int) -> tuple[int, int]:
@@ -326,8 +348,9 @@ def _span(got: tuple[int, ...], need: int, lo: int, hi: int) -> tuple[int, int]:
             value(([hi] if first else []) + [0xBF] * (left - first)))  # fmt: skip
 
 
-def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
-    """The matcher of strings `pattern` fullmatches. GuideError naming `where` for what it cannot guide to."""
+def build_nfa(pattern: str, where: str, exclude: tuple[tuple[int, int], ...] = ()) -> _Nfa:
+    """The NFA of `pattern` (fullmatch), its `start` and `accept` states set; no class holds a code point in
+    `exclude`. GuideError naming `where` for what it cannot guide to."""
     if not isinstance(pattern, str) or not pattern:
         raise GuideError(f"{where}: expected a non-empty pattern")
     if len(pattern) > MAX_PATTERN:
@@ -338,46 +361,13 @@ def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
         raise GuideError(f"{where}: not a valid regular expression ({e})") from None
     if parsed.state.flags & ~(re.UNICODE | getattr(re, "U", 0)):
         raise GuideError(f"{where}: flags are not supported")
-    nfa = _Nfa(where)
-    start = nfa.state()
-    accept = nfa.build(list(parsed), start, where, top=True)
-    return RegexGrammar(nfa, start, accept, where)
+    nfa = _Nfa(where, exclude)
+    nfa.start = nfa.state()
+    nfa.accept = nfa.build(list(parsed), nfa.start, where, top=True)
+    return nfa
 
 
-def positions(grammar: RegexGrammar, max_positions: int = MAX_POSITIONS, max_work: int = MAX_WORK) -> list:
-    """Every position (matcher state) the pattern can reach, found by trying each byte from each. GuideError past
-    `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grows with its state's
-    stacks: 250 overlapping alternatives made one mask cost ~1 s). Deterministic: the same pattern is accepted or
-    refused whatever is cached and however loaded the machine is."""
-    seen = {grammar.start(): None}
-    todo = [grammar.start()]
-    work = len(grammar.start())
-    while todo:
-        state = todo.pop()
-        row = grammar.row(state)
-        for b in range(256):
-            nxt = row[b] if b in row else grammar.fill(row, state, b)
-            if nxt is None or nxt in seen:
-                continue
-            work += len(nxt)
-            if len(seen) >= max_positions or work > max_work:
-                what = f"{max_positions} positions" if len(seen) >= max_positions else f"{max_work} position-stacks"
-                raise GuideError(f"{grammar.where}: more than {what} to prepare token masks for (use * or + for long "
-                                 "repeats, or a smaller bound; fewer overlapping alternatives)")  # fmt: skip
-            seen[nxt] = None
-            todo.append(nxt)
-    return list(seen)
-
-
-def prepare_masks(guide, max_positions: int = MAX_POSITIONS, seconds: float = PREPARE_S) -> int:
-    """Compute the mask of every position a regex guide's pattern can reach and pin them on the guide (the engine
-    thread then only looks them up, whatever the table's cache evicts); returns how many. GuideError past the
-    bounds of `positions`, or past `seconds` of mask work (a backstop for a very large vocabulary)."""
-    grammar, table = guide.grammar, guide.table
-    start = time.perf_counter()
-    for state in positions(grammar, max_positions):
-        guide.pinned[state] = table.mask(grammar, state)
-        if time.perf_counter() - start > seconds:
-            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
-                             f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip
-    return len(guide.pinned)
+def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
+    """The matcher of strings `pattern` fullmatches. GuideError naming `where` for what it cannot guide to."""
+    nfa = build_nfa(pattern, where)
+    return RegexGrammar(nfa, nfa.start, nfa.accept, where)

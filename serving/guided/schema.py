@@ -3,27 +3,34 @@
 Supported keywords: type (one or a list), properties, required, additionalProperties (false, true or absent with
 properties: no keys beyond them either way; without properties a schema for every value), items (a schema or false),
 prefixItems, minItems, maxItems, enum, const (any JSON values), anyOf, oneOf (read as anyOf), allOf of one schema,
-$ref to "#/$defs/..." or "#/definitions/..." (recursion allowed), minLength, maxLength. Annotations are ignored:
+$ref to "#/$defs/..." or "#/definitions/..." (recursion allowed), minLength, maxLength, minimum / maximum /
+exclusiveMinimum / exclusiveMaximum on type integer (ranges.py), pattern (the string's content fullmatches it, written
+without JSON escapes; with minLength / maxLength counted: patterns.py) and format (date, time, date-time, uuid, email,
+ipv4, ipv6, hostname, uri enforced as a pattern from formats.py's table; not together with a pattern; other formats
+are annotations; format beside anyOf / oneOf / allOf / $ref / enum / const is not applied). Annotations are ignored:
 title, description, default, examples, $schema, $id, $comment, deprecated, readOnly, writeOnly, discriminator (its
-oneOf is still enforced) and format (strings are not checked against it). Any other keyword raises GuideError naming
-its place and the supported ones.
+oneOf is still enforced). Any other keyword raises GuideError naming its place and the supported ones.
 
 What is generated is always valid for the schema, sometimes more strictly than the schema asks:
 - properties are written in the schema's order, a schema without "type" takes the type its keywords imply (e.g.
   {"minLength": 1} -> a string), a const/enum value is written as Python's json.dumps writes it (compact, UTF-8), an
   object or array const as an object or array of consts (whitespace free), and a surrogate pair written as two
-  \\u escapes counts two characters toward minLength/maxLength.
+  \\u escapes counts two characters toward minLength/maxLength;
+- a pattern's unanchored search is written as a whole match (`abc` writes exactly "abc"), and a format as the subset
+  of it in formats.py's table.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from typing import Any
 
 from meshserve.serving.guided.grammar import LIT, T_OPEN, TOOLS, VAL, Grammar
+from meshserve.serving.guided.patterns import compile_pattern, read_pattern
+from meshserve.serving.guided.ranges import BOUNDS, read_bounds
 from meshserve.serving.guided.spec import KINDS, GuideError, GuideSpec
+from meshserve.serving.guided.spec import show as _show
 
 __all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH", "MAX_CHOICES"]
 
@@ -33,23 +40,19 @@ MAX_CHOICES = 4096  # strings of a "choice" format (vLLM's guided_choice)
 SUPPORTED_KEYWORDS = (
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems", "enum",
     "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum",
+    "exclusiveMaximum", "pattern", "format",
 )  # fmt: skip
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # followed on type integer only
 IGNORED_KEYWORDS = ("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-                    "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions")  # fmt: skip
+                    "readOnly", "writeOnly", "discriminator", "$defs", "definitions")  # fmt: skip
+_NOT_APPLIED = ("format",)  # followed on a string type only; beside a combinator or enum/const it is not applied
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _IMPLIED = {  # the type a keyword implies when a schema has no "type"
     "properties": "object", "required": "object", "additionalProperties": "object", "items": "array",
     "prefixItems": "array", "minItems": "array", "maxItems": "array", "minLength": "string", "maxLength": "string",
     "minimum": "number", "maximum": "number", "exclusiveMinimum": "number", "exclusiveMaximum": "number",
+    "pattern": "string",
 }  # fmt: skip
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_KEYWORDS)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _key(name: str) -> bytes:
@@ -152,7 +155,7 @@ class _Compiler:
         for key in schema:
             if key not in SUPPORTED_KEYWORDS and key not in IGNORED_KEYWORDS:
                 raise GuideError(f"{path}.{key}: not supported (supported keywords: {_SUPPORTED_TEXT})")
-        used = [k for k in schema if k in SUPPORTED_KEYWORDS]
+        used = [k for k in schema if k in SUPPORTED_KEYWORDS and k not in _NOT_APPLIED]
         for alone in ("$ref", "allOf", "anyOf", "oneOf"):
             if alone in schema:
                 others = [k for k in used if k != alone]
@@ -189,7 +192,7 @@ class _Compiler:
         return kinds
 
     def enum(self, schema: dict, types: list[str], path: str) -> int:
-        others = [k for k in schema if k in SUPPORTED_KEYWORDS and k not in ("type", "enum", "const")]
+        others = [k for k in schema if k in SUPPORTED_KEYWORDS and k not in ("type", "enum", "const", *_NOT_APPLIED)]
         if others:
             raise GuideError(f"{path}: enum/const together with {', '.join(others)} is not supported")
         if "const" in schema:
@@ -225,6 +228,9 @@ class _Compiler:
             hi = hi if "maxLength" in schema else -1
             if 0 <= hi < lo:
                 raise GuideError(f"{path}.maxLength: {hi} is below minLength {lo}")
+            pattern, where = read_pattern(schema, path)
+            if pattern:
+                return self.add(("pat", compile_pattern(pattern, lo, hi, where)), path)
             return self.add(("str", lo, hi), path)
         if kind in ("number", "integer"):
             given = [k for k in BOUNDS if k in schema]
@@ -232,30 +238,11 @@ class _Compiler:
                 raise GuideError(f"{path}.{given[0]}: followed for type integer only (a number's decimals have no "
                                  "bound here): use type integer, or drop it")  # fmt: skip
             if given:
-                return self.add(("int", *self.bounds(schema, path)), path)
+                return self.add(("int", *read_bounds(schema, path)), path)
             return self.add(("num", kind == "integer"), path)
         if kind == "boolean":
             return self.add(("alt", (self.const(True, path), self.const(False, path))), path)
         return self.const(None, path)
-
-    def bounds(self, schema: dict, path: str) -> tuple[int | None, int | None]:
-        """An integer schema's inclusive (lo, hi) from minimum / maximum / exclusiveMinimum / exclusiveMaximum."""
-        lo = hi = None
-        for key in BOUNDS:
-            if key not in schema:
-                continue
-            value = schema[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) > 1e20:
-                raise GuideError(f"{path}.{key}: expected a number of at most 20 digits, got {_show(value)}")
-            if key == "minimum" or key == "exclusiveMinimum":
-                low = math.ceil(value) if key == "minimum" else math.floor(value) + 1
-                lo = low if lo is None else max(lo, low)
-            else:
-                high = math.floor(value) if key == "maximum" else math.ceil(value) - 1
-                hi = high if hi is None else min(hi, high)
-        if lo is not None and hi is not None and lo > hi:
-            raise GuideError(f"{path}: no integer is within its bounds ({lo} > {hi})")
-        return lo, hi
 
     def object(self, schema: dict, path: str) -> int:
         props, required = schema.get("properties"), schema.get("required", [])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from meshserve.errors import UserError
 
-__all__ = ["GuideError", "GuideSpec", "KINDS"]
+__all__ = ["GuideError", "GuideSpec", "KINDS", "show"]
 
 KINDS = ("json_object", "json_schema", "tool_calls", "choice", "regex")
 
@@ -14,6 +16,12 @@ KINDS = ("json_object", "json_schema", "tool_calls", "choice", "regex")
 class GuideError(UserError):
     """A format meshserve cannot guide to (a schema keyword it does not support, a tool that does not exist); the
     message names where in the spec, e.g. `schema.properties.age.pattern: not supported`."""
+
+
+def show(value: Any) -> str:
+    """A value as an error message quotes it (JSON, strings as repr; at most 40 characters)."""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
