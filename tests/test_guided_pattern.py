@@ -23,9 +23,11 @@ from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec
 from meshserve.serving.guided.formats import FORMATS
 from meshserve.serving.guided.grammar import MAX_OPEN
+from meshserve.serving.guided.masks import _pattern_positions, prepare_patterns
 from meshserve.serving.guided.patterns import MAX_COUNTED, compile_pattern
 from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK
 from meshserve.serving.guided.regex import MAX_NFA, MAX_PATTERN
+from meshserve.serving.guided.strings import PAT
 from test_guided_grammar import PERSON, RECURSIVE
 from test_guided_masks import SCHEMAS, bits, bpe, brute, walk  # noqa: F401  (bpe: the fixture)
 
@@ -273,20 +275,31 @@ def _check(value: dict, schema: dict) -> None:
 
 @pytest.mark.parametrize("schema", [WALK_SCHEMA, FORMAT_SCHEMA], ids=["patterns", "formats"])
 def test_random_walks_write_strings_that_match_and_validate(bpe, schema):  # noqa: F811
+    """Walks through the masks end in JSON whose strings match and validate; every state inside a pattern string
+    takes its plain tokens from the pattern's position masks (prepared first, for the BPE), equal to a token-by-token
+    check; the byte tokenizer's masks are computed when reached."""
     g = grammar(schema)
     for tokenizer in (bpe, ByteTokenizer()):
         table = TokenTable.of(tokenizer, tokenizer.vocab_size + 8)
         stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        ended = 0
+        if tokenizer is bpe:
+            assert prepare_patterns(Guide(g, table)) > 0 and prepare_patterns(Guide(g, table)) == 0  # cached
+        ended, inside = 0, 0
         for seed in range(4):
             rng = random.Random(seed)
             text, finished, states = walk(Guide(g, table, stop), rng, limit=700)
             if finished:
                 ended += 1
                 _check(json.loads(text), schema)
-            for state in rng.sample(states, min(2, len(states))):  # masks agree with each token tried alone
+            for state in states:
+                if all(stack[-1][0] == PAT for stack in state):
+                    assert _pattern_positions(g, state) is not None  # a position of its pattern, not a full walk
+                    inside += 1
+                    if seed == 0:  # masks agree with each token tried alone
+                        np.testing.assert_array_equal(bits(table.mask(g, state)), brute(table, g, state))
+            for state in rng.sample(states, min(2, len(states))):
                 np.testing.assert_array_equal(bits(table.mask(g, state)), brute(table, g, state))
-        assert ended >= 3, (schema, tokenizer)
+        assert ended >= 3 and inside > 20, (schema, tokenizer, ended, inside)
 
 
 def test_a_tool_call_with_a_date_pattern_parses_back(bpe):  # noqa: F811

@@ -3,7 +3,8 @@
 Trains a byte-level BPE (GPT-2 style, the `tokenizers` library) of `--vocab` tokens on generated JSON and
 English-like text, then reports:
 - the first mask of a new state (nothing cached for the grammar yet, and with the grammar's byte memo warm): at the
-  start of a json_object, in a string, after a key, in a number;
+  start of a json_object, in a string, after a key, in a number, and inside pattern strings (format date-time and
+  email, a pattern [^\\s]{1,40}: no plain-string fast path there), with the time compile_spec takes for that schema;
 - over random walks through the masks that write `--docs` JSON documents (about 200 tokens each, json_object and a
   schema in turn), the mask time per token (mean, p50, p99, max) and how many masks came from the cache.
 """
@@ -33,6 +34,14 @@ _SCHEMA = {
         "kind": {"enum": ["person", "company", "robot"]},
     },
     "required": ["name", "age"],
+}
+_PATTERNED = {
+    "type": "object",
+    "properties": {
+        "at": {"type": "string", "format": "date-time"},
+        "mail": {"type": "string", "format": "email"},
+        "tag": {"type": "string", "pattern": "^[^\\s]{1,40}$"},
+    },
 }
 
 
@@ -90,10 +99,12 @@ def train_vocab(size: int, seed: int = 0):
     return HFTokenizer(path)
 
 
-def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float]:
-    """(ms for the first mask of the state after `prefix` on a fresh grammar and table, ms for another new state's
-    mask once the grammar's byte memo is warm: the same position one byte later)."""
-    from meshserve.serving.guided import TokenTable, compile_spec
+def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float, float, float]:
+    """(ms for the first mask of the state after `prefix` on a fresh grammar and table, ms for its mask again once
+    the grammar's byte memo is warm, ms prepare_patterns takes on a fresh table (the caller's thread at submit), ms
+    for the state's mask after it: what the engine thread pays for a new state)."""
+    from meshserve.serving.guided import Guide, TokenTable, compile_spec
+    from meshserve.serving.guided.masks import prepare_patterns
 
     compile_spec.cache_clear()
     grammar = compile_spec(spec)
@@ -105,7 +116,14 @@ def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float]:
     table._masks.clear()  # the mask cache emptied, the grammar's memo kept
     t0 = time.perf_counter()
     table.mask(grammar, state)
-    return cold * 1e3, (time.perf_counter() - t0) * 1e3
+    warm = time.perf_counter() - t0
+    table = TokenTable(tokenizer.token_bytes(), tokenizer.vocab_size)
+    t0 = time.perf_counter()
+    prepare_patterns(Guide(grammar, table))
+    prepare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table.mask(grammar, state)
+    return cold * 1e3, warm * 1e3, prepare * 1e3, (time.perf_counter() - t0) * 1e3
 
 
 def _walks(tokenizer, docs: int, seed: int) -> dict:
@@ -159,20 +177,39 @@ def main(argv: list[str] | None = None) -> int:
     TokenTable.of(tokenizer, tokenizer.vocab_size)
     table_s = time.perf_counter() - t0
     obj, schema = GuideSpec("json_object"), GuideSpec("json_schema", schema=json.dumps(_SCHEMA))
+    patterned = GuideSpec("json_schema", schema=json.dumps(_PATTERNED))
+    from meshserve.serving.guided import compile_spec
+    from meshserve.serving.guided.patterns import _compile
+
+    compile_spec.cache_clear()
+    _compile.cache_clear()  # the patterns' own cache too: a first compile
+    t0 = time.perf_counter()
+    compile_spec(patterned)
+    compile_ms = (time.perf_counter() - t0) * 1e3
     cases = {"start": (obj, b""), "in a string": (obj, b'{"name": "Ada Lo'),
              "after a key": (obj, b'{"name"'), "in a number": (obj, b'{"age": 12'),
              "schema: in a string": (schema, b'{"name": "Ada Lo'), "schema: after a key": (schema, b'{"name"'),
-             "schema: in a number": (schema, b'{"name": "x", "age": 12')}  # fmt: skip
+             "schema: in a number": (schema, b'{"name": "x", "age": 12'),
+             "date-time: in the date": (patterned, b'{"at": "2024-0'),
+             "date-time: in the time": (patterned, b'{"at": "2024-01-02T12:3'),
+             "email: in the domain": (patterned, b'{"at": "2024-01-02T12:30:00Z", "mail": "joe@exa'),
+             "[^\\s]{1,40}: 3 chars in": (patterned, b'{"tag": "abc')}  # fmt: skip
     new_state = {name: _new_state_ms(tokenizer, spec, prefix) for name, (spec, prefix) in cases.items()}
     result = {"vocab": tokenizer.vocab_size, "train_s": trained, "table_build_s": table_s,
-              "new_state_ms": {k: {"cold": v[0], "memo_warm": v[1]} for k, v in new_state.items()},
+              "pattern_schema_compile_ms": compile_ms,
+              "new_state_ms": {k: {"cold": v[0], "memo_warm": v[1], "prepare_patterns": v[2], "prepared": v[3]}
+                               for k, v in new_state.items()},
               "walks": _walks(tokenizer, args.docs, args.seed)}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"vocab {result['vocab']}: trained in {trained:.1f} s, token table built in {table_s:.2f} s")
-    for name, (cold, warm) in new_state.items():
-        print(f"  new state, {name:22s} {cold:7.2f} ms (byte memo warm: {warm:6.2f} ms)")
+    print(
+        f"vocab {result['vocab']}: trained in {trained:.1f} s, token table built in {table_s:.2f} s; a schema "
+        f"with date-time, email and pattern strings compiled in {compile_ms:.0f} ms"
+    )
+    for name, (cold, warm, prepare, prepared) in new_state.items():
+        after = f"; {prepared:5.2f} ms after prepare_patterns' {prepare:.0f} ms" if prepare > 1 else ""
+        print(f"  new state, {name:26s} {cold:7.2f} ms (byte memo warm: {warm:6.2f} ms{after})")
     w = result["walks"]
     print(f"  walks: {w['docs']} docs ({w['finished']} finished), {w['tokens']} tokens, mask per token: "
           f"mean {w['mask_ms_mean']:.3f} ms, p50 {w['mask_ms_p50']:.3f}, p99 {w['mask_ms_p99']:.2f}, "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from meshserve.serving.guided.formats import format_pattern
 from meshserve.serving.guided.grammar import MAX_OPEN, Grammar
 from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK, positions
@@ -48,6 +49,10 @@ class StringPattern:
 
     def __init__(self, pattern: str, min_length: int, max_length: int, where: str):
         self.where = where
+        self._alone: Grammar | None = None
+        self.positions: list = []  # every position (a state of `alone()`), once counted (compile_pattern)
+        self.index: dict = {}  # position -> its number
+        self.next = np.zeros((1, 256), np.int32)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
         self.nfa = nfa = build_nfa(pattern, where, JSON_ESCAPED)
         self.min, self.max = min_length, max_length
         # Counts past `cap` change nothing: with a maxLength none comes, without one every count >= minLength is alike.
@@ -150,6 +155,13 @@ class StringPattern:
     def closes(self, frame: tuple) -> bool:
         return len(frame) == 4 and frame[3] == self.nfa.accept and frame[2] >= self.min
 
+    def alone(self) -> Grammar:
+        """The pattern string without its quotes as a Grammar (frames with node 0): positions are counted and the
+        plain tokens' masks walked over it (masks.py); made once, its byte memo kept."""
+        if self._alone is None:
+            self._alone = _Positions(self)
+        return self._alone
+
 
 class _Positions(Grammar):
     """A pattern string alone (no quotes), as a `Grammar`, for regex.positions to count its positions."""
@@ -196,5 +208,14 @@ _WHERE = "pattern"
 @functools.lru_cache(maxsize=256)
 def _compile(pattern: str, min_length: int, max_length: int) -> StringPattern:
     matcher = StringPattern(pattern, min_length, max_length, _WHERE)
-    positions(_Positions(matcher), MAX_POSITIONS, MAX_WORK)
+    alone = matcher.alone()
+    matcher.positions = positions(alone, MAX_POSITIONS, MAX_WORK)
+    matcher.index = {state: i for i, state in enumerate(matcher.positions)}
+    dead = len(matcher.positions)
+    matcher.next = np.full((dead + 1, 256), dead, np.int32)
+    for i, state in enumerate(matcher.positions):
+        for b in range(256):
+            after = alone.step(state, b)
+            if after is not None:
+                matcher.next[i, b] = matcher.index[after]
     return matcher

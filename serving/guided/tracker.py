@@ -67,6 +67,10 @@ class GuideTracker:
                     from meshserve.serving.guided.regex import prepare_masks
 
                     prepare_masks(guide)
+                else:  # a schema's pattern strings: their plain tokens' masks (cached per pattern: once per server)
+                    from meshserve.serving.guided.masks import prepare_patterns
+
+                    prepare_patterns(guide)
                 guide.mask()  # the start state's mask, cached for the prefill
                 started[r.id] = guide
         self._guides.update(started)
