@@ -133,7 +133,7 @@ def test_network_and_identifier_formats():
         "email": (["joe@example.com", "first.last+tag@mail.example.co", "a!#$%&'*+/=?^_`{|}~-@b.io"],
                   ["joe", "@example.com", "joe@com", "joe..x@ex.com", ".joe@ex.com", "joe@ex.c0m", "joe@-ex.com"]),
         "uri": (["https://example.com/a/b?q=1&r=%20#frag", "mailto:joe@example.com", "urn:isbn:0451450523", "a:",
-                 "file:///etc/hosts", "http://host:8080"], ["example.com", "1http://x", "http://a b", "http://x:y",
+                 "file:///etc/hosts", "http://host:65535"], ["example.com", "http://host:65536", "1http://x", "http://a b", "http://x:y",
                                                              "http://[::1]/", "http://x/%zz", "ht tp://x"]),
     }  # fmt: skip
     for name, (good, bad) in cases.items():

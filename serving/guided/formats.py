@@ -7,14 +7,15 @@ validator checks the format:
   required there; no leap second 60, which Python's datetime refuses; upper-case Z only).
 - date-time: date "T" time (RFC 3339; upper-case T).
 - uuid: 8-4-4-4-12 hex digits (either case).
-- email: a practical subset: a dot-atom local part of letters, digits and ! # $ % & ' * + / = ? ^ _ ` { | } ~ -
-  (at most 64 characters), "@", a domain of 1-4 dot-separated labels (letters, digits, inner hyphens, 1-63
-  characters each) ending in a top-level label of 2-24 letters.
+- email: a practical subset: a local part of one atom or two joined by a dot (atoms of letters, digits and
+  ! # $ % & ' * + / = ? ^ _ ` { | } ~ -; at most 32 + 1 + 31 characters), "@", 1-3 labels (letters, digits, inner
+  hyphens, at most 47 characters each) each followed by a dot, then a top-level label of 2-24 letters: at most 233
+  characters in all (254 allowed).
 - ipv4: four decimal octets 0-255 without leading zeros.
 - ipv6: the eight hex groups in full or with one "::" (RFC 4291 text forms without an embedded IPv4 tail).
 - hostname: 1-4 dot-separated labels (RFC 1123: letters, digits, inner hyphens, at most 62 characters each here,
   so 251 in all within the 253 allowed).
-- uri: a practical subset of RFC 3986: scheme ":" then "//" host [":" port] with a path, or a path without the
+- uri: a practical subset of RFC 3986: scheme ":" then "//" host [":" port 0-65535] with a path, or a path without the
   "//", then an optional "?" query and "#" fragment; characters from RFC 3986's sets or %XX (no spaces, no
   brackets).
 Other formats (int32, regex, ...) are annotations, ignored as JSON Schema allows.
@@ -46,6 +47,7 @@ _PCT = r"%[0-9A-Fa-f]{2}"
 _SUB = r"A-Za-z0-9\-._~!$&'()*+,;="  # RFC 3986 unreserved and sub-delims
 _PCHAR = rf"([{_SUB}:@]|{_PCT})"
 _QUERY = rf"([{_SUB}:@/?]|{_PCT})*"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"  # 0-65535
 
 FORMATS = {
     "date": _date(),
@@ -56,7 +58,7 @@ FORMATS = {
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": _IPV6,
     "hostname": rf"{_HOST_LABEL}(\.{_HOST_LABEL}){{0,3}}",
-    "uri": rf"[A-Za-z][A-Za-z0-9+.\-]*:(//([{_SUB}]|{_PCT})*(:[0-9]{{1,5}})?(/{_PCHAR}*)*|{_PCHAR}+(/{_PCHAR}*)*)?"
+    "uri": rf"[A-Za-z][A-Za-z0-9+.\-]*:(//([{_SUB}]|{_PCT})*(:{_PORT})?(/{_PCHAR}*)*|{_PCHAR}+(/{_PCHAR}*)*)?"
     rf"(\?{_QUERY})?(#{_QUERY})?",
 }
 

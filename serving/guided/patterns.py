@@ -14,11 +14,16 @@ Semantics:
 - minLength / maxLength together with a pattern are followed: characters (code points) are counted in the frame,
   capped at maxLength (or minLength when there is no maxLength), and a character or the closing quote is allowed
   only where some completion satisfies both the pattern and the lengths (a table of the NFA states that can still
-  accept at each count, built at compile time), so the output never reaches a dead end.
-- Bounds: regex.py's (MAX_PATTERN characters, MAX_NFA states, MAX_POSITIONS positions and MAX_WORK position-stacks
-  counted at compile time, deterministically: each position of the string may cost a walk of the vocabulary for its
-  first mask), grammar.py's MAX_OPEN alternatives, and MAX_COUNTED (NFA states x counted lengths in the table).
-  Past any of them the schema is refused with a GuideError naming the path (`schema.properties.x.pattern: ...`).
+  accept at each count, built at compile time), so the output never reaches a dead end. Lengths every match of the
+  pattern already has (a date with maxLength 10) are not counted: no extra positions.
+- Bounds: regex.py's MAX_PATTERN characters and MAX_NFA states, positions.py's MAX_POSITIONS positions and MAX_WORK
+  position-stacks (counted at compile time, deterministically, counts included: each position has a mask of its
+  own), grammar.py's MAX_OPEN alternatives, and MAX_COUNTED (NFA states x counted lengths in the table). Past any
+  of them the schema is refused with a GuideError naming the path (`schema.properties.x.pattern: ...`).
+- Masks: a position's plain tokens (no quote, backslash or control: they stay inside the string) do not depend on
+  where the string is, so masks.py computes one mask per position with the table `next` built here (the position
+  after each byte) and shares it across states, schemas and requests; compiled patterns are cached by (pattern,
+  minLength, maxLength).
 
 Frames: (PAT, node, count, nfa state, *pending bytes of a character begun) (strings.py steps them in the grammar).
 """

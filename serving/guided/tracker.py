@@ -55,7 +55,8 @@ class GuideTracker:
 
     def add(self, requests: Iterable[Request]) -> None:
         """Start a Guide for each guided request (before it is queued); its first mask is computed here, and a
-        regex's every mask. All or none: a GuideError (a format past its bounds) leaves no guide behind."""
+        regex's every mask, and a schema's pattern strings' position masks not cached yet (masks.prepare_patterns).
+        All or none: a GuideError (a format past its bounds) leaves no guide behind."""
         started = {}
         for r in requests:
             if r.guide is not None:
