@@ -149,11 +149,11 @@ class TokenTable:
 
     def pattern_masks(self, matcher, positions: list[int]) -> list[np.ndarray]:
         """Compute and cache the plain-token masks of these positions: each plain token's bytes run through the
-        pattern's position table (`matcher.next` int32 [P + 1, 256], row P the dead end) for 64 positions at once."""
+        pattern's position table (`matcher.next` int16 [P + 1, 256], row P the dead end) for 64 positions at once."""
         ids, data, longer = self._plain_matrix()
         out = []
         for at in range(0, len(positions), 64):
-            starts = np.asarray(positions[at : at + 64], np.int32)
+            starts = np.asarray(positions[at : at + 64], np.int16)
             now = np.repeat(starts[:, None], len(ids), axis=1)  # [S, Vp]: each start's position after k bytes
             for k, n in enumerate(longer):  # tokens sorted longest first: the n longer than k take byte k
                 now[:, :n] = matcher.next[now[:, :n], data[:n, k]]

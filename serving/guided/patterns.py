@@ -54,10 +54,9 @@ class StringPattern:
 
     def __init__(self, pattern: str, min_length: int, max_length: int, where: str):
         self.where = where
-        self._alone: Grammar | None = None
-        self.positions: list = []  # every position (a state of `alone()`), once counted (compile_pattern)
+        self.positions: list = []  # every position (a state of _Positions), once counted (compile_pattern)
         self.index: dict = {}  # position -> its number
-        self.next = np.zeros((1, 256), np.int32)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
+        self.next = np.zeros((1, 256), np.int16)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
         self.nfa = nfa = build_nfa(pattern, where, JSON_ESCAPED)
         self.min, self.max = min_length, max_length
         # Counts past `cap` change nothing: with a maxLength none comes, without one every count >= minLength is alike.
@@ -160,16 +159,10 @@ class StringPattern:
     def closes(self, frame: tuple) -> bool:
         return len(frame) == 4 and frame[3] == self.nfa.accept and frame[2] >= self.min
 
-    def alone(self) -> Grammar:
-        """The pattern string without its quotes as a Grammar (frames with node 0): positions are counted and the
-        plain tokens' masks walked over it (masks.py); made once, its byte memo kept."""
-        if self._alone is None:
-            self._alone = _Positions(self)
-        return self._alone
-
 
 class _Positions(Grammar):
-    """A pattern string alone (no quotes), as a `Grammar`, for regex.positions to count its positions."""
+    """A pattern string alone (no quotes) as a `Grammar` (frames with node 0): positions.positions counts its
+    positions, and compile_pattern reads their table `next` from it."""
 
     def __init__(self, matcher: StringPattern):
         self.matcher = matcher
@@ -210,14 +203,14 @@ def compile_pattern(pattern: str, min_length: int, max_length: int, where: str) 
 _WHERE = "pattern"
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)  # a matcher holds its positions and their table: up to ~1 MB
 def _compile(pattern: str, min_length: int, max_length: int) -> StringPattern:
     matcher = StringPattern(pattern, min_length, max_length, _WHERE)
-    alone = matcher.alone()
+    alone = _Positions(matcher)  # dropped after: its byte memo (up to 2^18 entries) is not needed once `next` is
     matcher.positions = positions(alone, MAX_POSITIONS, MAX_WORK)
     matcher.index = {state: i for i, state in enumerate(matcher.positions)}
     dead = len(matcher.positions)
-    matcher.next = np.full((dead + 1, 256), dead, np.int32)
+    matcher.next = np.full((dead + 1, 256), dead, np.int16)  # MAX_POSITIONS fits
     for i, state in enumerate(matcher.positions):
         for b in range(256):
             after = alone.step(state, b)
