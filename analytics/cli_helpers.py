@@ -23,7 +23,8 @@ __all__ = [
 ]
 
 KV_CACHE_DTYPE_HELP = (
-    "the KV cache's storage, as `meshserve serve --kv-cache-dtype` stores it: bf16 (2 bytes per element) or int8 "
+    "the KV cache's storage, as `meshserve serve --kv-cache-dtype` stores it: bf16 (2 bytes per element; auto is "
+    "the same, as serve's auto stores bf16 for bf16 and int8 weights) or int8 "
     "(int8 values and one power-of-two exponent per token and kv head: 1 + 1/d_head bytes per element, about half "
     "the cache's memory and of the cache bytes a decode step reads) (default bf16)"
 )
@@ -74,7 +75,9 @@ def kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
     """--kv-cache-dtype {bf16,int8} (default bf16): the KV cache's storage the cost or memory model prices."""
     from meshserve.analytics.sizes import KV_DTYPES
 
-    p.add_argument("--kv-cache-dtype", choices=list(KV_DTYPES), default="bf16", help=KV_CACHE_DTYPE_HELP)
+    # serve's "auto" (the compute dtype) is bf16 here: the cost model prices bf16 activations.
+    p.add_argument("--kv-cache-dtype", type=lambda s: "bf16" if s == "auto" else s, choices=list(KV_DTYPES),
+                   default="bf16", help=KV_CACHE_DTYPE_HELP)  # fmt: skip
 
 
 def fmt_s(s: float) -> str:

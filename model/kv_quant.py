@@ -9,7 +9,12 @@ exactness: values * 2^e is exact in bf16 and f32, so rounding an already-rounded
 That is what lets every path see the same keys: prefill rounds its new k, v to the int8 grid before it attends
 over them (`round_to_int8`), a decode step its own k, v, and `insert` / the decode step's write store them without
 another rounding; a prompt prefilled whole, in chunks, or over a cached prefix, and a verify step's drafts, read
-exactly the keys a decode step reads later.
+exactly the keys a decode step reads later. The exponent comes from the float's own bits (`frexp`) and 2^e is built
+from bits too (`pow2`): exp2 / log2 are not exact on every backend (XLA lowers exp2 to exp(x ln 2)).
+The decode step reads the int8 values as they are and applies the scales outside the head-dim contraction
+(`operands`, layers.attend_cached): q . (v 2^e) = (q . v) 2^e, and p 2^e weighs value v, so no scaled copy of
+the cache is made. A NaN or inf in a key or value cannot be stored (it reads back as a finite value); a model that
+writes one is broken either way.
 
 `Int8KV` reads like the array it stands for where the cache is sliced and written: `kv[i, :, :C]` indexes the
 leading axes of values and scales alike, `kv.at[idx].set(x)` rounds a float x (or copies another `Int8KV`), and
@@ -38,10 +43,14 @@ __all__ = [
     "sharding_of",
     "bytes_per_element",
     "check_kv_cache_dtype",
+    "operands",
+    "pow2",
 ]
 
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's compute dtype (bf16, or f32 for f32 weights)
-_MIN_EXPONENT = -120  # an all-zero vector's scale (values 0); keeps 2^e a normal float in bf16 and f32
+# Exponents are clipped to [-126, 126], where 2^e and 2^-e are both normal floats (bf16 and f32 share the range): an
+# all-zero vector takes the smallest, and |x| up to 127 * 2^126 (past f32's largest) is representable.
+_MIN_EXPONENT, _MAX_EXPONENT = -126, 126
 
 
 @jax.tree_util.register_dataclass
@@ -70,6 +79,7 @@ class Int8KV:
 
     def __getitem__(self, index: Any) -> Int8KV:
         """Index the leading axes (never the last, Q): the exponents follow the values."""
+        _check_leading(index, self.values.ndim)
         return Int8KV(self.values[index], self.exponent[index])
 
     @property
@@ -78,8 +88,16 @@ class Int8KV:
 
     def astype(self, dtype) -> jax.Array:
         """Dequantised [..., K, Q] in `dtype` (exact: an int8 times a power of two)."""
-        scale = jnp.exp2(self.exponent.astype(jnp.float32))[..., None]
-        return (self.values.astype(jnp.float32) * scale).astype(dtype)
+        return (self.values.astype(jnp.float32) * pow2(self.exponent)[..., None]).astype(dtype)
+
+
+def _check_leading(index: Any, ndim: int) -> None:
+    """An index of an `Int8KV` must name leading axes only: the exponents have one axis less (no Q)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) > ndim - 1 or any(p is Ellipsis or p is None for p in parts):
+        raise IndexError(
+            f"Int8KV takes an index of its leading {ndim - 1} axes (no ..., None or Q axis), got {index!r}"
+        )
 
 
 class _IndexedInt8KV:
@@ -87,6 +105,7 @@ class _IndexedInt8KV:
         self.kv, self.index = kv, index
 
     def __getitem__(self, index: Any) -> _IndexedInt8KV:
+        _check_leading(index, self.kv.values.ndim)
         return _IndexedInt8KV(self.kv, index)
 
     def set(self, x: jax.Array | Int8KV, mode: str | None = None) -> Int8KV:
@@ -98,15 +117,21 @@ class _IndexedInt8KV:
         )
 
 
+def pow2(exponent: jax.Array) -> jax.Array:
+    """2^e as float32, built from its bits (exact on every backend), for integer e in [-126, 127]."""
+    biased = (exponent.astype(jnp.int32) + 127) << 23
+    return jax.lax.bitcast_convert_type(biased, jnp.float32)
+
+
 def quantize(x: jax.Array) -> Int8KV:
     """x [..., Q] (float) -> Int8KV: per vector over the last axis, the smallest e with max|x| / 2^e <= 127."""
     x32 = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x32), axis=-1)
-    exponent = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / 127.0))
-    # log2 of a float is not exact: step the exponent down while the next smaller power still holds max|x|.
-    exponent = jnp.where(amax <= 127.0 * jnp.exp2(exponent - 1), exponent - 1, exponent)
-    exponent = jnp.clip(exponent, _MIN_EXPONENT, 127)
-    values = jnp.clip(jnp.round(x32 / jnp.exp2(exponent)[..., None]), -127, 127)
+    # amax = m 2^f with m in [0.5, 1) (exact, from the bits): 127 2^(f-7) >= amax iff 128 m <= 127.
+    m, f = jnp.frexp(amax)
+    exponent = jnp.where(amax > 0, f - 7 + (m * 128 > 127).astype(f.dtype), _MIN_EXPONENT)
+    exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+    values = jnp.clip(jnp.round(x32 * pow2(-exponent)[..., None]), -127, 127)
     return Int8KV(values.astype(jnp.int8), exponent.astype(jnp.int8))
 
 
@@ -116,12 +141,20 @@ def round_to_int8(x: jax.Array) -> jax.Array:
 
 
 def storable(x: jax.Array | Int8KV, stored: jax.Array | Int8KV) -> jax.Array | Int8KV:
-    """x as the cache `stored` keeps it: cast to its dtype, or for an `Int8KV` rounded to its grid (in x's dtype, so
-    writing it in stores it exactly and attending over it equals attending over what is stored). An `Int8KV` x
-    (rows of another int8 cache) is kept as it is for an int8 cache and dequantised for a plain one."""
+    """x as the cache `stored` keeps it, ready to write in: cast to its dtype, or for an `Int8KV` cache quantised
+    (once; `.astype` reads back exactly what is stored). An `Int8KV` x (rows of another int8 cache) is kept as it is
+    for an int8 cache and dequantised for a plain one."""
     if isinstance(x, Int8KV):
         return x if isinstance(stored, Int8KV) else x.astype(stored.dtype)
-    return round_to_int8(x) if isinstance(stored, Int8KV) else x.astype(stored.dtype)
+    return quantize(x) if isinstance(stored, Int8KV) else x.astype(stored.dtype)
+
+
+def operands(stored: jax.Array | Int8KV, dtype) -> tuple[jax.Array, jax.Array | None]:
+    """What attention reads of cached keys or values [..., K, Q]: (the stored values in `dtype`, the scales float32
+    [..., K] to apply outside the Q contraction, or None for a plain cache). int8 values are exact in bf16."""
+    if isinstance(stored, Int8KV):
+        return stored.values.astype(dtype), pow2(stored.exponent)
+    return stored.astype(dtype), None
 
 
 def zeros(shape: tuple[int, ...], dtype: Any) -> jax.Array | Int8KV:

@@ -105,24 +105,40 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def attend_cached(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array, k_new: jax.Array, v_new: jax.Array
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    visible: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Decode attention over cached keys plus this step's own key, without writing or concatenating the cache.
 
     q [B,1,H,Q]; k_cache/v_cache [B,C,K,Q]; visible bool [B,C] (cached positions this row may see); k_new/v_new
     [B,1,K,Q] (always visible) -> [B,1,H,Q]. Equals `attend` over the keys [cache; new]: one softmax over C + 1
     scores, the new key's part added separately, so the cache is only read.
+    k_scale / v_scale: float32 [B,C,K], an int8 cache's scales (model/kv_quant.py `operands`): key s is
+    k_cache[s] * k_scale[s], applied to its score after the Q contraction, and value s's probability is scaled
+    before the value contraction, so the cache is read as stored, with no scaled copy of it.
     """
     B, T, H, Q = q.shape
     K = k_cache.shape[2]
     qg = q.reshape(B, T, K, H // K, Q)
     scale = 1.0 / jnp.sqrt(jnp.float32(Q))
     old = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    if k_scale is not None:
+        old = old * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]  # [B, K, 1, 1, C]
     old = jnp.where(visible[:, None, None, None, :], old, NEG_INF)
     own = jnp.einsum("BTKGQ,BTKQ->BKGT", qg, k_new, preferred_element_type=jnp.float32)[..., None] * scale
-    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1).astype(v_cache.dtype)  # [B,K,G,T,C+1]
-    out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs[..., :-1], v_cache, preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("BKGT,BTKQ->BTKGQ", probs[..., -1], v_new, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1)  # [B,K,G,T,C+1] float32
+    cached = probs[..., :-1]
+    if v_scale is not None:
+        cached = cached * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
+    out = jnp.einsum("BKGTS,BSKQ->BTKGQ", cached.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    own_p = probs[..., -1].astype(v_new.dtype)
+    out = out + jnp.einsum("BKGT,BTKQ->BTKGQ", own_p, v_new, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, Q).astype(q.dtype)
 
 

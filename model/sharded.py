@@ -120,8 +120,9 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
             # transformer.decode_step).
             q, k = rope_qk(q, k, pos[:, None], c)
             new["k"], new["v"] = kv_quant.storable(k, ck), kv_quant.storable(v, cv)
-            kc, vc = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
-            return layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
+            (kc, ks), (vc, vs) = kv_quant.operands(ck[i], q.dtype), kv_quant.operands(cv[i], q.dtype)
+            own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
+            return layers.attend_cached(q, kc, vc, visible, own_k, own_v, ks, vs)
 
         return layer_fn(x, p, plan, ops, attn), (new["k"], new["v"])
 

@@ -233,8 +233,10 @@ def decode_step(
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config)
             new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
-            kc, vc = cache.k[i, :, :C].astype(q.dtype), cache.v[i, :, :C].astype(q.dtype)  # [B, C, K, Q]
-            o = layers.attend_cached(q, kc, vc, visible, new["k"].astype(q.dtype), new["v"].astype(q.dtype))
+            # [B, C, K, Q] as stored, and an int8 cache's scales [B, C, K] (applied outside the Q contraction)
+            (kc, ks), (vc, vs) = (kv_quant.operands(c[i, :, :C], q.dtype) for c in (cache.k, cache.v))
+            own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
+            o = layers.attend_cached(q, kc, vc, visible, own_k, own_v, ks, vs)
             return layers.attention_output(o, p)
 
         x = layers.layer_residual(x, p, attn, config)

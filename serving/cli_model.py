@@ -80,8 +80,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="KV cache storage: auto (the compute dtype: bf16, or f32 for f32 weights) or int8 (one power-of-two "
         "scale per token and kv head: half of bf16's memory, so twice the slots or context fit, and half the cache "
-        "to read per decode step; keys and values lose ~0.4%% of each vector's largest element, so answers can "
-        "differ from auto's after a near tie). Default auto",
+        "bytes for a decode step to read; each key and value moves by at most 0.8%% of its vector's largest element, "
+        "so answers can differ from auto's after a near tie; score reads no cache, so its log-probs do not change). "
+        "Default auto",
     )
     parser.add_argument(
         "--layers",

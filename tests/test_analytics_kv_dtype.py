@@ -189,6 +189,8 @@ def test_cli_analyze_json_and_header(capsys):
     assert code == 0 and "kv cache bf16" in out.splitlines()[0]
     code, out, _ = _run(capsys, *argv, "--json")
     assert json.loads(out)[0] == rows["bf16"]
+    code, out, _ = _run(capsys, *argv, "--kv-cache-dtype", "auto", "--json")  # serve's auto: bf16 here
+    assert json.loads(out)[0] == rows["bf16"]
     code, out, _ = _run(capsys, *argv, "--kv-cache-dtype", "int8")
     assert code == 0 and "kv cache int8" in out.splitlines()[0]
 

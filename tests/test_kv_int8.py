@@ -54,6 +54,35 @@ def test_rounding_takes_the_smallest_exponent_and_round_trips_exactly(dtype):
     np.testing.assert_array_equal(np.asarray(kv_quant.round_to_int8(x), np.float32), back)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_exponent_is_found_exactly(dtype):
+    """A vector whose largest element is v * 2^e (v in 64..127, every e the cache holds) gets exponent e and value v,
+    and reads back bit for bit: the exponent comes from the float's bits, not from log2 / exp2 (inexact on XLA)."""
+    e = np.arange(-126, 121)  # up to 127 * 2^120, below float32's largest (2^128)
+    v = np.arange(64, 128)
+    ee, vv = np.meshgrid(e, v, indexing="ij")  # [E, 64]
+    x = np.zeros(ee.shape + (8,), np.float32)
+    x[..., 0] = vv * np.exp2(ee.astype(np.float64))
+    x[..., 1] = -3 * np.exp2(ee.astype(np.float64))
+    x = jnp.asarray(x, dtype)
+    q = jax.jit(kv_quant.quantize)(x)
+    np.testing.assert_array_equal(q.exponent, ee)
+    np.testing.assert_array_equal(q.values[..., 0], vv)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda q: q.astype(dtype))(q), np.float32), np.asarray(x, np.float32)
+    )
+    np.testing.assert_array_equal(kv_quant.pow2(jnp.asarray(e)), np.exp2(e).astype(np.float32))
+
+
+def test_int8kv_takes_only_leading_axes_indexes():
+    kv = kv_quant.zeros((2, 4, 8, 3, 32), "int8")
+    for bad in ((..., 0), (0, 0, 0, 0, 0), (None,), (slice(None), None)):
+        with pytest.raises(IndexError, match="leading 4 axes"):
+            kv[bad]
+        with pytest.raises(IndexError, match="leading 4 axes"):
+            kv.at[bad]
+
+
 def test_int8kv_reads_and_writes_like_the_array_it_stands_for():
     shape = (2, 4, 8, 3, 32)  # [N, B, S, K, Q]
     ref = np.zeros(shape, np.float32)
@@ -69,7 +98,7 @@ def test_int8kv_reads_and_writes_like_the_array_it_stands_for():
     other = kv_quant.zeros(shape, "int8").at[:, :2].set(kv[:, 2:])  # copying Int8KV rows: values and exponents
     np.testing.assert_array_equal(other[:, :2].values, kv[:, 2:].values)
     np.testing.assert_array_equal(other[:, :2].exponent, kv[:, 2:].exponent)
-    assert kv_quant.storable(x, kv) is not x and kv_quant.storable(kv, kv) is kv
+    assert isinstance(kv_quant.storable(x, kv), kv_quant.Int8KV) and kv_quant.storable(kv, kv) is kv
     assert kv_quant.storable(x, jnp.zeros(shape, jnp.bfloat16)).dtype == jnp.bfloat16
     assert kv_quant.bytes_per_element("int8", 128) == 1 + 1 / 128 and kv_quant.bytes_per_element(jnp.bfloat16, 128) == 2
 
@@ -117,6 +146,20 @@ def test_int8_logits_stay_near_the_float_caches():
     rounded, _, _ = transformer.prefill(params, CONFIG, tokens, lengths, all_logits=True, int8_kv=True)
     diff = np.abs(jax.nn.log_softmax(exact) - jax.nn.log_softmax(rounded))
     assert 0 < diff.max() < 0.05, diff.max()
+
+
+def test_a_bf16_engine_on_an_int8_cache_answers_as_generate_does():
+    """bf16 weights and activations (the f32 tests above cannot see a bf16-only rounding slip)."""
+    from meshserve.model.params import cast_params
+
+    params = cast_params(CONFIG, _params(), "bf16")
+    engine = Engine(params, CONFIG, make_plan(CONFIG, **GRID, weights="bf16", kv_cache_dtype="int8"))
+    engine.warm_up(phases=("generate",))
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(1, CONFIG.vocab_size, n).tolist(), 10, SamplingParams()) for n in (4, 20, 40)]
+    for (prompt, n, _), got in zip(cases, serve_requests(engine, cases), strict=True):
+        want = generate(params, CONFIG, [prompt], max_new_tokens=n, kv_cache_dtype="int8")[0]
+        assert got.tokens == list(want.tokens), prompt
 
 
 @pytest.fixture(scope="module")
