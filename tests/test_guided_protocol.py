@@ -105,8 +105,8 @@ BAD_GRPC = [
     (_chat(tools=None, function="f"), r"^messages\.tool_choice_function: function 'f' needs tools"),
     (_chat(function="get_wether"), r"^messages\.tool_choice_function: no tool named 'get_wether' in messages\.tools_j"),
     (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "pattern": "^[A-Z]"}}}}}], choice="required"),
-     r"^messages\.tools_json\[0\]\.function\.parameters\.properties\.city\.pattern: not supported"),
+        "city": {"type": "string", "pattern": "^([A-Z])\\1"}}}}}], choice="required"),
+     r"^messages\.tools_json\[0\]\.function\.parameters\.properties\.city\.pattern: backreferences are not supported"),
     (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=pb.ResponseFormat(json_object=True)),
      r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
     (pb.GenerateRequest(text="hi", response_format=_choice("a", "")),
@@ -134,7 +134,7 @@ def test_a_required_tool_choice_needs_the_servers_tool_call_parser(model):
 
 
 def test_a_schema_meshserve_cannot_follow_is_refused_naming_its_place(parser):
-    schema = {"type": "object", "properties": {"age": {"type": "string", "pattern": "^[0-9]+$"}}}
+    schema = {"type": "object", "properties": {"age": {"type": "string", "pattern": "^([0-9])\\1$"}}}
     req = pb.GenerateRequest(text="hi", response_format=pb.ResponseFormat(json_schema=json.dumps(schema)))
     with pytest.raises(RequestError, match=r"^response_format\.json_schema: schema\.properties\.age\.pattern"):
         parser.generate(req, None)
@@ -396,6 +396,6 @@ def test_generate_in_process_follows_the_format(capsys, tmp_path):
     got = [c for line in out.splitlines() for c in json.loads(line)["choices"]]
     assert code == 0 and len(got) == 4, err
     assert all(c["text"] in ("positive", "negative") and c["finish_reason"] == "stop" for c in got), got
-    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "a+"}))
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "pattern": "(a)\\1"}))
     code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--json-schema", str(tmp_path / "bad.json"))
-    assert code == 2 and "schema.pattern: not supported" in err
+    assert code == 2 and "schema.pattern: backreferences are not supported" in err

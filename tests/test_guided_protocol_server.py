@@ -77,7 +77,7 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
     "body, param, message",
     [
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string",
-          "pattern": "a+"}}}}, "response_format", "response_format.json_schema: schema.pattern: not supported"),
+          "pattern": "(a)\\1"}}}}, "response_format", "response_format.json_schema: schema.pattern: backreferences are not supported"),
         ({"response_format": {"type": "json_object", "strict": True}}, "response_format",
          "response_format.strict: unknown field"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}},
@@ -85,8 +85,8 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
         ({"guided_choice": ["yes", ""]}, "guided_choice", "guided_choice[1]: expected a non-empty string, got ''"),
         ({"guided_choice": ["x" * 3000, "y" * 3000]}, "guided_choice",  # the server's limit (32 x 128 context)
          "guided_choice: 6000 characters exceed the limit of 4096"),
-        ({"guided_json": {"type": "string", "pattern": "a+"}}, "guided_json",  # compiled by the server: renamed
-         "guided_json: schema.pattern: not supported"),
+        ({"guided_json": {"type": "string", "pattern": "(a)\\1"}}, "guided_json",  # compiled by the server: renamed
+         "guided_json: schema.pattern: backreferences are not supported"),
         ({"guided_json": "[]"}, "guided_json", "guided_json: expected a JSON Schema object, got []"),
         ({"guided_regex": r"(a)\1"}, "guided_regex", "guided_regex: backreferences are not supported"),
         ({"guided_regex": TOO_BIG}, "guided_regex", "guided_regex: more than 1024 positions"),  # found at submit
@@ -245,7 +245,7 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
     rows = [
         {"id": "bad", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
         {"id": "pattern", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
-            "name": "a", "schema": {"type": "string", "pattern": "x"}}}},
+            "name": "a", "schema": {"type": "string", "pattern": "(x)\\1"}}}},
         {"id": "json", "prompt": "Answer:", "max_new_tokens": 100, "response_format": JSON_SCHEMA,
          "logit_bias": {str(k): v for k, v in NO_SPACE.items()}},
         {"id": "free", "prompt": "Answer:", "max_new_tokens": 4, "ignore_eos": True},
@@ -266,7 +266,9 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
     assert [(e["line"], e["id"]) for e in errors] == [(1, "bad"), (2, "pattern"), (5, "both"), (6, "empty"),
                                                       (8, "backref"), (9, "too big")]  # fmt: skip
     assert errors[0]["error"].startswith("response_format.json_schema.schema: expected a JSON Schema object")
-    assert errors[1]["error"].startswith("response_format.json_schema: schema.pattern: not supported")
+    assert errors[1]["error"].startswith(
+        "response_format.json_schema: schema.pattern: backreferences are not supported"
+    )
     assert errors[2]["error"].startswith("response_format: cannot be combined with guided_choice")
     assert errors[3]["error"].startswith("guided_choice[1]: expected a non-empty string, got ''")
     assert errors[4]["error"].startswith("guided_regex: backreferences are not supported")
