@@ -2,100 +2,37 @@
 
 Unary equals streaming equals in-process generation; Score equals in-process log-probs; 32 concurrent streams;
 cancelling half of them leaves every slot free; every bad input gets its status code and the server keeps
-serving; health, reflection, auth and metrics answer.
+serving; health, reflection, auth and metrics answer. The server fixture and helpers are in
+tests/test_serving_grpc_support.py (one server for the whole module); the largest Score reply against gRPC's message
+limit, which needs no server, in tests/test_serving_grpc_limits.py.
 """
+
+# ruff: noqa: F811  (the tests take test_serving_grpc_support's fixtures as arguments)
 
 import json
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
-from cli_helpers import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.client import Client
-from test_serving_support import ServerProcess, env, make_checkpoint, meshserve, scrape_metrics, slow_decode, slowed
-
-TOKEN = "s3cret-token"
-SCORE_TOKENS = 20000  # --max-score-tokens: 160 full-context (128-token) items exceed it
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    token_file = tmp_path_factory.mktemp("auth") / "token"
-    token_file.write_text(TOKEN + "\n")
-    metrics_port = free_port()
-    # Slowed (every decode step and Score chunk >= 50 ms more) only while a test holds `slowed(server.slow)`: for the
-    # tests that must act while a request still runs; on a fast machine 120 tokens take ~20 ms.
-    slow = tmp_path_factory.mktemp("slow") / "on"
-    # --warm-up all: the tests below compare answers bit for bit, and while a background warm-up runs a request may
-    # run in a larger bucket, the same up to float rounding (as between any two buckets; tests/test_warm_up.py).
-    proc = ServerProcess(
-        checkpoint, "--warm-up", "all",
-        "--max-queue", "32", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-        "--max-score-tokens", str(SCORE_TOKENS), python_code=slow_decode(0.05, while_exists=slow, score=True),
-    )  # fmt: skip
-    proc.metrics_port = metrics_port
-    proc.slow = slow
-    proc.token_file = token_file
-    yield proc
-    assert TOKEN not in proc.output()  # the token never reaches the logs
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.target, token=TOKEN) as c:
-        c.wait_ready()
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    from meshserve.model.loading import load_model
-
-    return load_model(checkpoint)
-
-
-def _metrics(server) -> dict[str, float]:
-    return scrape_metrics(server.metrics_port)
-
-
-def _wait_idle(server, timeout=10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = _metrics(server)
-        if (m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
-
-
-def _wait_for(condition, timeout: float) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` s pass (False); ends as soon as it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _stream(client, prompt, **kw):
-    chunks = list(client.generate_stream(prompt, **kw))
-    return (
-        [t for c in chunks for t in c.tokens],
-        "".join(c.text for c in chunks),
-        [x for c in chunks for x in c.logprobs],
-        chunks[-1].finish_reason,
-    )
+from test_serving_grpc_support import (  # noqa: F401 (the module's fixtures)
+    SCORE_TOKENS,
+    TOKEN,
+    _counter,
+    _metrics,
+    _stream,
+    _wait_for,
+    _wait_idle,
+    checkpoint,
+    client,
+    model,
+    server,
+)
+from test_serving_support import env, meshserve, slowed
 
 
 def test_health_reflection_and_model_info(server, client):
@@ -299,11 +236,6 @@ def test_32_concurrent_streams_equal_each_request_served_alone(server, client):
     assert m["meshserve_live_slots"] == 0 and m["meshserve_queue_depth"] == 0
 
 
-def _counter(server, name: str, **labels: str) -> float:
-    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-    return _metrics(server).get(key, 0.0)
-
-
 def test_cancelling_half_mid_stream_frees_every_slot(server, client):
     # At most max_batch (8) streams: all of them hold a slot at once, so a cancel reaches a request the server is
     # still generating (more streams would queue, and the first ones would be done before the last one started).
@@ -470,26 +402,3 @@ def test_score_over_the_token_limit_is_refused_up_front_naming_the_limit(server,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "items" in err.value.details() and f"max_score_tokens={SCORE_TOKENS}" in err.value.details()
     assert len(client.score(items[:150])) == 150  # 19200 tokens: under the limit, answered
-
-
-def test_largest_valid_score_reply_fits_the_message_limit():
-    from meshserve.serving.server import MAX_MESSAGE_BYTES, check_score_tokens
-    from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, Limits, score_reply_bytes
-
-    def reply(items, tokens_each, token_id):
-        # Worst case per token: a 4-byte float and the largest int32 id (5-byte varint); nonzero log-probs.
-        return pb.ScoreResponse(
-            results=[
-                pb.ScoreResult(logprob=-1.5, token_logprobs=[-0.5] * tokens_each, greedy=True,
-                               continuation_tokens=[token_id] * tokens_each)
-                for _ in range(items)
-            ]
-        ).ByteSize()  # fmt: skip
-
-    n = Limits.max_score_items
-    at_limit = reply(n, DEFAULT_MAX_SCORE_TOKENS // n, 2**31 - 1)
-    assert at_limit <= score_reply_bytes(n, DEFAULT_MAX_SCORE_TOKENS) <= MAX_MESSAGE_BYTES
-    assert reply(n, 2048, 2**31 - 1) > MAX_MESSAGE_BYTES  # the review's case: 256 x 2048 tokens need not fit
-    check_score_tokens(DEFAULT_MAX_SCORE_TOKENS)
-    with pytest.raises(ValueError, match="max_score_tokens must be in"):
-        check_score_tokens(256 * 2048)

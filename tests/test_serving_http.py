@@ -1,102 +1,43 @@
 """The OpenAI-compatible HTTP API (`meshserve serve --http-port`), end to end: a real server process, the official
 `openai` Python client and raw HTTP. Its answers equal the gRPC API's on the same server (greedy text, usage, seeded
 samples); streams concatenate to the whole answer; bad fields answer 400 naming the OpenAI field and the limit; a
-client that goes away frees its slot; a drain answers 503 to new requests and lets a running stream finish.
+client that goes away frees its slot; the request log has a line per request. One server for the whole module
+(fixtures and helpers in tests/test_serving_http_support.py); drain, TLS and the connection cap, each on a server of
+its own, are in tests/test_serving_http_connections.py.
 """
+
+# ruff: noqa: F811  (the tests take test_serving_http_support's fixtures as arguments)
 
 from __future__ import annotations
 
 import http.client
 import json
-import re
-import signal
 import socket
-import time
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
 import pytest
-from cli_helpers import free_port
-from meshserve.serving.cli import main
-from meshserve.serving.client import Client
-from test_chat import CONVERSATION, _chatml_tokenizer
-from test_hf_llama import make_model
-from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint, scrape_metrics
+from test_chat import CONVERSATION
+from test_serving_http_support import (  # noqa: F401 (the module's fixtures; _post_url for test_serving_http_tools)
+    PROMPT,
+    TOKEN,
+    _cancelled,
+    _metric,
+    _post,
+    _post_to,
+    _post_url,
+    _raw,
+    _request_lines,
+    _wait_for,
+    checkpoint,
+    grpc_client,
+    oa,
+    server,
+)
 
 openai = pytest.importorskip("openai")
-
-TOKEN = "s3cret-http"
-PROMPT = "w5 w6 w7 w8"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny Llama with a ChatML template (as tests/test_chat.py builds), converted to meshserve."""
-    directory = tmp_path_factory.mktemp("hf") / "llama-chat"
-    make_model(directory, "llama")
-    _chatml_tokenizer(directory)
-    out = tmp_path_factory.mktemp("ckpt") / "llama-chat-ms"
-    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    token_file = tmp_path_factory.mktemp("auth") / "token"
-    token_file.write_text(TOKEN + "\n")
-    # Decode steps slowed to >= 50 ms (SLOW_DECODE), so a client can leave while its request runs. --warm-up all:
-    # answers are compared bit for bit with gRPC's, so both must run in the same compiled buckets.
-    metrics_port = free_port()
-    proc = ServerProcess(
-        checkpoint, "--http-port", "0", "--auth-token-file", str(token_file), "--metrics-port", str(metrics_port),
-        "--served-model-name", "chat-tiny", "--warm-up", "all", "--log-requests", python_code=SLOW_DECODE,
-    )  # fmt: skip
-    proc.metrics_port = metrics_port
-    yield proc
-    assert TOKEN not in proc.output()  # the token never reaches the logs
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with Client(server.target, token=TOKEN) as c:
-        c.wait_ready()
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oa(server):
-    return openai.OpenAI(base_url=server.http, api_key=TOKEN, max_retries=0, timeout=60)
-
-
-def _post_to(oa, path: str, body) -> tuple[int, dict]:
-    return _post_url(str(oa.base_url), path, body)
-
-
-def _post(server, path: str, body, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
-    return _post_url(server.http, path, body, token, raw)
-
-
-def _post_url(base: str, path: str, body, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
-    url = urlsplit(base)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request("POST", path, body=raw if raw is not None else json.dumps(body).encode(), headers=headers)
-    reply = conn.getresponse()
-    status, data = reply.status, json.loads(reply.read())
-    conn.close()
-    return status, data
-
-
-def _metric(server, name: str, **labels) -> float:
-    """One labelled metric of `server`; 0 before it is first set. prometheus-client writes the labels sorted."""
-    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-    return scrape_metrics(server.metrics_port).get(key, 0.0)
 
 
 def test_completions_equal_grpc(oa, grpc_client, checkpoint):
@@ -308,22 +249,6 @@ def test_bad_requests_name_their_field(server, path, body, status, message):
     assert "(set text, tokens.ids or messages)" not in got["error"]["message"]  # no gRPC names over HTTP
 
 
-def _raw(server, request: bytes) -> tuple[int, dict, bytes]:
-    """Send raw bytes; (status, headers, body) of the answer."""
-    url = urlsplit(server.http)
-    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        while len(body) < int(headers.get("Content-Length", 0)):
-            body += sock.recv(65536)
-    return int(lines[0].split()[1]), headers, body
-
-
 def test_malformed_http_is_answered_not_dropped(server, oa):
     """What http.server or the parser could trip on gets an OpenAI error object, never a dropped connection or a
     traceback; a connection the server will close says so; keep-alive serves request after request, streams too."""
@@ -395,19 +320,6 @@ def test_protocol_errors_and_auth(server, oa):
     assert "Traceback" not in server.output()
 
 
-def _cancelled(server) -> float:
-    return _metric(server, "meshserve_finished_total", reason="cancelled")
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_client_that_goes_away_frees_its_slot(server, oa):
     before = _cancelled(server)
     # A stream left after two chunks (50 tokens would take >= 2.5 s).
@@ -454,101 +366,6 @@ def test_a_grpc_deadline_cancels_and_frees_the_slot(server, grpc_client):
     assert deadlines() == before + 1
     assert _cancelled(server) == before_cancelled + 1
     assert _wait_for(lambda: _metric(server, "meshserve_live_slots") == 0, timeout=10), "its slot was not freed"
-
-
-def test_drain_refuses_new_requests_and_finishes_running_ones(tmp_path):
-    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", python_code=SLOW_DECODE)
-    try:
-        client = openai.OpenAI(base_url=proc.http, api_key="none", max_retries=0, timeout=60)
-        stream = client.completions.create(model="tiny", prompt="hello", max_tokens=40, temperature=0, stream=True)
-        first = next(iter(stream))
-        proc.proc.send_signal(signal.SIGTERM)
-        url = urlsplit(proc.http)
-        assert _wait_for(lambda: _health(url) == 503), "health did not turn 503 while draining"
-        with pytest.raises(openai.APIStatusError) as refused:
-            client.completions.create(model="tiny", prompt="hello", max_tokens=2)
-        assert refused.value.status_code == 503 and "shutting down" in str(refused.value)
-        rest = list(stream)
-        assert rest[-1].choices[0].finish_reason == "length"
-        assert len(first.choices[0].text + "".join(c.choices[0].text for c in rest)) > 0
-        assert proc.proc.wait(timeout=60) == 0
-    finally:
-        proc.close()
-
-
-def _health(url) -> int:
-    try:
-        return urllib.request.urlopen(f"http://{url.hostname}:{url.port}/health", timeout=5).status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
-def test_tls_serves_grpc_and_https_with_one_certificate(tmp_path):
-    """--tls-cert/--tls-key cover both APIs: gRPC over TLS and HTTPS answer; plain HTTP to the HTTPS port gets no
-    answer, and the server goes on."""
-    import shutil
-    import ssl
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a self-signed certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)  # fmt: skip
-    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", "--tls-cert", str(cert),
-                         "--tls-key", str(key))  # fmt: skip
-    try:
-        assert proc.http.startswith("https://")
-        with Client(proc.target, tls_ca=cert) as c:
-            c.wait_ready()
-            want = c.generate("hello", max_new_tokens=4)
-        url = urlsplit(proc.http)
-        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):  # TLS reads no plain HTTP
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-            conn.request("GET", "/health")
-            conn.getresponse()
-        context = ssl.create_default_context(cafile=str(cert))
-        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=30, context=context)
-        body = json.dumps({"prompt": "hello", "max_tokens": 4, "temperature": 0})
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        reply = conn.getresponse()
-        assert reply.status == 200 and json.loads(reply.read())["choices"][0]["text"] == want.text
-        assert "Traceback" not in proc.output()
-    finally:
-        proc.close()
-
-
-def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path):
-    """Each open connection holds a thread (an idle keep-alive one too): past --http-max-connections a new one gets
-    a 503 in OpenAI's shape and is closed; once one closes, a new connection is served again."""
-    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", "--http-max-connections", "2")
-    try:
-        url = urlsplit(proc.http)
-        idle = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(2)]
-        time.sleep(0.5)  # both accepted, each a thread waiting for its request line
-        status, headers, body = _raw(proc, b"GET /health HTTP/1.1\r\n\r\n")
-        assert status == 503 and headers.get("Connection") == "close"
-        assert "too many open connections (the server's limit is 2" in json.loads(body)["error"]["message"]
-        idle.pop().close()
-        assert _wait_for(lambda: _health(url) == 200), "a connection was not served after one closed"
-        for sock in idle:
-            sock.close()
-        assert "Traceback" not in proc.output()
-    finally:
-        proc.close()
-
-
-def _request_lines(server) -> list[dict[str, str]]:
-    """The server's --log-requests lines as {field: value} (logfmt; quoted values unquoted)."""
-    out = []
-    for line in server.output().splitlines():
-        if line.startswith("meshserve request: "):
-            pairs = re.findall(r'(\w+)=("[^"]*"|\S+)', line[len("meshserve request: ") :])
-            out.append({k: v.strip('"') for k, v in pairs})
-    return out
 
 
 def test_the_request_log_has_a_line_per_request_and_no_text(server, oa, grpc_client):
