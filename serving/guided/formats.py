@@ -2,7 +2,8 @@
 
 Each pattern writes a subset of what its format allows (ASCII, no JSON escapes), so the output is valid wherever a
 validator checks the format:
-- date: YYYY-MM-DD (RFC 3339 full-date), month 01-12 and the day within the month (29 February in leap years only).
+- date: YYYY-MM-DD (RFC 3339 full-date), year 0001-9999 (not 0000, which Python's datetime and pydantic refuse),
+  month 01-12 and the day within the month (29 February in leap years only).
 - time: HH:MM:SS, an optional fraction of 1-9 digits, then Z or +HH:MM / -HH:MM (RFC 3339 full-time: the offset is
   required there; no leap second 60, which Python's datetime refuses; upper-case Z only).
 - date-time: date "T" time (RFC 3339; upper-case T).
@@ -29,8 +30,9 @@ __all__ = ["FORMATS", "format_pattern"]
 def _date() -> str:
     days = r"(0[1-9]|1[0-9]|2[0-8])"
     month_day = rf"((0[1-9]|1[0-2])-{days}|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31)"
-    leap = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
-    return rf"([0-9]{{4}}-{month_day}|{leap}-02-29)"
+    leap = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"  # never 0000
+    year = r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"  # 0001-9999: datetime and pydantic refuse 0000
+    return rf"({year}-{month_day}|{leap}-02-29)"
 
 
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"

@@ -33,6 +33,8 @@ strings.py (plain strings and pattern strings).
 
 from __future__ import annotations
 
+import itertools
+
 from meshserve.serving.guided import ranges, strings
 from meshserve.serving.guided.ranges import RNG
 from meshserve.serving.guided.spec import GuideError
@@ -49,6 +51,7 @@ WS_INDENT = 24
 # request fails alone. 256 open alternatives cost ~0.07 s for a new state's mask (4096-token vocabulary, this CPU).
 MAX_OPEN = 256
 NUM_DIGITS = 20
+_KEYS = itertools.count()  # Grammar.key: unique for the process (an id() may be reused once a grammar is freed)
 _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
 # Frame tags (first element of each frame).
@@ -83,6 +86,7 @@ class Grammar:
     def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = ""):
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
+        self.key = next(_KEYS)  # masks.py's cache keys masks by this (a key holding the grammar would keep it alive)
         # One stack, or several alternatives (a "choice" format: one per string).
         self._start: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
         self._leaves: dict[int, tuple[int, ...]] = {}
@@ -183,6 +187,19 @@ class Grammar:
                     found.append(n)
             out = self._leaves[node] = tuple(found)
         return out
+
+    def opened(self, node: int) -> int:
+        """The most stacks (literals not counted, as in `fill`) one byte opens where a value of `node` begins: its
+        leaves that begin with that byte added up, a pattern string counting each NFA state its first character may
+        take. schema.py refuses past MAX_OPEN at compile time: `fill` would refuse only once the value is reached,
+        on the engine thread, after part of the output was streamed."""
+        counts: dict[object, int] = {}
+        first = {"obj": "{", "arr": "[", "str": '"', "pat": '"', "num": "number", "int": "number"}
+        for leaf in self.leaves(node):
+            spec = self.nodes[leaf]
+            if spec[0] in first:
+                counts[first[spec[0]]] = counts.get(first[spec[0]], 0) + (len(spec[1].start) if spec[0] == "pat" else 1)
+        return max(counts.values(), default=0)
 
     def _can_end(self, stack: tuple) -> bool:
         if not stack:

@@ -4,10 +4,11 @@ its grammar (`Guide`).
 A mask is uint32 [W], W = ceil(V / 32): token v is allowed iff (mask[v // 32] >> (v % 32)) & 1 (the layout of
 np.packbits(bool [W * 32], bitorder="little").view("<u4")). A new state's mask walks the vocabulary's byte trie with
 the grammar, pruning a subtree at its first rejected byte; masks are cached per (grammar, state) in the table (one
-LRU over the table's grammars: at most MASK_CACHE masks and MASK_CACHE_BYTES; a Qwen-sized V of 152k makes a mask
-19 KiB). Inside a string (every stack between two characters of a string) the "plain" tokens (valid
-UTF-8 without a quote, backslash or control byte) are allowed wholesale from a precomputed mask by their character
-count, and only the other tokens are walked. Inside pattern strings (every stack's top a JSON Schema pattern's frame:
+LRU over the table's grammars: at most MASK_CACHE masks and MASK_CACHE_BYTES counted with their keys, which name a
+grammar or pattern by a number, so the cache keeps none alive; a Qwen-sized V of 152k makes a mask 19 KiB). Inside
+a string (every stack between two characters of a string) the "plain" tokens (valid UTF-8 without a quote,
+backslash or control byte) are allowed wholesale from a precomputed mask by their character count, and only the
+other tokens are walked. Inside pattern strings (every stack's top a JSON Schema pattern's frame:
 patterns.py) the plain tokens allowed do not depend on the rest of the stack (they cannot close the string): they
 are one mask per position of the pattern (patterns.py counts them, with a table of each position's next by byte),
 computed for every plain token at once by running that table over the tokens' bytes in numpy (a walk of the trie
@@ -35,6 +36,42 @@ MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
 MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
 PREPARE_PATTERNS_S = 10.0  # caller-thread seconds a request may spend on its patterns' masks; the rest come lazily
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENTRY = 256  # an ndarray object (~112 bytes), its OrderedDict entry and key tuple
+
+
+class _MaskCache(OrderedDict):
+    """Masks by key, oldest first (an LRU by insertion: lookups, lock-free, do not reorder), at most `max_entries`
+    and `max_bytes` counted in `nbytes`: each mask, its entry and what its key keeps alive. Keys hold no grammar or
+    matcher (a (grammar.key, state) or ("pat", matcher.key, position) of ints and tuples): one of those would keep its
+    grammar's memo or its matcher's table alive past their own caches, uncounted (6000 distinct patterns held
+    +387 MiB against the 256 MiB cap). Changed under the table's lock."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        super().__init__()
+        self.max_entries, self.max_bytes, self.nbytes = max_entries, max_bytes, 0
+
+    def put(self, key: tuple, mask: np.ndarray) -> None:
+        if key in self:  # two threads computed it (the same mask): counted once
+            return
+        self[key] = mask
+        self.nbytes += _cost(key, mask)
+        while len(self) > 1 and (len(self) > self.max_entries or self.nbytes > self.max_bytes):
+            old, evicted = self.popitem(last=False)
+            self.nbytes -= _cost(old, evicted)
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = 0
+
+
+def _cost(key: tuple, mask: np.ndarray) -> int:
+    """The bytes an entry holds, about: the mask, its array object and dict entry (_ENTRY), and a state key's tuples
+    (40 bytes a tuple and 8 a slot; small ints are shared)."""
+    if key[0] == "pat":
+        return mask.nbytes + _ENTRY
+    state = key[1]
+    tuples = 40 + 8 * len(state) + sum(40 + 8 * len(stack) + sum(40 + 8 * len(f) for f in stack) for stack in state)
+    return mask.nbytes + _ENTRY + tuples
 
 
 def _trie(pieces: list[tuple[int, bytes]]) -> dict:
@@ -62,7 +99,7 @@ class TokenTable:
     """Every token id's bytes for a model of V ids, with the trie masks walk. `TokenTable.of` caches one per
     tokenizer object and V."""
 
-    def __init__(self, token_bytes: list[bytes | None], vocab_size: int):
+    def __init__(self, token_bytes: list[bytes | None], vocab_size: int, cache_bytes: int = MASK_CACHE_BYTES):
         self.vocab_size = vocab_size
         self.words = -(-vocab_size // 32)
         # Ids past the tokenizer's, special tokens (None) and empty tokens (no progress) are never allowed.
@@ -84,8 +121,7 @@ class TokenTable:
                 by_count[n, v] = True
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
-        self._masks: OrderedDict[tuple[Grammar, State], np.ndarray] = OrderedDict()
-        self._cache_limit = max(1, min(MASK_CACHE, MASK_CACHE_BYTES // (4 * self.words)))
+        self._masks = _MaskCache(MASK_CACHE, cache_bytes)
         self._lock = threading.Lock()  # requests' first masks are computed on the callers' threads
 
     @classmethod
@@ -111,16 +147,13 @@ class TokenTable:
         Thread-safe. A cached mask is read without the lock, and a mask is computed outside it (only the cache's
         update holds it): the engine thread never waits for a caller thread's long computation (two threads may
         compute the same mask once each; the grammar's memo takes equal entries from either)."""
-        key = (grammar, state)
+        key = (grammar.key, state)
         out = self._masks.get(key)
         if out is not None:
             return out
         out = self._compute(grammar, state)
         with self._lock:
-            cache = self._masks
-            cache[key] = out
-            if len(cache) > self._cache_limit:
-                cache.popitem(last=False)  # least recently computed (lookups do not reorder: no lock on them)
+            self._masks.put(key, out)
         return out
 
     def _compute(self, grammar: Grammar, state: State) -> np.ndarray:
@@ -142,7 +175,7 @@ class TokenTable:
 
     def pattern_mask(self, matcher, position: int) -> np.ndarray:
         """The plain tokens a pattern string (its StringPattern) takes from its `position`: uint32 [W], cached."""
-        out = self._masks.get((matcher, position))
+        out = self._masks.get(("pat", matcher.key, position))
         if out is None:
             out = self.pattern_masks(matcher, [position])[0]
         return out
@@ -162,9 +195,7 @@ class TokenTable:
                 allowed[ids[alive]] = True
                 out.append(self._pack(allowed))
                 with self._lock:
-                    self._masks[(matcher, int(start))] = out[-1]
-                    if len(self._masks) > self._cache_limit:
-                        self._masks.popitem(last=False)
+                    self._masks.put(("pat", matcher.key, int(start)), out[-1])
         return out
 
     def _plain_matrix(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -233,7 +264,7 @@ def prepare_patterns(guide, seconds: float = PREPARE_PATTERNS_S) -> int:
     grammar, table = guide.grammar, guide.table
     start, done = time.perf_counter(), 0
     for matcher in {node[1] for node in grammar.nodes if node[0] == "pat"}:
-        todo = [p for p in range(len(matcher.positions)) if (matcher, p) not in table._masks]
+        todo = [p for p in range(len(matcher.positions)) if ("pat", matcher.key, p) not in table._masks]
         for at in range(0, len(todo), 64):
             if time.perf_counter() - start > seconds:
                 return done

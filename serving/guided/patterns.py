@@ -18,8 +18,11 @@ Semantics:
   pattern already has (a date with maxLength 10) are not counted: no extra positions.
 - Bounds: regex.py's MAX_PATTERN characters and MAX_NFA states, positions.py's MAX_POSITIONS positions and MAX_WORK
   position-stacks (counted at compile time, deterministically, counts included: each position has a mask of its
-  own), grammar.py's MAX_OPEN alternatives, and MAX_COUNTED (NFA states x counted lengths in the table). Past any
-  of them the schema is refused with a GuideError naming the path (`schema.properties.x.pattern: ...`).
+  own; lengths whose counts alone pass MAX_POSITIONS are refused before anything is built, naming minLength /
+  maxLength), grammar.py's MAX_OPEN alternatives, and MAX_COUNTED (NFA states x counted lengths in the table). Past
+  any of them the schema is refused with a GuideError naming the path (`schema.properties.x.pattern: ...`), and the
+  refusal is cached (a retry costs nothing). A format past them together with minLength / maxLength is not refused:
+  it stays an annotation (`string_node`: the plain string with its lengths, as before formats were followed).
 - Masks: a position's plain tokens (no quote, backslash or control: they stay inside the string) do not depend on
   where the string is, so masks.py computes one mask per position with the table `next` built here (the position
   after each byte) and shares it across states, schemas and requests; compiled patterns are cached by (pattern,
@@ -31,6 +34,8 @@ Frames: (PAT, node, count, nfa state, *pending bytes of a character begun) (stri
 from __future__ import annotations
 
 import functools
+import itertools
+import threading
 
 import numpy as np
 from meshserve.serving.guided.formats import format_pattern
@@ -40,12 +45,13 @@ from meshserve.serving.guided.regex import build_nfa
 from meshserve.serving.guided.spec import GuideError, show
 from meshserve.serving.guided.strings import PAT
 
-__all__ = ["StringPattern", "compile_pattern", "read_pattern", "JSON_ESCAPED", "MAX_COUNTED"]
+__all__ = ["StringPattern", "compile_pattern", "read_pattern", "string_node", "JSON_ESCAPED", "MAX_COUNTED"]
 
 # Never written in a pattern string: what a JSON string cannot hold raw (controls, '"', '\\'), and U+2028, U+2029,
 # U+FEFF, which Python's `.` and \S match and ECMA-262's (the schema's regex dialect) do not: output is valid both ways.
 JSON_ESCAPED = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x2028, 0x2029), (0xFEFF, 0xFEFF))
 MAX_COUNTED = 1 << 20  # NFA states x (the counted length + 1): the liveness table's entries
+_KEYS = itertools.count()  # StringPattern.key: unique for the process (an id() could be reused once one is freed)
 
 
 class StringPattern:
@@ -54,6 +60,7 @@ class StringPattern:
 
     def __init__(self, pattern: str, min_length: int, max_length: int, where: str):
         self.where = where
+        self.key = next(_KEYS)  # masks.py's cache keys its masks by this, not by the matcher (which it would keep)
         self.positions: list = []  # every position (a state of _Positions), once counted (compile_pattern)
         self.index: dict = {}  # position -> its number
         self.next = np.zeros((1, 256), np.int16)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
@@ -76,6 +83,14 @@ class StringPattern:
         shortest, longest = self._extent(succ, live)
         if shortest >= self.min and (self.max < 0 or longest <= self.max):  # the pattern bounds its lengths itself
             self.min, self.max, self.cap = 0, -1, 0
+        elif (reach := self._longest_count(succ, live, longest)) >= MAX_POSITIONS:
+            # Each count 0..reach is a position of its own (counts are in the frame): refused before the table and
+            # the positions are built (`[a-z]*` with maxLength 300000 cost ~0.8 s to refuse that way).
+            which, why = (("maxLength", f"and matches of {reach} characters or more fit") if self.max >= 0
+                          else ("minLength", "up to it"))  # fmt: skip
+            raise GuideError(f"{where}: counting characters for {which} {max(self.min, self.max)} makes more than "
+                             f"{MAX_POSITIONS} positions to prepare token masks for (one per count, {why}): use a "
+                             f"smaller {which}")  # fmt: skip
         elif len(states) * (self.cap + 1) > MAX_COUNTED:
             raise GuideError(f"{where}: counting {self.cap} characters (minLength / maxLength) over a pattern of "
                              f"{len(states)} states passes the limit of {MAX_COUNTED} (use a smaller length)")  # fmt: skip
@@ -98,6 +113,38 @@ class StringPattern:
                     live.add(s)
                     todo.append(s)
         return frozenset(live)
+
+    def _longest_count(self, succ: dict[int, tuple[int, ...]], live: frozenset[int], longest: float) -> int:
+        """A count frames reach once lengths are counted (so positions >= it + 1), to refuse up front when it is
+        MAX_POSITIONS or more: without a maxLength, minLength itself (counts stop there, and every match is at least
+        that long), 0 if no match is; with one, the fewest characters of a match within minLength..maxLength that are
+        at least MAX_POSITIONS, else 0 (the positions' own count decides). Found by stepping the set of NFA states
+        reached after each count, which repeats with some period after a few counts (`[a-z]*`: from the first), so
+        a maxLength of 300000 is not walked through; 0 (undecided) past a small amount of work."""
+        if self.max < 0:
+            return self.min if longest >= self.min else 0
+        low = max(self.min, MAX_POSITIONS)
+        if self.max < low:
+            return 0
+        accept, nfa = self.nfa.accept, self.nfa
+        now = frozenset(s for s in nfa.closure(nfa.start) if s in live)
+        sets, seen, work = [], {}, 0
+        for count in range(self.max + 1):
+            if count >= low and accept in now:
+                return count
+            if not now or count >= 8 * MAX_POSITIONS or work > 1 << 18:
+                return 0
+            if now in seen:  # the sets repeat from seen[now] with this period: a later count with the end?
+                first, period = seen[now], count - seen[now]
+                ends = [c for c in range(first, count) if accept in sets[c]]
+                start = max(low, count)
+                hits = [start + (c - start) % period for c in ends]
+                return min((c for c in hits if c <= self.max), default=0)
+            seen[now] = count
+            sets.append(now)
+            work += len(now)
+            now = frozenset(t for s in now if s != accept for t in succ[s] if t in live)
+        return 0
 
     def _extent(self, succ: dict[int, tuple[int, ...]], live: frozenset[int]) -> tuple[int, float]:
         """The fewest and most characters of a match (inf: a repeat without bound), over the live states."""
@@ -190,24 +237,76 @@ def read_pattern(schema: dict, path: str) -> tuple[str, str]:
     return (pattern, f"{path}.pattern") if pattern else (implied or "", f"{path}.format")
 
 
+def string_node(schema: dict, min_length: int, max_length: int, path: str) -> tuple:
+    """A string schema's grammar node: ("pat", StringPattern) for a pattern or a format in the table, else ("str",
+    min_length, max_length). A format that cannot be enforced together with minLength / maxLength (past the bounds:
+    pydantic's HttpUrl, a uri of 1 to 2083 characters, is a position per count; or no string of the table's subset
+    has those lengths) stays an annotation, as JSON Schema allows: the plain string with its lengths. An explicit
+    pattern is refused instead (GuideError naming `path`.pattern)."""
+    pattern, where = read_pattern(schema, path)
+    if not pattern:
+        return ("str", min_length, max_length)
+    try:
+        return ("pat", compile_pattern(pattern, min_length, max_length, where))
+    except GuideError:
+        if schema.get("pattern") or (min_length == 0 and max_length < 0):  # a table format alone always compiles
+            raise
+        return ("str", min_length, max_length)
+
+
 def compile_pattern(pattern: str, min_length: int, max_length: int, where: str) -> StringPattern:
     """The matcher of a string whose content fullmatches `pattern` with min_length..max_length (-1: no bound)
     characters, its positions counted within regex.py's bounds. GuideError naming `where` otherwise. Cached by
-    pattern and lengths (a format used in many places, or in many schemas, is built once; ~0.5 s for hostname)."""
+    pattern and lengths (a format used in many places, or in many schemas, is built once; ~0.5 s for hostname), and
+    so are refusals (a retry of a pattern refused after ~0.3 s of counting is refused at once)."""
+    key = (pattern, min_length, max_length)
+    with _GUARD:
+        building = _BUILDING.setdefault(key, [threading.Lock(), 0])
+        building[1] += 1
     try:
-        return _compile(pattern, min_length, max_length)
-    except GuideError as e:  # named after a placeholder: the cached matcher serves every path
-        raise GuideError(where + str(e)[len(_WHERE) :]) from None
+        with building[0]:  # requests for a pattern being built wait for it, then take it (or its refusal) cached
+            reason = _refusal(*key)
+            if reason is None:
+                return _compile(*key)
+    finally:
+        with _GUARD:
+            building[1] -= 1
+            if not building[1]:
+                del _BUILDING[key]
+    raise GuideError(where + reason)  # named after a placeholder: the cached message serves every path
+
+
+# The patterns being built, each with a lock and how many callers want it: several requests sending the same new
+# pattern at once build it once (each build is Python on a caller's thread, sharing the GIL with the engine thread).
+_BUILDING: dict[tuple, list] = {}
+_GUARD = threading.Lock()
 
 
 _WHERE = "pattern"
+
+
+@functools.lru_cache(maxsize=1024)  # a few hundred bytes each
+def _refusal(pattern: str, min_length: int, max_length: int) -> str | None:
+    """Why the pattern is refused with these lengths (its message after the placeholder path), None when it compiles
+    (then _compile has it cached)."""
+    try:
+        _compile(pattern, min_length, max_length)
+    except GuideError as e:
+        return str(e)[len(_WHERE) :]
+    return None
 
 
 @functools.lru_cache(maxsize=128)  # a matcher holds its positions and their table: up to ~1 MB
 def _compile(pattern: str, min_length: int, max_length: int) -> StringPattern:
     matcher = StringPattern(pattern, min_length, max_length, _WHERE)
     alone = _Positions(matcher)  # dropped after: its byte memo (up to 2^18 entries) is not needed once `next` is
-    matcher.positions = positions(alone, MAX_POSITIONS, MAX_WORK)
+    try:
+        matcher.positions = positions(alone, MAX_POSITIONS, MAX_WORK)
+    except GuideError as e:
+        if not matcher.cap:
+            raise
+        raise GuideError(f"{e}; minLength / maxLength are counted here, each count a position of its own: a smaller "
+                         "bound, or none, makes fewer") from None  # fmt: skip
     matcher.index = {state: i for i, state in enumerate(matcher.positions)}
     dead = len(matcher.positions)
     matcher.next = np.full((dead + 1, 256), dead, np.int16)  # MAX_POSITIONS fits

@@ -21,6 +21,7 @@ Schema pattern's string (patterns.py) writes no character JSON must escape, and 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from typing import Any
@@ -114,14 +115,23 @@ def _complement(ranges: tuple[tuple[int, int], ...], top: int = _TOP) -> tuple[t
 
 
 def _overlaps(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
-    return any(a <= hi and lo <= b for a, b in ranges)
+    """Whether some code point lo..hi is in `ranges` (sorted, disjoint): a bisection (\\W is 734 ranges, and every
+    byte of every position of a pattern asks this)."""
+    i = bisect.bisect_right(ranges, (hi, _TOP + 1)) - 1  # the last range beginning at or before hi
+    return i >= 0 and ranges[i][1] >= lo
+
+
+def _contains(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
+    """Whether every code point lo..hi is in `ranges` (sorted, disjoint, adjacent ones merged: one range holds them)."""
+    i = bisect.bisect_right(ranges, (lo, _TOP + 1)) - 1
+    return i >= 0 and hi <= ranges[i][1]
 
 
 def _without(ranges: tuple[tuple[int, int], ...], taken: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
     """The code points of `ranges` not in `taken`."""
-    out = []
+    out, kept = [], _complement(taken)
     for lo, hi in ranges:
-        for a, b in _complement(taken):
+        for a, b in kept:
             if max(lo, a) <= min(hi, b):
                 out.append((max(lo, a), min(hi, b)))
     return _normalize(out)
@@ -207,7 +217,7 @@ class _Nfa:
         first, last = _span(got, need, lo, hi)
         if not _overlaps(ranges, first, last):
             return []
-        if any(a <= first and last <= b for a, b in ranges):
+        if _contains(ranges, first, last):
             low, high = (lo, hi) if len(got) == 1 else (0x80, 0xBF)
             return [(state, _WHOLE, need + 1 - len(got), low, high)]
         return [(state, *got)]
@@ -358,7 +368,7 @@ def build_nfa(pattern: str, where: str, exclude: tuple[tuple[int, int], ...] = (
     try:
         parsed = _parser.parse(pattern)
     except re.error as e:
-        raise GuideError(f"{where}: not a valid regular expression ({e})") from None
+        raise GuideError(f"{where}: not a valid regular expression (Python's re syntax): {e}") from None
     if parsed.state.flags & ~(re.UNICODE | getattr(re, "U", 0)):
         raise GuideError(f"{where}: flags are not supported")
     nfa = _Nfa(where, exclude)

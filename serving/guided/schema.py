@@ -6,8 +6,9 @@ prefixItems, minItems, maxItems, enum, const (any JSON values), anyOf, oneOf (re
 $ref to "#/$defs/..." or "#/definitions/..." (recursion allowed), minLength, maxLength, minimum / maximum /
 exclusiveMinimum / exclusiveMaximum on type integer (ranges.py), pattern (the string's content fullmatches it, written
 without JSON escapes; with minLength / maxLength counted: patterns.py) and format (date, time, date-time, uuid, email,
-ipv4, ipv6, hostname, uri enforced as a pattern from formats.py's table; not together with a pattern; other formats
-are annotations; format beside anyOf / oneOf / allOf / $ref / enum / const is not applied). Annotations are ignored:
+ipv4, ipv6, hostname, uri enforced as a pattern from formats.py's table; not together with a pattern; other formats,
+and a format that cannot be enforced together with minLength / maxLength, are annotations; format beside anyOf /
+oneOf / allOf / $ref / enum / const is not applied). Annotations are ignored:
 title, description, default, examples, $schema, $id, $comment, deprecated, readOnly, writeOnly, discriminator (its
 oneOf is still enforced). Any other keyword raises GuideError naming its place and the supported ones.
 
@@ -26,8 +27,8 @@ import functools
 import json
 from typing import Any
 
-from meshserve.serving.guided.grammar import LIT, T_OPEN, TOOLS, VAL, Grammar
-from meshserve.serving.guided.patterns import compile_pattern, read_pattern
+from meshserve.serving.guided.grammar import LIT, MAX_OPEN, T_OPEN, TOOLS, VAL, Grammar
+from meshserve.serving.guided.patterns import string_node
 from meshserve.serving.guided.ranges import BOUNDS, read_bounds
 from meshserve.serving.guided.spec import KINDS, GuideError, GuideSpec
 from meshserve.serving.guided.spec import show as _show
@@ -228,10 +229,7 @@ class _Compiler:
             hi = hi if "maxLength" in schema else -1
             if 0 <= hi < lo:
                 raise GuideError(f"{path}.maxLength: {hi} is below minLength {lo}")
-            pattern, where = read_pattern(schema, path)
-            if pattern:
-                return self.add(("pat", compile_pattern(pattern, lo, hi, where)), path)
-            return self.add(("str", lo, hi), path)
+            return self.add(string_node(schema, lo, hi, path), path)
         if kind in ("number", "integer"):
             given = [k for k in BOUNDS if k in schema]
             if given and kind == "number":
@@ -304,10 +302,15 @@ class _Compiler:
         return slot
 
     def check(self, grammar: Grammar) -> None:
-        """Every alternative can be some value (a $ref cycle with no value in between can not)."""
+        """Every alternative can be some value (a $ref cycle with no value in between can not), and no value's first
+        byte opens more than MAX_OPEN alternatives (refused here, not mid-stream: grammar.opened)."""
         for i, node in enumerate(self.nodes):
             if node[0] == "alt" and not grammar.leaves(i):
                 raise GuideError(f"{self.paths[i]}: refers only to itself (a $ref cycle with no value)")
+            if node[0] == "alt" and (n := grammar.opened(i)) > MAX_OPEN:
+                raise GuideError(f"{self.paths[i]}: keeps more than {MAX_OPEN} alternatives open at once where its "
+                                 f"value begins ({n}: branches that start alike, a pattern string's counted by the "
+                                 "alternatives its pattern starts with): simplify it")  # fmt: skip
 
 
 def _json(text: str, field: str) -> Any:
