@@ -26,6 +26,9 @@ class CappedHTTPServer(ThreadingHTTPServer):
 
     open_slots: threading.BoundedSemaphore | None = None
     max_connections = 0
+    # The listen backlog: connections the kernel completes while the accept loop is busy. socketserver's default, 5,
+    # reset one of a burst of 48 concurrent clients (a reviewer's run); the kernel caps it at net.core.somaxconn.
+    request_queue_size = 1024
 
     def process_request(self, request, client_address) -> None:
         """A thread for the connection, or (past max_connections) a 503 and the connection closed: a client that

@@ -95,3 +95,25 @@ def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path):
         assert "Traceback" not in proc.output()
     finally:
         proc.close()
+
+
+def test_a_burst_of_connections_waits_in_the_listen_backlog():
+    """64 clients connecting at once while the accept loop is busy (here: not running) all connect, queued by the
+    kernel: socketserver's default backlog of 5 completed 6 and left the rest retrying their SYNs (~29 s here)."""
+    from http.server import BaseHTTPRequestHandler
+
+    from meshserve.serving.http_connections import CappedHTTPServer
+
+    server = CappedHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    clients = []
+    try:
+        for _ in range(64):
+            s = socket.socket()
+            clients.append(s)
+            s.settimeout(2.0)
+            s.connect(server.server_address)  # raises TimeoutError once the backlog is full
+    finally:
+        for s in clients:
+            s.close()
+        server.server_close()
+    assert len(clients) == 64
