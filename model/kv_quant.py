@@ -41,6 +41,7 @@ __all__ = [
     "zeros",
     "spec_of",
     "sharding_of",
+    "int8_sharding",
     "bytes_per_element",
     "check_kv_cache_dtype",
     "operands",
@@ -171,8 +172,11 @@ def spec_of(stored: Any, spec: P) -> P | Int8KV:
 
 def sharding_of(stored: Any, sharding: NamedSharding) -> NamedSharding | Int8KV:
     """The sharding tree for `stored` given its values' NamedSharding."""
-    if not isinstance(stored, Int8KV):
-        return sharding
+    return int8_sharding(sharding) if isinstance(stored, Int8KV) else sharding
+
+
+def int8_sharding(sharding: NamedSharding) -> Int8KV:
+    """An int8 cache's sharding tree from its values' NamedSharding: the exponents split alike, less the Q axis."""
     return Int8KV(sharding, NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:-1])))
 
 

@@ -98,7 +98,7 @@ def prefill_step(steps: ModelSteps, config: ModelConfig, params, tokens, lengths
     """tokens [b, T], lengths [b] -> (first tokens [b], log-probs [b], top ids and log-probs [b, K]), k, v
     [N, b, T, K, Q], and the prompts' tokens in_prompt bool [b, V] (for insert). int8_kv: the decode cache is int8
     (k, v rounded to its grid before the prompt attends over them, model/kv_quant.py)."""
-    logits, k, v = steps.prefill(params, config, tokens, lengths, **_int8(int8_kv))
+    logits, k, v = steps.prefill(params, config, tokens, lengths, int8_kv=int8_kv)
     history = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
     tok, lp = sample(logits, sampling, jnp.int32(0), history)
     return (tok, lp, *top_logprobs(logits, sampling)), k, v, history.in_prompt
@@ -123,7 +123,7 @@ def extend_step(
     C = prefix_tokens.shape[1]
     c = state.cache
     prefix = transformer.Prefix(c.k[:, sources, :C], c.v[:, sources, :C], cached)  # [N, b, C, K, Q]
-    logits, k, v = steps.prefill(params, config, tokens, lengths, prefix=prefix, **_int8(_is_int8(c)))
+    logits, k, v = steps.prefill(params, config, tokens, lengths, prefix=prefix, int8_kv=_is_int8(c))
     rest = TokenHistory.of_prompts(tokens, lengths, config.vocab_size)
     history = TokenHistory(
         rest.in_prompt | TokenHistory.of_prompts(prefix_tokens, cached, config.vocab_size).in_prompt,
@@ -137,11 +137,6 @@ def extend_step(
 
 def _is_int8(cache: transformer.KVCache) -> bool:
     return isinstance(cache.k, kv_quant.Int8KV)
-
-
-def _int8(int8_kv: bool) -> dict[str, bool]:
-    """prefill's int8_kv keyword, only when set: a ModelSteps.prefill written before int8 caches need not take it."""
-    return {"int8_kv": True} if int8_kv else {}
 
 
 def insert_rows(insert, state: DecodeState, k, v, lengths, slots, first, sampling, in_prompt) -> DecodeState:
@@ -207,7 +202,7 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     tokens = jnp.concatenate([state.last[:b, None], jnp.maximum(drafts, 0)], axis=1)  # [b, T]
     prefix = transformer.Prefix(sub_k[:, :, :context], sub_v[:, :, :context], jnp.minimum(lengths, context))
     logits, k_new, v_new = steps.prefill(params, config, tokens, jnp.full((b,), T, jnp.int32), all_logits=True,
-                                         prefix=prefix, **_int8(_is_int8(c)))  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
+                                         prefix=prefix, int8_kv=_is_int8(c))  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
     samp = {n: a[:b] for n, a in state.sampling.items()}
     first, first_lp = sample(logits[:, 0], samp, state.step[:b], state.history)
     # Positions 1 .. k as b * k rows of one sample call: each row's settings repeated, its step advanced by j (an

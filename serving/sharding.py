@@ -127,7 +127,7 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
     replicated = NamedSharding(mesh, P())
     kv = NamedSharding(mesh, sharded.kv_spec(config, mesh, decode, B))
     if plan.kv_cache_dtype == "int8":  # values [N, B, S, K, Q] and exponents [N, B, S, K], split alike
-        kv = kv_quant.Int8KV(kv, NamedSharding(mesh, P(*tuple(kv.spec)[:-1])))
+        kv = kv_quant.int8_sharding(kv)
     from meshserve.model.transformer import KVCache
 
     state_sharding = DecodeState(
