@@ -28,7 +28,7 @@ class ModelConfig:
 
     The switches cover PaLM (parallel block, SwiGLU, multi-query, shared embedding, no biases), Falcon (GELU MLP,
     LayerNorm with bias, optional linear biases) and the Llama family (serial block, RMSNorm, grouped-query
-    attention, Qwen2's q/k/v biases, Llama 3.1's rope scaling, several eos ids).
+    attention, Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, Llama 3.1's rope scaling, several eos ids).
     """
 
     name: str
@@ -64,6 +64,9 @@ class ModelConfig:
     # n_kv_heads / true_kv_heads times in a row, so a heads split larger than the true count still gives every chip
     # whole kv heads (`replicate_kv_heads`; done at load for a mesh, never saved). 0 means not replicated.
     true_kv_heads: int = 0
+    # RMSNorm over each head's Q on q and k after their projection (and biases), before RoPE (Qwen3's q_norm /
+    # k_norm): layers q_norm / k_norm scale [N, Q], shared by the heads. Keeps attention logits bounded.
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for field in (

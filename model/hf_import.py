@@ -1,9 +1,9 @@
 """Import a Hugging Face checkpoint directory (config.json + *.safetensors) as meshserve params.
 
 Supported `model_type`s:
-  llama, mistral, qwen2: config from model/model_spec.py `llama_config` (serial block, RMSNorm, SwiGLU, grouped-query
-    attention, rotate-half RoPE, tied or separate `lm_head`, Qwen2's q/k/v biases; a sliding window caps
-    max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only when the HF tokenizer prepends it.
+  llama, mistral, qwen2, qwen3: config from model/model_spec.py `llama_config` (serial block, RMSNorm, SwiGLU,
+    grouped-query attention, rotate-half RoPE, tied or separate `lm_head`, Qwen2's q/k/v biases, Qwen3's per-head
+    q/k RMSNorm; a sliding window caps max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only when the HF tokenizer prepends it.
   falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
     true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
     optional linear biases, tied or separate `lm_head`.
@@ -283,7 +283,7 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
 
 
 def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool = False) -> HFCheckpoint:
-    """Read a Llama / Mistral / Qwen2 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
+    """Read a Llama / Mistral / Qwen2 / Qwen3 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
 
     Every tensor is checked against the shape config.json implies before any is read; a mismatch
     names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).

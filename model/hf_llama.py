@@ -1,8 +1,8 @@
-"""Llama-family Hugging Face checkpoints (`model_type` llama, mistral, qwen2): which tensor goes where.
+"""Llama-family Hugging Face checkpoints (`model_type` llama, mistral, qwen2, qwen3): which tensor goes where.
 
 The config is model/model_spec.py `llama_config` (the one mapping analytics uses too); model/hf_import.py `load_hf`
 reads and checks the tensors and places them with its `_place`. Tensor names and layouts of LlamaForCausalLM,
-MistralForCausalLM and Qwen2ForCausalLM (torch Linear weights are [out, in]: y = x W^T + b):
+MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (torch Linear weights are [out, in]: y = x W^T + b):
 
   model.embed_tokens.weight [V, E]                        -> embed [V, E]
   model.layers.{i}.input_layernorm.weight [E]             -> layers/attn_norm/scale [N, E]
@@ -14,6 +14,7 @@ MistralForCausalLM and Qwen2ForCausalLM (torch Linear weights are [out, in]: y =
   model.norm.weight [E]                                   -> final_norm/scale [E]
   lm_head.weight [V, E] (absent or ignored when tied)     -> unembed [E, V]
   q/k/v_proj.bias [H*Q or K*Q] (Qwen2; Llama with attention_bias) -> bq [N, H, Q], bk/bv [N, K, Q]
+  self_attn.{q,k}_norm.weight [Q] (Qwen3)                -> layers/q_norm/scale, k_norm/scale [N, Q]
 
 Rows of q_proj are head-major (head h owns rows h*Q .. h*Q + Q-1), and within a head HF checkpoints store the rotary
 pairs as (i, i + Q/2): HF's conversion script permuted Meta's interleaved (2i, 2i+1) pairs into this order, which is
@@ -32,7 +33,7 @@ from meshserve.model.config import ModelConfig
 
 __all__ = ["MODEL_TYPES", "llama_plan", "tokenizer_adds_bos"]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # (HF tensor name, HF shape, destination path in params, layer index or None): the rows load_hf checks and places.
 PlanRow = tuple[str, tuple[int, ...], tuple[str, ...], Any]
@@ -54,6 +55,9 @@ def llama_plan(config: ModelConfig, prefix: str = "model.") -> Iterator[PlanRow]
             yield layer + f"self_attn.{proj}_proj.weight", (rows, E), (f"w{proj}",), i
             if c.linear_bias or c.qkv_bias:
                 yield layer + f"self_attn.{proj}_proj.bias", (rows,), (f"b{proj}",), i
+        if c.qk_norm:
+            yield layer + "self_attn.q_norm.weight", (Q,), ("q_norm", "scale"), i
+            yield layer + "self_attn.k_norm.weight", (Q,), ("k_norm", "scale"), i
         yield layer + "self_attn.o_proj.weight", (E, H * Q), ("wo",), i
         yield layer + "mlp.gate_proj.weight", (F, E), ("w_gate",), i
         yield layer + "mlp.up_proj.weight", (F, E), ("w_up",), i

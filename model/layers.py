@@ -22,6 +22,7 @@ __all__ = [
     "attention_scores_mask",
     "attend",
     "attend_cached",
+    "head_norm",
     "qkv_projection",
     "attention_output",
     "mlp",
@@ -41,6 +42,13 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def head_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over each head's Q (Qwen3's q_norm / k_norm), in float32. x: [..., h, Q]; scale: [Q]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_frequencies(half: int, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
@@ -83,6 +91,9 @@ def qkv_projection(
     v = einsum("BTE,EKQ->BTKQ", h, p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
+    if "q_norm" in p:  # Qwen3: before the rotation, as Qwen3Attention does
+        q = head_norm(q, p["q_norm"]["scale"], config.norm_eps)
+        k = head_norm(k, p["k_norm"]["scale"], config.norm_eps)
     base, scaling = config.rope_base, config.rope_scaling
     return rope(q, positions, base, scaling), rope(k, positions, base, scaling), v
 

@@ -6,7 +6,7 @@ Resolution order of `resolve_model(spec)`:
   2. a directory holding `meshserve.json` (or that file itself): a meshserve checkpoint (only its metadata is read,
      never the weights);
   3. a directory holding `config.json`, or a JSON file (any name): a Hugging Face config. `model_type` picks the
-     mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama, mistral and qwen2 through
+     mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama, mistral, qwen2 and qwen3 through
      `llama_config` below; anything else is refused;
   4. anything else is an error naming the spec and the known presets.
 A directory with both `meshserve.json` and `config.json` is read as the meshserve checkpoint (step 2 first).
@@ -18,8 +18,9 @@ A config for analytics (analyze, memory, plan) only needs shapes and switches, a
 weights of that shape; `meshserve convert --from-hf` (model/hf_import.py) imports the weights of the same mapping.
 Llama-style configs map to a serial block (two RMSNorms, scale only), SwiGLU MLP (silu(x W_gate) * (x W_up), as
 layers.mlp), rotate-half RoPE, bias-free projections and a tied or untied output embedding; that is the math of
-transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (which adds biases on q, k and v only:
-`qkv_bias`), so the parameter count is exact. Llama's `attention_bias` and `mlp_bias` map to `linear_bias` when both
+transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (which adds biases on q, k and v only:
+`qkv_bias`) and Qwen3ForCausalLM (no biases; an RMSNorm over each head's q and k before RoPE: `qk_norm`), so the
+parameter count is exact. Llama's `attention_bias` and `mlp_bias` map to `linear_bias` when both
 are set (one without the other is refused). A sliding window (Mistral's `sliding_window`, Qwen2's with
 `use_sliding_window`) caps max_seq_len at the window: up to that length sliding-window attention is plain causal
 attention, so the capped model is exact. Llama 3.1's `llama3` rope scaling maps to ModelConfig.rope_scaling (applied
@@ -56,9 +57,10 @@ SET_HELP = "override model fields: key=value[,key=value] (repeatable), e.g. n_kv
 
 _CHECKPOINT_META = "meshserve.json"  # model/checkpoint.py META_FILE (that module imports JAX; this one must not)
 _FALCON_TYPES = ("falcon", "RefinedWebModel")  # what model.hf_import.falcon_config accepts
-_LLAMA_TYPES = ("llama", "mistral", "qwen2")
-# transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig, Qwen2Config).
-_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig, Qwen2Config,
+# Qwen3Config).
+_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
 # Keys whose presence (with a non-empty value) means mixture-of-experts layers, which ModelConfig cannot describe.
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
 _TRUE = ("true", "1", "yes", "on")
@@ -106,7 +108,7 @@ def _resolve(spec: str) -> ModelConfig:
 
 
 def hf_config_file(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a Hugging Face config.json (llama, mistral, qwen2 or falcon `model_type`)."""
+    """The ModelConfig of a Hugging Face config.json (llama, mistral, qwen2, qwen3 or falcon `model_type`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -183,7 +185,7 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[dict[str, Any], tuple[flo
 
 
 def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "config.json") -> ModelConfig:
-    """The ModelConfig of a Llama-, Mistral- or Qwen2-style config.json; unsupported settings raise ModelSpecError
+    """The ModelConfig of a Llama-, Mistral-, Qwen2- or Qwen3-style config.json; unsupported settings raise ModelSpecError
     naming the key. `source` (the file) prefixes every message. A sliding window shorter than max_position_embeddings
     becomes max_seq_len (see the module docstring)."""
     model_type = hf.get("model_type")
@@ -194,6 +196,9 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     for key in _MOE_KEYS:
         if hf.get(key):
             raise _refuse(source, key, hf[key], "mixture-of-experts layers are not supported")
+    # Qwen3's attention_bias puts biases on q, k, v and o but none on the MLP: no ModelConfig describes that.
+    if model_type == "qwen3" and hf.get("attention_bias"):
+        raise _refuse(source, "attention_bias", hf["attention_bias"], "Qwen3 attention biases are not supported")
     # Only LlamaConfig reads these two keys (Mistral and Qwen2 hard-code their projections' biases).
     attention_bias = model_type == "llama" and bool(hf.get("attention_bias"))
     mlp_bias = model_type == "llama" and bool(hf.get("mlp_bias"))
@@ -205,9 +210,9 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     rope, rope_scaling = _rope(hf, source)
     max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
     window = hf.get("sliding_window")
-    # Qwen2 carries a sliding_window it does not use unless use_sliding_window; Mistral always uses it.
-    # transformers' Qwen2Config defaults use_sliding_window to False; Mistral has no such key.
-    uses_window = window is not None and hf.get("use_sliding_window", model_type != "qwen2")
+    # Qwen2 and Qwen3 carry a sliding_window they do not use unless use_sliding_window; Mistral always uses it.
+    # transformers' Qwen2Config and Qwen3Config default use_sliding_window to False; Mistral has no such key.
+    uses_window = window is not None and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3"))
     if uses_window:
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise _refuse(source, "sliding_window", window, "expected a positive integer or null")
@@ -227,11 +232,13 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
         raise ModelSpecError(
             f"{source}: config.json num_attention_heads={H} must be a multiple of num_key_value_heads={K}"
         )
-    if hf.get("head_dim") is None and E % H:
+    # Qwen3Config's head_dim defaults to 128 (Qwen3-0.6B: 16 heads of 128 over hidden_size 1024), the others' to E / H.
+    default_head_dim = 128 if model_type == "qwen3" else E // H
+    if hf.get("head_dim") is None and model_type != "qwen3" and E % H:
         raise ModelSpecError(
             f"{source}: config.json hidden_size={E} must be a multiple of num_attention_heads={H} (or give head_dim)"
         )
-    Q = _positive_int(source, hf, "head_dim", E // H)
+    Q = _positive_int(source, hf, "head_dim", default_head_dim)
     theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
     eps = hf.get("rms_norm_eps", 1e-6)
     for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
@@ -258,11 +265,12 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
             linear_bias=attention_bias and mlp_bias,
             shared_embedding=bool(hf.get("tie_word_embeddings", False)),
             rope_base=float(theta),
-            # Qwen2's tokenizers prepend nothing (its config's bos_token_id is <|endoftext|>, never put first).
-            bos_id=None if model_type == "qwen2" else _token_id(hf.get("bos_token_id")),
+            # Qwen's tokenizers prepend nothing (its config's bos_token_id is <|endoftext|>, never put first).
+            bos_id=None if model_type in ("qwen2", "qwen3") else _token_id(hf.get("bos_token_id")),
             eos_id=_token_id(hf.get("eos_token_id")),
             extra_eos_ids=tuple(_token_ids(hf.get("eos_token_id"))[1:]),
             qkv_bias=model_type == "qwen2",  # Qwen2Attention: q, k and v with bias, o without
+            qk_norm=model_type == "qwen3",  # Qwen3Attention: RMSNorm over each head's q and k before RoPE
             rope_scaling=rope_scaling,
         )
     except ConfigError as e:  # e.g. an odd head_dim (RoPE rotates pairs)

@@ -99,6 +99,9 @@ def declare(config: ModelConfig) -> dict[str, Any]:
         layer["w_gate"] = ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",))
     if not c.parallel_block:
         layer["mlp_norm"] = norm()
+    if c.qk_norm:  # Qwen3: one RMSNorm scale over Q, shared by every head (replicated: head_dim is never split)
+        layer["q_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init="ones")}
+        layer["k_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init="ones")}
     if c.linear_bias or c.qkv_bias:  # qkv_bias alone: Qwen2's q, k and v biases, none on o or the MLP
         layer.update(
             bq=bias((H, Q), ("heads", "head_dim")),

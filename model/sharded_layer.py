@@ -142,10 +142,15 @@ def _bias(y: jax.Array, p: dict[str, Any], name: str, axes: tuple[str, ...], ops
 
 
 def _qkv_bias(q, k, v, p: dict[str, Any], plan: Plan, ops: Ops):
-    """q/k/v biases (Qwen2, linear_bias) on the local heads of whole sums (after ws2d's reduction over x:
-    before it each of the X partial sums would carry the bias, adding it X times)."""
+    """q/k/v biases (Qwen2, linear_bias), then Qwen3's per-head q/k norms, on the local heads of whole sums (after
+    ws2d's reduction over x: before it each of the X partial sums would carry the bias, adding it X times, and a
+    norm of a partial sum is not the norm of the sum). Each head's Q is whole on its chip, so the norm is local."""
     heads, kv = _out_split(plan, "heads"), _out_split(plan, "kv_heads")
-    return _bias(q, p, "bq", heads, ops), _bias(k, p, "bk", kv, ops), _bias(v, p, "bv", kv, ops)
+    q, k, v = _bias(q, p, "bq", heads, ops), _bias(k, p, "bk", kv, ops), _bias(v, p, "bv", kv, ops)
+    if "q_norm" in p:
+        eps = plan.config.norm_eps
+        q, k = layers.head_norm(q, p["q_norm"]["scale"], eps), layers.head_norm(k, p["k_norm"]["scale"], eps)
+    return q, k, v
 
 
 def _to_attention(q, k, v, p: dict[str, Any], plan: Plan, ops: Ops):

@@ -1,6 +1,6 @@
 """`meshserve convert`: a Hugging Face directory -> a meshserve checkpoint, or change a checkpoint's dtype.
 
-Hugging Face `model_type`s: llama, mistral, qwen2 and falcon (model/hf_import.py says what each may hold).
+Hugging Face `model_type`s: llama, mistral, qwen2, qwen3 and falcon (model/hf_import.py says what each may hold).
 
   meshserve convert --from-hf DIR --out CKPT [--weights f32|bf16|int8]
   meshserve convert --checkpoint CKPT --out CKPT2 --weights int8      (quantise at convert time)
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from-hf",
         metavar="DIR",
-        help="a Hugging Face Llama, Mistral, Qwen2 or Falcon directory: config.json + *.safetensors (+ tokenizer)",
+        help="a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Falcon directory: config.json + *.safetensors (+ tokenizer)",
     )
     source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
     parser.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint directory to write")

@@ -8,7 +8,7 @@ as stored); and with bf16 compute, prefill and decode logits agree within bf16 r
 top-2 logits are often closer than bf16 rounding, so greedy tokens are compared where rounding cannot swap them.)
 Together the cases run every layout in both phases, with bf16 and int8, multi-query and multi-head, on 8 and 4
 emulated devices. Llama-family variants (serial block, grouped-query attention, q/k/v and linear biases, rope
-scaling) and a biased parallel block equal one device under each ws layout, the looped einsum and two wg layouts.
+scaling, Qwen3's q/k norms) and a biased parallel block equal one device under each ws layout, the looped einsum and two wg layouts.
 """
 
 import jax
@@ -84,7 +84,7 @@ def _steps_equal_one_device(config, params, mesh, layout, B):
     np.testing.assert_array_equal(cache.lengths, lengths[::-1] + 1)
 
 
-# Llama-family variants of tiny (float32): Qwen2-like (serial block, RMSNorm, grouped-query K = 4, q/k/v biases),
+# Llama-family variants of tiny (float32): Qwen3-like (multi-query, per-head q/k RMSNorm), Qwen2-like (serial block, RMSNorm, grouped-query K = 4, q/k/v biases),
 # Llama-3.1-like (serial, multi-query, every linear bias, rope scaling whose original length 4 < the 8-token prompts
 # puts the 8 frequencies of d_head 16 in all three bands) and a Falcon-like parallel block (GELU, LayerNorm with
 # bias, linear biases: b_up without a gate).
@@ -92,6 +92,7 @@ FAMILIES = {
     "qwen2": dict(parallel_block=False, norm="rmsnorm", n_kv_heads=4, qkv_bias=True),
     "llama31": dict(parallel_block=False, norm="rmsnorm", linear_bias=True, rope_scaling=(8.0, 1.0, 4.0, 4.0)),
     "falcon": dict(mlp="gelu", norm_bias=True, linear_bias=True),
+    "qwen3": dict(parallel_block=False, norm="rmsnorm", n_kv_heads=1, qk_norm=True),  # multi-query, q/k RMSNorm
 }
 
 
@@ -119,6 +120,10 @@ SERIAL_CASES = [
     ("llama31", "2x2x2", Layout("ws1d", "heads"), 2),
     ("llama31", "2x2x2", Layout("wg-xyz", "batch"), 8),
     ("falcon", "2x2x2", Layout("ws2d", "heads", overlap=True), 2),
+    # q/k norms of whole sums: after ws2d's reduction over x (a norm of a partial sum would differ), on local heads
+    ("qwen3", "2x2x2", Layout("ws2d", "heads"), 4),
+    ("qwen3", "2x2x2", Layout("ws2d", "batch", overlap=True), 8),
+    ("qwen3", "2x2x2", Layout("wg-xyz", "batch"), 8),
 ]
 
 
@@ -137,7 +142,8 @@ def test_serial_block_biases_and_rope_scaling_equal_one_device(name, mesh_text, 
 @pytest.mark.parametrize(
     "name,change",
     [("qwen2", ("bq", "bk", "bv")), ("llama31", ("bo", "b_down")), ("llama31", ("b_up", "b_gate")),
-     ("llama31", "rope_scaling"), ("llama31", "mlp_norm"), ("falcon", ("bo", "b_up", "b_down"))],
+     ("llama31", "rope_scaling"), ("llama31", "mlp_norm"), ("falcon", ("bo", "b_up", "b_down")),
+     ("qwen3", "qk_norm")],
 )  # fmt: skip
 def test_each_family_feature_moves_the_logits(name, change):
     """The cases above would pass vacuously if a feature did nothing: without each one (biases zeroed, no rope
@@ -149,6 +155,9 @@ def test_each_family_feature_moves_the_logits(name, change):
     other = config
     if change == "rope_scaling":
         other = config.replace(rope_scaling=())
+    elif change == "qk_norm":
+        other = config.replace(qk_norm=False)
+        layer = {key: value for key, value in layer.items() if key not in ("q_norm", "k_norm")}
     elif change == "mlp_norm":
         layer["mlp_norm"] = layer["attn_norm"]
     else:
