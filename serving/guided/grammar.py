@@ -40,7 +40,7 @@ from meshserve.serving.guided.ranges import RNG
 from meshserve.serving.guided.spec import GuideError
 from meshserve.serving.guided.strings import PAT
 
-__all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN"]
+__all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN", "new_key"]
 
 State = tuple  # a sorted tuple of stacks (tuples of frames)
 
@@ -51,7 +51,7 @@ WS_INDENT = 24
 # request fails alone. 256 open alternatives cost ~0.07 s for a new state's mask (4096-token vocabulary, this CPU).
 MAX_OPEN = 256
 NUM_DIGITS = 20
-_KEYS = itertools.count()  # Grammar.key: unique for the process (an id() may be reused once a grammar is freed)
+_KEYS = itertools.count()  # Grammar.key, StringPattern.key: unique for the process (an id() may be reused once freed)
 _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
 # Frame tags (first element of each frame).
@@ -70,6 +70,11 @@ _DIGITS = frozenset(b"0123456789")
 _NUM_DONE = frozenset((1, 2, 4, 7))  # number states where what is written is a whole number
 
 
+def new_key() -> int:
+    """A number naming a grammar or a pattern in masks.py's cache keys (one sequence: no two share one)."""
+    return next(_KEYS)
+
+
 def _ws(ws: int, b: int) -> int:
     """The whitespace gap's counter after byte b, or -1 when b cannot extend it. 0: empty, 1: one space (complete),
     2 + n: a newline and n indentation bytes."""
@@ -86,7 +91,7 @@ class Grammar:
     def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = ""):
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
-        self.key = next(_KEYS)  # masks.py's cache keys masks by this (a key holding the grammar would keep it alive)
+        self.key = new_key()  # masks.py's cache keys masks by this (a key holding the grammar would keep it alive)
         # One stack, or several alternatives (a "choice" format: one per string).
         self._start: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
         self._leaves: dict[int, tuple[int, ...]] = {}

@@ -4,69 +4,46 @@ its grammar (`Guide`).
 A mask is uint32 [W], W = ceil(V / 32): token v is allowed iff (mask[v // 32] >> (v % 32)) & 1 (the layout of
 np.packbits(bool [W * 32], bitorder="little").view("<u4")). A new state's mask walks the vocabulary's byte trie with
 the grammar, pruning a subtree at its first rejected byte; masks are cached per (grammar, state) in the table (one
-LRU over the table's grammars: at most MASK_CACHE masks and MASK_CACHE_BYTES counted with their keys, which name a
-grammar or pattern by a number, so the cache keeps none alive; a Qwen-sized V of 152k makes a mask 19 KiB). Inside
-a string (every stack between two characters of a string) the "plain" tokens (valid UTF-8 without a quote,
-backslash or control byte) are allowed wholesale from a precomputed mask by their character count, and only the
-other tokens are walked. Inside pattern strings (every stack's top a JSON Schema pattern's frame:
-patterns.py) the plain tokens allowed do not depend on the rest of the stack (they cannot close the string): they
-are one mask per position of the pattern (patterns.py counts them, with a table of each position's next by byte),
-computed for every plain token at once by running that table over the tokens' bytes in numpy (a walk of the trie
-instead cost ~35 ms a position for [^\\s]{1,40} at 32,000 tokens), cached in the table's LRU and shared by every
-state, schema and request that reaches the position; `prepare_patterns` computes a request's on the caller's
-thread. Only the other tokens are walked per state.
+LRU, spec.SizedCache, over the table's grammars: at most MASK_CACHE masks and MASK_CACHE_BYTES counted with their
+keys; a Qwen-sized V of 152k makes a mask 19 KiB). Inside a string (every stack between two characters of a string)
+the "plain" tokens (valid UTF-8 without a quote, backslash or control byte) are allowed wholesale from a
+precomputed mask by their character count, and only the other tokens are walked.
+A pattern (patterns.py: a JSON Schema pattern string's content, or a regex request's whole output) has finitely
+many positions and a table of each one's next by byte: a position's mask runs that table over the tokens' bytes in
+numpy (`pattern_masks`: a pattern string's plain tokens, which cannot close the string, so do not depend on the rest
+of the stack; a regex's every token), for a batch of positions at once, cached in the table's LRU and shared by
+every state, schema and request reaching the position (a trie walk instead cost 35-40 ms a position for [^\\s] or
+email at 32,000 tokens). `prepare_patterns` computes a schema's on the caller's thread, `prepare_masks` a regex's
+every one, pinned on its Guide.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 from meshserve.serving.guided.grammar import Grammar, State
-from meshserve.serving.guided.spec import GuideError
+from meshserve.serving.guided.spec import GuideError, SizedCache
 from meshserve.serving.guided.strings import PAT
 
-__all__ = ["TokenTable", "Guide", "prepare_patterns", "MASK_CACHE", "MASK_CACHE_BYTES", "PREPARE_PATTERNS_S"]
+__all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "MASK_CACHE", "MASK_CACHE_BYTES",
+           "PREPARE_PATTERNS_S", "PREPARE_S"]  # fmt: skip
 
 MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
 MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
 PREPARE_PATTERNS_S = 10.0  # caller-thread seconds a request may spend on its patterns' masks; the rest come lazily
+PREPARE_S = 10.0  # and on a regex's every mask, before it is refused (a backstop for a very large vocabulary)
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ENTRY = 256  # an ndarray object (~112 bytes), its OrderedDict entry and key tuple
-
-
-class _MaskCache(OrderedDict):
-    """Masks by key, oldest first (an LRU by insertion: lookups, lock-free, do not reorder), at most `max_entries`
-    and `max_bytes` counted in `nbytes`: each mask, its entry and what its key keeps alive. Keys hold no grammar or
-    matcher (a (grammar.key, state) or ("pat", matcher.key, position) of ints and tuples): one of those would keep its
-    grammar's memo or its matcher's table alive past their own caches, uncounted (6000 distinct patterns held
-    +387 MiB against the 256 MiB cap). Changed under the table's lock."""
-
-    def __init__(self, max_entries: int, max_bytes: int):
-        super().__init__()
-        self.max_entries, self.max_bytes, self.nbytes = max_entries, max_bytes, 0
-
-    def put(self, key: tuple, mask: np.ndarray) -> None:
-        if key in self:  # two threads computed it (the same mask): counted once
-            return
-        self[key] = mask
-        self.nbytes += _cost(key, mask)
-        while len(self) > 1 and (len(self) > self.max_entries or self.nbytes > self.max_bytes):
-            old, evicted = self.popitem(last=False)
-            self.nbytes -= _cost(old, evicted)
-
-    def clear(self) -> None:
-        super().clear()
-        self.nbytes = 0
+_ENTRY = 256  # an ndarray object (~112 bytes), its OrderedDict entry, key tuple and counted size
 
 
 def _cost(key: tuple, mask: np.ndarray) -> int:
-    """The bytes an entry holds, about: the mask, its array object and dict entry (_ENTRY), and a state key's tuples
-    (40 bytes a tuple and 8 a slot; small ints are shared)."""
+    """The bytes a cached mask holds, about: the mask, its array object and dict entry (_ENTRY), and a state key's
+    tuples (40 bytes a tuple and 8 a slot; small ints are shared). Keys hold no grammar or matcher (a (grammar.key,
+    state) or ("pat", matcher.key, position) of ints and tuples): one would keep its grammar's memo or its matcher's
+    table alive past their own caches, uncounted (6000 distinct patterns held +387 MiB against the 256 MiB cap)."""
     if key[0] == "pat":
         return mask.nbytes + _ENTRY
     state = key[1]
@@ -111,8 +88,8 @@ class TokenTable:
         chars = {v: _plain_chars(data) for v, data in pieces}
         self.trie = _trie(pieces)
         self.other_trie = _trie([(v, data) for v, data in pieces if not chars[v]])
-        self._plain_pieces = [(v, data) for v, data in pieces if chars[v]]
-        self._plain_bytes: tuple | None = None  # built at the first pattern string (_plain_matrix)
+        self._pieces, self._plain_pieces = pieces, [(v, data) for v, data in pieces if chars[v]]
+        self._matrices: dict[bool, tuple] = {}  # built at the first pattern (_matrix)
         # plain[n]: the plain tokens of at most n characters (n up to the longest plain token's count).
         longest = max(chars.values(), default=0)
         by_count = np.zeros((longest + 1, self.words * 32), bool)
@@ -121,8 +98,7 @@ class TokenTable:
                 by_count[n, v] = True
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
-        self._masks = _MaskCache(MASK_CACHE, cache_bytes)
-        self._lock = threading.Lock()  # requests' first masks are computed on the callers' threads
+        self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int) -> TokenTable:
@@ -151,10 +127,7 @@ class TokenTable:
         out = self._masks.get(key)
         if out is not None:
             return out
-        out = self._compute(grammar, state)
-        with self._lock:
-            self._masks.put(key, out)
-        return out
+        return self._masks.put(key, self._compute(grammar, state))
 
     def _compute(self, grammar: Grammar, state: State) -> np.ndarray:
         room = grammar.string_room(state)
@@ -181,36 +154,52 @@ class TokenTable:
         return out
 
     def pattern_masks(self, matcher, positions: list[int]) -> list[np.ndarray]:
-        """Compute and cache the plain-token masks of these positions: each plain token's bytes run through the
-        pattern's position table (`matcher.next` int16 [P + 1, 256], row P the dead end) for 64 positions at once."""
-        ids, data, longer = self._plain_matrix()
+        """Compute and cache the masks of these positions of a pattern (its StringPattern): the plain tokens (for a
+        `raw` pattern, a regex request's, every token) whose bytes its position table (`matcher.next` int16 [P + 1,
+        256], row P the dead end) takes from each. A batch of positions at once: every (position, token) pair's first
+        byte, then only the pairs still alive (where a position takes few characters most die at their first)."""
+        ids, data, longer = self._matrix(matcher.raw)
+        table, dead = matcher.next, len(matcher.positions)
+        size = max(1, min(64, (1 << 21) // max(1, len(ids))))  # ~2M pairs a batch (152k tokens: 13 positions)
         out = []
-        for at in range(0, len(positions), 64):
-            starts = np.asarray(positions[at : at + 64], np.int16)
-            now = np.repeat(starts[:, None], len(ids), axis=1)  # [S, Vp]: each start's position after k bytes
-            for k, n in enumerate(longer):  # tokens sorted longest first: the n longer than k take byte k
-                now[:, :n] = matcher.next[now[:, :n], data[:n, k]]
-            for start, alive in zip(starts, now != len(matcher.positions), strict=True):
-                allowed = np.zeros(self.words * 32, bool)
-                allowed[ids[alive]] = True
-                out.append(self._pack(allowed))
-                with self._lock:
-                    self._masks.put(("pat", matcher.key, int(start)), out[-1])
+        for at in range(0, len(positions), size):
+            starts = np.asarray(positions[at : at + size], np.intp)
+            now = np.ascontiguousarray(table[starts].T)[data[:, 0]].ravel()  # [Vp * S]: after each token's first byte
+            pairs = np.flatnonzero(now != dead)  # the live pairs, token-major: tok ascending (longest tokens first)
+            tok, start, now = pairs // len(starts), pairs % len(starts), now[pairs]
+            for k in range(1, len(longer)):
+                cut = int(np.searchsorted(tok, longer[k]))  # the pairs whose token has a byte k: a prefix
+                if not cut:
+                    break
+                now[:cut] = table[now[:cut], data[tok[:cut], k]]
+                if 4 * np.count_nonzero(now[:cut] == dead) > cut:  # many died: drop the dead pairs
+                    keep = now != dead
+                    tok, start, now = tok[keep], start[keep], now[keep]
+            keep = now != dead
+            allowed = np.zeros((len(starts), self.words * 32), bool)
+            allowed[start[keep], ids[tok[keep]]] = True
+            for row in np.packbits(allowed, axis=1, bitorder="little").view("<u4"):
+                out.append(row.astype(np.uint32))
+                out[-1].setflags(write=False)
+            for position, mask in zip(starts, out[-len(starts) :], strict=True):
+                self._masks.put(("pat", matcher.key, int(position)), mask)
         return out
 
-    def _plain_matrix(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """The plain tokens longest first: (ids int [Vp], bytes uint8 [Vp, L], how many are longer than k for each
-        k < L). Built once (two threads may both build it: either is the same)."""
-        if self._plain_bytes is None:
-            pieces = sorted(self._plain_pieces, key=lambda p: -len(p[1]))
+    def _matrix(self, raw: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The plain tokens (every token when `raw`) longest first: (ids int [Vp], bytes uint8 [Vp, L], how many are
+        longer than k for each k < L). Built once each (two threads may both build one: either is the same)."""
+        built = self._matrices.get(raw)
+        if built is None:
+            pieces = self._pieces if raw else self._plain_pieces
             lengths = np.array([len(data) for _, data in pieces], np.int64)
-            width = int(lengths[0]) if pieces else 0
-            data = np.zeros((len(pieces), width), np.uint8)
-            for j, (_, piece) in enumerate(pieces):
-                data[j, : len(piece)] = np.frombuffer(piece, np.uint8)
-            longer = [int((lengths > k).sum()) for k in range(width)]
-            self._plain_bytes = (np.array([v for v, _ in pieces], np.int64), data, longer)
-        return self._plain_bytes
+            data = np.zeros((len(pieces), int(lengths.max()) if pieces else 1), np.uint8)
+            rows = np.repeat(np.arange(len(pieces)), lengths)  # each byte's token, then its place in the token
+            data[rows, np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = np.frombuffer(
+                b"".join(piece for _, piece in pieces), np.uint8)  # fmt: skip
+            order = np.argsort(-lengths, kind="stable")
+            longer = [int((lengths > k).sum()) for k in range(data.shape[1])]
+            built = self._matrices[raw] = (np.array([v for v, _ in pieces], np.int64)[order], data[order], longer)
+        return built
 
     @staticmethod
     def _walk(grammar: Grammar, state: State, trie: dict) -> list[int]:
@@ -270,6 +259,26 @@ def prepare_patterns(guide, seconds: float = PREPARE_PATTERNS_S) -> int:
                 return done
             done += len(table.pattern_masks(matcher, todo[at : at + 64]))
     return done
+
+
+def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
+    """Compute the mask of every position a regex guide's pattern can reach (as a pattern string's: its table run
+    over every token's bytes, cached in the table) and pin them on the guide (the engine thread then only looks
+    them up, whatever the table's cache evicts); returns how many. GuideError past positions.py's bounds (cached per
+    pattern: a retry is refused at once), or past `seconds` (a backstop for a very large vocabulary)."""
+    grammar, table = guide.grammar, guide.table
+    start = time.perf_counter()
+    matcher = grammar.indexed()  # patterns.PatternGrammar: its positions counted (compile_pattern's caches)
+    for at in range(0, len(matcher.positions), 64):
+        batch = range(at, min(at + 64, len(matcher.positions)))
+        todo = [p for p in batch if ("pat", matcher.key, p) not in table._masks]
+        made = dict(zip(todo, table.pattern_masks(matcher, todo), strict=True))
+        for p in batch:
+            guide.pinned[matcher.positions[p]] = made[p] if p in made else table.pattern_mask(matcher, p)
+        if time.perf_counter() - start > seconds:
+            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
+                             f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip
+    return len(guide.pinned)
 
 
 class Guide:

@@ -34,37 +34,39 @@ Frames: (PAT, node, count, nfa state, *pending bytes of a character begun) (stri
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
+from collections import OrderedDict
 
 import numpy as np
 from meshserve.serving.guided.formats import format_pattern
-from meshserve.serving.guided.grammar import MAX_OPEN, Grammar
+from meshserve.serving.guided.grammar import MAX_OPEN, Grammar, new_key
 from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK, positions
 from meshserve.serving.guided.regex import build_nfa
 from meshserve.serving.guided.spec import GuideError, show
 from meshserve.serving.guided.strings import PAT
 
-__all__ = ["StringPattern", "compile_pattern", "read_pattern", "string_node", "JSON_ESCAPED", "MAX_COUNTED"]
+__all__ = ["StringPattern", "PatternGrammar", "compile_pattern", "compile_regex", "read_pattern", "string_node",
+           "JSON_ESCAPED", "MAX_COUNTED"]  # fmt: skip
 
 # Never written in a pattern string: what a JSON string cannot hold raw (controls, '"', '\\'), and U+2028, U+2029,
 # U+FEFF, which Python's `.` and \S match and ECMA-262's (the schema's regex dialect) do not: output is valid both ways.
 JSON_ESCAPED = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x2028, 0x2029), (0xFEFF, 0xFEFF))
 MAX_COUNTED = 1 << 20  # NFA states x (the counted length + 1): the liveness table's entries
-_KEYS = itertools.count()  # StringPattern.key: unique for the process (an id() could be reused once one is freed)
 
 
 class StringPattern:
     """A pattern string's matcher: `begin(node)` (frames after the opening quote), `step(frame, b)`, `closes(frame)`
-    (the closing quote may follow). Frames are the grammar's (PAT, node, count, nfa state, *pending)."""
+    (the closing quote may follow). Frames are the grammar's (PAT, node, count, nfa state, *pending). `raw`: a
+    regex request's whole output (no JSON escaping: every character may be written, and every token's bytes are
+    run through its table, not only the plain ones)."""
 
-    def __init__(self, pattern: str, min_length: int, max_length: int, where: str):
-        self.where = where
-        self.key = next(_KEYS)  # masks.py's cache keys its masks by this, not by the matcher (which it would keep)
-        self.positions: list = []  # every position (a state of _Positions), once counted (compile_pattern)
+    def __init__(self, pattern: str, min_length: int, max_length: int, where: str, raw: bool = False):
+        self.pattern, self.where, self.raw = pattern, where, raw
+        self.key = new_key()  # masks.py's cache keys its masks by this, not by the matcher (which it would keep)
+        self.positions: list = []  # every position (a state of PatternGrammar), once counted (compile_pattern)
         self.index: dict = {}  # position -> its number
         self.next = np.zeros((1, 256), np.int16)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
-        self.nfa = nfa = build_nfa(pattern, where, JSON_ESCAPED)
+        self.nfa = nfa = build_nfa(pattern, where, () if raw else JSON_ESCAPED)
         self.min, self.max = min_length, max_length
         # Counts past `cap` change nothing: with a maxLength none comes, without one every count >= minLength is alike.
         self.cap = max_length if max_length >= 0 else min_length
@@ -187,6 +189,14 @@ class StringPattern:
             levels.append(frozenset(level))
         return levels[::-1]
 
+    def nbytes(self) -> int:
+        """About the bytes this matcher holds (tracemalloc on patterns of 80-16,000 NFA states and on the formats:
+        within ~30%): ~280 an NFA state with its edge, 8 a cached closure's or the liveness table's entry, ~350 a
+        counted position's stack (its state's tuples, the index) and the positions' table."""
+        entries = sum(map(len, self.nfa._closures.values())) + sum(map(len, self.live))
+        stacks = sum(map(len, self.positions))
+        return 280 * len(self.nfa.edges) + 8 * entries + 350 * stacks + self.next.nbytes
+
     def begin(self, node: int) -> list[tuple]:
         return [(PAT, node, 0, s) for s in self.start]
 
@@ -207,13 +217,13 @@ class StringPattern:
         return len(frame) == 4 and frame[3] == self.nfa.accept and frame[2] >= self.min
 
 
-class _Positions(Grammar):
-    """A pattern string alone (no quotes) as a `Grammar` (frames with node 0): positions.positions counts its
-    positions, and compile_pattern reads their table `next` from it."""
+class PatternGrammar(Grammar):
+    """A pattern alone as a `Grammar` (one-frame stacks, node 0): a regex request's whole output (compile_regex),
+    and a pattern string's content while compile_pattern counts its positions and their table."""
 
-    def __init__(self, matcher: StringPattern):
+    def __init__(self, matcher: StringPattern, where: str = ""):
         self.matcher = matcher
-        super().__init__([], [(frame,) for frame in matcher.begin(0)], matcher.where)
+        super().__init__([], [(frame,) for frame in matcher.begin(0)], where or matcher.where)
 
     def _step(self, stack: tuple, b: int) -> list[tuple]:
         return [(frame,) for frame in self.matcher.step(stack[0], b)]
@@ -222,7 +232,28 @@ class _Positions(Grammar):
         return self.matcher.closes(stack[0])
 
     def string_room(self, state) -> None:
-        return None
+        return None  # masks walk every token (no JSON-string fast path)
+
+    def indexed(self) -> StringPattern:
+        """The matcher with its positions counted and their table (masks.prepare_masks): cached per pattern, and
+        so are refusals (GuideError naming this grammar's `where`)."""
+        m = self.matcher
+        return compile_pattern(m.pattern, m.min, m.max, self.where, m.raw)
+
+
+def compile_regex(pattern: str, where: str = "regex") -> PatternGrammar:
+    """The matcher of outputs `pattern` fullmatches, written raw (a regex request). Its positions are counted when
+    its masks are prepared (PatternGrammar.indexed). GuideError naming `where` for what it cannot guide to; cached
+    refusals, as a pattern string's."""
+    return PatternGrammar(compile_pattern(pattern, 0, -1, where, raw=True, counted=False), where)
+
+
+def held_bytes(grammar: Grammar) -> int:
+    """About the bytes a compiled grammar holds (compile_spec's cache counts them): ~320 a node (tracemalloc on a
+    schema of 900 nodes), and its patterns' matchers (StringPattern.nbytes: one shared with the compiled patterns'
+    cache is counted here too). Its byte memo, filled as it is used (at most grammar._MEMO_LIMIT entries), is not."""
+    found = [grammar.matcher] if isinstance(grammar, PatternGrammar) else [n[1] for n in grammar.nodes if n[0] == "pat"]
+    return 320 * len(grammar.nodes) + sum(m.nbytes() for m in {id(m): m for m in found}.values())
 
 
 def read_pattern(schema: dict, path: str) -> tuple[str, str]:
@@ -254,20 +285,33 @@ def string_node(schema: dict, min_length: int, max_length: int, path: str) -> tu
         return ("str", min_length, max_length)
 
 
-def compile_pattern(pattern: str, min_length: int, max_length: int, where: str) -> StringPattern:
+def compile_pattern(
+    pattern: str, min_length: int, max_length: int, where: str, raw: bool = False, counted: bool = True
+) -> StringPattern:
     """The matcher of a string whose content fullmatches `pattern` with min_length..max_length (-1: no bound)
-    characters, its positions counted within regex.py's bounds. GuideError naming `where` otherwise. Cached by
-    pattern and lengths (a format used in many places, or in many schemas, is built once; ~0.5 s for hostname), and
-    so are refusals (a retry of a pattern refused after ~0.3 s of counting is refused at once)."""
-    key = (pattern, min_length, max_length)
+    characters (`raw`: StringPattern's), its positions counted within positions.py's bounds and their table built
+    (`counted`; else the matcher alone, not cached: compile_regex's grammar is cached by compile_spec). GuideError
+    naming `where` otherwise. Cached by pattern and lengths (a format used in many places, or in many schemas, is
+    built once; ~0.5 s for hostname), and so are refusals (a retry of a pattern refused after ~0.3 s of counting is
+    refused at once)."""
+    key = (pattern, min_length, max_length, raw, counted)
     with _GUARD:
         building = _BUILDING.setdefault(key, [threading.Lock(), 0])
         building[1] += 1
     try:
         with building[0]:  # requests for a pattern being built wait for it, then take it (or its refusal) cached
-            reason = _refusal(*key)
+            reason = _REFUSED.get(key)
             if reason is None:
-                return _compile(*key)
+                try:
+                    return (
+                        _compile(*key[:4]) if counted else StringPattern(pattern, min_length, max_length, _WHERE, raw)
+                    )
+                except GuideError as e:
+                    reason = str(e)[len(_WHERE) :]
+                    with _GUARD:
+                        _REFUSED[key] = reason
+                        if len(_REFUSED) > MAX_REFUSED:
+                            _REFUSED.popitem(last=False)
     finally:
         with _GUARD:
             building[1] -= 1
@@ -280,39 +324,20 @@ def compile_pattern(pattern: str, min_length: int, max_length: int, where: str) 
 # pattern at once build it once (each build is Python on a caller's thread, sharing the GIL with the engine thread).
 _BUILDING: dict[tuple, list] = {}
 _GUARD = threading.Lock()
-
-
+_REFUSED: OrderedDict[tuple, str] = OrderedDict()  # why each refused pattern is refused, oldest first
+MAX_REFUSED = 1024  # a few hundred bytes each, and the pattern (at most regex.MAX_PATTERN characters)
 _WHERE = "pattern"
 
 
-@functools.lru_cache(maxsize=1024)  # a few hundred bytes each
-def _refusal(pattern: str, min_length: int, max_length: int) -> str | None:
-    """Why the pattern is refused with these lengths (its message after the placeholder path), None when it compiles
-    (then _compile has it cached)."""
-    try:
-        _compile(pattern, min_length, max_length)
-    except GuideError as e:
-        return str(e)[len(_WHERE) :]
-    return None
-
-
 @functools.lru_cache(maxsize=128)  # a matcher holds its positions and their table: up to ~1 MB
-def _compile(pattern: str, min_length: int, max_length: int) -> StringPattern:
-    matcher = StringPattern(pattern, min_length, max_length, _WHERE)
-    alone = _Positions(matcher)  # dropped after: its byte memo (up to 2^18 entries) is not needed once `next` is
-    try:
-        matcher.positions = positions(alone, MAX_POSITIONS, MAX_WORK)
+def _compile(pattern: str, min_length: int, max_length: int, raw: bool = False) -> StringPattern:
+    matcher = StringPattern(pattern, min_length, max_length, _WHERE, raw)
+    try:  # one walk: the positions and their table (the grammar, with its byte memo, is dropped after)
+        matcher.positions, matcher.next = positions(PatternGrammar(matcher), MAX_POSITIONS, MAX_WORK)
     except GuideError as e:
         if not matcher.cap:
             raise
         raise GuideError(f"{e}; minLength / maxLength are counted here, each count a position of its own: a smaller "
                          "bound, or none, makes fewer") from None  # fmt: skip
     matcher.index = {state: i for i, state in enumerate(matcher.positions)}
-    dead = len(matcher.positions)
-    matcher.next = np.full((dead + 1, 256), dead, np.int16)  # MAX_POSITIONS fits
-    for i, state in enumerate(matcher.positions):
-        for b in range(256):
-            after = alone.step(state, b)
-            if after is not None:
-                matcher.next[i, b] = matcher.index[after]
     return matcher

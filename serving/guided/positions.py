@@ -1,59 +1,60 @@
-"""A regex's positions (the matcher states its pattern can reach: finitely many), counted within bounds, and their
-token masks prepared before a request is queued (`prepare_masks`), so the engine thread only looks them up. Used by
-"regex" formats (regex.py) and, for the count alone, by JSON Schema pattern strings (patterns.py).
+"""A pattern's positions (the matcher states it can reach: finitely many), counted within bounds in one walk that
+also writes their table: the position after each byte. Used for a regex request and for a JSON Schema pattern
+string alike (patterns.py); masks.py runs the table over tokens' bytes to compute a position's mask.
 """
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
-from meshserve.serving.guided.grammar import Grammar
+import numpy as np
 from meshserve.serving.guided.spec import GuideError
 
-__all__ = ["positions", "prepare_masks", "MAX_POSITIONS", "MAX_WORK", "PREPARE_S"]
+if TYPE_CHECKING:
+    from meshserve.serving.guided.patterns import PatternGrammar
 
-# A regex has finitely many positions (matcher states): their masks are all computed before the request is queued,
-# on the caller's thread, so the engine thread only looks them up. Each costs a walk of the vocabulary (~0.1 s for
-# a 32,000-token BPE when most tokens fit, as in .{0,300}: 300 positions, 30 s): bounded in count and time.
+__all__ = ["positions", "MAX_POSITIONS", "MAX_WORK"]
+
+# A pattern has finitely many positions (matcher states): a regex's masks are all computed before the request is
+# queued, on the caller's thread, so the engine thread only looks them up. Each costs a run of the vocabulary
+# (~1.6 ms for a 32,000-token BPE when most tokens fit, as in .{0,300}): bounded in count and time.
 MAX_POSITIONS = 1024
-MAX_WORK = 2048  # the positions' stacks added up: each costs every mask that walks it (~5 ms per stack, 32k vocabulary)
-PREPARE_S = 10.0
+MAX_WORK = 2048  # the positions' stacks added up: each costs every byte the walk steps (250 overlapping: ~1 s a mask)
+
+# Bytes that can begin a character (ASCII, UTF-8 lead bytes): no others follow a position between characters.
+_LEADS = [*range(0x80), *range(0xC2, 0xF5)]
+_ALL = range(256)
 
 
-def positions(grammar: Grammar, max_positions: int = MAX_POSITIONS, max_work: int = MAX_WORK) -> list:
-    """Every position (matcher state) the pattern can reach, found by trying each byte from each. GuideError past
-    `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grows with its state's
-    stacks: 250 overlapping alternatives made one mask cost ~1 s). Deterministic: the same pattern is accepted or
-    refused whatever is cached and however loaded the machine is."""
-    seen = {grammar.start(): None}
-    todo = [grammar.start()]
-    work = len(grammar.start())
+def positions(
+    grammar: PatternGrammar, max_positions: int = MAX_POSITIONS, max_work: int = MAX_WORK
+) -> tuple[list, np.ndarray]:
+    """(every position the pattern can reach, found by trying each byte from each; their table int16 [P + 1, 256]:
+    the position after each byte, P where none follows, and row P all P). GuideError past `max_positions`, or when
+    the positions' stacks add up past `max_work` (a mask's cost grew with its state's stacks: 250 overlapping
+    alternatives made one cost ~1 s). Deterministic: the same pattern is accepted or refused whatever is cached and
+    however loaded the machine is."""
+    start = grammar.start()
+    index, todo, rows, work = {start: 0}, [start], {}, len(start)
     while todo:
         state = todo.pop()
-        row = grammar.row(state)
-        for b in range(256):
-            nxt = row[b] if b in row else grammar.fill(row, state, b)
-            if nxt is None or nxt in seen:
+        memo, row = grammar.row(state), rows.setdefault(index[state], [-1] * 256)
+        for b in _ALL if any(len(stack[0]) > 4 for stack in state) else _LEADS:  # a character begun, or none
+            nxt = memo[b] if b in memo else grammar.fill(memo, state, b)
+            if nxt is None:
                 continue
-            work += len(nxt)
-            if len(seen) >= max_positions or work > max_work:
-                what = f"{max_positions} positions" if len(seen) >= max_positions else f"{max_work} position-stacks"
-                raise GuideError(f"{grammar.where}: more than {what} to prepare token masks for (use * or + for long "
-                                 "repeats, or a smaller bound; fewer overlapping alternatives)")  # fmt: skip
-            seen[nxt] = None
-            todo.append(nxt)
-    return list(seen)
-
-
-def prepare_masks(guide, max_positions: int = MAX_POSITIONS, seconds: float = PREPARE_S) -> int:
-    """Compute the mask of every position a regex guide's pattern can reach and pin them on the guide (the engine
-    thread then only looks them up, whatever the table's cache evicts); returns how many. GuideError past the
-    bounds of `positions`, or past `seconds` of mask work (a backstop for a very large vocabulary)."""
-    grammar, table = guide.grammar, guide.table
-    start = time.perf_counter()
-    for state in positions(grammar, max_positions):
-        guide.pinned[state] = table.mask(grammar, state)
-        if time.perf_counter() - start > seconds:
-            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
-                             f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip
-    return len(guide.pinned)
+            if nxt not in index:
+                work += len(nxt)
+                if len(index) >= max_positions or work > max_work:
+                    what = (
+                        f"{max_positions} positions" if len(index) >= max_positions else f"{max_work} position-stacks"
+                    )
+                    raise GuideError(f"{grammar.where}: more than {what} to prepare token masks for (use * or + for "
+                                     "long repeats, or a smaller bound; fewer overlapping alternatives)")  # fmt: skip
+                index[nxt] = len(index)
+                todo.append(nxt)
+            row[b] = index[nxt]
+    dead = len(index)
+    table = np.array([rows[i] for i in range(dead)] + [[dead] * 256], np.int16)  # MAX_POSITIONS fits
+    table[table < 0] = dead
+    return list(index), table

@@ -2,21 +2,22 @@
 expression matches whole (`re.fullmatch`), as a byte-level matcher with the same interface as the JSON `Grammar`.
 
 The pattern is parsed by Python's own parser (re._parser) and built into a Thompson NFA over characters: each NFA
-state consumes one character of a class (sorted code point ranges) or is the accepting state; a matcher state is
-the sorted tuple of the NFA states reachable (epsilon closure), each as a one-frame stack (RX, nfa state, bytes of a
-character begun but not finished), so `Grammar`'s memo, masks and bounds (MAX_OPEN) apply unchanged. A multi-byte
-character is taken byte by byte: a lead byte (and each continuation) is allowed only when some character it can
-still become is in the class, so no token leads into a dead end.
+state consumes one character of a class (sorted code point ranges) or is the accepting state. A multi-byte
+character is taken byte by byte (`step`): a lead byte (and each continuation) is allowed only when some character
+it can still become is in the class, so no token leads into a dead end. The matcher over it, for a regex request
+(patterns.compile_regex) as for a JSON Schema pattern string, is patterns.py's StringPattern: a matcher state is
+the sorted tuple of the NFA states reachable (epsilon closure), each a one-frame stack, so `Grammar`'s memo, masks
+and bounds (MAX_OPEN) apply unchanged; its positions and their table come from positions.py, masks from masks.py.
 
 Supported: literals, `.` (not newline), classes `[...]` and `[^...]` with ranges, \\d \\w \\s (written as ASCII: a
 subset of Python's Unicode classes, so what is written always matches) and \\D \\W \\S (exactly what re matches),
 alternation `|`, groups (capturing or not), `?` `*` `+` `{m}` `{m,n}` (lazy forms as greedy: the same set of
 strings), `^` at the start and `$` / `\\Z` at the end. Refused with the construct named: backreferences,
 lookarounds, conditionals, inline flags, other anchors. Sizes are bounded: MAX_NFA states after expanding repeats;
-a regex's positions and their masks by positions.py (re-exported here).
+a pattern's positions by positions.py, the time its masks take by masks.prepare_masks (re-exported here).
 
-`build_nfa(pattern, where, exclude)` is the NFA alone, its classes without the code points in `exclude`: a JSON
-Schema pattern's string (patterns.py) writes no character JSON must escape, and follows the same NFA's `step`.
+`build_nfa(pattern, where, exclude)` is the NFA, its classes without the code points in `exclude` (a JSON Schema
+pattern string writes no character JSON must escape; a regex request's output excludes nothing).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import functools
 import re
 from typing import Any
 
-from meshserve.serving.guided.grammar import MAX_OPEN, Grammar
-from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK, PREPARE_S, positions, prepare_masks
+from meshserve.serving.guided.masks import prepare_masks
 from meshserve.serving.guided.spec import GuideError
 from meshserve.serving.guided.strings import utf8_lead
 
@@ -38,22 +38,11 @@ except ImportError:  # pragma: no cover - older layouts
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _parser  # type: ignore[no-redef]
 
-__all__ = [
-    "compile_regex",
-    "build_nfa",
-    "positions",
-    "prepare_masks",
-    "MAX_NFA",
-    "MAX_PATTERN",
-    "MAX_POSITIONS",
-    "MAX_WORK",
-    "PREPARE_S",
-]
+__all__ = ["build_nfa", "prepare_masks", "MAX_NFA", "MAX_PATTERN"]
 
 MAX_NFA = 20_000  # NFA states after `{m,n}` copies (a{1000}{1000} would be a million)
 MAX_PATTERN = 4096  # characters of a pattern
-RX = 16  # the frame tag of a regex stack (not one of grammar.py's JSON tags)
-_WHOLE = -1  # a pending character whose every completion is in the class (RegexGrammar._pending)
+_WHOLE = -1  # a pending character whose every completion is in the class (_Nfa._pending)
 _TOP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 _ASCII = {
@@ -320,27 +309,6 @@ def _class(items: Any, where: str) -> tuple[tuple[int, int], ...]:
     return _complement(out) if negate else out
 
 
-class RegexGrammar(Grammar):
-    """`Grammar`'s interface over an NFA (see the module docstring): stacks are ((RX, nfa state, *pending bytes),)."""
-
-    def __init__(self, nfa: _Nfa, start: int, accept: int, where: str):
-        self.nfa, self.accept = nfa, accept
-        first = nfa.closure(start)
-        if len(first) > MAX_OPEN:  # later states are bounded in Grammar.fill; the start state is bounded here
-            raise GuideError(f"{where}: the format keeps more than {MAX_OPEN} alternatives open at once (a regex's "
-                             "| and optional repeats): simplify it")  # fmt: skip
-        super().__init__([], [((RX, s),) for s in first], where)
-
-    def _can_end(self, stack: tuple) -> bool:
-        return len(stack[0]) == 2 and stack[0][1] == self.accept
-
-    def string_room(self, state) -> None:
-        return None  # masks walk every token (no JSON-string fast path)
-
-    def _step(self, stack: tuple, b: int) -> list[tuple]:
-        return [((RX, *tail),) for tail in self.nfa.step(stack[0][1:], b)]
-
-
 def _span(got: tuple[int, ...], need: int, lo: int, hi: int) -> tuple[int, int]:
     """The lowest and highest code points a UTF-8 character beginning with bytes `got` can be (lead byte's first
     continuation range lo..hi)."""
@@ -375,9 +343,3 @@ def build_nfa(pattern: str, where: str, exclude: tuple[tuple[int, int], ...] = (
     nfa.start = nfa.state()
     nfa.accept = nfa.build(list(parsed), nfa.start, where, top=True)
     return nfa
-
-
-def compile_regex(pattern: str, where: str = "regex") -> RegexGrammar:
-    """The matcher of strings `pattern` fullmatches. GuideError naming `where` for what it cannot guide to."""
-    nfa = build_nfa(pattern, where)
-    return RegexGrammar(nfa, nfa.start, nfa.accept, where)

@@ -1,14 +1,18 @@
-"""What a request asks its output to be (`GuideSpec`), and the error for a spec meshserve cannot follow."""
+"""What a request asks its output to be (`GuideSpec`), the error for a spec meshserve cannot follow, and the cache
+compiled specs are kept in (`SizedCache`: bounded in entries and in bytes)."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import UserError
 
-__all__ = ["GuideError", "GuideSpec", "KINDS", "show"]
+__all__ = ["GuideError", "GuideSpec", "SizedCache", "KINDS", "show"]
 
 KINDS = ("json_object", "json_schema", "tool_calls", "choice", "regex")
 
@@ -49,3 +53,31 @@ class GuideSpec:
     parser: str = "hermes"
     choices: tuple[str, ...] = ()
     pattern: str = ""
+
+
+class SizedCache(OrderedDict):
+    """Values by key, oldest first (an LRU by insertion: lookups, lock-free, do not reorder), at most `max_entries`
+    and `max_bytes` counted by `cost(key, value)` as each is put (the newest is kept whatever it costs). Changed
+    under its lock: compiled grammars (schema.py) and token masks (masks.py) are put from several threads."""
+
+    def __init__(self, max_entries: int, max_bytes: int, cost: Callable[[Any, Any], int]):
+        super().__init__()
+        self.max_entries, self.max_bytes, self.cost, self.nbytes = max_entries, max_bytes, cost, 0
+        self._sizes: dict = {}  # key -> its bytes as counted when put (a grammar's may grow after)
+        self._lock = threading.Lock()
+
+    def put(self, key: Any, value: Any) -> Any:
+        """Cache `value` unless `key` has one already (two threads computed it: counted once); the cached one."""
+        with self._lock:
+            if key not in self:
+                self[key], self._sizes[key] = value, self.cost(key, value)
+                self.nbytes += self._sizes[key]
+                while len(self) > 1 and (len(self) > self.max_entries or self.nbytes > self.max_bytes):
+                    self.nbytes -= self._sizes.pop(self.popitem(last=False)[0])
+            return self[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()
+            self._sizes.clear()
+            self.nbytes = 0

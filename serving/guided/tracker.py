@@ -64,13 +64,11 @@ class GuideTracker:
 
                 grammar = compile_spec(r.guide)
                 guide = Guide(grammar, self._token_table(), r.stop_ids)
-                if r.guide.kind == "regex":  # finitely many positions: all their masks now, none on the engine thread
-                    from meshserve.serving.guided.regex import prepare_masks
+                from meshserve.serving.guided.masks import prepare_masks, prepare_patterns
 
+                if r.guide.kind == "regex":  # finitely many positions: all their masks now, none on the engine thread
                     prepare_masks(guide)
                 else:  # a schema's pattern strings: their plain tokens' masks (cached per pattern: once per server)
-                    from meshserve.serving.guided.masks import prepare_patterns
-
                     prepare_patterns(guide)
                 guide.mask()  # the start state's mask, cached for the prefill
                 started[r.id] = guide
