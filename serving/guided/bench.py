@@ -49,29 +49,8 @@ def _corpus(rng: random.Random, lines: int) -> list[str]:
     """Generated JSON and English-like text over a synthetic lexicon (enough distinct words for 32k merges)."""
     syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
-    common = [
-        "the",
-        "of",
-        "and",
-        "to",
-        "in",
-        "is",
-        "that",
-        "for",
-        "it",
-        "as",
-        "was",
-        "with",
-        "on",
-        "by",
-        "are",
-        "this",
-        "be",
-        "at",
-        "from",
-        "or",
-        "an",
-    ]
+    common = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "on", "by", "are", "this",
+              "be", "at", "from", "or", "an"]  # fmt: skip
     out = []
     for i in range(lines):
         pick = [rng.choice(common if rng.random() < 0.4 else words) for _ in range(rng.randint(4, 14))]

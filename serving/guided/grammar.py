@@ -51,7 +51,7 @@ WS_INDENT = 24
 # request fails alone. 256 open alternatives cost ~0.07 s for a new state's mask (4096-token vocabulary, this CPU).
 MAX_OPEN = 256
 NUM_DIGITS = 20
-_KEYS = itertools.count()  # Grammar.key, StringPattern.key: unique for the process (an id() may be reused once freed)
+new_key = itertools.count().__next__  # Grammar.key, StringPattern.key: one sequence (an id() is reused once freed)
 _MEMO_LIMIT = 1 << 18  # (state, byte) -> next state entries kept per grammar before the memo is dropped (~50 MB)
 
 # Frame tags (first element of each frame).
@@ -68,11 +68,6 @@ OPEN_TAG, CLOSE_TAG = b"<tool_call>", b"</tool_call>"
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _NUM_DONE = frozenset((1, 2, 4, 7))  # number states where what is written is a whole number
-
-
-def new_key() -> int:
-    """A number naming a grammar or a pattern in masks.py's cache keys (one sequence: no two share one)."""
-    return next(_KEYS)
 
 
 def _ws(ws: int, b: int) -> int:

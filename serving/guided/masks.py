@@ -142,28 +142,23 @@ class TokenTable:
             out.setflags(write=False)
         if places is not None:
             for matcher, position in places:
-                out = out | self.pattern_mask(matcher, position)
+                out = out | self.pattern_masks(matcher, [position])[0]
             out.setflags(write=False)
         return out
 
-    def pattern_mask(self, matcher, position: int) -> np.ndarray:
-        """The plain tokens a pattern string (its StringPattern) takes from its `position`: uint32 [W], cached."""
-        out = self._masks.get(("pat", matcher.key, position))
-        if out is None:
-            out = self.pattern_masks(matcher, [position])[0]
-        return out
-
     def pattern_masks(self, matcher, positions: list[int]) -> list[np.ndarray]:
-        """Compute and cache the masks of these positions of a pattern (its StringPattern): the plain tokens (for a
-        `raw` pattern, a regex request's, every token) whose bytes its position table (`matcher.next` int16 [P + 1,
-        256], row P the dead end) takes from each. A batch of positions at once: every (position, token) pair's first
-        byte, then only the pairs still alive (where a position takes few characters most die at their first)."""
+        """The masks of these positions of a pattern (its StringPattern), uint32 [W] each, cached: the plain tokens
+        (for a `raw` pattern, a regex request's, every token) whose bytes its position table (`matcher.next` int16
+        [P + 1, 256], row P the dead end) takes from each. Those not cached are computed a batch at once: every
+        (position, token) pair's first byte, then only the pairs still alive (most die at their first byte where a
+        position takes few characters)."""
+        cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
+        todo = [p for p in positions if p not in cached]
         ids, data, longer = self._matrix(matcher.raw)
         table, dead = matcher.next, len(matcher.positions)
         size = max(1, min(64, (1 << 21) // max(1, len(ids))))  # ~2M pairs a batch (152k tokens: 13 positions)
-        out = []
-        for at in range(0, len(positions), size):
-            starts = np.asarray(positions[at : at + size], np.intp)
+        for at in range(0, len(todo), size):
+            starts = np.asarray(todo[at : at + size], np.intp)
             now = np.ascontiguousarray(table[starts].T)[data[:, 0]].ravel()  # [Vp * S]: after each token's first byte
             pairs = np.flatnonzero(now != dead)  # the live pairs, token-major: tok ascending (longest tokens first)
             tok, start, now = pairs // len(starts), pairs % len(starts), now[pairs]
@@ -178,12 +173,11 @@ class TokenTable:
             keep = now != dead
             allowed = np.zeros((len(starts), self.words * 32), bool)
             allowed[start[keep], ids[tok[keep]]] = True
-            for row in np.packbits(allowed, axis=1, bitorder="little").view("<u4"):
-                out.append(row.astype(np.uint32))
-                out[-1].setflags(write=False)
-            for position, mask in zip(starts, out[-len(starts) :], strict=True):
-                self._masks.put(("pat", matcher.key, int(position)), mask)
-        return out
+            for position, row in zip(starts, np.packbits(allowed, axis=1, bitorder="little").view("<u4"), strict=True):
+                row = row.astype(np.uint32)
+                row.setflags(write=False)
+                cached[int(position)] = self._masks.put(("pat", matcher.key, int(position)), row)
+        return [cached[p] for p in positions]
 
     def _matrix(self, raw: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """The plain tokens (every token when `raw`) longest first: (ids int [Vp], bytes uint8 [Vp, L], how many are
@@ -270,11 +264,9 @@ def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
     start = time.perf_counter()
     matcher = grammar.indexed()  # patterns.PatternGrammar: its positions counted (compile_pattern's caches)
     for at in range(0, len(matcher.positions), 64):
-        batch = range(at, min(at + 64, len(matcher.positions)))
-        todo = [p for p in batch if ("pat", matcher.key, p) not in table._masks]
-        made = dict(zip(todo, table.pattern_masks(matcher, todo), strict=True))
-        for p in batch:
-            guide.pinned[matcher.positions[p]] = made[p] if p in made else table.pattern_mask(matcher, p)
+        batch = list(range(at, min(at + 64, len(matcher.positions))))
+        for p, mask in zip(batch, table.pattern_masks(matcher, batch), strict=True):
+            guide.pinned[matcher.positions[p]] = mask
         if time.perf_counter() - start > seconds:
             raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
                              f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip

@@ -1,7 +1,8 @@
-"""JSON Schema `pattern` (and `format`, as a pattern from formats.py) on strings: the string's content is written as
-a regex match (`StringPattern`), through regex.py's NFA (the one implementation of the regex subset).
+"""JSON Schema `pattern` (and `format`, as a pattern from formats.py) on strings, and a regex request's whole output:
+text a pattern fullmatches (`StringPattern`, over regex.py's NFA: the one implementation of the regex subset; a
+`PatternGrammar` where the pattern is all the output).
 
-Semantics:
+Semantics of a pattern string:
 - JSON Schema's pattern is an unanchored ECMA-262 search; what is generated fullmatches the pattern (Python's
   `re.fullmatch`, a leading `^` and trailing `$` being no-ops there), so it also satisfies the search: the output
   is always valid, only stricter than the schema asks for an unanchored pattern (`abc` writes exactly "abc"), as
@@ -9,24 +10,24 @@ Semantics:
   An empty pattern (it matches every string) is no constraint.
 - Characters are written raw, never as JSON escapes: every class is intersected with the characters JSON allows
   unescaped (not '"', not '\\\\', not U+0000-U+001F; nor U+2028, U+2029, U+FEFF, which ECMA's `.` / \\S do not
-  match though Python's do), so the decoded string is the text that matched. A pattern whose
-  every match needs such a character (e.g. `^"$`, `\\n`) is refused at compile time, naming its path.
+  match though Python's do), so the decoded string is the text that matched. A pattern whose every match needs
+  such a character (e.g. `^"$`, `\\n`) is refused at compile time, naming its path. A regex request's output (`raw`)
+  excludes nothing.
 - minLength / maxLength together with a pattern are followed: characters (code points) are counted in the frame,
   capped at maxLength (or minLength when there is no maxLength), and a character or the closing quote is allowed
   only where some completion satisfies both the pattern and the lengths (a table of the NFA states that can still
   accept at each count, built at compile time), so the output never reaches a dead end. Lengths every match of the
   pattern already has (a date with maxLength 10) are not counted: no extra positions.
 - Bounds: regex.py's MAX_PATTERN characters and MAX_NFA states, positions.py's MAX_POSITIONS positions and MAX_WORK
-  position-stacks (counted at compile time, deterministically, counts included: each position has a mask of its
-  own; lengths whose counts alone pass MAX_POSITIONS are refused before anything is built, naming minLength /
-  maxLength), grammar.py's MAX_OPEN alternatives, and MAX_COUNTED (NFA states x counted lengths in the table). Past
-  any of them the schema is refused with a GuideError naming the path (`schema.properties.x.pattern: ...`), and the
-  refusal is cached (a retry costs nothing). A format past them together with minLength / maxLength is not refused:
-  it stays an annotation (`string_node`: the plain string with its lengths, as before formats were followed).
-- Masks: a position's plain tokens (no quote, backslash or control: they stay inside the string) do not depend on
-  where the string is, so masks.py computes one mask per position with the table `next` built here (the position
-  after each byte) and shares it across states, schemas and requests; compiled patterns are cached by (pattern,
-  minLength, maxLength).
+  position-stacks (counted at compile time, counts included; lengths whose counts alone pass MAX_POSITIONS are
+  refused before anything is built, naming minLength / maxLength), grammar.py's MAX_OPEN alternatives, and
+  MAX_COUNTED (NFA states x counted lengths). Past any of them the schema is refused with a GuideError naming the
+  path (`schema.properties.x.pattern: ...`). A format past them with minLength / maxLength is not refused: it stays
+  an annotation (`string_node`: the plain string with its lengths, as before formats were followed).
+- Positions and masks: positions.py counts a pattern's positions and writes their table (`next`: the position after
+  each byte) in one walk; masks.py runs it over tokens' bytes for each position's mask, shared across states,
+  schemas and requests (a pattern string's plain tokens: no quote, backslash or control, so they stay inside the
+  string; a regex's every token). Compiled patterns, and refusals, are cached by (pattern, lengths, raw).
 
 Frames: (PAT, node, count, nfa state, *pending bytes of a character begun) (strings.py steps them in the grammar).
 """
@@ -35,14 +36,13 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 
 import numpy as np
 from meshserve.serving.guided.formats import format_pattern
 from meshserve.serving.guided.grammar import MAX_OPEN, Grammar, new_key
 from meshserve.serving.guided.positions import MAX_POSITIONS, MAX_WORK, positions
 from meshserve.serving.guided.regex import build_nfa
-from meshserve.serving.guided.spec import GuideError, show
+from meshserve.serving.guided.spec import GuideError, SizedCache, show
 from meshserve.serving.guided.strings import PAT
 
 __all__ = ["StringPattern", "PatternGrammar", "compile_pattern", "compile_regex", "read_pattern", "string_node",
@@ -307,11 +307,7 @@ def compile_pattern(
                         _compile(*key[:4]) if counted else StringPattern(pattern, min_length, max_length, _WHERE, raw)
                     )
                 except GuideError as e:
-                    reason = str(e)[len(_WHERE) :]
-                    with _GUARD:
-                        _REFUSED[key] = reason
-                        if len(_REFUSED) > MAX_REFUSED:
-                            _REFUSED.popitem(last=False)
+                    reason = _REFUSED.put(key, str(e)[len(_WHERE) :])
     finally:
         with _GUARD:
             building[1] -= 1
@@ -324,8 +320,8 @@ def compile_pattern(
 # pattern at once build it once (each build is Python on a caller's thread, sharing the GIL with the engine thread).
 _BUILDING: dict[tuple, list] = {}
 _GUARD = threading.Lock()
-_REFUSED: OrderedDict[tuple, str] = OrderedDict()  # why each refused pattern is refused, oldest first
-MAX_REFUSED = 1024  # a few hundred bytes each, and the pattern (at most regex.MAX_PATTERN characters)
+# Why each refused pattern is refused (a message after the placeholder path): at most 1024, 16 MB with the patterns.
+_REFUSED = SizedCache(1024, 16 << 20, lambda key, reason: 100 + len(key[0]) + len(reason))
 _WHERE = "pattern"
 
 

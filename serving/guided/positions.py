@@ -1,23 +1,19 @@
 """A pattern's positions (the matcher states it can reach: finitely many), counted within bounds in one walk that
-also writes their table: the position after each byte. Used for a regex request and for a JSON Schema pattern
-string alike (patterns.py); masks.py runs the table over tokens' bytes to compute a position's mask.
+also writes their table, the position after each byte: for a regex request and a JSON Schema pattern string alike
+(patterns.py). masks.py runs the table over tokens' bytes for a position's mask.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+from meshserve.serving.guided.grammar import Grammar
 from meshserve.serving.guided.spec import GuideError
-
-if TYPE_CHECKING:
-    from meshserve.serving.guided.patterns import PatternGrammar
 
 __all__ = ["positions", "MAX_POSITIONS", "MAX_WORK"]
 
-# A pattern has finitely many positions (matcher states): a regex's masks are all computed before the request is
-# queued, on the caller's thread, so the engine thread only looks them up. Each costs a run of the vocabulary
-# (~1.6 ms for a 32,000-token BPE when most tokens fit, as in .{0,300}): bounded in count and time.
+# A regex's masks are all computed before the request is queued, on the caller's thread, so the engine thread only
+# looks them up: each position's costs a run of the vocabulary (~0.25 ms for a 32,000-token BPE where most tokens
+# fit, as in .{0,300}), and a position of a pattern string each count of its lengths: bounded in count.
 MAX_POSITIONS = 1024
 MAX_WORK = 2048  # the positions' stacks added up: each costs every byte the walk steps (250 overlapping: ~1 s a mask)
 
@@ -26,14 +22,12 @@ _LEADS = [*range(0x80), *range(0xC2, 0xF5)]
 _ALL = range(256)
 
 
-def positions(
-    grammar: PatternGrammar, max_positions: int = MAX_POSITIONS, max_work: int = MAX_WORK
-) -> tuple[list, np.ndarray]:
-    """(every position the pattern can reach, found by trying each byte from each; their table int16 [P + 1, 256]:
-    the position after each byte, P where none follows, and row P all P). GuideError past `max_positions`, or when
-    the positions' stacks add up past `max_work` (a mask's cost grew with its state's stacks: 250 overlapping
-    alternatives made one cost ~1 s). Deterministic: the same pattern is accepted or refused whatever is cached and
-    however loaded the machine is."""
+def positions(grammar: Grammar, max_positions: int, max_work: int) -> tuple[list, np.ndarray]:
+    """Every position a pattern (patterns.PatternGrammar) can reach, found by trying each byte from each, and their
+    table int16 [P + 1, 256]: the position after each byte, P where none follows (row P all P). GuideError past
+    `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grew with its state's
+    stacks: 250 overlapping alternatives made one cost ~1 s). Deterministic: the same pattern is accepted or refused
+    whatever is cached and however loaded the machine is."""
     start = grammar.start()
     index, todo, rows, work = {start: 0}, [start], {}, len(start)
     while todo:

@@ -1,23 +1,19 @@
-"""A "regex" format (vLLM's guided_regex, TGI's grammar {"type": "regex"}): the output is a string the regular
-expression matches whole (`re.fullmatch`), as a byte-level matcher with the same interface as the JSON `Grammar`.
+"""Regular expressions as guided decoding follows them: a "regex" format (vLLM's guided_regex, TGI's grammar {"type":
+"regex"}: the output is a string the pattern fullmatches) and JSON Schema pattern strings, through one NFA.
 
-The pattern is parsed by Python's own parser (re._parser) and built into a Thompson NFA over characters: each NFA
-state consumes one character of a class (sorted code point ranges) or is the accepting state. A multi-byte
-character is taken byte by byte (`step`): a lead byte (and each continuation) is allowed only when some character
-it can still become is in the class, so no token leads into a dead end. The matcher over it, for a regex request
-(patterns.compile_regex) as for a JSON Schema pattern string, is patterns.py's StringPattern: a matcher state is
-the sorted tuple of the NFA states reachable (epsilon closure), each a one-frame stack, so `Grammar`'s memo, masks
-and bounds (MAX_OPEN) apply unchanged; its positions and their table come from positions.py, masks from masks.py.
+The pattern is parsed by Python's own parser (re._parser) and built into a Thompson NFA over characters: each state
+consumes one character of a class (sorted code point ranges) or is the accepting state. A multi-byte character is
+taken byte by byte (`step`): a lead byte (and each continuation) is allowed only when some character it can still
+become is in the class, so no token leads into a dead end. patterns.py's StringPattern is the matcher over it (a
+state: the sorted tuple of the NFA states reachable, each a one-frame stack, so `Grammar`'s memo, masks and bounds
+apply unchanged); positions.py counts its positions, masks.py computes their masks (prepare_masks: re-exported).
 
 Supported: literals, `.` (not newline), classes `[...]` and `[^...]` with ranges, \\d \\w \\s (written as ASCII: a
 subset of Python's Unicode classes, so what is written always matches) and \\D \\W \\S (exactly what re matches),
 alternation `|`, groups (capturing or not), `?` `*` `+` `{m}` `{m,n}` (lazy forms as greedy: the same set of
 strings), `^` at the start and `$` / `\\Z` at the end. Refused with the construct named: backreferences,
-lookarounds, conditionals, inline flags, other anchors. Sizes are bounded: MAX_NFA states after expanding repeats;
-a pattern's positions by positions.py, the time its masks take by masks.prepare_masks (re-exported here).
-
-`build_nfa(pattern, where, exclude)` is the NFA, its classes without the code points in `exclude` (a JSON Schema
-pattern string writes no character JSON must escape; a regex request's output excludes nothing).
+lookarounds, conditionals, inline flags, other anchors. Bounded: MAX_NFA states after expanding repeats.
+`build_nfa(pattern, where, exclude)`: its classes hold no code point in `exclude` (what JSON escapes, in a string).
 """
 
 from __future__ import annotations

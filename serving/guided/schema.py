@@ -366,21 +366,15 @@ def _choices(spec: GuideSpec, c: _Compiler) -> list[tuple]:
     return [((LIT, c.add(("lit", choice.encode()), f"choices[{i}]"), 0),) for i, choice in enumerate(spec.choices)]
 
 
+@SizedCache(256, GRAMMAR_CACHE_BYTES, lambda _, grammar: held_bytes(grammar)).memoize
 def compile_spec(spec: GuideSpec) -> Grammar:
     """The spec's grammar (cached per spec: at most 256 grammars and GRAMMAR_CACHE_BYTES counted by
     patterns.held_bytes). Raises GuideError naming the place in the spec that is not supported
     ("schema.properties.age.pattern: not supported (...)"); callers prefix the request's field."""
-    grammar = _GRAMMARS.get(spec)
-    if grammar is None:
-        try:
-            grammar = _GRAMMARS.put(spec, _compile_spec(spec))
-        except RecursionError:  # MAX_DEPTH bounds what the compiler walks; this is the last guard, never a crash
-            raise GuideError(f"{spec.kind}: nested too deeply to compile") from None
-    return grammar
-
-
-_GRAMMARS = SizedCache(256, GRAMMAR_CACHE_BYTES, lambda _, grammar: held_bytes(grammar))
-compile_spec.cache_clear = _GRAMMARS.clear  # type: ignore[attr-defined]
+    try:
+        return _compile_spec(spec)
+    except RecursionError:  # MAX_DEPTH bounds what the compiler walks; this is the last guard, never a crash
+        raise GuideError(f"{spec.kind}: nested too deeply to compile") from None
 
 
 def _compile_spec(spec: GuideSpec) -> Grammar:

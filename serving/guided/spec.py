@@ -3,6 +3,7 @@ compiled specs are kept in (`SizedCache`: bounded in entries and in bytes)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -68,10 +69,11 @@ class SizedCache(OrderedDict):
 
     def put(self, key: Any, value: Any) -> Any:
         """Cache `value` unless `key` has one already (two threads computed it: counted once); the cached one."""
+        size = self.cost(key, value)
         with self._lock:
             if key not in self:
-                self[key], self._sizes[key] = value, self.cost(key, value)
-                self.nbytes += self._sizes[key]
+                self[key], self._sizes[key] = value, size
+                self.nbytes += size
                 while len(self) > 1 and (len(self) > self.max_entries or self.nbytes > self.max_bytes):
                     self.nbytes -= self._sizes.pop(self.popitem(last=False)[0])
             return self[key]
@@ -81,3 +83,14 @@ class SizedCache(OrderedDict):
             super().clear()
             self._sizes.clear()
             self.nbytes = 0
+
+    def memoize(self, build: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`build` cached here by its argument (a decorator, as functools.lru_cache: with cache_clear, and `cache`)."""
+
+        @functools.wraps(build)
+        def cached(key: Any) -> Any:
+            value = self.get(key)
+            return value if value is not None else self.put(key, build(key))
+
+        cached.cache, cached.cache_clear = self, self.clear  # type: ignore[attr-defined]
+        return cached
