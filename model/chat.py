@@ -39,6 +39,7 @@ __all__ = [
     "ROLES",
     "TEMPLATE_FILE",
     "check_messages",
+    "check_template_kwargs",
     "check_template",
     "render_chat",
     "hf_chat_template",
@@ -61,9 +62,13 @@ class ChatTemplate:
     eos_token: str | None = None
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
-        return render_chat(self.template, messages, self.bos_token, self.eos_token, add_generation_prompt, tools)
+        return render_chat(self.template, messages, self.bos_token, self.eos_token, add_generation_prompt, tools, extra)
 
 
 def check_messages(messages: Any, field: str = "messages") -> list[dict[str, Any]]:
@@ -149,13 +154,16 @@ def render_chat(
     eos_token: str | None = None,
     add_generation_prompt: bool = True,
     tools: list | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """The prompt text `template` makes of `messages` (checked by `check_messages`) and `tools` (None: none; a
-    list: the template's `tools`, OpenAI's tool dicts as the client sent them). A template that refuses the
+    list: the template's `tools`, OpenAI's tool dicts as the client sent them). `extra`: more template variables
+    (vLLM's chat_template_kwargs, e.g. Qwen3's {"enable_thinking": false}; `check_template_kwargs`). A template that refuses the
     conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the template's message."""
     import jinja2
 
     messages = check_messages(messages)
+    extra = check_template_kwargs(extra)
     compiled = _compile(template)
     special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
     try:  # tools and documents are always defined, as transformers' render: templates test `tools is not none`
@@ -165,12 +173,33 @@ def render_chat(
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **special,
+            **extra,
         )
     except jinja2.TemplateError as e:  # raise_exception's, undefined names, sandbox refusals
         raise ChatError(f"chat template: {e.message or type(e).__name__}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
         # Python errors inside the template's expressions: the template's fault with these messages, not the server's.
         raise ChatError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+def check_template_kwargs(extra: Any, field: str = "chat_template_kwargs") -> dict[str, Any]:
+    """Extra template variables as a dict (None: none); ChatError naming `field` for anything but an object whose
+    keys are identifiers other than the variables the server sets itself (messages, tools, ...)."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise ChatError(f"{field}: expected an object of template variables, got {type(extra).__name__}")
+    for key in extra:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ChatError(f"{field}: {key!r} is not a template variable name")
+        if key in _RESERVED:
+            raise ChatError(
+                f"{field}.{key}: set by the server (the template variables it sets: {', '.join(_RESERVED)})"
+            )
+    return dict(extra)
+
+
+_RESERVED = ("messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token")
 
 
 @functools.lru_cache(maxsize=8)  # a server renders one template for every request: compile it once

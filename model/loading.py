@@ -32,15 +32,16 @@ class LoadedModel:
         ids = self.tokenizer.encode(text)
         return ([self.config.bos_id] if self.config.bos_id is not None else []) + ids
 
-    def encode_chat(self, messages, tools: list | None = None) -> list[int]:
+    def encode_chat(self, messages, tools: list | None = None, extra: dict | None = None) -> list[int]:
         """Token ids for a conversation (OpenAI's messages: roles system/user/assistant/tool, model/chat.py
         check_messages) and its tools (None: none) rendered by the model's chat template with the assistant's turn
         opened: transformers' `apply_chat_template(messages, tools=tools, add_generation_prompt=True,
         tokenize=True)`. The template writes BOS itself where the model wants it, so nothing is added to the
-        tokenizer's encoding (encode_prompt's BOS would be a second one). Raises ChatError."""
+        tokenizer's encoding (encode_prompt's BOS would be a second one). extra: more template variables
+        (chat_template_kwargs). Raises ChatError."""
         if self.chat is None:
             raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
-        return self.tokenizer.encode(self.chat.render(messages, tools=tools))
+        return self.tokenizer.encode(self.chat.render(messages, tools=tools, extra=extra))
 
     def stop_ids(self) -> list[int]:
         """The ids that end generation unless a request ignores eos: the model's eos (the config's, else the

@@ -182,7 +182,8 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
                   stop_token_ids=args.stop_token_ids, n=args.n, **guided_kwargs(args),
                   **_sampling_fields(args))  # fmt: skip
     # --chat: each prompt goes as messages (the server renders its model's chat template).
-    inputs = [{"messages": chat_messages(p, args.system)} if args.chat else {"prompt": p} for p in prompts]
+    chat = {"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}
+    inputs = [{"messages": chat_messages(p, args.system), **chat} if args.chat else {"prompt": p} for p in prompts]
     for one in inputs:  # every value the request's fields cannot hold is refused before anything is sent
         Client.request(**one, **kwargs)
     timeout = TIMEOUT_S if args.timeout is None else args.timeout
@@ -229,6 +230,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"PROMPT {i} of {len(args.prompts)} is empty: give it some text, or drop it")
     if args.system is not None and not args.chat:
         raise UserError("--system applies with --chat only (add --chat, or drop --system)")
+    if args.chat_template_kwargs is not None and not args.chat:
+        raise UserError("--chat-template-kwargs applies with --chat only (add --chat, or drop it)")
     if args.chat and args.tokens:
         raise UserError("--chat takes text PROMPTs (each a user message); --tokens are token ids already (drop one)")
     if args.checkpoint and args.model:
@@ -308,7 +311,8 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     # A preset's random weights use a fixed seed: --seed is the sampling seed only.
     model = load_model(args.checkpoint, weights=args.weights, preset=args.model, shardings=shardings)
     if args.chat:  # the template writes BOS itself; a model without one is refused here, before compiling
-        prompts = [model.encode_chat(chat_messages(p, args.system)) for p in args.prompts]
+        extra = args.chat_template_kwargs
+        prompts = [model.encode_chat(chat_messages(p, args.system), None, extra) for p in args.prompts]
     else:
         prompts = [model.encode_prompt(p) for p in args.prompts] + list(args.tokens)
     n = args.n

@@ -47,6 +47,7 @@ GENERATE_EPILOG = (
   prompt             text to continue (required, non-empty, unless "messages" is given)
   messages           instead of prompt: a chat, [{"role": "system"|"user"|"assistant", "content": TEXT}, ...],
                      rendered by the model's chat template with the assistant's turn opened
+  chat_template_kwargs  with messages: more template variables, e.g. {"enable_thinking": false} (Qwen3)
   max_new_tokens     tokens to generate, >= 1 (default: 64, or what is left of the context if less)
   n                  samples of this prompt, 1 to 64 (default 1); sample i uses seed + i, so with temperature 0
                      all n are the same; the line is written once all n finished, its samples under "choices"

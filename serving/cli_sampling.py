@@ -5,6 +5,7 @@ model's vocabulary), so every entry point reports them alike."""
 from __future__ import annotations
 
 import argparse
+import json
 
 __all__ = ["add_sampling_arguments", "add_chat_arguments", "chat_messages", "token_list", "N_MAX_LOCAL"]
 
@@ -54,6 +55,27 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="with --chat: a system message before each PROMPT's user message (default: none)",
     )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        metavar="JSON",
+        type=_template_kwargs,
+        help="with --chat: more variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' "
+        "for Qwen3 (vLLM's chat_template_kwargs; default: none)",
+    )
+
+
+def _template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs' value: a JSON object of template variable names (argparse reports a ValueError)."""
+    from meshserve.model.chat import check_template_kwargs
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    try:
+        return check_template_kwargs(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ from one that drained cleanly.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -72,6 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the chat template and the model's <tool_call>{...}</tool_call> blocks (Hermes format: Qwen2.5, Hermes 2/3) "
         "come back as the HTTP API's message.tool_calls and gRPC's GenerateResponse.tool_calls (default: off; an "
         "HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=("qwen3", "deepseek_r1"),  # serving/reasoning.py PARSERS (not imported: --help stays fast)
+        help="thinking models (vLLM's --reasoning-parser): a chat's <think>...</think> block comes back as the HTTP "
+        "API's message.reasoning_content (streamed: delta.reasoning_content) and gRPC's reasoning, the answer after it "
+        "as content (and read for tool calls); where the block starts is read from the chat template's generation "
+        "prompt, so both names work for either family (default: off, the text comes back as generated)",
+    )
+    parser.add_argument(
+        "--default-chat-template-kwargs",
+        metavar="JSON",
+        help="template variables every chat gets, a JSON object, e.g. '{\"enable_thinking\": false}' for Qwen3 "
+        "(vLLM's; a request's chat_template_kwargs replace them key by key; default: none)",
     )
     parser.add_argument(
         "--http-max-connections",
@@ -182,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         http_max_connections=args.http_max_connections,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
+        chat_template_kwargs=_template_kwargs(args.default_chat_template_kwargs),
         log_requests=args.log_requests,
     )
 
@@ -247,3 +264,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": (add_arguments, run)}
+
+
+def _template_kwargs(text: str | None) -> dict:
+    """--default-chat-template-kwargs: a JSON object of template variables; UserError naming the flag otherwise."""
+    if text is None:
+        return {}
+    from meshserve.model.chat import check_template_kwargs
+
+    flag = "--default-chat-template-kwargs"
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{flag}: not JSON ({e})") from None
+    return check_template_kwargs(value, flag)  # a ChatError (a UserError) names the flag

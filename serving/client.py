@@ -75,6 +75,7 @@ class Choice:
     finish_reason: str  # length | stop | cancelled | tool_calls
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token: (id, text, logprob)
     tool_calls: list[dict] = field(default_factory=list)  # see Generation.tool_calls
+    reasoning: str = ""  # see Generation.reasoning
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Generation:
     # A chat with tools on a server with --tool-call-parser: OpenAI's tool_calls, [{"id", "type": "function",
     # "function": {"name", "arguments" (JSON text)}}], and `text` is the text outside the calls
     tool_calls: list[dict] = field(default_factory=list)
+    reasoning: str = ""  # a chat on a server with --reasoning-parser: the <think> block's text (`text`: the answer)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Chunk:
     top_logprobs: list[list[tuple[int, str, float]]] = field(default_factory=list)  # per token in `tokens`
     index: int = 0  # which sample (n > 1); 0 when n = 1
     tool_calls: list[dict] = field(default_factory=list)  # on a sample's last chunk (see Generation.tool_calls)
+    reasoning: str = ""  # reasoning completed since the previous chunk (see Generation.reasoning)
 
 
 @dataclass(frozen=True)
@@ -132,17 +135,21 @@ def _tool_call(call: Mapping) -> pb.ToolCall:
                        arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))  # fmt: skip
 
 
-def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None) -> pb.ChatMessages:
+def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None, kwargs=None) -> pb.ChatMessages:
     """OpenAI-style message dicts ({"role", "content"}, an assistant's "tool_calls", a tool message's
-    "tool_call_id") and the tools -> ChatMessages; validate=False sends any strings for the server to refuse."""
+    "tool_call_id"), the tools and the template variables -> ChatMessages; validate=False sends any strings for the
+    server to refuse."""
     if validate:
-        from meshserve.model.chat import ChatError, check_messages  # stdlib only: no JAX, no jinja2
+        from meshserve.model.chat import ChatError, check_messages, check_template_kwargs  # no JAX, no jinja2
 
         try:
             messages = check_messages(messages)
+            check_template_kwargs(kwargs)
         except ChatError as e:
             raise InvalidRequest(str(e)) from None
     out = pb.ChatMessages(tools_json=json.dumps(list(tools)) if tools else "")
+    if kwargs is not None:
+        out.chat_template_kwargs_json = json.dumps(dict(kwargs))
     for m in messages:
         out.messages.append(pb.ChatMessage(
             role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "",
@@ -168,13 +175,15 @@ def _input(
     validate: bool = True,
     messages: Sequence[Mapping[str, Any]] | None = None,
     tools: Sequence[Mapping] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> dict:
     if (prompt is None) == (messages is None):
         raise InvalidRequest("give a prompt (text or token ids) or messages=[...], exactly one")
-    if tools and messages is None:
-        raise InvalidRequest("tools: only a chat (messages=[...]) takes tools")
+    for name, value in (("tools", tools), ("chat_template_kwargs", chat_template_kwargs)):
+        if value and messages is None:
+            raise InvalidRequest(f"{name}: only a chat (messages=[...]) takes {name}")
     if messages is not None:
-        return {"messages": _messages(messages, validate, tools)}
+        return {"messages": _messages(messages, validate, tools, chat_template_kwargs)}
     if isinstance(prompt, str):
         return {"text": prompt}
     ids = list(prompt)
@@ -241,6 +250,7 @@ class Client:
         guided_regex: str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
@@ -259,7 +269,8 @@ class Client:
         the subset in serving/guided/regex.py; one format at most). tool_choice: with tools, "auto" (default),
         "none" (the template is not given the tools), "required" or {"type": "function", "function": {"name": ...}}
         (guided into calls of the tools / of that one; the server needs --tool-call-parser);
-        parallel_tool_calls=False: exactly one call."""
+        parallel_tool_calls=False: exactly one call. chat_template_kwargs: more variables for the chat template
+        (vLLM's; e.g. {"enable_thinking": False} for Qwen3)."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -303,7 +314,7 @@ class Client:
             ignore_eos=ignore_eos,
             top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
-            **_input(prompt, validate, messages, tools),
+            **_input(prompt, validate, messages, tools, chat_template_kwargs),
         )
         _guide_fields(req, response_format, guided_choice, tool_choice, parallel_tool_calls, tools, validate,
                       guided_regex)  # fmt: skip
@@ -321,7 +332,7 @@ class Client:
         r = self.stub.Generate(self.request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
         choices = [
             Choice(c.index, list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason, "cancelled"),
-                   _top(c.top_logprobs), _calls(c.tool_calls))
+                   _top(c.top_logprobs), _calls(c.tool_calls), c.reasoning)
             for c in r.choices
         ]  # fmt: skip
         return Generation(
@@ -338,6 +349,7 @@ class Client:
             r.usage.cached_prompt_tokens,
             choices,
             _calls(r.tool_calls),
+            r.reasoning,
         )
 
     def generate_stream(
@@ -347,7 +359,7 @@ class Client:
         samples' chunks interleave: `.index` says whose, and each sample's last chunk has its finish_reason."""
         for c in self.stream_call(prompt, timeout=timeout, **kwargs):
             yield Chunk(list(c.tokens), c.text, list(c.logprobs), _REASONS.get(c.finish_reason), _top(c.top_logprobs),
-                        c.index, _calls(c.tool_calls))  # fmt: skip
+                        c.index, _calls(c.tool_calls), c.reasoning)  # fmt: skip
 
     def stream_call(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **kwargs):
         """The raw streaming call (iterate for GenerateChunk protos; `.cancel()` ends it)."""

@@ -44,6 +44,7 @@ from meshserve.serving.openai_protocol import (
 )
 from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, error_body, final_response
 from meshserve.serving.orchestrator import GRACE_ENDED, Orchestrator, ShuttingDownError
+from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.requests import ClientGone, sample_events
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
@@ -63,13 +64,15 @@ class HttpFront:
 
     def __init__(self, orchestrator: Orchestrator, model, limits: Limits, *, host: str, port: int, model_name: str,
                  token: str | None = None, tls: tuple[str, str] | None = None, max_connections: int = 0,
-                 tool_parser: str | None = None):  # fmt: skip
+                 tool_parser: str | None = None, chat: ChatOptions | None = None):  # fmt: skip
         """max_connections: open connections (each holds a thread, idle keep-alive ones too) beyond which a new one
         is answered 503 and closed; 0 = no cap. tool_parser: chat tool calls' format (serve --tool-call-parser,
-        serving/openai_tools.py PARSERS); None: a chat with tools is refused."""
+        serving/openai_tools.py PARSERS); None: a chat with tools is refused. chat: the reasoning parser and default
+        template variables (serving/reasoning.py)."""
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
         self.tool_parser = tool_parser
-        self.parser = RequestParser(model, limits, tool_parser=tool_parser)
+        self.chat = chat or ChatOptions()
+        self.parser = RequestParser(model, limits, tool_parser=tool_parser, chat_defaults=self.chat.template_kwargs)
         self.metrics = orchestrator.metrics
         self._token = token.encode() if token else None
         self.created = int(time.time())
@@ -264,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._handles = handles
             if parsed.stream:
                 return self._stream(parsed, handles, events)
-            out = Choices(front.model.tokenizer, parsed, handles, echo)
+            out = Choices(front.model.tokenizer, parsed, handles, echo, front.chat)
             for index, event in front.events(handles, events, self._client_gone):
                 out.add(index, event)
             if error := front.shut_down_error(out.reasons):
@@ -294,7 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Server-sent events: a chunk per engine event with new text (and per choice, its finish), the usage chunk
         when asked for, then `data: [DONE]`. An error after the first byte is sent as a last `data: {"error"}`."""
         front = self.front
-        out = Choices(front.model.tokenizer, parsed, handles)
+        out = Choices(front.model.tokenizer, parsed, handles, chat=front.chat)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

@@ -20,7 +20,7 @@ from meshserve.serving.openai_protocol import (
 from meshserve.serving.openai_responses import Echo
 from meshserve.serving.openai_tools import check_tools, tools_json
 from meshserve.serving.requests import QueueFullError, ShuttingDownError
-from meshserve.serving.validation import RequestError
+from meshserve.serving.validation import RequestError, template_kwargs_json
 
 if TYPE_CHECKING:
     from meshserve.serving.http_server import HttpFront
@@ -64,11 +64,11 @@ def tokenize(front: HttpFront, body) -> dict:
     """POST /tokenize: a prompt's ids as a completion would see them (BOS included), or a conversation's through
     the chat template; with the count and the context limit, so a client can budget max_tokens."""
     try:
-        what, tools_json = parse_tokenize(body, front.model_name)
+        what, tools_json, kwargs_json = parse_tokenize(body, front.model_name)
         if isinstance(what, str):
             ids = front.parser.ids("prompt", front.model.encode_prompt(front.parser.text("prompt", what)))
         else:
-            ids = front.parser.chat(what, tools_json)
+            ids = front.parser.chat(what, tools_json, template_kwargs_json=kwargs_json)
     except ModelNotFound as e:
         raise HttpError(404, str(e), "model") from None
     except RequestError as e:
@@ -87,20 +87,22 @@ def detokenize(front: HttpFront, body) -> dict:
     return {"prompt": front.model.tokenizer.decode(ids)}
 
 
-def parse_tokenize(body, served_model: str) -> tuple[str | list[pb.ChatMessage], str]:
-    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...], "tools"?: [...]} (through the chat
-    template) -> (the text or the messages to encode, the tools as JSON text or ""). Raises RequestError naming the
-    field. Tools are rendered whether or not the server parses tool calls: this only counts the prompt."""
-    _check_fields(body, "/tokenize", {"model", "prompt", "messages", "tools"}, served_model)
+def parse_tokenize(body, served_model: str) -> tuple[str | list[pb.ChatMessage], str, str]:
+    """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...], "tools"?: [...],
+    "chat_template_kwargs"?: {...}} (through the chat template) -> (the text or the messages to encode, the tools as
+    JSON text or "", the template variables as JSON text or ""). Raises RequestError naming the field. Tools are
+    rendered whether or not the server parses tool calls: this only counts the prompt."""
+    _check_fields(body, "/tokenize", {"model", "prompt", "messages", "tools", "chat_template_kwargs"}, served_model)
     b = Body(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise RequestError("prompt: give a prompt (text) or messages, one of them")
     if body.get("prompt") is not None:
-        if body.get("tools") is not None:
-            raise RequestError("tools: only messages take tools")
-        return b.string("prompt"), ""
+        for key in ("tools", "chat_template_kwargs"):
+            if body.get(key) is not None:
+                raise RequestError(f"{key}: only messages take {key}")
+        return b.string("prompt"), "", ""
     tools = check_tools(body["tools"]) if body.get("tools") is not None else None
-    return chat_messages(b), tools_json(tools)
+    return chat_messages(b), tools_json(tools), template_kwargs_json(body)
 
 
 def parse_detokenize(body, served_model: str) -> list[int]:

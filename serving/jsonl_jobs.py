@@ -51,7 +51,7 @@ class LineError(UserError):
 # key: it is filled from stop_token_ids and ignore_eos.
 SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
-    "id", "prompt", "messages", "max_new_tokens", "n",
+    "id", "prompt", "messages", "chat_template_kwargs", "max_new_tokens", "n",
     *(f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop_ids"),
     "stop", "stop_token_ids", "ignore_eos", "response_format", "guided_choice", "guided_regex"
 )  # fmt: skip

@@ -1,7 +1,7 @@
 """Offline jobs over JSONL files, in process: scoring and batch generation with the throughput plan.
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
-  batch-generate  {"id", "prompt" | "messages", "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
+  batch-generate  {"id", "prompt" | "messages" (+ "chat_template_kwargs"?), "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
                    "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"? | "guided_regex"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
@@ -11,6 +11,8 @@
 "messages" (instead of "prompt", exactly one of the two) is a chat, [{"role", "content"}, ...] with roles system, user,
 assistant, rendered by the model's chat template with the assistant's turn opened (model/chat.py), as
 GenerateRequest.messages; a model without a template, or a list the template refuses, is a bad line.
+"chat_template_kwargs" (vLLM's, with "messages" only) gives the template more variables, e.g. {"enable_thinking":
+false} for Qwen3.
 
 "response_format" (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}},
 checked as the HTTP API checks it) guides the line's output to JSON (that the schema accepts); it ends when the JSON
@@ -164,11 +166,14 @@ def _generation_requests(model, engine, job: JobLine):
         from meshserve.model.chat import ChatError
 
         try:
-            prompt = model.encode_chat(d["messages"])
+            prompt = model.encode_chat(d["messages"], None, d.get("chat_template_kwargs"))
         except ChatError as e:
-            raise LineError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
+            named = str(e).startswith(("messages", "chat_template_kwargs"))
+            raise LineError(str(e) if named else f"messages: {e}") from None
         if not prompt:
             raise LineError("messages: the chat template renders no tokens")
+    elif "chat_template_kwargs" in d:
+        raise LineError('chat_template_kwargs: only a chat ("messages") takes template variables')
     else:
         prompt = model.encode_prompt(d["prompt"])
     bad = vocab_error(model.config, prompt, "messages" if "messages" in d else "prompt")

@@ -9,7 +9,8 @@ Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 
 choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to the end of the context (the
 server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted. `tools` need `serve --tool-call-parser`
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted, and a chat's chat_template_kwargs (more
+template variables, e.g. Qwen3's enable_thinking). `tools` need `serve --tool-call-parser`
 (serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions), vLLM's
 guided_json / guided_choice / guided_regex (not guided_grammar) and tool_choice "required" or a named function are
 guided decoding (serving/guided_requests.py), at most one of them. What meshserve cannot do (suffix, best_of != n,
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.guided_requests import HTTP_FORMATS, http_format, http_renames
 from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
-from meshserve.serving.validation import RequestError
+from meshserve.serving.validation import RequestError, template_kwargs_json
 
 __all__ = [
     "OpenAIRequest",
@@ -56,16 +57,16 @@ _COMMON = frozenset({
 })  # fmt: skip
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
-    CHAT: _COMMON
-    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
-}
+    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                     "parallel_tool_calls", "chat_template_kwargs"},
+}  # fmt: skip
 # gRPC field names in RequestParser's messages -> the OpenAI field, per endpoint (longest prefix first).
 _RENAMES = {
     COMPLETIONS: (("max_new_tokens", "max_tokens"), ("tokens.ids", "prompt"), ("top_logprobs", "logprobs"),
                   ("sampling.", ""), ("input", "prompt"), ("text", "prompt")),
     CHAT: (("messages.tool_choice_function", "tool_choice"), ("messages.tool_choice", "tool_choice"),
-           ("messages.tools_json", "tools"), ("max_new_tokens", "max_tokens"), ("sampling.", ""),
-           ("input", "messages")),
+           ("messages.tools_json", "tools"), ("messages.chat_template_kwargs_json", "chat_template_kwargs"),
+           ("max_new_tokens", "max_tokens"), ("sampling.", ""), ("input", "messages")),
 }  # fmt: skip
 
 
@@ -225,6 +226,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
             raise RequestError("top_logprobs: needs logprobs: true")
         tools, tool_use = request_tools(body, tool_parser)
         prompts = [chat_messages(b)]
+        template.messages.chat_template_kwargs_json = template_kwargs_json(body)
     template.return_logprobs = want_logprobs
     template.top_logprobs = top
     requests = []

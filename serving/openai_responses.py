@@ -8,6 +8,8 @@ top_logprobs texts are. A chat with tools (serve --tool-call-parser) parses each
 stream sends each call as it is generated (serving/tool_call_stream.py: a delta opening call k with its id and name,
 then its arguments' JSON in fragments; a block that is not name-first whole once it closes), in each event's chunk
 with the content outside the blocks. finish_reason is "tool_calls" when a choice that stopped by itself made a call.
+With a reasoning parser (serve --reasoning-parser; serving/reasoning.py) a chat's <think> block goes to the
+message's (or delta's) `reasoning_content`, as vLLM's, and only the answer after it is content and read for calls.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from http import HTTPStatus
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
 from meshserve.serving.openai_tools import finish_reason, openai_calls, parse_tool_calls
+from meshserve.serving.reasoning import ChatOptions, ReasoningSplit
 from meshserve.serving.requests import Event, Request
 from meshserve.serving.tool_call_stream import ToolCallDeltas
 
@@ -49,8 +52,12 @@ class Unsent:
 class Choices:
     """Every choice of one request: what the engine generated so far and how each ended."""
 
-    def __init__(self, tokenizer, parsed: OpenAIRequest, handles: list, echo: list[Echo] | None = None):
+    def __init__(self, tokenizer, parsed: OpenAIRequest, handles: list, echo: list[Echo] | None = None,
+                 chat: ChatOptions | None = None):  # fmt: skip
+        """chat: the server's reasoning parser (a chat's reasoning_content); None: off."""
         self.tokenizer, self.parsed, self.handles, self.echo = tokenizer, parsed, handles, echo
+        self.chat = chat if chat is not None and chat.reasoning_parser and parsed.kind == CHAT else None
+        self._split = None if self.chat is None else [self._splitter(h) for h in handles]
         prefix = "chatcmpl-" if parsed.kind == CHAT else "cmpl-"
         self.id = prefix + secrets.token_hex(12)
         self.created = int(time.time())
@@ -74,7 +81,9 @@ class Choices:
             return None
         finish = None if reason is None else _finish(reason)
         if self.parsed.kind == CHAT:
-            text, calls = event.text, []
+            text, calls, reasoning = event.text, [], ""
+            if self._split is not None:  # the <think> block's text, then the answer (read for tool calls)
+                reasoning, text = self._split[index].feed(text, last=reason is not None)
             if self._held is not None:  # tool calls: the content outside blocks and the calls' deltas, in order
                 stream = self._held[index]
                 items = stream.feed(text) + (stream.finish() if reason is not None else [])
@@ -82,13 +91,18 @@ class Choices:
                 calls = _merged([item for item in items if isinstance(item, dict)])
                 if reason is not None:
                     finish = finish_reason(finish, stream.complete)  # not for a call broken after it opened
-            delta = {"content": text} if text else {}
+            delta = {"reasoning_content": reasoning} if reasoning else {}
+            if text:
+                delta["content"] = text
             if calls:
                 delta["tool_calls"] = calls
             if not (delta or reason is not None or (logprobs and event.tokens)):
                 return None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _splitter(self, handle) -> ReasoningSplit:
+        return self.chat.splitter(self.tokenizer, handle.request.prompt)
 
     def _keep(self, calls: list) -> list:
         """parallel_tool_calls false: only the first call."""
@@ -106,11 +120,17 @@ class Choices:
             logprobs = self._logprobs(i, self.tokens[i], self.logprobs[i], self.top[i])
             finish = _finish(self.reasons[i])
             if self.parsed.kind == CHAT:
-                message = {"role": "assistant", "content": handle.text}
+                text, reasoning = handle.text, {}
+                if self.chat is not None:  # vLLM's field: null when the output has no <think> block
+                    split = self._splitter(handle)
+                    thought, text = split.feed(text, last=True)
+                    reasoning = {"reasoning_content": thought if split.reasoned else None}
+                message = {"role": "assistant", "content": text, **reasoning}
                 if self.tools is not None:
-                    content, calls = parse_tool_calls(handle.text)
+                    content, calls = parse_tool_calls(text)
                     if calls := self._keep(calls):
-                        message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
+                        message = {"role": "assistant", "content": content, **reasoning,
+                                   "tool_calls": openai_calls(calls)}  # fmt: skip
                         finish = finish_reason(finish, calls)
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             elif self.echo is not None:

@@ -27,6 +27,7 @@ from meshserve.serving.http_server import HttpFront
 from meshserve.serving.metrics import ServerMetrics
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import EnginePlan
+from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.scheduler import Scheduler
 from meshserve.serving.score_jobs import DEFAULT_MAX_SCORES
 from meshserve.serving.servicer import DEFAULT_MAX_SCORE_TOKENS, InferenceServicer, Limits, score_reply_bytes
@@ -66,7 +67,15 @@ class ServerOptions:
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
     http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
     tool_call_parser: str | None = None  # chat tool calls' format, HTTP and gRPC (serving/openai_tools.py); None = off
+    reasoning_parser: str | None = (
+        None  # chats' <think> blocks split from the answer (serving/reasoning.py); None = off
+    )
+    chat_template_kwargs: dict | None = None  # template variables every chat gets (a request's own replace them)
     log_requests: bool = False  # a line per finished request on stderr (serving/access_log.py)
+
+
+def chat_options(options: ServerOptions) -> ChatOptions:
+    return ChatOptions(options.reasoning_parser, options.chat_template_kwargs)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -120,9 +129,8 @@ class InferenceServer:
             max_n=min(options.max_n, max(1, options.max_queue)),
         )
         self.limits = limits
-        self.servicer = InferenceServicer(
-            self.orchestrator, model, plan, limits, mesh_info or {}, tool_parser=options.tool_call_parser
-        )
+        self.servicer = InferenceServicer(self.orchestrator, model, plan, limits, mesh_info or {},
+                                          tool_parser=options.tool_call_parser, chat=chat_options(options))  # fmt: skip
         interceptors = []
         token = None
         if options.auth_token_file:
@@ -184,7 +192,8 @@ class InferenceServer:
         try:
             return HttpFront(self.orchestrator, self.model, self.limits, host=options.host, port=options.http_port,
                              model_name=options.served_model_name or self.model.config.name, token=token, tls=tls,
-                             max_connections=cap, tool_parser=options.tool_call_parser)  # fmt: skip
+                             max_connections=cap, tool_parser=options.tool_call_parser,
+                             chat=chat_options(options))  # fmt: skip
         except (OSError, ssl.SSLError) as e:
             self._grpc.stop(None)  # the gRPC port is bound: free it, the server will not start
             where = f"{options.host}:{options.http_port}"

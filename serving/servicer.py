@@ -37,6 +37,7 @@ from meshserve.serving.orchestrator import (
     ShuttingDownError,
 )
 from meshserve.serving.plan import EnginePlan
+from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.requests import ClientGone, sample_events
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import (
@@ -119,16 +120,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         limits: Limits,
         mesh_info: dict,
         tool_parser: str | None = None,
+        chat: ChatOptions | None = None,
     ):
         """tool_parser: serve --tool-call-parser (serving/openai_tools.py PARSERS): a chat with tools gets the calls
-        parsed out of its text (GenerateResponse.tool_calls); None: its text comes back as generated."""
+        parsed out of its text (GenerateResponse.tool_calls); None: its text comes back as generated. chat: the
+        reasoning parser (GenerateResponse.reasoning) and default template variables (serving/reasoning.py)."""
         self.tool_parser = tool_parser
+        self.chat = chat or ChatOptions()
         self.orch = orchestrator
         self.model = model
         self.config: ModelConfig = model.config
         self.plan = plan
         self.limits = limits
-        self.parse = RequestParser(model, limits, tool_parser=tool_parser)
+        self.parse = RequestParser(model, limits, tool_parser=tool_parser, chat_defaults=self.chat.template_kwargs)
         self.mesh_info = mesh_info
         self.metrics = orchestrator.metrics
         self._count_lock = threading.Lock()  # the handler and the RPC-end callback race to count an outcome
@@ -141,6 +145,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             and bool(request.messages.tools_json)
             and request.messages.tool_choice != "none"  # the model was not told about the tools
         )
+
+    def _splitters(self, request, handles) -> list | None:
+        """Per sample, its ReasoningSplit: a chat on a server with --reasoning-parser; else None."""
+        if self.chat.reasoning_parser is None or request.WhichOneof("input") != "messages":
+            return None
+        return [self.chat.splitter(self.model.tokenizer, h.request.prompt) for h in handles]
 
     # ----- RPCs -----
 
@@ -260,7 +270,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
             for i, h in enumerate(call.handles)
         ]
-        if self._parses_tools(request):
+        if (splitters := self._splitters(request, call.handles)) is not None:
+            for sample, split in zip(samples, splitters, strict=True):
+                sample["reasoning"], sample["text"] = split.feed(sample["text"], last=True)
+        if self._parses_tools(request):  # in the answer after any reasoning
             for sample, reason in zip(samples, reasons, strict=True):
                 content, calls = parse_tool_calls(sample["text"])
                 sample.update(text=content or "", **_tool_fields(calls, reason))
@@ -296,11 +309,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         reasons: list[str | None] = [None] * len(call.handles)
         # With tools: each sample's text goes through a ToolCallStream (text from a <tool_call> on is held back).
         held = [ToolCallStream() for _ in call.handles] if self._parses_tools(request) else None
+        splitters = self._splitters(request, call.handles)  # with --reasoning-parser: reasoning, then the answer
         for i, event in self._events(call, context, "GenerateStream"):
             reason = reasons[i] = event.finish_reason
+            text, reasoning = event.text, ""
+            if splitters is not None:
+                reasoning, text = splitters[i].feed(text, last=reason is not None)
             chunk = pb.GenerateChunk(
                 tokens=event.tokens,
-                text=event.text if held is None else held[i].feed(event.text),
+                text=text if held is None else held[i].feed(text),
+                reasoning=reasoning,
                 logprobs=event.logprobs if request.return_logprobs else [],
                 top_logprobs=self._top(event.top_logprobs),
                 index=i,  # 0 with n = 1: proto3 leaves it off the wire
@@ -318,7 +336,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     usage, timing = self._usage_timing(call)
                     chunk.usage.CopyFrom(usage)
                     chunk.timing.CopyFrom(timing)
-            if chunk.tokens or chunk.text or reason is not None:
+            if chunk.tokens or chunk.text or chunk.reasoning or reason is not None:
                 yield chunk
         if None in reasons:
             self._count(call, "GenerateStream", "CANCELLED")

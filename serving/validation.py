@@ -67,6 +67,20 @@ def _tools(tools_json: str) -> list:
     return check_tools(tools, "messages.tools_json")
 
 
+def template_kwargs_json(body: dict) -> str:
+    """An HTTP chat body's `chat_template_kwargs` (vLLM's: an object of template variables) as
+    ChatMessages.chat_template_kwargs_json; "" when absent. RequestError naming chat_template_kwargs[.key]."""
+    from meshserve.model.chat import ChatError, check_template_kwargs
+
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return ""
+    try:
+        return json.dumps(check_template_kwargs(value))
+    except ChatError as e:
+        raise RequestError(str(e)) from None
+
+
 def score_reply_bytes(max_items: int, max_tokens: int) -> int:
     """An upper bound on the serialized ScoreResponse for `max_items` items of `max_tokens` tokens in all.
 
@@ -123,13 +137,15 @@ class Limits:
 class RequestParser:
     """Checks requests against the model (vocabulary, context, tokenizer) and the server's limits."""
 
-    def __init__(self, model, limits: Limits, tool_parser: str | None = None):
+    def __init__(self, model, limits: Limits, tool_parser: str | None = None, chat_defaults: dict | None = None):
         """tool_parser: the server's --tool-call-parser (None: off): tool_choice "required" or a named function
-        guides the output into calls in its format, and is refused without one."""
+        guides the output into calls in its format, and is refused without one. chat_defaults: the server's
+        --default-chat-template-kwargs (a request's chat_template_kwargs_json replaces them key by key)."""
         self.model = model
         self.config = model.config
         self.limits = limits
         self.tool_parser = tool_parser
+        self.chat_defaults = dict(chat_defaults or {})
 
     def ids(self, field: str, ids) -> list[int]:
         """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
@@ -144,14 +160,17 @@ class RequestParser:
             raise RequestError(f"{field}: {len(text)} characters exceed the limit of {self.limits.text_chars}")
         return text
 
-    def chat(self, messages, tools_json: str = "", render_tools: bool = True) -> list[int]:
+    def chat(
+        self, messages, tools_json: str = "", render_tools: bool = True, template_kwargs_json: str = ""
+    ) -> list[int]:
         """ChatMessage protos (and ChatMessages.tools_json, "" = no tools) -> prompt ids through the model's chat
         template (model/chat.py, which also checks roles, tool calls and their arguments' JSON); render_tools=False
-        (tool_choice "none") checks the tools but does not give them to the template. The limits are
-        `text`'s over all contents, tool calls and the tools' JSON together, and at most max_context messages (a
-        template writes at least a role header per message, so more could never fit). Raises RequestError naming
-        the field."""
-        from meshserve.model.chat import ChatError
+        (tool_choice "none") checks the tools but does not give them to the template; template_kwargs_json:
+        ChatMessages.chat_template_kwargs_json (more template variables, over the server's defaults). The limits are
+        `text`'s over all contents, tool calls, the tools' JSON and the template variables' together, and at most
+        max_context messages (a template writes at least a role header per message, so more could never fit).
+        Raises RequestError naming the field."""
+        from meshserve.model.chat import ChatError, check_template_kwargs
 
         if getattr(self.model, "chat", None) is None:
             raise RequestError(
@@ -163,16 +182,28 @@ class RequestParser:
             raise RequestError(
                 f"messages: {len(messages)} messages exceed the limit of {self.limits.max_context} (max_context)"
             )
-        chars = len(tools_json) + sum(
-            len(m.content) + len(m.tool_call_id) + sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
-            for m in messages
+        chars = (
+            len(tools_json)
+            + len(template_kwargs_json)
+            + sum(
+                len(m.content)
+                + len(m.tool_call_id)
+                + sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
+                for m in messages
+            )
         )
         if chars > self.limits.text_chars:
             what = "content, tool calls and tools" if tools_json or any(m.tool_calls for m in messages) else "content"
             raise RequestError(f"messages: {chars} characters of {what} exceed the limit of {self.limits.text_chars}")
         tools = _tools(tools_json) if tools_json else None
+        field = "messages.chat_template_kwargs_json"
         try:
-            ids = self.model.encode_chat([_message(m) for m in messages], tools if render_tools else None)
+            extra = json.loads(template_kwargs_json) if template_kwargs_json else {}
+        except (ValueError, RecursionError) as e:
+            raise RequestError(f"{field}: not JSON ({e})") from None
+        try:
+            extra = {**self.chat_defaults, **check_template_kwargs(extra, field)}
+            ids = self.model.encode_chat([_message(m) for m in messages], tools if render_tools else None, extra)
         except ChatError as e:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
         return self.ids("messages", ids)
@@ -190,7 +221,9 @@ class RequestParser:
             prompt = self.ids("tokens.ids", req.tokens.ids)
         elif which == "messages":
             chat = req.messages
-            prompt = self.chat(chat.messages, chat.tools_json, render_tools=chat.tool_choice != "none")
+            prompt = self.chat(
+                chat.messages, chat.tools_json, chat.tool_choice != "none", chat.chat_template_kwargs_json
+            )
         else:
             prompt = []
         if not prompt:

@@ -177,7 +177,7 @@ def test_tokenize_and_detokenize(server, oa, grpc_client, checkpoint):
         ("/tokenize", {}, "prompt: give a prompt (text) or messages, one of them"),
         ("/tokenize", {"prompt": "w5", "messages": CONVERSATION}, "prompt: give a prompt (text) or messages"),
         ("/tokenize", {"prompt": 5}, "prompt: expected a string, got 5"),
-        ("/tokenize", {"text": "w5"}, "text: unknown field (/tokenize takes messages, model, prompt, tools)"),
+        ("/tokenize", {"text": "w5"}, "text: unknown field (/tokenize takes chat_template_kwargs, messages, model, "),
         ("/detokenize", {"tokens": [5, -1]}, "tokens[1]: expected a token id"),
         ("/detokenize", {"tokens": [99999]}, "tokens: token id 99999 outside the vocabulary"),
         ("/detokenize", {}, "tokens: missing"),

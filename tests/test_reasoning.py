@@ -1,0 +1,92 @@
+"""serving/reasoning.py: a thinking model's <think> block split from its answer, whole and streamed.
+
+The whole-text split on the cases that decide it (a block at the start, whitespace before it, none, a template
+that opened it, a generation cut inside it, tags split across pieces, a second block), and for random texts cut
+into random pieces the streamed pieces join to exactly the whole split.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from meshserve.serving.reasoning import ReasoningSplit, opens_reasoning, split_reasoning
+
+
+@pytest.mark.parametrize(
+    "text,inside,want",
+    [
+        ("<think>\nplan\n</think>\n\nAnswer", False, ("\nplan\n", "\n\nAnswer")),
+        ("  \n<think>why</think>Yes", False, ("why", "Yes")),  # whitespace before the block is dropped
+        ("Answer <think>not reasoning</think>", False, (None, "Answer <think>not reasoning</think>")),
+        ("\n\nAnswer", False, (None, "\n\nAnswer")),  # enable_thinking false: the template closed the block
+        ("plan</think>Answer", True, ("plan", "Answer")),  # the template opened it (DeepSeek-R1)
+        ("<think>cut short", False, ("cut short", "")),  # max_tokens inside the block: all reasoning
+        ("cut short", True, ("cut short", "")),
+        ("<think>a</think>b</think>c", False, ("a", "b</think>c")),  # the first close ends it
+        ("<thin", False, (None, "<thin")),  # never became the tag
+        ("<think></think>", False, ("", "")),
+        ("", True, ("", "")),
+    ],
+)
+def test_whole_text(text, inside, want):
+    assert split_reasoning(text, inside) == want
+
+
+def test_where_the_prompt_leaves_the_model():
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, enable_thinking false
+    assert not opens_reasoning("<|im_start|>assistant\n")
+    assert opens_reasoning("<think>old</think> turn <think>")
+
+
+def test_streamed_pieces_join_to_the_whole_split():
+    rng = random.Random(0)
+    alphabet = ["<think>", "</think>", "<", "</", "<th", "</thi", "k>", " ", "\n", "a", "b", "think"]
+    for trial in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        inside = trial % 3 == 0
+        split = ReasoningSplit(inside)
+        reasoning, content, at = [], [], 0
+        while at < len(text):
+            step = rng.randint(1, 4)
+            r, c = split.feed(text[at : at + step])
+            reasoning.append(r)
+            content.append(c)
+            at += step
+        r, c = split.finish()
+        want_reasoning, want_content = split_reasoning(text, inside)
+        assert "".join(content) + c == want_content, (text, inside)
+        assert "".join(reasoning) + r == (want_reasoning or ""), (text, inside)
+
+
+def test_a_streamed_tag_is_held_back_until_decided():
+    split = ReasoningSplit()
+    assert split.feed("<th") == ("", "")
+    assert split.feed("ink>step one </th") == ("step one ", "")
+    assert split.feed("ink>An") == ("", "An")
+    assert split.feed("swer") == ("", "swer")
+    assert split.finish() == ("", "")
+
+
+def test_server_default_template_variables_and_a_requests_own():
+    """`serve --default-chat-template-kwargs` reaches every chat; a request's chat_template_kwargs replace them key
+    by key (the tiny model's byte tokenizer: the prompt ids are the rendered text's bytes)."""
+    from meshserve.model.chat import ChatTemplate
+    from meshserve.model.loading import load_model
+    from meshserve.serving.client import Client
+    from meshserve.serving.validation import Limits, RequestParser
+
+    model = load_model(preset="tiny")
+    model.chat = ChatTemplate("{{ messages[0].content }}|{{ a | default('-') }}|{{ b | default('-') }}")
+    limits = Limits(max_context=128, max_batch=2, max_new_tokens=8, max_queue=4)
+    question = [{"role": "user", "content": "hi"}]
+
+    def rendered(parser, **kwargs) -> str:
+        request = Client.request(messages=question, chat_template_kwargs=kwargs or None)
+        return bytes(parser.generate(request, None)[0].prompt).decode()
+
+    assert rendered(RequestParser(model, limits)) == "hi|-|-"
+    defaults = RequestParser(model, limits, chat_defaults={"a": 1, "b": 2})
+    assert rendered(defaults) == "hi|1|2"
+    assert rendered(defaults, b="x") == "hi|1|x"

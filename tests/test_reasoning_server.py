@@ -1,0 +1,220 @@
+"""A thinking model end to end: a tiny Qwen3 whose weights script its answer -- "<think> w30 w31 </think>" then a
+Hermes tool call -- served by a real `meshserve serve --reasoning-parser qwen3 --tool-call-parser hermes`, read with
+the official `openai` client and the gRPC client. The reasoning comes back as message.reasoning_content (streamed:
+delta.reasoning_content), the call after it as tool_calls; `chat_template_kwargs` {"enable_thinking": false} makes the
+template close the block itself, and the same model then answers without reasoning; a template that opens the block
+in the prompt (DeepSeek-R1's way) starts the output inside it. Completions (not chats) keep the raw text. Bad
+template variables are refused naming the field, over HTTP, gRPC, the CLI and batch-generate lines.
+
+The script works as test_serving_http_tool_calls.py's: output projections zero, so each position's residual is its
+token's embedding, a unit direction the unembedding maps to the script's next token (greedy follows it). The word
+tokenizer decodes with spaces between words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from meshserve.serving.cli import main
+from test_hf_llama import _word_tokenizer, make_model
+from test_openai_tools import TOOLS
+from test_serving_support import ServerProcess
+
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+# Qwen3's switch as its template has it; `open_think` stands for a template that opens the block (DeepSeek-R1).
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> {% endfor %}"
+    "{% if tools %}w50 {% endif %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant "
+    "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> "
+    "{% elif open_think is defined and open_think %}<think> {% endif %}{% endif %}"
+)
+WORDS = {"w91": "system", "w92": "user", "w93": "assistant", "w94": "<|im_start|>", "w95": "<|im_end|>",
+         "w89": "<think>", "w90": "</think>"}  # fmt: skip
+CALL = ["<tool_call>", '{"name":', '"get_weather",', '"arguments":', '{"city":', '"Paris"}}', "</tool_call>"]
+SCRIPT = ["assistant", "<think>", "w30", "w31", "</think>", *CALL, "</s>"]
+QUESTION = [{"role": "user", "content": "w20 w21"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("hf") / "qwen3-thinks"
+    model = make_model(directory, "qwen3", head_dim=8, positions=256)
+    _word_tokenizer(directory, adds_bos=False)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    for old, new in [*WORDS.items(), *((f"w{60 + i}", piece) for i, piece in enumerate(CALL))]:
+        vocab[new] = vocab.pop(old)
+    data["added_tokens"] = [
+        {"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t in ("</s>", "<|im_start|>", "<|im_end|>")
+    ]  # fmt: skip
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "chat_template": TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    script = [vocab[w] for w in SCRIPT]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # [V, E] each
+        embed.zero_()
+        head.zero_()
+        for j, (token, following) in enumerate(zip(script[:-1], script[1:], strict=True)):
+            embed[token, j] = 1.0
+            head[following, j] = 10.0
+    model.save_pretrained(directory)
+    out = tmp_path_factory.mktemp("ckpt") / "qwen3-thinks-ms"
+    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = ServerProcess(checkpoint, "--http-port", "0", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+                         "--served-model-name", "m")  # fmt: skip
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=60)
+
+
+def _words(text: str | None) -> list[str] | None:
+    return None if text is None else text.split()
+
+
+def test_reasoning_then_a_call(oa):
+    r = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, max_tokens=32)
+    message = r.choices[0].message
+    assert _words(message.reasoning_content) == ["w30", "w31"]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert not message.content and r.choices[0].finish_reason == "tool_calls"
+
+
+def test_streamed_reasoning_joins_to_the_whole(oa):
+    stream = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, max_tokens=32, stream=True)
+    reasoning, content, calls, finish = [], [], [], None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning.append(getattr(delta, "reasoning_content", None) or "")
+        content.append(delta.content or "")
+        calls += delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert _words("".join(reasoning)) == ["w30", "w31"] and "".join(content).strip() == ""
+    assert {c.function.name for c in calls if c.function.name} == {"get_weather"}
+    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+    assert finish == "tool_calls"
+
+
+def test_template_variables_switch_thinking(oa, server):
+    off = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, max_tokens=32,
+                                     extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+    message = off.choices[0].message
+    assert message.reasoning_content is None and message.tool_calls[0].function.name == "get_weather"
+    # The prompt holds the template's own empty block: /tokenize counts it.
+    import urllib.request
+
+    def count(**extra) -> int:
+        body = json.dumps({"messages": QUESTION, **extra}).encode()
+        with urllib.request.urlopen(urllib.request.Request(server.http.removesuffix("/v1") + "/tokenize", body)) as r:
+            return json.loads(r.read())["count"]
+
+    assert count(chat_template_kwargs={"enable_thinking": False}) == count() + 2
+    # A template that opened the block: the output starts inside it.
+    opened = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=4,
+                                        extra_body={"chat_template_kwargs": {"open_think": True}})  # fmt: skip
+    assert _words(opened.choices[0].message.reasoning_content) == ["w30", "w31"]
+    assert opened.choices[0].message.content.split() == ["<tool_call>"] and opened.choices[0].finish_reason == "length"
+
+
+def test_a_completion_keeps_the_raw_text(oa):
+    r = oa.completions.create(model="m", prompt="w20 assistant", max_tokens=4)
+    assert r.choices[0].text.split() == ["<think>", "w30", "w31", "</think>"]
+
+
+def test_grpc_reasoning_whole_and_streamed(server):
+    from meshserve.serving.client import Client
+
+    with Client(server.target) as client:
+        whole = client.generate(messages=QUESTION, tools=TOOLS, max_new_tokens=32)
+        assert _words(whole.reasoning) == ["w30", "w31"] and whole.tool_calls[0]["function"]["name"] == "get_weather"
+        chunks = list(client.generate_stream(messages=QUESTION, max_new_tokens=32))  # no tools: the call is text
+        assert _words("".join(c.reasoning for c in chunks)) == ["w30", "w31"]
+        assert "".join(c.text for c in chunks).split() == CALL
+        off = client.generate(messages=QUESTION, max_new_tokens=32, chat_template_kwargs={"enable_thinking": False})
+        assert off.reasoning == "" and off.text.split() == CALL
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [("yes", "chat_template_kwargs"), ({"messages": []}, "chat_template_kwargs.messages"),
+     ({"not a name": 1}, "chat_template_kwargs")],
+)  # fmt: skip
+def test_bad_template_variables_are_named(oa, server, kwargs, field):
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=2,
+                                   extra_body={"chat_template_kwargs": kwargs})  # fmt: skip
+    assert e.value.body["param"] == "chat_template_kwargs" and field in e.value.body["message"]
+    from meshserve.protos import inference_pb2 as pb
+    from meshserve.serving.client import Client
+
+    with Client(server.target) as client:
+        request = Client.request(messages=QUESTION, max_new_tokens=2)
+        request.messages.chat_template_kwargs_json = "{not json"
+        with pytest.raises(grpc.RpcError) as g:
+            client.stub.Generate(request)
+        assert g.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert g.value.details().startswith("messages.chat_template_kwargs_json: not JSON")
+        assert isinstance(request, pb.GenerateRequest)
+
+
+def test_cli_flags_refuse_bad_json(checkpoint, capsys):
+    assert main(["serve", "--checkpoint", str(checkpoint), "--default-chat-template-kwargs", "[1]"]) == 2
+    assert "--default-chat-template-kwargs: expected an object" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(checkpoint), "--chat", "--chat-template-kwargs", "{bad", "w20"])
+    assert e.value.code == 2 and "--chat-template-kwargs: not JSON" in capsys.readouterr().err
+
+
+def test_batch_generate_lines_take_template_variables(checkpoint, tmp_path):
+    lines = [{"id": "off", "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": False},
+              "max_new_tokens": 3},
+             {"id": "on", "messages": QUESTION, "max_new_tokens": 3},
+             {"id": "bad", "messages": QUESTION, "chat_template_kwargs": {"tools": []}},
+             {"id": "plain", "prompt": "w20", "chat_template_kwargs": {"enable_thinking": False}}]  # fmt: skip
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
+    texts = {row["id"]: row["text"].split() for row in map(json.loads, out.read_text().splitlines())}
+    assert texts == {"off": CALL[:3], "on": ["<think>", "w30", "w31"]}
+    errors = {
+        row["id"]: row["error"]
+        for row in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())
+    }
+    assert errors["bad"].startswith("chat_template_kwargs.tools: set by the server")
+    assert errors["plain"].startswith("chat_template_kwargs: only a chat")
+
+
+def test_tokenize_names_bad_template_variables(server):
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"messages": QUESTION, "chat_template_kwargs": {"eos_token": "x"}}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(server.http.removesuffix("/v1") + "/tokenize", body))
+    error = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and error["param"] == "chat_template_kwargs"
+    assert error["message"].startswith("chat_template_kwargs.eos_token: set by the server")
