@@ -99,6 +99,12 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict[str, Any
         if not isinstance(content, str):
             raise ChatError(f"{where}.content must be a string, got {type(content).__name__}")
         message: dict[str, Any] = {"role": role, "content": content}
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:  # a thinking model's earlier answer, as the server returned it
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise ChatError(f"{where}.reasoning_content: a string, on an assistant message only")
+            if reasoning:
+                message["reasoning_content"] = reasoning
         if calls is not None:
             message["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
         call_id = m.get("tool_call_id")
@@ -112,7 +118,7 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict[str, Any
     return out
 
 
-_KEYS = ("role", "content", "tool_calls", "tool_call_id")
+_KEYS = ("role", "content", "tool_calls", "tool_call_id", "reasoning_content")
 
 
 def _tool_calls(calls: Any, field: str) -> list[dict[str, Any]]:

@@ -153,6 +153,7 @@ def _messages(messages, validate: bool, tools: Sequence[Mapping] | None = None, 
     for m in messages:
         out.messages.append(pb.ChatMessage(
             role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "",
+            reasoning_content=m.get("reasoning_content") or "",
             tool_calls=[_tool_call(c) for c in m.get("tool_calls") or ()],
         ))  # fmt: skip
     return out

@@ -352,7 +352,7 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
         for key in m:
             if key not in _MESSAGE_KEYS:
                 raise RequestError(f"messages[{i}].{key}: not supported (a message takes role and content); an "
-                                   "assistant's may add tool_calls, a tool's tool_call_id")  # fmt: skip
+                                   "assistant's may add tool_calls and reasoning_content, a tool's tool_call_id")  # fmt: skip
         role = mb.string("role")
         if not role:
             raise RequestError(f"messages[{i}].role: missing")
@@ -369,11 +369,13 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
                 texts.append(part["text"])
             content = "\n".join(texts)
         calls, call_id = message_tool_fields(m, i)
-        out.append(pb.ChatMessage(role=role, content=content or "", tool_calls=calls, tool_call_id=call_id))
+        reasoning = mb.string("reasoning_content") or ""  # a --reasoning-parser answer sent back in the history
+        out.append(pb.ChatMessage(role=role, content=content or "", tool_calls=calls, tool_call_id=call_id,
+                                  reasoning_content=reasoning))  # fmt: skip
     return out
 
 
-_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "reasoning_content")
 
 
 def openai_error(kind: str, error: RequestError, max_tokens_field: str = "max_tokens", prompt_index: int | None = None,

@@ -53,6 +53,8 @@ def _message(m: pb.ChatMessage) -> dict:
         ]
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content:
+        out["reasoning_content"] = m.reasoning_content
     return out
 
 
@@ -188,6 +190,7 @@ class RequestParser:
             + sum(
                 len(m.content)
                 + len(m.tool_call_id)
+                + len(m.reasoning_content)
                 + sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls)
                 for m in messages
             )

@@ -69,6 +69,17 @@ def test_a_streamed_tag_is_held_back_until_decided():
     assert split.finish() == ("", "")
 
 
+def test_reasoning_content_only_on_an_assistant_message():
+    from meshserve.model.chat import ChatError, check_messages
+
+    answer = {"role": "assistant", "content": "ok", "reasoning_content": "because"}
+    assert check_messages([answer])[0]["reasoning_content"] == "because"
+    assert "reasoning_content" not in check_messages([{**answer, "reasoning_content": ""}])[0]
+    for bad in ({"role": "user", "content": "hi", "reasoning_content": "x"}, {**answer, "reasoning_content": 5}):
+        with pytest.raises(ChatError, match=r"messages\[0\]\.reasoning_content: a string, on an assistant message"):
+            check_messages([bad])
+
+
 def test_server_default_template_variables_and_a_requests_own():
     """`serve --default-chat-template-kwargs` reaches every chat; a request's chat_template_kwargs replace them key
     by key (the tiny model's byte tokenizer: the prompt ids are the rendered text's bytes)."""

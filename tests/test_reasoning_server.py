@@ -29,7 +29,9 @@ torch = pytest.importorskip("torch")
 
 # Qwen3's switch as its template has it; `open_think` stands for a template that opens the block (DeepSeek-R1).
 TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> {% endfor %}"
+    "{% for m in messages %}<|im_start|> {{ m.role }} "
+    "{% if m.reasoning_content %}<think> {{ m.reasoning_content }} </think> {% endif %}{{ m.content }} <|im_end|> "
+    "{% endfor %}"
     "{% if tools %}w50 {% endif %}"
     "{% if add_generation_prompt %}<|im_start|> assistant "
     "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> "
@@ -94,6 +96,15 @@ def _words(text: str | None) -> list[str] | None:
     return None if text is None else text.split()
 
 
+def _tokens(server, messages, **extra) -> int:
+    """POST /tokenize's count for a conversation."""
+    import urllib.request
+
+    body = json.dumps({"messages": messages, **extra}).encode()
+    with urllib.request.urlopen(urllib.request.Request(server.http.removesuffix("/v1") + "/tokenize", body)) as r:
+        return json.loads(r.read())["count"]
+
+
 def test_reasoning_then_a_call(oa):
     r = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, max_tokens=32)
     message = r.choices[0].message
@@ -102,6 +113,20 @@ def test_reasoning_then_a_call(oa):
         ("get_weather", {"city": "Paris"})
     ]
     assert not message.content and r.choices[0].finish_reason == "tool_calls"
+
+
+def test_an_answer_sent_back_keeps_its_reasoning(oa, server):
+    """The openai client's usual loop appends the returned message to the history: its reasoning_content is
+    accepted and reaches the template (as Qwen3's writes it back into a <think> block)."""
+    first = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=32)
+    history = [*QUESTION, first.choices[0].message, {"role": "user", "content": "w22"}]
+    again = oa.chat.completions.create(model="m", messages=history, max_tokens=32)
+    assert _words(again.choices[0].message.reasoning_content) == ["w30", "w31"]
+    with_reasoning = first.choices[0].message.model_dump(exclude_unset=True)
+    plain = {k: v for k, v in with_reasoning.items() if k != "reasoning_content"}
+    assert (
+        _tokens(server, [*QUESTION, with_reasoning]) == _tokens(server, [*QUESTION, plain]) + 4
+    )  # <think> w30 w31 </think>
 
 
 def test_streamed_reasoning_joins_to_the_whole(oa):
@@ -125,14 +150,7 @@ def test_template_variables_switch_thinking(oa, server):
     message = off.choices[0].message
     assert message.reasoning_content is None and message.tool_calls[0].function.name == "get_weather"
     # The prompt holds the template's own empty block: /tokenize counts it.
-    import urllib.request
-
-    def count(**extra) -> int:
-        body = json.dumps({"messages": QUESTION, **extra}).encode()
-        with urllib.request.urlopen(urllib.request.Request(server.http.removesuffix("/v1") + "/tokenize", body)) as r:
-            return json.loads(r.read())["count"]
-
-    assert count(chat_template_kwargs={"enable_thinking": False}) == count() + 2
+    assert _tokens(server, QUESTION, chat_template_kwargs={"enable_thinking": False}) == _tokens(server, QUESTION) + 2
     # A template that opened the block: the output starts inside it.
     opened = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=4,
                                         extra_body={"chat_template_kwargs": {"open_think": True}})  # fmt: skip

@@ -166,7 +166,9 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
     # Lines refused on reading (no model needed) come first, then those the model's limits refuse.
     assert [e["line"] for e in errors] == [n + 1, n + 5, n + 6, n + 2, n + 3, n + 4, n + 7]
-    assert errors[1]["error"].startswith("unknown key 'max_tokens' (known: id, prompt, messages, max_new_tokens, ")
+    assert errors[1]["error"].startswith(
+        "unknown key 'max_tokens' (known: id, prompt, messages, chat_template_kwargs, max_new_tokens, "
+    )
     assert errors[2]["error"] == "prompt must not be empty"
     assert "max_new_tokens" in errors[3]["error"]
     assert errors[4]["error"] == "temperature must be a number, got 'hot'"
