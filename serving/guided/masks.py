@@ -88,8 +88,16 @@ class TokenTable:
         chars = {v: _plain_chars(data) for v, data in pieces}
         self.trie = _trie(pieces)
         self.other_trie = _trie([(v, data) for v, data in pieces if not chars[v]])
-        self._pieces, self._plain_pieces = pieces, [(v, data) for v, data in pieces if chars[v]]
-        self._matrices: dict[bool, tuple] = {}  # built at the first pattern (_matrix)
+        # Every token's bytes longest first, for pattern_masks: ids [Vt], bytes uint8 [Vt, L] (0-padded), lengths [Vt].
+        lengths = np.fromiter((len(data) for _, data in pieces), np.int64, len(pieces))
+        width = int(lengths.max()) if pieces else 1
+        padded = b"".join(data.ljust(width, b"\0") for _, data in pieces)
+        order = np.argsort(-lengths, kind="stable")
+        ids = np.fromiter((v for v, _ in pieces), np.int64, len(pieces))[order]
+        self._tokens = (ids, np.frombuffer(padded, np.uint8).reshape(len(pieces), width)[order], lengths[order])
+        self._is_plain = np.zeros(vocab_size, bool)
+        self._is_plain[[v for v, n in chars.items() if n]] = True
+        self._matrices: dict[bool, tuple] = {}  # _matrix
         # plain[n]: the plain tokens of at most n characters (n up to the longest plain token's count).
         longest = max(chars.values(), default=0)
         by_count = np.zeros((longest + 1, self.words * 32), bool)
@@ -184,15 +192,10 @@ class TokenTable:
         longer than k for each k < L). Built once each (two threads may both build one: either is the same)."""
         built = self._matrices.get(raw)
         if built is None:
-            pieces = self._pieces if raw else self._plain_pieces
-            lengths = np.array([len(data) for _, data in pieces], np.int64)
-            data = np.zeros((len(pieces), int(lengths.max()) if pieces else 1), np.uint8)
-            rows = np.repeat(np.arange(len(pieces)), lengths)  # each byte's token, then its place in the token
-            data[rows, np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = np.frombuffer(
-                b"".join(piece for _, piece in pieces), np.uint8)  # fmt: skip
-            order = np.argsort(-lengths, kind="stable")
-            longer = [int((lengths > k).sum()) for k in range(data.shape[1])]
-            built = self._matrices[raw] = (np.array([v for v, _ in pieces], np.int64)[order], data[order], longer)
+            ids, data, lengths = self._tokens
+            keep = slice(None) if raw else self._is_plain[ids]
+            ids, data, lengths = ids[keep], data[keep], lengths[keep]
+            built = self._matrices[raw] = (ids, data, [int((lengths > k).sum()) for k in range(data.shape[1])])
         return built
 
     @staticmethod
