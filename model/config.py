@@ -291,6 +291,29 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-2-70b": ModelConfig(
         name="llama-2-70b", d_model=8192, d_ff=28672, n_layers=80, n_heads=64, n_kv_heads=8, **_LLAMA_2
     ),
+    # Qwen3-8B's shapes and switches (Qwen/Qwen3-8B config.json; its card: 8.2B parameters, 6.95B without the
+    # embeddings, 36 layers, 32 query / 8 kv heads, 32,768 native context): Llama's block with an RMSNorm over each
+    # head's q and k (qk_norm), head_dim 128, rope_theta 1e6, untied embedding, no BOS. Shapes only, for analytics and
+    # bench; `meshserve convert --from-hf` imports the real weights.
+    "qwen3-8b": ModelConfig(
+        name="qwen3-8b",
+        vocab_size=151_936,
+        d_model=4096,
+        d_ff=12288,
+        n_layers=36,
+        n_heads=32,
+        n_kv_heads=8,
+        d_head=128,
+        max_seq_len=32_768,
+        parallel_block=False,
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        shared_embedding=False,
+        rope_base=1_000_000.0,
+        qk_norm=True,
+        eos_id=151_645,
+    ),
 }
 
 

@@ -40,6 +40,15 @@ def test_falcon_7b_count_and_abstract_shapes_without_allocation():
     assert shapes["layers"]["wk"].shape == (32, 4544, 1, 64)
 
 
+def test_qwen3_8b_counts_match_its_card():
+    """Qwen3-8B's card: 8.2B parameters, 6.95B without the embeddings (input embedding and untied lm_head)."""
+    config = get_config("qwen3-8b")
+    count = param_count(config)
+    assert abs(count / 1e9 - 8.19) < 0.01
+    assert abs((count - 2 * config.vocab_size * config.d_model) / 1e9 - 6.95) < 0.01
+    assert abstract_params(config)["layers"]["q_norm"]["scale"].shape == (36, 128)
+
+
 def test_palm_540b_pads_48_heads_to_64_for_inference():
     config = get_config("palm-540b")
     padded = config.padded_heads(64)
