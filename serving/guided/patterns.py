@@ -202,16 +202,12 @@ class StringPattern:
 
     def step(self, frame: tuple, b: int) -> list[tuple]:
         node, count = frame[1], frame[2]
-        out = []
-        for at in self.nfa.step(frame[3:], b):
-            if len(at) > 1:  # a character under way: its state can still take one (live at this count)
-                if at[0] in self.live[count]:
-                    out.append((PAT, node, count, *at))
-                continue
-            done = count + 1 if self.max >= 0 else min(count + 1, self.cap)
-            if done <= self.cap and at[0] in self.live[done]:
-                out.append((PAT, node, done, at[0]))
-        return out
+        places = self.nfa.step(frame[3:], b)  # a character under way (one place), or the states after one (or none)
+        if places and len(places[0]) > 1:  # its state can still take one (live at this count)
+            return [(PAT, node, count, *at) for at in places if at[0] in self.live[count]]
+        done = count + 1 if self.max >= 0 else min(count + 1, self.cap)
+        live = self.live[done] if done <= self.cap else ()
+        return [(PAT, node, done, at[0]) for at in places if at[0] in live]
 
     def closes(self, frame: tuple) -> bool:
         return len(frame) == 4 and frame[3] == self.nfa.accept and frame[2] >= self.min

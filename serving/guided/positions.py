@@ -17,9 +17,10 @@ __all__ = ["positions", "MAX_POSITIONS", "MAX_WORK"]
 MAX_POSITIONS = 1024
 MAX_WORK = 2048  # the positions' stacks added up: each costs every byte the walk steps (250 overlapping: ~1 s a mask)
 
-# Bytes that can begin a character (ASCII, UTF-8 lead bytes): no others follow a position between characters.
-_LEADS = [*range(0x80), *range(0xC2, 0xF5)]
-_ALL = range(256)
+# The bytes that can follow a position: between characters ASCII or a UTF-8 lead byte, inside one a continuation
+# byte (the bytes written so far decide which: all of a position's frames are between characters or none is).
+_LEADS = [(b,) for b in range(0xC2, 0xF5)]
+_CONTINUATIONS = [(b,) for b in range(0x80, 0xC0)]
 
 
 def positions(grammar: Grammar, max_positions: int, max_work: int) -> tuple[list, np.ndarray]:
@@ -28,12 +29,13 @@ def positions(grammar: Grammar, max_positions: int, max_work: int) -> tuple[list
     `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grew with its state's
     stacks: 250 overlapping alternatives made one cost ~1 s). Deterministic: the same pattern is accepted or refused
     whatever is cached and however loaded the machine is."""
-    start = grammar.start()
+    start, between = grammar.start(), grammar.matcher.nfa.ascii_blocks() + _LEADS  # one step serves a block
     index, todo, rows, work = {start: 0}, [start], {}, len(start)
     while todo:
         state = todo.pop()
         memo, row = grammar.row(state), rows.setdefault(index[state], [-1] * 256)
-        for b in _ALL if any(len(stack[0]) > 4 for stack in state) else _LEADS:  # a character begun, or none
+        for block in _CONTINUATIONS if len(state[0][0]) > 4 else between:  # a character begun (pending bytes), or none
+            b = block[0]
             nxt = memo[b] if b in memo else grammar.fill(memo, state, b)
             if nxt is None:
                 continue
@@ -47,7 +49,8 @@ def positions(grammar: Grammar, max_positions: int, max_work: int) -> tuple[list
                                      "long repeats, or a smaller bound; fewer overlapping alternatives)")  # fmt: skip
                 index[nxt] = len(index)
                 todo.append(nxt)
-            row[b] = index[nxt]
+            for b in block:
+                row[b] = index[nxt]
     dead = len(index)
     table = np.array([rows[i] for i in range(dead)] + [[dead] * 256], np.int16)  # MAX_POSITIONS fits
     table[table < 0] = dead

@@ -135,6 +135,7 @@ class _Nfa:
         self.eps: list[list[int]] = []
         self.start = self.accept = -1  # set by build_nfa
         self._closures: dict[int, tuple[int, ...]] = {}
+        self._blocks: list[tuple[int, ...]] | None = None
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA:
@@ -144,6 +145,16 @@ class _Nfa:
         self.edges.append(None)
         self.eps.append([])
         return len(self.edges) - 1
+
+    def ascii_blocks(self) -> list[tuple[int, ...]]:
+        """The bytes below 0x80 in groups that every class holds all or none of (a step of one serves its group)."""
+        if self._blocks is None:
+            blocks = [(1 << 0x80) - 1]  # bit sets, refined by each class's ASCII bits
+            for ranges in {edge[0] for edge in self.edges if edge is not None}:
+                bits = sum((1 << min(hi, 0x7F) + 1) - (1 << lo) for lo, hi in ranges if lo < 0x80)
+                blocks = [part for block in blocks for part in (block & bits, block & ~bits) if part]
+            self._blocks = [tuple(b for b in range(0x80) if block >> b & 1) for block in blocks]
+        return self._blocks
 
     def closure(self, state: int) -> tuple[int, ...]:
         """The consuming (or accepting) NFA states reachable from `state` by epsilon moves, sorted."""
