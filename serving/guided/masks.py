@@ -88,16 +88,6 @@ class TokenTable:
         chars = {v: _plain_chars(data) for v, data in pieces}
         self.trie = _trie(pieces)
         self.other_trie = _trie([(v, data) for v, data in pieces if not chars[v]])
-        # Every token's bytes longest first, for pattern_masks: ids [Vt], bytes uint8 [Vt, L] (0-padded), lengths [Vt].
-        lengths = np.fromiter((len(data) for _, data in pieces), np.int64, len(pieces))
-        width = int(lengths.max()) if pieces else 1
-        padded = b"".join(data.ljust(width, b"\0") for _, data in pieces)
-        order = np.argsort(-lengths, kind="stable")
-        ids = np.fromiter((v for v, _ in pieces), np.int64, len(pieces))[order]
-        self._tokens = (ids, np.frombuffer(padded, np.uint8).reshape(len(pieces), width)[order], lengths[order])
-        self._is_plain = np.zeros(vocab_size, bool)
-        self._is_plain[[v for v, n in chars.items() if n]] = True
-        self._matrices: dict[bool, tuple] = {}  # _matrix
         # plain[n]: the plain tokens of at most n characters (n up to the longest plain token's count).
         longest = max(chars.values(), default=0)
         by_count = np.zeros((longest + 1, self.words * 32), bool)
@@ -106,6 +96,15 @@ class TokenTable:
                 by_count[n, v] = True
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
+        # For pattern_masks, every token (True) and the plain ones (False) longest first: ids int [Vp], bytes uint8
+        # [Vp, L] (0-padded), how many are longer than k for each k < L.
+        lengths = np.fromiter((len(data) for _, data in pieces), np.int64, len(pieces))
+        width = int(lengths.max()) if pieces else 1
+        order = np.argsort(-lengths, kind="stable")
+        ids, lengths = np.fromiter((v for v, _ in pieces), np.int64, len(pieces))[order], lengths[order]
+        data = np.frombuffer(b"".join(d.ljust(width, b"\0") for _, d in pieces), np.uint8).reshape(-1, width)[order]
+        self._matrices = {raw: (ids[k], data[k], [int((lengths[k] > j).sum()) for j in range(width)])
+                          for raw, k in ((True, slice(None)), (False, cumulative[-1][ids]))}  # fmt: skip
         self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
 
     @classmethod
@@ -162,7 +161,7 @@ class TokenTable:
         position takes few characters)."""
         cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
         todo = [p for p in positions if p not in cached]
-        ids, data, longer = self._matrix(matcher.raw)
+        ids, data, longer = self._matrices[matcher.raw]
         table, dead = matcher.next, len(matcher.positions)
         size = max(1, min(64, (1 << 21) // max(1, len(ids))))  # ~2M pairs a batch (152k tokens: 13 positions)
         for at in range(0, len(todo), size):
@@ -186,17 +185,6 @@ class TokenTable:
                 row.setflags(write=False)
                 cached[int(position)] = self._masks.put(("pat", matcher.key, int(position)), row)
         return [cached[p] for p in positions]
-
-    def _matrix(self, raw: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """The plain tokens (every token when `raw`) longest first: (ids int [Vp], bytes uint8 [Vp, L], how many are
-        longer than k for each k < L). Built once each (two threads may both build one: either is the same)."""
-        built = self._matrices.get(raw)
-        if built is None:
-            ids, data, lengths = self._tokens
-            keep = slice(None) if raw else self._is_plain[ids]
-            ids, data, lengths = ids[keep], data[keep], lengths[keep]
-            built = self._matrices[raw] = (ids, data, [int((lengths > k).sum()) for k in range(data.shape[1])])
-        return built
 
     @staticmethod
     def _walk(grammar: Grammar, state: State, trie: dict) -> list[int]:

@@ -227,9 +227,6 @@ class PatternGrammar(Grammar):
     def _can_end(self, stack: tuple) -> bool:
         return self.matcher.closes(stack[0])
 
-    def string_room(self, state) -> None:
-        return None  # masks walk every token (no JSON-string fast path)
-
     def indexed(self) -> StringPattern:
         """The matcher with its positions counted and their table (masks.prepare_masks): cached per pattern, and
         so are refusals (GuideError naming this grammar's `where`)."""
