@@ -155,10 +155,9 @@ class TokenTable:
 
     def pattern_masks(self, matcher, positions: list[int]) -> list[np.ndarray]:
         """The masks of these positions of a pattern (its StringPattern), uint32 [W] each, cached: the plain tokens
-        (for a `raw` pattern, a regex request's, every token) whose bytes its position table (`matcher.next` int16
-        [P + 1, 256], row P the dead end) takes from each. Those not cached are computed a batch at once: every
-        (position, token) pair's first byte, then only the pairs still alive (most die at their first byte where a
-        position takes few characters)."""
+        (a `raw` pattern's, a regex request's: every token) whose bytes its position table (`matcher.next` int16 [P +
+        1, 256], row P the dead end) takes from each. Those not cached are computed a batch at once: every (position,
+        token) pair's first byte, then only the pairs still alive (where few characters fit, most die at the first)."""
         cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
         todo = [p for p in positions if p not in cached]
         ids, data, longer = self._matrices[matcher.raw]

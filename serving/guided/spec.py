@@ -57,9 +57,9 @@ class GuideSpec:
 
 
 class SizedCache(OrderedDict):
-    """Values by key, oldest first (an LRU by insertion: lookups, lock-free, do not reorder), at most `max_entries`
-    and `max_bytes` counted by `cost(key, value)` as each is put (the newest is kept whatever it costs). Changed
-    under its lock: compiled grammars (schema.py) and token masks (masks.py) are put from several threads."""
+    """Values by key, least recently put (or `memoize` hit) first, at most `max_entries` and `max_bytes` counted by
+    `cost(key, value)` as each is put (the newest is kept whatever it costs). `get` is lock-free, not reordering (the
+    engine thread reads masks so); changes hold its lock (grammars, refusals and masks are put from many threads)."""
 
     def __init__(self, max_entries: int, max_bytes: int, cost: Callable[[Any, Any], int]):
         super().__init__()
@@ -90,7 +90,12 @@ class SizedCache(OrderedDict):
         @functools.wraps(build)
         def cached(key: Any) -> Any:
             value = self.get(key)
-            return value if value is not None else self.put(key, build(key))
+            if value is None:
+                return self.put(key, build(key))
+            with self._lock:  # a hit is the most recently used
+                if key in self:
+                    self.move_to_end(key)
+            return value
 
         cached.cache, cached.cache_clear = self, self.clear  # type: ignore[attr-defined]
         return cached
