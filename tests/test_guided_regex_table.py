@@ -122,3 +122,12 @@ def test_compile_spec_cache_is_bounded_in_bytes(monkeypatch):
     assert compile_spec(specs[-1]) is grammars[-1] and compile_spec(specs[0]) is not grammars[0]
     compile_spec.cache_clear()
     assert not cache and cache.nbytes == 0
+
+
+def test_alternatives_opened_anywhere_are_refused_when_compiled():
+    """Every NFA state's closure is checked when a regex is compiled, as a pattern string's (one check): a regex
+    opening too many alternatives after its first character is refused at compile_spec (the request's validation),
+    not when its masks are prepared at submit."""
+    for pattern in (r"(?:b?){300}", r"a(?:b?){300}"):
+        with pytest.raises(GuideError, match=r"^pattern: the format keeps more than 256 alternatives open at once"):
+            regex(pattern)

@@ -148,8 +148,9 @@ class TokenTable:
             out = out | self._plain[min(room, len(self._plain) - 1)]
             out.setflags(write=False)
         if places is not None:
-            for matcher, position in places:
-                out = out | self.pattern_masks(matcher, [position])[0]
+            for matcher, position in places:  # a cached mask looked up directly (the engine thread's usual case)
+                mask = self._masks.get(("pat", matcher.key, position))
+                out = out | (mask if mask is not None else self.pattern_masks(matcher, [position])[0])
             out.setflags(write=False)
         return out
 
