@@ -168,7 +168,7 @@ class TokenTable:
             starts = np.asarray(todo[at : at + size], np.intp)
             now = np.ascontiguousarray(table[starts].T)[data[:, 0]].ravel()  # [Vp * S]: after each token's first byte
             pairs = np.flatnonzero(now != dead)  # the live pairs, token-major: tok ascending (longest tokens first)
-            tok, start, now = pairs // len(starts), pairs % len(starts), now[pairs]
+            (tok, start), now = np.divmod(pairs, len(starts)), now[pairs]
             for k in range(1, len(longer)):
                 cut = int(np.searchsorted(tok, longer[k]))  # the pairs whose token has a byte k: a prefix
                 if not cut:
