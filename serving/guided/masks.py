@@ -97,13 +97,14 @@ class TokenTable:
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
         # For pattern_masks, every token (True) and the plain ones (False) longest first: ids int [Vp], bytes uint8
-        # [Vp, L] (0-padded), how many are longer than k for each k < L.
+        # [L, Vp] (byte k of each, 0 past its end), how many are longer than k for each k < L.
         lengths = np.fromiter((len(data) for _, data in pieces), np.int64, len(pieces))
         width = int(lengths.max()) if pieces else 1
         order = np.argsort(-lengths, kind="stable")
         ids, lengths = np.fromiter((v for v, _ in pieces), np.int64, len(pieces))[order], lengths[order]
-        data = np.frombuffer(b"".join(d.ljust(width, b"\0") for _, d in pieces), np.uint8).reshape(-1, width)[order]
-        self._matrices = {raw: (ids[k], data[k], [int((lengths[k] > j).sum()) for j in range(width)])
+        data = np.frombuffer(b"".join(d.ljust(width, b"\0") for _, d in pieces), np.uint8).reshape(-1, width)[order].T
+        longer = lengths[:, None] > np.arange(width)  # [Vt, L]
+        self._matrices = {raw: (ids[k], np.ascontiguousarray(data[:, k]), longer[k].sum(0).tolist())
                           for raw, k in ((True, slice(None)), (False, cumulative[-1][ids]))}  # fmt: skip
         self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
 
@@ -162,18 +163,18 @@ class TokenTable:
         cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
         todo = [p for p in positions if p not in cached]
         ids, data, longer = self._matrices[matcher.raw]
-        table, dead = matcher.next, len(matcher.positions)
+        table, flat, dead = matcher.next, matcher.next.ravel(), len(matcher.positions)
         size = max(1, min(64, (1 << 21) // max(1, len(ids))))  # ~2M pairs a batch (152k tokens: 13 positions)
         for at in range(0, len(todo), size):
             starts = np.asarray(todo[at : at + size], np.intp)
-            now = np.ascontiguousarray(table[starts].T)[data[:, 0]].ravel()  # [Vp * S]: after each token's first byte
+            now = np.ascontiguousarray(table[starts].T)[data[0]].ravel()  # [Vp * S]: after each token's first byte
             pairs = np.flatnonzero(now != dead)  # the live pairs, token-major: tok ascending (longest tokens first)
-            (tok, start), now = np.divmod(pairs, len(starts)), now[pairs]
+            (tok, start), now = np.divmod(pairs, len(starts)), now[pairs].astype(np.int32)
             for k in range(1, len(longer)):
                 cut = int(np.searchsorted(tok, longer[k]))  # the pairs whose token has a byte k: a prefix
                 if not cut:
                     break
-                now[:cut] = table[now[:cut], data[tok[:cut], k]]
+                now[:cut] = flat[now[:cut] << 8 | data[k][tok[:cut]]]  # table[now, byte k] (256 bytes a row)
                 if 4 * np.count_nonzero(now[:cut] == dead) > cut:  # many died: drop the dead pairs
                     keep = now != dead
                     tok, start, now = tok[keep], start[keep], now[keep]

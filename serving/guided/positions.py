@@ -11,9 +11,8 @@ from meshserve.serving.guided.spec import GuideError
 
 __all__ = ["positions", "MAX_POSITIONS", "MAX_WORK"]
 
-# A regex's masks are all computed before the request is queued, on the caller's thread, so the engine thread only
-# looks them up: each position's costs a run of the vocabulary (~0.25 ms for a 32,000-token BPE where most tokens
-# fit, as in .{0,300}), and a position of a pattern string each count of its lengths: bounded in count.
+# A regex's masks are all computed on the caller's thread before it is queued (the engine thread only looks them up):
+# ~0.2 ms a position for a 32,000-token BPE where most tokens fit (as in .{0,300}), so their count is bounded.
 MAX_POSITIONS = 1024
 MAX_WORK = 2048  # the positions' stacks added up: each costs every byte the walk steps (250 overlapping: ~1 s a mask)
 
