@@ -82,7 +82,7 @@ class StringPattern:
         if not any(s in live for s in nfa.closure(nfa.start)):
             raise GuideError(f"{where}: every string it matches needs a character JSON writes escaped ('\"', "
                              "'\\\\' or a control character): a pattern's characters are written raw")  # fmt: skip
-        shortest, longest = self._extent(succ, live)
+        shortest, longest = (0, 0) if self.min == 0 and self.max < 0 else self._extent(succ, live)  # no lengths
         if shortest >= self.min and (self.max < 0 or longest <= self.max):  # the pattern bounds its lengths itself
             self.min, self.max, self.cap = 0, -1, 0
         elif (reach := self._longest_count(succ, live, longest)) >= MAX_POSITIONS:
