@@ -164,7 +164,8 @@ def render_chat(
 ) -> str:
     """The prompt text `template` makes of `messages` (checked by `check_messages`) and `tools` (None: none; a
     list: the template's `tools`, OpenAI's tool dicts as the client sent them). `extra`: more template variables
-    (vLLM's chat_template_kwargs, e.g. Qwen3's {"enable_thinking": false}; `check_template_kwargs`). A template that refuses the
+    (vLLM's chat_template_kwargs, e.g. Qwen3's {"enable_thinking": false}; `check_template_kwargs`). A template
+    that refuses the
     conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the template's message."""
     import jinja2
 
@@ -199,13 +200,13 @@ def check_template_kwargs(extra: Any, field: str = "chat_template_kwargs") -> di
         if not isinstance(key, str) or not key.isidentifier():
             raise ChatError(f"{field}: {key!r} is not a template variable name")
         if key in _RESERVED:
-            raise ChatError(
-                f"{field}.{key}: set by the server (the template variables it sets: {', '.join(_RESERVED)})"
-            )
+            raise ChatError(f"{field}.{key}: set by the server (the names it reserves: {', '.join(_RESERVED)})")
     return dict(extra)
 
 
-_RESERVED = ("messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token")
+# What render_chat passes, and the environment's globals (a variable of that name would hide the function).
+_RESERVED = ("messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+             "strftime_now", "namespace", "range", "dict", "lipsum", "cycler", "joiner")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)  # a server renders one template for every request: compile it once

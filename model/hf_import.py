@@ -3,7 +3,8 @@
 Supported `model_type`s:
   llama, mistral, qwen2, qwen3: config from model/model_spec.py `llama_config` (serial block, RMSNorm, SwiGLU,
     grouped-query attention, rotate-half RoPE, tied or separate `lm_head`, Qwen2's q/k/v biases, Qwen3's per-head
-    q/k RMSNorm; a sliding window caps max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only when the HF tokenizer prepends it.
+    q/k RMSNorm; a sliding window caps max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only
+    when the HF tokenizer prepends it.
   falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
     true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
     optional linear biases, tied or separate `lm_head`.

@@ -43,6 +43,15 @@ class LoadedModel:
             raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
         return self.tokenizer.encode(self.chat.render(messages, tools=tools, extra=extra))
 
+    def generation_prompt(self, messages, tools: list | None = None, extra: dict | None = None) -> str:
+        """The text the chat template adds for the assistant's turn (the render with add_generation_prompt less
+        the render without; the whole render when the first does not extend the second). Raises ChatError."""
+        if self.chat is None:
+            raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
+        whole = self.chat.render(messages, tools=tools, extra=extra)
+        base = self.chat.render(messages, add_generation_prompt=False, tools=tools, extra=extra)
+        return whole[len(base) :] if whole.startswith(base) else whole
+
     def stop_ids(self) -> list[int]:
         """The ids that end generation unless a request ignores eos: the model's eos (the config's, else the
         tokenizer's) and the config's extra_eos_ids."""

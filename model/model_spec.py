@@ -185,7 +185,8 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[dict[str, Any], tuple[flo
 
 
 def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "config.json") -> ModelConfig:
-    """The ModelConfig of a Llama-, Mistral-, Qwen2- or Qwen3-style config.json; unsupported settings raise ModelSpecError
+    """The ModelConfig of a Llama-, Mistral-, Qwen2- or Qwen3-style config.json; unsupported settings raise
+    ModelSpecError
     naming the key. `source` (the file) prefixes every message. A sliding window shorter than max_position_embeddings
     becomes max_seq_len (see the module docstring)."""
     model_type = hf.get("model_type")

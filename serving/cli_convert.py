@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from-hf",
         metavar="DIR",
-        help="a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Falcon directory: config.json + *.safetensors (+ tokenizer)",
+        help="a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Falcon directory: config.json + *.safetensors "
+        "(+ tokenizer)",
     )
     source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
     parser.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint directory to write")

@@ -72,7 +72,7 @@ class HttpFront:
         self.orch, self.model, self.limits, self.model_name = orchestrator, model, limits, model_name
         self.tool_parser = tool_parser
         self.chat = chat or ChatOptions()
-        self.parser = RequestParser(model, limits, tool_parser=tool_parser, chat_defaults=self.chat.template_kwargs)
+        self.parser = RequestParser(model, limits, tool_parser=tool_parser, chat=self.chat)
         self.metrics = orchestrator.metrics
         self._token = token.encode() if token else None
         self.created = int(time.time())

@@ -1,7 +1,8 @@
 """Offline jobs over JSONL files, in process: scoring and batch generation with the throughput plan.
 
   score           {"id", "prompt", "continuation"}            -> {"id", "logprob", "token_logprobs", "greedy"}
-  batch-generate  {"id", "prompt" | "messages" (+ "chat_template_kwargs"?), "max_new_tokens"?, "n"?, "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
+  batch-generate  {"id", "prompt" | "messages" (+ "chat_template_kwargs"?), "max_new_tokens"?, "n"?,
+                   "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
                    "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"? | "guided_regex"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}

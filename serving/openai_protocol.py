@@ -352,7 +352,8 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
         for key in m:
             if key not in _MESSAGE_KEYS:
                 raise RequestError(f"messages[{i}].{key}: not supported (a message takes role and content); an "
-                                   "assistant's may add tool_calls and reasoning_content, a tool's tool_call_id")  # fmt: skip
+                                   "assistant's may add tool_calls and reasoning_content, a tool's "
+                                   "tool_call_id")  # fmt: skip
         role = mb.string("role")
         if not role:
             raise RequestError(f"messages[{i}].role: missing")

@@ -23,7 +23,7 @@ from http import HTTPStatus
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
 from meshserve.serving.openai_tools import finish_reason, openai_calls, parse_tool_calls
-from meshserve.serving.reasoning import ChatOptions, ReasoningSplit
+from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.requests import Event, Request
 from meshserve.serving.tool_call_stream import ToolCallDeltas
 
@@ -57,7 +57,7 @@ class Choices:
         """chat: the server's reasoning parser (a chat's reasoning_content); None: off."""
         self.tokenizer, self.parsed, self.handles, self.echo = tokenizer, parsed, handles, echo
         self.chat = chat if chat is not None and chat.reasoning_parser and parsed.kind == CHAT else None
-        self._split = None if self.chat is None else [self._splitter(h) for h in handles]
+        self._split = None if self.chat is None else [self.chat.splitter(h.request) for h in handles]
         prefix = "chatcmpl-" if parsed.kind == CHAT else "cmpl-"
         self.id = prefix + secrets.token_hex(12)
         self.created = int(time.time())
@@ -101,9 +101,6 @@ class Choices:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
 
-    def _splitter(self, handle) -> ReasoningSplit:
-        return self.chat.splitter(self.tokenizer, handle.request.prompt)
-
     def _keep(self, calls: list) -> list:
         """parallel_tool_calls false: only the first call."""
         return calls if self.tools is None or self.tools.parallel else calls[:1]
@@ -122,9 +119,10 @@ class Choices:
             if self.parsed.kind == CHAT:
                 text, reasoning = handle.text, {}
                 if self.chat is not None:  # vLLM's field: null when the output has no <think> block
-                    split = self._splitter(handle)
+                    split = self.chat.splitter(handle.request)
                     thought, text = split.feed(text, last=True)
-                    reasoning = {"reasoning_content": thought if split.reasoned else None}
+                    # as the stream, which sends no empty piece: an empty block is no reasoning
+                    reasoning = {"reasoning_content": thought if split.reasoned and thought else None}
                 message = {"role": "assistant", "content": text, **reasoning}
                 if self.tools is not None:
                     content, calls = parse_tool_calls(text)

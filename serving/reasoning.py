@@ -3,7 +3,8 @@ reasoning parsers do: the text of a `<think> ... </think>` block goes to the rep
 `message.reasoning_content` / `delta.reasoning_content`, gRPC `reasoning`), the rest is the content, which the
 tool-call parser then reads (a call written while thinking is not a call). Chats only: a completion's text is raw.
 
-Where the reasoning starts depends on the chat template, so the prompt's tail decides (`opens_reasoning`):
+Where the reasoning starts depends on the chat template, so what it adds for the assistant's turn decides (the
+render with add_generation_prompt less the render without: a user's own "<think>" does not count; `opens_reasoning`):
 - the template opened the block (DeepSeek-R1's generation prompt ends with "<think>\\n", as Qwen3-Thinking-2507's
   does): the prompt's last "<think>" comes after its last "</think>", and the output starts inside the reasoning;
 - otherwise (Qwen3: the model writes "<think>" itself, or with enable_thinking false the template has already
@@ -13,6 +14,9 @@ Inside the reasoning everything up to the first "</think>" is reasoning (a gener
 reasoning, whole or streamed alike); the content is what follows "</think>", as generated. Both parser names use
 these tags and this rule (vLLM's deepseek_r1 and qwen3 differ only in what they assume the template did, which the
 prompt says here).
+
+A guided chat (response_format, tool_choice required, guided_choice) follows the same block first and its format
+after it (serving/guided/grammar.py THINK); guided_regex is matched from the first token, so outside any block.
 
 `ReasoningSplit` is one choice's stream: `feed` each piece of text, `finish` at the end; a piece that may be the
 start of a tag is held back until it is decided, so the pieces join to exactly `split_reasoning` of the whole text.
@@ -30,13 +34,11 @@ __all__ = [
     "ReasoningSplit",
     "split_reasoning",
     "opens_reasoning",
-    "prompt_opens_reasoning",
 ]
 
 PARSERS = ("qwen3", "deepseek_r1")
 OPEN, CLOSE = "<think>", "</think>"
 _SPACE = " \t\r\n"
-_PROMPT_TAIL_TOKENS = 32  # the generation prompt's last tokens hold the template's own <think> / </think>
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,19 @@ class ChatOptions:
             raise ValueError(f"reasoning_parser must be one of {', '.join(PARSERS)}, got {self.reasoning_parser!r}")
         object.__setattr__(self, "template_kwargs", dict(self.template_kwargs or {}))
 
-    def splitter(self, tokenizer, prompt: list[int]) -> ReasoningSplit | None:
-        """A chat's ReasoningSplit, started where its prompt leaves the model; None without a reasoning parser."""
-        return None if self.reasoning_parser is None else ReasoningSplit(prompt_opens_reasoning(tokenizer, prompt))
+    def splitter(self, request) -> ReasoningSplit | None:
+        """A chat's ReasoningSplit, started where its template's generation prompt leaves the model (a regex-guided
+        output is the match from its first token: outside); None without a reasoning parser."""
+        if self.reasoning_parser is None:
+            return None
+        guide = request.guide
+        return ReasoningSplit(request.think_open and (guide is None or bool(guide.think)))
 
 
-def opens_reasoning(prompt_tail: str) -> bool:
-    """Whether a prompt ending in `prompt_tail` (its decoded last tokens) leaves the model inside a <think> block."""
-    return prompt_tail.rfind(OPEN) > prompt_tail.rfind(CLOSE)
-
-
-def prompt_opens_reasoning(tokenizer, prompt: list[int]) -> bool:
-    """`opens_reasoning` of the prompt's last tokens, decoded."""
-    return opens_reasoning(tokenizer.decode(list(prompt[-_PROMPT_TAIL_TOKENS:])))
+def opens_reasoning(generation_prompt: str) -> bool:
+    """Whether the text a chat template adds for the assistant's turn (LoadedModel.generation_prompt) leaves the
+    model inside a <think> block."""
+    return generation_prompt.rfind(OPEN) > generation_prompt.rfind(CLOSE)
 
 
 class ReasoningSplit:

@@ -60,6 +60,9 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     deadline: float | None = None  # absolute time (same clock as `now`); past it the request is cancelled
     guide: GuideSpec | None = None  # the format its output must follow (guided decoding); None = free text
+    # A chat whose template's generation prompt opened a reasoning block (serving/reasoning.py; with a reasoning
+    # parser only): its output starts inside the block.
+    think_open: bool = False
     arrival: float = 0.0
     id: int = field(default_factory=lambda: next(_ids))
     # progress (owned by the scheduler)
@@ -96,7 +99,7 @@ class Request:
             raise SamplingError(f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {seed}, n {n}")
         rest = [
             Request(list(self.prompt), self.max_new_tokens, dataclasses.replace(self.sampling, seed=seed + i),
-                    self.stop_ids, deadline=self.deadline, guide=self.guide)
+                    self.stop_ids, deadline=self.deadline, guide=self.guide, think_open=self.think_open)
             for i in range(1, n)
         ]  # fmt: skip
         return [self, *rest]

@@ -67,9 +67,8 @@ class ServerOptions:
     served_model_name: str | None = None  # the model's id in the HTTP API (default: the config's name)
     http_max_connections: int | None = None  # open HTTP connections (default: as many as gRPC's worker threads)
     tool_call_parser: str | None = None  # chat tool calls' format, HTTP and gRPC (serving/openai_tools.py); None = off
-    reasoning_parser: str | None = (
-        None  # chats' <think> blocks split from the answer (serving/reasoning.py); None = off
-    )
+    # chats' <think> blocks split from the answer, guided formats after them (serving/reasoning.py); None = off
+    reasoning_parser: str | None = None
     chat_template_kwargs: dict | None = None  # template variables every chat gets (a request's own replace them)
     log_requests: bool = False  # a line per finished request on stderr (serving/access_log.py)
 

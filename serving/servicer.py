@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.config: ModelConfig = model.config
         self.plan = plan
         self.limits = limits
-        self.parse = RequestParser(model, limits, tool_parser=tool_parser, chat_defaults=self.chat.template_kwargs)
+        self.parse = RequestParser(model, limits, tool_parser=tool_parser, chat=self.chat)
         self.mesh_info = mesh_info
         self.metrics = orchestrator.metrics
         self._count_lock = threading.Lock()  # the handler and the RPC-end callback race to count an outcome
@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Per sample, its ReasoningSplit: a chat on a server with --reasoning-parser; else None."""
         if self.chat.reasoning_parser is None or request.WhichOneof("input") != "messages":
             return None
-        return [self.chat.splitter(self.model.tokenizer, h.request.prompt) for h in handles]
+        return [self.chat.splitter(h.request) for h in handles]
 
     # ----- RPCs -----
 

@@ -7,6 +7,7 @@ field and its limit, before anything is queued, so no input reaches the engine t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import time
@@ -16,6 +17,7 @@ from meshserve.errors import UserError
 from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.reasoning import ChatOptions, opens_reasoning
 from meshserve.serving.requests import Request  # plain data, no JAX: `meshserve serve --help` imports this module
 
 __all__ = [
@@ -139,15 +141,16 @@ class Limits:
 class RequestParser:
     """Checks requests against the model (vocabulary, context, tokenizer) and the server's limits."""
 
-    def __init__(self, model, limits: Limits, tool_parser: str | None = None, chat_defaults: dict | None = None):
+    def __init__(self, model, limits: Limits, tool_parser: str | None = None, chat: ChatOptions | None = None):
         """tool_parser: the server's --tool-call-parser (None: off): tool_choice "required" or a named function
-        guides the output into calls in its format, and is refused without one. chat_defaults: the server's
-        --default-chat-template-kwargs (a request's chat_template_kwargs_json replaces them key by key)."""
+        guides the output into calls in its format, and is refused without one. chat: the server's
+        --default-chat-template-kwargs (a request's chat_template_kwargs_json replaces them key by key) and
+        --reasoning-parser (a chat's guided output then follows its reasoning block: serving/reasoning.py)."""
         self.model = model
         self.config = model.config
         self.limits = limits
         self.tool_parser = tool_parser
-        self.chat_defaults = dict(chat_defaults or {})
+        self.chat_options = chat or ChatOptions()
 
     def ids(self, field: str, ids) -> list[int]:
         """`ids` when every one is in the model's vocabulary. Also checks what the tokenizer made of a text field:
@@ -165,13 +168,21 @@ class RequestParser:
     def chat(
         self, messages, tools_json: str = "", render_tools: bool = True, template_kwargs_json: str = ""
     ) -> list[int]:
+        """`chat_prompt`'s ids."""
+        return self.chat_prompt(messages, tools_json, render_tools, template_kwargs_json)[0]
+
+    def chat_prompt(
+        self, messages, tools_json: str = "", render_tools: bool = True, template_kwargs_json: str = ""
+    ) -> tuple[list[int], bool]:
         """ChatMessage protos (and ChatMessages.tools_json, "" = no tools) -> prompt ids through the model's chat
         template (model/chat.py, which also checks roles, tool calls and their arguments' JSON); render_tools=False
         (tool_choice "none") checks the tools but does not give them to the template; template_kwargs_json:
         ChatMessages.chat_template_kwargs_json (more template variables, over the server's defaults). The limits are
         `text`'s over all contents, tool calls, the tools' JSON and the template variables' together, and at most
         max_context messages (a template writes at least a role header per message, so more could never fit).
-        Raises RequestError naming the field."""
+        Also whether the template's generation prompt leaves the model inside a reasoning block (asked only with a
+        reasoning parser: the prompt's tail alone could be a user's "<think>"). Raises RequestError naming the
+        field."""
         from meshserve.model.chat import ChatError, check_template_kwargs
 
         if getattr(self.model, "chat", None) is None:
@@ -196,7 +207,10 @@ class RequestParser:
             )
         )
         if chars > self.limits.text_chars:
-            what = "content, tool calls and tools" if tools_json or any(m.tool_calls for m in messages) else "content"
+            parts = [("content", True), ("tool calls and tools", tools_json or any(m.tool_calls for m in messages)),
+                     ("reasoning", any(m.reasoning_content for m in messages)),
+                     ("template variables", template_kwargs_json)]  # fmt: skip
+            what = ", ".join(name for name, present in parts if present)
             raise RequestError(f"messages: {chars} characters of {what} exceed the limit of {self.limits.text_chars}")
         tools = _tools(tools_json) if tools_json else None
         field = "messages.chat_template_kwargs_json"
@@ -205,11 +219,15 @@ class RequestParser:
         except (ValueError, RecursionError) as e:
             raise RequestError(f"{field}: not JSON ({e})") from None
         try:
-            extra = {**self.chat_defaults, **check_template_kwargs(extra, field)}
-            ids = self.model.encode_chat([_message(m) for m in messages], tools if render_tools else None, extra)
+            extra = {**self.chat_options.template_kwargs, **check_template_kwargs(extra, field)}
+            args = ([_message(m) for m in messages], tools if render_tools else None, extra)
+            ids = self.model.encode_chat(*args)
+            opens = self.chat_options.reasoning_parser is not None and opens_reasoning(
+                self.model.generation_prompt(*args)
+            )
         except ChatError as e:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
-        return self.ids("messages", ids)
+        return self.ids("messages", ids), opens
 
     def generate(
         self, req: pb.GenerateRequest, time_remaining: float | None, default_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -218,13 +236,14 @@ class RequestParser:
         none); default_new_tokens: max_new_tokens when unset (capped by the room in the context and the server's
         limit). Raises RequestError naming the first bad field."""
         which = req.WhichOneof("input")
+        opens = False  # a chat's template left the model inside a reasoning block (with a reasoning parser)
         if which == "text":
             prompt = self.ids("text", self.model.encode_prompt(self.text("text", req.text))) if req.text else []
         elif which == "tokens":
             prompt = self.ids("tokens.ids", req.tokens.ids)
         elif which == "messages":
             chat = req.messages
-            prompt = self.chat(
+            prompt, opens = self.chat_prompt(
                 chat.messages, chat.tools_json, chat.tool_choice != "none", chat.chat_template_kwargs_json
             )
         else:
@@ -282,10 +301,15 @@ class RequestParser:
             )
         extra = self.ids("stop_token_ids", req.stop_token_ids)
         guide = self.guide(req)
+        thinking = which == "messages" and self.chat_options.reasoning_parser is not None
+        if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block
+            guide = dataclasses.replace(guide, think="open" if opens else "start")
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
         try:  # the Request gives min_tokens its stop ids, one bias entry each: the table's limit applies
-            return Request(prompt, n, sampling, stop_ids, deadline=deadline, guide=guide), list(req.stop)
+            request = Request(prompt, n, sampling, stop_ids, deadline=deadline, guide=guide)
+            request.think_open = thinking and opens
+            return request, list(req.stop)
         except SamplingError as e:
             raise RequestError(f"sampling.{e}") from None
 

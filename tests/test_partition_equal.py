@@ -8,7 +8,8 @@ as stored); and with bf16 compute, prefill and decode logits agree within bf16 r
 top-2 logits are often closer than bf16 rounding, so greedy tokens are compared where rounding cannot swap them.)
 Together the cases run every layout in both phases, with bf16 and int8, multi-query and multi-head, on 8 and 4
 emulated devices. Llama-family variants (serial block, grouped-query attention, q/k/v and linear biases, rope
-scaling, Qwen3's q/k norms) and a biased parallel block equal one device under each ws layout, the looped einsum and two wg layouts.
+scaling, Qwen3's q/k norms) and a biased parallel block equal one device under each ws layout, the looped einsum
+and two wg layouts.
 """
 
 import jax
@@ -84,7 +85,8 @@ def _steps_equal_one_device(config, params, mesh, layout, B):
     np.testing.assert_array_equal(cache.lengths, lengths[::-1] + 1)
 
 
-# Llama-family variants of tiny (float32): Qwen3-like (multi-query, per-head q/k RMSNorm), Qwen2-like (serial block, RMSNorm, grouped-query K = 4, q/k/v biases),
+# Llama-family variants of tiny (float32): Qwen3-like (multi-query, per-head q/k RMSNorm), Qwen2-like (serial block,
+# RMSNorm, grouped-query K = 4, q/k/v biases),
 # Llama-3.1-like (serial, multi-query, every linear bias, rope scaling whose original length 4 < the 8-token prompts
 # puts the 8 frequencies of d_head 16 in all three bands) and a Falcon-like parallel block (GELU, LayerNorm with
 # bias, linear biases: b_up without a gate).

@@ -86,6 +86,7 @@ def test_server_default_template_variables_and_a_requests_own():
     from meshserve.model.chat import ChatTemplate
     from meshserve.model.loading import load_model
     from meshserve.serving.client import Client
+    from meshserve.serving.reasoning import ChatOptions
     from meshserve.serving.validation import Limits, RequestParser
 
     model = load_model(preset="tiny")
@@ -98,6 +99,28 @@ def test_server_default_template_variables_and_a_requests_own():
         return bytes(parser.generate(request, None)[0].prompt).decode()
 
     assert rendered(RequestParser(model, limits)) == "hi|-|-"
-    defaults = RequestParser(model, limits, chat_defaults={"a": 1, "b": 2})
+    defaults = RequestParser(model, limits, chat=ChatOptions(template_kwargs={"a": 1, "b": 2}))
     assert rendered(defaults) == "hi|1|2"
     assert rendered(defaults, b="x") == "hi|1|x"
+
+
+def test_template_variables_may_not_hide_the_templates_functions():
+    from meshserve.model.chat import ChatError, check_template_kwargs
+
+    for name in ("namespace", "raise_exception", "range", "messages"):
+        with pytest.raises(ChatError, match=rf"chat_template_kwargs\.{name}: set by the server"):
+            check_template_kwargs({name: 1})
+
+
+def test_a_long_template_variable_is_named_in_the_size_error():
+    from meshserve.model.chat import ChatTemplate
+    from meshserve.model.loading import load_model
+    from meshserve.serving.client import Client
+    from meshserve.serving.validation import Limits, RequestError, RequestParser
+
+    model = load_model(preset="tiny")
+    model.chat = ChatTemplate("{{ messages[0].content }}")
+    parser = RequestParser(model, Limits(max_context=16, max_batch=1, max_new_tokens=4, max_queue=1))
+    request = Client.request(messages=[{"role": "user", "content": "hi"}], chat_template_kwargs={"x": "a" * 600})
+    with pytest.raises(RequestError, match="characters of content, template variables exceed the limit of 512"):
+        parser.generate(request, None)

@@ -236,3 +236,40 @@ def test_tokenize_names_bad_template_variables(server):
     error = json.loads(e.value.read())["error"]
     assert e.value.code == 400 and error["param"] == "chat_template_kwargs"
     assert error["message"].startswith("chat_template_kwargs.eos_token: set by the server")
+
+
+@pytest.mark.parametrize("opened", [False, True], ids=["model-opens", "template-opens"])
+def test_a_guided_answer_follows_the_reasoning(oa, opened):
+    """tool_choice "required" on a thinking model: the block is written freely, the call format is enforced after
+    </think> (vLLM's structured outputs with a reasoning parser), whether the model or the template opens it."""
+    extra = {"chat_template_kwargs": {"open_think": True}} if opened else {}
+    r = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, tool_choice="required", max_tokens=32,
+                                   extra_body=extra)  # fmt: skip
+    message = r.choices[0].message
+    assert _words(message.reasoning_content) == ["w30", "w31"]
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"] and r.choices[
+        0
+    ].finish_reason == "tool_calls"
+
+
+def test_a_regex_answer_is_matched_from_the_first_token(oa):
+    """guided_regex is not composed with the block: on a template that opened one, the output is still the match
+    and content, not reasoning."""
+    extra = {"chat_template_kwargs": {"open_think": True}, "guided_regex": "w30w31"}
+    r = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=8, extra_body=extra)
+    message = r.choices[0].message
+    assert message.reasoning_content is None and message.content.split() == ["w30", "w31"]
+
+
+def test_a_users_think_tag_does_not_open_the_block(oa):
+    """Only the template's generation prompt decides where the output starts: a user message ending in "<think>"
+    leaves the model outside (the model's own <think> then opens the block)."""
+    r = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "w20 <think>"}], max_tokens=32)
+    assert _words(r.choices[0].message.reasoning_content) == ["w30", "w31"]
+
+
+def test_an_empty_block_is_no_reasoning_whole_and_streamed(oa):
+    whole = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=1)
+    assert whole.choices[0].message.reasoning_content is None and not whole.choices[0].message.content
+    stream = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=1, stream=True)
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in stream if c.choices)

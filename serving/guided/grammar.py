@@ -13,6 +13,8 @@ Nodes (built by serving/guided/schema.py; a node is a tuple in `Grammar.nodes`, 
   ("lit", bytes)                           exact bytes (true, false, null, a const's JSON)
   ("tools", call node id, parallel)        Hermes `<tool_call>` blocks around the call objects
 
+A thinking model's reasoning first (`Grammar(..., think=...)`, serve --reasoning-parser): think.py's THINK frame.
+
 A state is a sorted tuple of distinct deterministic stacks (the alternatives still open); a stack is a tuple of
 frames (tuples of ints), its top last. A frame is a value being written; the frame below is its container, already
 in the state it takes once the value ends (so a value ending is a pop). States are canonical: the same position
@@ -39,6 +41,7 @@ from meshserve.serving.guided import ranges, strings
 from meshserve.serving.guided.ranges import RNG
 from meshserve.serving.guided.spec import GuideError
 from meshserve.serving.guided.strings import PAT
+from meshserve.serving.guided.think import THINK, think_start, think_step
 
 __all__ = ["Grammar", "State", "WS_INDENT", "NUM_DIGITS", "MAX_OPEN", "new_key"]
 
@@ -83,12 +86,15 @@ def _ws(ws: int, b: int) -> int:
 class Grammar:
     """A compiled format: `start()`, `advance(state, bytes)`, `accepts(state)`, `must_end(state)`."""
 
-    def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = ""):
+    def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = "", think: str = ""):
+        """think: "" (the format from the first byte), "start" (an optional reasoning block first) or "open" (a
+        reasoning block first, its "<think>" already in the prompt); see the module docstring."""
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
         self.key = new_key()  # masks.py's cache keys masks by this (a key holding the grammar would keep it alive)
         # One stack, or several alternatives (a "choice" format: one per string).
-        self._start: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
+        self._format: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
+        self._start = think_start(think, self._format)
         self._leaves: dict[int, tuple[int, ...]] = {}
         self._memo: dict[State, dict[int, State | None]] = {}  # state -> {byte: next state}
         self._size = 0  # entries in the memo
@@ -277,6 +283,8 @@ class Grammar:
             return self._object(top, rest, b)
         if tag == ARR:
             return self._array(top, rest, b)
+        if tag == THINK:
+            return think_step(top, b, self._format, self._step)
         return self._tools(top, rest, b)
 
     def _number(self, top: tuple, rest: tuple, b: int) -> list[tuple]:

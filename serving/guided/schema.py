@@ -378,6 +378,8 @@ def compile_spec(spec: GuideSpec) -> Grammar:
 
 
 def _compile_spec(spec: GuideSpec) -> Grammar:
+    if spec.think not in ("", "start", "open") or (spec.think and spec.kind == "regex"):
+        raise GuideError(f"think: {spec.think!r} is not supported for kind {spec.kind!r}")
     if spec.kind == "regex":
         return compile_regex(spec.pattern, "pattern")
     c = _Compiler()
@@ -393,6 +395,6 @@ def _compile_spec(spec: GuideSpec) -> Grammar:
         start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)
     else:
         raise GuideError(f"kind: {spec.kind!r} is not supported (supported: {', '.join(KINDS)})")
-    grammar = Grammar(c.nodes, start, spec.kind)
+    grammar = Grammar(c.nodes, start, spec.kind, spec.think)
     c.check(grammar)
     return grammar

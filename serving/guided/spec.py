@@ -44,6 +44,8 @@ class GuideSpec:
       guided_choice): a label for a classification job, say.
     kind "regex": a string the regular expression `pattern` matches whole (vLLM's guided_regex; the subset in
       serving/guided/regex.py).
+    think (not for "regex"): "" the format from the first token; "start" / "open" a thinking model's reasoning
+      block first (a chat on a server with --reasoning-parser), optional / already opened by the prompt (grammar.py).
     """
 
     kind: str
@@ -54,6 +56,7 @@ class GuideSpec:
     parser: str = "hermes"
     choices: tuple[str, ...] = ()
     pattern: str = ""
+    think: str = ""
 
 
 class SizedCache(OrderedDict):

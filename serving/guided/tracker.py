@@ -55,7 +55,8 @@ class GuideTracker:
 
     def add(self, requests: Iterable[Request]) -> None:
         """Start a Guide for each guided request (before it is queued); its first mask is computed here, and a
-        regex's every mask, and a schema's pattern strings' position masks not cached yet (masks.prepare_patterns).
+        regex's every mask, a schema's pattern strings' position masks not cached yet (masks.prepare_patterns) and a
+        reasoning block's (masks.prepare_thinking).
         All or none: a GuideError (a format past its bounds) leaves no guide behind."""
         started = {}
         for r in requests:
@@ -64,8 +65,10 @@ class GuideTracker:
 
                 grammar = compile_spec(r.guide)
                 guide = Guide(grammar, self._token_table(), r.stop_ids)
-                from meshserve.serving.guided.masks import prepare_masks, prepare_patterns
+                from meshserve.serving.guided.masks import prepare_masks, prepare_patterns, prepare_thinking
 
+                if r.guide.think:  # the reasoning block's masks (serve --reasoning-parser)
+                    prepare_thinking(guide)
                 if r.guide.kind == "regex":  # finitely many positions: all their masks now, none on the engine thread
                     prepare_masks(guide)
                 else:  # a schema's pattern strings: their plain tokens' masks (cached per pattern: once per server)
