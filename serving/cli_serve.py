@@ -68,10 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tool-call-parser",
-        choices=("hermes",),  # serving/openai_tools.py PARSERS (not imported: --help stays fast)
+        choices=("hermes", "llama3_json"),  # serving/openai_tools.py PARSERS (not imported: --help stays fast)
         help="tool calling in chats (vLLM's --enable-auto-tool-choice --tool-call-parser): `tools` are rendered by "
-        "the chat template and the model's <tool_call>{...}</tool_call> blocks (Hermes format: Qwen2.5, Hermes 2/3) "
-        "come back as the HTTP API's message.tool_calls and gRPC's GenerateResponse.tool_calls (default: off; an "
+        "the chat template and the model's calls come back as the HTTP API's message.tool_calls and gRPC's "
+        "GenerateResponse.tool_calls: hermes reads <tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3), "
+        'llama3_json a bare {"name": ..., "parameters": {...}} answer (Llama 3.1-3.3) (default: off; an '
         "HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
     )
     parser.add_argument(

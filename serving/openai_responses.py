@@ -22,10 +22,9 @@ from http import HTTPStatus
 
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.openai_protocol import CHAT, HttpError, OpenAIRequest
-from meshserve.serving.openai_tools import finish_reason, openai_calls, parse_tool_calls
+from meshserve.serving.openai_tools import call_deltas, finish_reason, openai_calls, parse_calls
 from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.requests import Event, Request
-from meshserve.serving.tool_call_stream import ToolCallDeltas
 
 __all__ = ["Choices", "Echo", "Unsent", "chunk", "error_body", "final_response"]
 
@@ -68,7 +67,7 @@ class Choices:
         self.top: list[list] = [[] for _ in range(n)]
         self._offsets = [0] * n  # completions' text_offset: characters of token text so far, per choice
         self.tools = parsed.tools  # None: the text is the content, as is
-        self._held = [ToolCallDeltas(self.tools.parallel) for _ in range(n)] if self.tools is not None else None
+        self._held = [call_deltas(self.tools.parser, self.tools.parallel) for _ in range(n)] if self.tools else None
 
     def add(self, index: int, event: Event) -> dict | None:
         """Record one event of choice `index`; returns its stream piece (None when it carries nothing to send)."""
@@ -125,7 +124,7 @@ class Choices:
                     reasoning = {"reasoning_content": thought if split.reasoned and thought else None}
                 message = {"role": "assistant", "content": text, **reasoning}
                 if self.tools is not None:
-                    content, calls = parse_tool_calls(text)
+                    content, calls = parse_calls(text, self.tools.parser)
                     if calls := self._keep(calls):
                         message = {"role": "assistant", "content": content, **reasoning,
                                    "tool_calls": openai_calls(calls)}  # fmt: skip

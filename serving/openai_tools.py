@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
-from meshserve.serving.tool_call_stream import END, START, ToolCall, block_call
+from meshserve.serving.llama3_tools import Llama3Deltas, Llama3Stream, parse_llama3
+from meshserve.serving.tool_call_stream import END, START, ToolCall, ToolCallDeltas, block_call
 from meshserve.serving.validation import RequestError, refuse_unknown
 
 __all__ = [
@@ -41,12 +42,15 @@ __all__ = [
     "request_tools",
     "message_tool_fields",
     "parse_tool_calls",
+    "parse_calls",
+    "call_stream",
+    "call_deltas",
     "ToolCallStream",
     "openai_calls",
     "finish_reason",
 ]
 
-PARSERS = ("hermes",)  # serve --tool-call-parser's choices
+PARSERS = ("hermes", "llama3_json")  # serve --tool-call-parser's choices (llama3_json: serving/llama3_tools.py)
 MAX_TOOLS = 128  # OpenAI's API refuses more tools than this in one request
 MAX_NAME = 64  # OpenAI's limit on a function name's length
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
@@ -150,7 +154,7 @@ def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, To
         return None, None
     if parser is None:
         raise RequestError("tools: tool calls are off on this server (start it with `meshserve serve "
-                           "--tool-call-parser hermes`)")  # fmt: skip
+                           "--tool-call-parser hermes`, or llama3_json for Llama 3.x)")  # fmt: skip
     tools = check_tools(tools)
     names = [t["function"]["name"] for t in tools]
     if function and function not in names:
@@ -263,6 +267,21 @@ class ToolCallStream:
     def finish(self) -> tuple[str, list[ToolCall]]:
         content, calls = parse_tool_calls(self.text)
         return (content or "")[self.sent :], calls
+
+
+def parse_calls(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
+    """`parse_tool_calls` (hermes) or llama3_tools.parse_llama3 (llama3_json): (content, calls)."""
+    return parse_llama3(text) if parser == "llama3_json" else parse_tool_calls(text)
+
+
+def call_stream(parser: str) -> ToolCallStream | Llama3Stream:
+    """A gRPC stream's holder for the parser's format (`feed` -> content now, `finish` -> (rest, calls))."""
+    return Llama3Stream() if parser == "llama3_json" else ToolCallStream()
+
+
+def call_deltas(parser: str, parallel: bool) -> ToolCallDeltas | Llama3Deltas:
+    """An HTTP stream's call deltas for the parser's format (tool_call_stream.ToolCallDeltas' interface)."""
+    return Llama3Deltas(parallel) if parser == "llama3_json" else ToolCallDeltas(parallel)
 
 
 def openai_calls(calls: list[ToolCall], streamed: bool = False) -> list[dict]:

@@ -26,7 +26,7 @@ from meshserve.protos import inference_pb2_grpc as pb_grpc
 from meshserve.serving.detok import alternatives_with_text
 from meshserve.serving.guided_requests import REGEX_FIELD, submit_error
 from meshserve.serving.model_info import model_info
-from meshserve.serving.openai_tools import ToolCallStream, parse_tool_calls
+from meshserve.serving.openai_tools import call_stream, parse_calls
 from meshserve.serving.openai_tools import finish_reason as finish_reason_of
 from meshserve.serving.orchestrator import (
     GRACE_ENDED,
@@ -275,7 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 sample["reasoning"], sample["text"] = split.feed(sample["text"], last=True)
         if self._parses_tools(request):  # in the answer after any reasoning
             for sample, reason in zip(samples, reasons, strict=True):
-                content, calls = parse_tool_calls(sample["text"])
+                content, calls = parse_calls(sample["text"], self.tool_parser)
                 sample.update(text=content or "", **_tool_fields(calls, reason))
         usage, timing = self._usage_timing(call)
         if n == 1:  # the flat reply, as before n existed
@@ -307,8 +307,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def GenerateStream(self, request, context):
         call = self._start(request, context, "GenerateStream")
         reasons: list[str | None] = [None] * len(call.handles)
-        # With tools: each sample's text goes through a ToolCallStream (text from a <tool_call> on is held back).
-        held = [ToolCallStream() for _ in call.handles] if self._parses_tools(request) else None
+        # With tools: each sample's text goes through the parser's holder (hermes: text from a <tool_call> on is held
+        # back; llama3_json: an output that starts like a call is held to its end).
+        held = [call_stream(self.tool_parser) for _ in call.handles] if self._parses_tools(request) else None
         splitters = self._splitters(request, call.handles)  # with --reasoning-parser: reasoning, then the answer
         for i, event in self._events(call, context, "GenerateStream"):
             reason = reasons[i] = event.finish_reason

@@ -35,17 +35,23 @@ PIECES = ["<tool_call>", '{"name":', '"get_weather",', '"arguments":', '{"city":
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    directory = save_tool_chat_model(tmp_path_factory.mktemp("hf") / "llama-calls")
+    return scripted_checkpoint(tmp_path_factory, PIECES, "llama-calls")
+
+
+def scripted_checkpoint(tmp_path_factory, pieces: list[str], name: str) -> Path:
+    """A converted tiny Llama (test_chat's ChatML words, the tool template) whose greedy answer to QUESTION with
+    TOOLS is `pieces` (words w60 ... of the tokenizer renamed), then </s>."""
+    directory = save_tool_chat_model(tmp_path_factory.mktemp("hf") / name)
     data = json.loads((directory / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
-    for i, piece in enumerate(PIECES):  # words w60 ... w66 become the call's pieces
+    for i, piece in enumerate(pieces):  # words w60 ... become the call's pieces
         vocab[piece] = vocab.pop(f"w{60 + i}")
     (directory / "tokenizer.json").write_text(json.dumps(data))
 
     hf = transformers.AutoTokenizer.from_pretrained(directory)
     last = hf.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True)
     last = list(getattr(last, "input_ids", last))[-1]  # the generation prompt's last token
-    script = [last, *(vocab[p] for p in PIECES), hf.eos_token_id]
+    script = [last, *(vocab[p] for p in pieces), hf.eos_token_id]
     assert len(set(script)) == len(script)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
@@ -60,7 +66,7 @@ def checkpoint(tmp_path_factory) -> Path:
             embed[token, j] = 1.0
             head[following, j] = 10.0
     model.save_pretrained(directory)
-    out = tmp_path_factory.mktemp("ckpt") / "llama-calls-ms"
+    out = tmp_path_factory.mktemp("ckpt") / f"{name}-ms"
     assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
     return out
 

@@ -321,9 +321,11 @@ def _json(text: str, field: str) -> Any:
 
 
 def _tools(spec: GuideSpec, c: _Compiler) -> int:
-    """The call objects {"name": <a tool's name>, "arguments": <its parameters>} as alternatives."""
-    if spec.parser != "hermes":
-        raise GuideError(f"parser: {spec.parser!r} is not supported (supported: hermes)")
+    """The call objects {"name": <a tool's name>, "arguments" (hermes) or "parameters" (llama3_json): <its
+    parameters>} as alternatives."""
+    if spec.parser not in ("hermes", "llama3_json"):
+        raise GuideError(f"parser: {spec.parser!r} is not supported (supported: hermes, llama3_json)")
+    args_key = "parameters" if spec.parser == "llama3_json" else "arguments"
     tools = _json(spec.tools, "tools")
     if not isinstance(tools, list) or not tools:
         raise GuideError(f"tools: expected a non-empty list of tools, got {_show(tools)}")
@@ -347,7 +349,7 @@ def _tools(spec: GuideSpec, c: _Compiler) -> int:
         else:
             c.doc, c.doc_path = params, f"{where}.function.parameters"
             args = c.compile(params, c.doc_path)
-        props = ((_key("name"), c.const(name, f"{where}.function.name"), True), (_key("arguments"), args, True))
+        props = ((_key("name"), c.const(name, f"{where}.function.name"), True), (_key(args_key), args, True))
         calls.append(c.add(("obj", props, -1), where))
     if not calls:
         raise GuideError(f"tools: no tool named {spec.tool_name!r} (tools: {', '.join(names)})")
@@ -392,7 +394,10 @@ def _compile_spec(spec: GuideSpec) -> Grammar:
         start = _choices(spec, c)
     elif spec.kind == "tool_calls":
         call = _tools(spec, c)
-        start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)
+        if spec.parser == "llama3_json":  # a bare call object (one: Llama 3.1's template asks for one at a time)
+            start = ((VAL, call, 0),)
+        else:
+            start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)
     else:
         raise GuideError(f"kind: {spec.kind!r} is not supported (supported: {', '.join(KINDS)})")
     grammar = Grammar(c.nodes, start, spec.kind, spec.think)

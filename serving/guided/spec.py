@@ -37,7 +37,8 @@ class GuideSpec:
     kind "json_schema": a JSON value `schema` (JSON text of a JSON Schema) accepts (response_format json_schema).
     kind "tool_calls": one or more calls (exactly one unless `parallel`) of the tools in `tools` (ChatMessages
       .tools_json: OpenAI's `tools` list as JSON text), written in the `parser`'s format (serve --tool-call-parser;
-      "hermes": `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`); `tool_name` "" = any of the tools
+      "hermes": `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; "llama3_json": one bare
+      {"name": ..., "parameters": {...}}); `tool_name` "" = any of the tools
       (tool_choice "required"), else only that function (a named tool_choice). Arguments follow the tool's
       `parameters` schema where it has one, any JSON object otherwise.
     kind "choice": exactly one of the strings `choices`, as written (no quotes, no whitespace around; vLLM's
