@@ -21,6 +21,7 @@ import pytest
 from meshserve.serving.cli import main
 from test_hf_llama import _word_tokenizer, make_model
 from test_openai_tools import TOOLS
+from test_serving_http_tool_calls import script_weights
 from test_serving_support import ServerProcess
 
 openai = pytest.importorskip("openai")
@@ -61,18 +62,7 @@ def checkpoint(tmp_path_factory) -> Path:
     (directory / "tokenizer.json").write_text(json.dumps(data))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "chat_template": TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(settings))
-    script = [vocab[w] for w in SCRIPT]
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # [V, E] each
-        embed.zero_()
-        head.zero_()
-        for j, (token, following) in enumerate(zip(script[:-1], script[1:], strict=True)):
-            embed[token, j] = 1.0
-            head[following, j] = 10.0
+    script_weights(model, [vocab[w] for w in SCRIPT])
     model.save_pretrained(directory)
     out = tmp_path_factory.mktemp("ckpt") / "qwen3-thinks-ms"
     assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0

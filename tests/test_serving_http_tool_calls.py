@@ -54,6 +54,16 @@ def scripted_checkpoint(tmp_path_factory, pieces: list[str], name: str) -> Path:
     script = [last, *(vocab[p] for p in pieces), hf.eos_token_id]
     assert len(set(script)) == len(script)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    script_weights(model, script)
+    model.save_pretrained(directory)
+    out = tmp_path_factory.mktemp("ckpt") / f"{name}-ms"
+    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
+    return out
+
+
+def script_weights(model, script: list[int]) -> None:
+    """Set a transformers Llama-family model's weights so greedy decoding follows `script` token by token (see the
+    module docstring): zero output projections, unit embeddings, an unembedding to each next token."""
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -65,10 +75,6 @@ def scripted_checkpoint(tmp_path_factory, pieces: list[str], name: str) -> Path:
         for j, (token, following) in enumerate(zip(script[:-1], script[1:], strict=True)):
             embed[token, j] = 1.0
             head[following, j] = 10.0
-    model.save_pretrained(directory)
-    out = tmp_path_factory.mktemp("ckpt") / f"{name}-ms"
-    assert main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
