@@ -127,3 +127,33 @@ def test_streamed_call_and_no_tools(oa, server):
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reply.tool_calls] == [
             ("get_weather", {"city": "Paris"})
         ]
+
+
+def test_a_llama_tool_template_renders_as_transformers():
+    """Llama 4's template (transformers ships it in processing_llama4; Llama 3.1's has the same tool structure):
+    tools in the first user message, an assistant's bare-JSON call with "parameters", an ipython tool result, and a
+    date_string template variable render exactly as transformers' apply_chat_template."""
+    import copy
+
+    from meshserve.model.chat import render_chat
+
+    llama4 = pytest.importorskip("transformers.models.llama4.processing_llama4")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                        chat_template=llama4.chat_template, bos_token="<|begin_of_text|>")  # fmt: skip
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+                {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "thanks"}]  # fmt: skip
+    reference = copy.deepcopy(messages)
+    reference[2]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}  # as vLLM passes them
+    for tools in (TOOLS, None):
+        want = tokenizer.apply_chat_template(reference, tools=tools, add_generation_prompt=True, tokenize=False,
+                                             date_string="26 Jul 2024")  # fmt: skip
+        got = render_chat(llama4.chat_template, messages, bos_token="<|begin_of_text|>", tools=tools,
+                          extra={"date_string": "26 Jul 2024"})  # fmt: skip
+        assert got == want
+    assert '"parameters": {"city": "Paris"}' in got
