@@ -150,9 +150,21 @@ def _report(
           f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 
 
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_arguments(parser, GENERATE_EPILOG)
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=("qwen3", "deepseek_r1"),  # serving/reasoning.py PARSERS
+        help="thinking models, as `serve --reasoning-parser`: a chat line's <think> block goes to its output's "
+        '"reasoning" (null without one) and "text" is the answer after it; response_format / guided_choice are '
+        "enforced after the block (default: off, the text as generated)",
+    )
+
+
 def _run(args: argparse.Namespace, kind: str) -> int:
     from meshserve.serving.jsonl_jobs import finish_job, prepare_job
     from meshserve.serving.offline import run_generate, run_score
+    from meshserve.serving.reasoning import ChatOptions
 
     in_path, out_path = Path(args.input), Path(args.output)
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
@@ -192,10 +204,12 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
         start = time.monotonic()
         run = run_score if kind == "score" else run_generate
+        chat = {} if kind == "score" else {"chat": ChatOptions(args.reasoning_parser)}
         # The other buckets compile beside the job; leaving the block waits for the step in flight.
         with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
                                                       dynamic_ncols=True) as bar:  # fmt: skip
-            summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event)
+            summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event,
+                          **chat)  # fmt: skip
             stopped = latch.event.is_set()
         stopped_by = ("interrupted" if latch.interrupted else "terminated") if stopped else None
         _report(args, kind, summary, time.monotonic() - start, out_path, errors_path, stopped_by)
@@ -205,7 +219,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 COMMANDS = {
     "score": (lambda parser: _add_arguments(parser, SCORE_EPILOG), lambda args: _run(args, "score")),
     "batch-generate": (
-        lambda parser: _add_arguments(parser, GENERATE_EPILOG),
+        lambda parser: _add_generate_arguments(parser),
         lambda args: _run(args, "batch-generate"),
     ),
 }

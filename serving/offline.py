@@ -13,7 +13,7 @@
 assistant, rendered by the model's chat template with the assistant's turn opened (model/chat.py), as
 GenerateRequest.messages; a model without a template, or a list the template refuses, is a bad line.
 "chat_template_kwargs" (vLLM's, with "messages" only) gives the template more variables, e.g. {"enable_thinking":
-false} for Qwen3.
+false} for Qwen3. With --reasoning-parser a chat line's <think> block goes to "reasoning" and "text" is the answer.
 
 "response_format" (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}},
 checked as the HTTP API checks it) guides the line's output to JSON (that the schema accepts); it ends when the JSON
@@ -59,6 +59,7 @@ from meshserve.serving.jsonl_jobs import (
     PreparedJob,
     prepare_job,
 )
+from meshserve.serving.reasoning import ChatOptions, opens_reasoning
 
 __all__ = ["N_MAX", "run_score", "run_generate"]
 
@@ -157,17 +158,21 @@ def _logit_bias(model, value) -> dict[int, float]:
     return out
 
 
-def _generation_requests(model, engine, job: JobLine):
-    """The line's n requests (sample i samples with seed + i) and its stop strings; LineError for a bad field."""
+def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None = None):
+    """The line's n requests (sample i samples with seed + i) and its stop strings; LineError for a bad field.
+    chat: --reasoning-parser (a chat line's guided format then follows its reasoning block)."""
     from meshserve.serving.scheduler import Request
 
     d = job.data
     samples = _samples(d)
+    thinking = opens = False
     if "messages" in d:  # read_jobs let it through instead of "prompt"
         from meshserve.model.chat import ChatError
 
         try:
             prompt = model.encode_chat(d["messages"], None, d.get("chat_template_kwargs"))
+            if thinking := chat is not None and chat.reasoning_parser is not None:
+                opens = opens_reasoning(model.generation_prompt(d["messages"], None, d.get("chat_template_kwargs")))
         except ChatError as e:
             named = str(e).startswith(("messages", "chat_template_kwargs"))
             raise LineError(str(e) if named else f"messages: {e}") from None
@@ -213,8 +218,11 @@ def _generation_requests(model, engine, job: JobLine):
         raise LineError(bad)
     stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
     guide = _guide(d)
+    if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block
+        guide = dataclasses.replace(guide, think="open" if opens else "start")
     try:  # the Request gives min_tokens its stop ids (one bias entry each); sample i uses seed + i
-        return Request(prompt, n, sampling, stop_ids, guide=guide).samples(samples), stop
+        request = Request(prompt, n, sampling, stop_ids, guide=guide, think_open=thinking and opens)
+        return request.samples(samples), stop
     except SamplingError as e:
         raise LineError(str(e)) from None
 
@@ -254,10 +262,14 @@ def _submit_line(orch, requests, stop_strings, done) -> tuple[int, str | None]:
     return len(handles), None
 
 
-def _choice(model, handle) -> dict:
-    """One finished request as an output row's fields (without the id)."""
+def _choice(model, handle, chat: ChatOptions | None = None) -> dict:
+    """One finished request as an output row's fields (without the id). chat: a chat line's --reasoning-parser
+    (its <think> block goes to "reasoning", null without one, and "text" is the answer after it)."""
     r = handle.request
     row = {"text": handle.text, "tokens": r.tokens, "logprobs": r.logprobs, "finish_reason": r.finish_reason}
+    if chat is not None and (split := chat.splitter(r)) is not None:
+        reasoning, row["text"] = split.feed(handle.text, last=True)
+        row = {"reasoning": reasoning if split.reasoned and reasoning else None, **row}
     if r.sampling.top_logprobs:
         row["top_logprobs"] = alternatives_json(alternatives_with_text(model.tokenizer, r.top_logprobs))
     return row
@@ -272,11 +284,13 @@ def run_generate(
     progress=None,
     prepared: PreparedJob | None = None,
     stop: threading.Event | None = None,
+    chat: ChatOptions | None = None,
 ) -> JobSummary:
     """Generate for every line not yet in OUT, continuously batched on the engine (an orchestrator thread);
     `prepared` is `prepare_job("batch-generate", ...)` when the caller already read the files. A line with "n": k
     submits k requests and is written once all k finished (one line, its samples under "choices"). Once `stop` is
-    set (a Ctrl-C) no further line is written and what is in flight is cancelled; a rerun continues."""
+    set (a Ctrl-C) no further line is written and what is in flight is cancelled; a rerun continues. chat:
+    batch-generate --reasoning-parser (chat lines: "reasoning" beside "text", guided formats after the block)."""
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.scheduler import Scheduler
 
@@ -284,7 +298,7 @@ def run_generate(
     work = []
     for job in todo:
         try:
-            requests, stop_strings = _generation_requests(model, engine, job)
+            requests, stop_strings = _generation_requests(model, engine, job, chat)
         except LineError as e:
             writer.error(job.line, job.id, str(e))
             continue
@@ -336,12 +350,12 @@ def run_generate(
             if any(c is None for c in choices):
                 continue
             del pending[job.line]
+            split = chat if "messages" in job.data else None  # completions keep their raw text
             if len(choices) == 1:  # n = 1: the flat row, exactly as before "n" existed
-                writer.result({"id": job.id, **_choice(model, choices[0])})
+                writer.result({"id": job.id, **_choice(model, choices[0], split)})
             else:
-                writer.result(
-                    {"id": job.id, "choices": [{"index": i, **_choice(model, c)} for i, c in enumerate(choices)]}
-                )
+                rows = [{"index": i, **_choice(model, c, split)} for i, c in enumerate(choices)]
+                writer.result({"id": job.id, "choices": rows})
             writer.summary.samples += len(choices)
             for c in choices:
                 writer.summary.tokens += len(c.request.tokens)

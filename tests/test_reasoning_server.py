@@ -263,3 +263,23 @@ def test_an_empty_block_is_no_reasoning_whole_and_streamed(oa):
     assert whole.choices[0].message.reasoning_content is None and not whole.choices[0].message.content
     stream = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=1, stream=True)
     assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in stream if c.choices)
+
+
+def test_batch_generate_splits_chat_lines_and_guides_after_the_block(checkpoint, tmp_path):
+    """batch-generate --reasoning-parser: a chat line's block goes to "reasoning", its answer to "text"; a guided
+    chat line thinks first; a completion line keeps its raw text. (Choices no shorter word token begins: "w4" is a
+    token, "w40" would lead into it and a dead end in this word vocabulary.)"""
+    lines = [{"id": "chat", "messages": QUESTION, "max_new_tokens": 4},
+             {"id": "off", "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": False},
+              "max_new_tokens": 2},
+             {"id": "guided", "messages": QUESTION, "max_new_tokens": 6, "guided_choice": ["w28", "w29"]},
+             {"id": "plain", "prompt": "w20 assistant", "max_new_tokens": 4}]  # fmt: skip
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["batch-generate", str(src), "-o", str(out), "--checkpoint", str(checkpoint), "--reasoning-parser", "qwen3"]
+    assert main(args) == 0
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert _words(rows["chat"]["reasoning"]) == ["w30", "w31"] and rows["chat"]["text"] == ""
+    assert rows["off"]["reasoning"] is None and rows["off"]["text"].split() == CALL[:2]
+    assert _words(rows["guided"]["reasoning"]) == ["w30", "w31"] and rows["guided"]["text"].strip() in ("w28", "w29")
+    assert "reasoning" not in rows["plain"] and rows["plain"]["text"].split() == ["<think>", "w30", "w31", "</think>"]
