@@ -165,8 +165,8 @@ def render_chat(
     """The prompt text `template` makes of `messages` (checked by `check_messages`) and `tools` (None: none; a
     list: the template's `tools`, OpenAI's tool dicts as the client sent them). `extra`: more template variables
     (vLLM's chat_template_kwargs, e.g. Qwen3's {"enable_thinking": false}; `check_template_kwargs`). A template
-    that refuses the
-    conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the template's message."""
+    that refuses the conversation (its raise_exception) or fails (a Jinja error) raises ChatError with the
+    template's message."""
     import jinja2
 
     messages = check_messages(messages)

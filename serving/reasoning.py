@@ -16,7 +16,7 @@ these tags and this rule (vLLM's deepseek_r1 and qwen3 differ only in what they 
 prompt says here).
 
 A guided chat (response_format, tool_choice required, guided_choice) follows the same block first and its format
-after it (serving/guided/grammar.py THINK); guided_regex is matched from the first token, so outside any block.
+after it (serving/guided/think.py); guided_regex is matched from the first token, so outside any block.
 
 `ReasoningSplit` is one choice's stream: `feed` each piece of text, `finish` at the end; a piece that may be the
 start of a tag is held back until it is decided, so the pieces join to exactly `split_reasoning` of the whole text.
