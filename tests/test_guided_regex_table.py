@@ -131,3 +131,23 @@ def test_alternatives_opened_anywhere_are_refused_when_compiled():
     for pattern in (r"(?:b?){300}", r"a(?:b?){300}"):
         with pytest.raises(GuideError, match=r"^pattern: the format keeps more than 256 alternatives open at once"):
             regex(pattern)
+
+
+def test_a_regex_refused_for_time_is_refused_again_at_once():
+    """prepare_masks' time backstop depends on the machine's load: its refusal is cached per grammar and table, so
+    a retry is refused at once (not accepted when the machine is idler), and another vocabulary decides afresh."""
+    import time
+
+    from meshserve.serving.guided import GuideError, GuideSpec, TokenTable, compile_spec
+    from meshserve.serving.guided.masks import Guide, prepare_masks
+
+    vocab = [bytes([b]) for b in range(32, 127)] + [b"ab", b"hello world"]
+    table = TokenTable(vocab, len(vocab))
+    grammar = compile_spec(GuideSpec("regex", pattern="[A-Za-z ]{1,200}"))
+    with pytest.raises(GuideError, match="take more than 0 s to prepare"):
+        prepare_masks(Guide(grammar, table), seconds=0.0)
+    start = time.perf_counter()
+    with pytest.raises(GuideError, match="take more than 0 s to prepare"):
+        prepare_masks(Guide(grammar, table), seconds=60.0)
+    assert time.perf_counter() - start < 0.01
+    assert prepare_masks(Guide(grammar, TokenTable(vocab, len(vocab)))) == 201

@@ -79,3 +79,15 @@ def test_random_walks_write_a_block_then_json(think):
         reasoned += reasoning is not None
         assert think == "open" or reasoning is None or b"".join(out).startswith(b"<think>")
     assert finished > 50 and reasoned > 20
+
+
+def test_a_choice_follows_the_block_with_nothing_between():
+    """A choice's content must be exactly one of the strings: no newlines of the block's own before it (a JSON
+    value may have them: they are whitespace there), and a choice starting with <think> is refused (the split would
+    read it as reasoning)."""
+    grammar = compile_spec(GuideSpec("choice", choices=("yes", "no"), think="start"))
+    after = grammar.advance(grammar.start(), b"<think>x</think>")
+    assert grammar.advance(after, b"\n") is None and grammar.accepts(grammar.advance(after, b"yes"))
+    with pytest.raises(GuideError, match=r"choices\[1\]: starts with <think>"):
+        compile_spec(GuideSpec("choice", choices=("yes", "<think>x"), think="start"))
+    assert compile_spec(GuideSpec("choice", choices=("yes", "<think>x")))  # without thinking it is a string

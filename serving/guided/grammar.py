@@ -86,15 +86,18 @@ def _ws(ws: int, b: int) -> int:
 class Grammar:
     """A compiled format: `start()`, `advance(state, bytes)`, `accepts(state)`, `must_end(state)`."""
 
-    def __init__(self, nodes: list[tuple], start: tuple | list[tuple], where: str = "", think: str = ""):
+    def __init__(
+        self, nodes: list[tuple], start: tuple | list[tuple], where: str = "", think: str = "", think_gap: int = 2
+    ):
         """think: "" (the format from the first byte), "start" (an optional reasoning block first) or "open" (a
-        reasoning block first, its "<think>" already in the prompt); see the module docstring."""
+        reasoning block first, its "<think>" already in the prompt); see think.py. think_gap: the newlines the
+        block may end with before the format."""
         self.nodes = nodes
         self.where = where  # what it was compiled from, for repr
         self.key = new_key()  # masks.py's cache keys masks by this (a key holding the grammar would keep it alive)
         # One stack, or several alternatives (a "choice" format: one per string).
         self._format: State = tuple(sorted(set(start))) if isinstance(start, list) else (start,)
-        self._start = think_start(think, self._format)
+        self._start, self._think_gap = think_start(think, self._format), think_gap
         self._leaves: dict[int, tuple[int, ...]] = {}
         self._memo: dict[State, dict[int, State | None]] = {}  # state -> {byte: next state}
         self._size = 0  # entries in the memo
@@ -284,7 +287,7 @@ class Grammar:
         if tag == ARR:
             return self._array(top, rest, b)
         if tag == THINK:
-            return think_step(top, b, self._format, self._step)
+            return think_step(top, b, self._format, self._step, self._think_gap)
         return self._tools(top, rest, b)
 
     def _number(self, top: tuple, rest: tuple, b: int) -> list[tuple]:

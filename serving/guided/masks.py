@@ -29,8 +29,8 @@ from meshserve.serving.guided.spec import GuideError, SizedCache
 from meshserve.serving.guided.strings import PAT
 from meshserve.serving.guided.think import THINK, THINK_CLOSE
 
-__all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "MASK_CACHE", "MASK_CACHE_BYTES",
-           "PREPARE_PATTERNS_S", "PREPARE_S"]  # fmt: skip
+__all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "prepare_thinking", "MASK_CACHE",
+           "MASK_CACHE_BYTES", "PREPARE_PATTERNS_S", "PREPARE_S"]  # fmt: skip
 
 MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
 MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
@@ -108,7 +108,8 @@ class TokenTable:
         self._matrices = {raw: (ids[k], np.ascontiguousarray(data[:, k]), longer[k].sum(0).tolist())
                           for raw, k in ((True, slice(None)), (False, cumulative[-1][ids]))}  # fmt: skip
         self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
-        self._closers: dict[int, list[int]] = {}  # k -> tokens that can complete "</think>" after k of its bytes
+        self._slow = SizedCache(1024, 1 << 20, lambda _, why: len(why))  # grammar key -> prepare_masks' time refusal
+        self._closers: dict = {}  # k -> tokens that can complete "</think>" after k of its bytes ("whole": in them)
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int) -> TokenTable:
@@ -165,10 +166,15 @@ class TokenTable:
         the whole vocabulary for each of the 8 states: ~a second for 150k tokens."""
         closers = self._closers.get(k)
         if closers is None:  # the whole tag inside the token, or (k > 0) the tag's rest at its start
-            rest = THINK_CLOSE[k:] if k else THINK_CLOSE
-            closers = self._closers[k] = [
-                v for v, data in enumerate(self.bytes) if data and (THINK_CLOSE in data or data.startswith(rest))
-            ]
+            if "whole" not in self._closers:
+                self._closers["whole"] = [v for v, data in enumerate(self.bytes) if data and THINK_CLOSE in data]
+            ids, data, _ = self._matrices[True]  # every token's byte j in row j, 0 past its end (the tag has no 0)
+            rest, starts = THINK_CLOSE[k:], np.zeros(len(ids), bool)
+            if k and len(rest) <= data.shape[0]:
+                starts[:] = True
+                for j, byte in enumerate(rest):
+                    starts &= data[j] == byte
+            closers = self._closers[k] = sorted({*self._closers["whole"], *ids[starts].tolist()})
         allowed = np.zeros(self.words * 32, bool)
         allowed[self._matrices[True][0]] = True  # every token with bytes
         for v in closers:
@@ -269,8 +275,8 @@ def prepare_patterns(guide, seconds: float = PREPARE_PATTERNS_S) -> int:
 
 def prepare_thinking(guide) -> None:
     """A thinking guide's reasoning-block masks (its 8 states: "</think>" matched up to k bytes), computed on the
-    caller's thread: the first time per token table each scans the vocabulary (~40 ms for 150k tokens), then ~0.5 ms
-    per grammar."""
+    caller's thread: the first time per token table a scan of the vocabulary for the tag (~20 ms for 151k tokens),
+    then ~1 ms a grammar."""
     for k in range(len(THINK_CLOSE)):
         guide.table.mask(guide.grammar, (((THINK, 1, k),),))
 
@@ -279,8 +285,12 @@ def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
     """Compute the mask of every position a regex guide's pattern can reach (as a pattern string's: its table run
     over every token's bytes, cached in the table) and pin them on the guide (the engine thread then only looks
     them up, whatever the table's cache evicts); returns how many. GuideError past positions.py's bounds (cached per
-    pattern: a retry is refused at once), or past `seconds` (a backstop for a very large vocabulary)."""
+    pattern: a retry is refused at once), or past `seconds` (a backstop for a very large vocabulary: a word class
+    costs ~2 ms a position at 32k tokens, ~6 ms at 151k; this refusal depends on the machine's load, so it is
+    cached per grammar and table: a retry is refused at once rather than accepted when the machine is idler)."""
     grammar, table = guide.grammar, guide.table
+    if (why := table._slow.get(grammar.key)) is not None:
+        raise GuideError(why)
     start = time.perf_counter()
     matcher = grammar.indexed()  # patterns.PatternGrammar: its positions counted (compile_pattern's caches)
     for at in range(0, len(matcher.positions), 64):
@@ -288,8 +298,9 @@ def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
         for p, mask in zip(batch, table.pattern_masks(matcher, batch), strict=True):
             guide.pinned[matcher.positions[p]] = mask
         if time.perf_counter() - start > seconds:
-            raise GuideError(f"{grammar.where}: its token masks take more than {seconds:g} s to prepare ("
-                             f"{len(guide.pinned)} positions so far; use * or + for long repeats)")  # fmt: skip
+            why = table._slow.put(grammar.key, f"{grammar.where}: its token masks take more than {seconds:g} s to "
+                                  "prepare on this vocabulary (use * or + for long repeats)")  # fmt: skip
+            raise GuideError(why)
     return len(guide.pinned)
 
 

@@ -12,7 +12,8 @@ from meshserve.serving.guided.spec import GuideError
 __all__ = ["positions", "MAX_POSITIONS", "MAX_WORK"]
 
 # A regex's masks are all computed on the caller's thread before it is queued (the engine thread only looks them up):
-# ~0.2 ms a position for a 32,000-token BPE where most tokens fit (as in .{0,300}), so their count is bounded.
+# 1-2 ms a position for a word class on a 32,000-token BPE, ~6 ms on 151k tokens, so their count is bounded (and the
+# time, by masks.PREPARE_S).
 MAX_POSITIONS = 1024
 MAX_WORK = 2048  # the positions' stacks added up: each costs every byte the walk steps (250 overlapping: ~1 s a mask)
 
@@ -27,7 +28,8 @@ def positions(grammar: Grammar, max_positions: int, max_work: int) -> tuple[list
     table int16 [P + 1, 256]: the position after each byte, P where none follows (row P all P). GuideError past
     `max_positions`, or when the positions' stacks add up past `max_work` (a mask's cost grew with its state's
     stacks: 250 overlapping alternatives made one cost ~1 s). Deterministic: the same pattern is accepted or refused
-    whatever is cached and however loaded the machine is."""
+    whatever is cached and however loaded the machine is (masks.prepare_masks' time backstop is not: its refusals
+    are cached instead)."""
     start, between = grammar.start(), grammar.matcher.nfa.ascii_blocks() + _LEADS  # one step serves a block
     index, todo, rows, work = {start: 0}, [start], {}, len(start)
     while todo:

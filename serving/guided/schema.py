@@ -400,6 +400,11 @@ def _compile_spec(spec: GuideSpec) -> Grammar:
             start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)
     else:
         raise GuideError(f"kind: {spec.kind!r} is not supported (supported: {', '.join(KINDS)})")
-    grammar = Grammar(c.nodes, start, spec.kind, spec.think)
+    if spec.think and spec.kind == "choice":  # the split would read such a choice as the model's reasoning
+        for i, choice in enumerate(spec.choices):
+            if choice.lstrip().startswith("<think>"):
+                raise GuideError(f"choices[{i}]: starts with <think>, which a thinking model's output reads as its "
+                                 "reasoning")  # fmt: skip
+    grammar = Grammar(c.nodes, start, spec.kind, spec.think, 0 if spec.kind == "choice" else 2)
     c.check(grammar)
     return grammar

@@ -6,8 +6,8 @@ A THINK frame (THINK, phase, k) is alone on its stack:
            format at once, both open at the start);
   phase 1: the block's text, anything until "</think>", k bytes of the tag matched (think "open": the template's
            generation prompt opened the block, so the output starts here);
-  phase 2: after "</think>", k of at most two newlines of its own, then the format from its start (whose own
-           whitespace gap may follow).
+  phase 2: after "</think>", k of at most two newlines of its own (none before a choice, whose content must be
+           exactly one of the strings), then the format from its start (whose own whitespace gap may follow).
 The masks of phase 1's 8 states are computed by masks.py's `_thinking` (every token but those that complete the tag
 into bytes the format refuses), not by a trie walk of the whole vocabulary.
 """
@@ -31,8 +31,11 @@ def think_start(think: str, format_start: tuple) -> tuple:
     return format_start
 
 
-def think_step(top: tuple, b: int, format_start: tuple, step: Callable[[tuple, int], list[tuple]]) -> list[tuple]:
-    """The stacks after byte b from a THINK frame; `step(stack, b)` is the grammar's, for the format's start."""
+def think_step(
+    top: tuple, b: int, format_start: tuple, step: Callable[[tuple, int], list[tuple]], newlines: int = 2
+) -> list[tuple]:
+    """The stacks after byte b from a THINK frame; `step(stack, b)` is the grammar's, for the format's start;
+    `newlines`: how many the block may end with before the format."""
     _, phase, k = top
     if phase == 0:
         if b != THINK_OPEN[k]:
@@ -42,7 +45,7 @@ def think_step(top: tuple, b: int, format_start: tuple, step: Callable[[tuple, i
         if b == THINK_CLOSE[k]:
             return [((THINK, 2, 0),)] if k + 1 == len(THINK_CLOSE) else [((THINK, 1, k + 1),)]
         return [((THINK, 1, int(b == THINK_CLOSE[0])),)]
-    out = [((THINK, 2, k + 1),)] if b == 0x0A and k < 2 else []
+    out = [((THINK, 2, k + 1),)] if b == 0x0A and k < newlines else []
     for stack in format_start:
         out.extend(step(stack, b))
     return out
