@@ -73,9 +73,10 @@ def train_vocab(size: int, seed: int = 0):
     trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(_corpus(random.Random(seed), 60000), trainer)
-    path = Path(tempfile.mkdtemp()) / "tokenizer.json"
-    tok.save(str(path))
-    return HFTokenizer(path)
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read into memory: nothing left behind
+        path = Path(folder) / "tokenizer.json"
+        tok.save(str(path))
+        return HFTokenizer(path)
 
 
 def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float, float, float]:
