@@ -119,9 +119,10 @@ class _Status:
             self.shown = False
 
 
-def _row(args: argparse.Namespace, tokens, text: str, logprobs, finish_reason: str, top=()) -> dict:
-    """One sample as --json prints it; top: per token, its alternatives as (id, text, logprob)."""
-    row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+def _row(args: argparse.Namespace, tokens, text: str, logprobs, finish_reason: str, top=(), extra=None) -> dict:
+    """One sample as --json prints it; top: per token, its alternatives as (id, text, logprob); extra: a server's
+    "reasoning" and "tool_calls" (--reasoning-parser, --tool-call-parser) where it returned them."""
+    row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     if args.top_logprobs:
         from meshserve.serving.detok import alternatives_json
 
@@ -143,18 +144,36 @@ def _print_samples(args: argparse.Namespace, prompt_text: str | None, samples: l
 
 
 def _print(
-    args: argparse.Namespace, prompt_text: str | None, tokens, text: str, logprobs, finish_reason: str, top=()
+    args: argparse.Namespace,
+    prompt_text: str | None,
+    tokens,
+    text: str,
+    logprobs,
+    finish_reason: str,
+    top=(),
+    extra=None,
 ) -> None:
-    """One result; top: per generated token, its alternatives as (id, text, logprob) (with --top-logprobs)."""
+    """One result; top: per generated token, its alternatives as (id, text, logprob) (with --top-logprobs); extra:
+    see `_row` (the reasoning is printed before the answer, each tool call after it as a JSON line)."""
     if args.json:
-        print(json.dumps(_row(args, tokens, text, logprobs, finish_reason, top)))
+        print(json.dumps(_row(args, tokens, text, logprobs, finish_reason, top, extra)))
         return
+    extra = extra or {}
+    if extra.get("reasoning"):
+        print(f"[reasoning] {extra['reasoning'].strip()}")
+    for call in extra.get("tool_calls", []):
+        print(f"[tool call] {json.dumps(call['function'], ensure_ascii=False)}")
     shown = prompt_text or ""
     print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
     for token, lp, alts in zip(tokens, logprobs, top, strict=False):  # one line per token: its pick, then the top n
         others = "  ".join(f"{s!r} {x:.2f}" for _, s, x in alts)
         print(f"  {token:>6} {lp:8.3f}  | {others}")
     print()
+
+
+def _extra(result) -> dict:
+    """A server's reasoning and tool calls of one sample (client.Generation or Choice), where it returned them."""
+    return {k: v for k, v in (("reasoning", result.reasoning), ("tool_calls", result.tool_calls)) if v}
 
 
 def _read_file(flag: str, path: str, binary: bool = False) -> str | bytes:
@@ -197,9 +216,8 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     status.clear()
     for prompt, r in zip(prompts, results, strict=True):
         shown = prompt if isinstance(prompt, str) and not args.chat else None  # --chat: the reply alone
-        samples = [(c.tokens, c.text, c.logprobs, c.finish_reason, c.top_logprobs) for c in r.choices] or [
-            (r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs)
-        ]
+        samples = [(c.tokens, c.text, c.logprobs, c.finish_reason, c.top_logprobs, _extra(c)) for c in r.choices]
+        samples = samples or [(r.tokens, r.text, r.logprobs, r.finish_reason, r.top_logprobs, _extra(r))]
         _print_samples(args, shown, samples)
     return 0
 

@@ -283,3 +283,16 @@ def test_batch_generate_splits_chat_lines_and_guides_after_the_block(checkpoint,
     assert rows["off"]["reasoning"] is None and rows["off"]["text"].split() == CALL[:2]
     assert _words(rows["guided"]["reasoning"]) == ["w30", "w31"] and rows["guided"]["text"].strip() in ("w28", "w29")
     assert "reasoning" not in rows["plain"] and rows["plain"]["text"].split() == ["<think>", "w30", "w31", "</think>"]
+
+
+def test_cli_generate_shows_the_reasoning(server, capsys):
+    """`meshserve generate --server --chat` prints what the server returned: --json rows carry "reasoning", and the
+    text output shows it before the answer."""
+    base = ["generate", "--server", server.target, "--chat", "--max-new-tokens", "6", "w20 w21"]
+    capsys.readouterr()
+    assert main([*base, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert _words(row["reasoning"]) == ["w30", "w31"] and row["text"].split() == CALL[:2]
+    assert main(base) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[reasoning] w30 w31" and lines[1].split() == CALL[:2]
