@@ -137,6 +137,23 @@ def _walks(tokenizer, docs: int, seed: int) -> dict:
             "mask_ms_total": float(ms.sum())}  # fmt: skip
 
 
+def _thinking_ms(tokenizer, first, second) -> dict:
+    """ms prepare_thinking takes (a thinking guide's 8 reasoning-block masks, serving/guided/think.py): on a fresh
+    table (its one-time scan for the tag), then for another grammar on the same table."""
+    from dataclasses import replace
+
+    from meshserve.serving.guided import Guide, TokenTable, compile_spec
+    from meshserve.serving.guided.masks import prepare_thinking
+
+    table, out = TokenTable(tokenizer.token_bytes(), tokenizer.vocab_size), {}
+    for name, spec in (("first", first), ("another_grammar", second)):
+        guide = Guide(compile_spec(replace(spec, think="start")), table)
+        t0 = time.perf_counter()
+        prepare_thinking(guide)
+        out[name] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meshserve.serving.guided.bench", description=__doc__.split("\n")[0]
@@ -175,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
              "email: in the domain": (patterned, b'{"at": "2024-01-02T12:30:00Z", "mail": "joe@exa'),
              "[^\\s]{1,40}: 3 chars in": (patterned, b'{"tag": "abc')}  # fmt: skip
     new_state = {name: _new_state_ms(tokenizer, spec, prefix) for name, (spec, prefix) in cases.items()}
+    thinking = _thinking_ms(tokenizer, obj, schema)
     result = {"vocab": tokenizer.vocab_size, "train_s": trained, "table_build_s": table_s,
               "pattern_schema_compile_ms": compile_ms,
               "new_state_ms": {k: {"cold": v[0], "memo_warm": v[1], "prepare_patterns": v[2], "prepared": v[3]}
                                for k, v in new_state.items()},
-              "walks": _walks(tokenizer, args.docs, args.seed)}  # fmt: skip
+              "thinking_block_ms": thinking, "walks": _walks(tokenizer, args.docs, args.seed)}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -190,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (cold, warm, prepare, prepared) in new_state.items():
         after = f"; {prepared:5.2f} ms after prepare_patterns' {prepare:.0f} ms" if prepare > 1 else ""
         print(f"  new state, {name:26s} {cold:7.2f} ms (byte memo warm: {warm:6.2f} ms{after})")
+    print(f"  a reasoning block's 8 masks (--reasoning-parser): {thinking['first']:.1f} ms the first time on a fresh "
+          f"table, {thinking['another_grammar']:.1f} ms for another grammar")  # fmt: skip
     w = result["walks"]
     print(f"  walks: {w['docs']} docs ({w['finished']} finished), {w['tokens']} tokens, mask per token: "
           f"mean {w['mask_ms_mean']:.3f} ms, p50 {w['mask_ms_p50']:.3f}, p99 {w['mask_ms_p99']:.2f}, "
