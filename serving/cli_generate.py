@@ -121,7 +121,7 @@ class _Status:
 
 def _row(args: argparse.Namespace, tokens, text: str, logprobs, finish_reason: str, top=(), extra=None) -> dict:
     """One sample as --json prints it; top: per token, its alternatives as (id, text, logprob); extra: a server's
-    "reasoning" and "tool_calls" (--reasoning-parser, --tool-call-parser) where it returned them."""
+    "reasoning" (serve --reasoning-parser) where it returned one."""
     row = {"tokens": tokens, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     if args.top_logprobs:
         from meshserve.serving.detok import alternatives_json
@@ -131,7 +131,7 @@ def _row(args: argparse.Namespace, tokens, text: str, logprobs, finish_reason: s
 
 
 def _print_samples(args: argparse.Namespace, prompt_text: str | None, samples: list[tuple]) -> None:
-    """One prompt's samples, each (tokens, text, logprobs, finish_reason, top): one alone as `_print` does (the
+    """One prompt's samples, each (tokens, text, logprobs, finish_reason, top[, extra]): one alone as `_print` does (the
     output from before --n existed); several as one --json line of "choices", or each under a text header."""
     if len(samples) == 1:
         _print(args, prompt_text, *samples[0])
@@ -154,15 +154,12 @@ def _print(
     extra=None,
 ) -> None:
     """One result; top: per generated token, its alternatives as (id, text, logprob) (with --top-logprobs); extra:
-    see `_row` (the reasoning is printed before the answer, each tool call after it as a JSON line)."""
+    see `_row` (the reasoning is printed before the answer)."""
     if args.json:
         print(json.dumps(_row(args, tokens, text, logprobs, finish_reason, top, extra)))
         return
-    extra = extra or {}
-    if extra.get("reasoning"):
+    if extra:
         print(f"[reasoning] {extra['reasoning'].strip()}")
-    for call in extra.get("tool_calls", []):
-        print(f"[tool call] {json.dumps(call['function'], ensure_ascii=False)}")
     shown = prompt_text or ""
     print(f"{shown}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{shown}{text}")
     for token, lp, alts in zip(tokens, logprobs, top, strict=False):  # one line per token: its pick, then the top n
@@ -172,8 +169,9 @@ def _print(
 
 
 def _extra(result) -> dict:
-    """A server's reasoning and tool calls of one sample (client.Generation or Choice), where it returned them."""
-    return {k: v for k, v in (("reasoning", result.reasoning), ("tool_calls", result.tool_calls)) if v}
+    """A server's reasoning of one sample (client.Generation or Choice), where it returned one (generate sends no
+    tools, so no calls come back)."""
+    return {"reasoning": result.reasoning} if result.reasoning else {}
 
 
 def _read_file(flag: str, path: str, binary: bool = False) -> str | bytes:

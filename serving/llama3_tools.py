@@ -2,7 +2,11 @@
 object {"name": <function>, "parameters": {...}} ("arguments" is read too), optionally after Llama's
 <|python_tag|> (a special token, which decoding drops anyway), several joined by ";" (Llama 4 writes them so; Llama
 3.1's template asks for one). The whole output is then the calls: an output that does not start with "{" (after
-whitespace) is content, and so is one whose JSON is not all calls (all or nothing, as vLLM's llama3_json).
+whitespace) is content, and so is one whose JSON is not all calls (all or nothing, as vLLM's llama3_json was before
+it went to a regex; current vLLM also takes calls out of surrounding text and drops the text, which we keep as
+content). Deliberate differences from that older parser: whitespace before the call and ";" without a space or a
+newline between calls are accepted, "parameters" wins over "arguments" when both are given, a call with neither has
+arguments {}, and arguments keep non-ASCII characters (ensure_ascii off).
 
 Streamed, an output that starts like a call ("{" or a prefix of <|python_tag|>) is held and decided at its end (its
 calls sent whole, each one delta with its name and arguments), anything else streams as content at once, so the

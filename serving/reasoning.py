@@ -56,11 +56,14 @@ class ChatOptions:
 
     def splitter(self, request) -> ReasoningSplit | None:
         """A chat's ReasoningSplit, started where its template's generation prompt leaves the model (a regex-guided
-        output is the match from its first token: outside); None without a reasoning parser."""
+        output is the match from its first token: all answer, even one that starts with "<think>"); None without a
+        reasoning parser."""
         if self.reasoning_parser is None:
             return None
         guide = request.guide
-        return ReasoningSplit(request.think_open and (guide is None or bool(guide.think)))
+        if guide is not None and not guide.think:
+            return ReasoningSplit(answer_only=True)
+        return ReasoningSplit(request.think_open)
 
 
 def opens_reasoning(generation_prompt: str) -> bool:
@@ -72,9 +75,10 @@ def opens_reasoning(generation_prompt: str) -> bool:
 class ReasoningSplit:
     """One output's text -> (reasoning, content) pieces as it streams."""
 
-    def __init__(self, inside: bool = False):
-        """inside: the output starts inside the reasoning (`opens_reasoning` of the prompt)."""
-        self.state = "reasoning" if inside else "start"
+    def __init__(self, inside: bool = False, answer_only: bool = False):
+        """inside: the output starts inside the reasoning (`opens_reasoning` of the prompt); answer_only: there is
+        no reasoning (a format matched from the first token): every piece is content."""
+        self.state = "content" if answer_only else "reasoning" if inside else "start"
         self._buffer = ""
         self.reasoned = inside  # whether the output has (or began in) a reasoning block
 

@@ -31,7 +31,15 @@ from typing import Any
 
 from meshserve.serving.json_scan import ARGS, OPEN, JsonScan
 
-__all__ = ["START", "END", "ToolCall", "JsonScan", "block_call", "ToolCallDeltas"]  # JsonScan: json_scan.py
+__all__ = [
+    "START",
+    "END",
+    "ToolCall",
+    "JsonScan",
+    "block_call",
+    "ToolCallDeltas",
+    "no_surrogates",
+]  # JsonScan: json_scan.py
 
 START, END = "<tool_call>", "</tool_call>"
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
@@ -40,11 +48,25 @@ _DECODER = json.JSONDecoder()
 
 @dataclass(frozen=True)
 class ToolCall:
-    """One call parsed out of the text: the function's name and its arguments as JSON text."""
+    """One call parsed out of the text: the function's name and its arguments as JSON text (lone surrogates, which a
+    model can write as JSON escapes, written back as escapes: `no_surrogates`)."""
 
     name: str
     arguments: str
     id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", no_surrogates(self.name))
+        object.__setattr__(self, "arguments", no_surrogates(self.arguments))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def no_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (a JSON escape such as "\\ud800" decodes to one; UTF-8 cannot encode it, so
+    gRPC and the HTTP stream could not send it) as its JSON escape: inside a JSON string the same value."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if _SURROGATE.search(text) else text
 
 
 def _call(obj: Any) -> ToolCall | None:
@@ -165,9 +187,9 @@ class ToolCallDeltas:
             if not block.id:
                 block.id = "call_" + secrets.token_hex(12)
                 self._delta(out, k, {"index": k, "id": block.id, "type": "function",
-                                     "function": {"name": scan.name, "arguments": ""}})  # fmt: skip
+                                     "function": {"name": no_surrogates(scan.name), "arguments": ""}})  # fmt: skip
             if block.sent < len(scan.out):
-                fragment = "".join(scan.out[block.sent :])
+                fragment = no_surrogates("".join(scan.out[block.sent :]))
                 block.sent = len(scan.out)
                 self._delta(out, k, {"index": k, "function": {"arguments": fragment}})
         end, broke = None, scan.pos  # the block's end when it closes; where it broke when it does not

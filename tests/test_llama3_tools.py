@@ -157,3 +157,12 @@ def test_a_llama_tool_template_renders_as_transformers():
                           extra={"date_string": "26 Jul 2024"})  # fmt: skip
         assert got == want
     assert '"parameters": {"city": "Paris"}' in got
+
+
+def test_a_lone_surrogate_escape_stays_an_escape():
+    """A model can write "\\ud800" inside the JSON: decoded it is a lone surrogate, which UTF-8 (gRPC, the HTTP
+    stream) cannot carry; the call's arguments keep it as its escape, the same JSON value."""
+    text = '{"name": "get_weather", "parameters": {"city": "\\ud800x"}}'
+    (call,) = parse_llama3(text)[1]
+    assert call.arguments == '{"city": "\\ud800x"}' and json.loads(call.arguments) == {"city": "\ud800x"}
+    call.arguments.encode("utf-8")

@@ -124,3 +124,21 @@ def test_a_long_template_variable_is_named_in_the_size_error():
     request = Client.request(messages=[{"role": "user", "content": "hi"}], chat_template_kwargs={"x": "a" * 600})
     with pytest.raises(RequestError, match="characters of content, template variables exceed the limit of 512"):
         parser.generate(request, None)
+
+
+def test_a_regex_guided_answer_is_never_split():
+    """guided_regex is matched from the first token: its output is all answer, even one that starts with <think>;
+    a format that thinks first (think set) and free text are split as usual."""
+    from types import SimpleNamespace
+
+    from meshserve.serving.guided import GuideSpec
+    from meshserve.serving.reasoning import ChatOptions
+
+    chat = ChatOptions("qwen3")
+    regex = SimpleNamespace(guide=GuideSpec("regex", pattern="<think>a</think>b"), think_open=True)
+    assert chat.splitter(regex).feed("<think>a</think>b", last=True) == ("", "<think>a</think>b")
+    thinking = SimpleNamespace(guide=GuideSpec("json_object", think="open"), think_open=True)
+    assert chat.splitter(thinking).feed("a</think>{}", last=True) == ("a", "{}")
+    free = SimpleNamespace(guide=None, think_open=False)
+    assert chat.splitter(free).feed("<think>a</think>b", last=True) == ("a", "b")
+    assert ChatOptions().splitter(free) is None

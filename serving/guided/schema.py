@@ -31,6 +31,7 @@ from meshserve.serving.guided.patterns import compile_regex, held_bytes, string_
 from meshserve.serving.guided.ranges import BOUNDS, read_bounds
 from meshserve.serving.guided.spec import KINDS, GuideError, GuideSpec, SizedCache
 from meshserve.serving.guided.spec import show as _show
+from meshserve.serving.guided.think import check_think
 
 __all__ = ["compile_spec", "SUPPORTED_KEYWORDS", "IGNORED_KEYWORDS", "MAX_DEPTH", "MAX_CHOICES", "GRAMMAR_CACHE_BYTES"]
 
@@ -380,8 +381,7 @@ def compile_spec(spec: GuideSpec) -> Grammar:
 
 
 def _compile_spec(spec: GuideSpec) -> Grammar:
-    if spec.think not in ("", "start", "open") or (spec.think and spec.kind == "regex"):
-        raise GuideError(f"think: {spec.think!r} is not supported for kind {spec.kind!r}")
+    check_think(spec)
     if spec.kind == "regex":
         return compile_regex(spec.pattern, "pattern")
     c = _Compiler()
@@ -393,18 +393,12 @@ def _compile_spec(spec: GuideSpec) -> Grammar:
     elif spec.kind == "choice":
         start = _choices(spec, c)
     elif spec.kind == "tool_calls":
-        call = _tools(spec, c)
-        if spec.parser == "llama3_json":  # a bare call object (one: Llama 3.1's template asks for one at a time)
-            start = ((VAL, call, 0),)
-        else:
-            start = ((TOOLS, c.add(("tools", call, bool(spec.parallel)), "tools"), T_OPEN, 0, 0),)
+        call = _tools(spec, c)  # llama3_json: one bare call object (Llama 3.1's template asks for one at a time)
+        parallel = bool(spec.parallel)
+        start = ((VAL, call, 0),) if spec.parser == "llama3_json" else ((TOOLS, c.add(("tools", call, parallel),
+                                                                                      "tools"), T_OPEN, 0, 0),)  # fmt: skip
     else:
         raise GuideError(f"kind: {spec.kind!r} is not supported (supported: {', '.join(KINDS)})")
-    if spec.think and spec.kind == "choice":  # the split would read such a choice as the model's reasoning
-        for i, choice in enumerate(spec.choices):
-            if choice.lstrip().startswith("<think>"):
-                raise GuideError(f"choices[{i}]: starts with <think>, which a thinking model's output reads as its "
-                                 "reasoning")  # fmt: skip
     grammar = Grammar(c.nodes, start, spec.kind, spec.think, 0 if spec.kind == "choice" else 2)
     c.check(grammar)
     return grammar

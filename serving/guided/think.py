@@ -16,10 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["THINK", "THINK_OPEN", "THINK_CLOSE", "think_start", "think_step"]
+from meshserve.serving.guided.spec import GuideError
+
+__all__ = ["THINK", "THINK_OPEN", "THINK_CLOSE", "check_think", "think_start", "think_step"]
 
 THINK = 9  # the frame tag (after strings.PAT = 8)
 THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"  # serving/reasoning.py's tags
+
+
+def check_think(spec) -> None:
+    """GuideError for a GuideSpec whose `think` cannot be followed: an unknown mode, a regex (matched from the first
+    token), or a choice starting with <think> (the reasoning split would read it as the model's reasoning)."""
+    if spec.think not in ("", "start", "open") or (spec.think and spec.kind == "regex"):
+        raise GuideError(f"think: {spec.think!r} is not supported for kind {spec.kind!r}")
+    for i, choice in enumerate(spec.choices if spec.think and spec.kind == "choice" else ()):
+        if choice.lstrip().startswith("<think>"):
+            raise GuideError(
+                f"choices[{i}]: starts with <think>, which a thinking model's output reads as its reasoning"
+            )
 
 
 def think_start(think: str, format_start: tuple) -> tuple:
