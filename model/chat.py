@@ -40,6 +40,7 @@ __all__ = [
     "TEMPLATE_FILE",
     "check_messages",
     "check_template_kwargs",
+    "read_template_kwargs",
     "check_template",
     "render_chat",
     "hf_chat_template",
@@ -187,6 +188,18 @@ def render_chat(
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
         # Python errors inside the template's expressions: the template's fault with these messages, not the server's.
         raise ChatError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+def read_template_kwargs(text: str, field: str) -> dict[str, Any]:
+    """Template variables given as JSON text ("" = none), checked by `check_template_kwargs`; ChatError naming
+    `field` for text that is not JSON."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ChatError(f"{field}: not JSON ({e})") from None
+    return check_template_kwargs(value, field)
 
 
 def check_template_kwargs(extra: Any, field: str = "chat_template_kwargs") -> dict[str, Any]:

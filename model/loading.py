@@ -39,18 +39,23 @@ class LoadedModel:
         tokenize=True)`. The template writes BOS itself where the model wants it, so nothing is added to the
         tokenizer's encoding (encode_prompt's BOS would be a second one). extra: more template variables
         (chat_template_kwargs). Raises ChatError."""
-        if self.chat is None:
-            raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
-        return self.tokenizer.encode(self.chat.render(messages, tools=tools, extra=extra))
+        return self.tokenizer.encode(self._template().render(messages, tools=tools, extra=extra))
 
-    def generation_prompt(self, messages, tools: list | None = None, extra: dict | None = None) -> str:
-        """The text the chat template adds for the assistant's turn (the render with add_generation_prompt less
-        the render without; the whole render when the first does not extend the second). Raises ChatError."""
+    def encode_chat_opening(
+        self, messages, tools: list | None = None, extra: dict | None = None
+    ) -> tuple[list[int], str]:
+        """`encode_chat`'s ids, and the text the template adds for the assistant's turn (the render with
+        add_generation_prompt less the render without; the whole render when the first does not extend the second).
+        Raises ChatError."""
+        template = self._template()
+        whole = template.render(messages, tools=tools, extra=extra)
+        base = template.render(messages, add_generation_prompt=False, tools=tools, extra=extra)
+        return self.tokenizer.encode(whole), whole[len(base) :] if whole.startswith(base) else whole
+
+    def _template(self) -> ChatTemplate:
         if self.chat is None:
             raise ChatError("the model has no chat template (convert it from a Hugging Face directory that has one)")
-        whole = self.chat.render(messages, tools=tools, extra=extra)
-        base = self.chat.render(messages, add_generation_prompt=False, tools=tools, extra=extra)
-        return whole[len(base) :] if whole.startswith(base) else whole
+        return self.chat
 
     def stop_ids(self) -> list[int]:
         """The ids that end generation unless a request ignores eos: the model's eos (the config's, else the

@@ -17,7 +17,6 @@ from one that drained cleanly.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -268,14 +267,8 @@ COMMANDS = {"serve": (add_arguments, run)}
 
 
 def _template_kwargs(text: str | None) -> dict:
-    """--default-chat-template-kwargs: a JSON object of template variables; UserError naming the flag otherwise."""
-    if text is None:
-        return {}
-    from meshserve.model.chat import check_template_kwargs
+    """--default-chat-template-kwargs: a JSON object of template variables; a UserError (ChatError) naming the flag
+    otherwise."""
+    from meshserve.model.chat import read_template_kwargs
 
-    flag = "--default-chat-template-kwargs"
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{flag}: not JSON ({e})") from None
-    return check_template_kwargs(value, flag)  # a ChatError (a UserError) names the flag
+    return read_template_kwargs(text or "", "--default-chat-template-kwargs")

@@ -170,9 +170,12 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
         from meshserve.model.chat import ChatError
 
         try:
-            prompt = model.encode_chat(d["messages"], None, d.get("chat_template_kwargs"))
+            args = (d["messages"], None, d.get("chat_template_kwargs"))
             if thinking := chat is not None and chat.reasoning_parser is not None:
-                opens = opens_reasoning(model.generation_prompt(d["messages"], None, d.get("chat_template_kwargs")))
+                prompt, opening = model.encode_chat_opening(*args)  # one render for both
+                opens = opens_reasoning(opening)
+            else:
+                prompt = model.encode_chat(*args)
         except ChatError as e:
             named = str(e).startswith(("messages", "chat_template_kwargs"))
             raise LineError(str(e) if named else f"messages: {e}") from None

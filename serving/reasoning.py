@@ -67,7 +67,7 @@ class ChatOptions:
 
 
 def opens_reasoning(generation_prompt: str) -> bool:
-    """Whether the text a chat template adds for the assistant's turn (LoadedModel.generation_prompt) leaves the
+    """Whether the text a chat template adds for the assistant's turn (LoadedModel.encode_chat_opening) leaves the
     model inside a <think> block."""
     return generation_prompt.rfind(OPEN) > generation_prompt.rfind(CLOSE)
 

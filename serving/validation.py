@@ -183,7 +183,7 @@ class RequestParser:
         Also whether the template's generation prompt leaves the model inside a reasoning block (asked only with a
         reasoning parser: the prompt's tail alone could be a user's "<think>"). Raises RequestError naming the
         field."""
-        from meshserve.model.chat import ChatError, check_template_kwargs
+        from meshserve.model.chat import ChatError, read_template_kwargs
 
         if getattr(self.model, "chat", None) is None:
             raise RequestError(
@@ -213,18 +213,15 @@ class RequestParser:
             what = ", ".join(name for name, present in parts if present)
             raise RequestError(f"messages: {chars} characters of {what} exceed the limit of {self.limits.text_chars}")
         tools = _tools(tools_json) if tools_json else None
-        field = "messages.chat_template_kwargs_json"
         try:
-            extra = json.loads(template_kwargs_json) if template_kwargs_json else {}
-        except (ValueError, RecursionError) as e:
-            raise RequestError(f"{field}: not JSON ({e})") from None
-        try:
-            extra = {**self.chat_options.template_kwargs, **check_template_kwargs(extra, field)}
-            args = ([_message(m) for m in messages], tools if render_tools else None, extra)
-            ids = self.model.encode_chat(*args)
-            opens = self.chat_options.reasoning_parser is not None and opens_reasoning(
-                self.model.generation_prompt(*args)
-            )
+            extra = read_template_kwargs(template_kwargs_json, "messages.chat_template_kwargs_json")
+            args = ([_message(m) for m in messages], tools if render_tools else None,
+                    {**self.chat_options.template_kwargs, **extra})  # fmt: skip
+            if self.chat_options.reasoning_parser is None:
+                ids, opens = self.model.encode_chat(*args), False
+            else:  # one render for both
+                ids, opening = self.model.encode_chat_opening(*args)
+                opens = opens_reasoning(opening)
         except ChatError as e:
             raise RequestError(str(e) if str(e).startswith("messages") else f"messages: {e}") from None
         return self.ids("messages", ids), opens

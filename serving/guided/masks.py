@@ -109,7 +109,8 @@ class TokenTable:
                           for raw, k in ((True, slice(None)), (False, cumulative[-1][ids]))}  # fmt: skip
         self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
         self._slow = SizedCache(1024, 1 << 20, lambda _, why: len(why))  # grammar key -> prepare_masks' time refusal
-        self._closers: dict = {}  # k -> tokens that can complete "</think>" after k of its bytes ("whole": in them)
+        self._closers: dict[int, list[int]] = {}  # k -> tokens that can complete "</think>" after k of its bytes
+        self._holding_tag: list[int] | None = None  # tokens with the whole "</think>" in them
 
     @classmethod
     def of(cls, tokenizer: Any, vocab_size: int) -> TokenTable:
@@ -166,15 +167,15 @@ class TokenTable:
         the whole vocabulary for each of the 8 states: ~a second for 150k tokens."""
         closers = self._closers.get(k)
         if closers is None:  # the whole tag inside the token, or (k > 0) the tag's rest at its start
-            if "whole" not in self._closers:
-                self._closers["whole"] = [v for v, data in enumerate(self.bytes) if data and THINK_CLOSE in data]
+            if self._holding_tag is None:
+                self._holding_tag = [v for v, data in enumerate(self.bytes) if data and THINK_CLOSE in data]
             ids, data, _ = self._matrices[True]  # every token's byte j in row j, 0 past its end (the tag has no 0)
             rest, starts = THINK_CLOSE[k:], np.zeros(len(ids), bool)
             if k and len(rest) <= data.shape[0]:
                 starts[:] = True
                 for j, byte in enumerate(rest):
                     starts &= data[j] == byte
-            closers = self._closers[k] = sorted({*self._closers["whole"], *ids[starts].tolist()})
+            closers = self._closers[k] = sorted({*self._holding_tag, *ids[starts].tolist()})
         allowed = np.zeros(self.words * 32, bool)
         allowed[self._matrices[True][0]] = True  # every token with bytes
         for v in closers:
