@@ -1,8 +1,9 @@
 """`meshserve score` and `meshserve batch-generate`: offline JSONL jobs in process (no server), throughput plan.
 
 Rerunning a command after an interruption (Ctrl-C, kill -9, a crash) continues where it stopped: ids already in
-OUT are skipped. Bad input lines go to the errors file (default OUT.errors.jsonl) with their line numbers. The
-input and output fields are in each command's --help (the epilogs below; serving/offline.py checks them).
+OUT are skipped, once the settings recorded in OUT.settings.json (serving/job_settings.py) are found unchanged. Bad
+input lines go to the errors file (default OUT.errors.jsonl) with their line numbers. The input and output fields
+are in each command's --help (the epilogs below; serving/offline.py checks them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from meshserve.serving.cli_model import add_model_arguments, add_warm_up_argument, load_for_serving
+from meshserve.serving.job_settings import settings_path
 from meshserve.serving.signals import SignalLatch, run_interruptibly
 
 __all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
@@ -24,6 +26,15 @@ duplicate id or a bad value goes to the errors file as {"line", "id", "error"} a
 appended to OUT as they finish (one flushed line each); rerunning the same command skips the ids already in OUT,
 so it completes an interrupted job. An empty input, or one whose ids are all in OUT, finishes without loading the
 model. The errors file is rewritten each run and only created when there is a bad line.
+
+How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json): the command, the
+model (its config and, for a checkpoint, its files' sizes and dates), the weights dtype, the KV cache dtype and
+the reasoning parser (batch-generate's; score reads no KV cache), with meshserve's version, the date and the
+layout flags for information. A rerun that would append with one of those changed is refused before the model
+loads, naming each change: write to a new -o, or pass --allow-changed-settings to append anyway (the change is
+recorded). Mesh, layout, bucket, --objective, --max-context, --speculative-tokens and --warm-up changes are
+allowed (the same answers up to float rounding). An OUT from an older meshserve, with results and no record,
+resumes with a warning and gets one.
 """
 
 SCORE_EPILOG = (
@@ -103,7 +114,11 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("input", metavar="IN.jsonl", help="input lines (fields below)")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="OUT.jsonl", help="results, one line per id (appended)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.jsonl",
+        help="results, one line per id (appended); the settings that made them go to OUT.settings.json",
     )
     parser.add_argument("--errors", metavar="PATH", help="bad lines with line numbers (default: OUT.errors.jsonl)")
     parser.add_argument(
@@ -113,6 +128,12 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
         help="plan objective (default throughput: large batches)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    parser.add_argument(
+        "--allow-changed-settings",
+        action="store_true",
+        help="resume OUT even when the model, weights, KV cache dtype or reasoning parser differ from those recorded "
+        "in OUT.settings.json (default: refused, naming each change); the change is added to the record",
+    )
     add_warm_up_argument(parser, "the job", "starting")
     add_model_arguments(parser)
 
@@ -132,8 +153,10 @@ def _report(
     if kind == "score":
         for key in ("samples", "draft_tokens", "accepted_draft_tokens"):  # one score per line; no decoding
             counts.pop(key, None)
+    record = settings_path(out_path)
     report = {**counts, "seconds": round(seconds, 3), "tokens_per_s": round(summary.tokens / max(seconds, 1e-9), 1),
-              "output": str(out_path), "errors_file": str(errors_path), "interrupted": stopped_by is not None}  # fmt: skip
+              "output": str(out_path), "errors_file": str(errors_path), "interrupted": stopped_by is not None,
+              "settings_file": str(record) if record.exists() else None}  # fmt: skip
     if args.json:
         print(json.dumps(report))
     if stopped_by is not None:
@@ -162,6 +185,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
+    from meshserve.serving.job_settings import settings_from_args
     from meshserve.serving.jsonl_jobs import finish_job, prepare_job
     from meshserve.serving.offline import run_generate, run_score
     from meshserve.serving.reasoning import ChatOptions
@@ -170,7 +194,13 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
     # Before loading and compiling (minutes on a large model): bad paths and a corrupt OUT fail fast, and a job with
     # nothing left to do ends here.
-    job = prepare_job(kind, in_path, out_path, errors_path)
+    # The settings are read (the preset, or the checkpoint's config and file dates: no weights) only when there are
+    # lines to append; a changed one is refused here, before the model loads.
+    job = prepare_job(
+        kind, in_path, out_path, errors_path, lambda: settings_from_args(args, kind), args.allow_changed_settings
+    )
+    if job.note is not None:
+        print(job.note, file=sys.stderr)
     start = time.monotonic()
     if not job.todo:
         summary = finish_job(job)

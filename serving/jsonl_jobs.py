@@ -4,7 +4,8 @@ results and errors line by line, with no model (serving/offline.py runs the jobs
 Resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines are
 skipped; a corrupt complete line stops the job with its line number, never a truncation). Each result is one
 flushed write. The errors file ({"line", "id", "error"}) is rewritten each run and created only when there is an
-error (an old one is emptied).
+error (an old one is emptied). OUT's settings record (OUT.settings.json: model, weights, KV cache dtype, reasoning
+parser) is serving/job_settings.py's: prepare_job checks it, before any model is loaded, when there are lines to do.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from meshserve.analytics.output import write_probe
 from meshserve.errors import UserError
 from meshserve.model.sampling_params import SamplingParams
+from meshserve.serving.job_settings import JobSettings, plan_record, settings_path, write_record
 
 __all__ = [
     "SCORE_KEYS",
@@ -92,8 +94,16 @@ def resume_output(path: Path) -> set:
     """Ids already written to OUT. Blank lines are skipped; an unterminated last line (a kill mid-write) is
     truncated away. A complete line that is not a result is never cut (that would drop every result after it):
     it raises OfflineError naming the line."""
+    done, good_end = _scan_output(path)
+    _cut(path, good_end)
+    return done
+
+
+def _scan_output(path: Path) -> tuple[set, int]:
+    """resume_output's reading, nothing written: (the ids in OUT, the bytes up to the end of its last complete
+    line)."""
     if not path.exists():
-        return set()
+        return set(), 0
     if path.is_dir():
         raise OfflineError(f"output {path} is a directory")
     done: set = set()
@@ -112,10 +122,14 @@ def resume_output(path: Path) -> set:
                     f'output {path} line {n} is not a result line (JSON object with an "id"); fix or remove '
                     "it, then rerun"
                 ) from None
-    if good_end != path.stat().st_size:
+    return done, good_end
+
+
+def _cut(path: Path, good_end: int) -> None:
+    """Truncate OUT's unterminated last line, if any (`good_end` from _scan_output)."""
+    if path.exists() and good_end != path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(good_end)
-    return done
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -140,7 +154,8 @@ def _check_writable(path: Path, what: str) -> None:
 def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:
     """Refuse paths that cannot work or would destroy data, before anything is loaded or written: a missing or
     unreadable IN, OUT or the errors file in a missing or read-only folder, OUT or the errors file (rewritten each
-    run) on top of IN, or the errors file on top of OUT. Compared after resolving, so `./in.jsonl` and
+    run) on top of IN, the errors file on top of OUT, or IN or the errors file on top of OUT's settings record
+    (serving/job_settings.py). Compared after resolving, so `./in.jsonl` and
     `d/../in.jsonl` count as IN."""
     if in_path.is_dir():
         raise OfflineError(f"input {in_path} is a directory, not a JSONL file")
@@ -150,13 +165,16 @@ def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:
         raise OfflineError(f"input {in_path} is not readable")
     _check_writable(out_path, "output")
     _check_writable(errors_path, "--errors")
-    src, out, err = (p.resolve() for p in (in_path, out_path, errors_path))
+    src, out, err, record = (p.resolve() for p in (in_path, out_path, errors_path, settings_path(out_path)))
     if out == src:
         raise OfflineError("output must be a different file from the input")
     if err == src:
         raise OfflineError(f"--errors must be a different file from the input ({in_path})")
     if err == out:
         raise OfflineError(f"--errors must be a different file from the output ({out_path})")
+    if record in (src, err):  # the record is replaced whole on a fresh job
+        what = "the input" if record == src else "--errors"
+        raise OfflineError(f"{what} must not be the output's settings record {settings_path(out_path)}")
 
 
 def _key(value: Any) -> str:
@@ -255,7 +273,8 @@ class JobWriter:
 
 @dataclass
 class PreparedJob:
-    """IN read against OUT, before any model is loaded: the lines still to do, the bad ones, the ids done."""
+    """IN read against OUT, before any model is loaded: the lines still to do, the bad ones, the ids done, and the
+    settings record to write when the run first writes to OUT (serving/job_settings.py; None: keep the one there)."""
 
     kind: str
     out_path: Path
@@ -263,9 +282,14 @@ class PreparedJob:
     todo: list[JobLine]
     bad: list[tuple[int, Any, str]]  # (line, id, error) for the errors file
     skipped: int
+    record: dict | None = None
+    note: str | None = None  # for stderr: OUT had no record, or its settings changed (--allow-changed-settings)
 
     def open(self) -> JobWriter:
-        """The writer for this run, with the bad lines found so far already reported."""
+        """The writer for this run, with the bad lines found so far already reported; the settings record written
+        first (whole, before OUT gets a line)."""
+        if self.record is not None:
+            write_record(settings_path(self.out_path), self.record)
         writer = JobWriter(self.out_path, self.errors_path)
         writer.summary.skipped = self.skipped
         for line, id_, message in self.bad:
@@ -273,12 +297,22 @@ class PreparedJob:
         return writer
 
 
-def prepare_job(kind: str, in_path: Path, out_path: Path, errors_path: Path) -> PreparedJob:
+def prepare_job(
+    kind: str,
+    in_path: Path,
+    out_path: Path,
+    errors_path: Path,
+    settings: Callable[[], JobSettings] | None = None,
+    allow_changed: bool = False,
+) -> PreparedJob:
     """Check the paths, resume OUT (cutting a partial last line) and read IN: no model, nothing written besides
-    that cut. `kind` is "score" or "batch-generate"."""
+    that cut. `kind` is "score" or "batch-generate". `settings` (called only when there are lines to do: a job
+    that appends nothing needs no model named) gives this run's settings, checked against OUT's record
+    (job_settings.plan_record: a changed setting raises SettingsChanged unless `allow_changed`) before the cut,
+    so a refused resume leaves OUT as it was; None: no record is read or written."""
     known = job_keys(kind)
     check_paths(in_path, out_path, errors_path)  # before anything is opened for writing
-    done = resume_output(out_path)
+    done, good_end = _scan_output(out_path)
     bad: list[tuple[int, Any, str]] = []
     todo, skipped = [], 0
     for job in read_jobs(in_path, _REQUIRED[kind], lambda *e: bad.append(e), known):
@@ -286,7 +320,11 @@ def prepare_job(kind: str, in_path: Path, out_path: Path, errors_path: Path) -> 
             skipped += 1
         else:
             todo.append(job)
-    return PreparedJob(kind, out_path, errors_path, todo, bad, skipped)
+    record, note = None, None
+    if todo and settings is not None:
+        record, note = plan_record(out_path, settings(), len(done), allow_changed, kind)
+    _cut(out_path, good_end)
+    return PreparedJob(kind, out_path, errors_path, todo, bad, skipped, record, note)
 
 
 def finish_job(job: PreparedJob) -> JobSummary:
