@@ -1,21 +1,42 @@
-"""`JsonScan`: one JSON value read a character at a time, as Python's JSON decoder reads it (the same grammar:
-strict strings, NaN / Infinity, no trailing commas), tracking strings, escapes and depth, and writing the value of the
-top-level object's "arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a "head"
-block), in json.dumps(..., ensure_ascii=False)'s form while it reads it. serving/tool_call_stream.py streams Hermes
-tool calls' arguments with it (its docstring says how); openai_tools.parse_tool_calls reads head blocks with it too,
-so streamed and whole answers agree.
+"""`JsonScan`: one JSON value read a character at a time, as `DECODER` reads it (the same grammar: strict strings, no
+trailing commas), tracking strings, escapes and depth, and writing the value of the top-level object's arguments key,
+when "name" (a non-empty string) and an arguments key are its first two keys (a "head" block), in json.dumps(...,
+ensure_ascii=False)'s form while it reads it. serving/tool_call_stream.py streams Hermes tool calls' arguments with it
+(its docstring says how), serving/llama3_tools.py Llama's; both formats' whole-text parses read head blocks with it
+too, so streamed and whole answers agree.
+
+`DECODER` is Python's JSON decoder made strict: NaN, Infinity and -Infinity (which json.loads accepts) and a number
+too large for a float (1e400, which it reads as inf) are refused with ValueError, because json.dumps would write them
+back as NaN / Infinity, which is not JSON: a call's arguments go to OpenAI clients as JSON text. vLLM's parsers
+json.loads and json.dumps them, sending that invalid JSON on; here a call whose JSON holds one is not a call (see the
+parsers' docstrings). JsonScan refuses them at the same character ("bad").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
-__all__ = ["JsonScan", "WAIT", "NO", "NAME_KEY", "NAME", "ARGS_KEY", "OPEN", "ARGS"]
+__all__ = ["DECODER", "JsonScan", "WAIT", "NO", "NAME_KEY", "NAME", "ARGS_KEY", "OPEN", "ARGS"]
+
+
+def _finite(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {raw[:20]}")
+    return value
+
+
+def _no_constant(raw: str) -> None:
+    raise ValueError(f"{raw} is not JSON")
+
+
+DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")  # the JSON decoder's number
 _NUMBER_CHARS = frozenset("0123456789+-.eE")
-_LITERALS = {"t": "true", "f": "false", "n": "null", "N": "NaN", "I": "Infinity"}
+_LITERALS = {"t": "true", "f": "false", "n": "null"}  # no NaN / Infinity: DECODER refuses them
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _HEX = frozenset("0123456789abcdefABCDEF")
 # What JsonScan expects next outside a token.
@@ -27,9 +48,12 @@ WAIT, NO, NAME_KEY, NAME, ARGS_KEY, OPEN, ARGS = range(7)
 class JsonScan:
     """One JSON value read from `text[start:]` a character at a time (`advance(text)` as text grows). `state`:
     "open" (a valid prefix so far), "done" (`pos` = the index after the value) or "bad" (`pos` = where it broke).
-    `head` and `name` say whether it is a head block; `out` holds the arguments' normalized text so far."""
+    `head` and `name` say whether it is a head block; `out` holds the arguments' normalized text so far.
+    `args_keys`: the keys that may follow "name" as the arguments (Hermes: "arguments"; Llama also "parameters");
+    `object_args`: a head's arguments must be an object (Llama's format; otherwise `head` becomes NO)."""
 
-    def __init__(self, start: int = 0) -> None:
+    def __init__(self, start: int = 0, args_keys: tuple[str, ...] = ("arguments",), object_args: bool = False) -> None:
+        self.args_keys, self.object_args = args_keys, object_args
         self.pos, self.state = start, "open"
         self.stack: list[str] = []  # open containers, "{" or "["
         self.expect = _VALUE
@@ -43,6 +67,11 @@ class JsonScan:
 
     def arguments(self) -> str:
         return "".join(self.out)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the head is read: its name, the arguments' key and (with object_args) the arguments' "{"."""
+        return self.head == ARGS or (self.head == OPEN and (bool(self.out) or not self.object_args))
 
     def advance(self, text: str) -> None:
         """Read text[pos:] (stopping at the value's end or where it breaks)."""
@@ -66,20 +95,15 @@ class JsonScan:
             if ch in _NUMBER_CHARS:
                 self.raw += ch
                 return True
-            if self.raw == "-" and ch == "I":
-                self.token, self.literal, self.raw = "l", "-Infinity", "-I"
-                return True
-            if not _NUMBER.fullmatch(self.raw):
+            if not _NUMBER.fullmatch(self.raw):  # "-Infinity" breaks here, at its "I"
                 return self._bad()
             self._scalar(self.raw)
-            return False  # ch ended the number: read it again
+            return False  # ch ended the number: read it again (unless the number was refused)
         if self.token == "l":
             self.raw += ch
             if not self.literal.startswith(self.raw):
                 return self._bad()
-            if self.raw == self.literal:
-                self._scalar(self.raw)
-            return True
+            return self._scalar(self.raw) if self.raw == self.literal else True
         if ch in " \t\n\r":
             return True
         expect = self.expect
@@ -113,8 +137,12 @@ class JsonScan:
         return self._bad()
 
     def _value_start(self, ch: str) -> bool:
-        if (not self.stack and ch != "{") or (len(self.stack) == 1 and self.head == NAME and ch != '"'):
-            self.head = NO  # not an object, or a name that is not a string
+        if not self.stack and ch != "{":
+            self.head = NO  # not an object
+        elif len(self.stack) == 1 and self.head == NAME and ch != '"':
+            self.head = NO  # a name that is not a string
+        elif len(self.stack) == 1 and self.head == OPEN and self.object_args and ch != "{":
+            self.head = NO  # arguments that must be an object and are not
         if ch in "{[":
             self._put(ch)
             self.stack.append(ch)
@@ -150,16 +178,17 @@ class JsonScan:
         elif not self.stack:
             self.state = "done"
 
-    def _scalar(self, raw: str) -> None:
-        """A number or literal ended: written as json.dumps writes its value."""
+    def _scalar(self, raw: str) -> bool:
+        """A number or literal ended: written as json.dumps writes its value. False (bad) where DECODER refuses it:
+        a float out of range, an integer past Python's digit limit."""
         self.token, self.raw = "", ""
         try:
-            text = json.dumps(json.loads(raw))
-        except ValueError:  # an integer past Python's digit limit: the decoder refuses it too
-            self._bad()
-            return
+            text = json.dumps(DECODER.decode(raw))
+        except ValueError:
+            return self._bad()
         self._put(text)
         self._value_done()
+        return True
 
     def _string_char(self, ch: str) -> bool:
         raw = self.raw
@@ -226,7 +255,7 @@ class JsonScan:
             if key and self.head == NAME_KEY:
                 self.head = NAME if text == "name" else NO
             elif key and self.head == ARGS_KEY:
-                self.head = ARGS_KEY if text == "arguments" else NO
+                self.head = ARGS_KEY if text in self.args_keys else NO
             elif not key and self.head == NAME:
                 self.name = text
                 self.head = ARGS_KEY if text else NO

@@ -2,21 +2,23 @@
 `tools`, `tool_choice` and `parallel_tool_calls` checked, assistant `tool_calls` and tool messages read into the
 proto, and the Hermes format's calls parsed out of the generated text, whole or while it streams.
 
-Hermes-format models (Qwen2.5, Hermes 2 Pro / 3, ...) see the tools in their chat template's `tools` variable and
-answer a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (one block per call, JSON inside,
-whitespace around). `parse_tool_calls` turns each block whose JSON is an object naming a function into a call, and
-the text outside the blocks into the content (None when it is only whitespace; whitespace between and after blocks
-is dropped); a block that does not parse stays
-content. As vLLM's hermes parser, a last block left open (`<tool_call>{...}` with no closing tag, the model stopped
-right after the JSON) counts when its JSON parses. Unlike vLLM's regex, the JSON is read by the JSON decoder, so a
-`</tool_call>` inside an argument's string does not cut the block. A block whose JSON starts {"name": ...,
-"arguments": ...} gets its arguments written by serving/tool_call_stream.py's JsonScan, as the HTTP stream sends them
-(json.dumps' form; an object with a repeated key keeps every copy); other blocks json.dumps the decoded arguments.
-`ToolCallStream` (gRPC's) is the same parse for a stream: text before the first `<tool_call>` goes out at once
-(unless it is only whitespace so far: it may turn out to be the space between no content and a call), from the tag
-on everything is held, and the end gives the rest of the content and the calls; its pieces always join to exactly
-what `parse_tool_calls` makes of the whole text (tested over random splits). The HTTP chat stream sends calls as they
-are generated instead (tool_call_stream.ToolCallDeltas).
+Hermes-format models (Qwen2.5, Hermes 2 Pro / 3, ...) see the tools in their chat template's `tools` variable and answer
+a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (one block per call, JSON inside, whitespace
+around). `parse_tool_calls` turns each block whose JSON is an object naming a function into a call, and the text outside
+the blocks into the content (None when it is only whitespace; whitespace between and after blocks is dropped); a block
+that does not parse stays content. As vLLM's hermes parser, a last block left open (`<tool_call>{...}` with no closing
+tag, the model stopped right after the JSON) counts when its JSON parses. Unlike vLLM's regex, the JSON is read by the
+JSON decoder, so a `</tool_call>` inside an argument's string does not cut the block; unlike vLLM, the decoder is strict
+JSON (json_scan.DECODER): a block holding NaN, Infinity, -Infinity or a number out of float range, which vLLM passes on
+as invalid JSON arguments, is not a call and stays content. A block whose JSON starts {"name": ..., "arguments": ...}
+gets its arguments written by serving/tool_call_stream.py's JsonScan, as the HTTP stream sends them (json.dumps' form;
+an object with a repeated key keeps every copy); other blocks json.dumps the decoded arguments. `ToolCallStream`
+(gRPC's) is the same parse for a stream: text before the first `<tool_call>` goes out at once (unless it is only
+whitespace so far: it may turn out to be the space between no content and a call), from the tag on everything is held,
+and the end gives the rest of the content and the calls; its pieces always join to exactly what `parse_tool_calls` makes
+of the whole text (tested over random splits). The HTTP chat stream sends calls as they are generated instead
+(tool_call_stream.ToolCallDeltas). `parse_calls`, `call_stream` and `call_deltas` pick the server's parser: these, or
+serving/llama3_tools.py's for llama3_json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
+from meshserve.serving.json_scan import DECODER
 from meshserve.serving.llama3_tools import Llama3Deltas, Llama3Stream, parse_llama3
 from meshserve.serving.tool_call_stream import END, START, ToolCall, ToolCallDeltas, block_call
 from meshserve.serving.validation import RequestError, refuse_unknown
@@ -54,7 +57,6 @@ PARSERS = ("hermes", "llama3_json")  # serve --tool-call-parser's choices (llama
 MAX_TOOLS = 128  # OpenAI's API refuses more tools than this in one request
 MAX_NAME = 64  # OpenAI's limit on a function name's length
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-_DECODER = json.JSONDecoder()
 _FUNCTION_KEYS = ("name", "description", "parameters", "strict")
 
 
@@ -208,7 +210,7 @@ def _blocks(text: str):
         pos = start + len(START)
         at = _SPACE.match(text, pos).end()
         try:
-            obj, end = _DECODER.raw_decode(text, at)
+            obj, end = DECODER.raw_decode(text, at)
         except (ValueError, RecursionError):
             continue
         after = _SPACE.match(text, end).end()

@@ -2,16 +2,17 @@
 call k (index, id, type, function.name, arguments "") once its block's `<tool_call>{"name": "<name>", "arguments": `
 is complete, then {"index": k, "function": {"arguments": <fragment>}} as the arguments' JSON value grows.
 
-`JsonScan` (serving/json_scan.py) reads one JSON value a character at a time, as Python's JSON decoder does (the same
-grammar: strict strings, NaN / Infinity, no trailing commas), tracks strings, escapes and depth, and writes the value
-of the top-level object's "arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a
-"head" block), in json.dumps(..., ensure_ascii=False)'s form while it reads it: whitespace dropped, ", " and ": "
-separators, strings re-escaped (`\\u00e9` becomes é, `\\/` becomes /), each number written once complete as json.dumps
-writes its value. So a fragment is only ever a piece that can no longer change, and the fragments join to exactly what
-`openai_tools.parse_tool_calls` gives as that call's arguments: it reads head blocks with the same scanner. That
-equals json.dumps(json.loads(value)) except for an object with a repeated key, which keeps every copy (json.loads of
-it still gives the same dict: the last copy wins). Blocks whose JSON is not a head (arguments first, no arguments) are
-held and sent whole once closed, as before.
+`JsonScan` (serving/json_scan.py) reads one JSON value a character at a time, as json_scan.DECODER does (Python's
+decoder, strict: no NaN / Infinity), tracks strings, escapes and depth, and writes the value of the top-level object's
+"arguments" key, when "name" (a non-empty string) and "arguments" are its first two keys (a "head" block), in
+json.dumps(..., ensure_ascii=False)'s form while it reads it: whitespace dropped, ", " and ": " separators, strings
+re-escaped (`\\u00e9` becomes é, `\\/` becomes /), each number written once complete as json.dumps writes its value. So
+a fragment is only ever a piece that can no longer change, and the fragments join to exactly what
+`openai_tools.parse_tool_calls` gives as that call's arguments: it reads head blocks with the same scanner. That equals
+json.dumps(json.loads(value)) except for an object with a repeated key, which keeps every copy (json.loads of it still
+gives the same dict: the last copy wins). Blocks whose JSON is not a head (arguments first, no arguments) are held and
+sent whole once closed, as before. `CallReader` is one call's JSON read so (its deltas, and the call it decides once
+done); Llama 3's stream (serving/llama3_tools.py) reads its bare calls with it too.
 
 `ToolCallDeltas` is one streamed choice: `feed` each piece of text, `finish` at the end; each returns content strings
 and call deltas in order. Their content joins to `parse_tool_calls(text)`'s content ("" for None) and their calls to
@@ -19,6 +20,11 @@ its calls (names, arguments, order; one id per call) for every text except one w
 opening (the generation cut inside its arguments, or invalid JSON there): that call was announced and stays, with
 the fragments sent, its text is no content, and the parse goes on after the point where it broke (the whole-text
 parse makes such a block content).
+
+NaN, Infinity, -Infinity and numbers out of float range (1e400) are not JSON, though json.loads reads them and
+json.dumps writes them back: vLLM's hermes parser passes them on, so a client's JSON parser fails on its arguments.
+Here a block holding one is not a call: its text stays content (openai_tools.parse_tool_calls); streamed, a head
+block whose arguments hold one breaks there, as any invalid JSON after opening.
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshserve.serving.json_scan import ARGS, OPEN, JsonScan
+from meshserve.serving.json_scan import ARGS, DECODER, JsonScan
 
 __all__ = [
     "START",
     "END",
     "ToolCall",
     "JsonScan",
+    "CallReader",
     "block_call",
     "ToolCallDeltas",
     "no_surrogates",
@@ -43,7 +51,6 @@ __all__ = [
 
 START, END = "<tool_call>", "</tool_call>"
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -76,26 +83,82 @@ def _call(obj: Any) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))
 
 
-def block_call(raw: str, obj: Any) -> ToolCall | None:
-    """The call of a block whose JSON text `raw` decoded to `obj`: a head block's first name and its arguments as
-    JsonScan writes them (what a stream sends), else the object's name and json.dumps(arguments); None when it
-    names no function."""
-    scan = JsonScan()
-    scan.advance(raw)
-    if scan.state == "done" and scan.head == ARGS:
-        return ToolCall(scan.name, scan.arguments())
-    return _call(obj)
+def block_call(raw: str, obj: Any, reader: CallReader | None = None) -> ToolCall | None:
+    """The call of a block whose JSON text `raw` decoded to `obj` (by DECODER): a head block's first name and its
+    arguments as JsonScan writes them (what a stream sends), else `reader.fallback(obj)` (Hermes: the object's name
+    and json.dumps(arguments)); None when it names no function. `reader`: a fresh CallReader(0) of the format (None:
+    Hermes')."""
+    reader = reader or CallReader(0)
+    reader.scan.advance(raw)
+    if reader.scan.state == "done" and reader.scan.head == ARGS:
+        return reader.streamed()
+    return reader.fallback(obj)
+
+
+@dataclass
+class CallReader:
+    """One call's JSON read as it grows, from `start` (its first character) by `scan`: `deltas(k)` gives, as call k,
+    its opening delta once the head is read (JsonScan.opened) and then each fragment of its arguments; `decided`
+    the call once the JSON is done. `id`: set when it opened; `sent`: argument pieces (scan.out) sent. `fallback`:
+    the call of a decoded object that is not a head (sent whole once done). ToolCallDeltas reads each block's JSON
+    with one (Hermes' defaults); llama3_tools.Llama3Deltas each bare call (its keys, "parameters" first)."""
+
+    start: int
+    args_keys: tuple[str, ...] = ("arguments",)
+    object_args: bool = False
+    fallback: Callable[[Any], ToolCall | None] = _call
+    id: str = ""
+    sent: int = 0
+    scan: JsonScan = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scan = JsonScan(self.start, self.args_keys, self.object_args)
+
+    def deltas(self, k: int) -> list[dict]:
+        """Read text as far as `scan` has (call `scan.advance` first): what to send of it now, as call k."""
+        scan, out = self.scan, []
+        if not scan.opened:
+            return out
+        if not self.id:
+            self.id = "call_" + secrets.token_hex(12)
+            out.append({"index": k, "id": self.id, "type": "function",
+                        "function": {"name": no_surrogates(scan.name), "arguments": ""}})  # fmt: skip
+        if self.sent < len(scan.out):
+            fragment = no_surrogates("".join(scan.out[self.sent :]))
+            self.sent = len(scan.out)
+            out.append({"index": k, "function": {"arguments": fragment}})
+        return out
+
+    def streamed(self) -> ToolCall:
+        """The call as streamed: the head's name and its arguments so far (all of them once the JSON is done)."""
+        if self.id:
+            return ToolCall(self.scan.name, self.scan.arguments(), self.id)
+        return ToolCall(self.scan.name, self.scan.arguments())
+
+    def decided(self, text: str) -> ToolCall | None:
+        """The call of `text[start:scan.pos]` once scan is done, as the whole-text parse decides it (DECODER has the
+        last word): the head's as streamed, else `fallback` of the decoded object; None when it is not a call."""
+        try:
+            obj, after = DECODER.raw_decode(text, self.start)
+        except (ValueError, RecursionError):
+            return None
+        if after != self.scan.pos:
+            return None
+        return self.streamed() if self.id else self.fallback(obj)
+
+    def whole_delta(self, k: int, call: ToolCall) -> dict:
+        """A call that did not stream (not a head): sent whole as call k once done."""
+        return {"index": k, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
 
 
 @dataclass
 class _Block:
-    """The `<tool_call>` block being read: where its tag starts, its JSON's scanner (None until the JSON's first
-    character), and (a head block) the id it was opened with and how many argument pieces went out."""
+    """The `<tool_call>` block being read: where its tag starts, and its JSON's reader (None until the JSON's first
+    character)."""
 
     start: int
-    scan: JsonScan | None = None
-    id: str = ""
-    sent: int = 0
+    reader: CallReader | None = None
 
 
 class ToolCallDeltas:
@@ -176,22 +239,15 @@ class ToolCallDeltas:
         """Read the pending block further; True when it is resolved (a call, or text after all)."""
         text, block = self.text, self.block
         assert block is not None
-        if block.scan is None:
+        if block.reader is None:
             at = _SPACE.match(text, block.start + len(START)).end()
             if at == len(text) and not final:
                 return False
-            block.scan = JsonScan(at)
-        scan, k = block.scan, len(self.calls)
+            block.reader = CallReader(at)
+        reader, k = block.reader, len(self.calls)
+        scan = reader.scan
         scan.advance(text)
-        if scan.head in (OPEN, ARGS):
-            if not block.id:
-                block.id = "call_" + secrets.token_hex(12)
-                self._delta(out, k, {"index": k, "id": block.id, "type": "function",
-                                     "function": {"name": no_surrogates(scan.name), "arguments": ""}})  # fmt: skip
-            if block.sent < len(scan.out):
-                fragment = no_surrogates("".join(scan.out[block.sent :]))
-                block.sent = len(scan.out)
-                self._delta(out, k, {"index": k, "function": {"arguments": fragment}})
+        self._send(out, k, reader.deltas(k))
         end, broke = None, scan.pos  # the block's end when it closes; where it broke when it does not
         if scan.state == "open":
             if not final:
@@ -205,40 +261,25 @@ class ToolCallDeltas:
                 if not final:
                     return False
                 end = broke if broke == len(text) else None
-        call = None if end is None else self._decided(block, scan)
+        call = None if end is None else reader.decided(text)
         self.block = None
         if call is not None:
             self._settle(block.start, end)
             self.calls.append(call)
-            if not block.id:  # not a head block: the call whole, now that it closed
-                self._delta(out, k, {"index": k, "id": call.id, "type": "function",
-                                     "function": {"name": call.name, "arguments": call.arguments}})  # fmt: skip
-        elif block.id:  # an opened call broke: it stays as sent; the parse goes on where it broke
+            if not reader.id:  # not a head block: the call whole, now that it closed
+                self._send(out, k, [reader.whole_delta(k, call)])
+        elif reader.id:  # an opened call broke: it stays as sent; the parse goes on where it broke
             self._settle(block.start, broke)
-            self.calls.append(ToolCall(scan.name, scan.arguments(), block.id))
+            self.calls.append(reader.streamed())
             self.broken += 1
-            self._broken_ids.add(block.id)
+            self._broken_ids.add(reader.id)
         else:
             self.pos = block.start + len(START)  # not a block: its text is content, searched again from after the tag
         return True
 
-    def _decided(self, block: _Block, scan: JsonScan) -> ToolCall | None:
-        """A closed block's call, as the whole-text parse decides it (the JSON decoder has the last word)."""
-        at = block.start + len(START)
-        at = _SPACE.match(self.text, at).end()
-        try:
-            obj, after = _DECODER.raw_decode(self.text, at)
-        except (ValueError, RecursionError):
-            return None
-        if after != scan.pos:
-            return None
-        if block.id:
-            return ToolCall(scan.name, scan.arguments(), block.id)
-        return _call(obj)
-
-    def _delta(self, out: list, k: int, delta: dict) -> None:
-        if self.parallel or k == 0:
-            out.append(delta)
+    def _send(self, out: list, k: int, deltas: list[dict]) -> None:
+        if self.parallel or k == 0:  # parallel_tool_calls false: the first call only
+            out += deltas
 
 
 def _held_from(text: str, pos: int) -> int:

@@ -1,9 +1,12 @@
 """Llama 3.x tool calls (`--tool-call-parser llama3_json`, serving/llama3_tools.py): the parse (bare call objects,
-<|python_tag|>, ";"-joined calls, all or nothing), streamed holders that join to the whole parse over random splits,
-the guided grammar for tool_choice "required" (one bare {"name", "parameters"} object following the tool's schema),
-and end to end: a tiny Llama scripted to answer with `{"name": "get_weather", "parameters": {"city": "Paris"}}`
-through a real `meshserve serve --tool-call-parser llama3_json`, read with the openai client, whole and streamed,
-with tool_choice auto and required, and over gRPC.
+<|python_tag|>, several calls joined by ";", all or nothing, NaN / Infinity / 1e400 no call), the HTTP stream's deltas
+(each call opened once its name and arguments' "{" are read, its arguments in fragments as they grow) joined equal to
+the whole parse over random splits but for the documented difference (a call went out before the text stopped being
+calls), gRPC's holder equal to it always, the guided grammar for tool_choice "required" (one bare {"name",
+"parameters"} object following the tool's schema), and end to end: a tiny Llama scripted to answer with `{"name":
+"get_weather", "parameters": {"city": "Paris"}}` through a real `meshserve serve --tool-call-parser llama3_json`, read
+with the openai client, whole and streamed, with tool_choice auto and required, and over gRPC (two streamed calls end
+to end: tests/test_serving_http_tool_calls.py).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import pytest
 from meshserve.serving.guided import GuideSpec, compile_spec
 from meshserve.serving.guided.spec import GuideError
 from meshserve.serving.llama3_tools import Llama3Deltas, Llama3Stream, parse_llama3
-from test_openai_tools import TOOLS
+from test_openai_tools import TOOLS, replay
 from test_serving_http_tool_calls import QUESTION, scripted_checkpoint
 from test_serving_support import ServerProcess
+from test_tool_call_stream import FORMATS, random_value
 
 CALLS = [
     ('{"name": "f", "parameters": {"a": 1}}', [("f", {"a": 1})]),
@@ -25,15 +29,26 @@ CALLS = [
     ('{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"x": "é"}}', [("f", {}), ("g", {"x": "é"})]),
     ('{"name": "f", "parameters": {}};\n', [("f", {})]),
     ('\n{"name": "f"}', [("f", {})]),
-]
-NOT_CALLS = ["Hello {\"name\": \"f\"}", '{"name": "f", "parameters": {}} and more', '{"name": 3}',
-             '{"name": "f", "parameters": [1]}', "", "   ", "<|python_tag|>", '{"name": "f", "param', "{}"]  # fmt: skip
+    ('<|python_tag|>{"name": "a", "parameters": {"n": [1, 2.5]}};{"name": "b", "parameters": {}} ;\n {"name": "c"}',
+     [("a", {"n": [1, 2.5]}), ("b", {}), ("c", {})]),
+    ('{"name": "f", "parameters": {}}\n{"name": "g", "parameters": {}}', [("f", {}), ("g", {})]),  # no ";"
+    ('{"name": "f", "parameters": {"s": "a; b}{"}}; {"parameters": {"k": null}, "name": "g"}',
+     [("f", {"s": "a; b}{"}), ("g", {"k": None})]),
+]  # fmt: skip
+NOT_CALLS = ['Hello {"name": "f"}', '{"name": "f", "parameters": {}} and more', '{"name": 3}',
+             '{"name": "f", "parameters": [1]}', "", "   ", "<|python_tag|>", '{"name": "f", "param', "{}",
+             '{"name": "f", "parameters": {}};; {"name": "g"}', '{"name": "f", "parameters": {}}; {"x": 1}',
+             '{"name": "f", "parameters": {}}; [1]', '{"name": "f", "parameters": {"a": 1}', "<|python_tag|> hi",
+             '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"a": NaN}}',
+             '{"name": "f", "parameters": {"a": Infinity}}', '{"name": "f", "parameters": {"a": [-Infinity]}}',
+             '{"name": "f", "parameters": {"a": 1e400}}', '{"parameters": {"a": NaN}, "name": "f"}']  # fmt: skip
 
 
 @pytest.mark.parametrize("text,calls", CALLS)
 def test_calls(text, calls):
     content, got = parse_llama3(text)
     assert content is None and [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert len({c.id for c in got}) == len(got) and all(c.id.startswith("call_") for c in got)
 
 
 @pytest.mark.parametrize("text", NOT_CALLS)
@@ -41,23 +56,126 @@ def test_text_that_is_not_all_calls_is_content(text):
     assert parse_llama3(text) == (text, [])
 
 
-def test_streams_join_to_the_whole_parse():
-    rng = random.Random(0)
-    for text in [t for t, _ in CALLS] + NOT_CALLS + ["plain answer", "  {", "<|python", "<|python_tag|> hi"]:
-        for _ in range(30):
-            stream, deltas, sent, items, at = Llama3Stream(), Llama3Deltas(), [], [], 0
+def test_which_arguments_a_call_has():
+    """A head ({"name", then "parameters" or "arguments"}) has the value of the key after its name, written as it
+    streams (every copy of a repeated key); another object "parameters" over "arguments"; strings stay strings."""
+    assert parse_llama3('{"name": "f", "arguments": {"a": 1}, "parameters": {"b": 2}}')[1][0].arguments == '{"a": 1}'
+    assert parse_llama3('{"parameters": {"b": 2}, "name": "f", "arguments": {"a": 1}}')[1][0].arguments == '{"b": 2}'
+    (call,) = parse_llama3('{"name": "f", "parameters": {"a": 1, "a": 2, "s": "NaN \\u00e9"}}')[1]
+    assert call.arguments == '{"a": 1, "a": 2, "s": "NaN é"}' and json.loads(call.arguments) == {"a": 2, "s": "NaN é"}
+
+
+def llama_replay(text: str, sizes: list[int], parallel: bool = True, seed: int = 0) -> tuple[str, list, Llama3Deltas]:
+    """test_openai_tools.replay through Llama3Deltas: (content, [(name, arguments)] by index, the stream)."""
+    return replay(text, sizes, parallel, Llama3Deltas, seed)
+
+
+def random_llama_text(rng: random.Random) -> str:
+    """Calls with random arguments written every way json.dumps writes them, joined every way, now and then one
+    that is no call (arguments not an object, NaN, cut short) or text that is not a separator."""
+    parts = [rng.choice(["", " ", "\n", "<|python_tag|>", "<|python_tag|> \n"])]
+    for k in range(rng.randint(1, 3)):
+        if k:
+            parts.append(rng.choices(["; ", ";", "\n", " ;\n", "", ";;", " and "], weights=[5, 3, 2, 2, 1, 1, 1])[0])
+        args = json.dumps({"k": random_value(rng), "é": random_value(rng)}, **rng.choice(FORMATS))
+        bodies = ['{"name": "f%d", "parameters": %s}', '{"name": "g%d", "arguments": %s}', '{"name": "n%d"}',
+                  '{"parameters": %s, "name": "h%d"}', '{"name": "b%d", "parameters": %s', '{"name": "x%d", '
+                  '"parameters": {"v": NaN}}', '{"name": "l%d", "parameters": [%s]}']  # fmt: skip
+        body = rng.choices(bodies, weights=[8, 3, 1, 2, 1, 1, 1])[0]
+        parts.append(body.replace("%d", str(k)).replace("%s", args))
+    parts.append(rng.choices(["", "\n", ";", " done"], weights=[4, 2, 2, 1])[0])
+    return "".join(parts)
+
+
+def test_streams_join_to_the_whole_parse_for_any_split():
+    """The HTTP deltas (content, names, arguments, order) equal parse_llama3 of the whole text over one-piece,
+    character-by-character and random splits, wherever no call went out before the text stopped being calls; where
+    one did (`differs`) the stream gives the same for every split, a call or more and the text's tail as content.
+    gRPC's holder always equals the whole parse."""
+    rng = random.Random(3)
+    extra = ["plain answer", "  {", "<|python", "<|python_tag|>  "]
+    texts = [t for t, _ in CALLS] + NOT_CALLS + extra + [random_llama_text(rng) for _ in range(80)]
+    same = 0
+    for text in texts:
+        content, calls = parse_llama3(text)
+        want = (content or "", [(c.name, c.arguments) for c in calls])
+        first = llama_replay(text, [len(text)])
+        for seed, sizes in enumerate(([1] * len(text), *([] for _ in range(6)))):
+            got = llama_replay(text, sizes, seed=seed)
+            assert got[:2] == first[:2] and got[2].differs == first[2].differs, (text, sizes)
+        if first[2].differs:
+            assert want == (text, []) and first[1] and text.endswith(first[0]), text
+        else:
+            assert first[:2] == want, text
+            assert llama_replay(text, [], parallel=False)[:2] == (want[0], want[1][:1]), text
+            same += 1
+        for _ in range(4):
+            stream, sent, at = Llama3Stream(), [], 0
             while at < len(text):
                 step = rng.randint(1, 6)
                 sent.append(stream.feed(text[at : at + step]))
-                items += deltas.feed(text[at : at + step])
                 at += step
-            rest, calls = stream.finish()
-            items += deltas.finish()
-            content, want = parse_llama3(text)
-            assert "".join(sent) + rest == (content or "") == "".join(i for i in items if isinstance(i, str))
-            named = [(c.name, c.arguments) for c in want]
-            assert [(c.name, c.arguments) for c in calls] == named
-            assert [(d["function"]["name"], d["function"]["arguments"]) for d in items if isinstance(d, dict)] == named
+            rest, got_calls = stream.finish()
+            assert ("".join(sent) + rest, [(c.name, c.arguments) for c in got_calls]) == want
+    assert same >= 0.6 * len(texts)
+
+
+def test_arguments_stream_as_they_grow():
+    """Call 0 opens once its name and the "{" of its arguments are read, its arguments follow in fragments, each
+    out before the call's JSON closes; call 1 opens after the ";" with its own id."""
+    head = '<|python_tag|>{"name": "get_weather", "parameters": '
+    args = '{"city": "Zürich", "days": [1, 2.50]}'
+    text = head + args + '}; {"name": "local_time", "parameters": {}}'
+    stream = Llama3Deltas()
+    steps = [(i + 1, stream.feed(ch)) for i, ch in enumerate(text)] + [(len(text), stream.finish())]
+    items = [(n, item) for n, got in steps for item in got]
+    assert all(isinstance(item, dict) for _, item in items)  # no content
+    opened = [(n, d) for n, d in items if "id" in d]
+    assert [n for n, _ in opened] == [len(head) + 1, text.rindex("{") + 1]
+    assert [(d["index"], d["type"], d["function"]) for _, d in opened] == [
+        (0, "function", {"name": "get_weather", "arguments": ""}), (1, "function", {"name": "local_time",
+                                                                                   "arguments": ""})]  # fmt: skip
+    assert [d["id"] for _, d in opened] == [c.id for c in stream.complete] and opened[0][1]["id"] != opened[1][1]["id"]
+    fragments = [(n, d) for n, d in items if "id" not in d and d["index"] == 0]
+    assert len(fragments) > 8 and fragments[-1][0] <= len(head) + len(args)
+    assert "".join(d["function"]["arguments"] for _, d in fragments) == '{"city": "Zürich", "days": [1, 2.5]}'
+    # What went out after 9 characters of the arguments: those characters, and nothing more.
+    assert "".join(d["function"]["arguments"] for n, d in fragments if n <= len(head) + 9) == '{"city": '
+    # An object that is not a head is sent whole when it closes.
+    late = '{"parameters": {"a": 1}, "name": "f"}; {"name": "g"}'
+    stream = Llama3Deltas()
+    steps = [(i + 1, stream.feed(ch)) for i, ch in enumerate(late)] + [(len(late), stream.finish())]
+    assert [(n, d["function"]) for n, got in steps for d in got] == [
+        (late.index(";"), {"name": "f", "arguments": '{"a": 1}'}),
+        (len(late), {"name": "g", "arguments": "{}"}),
+    ]
+
+
+def test_text_that_stops_being_calls_after_a_call_went_out():
+    """The documented difference: the calls sent stay (one broken after opening is not complete), the text from
+    where it stopped being calls is content; the whole-text parse makes all of it content."""
+    cases = [
+        ('{"name": "f", "parameters": {"a": 1}} and more', "and more", [("f", '{"a": 1}')], 0),
+        ('{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"a": NaN}}', "NaN}}",
+         [("f", "{}"), ("g", '{"a": ')], 1),
+        ('{"name": "f", "parameters": {"a": -Infinity}}', "Infinity}}", [("f", '{"a": ')], 1),
+        ('{"name": "f", "parameters": {}}; {"x": 1}', '{"x": 1}', [("f", "{}")], 0),
+        ('{"name": "f", "parameters": {"a": "b', "", [("f", '{"a": "b')], 1),  # cut by the end (max_tokens)
+    ]  # fmt: skip
+    for text, content, calls, broken in cases:
+        assert parse_llama3(text) == (text, [])
+        for size in (1, 3, len(text)):
+            got, names, stream = llama_replay(text, [size] * len(text))
+            assert (got, names, stream.broken, stream.differs) == (content, calls, broken, True)
+            assert [c.name for c in stream.complete] == [name for name, _ in calls[: len(calls) - broken]]
+
+
+def test_parallel_tool_calls_false_sends_the_first_call_only():
+    text = '{"name": "a", "parameters": {"k": 1}}; {"name": "b", "parameters": {}}'
+    for parallel in (True, False):
+        content, calls, stream = llama_replay(text, [5] * len(text), parallel=parallel)
+        assert content == "" and [n for n, _ in calls] == (["a", "b"] if parallel else ["a"])
+        assert [c.name for c in stream.kept] == [n for n, _ in calls] and len(stream.calls) == 2
 
 
 def test_the_guided_grammar_writes_one_bare_call():
@@ -109,13 +227,15 @@ def test_the_scripted_llama_calls_a_tool(oa, choice):
 
 def test_streamed_call_and_no_tools(oa, server):
     stream = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, max_tokens=16, stream=True)
-    calls, content, finish = [], "", None
+    calls, content, finish = {}, "", None  # index -> [name, arguments so far]: arguments arrive in fragments
     for chunk in stream:
         delta = chunk.choices[0].delta
-        calls += delta.tool_calls or []
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, [d.function.name, ""])
+            call[1] += d.function.arguments or ""
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert [(name, json.loads(args)) for name, args in calls.values()] == [("get_weather", {"city": "Paris"})]
     assert content == "" and finish == "tool_calls"
     plain = oa.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)  # no tools: the words are text
     assert plain.choices[0].message.content.split() == PIECES and not plain.choices[0].message.tool_calls

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from typing import Any
 
 import pytest
 from meshserve.serving.openai_protocol import CHAT, parse_body
@@ -177,12 +178,15 @@ def test_stream_holder_equals_the_whole_parse_for_any_split(text):
         assert "<tool_call>" not in "".join(sent)
 
 
-def replay(text: str, sizes: list[int], parallel: bool = True) -> tuple[str, list[tuple[str, str]], ToolCallDeltas]:
-    """Stream `text` through ToolCallDeltas in pieces of `sizes` (random sizes when they run out) and reassemble what
-    a client would: (content, [(name, arguments)] by index, the stream). Checks the deltas' shape on the way: call k
-    opens (index, id, type, name, arguments "") before any fragment of it ({"index", "function": {"arguments"}}
-    only), calls open in index order, and the ids are the stream's calls'."""
-    rng, stream, items, i = random.Random(len(text)), ToolCallDeltas(parallel), [], 0
+def replay(
+    text: str, sizes: list[int], parallel: bool = True, deltas: Any = ToolCallDeltas, seed: int = 0
+) -> tuple[str, list[tuple[str, str]], Any]:
+    """Stream `text` through `deltas(parallel)` (ToolCallDeltas, or llama3_tools.Llama3Deltas) in pieces of `sizes`
+    (random sizes, from `seed`, when they run out) and reassemble what a client would: (content, [(name, arguments)]
+    by index, the stream). Checks the deltas' shape on the way: call k opens (index, id, type, name, arguments "")
+    before any fragment of it ({"index", "function": {"arguments"}} only), calls open in index order, and the ids are
+    the stream's calls'."""
+    rng, stream, items, i = random.Random(len(text) * 1000 + seed), deltas(parallel), [], 0
     while i < len(text):
         step = sizes[0] if sizes else rng.randint(1, 12)
         sizes = sizes[1:]
@@ -243,8 +247,8 @@ def test_deltas_reassemble_to_the_whole_parse_for_any_split():
         content, calls = parse_tool_calls(text)
         want = ((content or ""), [(c.name, c.arguments) for c in calls])
         broken = replay(text, [len(text)])[2].broken
-        for sizes in ([1] * len(text), [len(text)], *([] for _ in range(8))):
-            got, names, stream = replay(text, sizes)
+        for seed, sizes in enumerate(([1] * len(text), [len(text)], *([] for _ in range(8)))):
+            got, names, stream = replay(text, sizes, seed=seed)
             assert stream.broken == broken  # whether a head block breaks does not depend on the split
             if not broken:  # (a call opened and then broken stays a call: tests/test_tool_call_stream.py)
                 assert (got, names) == want, (text, sizes)

@@ -2,7 +2,8 @@
 the chat's generation prompt with one Hermes tool call and its end-of-sequence token, served by a real
 `meshserve serve --tool-call-parser hermes` and read with the official `openai` client. The call comes back as
 message.tool_calls with finish_reason "tool_calls", whole and streamed; without the parser the same text comes back
-as content.
+as content. A second script answers with two ";"-joined Llama 3 calls on `--tool-call-parser llama3_json`: streamed,
+each call opens and its arguments follow as they are generated.
 
 How the weights script it: every layer's output projections (attention's o_proj, the MLP's down_proj) are zero,
 so the residual stream at each position is that token's embedding. The embedding gives each token of the script
@@ -148,3 +149,42 @@ def test_grpc_returns_the_call_too(server):
         assert sum(len(c.tokens) for c in chunks) == len(PIECES) + 1
         plain = client.generate(messages=QUESTION, max_new_tokens=16)
         assert plain.tool_calls == [] and plain.finish_reason == "stop" and plain.text.split() == PIECES
+
+
+# Two bare Llama 3 calls joined by ";" (`--tool-call-parser llama3_json`), as words: `{"name": "get_weather",
+# "parameters": {"city": "Paris"}}; {"name":"local_time", "parameters":{}}` once decoded.
+LLAMA_PIECES = ['{"name":', '"get_weather",', '"parameters":', '{"city":', '"Paris"}};', '{"name":"local_time",',
+                '"parameters":{}}']  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    checkpoint = scripted_checkpoint(tmp_path_factory, LLAMA_PIECES, "llama3-two-calls")
+    proc = ServerProcess(checkpoint, "--http-port", "0", "--tool-call-parser", "llama3_json", "--served-model-name",
+                         "m")  # fmt: skip
+    yield proc
+    proc.close()
+
+
+def test_two_llama3_calls_stream_as_they_are_generated(llama_server):
+    """Streamed: call 0 opens (id, name) once its arguments' "{" is generated and its arguments follow over the next
+    tokens' chunks, then call 1 opens with index 1 and its own id; no content, finish_reason tool_calls, and the
+    same two calls as the whole answer."""
+    oa = openai.OpenAI(base_url=llama_server.http, api_key="none", max_retries=0, timeout=60)
+    chunks = list(oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, temperature=0, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "" and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    opened = [d for d in deltas if d.id]
+    assert [(d.index, d.type, d.function.name) for d in opened] == [(0, "function", "get_weather"),
+                                                                    (1, "function", "local_time")]  # fmt: skip
+    assert opened[0].id.startswith("call_") and opened[0].id != opened[1].id
+    assert deltas.index(opened[1]) > max(i for i, d in enumerate(deltas) if d.index == 0)  # call 0 first, whole
+    assert sum(1 for d in deltas if d.index == 0) >= 2  # its arguments over more than one chunk
+    joined = ["".join(d.function.arguments or "" for d in deltas if d.index == k) for k in (0, 1)]
+    assert joined == ['{"city": "Paris"}', "{}"]
+    whole = oa.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, temperature=0)
+    calls = whole.choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", joined[0]),
+                                                                        ("local_time", "{}")]  # fmt: skip
+    assert whole.choices[0].finish_reason == "tool_calls" and not whole.choices[0].message.content

@@ -2,7 +2,7 @@
 Python's JSON decoder and json.dumps (random values written every way json.dumps writes them, and random mutations
 of them: valid, invalid and truncated alike), when a call opens and its fragments go out, arguments-first blocks held
 and sent whole, escapes and surrogate pairs split between pieces, an unclosed last block, a call cut inside its
-arguments, repeated keys, parallel_tool_calls false. The property that the deltas reassemble to the whole-text
+arguments, repeated keys, parallel_tool_calls false, NaN / Infinity / 1e400 refused (not JSON). The property that the deltas reassemble to the whole-text
 parse over random splits is in tests/test_openai_tools.py (`replay` there is shared).
 """
 
@@ -12,7 +12,7 @@ import json
 import random
 
 import pytest
-from meshserve.serving.json_scan import ARGS, JsonScan
+from meshserve.serving.json_scan import ARGS, DECODER, JsonScan
 from meshserve.serving.openai_tools import parse_tool_calls
 from meshserve.serving.tool_call_stream import ToolCallDeltas
 from test_openai_tools import replay
@@ -45,7 +45,7 @@ def test_scan_writes_arguments_as_json_dumps():
 
 
 def test_scan_agrees_with_the_json_decoder_on_broken_text():
-    decoder, rng = json.JSONDecoder(), random.Random(1)
+    decoder, rng = DECODER, random.Random(1)  # strict: NaN, Infinity and 1e400 refused by both
     alphabet = list('{}[]",:\\ \n0123456789.-+eEtrufalsnNI/ux') + ["\x01", "é"]
     for _ in range(3000):
         chars = list(json.dumps({"name": "f", "arguments": random_value(rng)}, **rng.choice(FORMATS)))
@@ -165,3 +165,29 @@ def test_a_call_broken_after_opening_is_not_complete():
     whole.feed('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
     whole.finish()
     assert [c.arguments for c in whole.complete] == ['{"a": 1}']
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400", "-2.5E+999"])
+def test_numbers_json_lacks_make_no_call(value):
+    """json.loads reads NaN, Infinity and 1e400 (as inf), json.dumps writes them back: not JSON, so a block holding
+    one is no call (content); streamed, the call opened before them breaks there and no fragment holds them."""
+    assert json.dumps(json.loads(value)) in ("NaN", "Infinity", "-Infinity")
+    with pytest.raises(ValueError):
+        DECODER.decode(value)
+    text = '<tool_call>{"name": "f", "arguments": {"x": [1, VALUE]}}</tool_call>'.replace("VALUE", value)
+    assert parse_tool_calls(text) == (text, [])
+    scan = JsonScan()
+    scan.advance(text[len("<tool_call>") :])
+    assert scan.state == "bad" and scan.arguments() == '{"x": [1, '
+    for size in (1, 4, len(text)):
+        content, calls, stream = replay(text, [size] * len(text))
+        assert calls == [("f", '{"x": [1, ')] and stream.broken == 1 and stream.complete == []
+        assert content.endswith("]}}</tool_call>") and text.endswith(content)
+    # Not a head (arguments first: nothing opened): content, streamed too; elsewhere in a head block: no call.
+    first = '<tool_call>{"arguments": {"x": VALUE}, "name": "f"}</tool_call>'.replace("VALUE", value)
+    assert parse_tool_calls(first) == (first, []) == replay(first, [3] * len(first))[:2]
+    after = '<tool_call>{"name": "f", "arguments": {}, "n": VALUE}</tool_call> ok'.replace("VALUE", value)
+    assert parse_tool_calls(after) == (after, [])
+    # In a string it is text: a call.
+    quoted = '<tool_call>{"name": "f", "arguments": {"x": "VALUE"}}</tool_call>'.replace("VALUE", value)
+    assert json.loads(parse_tool_calls(quoted)[1][0].arguments) == {"x": value}
