@@ -8,13 +8,14 @@ and the tag) is content, and so is one whose JSON is not all calls (all or nothi
 it went to a regex; current vLLM also takes calls out of surrounding text and drops the text, which we keep as
 content).
 
-Deliberate differences from vLLM's parser: whitespace before the call is accepted, and so are calls with only
-whitespace (or nothing) between them, read as if joined by ";"; a call with neither key has arguments {}; arguments keep non-ASCII characters (ensure_ascii off);
-an object starting {"name": ..., "parameters" or "arguments": {...}} (a head, what Llama writes) has that first name
-and those arguments, written as its stream sends them (serving/json_scan.py's JsonScan, json.dumps' form), while in
-any other object "parameters" wins over "arguments" when both are given. And the JSON is strict: a call whose JSON
-holds NaN, Infinity, -Infinity or a number out of float range (which json.loads reads and vLLM json.dumps back into
-its arguments: invalid JSON for an OpenAI client) is not a call, so the output is content.
+Deliberate differences from vLLM's parser: whitespace before the call is accepted, and so are calls with only whitespace
+(or nothing) between them, read as if joined by ";"; a call with neither key has arguments {}; arguments keep non-ASCII
+characters (ensure_ascii off); an object starting {"name": ..., "parameters" or "arguments": {...}} (a head, what Llama
+writes) has that first name and those arguments, written as its stream sends them (serving/json_scan.py's JsonScan,
+json.dumps' form), while in any other object "parameters" wins over "arguments" when both are given. And the JSON is
+strict: a call whose JSON holds NaN, Infinity, -Infinity or a number out of float range (which json.loads reads and vLLM
+json.dumps back into its arguments: invalid JSON for an OpenAI client) is not a call, so the output is content
+(streamed, a call that already opened breaks at the value, as at any invalid JSON: see below).
 
 Streamed over HTTP (`Llama3Deltas`, the same delta shape as Hermes' serving/tool_call_stream.py, whose CallReader
 reads each call): an output that does not start like a call streams as content at once; one that does is read call

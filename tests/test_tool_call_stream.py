@@ -1,9 +1,9 @@
-"""Tool calls streamed as they are generated (serving/tool_call_stream.py), without a server: JsonScan against
-Python's JSON decoder and json.dumps (random values written every way json.dumps writes them, and random mutations
-of them: valid, invalid and truncated alike), when a call opens and its fragments go out, arguments-first blocks held
-and sent whole, escapes and surrogate pairs split between pieces, an unclosed last block, a call cut inside its
-arguments, repeated keys, parallel_tool_calls false, NaN / Infinity / 1e400 refused (not JSON). The property that the deltas reassemble to the whole-text
-parse over random splits is in tests/test_openai_tools.py (`replay` there is shared).
+"""Tool calls streamed as they are generated (serving/tool_call_stream.py), without a server: JsonScan against Python's
+JSON decoder and json.dumps (random values written every way json.dumps writes them, and random mutations of them:
+valid, invalid and truncated alike), when a call opens and its fragments go out, arguments-first blocks held and sent
+whole, escapes and surrogate pairs split between pieces, an unclosed last block, a call cut inside its arguments,
+repeated keys, parallel_tool_calls false, NaN / Infinity / 1e400 refused (not JSON). The property that the deltas
+reassemble to the whole-text parse over random splits is in tests/test_openai_tools.py (`replay` there is shared).
 """
 
 from __future__ import annotations
