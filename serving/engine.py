@@ -112,6 +112,7 @@ class Engine:
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
     _guide: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # guided masks' writes, per G
+    _resample: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # the same, sampling again
     _state: DecodeState | None = field(default=None, init=False, repr=False)
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
@@ -281,13 +282,23 @@ class Engine:
 
     def guide(self, slots: Sequence[int], masks: Sequence[np.ndarray]) -> None:
         """Guided rows' masks for the next step: masks[i] (packed uint32 [W]) for slot slots[i]."""
-        if not slots:
-            return
-        g = min(b for b in self._guide if b >= len(slots))
+        if slots:
+            self._state = self._guided(self._guide, slots, masks)
+
+    def resample_async(self, slots: Sequence[int], masks: Sequence[np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        """Guided rows whose masks come after their decode step was dispatched (engine_steps.resample_rows): masks[i]
+        (packed uint32 [W]) for slot slots[i], and those rows sampled again from the step's logits. -> device arrays
+        tokens int32 [G], log-probs float32 [G] (G >= len(slots); the first len(slots) are theirs), replacing the
+        step's own for those slots. Nothing waits."""
+        self._state, out = self._guided(self._resample, slots, masks)
+        return out
+
+    def _guided(self, table: dict[int, Any], slots: Sequence[int], masks: Sequence[np.ndarray]):
+        g = min(b for b in table if b >= len(slots))
         rows = self._slot_rows(list(slots), g)
         packed = np.full((g, self._state.sampling["allowed"].shape[1]), 0xFFFFFFFF, np.uint32)
         packed[: len(slots)] = np.stack(masks)
-        self._state = self._guide[g](self._state, rows, packed)
+        return table[g](self._state, rows, packed)
 
     def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],
@@ -305,10 +316,17 @@ class Engine:
         return out if b == batch else tuple(a[:batch] for a in out)
 
     @staticmethod
-    def fetch(out: tuple[jax.Array, ...], top: bool = False) -> StepOutput:
+    def fetch(out: tuple[jax.Array, ...], top: bool = False, resampled=None) -> StepOutput:
         """The one device->host copy of a decode step; the alternatives only when `top` (some row asked for them:
-        a step that needs none copies [batch] arrays only)."""
-        return StepOutput(*(np.asarray(a) for a in jax.device_get(out if top else out[:2])))
+        a step that needs none copies [batch] arrays only). resampled: (slots, `resample_async`'s output) of the
+        step's guided rows sampled again: their tokens and log-probs replace the step's own."""
+        if resampled is None:
+            return StepOutput(*(np.asarray(a) for a in jax.device_get(out if top else out[:2])))
+        slots, again = resampled
+        got, (tokens, logprobs) = jax.device_get((out if top else out[:2], again))
+        step = StepOutput(*(np.array(a) for a in got))  # copies: written below
+        step.tokens[slots], step.logprobs[slots] = tokens[: len(slots)], logprobs[: len(slots)]
+        return step
 
     def decode(self, batch: int, context: int | None = None, top: bool = False) -> StepOutput:
         """One decode step, waited for (see `fetch`)."""

@@ -21,6 +21,7 @@ from meshserve.serving.engine_steps import (
     pad_sampling,
     prefill_step,
     release_slots,
+    resample_rows,
     score_tokens,
     set_guides,
     verify_rows,
@@ -51,6 +52,12 @@ def compile_job(
         words = state.sampling["allowed"].shape[1]
         engine._guide = {
             g: guide.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
+            for g in guide_buckets(engine.plan.max_batch)
+        }
+        # And the same rows' masks written after their step was dispatched, with the rows sampled again.
+        resample = jax.jit(resample_rows, donate_argnums=0, out_shardings=(engine.steps.decode_state_sharding, None))
+        engine._resample = {
+            g: resample.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
             for g in guide_buckets(engine.plan.max_batch)
         }
     elif job.kind in ("prefill", "score", "extend"):

@@ -38,6 +38,7 @@ __all__ = [
     "pad_sampling",
     "prefill_step",
     "release_slots",
+    "resample_rows",
     "score_tokens",
     "set_guides",
     "verify_rows",
@@ -70,6 +71,9 @@ class DecodeState:
     step: jax.Array
     sampling: SamplingArrays
     history: TokenHistory  # in_prompt bool [B, V], counts int32 [B, V] of generated tokens
+    # float32 [B, V]: each slot's logits of its latest decode step, kept for `resample_rows` (a guided row whose mask
+    # was not known when its step was dispatched is sampled again from them once it is)
+    logits: jax.Array
 
 
 def pad_sampling(params: list[SamplingParams], b: int, vocab_size: int, masks=()) -> dict[str, np.ndarray]:
@@ -91,6 +95,7 @@ def fresh_state(config: ModelConfig, B: int, S: int, dtype) -> DecodeState:
         jnp.zeros((B,), jnp.int32),
         {n: jnp.asarray(a) for n, a in pad_sampling([], B, config.vocab_size).items()},
         TokenHistory(jnp.zeros((B, config.vocab_size), bool), jnp.zeros((B, config.vocab_size), jnp.int32)),
+        jnp.zeros((B, config.vocab_size), jnp.float32),
     )
 
 
@@ -149,6 +154,7 @@ def insert_rows(insert, state: DecodeState, k, v, lengths, slots, first, samplin
         step=state.step.at[slots].set(1, mode="drop"),
         sampling={n: state.sampling[n].at[slots].set(sampling[n], mode="drop") for n in state.sampling},
         history=TokenHistory(state.history.in_prompt.at[slots].set(in_prompt, mode="drop"), counts),
+        logits=state.logits,
     )
 
 
@@ -169,8 +175,9 @@ def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
         cache = transformer.KVCache(
             c.k.at[:, :b].set(sub.k), c.v.at[:, :b].set(sub.v), c.lengths.at[:b].set(sub.lengths)
         )
-    new = DecodeState(cache, state.last.at[:b].set(tok), state.step.at[:b].add(1), state.sampling,
-                      state.history.add(tok))  # fmt: skip
+    new = dataclasses.replace(state, cache=cache, last=state.last.at[:b].set(tok), step=state.step.at[:b].add(1),
+                              history=state.history.add(tok),
+                              logits=state.logits.at[:b].set(logits.astype(jnp.float32)))  # fmt: skip
     return new, (tok, lp, *top_logprobs(logits, samp))
 
 
@@ -227,8 +234,8 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     counts = state.history.counts
     counts = counts.at[:b].set(counts[:b].at[rows, out].add(kept.astype(jnp.int32), mode="drop"))
     last = jnp.take_along_axis(out, (n - 1)[:, None], axis=1)[:, 0]
-    new = DecodeState(cache, state.last.at[:b].set(last), state.step.at[:b].add(n), state.sampling,
-                      dataclasses.replace(state.history, counts=counts))  # fmt: skip
+    new = dataclasses.replace(state, cache=cache, last=state.last.at[:b].set(last), step=state.step.at[:b].add(n),
+                              history=dataclasses.replace(state.history, counts=counts))  # fmt: skip
     return new, (out, n, out_lp, *top_logprobs(logits[:, 0], samp))
 
 
@@ -242,6 +249,26 @@ def set_guides(state: DecodeState, rows: jax.Array, masks: jax.Array) -> DecodeS
     """Guided rows' next masks: masks uint32 [G, W] into slots rows [G] (index B = a padding row, dropped)."""
     allowed = state.sampling["allowed"].at[rows].set(masks, mode="drop")
     return dataclasses.replace(state, sampling={**state.sampling, "allowed": allowed})
+
+
+def resample_rows(state: DecodeState, rows: jax.Array, masks: jax.Array):
+    """Guided rows whose masks were computed while their decode step ran (the engine loop dispatches a step before
+    it reads the previous one's tokens, and a guided row's mask needs its token): write masks uint32 [G, W] into
+    slots rows [G] (index B = a padding row, dropped) and sample those rows again from the step's logits with the
+    step index, key and penalty history the step used, so each gets the token the step would have drawn had the
+    mask been in place. -> new state (last and history counts corrected), (tokens int32 [G], log-probs [G]).
+    top_logprobs need no second pass: they are the model's, before any mask."""
+    state = set_guides(state, rows, masks)
+    B, G = state.last.shape[0], rows.shape[0]
+    take = jnp.minimum(rows, B - 1)  # a padding row reads slot B - 1; its results are dropped below
+    drawn = state.last[take]  # what the step drew under the old mask
+    history = TokenHistory(state.history.in_prompt[take], state.history.counts[take].at[jnp.arange(G), drawn].add(-1))
+    samp = {n: a[take] for n, a in state.sampling.items()}
+    tok, lp = sample(state.logits[take], samp, state.step[take] - 1, history)
+    counts = state.history.counts.at[rows, drawn].add(-1, mode="drop").at[rows, tok].add(1, mode="drop")
+    new = dataclasses.replace(state, last=state.last.at[rows].set(tok, mode="drop"),
+                              history=dataclasses.replace(state.history, counts=counts))  # fmt: skip
+    return new, (tok, lp)
 
 
 def release_slots(state: DecodeState, free: jax.Array) -> DecodeState:

@@ -97,7 +97,8 @@ class Orchestrator(CallerSide):
     # ----- engine thread -----
 
     def _run(self) -> None:
-        pending = None  # (ticket, device output, dispatch time) of the decode step in flight
+        # (ticket, device output, dispatch time, guided rows sampled again or None) of the decode step in flight
+        pending = None
         try:
             while True:
                 now = time.monotonic()
@@ -141,13 +142,7 @@ class Orchestrator(CallerSide):
                     worked = True
                 with self._lock:
                     ticket = self.scheduler.decode_ticket()
-                if ticket is not None and pending is not None and self.guides.live(ticket[1]):
-                    # A guided row's next mask needs its last token: read the step in flight first.
-                    self._finish_step(pending, None)
-                    pending = None
-                    with self._lock:
-                        ticket = self.scheduler.decode_ticket()
-                self.guides.flush()  # the guided rows' masks for the step about to run
+                self.guides.flush()  # the guided rows' masks known now (a new row's first)
                 spec = self.speculator  # the engine's plan is read only when speculating (test engines have none)
                 if ticket is not None and spec is not None:
                     context = self.engine.plan.max_context
@@ -159,6 +154,7 @@ class Orchestrator(CallerSide):
                         with self._lock:
                             ticket = self.scheduler.decode_ticket()
                         drafts = None if ticket is None else spec.drafts(ticket, context)
+                        self.guides.flush()  # the masks that step's tokens gave
                     if drafts is not None:
                         self._verify_step(ticket, drafts)
                         continue
@@ -171,6 +167,9 @@ class Orchestrator(CallerSide):
                     )
                 if pending is not None:
                     self._finish_step(pending, dispatched)
+                if dispatched is not None:
+                    # Guided rows whose masks the finished step's tokens gave: sampled again under them.
+                    dispatched = (*dispatched, self.guides.resample(ticket[1]))
                 pending = dispatched
                 if pending is None and not worked:
                     self._wake.wait(0.05)  # idle: wake on submit/cancel/score, or to check deadlines
@@ -245,8 +244,8 @@ class Orchestrator(CallerSide):
         self._deliver(updates)
 
     def _finish_step(self, pending, dispatched) -> None:
-        ticket, out, t0 = pending
-        out = self.engine.fetch(out, top=Scheduler.wants_top(ticket))
+        ticket, out, t0, resampled = pending
+        out = self.engine.fetch(out, top=Scheduler.wants_top(ticket), resampled=resampled)
         now = time.monotonic()
         with self._lock:
             updates = self.scheduler.record_decode(

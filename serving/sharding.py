@@ -133,7 +133,7 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
     state_sharding = DecodeState(
         cache=KVCache(k=kv, v=kv, lengths=replicated), last=replicated, step=replicated,
         sampling={name: replicated for name in (*SAMPLING_FIELDS, *GUIDE_FIELDS)},
-        history=TokenHistory(in_prompt=replicated, counts=replicated),
+        history=TokenHistory(in_prompt=replicated, counts=replicated), logits=replicated,
     )  # fmt: skip
 
     def prefill(params, config, tokens, lengths, all_logits=False, prefix=None, int8_kv=False):

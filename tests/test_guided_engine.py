@@ -85,6 +85,46 @@ def test_a_released_slot_forgets_its_mask(engine):
     np.testing.assert_array_equal(np.array(again).T, free)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_sampled_again_under_its_late_mask_gets_what_the_mask_in_place_gives(engine, temperature):
+    """The engine loop dispatches a step before it knows a guided row's mask (Engine.resample_async): the row
+    sampled again from that step's logits gets the token and log-prob it would have drawn with the mask written
+    before the step, and the next steps (whose input and penalty history it changed) go on alike."""
+    V = engine.config.vocab_size
+    # A frequency penalty: the history the step counted its first draw into must be put right.
+    sampling = SamplingParams(temperature=temperature, seed=11, frequency_penalty=1.5)
+    masks = [_mask(V, {21, 22, 23, 200}), _mask(V, {40, 41, 42})]
+
+    def run(late: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        engine.reset()
+        out = engine.prefill_insert([[3, 14, 15, 92], [65, 35, 89]], [0, 1], [sampling] * 2, 4, 16,
+                                    guides=[_mask(V, range(V)), None])  # fmt: skip  # row 0 guided, anything first
+        tokens, logprobs = [list(out.tokens)], [list(out.logprobs)]
+        for mask in masks:
+            if late:  # the step runs first (under the old mask), then the mask comes and row 0 is drawn again
+                step = engine.decode_async(4, 128)
+                again = engine.resample_async([0], [mask])
+                got = engine.fetch(step, resampled=([0], again))
+            else:
+                engine.guide([0], [mask])
+                got = engine.decode(4, 128)
+            tokens.append(list(got.tokens[:2]))
+            logprobs.append(list(got.logprobs[:2]))
+        for _ in range(3):  # free steps after: the corrected token is the next input, and in the history
+            got = engine.decode(4, 128)
+            tokens.append(list(got.tokens[:2]))
+            logprobs.append(list(got.logprobs[:2]))
+        counts = np.asarray(engine._state.history.counts[:2])  # the penalties' history of generated tokens
+        return np.array(tokens).T, np.array(logprobs).T, counts
+
+    in_place, late = run(False), run(True)
+    assert late[0][0, 1] in {21, 22, 23, 200} and late[0][0, 2] in {40, 41, 42}
+    np.testing.assert_array_equal(late[0], in_place[0])
+    np.testing.assert_allclose(late[1], in_place[1], rtol=1e-6)
+    np.testing.assert_array_equal(late[2], in_place[2])
+    assert late[2].sum() == 2 * 6  # prefill's token and five steps' per row, nothing counted twice
+
+
 def _serve(engine: Engine, requests: list[Request], speculator=None, timeout: float = 60.0) -> list[tuple[str, str]]:
     """Serve the requests at once through a real Orchestrator (byte tokenizer): -> (text, finish reason) each."""
     orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer(), speculator=speculator).start()

@@ -57,7 +57,8 @@ class MockEngine:
         return self.last[:batch].copy(), np.full(batch, -1.0, np.float32)
 
     @staticmethod
-    def fetch(out, top=False):
+    def fetch(out, top=False, resampled=None):
+        assert resampled is None  # no guided requests here
         return StepOutput(*out)
 
     def release(self, slots):

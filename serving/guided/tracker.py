@@ -1,10 +1,13 @@
 """The engine loop's side of guided decoding: each guided request's `Guide`, moved past every token it is given,
 and the masks its slot needs before the next step.
 
-A guided row's mask for step n + 1 depends on its token of step n, so while one runs the engine loop does not
-dispatch a step before reading the previous one (the pipelining that keeps the device busy for free text):
-`live(ticket)` tells the loop when. Masks are computed on the host (serving/guided/: cached per grammar state) and
-written into the decode state's `allowed` rows in one small compiled scatter per step (Engine.guide).
+A guided row's mask for step n + 1 depends on its token of step n, which the engine loop reads only after it has
+dispatched step n + 1 (the pipelining that keeps the device busy while the host delivers tokens). So step n + 1
+runs with the row's old mask, the host computes the new one meanwhile, and `resample` writes it and samples those
+rows again from the step's logits (Engine.resample_async: the token the step would have drawn with the mask in
+place); the loop merges those tokens into the step's output. Masks known before a dispatch (a new row's first)
+go in with `flush`. Masks are computed on the host (serving/guided/: cached per grammar state) and written into
+the decode state's `allowed` rows in one small compiled scatter per step.
 """
 
 from __future__ import annotations
@@ -94,10 +97,6 @@ class GuideTracker:
         self._spent(time.perf_counter() - t0)
         return {"guides": masks}
 
-    def live(self, owners: Sequence[Request | None]) -> bool:
-        """Whether a step over these slots' requests has a guided row (it must see the previous step's tokens)."""
-        return bool(self._guides) and any(r is not None and r.id in self._guides for r in owners)
-
     def advance(self, request: Request, tokens: Sequence[int]) -> bool:
         """Move the request's guide past its new tokens; True when the format is complete and nothing may follow
         (the request ends now). Otherwise its next mask waits for `flush`. ValueError: a token the mask did not
@@ -131,6 +130,19 @@ class GuideTracker:
             self.engine.guide(slots, [self._masks[s] for s in slots])
             self._masks.clear()
             self._spent(time.perf_counter() - t0)
+
+    def resample(self, owners: Sequence[Request | None]) -> tuple[list[int], tuple] | None:
+        """Right after a step over slots [0, len(owners)) was dispatched: the masks computed since (from the
+        previous step's tokens) are written and those rows sampled again (Engine.resample_async). -> (slots, the
+        device tokens and log-probs [G] to put in that step's output for them), or None when no mask waits. A mask
+        for a slot the step does not hold waits for `flush`."""
+        slots = [s for s in self._masks if s < len(owners) and owners[s] is not None]
+        if not slots:
+            return None
+        t0 = time.perf_counter()
+        out = self.engine.resample_async(slots, [self._masks.pop(s) for s in slots])
+        self._spent(time.perf_counter() - t0)
+        return slots, out
 
     def _spent(self, seconds: float) -> None:
         self.seconds += seconds
