@@ -21,7 +21,8 @@
 # random weights keep few drafts, so the step-cost ratio is the number to read; writes speculative.json),
 # slots (benchmarks/slot_overhead.py: whether a decode step of b rows pays for a cache of 32 or 128 slots),
 # guided (benchmarks/guided.py on $MODEL: wall ms per step of guided rows, json_object / a schema, against free ones
-# at batch 1 and 8, and the engine thread's time per guided token; writes guided.json),
+# at batch 1 and 8, each with guided steps pipelined, read first and auto (the way a server would settle on), and the
+# engine thread's time per guided token; writes guided.json),
 # kvint8 (`meshserve bench --kv-cache-dtype auto,int8` on $KV_MODEL, default llama-2-7b: multi-head, so its KV cache
 # at batch 32 x 1088 tokens (17 GiB in bf16) outweighs its weights; the int8 cache's decode step against bf16's).
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
@@ -116,7 +117,7 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           > "$OUT/slot_overhead.json" 2> "$OUT/slot_overhead.log" || echo "!! slots failed (see slot_overhead.log)"
         tail -n 3 "$OUT/slot_overhead.log"
       else echo "!! slots skipped: out of time"; fi ;;
-    guided)  # not in the default STEPS: what guided decoding (masks, no pipelining) costs a decode step
+    guided)  # not in the default STEPS: what guided decoding costs a decode step, pipelined or read first
       if [ "$(left)" -ge 60 ]; then
         timeout "$(left)" $PY benchmarks/guided.py --model "$MODEL" --batch 1,8 --new-tokens 64 --repeats 2 --json \
           > "$OUT/guided.json" 2> "$OUT/guided.log" || echo "!! guided failed (see guided.log)"

@@ -8,8 +8,10 @@ tokens/s compares whole runs, ms/step compares steps.
     python benchmarks/guided.py --model tiny --batch 1,4 --json
 
 Per batch size, three runs of the same prompts: all free, all guided by json_object, all guided by a small schema;
-and one with a single guided row among free ones (the whole batch then runs without pipelining: a guided row's next
-mask needs its last token). Sampled (temperature 0.8, seed i per row), --new-tokens at most; a guided row ends when
+and one with a single guided row among free ones. Each guided setting runs once per way in --ways (GuideTracker's
+docstring): "pipelined" (steps dispatched before the previous one is read, guided rows sampled again once their
+masks are known), "read-first" (the previous step read and the masks written before each dispatch) and "auto"
+(what a server does: whichever it has timed faster). Sampled (temperature 0.8, seed i per row), --new-tokens at most; a guided row ends when
 its JSON is complete, so rows finish at different times: tokens/s counts the tokens every row generated over the
 wall time from submission to the last row's end (prefill included), median of --repeats runs after one warm-up.
 """
@@ -63,6 +65,20 @@ def _run(orch, model, batch: int, new_tokens: int, guides: list) -> dict:
     }
 
 
+def _setting(orch, model, b: int, new_tokens: int, guides: list, repeats: int, name: str) -> dict:
+    """One row of the table: a warm-up run, then `repeats` timed runs of the same requests."""
+    _run(orch, model, b, 8, guides)  # warm: the first masks of each grammar state are cached after it
+    runs = [_run(orch, model, b, new_tokens, guides) for _ in range(repeats)]
+    rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+    guided = sum(r["guided_tokens"] for r in runs)
+    host_ms = 1e3 * sum(r["host_seconds"] for r in runs) / guided if guided else None
+    # Wall time per engine step (prefill included): a guided step's mask work happens after the step's own timing
+    # ends, so the loop's step timer would hide it.
+    step_ms = 1e3 * sum(r["seconds"] for r in runs) / max(1, sum(r["steps"] for r in runs))
+    return {"batch": b, "rows": name, "tokens_per_s": rate, "step_ms": step_ms, "host_ms_per_guided_token": host_ms,
+            "tokens": runs[0]["tokens"], "stopped": runs[0]["stopped"]}  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint (default: the bundled demo model)")
@@ -70,13 +86,19 @@ def main() -> int:
     p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     p.add_argument("--new-tokens", type=int, default=128, help="most tokens per request (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the median is shown (default 3)")
+    p.add_argument("--ways", default="pipelined,read-first,auto",
+                   help="how guided steps run: pipelined, read-first, auto (default: all three)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
+    ways = {"pipelined": True, "read-first": False, "auto": None}
+    if unknown := set(args.ways.split(",")) - set(ways):
+        p.error(f"--ways: unknown {sorted(unknown)}; choose from {', '.join(ways)}")
     import jax
     from meshserve.model.generate import bucket
     from meshserve.model.loading import load_model
     from meshserve.serving.engine import Engine
     from meshserve.serving.guided import GuideSpec
+    from meshserve.serving.guided.tracker import PipelineChoice
     from meshserve.serving.orchestrator import Orchestrator
     from meshserve.serving.plan import make_plan
     from meshserve.serving.scheduler import Scheduler
@@ -103,17 +125,14 @@ def main() -> int:
             if b > 1:
                 settings.append(("1 json_schema + free", [kinds["json_schema"]] + [None] * (b - 1)))
             for name, guides in settings:
-                _run(orch, model, b, 8, guides)  # warm: the first masks of each grammar state are cached after it
-                runs = [_run(orch, model, b, new_tokens, guides) for _ in range(args.repeats)]
-                rate = statistics.median(r["tokens"] / r["seconds"] for r in runs)
-                guided = sum(r["guided_tokens"] for r in runs)
-                host_ms = 1e3 * sum(r["host_seconds"] for r in runs) / guided if guided else None
-                # Wall time per engine step (prefill included): a guided step's mask work happens after the step's
-                # own timing ends, so the loop's step timer would hide it.
-                step_ms = 1e3 * sum(r["seconds"] for r in runs) / max(1, sum(r["steps"] for r in runs))
-                rows.append({"batch": b, "rows": name, "tokens_per_s": rate, "step_ms": step_ms,
-                             "host_ms_per_guided_token": host_ms,
-                             "tokens": runs[0]["tokens"], "stopped": runs[0]["stopped"]})  # fmt: skip
+                for way in [None] if name == "free" else args.ways.split(","):
+                    if way is not None:
+                        orch.guides.choice = PipelineChoice(ways[way])  # fresh timings for auto
+                    label = name if way is None else f"{name}, {way}"
+                    rows.append(_setting(orch, model, b, new_tokens, guides, args.repeats, label))
+                    if way == "auto":  # the way it settled on (the faster one as timed)
+                        settled = orch.guides.choice.faster(b)
+                        rows[-1]["rows"] += f" ({'pipelined' if settled else 'read-first'})"
     finally:
         orch.stop()
     for r in rows:
@@ -126,11 +145,12 @@ def main() -> int:
         return 0
     print(f"device {report['device']}, model {report['model']} (V={report['vocab']}), up to {new_tokens} tokens a row")
     print(
-        "batch  rows                   tokens/s  vs free  ms/step  host ms/guided token  tokens (run 1)  JSON complete"
+        "batch  rows                                      tokens/s  vs free  ms/step  host ms/guided token  tokens (run 1)  "
+        "JSON complete"
     )
     for r in rows:
         host = "-" if r["host_ms_per_guided_token"] is None else f"{r['host_ms_per_guided_token']:.3f}"
-        print(f"{r['batch']:>5}  {r['rows']:<21}  {r['tokens_per_s']:8.0f}  {r['vs_free']:6.2f}x  {r['step_ms']:7.2f}  {host:>20}  "
+        print(f"{r['batch']:>5}  {r['rows']:<40}  {r['tokens_per_s']:8.0f}  {r['vs_free']:6.2f}x  {r['step_ms']:7.2f}  {host:>20}  "
               f"{r['tokens']:>14}  {r['stopped']:>13}")  # fmt: skip
     return 0
 

@@ -156,19 +156,30 @@ class Orchestrator(CallerSide):
                         drafts = None if ticket is None else spec.drafts(ticket, context)
                         self.guides.flush()  # the masks that step's tokens gave
                     if drafts is not None:
+                        self.guides.untimed()
                         self._verify_step(ticket, drafts)
                         continue
+                mode = None if ticket is None else self.guides.step_mode(ticket[1])
+                if mode is False and pending is not None:  # guided rows, read first (GuideTracker's docstring)
+                    self._finish_step(pending, None)
+                    pending = None
+                    with self._lock:
+                        ticket = self.scheduler.decode_ticket()
+                    self.guides.flush()
                 dispatched = None
+                if ticket is None or worked:
+                    self.guides.untimed()
                 if ticket is not None:
                     dispatched = (
                         ticket,
                         self.engine.decode_async(ticket[0], Scheduler.context_needed(ticket)),
                         time.monotonic(),
                     )
+                    self.guides.dispatched(ticket[0], mode, dispatched[2])
                 if pending is not None:
                     self._finish_step(pending, dispatched)
                 if dispatched is not None:
-                    # Guided rows whose masks the finished step's tokens gave: sampled again under them.
+                    # Pipelined: guided rows whose masks the finished step's tokens gave, sampled again under them.
                     dispatched = (*dispatched, self.guides.resample(ticket[1]))
                 pending = dispatched
                 if pending is None and not worked:

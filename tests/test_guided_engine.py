@@ -19,6 +19,7 @@ from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.guided import GuideError, GuideSpec
 from meshserve.serving.guided.grammar import MAX_OPEN
+from meshserve.serving.guided.tracker import PipelineChoice
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
 from meshserve.serving.requests import Request, RequestFailedError
@@ -125,9 +126,14 @@ def test_a_row_sampled_again_under_its_late_mask_gets_what_the_mask_in_place_giv
     assert late[2].sum() == 2 * 6  # prefill's token and five steps' per row, nothing counted twice
 
 
-def _serve(engine: Engine, requests: list[Request], speculator=None, timeout: float = 60.0) -> list[tuple[str, str]]:
-    """Serve the requests at once through a real Orchestrator (byte tokenizer): -> (text, finish reason) each."""
-    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer(), speculator=speculator).start()
+def _serve(
+    engine: Engine, requests: list[Request], speculator=None, timeout: float = 60.0, way: bool | None = None
+) -> list[tuple[str, str]]:
+    """Serve the requests at once through a real Orchestrator (byte tokenizer): -> (text, finish reason) each.
+    way: guided steps always pipelined (True) or read first (False); None: the server's own choice."""
+    orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer(), speculator=speculator)
+    orch.guides.choice = PipelineChoice(way)
+    orch.start()
     try:
         handles = [orch.submit(r) for r in requests]
         out = []
@@ -173,6 +179,43 @@ def test_guided_requests_follow_their_schema_beside_free_ones(engine, temperatur
         assert isinstance(value["ok"], bool) and value["level"] in ("low", "high", 3)
         assert set(value) <= {"ok", "level", "tag"} and value.get("tag") is None
     assert got[1] == free_alone[0]
+
+
+def test_both_ways_of_running_guided_steps_give_the_same_tokens(engine):
+    """Pipelined guided steps (rows sampled again once their masks are known) and steps that read the previous one
+    first give every request exactly the same text: sampled, with a penalty, guided rows beside free ones."""
+    engine.reset()
+    spec = GuideSpec("json_schema", schema=json.dumps(SCHEMA))
+    compact = {ord(c): -100 for c in " \t\n\r"}
+
+    def requests():
+        sampled = dict(temperature=1.0, frequency_penalty=0.5, logit_bias=compact)
+        return [Request([3, 14, 15, 92], 60, SamplingParams(seed=2, **sampled), guide=spec),
+                Request([9, 9], 24, SamplingParams(temperature=1.0, seed=1)),
+                Request([9, 9], 60, SamplingParams(seed=3, **sampled), guide=GuideSpec("json_object"))]  # fmt: skip
+
+    pipelined, read_first = _serve(engine, requests(), way=True), _serve(engine, requests(), way=False)
+    assert pipelined == read_first
+    assert json.loads(pipelined[0][0])["ok"] in (True, False)
+
+
+def test_the_faster_way_is_chosen_and_the_other_timed_again():
+    choice = PipelineChoice()
+    T, E = PipelineChoice.TRIAL, PipelineChoice.EXPLORE
+    ways = [choice.pipelined(8) for _ in range(2 * T)]
+    assert ways == [True] * T + [False] * T  # each way timed first
+    assert choice.faster(8) is None
+    for _ in range(T):
+        choice.record(8, True, 0.003)
+        choice.record(8, False, 0.002)
+    assert choice.faster(8) is False and choice.faster(1) is None  # per bucket
+    ways = [choice.pipelined(8) for _ in range(2 * E)]
+    assert ways.count(True) == 2 * T  # the slower way only TRIAL steps in every EXPLORE
+    assert all(not w for n, w in enumerate(ways, 2 * T) if n % E >= T)
+    for _ in range(20):  # the machine changes: pipelining gets faster, and is chosen from then on
+        choice.record(8, True, 0.001)
+    assert choice.faster(8) is True
+    assert PipelineChoice(fixed=False).pipelined(8) is False
 
 
 def test_a_guided_request_runs_beside_speculation():

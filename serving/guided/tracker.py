@@ -1,13 +1,18 @@
 """The engine loop's side of guided decoding: each guided request's `Guide`, moved past every token it is given,
 and the masks its slot needs before the next step.
 
-A guided row's mask for step n + 1 depends on its token of step n, which the engine loop reads only after it has
-dispatched step n + 1 (the pipelining that keeps the device busy while the host delivers tokens). So step n + 1
-runs with the row's old mask, the host computes the new one meanwhile, and `resample` writes it and samples those
-rows again from the step's logits (Engine.resample_async: the token the step would have drawn with the mask in
-place); the loop merges those tokens into the step's output. Masks known before a dispatch (a new row's first)
-go in with `flush`. Masks are computed on the host (serving/guided/: cached per grammar state) and written into
-the decode state's `allowed` rows in one small compiled scatter per step.
+A guided row's mask for step n + 1 depends on its token of step n. The engine loop runs such steps one of two ways,
+per decode bucket, whichever has been faster on this machine (`PipelineChoice`, timed as it serves):
+- pipelined: step n + 1 is dispatched before step n is read (as free text always is, so the device need not wait
+  for the host), runs the row under its old mask, and once the host has the new mask `resample` writes it and
+  samples those rows again from the step's logits (Engine.resample_async: the token the step would have drawn with
+  the mask in place), a second small step whose tokens the loop merges into the step's output;
+- read first: step n is read and the masks written (`flush`) before step n + 1 is dispatched: no second step, but
+  the device waits while the host reads tokens and computes masks.
+On this 2-core CPU (where the host and the "device" share the cores) reading first was faster; on an accelerator
+the second step is a few small kernels against the host's whole turn. Masks are computed on the host
+(serving/guided/: cached per grammar state) and written into the decode state's `allowed` rows in one small
+compiled scatter per step.
 """
 
 from __future__ import annotations
@@ -20,9 +25,51 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from meshserve.serving.requests import Request
 
-__all__ = ["GuideTracker"]
+__all__ = ["GuideTracker", "PipelineChoice"]
 
 log = logging.getLogger(__name__)
+
+
+class PipelineChoice:
+    """Per decode bucket b, whether steps with guided rows run pipelined (True) or read the previous step first
+    (False): each way's seconds per step (the interval between consecutive dispatches with nothing else run between
+    them) kept as a running mean, and the faster way used. The first TRIAL steps of a bucket are pipelined, the next
+    TRIAL read first; after that the slower way is timed again for TRIAL steps in every EXPLORE (a batch's mix and
+    the machine's load change), which costs at most TRIAL / EXPLORE of the difference."""
+
+    TRIAL = 8  # steps per timing of one way: enough to smooth a step's noise, few enough to cost little
+    EXPLORE = 256
+    SMOOTH = 0.2  # a new interval's weight in its way's running mean
+
+    def __init__(self, fixed: bool | None = None):
+        """fixed: always that way, timed all the same (benchmarks and tests compare the two); None: choose."""
+        self.fixed = fixed
+        self._mean: dict[tuple[int, bool], float] = {}  # (b, pipelined) -> seconds per step
+        self._steps: dict[int, int] = {}  # b -> guided steps decided
+
+    def pipelined(self, b: int) -> bool:
+        """The way to run the next guided step over bucket b (counted as decided)."""
+        if self.fixed is not None:
+            return self.fixed
+        n = self._steps.get(b, 0)
+        self._steps[b] = n + 1
+        if n < 2 * self.TRIAL:
+            return n < self.TRIAL
+        inf = float("inf")
+        fast = self._mean.get((b, True), inf) <= self._mean.get((b, False), inf)
+        return fast if n % self.EXPLORE >= self.TRIAL else not fast
+
+    def record(self, b: int, pipelined: bool, seconds: float) -> None:
+        """A step of bucket b run that way took `seconds` (dispatch to the next dispatch)."""
+        old = self._mean.get((b, pipelined))
+        self._mean[(b, pipelined)] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+
+    def faster(self, b: int) -> bool | None:
+        """The way now believed faster for bucket b (None: neither timed yet)."""
+        if (b, True) not in self._mean and (b, False) not in self._mean:
+            return None
+        inf = float("inf")
+        return self._mean.get((b, True), inf) <= self._mean.get((b, False), inf)
 
 
 class GuideTracker:
@@ -37,6 +84,8 @@ class GuideTracker:
         self._table_lock = threading.Lock()
         self._guides: dict[int, object] = {}  # request id -> its Guide
         self._masks: dict[int, np.ndarray] = {}  # slot -> its next mask, uint32 [W]
+        self.choice = PipelineChoice()
+        self._last_dispatch: tuple[int, bool, float] | None = None  # (b, pipelined, time) of a guided step
         self.tokens = 0  # guided tokens moved past on the engine thread
         self.seconds = 0.0  # engine-thread time spent on them: moving guides, their masks, the masks' writes
 
@@ -96,6 +145,27 @@ class GuideTracker:
             return {}
         self._spent(time.perf_counter() - t0)
         return {"guides": masks}
+
+    def step_mode(self, owners: Sequence[Request | None]) -> bool | None:
+        """How the next step over these slots' requests runs: None (no guided row: pipelined, nothing to resample),
+        True (pipelined, its guided rows resampled), False (the step in flight is read and the masks written
+        first)."""
+        if not self._guides or not any(r is not None and r.id in self._guides for r in owners):
+            return None
+        return self.choice.pipelined(len(owners))
+
+    def dispatched(self, b: int, mode: bool | None, now: float) -> None:
+        """A decode step over bucket b was dispatched at `now` in `mode` (step_mode's): the interval since the
+        previous one, when that was a guided step dispatched with nothing else run since, is its way's cost."""
+        last = self._last_dispatch
+        if last is not None and last[0] == b:
+            self.choice.record(b, last[1], now - last[2])
+        self._last_dispatch = None if mode is None else (b, mode, now)
+
+    def untimed(self) -> None:
+        """Something else ran on the device (a prefill, a verify step) or nothing was dispatched: the next
+        interval is not a step's."""
+        self._last_dispatch = None
 
     def advance(self, request: Request, tokens: Sequence[int]) -> bool:
         """Move the request's guide past its new tokens; True when the format is complete and nothing may follow
