@@ -66,6 +66,9 @@ COMPARED = {
     "kv_cache_dtype": "--kv-cache-dtype",
     "reasoning_parser": "--reasoning-parser",
 }
+# Checkpoint files up to this size are fingerprinted by content (a reinstalled or recloned demo model is the same
+# model), larger ones by mtime (reading gigabytes of weights to resume a job is not cheap).
+HASHED_BYTES = 16 << 20
 _MAX_FIELDS = 4  # config fields named in a refusal; another model usually differs in most of them
 _KIND_ONLY = {"kv_cache_dtype": "batch-generate", "reasoning_parser": "batch-generate"}
 _INFO_ARGS = ("mesh", "objective", "layers", "max_batch", "max_context", "length_buckets", "decode_buckets",
@@ -103,10 +106,11 @@ def _json(value: Any) -> Any:
 
 
 def checkpoint_files(path: Path) -> dict[str, Any]:
-    """A cheap fingerprint of a checkpoint folder's files: each file's relative path, size and mtime (ns), hashed;
-    no file is read, so a checkpoint of any size costs one stat per file. {"files", "bytes", "newest" (the latest
-    mtime, ISO), "digest"}. Any rewrite, copy without kept mtimes or touch changes it; a move within one file
-    system does not (nor does loading: nothing is written there)."""
+    """A cheap fingerprint of a checkpoint folder's files: each file's relative path and size, and its content's
+    hash when it is at most HASHED_BYTES (configs, tokenizer, chat template, a small model's weights), else its
+    mtime (ns): a large checkpoint costs one stat per weights file, no read. {"files", "bytes", "newest" (the
+    latest mtime, ISO), "digest"}. A copy, reinstall or move of the same files keeps it when the large files keep
+    their mtimes (cp -p, rsync -t); a rewrite of a large file, or any change to a small one, changes it."""
     entries = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -114,15 +118,19 @@ def checkpoint_files(path: Path) -> dict[str, Any]:
             file = Path(root, name)
             try:
                 st = file.stat()
-                entries.append((file.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+                if st.st_size <= HASHED_BYTES:
+                    stamp: int | str = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+                else:
+                    stamp = st.st_mtime_ns
+                entries.append((file.relative_to(path).as_posix(), st.st_size, stamp, st.st_mtime_ns))
             except OSError:  # a dangling link: listed, so it appearing or going changes the digest
-                entries.append((file.relative_to(path).as_posix(), -1, 0))
-    newest = max((e[2] for e in entries), default=0)
+                entries.append((file.relative_to(path).as_posix(), -1, 0, 0))
+    newest = max((e[3] for e in entries), default=0)
     return {
         "files": len(entries),
         "bytes": sum(max(e[1], 0) for e in entries),
         "newest": datetime.datetime.fromtimestamp(newest / 1e9, datetime.UTC).isoformat(timespec="seconds"),
-        "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16],
+        "digest": hashlib.sha256(json.dumps([e[:3] for e in entries]).encode()).hexdigest()[:16],
     }
 
 

@@ -84,8 +84,9 @@ def _show_files(path) -> str:
     return f"{f['files']} files, {f['bytes']} bytes, newest {f['newest']}, digest {f['digest']}"
 
 
-def test_checkpoint_fingerprint_follows_the_files_not_the_path(checkpoint, tmp_path):
+def test_checkpoint_fingerprint_follows_the_files_not_the_path(checkpoint, tmp_path, monkeypatch):
     from meshserve.model.loading import load_model
+    from meshserve.serving import job_settings
 
     original = checkpoint_files(checkpoint)
     moved = tmp_path / "moved"
@@ -95,6 +96,16 @@ def test_checkpoint_fingerprint_follows_the_files_not_the_path(checkpoint, tmp_p
     assert checkpoint_files(moved) == original  # loading writes nothing there
     copied = tmp_path / "copied"
     shutil.copytree(checkpoint, copied, copy_function=shutil.copy)  # new mtimes
+    assert checkpoint_files(copied)["digest"] == original["digest"]  # small files: by content
+    with monkeypatch.context() as m:  # large files (every one, here) go by size and mtime: a fresh copy differs
+        m.setattr(job_settings, "HASHED_BYTES", 0)
+        assert checkpoint_files(copied)["digest"] != checkpoint_files(checkpoint)["digest"]
+    edited = max((p for p in copied.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(edited.read_bytes())
+    data[-1] ^= 1  # one bit of the largest file, same size
+    stat = edited.stat()
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: the content still shows
     assert checkpoint_files(copied)["digest"] != original["digest"]
 
     # Another config in the checkpoint's meshserve.json: named field by field (and the file changed).
