@@ -61,8 +61,13 @@ class PipelineChoice:
 
     def record(self, b: int, pipelined: bool, seconds: float) -> None:
         """A step of bucket b run that way took `seconds` (dispatch to the next dispatch)."""
+        before = self.faster(b)
         old = self._mean.get((b, pipelined))
         self._mean[(b, pipelined)] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+        if (after := self.faster(b)) != before and (b, not pipelined) in self._mean:  # both timed: say which won
+            way, ms = ("pipelined", "read first"), [1e3 * self._mean[(b, w)] for w in (True, False)]
+            log.info("guided steps at batch %d now run %s (%.2f ms a step; %s %.2f ms)", b, way[not after],
+                     ms[not after], way[after], ms[after])  # fmt: skip
 
     def faster(self, b: int) -> bool | None:
         """The way now believed faster for bucket b (None: neither timed yet)."""
