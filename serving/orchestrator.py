@@ -149,23 +149,15 @@ class Orchestrator(CallerSide):
                     drafts = spec.drafts(ticket, context)  # on tokens a step behind while one is in flight
                     if drafts is not None and pending is not None:
                         # Worth it: finish the step in flight, whose tokens the drafts must follow, and look again.
-                        self._finish_step(pending, None)
-                        pending = None
-                        with self._lock:
-                            ticket = self.scheduler.decode_ticket()
+                        ticket, pending = self._read_in_flight(pending), None
                         drafts = None if ticket is None else spec.drafts(ticket, context)
-                        self.guides.flush()  # the masks that step's tokens gave
                     if drafts is not None:
                         self.guides.untimed()
                         self._verify_step(ticket, drafts)
                         continue
                 mode = None if ticket is None else self.guides.step_mode(ticket[1])
                 if mode is False and pending is not None:  # guided rows, read first (GuideTracker's docstring)
-                    self._finish_step(pending, None)
-                    pending = None
-                    with self._lock:
-                        ticket = self.scheduler.decode_ticket()
-                    self.guides.flush()
+                    ticket, pending = self._read_in_flight(pending), None
                 dispatched = None
                 if ticket is None or worked:
                     self.guides.untimed()
@@ -253,6 +245,15 @@ class Orchestrator(CallerSide):
         self._stepped(now - t0, sum(len(u.tokens) for u in updates), occupancy)
         self.metrics.speculated(proposed, accepted)
         self._deliver(updates)
+
+    def _read_in_flight(self, pending) -> tuple[int, tuple[Request | None, ...]] | None:
+        """Finish the step in flight (its tokens delivered, the masks they give written) before the next dispatch:
+        -> a fresh ticket (rows may have finished)."""
+        self._finish_step(pending, None)
+        with self._lock:
+            ticket = self.scheduler.decode_ticket()
+        self.guides.flush()
+        return ticket
 
     def _finish_step(self, pending, dispatched) -> None:
         ticket, out, t0, resampled = pending
