@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP front of `meshserve serve --http-port`: /v1/completions, /v1/chat/completions,
-/v1/models and /health, beside the gRPC API and over the same engine, queue, limits and metrics.
+/v1/responses (served on the chat path: serving/openai_responses_api.py), /v1/models and /health, beside the gRPC API
+and over the same engine, queue, limits and metrics.
 
 Standard library only (http.server, one thread per connection): a body is parsed by serving/openai_protocol.py,
 validated by the same RequestParser as gRPC (so the limits and checks are the same, reported under the OpenAI field
@@ -43,6 +44,8 @@ from meshserve.serving.openai_protocol import (
     parse_body,
 )
 from meshserve.serving.openai_responses import Choices, Echo, Unsent, chunk, error_body, final_response
+from meshserve.serving.openai_responses_api import PATH as RESPONSES
+from meshserve.serving.openai_responses_api import respond
 from meshserve.serving.orchestrator import GRACE_ENDED, Orchestrator, ShuttingDownError
 from meshserve.serving.reasoning import ChatOptions
 from meshserve.serving.requests import ClientGone, sample_events
@@ -52,7 +55,7 @@ from meshserve.serving.validation import Limits, RequestError, RequestParser
 __all__ = ["HttpFront", "HttpError"]
 
 log = logging.getLogger("meshserve.http")
-_ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+_ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, RESPONSES: RESPONSES}
 _TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
 _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
           411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
@@ -213,17 +216,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = urlsplit(self.path).path
         if path == "/health":  # open without a token, for load balancers
-            return self._json(
+            return self.send_json(
                 200 if self.front.serving else 503, {"status": "ok" if self.front.serving else "draining"}
             )
         if not self._authorized():
             return
         if path == "/v1/models":
-            return self._json(200, self.front.models())
+            return self.send_json(200, self.front.models())
         if path.startswith("/v1/models/"):
             name = path.removeprefix("/v1/models/")
             if name == self.front.model_name:
-                return self._json(200, self.front.model_card())
+                return self.send_json(200, self.front.model_card())
             message = f"model: {name!r} is not served here (this server serves {self.front.model_name!r})"
             return self._error(HttpError(404, message, "model"))
         self._error(HttpError(404, f"GET {path}: not found (GET /v1/models, GET /health)"))
@@ -235,24 +238,24 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None and path not in _TOKENIZERS:
             self.close_connection = True  # the body is not read: the connection cannot carry another request
             return self._error(HttpError(404, f"POST {path}: not found (POST /v1/completions, /v1/chat/completions, "
-                                              "/tokenize, /detokenize)"))  # fmt: skip
+                                              "/v1/responses, /tokenize, /detokenize)"))  # fmt: skip
         if not self._authorized():
             self.close_connection = True
             return front.count(path, 401)
         if kind is None:
             return front.count(path, self._tokenizer(path))
         front.active(+1)
-        self._handles: list = []  # the request's samples, once queued (for the request log)
+        self.handles: list = []  # the request's samples, once queued (cancelled on an error; the request log's)
         try:
             status = self._generate(kind, path)
         finally:
             front.active(-1)
-        front.count(path, status, self._handles)
+        front.count(path, status, self.handles)
 
     def _tokenizer(self, path: str) -> int:
         try:
             body = self._body()
-            self._json(200, (tokenize if path == "/tokenize" else detokenize)(self.front, body))
+            self.send_json(200, (tokenize if path == "/tokenize" else detokenize)(self.front, body))
             return 200
         except HttpError as e:
             self._error(e)
@@ -261,34 +264,34 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, kind: str, path: str) -> int:
         """Answer one completion; returns the status counted in the metrics (0: the client went away)."""
         front = self.front
-        handles: list = []
         try:
-            parsed, handles, events, echo = front.submit(kind, self._body())
-            self._handles = handles
+            if kind == RESPONSES:
+                return respond(self, self._body())
+            parsed, self.handles, events, echo = front.submit(kind, self._body())
             if parsed.stream:
-                return self._stream(parsed, handles, events)
-            out = Choices(front.model.tokenizer, parsed, handles, echo, front.chat)
-            for index, event in front.events(handles, events, self._client_gone):
+                return self._stream(parsed, self.handles, events)
+            out = Choices(front.model.tokenizer, parsed, self.handles, echo, front.chat)
+            for index, event in front.events(self.handles, events, self.client_gone):
                 out.add(index, event)
             if error := front.shut_down_error(out.reasons):
                 raise error
-            self._json(200, final_response(out, front.model_name))
+            self.send_json(200, final_response(out, front.model_name))
             return 200
         except HttpError as e:
-            front.cancel(handles)
+            front.cancel(self.handles)
             self._error(e)
             return e.status
         except (ClientGone, BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
-            front.cancel(handles)
+            front.cancel(self.handles)
             self.close_connection = True
             return 0
         except Exception as e:  # a bug: answer (the client must not wait or retry blindly) and free the samples
             log.exception("%s failed", path)
-            front.cancel(handles)
+            front.cancel(self.handles)
             self.close_connection = True
             if self._streaming:
-                self._sse(json.dumps(error_body(HttpError(500, f"internal error: {type(e).__name__}"))))
-                self._end_stream()
+                self._stream_error(HttpError(500, f"internal error: {type(e).__name__}"))
+                self.end_stream()
             else:
                 self._error(HttpError(500, f"internal error: {type(e).__name__}"))
             return 500
@@ -298,12 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         when asked for, then `data: [DONE]`. An error after the first byte is sent as a last `data: {"error"}`."""
         front = self.front
         out = Choices(front.model.tokenizer, parsed, handles, chat=front.chat)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")  # the connection stays open for the client's next request
-        self.end_headers()
-        self._streaming = True
+        self.start_stream(lambda e: self.sse(json.dumps(error_body(e))))
         if parsed.kind == CHAT:  # OpenAI's first chunk of each choice gives the role
             self._send(chunk(out, front.model_name, [out.role_delta(i) for i in range(len(handles))]))
         try:
@@ -315,25 +313,34 @@ class _Handler(BaseHTTPRequestHandler):
                 raise error
             if parsed.include_usage:
                 self._send(chunk(out, front.model_name, [], usage=True))
-            self._sse("[DONE]")
-            self._end_stream()
+            self.sse("[DONE]")
+            self.end_stream()
             return 200
         except HttpError as e:
             front.cancel(handles)
-            self._sse(json.dumps(error_body(e)))
-            self._end_stream()
+            self._stream_error(e)
+            self.end_stream()
             return e.status
 
     def _send(self, obj: dict) -> None:
-        self._sse(json.dumps(obj, ensure_ascii=False))
+        self.sse(json.dumps(obj, ensure_ascii=False))
 
-    def _sse(self, data: str) -> None:
-        """One server-sent event, as one HTTP chunk."""
-        event = f"data: {data}\n\n".encode()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+    def start_stream(self, on_error: Callable[[HttpError], None]) -> None:
+        """A 200 answer of server-sent events; `on_error` sends an error that comes after it began."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")  # the connection stays open for the client's next request
+        self.end_headers()
+        self._streaming, self._stream_error = True, on_error
+
+    def sse(self, data: str, event: str | None = None) -> None:
+        """One server-sent event (`event: <type>` first when given), as one HTTP chunk."""
+        line = (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
         self.wfile.flush()
 
-    def _end_stream(self) -> None:
+    def end_stream(self) -> None:
         self.wfile.write(b"0\r\n\r\n")  # the last chunk
         self.wfile.flush()
         self._streaming = False
@@ -362,7 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise HttpError(400, f"request body: invalid JSON ({e})") from None
 
-    def _client_gone(self) -> bool:
+    def client_gone(self) -> bool:
         """Whether the client closed its end (readable with nothing to read). Under TLS: not knowable, False."""
         sock = self.connection
         if isinstance(sock, ssl.SSLSocket):
@@ -373,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _json(self, status: int, obj: dict) -> None:
+    def send_json(self, status: int, obj: dict) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -389,10 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         what = f"{self.command} {urlsplit(self.path).path}" if getattr(self, "command", None) else "request"
         with contextlib.suppress(OSError):
-            self._json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
+            self.send_json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         self.send_error(405, "method not allowed (no CORS preflight: call from a server, not a browser page)")
 
     def _error(self, error: HttpError) -> None:
-        self._json(error.status, error_body(error))
+        self.send_json(error.status, error_body(error))
