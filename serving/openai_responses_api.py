@@ -318,7 +318,7 @@ class _Events:
     def error(self, error: HttpError) -> None:
         """An error after the stream began: OpenAI's error event, last."""
         body = error_body(error)["error"]
-        self.send([{"type": "error", "code": str(body["code"]), "message": body["message"], "param": body["param"]}])
+        self.send([{"type": "error", "code": body["type"], "message": body["message"], "param": body["param"]}])
 
 
 def respond(handler, body: Any) -> int:

@@ -187,8 +187,7 @@ class Items:
         index, out = self.output.index(item), []
         where = {"item_id": item["id"], "output_index": index}
         if item["type"] == "function_call":
-            out.append({"type": "response.function_call_arguments.done", **where, "name": item["name"],
-                        "arguments": item["arguments"]})  # fmt: skip
+            out.append({"type": "response.function_call_arguments.done", **where, "arguments": item["arguments"]})
         else:
             part = item["content"][0]
             if item["type"] == "reasoning":

@@ -12,18 +12,22 @@ also checked without a server.
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
+from urllib.parse import urlsplit
 
 import pytest
+from cli_helpers import free_port
 from meshserve.serving.openai_protocol import HttpError
 from meshserve.serving.openai_responses_api import responses_request
 from test_openai_tools import TOOLS
 from test_reasoning_server import CALL, checkpoint  # noqa: F401 (the scripted thinking model's fixture)
-from test_serving_support import ServerProcess
+from test_serving_http_support import _cancelled, _metric, _wait_for
+from test_serving_support import ServerProcess, slow_decode, slowed
 
 openai = pytest.importorskip("openai")
 from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
+from pydantic import BaseModel, TypeAdapter  # noqa: E402
 
 TOOLS_FLAT = [{"type": "function", **tool["function"]} for tool in TOOLS]  # the Responses' tool shape
 ASK = "w20 w21"
@@ -31,9 +35,13 @@ EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):  # noqa: F811 (the imported fixture)
+def server(checkpoint, tmp_path_factory):  # noqa: F811 (the imported fixture)
+    """Decode steps are slowed (by 0.2 s) only while the flag file exists (a client leaving mid-answer)."""
+    flag, metrics_port = tmp_path_factory.mktemp("flag") / "slow", free_port()
     proc = ServerProcess(checkpoint, "--http-port", "0", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
-                         "--served-model-name", "m")  # fmt: skip
+                         "--served-model-name", "m", "--metrics-port", str(metrics_port),
+                         python_code=slow_decode(0.2, while_exists=flag))  # fmt: skip
+    proc.metrics_port, proc.flag = metrics_port, flag
     yield proc
     proc.close()
 
@@ -43,10 +51,23 @@ def oa(server):
     return openai.OpenAI(base_url=server.http, api_key="none", max_retries=0, timeout=60)
 
 
+def _no_extras(obj) -> None:
+    """No field the openai package's type lacks, at any depth (pydantic keeps unknown keys in model_extra)."""
+    if isinstance(obj, list):
+        for item in obj:
+            _no_extras(item)
+    elif isinstance(obj, BaseModel):
+        assert not obj.model_extra, f"{type(obj).__name__} has no fields {sorted(obj.model_extra)}"
+        for name in type(obj).model_fields:
+            _no_extras(getattr(obj, name))
+
+
 def _create(oa, **kwargs) -> Response:
-    """client.responses.create, its raw body validated strictly (every required field, every type)."""
+    """client.responses.create, its raw body validated strictly (every required field, every type, no extras)."""
     raw = oa.responses.with_raw_response.create(model="m", **kwargs)
-    return Response.model_validate(raw.http_response.json())
+    response = Response.model_validate(raw.http_response.json())
+    _no_extras(response)
+    return response
 
 
 def _raw_events(server, body: dict) -> list[tuple[str, dict]]:
@@ -85,6 +106,7 @@ def test_streamed_events_build_the_same_response(oa, server):
     assert all(line == data["type"] for line, data in events)
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     typed = [EVENT.validate_python(data) for _, data in events]
+    _no_extras(typed)
     kinds = [e.type for e in typed]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]  # fmt: skip
@@ -162,6 +184,29 @@ def test_sampled_text_equals_the_chat_routes(oa, server):
     assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
     other = _create(oa, input=ASK, temperature=1.0, max_output_tokens=12, extra_body={**extra, "seed": 12})
     assert other.output_text != r.output_text
+
+
+def test_a_client_that_goes_away_is_cancelled(oa, server):
+    """A stream left after its first events, and a plain request whose connection closes while it runs: both are
+    cancelled (their slots freed), as the chat route's."""
+    before = _cancelled(server)
+    long = {"max_output_tokens": 200, "extra_body": {"ignore_eos": True, "logit_bias": {str(_token(server, "<think>")):
+                                                                                      -100}}}  # fmt: skip
+    with slowed(server.flag):
+        stream = oa.responses.create(model="m", input=ASK, stream=True, **long)
+        for _, _event in zip(range(4), stream, strict=False):
+            pass
+        stream.close()
+        assert _wait_for(lambda: _cancelled(server) >= before + 1, timeout=60), "the stream was not cancelled"
+        url = urlsplit(server.http)
+        body = json.dumps({"model": "m", "input": ASK, "max_output_tokens": 200, **long["extra_body"]}).encode()
+        live = lambda: _metric(server, "meshserve_live_slots")  # noqa: E731
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode() +
+                         b"\r\n\r\n" + body)  # fmt: skip
+            assert _wait_for(lambda: live() >= 1, timeout=30), "the plain request never started"
+        assert _wait_for(lambda: _cancelled(server) >= before + 2, timeout=60), "the plain request was not cancelled"
+    assert _metric(server, "meshserve_requests_total", method="POST /v1/responses", code="CANCELLED") == 2
 
 
 def test_output_text_log_probs(oa):
