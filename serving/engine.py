@@ -111,8 +111,8 @@ class Engine:
     _verify: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)  # (b, context)
     _score: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _release: Any = field(default=None, init=False, repr=False)  # the slot-release step, compiled with generation
-    _guide: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # guided masks' writes, per G
-    _resample: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # the same, sampling again
+    _guide: dict[tuple[int], Any] = field(default_factory=dict, init=False, repr=False)  # guided masks' writes, (G,)
+    _resample: dict[tuple[int], Any] = field(default_factory=dict, init=False, repr=False)  # (G,): sampling again
     _state: DecodeState | None = field(default=None, init=False, repr=False)
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
@@ -143,7 +143,7 @@ class Engine:
 
     def compiled_steps(self) -> int:
         """Steps compiled so far (a prefill and its insert count two, as in `EnginePlan.compile_count`)."""
-        compiled = (self._prefill, self._insert, self._extend, self._decode, self._verify, self._score)
+        compiled = (self._prefill, self._insert, self._extend, self._decode, self._verify, self._score, self._resample)
         return sum(map(len, compiled)) + (self._release is not None)
 
     def warm_up(
@@ -285,6 +285,10 @@ class Engine:
         if slots:
             self._state = self._guided(self._guide, slots, masks)
 
+    def resamples(self, rows: int) -> bool:
+        """Whether a resample step for `rows` guided rows is compiled (a deferred warm-up compiles them last)."""
+        return any(g >= rows for (g,) in list(self._resample))
+
     def resample_async(self, slots: Sequence[int], masks: Sequence[np.ndarray]) -> tuple[jax.Array, jax.Array]:
         """Guided rows whose masks come after their decode step was dispatched (engine_steps.resample_rows): masks[i]
         (packed uint32 [W]) for slot slots[i], and those rows sampled again from the step's logits. -> device arrays
@@ -293,12 +297,12 @@ class Engine:
         self._state, out = self._guided(self._resample, slots, masks)
         return out
 
-    def _guided(self, table: dict[int, Any], slots: Sequence[int], masks: Sequence[np.ndarray]):
-        g = min(b for b in table if b >= len(slots))
+    def _guided(self, table: dict, slots: Sequence[int], masks: Sequence[np.ndarray]):
+        (g,), step = covering(table, (len(slots),), "guided")
         rows = self._slot_rows(list(slots), g)
         packed = np.full((g, self._state.sampling["allowed"].shape[1]), 0xFFFFFFFF, np.uint32)
         packed[: len(slots)] = np.stack(masks)
-        return table[g](self._state, rows, packed)
+        return step(self._state, rows, packed)
 
     def decode_async(self, batch: int, context: int | None = None) -> tuple[jax.Array, ...]:
         """Dispatch one decode step for slots [0, batch); returns device arrays (tokens [batch], log-probs [batch],

@@ -16,7 +16,6 @@ from meshserve.serving.engine_steps import (
     DecodeState,
     decode_rows,
     extend_step,
-    guide_buckets,
     insert_rows,
     pad_sampling,
     prefill_step,
@@ -26,6 +25,7 @@ from meshserve.serving.engine_steps import (
     set_guides,
     verify_rows,
 )
+from meshserve.serving.plan import guide_buckets
 from meshserve.serving.warm_up import CompileJob
 
 if TYPE_CHECKING:
@@ -51,15 +51,10 @@ def compile_job(
         guide = jax.jit(set_guides, donate_argnums=0, out_shardings=engine.steps.decode_state_sharding)
         words = state.sampling["allowed"].shape[1]
         engine._guide = {
-            g: guide.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
+            (g,): guide.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
             for g in guide_buckets(engine.plan.max_batch)
         }
-        # And the same rows' masks written after their step was dispatched, with the rows sampled again.
-        resample = jax.jit(resample_rows, donate_argnums=0, out_shardings=(engine.steps.decode_state_sharding, None))
-        engine._resample = {
-            g: resample.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
-            for g in guide_buckets(engine.plan.max_batch)
-        }
+
     elif job.kind in ("prefill", "score", "extend"):
         b, t = key[:2]
         tokens = spec((b, t), jnp.int32)
@@ -97,6 +92,11 @@ def compile_job(
                 .lower(engine.params, tokens, rows(b), samp(b))
                 .compile()
             )
+    elif job.kind == "resample":  # guided rows' masks written after their step was dispatched, rows drawn again
+        (g,) = key
+        fn = jax.jit(resample_rows, donate_argnums=0, out_shardings=(engine.steps.decode_state_sharding, None))
+        words = state.sampling["allowed"].shape[1]
+        engine._resample[key] = fn.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
     elif job.kind == "decode":
         b, c = key
         fn = jax.jit(functools.partial(decode_rows, engine.steps, engine.config, b, c), donate_argnums=1)

@@ -33,7 +33,6 @@ __all__ = [
     "decode_rows",
     "extend_step",
     "fresh_state",
-    "guide_buckets",
     "insert_rows",
     "pad_sampling",
     "prefill_step",
@@ -237,12 +236,6 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     new = dataclasses.replace(state, cache=cache, last=state.last.at[:b].set(last), step=state.step.at[:b].add(n),
                               history=dataclasses.replace(state.history, counts=counts))  # fmt: skip
     return new, (out, n, out_lp, *top_logprobs(logits[:, 0], samp))
-
-
-def guide_buckets(max_batch: int) -> list[int]:
-    """Row counts G the guided masks' write is compiled for: powers of 4 below max_batch, and max_batch (a step
-    with g guided rows uploads the smallest G >= g masks, not B)."""
-    return sorted({*(4**i for i in range(max_batch.bit_length()) if 4**i < max_batch), max_batch})
 
 
 def set_guides(state: DecodeState, rows: jax.Array, masks: jax.Array) -> DecodeState:

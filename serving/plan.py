@@ -19,6 +19,7 @@ from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 
 __all__ = [
+    "guide_buckets",
     "DEFAULT_MAX_BATCH",
     "EnginePlan",
     "StepPlan",
@@ -37,6 +38,12 @@ DEFAULT_MAX_BATCH = {"latency": 32, "throughput": 128}
 
 class PlanError(UserError):
     """A serving plan that cannot work (batch or context out of range)."""
+
+
+def guide_buckets(max_batch: int) -> list[int]:
+    """Row counts G the guided masks' write and resample steps are compiled for: powers of 4 below max_batch, and
+    max_batch (a step with g guided rows uploads the smallest G >= g masks, not B)."""
+    return sorted({*(4**i for i in range(max_batch.bit_length()) if 4**i < max_batch), max_batch})
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,11 @@ class EnginePlan:
 
     def compile_count(self, phases: tuple[str, ...] = ("generate", "score")) -> int:
         """How many steps `Engine.warm_up(phases=...)` compiles (prefill and its insert count two; generation adds
-        one slot-release step, and prefix caching one extend step per prefill bucket and context)."""
+        one slot-release step and one guided resample step per guide bucket, and prefix caching one extend step per
+        prefill bucket and context)."""
         n = 0
         if "generate" in phases:
-            n += 1 + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
+            n += 1 + len(guide_buckets(self.max_batch)) + 2 * len(self.prefill_batches) * len(self.prefill_lengths)
             n += len(self.decode_batches) * len(self.contexts())
             n += len(self.prefill_batches) * len(self.extend_lengths) * len(self.contexts())
             n += len(self.verify_batches) * len(self.contexts())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
-from meshserve.serving.plan import EnginePlan
+from meshserve.serving.plan import EnginePlan, guide_buckets
 
 __all__ = ["PHASES", "BackgroundCompile", "CompileJob", "compile_order", "covering", "upfront_steps"]
 
@@ -28,9 +28,9 @@ PHASES = ("generate", "score")  # what Engine.warm_up compiles by default
 
 @dataclass(frozen=True)
 class CompileJob:
-    """One step to compile: kind "release" | "prefill" (with its insert) | "extend" | "decode" | "verify" | "score",
-    and its bucket key: (b, T) for prefill and score, (b, T, C) for extend, (b, C) for decode and verify, () for
-    release."""
+    """One step to compile: kind "release" | "prefill" (with its insert) | "extend" | "decode" | "verify" | "score"
+    | "resample", and its bucket key: (b, T) for prefill and score, (b, T, C) for extend, (b, C) for decode and
+    verify, (G,) for resample (guided rows), () for release."""
 
     kind: str
     key: tuple[int, ...]
@@ -45,7 +45,7 @@ class CompileJob:
     def label(self) -> str:
         """E.g. "decode b=4 C=128": the kind and its bucket, for logs and progress."""
         names = {"prefill": ("b", "T"), "score": ("b", "T"), "extend": ("b", "T", "C"), "decode": ("b", "C"),
-                 "verify": ("b", "C")}  # fmt: skip
+                 "verify": ("b", "C"), "resample": ("G",)}  # fmt: skip
         return " ".join([self.kind, *(f"{n}={v}" for n, v in zip(names.get(self.kind, ()), self.key, strict=True))])
 
 
@@ -74,6 +74,8 @@ def compile_order(plan: EnginePlan, phases: tuple[str, ...] = PHASES) -> list[Co
     rounds: Iterator[tuple[Any, ...]] = zip_longest(*(ks[:-1] for ks in keys.values()))
     for keys_of_round in rounds:
         jobs += [CompileJob(kind, k) for kind, k in zip(keys, keys_of_round, strict=True) if k is not None]
+    if "generate" in phases:  # last: until they are in, guided steps read the previous step first (tracker.py)
+        jobs += [CompileJob("resample", (g,)) for g in guide_buckets(plan.max_batch)]
     return jobs
 
 

@@ -154,9 +154,12 @@ class GuideTracker:
     def step_mode(self, owners: Sequence[Request | None]) -> bool | None:
         """How the next step over these slots' requests runs: None (no guided row: pipelined, nothing to resample),
         True (pipelined, its guided rows resampled), False (the step in flight is read and the masks written
-        first)."""
-        if not self._guides or not any(r is not None and r.id in self._guides for r in owners):
+        first: also while no resample step for that many rows is compiled)."""
+        guided = sum(r is not None and r.id in self._guides for r in owners) if self._guides else 0
+        if not guided:
             return None
+        if not self.engine.resamples(guided):  # its resample step not compiled yet (a deferred warm-up's last)
+            return False
         return self.choice.pipelined(len(owners))
 
     def dispatched(self, b: int, mode: bool | None, now: float) -> None:
