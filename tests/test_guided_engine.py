@@ -199,6 +199,20 @@ def test_both_ways_of_running_guided_steps_give_the_same_tokens(engine):
     assert json.loads(pipelined[0][0])["ok"] in (True, False)
 
 
+def test_guided_steps_read_first_until_a_deferred_warm_up_compiles_their_resample_step():
+    config = get_config("tiny")
+    kw = dict(max_batch=4, max_context=128, length_buckets=(16,), decode_buckets=(4,), context_buckets=(128,))
+    deferred = Engine(init_params(config, jax.random.key(5)), config, make_plan(config, **kw))
+    deferred.warm_up(phases=("generate",), defer=True)
+    assert not deferred.resamples(1) and deferred.pending_steps() > 0  # G = 1 and 4 left for the background
+    spec = GuideSpec("json_object")
+    compact = SamplingParams(temperature=1.0, seed=4, logit_bias={ord(c): -100 for c in " \t\n\r"})
+    before = _serve(deferred, [Request([5, 5], 40, compact, guide=spec)], way=True)  # pipelined asked, not possible
+    deferred.compile_pending()
+    assert deferred.resamples(4) and not deferred.resamples(5)
+    assert _serve(deferred, [Request([5, 5], 40, compact, guide=spec)], way=True) == before  # now pipelined
+
+
 def test_the_faster_way_is_chosen_and_the_other_timed_again():
     choice = PipelineChoice()
     T, E = PipelineChoice.TRIAL, PipelineChoice.EXPLORE

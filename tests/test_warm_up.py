@@ -52,6 +52,8 @@ def test_compile_order_puts_each_kinds_largest_bucket_first_and_covers_the_plan_
     prefill = [j.key for j in jobs if j.kind == "prefill" and not j.first]
     assert prefill == sorted(prefill, key=lambda k: k[0] * k[1])  # smallest first: the buckets light traffic uses
     assert jobs[len(first)].kind != jobs[len(first) + 1].kind  # kinds take turns
+    # Guided rows' resample steps last (until one is in, guided steps read the previous step first): G = 1, 4.
+    assert [(j.kind, j.key) for j in jobs[-2:]] == [("resample", (1,)), ("resample", (4,))]
     assert [j.kind for j in compile_order(plan, ("score",))] == ["score"] * 6
     with pytest.raises(ValueError, match="phases"):
         compile_order(plan, ("train",))
