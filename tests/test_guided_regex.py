@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec
-from meshserve.serving.guided.regex import prepare_masks
+from meshserve.serving.guided.masks import prepare_masks
 from test_guided_masks import bits, bpe, brute, walk  # noqa: F401  (bpe: the fixture)
 
 PATTERNS = [r"\d{3}-\d{4}", r"(yes|no|maybe)", r"[A-Z][a-z]+( [A-Z][a-z]+){0,3}", r"é+x", r"[^a-c]{2}", r"a?b?",

@@ -15,7 +15,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec, patterns
-from meshserve.serving.guided.regex import prepare_masks
+from meshserve.serving.guided.masks import prepare_masks
 from test_guided_masks import bits, bpe, brute, walk  # noqa: F401  (bpe: the fixture)
 
 PATTERNS = [r'"[a-z\\]{1,3}"', r"[\x00-\x1f]{1,2}x\\?", r'(\\"|\t)+\n', r'[α-ω€"]{1,3}\\?', r"é+\S", r'[^"\\]{0,4}"',
@@ -55,25 +55,26 @@ def test_table_masks_equal_the_trie_walk_and_a_token_check(bpe, pattern):  # noq
 
 def test_a_refused_regex_is_refused_again_without_work(monkeypatch):
     """A regex refused when compiled (its NFA too large) or when its masks are prepared (too many positions) is
-    refused from the cache on a retry, even once compile_spec's grammar is gone: no NFA built, no positions counted;
-    four requests at once with a new refused regex count its positions once."""
-    built = []
-    build_nfa = patterns.build_nfa
+    refused from the cache on a retry, even once compile_spec's grammar is gone: no positions counted again; its NFA
+    is built once per compile (its positions are counted on the grammar's own matcher); four requests at once with a
+    new refused regex count its positions once."""
+    built, walks = [], []
+    build_nfa, count = patterns.build_nfa, patterns.positions
     monkeypatch.setattr(patterns, "build_nfa", lambda *a: built.append(a[0]) or build_nfa(*a))
+    monkeypatch.setattr(patterns, "positions", lambda g, *a: walks.append(g.matcher.pattern) or count(g, *a))
     table = crafted()
     for _ in range(2):
         with pytest.raises(GuideError, match=r"^pattern: more than 20000 states"):
             regex(r"(b{100}){300}")
-    assert built == [r"(b{100}){300}"]
+    assert built == [r"(b{100}){300}"] and not walks
     for _ in range(2):
         with pytest.raises(GuideError, match=r"^pattern: more than 1024 positions to prepare token masks for"):
             prepare_masks(Guide(regex(r"x.{0,300}"), table))
         compile_spec.cache_clear()  # the grammar is compiled again (its NFA): its positions' refusal is cached
-    misses = patterns._compile.cache_info().misses
-    assert built.count(r"x.{0,300}") == 3 and misses > 0
+    assert built.count(r"x.{0,300}") == 2 and walks == [r"x.{0,300}"]
     with pytest.raises(GuideError, match=r"^pattern: more than 1024 positions"):
         prepare_masks(Guide(regex(r"x.{0,300}"), table))
-    assert patterns._compile.cache_info().misses == misses
+    assert walks == [r"x.{0,300}"]
     errors: list[str] = []
 
     def refuse() -> None:
@@ -88,12 +89,31 @@ def test_a_refused_regex_is_refused_again_without_work(monkeypatch):
     for t in threads:
         t.join()
     assert len(errors) == 4 and all(e.startswith("pattern: more than 1024 positions") for e in errors)
-    assert patterns._compile.cache_info().misses == misses + 1 and not patterns._BUILDING
+    assert walks == [r"x.{0,300}", r"y.{0,299}"] and not patterns._BUILDING
+
+
+def test_a_regex_is_built_once_and_its_count_serves_later_compiles(monkeypatch):
+    """compile_spec builds a regex's NFA once (validation); prepare_masks counts the positions on that matcher, not
+    on a second build; once counted, a later compile of the pattern (compile_spec's grammar evicted) takes the
+    counted matcher from the compiled patterns' cache: no NFA built, no positions counted."""
+    built = []
+    build_nfa = patterns.build_nfa
+    monkeypatch.setattr(patterns, "build_nfa", lambda *a: built.append(a[0]) or build_nfa(*a))
+    table = crafted()
+    grammar = regex(r"[a-c]{1,4}-once")
+    assert not grammar.matcher.counted
+    guide = Guide(grammar, table)
+    assert prepare_masks(guide) == len(guide.pinned) > 4
+    assert grammar.indexed() is grammar.matcher and grammar.matcher.counted and built == [r"[a-c]{1,4}-once"]
+    compile_spec.cache_clear()
+    again = regex(r"[a-c]{1,4}-once")
+    assert again is not grammar and again.matcher is grammar.matcher and built == [r"[a-c]{1,4}-once"]
+    assert prepare_masks(Guide(again, table)) == len(guide.pinned)
 
 
 def _measured(spec: GuideSpec) -> tuple[object, int]:
     """The spec's grammar compiled afresh (the compiled patterns' cache emptied) and the bytes it holds, measured."""
-    patterns._compile.cache_clear()
+    patterns._COMPILED.clear()
     gc.collect()
     tracemalloc.start()
     try:
@@ -133,21 +153,16 @@ def test_alternatives_opened_anywhere_are_refused_when_compiled():
             regex(pattern)
 
 
-def test_a_regex_refused_for_time_is_refused_again_at_once():
+def test_a_regex_refused_for_time_is_refused_again_at_once(monkeypatch):
     """prepare_masks' time backstop depends on the machine's load: its refusal is cached per grammar and table, so
-    a retry is refused at once (not accepted when the machine is idler), and another vocabulary decides afresh."""
-    import time
-
-    from meshserve.serving.guided import GuideError, GuideSpec, TokenTable, compile_spec
-    from meshserve.serving.guided.masks import Guide, prepare_masks
-
+    a retry is refused at once (no mask computed: not accepted when the machine is idler), and another vocabulary
+    decides afresh."""
     vocab = [bytes([b]) for b in range(32, 127)] + [b"ab", b"hello world"]
     table = TokenTable(vocab, len(vocab))
     grammar = compile_spec(GuideSpec("regex", pattern="[A-Za-z ]{1,200}"))
     with pytest.raises(GuideError, match="take more than 0 s to prepare"):
         prepare_masks(Guide(grammar, table), seconds=0.0)
-    start = time.perf_counter()
+    monkeypatch.setattr(table, "pattern_masks", lambda *a: pytest.fail("masks computed again"))
     with pytest.raises(GuideError, match="take more than 0 s to prepare"):
         prepare_masks(Guide(grammar, table), seconds=60.0)
-    assert time.perf_counter() - start < 0.01
     assert prepare_masks(Guide(grammar, TokenTable(vocab, len(vocab)))) == 201

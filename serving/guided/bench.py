@@ -6,7 +6,12 @@ English-like text, then reports:
   start of a json_object, in a string, after a key, in a number, and inside pattern strings (format date-time and
   email, a pattern [^\\s]{1,40}: no plain-string fast path there), with the time compile_spec takes for that schema;
 - over random walks through the masks that write `--docs` JSON documents (about 200 tokens each, json_object and a
-  schema in turn), the mask time per token (mean, p50, p99, max) and how many masks came from the cache.
+  schema in turn), the mask time per token (mean, p50, p99, max) and how many masks came from the cache;
+- guided_regex: for each of a few realistic regexes (REGEXES), compile_spec's time, how many positions it has and
+  prepare_masks' time (every position's mask, on the request's thread at submit) with nothing cached for it
+  (`--regex-only`: this section alone, e.g. `--vocab 128000 --regex-only`).
+Above 32,000 tokens the generated corpus grows with the vocabulary (more lines, a larger lexicon) so that the
+trainer can reach it (128,000 from 128,000 lines and 80,000 words).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "train_vocab"]
+__all__ = ["main", "train_vocab", "REGEXES"]
 
 _SCHEMA = {
     "type": "object",
@@ -35,6 +40,12 @@ _SCHEMA = {
     },
     "required": ["name", "age"],
 }
+# guided_regex patterns as users send them (vLLM's structured-outputs examples and issues): an ISO date, an email-like
+# address, a US phone number, a few words, a choice, a decimal, free text of bounded length and a word; then two near
+# positions.MAX_POSITIONS (a line of up to 120 characters, 1000 letters or spaces: seconds each before grouping).
+REGEXES = (r"\d{4}-\d{2}-\d{2}", r"[a-z0-9._+-]{1,30}@[a-z0-9-]{1,20}(\.[a-z0-9-]{1,20}){0,2}\.[a-z]{2,6}",
+           r"\(?\d{3}\)?[ -]?\d{3}-\d{4}", r"[a-z]{1,20}( [a-z]{1,20}){0,5}", r"(yes|no|maybe)", r"\d{1,6}(\.\d{1,3})?",
+           r".{0,80}", r"\w+", r"[A-Z][a-z]+ \w+: .{0,40}", r"[^\n]{0,120}", r"[a-z ]{0,1000}")  # fmt: skip
 _PATTERNED = {
     "type": "object",
     "properties": {
@@ -45,10 +56,11 @@ _PATTERNED = {
 }
 
 
-def _corpus(rng: random.Random, lines: int) -> list[str]:
-    """Generated JSON and English-like text over a synthetic lexicon (enough distinct words for 32k merges)."""
+def _corpus(rng: random.Random, lines: int, lexicon: int = 20000) -> list[str]:
+    """Generated JSON and English-like text over a synthetic lexicon of `lexicon` words (20,000: enough distinct
+    words for 32k merges)."""
     syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(lexicon)]
     common = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "on", "by", "are", "this",
               "be", "at", "from", "or", "an"]  # fmt: skip
     out = []
@@ -63,7 +75,9 @@ def _corpus(rng: random.Random, lines: int) -> list[str]:
 
 
 def train_vocab(size: int, seed: int = 0):
-    """A byte-level BPE HFTokenizer of `size` tokens trained here (a few seconds for 32k)."""
+    """A byte-level BPE HFTokenizer of `size` tokens trained here (a few seconds for 32k, ~5 s for 128k). Up to 32k
+    tokens from 60,000 lines over 20,000 words; above, `size` lines over 5/8 `size` words (60,000 lines stop at
+    ~90k tokens: too few distinct words)."""
     from meshserve.model.tokenizer import HFTokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -72,7 +86,8 @@ def train_vocab(size: int, seed: int = 0):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(_corpus(random.Random(seed), 60000), trainer)
+    lines, lexicon = (60000, 20000) if size <= 32000 else (size, size * 5 // 8)
+    tok.train_from_iterator(_corpus(random.Random(seed), lines, lexicon), trainer)
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read into memory: nothing left behind
         path = Path(folder) / "tokenizer.json"
         tok.save(str(path))
@@ -154,6 +169,37 @@ def _thinking_ms(tokenizer, first, second) -> dict:
     return out
 
 
+def regex_ms(tokenizer, patterns=REGEXES) -> dict:
+    """For each pattern: {"positions", "compile" ms (compile_spec, nothing cached), "prepare_masks" ms (every
+    position's mask; its positions counted on the way, as at a request's submit), "again" ms (prepare_masks for
+    another request of the same pattern: the masks cached in the table)}, on one token table built beforehand."""
+    from meshserve.serving.guided import Guide, GuideSpec, TokenTable, compile_spec
+    from meshserve.serving.guided.masks import prepare_masks
+    from meshserve.serving.guided.patterns import _COMPILED
+
+    table, out = TokenTable(tokenizer.token_bytes(), tokenizer.vocab_size), {}
+    for pattern in patterns:
+        compile_spec.cache_clear()
+        _COMPILED.clear()
+        table._masks.clear()
+        t0 = time.perf_counter()
+        grammar = compile_spec(GuideSpec("regex", pattern=pattern))
+        t1 = time.perf_counter()
+        positions = prepare_masks(Guide(grammar, table))
+        t2 = time.perf_counter()
+        prepare_masks(Guide(grammar, table))
+        t3 = time.perf_counter()
+        out[pattern] = {"positions": positions, "compile": (t1 - t0) * 1e3, "prepare_masks": (t2 - t1) * 1e3,
+                        "again": (t3 - t2) * 1e3}  # fmt: skip
+    return out
+
+
+def _print_regex(regex: dict) -> None:
+    for pattern, r in regex.items():
+        print(f"  guided_regex {pattern:32.32s} {r['positions']:4d} positions: compile {r['compile']:5.1f} ms, "
+              f"prepare_masks {r['prepare_masks']:7.1f} ms (again {r['again']:.1f} ms)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meshserve.serving.guided.bench", description=__doc__.split("\n")[0]
@@ -162,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=20, help="random-walk documents (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--regex-only", action="store_true", help="only the guided_regex section (REGEXES)")
     args = parser.parse_args(argv)
     from meshserve.serving.guided import GuideSpec
 
@@ -173,13 +220,22 @@ def main(argv: list[str] | None = None) -> int:
 
     TokenTable.of(tokenizer, tokenizer.vocab_size)
     table_s = time.perf_counter() - t0
+    if args.regex_only:
+        result = {"vocab": tokenizer.vocab_size, "train_s": trained, "table_build_s": table_s,
+                  "regex_ms": regex_ms(tokenizer)}  # fmt: skip
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"vocab {result['vocab']}: trained in {trained:.1f} s, token table built in {table_s:.2f} s")
+            _print_regex(result["regex_ms"])
+        return 0
     obj, schema = GuideSpec("json_object"), GuideSpec("json_schema", schema=json.dumps(_SCHEMA))
     patterned = GuideSpec("json_schema", schema=json.dumps(_PATTERNED))
     from meshserve.serving.guided import compile_spec
-    from meshserve.serving.guided.patterns import _compile
+    from meshserve.serving.guided.patterns import _COMPILED
 
     compile_spec.cache_clear()
-    _compile.cache_clear()  # the patterns' own cache too: a first compile
+    _COMPILED.clear()  # the patterns' own cache too: a first compile
     t0 = time.perf_counter()
     compile_spec(patterned)
     compile_ms = (time.perf_counter() - t0) * 1e3
@@ -197,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
               "pattern_schema_compile_ms": compile_ms,
               "new_state_ms": {k: {"cold": v[0], "memo_warm": v[1], "prepare_patterns": v[2], "prepared": v[3]}
                                for k, v in new_state.items()},
-              "thinking_block_ms": thinking, "walks": _walks(tokenizer, args.docs, args.seed)}  # fmt: skip
+              "thinking_block_ms": thinking, "walks": _walks(tokenizer, args.docs, args.seed),
+              "regex_ms": regex_ms(tokenizer)}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -214,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  walks: {w['docs']} docs ({w['finished']} finished), {w['tokens']} tokens, mask per token: "
           f"mean {w['mask_ms_mean']:.3f} ms, p50 {w['mask_ms_p50']:.3f}, p99 {w['mask_ms_p99']:.2f}, "
           f"max {w['mask_ms_max']:.2f}; total {w['mask_ms_total']:.0f} ms")  # fmt: skip
+    _print_regex(result["regex_ms"])
     return 0
 
 

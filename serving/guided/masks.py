@@ -11,14 +11,16 @@ precomputed mask by their character count, and only the other tokens are walked.
 A pattern (patterns.py: a JSON Schema pattern string's content, or a regex request's whole output) has finitely
 many positions and a table of each one's next by byte: a position's mask runs that table over the tokens' bytes in
 numpy (`pattern_masks`: a pattern string's plain tokens, which cannot close the string, so do not depend on the rest
-of the stack; a regex's every token), for a batch of positions at once, cached in the table's LRU and shared by
-every state, schema and request reaching the position (a trie walk instead cost 35-40 ms a position for [^\\s] or
-email at 32,000 tokens). `prepare_patterns` computes a schema's on the caller's thread, `prepare_masks` a regex's
-every one, pinned on its Guide.
+of the stack; a regex's every token), the tokens grouped by the byte classes the table sees so that one token walks
+for each group (token_groups.py), for many positions at once, cached in the table's LRU and shared by every state,
+schema and request reaching the position (positions whose allowed tokens coincide share one array; a trie walk
+instead cost 35-40 ms a position for [^\\s] or email at 32,000 tokens). `prepare_patterns` computes a schema's on
+the caller's thread, `prepare_masks` a regex's every one, pinned on its Guide.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from typing import Any
@@ -28,6 +30,7 @@ from meshserve.serving.guided.grammar import Grammar, State
 from meshserve.serving.guided.spec import GuideError, SizedCache
 from meshserve.serving.guided.strings import PAT
 from meshserve.serving.guided.think import THINK, THINK_CLOSE
+from meshserve.serving.guided.token_groups import PAIRS, expand, group_tokens, token_matrix, ungrouped, walk
 
 __all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "prepare_thinking", "MASK_CACHE",
            "MASK_CACHE_BYTES", "PREPARE_PATTERNS_S", "PREPARE_S"]  # fmt: skip
@@ -35,7 +38,9 @@ __all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "prepare_
 MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
 MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
 PREPARE_PATTERNS_S = 10.0  # caller-thread seconds a request may spend on its patterns' masks; the rest come lazily
-PREPARE_S = 10.0  # and on a regex's every mask, before it is refused (a backstop for a very large vocabulary)
+# And on a regex's every mask, before it is refused: a backstop, kept though grouped tokens made regexes within the
+# bounds take 2-75 ms at 128k tokens (bench), since a refusal here depends on load and is cached (sticky).
+PREPARE_S = 10.0
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ENTRY = 256  # an ndarray object (~112 bytes), its OrderedDict entry, key tuple and counted size
 
@@ -97,17 +102,15 @@ class TokenTable:
                 by_count[n, v] = True
         cumulative = np.logical_or.accumulate(by_count, axis=0)
         self._plain = [self._pack(row) for row in cumulative]
-        # For pattern_masks, every token (True) and the plain ones (False) longest first: ids int [Vp], bytes uint8
-        # [L, Vp] (byte k of each, 0 past its end), how many are longer than k for each k < L.
-        lengths = np.fromiter((len(data) for _, data in pieces), np.int64, len(pieces))
-        width = int(lengths.max()) if pieces else 1
-        order = np.argsort(-lengths, kind="stable")
-        ids, lengths = np.fromiter((v for v, _ in pieces), np.int64, len(pieces))[order], lengths[order]
-        data = np.frombuffer(b"".join(d.ljust(width, b"\0") for _, d in pieces), np.uint8).reshape(-1, width)[order].T
-        longer = lengths[:, None] > np.arange(width)  # [Vt, L]
-        self._matrices = {raw: (ids[k], np.ascontiguousarray(data[:, k]), longer[k].sum(0).tolist())
-                          for raw, k in ((True, slice(None)), (False, cumulative[-1][ids]))}  # fmt: skip
+        # For pattern_masks (token_groups.py), every token (True) and the plain ones (False), longest first; and each
+        # as its own group (a single position's mask, its pattern's groups not at hand).
+        self._matrices = {
+            raw: token_matrix([(v, data) for v, data in pieces if raw or chars[v]]) for raw in (True, False)
+        }
+        self._ungrouped = {raw: ungrouped(m, self.words * 32) for raw, m in self._matrices.items()}
         self._masks = SizedCache(MASK_CACHE, cache_bytes, _cost)  # masks are computed on callers' threads too
+        # A pattern's token groups (matcher key -> token_groups.Groups: ~4 bytes a token id) for its later batches.
+        self._groups = SizedCache(16, 64 << 20, lambda _, groups: groups.nbytes)
         self._slow = SizedCache(1024, 1 << 20, lambda _, why: len(why))  # grammar key -> prepare_masks' time refusal
         self._closers: dict[int, list[int]] = {}  # k -> tokens that can complete "</think>" after k of its bytes
         self._holding_tag: list[int] | None = None  # tokens with the whole "</think>" in them
@@ -169,7 +172,7 @@ class TokenTable:
         if closers is None:  # the whole tag inside the token, or (k > 0) the tag's rest at its start
             if self._holding_tag is None:
                 self._holding_tag = [v for v, data in enumerate(self.bytes) if data and THINK_CLOSE in data]
-            ids, data, _ = self._matrices[True]  # every token's byte j in row j, 0 past its end (the tag has no 0)
+            ids, data = self._matrices[True][:2]  # every token's byte j in row j, 0 past its end (the tag has no 0)
             rest, starts = THINK_CLOSE[k:], np.zeros(len(ids), bool)
             if k and len(rest) <= data.shape[0]:
                 starts[:] = True
@@ -177,42 +180,35 @@ class TokenTable:
                     starts &= data[j] == byte
             closers = self._closers[k] = sorted({*self._holding_tag, *ids[starts].tolist()})
         allowed = np.zeros(self.words * 32, bool)
-        allowed[self._matrices[True][0]] = True  # every token with bytes
+        allowed[self._matrices[True].ids] = True  # every token with bytes
         for v in closers:
             allowed[v] = grammar.advance(state, self.bytes[v]) is not None
         return self._pack(allowed)
 
-    def pattern_masks(self, matcher, positions: list[int]) -> list[np.ndarray]:
+    def pattern_masks(self, matcher, positions: list[int], deadline: float = math.inf) -> list[np.ndarray | None]:
         """The masks of these positions of a pattern (its StringPattern), uint32 [W] each, cached: the plain tokens
         (a `raw` pattern's, a regex request's: every token) whose bytes its position table (`matcher.next` int16 [P +
-        1, 256], row P the dead end) takes from each. Those not cached are computed a batch at once: every (position,
-        token) pair's first byte, then only the pairs still alive (where few characters fit, most die at the first)."""
+        1, 256], row P the dead end) takes from each. Those not cached are computed together (token_groups.py): the
+        tokens grouped by the byte classes the table sees (kept for the pattern's later calls; one or two positions
+        of a pattern whose groups are not kept walk every token instead), the table run over one token of each group
+        from the positions, token_groups.PAIRS pairs a walk, and a mask made per distinct result. No walk starts
+        past `deadline` (time.perf_counter()): the positions it would have computed are None."""
         cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
         todo = [p for p in positions if p not in cached]
-        ids, data, longer = self._matrices[matcher.raw]
-        table, flat, dead = matcher.next, matcher.next.ravel(), len(matcher.positions)
-        size = max(1, min(64, (1 << 21) // max(1, len(ids))))  # ~2M pairs a batch (152k tokens: 13 positions)
+        groups = self._groups.get(matcher.key) if todo else None
+        if todo and groups is None and len(todo) > 2 and time.perf_counter() <= deadline:
+            matrix = self._matrices[matcher.raw]
+            groups = self._groups.put(matcher.key, group_tokens(matcher.next, matrix, self.words * 32))
+        groups = groups or self._ungrouped[matcher.raw]
+        size = max(1, PAIRS // max(1, groups.data.shape[1]))  # positions a walk (all of them when the groups are few)
         for at in range(0, len(todo), size):
+            if time.perf_counter() > deadline:
+                break
             starts = np.asarray(todo[at : at + size], np.intp)
-            now = np.ascontiguousarray(table[starts].T)[data[0]].ravel()  # [Vp * S]: after each token's first byte
-            pairs = np.flatnonzero(now != dead)  # the live pairs, token-major: tok ascending (longest tokens first)
-            (tok, start), now = np.divmod(pairs, len(starts)), now[pairs].astype(np.int32)
-            for k in range(1, len(longer)):
-                cut = int(np.searchsorted(tok, longer[k]))  # the pairs whose token has a byte k: a prefix
-                if not cut:
-                    break
-                now[:cut] = flat[now[:cut] << 8 | data[k][tok[:cut]]]  # table[now, byte k] (256 bytes a row)
-                if 4 * np.count_nonzero(now[:cut] == dead) > cut:  # many died: drop the dead pairs
-                    keep = now != dead
-                    tok, start, now = tok[keep], start[keep], now[keep]
-            keep = now != dead
-            allowed = np.zeros((len(starts), self.words * 32), bool)
-            allowed[start[keep], ids[tok[keep]]] = True
-            for position, row in zip(starts, np.packbits(allowed, axis=1, bitorder="little").view("<u4"), strict=True):
-                row = row.astype(np.uint32)
-                row.setflags(write=False)
-                cached[int(position)] = self._masks.put(("pat", matcher.key, int(position)), row)
-        return [cached[p] for p in positions]
+            masks = expand(walk(matcher.next, groups, starts), groups.of_id)
+            for position, mask in zip(starts.tolist(), masks, strict=True):
+                cached[position] = self._masks.put(("pat", matcher.key, position), mask)
+        return [cached.get(p) for p in positions]
 
     @staticmethod
     def _walk(grammar: Grammar, state: State, trie: dict) -> list[int]:
@@ -264,13 +260,11 @@ def prepare_patterns(guide, seconds: float = PREPARE_PATTERNS_S) -> int:
     (on the caller's thread, before the request is queued: the engine thread then ORs cached masks and walks only
     the other tokens); returns how many. Past `seconds` the rest are left to be computed when reached."""
     grammar, table = guide.grammar, guide.table
-    start, done = time.perf_counter(), 0
+    deadline, done = time.perf_counter() + seconds, 0
     for matcher in {node[1] for node in grammar.nodes if node[0] == "pat"}:
         todo = [p for p in range(len(matcher.positions)) if ("pat", matcher.key, p) not in table._masks]
-        for at in range(0, len(todo), 64):
-            if time.perf_counter() - start > seconds:
-                return done
-            done += len(table.pattern_masks(matcher, todo[at : at + 64]))
+        if todo:
+            done += sum(mask is not None for mask in table.pattern_masks(matcher, todo, deadline))
     return done
 
 
@@ -286,22 +280,21 @@ def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
     """Compute the mask of every position a regex guide's pattern can reach (as a pattern string's: its table run
     over every token's bytes, cached in the table) and pin them on the guide (the engine thread then only looks
     them up, whatever the table's cache evicts); returns how many. GuideError past positions.py's bounds (cached per
-    pattern: a retry is refused at once), or past `seconds` (a backstop for a very large vocabulary: a word class
-    costs ~2 ms a position at 32k tokens, ~6 ms at 151k; this refusal depends on the machine's load, so it is
-    cached per grammar and table: a retry is refused at once rather than accepted when the machine is idler)."""
+    pattern: a retry is refused at once), or past `seconds` (a backstop: a regex whose tokens group badly, every
+    letter a class of its own, costs up to ~6 ms a position at 151k tokens; this refusal depends on the machine's
+    load, so it is cached per grammar and table: a retry is refused at once rather than accepted when the machine is
+    idler)."""
     grammar, table = guide.grammar, guide.table
     if (why := table._slow.get(grammar.key)) is not None:
         raise GuideError(why)
     start = time.perf_counter()
     matcher = grammar.indexed()  # patterns.PatternGrammar: its positions counted (compile_pattern's caches)
-    for at in range(0, len(matcher.positions), 64):
-        batch = list(range(at, min(at + 64, len(matcher.positions))))
-        for p, mask in zip(batch, table.pattern_masks(matcher, batch), strict=True):
-            guide.pinned[matcher.positions[p]] = mask
-        if time.perf_counter() - start > seconds:
-            why = table._slow.put(grammar.key, f"{grammar.where}: its token masks take more than {seconds:g} s to "
-                                  "prepare on this vocabulary (use * or + for long repeats)")  # fmt: skip
-            raise GuideError(why)
+    masks = table.pattern_masks(matcher, list(range(len(matcher.positions))), start + seconds)
+    if time.perf_counter() - start > seconds or any(mask is None for mask in masks):
+        why = table._slow.put(grammar.key, f"{grammar.where}: its token masks take more than {seconds:g} s to "
+                              "prepare on this vocabulary (use * or + for long repeats)")  # fmt: skip
+        raise GuideError(why)
+    guide.pinned.update(zip(matcher.positions, masks, strict=True))
     return len(guide.pinned)
 
 

@@ -34,8 +34,8 @@ Frames: (PAT, node, count, nfa state, *pending bytes of a character begun) (stri
 
 from __future__ import annotations
 
-import functools
 import threading
+import weakref
 
 import numpy as np
 from meshserve.serving.guided.formats import format_pattern
@@ -62,10 +62,13 @@ class StringPattern:
 
     def __init__(self, pattern: str, min_length: int, max_length: int, where: str, raw: bool = False):
         self.pattern, self.where, self.raw = pattern, where, raw
+        self.spec = (pattern, min_length, max_length, raw)  # what it was built from: compile_pattern's cache key
         self.key = new_key()  # masks.py's cache keys its masks by this, not by the matcher (which it would keep)
+        self.counted = False  # True once the three below are set (compile_pattern, in place)
         self.positions: list = []  # every position (a state of PatternGrammar), once counted (compile_pattern)
         self.index: dict = {}  # position -> its number
         self.next = np.zeros((1, 256), np.int16)  # [P + 1, 256]: the position after each byte; P: none (row P: P)
+        self._nbytes: tuple = (None, 0)  # (counted, nbytes()) as last computed
         self.nfa = nfa = build_nfa(pattern, where, () if raw else JSON_ESCAPED)
         self.min, self.max = min_length, max_length
         # Counts past `cap` change nothing: with a maxLength none comes, without one every count >= minLength is alike.
@@ -193,9 +196,11 @@ class StringPattern:
         """About the bytes this matcher holds (tracemalloc on patterns of 80-16,000 NFA states and on the formats:
         within ~30%): ~280 an NFA state with its edge, 8 a cached closure's or the liveness table's entry, ~350 a
         counted position's stack (its state's tuples, the index) and the positions' table."""
-        entries = sum(map(len, self.nfa._closures.values())) + sum(map(len, self.live))
-        stacks = sum(map(len, self.positions))
-        return 280 * len(self.nfa.edges) + 8 * entries + 350 * stacks + self.next.nbytes
+        if self._nbytes[0] != self.counted:  # only counting adds to it (every closure is found in __init__)
+            entries = sum(map(len, self.nfa._closures.values())) + sum(map(len, self.live))
+            stacks = sum(map(len, self.positions))
+            self._nbytes = (self.counted, 280 * len(self.nfa.edges) + 8 * entries + 350 * stacks + self.next.nbytes)
+        return self._nbytes[1]
 
     def begin(self, node: int) -> list[tuple]:
         return [(PAT, node, 0, s) for s in self.start]
@@ -228,25 +233,39 @@ class PatternGrammar(Grammar):
         return self.matcher.closes(stack[0])
 
     def indexed(self) -> StringPattern:
-        """The matcher with its positions counted and their table (masks.prepare_masks): cached per pattern, and
-        so are refusals (GuideError naming this grammar's `where`)."""
+        """The matcher with its positions counted and their table (masks.prepare_masks): this grammar's own, counted
+        in place the first time (its NFA is not built again), or the compiled patterns' cached one of the same
+        pattern; refusals are cached per pattern (GuideError naming this grammar's `where`)."""
         m = self.matcher
-        return compile_pattern(m.pattern, m.min, m.max, self.where, m.raw)
+        return m if m.counted else compile_pattern(*m.spec[:3], self.where, m.raw, uncounted=m)
 
 
 def compile_regex(pattern: str, where: str = "regex") -> PatternGrammar:
-    """The matcher of outputs `pattern` fullmatches, written raw (a regex request). Its positions are counted when
-    its masks are prepared (PatternGrammar.indexed). GuideError naming `where` for what it cannot guide to; cached
-    refusals, as a pattern string's."""
+    """The matcher of outputs `pattern` fullmatches, written raw (a regex request): the compiled patterns' cached
+    one when the pattern was counted before, else a new one whose positions are counted when its masks are prepared
+    (PatternGrammar.indexed, on this matcher: one NFA built per pattern). GuideError naming `where` for what it
+    cannot guide to; cached refusals, as a pattern string's."""
     return PatternGrammar(compile_pattern(pattern, 0, -1, where, raw=True, counted=False), where)
 
 
+# Bytes a grammar's (state, byte) memo holds an entry, about (tracemalloc while filling JSON object, schema and regex
+# memos: 46-130).
+_MEMO_ENTRY = 100
+_MATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # grammar -> its distinct matchers (held_bytes)
+
+
 def held_bytes(grammar: Grammar) -> int:
-    """About the bytes a compiled grammar holds (compile_spec's cache counts them): ~320 a node (tracemalloc on a
-    schema of 900 nodes), and its patterns' matchers (StringPattern.nbytes: one shared with the compiled patterns'
-    cache is counted here too). Its byte memo, filled as it is used (at most grammar._MEMO_LIMIT entries), is not."""
-    found = [grammar.matcher] if isinstance(grammar, PatternGrammar) else [n[1] for n in grammar.nodes if n[0] == "pat"]
-    return 320 * len(grammar.nodes) + sum(m.nbytes() for m in {id(m): m for m in found}.values())
+    """About the bytes a compiled grammar holds now (compile_spec's cache counts them again at each put and hit, as
+    its memo grows): ~320 a node (tracemalloc on a schema of 900 nodes), its patterns' matchers (StringPattern.nbytes;
+    a matcher shared with other grammars, a format in several schemas, is counted in each of them: more than is
+    held, never less) and its (state, byte) memo as filled so far (~_MEMO_ENTRY an entry, at most
+    grammar._MEMO_LIMIT entries)."""
+    matchers = _MATCHERS.get(grammar)
+    if matchers is None:  # the nodes never change: found once (a put recounts every cached grammar)
+        found = [grammar.matcher] if isinstance(grammar, PatternGrammar) else [n[1] for n in grammar.nodes
+                                                                               if n[0] == "pat"]  # fmt: skip
+        matchers = _MATCHERS[grammar] = list({id(m): m for m in found}.values())
+    return 320 * len(grammar.nodes) + sum(m.nbytes() for m in matchers) + _MEMO_ENTRY * grammar._size
 
 
 def read_pattern(schema: dict, path: str) -> tuple[str, str]:
@@ -279,15 +298,25 @@ def string_node(schema: dict, min_length: int, max_length: int, path: str) -> tu
 
 
 def compile_pattern(
-    pattern: str, min_length: int, max_length: int, where: str, raw: bool = False, counted: bool = True
+    pattern: str,
+    min_length: int,
+    max_length: int,
+    where: str,
+    raw: bool = False,
+    counted: bool = True,
+    uncounted: StringPattern | None = None,
 ) -> StringPattern:
     """The matcher of a string whose content fullmatches `pattern` with min_length..max_length (-1: no bound)
     characters (`raw`: StringPattern's), its positions counted within positions.py's bounds and their table built
-    (`counted`; else the matcher alone, not cached: compile_regex's grammar is cached by compile_spec). GuideError
-    naming `where` otherwise. Cached by pattern and lengths (a format used in many places, or in many schemas, is
-    built once; ~0.5 s for hostname), and so are refusals (a retry of a pattern refused after ~0.3 s of counting is
-    refused at once)."""
-    key = (pattern, min_length, max_length, raw, counted)
+    (`counted`; else the matcher alone, for a regex's validation: compile_spec caches its grammar, whose positions
+    are counted later on it, `uncounted`, in place, not on a second build). GuideError naming `where` otherwise.
+    Counted matchers are cached by pattern and lengths (a format used in many places, or in many schemas, is built
+    once; ~0.5 s for hostname; a regex's, once counted, serves its later compiles), and so are refusals (a retry of
+    a pattern refused after ~0.3 s of counting is refused at once)."""
+    spec = (pattern, min_length, max_length, raw)
+    if (hit := _COMPILED.hit(spec)) is not None:
+        return hit
+    key = (*spec, counted)
     with _GUARD:
         building = _BUILDING.setdefault(key, [threading.Lock(), 0])
         building[1] += 1
@@ -295,10 +324,15 @@ def compile_pattern(
         with building[0]:  # requests for a pattern being built wait for it, then take it (or its refusal) cached
             reason = _REFUSED.get(key)
             if reason is None:
+                if (hit := _COMPILED.hit(spec)) is not None:
+                    return hit
                 try:
-                    return (
-                        _compile(*key[:4]) if counted else StringPattern(pattern, min_length, max_length, _WHERE, raw)
-                    )
+                    matcher = uncounted or StringPattern(pattern, min_length, max_length, _WHERE, raw)
+                    if not counted:
+                        return matcher
+                    if not matcher.counted:  # (counted by another caller and already evicted: as it is)
+                        _count(matcher)
+                    return _COMPILED.put(spec, matcher)
                 except GuideError as e:
                     reason = _REFUSED.put(key, str(e)[len(_WHERE) :])
     finally:
@@ -315,13 +349,16 @@ _BUILDING: dict[tuple, list] = {}
 _GUARD = threading.Lock()
 # Why each refused pattern is refused (a message after the placeholder path): at most 1024, 16 MB with the patterns.
 _REFUSED = SizedCache(1024, 16 << 20, lambda key, reason: 100 + len(key[0]) + len(reason))
+# Counted matchers by (pattern, min_length, max_length, raw): at most 128 and 128 MiB (StringPattern.nbytes: a
+# 20,000-state NFA is ~6 MB, a format ~0.1 MB).
+_COMPILED = SizedCache(128, 128 << 20, lambda _, matcher: matcher.nbytes())
 _WHERE = "pattern"
 
 
-@functools.lru_cache(maxsize=128)  # a matcher holds its positions and their table: up to ~1 MB
-def _compile(pattern: str, min_length: int, max_length: int, raw: bool = False) -> StringPattern:
-    matcher = StringPattern(pattern, min_length, max_length, _WHERE, raw)
-    try:  # one walk: the positions and their table (the grammar, with its byte memo, is dropped after)
+def _count(matcher: StringPattern) -> None:
+    """Count the matcher's positions and write their table, in place (one walk; the grammar it walks, with its byte
+    memo, is dropped after). `counted` is set last: a matcher is read as counted only once all of it is."""
+    try:
         matcher.positions, matcher.next = positions(PatternGrammar(matcher), MAX_POSITIONS, MAX_WORK)
     except GuideError as e:
         if not matcher.cap:
@@ -329,4 +366,4 @@ def _compile(pattern: str, min_length: int, max_length: int, raw: bool = False) 
         raise GuideError(f"{e}; minLength / maxLength are counted here, each count a position of its own: a smaller "
                          "bound, or none, makes fewer") from None  # fmt: skip
     matcher.index = {state: i for i, state in enumerate(matcher.positions)}
-    return matcher
+    matcher.counted = True

@@ -6,7 +6,7 @@ consumes one character of a class (sorted code point ranges) or is the accepting
 taken byte by byte (`step`): a lead byte (and each continuation) is allowed only when some character it can still
 become is in the class, so no token leads into a dead end. patterns.py's StringPattern is the matcher over it (a
 state: the sorted tuple of the NFA states reachable, each a one-frame stack, so `Grammar`'s memo, masks and bounds
-apply unchanged); positions.py counts its positions, masks.py computes their masks (prepare_masks: re-exported).
+apply unchanged); positions.py counts its positions, masks.py computes their masks (prepare_masks).
 
 Supported: literals, `.` (not newline), classes `[...]` and `[^...]` with ranges, \\d \\w \\s (written as ASCII: a
 subset of Python's Unicode classes, so what is written always matches) and \\D \\W \\S (exactly what re matches),
@@ -23,7 +23,6 @@ import functools
 import re
 from typing import Any
 
-from meshserve.serving.guided.masks import prepare_masks
 from meshserve.serving.guided.spec import GuideError
 from meshserve.serving.guided.strings import utf8_lead
 
@@ -34,11 +33,11 @@ except ImportError:  # pragma: no cover - older layouts
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _parser  # type: ignore[no-redef]
 
-__all__ = ["build_nfa", "prepare_masks", "MAX_NFA", "MAX_PATTERN"]
+__all__ = ["build_nfa", "MAX_NFA", "MAX_PATTERN", "WHOLE"]
 
 MAX_NFA = 20_000  # NFA states after `{m,n}` copies (a{1000}{1000} would be a million)
 MAX_PATTERN = 4096  # characters of a pattern
-_WHOLE = -1  # a pending character whose every completion is in the class (_Nfa._pending)
+WHOLE = -1  # a pending character whose every completion is in the class (_Nfa._pending)
 _TOP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 _ASCII = {
@@ -146,14 +145,26 @@ class _Nfa:
         self.eps.append([])
         return len(self.edges) - 1
 
-    def ascii_blocks(self) -> list[tuple[int, ...]]:
-        """The bytes below 0x80 in groups that every class holds all or none of (a step of one serves its group)."""
+    def between_blocks(self) -> list[tuple[int, ...]]:
+        """The bytes that can start a character (ASCII and UTF-8 lead bytes) in groups every class treats alike, so
+        that a step of one serves its group: ASCII bytes every class holds all or none of; lead bytes of one
+        continuation pattern (count and first range) whose characters every class holds all or none of (they lead
+        to the same canonical place: `.` needs 7 steps, not 51); each other lead byte alone."""
         if self._blocks is None:
+            classes = {edge[0] for edge in self.edges if edge is not None}
             blocks = [(1 << 0x80) - 1]  # bit sets, refined by each class's ASCII bits
-            for ranges in {edge[0] for edge in self.edges if edge is not None}:
+            for ranges in classes:
                 bits = sum((1 << min(hi, 0x7F) + 1) - (1 << lo) for lo, hi in ranges if lo < 0x80)
                 blocks = [part for block in blocks for part in (block & bits, block & ~bits) if part]
+            leads: dict[tuple, list[int]] = {}
+            for b in range(0xC2, 0xF5):
+                need, lo, hi = utf8_lead(b)
+                first, last = _span((b,), need, lo, hi)
+                held = [_contains(r, first, last) if _overlaps(r, first, last) else False for r in classes]
+                partly = any(_overlaps(r, first, last) and not whole for r, whole in zip(classes, held, strict=True))
+                leads.setdefault((b,) if partly else (need, lo, hi, *held), []).append(b)
             self._blocks = [tuple(b for b in range(0x80) if block >> b & 1) for block in blocks]
+            self._blocks += [tuple(group) for group in leads.values()]
         return self._blocks
 
     def closure(self, state: int) -> tuple[int, ...]:
@@ -188,13 +199,13 @@ class _Nfa:
                 return []
             need, lo, hi = lead
             return self._pending(at[0], ranges, (b,), need, lo, hi)
-        if pending[0] == _WHOLE:  # (_WHOLE, continuation bytes left, next byte's range): every completion is in
+        if pending[0] == WHOLE:  # (WHOLE, continuation bytes left, next byte's range): every completion is in
             _, left, low, high = pending
             if not low <= b <= high:
                 return []
             if left == 1:
                 return [(s,) for s in self.closure(nxt)]
-            return [(at[0], _WHOLE, left - 1, 0x80, 0xBF)]
+            return [(at[0], WHOLE, left - 1, 0x80, 0xBF)]
         need, lo, hi = utf8_lead(pending[0])
         low, high = (lo, hi) if len(pending) == 1 else (0x80, 0xBF)
         if not low <= b <= high:
@@ -208,14 +219,14 @@ class _Nfa:
     @staticmethod
     def _pending(state: int, ranges, got: tuple[int, ...], need: int, lo: int, hi: int) -> list[tuple]:
         """The place after the bytes `got` of a character begun in NFA state `state`: none when no completion is in
-        the class; a canonical (_WHOLE, ...) one when every completion is (so `.` or [^"] after any lead byte is
+        the class; a canonical (WHOLE, ...) one when every completion is (so `.` or [^"] after any lead byte is
         one of a few positions, not one per prefix: masks are computed per position); else the bytes themselves."""
         first, last = _span(got, need, lo, hi)
         if not _overlaps(ranges, first, last):
             return []
         if _contains(ranges, first, last):
             low, high = (lo, hi) if len(got) == 1 else (0x80, 0xBF)
-            return [(state, _WHOLE, need + 1 - len(got), low, high)]
+            return [(state, WHOLE, need + 1 - len(got), low, high)]
         return [(state, *got)]
 
     def build(self, items: Any, start: int, where: str, top: bool = False) -> int:

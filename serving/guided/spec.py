@@ -61,14 +61,18 @@ class GuideSpec:
 
 
 class SizedCache(OrderedDict):
-    """Values by key, least recently put (or `memoize` hit) first, at most `max_entries` and `max_bytes` counted by
-    `cost(key, value)` as each is put (the newest is kept whatever it costs). `get` is lock-free, not reordering (the
-    engine thread reads masks so); changes hold its lock (grammars, refusals and masks are put from many threads)."""
+    """Values by key, least recently put (or hit: `hit`, `memoize`) first, at most `max_entries` and `max_bytes`
+    counted by `cost(key, value)` as each is put (the newest is kept whatever it costs); with `recount`, for values
+    that grow while cached (a grammar's byte memo), every entry is counted again at each put and an entry again at
+    each hit, so `nbytes` is their bytes as of the last put or hit, not as of their own put (`cost` must then be
+    cheap: a put recounts them all). `get` is lock-free, not reordering (the engine thread reads masks so); changes
+    hold its lock (grammars, refusals and masks are put from many threads)."""
 
-    def __init__(self, max_entries: int, max_bytes: int, cost: Callable[[Any, Any], int]):
+    def __init__(self, max_entries: int, max_bytes: int, cost: Callable[[Any, Any], int], recount: bool = False):
         super().__init__()
         self.max_entries, self.max_bytes, self.cost, self.nbytes = max_entries, max_bytes, cost, 0
-        self._sizes: dict = {}  # key -> its bytes as counted when put (a grammar's may grow after)
+        self.recount = recount
+        self._sizes: dict = {}  # key -> its bytes as last counted
         self._lock = threading.Lock()
 
     def put(self, key: Any, value: Any) -> Any:
@@ -76,11 +80,27 @@ class SizedCache(OrderedDict):
         size = self.cost(key, value)
         with self._lock:
             if key not in self:
+                if self.recount:
+                    self._sizes = {k: self.cost(k, v) for k, v in self.items()}
+                    self.nbytes = sum(self._sizes.values())
                 self[key], self._sizes[key] = value, size
                 self.nbytes += size
                 while len(self) > 1 and (len(self) > self.max_entries or self.nbytes > self.max_bytes):
                     self.nbytes -= self._sizes.pop(self.popitem(last=False)[0])
             return self[key]
+
+    def hit(self, key: Any) -> Any:
+        """The value of `key` (None when not cached), made the most recently used (and counted again: `recount`)."""
+        value = self.get(key)
+        if value is not None:
+            size = self.cost(key, value) if self.recount else 0
+            with self._lock:
+                if key in self:
+                    self.move_to_end(key)
+                    if self.recount:
+                        self.nbytes += size - self._sizes[key]
+                        self._sizes[key] = size
+        return value
 
     def clear(self) -> None:
         with self._lock:
@@ -88,18 +108,15 @@ class SizedCache(OrderedDict):
             self._sizes.clear()
             self.nbytes = 0
 
-    def memoize(self, build: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """`build` cached here by its argument (a decorator, as functools.lru_cache: with cache_clear, and `cache`)."""
+    def memoize(self, build: Callable[[Any], Any], recount: bool = True) -> Callable[[Any], Any]:
+        """`build` cached here by its argument (a decorator, as functools.lru_cache: with cache_clear, and `cache`);
+        its values are recounted (`recount`: compile_spec's grammars fill their byte memo as they are used)."""
+        self.recount = recount
 
         @functools.wraps(build)
         def cached(key: Any) -> Any:
-            value = self.get(key)
-            if value is None:
-                return self.put(key, build(key))
-            with self._lock:  # a hit is the most recently used
-                if key in self:
-                    self.move_to_end(key)
-            return value
+            value = self.hit(key)
+            return self.put(key, build(key)) if value is None else value
 
         cached.cache, cached.cache_clear = self, self.clear  # type: ignore[attr-defined]
         return cached
