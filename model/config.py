@@ -27,8 +27,11 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     The switches cover PaLM (parallel block, SwiGLU, multi-query, shared embedding, no biases), Falcon (GELU MLP,
-    LayerNorm with bias, optional linear biases) and the Llama family (serial block, RMSNorm, grouped-query
-    attention, Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, Llama 3.1's rope scaling, several eos ids).
+    LayerNorm with bias, optional linear biases), the Llama family (serial block, RMSNorm, grouped-query
+    attention, Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, Llama 3.1's rope scaling, several eos ids,
+    Mistral's sliding window) and Gemma 3 (per-layer sliding windows with their own rotary base, (1 + w) RMSNorm
+    scales, norms on both sublayers' outputs, GeGLU, embeddings scaled by sqrt(E), its own attention scale).
+    Every default describes the models before these switches, unchanged.
     """
 
     name: str
@@ -41,7 +44,7 @@ class ModelConfig:
     d_head: int  # Q
     max_seq_len: int = 2048  # S: the longest context (prompt + generated) the KV cache holds
     parallel_block: bool = True  # y = x + attn(ln(x)) + mlp(ln(x)); else serial with two norms
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "gelu", "geglu"] = "swiglu"  # geglu: gelu_tanh(h W_gate) * (h W_up) (Gemma)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_bias: bool = False  # LayerNorm with a learned bias (Falcon) or scale only (PaLM)
     norm_eps: float = 1e-6
@@ -67,6 +70,27 @@ class ModelConfig:
     # RMSNorm over each head's Q on q and k after their projection (and biases), before RoPE (Qwen3's q_norm /
     # k_norm): layers q_norm / k_norm scale [N, Q], shared by the heads. Keeps attention logits bounded.
     qk_norm: bool = False
+    # Sliding-window attention (model/layers.py `attention_scores_mask`): a layer with window W lets the query at
+    # position t see the keys at positions s with t - W < s <= t (transformers' sliding_window_overlay). 0 = every
+    # layer global. The KV cache still holds the whole context (no ring buffer); the window is a mask.
+    sliding_window: int = 0
+    # Layers that attend globally although sliding_window is set (Gemma 3: every 6th, layer_types "full_attention");
+    # () with a window = every layer windowed (Mistral). `layer_windows` gives each layer's window.
+    global_layers: tuple[int, ...] = ()
+    # Rotary base of the windowed layers (Gemma 3's rope_local_base_freq), applied without rope_scaling; 0 = the
+    # windowed layers rotate as the global ones (rope_base, rope_scaling).
+    local_rope_base: float = 0.0
+    # RMSNorm scales stored as w and applied as (1 + w) in float32 (Gemma): folding the 1 into a bf16 weight would
+    # round it, so the offset is applied at run time. Covers every norm (blocks, final, q/k).
+    norm_scale_offset: bool = False
+    # Serial block with a norm on each sublayer's output before its residual add (Gemma 3's post_attention_layernorm
+    # and post_feedforward_layernorm): layers attn_out_norm / mlp_out_norm [N, E].
+    post_norms: bool = False
+    # Embeddings multiplied by sqrt(d_model), the factor cast to the compute dtype first (Gemma); the tied output
+    # projection reads the table unscaled.
+    scale_embed: bool = False
+    # Attention logits' scale (Gemma 3's query_pre_attn_scalar ** -0.5); 0 = d_head ** -0.5.
+    attn_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for field in (
@@ -86,8 +110,8 @@ class ModelConfig:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.d_head % 2:
             raise ConfigError(f"d_head must be even for rotary embeddings, got {self.d_head}")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ConfigError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "gelu", "geglu"):
+            raise ConfigError(f"mlp must be 'swiglu', 'gelu' or 'geglu', got {self.mlp!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if not 0 <= self.true_heads <= self.n_heads:
@@ -104,11 +128,54 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"extra_eos_ids must be token ids in [0, vocab_size={self.vocab_size}), got {bad[0]!r}")
         scaling = self.rope_scaling
-        if scaling and (len(scaling) != 4 or min(scaling) <= 0 or scaling[2] <= scaling[1]):
+        if scaling and (
+            len(scaling) not in (1, 4) or min(scaling) <= 0 or (len(scaling) == 4 and scaling[2] <= scaling[1])
+        ):
             raise ConfigError(
-                "rope_scaling must be () or (factor, low_freq_factor, high_freq_factor, original_max_len), all "
-                f"positive with high_freq_factor > low_freq_factor, got {scaling!r}"
+                "rope_scaling must be (), (factor,) (linear) or (factor, low_freq_factor, high_freq_factor, "
+                f"original_max_len) (llama3), all positive with high_freq_factor > low_freq_factor, got {scaling!r}"
             )
+        self._check_gemma_fields()
+
+    def _check_gemma_fields(self) -> None:
+        """Validate the sliding-window and Gemma switches (each message names the field)."""
+        if not isinstance(self.global_layers, tuple):  # as rope_scaling
+            object.__setattr__(self, "global_layers", tuple(self.global_layers))
+        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
+            raise ConfigError(f"sliding_window must be 0 (none) or a positive integer, got {self.sliding_window!r}")
+        layers = self.global_layers
+        if layers and not self.sliding_window:
+            raise ConfigError(f"global_layers {layers!r} needs sliding_window > 0 (without it every layer is global)")
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers) or list(layers) != sorted(
+            set(layers)
+        ):
+            raise ConfigError(
+                f"global_layers must be increasing layer indices in [0, n_layers={self.n_layers}), got {layers!r}"
+            )
+        for field in ("local_rope_base", "attn_scale"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{field} must be 0 (unset) or a positive number, got {value!r}")
+        if self.post_norms and self.parallel_block:
+            raise ConfigError(
+                "post_norms needs the serial block (parallel_block false): it norms each sublayer's output"
+            )
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's attention window W (0 = global), from sliding_window and global_layers: [N]."""
+        globals_ = set(self.global_layers)
+        return tuple(0 if i in globals_ else self.sliding_window for i in range(self.n_layers))
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer attends through a sliding window (the attention paths then build its mask)."""
+        return any(self.layer_windows)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Two input matmuls (W_gate and W_up: SwiGLU, GeGLU) rather than one (GELU)."""
+        return self.mlp in ("swiglu", "geglu")
 
     @property
     def real_heads(self) -> int:
@@ -313,6 +380,39 @@ PRESETS: dict[str, ModelConfig] = {
         rope_base=1_000_000.0,
         qk_norm=True,
         eos_id=151_645,
+    ),
+    # google/gemma-3-1b-it's config.json (Gemma3ForCausalLM, text only; model card: 1B parameters, 32K context):
+    # 26 layers, 4 query heads and one kv head (multi-query) of 256, GeGLU d_ff 6912, vocab 262,144, tied embedding;
+    # a 512-token window on every layer but each 6th (5 local : 1 global, sliding_window_pattern 6), the local layers
+    # rotating with base 1e4 and the global ones 1e6; (1 + w) RMSNorms, post norms, q/k norms, sqrt(E) embedding
+    # scale, query_pre_attn_scalar 256; bos 2, eos 1 and <end_of_turn> 106. 999,885,952 parameters.
+    "gemma3-1b": ModelConfig(
+        name="gemma3-1b",
+        vocab_size=262_144,
+        d_model=1152,
+        d_ff=6912,
+        n_layers=26,
+        n_heads=4,
+        n_kv_heads=1,
+        d_head=256,
+        max_seq_len=32_768,
+        parallel_block=False,
+        mlp="geglu",
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        shared_embedding=True,
+        rope_base=1_000_000.0,
+        bos_id=2,
+        eos_id=1,
+        extra_eos_ids=(106,),
+        qk_norm=True,
+        sliding_window=512,
+        global_layers=(5, 11, 17, 23),
+        local_rope_base=10_000.0,
+        norm_scale_offset=True,
+        post_norms=True,
+        scale_embed=True,
+        attn_scale=256**-0.5,
     ),
 }
 

@@ -3,8 +3,10 @@
 Supported `model_type`s:
   llama, mistral, qwen2, qwen3: config from model/model_spec.py `llama_config` (serial block, RMSNorm, SwiGLU,
     grouped-query attention, rotate-half RoPE, tied or separate `lm_head`, Qwen2's q/k/v biases, Qwen3's per-head
-    q/k RMSNorm; a sliding window caps max_seq_len); tensor names in model/hf_llama.py. The BOS id is kept only
+    q/k RMSNorm; sliding windows per layer); tensor names in model/hf_llama.py. The BOS id is kept only
     when the HF tokenizer prepends it.
+  gemma3_text, gemma3 (the text model of the multimodal checkpoints; vision tensors ignored): model/hf_gemma3.py
+    (config and tensor names, with what differs from Llama as verified against transformers' modeling_gemma3.py).
   falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
     true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
     optional linear biases, tied or separate `lm_head`.
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from meshserve.errors import UserError
-from meshserve.model import hf_llama
+from meshserve.model import hf_gemma3, hf_llama
 from meshserve.model.chat import ChatTemplate, hf_chat_template
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.model_spec import ModelSpecError, llama_config
@@ -284,7 +286,7 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
 
 
 def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool = False) -> HFCheckpoint:
-    """Read a Llama / Mistral / Qwen2 / Qwen3 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
+    """Read a Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
 
     Every tensor is checked against the shape config.json implies before any is read; a mismatch
     names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).
@@ -305,15 +307,24 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
             raise HFImportError(str(e)) from None
         if config.bos_id is not None and hf_llama.tokenizer_adds_bos(directory, config.bos_id) is False:
             config = config.replace(bos_id=None)  # e.g. a tokenizer_config.json with add_bos_token false
+    elif model_type in hf_gemma3.MODEL_TYPES:
+        try:
+            config = hf_gemma3.gemma3_config(hf, name=name, source=str(directory / "config.json"))
+        except ModelSpecError as e:
+            raise HFImportError(str(e)) from None
+        if config.bos_id is not None and hf_llama.tokenizer_adds_bos(directory, config.bos_id) is False:
+            config = config.replace(bos_id=None)
     elif model_type in _MODEL_TYPES:
         config = falcon_config(hf, name=name)
     else:
-        known = ", ".join(hf_llama.MODEL_TYPES + _MODEL_TYPES)
+        known = ", ".join(hf_llama.MODEL_TYPES + hf_gemma3.MODEL_TYPES + _MODEL_TYPES)
         raise _refuse("model_type", model_type, f"meshserve converts {known} checkpoints only")
     chat = hf_chat_template(directory)  # read before the tensors: a damaged tokenizer_config.json fails fast
     tensors = _Tensors(directory)
     if model_type in hf_llama.MODEL_TYPES:
         plan = list(hf_llama.llama_plan(config, "model." if any(n.startswith("model.") for n in tensors.files) else ""))
+    elif model_type in hf_gemma3.MODEL_TYPES:
+        plan = list(hf_gemma3.gemma3_plan(config, hf_gemma3.text_prefix(tensors.files)))
     else:
         prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.files) else ""
         plan = list(_plan(config, prefix))
@@ -330,7 +341,13 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
                 f"vocab_size={config.vocab_size})"
             )
     tied_head = {"lm_head.weight"} if config.shared_embedding else set()
-    extra = sorted(n for n in tensors.files if n not in (expected | tied_head) and not n.endswith(_IGNORED_SUFFIXES))
+    extra = sorted(
+        n
+        for n in tensors.files
+        if n not in (expected | tied_head)
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (model_type in hf_gemma3.MODEL_TYPES and hf_gemma3.ignored_tensor(n))
+    )
     if extra:
         shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
         raise HFImportError(f"tensors not used by this architecture (check config.json): {shown}")

@@ -3,6 +3,10 @@
 Shapes use the alphabet of model/config.py: B batch, T query tokens, S keys, E d_model, F d_ff,
 H query heads, K kv heads, G = H/K heads per kv head, Q head dim.
 Every matmul goes through `quant.einsum`, so bf16/f32 and int8 weights share one path.
+Sliding windows (Mistral, Gemma 3) are one more term of the one mask builder, `attention_scores_mask`, which
+every attention path (prefill, extend over a prefix, decode, verify, score; one device and every mesh layout)
+calls with its layer's window (`layer_window`): full-context cache, masked, so a windowed layer still reads the
+whole context.
 """
 
 from __future__ import annotations
@@ -20,16 +24,29 @@ __all__ = [
     "rope",
     "rope_frequencies",
     "attention_scores_mask",
+    "layer_window",
+    "layer_frequencies",
+    "rotate",
+    "attention_scale",
+    "embed_scale",
     "attend",
     "attend_cached",
     "head_norm",
     "qkv_projection",
     "attention_output",
     "mlp",
+    "gate_activation",
+    "norm_scale",
     "layer_residual",
 ]
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
+
+
+def norm_scale(scale: jax.Array, offset: bool) -> jax.Array:
+    """A norm's float32 multiplier: the stored scale, or 1 + scale (Gemma's RMSNorm, config.norm_scale_offset)."""
+    scale = scale.astype(jnp.float32)
+    return 1.0 + scale if offset else scale
 
 
 def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
@@ -38,23 +55,38 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
     if config.norm == "layernorm":
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
-    y = y * p["scale"].astype(jnp.float32)
+    y = y * norm_scale(p["scale"], config.norm_scale_offset)
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def head_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over each head's Q (Qwen3's q_norm / k_norm), in float32. x: [..., h, Q]; scale: [Q]."""
+def head_norm(x: jax.Array, scale: jax.Array, eps: float, offset: bool = False) -> jax.Array:
+    """RMSNorm over each head's Q (Qwen3's / Gemma 3's q_norm / k_norm), in float32. x: [..., h, Q]; scale: [Q];
+    offset: the scale applies as 1 + scale (config.norm_scale_offset)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * norm_scale(scale, offset)).astype(x.dtype)
+
+
+def embed_scale(x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Embedding rows x [..., E] times sqrt(E) when config.scale_embed (Gemma), the factor cast to x's dtype first
+    as transformers' Gemma3TextScaledWordEmbedding does (bf16: sqrt(1152) = 33.94 is multiplied as 34.0)."""
+    if not config.scale_embed:
+        return x
+    return x * jnp.asarray(config.d_model**0.5, x.dtype)
+
+
+def attention_scale(config: ModelConfig) -> float | None:
+    """The attention logits' scale: config.attn_scale, or None for the default d_head ** -0.5."""
+    return config.attn_scale or None
 
 
 def rope_frequencies(half: int, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
     """Inverse frequencies [Q/2] of the rotary embedding: base^(-i / (Q/2)).
 
-    scaling: Llama 3.1's (factor, low_freq_factor, high_freq_factor, original_max_len), as transformers'
+    scaling: (factor,) is transformers' `linear` type (every frequency divided by factor); four numbers are
+    Llama 3.1's (factor, low_freq_factor, high_freq_factor, original_max_len), as transformers'
     `_compute_llama3_parameters`: wavelengths longer than original_max_len / low_freq_factor are stretched by
     `factor` (slower rotation, for contexts past the trained length), those shorter than original_max_len /
     high_freq_factor are kept, and those between are blended linearly in original_max_len / wavelength.
@@ -62,6 +94,8 @@ def rope_frequencies(half: int, base: float, scaling: tuple[float, ...] = ()) ->
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) / half))
     if not scaling:
         return inv_freq
+    if len(scaling) == 1:  # linear (Gemma 3's global layers at 4B+): positions / factor, as inv_freq / factor
+        return inv_freq / scaling[0]
     factor, low, high, original = scaling
     wavelen = 2 * jnp.pi / inv_freq
     scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
@@ -74,8 +108,30 @@ def rope_frequencies(half: int, base: float, scaling: tuple[float, ...] = ()) ->
 def rope(x: jax.Array, positions: jax.Array, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
     """Rotary embedding, rotate-half convention (GPT-NeoX / Falcon / HF Llama). x: [B, T, h, Q]; positions: [B, T].
     scaling: see `rope_frequencies` (config.rope_scaling)."""
-    half = x.shape[-1] // 2
-    inv_freq = rope_frequencies(half, base, scaling)
+    return rotate(x, positions, rope_frequencies(x.shape[-1] // 2, base, scaling))
+
+
+def layer_window(config: ModelConfig, layer: Any) -> jax.Array | int:
+    """Layer `layer`'s attention window (0 = global): an int for a model without windows (the mask is then the
+    plain causal one, unchanged), else int32 read from the per-layer table [N] (`layer` may be traced: a scan)."""
+    if not config.windowed:
+        return 0
+    return jnp.asarray(config.layer_windows, jnp.int32)[layer]
+
+
+def layer_frequencies(config: ModelConfig, layer: Any) -> jax.Array:
+    """Layer `layer`'s rotary inverse frequencies [Q/2]: the windowed layers' own base (config.local_rope_base,
+    Gemma 3's rope_local_base_freq, unscaled) where set, else rope_base with rope_scaling (`layer` may be traced)."""
+    half = config.d_head // 2
+    inv_freq = rope_frequencies(half, config.rope_base, config.rope_scaling)
+    if not config.local_rope_base or not config.windowed:
+        return inv_freq
+    local = rope_frequencies(half, config.local_rope_base)
+    return jnp.where(jnp.asarray(config.layer_windows, jnp.int32)[layer] > 0, local, inv_freq)
+
+
+def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """`rope` with its inverse frequencies [Q/2] given. x: [B, T, h, Q]; positions: [B, T]."""
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Q/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -83,32 +139,45 @@ def rope(x: jax.Array, positions: jax.Array, base: float, scaling: tuple[float, 
 
 
 def qkv_projection(
-    h: jax.Array, p: dict[str, Any], positions: jax.Array, config: ModelConfig
+    h: jax.Array, p: dict[str, Any], positions: jax.Array, config: ModelConfig, layer: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """h: [B, T, E] -> q [B, T, H, Q] (rotated), k [B, T, K, Q] (rotated), v [B, T, K, Q]."""
+    """h: [B, T, E] -> q [B, T, H, Q] (rotated), k [B, T, K, Q] (rotated), v [B, T, K, Q]. layer: its index (an
+    int, or traced in a scan), for its rotary base (`layer_frequencies`)."""
     q = einsum("BTE,EHQ->BTHQ", h, p["wq"])
     k = einsum("BTE,EKQ->BTKQ", h, p["wk"])
     v = einsum("BTE,EKQ->BTKQ", h, p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
     if "q_norm" in p:  # Qwen3: before the rotation, as Qwen3Attention does
-        q = head_norm(q, p["q_norm"]["scale"], config.norm_eps)
-        k = head_norm(k, p["k_norm"]["scale"], config.norm_eps)
-    base, scaling = config.rope_base, config.rope_scaling
-    return rope(q, positions, base, scaling), rope(k, positions, base, scaling), v
+        q = head_norm(q, p["q_norm"]["scale"], config.norm_eps, config.norm_scale_offset)
+        k = head_norm(k, p["k_norm"]["scale"], config.norm_eps, config.norm_scale_offset)
+    inv_freq = layer_frequencies(config, layer)
+    return rotate(q, positions, inv_freq), rotate(k, positions, inv_freq), v
 
 
-def attention_scores_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array) -> jax.Array:
-    """Causal mask [B, T, S]: key s is visible to query t iff valid and k_pos <= q_pos."""
-    return (k_positions[:, None, :] <= q_positions[:, :, None]) & k_valid[:, None, :]
+def attention_scores_mask(
+    q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array, window: jax.Array | int = 0
+) -> jax.Array:
+    """The one attention mask [B, T, S]: key s is visible to query t iff valid, k_pos <= q_pos (causal) and, for a
+    window W > 0, q_pos - W < k_pos (transformers' sliding window: `sliding_window_overlay`'s kv_idx > q_idx - W on
+    top of the causal mask, so a query sees itself and the W - 1 positions before it). q_positions [B, T],
+    k_positions [B, S] (or [S]), k_valid [B, S]; window: an int, or int32 traced (the layer's, 0 = global)."""
+    k_pos = jnp.broadcast_to(k_positions, k_valid.shape)[:, None, :]
+    q_pos = q_positions[:, :, None]
+    mask = (k_pos <= q_pos) & k_valid[:, None, :]
+    if isinstance(window, int) and window == 0:
+        return mask
+    return mask & ((window == 0) | (k_pos > q_pos - window))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention (K = 1 is multi-query). q [B,T,H,Q], k/v [B,S,K,Q], mask [B,T,S] -> [B,T,H,Q]."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
+    """Grouped-query attention (K = 1 is multi-query). q [B,T,H,Q], k/v [B,S,K,Q], mask [B,T,S] -> [B,T,H,Q].
+    scale: the logits' scale (None: 1 / sqrt(Q))."""
     B, T, H, Q = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Q)
-    scores = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(Q)
+    scores = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(Q) if scale is None else scores * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKQ->BTKGQ", probs, v, preferred_element_type=jnp.float32)
@@ -124,6 +193,7 @@ def attend_cached(
     v_new: jax.Array,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Decode attention over cached keys plus this step's own key, without writing or concatenating the cache.
 
@@ -133,11 +203,12 @@ def attend_cached(
     k_scale / v_scale: float32 [B,C,K], an int8 cache's scales (model/kv_quant.py `operands`): key s is
     k_cache[s] * k_scale[s], applied to its score after the Q contraction, and value s's probability is scaled
     before the value contraction, so the cache is read as stored, with no scaled copy of it.
+    scale: the logits' scale (None: 1 / sqrt(Q)).
     """
     B, T, H, Q = q.shape
     K = k_cache.shape[2]
     qg = q.reshape(B, T, K, H // K, Q)
-    scale = 1.0 / jnp.sqrt(jnp.float32(Q))
+    scale = 1.0 / jnp.sqrt(jnp.float32(Q)) if scale is None else jnp.float32(scale)
     old = jnp.einsum("BTKGQ,BSKQ->BKGTS", qg, k_cache, preferred_element_type=jnp.float32) * scale
     if k_scale is not None:
         old = old * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]  # [B, K, 1, 1, C]
@@ -165,8 +236,9 @@ def prefill_attention_implementation(dtype) -> str:
     return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
-def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal self-attention over right-padded prompts. q [B,T,H,Q], k/v [B,T,K,Q] -> [B,T,H,Q].
+def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None) -> jax.Array:
+    """Causal self-attention over right-padded prompts. q [B,T,H,Q], k/v [B,T,K,Q] -> [B,T,H,Q]; scale: the
+    logits' (None: 1 / sqrt(Q)). A windowed layer does not come here (its mask goes through `attend`).
 
     No padding mask is needed: with right padding a real query (t < length) sees only keys s <= t < length, so
     the causal mask alone hides the padding from every output that is used. Padded query rows compute finite
@@ -175,7 +247,7 @@ def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     otherwise switches to its padding-mask variant).
     """
     return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=prefill_attention_implementation(q.dtype)
+        q, k, v, scale=scale, is_causal=True, implementation=prefill_attention_implementation(q.dtype)
     )
 
 
@@ -186,7 +258,7 @@ def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
 
 
 def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
-    """SwiGLU (Swish(hW)·hV) or GELU MLP. h: [B, T, E] -> [B, T, E]."""
+    """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]."""
     up = einsum("BTE,EF->BTF", h, p["w_up"])
     if "b_up" in p:
         up = up + p["b_up"].astype(up.dtype)
@@ -195,19 +267,32 @@ def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
         if "b_gate" in p:
             gate = gate + p["b_gate"].astype(gate.dtype)
         act = jax.nn.silu(gate) * up
+    elif config.mlp == "geglu":
+        gate = einsum("BTE,EF->BTF", h, p["w_gate"])
+        act = gate_activation(gate, config) * up
     else:
         act = jax.nn.gelu(up, approximate=False)
     y = einsum("BTF,FE->BTE", act, p["w_down"])
     return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
 
 
+def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
+    """The gated MLP's nonlinearity on h W_gate: SiLU (SwiGLU) or GELU's tanh form (GeGLU: Gemma's
+    gelu_pytorch_tanh)."""
+    return jax.nn.gelu(gate, approximate=True) if config.mlp == "geglu" else jax.nn.silu(gate)
+
+
 def layer_residual(x: jax.Array, p: dict[str, Any], attn_fn, config: ModelConfig) -> jax.Array:
     """One block. attn_fn(h) -> [B, T, E] runs attention (and updates the cache) on normalised h.
 
-    Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x). Serial: two norms, two residuals.
+    Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x). Serial: two norms, two residuals; with
+    post_norms (Gemma 3) each sublayer's output is normed too before its residual add.
     """
     if config.parallel_block:
         h = norm(x, p["attn_norm"], config)
         return x + attn_fn(h) + mlp(h, p, config)
+    if config.post_norms:
+        x = x + norm(attn_fn(norm(x, p["attn_norm"], config)), p["attn_out_norm"], config)
+        return x + norm(mlp(norm(x, p["mlp_norm"], config), p, config), p["mlp_out_norm"], config)
     x = x + attn_fn(norm(x, p["attn_norm"], config))
     return x + mlp(norm(x, p["mlp_norm"], config), p, config)

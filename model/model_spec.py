@@ -7,7 +7,7 @@ Resolution order of `resolve_model(spec)`:
      never the weights);
   3. a directory holding `config.json`, or a JSON file (any name): a Hugging Face config. `model_type` picks the
      mapping: falcon / RefinedWebModel through `model.hf_import.falcon_config`; llama, mistral, qwen2 and qwen3 through
-     `llama_config` below; anything else is refused;
+     `llama_config` below; gemma3_text and gemma3 through `model.hf_gemma3.gemma3_config`; anything else is refused;
   4. anything else is an error naming the spec and the known presets.
 A directory with both `meshserve.json` and `config.json` is read as the meshserve checkpoint (step 2 first).
 
@@ -21,9 +21,10 @@ layers.mlp), rotate-half RoPE, bias-free projections and a tied or untied output
 transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (which adds biases on q, k and v only:
 `qkv_bias`) and Qwen3ForCausalLM (no biases; an RMSNorm over each head's q and k before RoPE: `qk_norm`), so the
 parameter count is exact. Llama's `attention_bias` and `mlp_bias` map to `linear_bias` when both
-are set (one without the other is refused). A sliding window (Mistral's `sliding_window`, Qwen2's with
-`use_sliding_window`) caps max_seq_len at the window: up to that length sliding-window attention is plain causal
-attention, so the capped model is exact. Llama 3.1's `llama3` rope scaling maps to ModelConfig.rope_scaling (applied
+are set (one without the other is refused). A sliding window (Mistral's `sliding_window` on every layer, Qwen2's
+and Qwen3's with `use_sliding_window` on the layers `layer_types` / max_window_layers name) maps to
+ModelConfig.sliding_window / global_layers, computed by the attention mask (model/layers.py), so max_seq_len stays
+max_position_embeddings. Gemma 3 (`gemma3_text`, `gemma3`) maps through model/hf_gemma3.py. Llama 3.1's `llama3` rope scaling maps to ModelConfig.rope_scaling (applied
 by layers.rope_frequencies). Settings that change the architecture beyond that (other rope scaling types, mixture of
 experts, another activation) are refused with an error naming the config.json key and value.
 """
@@ -47,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "llama_config",
     "hf_config_file",
+    "window_layers",
     "ModelSpecError",
     "MODEL_HELP",
     "SET_HELP",
@@ -58,6 +60,7 @@ SET_HELP = "override model fields: key=value[,key=value] (repeatable), e.g. n_kv
 _CHECKPOINT_META = "meshserve.json"  # model/checkpoint.py META_FILE (that module imports JAX; this one must not)
 _FALCON_TYPES = ("falcon", "RefinedWebModel")  # what model.hf_import.falcon_config accepts
 _LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_GEMMA_TYPES = ("gemma3_text", "gemma3")  # model/hf_gemma3.py
 # transformers' defaults when a config.json leaves max_position_embeddings out (LlamaConfig, MistralConfig, Qwen2Config,
 # Qwen3Config).
 _MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
@@ -123,6 +126,10 @@ def hf_config_file(path: str | Path) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type in _LLAMA_TYPES:
         return llama_config(data, name=name, source=str(path))
+    if model_type in _GEMMA_TYPES:
+        from meshserve.model.hf_gemma3 import gemma3_config  # no JAX: config mapping only
+
+        return gemma3_config(data, name=name, source=str(path))
     if model_type in _FALCON_TYPES:
         from meshserve.model.hf_import import falcon_config  # imports JAX (through model/params.py)
 
@@ -132,7 +139,8 @@ def hf_config_file(path: str | Path) -> ModelConfig:
             raise ModelSpecError(f"{path}: {e}") from None
     if model_type is None:
         raise ModelSpecError(f"{path} has no model_type key: not a Hugging Face config.json")
-    raise _refuse(str(path), "model_type", model_type, f"supported: {', '.join(_LLAMA_TYPES + _FALCON_TYPES)}")
+    supported = ", ".join(_LLAMA_TYPES + _GEMMA_TYPES + _FALCON_TYPES)
+    raise _refuse(str(path), "model_type", model_type, f"supported: {supported}")
 
 
 def _refuse(source: str, key: str, value: Any, why: str) -> ModelSpecError:
@@ -188,7 +196,7 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     """The ModelConfig of a Llama-, Mistral-, Qwen2- or Qwen3-style config.json; unsupported settings raise
     ModelSpecError
     naming the key. `source` (the file) prefixes every message. A sliding window shorter than max_position_embeddings
-    becomes max_seq_len (see the module docstring)."""
+    becomes sliding_window (see the module docstring)."""
     model_type = hf.get("model_type")
     if model_type not in _LLAMA_TYPES:
         raise _refuse(source, "model_type", model_type, f"llama_config maps {', '.join(_LLAMA_TYPES)} only")
@@ -212,19 +220,21 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
     max_pos = _positive_int(source, hf, "max_position_embeddings", _MAX_POSITIONS[model_type])
     window = hf.get("sliding_window")
     # Qwen2 and Qwen3 carry a sliding_window they do not use unless use_sliding_window; Mistral always uses it.
-    # transformers' Qwen2Config and Qwen3Config default use_sliding_window to False; Mistral has no such key.
-    uses_window = window is not None and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3"))
-    if uses_window:
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise _refuse(source, "sliding_window", window, "expected a positive integer or null")
-        # transformers' window lets query t see keys s with t - s < window: for contexts up to the window that is
-        # every earlier key, plain causal attention. So serving at most `window` tokens is exact (Mistral 7B v0.1:
-        # 4096 of its 32768 positions); longer contexts would need sliding-window attention, which is not built.
-        max_pos = min(max_pos, window)
+    # transformers' Qwen2Config and Qwen3Config default use_sliding_window to False; Mistral has no such key; Llama
+    # reads no window at all.
+    uses_window = (
+        model_type != "llama"
+        and window is not None
+        and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3"))
+    )
     full = ("full_attention", "sliding_attention") if uses_window else ("full_attention",)
     other = sorted({t for t in hf.get("layer_types") or [] if t not in full})
     if other:
         raise _refuse(source, "layer_types", other, "only full attention layers are supported")
+    N = _positive_int(source, hf, "num_hidden_layers")
+    sliding_window, global_layers = window_layers(hf, N, source, model_type) if uses_window else (0, ())
+    if sliding_window >= max_pos:  # every key of any context is within the window: plain causal attention
+        sliding_window, global_layers = 0, ()
 
     E = _positive_int(source, hf, "hidden_size")
     H = _positive_int(source, hf, "num_attention_heads")
@@ -246,7 +256,7 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             raise ModelSpecError(f"{source}: config.json {key} must be a positive number, got {json.dumps(value)}")
     # Read before the try below: its ConfigError handler would wrap these messages (which name the key) twice.
-    V, F, N = (_positive_int(source, hf, key) for key in ("vocab_size", "intermediate_size", "num_hidden_layers"))
+    V, F = (_positive_int(source, hf, key) for key in ("vocab_size", "intermediate_size"))
     try:
         return ModelConfig(
             name=name,
@@ -273,9 +283,34 @@ def llama_config(hf: Mapping[str, Any], name: str = "llama-hf", source: str = "c
             qkv_bias=model_type == "qwen2",  # Qwen2Attention: q, k and v with bias, o without
             qk_norm=model_type == "qwen3",  # Qwen3Attention: RMSNorm over each head's q and k before RoPE
             rope_scaling=rope_scaling,
+            sliding_window=sliding_window,
+            global_layers=global_layers,
         )
     except ConfigError as e:  # e.g. an odd head_dim (RoPE rotates pairs)
         raise ModelSpecError(f"{source}: config.json describes no model meshserve can run: {e}") from None
+
+
+def window_layers(hf: Mapping[str, Any], n_layers: int, source: str, model_type: str) -> tuple[int, tuple[int, ...]]:
+    """(sliding_window, global_layers) of a config.json whose window is in use: which layers slide, as transformers
+    builds them. Mistral: every layer. Otherwise `layer_types` ("sliding_attention" / "full_attention", one per
+    layer) when given, else Qwen2 / Qwen3's default: layers from max_window_layers on slide (Qwen2Config's
+    layer_types); Gemma 3 passes its own default pattern in as layer_types."""
+    window = hf.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise _refuse(source, "sliding_window", window, "expected a positive integer or null")
+    types = hf.get("layer_types")
+    if model_type == "mistral":  # MistralModel applies sliding_window to every layer (it ignores layer_types)
+        return window, ()
+    if types is None:
+        first = hf.get("max_window_layers", 28)  # Qwen2Config / Qwen3Config default
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise _refuse(source, "max_window_layers", first, "expected a non-negative integer")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise _refuse(source, "layer_types", types, f"expected one entry per layer (num_hidden_layers={n_layers})")
+    if "sliding_attention" not in types:
+        return 0, ()
+    return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 # ---------------------------------------------------------------------------------------------------- overrides

@@ -68,8 +68,11 @@ def declare(config: ModelConfig) -> dict[str, Any]:
     # Output projections get a depth-scaled init so the residual stream stays O(1) (GPT-2 style).
     std_out = 1.0 / math.sqrt(2 * N * max(F, H * Q))
 
+    # A (1 + w) norm (Gemma) starts at w = 0: the same identity scale.
+    unit = "zeros" if c.norm_scale_offset else "ones"
+
     def norm(prefix: tuple[int, ...] = (N,), prefix_axes: tuple[str, ...] = ("layers",)) -> dict:
-        spec = {"scale": ParamSpec(prefix + (E,), prefix_axes + ("embed",), init="ones")}
+        spec = {"scale": ParamSpec(prefix + (E,), prefix_axes + ("embed",), init=unit)}
         if c.norm == "layernorm" and c.norm_bias:
             spec["bias"] = ParamSpec(prefix + (E,), prefix_axes + ("embed",), init="zeros")
         return spec
@@ -95,13 +98,15 @@ def declare(config: ModelConfig) -> dict[str, Any]:
         "w_up": ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",)),
         "w_down": ParamSpec((N, F, E), ("layers", "mlp", "embed"), init_std=std_out, contract=("mlp",)),
     }
-    if c.mlp == "swiglu":
+    if c.gated_mlp:  # SwiGLU, GeGLU
         layer["w_gate"] = ParamSpec((N, E, F), ("layers", "embed", "mlp"), init_std=std_in, contract=("embed",))
     if not c.parallel_block:
         layer["mlp_norm"] = norm()
+    if c.post_norms:  # Gemma 3: norms of the attention and MLP outputs before their residual adds
+        layer["attn_out_norm"], layer["mlp_out_norm"] = norm(), norm()
     if c.qk_norm:  # Qwen3: one RMSNorm scale over Q, shared by every head (replicated: head_dim is never split)
-        layer["q_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init="ones")}
-        layer["k_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init="ones")}
+        layer["q_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init=unit)}
+        layer["k_norm"] = {"scale": ParamSpec((N, Q), ("layers", "head_dim"), init=unit)}
     if c.linear_bias or c.qkv_bias:  # qkv_bias alone: Qwen2's q, k and v biases, none on o or the MLP
         layer.update(
             bq=bias((H, Q), ("heads", "head_dim")),
@@ -114,7 +119,7 @@ def declare(config: ModelConfig) -> dict[str, Any]:
             b_up=bias((F,), ("mlp",)),
             b_down=bias((E,), ("embed",)),
         )
-        if c.mlp == "swiglu":
+        if c.gated_mlp:
             layer["b_gate"] = bias((F,), ("mlp",))
     tree: dict[str, Any] = {
         "embed": ParamSpec((V, E), ("vocab", "embed"), init_std=0.02),

@@ -10,7 +10,8 @@ count collectives with in model/sharded_hlo.py; every name is re-exported here (
 
 Axis alphabet (model/config.py): B batch, T tokens, S cache, E, F, H, K, Q, V, N layers. Local shapes in
 comments are per chip. Supported models: the parallel block (PaLM, Falcon, demo) and the serial block (Llama,
-Mistral, Qwen2), with or without linear / q-k-v biases and Llama 3.1's rope scaling.
+Mistral, Qwen2, Qwen3, Gemma 3), with or without linear / q-k-v biases, rope scaling and per-layer sliding windows
+(the same mask builder as one device, `layers.attention_scores_mask`, with the scanned layer's window).
 """
 
 from __future__ import annotations
@@ -80,22 +81,25 @@ def _prefill_body(params, tokens, lengths, *, plan: Plan, all_logits: bool, int8
     B, T = tokens.shape
     batch_axes = plan.attn_axes[0]
     pos = ops.local(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), batch_axes, 0)
-    mask = layers.attention_scores_mask(pos, pos, pos < ops.local(lengths, batch_axes, 0)[:, None])
+    valid = pos < ops.local(lengths, batch_axes, 0)[:, None]
+    scale = layers.attention_scale(c)
 
-    def layer(x, p):
+    def layer(x, p_and_index):
+        p, i = p_and_index
         kv = {}
 
         def attn(q, k, v):
-            q, k = rope_qk(q, k, pos, c)
+            q, k = rope_qk(q, k, pos, c, i)
             if int8_kv:  # rounded to the int8 cache's grid first, as transformer.prefill
                 k, v = kv_quant.round_to_int8(k), kv_quant.round_to_int8(v)
             kv["k"], kv["v"] = k, v
-            return layers.attend(q, k, v, mask)
+            mask = layers.attention_scores_mask(pos, pos, valid, layers.layer_window(c, i))  # causal, windowed
+            return layers.attend(q, k, v, mask, scale)
 
         x = layer_fn(x, p, plan, ops, attn)
         return x, (kv["k"], kv["v"])
 
-    x, (k, v) = jax.lax.scan(layer, embed(tokens, params, plan, ops), params["layers"])
+    x, (k, v) = jax.lax.scan(layer, embed(tokens, params, plan, ops), (params["layers"], jnp.arange(c.n_layers)))
     if not all_logits:
         last = ops.local(lengths, plan.rules.residual["batch"], 0) - 1
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, E]
@@ -109,20 +113,24 @@ def _decode_body(params, tokens, ck, cv, lengths, *, plan: Plan):
     batch_axes = plan.attn_axes[0]
     pos = ops.local(jnp.minimum(lengths, S - 1), batch_axes, 0)  # [b] this chip's attention rows
     rows = jnp.arange(pos.shape[0])
-    visible = jnp.arange(S)[None, :] < pos[:, None]  # [b, S]: cached positions before this step's own
+    cached = jnp.arange(S)[None, :]  # [1, S]
+    scale = layers.attention_scale(c)
 
     def layer(x, p_and_index):
         p, i = p_and_index
         new = {}
+        # [b, S]: cached positions before this step's own, within the layer's window (as transformer.decode_step)
+        window = layers.layer_window(c, i)
+        visible = layers.attention_scores_mask(pos[:, None], cached, cached < pos[:, None], window)[:, 0]
 
         def attn(q, k, v):
             # The cache is only read here; all layers' new k, v go in with one scatter after the loop (as in
             # transformer.decode_step).
-            q, k = rope_qk(q, k, pos[:, None], c)
+            q, k = rope_qk(q, k, pos[:, None], c, i)
             new["k"], new["v"] = kv_quant.storable(k, ck), kv_quant.storable(v, cv)
             (kc, ks), (vc, vs) = kv_quant.operands(ck[i], q.dtype), kv_quant.operands(cv[i], q.dtype)
             own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
-            return layers.attend_cached(q, kc, vc, visible, own_k, own_v, ks, vs)
+            return layers.attend_cached(q, kc, vc, visible, own_k, own_v, ks, vs, scale)
 
         return layer_fn(x, p, plan, ops, attn), (new["k"], new["v"])
 

@@ -54,7 +54,7 @@ def layer_hlo(
         pos = jnp.zeros((ck.shape[0], x.shape[1]), jnp.int32) + jnp.arange(x.shape[1])
 
         def attn(q, k, v):
-            q, k = rope_qk(q, k, pos, config)
+            q, k = rope_qk(q, k, pos, config, 0)  # layer 0's rotation: one layer's HLO
             if context:
                 k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), 0, axis=1).astype(q.dtype)
                 v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1).astype(q.dtype)

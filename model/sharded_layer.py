@@ -5,7 +5,8 @@ paper-notation comment and a `jax.named_scope`, so this file reads like PAPER.md
 attend, int8 einsum) is model/layers.py's. partition/comm.py lists the same collectives per layer.
 Both blocks share the pieces: the parallel block (PaLM) runs gather + norm, the fused input matmuls, attention
 and the activation, and one output reduce-scatter; the serial block (Llama) runs the same pieces per half.
-Biases (stored whole on every chip) are added on the local slice of whole sums, never to a partial sum.
+Biases (stored whole on every chip) are added on the local slice of whole sums, never to a partial sum; Gemma 3's
+post norms likewise norm whole sums (after the output reduce-scatter, statistics all-reduced over the E split).
 Axis alphabet (model/config.py); local (per-chip) shapes in comments.
 """
 
@@ -73,11 +74,13 @@ class Plan:
         return attention_axes(self.layout, self.shape, self.batch, self.config.multi_query)
 
 
-def rope_qk(q: jax.Array, k: jax.Array, positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """q [B, T, H_loc, Q], k [B, T, K_loc, Q] rotated at positions [B, T] with the config's base and scaling
-    (Llama 3.1), as layers.qkv_projection rotates them on one device."""
-    base, scaling = config.rope_base, config.rope_scaling
-    return layers.rope(q, positions, base, scaling), layers.rope(k, positions, base, scaling)
+def rope_qk(
+    q: jax.Array, k: jax.Array, positions: jax.Array, config: ModelConfig, layer: Any
+) -> tuple[jax.Array, jax.Array]:
+    """q [B, T, H_loc, Q], k [B, T, K_loc, Q] rotated at positions [B, T] with layer `layer`'s base and scaling
+    (`layers.layer_frequencies`), as layers.qkv_projection rotates them on one device."""
+    inv_freq = layers.layer_frequencies(config, layer)
+    return layers.rotate(q, positions, inv_freq), layers.rotate(k, positions, inv_freq)
 
 
 def _norm_split_x(h: jax.Array, p: dict[str, jax.Array], config: ModelConfig, ops: Ops, axes) -> jax.Array:
@@ -92,7 +95,7 @@ def _norm_split_x(h: jax.Array, p: dict[str, jax.Array], config: ModelConfig, op
         y = (h32 - mean) * jax.lax.rsqrt(msq - mean * mean + config.norm_eps)
     else:
         y = h32 * jax.lax.rsqrt(msq + config.norm_eps)
-    y = y * ops.local(p["scale"], axes, 0).astype(jnp.float32)
+    y = y * layers.norm_scale(ops.local(p["scale"], axes, 0), config.norm_scale_offset)
     if "bias" in p:
         y = y + ops.local(p["bias"], axes, 0).astype(jnp.float32)
     return y.astype(h.dtype)
@@ -148,8 +151,9 @@ def _qkv_bias(q, k, v, p: dict[str, Any], plan: Plan, ops: Ops):
     heads, kv = _out_split(plan, "heads"), _out_split(plan, "kv_heads")
     q, k, v = _bias(q, p, "bq", heads, ops), _bias(k, p, "bk", kv, ops), _bias(v, p, "bv", kv, ops)
     if "q_norm" in p:
-        eps = plan.config.norm_eps
-        q, k = layers.head_norm(q, p["q_norm"]["scale"], eps), layers.head_norm(k, p["k_norm"]["scale"], eps)
+        eps, offset = plan.config.norm_eps, plan.config.norm_scale_offset
+        q = layers.head_norm(q, p["q_norm"]["scale"], eps, offset)
+        k = layers.head_norm(k, p["k_norm"]["scale"], eps, offset)
     return q, k, v
 
 
@@ -276,7 +280,7 @@ def _activation(up: jax.Array, gate: jax.Array | None, p: dict[str, Any], plan: 
         f_axes += ("x",)  # F_yz's block, split further over x by the reduce-scatter
     up = _bias(up, p, "b_up", f_axes, ops)
     if gate is not None:
-        act = jax.nn.silu(_bias(gate, p, "b_gate", f_axes, ops)) * up
+        act = layers.gate_activation(_bias(gate, p, "b_gate", f_axes, ops), plan.config) * up
     else:
         act = jax.nn.gelu(up, approximate=False)
     if plan.layout.ffn == "ws2d":
@@ -295,11 +299,15 @@ def _attention(mm: dict[str, jax.Array], p: dict[str, Any], plan: Plan, ops: Ops
 _DOWN, _WO = ("BTF,FE->BTE", "w_down", 1), ("BTHQ,HQE->BTE", "wo", 2)
 
 
-def _residual_add(x: jax.Array, terms, w: dict[str, Any], p: dict[str, Any], biases, plan: Plan, ops: Ops):
+def _residual_add(
+    x: jax.Array, terms, w: dict[str, Any], p: dict[str, Any], biases, plan: Plan, ops: Ops, out_norm: str = ""
+):
     """x + the sum over `terms` ((a, (einsum, weight, E dim)) pairs) of a·w, reduce-scattered into x's split.
 
     biases (bo, b_down) are added once, after the reduce-scatter, on this chip's E slice: added before it, each
-    of the chips summed over would carry its own copy (the bias n times).
+    of the chips summed over would carry its own copy (the bias n times). out_norm: a post norm's weights
+    (Gemma 3's attn_out_norm / mlp_out_norm) to norm the sum with before the add: its per-token statistics are
+    summed over the E split (one small all-reduce), as the input norms' are.
     """
     ffn, rest = plan.layout.ffn, plan.rules.residual["embed"]
 
@@ -330,6 +338,9 @@ def _residual_add(x: jax.Array, terms, w: dict[str, Any], p: dict[str, Any], bia
                 y = ops.reduce_scatter(y, rest, 2)
     for name in biases:
         y = _bias(y, p, name, rest, ops)
+    if out_norm:
+        with jax.named_scope(out_norm):
+            y = _norm_split_x(y, p[out_norm], plan.config, ops, rest)  # statistics: all-reduce(E split)
     return x + y
 
 
@@ -350,12 +361,14 @@ def layer_fn(x: jax.Array, p: dict[str, Any], plan: Plan, ops: Ops, attn) -> jax
     with jax.named_scope("attention_half"):
         # x += W_O·attn(norm1(x)): BLE_xyz -gather-> ... -reduce-scatter-> BLE_xyz
         mm = _input_matmuls(x, p["attn_norm"], w, _ATTN_IN, plan, ops)
-        x = _residual_add(x, [(_attention(mm, p, plan, ops, attn), _WO)], w, p, ("bo",), plan, ops)
+        post = "attn_out_norm" if plan.config.post_norms else ""
+        x = _residual_add(x, [(_attention(mm, p, plan, ops, attn), _WO)], w, p, ("bo",), plan, ops, post)
     with jax.named_scope("mlp_half"):
         # x += W_down·act(norm2(x)): the same gather and reduce-scatter again, around the MLP
         mm = _input_matmuls(x, p["mlp_norm"], w, _MLP_IN, plan, ops)
         act = _activation(mm["w_up"], mm.get("w_gate"), p, plan, ops)
-        return _residual_add(x, [(act, _DOWN)], w, p, ("b_down",), plan, ops)
+        post = "mlp_out_norm" if plan.config.post_norms else ""
+        return _residual_add(x, [(act, _DOWN)], w, p, ("b_down",), plan, ops, post)
 
 
 # --------------------------------------------------------------------------------- embedding and logits
@@ -375,7 +388,7 @@ def embed(tokens: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:
         # BLE{partialsum-xyz} --reduce-scatter(xyz)--> BLE_xyz (ws1d, ws2d) or B_xLE_yz (wg-x, likewise wg-xy,
         # wg-xyz): each token's row lives on one chip, and the first layer reads the residual in its split
         x = ops.reduce_scatter_dims(x, {0: r["batch"], 2: r["embed"]})
-    return x.astype(compute_dtype(params))
+    return layers.embed_scale(x.astype(compute_dtype(params)), plan.config)
 
 
 def logits(x: jax.Array, params: Params, plan: Plan, ops: Ops) -> jax.Array:

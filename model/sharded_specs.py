@@ -147,7 +147,7 @@ def step_dims(config: ModelConfig, batch: int, tokens: int) -> LayerDims:
     """partition.comm's LayerDims of one step of `batch` rows and `tokens` tokens (context = tokens)."""
     return LayerDims(
         batch, tokens, tokens, config.d_model, config.d_ff, config.n_heads, config.n_kv_heads, config.d_head,
-        gated=config.mlp == "swiglu", serial=not config.parallel_block,
+        gated=config.gated_mlp, serial=not config.parallel_block,
     )  # fmt: skip
 
 

@@ -6,6 +6,8 @@ padding never changes a result.
 KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim) and lengths [B]; k and v are
 arrays of the compute dtype, or `kv_quant.Int8KV` (int8 values, a power-of-two scale per token and kv head), which
 the code below slices, writes and reads as it does an array.
+A layer with a sliding window (config.layer_windows, Mistral / Gemma 3) attends through the same mask builder
+(`layers.attention_scores_mask` with its window) in every path here: the cache keeps the whole context.
 """
 
 from __future__ import annotations
@@ -131,31 +133,34 @@ def prefill(
     B, T = tokens.shape
     start = jnp.zeros((B,), jnp.int32) if prefix is None else prefix.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    x = params["embed"][tokens].astype(compute_dtype(params))  # [B, T, E]
-    if prefix is not None:
+    x = layers.embed_scale(params["embed"][tokens].astype(compute_dtype(params)), config)  # [B, T, E]
+    scale = layers.attention_scale(config)
+    if prefix is None:
+        # Keys are the prompt's own: causal (padding keys sit after every real query), windowed where a layer is.
+        k_positions, k_valid = positions, jnp.ones((B, T), bool)
+    else:
         C = prefix.k.shape[2]
-        # Keys [prefix C; new T]: a prefix key is visible below the row's prefix length, a new key causally.
-        mask = jnp.concatenate(
-            [
-                jnp.broadcast_to((jnp.arange(C)[None, :] < start[:, None])[:, None, :], (B, T, C)),
-                jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)),
-            ],
-            axis=-1,
-        )  # [B, T, C + T]
+        # Keys [prefix C; new T]: a prefix key at position c is visible below the row's prefix length, a new key
+        # (at start + j) causally; both within the layer's window.
+        k_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(C)[None, :], (B, C)), positions], axis=1)
+        k_valid = jnp.concatenate([jnp.arange(C)[None, :] < start[:, None], jnp.ones((B, T), bool)], axis=1)
 
     def layer_fn(x: jax.Array, p: dict[str, Any], i) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kv = {}
 
         def attn(h: jax.Array) -> jax.Array:
-            q, k, v = layers.qkv_projection(h, p, positions, config)
+            q, k, v = layers.qkv_projection(h, p, positions, config, i)
             if int8_kv:
                 k, v = kv_quant.round_to_int8(k), kv_quant.round_to_int8(v)
             kv["k"], kv["v"] = k, v
+            if prefix is None and not config.windowed:  # plain causal: the fused kernel's path
+                return layers.attention_output(layers.attend_prefill(q, k, v, scale), p)
+            mask = layers.attention_scores_mask(positions, k_positions, k_valid, layers.layer_window(config, i))
             if prefix is None:
-                return layers.attention_output(layers.attend_prefill(q, k, v), p)
+                return layers.attention_output(layers.attend(q, k, v, mask, scale), p)
             keys = jnp.concatenate([prefix.k[i].astype(k.dtype), k], axis=1)  # [B, C + T, K, Q]
             values = jnp.concatenate([prefix.v[i].astype(v.dtype), v], axis=1)
-            return layers.attention_output(layers.attend(q, keys, values, mask), p)
+            return layers.attention_output(layers.attend(q, keys, values, mask, scale), p)
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])
@@ -223,20 +228,23 @@ def decode_step(
     # Keys: the cache's positions before pos (within the context) and this step's own key, attended without
     # writing the cache (layers.attend_cached); the new k, v of all layers go in with one scatter after the layer
     # loop, not one per layer, and no layer's attention waits on a cache write.
-    visible = jnp.arange(C)[None, :] < positions  # [B, C]
-    x = params["embed"][tokens][:, None, :].astype(compute_dtype(params))  # [B, 1, E]
+    cached = jnp.arange(C)[None, :]  # [1, C]
+    x = layers.embed_scale(params["embed"][tokens][:, None, :].astype(compute_dtype(params)), config)  # [B, 1, E]
     rows = jnp.arange(B)
+    scale = layers.attention_scale(config)
 
     def layer_fn(x, p, i):
         new = {}
+        # Cached positions before pos, within the layer's window (the own key, at pos, is always visible).
+        visible = layers.attention_scores_mask(positions, cached, cached < positions, layers.layer_window(config, i))
 
         def attn(h: jax.Array) -> jax.Array:
-            q, k, v = layers.qkv_projection(h, p, positions, config)
+            q, k, v = layers.qkv_projection(h, p, positions, config, i)
             new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
             # [B, C, K, Q] as stored, and an int8 cache's scales [B, C, K] (applied outside the Q contraction)
             (kc, ks), (vc, vs) = (kv_quant.operands(c[i, :, :C], q.dtype) for c in (cache.k, cache.v))
             own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
-            o = layers.attend_cached(q, kc, vc, visible, own_k, own_v, ks, vs)
+            o = layers.attend_cached(q, kc, vc, visible[:, 0], own_k, own_v, ks, vs, scale)
             return layers.attention_output(o, p)
 
         x = layers.layer_residual(x, p, attn, config)

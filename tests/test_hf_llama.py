@@ -1,8 +1,8 @@
 """Llama / Mistral / Qwen2 import checked against transformers' own models (tiny, random weights, float32).
 
 Parity: logits within 1e-4 relative and 32 greedy tokens identical to transformers' `generate`, for grouped-query and
-multi-head attention, tied and untied embeddings, Qwen2's q/k/v biases, a Mistral sliding window (capping
-max_seq_len) and a sharded save with an index file; the same through `meshserve convert` and `meshserve generate` in
+multi-head attention, tied and untied embeddings, Qwen2's q/k/v biases, a Mistral sliding window (4 tokens, computed:
+prompts and greedy tokens run past it) and a sharded save with an index file; the same through `meshserve convert` and `meshserve generate` in
 subprocesses with a tokenizer that prepends BOS. Refusals: exit 2 and one line naming the config.json key or tensor.
 On the 2x2x2 mesh: `meshserve generate` and `meshserve serve` give the one-device tokens (serial block, rope
 scaling); 2 kv heads on a heads split of 4 are replicated at load and give the one-device tokens too.
@@ -93,7 +93,7 @@ def hf_generate(model, prompt: list[int], steps: int) -> list[int]:
     [
         ("llama", 2, False, True, {}),
         ("llama", 4, True, False, {}),
-        ("mistral", 1, False, False, {"sliding_window": 48}),
+        ("mistral", 1, False, False, {"sliding_window": 4}),
         ("qwen2", 2, True, False, {}),
     ],
     ids=["llama-gqa-untied-sharded", "llama-mha-tied", "mistral-mq-window", "qwen2-gqa-tied-qkv-bias"],
@@ -107,8 +107,10 @@ def test_logits_and_greedy_match_transformers(tmp_path, family, kv_heads, tie, s
     assert (config.n_heads, config.n_kv_heads, config.d_head, config.shared_embedding) == (4, kv_heads, 8, tie)
     assert (config.parallel_block, config.mlp, config.norm, config.rope_base) == (False, "swiglu", "rmsnorm", 500.0)
     assert config.qkv_bias == (family == "qwen2") and not config.linear_bias
-    # Mistral's 48-token window caps the 64 positions; Qwen2's tokenizers prepend no BOS.
-    assert config.max_seq_len == extra.get("sliding_window", 64)
+    # Mistral's 4-token window is computed (every layer; the 8-token prompts and 32 new tokens run past it), so the
+    # context stays the 64 positions; Qwen2's tokenizers prepend no BOS.
+    assert config.max_seq_len == 64 and config.sliding_window == extra.get("sliding_window", 0)
+    assert config.global_layers == ()
     assert (config.bos_id, config.eos_id) == (None if family == "qwen2" else 1, 2)
     assert imported.source_dtype == "f32" and imported.n_tensors == len(model.state_dict()) - tie
     assert_matches_transformers(model, imported, f"{family}, K={kv_heads}, tie={tie}", hf_generate)

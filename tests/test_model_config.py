@@ -78,7 +78,11 @@ def test_unknown_override_key_is_refused():
         ("mlp", "relu", "mlp must be"),
         ("extra_eos_ids", (5, 256), r"extra_eos_ids must be token ids in \[0, vocab_size=256\), got 256"),
         ("extra_eos_ids", ("7",), r"extra_eos_ids must be token ids .* got '7'"),
-        ("rope_scaling", (8.0, 1.0), r"rope_scaling must be \(\) or \(factor, low_freq_factor"),
+        ("rope_scaling", (8.0, 1.0), r"rope_scaling must be \(\), \(factor,\) \(linear\) or \(factor, low_freq"),
+        ("sliding_window", -1, r"sliding_window must be 0 \(none\) or a positive integer"),
+        ("global_layers", (1,), r"global_layers \(1,\) needs sliding_window > 0"),
+        ("attn_scale", -0.5, r"attn_scale must be 0 \(unset\) or a positive number"),
+        ("post_norms", True, "post_norms needs the serial block"),
     ],
 )
 def test_invalid_config_fields_name_the_field(field, value, message):

@@ -57,12 +57,28 @@ def test_mistral_config_json_and_its_sliding_window(tmp_path):
     config = resolve_model(str(tmp_path / "mistral" / "config.json"))
     assert (config.n_kv_heads, config.max_seq_len, config.parallel_block, config.norm) == (4, 512, False, "rmsnorm")
     assert param_count(config) == _torch_count(transformers.MistralForCausalLM(cfg))
-    # A window as long as the context changes nothing; a shorter one (Mistral 7B v0.1: 4096) caps the context, since
-    # up to the window sliding-window attention is causal attention.
+    # A window as long as the context changes nothing (no window); a shorter one (Mistral 7B v0.1: 4096 of 32768) is
+    # computed on every layer, and the context stays max_position_embeddings.
     transformers.MistralConfig(**TINY, max_position_embeddings=512, sliding_window=512).save_pretrained(tmp_path / "w")
-    assert resolve_model(str(tmp_path / "w")).max_seq_len == 512
+    config = resolve_model(str(tmp_path / "w"))
+    assert (config.max_seq_len, config.sliding_window, config.windowed) == (512, 0, False)
     transformers.MistralConfig(**TINY, max_position_embeddings=512, sliding_window=128).save_pretrained(tmp_path / "s")
-    assert resolve_model(str(tmp_path / "s")).max_seq_len == 128
+    config = resolve_model(str(tmp_path / "s"))
+    assert (config.max_seq_len, config.sliding_window, config.layer_windows) == (512, 128, (128, 128))
+
+
+def test_qwen2_windows_follow_max_window_layers_or_layer_types(tmp_path):
+    """Qwen2 with use_sliding_window: the layers from max_window_layers on slide (Qwen2Config's layer_types), or
+    those layer_types names; without use_sliding_window none does."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)  # fmt: skip
+    transformers.Qwen2Config(**base, use_sliding_window=True, max_window_layers=2).save_pretrained(tmp_path / "a")
+    assert resolve_model(str(tmp_path / "a")).layer_windows == (0, 0, 16, 16)
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    transformers.Qwen2Config(**base, use_sliding_window=True, layer_types=types).save_pretrained(tmp_path / "b")
+    assert resolve_model(str(tmp_path / "b")).layer_windows == (16, 0, 16, 0)
+    transformers.Qwen2Config(**base).save_pretrained(tmp_path / "c")
+    assert not resolve_model(str(tmp_path / "c")).windowed
 
 
 @pytest.mark.parametrize(
