@@ -4,7 +4,7 @@ bytes at a time by positions.py) against a straightforward reference: each token
 byte through the matcher (a fresh PatternGrammar, no table, no memo shared). Over a vocabulary of every byte and
 random cuts of multi-byte UTF-8 text (tokens that end or begin mid-character), for regexes with multi-byte classes,
 negated classes, counted repeats and alternatives, for a regex's every token and a JSON pattern string's plain ones;
-the grouped walk, the ungrouped one (a single position) and the reference agree."""
+the grouped walk, the ungrouped one (every token) and the reference agree; grouping is chosen where it costs less."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import random
 
 import numpy as np
 import pytest
-from meshserve.serving.guided import Guide, GuideSpec, TokenTable, compile_spec
+from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec
 from meshserve.serving.guided.masks import _plain_chars, prepare_masks
 from meshserve.serving.guided.patterns import PatternGrammar, compile_pattern
-from meshserve.serving.guided.token_groups import group_tokens, token_matrix
+from meshserve.serving.guided.token_groups import expand, group_tokens, token_matrix, walk, worth_grouping
 
 TEXT = 'Ab 09 é€𝄞 日本語 αβγ ü-ß 😀! x@y.com 12:30 \u2028\t\n"\\ {ok} ÿĀ \u07ff\u0800\uffff\U00010000\U0010ffff'
 PATTERNS = [r"\d{4}-\d{2}-\d{2}", r"[a-z]{1,3}( [a-z]{1,3}){0,2}", r"(yes|no|maybe)", r"\d{1,3}(\.\d{1,2})?",
@@ -54,25 +54,27 @@ def bits(mask: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_masks_equal_a_token_by_token_reference(pattern):
+    """Every position's mask, grouped and ungrouped (every token walked) and as pattern_masks gives it (cached, by
+    whichever way worth_grouping picks), equals the reference."""
     vocab = vocabulary()
     for raw in (True, False):
         try:
             matcher = compile_pattern(pattern, 0, -1, "pattern", raw=raw)
-        except Exception:  # a pattern string whose every match needs an escaped character (\s\S\s? needs none)
+        except GuideError:  # a pattern string whose every match needs an escaped character (\s\S\s? needs none)
             assert not raw
             continue
         table = TokenTable(vocab, len(vocab) + 3)  # ids past the tokenizer's: never allowed
         expected = reference(matcher, vocab, table.words * 32)
-        every = list(range(len(matcher.positions)))
-        grouped = table.pattern_masks(matcher, every)
-        assert (matcher.key in table._groups) == (len(every) > 2)  # more than two positions at once: grouped
-        for p, mask in enumerate(grouped):
-            np.testing.assert_array_equal(bits(mask), expected[p], err_msg=f"{pattern} raw={raw} position {p}")
-            assert not mask.flags.writeable
-        single = TokenTable(vocab, len(vocab) + 3)
-        for p in every:  # one position at a time on a fresh table: every token walked, no groups
-            np.testing.assert_array_equal(single.pattern_masks(matcher, [p])[0], grouped[p])
-        assert matcher.key not in single._groups
+        every = np.arange(len(matcher.positions))
+        groups = group_tokens(matcher.next, table._matrices[raw], table.words * 32)
+        assert groups.data.shape[1] <= len(table._matrices[raw].ids)
+        ways = {"grouped": expand(walk(matcher.next, groups, every), groups.of_id),
+                "ungrouped": expand(walk(matcher.next, table._ungrouped[raw], every), table._ungrouped[raw].of_id),
+                "pattern_masks": table.pattern_masks(matcher, every.tolist())}  # fmt: skip
+        for way, masks in ways.items():
+            for p, mask in enumerate(masks):
+                np.testing.assert_array_equal(bits(mask), expected[p], err_msg=f"{pattern} raw={raw} {way} {p}")
+                assert not mask.flags.writeable
 
 
 def test_tokens_in_a_group_step_alike():
@@ -110,3 +112,19 @@ def test_positions_sharing_a_result_share_a_mask():
     matcher = grammar.indexed()
     for state, mask in guide.pinned.items():
         np.testing.assert_array_equal(mask, table.pattern_masks(matcher, [matcher.index[state]])[0])
+
+
+def test_grouping_is_chosen_where_the_walk_would_cost_more():
+    """A few positions of a pattern most tokens start with walk every token (grouping would key them all); many
+    positions, or a pattern few tokens can start, group."""
+    table = TokenTable(vocabulary(), 900)
+    matrix = table._matrices[True]
+    anything = compile_pattern(r".{0,3}", 0, -1, "pattern", raw=True)  # nearly every token starts it
+    digits = compile_pattern(r"\d{4}-\d{2}", 0, -1, "pattern", raw=True)  # only digit-led tokens
+    assert not worth_grouping(anything.next, matrix, [0, 1])
+    assert worth_grouping(anything.next, matrix, list(range(len(anything.positions))) * 20)
+    assert worth_grouping(digits.next, matrix, [0, 1])
+    table.pattern_masks(anything, [0, 1])
+    assert anything.key not in table._groups
+    table.pattern_masks(digits, [0, 1])
+    assert digits.key in table._groups

@@ -30,7 +30,15 @@ from meshserve.serving.guided.grammar import Grammar, State
 from meshserve.serving.guided.spec import GuideError, SizedCache
 from meshserve.serving.guided.strings import PAT
 from meshserve.serving.guided.think import THINK, THINK_CLOSE
-from meshserve.serving.guided.token_groups import PAIRS, expand, group_tokens, token_matrix, ungrouped, walk
+from meshserve.serving.guided.token_groups import (
+    PAIRS,
+    expand,
+    group_tokens,
+    token_matrix,
+    ungrouped,
+    walk,
+    worth_grouping,
+)
 
 __all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "prepare_thinking", "MASK_CACHE",
            "MASK_CACHE_BYTES", "PREPARE_PATTERNS_S", "PREPARE_S"]  # fmt: skip
@@ -189,15 +197,15 @@ class TokenTable:
         """The masks of these positions of a pattern (its StringPattern), uint32 [W] each, cached: the plain tokens
         (a `raw` pattern's, a regex request's: every token) whose bytes its position table (`matcher.next` int16 [P +
         1, 256], row P the dead end) takes from each. Those not cached are computed together (token_groups.py): the
-        tokens grouped by the byte classes the table sees (kept for the pattern's later calls; one or two positions
-        of a pattern whose groups are not kept walk every token instead), the table run over one token of each group
+        tokens grouped by the byte classes the table sees (kept for the pattern's later calls; where a few positions
+        walk every token for less, token_groups.worth_grouping, they do), the table run over one token of each group
         from the positions, token_groups.PAIRS pairs a walk, and a mask made per distinct result. No walk starts
         past `deadline` (time.perf_counter()): the positions it would have computed are None."""
         cached = {p: m for p in positions if (m := self._masks.get(("pat", matcher.key, p))) is not None}
         todo = [p for p in positions if p not in cached]
         groups = self._groups.get(matcher.key) if todo else None
-        if todo and groups is None and len(todo) > 2 and time.perf_counter() <= deadline:
-            matrix = self._matrices[matcher.raw]
+        matrix = self._matrices[matcher.raw]
+        if groups is None and todo and time.perf_counter() <= deadline and worth_grouping(matcher.next, matrix, todo):
             groups = self._groups.put(matcher.key, group_tokens(matcher.next, matrix, self.words * 32))
         groups = groups or self._ungrouped[matcher.raw]
         size = max(1, PAIRS // max(1, groups.data.shape[1]))  # positions a walk (all of them when the groups are few)
