@@ -308,6 +308,30 @@ PRESETS: dict[str, ModelConfig] = {
         norm_bias=True,
         norm_eps=1e-5,
     ),
+    # Gemma-3-shaped tiny model: every Gemma 3 switch, a 5-token window on layer 0 (layer 1 global), so the tests'
+    # prompts cross the window in every attention path.
+    "tiny-gemma3": ModelConfig(
+        name="tiny-gemma3",
+        vocab_size=256,
+        d_model=64,
+        d_ff=128,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=1,
+        d_head=16,
+        max_seq_len=128,
+        parallel_block=False,
+        mlp="geglu",
+        norm="rmsnorm",
+        qk_norm=True,
+        sliding_window=5,
+        global_layers=(1,),
+        local_rope_base=100.0,
+        norm_scale_offset=True,
+        post_norms=True,
+        scale_embed=True,
+        attn_scale=0.2,
+    ),
     # The shipped model (model/demo/), trained by `python -m meshserve.model.demo_train` on Python's own docs.
     # 2.3 M parameters (4.7 MB in bf16, well under the 10 MB repository budget): sized for the ~1 M tokens
     # that ~20 minutes on 2 shared CPU cores can train on; a larger model would be undertrained.

@@ -23,7 +23,9 @@ from meshserve.serving.plan import PlanError, make_plan
 CONFIG = get_config("tiny")
 
 
-def test_bounded_context_step_equals_the_full_cache_step():
+@pytest.mark.parametrize("name", ["tiny", "tiny-gemma3"])
+def test_bounded_context_step_equals_the_full_cache_step(name):
+    CONFIG = get_config(name)  # noqa: N806  (the module's name, per case; tiny-gemma3: a 5-token window)
     params = init_params(CONFIG, jax.random.key(0), jnp.float32)
     B, S, C = 3, 64, 16
     key = jax.random.key(1)

@@ -107,10 +107,13 @@ def _params():
     return init_params(CONFIG, jax.random.key(3))
 
 
-def test_every_path_reads_the_keys_a_decode_step_reads():
+@pytest.mark.parametrize("name", ["tiny", "tiny-gemma3"])
+def test_every_path_reads_the_keys_a_decode_step_reads(name):
     """With an int8 cache, logits of a prompt's tokens agree whether the prompt is prefilled whole, prefilled over a
-    cached first half, or run token by token through decode steps; and the cache holds the same bytes."""
-    params = _params()
+    cached first half, or run token by token through decode steps; and the cache holds the same bytes. tiny-gemma3:
+    the same through its 5-token window (every path past it)."""
+    CONFIG = get_config(name)  # noqa: N806  (the module's name, per case)
+    params = init_params(CONFIG, jax.random.key(3))
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, CONFIG.vocab_size, (2, 24)), jnp.int32)
     lengths = jnp.full((2,), 24, jnp.int32)
     whole, k, v = transformer.prefill(params, CONFIG, tokens, lengths, all_logits=True, int8_kv=True)

@@ -47,3 +47,23 @@ def test_consuming_unstack_deletes_each_stacked_leaf_and_keeps_every_value():
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True):
         assert a.dtype == b.dtype and (a == b).all()
+
+
+def test_unrolled_layers_keep_each_layers_window_and_rotary_base():
+    """tiny-gemma3 (layer 0: a 5-token window and its own rotary base; layer 1 global): the unrolled loop indexes the
+    per-layer tables with a Python int, the scan with a traced one; prefill over 12 tokens and a decode step agree."""
+    import numpy as np
+    from meshserve.model import transformer
+
+    config = get_config("tiny-gemma3")
+    params = init_params(config, jax.random.key(12), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(13), (2, 12), 0, config.vocab_size)
+    lengths = jnp.array([12, 9], jnp.int32)
+    outs = []
+    for p in (params, unstack_layers(params)):
+        logits, k, v = transformer.prefill(p, config, tokens, lengths, all_logits=True)
+        cache = transformer.insert(transformer.init_cache(config, 2, 16, k.dtype), k, v, lengths, jnp.arange(2))
+        step, _ = transformer.decode_step(p, config, jnp.array([3, 4], jnp.int32), cache)
+        outs.append((logits, step))
+    for stacked, unrolled in zip(*outs, strict=True):
+        np.testing.assert_allclose(unrolled, stacked, rtol=1e-5, atol=1e-5)

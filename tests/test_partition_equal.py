@@ -8,8 +8,9 @@ as stored); and with bf16 compute, prefill and decode logits agree within bf16 r
 top-2 logits are often closer than bf16 rounding, so greedy tokens are compared where rounding cannot swap them.)
 Together the cases run every layout in both phases, with bf16 and int8, multi-query and multi-head, on 8 and 4
 emulated devices. Llama-family variants (serial block, grouped-query attention, q/k/v and linear biases, rope
-scaling, Qwen3's q/k norms) and a biased parallel block equal one device under each ws layout, the looped einsum
-and two wg layouts.
+scaling, Qwen3's q/k norms, Gemma 3's sliding window, local rotary base, (1 + w) norms and post norms) and a
+biased parallel block equal one device under each ws layout, the looped einsum and two wg layouts; a windowed model
+generates the one-device tokens past its window over f32 / bf16 / int8 weights and the int8 KV cache.
 """
 
 import jax
@@ -95,6 +96,23 @@ FAMILIES = {
     "llama31": dict(parallel_block=False, norm="rmsnorm", linear_bias=True, rope_scaling=(8.0, 1.0, 4.0, 4.0)),
     "falcon": dict(mlp="gelu", norm_bias=True, linear_bias=True),
     "qwen3": dict(parallel_block=False, norm="rmsnorm", n_kv_heads=1, qk_norm=True),  # multi-query, q/k RMSNorm
+    # Gemma 3: a 3-token window on layer 0 (the 8-token prompts and the decode step cross it) with its own rotary
+    # base, (1 + w) norms, post norms of whole sums (statistics over the E split), GeGLU, sqrt(E) embedding scale,
+    # its own attention scale; multi-query, as Gemma 3 1B
+    "gemma3": dict(
+        parallel_block=False,
+        norm="rmsnorm",
+        n_kv_heads=1,
+        qk_norm=True,
+        mlp="geglu",
+        sliding_window=3,
+        global_layers=(1,),
+        local_rope_base=100.0,
+        norm_scale_offset=True,
+        post_norms=True,
+        scale_embed=True,
+        attn_scale=0.3,
+    ),
 }
 
 
@@ -126,6 +144,10 @@ SERIAL_CASES = [
     ("qwen3", "2x2x2", Layout("ws2d", "heads"), 4),
     ("qwen3", "2x2x2", Layout("ws2d", "batch", overlap=True), 8),
     ("qwen3", "2x2x2", Layout("wg-xyz", "batch"), 8),
+    ("gemma3", "2x2x2", Layout("ws2d", "heads"), 4),
+    ("gemma3", "2x2x2", Layout("ws2d", "batch", overlap=True), 8),
+    ("gemma3", "1x2x2", Layout("ws1d", "batch"), 4),
+    ("gemma3", "2x2x2", Layout("wg-xy", "batch"), 4),
 ]
 
 
@@ -145,7 +167,8 @@ def test_serial_block_biases_and_rope_scaling_equal_one_device(name, mesh_text, 
     "name,change",
     [("qwen2", ("bq", "bk", "bv")), ("llama31", ("bo", "b_down")), ("llama31", ("b_up", "b_gate")),
      ("llama31", "rope_scaling"), ("llama31", "mlp_norm"), ("falcon", ("bo", "b_up", "b_down")),
-     ("qwen3", "qk_norm")],
+     ("qwen3", "qk_norm"), ("gemma3", "sliding_window"), ("gemma3", "local_rope_base"), ("gemma3", "attn_out_norm"),
+     ("gemma3", "mlp_out_norm"), ("gemma3", "norm_scale_offset"), ("gemma3", "scale_embed")],
 )  # fmt: skip
 def test_each_family_feature_moves_the_logits(name, change):
     """The cases above would pass vacuously if a feature did nothing: without each one (biases zeroed, no rope
@@ -162,11 +185,35 @@ def test_each_family_feature_moves_the_logits(name, change):
         layer = {key: value for key, value in layer.items() if key not in ("q_norm", "k_norm")}
     elif change == "mlp_norm":
         layer["mlp_norm"] = layer["attn_norm"]
+    elif change in ("sliding_window", "local_rope_base", "norm_scale_offset", "scale_embed"):
+        other = config.replace(**{change: type(getattr(config, change))()}, **({"global_layers": ()} if change ==
+                                                                              "sliding_window" else {}))  # fmt: skip
+    elif change.endswith("_out_norm"):  # the output norm read as the MLP's input norm: a misplaced norm shows
+        layer[change] = layer["mlp_norm"]
     else:
         layer.update({key: jnp.zeros_like(layer[key]) for key in change})
     want = transformer.prefill(params, config, tokens, lengths, all_logits=True)[0]
     got = transformer.prefill({**params, "layers": layer}, other, tokens, lengths, all_logits=True)[0]
     assert float(jnp.max(jnp.abs(got - want))) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "weights,kv_cache_dtype", [("f32", "auto"), ("bf16", "int8"), ("int8", "int8")], ids=["f32", "bf16-kv8", "int8-kv8"]
+)
+def test_a_windowed_generation_equals_one_device(weights, kv_cache_dtype):
+    """The Gemma-3-like family generates 16 tokens past its 3-token window with prefill and decode in different
+    layouts, the tokens one device generates, over f32, bf16 and int8 stored weights (float32 compute) and the int8
+    KV cache."""
+    config, params = family("gemma3")
+    params = cast_params(config, params, weights)
+    params["embed"] = params["embed"].astype(jnp.float32)
+    want = generate(params, config, PROMPTS, max_new_tokens=16, kv_cache_dtype=kv_cache_dtype)
+    out = sharded.generate_sharded(params, config, PROMPTS, mesh=make_mesh("2x2x2"), prefill_layout=Layout("wg-xyz",
+                                   "batch"), decode_layout=Layout("ws2d", "heads"), max_new_tokens=16,
+                                   kv_cache_dtype=kv_cache_dtype)  # fmt: skip
+    for got, ref in zip(out, want, strict=True):
+        assert got.tokens == ref.tokens and len(got.tokens) == 16
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
 
 
 GENERATIONS = [

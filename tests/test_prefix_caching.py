@@ -133,7 +133,10 @@ def _run(orch: Orchestrator, prompt: list[int], n: int, sampling: SamplingParams
     return orch.submit(Request(list(prompt), n, sampling=sampling)).request
 
 
-def test_engine_with_reused_prefixes_equals_whole_prefills():
+@pytest.mark.parametrize("name", ["tiny", "tiny-gemma3"])
+def test_engine_with_reused_prefixes_equals_whole_prefills(name):
+    """tiny-gemma3: the extend steps over a reused prefix mask its 5-token window as a whole prefill does."""
+    CONFIG = get_config(name)  # noqa: N806  (the module's name, per case)
     params = init_params(CONFIG, jax.random.key(7), jnp.float32)
     plan = make_plan(CONFIG, max_batch=4, max_context=128, length_buckets=(16, 64), context_buckets=(64,),
                      decode_buckets=(4,), weights="f32", prefix_caching=True)  # fmt: skip

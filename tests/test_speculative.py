@@ -77,21 +77,37 @@ def engines():
     return plain, spec
 
 
-def _greedy_reference(engine: Engine, prompt: list[int], n: int) -> list[int]:
+def _greedy_reference(engine: Engine, prompt: list[int], n: int, context: int = 128) -> list[int]:
     engine.reset()
     out = engine.prefill_insert([prompt], [0], [SamplingParams()], 1, 16)
     tokens = [int(out.tokens[0])]
     for _ in range(n - 1):
-        tokens.append(int(engine.decode(1, 128).tokens[0]))
+        tokens.append(int(engine.decode(1, context).tokens[0]))
     return tokens
 
 
 def test_verify_keeps_exactly_the_greedy_tokens(engines):
     """Drafts that are the greedy continuation are all kept (k + 1 tokens a step); wrong drafts are cut at the
     first mismatch; either way the tokens are plain decoding's, and the cache stays consistent for what follows."""
-    plain, spec = engines
+    _verify_keeps_the_greedy_tokens(*engines)
+
+
+def test_a_windowed_verify_keeps_exactly_the_greedy_tokens():
+    """The same through tiny-gemma3's 5-token window (layer 0): the verify step's extend over the cache masks each
+    draft's keys by its own position, so right drafts are all kept and the tokens are plain decoding's."""
+    config = get_config("tiny-gemma3")
+    params = init_params(config, jax.random.key(5))
+    kw = dict(max_batch=1, max_context=32, length_buckets=(16,), decode_buckets=(1,), context_buckets=(32,))
+    plain = Engine(params, config, make_plan(config, **kw))
+    spec = Engine(params, config, dataclasses.replace(make_plan(config, **kw), speculative_tokens=K))
+    for e in (plain, spec):
+        e.warm_up(phases=("generate",))
+    _verify_keeps_the_greedy_tokens(plain, spec, context=32)
+
+
+def _verify_keeps_the_greedy_tokens(plain: Engine, spec: Engine, context: int = 128) -> None:
     prompt = [5, 9, 2, 7, 11, 3]
-    want = _greedy_reference(plain, prompt, 1 + 3 * (K + 1))
+    want = _greedy_reference(plain, prompt, 1 + 3 * (K + 1), context)
     for label, corrupt in (("right", False), ("wrong", True)):
         spec.reset()
         got = [int(spec.prefill_insert([prompt], [0], [SamplingParams()], 1, 16).tokens[0])]
@@ -101,7 +117,7 @@ def test_verify_keeps_exactly_the_greedy_tokens(engines):
             if corrupt:
                 drafts[0, 2] = (drafts[0, 2] + 1) % spec.config.vocab_size  # the third draft is wrong
             drafts = np.pad(drafts, ((0, 0), (0, K - drafts.shape[1])), constant_values=-1)
-            out = spec.verify(drafts, 128)
+            out = spec.verify(drafts, context)
             n = int(out.counts[0])
             assert n == (3 if corrupt else K + 1) or len(got) + n >= len(want), (label, n)
             got += out.tokens[0, :n].tolist()
@@ -110,7 +126,7 @@ def test_verify_keeps_exactly_the_greedy_tokens(engines):
     # With no drafts a verify step is a decode step.
     spec.reset()
     spec.prefill_insert([prompt], [0], [SamplingParams()], 1, 16)
-    out = spec.verify(np.full((1, K), -1, np.int32), 128)
+    out = spec.verify(np.full((1, K), -1, np.int32), context)
     assert out.counts.tolist() == [1] and int(out.tokens[0, 0]) == want[1]
 
 
