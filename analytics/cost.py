@@ -179,7 +179,7 @@ def layer_dims(config: ModelConfig, batch: int, tokens: int, context: int, weigh
     return LayerDims(
         batch=batch, tokens=tokens, context=context, d_model=c.d_model, d_ff=c.d_ff, n_heads=c.n_heads,
         n_kv_heads=c.n_kv_heads, d_head=c.d_head, act_bytes=ACT_BYTES, weight_bytes=1 if weights == "int8" else
-        (4 if weights == "f32" else 2), gated=c.mlp == "swiglu", serial=not c.parallel_block,
+        (4 if weights == "f32" else 2), gated=c.gated_mlp, serial=not c.parallel_block,
     )  # fmt: skip
 
 
@@ -263,7 +263,9 @@ def estimate(
     # Logits only at the last prompt token (prefill) or at each of a decode step's tokens: B (·L) rows.
     logit_rows = batch * (L if phase == "decode" else 1)
     matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * logit_rows * E * V
-    attn_flops = N * 4 * batch * L * S * H * Q  # QK^T and PV over the whole (masked) context, as the code runs it
+    # QK^T and PV over the whole (masked) context, as the code runs it: a sliding-window layer (Gemma 3, Mistral)
+    # too, since model/layers.py masks the keys outside its window rather than skipping them; so is the KV read.
+    attn_flops = N * 4 * batch * L * S * H * Q
     # ws2d with heads-sharded attention repeats attention on every x (partition/comm.py: all-reduce(x) of qkv).
     attn_split = n // mesh.x if (ffn_layout == "ws2d" and attention == "heads") else n
     rate = chip.peak_flops(weights) * chip.matmul_efficiency

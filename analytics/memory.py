@@ -154,7 +154,7 @@ def memory_estimate(
     trainable = 0
     if mode == "inference":
         # The widest live tensors of one prefill pass: residual + fused input projection output.
-        mlp_in = 2 * c.d_ff if c.mlp == "swiglu" else c.d_ff  # w_up, plus w_gate for SwiGLU only
+        mlp_in = 2 * c.d_ff if c.gated_mlp else c.d_ff  # w_up, plus w_gate for SwiGLU and GeGLU
         fused = mlp_in + c.n_heads * c.d_head + 2 * c.n_kv_heads * c.d_head
         act_b = ACT_BYTES * batch * context * (c.d_model + fused)
     else:

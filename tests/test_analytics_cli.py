@@ -221,3 +221,18 @@ def test_chip_hour_price_gives_usd_per_million_tokens(capsys):
     for bad in ("0", "-1", "nan", "inf"):
         code, out, err = _run(capsys, "analyze", "--chip-hour-usd", bad)
         assert code == 2 and "--chip-hour-usd must be a positive price" in err and not out, err
+
+
+def test_gemma3_1b_prices_its_geglu_and_its_whole_context_kv(capsys):
+    """gemma3-1b through analyze and memory: its GeGLU MLP is priced with both input matmuls (as SwiGLU), and the KV
+    cache (and each decode step's read of it) is the whole context on all 26 layers, windowed or not: the code masks
+    keys outside a window, it neither skips nor drops them (no ring buffer)."""
+    from meshserve.analytics.cost import layer_dims
+    from meshserve.model.config import get_config
+
+    config = get_config("gemma3-1b")
+    assert layer_dims(config, 1, 1, 512, "bf16").gated
+    code, out, _ = _run(capsys, "memory", "--model", "gemma3-1b", "--json")
+    assert code == 0 and json.loads(out)["kv_cache_bytes"] == 2 * 26 * 1 * 32_768 * 1 * 256 * 2  # N B S K Q bf16
+    code, out, _ = _run(capsys, "analyze", "--model", "gemma3-1b", "--chips", "8", "--batch", "1,64", "--json")
+    assert code == 0 and {r["phase"] for r in json.loads(out)} == {"prefill", "decode"}
