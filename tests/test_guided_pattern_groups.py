@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import pytest
-from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec
+from meshserve.serving.guided import Guide, GuideError, GuideSpec, TokenTable, compile_spec, token_groups
 from meshserve.serving.guided.masks import _plain_chars, prepare_masks
 from meshserve.serving.guided.patterns import PatternGrammar, compile_pattern
 from meshserve.serving.guided.token_groups import expand, group_tokens, token_matrix, walk, worth_grouping
@@ -67,7 +67,7 @@ def test_masks_equal_a_token_by_token_reference(pattern):
         expected = reference(matcher, vocab, table.words * 32)
         every = np.arange(len(matcher.positions))
         groups = group_tokens(matcher.next, table._matrices[raw], table.words * 32)
-        assert groups.data.shape[1] <= len(table._matrices[raw].ids)
+        assert len(groups.rows[0]) <= len(table._matrices[raw].ids)
         ways = {"grouped": expand(walk(matcher.next, groups, every), groups.of_id),
                 "ungrouped": expand(walk(matcher.next, table._ungrouped[raw], every), table._ungrouped[raw].of_id),
                 "pattern_masks": table.pattern_masks(matcher, every.tolist())}  # fmt: skip
@@ -84,11 +84,11 @@ def test_tokens_in_a_group_step_alike():
     matcher = compile_pattern(r"\d{4}-\d{2}-\d{2}", 0, -1, "pattern", raw=True)
     matrix = token_matrix([(v, data) for v, data in enumerate(vocab) if data])
     groups = group_tokens(matcher.next, matrix, len(vocab) + 31)
-    assert groups.data.shape[1] < 40
+    assert len(groups.rows[0]) < 40
     finish = {}
     for v, data in enumerate(vocab):
         if not data:
-            assert groups.of_id[v] == groups.data.shape[1]  # never allowed
+            assert groups.of_id[v] == len(groups.rows[0])  # never allowed
             continue
         ends = []
         for start in range(len(matcher.positions)):
@@ -128,3 +128,19 @@ def test_grouping_is_chosen_where_the_walk_would_cost_more():
     assert anything.key not in table._groups
     table.pattern_masks(digits, [0, 1])
     assert digits.key in table._groups
+
+
+def test_hash_collisions_fall_back_to_the_sequences(monkeypatch):
+    """Class sequences are grouped by a 64-bit hash, each token checked against its group's first: with the hash
+    made to collide (its multiplier 0: only the last class counts) the groups it merged are split by the sequences
+    themselves, and the masks still equal the reference; a vocabulary with a token hundreds of bytes long too."""
+    monkeypatch.setattr(token_groups, "_MIX", np.uint64(0))
+    vocab = [*vocabulary(2), b"ab" * 150, b" " * 200, "é".encode() * 90]
+    for pattern in (r"[a-z]{1,3}( [a-z]{1,3}){0,2}", r".{0,5}", r"(ab|a€|€b){1,2}"):
+        matcher = compile_pattern(pattern, 0, -1, "pattern", raw=True)
+        table = TokenTable(vocab, len(vocab))
+        groups = group_tokens(matcher.next, table._matrices[True], table.words * 32)
+        expected = reference(matcher, vocab, table.words * 32)
+        every = np.arange(len(matcher.positions))
+        for p, mask in enumerate(expand(walk(matcher.next, groups, every), groups.of_id)):
+            np.testing.assert_array_equal(bits(mask), expected[p], err_msg=f"{pattern} position {p}")

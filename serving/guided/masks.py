@@ -208,7 +208,7 @@ class TokenTable:
         if groups is None and todo and time.perf_counter() <= deadline and worth_grouping(matcher.next, matrix, todo):
             groups = self._groups.put(matcher.key, group_tokens(matcher.next, matrix, self.words * 32))
         groups = groups or self._ungrouped[matcher.raw]
-        size = max(1, PAIRS // max(1, groups.data.shape[1]))  # positions a walk (all of them when the groups are few)
+        size = max(1, PAIRS // max(1, len(groups.rows[0])))  # positions a walk (all of them when the groups are few)
         for at in range(0, len(todo), size):
             if time.perf_counter() > deadline:
                 break

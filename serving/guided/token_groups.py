@@ -10,6 +10,8 @@ table over the representatives from each start (every (start, token) pair's firs
 alive), and `expand` turns each distinct row of the result into a mask over every token id: positions whose allowed
 groups coincide (`.{0,80}` with 60 characters left or 70: every token fits) share one mask.
 
+Tokens are kept longest first, so those with a byte k are a prefix of the order: each step touches only them (a
+vocabulary's longest token, 100-250 bytes in Llama 3's or Qwen's, costs its own bytes, not L times every token).
 Shapes: Vt tokens with bytes (the matrix), L their longest length, U groups, S start positions, W = ceil(V / 32).
 """
 
@@ -32,34 +34,34 @@ __all__ = [
 ]
 
 PAIRS = 1 << 21  # (start, token) pairs a walk holds at once (~2M: 152k ungrouped tokens, 13 starts; ~40 MB of arrays)
-_PAD = 256  # a class past a token's end (or past its first byte that no position takes)
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: a class sequence's hash is h * _MIX + class + 1 a byte, modulo 2^64
 
 
 class TokenMatrix(NamedTuple):
     """Some tokens' bytes, longest first: ids int64 [Vt], data uint8 [L, Vt] (byte k of each in row k, 0 past its
-    end), lengths int64 [Vt], longer[k] = how many are longer than k (a prefix of the order) for k < L, past bool
-    [L, Vt] (k at or past the token's end), heads int64 [256] (how many tokens start with each byte)."""
+    end), lengths int64 [Vt], longer[k] = how many are longer than k (a prefix of the order) for k < L, heads int64
+    [256] and head_bytes float64 [256]: how many tokens start with each byte, and their bytes."""
 
     ids: np.ndarray
     data: np.ndarray
     lengths: np.ndarray
     longer: list[int]
-    past: np.ndarray
     heads: np.ndarray
+    head_bytes: np.ndarray
 
 
 class Groups(NamedTuple):
-    """Tokens grouped for one pattern: data uint8 [L, U] (a representative's bytes per group, longest first), longer
-    (as TokenMatrix's, over the representatives), of_id int32 [W * 32]: each token id's group, U for an id the matrix
-    does not hold (never allowed)."""
+    """Tokens grouped for one pattern: rows[k] uint8 [longer[k]] (byte k of each group's representative, longest
+    first, only those that have one), longer (as TokenMatrix's, over the representatives), of_id int32 [W * 32]: each
+    token id's group, U for an id the matrix does not hold (never allowed)."""
 
-    data: np.ndarray
+    rows: list[np.ndarray]
     longer: list[int]
     of_id: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.of_id.nbytes + 8 * len(self.longer) + 200
+        return sum(row.nbytes for row in self.rows) + self.of_id.nbytes + 8 * len(self.longer) + 200
 
 
 def token_matrix(pieces: list[tuple[int, bytes]]) -> TokenMatrix:
@@ -71,8 +73,9 @@ def token_matrix(pieces: list[tuple[int, bytes]]) -> TokenMatrix:
     rows = np.frombuffer(b"".join(d.ljust(width, b"\0") for _, d in pieces), np.uint8).reshape(-1, width)
     data = np.ascontiguousarray(rows[order].T)
     lengths = lengths[order]
-    past = np.arange(width)[:, None] >= lengths[None, :]
-    return TokenMatrix(ids, data, lengths, _longer(lengths, width), past, np.bincount(data[0], minlength=256))
+    heads = np.bincount(data[0], minlength=256)
+    return TokenMatrix(ids, data, lengths, _longer(lengths, width), heads,
+                       np.bincount(data[0], weights=lengths, minlength=256))  # fmt: skip
 
 
 def _longer(lengths: np.ndarray, width: int) -> list[int]:
@@ -81,85 +84,110 @@ def _longer(lengths: np.ndarray, width: int) -> list[int]:
 
 
 def ungrouped(matrix: TokenMatrix, size: int) -> Groups:
-    """Every token its own group (a single position's mask: grouping would cost more than it saves)."""
+    """Every token its own group (a few positions' masks, where grouping would cost more than it saves)."""
     of_id = np.full(size, len(matrix.ids), np.int32)
     of_id[matrix.ids] = np.arange(len(matrix.ids), dtype=np.int32)
-    return Groups(matrix.data, matrix.longer, of_id)
+    return Groups([matrix.data[k, :n] for k, n in enumerate(matrix.longer)], matrix.longer, of_id)
 
 
 def worth_grouping(table: np.ndarray, matrix: TokenMatrix, positions: list[int]) -> bool:
     """Whether grouping the tokens costs less than walking every token from each of `positions`, by the costs
     measured at 128k tokens: ~1.5 ns a (position, token) pair's first byte and ~3 ns each later byte of a pair still
-    alive, against ~5 ns a byte of each token keyed (those whose first byte some position takes). So `.*` (8
-    positions, few of them between characters) walks every token in 4.4 ms rather than grouping in 8.7, and
-    `[a-z]{1,8}` (9, every lowercase token alive to its end) groups in 4.9 ms rather than walking in 13."""
+    alive, against ~7 ns a byte of each token keyed (those whose first byte some position takes). So `.*` (8
+    positions, few of them between characters) walks every token in 4.2 ms rather than grouping in 5.8, and
+    `[a-z]{1,8}` (9, every lowercase token alive to its end) groups in 3.5 ms rather than walking in 12."""
     taken = table[:-1] != len(table) - 1  # [P, 256]: the bytes each position takes
     alive = int((taken[positions] @ matrix.heads).sum())  # the pairs alive after their first byte
-    keyed = int(matrix.heads[taken.any(axis=0)].sum())
+    keyed = float(matrix.head_bytes[taken.any(axis=0)].sum())
     later = sum(matrix.longer[1:]) / max(1, len(matrix.ids))  # a token's bytes after its first, on average
-    return 3 * len(positions) * len(matrix.ids) + 6 * alive * later > 10 * keyed * len(matrix.data)
+    return 3 * len(positions) * len(matrix.ids) + 6 * alive * later > 14 * keyed
 
 
 def group_tokens(table: np.ndarray, matrix: TokenMatrix, size: int) -> Groups:
     """The matrix's tokens grouped by their byte classes under `table` (int16 [P + 1, 256]), each sequence cut after
-    its first byte that no position takes (the tokens starting with one: a group at once, the others keyed);
-    `size` = W * 32 ids."""
+    its first byte that no position takes (the tokens starting with one: a group at once, the others keyed by a hash
+    of their classes, checked against their group's first token); `size` = W * 32 ids."""
     dead = len(table) - 1
     columns = np.ascontiguousarray(table.T)  # a void view per column: np.unique(axis=0) would make a field per row
     _, first, byte_class = np.unique(columns.view(np.dtype((np.void, columns.shape[1] * 2))).reshape(-1),
                                      return_index=True, return_inverse=True)  # fmt: skip
-    # 0xC0, 0xC1 and 0xF5-0xFF start no UTF-8 character: one class of bytes no position takes, so at most 245.
-    wide = len(first) >= _PAD
-    classes = byte_class.reshape(-1).astype(np.uint16 if wide else np.uint8)
+    classes = byte_class.reshape(-1).astype(np.uint16)
     nowhere = np.flatnonzero((columns[first, :dead] == dead).all(axis=1))  # a class of bytes no position takes
     nowhere = int(nowhere[0]) if len(nowhere) else -1  # (one at most: such bytes have the same column)
     head = classes[matrix.data[0]]
     keyed = np.flatnonzero(head != nowhere)  # the others die at their first byte: one group
-    whole = len(keyed) == len(head)
-    seq = classes[matrix.data if whole else matrix.data[:, keyed]]  # [L, Vk] classes
-    past = matrix.past.copy() if whole else matrix.past[:, keyed]  # [L, Vk]: past each token's end
-    if nowhere >= 0:
-        died = seq == nowhere
-        for k in range(1, len(died)):  # died[k]: at or after such a byte (a row at a time: accumulate is slower)
-            died[k] |= died[k - 1]
-        past[1:] |= died[:-1]  # after the first byte nothing takes: every walk is over
-    if wide:
-        seq[past] = _PAD
-    else:  # (a boolean index is slower than a mask of bits)
-        seq |= past.view(np.uint8) * np.uint8(_PAD - 1)
-    rows = np.ascontiguousarray(seq.T)  # [Vk, L]: one key per token
-    keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(-1)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    # Class sequences, a row at a time over the keyed tokens that have byte k (a prefix): hashed, and each token's
+    # length once cut after a byte no position takes.
+    counts = np.searchsorted(keyed, matrix.longer).tolist()  # keyed tokens with a byte k, for each k
+    hashes, cut = head[keyed].astype(np.uint64) + np.uint64(1), np.ones(len(keyed), np.int64)
+    going = np.ones(len(keyed), bool)  # not cut yet
+    seqs = [head[keyed]]
+    for k in range(1, len(counts)):
+        n = counts[k]
+        if not n:
+            break
+        seq = classes[matrix.data[k, keyed[:n]]]
+        seqs.append(seq)
+        on = going[:n]
+        hashes[:n] = np.where(on, hashes[:n] * _MIX + seq + np.uint64(1), hashes[:n])
+        cut[:n] += on
+        going[:n] &= seq != nowhere
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rep = first[inverse]  # each keyed token's group's first token (an index into keyed)
+    same = cut[rep] == cut  # a hash shared by two class sequences: check each token against its group's first one
+    for k, seq in enumerate(seqs):
+        n = len(seq)
+        inside = cut[:n] > k
+        same[:n] &= ~inside | (seq == seq[np.minimum(rep[:n], n - 1)])
+    if not same.all():  # a 64-bit collision (never seen): the groups it touches, keyed by the sequences themselves
+        members = np.flatnonzero(np.isin(inverse, inverse[~same]))
+        inverse[members] = len(first) + _exact_groups(seqs, cut, members)
+        first, inverse = np.unique(inverse, return_index=True, return_inverse=True)[1:]
+        inverse = inverse.reshape(-1)
     group = np.full(len(head), len(first), np.intp)  # each token's group; len(first): died at its first byte
-    group[keyed] = inverse.reshape(-1)
-    heads = keyed[first] if whole else np.append(keyed[first], np.flatnonzero(head == nowhere)[:1])
+    group[keyed] = inverse
+    heads = keyed[first] if len(keyed) == len(head) else np.append(keyed[first], np.flatnonzero(head == nowhere)[:1])
     order = np.argsort(heads)  # the groups in the matrix's order (longest first), each named by its first token
     rank = np.empty(len(order), np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
     reps = heads[order]
     of_id = np.full(size, len(reps), np.int32)
     of_id[matrix.ids] = rank[group]
-    return Groups(np.ascontiguousarray(matrix.data[:, reps]), _longer(matrix.lengths[reps], len(seq)), of_id)
+    longer = _longer(matrix.lengths[reps], len(matrix.data))
+    return Groups([matrix.data[k, reps[:n]] for k, n in enumerate(longer) if n or not k], longer, of_id)
+
+
+def _exact_groups(seqs: list[np.ndarray], cut: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """A group number for each of `members` (indices into the keyed tokens) by its whole class sequence: its cut
+    length, then its classes (-1 past the cut)."""
+    keys = np.full((len(members), len(seqs) + 1), -1, np.int32)
+    keys[:, 0] = cut[members]
+    for k, seq in enumerate(seqs):
+        has = members < len(seq)  # (members with a byte k)
+        keys[has, k + 1] = np.where(cut[members[has]] > k, seq[members[has]], -1)
+    keys = np.ascontiguousarray(keys)
+    return np.unique(keys.view(np.dtype((np.void, keys.shape[1] * 4))).reshape(-1), return_inverse=True)[1].reshape(-1)
 
 
 def walk(table: np.ndarray, groups: Groups, starts: np.ndarray) -> np.ndarray:
     """bool [S, U + 1]: whether the pattern's table takes each group's bytes from each start position (the last
     column, ids outside the matrix, never). Every (start, group) pair's first byte, then only the pairs still alive,
     each byte k only for the groups longer than k (a prefix: longest first)."""
-    dead, flat, data, longer = len(table) - 1, table.ravel(), groups.data, groups.longer
-    now = np.ascontiguousarray(table[starts].T)[data[0]].ravel()  # [U * S]: after each group's first byte
+    dead, flat, rows, longer = len(table) - 1, table.ravel(), groups.rows, groups.longer
+    now = np.ascontiguousarray(table[starts].T)[rows[0]].ravel()  # [U * S]: after each group's first byte
     pairs = np.flatnonzero(now != dead)  # the live pairs, group-major: group ascending (longest first)
     (group, start), now = np.divmod(pairs, len(starts)), now[pairs].astype(np.int32)
-    for k in range(1, len(longer)):
+    for k in range(1, len(rows)):
         cut = int(np.searchsorted(group, longer[k]))  # the pairs whose group has a byte k: a prefix
         if not cut:
             break
-        now[:cut] = flat[now[:cut] << 8 | data[k][group[:cut]]]  # table[now, byte k] (256 bytes a row)
+        now[:cut] = flat[now[:cut] << 8 | rows[k][group[:cut]]]  # table[now, byte k] (256 bytes a row)
         if 4 * np.count_nonzero(now[:cut] == dead) > cut:  # many died: drop the dead pairs
             keep = now != dead
             group, start, now = group[keep], start[keep], now[keep]
     keep = now != dead
-    allowed = np.zeros((len(starts), data.shape[1] + 1), bool)
+    allowed = np.zeros((len(starts), len(rows[0]) + 1), bool)
     allowed[start[keep], group[keep]] = True
     return allowed
 
