@@ -46,8 +46,9 @@ __all__ = ["TokenTable", "Guide", "prepare_masks", "prepare_patterns", "prepare_
 MASK_CACHE = 65536  # masks kept per table (all its grammars), LRU
 MASK_CACHE_BYTES = 256 << 20  # and at most this many bytes of them (a mask is V / 8 bytes)
 PREPARE_PATTERNS_S = 10.0  # caller-thread seconds a request may spend on its patterns' masks; the rest come lazily
-# And on a regex's every mask, before it is refused: a backstop, kept though grouped tokens made regexes within the
-# bounds take 2-75 ms at 128k tokens (bench), since a refusal here depends on load and is cached (sticky).
+# And on a regex's every mask, before it is refused: a backstop, kept though grouped tokens made the bench's regexes
+# take 2-45 ms at 128k tokens (the slowest found within the bounds, tokens that barely group, 0.25-0.44 s), since a
+# refusal here depends on load and is cached (sticky).
 PREPARE_S = 10.0
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ENTRY = 256  # an ndarray object (~112 bytes), its OrderedDict entry, key tuple and counted size
@@ -288,8 +289,8 @@ def prepare_masks(guide, seconds: float = PREPARE_S) -> int:
     """Compute the mask of every position a regex guide's pattern can reach (as a pattern string's: its table run
     over every token's bytes, cached in the table) and pin them on the guide (the engine thread then only looks
     them up, whatever the table's cache evicts); returns how many. GuideError past positions.py's bounds (cached per
-    pattern: a retry is refused at once), or past `seconds` (a backstop: a regex whose tokens group badly, every
-    letter a class of its own, costs up to ~6 ms a position at 151k tokens; this refusal depends on the machine's
+    pattern: a retry is refused at once), or past `seconds` (a backstop: a regex whose tokens barely group, every
+    letter a class of its own, costs ~0.3-0.5 ms a position at 128k tokens; this refusal depends on the machine's
     load, so it is cached per grammar and table: a retry is refused at once rather than accepted when the machine is
     idler)."""
     grammar, table = guide.grammar, guide.table
