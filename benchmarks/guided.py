@@ -11,9 +11,10 @@ Per batch size, three runs of the same prompts: all free, all guided by json_obj
 and one with a single guided row among free ones. Each guided setting runs once per way in --ways (GuideTracker's
 docstring): "pipelined" (steps dispatched before the previous one is read, guided rows sampled again once their
 masks are known), "read-first" (the previous step read and the masks written before each dispatch) and "auto"
-(what a server does: whichever it has timed faster). Sampled (temperature 0.8, seed i per row), --new-tokens at most; a guided row ends when
-its JSON is complete, so rows finish at different times: tokens/s counts the tokens every row generated over the
-wall time from submission to the last row's end (prefill included), median of --repeats runs after one warm-up.
+(what a server does: whichever it has timed faster). Sampled (temperature 0.8, seed i per row), --new-tokens at
+most; a guided row ends when its JSON is complete, so rows finish at different times: tokens/s counts the tokens
+every row generated over the wall time from submission to the last row's end (prefill included), median of
+--repeats runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -144,14 +145,12 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"device {report['device']}, model {report['model']} (V={report['vocab']}), up to {new_tokens} tokens a row")
-    print(
-        "batch  rows                                      tokens/s  vs free  ms/step  host ms/guided token  tokens (run 1)  "
-        "JSON complete"
-    )
+    print(f"{'batch':>5}  {'rows':<40}  tokens/s  vs free  ms/step  host ms/guided token  tokens (run 1)  "
+          "JSON complete")  # fmt: skip
     for r in rows:
         host = "-" if r["host_ms_per_guided_token"] is None else f"{r['host_ms_per_guided_token']:.3f}"
-        print(f"{r['batch']:>5}  {r['rows']:<40}  {r['tokens_per_s']:8.0f}  {r['vs_free']:6.2f}x  {r['step_ms']:7.2f}  {host:>20}  "
-              f"{r['tokens']:>14}  {r['stopped']:>13}")  # fmt: skip
+        print(f"{r['batch']:>5}  {r['rows']:<40}  {r['tokens_per_s']:8.0f}  {r['vs_free']:6.2f}x  "
+              f"{r['step_ms']:7.2f}  {host:>20}  {r['tokens']:>14}  {r['stopped']:>13}")  # fmt: skip
     return 0
 
 

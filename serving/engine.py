@@ -320,7 +320,9 @@ class Engine:
         return out if b == batch else tuple(a[:batch] for a in out)
 
     @staticmethod
-    def fetch(out: tuple[jax.Array, ...], top: bool = False, resampled=None) -> StepOutput:
+    def fetch(
+        out: tuple[jax.Array, ...], top: bool = False, resampled: tuple[list[int], tuple] | None = None
+    ) -> StepOutput:
         """The one device->host copy of a decode step; the alternatives only when `top` (some row asked for them:
         a step that needs none copies [batch] arrays only). resampled: (slots, `resample_async`'s output) of the
         step's guided rows sampled again: their tokens and log-probs replace the step's own."""

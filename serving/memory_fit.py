@@ -1,7 +1,7 @@
 """Will the decode state fit on the devices? Checked before it is allocated, where the devices report their memory.
 
 The decode state (engine_steps.DecodeState: the KV cache [N, B, S, K, Q] of max_batch slots x max_context tokens,
-and per slot the token history [B, V]) is allocated once, when the engine starts, after the weights were placed.
+and per slot the token history and the last step's logits [B, V]) is allocated once, when the engine starts, after the weights were placed.
 Too many slots for the device's memory used to fail there with XLA's RESOURCE_EXHAUSTED traceback; now it is a
 one-line error naming --max-batch / --max-context, with the largest max_batch that would fit.
 

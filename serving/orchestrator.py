@@ -7,7 +7,9 @@ Loop (one iteration): reap cancelled/expired requests -> score one chunk of the 
 bucket call; a Score of many items spreads over many iterations, so streams keep decoding) -> prefill + insert queued
 requests into free slots (or the next chunk of a long prompt; reusing cached prefixes) -> dispatch decode step n+1
 -> read step n's tokens (the one device->host copy) and deliver them. Dispatching before reading keeps the device
-busy while the host detokenizes and streams.
+busy while the host detokenizes and streams. Guided rows (structured outputs) need step n's tokens for step n+1's
+masks: either step n is read first, or their masks come after the dispatch and those rows are drawn again from the
+step's logits (serving/guided/tracker.py: whichever has been faster).
 When the engine refuses a prefill batch (a prompt it cannot take), only the bad requests fail; the rest go back to
 the front of the queue and are prefilled in the next iteration.
 """

@@ -19,7 +19,7 @@ from meshserve.model.tokenizer import ByteTokenizer
 from meshserve.serving.engine import Engine
 from meshserve.serving.guided import GuideError, GuideSpec
 from meshserve.serving.guided.grammar import MAX_OPEN
-from meshserve.serving.guided.tracker import PipelineChoice
+from meshserve.serving.guided.tracker import GuideTracker, PipelineChoice
 from meshserve.serving.orchestrator import Orchestrator
 from meshserve.serving.plan import make_plan
 from meshserve.serving.requests import Request, RequestFailedError
@@ -197,6 +197,27 @@ def test_both_ways_of_running_guided_steps_give_the_same_tokens(engine):
     pipelined, read_first = _serve(engine, requests(), way=True), _serve(engine, requests(), way=False)
     assert pipelined == read_first
     assert json.loads(pipelined[0][0])["ok"] in (True, False)
+
+
+@pytest.mark.parametrize(("pipelined_ms", "read_first_ms"), [(2.0, 3.0), (3.0, 2.0), (2.5, 3.0)])
+def test_the_way_that_is_faster_step_for_step_wins_despite_the_switches(pipelined_ms, read_first_ms):
+    """Dispatch intervals as the loop sees them: a step costs its way's time, except across a change of way (after
+    a pipelined step a read-first one waits for it too; after a read-first one the next dispatch does not wait).
+    Only same-way intervals count, so the faster way is found."""
+    tracker = GuideTracker(None, None)
+    cost = {True: pipelined_ms / 1e3, False: read_first_ms / 1e3}
+    now, last = 0.0, None
+    for _ in range(3000):
+        way = tracker.choice.pipelined(8)
+        if last is None or last == way:
+            now += cost[way]
+        elif last:  # pipelined -> read first: the step in flight, then the host's turn
+            now += cost[True] + cost[False]
+        else:  # read first -> pipelined: dispatched at once
+            now += 1e-4
+        tracker.dispatched(8, way, now)
+        last = way
+    assert tracker.choice.faster(8) is (pipelined_ms < read_first_ms)
 
 
 def test_guided_steps_read_first_until_a_deferred_warm_up_compiles_their_resample_step():

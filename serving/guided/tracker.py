@@ -164,10 +164,13 @@ class GuideTracker:
 
     def dispatched(self, b: int, mode: bool | None, now: float) -> None:
         """A decode step over bucket b was dispatched at `now` in `mode` (step_mode's): the interval since the
-        previous one, when that was a guided step dispatched with nothing else run since, is its way's cost."""
+        previous one, when that was a guided step of the same bucket and way dispatched with nothing else run since,
+        is that way's cost. An interval across a change of way is not: after a pipelined step, a read-first one
+        waits for it too (about two steps' time); after a read-first one, the next dispatch does not wait (about
+        none), and counting either would favour reading first."""
         last = self._last_dispatch
-        if last is not None and last[0] == b:
-            self.choice.record(b, last[1], now - last[2])
+        if last is not None and last[0] == b and last[1] == mode:
+            self.choice.record(b, mode, now - last[2])
         self._last_dispatch = None if mode is None else (b, mode, now)
 
     def untimed(self) -> None:
