@@ -144,9 +144,7 @@ class ModelConfig:
             object.__setattr__(self, "global_layers", tuple(self.global_layers))
         if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
             raise ConfigError(f"sliding_window must be 0 (none) or a positive integer, got {self.sliding_window!r}")
-        layers = self.global_layers
-        if layers and not self.sliding_window:
-            raise ConfigError(f"global_layers {layers!r} needs sliding_window > 0 (without it every layer is global)")
+        layers = self.global_layers  # without a window they change nothing (`--set sliding_window=0` turns it off)
         if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers) or list(layers) != sorted(
             set(layers)
         ):

@@ -155,7 +155,7 @@ def check_supported(config: ModelConfig) -> None:
     """Refuse a model the sharded steps cannot run at all, whatever the mesh and layout.
 
     Every architecture ModelConfig describes runs sharded: the parallel block (PaLM, Falcon) and the serial block
-    (Llama, Mistral, Qwen2), q/k/v and linear biases (stored whole on every chip, each chip adds its slice) and
+    (Llama, Mistral, Qwen2, Qwen3, Gemma 3 with its post norms and sliding windows), q/k/v and linear biases (stored whole on every chip, each chip adds its slice) and
     rope scaling. What a given mesh cannot split (heads, d_ff, vocab, batch) is refused by `check_model`. Kept as
     the one place the serving paths ask (serve, generate --mesh) before choosing a plan.
     """

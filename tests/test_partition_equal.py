@@ -188,7 +188,9 @@ def test_each_family_feature_moves_the_logits(name, change):
     elif change in ("sliding_window", "local_rope_base", "norm_scale_offset", "scale_embed"):
         other = config.replace(**{change: type(getattr(config, change))()}, **({"global_layers": ()} if change ==
                                                                               "sliding_window" else {}))  # fmt: skip
-    elif change.endswith("_out_norm"):  # the output norm read as the MLP's input norm: a misplaced norm shows
+    elif isinstance(change, str) and change.endswith(
+        "_out_norm"
+    ):  # the output norm read as the MLP's input norm: a misplaced norm shows
         layer[change] = layer["mlp_norm"]
     else:
         layer.update({key: jnp.zeros_like(layer[key]) for key in change})
