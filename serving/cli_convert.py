@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from-hf",
         metavar="DIR",
-        help="a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Falcon directory: config.json + *.safetensors "
+        help="a Hugging Face Llama, Mistral, Qwen2, Qwen3, Gemma 3 or Falcon directory: config.json + *.safetensors "
         "(+ tokenizer)",
     )
     source.add_argument("--checkpoint", metavar="CKPT", help="a meshserve checkpoint to re-store in another dtype")
