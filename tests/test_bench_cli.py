@@ -95,15 +95,19 @@ def test_bench_bad_input_is_one_line(args, message):
 def test_bench_defaults_fit_the_model_and_ttft_contains_the_prefill():
     """Defaults shrink to tiny's 128-token context (64 + 64); ttft (prefill + cache insert + first sample) is timed
     interleaved with the prefill it contains, so it is not below it (it once read 1.65 ms against 6.40 ms)."""
-    proc = _bench("--model", "tiny", "--batch", "1", "--weights", "bf16", "--repeats", "5")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("tiny on cpu: prompt 64, generate 64")
-    assert "of copy*" in lines[1] and lines[-1].startswith("* of copy is not a bandwidth fraction on a CPU")
-    cells = lines[3].split()
-    prefill_ms, ttft_ms = float(cells[2]), float(cells[3])
-    # More work than the prefill alone. Both are ~1 ms here, where a shared machine's noise reaches 10% (a CI run
-    # read 0.91 against 1.02 ms); the bug this guards against was off by 4x.
+    # More work than the prefill alone. Both are ~0.5 ms here, where a neighbouring test's burst can double one
+    # run's medians (a CI run read ttft 0.36 against prefill 1.0 ms; alone they read 0.38-0.50 against 0.42-0.50):
+    # up to three runs, since the bug this guards against was off by 4x in every run.
+    for _ in range(3):
+        proc = _bench("--model", "tiny", "--batch", "1", "--weights", "bf16", "--repeats", "5")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("tiny on cpu: prompt 64, generate 64")
+        assert "of copy*" in lines[1] and lines[-1].startswith("* of copy is not a bandwidth fraction on a CPU")
+        cells = lines[3].split()
+        prefill_ms, ttft_ms = float(cells[2]), float(cells[3])
+        if ttft_ms >= 0.5 * prefill_ms:
+            break
     assert ttft_ms >= 0.5 * prefill_ms, lines
 
 
