@@ -36,7 +36,7 @@ import re
 from typing import Any
 
 from meshserve.serving.json_scan import DECODER
-from meshserve.serving.tool_call_stream import CallReader, ToolCall, block_call
+from meshserve.serving.tool_call_stream import CallDeltas, CallReader, ToolCall, block_call
 
 __all__ = ["PYTHON_TAG", "parse_llama3", "Llama3Stream", "Llama3Deltas"]
 
@@ -123,38 +123,17 @@ class Llama3Stream:
         return (content or "")[self.sent :], calls
 
 
-class Llama3Deltas:
-    """One streamed choice (the HTTP stream's ToolCallDeltas interface): `feed` each piece, `finish` at the end; each
-    returns what to send, in order: content strings and call deltas (see the module docstring). `kept`: the calls
-    made (with parallel False only the first, the only one sent; the text is still read the same); `complete`: the
-    kept ones that did not break after opening (what finish_reason "tool_calls" promises). `differs`: the text
-    turned out not to be all calls after a call went out (where this stream and parse_llama3 differ)."""
+class Llama3Deltas(CallDeltas):
+    """One streamed choice of bare calls (tool_call_stream.CallDeltas' interface: content strings and call deltas,
+    see the module docstring). `differs`: the text turned out not to be all calls after a call went out (where this
+    stream and parse_llama3 differ)."""
 
     def __init__(self, parallel: bool = True) -> None:
-        self.text, self.parallel = "", parallel
-        self.calls: list[ToolCall] = []  # every call made, kept or not
+        super().__init__(parallel)
         self.at: int | None = None  # the first call's "{", then the end of the last call's JSON; None: not yet known
         self.reader: CallReader | None = None  # the call being read
         self.content_from: int | None = None  # the text is content from here on; None while it may be calls
-        self.sent = 0  # characters of text sent as content
-        self.broken = 0  # opened calls that then broke
         self.differs = False
-        self._broken_ids: set[str] = set()
-
-    @property
-    def kept(self) -> list[ToolCall]:
-        return self.calls if self.parallel else self.calls[:1]
-
-    @property
-    def complete(self) -> list[ToolCall]:
-        return [c for c in self.kept if c.id not in self._broken_ids]
-
-    def feed(self, piece: str) -> list:
-        self.text += piece
-        return self._advance(False)
-
-    def finish(self) -> list:
-        return self._advance(True)
 
     def _advance(self, final: bool) -> list:
         out: list = []

@@ -39,6 +39,7 @@ from typing import Any
 from meshserve.serving.json_scan import ARGS, DECODER, JsonScan
 
 __all__ = [
+    "CallDeltas",
     "START",
     "END",
     "ToolCall",
@@ -161,22 +162,19 @@ class _Block:
     reader: CallReader | None = None
 
 
-class ToolCallDeltas:
-    """One streamed choice's text: `feed` each piece, `finish` at the end; each returns what to send, in order: str
-    items are content, dict items a call's delta ({"index", "id", "type", "function": {"name", "arguments"}} opening
-    call k, {"index", "function": {"arguments"}} for a fragment). `kept`: the calls made so far (with parallel False
-    only the first, the only one sent; the text is still parsed the same). See the module docstring."""
+class CallDeltas:
+    """What a streamed choice's call parser shares (ToolCallDeltas here, llama3_tools.Llama3Deltas): `feed` each
+    piece, `finish` at the end; each returns what to send, in order: str items are content, dict items a call's delta
+    ({"index", "id", "type", "function": {"name", "arguments"}} opening call k, {"index", "function": {"arguments"}}
+    for a fragment). `kept`: the calls made so far (with parallel False only the first, the only one sent; the text
+    is still parsed the same); `complete`: the kept ones not broken after opening. Subclasses read `text` in
+    `_advance(final)`."""
 
     def __init__(self, parallel: bool = True) -> None:
         self.text, self.parallel = "", parallel
         self.calls: list[ToolCall] = []  # every call made, kept or not
-        self.pos = 0  # where the search for the next <tool_call> resumes
-        self.searched = 0  # no <tool_call> starts before here (past pos)
-        self.piece = 0  # where the text outside blocks that is being read began
-        self.content = ""  # content settled so far: the text before the first call, then each non-blank piece
         self.sent = 0  # characters of content sent
-        self.block: _Block | None = None
-        self.broken = 0  # opened calls whose block then broke (where this stream and parse_tool_calls differ)
+        self.broken = 0  # opened calls that then broke (where the stream and the whole parse differ)
         self._broken_ids: set[str] = set()
 
     @property
@@ -185,8 +183,8 @@ class ToolCallDeltas:
 
     @property
     def complete(self) -> list[ToolCall]:
-        """The kept calls whose block closed as a call (not broken after opening): what finish_reason "tool_calls"
-        promises a client (arguments that parse)."""
+        """The kept calls that closed as calls (not broken after opening): what finish_reason "tool_calls" promises
+        a client (arguments that parse)."""
         return [c for c in self.kept if c.id not in self._broken_ids]
 
     def feed(self, piece: str) -> list:
@@ -195,6 +193,21 @@ class ToolCallDeltas:
 
     def finish(self) -> list:
         return self._advance(True)
+
+    def _advance(self, final: bool) -> list:
+        raise NotImplementedError
+
+
+class ToolCallDeltas(CallDeltas):
+    """Hermes' `<tool_call>` blocks in one streamed choice (CallDeltas' interface). See the module docstring."""
+
+    def __init__(self, parallel: bool = True) -> None:
+        super().__init__(parallel)
+        self.pos = 0  # where the search for the next <tool_call> resumes
+        self.searched = 0  # no <tool_call> starts before here (past pos)
+        self.piece = 0  # where the text outside blocks that is being read began
+        self.content = ""  # content settled so far: the text before the first call, then each non-blank piece
+        self.block: _Block | None = None
 
     def _advance(self, final: bool) -> list:
         out: list = []
