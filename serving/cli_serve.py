@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--http-port",
         type=int,
         help="also serve the OpenAI-compatible HTTP API on this port: /v1/completions, /v1/chat/completions, "
-        "/v1/models, /health (default: off; 8000 is usual; 0 = any free port)",
+        "/v1/responses, /v1/models, /health (default: off; 8000 is usual; 0 = any free port)",
     )
     parser.add_argument(
         "--served-model-name", metavar="NAME", help="the model's id in the HTTP API (default: the model's name)"
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tool calling in chats (vLLM's --enable-auto-tool-choice --tool-call-parser): `tools` are rendered by "
         "the chat template and the model's calls come back as the HTTP API's message.tool_calls and gRPC's "
         "GenerateResponse.tool_calls: hermes reads <tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3), "
-        'llama3_json a bare {"name": ..., "parameters": {...}} answer (Llama 3.1-3.3) (default: off; an '
+        'llama3_json bare {"name": ..., "parameters": {...}} calls, several joined by ";" (Llama 3.1-3.3) (default: off; an '
         "HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
     )
     parser.add_argument(
