@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tool calling in chats (vLLM's --enable-auto-tool-choice --tool-call-parser): `tools` are rendered by "
         "the chat template and the model's calls come back as the HTTP API's message.tool_calls and gRPC's "
         "GenerateResponse.tool_calls: hermes reads <tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3), "
-        'llama3_json bare {"name": ..., "parameters": {...}} calls, several joined by ";" (Llama 3.1-3.3) (default: off; an '
-        "HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
+        'llama3_json bare {"name": ..., "parameters": {...}} calls, several joined by ";" (Llama 3.1-3.3) '
+        "(default: off; an HTTP chat with tools answers 400, a gRPC one gets its text as generated)",
     )
     parser.add_argument(
         "--reasoning-parser",
