@@ -28,9 +28,9 @@ so it completes an interrupted job. An empty input, or one whose ids are all in 
 model. The errors file is rewritten each run and only created when there is a bad line.
 
 How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json): the command, the
-model (its config and, for a checkpoint, its files' sizes and dates), the weights dtype, the KV cache dtype and
-the reasoning parser (batch-generate's; score reads no KV cache), with meshserve's version, the date and the
-layout flags for information. A rerun that would append with one of those changed is refused before the model
+model (its config and, for a checkpoint, its files: small ones by content, large ones by size and date), the
+weights dtype, the KV cache dtype and the reasoning parser (batch-generate's; score reads no KV cache), with
+meshserve's version, the date and the layout flags for information. A rerun that would append with one of those changed is refused before the model
 loads, naming each change: write to a new -o, or pass --allow-changed-settings to append anyway (the change is
 recorded). Mesh, layout, bucket, --objective, --max-context, --speculative-tokens and --warm-up changes are
 allowed (the same answers up to float rounding). An OUT from an older meshserve, with results and no record,
@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     errors_path = Path(args.errors) if args.errors else out_path.with_name(out_path.name + ".errors.jsonl")
     # Before loading and compiling (minutes on a large model): bad paths and a corrupt OUT fail fast, and a job with
     # nothing left to do ends here.
-    # The settings are read (the preset, or the checkpoint's config and file dates: no weights) only when there are
+    # The settings are read (the preset, or the checkpoint's config and files: no large weights) only when there are
     # lines to append; a changed one is refused here, before the model loads.
     job = prepare_job(
         kind, in_path, out_path, errors_path, lambda: settings_from_args(args, kind), args.allow_changed_settings
