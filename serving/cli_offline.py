@@ -30,11 +30,11 @@ model. The errors file is rewritten each run and only created when there is a ba
 How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json): the command, the
 model (its config and, for a checkpoint, its files: small ones by content, large ones by size and date), the
 weights dtype, the KV cache dtype and the reasoning parser (batch-generate's; score reads no KV cache), with
-meshserve's version, the date and the layout flags for information. A rerun that would append with one of those changed is refused before the model
-loads, naming each change: write to a new -o, or pass --allow-changed-settings to append anyway (the change is
-recorded). Mesh, layout, bucket, --objective, --max-context, --speculative-tokens and --warm-up changes are
-allowed (the same answers up to float rounding). An OUT from an older meshserve, with results and no record,
-resumes with a warning and gets one.
+meshserve's version, the date and the layout flags for information. A rerun that would append with one of those
+changed is refused before the model loads, naming each change: write to a new -o, or pass --allow-changed-settings
+to append anyway (the change is recorded). Mesh, layout, bucket, --objective, --max-context, --speculative-tokens
+and --warm-up changes are allowed (the same answers up to float rounding). An OUT from an older meshserve, with
+results and no record, resumes with a warning and gets one.
 """
 
 SCORE_EPILOG = (
