@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from meshserve.model.config import ConfigError, ModelConfig
+from meshserve.model.hf_llama import llama_plan
 from meshserve.model.model_spec import ModelSpecError, window_layers
 
 __all__ = ["MODEL_TYPES", "gemma3_config", "gemma3_plan", "text_prefix", "ignored_tensor"]
@@ -66,6 +67,13 @@ _DEFAULTS: dict[str, Any] = {
 _THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
 _LEGACY_THETA = {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}
 # Tensors of a multimodal checkpoint that belong to the vision side (SigLIP tower, projector).
+# A layer's four norms (HF name, ours): the attention's and the MLP's input and output norms.
+_NORMS = (
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "attn_out_norm"),
+    ("pre_feedforward_layernorm", "mlp_norm"),
+    ("post_feedforward_layernorm", "mlp_out_norm"),
+)
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
@@ -214,28 +222,7 @@ def ignored_tensor(name: str) -> bool:
 def gemma3_plan(
     config: ModelConfig, prefix: str = "model."
 ) -> Iterator[tuple[str, tuple[int, ...], tuple[str, ...], Any]]:
-    """(HF tensor name, HF shape, destination path in params, layer index or None) for every Gemma 3 weight."""
-    c = config
-    E, F, H, K, Q, V = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size
-    yield f"{prefix}embed_tokens.weight", (V, E), ("embed",), None
-    yield f"{prefix}norm.weight", (E,), ("final_norm", "scale"), None
-    if not c.shared_embedding:
-        head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
-        yield head, (V, E), ("unembed",), None
-    for i in range(c.n_layers):
-        layer = f"{prefix}layers.{i}."
-        for hf_name, ours in (
-            ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "attn_out_norm"),
-            ("pre_feedforward_layernorm", "mlp_norm"),
-            ("post_feedforward_layernorm", "mlp_out_norm"),
-        ):
-            yield layer + f"{hf_name}.weight", (E,), (ours, "scale"), i
-        for proj, rows in (("q", H * Q), ("k", K * Q), ("v", K * Q)):
-            yield layer + f"self_attn.{proj}_proj.weight", (rows, E), (f"w{proj}",), i
-        yield layer + "self_attn.q_norm.weight", (Q,), ("q_norm", "scale"), i
-        yield layer + "self_attn.k_norm.weight", (Q,), ("k_norm", "scale"), i
-        yield layer + "self_attn.o_proj.weight", (E, H * Q), ("wo",), i
-        yield layer + "mlp.gate_proj.weight", (F, E), ("w_gate",), i
-        yield layer + "mlp.up_proj.weight", (F, E), ("w_up",), i
-        yield layer + "mlp.down_proj.weight", (E, F), ("w_down",), i
+    """(HF tensor name, HF shape, destination path in params, layer index or None) for every Gemma 3 weight:
+    Llama's tensors (q/k norms always, no biases) with four norms a layer."""
+    head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
+    return llama_plan(config, prefix, _NORMS, head)

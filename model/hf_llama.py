@@ -39,18 +39,28 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PlanRow = tuple[str, tuple[int, ...], tuple[str, ...], Any]
 
 
-def llama_plan(config: ModelConfig, prefix: str = "model.") -> Iterator[PlanRow]:
-    """Every tensor a Llama-family checkpoint of `config` must hold, with its shape and destination."""
+# A layer's norms: (HF name, ours). Llama's second norm is the MLP's input norm (Gemma 3 has four: model/hf_gemma3.py).
+LLAMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
+
+
+def llama_plan(
+    config: ModelConfig,
+    prefix: str = "model.",
+    norms: tuple[tuple[str, str], ...] = LLAMA_NORMS,
+    head: str = "lm_head.weight",
+) -> Iterator[PlanRow]:
+    """Every tensor a Llama-family checkpoint of `config` must hold, with its shape and destination. norms: each
+    layer's norm tensors (HF name, ours); head: the untied output embedding's name."""
     c = config
     E, F, H, K, Q, V = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size
     yield f"{prefix}embed_tokens.weight", (V, E), ("embed",), None
     yield f"{prefix}norm.weight", (E,), ("final_norm", "scale"), None
     if not c.shared_embedding:
-        yield "lm_head.weight", (V, E), ("unembed",), None
+        yield head, (V, E), ("unembed",), None
     for i in range(c.n_layers):
         layer = f"{prefix}layers.{i}."
-        yield layer + "input_layernorm.weight", (E,), ("attn_norm", "scale"), i
-        yield layer + "post_attention_layernorm.weight", (E,), ("mlp_norm", "scale"), i
+        for hf_name, ours in norms:
+            yield layer + f"{hf_name}.weight", (E,), (ours, "scale"), i
         for proj, rows in (("q", H * Q), ("k", K * Q), ("v", K * Q)):
             yield layer + f"self_attn.{proj}_proj.weight", (rows, E), (f"w{proj}",), i
             if c.linear_bias or c.qkv_bias:
