@@ -34,17 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["compile_job"]
 
 
-def _no_persistent_cache():
-    """A context in which this thread's compiles skip jax's persistent cache (jax._src.config's thread-local
-    enable_compilation_cache; a no-op context where a jax version lacks it)."""
-    import contextlib
-
-    from jax._src import config as jax_config
-
-    state = getattr(jax_config, "enable_compilation_cache", None)
-    return state(False) if state is not None else contextlib.nullcontext()
-
-
 def compile_job(
     engine: Engine, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None
 ) -> None:
@@ -107,11 +96,7 @@ def compile_job(
         (g,) = key
         fn = jax.jit(resample_rows, donate_argnums=0, out_shardings=(engine.steps.decode_state_sharding, None))
         words = state.sampling["allowed"].shape[1]
-        # Not through the persistent compile cache: two full test runs on the 8-device CPU mesh segfaulted inside
-        # jax's cache write of this step (compilation_cache.put_executable_and_time; cause not found). It is a
-        # small sampling step, cheap to compile again. The switch is jax's thread-local config state.
-        with _no_persistent_cache():
-            engine._resample[key] = fn.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
+        engine._resample[key] = fn.lower(state, rows(g), spec((g, words), jnp.uint32)).compile()
     elif job.kind == "decode":
         b, c = key
         fn = jax.jit(functools.partial(decode_rows, engine.steps, engine.config, b, c), donate_argnums=1)
