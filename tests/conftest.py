@@ -1,13 +1,14 @@
 """Test set-up: an 8-device CPU mesh stands in for a TPU slice (set before JAX starts), and one persistent XLA
-compilation cache in the temp directory for the servers and CLIs the tests start as subprocesses (they would
-otherwise default to ~/.cache/meshserve/xla; tests write nothing outside temp).
+compilation cache in the temp directory for every test and the servers they start (the CLIs would otherwise
+default to ~/.cache/meshserve/xla; tests write nothing outside temp).
 
-The pytest workers themselves compile without the persistent cache: in four of seven full runs one worker died of a
-segfault inside jaxlib 0.10.2's CPU executable (de)serialization for that cache (`put_executable_and_time`, then
-`get_executable_and_time`: a core dump shows a failed deserialization's C++ exception crashing in libgcc's unwinder,
-`_Unwind_Find_FDE`), each time in a long-lived worker that had built and dropped hundreds of executables beside
-torch; never in a server subprocess, and not reproduced by a stress script compiling from three threads."""
+After each test module JAX's caches are cleared, so the executables the module compiled are freed: on the CPU
+each one holds memory maps of its JIT code, and a long-lived xdist worker otherwise reached the kernel's limit
+(vm.max_map_count, 65530): a core dump of a crashed worker held 65520 maps, and the next compile (or cache read)
+failed and segfaulted in the unwinder while raising that error. The module teardown fails loudly instead if a
+worker still holds more than MAX_MAPS after the clear."""
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -20,34 +21,44 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"meshserve-test-xla-cache-{os.getuid()}")
 )
 
+# Well under vm.max_map_count's default (65530): a module that leaks this many maps past the clear fails its teardown.
+MAX_MAPS = 30_000
 
-def pytest_configure(config):
-    """Before any fixture compiles: the cache directory JAX took from the environment is for subprocesses only."""
+
+def _memory_maps() -> int:
+    """How many memory maps this process holds (Linux; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def freed_executables_after_each_module():
+    """Clear JAX's compiled-function caches after the module and collect what only they kept: the engines and
+    executables of a finished module go, with their memory maps (see the module docstring)."""
+    yield
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.clear_caches()
+    gc.collect()
+    held = _memory_maps()
+    assert held < MAX_MAPS, f"this test process holds {held} memory maps after clearing JAX's caches (limit 65530)"
 
 
-def _compile_cache_config() -> tuple[str | None, float]:
-    import jax
-
-    return jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-
-
-@pytest.fixture(autouse=True)
-def no_compile_cache_in_the_test_process():
-    """In-process compiles skip the persistent cache (see the module docstring); a test that turns it on (a CLI
-    entry point run in-process, `setup_compile_cache`, a tmp_path cache) gets it turned off again afterwards, and
-    JAX re-opens its cache state."""
+@pytest.fixture
+def restored_jax_cache():
+    """For tests that point JAX's persistent cache elsewhere (tmp_path): restore its config afterwards, and make JAX
+    re-open its cache from the restored directory."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-    saved = _compile_cache_config()
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     yield
-    if _compile_cache_config() != saved:
-        jax.config.update("jax_compilation_cache_dir", saved[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-        jax_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    jax_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from meshserve.errors import UserError
 from meshserve.serving.cli_serve import default_compile_cache, setup_compile_cache
 from test_serving_support import env, meshserve
 
+pytestmark = pytest.mark.usefixtures("restored_jax_cache")
+
 
 def test_default_is_the_jax_variable_else_the_xdg_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

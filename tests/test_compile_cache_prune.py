@@ -23,6 +23,9 @@ from test_serving_support import env, meshserve
 HASH = "0123456789abcdef" * 4  # JAX's keys end in a sha256 hex digest
 
 
+pytestmark = pytest.mark.usefixtures("restored_jax_cache")
+
+
 @pytest.fixture
 def cache_cli(monkeypatch):
     """`meshserve cache ...` through the real dispatcher (cli.main), routed as the line for serving/cli.py would."""
