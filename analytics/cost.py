@@ -180,6 +180,7 @@ def layer_dims(config: ModelConfig, batch: int, tokens: int, context: int, weigh
         batch=batch, tokens=tokens, context=context, d_model=c.d_model, d_ff=c.d_ff, n_heads=c.n_heads,
         n_kv_heads=c.n_kv_heads, d_head=c.d_head, act_bytes=ACT_BYTES, weight_bytes=1 if weights == "int8" else
         (4 if weights == "f32" else 2), gated=c.gated_mlp, serial=not c.parallel_block,
+        post_norms=c.post_norms,
     )  # fmt: skip
 
 

@@ -11,8 +11,9 @@ Resolution order of `resolve_model(spec)`:
   4. anything else is an error naming the spec and the known presets.
 A directory with both `meshserve.json` and `config.json` is read as the meshserve checkpoint (step 2 first).
 
-Overrides (`--set`) then replace ModelConfig fields by name, each value parsed to the field's type; the result is
-checked by ModelConfig itself (e.g. n_heads must be a multiple of n_kv_heads) and named `base[key=value,...]`.
+Overrides (`--set`, model/model_overrides.py) then replace ModelConfig fields by name, each value parsed to the
+field's type; the result is checked by ModelConfig itself (e.g. n_heads must be a multiple of n_kv_heads) and named
+`base[key=value,...]`.
 
 A config for analytics (analyze, memory, plan) only needs shapes and switches, and bench and calibrate time random
 weights of that shape; `meshserve convert --from-hf` (model/hf_import.py) imports the weights of the same mapping.
@@ -31,16 +32,15 @@ experts, another activation) are refused with an error naming the config.json ke
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from meshserve.errors import UserError
 from meshserve.model.config import PRESETS, ConfigError, ModelConfig
+from meshserve.model.model_overrides import SET_HELP, ModelSpecError, apply_overrides, parse_overrides
 
 __all__ = [
     "resolve_model",
@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 MODEL_HELP = "a preset name, a meshserve checkpoint directory or a Hugging Face config.json"
-SET_HELP = "override model fields: key=value[,key=value] (repeatable), e.g. n_kv_heads=8,max_seq_len=8192"
 
 _CHECKPOINT_META = "meshserve.json"  # model/checkpoint.py META_FILE (that module imports JAX; this one must not)
 _FALCON_TYPES = ("falcon", "RefinedWebModel")  # what model.hf_import.falcon_config accepts
@@ -66,12 +65,6 @@ _GEMMA_TYPES = ("gemma3_text", "gemma3")  # model/hf_gemma3.py
 _MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
 # Keys whose presence (with a non-empty value) means mixture-of-experts layers, which ModelConfig cannot describe.
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-class ModelSpecError(ConfigError):
-    """A --model spec that names nothing, a config.json meshserve cannot describe, or a bad --set override."""
 
 
 def resolve_model(spec: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
@@ -311,109 +304,3 @@ def window_layers(hf: Mapping[str, Any], n_layers: int, source: str, model_type:
     if "sliding_attention" not in types:
         return 0, ()
     return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
-
-
-# ---------------------------------------------------------------------------------------------------- overrides
-def _fields() -> dict[str, Any]:
-    """ModelConfig field name -> its resolved type hint (the module uses postponed annotations)."""
-    return typing.get_type_hints(ModelConfig)
-
-
-def parse_overrides(items: str | Sequence[str] | None) -> dict[str, str]:
-    """`--set` values ("k=v,k2=v2", the flag repeatable) -> {field: value text}; parsed by `apply_overrides`."""
-    out: dict[str, str] = {}
-    for item in [items] if isinstance(items, str) else items or []:
-        for pair in item.split(","):
-            if not pair.strip():
-                continue
-            key, sep, value = (s.strip() for s in pair.partition("="))
-            if not sep or not key:
-                raise ModelSpecError(
-                    f"model override {pair.strip()!r} is not key=value; valid keys: {', '.join(_fields())}"
-                )
-            if key in out and out[key] != value:
-                raise ModelSpecError(f"model override {key} is given twice ({out[key]!r} and {value!r})")
-            out[key] = value
-    return out
-
-
-def _describe(hint: Any) -> str:
-    if hint is bool:
-        return "true or false"
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:  # int | None
-        return f"{_describe(args[0])} or none"
-    return {int: "an integer", float: "a positive number", str: "text"}.get(hint, str(hint))
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """`value` (text from --set, or already typed) as a value of the field's type; ModelSpecError if it is not."""
-    bad = ModelSpecError(f"model override {key}={value!r}: expected {_describe(hint)}")
-    text = value.strip().lower() if isinstance(value, str) else None
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is Literal:
-        if value not in args:
-            raise bad
-        return value
-    if type(None) in args:  # optional ids: "none" clears them
-        if value is None or text in ("none", "null", ""):
-            return None
-        try:
-            return _coerce(key, value, next(a for a in args if a is not type(None)))
-        except ModelSpecError:
-            raise bad from None  # its message says "or none"
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
-        raise bad
-    if isinstance(value, bool) and hint in (int, float):
-        raise bad  # bool is an int subclass in Python; True is no layer count
-    if hint is int:
-        if isinstance(value, int):
-            return value
-        try:
-            return int(text) if text is not None else int(_not_text(value))
-        except (TypeError, ValueError):
-            raise bad from None
-    if hint is float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        # Both float fields (norm_eps, rope_base) must be positive and finite for the model to compute anything.
-        if not math.isfinite(number) or number <= 0:
-            raise bad
-        return number
-    if hint is str:
-        if not isinstance(value, str) or not value.strip():
-            raise bad
-        return value.strip()
-    raise bad
-
-
-def _not_text(value: Any) -> Any:
-    """A typed int field value that is not an int: a float is refused (no silent truncation of 2.5 layers)."""
-    raise TypeError(f"not an integer: {value!r}")
-
-
-def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
-    """`config` with fields replaced; values may be text (from `--set`) or typed. The copy is named
-    `name[key=value,...]` unless `name` itself is overridden. Unknown keys list the valid ones; a value of the wrong
-    type names the type; a combination ModelConfig refuses (n_heads not a multiple of n_kv_heads) names both."""
-    hints = _fields()
-    unknown = sorted(set(overrides) - set(hints))
-    if unknown:
-        raise ModelSpecError(f"unknown model override key(s) {', '.join(unknown)}; valid keys: {', '.join(hints)}")
-    typed = {key: _coerce(key, value, hints[key]) for key, value in overrides.items()}
-    if not typed:
-        return config
-    shown = ",".join(f"{k}={v}" for k, v in typed.items() if k != "name")
-    name = typed.pop("name", None) or f"{config.name}[{shown}]"
-    try:
-        return dataclasses.replace(config, name=name, **typed)
-    except ConfigError as e:
-        raise ModelSpecError(f"model override {shown} on {config.name}: {e}") from None

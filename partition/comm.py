@@ -23,6 +23,10 @@ Serial block (Llama, Mistral, Qwen2: x += attn(norm1(x)); x += mlp(norm2(x))): t
 attention half and the MLP half each gather the residual (ws2d: with its norm statistics) and reduce-scatter
 their own output, because the MLP's input is the residual after the attention's add: per layer one more input
 gather and one more output reduce-scatter (ws2d overlap: one more ring each) than the parallel block.
+Post norms (Gemma 3: x += post_attn_norm(attn(norm1(x))); x += post_ffn_norm(mlp(norm2(x)))): each half's output
+is normed after its reduce-scatter, on the residual's split, so its statistics are summed over the E split:
+  ws1d, ws2d (also overlapped):  BL2{partialsum-xyz} -AR(xyz)-> BL2 after each half's output
+  wg-*:                          B_GL2{partialsum-R} -AR(R)-> B_GL2 (wg-xyz: E is whole, nothing runs)
 
 partition/comm_step.py lists what runs once per pass (embedding, logits) and at the phase switch; partition/dims.py
 holds the shared types and splits. Both are re-exported here: `from meshserve.partition.comm import ...` is the
@@ -31,7 +35,7 @@ one import path for all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from meshserve.partition.comm_step import reshard_collectives, reshard_plan, step_collectives
 from meshserve.partition.dims import (
@@ -82,15 +86,18 @@ class _Parts:
     ffn_in: list[Collective]  # ws2d: into the activation, BLF_yz{partialsum-x} -> BLF_xyz
     ffn_out: list[Collective]  # ws2d: out of it, BLF_xyz -> BLF_yz
     output: list[Collective]  # the output reduce-scatter back into the residual's split
+    # post norms (serial only): the output norm's statistics, after `output`
+    post: list[Collective] = field(default_factory=list)
 
     def layer(self, serial: bool) -> list[Collective]:
         """Program order. Parallel: one gather, the fused input matmuls, attention and the MLP, one
         reduce-scatter of their summed outputs. Serial: the attention half, then the MLP half, each with its
-        own gather and reduce-scatter."""
+        own gather and reduce-scatter (and, with post norms, its output norm's statistics)."""
         if not serial:
             return self.input + self.weights + self.ffn_in + self.attention + self.ffn_out + self.output
-        attention_half = self.input + self.weights + self.attention + self.output
-        return attention_half + self.input + self.ffn_in + self.ffn_out + self.output
+        out = self.output + self.post
+        attention_half = self.input + self.weights + self.attention + out
+        return attention_half + self.input + self.ffn_in + self.ffn_out + out
 
 
 def _ws1d(mesh: MeshShape, attention: str, d: LayerDims) -> _Parts:
@@ -241,6 +248,7 @@ def layer_collectives(
 
     dims.serial (Llama's serial block): the attention half and the MLP half each gather the residual (ws2d: and
     all-reduce their norm statistics) and reduce-scatter their output, so `input` and `output` run twice.
+    dims.post_norms (Gemma 3, serial only): after each half's output, its post norm's statistics all-reduce.
     overlap (ws2d only): the looped collective einsum. Its input all-gather(yz) and output reduce-scatter(yz)
     become YZ-1 "collective-permute" steps each (bytes_per_chip: the chunk one chip sends per step, so a
     permute costs bytes/bw with no (K-1)/K factor), and the norm statistics are summed over xyz.
@@ -249,13 +257,32 @@ def layer_collectives(
     check_layout(ffn_layout, attention, mesh, dims)
     if overlap and ffn_layout != "ws2d":
         raise LayoutError(f"collective matmul overlap is a ws2d option, not {ffn_layout}")
+    if dims.post_norms and not dims.serial:
+        raise LayoutError("post_norms needs the serial block (serial=True): it norms each sublayer's own output")
     if ffn_layout == "ws1d":
         parts = _ws1d(mesh, attention, dims)
     elif ffn_layout == "ws2d":
         parts = _overlapped(mesh, dims, _ws2d(mesh, attention, dims)) if overlap else _ws2d(mesh, attention, dims)
     else:
         parts = _wg(mesh, ffn_layout, dims)
+    if dims.post_norms:
+        parts = replace(parts, post=_post_norm_stats(mesh, ffn_layout, dims))
     return parts.layer(dims.serial)
+
+
+def _post_norm_stats(mesh: MeshShape, ffn_layout: str, d: LayerDims) -> list[Collective]:
+    """The post norm's statistics all-reduce: each half's output is normed on the residual's split after its
+    reduce-scatter (ws1d, ws2d: BLE_xyz; wg-*: B_G·L·E_R), so its per-token sum and sum of squares (float32) are
+    summed over the E split. Weight-gathered layouts keep the batch split over G: B/G rows per chip."""
+    G = gathered_axes(ffn_layout)
+    R = _live(mesh, tuple(a for a in MESH_AXES if a not in G))
+    if not R:  # wg-xyz (or a mesh with no live E axis): each chip holds whole tokens, the norm is local
+        return []
+    rows = d.batch // mesh.size(G) * d.tokens
+    b = f"B_{_name(G)}" if _live(mesh, G) else "B"
+    # B_GL2{partialsum-R} --all-reduce(R)--> B_GL2  (ws1d, ws2d: BL2{partialsum-xyz} --all-reduce(xyz)--> BL2)
+    text = f"{b}L2{{partialsum-{_name(R)}}} --all-reduce({_name(R)})--> {b}L2 (post norm)"
+    return [Collective("all-reduce", R, rows * NORM_STAT_BYTES, text, "ffn")]
 
 
 def _overlapped(mesh: MeshShape, d: LayerDims, plain: _Parts) -> _Parts:

@@ -103,6 +103,9 @@ class LayerDims:
     # Serial block (Llama: x += attn(norm1(x)); x += mlp(norm2(x))): a second input gather (and norm statistics)
     # and a second output reduce-scatter per layer; False: the paper's parallel block.
     serial: bool = False
+    # Gemma 3's post norms (serial block only): each sublayer's output is normed after its reduce-scatter, on the
+    # residual's E split, so its statistics are summed over that split: one more small all-reduce per half.
+    post_norms: bool = False
 
 
 def _live(mesh: MeshShape, axes: tuple[str, ...]) -> tuple[str, ...]:

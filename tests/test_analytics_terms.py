@@ -1,5 +1,6 @@
 """Every cost-model term re-derived by hand (PAPER.md formulas), plus memory arithmetic and bad input."""
 
+import dataclasses
 import math
 import sys
 
@@ -240,3 +241,18 @@ def test_once_per_step_collectives_by_hand():
                      ffn_layout="ws2d", attention="batch")  # fmt: skip
     grew = e.memory["activations"] - small.memory["activations"]
     assert grew >= 4 * (B - 64) * V
+
+
+def test_post_norms_are_priced_as_two_more_all_reduces_per_layer():
+    """Gemma 3 norms each sublayer's output: its statistics are summed over the residual's E split (partition.comm),
+    so the estimate lists and prices two more all-reduces per layer than the same model without post norms."""
+    gemma = get_config("gemma3-1b")
+    plain = dataclasses.replace(gemma, post_norms=False)
+    mesh, chip = MeshShape(2, 2, 2), get_chip("tpu-v4")
+    kw = dict(phase="decode", batch=8, prompt_len=128, gen_len=64, weights="bf16", ffn_layout="ws2d")
+    with_norms, without = estimate(gemma, chip, mesh, **kw), estimate(plain, chip, mesh, **kw)
+    extra = [c for c in with_norms.collectives if "post norm" in c["tensor"]]
+    assert len(extra) == 2 and all(c["kind"] == "all-reduce" for c in extra), with_norms.collectives
+    assert len(with_norms.collectives) == len(without.collectives) + 2
+    per_layer = sum(c["seconds_per_layer"] for c in extra)
+    assert with_norms.breakdown.comm_s == pytest.approx(without.breakdown.comm_s + gemma.n_layers * per_layer)

@@ -211,6 +211,40 @@ def test_bad_overrides_are_one_line_errors(text, needle):
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+def test_set_global_layers_and_other_tuple_fields_take_comma_separated_elements():
+    # a part without `=` continues the tuple field before it, in the same --set item only
+    overrides = parse_overrides(["n_layers=12,sliding_window=64,global_layers=5,11", "extra_eos_ids=7, 8"])
+    assert overrides == dict(n_layers="12", sliding_window="64", global_layers="5,11", extra_eos_ids="7,8")
+    config = resolve_model("tiny", overrides)
+    assert (config.global_layers, config.extra_eos_ids) == ((5, 11), (7, 8))
+    assert config.layer_windows == tuple(0 if i in (5, 11) else 64 for i in range(12))
+    assert config.name == "tiny[n_layers=12,sliding_window=64,global_layers=5,11,extra_eos_ids=7,8]"
+    assert resolve_model("tiny", parse_overrides("rope_scaling=8,1,4,64")).rope_scaling == (8.0, 1.0, 4.0, 64.0)
+    assert resolve_model("tiny", {"global_layers": [1]}).global_layers == (1,)  # typed values too
+    windowed = resolve_model("tiny", parse_overrides("sliding_window=8,global_layers=1"))
+    assert apply_overrides(windowed, {"global_layers": "none"}).global_layers == ()
+    assert apply_overrides(windowed, parse_overrides("global_layers=")).global_layers == ()
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("global_layers=5,x", "global_layers='5,x': expected a comma-separated list of integers"),
+        ("global_layers=5.5", "global_layers='5.5': expected a comma-separated list of integers"),
+        ("global_layers=true", "expected a comma-separated list of integers"),
+        ("global_layers=1,40", "global_layers must be increasing layer indices in [0, n_layers=32), got (1, 40)"),
+        ("global_layers=3,1", "global_layers must be increasing layer indices"),
+        ("rope_scaling=8,1,-4,8192", "rope_scaling='8,1,-4,8192': expected a comma-separated list of positive"),
+        ("n_layers=2,3", "'3' is not key=value"),  # only a tuple field takes more elements
+        ("global_layers=1,2,global_layers=1", "global_layers is given twice ('1,2' and '1')"),
+    ],
+)
+def test_bad_tuple_overrides_name_the_field(text, needle):
+    with pytest.raises(ModelSpecError) as info:
+        resolve_model("llama-2-7b", parse_overrides(text))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
 def _llama_count(c) -> int:
     """Llama by hand: per layer q and o (E·HQ each), k and v (E·KQ each), three E·F MLP matrices, two RMSNorm scales;
     untied input and output embeddings (2VE) and the final norm."""

@@ -187,3 +187,35 @@ def test_the_cost_model_prices_a_serial_model_s_own_list():
     difference = llama.n_layers * (comm(listed) - comm(layer_collectives("ws2d", "batch", M, twin_dims)))
     assert serial.breakdown.comm_s - parallel.breakdown.comm_s == pytest.approx(difference)
     assert difference > 0 and serial.step_s > parallel.step_s
+
+
+def test_post_norms_add_one_statistics_all_reduce_after_each_output():
+    # Gemma 3: each half's output is normed after its reduce-scatter, on the residual's E split: its sum and sum of
+    # squares (float32, NORM_STAT_BYTES per token) are summed over that split, right after each output collective.
+    from collections import Counter
+
+    from meshserve.partition.dims import NORM_STAT_BYTES
+
+    serial = dims(n_kv_heads=8, serial=True)
+    post = LayerDims(**{**serial.__dict__, "post_norms": True})
+    B, L, xyz = serial.batch, serial.tokens, ("x", "y", "z")
+    cases = [("ws1d", "batch", False, M, xyz, B), ("ws2d", "heads", False, M, xyz, B),
+             ("ws2d", "batch", True, M, xyz, B), ("ws2d", "heads", False, MeshShape(1, 2, 4), ("y", "z"), B),
+             ("wg-x", "batch", False, M, ("y", "z"), B // 2), ("wg-xy", "batch", False, M, ("z",), B // 4),
+             ("wg-xyz", "batch", False, M, None, 0)]  # fmt: skip
+    for layout, attention, overlap, mesh, axes, rows in cases:
+        plain = layer_collectives(layout, attention, mesh, serial, overlap)
+        normed = layer_collectives(layout, attention, mesh, post, overlap)
+        if axes is None:  # wg-xyz: E is whole on each chip, the post norms are local
+            assert normed == plain
+            continue
+        assert not Counter(map(_key, plain)) - Counter(map(_key, normed))  # nothing dropped
+        extra = Counter(map(_key, normed)) - Counter(map(_key, plain))
+        assert extra == Counter({("all-reduce", axes, rows * L * NORM_STAT_BYTES): 2}), (layout, attention, overlap)
+        # program order: each right after its half's output collective (the attention half's, then the MLP's)
+        at = [i for i, c in enumerate(normed) if c.tensor.endswith("(post norm)")]
+        assert len(at) == 2 and at[1] == len(normed) - 1
+        assert [normed[i - 1].kind for i in at] == ["collective-permute" if overlap else "reduce-scatter"] * 2
+        assert [c for c in normed if not c.tensor.endswith("(post norm)")] == plain
+    with pytest.raises(LayoutError, match="post_norms needs the serial block"):
+        layer_collectives("ws2d", "heads", M, LayerDims(**{**post.__dict__, "serial": False}))

@@ -52,7 +52,7 @@ def expected(config, layout, mesh, weights, batch, tokens, context, overlap=Fals
     act = 4 if weights == "f32" else 2
     dims = LayerDims(batch, tokens, context or tokens, config.d_model, config.d_ff, config.n_heads,
                      config.n_kv_heads, config.d_head, act_bytes=act, weight_bytes=BYTES[weights],
-                     serial=not config.parallel_block)  # fmt: skip
+                     serial=not config.parallel_block, post_norms=config.post_norms)  # fmt: skip
     return summarize(layer_collectives(layout.ffn, layout.attention, mesh_shape(mesh), dims, overlap=overlap))
 
 
