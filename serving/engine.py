@@ -44,6 +44,7 @@ from meshserve.serving.engine_steps import (
     ModelSteps,
     fresh_state,
 )
+from meshserve.serving.map_budget import MapBudget
 from meshserve.serving.memory_fit import check_decode_state
 from meshserve.serving.plan import EnginePlan
 from meshserve.serving.prefix_cache import PrefixReuse
@@ -117,6 +118,7 @@ class Engine:
     _pending: deque[CompileJob] = field(default_factory=deque, init=False, repr=False)  # left by warm_up(defer=True)
     _allocate: Any = field(default=None, init=False, repr=False)  # compiled: a fresh state, in its split
     _fit_checked: bool = field(default=False, init=False, repr=False)  # the state was checked against device memory
+    _maps: MapBudget = field(default_factory=MapBudget, init=False, repr=False)  # CPU: JIT code maps per compile
 
     @property
     def kv_dtype(self) -> jnp.dtype:
@@ -194,7 +196,9 @@ class Engine:
         return failed
 
     def _compile(self, job: CompileJob, state: DecodeState, progress: Callable[[CompileJob], None] | None) -> None:
+        held = self._maps.check(job.label)  # refused before the compile that would pass the process's map limit
         compile_job(self, job, state, progress)
+        self._maps.record(held)
 
     def reset(self) -> None:
         """A fresh decode state (all slots empty). A scheduler's prefix index describes the old cache: drive the
