@@ -29,8 +29,9 @@ from serve_process import ServeProcess  # noqa: E402
 
 def _proc_stats(pid: int) -> tuple[int, float]:
     """(memory maps, resident MiB) of process `pid`, from /proc."""
-    with open(f"/proc/{pid}/maps") as maps:
-        count = sum(1 for _ in maps)
+    from meshserve.serving.map_budget import count_maps
+
+    count = count_maps(pid)
     with open(f"/proc/{pid}/status") as status:
         rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
     return count, rss_kb / 1024

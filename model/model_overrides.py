@@ -120,9 +120,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, int):
             return value
+        if text is None:  # a typed value that is not an int: no silent truncation of 2.5 layers
+            raise bad
         try:
-            return int(text) if text is not None else int(_not_text(value))
-        except (TypeError, ValueError):
+            return int(text)
+        except ValueError:
             raise bad from None
     if hint is float:
         try:
@@ -138,11 +140,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise bad
         return value.strip()
     raise bad
-
-
-def _not_text(value: Any) -> Any:
-    """A typed int field value that is not an int: a float is refused (no silent truncation of 2.5 layers)."""
-    raise TypeError(f"not an integer: {value!r}")
 
 
 def _show(value: Any) -> str:

@@ -25,25 +25,17 @@ os.environ.setdefault(
 MAX_MAPS = 30_000
 
 
-def _memory_maps() -> int:
-    """How many memory maps this process holds (Linux; 0 where /proc is not there)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps)
-    except OSError:
-        return 0
-
-
 @pytest.fixture(autouse=True, scope="module")
 def freed_executables_after_each_module():
     """Clear JAX's compiled-function caches after the module and collect what only they kept: the engines and
     executables of a finished module go, with their memory maps (see the module docstring)."""
     yield
     import jax
+    from meshserve.serving.map_budget import count_maps
 
     jax.clear_caches()
     gc.collect()
-    held = _memory_maps()
+    held = count_maps() or 0  # 0: no /proc here
     assert held < MAX_MAPS, f"this test process holds {held} memory maps after clearing JAX's caches (limit 65530)"
 
 
