@@ -17,6 +17,7 @@ from meshserve.analytics.cli_helpers import (
     model_args,
     model_from_args,
     positive,
+    say_unfit,
     table,
 )
 from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe
@@ -34,7 +35,9 @@ def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None
     p.add_argument("--batch", type=ints, default=ints(batch_default), help=f"batch sizes (default {batch_default})")
     p.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per sequence (default 2048)")
     p.add_argument("--gen-len", type=int, default=64, help="generated tokens per sequence (default 64)")
-    p.add_argument("--overlap", action="store_true", help="assume communication overlaps compute (looped einsum)")
+    p.add_argument("--overlap", action="store_true", help="price ws2d with the looped collective einsum: its ring "
+                   "steps run under the matmuls, which pays for large token batches (prefill), but its one-hop steps' "
+                   "latency makes small decode steps slower; other layouts are unchanged")  # fmt: skip
     kv_cache_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -56,13 +59,14 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return config, chip, mesh or chips  # multi-query heads are padded per mesh and layout (plan.analysis_config)
 
 
-def _warn_context(config: Any, prompt_len: int, gen_len: int) -> None:
-    """One stderr line when the prompt alone is longer than the model's context: a what-if question can be
-    legitimate (the rows are kept), but a default --prompt-len 2048 on tiny (128) should not pass silently. Tokens
-    generated past the context are not warned about: the paper's own setting, 2048 + 64 on PaLM (2048), does it."""
+def _warn_context(config: Any, prompt_len: int, gen_len: int, what: str = "prompt") -> None:
+    """One stderr line when the prompt alone (memory: the context) is longer than the model's context: a what-if
+    question can be legitimate (the rows are kept), but a default --prompt-len 2048 on tiny (128) should not pass
+    silently. Tokens generated past the context are not warned about: the paper's own setting, 2048 + 64 on PaLM
+    (2048), does it."""
     if prompt_len > config.max_seq_len:
-        print(f"warning: prompt {prompt_len} tokens is beyond {config.name}'s max_seq_len {config.max_seq_len}; "
-              "the rows price a context the model does not have", file=sys.stderr)  # fmt: skip
+        print(f"warning: {what} {prompt_len} tokens is beyond {config.name}'s max_seq_len {config.max_seq_len}; "
+              "the numbers price a context the model does not have", file=sys.stderr)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- analyze
@@ -103,7 +107,8 @@ def _analyze(args: argparse.Namespace) -> int:
     plot_models = [resolve_model(m) for m in (args.plot_models or "").split(",") if m.strip()]
     config, chip, mesh = _setup(args)
     if isinstance(mesh, int):
-        mesh = default_mesh(config, chip, mesh, args.batch, args.weights, args.kv_cache_dtype)
+        mesh = default_mesh(config, chip, mesh, args.batch, args.weights, args.kv_cache_dtype,
+                            prompt_len=args.prompt_len, gen_len=args.gen_len, overlap=args.overlap)  # fmt: skip
     rows = analyze(
         config, chip, mesh, batches=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
         weights=args.weights, phases=[args.phase] if args.phase else ["prefill", "decode"], layout=args.layout,
@@ -146,6 +151,8 @@ def _analyze(args: argparse.Namespace) -> int:
     for r in rows:
         if not r["fits"] and r["chosen"] is False and r["overflow"] and args.layout:
             print(f"{r['phase']} b{r['batch']} {r['ffn_layout']}/{r['attention']}: {r['overflow']}")
+    if not args.layout:  # with --layout each unfit row says its own overflow above
+        say_unfit(rows, chip, args.weights)
     return 0
 
 
@@ -214,6 +221,8 @@ def _plan(args: argparse.Namespace) -> int:
     config, chip, mesh = _setup(args)
     if args.prefill_batch:
         positive("--prefill-batch", args.prefill_batch)
+    if args.latency_bound is not None and args.objective != "cost":  # the other objectives would ignore it unseen
+        raise UserError(f"--latency-bound applies to --objective cost only (got --objective {args.objective})")
     plan = choose_plan(
         config, chip, n_chips=mesh if isinstance(mesh, int) else None, mesh=None if isinstance(mesh, int) else mesh,
         objective=args.objective, batch_buckets=args.batch, prefill_buckets=args.prefill_batch,
@@ -267,9 +276,9 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
 
 
 def _count(n: float) -> str:
-    """A parameter count people read: 102.6K, 2.3M, 8.63B (never 0.000B)."""
+    """A parameter count people read: 102.6K, 2.3M, 8.63B (never 0.000B, nor 1000M for Gemma 3 1B's 999.9M)."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
+        if n >= scale * 0.9995:  # what rounds to 1000 of the unit below reads as 1 of this one
             return f"{n / scale:.3g}{suffix}" if n < 100 * scale else f"{n / scale:.0f}{suffix}"
     return f"{n:.0f}"
 
@@ -287,8 +296,19 @@ def _memory(args: argparse.Namespace) -> int:
     elif args.kv_cache_dtype != "bf16":
         raise UserError(f"--kv-cache-dtype {args.kv_cache_dtype} applies to --mode inference only (fine-tuning holds "
                         "no KV cache)")  # fmt: skip
+    # Checked here too, so each message names its flag (memory_estimate's name the Python arguments).
+    positive("--chips", args.chips)
+    positive("--batch", args.batch)
+    if args.context is not None:
+        positive("--context", args.context)
+    if args.lora_rank is not None and args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (every weight) or a positive rank, got {args.lora_rank}")
+    if args.kv_fraction is not None and not 0 < args.kv_fraction <= 1:  # NaN too
+        raise UserError(f"--kv-fraction must be in (0, 1] (a share of each chip's HBM), got {args.kv_fraction}")
     config = model_from_args(args)
     chip = get_chip(args.hardware) if args.hardware else None
+    if args.context is not None:
+        _warn_context(config, args.context, 0, "context")
     out = memory_estimate(
         config, mode=args.mode, weights=args.weights, batch=args.batch, context=args.context,
         chips=args.chips, chip=chip, attention=args.attention, optimizer=args.optimizer or "adamw",

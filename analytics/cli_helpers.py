@@ -1,9 +1,10 @@
 """Shared by the analytics commands' CLIs (analytics/cli.py, analytics/cli_speculate.py): list flags, positive checks,
-the --model/--set arguments and the plain-text table."""
+the --model/--set arguments, the plain-text table and analyze's note when nothing fits."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "kv_cache_dtype_arg",
     "fmt_s",
     "table",
+    "say_unfit",
 ]
 
 KV_CACHE_DTYPE_HELP = (
@@ -90,3 +92,18 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> st
     cells = [[h for h, _, _ in columns]] + [[fmt(r[key]) for _, key, fmt in columns] for r in rows]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def say_unfit(rows: list[dict[str, Any]], chip: Any, weights: str) -> None:
+    """One stderr line naming the (phase, batch) groups where no layout fits (their rows have no *), with the least
+    memory any of their rows needs: a table of NO alone does not say how far off the question is."""
+    unfit = [(p, b) for p, b in dict.fromkeys((r["phase"], r["batch"]) for r in rows)
+             if not any(r["chosen"] for r in rows if (r["phase"], r["batch"]) == (p, b))]  # fmt: skip
+    if not unfit:
+        return
+    least = min(r["memory_per_chip_bytes"] for r in rows if (r["phase"], r["batch"]) in unfit)
+    groups = ", ".join(f"{p} b{b}" for p, b in unfit)
+    tries = ["more --chips", *(["--weights int8"] if weights != "int8" else []),
+             *(["a smaller --batch"] if any(b > 1 for _, b in unfit) else [])]  # fmt: skip
+    print(f"note: nothing fits {chip.hbm_bytes / 2**30:.0f} GiB per {chip.name} at {groups} (the least a row there "
+          f"needs: {least / 2**30:.1f} GiB per chip); try {' or '.join(tries)}", file=sys.stderr)  # fmt: skip

@@ -66,7 +66,9 @@ def _run(args: argparse.Namespace) -> int:
     if mesh is None:
         chips = args.chips if args.chips is not None else 64
         positive("--chips", chips)
-        mesh = default_mesh(config, chip, chips, args.batch, args.weights, args.kv_cache_dtype)
+        # The context sizes the KV cache, and with it the mesh the plan picks.
+        mesh = default_mesh(config, chip, chips, args.batch, args.weights, args.kv_cache_dtype,
+                            prompt_len=args.context)  # fmt: skip
     rows = speculation(config, chip, mesh, batches=args.batch, context=args.context, k=args.tokens,
                        acceptances=args.acceptance, weights=args.weights, kv_dtype=args.kv_cache_dtype)  # fmt: skip
     if args.context > config.max_seq_len:  # priced anyway (a what-if), as analyze does, but said

@@ -334,12 +334,12 @@ def choose_plan(
             )
         )  # fmt: skip
     if not candidates:
-        # Why, for one mesh: a refusal of the largest decode bucket (ws2d's, the usual decode layout) names the dim
-        # and the split (e.g. kv heads that the heads split does not divide), which the user can act on.
+        # Why, for one mesh (the given one, else the first candidate, 1x1xn, whose reason names the dim that n does
+        # not divide): a refusal of the largest decode bucket (ws2d's, the usual decode layout) names the dim and
+        # the split (e.g. kv heads that the heads split does not divide), which the user can act on.
         reasons: list[str] = []
-        if mesh is not None:
-            evaluate_layouts(config, chip, mesh, phase="decode", batch=max(decode_buckets), prompt_len=prompt_len,
-                             gen_len=gen_len, weights=dtypes[0], reasons=reasons, kv_dtype=kv_dtype)  # fmt: skip
+        evaluate_layouts(config, chip, meshes[0], phase="decode", batch=max(decode_buckets), prompt_len=prompt_len,
+                         gen_len=gen_len, weights=dtypes[0], reasons=reasons, kv_dtype=kv_dtype)  # fmt: skip
         raise LayoutError(
             f"no layout{' of storage ' + storage if storage else ''} splits {config.name} with batches "
             f"{decode_buckets} on {'mesh ' + str(mesh) if mesh else str(n_chips) + ' chips'}"

@@ -19,11 +19,22 @@ __all__ = ["analysis_config", "default_mesh", "analyze", "pareto_points", "paret
 
 
 def default_mesh(
-    config: ModelConfig, chip: Chip, chips: int, batches: Sequence[int], weights: str, kv_dtype: str = "bf16"
+    config: ModelConfig,
+    chip: Chip,
+    chips: int,
+    batches: Sequence[int],
+    weights: str,
+    kv_dtype: str = "bf16",
+    *,
+    prompt_len: int = 2048,
+    gen_len: int = 64,
+    overlap: bool = False,
 ) -> MeshShape:
-    """The mesh the latency-objective plan picks for these batches (with the KV cache stored as kv_dtype)."""
+    """The mesh the latency-objective plan picks for these batches, prompt and generation lengths (with the KV cache
+    stored as kv_dtype): the question's own lengths, since the best mesh moves with them (PaLM 540B on 64 TPU v4
+    chips: 2x4x8 for 2048-token prompts, 4x4x4 for 128-token prompts and 2048 generated tokens)."""
     plan = choose_plan(config, chip, n_chips=chips, objective="latency", batch_buckets=list(batches), weights=weights,
-                       kv_dtype=kv_dtype)  # fmt: skip
+                       kv_dtype=kv_dtype, prompt_len=prompt_len, gen_len=gen_len, overlap=overlap)  # fmt: skip
     return MeshShape.parse(plan.mesh)
 
 
