@@ -8,8 +8,8 @@ names), queued all-or-none with Orchestrator.submit_many, and answered as OpenAI
 "stream": true server-sent events ending in `data: [DONE]`. Errors are OpenAI's {"error": {"message", "type",
 "param", "code"}} with 400 (bad field), 401 (bearer token), 404 (path or model), 413 (body size), 429 (queue full),
 503 (draining) or 500 (engine failed). A client that goes away cancels its samples (their slots are freed at the
-engine's next step): a stream notices at its next write, a plain request while it waits (not under TLS, where a
-closed socket cannot be told from pending data without reading; it notices when the answer is written).
+engine's next step, a queued one leaves the queue): noticed while it waits, a stream also while queued or holding
+text back, under TLS too (http_connections.WireIO.client_gone).
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ import hmac
 import json
 import logging
 import queue
-import select
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 from meshserve.errors import UserError
 from meshserve.serving.guided_requests import submit_error
-from meshserve.serving.http_connections import CappedHTTPServer
+from meshserve.serving.http_connections import CappedHTTPServer, WireIO
 from meshserve.serving.http_tokens import detokenize, echo_prompts, tokenize
 from meshserve.serving.openai_protocol import (
     CHAT,
@@ -128,8 +125,10 @@ class HttpFront:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshserve",
                 "max_model_len": self.limits.max_context}  # fmt: skip
 
-    def count(self, path: str, status: int, handles: list = ()) -> None:
-        self.metrics.count_request(f"POST {path}", _CODES.get(status, str(status)), handles)
+    def count(self, path: str, status: int, handles: list = (), request_id: str | None = None) -> None:
+        """Counted in the metrics and, with --log-requests, logged (with the client's X-Request-Id when it sent one)."""
+        extra = {"request_id": request_id} if request_id else {}
+        self.metrics.count_request(f"POST {path}", _CODES.get(status, str(status)), handles, **extra)
 
     # ----- a generation: parse, validate, queue, wait -----
 
@@ -139,7 +138,7 @@ class HttpFront:
         if not self.serving:  # draining: refused from the moment /health says so, before the engine stops taking any
             raise HttpError(503, "server is shutting down; not accepting new requests")
         try:
-            parsed = parse_body(kind, body, self.model_name, self.tool_parser)
+            parsed = parse_body(kind, body, self.model_name, self.tool_parser, self.limits.max_new_tokens)
         except ModelNotFound as e:
             raise HttpError(404, str(e), "model") from None
         except RequestError as e:
@@ -199,9 +198,8 @@ class HttpFront:
             self._idle.notify_all()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(WireIO):
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI's clients expect
-    _streaming = False  # headers of a stream sent: errors go out as a last event, not a status
     server_version = "meshserve"
     sys_version = ""  # the Server header names meshserve only, not the Python version
     timeout = 300  # an idle keep-alive connection is closed after this many seconds
@@ -241,16 +239,16 @@ class _Handler(BaseHTTPRequestHandler):
                                               "/v1/responses, /tokenize, /detokenize)"))  # fmt: skip
         if not self._authorized():
             self.close_connection = True
-            return front.count(path, 401)
+            return front.count(path, 401, request_id=self.request_id)
         if kind is None:
-            return front.count(path, self._tokenizer(path))
+            return front.count(path, self._tokenizer(path), request_id=self.request_id)
         front.active(+1)
         self.handles: list = []  # the request's samples, once queued (cancelled on an error; the request log's)
         try:
             status = self._generate(kind, path)
         finally:
             front.active(-1)
-        front.count(path, status, self.handles)
+        front.count(path, status, self.handles, self.request_id)
 
     def _tokenizer(self, path: str) -> int:
         try:
@@ -305,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parsed.kind == CHAT:  # OpenAI's first chunk of each choice gives the role
             self._send(chunk(out, front.model_name, [out.role_delta(i) for i in range(len(handles))]))
         try:
-            for index, event in front.events(handles, events, lambda: False):
+            for index, event in front.events(handles, events, self.client_gone):  # not only at writes: queued
                 piece = out.add(index, event)
                 if piece is not None:
                     self._send(chunk(out, front.model_name, [piece]))
@@ -325,70 +323,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, obj: dict) -> None:
         self.sse(json.dumps(obj, ensure_ascii=False))
 
-    def start_stream(self, on_error: Callable[[HttpError], None]) -> None:
-        """A 200 answer of server-sent events; `on_error` sends an error that comes after it began."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")  # the connection stays open for the client's next request
-        self.end_headers()
-        self._streaming, self._stream_error = True, on_error
-
-    def sse(self, data: str, event: str | None = None) -> None:
-        """One server-sent event (`event: <type>` first when given), as one HTTP chunk."""
-        line = (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-        self.wfile.flush()
-
-    def end_stream(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")  # the last chunk
-        self.wfile.flush()
-        self._streaming = False
-
     def _authorized(self) -> bool:
         if self.front.authorized(self.headers.get("Authorization")):
             return True
         self._error(HttpError(401, "missing or invalid bearer token (header Authorization: Bearer <token>)"))
         return False
-
-    def _body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not (length.isascii() and length.isdigit()):
-            self.close_connection = True
-            raise HttpError(411, "Content-Length: required (a JSON body; chunked uploads are not supported)")
-        size, limit = int(length), self.front.max_body_bytes
-        if size > limit:
-            self.close_connection = True  # not read: the connection cannot carry another request
-            raise HttpError(413, f"request body: {size} bytes exceed the limit of {limit} (send fewer prompts per "
-                            "request)")  # fmt: skip
-        raw = self.rfile.read(size)
-        try:
-            return json.loads(raw)
-        except RecursionError:
-            raise HttpError(400, "request body: JSON nested too deeply") from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise HttpError(400, f"request body: invalid JSON ({e})") from None
-
-    def client_gone(self) -> bool:
-        """Whether the client closed its end (readable with nothing to read). Under TLS: not knowable, False."""
-        sock = self.connection
-        if isinstance(sock, ssl.SSLSocket):
-            return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
-
-    def send_json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:  # say so: a client reusing the connection would meet a closed socket
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (an unknown method such as OPTIONS, a malformed request line) in OpenAI's
@@ -397,6 +336,14 @@ class _Handler(BaseHTTPRequestHandler):
         what = f"{self.command} {urlsplit(self.path).path}" if getattr(self, "command", None) else "request"
         with contextlib.suppress(OSError):
             self.send_json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        """HEAD /health, as some load balancers probe: GET's status and no body. Other paths: 405."""
+        if urlsplit(self.path).path != "/health":
+            return self.send_error(405, "method not allowed (HEAD /health only)")
+        self.send_response(200 if self.front.serving else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         self.send_error(405, "method not allowed (no CORS preflight: call from a server, not a browser page)")

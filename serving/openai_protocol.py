@@ -24,8 +24,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from meshserve.model.sampling_params import TOP_LOGPROBS_MAX
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.guided_requests import HTTP_FORMATS, http_format, http_renames
+from meshserve.serving.openai_fields import INT32, Body, as_float, check_text, ints, show
 from meshserve.serving.openai_tools import ToolUse, message_tool_fields, request_tools, tools_json
 from meshserve.serving.validation import RequestError, template_kwargs_json
 
@@ -47,7 +49,6 @@ __all__ = [
 
 COMPLETIONS = "completions"
 CHAT = "chat"
-_INT32 = 2**31
 _IGNORED = frozenset({"user", "metadata", "service_tier", "store"})  # no effect on the output
 _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
@@ -96,86 +97,11 @@ class OpenAIRequest:
     guide_field: str = "response_format"  # where the format came from (guided_json: the server's errors renamed)
 
 
-class Body:
-    """Typed reads of a JSON object's fields; JSON null reads as unset. Errors name the field."""
-
-    def __init__(self, body: dict, prefix: str = ""):
-        self.body = body
-        self.prefix = prefix
-
-    def _get(self, key: str, kinds: tuple[type, ...], what: str):
-        value = self.body.get(key)
-        if value is None:
-            return None
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            raise RequestError(f"{self.prefix}{key}: expected {what}, got {show(value)}")
-        return value
-
-    def number(self, key: str) -> float | None:
-        return _float(self._get(key, (int, float), "a number"), f"{self.prefix}{key}")
-
-    def integer(self, key: str, low: int = -_INT32, high: int = _INT32) -> int | None:
-        value = self._get(key, (int,), "an integer")
-        if value is not None and not low <= value < high:
-            raise RequestError(f"{self.prefix}{key} must be in [{low}, {high - 1}], got {value}")
-        return value
-
-    def boolean(self, key: str) -> bool | None:
-        return self._get(key, (bool,), "true or false")
-
-    def string(self, key: str) -> str | None:
-        return self._get(key, (str,), "a string")
-
-    def object(self, key: str) -> dict | None:
-        return self._get(key, (dict,), "an object")
-
-    def array(self, key: str) -> list | None:
-        return self._get(key, (list,), "a list")
-
-
-def check_text(body: dict) -> None:
-    """Refuse a body holding a string that is not text (JSON's \\ud800 escapes decode to lone surrogates, which no
-    tokenizer, proto or reply can encode), naming the top-level field it is in."""
-    for field, value in body.items():
-        if not _encodable(field):
-            raise RequestError(f"{show(field)}: a field name that is not valid text (a lone surrogate)")
-        stack = [value]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, str) and not _encodable(item):
-                raise RequestError(f"{field}: not valid text (a lone surrogate such as \\ud800)")
-            if isinstance(item, dict):
-                stack += [*item.keys(), *item.values()]
-            elif isinstance(item, list):
-                stack += item
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _float(value, field: str) -> float | None:
-    """A JSON number as a float (an integer of 400 digits does not fit one: refused naming the field)."""
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        raise RequestError(f"{field}: {show(value)} is out of range for a number") from None
-
-
-def show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def parse_body(kind: str, body, served_model: str, tool_parser: str | None = None) -> OpenAIRequest:
+def parse_body(kind: str, body, served_model: str, tool_parser: str | None = None,
+               max_new_tokens: int = INT32 - 1) -> OpenAIRequest:  # fmt: skip
     """A decoded JSON body of POST /v1/completions (kind COMPLETIONS) or /v1/chat/completions (CHAT) -> the
-    GenerateRequests to validate. tool_parser: the server's --tool-call-parser (None: a body with tools is refused).
+    GenerateRequests to validate. tool_parser: the server's --tool-call-parser (None: a body with tools is refused);
+    max_new_tokens: the server's limit on max_tokens (a larger one, past int32 too, is refused naming it).
     Raises RequestError naming the OpenAI field; ModelNotFound for another model."""
     if not isinstance(body, dict):
         raise RequestError(f"request body: expected a JSON object, got {type(body).__name__}")
@@ -209,19 +135,19 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         if body.get("max_tokens") is not None:
             raise RequestError("max_completion_tokens: give it or max_tokens, not both")
         max_field = "max_completion_tokens"
-    max_tokens = b.integer(max_field)  # its range, [1, the server's limit], is RequestParser's
     echo = kind == COMPLETIONS and bool(b.boolean("echo"))
+    max_tokens = b.integer(max_field, 0 if echo else 1, max_new_tokens + 1)  # RequestParser's range (echo: 0 too)
     score_only = echo and max_tokens == 0  # OpenAI's legacy scoring call: echo the prompt, generate nothing
     if max_tokens is not None and not score_only:
         template.max_new_tokens = max_tokens
     if kind == COMPLETIONS:
-        logprobs = b.integer("logprobs", 0)
+        logprobs = b.integer("logprobs", 0, TOP_LOGPROBS_MAX + 1)
         want_logprobs, top = logprobs is not None, logprobs or 0
         _refuse_completion_extras(b, template.n, stream, top)
         prompts = _prompts(b)
     else:
         want_logprobs = bool(b.boolean("logprobs"))
-        top = b.integer("top_logprobs", 0) or 0
+        top = b.integer("top_logprobs", 0, TOP_LOGPROBS_MAX + 1) or 0
         if top and not want_logprobs:
             raise RequestError("top_logprobs: needs logprobs: true")
         tools, tool_use = request_tools(body, tool_parser)
@@ -282,9 +208,9 @@ def _sampling(b: Body, req: pb.GenerateRequest) -> None:
             token = int(key)
         except ValueError:
             raise RequestError(f"logit_bias: key {show(key)} is not a token id") from None
-        if not 0 <= token < _INT32 or isinstance(value, bool) or not isinstance(value, int | float):
+        if not 0 <= token < INT32 or isinstance(value, bool) or not isinstance(value, int | float):
             raise RequestError(f"logit_bias[{key}]: expected a token id in [0, 2**31) and a number, got {show(value)}")
-        s.logit_bias[token] = _float(value, f"logit_bias[{key}]")
+        s.logit_bias[token] = as_float(value, f"logit_bias[{key}]")
     stop = b._get("stop", (str, list), "a string or a list of strings")
     stops = [stop] if isinstance(stop, str) else stop or []
     for i, st in enumerate(stops):
@@ -293,13 +219,6 @@ def _sampling(b: Body, req: pb.GenerateRequest) -> None:
     req.stop.extend(stops)
     req.stop_token_ids.extend(ints(b.array("stop_token_ids") or [], "stop_token_ids"))
     req.ignore_eos = bool(b.boolean("ignore_eos"))
-
-
-def ints(values: list, field: str) -> list[int]:
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _INT32:
-            raise RequestError(f"{field}[{i}]: expected a token id (an integer in [0, 2**31)), got {show(v)}")
-    return values
 
 
 def _refuse_completion_extras(b: Body, n: int, stream: bool, top: int) -> None:
@@ -395,6 +314,8 @@ def openai_error(kind: str, error: RequestError, max_tokens_field: str = "max_to
                 rest = re.sub(rf"\b{grpc_name}\b", name, rest)
             message = name + rest.replace(" (set text, tokens.ids or messages)", "")  # gRPC's field names
             break
+    # max_new_tokens named in another field's message too; n = 0 is gRPC's unset, refused over HTTP.
+    message = re.sub(r"\bmax_new_tokens\b", max_tokens_field, message).replace("] (0 = 1), got", "], got")
     return message, param_of(message)
 
 

@@ -341,7 +341,7 @@ def respond(handler, body: Any) -> int:
         stream.send([{"type": "response.created", "response": first}, {"type": "response.in_progress",
                                                                         "response": first}])  # fmt: skip
     try:
-        for index, event in front.events(handles, events, handler.client_gone if stream is None else lambda: False):
+        for index, event in front.events(handles, events, handler.client_gone):
             piece = out.add(index, event)
             if piece is not None and (new := items.feed(piece)) and stream is not None:
                 stream.send(new)

@@ -1,0 +1,188 @@
+"""The HTTP API on the wire, as a chat product's clients and proxies meet it; one `meshserve serve --http-port` with
+one slow slot (the tiny checkpoint):
+
+- a stream whose client goes away while it waits in the queue leaves the queue then (before: it stayed queued, was
+  prefilled and decoded a token before its first write failed: a wasted prefill per abandoned request, as in a retry
+  storm of timed-out clients), under TLS too, whether the client just closes or says close_notify first (before: a
+  TLS client's departure went unnoticed until the answer was written: a chat without max_tokens ran to the context);
+- a body with a Transfer-Encoding is refused and its connection closed, also beside a Content-Length (before: the
+  Content-Length was read and the rest taken as the next request, the desync request smuggling uses);
+- an HTTP/1.0 client's stream comes without chunk framing and ends by closing (before: chunk sizes amid its events);
+- an integer past int32 names the server's limit (before: "max_tokens must be in [-2147483648, 2147483647]");
+- a client's X-Request-Id comes back on the answer and in the --log-requests line (a proxy's trace id finds the
+  request); one that could forge a log field is ignored. Every stream says X-Accel-Buffering: no (nginx in front
+  passes each token on at once). HEAD /health answers as GET does, without a body (before: 501).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from meshserve.serving.client import Client
+from test_serving_http_support import _request_lines, _wait_for
+from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")
+    proc = ServerProcess(checkpoint, "--http-port", "0", "--max-batch", "1", "--decode-buckets", "1",
+                         "--log-requests", python_code=SLOW_DECODE)  # fmt: skip
+    proc.url = urlsplit(proc.http)
+    yield proc
+    assert "Traceback" not in proc.output()
+    proc.close()
+
+
+def _send(url, head: str, body: bytes) -> socket.socket:
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    return data
+
+
+def _post(url, body: dict, version: str = "1.1", extra: str = "") -> socket.socket:
+    data = json.dumps(body).encode()
+    return _send(url, f"POST /v1/completions HTTP/{version}\r\nHost: x\r\nContent-Length: {len(data)}\r\n{extra}", data)
+
+
+def test_a_queued_stream_whose_client_left_is_dropped_without_a_prefill(server):
+    with Client(server.target) as client:
+        client.wait_ready()
+        # The one slot: >= 60 steps of >= 50 ms, so it holds the slot for >= 3 s.
+        long = threading.Thread(target=client.generate, args=("hello",),
+                                kwargs={"max_new_tokens": 60, "ignore_eos": True})  # fmt: skip
+        long.start()
+        time.sleep(0.3)
+        queued = [_post(server.url, {"prompt": p, "max_tokens": 20, "stream": True}) for p in ("abc", "de")]
+        for sock in queued:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream began: the request is queued
+            sock.close()
+        dropped = _wait_for(lambda: sum(r["code"] == "CANCELLED" for r in _request_lines(server)) == 2, timeout=10)
+        still_running = long.is_alive()
+        long.join()
+    assert dropped and still_running, f"not dropped while queued:\n{server.output()[-3000:]}"
+    cancelled = [r for r in _request_lines(server) if r["code"] == "CANCELLED"]
+    assert [r["method"] for r in cancelled] == ["POST /v1/completions"] * 2
+    assert all(r["generated_tokens"] == "0" for r in cancelled), cancelled  # never reached a slot
+
+
+def test_a_transfer_encoding_is_refused_and_the_connection_closed(server):
+    smuggled = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    body = json.dumps({"prompt": "a", "max_tokens": 2}).encode()
+    sock = _send(server.url, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 f"Content-Length: {len(body)}\r\n", body + b"\r\n0\r\n\r\n" + smuggled)  # fmt: skip
+    reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 411") and b"Connection: close" in reply
+    assert b"Transfer-Encoding: not supported" in reply and reply.count(b"HTTP/1.1") == 1  # nothing else answered
+
+
+def test_an_http_1_0_stream_is_not_chunked_and_ends_by_closing(server):
+    reply = _read_all(_post(server.url, {"prompt": "ab", "max_tokens": 3, "stream": True}, version="1.0"))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head and b"X-Accel-Buffering: no" in head
+    events = [line for line in body.split(b"\n\n") if line]
+    assert events[-1] == b"data: [DONE]"
+    texts = [json.loads(e.removeprefix(b"data: "))["choices"][0] for e in events[:-1]]
+    assert 1 <= len(texts) <= 3 and texts[-1]["finish_reason"] == "length"  # bytes of a character come together
+
+
+def test_out_of_range_integers_name_the_limit_that_applies(server):
+    url = server.url
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("GET", "/v1/models")
+    limit = json.loads(conn.getresponse().read())["data"][0]["max_model_len"]
+    cases = [
+        ({"max_tokens": 10**12}, "max_tokens", f"max_tokens must be in [1, {limit}], got {10**12}"),
+        ({"logprobs": -1}, "logprobs", "logprobs must be in [0, 20], got -1"),
+        ({"n": 1000}, "n", "n must be in [1, 16], got 1000"),  # not gRPC's "(0 = 1)": n = 0 is refused here
+    ]
+    for body, param, message in cases:
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", **body}))
+        reply = conn.getresponse()
+        error = json.loads(reply.read())["error"]
+        assert (reply.status, error["param"], error["message"]) == (400, param, message)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2}))
+    assert conn.getresponse().status == 200  # the server goes on
+
+
+def test_head_health_answers_as_get_without_a_body(server):
+    conn = http.client.HTTPConnection(server.url.hostname, server.url.port, timeout=30)
+    conn.request("HEAD", "/health")  # a load balancer's probe (before: 501 and the connection closed)
+    reply = conn.getresponse()
+    assert (reply.status, reply.read()) == (200, b"")
+    conn.request("GET", "/health")  # the same connection carries on
+    assert conn.getresponse().status == 200
+
+
+def test_the_request_id_comes_back_and_is_logged(server):
+    url = server.url
+    for rid, echoed in (("trace-42.a", True), ('x" code=OK', False)):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        body = json.dumps({"prompt": "ab", "max_tokens": 1, "stream": rid == "trace-42.a"})
+        conn.request("POST", "/v1/completions", body=body, headers={"X-Request-Id": rid})
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == 200 and reply.getheader("X-Request-Id") == (rid if echoed else None)
+    lines = [r for r in _request_lines(server) if r.get("request_id")]
+    assert [r["request_id"] for r in lines] == ["trace-42.a"] and lines[0]["code"] == "OK"
+
+
+def test_a_tls_client_that_left_is_noticed_while_queued(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True)  # fmt: skip
+    proc = ServerProcess(make_checkpoint(tmp_path / "tiny"), "--http-port", "0", "--max-batch", "1", "--decode-buckets",
+                         "1", "--log-requests", "--tls-cert", str(cert), "--tls-key", str(key),
+                         python_code=SLOW_DECODE)  # fmt: skip
+    try:
+        url, context = urlsplit(proc.http), ssl.create_default_context(cafile=str(cert))
+        with Client(proc.target, tls_ca=cert) as client:
+            client.wait_ready()
+            long = threading.Thread(target=client.generate, args=("hello",),
+                                    kwargs={"max_new_tokens": 60, "ignore_eos": True})  # fmt: skip
+            long.start()
+            time.sleep(0.3)
+            for notify in (False, True):  # a plain close, and close_notify first (as curl and browsers do)
+                raw = socket.create_connection((url.hostname, url.port), timeout=30)
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+                data = json.dumps({"prompt": "abc", "max_tokens": 20}).encode()
+                sock.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+                )
+                time.sleep(0.2)
+                if notify:
+                    sock.settimeout(0.5)  # unwrap waits for the server's close_notify, which never comes
+                    with contextlib.suppress(OSError):
+                        sock.unwrap()
+                sock.close()
+            dropped = _wait_for(lambda: sum(r["code"] == "CANCELLED" for r in _request_lines(proc)) == 2, timeout=10)
+            still_running = long.is_alive()
+            long.join()
+        assert dropped and still_running, f"not dropped while queued:\n{proc.output()[-3000:]}"
+        cancelled = [r for r in _request_lines(proc) if r["code"] == "CANCELLED"]
+        assert all(r["generated_tokens"] == "0" for r in cancelled), cancelled
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.close()
