@@ -24,8 +24,13 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    """`16,32,64` -> (16, 32, 64); an empty item (`16,,32`, `,`) is refused, not skipped: it is a typo, and a
+    list that came out empty would silently mean the default grid."""
+    items = text.split(",")
+    if any(not t.strip() for t in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers with no empty item, got {text!r}")
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        return tuple(int(t) for t in items)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 

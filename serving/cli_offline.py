@@ -9,7 +9,10 @@ are in each command's --help (the epilogs below; serving/offline.py checks them)
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,23 +21,29 @@ from meshserve.serving.cli_model import add_model_arguments, add_warm_up_argumen
 from meshserve.serving.job_settings import settings_path
 from meshserve.serving.signals import SignalLatch, run_interruptibly
 
-__all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
+__all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG", "LogProgress"]
 
 _COMMON = """
-Each input line is a JSON object; blank lines are skipped. A line with any other key, a missing or empty field, a
-duplicate id or a bad value goes to the errors file as {"line", "id", "error"} and the job goes on. Results are
-appended to OUT as they finish (one flushed line each); rerunning the same command skips the ids already in OUT,
-so it completes an interrupted job. An empty input, or one whose ids are all in OUT, finishes without loading the
-model. The errors file is rewritten each run and only created when there is a bad line.
+Each input line is a JSON object in UTF-8 (a byte order mark and CRLF line ends are fine); blank lines are
+skipped. A line that is not UTF-8 or not JSON, with any other key, a missing or empty field, a duplicate id, a bad
+value or a prompt too long for the context goes to the errors file as {"line", "id", "error"} and the job goes on
+with the other lines. Results are appended to OUT as they finish (one flushed line each; shorter inputs tend to
+finish first, so OUT is not in input order: match results to inputs by id); rerunning the same command skips the
+ids already in OUT, so it completes an interrupted job. One job at a time writes an OUT: a second one started on
+it is refused. An empty input, or one whose ids are all in OUT, finishes without loading the model. The errors
+file is rewritten each run and only created when there is a bad line; it lists the bad lines in input line order,
+whether refused on reading or once the model is loaded (e.g. too long for the context). When stderr is not a
+terminal (a log file), progress is a plain line every 10 seconds and at the end instead of a bar.
 
-How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json): the command, the
-model (its config and, for a checkpoint, its files: small ones by content, large ones by size and date), the
-weights dtype, the KV cache dtype and the reasoning parser (batch-generate's; score reads no KV cache), with
-meshserve's version, the date and the layout flags for information. A rerun that would append with one of those
-changed is refused before the model loads, naming each change: write to a new -o, or pass --allow-changed-settings
-to append anyway (the change is recorded). Mesh, layout, bucket, --objective, --max-context, --speculative-tokens
-and --warm-up changes are allowed (the same answers up to float rounding). An OUT from an older meshserve, with
-results and no record, resumes with a warning and gets one.
+How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json), written whole just
+before the first result made with those settings (a run stopped before its first result leaves it as it was): the
+command, the model (its config and, for a checkpoint, its files: small ones by content, large ones by size and
+date), the weights dtype, the KV cache dtype and the reasoning parser (batch-generate's; score reads no KV cache),
+with meshserve's version, the date and the layout flags for information. A rerun that would append with one of
+those changed is refused before the model loads, naming each change: write to a new -o, or pass
+--allow-changed-settings to append anyway (the change is recorded). Mesh, layout, bucket, --objective,
+--max-context, --speculative-tokens and --warm-up changes are allowed (the same answers up to float rounding). An
+OUT from an older meshserve, with results and no record, resumes with a warning and gets one.
 """
 
 SCORE_EPILOG = (
@@ -112,13 +121,15 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
     # The dispatcher builds the parser; the field lists need their line breaks kept.
     parser.epilog = epilog
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("input", metavar="IN.jsonl", help="input lines (fields below)")
+    parser.add_argument("input", metavar="IN.jsonl", help="input lines (fields below): a file, or a pipe such as "
+                        "/dev/stdin (read once, at the start)")  # fmt: skip
     parser.add_argument(
         "-o",
         "--output",
         required=True,
         metavar="OUT.jsonl",
-        help="results, one line per id (appended); the settings that made them go to OUT.settings.json",
+        help="results, one line per id (appended; a regular file, read back to resume: not /dev/stdout); the "
+        "settings that made them go to OUT.settings.json",
     )
     parser.add_argument("--errors", metavar="PATH", help="bad lines with line numbers (default: OUT.errors.jsonl)")
     parser.add_argument(
@@ -132,7 +143,8 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
         "--allow-changed-settings",
         action="store_true",
         help="resume OUT even when the model, weights, KV cache dtype or reasoning parser differ from those recorded "
-        "in OUT.settings.json (default: refused, naming each change); the change is added to the record",
+        "in OUT.settings.json (default: refused, naming each change); the change is added to the record "
+        "with the first result written",
     )
     add_warm_up_argument(parser, "the job", "starting")
     add_model_arguments(parser)
@@ -169,8 +181,59 @@ def _report(
     if summary.draft_tokens:
         share = summary.accepted_draft_tokens / summary.draft_tokens
         cached += f", {summary.accepted_draft_tokens} of {summary.draft_tokens} draft tokens accepted ({share:.0%})"
-    print(f"meshserve {kind}: {summary.done} written{samples}, {summary.skipped} already done, {summary.errors} bad lines"
-          f"{where}, {report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
+    bad = f"{summary.errors} bad line{'s' * (summary.errors != 1)}"
+    print(f"meshserve {kind}: {summary.done} written{samples}, {summary.skipped} already done, {bad}{where}, "
+          f"{report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
+
+
+class LogProgress:
+    """Progress for a stderr that is not a terminal (a log file): a plain line at most every `interval` seconds and
+    one at the end, where tqdm would redraw its bar with a carriage return up to ten times a second (hundreds of
+    updates in a log), and one when its block starts (a log shows at once what the job is doing, e.g. compiling).
+    The part of tqdm's interface the jobs use: reset(total), update(n), close()."""
+
+    def __init__(self, desc: str, unit: str, total: float | None = None, interval: float = 10.0, file=None,
+                 clock=time.monotonic):  # fmt: skip
+        self.desc, self.unit, self.interval, self.file, self.clock = desc, unit, interval, file or sys.stderr, clock
+        self.reset(total)
+
+    def reset(self, total: float | None = None) -> None:
+        self.total, self.n, self.shown = total, 0, 0
+        self.start = self.last = self.clock()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if self.clock() - self.last >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = self.clock()
+        self.shown = self.n
+        seconds = self.last - self.start
+        done = f"{self.n:.0f}/{self.total:.0f} {self.unit}" if self.total else f"{self.n:.0f} {self.unit}"
+        share = f" ({self.n / self.total:.0%})" if self.total else ""
+        rate = f", {self.n / seconds:.1f} {self.unit}/s" if seconds > 0 else ""
+        print(f"{self.desc}: {done}{share}, {seconds:.0f} s{rate}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.n != self.shown:  # the end, unless the last line said it already
+            self._line()
+
+    def __enter__(self) -> LogProgress:
+        self._line()  # the start, as tqdm draws its empty bar: a log says at once what the job is doing
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _progress(desc: str, unit: str, total: float | None = None, **bar):
+    """tqdm's bar on a terminal's stderr, else LogProgress (`bar`: more tqdm arguments, for the bar only)."""
+    if not sys.stderr.isatty():
+        return LogProgress(desc, unit, total)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **bar)
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +247,37 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _claim_output(out_path: Path) -> socket.socket | None:
+    """Hold OUT for this process until it ends: two jobs appending to one OUT (the same command started twice) would
+    each write every line, so a second one is refused. The claim is a Linux abstract socket named after OUT's
+    resolved path: no file is created, and the kernel drops it when the process ends, however it ends (kill -9 too).
+    None where abstract sockets do not exist (no guard there)."""
+    from meshserve.serving.jsonl_jobs import OfflineError
+
+    key = hashlib.sha256(str(out_path.resolve()).encode()).hexdigest()[:32]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0meshserve-offline-{key}")
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OfflineError(f"output {out_path} is being written by another meshserve job; wait for it to end (a "
+                               "rerun then resumes it) or write to another -o") from None  # fmt: skip
+        return None
+    return sock
+
+
 def _run(args: argparse.Namespace, kind: str) -> int:
+    # Claimed before OUT is read: a job that read OUT while another appended to it would redo the other's lines.
+    claim = _claim_output(Path(args.output))
+    try:
+        return _run_job(args, kind)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _run_job(args: argparse.Namespace, kind: str) -> int:
     from meshserve.serving.job_settings import settings_from_args
     from meshserve.serving.jsonl_jobs import finish_job, prepare_job
     from meshserve.serving.offline import run_generate, run_score
@@ -208,7 +301,6 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         return 0
     from meshserve.serving.engine import Engine, ModelSteps
     from meshserve.serving.warm_up import BackgroundCompile, upfront_steps
-    from tqdm import tqdm
 
     phases = ("score",) if kind == "score" else ("generate",)
     defer = args.warm_up == "background"
@@ -216,8 +308,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     def load_and_warm_up():
         model, plan, steps, _ = load_for_serving(args, args.objective)
         engine = Engine(model.params, model.config, plan, steps or ModelSteps())
-        with tqdm(total=upfront_steps(plan, phases, defer), desc="compiling", unit="step", file=sys.stderr,
-                  leave=False) as bar:  # fmt: skip
+        with _progress("compiling", "step", upfront_steps(plan, phases, defer), leave=False) as bar:
             engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
         return model, engine
 
@@ -236,8 +327,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         run = run_score if kind == "score" else run_generate
         chat = {} if kind == "score" else {"chat": ChatOptions(args.reasoning_parser)}
         # The other buckets compile beside the job; leaving the block waits for the step in flight.
-        with BackgroundCompile(engine, failed), tqdm(desc=kind, unit="tok", unit_scale=True, file=sys.stderr,
-                                                      dynamic_ncols=True) as bar:  # fmt: skip
+        with BackgroundCompile(engine, failed), _progress(kind, "tok", unit_scale=True, dynamic_ncols=True) as bar:
             summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event,
                           **chat)  # fmt: skip
             stopped = latch.event.is_set()

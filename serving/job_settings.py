@@ -2,7 +2,8 @@
 OUT.settings.json (OUT's name + ".settings.json", e.g. out.jsonl.settings.json), so a resume with other settings
 is refused instead of appending rows made differently.
 
-The record, written atomically (a temporary file, then os.replace) when a run first writes to OUT:
+The record, written atomically (a temporary file, then os.replace) just before a run's first result (one stopped
+before any result leaves the old record, which still describes every line of OUT):
   {"format": 1,
    "settings": {compared on resume: see COMPARED},
    "info": {recorded, never compared: meshserve's version, the date, the model's name, mesh, layouts, ...},
@@ -274,8 +275,9 @@ def plan_record(
     record = read_record(path)
     if record is None:
         fresh = _fresh(settings) | {"unrecorded_lines": results}
-        note = (f"meshserve {kind}: warning: {out_path} has {results} results but no settings record (an older "
-                f"meshserve?); their settings are unknown, this run's are recorded in {path}")  # fmt: skip
+        lines = f"{results} result{'s' * (results != 1)}"
+        note = (f"meshserve {kind}: warning: {out_path} has {lines} but no settings record (an older meshserve?); "
+                f"their settings are unknown, this run's are recorded in {path} with its first result")  # fmt: skip
         return fresh, note
     was = dict(record["settings"])
     if isinstance(was.get("model_config"), dict):
@@ -295,5 +297,6 @@ def plan_record(
               "to": {k: v for k, v in settings.compared.items() if was.get(k) != v}}  # fmt: skip
     changes = record.get("changes") if isinstance(record.get("changes"), list) else []
     updated = record | {"settings": settings.compared, "info": settings.info, "changes": [*changes, change]}
-    note = f"meshserve {kind}: appending with changed settings ({'; '.join(diff)}); recorded in {path}"
+    note = (f"meshserve {kind}: appending with changed settings ({'; '.join(diff)}); recorded in {path} with the "
+            "first result")  # fmt: skip
     return updated, note

@@ -3,9 +3,10 @@ results and errors line by line, with no model (serving/offline.py runs the jobs
 
 Resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines are
 skipped; a corrupt complete line stops the job with its line number, never a truncation). Each result is one
-flushed write. The errors file ({"line", "id", "error"}) is rewritten each run and created only when there is an
-error (an old one is emptied). OUT's settings record (OUT.settings.json: model, weights, KV cache dtype, reasoning
-parser) is serving/job_settings.py's: prepare_job checks it, before any model is loaded, when there are lines to do.
+flushed write. The errors file ({"line", "id", "error"}, in input line order) is rewritten each run and created
+only when there is an error (an old one is emptied). OUT's settings record (OUT.settings.json: model, weights, KV
+cache dtype, reasoning parser) is serving/job_settings.py's: prepare_job checks it, before any model is loaded, when
+there are lines to do, and the run writes it with its first result (a run that writes none changes nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,25 +158,58 @@ def check_paths(in_path: Path, out_path: Path, errors_path: Path) -> None:
     unreadable IN, OUT or the errors file in a missing or read-only folder, OUT or the errors file (rewritten each
     run) on top of IN, the errors file on top of OUT, or IN or the errors file on top of OUT's settings record
     (serving/job_settings.py). Compared after resolving, so `./in.jsonl` and
-    `d/../in.jsonl` count as IN."""
+    `d/../in.jsonl` count as IN, and by inode, so a hard link to IN does too."""
     if in_path.is_dir():
         raise OfflineError(f"input {in_path} is a directory, not a JSONL file")
-    if not in_path.is_file():
+    if not in_path.exists():  # a pipe (/dev/stdin, <(...)) is fine: IN is read once, before anything runs
         raise OfflineError(f"input file not found: {in_path}")
     if not os.access(in_path, os.R_OK):
         raise OfflineError(f"input {in_path} is not readable")
+    if out_path.exists() and not out_path.is_dir() and not out_path.is_file():
+        # /dev/stdout, a pipe: resuming reads OUT back (a read from a pipe waits forever), and the settings record
+        # would be created beside it (in /dev).
+        raise OfflineError(f"output {out_path} is not a regular file: OUT is read back to resume a job, so it must "
+                           "be a file")  # fmt: skip
     _check_writable(out_path, "output")
     _check_writable(errors_path, "--errors")
-    src, out, err, record = (p.resolve() for p in (in_path, out_path, errors_path, settings_path(out_path)))
-    if out == src:
+    src, out, err, record = in_path, out_path, errors_path, settings_path(out_path)
+    if _same_file(out, src):
         raise OfflineError("output must be a different file from the input")
-    if err == src:
+    if _same_file(err, src):
         raise OfflineError(f"--errors must be a different file from the input ({in_path})")
-    if err == out:
+    if _same_file(err, out):
         raise OfflineError(f"--errors must be a different file from the output ({out_path})")
-    if record in (src, err):  # the record is replaced whole on a fresh job
-        what = "the input" if record == src else "--errors"
+    if _same_file(record, src) or _same_file(record, err):  # the record is replaced whole on a fresh job
+        what = "the input" if _same_file(record, src) else "--errors"
         raise OfflineError(f"{what} must not be the output's settings record {settings_path(out_path)}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names: the same path once resolved (`./in.jsonl`, `d/../in.jsonl`, a symbolic link), or,
+    when both exist, the same inode (a hard link: OUT would read IN's lines as results and append to IN)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # how errors="surrogateescape" reads a byte that is not UTF-8
+
+
+def _text(value: Any) -> bool:
+    """Whether `value` (JSON data) holds only encodable text: no lone surrogate from a \\u escape."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(data: dict) -> str | None:
+    """The first key of a line whose value (or the key itself) holds a lone surrogate, else None."""
+    return next((k for k, v in data.items() if not (_text(k) and _text(v))), None)
 
 
 def _key(value: Any) -> str:
@@ -192,12 +227,19 @@ def read_jobs(
     no other keys); the rest are reported."""
     if path.is_dir():
         raise OfflineError(f"input {path} is a directory, not a JSONL file")
-    if not path.is_file():
+    if not path.exists():
         raise OfflineError(f"input file not found: {path}")
     seen: set = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte order mark (Notepad, Excel) is skipped, not a bad first line. surrogateescape: a byte that is
+    # not UTF-8 becomes one marker character, so its line is reported (a replacement character would change the
+    # prompt unseen) and the other lines keep their numbers.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
+                continue
+            if (byte := _NOT_UTF8.search(raw)) is not None:
+                errors(n, None, f"not UTF-8: byte 0x{ord(byte.group()) - 0xDC00:02x} at column {byte.start() + 1} "
+                       "(save the file as UTF-8)")  # fmt: skip
                 continue
             try:
                 data = json.loads(raw)
@@ -209,6 +251,12 @@ def read_jobs(
                 continue
             if not isinstance(data["id"], str | int) or isinstance(data["id"], bool):
                 errors(n, data["id"], "id must be a string or an integer")
+                continue
+            if (field := _lone_surrogate(data)) is not None:
+                # A JSON escape such as "\ud800" without its pair is no text: the tokenizer cannot take it. Worded
+                # as the HTTP API words it (serving/openai_fields.py).
+                errors(n, data["id"] if _text(data["id"]) else None,
+                       f"{field}: not valid text (a lone surrogate such as \\ud800)")  # fmt: skip
                 continue
             unknown = [k for k in data if known is not None and k not in known]
             if unknown:
@@ -240,30 +288,64 @@ def read_jobs(
 
 
 class JobWriter:
-    """Appends result lines to OUT and error lines to the errors file, flushed line by line. The errors file is
-    rewritten each run (same input, same errors): an existing one is emptied at once (its errors were an earlier
-    run's), a missing one is created at the first error only."""
+    """Appends result lines to OUT, flushed line by line, and keeps the errors file in input line order. That file
+    is rewritten each run (same input, same errors): an existing one is emptied at once, a missing one is created at
+    the first error only. Errors are held until every line is checked (`checked()`, or the first result), then
+    written sorted by line, whether refused on reading or once the model is loaded; one found later (the engine
+    refusing a prompt: rare) is appended at once, so a kill keeps it, and sorted into place at close(). `record`
+    (path, settings record) is written, whole, just before the first result: a run that writes none changes none."""
 
-    def __init__(self, out: Path, errors: Path):
+    def __init__(self, out: Path, errors: Path, record: tuple[Path, dict] | None = None):
         self.out = open(out, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.errors_path = errors
         self.errors = open(errors, "w", encoding="utf-8") if errors.exists() else None  # noqa: SIM115
         self.summary = JobSummary()
+        self._record = record
+        self._found: list[tuple[int, Any, str]] = []  # (line, id, error): this run's, in the order found
+        self._sorted: bool | None = None  # None: held (lines being checked); False: the file is out of line order
 
     def result(self, record: dict) -> None:
+        self.checked()
+        if self._record is not None:  # the first result made with these settings: record them now
+            write_record(*self._record)
+            self._record = None
         # One write of a complete line, then flush: a kill leaves at most one partial last line (resume cuts it).
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.flush()
         self.summary.done += 1
 
     def error(self, line: int, id_: Any, message: str) -> None:
-        if self.errors is None:
-            self.errors = open(self.errors_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self.errors.write(json.dumps({"line": line, "id": id_, "error": message}, ensure_ascii=False) + "\n")
-        self.errors.flush()
+        if self._sorted is not None:  # found mid-run
+            self._sorted = self._sorted and (not self._found or line >= self._found[-1][0])
+            self._write([(line, id_, message)])
+        self._found.append((line, id_, message))
         self.summary.errors += 1
 
+    def checked(self) -> None:
+        """Every line has been checked (run_score, run_generate): write the errors so far, in line order."""
+        if self._sorted is None:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        if self._sorted is False:  # the file holds this run's errors out of order: start it again
+            self.errors.close()
+            self.errors = None
+        self._found.sort(key=lambda e: e[0])  # stable: a line's own order is kept
+        self._write(self._found)
+        self._sorted = True
+
+    def _write(self, found: list[tuple[int, Any, str]]) -> None:
+        if not found:
+            return
+        if self.errors is None:
+            self.errors = open(self.errors_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.errors.write("".join(json.dumps({"line": n, "id": i, "error": e}, ensure_ascii=False) + "\n"
+                                  for n, i, e in found))  # fmt: skip
+        self.errors.flush()
+
     def close(self) -> None:
+        if not self._sorted:  # held (stopped before checked()), or out of order
+            self._rewrite()
         self.out.flush()
         os.fsync(self.out.fileno())
         self.out.close()
@@ -286,11 +368,10 @@ class PreparedJob:
     note: str | None = None  # for stderr: OUT had no record, or its settings changed (--allow-changed-settings)
 
     def open(self) -> JobWriter:
-        """The writer for this run, with the bad lines found so far already reported; the settings record written
-        first (whole, before OUT gets a line)."""
-        if self.record is not None:
-            write_record(settings_path(self.out_path), self.record)
-        writer = JobWriter(self.out_path, self.errors_path)
+        """The writer for this run, holding the bad lines found so far; the settings record goes out with the first
+        result (whole, just before OUT gets its line): a run stopped before any result leaves the old record."""
+        record = None if self.record is None else (settings_path(self.out_path), self.record)
+        writer = JobWriter(self.out_path, self.errors_path, record)
         writer.summary.skipped = self.skipped
         for line, id_, message in self.bad:
             writer.error(line, id_, message)

@@ -35,16 +35,18 @@ engine. Both sort the work by length (less padding), write each result as soon a
 resume: ids already in OUT are skipped, and a last line cut short by a kill is truncated away first (blank lines
 are skipped; a corrupt complete line stops the job with its line number, never a truncation), so after any
 interruption (kill -9 included) rerunning the same command completes OUT with every id exactly once. Bad lines go
-to the errors file ({"line", "id", "error"}) and the job goes on: a line with a key not listed above (a typo such
-as "max_tokens" would otherwise fall back to a default unseen) or an empty prompt is one of them. The errors file is
-rewritten each run (bad lines are never done, so every run reports them all); it is created only when there is an
-error, and an old one is emptied. `prepare_job` reads IN and OUT without a model, so a job with nothing left to do
-(an empty input, a finished resume) ends before anything is loaded.
+to the errors file ({"line", "id", "error"}, in input line order, whether refused on reading or once the model is
+loaded) and the job goes on: a line with a key not listed above (a typo such as "max_tokens" would otherwise fall
+back to a default unseen) or an empty prompt is one of them. The errors file is rewritten each run (bad lines are
+never done, so every run reports them all); it is created only when there is an error, and an old one is emptied.
+`prepare_job` reads IN and OUT without a model, so a job with nothing left to do (an empty input, a finished
+resume) ends before anything is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue
 import threading
 from pathlib import Path
@@ -95,9 +97,11 @@ def run_score(
         elif bad:
             writer.error(job.line, job.id, bad)
         elif len(prompt) + len(cont) > limit:
-            writer.error(job.line, job.id, f"{len(prompt)} + {len(cont)} tokens exceed the context limit {limit}")
+            writer.error(job.line, job.id, f"prompt + continuation: {len(prompt)} + {len(cont)} tokens exceed the "
+                         f"context of {limit} tokens")  # fmt: skip
         else:
             items.append((job, prompt, cont))
+    writer.checked()  # every line checked: the errors file is written, in line order
     items.sort(key=lambda x: len(x[1]) + len(x[2]))  # similar lengths share a bucket: less padding
     chunk = max(engine.plan.score_batches)
     if progress is not None:
@@ -131,11 +135,18 @@ def _next_finished(done: queue.SimpleQueue, stop: threading.Event | None):
     return None
 
 
+def _show(value) -> str:
+    """A line's value as an error message quotes it: as the line spells it (JSON: true, null, "text"), at most 40
+    characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _samples(data: dict) -> int:
     """The line's "n" (samples per prompt), checked like the other fields: a JSON integer in [1, N_MAX]."""
     n = data.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= N_MAX:
-        raise LineError(f"n must be an integer in [1, {N_MAX}], got {n!r}")
+        raise LineError(f"n must be an integer in [1, {N_MAX}], got {_show(n)}")
     return n
 
 
@@ -143,13 +154,15 @@ def _logit_bias(model, value) -> dict[int, float]:
     """The line's "logit_bias": a JSON object {"token id": bias} (JSON keys are strings: digit strings only) ->
     {id: bias}, ids checked against the vocabulary; the bias range is SamplingParams' check."""
     if not isinstance(value, dict):
-        raise LineError(f'logit_bias must be a JSON object of token ids to biases, e.g. {{"123": -100}}, got {value!r}')
+        raise LineError(
+            f'logit_bias must be a JSON object of token ids to biases, e.g. {{"123": -100}}, got {_show(value)}'
+        )
     out: dict[int, float] = {}
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()):
             raise LineError(f'logit_bias: key {key!r} is not a token id (a string of digits, e.g. "123")')
         if isinstance(bias, bool) or not isinstance(bias, int | float):
-            raise LineError(f"logit_bias[{key}] must be a number in [-100, 100], got {bias!r}")
+            raise LineError(f"logit_bias[{key}] must be a number in [-100, 100], got {_show(bias)}")
         if int(key) in out:  # "7" and "07"
             raise LineError(f"logit_bias: token id {int(key)} is given more than once")
         out[int(key)] = float(bias)
@@ -189,10 +202,15 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
     if bad:
         raise LineError(bad)
     room = engine.plan.max_context - len(prompt)
+    if room < 1:  # else the max_new_tokens message below would name a range like [1, -2490]
+        raise LineError(
+            f"{'messages' if 'messages' in d else 'prompt'}: {len(prompt)} tokens leave no room to generate in the "
+            f"context of {engine.plan.max_context} tokens (at most {engine.plan.max_context - 1} prompt tokens)"
+        )
     n = d.get("max_new_tokens", min(64, room))
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
         raise LineError(
-            f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {n!r}"
+            f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {_show(n)}"
         )
     # logit_bias is a JSON object (parsed below); stop_ids come from stop_token_ids and ignore_eos, not the line.
     fields = {f.name: f for f in dataclasses.fields(SamplingParams) if f.name not in ("logit_bias", "stop_ids")}
@@ -202,7 +220,7 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
         kind = int if field.type in (int, "int") else float
         # JSON numbers only: bool is an int in Python, and float("nan") from a string would slip through.
         if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
-            raise LineError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            raise LineError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {_show(value)}")
         values[name] = kind(value)
     try:
         sampling = SamplingParams(**values)
@@ -215,11 +233,14 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
         raise LineError("stop must be a non-empty string or a list of them")
     extra = d.get("stop_token_ids", [])
     if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
-        raise LineError(f"stop_token_ids must be a list of token ids, got {extra!r}")
+        raise LineError(f"stop_token_ids must be a list of token ids, got {_show(extra)}")
     bad = vocab_error(model.config, extra, "stop_token_ids")
     if bad:
         raise LineError(bad)
-    stop_ids = frozenset(extra) | (frozenset() if d.get("ignore_eos") else frozenset(model.stop_ids()))
+    ignore_eos = d.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):  # "false" (a string) is truthy: it would drop the stop at EOS unseen
+        raise LineError(f"ignore_eos must be true or false, got {_show(ignore_eos)}")
+    stop_ids = frozenset(extra) | (frozenset() if ignore_eos else frozenset(model.stop_ids()))
     guide = _guide(d)
     if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block
         guide = dataclasses.replace(guide, think="open" if opens else "start")
@@ -329,6 +350,7 @@ def run_generate(
             if why is not None:  # its queued samples were cancelled: they arrive, and are skipped (None)
                 writer.error(job.line, job.id, why)
                 pending[job.line] = None
+        writer.checked()  # every line checked and queued: the errors file is written, in line order
         total = len(queued)
         if progress is not None:
             progress.reset(total=sum(r.max_new_tokens for r in queued))

@@ -172,3 +172,17 @@ def test_client_request_takes_whole_floats_for_integer_fields():
     # The checks accept 2.0 as the integer it is; protobuf's int fields must get an int, not a TypeError.
     req = Client.request("hi", top_k=2.0, seed=3.0, top_logprobs=4.0)
     assert (req.sampling.top_k, req.sampling.seed, req.top_logprobs) == (2, 3, 4)
+
+
+@pytest.mark.parametrize("command", ["serve", "score", "batch-generate"])
+@pytest.mark.parametrize("flag", ["--length-buckets", "--decode-buckets"])
+def test_an_empty_item_in_a_bucket_list_is_refused_naming_the_flag(capsys, command, flag):
+    """`16,,32` was read as 16,32 and `,` as the default grid: a typo passed unseen."""
+    from meshserve.serving.cli import main
+
+    files = [] if command == "serve" else ["in.jsonl", "-o", "out.jsonl"]
+    for value in ("16,,32", ","):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *files, flag, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}: " in err and "no empty item" in err, err

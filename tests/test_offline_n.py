@@ -73,7 +73,7 @@ def test_n_samples_are_the_lines_with_consecutive_seeds_and_bad_n_is_refused(che
     messages = {e["id"]: e["error"] for e in errors}
     assert set(messages) == {*(f"bad{i}" for i in range(len(bad))), "seed"}
     for i, v in enumerate(bad):
-        assert messages[f"bad{i}"] == f"n must be an integer in [1, 64], got {v!r}"
+        assert messages[f"bad{i}"] == f"n must be an integer in [1, 64], got {json.dumps(v)}"  # JSON: true, "3"
     assert messages["seed"].startswith("seed + n - 1 must be below 2**63")
 
     # Lines count lines; tokens and samples count every sample; the shared prompt of "many" was prefilled once and

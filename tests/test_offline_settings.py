@@ -133,9 +133,13 @@ def _job_files(tmp_path, results: int) -> tuple:
 F32, BF16 = _settings("score", "--model", "tiny"), _settings("score", "--model", "tiny", "--weights", "bf16")
 
 
-def _run_to_open(kind, src, out, err, settings, allow=False):
+def _run(kind, src, out, err, settings, allow=False, results=1):
+    """A run as run_score makes it: open, write `results` results (the first ids to do), close."""
     job = prepare_job(kind, src, out, err, lambda: settings, allow)
-    job.open().close()
+    writer = job.open()
+    for line in job.todo[:results]:
+        writer.result({"id": line.id, "logprob": -1.0})
+    writer.close()
     return job
 
 
@@ -143,7 +147,12 @@ def test_a_fresh_job_records_its_settings_when_it_first_writes(tmp_path):
     src, out, err = _job_files(tmp_path, 0)
     job = prepare_job("score", src, out, err, lambda: F32)
     assert job.note is None and not settings_path(out).exists() and not out.exists()  # nothing written yet
-    job.open().close()
+    writer = job.open()
+    assert not settings_path(out).exists()  # opened, no result yet: no record
+    writer.result({"id": 0, "logprob": -1.0})
+    assert settings_path(out).exists()  # on disk before OUT's first line, not at close
+    writer.close()
+    assert _files(tmp_path)[1] == ["in.jsonl", "out.jsonl", "out.jsonl.settings.json"]  # no temporary file left
     record = json.loads(settings_path(out).read_text())
     assert settings_path(out).name == "out.jsonl.settings.json"
     assert record["format"] == 1 and record["settings"] == F32.compared and record["changes"] == []
@@ -153,7 +162,7 @@ def test_a_fresh_job_records_its_settings_when_it_first_writes(tmp_path):
 
 def test_a_changed_setting_is_refused_leaving_out_as_it_was_until_allowed(tmp_path):
     src, out, err = _job_files(tmp_path, 0)
-    _run_to_open("score", src, out, err, F32)
+    _run("score", src, out, err, F32)
     out.write_text("".join(json.dumps({"id": i, "logprob": -1.0}) + "\n" for i in range(2)) + '{"id": 2, "lo')
     assert prepare_job("score", src, out, err, lambda: F32).record is None  # same settings: the record stays
     out.write_text(out.read_text() + '{"id": 2, "lo')  # the resume above cut the partial line: put it back
@@ -165,9 +174,9 @@ def test_a_changed_setting_is_refused_leaving_out_as_it_was_until_allowed(tmp_pa
     assert "new -o" in message and "--allow-changed-settings" in message and isinstance(e.value, UserError)
     assert _files(tmp_path) == before  # not even the partial last line was cut
 
-    job = _run_to_open("score", src, out, err, BF16, allow=True)
+    job = _run("score", src, out, err, BF16, allow=True)
     assert job.note == (f"meshserve score: appending with changed settings (--weights: recorded f32, now bf16); "
-                        f"recorded in {settings_path(out)}")  # fmt: skip
+                        f"recorded in {settings_path(out)} with the first result")  # fmt: skip
     record = json.loads(settings_path(out).read_text())
     assert record["settings"]["weights"] == "bf16"
     [change] = record["changes"]
@@ -177,12 +186,28 @@ def test_a_changed_setting_is_refused_leaving_out_as_it_was_until_allowed(tmp_pa
         prepare_job("score", src, out, err, lambda: F32)
 
 
+def test_an_allowed_change_stopped_before_its_first_result_leaves_the_record_as_it_was(tmp_path):
+    """Before: the record was rewritten when the job opened OUT, so a run with --allow-changed-settings stopped
+    after its compile (Ctrl-C, kill) left a record naming bf16 over lines all made with f32, and the plain rerun with
+    f32 was refused."""
+    src, out, err = _job_files(tmp_path, 0)
+    _run("score", src, out, err, F32, results=2)
+    before = _files(tmp_path)
+    _run("score", src, out, err, BF16, allow=True, results=0)
+    assert _files(tmp_path) == before  # a run that writes nothing changes nothing
+    assert prepare_job("score", src, out, err, lambda: F32).record is None  # the plain rerun goes on
+    with pytest.raises(SettingsChanged, match="--weights: recorded f32, now bf16"):
+        prepare_job("score", src, out, err, lambda: BF16)
+
+
 def test_an_older_out_without_a_record_resumes_with_a_warning_and_gets_one(tmp_path):
     src, out, err = _job_files(tmp_path, 3)
-    job = _run_to_open("score", src, out, err, F32)
+    job = _run("score", src, out, err, F32, results=0)  # stopped before its first result: nothing recorded
+    assert not settings_path(out).exists()
+    job = _run("score", src, out, err, F32)
     assert job.note == (
         f"meshserve score: warning: {out} has 3 results but no settings record (an older meshserve?); their settings "
-        f"are unknown, this run's are recorded in {settings_path(out)}"
+        f"are unknown, this run's are recorded in {settings_path(out)} with its first result"
     )
     record = json.loads(settings_path(out).read_text())
     assert record["unrecorded_lines"] == 3 and record["settings"] == F32.compared
@@ -194,7 +219,7 @@ def test_a_record_whose_out_is_missing_or_empty_is_replaced(tmp_path, out_text):
     settings_path(out).write_text("{ a record of an earlier, deleted OUT")
     if out_text is not None:
         out.write_text(out_text)
-    job = _run_to_open("score", src, out, err, BF16)
+    job = _run("score", src, out, err, BF16)
     assert job.note is None and json.loads(settings_path(out).read_text())["settings"] == BF16.compared
 
 
@@ -232,7 +257,7 @@ def test_a_job_with_nothing_to_append_reads_no_settings(tmp_path):
 
 def test_a_config_field_added_since_the_record_is_no_change(tmp_path):
     src, out, err = _job_files(tmp_path, 0)
-    _run_to_open("score", src, out, err, F32)
+    _run("score", src, out, err, F32)
     record = json.loads(settings_path(out).read_text())
     del record["settings"]["model_config"]["qk_norm"]  # as a record from before the field existed (default False)
     settings_path(out).write_text(json.dumps(record))

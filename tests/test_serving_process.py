@@ -164,15 +164,15 @@ def test_batch_generate_resumes_after_kill_9(checkpoint, tmp_path):
         else:
             assert len(alts) == 24 and all(len(a) == 3 and a[0]["logprob"] >= a[2]["logprob"] for a in alts)
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")
-    # Lines refused on reading (no model needed) come first, then those the model's limits refuse.
-    assert [e["line"] for e in errors] == [n + 1, n + 5, n + 6, n + 2, n + 3, n + 4, n + 7]
-    assert errors[1]["error"].startswith(
+    # In input line order, whether refused on reading (no model needed) or by the model's limits.
+    assert [e["line"] for e in errors] == [n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7]
+    assert errors[4]["error"].startswith(
         "unknown key 'max_tokens' (known: id, prompt, messages, chat_template_kwargs, max_new_tokens, "
     )
-    assert errors[2]["error"] == "prompt must not be empty"
-    assert "max_new_tokens" in errors[3]["error"]
-    assert errors[4]["error"] == "temperature must be a number, got 'hot'"
-    assert errors[5]["error"].startswith("presence_penalty must be in [-2, 2]")
+    assert errors[5]["error"] == "prompt must not be empty"
+    assert "max_new_tokens" in errors[1]["error"]
+    assert errors[2]["error"] == 'temperature must be a number, got "hot"'  # as the line spells it (JSON)
+    assert errors[3]["error"].startswith("presence_penalty must be in [-2, 2]")
     assert errors[6]["error"] == "stop_token_ids: token id 9999 outside the vocabulary [0, 256)"
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)  # nothing left to do
