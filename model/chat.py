@@ -8,6 +8,13 @@ does not escape HTML, the globals `raise_exception` and `strftime_now`, a namesp
 OpenAI's [{"type": "function", "function": {...}}] dicts as given), `documents` (None), `add_generation_prompt`, and
 the special tokens `bos_token` and `eos_token` (strings), as transformers' `apply_chat_template(messages, tools=tools)`.
 
+Two of the request's template options may come among the extra variables (vLLM's chat_template_kwargs may set them;
+the HTTP front passes its top-level fields that way): `add_generation_prompt` (default true: the template opens the
+assistant's turn) and `continue_final_message` (default false; true: the prompt ends inside the last message, which
+must be the assistant's, so the model continues it: transformers' `apply_chat_template(continue_final_message=True)`,
+which appends a tag to that message's content, renders, and cuts the text where the tag begins; it needs
+add_generation_prompt false, as transformers and vLLM refuse the two together).
+
 Messages are OpenAI's: role system/user/assistant/tool and content; an assistant message may carry `tool_calls`
 (its content may then be None, rendered as ""), a tool message carries `tool_call_id`. Each call's
 `function.arguments` is parsed from its JSON string into a dict (or whatever JSON value it holds) before rendering:
@@ -172,10 +179,13 @@ def render_chat(
 
     messages = check_messages(messages)
     extra = check_template_kwargs(extra)
+    add_generation_prompt = add_generation_prompt and extra.pop("add_generation_prompt", True)
+    if continue_final := extra.pop("continue_final_message", False):
+        messages = _tag_final_message(messages, add_generation_prompt)
     compiled = _compile(template)
     special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
     try:  # tools and documents are always defined, as transformers' render: templates test `tools is not none`
-        return compiled.render(
+        text = compiled.render(
             messages=messages,
             tools=tools or None,
             documents=None,
@@ -188,6 +198,35 @@ def render_chat(
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
         # Python errors inside the template's expressions: the template's fault with these messages, not the server's.
         raise ChatError(f"chat template: {type(e).__name__}: {e}") from None
+    return _cut_at_tag(text, messages[-1]["content"]) if continue_final else text
+
+
+# transformers' marker (utils/chat_template_utils.py): appended to the final message, the render is cut where it begins.
+_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[dict[str, Any]]:
+    """continue_final_message: the messages with the tag after the last one's content (it must be the assistant's,
+    and no generation prompt asked for). ChatError naming the field otherwise."""
+    if add_generation_prompt:
+        raise ChatError("continue_final_message: needs add_generation_prompt false (a new assistant turn, or the "
+                        "last message continued: not both)")  # fmt: skip
+    role = messages[-1]["role"]
+    if role != "assistant":
+        raise ChatError(f"messages[{len(messages) - 1}].role: continue_final_message continues the assistant's last "
+                        f"message, and the last message is {role!r}")  # fmt: skip
+    return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _TAG}]
+
+
+def _cut_at_tag(text: str, tagged: str) -> str:
+    """The render cut where the final message's tag begins (transformers': where the template kept the tag's
+    trailing space, right there; else with the whitespace the template trimmed before it stripped too)."""
+    final = tagged[: -len(_TAG)]
+    if final.strip() not in text or _TAG.strip() not in text:
+        raise ChatError("continue_final_message: the chat template does not render the last message's content as "
+                        "given, so the prompt cannot end inside it")  # fmt: skip
+    at = text.rindex(_TAG.strip())
+    return text[:at] if text[at : at + len(_TAG)] == _TAG else text[:at].rstrip()
 
 
 def read_template_kwargs(text: str, field: str) -> dict[str, Any]:
@@ -212,9 +251,15 @@ def check_template_kwargs(extra: Any, field: str = "chat_template_kwargs") -> di
     for key in extra:
         if not isinstance(key, str) or not key.isidentifier():
             raise ChatError(f"{field}: {key!r} is not a template variable name")
-        if key in _RESERVED:
+        if key in _OPTIONS:
+            if not isinstance(extra[key], bool):
+                raise ChatError(f"{field}.{key}: expected true or false, got {extra[key]!r}")
+        elif key in _RESERVED:
             raise ChatError(f"{field}.{key}: set by the server (the names it reserves: {', '.join(_RESERVED)})")
     return dict(extra)
+
+
+_OPTIONS = ("add_generation_prompt", "continue_final_message")  # the request's render options, as vLLM lets them pass
 
 
 # What render_chat passes, and the environment's globals (a variable of that name would hide the function).

@@ -141,10 +141,13 @@ class WireIO(BaseHTTPRequestHandler):
         except OSError:  # reset: the client closed with our bytes unread
             return True
 
-    def send_json(self, status: int, obj: dict) -> None:
+    def send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+        """`obj` as the JSON answer, with `headers` (e.g. a 405's Allow) beside the usual ones."""
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:  # say so: a client reusing the connection would meet a closed socket
             self.send_header("Connection", "close")

@@ -1,15 +1,16 @@
 """The OpenAI-compatible HTTP front of `meshserve serve --http-port`: /v1/completions, /v1/chat/completions,
-/v1/responses (served on the chat path: serving/openai_responses_api.py), /v1/models and /health, beside the gRPC API
-and over the same engine, queue, limits and metrics.
+/v1/responses (served on the chat path: serving/openai_responses_api.py), /v1/models, /health and /metrics (the
+server's Prometheus registry, as --metrics-port serves it; open without the bearer token, as vLLM's), beside the gRPC
+API and over the same engine, queue, limits and metrics.
 
 Standard library only (http.server, one thread per connection): a body is parsed by serving/openai_protocol.py,
 validated by the same RequestParser as gRPC (so the limits and checks are the same, reported under the OpenAI field
 names), queued all-or-none with Orchestrator.submit_many, and answered as OpenAI's API does: a JSON object, or with
 "stream": true server-sent events ending in `data: [DONE]`. Errors are OpenAI's {"error": {"message", "type",
-"param", "code"}} with 400 (bad field), 401 (bearer token), 404 (path or model), 413 (body size), 429 (queue full),
-503 (draining) or 500 (engine failed). A client that goes away cancels its samples (their slots are freed at the
-engine's next step, a queued one leaves the queue): noticed while it waits, a stream also while queued or holding
-text back, under TLS too (http_connections.WireIO.client_gone).
+"param", "code"}} with 400 (bad field), 401 (bearer token), 404 (path or model), 405 (a known path, another method:
+with an Allow header), 413 (body size), 429 (queue full), 503 (draining) or 500 (engine failed). A client that goes
+away cancels its samples (their slots are freed at the engine's next step, a queued one leaves the queue): noticed
+while it waits, a stream also while queued or holding text back, under TLS too (http_connections.WireIO.client_gone).
 """
 
 from __future__ import annotations
@@ -49,14 +50,22 @@ from meshserve.serving.requests import ClientGone, sample_events
 from meshserve.serving.scheduler import QueueFullError
 from meshserve.serving.validation import Limits, RequestError, RequestParser
 
-__all__ = ["HttpFront", "HttpError"]
+__all__ = ["HttpFront", "HttpError", "allowed_methods"]
 
 log = logging.getLogger("meshserve.http")
 _ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, RESPONSES: RESPONSES}
 _TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
+# Each known path's methods (a 405's Allow header); any other path is 404 whatever the method.
+_METHODS = {"/health": "GET, HEAD", "/metrics": "GET", "/v1/models": "GET",
+            **{path: "POST" for path in (*_ROUTES, *_TOKENIZERS)}}  # fmt: skip
 _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
           411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
           503: "UNAVAILABLE"}  # fmt: skip
+
+
+def allowed_methods(path: str) -> str | None:
+    """The methods `path` answers (an Allow header's value); None for a path this server does not know."""
+    return "GET" if path.startswith("/v1/models/") else _METHODS.get(path)
 
 
 class HttpFront:
@@ -217,6 +226,10 @@ class _Handler(WireIO):
             return self.send_json(
                 200 if self.front.serving else 503, {"status": "ok" if self.front.serving else "draining"}
             )
+        if path == "/metrics":  # open without a token, as vLLM's: a scraper holds no API key (counts, no text)
+            return self._metrics()
+        if allowed_methods(path) == "POST":
+            return self.wrong_method()
         if not self._authorized():
             return
         if path == "/v1/models":
@@ -227,7 +240,7 @@ class _Handler(WireIO):
                 return self.send_json(200, self.front.model_card())
             message = f"model: {name!r} is not served here (this server serves {self.front.model_name!r})"
             return self._error(HttpError(404, message, "model"))
-        self._error(HttpError(404, f"GET {path}: not found (GET /v1/models, GET /health)"))
+        self._error(HttpError(404, f"GET {path}: not found (GET /v1/models, GET /health, GET /metrics)"))
 
     def do_POST(self) -> None:  # noqa: N802
         path = urlsplit(self.path).path
@@ -235,6 +248,8 @@ class _Handler(WireIO):
         front = self.front
         if kind is None and path not in _TOKENIZERS:
             self.close_connection = True  # the body is not read: the connection cannot carry another request
+            if allowed_methods(path) is not None:
+                return self.wrong_method()
             return self._error(HttpError(404, f"POST {path}: not found (POST /v1/completions, /v1/chat/completions, "
                                               "/v1/responses, /tokenize, /detokenize)"))  # fmt: skip
         if not self._authorized():
@@ -338,15 +353,37 @@ class _Handler(WireIO):
             self.send_json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
 
     def do_HEAD(self) -> None:  # noqa: N802
-        """HEAD /health, as some load balancers probe: GET's status and no body. Other paths: 405."""
+        """HEAD /health, as some load balancers probe: GET's status and no body. Other known paths: 405."""
         if urlsplit(self.path).path != "/health":
-            return self.send_error(405, "method not allowed (HEAD /health only)")
+            return self.wrong_method()
         self.send_response(200 if self.front.serving else 503)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def wrong_method(self, why: str = "") -> None:
+        """A method `path` does not answer: 405 with the Allow header (RFC 9110 15.5.6), or 404 for an unknown path.
+        Any body is left unread, so the connection closes."""
+        path = urlsplit(self.path).path
+        self.close_connection = True
+        allow = allowed_methods(path)
+        if allow is None:
+            return self._error(HttpError(404, f"{self.command} {path}: not found"))
+        message = f"{self.command} {path}: method not allowed ({path} takes {allow}{why})"
+        self._error(HttpError(405, message, headers={"Allow": allow}))
+
     def do_OPTIONS(self) -> None:  # noqa: N802
-        self.send_error(405, "method not allowed (no CORS preflight: call from a server, not a browser page)")
+        self.wrong_method("; no CORS preflight: call from a server, not a browser page")
+
+    do_PUT = do_DELETE = do_PATCH = wrong_method  # noqa: N815 (http.server's names; else 501, as for a made-up method)
+
+    def _metrics(self) -> None:
+        """GET /metrics: the Prometheus text exposition of the server's registry (serving/metrics.py)."""
+        content_type, data = self.front.metrics.exposition()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _error(self, error: HttpError) -> None:
-        self.send_json(error.status, error_body(error))
+        self.send_json(error.status, error_body(error), error.headers)

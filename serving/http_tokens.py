@@ -13,6 +13,7 @@ from meshserve.serving.openai_protocol import (
     ModelNotFound,
     OpenAIRequest,
     chat_messages,
+    chat_template_json,
     check_text,
     ints,
     param_of,
@@ -20,7 +21,7 @@ from meshserve.serving.openai_protocol import (
 from meshserve.serving.openai_responses import Echo
 from meshserve.serving.openai_tools import check_tools, tools_json
 from meshserve.serving.requests import QueueFullError, ShuttingDownError
-from meshserve.serving.validation import RequestError, template_kwargs_json
+from meshserve.serving.validation import RequestError
 
 if TYPE_CHECKING:
     from meshserve.serving.http_server import HttpFront
@@ -89,20 +90,25 @@ def detokenize(front: HttpFront, body) -> dict:
 
 def parse_tokenize(body, served_model: str) -> tuple[str | list[pb.ChatMessage], str, str]:
     """POST /tokenize's body (vLLM's): {"prompt": text} or {"messages": [...], "tools"?: [...],
-    "chat_template_kwargs"?: {...}} (through the chat template) -> (the text or the messages to encode, the tools as
-    JSON text or "", the template variables as JSON text or ""). Raises RequestError naming the field. Tools are
-    rendered whether or not the server parses tool calls: this only counts the prompt."""
-    _check_fields(body, "/tokenize", {"model", "prompt", "messages", "tools", "chat_template_kwargs"}, served_model)
+    "chat_template_kwargs"?: {...}, "add_generation_prompt"?, "continue_final_message"?} (through the chat
+    template) -> (the text or the messages to encode, the tools as JSON text or "", the template variables as JSON
+    text or ""). Raises RequestError naming the field. Tools are rendered whether or not the server parses tool
+    calls: this only counts the prompt."""
+    _check_fields(body, "/tokenize", {"model", "prompt", "messages", *_CHAT_ONLY}, served_model)
     b = Body(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise RequestError("prompt: give a prompt (text) or messages, one of them")
     if body.get("prompt") is not None:
-        for key in ("tools", "chat_template_kwargs"):
+        for key in _CHAT_ONLY:
             if body.get(key) is not None:
                 raise RequestError(f"{key}: only messages take {key}")
         return b.string("prompt"), "", ""
     tools = check_tools(body["tools"]) if body.get("tools") is not None else None
-    return chat_messages(b), tools_json(tools), template_kwargs_json(body)
+    messages = chat_messages(b)
+    return messages, tools_json(tools), chat_template_json(b, messages)
+
+
+_CHAT_ONLY = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 
 
 def parse_detokenize(body, served_model: str) -> list[int]:

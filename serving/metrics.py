@@ -1,6 +1,7 @@
 """Prometheus metrics of the server (prometheus-client), each in the server's own registry.
 
-Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /metrics:
+Exposed on `--metrics-port` (off by default: 0; 9090 is the usual choice) at /metrics, and with `--http-port` on the
+HTTP API's port at /metrics too (as vLLM's; without the bearer token):
   meshserve_requests_total{method, code}      requests by RPC and gRPC status
   meshserve_finished_total{reason}            generations the engine ended, by reason (length, stop, cancelled:
                                               a client gone or a deadline passed, seen from the engine's side)
@@ -39,7 +40,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from meshserve.serving.access_log import request_line
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 __all__ = ["ServerMetrics"]
 
@@ -106,6 +115,10 @@ class ServerMetrics:
     def serve(self, port: int, host: str) -> None:
         """Start the /metrics HTTP endpoint (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
+
+    def exposition(self) -> tuple[str, bytes]:
+        """(content type, body) of the registry's text exposition, as --metrics-port's /metrics answers it."""
+        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
     def prefilled(self, prompt_tokens: int, cached_tokens: int) -> None:
         """One prefill batch: its prompts' tokens, and how many of them the prefix cache supplied."""

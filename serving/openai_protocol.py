@@ -11,16 +11,20 @@ server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens 
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted, and a chat's chat_template_kwargs (more
 template variables, e.g. Qwen3's enable_thinking). `tools` need `serve --tool-call-parser`
-(serving/openai_tools.py). response_format json_object / json_schema (chat and, as vLLM, completions), vLLM's
-guided_json / guided_choice / guided_regex (not guided_grammar) and tool_choice "required" or a named function are
-guided decoding (serving/guided_requests.py), at most one of them. What meshserve cannot do (suffix, best_of != n,
-images, echo with stream or with logprobs > 1) is refused by name rather than ignored, as is any unknown field. echo
-(with max_tokens 0: score only) gives the prompt's log-probs, and for logprobs = 1 each prompt token's most likely
-alternative, as lm-evaluation-harness's loglikelihood requests need.
+(serving/openai_tools.py). A chat's add_generation_prompt (default true) and continue_final_message (default false;
+true: the prompt ends inside the last message, the assistant's, for the model to continue; add_generation_prompt must
+then be false), as vLLM's, reach the template as variables (model/chat.py). stream_options.continuous_usage_stats
+(vLLM's, with include_usage) puts the usage so far on every chunk. response_format json_object / json_schema (chat
+and, as vLLM, completions), vLLM's guided_json / guided_choice / guided_regex (not guided_grammar) and tool_choice
+"required" or a named function are guided decoding (serving/guided_requests.py), at most one of them. What meshserve
+cannot do (suffix, best_of != n, images, echo with stream or with logprobs > 1) is refused by name rather than
+ignored, as is any unknown field. echo (with max_tokens 0: score only) gives the prompt's log-probs, and for
+logprobs = 1 each prompt token's most likely alternative, as lm-evaluation-harness's loglikelihood requests need.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -38,6 +42,7 @@ __all__ = [
     "check_text",
     "ints",
     "chat_messages",
+    "chat_template_json",
     "show",
     "ModelNotFound",
     "parse_body",
@@ -59,7 +64,7 @@ _COMMON = frozenset({
 _FIELDS = {
     COMPLETIONS: _COMMON | {"prompt", "echo", "suffix", "best_of"},
     CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                     "parallel_tool_calls", "chat_template_kwargs"},
+                     "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"},
 }  # fmt: skip
 # gRPC field names in RequestParser's messages -> the OpenAI field, per endpoint (longest prefix first).
 _RENAMES = {
@@ -74,9 +79,10 @@ _RENAMES = {
 class HttpError(Exception):
     """An answer other than 200: status, message (naming the field and its limit) and the OpenAI `param`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        """headers: more headers of the answer (a 405's Allow)."""
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.headers = status, param, headers or {}
 
 
 @dataclass
@@ -95,6 +101,7 @@ class OpenAIRequest:
     score_only: bool = False  # echo with max_tokens 0: the prompt's log-probs, nothing generated
     tools: ToolUse | None = None  # chat with tools (tool_choice auto): parse tool calls out of the text
     guide_field: str = "response_format"  # where the format came from (guided_json: the server's errors renamed)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): every chunk has the usage so far
 
 
 def parse_body(kind: str, body, served_model: str, tool_parser: str | None = None,
@@ -125,11 +132,14 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
     stream = bool(b.boolean("stream"))
     options = Body(b.object("stream_options") or {}, "stream_options.")
     for key in options.body:
-        if key != "include_usage":
-            raise RequestError(f"stream_options.{key}: unknown field (takes include_usage)")
+        if key not in ("include_usage", "continuous_usage_stats"):
+            raise RequestError(f"stream_options.{key}: unknown field (takes include_usage, continuous_usage_stats)")
     include_usage = bool(options.boolean("include_usage"))
-    if include_usage and not stream:
+    continuous_usage = bool(options.boolean("continuous_usage_stats"))
+    if (include_usage or continuous_usage) and not stream:
         raise RequestError("stream_options: only allowed with stream: true")
+    if continuous_usage and not include_usage:  # vLLM ignores it then; refused here rather than ignored
+        raise RequestError("stream_options.continuous_usage_stats: needs include_usage: true")
     max_field = "max_tokens"
     if kind == CHAT and body.get("max_completion_tokens") is not None:
         if body.get("max_tokens") is not None:
@@ -152,7 +162,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
             raise RequestError("top_logprobs: needs logprobs: true")
         tools, tool_use = request_tools(body, tool_parser)
         prompts = [chat_messages(b)]
-        template.messages.chat_template_kwargs_json = template_kwargs_json(body)
+        template.messages.chat_template_kwargs_json = chat_template_json(b, prompts[0])
     template.return_logprobs = want_logprobs
     template.top_logprobs = top
     requests = []
@@ -172,7 +182,7 @@ def parse_body(kind: str, body, served_model: str, tool_parser: str | None = Non
         requests.append(req)
     return OpenAIRequest(
         kind, requests, template.n, stream, include_usage, want_logprobs, top, max_field, echo, score_only,
-        tool_use if kind == CHAT else None, guide_field,
+        tool_use if kind == CHAT else None, guide_field, continuous_usage,
     )  # fmt: skip
 
 
@@ -293,6 +303,25 @@ def chat_messages(b: Body) -> list[pb.ChatMessage]:
         out.append(pb.ChatMessage(role=role, content=content or "", tool_calls=calls, tool_call_id=call_id,
                                   reasoning_content=reasoning))  # fmt: skip
     return out
+
+
+def chat_template_json(b: Body, messages: list[pb.ChatMessage]) -> str:
+    """A chat body's template variables as ChatMessages.chat_template_kwargs_json ("" = none): its
+    chat_template_kwargs, over add_generation_prompt and continue_final_message where not at their defaults (vLLM's
+    order: the kwargs win). RequestError naming the field for a combination the template could not render."""
+    add = b.boolean("add_generation_prompt")
+    options: dict[str, bool] = {} if add is None or add else {"add_generation_prompt": False}
+    if b.boolean("continue_final_message"):
+        if add is not False:
+            raise RequestError("add_generation_prompt: must be false with continue_final_message: true (default true; "
+                               "a new assistant turn, or the last message continued: not both)")  # fmt: skip
+        if messages[-1].role != "assistant":
+            raise RequestError(f"continue_final_message: continues the assistant's last message, and messages"
+                               f"[{len(messages) - 1}] is a {messages[-1].role!r} message")  # fmt: skip
+        options["continue_final_message"] = True
+    given = template_kwargs_json(b.body)
+    merged = {**options, **(json.loads(given) if given else {})}
+    return json.dumps(merged) if merged else ""
 
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "reasoning_content")

@@ -295,3 +295,23 @@ def test_a_template_that_cannot_compile_is_refused_at_convert_and_load(hf_dir, c
         read_checkpoint_info(broken)
     (broken / "chat_template.jinja").unlink()  # as the message says: the model loads, without chat
     assert read_checkpoint_info(broken).chat is None
+
+
+@pytest.mark.parametrize("last", ["w30 w31", "w30 w31 ", ""])  # a plain end, trailing space kept, nothing yet
+def test_continue_final_message_cuts_where_transformers_does(hf_dir, last):
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": last}]
+    expected = hf.apply_chat_template(conversation, continue_final_message=True, tokenize=False)
+    options = {"continue_final_message": True, "add_generation_prompt": False}
+    got = render_chat(TEMPLATE, conversation, "<s>", "</s>", extra=options)
+    assert got == expected and got.endswith("<|im_start|>assistant\n" + last)
+    no_prompt = render_chat(TEMPLATE, CONVERSATION, "<s>", "</s>", extra={"add_generation_prompt": False})
+    assert no_prompt == hf.apply_chat_template(CONVERSATION, add_generation_prompt=False, tokenize=False)
+    for extra, message in (
+        ({"continue_final_message": True}, "continue_final_message: needs add_generation_prompt false"),
+        ({"add_generation_prompt": "no"}, "chat_template_kwargs.add_generation_prompt: expected true or false"),
+    ):
+        with pytest.raises(ChatError, match=message):
+            render_chat(TEMPLATE, conversation, "<s>", "</s>", extra=extra)
+    with pytest.raises(ChatError, match=r"messages\[3\].role: continue_final_message continues the assistant's"):
+        render_chat(TEMPLATE, CONVERSATION, "<s>", "</s>", extra=options)

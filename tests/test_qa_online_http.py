@@ -11,7 +11,10 @@ one slow slot (the tiny checkpoint):
 - an integer past int32 names the server's limit (before: "max_tokens must be in [-2147483648, 2147483647]");
 - a client's X-Request-Id comes back on the answer and in the --log-requests line (a proxy's trace id finds the
   request); one that could forge a log field is ignored. Every stream says X-Accel-Buffering: no (nginx in front
-  passes each token on at once). HEAD /health answers as GET does, without a body (before: 501).
+  passes each token on at once). HEAD /health answers as GET does, without a body (before: 501);
+- GET /metrics on the API port, as vLLM's (before: 404, only on --metrics-port); a known path with another method is
+  405 with Allow (before: 404 or 501); stream_options.continuous_usage_stats (vLLM's) puts the usage so far on every
+  chunk (before: 400 unknown field).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from meshserve.serving.client import Client
+from prometheus_client import CONTENT_TYPE_LATEST
 from test_serving_http_support import _request_lines, _wait_for
 from test_serving_support import SLOW_DECODE, ServerProcess, make_checkpoint
 
@@ -186,3 +190,62 @@ def test_a_tls_client_that_left_is_noticed_while_queued(tmp_path):
         assert "Traceback" not in proc.output()
     finally:
         proc.close()
+
+
+def _ask(server, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(server.url.hostname, server.url.port, timeout=30)
+    conn.request(method, path, body=body or None)
+    reply = conn.getresponse()
+    data = reply.read()
+    conn.close()
+    return reply.status, dict(reply.getheaders()), data
+
+
+def test_metrics_are_served_on_the_api_port_too(server):
+    assert _ask(server, "POST", "/v1/completions", json.dumps({"prompt": "ab", "max_tokens": 1}).encode())[0] == 200
+    status, headers, data = _ask(server, "GET", "/metrics")  # before: 404 (only on --metrics-port)
+    assert (status, headers["Content-Type"]) == (200, CONTENT_TYPE_LATEST)
+    assert 'meshserve_requests_total{code="OK",method="POST /v1/completions"}' in data.decode()
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"), ("POST", "/health", "GET, HEAD"),
+    ("POST", "/metrics", "GET"), ("DELETE", "/v1/models", "GET"), ("PUT", "/v1/models/x", "GET"),
+    ("HEAD", "/tokenize", "POST"), ("GET", "/nowhere", None), ("DELETE", "/v1/nowhere", None), ("HEAD", "/x", None),
+])  # fmt: skip
+def test_a_wrong_method_on_a_known_path_is_405_with_allow(server, method, path, allow):
+    # Before: GET /v1/completions and POST /health were 404 "not found", PUT and DELETE 501.
+    status, headers, data = _ask(server, method, path, b"{}" if method in ("POST", "PUT") else b"")
+    assert (status, headers.get("Allow")) == ((405, allow) if allow else (404, None))
+    if method != "HEAD":
+        error = json.loads(data)["error"]
+        assert error["code"] == status and error["type"] == ("invalid_request_error" if allow else "not_found_error")
+        assert error["message"].startswith(f"{method} {path}: " + ("method not allowed" if allow else "not found"))
+
+
+def _events(server, body: dict) -> list[dict]:
+    status, _, data = _ask(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200, data
+    lines = [line.removeprefix("data: ") for line in data.decode().split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(server):
+    body = {"prompt": "ab", "max_tokens": 4, "ignore_eos": True, "stream": True, "n": 1}
+    options = {"include_usage": True, "continuous_usage_stats": True}  # before: 400 unknown field
+    chunks = _events(server, {**body, "stream_options": options})
+    *pieces, last = chunks
+    prompt = last["usage"]["prompt_tokens"]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4 and prompt > 0
+    done = [c["usage"]["completion_tokens"] for c in pieces]
+    assert done == sorted(done) and done[-1] == 4 and len(set(done)) > 1
+    assert all(c["usage"] == {"prompt_tokens": prompt, "completion_tokens": d, "total_tokens": prompt + d}
+               for c, d in zip(pieces, done, strict=True))  # fmt: skip
+    plain = _events(server, {**body, "stream_options": {"include_usage": True}})  # as before: null until the last
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 4
+    alone = {**body, "stream_options": {"continuous_usage_stats": True}}
+    status, _, data = _ask(server, "POST", "/v1/completions", json.dumps(alone).encode())
+    error = json.loads(data)["error"]
+    assert (status, error["param"]) == (400, "stream_options")
+    assert error["message"] == "stream_options.continuous_usage_stats: needs include_usage: true"

@@ -120,7 +120,7 @@ def _bad(server, body: dict) -> dict:
 def test_bad_tool_fields_are_named(server):
     asked = {"messages": QUESTION, "tools": TOOLS}
     error = _bad(server, {**asked, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
-    assert error["param"] == "tool_choice" and "no tool named 'nope'" in error["message"]
+    assert error["param"] == "tool_choice" and 'no tool named "nope"' in error["message"]
     error = _bad(server, {**asked, "tools": [TOOLS[0], {"type": "function", "function": {"description": "?"}}]})
     assert error["param"] == "tools" and error["message"].startswith("tools[1].function.name:")
     bad_args = json.loads(json.dumps(TOOL_CONVERSATION))
@@ -178,3 +178,38 @@ def test_the_python_client_sends_tools_and_tool_messages(server, hf_tokenizer):
         assert reply.prompt_tokens == hf_prompt_tokens(hf_tokenizer, TOOL_CONVERSATION, TOOLS)
         with pytest.raises(InvalidRequest, match="tools: only a chat"):
             client.generate("w5 w6", tools=TOOLS, max_new_tokens=2)
+
+
+def test_continue_final_message_and_add_generation_prompt_render_as_transformers(server, oa, hf_tokenizer):
+    started = [*QUESTION, {"role": "assistant", "content": "w30 w31"}]
+    cases = [(started, {"continue_final_message": True, "add_generation_prompt": False}),
+             (QUESTION, {"add_generation_prompt": False}), (QUESTION, {})]  # fmt: skip
+    for messages, options in cases:  # before: 400 unknown field
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, **{"add_generation_prompt": True,
+                                                                                **options})  # fmt: skip
+        expected = list(getattr(expected, "input_ids", expected))
+        status, got = _post_url(server.http, "/tokenize", {"messages": messages, **options}, token=None)
+        assert (status, got["tokens"]) == (200, expected)
+        answer = oa.chat.completions.create(model="tools", messages=messages, max_tokens=2, extra_body=options)
+        assert answer.usage.prompt_tokens == len(expected)
+    for body, param, message in [
+        ({"messages": started, "continue_final_message": True}, "add_generation_prompt",
+         "add_generation_prompt: must be false with continue_final_message: true"),
+        ({"messages": QUESTION, "continue_final_message": True, "add_generation_prompt": False},
+         "continue_final_message", "continue_final_message: continues the assistant's last message, and messages[1]"),
+        ({"messages": QUESTION, "add_generation_prompt": 0}, "add_generation_prompt",
+         "add_generation_prompt: expected true or false"),
+        ({"messages": QUESTION, "chat_template_kwargs": {"continue_final_message": 1}}, "chat_template_kwargs",
+         "chat_template_kwargs.continue_final_message: expected true or false"),
+    ]:  # fmt: skip
+        status, got = _post_url(server.http, "/v1/chat/completions", body, token=None)
+        assert (status, got["error"]["param"]) == (400, param) and got["error"]["message"].startswith(message), got
+
+
+def test_a_chat_stream_with_continuous_usage_stats(oa):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(oa.chat.completions.create(model="tools", messages=QUESTION, max_tokens=3, stream=True,
+                                             stream_options=options, extra_body={"ignore_eos": True}))  # fmt: skip
+    done = [c.usage.completion_tokens for c in chunks]  # the role's chunk first: 0
+    assert done[0] == 0 and done == sorted(done) and done[-1] == 3 and chunks[-1].choices == []
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1 and chunks[-1].usage.prompt_tokens_details is not None
