@@ -175,18 +175,20 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 def _plot(args: argparse.Namespace, config: Any, chip: Any, mesh: Any, plot_models: list[Any]) -> None:
     from meshserve.analytics.plots import plot_analysis
     from meshserve.analytics.sweep import pareto_frontier, pareto_points, prefill_mfu_curve
-    from tqdm import tqdm
+    from meshserve.progress import progress
 
     chip_counts = [n for n in (8, 16, 32, 64, 128, 256) if n <= max(256, mesh.n)]
     batches = [1, 4, 16, 64, 128, 256, 512, 1024]
     points, frontiers = {}, {}
     models = list(dict.fromkeys([config, *plot_models]))  # a model named twice is drawn once (configs hash)
-    for model in tqdm(models, desc="pareto sweep", file=sys.stderr, disable=args.json):
-        name = model.name if model.name not in points else f"{model.name} #{len(points) + 1}"  # two config.json
-        pts = pareto_points(model, chip, chip_counts=chip_counts, batches=batches,
-                            prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights,
-                            kv_dtype=args.kv_cache_dtype)  # fmt: skip
-        points[name], frontiers[name] = pts, pareto_frontier(pts)
+    with progress("pareto sweep", "model", len(models), disable=args.json) as bar:
+        for model in models:
+            name = model.name if model.name not in points else f"{model.name} #{len(points) + 1}"  # two config.json
+            pts = pareto_points(model, chip, chip_counts=chip_counts, batches=batches,
+                                prompt_len=args.prompt_len, gen_len=args.gen_len, weights=args.weights,
+                                kv_dtype=args.kv_cache_dtype)  # fmt: skip
+            points[name], frontiers[name] = pts, pareto_frontier(pts)
+            bar.update()
     tokens = [2**k for k in range(8, 21)]
     curves, switches = prefill_mfu_curve(config, chip, mesh, token_batches=tokens, prompt_len=args.prompt_len,
                                          weights=args.weights, kv_dtype=args.kv_cache_dtype)  # fmt: skip
@@ -356,7 +358,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from meshserve.analytics.calibrate import calibrate, calibration_warnings
     from meshserve.analytics.chips import local_chip_path, save_local_chip
-    from tqdm import tqdm
+    from meshserve.progress import progress
 
     config = model_from_args(args)
     positive("--batch", args.batch)
@@ -369,7 +371,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                         f"step after the prompt, so it must be below max_seq_len {config.max_seq_len}")  # fmt: skip
     out_path = Path(args.out) if args.out else local_chip_path()
     check_output_path("--out", out_path, create_parent=True)
-    with tqdm(total=1, desc=f"calibrating on {config.name}", file=sys.stderr, disable=args.json) as bar:
+    with progress(f"calibrating on {config.name}", "run", 1, disable=args.json) as bar:
         chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds, held_out=args.held_out)
         bar.update()
     warnings = calibration_warnings(chip, config.name)

@@ -316,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     except FlagError as e:
         print(f"chat_prefix: error: {e}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
+    from meshserve.progress import progress
 
     report = {"model": args.model or args.checkpoint or "demo", "modes": {}}
-    bar = tqdm(total=len(args.modes) * args.conversations * args.turns, desc="requests", unit="req", file=sys.stderr)
+    bar = progress("requests", "req", len(args.modes) * args.conversations * args.turns)
     workload = None
     try:
         for mode in args.modes:

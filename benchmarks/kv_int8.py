@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from meshserve.model import transformer
     from meshserve.model.demo_corpus import heldout_rows
     from meshserve.model.loading import load_model
+    from meshserve.progress import progress
     from meshserve.serving.engine import Engine
     from meshserve.serving.memory_fit import state_bytes_per_device
     from meshserve.serving.plan import make_plan
-    from tqdm import tqdm
 
     model = load_model(args.checkpoint, weights=args.weights)
     config = model.config
@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0], jnp.argmax(lp, axis=-1)
 
     out = {name: ([], []) for name in ("auto", "int8")}
-    for start in tqdm(range(0, len(rows), args.batch), desc="teacher-forced rows", file=sys.stderr, disable=args.json):
-        batch = jnp.asarray(rows[start : start + args.batch])
-        for name in out:
-            lp, best = jax.device_get(logprobs(model.params, batch, int8_kv=name == "int8"))
-            out[name][0].append(lp)
-            out[name][1].append(best)
+    starts = range(0, len(rows), args.batch)
+    with progress("teacher-forced rows", "batch", len(starts), disable=args.json) as bar:
+        for start in starts:
+            batch = jnp.asarray(rows[start : start + args.batch])
+            for name in out:
+                lp, best = jax.device_get(logprobs(model.params, batch, int8_kv=name == "int8"))
+                out[name][0].append(lp)
+                out[name][1].append(best)
+            bar.update(1)
     mask = rows[:, 1:] != 0  # true next tokens that are not padding
     lp = {n: np.concatenate(v[0])[mask] for n, v in out.items()}
     best = {n: np.concatenate(v[1])[mask] for n, v in out.items()}

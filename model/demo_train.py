@@ -125,7 +125,7 @@ def train(
     import jax.numpy as jnp
     import optax
     from meshserve.model.params import init_params
-    from tqdm import tqdm
+    from meshserve.progress import progress as progress_bar  # `progress` below is the share of the run done
 
     params = init_params(config, jax.random.key(seed), jnp.float32)
     # Decay matrices only: norm scales (1-D per layer, 2-D when stacked [N, E]) stay undecayed.
@@ -150,32 +150,32 @@ def train(
     best = (math.inf, params, 0)
     start = time.monotonic()
     next_eval = 1.0 / evals
-    bar = tqdm(desc="train", total=max_steps, file=sys.stderr, dynamic_ncols=True)
-    step = 0
-    while True:
-        progress = step / max_steps if max_steps else (time.monotonic() - start) / (60 * minutes)
-        if progress >= 1.0:
-            break
-        rate = lr_at(progress, lr)
-        idx = rng.integers(0, len(rows), batch)
-        params, opt_state, loss = update(params, opt_state, jnp.asarray(rows[idx]), jnp.float32(rate))
-        log["loss"].append(float(loss))
-        log["lr"].append(rate)
-        step += 1
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(log['loss'][-10:]):.3f}", lr=f"{rate:.2e}", done=f"{progress:.0%}")
-        done = (step / max_steps if max_steps else (time.monotonic() - start) / (60 * minutes)) >= 1.0
-        if val_rows is not None and (progress >= next_eval or done):
-            next_eval += 1.0 / evals
-            ppl = evaluate(params, config, val_rows)["perplexity"]
-            log["val"].append((step, ppl))
-            bar.write(
-                f"step {step}: train loss {np.mean(log['loss'][-50:]):.3f}, validation ppl {ppl:.2f}", file=sys.stderr
-            )
-            if ppl < best[0]:
-                best = (ppl, jax.device_get(params), step)
-    bar.close()
+    with progress_bar("train", "step", max_steps or None, dynamic_ncols=True) as bar:  # a log gets lines, not redraws
+        step = 0
+        while True:
+            progress = step / max_steps if max_steps else (time.monotonic() - start) / (60 * minutes)
+            if progress >= 1.0:
+                break
+            rate = lr_at(progress, lr)
+            idx = rng.integers(0, len(rows), batch)
+            params, opt_state, loss = update(params, opt_state, jnp.asarray(rows[idx]), jnp.float32(rate))
+            log["loss"].append(float(loss))
+            log["lr"].append(rate)
+            step += 1
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(log['loss'][-10:]):.3f}", lr=f"{rate:.2e}", done=f"{progress:.0%}")
+            done = (step / max_steps if max_steps else (time.monotonic() - start) / (60 * minutes)) >= 1.0
+            if val_rows is not None and (progress >= next_eval or done):
+                next_eval += 1.0 / evals
+                ppl = evaluate(params, config, val_rows)["perplexity"]
+                log["val"].append((step, ppl))
+                bar.write(
+                    f"step {step}: train loss {np.mean(log['loss'][-50:]):.3f}, validation ppl {ppl:.2f}",
+                    file=sys.stderr,
+                )
+                if ppl < best[0]:
+                    best = (ppl, jax.device_get(params), step)
     log["best_step"] = best[2] if val_rows is not None else step
     return (best[1] if val_rows is not None else params), log
 

@@ -292,7 +292,7 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).
     """
     import ml_dtypes
-    from tqdm import tqdm
+    from meshserve.progress import progress as progress_bar
 
     if weights is not None and weights not in WEIGHT_DTYPES:
         raise HFImportError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
@@ -361,9 +361,11 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     target = weights or ("f32" if source == "f32" else "bf16")
     dtype = ml_dtypes.bfloat16 if target == "bf16" or (target == "int8" and source == "bf16") else np.float32
     params = _empty_params(config, dtype)
-    for name, _, dest, layer in tqdm(plan, desc="reading tensors", unit="tensor", disable=not progress, leave=False):
-        # float16 -> float32 first (exact), then to the target: one rounding, never f16 -> bf16 directly.
-        _place(params, dest, layer, tensors.get(name).astype(np.float32).astype(dtype), config)
+    with progress_bar("reading tensors", "tensor", len(plan), disable=not progress, leave=False) as bar:
+        for name, _, dest, layer in plan:
+            # float16 -> float32 first (exact), then to the target: one rounding, never f16 -> bf16 directly.
+            _place(params, dest, layer, tensors.get(name).astype(np.float32).astype(dtype), config)
+            bar.update(1)
     tokenizer = next((directory / f for f in ("tokenizer.json", "tokenizer.model") if (directory / f).is_file()), None)
     return HFCheckpoint(config, params, source, tokenizer, len(plan), chat)
 

@@ -282,7 +282,7 @@ def run_bench(
         raise UserError(f"--prompt-len must be >= 1 and --gen-len >= 0, got {prompt_len} and {gen_len}")
     if layers not in ("scan", "unrolled"):
         raise UserError(f"--layers must be scan or unrolled, got {layers!r}")
-    from tqdm import tqdm
+    from meshserve.progress import progress as progress_bar  # `progress` is this function's on/off keyword
 
     copy_bw = measure_copy_bandwidth()
     read_bw = measure_read_bandwidth()
@@ -291,22 +291,22 @@ def run_bench(
     for kv in kv_cache_dtypes:
         check_kv_cache_dtype(kv)
     total = len(batches) * len(weights_list) * len(kv_cache_dtypes)
-    bar = tqdm(total=total, desc=f"bench {config.name}", disable=not progress, unit="row")
-    for weights in weights_list:
-        params = make_params(config, weights)
-        if layers == "unrolled":
-            params = unstack_layers(params, consume=True)  # the weights held once: the peak memory column
-        for kv in kv_cache_dtypes:
-            for batch in batches:
-                rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers,
-                                      repeats, read_bw=read_bw, kv_cache_dtype=kv))  # fmt: skip
-                if on_row is not None:
-                    on_row(rows[-1])
-                bar.set_postfix(weights=weights, kv=kv, batch=batch, step_ms=f"{rows[-1].decode_step_ms or 0:.2f}")
-                bar.update()
-        del params
-        gc.collect()
-    bar.close()
+    with progress_bar(f"bench {config.name}", "row", total, disable=not progress) as bar:
+        for weights in weights_list:
+            params = make_params(config, weights)
+            if layers == "unrolled":
+                params = unstack_layers(params, consume=True)  # the weights held once: the peak memory column
+            for kv in kv_cache_dtypes:
+                for batch in batches:
+                    rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers,
+                                          repeats, read_bw=read_bw, kv_cache_dtype=kv))  # fmt: skip
+                    if on_row is not None:
+                        on_row(rows[-1])
+                    step_ms = f"{rows[-1].decode_step_ms or 0:.2f}"
+                    bar.set_postfix(weights=weights, kv=kv, batch=batch, step_ms=step_ms)
+                    bar.update()
+            del params
+            gc.collect()
     return rows
 
 

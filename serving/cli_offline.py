@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from meshserve.progress import LogProgress, progress  # LogProgress re-exported (was defined here)
 from meshserve.serving.cli_model import add_model_arguments, add_warm_up_argument, load_for_serving
 from meshserve.serving.job_settings import settings_path
 from meshserve.serving.signals import SignalLatch, run_interruptibly
@@ -186,56 +187,6 @@ def _report(
           f"{report['tokens_per_s']} tokens/s{cached}", file=sys.stderr)  # fmt: skip
 
 
-class LogProgress:
-    """Progress for a stderr that is not a terminal (a log file): a plain line at most every `interval` seconds and
-    one at the end, where tqdm would redraw its bar with a carriage return up to ten times a second (hundreds of
-    updates in a log), and one when its block starts (a log shows at once what the job is doing, e.g. compiling).
-    The part of tqdm's interface the jobs use: reset(total), update(n), close()."""
-
-    def __init__(self, desc: str, unit: str, total: float | None = None, interval: float = 10.0, file=None,
-                 clock=time.monotonic):  # fmt: skip
-        self.desc, self.unit, self.interval, self.file, self.clock = desc, unit, interval, file or sys.stderr, clock
-        self.reset(total)
-
-    def reset(self, total: float | None = None) -> None:
-        self.total, self.n, self.shown = total, 0, 0
-        self.start = self.last = self.clock()
-
-    def update(self, n: float = 1) -> None:
-        self.n += n
-        if self.clock() - self.last >= self.interval:
-            self._line()
-
-    def _line(self) -> None:
-        self.last = self.clock()
-        self.shown = self.n
-        seconds = self.last - self.start
-        done = f"{self.n:.0f}/{self.total:.0f} {self.unit}" if self.total else f"{self.n:.0f} {self.unit}"
-        share = f" ({self.n / self.total:.0%})" if self.total else ""
-        rate = f", {self.n / seconds:.1f} {self.unit}/s" if seconds > 0 else ""
-        print(f"{self.desc}: {done}{share}, {seconds:.0f} s{rate}", file=self.file, flush=True)
-
-    def close(self) -> None:
-        if self.n != self.shown:  # the end, unless the last line said it already
-            self._line()
-
-    def __enter__(self) -> LogProgress:
-        self._line()  # the start, as tqdm draws its empty bar: a log says at once what the job is doing
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _progress(desc: str, unit: str, total: float | None = None, **bar):
-    """tqdm's bar on a terminal's stderr, else LogProgress (`bar`: more tqdm arguments, for the bar only)."""
-    if not sys.stderr.isatty():
-        return LogProgress(desc, unit, total)
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **bar)
-
-
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_arguments(parser, GENERATE_EPILOG)
     parser.add_argument(
@@ -308,7 +259,7 @@ def _run_job(args: argparse.Namespace, kind: str) -> int:
     def load_and_warm_up():
         model, plan, steps, _ = load_for_serving(args, args.objective)
         engine = Engine(model.params, model.config, plan, steps or ModelSteps())
-        with _progress("compiling", "step", upfront_steps(plan, phases, defer), leave=False) as bar:
+        with progress("compiling", "step", upfront_steps(plan, phases, defer), leave=False) as bar:
             engine.warm_up(lambda j: bar.update(j.units), phases, defer=defer)
         return model, engine
 
@@ -327,7 +278,7 @@ def _run_job(args: argparse.Namespace, kind: str) -> int:
         run = run_score if kind == "score" else run_generate
         chat = {} if kind == "score" else {"chat": ChatOptions(args.reasoning_parser)}
         # The other buckets compile beside the job; leaving the block waits for the step in flight.
-        with BackgroundCompile(engine, failed), _progress(kind, "tok", unit_scale=True, dynamic_ncols=True) as bar:
+        with BackgroundCompile(engine, failed), progress(kind, "tok", unit_scale=True, dynamic_ncols=True) as bar:
             summary = run(model, engine, in_path, out_path, errors_path, progress=bar, prepared=job, stop=latch.event,
                           **chat)  # fmt: skip
             stopped = latch.event.is_set()

@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--http-port",
         type=int,
         help="also serve the OpenAI-compatible HTTP API on this port: /v1/completions, /v1/chat/completions, "
-        "/v1/responses, /v1/models, /health (default: off; 8000 is usual; 0 = any free port)",
+        "/v1/responses, /v1/models, /tokenize, /detokenize, /health and /metrics (Prometheus, as --metrics-port; "
+        "like /health open without --auth-token-file's token, as vLLM's); a known path with another method answers "
+        "405 with Allow (default: off; 8000 is usual; 0 = any free port)",
     )
     parser.add_argument(
         "--served-model-name", metavar="NAME", help="the model's id in the HTTP API (default: the model's name)"
@@ -132,12 +134,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_warm_up_argument(parser, "serving", "listening")
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    parser.add_argument("--auth-token-file", help="require `authorization: Bearer <token>`; the file holds the token")
+    parser.add_argument(
+        "--auth-token-file",
+        help="require `authorization: Bearer <token>` (over HTTP on every path but /health and /metrics); the "
+        "file holds the token",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
         default=0,
-        help="serve Prometheus metrics on this port at /metrics (default 0: off; 9090 is usual)",
+        help="serve Prometheus metrics on this port at /metrics (default 0: off; 9090 is usual); --http-port serves "
+        "them at its /metrics too",
     )
     parser.add_argument(
         "--log-requests",
@@ -175,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Before loading the model: a bad flag fails in one line, naming the flag.
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
-    from tqdm import tqdm
+    from meshserve.progress import progress
 
     # Signals only record themselves (serving/signals.py); the main thread acts on them: before `listening`
     # (nothing to drain yet) they end the process at once (run_interruptibly), after it they drain (the loop below).
@@ -207,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     def load_and_warm_up():
         model, plan, steps, mesh_info = load_for_serving(args, args.objective)
         total = upfront_steps(plan, PHASES, defer=args.warm_up == "background")
-        with tqdm(total=total, desc="compiling", unit="step", file=sys.stderr, leave=False) as bar:
+        with progress("compiling", "step", total, leave=False) as bar:  # a log gets lines, not redraws
             server = build_server(model, plan, options, steps=steps, mesh_info=mesh_info,
                                   progress=lambda job: bar.update(job.units))  # fmt: skip
         return model, plan, server

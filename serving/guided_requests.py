@@ -24,6 +24,7 @@ from typing import Any
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.guided.regex import MAX_PATTERN
 from meshserve.serving.guided.spec import GuideError, GuideSpec
+from meshserve.serving.json_show import show
 from meshserve.serving.validation import RequestError, refuse_unknown
 
 __all__ = [
@@ -57,11 +58,6 @@ CHOICE_FIELD = "response_format.choice.values"  # the gRPC name of a choice form
 REGEX_FIELD = "response_format.regex"  # the gRPC name of a regex format's pattern
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def response_format(value: Any, field: str = "response_format") -> GuideSpec | None:
     """OpenAI's response_format -> the GuideSpec it asks for; None for unset (None) or {"type": "text"}. The schema
     is kept as JSON text in the client's key order. Raises RequestError naming the field
@@ -69,14 +65,14 @@ def response_format(value: Any, field: str = "response_format") -> GuideSpec | N
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise RequestError(f"{field}: expected an object {{'type': 'json_object'}} or {{'type': 'json_schema', "
-                           f"'json_schema': {{...}}}}, got {_show(value)}")  # fmt: skip
+        raise RequestError(f'{field}: expected an object {{"type": "json_object"}} or '
+                           f'{{"type": "json_schema", "json_schema": {{...}}}}, got {show(value)}')  # fmt: skip
     kind = value.get("type")
     if kind not in FORMAT_TYPES:
-        raise RequestError(f"{field}.type: expected one of {', '.join(map(repr, FORMAT_TYPES))}, got {_show(kind)}")
+        raise RequestError(f"{field}.type: expected one of {', '.join(map(show, FORMAT_TYPES))}, got {show(kind)}")
     takes = "type and json_schema" if kind == "json_schema" else "type only"
     allowed = ("type", "json_schema") if kind == "json_schema" else ("type",)
-    refuse_unknown(value, allowed, field, f"{field} of type {kind!r} takes {takes}")
+    refuse_unknown(value, allowed, field, f"{field} of type {show(kind)} takes {takes}")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -84,31 +80,31 @@ def response_format(value: Any, field: str = "response_format") -> GuideSpec | N
     inner = value.get("json_schema")
     where = f"{field}.json_schema"
     if not isinstance(inner, Mapping):
-        raise RequestError(f"{where}: expected an object {{'name', 'schema', 'strict'?, 'description'?}}, got "
-                           f"{_show(inner)}")  # fmt: skip
+        raise RequestError(f'{where}: expected an object {{"name", "schema", "strict"?, "description"?}}, got '
+                           f"{show(inner)}")  # fmt: skip
     refuse_unknown(inner, _SCHEMA_KEYS, where, f"takes {', '.join(_SCHEMA_KEYS)}")
     name = inner.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise RequestError(f"{where}.name: expected 1 to 64 characters of a-z, A-Z, 0-9, _ and -, got {_show(name)}")
+        raise RequestError(f"{where}.name: expected 1 to 64 characters of a-z, A-Z, 0-9, _ and -, got {show(name)}")
     schema = inner.get("schema")
     if not isinstance(schema, Mapping):
-        raise RequestError(f"{where}.schema: expected a JSON Schema object, got {_show(schema)}")
+        raise RequestError(f"{where}.schema: expected a JSON Schema object, got {show(schema)}")
     if inner.get("strict") is not None and not isinstance(inner["strict"], bool):
-        raise RequestError(f"{where}.strict: expected true or false, got {_show(inner['strict'])}")
+        raise RequestError(f"{where}.strict: expected true or false, got {show(inner['strict'])}")
     if inner.get("description") is not None and not isinstance(inner["description"], str):
-        raise RequestError(f"{where}.description: expected a string, got {_show(inner['description'])}")
+        raise RequestError(f"{where}.description: expected a string, got {show(inner['description'])}")
     # strict is accepted and always holds: guided decoding follows the schema whatever its value.
     return GuideSpec("json_schema", schema=json.dumps(schema, ensure_ascii=False))
 
 
 def choice_spec(values: Any, field: str = "guided_choice") -> GuideSpec:
     """vLLM's guided_choice (a list of non-empty strings, at most MAX_CHOICES = 4096) -> its "choice" spec, compiled;
-    RequestError naming the field and the string ("guided_choice[1]: expected a non-empty string, got ''")."""
+    RequestError naming the field and the string ("guided_choice[1]: expected a non-empty string, got "")."""
     if not isinstance(values, list | tuple):
-        raise RequestError(f"{field}: expected a list of strings, got {_show(values)}")
+        raise RequestError(f"{field}: expected a list of strings, got {show(values)}")
     for i, value in enumerate(values):
         if not isinstance(value, str) or not value:  # before compiling: the spec must be hashable
-            raise RequestError(f"{field}[{i}]: expected a non-empty string, got {_show(value)}")
+            raise RequestError(f"{field}[{i}]: expected a non-empty string, got {show(value)}")
     return compiled(GuideSpec("choice", choices=tuple(values)), field)
 
 
@@ -118,7 +114,7 @@ def regex_spec(value: Any, field: str = "guided_regex") -> GuideSpec:
     backreferences are not supported"). Whether its token masks can all be prepared (at most 1024 positions) is
     known only at submit (the orchestrator's GuideError, `submit_error`)."""
     if not isinstance(value, str):
-        raise RequestError(f"{field}: expected a regular expression (a string), got {_show(value)}")
+        raise RequestError(f"{field}: expected a regular expression (a string), got {show(value)}")
     return compiled(GuideSpec("regex", pattern=value), field)
 
 
@@ -128,7 +124,7 @@ def guided_json(value: Any, field: str = "guided_json") -> GuideSpec:
     if isinstance(value, str):
         return _schema_text(value, field)
     if not isinstance(value, Mapping):
-        raise RequestError(f"{field}: expected a JSON Schema object or its JSON text, got {_show(value)}")
+        raise RequestError(f"{field}: expected a JSON Schema object or its JSON text, got {show(value)}")
     return GuideSpec("json_schema", schema=json.dumps(value, ensure_ascii=False))
 
 
@@ -138,7 +134,7 @@ def one_format(given: Mapping[str, bool]) -> None:
     if len(both) < 2:
         return
     if both[1] == "tool_choice":
-        raise RequestError(f"{both[0]}: cannot be combined with tool_choice 'required' or a named function (the "
+        raise RequestError(f'{both[0]}: cannot be combined with tool_choice "required" or a named function (the '
                            "output is then tool calls); drop one")  # fmt: skip
     raise RequestError(f"{both[0]}: cannot be combined with {both[1]} (each sets the output's format); give one")
 
@@ -222,14 +218,14 @@ def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice:
             req.response_format.CopyFrom(fmt)
     elif guided_regex is not None:
         if not isinstance(guided_regex, str):
-            raise RequestError(f"guided_regex: the proto field holds a string, got {_show(guided_regex)}")
+            raise RequestError(f"guided_regex: the proto field holds a string, got {show(guided_regex)}")
         req.response_format.regex = guided_regex  # an empty string is sent set (for the server to refuse)
     elif guided_choice is not None:
         if isinstance(guided_choice, list | tuple) and all(isinstance(v, str) for v in guided_choice):
             req.response_format.choice.values.extend(guided_choice)  # an empty list sends an empty Choices
             req.response_format.choice.SetInParent()
         else:
-            raise RequestError(f"guided_choice: the proto field holds a list of strings, got {_show(guided_choice)}")
+            raise RequestError(f"guided_choice: the proto field holds a list of strings, got {show(guided_choice)}")
     elif response_format_ is not None:  # as given, for the server to refuse: a str schema is sent as its text
         schema = (response_format_.get("json_schema") or {}).get("schema")
         if response_format_.get("type") == "json_object":
@@ -242,10 +238,10 @@ def client_fields(req: pb.GenerateRequest, response_format_: Any, guided_choice:
         else:
             choice, function = tool_choice, ""
         if validate and choice == "required" and not tools:
-            raise RequestError(f"tool_choice: {tool_choice!r} needs tools=[...] (the functions to call)")
+            raise RequestError(f"tool_choice: {show(tool_choice)} needs tools=[...] (the functions to call)")
         names = [(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, Mapping)]
         if validate and function and function not in names:
-            raise RequestError(f"tool_choice.function.name: no tool named {function!r} in tools")
+            raise RequestError(f"tool_choice.function.name: no tool named {show(function)} in tools")
         req.messages.tool_choice, req.messages.tool_choice_function = choice, function
     if parallel_tool_calls is not None:
         if validate and not isinstance(parallel_tool_calls, bool):
@@ -302,7 +298,7 @@ def _schema_text(text: str, field: str) -> GuideSpec:
     except (ValueError, RecursionError) as e:
         raise RequestError(f"{field}: not JSON ({e})") from None
     if not isinstance(schema, dict):
-        raise RequestError(f"{field}: expected a JSON Schema object, got {_show(schema)}")
+        raise RequestError(f"{field}: expected a JSON Schema object, got {show(schema)}")
     return GuideSpec("json_schema", schema=text)
 
 
@@ -311,19 +307,19 @@ def _tool_guide(chat: pb.ChatMessages, tools: list | None, parser: str | None) -
     choice, function = chat.tool_choice, chat.tool_choice_function
     if choice not in TOOL_CHOICES:
         raise RequestError(
-            f"messages.tool_choice must be one of {', '.join(map(repr, TOOL_CHOICES))} (or name a function in "
-            f"tool_choice_function), got {_show(choice)}"
+            f"messages.tool_choice must be one of {', '.join(map(show, TOOL_CHOICES))} (or name a function in "
+            f"tool_choice_function), got {show(choice)}"
         )
     if function and choice not in ("", "required"):
         raise RequestError(
             f"messages.tool_choice_function: a named function is called whatever the model wants: give it with "
-            f"tool_choice '' or 'required', not {choice!r}"
+            f'tool_choice "" or "required", not {show(choice)}'
         )
     if choice != "required" and not function:
         return None
     field, what = (
-        ("messages.tool_choice_function", f"function {function!r}") if function
-        else ("messages.tool_choice", "'required'")
+        ("messages.tool_choice_function", f"function {show(function)}") if function
+        else ("messages.tool_choice", '"required"')
     )  # fmt: skip
     if not tools:
         raise RequestError(f"{field}: {what} needs tools (messages.tools_json is empty)")
@@ -332,8 +328,8 @@ def _tool_guide(chat: pb.ChatMessages, tools: list | None, parser: str | None) -
                            "this server)")  # fmt: skip
     names = [t["function"]["name"] for t in tools]
     if function and function not in names:
-        raise RequestError(f"messages.tool_choice_function: no tool named {function!r} in messages.tools_json (it "
-                           f"has {', '.join(map(repr, names))})")  # fmt: skip
+        raise RequestError(f"messages.tool_choice_function: no tool named {show(function)} in messages.tools_json (it "
+                           f"has {', '.join(map(show, names))})")  # fmt: skip
     parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
     return GuideSpec("tool_calls", tools=chat.tools_json, tool_name=function, parallel=parallel, parser=parser)
 
@@ -368,7 +364,7 @@ def request_guide(req: pb.GenerateRequest, tools: list | None, parser: str | Non
     tool = _tool_guide(req.messages, tools, parser) if req.WhichOneof("input") == "messages" else None
     if fmt is not None and tool is not None:
         raise RequestError(
-            "response_format: cannot be combined with messages.tool_choice 'required' or a named function (the "
+            'response_format: cannot be combined with messages.tool_choice "required" or a named function (the '
             "output is then tool calls); drop one"
         )
     if fmt is not None:

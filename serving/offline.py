@@ -46,7 +46,6 @@ resume) ends before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
 import threading
 from pathlib import Path
@@ -54,6 +53,7 @@ from pathlib import Path
 from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import SamplingError, SamplingParams
 from meshserve.serving.detok import alternatives_json, alternatives_with_text
+from meshserve.serving.json_show import show
 from meshserve.serving.jsonl_jobs import (
     JobLine,
     JobSummary,
@@ -135,18 +135,11 @@ def _next_finished(done: queue.SimpleQueue, stop: threading.Event | None):
     return None
 
 
-def _show(value) -> str:
-    """A line's value as an error message quotes it: as the line spells it (JSON: true, null, "text"), at most 40
-    characters."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _samples(data: dict) -> int:
     """The line's "n" (samples per prompt), checked like the other fields: a JSON integer in [1, N_MAX]."""
     n = data.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= N_MAX:
-        raise LineError(f"n must be an integer in [1, {N_MAX}], got {_show(n)}")
+        raise LineError(f"n must be an integer in [1, {N_MAX}], got {show(n)}")
     return n
 
 
@@ -155,14 +148,14 @@ def _logit_bias(model, value) -> dict[int, float]:
     {id: bias}, ids checked against the vocabulary; the bias range is SamplingParams' check."""
     if not isinstance(value, dict):
         raise LineError(
-            f'logit_bias must be a JSON object of token ids to biases, e.g. {{"123": -100}}, got {_show(value)}'
+            f'logit_bias must be a JSON object of token ids to biases, e.g. {{"123": -100}}, got {show(value)}'
         )
     out: dict[int, float] = {}
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()):
-            raise LineError(f'logit_bias: key {key!r} is not a token id (a string of digits, e.g. "123")')
+            raise LineError(f'logit_bias: key {show(key)} is not a token id (a string of digits, e.g. "123")')
         if isinstance(bias, bool) or not isinstance(bias, int | float):
-            raise LineError(f"logit_bias[{key}] must be a number in [-100, 100], got {_show(bias)}")
+            raise LineError(f"logit_bias[{key}] must be a number in [-100, 100], got {show(bias)}")
         if int(key) in out:  # "7" and "07"
             raise LineError(f"logit_bias: token id {int(key)} is given more than once")
         out[int(key)] = float(bias)
@@ -210,7 +203,7 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
     n = d.get("max_new_tokens", min(64, room))
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
         raise LineError(
-            f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {_show(n)}"
+            f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {show(n)}"
         )
     # logit_bias is a JSON object (parsed below); stop_ids come from stop_token_ids and ignore_eos, not the line.
     fields = {f.name: f for f in dataclasses.fields(SamplingParams) if f.name not in ("logit_bias", "stop_ids")}
@@ -220,7 +213,7 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
         kind = int if field.type in (int, "int") else float
         # JSON numbers only: bool is an int in Python, and float("nan") from a string would slip through.
         if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
-            raise LineError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {_show(value)}")
+            raise LineError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {show(value)}")
         values[name] = kind(value)
     try:
         sampling = SamplingParams(**values)
@@ -233,13 +226,13 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
         raise LineError("stop must be a non-empty string or a list of them")
     extra = d.get("stop_token_ids", [])
     if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
-        raise LineError(f"stop_token_ids must be a list of token ids, got {_show(extra)}")
+        raise LineError(f"stop_token_ids must be a list of token ids, got {show(extra)}")
     bad = vocab_error(model.config, extra, "stop_token_ids")
     if bad:
         raise LineError(bad)
     ignore_eos = d.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):  # "false" (a string) is truthy: it would drop the stop at EOS unseen
-        raise LineError(f"ignore_eos must be true or false, got {_show(ignore_eos)}")
+        raise LineError(f"ignore_eos must be true or false, got {show(ignore_eos)}")
     stop_ids = frozenset(extra) | (frozenset() if ignore_eos else frozenset(model.stop_ids()))
     guide = _guide(d)
     if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block

@@ -5,6 +5,7 @@ is not text (a lone surrogate) is refused before anything reads it. Split from s
 
 from __future__ import annotations
 
+from meshserve.serving.json_show import show
 from meshserve.serving.validation import RequestError
 
 __all__ = ["INT32", "Body", "as_float", "check_text", "ints", "show"]
@@ -82,11 +83,6 @@ def as_float(value, field: str) -> float | None:
         return float(value)
     except OverflowError:
         raise RequestError(f"{field}: {show(value)} is out of range for a number") from None
-
-
-def show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def ints(values: list, field: str) -> list[int]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.json_scan import DECODER
+from meshserve.serving.json_show import show
 from meshserve.serving.llama3_tools import Llama3Deltas, Llama3Stream, parse_llama3
 from meshserve.serving.tool_call_stream import END, START, ToolCall, ToolCallDeltas, block_call
 from meshserve.serving.validation import RequestError, refuse_unknown
@@ -71,41 +72,36 @@ class ToolUse:
     function: str = ""  # ChatMessages.tool_choice_function: the function that must be called ("" = any)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def check_tools(tools: Any, name: str = "tools") -> list[dict]:
     """`tools`: a list of at most MAX_TOOLS {"type": "function", "function": {"name", "description"?,
     "parameters"? (a JSON schema object), "strict"?}}; returned as given (the template renders what the client sent).
     Raises RequestError naming the field (`tools[1].function.name: ...`)."""
     if not isinstance(tools, list):
-        raise RequestError(f"{name}: expected a list of tools, got {_show(tools)}")
+        raise RequestError(f"{name}: expected a list of tools, got {show(tools)}")
     if len(tools) > MAX_TOOLS:
         raise RequestError(f"{name}: {len(tools)} tools exceed the limit of {MAX_TOOLS}")
     for i, tool in enumerate(tools):
         where = f"{name}[{i}]"
         if not isinstance(tool, dict):
-            raise RequestError(f"{where}: expected an object {{'type': 'function', 'function': {{...}}}}, got "
-                               f"{_show(tool)}")  # fmt: skip
+            raise RequestError(f'{where}: expected an object {{"type": "function", "function": {{...}}}}, got '
+                               f"{show(tool)}")  # fmt: skip
         refuse_unknown(tool, ("type", "function"), where, "a tool takes type and function")
         if tool.get("type") != "function":
-            raise RequestError(f"{where}.type: must be 'function', got {_show(tool.get('type'))}")
+            raise RequestError(f'{where}.type: must be "function", got {show(tool.get("type"))}')
         function = tool.get("function")
         if not isinstance(function, dict):
             raise RequestError(f"{where}.function: expected an object with name, description, parameters, got "
-                               f"{_show(function)}")  # fmt: skip
+                               f"{show(function)}")  # fmt: skip
         refuse_unknown(function, _FUNCTION_KEYS, f"{where}.function", f"takes {', '.join(_FUNCTION_KEYS)}")
         fname = function.get("name")
         if not isinstance(fname, str) or not 1 <= len(fname) <= MAX_NAME:
             raise RequestError(f"{where}.function.name: expected a string of 1 to {MAX_NAME} characters, got "
-                               f"{_show(fname)}")  # fmt: skip
+                               f"{show(fname)}")  # fmt: skip
         checks = (("description", str, "a string"), ("parameters", dict, "a JSON schema object"),
                   ("strict", bool, "true or false"))  # fmt: skip
         for key, kind, what in checks:
             if function.get(key) is not None and not isinstance(function[key], kind):
-                raise RequestError(f"{where}.function.{key}: expected {what}, got {_show(function[key])}")
+                raise RequestError(f"{where}.function.{key}: expected {what}, got {show(function[key])}")
     return tools
 
 
@@ -124,18 +120,18 @@ def tool_choice(choice: Any) -> tuple[str, str]:
     if choice in ("none", "required"):
         return choice, ""
     if not isinstance(choice, dict):
-        raise RequestError(f"tool_choice: expected 'auto', 'none', 'required' or {{'type': 'function', 'function': "
-                           f"{{'name': ...}}}}, got {_show(choice)}")  # fmt: skip
+        raise RequestError(f'tool_choice: expected "auto", "none", "required" or {{"type": "function", "function": '
+                           f'{{"name": ...}}}}, got {show(choice)}')  # fmt: skip
     refuse_unknown(choice, ("type", "function"), "tool_choice", "a named function takes type and function")
     if choice.get("type") != "function":
-        raise RequestError(f"tool_choice.type: must be 'function', got {_show(choice.get('type'))}")
+        raise RequestError(f'tool_choice.type: must be "function", got {show(choice.get("type"))}')
     function = choice.get("function")
     if not isinstance(function, dict) or set(function) != {"name"}:
-        raise RequestError(f"tool_choice.function: expected {{'name': ...}}, got {_show(function)}")
+        raise RequestError(f'tool_choice.function: expected {{"name": ...}}, got {show(function)}')
     name = function["name"]
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
         raise RequestError(f"tool_choice.function.name: expected a string of 1 to {MAX_NAME} characters, got "
-                           f"{_show(name)}")  # fmt: skip
+                           f"{show(name)}")  # fmt: skip
     return "required", name
 
 
@@ -147,11 +143,11 @@ def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, To
     tools = body.get("tools")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
-        raise RequestError(f"parallel_tool_calls: expected true or false, got {_show(parallel)}")
+        raise RequestError(f"parallel_tool_calls: expected true or false, got {show(parallel)}")
     choice, function = tool_choice(body.get("tool_choice"))
     if tools is None or tools == []:
         if choice == "required":
-            raise RequestError(f"tool_choice: {_show(body['tool_choice'])} needs tools (the functions the model "
+            raise RequestError(f"tool_choice: {show(body['tool_choice'])} needs tools (the functions the model "
                                "must call)")  # fmt: skip
         return None, None
     if parser is None:
@@ -160,8 +156,8 @@ def request_tools(body: dict, parser: str | None) -> tuple[list[dict] | None, To
     tools = check_tools(tools)
     names = [t["function"]["name"] for t in tools]
     if function and function not in names:
-        raise RequestError(f"tool_choice.function.name: no tool named {function!r} in tools (they are "
-                           f"{', '.join(map(repr, names))})")  # fmt: skip
+        raise RequestError(f"tool_choice.function.name: no tool named {show(function)} in tools (they are "
+                           f"{', '.join(map(show, names))})")  # fmt: skip
     if choice == "none":  # the model is not told about the tools, and its text is not parsed
         return None, None
     return tools, ToolUse(parser, parallel is not False, choice, function)
@@ -174,28 +170,28 @@ def message_tool_fields(message: dict, i: int) -> tuple[list[pb.ToolCall], str]:
     calls = message.get("tool_calls")
     call_id = message.get("tool_call_id")
     if call_id is not None and not isinstance(call_id, str):
-        raise RequestError(f"messages[{i}].tool_call_id: expected a string, got {_show(call_id)}")
+        raise RequestError(f"messages[{i}].tool_call_id: expected a string, got {show(call_id)}")
     if calls is None:
         return [], call_id or ""
     if not isinstance(calls, list):
-        raise RequestError(f"messages[{i}].tool_calls: expected a list of calls, got {_show(calls)}")
+        raise RequestError(f"messages[{i}].tool_calls: expected a list of calls, got {show(calls)}")
     out = []
     for j, call in enumerate(calls):
         where = f"messages[{i}].tool_calls[{j}]"
         if not isinstance(call, dict):
-            raise RequestError(f"{where}: expected an object {{'id', 'type', 'function'}}, got {_show(call)}")
+            raise RequestError(f'{where}: expected an object {{"id", "type", "function"}}, got {show(call)}')
         refuse_unknown(call, ("id", "type", "function"), where, "a call takes id, type and function")
         if call.get("type", "function") != "function":
-            raise RequestError(f"{where}.type: must be 'function', got {_show(call.get('type'))}")
+            raise RequestError(f'{where}.type: must be "function", got {show(call.get("type"))}')
         function = call.get("function")
         if not isinstance(function, dict):
-            raise RequestError(f"{where}.function: expected an object with name and arguments, got {_show(function)}")
+            raise RequestError(f"{where}.function: expected an object with name and arguments, got {show(function)}")
         refuse_unknown(function, ("name", "arguments"), f"{where}.function", "takes name and arguments")
         values = {"id": call.get("id"), "function.name": function.get("name")}
         values["function.arguments"] = function.get("arguments")
         for key, value in values.items():
             if not isinstance(value, str) and not (key == "id" and value is None):
-                raise RequestError(f"{where}.{key}: expected a string, got {_show(value)}")
+                raise RequestError(f"{where}.{key}: expected a string, got {show(value)}")
         out.append(pb.ToolCall(id=call.get("id") or "", name=function["name"], arguments=function["arguments"]))
     return out, call_id or ""
 

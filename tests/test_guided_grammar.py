@@ -189,7 +189,7 @@ def test_refs_consts_prefix_items_and_top_level_values():
         ({"allOf": [{}, {}]}, "schema.allOf"),
         ({"anyOf": []}, "schema.anyOf"),
         ({"anyOf": [{"type": "string"}], "maxLength": 3}, "schema: anyOf together with maxLength"),
-        ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "schema.required: 'b'"),
+        ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, 'schema.required: "b"'),
         ({"type": "object", "properties": {}, "additionalProperties": {"type": "string"}}, "additionalProperties"),
         ({"type": "array", "minItems": 3, "maxItems": 2}, "schema.minItems"),
         ({"type": "string", "maxLength": -1}, "schema.maxLength"),
@@ -213,7 +213,7 @@ def test_bad_specs_name_their_field():
     with pytest.raises(GuideError, match=r"^schema: not valid JSON"):
         compile_spec(GuideSpec("json_schema", schema="{nope"))
     tools = [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}}]
-    with pytest.raises(GuideError, match=r"^tools: no tool named 'x' \(tools: a, b\)"):
+    with pytest.raises(GuideError, match=r'^tools: no tool named "x" \(tools: a, b\)'):
         compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), tool_name="x"))
     bad = [
         *tools,
@@ -223,7 +223,7 @@ def test_bad_specs_name_their_field():
         compile_spec(GuideSpec("tool_calls", tools=json.dumps(bad)))
     with pytest.raises(GuideError, match=r"^tools\[1\]: expected"):
         compile_spec(GuideSpec("tool_calls", tools=json.dumps([tools[0], {"type": "x"}])))
-    with pytest.raises(GuideError, match=r"^tools\[1\]\.function\.name: 'a' is also"):
+    with pytest.raises(GuideError, match=r'^tools\[1\]\.function\.name: "a" is also'):
         compile_spec(GuideSpec("tool_calls", tools=json.dumps([tools[0], tools[0]])))
     with pytest.raises(GuideError, match=r"^parser:"):
         compile_spec(GuideSpec("tool_calls", tools=json.dumps(tools), parser="mistral"))

@@ -195,7 +195,7 @@ def valid(name: str, text: str) -> bool:
                              r"writes escaped"),
         ({"pattern": r"a\nb"}, r"^schema\.properties\.x\.pattern: every string it matches needs a character"),
         ({"pattern": r"[\\]+"}, r"^schema\.properties\.x\.pattern: every string it matches needs a character"),
-        ({"pattern": "a", "format": "date"}, r"^schema\.properties\.x: pattern together with format 'date' is not "
+        ({"pattern": "a", "format": "date"}, r'^schema\.properties\.x: pattern together with format "date" is not '
                                              r"supported"),
         ({"pattern": 5}, r"^schema\.properties\.x\.pattern: expected a regular expression \(a string\), got 5"),
         ({"pattern": r"(a)\1"}, r"^schema\.properties\.x\.pattern: backreferences are not supported"),

@@ -99,24 +99,24 @@ BAD_GRPC = [
      r"^response_format\.json_schema: expected a JSON Schema object, got \[1\]"),
     (pb.GenerateRequest(text="hi", response_format=pb.ResponseFormat(json_schema=json.dumps({"description": "x" * 2000}))),
      r"^response_format\.json_schema: \d+ characters exceed the limit of 2000"),
-    (_chat(choice="sometimes"), r"^messages\.tool_choice must be one of '', 'auto', 'none', 'required'"),
-    (_chat(choice="none", function="get_weather"), r"^messages\.tool_choice_function: .* not 'none'"),
-    (_chat(tools=None, choice="required"), r"^messages\.tool_choice: 'required' needs tools \(messages\.tools_json"),
-    (_chat(tools=None, function="f"), r"^messages\.tool_choice_function: function 'f' needs tools"),
-    (_chat(function="get_wether"), r"^messages\.tool_choice_function: no tool named 'get_wether' in messages\.tools_j"),
+    (_chat(choice="sometimes"), r'^messages\.tool_choice must be one of "", "auto", "none", "required"'),
+    (_chat(choice="none", function="get_weather"), r'^messages\.tool_choice_function: .* not "none"'),
+    (_chat(tools=None, choice="required"), r'^messages\.tool_choice: "required" needs tools \(messages\.tools_json'),
+    (_chat(tools=None, function="f"), r'^messages\.tool_choice_function: function "f" needs tools'),
+    (_chat(function="get_wether"), r'^messages\.tool_choice_function: no tool named "get_wether" in messages\.tools_j'),
     (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "city": {"type": "string", "pattern": "^([A-Z])\\1"}}}}}], choice="required"),
      r"^messages\.tools_json\[0\]\.function\.parameters\.properties\.city\.pattern: backreferences are not supported"),
     (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=pb.ResponseFormat(json_object=True)),
-     r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
+     r'^response_format: cannot be combined with messages\.tool_choice "required"'),
     (pb.GenerateRequest(text="hi", response_format=_choice("a", "")),
-     r"^response_format\.choice\.values\[1\]: expected a non-empty string, got ''$"),
+     r'^response_format\.choice\.values\[1\]: expected a non-empty string, got ""$'),
     (pb.GenerateRequest(text="hi", response_format=_choice()),
      r"^response_format\.choice\.values: expected at least one string$"),
     (pb.GenerateRequest(text="hi", response_format=_choice("x" * 1500, "y" * 501)),
      r"^response_format\.choice\.values: 2001 characters exceed the limit of 2000$"),
     (pb.GenerateRequest(messages=_chat(choice="required").messages, response_format=_choice("a")),
-     r"^response_format: cannot be combined with messages\.tool_choice 'required'"),
+     r'^response_format: cannot be combined with messages\.tool_choice "required"'),
 ]  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def test_bad_grpc_guide_fields_are_named(parser, req, message):
 
 def test_a_required_tool_choice_needs_the_servers_tool_call_parser(model):
     off = RequestParser(model, LIMITS)  # serve without --tool-call-parser
-    with pytest.raises(RequestError, match=r"^messages\.tool_choice: 'required' needs a server started with --tool-"):
+    with pytest.raises(RequestError, match=r'^messages\.tool_choice: "required" needs a server started with --tool-'):
         off.generate(_chat(choice="required"), None)
     assert off.generate(_chat(), None)[0].guide is None  # tools alone are still rendered, as before
 
@@ -145,7 +145,7 @@ def test_a_schema_meshserve_cannot_follow_is_refused_naming_its_place(parser):
 
 BAD_FORMATS = [
     ("json", "response_format: expected an object"),
-    ({"type": "xml"}, "response_format.type: expected one of 'text', 'json_object', 'json_schema', got 'xml'"),
+    ({"type": "xml"}, 'response_format.type: expected one of "text", "json_object", "json_schema", got "xml"'),
     ({}, "response_format.type: expected one of"),
     ({"type": "json_object", "schema": {}}, "response_format.schema: unknown field"),
     ({"type": "json_schema"}, "response_format.json_schema: expected an object"),
@@ -184,7 +184,7 @@ def test_tool_choice_values():
     assert tool_choice("none") == ("none", "") and tool_choice("required") == ("required", "")
     assert tool_choice({"type": "function", "function": {"name": "f"}}) == ("required", "f")
     for bad, message in [("sometimes", "tool_choice: expected"), ({"type": "tool", "function": {"name": "f"}},
-                         "tool_choice.type: must be 'function'"), ({"type": "function"}, "tool_choice.function:"),
+                         'tool_choice.type: must be "function"'), ({"type": "function"}, "tool_choice.function:"),
                          ({"type": "function", "function": {"name": ""}}, "tool_choice.function.name:"),
                          ({"type": "function", "function": {"name": "f"}, "x": 1}, "tool_choice.x: unknown")]:  # fmt: skip
         with pytest.raises(RequestError) as e:
@@ -223,8 +223,8 @@ def test_http_guided_choice_and_guided_json_carry_into_the_proto():
 
 
 BAD_HTTP_GUIDES = [
-    ({"guided_choice": "yes"}, "guided_choice: expected a list of strings, got 'yes'", "guided_choice"),
-    ({"guided_choice": ["yes", ""]}, "guided_choice[1]: expected a non-empty string, got ''", "guided_choice"),
+    ({"guided_choice": "yes"}, 'guided_choice: expected a list of strings, got "yes"', "guided_choice"),
+    ({"guided_choice": ["yes", ""]}, 'guided_choice[1]: expected a non-empty string, got ""', "guided_choice"),
     ({"guided_choice": ["yes", 3]}, "guided_choice[1]: expected a non-empty string, got 3", "guided_choice"),
     ({"guided_choice": []}, "guided_choice: expected at least one string", "guided_choice"),
     ({"guided_choice": ["a"] * 4097}, "guided_choice: 4097 strings exceed the limit of 4096", "guided_choice"),
@@ -239,9 +239,9 @@ BAD_HTTP_GUIDES = [
     ({"guided_json": SCHEMA, "response_format": JSON_SCHEMA}, "response_format: cannot be combined with guided_json",
      "response_format"),
     ({"guided_choice": ["a"], "tools": TOOLS, "tool_choice": "required"},
-     "guided_choice: cannot be combined with tool_choice 'required' or a named function", "guided_choice"),
+     'guided_choice: cannot be combined with tool_choice "required" or a named function', "guided_choice"),
     ({"guided_json": SCHEMA, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "local_time"}}},
-     "guided_json: cannot be combined with tool_choice 'required'", "guided_json"),
+     'guided_json: cannot be combined with tool_choice "required"', "guided_json"),
 ]  # fmt: skip
 
 
@@ -256,9 +256,9 @@ def test_bad_guided_choice_and_guided_json_name_the_field(body, message, param):
 @pytest.mark.parametrize(
     "body, message, param",
     [
-        ({"tool_choice": "required"}, "tool_choice: 'required' needs tools", "tool_choice"),
+        ({"tool_choice": "required"}, 'tool_choice: "required" needs tools', "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-         "tool_choice.function.name: no tool named 'nope' in tools", "tool_choice"),
+         'tool_choice.function.name: no tool named "nope" in tools', "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
          "response_format.json_schema.schema:", "response_format"),
     ],
@@ -272,8 +272,8 @@ def test_bad_http_bodies_name_the_openai_field(body, message, param):
 
 def test_grpc_names_become_openai_names_over_http():
     for grpc_message, want in [
-        ("messages.tool_choice_function: no tool named 'x'", "tool_choice: no tool named 'x'"),
-        ("messages.tool_choice: 'required' needs a server", "tool_choice: 'required' needs a server"),
+        ('messages.tool_choice_function: no tool named "x"', 'tool_choice: no tool named "x"'),
+        ('messages.tool_choice: "required" needs a server', 'tool_choice: "required" needs a server'),
         ("messages.tools_json[0].function.parameters.x: not supported", "tools[0].function.parameters.x: not"),
         ("response_format.json_schema: schema.pattern: not supported", "response_format.json_schema: schema.pat"),
         ("response_format.choice.values[2]: expected a non-empty", "guided_choice[2]: expected a non-empty"),
@@ -315,18 +315,18 @@ def test_client_keywords_fill_the_proto():
         ({"response_format": {"type": "yaml"}}, "response_format.type: expected one of"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.sc"),
         ({"tool_choice": "required"}, "tool_choice: only a chat"),
-        ({"messages": CHAT_MESSAGES, "tool_choice": "required"}, "tool_choice: 'required' needs tools=[...]"),
+        ({"messages": CHAT_MESSAGES, "tool_choice": "required"}, 'tool_choice: "required" needs tools=[...]'),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "z"}}},
-         "tool_choice.function.name: no tool named 'z'"),
+         'tool_choice.function.name: no tool named "z"'),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "tool_choice": "always"}, "tool_choice: expected"),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls: expected"),
-        ({"guided_choice": "yes"}, "guided_choice: expected a list of strings, got 'yes'"),
-        ({"guided_choice": ["yes", ""]}, "guided_choice[1]: expected a non-empty string, got ''"),
+        ({"guided_choice": "yes"}, 'guided_choice: expected a list of strings, got "yes"'),
+        ({"guided_choice": ["yes", ""]}, 'guided_choice[1]: expected a non-empty string, got ""'),
         ({"guided_choice": ["a"] * 4097}, "guided_choice: 4097 strings exceed the limit of 4096"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}},
          "response_format: cannot be combined with guided_choice"),
         ({"messages": CHAT_MESSAGES, "tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]},
-         "guided_choice: cannot be combined with tool_choice 'required'"),
+         'guided_choice: cannot be combined with tool_choice "required"'),
     ],
 )  # fmt: skip
 def test_client_refuses_bad_keywords_before_sending(kwargs, message):
@@ -362,7 +362,7 @@ def test_generate_choice_flags(capsys):
         assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     server = ("--server", "127.0.0.1:1")  # nothing is asked: the flags are checked first
     code, out, err = run_cli(capsys, "generate", "hi", *server, "--choice", "yes", "--choice", "")
-    want = "meshserve generate: error: --choice[1]: expected a non-empty string, got ''\n"  # one line, exit 2
+    want = 'meshserve generate: error: --choice[1]: expected a non-empty string, got ""\n'  # one line, exit 2
     assert code == 2 and not out and err == want
     code, _, err = run_cli(capsys, "generate", "hi", "--model", "tiny", "--choice", "a", "--mesh", "2x2x2")
     assert code == 2 and "--choice runs in process on one device" in err

@@ -87,7 +87,7 @@ BAD_HTTP = [
     ({"guided_regex": "a", "response_format": {"type": "json_object"}},
      "response_format: cannot be combined with guided_regex", "response_format"),
     ({"guided_regex": "a", "tools": TOOLS, "tool_choice": "required"},
-     "guided_regex: cannot be combined with tool_choice 'required'", "guided_regex"),
+     'guided_regex: cannot be combined with tool_choice "required"', "guided_regex"),
     ({"guided_grammar": "root ::= x"}, "guided_grammar: not supported: meshserve guides to JSON, JSON Schema, choices "
      "and regular expressions (response_format, guided_json, guided_choice, guided_regex)", "guided_grammar"),
 ]  # fmt: skip

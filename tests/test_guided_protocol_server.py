@@ -82,7 +82,7 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
          "response_format.strict: unknown field"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}},
          "response_format", "response_format.json_schema.name: expected 1 to 64 characters"),
-        ({"guided_choice": ["yes", ""]}, "guided_choice", "guided_choice[1]: expected a non-empty string, got ''"),
+        ({"guided_choice": ["yes", ""]}, "guided_choice", 'guided_choice[1]: expected a non-empty string, got ""'),
         ({"guided_choice": ["x" * 3000, "y" * 3000]}, "guided_choice",  # the server's limit (32 x 128 context)
          "guided_choice: 6000 characters exceed the limit of 4096"),
         ({"guided_json": {"type": "string", "pattern": "(a)\\1"}}, "guided_json",  # compiled by the server: renamed
@@ -109,7 +109,7 @@ def test_bad_tool_choices_answer_400_naming_the_field(tool_server):
     assert "cannot be combined with" in got["error"]["message"] and "tool_choice" in got["error"]["message"]
     named = {"type": "function", "function": {"name": "get_wether"}}
     status, got = _post(tool_server.http, "/chat/completions", {**asked, "tool_choice": named})
-    assert status == 400 and got["error"]["param"] == "tool_choice" and "no tool named 'get_wether'" in str(got)
+    assert status == 400 and got["error"]["param"] == "tool_choice" and 'no tool named "get_wether"' in str(got)
 
 
 def test_grpc_tool_choice_none_neither_renders_nor_parses_the_tools(tool_server):
@@ -165,7 +165,7 @@ def test_guided_choice_over_http_and_grpc_answers_one_of_the_strings(server):
         with pytest.raises(grpc.RpcError) as e:  # the server's own check (the client's is skipped)
             client.generate("Color:", validate=False, guided_choice=["red", ""])
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.details().startswith("response_format.choice.values[1]: expected a non-empty string, got ''")
+        assert e.value.details().startswith('response_format.choice.values[1]: expected a non-empty string, got ""')
 
 
 def test_guided_regex_over_http_and_grpc_answers_a_match(server):
@@ -270,7 +270,7 @@ def test_batch_generate_lines_take_response_format(tiny, tmp_path):
         "response_format.json_schema: schema.pattern: backreferences are not supported"
     )
     assert errors[2]["error"].startswith("response_format: cannot be combined with guided_choice")
-    assert errors[3]["error"].startswith("guided_choice[1]: expected a non-empty string, got ''")
+    assert errors[3]["error"].startswith('guided_choice[1]: expected a non-empty string, got ""')
     assert errors[4]["error"].startswith("guided_regex: backreferences are not supported")
     assert errors[5]["error"].startswith("guided_regex: more than 1024 positions to prepare token masks")
     results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}

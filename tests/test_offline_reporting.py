@@ -8,7 +8,8 @@ import io
 import json
 from pathlib import Path
 
-from meshserve.serving.cli_offline import COMMANDS, LogProgress, _report
+from meshserve.progress import LogProgress
+from meshserve.serving.cli_offline import COMMANDS, _report
 from meshserve.serving.jsonl_jobs import JobSummary, prepare_job
 
 

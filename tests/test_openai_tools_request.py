@@ -30,7 +30,7 @@ def test_tools_need_the_flag_and_tool_choice_auto_or_none():
     assert "--tool-call-parser hermes" in _refused({"tools": TOOLS}, None)
     # "required" and a named function are guided decoding (tests/test_guided_protocol.py); an unknown name is refused.
     message = _refused({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
-    assert message.startswith("tool_choice.function.name: no tool named 'nope'")
+    assert message.startswith('tool_choice.function.name: no tool named "nope"')
     assert _refused({"tools": TOOLS, "tool_choice": "sometimes"}).startswith("tool_choice: expected")
     assert _refused({"tools": TOOLS, "parallel_tool_calls": "yes"}).startswith("parallel_tool_calls: expected")
     parsed = parse_body(CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}, "m", "hermes")
@@ -51,7 +51,7 @@ def test_tools_need_the_flag_and_tool_choice_auto_or_none():
     [
         ({"type": "function"}, "tools: expected a list"),
         ([TOOLS[0], "get_weather"], "tools[1]: expected an object"),
-        ([{"type": "retrieval", "function": {"name": "f"}}], "tools[0].type: must be 'function'"),
+        ([{"type": "retrieval", "function": {"name": "f"}}], 'tools[0].type: must be "function"'),
         ([{"type": "function"}], "tools[0].function: expected an object"),
         ([TOOLS[0], {"type": "function", "function": {"description": "x"}}], "tools[1].function.name: expected"),
         (
@@ -86,7 +86,7 @@ def test_check_tools_keeps_what_was_sent():
         ({"role": "assistant", "tool_calls": [{"id": 7, "function": {"name": "f", "arguments": "{}"}}]},
          "messages[1].tool_calls[0].id: expected a string"),
         ({"role": "assistant", "tool_calls": [{"type": "code", "function": {"name": "f", "arguments": "{}"}}]},
-         "messages[1].tool_calls[0].type: must be 'function'"),
+         'messages[1].tool_calls[0].type: must be "function"'),
         ({"role": "tool", "tool_call_id": 5, "content": "x"}, "messages[1].tool_call_id: expected a string"),
         ({"role": "tool", "content": "x", "name": "f"}, "messages[1].name: not supported"),
     ],

@@ -134,7 +134,7 @@ def test_batch_generate_lines_take_both_fields_and_report_bad_ones(checkpoint, t
     assert by_id["min"]["finish_reason"] == "stop"
     errors = {e["id"]: e for e in map(json.loads, (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines())}
     expected = {
-        "key": "logit_bias: key 'abc' is not a token id",
+        "key": 'logit_bias: key "abc" is not a token id',
         "range": "logit_bias[7] must be a number in [-100, 100]",
         "vocab": "logit_bias: token id 256 outside the vocabulary [0, 256)",
         "list": "logit_bias must be a JSON object",

@@ -177,7 +177,7 @@ def test_tokenize_and_detokenize(server, oa, grpc_client, checkpoint):
         ("/tokenize", {}, "prompt: give a prompt (text) or messages, one of them"),
         ("/tokenize", {"prompt": "w5", "messages": CONVERSATION}, "prompt: give a prompt (text) or messages"),
         ("/tokenize", {"prompt": 5}, "prompt: expected a string, got 5"),
-        ("/tokenize", {"text": "w5"}, "text: unknown field (/tokenize takes chat_template_kwargs, messages, model, "),
+        ("/tokenize", {"text": "w5"}, "text: unknown field (/tokenize takes add_generation_prompt, "),
         ("/detokenize", {"tokens": [5, -1]}, "tokens[1]: expected a token id"),
         ("/detokenize", {"tokens": [99999]}, "tokens: token id 99999 outside the vocabulary"),
         ("/detokenize", {}, "tokens: missing"),
@@ -188,14 +188,14 @@ def test_tokenize_and_detokenize(server, oa, grpc_client, checkpoint):
 
 
 BAD = [
-    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature: expected a number, got 'hot'"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature: expected a number, got \"hot\""),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 60}, 400, "max_tokens: 5 prompt tokens + max_tokens 60"),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n must be >= 1"),
     ("/v1/completions", {"prompt": PROMPT, "n": 99}, 400, "n must be in [1, 16]"),
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 21}, 400, "logprobs must be in [0, 20]"),
     ("/v1/completions", {"prompt": PROMPT, "top_p": 7}, 400, "top_p must be in (0, 1]"),
-    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"w5": 1}}, 400, "logit_bias: key 'w5' is not a token id"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"w5": 1}}, 400, 'logit_bias: key "w5" is not a token id'),
     ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"99999": 1}}, 400, "logit_bias: token id 99999 outside"),
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo: not supported with stream"),
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 2}, 400, "logprobs: at most 1 with echo"),
@@ -213,7 +213,7 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": -(10**400)}}, 400, "logit_bias[5]: -1000000"),
     ("/v1/completions", {"prompt": "w5 \ud800"}, 400, "prompt: not valid text (a lone surrogate"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["\udfff"]}, 400, "stop: not valid text"),
-    ("/v1/completions", {"prompt": PROMPT, "\ud800": 1}, 400, "'\\ud800': a field name that is not valid text"),
+    ("/v1/completions", {"prompt": PROMPT, "\ud800": 1}, 400, '"\\ud800": a field name that is not valid text'),
     ("/v1/completions", {"prompt": PROMPT, "n": 2**31 - 1}, 400, "n must be in [1, 16]"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt: empty prompt"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages: missing or empty"),
@@ -232,7 +232,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 0}, 400,
      "max_completion_tokens must be in [1, "),
     ("/v1/chat/completions", {"messages": CONVERSATION, "response_format": {"type": "xml"}}, 400,
-     "response_format.type: expected one of 'text', 'json_object', 'json_schema'"),
+     'response_format.type: expected one of "text", "json_object", "json_schema"'),
 ]  # fmt: skip
 
 
@@ -308,9 +308,11 @@ def test_protocol_errors_and_auth(server, oa):
         openai.OpenAI(base_url=server.http, api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
         oa.completions.create(model="chat-tiny", prompt=PROMPT, temperature=-1)
-    # Health needs no token; an unknown path is a 404; an over-long body is refused unread (413).
+    # Health and metrics need no token (as vLLM's); an unknown path is a 404; an over-long body is refused unread (413).
     health = urllib.request.urlopen(f"http://{url.hostname}:{url.port}/health", timeout=10)
     assert health.status == 200 and json.loads(health.read()) == {"status": "ok"}
+    metrics = urllib.request.urlopen(f"http://{url.hostname}:{url.port}/metrics", timeout=10).read().decode()
+    assert 'meshserve_requests_total{code="UNAUTHENTICATED",method="POST /v1/completions"}' in metrics
     assert _post(server, "/v2/complete", {})[0] == 404
     status, got = _post(server, "/v1/completions", None, raw=b" " * 200_000)
     assert status == 413 and "request body: 200000 bytes exceed the limit of" in got["error"]["message"]

@@ -228,7 +228,7 @@ def test_output_text_log_probs(oa):
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input",
          "input[0].content[0]: input_image is not supported"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS_FLAT}, "tool_choice",
-         "tool_choice.name: no tool named 'nope'"),
+         'tool_choice.name: no tool named "nope"'),
     ],
 )  # fmt: skip
 def test_refusals_name_the_field(oa, kwargs, param, words):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,8 +121,8 @@ def _new_state_ms(tokenizer, spec, prefix: bytes) -> tuple[float, float, float, 
 
 
 def _walks(tokenizer, docs: int, seed: int) -> dict:
+    from meshserve.progress import progress
     from meshserve.serving.guided import Guide, GuideSpec, TokenTable, compile_spec
-    from tqdm import tqdm
 
     table = TokenTable.of(tokenizer, tokenizer.vocab_size)
     specs = [GuideSpec("json_object"), GuideSpec("json_schema", schema=json.dumps(_SCHEMA))]
@@ -131,20 +130,22 @@ def _walks(tokenizer, docs: int, seed: int) -> dict:
     weights = np.array([30.0 if data and structure & set(data) else 1.0 for data in table.bytes])
     rng = np.random.default_rng(seed)
     times, tokens, finished = [], 0, 0
-    for d in tqdm(range(docs), desc="walks", file=sys.stderr):
-        guide = Guide(compile_spec(specs[d % 2]), table, [tokenizer.eos_id])
-        for _ in range(400):
-            t0 = time.perf_counter()
-            mask = guide.mask()
-            times.append(time.perf_counter() - t0)
-            allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: table.vocab_size])
-            w = weights[allowed]
-            token = int(rng.choice(allowed, p=w / w.sum()))
-            guide.advance(token)
-            tokens += 1
-            if token == tokenizer.eos_id or guide.done:
-                finished += 1
-                break
+    with progress("walks", "doc", docs) as bar:
+        for d in range(docs):
+            guide = Guide(compile_spec(specs[d % 2]), table, [tokenizer.eos_id])
+            for _ in range(400):
+                t0 = time.perf_counter()
+                mask = guide.mask()
+                times.append(time.perf_counter() - t0)
+                allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: table.vocab_size])
+                w = weights[allowed]
+                token = int(rng.choice(allowed, p=w / w.sum()))
+                guide.advance(token)
+                tokens += 1
+                if token == tokenizer.eos_id or guide.done:
+                    finished += 1
+                    break
+            bar.update(1)
     ms = np.array(times) * 1e3
     return {"docs": docs, "finished": finished, "tokens": tokens, "tokens_per_doc": tokens / docs,
             "mask_ms_mean": float(ms.mean()), "mask_ms_p50": float(np.percentile(ms, 50)),

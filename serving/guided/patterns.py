@@ -276,7 +276,7 @@ def read_pattern(schema: dict, path: str) -> tuple[str, str]:
         raise GuideError(f"{path}.pattern: expected a regular expression (a string), got {show(pattern)}")
     implied = format_pattern(name)
     if pattern and implied:
-        raise GuideError(f"{path}: pattern together with format {name!r} is not supported (use one of them)")
+        raise GuideError(f"{path}: pattern together with format {show(name)} is not supported (use one of them)")
     return (pattern, f"{path}.pattern") if pattern else (implied or "", f"{path}.format")
 
 

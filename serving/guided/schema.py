@@ -208,7 +208,7 @@ class _Compiler:
         allowed = set(types) | ({"integer"} if "number" in types else set())
         kept = [v for v in values if _type_of(v) in allowed]
         if not kept:
-            raise GuideError(f"{where}: no value has type {schema.get('type')!r}")
+            raise GuideError(f"{where}: no value has type {_show(schema.get('type'))}")
         if "const" in schema:
             return self.const(kept[0], where)
         ids = tuple(self.const(v, f"{where}[{i}]") for i, v in enumerate(kept))
@@ -262,7 +262,7 @@ class _Compiler:
                              "(use false)")  # fmt: skip
         for name in required:
             if name not in props:
-                raise GuideError(f"{path}.required: {name!r} is not in properties (no other keys are written)")
+                raise GuideError(f"{path}.required: {_show(name)} is not in properties (no other keys are written)")
         out = tuple((_key(name), self.compile(s, f"{path}.properties.{name}"), name in required)
                     for name, s in props.items())  # fmt: skip
         return self.add(("obj", out, -1), path)
@@ -296,7 +296,7 @@ class _Compiler:
         for part in ref[2:].split("/"):
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
-                raise GuideError(f"{path}: {ref!r} names nothing in the schema")
+                raise GuideError(f"{path}: {_show(ref)} names nothing in the schema")
             target, where = target[part], f"{where}.{part}"
         slot = self.refs[key] = self.add(("alt", ()), where)  # filled below; recursion finds it here
         self.nodes[slot] = ("alt", (self.compile(target, where),))
@@ -334,13 +334,13 @@ def _tools(spec: GuideSpec, c: _Compiler) -> int:
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise GuideError(f"{where}: expected {{'type': 'function', 'function': {{...}}}}, got {_show(tool)}")
+            raise GuideError(f'{where}: expected {{"type": "function", "function": {{...}}}}, got {_show(tool)}')
         function = tool["function"]
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise GuideError(f"{where}.function.name: expected a non-empty string, got {_show(name)}")
         if name in names:
-            raise GuideError(f"{where}.function.name: {name!r} is also tools[{names.index(name)}]'s name")
+            raise GuideError(f"{where}.function.name: {_show(name)} is also tools[{names.index(name)}]'s name")
         names.append(name)
         if spec.tool_name and name != spec.tool_name:
             continue
@@ -353,7 +353,7 @@ def _tools(spec: GuideSpec, c: _Compiler) -> int:
         props = ((_key("name"), c.const(name, f"{where}.function.name"), True), (_key(args_key), args, True))
         calls.append(c.add(("obj", props, -1), where))
     if not calls:
-        raise GuideError(f"tools: no tool named {spec.tool_name!r} (tools: {', '.join(names)})")
+        raise GuideError(f"tools: no tool named {_show(spec.tool_name)} (tools: {', '.join(names)})")
     return c.add(("alt", tuple(calls)), "tools")
 
 

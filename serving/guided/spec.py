@@ -4,7 +4,6 @@ compiled specs are kept in (`SizedCache`: bounded in entries and in bytes)."""
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import UserError
+from meshserve.serving.json_show import show  # re-exported: the guided modules quote values with it
 
 __all__ = ["GuideError", "GuideSpec", "SizedCache", "KINDS", "show"]
 
@@ -21,12 +21,6 @@ KINDS = ("json_object", "json_schema", "tool_calls", "choice", "regex")
 class GuideError(UserError):
     """A format meshserve cannot guide to (a schema keyword it does not support, a tool that does not exist); the
     message names where in the spec, e.g. `schema.properties.age.pattern: not supported`."""
-
-
-def show(value: Any) -> str:
-    """A value as an error message quotes it (JSON, strings as repr; at most 40 characters)."""
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
