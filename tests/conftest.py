@@ -24,10 +24,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"meshserve-test-xla-cache-{os.getuid()}")
 )
-# Every compile goes to that cache, as a server's do (serving/compile_cache.py), not only those over JAX's default
-# 1 s: at -O0 most tiny steps compile faster than that, and a later module (JAX's in-memory caches are cleared after
-# each one, below), the other worker or a server the tests start would compile them again.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Well under vm.max_map_count's default (65530): a module that leaks this many maps past the clear fails its teardown.
 MAX_MAPS = 30_000
