@@ -144,8 +144,12 @@ class WireIO(BaseHTTPRequestHandler):
     def send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
         """`obj` as the JSON answer, with `headers` (e.g. a 405's Allow) beside the usual ones."""
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
+        self.send_body(status, "application/json", data, headers)
+
+    def send_body(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """A whole answer: `data` of `content_type`, with `headers` beside the usual ones."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))

@@ -378,12 +378,7 @@ class _Handler(WireIO):
 
     def _metrics(self) -> None:
         """GET /metrics: the Prometheus text exposition of the server's registry (serving/metrics.py)."""
-        content_type, data = self.front.metrics.exposition()
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_body(200, *self.front.metrics.exposition())
 
     def _error(self, error: HttpError) -> None:
         self.send_json(error.status, error_body(error), error.headers)

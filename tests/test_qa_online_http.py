@@ -68,25 +68,33 @@ def _post(url, body: dict, version: str = "1.1", extra: str = "") -> socket.sock
     return _send(url, f"POST /v1/completions HTTP/{version}\r\nHost: x\r\nContent-Length: {len(data)}\r\n{extra}", data)
 
 
-def test_a_queued_stream_whose_client_left_is_dropped_without_a_prefill(server):
-    with Client(server.target) as client:
+@contextlib.contextmanager
+def _two_leave_while_queued(proc, tls_ca=None):
+    """Around a block whose two clients queue and leave: a long request holds the server's one slot (>= 60 steps of
+    >= 50 ms: >= 3 s) from before the block; after it, both must be logged CANCELLED while that request still ran,
+    with no token generated (dropped from the queue, never prefilled)."""
+    with Client(proc.target, tls_ca=tls_ca) as client:
         client.wait_ready()
-        # The one slot: >= 60 steps of >= 50 ms, so it holds the slot for >= 3 s.
         long = threading.Thread(target=client.generate, args=("hello",),
                                 kwargs={"max_new_tokens": 60, "ignore_eos": True})  # fmt: skip
         long.start()
         time.sleep(0.3)
+        yield
+        dropped = _wait_for(lambda: sum(r["code"] == "CANCELLED" for r in _request_lines(proc)) == 2, timeout=10)
+        still_running = long.is_alive()
+        long.join()
+    assert dropped and still_running, f"not dropped while queued:\n{proc.output()[-3000:]}"
+    cancelled = [r for r in _request_lines(proc) if r["code"] == "CANCELLED"]
+    assert [r["method"] for r in cancelled] == ["POST /v1/completions"] * 2
+    assert all(r["generated_tokens"] == "0" for r in cancelled), cancelled  # never reached a slot
+
+
+def test_a_queued_stream_whose_client_left_is_dropped_without_a_prefill(server):
+    with _two_leave_while_queued(server):
         queued = [_post(server.url, {"prompt": p, "max_tokens": 20, "stream": True}) for p in ("abc", "de")]
         for sock in queued:
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream began: the request is queued
             sock.close()
-        dropped = _wait_for(lambda: sum(r["code"] == "CANCELLED" for r in _request_lines(server)) == 2, timeout=10)
-        still_running = long.is_alive()
-        long.join()
-    assert dropped and still_running, f"not dropped while queued:\n{server.output()[-3000:]}"
-    cancelled = [r for r in _request_lines(server) if r["code"] == "CANCELLED"]
-    assert [r["method"] for r in cancelled] == ["POST /v1/completions"] * 2
-    assert all(r["generated_tokens"] == "0" for r in cancelled), cancelled  # never reached a slot
 
 
 def test_a_transfer_encoding_is_refused_and_the_connection_closed(server):
@@ -162,12 +170,7 @@ def test_a_tls_client_that_left_is_noticed_while_queued(tmp_path):
                          python_code=SLOW_DECODE)  # fmt: skip
     try:
         url, context = urlsplit(proc.http), ssl.create_default_context(cafile=str(cert))
-        with Client(proc.target, tls_ca=cert) as client:
-            client.wait_ready()
-            long = threading.Thread(target=client.generate, args=("hello",),
-                                    kwargs={"max_new_tokens": 60, "ignore_eos": True})  # fmt: skip
-            long.start()
-            time.sleep(0.3)
+        with _two_leave_while_queued(proc, tls_ca=cert):
             for notify in (False, True):  # a plain close, and close_notify first (as curl and browsers do)
                 raw = socket.create_connection((url.hostname, url.port), timeout=30)
                 sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
@@ -181,12 +184,6 @@ def test_a_tls_client_that_left_is_noticed_while_queued(tmp_path):
                     with contextlib.suppress(OSError):
                         sock.unwrap()
                 sock.close()
-            dropped = _wait_for(lambda: sum(r["code"] == "CANCELLED" for r in _request_lines(proc)) == 2, timeout=10)
-            still_running = long.is_alive()
-            long.join()
-        assert dropped and still_running, f"not dropped while queued:\n{proc.output()[-3000:]}"
-        cancelled = [r for r in _request_lines(proc) if r["code"] == "CANCELLED"]
-        assert all(r["generated_tokens"] == "0" for r in cancelled), cancelled
         assert "Traceback" not in proc.output()
     finally:
         proc.close()
