@@ -24,6 +24,8 @@ from meshserve.errors import UserError
 from meshserve.model.sampling_params import SamplingParams
 from meshserve.serving.job_paths import OfflineError, check_paths  # re-exported: the jobs' API since before the split
 from meshserve.serving.job_settings import JobSettings, plan_record, settings_path, write_record
+from meshserve.serving.openai_fields import check_text, encodable
+from meshserve.serving.validation import RequestError
 
 __all__ = [
     "SCORE_KEYS",
@@ -133,20 +135,6 @@ def _cut(path: Path, good_end: int) -> None:
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # how errors="surrogateescape" reads a byte that is not UTF-8
 
 
-def _text(value: Any) -> bool:
-    """Whether `value` (JSON data) holds only encodable text: no lone surrogate from a \\u escape."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _lone_surrogate(data: dict) -> str | None:
-    """The first key of a line whose value (or the key itself) holds a lone surrogate, else None."""
-    return next((k for k, v in data.items() if not (_text(k) and _text(v))), None)
-
-
 def _key(value: Any) -> str:
     """Ids compare by their JSON text, so 1 and "1" stay different and any JSON scalar works."""
     return json.dumps(value, sort_keys=True)
@@ -187,11 +175,10 @@ def read_jobs(
             if not isinstance(data["id"], str | int) or isinstance(data["id"], bool):
                 errors(n, data["id"], "id must be a string or an integer")
                 continue
-            if (field := _lone_surrogate(data)) is not None:
-                # A JSON escape such as "\ud800" without its pair is no text: the tokenizer cannot take it. Worded
-                # as the HTTP API words it (serving/openai_fields.py).
-                errors(n, data["id"] if _text(data["id"]) else None,
-                       f"{field}: not valid text (a lone surrogate such as \\ud800)")  # fmt: skip
+            try:  # a JSON escape such as "\ud800" without its pair is no text: the tokenizer cannot take it
+                check_text(data)  # the HTTP API's check, its wording
+            except RequestError as e:
+                errors(n, data["id"] if not isinstance(data["id"], str) or encodable(data["id"]) else None, str(e))
                 continue
             unknown = [k for k in data if known is not None and k not in known]
             if unknown:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from meshserve.serving.json_show import show
 from meshserve.serving.validation import RequestError
 
-__all__ = ["INT32", "Body", "as_float", "check_text", "ints", "show"]
+__all__ = ["INT32", "Body", "as_float", "check_text", "encodable", "ints", "show"]
 
 INT32 = 2**31  # the proto's int32 fields: a JSON integer must fit one before it is set
 
@@ -54,12 +54,12 @@ def check_text(body: dict) -> None:
     """Refuse a body holding a string that is not text (JSON's \\ud800 escapes decode to lone surrogates, which no
     tokenizer, proto or reply can encode), naming the top-level field it is in."""
     for field, value in body.items():
-        if not _encodable(field):
+        if not encodable(field):
             raise RequestError(f"{show(field)}: a field name that is not valid text (a lone surrogate)")
         stack = [value]
         while stack:
             item = stack.pop()
-            if isinstance(item, str) and not _encodable(item):
+            if isinstance(item, str) and not encodable(item):
                 raise RequestError(f"{field}: not valid text (a lone surrogate such as \\ud800)")
             if isinstance(item, dict):
                 stack += [*item.keys(), *item.values()]
@@ -67,7 +67,8 @@ def check_text(body: dict) -> None:
                 stack += item
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (False for a lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -20,12 +20,21 @@ def test_bom_crlf_bad_bytes_and_lone_surrogates(tmp_path, kind):
     good = [json.dumps({"id": i, **LINE[kind]}).encode() for i in range(3)]
     latin1 = json.dumps({"id": "latin1", **LINE[kind]}).encode().replace(b'"ab"', b'"caf\xe9"')  # Windows-1252 é
     surrogate = json.dumps({"id": "half", **LINE[kind]}).replace('"ab"', '"x \\ud800"').encode()
-    src.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([good[0], latin1, good[1], surrogate, good[2]]) + b"\r\n")
+    # A lone surrogate in a key, and in the id itself: before, the key's message carried the surrogate and writing the
+    # errors file crashed the job (UnicodeEncodeError).
+    in_key = json.dumps({"id": "key", **LINE[kind], "\ud800": 1}).encode()
+    in_id = json.dumps({"id": "\udc81", **LINE[kind]}).encode()
+    lines = [good[0], latin1, good[1], surrogate, good[2], in_key, in_id]
+    src.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
     job = prepare_job(kind, src, out, err)
     assert [j.id for j in job.todo] == [0, 1, 2]  # the BOM line and the CRLF lines are read
-    assert [(line, id_) for line, id_, _ in job.bad] == [(2, None), (4, "half")]
+    assert [(line, id_) for line, id_, _ in job.bad] == [(2, None), (4, "half"), (6, "key"), (7, None)]
     assert job.bad[0][2] == "not UTF-8: byte 0xe9 at column 32 (save the file as UTF-8)"
     assert job.bad[1][2] == "prompt: not valid text (a lone surrogate such as \\ud800)"
+    assert job.bad[2][2] == '"\\ud800": a field name that is not valid text (a lone surrogate)'
+    assert job.bad[3][2] == "id: not valid text (a lone surrogate such as \\ud800)"
+    for line, id_, message in job.bad:  # what the errors file writes: UTF-8 text
+        json.dumps({"line": line, "id": id_, "error": message}, ensure_ascii=False).encode("utf-8")
 
 
 def test_a_prompt_longer_than_the_context_names_the_prompt_and_ignore_eos_takes_booleans_only(tmp_path):
