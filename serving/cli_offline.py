@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from meshserve.progress import LogProgress, progress  # LogProgress re-exported (was defined here)
+from meshserve.progress import progress
 from meshserve.serving.cli_model import add_model_arguments, add_warm_up_argument, load_for_serving
 from meshserve.serving.job_settings import settings_path
 from meshserve.serving.signals import SignalLatch, run_interruptibly
 
-__all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG", "LogProgress"]
+__all__ = ["COMMANDS", "SCORE_EPILOG", "GENERATE_EPILOG"]
 
 _COMMON = """
 Each input line is a JSON object in UTF-8 (a byte order mark and CRLF line ends are fine); blank lines are
