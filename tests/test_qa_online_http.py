@@ -200,9 +200,11 @@ def _ask(server, method: str, path: str, body: bytes = b"") -> tuple[int, dict[s
 
 def test_metrics_are_served_on_the_api_port_too(server):
     assert _ask(server, "POST", "/v1/completions", json.dumps({"prompt": "ab", "max_tokens": 1}).encode())[0] == 200
-    status, headers, data = _ask(server, "GET", "/metrics")  # before: 404 (only on --metrics-port)
+    status, headers, _ = _ask(server, "GET", "/metrics")  # before: 404 (only on --metrics-port)
     assert (status, headers["Content-Type"]) == (200, CONTENT_TYPE_LATEST)
-    assert 'meshserve_requests_total{code="OK",method="POST /v1/completions"}' in data.decode()
+    # A request is counted once its answer is written, so the client can scrape a moment before the count lands.
+    key = 'meshserve_requests_total{code="OK",method="POST /v1/completions"}'
+    assert _wait_for(lambda: key in _ask(server, "GET", "/metrics")[2].decode(), timeout=20)
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
