@@ -264,6 +264,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     if not args.server and (flag := guided_flag(args)) and args.mesh:
         raise UserError(f"{flag} runs in process on one device (the serving engine); drop --mesh, or ask a server "
                         "started with --mesh (--server HOST:PORT)")  # fmt: skip
+    if args.min_tokens > args.max_new_tokens > 0:  # as vLLM: it could never be met (bad values: checked later)
+        raise UserError(f"--min-tokens must be <= --max-new-tokens ({args.max_new_tokens}), got {args.min_tokens}")
     guided_kwargs(args)  # a missing or bad --json-schema file, a bad --choice or --regex: reported before anything
     if args.timeout is not None and not (0 < args.timeout < math.inf):
         raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")

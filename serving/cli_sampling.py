@@ -142,7 +142,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="end-of-sequence and --stop-token-ids cannot be sampled before N tokens are generated; each such id "
-        "takes one of --logit-bias's 64 entries (default 0 = off)",
+        "takes one of --logit-bias's 64 entries; at most --max-new-tokens (default 0 = off)",
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"

@@ -200,7 +200,9 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
             f"{'messages' if 'messages' in d else 'prompt'}: {len(prompt)} tokens leave no room to generate in the "
             f"context of {engine.plan.max_context} tokens (at most {engine.plan.max_context - 1} prompt tokens)"
         )
-    n = d.get("max_new_tokens", min(64, room))
+    at_least = d.get("min_tokens", 0)  # an unset max_new_tokens leaves room for min_tokens (checked below)
+    at_least = at_least if isinstance(at_least, int) and not isinstance(at_least, bool) else 0
+    n = d.get("max_new_tokens", min(max(64, at_least), room))
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
         raise LineError(
             f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {show(n)}"

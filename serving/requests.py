@@ -82,6 +82,10 @@ class Request:
     computed: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
+        if self.sampling.min_tokens > self.max_new_tokens:  # as vLLM: it could never be met
+            raise SamplingError(
+                f"min_tokens must be <= max_new_tokens ({self.max_new_tokens}), got {self.sampling.min_tokens}"
+            )
         # min_tokens holds back the ids this request stops on, which the engine reads from `sampling`: a caller
         # that gave none there (SamplingParams(min_tokens=k) alone) gets the request's stop ids.
         if self.sampling.min_tokens and not self.sampling.stop_ids and self.stop_ids:

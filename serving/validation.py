@@ -262,8 +262,8 @@ class RequestParser:
                     f"max_new_tokens: {len(prompt)} prompt tokens + max_new_tokens {n} exceed the context limit "
                     f"max_context={lim.max_context}"
                 )
-        else:
-            n = min(default_new_tokens, room, lim.max_new_tokens)
+        else:  # long enough for the request's own min_tokens (a smaller default would refuse it)
+            n = min(max(default_new_tokens, req.sampling.min_tokens), room, lim.max_new_tokens)
         if not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:  # a request field, checked before sampling's own fields
             raise RequestError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}] (0 = none), got {req.top_logprobs}")
         s = req.sampling

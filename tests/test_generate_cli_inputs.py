@@ -40,6 +40,7 @@ def _one_line_error(capsys, *argv: str) -> str:
         (["--top-k", str(2**32)], f"top_k must be an integer in [0, {2**31 - 1}] (0 = off), got {2**32}"),
         (["--max-new-tokens", str(2**32 + 1)], f"max_new_tokens must be an integer in [1, {2**31 - 1}]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be an integer in [1, "),
+        (["--min-tokens", "9", "--max-new-tokens", "4"], "--min-tokens must be <= --max-new-tokens (4), got 9"),
         (["--tokens", f"1,{2**40}"], f"tokens.ids: token id {2**40} is not an integer in [0, "),
         (["--tls-ca", "/nonexistent/ca.pem"], "cannot read --tls-ca /nonexistent/ca.pem: No such file or directory"),
         (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0"),

@@ -43,7 +43,8 @@ def test_a_prompt_longer_than_the_context_names_the_prompt_and_ignore_eos_takes_
     lines refused on reading (before: after them all)."""
     rows = [{"id": "long", "prompt": "word " * 400}, {"id": "typo", "prompt": "a", "max_tokens": 2},
             {"id": "ok", "prompt": "a", "max_new_tokens": 2},
-            {"id": "eos", "prompt": "a", "ignore_eos": "false"}]  # fmt: skip
+            {"id": "eos", "prompt": "a", "ignore_eos": "false"},
+            {"id": "min", "prompt": "a", "max_new_tokens": 2, "min_tokens": 3}]  # fmt: skip
     lines = [json.dumps(r) for r in rows] + ['{"id": "half", "prompt": "\\udc80"}']
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     done = subprocess.run(meshserve("batch-generate", "in.jsonl", "-o", "out.jsonl", "--model", "tiny", "--json"),
@@ -51,17 +52,18 @@ def test_a_prompt_longer_than_the_context_names_the_prompt_and_ignore_eos_takes_
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     summary = json.loads(done.stdout)
-    assert (summary["done"], summary["errors"]) == (1, 4)
+    assert (summary["done"], summary["errors"]) == (1, 5)
     errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
-    assert [e["line"] for e in errors] == [1, 2, 4, 5]
+    assert [e["line"] for e in errors] == [1, 2, 4, 5, 6]
     assert (
         errors[0]["error"].startswith("prompt: ")
         and "leave no room to generate in the context of 128" in (errors[0]["error"])
     )
     assert errors[2]["error"] == 'ignore_eos must be true or false, got "false"'  # before: taken as true
+    assert errors[3]["error"] == "min_tokens must be <= max_new_tokens (2), got 3"  # before: accepted
     # stderr is a pipe here, as a log file would be: plain progress lines, no carriage-return redraws.
     assert "\r" not in done.stderr and "batch-generate: 2/2 tok (100%)" in done.stderr
-    assert done.stderr.splitlines()[-1].startswith("meshserve batch-generate: 1 written, 0 already done, 4 bad lines")
+    assert done.stderr.splitlines()[-1].startswith("meshserve batch-generate: 1 written, 0 already done, 5 bad lines")
     assert [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == ["ok"]
 
 

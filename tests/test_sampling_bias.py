@@ -158,7 +158,7 @@ def test_checks_name_the_field_and_the_limit():
         with pytest.raises(SamplingError) as err:
             SamplingParams(**kwargs)
         assert message in str(err.value), (kwargs, str(err.value))
-    # 64 entries without min_tokens are fine, and so is min_tokens beyond max_new_tokens (eos is never drawn).
+    # 64 entries without min_tokens are fine (min_tokens against max_new_tokens is the Request's check).
     SamplingParams(logit_bias={i: 1.0 for i in range(L_MAX)}, stop_ids=(EOS,))
     p = SamplingParams(logit_bias={7: 2, 3: -1}, min_tokens=5)
     assert p.logit_bias == ((3, -1.0), (7, 2.0)) and hash(p) == hash(SamplingParams(logit_bias=[(7, 2.0), (3, -1)],

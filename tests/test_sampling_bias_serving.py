@@ -67,9 +67,9 @@ def test_min_tokens_holds_eos_and_stop_token_ids_back(client):
     # ignore_eos: eos ends nothing, so min_tokens holds nothing back and the biased eos comes at once, to the end.
     r = client.generate(PROMPT, max_new_tokens=4, logit_bias={EOS: 100}, min_tokens=3, ignore_eos=True)
     assert r.tokens == [EOS] * 4 and r.finish_reason == "length"
-    # min_tokens past max_new_tokens is allowed: eos never comes.
-    r = client.generate(PROMPT, max_new_tokens=4, logit_bias={EOS: 100}, min_tokens=50)
-    assert EOS not in r.tokens and r.finish_reason == "length"
+    # Without max_new_tokens, the default length stretches to min_tokens (a shorter default could never meet it).
+    r = client.generate(PROMPT, logit_bias={EOS: 100}, min_tokens=80)  # the default is 64
+    assert len(r.tokens) == 80 and EOS not in r.tokens and r.finish_reason == "length", r.tokens
 
 
 def test_bad_entries_answer_invalid_argument_naming_the_field(client):
@@ -83,6 +83,7 @@ def test_bad_entries_answer_invalid_argument_naming_the_field(client):
         (dict(logit_bias={i: 1.0 for i in range(10, 10 + L_MAX)}, min_tokens=2),
          f"sampling.logit_bias: {L_MAX} entries + 1 for min_tokens"),
         (dict(min_tokens=-3), "sampling.min_tokens must be an integer in [0, "),
+        (dict(min_tokens=3), "sampling.min_tokens must be <= max_new_tokens (2), got 3"),  # vLLM refuses it too
     ]  # fmt: skip
     for kw, message in cases:
         for call in (client.generate, lambda p, **k: list(client.generate_stream(p, **k))):

@@ -200,6 +200,8 @@ BAD = [
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo: not supported with stream"),
     ("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 2}, 400, "logprobs: at most 1 with echo"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be in [1, "),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "min_tokens": 3}, 400,
+     "min_tokens must be <= max_tokens (2), got 3"),
     ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, 400, "best_of: only best_of = n (1)"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["x", 3]}, 400, "stop[1]: expected a string, got 3"),
     ("/v1/completions", {"prompt": PROMPT, "frobnicate": 1}, 400, "frobnicate: unknown field (/v1/completions takes"),
@@ -231,6 +233,8 @@ BAD = [
      "max_completion_tokens: give it or max_tokens, not both"),
     ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 0}, 400,
      "max_completion_tokens must be in [1, "),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 2, "min_tokens": 3}, 400,
+     "min_tokens must be <= max_completion_tokens (2), got 3"),
     ("/v1/chat/completions", {"messages": CONVERSATION, "response_format": {"type": "xml"}}, 400,
      'response_format.type: expected one of "text", "json_object", "json_schema"'),
 ]  # fmt: skip
