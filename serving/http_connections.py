@@ -156,7 +156,8 @@ class WireIO(BaseHTTPRequestHandler):
         if self.close_connection:  # say so: a client reusing the connection would meet a closed socket
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: GET's headers, Content-Length included, and no body (RFC 9110 9.3.2)
+            self.wfile.write(data)
 
     def start_stream(self, on_error: Callable[[HttpError], None]) -> None:
         """A 200 answer of server-sent events; `on_error` sends an error that comes after it began."""

@@ -56,7 +56,7 @@ log = logging.getLogger("meshserve.http")
 _ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, RESPONSES: RESPONSES}
 _TOKENIZERS = ("/tokenize", "/detokenize")  # vLLM's
 # Each known path's methods (a 405's Allow header); any other path is 404 whatever the method.
-_METHODS = {"/health": "GET, HEAD", "/metrics": "GET", "/v1/models": "GET",
+_METHODS = {"/health": "GET, HEAD", "/metrics": "GET, HEAD", "/v1/models": "GET, HEAD",
             **{path: "POST" for path in (*_ROUTES, *_TOKENIZERS)}}  # fmt: skip
 _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
           411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
@@ -65,7 +65,7 @@ _CODES = {0: "CANCELLED", 200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICA
 
 def allowed_methods(path: str) -> str | None:
     """The methods `path` answers (an Allow header's value); None for a path this server does not know."""
-    return "GET" if path.startswith("/v1/models/") else _METHODS.get(path)
+    return "GET, HEAD" if path.startswith("/v1/models/") else _METHODS.get(path)
 
 
 class HttpFront:
@@ -353,12 +353,11 @@ class _Handler(WireIO):
             self.send_json(code, error_body(HttpError(code, f"{what}: {message or HTTPStatus(code).phrase}")))
 
     def do_HEAD(self) -> None:  # noqa: N802
-        """HEAD /health, as some load balancers probe: GET's status and no body. Other known paths: 405."""
-        if urlsplit(self.path).path != "/health":
+        """HEAD of a GET path (RFC 9110 9.3.2; load balancers probe /health so): GET's status and headers, no body
+        (WireIO.send_body writes none for HEAD). A POST path: 405."""
+        if "HEAD" not in (allowed_methods(urlsplit(self.path).path) or ""):
             return self.wrong_method()
-        self.send_response(200 if self.front.serving else 503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self.do_GET()
 
     def wrong_method(self, why: str = "") -> None:
         """A method `path` does not answer: 405 with the Allow header (RFC 9110 15.5.6), or 404 for an unknown path.

@@ -136,12 +136,24 @@ def test_out_of_range_integers_name_the_limit_that_applies(server):
     assert conn.getresponse().status == 200  # the server goes on
 
 
-def test_head_health_answers_as_get_without_a_body(server):
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/v1/models/m", "/v1/models/other"])
+def test_head_answers_as_get_without_a_body(server, path):
+    # Before: HEAD /health answered with Content-Length 0, /metrics and /v1/models 405 (RFC 9110: a GET path takes
+    # HEAD too; a load balancer probes /health so).
     conn = http.client.HTTPConnection(server.url.hostname, server.url.port, timeout=30)
-    conn.request("HEAD", "/health")  # a load balancer's probe (before: 501 and the connection closed)
+    conn.request("GET", path)
+    got = conn.getresponse()
+    body = got.read()
+    conn.request("HEAD", path)  # the same connection carries on
     reply = conn.getresponse()
-    assert (reply.status, reply.read()) == (200, b"")
-    conn.request("GET", "/health")  # the same connection carries on
+    assert (reply.status, reply.getheader("Content-Type"), reply.read()) == (
+        got.status,
+        got.getheader("Content-Type"),
+        b"",
+    )
+    if path != "/metrics":  # the exposition changes between the two (counts)
+        assert int(reply.getheader("Content-Length")) == len(body)
+    conn.request("GET", "/health")  # and on
     assert conn.getresponse().status == 200
 
 
@@ -209,7 +221,7 @@ def test_metrics_are_served_on_the_api_port_too(server):
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"), ("POST", "/health", "GET, HEAD"),
-    ("POST", "/metrics", "GET"), ("DELETE", "/v1/models", "GET"), ("PUT", "/v1/models/x", "GET"),
+    ("POST", "/metrics", "GET, HEAD"), ("DELETE", "/v1/models", "GET, HEAD"), ("PUT", "/v1/models/x", "GET, HEAD"),
     ("HEAD", "/tokenize", "POST"), ("GET", "/nowhere", None), ("DELETE", "/v1/nowhere", None), ("HEAD", "/x", None),
 ])  # fmt: skip
 def test_a_wrong_method_on_a_known_path_is_405_with_allow(server, method, path, allow):
