@@ -69,7 +69,8 @@ GENERATE_EPILOG = (
   messages           instead of prompt: a chat, [{"role": "system"|"user"|"assistant", "content": TEXT}, ...],
                      rendered by the model's chat template with the assistant's turn opened
   chat_template_kwargs  with messages: more template variables, e.g. {"enable_thinking": false} (Qwen3)
-  max_new_tokens     tokens to generate, >= 1 (default: 64, or what is left of the context if less)
+  max_new_tokens     tokens to generate, >= 1 (default: 64, or min_tokens if more, or what is left of the
+                     context if less)
   n                  samples of this prompt, 1 to 64 (default 1); sample i uses seed + i, so with temperature 0
                      all n are the same; the line is written once all n finished, its samples under "choices"
   temperature        0 = greedy (default 0)
@@ -84,10 +85,11 @@ GENERATE_EPILOG = (
   logit_bias         {"token id": bias} added to those logits before sampling, e.g. {"123": -100, "7": 5}: keys
                      digit strings, biases in [-100, 100], at most 64 entries with min_tokens' (default none)
   min_tokens         end-of-sequence and stop_token_ids cannot end the text before this many tokens; each such
-                     id takes one of logit_bias's 64 entries (default 0 = off)
-  stop               a string or a list of strings that end the text (default none)
+                     id takes one of logit_bias's 64 entries; at most max_new_tokens (default 0 = off)
+  stop               a string or a list of strings that end the text, cut off before it (default none)
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
+  include_stop_str_in_output  true: the text ends with the stop string that ended it (vLLM's; default false)
   response_format    guided decoding, as OpenAI's: {"type": "json_object"} (any JSON object) or {"type":
                      "json_schema", "json_schema": {"name": NAME, "schema": {...}}} (JSON the schema accepts);
                      the text then ends as soon as the JSON is complete (default: free text)

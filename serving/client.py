@@ -252,6 +252,7 @@ class Client:
         tool_choice: str | Mapping[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        include_stop_str_in_output: bool = False,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
@@ -271,7 +272,8 @@ class Client:
         "none" (the template is not given the tools), "required" or {"type": "function", "function": {"name": ...}}
         (guided into calls of the tools / of that one; the server needs --tool-call-parser);
         parallel_tool_calls=False: exactly one call. chat_template_kwargs: more variables for the chat template
-        (vLLM's; e.g. {"enable_thinking": False} for Qwen3)."""
+        (vLLM's; e.g. {"enable_thinking": False} for Qwen3). include_stop_str_in_output: the text ends with the
+        stop string that ended it (vLLM's), not just before it."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -313,6 +315,7 @@ class Client:
             stop=list(stop),
             return_logprobs=return_logprobs,
             ignore_eos=ignore_eos,
+            include_stop_str_in_output=include_stop_str_in_output,
             top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate, messages, tools, chat_template_kwargs),

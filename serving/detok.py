@@ -4,7 +4,8 @@ Text is what `tokenizer.decode(all generated ids)` gives; each step emits only t
   - a decode ending in U+FFFD (an incomplete UTF-8 sequence or a byte-fallback piece) is held back until the
     next token completes it;
   - a tail that could be the start of a stop string is held back until it is clear it is not one;
-  - when a stop string appears, the text is cut before it and the request ends.
+  - when a stop string appears, the text is cut before it (after it with include_stop, vLLM's
+    include_stop_str_in_output) and the request ends.
 Concatenating every emitted piece gives the final text exactly (`finish` flushes what was held back).
 
 Each push costs O(new tokens + a small window), not O(all tokens): as vLLM's `detokenize_incrementally` and TGI's
@@ -34,9 +35,10 @@ _RESOLVE = 4
 class StreamDecoder:
     """Per-request state: the ids so far, the text emitted so far, and the stop strings to look for."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop  # the text ends with the stop string found (else just before it)
         self.ids: list[int] = []
         self.stopped = False
         # ids[:_read] are text already (emitted or in _pending); ids[_prefix:_read] is decoded again as context.
@@ -112,10 +114,13 @@ class StreamDecoder:
         return text
 
     def _find_stop(self, text: str) -> int | None:
-        # `text` is everything not yet emitted: a stop string cannot start in emitted text, since a tail that could
-        # start one is held back (see push).
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        """Where `text` ends: before the first stop string in it, or with include_stop after the first to end (as a
+        stream sees them: "ab" ends before "abc" does), or None. `text` is everything not yet emitted: a stop string
+        cannot start in emitted text, since a tail that could start one is held back (see push)."""
+        hits = [(i, i + len(s)) for s in self.stop if (i := text.find(s)) >= 0]
+        if not hits:
+            return None
+        return min(end for _, end in hits) if self.include_stop else min(start for start, _ in hits)
 
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of some stop string."""

@@ -4,7 +4,8 @@
   batch-generate  {"id", "prompt" | "messages" (+ "chat_template_kwargs"?), "max_new_tokens"?, "n"?,
                    "temperature"?, "top_k"?, "top_p"?, "seed"?, "stop"?,
                    "ignore_eos"?, "repetition_penalty"?, "presence_penalty"?, "frequency_penalty"?, "min_p"?,
-                   "top_logprobs"?, "stop_token_ids"?, "response_format"? | "guided_choice"? | "guided_regex"?}
+                   "top_logprobs"?, "stop_token_ids"?, "include_stop_str_in_output"?,
+                   "response_format"? | "guided_choice"? | "guided_regex"?}
                    n = 1 (default) -> {"id", "text", "tokens", "logprobs", "finish_reason", "top_logprobs"?}
                    n > 1           -> {"id", "choices": [{"index", "text", "tokens", "logprobs", "finish_reason",
                                                           "top_logprobs"?}, ...]}  (index order)
@@ -236,11 +237,16 @@ def _generation_requests(model, engine, job: JobLine, chat: ChatOptions | None =
     if not isinstance(ignore_eos, bool):  # "false" (a string) is truthy: it would drop the stop at EOS unseen
         raise LineError(f"ignore_eos must be true or false, got {show(ignore_eos)}")
     stop_ids = frozenset(extra) | (frozenset() if ignore_eos else frozenset(model.stop_ids()))
+    include_stop = d.get("include_stop_str_in_output", False)
+    if not isinstance(include_stop, bool):
+        raise LineError(f"include_stop_str_in_output must be true or false, got {show(include_stop)}")
     guide = _guide(d)
     if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block
         guide = dataclasses.replace(guide, think="open" if opens else "start")
     try:  # the Request gives min_tokens its stop ids (one bias entry each); sample i uses seed + i
-        request = Request(prompt, n, sampling, stop_ids, guide=guide, think_open=thinking and opens)
+        request = Request(
+            prompt, n, sampling, stop_ids, guide=guide, think_open=thinking and opens, include_stop_str=include_stop
+        )
         return request.samples(samples), stop
     except SamplingError as e:
         raise LineError(str(e)) from None

@@ -43,7 +43,7 @@ class CallerSide:
     ) -> RequestHandle:
         """Queue a validated request; raises QueueFullError / ShuttingDownError (or a GuideError: a format past its
         bounds). `done` receives the handle at the end."""
-        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop), done=done)
+        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop, request.include_stop_str), done=done)
         self.guides.add([request])
         try:
             with self._lock:
@@ -69,7 +69,11 @@ class CallerSide:
         reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         handles = [
-            RequestHandle(r, StreamDecoder(self.tokenizer, stop), events=TaggedQueue(events, i))  # type: ignore
+            RequestHandle(
+                r,
+                StreamDecoder(self.tokenizer, stop, r.include_stop_str),
+                events=TaggedQueue(events, i),  # type: ignore
+            )
             for i, r in enumerate(requests)
         ]
         self.guides.add(requests)

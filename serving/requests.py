@@ -63,6 +63,9 @@ class Request:
     # A chat whose template's generation prompt opened a reasoning block (serving/reasoning.py; with a reasoning
     # parser only): its output starts inside the block.
     think_open: bool = False
+    # Stop strings (the orchestrator's, not the engine's) end the text with themselves (vLLM's
+    # include_stop_str_in_output) rather than before.
+    include_stop_str: bool = False
     arrival: float = 0.0
     id: int = field(default_factory=lambda: next(_ids))
     # progress (owned by the scheduler)
@@ -103,7 +106,8 @@ class Request:
             raise SamplingError(f"seed + n - 1 must be below 2**63 (sample i uses seed + i), got seed {seed}, n {n}")
         rest = [
             Request(list(self.prompt), self.max_new_tokens, dataclasses.replace(self.sampling, seed=seed + i),
-                    self.stop_ids, deadline=self.deadline, guide=self.guide, think_open=self.think_open)
+                    self.stop_ids, deadline=self.deadline, guide=self.guide, think_open=self.think_open,
+                    include_stop_str=self.include_stop_str)
             for i in range(1, n)
         ]  # fmt: skip
         return [self, *rest]

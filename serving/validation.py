@@ -304,7 +304,15 @@ class RequestParser:
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         stop_ids = frozenset(extra) | (frozenset() if req.ignore_eos else frozenset(self.model.stop_ids()))
         try:  # the Request gives min_tokens its stop ids, one bias entry each: the table's limit applies
-            request = Request(prompt, n, sampling, stop_ids, deadline=deadline, guide=guide)
+            request = Request(
+                prompt,
+                n,
+                sampling,
+                stop_ids,
+                deadline=deadline,
+                guide=guide,
+                include_stop_str=req.include_stop_str_in_output,
+            )
             request.think_open = thinking and opens
             return request, list(req.stop)
         except SamplingError as e:

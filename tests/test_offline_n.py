@@ -126,3 +126,23 @@ def test_a_killed_job_resumes_writing_each_id_once_with_all_its_samples(checkpoi
     # the first one's slot is taken before they are placed: half is the floor here, ~95% was seen).
     most = (n - first) * (samples - 1) * len(prompts[0])
     assert most >= summary["cached_prompt_tokens"] >= most // 2
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(checkpoint, tmp_path):
+    """A line's stop string ends the text before it, or with it when include_stop_str_in_output is true (vLLM's);
+    the value must be a JSON boolean."""
+    base = {"prompt": "hello", "max_new_tokens": 12, "ignore_eos": True}
+    _, (full,), _ = _job(checkpoint, tmp_path, "full", [{"id": "full", **base}])
+    text = full["text"]
+    k = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2])  # a stop from the middle
+    stop = text[k : k + 2]
+    rows = [{"id": "cut", **base, "stop": [stop]},
+            {"id": "kept", **base, "stop": [stop], "include_stop_str_in_output": True},
+            {"id": "bad", **base, "include_stop_str_in_output": "yes"}]  # fmt: skip
+    _, out, errors = _job(checkpoint, tmp_path, "stops", rows)
+    by_id = {r["id"]: r for r in out}
+    cut = text[: text.find(stop)]
+    assert (by_id["cut"]["text"], by_id["cut"]["finish_reason"]) == (cut, "stop")
+    assert (by_id["kept"]["text"], by_id["kept"]["tokens"]) == (cut + stop, by_id["cut"]["tokens"])
+    assert [e["id"] for e in errors] == ["bad"]
+    assert errors[0]["error"] == 'include_stop_str_in_output must be true or false, got "yes"'

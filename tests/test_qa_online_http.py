@@ -260,3 +260,22 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(server):
     error = json.loads(data)["error"]
     assert (status, error["param"]) == (400, "stream_options")
     assert error["message"] == "stream_options.continuous_usage_stats: needs include_usage: true"
+
+
+def test_include_stop_str_in_output_ends_the_text_with_the_stop_string(server):
+    """vLLM's include_stop_str_in_output over HTTP, whole and streamed (before: 400 unknown field)."""
+    base = {"prompt": "ab", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+    status, _, data = _ask(server, "POST", "/v1/completions", json.dumps(base).encode())
+    text = json.loads(data)["choices"][0]["text"]
+    k = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2])  # a stop from the middle
+    stop = text[k : k + 2]
+    body = {**base, "stop": [stop], "include_stop_str_in_output": True}
+    status, _, data = _ask(server, "POST", "/v1/completions", json.dumps(body).encode())
+    choice = json.loads(data)["choices"][0]
+    assert (status, choice["text"], choice["finish_reason"]) == (200, text[: text.find(stop)] + stop, "stop")
+    events = _events(server, {**body, "stream": True})
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == choice["text"]
+    status, _, data = _ask(
+        server, "POST", "/v1/completions", json.dumps({**body, "include_stop_str_in_output": 1}).encode()
+    )
+    assert status == 400 and "include_stop_str_in_output" in json.loads(data)["error"]["message"]

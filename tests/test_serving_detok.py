@@ -33,9 +33,9 @@ def tok(request):
     return ByteTokenizer() if request.param == "bytes" else load_tokenizer(DEMO)
 
 
-def _stream(tok, ids, rng, stop=()):
+def _stream(tok, ids, rng, stop=(), include_stop=False):
     """Push ids in random chunks of 1-3 until a stop; -> (pieces, finish text, ids pushed, stop hit)."""
-    d = StreamDecoder(tok, stop)
+    d = StreamDecoder(tok, stop, include_stop)
     pieces, i, hit = [], 0, False
     while i < len(ids) and not hit:
         n = int(rng.integers(1, 4))
@@ -45,9 +45,11 @@ def _stream(tok, ids, rng, stop=()):
     return pieces, d.finish(), ids[:i], hit
 
 
-def _cut(text, stop):
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(hits)] if hits else text
+def _cut(text, stop, include_stop=False):
+    hits = [(i, i + len(s)) for s in stop if (i := text.find(s)) >= 0]
+    if not hits:
+        return text
+    return text[: min(end for _, end in hits) if include_stop else min(start for start, _ in hits)]
 
 
 def _random_ids(tok, rng, n):
@@ -95,6 +97,22 @@ def test_stop_strings_cut_the_stream_at_the_first_match(tok):
             assert pushed == ids
         for s in stop:  # a piece never carries a stop string or the beginning of one that then completed
             assert s not in text
+
+
+def test_include_stop_ends_the_text_with_the_stop_string(tok):
+    """vLLM's include_stop_str_in_output: the text ends with the first stop string to end, whatever the pushes'
+    split."""
+    rng = np.random.default_rng(4)
+    stops = [["ö"], ["日本", "日本語"], ["🙂🚀 o", "\n "], ["return", "ld, ü"], ["zzzz"]]
+    for trial in range(100):
+        stop = stops[trial % len(stops)]
+        ids = _random_ids(tok, rng, int(rng.integers(1, 120))) if trial % 3 == 0 else tok.encode(TEXT)
+        pieces, rest, pushed, hit = _stream(tok, ids, rng, stop, include_stop=True)
+        text = "".join(pieces) + rest
+        assert text == _cut(tok.decode(pushed), stop, include_stop=True), (stop, ids)
+        if hit:
+            assert any(text.endswith(s) for s in stop) and rest == "", (stop, ids)
+    assert _cut(TEXT, ["日本語", "日本"], include_stop=True).endswith("日本")  # a stream meets it first
 
 
 def test_emitted_text_is_never_taken_back(tok):

@@ -215,6 +215,11 @@ def test_stop_string_ends_early_and_is_cut(client):
     assert cut.tokens == full.tokens[: len(cut.tokens)] and len(cut.tokens) < 40
     tokens, streamed, _, reason = _stream(client, [65, 66, 67], max_new_tokens=40, stop=[stop])
     assert (streamed, reason, tokens) == (cut.text, "stop", cut.tokens)
+    kept = dict(max_new_tokens=40, stop=[stop], include_stop_str_in_output=True)  # vLLM's: the text ends with it
+    whole = client.generate([65, 66, 67], **kept)
+    assert (whole.text, whole.tokens, whole.finish_reason) == (cut.text + stop, cut.tokens, "stop")
+    tokens, streamed, _, reason = _stream(client, [65, 66, 67], **kept)
+    assert (streamed, reason, tokens) == (whole.text, "stop", whole.tokens)
 
 
 def test_32_concurrent_streams_equal_each_request_served_alone(server, client):
