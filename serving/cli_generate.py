@@ -196,7 +196,8 @@ def _run_remote(args: argparse.Namespace, status: _Status) -> int:
     tls_ca = _read_file("--tls-ca", args.tls_ca, binary=True) if args.tls_ca else None
     prompts = list(args.prompts) + [list(t) for t in args.tokens]
     kwargs = dict(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, return_logprobs=True,
-                  stop_token_ids=args.stop_token_ids, n=args.n, **guided_kwargs(args),
+                  stop_token_ids=args.stop_token_ids, n=args.n, stop=args.stop,
+                  include_stop_str_in_output=args.include_stop_str, **guided_kwargs(args),
                   **_sampling_fields(args))  # fmt: skip
     # --chat: each prompt goes as messages (the server renders its model's chat template).
     chat = {"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}
@@ -264,6 +265,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     if not args.server and (flag := guided_flag(args)) and args.mesh:
         raise UserError(f"{flag} runs in process on one device (the serving engine); drop --mesh, or ask a server "
                         "started with --mesh (--server HOST:PORT)")  # fmt: skip
+    if "" in args.stop:
+        raise UserError("--stop must be a non-empty string (an empty one would end every text at once)")
+    if args.include_stop_str and not args.stop:
+        raise UserError("--include-stop-str applies with --stop only (add --stop TEXT, or drop it)")
     if args.min_tokens > args.max_new_tokens > 0:  # as vLLM: it could never be met (bad values: checked later)
         raise UserError(f"--min-tokens must be <= --max-new-tokens ({args.max_new_tokens}), got {args.min_tokens}")
     guided_kwargs(args)  # a missing or bad --json-schema file, a bad --choice or --regex: reported before anything
@@ -378,13 +383,13 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
 
 def _print_rows(args: argparse.Namespace, model, texts: list, results, n: int) -> None:
     """Print every prompt's n samples (results: row j * n + i is prompt j's sample i)."""
-    from meshserve.serving.detok import alternatives_with_text
+    from meshserve.serving.detok import alternatives_with_text, cut_at_stop
 
-    rows = [
-        (r.tokens, model.tokenizer.decode(r.tokens), r.logprobs, r.finish_reason,
-         alternatives_with_text(model.tokenizer, r.top_logprobs))
-        for r in results
-    ]  # fmt: skip
+    rows = []
+    for r in results:  # --stop: the tokens and text a server gives (generate itself knows no stop strings)
+        kept, text, stopped = cut_at_stop(model.tokenizer, r.tokens, args.stop, args.include_stop_str)
+        rows.append((r.tokens[:kept], text, r.logprobs[:kept], "stop" if stopped else r.finish_reason,
+                     alternatives_with_text(model.tokenizer, r.top_logprobs[:kept])))  # fmt: skip
     for j, prompt_text in enumerate(texts):  # prompt j's samples are rows j * n .. (j + 1) * n - 1
         _print_samples(args, prompt_text, rows[j * n : (j + 1) * n])
 

@@ -148,6 +148,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
     )
     parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a string that ends the text, cut off before it; repeat for several (default none). In process the "
+        "model still runs --max-new-tokens steps; the text and tokens end at the stop",
+    )
+    parser.add_argument(
+        "--include-stop-str",
+        action="store_true",
+        help="with --stop: the text ends with the stop string instead of just before it (vLLM's "
+        "include_stop_str_in_output; default: before it)",
+    )
+    parser.add_argument(
         "--stop-token-ids",
         type=token_list,
         default=[],

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from meshserve.model.tokenizer import Tokenizer
 
-__all__ = ["StreamDecoder", "alternatives_with_text", "alternatives_json"]
+__all__ = ["StreamDecoder", "alternatives_with_text", "alternatives_json", "cut_at_stop"]
 
 _REPLACEMENT = "\ufffd"
 # Ids whose text stays held back (a run of incomplete or empty pieces) before the decoder settles all but the
@@ -131,6 +131,20 @@ class StreamDecoder:
                     best = n
                     break
         return best
+
+
+def cut_at_stop(
+    tokenizer: Tokenizer, tokens: Sequence[int], stop: Sequence[str], include_stop: bool = False
+) -> tuple[int, str, bool]:
+    """Generated `tokens` as a server streams them with these stop strings: (how many tokens it keeps, their text
+    cut at the stop, whether a stop string ended it). For output generated without the stop strings (generate in
+    process): the same tokens and text a server's request with them gives."""
+    decoder = StreamDecoder(tokenizer, stop, include_stop)
+    for i, token in enumerate(tokens):
+        if decoder.push([token])[1]:
+            return i + 1, decoder.emitted, True
+    decoder.finish()
+    return len(tokens), decoder.emitted, False
 
 
 def alternatives_with_text(

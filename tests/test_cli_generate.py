@@ -30,6 +30,23 @@ def test_text_prompts_and_sampling_flags(capsys, checkpoint):
     assert a == b and a != c
 
 
+def test_stop_strings_cut_tokens_and_text_as_a_server_does(capsys, checkpoint):
+    base = ["generate", "--checkpoint", checkpoint, "--json", "--max-new-tokens", "12", "--ignore-eos", "hello"]
+    _, out, _ = run_cli(capsys, *base)
+    full = json.loads(out)
+    text = full["text"]
+    k = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2])  # a stop from the middle
+    stop = text[k : k + 2]
+    _, out, _ = run_cli(capsys, *base, "--stop", stop, "--stop", "never in it")
+    cut = json.loads(out)
+    assert (cut["text"], cut["finish_reason"]) == (text[: text.find(stop)], "stop")
+    n = len(cut["tokens"])
+    assert n < 12 and cut["tokens"] == full["tokens"][:n] and cut["logprobs"] == full["logprobs"][:n]
+    _, out, _ = run_cli(capsys, *base, "--stop", stop, "--include-stop-str")
+    kept = json.loads(out)
+    assert (kept["text"], kept["tokens"]) == (cut["text"] + stop, cut["tokens"])
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

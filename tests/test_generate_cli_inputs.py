@@ -41,6 +41,8 @@ def _one_line_error(capsys, *argv: str) -> str:
         (["--max-new-tokens", str(2**32 + 1)], f"max_new_tokens must be an integer in [1, {2**31 - 1}]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be an integer in [1, "),
         (["--min-tokens", "9", "--max-new-tokens", "4"], "--min-tokens must be <= --max-new-tokens (4), got 9"),
+        (["--stop", ""], "--stop must be a non-empty string"),
+        (["--include-stop-str"], "--include-stop-str applies with --stop only"),
         (["--tokens", f"1,{2**40}"], f"tokens.ids: token id {2**40} is not an integer in [0, "),
         (["--tls-ca", "/nonexistent/ca.pem"], "cannot read --tls-ca /nonexistent/ca.pem: No such file or directory"),
         (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0"),

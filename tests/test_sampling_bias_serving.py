@@ -105,6 +105,16 @@ def test_generate_cli_sends_both_flags_and_refuses_bad_ones(server):
     assert done.returncode == 0, done.stderr
     row = json.loads(done.stdout.splitlines()[-1])
     assert len(row["tokens"]) == 3 and row["tokens"][-1] == EOS and row["finish_reason"] == "stop", row
+    # --stop and --include-stop-str reach the server: token 77 forced every step, stopped at its second copy.
+    forced = ["--tokens", "5,6,7,8", "--max-new-tokens", "6", "--logit-bias", "77:100", "--ignore-eos", "--json"]
+    rows = []
+    for extra in ([], ["--stop", "MM"], ["--stop", "MM", "--include-stop-str"]):
+        done = subprocess.run(meshserve("generate", "--server", server.target, *forced, *extra), capture_output=True,
+                              text=True, env=env(), timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        rows.append(json.loads(done.stdout.splitlines()[-1]))
+    assert rows[0]["text"] == "M" * 6, rows[0]  # the byte tokenizer's id 77
+    assert [(r["text"], len(r["tokens"]), r["finish_reason"]) for r in rows[1:]] == [("", 2, "stop"), ("MM", 2, "stop")]
     for flags, message in [(["--logit-bias", "7"], "TOKEN_ID:BIAS pairs"),
                            (["--logit-bias", "7:300"], "logit_bias[7] must be a number in [-100, 100]"),
                            (["--min-tokens", "-2"], "min_tokens must be an integer in [0, ")]:  # fmt: skip
