@@ -90,6 +90,8 @@ GENERATE_EPILOG = (
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)
   include_stop_str_in_output  true: the text ends with the stop string that ended it (vLLM's; default false)
+  truncate_prompt_tokens  keep only the prompt's last k tokens (vLLM's; after a chat's template); -1: the most
+                     that leave room for max_new_tokens (default 0: the whole prompt)
   response_format    guided decoding, as OpenAI's: {"type": "json_object"} (any JSON object) or {"type":
                      "json_schema", "json_schema": {"name": NAME, "schema": {...}}} (JSON the schema accepts);
                      the text then ends as soon as the JSON is complete (default: free text)

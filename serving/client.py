@@ -253,6 +253,7 @@ class Client:
         parallel_tool_calls: bool | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int = 0,
     ) -> pb.GenerateRequest:
         """The GenerateRequest for these values; raises a ValueError naming the first field out of range, with the
         same checks as in-process generation (`validate_sampling`), before anything is sent. validate=False sends
@@ -273,7 +274,8 @@ class Client:
         (guided into calls of the tools / of that one; the server needs --tool-call-parser);
         parallel_tool_calls=False: exactly one call. chat_template_kwargs: more variables for the chat template
         (vLLM's; e.g. {"enable_thinking": False} for Qwen3). include_stop_str_in_output: the text ends with the
-        stop string that ended it (vLLM's), not just before it."""
+        stop string that ended it (vLLM's), not just before it. truncate_prompt_tokens: keep the prompt's last k
+        tokens (vLLM's; -1: the most that leave room for max_new_tokens; 0: all)."""
         from meshserve.model.sampling_params import validate_sampling  # numpy only: no JAX in the client
 
         if validate:
@@ -316,6 +318,7 @@ class Client:
             return_logprobs=return_logprobs,
             ignore_eos=ignore_eos,
             include_stop_str_in_output=include_stop_str_in_output,
+            truncate_prompt_tokens=truncate_prompt_tokens,
             top_logprobs=whole(top_logprobs),
             stop_token_ids=list(stop_token_ids),
             **_input(prompt, validate, messages, tools, chat_template_kwargs),

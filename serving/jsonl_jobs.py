@@ -55,7 +55,8 @@ SCORE_KEYS = ("id", "prompt", "continuation")
 GENERATE_KEYS = (
     "id", "prompt", "messages", "chat_template_kwargs", "max_new_tokens", "n",
     *(f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop_ids"),
-    "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "response_format", "guided_choice",
+    "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "truncate_prompt_tokens",
+    "response_format", "guided_choice",
     "guided_regex",
 )  # fmt: skip
 _REQUIRED = {"score": ("prompt", "continuation"), "batch-generate": ("prompt",)}

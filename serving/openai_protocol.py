@@ -9,8 +9,8 @@ Where the two APIs differ, OpenAI's rule wins: temperature defaults to 1 (gRPC: 
 choice i of prompt p has index p * n + i; an unset max_tokens in a chat runs to the end of the context (the
 server's max_new_tokens at most). Left as the gRPC default: an unset max_tokens in a completion generates
 min(64, room left in the context, the server's max_new_tokens) tokens. vLLM's sampling extras (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output) are accepted, and a chat's
-chat_template_kwargs (more template variables, e.g. Qwen3's enable_thinking). `tools` need `serve --tool-call-parser`
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, truncate_prompt_tokens) are
+accepted, and a chat's chat_template_kwargs (more template variables, e.g. Qwen3's enable_thinking). `tools` need `serve --tool-call-parser`
 (serving/openai_tools.py). A chat's add_generation_prompt (default true) and continue_final_message (default false;
 true: the prompt ends inside the last message, the assistant's, for the model to continue; add_generation_prompt must
 then be false), as vLLM's, reach the template as variables (model/chat.py). stream_options.continuous_usage_stats
@@ -59,7 +59,7 @@ _COMMON = frozenset({
     "model", "n", "stream", "stream_options", "temperature", "top_p", "seed", "stop", "presence_penalty",
     "frequency_penalty", "logit_bias", "max_tokens", "logprobs", "response_format",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",  # vLLM's extras
-    "include_stop_str_in_output",
+    "include_stop_str_in_output", "truncate_prompt_tokens",
     *HTTP_FORMATS,
 })  # fmt: skip
 _FIELDS = {
@@ -231,6 +231,7 @@ def _sampling(b: Body, req: pb.GenerateRequest) -> None:
     req.stop_token_ids.extend(ints(b.array("stop_token_ids") or [], "stop_token_ids"))
     req.ignore_eos = bool(b.boolean("ignore_eos"))
     req.include_stop_str_in_output = bool(b.boolean("include_stop_str_in_output"))
+    req.truncate_prompt_tokens = b.integer("truncate_prompt_tokens", -1) or 0
 
 
 def _refuse_completion_extras(b: Body, n: int, stream: bool, top: int) -> None:

@@ -23,6 +23,7 @@ from meshserve.serving.detok import StreamDecoder
 from meshserve.serving.guided.spec import GuideSpec
 
 __all__ = [
+    "truncate_prompt",
     "ClientGone",
     "sample_events",
     "Request",
@@ -48,6 +49,19 @@ Alternatives = tuple[tuple[int, ...], tuple[float, ...]]  # the n most likely to
 
 class QueueFullError(UserError):
     """The bounded queue is full (the servicer answers RESOURCE_EXHAUSTED)."""
+
+
+def truncate_prompt(prompt: list[int], keep: int, max_context: int, new_tokens: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (its beginning dropped, BOS with it, as vLLM
+    does); -1 keeps the most that leave room for `new_tokens` in the context; 0 leaves it whole. Raises ValueError
+    naming the field and its range (one prompt token at least, and room for one generated token)."""
+    if keep == -1:
+        keep = max(1, max_context - new_tokens)
+    if keep == 0:
+        return prompt
+    if not 1 <= keep < max_context:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or in [1, {max_context - 1}] (0 = off), got {keep}")
+    return prompt[-keep:]
 
 
 @dataclass(eq=False)

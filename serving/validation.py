@@ -18,7 +18,7 @@ from meshserve.model.config import vocab_error
 from meshserve.model.sampling_params import TOP_LOGPROBS_MAX, SamplingError, SamplingParams
 from meshserve.protos import inference_pb2 as pb
 from meshserve.serving.reasoning import ChatOptions, opens_reasoning
-from meshserve.serving.requests import Request  # plain data, no JAX: `meshserve serve --help` imports this module
+from meshserve.serving.requests import Request, truncate_prompt  # plain data: `serve --help` imports this
 
 __all__ = [
     "refuse_unknown",
@@ -248,6 +248,13 @@ class RequestParser:
         if not prompt:
             raise RequestError("input: empty prompt (set text, tokens.ids or messages)")
         lim = self.limits
+        if req.truncate_prompt_tokens:  # -1: room for max_new_tokens, or for the default 64 (and min_tokens)
+            want = req.max_new_tokens if req.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+            try:
+                prompt = truncate_prompt(prompt, req.truncate_prompt_tokens, lim.max_context,
+                                         max(want, req.sampling.min_tokens))  # fmt: skip
+            except ValueError as e:
+                raise RequestError(str(e)) from None
         room = lim.max_context - len(prompt)
         if room < 1:
             raise RequestError(

@@ -128,9 +128,9 @@ def test_a_killed_job_resumes_writing_each_id_once_with_all_its_samples(checkpoi
     assert most >= summary["cached_prompt_tokens"] >= most // 2
 
 
-def test_include_stop_str_in_output_keeps_the_stop_string(checkpoint, tmp_path):
+def test_include_stop_str_in_output_and_truncate_prompt_tokens(checkpoint, tmp_path):
     """A line's stop string ends the text before it, or with it when include_stop_str_in_output is true (vLLM's);
-    the value must be a JSON boolean."""
+    the value must be a JSON boolean. truncate_prompt_tokens lets a prompt longer than the context through."""
     base = {"prompt": "hello", "max_new_tokens": 12, "ignore_eos": True}
     _, (full,), _ = _job(checkpoint, tmp_path, "full", [{"id": "full", **base}])
     text = full["text"]
@@ -138,11 +138,16 @@ def test_include_stop_str_in_output_keeps_the_stop_string(checkpoint, tmp_path):
     stop = text[k : k + 2]
     rows = [{"id": "cut", **base, "stop": [stop]},
             {"id": "kept", **base, "stop": [stop], "include_stop_str_in_output": True},
-            {"id": "bad", **base, "include_stop_str_in_output": "yes"}]  # fmt: skip
+            {"id": "bad", **base, "include_stop_str_in_output": "yes"},
+            {"id": "trunc", **base, "prompt": "hello " * 100, "truncate_prompt_tokens": -1},  # 601 tokens: too long
+            {"id": "trunc-bad", **base, "truncate_prompt_tokens": 128}]  # fmt: skip
     _, out, errors = _job(checkpoint, tmp_path, "stops", rows)
     by_id = {r["id"]: r for r in out}
     cut = text[: text.find(stop)]
     assert (by_id["cut"]["text"], by_id["cut"]["finish_reason"]) == (cut, "stop")
     assert (by_id["kept"]["text"], by_id["kept"]["tokens"]) == (cut + stop, by_id["cut"]["tokens"])
-    assert [e["id"] for e in errors] == ["bad"]
+    assert [e["id"] for e in errors] == ["bad", "trunc-bad"]
     assert errors[0]["error"] == 'include_stop_str_in_output must be true or false, got "yes"'
+    # truncate_prompt_tokens (vLLM's): -1 keeps the prompt's end that leaves room for max_new_tokens.
+    assert len(by_id["trunc"]["tokens"]) == 12
+    assert errors[1]["error"] == "truncate_prompt_tokens must be -1 or in [1, 127] (0 = off), got 128"

@@ -279,3 +279,27 @@ def test_include_stop_str_in_output_ends_the_text_with_the_stop_string(server):
         server, "POST", "/v1/completions", json.dumps({**body, "include_stop_str_in_output": 1}).encode()
     )
     assert status == 400 and "include_stop_str_in_output" in json.loads(data)["error"]["message"]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server):
+    """vLLM's truncate_prompt_tokens over HTTP and gRPC: the answer is the truncated prompt's (before: 400 unknown
+    field); -1 keeps what leaves room for max_tokens; out of range is a 400 naming the field and the range."""
+    greedy = {"max_tokens": 4, "ignore_eos": True, "temperature": 0}
+
+    def complete(**body):
+        status, _, data = _ask(server, "POST", "/v1/completions", json.dumps({**greedy, **body}).encode())
+        return status, json.loads(data)
+
+    _, short = complete(prompt=[8, 9, 10])
+    _, cut = complete(prompt=[5, 6, 7, 8, 9, 10], truncate_prompt_tokens=3)
+    assert cut["choices"][0]["text"] == short["choices"][0]["text"] and cut["usage"]["prompt_tokens"] == 3
+    status, long = complete(prompt=list(range(3, 203)), truncate_prompt_tokens=-1)  # 200 ids, context 128
+    assert status == 200 and long["usage"]["prompt_tokens"] == 128 - 4, long
+    status, bad = complete(prompt=[5, 6], truncate_prompt_tokens=128)
+    assert (status, bad["error"]["message"]) == (
+        400,
+        "truncate_prompt_tokens must be -1 or in [1, 127] (0 = off), got 128",
+    )
+    with Client(server.target) as client:
+        got = client.generate([5, 6, 7, 8, 9, 10], truncate_prompt_tokens=3, max_new_tokens=4, ignore_eos=True)
+        assert got.tokens == client.generate([8, 9, 10], max_new_tokens=4, ignore_eos=True).tokens
