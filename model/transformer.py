@@ -7,7 +7,8 @@ KV cache: k, v [N, B, S, K, Q] (layers, batch slots, context, kv heads, head dim
 arrays of the compute dtype, or `kv_quant.Int8KV` (int8 values, a power-of-two scale per token and kv head), which
 the code below slices, writes and reads as it does an array.
 A layer with a sliding window (config.layer_windows, Mistral / Gemma 3) attends through the same mask builder
-(`layers.attention_scores_mask` with its window) in every path here: the cache keeps the whole context.
+(`layers.attention_scores_mask` with its window) in every path here: the cache keeps the whole context, and a
+decode step reads only a windowed layer's window of it.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ def decode_step(
 
     context (static, <= S): attend over cache positions [0, context) only, so a step reads the filled part of
     the cache rather than all S slots. The caller promises lengths[b] < context for every row it uses.
+
+    A sliding-window layer (Mistral, Gemma 3's local layers) whose window W is below the context reads only the W
+    cached positions that end at each row's own (a gather of [B, W] positions) instead of all C: a Gemma 3 step at
+    long context reads the whole cache in its global layers alone.
     """
     B = tokens.shape[0]
     S = cache.max_len
@@ -232,19 +237,40 @@ def decode_step(
     x = layers.embed_scale(params["embed"][tokens][:, None, :].astype(compute_dtype(params)), config)  # [B, 1, E]
     rows = jnp.arange(B)
     scale = layers.attention_scale(config)
+    # The widest window below C (static): the positions a windowed layer reads, [start_b, start_b + span) with
+    # start_b = pos_b - span + 1 where that fits in [0, C); 0 = every layer reads [0, C).
+    span = max((w for w in config.layer_windows if 0 < w < C), default=0) if config.windowed else 0
+    near = jnp.clip(pos - span + 1, 0, C - span)[:, None] + jnp.arange(span)[None, :]  # [B, span]
 
     def layer_fn(x, p, i):
         new = {}
-        # Cached positions before pos, within the layer's window (the own key, at pos, is always visible).
-        visible = layers.attention_scores_mask(positions, cached, cached < positions, layers.layer_window(config, i))
+        window = layers.layer_window(config, i)
 
         def attn(h: jax.Array) -> jax.Array:
             q, k, v = layers.qkv_projection(h, p, positions, config, i)
             new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
-            # [B, C, K, Q] as stored, and an int8 cache's scales [B, C, K] (applied outside the Q contraction)
-            (kc, ks), (vc, vs) = (kv_quant.operands(c[i, :, :C], q.dtype) for c in (cache.k, cache.v))
             own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
-            o = layers.attend_cached(q, kc, vc, visible[:, 0], own_k, own_v, ks, vs, scale)
+
+            def over(k_stored, v_stored, k_positions: jax.Array) -> jax.Array:
+                """Attention over the cached keys at k_positions [B or 1, L] (stored [B, L, K, Q]) and the own key."""
+                # Cached positions before pos, within the layer's window (the own key, at pos, is always visible).
+                visible = layers.attention_scores_mask(positions, k_positions, k_positions < positions, window)
+                # [B, L, K, Q] as stored, and an int8 cache's scales [B, L, K] (applied outside the Q contraction)
+                (kc, ks), (vc, vs) = (kv_quant.operands(c, q.dtype) for c in (k_stored, v_stored))
+                return layers.attend_cached(q, kc, vc, visible[:, 0], own_k, own_v, ks, vs, scale)
+
+            def whole() -> jax.Array:  # positions [0, C)
+                return over(cache.k[i, :, :C], cache.v[i, :, :C], cached)
+
+            def windowed() -> jax.Array:  # each row's `span` positions: a gather [B, span, K, Q]
+                return over(cache.k[i, rows[:, None], near], cache.v[i, rows[:, None], near], near)
+
+            if not span:
+                o = whole()
+            elif isinstance(i, int):  # unrolled layers: the layer's own read, chosen here
+                o = windowed() if config.layer_windows[i] else whole()
+            else:  # one scanned layer for all: the read is chosen per layer as it runs
+                o = jax.lax.cond(window > 0, windowed, whole)
             return layers.attention_output(o, p)
 
         x = layers.layer_residual(x, p, attn, config)

@@ -51,6 +51,45 @@ def test_bounded_context_step_equals_the_full_cache_step(name):
         transformer.decode_step(params, CONFIG, tokens, cache, context=S + 1)
 
 
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.int8])
+def test_windowed_layers_read_their_window_and_still_reproduce_prefill(kv_dtype):
+    """tiny-gemma3's layer 0 has a 5-token window: past it, a decode step reads only each row's last 5 positions
+    (a gather) instead of the whole context. Its logits must equal the prefill of the whole sequence (masks over
+    every key), for rows of different lengths, with the layers scanned (the read chosen per layer by lax.cond) and
+    unrolled (chosen in Python); and keys outside a row's window must not matter."""
+    from meshserve.model.params import unstack_layers
+
+    config = get_config("tiny-gemma3")
+    assert config.layer_windows[0] == 5 and config.layer_windows[1] == 0
+    params = init_params(config, jax.random.key(3), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(4), (2, 20), 0, config.vocab_size)
+    starts = [3, 9]  # prefilled lengths: row 0 crosses the window while decoding, row 1 starts past it
+    full, _, _ = transformer.prefill(params, config, tokens, jnp.asarray([20, 20]), all_logits=True)
+    tol = 1e-4 if kv_dtype == jnp.float32 else 3e-2  # int8: prefill attends over the unrounded prompt keys
+    for layer_params in (params["layers"], unstack_layers(params)["layers"]):
+        stepped = {**params, "layers": layer_params}
+        cache = transformer.init_cache(config, 2, 32, kv_dtype)
+        for row, n in enumerate(starts):
+            _, k, v = transformer.prefill(params, config, tokens[row : row + 1, :n], jnp.asarray([n]))
+            cache = transformer.insert(cache, k, v, jnp.asarray([n]), jnp.asarray([row]))
+        for step in range(20 - max(starts)):
+            at = [n + step for n in starts]
+            logits, cache = transformer.decode_step(stepped, config, tokens[jnp.arange(2), jnp.asarray(at)], cache,
+                                                    context=32)  # fmt: skip
+            for row in range(2):  # decode at position at[row] predicts what prefill's logits there predict
+                np.testing.assert_allclose(logits[row], full[row, at[row]], rtol=tol, atol=tol)
+    if kv_dtype == jnp.float32:  # garbage in layer 0's keys before each row's window changes nothing
+        pos = cache.lengths  # [2]: the positions the next step writes
+        before = jnp.arange(32)[None, :, None, None] < (pos - 4)[:, None, None, None]  # [B, S, 1, 1]
+        k_bad = cache.k.at[0].set(jnp.where(before, 1e3, cache.k[0]))
+        next_tokens = tokens[jnp.arange(2), jnp.minimum(pos, 19)]
+        clean, _ = transformer.decode_step(params, config, next_tokens, cache, context=32)
+        dirty, _ = transformer.decode_step(
+            params, config, next_tokens, transformer.KVCache(k_bad, cache.v, cache.lengths), context=32
+        )
+        np.testing.assert_allclose(dirty, clean, rtol=1e-6, atol=1e-6)
+
+
 def test_plan_context_buckets():
     plan = make_plan(CONFIG, max_context=128, context_buckets=(16, 32, 64), decode_buckets=(2,), max_batch=2)
     assert plan.contexts() == (16, 32, 64, 128)
