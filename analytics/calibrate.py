@@ -22,7 +22,15 @@ from meshserve.analytics.cost import estimate
 from meshserve.model.config import ModelConfig
 from meshserve.partition.comm import MeshShape
 
-__all__ = ["CalibrationPoint", "measure", "calibrate", "calibration_warnings", "local_base_chip", "PLAUSIBLE"]
+__all__ = [
+    "CalibrationPoint",
+    "measure",
+    "calibrate",
+    "check_sizes",
+    "calibration_warnings",
+    "local_base_chip",
+    "PLAUSIBLE",
+]
 
 _MIN_COEF = 1e-3  # a fitted coefficient is kept >= this, so an efficiency is at most 1 / _MIN_COEF = 1000 (the clamp)
 # Efficiencies outside this band are not a rate the device reached: measured rates (the probes) are within a few
@@ -172,6 +180,19 @@ def _fit(features: list[tuple[float, ...]], measured: list[float]) -> tuple[floa
             if err < best_err:
                 best, best_err = tuple(float(c) for c in full), err
     return best  # type: ignore[return-value]
+
+
+def check_sizes(batches: Sequence[int], held_out: Sequence[int]) -> None:
+    """A UserError naming the flag unless the fit has 2 batch sizes at least (a prefill and a decode point each: 4
+    points for the 4 coefficients; one size fits them exactly and predicts nothing) and no held-out size is fitted
+    too (it would be reported as held out while the fit saw it; before, it was silently dropped from the check)."""
+    from meshserve.errors import UserError
+
+    if len(set(batches)) < 2:
+        raise UserError(f"--batch needs at least 2 different sizes to fit from, got {','.join(map(str, batches))}")
+    both = sorted(set(batches) & set(held_out))
+    if both:
+        raise UserError(f"--held-out {','.join(map(str, both))} is also in --batch: a fitted size is not held out")
 
 
 def calibrate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.analytics.cli_helpers import (
+    chip_from_args,
+    count,
     fmt_s,
+    gib,
     ints,
     kv_cache_dtype_arg,
     model_args,
@@ -20,7 +24,7 @@ from meshserve.analytics.cli_helpers import (
     say_unfit,
     table,
 )
-from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe
+from meshserve.analytics.output import check_image_path, check_output_path, quiet_broken_pipe, write_atomic
 from meshserve.errors import UserError
 
 __all__ = ["COMMANDS"]
@@ -43,10 +47,9 @@ def _common(p: argparse.ArgumentParser, batch_default: str = "1,64,512") -> None
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from meshserve.analytics.chips import get_chip
     from meshserve.partition.comm import MeshShape
 
-    chip = get_chip(args.hardware)
+    chip = chip_from_args("--hardware", args.hardware)
     config = model_from_args(args)
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     if mesh is not None and args.chips is not None and mesh.n != args.chips:
@@ -163,11 +166,12 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         row.update({f"breakdown_{k}": v for k, v in r["breakdown"].items()})
         row.update({f"memory_{k}": v for k, v in r["memory"].items()})
         flat.append(row)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(flat[0]))
+    writer.writeheader()
+    writer.writerows(flat)
     try:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-            writer.writeheader()
-            writer.writerows(flat)
+        write_atomic(path, text.getvalue())
     except OSError as e:
         raise UserError(f"--csv {path}: cannot write: {e.strerror or e}") from None
 
@@ -225,6 +229,8 @@ def _plan(args: argparse.Namespace) -> int:
         positive("--prefill-batch", args.prefill_batch)
     if args.latency_bound is not None and args.objective != "cost":  # the other objectives would ignore it unseen
         raise UserError(f"--latency-bound applies to --objective cost only (got --objective {args.objective})")
+    if args.latency_bound is not None and not 0 < args.latency_bound < math.inf:  # NaN too
+        raise UserError(f"--latency-bound must be a positive number of seconds, got {args.latency_bound}")
     plan = choose_plan(
         config, chip, n_chips=mesh if isinstance(mesh, int) else None, mesh=None if isinstance(mesh, int) else mesh,
         objective=args.objective, batch_buckets=args.batch, prefill_buckets=args.prefill_batch,
@@ -277,16 +283,7 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _count(n: float) -> str:
-    """A parameter count people read: 102.6K, 2.3M, 8.63B (never 0.000B, nor 1000M for Gemma 3 1B's 999.9M)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale * 0.9995:  # what rounds to 1000 of the unit below reads as 1 of this one
-            return f"{n / scale:.3g}{suffix}" if n < 100 * scale else f"{n / scale:.0f}{suffix}"
-    return f"{n:.0f}"
-
-
 def _memory(args: argparse.Namespace) -> int:
-    from meshserve.analytics.chips import get_chip
     from meshserve.analytics.memory import memory_estimate
 
     if args.mode == "inference":
@@ -308,7 +305,7 @@ def _memory(args: argparse.Namespace) -> int:
     if args.kv_fraction is not None and not 0 < args.kv_fraction <= 1:  # NaN too
         raise UserError(f"--kv-fraction must be in (0, 1] (a share of each chip's HBM), got {args.kv_fraction}")
     config = model_from_args(args)
-    chip = get_chip(args.hardware) if args.hardware else None
+    chip = chip_from_args("--hardware", args.hardware) if args.hardware else None
     if args.context is not None:
         _warn_context(config, args.context, 0, "context")
     out = memory_estimate(
@@ -320,22 +317,17 @@ def _memory(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     kv = f", kv cache {out['kv_cache_dtype']}" if out["mode"] == "inference" else ""
-    print(f"{out['model']} {out['mode']}, weights {out['weights']}{kv}, {_count(out['params'])} parameters, "
+    print(f"{out['model']} {out['mode']}, weights {out['weights']}{kv}, {count(out['params'])} parameters, "
           f"{out['chips']} chip(s)")  # fmt: skip
     for key in ("weights_bytes", "kv_cache_bytes", "activations_bytes", "gradients_bytes", "optimizer_bytes",
                 "total_bytes", "per_chip_bytes", "rule_of_thumb_bytes"):  # fmt: skip
-        print(f"  {key[:-6].replace('_', ' '):<16} {_gib(out[key])}")
+        print(f"  {key[:-6].replace('_', ' '):<16} {gib(out[key])}")
     if "fits" in out:
         print(f"  fits in {out['hbm_bytes'] / 2**30:.0f} GiB {out['hardware']}: {'yes' if out['fits'] else 'NO'}")
     if out["max_context_tokens"] is not None:
         print(f"  max context with {args.kv_fraction:.0%} of HBM for the KV cache ({out['kv_cache_dtype']}): "
               f"{out['max_context_tokens']} tokens")  # fmt: skip
     return 0
-
-
-def _gib(n: float) -> str:
-    """Bytes in GiB (2**30, the unit `analyze` and the fit line use), with MiB precision for small models."""
-    return f"{n / 2**30:10.2f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**30:10.2f} GiB ({n / 2**20:.2f} MiB)"
 
 
 # ---------------------------------------------------------------------------------------------------- calibrate
@@ -356,7 +348,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from meshserve.analytics.calibrate import calibrate, calibration_warnings
+    from meshserve.analytics.calibrate import calibrate, calibration_warnings, check_sizes
     from meshserve.analytics.chips import local_chip_path, save_local_chip
     from meshserve.progress import progress
 
@@ -369,8 +361,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         # The decode points run one step after the prompt; far beyond the context the cache alone exhausts memory.
         raise UserError(f"--prompt-len {args.prompt_len} is beyond {config.name}'s context: calibrate times a decode "
                         f"step after the prompt, so it must be below max_seq_len {config.max_seq_len}")  # fmt: skip
+    check_sizes(args.batch, args.held_out)
+    # Only the default location's directories are made; a named --out in a missing directory is a typo.
     out_path = Path(args.out) if args.out else local_chip_path()
-    check_output_path("--out", out_path, create_parent=True)
+    check_output_path("--out", out_path, create_parent=args.out is None)
+    from meshserve.analytics.device_fit import available_bytes, check_rows_fit
+
+    # f32 weights and a cache of prompt + 1 tokens, as calibrate.measure times them; before any compile.
+    flag = "--held-out" if max(args.held_out) > max(args.batch) else "--batch"
+    check_rows_fit(config, [*args.batch, *args.held_out], ["f32"], ["auto"], args.prompt_len, 1, available_bytes(),
+                   lengths=f"--prompt-len {args.prompt_len}", flag=flag)  # fmt: skip
     with progress(f"calibrating on {config.name}", "run", 1, disable=args.json) as bar:
         chip, points = calibrate(config, args.batch, args.prompt_len, args.rounds, held_out=args.held_out)
         bar.update()

@@ -18,8 +18,12 @@ __all__ = [
     "positive",
     "model_args",
     "model_from_args",
+    "did_you_mean",
+    "chip_from_args",
     "kv_cache_dtype_arg",
     "fmt_s",
+    "count",
+    "gib",
     "table",
     "say_unfit",
 ]
@@ -33,14 +37,17 @@ KV_CACHE_DTYPE_HELP = (
 
 
 def numbers(text: str, convert: Callable[[str], Any], what: str) -> list:
-    """A comma-separated list flag's values (argparse `type=`), each through `convert`."""
+    """A comma-separated list flag's values (argparse `type=`), each through `convert`. An empty item ("1,,2",
+    "1,") is refused: it is a typo more often than a choice, and skipping it would run a different sweep silently."""
+    items = str(text).split(",")
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
+    if any(not v.strip() for v in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r} (an empty item)")
     try:
-        values = [convert(v) for v in str(text).split(",") if v.strip()]
+        return [convert(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one {what}")
-    return values
 
 
 def ints(text: str) -> list[int]:
@@ -66,11 +73,43 @@ def model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
 
 
-def model_from_args(args: argparse.Namespace) -> Any:
-    """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override)."""
-    from meshserve.model.model_spec import parse_overrides, resolve_model
+def did_you_mean(name: str, known: list[str]) -> str | None:
+    """The known names a mistyped `name` most likely meant ("h100" -> h100-sxm, "palm-54b" -> palm-540b), joined
+    with " or ", or None when none is close."""
+    import difflib
 
+    low = name.strip().lower()
+    close = [k for k in known if low and k.startswith(low)] + difflib.get_close_matches(low, known, n=2, cutoff=0.6)
+    close = list(dict.fromkeys(close))[:2]
+    return " or ".join(close) or None
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override; a name
+    close to a preset's says which one)."""
+    from pathlib import Path
+
+    from meshserve.model.model_spec import parse_overrides, resolve_model
+    from meshserve.model.presets import PRESETS
+
+    path_like = "/" in args.model or args.model.endswith(".json")  # a path: resolve_model's own message fits it
+    if args.model not in PRESETS and not path_like and not Path(args.model).expanduser().exists():
+        near = did_you_mean(args.model, list(PRESETS))
+        if near:
+            raise UserError(f"--model {args.model!r}: no such preset, file or directory; did you mean {near}? "
+                            f"(presets: {', '.join(PRESETS)})")  # fmt: skip
     return resolve_model(args.model, parse_overrides(args.set))
+
+
+def chip_from_args(flag: str, name: str) -> Any:
+    """analytics.chips.get_chip(name), with an unknown name refused naming `flag` and the chip it most likely meant."""
+    from meshserve.analytics.chips import CHIPS, chip_names, get_chip
+
+    if name != "local" and name not in CHIPS:
+        near = did_you_mean(name, list(CHIPS))
+        hint = f"; did you mean {near}?" if near else ""
+        raise UserError(f"{flag} {name!r}: unknown hardware{hint} (known: {', '.join(chip_names())})")
+    return get_chip(name)
 
 
 def kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -85,6 +124,19 @@ def kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
 def fmt_s(s: float) -> str:
     """Seconds as "12.34 ms" below a second, else "1.23 s"."""
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def count(n: float) -> str:
+    """A parameter count people read: 102.6K, 2.3M, 8.63B (never 0.000B, nor 1000M for Gemma 3 1B's 999.9M)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale * 0.9995:  # what rounds to 1000 of the unit below reads as 1 of this one
+            return f"{n / scale:.3g}{suffix}" if n < 100 * scale else f"{n / scale:.0f}{suffix}"
+    return f"{n:.0f}"
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB (2**30, the unit `analyze` and the fit line use), with MiB precision for small models."""
+    return f"{n / 2**30:10.2f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**30:10.2f} GiB ({n / 2**20:.2f} MiB)"
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> str:

@@ -3,7 +3,9 @@
 Output paths are checked before any work: `meshserve analyze | calibrate | bench` refuse a path they could not write
 (a directory, a missing or read-only directory, an image format matplotlib cannot draw) before a sweep or a
 measurement, so a typo costs nothing and writes nothing. `quiet_broken_pipe` lets a reader such as `| head -2` close
-stdout early without a traceback.
+stdout early without a traceback. Files are written atomically (`save_figure`, `write_atomic`: a temporary file
+beside the target, renamed over it), so a run cut off or failing mid-write leaves the old file or none, never half
+an image or half a JSON array.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ __all__ = [
     "check_image_path",
     "image_formats",
     "quiet_broken_pipe",
+    "save_figure",
+    "write_atomic",
     "EXIT_BROKEN_PIPE",
 ]
 
@@ -108,3 +112,33 @@ def check_image_path(flag: str, path: str | Path | None) -> None:
     if suffix not in formats:
         got = f"extension .{suffix}" if suffix else "no extension"
         raise UserError(f"{flag} {path}: {got}; use an image format matplotlib writes: {', '.join(formats)}")
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside `path` (same directory, so the rename is atomic), unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file renamed over it; the temporary file never outlives a failure."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """fig.savefig into `path`, atomically. The format comes from path's extension (as savefig would pick it), given
+    explicitly since the temporary file's name does not end in it."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or None, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

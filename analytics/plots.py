@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshserve.analytics.output import save_figure
+
 __all__ = ["plot_analysis", "plot_speculation"]
 
 
@@ -58,10 +60,10 @@ def plot_analysis(
     right.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_speculation(path: str | Path, curves: dict[str, list[tuple[float, float]]], k: int, title: str) -> Path:
@@ -83,7 +85,7 @@ def plot_speculation(path: str | Path, curves: dict[str, list[tuple[float, float
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:
+        return save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -271,7 +271,9 @@ def _plot(report: dict, path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    from meshserve.analytics.output import save_figure  # atomic: a failed draw leaves no half-written image
+
+    save_figure(fig, path)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -204,7 +204,9 @@ def _plot(report: dict, path: str) -> None:
     ax.set_title(f"meshserve serve cold start ({report['model']}, compile cache {report['compile_cache']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from meshserve.analytics.output import save_figure  # atomic: a failed draw leaves no half-written image
+
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

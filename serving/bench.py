@@ -5,11 +5,12 @@ P + G slots (the compute dtype, or int8: model/kv_quant.py) and
 decoded for G steps by an on-device loop (the same `transformer.decode_step` and `sampling.sample` the engine runs;
 greedy). Figures:
   decode_step_ms   wall time of the G-step loop / G
-  hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context, in its
-                   storage: 2 bytes per element in bf16, 1 + 1/Q in int8) / step time
+  hbm_gbps         bytes a step must move (all weights once + the KV cache read at the mean context P + (G + 1) / 2,
+                   in its storage: 2 bytes per element in bf16, 1 + 1/Q in int8) / step time
   hbm_fraction     hbm_gbps / the device's measured copy bandwidth (read + write of a large buffer); read_gbps,
                    a read-only stream's bandwidth, is reported beside it (a decode step mostly reads)
-  prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU
+  prefill_mfu      2 · N_params · B · P / (prefill time · peak bf16 FLOP/s), PAPER.md's MFU (N_params: the model's
+                   own, as `meshserve analyze` counts them; None where the chip table has no peak, e.g. a CPU)
   prefill_ms       the jitted prefill alone: prompts [B, P] -> last-token logits and k, v
   ttft_ms          prefill + writing k, v into a fresh decode cache + sampling the first token, as a request sees
                    it (no queueing): the same prefill plus more work, so ttft_ms >= prefill_ms up to timing noise
@@ -38,11 +39,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from meshserve.analytics.sizes import model_sizes
 from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
-from meshserve.model.params import Params, cast_params, init_params, param_count, params_nbytes, unstack_layers
+from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
 __all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_bandwidth", "device_peak_flops", "peer_row"]
@@ -218,6 +220,7 @@ def bench_row(
     if gen_len > 0:
         first, cache = insert_c(params, tokens, lengths, sampling)
         decode_c = _decode_loop.lower(params, config, first, cache, sampling, gen_len).compile()
+        del first, cache  # only their shapes were needed: kept, every timed run would hold two caches
         peak = max(peak, _compiled_peak(decode_c))
 
         def run_decode() -> float:
@@ -232,10 +235,12 @@ def bench_row(
     step_s = decode_s / gen_len if decode_s else None
     kv_dtype = jnp.int8 if int8_kv else transformer.compute_dtype(params)
     kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.d_head * bytes_per_element(kv_dtype, config.d_head)
-    mean_context = prompt_len + gen_len / 2
+    # Decode step i (1..G) writes the token at position P + i - 1 and reads P + i keys: a mean of P + (G + 1) / 2.
+    mean_context = prompt_len + (gen_len + 1) / 2
     step_bytes = params_nbytes(params) + int(batch * mean_context * kv_per_token)
     hbm = step_bytes / step_s if step_s else None
-    mfu = 2 * param_count(config) * batch * prompt_len / (prefill_s * peak_flops) if peak_flops else None
+    # The model's own parameters, as analyze's MFU counts them (zero-padded heads and replicated kv heads left out).
+    mfu = 2 * model_sizes(config).real_params * batch * prompt_len / (prefill_s * peak_flops) if peak_flops else None
     return BenchRow(
         model=config.name,
         weights=weights,

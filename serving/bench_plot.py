@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshserve.analytics.output import save_figure
+
 __all__ = ["plot_bench"]
 
 
@@ -56,7 +58,7 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     right.legend(fontsize=7)
     fig.suptitle(f"meshserve bench on {decode[0]['device']}")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -9,20 +9,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshserve.analytics.cli_helpers import ints
 from meshserve.errors import UserError
 from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 
 if TYPE_CHECKING:
     from meshserve.model.config import ModelConfig
 
-__all__ = ["COMMANDS", "check_args", "check_context", "lengths", "print_table"]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+__all__ = ["COMMANDS", "check_args", "check_context", "check_peer", "lengths", "print_table"]
 
 
 def _weights(text: str) -> list[str]:
@@ -43,7 +37,7 @@ def _kv_dtypes(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help=f"{MODEL_HELP}; timed with random weights (default tiny)")
     parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
-    parser.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--batch", type=ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     parser.add_argument(
         "--prompt-len",
         type=int,
@@ -96,11 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON array")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON to this file")
-    parser.add_argument("--plot", type=Path, help="also draw decode step time against the byte floor (PNG)")
+    parser.add_argument(
+        "--plot", type=Path, help="also draw decode step time against the byte floor (an image: .png, .svg, .pdf, ...)"
+    )
 
 
 def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """format(value, spec), or "-" padded to the spec's width so a missing figure keeps its column."""
+    if value is None:
+        width = spec.split(".")[0].lstrip("<>^")
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(value, spec)
+
+
+def _mem(n: int | None) -> str:
+    """Peak device memory: GiB, or MiB below one GiB (tiny's 0.2 MiB read as 0.00 GiB)."""
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def copy_note(rows: list[dict]) -> str | None:
@@ -130,7 +137,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['weights']:>7} {r['kv_cache_dtype']:>4} {r['batch']:>5} {r['prefill_ms']:>10.2f} {r['ttft_ms']:>8.2f} "
             f"{_fmt(r['decode_step_ms'], '8.3f')} {_fmt(r['tokens_per_s'], '9.1f')} {_fmt(r['hbm_gbps'], '8.1f')} "
             f"{_fmt(r['hbm_fraction'], '8.1%')} {_fmt(r['prefill_mfu'], '6.1%')} "
-            f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
+            f"{_mem(mem):>9} {_fmt(r['peer_decode_step_ms'], '9.3f')} "
             f"{_fmt(r['speedup_vs_peer'], '6.1f') + 'x' if r['speedup_vs_peer'] else '-':>7}"
         )
     if note:
@@ -168,15 +175,39 @@ def lengths(config: ModelConfig, prompt_len: int | None, gen_len: int | None) ->
     return prompt_len, gen_len
 
 
-def check_context(config: ModelConfig, prompt_len: int, gen_len: int) -> None:
+def check_context(config: ModelConfig, prompt_len: int, gen_len: int, gen_given: bool = True) -> None:
     """Refuse a prompt (+ generated tokens) beyond the model's context: it is past what the model was built for, and
-    a long enough one asks the device for more memory than it has (100000 tokens of tiny: 970 GB)."""
+    a long enough one asks the device for more memory than it has (100000 tokens of tiny: 970 GB). gen_given:
+    --gen-len was given (else it was defaulted to what is left, and the message names --prompt-len alone)."""
     context = prompt_len + gen_len
+    if not gen_given and prompt_len > config.max_seq_len:
+        raise UserError(
+            f"--prompt-len {prompt_len} exceeds {config.name}'s max_seq_len {config.max_seq_len} (to time a longer "
+            f"context on purpose: --set max_seq_len={prompt_len + 128} for 128 generated tokens)"
+        )
     if context > config.max_seq_len:
         raise UserError(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} = {context} tokens exceeds {config.name}'s "
             f"max_seq_len {config.max_seq_len} (to time a longer context on purpose: --set max_seq_len={context})"
         )
+
+
+def check_peer(config: ModelConfig, gen_len: int) -> None:
+    """--peer's needs, before any measuring: a Falcon-shaped model, decode steps to compare, torch and transformers
+    (found missing after meshserve's rows, they cost the whole run's time and ended in a traceback)."""
+    import importlib.util
+
+    if config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1:
+        raise UserError(
+            f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {config.name}"
+        )
+    # The peer step is (generate(G) - generate(1)) / (G - 1): at G = 1 it is timing noise (tiny-falcon: 1e-6 ms,
+    # i.e. 1e9 tokens/s, or 123 ms, run to run).
+    if gen_len < 2:
+        raise UserError(f"--peer compares decode steps: it needs --gen-len >= 2, got {gen_len}")
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--peer needs {' and '.join(missing)} installed (pip install torch transformers)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,17 +219,21 @@ def run(args: argparse.Namespace) -> int:
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
     if args.int8_tuning:
         os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
-    from meshserve.model.model_spec import parse_overrides, resolve_model
+    from meshserve.analytics.cli_helpers import model_from_args
 
-    config = resolve_model(args.model, parse_overrides(args.set))
+    config = model_from_args(args)
+    gen_given = args.gen_len is not None
     args.prompt_len, args.gen_len = lengths(config, args.prompt_len, args.gen_len)
-    check_context(config, args.prompt_len, args.gen_len)
+    check_context(config, args.prompt_len, args.gen_len, gen_given)
     if args.plot and args.gen_len == 0:
         raise UserError("--plot draws decode steps: it needs --gen-len > 0")
-    if args.peer and (config.mlp != "gelu" or not config.parallel_block or config.n_kv_heads != 1):
-        raise UserError(
-            f"--peer needs a Falcon-shaped model (gelu MLP, parallel block, multi-query): not {config.name}"
-        )
+    if args.peer:
+        check_peer(config, args.gen_len)
+    from meshserve.analytics.device_fit import available_bytes, check_rows_fit
+
+    # Before the bandwidth probes and the first compile: a batch past the device's memory costs nothing.
+    check_rows_fit(config, args.batch, args.weights, args.kv_cache_dtype, args.prompt_len, args.gen_len,
+                   available_bytes())  # fmt: skip
     from meshserve.serving.bench import peer_row, run_bench
 
     rows: list[dict] = []
@@ -208,15 +243,18 @@ def run(args: argparse.Namespace) -> int:
         if row is not None:
             rows.append(row.to_dict())
         if args.out:
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(rows, indent=2) + "\n")
-            os.replace(tmp, args.out)
+            from meshserve.analytics.output import write_atomic
+
+            try:
+                write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
+            except OSError as e:  # checked writable up front; the disk filled or the directory went meanwhile
+                raise UserError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
 
     run_bench(config, args.batch, args.weights, args.prompt_len, args.gen_len, layers=args.layers,
               repeats=args.repeats, progress=not args.json, on_row=save, kv_cache_dtypes=args.kv_cache_dtype)  # fmt: skip
     if args.peer and args.gen_len > 0:
         for batch in args.batch:
-            peer = peer_row(config, batch, args.prompt_len, args.gen_len)
+            peer = peer_row(config, batch, args.prompt_len, args.gen_len, repeats=args.repeats)
             for r in rows:
                 if r["batch"] == batch:
                     r.update(peer)
@@ -226,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and args.gen_len > 0:
         from meshserve.serving.bench_plot import plot_bench
 
-        print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
+        try:
+            print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
+        except OSError as e:
+            raise UserError(f"--plot {args.plot}: cannot write: {e.strerror or e}") from None
     if args.json:
         json.dump(rows, sys.stdout)
         print()

@@ -85,6 +85,8 @@ def resolve_compile_cache(value: str | None) -> Path:
     default. ("off" is the caller's to handle.)"""
     if value is None:
         value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_compile_cache())
+    elif not value.strip():  # Path("") is the working directory: a cache (and --clear) would land there unasked
+        raise UserError("--compile-cache needs a directory, got an empty string")
     return Path(value).expanduser()
 
 
@@ -258,8 +260,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"--compile-cache {path}: cannot read it: {e.strerror}") from None
     nbytes = sum(e.nbytes for e in entries)
+    exists = path.is_dir()
     if args.json:
-        out = {"directory": str(path), "entries": len(entries), "bytes": nbytes}
+        out = {"directory": str(path), "exists": exists, "entries": len(entries), "bytes": nbytes}
         if args.clear or args.max_gb is not None:
             removed = result or PruneResult(0, 0, 0)
             out |= {"removed_entries": removed.removed_entries, "removed_bytes": removed.removed_bytes}
@@ -267,7 +270,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if result is not None and result.removed_files:
         print(_summary(result, path))
-    print(f"{path}: {len(entries)} entries, {nbytes / _MIB:.1f} MiB")
+    # A missing directory is normal before the first compile, and a mistyped --compile-cache: say which it is.
+    missing = "" if exists else " (no such directory: nothing cached there yet)"
+    print(f"{path}: {len(entries)} entries, {nbytes / _MIB:.1f} MiB{missing}")
     return 0
 
 

@@ -52,7 +52,8 @@ def test_bench_rows_per_kv_cache_dtype():
     auto, int8 = json.loads(proc.stdout)
     assert (auto["kv_cache_dtype"], int8["kv_cache_dtype"]) == ("auto", "int8") and int8["decode_step_ms"] > 0
     c = get_config("tiny")
-    elements = 2 * (8 + 4 / 2) * 2 * c.n_layers * c.n_kv_heads * c.d_head  # batch x mean context x (k, v) per token
+    # batch x mean context (decode step i of 4 reads 8 + i keys) x (k, v) per token
+    elements = 2 * (8 + (4 + 1) / 2) * 2 * c.n_layers * c.n_kv_heads * c.d_head
     saved = elements * (2 - (1 + 1 / c.d_head))  # bf16's 2 bytes against int8's 1 + one exponent byte per vector
     assert auto["hbm_bytes_per_step"] - int8["hbm_bytes_per_step"] == pytest.approx(saved, abs=1)
 

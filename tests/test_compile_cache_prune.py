@@ -171,7 +171,7 @@ def test_cache_command_shows_prunes_and_clears_only_entries(tmp_path, cache_cli,
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))  # the default directory, as for serve
     assert cache_cli("--json") == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown == {"directory": str(tmp_path), "entries": 3, "bytes": 3 * ((1 << 20) + 8)}
+    assert shown == {"directory": str(tmp_path), "exists": True, "entries": 3, "bytes": 3 * ((1 << 20) + 8)}
     assert cache_cli("--max-gb", str(1.5 / 1024), "--json") == 0  # 1.5 MiB: keep only the newest
     pruned = json.loads(capsys.readouterr().out)
     assert pruned["entries"] == 1 and pruned["removed_entries"] == 2 and _cache_keys(tmp_path) == {keys[0]}
