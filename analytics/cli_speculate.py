@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from meshserve.analytics.cli_helpers import (
+    chip_from_args,
     floats,
     fmt_s,
     ints,
@@ -46,7 +47,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from meshserve.analytics.chips import get_chip
     from meshserve.analytics.speculation import speculation
     from meshserve.analytics.sweep import default_mesh
     from meshserve.partition.comm import MeshShape
@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     bad = [a for a in args.acceptance if not 0.0 <= a <= 1.0]
     if bad:
         raise UserError(f"--acceptance: each rate must be in [0, 1], got {bad[0]:g}")
-    chip, config = get_chip(args.hardware), model_from_args(args)
+    chip, config = chip_from_args("--hardware", args.hardware), model_from_args(args)
     mesh = MeshShape.parse(args.mesh) if args.mesh else None
     if mesh is not None and args.chips is not None and mesh.n != args.chips:
         raise UserError(f"mesh {mesh} has {mesh.n} chips but --chips is {args.chips}")

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from meshserve.errors import UserError
 
@@ -56,6 +57,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A command's parser whose flag errors read as every other user error: one line naming the flag, exit 2
+    (argparse's default prints the whole usage block first, which buries the error under dozens of flags)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -74,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         raise
     add_arguments, run = module.COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"meshserve {name}", description=help_)
+    parser = _OneLineParser(prog=f"meshserve {name}", description=help_)
     add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
