@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
 
     run_bench(config, args.batch, args.weights, args.prompt_len, args.gen_len, layers=args.layers,
-              repeats=args.repeats, progress=not args.json, on_row=save, kv_cache_dtypes=args.kv_cache_dtype)  # fmt: skip
+              repeats=args.repeats, progress=True, on_row=save, kv_cache_dtypes=args.kv_cache_dtype)  # fmt: skip
     if args.peer and args.gen_len > 0:
         for batch in args.batch:
             peer = peer_row(config, batch, args.prompt_len, args.gen_len, repeats=args.repeats)

@@ -28,6 +28,7 @@ def test_bench_rows_with_peer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert rows == json.loads(out.read_text())
+    assert "bench tiny-falcon" in proc.stderr  # progress on stderr with --json too (a log's plain lines here)
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted((r["weights"], r["batch"]) for r in rows) == [("bf16", 1), ("int8", 1)]
     for r in rows:
