@@ -7,17 +7,24 @@ A checkpoint is a directory:
   chat_template.jinja (optional)     the chat template from the Hugging Face source (model/chat.py); the special-token
                                      strings it uses are meshserve.json's "chat": {"bos_token", "eos_token"}
 Saving writes to a temporary sibling directory and renames it at the end, so a crash never leaves a
-half-written checkpoint. Restoring reads straight into the requested shardings: every host reads
-only its own shards, which is how a model too large for one host is loaded.
+half-written checkpoint; Ctrl-C or SIGTERM during the write removes the temporary directory too (kill -9 leaves it,
+as `.NAME.tmp-XXXXXXXX` beside NAME, never at NAME), and too little free disk is refused before writing. A
+meshserve.json that names a tokenizer file the directory lacks is refused (not read as raw bytes). Restoring reads
+straight into the requested shardings: every host reads only its own shards, which is how a model too large for one
+host is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ __all__ = [
 FORMAT = 1
 META_FILE = "meshserve.json"
 _INT8_KEY = "__int8__"
+_STATUS = re.compile(r"[A-Z][A-Z_]+: ")  # a tensorstore / absl status code opening an error message
 
 
 class CheckpointError(UserError):
@@ -90,8 +98,6 @@ def save_checkpoint(
     chat: ChatTemplate | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary directory, then rename); `chat`: the chat template to keep."""
-    import orbax.checkpoint as ocp
-
     if weights not in WEIGHT_DTYPES:
         raise CheckpointError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
     if config.true_kv_heads:  # replicated for a mesh at load (ModelConfig.replicate_kv_heads): not the model's own
@@ -114,30 +120,111 @@ def save_checkpoint(
         raise CheckpointError(
             f"{path} exists and is not a meshserve checkpoint (no {META_FILE}); refusing to replace it"
         )
+    _check_space(path, params, tokenizer_file)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with _signals_held() as received:
         try:
-            tmp.mkdir(parents=True)
-        except OSError as e:  # a parent that cannot exist or be written (/proc/..., a file, no permission)
-            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({e.filename})") from None
-        # StandardCheckpointer saves asynchronously: wait for the commit before the rename below.
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / "params", _to_plain(params))
-            checkpointer.wait_until_finished()
-        tok_name = None
-        if tokenizer_file is not None:
-            tok_name = "tokenizer.model" if str(tokenizer_file).endswith(".model") else "tokenizer.json"
-            shutil.copyfile(tokenizer_file, tmp / tok_name)
-        meta = {"format": FORMAT, "model": config.to_dict(), "weights": weights, "tokenizer": tok_name}
-        if chat is not None:
-            (tmp / TEMPLATE_FILE).write_text(chat.template, encoding="utf-8")
-            meta["chat"] = {"bos_token": chat.bos_token, "eos_token": chat.eos_token}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_in(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                _write(tmp, path, config, params, weights, tokenizer_file, chat)
+            except (OSError, ValueError) as e:
+                # A full disk or a lost mount: OSError from our writes; orbax's tensorstore writers report it as a
+                # ValueError starting with a status code (RESOURCE_EXHAUSTED: Error writing ...). Other ValueErrors
+                # are bugs and keep their traceback.
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if isinstance(e, ValueError) and not _STATUS.match(first):
+                    raise
+                reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else first[:300]
+                raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from None
+            if received:  # Ctrl-C or SIGTERM while writing: the user wants no checkpoint
+                raise KeyboardInterrupt(f"signal {received[0]} while writing {path}")
+            _swap_in(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_space(path: Path, params: Params, tokenizer_file: str | Path | None) -> None:
+    """Refuse before writing when the weights alone exceed the free space where `path` goes: orbax's writer threads
+    would fail part way and log a traceback per thread before the one-line error."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None:
+        return  # mkdir reports it
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(params))
+    if tokenizer_file is not None and Path(tokenizer_file).is_file():
+        need += Path(tokenizer_file).stat().st_size
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: it needs about {need / 2**20:,.1f} MiB and {parent} has "
+            f"{free / 2**20:,.1f} MiB free"
+        )
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C and SIGTERM while a checkpoint is written (main thread only), yielding the list they land in.
+
+    Raised at once, a KeyboardInterrupt lands while orbax's writer threads still fill the temporary directory: the
+    removal below then races them (the directory was left behind, with a traceback from a thread). Held, the writer
+    finishes, save_checkpoint sees the signal and removes the temporary directory whole. A second signal acts at
+    once.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    # An ignored signal stays ignored (a job started with `&` or nohup ignores SIGINT by design); None: set outside Python.
+    previous = {
+        s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)
+    }
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:  # asked twice: stop now, as without this handler
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            signal.raise_signal(signum)
+            return
+        received.append(signum)
+
+    for s in previous:
+        signal.signal(s, hold)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _write(
+    tmp: Path,
+    path: Path,
+    config: ModelConfig,
+    params: Params,
+    weights: str,
+    tokenizer_file: str | Path | None,
+    chat: ChatTemplate | None,
+) -> None:
+    """Write every file of the checkpoint bound for `path` into the new directory `tmp`."""
+    import orbax.checkpoint as ocp
+
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a parent that cannot exist or be written (/proc/..., a file, no permission)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({e.filename})") from None
+    # StandardCheckpointer saves asynchronously: wait for the commit before the rename.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp / "params", _to_plain(params))
+        checkpointer.wait_until_finished()
+    tok_name = None
+    if tokenizer_file is not None:
+        tok_name = "tokenizer.model" if str(tokenizer_file).endswith(".model") else "tokenizer.json"
+        shutil.copyfile(tokenizer_file, tmp / tok_name)
+    meta = {"format": FORMAT, "model": config.to_dict(), "weights": weights, "tokenizer": tok_name}
+    if chat is not None:
+        (tmp / TEMPLATE_FILE).write_text(chat.template, encoding="utf-8")
+        meta["chat"] = {"bos_token": chat.bos_token, "eos_token": chat.eos_token}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -176,7 +263,11 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     if meta.get("format") != FORMAT or weights not in WEIGHT_DTYPES:
         raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')} / weights {weights!r}")
     tok = None
-    for name in [meta["tokenizer"]] if meta.get("tokenizer") else list(TOKENIZER_FILES):
+    named = meta.get("tokenizer")
+    if named and not (path / str(named)).is_file():
+        # Falling back to raw bytes would answer every text prompt with the wrong ids, silently.
+        raise CheckpointError(f"{meta_path} names tokenizer {named!r}, which is missing from {path}: copy it back")
+    for name in [named] if named else list(TOKENIZER_FILES):
         if (path / name).exists():
             tok = path / name
             break

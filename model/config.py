@@ -73,7 +73,8 @@ class ModelConfig:
     qk_norm: bool = False
     # Sliding-window attention (model/layers.py `attention_scores_mask`): a layer with window W lets the query at
     # position t see the keys at positions s with t - W < s <= t (transformers' sliding_window_overlay). 0 = every
-    # layer global. The KV cache still holds the whole context (no ring buffer); the window is a mask.
+    # layer global. The KV cache still holds the whole context (no ring buffer); the window is a mask, and a decode
+    # step reads only the window of a windowed layer (model/transformer.py decode_step).
     sliding_window: int = 0
     # Layers that attend globally although sliding_window is set (Gemma 3: every 6th, layer_types "full_attention");
     # () with a window = every layer windowed (Mistral). `layer_windows` gives each layer's window.

@@ -10,8 +10,11 @@ Supported `model_type`s:
   falcon: rotary positions, the original decoder (`new_decoder_architecture` false), multi-query (`multi_query`
     true: one k/v head) or multi-head attention, parallel or serial block, exact GELU, LayerNorm with bias,
     optional linear biases, tied or separate `lm_head`.
-Anything else is refused with an error naming the config.json key. The chat template (tokenizer_config.json's
-`chat_template` or chat_template.jinja) comes along in HFCheckpoint.chat (model/chat.py `hf_chat_template`).
+Anything else is refused with an error naming the config.json key, as is a pre-quantized checkpoint
+(`quantization_config`: GPTQ, AWQ, FP8, bitsandbytes). The chat template (tokenizer_config.json's `chat_template` or
+chat_template.jinja) comes along in HFCheckpoint.chat (model/chat.py `hf_chat_template`); generation_config.json's eos
+ids and the template's eos token join the stop ids (model/hf_stops.py); model/hf_tensors.py says which safetensors
+files are read.
 
 Falcon stores q, k and v as one fused `query_key_value` weight [out, E] (torch Linear: y = x W^T + b).
 Its output rows, as `FalconAttention._split_heads` reads them:
@@ -30,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from meshserve.errors import UserError
-from meshserve.model import hf_gemma3, hf_llama
+from meshserve.model import hf_gemma3, hf_llama, hf_stops
 from meshserve.model.chat import ChatTemplate, hf_chat_template
 from meshserve.model.config import ConfigError, ModelConfig
-from meshserve.model.model_spec import ModelSpecError, llama_config
+from meshserve.model.hf_tensors import HFImportError, HFTensors
+from meshserve.model.model_spec import ModelSpecError, hf_model_name, llama_config
 from meshserve.model.params import WEIGHT_DTYPES, Params, declare
+from meshserve.model.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 __all__ = ["HFImportError", "HFCheckpoint", "falcon_config", "read_hf_config", "load_hf", "TENSOR_DTYPES"]
 
@@ -45,10 +49,6 @@ TENSOR_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 _MODEL_TYPES = ("falcon", "RefinedWebModel")  # RefinedWebModel: the pre-transformers name of Falcon-7B
 # Tensors Falcon checkpoints may carry that hold no weights (older exports saved rotary buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class HFImportError(UserError):
-    """A Hugging Face directory that is missing, unreadable, unsupported or inconsistent with its config."""
 
 
 @dataclass(frozen=True)
@@ -166,56 +166,6 @@ def falcon_config(hf: dict[str, Any], name: str = "falcon-hf") -> ModelConfig:
         raise HFImportError(f"config.json describes no model meshserve can run: {e}") from None
 
 
-class _Tensors:
-    """Name -> file for every tensor of the directory (index file or all *.safetensors); reads on demand."""
-
-    def __init__(self, directory: Path):
-        import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' so safetensors can return it)
-        from safetensors import safe_open
-
-        self._open = safe_open
-        self._handles: dict[Path, Any] = {}
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {str(k): directory / str(v) for k, v in weight_map.items()}
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise HFImportError(f"cannot read {index} (expected a 'weight_map' object): {e}") from None
-            missing = sorted({f.name for f in self.files.values() if not f.is_file()})
-            if missing:
-                raise HFImportError(f"{index.name} names missing file(s): {', '.join(missing)}")
-        else:
-            shards = sorted(directory.glob("*.safetensors"))
-            if not shards:
-                other = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-                hint = f" (found {', '.join(other)}: re-save with safe_serialization=True)" if other else ""
-                raise HFImportError(f"no *.safetensors weights in {directory}{hint}")
-            self.files = {}
-            for shard in shards:
-                for name in list(self._handle(shard).keys()):  # safe_open handles are not iterable
-                    self.files[name] = shard
-        self.shapes = {name: tuple(self._handle(f).get_slice(name).get_shape()) for name, f in self.files.items()}
-        self.dtypes = {name: self._handle(f).get_slice(name).get_dtype() for name, f in self.files.items()}
-
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            try:
-                self._handles[path] = self._open(str(path), framework="np")
-            except Exception as e:  # SafetensorError, OSError, ...: the library has no common base class
-                raise HFImportError(f"cannot read safetensors file {path}: {e}") from None
-        return self._handles[path]
-
-    def get(self, name: str) -> np.ndarray:
-        path = self.files[name]
-        try:
-            return self._handle(path).get_tensor(name)
-        except HFImportError:
-            raise
-        except Exception as e:
-            raise HFImportError(f"cannot read tensor {name} from {path}: {e}") from None
-
-
 def _plan(config: ModelConfig, prefix: str) -> Iterator[tuple[str, tuple[int, ...], tuple[str, ...], Any]]:
     """(HF tensor name, expected HF shape, destination path in params, layer index or None) for every weight."""
     c = config
@@ -285,11 +235,15 @@ def _place(params: Params, dest: tuple[str, ...], layer: int | None, value: np.n
         lay[kind][layer] = value
 
 
-def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool = False) -> HFCheckpoint:
+def load_hf(
+    directory: str | Path, weights: str | None = None, *, progress: bool = False, require_tokenizer: bool = False
+) -> HFCheckpoint:
     """Read a Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Falcon HF directory into numpy params: bf16 when bf16 is stored, else f32.
 
     Every tensor is checked against the shape config.json implies before any is read; a mismatch
-    names the tensor and both shapes. int8 is left to the caller (`cast_params` after this).
+    names the tensor and both shapes. int8 is left to the caller (`cast_params` after this). require_tokenizer: refuse
+    a directory without tokenizer.json / tokenizer.model, or with one that cannot be read, before reading weights
+    (`meshserve convert` without --no-tokenizer: a checkpoint without a tokenizer encodes text as raw bytes).
     """
     import ml_dtypes
     from meshserve.progress import progress as progress_bar
@@ -298,7 +252,7 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
         raise HFImportError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
     directory = Path(directory)
     hf = read_hf_config(directory)
-    name = directory.resolve().name or "hf-model"
+    name = hf_model_name(directory)
     model_type = hf.get("model_type")
     if model_type in hf_llama.MODEL_TYPES:
         try:
@@ -319,18 +273,25 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     else:
         known = ", ".join(hf_llama.MODEL_TYPES + hf_gemma3.MODEL_TYPES + _MODEL_TYPES)
         raise _refuse("model_type", model_type, f"meshserve converts {known} checkpoints only")
+    text_config = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+    quantization = hf.get("quantization_config") or text_config.get("quantization_config")
+    if quantization:  # GPTQ / AWQ / FP8 / bitsandbytes tensors (qweight, scales, ...) are not plain weights
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise _refuse("quantization_config.quant_method", method, "pre-quantized checkpoints cannot be read; convert "
+                      "the unquantized (f32 / bf16 / f16) checkpoint and pass --weights int8")  # fmt: skip
     chat = hf_chat_template(directory)  # read before the tensors: a damaged tokenizer_config.json fails fast
-    tensors = _Tensors(directory)
+    config = hf_stops.with_stop_ids(config, directory, chat)
+    tensors = HFTensors(directory)
     if model_type in hf_llama.MODEL_TYPES:
-        plan = list(hf_llama.llama_plan(config, "model." if any(n.startswith("model.") for n in tensors.files) else ""))
+        rows = hf_llama.llama_plan(config, "model." if any(n.startswith("model.") for n in tensors.files) else "")
     elif model_type in hf_gemma3.MODEL_TYPES:
-        plan = list(hf_gemma3.gemma3_plan(config, hf_gemma3.text_prefix(tensors.files)))
+        rows = hf_gemma3.gemma3_plan(config, hf_gemma3.text_prefix(tensors.files))
     else:
-        prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.files) else ""
-        plan = list(_plan(config, prefix))
+        rows = _plan(config, "transformer." if any(n.startswith("transformer.") for n in tensors.files) else "")
 
-    expected = {name for name, *_ in plan}
-    for name, shape, *_ in plan:
+    plan = []  # checked row by row as generated: a typo such as num_hidden_layers=20000000 fails at the first
+    for row in rows:  # missing tensor instead of listing a plan row for every layer (minutes and gigabytes)
+        name, shape = row[0], row[1]
         if name not in tensors.files:
             raise HFImportError(f"tensor {name} is missing from {directory} (config.json implies shape {shape})")
         if tensors.shapes[name] != shape:
@@ -340,6 +301,8 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
                 f"kv heads={config.n_kv_heads}, head_dim={config.d_head}, ffn/intermediate_size={config.d_ff}, "
                 f"vocab_size={config.vocab_size})"
             )
+        plan.append(row)
+    expected = {name for name, *_ in plan}
     tied_head = {"lm_head.weight"} if config.shared_embedding else set()
     extra = sorted(
         n
@@ -355,6 +318,15 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
     if unsupported:
         raise HFImportError(f"unsupported tensor dtype(s) {unsupported}; supported: {sorted(TENSOR_DTYPES)}")
 
+    tokenizer = next((directory / f for f in TOKENIZER_FILES if (directory / f).is_file()), None)
+    if require_tokenizer and tokenizer is None:
+        raise HFImportError(
+            f"{directory} has no {' or '.join(TOKENIZER_FILES)}: copy the model's tokenizer files in, or convert with "
+            "--no-tokenizer (text would then be encoded as raw bytes: prompts must be token ids, generate --tokens)"
+        )
+    if require_tokenizer:
+        load_tokenizer(tokenizer)  # a damaged file fails here in one line (TokenizerError), not at every load
+
     source = "+".join(sorted({TENSOR_DTYPES[tensors.dtypes[n]] for n in expected}))
     # Read in bf16 only when bf16 is what is stored (or all the source holds); otherwise float32, exact for every
     # source dtype, so int8 is quantised by the caller from the source precision and FP16 is rounded only once.
@@ -366,7 +338,6 @@ def load_hf(directory: str | Path, weights: str | None = None, *, progress: bool
             # float16 -> float32 first (exact), then to the target: one rounding, never f16 -> bf16 directly.
             _place(params, dest, layer, tensors.get(name).astype(np.float32).astype(dtype), config)
             bar.update(1)
-    tokenizer = next((directory / f for f in ("tokenizer.json", "tokenizer.model") if (directory / f).is_file()), None)
     return HFCheckpoint(config, params, source, tokenizer, len(plan), chat)
 
 

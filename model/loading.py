@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 from meshserve.model.chat import ChatError, ChatTemplate
-from meshserve.model.checkpoint import load_checkpoint
+from meshserve.model.checkpoint import CheckpointError, load_checkpoint
 from meshserve.model.config import ModelConfig, get_config
 from meshserve.model.params import Params, cast_params, init_params
 from meshserve.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -78,6 +78,8 @@ def load_model(
         weights = weights or "f32"
         params = cast_params(config, init_params(config, jax.random.key(seed)), weights)
         return LoadedModel(config, params, ByteTokenizer(), weights, f"random:{preset}")
+    if checkpoint is not None and not str(checkpoint).strip():  # "" would silently mean the demo model
+        raise CheckpointError("the checkpoint path is empty: give a meshserve checkpoint directory")
     info, params = load_checkpoint(checkpoint or DEMO_CHECKPOINT, weights=weights, shardings=shardings)
     tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else ByteTokenizer()
     return LoadedModel(info.config, params, tokenizer, weights or info.weights, str(info.path), info.chat)

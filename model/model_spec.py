@@ -48,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "llama_config",
     "hf_config_file",
+    "hf_model_name",
     "window_layers",
     "ModelSpecError",
     "MODEL_HELP",
@@ -115,7 +116,7 @@ def hf_config_file(path: str | Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise ModelSpecError(f"{path}: expected a JSON object (a Hugging Face config.json), got {type(data).__name__}")
     # A model directory names the model (…/Llama-2-7b-hf/config.json); a loose file is named by its stem.
-    name = (path.resolve().parent.name if path.name == "config.json" else path.stem) or "hf-model"
+    name = hf_model_name(path.parent) if path.name == "config.json" else (path.stem or "hf-model")
     model_type = data.get("model_type")
     if model_type in _LLAMA_TYPES:
         return llama_config(data, name=name, source=str(path))
@@ -134,6 +135,18 @@ def hf_config_file(path: str | Path) -> ModelConfig:
         raise ModelSpecError(f"{path} has no model_type key: not a Hugging Face config.json")
     supported = ", ".join(_LLAMA_TYPES + _GEMMA_TYPES + _FALCON_TYPES)
     raise _refuse(str(path), "model_type", model_type, f"supported: {supported}")
+
+
+def hf_model_name(directory: str | Path) -> str:
+    """The model's name for a Hugging Face directory: its name as given (a symlink's own name, not its target's), or
+    for a Hub cache snapshot (…/models--ORG--NAME/snapshots/<commit hash>) the repository's NAME, not the hash (the
+    name `meshserve serve` answers to by default)."""
+    path = Path(directory).absolute()
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--", 2)[-1] or "hf-model"
+    return path.name or "hf-model"
 
 
 def _refuse(source: str, key: str, value: Any, why: str) -> ModelSpecError:

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("meshserve.serving.cli_generate", "generate text in process (or from a server with --server)"),
     "convert": (
         "meshserve.serving.cli_convert",
-        "convert a Hugging Face checkpoint (Llama, Mistral, Qwen2, Falcon) or change dtype",
+        "convert a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Falcon) or change dtype",
     ),
     "serve": ("meshserve.serving.cli_serve", "run the inference server: gRPC, and OpenAI's HTTP API with --http-port"),
     "score": ("meshserve.serving.cli_offline", "score continuations in a JSONL file (offline, in process)"),

@@ -1,6 +1,7 @@
 """`meshserve convert`: a Hugging Face directory -> a meshserve checkpoint, or change a checkpoint's dtype.
 
-Hugging Face `model_type`s: llama, mistral, qwen2, qwen3 and falcon (model/hf_import.py says what each may hold).
+Hugging Face `model_type`s: llama, mistral, qwen2, qwen3, gemma3_text, gemma3 and falcon (model/hf_import.py says
+what each may hold). The directory's tokenizer (tokenizer.json or tokenizer.model) is required unless --no-tokenizer.
 
   meshserve convert --from-hf DIR --out CKPT [--weights f32|bf16|int8]
   meshserve convert --checkpoint CKPT --out CKPT2 --weights int8      (quantise at convert time)
@@ -52,11 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stored weight dtype (int8 quantises matmul weights per output channel). Default with --from-hf: "
         "f32 if every tensor is float32, else bf16; required with --checkpoint",
     )
+    parser.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="with --from-hf: write no tokenizer and no chat template (needed for a directory without tokenizer.json "
+        "or tokenizer.model, which is refused otherwise: text would be encoded as raw bytes, not the model's tokens); "
+        "prompts must then be token ids (generate --tokens)",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print one JSON line describing the result")
 
 
 def _check_out(args: argparse.Namespace) -> Path:
+    for flag, value in (("--from-hf", args.from_hf), ("--checkpoint", args.checkpoint), ("--out", args.out)):
+        if value is not None and not value.strip():  # Path("") is the current directory: never what was meant
+            raise ConvertError(f"{flag} is empty: give a directory")
     out = Path(args.out)
     # Refuse a parent that cannot hold a directory before reading any weights (a file, or a missing root).
     parent = next((p for p in out.absolute().parents if p.exists()), None)
@@ -79,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     out = _check_out(args)
     if args.checkpoint and not args.weights:
         raise ConvertError("--weights (f32, bf16 or int8) is required with --checkpoint")
+    if args.checkpoint and args.no_tokenizer:
+        raise ConvertError("--no-tokenizer applies with --from-hf only (a checkpoint keeps its tokenizer)")
     start = time.perf_counter()
 
     from meshserve.model.checkpoint import load_checkpoint, save_checkpoint
@@ -87,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
     if args.from_hf:
         from meshserve.model.hf_import import load_hf
 
-        imported = load_hf(args.from_hf, args.weights, progress=True)
+        imported = load_hf(args.from_hf, args.weights, progress=True, require_tokenizer=not args.no_tokenizer)
         config, params, tokenizer = imported.config, imported.params, imported.tokenizer_file
         chat = imported.chat  # the Hugging Face chat template, kept as chat_template.jinja
+        if args.no_tokenizer:  # a chat template renders text, which only the model's tokenizer encodes right
+            tokenizer = chat = None
         source, source_weights = str(Path(args.from_hf)), imported.source_dtype
         weights = args.weights or imported.default_weights
     else:

@@ -281,8 +281,13 @@ def test_bad_input(tmp_path, capsys):
     assert "not a meshserve checkpoint" in capsys.readouterr().err and (out / "keep").read_text() == "mine"
     (out / "keep").unlink()
     out.rmdir()
-    assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--weights", "f32"]) == 0
-    assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--force", "--weights", "bf16"]) == 0
+    # No tokenizer: refused (text would be encoded as raw bytes), unless --no-tokenizer.
+    assert "no tokenizer.json or tokenizer.model" in _convert_error(capsys, hf, out)
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out), "--weights", "f32", "--no-tokenizer"]) == 0
+    assert (
+        main(["convert", "--from-hf", str(hf), "--out", str(out), "--force", "--weights", "bf16", "--no-tokenizer"])
+        == 0
+    )
     assert read_checkpoint_info(out).weights == "bf16"
     capsys.readouterr()
     assert main(["convert", "--checkpoint", str(out), "--out", str(tmp_path / "o2")]) == 2
@@ -333,6 +338,9 @@ def test_fp16_safetensors_are_read_through_float32_and_reported_as_f16(tmp_path,
     assert imported.default_weights == "bf16" and imported.params["embed"].dtype.name == "bfloat16"
     np.testing.assert_array_equal(imported.params["embed"], exact.astype(ml_dtypes.bfloat16))
     capsys.readouterr()
-    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"), "--json"]) == 0
+    assert (
+        main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"), "--json", "--no-tokenizer"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["source_weights"] == "f16" and summary["weights"] == "bf16"
