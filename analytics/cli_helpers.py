@@ -18,7 +18,6 @@ __all__ = [
     "positive",
     "model_args",
     "model_from_args",
-    "did_you_mean",
     "chip_from_args",
     "kv_cache_dtype_arg",
     "fmt_s",
@@ -73,42 +72,32 @@ def model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
 
 
-def did_you_mean(name: str, known: list[str]) -> str | None:
-    """The known names a mistyped `name` most likely meant ("h100" -> h100-sxm, "palm-54b" -> palm-540b), joined
-    with " or ", or None when none is close."""
-    import difflib
-
-    low = name.strip().lower()
-    close = [k for k in known if low and k.startswith(low)] + difflib.get_close_matches(low, known, n=2, cutoff=0.6)
-    close = list(dict.fromkeys(close))[:2]
-    return " or ".join(close) or None
-
-
 def model_from_args(args: argparse.Namespace) -> Any:
     """The ModelConfig of --model with --set applied (a one-line UserError for a bad spec or override; a name
     close to a preset's says which one)."""
     from pathlib import Path
 
+    from meshserve.model.config import near_names
     from meshserve.model.model_spec import parse_overrides, resolve_model
     from meshserve.model.presets import PRESETS
 
     path_like = "/" in args.model or args.model.endswith(".json")  # a path: resolve_model's own message fits it
-    if args.model not in PRESETS and not path_like and not Path(args.model).expanduser().exists():
-        near = did_you_mean(args.model, list(PRESETS))
-        if near:
-            raise UserError(f"--model {args.model!r}: no such preset, file or directory; did you mean {near}? "
-                            f"(presets: {', '.join(PRESETS)})")  # fmt: skip
+    unknown = args.model not in PRESETS and not path_like and not Path(args.model).expanduser().exists()
+    if unknown and (near := near_names(args.model, PRESETS)):
+        raise UserError(f"--model {args.model!r}: no such preset, file or directory{near} "
+                        f"(presets: {', '.join(PRESETS)})")  # fmt: skip
     return resolve_model(args.model, parse_overrides(args.set))
 
 
 def chip_from_args(flag: str, name: str) -> Any:
     """analytics.chips.get_chip(name), with an unknown name refused naming `flag` and the chip it most likely meant."""
     from meshserve.analytics.chips import CHIPS, chip_names, get_chip
+    from meshserve.model.config import near_names
 
     if name != "local" and name not in CHIPS:
-        near = did_you_mean(name, list(CHIPS))
-        hint = f"; did you mean {near}?" if near else ""
-        raise UserError(f"{flag} {name!r}: unknown hardware{hint} (known: {', '.join(chip_names())})")
+        raise UserError(
+            f"{flag} {name!r}: unknown hardware{near_names(name, CHIPS)} (known: {', '.join(chip_names())})"
+        )
     return get_chip(name)
 
 

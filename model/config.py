@@ -16,7 +16,7 @@ from typing import Any, Literal
 from meshserve.errors import UserError
 
 # PRESETS (model/presets.py) is read through this module too: `from meshserve.model.config import PRESETS`.
-__all__ = ["ModelConfig", "get_config", "ConfigError", "vocab_error", "kv_replication"]
+__all__ = ["ModelConfig", "get_config", "ConfigError", "vocab_error", "kv_replication", "near_names"]
 
 
 class ConfigError(UserError):
@@ -261,12 +261,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def near_names(name: str, known: Iterable[str]) -> str:
+    """ "; did you mean A or B?" for a mistyped `name` (the known names it starts, then difflib's close matches), or
+    "" when none is close."""
+    import difflib
+
+    known, low = list(known), str(name).strip().lower()
+    close = [k for k in known if low and k.startswith(low)] + difflib.get_close_matches(low, known, n=2, cutoff=0.6)
+    close = list(dict.fromkeys(close))[:2]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, optionally with fields overridden; unknown names list the known presets."""
     from meshserve.model.presets import PRESETS
 
     if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown model preset {name!r}{near_names(name, PRESETS)} (known presets: {', '.join(PRESETS)})"
+        )
     config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
 

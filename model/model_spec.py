@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.errors import UserError
-from meshserve.model.config import PRESETS, ConfigError, ModelConfig
+from meshserve.model.config import PRESETS, ConfigError, ModelConfig, near_names
 from meshserve.model.model_overrides import SET_HELP, ModelSpecError, apply_overrides, parse_overrides
 
 __all__ = [
@@ -99,8 +99,8 @@ def _resolve(spec: str) -> ModelConfig:
     if path.exists():
         raise ModelSpecError(f"model {spec!r} is neither a file nor a directory")
     raise ModelSpecError(
-        f"unknown model preset {spec!r} and no such file or directory; known presets: {', '.join(PRESETS)} "
-        "(or give a meshserve checkpoint directory or a Hugging Face config.json)"
+        f"unknown model preset {spec!r} and no such file or directory{near_names(spec, PRESETS)} (known presets: "
+        f"{', '.join(PRESETS)}; or give a meshserve checkpoint directory or a Hugging Face config.json)"
     )
 
 

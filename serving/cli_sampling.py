@@ -14,10 +14,14 @@ N_MAX_LOCAL = 64
 
 
 def token_list(text: str) -> list[int]:
+    """Comma-separated token ids; an empty item ("1,,2", ",") is refused: a typo more often than a choice."""
+    items = text.split(",")
+    if any(not t.strip() for t in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (an empty item)")
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _logit_bias(text: str) -> dict[int, float]:

@@ -177,6 +177,20 @@ def test_client_request_takes_whole_floats_for_integer_fields():
     assert (req.sampling.top_k, req.sampling.seed, req.top_logprobs) == (2, 3, 4)
 
 
+@pytest.mark.parametrize("flag", ["--tokens", "--stop-token-ids"])
+def test_an_empty_item_in_a_token_list_is_refused_naming_the_flag(capsys, flag):
+    """`--tokens 1,,2` ran as 1,2 and `--stop-token-ids ,` as none: a typo passed unseen."""
+    from meshserve.serving.cli import main
+
+    for value in ("1,,2", ","):
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "hi", flag, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"meshserve generate: error: argument {flag}: expected comma-separated integers"), err
+        assert "(an empty item)" in err
+
+
 @pytest.mark.parametrize("command", ["serve", "score", "batch-generate"])
 @pytest.mark.parametrize("flag", ["--length-buckets", "--decode-buckets"])
 def test_an_empty_item_in_a_bucket_list_is_refused_naming_the_flag(capsys, command, flag):
@@ -189,3 +203,4 @@ def test_an_empty_item_in_a_bucket_list_is_refused_naming_the_flag(capsys, comma
             main([command, *files, flag, value])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"argument {flag}: " in err and "no empty item" in err, err
+        assert err.count("\n") == 1, err  # one line (before: argparse's usage block first)
