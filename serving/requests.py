@@ -55,8 +55,8 @@ def truncate_prompt(prompt: list[int], keep: int, max_context: int, new_tokens: 
     """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (its beginning dropped, BOS with it, as vLLM
     does); -1 keeps the most that leave room for `new_tokens` in the context; 0 leaves it whole. Raises ValueError
     naming the field and its range (one prompt token at least, and room for one generated token)."""
-    if keep == -1:
-        keep = max(1, max_context - new_tokens)
+    if keep == -1:  # a bad new_tokens (0, too many) is its own field's error, reported after this
+        keep = min(max(1, max_context - max(new_tokens, 1)), max_context - 1)
     if keep == 0:
         return prompt
     if not 1 <= keep < max_context:
