@@ -209,8 +209,10 @@ class HttpFront:
 
 class _Handler(WireIO):
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI's clients expect
-    server_version = "meshserve"
-    sys_version = ""  # the Server header names meshserve only, not the Python version
+    def version_string(self) -> str:
+        """The Server header: meshserve only (http.server's default adds the Python version, and with an empty
+        sys_version a trailing space)."""
+        return "meshserve"
     timeout = 300  # an idle keep-alive connection is closed after this many seconds
 
     @property
