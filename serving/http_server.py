@@ -209,10 +209,12 @@ class HttpFront:
 
 class _Handler(WireIO):
     protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI's clients expect
+
     def version_string(self) -> str:
         """The Server header: meshserve only (http.server's default adds the Python version, and with an empty
         sys_version a trailing space)."""
         return "meshserve"
+
     timeout = 300  # an idle keep-alive connection is closed after this many seconds
 
     @property

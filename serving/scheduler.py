@@ -140,7 +140,10 @@ class Scheduler:
     # ----- inputs -----
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFullError when max_queue requests already wait."""
+        """Queue a request; QueueFullError when max_queue requests already wait, PlanError (a UserError) for a
+        prompt longer than the largest prefill bucket (max_context): refused here, not at its prefill, where it
+        stopped the engine thread and every request with it."""
+        self.length_bucket(len(request.prompt))
         if len(self.queue) >= self.max_queue:
             raise QueueFullError(f"queue full: {len(self.queue)} requests waiting (max_queue={self.max_queue})")
         self.queue.append(request)
