@@ -72,10 +72,10 @@ def test_windowed_layers_read_their_window_and_still_reproduce_prefill(kv_dtype)
         for row, n in enumerate(starts):
             _, k, v = transformer.prefill(params, config, tokens[row : row + 1, :n], jnp.asarray([n]))
             cache = transformer.insert(cache, k, v, jnp.asarray([n]), jnp.asarray([row]))
+        step_fn = jax.jit(lambda p, t, c: transformer.decode_step(p, config, t, c, context=32))  # one compile
         for step in range(20 - max(starts)):
             at = [n + step for n in starts]
-            logits, cache = transformer.decode_step(stepped, config, tokens[jnp.arange(2), jnp.asarray(at)], cache,
-                                                    context=32)  # fmt: skip
+            logits, cache = step_fn(stepped, tokens[jnp.arange(2), jnp.asarray(at)], cache)
             for row in range(2):  # decode at position at[row] predicts what prefill's logits there predict
                 np.testing.assert_allclose(logits[row], full[row, at[row]], rtol=tol, atol=tol)
     if kv_dtype == jnp.float32:  # garbage in layer 0's keys before each row's window changes nothing
