@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from meshserve.serving.plan import PlanError
 from meshserve.serving.prefix_cache import ExtendSteps, PrefixIndex, PrefixReuse, wait_for
 
 # The request types live in serving/requests.py (plain data, no JAX); imported here for the scheduler's callers.
@@ -88,8 +89,10 @@ class Scheduler:
         prefill_token_budget: int,
         prefix_index: PrefixIndex | None = None,
         extend: ExtendSteps | None = None,
+        max_context: int | None = None,
     ) -> None:
         self.max_batch = max_batch
+        self.max_context = max_context  # prompt + max_new_tokens must fit (None: unchecked, as in unit tests)
         self.max_queue = max_queue
         self.prefill_batches = tuple(sorted(prefill_batches))
         self.length_bucket = length_bucket
@@ -113,7 +116,7 @@ class Scheduler:
         if plan.extend_lengths:
             extend = ExtendSteps(max(plan.extend_lengths), plan.context_bucket, plan.prefill_chunk)
         return cls(plan.max_batch, max_queue, plan.prefill_batches, plan.length_bucket, plan.decode_batches,
-                   plan.prefill_token_budget, index, extend)  # fmt: skip
+                   plan.prefill_token_budget, index, extend, plan.max_context)  # fmt: skip
 
     # ----- state -----
 
@@ -140,10 +143,13 @@ class Scheduler:
     # ----- inputs -----
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFullError when max_queue requests already wait, PlanError (a UserError) for a
-        prompt longer than the largest prefill bucket (max_context): refused here, not at its prefill, where it
-        stopped the engine thread and every request with it."""
+        """Queue a request; QueueFullError when max_queue requests already wait; PlanError (a UserError) for a prompt
+        past the largest prefill bucket (at its prefill it stopped the engine thread) or prompt + max_new_tokens past
+        max_context (the servicer and the other fronts check both first; direct Python callers meet them here)."""
         self.length_bucket(len(request.prompt))
+        if self.max_context is not None and len(request.prompt) + request.max_new_tokens > self.max_context:
+            raise PlanError(f"prompt of {len(request.prompt)} tokens + max_new_tokens {request.max_new_tokens} exceed "
+                            f"the context limit max_context={self.max_context}")  # fmt: skip
         if len(self.queue) >= self.max_queue:
             raise QueueFullError(f"queue full: {len(self.queue)} requests waiting (max_queue={self.max_queue})")
         self.queue.append(request)

@@ -165,6 +165,9 @@ def test_a_prompt_longer_than_the_context_is_refused_at_submit_and_the_engine_se
             orch.submit(Request([5] * (CONTEXT + 1), 1))
         with pytest.raises(PlanError):  # n samples: none queued
             orch.submit_many(Request([5] * (CONTEXT + 1), 1).samples(2))
+        # A prompt that fits with too many new tokens: its decode would overwrite its last key (wrong text, unseen).
+        with pytest.raises(PlanError, match=f"prompt of 3 tokens \\+ max_new_tokens {CONTEXT} exceed the context"):
+            orch.submit(Request([5, 6, 7], CONTEXT))
         after = orch.submit(Request([8, 9], 4)).request
         _wait([running, after])
         assert orch.queued() == 0 and len(orch.guides) == 0
