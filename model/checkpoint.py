@@ -8,7 +8,8 @@ A checkpoint is a directory:
                                      strings it uses are meshserve.json's "chat": {"bos_token", "eos_token"}
 Saving writes to a temporary sibling directory and renames it at the end, so a crash never leaves a
 half-written checkpoint; Ctrl-C or SIGTERM during the write removes the temporary directory too (kill -9 leaves it,
-as `.NAME.tmp-XXXXXXXX` beside NAME, never at NAME), and too little free disk is refused before writing. A
+as `.NAME.tmp-HOST-PID-XXXXXXXX` beside NAME, never at NAME, and the next save to NAME on this host removes it once
+that process is gone), and too little free disk is refused before writing. A
 meshserve.json that names a tokenizer file the directory lacks is refused (not read as raw bytes). Restoring reads
 straight into the requested shardings: every host reads only its own shards, which is how a model too large for one
 host is loaded.
@@ -17,11 +18,13 @@ host is loaded.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -121,7 +124,8 @@ def save_checkpoint(
             f"{path} exists and is not a meshserve checkpoint (no {META_FILE}); refusing to replace it"
         )
     _check_space(path, params, tokenizer_file)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_dead_writers(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with _signals_held() as received:
         try:
             try:
@@ -142,6 +146,33 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Remove the temporary directories of earlier saves to `path` whose process is gone (a kill -9 or the OOM
+    killer mid-write: a partial copy of the weights, gigabytes for a large model). A temporary directory is named
+    .NAME.tmp-HOST-PID-XXXXXXXX; only this host's with a PID that no longer runs are removed (another host's, or a
+    live process's, may still be writing; PID reuse keeps one, never removes a live one)."""
+    host = _host()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-{glob.escape(host)}-*"):
+        pid = stale.name[len(f".{path.name}.tmp-{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _host() -> str:
+    """This host's name in a temporary directory's name: no "-" (the PID after it must parse back) and no "/"."""
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _check_space(path: Path, params: Params, tokenizer_file: str | Path | None) -> None:

@@ -1,6 +1,7 @@
 """Checkpoints: round trips in every dtype, restore into a sharding, atomic writes, clear errors."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -205,3 +206,31 @@ def test_weights_of_another_shape_fail_in_one_line_without_tracebacks(tmp_path, 
         f"meshserve generate: error: cannot restore {tmp_path / 'ck' / 'params'} as {config.name} (f32): embed is "
         "stored with shape (256, 64), the config needs (256, 32)"
     ]
+
+
+def test_a_save_removes_the_temporary_directories_of_dead_writers_only(tmp_path, tiny):
+    """kill -9 (or the OOM killer) mid-save leaves .NAME.tmp-HOST-PID-X beside NAME: a partial copy of the weights.
+    The next save to NAME on this host removes those whose process is gone, and keeps a live process's and another
+    host's (they may still be writing). Before, they stayed forever."""
+    import subprocess
+    import sys
+
+    from meshserve.model.checkpoint import _host
+
+    config, params = tiny
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, host = int(gone.stdout), _host()
+    leftovers = {
+        "dead": tmp_path / f".ck.tmp-{host}-{dead}-0badc0de",
+        "live": tmp_path / f".ck.tmp-{host}-{os.getpid()}-00c0ffee",
+        "other host": tmp_path / f".ck.tmp-elsewhere-{dead}-0badf00d",
+        "other name": tmp_path / f".ck2.tmp-{host}-{dead}-0badc0de",
+    }
+    for directory in leftovers.values():
+        directory.mkdir()
+        (directory / "part").write_bytes(b"x" * 1000)
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    assert read_checkpoint_info(tmp_path / "ck").weights == "f32"
+    assert {k: v.exists() for k, v in leftovers.items()} == {
+        "dead": False, "live": True, "other host": True, "other name": True
+    }  # fmt: skip
