@@ -9,22 +9,20 @@ A checkpoint is a directory:
 Saving writes to a temporary sibling directory and renames it at the end, so a crash never leaves a
 half-written checkpoint; Ctrl-C or SIGTERM during the write removes the temporary directory too (kill -9 leaves it,
 as `.NAME.tmp-HOST-PID-XXXXXXXX` beside NAME, never at NAME, and the next save to NAME on this host removes it once
-that process is gone), and too little free disk is refused before writing. A
-meshserve.json that names a tokenizer file the directory lacks is refused (not read as raw bytes). Restoring reads
-straight into the requested shardings: every host reads only its own shards, which is how a model too large for one
-host is loaded.
+that process is gone), and too little free disk is refused before writing. A meshserve.json that names a tokenizer
+file the directory lacks is refused (not read as raw bytes). Restoring reads straight into the requested shardings:
+every host reads only its own shards, which is how a model too large for one host is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import shutil
 import signal
-import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from typing import Any
 import jax
 from meshserve.errors import UserError
 from meshserve.model.chat import TEMPLATE_FILE, ChatError, ChatTemplate, check_template
+from meshserve.model.checkpoint_files import remove_dead_writers, space_error, temporary_name
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
 from meshserve.model.quant import QuantizedArray
@@ -123,9 +122,10 @@ def save_checkpoint(
         raise CheckpointError(
             f"{path} exists and is not a meshserve checkpoint (no {META_FILE}); refusing to replace it"
         )
-    _check_space(path, params, tokenizer_file)
-    _remove_dead_writers(path)
-    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if error := space_error(path, params, tokenizer_file):
+        raise CheckpointError(error)
+    remove_dead_writers(path)
+    tmp = temporary_name(path)
     with _signals_held() as received:
         try:
             try:
@@ -139,57 +139,15 @@ def save_checkpoint(
                     raise
                 reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else first[:300]
                 raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from None
-            if received:  # Ctrl-C or SIGTERM while writing: the user wants no checkpoint
-                raise KeyboardInterrupt(f"signal {received[0]} while writing {path}")
-            _swap_in(tmp, path)
+            if not received:  # Ctrl-C or SIGTERM while writing: the user wants no checkpoint
+                _swap_in(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    if received:  # under the restored handlers, as it would have acted: SIGINT's KeyboardInterrupt, SIGTERM's exit
+        signal.raise_signal(received[0])
+        raise CheckpointError(f"signal {received[0]} while writing {path}: nothing was written")  # a handler returned
     return path
-
-
-def _remove_dead_writers(path: Path) -> None:
-    """Remove the temporary directories of earlier saves to `path` whose process is gone (a kill -9 or the OOM
-    killer mid-write: a partial copy of the weights, gigabytes for a large model). A temporary directory is named
-    .NAME.tmp-HOST-PID-XXXXXXXX; only this host's with a PID that no longer runs are removed (another host's, or a
-    live process's, may still be writing; PID reuse keeps one, never removes a live one)."""
-    host = _host()
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-{glob.escape(host)}-*"):
-        pid = stale.name[len(f".{path.name}.tmp-{host}-") :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _host() -> str:
-    """This host's name in a temporary directory's name: no "-" (the PID after it must parse back) and no "/"."""
-    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _check_space(path: Path, params: Params, tokenizer_file: str | Path | None) -> None:
-    """Refuse before writing when the weights alone exceed the free space where `path` goes: orbax's writer threads
-    would fail part way and log a traceback per thread before the one-line error."""
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None:
-        return  # mkdir reports it
-    need = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(params))
-    if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        need += Path(tokenizer_file).stat().st_size
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: it needs about {need / 2**20:,.1f} MiB and {parent} has "
-            f"{free / 2**20:,.1f} MiB free"
-        )
 
 
 @contextlib.contextmanager
@@ -198,8 +156,8 @@ def _signals_held() -> Iterator[list[int]]:
 
     Raised at once, a KeyboardInterrupt lands while orbax's writer threads still fill the temporary directory: the
     removal below then races them (the directory was left behind, with a traceback from a thread). Held, the writer
-    finishes, save_checkpoint sees the signal and removes the temporary directory whole. A second signal acts at
-    once.
+    finishes, save_checkpoint sees the signal, removes the temporary directory whole and raises the signal again
+    under the restored handlers. A second signal acts at once.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -217,6 +175,8 @@ def _signals_held() -> Iterator[list[int]]:
             signal.raise_signal(signum)
             return
         received.append(signum)
+        print(f"{signal.Signals(signum).name}: finishing the write to remove it whole; again to stop at once",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     for s in previous:
         signal.signal(s, hold)

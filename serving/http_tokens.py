@@ -50,7 +50,9 @@ def echo_prompts(front: HttpFront, parsed: OpenAIRequest, firsts: list) -> list[
         raise HttpError(500, f"engine failed: {type(e).__name__}") from None
     echoes, k = [], 0
     for req, prompt in zip(parsed.requests, prompts, strict=True):
-        text = req.text if req.WhichOneof("input") == "text" else front.model.tokenizer.decode(prompt)
+        # The prompt as the model saw it: the request's own text, unless truncate_prompt_tokens cut its beginning.
+        whole = req.WhichOneof("input") == "text" and not req.truncate_prompt_tokens
+        text = req.text if whole else front.model.tokenizer.decode(prompt)
         if len(prompt) > 1:
             lps, best, best_lps = out.token_logprobs[k], out.best_ids[k], out.best_logprobs[k]
             k += 1

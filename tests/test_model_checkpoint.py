@@ -210,27 +210,33 @@ def test_weights_of_another_shape_fail_in_one_line_without_tracebacks(tmp_path, 
 
 def test_a_save_removes_the_temporary_directories_of_dead_writers_only(tmp_path, tiny):
     """kill -9 (or the OOM killer) mid-save leaves .NAME.tmp-HOST-PID-X beside NAME: a partial copy of the weights.
-    The next save to NAME on this host removes those whose process is gone, and keeps a live process's and another
-    host's (they may still be writing). Before, they stayed forever."""
+    The next save to NAME on this host removes those whose process is gone and that nothing wrote to for 10 minutes;
+    it keeps a live process's, another host's, and a recently written one (a writer in another PID namespace under
+    the same host name may still be at it). Before, they stayed forever."""
     import subprocess
     import sys
+    import time
 
-    from meshserve.model.checkpoint import _host
+    from meshserve.model.checkpoint_files import _host
 
     config, params = tiny
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, host = int(gone.stdout), _host()
     leftovers = {
         "dead": tmp_path / f".ck.tmp-{host}-{dead}-0badc0de",
+        "dead, written just now": tmp_path / f".ck.tmp-{host}-{dead}-0badbeef",
         "live": tmp_path / f".ck.tmp-{host}-{os.getpid()}-00c0ffee",
         "other host": tmp_path / f".ck.tmp-elsewhere-{dead}-0badf00d",
         "other name": tmp_path / f".ck2.tmp-{host}-{dead}-0badc0de",
     }
-    for directory in leftovers.values():
-        directory.mkdir()
-        (directory / "part").write_bytes(b"x" * 1000)
+    old = time.time() - 1200
+    for name, directory in leftovers.items():
+        (directory / "params").mkdir(parents=True)
+        (directory / "params" / "part").write_bytes(b"x" * 1000)
+        if name != "dead, written just now":
+            for p in (directory / "params" / "part", directory / "params", directory):
+                os.utime(p, (old, old))
     save_checkpoint(tmp_path / "ck", config, params, "f32")
     assert read_checkpoint_info(tmp_path / "ck").weights == "f32"
-    assert {k: v.exists() for k, v in leftovers.items()} == {
-        "dead": False, "live": True, "other host": True, "other name": True
-    }  # fmt: skip
+    kept = {name for name, directory in leftovers.items() if directory.exists()}
+    assert kept == {"dead, written just now", "live", "other host", "other name"}

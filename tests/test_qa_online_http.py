@@ -293,6 +293,9 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server):
     _, short = complete(prompt=[8, 9, 10])
     _, cut = complete(prompt=[5, 6, 7, 8, 9, 10], truncate_prompt_tokens=3)
     assert cut["choices"][0]["text"] == short["choices"][0]["text"] and cut["usage"]["prompt_tokens"] == 3
+    status, echoed = complete(prompt="abcdef", truncate_prompt_tokens=2, echo=True, max_tokens=1)
+    assert status == 200 and echoed["choices"][0]["text"].startswith("ef") and echoed["usage"]["prompt_tokens"] == 2
+    assert "abcd" not in echoed["choices"][0]["text"]  # the prompt the model saw (before: the whole text)
     status, long = complete(prompt=list(range(3, 203)), truncate_prompt_tokens=-1)  # 200 ids, context 128
     assert status == 200 and long["usage"]["prompt_tokens"] == 128 - 4, long
     status, bad = complete(prompt=[5, 6], truncate_prompt_tokens=128)
