@@ -387,7 +387,7 @@ def _print_rows(args: argparse.Namespace, model, texts: list, results, n: int) -
 
     rows = []
     for r in results:  # --stop: the tokens and text a server gives (generate itself knows no stop strings)
-        kept, text, stopped = cut_at_stop(model.tokenizer, r.tokens, args.stop, args.include_stop_str)
+        kept, text, stopped = cut_at_stop(model.tokenizer, r.tokens, args.stop, args.include_stop_str, args.min_tokens)
         rows.append((r.tokens[:kept], text, r.logprobs[:kept], "stop" if stopped else r.finish_reason,
                      alternatives_with_text(model.tokenizer, r.top_logprobs[:kept])))  # fmt: skip
     for j, prompt_text in enumerate(texts):  # prompt j's samples are rows j * n .. (j + 1) * n - 1

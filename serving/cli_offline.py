@@ -84,8 +84,8 @@ GENERATE_EPILOG = (
   top_logprobs       alternatives per generated token, 0 = off, at most 20 (default 0)
   logit_bias         {"token id": bias} added to those logits before sampling, e.g. {"123": -100, "7": 5}: keys
                      digit strings, biases in [-100, 100], at most 64 entries with min_tokens' (default none)
-  min_tokens         end-of-sequence and stop_token_ids cannot end the text before this many tokens; each such
-                     id takes one of logit_bias's 64 entries; at most max_new_tokens (default 0 = off)
+  min_tokens         end-of-sequence, stop_token_ids and stop strings cannot end the text before this many
+                     tokens; each stop id takes one of logit_bias's 64 entries; at most max_new_tokens (default 0)
   stop               a string or a list of strings that end the text, cut off before it (default none)
   stop_token_ids     a list of token ids that end generation like end-of-sequence (default none)
   ignore_eos         true: do not stop at the model's end-of-sequence token (default false)

@@ -145,7 +145,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="end-of-sequence and --stop-token-ids cannot be sampled before N tokens are generated; each such id "
+        help="end-of-sequence and --stop-token-ids cannot be sampled, nor --stop end the text, before N tokens are "
+        "generated; each such id "
         "takes one of --logit-bias's 64 entries; at most --max-new-tokens (default 0 = off)",
     )
     parser.add_argument(

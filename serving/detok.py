@@ -5,7 +5,8 @@ Text is what `tokenizer.decode(all generated ids)` gives; each step emits only t
     next token completes it;
   - a tail that could be the start of a stop string is held back until it is clear it is not one;
   - when a stop string appears, the text is cut before it (after it with include_stop, vLLM's
-    include_stop_str_in_output) and the request ends.
+    include_stop_str_in_output) and the request ends; not before min_tokens tokens (as vLLM, whose min_tokens
+    holds back stop strings as well as stop tokens).
 Concatenating every emitted piece gives the final text exactly (`finish` flushes what was held back).
 
 Each push costs O(new tokens + a small window), not O(all tokens): as vLLM's `detokenize_incrementally` and TGI's
@@ -35,10 +36,13 @@ _RESOLVE = 4
 class StreamDecoder:
     """Per-request state: the ids so far, the text emitted so far, and the stop strings to look for."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), include_stop: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, stop: Sequence[str] = (), include_stop: bool = False, min_tokens: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop  # the text ends with the stop string found (else just before it)
+        self.min_tokens = min_tokens  # no stop string ends the text before this many ids
         self.ids: list[int] = []
         self.stopped = False
         # ids[:_read] are text already (emitted or in _pending); ids[_prefix:_read] is decoded again as context.
@@ -59,9 +63,14 @@ class StreamDecoder:
         """Add tokens; returns (new settled text, whether a stop string ended the request)."""
         if self.stopped:
             return "", True
+        unchecked = self.min_tokens - 1 - len(self.ids)  # ids of this push before the min_tokens-th
+        if 0 < unchecked < len(tokens):  # a verify step's ids across it: pushed as one at a time would be
+            text, _ = self.push(tokens[:unchecked])
+            more, stopped = self.push(tokens[unchecked:])
+            return text + more, stopped
         self.ids.extend(int(t) for t in tokens)
         text = self._pending + self._advance()
-        cut = self._find_stop(text)
+        cut = self._find_stop(text) if len(self.ids) >= self.min_tokens else None
         if cut is not None:
             self.stopped = True
             self._pending = ""
@@ -83,7 +92,7 @@ class StreamDecoder:
             rest = self._pending + self._decode(self.ids[self._prefix :])[len(prefix_text) :]
         self._pending = ""
         self.stopped = True  # nothing more is emitted
-        cut = self._find_stop(rest)
+        cut = self._find_stop(rest) if len(self.ids) >= self.min_tokens else None
         return self._emit(rest if cut is None else rest[:cut])
 
     def _advance(self) -> str:
@@ -134,12 +143,12 @@ class StreamDecoder:
 
 
 def cut_at_stop(
-    tokenizer: Tokenizer, tokens: Sequence[int], stop: Sequence[str], include_stop: bool = False
+    tokenizer: Tokenizer, tokens: Sequence[int], stop: Sequence[str], include_stop: bool = False, min_tokens: int = 0
 ) -> tuple[int, str, bool]:
     """Generated `tokens` as a server streams them with these stop strings: (how many tokens it keeps, their text
     cut at the stop, whether a stop string ended it). For output generated without the stop strings (generate in
     process): the same tokens and text a server's request with them gives."""
-    decoder = StreamDecoder(tokenizer, stop, include_stop)
+    decoder = StreamDecoder(tokenizer, stop, include_stop, min_tokens)
     for i, token in enumerate(tokens):
         if decoder.push([token])[1]:
             return i + 1, decoder.emitted, True

@@ -43,7 +43,8 @@ class CallerSide:
     ) -> RequestHandle:
         """Queue a validated request; raises QueueFullError / ShuttingDownError (or a GuideError: a format past its
         bounds). `done` receives the handle at the end."""
-        handle = RequestHandle(request, StreamDecoder(self.tokenizer, stop, request.include_stop_str), done=done)
+        decoder = StreamDecoder(self.tokenizer, stop, request.include_stop_str, request.sampling.min_tokens)
+        handle = RequestHandle(request, decoder, done=done)
         self.guides.add([request])
         try:
             with self._lock:
@@ -71,7 +72,7 @@ class CallerSide:
         handles = [
             RequestHandle(
                 r,
-                StreamDecoder(self.tokenizer, stop, r.include_stop_str),
+                StreamDecoder(self.tokenizer, stop, r.include_stop_str, r.sampling.min_tokens),
                 events=TaggedQueue(events, i),  # type: ignore
             )
             for i, r in enumerate(requests)

@@ -67,6 +67,12 @@ def test_min_tokens_holds_eos_and_stop_token_ids_back(client):
     # ignore_eos: eos ends nothing, so min_tokens holds nothing back and the biased eos comes at once, to the end.
     r = client.generate(PROMPT, max_new_tokens=4, logit_bias={EOS: 100}, min_tokens=3, ignore_eos=True)
     assert r.tokens == [EOS] * 4 and r.finish_reason == "length"
+    # A stop string is held back too (as vLLM): 'M' (id 77, forced) ends the text at the 5th token, not the 1st.
+    forced = dict(max_new_tokens=10, logit_bias={77: 100}, ignore_eos=True, stop=["M"])
+    assert [
+        (len(r.tokens), r.text)
+        for r in (client.generate(PROMPT, **forced), client.generate(PROMPT, min_tokens=5, **forced))
+    ] == [(1, ""), (5, "MMMM")]
     # Without max_new_tokens, the default length stretches to min_tokens (a shorter default could never meet it).
     r = client.generate(PROMPT, logit_bias={EOS: 100}, min_tokens=80)  # the default is 64
     assert len(r.tokens) == 80 and EOS not in r.tokens and r.finish_reason == "length", r.tokens

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from meshserve.model.tokenizer import ByteTokenizer, load_tokenizer
-from meshserve.serving.detok import StreamDecoder
+from meshserve.serving.detok import StreamDecoder, cut_at_stop
 
 DEMO = Path(__file__).resolve().parent.parent / "model" / "demo"
 TEXT = "héllo wörld, ünïcode: 日本語のテキスト 🙂🚀 ok. def f(x):\n    return x * 2  # ∑ → ∞ ‰ €"
@@ -113,6 +113,37 @@ def test_include_stop_ends_the_text_with_the_stop_string(tok):
         if hit:
             assert any(text.endswith(s) for s in stop) and rest == "", (stop, ids)
     assert _cut(TEXT, ["日本語", "日本"], include_stop=True).endswith("日本")  # a stream meets it first
+
+
+def test_no_stop_string_ends_the_text_before_min_tokens():
+    """As vLLM: min_tokens holds back stop strings too. A stop string inside the first min_tokens ids is text; one
+    that completes at or after the min_tokens-th id ends it, also one that began before (its prefix was held)."""
+    tok = ByteTokenizer()
+    ids = tok.encode("xa xb xc")  # byte ids: one character each
+    assert cut_at_stop(tok, ids, ["x"]) == (1, "", True)
+    assert cut_at_stop(tok, ids, ["x"], min_tokens=2) == (4, "xa ", True)  # the first x is text
+    assert cut_at_stop(tok, ids, ["x"], include_stop=True, min_tokens=4) == (4, "xa x", True)
+    assert cut_at_stop(tok, ids, [" xc"], min_tokens=7) == (8, "xa xb", True)  # began before min_tokens
+    assert cut_at_stop(tok, ids, ["x"], min_tokens=9) == (8, "xa xb xc", False)  # never reached
+    decoder = StreamDecoder(tok, ["x"], min_tokens=5)  # several ids a push (a verify step) across min_tokens
+    assert decoder.push(ids[:3]) == ("xa ", False) and decoder.push(ids[3:]) == ("xb ", True)  # at the 3rd x
+
+
+def test_min_tokens_gives_the_same_cut_whatever_the_pushes_split():
+    """Pushes of several ids (verify steps) across min_tokens end where one id a push ends (cut_at_stop)."""
+    tok, rng = ByteTokenizer(), np.random.default_rng(5)
+    for _ in range(400):
+        ids = tok.encode("".join(rng.choice(list("xab "), size=int(rng.integers(1, 20)))))
+        stop = ["".join(rng.choice(list("xab "), size=int(rng.integers(1, 3))))]
+        min_tokens, include = int(rng.integers(0, 12)), bool(rng.integers(0, 2))
+        _, text, hit = cut_at_stop(tok, ids, stop, include, min_tokens)
+        decoder, pieces, i, stopped = StreamDecoder(tok, stop, include, min_tokens), [], 0, False
+        while i < len(ids) and not stopped:
+            n = int(rng.integers(1, 5))
+            piece, stopped = decoder.push(ids[i : i + n])
+            pieces.append(piece)
+            i += n
+        assert ("".join(pieces) + decoder.finish(), stopped) == (text, hit), (ids, stop, min_tokens, include)
 
 
 def test_emitted_text_is_never_taken_back(tok):
