@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import wait_finished
 from meshserve.model.config import get_config
 from meshserve.model.generate import generate
 from meshserve.model.params import init_params
@@ -46,13 +47,6 @@ def engine() -> Engine:
     return e
 
 
-def _wait(requests: list[Request], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(r.finished for r in requests):
-        assert time.monotonic() < deadline, "requests did not finish"
-        time.sleep(0.005)
-
-
 def _copy(r: Request) -> Request:
     return Request(list(r.prompt), r.max_new_tokens, r.sampling, r.stop_ids, guide=r.guide)
 
@@ -62,7 +56,7 @@ def _alone(engine: Engine, r: Request, stop: tuple[str, ...]) -> Request:
     orch = Orchestrator(engine, Scheduler.for_plan(engine.plan, 8), ByteTokenizer()).start()
     try:
         c = orch.submit(_copy(r), stop=stop).request
-        _wait([c])
+        wait_finished([c])
     finally:
         orch.stop()
     assert orch.error is None
@@ -122,14 +116,14 @@ def test_a_mixed_batch_equals_each_request_alone_and_leaves_the_engine_clean(eng
         for r, stop, n in mix:
             handles = orch.submit_many(r.samples(n), stop)[0] if n > 1 else [orch.submit(r, stop)]
             served += [(h.request, stop) for h in handles]
-        _wait([r for r, _ in served])
+        wait_finished([r for r, _ in served])
         # Follow-ups: each conversation goes on; its earlier tokens are in the cache rows the first round left.
         rng = np.random.default_rng(1)
         follow = []
         for r, _ in served:
             prompt = (r.prompt + r.tokens + [int(t) for t in rng.integers(1, 200, 2)])[: CONTEXT - 6]
             follow.append(orch.submit(Request(prompt, 6)).request)
-        _wait(follow)
+        wait_finished(follow)
         time.sleep(0.05)  # the loop's last iteration: freed slots released, nothing left in flight
         left = (orch.scheduler.active, list(orch.scheduler.queue), dict(orch._handles), len(orch.guides),
                 dict(orch.guides._masks), len(spec._tracks))  # fmt: skip
@@ -169,7 +163,7 @@ def test_a_prompt_longer_than_the_context_is_refused_at_submit_and_the_engine_se
         with pytest.raises(PlanError, match=f"prompt of 3 tokens \\+ max_new_tokens {CONTEXT} exceed the context"):
             orch.submit(Request([5, 6, 7], CONTEXT))
         after = orch.submit(Request([8, 9], 4)).request
-        _wait([running, after])
+        wait_finished([running, after])
         assert orch.queued() == 0 and len(orch.guides) == 0
     finally:
         orch.stop()
