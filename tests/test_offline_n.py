@@ -140,7 +140,8 @@ def test_include_stop_str_in_output_and_truncate_prompt_tokens(checkpoint, tmp_p
             {"id": "kept", **base, "stop": [stop], "include_stop_str_in_output": True},
             {"id": "bad", **base, "include_stop_str_in_output": "yes"},
             {"id": "trunc", **base, "prompt": "hello " * 100, "truncate_prompt_tokens": -1},  # 601 tokens: too long
-            {"id": "trunc-bad", **base, "truncate_prompt_tokens": 128}]  # fmt: skip
+            {"id": "trunc-bad", **base, "truncate_prompt_tokens": 128},
+            {"id": "min", "prompt": "hello", "min_tokens": 70, "ignore_eos": True}]  # fmt: skip
     _, out, errors = _job(checkpoint, tmp_path, "stops", rows)
     by_id = {r["id"]: r for r in out}
     cut = text[: text.find(stop)]
@@ -151,3 +152,4 @@ def test_include_stop_str_in_output_and_truncate_prompt_tokens(checkpoint, tmp_p
     # truncate_prompt_tokens (vLLM's): -1 keeps the prompt's end that leaves room for max_new_tokens.
     assert len(by_id["trunc"]["tokens"]) == 12
     assert errors[1]["error"] == "truncate_prompt_tokens must be -1 or in [1, 127] (0 = off), got 128"
+    assert len(by_id["min"]["tokens"]) == 70  # no max_new_tokens: the default 64 stretches to min_tokens
