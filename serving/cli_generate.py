@@ -22,6 +22,7 @@ import math
 import sys
 from pathlib import Path
 
+from meshserve.analytics.cli_helpers import ints
 from meshserve.errors import UserError
 from meshserve.serving.cli_generate_guided import add_guided_arguments, guided_flag, guided_kwargs, guided_spec
 from meshserve.serving.cli_sampling import (
@@ -29,7 +30,6 @@ from meshserve.serving.cli_sampling import (
     add_chat_arguments,
     add_sampling_arguments,
     chat_messages,
-    token_list,
 )
 
 INT32_MAX = 2**31 - 1  # GenerateRequest.n is an int32 field
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens",
         action="append",
-        type=token_list,
+        type=ints,
         default=[],
         metavar="1,2,3",
         help="a prompt as token ids instead of text; repeat for several prompts (default: none)",

@@ -1,5 +1,5 @@
-"""The sampling flags of `meshserve generate` (in process and with --server), and their parsers: --logit-bias
-ID:BIAS pairs, comma-separated token ids. Ranges are checked where the values are used (SamplingParams, the
+"""The sampling flags of `meshserve generate` (in process and with --server), and the --logit-bias ID:BIAS parser
+(comma-separated token ids go through the analytics flags' list parser, `cli_helpers.ints`). Ranges are checked where the values are used (SamplingParams, the
 model's vocabulary), so every entry point reports them alike."""
 
 from __future__ import annotations
@@ -7,21 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 
-__all__ = ["add_sampling_arguments", "add_chat_arguments", "chat_messages", "token_list", "N_MAX_LOCAL"]
+from meshserve.analytics.cli_helpers import ints
+
+__all__ = ["add_sampling_arguments", "add_chat_arguments", "chat_messages", "N_MAX_LOCAL"]
 
 # --n in process: every sample is a row of the one batch (prompts x n), as batch-generate's line limit.
 N_MAX_LOCAL = 64
-
-
-def token_list(text: str) -> list[int]:
-    """Comma-separated token ids; an empty item ("1,,2", ",") is refused: a typo more often than a choice."""
-    items = text.split(",")
-    if any(not t.strip() for t in items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} (an empty item)")
-    try:
-        return [int(t) for t in items]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -146,8 +137,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="end-of-sequence and --stop-token-ids cannot be sampled, nor --stop end the text, before N tokens are "
-        "generated; each such id "
-        "takes one of --logit-bias's 64 entries; at most --max-new-tokens (default 0 = off)",
+        "generated; each such id takes one of --logit-bias's 64 entries; at most --max-new-tokens (default 0 = off)",
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token (default: stop)"
@@ -168,7 +158,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stop-token-ids",
-        type=token_list,
+        type=ints,
         default=[],
         metavar="7,9",
         help="more token ids that end generation, e.g. a chat template's end-of-turn token (default none)",
