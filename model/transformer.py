@@ -240,7 +240,7 @@ def decode_step(
     # The widest window below C (static): the positions a windowed layer reads, [start_b, start_b + span) with
     # start_b = pos_b - span + 1 where that fits in [0, C); 0 = every layer reads [0, C).
     span = max((w for w in config.layer_windows if 0 < w < C), default=0) if config.windowed else 0
-    near = jnp.clip(pos - span + 1, 0, C - span)[:, None] + jnp.arange(span)[None, :]  # [B, span]
+    near = jnp.clip(pos - span + 1, 0, C - span)[:, None] + jnp.arange(span)[None, :] if span else None  # [B, span]
 
     def layer_fn(x, p, i):
         new = {}

@@ -77,15 +77,15 @@ def generation_requests(model, engine, job: JobLine, chat: ChatOptions | None = 
     if bad:
         raise LineError(bad)
     at_least = d.get("min_tokens", 0)  # an unset max_new_tokens leaves room for min_tokens (checked below)
-    at_least = at_least if isinstance(at_least, int) and not isinstance(at_least, bool) else 0
-    prompt = _truncated(d, prompt, engine.plan.max_context, max(64, at_least))
+    default_new = max(64, at_least if isinstance(at_least, int) and not isinstance(at_least, bool) else 0)
+    prompt = _truncated(d, prompt, engine.plan.max_context, default_new)
     room = engine.plan.max_context - len(prompt)
     if room < 1:  # else the max_new_tokens message below would name a range like [1, -2490]
         raise LineError(
             f"{'messages' if 'messages' in d else 'prompt'}: {len(prompt)} tokens leave no room to generate in the "
             f"context of {engine.plan.max_context} tokens (at most {engine.plan.max_context - 1} prompt tokens)"
         )
-    n = d.get("max_new_tokens", min(max(64, at_least), room))
+    n = d.get("max_new_tokens", min(default_new, room))
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= room:
         raise LineError(
             f"max_new_tokens must be an integer in [1, {room}] (context {engine.plan.max_context}), got {show(n)}"
@@ -115,13 +115,8 @@ def generation_requests(model, engine, job: JobLine, chat: ChatOptions | None = 
     bad = vocab_error(model.config, extra, "stop_token_ids")
     if bad:
         raise LineError(bad)
-    ignore_eos = d.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):  # "false" (a string) is truthy: it would drop the stop at EOS unseen
-        raise LineError(f"ignore_eos must be true or false, got {show(ignore_eos)}")
-    stop_ids = frozenset(extra) | (frozenset() if ignore_eos else frozenset(model.stop_ids()))
-    include_stop = d.get("include_stop_str_in_output", False)
-    if not isinstance(include_stop, bool):
-        raise LineError(f"include_stop_str_in_output must be true or false, got {show(include_stop)}")
+    stop_ids = frozenset(extra) | (frozenset() if _flag(d, "ignore_eos") else frozenset(model.stop_ids()))
+    include_stop = _flag(d, "include_stop_str_in_output")
     guide = _guide(d)
     if thinking and guide is not None and guide.kind != "regex":  # the format after the reasoning block
         guide = dataclasses.replace(guide, think="open" if opens else "start")
@@ -132,6 +127,15 @@ def generation_requests(model, engine, job: JobLine, chat: ChatOptions | None = 
         return request.samples(samples), stop
     except SamplingError as e:
         raise LineError(str(e)) from None
+
+
+def _flag(d: dict, name: str) -> bool:
+    """A line's boolean field (default false): JSON true or false only, since a string such as "false" is truthy
+    and would turn the option on unseen."""
+    value = d.get(name, False)
+    if not isinstance(value, bool):
+        raise LineError(f"{name} must be true or false, got {show(value)}")
+    return value
 
 
 def _truncated(d: dict, prompt: list[int], max_context: int, default_new: int) -> list[int]:

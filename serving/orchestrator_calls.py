@@ -38,13 +38,17 @@ class CallerSide:
     _stop: bool
     _thread: threading.Thread
 
+    def _decoder(self, request: Request, stop: Sequence[str]) -> StreamDecoder:
+        """The request's text as it streams: its stop strings, kept or cut (include_stop_str), none before
+        min_tokens."""
+        return StreamDecoder(self.tokenizer, stop, request.include_stop_str, request.sampling.min_tokens)
+
     def submit(
         self, request: Request, stop: Sequence[str] = (), done: queue.SimpleQueue | None = None
     ) -> RequestHandle:
         """Queue a validated request; raises QueueFullError / ShuttingDownError (or a GuideError: a format past its
         bounds). `done` receives the handle at the end."""
-        decoder = StreamDecoder(self.tokenizer, stop, request.include_stop_str, request.sampling.min_tokens)
-        handle = RequestHandle(request, decoder, done=done)
+        handle = RequestHandle(request, self._decoder(request, stop), done=done)
         self.guides.add([request])
         try:
             with self._lock:
@@ -70,11 +74,7 @@ class CallerSide:
         reuse it (the scheduler's burst rule, prefix_cache.wait_for). One request (n = 1) behaves as `submit`."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         handles = [
-            RequestHandle(
-                r,
-                StreamDecoder(self.tokenizer, stop, r.include_stop_str, r.sampling.min_tokens),
-                events=TaggedQueue(events, i),  # type: ignore
-            )
+            RequestHandle(r, self._decoder(r, stop), events=TaggedQueue(events, i))  # type: ignore
             for i, r in enumerate(requests)
         ]
         self.guides.add(requests)
