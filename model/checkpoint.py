@@ -122,9 +122,9 @@ def save_checkpoint(
         raise CheckpointError(
             f"{path} exists and is not a meshserve checkpoint (no {META_FILE}); refusing to replace it"
         )
+    remove_dead_writers(path)  # first: what a killed save left may be the space this one needs
     if error := space_error(path, params, tokenizer_file):
         raise CheckpointError(error)
-    remove_dead_writers(path)
     tmp = temporary_name(path)
     with _signals_held() as received:
         try:

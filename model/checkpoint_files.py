@@ -23,7 +23,7 @@ __all__ = ["temporary_name", "remove_dead_writers", "space_error"]
 
 def temporary_name(path: Path) -> Path:
     """Where a save to `path` writes first: .NAME.tmp-HOST-PID-XXXXXXXX beside it."""
-    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f"{_prefix(path, _host())}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def remove_dead_writers(path: Path, idle_s: float = 600.0) -> None:
@@ -31,11 +31,16 @@ def remove_dead_writers(path: Path, idle_s: float = 600.0) -> None:
     no longer runs, and nothing in them written for `idle_s` seconds (another host's, or a live process's, may still
     be writing; so may a process in another PID namespace under the same host name, which the idle time covers; PID
     reuse keeps one, never removes a live one)."""
-    host = _host()
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-{glob.escape(host)}-*"):
-        pid = stale.name[len(f".{path.name}.tmp-{host}-") :].split("-", 1)[0]
+    prefix = _prefix(path, _host())
+    for stale in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)) and _idle_for(stale, idle_s):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _prefix(path: Path, host: str) -> str:
+    """The start of the temporary names this host gives saves to `path`: .NAME.tmp-HOST- (then PID-XXXXXXXX)."""
+    return f".{path.name}.tmp-{host}-"
 
 
 def _host() -> str:
