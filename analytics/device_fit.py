@@ -7,21 +7,22 @@ run out of memory, which XLA then reports. Without the check, `meshserve bench -
 compilation and allocation for minutes, and `meshserve calibrate --batch 100000000` ended in XLA's
 RESOURCE_EXHAUSTED traceback.
 
-Memory: a GPU or TPU reports it (`Device.memory_stats()`, as serving/memory_fit.py reads it); on the CPU the host's
-MemAvailable (/proc/meminfo) is the budget; where neither is known nothing is checked. JAX is imported only in
-`available_bytes`.
+Memory: a GPU or TPU reports it (`Device.memory_stats()`, read by `free_bytes`, which serving/memory_fit.py uses
+too); on the CPU the host's MemAvailable (/proc/meminfo) is the budget; where neither is known nothing is checked.
+JAX is imported only in `available_bytes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshserve.analytics.sizes import kv_bytes_per_element, model_sizes
 from meshserve.errors import UserError
 from meshserve.model.config import ModelConfig
 
-__all__ = ["RowBytes", "row_bytes", "available_bytes", "check_rows_fit"]
+__all__ = ["RowBytes", "row_bytes", "available_bytes", "free_bytes", "check_rows_fit"]
 
 # Bytes per activation element by weight storage: the compute dtype is f32 for f32 weights, bf16 otherwise.
 _COMPUTE_BYTES = {"f32": 4, "bf16": 2, "int8": 2}
@@ -76,10 +77,22 @@ def available_bytes() -> tuple[int, str] | None:
     if device.platform == "cpu":
         host = _mem_available()
         return None if host is None else (host, "this host has")
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind} has"
+    memory = free_bytes([device])
+    return None if memory is None else (memory[0], f"{device.device_kind} has")
+
+
+def free_bytes(devices: Sequence[Any]) -> tuple[int, int, Any] | None:
+    """(free bytes, bytes_limit, device) of the device with the least memory free, or None when a device does not
+    report its memory (the CPU)."""
+    worst = None
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if worst is None or free < worst[0]:
+            worst = (free, stats["bytes_limit"], d)
+    return worst
 
 
 def _size(n: float) -> str:

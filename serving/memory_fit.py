@@ -16,10 +16,11 @@ as vLLM sizes its KV cache to gpu_memory_utilization): the default number of slo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
+from meshserve.analytics.device_fit import free_bytes
 from meshserve.errors import UserError
 from meshserve.model.kv_quant import Int8KV
 
@@ -52,20 +53,6 @@ def state_bytes_per_device(abstract_state: Any) -> int:
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
         total += math.prod(shape) * leaf.dtype.itemsize
     return total
-
-
-def free_bytes(devices: Sequence[Any]) -> tuple[int, int, Any] | None:
-    """(free bytes, bytes_limit, device) of the device with the least memory free, or None when a device does not
-    report its memory (the CPU)."""
-    worst = None
-    for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            return None
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        if worst is None or free < worst[0]:
-            worst = (free, stats["bytes_limit"], d)
-    return worst
 
 
 def _gib(n: float) -> str:
