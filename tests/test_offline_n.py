@@ -141,15 +141,17 @@ def test_include_stop_str_in_output_and_truncate_prompt_tokens(checkpoint, tmp_p
             {"id": "bad", **base, "include_stop_str_in_output": "yes"},
             {"id": "trunc", **base, "prompt": "hello " * 100, "truncate_prompt_tokens": -1},  # 601 tokens: too long
             {"id": "trunc-bad", **base, "truncate_prompt_tokens": 128},
+            {"id": "trunc-type", **base, "truncate_prompt_tokens": "2"},
             {"id": "min", "prompt": "hello", "min_tokens": 70, "ignore_eos": True}]  # fmt: skip
     _, out, errors = _job(checkpoint, tmp_path, "stops", rows)
     by_id = {r["id"]: r for r in out}
     cut = text[: text.find(stop)]
     assert (by_id["cut"]["text"], by_id["cut"]["finish_reason"]) == (cut, "stop")
     assert (by_id["kept"]["text"], by_id["kept"]["tokens"]) == (cut + stop, by_id["cut"]["tokens"])
-    assert [e["id"] for e in errors] == ["bad", "trunc-bad"]
+    assert [e["id"] for e in errors] == ["bad", "trunc-bad", "trunc-type"]
     assert errors[0]["error"] == 'include_stop_str_in_output must be true or false, got "yes"'
     # truncate_prompt_tokens (vLLM's): -1 keeps the prompt's end that leaves room for max_new_tokens.
     assert len(by_id["trunc"]["tokens"]) == 12
     assert errors[1]["error"] == "truncate_prompt_tokens must be -1 or in [1, 127] (0 = off), got 128"
+    assert errors[2]["error"] == 'truncate_prompt_tokens must be an integer, got "2"'
     assert len(by_id["min"]["tokens"]) == 70  # no max_new_tokens: the default 64 stretches to min_tokens

@@ -90,6 +90,7 @@ def test_bad_entries_answer_invalid_argument_naming_the_field(client):
          f"sampling.logit_bias: {L_MAX} entries + 1 for min_tokens"),
         (dict(min_tokens=-3), "sampling.min_tokens must be an integer in [0, "),
         (dict(min_tokens=3), "sampling.min_tokens must be <= max_new_tokens (2), got 3"),  # vLLM refuses it too
+        (dict(truncate_prompt_tokens=500), "truncate_prompt_tokens must be -1 or in [1, 127] (0 = off), got 500"),
     ]  # fmt: skip
     for kw, message in cases:
         for call in (client.generate, lambda p, **k: list(client.generate_stream(p, **k))):
