@@ -7,11 +7,14 @@ times
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
   w8a8      int8(x / row scale) @ w_int8 -> int32, rescaled (MESHSERVE_INT8_MATMUL=w8a8: int8 activations too, so
             an integer GEMM reads the weights with no conversion; changes the numerics, never a tuning choice)
-  pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
   rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: would XLA's row
             reduction stream it? A layout experiment for the next step, not a tuning choice)
-and reports GB/s of weight bytes read. The fastest int8 form per (M, K, N) goes into the tuning file ("xla" where
-XLA won; shapes the budget did not reach are left out and so also run XLA), rewritten after every shape. Run the
+  colsum    sum(x[:, :, None] * w_int8[K, N], 1) * scale (M <= 4; int8 as stored: int8_kernel.colsum_matmul, XLA's
+            column reduction reading each weight once; a tuning choice)
+  pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
+and reports GB/s of weight bytes read. The fastest correct int8 form per (M, K, N) among xla, colsum and the Pallas
+configs goes into the tuning file ({"form": "xla"}, {"form": "colsum"} or the config; shapes the budget did not
+reach are left out and so run XLA), rewritten after every shape. Run the
 model with MESHSERVE_INT8_MATMUL=pallas MESHSERVE_INT8_TUNING=<file> to use it. Weights are replicated into up to
 16 copies (~256 MiB) so repeated calls do not hit L2 (the small E x KQ weight still may). First it checks cuDNN's
 fused attention at the bench's prefill shapes (`--attention-only`: just that).
@@ -89,7 +92,14 @@ def model_shapes(name: str) -> list[tuple[str, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from meshserve.model.int8_kernel import candidate_configs, int8_matmul, tuning_key
+    from meshserve.model.int8_kernel import (
+        COLSUM,
+        COLSUM_MAX_ROWS,
+        candidate_configs,
+        colsum_matmul,
+        int8_matmul,
+        tuning_key,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="falcon-7b", help="preset whose matmul shapes to probe (default falcon-7b)")
@@ -140,15 +150,23 @@ def main(argv: list[str] | None = None) -> int:
             for form, (fn, weights, nbytes) in forms.items():
                 results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
             xla = next(r for r in results[-len(forms) :] if r["form"] == "xla")
-            if m <= 4:  # a layout experiment, not a tuning choice: int8 stored [N, K], a row reduction per output
+            best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
+            if m <= COLSUM_MAX_ROWS:
                 wq_t = jnp.swapaxes(wq, 1, 2)
 
-                def rowsum(x, w, s=scale):
+                def rowsum(x, w, s=scale):  # a layout experiment, not a tuning choice: int8 stored [N, K]
                     prod = x[:, None, :].astype(jnp.float32)
                     return jnp.stack([jnp.sum(prod * w[i].astype(jnp.float32), -1) * s for i in range(w.shape[0])])
 
                 results.append(time_form(shape, "rowsum", rowsum, x, wq_t, 1, None, repeats, ref_weights=wq))
-            best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
+
+                def colsum(x, w, s=scale):  # what quant.einsum runs for {"form": "colsum"}: int8 as stored, [K, N]
+                    return jnp.stack([colsum_matmul(x, w[i], s) for i in range(w.shape[0])])
+
+                row = time_form(shape, "colsum", colsum, x, wq, 1, None, repeats)
+                results.append(row)
+                if row["ok"] and (best is None or row["us"] < best):
+                    best, best_config = row["us"], vars(COLSUM)
             for cfg in candidate_configs(m, k, n, limit=n_candidates):
                 if time.perf_counter() - start > args.budget_s:
                     break
@@ -167,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(args.tune, tuning)
                 _write_json(args.tune.removesuffix(".json") + ".results.json", results)
     if args.tune:
-        pallas_won = sum(v["form"] != "xla" for v in tuning["configs"].values())
-        print(f"wrote {args.tune} ({pallas_won} of {len(tuning['configs'])} shapes Pallas)")
+        won = [v["form"] for v in tuning["configs"].values()]
+        pallas_won = sum(f not in ("xla", "colsum") for f in won)
+        print(f"wrote {args.tune} ({pallas_won} of {len(won)} shapes Pallas, {won.count('colsum')} colsum)")
     return 0
 
 

@@ -18,6 +18,17 @@ are added by XLA, a few hundred KiB against tens of MiB of weights):
 Which block sizes stream fastest depends on the GPU and the shape, so `Int8KernelConfig` is explicit and
 `benchmarks/int8_probe.py` times candidates on the device and writes a tuning file; MESHSERVE_INT8_TUNING=path makes
 `int8_matmul` use it (`default_config` otherwise). Used by `quant.einsum` when MESHSERVE_INT8_MATMUL=pallas.
+
+A third choice in the tuning file is no kernel at all: "colsum" (`COLSUM`, `colsum_matmul`, M <= COLSUM_MAX_ROWS),
+
+  out[m, n] = (sum over k of float32(x[m, k]) * float32(w[k, n])) * scale[n]      (w as stored, [K, N])
+
+written so that XLA fuses the convert into a column reduction and streams the int8 weights once (each extra row of x
+re-reads w inside the fusion, hence tiny M only). The same expression on weights stored transposed [N, K] (a row
+reduction, int8_probe.py's "rowsum" experiment) read 1529 / 1105 / 1022 GB/s of int8 bytes for falcon-7b's w_up /
+w_down / wq at M = 1 on an H200 (benchmarks/results/h200-2026-11-27/int8_probe.txt), against ~500 GB/s for XLA's
+convert + GEMM and ~680 GB/s for these kernels; whether the column form on our [K, N] storage does as well is what
+the probe measures, and the tuning file records {"form": "colsum"} for the shapes where it won.
 """
 
 from __future__ import annotations
@@ -33,11 +44,16 @@ import jax.numpy as jnp
 from meshserve.errors import UserError
 
 __all__ = [
+    "COLSUM",
+    "COLSUM_MAX_ROWS",
+    "ColsumForm",
+    "Int8Choice",
     "Int8KernelConfig",
     "MAX_TOKENS",
     "REDUCE_MAX_ROWS",
     "candidate_configs",
     "choose_config",
+    "colsum_matmul",
     "default_config",
     "int8_matmul",
     "load_tuning",
@@ -47,6 +63,7 @@ __all__ = [
 MAX_TOKENS = 64  # above this many rows a matmul is compute-bound and XLA's GEMM is the better choice
 REDUCE_MAX_ROWS = 4  # the CUDA-core form keeps M [bk, bn] float32 tiles in registers; past a few rows use the MMA
 _TARGET_PROGRAMS = 512  # ~4 programs per SM on an H100 (132 SMs): enough loads in flight to cover HBM latency
+COLSUM_MAX_ROWS = 4  # the colsum fusion re-reads w once per row of x: only worth it for a few rows
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,36 @@ class Int8KernelConfig:
             raise ValueError(f"config {self} does not tile K={k}, N={n} (N % bn and K % (bk*split) must be 0)")
         if self.form == "mma" and min(self.bn, self.bk) < 16:
             raise ValueError(f"the mma form needs bn, bk >= 16 (tensor-core tiles), got bn={self.bn}, bk={self.bk}")
+
+
+@dataclass(frozen=True)
+class ColsumForm:
+    """The tuning file's {"form": "colsum"}: not a kernel config but XLA's fused column reduction (`colsum_matmul`).
+    `vars(COLSUM)` is the tuning-file entry."""
+
+    form: str = "colsum"
+
+
+COLSUM = ColsumForm()
+Int8Choice = Int8KernelConfig | ColsumForm | None  # choose_config's answer: a kernel config, colsum, or None (XLA)
+
+
+def colsum_matmul(
+    x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype: jax.typing.DTypeLike | None = None
+) -> jax.Array:
+    """x [M, K] (M <= COLSUM_MAX_ROWS), w int8 [K, N], scale [N] -> [M, N] in out_dtype (x's dtype by default).
+
+    Written as a multiply and a sum over K rather than a dot, so that on a GPU XLA fuses the int8 -> float32 convert
+    into one column reduction that reads each weight byte once (a dot would convert w to a bf16 copy first).
+    Accumulates in float32; the per-column scale is applied after the sum (exact: it is constant along K).
+    """
+    (m, k), (k_w, n) = x.shape, w.shape
+    if m > COLSUM_MAX_ROWS or k != k_w or scale.shape != (n,):
+        raise ValueError(f"colsum takes x [M <= {COLSUM_MAX_ROWS}, K], w [K, N], scale [N]; got {x.shape}, "
+                         f"{w.shape}, {scale.shape}")  # fmt: skip
+    prod = x[:, :, None].astype(jnp.float32) * w.astype(jnp.float32)[None]  # [M, K, N]: inside the fusion on a GPU
+    out = jnp.sum(prod, axis=1) * scale.astype(jnp.float32)[None, :]
+    return out.astype(out_dtype or x.dtype)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -147,20 +194,35 @@ def tuning_key(m: int, k: int, n: int) -> str:
     return f"{1 << max(m - 1, 0).bit_length()}x{k}x{n}"
 
 
+def _tuning_entry(key: str, entry: dict) -> Int8Choice:
+    """One tuning-file entry: {"form": "xla"} -> None, {"form": "colsum"} -> COLSUM, else an Int8KernelConfig."""
+    form = entry["form"]
+    if form == "xla":
+        return None
+    if form == "colsum":
+        if int(key.split("x")[0]) > COLSUM_MAX_ROWS:  # the key's row bucket: colsum is for a few rows only
+            raise ValueError(f"{key}: colsum is for at most {COLSUM_MAX_ROWS} rows")
+        return COLSUM
+    if form not in ("reduce", "mma"):
+        raise ValueError(f"{key}: unknown form {form!r} (xla, colsum, reduce or mma)")
+    return Int8KernelConfig(**entry)
+
+
 @functools.cache
-def load_tuning(path: str) -> dict[str, Int8KernelConfig | None]:
-    """{tuning_key: config, or None where XLA's convert + GEMM won} from benchmarks/int8_probe.py --tune's file:
-    {"model": ..., "device": ..., "configs": {key: {"form": ..., ...}}}."""
+def load_tuning(path: str) -> dict[str, Int8Choice]:
+    """{tuning_key: kernel config, COLSUM, or None where XLA's convert + GEMM won} from benchmarks/int8_probe.py
+    --tune's file: {"model": ..., "device": ..., "configs": {key: {"form": ..., ...}}}."""
     try:
         with open(path) as f:
             table = json.load(f)["configs"]
-        return {key: None if v["form"] == "xla" else Int8KernelConfig(**v) for key, v in table.items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {key: _tuning_entry(key, v) for key, v in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"MESHSERVE_INT8_TUNING={path}: not a tuning file from int8_probe.py --tune ({e})") from e
 
 
-def choose_config(m: int, k: int, n: int) -> Int8KernelConfig | None:
-    """The config for x [m, k] @ w [k, n], None meaning XLA's convert + GEMM.
+def choose_config(m: int, k: int, n: int) -> Int8Choice:
+    """The choice for x [m, k] @ w [k, n]: a kernel config, COLSUM (`colsum_matmul`), or None for XLA's convert +
+    GEMM. Only a tuning file chooses COLSUM.
 
     With a tuning file (MESHSERVE_INT8_TUNING) only measured winners run the kernel: a shape the file does not
     name takes XLA, since an untimed config may be slower or fail to compile. Without one, `default_config`.
@@ -174,9 +236,15 @@ def choose_config(m: int, k: int, n: int) -> Int8KernelConfig | None:
 def int8_matmul(
     x: jax.Array, w: jax.Array, scale: jax.Array, config: Int8KernelConfig | None = None, interpret: bool = False
 ) -> jax.Array:
-    """x [M, K] (16-bit), w int8 [K, N], scale [N] -> [M, N] in x's dtype (float32 accumulation)."""
+    """x [M, K] (16-bit), w int8 [K, N], scale [N] -> [M, N] in x's dtype (float32 accumulation).
+
+    Always the Pallas kernel: without a config, the tuned one, or `default_config` where the tuning file chose XLA
+    or colsum (quant.einsum follows those choices before calling this)."""
+    if isinstance(config, ColsumForm):
+        raise ValueError("colsum is XLA's fused reduction, not a kernel config: call colsum_matmul")
     (m, k), n = x.shape, w.shape[1]
-    config = config or choose_config(m, k, n) or default_config(m, k, n)
+    chosen = config or choose_config(m, k, n)
+    config = chosen if isinstance(chosen, Int8KernelConfig) else default_config(m, k, n)
     config.check(m, k, n)
     return _int8_matmul(x, w, scale, config=config, interpret=interpret)
 

@@ -12,6 +12,12 @@ activations (one token) is quantised too, to int8 with its own absmax scale, and
 int32 (integer tensor cores on a GPU: the weights are read as int8 with no conversion pass), both scales applied to
 the output (as SmoothQuant's W8A8, without its smoothing). It changes the numerics (the activations lose precision,
 ~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot.
+
+Under "pallas" with a tuning file (MESHSERVE_INT8_TUNING) each shape takes what was fastest there on the device: a
+kernel config, XLA's convert + GEMM, or, for at most 4 rows, "colsum": the matmul written as a float32 multiply and
+a sum over K (int8_kernel.colsum_matmul), which XLA fuses into one column reduction that reads each int8 weight once.
+Its twin on transposed weights (a row reduction) streamed 1.25-1.5x faster than a bf16 GEMM at batch 1 on an H200,
+where XLA's convert + GEMM and the Pallas kernel were slower than bf16 (numbers in int8_kernel.py's docstring).
 """
 
 from __future__ import annotations
@@ -115,28 +121,36 @@ def w8a8_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
 
 
 def _int8_kernel_config(subscripts: str, x: jax.Array, w: QuantizedArray):
-    """The Pallas kernel config (model/int8_kernel.py) for this einsum, or None for XLA's path. The kernel runs when
-    asked for, on a GPU, for decode-sized batches and einsums of the form [free_x, c] x [c, free_w] ->
-    [free_x, free_w] (every weight matmul of the model), unless a tuning file says XLA is faster for the shape."""
+    """The Pallas kernel config or COLSUM (model/int8_kernel.py's Int8Choice) for this einsum, or None for XLA's
+    path. Either runs when asked for, on a GPU, for decode-sized batches (colsum: at most COLSUM_MAX_ROWS rows) and
+    einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model), unless a
+    tuning file says XLA is faster for the shape."""
     if int8_matmul_mode() != "pallas" or jax.default_backend() != "gpu":
         return None
-    from meshserve.model.int8_kernel import MAX_TOKENS, choose_config
+    from meshserve.model.int8_kernel import COLSUM_MAX_ROWS, MAX_TOKENS, ColsumForm, choose_config
 
     n_c = len(_split(subscripts)[3])
     rows = math.prod(x.shape[: x.ndim - n_c])
     if not (_plain_form(subscripts) and rows <= MAX_TOKENS and jnp.dtype(x.dtype).itemsize == 2):
         return None
-    return choose_config(rows, math.prod(x.shape[x.ndim - n_c :]), math.prod(w.shape[n_c:]))
+    choice = choose_config(rows, math.prod(x.shape[x.ndim - n_c :]), math.prod(w.shape[n_c:]))
+    # load_tuning refuses colsum for a bucket above COLSUM_MAX_ROWS; this keeps the bound where the rows are known
+    return None if isinstance(choice, ColsumForm) and rows > COLSUM_MAX_ROWS else choice
 
 
-def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, config) -> jax.Array:
-    from meshserve.model.int8_kernel import int8_matmul
+def _kernel_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, config, out_dtype) -> jax.Array:
+    """A plain-form einsum as x [M, K] @ w [K, N] through the Pallas kernel (config) or colsum (COLSUM)."""
+    from meshserve.model.int8_kernel import ColsumForm, colsum_matmul, int8_matmul
 
     x_letters, w_letters, _, c = _split(subscripts)
     n_free_x = len(x_letters) - len(c)
     free_x_shape, free_w_shape = x.shape[:n_free_x], w.values.shape[len(c) :]
     k = math.prod(x.shape[n_free_x:])
-    y = int8_matmul(x.reshape(-1, k), w.values.reshape(k, -1), w.scale.reshape(-1), config=config)
+    x2, w2, scale = x.reshape(-1, k), w.values.reshape(k, -1), w.scale.reshape(-1)
+    if isinstance(config, ColsumForm):
+        y = colsum_matmul(x2, w2, scale, out_dtype=out_dtype)  # float32 sum rounded once, to out_dtype
+    else:
+        y = int8_matmul(x2, w2, scale, config=config).astype(out_dtype)
     return y.reshape(*free_x_shape, *free_w_shape)
 
 
@@ -149,7 +163,7 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     out_dtype = out_dtype or x.dtype
     config = _int8_kernel_config(subscripts, x, w) if isinstance(w, QuantizedArray) else None
     if config is not None:
-        return _kernel_einsum(subscripts, x, w, config).astype(out_dtype)
+        return _kernel_einsum(subscripts, x, w, config, out_dtype)
     if isinstance(w, QuantizedArray) and int8_matmul_mode() == "w8a8" and _plain_form(subscripts):
         return w8a8_einsum(subscripts, x, w).astype(out_dtype)
     if isinstance(w, QuantizedArray):

@@ -16,7 +16,15 @@ import pytest
 from meshserve.errors import UserError
 from meshserve.model import int8_kernel
 from meshserve.model.config import get_config
-from meshserve.model.int8_kernel import Int8KernelConfig, candidate_configs, choose_config, default_config, int8_matmul
+from meshserve.model.int8_kernel import (
+    COLSUM,
+    Int8KernelConfig,
+    candidate_configs,
+    choose_config,
+    colsum_matmul,
+    default_config,
+    int8_matmul,
+)
 
 K, N = 256, 128
 
@@ -104,4 +112,54 @@ def test_tuning_file_chooses_per_shape(tmp_path, monkeypatch):
     int8_kernel.load_tuning.cache_clear()
     with pytest.raises(UserError, match="MESHSERVE_INT8_TUNING"):
         choose_config(1, 256, 128)
+    int8_kernel.load_tuning.cache_clear()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_colsum_matches_float64_reference_at_odd_shapes(m):
+    """XLA's column-reduction form (M <= 4), on falcon-like odd K (71 * 2) and N, in bf16 and in float32 out."""
+    k, n = 142, 96
+    w = jax.random.randint(jax.random.key(3), (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    scale = jax.random.uniform(jax.random.key(4), (n,), jnp.float32, 0.005, 0.02).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(10 + m), (m, k), jnp.bfloat16)
+    ref = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)) * np.asarray(scale, np.float64)
+    got = colsum_matmul(x, w, scale)
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    assert np.max(np.abs(np.asarray(got, np.float64) - ref)) <= 1e-2 * np.max(np.abs(ref))  # a few bf16 ulps
+    # float32 out: float32 accumulation, so far tighter than bf16's rounding
+    got32 = np.asarray(colsum_matmul(x, w, scale, out_dtype=jnp.float32), np.float64)
+    assert np.max(np.abs(got32 - ref)) <= 1e-5 * np.max(np.abs(ref))
+    jaxpr = jax.make_jaxpr(colsum_matmul)(x, w, scale).jaxpr
+    assert not [e for e in jaxpr.eqns if "dot" in e.primitive.name]  # a reduction, not a GEMM (the point of it)
+
+
+def test_colsum_refuses_more_rows_and_is_not_a_kernel_config():
+    x, w, scale, _ = _operands(8)
+    with pytest.raises(ValueError, match="M <= 4"):
+        colsum_matmul(x, w, scale)
+    with pytest.raises(ValueError, match="call colsum_matmul"):
+        int8_matmul(x[:1], w, scale, config=COLSUM, interpret=True)
+
+
+def test_tuning_file_colsum_entries_and_unknown_forms(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    configs = {"1x142x96": {"form": "colsum"}, "4x142x96": {"form": "colsum"}, "8x142x96": {"form": "xla"}}
+    path.write_text(json.dumps({"model": "tiny", "device": "cpu", "configs": configs}))
+    monkeypatch.setenv("MESHSERVE_INT8_TUNING", str(path))
+    int8_kernel.load_tuning.cache_clear()
+    assert choose_config(1, 142, 96) is COLSUM
+    assert choose_config(3, 142, 96) is COLSUM  # bucket 4
+    assert choose_config(2, 142, 96) is None  # bucket 2: not in the file, so XLA
+    assert choose_config(8, 142, 96) is None
+    assert vars(COLSUM) == {"form": "colsum"}  # what int8_probe.py writes for it
+    bad = {
+        "1x142x96": {"form": "rowsum"},  # a probe experiment, never a choice
+        "1x256x128": {"form": "foo", "bn": 32, "bk": 32},  # would build an Int8KernelConfig without the form check
+        "8x142x96": {"form": "colsum"},  # colsum is for at most 4 rows
+    }
+    for key, entry in bad.items():
+        path.write_text(json.dumps({"model": "tiny", "device": "cpu", "configs": {key: entry}}))
+        int8_kernel.load_tuning.cache_clear()
+        with pytest.raises(UserError, match=f"MESHSERVE_INT8_TUNING={path}: not a tuning file.*{key}"):
+            choose_config(1, 142, 96)
     int8_kernel.load_tuning.cache_clear()

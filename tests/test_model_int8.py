@@ -94,3 +94,37 @@ def test_a_bad_int8_matmul_mode_stops_a_job_at_start_whatever_the_weights(tmp_pa
     code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--model", "tiny", "--weights", "bf16")
     assert code == 2 and "MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, got 'int4'" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_pallas_mode_routes_a_colsum_shape_to_colsum_on_a_gpu(tmp_path, monkeypatch):
+    """With MESHSERVE_INT8_MATMUL=pallas on a GPU (faked: the gate reads jax.default_backend), a shape the tuning
+    file marks colsum runs colsum_matmul for real (no dot in the trace, output checked against float64); a shape it
+    does not name keeps XLA's convert + GEMM."""
+    import json
+
+    from meshserve.model import int8_kernel
+
+    q = quantize(jax.random.normal(jax.random.key(8), (142, 96)), contract_axes=[0])  # [E, F], falcon-like odd E
+    x = jax.random.normal(jax.random.key(9), (1, 2, 142), jnp.bfloat16)  # [B, T, E]: 2 rows, bucket 2
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"model": "tiny", "device": "gpu", "configs": {"2x142x96": {"form": "colsum"}}}))
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "pallas")
+    monkeypatch.setenv("MESHSERVE_INT8_TUNING", str(path))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def dots(a):
+        jaxpr = jax.make_jaxpr(lambda a: einsum("BTE,EF->BTF", a, q))(a).jaxpr
+        return [e for e in jaxpr.eqns if "dot" in e.primitive.name]
+
+    int8_kernel.load_tuning.cache_clear()
+    try:
+        assert dots(x) == []  # colsum: a multiply and a reduction
+        got = einsum("BTE,EF->BTF", x, q, out_dtype=jnp.float32)
+        ref = np.asarray(x, np.float64) @ np.asarray(dequantize(q), np.float64)
+        assert got.shape == (1, 2, 96) and got.dtype == jnp.float32
+        assert np.max(np.abs(np.asarray(got, np.float64) - ref)) <= 1e-5 * np.max(np.abs(ref))
+        assert len(dots(x[:, :1])) == 1  # 1 row: bucket 1 is not in the file, so XLA's GEMM
+        monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "xla")
+        assert len(dots(x)) == 1  # the file only counts under pallas
+    finally:
+        int8_kernel.load_tuning.cache_clear()
