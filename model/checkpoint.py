@@ -69,11 +69,15 @@ class CheckpointInfo:
 
 def _to_plain(params: Params) -> dict:
     """Replace each QuantizedArray by {"__int8__": {"values", "scale"}} (plain dicts serialise anywhere)."""
-    return jax.tree_util.tree_map(
-        lambda x: {_INT8_KEY: {"values": x.values, "scale": x.scale}} if isinstance(x, QuantizedArray) else x,
-        params,
-        is_leaf=lambda x: isinstance(x, QuantizedArray),
-    )
+
+    def plain(x: Any) -> Any:
+        if not isinstance(x, QuantizedArray):
+            return x
+        if x.perm is not None:  # a checkpoint holds the declared layout, which loading assumes
+            raise ValueError("int8 weights stored contracted-axes-last (int8_rows) cannot be saved; save before")
+        return {_INT8_KEY: {"values": x.values, "scale": x.scale}}
+
+    return jax.tree_util.tree_map(plain, params, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
 
 def _from_plain(tree: Any) -> Any:

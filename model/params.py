@@ -206,27 +206,39 @@ def cast_params(config: ModelConfig, params: Params, weights: str) -> Params:
     return map_with_specs(one, config, params)
 
 
-def unstack_layers(params: Params, *, consume: bool = False) -> Params:
+def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = False) -> Params:
     """The same weights with `layers` as a list of per-layer trees (the decoder then unrolls its layer loop).
 
     consume: delete each stacked array once its N per-layer slices exist, so the weights never sit in device memory
     twice: the peak is the weights plus one stacked leaf (a 7B model's w_up: 5 GiB of its 14), not twice the
     weights. The caller must not use `params` afterwards.
+    int8_rows: store every int8 layer weight with its contracted axes last (model/int8_rows.py, for
+    MESHSERVE_INT8_MATMUL=rowsum), one per-layer leaf at a time.
     """
     layers = params["layers"]
     if isinstance(layers, list):
         return params
-    leaves, treedef = jax.tree_util.tree_flatten(layers)
+    leaves, treedef = jax.tree_util.tree_flatten(layers, is_leaf=lambda x: isinstance(x, QuantizedArray))
     n = leaves[0].shape[0]
     per_layer: list[list[Any]] = [[] for _ in range(n)]
     for leaf in leaves:
-        slices = [leaf[i] for i in range(n)]
-        if consume and isinstance(leaf, jax.Array):
-            jax.block_until_ready(slices)  # the slices read the stacked buffer: done before it goes
-            leaf.delete()
+        slices = [leaf[i] if not isinstance(leaf, QuantizedArray) else _layer_of(leaf, i, int8_rows) for i in range(n)]
+        if consume:
+            jax.block_until_ready(slices)  # the slices read the stacked buffers: done before they go
+            for array in [leaf.values, leaf.scale] if isinstance(leaf, QuantizedArray) else [leaf]:
+                if isinstance(array, jax.Array):
+                    array.delete()
         for layer, piece in zip(per_layer, slices, strict=True):
             layer.append(piece)
     return dict(params, layers=[jax.tree_util.tree_unflatten(treedef, layer) for layer in per_layer])
+
+
+def _layer_of(w: QuantizedArray, i: int, int8_rows: bool) -> QuantizedArray:
+    """Layer i of a stacked int8 weight, stored contracted-axes-last when int8_rows."""
+    from meshserve.model.int8_rows import rows_first
+
+    layer = QuantizedArray(values=w.values[i], scale=w.scale[i])
+    return rows_first(layer) if int8_rows else layer
 
 
 def replicate_kv_params(

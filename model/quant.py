@@ -12,6 +12,9 @@ activations (one token) is quantised too, to int8 with its own absmax scale, and
 int32 (integer tensor cores on a GPU: the weights are read as int8 with no conversion pass), both scales applied to
 the output (as SmoothQuant's W8A8, without its smoothing). It changes the numerics (the activations lose precision,
 ~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot.
+"rowsum" (model/int8_rows.py) stores each int8 weight with its contracted axes last when the layers are unrolled on
+one device, so a matmul of at most 4 rows is a row reduction that reads each int8 byte once; other row counts, and
+stacked layers or a mesh (where the weights keep their declared layout), run XLA's path.
 
 Under "pallas" with a tuning file (MESHSERVE_INT8_TUNING) each shape takes what was fastest there on the device: a
 kernel config, XLA's convert + GEMM, or, for at most 4 rows, "colsum": the matmul written as a float32 multiply and
@@ -25,27 +28,36 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 
 __all__ = ["QuantizedArray", "quantize", "dequantize", "einsum", "INT8_MATMULS", "int8_matmul_mode", "w8a8_einsum"]
 
-INT8_MATMULS = ("xla", "pallas", "w8a8")
+INT8_MATMULS = ("xla", "pallas", "w8a8", "rowsum")
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class QuantizedArray:
-    """values: int8 [...] ; scale: bf16, same rank, 1 on the contracted axes."""
+    """values: int8 [...] ; scale: bf16, same rank, 1 on the contracted axes.
+
+    perm: None for the declared layout, or the order in which the declared axes are stored (values is the declared
+    weight `.transpose(perm)`, contracted axes last: model/int8_rows.py); the scale always keeps the declared layout.
+    """
 
     values: jax.Array
     scale: jax.Array
+    perm: tuple[int, ...] | None = field(default=None, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        """The declared (logical) shape, whatever the storage order."""
+        if self.perm is None:
+            return tuple(self.values.shape)
+        stored = self.values.shape
+        return tuple(stored[self.perm.index(axis)] for axis in range(len(stored)))
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -67,7 +79,9 @@ def quantize(w: jax.Array, contract_axes: Sequence[int], scale_dtype=jnp.bfloat1
 
 
 def dequantize(w: QuantizedArray, dtype=jnp.float32) -> jax.Array:
-    return (w.values.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
+    """The weight in its declared layout, values * scale, in dtype."""
+    values = w.values if w.perm is None else jnp.transpose(w.values, [w.perm.index(a) for a in range(len(w.perm))])
+    return (values.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
 
 
 def _scale_for_output(subscripts: str, scale: jax.Array) -> jax.Array:
@@ -161,6 +175,10 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     is exact because each scale is constant along the contracted axes.
     """
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, QuantizedArray) and w.perm is not None:  # stored contracted-axes-last: model/int8_rows.py
+        from meshserve.model.int8_rows import rows_einsum
+
+        return rows_einsum(subscripts, x, w, out_dtype)
     config = _int8_kernel_config(subscripts, x, w) if isinstance(w, QuantizedArray) else None
     if config is not None:
         return _kernel_einsum(subscripts, x, w, config, out_dtype)

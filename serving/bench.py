@@ -45,6 +45,7 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
+from meshserve.model.quant import int8_matmul_mode
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
 __all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_bandwidth", "device_peak_flops", "peer_row"]
@@ -83,11 +84,13 @@ class BenchRow:
         return asdict(self)
 
 
-def _int8_matmul_label() -> str:
+def _int8_matmul_label(layers: str) -> str:
     """How int8 matmuls run in this process (model/quant.py reads the same variables)."""
     label = os.environ.get("MESHSERVE_INT8_MATMUL", "xla")
     if label == "pallas" and jax.default_backend() != "gpu":
         return "xla"  # the Pallas kernel is GPU-only; elsewhere quant.einsum takes XLA's path
+    if label == "rowsum" and layers != "unrolled":
+        return "xla"  # stacked layers keep the declared layout (model/int8_rows.py)
     return label + "-tuned" if label == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else label
 
 
@@ -279,7 +282,7 @@ def bench_row(
         prompt_len=prompt_len,
         gen_len=gen_len,
         layers=layers,
-        int8_matmul=_int8_matmul_label(),
+        int8_matmul=_int8_matmul_label(layers),
         device=jax.devices()[0].device_kind,
         platform=jax.devices()[0].platform,
         prefill_ms=prefill_s * 1e3,
@@ -330,7 +333,8 @@ def run_bench(
         for weights in weights_list:
             params = make_params(config, weights)
             if layers == "unrolled":
-                params = unstack_layers(params, consume=True)  # the weights held once: the peak memory column
+                # consume: the weights held once (the peak memory column); rowsum stores int8 contracted-axes-last
+                params = unstack_layers(params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
             for kv in kv_cache_dtypes:
                 for batch in batches:
                     rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers,

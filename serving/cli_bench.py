@@ -68,11 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--int8-matmul",
-        choices=["xla", "pallas", "w8a8"],
+        choices=["xla", "pallas", "w8a8", "rowsum"],
         default=None,
-        help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, or w8a8 (activations "
-        "quantised per token too, an int8 x int8 GEMM; changes the numerics) (default: $MESHSERVE_INT8_MATMUL, "
-        "else xla)",
+        help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, w8a8 (activations "
+        "quantised per token too, an int8 x int8 GEMM; changes the numerics), or rowsum (unrolled layers: weights "
+        "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else xla)",
     )
     parser.add_argument(
         "--int8-tuning",

@@ -370,11 +370,12 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     else:
         import jax
         from meshserve.model.params import unstack_layers
+        from meshserve.model.quant import int8_matmul_mode
 
         # On a GPU the unrolled layer loop decodes 2.7x faster than lax.scan over stacked weights (BUILD.md); the
         # stacked arrays are deleted as they are sliced, so the weights are held once.
         if jax.default_backend() == "gpu":
-            model.params = unstack_layers(model.params, consume=True)
+            model.params = unstack_layers(model.params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
     _print_rows(args, model, texts, results, n)

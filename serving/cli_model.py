@@ -171,7 +171,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 
         # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). Each stacked array
         # is deleted once sliced, so the weights are never held twice.
-        model.params = unstack_layers(model.params, consume=True)
+        model.params = unstack_layers(model.params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
     context = args.max_context or model.config.max_seq_len
     chunk = args.prefill_chunk
     if chunk is None:

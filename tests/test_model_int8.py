@@ -81,7 +81,7 @@ def test_w8a8_quantizes_each_token_and_multiplies_in_integers(monkeypatch):
                                     all_logits=True)  # fmt: skip
     assert float(jnp.mean((jnp.argmax(ref[0], -1) == jnp.argmax(got[0], -1)).astype(jnp.float32))) >= 0.9
     monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "int4")
-    with pytest.raises(UserError, match="MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, got 'int4'"):
+    with pytest.raises(UserError, match="MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, rowsum, got 'int4'"):
         einsum("BTE,EF->BTF", x, q)
 
 
@@ -92,7 +92,7 @@ def test_a_bad_int8_matmul_mode_stops_a_job_at_start_whatever_the_weights(tmp_pa
     src.write_text('{"id": 1, "prompt": "x"}\n')
     monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "int4")
     code, _, err = run_cli(capsys, "batch-generate", str(src), "-o", str(out), "--model", "tiny", "--weights", "bf16")
-    assert code == 2 and "MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, got 'int4'" in err
+    assert code == 2 and "MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, rowsum, got 'int4'" in err
     assert "Traceback" not in err and not out.exists()
 
 
