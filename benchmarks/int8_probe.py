@@ -7,8 +7,10 @@ times
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
   w8a8      int8(x / row scale) @ w_int8 -> int32, rescaled (MESHSERVE_INT8_MATMUL=w8a8: int8 activations too, so
             an integer GEMM reads the weights with no conversion; changes the numerics, never a tuning choice)
-  rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: would XLA's row
-            reduction stream it? A layout experiment for the next step, not a tuning choice)
+  rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: XLA's row reduction,
+            what MESHSERVE_INT8_MATMUL=rowsum runs (model/int8_rows.py); a layout, not a tuning choice)
+  bf16-rows the same row reduction over bf16 weights stored [N, K] (M <= 4; an experiment: faster than the bf16
+            GEMM at batch 1?)
   colsum    sum(x[:, :, None] * w_int8[K, N], 1) * scale (M <= 4; int8 as stored: int8_kernel.colsum_matmul, XLA's
             column reduction reading each weight once; a tuning choice)
   pallas    model/int8_kernel.py, each candidate config  (int8 read once, converted in registers)
@@ -53,7 +55,7 @@ def time_form(shape: dict, form: str, fn, x, weights, nbytes: int, config, repea
     ref_weights: the [copies, K, N] weights to check against when `weights` are stored otherwise (transposed)."""
     ref_weights = weights if ref_weights is None else ref_weights
     copies, k, n = ref_weights.shape
-    label = f"{shape['weight']:>8} {shape['m']:>3} {k:>6} {n:>6} {form:>7}"
+    label = f"{shape['weight']:>8} {shape['m']:>3} {k:>6} {n:>6} {form:>9}"
     row = dict(shape, form=form, config=None if config is None else vars(config), us=None, gbps=None, ok=False)
     try:
         got = jax.jit(fn)(x, weights)[0].astype(jnp.float32)
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         int8_matmul,
         tuning_key,
     )
+    from meshserve.model.int8_rows import rowsum_matmul
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="falcon-7b", help="preset whose matmul shapes to probe (default falcon-7b)")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.xla_only:
         n_candidates, args.tune = 0, None
     tuning = {"model": args.model, "device": jax.devices()[0].device_kind, "configs": {}}
-    print(f"{'weight':>8} {'M':>3} {'K':>6} {'N':>6} {'form':>7} {'us':>8} {'GB/s':>6}  config")
+    print(f"{'weight':>8} {'M':>3} {'K':>6} {'N':>6} {'form':>9} {'us':>8} {'GB/s':>6}  config")
     for label, k, n in model_shapes(args.model)[: 2 if args.xla_only else None]:
         if time.perf_counter() - start > args.budget_s:
             break  # (said once below)
@@ -152,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
             xla = next(r for r in results[-len(forms) :] if r["form"] == "xla")
             best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
             if m <= COLSUM_MAX_ROWS:
-                wq_t = jnp.swapaxes(wq, 1, 2)
 
-                def rowsum(x, w, s=scale):  # a layout experiment, not a tuning choice: int8 stored [N, K]
-                    prod = x[:, None, :].astype(jnp.float32)
-                    return jnp.stack([jnp.sum(prod * w[i].astype(jnp.float32), -1) * s for i in range(w.shape[0])])
+                def rowsum(x, w, s=scale):  # MESHSERVE_INT8_MATMUL=rowsum's matmul (int8_rows.py): stored [N, K]
+                    return jnp.stack([rowsum_matmul(x, w[i], s, x.dtype) for i in range(w.shape[0])])
 
+                wq_t, w_t = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(w, 1, 2)
                 results.append(time_form(shape, "rowsum", rowsum, x, wq_t, 1, None, repeats, ref_weights=wq))
+                # The same row reduction over bf16 weights stored [N, K]: does it stream faster than the bf16 GEMM?
+                # (an experiment for bf16 decode at batch 1, where the GEMM read 1.6-2.0 TB/s on an H200)
+                ones = jnp.ones((n,), jnp.bfloat16)
+                results.append(time_form(shape, "bf16-rows", lambda x, w, s=ones: rowsum(x, w, s), x, w_t, 2, None,
+                                         repeats, ref_weights=w))  # fmt: skip
 
                 def colsum(x, w, s=scale):  # what quant.einsum runs for {"form": "colsum"}: int8 as stored, [K, N]
                     return jnp.stack([colsum_matmul(x, w[i], s) for i in range(w.shape[0])])
