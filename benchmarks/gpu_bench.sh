@@ -10,6 +10,8 @@
 #   MODEL=tiny-falcon PALM=tiny PROMPT_LONG=64 SMALL=1 STEPS="tune targets prefill b8 palm" \
 #     BENCH_EXTRA="--set max_seq_len=256" PY=.venv/bin/python OUT=/tmp/gb TUNING=/tmp/gb-tuning.json \
 #     bash benchmarks/gpu_bench.sh                        # CPU dry run (tiny models' context is 128 tokens)
+#   MODEL=tiny-falcon STEPS="hlo flags" BENCH_EXTRA="--set max_seq_len=256" PY=.venv/bin/python OUT=/tmp/gb2 \
+#     DEADLINE=400 bash benchmarks/gpu_bench.sh           # CPU dry run of the hlo and flags steps
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
@@ -24,7 +26,16 @@
 # at batch 1 and 8, each with guided steps pipelined, read first and auto (the way a server would settle on), and the
 # engine thread's time per guided token; writes guided.json),
 # kvint8 (`meshserve bench --kv-cache-dtype auto,int8` on $KV_MODEL, default llama-2-7b: multi-head, so its KV cache
-# at batch 32 x 1088 tokens (17 GiB in bf16) outweighs its weights; the int8 cache's decode step against bf16's).
+# at batch 32 x 1088 tokens (17 GiB in bf16) outweighs its weights; the int8 cache's decode step against bf16's),
+# hlo (benchmarks/decode_hlo.py on $MODEL, batch 1, bf16 and int8, 128+64: the decode loop compiled, not run, and the
+# kernels, command buffers and host syncs of one step counted in its optimized HLO, then bf16 again under the flags
+# step's `while` variant; writes decode_hlo.json, the tables in decode_hlo*.txt and each module's HLO text, both into
+# logs.tgz; BENCH_EXTRA goes to it too, so only --set there; ~6 s on a CPU for falcon-7b, the GPU's time unknown),
+# flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
+# command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
+# loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
+# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`).
+# hlo, flags and rowsum are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -62,6 +73,18 @@ bench() {  # bench NAME LIMIT_S ARGS...: one `meshserve bench` call, cut to the 
   fi
   grep -v "%|" "$OUT/$name.log" | tail -n 3
   echo "== $name done in $((SECONDS - t0)) s"
+}
+xla_variant() {  # xla_variant NAME: the XLA_FLAGS the flags step's variant NAME adds (command buffers = CUDA graphs)
+  case $1 in
+    default) echo "" ;;
+    nocmdbuf) echo "--xla_gpu_enable_command_buffer=" ;;
+    while) echo "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
+    unroll) echo "$(xla_variant while) --xla_gpu_command_buffer_unroll_loops=true" ;;
+  esac
+}
+with_flags() {  # with_flags NAME: the caller's XLA_FLAGS plus variant NAME's; never blank (XLA reads a blank as a file)
+  local extra; extra=$(xla_variant "$1")
+  echo "${XLA_FLAGS:-}${extra:+ $extra}"
 }
 int8_args=()
 for step in $STEPS; do
@@ -126,11 +149,52 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
     kvint8)  # not in the default STEPS: the int8 KV cache against bf16 where the cache is read more than the weights
       bench kv_int8 200 --model "${KV_MODEL:-llama-2-7b}" --batch "${KV_BATCH:-8,32}" --prompt-len "${KV_PROMPT:-1024}" \
         --gen-len 64 --weights bf16 --kv-cache-dtype auto,int8 ;;
+    hlo)  # not in the default STEPS: what one decode step launches (compiles only: no weights, no timed runs)
+      t0=$SECONDS
+      if [ "$(left)" -ge 60 ]; then
+        limit=$(left); [ "$limit" -gt 240 ] && limit=240
+        timeout "$limit" $PY benchmarks/decode_hlo.py --model "$MODEL" --batch 1 --weights bf16,int8 --prompt-len 128 \
+          --gen-len 64 --label default --out "$OUT/decode_hlo.json" --dump "$OUT" "${bench_extra[@]}" \
+          > "$OUT/decode_hlo.txt" 2> "$OUT/decode_hlo.log" || echo "!! hlo failed or timed out (see decode_hlo.log)"
+        cat "$OUT/decode_hlo.txt"; grep -v -i warning "$OUT/decode_hlo.log" | tail -n 3
+      else echo "!! hlo skipped: out of time"; fi
+      # The flags step's `while` variant, bf16 only: does XLA put the decode loop and sampling's conditionals in a
+      # command buffer? Its rows join decode_hlo.json; a flag this XLA lacks aborts only this run.
+      if [ "$(left)" -ge 60 ]; then
+        limit=$(left); [ "$limit" -gt 120 ] && limit=120
+        XLA_FLAGS="$(with_flags while)" timeout "$limit" $PY benchmarks/decode_hlo.py --model "$MODEL" --batch 1 \
+          --weights bf16 --prompt-len 128 --gen-len 64 --no-layer-delta --label while \
+          --out "$OUT/decode_hlo_while.json" --dump "$OUT" "${bench_extra[@]}" > "$OUT/decode_hlo.while.txt" \
+          2> "$OUT/decode_hlo.while.log" \
+          || echo "!! hlo (while flags) failed or timed out (see decode_hlo.while.log)"
+        cat "$OUT/decode_hlo.while.txt"; grep -v -i warning "$OUT/decode_hlo.while.log" | tail -n 3
+        if [ -s "$OUT/decode_hlo_while.json" ]; then
+          $PY -c "import json,os,sys; a, b = sys.argv[1:]; rows=json.load(open(a)) if os.path.exists(a) else []; \
+json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.json" "$OUT/decode_hlo_while.json" \
+            && rm "$OUT/decode_hlo_while.json"
+        fi
+      fi
+      echo "== hlo done in $((SECONDS - t0)) s" ;;
+    flags)  # not in the default STEPS: does the per-step cost move with XLA's command buffers (CUDA graphs)?
+      for variant in default nocmdbuf while unroll; do
+        xla_flags=$(with_flags "$variant")
+        echo "== flags_$variant: XLA_FLAGS=$xla_flags"
+        # A variant that fails (a flag this XLA does not know aborts the process) leaves no rows; the next still runs.
+        XLA_FLAGS="$xla_flags" bench "flags_$variant" 120 --model "$MODEL" --batch 1 --prompt-len 128 \
+          --gen-len 64 --weights bf16
+        if [ -s "$OUT/flags_$variant.json" ]; then  # the variant's name in each row: report.py's XLA flags column
+          $PY -c "import json,sys; p=sys.argv[1]; rows=json.load(open(p)); \
+[r.update(xla_flags=sys.argv[2]) for r in rows]; json.dump(rows, open(p, 'w'), indent=2)" "$OUT/flags_$variant.json" \
+            "$variant"
+        fi
+      done ;;
+    rowsum) bench falcon_rowsum 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
+              --int8-matmul rowsum ;;
     *) echo "!! unknown step $step" ;;
   esac
 done
 # Consolidate: one rows file, the tables, the plot, the tuning file and one archive of logs.
-steps_json=$(ls "$OUT"/falcon_*.json "$OUT"/palm.json 2>/dev/null)
+steps_json=$(ls "$OUT"/falcon_*.json "$OUT"/palm.json "$OUT"/flags_*.json 2>/dev/null)
 if [ -n "$steps_json" ]; then
   $PY -c "import json,sys; json.dump([r for p in sys.argv[1:] for r in json.load(open(p))], \
 open('$OUT/rows.json', 'w'), indent=1)" $steps_json

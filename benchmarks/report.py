@@ -41,17 +41,21 @@ def _f(x, spec: str) -> str:
 
 def main(paths: list[str]) -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+    # gpu_bench.sh's flags step tags its rows with the XLA_FLAGS variant they ran under: a column only then.
+    flags = any("xla_flags" in r for r in rows)
     print(
-        "| model | weights | int8 matmul | layers | batch | prompt+gen | prefill ms (pred.) | TTFT ms | decode ms/step (pred.) "
-        "| tok/s | HBM GB/s | of copy bw | prefill MFU | peak mem GiB | peer ms/step | speedup |"
+        "| model | weights | int8 matmul | layers | " + ("XLA flags | " if flags else "") + "batch | prompt+gen "
+        "| prefill ms (pred.) | TTFT ms | decode ms/step (pred.) | tok/s | HBM GB/s | of copy bw | prefill MFU "
+        "| peak mem GiB | peer ms/step | speedup |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (17 if flags else 16) + "|")
     for r in rows:
         pred_prefill, pred_step = _predict(r)
         mem = r["peak_memory_bytes"]
+        flags_cell = f"| {r.get('xla_flags', '–')} " if flags else ""
         print(
             f"| {r['model']} | {r['weights']} | {r.get('int8_matmul', 'xla') if r['weights'] == 'int8' else '–'} "
-            f"| {r['layers']} | {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
+            f"| {r['layers']} {flags_cell}| {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
             f"| {r['prefill_ms']:.2f} ({_f(pred_prefill, '.2f')}) | {r['ttft_ms']:.2f} "
             f"| {_f(r['decode_step_ms'], '.3f')} ({_f(pred_step, '.3f')}) | {_f(r['tokens_per_s'], '.0f')} "
             f"| {_f(r['hbm_gbps'], '.0f')} | {_f(r['hbm_fraction'], '.1%')} | {_f(r['prefill_mfu'], '.1%')} "

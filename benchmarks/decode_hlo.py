@@ -1,0 +1,413 @@
+"""What one decode step launches: the kernels of `meshserve bench`'s G-step decode loop, counted in XLA's optimized
+HLO. The loop is compiled, never run, from abstract inputs (no weights are allocated: falcon-7b compiles on a CPU).
+
+    python benchmarks/decode_hlo.py --model falcon-7b --weights bf16,int8 --prompt-len 128 --gen-len 64 --json
+    python benchmarks/decode_hlo.py --model tiny-falcon --dump /tmp/hlo   # also write the optimized HLO text
+
+The loop is serving/bench.py's own `_decode_loop` (`lax.fori_loop` over `transformer.decode_step` + greedy
+`sampling.sample`), lowered with the shapes `bench_row` gives it. In the compiled module the loop is a `while`; its
+body runs once per step (G / trip count steps per iteration, should XLA unroll it). Counted per step, in the body and
+what it calls:
+  kernels            fusions by kind (kLoop, kInput, kOutput, kCustom with its backend kind, e.g. __triton_gemm),
+                     custom-calls by target (__cublas$gemm, cuDNN, Triton/Pallas kernels), and every other op that
+                     runs as a kernel or copy (copy, sort, an unfused dynamic-update-slice, collectives' *-start).
+                     Free ops (parameter, constant, tuple, get-tuple-element, bitcast) and *-done waits are not.
+  command buffers    `call`s of XLA:GPU's outlined `command_buffer` computations (CUDA graphs): one graph launch
+                     each; the kernels inside are counted as kernels too, and as "in graphs"
+  host launches      what the host issues per step: kernels outside graphs + graph launches
+  host syncs         conditionals outside graphs (XLA:GPU copies the predicate to the host and blocks on the stream:
+                     the GPU idles until the host has launched what follows) and whiles of unknown trip count
+  conditionals       sampling's `lax.cond`s: the bench's greedy rows take each one's pass-through branch, so the
+                     step is counted at each conditional's smallest branch (kernels_max: at its largest)
+On a CPU the counts are XLA:CPU's (other fusions, dots as library calls, no command buffers): a dry run of the
+counting, not the GPU's kernels. A newer XLA may form command buffers after the HLO (at the thunk level): then none
+show here whatever XLA_FLAGS asks, and gpu_bench.sh's `flags` step (timed runs per flag set) is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Ops with no kernel behind them (metadata, or folded into their users); *-done ops wait for their *-start.
+FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
+            "opt-barrier", "domain"}  # fmt: skip
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([^\s=]+)\s+=\s+(.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s.*\{\s*$")
+_OPCODE = re.compile(r"([a-z][a-z0-9\-]*)\(")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BACKEND_KIND = re.compile(r'"kind":"([^"]+)"')
+_SUFFIX = re.compile(r"(\.\d+)+$")  # fusion.12 -> fusion: kernels of one kind across layers count together
+
+
+@dataclass
+class Op:
+    name: str
+    opcode: str
+    rest: str  # operands and attributes
+
+    def attr(self, key: str) -> str | None:
+        """The computation named by `key=%name` (calls, to_apply, body, condition), or None."""
+        m = re.search(rf"\b{key}=%?([^\s,}}]+)", self.rest)
+        return m.group(1) if m else None
+
+    def branches(self) -> list[str]:
+        m = re.search(r"branch_computations=\{([^}]*)\}", self.rest)
+        return [b.strip().lstrip("%") for b in m.group(1).split(",")] if m else []
+
+
+def _opcode(text: str) -> tuple[str, str]:
+    """(opcode, the rest) of an instruction's right-hand side `SHAPE OPCODE(OPERANDS), ATTRS`; a tuple shape
+    `(s32[], f32[2]{0}, ...)` is skipped by matching its parentheses."""
+    end, depth = 0, 0
+    while text.startswith("(") and end < len(text):
+        depth += (text[end] == "(") - (text[end] == ")")
+        if depth == 0:
+            break
+        end += 1
+    i = text.find(" ", end)
+    m = _OPCODE.search(text, i + 1 if i >= 0 else 0)
+    return (m.group(1), text[m.end() :]) if m else ("", text)
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Op]], str]:
+    """(computation name -> its instructions in order, the entry computation's name) of an HLO module's text."""
+    comps: dict[str, list[Op]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m and not line.startswith("HloModule"):
+                current = comps.setdefault(m.group(2), [])
+                entry = m.group(2) if m.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif m := _INSTR.match(line):
+            opcode, rest = _opcode(m.group(2))
+            current.append(Op(m.group(1), opcode, rest))
+    return comps, entry
+
+
+def trip_count(op: Op) -> int | None:
+    m = _TRIP.search(op.rest)
+    return int(m.group(1)) if m else None
+
+
+def kernel_label(op: Op) -> str | None:
+    """What kind of kernel `op` launches (fusion:kLoop, fusion:kCustom:__triton_gemm, custom-call:__cublas$gemm,
+    copy, ...), or None for a free op or control flow (while, conditional, call: their computations are walked)."""
+    if op.opcode in FREE_OPS or op.opcode.endswith("-done") or op.opcode in ("while", "conditional", "call"):
+        return None
+    if op.opcode == "fusion":
+        kind = re.search(r"\bkind=(\w+)", op.rest)
+        label = f"fusion:{kind.group(1) if kind else '?'}"
+        backend = _BACKEND_KIND.search(op.rest)
+        return f"{label}:{backend.group(1)}" if backend and label == "fusion:kCustom" else label
+    if op.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', op.rest)
+        return f"custom-call:{target.group(1) if target else '?'}"
+    return op.opcode
+
+
+@dataclass
+class Tally:
+    """Launch counts of one run of a computation (nested loops scaled by their trip counts)."""
+
+    kinds: Counter = field(default_factory=Counter)  # kernel label -> count
+    names: Counter = field(default_factory=Counter)  # instruction name without its .N suffix -> count
+    in_graphs: int = 0  # kernels inside command buffers
+    graph_launches: int = 0
+    host_syncs: int = 0
+    conditionals: int = 0
+    unknown_trips: int = 0  # nested whiles of unknown trip count, counted as one iteration
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.kinds.values())
+
+    def add(self, other: Tally, times: int = 1) -> None:
+        for label, n in other.kinds.items():
+            self.kinds[label] += n * times
+        for name, n in other.names.items():
+            self.names[name] += n * times
+        self.in_graphs += other.in_graphs * times
+        self.graph_launches += other.graph_launches * times
+        self.host_syncs += other.host_syncs * times
+        self.conditionals += other.conditionals * times
+        self.unknown_trips += other.unknown_trips * times
+
+
+def tally(comps: dict[str, list[Op]], name: str, in_graph: bool = False, largest: bool = False,
+          skip: str | None = None) -> Tally:  # fmt: skip
+    """The launches of one run of computation `name`; a conditional counts its smallest branch (largest=True: its
+    largest); `skip` names an instruction left out (the decode loop, when tallying what is outside it)."""
+    t = Tally()
+    for op in comps.get(name, []):
+        if op.name == skip:
+            continue
+        if label := kernel_label(op):
+            t.kinds[label] += 1
+            t.names[_SUFFIX.sub("", op.name)] += 1
+            t.in_graphs += in_graph
+        elif op.opcode == "call" and (target := op.attr("to_apply")):
+            graph = target.startswith("command_buffer")
+            t.graph_launches += graph and not in_graph
+            t.add(tally(comps, target, in_graph or graph, largest))
+        elif op.opcode == "while":
+            n = trip_count(op)
+            t.add(tally(comps, op.attr("body") or "", in_graph, largest), n or 1)
+            if n is None:  # the condition runs on the device and its result is read back each iteration
+                t.unknown_trips += 1
+                t.host_syncs += not in_graph
+                t.add(tally(comps, op.attr("condition") or "", in_graph, largest))
+        elif op.opcode == "conditional":
+            t.conditionals += 1
+            t.host_syncs += not in_graph
+            runs = [tally(comps, b, in_graph, largest) for b in op.branches()]
+            if runs:
+                t.add(max(runs, key=lambda r: r.kernels) if largest else min(runs, key=lambda r: r.kernels))
+    return t
+
+
+def find_loop(comps: dict[str, list[Op]], entry: str, steps: int) -> tuple[Op | None, str, bool]:
+    """(the decode loop's while, the computation holding it, whether that is a command buffer): the outermost while
+    reachable from the entry through calls, the one whose trip count divides `steps` (else the one with the most
+    body instructions); None when XLA removed the loop (fully unrolled)."""
+    found: list[tuple[Op, str, bool]] = []
+
+    def visit(name: str, graph: bool) -> None:
+        for op in comps.get(name, []):
+            if op.opcode == "while":
+                found.append((op, name, graph))
+            elif op.opcode == "call" and (target := op.attr("to_apply")):
+                visit(target, graph or target.startswith("command_buffer"))
+
+    visit(entry, False)
+    if not found:
+        return None, entry, False
+    fits = [f for f in found if (trip_count(f[0]) or 0) > 0 and steps % trip_count(f[0]) == 0]
+    return max(fits or found, key=lambda f: len(comps.get(f[0].attr("body") or "", [])))
+
+
+def count_step(text: str, steps: int, n_layers: int) -> dict[str, Any]:
+    """Per-step launch counts of a compiled G-step decode loop's HLO text (see the module docstring for each)."""
+    comps, entry = parse_hlo(text)
+    loop, holder, in_graph = find_loop(comps, entry, steps)
+    if loop is None:  # no loop left: the whole entry is G steps
+        per_iter, iters, outside = tally(comps, entry), steps, Tally()
+        per_iter_max = tally(comps, entry, largest=True)
+    else:
+        iters = trip_count(loop) or steps
+        body = loop.attr("body") or ""
+        per_iter = tally(comps, body, in_graph)
+        per_iter_max = tally(comps, body, in_graph, largest=True)
+        outside = tally(comps, entry, skip=loop.name if holder == entry else None)
+        if trip_count(loop) is None:
+            per_iter.add(tally(comps, loop.attr("condition") or "", in_graph))
+            per_iter.host_syncs += not in_graph
+    per = steps / iters  # decode steps per loop iteration: 1 unless XLA unrolled the loop
+    kernels = per_iter.kernels / per
+    host_launches = (per_iter.kernels - per_iter.in_graphs + per_iter.graph_launches) / per
+    return {
+        "loop_found": loop is not None,
+        "loop_trip_count": iters,
+        "loop_in_command_buffer": in_graph,
+        "kernels_per_step": kernels,
+        "kernels_per_layer": kernels / n_layers,
+        "kernels_max_per_step": per_iter_max.kernels / per,
+        "host_launches_per_step": host_launches,
+        "graph_launches_per_step": per_iter.graph_launches / per,
+        "kernels_in_graphs_per_step": per_iter.in_graphs / per,
+        "host_syncs_per_step": per_iter.host_syncs / per,
+        "conditionals_per_step": per_iter.conditionals / per,
+        "nested_loops_unknown_trip": per_iter.unknown_trips,
+        "by_kind": {k: n / per for k, n in per_iter.kinds.most_common()},
+        "by_name": {k: n / per for k, n in per_iter.names.most_common(15)},
+        "outside_loop_kernels": outside.kernels,
+        "command_buffers_in_module": sum(1 for c in comps if c.startswith("command_buffer")),
+    }
+
+
+def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, gen_len: int,
+                        layers: str = "unrolled", kv_cache_dtype: str = "auto") -> Any:  # fmt: skip
+    """The compiled (not run) `_decode_loop` of serving/bench.py for these shapes, lowered as `bench_row` lowers it:
+    params from `make_params` (unstacked for unrolled layers), first token [B] and cache from `_prefill_and_insert`
+    of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes)."""
+    import jax
+    import jax.numpy as jnp
+    from meshserve.model.params import unstack_layers
+    from meshserve.model.quant import int8_matmul_mode
+    from meshserve.model.sampling import SamplingParams, stack_sampling
+    from meshserve.serving.bench import _decode_loop, _prefill_and_insert, make_params
+
+    def params_fn() -> Any:
+        params = make_params(config, weights)
+        if layers != "unrolled":
+            return params
+        return unstack_layers(params, int8_rows=int8_matmul_mode() == "rowsum")  # as run_bench, without consume
+
+    params = jax.eval_shape(params_fn)
+    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    context, int8_kv = prompt_len + max(gen_len, 1), kv_cache_dtype == "int8"
+    first, cache = jax.eval_shape(
+        lambda p, t, n, s: _prefill_and_insert(p, config, t, n, s, context, int8_kv), params, tokens, lengths, sampling
+    )
+    return _decode_loop.lower(params, config, first, cache, sampling, gen_len).compile()
+
+
+def decode_report(
+    config: Any,
+    weights: str,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    layers: str = "unrolled",
+    kv_cache_dtype: str = "auto",
+    dump: Path | None = None,
+    layer_delta: bool = True,
+    label: str = "",
+) -> dict[str, Any]:
+    """One row: the shapes, the device and the per-step counts of `count_step` (dump: also write the HLO text, named
+    after the model, weights, batch and `label`, which the row also carries: e.g. the XLA_FLAGS variant).
+
+    layer_delta: also compile the model with 2 and with 3 layers (small compiles): kernels_per_added_layer is their
+    difference, kernels_besides_layers the rest of a step (embedding, final norm, unembedding, sampling), where
+    kernels_per_layer (per step / layers) spreads that rest over the layers."""
+    import jax
+    from meshserve.serving.bench import _int8_matmul_label
+
+    shapes = (weights, batch, prompt_len, gen_len, layers, kv_cache_dtype)
+    text = compile_decode_loop(config, *shapes).as_text()
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        name = f"decode_hlo.{config.name}.{weights}.b{batch}{'.' + label if label else ''}.txt"
+        name = re.sub(r"[^\w.-]", "_", name)  # --set adds [k=v] to the model's name
+        (dump / name).write_text(text)
+    device = jax.devices()[0]
+    row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
+           "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
+           "int8_matmul": _int8_matmul_label(layers), "platform": device.platform, "device": device.device_kind,
+           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "label": label}  # fmt: skip
+    row |= count_step(text, gen_len, config.n_layers)
+    if layer_delta:
+        # 2 and 3, not 1 and 2: XLA inlines a scan of one iteration, so a 1-layer scan model compiles differently.
+        two, three = (count_step(compile_decode_loop(config.replace(n_layers=n), *shapes).as_text(), gen_len, n)
+                      for n in (2, 3))  # fmt: skip
+        row["kernels_per_added_layer"] = three["kernels_per_step"] - two["kernels_per_step"]
+        row["kernels_besides_layers"] = two["kernels_per_step"] - 2 * row["kernels_per_added_layer"]
+    return row
+
+
+def print_report(row: dict[str, Any]) -> None:
+    print(
+        f"{row['label'] + ': ' if row['label'] else ''}{row['model']} {row['weights']} batch {row['batch']}, prompt "
+        f"{row['prompt_len']} + {row['gen_len']} "
+        f"generated, {row['layers']} layers, on {row['device']} ({row['platform']}), XLA_FLAGS={row['xla_flags']!r}"
+    )
+    if row["platform"] == "cpu":
+        print("  XLA:CPU's counts: a dry run of the counting, not a GPU's kernels (no command buffers on a CPU)")
+    if not row["loop_found"]:
+        print(f"  no while loop left (XLA unrolled it): the whole program / {row['gen_len']} steps")
+    r = row
+    print(
+        f"  per step: {r['kernels_per_step']:.1f} kernels ({r['kernels_per_layer']:.2f} per layer of {r['n_layers']}; "
+        f"{r['kernels_max_per_step']:.1f} through the largest branches), {r['host_launches_per_step']:.1f} host "
+        f"launches ({r['graph_launches_per_step']:.1f} command buffers holding {r['kernels_in_graphs_per_step']:.1f} "
+        f"kernels), {r['host_syncs_per_step']:.1f} host syncs ({r['conditionals_per_step']:.0f} conditionals)"
+    )
+    if "kernels_per_added_layer" in r:
+        print(
+            f"  each layer adds {r['kernels_per_added_layer']:.1f} kernels (2 vs 3 layers compiled); the rest of the "
+            f"step (embedding, final norm, unembedding, sampling): {r['kernels_besides_layers']:.1f}"
+        )
+    print(f"  {'kind':<44} {'per step':>9} {'per layer':>9}")
+    for kind, n in row["by_kind"].items():
+        print(f"  {kind:<44} {n:>9.1f} {n / row['n_layers']:>9.2f}")
+    print("  most frequent: " + ", ".join(f"{k} x{n:g}" for k, n in list(row["by_name"].items())[:8]))
+    print(f"  outside the loop (once per call): {row['outside_loop_kernels']} kernels; command buffers in the module: "
+          f"{row['command_buffers_in_module']}")  # fmt: skip
+
+
+def _weights(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or any(x not in ("bf16", "int8", "f32") for x in items):
+        raise argparse.ArgumentTypeError(f"--weights takes a comma list of bf16, int8, f32; got {text!r}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    from meshserve.analytics.cli_helpers import ints
+    from meshserve.model.model_spec import MODEL_HELP, SET_HELP
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="falcon-7b", help=f"{MODEL_HELP} (default falcon-7b)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--batch", type=ints, default=[1], help="comma-separated batch sizes (default 1)")
+    p.add_argument("--weights", type=_weights, default=["bf16"], help="comma list of bf16, int8, f32 (default bf16)")
+    p.add_argument("--prompt-len", type=int, default=None, help="as `meshserve bench` (default 128, or half the "
+                   "model's max_seq_len when that is less); sets the cache's size, P + G slots")  # fmt: skip
+    p.add_argument("--gen-len", type=int, default=8, help="decode steps of the loop (default 8)")
+    p.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled", help="as bench (default unrolled)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto", help="as bench (default auto)")
+    p.add_argument("--int8-matmul", default=None, help="as bench: sets MESHSERVE_INT8_MATMUL (default: its value)")
+    p.add_argument("--no-layer-delta", action="store_true", help="skip the 2- and 3-layer compiles that give the "
+                   "kernels each layer adds")  # fmt: skip
+    p.add_argument("--dump", type=Path, help="also write each compiled module's HLO text into this folder")
+    p.add_argument("--label", default="", help="a name for this run (e.g. its XLA_FLAGS variant): in each row and "
+                   "in the --dump file names")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON array")
+    p.add_argument("--out", type=Path, help="also write the rows as a JSON array to this file")
+    args = p.parse_args(argv)
+
+    from meshserve.errors import UserError
+
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"decode_hlo: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from meshserve.analytics.cli_helpers import model_from_args
+    from meshserve.errors import UserError
+    from meshserve.serving.cli_bench import check_context, lengths
+
+    if args.gen_len < 1 or any(b < 1 for b in args.batch):
+        raise UserError(f"--gen-len and --batch must be >= 1, got {args.gen_len} and {args.batch}")
+    if args.int8_matmul:
+        os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when the step is traced
+    from meshserve.model.quant import int8_matmul_mode
+
+    int8_matmul_mode()  # a bad value fails here in one line
+    from meshserve.analytics.output import check_output_path
+
+    check_output_path("--out", args.out)
+    config = model_from_args(args)
+    prompt_len, gen_len = lengths(config, args.prompt_len, args.gen_len)
+    check_context(config, prompt_len, gen_len)
+    rows = []
+    for weights in args.weights:
+        for batch in args.batch:
+            rows.append(decode_report(config, weights, batch, prompt_len, gen_len, args.layers, args.kv_cache_dtype,
+                                      args.dump, not args.no_layer_delta, args.label))  # fmt: skip
+            if not args.json:
+                print_report(rows[-1])
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""benchmarks/decode_hlo.py: the kernels of one decode step, counted in the compiled decode loop's HLO.
+
+The tiny model's loop is compiled on the CPU (XLA:CPU's kernels); the GPU-only shapes of the HLO (command buffers,
+cuBLAS custom-calls, Triton fusions) are checked on a hand-written module whose counts are known."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_hlo.py"
+_spec = importlib.util.spec_from_file_location("decode_hlo", SCRIPT)
+decode_hlo = sys.modules.setdefault("decode_hlo", importlib.util.module_from_spec(_spec))  # dataclasses look it up
+_spec.loader.exec_module(decode_hlo)
+
+
+def _step_kernels(n_layers: int) -> dict:
+    from meshserve.model.config import get_config
+
+    config = get_config("tiny-falcon").replace(n_layers=n_layers)
+    text = decode_hlo.compile_decode_loop(config, "bf16", batch=1, prompt_len=16, gen_len=4).as_text()
+    return decode_hlo.count_step(text, steps=4, n_layers=n_layers)
+
+
+def test_tiny_model_step_has_kernels_and_more_layers_launch_more():
+    two, four = _step_kernels(2), _step_kernels(4)
+    assert two["loop_found"] and two["loop_trip_count"] == 4
+    assert two["kernels_per_step"] > 0
+    assert four["kernels_per_step"] > two["kernels_per_step"]
+    assert sum(two["by_kind"].values()) == two["kernels_per_step"]
+    # Greedy sampling's conditionals are each counted at their smallest branch; the largest branches launch more.
+    assert two["conditionals_per_step"] >= 1 and two["kernels_max_per_step"] > two["kernels_per_step"]
+    assert two["graph_launches_per_step"] == 0  # no command buffers on a CPU
+
+
+# One decode step as XLA:GPU could compile it: a command buffer (3 kernels), a layer loop (1 kernel x 2 layers), a
+# conditional (a copy, or sort + 2 fusions), an unfused dynamic-update-slice; the step loop runs 4 iterations.
+GPU_HLO = """HloModule jit__decode_loop, is_scheduled=true, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_add (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  ROOT %add.1 = f32[4]{0} add(%p0, %p0)
+}
+
+%command_buffer.2 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %loop_add_fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_add
+  %gemm.1 = (f32[4]{0}, s8[8]{0}) custom-call(%loop_add_fusion.1), custom_call_target="__cublas$gemm"
+  %gte.1 = f32[4]{0} get-tuple-element(%gemm.1), index=0
+  ROOT %triton_gemm.2 = f32[4]{0} fusion(%gte.1), kind=kCustom, calls=%fused_add, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm"}}
+}
+
+%cmp (a: f32[], b: f32[]) -> pred[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %lt.1 = pred[] compare(%a, %b), direction=LT
+}
+
+%branch_sort (b: f32[4]) -> f32[4] {
+  %b = f32[4]{0} parameter(0)
+  %sort.1 = f32[4]{0} sort(%b), dimensions={0}, to_apply=%cmp
+  %fusion.7 = f32[4]{0} fusion(%sort.1), kind=kLoop, calls=%fused_add
+  ROOT %fusion.8 = f32[4]{0} fusion(%fusion.7), kind=kInput, calls=%fused_add
+}
+
+%branch_copy (b: f32[4]) -> f32[4] {
+  %b = f32[4]{0} parameter(0)
+  ROOT %copy.3 = f32[4]{0} copy(%b)
+}
+
+%layer_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %norm_fusion.1 = f32[4]{0} fusion(%x), kind=kInput, calls=%fused_add
+  ROOT %r = (s32[], f32[4]{0}) tuple(%i, %norm_fusion.1)
+}
+
+%layer_cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %two = s32[] constant(2)
+  ROOT %lt.2 = pred[] compare(%i, %two), direction=LT
+}
+
+%step_body (t: (s32[], f32[4], pred[])) -> (s32[], f32[4], pred[]) {
+  %t = (s32[], f32[4]{0}, pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %p = pred[] get-tuple-element(%t), index=2
+  %call.1 = f32[4]{0} call(%x), to_apply=%command_buffer.2
+  %lt = (s32[], f32[4]{0}) tuple(%i, %call.1)
+  %layers = (s32[], f32[4]{0}) while(%lt), condition=%layer_cond, body=%layer_body, backend_config={"known_trip_count":{"n":"2"}}
+  %y = f32[4]{0} get-tuple-element(%layers), index=1
+  %cond.1 = f32[4]{0} conditional(%p, %y, %y), branch_computations={%branch_sort, %branch_copy}
+  %dynamic-update-slice.1 = f32[4]{0} dynamic-update-slice(%cond.1, %x, %i)
+  ROOT %out = (s32[], f32[4]{0}, pred[]) tuple(%i, %dynamic-update-slice.1, %p)
+}
+
+%step_cond (t: (s32[], f32[4], pred[])) -> pred[] {
+  %t = (s32[], f32[4]{0}, pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(4)
+  ROOT %wrapped_compare.1 = pred[] fusion(%i, %n), kind=kLoop, calls=%cmp
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %copy.0 = f32[4]{0} copy(%a)
+  %zero = s32[] constant(0)
+  %false = pred[] constant(false)
+  %init = (s32[], f32[4]{0}, pred[]) tuple(%zero, %copy.0, %false)
+  %while.9 = (s32[], f32[4]{0}, pred[]) while(%init), condition=%step_cond, body=%step_body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %res = f32[4]{0} get-tuple-element(%while.9), index=1
+}
+"""
+
+
+def test_gpu_shaped_module_counts_graphs_library_calls_loops_and_branches():
+    r = decode_hlo.count_step(GPU_HLO, steps=4, n_layers=2)
+    assert r["loop_found"] and r["loop_trip_count"] == 4 and not r["loop_in_command_buffer"]
+    # command buffer 3 + layers 1 x 2 + the copy branch 1 + dynamic-update-slice 1
+    assert r["kernels_per_step"] == 7 and r["kernels_max_per_step"] == 9  # the sort branch: 3 instead of 1
+    assert r["by_kind"] == {"fusion:kInput": 2, "fusion:kLoop": 1, "custom-call:__cublas$gemm": 1,
+                            "fusion:kCustom:__triton_gemm": 1, "copy": 1, "dynamic-update-slice": 1}  # fmt: skip
+    assert r["graph_launches_per_step"] == 1 and r["kernels_in_graphs_per_step"] == 3
+    assert r["host_launches_per_step"] == 5  # 7 kernels - 3 in the graph + 1 graph launch
+    assert r["host_syncs_per_step"] == 1 and r["conditionals_per_step"] == 1  # known trip counts: no condition reads
+    assert r["outside_loop_kernels"] == 1 and r["command_buffers_in_module"] == 1
+    assert r["kernels_per_layer"] == 3.5
+
+
+def test_unrolled_loop_and_unknown_trip_count():
+    # XLA unrolled the step loop twice: 4 iterations make 8 steps, so each step is half an iteration.
+    half = decode_hlo.count_step(GPU_HLO, steps=8, n_layers=2)
+    assert half["kernels_per_step"] == 3.5 and half["host_syncs_per_step"] == 0.5
+    # No known trip count on the step loop: its condition (1 fusion) runs and is read back by the host every step.
+    unknown = GPU_HLO.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    r = decode_hlo.count_step(unknown, steps=4, n_layers=2)
+    assert r["kernels_per_step"] == 8 and r["host_syncs_per_step"] == 2
+
+
+def test_unknown_model_is_one_line_error():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "no-such-model"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "no-such-model" in done.stderr
