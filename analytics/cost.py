@@ -203,6 +203,23 @@ def _kv_bytes_per_token(
     return 2 * config.n_layers * rows * heads * config.d_head * kv_bytes_per_element(kv_dtype, config.d_head)
 
 
+def _decode_context_read(config: ModelConfig, prompt_len: int, gen_len: int) -> float:
+    """Cached positions one decode step reads, summed over the layers, averaged over the gen_len steps at contexts
+    prompt_len + i (i in [0, gen_len)): the context on a global layer, min(context, W) on a layer of window W. The
+    mean is exact for a global layer (linear in the context) and, as an integral of min(t, W), for a windowed one."""
+    start, end = prompt_len, prompt_len + gen_len
+
+    def mean_read(window: int) -> float:
+        if not window or window >= end:
+            return start + gen_len / 2
+        if window <= start:
+            return float(window)
+        below = (window - start) * (start + window) / 2  # contexts in [start, W): read whole
+        return (below + (end - window) * window) / gen_len
+
+    return sum(mean_read(w) for w in config.layer_windows)
+
+
 def estimate(
     config: ModelConfig,
     chip: Chip,
@@ -264,9 +281,11 @@ def estimate(
     # Logits only at the last prompt token (prefill) or at each of a decode step's tokens: B (·L) rows.
     logit_rows = batch * (L if phase == "decode" else 1)
     matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * logit_rows * E * V
-    # QK^T and PV over the whole (masked) context, as the code runs it: a sliding-window layer (Gemma 3, Mistral)
-    # too, since model/layers.py masks the keys outside its window rather than skipping them; so is the KV read.
-    attn_flops = N * 4 * batch * L * S * H * Q
+    # Context positions read per step, summed over the layers: prefill's QK^T and PV run over the whole (masked)
+    # prompt on every layer, windowed or not (model/layers.py masks keys outside a window); a decode step reads a
+    # windowed layer's window only (model/transformer.py decode_step), so that layer reads min(context, W).
+    context_read = N * S if phase == "prefill" else _decode_context_read(c, prompt_len, gen_len)
+    attn_flops = 4 * batch * L * context_read * H * Q
     # ws2d with heads-sharded attention repeats attention on every x (partition/comm.py: all-reduce(x) of qkv).
     attn_split = n // mesh.x if (ffn_layout == "ws2d" and attention == "heads") else n
     rate = chip.peak_flops(weights) * chip.matmul_efficiency
@@ -275,7 +294,7 @@ def estimate(
     weight_load_s = _weight_read_bytes(sizes, weights, ffn_layout, mesh) / hbm
     kv_per_token = _kv_bytes_per_token(c, ffn_layout, attention, mesh, dims, kv_dtype)
     # decode reads the cache; prefill writes it (int8: the quantised values and exponents, what the cache stores)
-    kv_load_s = kv_per_token * (S if phase == "decode" else L) / (hbm * chip.kv_efficiency)
+    kv_load_s = kv_per_token * (context_read / N if phase == "decode" else L) / (hbm * chip.kv_efficiency)
 
     comm_s, comm_lat, exposed_comm, rows = _layer_comm(looped if overlapped else colls, mesh, chip, N, compute_s,
                                                        max(compute_s, weight_load_s))  # fmt: skip

@@ -225,8 +225,8 @@ def test_chip_hour_price_gives_usd_per_million_tokens(capsys):
 
 def test_gemma3_1b_prices_its_geglu_and_its_whole_context_kv(capsys):
     """gemma3-1b through analyze and memory: its GeGLU MLP is priced with both input matmuls (as SwiGLU), and the KV
-    cache (and each decode step's read of it) is the whole context on all 26 layers, windowed or not: the code masks
-    keys outside a window, it neither skips nor drops them (no ring buffer)."""
+    cache holds the whole context on all 26 layers, windowed or not: no ring buffer (a decode step's read of a
+    windowed layer is its window: tests/test_analytics_terms.py)."""
     from meshserve.analytics.cost import layer_dims
     from meshserve.model.config import get_config
 

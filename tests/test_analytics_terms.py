@@ -256,3 +256,29 @@ def test_post_norms_are_priced_as_two_more_all_reduces_per_layer():
     assert len(with_norms.collectives) == len(without.collectives) + 2
     per_layer = sum(c["seconds_per_layer"] for c in extra)
     assert with_norms.breakdown.comm_s == pytest.approx(without.breakdown.comm_s + gemma.n_layers * per_layer)
+
+
+@pytest.mark.parametrize(("prompt_len", "gen_len"), [(128, 64), (400, 300), (800, 400), (4096, 64)])
+def test_a_decode_step_prices_a_windowed_layers_window_and_a_prefill_its_whole_prompt(prompt_len, gen_len):
+    """gemma3-1b (window 512 on 5 of every 6 layers): a decode step reads min(context, 512) positions of a windowed
+    layer (model/transformer.py decode_step), averaged over the steps exactly; prefill masks, so it pays for the
+    whole prompt on every layer as a model with no window does. The cache's size is the whole context either way."""
+    gemma = get_config("gemma3-1b")
+    plain = dataclasses.replace(gemma, sliding_window=0, global_layers=())
+    mesh, chip = MeshShape(1, 1, 1), get_chip("h100-sxm")
+    kw = dict(batch=8, prompt_len=prompt_len, gen_len=gen_len, weights="bf16", ffn_layout="ws1d")
+    windowed, whole = (estimate(c, chip, mesh, phase="decode", **kw) for c in (gemma, plain))
+    # The mean of min(t, W) over contexts t = P + i, i in [0, G), as a piecewise integral.
+    start, end, w = prompt_len, prompt_len + gen_len, gemma.sliding_window
+    mean_windowed = w if w <= start else (w - start) * (start + w) / 2 / gen_len + (end - w) * w / gen_len
+    if w >= end:
+        mean_windowed = start + gen_len / 2
+    n_windowed = sum(1 for x in gemma.layer_windows if x)
+    ratio = ((gemma.n_layers - n_windowed) * (start + gen_len / 2) + n_windowed * mean_windowed) / (
+        gemma.n_layers * (start + gen_len / 2)
+    )
+    assert windowed.breakdown.kv_load_s == pytest.approx(whole.breakdown.kv_load_s * ratio)
+    assert (windowed.breakdown.kv_load_s < whole.breakdown.kv_load_s) == (end > w)
+    assert windowed.memory["kv_cache"] == whole.memory["kv_cache"]
+    prefill_windowed, prefill_whole = (estimate(c, chip, mesh, phase="prefill", **kw) for c in (gemma, plain))
+    assert prefill_windowed.breakdown.compute_s == pytest.approx(prefill_whole.breakdown.compute_s)
