@@ -283,7 +283,7 @@ def decode_report(
     difference, kernels_besides_layers the rest of a step (embedding, final norm, unembedding, sampling), where
     kernels_per_layer (per step / layers) spreads that rest over the layers."""
     import jax
-    from meshserve.serving.bench import _int8_matmul_label
+    from meshserve.model.quant import int8_matmul_label
 
     shapes = (weights, batch, prompt_len, gen_len, layers, kv_cache_dtype)
     text = compile_decode_loop(config, *shapes).as_text()
@@ -295,7 +295,7 @@ def decode_report(
     device = jax.devices()[0]
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
-           "int8_matmul": _int8_matmul_label(layers), "platform": device.platform, "device": device.device_kind,
+           "int8_matmul": int8_matmul_label(layers == "unrolled"), "platform": device.platform, "device": device.device_kind,
            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
     if layer_delta:

@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedArray", "quantize", "dequantize", "einsum", "INT8_MATMULS", "int8_matmul_mode", "w8a8_einsum"]
+__all__ = [
+    "QuantizedArray",
+    "quantize",
+    "dequantize",
+    "einsum",
+    "INT8_MATMULS",
+    "int8_matmul_mode",
+    "int8_matmul_label",
+    "w8a8_einsum",
+]
 
 INT8_MATMULS = ("xla", "pallas", "w8a8", "rowsum")
 
@@ -113,6 +122,16 @@ def int8_matmul_mode() -> str:
 
         raise UserError(f"MESHSERVE_INT8_MATMUL must be one of {', '.join(INT8_MATMULS)}, got {mode!r}")
     return mode
+
+
+def int8_matmul_label(unrolled_layers: bool) -> str:
+    """How this process's int8 weight matmuls run, as bench rows and serve's start line name it: the mode, "xla"
+    where the mode cannot apply (Pallas off a GPU; rowsum over stacked layers, which keep the declared layout), and
+    "pallas-tuned" with a tuning file."""
+    mode = int8_matmul_mode()
+    if (mode == "pallas" and jax.default_backend() != "gpu") or (mode == "rowsum" and not unrolled_layers):
+        return "xla"
+    return mode + "-tuned" if mode == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else mode
 
 
 def _plain_form(subscripts: str) -> bool:

@@ -28,7 +28,6 @@ the same process after meshserve's rows, so the ratio is measured side by side.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
-from meshserve.model.quant import int8_matmul_mode
+from meshserve.model.quant import int8_matmul_label, int8_matmul_mode
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 
 __all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_bandwidth", "device_peak_flops", "peer_row"]
@@ -82,16 +81,6 @@ class BenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _int8_matmul_label(layers: str) -> str:
-    """How int8 matmuls run in this process (model/quant.py reads the same variables)."""
-    label = os.environ.get("MESHSERVE_INT8_MATMUL", "xla")
-    if label == "pallas" and jax.default_backend() != "gpu":
-        return "xla"  # the Pallas kernel is GPU-only; elsewhere quant.einsum takes XLA's path
-    if label == "rowsum" and layers != "unrolled":
-        return "xla"  # stacked layers keep the declared layout (model/int8_rows.py)
-    return label + "-tuned" if label == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else label
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -286,7 +275,7 @@ def bench_row(
         prompt_len=prompt_len,
         gen_len=gen_len,
         layers=layers,
-        int8_matmul=_int8_matmul_label(layers),
+        int8_matmul=int8_matmul_label(layers == "unrolled"),
         device=jax.devices()[0].device_kind,
         platform=jax.devices()[0].platform,
         prefill_ms=prefill_s * 1e3,

@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Before loading the model: a bad flag fails in one line, naming the flag.
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
+    from meshserve.model.quant import int8_matmul_label
     from meshserve.progress import progress
 
     # Signals only record themselves (serving/signals.py); the main thread acts on them: before `listening`
@@ -233,9 +234,11 @@ def run(args: argparse.Namespace) -> int:
     steps = f"{compiled} of {compiled + pending} steps compiled, the rest in the background" if pending else (
         f"{compiled} compiled steps"
     )  # fmt: skip
+    unrolled = isinstance(model.params["layers"], list)
+    int8 = f", int8 matmul {int8_matmul_label(unrolled)}" if model.weights == "int8" else ""
     print(
-        f"meshserve serve: {model.source} ({model.weights}, {plan.objective}, max_batch {plan.max_batch}, {steps}, "
-        f"{'unrolled' if isinstance(model.params['layers'], list) else 'scan'} layers, "
+        f"meshserve serve: {model.source} ({model.weights}{int8}, {plan.objective}, max_batch {plan.max_batch}, "
+        f"{steps}, {'unrolled' if unrolled else 'scan'} layers, "
         f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'}"
         f"{', int8 KV cache' if plan.kv_cache_dtype == 'int8' else ''})",
         file=sys.stderr,

@@ -110,3 +110,29 @@ def test_weights_stored_rows_first_are_not_saved_as_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="contracted-axes-last"):
         save_checkpoint(tmp_path / "ckpt", config, params, weights="int8")
     assert list(tmp_path.iterdir()) == []  # no checkpoint and no temporary directory left behind
+
+
+def test_a_server_over_rows_first_int8_weights_answers_as_the_declared_layout(tmp_path, monkeypatch):
+    """`serve --weights int8 --layers unrolled` with MESHSERVE_INT8_MATMUL=rowsum: its start line names the matmul,
+    and a greedy request over gRPC gets the tokens in-process generation gives over the declared layout (log-probs
+    to float32 summation order)."""
+    from meshserve.model.generate import generate
+    from meshserve.model.loading import load_model
+    from meshserve.serving.client import Client
+    from test_serving_support import ServerProcess, make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "rowsum")
+    server = ServerProcess(checkpoint, "--weights", "int8", "--layers", "unrolled")
+    try:
+        assert "(int8, int8 matmul rowsum," in server.output() and "unrolled layers" in server.output()
+        prompt = [5, 17, 3, 9]
+        with Client(server.target) as client:
+            got = client.generate(prompt, max_new_tokens=6, ignore_eos=True, timeout=60)
+    finally:
+        server.close()
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "xla")
+    model = load_model(checkpoint, weights="int8")
+    (ref,) = generate(model.params, model.config, [prompt], max_new_tokens=6)  # no stop ids: as ignore_eos
+    assert got.tokens == list(ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-3, atol=1e-3)
