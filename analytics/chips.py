@@ -207,14 +207,18 @@ CHIPS: dict[str, Chip] = {
         node_size=8,
         inter_node_bandwidth=50e9,  # 400 Gb/s NDR InfiniBand per GPU
         hop_latency_s=_NVLINK_HOP_S,
-        # Fitted to meshserve's own run on one H200 (BENCHMARKS.md, 2026-11-27), so they include its per-step costs
-        # beyond streaming (kernel launches, cuBLAS's GEMV-shaped GEMMs): matmul from falcon-7b's 2048-token prefill
-        # (51.2 ms; 0.70 predicted 46.2), HBM from its bf16 decode step at batch 1 (4.78 ms; 0.84 predicted 3.45).
-        # Out of sample: its batch-8 and 64 steps (5.31, 5.72 ms) predict 4.99, 6.28; palm-8b's (6.33, 6.51) 6.02, 7.89.
-        matmul_efficiency=0.63,
-        hbm_efficiency=0.60,
+        # From meshserve's own run on one H200 (BENCHMARKS.md, 2026-11-27). HBM: 4.3 of 4.8 TB/s, the workplace's
+        # device-to-device copy on such a card (not a fit). A fixed cost per layer per pass (kernel launches and the
+        # like), fitted to falcon-7b's bf16 decode step at batch 1 (4.78 ms): a cost per byte instead would scale
+        # with the model's size. Matmul: fitted to its 2048-token prefill (51.2 ms).
+        # Out of sample: falcon-7b's batch 8 and 64 steps (5.31, 5.72 ms) predict -7%, +8%; palm-8b's batch 1 and 64
+        # (6.33, 6.51 ms) -12%, +13%; the bf16 prefills of 128-token prompts -10% to +15%.
+        matmul_efficiency=0.645,
+        hbm_efficiency=0.90,
+        step_overhead_s=48.6e-6,
         ici_efficiency=0.70,  # assumed, as for the other chips without a fit
-        source="NVIDIA H200 datasheet; matmul and HBM efficiencies fitted to meshserve's H200 run of 2026-11-27",
+        source="NVIDIA H200 datasheet; matmul efficiency and per-layer overhead fitted to meshserve's H200 run "
+        "(2026-11-27)",
     ),
 }
 

@@ -204,9 +204,8 @@ def _kv_bytes_per_token(
 
 
 def _decode_context_read(config: ModelConfig, prompt_len: int, gen_len: int) -> float:
-    """Cached positions one decode step reads, summed over the layers, averaged over the gen_len steps at contexts
-    prompt_len + i (i in [0, gen_len)): the context on a global layer, min(context, W) on a layer of window W. The
-    mean is exact for a global layer (linear in the context) and, as an integral of min(t, W), for a windowed one."""
+    """Cached positions a one-device decode step reads, summed over the layers, averaged (as an integral) over the
+    contexts prompt_len + i, i in [0, gen_len): the context on a global layer, min(context, W) on one of window W."""
     start, end = prompt_len, prompt_len + gen_len
 
     def mean_read(window: int) -> float:
@@ -281,10 +280,11 @@ def estimate(
     # Logits only at the last prompt token (prefill) or at each of a decode step's tokens: B (·L) rows.
     logit_rows = batch * (L if phase == "decode" else 1)
     matmul_flops = 2 * batch * L * N * sizes.layer_matmul + 2 * logit_rows * E * V
-    # Context positions read per step, summed over the layers: prefill's QK^T and PV run over the whole (masked)
-    # prompt on every layer, windowed or not (model/layers.py masks keys outside a window); a decode step reads a
-    # windowed layer's window only (model/transformer.py decode_step), so that layer reads min(context, W).
-    context_read = N * S if phase == "prefill" else _decode_context_read(c, prompt_len, gen_len)
+    # Context positions read per step, summed over the layers: the whole (masked) context on every layer, except in
+    # a one-token decode step on one device, where a windowed layer reads min(context, W) (transformer.decode_step;
+    # a mesh's decode, model/sharded.py, and a verify step mask the window over the whole context instead).
+    windows_read = phase == "decode" and tokens_per_step == 1 and n == 1
+    context_read = _decode_context_read(c, prompt_len, gen_len) if windows_read else N * S
     attn_flops = 4 * batch * L * context_read * H * Q
     # ws2d with heads-sharded attention repeats attention on every x (partition/comm.py: all-reduce(x) of qkv).
     attn_split = n // mesh.x if (ffn_layout == "ws2d" and attention == "heads") else n

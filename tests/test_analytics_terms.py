@@ -282,3 +282,18 @@ def test_a_decode_step_prices_a_windowed_layers_window_and_a_prefill_its_whole_p
     assert windowed.memory["kv_cache"] == whole.memory["kv_cache"]
     prefill_windowed, prefill_whole = (estimate(c, chip, mesh, phase="prefill", **kw) for c in (gemma, plain))
     assert prefill_windowed.breakdown.compute_s == pytest.approx(prefill_whole.breakdown.compute_s)
+
+
+def test_a_mesh_decode_and_a_verify_step_price_a_windowed_layers_whole_context():
+    """Only a one-token decode step on one device reads a window alone: a mesh's decode (model/sharded.py) and a
+    speculative verify step (a prefill over the context) mask it, so they pay the whole context as a global layer."""
+    gemma = get_config("gemma3-1b")
+    plain = dataclasses.replace(gemma, sliding_window=0, global_layers=())
+    chip = get_chip("tpu-v4")
+    kw = dict(phase="decode", batch=8, prompt_len=4096, gen_len=64, weights="bf16", ffn_layout="ws1d")
+    for mesh, tokens in ((MeshShape(2, 1, 1), 1), (MeshShape(1, 1, 1), 4)):
+        windowed, whole = (estimate(c, chip, mesh, tokens_per_step=tokens, **kw) for c in (gemma, plain))
+        assert windowed.breakdown.kv_load_s == pytest.approx(whole.breakdown.kv_load_s)
+        assert windowed.breakdown.compute_s == pytest.approx(whole.breakdown.compute_s)
+    one_device = [estimate(c, chip, MeshShape(1, 1, 1), **kw) for c in (gemma, plain)]
+    assert one_device[0].breakdown.kv_load_s < 0.3 * one_device[1].breakdown.kv_load_s  # 22 of 26 layers: 512 of 4k
