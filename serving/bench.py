@@ -46,6 +46,7 @@ from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
 from meshserve.model.quant import int8_matmul_label, int8_matmul_mode
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
+from meshserve.serving.bandwidth import measure_copy_bandwidth, measure_read_bandwidth
 
 __all__ = ["BenchRow", "run_bench", "measure_copy_bandwidth", "measure_read_bandwidth", "device_peak_flops", "peer_row"]
 
@@ -107,62 +108,6 @@ def _timed_together(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int 
             jax.block_until_ready(fn())
             t.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
-
-
-def _stream_buffer(n_bytes: int | None) -> tuple[jax.Array, int, int]:
-    """(a bf16 buffer of n_bytes (2 GiB; 128 MiB on a CPU), its size in bytes, passes per timed call).
-
-    All the passes of a measurement run in one jitted call (an on-device loop), so its dispatch and the wait for
-    its result are paid once per `passes` passes and no output is allocated per pass. Timed as one pass per call,
-    each allocating a fresh 2 GiB output, an H200 read 2.6-2.7 TB/s (2026-11-27): less than the model's own decode
-    loop achieved in the same run, so that figure was no ceiling."""
-    on_cpu = jax.devices()[0].platform == "cpu"
-    n_bytes = n_bytes or (1 << 27 if on_cpu else 1 << 31)
-    # Varied values, not a constant: a memory-bound kernel must not be timed on constant data.
-    buffer = (jax.lax.iota(jnp.int32, n_bytes // 2) % 251).astype(jnp.bfloat16)
-    # One pass per call on a CPU: XLA:CPU sums a slice of a buffer, as the loop's passes do, at ~1.7 GB/s against
-    # ~60 for the whole buffer, and a CPU's figure is no ceiling anyway (module doc).
-    return buffer, n_bytes, 1 if on_cpu else 20
-
-
-def _median_threaded(call: Callable[[Any], Any], state: Any, repeats: int) -> float:
-    """Median wall seconds of state = call(state) (blocked on), after one untimed call that also compiles."""
-    state = jax.block_until_ready(call(state))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state = jax.block_until_ready(call(state))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_copy_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a large on-device copy (read + write), the practical ceiling for a memory-bound step: each pass
-    adds 1 to the whole buffer in place (donated, so the loop's carry aliases it)."""
-    buffer, n_bytes, passes = _stream_buffer(n_bytes)
-    loop = jax.jit(lambda b: jax.lax.fori_loop(0, passes, lambda _, b: b + jnp.bfloat16(1), b), donate_argnums=0)
-    return 2 * n_bytes * passes / _median_threaded(loop, buffer, repeats)
-
-
-def measure_read_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a read-only stream: what a weight-reading decode step mostly does, often above the copy figure (no
-    writes); reported beside it, not used in hbm_fraction. Pass i sums half i % 2 of the buffer into a float32
-    carry: the index makes each pass differ, so XLA cannot hoist the sum out of the loop as invariant."""
-    buffer, n_bytes, passes = _stream_buffer(n_bytes)
-    halves = buffer.reshape(2, -1)  # an argument, not a closed-over constant: jit would embed 2 GiB in the program
-
-    @jax.jit
-    def loop(halves: jax.Array, total: jax.Array) -> jax.Array:
-        def one_pass(i: jax.Array, total: jax.Array) -> jax.Array:
-            half = jax.lax.dynamic_index_in_dim(halves, i % 2, keepdims=False)
-            return total + jnp.sum(half, dtype=jnp.float32)
-
-        if passes == 1:  # a CPU: the whole buffer (XLA:CPU sums a slice of it at a thirtieth of the speed)
-            return total + jnp.sum(halves, dtype=jnp.float32)
-        return jax.lax.fori_loop(0, passes, one_pass, total)
-
-    seconds = _median_threaded(lambda total: loop(halves, total), jnp.zeros((), jnp.float32), repeats)
-    return (n_bytes if passes == 1 else n_bytes // 2 * passes) / seconds
 
 
 def device_peak_flops() -> tuple[str, float | None]:
