@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_hlo.py"
 _spec = importlib.util.spec_from_file_location("decode_hlo", SCRIPT)
 decode_hlo = sys.modules.setdefault("decode_hlo", importlib.util.module_from_spec(_spec))  # dataclasses look it up
@@ -148,3 +150,21 @@ def test_unknown_model_is_one_line_error():
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "no-such-model" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-len", "0"], "--prompt-len, --gen-len and --batch must be >= 1, got 0, 8 and [1]"),
+        (["--dump", "FILE"], "is a file; it takes a folder"),
+    ],
+)
+def test_bad_lengths_and_dump_paths_fail_before_compiling_in_one_line(tmp_path, args, message):
+    file = tmp_path / "a-file.txt"
+    file.write_text("kept\n")
+    args = [str(file) if a == "FILE" else a for a in args]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-falcon", *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and not done.stdout
+    assert "Traceback" not in done.stderr and message in done.stderr, done.stderr
+    assert file.read_text() == "kept\n"
