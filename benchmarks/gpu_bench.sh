@@ -176,7 +176,7 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
       fi
       echo "== hlo done in $((SECONDS - t0)) s" ;;
     flags)  # not in the default STEPS: does the per-step cost move with XLA's command buffers (CUDA graphs)?
-      for variant in default nocmdbuf while unroll; do
+      for variant in default while unroll nocmdbuf; do  # the informative ones first, should time run short
         xla_flags=$(with_flags "$variant")
         echo "== flags_$variant: XLA_FLAGS=$xla_flags"
         # A variant that fails (a flag this XLA does not know aborts the process) leaves no rows; the next still runs.
