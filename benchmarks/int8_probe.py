@@ -151,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             shape = dict(weight=label, m=m, k=k, n=n)
             for form, (fn, weights, nbytes) in forms.items():
+                if args.xla_only and form == "w8a8":
+                    continue
                 results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
             xla = next(r for r in results[-len(forms) :] if r["form"] == "xla")
             best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
-            if m <= COLSUM_MAX_ROWS:
+            if m <= COLSUM_MAX_ROWS and not args.xla_only:  # --xla-only: what its help says, and quick
 
                 def rowsum(x, w, s=scale):  # MESHSERVE_INT8_MATMUL=rowsum's matmul (int8_rows.py): stored [N, K]
                     return jnp.stack([rowsum_matmul(x, w[i], s, x.dtype) for i in range(w.shape[0])])

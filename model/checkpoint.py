@@ -74,7 +74,10 @@ def _to_plain(params: Params) -> dict:
         if not isinstance(x, QuantizedArray):
             return x
         if x.perm is not None:  # a checkpoint holds the declared layout, which loading assumes
-            raise ValueError("int8 weights stored contracted-axes-last (int8_rows) cannot be saved; save before")
+            raise ValueError(
+                "int8 weights stored contracted-axes-last cannot be saved: save them before "
+                "unstack_layers(..., int8_rows=True)"
+            )
         return {_INT8_KEY: {"values": x.values, "scale": x.scale}}
 
     return jax.tree_util.tree_map(plain, params, is_leaf=lambda x: isinstance(x, QuantizedArray))

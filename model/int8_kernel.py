@@ -26,9 +26,9 @@ A third choice in the tuning file is no kernel at all: "colsum" (`COLSUM`, `cols
 written so that XLA fuses the convert into a column reduction and streams the int8 weights once (each extra row of x
 re-reads w inside the fusion, hence tiny M only). The same expression on weights stored transposed [N, K] (a row
 reduction, int8_probe.py's "rowsum" experiment) read 1529 / 1105 / 1022 GB/s of int8 bytes for falcon-7b's w_up /
-w_down / wq at M = 1 on an H200 (benchmarks/results/h200-2026-11-27/int8_probe.txt), against ~500 GB/s for XLA's
-convert + GEMM and ~680 GB/s for these kernels; whether the column form on our [K, N] storage does as well is what
-the probe measures, and the tuning file records {"form": "colsum"} for the shapes where it won.
+w_down / wq at M = 1 on an H200 in one run (benchmarks/results/h200-2026-11-27/int8_probe.txt), against ~500 GB/s
+for XLA's convert + GEMM and ~680 GB/s for these kernels; whether the column form on our [K, N] storage does as
+well is what the probe measures, and the tuning file records {"form": "colsum"} for the shapes where it won.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ At batch 1 a decode step is one pass over the weights, and the int8 forms that k
 them slowly: on an H200 (benchmarks/results/h200-2026-11-27/int8_probe.txt, falcon-7b's shapes at M = 1) XLA's
 convert + GEMM read 494-545 GB/s of int8 bytes and the tuned Pallas kernel 544-681, both slower than the bf16 GEMM
 reading twice the bytes. Stored transposed, [N, K], the same matmul written as a multiply and a sum over the minor
-axis K is a row reduction that XLA fuses with the int8 convert and streams at 1022-1529 GB/s: 1.25-1.5x faster than
-bf16 (the probe's "rowsum" form). So, once the layers are unrolled on one device (`params.unstack_layers(...,
-int8_rows=True)`), each int8 weight is stored with its contracted axes last (`rows_first`) and
+axis K is a row reduction that XLA fuses with the int8 convert and streamed at 1022-1529 GB/s: 1.25-1.5x faster
+than bf16 (the probe's "rowsum" form; one run: a second pass under other XLA flags read w_down at 736 GB/s). So,
+once the layers are unrolled on one device (`params.unstack_layers(..., int8_rows=True)`), each int8 weight is
+stored with its contracted axes last (`rows_first`) and
 
   rows <= ROWSUM_MAX_ROWS:  out[m, n] = (sum over k of float32(x[m, k]) * float32(w_t[n, k])) * scale[n]
   otherwise (prefill):      the einsum over the stored letters (XLA's convert + GEMM; the GEMM takes the transposed

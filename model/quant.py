@@ -19,8 +19,8 @@ stacked layers or a mesh (where the weights keep their declared layout), run XLA
 Under "pallas" with a tuning file (MESHSERVE_INT8_TUNING) each shape takes what was fastest there on the device: a
 kernel config, XLA's convert + GEMM, or, for at most 4 rows, "colsum": the matmul written as a float32 multiply and
 a sum over K (int8_kernel.colsum_matmul), which XLA fuses into one column reduction that reads each int8 weight once.
-Its twin on transposed weights (a row reduction) streamed 1.25-1.5x faster than a bf16 GEMM at batch 1 on an H200,
-where XLA's convert + GEMM and the Pallas kernel were slower than bf16 (numbers in int8_kernel.py's docstring).
+Its twin on transposed weights (a row reduction) streamed 1.25-1.5x faster than a bf16 GEMM at batch 1 on an H200
+(one run), where XLA's convert + GEMM and the Pallas kernel were slower than bf16 (int8_kernel.py's docstring).
 """
 
 from __future__ import annotations
