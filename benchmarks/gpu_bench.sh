@@ -29,8 +29,9 @@
 # at batch 32 x 1088 tokens (17 GiB in bf16) outweighs its weights; the int8 cache's decode step against bf16's),
 # hlo (benchmarks/decode_hlo.py on $MODEL, batch 1, bf16 and int8, 128+64: the decode loop compiled, not run, and the
 # kernels, command buffers and host syncs of one step counted in its optimized HLO, then bf16 again under the flags
-# step's `while` variant; writes decode_hlo.json, the tables in decode_hlo*.txt and each module's HLO text, both into
-# logs.tgz; BENCH_EXTRA goes to it too, so only --set there; ~6 s on a CPU for falcon-7b, the GPU's time unknown),
+# step's `while` variant and int8 with --int8-matmul rowsum; writes decode_hlo.json, the tables in decode_hlo*.txt
+# and each module's HLO text, both into logs.tgz; BENCH_EXTRA goes to it too, so only --set there; ~6 s on a CPU for
+# falcon-7b, the GPU's time unknown),
 # flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
 # command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
 # loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
@@ -158,22 +159,25 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
           > "$OUT/decode_hlo.txt" 2> "$OUT/decode_hlo.log" || echo "!! hlo failed or timed out (see decode_hlo.log)"
         cat "$OUT/decode_hlo.txt"; grep -v -i warning "$OUT/decode_hlo.log" | tail -n 3
       else echo "!! hlo skipped: out of time"; fi
-      # The flags step's `while` variant, bf16 only: does XLA put the decode loop and sampling's conditionals in a
-      # command buffer? Its rows join decode_hlo.json; a flag this XLA lacks aborts only this run.
-      if [ "$(left)" -ge 60 ]; then
+      # Two more compiles, rows joining decode_hlo.json: bf16 under the flags step's `while` variant (does XLA put
+      # the decode loop and sampling's conditionals in a command buffer? a flag this XLA lacks aborts only this run)
+      # and int8 with --int8-matmul rowsum (what the row reductions launch).
+      for extra in while rowsum; do
+        [ "$(left)" -lt 60 ] && { echo "!! hlo ($extra) skipped: out of time"; continue; }
         limit=$(left); [ "$limit" -gt 120 ] && limit=120
-        XLA_FLAGS="$(with_flags while)" timeout "$limit" $PY benchmarks/decode_hlo.py --model "$MODEL" --batch 1 \
-          --weights bf16 --prompt-len 128 --gen-len 64 --no-layer-delta --label while \
-          --out "$OUT/decode_hlo_while.json" --dump "$OUT" "${bench_extra[@]}" > "$OUT/decode_hlo.while.txt" \
-          2> "$OUT/decode_hlo.while.log" \
-          || echo "!! hlo (while flags) failed or timed out (see decode_hlo.while.log)"
-        cat "$OUT/decode_hlo.while.txt"; grep -v -i warning "$OUT/decode_hlo.while.log" | tail -n 3
-        if [ -s "$OUT/decode_hlo_while.json" ]; then
+        if [ "$extra" = while ]; then flags=$(with_flags while); args=(--weights bf16); else
+          flags=${XLA_FLAGS:-}; args=(--weights int8 --int8-matmul rowsum); fi
+        XLA_FLAGS="$flags" timeout "$limit" $PY benchmarks/decode_hlo.py --model "$MODEL" --batch 1 "${args[@]}" \
+          --prompt-len 128 --gen-len 64 --no-layer-delta --label "$extra" --out "$OUT/decode_hlo_$extra.json" \
+          --dump "$OUT" "${bench_extra[@]}" > "$OUT/decode_hlo.$extra.txt" 2> "$OUT/decode_hlo.$extra.log" \
+          || echo "!! hlo ($extra) failed or timed out (see decode_hlo.$extra.log)"
+        cat "$OUT/decode_hlo.$extra.txt"; grep -v -i warning "$OUT/decode_hlo.$extra.log" | tail -n 3
+        if [ -s "$OUT/decode_hlo_$extra.json" ]; then
           $PY -c "import json,os,sys; a, b = sys.argv[1:]; rows=json.load(open(a)) if os.path.exists(a) else []; \
-json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.json" "$OUT/decode_hlo_while.json" \
-            && rm "$OUT/decode_hlo_while.json"
+json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.json" "$OUT/decode_hlo_$extra.json" \
+            && rm "$OUT/decode_hlo_$extra.json"
         fi
-      fi
+      done
       echo "== hlo done in $((SECONDS - t0)) s" ;;
     flags)  # not in the default STEPS: does the per-step cost move with XLA's command buffers (CUDA graphs)?
       for variant in default while unroll nocmdbuf; do  # the informative ones first, should time run short
