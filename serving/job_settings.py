@@ -52,6 +52,8 @@ SUFFIX = ".settings.json"
 #   checkpoint_files  the checkpoint's files: weights, tokenizer, chat template (None for a preset: its random
 #                     weights are drawn from the config with seed 0, so the config is the whole model)
 #   weights           f32 / bf16 / int8 weights give other logits (the effective dtype: --weights or the checkpoint's)
+#   int8_activations  int8 weights only: MESHSERVE_INT8_MATMUL=w8a8 quantises the activations too (other logits);
+#                     its other values (xla, pallas, rowsum) compute the same function up to rounding: recorded only
 #   kv_cache_dtype    batch-generate only: int8 keys and values can flip a near tie; score reads no cache
 #   reasoning_parser  batch-generate only: a chat row's <think> block moves to "reasoning" (another row shape)
 # Not compared (recorded in "info"): --mesh, --layers and the buckets (--max-batch, --length-buckets,
@@ -64,6 +66,7 @@ COMPARED = {
     "model_config": "model config",
     "checkpoint_files": "checkpoint files",
     "weights": "--weights",
+    "int8_activations": "int8 activations (MESHSERVE_INT8_MATMUL=w8a8)",
     "kv_cache_dtype": "--kv-cache-dtype",
     "reasoning_parser": "--reasoning-parser",
 }
@@ -72,6 +75,8 @@ COMPARED = {
 HASHED_BYTES = 16 << 20
 _MAX_FIELDS = 4  # config fields named in a refusal; another model usually differs in most of them
 _KIND_ONLY = {"kv_cache_dtype": "batch-generate", "reasoning_parser": "batch-generate"}
+# Compared settings an older record may lack (it then resumes unchecked on them, as `differences` skips them).
+_ADDED_LATER = {"int8_activations"}
 _INFO_ARGS = ("mesh", "objective", "layers", "max_batch", "max_context", "length_buckets", "decode_buckets",
               "prefill_chunk", "prefix_caching", "speculative_tokens", "warm_up")  # fmt: skip
 
@@ -155,17 +160,21 @@ def settings_from_args(args: argparse.Namespace, kind: str) -> JobSettings:
         ck = read_checkpoint_info(path)
         config, files, weights = ck.config, checkpoint_files(path), args.weights or ck.weights
         name = f"checkpoint {path}"
+    from meshserve.model.quant import int8_matmul_mode
+
+    matmul = int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL: the UserError loading would raise
     compared = {
         "command": kind,
         "model_config": config.to_dict(),
         "checkpoint_files": files,
         "weights": weights,
+        "int8_activations": weights == "int8" and matmul == "w8a8",
         "kv_cache_dtype": args.kv_cache_dtype,
         "reasoning_parser": getattr(args, "reasoning_parser", None),
     }
     compared = {k: v for k, v in compared.items() if _KIND_ONLY.get(k, kind) == kind}
     info = {"meshserve": __version__, "date": _now(), "model": name}
-    info |= {k: getattr(args, k, None) for k in _INFO_ARGS}
+    info |= {k: getattr(args, k, None) for k in _INFO_ARGS} | {"int8_matmul": matmul}
     if kind == "score":
         info["kv_cache_dtype"] = args.kv_cache_dtype
     return JobSettings(_json(compared), _json(info))
@@ -187,7 +196,8 @@ def read_record(path: Path) -> dict | None:
         elif not isinstance(settings, dict) or not isinstance(settings.get("command"), str):
             why = 'no "settings" object with a "command"'
         else:
-            need = [k for k in COMPARED if _KIND_ONLY.get(k, settings["command"]) == settings["command"]]
+            need = [k for k in COMPARED if _KIND_ONLY.get(k, settings["command"]) == settings["command"]
+                    and k not in _ADDED_LATER]  # fmt: skip
             missing = [k for k in need if k not in settings]
             if missing:
                 why = f"settings {', '.join(missing)} missing"

@@ -49,7 +49,7 @@ def _files(tmp_path) -> tuple[dict, list[str]]:
     return {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}, sorted(os.listdir(tmp_path))
 
 
-def test_what_changes_outputs_is_compared_and_nothing_else(checkpoint):
+def test_what_changes_outputs_is_compared_and_nothing_else(checkpoint, monkeypatch):
     ck = ("--checkpoint", checkpoint)
     # The checkpoint's own dtype named, or layout / speed flags changed: the same results, no difference.
     assert _diff("batch-generate", ck, "--weights", "f32") == []
@@ -67,6 +67,19 @@ def test_what_changes_outputs_is_compared_and_nothing_else(checkpoint):
     # score reads no KV cache: int8's is recorded, not compared.
     assert _diff("score", ck, "--kv-cache-dtype", "int8") == []
     assert _settings("score", *ck, "--kv-cache-dtype", "int8").info["kv_cache_dtype"] == "int8"
+
+    # int8 activations (w8a8) change int8 weights' logits; the other int8 matmul paths only their rounding.
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "xla")
+    was = _settings("batch-generate", *ck, "--weights", "int8")
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "rowsum")
+    assert differences(was.compared, _settings("batch-generate", *ck, "--weights", "int8").compared) == []
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "w8a8")
+    now = _settings("score", *ck, "--weights", "int8")
+    assert differences(was.compared | {"command": "score"}, now.compared) == [
+        "int8 activations (MESHSERVE_INT8_MATMUL=w8a8): recorded false, now true"
+    ]
+    assert now.info["int8_matmul"] == "w8a8" and _diff("batch-generate", ck) == []  # f32 weights: no int8 matmul
+    monkeypatch.delenv("MESHSERVE_INT8_MATMUL")
 
     # The same tiny config as a preset: random weights, not the checkpoint's files.
     diff = _diff("batch-generate", ck, "--model", "tiny")  # --model wins over --checkpoint, as in load_model
@@ -253,6 +266,17 @@ def test_a_job_with_nothing_to_append_reads_no_settings(tmp_path):
 
     job = prepare_job("score", src, out, err, no_model)
     assert job.todo == [] and job.record is None
+
+
+def test_a_record_from_before_int8_activations_were_compared_still_resumes(tmp_path):
+    """Records written before the setting existed lack it: their job resumes (nothing to compare it with)."""
+    src, out, err = _job_files(tmp_path, 0)
+    _run("score", src, out, err, F32)
+    record = json.loads(settings_path(out).read_text())
+    assert record["settings"].pop("int8_activations") is False
+    settings_path(out).write_text(json.dumps(record))
+    job = prepare_job("score", src, out, err, lambda: F32)  # no SettingsError, no SettingsChanged
+    assert job.note is None and len(job.todo) == 3  # the 3 lines left after the one result
 
 
 def test_a_config_field_added_since_the_record_is_no_change(tmp_path):
