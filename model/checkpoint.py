@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import jax
 from meshserve.errors import UserError
 from meshserve.model.chat import TEMPLATE_FILE, ChatError, ChatTemplate, check_template
-from meshserve.model.checkpoint_files import remove_dead_writers, space_error, temporary_name
+from meshserve.model.checkpoint_files import backup_name, remove_dead_writers, space_error, temporary_name
 from meshserve.model.config import ConfigError, ModelConfig
 from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
 from meshserve.model.quant import QuantizedArray
@@ -234,7 +233,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    backup = backup_name(path)
     os.replace(path, backup)
     try:
         os.replace(tmp, path)

@@ -1,8 +1,10 @@
 """A checkpoint save's temporary directory and disk space (model/checkpoint.py writes the checkpoint itself).
 
 A save writes into .NAME.tmp-HOST-PID-XXXXXXXX beside NAME and renames it at the end. kill -9 or the OOM killer
-mid-write leaves that directory behind: a partial copy of the weights, gigabytes for a large model. The next save to
-NAME removes the ones whose writer is gone.
+mid-write leaves that directory behind: a partial copy of the weights, gigabytes for a large model. A save over an
+existing NAME first renames that aside to .NAME.old-HOST-PID-XXXXXXXX and removes it once the new one is in place;
+killed in between, it leaves a whole old copy behind. The next save to NAME removes both kinds whose writer is gone
+(an old copy only while NAME exists: otherwise it is the only copy).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["temporary_name", "remove_dead_writers", "space_error"]
+__all__ = ["temporary_name", "backup_name", "remove_dead_writers", "space_error"]
 
 
 def temporary_name(path: Path) -> Path:
@@ -26,21 +28,31 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{_prefix(path, _host())}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def backup_name(path: Path) -> Path:
+    """Where a save over an existing `path` moves the old checkpoint until the new one is in place:
+    .NAME.old-HOST-PID-XXXXXXXX beside it."""
+    return path.with_name(f"{_prefix(path, _host(), 'old')}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def remove_dead_writers(path: Path, idle_s: float = 600.0) -> None:
-    """Remove the temporary directories of earlier saves to `path` whose writer is gone: this host's, with a PID that
-    no longer runs, and nothing in them written for `idle_s` seconds (another host's, or a live process's, may still
+    """Remove the directories earlier saves to `path` left (temporary ones, and old checkpoints moved aside while
+    `path` exists) whose writer is gone: this host's, with a PID that no longer runs, and nothing in them written
+    for `idle_s` seconds (another host's, or a live process's, may still
     be writing; so may a process in another PID namespace under the same host name, which the idle time covers; PID
     reuse keeps one, never removes a live one)."""
-    prefix = _prefix(path, _host())
-    for stale in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and _idle_for(stale, idle_s):
-            shutil.rmtree(stale, ignore_errors=True)
+    kinds = ("tmp", "old") if path.exists() else ("tmp",)  # without NAME, an old copy is the only one: kept
+    for kind in kinds:
+        prefix = _prefix(path, _host(), kind)
+        for stale in path.parent.glob(glob.escape(prefix) + "*"):
+            pid = stale.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)) and _idle_for(stale, idle_s):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
-def _prefix(path: Path, host: str) -> str:
-    """The start of the temporary names this host gives saves to `path`: .NAME.tmp-HOST- (then PID-XXXXXXXX)."""
-    return f".{path.name}.tmp-{host}-"
+def _prefix(path: Path, host: str, kind: str = "tmp") -> str:
+    """The start of the names this host gives a save's directories beside `path`: .NAME.tmp-HOST- (the new one
+    being written) or .NAME.old-HOST- (the old one moved aside), then PID-XXXXXXXX."""
+    return f".{path.name}.{kind}-{host}-"
 
 
 def _host() -> str:

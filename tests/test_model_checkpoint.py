@@ -240,3 +240,28 @@ def test_a_save_removes_the_temporary_directories_of_dead_writers_only(tmp_path,
     assert read_checkpoint_info(tmp_path / "ck").weights == "f32"
     kept = {name for name, directory in leftovers.items() if directory.exists()}
     assert kept == {"dead, written just now", "live", "other host", "other name"}
+
+
+def test_an_old_checkpoint_left_aside_by_a_killed_save_is_removed_only_while_name_exists(tmp_path, tiny):
+    """A save over NAME moves the old one to .NAME.old-HOST-PID-X and removes it after the new one is in place;
+    killed in between, the old copy stays. The next save removes a dead writer's while NAME exists, and keeps it
+    while NAME is missing (killed between the two renames: it is then the only copy)."""
+    import subprocess
+    import sys
+    import time
+
+    from meshserve.model.checkpoint_files import _host, remove_dead_writers
+
+    config, params = tiny
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    backup = tmp_path / f".ck.old-{_host()}-{int(gone.stdout)}-0badc0de"
+    (backup / "params").mkdir(parents=True)
+    old = time.time() - 1200
+    for p in (backup / "params", backup):
+        os.utime(p, (old, old))
+    remove_dead_writers(tmp_path / "ck")  # no ck: the old copy is all there is
+    assert backup.exists()
+    save_checkpoint(tmp_path / "ck", config, params, "f32")
+    save_checkpoint(tmp_path / "ck", config, params, "f32", overwrite=True)  # ck exists now: the leftover goes
+    assert not backup.exists() and read_checkpoint_info(tmp_path / "ck").weights == "f32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # and the second save's own backup is gone too
