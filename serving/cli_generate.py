@@ -316,8 +316,10 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     from meshserve.model.config import vocab_error
     from meshserve.model.generate import GenerationResult, generate
     from meshserve.model.loading import load_model
+    from meshserve.model.quant import int8_matmul_mode
     from meshserve.model.sampling import SamplingParams
 
+    int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights (as serve, bench)
     mesh, shardings = None, None
     if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
         from meshserve.model.sharded import check_model, check_phases, mesh_config, min_batch, param_shardings
@@ -370,7 +372,6 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     else:
         import jax
         from meshserve.model.params import unstack_layers
-        from meshserve.model.quant import int8_matmul_mode
 
         # On a GPU the unrolled layer loop decodes 2.7x faster than lax.scan over stacked weights (BUILD.md); the
         # stacked arrays are deleted as they are sliced, so the weights are held once.

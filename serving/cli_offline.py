@@ -39,9 +39,10 @@ terminal (a log file), progress is a plain line every 10 seconds and at the end 
 How OUT was made is recorded beside it in OUT.settings.json (e.g. out.jsonl.settings.json), written whole just
 before the first result made with those settings (a run stopped before its first result leaves it as it was): the
 command, the model (its config and, for a checkpoint, its files: small ones by content, large ones by size and
-date), the weights dtype, the KV cache dtype and the reasoning parser (batch-generate's; score reads no KV cache),
-with meshserve's version, the date and the layout flags for information. A rerun that would append with one of
-those changed is refused before the model loads, naming each change: write to a new -o, or pass
+date), the weights dtype, whether int8 weights run with int8 activations (MESHSERVE_INT8_MATMUL=w8a8: other logits;
+its other values are recorded only), the KV cache dtype and the reasoning parser (batch-generate's; score reads no
+KV cache), with meshserve's version, the date and the layout flags for information. A rerun that would append with
+one of those changed is refused before the model loads, naming each change: write to a new -o, or pass
 --allow-changed-settings to append anyway (the change is recorded). Mesh, layout, bucket, --objective,
 --max-context, --speculative-tokens and --warm-up changes are allowed (the same answers up to float rounding). An
 OUT from an older meshserve, with results and no record, resumes with a warning and gets one.
@@ -147,9 +148,9 @@ def _add_arguments(parser: argparse.ArgumentParser, epilog: str) -> None:
     parser.add_argument(
         "--allow-changed-settings",
         action="store_true",
-        help="resume OUT even when the model, weights, KV cache dtype or reasoning parser differ from those recorded "
-        "in OUT.settings.json (default: refused, naming each change); the change is added to the record "
-        "with the first result written",
+        help="resume OUT even when the model, weights, int8 activations (MESHSERVE_INT8_MATMUL=w8a8), KV cache dtype "
+        "or reasoning parser differ from those recorded in OUT.settings.json (default: refused, naming each change); "
+        "the change is added to the record with the first result written",
     )
     add_warm_up_argument(parser, "the job", "starting")
     add_model_arguments(parser)
