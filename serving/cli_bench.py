@@ -272,9 +272,12 @@ def run(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout)
         print()
     else:
+        read = rows[0].get("read_gbps")
+        int8 = next((r["int8_matmul"] for r in rows if r["weights"] == "int8"), None)
         print(
             f"{config.name} on {rows[0]['device']}: prompt {args.prompt_len}, generate {args.gen_len}, "
-            f"copy bandwidth {rows[0]['copy_gbps']:.1f} GB/s"
+            f"copy bandwidth {rows[0]['copy_gbps']:.1f} GB/s{f', read {read:.1f} GB/s' if read else ''}"
+            f"{f', int8 matmul {int8}' if int8 else ''}"
         )
         print_table(rows)
     return 0

@@ -121,3 +121,12 @@ def test_bench_prompt_len_alone_takes_what_is_left_for_generation(tmp_path):
     (row,) = json.loads(out.read_text())
     assert (row["prompt_len"], row["gen_len"], row["platform"]) == (120, 8, "cpu")  # 128 - 120 left to generate
     assert row["ttft_ms"] > 0 and row["prefill_ms"] > 0
+
+
+def test_the_table_title_names_the_read_bandwidth_and_the_int8_path():
+    proc = _bench("--model", "tiny", "--batch", "1", "--weights", "bf16,int8", "--int8-matmul", "rowsum",
+                  "--repeats", "1", "--gen-len", "4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = proc.stdout.splitlines()[0]
+    assert title.startswith("tiny on cpu: prompt 64, generate 4, copy bandwidth ")
+    assert " GB/s, read " in title and title.endswith(" GB/s, int8 matmul rowsum")
