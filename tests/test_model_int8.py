@@ -83,6 +83,10 @@ def test_w8a8_quantizes_each_token_and_multiplies_in_integers(monkeypatch):
     monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "int4")
     with pytest.raises(UserError, match="MESHSERVE_INT8_MATMUL must be one of xla, pallas, w8a8, rowsum, got 'int4'"):
         einsum("BTE,EF->BTF", x, q)
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "")  # `MESHSERVE_INT8_MATMUL= meshserve ...`: unset, the default
+    from meshserve.model.quant import int8_matmul_mode
+
+    assert int8_matmul_mode() == "xla"
 
 
 def test_a_bad_int8_matmul_mode_stops_a_job_at_start_whatever_the_weights(tmp_path, monkeypatch, capsys):
