@@ -42,22 +42,14 @@ from hlo_tally import count_step  # noqa: E402
 def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, gen_len: int,
                         layers: str = "unrolled", kv_cache_dtype: str = "auto") -> Any:  # fmt: skip
     """The compiled (not run) `_decode_loop` of serving/bench.py for these shapes, lowered as `bench_row` lowers it:
-    params from `make_params` (unstacked for unrolled layers), first token [B] and cache from `_prefill_and_insert`
+    params from `bench_params` (as run_bench makes them, without consume), first token [B] and cache from `_prefill_and_insert`
     of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes)."""
     import jax
     import jax.numpy as jnp
-    from meshserve.model.params import unstack_layers
-    from meshserve.model.quant import int8_matmul_mode
     from meshserve.model.sampling import SamplingParams, stack_sampling
-    from meshserve.serving.bench import _decode_loop, _prefill_and_insert, make_params
+    from meshserve.serving.bench import _decode_loop, _prefill_and_insert, bench_params
 
-    def params_fn() -> Any:
-        params = make_params(config, weights)
-        if layers != "unrolled":
-            return params
-        return unstack_layers(params, int8_rows=int8_matmul_mode() == "rowsum")  # as run_bench, without consume
-
-    params = jax.eval_shape(params_fn)
+    params = jax.eval_shape(lambda: bench_params(config, weights, layers))
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}

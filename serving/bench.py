@@ -84,17 +84,6 @@ class BenchRow:
         return asdict(self)
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall seconds of fn() (its result blocked on), after one untimed warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _timed_together(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
     """Median wall seconds of each fn() (its result blocked on), timed in `repeats` interleaved rounds after `warmup`
     untimed rounds, so every figure sees the same background load and the same warm state (see the module doc)."""
@@ -132,6 +121,16 @@ def make_params(config: ModelConfig, weights: str, seed: int = 0) -> Params:
     """Random weights made on the device in their storage dtype (no float32 copy of the model is ever held)."""
     make = jax.jit(lambda key: cast_params(config, init_params(config, key, jnp.bfloat16), weights))
     return make(jax.random.key(seed))
+
+
+def bench_params(config: ModelConfig, weights: str, layers: str, *, consume: bool = False) -> Params:
+    """The weights a bench row runs: `make_params`, and for unrolled layers per-layer trees (int8 stored
+    contracted-axes-last under MESHSERVE_INT8_MATMUL=rowsum). consume: unstack deleting each stacked array as it
+    is sliced (not under jax.eval_shape, which benchmarks/decode_hlo.py uses)."""
+    params = make_params(config, weights)
+    if layers != "unrolled":
+        return params
+    return unstack_layers(params, consume=consume, int8_rows=int8_matmul_mode() == "rowsum")
 
 
 _prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))
@@ -269,10 +268,7 @@ def run_bench(
     total = len(batches) * len(weights_list) * len(kv_cache_dtypes)
     with progress_bar(f"bench {config.name}", "row", total, disable=not progress) as bar:
         for weights in weights_list:
-            params = make_params(config, weights)
-            if layers == "unrolled":
-                # consume: the weights held once (the peak memory column); rowsum stores int8 contracted-axes-last
-                params = unstack_layers(params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
+            params = bench_params(config, weights, layers, consume=True)  # held once: the peak memory column
             for kv in kv_cache_dtypes:
                 for batch in batches:
                     rows.append(bench_row(params, config, weights, batch, prompt_len, gen_len, copy_bw, peak, layers,
