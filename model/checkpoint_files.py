@@ -37,9 +37,8 @@ def backup_name(path: Path) -> Path:
 def remove_dead_writers(path: Path, idle_s: float = 600.0) -> None:
     """Remove the directories earlier saves to `path` left (temporary ones, and old checkpoints moved aside while
     `path` exists) whose writer is gone: this host's, with a PID that no longer runs, and nothing in them written
-    for `idle_s` seconds (another host's, or a live process's, may still
-    be writing; so may a process in another PID namespace under the same host name, which the idle time covers; PID
-    reuse keeps one, never removes a live one)."""
+    for `idle_s` seconds (another host's, or a live process's, may still be writing; so may a process in another PID
+    namespace under the same host name, which the idle time covers; PID reuse keeps one, never removes a live one)."""
     kinds = ("tmp", "old") if path.exists() else ("tmp",)  # without NAME, an old copy is the only one: kept
     for kind in kinds:
         prefix = _prefix(path, _host(), kind)
