@@ -40,10 +40,12 @@ from hlo_tally import count_step  # noqa: E402
 
 
 def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, gen_len: int,
-                        layers: str = "unrolled", kv_cache_dtype: str = "auto") -> Any:  # fmt: skip
+                        layers: str = "unrolled", kv_cache_dtype: str = "auto", sharding: Any = None) -> Any:  # fmt: skip
     """The compiled (not run) `_decode_loop` of serving/bench.py for these shapes, lowered as `bench_row` lowers it:
     params from `bench_params` (as run_bench makes them, without consume), first token [B] and cache from `_prefill_and_insert`
-    of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes)."""
+    of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes).
+    sharding: every input placed by it (a `target_sharding`: compiled for that GPU, deviceless); None: this host's
+    default device."""
     import jax
     import jax.numpy as jnp
     from meshserve.model.sampling import SamplingParams, stack_sampling
@@ -57,7 +59,35 @@ def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, 
     first, cache = jax.eval_shape(
         lambda p, t, n, s: _prefill_and_insert(p, config, t, n, s, context, int8_kv), params, tokens, lengths, sampling
     )
+    args = (params, first, cache, sampling)
+    if sharding is not None:  # the sampling rows become abstract too: nothing may live on this host's CPU
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    params, first, cache, sampling = args
     return _decode_loop.lower(params, config, first, cache, sampling, gen_len).compile()
+
+
+GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"  # XLA GpuTargetConfig text protos, one per --target
+
+
+def target_sharding(target: str) -> Any:
+    """A one-device NamedSharding on a deviceless CUDA topology described by gpu_targets/TARGET.txtpb: compiling for
+    it runs XLA:GPU's whole pipeline (fusion, Triton/cuBLAS choices, command buffers) on a host with no GPU. Needs
+    the CUDA plugin (`pip install 'jax[cuda13]'`) and JAX_PLATFORMS=cpu, JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set
+    before jax is imported (`main` does). Without a device XLA does not autotune: its gemm and fusion choices are
+    its defaults, which a run on the GPU may revise."""
+    import jax
+    from jax.experimental import topologies
+    from meshserve.errors import UserError
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=(GPU_TARGETS / f"{target}.txtpb").read_text(), topology="1x1x1"
+        )
+    except (NotImplementedError, RuntimeError) as e:  # no CUDA plugin installed, or one too old for deviceless
+        raise UserError(f"--target {target}: cannot compile for a GPU here ({str(e).splitlines()[0]}); install "
+                        "the CUDA plugin beside jax: pip install 'jax[cuda13]==<your jax version>'") from e  # fmt: skip
+    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def decode_report(
@@ -71,23 +101,24 @@ def decode_report(
     dump: Path | None = None,
     layer_delta: bool = True,
     label: str = "",
+    sharding: Any = None,
 ) -> dict[str, Any]:
     """One row: the shapes, the device and the per-step counts of `count_step` (dump: also write the HLO text, named
     after the model, weights, batch and `label`, which the row also carries: e.g. the XLA_FLAGS variant).
 
     layer_delta: also compile the model with 2 and with 3 layers (small compiles): kernels_per_added_layer is their
     difference, kernels_besides_layers the rest of a step (embedding, final norm, unembedding, sampling), where
-    kernels_per_layer (per step / layers) spreads that rest over the layers."""
+    kernels_per_layer (per step / layers) spreads that rest over the layers. sharding: as `compile_decode_loop`."""
     import jax
     from meshserve.model.quant import int8_matmul_label
 
-    shapes = (weights, batch, prompt_len, gen_len, layers, kv_cache_dtype)
+    shapes = (weights, batch, prompt_len, gen_len, layers, kv_cache_dtype, sharding)
     text = compile_decode_loop(config, *shapes).as_text()
     if dump is not None:
         name = f"decode_hlo.{config.name}.{weights}.b{batch}{'.' + label if label else ''}.txt"
         name = re.sub(r"[^\w.-]", "_", name)  # --set adds [k=v] to the model's name
         (dump / name).write_text(text)
-    device = jax.devices()[0]
+    device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
            "int8_matmul": int8_matmul_label(layers == "unrolled"), "platform": device.platform, "device": device.device_kind,
@@ -159,9 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", type=Path, help="also write each compiled module's HLO text into this folder")
     p.add_argument("--label", default="", help="a name for this run (e.g. its XLA_FLAGS variant): in each row and "
                    "in the --dump file names")  # fmt: skip
+    targets = sorted(t.stem for t in GPU_TARGETS.glob("*.txtpb"))
+    p.add_argument("--target", choices=targets, help="compile for this GPU without one (deviceless: needs the CUDA "
+                   "plugin, pip install 'jax[cuda13]'; no autotuning) instead of for this host's device")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array")
     p.add_argument("--out", type=Path, help="also write the rows as a JSON array to this file")
     args = p.parse_args(argv)
+    if args.target:
+        if "jax" in sys.modules and "JAX_PLATFORMS" not in os.environ:
+            print("decode_hlo: --target must be set before jax is imported (run it as a program)", file=sys.stderr)
+            return 2
+        # The CUDA plugin must load without a driver and the default backend stay the CPU: nothing runs on a GPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
 
     from meshserve.errors import UserError
 
@@ -202,11 +243,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"decode_hlo: {config.name} has global layers {config.global_layers}: no per-added-layer count (as "
               "--no-layer-delta)", file=sys.stderr)  # fmt: skip
         args.no_layer_delta = True
+    sharding = target_sharding(args.target) if args.target else None
     rows = []
     for weights in args.weights:
         for batch in args.batch:
             rows.append(decode_report(config, weights, batch, prompt_len, gen_len, args.layers, args.kv_cache_dtype,
-                                      args.dump, not args.no_layer_delta, args.label))  # fmt: skip
+                                      args.dump, not args.no_layer_delta, args.label, sharding))  # fmt: skip
             if not args.json:
                 print_report(rows[-1])
     if args.out:

@@ -6,6 +6,7 @@ cuBLAS custom-calls, Triton fusions) are checked on a hand-written module whose 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,29 @@ def test_bad_lengths_and_dump_paths_fail_before_compiling_in_one_line(tmp_path, 
     assert done.returncode == 2 and not done.stdout
     assert "Traceback" not in done.stderr and message in done.stderr, done.stderr
     assert file.read_text() == "kept\n"
+
+
+def _cuda_plugin() -> bool:
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) if importlib.util.find_spec(
+        "jax_plugins") else False  # fmt: skip
+
+
+@pytest.mark.skipif(_cuda_plugin(), reason="the CUDA plugin is installed: --target compiles (the test below)")
+def test_target_without_the_cuda_plugin_is_one_line_naming_the_install():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-falcon", "--target", "h100"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and not done.stdout
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "--target h100: cannot compile for a GPU here" in done.stderr and "jax[cuda13]" in done.stderr
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs the CUDA plugin (pip install 'jax[cuda13]'), not in CI")
+def test_target_compiles_the_step_for_an_h100_without_one(tmp_path):
+    """Deviceless: XLA:GPU's own fusions and Triton GEMMs, counted on a host with no GPU."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-falcon", "--target", "h100", "--out",
+                           str(out), "--no-layer-delta"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["platform"] == "gpu" and "H100" in row["device"]
+    assert any("triton" in kind or "cublas" in kind for kind in row["by_kind"]), row["by_kind"]
