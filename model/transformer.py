@@ -18,8 +18,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from meshserve.model import kv_quant, layers
+from meshserve.model import decode_attention, kv_quant, layers
 from meshserve.model.config import ModelConfig
+from meshserve.model.decode_attention import decode_attention_mode
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
 
@@ -241,6 +242,10 @@ def decode_step(
     # start_b = pos_b - span + 1 where that fits in [0, C); 0 = every layer reads [0, C).
     span = max((w for w in config.layer_windows if 0 < w < C), default=0) if config.windowed else 0
     near = jnp.clip(pos - span + 1, 0, C - span)[:, None] + jnp.arange(span)[None, :] if span else None  # [B, span]
+    # MESHSERVE_DECODE_ATTENTION=pallas: a whole-context layer's attention in one kernel (model/decode_attention.py),
+    # which takes the whole cache and picks its layer statically: unrolled layers and a 16-bit cache only.
+    kernel = decode_attention_mode() == "pallas" and isinstance(cache.k, jax.Array)
+    kernel = kernel and decode_attention.kernel_applies(config.d_head, cache.k.dtype)
 
     def layer_fn(x, p, i):
         new = {}
@@ -260,6 +265,8 @@ def decode_step(
                 return layers.attend_cached(q, kc, vc, visible[:, 0], own_k, own_v, ks, vs, scale)
 
             def whole() -> jax.Array:  # positions [0, C)
+                if kernel and isinstance(i, int) and q.dtype == cache.k.dtype:  # positions [0, pos) and the own
+                    return decode_attention.decode_attention(q, cache.k, cache.v, i, pos, own_k, own_v, C, scale)
                 return over(cache.k[i, :, :C], cache.v[i, :, :C], cached)
 
             def windowed() -> jax.Array:  # each row's `span` positions: a gather [B, span, K, Q]

@@ -1,0 +1,186 @@
+"""One-kernel decode attention for GPUs (Pallas, Triton backend): MESHSERVE_DECODE_ATTENTION=pallas.
+
+XLA compiles `layers.attend_cached` for one decode token into about ten kernels per layer on a GPU (deviceless
+compile for an H100, benchmarks/decode_hlo.py --target h100: the score GEMM, a concatenation with the own key's
+score, two softmax reductions, two pads for the probability GEMM, that GEMM, a combine and a transpose). At batch 1
+a falcon-7b step launches 688 kernels, and each costs launch and drain time that the ~3.2 ms of weight streaming
+does not hide. This kernel does one layer's attention in one launch, flash-decoding style:
+
+  program (b, kh, s) holds the G = H / K query heads of kv head kh of row b, padded to a power of two Gp, and
+  walks the cached keys of its split s in blocks of `block` positions with an online softmax; only the filled
+  part of the cache is read (positions [0, pos_b), pos_b = that row's length), not the whole context.
+
+The own key of the step (position pos_b, always visible) seeds split 0's running softmax: m = q·k_new, l = 1,
+acc = v_new; the cache is only read, as in `attend_cached` (the caller writes all layers' new k, v after the layer
+loop). With one split the kernel writes the normalised output; with several (long contexts at small batch, where
+B * K programs would leave the SMs idle) it writes each split's (acc, m, l) and XLA adds them.
+
+The cache is passed whole, [N, B, S, K, Q], with the layer picked by the BlockSpec: a sliced layer would be copied
+into its own buffer for the custom call. So the layer index must be a Python int (unrolled layers).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["DECODE_ATTENTIONS", "decode_attention", "decode_attention_mode", "kernel_applies", "splits_for"]
+
+DECODE_ATTENTIONS = ("xla", "pallas")
+_NEG = -1e30  # finite: exp(_NEG - m) is 0 and a split with no visible key gives no NaN
+_SPLIT_POSITIONS = 512  # a split walks at least this many positions before another split pays off
+_TARGET_PROGRAMS = 128  # about one program per SM (H100: 132)
+
+
+def decode_attention_mode() -> str:
+    """MESHSERVE_DECODE_ATTENTION (default "xla"); a value outside DECODE_ATTENTIONS is a UserError naming it."""
+    mode = os.environ.get("MESHSERVE_DECODE_ATTENTION") or "xla"
+    if mode not in DECODE_ATTENTIONS:
+        from meshserve.errors import UserError
+
+        raise UserError(f"MESHSERVE_DECODE_ATTENTION must be one of {', '.join(DECODE_ATTENTIONS)}, got {mode!r}")
+    return mode
+
+
+def kernel_applies(head_dim: int, cache_dtype: jnp.dtype) -> bool:
+    """Whether the kernel handles this layer: a 16-bit cache (an int8 cache's scales are XLA's) and a power-of-two
+    head dim of at least 16 (Triton's block shapes and dot sizes)."""
+    return jnp.dtype(cache_dtype).itemsize == 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def splits_for(batch: int, kv_heads: int, context: int) -> int:
+    """How many splits each (row, kv head) walks its positions in: enough programs to fill the SMs, but no split
+    shorter than _SPLIT_POSITIONS positions."""
+    by_length = max(1, context // _SPLIT_POSITIONS)
+    by_programs = max(1, _TARGET_PROGRAMS // (batch * kv_heads))
+    return min(by_length, by_programs)
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: int,
+    pos: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    context: int,
+    scale: float | None = None,
+    *,
+    block: int = 64,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of one new token per row over its cached keys and its own key. Equals `layers.attend_cached` with
+    visible = (cached position < pos).
+
+    q [B, 1, H, Q] (rotated); k_cache / v_cache [N, B, S, K, Q] (every layer's cache; `layer` picks one); pos int32
+    [B]: each row's own position (cached positions [0, pos) are visible; the caller promises pos < context <= S);
+    k_new / v_new [B, 1, K, Q]: this step's own key and value; scale: the logits' (None: 1 / sqrt(Q)).
+    Returns [B, 1, H, Q] in q's dtype. interpret: run the kernel body as XLA ops (None: on every platform but
+    CUDA, chosen when the step is lowered, so a deviceless compile for a GPU gets the kernel).
+    """
+    B, _, H, Q = q.shape
+    K = k_cache.shape[3]
+    scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
+    static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block)
+    args = (q.reshape(B, K, H // K, Q), k_cache, v_cache, pos.astype(jnp.int32), k_new[:, 0], v_new[:, 0])
+    if interpret is None:
+        out = jax.lax.platform_dependent(
+            *args,
+            cuda=functools.partial(_decode_attention, **static, interpret=False),
+            default=functools.partial(_decode_attention, **static, interpret=True),
+        )
+    else:
+        out = _decode_attention(*args, **static, interpret=interpret)
+    return out.reshape(B, 1, H, Q)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "context", "scale", "splits", "block", "interpret"), inline=True)
+def _decode_attention(q, k_cache, v_cache, pos, k_new, v_new, *, layer, context, scale, splits, block, interpret):
+    """q [B, K, G, Q]; caches [N, B, S, K, Q]; pos [B]; k_new / v_new [B, K, Q] -> [B, K, G, Q]."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    B, K, G, Q = q.shape
+    S = k_cache.shape[2]
+    Gp = max(16, pl.next_power_of_2(G))  # Triton's dot wants >= 16 rows; the padding rows are masked off
+    block = min(block, max(16, pl.next_power_of_2(context)))
+    per_split = pl.cdiv(pl.cdiv(context, block), splits)  # blocks each split walks at most
+
+    def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *out_refs):
+        s = pl.program_id(2)
+        head_mask = (jnp.arange(Gp) < G)[:, None]
+        length = pos_ref[()]  # cached positions [0, length) are visible
+        qv = plgpu.load(q_ref.at[pl.ds(0, Gp), :], mask=head_mask, other=0.0)  # [Gp, Q]
+        own = jnp.sum(qv.astype(jnp.float32) * kn_ref[...].astype(jnp.float32)[None, :], axis=1) * scale  # [Gp]
+        # Split 0 starts from the own key (m = its score, l = 1, acc = its value), the others from nothing.
+        first = jnp.full((Gp,), s == 0)  # a vector: Triton's select takes no scalar condition here
+        m0 = jnp.where(first, own, _NEG)
+        l0 = jnp.where(first, 1.0, 0.0)
+        acc0 = jnp.where(first[:, None], vn_ref[...].astype(jnp.float32)[None, :], 0.0)  # [Gp, Q]
+        offsets = jnp.arange(block)
+
+        def body(j, carry):
+            acc, m, l = carry
+            idx = j * block + offsets  # [block] cache positions
+            in_cache = (idx < S)[:, None]
+            kb = plgpu.load(k_ref.at[pl.ds(j * block, block), :], mask=in_cache, other=0.0)  # [block, Q]
+            scores = plgpu.dot(qv, kb.T) * scale  # [Gp, block] float32
+            scores = jnp.where((idx < length)[None, :], scores, _NEG)
+            m_next = jnp.maximum(m, scores.max(axis=1))
+            correction = jnp.exp(m - m_next)
+            p = jnp.exp(scores - m_next[:, None])
+            vb = plgpu.load(v_ref.at[pl.ds(j * block, block), :], mask=in_cache, other=0.0)  # [block, Q]
+            acc = acc * correction[:, None] + plgpu.dot(p.astype(vb.dtype), vb)
+            return acc, m_next, l * correction + p.sum(axis=1)
+
+        start = s * per_split
+        stop = jnp.minimum(start + per_split, pl.cdiv(length, block))  # only the filled part of the cache
+        acc, m, l = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, (acc0, m0, l0))
+        if splits == 1:
+            (o_ref,) = out_refs
+            plgpu.store(o_ref.at[pl.ds(0, Gp), :], (acc / l[:, None]).astype(o_ref.dtype), mask=head_mask)
+        else:
+            o_ref, m_ref, l_ref = out_refs
+            plgpu.store(o_ref.at[pl.ds(0, Gp), :], acc, mask=head_mask)
+            plgpu.store(m_ref.at[pl.ds(0, Gp)], m, mask=head_mask[:, 0])
+            plgpu.store(l_ref.at[pl.ds(0, Gp)], l, mask=head_mask[:, 0])
+
+    cache_spec = pl.BlockSpec((None, None, S, None, Q), lambda b, h, s: (layer, b, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((None,), lambda b, h, s: (b,)),  # pos
+        pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, h, 0, 0)),  # q
+        cache_spec,
+        cache_spec,
+        pl.BlockSpec((None, None, Q), lambda b, h, s: (b, h, 0)),  # k_new
+        pl.BlockSpec((None, None, Q), lambda b, h, s: (b, h, 0)),  # v_new
+    ]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((B, K, G, Q), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, h, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, B, K, G, Q), jnp.float32),
+                     *[jax.ShapeDtypeStruct((splits, B, K, G), jnp.float32)] * 2]  # fmt: skip
+        out_specs = [pl.BlockSpec((None, None, None, G, Q), lambda b, h, s: (s, b, h, 0, 0)),
+                     *[pl.BlockSpec((None, None, None, G), lambda b, h, s: (s, b, h, 0))] * 2]  # fmt: skip
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(B, K, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="decode_attention",
+    )(pos, q, k_cache, v_cache, k_new, v_new)
+    if splits == 1:
+        return outs[0]
+    # Splits' partial softmaxes [splits, B, K, G(, Q)] -> one: rescale each to the largest running max and add.
+    acc, m, l = outs
+    top = m.max(axis=0)
+    weight = jnp.exp(m - top[None])
+    out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
+    return out.astype(q.dtype)

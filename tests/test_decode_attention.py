@@ -1,0 +1,134 @@
+"""The one-kernel decode attention (model/decode_attention.py, MESHSERVE_DECODE_ATTENTION=pallas).
+
+No GPU here: interpret mode runs the kernel body on the CPU for the numbers (against `layers.attend_cached`, the XLA
+path), and exporting for the `cuda` platform runs Pallas' Triton lowering without a device. Its speed is measured
+on a GPU by `meshserve bench --decode-attention pallas` (benchmarks/gpu_bench.sh step `attn`), not here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.errors import UserError
+from meshserve.model import decode_attention as da
+from meshserve.model import layers, transformer
+from meshserve.model.config import get_config
+from meshserve.model.params import cast_params, init_params, unstack_layers
+
+
+def _operands(B, H, K, Q, S, N=3, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (B, 1, H, Q), jnp.bfloat16)
+    k_cache, v_cache = (jax.random.normal(keys[i], (N, B, S, K, Q), jnp.bfloat16) for i in (1, 2))
+    k_new, v_new = (jax.random.normal(keys[i], (B, 1, K, Q), jnp.bfloat16) for i in (3, 4))
+    return q, k_cache, v_cache, k_new, v_new
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "K", "Q", "S", "context", "lengths", "split_positions"),
+    [
+        (1, 71, 1, 64, 136, 136, [100], 512),  # falcon-7b's heads: G = 71 padded to 128; S not a multiple of 64
+        (3, 8, 2, 32, 80, 70, [0, 5, 69], 512),  # GQA; a row with no cached key (its own only); context < S
+        (2, 8, 2, 32, 80, 80, [3, 79], 16),  # several splits (5): most of row 0's splits see no key at all
+        (2, 4, 1, 16, 48, 48, [47, 20], 16),  # G = 4 -> 16 rows for Triton's dot
+    ],
+)
+def test_kernel_equals_xla_attention(monkeypatch, B, H, K, Q, S, context, lengths, split_positions):
+    monkeypatch.setattr(da, "_SPLIT_POSITIONS", split_positions)
+    q, k_cache, v_cache, k_new, v_new = _operands(B, H, K, Q, S)
+    pos = jnp.asarray(lengths, jnp.int32)
+    layer = 1
+    visible = jnp.arange(context)[None, :] < pos[:, None]
+    ref = layers.attend_cached(q, k_cache[layer, :, :context], v_cache[layer, :, :context], visible, k_new, v_new)
+    got = da.decode_attention(q, k_cache, v_cache, layer, pos, k_new, v_new, context, interpret=True)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    ref32 = np.asarray(ref, np.float32)
+    # Both round to bf16 once at the end (and the probabilities once before the value contraction).
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref32, atol=2e-2, rtol=2e-2)
+    # A row that sees no cached key returns its own value for every head.
+    if 0 in lengths:
+        row = lengths.index(0)
+        own = np.repeat(np.asarray(v_new[row, 0], np.float32), H // K, axis=0)
+        np.testing.assert_allclose(np.asarray(got[row, 0], np.float32), own, atol=1e-2)
+
+
+def test_splits_fill_the_chip_but_stay_long():
+    assert da.splits_for(1, 1, 256) == 1  # the bench's 128 + 128: one program walks it all
+    assert da.splits_for(1, 1, 4096) == 8  # batch 1 at long context: 8 programs of 512 positions
+    assert da.splits_for(64, 1, 4096) == 2  # batch 64 fills the SMs by itself
+    assert da.splits_for(256, 8, 8192) == 1
+
+
+def test_kernel_lowers_to_triton_for_cuda():
+    """Pallas' Triton lowering accepts the kernel (an unsupported op or block shape fails here), for one split and
+    for several; the whole cache goes in (no slice of it, which XLA would copy for the custom call)."""
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 16, 2, 64, 4096, N=2)
+    pos = jnp.asarray([7, 4000], jnp.int32)
+    for context, calls in ((256, 1), (4096, 1)):
+        fn = jax.jit(lambda *a, c=context: da.decode_attention(*a[:3], 1, a[3], *a[4:], c))
+        exported = jax.export.export(
+            fn,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(q, k_cache, v_cache, pos, k_new, v_new)
+        text = exported.mlir_module()
+        assert text.count("__gpu$xla.gpu.triton") == calls
+        splits = da.splits_for(2, 2, context)
+        assert f"grid_z = {splits}" in text and "grid_x = 2" in text and "grid_y = 2" in text
+
+
+def test_bad_mode_is_one_line_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "flash")
+    with pytest.raises(UserError, match="MESHSERVE_DECODE_ATTENTION must be one of xla, pallas, got 'flash'"):
+        da.decode_attention_mode()
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "")  # set but empty: the default, as a shell user means it
+    assert da.decode_attention_mode() == "xla"
+
+
+def _decode(monkeypatch, mode, params, config, steps=4):
+    """Prefill two prompts, then `steps` greedy decode steps: (logits [steps, 2, V], tokens [steps, 2])."""
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", mode)
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, config.vocab_size)
+    lengths = jnp.array([12, 7], jnp.int32)
+    last, k, v = transformer.prefill(params, config, tokens, lengths)
+    cache = transformer.insert(transformer.init_cache(config, 2, 32, k.dtype), k, v, lengths, jnp.arange(2))
+    step = jax.jit(lambda p, t, c: transformer.decode_step(p, config, t, c, context=24))
+    out, toks, tok = [], [], jnp.argmax(last, axis=-1).astype(jnp.int32)
+    for _ in range(steps):
+        logits, cache = step(params, tok, cache)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(logits)
+        toks.append(tok)
+    return np.asarray(jnp.stack(out), np.float32), np.asarray(jnp.stack(toks))
+
+
+@pytest.mark.parametrize(("preset", "kv_heads"), [("tiny", 1), ("tiny", 2), ("tiny-gemma3", 1)])
+def test_decode_steps_with_the_kernel_equal_xla_attention(monkeypatch, preset, kv_heads):
+    """bf16 weights over unrolled layers: every decode step's logits match the XLA path's within bf16 rounding, so
+    greedy picks the same tokens. tiny-gemma3's windowed layer stays on XLA, its global layer takes the kernel."""
+    config = get_config(preset).replace(n_kv_heads=kv_heads)
+    params = unstack_layers(cast_params(config, init_params(config, jax.random.key(4), jnp.float32), "bf16"))
+    ref_logits, ref_tokens = _decode(monkeypatch, "xla", params, config)
+    got_logits, got_tokens = _decode(monkeypatch, "pallas", params, config)
+    scale = np.abs(ref_logits).max()
+    assert np.abs(got_logits - ref_logits).max() <= 3e-2 * scale
+    np.testing.assert_array_equal(got_tokens, ref_tokens)
+
+
+def test_stacked_layers_and_an_int8_cache_keep_xla_attention(monkeypatch):
+    """The kernel needs a static layer index and a 16-bit cache: a scan over stacked layers, or an int8 cache,
+    traces no pallas_call (and still decodes)."""
+    config = get_config("tiny")
+    params = cast_params(config, init_params(config, jax.random.key(4), jnp.float32), "bf16")
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "pallas")
+    for p, dtype in ((params, jnp.bfloat16), (unstack_layers(params), "int8")):
+        cache = transformer.init_cache(config, 2, 32, dtype)
+        jaxpr = jax.make_jaxpr(lambda p, c: transformer.decode_step(p, config, jnp.zeros(2, jnp.int32), c))(p, cache)
+        assert "pallas_call" not in str(jaxpr)
+    cache = transformer.init_cache(config, 2, 32, jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda p, c: transformer.decode_step(p, config, jnp.zeros(2, jnp.int32), c))(
+        unstack_layers(params), cache
+    )
+    assert str(jaxpr).count("pallas_call") == 2 * config.n_layers  # one per layer, per platform branch
