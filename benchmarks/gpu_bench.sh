@@ -12,6 +12,9 @@
 #     bash benchmarks/gpu_bench.sh                        # CPU dry run (tiny models' context is 128 tokens)
 #   MODEL=tiny-falcon STEPS="hlo flags" BENCH_EXTRA="--set max_seq_len=256" PY=.venv/bin/python OUT=/tmp/gb2 \
 #     DEADLINE=400 bash benchmarks/gpu_bench.sh           # CPU dry run of the hlo and flags steps
+#   MODEL=tiny PROMPT_LONG=64 SMALL=1 STEPS=attn BENCH_EXTRA="--set max_seq_len=256" PY=.venv/bin/python \
+#     OUT=/tmp/gb-attn TUNING=/tmp/gb-tuning.json DEADLINE=300 bash benchmarks/gpu_bench.sh
+#                                                          # CPU dry run of attn (tiny-falcon's head dim 8: xla rows)
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
@@ -35,8 +38,11 @@
 # flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
 # command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
 # loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
-# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`).
-# hlo, flags and rowsum are not in the default STEPS.
+# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`),
+# attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
+# as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
+# (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
+# hlo, flags, rowsum and attn are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -194,6 +200,13 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
       done ;;
     rowsum) bench falcon_rowsum 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
               --int8-matmul rowsum ;;
+    attn)  # not in the default STEPS: one Pallas kernel for a layer's decode attention (XLA's: ~9)
+      bench falcon_attn 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \
+        --decode-attention pallas
+      bench falcon_attn_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \
+        --decode-attention xla  # the same rows with XLA's attention, on the same card, for the ratio
+      bench falcon_attn_int8 80 --model "$MODEL" --batch 1 --prompt-len 128 --gen-len 64 --weights int8 \
+        --decode-attention pallas "${int8_args[@]}" ;;
     *) echo "!! unknown step $step" ;;
   esac
 done

@@ -39,6 +39,13 @@ def _f(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _layers(row: dict) -> str:
+    """The layers cell: the layer loop, and the decode attention kernel where the row ran it (rows from before
+    bench recorded decode_attention ran XLA's attention)."""
+    attn = {"pallas": ", attn kernel", "pallas-interpret": ", attn kernel (interpreted)"}
+    return row["layers"] + attn.get(row.get("decode_attention", "xla"), "")
+
+
 def main(paths: list[str]) -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text())]
     # gpu_bench.sh's flags step tags its rows with the XLA_FLAGS variant they ran under: a column only then.
@@ -55,7 +62,7 @@ def main(paths: list[str]) -> None:
         flags_cell = f"| {r.get('xla_flags', '–')} " if flags else ""
         print(
             f"| {r['model']} | {r['weights']} | {r.get('int8_matmul', 'xla') if r['weights'] == 'int8' else '–'} "
-            f"| {r['layers']} {flags_cell}| {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
+            f"| {_layers(r)} {flags_cell}| {r['batch']} | {r['prompt_len']}+{r['gen_len']} "
             f"| {r['prefill_ms']:.2f} ({_f(pred_prefill, '.2f')}) | {r['ttft_ms']:.2f} "
             f"| {_f(r['decode_step_ms'], '.3f')} ({_f(pred_step, '.3f')}) | {_f(r['tokens_per_s'], '.0f')} "
             f"| {_f(r['hbm_gbps'], '.0f')} | {_f(r['hbm_fraction'], '.1%')} | {_f(r['prefill_mfu'], '.1%')} "

@@ -30,13 +30,16 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in decode:
         key = (r["model"], r["weights"], r.get("int8_matmul", "xla"), r.get("kv_cache_dtype", "auto"), r["layers"],
-               r["prompt_len"], r["gen_len"])  # fmt: skip
+               r["prompt_len"], r["gen_len"], r.get("decode_attention", "xla"))  # fmt: skip
         groups.setdefault(key, []).append(r)
-    for (model, weights, matmul, kv, layers, prompt, gen), group in sorted(groups.items()):
+    for (model, weights, matmul, kv, layers, prompt, gen, attention), group in sorted(groups.items()):
         group = sorted(group, key=lambda r: r["batch"])
         label = f"{model} {weights}" + (f" ({matmul})" if weights == "int8" else "") + (" int8 KV" if kv == "int8"
                                                                                          else "")  # fmt: skip
-        label += f" {layers} {prompt}+{gen}"
+        label += f" {layers} {prompt}+{gen}" + {
+            "pallas": " attn kernel",
+            "pallas-interpret": " attn kernel (interpreted)",
+        }.get(attention, "")
         batches = [r["batch"] for r in group]
         (line,) = left.plot(batches, [r["decode_step_ms"] for r in group], marker="o", label=label)
         floor = [r["hbm_bytes_per_step"] / (r["copy_gbps"] * 1e9) * 1e3 for r in group]

@@ -16,7 +16,7 @@ from meshserve.model.model_spec import MODEL_HELP, SET_HELP
 if TYPE_CHECKING:
     from meshserve.model.config import ModelConfig
 
-__all__ = ["COMMANDS", "check_args", "check_context", "check_peer", "lengths", "print_table"]
+__all__ = ["COMMANDS", "attention_note", "check_args", "check_context", "check_peer", "lengths", "print_table"]
 
 
 def _weights(text: str) -> list[str]:
@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, w8a8 (activations "
         "quantised per token too, an int8 x int8 GEMM; changes the numerics), or rowsum (unrolled layers: weights "
         "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else xla)",
+    )
+    parser.add_argument(
+        "--decode-attention",
+        choices=["xla", "pallas"],
+        default=None,
+        help="decode attention: XLA's ops, or one Pallas kernel per layer (model/decode_attention.py: unrolled layers, "
+        "a 16-bit KV cache, a power-of-two head dim >= 16; Triton on a CUDA GPU, interpreted as XLA ops elsewhere, "
+        "slowly) (default: $MESHSERVE_DECODE_ATTENTION, else xla); each row's decode_attention says which ran",
     )
     parser.add_argument(
         "--int8-tuning",
@@ -142,6 +150,19 @@ def print_table(rows: list[dict]) -> None:
         )
     if note:
         print(note)
+
+
+def attention_note(rows: list[dict]) -> str:
+    """The title's words on decode attention: "" where every row ran XLA's; else the kernel's path, and which rows
+    ran it when some did not (f32 weights and an int8 cache stay on XLA's in the same run)."""
+    ran = [r for r in rows if r.get("decode_attention", "xla") != "xla"]
+    if not ran:
+        return ""
+    note = f", decode attention {ran[0]['decode_attention']}"
+    if len(ran) == len(rows):
+        return note
+    kinds = dict.fromkeys(f"{r['weights']}/{r['kv_cache_dtype']}" for r in ran)  # weights/kv, in row order
+    return f"{note} ({', '.join(kinds)} rows; xla in the others)"
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -217,6 +238,11 @@ def run(args: argparse.Namespace) -> int:
     from meshserve.model.quant import int8_matmul_mode
 
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
+    if args.decode_attention:
+        os.environ["MESHSERVE_DECODE_ATTENTION"] = args.decode_attention  # read by decode_step when it is traced
+    from meshserve.model.decode_attention import decode_attention_mode
+
+    decode_attention_mode()  # a bad MESHSERVE_DECODE_ATTENTION fails here in one line, before any model is made
     if args.int8_tuning:
         os.environ["MESHSERVE_INT8_TUNING"] = str(args.int8_tuning)
     from meshserve.analytics.cli_helpers import model_from_args
@@ -274,10 +300,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         read = rows[0].get("read_gbps")
         int8 = next((r["int8_matmul"] for r in rows if r["weights"] == "int8"), None)
+        attn = attention_note(rows)
         print(
             f"{config.name} on {rows[0]['device']}: prompt {args.prompt_len}, generate {args.gen_len}, "
             f"copy bandwidth {rows[0]['copy_gbps']:.1f} GB/s{f', read {read:.1f} GB/s' if read else ''}"
-            f"{f', int8 matmul {int8}' if int8 else ''}"
+            f"{f', int8 matmul {int8}' if int8 else ''}{attn}"
         )
         print_table(rows)
     return 0

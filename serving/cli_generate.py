@@ -314,12 +314,14 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
 
     setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.config import vocab_error
+    from meshserve.model.decode_attention import decode_attention_mode
     from meshserve.model.generate import GenerationResult, generate
     from meshserve.model.loading import load_model
     from meshserve.model.quant import int8_matmul_mode
     from meshserve.model.sampling import SamplingParams
 
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights (as serve, bench)
+    decode_attention_mode()  # and a bad MESHSERVE_DECODE_ATTENTION, whatever the layers and cache
     mesh, shardings = None, None
     if on_mesh is not None:  # check the mesh and layouts on the config alone, before any weight is read
         from meshserve.model.sharded import check_model, check_phases, mesh_config, min_batch, param_shardings

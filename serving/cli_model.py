@@ -152,6 +152,9 @@ def load_for_serving(args: argparse.Namespace, objective: str):
     from meshserve.model.quant import int8_matmul_mode
 
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
+    from meshserve.model.decode_attention import decode_attention_mode
+
+    decode_attention_mode()  # and a bad MESHSERVE_DECODE_ATTENTION, whatever the layers and cache
     from meshserve.serving.plan import make_plan
 
     mesh = parse_mesh(args.mesh)

@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
     from meshserve.model.quant import int8_matmul_label
     from meshserve.progress import progress
+    from meshserve.serving.bench import decode_attention_label
 
     # Signals only record themselves (serving/signals.py); the main thread acts on them: before `listening`
     # (nothing to drain yet) they end the process at once (run_interruptibly), after it they drain (the loop below).
@@ -236,11 +237,14 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     unrolled = isinstance(model.params["layers"], list)
     int8 = f", int8 matmul {int8_matmul_label(unrolled)}" if model.weights == "int8" else ""
+    cache_dtype = "int8" if plan.kv_cache_dtype == "int8" else model.params["embed"].dtype  # the compute dtype's cache
+    attn = decode_attention_label(model.config, unrolled, cache_dtype)
+    attn = f", decode attention {attn}" if attn != "xla" else ""
     print(
         f"meshserve serve: {model.source} ({model.weights}{int8}, {plan.objective}, max_batch {plan.max_batch}, "
         f"{steps}, {'unrolled' if unrolled else 'scan'} layers, "
         f"prefix caching {'on' if plan.prefix_caching else 'off'}, prefill chunk {plan.prefill_chunk or 'off'}"
-        f"{', int8 KV cache' if plan.kv_cache_dtype == 'int8' else ''})",
+        f"{', int8 KV cache' if plan.kv_cache_dtype == 'int8' else ''}{attn})",
         file=sys.stderr,
     )
     if server.http is not None:

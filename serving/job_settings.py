@@ -60,7 +60,8 @@ SUFFIX = ".settings.json"
 # --decode-buckets, --prefill-chunk, --prefix-caching) change only how the same computation is laid out (float
 # rounding, as between two buckets); --objective picks among those; --speculative-tokens keeps plain decoding's
 # tokens; --warm-up only orders compiles; --max-context only bounds a line (one that does not fit is an error line;
-# a default max_new_tokens is cut to the room left), and lowering it is how a resume fits less memory.
+# a default max_new_tokens is cut to the room left), and lowering it is how a resume fits less memory;
+# MESHSERVE_DECODE_ATTENTION (xla or the Pallas kernel) computes the same attention in another order (float rounding).
 COMPARED = {
     "command": "command",
     "model_config": "model config",
@@ -160,9 +161,11 @@ def settings_from_args(args: argparse.Namespace, kind: str) -> JobSettings:
         ck = read_checkpoint_info(path)
         config, files, weights = ck.config, checkpoint_files(path), args.weights or ck.weights
         name = f"checkpoint {path}"
+    from meshserve.model.decode_attention import decode_attention_mode
     from meshserve.model.quant import int8_matmul_mode
 
     matmul = int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL: the UserError loading would raise
+    attention = decode_attention_mode()  # likewise a bad MESHSERVE_DECODE_ATTENTION
     compared = {
         "command": kind,
         "model_config": config.to_dict(),
@@ -174,7 +177,7 @@ def settings_from_args(args: argparse.Namespace, kind: str) -> JobSettings:
     }
     compared = {k: v for k, v in compared.items() if _KIND_ONLY.get(k, kind) == kind}
     info = {"meshserve": __version__, "date": _now(), "model": name}
-    info |= {k: getattr(args, k, None) for k in _INFO_ARGS} | {"int8_matmul": matmul}
+    info |= {k: getattr(args, k, None) for k in _INFO_ARGS} | {"int8_matmul": matmul, "decode_attention": attention}
     if kind == "score":
         info["kv_cache_dtype"] = args.kv_cache_dtype
     return JobSettings(_json(compared), _json(info))
