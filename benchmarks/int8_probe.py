@@ -82,6 +82,7 @@ def model_shapes(name: str) -> list[tuple[str, int, int]]:
         "wq": (c.d_model, c.n_heads * c.d_head),
         "wo": (c.n_heads * c.d_head, c.d_model),
         "wk": (c.d_model, c.n_kv_heads * c.d_head),
+        "wqkv": (c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.d_head),  # unrolled layers fuse q, k, v (unstack_layers)
     }
     if not c.shared_embedding:
         shapes["unembed"] = (c.d_model, c.vocab_size)  # a shared embedding is never quantized (params.py)

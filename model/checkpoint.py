@@ -113,6 +113,9 @@ def save_checkpoint(
             f"config has its {config.true_kv_heads} kv heads replicated to {config.n_kv_heads} for a mesh; save the "
             "model as loaded, before replicate_kv_heads"
         )
+    layers = params.get("layers")
+    if isinstance(layers, list) and any("wqkv" in layer for layer in layers):  # loading assumes the declared tree
+        raise ValueError("fused q/k/v weights (wqkv) cannot be saved: save the params before unstack_layers")
     path = Path(path).absolute()
     bad = [
         jax.tree_util.keystr(k)

@@ -62,8 +62,8 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
 
 
 def head_norm(x: jax.Array, scale: jax.Array, eps: float, offset: bool = False) -> jax.Array:
-    """RMSNorm over each head's Q (Qwen3's / Gemma 3's q_norm / k_norm), in float32. x: [..., h, Q]; scale: [Q];
-    offset: the scale applies as 1 + scale (config.norm_scale_offset)."""
+    """RMSNorm over each head's Q (Qwen3's / Gemma 3's q_norm / k_norm), in float32. x: [..., h, Q]; scale: [Q] (or
+    [h, Q]: one per head); offset: the scale applies as 1 + scale (config.norm_scale_offset)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * norm_scale(scale, offset)).astype(x.dtype)
@@ -142,7 +142,12 @@ def qkv_projection(
     h: jax.Array, p: dict[str, Any], positions: jax.Array, config: ModelConfig, layer: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """h: [B, T, E] -> q [B, T, H, Q] (rotated), k [B, T, K, Q] (rotated), v [B, T, K, Q]. layer: its index (an
-    int, or traced in a scan), for its rotary base (`layer_frequencies`)."""
+    int, or traced in a scan), for its rotary base (`layer_frequencies`).
+
+    p holds wq [E, H, Q], wk, wv [E, K, Q], or (unrolled layers: `params.unstack_layers`) wqkv [E, H + 2K, Q], their
+    concatenation on the heads axis: see `_fused_qkv`."""
+    if "wqkv" in p:
+        return _fused_qkv(h, p, positions, config, layer)
     q = einsum("BTE,EHQ->BTHQ", h, p["wq"])
     k = einsum("BTE,EKQ->BTKQ", h, p["wk"])
     v = einsum("BTE,EKQ->BTKQ", h, p["wv"])
@@ -153,6 +158,27 @@ def qkv_projection(
         k = head_norm(k, p["k_norm"]["scale"], config.norm_eps, config.norm_scale_offset)
     inv_freq = layer_frequencies(config, layer)
     return rotate(q, positions, inv_freq), rotate(k, positions, inv_freq), v
+
+
+def _fused_qkv(
+    h: jax.Array, p: dict[str, Any], positions: jax.Array, config: ModelConfig, layer: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`qkv_projection` over wqkv [E, H + 2K, Q]: one matmul -> qkv [B, T, H + 2K, Q], then the head norms (Qwen3,
+    Gemma 3) and the rotation over all H + 2K heads at once, the v heads passed through (`jnp.where`), and q, k, v
+    sliced last. Both are per head, so this is the math of the unfused path. Sliced first, q and k each took their
+    own norm and rotation kernels on a GPU (qwen3-8b bf16, deviceless H100 compile: 26 kernels per layer sliced
+    first, 22 as here, 23 unfused); the K discarded v heads' arithmetic costs nothing beside that."""
+    H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
+    qkv = einsum("BTE,EHQ->BTHQ", h, p["wqkv"])
+    if "bq" in p:  # a few KiB concatenated in the step, inside the add's fusion
+        qkv = qkv + jnp.concatenate([p["bq"], p["bk"], p["bv"]]).astype(qkv.dtype)
+    qk_heads = jnp.arange(H + 2 * K)[:, None] < H + K  # [H + 2K, 1]
+    if "q_norm" in p:  # before the rotation, as Qwen3Attention does; k's scale on the v heads too (discarded)
+        qs, ks = p["q_norm"]["scale"], p["k_norm"]["scale"]
+        scale = jnp.concatenate([jnp.broadcast_to(qs, (H, Q)), jnp.broadcast_to(ks, (2 * K, Q))])
+        qkv = jnp.where(qk_heads, head_norm(qkv, scale, config.norm_eps, config.norm_scale_offset), qkv)
+    qkv = jnp.where(qk_heads, rotate(qkv, positions, layer_frequencies(config, layer)), qkv)
+    return qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
 
 
 def attention_scores_mask(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ __all__ = [
     "cast_params",
     "params_nbytes",
     "replicate_kv_params",
+    "unstack_layers",
     "Params",
     "WEIGHT_DTYPES",
 ]
@@ -206,31 +208,90 @@ def cast_params(config: ModelConfig, params: Params, weights: str) -> Params:
     return map_with_specs(one, config, params)
 
 
+_QKV = ("wq", "wk", "wv")  # fused by unstack_layers, in this order on the heads axis, into "wqkv"
+
+
 def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = False) -> Params:
     """The same weights with `layers` as a list of per-layer trees (the decoder then unrolls its layer loop).
 
+    Each layer's wq [E, H, Q], wk and wv [E, K, Q] become one "wqkv" [E, H + 2K, Q] (concatenated on the heads
+    axis; int8: values and scales alike), which `layers.qkv_projection` runs as one matmul: fewer kernels per decode
+    step on a GPU (falcon-7b bf16, deviceless H100 compile: wk and wv were 3 reduction kernels beside wq's GEMM;
+    21 -> 18 kernels per layer). Fused here, once: a concatenation inside the step is copied on every step.
+
     consume: delete each stacked array once its N per-layer slices exist, so the weights never sit in device memory
     twice: the peak is the weights plus one stacked leaf (a 7B model's w_up: 5 GiB of its 14), not twice the
-    weights. The caller must not use `params` afterwards.
+    weights; each layer's q, k, v slices are deleted once fused (one layer's q, k, v held twice at a time). The
+    caller must not use `params` afterwards.
     int8_rows: store every int8 layer weight with its contracted axes last (model/int8_rows.py, for
     MESHSERVE_INT8_MATMUL=rowsum), one per-layer leaf at a time.
     """
     layers = params["layers"]
     if isinstance(layers, list):
         return params
-    leaves, treedef = jax.tree_util.tree_flatten(layers, is_leaf=lambda x: isinstance(x, QuantizedArray))
+    qkv = tuple(layers[name] for name in _QKV) if _fusable(layers) else ()
+    rest = {name: leaf for name, leaf in layers.items() if not (qkv and name in _QKV)}
+    per_layer = _unstack(rest, consume, int8_rows)
+    if qkv:  # sliced in the declared layout: rows_first, if asked, applies to the fused weight
+        sliced = [_unstack(leaf, consume, False) for leaf in qkv]
+        for i, layer in enumerate(per_layer):
+            parts = [s[i] for s in sliced]
+            layer["wqkv"] = _fuse_qkv(*parts, int8_rows=int8_rows)
+            if consume:
+                _delete(parts, ready=layer["wqkv"])
+            for s in sliced:
+                s[i] = None  # no reference left: a slice goes as soon as its layer is fused
+    return dict(params, layers=per_layer)
+
+
+def _fusable(layers: dict[str, Any]) -> bool:
+    """Whether wq, wk, wv are all there and of one kind (plain arrays of one dtype, or int8 in the declared layout),
+    so that their concatenation is one weight of that kind."""
+    ws = [layers.get(name) for name in _QKV]
+    if any(w is None for w in ws):
+        return False
+    if all(isinstance(w, QuantizedArray) for w in ws):
+        return all(w.perm is None for w in ws)
+    return not any(isinstance(w, QuantizedArray) for w in ws) and len({w.dtype for w in ws}) == 1
+
+
+@partial(jax.jit, static_argnames="int8_rows")
+def _fuse_qkv(wq: Any, wk: Any, wv: Any, int8_rows: bool = False) -> Any:
+    """wq [E, H, Q], wk, wv [E, K, Q] -> wqkv [E, H + 2K, Q]; int8: values, and scales [1, h, Q], concatenated on
+    the same (heads) axis, since each scale is per output channel. int8_rows: stored contracted-axes-last."""
+    if isinstance(wq, QuantizedArray):
+        from meshserve.model.int8_rows import rows_first
+
+        fused = QuantizedArray(
+            values=jnp.concatenate([wq.values, wk.values, wv.values], axis=1),
+            scale=jnp.concatenate([wq.scale, wk.scale, wv.scale], axis=1),
+        )
+        return rows_first(fused) if int8_rows else fused
+    return jnp.concatenate([wq, wk, wv], axis=1)
+
+
+def _unstack(tree: Any, consume: bool, int8_rows: bool) -> list[Any]:
+    """The N per-layer trees of a tree of stacked leaves [N, ...] (QuantizedArray leaves count as one leaf);
+    consume: each stacked leaf deleted once sliced."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
     n = leaves[0].shape[0]
     per_layer: list[list[Any]] = [[] for _ in range(n)]
     for leaf in leaves:
         slices = [leaf[i] if not isinstance(leaf, QuantizedArray) else _layer_of(leaf, i, int8_rows) for i in range(n)]
         if consume:
-            jax.block_until_ready(slices)  # the slices read the stacked buffers: done before they go
-            for array in [leaf.values, leaf.scale] if isinstance(leaf, QuantizedArray) else [leaf]:
-                if isinstance(array, jax.Array):
-                    array.delete()
+            _delete([leaf], ready=slices)
         for layer, piece in zip(per_layer, slices, strict=True):
             layer.append(piece)
-    return dict(params, layers=[jax.tree_util.tree_unflatten(treedef, layer) for layer in per_layer])
+    return [jax.tree_util.tree_unflatten(treedef, layer) for layer in per_layer]
+
+
+def _delete(trees: list[Any], ready: Any) -> None:
+    """Delete every device array of `trees` once `ready` (computed from them) is done reading them."""
+    jax.block_until_ready(ready)
+    for tree in trees:
+        for array in [tree.values, tree.scale] if isinstance(tree, QuantizedArray) else [tree]:
+            if isinstance(array, jax.Array):
+                array.delete()
 
 
 def _layer_of(w: QuantizedArray, i: int, int8_rows: bool) -> QuantizedArray:

@@ -60,6 +60,8 @@ def param_specs(config: ModelConfig, ffn_layout: str, params: Params | None = No
     specs = _leaf_specs(config, rules_for(ffn_layout))
     if params is None:
         return specs
+    if isinstance(params["layers"], list):  # every mesh step scans the declared stacked weights, wq/wk/wv apart
+        raise ValueError("a mesh runs the stacked layers: these are unrolled (unstack_layers, q/k/v fused as wqkv)")
     declared = declare(config)
 
     def one(spec: P, decl: ParamSpec, leaf: Any) -> Any:
