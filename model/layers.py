@@ -53,8 +53,15 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
     """LayerNorm (optional bias) or RMSNorm over E, computed in float32. x: [..., E]."""
     x32 = x.astype(jnp.float32)
     if config.norm == "layernorm":
-        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
+        # One pass: both sums side by side (one reduction kernel on a GPU, where mean-then-variance took two, each
+        # of them launched per layer per decode step), over x shifted by its first element so that a large common
+        # offset does not cancel in E[d^2] - E[d]^2 (the shifted-data variance).
+        d = x32 - x32[..., :1]
+        shift_mean = jnp.mean(d, axis=-1, keepdims=True)
+        variance = jnp.maximum(jnp.mean(jnp.square(d), axis=-1, keepdims=True) - jnp.square(shift_mean), 0.0)
+        y = (d - shift_mean) * jax.lax.rsqrt(variance + config.norm_eps)
+    else:
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
     y = y * norm_scale(p["scale"], config.norm_scale_offset)
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
