@@ -166,15 +166,29 @@ def _adjust(
         conds.append((jnp.any(sampling["guided"]), lambda x: _guide(x, sampling)))
     if not conds:
         return logits
-    if len(conds) == 1:
-        return jax.lax.cond(conds[0][0], conds[0][1], lambda x: x, logits)
 
-    def each(x: jax.Array) -> jax.Array:
-        for on, fn in conds:
-            x = jax.lax.cond(on, fn, lambda y: y, x)
+    def branched(x: jax.Array) -> jax.Array:
+        if len(conds) == 1:
+            return jax.lax.cond(conds[0][0], conds[0][1], lambda y: y, x)
+
+        def each(y: jax.Array) -> jax.Array:
+            for on, fn in conds:
+                y = jax.lax.cond(on, fn, lambda z: z, y)
+            return y
+
+        return jax.lax.cond(functools.reduce(jnp.logical_or, [on for on, _ in conds]), each, lambda y: y, x)
+
+    def always(x: jax.Array) -> jax.Array:
+        for _, fn in conds:
+            x = fn(x)
         return x
 
-    return jax.lax.cond(functools.reduce(jnp.logical_or, [on for on, _ in conds]), each, lambda x: x, logits)
+    # Each fn is the identity where its condition is false (an inactive bias entry points past the vocabulary and
+    # is dropped; penalties of 1 and 0 divide, multiply and subtract exactly nothing; an unguided row keeps every
+    # logit), so skipping it only saves work. On CUDA a skip costs more than it saves: XLA:GPU runs a conditional
+    # outside a CUDA graph by copying its predicate to the host and blocking until the stream drains, so the GPU
+    # idles while the host catches up; these branches are a few elementwise passes over [B, V]. So there they run.
+    return jax.lax.platform_dependent(logits, cuda=always, default=branched)
 
 
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
@@ -236,7 +250,9 @@ def sample(
         sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, kept)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 
-    tokens = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
+    # An all-greedy batch skips the draw (a pass over [B, V] with its random bits), except on CUDA, where the skip
+    # is a host sync (see _adjust) and the draw's greedy rows take the argmax anyway.
+    tokens = jax.lax.platform_dependent(cuda=draw, default=lambda: jax.lax.cond(jnp.all(greedy), lambda: argmax, draw))
     return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
 

@@ -160,3 +160,42 @@ def test_engine_decode_step_sorts_the_vocabulary_only_behind_a_branch():
     jaxpr = jax.make_jaxpr(lambda p, s: decode_rows(ModelSteps(), config, 2, 32, p, s))(params, state).jaxpr
     assert "sort" not in _primitives(jaxpr)
     assert "sort" in _primitives(jaxpr, into_cond=True)
+
+
+def _history(B: int, V: int):
+    from meshserve.model.sampling import TokenHistory
+
+    prompts = jax.random.randint(jax.random.key(3), (B, 6), 0, V)
+    history = TokenHistory.of_prompts(prompts, jnp.full((B,), 6, jnp.int32), V)
+    return history.add(jax.random.randint(jax.random.key(4), (B,), 0, V))
+
+
+@pytest.mark.parametrize("knobs", ["none", "mixed"])
+def test_cuda_runs_every_branch_and_draws_the_same_tokens(monkeypatch, knobs):
+    """On CUDA (a conditional there is a host sync) the bias table, penalties, guided masks and the draw run
+    unconditionally, relying on each being the identity where its condition is false; forcing that branch here
+    (platform_dependent's `cuda=`) gives the branched path's tokens and log-probs, with every knob off and on."""
+    from meshserve.model.sampling import guide_arrays
+
+    B, V = 5, 64
+    logits = jax.random.normal(jax.random.key(2), (B, V)) * 3
+    if knobs == "none":
+        params = [SamplingParams()] * B
+    else:
+        params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3, logit_bias={5: 30.0, 9: -100.0}),
+                  SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+                  SamplingParams(temperature=1.1, top_k=4, seed=11),
+                  SamplingParams(min_tokens=3, stop_ids=(1, 2))]  # fmt: skip
+    arrays = {k: jnp.asarray(v) for k, v in stack_sampling(params).items()}
+    mask = np.zeros(-(-V // 32), np.uint32)
+    mask[0] = 0b1010  # tokens 1 and 3 only
+    arrays |= {k: jnp.asarray(v) for k, v in guide_arrays(V, B, [None, mask] if knobs == "mixed" else []).items()}
+    steps = jnp.array([0, 1, 2, 3, 1], jnp.int32)
+    history = _history(B, V)
+    branched = sample(logits, arrays, steps, history)
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: cuda(*args))
+    always = sample(logits, arrays, steps, history)
+    np.testing.assert_array_equal(always[0], branched[0])
+    np.testing.assert_array_equal(always[1], branched[1])
+    if knobs == "mixed":
+        assert int(branched[0][1]) in (1, 3)  # the guided row drew an allowed token under both
