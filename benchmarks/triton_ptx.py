@@ -1,0 +1,92 @@
+"""Compile a function's Pallas Triton kernels to PTX for a GPU, on a host without one.
+
+A deviceless compile (decode_hlo.py --target) runs XLA:GPU's pipeline, but with jaxlib <= 0.10.2 a Pallas kernel
+travels as Triton IR inside its custom call and is compiled to PTX only when the executable is loaded on a device:
+a kernel Triton cannot compile would pass the deviceless compile and fail on the GPU. Newer jaxlibs compile it
+when the function is lowered, through the CUDA plugin's Triton compiler, which needs no device; `ptx_of` takes that
+path on any jaxlib (the CUDA plugin must be installed: see decode_hlo.py --target) and returns what it compiled.
+
+    python benchmarks/triton_ptx.py --target h100      # the decode attention kernel at falcon-7b's and llama's shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def ptx_of(fn: Callable, *args: Any) -> list[dict[str, Any]]:
+    """Lower jax.jit(fn)(*args) (abstract args placed on a deviceless GPU, e.g. by decode_hlo.target_sharding),
+    compiling each Pallas Triton kernel to PTX on the way: one {"arch", "smem_bytes", "ptx_chars"} per kernel.
+    A kernel Triton rejects raises here."""
+    import jax
+    import jax._src.pallas.triton.pallas_call_registration as registration
+    from jax._src.lib import triton
+
+    compiled: list[dict[str, Any]] = []
+
+    def compile_and_note(platform, module, arch_name, **kwargs):
+        result = triton.compile(platform, module, arch_name, **kwargs)
+        compiled.append({"arch": arch_name, "smem_bytes": result.smem_bytes, "ptx_chars": len(result.asm)})
+        return result
+
+    module, version = registration.triton, registration.jaxlib_version
+    # The lowering compiles Triton itself only past jaxlib 0.10.2; it calls triton.compile through this module.
+    registration.triton = _Proxy(module, compile_and_note)
+    registration.jaxlib_version = max(version, (0, 10, 3))
+    try:
+        jax.jit(fn).lower(*args)
+    finally:
+        registration.triton, registration.jaxlib_version = module, version
+    return compiled
+
+
+class _Proxy:
+    """The jax._src.lib.triton module with `compile` replaced."""
+
+    def __init__(self, module: Any, compile_fn: Callable) -> None:
+        self._module, self.compile = module, compile_fn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="h100", help="a benchmarks/gpu_targets/*.txtpb name (default h100)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    import jax
+    import jax.numpy as jnp
+    from decode_hlo import target_sharding
+    from meshserve.model.decode_attention import decode_attention
+
+    sharding = target_sharding(args.target)
+
+    def spec(shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    # (name, B, H, K, Q, S, context): falcon-7b's MQA at the bench's 128 + 128 and batch 64; a llama-style GQA at a
+    # long context (several splits).
+    for name, B, H, K, Q, S, context in [("falcon-7b b1", 1, 71, 1, 64, 256, 256),
+                                         ("falcon-7b b64", 64, 71, 1, 64, 256, 256),
+                                         ("llama GQA 4k b1", 1, 32, 8, 128, 4096, 4096)]:  # fmt: skip
+        kernels = ptx_of(
+            lambda q, kc, vc, pos, kn, vn, c=context: decode_attention(q, kc, vc, 0, pos, kn, vn, c, interpret=False),
+            spec((B, 1, H, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
+            spec((B, 1, K, Q)), spec((B, 1, K, Q)),
+        )  # fmt: skip
+        for k in kernels:
+            print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
