@@ -31,12 +31,17 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hlo_tally beside this file, however this is loaded
 from hlo_tally import count_step  # noqa: E402
+from thunk_tally import count_loop_thunks  # noqa: E402
+
+THUNK_DUMP: Path | None = None  # --target: where XLA dumps each compile's thunk sequence (set before jax starts)
 
 
 def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, gen_len: int,
@@ -122,8 +127,12 @@ def decode_report(
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
            "int8_matmul": int8_matmul_label(layers == "unrolled"), "platform": device.platform, "device": device.device_kind,
-           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "label": label}  # fmt: skip
+           "jax": jax.__version__, "xla_flags": _user_xla_flags(), "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
+    if sharding is not None and THUNK_DUMP is not None:  # the newest dump is this compile's
+        dumps = sorted(THUNK_DUMP.glob("*decode_loop*.thunk_sequence_after_thunk_passes.txt"),
+                       key=lambda f: f.stat().st_mtime)  # fmt: skip
+        row["thunks_per_step"] = count_loop_thunks(dumps[-1].read_text()) if dumps else None
     if layer_delta:
         # 2 and 3, not 1 and 2: XLA inlines a scan of one iteration, so a 1-layer scan model compiles differently.
         two, three = (count_step(compile_decode_loop(config.replace(n_layers=n), *shapes).as_text(), gen_len, n)
@@ -131,6 +140,12 @@ def decode_report(
         row["kernels_per_added_layer"] = three["kernels_per_step"] - two["kernels_per_step"]
         row["kernels_besides_layers"] = two["kernels_per_step"] - 2 * row["kernels_per_added_layer"]
     return row
+
+
+def _user_xla_flags() -> str:
+    """XLA_FLAGS as the user set them (without --target's dump flags)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if not f.startswith(("--xla_dump_to=", "--xla_dump_hlo_module_re=")))
 
 
 def print_report(row: dict[str, Any]) -> None:
@@ -146,10 +161,18 @@ def print_report(row: dict[str, Any]) -> None:
     r = row
     print(
         f"  per step: {r['kernels_per_step']:.1f} kernels ({r['kernels_per_layer']:.2f} per layer of {r['n_layers']}; "
-        f"{r['kernels_max_per_step']:.1f} through the largest branches), {r['host_launches_per_step']:.1f} host "
-        f"launches ({r['graph_launches_per_step']:.1f} command buffers holding {r['kernels_in_graphs_per_step']:.1f} "
-        f"kernels), {r['host_syncs_per_step']:.1f} host syncs ({r['conditionals_per_step']:.0f} conditionals)"
-    )
+        f"{r['kernels_max_per_step']:.1f} through the largest branches)"
+        + ("" if r.get("thunks_per_step") else  # the thunk plan below says how they launch
+           f", {r['host_launches_per_step']:.1f} host launches ({r['graph_launches_per_step']:.1f} command buffers "
+           f"holding {r['kernels_in_graphs_per_step']:.1f} kernels), {r['host_syncs_per_step']:.1f} host syncs "
+           f"({r['conditionals_per_step']:.0f} conditionals)")
+    )  # fmt: skip
+    if t := r.get("thunks_per_step"):
+        print(
+            f"  XLA:GPU's runtime plan (thunks) per step: {t['graph_launches']} command buffers (CUDA graphs) holding "
+            f"{t['kernels_in_graphs']} kernels, {t['issued_alone']} thunks issued alone, {t['conditionals']} "
+            f"conditionals outside graphs (host syncs): {t['host_launches']} host launches"
+        )
     if "kernels_per_added_layer" in r:
         print(
             f"  each layer adds {r['kernels_per_added_layer']:.1f} kernels (2 vs 3 layers compiled); the rest of the "
@@ -203,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         # The CUDA plugin must load without a driver and the default backend stay the CPU: nothing runs on a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+        # XLA forms CUDA graphs on thunks, after the HLO: its dumped thunk sequence shows them (thunk_tally.py).
+        global THUNK_DUMP
+        THUNK_DUMP = Path(tempfile.mkdtemp(prefix="decode_hlo-thunks-"))
+        dump = f"--xla_dump_to={THUNK_DUMP} --xla_dump_hlo_module_re=.*decode_loop.*"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {dump}".strip()
 
     from meshserve.errors import UserError
 
@@ -211,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"decode_hlo: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if THUNK_DUMP is not None:
+            shutil.rmtree(THUNK_DUMP, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace) -> int:

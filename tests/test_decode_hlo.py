@@ -195,6 +195,8 @@ def test_target_compiles_the_step_for_an_h100_without_one(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["platform"] == "gpu" and "H100" in row["device"]
     assert any("triton" in kind or "cublas" in kind for kind in row["by_kind"]), row["by_kind"]
+    thunks = row["thunks_per_step"]  # the runtime plan: the step's kernels in CUDA graphs, a few host launches
+    assert thunks["graph_launches"] >= 1 and thunks["kernels_in_graphs"] >= row["kernels_per_step"] / 2
 
 
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the CUDA plugin (pip install 'jax[cuda13]'), not in CI")
@@ -207,3 +209,37 @@ def test_decode_attention_kernel_compiles_to_ptx_without_a_gpu():
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if "sm_90 PTX" in line]
     assert len(lines) == 3, done.stdout
+
+
+# XLA:GPU's thunk sequence dump as jaxlib 0.10.2 prints it for the bench's loop (trimmed): the while's `condition:`
+# at the while's own indent, `body:` deeper; a command buffer's kernels nested; a conditional's branches.
+THUNKS = """001: kCopy  [source       | next=004 (3)] kCopy
+004: kWhile [prev=003 (1) | sink        ]
+condition:
+    005: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+  body:
+    000: kCommandBuffer [source       | next=071 (1)]
+        006: kCustomKernel [source       | next=007 (1) ] loop_minimum_fusion_1 grid: [1, 1, 1]
+        007: kCustomKernel [prev=006 (1) | sink         ] gemm_fusion_dot_47 grid: [1428, 1, 1]
+        008: kCustomKernel [prev=007 (1) | sink         ] decode_attention grid: [1, 1, 1]
+    071: kConditional   [prev=000 (1) | next=072 (1)]
+      false_branch:
+        000: kCommandBuffer [source | sink]
+            043: kCopy         [source       | next=044 (1)] kCopy
+            044: kCustomKernel [prev=043 (1) | next=045 (1)] sort_6_1 grid: [16, 1, 1]
+            045: kCustomKernel [prev=044 (1) | next=046 (1)] sort_6_1__1 grid: [64, 1, 1]
+      true_branch:
+        070: kCopy [source | sink] kCopy
+    072: kCustomKernel  [prev=071 (1) | next=073 (1)] loop_add_fusion_2 grid: [508, 1, 1]
+    073: kCustomKernel  [prev=072 (1) | sink        ] loop_select_fusion_1 grid: [1, 1, 1]
+"""
+
+
+def test_thunk_plan_counts_graphs_lone_thunks_and_conditionals():
+    from thunk_tally import count_loop_thunks  # benchmarks/, on the path decode_hlo put it on
+
+    got = count_loop_thunks(THUNKS)
+    # The body: one graph of 3 kernels, the conditional's cheaper branch (a copy, issued alone), 2 lone kernels.
+    assert got == {"graph_launches": 1, "kernels_in_graphs": 3, "issued_alone": 3, "conditionals": 1,
+                   "host_launches": 4, "host_launches_max": 4}  # fmt: skip
+    assert count_loop_thunks(THUNKS.split("004:")[0]) is None  # no loop
