@@ -155,10 +155,10 @@ def w8a8_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
 
 def _int8_kernel_config(subscripts: str, x: jax.Array, w: QuantizedArray):
     """The Pallas kernel config or COLSUM (model/int8_kernel.py's Int8Choice) for this einsum, or None for XLA's
-    path. Either runs when asked for, on a GPU, for decode-sized batches (colsum: at most COLSUM_MAX_ROWS rows) and
-    einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every weight matmul of the model), unless a
-    tuning file says XLA is faster for the shape."""
-    if int8_matmul_mode() != "pallas" or jax.default_backend() != "gpu":
+    path. Either runs when asked for, on CUDA (`einsum` picks it when lowering), for decode-sized batches (colsum:
+    at most COLSUM_MAX_ROWS rows) and einsums of the form [free_x, c] x [c, free_w] -> [free_x, free_w] (every
+    weight matmul of the model), unless a tuning file says XLA is faster for the shape."""
+    if int8_matmul_mode() != "pallas":
         return None
     from meshserve.model.int8_kernel import COLSUM_MAX_ROWS, MAX_TOKENS, ColsumForm, choose_config
 
@@ -200,11 +200,23 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
         return rows_einsum(subscripts, x, w, out_dtype)
     config = _int8_kernel_config(subscripts, x, w) if isinstance(w, QuantizedArray) else None
     if config is not None:
-        return _kernel_einsum(subscripts, x, w, config, out_dtype)
+        # Chosen when the step is lowered, not by the process's default backend: the kernel on CUDA, XLA's convert
+        # + GEMM elsewhere, so a compile for a GPU on a host without one (decode_hlo.py --target) gets the kernel.
+        return jax.lax.platform_dependent(
+            x,
+            w,
+            cuda=lambda x, w: _kernel_einsum(subscripts, x, w, config, out_dtype),
+            default=lambda x, w: _convert_einsum(subscripts, x, w, out_dtype),
+        )
     if isinstance(w, QuantizedArray) and int8_matmul_mode() == "w8a8" and _plain_form(subscripts):
         return w8a8_einsum(subscripts, x, w).astype(out_dtype)
     if isinstance(w, QuantizedArray):
-        y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
-        y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
-        return y.astype(out_dtype)
+        return _convert_einsum(subscripts, x, w, out_dtype)
     return jnp.einsum(subscripts, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def _convert_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, out_dtype) -> jax.Array:
+    """XLA's int8 path: the weights converted to x's dtype, a float32-accumulated einsum, the scales after."""
+    y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
+    return y.astype(out_dtype)

@@ -101,7 +101,7 @@ def test_a_bad_int8_matmul_mode_stops_a_job_at_start_whatever_the_weights(tmp_pa
 
 
 def test_pallas_mode_routes_a_colsum_shape_to_colsum_on_a_gpu(tmp_path, monkeypatch):
-    """With MESHSERVE_INT8_MATMUL=pallas on a GPU (faked: the gate reads jax.default_backend), a shape the tuning
+    """With MESHSERVE_INT8_MATMUL=pallas on CUDA (faked: platform_dependent takes its cuda branch), a shape the tuning
     file marks colsum runs colsum_matmul for real (no dot in the trace, output checked against float64); a shape it
     does not name keeps XLA's convert + GEMM."""
     import json
@@ -114,7 +114,7 @@ def test_pallas_mode_routes_a_colsum_shape_to_colsum_on_a_gpu(tmp_path, monkeypa
     path.write_text(json.dumps({"model": "tiny", "device": "gpu", "configs": {"2x142x96": {"form": "colsum"}}}))
     monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "pallas")
     monkeypatch.setenv("MESHSERVE_INT8_TUNING", str(path))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: cuda(*args))
 
     def dots(a):
         jaxpr = jax.make_jaxpr(lambda a: einsum("BTE,EF->BTF", a, q))(a).jaxpr
