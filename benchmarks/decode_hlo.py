@@ -126,7 +126,7 @@ def decode_report(
     device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
-           "int8_matmul": int8_matmul_label(layers == "unrolled"), "platform": device.platform, "device": device.device_kind,
+           "int8_matmul": int8_matmul_label(layers == "unrolled", cuda=True if sharding is not None else None), "platform": device.platform, "device": device.device_kind,
            "jax": jax.__version__, "xla_flags": _user_xla_flags(), "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
     if sharding is not None and THUNK_DUMP is not None:  # the newest dump is this compile's

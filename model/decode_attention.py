@@ -23,11 +23,19 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DECODE_ATTENTIONS", "decode_attention", "decode_attention_mode", "kernel_applies", "splits_for"]
+__all__ = [
+    "DECODE_ATTENTIONS",
+    "decode_attention",
+    "decode_attention_label",
+    "decode_attention_mode",
+    "kernel_applies",
+    "splits_for",
+]
 
 DECODE_ATTENTIONS = ("xla", "pallas")
 _NEG = -1e30  # finite: exp(_NEG - m) is 0 and a split with no visible key gives no NaN
@@ -49,6 +57,25 @@ def kernel_applies(head_dim: int, cache_dtype: jnp.dtype) -> bool:
     """Whether the kernel handles this layer: a 16-bit cache (an int8 cache's scales are XLA's) and a power-of-two
     head dim of at least 16 (Triton's block shapes and dot sizes)."""
     return jnp.dtype(cache_dtype).itemsize == 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def decode_attention_label(
+    config: Any, unrolled_layers: bool, cache_dtype: Any, context: int | None = None, cuda: bool | None = None
+) -> str:
+    """How this process's decode steps attend, as bench rows and serve's start line name it: "pallas" where the
+    kernel runs on CUDA, "pallas-interpret" where it runs elsewhere (its body as XLA ops), else "xla". The rules are
+    `transformer.decode_step`'s: MESHSERVE_DECODE_ATTENTION=pallas, unrolled layers, a cache of cache_dtype (the
+    compute dtype, or int8) the kernel `kernel_applies` to, and some layer reading its whole context (a window below
+    the context is gathered by XLA). context: the decode steps' (None: a server's, which varies; its short contexts
+    read whole). cuda: whether the step is lowered for CUDA (None: this process's first device, `quant.on_cuda`)."""
+    from meshserve.model.quant import on_cuda
+
+    if decode_attention_mode() != "pallas" or not unrolled_layers or not kernel_applies(config.d_head, cache_dtype):
+        return "xla"
+    windows = config.layer_windows
+    if context is not None and all(windows) and min(windows) < context:
+        return "xla"
+    return "pallas" if (on_cuda() if cuda is None else cuda) else "pallas-interpret"
 
 
 def splits_for(batch: int, kv_heads: int, context: int) -> int:

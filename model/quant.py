@@ -124,12 +124,19 @@ def int8_matmul_mode() -> str:
     return mode
 
 
-def int8_matmul_label(unrolled_layers: bool) -> str:
+def on_cuda() -> bool:
+    """Whether this process's first device is a CUDA GPU: where `lax.platform_dependent(cuda=...)` picks the Pallas
+    kernels (ROCm, also platform "gpu", takes the default branch)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "rocm" not in str(getattr(device.client, "platform_version", "")).lower()
+
+
+def int8_matmul_label(unrolled_layers: bool, cuda: bool | None = None) -> str:
     """How this process's int8 weight matmuls run, as bench rows and serve's start line name it: the mode, "xla"
-    where the mode cannot apply (Pallas off a GPU; rowsum over stacked layers, which keep the declared layout), and
-    "pallas-tuned" with a tuning file."""
+    where the mode cannot apply (Pallas off CUDA; rowsum over stacked layers, which keep the declared layout), and
+    "pallas-tuned" with a tuning file. cuda: whether the steps are lowered for CUDA (None: `on_cuda()`)."""
     mode = int8_matmul_mode()
-    if (mode == "pallas" and jax.default_backend() != "gpu") or (mode == "rowsum" and not unrolled_layers):
+    if (mode == "pallas" and not (on_cuda() if cuda is None else cuda)) or (mode == "rowsum" and not unrolled_layers):
         return "xla"
     return mode + "-tuned" if mode == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else mode
 

@@ -42,7 +42,7 @@ from meshserve.analytics.sizes import model_sizes
 from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
-from meshserve.model.decode_attention import decode_attention_mode, kernel_applies
+from meshserve.model.decode_attention import decode_attention_label
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
 from meshserve.model.quant import int8_matmul_label, int8_matmul_mode
@@ -51,7 +51,6 @@ from meshserve.serving.bandwidth import measure_copy_bandwidth, measure_read_ban
 
 __all__ = [
     "BenchRow",
-    "decode_attention_label",
     "run_bench",
     "measure_copy_bandwidth",
     "measure_read_bandwidth",
@@ -107,31 +106,6 @@ def _timed_together(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int 
             jax.block_until_ready(fn())
             t.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
-
-
-def decode_attention_label(
-    config: ModelConfig, unrolled_layers: bool, cache_dtype: Any, context: int | None = None
-) -> str:
-    """How this process's decode steps attend, as bench rows and serve's start line name it: "pallas" where
-    model/decode_attention.py's kernel runs on a CUDA GPU, "pallas-interpret" where it runs elsewhere (its body as
-    XLA ops), else "xla". The kernel runs as model/transformer.decode_step chooses it: MESHSERVE_DECODE_ATTENTION=
-    pallas, unrolled layers, a cache of cache_dtype (the compute dtype, or int8) that `kernel_applies` to with the
-    model's head dim, and some layer reading the whole context (a sliding window below the context is gathered by
-    XLA). context: the decode steps' context (None: a server's, which varies: the short ones read whole contexts)."""
-    if decode_attention_mode() != "pallas" or not unrolled_layers or not kernel_applies(config.d_head, cache_dtype):
-        return "xla"
-    # decode_step gathers every windowed layer's keys once some window is below the context.
-    windows = config.layer_windows
-    if context is not None and all(windows) and min(windows) < context:
-        return "xla"
-    return "pallas" if _on_cuda() else "pallas-interpret"
-
-
-def _on_cuda() -> bool:
-    """Whether the first device is a CUDA GPU: decode_attention compiles the Triton kernel only there (ROCm, also
-    platform "gpu", runs the interpreted body)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and "rocm" not in str(getattr(device.client, "platform_version", "")).lower()
 
 
 def device_peak_flops() -> tuple[str, float | None]:

@@ -182,9 +182,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Before loading the model: a bad flag fails in one line, naming the flag.
     check_score_tokens(args.max_score_tokens, name="--max-score-tokens")
+    from meshserve.model.decode_attention import decode_attention_label
     from meshserve.model.quant import int8_matmul_label
     from meshserve.progress import progress
-    from meshserve.serving.bench import decode_attention_label
 
     # Signals only record themselves (serving/signals.py); the main thread acts on them: before `listening`
     # (nothing to drain yet) they end the process at once (run_interruptibly), after it they drain (the loop below).
@@ -239,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
     int8 = f", int8 matmul {int8_matmul_label(unrolled)}" if model.weights == "int8" else ""
     cache_dtype = "int8" if plan.kv_cache_dtype == "int8" else model.params["embed"].dtype  # the compute dtype's cache
     attn = decode_attention_label(model.config, unrolled, cache_dtype)
-    attn = f", decode attention {attn}" if attn != "xla" else ""
+    # Speculative verify steps (several tokens per row) attend through XLA: only plain decode steps take the kernel.
+    verify = " in plain decode steps, XLA's in speculative verify steps" if plan.speculative_tokens else ""
+    attn = f", decode attention {attn}{verify}" if attn != "xla" else ""
     print(
         f"meshserve serve: {model.source} ({model.weights}{int8}, {plan.objective}, max_batch {plan.max_batch}, "
         f"{steps}, {'unrolled' if unrolled else 'scan'} layers, "

@@ -1,5 +1,5 @@
 """MESHSERVE_DECODE_ATTENTION through the CLIs: `meshserve bench --decode-attention`, each bench row's
-`decode_attention` label (serving/bench.decode_attention_label) against what decode_step traces, bench's title,
+`decode_attention` label (model/decode_attention.decode_attention_label) against what decode_step traces, bench's title,
 benchmarks/report.py's layers cell, serve's start line, the offline jobs' settings record, and a bad value refused
 in one line by bench, generate, serve and batch-generate before any model loads.
 
@@ -20,7 +20,8 @@ import pytest
 from cli_helpers import run_cli
 from meshserve.model import transformer
 from meshserve.model.config import get_config
-from meshserve.serving.bench import bench_params, decode_attention_label
+from meshserve.model.decode_attention import decode_attention_label
+from meshserve.serving.bench import bench_params
 from meshserve.serving.cli_bench import attention_note
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,23 +176,23 @@ def test_report_names_the_kernel_in_the_layers_cell_and_reads_older_rows(tmp_pat
 
 def test_serve_start_line_names_the_kernel_and_answers_as_xla_attention(tmp_path, monkeypatch):
     """`serve --weights bf16 --layers unrolled` under MESHSERVE_DECODE_ATTENTION=pallas says so in its start line,
-    and a greedy request gets the tokens in-process generation (XLA attention, stacked layers) gives."""
-    from meshserve.model.generate import generate
-    from meshserve.model.loading import load_model
+    and a greedy request gets the tokens the same server gives with XLA's attention. (Not in-process generation
+    over the stacked layers: with random bf16 weights the prompt's top two logits are 1e-3 apart, and the
+    unrolled layers' other reduction order flips them.)"""
     from meshserve.serving.client import Client
     from test_serving_support import ServerProcess, make_checkpoint
 
     checkpoint = make_checkpoint(tmp_path / "ckpt")
-    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "pallas")
-    server = ServerProcess(checkpoint, "--weights", "bf16", "--layers", "unrolled")
-    try:
-        assert "unrolled layers" in server.output() and ", decode attention pallas-interpret)" in server.output()
-        prompt = [5, 17, 3, 9]
-        with Client(server.target) as client:
-            got = client.generate(prompt, max_new_tokens=6, ignore_eos=True, timeout=120)
-    finally:
-        server.close()
-    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "xla")
-    model = load_model(checkpoint, weights="bf16")
-    (ref,) = generate(model.params, model.config, [prompt], max_new_tokens=6)
-    assert got.tokens == list(ref.tokens)
+    prompt, tokens, lines = [5, 17, 3, 9], {}, {}
+    for mode in ("pallas", "xla"):
+        monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", mode)
+        server = ServerProcess(checkpoint, "--weights", "bf16", "--layers", "unrolled")
+        try:
+            lines[mode] = server.output()
+            with Client(server.target) as client:
+                tokens[mode] = client.generate(prompt, max_new_tokens=6, ignore_eos=True, timeout=120).tokens
+        finally:
+            server.close()
+    assert "unrolled layers" in lines["pallas"] and ", decode attention pallas-interpret)" in lines["pallas"]
+    assert "decode attention" not in lines["xla"]
+    assert tokens["pallas"] == tokens["xla"] and len(tokens["xla"]) == 6
