@@ -145,6 +145,12 @@ def _guide(logits: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(allowed | ~sampling["guided"][:, None], logits, -jnp.inf)
 
 
+# On CUDA, sampling's cheap branches run unconditionally up to this many logits (B x V) per step: 64 rows of a
+# 65k vocabulary. Each such pass reads [B, V] float32 (16 MiB here: ~4 us at 4 TB/s, the penalties' counts as much
+# again), about what a host sync costs; larger batches keep the branches. A guess until a GPU run times both.
+ALWAYS_MAX_ELEMENTS = 1 << 22
+
+
 def _adjust(
     logits: jax.Array, sampling: dict[str, jax.Array], steps: jax.Array, history: TokenHistory | None
 ) -> jax.Array:
@@ -185,9 +191,12 @@ def _adjust(
 
     # Each fn is the identity where its condition is false (an inactive bias entry points past the vocabulary and
     # is dropped; penalties of 1 and 0 divide, multiply and subtract exactly nothing; an unguided row keeps every
-    # logit), so skipping it only saves work. On CUDA a skip costs more than it saves: XLA:GPU runs a conditional
+    # logit), so skipping it only saves work. On CUDA a skip can cost more than it saves: XLA:GPU runs a conditional
     # outside a CUDA graph by copying its predicate to the host and blocking until the stream drains, so the GPU
-    # idles while the host catches up; these branches are a few elementwise passes over [B, V]. So there they run.
+    # idles while the host catches up; these branches are a few elementwise passes over [B, V]. So there they run,
+    # up to ALWAYS_MAX_ELEMENTS logits (beyond, the passes cost more than a sync: the branches stay).
+    if logits.size > ALWAYS_MAX_ELEMENTS:
+        return branched(logits)
     return jax.lax.platform_dependent(logits, cuda=always, default=branched)
 
 
@@ -250,9 +259,11 @@ def sample(
         sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, kept)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 
-    # An all-greedy batch skips the draw (a pass over [B, V] with its random bits), except on CUDA, where the skip
-    # is a host sync (see _adjust) and the draw's greedy rows take the argmax anyway.
-    tokens = jax.lax.platform_dependent(cuda=draw, default=lambda: jax.lax.cond(jnp.all(greedy), lambda: argmax, draw))
+    # An all-greedy batch skips the draw (a pass over [B, V] with its random bits), except on CUDA up to
+    # ALWAYS_MAX_ELEMENTS logits, where the skip is a host sync (see _adjust) and the draw's greedy rows take the
+    # argmax anyway.
+    branch = lambda: jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
+    tokens = branch() if logits.size > ALWAYS_MAX_ELEMENTS else jax.lax.platform_dependent(cuda=draw, default=branch)
     return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
 

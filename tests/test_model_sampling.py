@@ -199,3 +199,27 @@ def test_cuda_runs_every_branch_and_draws_the_same_tokens(monkeypatch, knobs):
     np.testing.assert_array_equal(always[1], branched[1])
     if knobs == "mixed":
         assert int(branched[0][1]) in (1, 3)  # the guided row drew an allowed token under both
+
+
+def test_cuda_branches_are_bitwise_identities_where_off(monkeypatch):
+    """What the CUDA path relies on, bit for bit: with every knob off (no live bias entry, penalties 1 and 0 with
+    tokens seen and counted, no guided row) `_adjust` returns its input, NaN, infinities and -0.0 included; and a
+    batch past ALWAYS_MAX_ELEMENTS keeps its branches even on CUDA."""
+    from meshserve.model import sampling
+    from meshserve.model.sampling import _adjust, guide_arrays
+
+    B, V = 3, 64
+    logits = jax.random.normal(jax.random.key(6), (B, V)) * 5
+    logits = logits.at[0, :4].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.0]))
+    arrays = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams(min_tokens=2, stop_ids=(7,))] * B).items()}
+    arrays |= {k: jnp.asarray(v) for k, v in guide_arrays(V, B).items()}
+    steps = jnp.full((B,), 5, jnp.int32)  # past min_tokens: its entries have expired
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: cuda(*args))
+    out = _adjust(logits, arrays, steps, _history(B, V))
+    assert (np.asarray(out).view(np.uint32) == np.asarray(logits).view(np.uint32)).all()
+
+    calls = []
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: calls.append(1) or cuda(*args))
+    monkeypatch.setattr(sampling, "ALWAYS_MAX_ELEMENTS", B * V - 1)
+    sample(logits, arrays, steps, _history(B, V))
+    assert calls == []  # too large: neither _adjust nor the draw asked for the CUDA path
