@@ -201,6 +201,9 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
     rowsum) bench falcon_rowsum 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
               --int8-matmul rowsum ;;
     attn)  # not in the default STEPS: one Pallas kernel for a layer's decode attention (XLA's: ~9)
+      # First its numbers against XLA's and float64 on this device (seconds): a fast but wrong kernel shows here.
+      timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
+      grep -q "all cases match" "$OUT/attn_check.txt" || echo "!! decode attention kernel: check failed, see attn_check.txt"
       bench falcon_attn 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \
         --decode-attention pallas
       bench falcon_attn_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \

@@ -132,3 +132,20 @@ def test_stacked_layers_and_an_int8_cache_keep_xla_attention(monkeypatch):
         unstack_layers(params), cache
     )
     assert str(jaxpr).count("pallas_call") == 2 * config.n_layers  # one per layer, per platform branch
+
+
+def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
+    """benchmarks/attn_check.py (run by gpu_bench.sh's attn step before timing the kernel) at its two batch-1
+    falcon cases, here interpreted: it prints one JSON line per case and passes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attn_check.py"
+    spec = importlib.util.spec_from_file_location("attn_check", path)
+    attn_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attn_check)
+    monkeypatch.setattr(attn_check, "CASES", attn_check.CASES[:2])
+    assert attn_check.main() == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["splits"] for r in rows] == [1, 4] and all(r["ok"] for r in rows)
