@@ -54,13 +54,12 @@ def norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Arra
     x32 = x.astype(jnp.float32)
     if config.norm == "layernorm":
         # One pass: both sums side by side (one reduction kernel on a GPU, where mean-then-variance took two, each
-        # of them launched per layer per decode step), over x shifted by a sample of itself so that a large common
-        # offset does not cancel in E[d^2] - E[d]^2 (the shifted-data variance): the float32 error grows with
-        # (shift - mean)^2 / variance. The sample is the median of three channels (first, middle, last), so one
-        # outlier channel (LLMs have a few, hundreds of times the others) is never the shift; elementwise, it
-        # stays inside the reduction's kernel (a mean of a slice would be a kernel of its own).
-        a, b, c = x32[..., :1], x32[..., x32.shape[-1] // 2, None], x32[..., -1:]
-        d = x32 - jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
+        # of them launched per layer per decode step), over x shifted by its first channel so that a large common
+        # offset does not cancel in E[d^2] - E[d]^2 (the shifted-data variance). The float32 error then grows with
+        # (x_0 - mean)^2 / variance, which is at most E: an outlier channel 0 costs up to ~E * 1.2e-7 of relative
+        # precision (5e-4 at E = 4544), below bf16's resolution. A sturdier shift (a median of three channels, a
+        # slice's mean) was a kernel of its own per layer at batch 64 (deviceless H100 compile).
+        d = x32 - x32[..., :1]
         shift_mean = jnp.mean(d, axis=-1, keepdims=True)
         variance = jnp.maximum(jnp.mean(jnp.square(d), axis=-1, keepdims=True) - jnp.square(shift_mean), 0.0)
         y = (d - shift_mean) * jax.lax.rsqrt(variance + config.norm_eps)

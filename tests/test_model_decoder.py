@@ -108,10 +108,10 @@ def test_bad_requests_name_the_field_and_limit(prompts, max_new, message):
 
 @pytest.mark.parametrize("outlier", [None, 0, 2272, -1])
 def test_layernorm_one_pass_holds_a_large_common_offset(outlier):
-    """The one-pass LayerNorm (both sums in one reduction, over x shifted by the median of three of its channels)
-    against float64's two-pass at E = 4544 (falcon-7b): rows whose mean is 1e4 times their spread (the unshifted
-    E[x^2] - E[x]^2 loses the variance to float32 cancellation), and rows with one channel 1000 times the others,
-    placed on each channel the median samples (an outlier as the shift would cost ~3 digits)."""
+    """The one-pass LayerNorm (both sums in one reduction, over x shifted by its first channel) against float64's
+    two-pass at E = 4544 (falcon-7b): rows whose mean is 1e4 times their spread (the unshifted E[x^2] - E[x]^2
+    loses the variance to float32 cancellation), and rows with one channel 1000 times the others. An outlier on
+    channel 0, the shift, costs the documented bound (relative error up to ~E * 1.2e-7); elsewhere it costs nothing."""
     from meshserve.model import layers
 
     config = get_config("tiny-falcon").replace(d_model=4544)
@@ -123,4 +123,5 @@ def test_layernorm_one_pass_holds_a_large_common_offset(outlier):
     centered = x64 - x64.mean(-1, keepdims=True)
     ref = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + config.norm_eps)
     got = np.asarray(layers.norm(x, p, config), np.float64)
-    assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max()
+    bound = config.d_model * 1.2e-7 if outlier == 0 else 2e-5  # float32 epsilon times E
+    assert np.abs(got - ref).max() <= bound * np.abs(ref).max()
