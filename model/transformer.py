@@ -265,7 +265,9 @@ def decode_step(
                 return layers.attend_cached(q, kc, vc, visible[:, 0], own_k, own_v, ks, vs, scale)
 
             def whole() -> jax.Array:  # positions [0, C)
-                if kernel and isinstance(i, int) and q.dtype == cache.k.dtype:  # positions [0, pos) and the own
+                if kernel and isinstance(i, int) and q.dtype == cache.k.dtype:
+                    # The kernel reads each row's cached positions [0, pos) only, plus the own key: what `over`
+                    # sees of [0, C), since pos < C.
                     return decode_attention.decode_attention(q, cache.k, cache.v, i, pos, own_k, own_v, C, scale)
                 return over(cache.k[i, :, :C], cache.v[i, :, :C], cached)
 
