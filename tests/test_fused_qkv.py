@@ -92,8 +92,9 @@ def test_unstack_fuses_each_layers_q_k_v_on_the_heads_axis(weights):
 
 @pytest.mark.parametrize(
     ("model", "weights"),
-    [("mqa", "f32"), ("mqa", "bf16"), ("mqa", "int8"), ("gqa", "f32"), ("gqa", "bf16"), ("gqa", "int8"),
-     ("qwen-like", "f32"), ("qwen-like", "int8"), ("gemma3", "f32"), ("gemma3", "bf16")],
+    # Each model and each weight kind at least once (the suite's time: every case compiles two models).
+    [("mqa", "bf16"), ("mqa", "int8"), ("gqa", "f32"), ("gqa", "int8"), ("qwen-like", "f32"),
+     ("qwen-like", "int8"), ("gemma3", "bf16")],
 )  # fmt: skip
 def test_fused_logits_equal_the_stacked_and_the_unfused_ones(model, weights):
     """Prefill and decode over fused unrolled weights: the unfused unrolled model's logits (the same compiled
@@ -112,8 +113,7 @@ def test_fused_logits_equal_the_stacked_and_the_unfused_ones(model, weights):
         np.testing.assert_allclose(logits, scan, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("mode", ["w8a8", "rowsum"])
-@pytest.mark.parametrize("model", ["mqa", "qwen-like"])
+@pytest.mark.parametrize(("mode", "model"), [("w8a8", "qwen-like"), ("rowsum", "mqa"), ("rowsum", "qwen-like")])
 def test_int8_matmul_modes_run_the_fused_weight(monkeypatch, mode, model):
     """w8a8 (activations quantised per row: the same rows whether q, k, v are one matmul or three) and rowsum (the
     fused weight stored contracted-axes-last: the row reduction at decode, the stored-letters einsum at prefill)."""
