@@ -113,7 +113,11 @@ def decode_attention(
     K = k_cache.shape[3]
     scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
     static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block)
-    args = (q.reshape(B, K, H // K, Q), k_cache, v_cache, pos.astype(jnp.int32), k_new[:, 0], v_new[:, 0])
+    # One operand [B, 1, H + 2K, Q] for q and the own k, v, each found by its BlockSpec: when they are slices of one
+    # fused projection (params.unstack_layers' wqkv) XLA folds the concatenation back into that array, where
+    # separate operands would each be copied out of it by a kernel of their own.
+    qkv = jnp.concatenate([q, k_new.astype(q.dtype), v_new.astype(q.dtype)], axis=2)
+    args = (qkv, k_cache, v_cache, pos.astype(jnp.int32))
     if interpret is None:
         out = jax.lax.platform_dependent(
             *args,
@@ -126,12 +130,15 @@ def decode_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "context", "scale", "splits", "block", "interpret"), inline=True)
-def _decode_attention(q, k_cache, v_cache, pos, k_new, v_new, *, layer, context, scale, splits, block, interpret):
-    """q [B, K, G, Q]; caches [N, B, S, K, Q]; pos [B]; k_new / v_new [B, K, Q] -> [B, K, G, Q]."""
+def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret):
+    """qkv [B, 1, H + 2K, Q] (q's H heads, then the own k's K, then v's K); caches [N, B, S, K, Q]; pos [B]
+    -> [B, K, G, Q] (G = H / K)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    B, K, G, Q = q.shape
+    B, K, Q = qkv.shape[0], k_cache.shape[3], qkv.shape[3]
+    H = qkv.shape[2] - 2 * K
+    G = H // K
     S = k_cache.shape[2]
     Gp = max(16, pl.next_power_of_2(G))  # Triton's dot wants >= 16 rows; the padding rows are masked off
     block = min(block, max(16, pl.next_power_of_2(context)))
@@ -179,14 +186,14 @@ def _decode_attention(q, k_cache, v_cache, pos, k_new, v_new, *, layer, context,
     cache_spec = pl.BlockSpec((None, None, S, None, Q), lambda b, h, s: (layer, b, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None,), lambda b, h, s: (b,)),  # pos
-        pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, h, 0, 0)),  # q
+        pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, 0, h, 0)),  # q: heads [h G, h G + G)
         cache_spec,
         cache_spec,
-        pl.BlockSpec((None, None, Q), lambda b, h, s: (b, h, 0)),  # k_new
-        pl.BlockSpec((None, None, Q), lambda b, h, s: (b, h, 0)),  # v_new
+        pl.BlockSpec((None, None, None, Q), lambda b, h, s: (b, 0, H + h, 0)),  # the own k: head H + h
+        pl.BlockSpec((None, None, None, Q), lambda b, h, s: (b, 0, H + K + h, 0)),  # the own v: head H + K + h
     ]
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((B, K, G, Q), q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((B, K, G, Q), qkv.dtype)]
         out_specs = [pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, h, 0, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((splits, B, K, G, Q), jnp.float32),
@@ -202,7 +209,7 @@ def _decode_attention(q, k_cache, v_cache, pos, k_new, v_new, *, layer, context,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(pos, q, k_cache, v_cache, k_new, v_new)
+    )(pos, qkv, k_cache, v_cache, qkv, qkv)
     if splits == 1:
         return outs[0]
     # Splits' partial softmaxes [splits, B, K, G(, Q)] -> one: rescale each to the largest running max and add.
@@ -210,4 +217,4 @@ def _decode_attention(q, k_cache, v_cache, pos, k_new, v_new, *, layer, context,
     top = m.max(axis=0)
     weight = jnp.exp(m - top[None])
     out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
-    return out.astype(q.dtype)
+    return out.astype(qkv.dtype)
