@@ -36,7 +36,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_label",
     "decode_attention_mode",
-    "kernel_applies",
+    "kernel_enabled",
     "splits_for",
 ]
 
@@ -56,9 +56,12 @@ def decode_attention_mode() -> str:
     return mode
 
 
-def kernel_applies(head_dim: int, cache_dtype: jnp.dtype) -> bool:
-    """Whether the kernel handles this layer: a 16-bit cache (an int8 cache's scales are XLA's) and a power-of-two
-    head dim of at least 16 (Triton's block shapes and dot sizes)."""
+def kernel_enabled(head_dim: int, cache_dtype: jnp.dtype) -> bool:
+    """Whether decode steps take the kernel for a model's whole-context layers: MESHSERVE_DECODE_ATTENTION=pallas,
+    a 16-bit cache (an int8 cache's scales are XLA's) and a power-of-two head dim of at least 16 (Triton's block
+    shapes and dot sizes). `transformer.decode_step` adds the per-layer conditions (unrolled, not windowed)."""
+    if decode_attention_mode() != "pallas":
+        return False
     return jnp.dtype(cache_dtype).itemsize == 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
@@ -67,13 +70,13 @@ def decode_attention_label(
 ) -> str:
     """How this process's decode steps attend, as bench rows and serve's start line name it: "pallas" where the
     kernel runs on CUDA, "pallas-interpret" where it runs elsewhere (its body as XLA ops), else "xla". The rules are
-    `transformer.decode_step`'s: MESHSERVE_DECODE_ATTENTION=pallas, unrolled layers, a cache of cache_dtype (the
-    compute dtype, or int8) the kernel `kernel_applies` to, and some layer reading its whole context (a window below
-    the context is gathered by XLA). context: the decode steps' (None: a server's, which varies; its short contexts
-    read whole). cuda: whether the step is lowered for CUDA (None: this process's first device, `quant.on_cuda`)."""
+    `transformer.decode_step`'s: unrolled layers, `kernel_enabled` for a cache of cache_dtype (the compute dtype,
+    or int8), and some layer reading its whole context (a window below the context is gathered by XLA). context:
+    the decode steps' (None: a server's, which varies; its short contexts read whole). cuda: whether the step is
+    lowered for CUDA (None: this process's first device, `quant.on_cuda`)."""
     from meshserve.model.quant import on_cuda
 
-    if decode_attention_mode() != "pallas" or not unrolled_layers or not kernel_applies(config.d_head, cache_dtype):
+    if not unrolled_layers or not kernel_enabled(config.d_head, cache_dtype):
         return "xla"
     windows = config.layer_windows
     if context is not None and all(windows) and min(windows) < context:

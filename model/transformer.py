@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from meshserve.model import decode_attention, kv_quant, layers
 from meshserve.model.config import ModelConfig
-from meshserve.model.decode_attention import decode_attention_mode
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
 
@@ -244,8 +243,7 @@ def decode_step(
     near = jnp.clip(pos - span + 1, 0, C - span)[:, None] + jnp.arange(span)[None, :] if span else None  # [B, span]
     # MESHSERVE_DECODE_ATTENTION=pallas: a whole-context layer's attention in one kernel (model/decode_attention.py),
     # which takes the whole cache and picks its layer statically: unrolled layers and a 16-bit cache only.
-    kernel = decode_attention_mode() == "pallas" and isinstance(cache.k, jax.Array)
-    kernel = kernel and decode_attention.kernel_applies(config.d_head, cache.k.dtype)
+    kernel = isinstance(cache.k, jax.Array) and decode_attention.kernel_enabled(config.d_head, cache.k.dtype)
 
     def layer_fn(x, p, i):
         new = {}
