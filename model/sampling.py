@@ -151,6 +151,15 @@ def _guide(logits: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
 ALWAYS_MAX_ELEMENTS = 1 << 22
 
 
+def _unbranched_on_cuda(n_logits: int, always, branched, *args):
+    """branched(*args), except on CUDA for at most ALWAYS_MAX_ELEMENTS logits: always(*args), the same result
+    computed without its `lax.cond`s (XLA:GPU runs a conditional outside a CUDA graph by copying its predicate to
+    the host and blocking until the stream drains, so the GPU idles while the host catches up)."""
+    if n_logits > ALWAYS_MAX_ELEMENTS:
+        return branched(*args)
+    return jax.lax.platform_dependent(*args, cuda=always, default=branched)
+
+
 def _adjust(
     logits: jax.Array, sampling: dict[str, jax.Array], steps: jax.Array, history: TokenHistory | None
 ) -> jax.Array:
@@ -191,13 +200,9 @@ def _adjust(
 
     # Each fn is the identity where its condition is false (an inactive bias entry points past the vocabulary and
     # is dropped; penalties of 1 and 0 divide, multiply and subtract exactly nothing; an unguided row keeps every
-    # logit), so skipping it only saves work. On CUDA a skip can cost more than it saves: XLA:GPU runs a conditional
-    # outside a CUDA graph by copying its predicate to the host and blocking until the stream drains, so the GPU
-    # idles while the host catches up; these branches are a few elementwise passes over [B, V]. So there they run,
-    # up to ALWAYS_MAX_ELEMENTS logits (beyond, the passes cost more than a sync: the branches stay).
-    if logits.size > ALWAYS_MAX_ELEMENTS:
-        return branched(logits)
-    return jax.lax.platform_dependent(logits, cuda=always, default=branched)
+    # logit), so skipping it only saves work; on CUDA a skip can cost more than it saves, and these branches are a
+    # few elementwise passes over [B, V].
+    return _unbranched_on_cuda(logits.size, always, branched, logits)
 
 
 def _top_k_top_p(scaled: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
@@ -259,11 +264,9 @@ def sample(
         sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, kept)
         return jnp.where(greedy, argmax, sampled.astype(jnp.int32))
 
-    # An all-greedy batch skips the draw (a pass over [B, V] with its random bits), except on CUDA up to
-    # ALWAYS_MAX_ELEMENTS logits, where the skip is a host sync (see _adjust) and the draw's greedy rows take the
-    # argmax anyway.
-    branch = lambda: jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
-    tokens = branch() if logits.size > ALWAYS_MAX_ELEMENTS else jax.lax.platform_dependent(cuda=draw, default=branch)
+    # An all-greedy batch skips the draw (a pass over [B, V] with its random bits), except on CUDA, where the skip
+    # is a host sync and the draw's greedy rows take the argmax anyway.
+    tokens = _unbranched_on_cuda(logits.size, draw, lambda: jax.lax.cond(jnp.all(greedy), lambda: argmax, draw))
     return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
 
