@@ -124,10 +124,11 @@ def decode_report(
         name = re.sub(r"[^\w.-]", "_", name)  # --set adds [k=v] to the model's name
         (dump / name).write_text(text)
     device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
+    cuda = True if sharding is not None else None  # --target: lowered for CUDA whatever this host runs
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
-           "int8_matmul": int8_matmul_label(layers == "unrolled", cuda=True if sharding is not None else None), "platform": device.platform, "device": device.device_kind,
-           "jax": jax.__version__, "xla_flags": _user_xla_flags(), "label": label}  # fmt: skip
+           "int8_matmul": int8_matmul_label(layers == "unrolled", cuda=cuda), "platform": device.platform,
+           "device": device.device_kind, "jax": jax.__version__, "xla_flags": _user_xla_flags(), "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
     if sharding is not None and THUNK_DUMP is not None:  # the newest dump is this compile's
         dumps = sorted(THUNK_DUMP.glob("*decode_loop*.thunk_sequence_after_thunk_passes.txt"),
