@@ -45,10 +45,11 @@ THUNK_DUMP: Path | None = None  # --target: where XLA dumps each compile's thunk
 
 
 def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, gen_len: int,
-                        layers: str = "unrolled", kv_cache_dtype: str = "auto", sharding: Any = None) -> Any:  # fmt: skip
+                        layers: str = "unrolled", kv_cache_dtype: str = "auto",
+                        sharding: Any = None) -> Any:  # fmt: skip
     """The compiled (not run) `_decode_loop` of serving/bench.py for these shapes, lowered as `bench_row` lowers it:
-    params from `bench_params` (as run_bench makes them, without consume), first token [B] and cache from `_prefill_and_insert`
-    of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes).
+    params from `bench_params` (as run_bench makes them, without consume), first token [B] and cache from
+    `_prefill_and_insert` of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the sampling rows (a few bytes).
     sharding: every input placed by it (a `target_sharding`: compiled for that GPU, deviceless); None: this host's
     default device."""
     import jax
@@ -128,7 +129,8 @@ def decode_report(
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
            "int8_matmul": int8_matmul_label(layers == "unrolled", cuda=cuda), "platform": device.platform,
-           "device": device.device_kind, "jax": jax.__version__, "xla_flags": _user_xla_flags(), "label": label}  # fmt: skip
+           "device": device.device_kind, "jax": jax.__version__, "xla_flags": _user_xla_flags(),
+           "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
     if sharding is not None and THUNK_DUMP is not None:  # the newest dump is this compile's
         dumps = sorted(THUNK_DUMP.glob("*decode_loop*.thunk_sequence_after_thunk_passes.txt"),
