@@ -58,17 +58,25 @@ class _Proxy:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from decode_hlo import GPU_TARGETS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="h100", help="a benchmarks/gpu_targets/*.txtpb name (default h100)")
+    p.add_argument("--target", default="h100", choices=sorted(t.stem for t in GPU_TARGETS.glob("*.txtpb")),
+                   help="the GPU to compile for: a benchmarks/gpu_targets/*.txtpb name (default h100)")  # fmt: skip
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     import jax
     import jax.numpy as jnp
     from decode_hlo import target_sharding
+    from meshserve.errors import UserError
     from meshserve.model.decode_attention import decode_attention
 
-    sharding = target_sharding(args.target)
+    try:
+        sharding = target_sharding(args.target)
+    except UserError as e:  # no CUDA plugin here
+        print(f"triton_ptx: error: {e}", file=sys.stderr)
+        return 2
 
     def spec(shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

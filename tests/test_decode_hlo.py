@@ -243,3 +243,19 @@ def test_thunk_plan_counts_graphs_lone_thunks_and_conditionals():
     assert got == {"graph_launches": 1, "kernels_in_graphs": 3, "issued_alone": 3, "conditionals": 1,
                    "host_launches": 4, "host_launches_max": 4}  # fmt: skip
     assert count_loop_thunks(THUNKS.split("004:")[0]) is None  # no loop
+
+
+PTX_SCRIPT = SCRIPT.parent / "triton_ptx.py"
+
+
+@pytest.mark.parametrize("plugin_needed", [False, True])
+def test_triton_ptx_refuses_an_unknown_target_and_a_missing_plugin_in_one_line(plugin_needed):
+    """An unknown --target is argparse's choice error; without the CUDA plugin (CI) the known one says what to
+    install. Either exits 2 with no traceback."""
+    if plugin_needed and _cuda_plugin():
+        pytest.skip("the CUDA plugin is installed: --target compiles")
+    args = ["--target", "h100"] if plugin_needed else ["--target", "h999"]
+    done = subprocess.run([sys.executable, str(PTX_SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr
+    expected = "cannot compile for a GPU here" if plugin_needed else "invalid choice: 'h999'"
+    assert expected in done.stderr, done.stderr
