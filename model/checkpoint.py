@@ -34,7 +34,7 @@ from meshserve.errors import UserError
 from meshserve.model.chat import TEMPLATE_FILE, ChatError, ChatTemplate, check_template
 from meshserve.model.checkpoint_files import backup_name, remove_dead_writers, space_error, temporary_name
 from meshserve.model.config import ConfigError, ModelConfig
-from meshserve.model.params import WEIGHT_DTYPES, Params, cast_params, init_params
+from meshserve.model.params import FUSED_WEIGHTS, WEIGHT_DTYPES, Params, cast_params, init_params
 from meshserve.model.quant import QuantizedArray
 from meshserve.model.tokenizer import TOKENIZER_FILES
 
@@ -114,8 +114,9 @@ def save_checkpoint(
             "model as loaded, before replicate_kv_heads"
         )
     layers = params.get("layers")
-    if isinstance(layers, list) and any("wqkv" in layer for layer in layers):  # loading assumes the declared tree
-        raise ValueError("fused q/k/v weights (wqkv) cannot be saved: save the params before unstack_layers")
+    # Loading assumes the declared tree: unstack_layers' fused weights are not in it.
+    if isinstance(layers, list) and (fused := sorted({n for layer in layers for n in FUSED_WEIGHTS if n in layer})):
+        raise ValueError(f"fused weights ({', '.join(fused)}) cannot be saved: save the params before unstack_layers")
     path = Path(path).absolute()
     bad = [
         jax.tree_util.keystr(k)

@@ -34,7 +34,9 @@ __all__ = [
     "head_norm",
     "qkv_projection",
     "attention_output",
+    "parallel_output",
     "mlp",
+    "mlp_activation",
     "gate_activation",
     "norm_scale",
     "layer_residual",
@@ -293,8 +295,29 @@ def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
     return y + p["bo"].astype(y.dtype) if "bo" in p else y
 
 
+def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Array:
+    """The parallel block's two output projections as one matmul over wo_down [H·Q + F (+ zero rows), E] (wo and
+    w_down stacked on the contracted axis by `params.unstack_layers`): [o, act, 0] @ wo_down = o·wo + act·w_down,
+    the paper's fused output projection. One GEMM where two were launched per layer and decode step (falcon-7b bf16,
+    deviceless H100 compile). o: [B, T, H, Q]; act: [B, T, F] (`mlp_activation`) -> [B, T, E]."""
+    B, T, H, Q = o.shape
+    w = p["wo_down"]
+    zeros = jnp.zeros((B, T, w.shape[0] - H * Q - act.shape[-1]), o.dtype)  # the weight's zero rows, if any
+    y = einsum("BTF,FE->BTE", jnp.concatenate([o.reshape(B, T, H * Q), act.astype(o.dtype), zeros], axis=-1), w)
+    for name in ("bo", "b_down"):
+        if name in p:
+            y = y + p[name].astype(y.dtype)
+    return y
+
+
 def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
     """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]."""
+    y = einsum("BTF,FE->BTE", mlp_activation(h, p, config), p["w_down"])
+    return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
+
+
+def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
+    """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]."""
     up = einsum("BTE,EF->BTF", h, p["w_up"])
     if "b_up" in p:
         up = up + p["b_up"].astype(up.dtype)
@@ -308,8 +331,7 @@ def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
         act = gate_activation(gate, config) * up
     else:
         act = jax.nn.gelu(up, approximate=False)
-    y = einsum("BTF,FE->BTE", act, p["w_down"])
-    return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
+    return act
 
 
 def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
@@ -318,17 +340,26 @@ def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) if config.mlp == "geglu" else jax.nn.silu(gate)
 
 
-def layer_residual(x: jax.Array, p: dict[str, Any], attn_fn, config: ModelConfig) -> jax.Array:
-    """One block. attn_fn(h) -> [B, T, E] runs attention (and updates the cache) on normalised h.
+def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig) -> jax.Array:
+    """One block. attend_fn(h) -> o [B, T, H, Q] runs attention (and updates the cache) on normalised h; its output
+    projection is applied here.
 
-    Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x). Serial: two norms, two residuals; with
-    post_norms (Gemma 3) each sublayer's output is normed too before its residual add.
+    Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x), the two output projections as one matmul where
+    the layer holds them fused (wo_down: `parallel_output`). Serial: two norms, two residuals; with post_norms
+    (Gemma 3) each sublayer's output is normed too before its residual add.
     """
     if config.parallel_block:
         h = norm(x, p["attn_norm"], config)
-        return x + attn_fn(h) + mlp(h, p, config)
+        o = attend_fn(h)
+        if "wo_down" in p:
+            return x + parallel_output(o, mlp_activation(h, p, config), p)
+        return x + attention_output(o, p) + mlp(h, p, config)
+
+    def attn(h: jax.Array) -> jax.Array:
+        return attention_output(attend_fn(h), p)
+
     if config.post_norms:
-        x = x + norm(attn_fn(norm(x, p["attn_norm"], config)), p["attn_out_norm"], config)
+        x = x + norm(attn(norm(x, p["attn_norm"], config)), p["attn_out_norm"], config)
         return x + norm(mlp(norm(x, p["mlp_norm"], config), p, config), p["mlp_out_norm"], config)
-    x = x + attn_fn(norm(x, p["attn_norm"], config))
+    x = x + attn(norm(x, p["attn_norm"], config))
     return x + mlp(norm(x, p["mlp_norm"], config), p, config)

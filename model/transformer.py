@@ -149,19 +149,19 @@ def prefill(
     def layer_fn(x: jax.Array, p: dict[str, Any], i) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kv = {}
 
-        def attn(h: jax.Array) -> jax.Array:
+        def attn(h: jax.Array) -> jax.Array:  # h [B, T, E] -> o [B, T, H, Q], projected by layer_residual
             q, k, v = layers.qkv_projection(h, p, positions, config, i)
             if int8_kv:
                 k, v = kv_quant.round_to_int8(k), kv_quant.round_to_int8(v)
             kv["k"], kv["v"] = k, v
             if prefix is None and not config.windowed:  # plain causal: the fused kernel's path
-                return layers.attention_output(layers.attend_prefill(q, k, v, scale), p)
+                return layers.attend_prefill(q, k, v, scale)
             mask = layers.attention_scores_mask(positions, k_positions, k_valid, layers.layer_window(config, i))
             if prefix is None:
-                return layers.attention_output(layers.attend(q, k, v, mask, scale), p)
+                return layers.attend(q, k, v, mask, scale)
             keys = jnp.concatenate([prefix.k[i].astype(k.dtype), k], axis=1)  # [B, C + T, K, Q]
             values = jnp.concatenate([prefix.v[i].astype(v.dtype), v], axis=1)
-            return layers.attention_output(layers.attend(q, keys, values, mask, scale), p)
+            return layers.attend(q, keys, values, mask, scale)
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (kv["k"], kv["v"])
@@ -249,7 +249,7 @@ def decode_step(
         new = {}
         window = layers.layer_window(config, i)
 
-        def attn(h: jax.Array) -> jax.Array:
+        def attn(h: jax.Array) -> jax.Array:  # h [B, T, E] -> o [B, T, H, Q], projected by layer_residual
             q, k, v = layers.qkv_projection(h, p, positions, config, i)
             new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
             own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
@@ -273,12 +273,10 @@ def decode_step(
                 return over(cache.k[i, rows[:, None], near], cache.v[i, rows[:, None], near], near)
 
             if not span:
-                o = whole()
-            elif isinstance(i, int):  # unrolled layers: the layer's own read, chosen here
-                o = windowed() if config.layer_windows[i] else whole()
-            else:  # one scanned layer for all: the read is chosen per layer as it runs
-                o = jax.lax.cond(window > 0, windowed, whole)
-            return layers.attention_output(o, p)
+                return whole()
+            if isinstance(i, int):  # unrolled layers: the layer's own read, chosen here
+                return windowed() if config.layer_windows[i] else whole()
+            return jax.lax.cond(window > 0, windowed, whole)  # one scanned layer for all: chosen as it runs
 
         x = layers.layer_residual(x, p, attn, config)
         return x, (new["k"], new["v"])

@@ -81,8 +81,9 @@ def test_unstack_fuses_each_layers_q_k_v_on_the_heads_axis(weights):
             w = params["layers"][name]
             want = dequantize(QuantizedArray(w.values[i], w.scale[i])) if _is_q(w) else w[i]
             np.testing.assert_array_equal(got[:, lo:hi], want)
-        np.testing.assert_array_equal(layer["wo"].values if _is_q(layer["wo"]) else layer["wo"],
-                                      (params["layers"]["wo"].values if _is_q(layer["wo"]) else params["layers"]["wo"])[i])  # fmt: skip
+        w_up = params["layers"]["w_up"]
+        np.testing.assert_array_equal(layer["w_up"].values if _is_q(w_up) else layer["w_up"],
+                                      (w_up.values if _is_q(w_up) else w_up)[i])  # fmt: skip
     if weights == "int8":
         assert unrolled["layers"][0]["wqkv"].scale.shape == (1, H + 2 * K, Q)
         rows = unstack_layers(params, int8_rows=True)["layers"][0]["wqkv"]  # stored contracted-axes-last, fused
@@ -158,7 +159,7 @@ def test_fused_weights_are_refused_by_checkpoints_and_meshes(tmp_path):
 
     config, params = _model("mqa", "f32")
     unrolled = unstack_layers(params)
-    with pytest.raises(ValueError, match=r"^fused q/k/v weights \(wqkv\) cannot be saved: save the params before "):
+    with pytest.raises(ValueError, match=r"^fused weights \(wo_down, wqkv\) cannot be saved: save the params before "):
         save_checkpoint(tmp_path / "ckpt", config, unrolled, "f32")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=r"^a mesh runs the stacked layers: these are unrolled") as err:
