@@ -15,6 +15,12 @@ stored with its contracted axes last (`rows_first`) and
 
 Both are exact rewrites of `quant.einsum` on the declared layout (float32 accumulation, scale after the sum). Stacked
 layers and meshes keep the declared layout (their slicing and sharding index it), and so the ordinary paths.
+
+MESHSERVE_INT8_MATMUL=w8a8 stores the weights so too (`quant.int8_rows_layout`) and runs its int8 x int8 einsum over
+the stored letters at every row count: the integer GEMM takes both operands with K minor, and over the declared
+[K, N] layout XLA made a transposed copy of every int8 weight in each compiled call (deviceless H100 compile of
+falcon-7b: outside the decode loop, so once per `meshserve bench` call but once per token in a server, whose steps
+are one call each; a second copy of the weights in memory besides).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from meshserve.model.quant import QuantizedArray, _scale_for_output, _split
+from meshserve.model.quant import QuantizedArray, _scale_for_output, _split, int8_matmul_mode, w8a8_values_einsum
 
 __all__ = ["ROWSUM_MAX_ROWS", "rows_first", "rows_einsum", "rowsum_matmul"]
 
@@ -60,6 +66,9 @@ def rows_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, out_dtype) -> 
     rows = math.prod(x.shape[:n_free_x])
     free_w = stored[: len(stored) - len(c)]
     plain = x_letters.endswith(c) and stored.endswith(c) and out == x_letters[:n_free_x] + free_w
+    if plain and int8_matmul_mode() == "w8a8":  # int8 x int8 with K minor in both operands: no transposed copy
+        out_scale = _scale_for_output(subscripts, w.scale)
+        return w8a8_values_einsum(f"{x_letters},{stored}->{out}", x, w.values, out_scale).astype(out_dtype)
     if plain and rows <= ROWSUM_MAX_ROWS:
         k = math.prod(x.shape[n_free_x:])
         free_w_shape = w.values.shape[: len(free_w)]

@@ -11,7 +11,8 @@ dtype, then a float GEMM), "pallas" (model/int8_kernel.py, GPUs, decode-sized ba
 activations (one token) is quantised too, to int8 with its own absmax scale, and the matmul runs int8 x int8 ->
 int32 (integer tensor cores on a GPU: the weights are read as int8 with no conversion pass), both scales applied to
 the output (as SmoothQuant's W8A8, without its smoothing). It changes the numerics (the activations lose precision,
-~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot.
+~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot. With
+unrolled layers on one device its weights are stored contracted-axes-last (`int8_rows_layout`), as the GEMM wants them.
 "rowsum" (model/int8_rows.py) stores each int8 weight with its contracted axes last when the layers are unrolled on
 one device, so a matmul of at most 4 rows is a row reduction that reads each int8 byte once; other row counts, and
 stacked layers or a mesh (where the weights keep their declared layout), run XLA's path.
@@ -42,6 +43,8 @@ __all__ = [
     "int8_matmul_mode",
     "int8_matmul_label",
     "w8a8_einsum",
+    "w8a8_values_einsum",
+    "int8_rows_layout",
 ]
 
 INT8_MATMULS = ("xla", "pallas", "w8a8", "rowsum")
@@ -124,6 +127,14 @@ def int8_matmul_mode() -> str:
     return mode
 
 
+def int8_rows_layout() -> bool:
+    """Whether unrolled layers store their int8 weights contracted-axes-last (`params.unstack_layers(int8_rows=...)`,
+    model/int8_rows.py): under "rowsum" (a row reduction at a few rows) and "w8a8", whose int8 x int8 GEMM takes
+    both operands with K minor: on the declared [K, N] layout XLA transposed every int8 weight into a copy in each
+    compiled call (deviceless H100 compile of falcon-7b; a serving step is one call, so once per token)."""
+    return int8_matmul_mode() in ("rowsum", "w8a8")
+
+
 def on_cuda() -> bool:
     """Whether this process's first device is a CUDA GPU: where `lax.platform_dependent(cuda=...)` picks the Pallas
     kernels (ROCm, also platform "gpu", takes the default branch)."""
@@ -151,13 +162,19 @@ def _plain_form(subscripts: str) -> bool:
 def w8a8_einsum(subscripts: str, x: jax.Array, w: QuantizedArray) -> jax.Array:
     """x [free_x, c] quantised per row (absmax over the contracted axes c / 127) to int8, an int8 x int8 -> int32
     einsum with the int8 weights [c, free_w], then row scale [free_x, 1...] x channel scale applied: float32 out."""
+    return w8a8_values_einsum(subscripts, x, w.values, _scale_for_output(subscripts, w.scale))
+
+
+def w8a8_values_einsum(subscripts: str, x: jax.Array, values: jax.Array, out_scale: jax.Array) -> jax.Array:
+    """`w8a8_einsum` over int8 values in any stored order (subscripts name their letters as stored: x's contracted
+    letters last, the output's free_x first); out_scale: the channel scale, broadcastable to the output."""
     n_c = len(_split(subscripts)[3])
     xf = x.astype(jnp.float32)
     row_scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=tuple(range(x.ndim - n_c, x.ndim))), 1e-30) / 127  # [free_x]
     xq = jnp.round(xf / row_scale.reshape(*row_scale.shape, *[1] * n_c)).astype(jnp.int8)  # |x| / scale <= 127
-    y = jnp.einsum(subscripts, xq, w.values, preferred_element_type=jnp.int32).astype(jnp.float32)
-    n_free_w = w.values.ndim - n_c
-    return y * row_scale.reshape(*row_scale.shape, *[1] * n_free_w) * _scale_for_output(subscripts, w.scale)
+    y = jnp.einsum(subscripts, xq, values, preferred_element_type=jnp.int32).astype(jnp.float32)
+    n_free_w = values.ndim - n_c
+    return y * row_scale.reshape(*row_scale.shape, *[1] * n_free_w) * out_scale
 
 
 def _int8_kernel_config(subscripts: str, x: jax.Array, w: QuantizedArray):

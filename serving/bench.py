@@ -45,7 +45,7 @@ from meshserve.model.config import ModelConfig
 from meshserve.model.decode_attention import decode_attention_label
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
-from meshserve.model.quant import int8_matmul_label, int8_matmul_mode
+from meshserve.model.quant import int8_matmul_label, int8_rows_layout
 from meshserve.model.sampling import SamplingParams, sample, stack_sampling
 from meshserve.serving.bandwidth import measure_copy_bandwidth, measure_read_bandwidth
 
@@ -139,7 +139,7 @@ def bench_params(config: ModelConfig, weights: str, layers: str, *, consume: boo
     params = make_params(config, weights)
     if layers != "unrolled":
         return params
-    return unstack_layers(params, consume=consume, int8_rows=int8_matmul_mode() == "rowsum")
+    return unstack_layers(params, consume=consume, int8_rows=int8_rows_layout())
 
 
 _prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))

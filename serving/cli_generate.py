@@ -317,7 +317,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
     from meshserve.model.decode_attention import decode_attention_mode
     from meshserve.model.generate import GenerationResult, generate
     from meshserve.model.loading import load_model
-    from meshserve.model.quant import int8_matmul_mode
+    from meshserve.model.quant import int8_matmul_mode, int8_rows_layout
     from meshserve.model.sampling import SamplingParams
 
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights (as serve, bench)
@@ -378,7 +378,7 @@ def _run_local(args: argparse.Namespace, on_mesh, sampling, status: _Status) -> 
         # On a GPU the unrolled layer loop decodes 2.7x faster than lax.scan over stacked weights (BUILD.md); the
         # stacked arrays are deleted as they are sliced, so the weights are held once.
         if jax.default_backend() == "gpu":
-            model.params = unstack_layers(model.params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
+            model.params = unstack_layers(model.params, consume=True, int8_rows=int8_rows_layout())
         results = generate(model.params, model.config, prompts, **kwargs)
     status.clear()
     _print_rows(args, model, texts, results, n)

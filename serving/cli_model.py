@@ -149,7 +149,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 
     setup_compile_cache(args.compile_cache, max_gb=args.compile_cache_max_gb)
     from meshserve.model.loading import load_model
-    from meshserve.model.quant import int8_matmul_mode
+    from meshserve.model.quant import int8_matmul_mode, int8_rows_layout
 
     int8_matmul_mode()  # a bad MESHSERVE_INT8_MATMUL fails here in one line, whatever the weights
     from meshserve.model.decode_attention import decode_attention_mode
@@ -174,7 +174,7 @@ def load_for_serving(args: argparse.Namespace, objective: str):
 
         # Per-layer arrays: the decoder unrolls its layer loop (model/transformer.scan_layers). Each stacked array
         # is deleted once sliced, so the weights are never held twice.
-        model.params = unstack_layers(model.params, consume=True, int8_rows=int8_matmul_mode() == "rowsum")
+        model.params = unstack_layers(model.params, consume=True, int8_rows=int8_rows_layout())
     context = args.max_context or model.config.max_seq_len
     chunk = args.prefill_chunk
     if chunk is None:

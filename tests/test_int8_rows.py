@@ -51,9 +51,45 @@ def test_rows_einsum_equals_the_declared_layout(rows, subscripts, x_shape, w_sha
     assert ("dot_general" in jaxpr) == (rows > ROWSUM_MAX_ROWS)  # the reduction has no dot; a GEMM does
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-falcon"])
-def test_a_model_over_rows_first_weights_gives_the_declared_layouts_logits(name):
-    """Prefill (many rows: the einsum) and a batch-2 decode step (the row reduction) over every int8 weight."""
+@pytest.mark.parametrize("rows", [1, 12])
+@pytest.mark.parametrize(
+    ("subscripts", "x_shape", "w_shape", "contract"),
+    [
+        ("bte,ef->btf", (1, -1, 16), (16, 24), (0,)),
+        ("bthq,hqe->bte", (1, -1, 4, 8), (4, 8, 16), (0, 1)),
+    ],
+)
+def test_w8a8_over_rows_first_weights_is_the_declared_w8a8_without_a_transpose(
+    monkeypatch, rows, subscripts, x_shape, w_shape, contract
+):
+    """MESHSERVE_INT8_MATMUL=w8a8 stores unrolled int8 weights rows-first too (`int8_rows_layout`): its int8 x int8
+    einsum runs over the stored letters, K minor in both operands (the declared [K, N] layout made XLA copy every
+    weight transposed), at any row count, with the declared layout's result."""
+    from meshserve.model.quant import int8_rows_layout, w8a8_einsum
+
+    for mode, rows_layout in (("xla", False), ("pallas", False), ("rowsum", True), ("w8a8", True)):
+        monkeypatch.setenv("MESHSERVE_INT8_MATMUL", mode)
+        assert int8_rows_layout() is rows_layout
+    kx, kw = jax.random.split(jax.random.key(rows))
+    x = jax.random.normal(kx, tuple(rows if d == -1 else d for d in x_shape), jnp.float32)
+    w = quantize(jax.random.normal(kw, w_shape), contract_axes=contract)
+    expected = w8a8_einsum(subscripts, x, w)
+    got = rows_einsum(subscripts, x, rows_first(w), jnp.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, jnp.einsum(subscripts, x, dequantize(w)), rtol=1e-4, atol=1e-4)  # x quantised too
+    jaxpr = jax.make_jaxpr(lambda x: rows_einsum(subscripts, x, rows_first(w), jnp.float32))(x).jaxpr
+    (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    (_, rhs_contract), _ = dot.params["dimension_numbers"]
+    assert dot.invars[1].aval.dtype == jnp.int8 and tuple(rhs_contract) == tuple(
+        range(len(w_shape) - len(contract), len(w_shape))
+    )
+
+
+@pytest.mark.parametrize(("name", "mode"), [("tiny", "rowsum"), ("tiny-falcon", "rowsum"), ("tiny-falcon", "w8a8")])
+def test_a_model_over_rows_first_weights_gives_the_declared_layouts_logits(monkeypatch, name, mode):
+    """Prefill (many rows: the einsum) and a batch-2 decode step (the row reduction) over every int8 weight; under
+    w8a8 both layouts quantise the activations, and both steps run the int8 x int8 einsum."""
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", mode)
     config, params = _int8_layers(name, 5)
     declared = unstack_layers(params)
     rows = unstack_layers(params, int8_rows=True)
