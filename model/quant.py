@@ -240,7 +240,11 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
 
 
 def _convert_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, out_dtype) -> jax.Array:
-    """XLA's int8 path: the weights converted to x's dtype, a float32-accumulated einsum, the scales after."""
-    y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = y * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
+    """XLA's int8 path: the weights converted to x's dtype, the einsum (float32-accumulated) out in out_dtype as a
+    16- or 32-bit weight's is, the scales after. A float32 output of bf16 operands made XLA:GPU upcast the operands,
+    converting each int8 weight to a padded float32 copy on every decode step (deviceless H100 compile of falcon-7b
+    at batch 1: wqkv and wo, 4 bytes written and read per weight byte); in the weights' own dtype the conversion
+    stays inside the GEMM. The product is rounded to out_dtype once before the scale and once after."""
+    y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
+    y = y.astype(jnp.float32) * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
     return y.astype(out_dtype)

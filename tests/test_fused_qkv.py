@@ -123,7 +123,10 @@ def test_int8_matmul_modes_run_the_fused_weight(monkeypatch, mode, model):
     fused = unstack_layers(params, int8_rows=mode == "rowsum")
     unfused = _unfused(config, unstack_layers(params))
     for want, got in zip(_logits(unfused, config), _logits(fused, config), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+        # rowsum rounds its float32 sum once; the declared layout's XLA path rounds the product to bf16 before the
+        # scale (quant._convert_einsum), so the two meet to bf16's resolution; w8a8 runs the same integer sums
+        tol = 2e-2 if mode == "rowsum" else 2e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def test_pallas_default_configs_tile_the_fused_shapes():

@@ -103,7 +103,10 @@ def test_a_model_over_rows_first_weights_gives_the_declared_layouts_logits(monke
         step, _ = transformer.decode_step(p, config, jnp.array([3, 4], jnp.int32), cache)
         outs.append((logits, step))
     for want, got in zip(*outs, strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+        # rowsum rounds its float32 sum once; the declared layout's XLA path rounds the product to bf16 before the
+        # scale (quant._convert_einsum), so the two meet to bf16's resolution; w8a8 runs the same integer sums
+        tol = 2e-2 if mode == "rowsum" else 2e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def _is_q(x) -> bool:
