@@ -20,6 +20,10 @@ what it calls:
                      the GPU idles until the host has launched what follows) and whiles of unknown trip count
   conditionals       sampling's `lax.cond`s: the bench's greedy rows take each one's pass-through branch, so the
                      step is counted at each conditional's smallest branch (kernels_max: at its largest)
+  large outputs      kernels whose output is 4 MiB or more, but for in-place updates (the KV cache's), per step and
+                     once per call outside the loop (a server's step is one call): at decode nothing that size should
+                     be written, so one is a copy of a weight (a pad for split-K, a transpose, a dtype conversion) or a
+                     split-K GEMM's float32 partial sums
 On a CPU the counts are XLA:CPU's (other fusions, dots as library calls, no command buffers): a dry run of the
 counting, not the GPU's kernels. A newer XLA may form command buffers after the HLO (at the thunk level): then none
 show here whatever XLA_FLAGS asks, and gpu_bench.sh's `flags` step (timed runs per flag set) is the measurement.
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hlo_tally beside this file, however this is loaded
-from hlo_tally import count_step  # noqa: E402
+from hlo_tally import LARGE_BYTES, count_step  # noqa: E402
 from thunk_tally import count_loop_thunks  # noqa: E402
 
 THUNK_DUMP: Path | None = None  # --target: where XLA dumps each compile's thunk sequence (set before jax starts)
@@ -187,6 +191,11 @@ def print_report(row: dict[str, Any]) -> None:
     print("  most frequent: " + ", ".join(f"{k} x{n:g}" for k, n in list(row["by_name"].items())[:8]))
     print(f"  outside the loop (once per call): {row['outside_loop_kernels']} kernels; command buffers in the module: "
           f"{row['command_buffers_in_module']}")  # fmt: skip
+    mib = LARGE_BYTES >> 20
+    for where, large in (("per step", row["large_outputs_per_step"]), ("per call", row["large_outputs_per_call"])):
+        listed = ", ".join(f"{k} x{n:g}" for k, n in list(large.items())[:6]) + (", ..." if len(large) > 6 else "")
+        written = f" ({row['large_output_bytes_per_step'] / 2**20:.0f} MiB)" if large and where == "per step" else ""
+        print(f"  outputs of {mib} MiB or more {where}{written}, in-place updates aside: {listed or 'none'}")
 
 
 def _weights(text: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Counting what a compiled XLA module launches per run, from its optimized HLO text: kernels by kind, command
 buffers (CUDA graphs), host syncs (conditionals outside graphs, whiles of unknown trip count), nested loops scaled
-by their trip counts. Used by benchmarks/decode_hlo.py (`count_step`: per decode step of the bench's loop)."""
+by their trip counts, and the kernels that write a large output (a weight-sized copy is one: a pad or a transpose
+of a weight in the step). Used by benchmarks/decode_hlo.py (`count_step`: per decode step of the bench's loop)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,29 @@ _BACKEND_KIND = re.compile(r'"kind":"([^"]+)"')
 _SUFFIX = re.compile(r"(\.\d+)+$")  # fusion.12 -> fusion: kernels of one kind across layers count together
 
 
+LARGE_BYTES = 4 << 20  # a kernel output at least this large is listed (`Tally.large`)
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+# Fusions that update a buffer in place (the KV cache): their output is the whole buffer, their writes a slice.
+_IN_PLACE = ("dynamic_update_slice", "scatter")
+_LAYOUT = re.compile(r"\{[^{}]*\}")  # f32[8,64]{1,0} -> f32[8,64]
+
+
 @dataclass
 class Op:
     name: str
     opcode: str
     rest: str  # operands and attributes
+    shape: str = ""  # the result's shape text: f32[8,64]{1,0}, or a tuple (...)
+
+    def out_bytes(self) -> int:
+        """Bytes of the result (every array of a tuple result; pred and s8 1 byte, s4 rounded up)."""
+        total = 0
+        for dtype, dims in _ARRAY.findall(self.shape):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            total += n * max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+        return total
 
     def attr(self, key: str) -> str | None:
         """The computation named by `key=%name` (calls, to_apply, body, condition), or None."""
@@ -36,9 +55,9 @@ class Op:
         return [b.strip().lstrip("%") for b in m.group(1).split(",")] if m else []
 
 
-def _opcode(text: str) -> tuple[str, str]:
-    """(opcode, the rest) of an instruction's right-hand side `SHAPE OPCODE(OPERANDS), ATTRS`; a tuple shape
-    `(s32[], f32[2]{0}, ...)` is skipped by matching its parentheses."""
+def _opcode(text: str) -> tuple[str, str, str]:
+    """(opcode, the rest, the shape) of an instruction's right-hand side `SHAPE OPCODE(OPERANDS), ATTRS`; a tuple
+    shape `(s32[], f32[2]{0}, ...)` is skipped by matching its parentheses."""
     end, depth = 0, 0
     while text.startswith("(") and end < len(text):
         depth += (text[end] == "(") - (text[end] == ")")
@@ -47,7 +66,7 @@ def _opcode(text: str) -> tuple[str, str]:
         end += 1
     i = text.find(" ", end)
     m = _OPCODE.search(text, i + 1 if i >= 0 else 0)
-    return (m.group(1), text[m.end() :]) if m else ("", text)
+    return (m.group(1), text[m.end() :], text[: m.start()].strip()) if m else ("", text, "")
 
 
 def parse_hlo(text: str) -> tuple[dict[str, list[Op]], str]:
@@ -63,8 +82,8 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Op]], str]:
         elif line.startswith("}"):
             current = None
         elif m := _INSTR.match(line):
-            opcode, rest = _opcode(m.group(2))
-            current.append(Op(m.group(1), opcode, rest))
+            opcode, rest, shape = _opcode(m.group(2))
+            current.append(Op(m.group(1), opcode, rest, shape))
     return comps, entry
 
 
@@ -100,6 +119,8 @@ class Tally:
     host_syncs: int = 0
     conditionals: int = 0
     unknown_trips: int = 0  # nested whiles of unknown trip count, counted as one iteration
+    large: Counter = field(default_factory=Counter)  # "name shape" of kernels writing >= LARGE_BYTES (not in place)
+    large_bytes: int = 0  # what they write
 
     @property
     def kernels(self) -> int:
@@ -115,6 +136,17 @@ class Tally:
         self.host_syncs += other.host_syncs * times
         self.conditionals += other.conditionals * times
         self.unknown_trips += other.unknown_trips * times
+        for key, n in other.large.items():
+            self.large[key] += n * times
+        self.large_bytes += other.large_bytes * times
+
+
+def _short_shape(shape: str) -> str:
+    """f32[8,64]{1,0} -> f32[8,64]; a tuple -> (its first array, ... N arrays)."""
+    arrays = [f"{d}[{dims}]" for d, dims in _ARRAY.findall(shape)]
+    if not shape.startswith("("):
+        return _LAYOUT.sub("", shape)
+    return f"({arrays[0]}, ... {len(arrays)} arrays)" if len(arrays) > 2 else f"({', '.join(arrays)})"
 
 
 def tally(comps: dict[str, list[Op]], name: str, in_graph: bool = False, largest: bool = False,
@@ -129,6 +161,11 @@ def tally(comps: dict[str, list[Op]], name: str, in_graph: bool = False, largest
             t.kinds[label] += 1
             t.names[_SUFFIX.sub("", op.name)] += 1
             t.in_graphs += in_graph
+            size = op.out_bytes()
+            in_place = op.opcode in ("dynamic-update-slice", "scatter") or any(w in op.name for w in _IN_PLACE)
+            if size >= LARGE_BYTES and not in_place:
+                t.large[f"{_SUFFIX.sub('', op.name)} {_short_shape(op.shape)}"] += 1
+                t.large_bytes += size
         elif op.opcode == "call" and (target := op.attr("to_apply")):
             graph = target.startswith("command_buffer")
             t.graph_launches += graph and not in_graph
@@ -203,6 +240,9 @@ def count_step(text: str, steps: int, n_layers: int) -> dict[str, Any]:
         "nested_loops_unknown_trip": per_iter.unknown_trips,
         "by_kind": {k: n / per for k, n in per_iter.kinds.most_common()},
         "by_name": {k: n / per for k, n in per_iter.names.most_common(15)},
+        "large_outputs_per_step": {k: n / per for k, n in per_iter.large.most_common()},
+        "large_output_bytes_per_step": per_iter.large_bytes / per,
         "outside_loop_kernels": outside.kernels,
+        "large_outputs_per_call": dict(outside.large.most_common()),
         "command_buffers_in_module": sum(1 for c in comps if c.startswith("command_buffer")),
     }

@@ -135,6 +135,21 @@ def test_gpu_shaped_module_counts_graphs_library_calls_loops_and_branches():
     assert r["kernels_per_layer"] == 3.5
 
 
+def test_large_outputs_are_listed_per_step_and_per_call_but_in_place_updates(monkeypatch):
+    """With the threshold at 16 bytes every f32[4] kernel output is "large": per step, each with its count (the
+    layer loop's twice, the smallest branch's copy), the in-place dynamic-update-slice aside; outside the loop the
+    entry's copy, once per call."""
+    hlo_tally = sys.modules["hlo_tally"]
+    monkeypatch.setattr(hlo_tally, "LARGE_BYTES", 16)
+    r = decode_hlo.count_step(GPU_HLO, steps=4, n_layers=2)
+    assert r["large_outputs_per_step"] == {"norm_fusion f32[4]": 2, "loop_add_fusion f32[4]": 1,
+                                           "gemm (f32[4], s8[8])": 1, "triton_gemm f32[4]": 1, "copy f32[4]": 1}  # fmt: skip
+    assert r["large_output_bytes_per_step"] == 5 * 16 + 24
+    assert r["large_outputs_per_call"] == {"copy f32[4]": 1}
+    monkeypatch.setattr(hlo_tally, "LARGE_BYTES", 17)  # f32[4] is 16 bytes: only the gemm's tuple (24) is left
+    assert decode_hlo.count_step(GPU_HLO, steps=4, n_layers=2)["large_outputs_per_step"] == {"gemm (f32[4], s8[8])": 1}
+
+
 def test_unrolled_loop_and_unknown_trip_count():
     # XLA unrolled the step loop twice: 4 iterations make 8 steps, so each step is half an iteration.
     half = decode_hlo.count_step(GPU_HLO, steps=8, n_layers=2)
