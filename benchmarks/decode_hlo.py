@@ -219,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=8, help="decode steps of the loop (default 8)")
     p.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled", help="as bench (default unrolled)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto", help="as bench (default auto)")
-    p.add_argument("--int8-matmul", default=None, help="as bench: sets MESHSERVE_INT8_MATMUL (default: its value)")
+    p.add_argument(
+        "--int8-matmul",
+        default=None,
+        help="as bench: sets MESHSERVE_INT8_MATMUL (default: its value, else the target's default)",
+    )
     p.add_argument("--no-layer-delta", action="store_true", help="skip the 2- and 3-layer compiles that give the "
                    "kernels each layer adds")  # fmt: skip
     p.add_argument("--dump", type=Path, help="also write each compiled module's HLO text into this folder")
@@ -271,9 +275,12 @@ def _run(args: argparse.Namespace) -> int:
             args.dump.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--dump {args.dump}: cannot make that folder ({e.strerror or e})") from e
+    from meshserve.model.quant import default_int8_matmul, int8_matmul_mode
+
     if args.int8_matmul:
         os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when the step is traced
-    from meshserve.model.quant import int8_matmul_mode
+    elif args.target and not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default, not this host's
+        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
 
     int8_matmul_mode()  # a bad value fails here in one line
     from meshserve.analytics.output import check_output_path

@@ -38,7 +38,7 @@
 # flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
 # command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
 # loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
-# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`),
+# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`, CUDA's default, then with xla),
 # attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
 # as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
 # (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
@@ -199,7 +199,9 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
         fi
       done ;;
     rowsum) bench falcon_rowsum 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
-              --int8-matmul rowsum ;;
+              --int8-matmul rowsum  # CUDA's default int8 path since 2026-11-28: against XLA's, the earlier default
+            bench falcon_int8xla 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
+              --int8-matmul xla ;;
     attn)  # not in the default STEPS: one Pallas kernel for a layer's decode attention (XLA's: ~9)
       # First its numbers against XLA's and float64 on this device (seconds): a fast but wrong kernel shows here.
       timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"

@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, w8a8 (activations "
         "quantised per token too, an int8 x int8 GEMM; changes the numerics), or rowsum (unrolled layers: weights "
-        "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else xla)",
+        "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else rowsum "
+        "on CUDA, xla elsewhere)",
     )
     parser.add_argument(
         "--decode-attention",

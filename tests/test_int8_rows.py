@@ -175,3 +175,18 @@ def test_a_server_over_rows_first_int8_weights_answers_as_the_declared_layout(tm
     (ref,) = generate(model.params, model.config, [prompt], max_new_tokens=6)  # no stop ids: as ignore_eos
     assert got.tokens == list(ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-3, atol=1e-3)
+
+
+def test_rowsum_is_the_default_int8_matmul_on_cuda_only(monkeypatch):
+    """Unset (or empty) MESHSERVE_INT8_MATMUL: rowsum where the first device is a CUDA GPU (unrolled layers take
+    the rows-first layout; stacked ones label XLA's path), xla elsewhere; a set value wins on both."""
+    from meshserve.model import quant
+
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "")
+    assert quant.int8_matmul_mode() == "xla" and not quant.int8_rows_layout()  # this CPU
+    monkeypatch.setattr(quant, "on_cuda", lambda: True)
+    assert quant.int8_matmul_mode() == "rowsum" and quant.int8_rows_layout()
+    assert quant.int8_matmul_label(unrolled_layers=True) == "rowsum"
+    assert quant.int8_matmul_label(unrolled_layers=False) == "xla"
+    monkeypatch.setenv("MESHSERVE_INT8_MATMUL", "xla")
+    assert quant.int8_matmul_mode() == "xla" and not quant.int8_rows_layout()
