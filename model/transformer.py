@@ -210,11 +210,14 @@ def insert(
 def decode_step(
     params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache, *, context: int | None = None
 ) -> tuple[jax.Array, KVCache]:
-    """One token per row. tokens: int32 [B] (the last sampled token of each row).
+    """One token per row. tokens: int32 [B] (the last sampled token of each row), for the cache's first B rows
+    (cache.batch >= B: a server's step over its lowest slots).
 
     Writes each row's new k, v at position lengths[b], attends over positions <= lengths[b], and
-    returns float32 logits [B, V] and the cache with lengths + 1. Rows are independent; the caller
-    ignores rows it does not use.
+    returns float32 logits [B, V] and the cache with lengths + 1 (rows past B untouched). Rows are independent;
+    the caller ignores rows it does not use. The first B rows are read where they lie: sliced into a cache of
+    their own they were copied whole every step, [N, B, S, K, Q] twice (deviceless H100 compile of a server's
+    step: falcon-7b, 8 of 64 slots, 2048 positions: 128 MiB per step).
 
     context (static, <= S): attend over cache positions [0, context) only, so a step reads the filled part of
     the cache rather than all S slots. The caller promises lengths[b] < context for every row it uses.
@@ -228,7 +231,8 @@ def decode_step(
     C = S if context is None else context
     if not 1 <= C <= S:
         raise ValueError(f"context must be in [1, S={S}], got {context}")
-    pos = jnp.minimum(cache.lengths, S - 1)  # a full row keeps overwriting its last slot, never out of range
+    lengths = cache.lengths[:B]
+    pos = jnp.minimum(lengths, S - 1)  # a full row keeps overwriting its last slot, never out of range
     positions = pos[:, None]  # [B, 1]
     # Keys: the cache's positions before pos (within the context) and this step's own key, attended without
     # writing the cache (layers.attend_cached); the new k, v of all layers go in with one scatter after the layer
@@ -267,7 +271,7 @@ def decode_step(
                     # The kernel reads each row's cached positions [0, pos) only, plus the own key: what `over`
                     # sees of [0, C), since pos < C.
                     return decode_attention.decode_attention(q, cache.k, cache.v, i, pos, own_k, own_v, C, scale)
-                return over(cache.k[i, :, :C], cache.v[i, :, :C], cached)
+                return over(cache.k[i, :B, :C], cache.v[i, :B, :C], cached)
 
             def windowed() -> jax.Array:  # each row's `span` positions: a gather [B, span, K, Q]
                 return over(cache.k[i, rows[:, None], near], cache.v[i, rows[:, None], near], near)
@@ -285,4 +289,4 @@ def decode_step(
     k = cache.k.at[:, rows, pos].set(k_new[:, :, 0])
     v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])
     logits = _final_logits(x, params, config)[:, 0]
-    return logits, KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + 1, S))
+    return logits, KVCache(k=k, v=v, lengths=cache.lengths.at[:B].set(jnp.minimum(lengths + 1, S)))

@@ -56,6 +56,9 @@ class ModelSteps:
     insert: Callable[..., transformer.KVCache] = transformer.insert
     # Decode-layout sharding of the decode state (insert reshards prefill's k, v into it); None on one device.
     decode_state_sharding: Any = None
+    # Whether decode_step can run a step's b rows over the whole cache's first b (transformer.decode_step can; the
+    # meshes' step cannot): see decode_rows.
+    decode_reads_rows: bool = True
 
 
 @jax.tree_util.register_dataclass
@@ -160,15 +163,31 @@ def insert_rows(insert, state: DecodeState, k, v, lengths, slots, first, samplin
 def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState):
     """One token for slots [0, b), attending over cache positions [0, context) (every used row's length is
     below it): -> new state, (tokens int32 [b], log-probs float32 [b], top ids int32 and log-probs [b, K])."""
-    full = b == state.last.shape[0]
+    if b == state.last.shape[0] or not steps.decode_reads_rows:
+        return _decode_rows(steps, config, b, context, params, state, whole=b == state.last.shape[0])
+    # b of B slots: the step reads and writes rows [0, b) where they lie, in the whole cache, where the backend
+    # writes a scatter in place; sliced out and put back, they were copied twice per step on a GPU (deviceless H100
+    # compile, falcon-7b, 8 of 64 slots, 2048 positions: 128 MiB per step). XLA:CPU converts a bf16 scatter's
+    # whole operand to float32 and back, so there the slice of b rows is the smaller copy. Chosen when lowered.
+    return jax.lax.platform_dependent(
+        params,
+        state,
+        cpu=functools.partial(_decode_rows, steps, config, b, context, whole=False),
+        default=functools.partial(_decode_rows, steps, config, b, context, whole=True),
+    )
+
+
+def _decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState, *,
+                 whole: bool):  # fmt: skip
+    """`decode_rows`; whole: the step takes the whole cache (rows [0, b) of it), else a slice of those rows."""
     c = state.cache
-    sub = c if full else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
+    sub = c if whole else transformer.KVCache(c.k[:, :b], c.v[:, :b], c.lengths[:b])
     bounded = {} if context == c.max_len else {"context": context}
     logits, sub = steps.decode_step(params, config, state.last[:b], sub, **bounded)
     samp = {n: a[:b] for n, a in state.sampling.items()}
     # The whole history goes in: sample slices rows [0, b) only inside its penalty branch.
     tok, lp = sample(logits, samp, state.step[:b], state.history)  # each row's own step, as in `generate`
-    if full:
+    if whole:
         cache = sub
     else:
         cache = transformer.KVCache(
@@ -198,15 +217,29 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     (tokens int32 [b, k + 1] (the first n[r] are row r's), n int32 [b], log-probs float32 [b, k + 1] under the
     model, top ids and log-probs [b, K] of position 0).
     """
+    if b == state.last.shape[0] or not steps.decode_reads_rows:
+        return _verify_rows(steps, config, b, context, params, state, drafts, whole=b == state.last.shape[0])
+    # As decode_rows: rows [0, b) written where they lie on a GPU; on XLA:CPU, whose bf16 scatter converts its whole
+    # operand to float32 and back, sliced out, written and put back at a static offset.
+    return jax.lax.platform_dependent(
+        params,
+        state,
+        drafts,
+        cpu=functools.partial(_verify_rows, steps, config, b, context, whole=False),
+        default=functools.partial(_verify_rows, steps, config, b, context, whole=True),
+    )
+
+
+def _verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState, drafts,
+                 *, whole: bool):  # fmt: skip
+    """`verify_rows`; whole: write rows [0, b) in the whole cache, else in a slice of them put back after."""
     c = state.cache
     k_drafts = drafts.shape[1]
     T = k_drafts + 1
     lengths = c.lengths[:b]
-    # Rows [0, b) are sliced out, written and put back at a static offset, as decode_rows does: a scatter at
-    # dynamic positions straight into the whole [N, B, S, K, Q] cache made XLA (CPU) copy all of it every step.
-    sub_k, sub_v = c.k[:, :b], c.v[:, :b]  # [N, b, S, K, Q]
+    sub_k, sub_v = (c.k, c.v) if whole else (c.k[:, :b], c.v[:, :b])  # [N, B or b, S, K, Q]
     tokens = jnp.concatenate([state.last[:b, None], jnp.maximum(drafts, 0)], axis=1)  # [b, T]
-    prefix = transformer.Prefix(sub_k[:, :, :context], sub_v[:, :, :context], jnp.minimum(lengths, context))
+    prefix = transformer.Prefix(sub_k[:, :b, :context], sub_v[:, :b, :context], jnp.minimum(lengths, context))
     logits, k_new, v_new = steps.prefill(params, config, tokens, jnp.full((b,), T, jnp.int32), all_logits=True,
                                          prefix=prefix, int8_kv=_is_int8(c))  # fmt: skip  # [b, T, V], [N, b, T, K, Q]
     samp = {n: a[:b] for n, a in state.sampling.items()}
@@ -226,9 +259,11 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     at = lengths[:, None] + jnp.arange(T)[None, :]  # [b, T]; past S dropped (the caller keeps rows within S)
     sub_k = sub_k.at[:, rows, at].set(kv_quant.storable(k_new, sub_k), mode="drop")
     sub_v = sub_v.at[:, rows, at].set(kv_quant.storable(v_new, sub_v), mode="drop")
-    cache = transformer.KVCache(
-        c.k.at[:, :b].set(sub_k), c.v.at[:, :b].set(sub_v), c.lengths.at[:b].set(jnp.minimum(lengths + n, S))
-    )
+    new_lengths = c.lengths.at[:b].set(jnp.minimum(lengths + n, S))
+    if whole:
+        cache = transformer.KVCache(sub_k, sub_v, new_lengths)
+    else:
+        cache = transformer.KVCache(c.k.at[:, :b].set(sub_k), c.v.at[:, :b].set(sub_v), new_lengths)
     kept = jnp.arange(T)[None, :] < n[:, None]  # [b, T]
     counts = state.history.counts
     counts = counts.at[:b].set(counts[:b].at[rows, out].add(kept.astype(jnp.int32), mode="drop"))

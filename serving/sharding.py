@@ -157,4 +157,4 @@ def mesh_steps(config: ModelConfig, params: Params, plan: EnginePlan) -> tuple[P
         return sharded.decode_step(params, config, tokens, cache, mesh=mesh, layout=decode)
 
     placed = jax.device_put(params, sharded.param_shardings(config, mesh, decode.ffn)(params))
-    return placed, ModelSteps(prefill, decode_step, insert, state_sharding), run_plan
+    return placed, ModelSteps(prefill, decode_step, insert, state_sharding, decode_reads_rows=False), run_plan
