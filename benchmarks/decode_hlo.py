@@ -79,6 +79,18 @@ def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, 
 GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"  # XLA GpuTargetConfig text protos, one per --target
 
 
+def deviceless_environment(program: str) -> bool:
+    """Set up this process to compile for a --target GPU without one, before jax is imported: the CUDA plugin must
+    load without a driver and the default backend stay the CPU (nothing runs on a GPU). False (with a one-line
+    message) when jax was imported already."""
+    if "jax" in sys.modules and "JAX_PLATFORMS" not in os.environ:
+        print(f"{program}: --target must be set before jax is imported (run it as a program)", file=sys.stderr)
+        return False
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    return True
+
+
 def target_sharding(target: str) -> Any:
     """A one-device NamedSharding on a deviceless CUDA topology described by gpu_targets/TARGET.txtpb: compiling for
     it runs XLA:GPU's whole pipeline (fusion, Triton/cuBLAS choices, command buffers) on a host with no GPU. Needs
@@ -236,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the rows as a JSON array to this file")
     args = p.parse_args(argv)
     if args.target:
-        if "jax" in sys.modules and "JAX_PLATFORMS" not in os.environ:
-            print("decode_hlo: --target must be set before jax is imported (run it as a program)", file=sys.stderr)
+        if not deviceless_environment("decode_hlo"):
             return 2
-        # The CUDA plugin must load without a driver and the default backend stay the CPU: nothing runs on a GPU.
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
         # XLA forms CUDA graphs on thunks, after the HLO: its dumped thunk sequence shows them (thunk_tally.py).
         global THUNK_DUMP
         THUNK_DUMP = Path(tempfile.mkdtemp(prefix="decode_hlo-thunks-"))

@@ -274,3 +274,29 @@ def test_triton_ptx_refuses_an_unknown_target_and_a_missing_plugin_in_one_line(p
     assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr
     expected = "cannot compile for a GPU here" if plugin_needed else "invalid choice: 'h999'"
     assert expected in done.stderr, done.stderr
+
+
+SERVER_STEP = SCRIPT.parent / "server_step_hlo.py"
+
+
+def test_server_step_counts_the_engines_whole_decode_call_on_this_cpu():
+    """XLA:CPU (a dry run): the engine's decode step for 4 of 16 slots compiles and counts as one step."""
+    done = subprocess.run([sys.executable, str(SERVER_STEP), "--model", "tiny-falcon", "--slots", "16", "--rows", "4,16",
+                           "--cache-len", "64", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["rows"], r["slots"], r["context"], r["platform"]) for r in rows] == [
+        (4, 16, 64, "cpu"),
+        (16, 16, 64, "cpu"),
+    ]
+    assert all(r["kernels_per_step"] > 10 and "large_outputs_per_step" in r for r in rows)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--rows", "0"], "--rows must be in [1, --slots=64]"),
+                                               (["--rows", "65"], "--rows must be in [1, --slots=64]"),
+                                               (["--context", "999"], "--context in [1, --cache-len=128]"),
+                                               (["--model", "nope"], "nope")])  # fmt: skip
+def test_server_step_refuses_bad_shapes_in_one_line(args, message):
+    done = subprocess.run([sys.executable, str(SERVER_STEP), "--model", "tiny-falcon", *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
