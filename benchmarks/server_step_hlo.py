@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ from hlo_tally import LARGE_BYTES, count_step  # noqa: E402
 
 
 def server_step_report(config: Any, weights: str, rows: int, slots: int, context: int, cache_len: int,
-                       kv_cache_dtype: str = "auto", sharding: Any = None) -> dict[str, Any]:  # fmt: skip
+                       kv_cache_dtype: str = "auto", sharding: Any = None,
+                       dump: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """One row: `decode_rows` for `rows` of `slots` slots over [0, context) of a cache_len-position cache, with the
-    unrolled weights `meshserve serve` runs on one device, compiled for this host's device or `sharding`'s."""
+    unrolled weights `meshserve serve` runs on one device, compiled for this host's device or `sharding`'s (dump:
+    a folder to write the optimized HLO text into)."""
     import jax
     import jax.numpy as jnp
     from meshserve.serving.bench import bench_params
@@ -42,6 +45,9 @@ def server_step_report(config: Any, weights: str, rows: int, slots: int, context
         args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     step = jax.jit(functools.partial(decode_rows, ModelSteps(), config, rows, context), donate_argnums=1)
     text = step.lower(*args).compile().as_text()
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"server_step.{config.name}.{weights}.{kv_cache_dtype}.b{rows}of{slots}.txt").write_text(text)
     device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "rows": rows, "slots": slots,
            "context": context, "cache_len": cache_len, "platform": device.platform, "device": device.device_kind,
@@ -64,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto", help="as serve (default auto)")
     p.add_argument("--target", choices=sorted(t.stem for t in GPU_TARGETS.glob("*.txtpb")),
                    help="compile for this GPU without one (deviceless, as decode_hlo.py --target)")  # fmt: skip
+    p.add_argument("--dump", type=Path, help="also write each compiled step's HLO text into this folder")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array")
     p.add_argument("--out", type=Path, help="also write the rows as a JSON array to this file")
     args = p.parse_args(argv)
     if args.target and not deviceless_environment("server_step_hlo"):
         return 2
+    if args.target and not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default int8 path, not this host's
+        from meshserve.model.quant import default_int8_matmul
+
+        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
     from meshserve.errors import UserError
     from meshserve.model.config import ConfigError, get_config
 
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for weights in args.weights:
             for b in rows:
                 out.append(server_step_report(config, weights, b, args.slots, args.context, cache_len,
-                                              args.kv_cache_dtype, sharding))  # fmt: skip
+                                              args.kv_cache_dtype, sharding, args.dump))  # fmt: skip
                 if not args.json:
                     _print(out[-1])
     except (UserError, ConfigError, ValueError) as e:
