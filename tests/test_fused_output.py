@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from meshserve.model import params as params_module
-from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.params import cast_params, init_params, unstack_layers
 from meshserve.model.quant import QuantizedArray
+from model_helpers import prefill_and_decode_logits
 
 
 def _model(weights: str, **overrides):
@@ -35,19 +35,6 @@ def _split_out(config, unrolled):
         layer["wo"], layer["w_down"] = w[: H * Q].reshape(H, Q, -1), w[H * Q : H * Q + F]
         layers.append(layer)
     return dict(unrolled, layers=layers)
-
-
-def _logits(params, config):
-    """Prefill logits [2, 12, V] of rows of different lengths, then two decode steps' logits [2, V]."""
-    tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, config.vocab_size)
-    lengths = jnp.array([12, 9], jnp.int32)
-    logits, k, v = transformer.prefill(params, config, tokens, lengths, all_logits=True)
-    cache = transformer.insert(transformer.init_cache(config, 2, 16, k.dtype), k, v, lengths, jnp.arange(2))
-    steps = []
-    for last in (jnp.array([3, 4], jnp.int32), jnp.array([5, 6], jnp.int32)):
-        step, cache = transformer.decode_step(params, config, last, cache)
-        steps.append(step)
-    return [logits, *steps]
 
 
 def test_unstack_stacks_wo_and_w_down_on_the_contracted_axis():
@@ -81,7 +68,12 @@ def test_fused_logits_equal_the_split_ones(monkeypatch, weights, pad):
     assert fused["layers"][0]["wo_down"].shape[0] == config.n_heads * config.d_head + config.d_ff + pad
     split = _split_out(config, fused)
     tol = 1e-5 if weights == "f32" else 3e-2
-    for scan, apart, got in zip(_logits(params, config), _logits(split, config), _logits(fused, config), strict=True):
+    for scan, apart, got in zip(
+        prefill_and_decode_logits(params, config),
+        prefill_and_decode_logits(split, config),
+        prefill_and_decode_logits(fused, config),
+        strict=True,
+    ):
         np.testing.assert_allclose(got, apart, rtol=tol, atol=tol)
         np.testing.assert_allclose(got, scan, rtol=tol, atol=tol)
 

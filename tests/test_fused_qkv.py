@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from meshserve.model import transformer
 from meshserve.model.config import get_config
 from meshserve.model.params import cast_params, init_params, unstack_layers
 from meshserve.model.quant import QuantizedArray, dequantize
+from model_helpers import prefill_and_decode_logits
 
 MODELS = {
     "mqa": ("tiny-falcon", {}),  # K = 1, parallel block
@@ -55,19 +55,6 @@ def _unfused(config, unrolled):
     return dict(unrolled, layers=layers)
 
 
-def _logits(params, config):
-    """Prefill logits [2, 12, V] of rows of different lengths, then two decode steps' logits [2, V]."""
-    tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, config.vocab_size)
-    lengths = jnp.array([12, 9], jnp.int32)
-    logits, k, v = transformer.prefill(params, config, tokens, lengths, all_logits=True)
-    cache = transformer.insert(transformer.init_cache(config, 2, 16, k.dtype), k, v, lengths, jnp.arange(2))
-    steps = []
-    for last in (jnp.array([3, 4], jnp.int32), jnp.array([5, 6], jnp.int32)):
-        step, cache = transformer.decode_step(params, config, last, cache)
-        steps.append(step)
-    return [logits, *steps]
-
-
 @pytest.mark.parametrize("weights", ["f32", "int8"])
 def test_unstack_fuses_each_layers_q_k_v_on_the_heads_axis(weights):
     """wqkv holds wq, then wk, then wv, exactly (int8: values and per-channel scales alike); nothing else changes."""
@@ -104,9 +91,9 @@ def test_fused_logits_equal_the_stacked_and_the_unfused_ones(model, weights):
     config, params = _model(model, weights, seed=3)
     fused = unstack_layers(params)
     want_scan, want_unfused, got = (
-        _logits(params, config),
-        _logits(_unfused(config, fused), config),
-        _logits(fused, config),
+        prefill_and_decode_logits(params, config),
+        prefill_and_decode_logits(_unfused(config, fused), config),
+        prefill_and_decode_logits(fused, config),
     )
     tol = 1e-5 if weights == "f32" else 2e-2
     for scan, unfused, logits in zip(want_scan, want_unfused, got, strict=True):
@@ -122,7 +109,9 @@ def test_int8_matmul_modes_run_the_fused_weight(monkeypatch, mode, model):
     config, params = _model(model, "int8", seed=4)
     fused = unstack_layers(params, int8_rows=mode == "rowsum")
     unfused = _unfused(config, unstack_layers(params))
-    for want, got in zip(_logits(unfused, config), _logits(fused, config), strict=True):
+    for want, got in zip(
+        prefill_and_decode_logits(unfused, config), prefill_and_decode_logits(fused, config), strict=True
+    ):
         # rowsum rounds its float32 sum once; the declared layout's XLA path rounds the product to bf16 before the
         # scale (quant._convert_einsum), so the two meet to bf16's resolution; w8a8 runs the same integer sums
         tol = 2e-2 if mode == "rowsum" else 2e-4
