@@ -210,7 +210,8 @@ def print_report(row: dict[str, Any]) -> None:
         print(f"  outputs of {mib} MiB or more {where}{written}, in-place updates aside: {listed or 'none'}")
 
 
-def _weights(text: str) -> list[str]:
+def weights_arg(text: str) -> list[str]:
+    """--weights: a comma list of bf16, int8, f32."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items or any(x not in ("bf16", "int8", "f32") for x in items):
         raise argparse.ArgumentTypeError(f"--weights takes a comma list of bf16, int8, f32; got {text!r}")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="falcon-7b", help=f"{MODEL_HELP} (default falcon-7b)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--batch", type=ints, default=[1], help="comma-separated batch sizes (default 1)")
-    p.add_argument("--weights", type=_weights, default=["bf16"], help="comma list of bf16, int8, f32 (default bf16)")
+    p.add_argument("--weights", type=weights_arg, default=["bf16"], help="comma list of bf16, int8, f32 (default bf16)")
     p.add_argument("--prompt-len", type=int, default=None, help="as `meshserve bench` (default 128, or half the "
                    "model's max_seq_len when that is less); sets the cache's size, P + G slots")  # fmt: skip
     p.add_argument("--gen-len", type=int, default=8, help="decode steps of the loop (default 8)")

@@ -18,7 +18,8 @@
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
-# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through XLA: the tuning is falcon's), w8a8 (falcon-7b int8
+# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through CUDA's default path, rowsum, since the tuning is
+# falcon's; the targets and b8 rows' int8 too when no tuning file was made), w8a8 (falcon-7b int8
 # batch 1 and 64 with int8 activations: an int8 x int8 GEMM, model/quant.py), scan (lax.scan),
 # coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
 # `listening on` and TTFT while the background warm-up compiles; writes cold_start.json and cold_start.png),

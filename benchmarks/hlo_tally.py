@@ -22,7 +22,7 @@ _SUFFIX = re.compile(r"(\.\d+)+$")  # fusion.12 -> fusion: kernels of one kind a
 
 
 LARGE_BYTES = 4 << 20  # a kernel output at least this large is listed (`Tally.large`)
-_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]")  # f32[8,64], pred[4], f8e4m3fn[2]
 # Fusions that update a buffer in place (the KV cache): their output is the whole buffer, their writes a slice.
 _IN_PLACE = ("dynamic_update_slice", "scatter")
 _LAYOUT = re.compile(r"\{[^{}]*\}")  # f32[8,64]{1,0} -> f32[8,64]
@@ -42,7 +42,8 @@ class Op:
             n = 1
             for d in filter(None, dims.split(",")):
                 n *= int(d)
-            total += n * max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+            bits = re.match(r"[a-z]+(\d+)", dtype)  # f8e4m3fn: 8; pred: 8 (a byte)
+            total += n * max(1, int(bits.group(1) if bits else 8) // 8)
         return total
 
     def attr(self, key: str) -> str | None:
@@ -206,10 +207,11 @@ def find_loop(comps: dict[str, list[Op]], entry: str, steps: int) -> tuple[Op | 
     return max(fits or found, key=lambda f: len(comps.get(f[0].attr("body") or "", [])))
 
 
-def count_step(text: str, steps: int, n_layers: int) -> dict[str, Any]:
-    """Per-step launch counts of a compiled G-step decode loop's HLO text (see the module docstring for each)."""
+def count_step(text: str, steps: int, n_layers: int, whole: bool = False) -> dict[str, Any]:
+    """Per-step launch counts of a compiled G-step decode loop's HLO text (see the module docstring for each);
+    whole: the module is one step with no decode loop to find (a server's step: a `while` in it is its own)."""
     comps, entry = parse_hlo(text)
-    loop, holder, in_graph = find_loop(comps, entry, steps)
+    loop, holder, in_graph = (None, entry, False) if whole else find_loop(comps, entry, steps)
     if loop is None:  # no loop left: the whole entry is G steps
         per_iter, iters, outside = tally(comps, entry), steps, Tally()
         per_iter_max = tally(comps, entry, largest=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_hlo import GPU_TARGETS, _weights, deviceless_environment, target_sharding  # noqa: E402
+from decode_hlo import GPU_TARGETS, deviceless_environment, target_sharding, weights_arg  # noqa: E402
 from hlo_tally import LARGE_BYTES, count_step  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def server_step_report(config: Any, weights: str, rows: int, slots: int, context
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "rows": rows, "slots": slots,
            "context": context, "cache_len": cache_len, "platform": device.platform, "device": device.device_kind,
            "jax": jax.__version__}  # fmt: skip
-    counts = count_step(text, 1, config.n_layers)  # no loop: the whole call is the step
+    counts = count_step(text, 1, config.n_layers, whole=True)  # the whole call is the step
     row |= {k: counts[k] for k in ("kernels_per_step", "by_kind", "large_outputs_per_step",
                                    "large_output_bytes_per_step")}  # fmt: skip
     return row
@@ -61,7 +61,7 @@ def server_step_report(config: Any, weights: str, rows: int, slots: int, context
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="falcon-7b", help="a preset name (default falcon-7b)")
-    p.add_argument("--weights", type=_weights, default=["bf16"], help="comma list of bf16, int8, f32 (default bf16)")
+    p.add_argument("--weights", type=weights_arg, default=["bf16"], help="comma list of bf16, int8, f32 (default bf16)")
     p.add_argument("--slots", type=int, default=64, help="decode slots B of the server's state (default 64)")
     p.add_argument("--rows", default="1,8", help="comma list of step sizes b <= slots (default 1,8)")
     p.add_argument("--context", type=int, default=None, help="the step's context bucket (default 256, or the cache "

@@ -6,18 +6,19 @@ The scale keeps the weight's rank, with size 1 on the contracted axes, so it sha
 logical axes as the values. Activations stay in the compute dtype; the scale is applied to the
 matmul's output, so the int8 values are what moves through memory and collectives.
 
-MESHSERVE_INT8_MATMUL picks how an int8-weight matmul runs: "xla" (XLA converts the weights to the compute dtype,
-then a float GEMM; the default but on CUDA), "pallas" (model/int8_kernel.py, GPUs, decode-sized batches), or "w8a8": each row of the
-activations (one token) is quantised too, to int8 with its own absmax scale, and the matmul runs int8 x int8 ->
-int32 (integer tensor cores on a GPU: the weights are read as int8 with no conversion pass), both scales applied to
-the output (as SmoothQuant's W8A8, without its smoothing). It changes the numerics (the activations lose precision,
-~0.4% of a row's largest value per element), so it is opt-in; on XLA's CPU backend it is a plain integer dot. With
-unrolled layers on one device its weights are stored contracted-axes-last (`int8_rows_layout`), as the GEMM wants them.
+MESHSERVE_INT8_MATMUL picks how an int8-weight matmul runs: "xla" (XLA converts the weights to the compute
+dtype, then a float GEMM; the default except on CUDA), "pallas" (model/int8_kernel.py, GPUs, decode-sized
+batches), or "w8a8": each row of the activations (one token) is quantised too, to int8 with its own absmax scale,
+and the matmul runs int8 x int8 -> int32 (integer tensor cores on a GPU: the weights are read as int8 with no
+conversion pass), both scales applied to the output (as SmoothQuant's W8A8, without its smoothing). It changes
+the numerics (the activations lose precision, ~0.4% of a row's largest value per element), so it is opt-in; on
+XLA's CPU backend it is a plain integer dot. With unrolled layers on one device its weights are stored
+contracted-axes-last (`int8_rows_layout`), as the GEMM wants them.
 "rowsum" (model/int8_rows.py; the default on CUDA) stores each int8 weight with its contracted axes last when the
 layers are unrolled on one device, so a matmul of at most 4 rows is a row reduction that reads each int8 byte once;
 other row counts, and stacked layers or a mesh (where the weights keep their declared layout), run XLA's path. It is
 CUDA's default on two pieces of evidence, neither a timing of the whole model: on an H200 the row reduction read
-falcon-7b's three weight shapes at M = 1 1.5-2.8x faster than XLA's convert + GEMM and 1.25-1.5x faster than the
+falcon-7b's three weight shapes at M = 1 2.1-2.8x faster than XLA's convert + GEMM and 1.25-1.5x faster than the
 bf16 GEMM (benchmarks/results/h200-2026-11-27/int8_probe.txt, one run); and compiled for an H100 on a CPU
 (benchmarks/decode_hlo.py --target h100), XLA's path at batch 1 converts each layer's int8 wo into a padded bf16
 copy on every step (1.3 GiB written per falcon-7b step) where rowsum writes nothing that size.

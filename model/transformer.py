@@ -231,6 +231,8 @@ def decode_step(
     C = S if context is None else context
     if not 1 <= C <= S:
         raise ValueError(f"context must be in [1, S={S}], got {context}")
+    if cache.batch < B:
+        raise ValueError(f"tokens has {B} rows but the cache only {cache.batch}")
     lengths = cache.lengths[:B]
     pos = jnp.minimum(lengths, S - 1)  # a full row keeps overwriting its last slot, never out of range
     positions = pos[:, None]  # [B, 1]

@@ -134,8 +134,8 @@ def make_params(config: ModelConfig, weights: str, seed: int = 0) -> Params:
 
 def bench_params(config: ModelConfig, weights: str, layers: str, *, consume: bool = False) -> Params:
     """The weights a bench row runs: `make_params`, and for unrolled layers per-layer trees (int8 stored
-    contracted-axes-last under rowsum and w8a8: `quant.int8_rows_layout`). consume: unstack deleting each stacked array as it
-    is sliced (not under jax.eval_shape, which benchmarks/decode_hlo.py uses)."""
+    contracted-axes-last under rowsum and w8a8: `quant.int8_rows_layout`). consume: unstack deleting each stacked
+    array as it is sliced (not under jax.eval_shape, which benchmarks/decode_hlo.py uses)."""
     params = make_params(config, weights)
     if layers != "unrolled":
         return params

@@ -168,7 +168,9 @@ def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     # b of B slots: the step reads and writes rows [0, b) where they lie, in the whole cache, where the backend
     # writes a scatter in place; sliced out and put back, they were copied twice per step on a GPU (deviceless H100
     # compile, falcon-7b, 8 of 64 slots, 2048 positions: 128 MiB per step). XLA:CPU converts a bf16 scatter's
-    # whole operand to float32 and back, so there the slice of b rows is the smaller copy. Chosen when lowered.
+    # whole operand to float32 and back, so there the slice of b rows is the smaller copy. Chosen when lowered, so a
+    # compile for a GPU on a CPU host (benchmarks/server_step_hlo.py --target) gets the GPU's form; the price is
+    # tracing the step twice per bucket with b < B (about 0.2 s more for falcon-7b's unrolled layers).
     return jax.lax.platform_dependent(
         params,
         state,

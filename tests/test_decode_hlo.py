@@ -142,12 +142,21 @@ def test_large_outputs_are_listed_per_step_and_per_call_but_in_place_updates(mon
     hlo_tally = sys.modules["hlo_tally"]
     monkeypatch.setattr(hlo_tally, "LARGE_BYTES", 16)
     r = decode_hlo.count_step(GPU_HLO, steps=4, n_layers=2)
-    assert r["large_outputs_per_step"] == {"norm_fusion f32[4]": 2, "loop_add_fusion f32[4]": 1,
-                                           "gemm (f32[4], s8[8])": 1, "triton_gemm f32[4]": 1, "copy f32[4]": 1}  # fmt: skip
+    assert r["large_outputs_per_step"] == {
+        "norm_fusion f32[4]": 2, "loop_add_fusion f32[4]": 1, "gemm (f32[4], s8[8])": 1, "triton_gemm f32[4]": 1,
+        "copy f32[4]": 1,
+    }  # fmt: skip
     assert r["large_output_bytes_per_step"] == 5 * 16 + 24
     assert r["large_outputs_per_call"] == {"copy f32[4]": 1}
     monkeypatch.setattr(hlo_tally, "LARGE_BYTES", 17)  # f32[4] is 16 bytes: only the gemm's tuple (24) is left
     assert decode_hlo.count_step(GPU_HLO, steps=4, n_layers=2)["large_outputs_per_step"] == {"gemm (f32[4], s8[8])": 1}
+
+
+def test_a_whole_module_counts_as_one_step_with_its_loops_run_out():
+    """whole=True (a server's step): no decode loop is looked for; the module's while runs its 4 known trips of 7
+    kernels, plus the entry's copy."""
+    r = decode_hlo.count_step(GPU_HLO, steps=1, n_layers=2, whole=True)
+    assert not r["loop_found"] and r["kernels_per_step"] == 4 * 7 + 1
 
 
 def test_unrolled_loop_and_unknown_trip_count():
@@ -281,8 +290,8 @@ SERVER_STEP = SCRIPT.parent / "server_step_hlo.py"
 
 def test_server_step_counts_the_engines_whole_decode_call_on_this_cpu():
     """XLA:CPU (a dry run): the engine's decode step for 4 of 16 slots compiles and counts as one step."""
-    done = subprocess.run([sys.executable, str(SERVER_STEP), "--model", "tiny-falcon", "--slots", "16", "--rows", "4,16",
-                           "--cache-len", "64", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = ["--model", "tiny-falcon", "--slots", "16", "--rows", "4,16", "--cache-len", "64", "--json"]
+    done = subprocess.run([sys.executable, str(SERVER_STEP), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert [(r["rows"], r["slots"], r["context"], r["platform"]) for r in rows] == [
