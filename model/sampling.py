@@ -282,4 +282,11 @@ def top_logprobs(logits: jax.Array, sampling: dict[str, jax.Array]) -> tuple[jax
     def skip() -> tuple[jax.Array, jax.Array]:
         return jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32)
 
-    return jax.lax.cond(jnp.any(sampling["top_logprobs"] > 0), compute, skip)
+    asked = jnp.any(sampling["top_logprobs"] > 0)
+
+    def always() -> tuple[jax.Array, jax.Array]:  # the same zeros for a batch that asked for none, by a select
+        ids, values = compute()
+        return jnp.where(asked, ids, 0), jnp.where(asked, values, 0.0)
+
+    # On CUDA the branch is a host sync per step (a server's step had two, this and sample's sort): computed always.
+    return _unbranched_on_cuda(logits.size, always, lambda: jax.lax.cond(asked, compute, skip))

@@ -223,3 +223,21 @@ def test_cuda_branches_are_bitwise_identities_where_off(monkeypatch):
     monkeypatch.setattr(sampling, "ALWAYS_MAX_ELEMENTS", B * V - 1)
     sample(logits, arrays, steps, _history(B, V))
     assert calls == []  # too large: neither _adjust nor the draw asked for the CUDA path
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_top_logprobs_on_cuda_is_the_branched_result(monkeypatch, asked):
+    """On CUDA top_logprobs computes without its branch (one host sync fewer per server step) and selects zeros
+    where no row asked: bit for bit the branched result, the alternatives themselves where one row asked."""
+    from meshserve.model.sampling import top_logprobs
+
+    B, V = 3, 64
+    logits = jax.random.normal(jax.random.key(8), (B, V)) * 4
+    arrays = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams(top_logprobs=2 if asked else 0),
+                                                            SamplingParams(), SamplingParams()]).items()}  # fmt: skip
+    branched = top_logprobs(logits, arrays)
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, cuda, default: cuda(*args))
+    always = top_logprobs(logits, arrays)
+    for a, b in zip(always, branched, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert bool(np.asarray(branched[1]).any()) == asked  # zeros unless a row asked; the log-probs otherwise
