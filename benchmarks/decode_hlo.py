@@ -81,13 +81,18 @@ GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"  # XLA GpuTargetCo
 
 def deviceless_environment(program: str) -> bool:
     """Set up this process to compile for a --target GPU without one, before jax is imported: the CUDA plugin must
-    load without a driver and the default backend stay the CPU (nothing runs on a GPU). False (with a one-line
-    message) when jax was imported already."""
+    load without a driver and the default backend stay the CPU (nothing runs on a GPU), and int8 weights take the
+    target's default path (`quant.default_int8_matmul`), not this host's, unless MESHSERVE_INT8_MATMUL says. False
+    (with a one-line message) when jax was imported already."""
     if "jax" in sys.modules and "JAX_PLATFORMS" not in os.environ:
         print(f"{program}: --target must be set before jax is imported (run it as a program)", file=sys.stderr)
         return False
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    if not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default int8 path, not this host's
+        from meshserve.model.quant import default_int8_matmul
+
+        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
     return True
 
 
@@ -284,12 +289,10 @@ def _run(args: argparse.Namespace) -> int:
             args.dump.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--dump {args.dump}: cannot make that folder ({e.strerror or e})") from e
-    from meshserve.model.quant import default_int8_matmul, int8_matmul_mode
+    from meshserve.model.quant import int8_matmul_mode
 
     if args.int8_matmul:
         os.environ["MESHSERVE_INT8_MATMUL"] = args.int8_matmul  # read by model/quant.py when the step is traced
-    elif args.target and not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default, not this host's
-        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
 
     int8_matmul_mode()  # a bad value fails here in one line
     from meshserve.analytics.output import check_output_path

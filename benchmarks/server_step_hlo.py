@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,10 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.target and not deviceless_environment("server_step_hlo"):
         return 2
-    if args.target and not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default int8 path, not this host's
-        from meshserve.model.quant import default_int8_matmul
-
-        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
     from meshserve.errors import UserError
     from meshserve.model.config import ConfigError, get_config
 

@@ -163,19 +163,28 @@ def insert_rows(insert, state: DecodeState, k, v, lengths, slots, first, samplin
 def decode_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState):
     """One token for slots [0, b), attending over cache positions [0, context) (every used row's length is
     below it): -> new state, (tokens int32 [b], log-probs float32 [b], top ids int32 and log-probs [b, K])."""
+    return _on_lowest_slots(steps, b, functools.partial(_decode_rows, steps, config, b, context), params, state)
+
+
+def _on_lowest_slots(steps: ModelSteps, b: int, step: Callable[..., Any], params, state: DecodeState, *args):
+    """step(params, state, *args, whole=...) for slots [0, b): whole=True takes the whole cache (rows [0, b) of it),
+    whole=False a slice of those rows put back after.
+
+    b of B slots: the step reads and writes rows [0, b) where they lie, in the whole cache, where the backend writes
+    a scatter in place; sliced out and put back, they were copied twice per step on a GPU (deviceless H100 compile,
+    falcon-7b, 8 of 64 slots, 2048 positions: 128 MiB per step). XLA:CPU converts a bf16 scatter's whole operand to
+    float32 and back, so there the slice of b rows is the smaller copy. Chosen when lowered, so a compile for a GPU
+    on a CPU host (benchmarks/server_step_hlo.py --target) gets the GPU's form; the price is tracing the step twice
+    per bucket with b < B (about 0.2 s more for falcon-7b's unrolled layers). All B slots, or a mesh's step
+    (decode_reads_rows=False), make no choice."""
     if b == state.last.shape[0] or not steps.decode_reads_rows:
-        return _decode_rows(steps, config, b, context, params, state, whole=b == state.last.shape[0])
-    # b of B slots: the step reads and writes rows [0, b) where they lie, in the whole cache, where the backend
-    # writes a scatter in place; sliced out and put back, they were copied twice per step on a GPU (deviceless H100
-    # compile, falcon-7b, 8 of 64 slots, 2048 positions: 128 MiB per step). XLA:CPU converts a bf16 scatter's
-    # whole operand to float32 and back, so there the slice of b rows is the smaller copy. Chosen when lowered, so a
-    # compile for a GPU on a CPU host (benchmarks/server_step_hlo.py --target) gets the GPU's form; the price is
-    # tracing the step twice per bucket with b < B (about 0.2 s more for falcon-7b's unrolled layers).
+        return step(params, state, *args, whole=b == state.last.shape[0])
     return jax.lax.platform_dependent(
         params,
         state,
-        cpu=functools.partial(_decode_rows, steps, config, b, context, whole=False),
-        default=functools.partial(_decode_rows, steps, config, b, context, whole=True),
+        *args,
+        cpu=functools.partial(step, whole=False),
+        default=functools.partial(step, whole=True),
     )
 
 
@@ -219,17 +228,8 @@ def verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, pa
     (tokens int32 [b, k + 1] (the first n[r] are row r's), n int32 [b], log-probs float32 [b, k + 1] under the
     model, top ids and log-probs [b, K] of position 0).
     """
-    if b == state.last.shape[0] or not steps.decode_reads_rows:
-        return _verify_rows(steps, config, b, context, params, state, drafts, whole=b == state.last.shape[0])
-    # As decode_rows: rows [0, b) written where they lie on a GPU; on XLA:CPU, whose bf16 scatter converts its whole
-    # operand to float32 and back, sliced out, written and put back at a static offset.
-    return jax.lax.platform_dependent(
-        params,
-        state,
-        drafts,
-        cpu=functools.partial(_verify_rows, steps, config, b, context, whole=False),
-        default=functools.partial(_verify_rows, steps, config, b, context, whole=True),
-    )
+    step = functools.partial(_verify_rows, steps, config, b, context)
+    return _on_lowest_slots(steps, b, step, params, state, drafts)
 
 
 def _verify_rows(steps: ModelSteps, config: ModelConfig, b: int, context: int, params, state: DecodeState, drafts,
