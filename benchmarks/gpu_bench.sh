@@ -43,7 +43,9 @@
 # attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
 # as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
 # (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
-# hlo, flags, rowsum and attn are not in the default STEPS.
+# kernel (attn_check, then the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with
+# the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`).
+# hlo, flags, rowsum, attn, kernel and int8xla are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -203,6 +205,22 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
               --int8-matmul rowsum  # CUDA's default int8 path since 2026-11-28: against XLA's, the earlier default
             bench falcon_int8xla 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
               --int8-matmul xla ;;
+    kernel)  # not in the default STEPS: the targets' rows (128+128, batch 1 and 64, peer) with the attention kernel
+      # The kernel's numbers against XLA's and float64 on this device first (seconds); then bf16 and int8 (the
+      # default int8 path) with the kernel and transformers beside them, then bf16 with XLA's attention for the ratio.
+      timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
+      kernel_attention=pallas
+      if ! grep -q "all cases match" "$OUT/attn_check.txt"; then  # a wrong kernel must not time the later steps
+        echo "!! decode attention kernel: check failed, see attn_check.txt; XLA's attention from here on"
+        kernel_attention=xla; export MESHSERVE_DECODE_ATTENTION=xla
+      fi
+      bench falcon_kernel 240 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16,int8 --peer \
+        --decode-attention "$kernel_attention" "${int8_args[@]}"
+      bench falcon_kernel_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16 \
+        --decode-attention xla ;;
+    int8xla)  # not in the default STEPS: int8 at batch 1 and 64 through XLA's convert + GEMM, the earlier default
+      bench falcon_int8xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights int8 \
+        --int8-matmul xla ;;
     attn)  # not in the default STEPS: one Pallas kernel for a layer's decode attention (XLA's: ~9)
       # First its numbers against XLA's and float64 on this device (seconds): a fast but wrong kernel shows here.
       timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
