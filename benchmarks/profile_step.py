@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = (  # (kind, pattern on the kernel's name), first match wins
-    ("gemm (cuBLAS / cuBLASLt)", r"gemm|cublas|cutlass|sm90_|nvjet|gemv"),
-    ("triton gemm fusion", r"triton_gemm|__triton"),
+    ("GEMM (XLA's gemm fusions, cuBLAS)", r"gemm|cublas|cutlass|sm90_|nvjet|gemv"),
     ("attention kernel (Pallas)", r"decode_attention|pallas|attend"),
     ("reduction fusion", r"reduce|input_"),
     ("dynamic-update-slice (cache write)", r"dynamic.update.slice|dynamic_update"),
