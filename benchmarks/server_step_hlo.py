@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = [int(r) for r in args.rows.split(",") if r.strip()]
         config = get_config(args.model)
-        cache_len = args.cache_len or config.max_seq_len
-        args.context = args.context or min(256, cache_len)
+        for flag, value in (("--slots", args.slots), ("--cache-len", args.cache_len), ("--context", args.context)):
+            if value is not None and value < 1:  # 0 is not "unset": it would quietly take the default
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        cache_len = config.max_seq_len if args.cache_len is None else args.cache_len
+        args.context = min(256, cache_len) if args.context is None else args.context
         if not rows or not all(1 <= r <= args.slots for r in rows) or not 1 <= args.context <= cache_len:
             raise UserError(f"--rows must be in [1, --slots={args.slots}] and --context in [1, --cache-len="
                             f"{cache_len}]; got --rows {args.rows} and --context {args.context}")  # fmt: skip

@@ -304,6 +304,9 @@ def test_server_step_counts_the_engines_whole_decode_call_on_this_cpu():
 @pytest.mark.parametrize(("args", "message"), [(["--rows", "0"], "--rows must be in [1, --slots=64]"),
                                                (["--rows", "65"], "--rows must be in [1, --slots=64]"),
                                                (["--context", "999"], "--context in [1, --cache-len=128]"),
+                                               (["--cache-len", "0"], "--cache-len must be at least 1, got 0"),
+                                               (["--context", "0"], "--context must be at least 1, got 0"),
+                                               (["--slots", "0"], "--slots must be at least 1, got 0"),
                                                (["--model", "nope"], "nope")])  # fmt: skip
 def test_server_step_refuses_bad_shapes_in_one_line(args, message):
     done = subprocess.run([sys.executable, str(SERVER_STEP), "--model", "tiny-falcon", *args], capture_output=True,
