@@ -81,18 +81,18 @@ GPU_TARGETS = Path(__file__).resolve().parent / "gpu_targets"  # XLA GpuTargetCo
 
 def deviceless_environment(program: str) -> bool:
     """Set up this process to compile for a --target GPU without one, before jax is imported: the CUDA plugin must
-    load without a driver and the default backend stay the CPU (nothing runs on a GPU), and int8 weights take the
-    target's default path (`quant.default_int8_matmul`), not this host's, unless MESHSERVE_INT8_MATMUL says. False
-    (with a one-line message) when jax was imported already."""
+    load without a driver and the default backend stay the CPU (nothing runs on a GPU), and decode attention takes
+    the target's default (`decode_attention.default_decode_attention(cuda=True)`: the kernel), not this CPU host's,
+    unless MESHSERVE_DECODE_ATTENTION says. False (with a one-line message) when jax was imported already."""
     if "jax" in sys.modules and "JAX_PLATFORMS" not in os.environ:
         print(f"{program}: --target must be set before jax is imported (run it as a program)", file=sys.stderr)
         return False
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
-    if not os.environ.get("MESHSERVE_INT8_MATMUL"):  # the target's default int8 path, not this host's
-        from meshserve.model.quant import default_int8_matmul
+    if not os.environ.get("MESHSERVE_DECODE_ATTENTION"):  # the target's default attention, not this host's
+        from meshserve.model.decode_attention import default_decode_attention
 
-        os.environ["MESHSERVE_INT8_MATMUL"] = default_int8_matmul(cuda=True)
+        os.environ["MESHSERVE_DECODE_ATTENTION"] = default_decode_attention(cuda=True)
     return True
 
 

@@ -1,4 +1,5 @@
-"""One-kernel decode attention for GPUs (Pallas, Triton backend): MESHSERVE_DECODE_ATTENTION=pallas.
+"""One-kernel decode attention for GPUs (Pallas, Triton backend): the default on CUDA (MESHSERVE_DECODE_ATTENTION=xla
+turns it off, =pallas runs it interpreted elsewhere).
 
 XLA compiles `layers.attend_cached` for one decode token into about ten kernels per layer on a GPU (deviceless
 compile for an H100, benchmarks/decode_hlo.py --target h100: the score GEMM, a concatenation with the own key's
@@ -18,8 +19,13 @@ B * K programs would leave the SMs idle) it writes each split's (acc, m, l) and 
 
 The cache is passed whole, [N, B, S, K, Q], with the layer picked by the BlockSpec: a sliced layer would be copied
 into its own buffer for the custom call. So the layer index must be a Python int (unrolled layers). q and the own
-k, v go in as one [B, 1, H + 2K, Q] operand for the same reason (see `decode_attention`). With the fused q/k/v
-projection the step is 309 kernels (H100 target; BENCHMARKS.md).
+k, v go in as one [B, 1, H + 2K, Q] operand for the same reason (see `decode_attention`). A falcon-7b bf16 batch-1
+step is now 277 kernels with it, 468 with XLA's attention (H100 target; BENCHMARKS.md).
+
+Why it is CUDA's default: on an H200 (2026-11-28, benchmarks/results/h200-2026-11-28/) it passed
+benchmarks/attn_check.py and took falcon-7b's bf16 decode step (bench, prompt 128, 128 steps) from XLA's attention's
+4.171 to 3.969 ms at batch 1 and from 5.364 to 4.698 ms at batch 64. Elsewhere it only runs interpreted (its body
+as XLA ops, slowly), so there the default stays "xla".
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_label",
     "decode_attention_mode",
+    "default_decode_attention",
     "kernel_enabled",
     "splits_for",
 ]
@@ -47,8 +54,12 @@ _TARGET_PROGRAMS = 128  # about one program per SM (H100: 132)
 
 
 def decode_attention_mode() -> str:
-    """MESHSERVE_DECODE_ATTENTION (default "xla"); a value outside DECODE_ATTENTIONS is a UserError naming it."""
-    mode = os.environ.get("MESHSERVE_DECODE_ATTENTION") or "xla"
+    """MESHSERVE_DECODE_ATTENTION, else `default_decode_attention()` (set but empty: unset, as a shell user means
+    it); a value outside DECODE_ATTENTIONS is a UserError naming the variable. Read when a decode step is traced
+    (`kernel_enabled`) and by the CLIs before a model loads: the default asks for this process's devices."""
+    mode = os.environ.get("MESHSERVE_DECODE_ATTENTION")
+    if not mode:
+        return default_decode_attention()
     if mode not in DECODE_ATTENTIONS:
         from meshserve.errors import UserError
 
@@ -56,10 +67,20 @@ def decode_attention_mode() -> str:
     return mode
 
 
+def default_decode_attention(cuda: bool | None = None) -> str:
+    """The decode attention when MESHSERVE_DECODE_ATTENTION is unset: "pallas" where the steps are lowered for CUDA
+    (see the module docstring for why), else "xla" (the kernel would run interpreted). cuda: whether they are
+    (None: this process's first device, `quant.on_cuda`; a deviceless compile for a GPU passes True)."""
+    from meshserve.model.quant import on_cuda
+
+    return "pallas" if (on_cuda() if cuda is None else cuda) else "xla"
+
+
 def kernel_enabled(head_dim: int, cache_dtype: jnp.dtype) -> bool:
-    """Whether decode steps take the kernel for a model's whole-context layers: MESHSERVE_DECODE_ATTENTION=pallas,
-    a 16-bit cache (an int8 cache's scales are XLA's) and a power-of-two head dim of at least 16 (Triton's block
-    shapes and dot sizes). `transformer.decode_step` adds the per-layer conditions (unrolled, not windowed)."""
+    """Whether decode steps take the kernel for a model's whole-context layers: `decode_attention_mode()` is "pallas"
+    (CUDA's default, or MESHSERVE_DECODE_ATTENTION=pallas), a 16-bit cache (an int8 cache's scales are XLA's) and a
+    power-of-two head dim of at least 16 (Triton's block shapes and dot sizes). `transformer.decode_step` adds the
+    per-layer conditions (unrolled, not windowed)."""
     if decode_attention_mode() != "pallas":
         return False
     return jnp.dtype(cache_dtype).itemsize == 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0

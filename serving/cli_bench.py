@@ -72,8 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="int8 weight matmul: XLA's convert + GEMM, the fused Pallas kernel on a GPU, w8a8 (activations "
         "quantised per token too, an int8 x int8 GEMM; changes the numerics), or rowsum (unrolled layers: weights "
-        "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else rowsum "
-        "on CUDA, xla elsewhere)",
+        "stored contracted-axes-last, a row reduction for <= 4 rows) (default: $MESHSERVE_INT8_MATMUL, else xla)",
     )
     parser.add_argument(
         "--decode-attention",
@@ -81,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="decode attention: XLA's ops, or one Pallas kernel per layer (model/decode_attention.py: unrolled layers, "
         "a 16-bit KV cache, a power-of-two head dim >= 16; Triton on a CUDA GPU, interpreted as XLA ops elsewhere, "
-        "slowly) (default: $MESHSERVE_DECODE_ATTENTION, else xla); each row's decode_attention says which ran",
+        "slowly) (default: $MESHSERVE_DECODE_ATTENTION, else pallas on CUDA, xla elsewhere); each row's "
+        "decode_attention says which ran",
     )
     parser.add_argument(
         "--int8-tuning",

@@ -1,4 +1,4 @@
-"""The one-kernel decode attention (model/decode_attention.py, MESHSERVE_DECODE_ATTENTION=pallas).
+"""The one-kernel decode attention (model/decode_attention.py; CUDA's default, MESHSERVE_DECODE_ATTENTION=pallas here).
 
 No GPU here: interpret mode runs the kernel body on the CPU for the numbers (against `layers.attend_cached`, the XLA
 path), and exporting for the `cuda` platform runs Pallas' Triton lowering without a device. Its speed is measured
@@ -84,7 +84,7 @@ def test_bad_mode_is_one_line_naming_the_variable(monkeypatch):
     with pytest.raises(UserError, match="MESHSERVE_DECODE_ATTENTION must be one of xla, pallas, got 'flash'"):
         da.decode_attention_mode()
     monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "")  # set but empty: the default, as a shell user means it
-    assert da.decode_attention_mode() == "xla"
+    assert da.decode_attention_mode() == "xla"  # this CPU host's (tests/test_decode_attention_default.py: CUDA's)
 
 
 def _decode(monkeypatch, mode, params, config, steps=4):

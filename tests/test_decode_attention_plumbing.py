@@ -94,7 +94,9 @@ def test_bench_flag_runs_the_kernel_and_labels_its_rows(tmp_path):
     assert title.endswith(", decode attention pallas-interpret (bf16/auto rows; xla in the others)"), title
 
 
-def test_bench_rows_say_xla_by_default_and_the_title_says_nothing(tmp_path):
+def test_bench_rows_say_xla_by_default_off_cuda_and_the_title_says_nothing(tmp_path):
+    """The variable unset on this CPU host: XLA's attention (on CUDA the default is the kernel,
+    tests/test_decode_attention_default.py)."""
     proc = _cli("bench", "--model", "tiny", "--batch", "1", "--prompt-len", "8", "--gen-len", "2", "--weights", "bf16",
                 "--repeats", "1", "--out", str(tmp_path / "rows.json"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
