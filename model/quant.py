@@ -7,21 +7,20 @@ logical axes as the values. Activations stay in the compute dtype; the scale is 
 matmul's output, so the int8 values are what moves through memory and collectives.
 
 MESHSERVE_INT8_MATMUL picks how an int8-weight matmul runs: "xla" (XLA converts the weights to the compute
-dtype, then a float GEMM; the default except on CUDA), "pallas" (model/int8_kernel.py, GPUs, decode-sized
+dtype, then a float GEMM; the default), "pallas" (model/int8_kernel.py, GPUs, decode-sized
 batches), or "w8a8": each row of the activations (one token) is quantised too, to int8 with its own absmax scale,
 and the matmul runs int8 x int8 -> int32 (integer tensor cores on a GPU: the weights are read as int8 with no
 conversion pass), both scales applied to the output (as SmoothQuant's W8A8, without its smoothing). It changes
 the numerics (the activations lose precision, ~0.4% of a row's largest value per element), so it is opt-in; on
 XLA's CPU backend it is a plain integer dot. With unrolled layers on one device its weights are stored
 contracted-axes-last (`int8_rows_layout`), as the GEMM wants them.
-"rowsum" (model/int8_rows.py; the default on CUDA) stores each int8 weight with its contracted axes last when the
-layers are unrolled on one device, so a matmul of at most 4 rows is a row reduction that reads each int8 byte once;
-other row counts, and stacked layers or a mesh (where the weights keep their declared layout), run XLA's path. It is
-CUDA's default on two pieces of evidence, neither a timing of the whole model: on an H200 the row reduction read
-falcon-7b's three weight shapes at M = 1 2.1-2.8x faster than XLA's convert + GEMM and 1.25-1.5x faster than the
-bf16 GEMM (benchmarks/results/h200-2026-11-27/int8_probe.txt, one run); and compiled for an H100 on a CPU
-(benchmarks/decode_hlo.py --target h100), XLA's path at batch 1 converts each layer's int8 wo into a padded bf16
-copy on every step (1.3 GiB written per falcon-7b step) where rowsum writes nothing that size.
+"rowsum" (model/int8_rows.py) stores each int8 weight with its contracted axes last when the layers are unrolled on
+one device, so a matmul of at most 4 rows is a row reduction that reads each int8 byte once; other row counts, and
+stacked layers or a mesh (where the weights keep their declared layout), run XLA's path. It was CUDA's default for a
+day on a per-matmul probe; in the whole falcon-7b decode loop on an H200 (2026-11-28, BENCHMARKS.md) it tied XLA's
+path at batch 1 (4.374 against 4.378 ms per step) and lost at batch 64 (5.742 against 5.457); profiled, its row
+reductions took 124 us per layer against XLA's gemm fusions' 90 (XLA's path then lost 26 us to a padded copy of
+wo). So "xla" is the default everywhere again.
 
 Under "pallas" with a tuning file (MESHSERVE_INT8_TUNING) each shape takes what was fastest there on the device: a
 kernel config, XLA's convert + GEMM, or, for at most 4 rows, "colsum": the matmul written as a float32 multiply and
@@ -124,20 +123,13 @@ def _split(subscripts: str) -> tuple[str, str, str, str]:
 
 
 def int8_matmul_mode() -> str:
-    """MESHSERVE_INT8_MATMUL (default "rowsum" on CUDA, else "xla"); a value outside INT8_MATMULS is a UserError
-    naming the variable."""
-    mode = os.environ.get("MESHSERVE_INT8_MATMUL") or default_int8_matmul()  # set but empty: unset, as a shell means
+    """MESHSERVE_INT8_MATMUL (default "xla"); a value outside INT8_MATMULS is a UserError naming the variable."""
+    mode = os.environ.get("MESHSERVE_INT8_MATMUL") or "xla"  # set but empty: unset, as a shell means
     if mode not in INT8_MATMULS:
         from meshserve.errors import UserError
 
         raise UserError(f"MESHSERVE_INT8_MATMUL must be one of {', '.join(INT8_MATMULS)}, got {mode!r}")
     return mode
-
-
-def default_int8_matmul(cuda: bool | None = None) -> str:
-    """The int8 matmul when MESHSERVE_INT8_MATMUL is unset: "rowsum" for a CUDA GPU (see the module docstring for
-    why), else "xla". cuda: whether the steps are lowered for CUDA (None: this process's first device, `on_cuda`)."""
-    return "rowsum" if (on_cuda() if cuda is None else cuda) else "xla"
 
 
 def int8_rows_layout() -> bool:
