@@ -18,7 +18,7 @@
 #
 # Steps: tune (benchmarks/int8_probe.py --tune: the fastest int8 matmul per shape, Pallas or XLA; reused when
 # $TUNING exists), targets (falcon-7b 128+128 at batch 1 and 64, bf16 + int8, transformers peer), prefill (2048
-# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through CUDA's default path, rowsum, since the tuning is
+# tokens), b8, b256, palm (palm-8b batch 1 and 64, int8 through the default path, XLA's, since the tuning is
 # falcon's; the targets and b8 rows' int8 too when no tuning file was made), w8a8 (falcon-7b int8
 # batch 1 and 64 with int8 activations: an int8 x int8 GEMM, model/quant.py), scan (lax.scan),
 # coldstart (benchmarks/cold_start.py: `meshserve serve --model $MODEL` from an empty compile cache, time to
@@ -39,13 +39,14 @@
 # flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
 # command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
 # loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
-# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`, CUDA's default, then with xla),
+# rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`, then with xla, the default),
 # attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
 # as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
 # (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
 # kernel (attn_check, then the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with
-# the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`).
-# hlo, flags, rowsum, attn, kernel and int8xla are not in the default STEPS.
+# the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`), profile
+# (benchmarks/profile_step.py: bf16 at batch 1 and 64, int8 at 1; kernel time per step by name and kind, in logs.tgz).
+# hlo, flags, rowsum, attn, kernel, int8xla and profile are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -202,7 +203,7 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
         fi
       done ;;
     rowsum) bench falcon_rowsum 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
-              --int8-matmul rowsum  # CUDA's default int8 path since 2026-11-28: against XLA's, the earlier default
+              --int8-matmul rowsum  # against XLA's path, the default (rowsum was CUDA's on 2026-11-28 only)
             bench falcon_int8xla 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
               --int8-matmul xla ;;
     kernel)  # not in the default STEPS: the targets' rows (128+128, batch 1 and 64, peer) with the attention kernel
@@ -218,6 +219,17 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
         --decode-attention "$kernel_attention" "${int8_args[@]}"
       bench falcon_kernel_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16 \
         --decode-attention xla ;;
+    profile)  # not in the default STEPS: where a decode step's time goes, per kernel (benchmarks/profile_step.py)
+      for row in "bf16 1" "bf16 64" "int8 1"; do
+        read -r weights batch <<< "$row"
+        [ "$(left)" -lt 45 ] && { echo "!! profile $weights $batch skipped: out of time"; continue; }
+        limit=$(left); [ "$limit" -gt 90 ] && limit=90
+        timeout "$limit" $PY benchmarks/profile_step.py --model "$MODEL" --weights "$weights" --batch "$batch" \
+          --steps 32 --top 30 --json "${bench_extra[@]}" > "$OUT/profile_${weights}_$batch.json" \
+          2> "$OUT/profile_${weights}_$batch.log" || echo "!! profile $weights $batch failed (see its log)"
+        [ -s "$OUT/profile_${weights}_$batch.json" ] && $PY -c "import json,sys; sys.path.insert(0, 'benchmarks'); \
+from profile_step import print_table; print_table(json.load(open(sys.argv[1])))" "$OUT/profile_${weights}_$batch.json"
+      done ;;
     int8xla)  # not in the default STEPS: int8 at batch 1 and 64 through XLA's convert + GEMM, the earlier default
       bench falcon_int8xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights int8 \
         --int8-matmul xla ;;
@@ -241,5 +253,5 @@ if [ -n "$steps_json" ]; then
 open('$OUT/rows.json', 'w'), indent=1)" $steps_json
   $PY benchmarks/report.py --plot "$OUT/decode.png" "$OUT/rows.json" | tee "$OUT/BENCHMARKS.part.md"
 fi
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt 2>/dev/null) $(basename -a $steps_json 2>/dev/null) \
-  2>/dev/null; ls)
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt profile_*.json attn_sweep.json 2>/dev/null) \
+  $(basename -a $steps_json 2>/dev/null) 2>/dev/null; ls)
