@@ -45,8 +45,10 @@
 # (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
 # kernel (attn_check, then the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with
 # the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`), profile
-# (benchmarks/profile_step.py: bf16 at batch 1 and 64, int8 at 1; kernel time per step by name and kind, in logs.tgz).
-# hlo, flags, rowsum, attn, kernel, int8xla and profile are not in the default STEPS.
+# (benchmarks/profile_step.py: bf16 at batch 1 and 64, int8 at 1; kernel time per step by name and kind, in logs.tgz),
+# attnsweep (benchmarks/attn_sweep.py: the attention kernel alone per block / warps / stages / splits against XLA's
+# attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.json in logs.tgz).
+# hlo, flags, rowsum, attn, kernel, int8xla, profile and attnsweep are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -219,6 +221,17 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
         --decode-attention "$kernel_attention" "${int8_args[@]}"
       bench falcon_kernel_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16 \
         --decode-attention xla ;;
+    attnsweep)  # not in the default STEPS: the attention kernel alone per launch config (benchmarks/attn_sweep.py)
+      if [ "$(left)" -ge 45 ]; then
+        limit=$(left); [ "$limit" -gt 150 ] && limit=150
+        small=(); [ "${SMALL:-0}" = 1 ] && small=(--small --layers 2 --repeats 2)
+        timeout "$limit" $PY benchmarks/attn_sweep.py --json "${small[@]}" > "$OUT/attn_sweep.json" \
+          2> "$OUT/attn_sweep.log" || echo "!! attnsweep failed or timed out (see attn_sweep.log)"
+        [ -s "$OUT/attn_sweep.json" ] && $PY -c "import json,sys; rows=json.load(open(sys.argv[1])); \
+[print(s, *['%.2f us %s' % (r['us_per_layer'], r['config']) for r in sorted((r for r in rows if r['shape'] == s \
+and r.get('us_per_layer')), key=lambda r: r['us_per_layer'])[:4]], sep='\n  ') for s in dict.fromkeys(r['shape'] \
+for r in rows)]" "$OUT/attn_sweep.json"
+      else echo "!! attnsweep skipped: out of time"; fi ;;
     profile)  # not in the default STEPS: where a decode step's time goes, per kernel (benchmarks/profile_step.py)
       for row in "bf16 1" "bf16 64" "int8 1"; do
         read -r weights batch <<< "$row"

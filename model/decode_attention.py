@@ -156,10 +156,15 @@ def decode_attention(
     return out.reshape(B, 1, H, Q)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "context", "scale", "splits", "block", "interpret"), inline=True)
-def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret):
+_STATIC = ("layer", "context", "scale", "splits", "block", "interpret", "num_warps", "num_stages")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
+def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret, num_warps=4,
+                      num_stages=2):  # fmt: skip
     """qkv [B, 1, H + 2K, Q] (q's H heads, then the own k's K, then v's K); caches [N, B, S, K, Q]; pos [B]
-    -> [B, K, G, Q] (G = H / K)."""
+    -> [B, K, G, Q] (G = H / K). num_warps, num_stages: Triton's launch config (benchmarks/attn_sweep.py times
+    others)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -233,7 +238,7 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         grid=(B, K, splits),
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
     )(pos, qkv, k_cache, v_cache, qkv, qkv)
