@@ -126,6 +126,7 @@ def decode_attention(
     *,
     block: int = 64,
     interpret: bool | None = None,
+    out_heads: int | None = None,
 ) -> jax.Array:
     """Attention of one new token per row over its cached keys and its own key. Equals `layers.attend_cached` with
     visible = (cached position < pos).
@@ -134,12 +135,19 @@ def decode_attention(
     [B]: each row's own position (cached positions [0, pos) are visible; the caller promises pos < context <= S);
     k_new / v_new [B, 1, K, Q]: this step's own key and value; scale: the logits' (None: 1 / sqrt(Q)).
     Returns [B, 1, H, Q] in q's dtype. interpret: run the kernel body as XLA ops (None: on every platform but
-    CUDA, chosen when the step is lowered, so a deviceless compile for a GPU gets the kernel).
+    CUDA, chosen when the step is lowered, so a deviceless compile for a GPU gets the kernel). out_heads (K = 1
+    only, >= H): return [B, 1, out_heads, Q], heads from H on zeros, written by the kernel itself: the zero rows an
+    output projection's padded weight meets (`params.unstack_layers`' wo_padded), where XLA would pad o in a kernel
+    of its own (falcon-7b int8, deviceless H100 compile: one per layer).
     """
     B, _, H, Q = q.shape
     K = k_cache.shape[3]
+    out_heads = H if out_heads is None else out_heads
+    if out_heads < H or (out_heads > H and K != 1):
+        raise ValueError(f"out_heads must be at least H = {H}, and above it only with one kv head (K = {K})")
     scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
-    static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block)
+    static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block,
+                  out_groups=out_heads // K)  # fmt: skip
     # One operand [B, 1, H + 2K, Q] for q and the own k, v, each found by its BlockSpec: when they are slices of one
     # fused projection (params.unstack_layers' wqkv) XLA folds the concatenation back into that array, where
     # separate operands would each be copied out of it by a kernel of their own.
@@ -153,26 +161,27 @@ def decode_attention(
         )
     else:
         out = _decode_attention(*args, **static, interpret=interpret)
-    return out.reshape(B, 1, H, Q)
+    return out.reshape(B, 1, out_heads, Q)
 
 
-_STATIC = ("layer", "context", "scale", "splits", "block", "interpret", "num_warps", "num_stages")
+_STATIC = ("layer", "context", "scale", "splits", "block", "interpret", "num_warps", "num_stages", "out_groups")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
 def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret, num_warps=4,
-                      num_stages=2):  # fmt: skip
+                      num_stages=2, out_groups=None):  # fmt: skip
     """qkv [B, 1, H + 2K, Q] (q's H heads, then the own k's K, then v's K); caches [N, B, S, K, Q]; pos [B]
-    -> [B, K, G, Q] (G = H / K). num_warps, num_stages: Triton's launch config (benchmarks/attn_sweep.py times
-    others)."""
+    -> [B, K, Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G). num_warps,
+    num_stages: Triton's launch config (benchmarks/attn_sweep.py times others)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     B, K, Q = qkv.shape[0], k_cache.shape[3], qkv.shape[3]
     H = qkv.shape[2] - 2 * K
     G = H // K
+    Go = G if out_groups is None else out_groups
     S = k_cache.shape[2]
-    Gp = max(16, pl.next_power_of_2(G))  # Triton's dot wants >= 16 rows; the padding rows are masked off
+    Gp = max(16, pl.next_power_of_2(Go))  # Triton's dot wants >= 16 rows; the padding rows are masked off
     block = min(block, max(16, pl.next_power_of_2(context)))
     per_split = pl.cdiv(pl.cdiv(context, block), splits)  # blocks each split walks at most
 
@@ -207,8 +216,9 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         stop = jnp.minimum(start + per_split, pl.cdiv(length, block))  # only the filled part of the cache
         acc, m, l = jax.lax.fori_loop(start, jnp.maximum(start, stop), body, (acc0, m0, l0))
         if splits == 1:
-            (o_ref,) = out_refs
-            plgpu.store(o_ref.at[pl.ds(0, Gp), :], (acc / l[:, None]).astype(o_ref.dtype), mask=head_mask)
+            (o_ref,) = out_refs  # rows [G, Go) are written as zeros: the output's padding heads
+            out = jnp.where(head_mask, acc / l[:, None], 0.0).astype(o_ref.dtype)
+            plgpu.store(o_ref.at[pl.ds(0, Gp), :], out, mask=(jnp.arange(Gp) < Go)[:, None])
         else:
             o_ref, m_ref, l_ref = out_refs
             plgpu.store(o_ref.at[pl.ds(0, Gp), :], acc, mask=head_mask)
@@ -225,8 +235,8 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         pl.BlockSpec((None, None, None, Q), lambda b, h, s: (b, 0, H + K + h, 0)),  # the own v: head H + K + h
     ]
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((B, K, G, Q), qkv.dtype)]
-        out_specs = [pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((B, K, Go, Q), qkv.dtype)]
+        out_specs = [pl.BlockSpec((None, None, Go, Q), lambda b, h, s: (b, h, 0, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((splits, B, K, G, Q), jnp.float32),
                      *[jax.ShapeDtypeStruct((splits, B, K, G), jnp.float32)] * 2]  # fmt: skip
@@ -249,4 +259,4 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
     top = m.max(axis=0)
     weight = jnp.exp(m - top[None])
     out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
-    return out.astype(qkv.dtype)
+    return jnp.pad(out.astype(qkv.dtype), ((0, 0), (0, 0), (0, Go - G), (0, 0)))  # [B, K, Go, Q]: XLA's combine

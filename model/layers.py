@@ -294,9 +294,24 @@ def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None
 
 
 def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
-    """o: [B, T, H, Q] -> [B, T, E]."""
-    y = einsum("BTHQ,HQE->BTE", o, p["wo"])
+    """o: [B, T, H, Q] -> [B, T, E], over wo [H, Q, E] or (unrolled int8 layers: `params.unstack_layers`) wo_padded
+    [H·Q + zero rows, E]: [o, 0] @ wo_padded = o·wo, the contracted axis already a multiple of 256, where XLA's
+    split-K GEMM padded a bf16 copy of the int8 wo on every decode step. o's zeros are a small kernel of their own
+    after the Pallas decode attention (falcon-7b int8 at batch 64, deviceless H100 compile: +32 per step, [64, 4608]
+    bf16 each), against the 1278 MiB of weight copies gone at batches 1 to 16."""
+    if "wo_padded" in p:
+        B, T, H, Q = o.shape
+        y = einsum("BTF,FE->BTE", _with_zero_rows([o.reshape(B, T, H * Q)], p["wo_padded"]), p["wo_padded"])
+    else:
+        y = einsum("BTHQ,HQE->BTE", o, p["wo"])
     return y + p["bo"].astype(y.dtype) if "bo" in p else y
+
+
+def _with_zero_rows(parts: list[jax.Array], w: Any) -> jax.Array:
+    """Activations parts [B, T, ·] (in parts[0]'s dtype), then zeros up to w's contracted rows: [B, T, w.shape[0]]."""
+    B, T, _ = parts[0].shape
+    zeros = jnp.zeros((B, T, w.shape[0] - sum(x.shape[-1] for x in parts)), parts[0].dtype)
+    return jnp.concatenate([x.astype(parts[0].dtype) for x in parts] + [zeros], axis=-1)
 
 
 def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Array:
@@ -306,8 +321,7 @@ def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Arra
     deviceless H100 compile). o: [B, T, H, Q]; act: [B, T, F] (`mlp_activation`) -> [B, T, E]."""
     B, T, H, Q = o.shape
     w = p["wo_down"]
-    zeros = jnp.zeros((B, T, w.shape[0] - H * Q - act.shape[-1]), o.dtype)  # the weight's zero rows, if any
-    y = einsum("BTF,FE->BTE", jnp.concatenate([o.reshape(B, T, H * Q), act.astype(o.dtype), zeros], axis=-1), w)
+    y = einsum("BTF,FE->BTE", _with_zero_rows([o.reshape(B, T, H * Q), act], w), w)  # the weight's zero rows, if any
     for name in ("bo", "b_down"):
         if name in p:
             y = y + p[name].astype(y.dtype)

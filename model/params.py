@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from meshserve.model.config import ModelConfig
-from meshserve.model.quant import QuantizedArray, dequantize, quantize
+from meshserve.model.quant import QuantizedArray, dequantize, int8_matmul_mode, quantize
 
 __all__ = [
     "ParamSpec",
@@ -211,7 +211,8 @@ def cast_params(config: ModelConfig, params: Params, weights: str) -> Params:
 
 _QKV = ("wq", "wk", "wv")  # fused by unstack_layers, in this order on the heads axis, into "wqkv"
 _OUT = ("wo", "w_down")  # a parallel block's output projections: fused on the contracted axis into "wo_down"
-FUSED_WEIGHTS = ("wqkv", "wo_down")  # the per-layer weights unstack_layers makes: not in the declared tree
+_PADDED_WO = "wo_padded"  # an int8 wo [H, Q, E] stored as [H·Q + zero rows, E] by unstack_layers (`_pad_wo`)
+FUSED_WEIGHTS = ("wqkv", "wo_down", _PADDED_WO)  # the per-layer weights unstack_layers makes: not in the declared tree
 
 
 def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = False) -> Params:
@@ -233,6 +234,14 @@ def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = F
     on the contracted axis (plus zero rows: `_out_padding`), which `layers.parallel_output` runs as one matmul
     (falcon-7b bf16 with the decode attention kernel, deviceless H100 compile: 309 -> 277 kernels per step). int8
     keeps them apart: each has its own scale per output channel, and one matmul can apply only one.
+
+    An int8 wo in the declared layout (XLA's int8 path: not int8_rows, nor MESHSERVE_INT8_MATMUL=pallas, whose tuning
+    file keys the kernel by the declared shape) becomes "wo_padded" [H·Q + `_out_padding` zero rows, E] (scale [1, E],
+    unchanged), which `layers.attention_output` runs with as many zeros after o: XLA's split-K GEMM otherwise wrote a
+    zero-padded bf16 copy of every layer's wo on every decode step (falcon-7b int8 at batch 1, deviceless H100
+    compile: bf16[4608, 4544] x32, 1278 MiB written per step; 26 us per layer on an H200). Parallel or serial block
+    alike. Stored contracted-axes-last (int8_rows), the row reduction and the GEMM over it pad nothing (falcon-7b
+    under rowsum at batch 1, 8, 16 and 64, same compile), so that layout stays as it is.
     """
     layers = params["layers"]
     if isinstance(layers, list):
@@ -252,7 +261,30 @@ def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = F
                 _delete(parts, ready=layer[name])
             for s in sliced:
                 s[i] = None  # no reference left: a slice goes as soon as its layer is fused
+    for layer in per_layer:
+        if (wo := _paddable_wo(layer.get("wo"))) is not None:
+            layer[_PADDED_WO] = _pad_wo(wo)
+            del layer["wo"]
+            if consume:
+                _delete([wo], ready=layer[_PADDED_WO])
     return dict(params, layers=per_layer)
+
+
+def _paddable_wo(wo: Any) -> QuantizedArray | None:
+    """wo [H, Q, E] if it is int8 in the declared layout, H·Q takes zero rows (`_out_padding`) and the int8 matmul
+    is not "pallas" (its tuning file keys the kernel by the declared shape), else None."""
+    if not isinstance(wo, QuantizedArray) or wo.perm is not None:
+        return None
+    H, Q, _ = wo.shape
+    return wo if _out_padding(H * Q) and int8_matmul_mode() != "pallas" else None
+
+
+def _pad_wo(wo: QuantizedArray) -> QuantizedArray:
+    """int8 wo [H, Q, E] (scale [1, 1, E]) -> wo_padded: values [H·Q + `_out_padding` zero rows, E], scale [1, E].
+    Exact: a zero row meets a zero of the activation (`layers.attention_output`), and the per-output-channel scale
+    over E does not depend on the contracted axis."""
+    H, Q, E = wo.shape
+    return QuantizedArray(values=_stack_rows(wo.values, zero_rows=_out_padding(H * Q)), scale=wo.scale.reshape(1, E))
 
 
 def _fusable(layers: dict[str, Any], names: tuple[str, ...], int8: bool) -> bool:
@@ -289,16 +321,18 @@ def _fuse_out(wo: jax.Array, w_down: jax.Array, int8_rows: bool = False) -> jax.
 
 
 @partial(jax.jit, static_argnames="zero_rows")
-def _stack_rows(wo: jax.Array, w_down: jax.Array, zero_rows: int) -> jax.Array:
-    H, Q, E = wo.shape
-    return jnp.concatenate([wo.reshape(H * Q, E), w_down, jnp.zeros((zero_rows, E), wo.dtype)])
+def _stack_rows(*parts: jax.Array, zero_rows: int) -> jax.Array:
+    """Weights [..., E] of one dtype (wo [H, Q, E], w_down [F, E]) as rows [rows + zero_rows, E], in order."""
+    E = parts[0].shape[-1]
+    return jnp.concatenate([w.reshape(-1, E) for w in parts] + [jnp.zeros((zero_rows, E), parts[0].dtype)])
 
 
 def _out_padding(rows: int) -> int:
-    """Zero rows that bring wo_down's contracted axis to a multiple of 256, for a large weight. A batch-1 GEMM runs
-    split-K on a GPU, and XLA pads its K to a multiple of splits x 8 on every call, copying the weight too: falcon-7b's
-    22720 rows were copied into a [22784, 4544] buffer every step (deviceless H100 compile, 16 splits). A multiple of
-    256 serves up to 32 splits, for at most 255 rows of zeros (0.3% of falcon-7b's); a small weight is not split."""
+    """Zero rows that bring an output projection's contracted axis (wo_down's, an int8 wo's) to a multiple of 256,
+    for a large weight. A batch-1 GEMM runs split-K on a GPU, and XLA pads its K to a multiple of splits x 8 on every
+    call, copying the weight too: falcon-7b's 22720 rows were copied into a [22784, 4544] buffer every step
+    (deviceless H100 compile, 16 splits), and its int8 wo's 4544 into a bf16 [4608, 4544] one. A multiple of 256
+    serves up to 32 splits, for at most 255 rows of zeros (0.3% of falcon-7b's); a small weight is not split."""
     return -rows % 256 if rows >= 4096 else 0
 
 

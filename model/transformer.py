@@ -272,7 +272,8 @@ def decode_step(
                 if kernel and isinstance(i, int) and q.dtype == cache.k.dtype:
                     # The kernel reads each row's cached positions [0, pos) only, plus the own key: what `over`
                     # sees of [0, C), since pos < C.
-                    return decode_attention.decode_attention(q, cache.k, cache.v, i, pos, own_k, own_v, C, scale)
+                    return decode_attention.decode_attention(q, cache.k, cache.v, i, pos, own_k, own_v, C, scale,
+                                                             out_heads=_padded_heads(p, cache.k.shape))  # fmt: skip
                 return over(cache.k[i, :B, :C], cache.v[i, :B, :C], cached)
 
             def windowed() -> jax.Array:  # each row's `span` positions: a gather [B, span, K, Q]
@@ -292,3 +293,12 @@ def decode_step(
     v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])
     logits = _final_logits(x, params, config)[:, 0]
     return logits, KVCache(k=k, v=v, lengths=cache.lengths.at[:B].set(jnp.minimum(lengths + 1, S)))
+
+
+def _padded_heads(p: dict, cache_shape: tuple[int, ...]) -> int | None:
+    """Heads the decode attention kernel writes for a layer whose int8 wo is stored padded (`wo_padded` [H·Q + zero
+    rows, E], params.unstack_layers): the zero heads it then writes are the zeros `layers.attention_output` would
+    otherwise concatenate onto o in a kernel of its own. One kv head only (then the heads are one group); else None."""
+    if "wo_padded" not in p or cache_shape[3] != 1 or p["wo_padded"].shape[0] % cache_shape[4]:
+        return None
+    return p["wo_padded"].shape[0] // cache_shape[4]

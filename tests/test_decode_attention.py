@@ -54,6 +54,26 @@ def test_kernel_equals_xla_attention(monkeypatch, B, H, K, Q, S, context, length
         np.testing.assert_allclose(np.asarray(got[row, 0], np.float32), own, atol=1e-2)
 
 
+@pytest.mark.parametrize("split_positions", [512, 16])
+def test_out_heads_appends_zero_heads_written_by_the_kernel(monkeypatch, split_positions):
+    """out_heads > H (one kv head): the first H heads are the plain call's, bit for bit, the rest zeros, with one
+    split (the kernel writes them) and with several (XLA's combine pads). Fewer than H, or more with several kv
+    heads, is refused."""
+    monkeypatch.setattr(da, "_SPLIT_POSITIONS", split_positions)
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 7, 1, 16, 48)
+    pos = jnp.asarray([40, 3], jnp.int32)
+    plain = da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True)
+    wide = da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True, out_heads=9)
+    assert wide.shape == (2, 1, 9, 16) and wide.dtype == plain.dtype
+    np.testing.assert_array_equal(np.asarray(wide[:, :, :7], np.float32), np.asarray(plain, np.float32))
+    assert not np.asarray(wide[:, :, 7:], np.float32).any()
+    with pytest.raises(ValueError, match="out_heads must be at least H = 7"):
+        da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True, out_heads=6)
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 8, 2, 16, 48)
+    with pytest.raises(ValueError, match="only with one kv head"):
+        da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True, out_heads=10)
+
+
 def test_splits_fill_the_chip_but_stay_long():
     assert da.splits_for(1, 1, 256) == 1  # the bench's 128 + 128: one program walks it all
     assert da.splits_for(1, 1, 4096) == 8  # batch 1 at long context: 8 programs of 512 positions
