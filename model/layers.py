@@ -296,9 +296,9 @@ def attend_prefill(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None
 def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
     """o: [B, T, H, Q] -> [B, T, E], over wo [H, Q, E] or (unrolled int8 layers: `params.unstack_layers`) wo_padded
     [H·Q + zero rows, E]: [o, 0] @ wo_padded = o·wo, the contracted axis already a multiple of 256, where XLA's
-    split-K GEMM padded a bf16 copy of the int8 wo on every decode step. o's zeros are a small kernel of their own
-    after the Pallas decode attention (falcon-7b int8 at batch 64, deviceless H100 compile: +32 per step, [64, 4608]
-    bf16 each), against the 1278 MiB of weight copies gone at batches 1 to 16."""
+    split-K GEMM padded a bf16 copy of the int8 wo on every decode step. With one kv head the decode attention
+    kernel writes o's zero heads itself (`transformer._padded_heads`), so o arrives H·Q + zero rows wide and the
+    concatenation adds nothing; after XLA's attention the zeros fuse into a kernel that runs anyway."""
     if "wo_padded" in p:
         B, T, H, Q = o.shape
         y = einsum("BTF,FE->BTE", _with_zero_rows([o.reshape(B, T, H * Q)], p["wo_padded"]), p["wo_padded"])
