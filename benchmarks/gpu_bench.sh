@@ -45,7 +45,8 @@
 # (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
 # kernel (attn_check, then the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with
 # the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`), profile
-# (benchmarks/profile_step.py: bf16 at batch 1 and 64, int8 at 1; kernel time per step by name and kind, in logs.tgz),
+# (benchmarks/profile_step.py: decode bf16 at batch 1 and 64, int8 at 1, and a $PROMPT_LONG-token bf16 prefill; kernel
+# time per step by name and kind, in logs.tgz),
 # attnsweep (benchmarks/attn_sweep.py: the attention kernel alone per block / warps / stages / splits against XLA's
 # attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.json in logs.tgz).
 # hlo, flags, rowsum, attn, kernel, int8xla, profile and attnsweep are not in the default STEPS.
@@ -233,15 +234,16 @@ and r.get('us_per_layer')), key=lambda r: r['us_per_layer'])[:4]], sep='\n  ') f
 for r in rows)]" "$OUT/attn_sweep.json"
       else echo "!! attnsweep skipped: out of time"; fi ;;
     profile)  # not in the default STEPS: where a decode step's time goes, per kernel (benchmarks/profile_step.py)
-      for row in "bf16 1" "bf16 64" "int8 1"; do
-        read -r weights batch <<< "$row"
-        [ "$(left)" -lt 45 ] && { echo "!! profile $weights $batch skipped: out of time"; continue; }
+      for row in "bf16 1 decode 128" "bf16 64 decode 128" "int8 1 decode 128" "bf16 1 prefill $PROMPT_LONG"; do
+        read -r weights batch phase prompt <<< "$row"
+        name="profile_${weights}_${batch}_$phase"
+        [ "$(left)" -lt 45 ] && { echo "!! $name skipped: out of time"; continue; }
         limit=$(left); [ "$limit" -gt 90 ] && limit=90
         timeout "$limit" $PY benchmarks/profile_step.py --model "$MODEL" --weights "$weights" --batch "$batch" \
-          --steps 32 --top 30 --json "${bench_extra[@]}" > "$OUT/profile_${weights}_$batch.json" \
-          2> "$OUT/profile_${weights}_$batch.log" || echo "!! profile $weights $batch failed (see its log)"
-        [ -s "$OUT/profile_${weights}_$batch.json" ] && $PY -c "import json,sys; sys.path.insert(0, 'benchmarks'); \
-from profile_step import print_table; print_table(json.load(open(sys.argv[1])))" "$OUT/profile_${weights}_$batch.json"
+          --phase "$phase" --prompt-len "$prompt" --steps 32 --top 30 --json "${bench_extra[@]}" > "$OUT/$name.json" \
+          2> "$OUT/$name.log" || echo "!! $name failed (see $name.log)"
+        [ -s "$OUT/$name.json" ] && $PY -c "import json,sys; sys.path.insert(0, 'benchmarks'); \
+from profile_step import print_table; print_table(json.load(open(sys.argv[1])))" "$OUT/$name.json"
       done ;;
     int8xla)  # not in the default STEPS: int8 at batch 1 and 64 through XLA's convert + GEMM, the earlier default
       bench falcon_int8xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights int8 \

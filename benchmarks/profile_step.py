@@ -82,40 +82,54 @@ def summarize(events: list[dict[str, Any]], steps: int, top: int = 25) -> dict[s
     }
 
 
-def profile(config: Any, weights: str, batch: int, prompt_len: int, steps: int) -> dict[str, Any]:
-    """Run the decode loop of `steps` steps once unprofiled (warm), once profiled; the summary of the profiled run."""
+def profile(
+    config: Any, weights: str, batch: int, prompt_len: int, steps: int, phase: str = "decode"
+) -> dict[str, Any]:
+    """Run the decode loop of `steps` steps (phase "prefill": the bench's prefill of [batch, prompt_len] tokens, one
+    call, steps = 1) three times unprofiled (warm; the fastest is kept), once profiled; the summary of the profiled
+    run, per step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from meshserve.model import transformer
     from meshserve.model.decode_attention import decode_attention_label
     from meshserve.model.quant import int8_matmul_label
     from meshserve.model.sampling import SamplingParams, stack_sampling
-    from meshserve.serving.bench import _decode_loop, _prefill_and_insert, bench_params
+    from meshserve.serving.bench import _decode_loop, _prefill, _prefill_and_insert, bench_params
 
     params = bench_params(config, weights, "unrolled", consume=True)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    steps = 1 if phase == "prefill" else steps
     context = prompt_len + steps
-    first, cache = _prefill_and_insert(params, config, tokens, lengths, sampling, context)
-    decode = _decode_loop.lower(params, config, first, cache, sampling, steps).compile()
+    if phase == "prefill":  # nothing else compiled: a prompt of the model's whole context leaves no decode step
+        prefill = _prefill.lower(params, config, tokens, lengths).compile()
+    else:
+        first, cache = _prefill_and_insert(params, config, tokens, lengths, sampling, context)
+        decode = _decode_loop.lower(params, config, first, cache, sampling, steps).compile()
 
     def run(trace_dir: str | None = None) -> float:
-        """One decode loop from a fresh prefill (its cache is donated); only the loop is timed and traced."""
-        first, cache = _prefill_and_insert(params, config, tokens, lengths, sampling, context)
-        jax.block_until_ready(cache)
+        """One decode loop from a fresh prefill (its cache is donated), or one prefill; only that is timed and
+        traced."""
+        if phase == "decode":
+            first, cache = _prefill_and_insert(params, config, tokens, lengths, sampling, context)
+            jax.block_until_ready(cache)
         if trace_dir:
             jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         start = time.perf_counter()
-        jax.block_until_ready(decode(params, first, cache, sampling))
+        if phase == "prefill":
+            jax.block_until_ready(prefill(params, tokens, lengths))
+        else:
+            jax.block_until_ready(decode(params, first, cache, sampling))
         elapsed = time.perf_counter() - start
         if trace_dir:
             jax.profiler.stop_trace()
         return elapsed
 
     unprofiled_s = min(run() for _ in range(3))
-    kv_dtype = cache.k.dtype
+    kv_dtype = transformer.compute_dtype(params)  # the bench's cache: the compute dtype
     with tempfile.TemporaryDirectory() as trace_dir:
         profiled_s = run(trace_dir)
         found = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
@@ -125,9 +139,10 @@ def profile(config: Any, weights: str, batch: int, prompt_len: int, steps: int) 
             trace = json.load(f)
     events, tracks = device_events(trace)
     return {
-        "model": config.name, "weights": weights, "batch": batch, "prompt_len": prompt_len, "steps": steps,
+        "model": config.name, "phase": phase, "weights": weights, "batch": batch, "prompt_len": prompt_len,
+        "steps": steps,
         "int8_matmul": int8_matmul_label(True) if weights == "int8" else "-",
-        "decode_attention": decode_attention_label(config, True, kv_dtype, context),
+        "decode_attention": decode_attention_label(config, True, kv_dtype, context) if phase == "decode" else "-",
         "device": jax.devices()[0].device_kind, "tracks": tracks,
         "wall_us_per_step_unprofiled": unprofiled_s / steps * 1e6,
         "wall_us_per_step_profiled": profiled_s / steps * 1e6,
@@ -137,7 +152,7 @@ def profile(config: Any, weights: str, batch: int, prompt_len: int, steps: int) 
 
 def print_table(row: dict[str, Any]) -> None:
     """The summary as text: step times, then kinds, then the top kernels."""
-    print(f"== {row['model']} {row['weights']} (int8 {row['int8_matmul']}, attention {row['decode_attention']}) "
+    print(f"== {row['model']} {row.get('phase', 'decode')} {row['weights']} (int8 {row['int8_matmul']}, attention {row['decode_attention']}) "
           f"batch {row['batch']}, {row['steps']} steps on {row['device']} ({row['tracks']} tracks)")  # fmt: skip
     print(f"wall µs/step unprofiled {row['wall_us_per_step_unprofiled']:.1f}, profiled "
           f"{row['wall_us_per_step_profiled']:.1f}; kernel time {row['busy_us_per_step']:.1f} µs/step over "
@@ -160,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the loop (default 128)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled (default 32)")
+    parser.add_argument(
+        "--phase",
+        choices=("decode", "prefill"),
+        default="decode",
+        help="profile the decode loop (default) or one prefill of --batch x --prompt-len tokens",
+    )
     parser.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
@@ -168,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     from meshserve.analytics.cli_helpers import model_from_args
 
-    row = profile(model_from_args(args), args.weights, args.batch, args.prompt_len, args.steps)
+    row = profile(model_from_args(args), args.weights, args.batch, args.prompt_len, args.steps, args.phase)
     row["top"] = row["top"][: args.top]
     print(json.dumps(row, indent=1)) if args.json else print_table(row)
     return 0

@@ -62,3 +62,14 @@ def test_bad_steps_is_one_line():
     done = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--steps must be at least 1, got 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_prefill_of_the_whole_context_profiles_alone():
+    """--phase prefill: one prefill of the model's whole context (tiny: 128 tokens, so no decode step could follow),
+    counted per call."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--phase", "prefill", "--prompt-len", "128",
+                           "--top", "3", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout)
+    assert row["phase"] == "prefill" and row["steps"] == 1 and row["prompt_len"] == 128
+    assert row["decode_attention"] == "-" and row["kernels_per_step"] > 0 and len(row["top"]) == 3
