@@ -71,9 +71,9 @@ def default_decode_attention(cuda: bool | None = None) -> str:
     """The decode attention when MESHSERVE_DECODE_ATTENTION is unset: "pallas" where the steps are lowered for CUDA
     (see the module docstring for why), else "xla" (the kernel would run interpreted). cuda: whether they are
     (None: this process's first device, `quant.on_cuda`; a deviceless compile for a GPU passes True)."""
-    from meshserve.model.quant import on_cuda
+    from meshserve.model.quant import lowered_for_cuda
 
-    return "pallas" if (on_cuda() if cuda is None else cuda) else "xla"
+    return "pallas" if lowered_for_cuda(cuda) else "xla"
 
 
 def kernel_enabled(head_dim: int, cache_dtype: jnp.dtype) -> bool:
@@ -95,14 +95,14 @@ def decode_attention_label(
     or int8), and some layer reading its whole context (a window below the context is gathered by XLA). context:
     the decode steps' (None: a server's, which varies; its short contexts read whole). cuda: whether the step is
     lowered for CUDA (None: this process's first device, `quant.on_cuda`)."""
-    from meshserve.model.quant import on_cuda
+    from meshserve.model.quant import lowered_for_cuda
 
     if not unrolled_layers or not kernel_enabled(config.d_head, cache_dtype):
         return "xla"
     windows = config.layer_windows
     if context is not None and all(windows) and min(windows) < context:
         return "xla"
-    return "pallas" if (on_cuda() if cuda is None else cuda) else "pallas-interpret"
+    return "pallas" if lowered_for_cuda(cuda) else "pallas-interpret"
 
 
 def splits_for(batch: int, kv_heads: int, context: int) -> int:

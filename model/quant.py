@@ -147,12 +147,18 @@ def on_cuda() -> bool:
     return device.platform == "gpu" and "rocm" not in str(getattr(device.client, "platform_version", "")).lower()
 
 
+def lowered_for_cuda(cuda: bool | None) -> bool:
+    """Whether steps are lowered for CUDA: `cuda` as given (a deviceless compile for a GPU says True), else
+    `on_cuda()` for this process's first device."""
+    return on_cuda() if cuda is None else cuda
+
+
 def int8_matmul_label(unrolled_layers: bool, cuda: bool | None = None) -> str:
     """How this process's int8 weight matmuls run, as bench rows and serve's start line name it: the mode, "xla"
     where the mode cannot apply (Pallas off CUDA; rowsum over stacked layers, which keep the declared layout), and
     "pallas-tuned" with a tuning file. cuda: whether the steps are lowered for CUDA (None: `on_cuda()`)."""
     mode = int8_matmul_mode()
-    if (mode == "pallas" and not (on_cuda() if cuda is None else cuda)) or (mode == "rowsum" and not unrolled_layers):
+    if (mode == "pallas" and not lowered_for_cuda(cuda)) or (mode == "rowsum" and not unrolled_layers):
         return "xla"
     return mode + "-tuned" if mode == "pallas" and os.environ.get("MESHSERVE_INT8_TUNING") else mode
 
