@@ -38,7 +38,9 @@
 # falcon-7b, the GPU's time unknown),
 # flags (bf16 decode at batch 1, 128+64, once per XLA_FLAGS variant, appended to $XLA_FLAGS: default, nocmdbuf (no
 # command buffers), while (the decode loop's while and sampling's conditionals inside CUDA graphs too), unroll (while +
-# loops unrolled inside the graph); writes flags_<variant>.json, rows tagged "xla_flags": <variant> for the table),
+# loops unrolled inside the graph), exhaustive (autotuning over every Triton GEMM tiling; not in the default list);
+# FLAGS_VARIANTS, FLAGS_WEIGHTS and FLAGS_BATCH pick other rows; writes flags_<variant>.json, rows tagged
+# "xla_flags": <variant> for the table),
 # rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`, then with xla, the default),
 # attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
 # as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
@@ -94,6 +96,7 @@ xla_variant() {  # xla_variant NAME: the XLA_FLAGS the flags step's variant NAME
     nocmdbuf) echo "--xla_gpu_enable_command_buffer=" ;;
     while) echo "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
     unroll) echo "$(xla_variant while) --xla_gpu_command_buffer_unroll_loops=true" ;;
+    exhaustive) echo "--xla_gpu_exhaustive_tiling_search=true" ;;  # autotune GEMMs over every Triton tiling
   esac
 }
 with_flags() {  # with_flags NAME: the caller's XLA_FLAGS plus variant NAME's; never blank (XLA reads a blank as a file)
@@ -193,12 +196,15 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
       done
       echo "== hlo done in $((SECONDS - t0)) s" ;;
     flags)  # not in the default STEPS: does the per-step cost move with XLA's command buffers (CUDA graphs)?
-      for variant in default while unroll nocmdbuf; do  # the informative ones first, should time run short
+      # FLAGS_VARIANTS / FLAGS_WEIGHTS / FLAGS_BATCH choose the rows, e.g. FLAGS_WEIGHTS=int8 FLAGS_BATCH=1,64
+      # FLAGS_VARIANTS="default exhaustive": does a wider autotuning search find int8 GEMM tilings that stream faster?
+      read -r -a flag_variants <<< "${FLAGS_VARIANTS:-default while unroll nocmdbuf}"
+      for variant in "${flag_variants[@]}"; do  # the informative ones first, should time run short
         xla_flags=$(with_flags "$variant")
         echo "== flags_$variant: XLA_FLAGS=$xla_flags"
         # A variant that fails (a flag this XLA does not know aborts the process) leaves no rows; the next still runs.
-        XLA_FLAGS="$xla_flags" bench "flags_$variant" 120 --model "$MODEL" --batch 1 --prompt-len 128 \
-          --gen-len 64 --weights bf16
+        XLA_FLAGS="$xla_flags" bench "flags_$variant" 120 --model "$MODEL" --batch "${FLAGS_BATCH:-1}" \
+          --prompt-len 128 --gen-len 64 --weights "${FLAGS_WEIGHTS:-bf16}"
         if [ -s "$OUT/flags_$variant.json" ]; then  # the variant's name in each row: report.py's XLA flags column
           $PY -c "import json,sys; p=sys.argv[1]; rows=json.load(open(p)); \
 [r.update(xla_flags=sys.argv[2]) for r in rows]; json.dump(rows, open(p, 'w'), indent=2)" "$OUT/flags_$variant.json" \
