@@ -207,18 +207,22 @@ CHIPS: dict[str, Chip] = {
         node_size=8,
         inter_node_bandwidth=50e9,  # 400 Gb/s NDR InfiniBand per GPU
         hop_latency_s=_NVLINK_HOP_S,
-        # From meshserve's own run on one H200 (BENCHMARKS.md, 2026-11-27). HBM: 4.3 of 4.8 TB/s, the workplace's
-        # device-to-device copy on such a card (not a fit). A fixed cost per layer per pass (kernel launches and the
-        # like), fitted to falcon-7b's bf16 decode step at batch 1 (4.78 ms): a cost per byte instead would scale
-        # with the model's size. Matmul: fitted to its 2048-token prefill (51.2 ms).
-        # Out of sample: falcon-7b's batch 8 and 64 steps (5.31, 5.72 ms) predict -7%, +8%; palm-8b's batch 1 and 64
-        # (6.33, 6.51 ms) -12%, +13%; the bf16 prefills of 128-token prompts -10% to +15%.
-        matmul_efficiency=0.645,
-        hbm_efficiency=0.90,
-        step_overhead_s=48.6e-6,
+        # From meshserve's own runs on one H200 (BENCHMARKS.md), refitted to 2026-11-28's (benchmarks/results/
+        # h200-2026-11-28/rows.json). HBM: 4.08 of 4.8 TB/s, the read stream the bench measured in that run (the
+        # profile's GEMMs streamed weights at 3.8-4.2), not a fit. A fixed cost per layer per pass (the ~6 small
+        # kernels and the attention kernel per layer the profile shows), fitted to falcon-7b's bf16 decode step at
+        # batch 1 with the attention kernel (3.969 ms; 48.6 us per layer before the kernel and the fused output
+        # projection, from 2026-11-27's 4.78 ms). Matmul: fitted to its 2048-token prefill (52.00 ms).
+        # Out of sample: falcon-7b's bf16 batch-64 step (4.698 ms) +15%; palm-8b's bf16 batch 1 and 64 (4.642, 5.674
+        # ms) +4%, +18%; the bf16 prefills of 128-token prompts -3% to +19%. int8 rows are predicted 17-46% under
+        # the measured: the model streams int8 weights at the card's rate, which meshserve's int8 matmuls do not
+        # reach yet (~2.3 TB/s in the profile).
+        matmul_efficiency=0.622,
+        hbm_efficiency=0.85,
+        step_overhead_s=17.3e-6,
         ici_efficiency=0.70,  # assumed, as for the other chips without a fit
         source="NVIDIA H200 datasheet; matmul efficiency and per-layer overhead fitted to meshserve's H200 run "
-        "(2026-11-27)",
+        "(2026-11-28)",
     ),
 }
 
