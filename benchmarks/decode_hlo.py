@@ -54,8 +54,8 @@ def compile_decode_loop(config: Any, weights: str, batch: int, prompt_len: int, 
     """The compiled (not run) `_decode_loop` of serving/bench.py for these shapes, lowered as `bench_row` lowers it:
     params from `bench_params` (as run_bench makes them, without consume), first token [B] and cache from
     `_prefill_and_insert` of prompts [B, P] into P + G slots, the greedy sampling rows; all abstract but the
-    sampling rows (a few bytes). sharding: every input placed by it (a `target_sharding`: compiled for that GPU, deviceless); None: this host's
-    default device."""
+    sampling rows (a few bytes). sharding: every input placed by it (a `target_sharding`: compiled for that GPU,
+    deviceless); None: this host's default device."""
     import jax
     import jax.numpy as jnp
     from meshserve.model.sampling import SamplingParams, stack_sampling

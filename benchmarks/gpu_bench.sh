@@ -43,14 +43,16 @@
 # "xla_flags": <variant> for the table),
 # rowsum (falcon-7b int8 at batch 1, 8 and 64 with `--int8-matmul rowsum`, then with xla, the default),
 # attn (model/decode_attention.py's kernel, `--decode-attention pallas`: falcon-7b bf16 at batch 1 and 64, 128+64
-# as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each row's decode_attention says "pallas" where the kernel ran
-# (report.py's layers cell: "unrolled, attn kernel"), and the flags step's default variant is its bf16 baseline).
-# kernel (attn_check, then the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with
-# the peer, then bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`), profile
+# as the flags step's rows, the same rows with `--decode-attention xla`, then int8 at batch 1 with the kernel; each
+# row's decode_attention says "pallas" where the kernel ran (report.py's layers cell: "unrolled, attn kernel"), and the
+# flags step's default variant is its bf16 baseline). Every call first checks the kernel (benchmarks/attn_check.py:
+# against XLA's attention and float64 on the device); a failure makes every step use XLA's attention.
+# kernel (the targets' rows with the attention kernel: bf16 and int8 at batch 1 and 64, 128+128, with the peer, then
+# bf16 with XLA's attention), int8xla (int8 at batch 1 and 64 with `--int8-matmul xla`), profile
 # (benchmarks/profile_step.py: decode bf16 at batch 1 and 64, int8 at 1, and a $PROMPT_LONG-token bf16 prefill; kernel
 # time per step by name and kind, in logs.tgz),
 # attnsweep (benchmarks/attn_sweep.py: the attention kernel alone per block / warps / stages / splits against XLA's
-# attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.json in logs.tgz).
+# attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.jsonl in logs.tgz).
 # hlo, flags, rowsum, attn, kernel, int8xla, profile and attnsweep are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
@@ -72,6 +74,14 @@ timeout 60 $PY benchmarks/int8_probe.py --model "$MODEL" --attention-only 2>&1 |
   | tee "$OUT/attention.txt"
 grep -q "cudnn attention FAILED (causal)" "$OUT/attention.txt" && export MESHSERVE_ATTENTION=xla \
   && echo "== cuDNN attention failed: using XLA attention"
+# ... and the decode attention kernel, CUDA's default, against XLA's attention and float64 (seconds): a fast but wrong
+# kernel shows here, and a failure switches every step to XLA's attention.
+kernel_attention=pallas
+timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
+if ! grep -q "all cases match" "$OUT/attn_check.txt"; then
+  echo "!! decode attention kernel: check failed, see attn_check.txt; XLA's attention from here on"
+  kernel_attention=xla; export MESHSERVE_DECODE_ATTENTION=xla
+fi
 
 left() { echo $((DEADLINE - SECONDS - 20)); }
 bench() {  # bench NAME LIMIT_S ARGS...: one `meshserve bench` call, cut to the time left; rows saved as they finish
@@ -216,14 +226,8 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
             bench falcon_int8xla 150 --model "$MODEL" --batch 1,8,64 --prompt-len 128 --gen-len 128 --weights int8 \
               --int8-matmul xla ;;
     kernel)  # not in the default STEPS: the targets' rows (128+128, batch 1 and 64, peer) with the attention kernel
-      # The kernel's numbers against XLA's and float64 on this device first (seconds); then bf16 and int8 (the
-      # default int8 path) with the kernel and transformers beside them, then bf16 with XLA's attention for the ratio.
-      timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
-      kernel_attention=pallas
-      if ! grep -q "all cases match" "$OUT/attn_check.txt"; then  # a wrong kernel must not time the later steps
-        echo "!! decode attention kernel: check failed, see attn_check.txt; XLA's attention from here on"
-        kernel_attention=xla; export MESHSERVE_DECODE_ATTENTION=xla
-      fi
+      # bf16 and int8 (the default int8 path) with the kernel (unless the preamble's check failed) and transformers
+      # beside them, then bf16 with XLA's attention for the ratio.
       bench falcon_kernel 240 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16,int8 --peer \
         --decode-attention "$kernel_attention" "${int8_args[@]}"
       bench falcon_kernel_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights bf16 \
@@ -232,12 +236,12 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
       if [ "$(left)" -ge 45 ]; then
         limit=$(left); [ "$limit" -gt 150 ] && limit=150
         small=(); [ "${SMALL:-0}" = 1 ] && small=(--small --layers 2 --repeats 2)
-        timeout "$limit" $PY benchmarks/attn_sweep.py --json "${small[@]}" > "$OUT/attn_sweep.json" \
+        timeout "$limit" $PY benchmarks/attn_sweep.py --json "${small[@]}" > "$OUT/attn_sweep.jsonl" \
           2> "$OUT/attn_sweep.log" || echo "!! attnsweep failed or timed out (see attn_sweep.log)"
-        [ -s "$OUT/attn_sweep.json" ] && $PY -c "import json,sys; rows=json.load(open(sys.argv[1])); \
+        [ -s "$OUT/attn_sweep.jsonl" ] && $PY -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
 [print(s, *['%.2f us %s' % (r['us_per_layer'], r['config']) for r in sorted((r for r in rows if r['shape'] == s \
 and r.get('us_per_layer')), key=lambda r: r['us_per_layer'])[:4]], sep='\n  ') for s in dict.fromkeys(r['shape'] \
-for r in rows)]" "$OUT/attn_sweep.json"
+for r in rows)]" "$OUT/attn_sweep.jsonl"
       else echo "!! attnsweep skipped: out of time"; fi ;;
     profile)  # not in the default STEPS: where a decode step's time goes, per kernel (benchmarks/profile_step.py)
       for row in "bf16 1 decode 128" "bf16 64 decode 128" "int8 1 decode 128" "bf16 1 prefill $PROMPT_LONG"; do
@@ -251,13 +255,11 @@ for r in rows)]" "$OUT/attn_sweep.json"
         [ -s "$OUT/$name.json" ] && $PY -c "import json,sys; sys.path.insert(0, 'benchmarks'); \
 from profile_step import print_table; print_table(json.load(open(sys.argv[1])))" "$OUT/$name.json"
       done ;;
-    int8xla)  # not in the default STEPS: int8 at batch 1 and 64 through XLA's convert + GEMM, the earlier default
+    int8xla)  # not in the default STEPS: int8 at batch 1 and 64 through XLA's convert + GEMM (the default again
+      # since 2026-11-28, so `kernel`'s int8 rows take it too unless `tune` ran first)
       bench falcon_int8xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 --weights int8 \
         --int8-matmul xla ;;
     attn)  # not in the default STEPS: one Pallas kernel for a layer's decode attention (XLA's: ~9)
-      # First its numbers against XLA's and float64 on this device (seconds): a fast but wrong kernel shows here.
-      timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
-      grep -q "all cases match" "$OUT/attn_check.txt" || echo "!! decode attention kernel: check failed, see attn_check.txt"
       bench falcon_attn 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \
         --decode-attention pallas
       bench falcon_attn_xla 110 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 64 --weights bf16 \
@@ -274,5 +276,5 @@ if [ -n "$steps_json" ]; then
 open('$OUT/rows.json', 'w'), indent=1)" $steps_json
   $PY benchmarks/report.py --plot "$OUT/decode.png" "$OUT/rows.json" | tee "$OUT/BENCHMARKS.part.md"
 fi
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt profile_*.json attn_sweep.json 2>/dev/null) \
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt profile_*.json attn_sweep.jsonl 2>/dev/null) \
   $(basename -a $steps_json 2>/dev/null) 2>/dev/null; ls)

@@ -152,8 +152,9 @@ def profile(
 
 def print_table(row: dict[str, Any]) -> None:
     """The summary as text: step times, then kinds, then the top kernels."""
-    print(f"== {row['model']} {row.get('phase', 'decode')} {row['weights']} (int8 {row['int8_matmul']}, attention {row['decode_attention']}) "
-          f"batch {row['batch']}, {row['steps']} steps on {row['device']} ({row['tracks']} tracks)")  # fmt: skip
+    print(f"== {row['model']} {row.get('phase', 'decode')} {row['weights']} (int8 {row['int8_matmul']}, attention "
+          f"{row['decode_attention']}) batch {row['batch']}, {row['steps']} steps on {row['device']} "
+          f"({row['tracks']} tracks)")  # fmt: skip
     print(f"wall µs/step unprofiled {row['wall_us_per_step_unprofiled']:.1f}, profiled "
           f"{row['wall_us_per_step_profiled']:.1f}; kernel time {row['busy_us_per_step']:.1f} µs/step over "
           f"{row['kernels_per_step']:.0f} kernels")  # fmt: skip

@@ -92,11 +92,12 @@ def test_deviceless_compiles_take_the_targets_default_attention(monkeypatch, env
     not this host's (XLA's); a value the user set stays. The int8 matmul is left to its own default (xla
     everywhere), not set."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # jax is imported already: the function needs the platform set
-    monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", raising=False)  # restored after: the function sets it
-    monkeypatch.delenv("MESHSERVE_INT8_MATMUL", raising=False)
-    if env is None:
-        monkeypatch.delenv("MESHSERVE_DECODE_ATTENTION", raising=False)
-    else:
+    # Set, then deleted: monkeypatch records the variable either way, so what the function sets is undone after
+    # (a bare delenv of an absent variable records nothing, and the kernel leaked into every later test).
+    for name in ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "MESHSERVE_INT8_MATMUL", "MESHSERVE_DECODE_ATTENTION"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    if env is not None:
         monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", env)
     assert _decode_hlo().deviceless_environment("test") is True
     assert os.environ["MESHSERVE_DECODE_ATTENTION"] == want
