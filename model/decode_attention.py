@@ -1,5 +1,5 @@
-"""One-kernel decode attention for GPUs (Pallas, Triton backend): the default on CUDA (MESHSERVE_DECODE_ATTENTION=xla
-turns it off, =pallas runs it interpreted elsewhere).
+"""One-kernel decode attention for GPUs (Pallas, Triton backend): the default on CUDA GPUs of compute capability 9.0
+or more (MESHSERVE_DECODE_ATTENTION=xla turns it off, =pallas turns it on elsewhere, interpreted off CUDA).
 
 XLA compiles `layers.attend_cached` for one decode token into about ten kernels per layer on a GPU (deviceless
 compile for an H100, benchmarks/decode_hlo.py --target h100: the score GEMM, a concatenation with the own key's
@@ -24,8 +24,9 @@ step is now 277 kernels with it, 468 with XLA's attention (H100 target; BENCHMAR
 
 Why it is CUDA's default: on an H200 (2026-11-28, benchmarks/results/h200-2026-11-28/) it passed
 benchmarks/attn_check.py and took falcon-7b's bf16 decode step (bench, prompt 128, 128 steps) from XLA's attention's
-4.171 to 3.969 ms at batch 1 and from 5.364 to 4.698 ms at batch 64. Elsewhere it only runs interpreted (its body
-as XLA ops, slowly), so there the default stays "xla".
+4.171 to 3.969 ms at batch 1 and from 5.364 to 4.698 ms at batch 64. Only Hopper parts (H100, H200) have run it,
+so older CUDA GPUs keep XLA's attention by default (`_hopper_or_newer`: less shared memory per SM). Off CUDA it only
+runs interpreted (its body as XLA ops, slowly), so there the default stays "xla".
 """
 
 from __future__ import annotations
@@ -68,12 +69,26 @@ def decode_attention_mode() -> str:
 
 
 def default_decode_attention(cuda: bool | None = None) -> str:
-    """The decode attention when MESHSERVE_DECODE_ATTENTION is unset: "pallas" where the steps are lowered for CUDA
-    (see the module docstring for why), else "xla" (the kernel would run interpreted). cuda: whether they are
-    (None: this process's first device, `quant.on_cuda`; a deviceless compile for a GPU passes True)."""
+    """The decode attention when MESHSERVE_DECODE_ATTENTION is unset: "pallas" where the steps are lowered for a
+    CUDA GPU of compute capability 9.0 or more (see the module docstring for why), else "xla" (elsewhere the kernel
+    would run interpreted). cuda: whether they are lowered for such a GPU (None: this process's first device; a
+    deviceless compile for an H100 or H200 passes True)."""
     from meshserve.model.quant import lowered_for_cuda
 
-    return "pallas" if lowered_for_cuda(cuda) else "xla"
+    if cuda is None:
+        cuda = lowered_for_cuda(None) and _hopper_or_newer()
+    return "pallas" if cuda else "xla"
+
+
+def _hopper_or_newer() -> bool:
+    """Whether this process's first device reports compute capability 9.0 or more (H100, H200: where the kernel was
+    checked and timed). Older parts have less shared memory per SM (about 99 KiB on sm_86 and sm_89, 227 on sm_90),
+    which a large head group's kernel exceeds (48 query heads of 256 per kv head, palm-540b's: 160 KiB in a PTX
+    compile), so they keep XLA's attention unless MESHSERVE_DECODE_ATTENTION=pallas asks."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", "")) >= 9.0
+    except ValueError:
+        return False
 
 
 def kernel_enabled(head_dim: int, cache_dtype: jnp.dtype) -> bool:

@@ -23,9 +23,31 @@ from meshserve.model.params import cast_params, init_params, unstack_layers
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_hlo.py"
 
 
-def _on_cuda(monkeypatch, cuda: bool) -> None:
-    """This process's devices as the default sees them: a CUDA GPU first, or not."""
+def _on_cuda(monkeypatch, cuda: bool, hopper: bool = True) -> None:
+    """This process's devices as the default sees them: a CUDA GPU first (of compute capability 9.0 or more, or
+    not), or no CUDA GPU."""
     monkeypatch.setattr(quant, "on_cuda", lambda: cuda)
+    monkeypatch.setattr(da, "_hopper_or_newer", lambda: hopper)
+
+
+def test_cuda_gpus_before_hopper_keep_xla_attention(monkeypatch):
+    """The kernel was checked and timed on H100 and H200 only; an older CUDA GPU (less shared memory per SM) keeps
+    XLA's attention unless the variable asks for the kernel."""
+    monkeypatch.delenv("MESHSERVE_DECODE_ATTENTION", raising=False)
+    _on_cuda(monkeypatch, True, hopper=False)
+    assert da.decode_attention_mode() == "xla"
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "pallas")
+    assert da.decode_attention_mode() == "pallas"
+
+
+@pytest.mark.parametrize(("capability", "hopper"), [("9.0", True), ("10.0", True), ("8.9", False), (None, False)])
+def test_hopper_is_read_from_the_devices_compute_capability(monkeypatch, capability, hopper):
+    class Device:  # what jax.devices()[0] reports on a CUDA GPU; a CPU device has no compute_capability
+        if capability is not None:
+            compute_capability = capability
+
+    monkeypatch.setattr(jax, "devices", lambda: [Device()])
+    assert da._hopper_or_newer() is hopper
 
 
 def test_the_default_is_the_kernel_on_cuda_only():
