@@ -137,6 +137,8 @@ def decode_report(
     difference, kernels_besides_layers the rest of a step (embedding, final norm, unembedding, sampling), where
     kernels_per_layer (per step / layers) spreads that rest over the layers. sharding: as `compile_decode_loop`."""
     import jax
+    import jax.numpy as jnp
+    from meshserve.model.decode_attention import decode_attention_label
     from meshserve.model.quant import int8_matmul_label
 
     shapes = (weights, batch, prompt_len, gen_len, layers, kv_cache_dtype, sharding)
@@ -150,6 +152,9 @@ def decode_report(
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
            "prompt_len": prompt_len, "gen_len": gen_len, "layers": layers, "n_layers": config.n_layers,
            "int8_matmul": int8_matmul_label(layers == "unrolled", cuda=cuda), "platform": device.platform,
+           "decode_attention": decode_attention_label(config, layers == "unrolled", jnp.int8 if kv_cache_dtype == "int8"
+                                                      else jnp.float32 if weights == "f32" else jnp.bfloat16,
+                                                      prompt_len + gen_len, cuda=cuda),
            "device": device.device_kind, "jax": jax.__version__, "xla_flags": _user_xla_flags(),
            "label": label}  # fmt: skip
     row |= count_step(text, gen_len, config.n_layers)
@@ -176,7 +181,8 @@ def print_report(row: dict[str, Any]) -> None:
     print(
         f"{row['label'] + ': ' if row['label'] else ''}{row['model']} {row['weights']} batch {row['batch']}, prompt "
         f"{row['prompt_len']} + {row['gen_len']} "
-        f"generated, {row['layers']} layers, on {row['device']} ({row['platform']}), XLA_FLAGS={row['xla_flags']!r}"
+        f"generated, {row['layers']} layers, {row['decode_attention']} decode attention, on {row['device']} "
+        f"({row['platform']}), XLA_FLAGS={row['xla_flags']!r}"
     )
     if row["platform"] == "cpu":
         print("  XLA:CPU's counts: a dry run of the counting, not a GPU's kernels (no command buffers on a CPU)")
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--int8-matmul",
         default=None,
-        help="as bench: sets MESHSERVE_INT8_MATMUL (default: its value, else the target's default)",
+        help="as bench: sets MESHSERVE_INT8_MATMUL (default: its value, else xla)",
     )
     p.add_argument("--no-layer-delta", action="store_true", help="skip the 2- and 3-layer compiles that give the "
                    "kernels each layer adds")  # fmt: skip

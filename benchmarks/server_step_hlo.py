@@ -33,6 +33,7 @@ def server_step_report(config: Any, weights: str, rows: int, slots: int, context
     a folder to write the optimized HLO text into)."""
     import jax
     import jax.numpy as jnp
+    from meshserve.model.decode_attention import decode_attention_label
     from meshserve.serving.bench import bench_params
     from meshserve.serving.engine_steps import ModelSteps, decode_rows, fresh_state
 
@@ -50,7 +51,8 @@ def server_step_report(config: Any, weights: str, rows: int, slots: int, context
     device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
     row = {"model": config.name, "weights": weights, "kv_cache_dtype": kv_cache_dtype, "rows": rows, "slots": slots,
            "context": context, "cache_len": cache_len, "platform": device.platform, "device": device.device_kind,
-           "jax": jax.__version__}  # fmt: skip
+           "jax": jax.__version__, "decode_attention": decode_attention_label(
+               config, True, dtype, context, cuda=True if sharding is not None else None)}  # fmt: skip
     counts = count_step(text, 1, config.n_layers, whole=True)  # the whole call is the step
     row |= {k: counts[k] for k in ("kernels_per_step", "by_kind", "large_outputs_per_step",
                                    "large_output_bytes_per_step")}  # fmt: skip
@@ -111,7 +113,8 @@ def _print(r: dict[str, Any]) -> None:
     large = ", ".join(f"{k} x{n:g}" for k, n in r["large_outputs_per_step"].items()) or "none"
     written = f" ({r['large_output_bytes_per_step'] / 2**20:.0f} MiB)" if r["large_outputs_per_step"] else ""
     print(f"{r['model']} {r['weights']}, {r['rows']} of {r['slots']} slots, context {r['context']} of "
-          f"{r['cache_len']}, on {r['device']} ({r['platform']}): {r['kernels_per_step']:.0f} kernels per step; "
+          f"{r['cache_len']}, {r['decode_attention']} decode attention, on {r['device']} ({r['platform']}): "
+          f"{r['kernels_per_step']:.0f} kernels per step; "
           f"outputs of {LARGE_BYTES >> 20} MiB or more{written}: {large}")  # fmt: skip
 
 
