@@ -28,7 +28,7 @@ from typing import Any
 KINDS = (  # (kind, pattern on the kernel's name), first match wins
     ("GEMM (XLA's gemm fusions, cuBLAS)", r"gemm|cublas|cutlass|sm90_|nvjet|gemv"),
     ("attention kernel (Pallas)", r"decode_attention|pallas|attend"),
-    ("reduction fusion", r"reduce|input_"),
+    ("input fusion (reductions, concatenations)", r"reduce|input_"),
     ("dynamic-update-slice (cache write)", r"dynamic.update.slice|dynamic_update"),
     ("copy / transpose", r"copy|transpose"),
     ("other fusion", r"fusion|loop_"),

@@ -298,7 +298,8 @@ def attention_output(o: jax.Array, p: dict[str, Any]) -> jax.Array:
     [H·Q + zero rows, E]: [o, 0] @ wo_padded = o·wo, the contracted axis already a multiple of 256, where XLA's
     split-K GEMM padded a bf16 copy of the int8 wo on every decode step. With one kv head the decode attention
     kernel writes o's zero heads itself (`transformer._padded_heads`), so o arrives H·Q + zero rows wide and the
-    concatenation adds nothing; after XLA's attention the zeros fuse into a kernel that runs anyway."""
+    concatenation adds nothing; after XLA's attention the zeros fuse into a kernel that runs anyway (falcon-7b int8
+    under MESHSERVE_DECODE_ATTENTION=xla, deviceless H100 compile: batch 1 564 -> 532 kernels, batch 64 536 both)."""
     if "wo_padded" in p:
         B, T, H, Q = o.shape
         y = einsum("BTF,FE->BTE", _with_zero_rows([o.reshape(B, T, H * Q)], p["wo_padded"]), p["wo_padded"])
