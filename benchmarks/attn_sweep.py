@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # attn_check beside this file: its float64 reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attn_check (its float64 reference) and timing beside it
 
 # (name, B, H, K, Q, S = context, filled length): falcon-7b at the bench's 128 + 128 (mean ~192 filled) at batch 1 and
 # 64, falcon-7b at 2k, a GQA model (llama-2-7b's heads with 8 kv heads) at 1k and batch 8.
@@ -58,14 +56,9 @@ def _inputs(B: int, H: int, K: int, Q: int, S: int, length: int, layers: int) ->
 def _timed(fn: Any, args: tuple[Any, ...], repeats: int) -> float:
     """Median seconds of fn(*args) over `repeats` runs after one warm-up (which also compiles)."""
     import jax
+    from timing import median_ms
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(lambda: jax.block_until_ready(fn(*args)), repeats) / 1e3
 
 
 def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any) -> list[dict[str, Any]]:
