@@ -10,7 +10,8 @@ beside it. Each config's first layer is checked against float64 attention first,
 XLA's own error, at least 1e-2): a wrong config is reported, not ranked.
 
 The sweep is staged to stay short: block x num_warps at the defaults' stages and splits, then num_stages for the
-best, then splits for that (splits > 1 adds XLA's combine of the partial softmaxes, timed with it).
+best, then splits for that (splits > 1 adds XLA's combine of the partial softmaxes, timed with it), then, with one
+kv head, head_block (the query heads spread over several programs per row) for the best so far.
 
     python benchmarks/attn_sweep.py --json > attn_sweep.jsonl     # on the GPU (gpu_bench.sh step `attnsweep`)
     python benchmarks/attn_sweep.py --small                         # a CPU dry run (interpreted kernel, tiny shapes)
@@ -36,7 +37,7 @@ SHAPES = [
 ]
 SMALL_SHAPES = [("tiny b1", 1, 4, 1, 16, 64, 40), ("tiny b2 gqa", 2, 4, 2, 16, 64, 50)]
 # Staged (below), so each shape times about a dozen configs, one Triton compile each.
-BLOCKS, WARPS, STAGES, SPLITS = (32, 64, 128), (4, 8), (1, 2, 3), (1, 2, 4, 8)
+BLOCKS, WARPS, STAGES, SPLITS, HEAD_BLOCKS = (32, 64, 128), (4, 8), (1, 2, 3), (1, 2, 4, 8), (16, 32, 64)
 
 
 def _inputs(B: int, H: int, K: int, Q: int, S: int, length: int, layers: int) -> tuple[Any, ...]:
@@ -134,9 +135,12 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
     stage2 = [measure({**chosen, "num_stages": s}) for s in ((1,) if small else STAGES) if s != chosen["num_stages"]]
     chosen = best(stage1 + stage2)
     max_splits = max(1, S // chosen["block"])
-    for s in (2,) if small else SPLITS:
-        if s != chosen["splits"] and s <= max_splits:
-            measure({**chosen, "splits": s})
+    stage3 = [measure({**chosen, "splits": s}) for s in ((2,) if small else SPLITS)
+              if s != chosen["splits"] and s <= max_splits]  # fmt: skip
+    if K == 1:  # one kv head: the query heads over several programs per row too
+        chosen = best(stage1 + stage2 + stage3)
+        for head_block in (16,) if small else HEAD_BLOCKS:
+            measure({**chosen, "head_block": head_block})
     return rows
 
 

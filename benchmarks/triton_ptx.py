@@ -81,15 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     def spec(shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    # (name, B, H, K, Q, S, context, out_heads): falcon-7b's MQA at the bench's 128 + 128 and batch 64, and with the
-    # zero heads an int8 wo_padded meets (72); a llama-style GQA at a long context (several splits).
-    for name, B, H, K, Q, S, context, out_heads in [("falcon-7b b1", 1, 71, 1, 64, 256, 256, None),
-                                                    ("falcon-7b b64", 64, 71, 1, 64, 256, 256, None),
-                                                    ("falcon-7b b1, 72 heads out", 1, 71, 1, 64, 256, 256, 72),
-                                                    ("llama GQA 4k b1", 1, 32, 8, 128, 4096, 4096, None)]:  # fmt: skip
+    # (name, B, H, K, Q, S, context, out_heads, head_block): falcon-7b's MQA at the bench's 128 + 128 and batch 64,
+    # with the zero heads an int8 wo_padded meets (72), and 16 heads to a program; a llama-style GQA at a long context
+    # (several splits).
+    cases = [("falcon-7b b1", 1, 71, 1, 64, 256, 256, None, None),
+             ("falcon-7b b64", 64, 71, 1, 64, 256, 256, None, None),
+             ("falcon-7b b1, 72 heads out", 1, 71, 1, 64, 256, 256, 72, None),
+             ("falcon-7b b1, 16-head blocks", 1, 71, 1, 64, 256, 256, 72, 16),
+             ("llama GQA 4k b1", 1, 32, 8, 128, 4096, 4096, None, None)]  # fmt: skip
+    for name, B, H, K, Q, S, context, out_heads, head_block in cases:
         kernels = ptx_of(
-            lambda q, kc, vc, pos, kn, vn, c=context, o=out_heads: decode_attention(q, kc, vc, 0, pos, kn, vn, c,
-                                                                                   interpret=False, out_heads=o),
+            lambda q, kc, vc, pos, kn, vn, c=context, o=out_heads, hb=head_block: decode_attention(
+                q, kc, vc, 0, pos, kn, vn, c, interpret=False, out_heads=o, head_block=hb),
             spec((B, 1, H, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
             spec((B, 1, K, Q)), spec((B, 1, K, Q)),
         )  # fmt: skip

@@ -142,6 +142,7 @@ def decode_attention(
     block: int = 64,
     interpret: bool | None = None,
     out_heads: int | None = None,
+    head_block: int | None = None,
 ) -> jax.Array:
     """Attention of one new token per row over its cached keys and its own key. Equals `layers.attend_cached` with
     visible = (cached position < pos).
@@ -153,7 +154,8 @@ def decode_attention(
     CUDA, chosen when the step is lowered, so a deviceless compile for a GPU gets the kernel). out_heads (K = 1
     only, >= H): return [B, 1, out_heads, Q], heads from H on zeros, written by the kernel itself: the zero rows an
     output projection's padded weight meets (`params.unstack_layers`' wo_padded), where XLA would pad o in a kernel
-    of its own (falcon-7b int8, deviceless H100 compile: one per layer).
+    of its own (falcon-7b int8, deviceless H100 compile: one per layer). head_block (K = 1 only): query heads per
+    program, a power of two >= 16 (None: all G in one program per row; see `_decode_attention`).
     """
     B, _, H, Q = q.shape
     K = k_cache.shape[3]
@@ -162,7 +164,7 @@ def decode_attention(
         raise ValueError(f"out_heads must be at least H = {H}, and above it only with one kv head (K = {K})")
     scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
     static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block,
-                  out_groups=out_heads // K)  # fmt: skip
+                  out_groups=out_heads // K, head_block=head_block)  # fmt: skip
     # One operand [B, 1, H + 2K, Q] for q and the own k, v, each found by its BlockSpec: when they are slices of one
     # fused projection (params.unstack_layers' wqkv) XLA folds the concatenation back into that array, where
     # separate operands would each be copied out of it by a kernel of their own.
@@ -179,15 +181,28 @@ def decode_attention(
     return out.reshape(B, 1, out_heads, Q)
 
 
-_STATIC = ("layer", "context", "scale", "splits", "block", "interpret", "num_warps", "num_stages", "out_groups")
+_STATIC = (
+    "layer",
+    "context",
+    "scale",
+    "splits",
+    "block",
+    "interpret",
+    "num_warps",
+    "num_stages",
+    "out_groups",
+    "head_block",
+)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
 def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret, num_warps=4,
-                      num_stages=2, out_groups=None):  # fmt: skip
+                      num_stages=2, out_groups=None, head_block=None):  # fmt: skip
     """qkv [B, 1, H + 2K, Q] (q's H heads, then the own k's K, then v's K); caches [N, B, S, K, Q]; pos [B]
     -> [B, K, Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G). num_warps,
-    num_stages: Triton's launch config (benchmarks/attn_sweep.py times others)."""
+    num_stages: Triton's launch config (benchmarks/attn_sweep.py times others). head_block (one kv head only, a
+    power of two >= 16): each program takes that many of the query heads, not all G, so a batch-1 step runs
+    cdiv(Go, head_block) programs where it ran one (each reads the same keys; an option for attn_sweep to time)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -196,13 +211,18 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
     G = H // K
     Go = G if out_groups is None else out_groups
     S = k_cache.shape[2]
-    Gp = max(16, pl.next_power_of_2(Go))  # Triton's dot wants >= 16 rows; the padding rows are masked off
+    if head_block is not None and (K != 1 or head_block < 16 or head_block & (head_block - 1)):
+        raise ValueError(f"head_block must be a power of two >= 16 with one kv head, got {head_block} with K = {K}")
+    # A program's heads: all of its group (Gq rows of q, Gw rows written), or head_block of them (n_blocks programs).
+    Gq, Gw, n_blocks = (G, Go, 1) if head_block is None else (head_block, head_block, pl.cdiv(Go, head_block))
+    Gp = max(16, pl.next_power_of_2(Gw))  # Triton's dot wants >= 16 rows; the padding rows are masked off
     block = min(block, max(16, pl.next_power_of_2(context)))
     per_split = pl.cdiv(pl.cdiv(context, block), splits)  # blocks each split walks at most
 
     def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *out_refs):
         s = pl.program_id(2)
-        head_mask = (jnp.arange(Gp) < G)[:, None]
+        heads = pl.program_id(1) % n_blocks * Gq + jnp.arange(Gp)  # the rows' query heads within the group
+        head_mask = (heads < G)[:, None]
         length = pos_ref[()]  # cached positions [0, length) are visible
         qv = plgpu.load(q_ref.at[pl.ds(0, Gp), :], mask=head_mask, other=0.0)  # [Gp, Q]
         own = jnp.sum(qv.astype(jnp.float32) * kn_ref[...].astype(jnp.float32)[None, :], axis=1) * scale  # [Gp]
@@ -233,34 +253,38 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         if splits == 1:
             (o_ref,) = out_refs  # rows [G, Go) are written as zeros: the output's padding heads
             out = jnp.where(head_mask, acc / l[:, None], 0.0).astype(o_ref.dtype)
-            plgpu.store(o_ref.at[pl.ds(0, Gp), :], out, mask=(jnp.arange(Gp) < Go)[:, None])
+            plgpu.store(o_ref.at[pl.ds(0, Gp), :], out, mask=(heads < Go)[:, None])
         else:
             o_ref, m_ref, l_ref = out_refs
             plgpu.store(o_ref.at[pl.ds(0, Gp), :], acc, mask=head_mask)
             plgpu.store(m_ref.at[pl.ds(0, Gp)], m, mask=head_mask[:, 0])
             plgpu.store(l_ref.at[pl.ds(0, Gp)], l, mask=head_mask[:, 0])
 
-    cache_spec = pl.BlockSpec((None, None, S, None, Q), lambda b, h, s: (layer, b, 0, h, 0))
+    # Grid axis 1 is (kv head, head block): hg = h n_blocks + g (Triton's grid has three axes).
+    cache_spec = pl.BlockSpec((None, None, S, None, Q), lambda b, hg, s: (layer, b, 0, hg // n_blocks, 0))
     in_specs = [
-        pl.BlockSpec((None,), lambda b, h, s: (b,)),  # pos
-        pl.BlockSpec((None, None, G, Q), lambda b, h, s: (b, 0, h, 0)),  # q: heads [h G, h G + G)
+        pl.BlockSpec((None,), lambda b, hg, s: (b,)),  # pos
+        # q: heads [h G, h G + G), or with head blocks (K = 1) [g head_block, (g + 1) head_block)
+        pl.BlockSpec((None, None, Gq, Q), lambda b, hg, s: (b, 0, hg, 0)),
         cache_spec,
         cache_spec,
-        pl.BlockSpec((None, None, None, Q), lambda b, h, s: (b, 0, H + h, 0)),  # the own k: head H + h
-        pl.BlockSpec((None, None, None, Q), lambda b, h, s: (b, 0, H + K + h, 0)),  # the own v: head H + K + h
+        pl.BlockSpec((None, None, None, Q), lambda b, hg, s: (b, 0, H + hg // n_blocks, 0)),  # the own k: H + h
+        pl.BlockSpec((None, None, None, Q), lambda b, hg, s: (b, 0, H + K + hg // n_blocks, 0)),  # own v: H + K + h
     ]
+    Gs = G if head_block is None else head_block  # a split's partial rows per program
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct((B, K, Go, Q), qkv.dtype)]
-        out_specs = [pl.BlockSpec((None, None, Go, Q), lambda b, h, s: (b, h, 0, 0))]
+        out_specs = [pl.BlockSpec((None, None, Gw, Q), lambda b, hg, s: (b, hg // n_blocks, hg % n_blocks, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((splits, B, K, G, Q), jnp.float32),
                      *[jax.ShapeDtypeStruct((splits, B, K, G), jnp.float32)] * 2]  # fmt: skip
-        out_specs = [pl.BlockSpec((None, None, None, G, Q), lambda b, h, s: (s, b, h, 0, 0)),
-                     *[pl.BlockSpec((None, None, None, G), lambda b, h, s: (s, b, h, 0))] * 2]  # fmt: skip
+        out_specs = [pl.BlockSpec((None, None, None, Gs, Q), lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks, 0)),
+                     *[pl.BlockSpec((None, None, None, Gs),
+                                    lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks))] * 2]  # fmt: skip
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(B, K, splits),
+        grid=(B, K * n_blocks, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

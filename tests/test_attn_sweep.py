@@ -26,6 +26,8 @@ def test_small_sweep_checks_and_times_each_config():
         configs = [r["config"] for r in kernel_rows]
         assert len(kernel_rows) >= 3 and len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
         assert {c["splits"] for c in configs} == {1, 2} and {c["num_stages"] for c in configs} == {1, 2}
+        # head blocks with one kv head only (tiny b1); GQA has none
+        assert {c.get("head_block") for c in configs} == ({None, 16} if shape == "tiny b1" else {None})
         for r in mine:  # interpreted, every config computes the same attention, within attn_check's bound
             assert r["ok"] and r["max_error"] <= max(2 * mine[0]["max_error"], 1e-2) and r["us_per_layer"] > 0, r
 

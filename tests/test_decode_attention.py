@@ -7,6 +7,8 @@ on a GPU by `meshserve bench --decode-attention pallas` (benchmarks/gpu_bench.sh
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,27 @@ def test_out_heads_appends_zero_heads_written_by_the_kernel(monkeypatch, split_p
         da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True, out_heads=10)
 
 
+@pytest.mark.parametrize(("head_block", "split_positions", "out_heads"), [(16, 512, None), (64, 512, 72), (32, 16, 72)])
+def test_head_blocks_compute_the_same_attention(monkeypatch, head_block, split_positions, out_heads):
+    """head_block: falcon-7b's 71 query heads over several programs per row (one split, and several); the output is
+    the one-program kernel's, bit for bit, zero heads included. Refused with several kv heads or a block that is
+    not a power of two >= 16."""
+    monkeypatch.setattr(da, "_SPLIT_POSITIONS", split_positions)
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 71, 1, 64, 48)
+    pos = jnp.asarray([40, 0], jnp.int32)
+    call = functools.partial(da.decode_attention, q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True,
+                             out_heads=out_heads)  # fmt: skip
+    whole, blocked = call(), call(head_block=head_block)
+    assert blocked.shape == whole.shape
+    np.testing.assert_array_equal(np.asarray(blocked, np.float32), np.asarray(whole, np.float32))
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match="head_block must be a power of two >= 16"):
+            call(head_block=bad)
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 8, 2, 16, 48)
+    with pytest.raises(ValueError, match="with one kv head"):
+        da.decode_attention(q, k_cache, v_cache, 1, pos, k_new, v_new, 48, interpret=True, head_block=16)
+
+
 def test_splits_fill_the_chip_but_stay_long():
     assert da.splits_for(1, 1, 256) == 1  # the bench's 128 + 128: one program walks it all
     assert da.splits_for(1, 1, 4096) == 8  # batch 1 at long context: 8 programs of 512 positions
@@ -97,6 +120,13 @@ def test_kernel_lowers_to_triton_for_cuda():
         assert text.count("__gpu$xla.gpu.triton") == calls
         splits = da.splits_for(2, 2, context)
         assert f"grid_z = {splits}" in text and "grid_x = 2" in text and "grid_y = 2" in text
+    # Head blocks: falcon-7b's 71 query heads, 16 per program: 5 programs per row on the grid's y axis.
+    q, k_cache, v_cache, k_new, v_new = _operands(2, 71, 1, 64, 256, N=2)
+    fn = jax.jit(lambda *a: da.decode_attention(*a[:3], 1, a[3], *a[4:], 256, head_block=16))
+    text = jax.export.export(
+        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    )(q, k_cache, v_cache, pos, k_new, v_new).mlir_module()
+    assert "grid_x = 2" in text and "grid_y = 5" in text and "grid_z = 1" in text
 
 
 def test_bad_mode_is_one_line_naming_the_variable(monkeypatch):
