@@ -235,13 +235,10 @@ def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = F
     (falcon-7b bf16 with the decode attention kernel, deviceless H100 compile: 309 -> 277 kernels per step). int8
     keeps them apart: each has its own scale per output channel, and one matmul can apply only one.
 
-    An int8 wo in the declared layout (XLA's int8 path: not int8_rows, nor MESHSERVE_INT8_MATMUL=pallas, whose tuning
-    file keys the kernel by the declared shape) becomes "wo_padded" [H·Q + `_out_padding` zero rows, E] (scale [1, E],
-    unchanged), which `layers.attention_output` runs with as many zeros after o: XLA's split-K GEMM otherwise wrote a
-    zero-padded bf16 copy of every layer's wo on every decode step (falcon-7b int8 at batch 1, deviceless H100
-    compile: bf16[4608, 4544] x32, 1278 MiB written per step; 26 us per layer on an H200). Parallel or serial block
-    alike. Stored contracted-axes-last (int8_rows), the row reduction and the GEMM over it pad nothing (falcon-7b
-    under rowsum at batch 1, 8, 16 and 64, same compile), so that layout stays as it is.
+    An int8 wo in the declared layout (not int8_rows, which pads nothing, nor "pallas", whose tuning file keys the
+    declared shape) becomes "wo_padded" [H·Q + `_out_padding` zero rows, E] (scale [1, E]; `layers.attention_output`):
+    XLA's split-K GEMM otherwise wrote a padded bf16 copy of every layer's wo per decode step (falcon-7b int8 at batch
+    1: 1278 MiB per step, deviceless H100 compile; 26 us per layer on an H200).
     """
     layers = params["layers"]
     if isinstance(layers, list):
