@@ -2,7 +2,8 @@
 
 No GPU here: interpret mode runs the kernel body on the CPU for the numbers (against `layers.attend_cached`, the XLA
 path), and exporting for the `cuda` platform runs Pallas' Triton lowering without a device. Its speed is measured
-on a GPU by `meshserve bench --decode-attention pallas` (benchmarks/gpu_bench.sh step `attn`), not here.
+on a GPU by `meshserve bench --decode-attention pallas` (benchmarks/gpu_bench.sh steps `kernel` and `attn`) and
+benchmarks/attn_sweep.py, not here.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def test_stacked_layers_and_an_int8_cache_keep_xla_attention(monkeypatch):
 
 
 def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
-    """benchmarks/attn_check.py (run by gpu_bench.sh's attn step before timing the kernel) at its two batch-1
-    falcon cases, here interpreted: it prints one JSON line per case and passes."""
+    """benchmarks/attn_check.py (run first in every gpu_bench.sh call) at its two batch-1 falcon cases and the one
+    writing 72 heads (out_heads), here interpreted: it prints one JSON line per case and passes."""
     import importlib.util
     import json
     from pathlib import Path
@@ -195,7 +196,9 @@ def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("attn_check", path)
     attn_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(attn_check)
-    monkeypatch.setattr(attn_check, "CASES", attn_check.CASES[:2])
+    cases = [*attn_check.CASES[:2], next(c for c in attn_check.CASES if c[-1])]
+    monkeypatch.setattr(attn_check, "CASES", cases)
     assert attn_check.main() == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["splits"] for r in rows] == [1, 4] and all(r["ok"] for r in rows)
+    assert [r["splits"] for r in rows] == [1, 4, 1] and all(r["ok"] for r in rows)
+    assert [r["out_heads"] for r in rows] == [71, 71, 72]
