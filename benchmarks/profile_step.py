@@ -89,19 +89,13 @@ def profile(
     call, steps = 1) three times unprofiled (warm; the fastest is kept), once profiled; the summary of the profiled
     run, per step."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from meshserve.model import transformer
     from meshserve.model.decode_attention import decode_attention_label
     from meshserve.model.quant import int8_matmul_label
-    from meshserve.model.sampling import SamplingParams, stack_sampling
-    from meshserve.serving.bench import _decode_loop, _prefill, _prefill_and_insert, bench_params
+    from meshserve.serving.bench import _decode_loop, _prefill, _prefill_and_insert, bench_inputs, bench_params
 
     params = bench_params(config, weights, "unrolled", consume=True)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    tokens, lengths, sampling = bench_inputs(config, batch, prompt_len)  # the bench's own
     steps = 1 if phase == "prefill" else steps
     context = prompt_len + steps
     if phase == "prefill":  # nothing else compiled: a prompt of the model's whole context leaves no decode step

@@ -142,6 +142,16 @@ def bench_params(config: ModelConfig, weights: str, layers: str, *, consume: boo
     return unstack_layers(params, consume=consume, int8_rows=int8_rows_layout())
 
 
+def bench_inputs(config: ModelConfig, batch: int, prompt_len: int) -> tuple[jax.Array, jax.Array, dict]:
+    """A row's inputs: random prompt tokens int32 [B, P] (seed 0), their lengths int32 [B] (all P), and greedy
+    sampling rows (`stack_sampling` of default SamplingParams, as arrays)."""
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    return tokens, lengths, sampling
+
+
 _prefill = jax.jit(transformer.prefill, static_argnames=("config", "all_logits"))
 
 
@@ -180,10 +190,7 @@ def bench_row(
     kv_cache_dtype: str = "auto",
 ) -> BenchRow:
     """Measure one (weights, KV cache dtype, batch) point; see the module docstring for each figure."""
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    sampling = {k: jnp.asarray(v) for k, v in stack_sampling([SamplingParams()] * batch).items()}
+    tokens, lengths, sampling = bench_inputs(config, batch, prompt_len)
     context = prompt_len + max(gen_len, 1)
 
     # Compile ahead of time: one compile per function, and the compiler's own peak-memory figure.
