@@ -124,7 +124,7 @@ def _split(subscripts: str) -> tuple[str, str, str, str]:
 
 def int8_matmul_mode() -> str:
     """MESHSERVE_INT8_MATMUL (default "xla"); a value outside INT8_MATMULS is a UserError naming the variable."""
-    mode = os.environ.get("MESHSERVE_INT8_MATMUL") or "xla"  # set but empty: unset, as a shell means
+    mode = os.environ.get("MESHSERVE_INT8_MATMUL") or "xla"  # set but empty: unset, as a shell user means it
     if mode not in INT8_MATMULS:
         from meshserve.errors import UserError
 

@@ -81,8 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode attention: XLA's ops, or one Pallas kernel per layer (model/decode_attention.py: unrolled layers, "
         "a 16-bit KV cache, a power-of-two head dim >= 16; Triton on a CUDA GPU, interpreted as XLA ops elsewhere, "
         "slowly) (default: $MESHSERVE_DECODE_ATTENTION, else pallas on CUDA GPUs of compute capability >= 9.0, xla "
-        "elsewhere); each row's "
-        "decode_attention says which ran",
+        "elsewhere); each row's decode_attention says which ran",
     )
     parser.add_argument(
         "--int8-tuning",
