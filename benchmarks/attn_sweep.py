@@ -80,7 +80,8 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
 
     def kernel_fn(config: dict[str, int]) -> Any:
         def run(qkv, k_caches, v_caches, pos):  # one call per layer, as a decode step makes them
-            outs = [_decode_attention(qkv, kc, vc, pos, layer=0, context=S, scale=scale, interpret=interpret, **config)
+            outs = [_decode_attention(qkv, kc, vc, pos, n_heads=H, layer=0, context=S, scale=scale, interpret=interpret,
+                                      **config)
                     for kc, vc in zip(k_caches, v_caches, strict=True)]  # fmt: skip
             return jnp.stack(outs)  # [N, B, K, G, Q]
 

@@ -6,7 +6,8 @@ a kernel Triton cannot compile would pass the deviceless compile and fail on the
 when the function is lowered, through the CUDA plugin's Triton compiler, which needs no device; `ptx_of` takes that
 path on any jaxlib (the CUDA plugin must be installed: see decode_hlo.py --target) and returns what it compiled.
 
-    python benchmarks/triton_ptx.py --target h100      # the decode attention kernel at falcon-7b's and llama's shapes
+    python benchmarks/triton_ptx.py --target h100      # the decode attention and norm kernels at falcon-7b's and
+                                                       # llama's shapes
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from decode_hlo import target_sharding
     from meshserve.errors import UserError
-    from meshserve.model.decode_attention import decode_attention
+    from meshserve.model.decode_attention import decode_attention, decode_attention_rotating
+    from meshserve.model.decode_norm import decode_norm
 
     try:
         sharding = target_sharding(args.target)
@@ -95,6 +97,34 @@ def main(argv: list[str] | None = None) -> int:
                 q, kc, vc, 0, pos, kn, vn, c, interpret=False, out_heads=o, head_block=hb),
             spec((B, 1, H, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
             spec((B, 1, K, Q)), spec((B, 1, K, Q)),
+        )  # fmt: skip
+        for k in kernels:
+            print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
+    # The kernel rotating q and the own k itself (decode_attention_rotating), over falcon-7b's merged projection
+    # (q, k, v, then the up projection's 284 heads of 64) at batch 1 and 64, and llama's GQA at 4k (several splits).
+    rotating_cases = [("rotating falcon-7b b1", 1, 71, 1, 64, 357, 256, 72),
+                      ("rotating falcon-7b b64", 64, 71, 1, 64, 357, 256, 72),
+                      ("rotating llama GQA 4k b1", 1, 32, 8, 128, 48, 4096, None)]  # fmt: skip
+    for name, B, H, K, Q, Hs, S, out_heads in rotating_cases:
+        kernels = ptx_of(
+            lambda proj, kc, vc, pos, cos, sin, H=H, S=S, o=out_heads: decode_attention_rotating(
+                proj, H, kc, vc, 0, pos, cos, sin, S, interpret=False, out_heads=o),
+            spec((B, 1, Hs, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
+            spec((B, Q // 2), jnp.float32), spec((B, Q // 2), jnp.float32),
+        )  # fmt: skip
+        for k in kernels:
+            print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
+    # The decode norm (model/decode_norm.py) at falcon-7b's E = 4544 (a masked 8192-lane block; layernorm with bias)
+    # and palm-8b's / llama's 4096 (rmsnorm, no bias), batch 1 and 64.
+    norm_cases = [(f"decode_norm {model} {kind} E {E} b{R}", R, E, kind, bias)
+                  for model, E, kind, bias in (("falcon-7b", 4544, "layernorm", True),
+                                               ("palm-8b/llama", 4096, "rmsnorm", False))
+                  for R in (1, 64)]  # fmt: skip
+    for name, R, E, kind, has_bias in norm_cases:
+        kernels = ptx_of(
+            lambda x, scale, *bias, kind=kind: decode_norm(x, scale, bias[0] if bias else None, kind=kind, eps=1e-5,
+                                                           scale_offset=False, interpret=False),
+            spec((R, 1, E)), spec((E,)), *([spec((E,))] if has_bias else []),
         )  # fmt: skip
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")

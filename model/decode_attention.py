@@ -157,31 +157,82 @@ def decode_attention(
     of its own (falcon-7b int8, deviceless H100 compile: one per layer). head_block (K = 1 only): query heads per
     program, a power of two >= 16 (None: all G in one program per row; see `_decode_attention`).
     """
-    B, _, H, Q = q.shape
-    K = k_cache.shape[3]
-    out_heads = H if out_heads is None else out_heads
-    if out_heads < H or (out_heads > H and K != 1):
-        raise ValueError(f"out_heads must be at least H = {H}, and above it only with one kv head (K = {K})")
-    scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
-    static = dict(layer=layer, context=context, scale=scale, splits=splits_for(B, K, context), block=block,
-                  out_groups=out_heads // K, head_block=head_block)  # fmt: skip
+    H = q.shape[2]
     # One operand [B, 1, H + 2K, Q] for q and the own k, v, each found by its BlockSpec: when they are slices of one
     # fused projection (params.unstack_layers' wqkv) XLA folds the concatenation back into that array, where
     # separate operands would each be copied out of it by a kernel of their own.
     qkv = jnp.concatenate([q, k_new.astype(q.dtype), v_new.astype(q.dtype)], axis=2)
-    args = (qkv, k_cache, v_cache, pos.astype(jnp.int32))
+    out, _ = _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, None, block=block, interpret=interpret,
+                     out_heads=out_heads, head_block=head_block)  # fmt: skip
+    return out
+
+
+def decode_attention_rotating(
+    projection: jax.Array,
+    n_heads: int,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: int,
+    pos: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    context: int,
+    scale: float | None = None,
+    *,
+    block: int = 64,
+    interpret: bool | None = None,
+    out_heads: int | None = None,
+    head_block: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`decode_attention` over an unrotated projection, the rotary embedding applied inside the kernel.
+
+    projection [B, 1, Hs, Q]: heads [0, H) are q, [H, H + K) the own k, [H + K, H + 2K) the own v, all before
+    rotation (H = n_heads); heads past H + 2K are not read. cos / sin [B, Q/2] float32: each row's rotation at its
+    own position (`layers.rotary_tables`), rotate-half convention as `layers.rotate`. Returns (o [B, 1, out_heads
+    or H, Q], k [B, 1, K, Q]: the own key rotated, for the cache), both in projection's dtype.
+
+    Why: rotated by XLA, q and k took a kernel of their own per layer and step, between the input projection and
+    this one (falcon-7b bf16 batch 1 on an H200: 1.6 us of ~125 us per layer). The projection may be the whole
+    output of the layer's input GEMM (q, k, v and, in a parallel block, the MLP's up projection after them: the
+    caller concatenates them, which XLA folds back into the one GEMM it makes of them): a slice of it for q, k, v
+    alone would be copied into its own buffer for the custom call.
+    """
+    out, k_rotated = _launch(projection, n_heads, k_cache, v_cache, layer, pos, context, scale, (cos, sin),
+                             block=block, interpret=interpret, out_heads=out_heads, head_block=head_block)  # fmt: skip
+    return out, k_rotated[:, None]
+
+
+def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block):
+    """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], rotated
+    own k [B, K, Q] or None)."""
+    B, _, _, Q = qkv.shape
+    K = k_cache.shape[3]
+    out_heads = H if out_heads is None else out_heads
+    if out_heads < H or (out_heads > H and K != 1):
+        raise ValueError(f"out_heads must be at least H = {H}, and above it only with one kv head (K = {K})")
+    if qkv.shape[2] < H + 2 * K:
+        raise ValueError(f"the projection has {qkv.shape[2]} heads, fewer than H + 2K = {H + 2 * K}")
+    if rotary is not None and Q < 32:
+        raise ValueError(f"rotating in the kernel needs a head dim of at least 32 (two dots of Q/2), got {Q}")
+    scale = 1.0 / float(Q) ** 0.5 if scale is None else float(scale)
+    static = dict(n_heads=H, layer=layer, context=context, scale=scale, splits=splits_for(B, K, context),
+                  block=block, out_groups=out_heads // K, head_block=head_block)  # fmt: skip
+    tables = () if rotary is None else tuple(t.astype(jnp.float32) for t in rotary)
+    args = (qkv, k_cache, v_cache, pos.astype(jnp.int32), *tables)
     if interpret is None:
-        out = jax.lax.platform_dependent(
+        outs = jax.lax.platform_dependent(
             *args,
             cuda=functools.partial(_decode_attention, **static, interpret=False),
             default=functools.partial(_decode_attention, **static, interpret=True),
         )
     else:
-        out = _decode_attention(*args, **static, interpret=interpret)
-    return out.reshape(B, 1, out_heads, Q)
+        outs = _decode_attention(*args, **static, interpret=interpret)
+    out, k_rotated = outs if rotary is not None else (outs, None)
+    return out.reshape(B, 1, out_heads, Q), k_rotated
 
 
 _STATIC = (
+    "n_heads",
     "layer",
     "context",
     "scale",
@@ -196,21 +247,23 @@ _STATIC = (
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
-def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, splits, block, interpret, num_warps=4,
-                      num_stages=2, out_groups=None, head_block=None):  # fmt: skip
-    """qkv [B, 1, H + 2K, Q] (q's H heads, then the own k's K, then v's K); caches [N, B, S, K, Q]; pos [B]
-    -> [B, K, Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G). num_warps,
-    num_stages: Triton's launch config (benchmarks/attn_sweep.py times others). head_block (one kv head only, a
-    power of two >= 16): each program takes that many of the query heads, not all G, so a batch-1 step runs
-    cdiv(Go, head_block) programs where it ran one (each reads the same keys; an option for attn_sweep to time)."""
+def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, context, scale, splits, block, interpret,
+                      num_warps=4, num_stages=2, out_groups=None, head_block=None):  # fmt: skip
+    """qkv [B, 1, Hs, Q] (q's H = n_heads heads, then the own k's K, then v's K; heads past H + 2K unread); caches
+    [N, B, S, K, Q]; pos [B]; tables: () (q and the own k arrive rotated) or (cos, sin) [B, Q/2] float32 (the kernel
+    rotates them) -> [B, K, Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default
+    G), and with tables also the rotated own k [B, K, Q]. num_warps, num_stages: Triton's launch config
+    (benchmarks/attn_sweep.py times others). head_block (one kv head only, a power of two >= 16): each program takes
+    that many of the query heads, not all G, so a batch-1 step runs cdiv(Go, head_block) programs where it ran one
+    (each reads the same keys; an option for attn_sweep to time)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    B, K, Q = qkv.shape[0], k_cache.shape[3], qkv.shape[3]
-    H = qkv.shape[2] - 2 * K
+    B, K, Q, H = qkv.shape[0], k_cache.shape[3], qkv.shape[3], n_heads
     G = H // K
     Go = G if out_groups is None else out_groups
     S = k_cache.shape[2]
+    rotary, half = bool(tables), Q // 2
     if head_block is not None and (K != 1 or head_block < 16 or head_block & (head_block - 1)):
         raise ValueError(f"head_block must be a power of two >= 16 with one kv head, got {head_block} with K = {K}")
     # A program's heads: all of its group (Gq rows of q, Gw rows written), or head_block of them (n_blocks programs).
@@ -219,13 +272,38 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
     block = min(block, max(16, pl.next_power_of_2(context)))
     per_split = pl.cdiv(pl.cdiv(context, block), splits)  # blocks each split walks at most
 
-    def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *out_refs):
+    def halves(ref, rows=None, mask=None):
+        """A [rows, Q] (or [Q]) block as its two halves [rows, Q/2], loaded apart: Triton has no register slicing."""
+        lead = () if rows is None else (rows,)
+        fill = {} if mask is None else dict(mask=mask, other=0.0)
+        return tuple(plgpu.load(ref.at[(*lead, pl.ds(i * half, half))], **fill) for i in (0, 1))
+
+    def rotate(x1, x2, cos, sin):
+        """`layers.rotate` on one row's halves: float32 arithmetic, rounded to the operand's dtype as XLA's is."""
+        a, b = x1.astype(jnp.float32), x2.astype(jnp.float32)
+        return (a * cos - b * sin).astype(x1.dtype), (b * cos + a * sin).astype(x1.dtype)
+
+    def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *refs):
         s = pl.program_id(2)
         heads = pl.program_id(1) % n_blocks * Gq + jnp.arange(Gp)  # the rows' query heads within the group
         head_mask = (heads < G)[:, None]
         length = pos_ref[()]  # cached positions [0, length) are visible
-        qv = plgpu.load(q_ref.at[pl.ds(0, Gp), :], mask=head_mask, other=0.0)  # [Gp, Q]
-        own = jnp.sum(qv.astype(jnp.float32) * kn_ref[...].astype(jnp.float32)[None, :], axis=1) * scale  # [Gp]
+        if rotary:  # q and the own k as halves [., Q/2], rotated here; every score is two dots of Q/2
+            cos_ref, sin_ref, *out_refs = refs
+            cos, sin = cos_ref[...], sin_ref[...]  # [Q/2] float32
+            qv = rotate(*halves(q_ref, pl.ds(0, Gp), head_mask), cos[None, :], sin[None, :])  # 2 x [Gp, Q/2]
+            kn = rotate(*halves(kn_ref), cos, sin)  # 2 x [Q/2]: the own key as the cache will hold it
+            k_out = out_refs.pop()  # the first program of each (row, kv head) writes it
+            first_program = jnp.full((half,), (s == 0) & (pl.program_id(1) % n_blocks == 0))
+            for i in (0, 1):
+                plgpu.store(k_out.at[pl.ds(i * half, half)], kn[i], mask=first_program)
+        else:
+            out_refs = list(refs)
+            qv = (plgpu.load(q_ref.at[pl.ds(0, Gp), :], mask=head_mask, other=0.0),)  # [Gp, Q]
+            kn = (kn_ref[...],)
+        own = scale * sum(  # [Gp]
+            jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32)[None, :], axis=1) for a, b in zip(qv, kn, strict=True)
+        )
         # Split 0 starts from the own key (m = its score, l = 1, acc = its value), the others from nothing.
         first = jnp.full((Gp,), s == 0)  # a vector: Triton's select takes no scalar condition here
         m0 = jnp.where(first, own, _NEG)
@@ -237,13 +315,15 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
             acc, m, l = carry
             idx = j * block + offsets  # [block] cache positions
             in_cache = (idx < S)[:, None]
-            kb = plgpu.load(k_ref.at[pl.ds(j * block, block), :], mask=in_cache, other=0.0)  # [block, Q]
-            scores = plgpu.dot(qv, kb.T) * scale  # [Gp, block] float32
+            rows = pl.ds(j * block, block)
+            # 2 x [block, Q/2] rotating, else [block, Q]
+            kb = halves(k_ref, rows, in_cache) if rotary else (plgpu.load(k_ref.at[rows, :], mask=in_cache, other=0.0),)
+            scores = sum(plgpu.dot(a, b.T) for a, b in zip(qv, kb, strict=True)) * scale  # [Gp, block] float32
             scores = jnp.where((idx < length)[None, :], scores, _NEG)
             m_next = jnp.maximum(m, scores.max(axis=1))
             correction = jnp.exp(m - m_next)
             p = jnp.exp(scores - m_next[:, None])
-            vb = plgpu.load(v_ref.at[pl.ds(j * block, block), :], mask=in_cache, other=0.0)  # [block, Q]
+            vb = plgpu.load(v_ref.at[rows, :], mask=in_cache, other=0.0)  # [block, Q]
             acc = acc * correction[:, None] + plgpu.dot(p.astype(vb.dtype), vb)
             return acc, m_next, l * correction + p.sum(axis=1)
 
@@ -281,6 +361,10 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         out_specs = [pl.BlockSpec((None, None, None, Gs, Q), lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks, 0)),
                      *[pl.BlockSpec((None, None, None, Gs),
                                     lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks))] * 2]  # fmt: skip
+    if rotary:  # each row's cos and sin [Q/2]; out: the rotated own k [B, K, Q], last
+        in_specs += [pl.BlockSpec((None, half), lambda b, hg, s: (b, 0))] * 2
+        out_shape.append(jax.ShapeDtypeStruct((B, K, Q), qkv.dtype))
+        out_specs.append(pl.BlockSpec((None, None, Q), lambda b, hg, s: (b, hg // n_blocks, 0)))
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -290,12 +374,15 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *, layer, context, scale, spli
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(pos, qkv, k_cache, v_cache, qkv, qkv)
+    )(pos, qkv, k_cache, v_cache, qkv, qkv, *tables)
+    outs = list(outs)
+    k_rotated = outs.pop() if rotary else None
     if splits == 1:
-        return outs[0]
-    # Splits' partial softmaxes [splits, B, K, G(, Q)] -> one: rescale each to the largest running max and add.
-    acc, m, l = outs
-    top = m.max(axis=0)
-    weight = jnp.exp(m - top[None])
-    out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
-    return jnp.pad(out.astype(qkv.dtype), ((0, 0), (0, 0), (0, Go - G), (0, 0)))  # [B, K, Go, Q]: XLA's combine
+        out = outs[0]
+    else:  # splits' partial softmaxes [splits, B, K, G(, Q)] -> one: rescale each to the largest running max, add
+        acc, m, l = outs
+        top = m.max(axis=0)
+        weight = jnp.exp(m - top[None])
+        out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
+        out = jnp.pad(out.astype(qkv.dtype), ((0, 0), (0, 0), (0, Go - G), (0, 0)))  # [B, K, Go, Q]: XLA's combine
+    return (out, k_rotated) if rotary else out

@@ -23,6 +23,7 @@ __all__ = [
     "norm",
     "rope",
     "rope_frequencies",
+    "rotary_tables",
     "attention_scores_mask",
     "layer_window",
     "layer_frequencies",
@@ -142,10 +143,15 @@ def layer_frequencies(config: ModelConfig, layer: Any) -> jax.Array:
     return jnp.where(jnp.asarray(config.layer_windows, jnp.int32)[layer] > 0, local, inv_freq)
 
 
+def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., Q/2] float32 of the rotation angles positions [...] x inv_freq [Q/2]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """`rope` with its inverse frequencies [Q/2] given. x: [B, T, h, Q]; positions: [B, T]."""
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Q/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    cos, sin = (t[:, :, None, :] for t in rotary_tables(positions, inv_freq))  # [B, T, 1, Q/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -329,15 +335,18 @@ def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Arra
     return y
 
 
-def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
-    """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]."""
-    y = einsum("BTF,FE->BTE", mlp_activation(h, p, config), p["w_down"])
+def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig, up: jax.Array | None = None) -> jax.Array:
+    """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]; up: see
+    `mlp_activation`."""
+    y = einsum("BTF,FE->BTE", mlp_activation(h, p, config, up), p["w_down"])
     return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
 
 
-def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig) -> jax.Array:
-    """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]."""
-    up = einsum("BTE,EF->BTF", h, p["w_up"])
+def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig, up: jax.Array | None = None) -> jax.Array:
+    """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]. up: h @ w_up [B, T, F] (before its bias)
+    where the caller computed it already, in one GEMM with the attention's input projection (a decode step's
+    `transformer._attend_rotating`)."""
+    up = einsum("BTE,EF->BTF", h, p["w_up"]) if up is None else up
     if "b_up" in p:
         up = up + p["b_up"].astype(up.dtype)
     if config.mlp == "swiglu":
@@ -359,26 +368,29 @@ def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) if config.mlp == "geglu" else jax.nn.silu(gate)
 
 
-def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig) -> jax.Array:
+def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig, norm_fn=norm) -> jax.Array:
     """One block. attend_fn(h) -> o [B, T, H, Q] runs attention (and updates the cache) on normalised h; its output
-    projection is applied here.
+    projection is applied here. In a parallel block attend_fn may return (o, h @ w_up) instead: the MLP then takes
+    that up projection rather than computing its own. norm_fn: `norm`, or a decode step's one-kernel form of it
+    (`transformer.decode_step`: model/decode_norm.py).
 
     Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x), the two output projections as one matmul where
     the layer holds them fused (wo_down: `parallel_output`). Serial: two norms, two residuals; with post_norms
     (Gemma 3) each sublayer's output is normed too before its residual add.
     """
     if config.parallel_block:
-        h = norm(x, p["attn_norm"], config)
+        h = norm_fn(x, p["attn_norm"], config)
         o = attend_fn(h)
+        o, up = o if isinstance(o, tuple) else (o, None)  # (o, h @ w_up): attend_fn projected both in one GEMM
         if "wo_down" in p:
-            return x + parallel_output(o, mlp_activation(h, p, config), p)
-        return x + attention_output(o, p) + mlp(h, p, config)
+            return x + parallel_output(o, mlp_activation(h, p, config, up), p)
+        return x + attention_output(o, p) + mlp(h, p, config, up)
 
     def attn(h: jax.Array) -> jax.Array:
         return attention_output(attend_fn(h), p)
 
     if config.post_norms:
-        x = x + norm(attn(norm(x, p["attn_norm"], config)), p["attn_out_norm"], config)
-        return x + norm(mlp(norm(x, p["mlp_norm"], config), p, config), p["mlp_out_norm"], config)
-    x = x + attn(norm(x, p["attn_norm"], config))
-    return x + mlp(norm(x, p["mlp_norm"], config), p, config)
+        x = x + norm_fn(attn(norm_fn(x, p["attn_norm"], config)), p["attn_out_norm"], config)
+        return x + norm_fn(mlp(norm_fn(x, p["mlp_norm"], config), p, config), p["mlp_out_norm"], config)
+    x = x + attn(norm_fn(x, p["attn_norm"], config))
+    return x + mlp(norm_fn(x, p["mlp_norm"], config), p, config)

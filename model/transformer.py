@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from meshserve.model import decode_attention, kv_quant, layers
+from meshserve.model import decode_attention, decode_norm, kv_quant, layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
 from meshserve.model.quant import einsum
@@ -104,8 +104,14 @@ def unembed(h: jax.Array, params: Params) -> jax.Array:
     return einsum("BTE,VE->BTV", h, params["embed"], out_dtype=jnp.float32)
 
 
-def _final_logits(x: jax.Array, params: Params, config: ModelConfig) -> jax.Array:
-    return unembed(layers.norm(x, params["final_norm"], config), params)
+def _final_logits(x: jax.Array, params: Params, config: ModelConfig, norm_fn=layers.norm) -> jax.Array:
+    return unembed(norm_fn(x, params["final_norm"], config), params)
+
+
+def _kernel_norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
+    """`layers.norm` as one kernel (model/decode_norm.py): a decode step's norms where XLA launched two kernels."""
+    return decode_norm.decode_norm(x, p["scale"], p.get("bias"), kind=config.norm, eps=config.norm_eps,
+                                   scale_offset=config.norm_scale_offset)  # fmt: skip
 
 
 def prefill(
@@ -226,7 +232,7 @@ def decode_step(
     cached positions that end at each row's own (a gather of [B, W] positions) instead of all C: a Gemma 3 step at
     long context reads the whole cache in its global layers alone.
     """
-    B = tokens.shape[0]
+    B, E = tokens.shape[0], config.d_model
     S = cache.max_len
     C = S if context is None else context
     if not 1 <= C <= S:
@@ -250,12 +256,18 @@ def decode_step(
     # MESHSERVE_DECODE_ATTENTION=pallas: a whole-context layer's attention in one kernel (model/decode_attention.py),
     # which takes the whole cache and picks its layer statically: unrolled layers and a 16-bit cache only.
     kernel = isinstance(cache.k, jax.Array) and decode_attention.kernel_enabled(config.d_head, cache.k.dtype)
+    # Under the same switch, each norm in one kernel where XLA launches two (the statistics, then their use).
+    pallas = decode_attention.decode_attention_mode() == "pallas" and decode_norm.norm_kernel_supported(E)
+    norm_fn = _kernel_norm if pallas else layers.norm
 
     def layer_fn(x, p, i):
         new = {}
         window = layers.layer_window(config, i)
 
         def attn(h: jax.Array) -> jax.Array:  # h [B, T, E] -> o [B, T, H, Q], projected by layer_residual
+            if kernel and _rotates_in_kernel(p, config, i, span, h.dtype, cache.k.dtype):
+                o, (new["k"], new["v"]) = _attend_rotating(h, p, config, cache, i, pos, C, scale)
+                return o
             q, k, v = layers.qkv_projection(h, p, positions, config, i)
             new["k"], new["v"] = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)  # [B, 1, K, Q]
             own_k, own_v = new["k"].astype(q.dtype), new["v"].astype(q.dtype)
@@ -285,14 +297,59 @@ def decode_step(
                 return windowed() if config.layer_windows[i] else whole()
             return jax.lax.cond(window > 0, windowed, whole)  # one scanned layer for all: chosen as it runs
 
-        x = layers.layer_residual(x, p, attn, config)
+        x = layers.layer_residual(x, p, attn, config, norm_fn)
         return x, (new["k"], new["v"])
 
     x, (k_new, v_new) = scan_layers(layer_fn, x, params["layers"], config.n_layers)  # [N, B, 1, K, Q]
     k = cache.k.at[:, rows, pos].set(k_new[:, :, 0])
     v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])
-    logits = _final_logits(x, params, config)[:, 0]
+    logits = _final_logits(x, params, config, norm_fn)[:, 0]
     return logits, KVCache(k=k, v=v, lengths=cache.lengths.at[:B].set(jnp.minimum(lengths + 1, S)))
+
+
+def _rotates_in_kernel(p: dict, config: ModelConfig, layer: Any, span: int, dtype: Any, cache_dtype: Any) -> bool:
+    """Whether layer `layer` of a decode step takes `decode_attention_rotating` (the rotation inside the kernel):
+    a fused wqkv without biases or head norms (the kernel's operand is the projection as the GEMM wrote it), a
+    static layer index reading its whole context, the cache's dtype, and a head dim of at least 32 (two dots of
+    Q/2 >= 16, Triton's least). Else `decode_attention`, after XLA's rotation."""
+    return (
+        isinstance(layer, int)
+        and not (span and config.layer_windows[layer])
+        and "wqkv" in p
+        and not {"bq", "q_norm"} & p.keys()
+        and config.d_head >= 32
+        and jnp.dtype(dtype) == jnp.dtype(cache_dtype)
+    )
+
+
+def _attend_rotating(
+    h: jax.Array, p: dict, config: ModelConfig, cache: KVCache, layer: int, pos: jax.Array, context: int, scale
+) -> tuple[jax.Array | tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One layer's decode attention with the rotary embedding applied in the kernel: h [B, 1, E] -> (o [B, 1, H or
+    the padded heads, Q], or (o, h @ w_up [B, 1, F]) in a parallel GELU block (`layers.layer_residual`); (k, v)
+    [B, 1, K, Q] for the cache: k rotated by the kernel, v a slice of the projection).
+
+    The kernel's operand is the input projection unrotated, [B, 1, H + 2K, Q]. With 16-bit weights in a parallel
+    GELU block that is one GEMM over [wqkv, w_up] (the paper's fused input projection; the concatenation of the two
+    weights is read inside XLA's GEMM fusion, not copied), whose whole output [B, 1, H + 2K + F / Q, Q] the kernel
+    takes and whose tail is the MLP's up projection: XLA merged the two matmuls into such a GEMM anyway, and then
+    copied q, k, v out of its output for the custom call (falcon-7b bf16, deviceless H100 compile)."""
+    H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
+    wqkv, w_up = p["wqkv"], p.get("w_up")
+    merged = (config.parallel_block and config.mlp == "gelu" and isinstance(w_up, jax.Array)
+              and isinstance(wqkv, jax.Array) and w_up.shape[-1] % Q == 0)  # fmt: skip
+    if merged:
+        E = wqkv.shape[0]
+        w_in = jnp.concatenate([wqkv.reshape(E, -1), w_up.astype(wqkv.dtype)], axis=1)  # [E, (H + 2K) Q + F]
+        y = einsum("BTE,EF->BTF", h, w_in)
+        projection = y.reshape(*y.shape[:2], -1, Q)  # [B, 1, H + 2K + F / Q, Q]
+    else:
+        projection = einsum("BTE,EHQ->BTHQ", h, wqkv)  # [B, 1, H + 2K, Q]
+    cos, sin = layers.rotary_tables(pos, layers.layer_frequencies(config, layer))  # [B, Q/2]
+    o, k = decode_attention.decode_attention_rotating(projection, H, cache.k, cache.v, layer, pos, cos, sin, context,
+                                                      scale, out_heads=_padded_heads(p, cache.k.shape))  # fmt: skip
+    kv = kv_quant.storable(k, cache.k), kv_quant.storable(projection[:, :, H + K : H + 2 * K], cache.v)
+    return ((o, y[..., (H + 2 * K) * Q :]) if merged else o), kv
 
 
 def _padded_heads(p: dict, cache_shape: tuple[int, ...]) -> int | None:

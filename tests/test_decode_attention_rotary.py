@@ -1,0 +1,130 @@
+"""The decode attention kernel with the rotary embedding inside it (`decode_attention.decode_attention_rotating`,
+taken by `transformer.decode_step` for fused, unbiased, un-normed wqkv layers of head dim >= 32).
+
+Interpret mode runs the kernel body on the CPU: the reference is XLA's path, `layers.rotate` then
+`layers.attend_cached`. Whether the rotation saves a kernel per layer on a GPU is a deviceless compile's count
+(benchmarks/decode_hlo.py --target h100; BENCHMARKS.md), its time a GPU run's, not a test's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from meshserve.model import decode_attention as da
+from meshserve.model import layers, transformer
+from meshserve.model.config import get_config
+from meshserve.model.params import cast_params, init_params, unstack_layers
+
+
+def _rotating_operands(B, H, K, Q, S, extra_heads, N=3, seed=0):
+    """An unrotated projection [B, 1, H + 2K + extra_heads, Q] (the extra heads: a parallel block's up projection,
+    never read) and caches [N, B, S, K, Q]."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    projection = jax.random.normal(keys[0], (B, 1, H + 2 * K + extra_heads, Q), jnp.bfloat16)
+    k_cache, v_cache = (jax.random.normal(keys[i], (N, B, S, K, Q), jnp.bfloat16) for i in (1, 2))
+    return projection, k_cache, v_cache
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "K", "Q", "S", "context", "lengths", "split_positions", "extra_heads", "head_block", "out_heads"),
+    [
+        (1, 71, 1, 64, 136, 136, [100], 512, 5, None, None),  # falcon-7b's heads, with up-projection heads after
+        (3, 8, 2, 32, 80, 70, [0, 5, 69], 512, 0, None, None),  # GQA; a row with only its own key
+        (2, 8, 2, 32, 80, 80, [3, 79], 16, 3, None, None),  # several splits: only split 0 writes the own k
+        (2, 71, 1, 64, 48, 48, [40, 1], 512, 0, 16, 72),  # head blocks: only the first writes k; padded heads
+    ],
+)
+def test_rotating_kernel_equals_rotate_then_attend(
+    monkeypatch, B, H, K, Q, S, context, lengths, split_positions, extra_heads, head_block, out_heads
+):
+    monkeypatch.setattr(da, "_SPLIT_POSITIONS", split_positions)
+    projection, k_cache, v_cache = _rotating_operands(B, H, K, Q, S, extra_heads)
+    pos = jnp.asarray(lengths, jnp.int32)
+    inv_freq = layers.rope_frequencies(Q // 2, 10000.0)
+    cos, sin = layers.rotary_tables(pos, inv_freq)
+    layer = 2
+    o, k = da.decode_attention_rotating(projection, H, k_cache, v_cache, layer, pos, cos, sin, context,
+                                        interpret=True, head_block=head_block, out_heads=out_heads)  # fmt: skip
+    q_ref = layers.rotate(projection[:, :, :H], pos[:, None], inv_freq)
+    k_ref = layers.rotate(projection[:, :, H : H + K], pos[:, None], inv_freq)
+    v_new = projection[:, :, H + K : H + 2 * K]
+    # The own key as the cache will hold it: XLA's rotation, to within one rounding of bf16 (Triton may fuse the
+    # float32 multiply-adds that XLA rounds apart).
+    assert k.shape == (B, 1, K, Q) and k.dtype == projection.dtype
+    np.testing.assert_allclose(np.asarray(k, np.float32), np.asarray(k_ref, np.float32), rtol=1e-2, atol=1e-2)
+    visible = jnp.arange(context)[None, :] < pos[:, None]
+    ref = layers.attend_cached(q_ref, k_cache[layer, :, :context], v_cache[layer, :, :context], visible, k_ref, v_new)
+    heads = out_heads or H
+    assert o.shape == (B, 1, heads, Q)
+    np.testing.assert_allclose(np.asarray(o[:, :, :H], np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    assert not np.asarray(o[:, :, H:], np.float32).any()
+    # Unrotated, the scores differ: the test would see a kernel that skipped the rotation.
+    unrotated = layers.attend_cached(projection[:, :, :H], k_cache[layer, :, :context], v_cache[layer, :, :context],
+                                     visible, projection[:, :, H : H + K], v_new)  # fmt: skip
+    assert np.abs(np.asarray(o[:, :, :H], np.float32) - np.asarray(unrotated, np.float32)).max() > 0.05
+
+
+def test_rotating_needs_q_of_32_and_all_of_q_k_v():
+    projection, k_cache, v_cache = _rotating_operands(1, 4, 1, 16, 32, 0)
+    cos = sin = jnp.zeros((1, 8), jnp.float32)
+    pos = jnp.zeros(1, jnp.int32)
+    with pytest.raises(ValueError, match="head dim of at least 32"):
+        da.decode_attention_rotating(projection, 4, k_cache, v_cache, 0, pos, cos, sin, 32, interpret=True)
+    with pytest.raises(ValueError, match="fewer than H \\+ 2K = 7"):
+        da.decode_attention_rotating(projection, 5, k_cache, v_cache, 0, pos, cos, sin, 32, interpret=True)
+
+
+def _decode_logits(monkeypatch, mode, params, config, steps=3):
+    """Prefill two prompts of different lengths, then decode steps fed the same random tokens whatever each step
+    predicts (a near tie's argmax may differ between the paths): logits [steps, 2, V]."""
+    monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", mode)
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, config.vocab_size)
+    fed = jax.random.randint(jax.random.key(6), (steps, 2), 0, config.vocab_size)
+    lengths = jnp.array([12, 7], jnp.int32)
+    _, k, v = transformer.prefill(params, config, tokens, lengths)
+    cache = transformer.init_cache(config, 2, 32, k.dtype)
+    cache = transformer.insert(cache, k, v, lengths, jnp.arange(2))
+    step = jax.jit(lambda p, t, c: transformer.decode_step(p, config, t, c, context=24))
+    out = []
+    for tok in fed:
+        logits, cache = step(params, tok, cache)
+        out.append(logits)
+    return np.asarray(jnp.stack(out), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "merged"),
+    [
+        ("tiny-falcon", dict(d_head=32), True),  # parallel GELU block: one GEMM over [wqkv, w_up]
+        ("tiny", dict(d_head=32, n_kv_heads=2), False),  # parallel SwiGLU: the projection is wqkv's alone
+        ("tiny", dict(d_head=32, parallel_block=False), False),  # serial block
+    ],
+)
+def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, overrides, merged):
+    """bf16 unrolled layers of head dim 32 take the rotating kernel in every layer (counted), and their decode
+    steps' logits match XLA's attention within bf16 rounding; the parallel GELU block's MLP takes its up
+    projection from the merged GEMM."""
+    config = get_config(preset).replace(**overrides)
+    params = unstack_layers(cast_params(config, init_params(config, jax.random.key(4), jnp.float32), "bf16"))
+    ref = _decode_logits(monkeypatch, "xla", params, config)
+    calls, ups = [], []
+    rotating, mlp_activation = da.decode_attention_rotating, layers.mlp_activation
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return rotating(*args, **kwargs)
+
+    def noted(h, p, config, up=None):
+        ups.append(up is not None)
+        return mlp_activation(h, p, config, up)
+
+    monkeypatch.setattr(da, "decode_attention_rotating", counted)
+    monkeypatch.setattr(layers, "mlp_activation", noted)
+    got = _decode_logits(monkeypatch, "pallas", params, config)
+    assert len(calls) == config.n_layers  # traced once: one call per layer
+    H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
+    assert calls[0][2] == H + 2 * K + (config.d_ff // Q if merged else 0)
+    assert ups[-config.n_layers :] == [merged] * config.n_layers  # the decode step traced last (prefill first)
+    assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
