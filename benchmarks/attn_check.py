@@ -1,9 +1,12 @@
-"""Does the decode attention kernel compute what XLA's attention computes, on this device? (seconds)
+"""Do the decode step's kernels compute what XLA computes, on this device? (seconds)
 
-CPU tests check the kernel's body interpreted; only a GPU runs the compiled Triton kernel. gpu_bench.sh's `attn`
-step runs this before timing the kernel, so a fast but wrong kernel is caught in the same call. Each case draws
+CPU tests check the kernels' bodies interpreted; only a GPU runs the compiled Triton kernels. gpu_bench.sh runs this
+before timing them, so a fast but wrong kernel is caught in the same call (and its switch turned off). Each case draws
 random bf16 queries, caches and own keys, runs `decode_attention` (the kernel on CUDA; interpreted elsewhere) and
-`layers.attend_cached` (XLA), and compares them to float64 attention of the same numbers.
+`layers.attend_cached` (XLA), and compares them to float64 attention of the same numbers; then the same with the
+rotation in the kernel (`decode_attention_rotating`, over a projection with up-projection heads after q, k, v),
+against XLA's `layers.rotate` + float64 attention, and its rotated own k against XLA's. Last, the norm kernel
+(model/decode_norm.py) against `layers.norm` and float64 at falcon-7b's LayerNorm and llama's RMSNorm.
 
     python benchmarks/attn_check.py            # exit 1 if any case is off by more than XLA's own error allows
 """
@@ -81,8 +84,81 @@ def main() -> int:
         print(json.dumps({"B": B, "H": H, "K": K, "Q": Q, "S": S, "context": context, "out_heads": out_heads or H,
                           "splits": splits_for(B, K, context), "max_error": round(float(err), 5),
                           "xla_max_error": round(float(err_xla), 5), "ok": ok}))  # fmt: skip
-    print("decode attention kernel: " + ("all cases match" if not failed else f"{failed} case(s) OFF"))
+        failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads)
+    failed += sum(not _check_norm(*case) for case in NORM_CASES)
+    print("decode step kernels: " + ("all cases match" if not failed else f"{failed} case(s) OFF"))
     return 1 if failed else 0
+
+
+def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads) -> bool:
+    """`decode_attention_rotating` over [q, k_new, v_new, 5 more heads] taken as unrotated, against float64
+    attention of XLA's rotation of q and k_new (both rounded to bf16, as the kernel's are); its rotated own k
+    against XLA's within one bf16 rounding. Prints one JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from meshserve.model import layers
+    from meshserve.model.decode_attention import decode_attention_rotating
+
+    B, _, H, Q = q.shape
+    extra = jnp.zeros((B, 1, 5, Q), q.dtype)  # a parallel block's up projection follows: never read
+    projection = jnp.concatenate([q, k_new, v_new, extra], axis=2)
+    pos = jnp.asarray(lengths, jnp.int32)
+    inv_freq = layers.rope_frequencies(Q // 2, 10000.0)
+    cos, sin = layers.rotary_tables(pos, inv_freq)
+    kernel = jax.jit(lambda proj, kc, vc, pos, cos, sin: decode_attention_rotating(
+        proj, H, kc, vc, 1, pos, cos, sin, context, out_heads=out_heads))  # fmt: skip
+    o, k = (np.asarray(a, np.float64) for a in kernel(projection, k_cache, v_cache, pos, cos, sin))
+    q_r, k_r = (layers.rotate(a, pos[:, None], inv_freq) for a in (q, k_new))
+    exact = _reference(q_r, k_cache, v_cache, k_r, v_new, lengths, 1, 1.0 / Q**0.5)
+    visible = jnp.arange(context)[None, :] < pos[:, None]
+    xla = layers.attend_cached(q_r, k_cache[1, :, :context], v_cache[1, :, :context], visible, k_r, v_new)
+    err, err_xla = np.abs(o[:, :, :H] - exact).max(), np.abs(np.asarray(xla, np.float64) - exact).max()
+    k_r = np.asarray(k_r, np.float64)
+    k_err = np.abs(k - k_r).max()
+    ok = bool(np.isfinite(o).all() and err <= max(2 * err_xla, 1e-2) and not o[:, :, H:].any())
+    ok = ok and bool(k_err <= 2**-7 * np.abs(k_r).max())  # one bf16 rounding apart at most
+    print(json.dumps({"rotating": True, "B": B, "H": H, "context": context, "max_error": round(float(err), 5),
+                      "xla_max_error": round(float(err_xla), 5), "k_max_error": round(float(k_err), 5), "ok": ok}))
+    return ok
+
+
+# (preset, rows): the norm kernel at falcon-7b's LayerNorm (E = 4544, with bias) and llama-2-7b's RMSNorm (4096).
+NORM_CASES = [("falcon-7b", 1), ("falcon-7b", 64), ("llama-2-7b", 1)]
+
+
+def _check_norm(preset: str, rows: int) -> bool:
+    """`decode_norm` against `layers.norm` and float64 of the same bf16 rows (a common offset of 3 and a spread of
+    2, a random scale and bias): at most twice XLA's error, or 1e-2. Prints one JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from meshserve.model import layers
+    from meshserve.model.config import get_config
+    from meshserve.model.decode_norm import decode_norm
+
+    config = get_config(preset)
+    E = config.d_model
+    keys = jax.random.split(jax.random.key(rows + E), 3)
+    x = (3.0 + 2.0 * jax.random.normal(keys[0], (rows, 1, E))).astype(jnp.bfloat16)
+    p = {"scale": (1.0 + 0.1 * jax.random.normal(keys[1], (E,))).astype(jnp.bfloat16)}
+    if config.norm == "layernorm":
+        p["bias"] = (0.1 * jax.random.normal(keys[2], (E,))).astype(jnp.bfloat16)
+    kernel = jax.jit(lambda x, p: decode_norm(x, p["scale"], p.get("bias"), kind=config.norm, eps=config.norm_eps,
+                                              scale_offset=config.norm_scale_offset))  # fmt: skip
+    got = np.asarray(kernel(x, p), np.float64)
+    xla = np.asarray(jax.jit(lambda x, p: layers.norm(x, p, config))(x, p), np.float64)
+    x64 = np.asarray(x, np.float64)
+    if config.norm == "layernorm":
+        y = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + config.norm_eps)
+    else:
+        y = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + config.norm_eps)
+    y = y * np.asarray(p["scale"], np.float64) + (np.asarray(p["bias"], np.float64) if "bias" in p else 0.0)
+    err, err_xla = np.abs(got - y).max(), np.abs(xla - y).max()
+    ok = bool(np.isfinite(got).all() and err <= max(2 * err_xla, 1e-2))
+    print(json.dumps({"norm": config.norm, "E": E, "rows": rows, "max_error": round(float(err), 5),
+                      "xla_max_error": round(float(err_xla), 5), "ok": ok}))  # fmt: skip
+    return ok
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ grep -q "cudnn attention FAILED (causal)" "$OUT/attention.txt" && export MESHSER
 kernel_attention=pallas
 timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
 if ! grep -q "all cases match" "$OUT/attn_check.txt"; then
-  echo "!! decode attention kernel: check failed, see attn_check.txt; XLA's attention from here on"
+  echo "!! decode step kernels: check failed, see attn_check.txt; XLA's attention and norms from here on"
   kernel_attention=xla; export MESHSERVE_DECODE_ATTENTION=xla
 fi
 

@@ -20,7 +20,11 @@ B * K programs would leave the SMs idle) it writes each split's (acc, m, l) and 
 The cache is passed whole, [N, B, S, K, Q], with the layer picked by the BlockSpec: a sliced layer would be copied
 into its own buffer for the custom call. So the layer index must be a Python int (unrolled layers). q and the own
 k, v go in as one [B, 1, H + 2K, Q] operand for the same reason (see `decode_attention`). A falcon-7b bf16 batch-1
-step is now 277 kernels with it, 468 with XLA's attention (H100 target; BENCHMARKS.md).
+step was 277 kernels with it, 468 with XLA's attention (H100 target; BENCHMARKS.md).
+
+`decode_attention_rotating` also applies the rotary embedding, to q and the own k, from cos / sin tables of each
+row's position, and writes the rotated own k for the cache: XLA's rotation was a kernel per layer of its own. With
+it and model/decode_norm.py the falcon-7b step is 213 kernels (BENCHMARKS.md, deviceless counts of 2026-11-28c).
 
 Why it is CUDA's default: on an H200 (2026-11-28, benchmarks/results/h200-2026-11-28/) it passed
 benchmarks/attn_check.py and took falcon-7b's bf16 decode step (bench, prompt 128, 128 steps) from XLA's attention's
@@ -42,6 +46,7 @@ __all__ = [
     "DECODE_ATTENTIONS",
     "decode_attention",
     "decode_attention_label",
+    "decode_attention_rotating",
     "decode_attention_mode",
     "default_decode_attention",
     "kernel_enabled",

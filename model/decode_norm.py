@@ -6,6 +6,8 @@ benchmarks/results/h200-2026-11-28/profile_bf16_1_x.json) and an elementwise app
 each costing about a launch at decode's size. This kernel does both in one launch: one program per row loads the
 row once, reduces, normalises, scales and stores. At decode the rows are B (1..256) of E (2048..8192) elements, so a
 row fits in one program's registers (`default_warps`). Not timed on a GPU yet: the saving is a launch per norm.
+That holds for LayerNorm, and for RMSNorm at batch 1; from batch 8 XLA makes an RMSNorm one Triton fusion, so
+decode steps use the kernel only where it saves one (`transformer._norms_in_kernel`).
 
 It computes what `layers.norm` computes, in float32 with the same formulas (the shifted one-pass variance for
 layernorm), so the two agree to float32 rounding (the sums are added in another order). As in

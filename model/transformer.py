@@ -108,6 +108,18 @@ def _final_logits(x: jax.Array, params: Params, config: ModelConfig, norm_fn=lay
     return unembed(norm_fn(x, params["final_norm"], config), params)
 
 
+def _norms_in_kernel(config: ModelConfig, batch: int) -> bool:
+    """Whether a decode step of `batch` rows runs its norms as model/decode_norm.py's kernel: under the decode
+    attention's switch (`decode_attention_mode()` "pallas"), where XLA launches two kernels per norm (the
+    statistics, then their use) and the kernel one. That is LayerNorm (falcon-7b, palm-8b), and RMSNorm at batch 1
+    only: from batch 8 XLA makes each RMSNorm one Triton fusion, which in Gemma 3 also takes the residual add and
+    the post-norm, so there the kernel adds launches (deviceless H100 compile, gemma3-1b bf16 batch 8: 316 -> 434
+    kernels per step; llama-2-7b batch 64 402 either way). Post-norm blocks keep XLA's."""
+    if decode_attention.decode_attention_mode() != "pallas" or not decode_norm.norm_kernel_supported(config.d_model):
+        return False
+    return not config.post_norms and (config.norm == "layernorm" or batch == 1)
+
+
 def _kernel_norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
     """`layers.norm` as one kernel (model/decode_norm.py): a decode step's norms where XLA launched two kernels."""
     return decode_norm.decode_norm(x, p["scale"], p.get("bias"), kind=config.norm, eps=config.norm_eps,
@@ -232,7 +244,7 @@ def decode_step(
     cached positions that end at each row's own (a gather of [B, W] positions) instead of all C: a Gemma 3 step at
     long context reads the whole cache in its global layers alone.
     """
-    B, E = tokens.shape[0], config.d_model
+    B = tokens.shape[0]
     S = cache.max_len
     C = S if context is None else context
     if not 1 <= C <= S:
@@ -256,9 +268,7 @@ def decode_step(
     # MESHSERVE_DECODE_ATTENTION=pallas: a whole-context layer's attention in one kernel (model/decode_attention.py),
     # which takes the whole cache and picks its layer statically: unrolled layers and a 16-bit cache only.
     kernel = isinstance(cache.k, jax.Array) and decode_attention.kernel_enabled(config.d_head, cache.k.dtype)
-    # Under the same switch, each norm in one kernel where XLA launches two (the statistics, then their use).
-    pallas = decode_attention.decode_attention_mode() == "pallas" and decode_norm.norm_kernel_supported(E)
-    norm_fn = _kernel_norm if pallas else layers.norm
+    norm_fn = _kernel_norm if _norms_in_kernel(config, B) else layers.norm
 
     def layer_fn(x, p, i):
         new = {}

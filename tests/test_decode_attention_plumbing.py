@@ -36,12 +36,13 @@ def _cli(*args: str, mode: str | None = None, timeout: float = 300) -> subproces
 
 
 def _traces_kernel(config, weights: str, kv: str, layers: str, context: int) -> bool:
-    """Whether bench's decode step for these settings traces the kernel (a fresh trace: no jit cache in between)."""
+    """Whether bench's decode step for these settings traces the attention kernel (a fresh trace: no jit cache in
+    between; the norms' kernel, model/decode_norm.py, goes with the mode whatever the attention takes)."""
     params = jax.eval_shape(lambda: bench_params(config, weights, layers))
     dtype = jnp.int8 if kv == "int8" else transformer.compute_dtype(params)
     cache = jax.eval_shape(lambda: transformer.init_cache(config, 1, context, dtype))
     step = jax.make_jaxpr(lambda p, c: transformer.decode_step(p, config, jnp.zeros(1, jnp.int32), c))
-    return "pallas_call" in str(step(params, cache))
+    return "name=decode_attention" in str(step(params, cache))
 
 
 @pytest.mark.parametrize(
