@@ -118,8 +118,20 @@ def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_hea
     k_err = np.abs(k - k_r).max()
     ok = bool(np.isfinite(o).all() and err <= max(2 * err_xla, 1e-2) and not o[:, :, H:].any())
     ok = ok and bool(k_err <= 2**-7 * np.abs(k_r).max())  # one bf16 rounding apart at most
-    print(json.dumps({"rotating": True, "B": B, "H": H, "context": context, "max_error": round(float(err), 5),
-                      "xla_max_error": round(float(err_xla), 5), "k_max_error": round(float(k_err), 5), "ok": ok}))
+    print(
+        json.dumps(
+            {
+                "rotating": True,
+                "B": B,
+                "H": H,
+                "context": context,
+                "max_error": round(float(err), 5),
+                "xla_max_error": round(float(err_xla), 5),
+                "k_max_error": round(float(k_err), 5),
+                "ok": ok,
+            }
+        )
+    )
     return ok
 
 
