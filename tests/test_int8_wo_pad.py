@@ -155,15 +155,23 @@ def test_the_attention_kernel_writes_the_padding_heads(monkeypatch):
     monkeypatch.setenv("MESHSERVE_DECODE_ATTENTION", "pallas")
     from meshserve.model import decode_attention as da
 
-    seen, kernel = [], da.decode_attention
+    seen = []
 
-    def observed(*args, **kwargs):  # what each decode step asks of the kernel, and the width it gets back
-        out = kernel(*args, **kwargs)
-        seen.append((kwargs.get("out_heads"), out.shape[2]))
-        return out
+    def observed(kernel):  # what each decode step asks of the kernel, and the width it gets back
+        def call(*args, **kwargs):
+            out = kernel(*args, **kwargs)
+            seen.append(
+                (kernel.__name__, kwargs.get("out_heads"), (out[0] if isinstance(out, tuple) else out).shape[2])
+            )
+            return out
 
-    monkeypatch.setattr(da, "decode_attention", observed)
+        return call
+
+    # Head dim 64: the layers take the kernel that rotates q and k itself (transformer._rotates_in_kernel).
+    for name in ("decode_attention", "decode_attention_rotating"):
+        monkeypatch.setattr(da, name, observed(getattr(da, name)))
     got = prefill_and_decode_logits(padded, config)
-    assert seen and set(seen) == {(H + PAD // Q, H + PAD // Q)}, seen  # every layer of every step: 72 heads out
+    heads = H + PAD // Q  # every layer of every step: 72 heads out
+    assert seen and set(seen) == {("decode_attention_rotating", heads, heads)}, seen
     for r, g in zip(ref[1:], got[1:], strict=True):  # the decode steps (prefill never takes the kernel)
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=3e-2 * np.abs(r).max())
