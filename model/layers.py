@@ -335,27 +335,25 @@ def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Arra
     return y
 
 
-def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig, up: jax.Array | None = None) -> jax.Array:
-    """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]; up: see
-    `mlp_activation`."""
-    y = einsum("BTF,FE->BTE", mlp_activation(h, p, config, up), p["w_down"])
+def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict | None = None) -> jax.Array:
+    """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]; projected:
+    see `mlp_activation`."""
+    y = einsum("BTF,FE->BTE", mlp_activation(h, p, config, projected), p["w_down"])
     return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
 
 
-def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig, up: jax.Array | None = None) -> jax.Array:
-    """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]. up: h @ w_up [B, T, F] (before its bias)
-    where the caller computed it already, in one GEMM with the attention's input projection (a decode step's
-    `transformer._attend_rotating`)."""
-    up = einsum("BTE,EF->BTF", h, p["w_up"]) if up is None else up
+def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict | None = None) -> jax.Array:
+    """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]. projected: {"up": h @ w_up, and for a gated
+    MLP "gate": h @ w_gate} [B, T, F] (before biases) where the caller computed them already, in one GEMM with the
+    attention's input projection (a decode step's `transformer._attend_rotating`)."""
+    projected = projected or {}
+    up = projected["up"] if "up" in projected else einsum("BTE,EF->BTF", h, p["w_up"])
     if "b_up" in p:
         up = up + p["b_up"].astype(up.dtype)
-    if config.mlp == "swiglu":
-        gate = einsum("BTE,EF->BTF", h, p["w_gate"])
+    if config.mlp in ("swiglu", "geglu"):
+        gate = projected["gate"] if "gate" in projected else einsum("BTE,EF->BTF", h, p["w_gate"])
         if "b_gate" in p:
             gate = gate + p["b_gate"].astype(gate.dtype)
-        act = jax.nn.silu(gate) * up
-    elif config.mlp == "geglu":
-        gate = einsum("BTE,EF->BTF", h, p["w_gate"])
         act = gate_activation(gate, config) * up
     else:
         act = jax.nn.gelu(up, approximate=False)
@@ -370,8 +368,8 @@ def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
 
 def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig, norm_fn=norm) -> jax.Array:
     """One block. attend_fn(h) -> o [B, T, H, Q] runs attention (and updates the cache) on normalised h; its output
-    projection is applied here. In a parallel block attend_fn may return (o, h @ w_up) instead: the MLP then takes
-    that up projection rather than computing its own. norm_fn: `norm`, or a decode step's one-kernel form of it
+    projection is applied here. In a parallel block attend_fn may return (o, projected) instead, projected the MLP's
+    input projections of h (`mlp_activation`), which the MLP then takes rather than computing its own. norm_fn: `norm`, or a decode step's one-kernel form of it
     (`transformer.decode_step`: model/decode_norm.py).
 
     Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x), the two output projections as one matmul where
@@ -381,10 +379,10 @@ def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConf
     if config.parallel_block:
         h = norm_fn(x, p["attn_norm"], config)
         o = attend_fn(h)
-        o, up = o if isinstance(o, tuple) else (o, None)  # (o, h @ w_up): attend_fn projected both in one GEMM
+        o, projected = o if isinstance(o, tuple) else (o, None)  # attend_fn projected the MLP's inputs too
         if "wo_down" in p:
-            return x + parallel_output(o, mlp_activation(h, p, config, up), p)
-        return x + attention_output(o, p) + mlp(h, p, config, up)
+            return x + parallel_output(o, mlp_activation(h, p, config, projected), p)
+        return x + attention_output(o, p) + mlp(h, p, config, projected)
 
     def attn(h: jax.Array) -> jax.Array:
         return attention_output(attend_fn(h), p)

@@ -334,32 +334,34 @@ def _rotates_in_kernel(p: dict, config: ModelConfig, layer: Any, span: int, dtyp
 
 def _attend_rotating(
     h: jax.Array, p: dict, config: ModelConfig, cache: KVCache, layer: int, pos: jax.Array, context: int, scale
-) -> tuple[jax.Array | tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array | tuple[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
     """One layer's decode attention with the rotary embedding applied in the kernel: h [B, 1, E] -> (o [B, 1, H or
-    the padded heads, Q], or (o, h @ w_up [B, 1, F]) in a parallel GELU block (`layers.layer_residual`); (k, v)
-    [B, 1, K, Q] for the cache: k rotated by the kernel, v a slice of the projection).
+    the padded heads, Q], or in a parallel block (o, {"gate", "up": [B, 1, F]}), the MLP's input projections of h
+    for `layers.layer_residual`; (k, v) [B, 1, K, Q] for the cache: k rotated by the kernel, v a slice of the
+    projection).
 
     The kernel's operand is the input projection unrotated, [B, 1, H + 2K, Q]. With 16-bit weights in a parallel
-    GELU block that is one GEMM over [wqkv, w_up] (the paper's fused input projection; the concatenation of the two
-    weights is read inside XLA's GEMM fusion, not copied), whose whole output [B, 1, H + 2K + F / Q, Q] the kernel
-    takes and whose tail is the MLP's up projection: XLA merged the two matmuls into such a GEMM anyway, and then
-    copied q, k, v out of its output for the custom call (falcon-7b bf16, deviceless H100 compile)."""
+    block that is one GEMM over [wqkv, (w_gate,) w_up] (the paper's fused input projection; the concatenation of
+    the weights is read inside XLA's GEMM fusion, not copied), whose whole output [B, 1, H + 2K + (2)F / Q, Q] the
+    kernel takes and whose tail is the MLP's: XLA merged the matmuls into such a GEMM anyway, and then copied q, k,
+    v out of its output for the custom call (falcon-7b and palm-8b bf16, deviceless H100 compile)."""
     H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
-    wqkv, w_up = p["wqkv"], p.get("w_up")
-    merged = (config.parallel_block and config.mlp == "gelu" and isinstance(w_up, jax.Array)
-              and isinstance(wqkv, jax.Array) and w_up.shape[-1] % Q == 0)  # fmt: skip
-    if merged:
-        E = wqkv.shape[0]
-        w_in = jnp.concatenate([wqkv.reshape(E, -1), w_up.astype(wqkv.dtype)], axis=1)  # [E, (H + 2K) Q + F]
-        y = einsum("BTE,EF->BTF", h, w_in)
-        projection = y.reshape(*y.shape[:2], -1, Q)  # [B, 1, H + 2K + F / Q, Q]
+    names = ("gate", "up") if config.mlp in ("swiglu", "geglu") else ("up",)
+    mlp_in = [p.get(f"w_{name}") for name in names]
+    merged = config.parallel_block and all(isinstance(w, jax.Array) and w.shape[-1] % Q == 0 for w in mlp_in)
+    if merged and isinstance(p["wqkv"], jax.Array):
+        E = p["wqkv"].shape[0]
+        w_in = jnp.concatenate([p["wqkv"].reshape(E, -1), *(w.astype(p["wqkv"].dtype) for w in mlp_in)], axis=1)
+        y = einsum("BTE,EF->BTF", h, w_in)  # [B, 1, (H + 2K) Q + (2)F]
+        projection = y.reshape(*y.shape[:2], -1, Q)  # [B, 1, H + 2K + (2)F / Q, Q]
+        tails = jnp.split(y[..., (H + 2 * K) * Q :], len(names), axis=-1)
     else:
-        projection = einsum("BTE,EHQ->BTHQ", h, wqkv)  # [B, 1, H + 2K, Q]
+        projection, tails = einsum("BTE,EHQ->BTHQ", h, p["wqkv"]), None  # [B, 1, H + 2K, Q]
     cos, sin = layers.rotary_tables(pos, layers.layer_frequencies(config, layer))  # [B, Q/2]
     o, k = decode_attention.decode_attention_rotating(projection, H, cache.k, cache.v, layer, pos, cos, sin, context,
                                                       scale, out_heads=_padded_heads(p, cache.k.shape))  # fmt: skip
     kv = kv_quant.storable(k, cache.k), kv_quant.storable(projection[:, :, H + K : H + 2 * K], cache.v)
-    return ((o, y[..., (H + 2 * K) * Q :]) if merged else o), kv
+    return (o if tails is None else (o, dict(zip(names, tails, strict=True)))), kv
 
 
 def _padded_heads(p: dict, cache_shape: tuple[int, ...]) -> int | None:

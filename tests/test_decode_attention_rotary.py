@@ -98,19 +98,19 @@ def _decode_logits(monkeypatch, mode, params, config, steps=3):
     ("preset", "overrides", "weights", "merged"),
     [
         ("tiny-falcon", dict(d_head=32), "bf16", True),  # parallel GELU block: one GEMM over [wqkv, w_up]
-        ("tiny", dict(d_head=32, n_kv_heads=2), "bf16", False),  # parallel SwiGLU: the projection is wqkv's alone
+        ("tiny", dict(d_head=32, n_kv_heads=2), "bf16", True),  # parallel SwiGLU: one GEMM over [wqkv, w_gate, w_up]
         ("tiny", dict(d_head=32, parallel_block=False), "bf16", False),  # serial block
-        ("tiny", dict(d_head=32, rope_scaling=(8.0, 1.0, 4.0, 16.0)), "bf16", False),  # Llama 3.1's scaled rotation
+        ("tiny", dict(d_head=32, rope_scaling=(8.0, 1.0, 4.0, 16.0)), "bf16", True),  # Llama 3.1's scaled rotation
         # a windowed layer (window >= context: read whole) rotating at its own base, beside a global one
-        ("tiny", dict(d_head=32, sliding_window=32, global_layers=(1,), local_rope_base=100.0), "bf16", False),
+        ("tiny", dict(d_head=32, sliding_window=32, global_layers=(1,), local_rope_base=100.0), "bf16", True),
         # int8 weights: never merged; 65 heads of 64 -> wo_padded's 4352 rows, the kernel writing 3 zero heads
         ("tiny-falcon", dict(d_head=64, n_heads=65), "int8", False),
     ],
 )
 def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, overrides, weights, merged):
     """Unrolled layers of head dim 32 take the rotating kernel in every layer (counted), and their decode steps'
-    logits match XLA's attention within bf16 rounding; the parallel GELU block's MLP takes its up projection from
-    the merged GEMM."""
+    logits match XLA's attention within bf16 rounding; a parallel block's MLP (16-bit weights) takes its input
+    projections from the merged GEMM."""
     config = get_config(preset).replace(**overrides)
     params = unstack_layers(cast_params(config, init_params(config, jax.random.key(4), jnp.float32), weights))
     ref = _decode_logits(monkeypatch, "xla", params, config)
@@ -121,19 +121,21 @@ def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, over
         calls.append(args[0].shape)
         return rotating(*args, **kwargs)
 
-    def noted(h, p, config, up=None):
-        ups.append(up is not None)
-        return mlp_activation(h, p, config, up)
+    def noted(h, p, config, projected=None):
+        ups.append(sorted(projected or {}))
+        return mlp_activation(h, p, config, projected)
 
     monkeypatch.setattr(da, "decode_attention_rotating", counted)
     monkeypatch.setattr(layers, "mlp_activation", noted)
     got = _decode_logits(monkeypatch, "pallas", params, config)
     assert len(calls) == config.n_layers  # traced once: one call per layer
     H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
-    assert calls[0][2] == H + 2 * K + (config.d_ff // Q if merged else 0)
+    mlp_inputs = ["gate", "up"] if config.mlp == "swiglu" else ["up"]
+    assert calls[0][2] == H + 2 * K + (len(mlp_inputs) * config.d_ff // Q if merged else 0)
     padded = "wo_padded" in params["layers"][0]
     assert padded == (weights == "int8") and (
         not padded or transformer._padded_heads(params["layers"][0], (1, 1, 1, K, Q)) == 68
     )
-    assert ups[-config.n_layers :] == [merged] * config.n_layers  # the decode step traced last (prefill first)
+    # The decode step traced last (prefill first): the MLP took the merged GEMM's projections, or made its own.
+    assert ups[-config.n_layers :] == [mlp_inputs if merged else []] * config.n_layers
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
