@@ -11,7 +11,8 @@ XLA's own error, at least 1e-2): a wrong config is reported, not ranked.
 
 The sweep is staged to stay short: block x num_warps at the defaults' stages and splits, then num_stages for the
 best, then splits for that (splits > 1 adds XLA's combine of the partial softmaxes, timed with it), then, with one
-kv head, head_block (the query heads spread over several programs per row) for the best so far.
+kv head, head_block (the query heads spread over several programs per row) for the best so far; last, the default and
+the best config again with the rotation in the kernel ("rotary": 1, the form decode steps take).
 
     python benchmarks/attn_sweep.py --json > attn_sweep.jsonl     # on the GPU (gpu_bench.sh step `attnsweep`)
     python benchmarks/attn_sweep.py --small                         # a CPU dry run (interpreted kernel, tiny shapes)
@@ -79,11 +80,18 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
     scale, interpret = 1.0 / Q**0.5, not on_cuda()
 
     def kernel_fn(config: dict[str, int]) -> Any:
+        launch = {k: v for k, v in config.items() if k != "rotary"}
+        # rotary: the kernel rotating q and the own k itself (decode_attention_rotating's form), by cos 1 and sin 0:
+        # the same attention as without, so the same reference, at the cost of the rotation's extra work.
+        tables = (
+            (jnp.ones((B, Q // 2), jnp.float32), jnp.zeros((B, Q // 2), jnp.float32)) if config.get("rotary") else ()
+        )
+
         def run(qkv, k_caches, v_caches, pos):  # one call per layer, as a decode step makes them
-            outs = [_decode_attention(qkv, kc, vc, pos, n_heads=H, layer=0, context=S, scale=scale, interpret=interpret,
-                                      **config)
+            outs = [_decode_attention(qkv, kc, vc, pos, *tables, n_heads=H, layer=0, context=S, scale=scale,
+                                      interpret=interpret, **launch)
                     for kc, vc in zip(k_caches, v_caches, strict=True)]  # fmt: skip
-            return jnp.stack(outs)  # [N, B, K, G, Q]
+            return jnp.stack([o[0] if tables else o for o in outs])  # [N, B, K, G, Q]
 
         return jax.jit(run)
 
@@ -138,10 +146,14 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
     max_splits = max(1, S // chosen["block"])
     stage3 = [measure({**chosen, "splits": s}) for s in ((2,) if small else SPLITS)
               if s != chosen["splits"] and s <= max_splits]  # fmt: skip
+    stage4 = []
     if K == 1:  # one kv head: the query heads over several programs per row too
         chosen = best(stage1 + stage2 + stage3)
-        for head_block in (16,) if small else HEAD_BLOCKS:
-            measure({**chosen, "head_block": head_block})
+        stage4 = [measure({**chosen, "head_block": head_block}) for head_block in ((16,) if small else HEAD_BLOCKS)]
+    # What rotating q and k in the kernel costs (decode steps take that form: transformer._attend_rotating), at the
+    # defaults and at the best config so far.
+    for config in {json.dumps(c, sort_keys=True) for c in (default, best(stage1 + stage2 + stage3 + stage4))}:
+        measure({**json.loads(config), "rotary": 1})
     return rows
 
 

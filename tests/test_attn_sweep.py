@@ -28,6 +28,10 @@ def test_small_sweep_checks_and_times_each_config():
         assert {c["splits"] for c in configs} == {1, 2} and {c["num_stages"] for c in configs} == {1, 2}
         # head blocks with one kv head only (tiny b1); GQA has none
         assert {c.get("head_block") for c in configs} == ({None, 16} if shape == "tiny b1" else {None})
+        # the rotation in the kernel last, at the defaults (block 64, 4 warps, 2 stages) and at the best config
+        rotary = [c for c in configs if c.get("rotary")]
+        assert configs[-len(rotary) :] == rotary and 1 <= len(rotary) <= 2
+        assert {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 1, "rotary": 1} in rotary
         for r in mine:  # interpreted, every config computes the same attention, within attn_check's bound
             assert r["ok"] and r["max_error"] <= max(2 * mine[0]["max_error"], 1e-2) and r["us_per_layer"] > 0, r
 
