@@ -30,6 +30,7 @@ __all__ = [
     "scan_layers",
     "prefill",
     "decode_step",
+    "decode_norm_label",
     "insert",
     "compute_dtype",
     "unembed",
@@ -118,6 +119,17 @@ def _norms_in_kernel(config: ModelConfig, batch: int) -> bool:
     if decode_attention.decode_attention_mode() != "pallas" or not decode_norm.norm_kernel_supported(config.d_model):
         return False
     return not config.post_norms and (config.norm == "layernorm" or batch == 1)
+
+
+def decode_norm_label(config: ModelConfig, batch: int, cuda: bool | None = None) -> str:
+    """How a decode step of `batch` rows runs its norms, as bench rows name it: "pallas" (model/decode_norm.py's
+    kernel on CUDA), "pallas-interpret" (elsewhere) or "xla" (`_norms_in_kernel`). cuda: whether the step is lowered
+    for CUDA (None: this process's first device)."""
+    from meshserve.model.quant import lowered_for_cuda
+
+    if not _norms_in_kernel(config, batch):
+        return "xla"
+    return "pallas" if lowered_for_cuda(cuda) else "pallas-interpret"
 
 
 def _kernel_norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:

@@ -88,6 +88,8 @@ class BenchRow:
     speedup_vs_peer: float | None = None
     read_gbps: float | None = None  # read-only stream bandwidth of the device (measure_read_bandwidth)
     platform: str = ""  # jax platform (cpu, gpu, tpu): on cpu hbm_fraction is not a bandwidth fraction (module doc)
+    # The decode step's norms: "xla", or model/decode_norm.py's kernel ("pallas" on CUDA, "pallas-interpret")
+    decode_norm: str = "xla"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +240,7 @@ def bench_row(
         int8_matmul=int8_matmul_label(layers == "unrolled"),
         # gen_len 0: no decode step ran, so none ran the kernel
         decode_attention=decode_attention_label(config, layers == "unrolled", kv_dtype, context) if gen_len else "xla",
+        decode_norm=transformer.decode_norm_label(config, batch) if gen_len else "xla",
         device=jax.devices()[0].device_kind,
         platform=jax.devices()[0].platform,
         prefill_ms=prefill_s * 1e3,

@@ -90,6 +90,8 @@ def test_bench_flag_runs_the_kernel_and_labels_its_rows(tmp_path):
     got = [(r["weights"], r["kv_cache_dtype"], r["decode_attention"]) for r in rows]
     assert got == [("bf16", "auto", "pallas-interpret"), ("bf16", "int8", "xla"), ("f32", "auto", "xla"),
                    ("f32", "int8", "xla")]  # fmt: skip
+    # tiny's LayerNorm takes the norm kernel under the same switch, whatever the cache or the weights' dtype
+    assert [r["decode_norm"] for r in rows] == ["pallas-interpret"] * 4
     assert all(r["decode_step_ms"] > 0 for r in rows)
     title = proc.stdout.splitlines()[0]
     assert title.endswith(", decode attention pallas-interpret (bf16/auto rows; xla in the others)"), title
