@@ -77,7 +77,7 @@ grep -q "cudnn attention FAILED (causal)" "$OUT/attention.txt" && export MESHSER
 # ... and the decode attention kernel, CUDA's default, against XLA's attention and float64 (seconds): a fast but wrong
 # kernel shows here, and a failure switches every step to XLA's attention.
 kernel_attention=pallas
-timeout 120 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
+timeout 180 $PY benchmarks/attn_check.py 2>&1 | grep -v -i warning | tee "$OUT/attn_check.txt"
 if ! grep -q "all cases match" "$OUT/attn_check.txt"; then
   echo "!! decode step kernels: check failed, see attn_check.txt; XLA's attention and norms from here on"
   kernel_attention=xla; export MESHSERVE_DECODE_ATTENTION=xla
@@ -240,7 +240,8 @@ json.dump(rows + json.load(open(b)), open(a, 'w'), indent=1)" "$OUT/decode_hlo.j
           2> "$OUT/attn_sweep.log" || echo "!! attnsweep failed or timed out (see attn_sweep.log)"
         [ -s "$OUT/attn_sweep.jsonl" ] && $PY -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
 [print(s, *['%.2f us %s' % (r['us_per_layer'], r['config']) for r in sorted((r for r in rows if r['shape'] == s \
-and r.get('us_per_layer')), key=lambda r: r['us_per_layer'])[:4]], sep='\n  ') for s in dict.fromkeys(r['shape'] \
+and r.get('us_per_layer') and not (isinstance(r['config'], dict) and r['config'].get('rotary'))), \
+key=lambda r: r['us_per_layer'])[:4]], sep='\n  ') for s in dict.fromkeys(r['shape'] \
 for r in rows)]" "$OUT/attn_sweep.jsonl"
       else echo "!! attnsweep skipped: out of time"; fi ;;
     profile)  # not in the default STEPS: where a decode step's time goes, per kernel (benchmarks/profile_step.py)

@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
     # The kernel rotating q and the own k itself (decode_attention_rotating), over falcon-7b's merged projection
-    # (q, k, v, then the up projection's 284 heads of 64) at batch 1 and 64, and llama's GQA at 4k (several splits).
+    # (q, k, v, then the up projection's 284 heads of 64) at batch 1 and 64, palm-8b's (16 heads of 256, then gate
+    # and up: 128 heads), and llama's GQA at 4k (several splits).
     rotating_cases = [("rotating falcon-7b b1", 1, 71, 1, 64, 357, 256, 72),
                       ("rotating falcon-7b b64", 64, 71, 1, 64, 357, 256, 72),
+                      ("rotating palm-8b b1", 1, 16, 1, 256, 146, 256, None),
                       ("rotating llama GQA 4k b1", 1, 32, 8, 128, 48, 4096, None)]  # fmt: skip
     for name, B, H, K, Q, Hs, S, out_heads in rotating_cases:
         kernels = ptx_of(
@@ -114,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
-    # The decode norm (model/decode_norm.py) at falcon-7b's E = 4544 (a masked 8192-lane block; layernorm with bias)
-    # and palm-8b's / llama's 4096 (rmsnorm, no bias), batch 1 and 64.
+    # The decode norm (model/decode_norm.py) at falcon-7b's E = 4544 (a masked 8192-lane block; layernorm with bias),
+    # palm-8b's 4096 (layernorm, no bias) and llama's 4096 (rmsnorm), batch 1 and 64.
     norm_cases = [(f"decode_norm {model} {kind} E {E} b{R}", R, E, kind, bias)
                   for model, E, kind, bias in (("falcon-7b", 4544, "layernorm", True),
-                                               ("palm-8b/llama", 4096, "rmsnorm", False))
+                                               ("palm-8b", 4096, "layernorm", False),
+                                               ("llama", 4096, "rmsnorm", False))
                   for R in (1, 64)]  # fmt: skip
     for name, R, E, kind, has_bias in norm_cases:
         kernels = ptx_of(

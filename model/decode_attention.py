@@ -198,9 +198,9 @@ def decode_attention_rotating(
 
     Why: rotated by XLA, q and k took a kernel of their own per layer and step, between the input projection and
     this one (falcon-7b bf16 batch 1 on an H200: 1.6 us of ~125 us per layer). The projection may be the whole
-    output of the layer's input GEMM (q, k, v and, in a parallel block, the MLP's up projection after them: the
-    caller concatenates them, which XLA folds back into the one GEMM it makes of them): a slice of it for q, k, v
-    alone would be copied into its own buffer for the custom call.
+    output of the layer's input GEMM (q, k, v and, in a parallel block, the MLP's input projections after them:
+    `transformer._attend_rotating`): a slice of it for q, k, v alone would be copied into its own buffer for the
+    custom call.
     """
     out, k_rotated = _launch(projection, n_heads, k_cache, v_cache, layer, pos, context, scale, (cos, sin),
                              block=block, interpret=interpret, out_heads=out_heads, head_block=head_block)  # fmt: skip

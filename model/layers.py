@@ -335,14 +335,18 @@ def parallel_output(o: jax.Array, act: jax.Array, p: dict[str, Any]) -> jax.Arra
     return y
 
 
-def mlp(h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict | None = None) -> jax.Array:
+def mlp(
+    h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict[str, jax.Array] | None = None
+) -> jax.Array:
     """SwiGLU (Swish(hW)·hV), GeGLU (gelu_tanh(hW)·hV, Gemma) or GELU MLP. h: [B, T, E] -> [B, T, E]; projected:
     see `mlp_activation`."""
     y = einsum("BTF,FE->BTE", mlp_activation(h, p, config, projected), p["w_down"])
     return y + p["b_down"].astype(y.dtype) if "b_down" in p else y
 
 
-def mlp_activation(h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict | None = None) -> jax.Array:
+def mlp_activation(
+    h: jax.Array, p: dict[str, Any], config: ModelConfig, projected: dict[str, jax.Array] | None = None
+) -> jax.Array:
     """The MLP up to its down projection: h [B, T, E] -> act [B, T, F]. projected: {"up": h @ w_up, and for a gated
     MLP "gate": h @ w_gate} [B, T, F] (before biases) where the caller computed them already, in one GEMM with the
     attention's input projection (a decode step's `transformer._attend_rotating`)."""
@@ -369,8 +373,8 @@ def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
 def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig, norm_fn=norm) -> jax.Array:
     """One block. attend_fn(h) -> o [B, T, H, Q] runs attention (and updates the cache) on normalised h; its output
     projection is applied here. In a parallel block attend_fn may return (o, projected) instead, projected the MLP's
-    input projections of h (`mlp_activation`), which the MLP then takes rather than computing its own. norm_fn: `norm`, or a decode step's one-kernel form of it
-    (`transformer.decode_step`: model/decode_norm.py).
+    input projections of h (`mlp_activation`), which the MLP then takes rather than computing its own. norm_fn:
+    `norm`, or a decode step's one-kernel form of it (`transformer.decode_step`: model/decode_norm.py).
 
     Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x), the two output projections as one matmul where
     the layer holds them fused (wo_down: `parallel_output`). Serial: two norms, two residuals; with post_norms

@@ -222,7 +222,8 @@ def unstack_layers(params: Params, *, consume: bool = False, int8_rows: bool = F
     axis; int8: values and scales alike), which `layers.qkv_projection` runs as one matmul: fewer kernels per decode
     step on a GPU (falcon-7b bf16, deviceless H100 compile: wk and wv were 3 reduction kernels beside wq's GEMM;
     21 -> 18 kernels per layer). Fused here, once: a concatenation inside the step was copied on every step
-    (`transformer._attend_rotating` concatenates wqkv and w_up in the step: XLA reads that one inside its GEMM).
+    (`transformer._attend_rotating` concatenates wqkv with w_gate and w_up in the step: XLA reads that one inside
+    its GEMM fusion, in the deviceless compile).
 
     consume: delete each stacked array once its N per-layer slices exist, so the weights never sit in device memory
     twice: the peak is the weights plus one stacked leaf (a 7B model's w_up: 5 GiB of its 14), not twice the
