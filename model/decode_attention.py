@@ -50,6 +50,7 @@ __all__ = [
     "decode_attention_mode",
     "default_decode_attention",
     "kernel_enabled",
+    "run_kernel",
     "splits_for",
 ]
 
@@ -207,6 +208,18 @@ def decode_attention_rotating(
     return out, k_rotated[:, None]
 
 
+def run_kernel(kernel_fn, *args, interpret: bool | None, **static):
+    """kernel_fn(*args, **static, interpret=...) (this module's and model/decode_norm.py's): interpret None compiles
+    it where the step is lowered for CUDA (a deviceless compile too) and interprets it elsewhere."""
+    if interpret is not None:
+        return kernel_fn(*args, **static, interpret=interpret)
+    return jax.lax.platform_dependent(
+        *args,
+        cuda=functools.partial(kernel_fn, **static, interpret=False),
+        default=functools.partial(kernel_fn, **static, interpret=True),
+    )
+
+
 def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block):
     """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], rotated
     own k [B, K, Q] or None)."""
@@ -224,14 +237,7 @@ def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, blo
                   block=block, out_groups=out_heads // K, head_block=head_block)  # fmt: skip
     tables = () if rotary is None else tuple(t.astype(jnp.float32) for t in rotary)
     args = (qkv, k_cache, v_cache, pos.astype(jnp.int32), *tables)
-    if interpret is None:
-        outs = jax.lax.platform_dependent(
-            *args,
-            cuda=functools.partial(_decode_attention, **static, interpret=False),
-            default=functools.partial(_decode_attention, **static, interpret=True),
-        )
-    else:
-        outs = _decode_attention(*args, **static, interpret=interpret)
+    outs = run_kernel(_decode_attention, *args, interpret=interpret, **static)
     out, k_rotated = outs if rotary is not None else (outs, None)
     return out.reshape(B, 1, out_heads, Q), k_rotated
 

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from meshserve.model.decode_attention import run_kernel
 
 __all__ = ["NORM_KINDS", "decode_norm", "default_warps", "norm_kernel_supported"]
 
@@ -78,15 +79,7 @@ def decode_norm(
     static = dict(kind=kind, eps=float(eps), offset=bool(scale_offset),
                   num_warps=default_warps(E) if num_warps is None else num_warps)  # fmt: skip
     args = (x.reshape(-1, E), scale) + (() if bias is None else (bias,))
-    if interpret is None:
-        out = jax.lax.platform_dependent(
-            *args,
-            cuda=functools.partial(_decode_norm, **static, interpret=False),
-            default=functools.partial(_decode_norm, **static, interpret=True),
-        )
-    else:
-        out = _decode_norm(*args, **static, interpret=interpret)
-    return out.reshape(x.shape)
+    return run_kernel(_decode_norm, *args, interpret=interpret, **static).reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "offset", "interpret", "num_warps"), inline=True)
