@@ -5,7 +5,8 @@ before timing them, so a fast but wrong kernel is caught in the same call (and i
 random bf16 queries, caches and own keys, runs `decode_attention` (the kernel on CUDA; interpreted elsewhere) and
 `layers.attend_cached` (XLA), and compares them to float64 attention of the same numbers; then the same with the
 rotation in the kernel (`decode_attention_rotating`, over a projection with up-projection heads after q, k, v),
-against XLA's `layers.rotate` + float64 attention, and its rotated own k against XLA's. Last, the norm kernel
+against XLA's `layers.rotate` + float64 attention, and its rotated own k against XLA's, once as is and once with an
+int8 wqkv's channel scale applied in the kernel. Last, the norm kernel
 (model/decode_norm.py) against `layers.norm` and float64 at falcon-7b's LayerNorm and llama's RMSNorm.
 
     python benchmarks/attn_check.py            # exit 1 if any case is off by more than XLA's own error allows
@@ -85,30 +86,44 @@ def main() -> int:
                           "splits": splits_for(B, K, context), "max_error": round(float(err), 5),
                           "xla_max_error": round(float(err_xla), 5), "ok": ok}))  # fmt: skip
         failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads)
+        # int8 wqkv: the projection unscaled and its channel scale applied in the kernel
+        failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled=True)
     failed += sum(not _check_norm(*case) for case in NORM_CASES)
     print("decode step kernels: " + ("all cases match" if not failed else f"{failed} case(s) OFF"))
     return 1 if failed else 0
 
 
-def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads) -> bool:
+def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled: bool = False) -> bool:
     """`decode_attention_rotating` over [q, k_new, v_new, 5 more heads] taken as unrotated, against float64
     attention of XLA's rotation of q and k_new (both rounded to bf16, as the kernel's are); its rotated own k
-    against XLA's within one bf16 rounding. Prints one JSON line."""
+    against XLA's within one bf16 rounding. scaled: the projection handed over divided by a channel scale in
+    [0.5, 2) (an int8 wqkv's GEMM product) and the scale as projection_scale, the reference over the product
+    scaled back as XLA's int8 path rounds it; the own v the kernel then writes within one rounding of it too.
+    Prints one JSON line."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from meshserve.model import layers
+    from meshserve.model import layers, quant
     from meshserve.model.decode_attention import decode_attention_rotating
 
     B, _, H, Q = q.shape
     extra = jnp.zeros((B, 1, 5, Q), q.dtype)  # a parallel block's up projection follows: never read
-    projection = jnp.concatenate([q, k_new, v_new, extra], axis=2)
+    K = k_new.shape[2]
+    channel = jax.random.uniform(jax.random.key(H + K), (H + 2 * K, Q), jnp.float32, 0.5, 2.0).astype(q.dtype)
+    projection = jnp.concatenate([q, k_new, v_new], axis=2)
+    if scaled:  # the kernel's operand: the GEMM's unscaled product; q, k_new, v_new: what XLA's scaling makes of it
+        projection = (projection.astype(jnp.float32) / channel.astype(jnp.float32)).astype(q.dtype)
+        q, k_new, v_new = jnp.split(quant.scaled_output(projection, channel), [H, H + K], axis=2)
+    projection = jnp.concatenate([projection, extra], axis=2)
     pos = jnp.asarray(lengths, jnp.int32)
     inv_freq = layers.rope_frequencies(Q // 2, 10000.0)
     cos, sin = layers.rotary_tables(pos, inv_freq)
-    kernel = jax.jit(lambda proj, kc, vc, pos, cos, sin: decode_attention_rotating(
-        proj, H, kc, vc, 1, pos, cos, sin, context, out_heads=out_heads))  # fmt: skip
-    o, k = (np.asarray(a, np.float64) for a in kernel(projection, k_cache, v_cache, pos, cos, sin))
+    kernel = jax.jit(lambda proj, kc, vc, pos, cos, sin, channel: decode_attention_rotating(
+        proj, H, kc, vc, 1, pos, cos, sin, context, out_heads=out_heads,
+        projection_scale=channel if scaled else None))  # fmt: skip
+    o, k, v = (np.asarray(a, np.float64) for a in kernel(projection, k_cache, v_cache, pos, cos, sin, channel))
+    v_new64 = np.asarray(v_new, np.float64)
+    v_err = np.abs(v - v_new64).max()
     q_r, k_r = (layers.rotate(a, pos[:, None], inv_freq) for a in (q, k_new))
     exact = _reference(q_r, k_cache, v_cache, k_r, v_new, lengths, 1, 1.0 / Q**0.5)
     visible = jnp.arange(context)[None, :] < pos[:, None]
@@ -118,16 +133,19 @@ def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_hea
     k_err = np.abs(k - k_r).max()
     ok = bool(np.isfinite(o).all() and err <= max(2 * err_xla, 1e-2) and not o[:, :, H:].any())
     ok = ok and bool(k_err <= 2**-7 * np.abs(k_r).max())  # one bf16 rounding apart at most
+    ok = ok and bool(v_err <= 2**-7 * np.abs(v_new64).max())
     print(
         json.dumps(
             {
                 "rotating": True,
+                "scaled": scaled,
                 "B": B,
                 "H": H,
                 "context": context,
                 "max_error": round(float(err), 5),
                 "xla_max_error": round(float(err_xla), 5),
                 "k_max_error": round(float(k_err), 5),
+                "v_max_error": round(float(v_err), 5),
                 "ok": ok,
             }
         )

@@ -103,16 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     # The kernel rotating q and the own k itself (decode_attention_rotating), over falcon-7b's merged projection
     # (q, k, v, then the up projection's 284 heads of 64) at batch 1 and 64, palm-8b's (16 heads of 256, then gate
     # and up: 128 heads), and llama's GQA at 4k (several splits).
+    # "int8": the projection unscaled, wqkv's channel scale [H + 2K, Q] applied in the kernel (projection_scale).
     rotating_cases = [("rotating falcon-7b b1", 1, 71, 1, 64, 357, 256, 72),
                       ("rotating falcon-7b b64", 64, 71, 1, 64, 357, 256, 72),
+                      ("rotating falcon-7b int8 b1", 1, 71, 1, 64, 357, 256, 72),
+                      ("rotating falcon-7b int8 b64", 64, 71, 1, 64, 357, 256, 72),
                       ("rotating palm-8b b1", 1, 16, 1, 256, 146, 256, None),
+                      ("rotating llama GQA 4k int8 b1", 1, 32, 8, 128, 48, 4096, None),
                       ("rotating llama GQA 4k b1", 1, 32, 8, 128, 48, 4096, None)]  # fmt: skip
     for name, B, H, K, Q, Hs, S, out_heads in rotating_cases:
+        scales = [spec((H + 2 * K, Q))] if "int8" in name else []
         kernels = ptx_of(
-            lambda proj, kc, vc, pos, cos, sin, H=H, S=S, o=out_heads: decode_attention_rotating(
-                proj, H, kc, vc, 0, pos, cos, sin, S, interpret=False, out_heads=o),
+            lambda proj, kc, vc, pos, cos, sin, *scale, H=H, S=S, o=out_heads: decode_attention_rotating(
+                proj, H, kc, vc, 0, pos, cos, sin, S, interpret=False, out_heads=o,
+                projection_scale=scale[0] if scale else None),
             spec((B, 1, Hs, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
-            spec((B, Q // 2), jnp.float32), spec((B, Q // 2), jnp.float32),
+            spec((B, Q // 2), jnp.float32), spec((B, Q // 2), jnp.float32), *scales,
         )  # fmt: skip
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")

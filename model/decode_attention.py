@@ -189,13 +189,17 @@ def decode_attention_rotating(
     interpret: bool | None = None,
     out_heads: int | None = None,
     head_block: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    projection_scale: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`decode_attention` over an unrotated projection, the rotary embedding applied inside the kernel.
 
     projection [B, 1, Hs, Q]: heads [0, H) are q, [H, H + K) the own k, [H + K, H + 2K) the own v, all before
     rotation (H = n_heads); heads past H + 2K are not read. cos / sin [B, Q/2] float32: each row's rotation at its
-    own position (`layers.rotary_tables`), rotate-half convention as `layers.rotate`. Returns (o [B, 1, out_heads
-    or H, Q], k [B, 1, K, Q]: the own key rotated, for the cache), both in projection's dtype.
+    own position (`layers.rotary_tables`), rotate-half convention as `layers.rotate`. projection_scale [H + 2K, Q]
+    (or None): an int8 wqkv's per-channel scale, which the kernel applies to q, k and v as it loads them, rounding
+    to projection's dtype as XLA's int8 path does (`quant.einsum_unscaled`); XLA applied it in a kernel of its own
+    per layer (falcon-7b int8, deviceless H100 compile). Returns (o [B, 1, out_heads or H, Q], k [B, 1, K, Q]: the
+    own key rotated, v [B, 1, K, Q]: the own value, scaled), all in projection's dtype: k and v for the cache.
 
     Why: rotated by XLA, q and k took a kernel of their own per layer and step, between the input projection and
     this one (falcon-7b bf16 batch 1 on an H200: 1.6 us of ~125 us per layer). The projection may be the whole
@@ -203,9 +207,15 @@ def decode_attention_rotating(
     `transformer._attend_rotating`): a slice of it for q, k, v alone would be copied into its own buffer for the
     custom call.
     """
-    out, k_rotated = _launch(projection, n_heads, k_cache, v_cache, layer, pos, context, scale, (cos, sin),
-                             block=block, interpret=interpret, out_heads=out_heads, head_block=head_block)  # fmt: skip
-    return out, k_rotated[:, None]
+    H, K = n_heads, k_cache.shape[3]
+    if projection_scale is not None and projection_scale.shape != (H + 2 * K, projection.shape[3]):
+        raise ValueError(f"projection_scale must be [H + 2K, Q] = {[H + 2 * K, projection.shape[3]]}, "
+                         f"got {list(projection_scale.shape)}")  # fmt: skip
+    out, own = _launch(projection, H, k_cache, v_cache, layer, pos, context, scale, (cos, sin), block=block,
+                       interpret=interpret, out_heads=out_heads, head_block=head_block,
+                       projection_scale=projection_scale)  # fmt: skip
+    v = own[1][:, None] if projection_scale is not None else projection[:, :, H + K : H + 2 * K]
+    return out, own[0][:, None], v
 
 
 def run_kernel(kernel_fn, *args, interpret: bool | None, **static):
@@ -220,9 +230,10 @@ def run_kernel(kernel_fn, *args, interpret: bool | None, **static):
     )
 
 
-def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block):
-    """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], rotated
-    own k [B, K, Q] or None)."""
+def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block,
+            projection_scale=None):  # fmt: skip
+    """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], () or
+    with `rotary` (rotated own k [B, K, Q],) and with a projection_scale also (scaled own v [B, K, Q],))."""
     B, _, _, Q = qkv.shape
     K = k_cache.shape[3]
     out_heads = H if out_heads is None else out_heads
@@ -236,10 +247,14 @@ def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, blo
     static = dict(n_heads=H, layer=layer, context=context, scale=scale, splits=splits_for(B, K, context),
                   block=block, out_groups=out_heads // K, head_block=head_block)  # fmt: skip
     tables = () if rotary is None else tuple(t.astype(jnp.float32) for t in rotary)
-    args = (qkv, k_cache, v_cache, pos.astype(jnp.int32), *tables)
-    outs = run_kernel(_decode_attention, *args, interpret=interpret, **static)
-    out, k_rotated = outs if rotary is not None else (outs, None)
-    return out.reshape(B, 1, out_heads, Q), k_rotated
+    scaled = projection_scale is not None
+    if scaled and rotary is None:
+        raise ValueError("projection_scale is taken by the rotating kernel only")
+    extras = (*tables, projection_scale) if scaled else tables
+    args = (qkv, k_cache, v_cache, pos.astype(jnp.int32), *extras)
+    outs = run_kernel(_decode_attention, *args, interpret=interpret, scaled=scaled, **static)
+    out, *own = outs if rotary is not None else (outs,)
+    return out.reshape(B, 1, out_heads, Q), tuple(own)
 
 
 _STATIC = (
@@ -254,16 +269,18 @@ _STATIC = (
     "num_stages",
     "out_groups",
     "head_block",
+    "scaled",
 )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
 def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, context, scale, splits, block, interpret,
-                      num_warps=4, num_stages=2, out_groups=None, head_block=None):  # fmt: skip
+                      num_warps=4, num_stages=2, out_groups=None, head_block=None, scaled=False):  # fmt: skip
     """qkv [B, 1, Hs, Q] (q's H = n_heads heads, then the own k's K, then v's K; heads past H + 2K unread); caches
     [N, B, S, K, Q]; pos [B]; tables: () (q and the own k arrive rotated) or (cos, sin) [B, Q/2] float32 (the kernel
-    rotates them) -> [B, K, Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default
-    G), and with tables also the rotated own k [B, K, Q]. num_warps, num_stages: Triton's launch config
+    rotates them), and with `scaled` then qkv's channel scale [H + 2K, Q] (applied to q, k, v as loaded) -> [B, K,
+    Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G), with rotation also the
+    rotated own k [B, K, Q], and scaled also the scaled own v [B, K, Q]. num_warps, num_stages: Triton's launch config
     (benchmarks/attn_sweep.py times others). head_block (one kv head only, a power of two >= 16): each program takes
     that many of the query heads, not all G, so a batch-1 step runs cdiv(Go, head_block) programs where it ran one
     (each reads the same keys; an option for attn_sweep to time)."""
@@ -275,6 +292,8 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
     Go = G if out_groups is None else out_groups
     S = k_cache.shape[2]
     rotary, half = bool(tables), Q // 2
+    if scaled and len(tables) != 3:
+        raise ValueError("scaled takes (cos, sin, scale) after the caches")
     if head_block is not None and (K != 1 or head_block < 16 or head_block & (head_block - 1)):
         raise ValueError(f"head_block must be a power of two >= 16 with one kv head, got {head_block} with K = {K}")
     # A program's heads: all of its group (Gq rows of q, Gw rows written), or head_block of them (n_blocks programs).
@@ -294,20 +313,34 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
         a, b = x1.astype(jnp.float32), x2.astype(jnp.float32)
         return (a * cos - b * sin).astype(x1.dtype), (b * cos + a * sin).astype(x1.dtype)
 
+    def scaled_by(x, channel_scale):
+        """x * channel_scale in float32, rounded to x's dtype: XLA's int8 path (quant.einsum) on x, its GEMM's
+        rounded output."""
+        return (x.astype(jnp.float32) * channel_scale.astype(jnp.float32)).astype(x.dtype)
+
     def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *refs):
         s = pl.program_id(2)
         heads = pl.program_id(1) % n_blocks * Gq + jnp.arange(Gp)  # the rows' query heads within the group
         head_mask = (heads < G)[:, None]
         length = pos_ref[()]  # cached positions [0, length) are visible
+        vn = vn_ref[...]  # [Q]
         if rotary:  # q and the own k as halves [., Q/2], rotated here; every score is two dots of Q/2
             cos_ref, sin_ref, *out_refs = refs
+            q_halves, k_halves = halves(q_ref, pl.ds(0, Gp), head_mask), halves(kn_ref)
+            # The first program of each (row, kv head) writes the own k (and scaled, v) for the cache.
+            first_program = (s == 0) & (pl.program_id(1) % n_blocks == 0)
+            if scaled:  # an int8 wqkv's channel scale [H + 2K, Q]: its rows for q, the own k, the own v
+                qs_ref, ks_ref, vs_ref, *out_refs = out_refs
+                q_halves = tuple(map(scaled_by, q_halves, halves(qs_ref, pl.ds(0, Gp), head_mask)))
+                k_halves = tuple(map(scaled_by, k_halves, halves(ks_ref)))
+                vn = scaled_by(vn, vs_ref[...])
+                plgpu.store(out_refs.pop().at[pl.ds(0, Q)], vn, mask=jnp.full((Q,), first_program))
             cos, sin = cos_ref[...], sin_ref[...]  # [Q/2] float32
-            qv = rotate(*halves(q_ref, pl.ds(0, Gp), head_mask), cos[None, :], sin[None, :])  # 2 x [Gp, Q/2]
-            kn = rotate(*halves(kn_ref), cos, sin)  # 2 x [Q/2]: the own key as the cache will hold it
-            k_out = out_refs.pop()  # the first program of each (row, kv head) writes it
-            first_program = jnp.full((half,), (s == 0) & (pl.program_id(1) % n_blocks == 0))
+            qv = rotate(*q_halves, cos[None, :], sin[None, :])  # 2 x [Gp, Q/2]
+            kn = rotate(*k_halves, cos, sin)  # 2 x [Q/2]: the own key as the cache will hold it
+            k_out = out_refs.pop()
             for i in (0, 1):
-                plgpu.store(k_out.at[pl.ds(i * half, half)], kn[i], mask=first_program)
+                plgpu.store(k_out.at[pl.ds(i * half, half)], kn[i], mask=jnp.full((half,), first_program))
         else:
             out_refs = list(refs)
             qv = (plgpu.load(q_ref.at[pl.ds(0, Gp), :], mask=head_mask, other=0.0),)  # [Gp, Q]
@@ -319,7 +352,7 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
         first = jnp.full((Gp,), s == 0)  # a vector: Triton's select takes no scalar condition here
         m0 = jnp.where(first, own, _NEG)
         l0 = jnp.where(first, 1.0, 0.0)
-        acc0 = jnp.where(first[:, None], vn_ref[...].astype(jnp.float32)[None, :], 0.0)  # [Gp, Q]
+        acc0 = jnp.where(first[:, None], vn.astype(jnp.float32)[None, :], 0.0)  # [Gp, Q]
         offsets = jnp.arange(block)
 
         def body(j, carry):
@@ -372,10 +405,17 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
         out_specs = [pl.BlockSpec((None, None, None, Gs, Q), lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks, 0)),
                      *[pl.BlockSpec((None, None, None, Gs),
                                     lambda b, hg, s: (s, b, hg // n_blocks, hg % n_blocks))] * 2]  # fmt: skip
-    if rotary:  # each row's cos and sin [Q/2]; out: the rotated own k [B, K, Q], last
+    own_spec = pl.BlockSpec((None, None, Q), lambda b, hg, s: (b, hg // n_blocks, 0))  # [B, K, Q]: (b, h)
+    if rotary:  # each row's cos and sin [Q/2]; out: the rotated own k [B, K, Q], after the attention's
         in_specs += [pl.BlockSpec((None, half), lambda b, hg, s: (b, 0))] * 2
         out_shape.append(jax.ShapeDtypeStruct((B, K, Q), qkv.dtype))
-        out_specs.append(pl.BlockSpec((None, None, Q), lambda b, hg, s: (b, hg // n_blocks, 0)))
+        out_specs.append(own_spec)
+    if scaled:  # the scale's rows as q's, the own k's and v's; out: the scaled own v [B, K, Q], last
+        in_specs += [pl.BlockSpec((Gq, Q), lambda b, hg, s: (hg, 0)),
+                     pl.BlockSpec((None, Q), lambda b, hg, s: (H + hg // n_blocks, 0)),
+                     pl.BlockSpec((None, Q), lambda b, hg, s: (H + K + hg // n_blocks, 0))]  # fmt: skip
+        out_shape.append(jax.ShapeDtypeStruct((B, K, Q), qkv.dtype))
+        out_specs.append(own_spec)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -385,9 +425,9 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(pos, qkv, k_cache, v_cache, qkv, qkv, *tables)
+    )(pos, qkv, k_cache, v_cache, qkv, qkv, *tables[:2], *([tables[2]] * 3 if scaled else []))
     outs = list(outs)
-    k_rotated = outs.pop() if rotary else None
+    own = [outs.pop() for _ in range(int(rotary) + int(scaled))][::-1]  # [k rotated (, v scaled)]
     if splits == 1:
         out = outs[0]
     else:  # splits' partial softmaxes [splits, B, K, G(, Q)] -> one: rescale each to the largest running max, add
@@ -396,4 +436,4 @@ def _decode_attention(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, conte
         weight = jnp.exp(m - top[None])
         out = (acc * weight[..., None]).sum(axis=0) / (l * weight).sum(axis=0)[..., None]
         out = jnp.pad(out.astype(qkv.dtype), ((0, 0), (0, 0), (0, Go - G), (0, 0)))  # [B, K, Go, Q]: XLA's combine
-    return (out, k_rotated) if rotary else out
+    return (out, *own) if rotary else out

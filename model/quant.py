@@ -250,6 +250,38 @@ def einsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedArray, *, out_
     return jnp.einsum(subscripts, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
+def concat_einsum(x: jax.Array, weights: Sequence[jax.Array | QuantizedArray]) -> tuple[jax.Array, list] | None:
+    """x [B, T, E] times weights [E, ...] side by side, as one GEMM over their concatenation along the output
+    axis (the paper's fused input projection; XLA reads the concatenation inside its GEMM fusion rather than copying
+    it, deviceless H100 compile): (y [B, T, N1 + N2 + ...] in x's dtype, each weight's channel scale [Ni] or None).
+
+    16-bit weights are cast to x's dtype and their scales are None. int8 weights on XLA's path contribute their
+    values and y is their product unscaled, rounded to x's dtype as `einsum` rounds it: the caller applies each
+    scale (in float32, rounding again, as `einsum` does) where it reads y, in a kernel as it loads it or in XLA's
+    fusion of the consumer, rather than in a kernel of its own per weight. None where the weights mix kinds or an
+    int8 one would take another path (a Pallas config, w8a8, a transposed layout), whose rounding this would not
+    reproduce."""
+    quantized = [isinstance(w, QuantizedArray) for w in weights]
+    if any(quantized) and not all(quantized):
+        return None
+    if all(quantized) and any(
+        w.perm is not None or int8_matmul_mode() not in ("xla", "pallas") or _int8_kernel_config("BTE,EF->BTF", x, w)
+        for w in weights
+    ):
+        return None
+    E = x.shape[-1]
+    values = [(w.values if q else w).reshape(E, -1).astype(x.dtype) for w, q in zip(weights, quantized, strict=True)]
+    y = jnp.einsum("BTE,EF->BTF", x, jnp.concatenate(values, axis=1) if len(values) > 1 else values[0],
+                   preferred_element_type=x.dtype)  # fmt: skip
+    return y, [w.scale.reshape(-1) if q else None for w, q in zip(weights, quantized, strict=True)]
+
+
+def scaled_output(y: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """y [..., N] (a product `concat_einsum` left unscaled) times its channel scale [N] (None: as is): in float32,
+    rounded to y's dtype, as `einsum` applies an int8 weight's scale."""
+    return y if scale is None else (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(y.dtype)
+
+
 def _convert_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, out_dtype) -> jax.Array:
     """XLA's int8 path: the weights converted to x's dtype, the einsum (float32-accumulated) out in out_dtype as a
     16- or 32-bit weight's is, the scales after. A float32 output of bf16 operands made XLA:GPU upcast the operands,

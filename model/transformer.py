@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from meshserve.model import decode_attention, decode_norm, kv_quant, layers
 from meshserve.model.config import ModelConfig
 from meshserve.model.params import Params
-from meshserve.model.quant import einsum
+from meshserve.model.quant import concat_einsum, einsum, scaled_output
 
 __all__ = [
     "KVCache",
@@ -349,31 +349,37 @@ def _attend_rotating(
 ) -> tuple[jax.Array | tuple[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
     """One layer's decode attention with the rotary embedding applied in the kernel: h [B, 1, E] -> (o [B, 1, H or
     the padded heads, Q], or in a parallel block (o, {"gate", "up": [B, 1, F]}), the MLP's input projections of h
-    for `layers.layer_residual`; (k, v) [B, 1, K, Q] for the cache: k rotated by the kernel, v a slice of the
-    projection).
+    for `layers.layer_residual`; (k, v) [B, 1, K, Q] for the cache: k rotated by the kernel, v from the projection).
 
-    The kernel's operand is the input projection unrotated, [B, 1, H + 2K, Q]. With 16-bit weights in a parallel
-    block that is one GEMM over [wqkv, (w_gate,) w_up] (the paper's fused input projection; the concatenation of
-    the weights is read inside XLA's GEMM fusion, not copied), whose whole output [B, 1, H + 2K + (2)F / Q, Q] the
-    kernel takes and whose tail is the MLP's: XLA merged the matmuls into such a GEMM anyway, and then copied q, k,
-    v out of its output for the custom call (falcon-7b and palm-8b bf16, deviceless H100 compile)."""
+    The kernel's operand is the input projection unrotated, [B, 1, H + 2K, Q]. In a parallel block that is one
+    GEMM over [wqkv, (w_gate,) w_up] (`quant.concat_einsum`: the paper's fused input projection), whose whole
+    output [B, 1, H + 2K + (2)F / Q, Q] the kernel takes and whose tail is the MLP's: XLA merged the matmuls into
+    such a GEMM anyway, and then copied q, k, v out of its output for the custom call (falcon-7b and palm-8b bf16,
+    deviceless H100 compile). int8 weights (XLA's path) leave that product unscaled: the kernel applies wqkv's
+    scale as it loads q, k, v, and the tails take theirs in the MLP's fusion, where XLA spent a kernel per layer on
+    the qkv multiply (falcon-7b int8, deviceless H100 compile: 277 -> 245 kernels at batch 1)."""
     H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
     names = ("gate", "up") if config.mlp in ("swiglu", "geglu") else ("up",)
     mlp_in = [p.get(f"w_{name}") for name in names]
-    merged = config.parallel_block and all(isinstance(w, jax.Array) and w.shape[-1] % Q == 0 for w in mlp_in)
-    if merged and isinstance(p["wqkv"], jax.Array):
-        E = p["wqkv"].shape[0]
-        w_in = jnp.concatenate([p["wqkv"].reshape(E, -1), *(w.astype(p["wqkv"].dtype) for w in mlp_in)], axis=1)
-        y = einsum("BTE,EF->BTF", h, w_in)  # [B, 1, (H + 2K) Q + (2)F]
-        projection = y.reshape(*y.shape[:2], -1, Q)  # [B, 1, H + 2K + (2)F / Q, Q]
-        tails = jnp.split(y[..., (H + 2 * K) * Q :], len(names), axis=-1)
+    fused = None
+    if config.parallel_block and all(w is not None and w.shape[-1] % Q == 0 for w in mlp_in):
+        fused = concat_einsum(h, [p["wqkv"], *mlp_in])
+    fused = fused or concat_einsum(h, [p["wqkv"]])  # a serial block, or the MLP's weights apart
+    if fused is None:  # int8 on another path (a Pallas config, w8a8, rows): einsum's own
+        y, scales = einsum("BTE,EHQ->BTHQ", h, p["wqkv"]).reshape(*h.shape[:2], -1), [None]
     else:
-        projection, tails = einsum("BTE,EHQ->BTHQ", h, p["wqkv"]), None  # [B, 1, H + 2K, Q]
+        y, scales = fused
+    projection = y.reshape(*y.shape[:2], -1, Q)  # [B, 1, H + 2K (+ (2)F / Q), Q]
+    tails = jnp.split(y[..., (H + 2 * K) * Q :], len(names), axis=-1) if len(scales) > 1 else None
+    projection_scale = None if scales[0] is None else scales[0].reshape(H + 2 * K, Q)
     cos, sin = layers.rotary_tables(pos, layers.layer_frequencies(config, layer))  # [B, Q/2]
-    o, k = decode_attention.decode_attention_rotating(projection, H, cache.k, cache.v, layer, pos, cos, sin, context,
-                                                      scale, out_heads=_padded_heads(p, cache.k.shape))  # fmt: skip
-    kv = kv_quant.storable(k, cache.k), kv_quant.storable(projection[:, :, H + K : H + 2 * K], cache.v)
-    return (o if tails is None else (o, dict(zip(names, tails, strict=True)))), kv
+    o, k, v = decode_attention.decode_attention_rotating(
+        projection, H, cache.k, cache.v, layer, pos, cos, sin, context, scale,
+        out_heads=_padded_heads(p, cache.k.shape), projection_scale=projection_scale)  # fmt: skip
+    kv = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)
+    if tails is None:
+        return o, kv
+    return (o, {name: scaled_output(t, s) for name, t, s in zip(names, tails, scales[1:], strict=True)}), kv
 
 
 def _padded_heads(p: dict, cache_shape: tuple[int, ...]) -> int | None:

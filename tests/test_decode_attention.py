@@ -195,7 +195,8 @@ def test_stacked_layers_and_an_int8_cache_keep_xla_attention(monkeypatch):
 
 def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
     """benchmarks/attn_check.py (run first in every gpu_bench.sh call) at its two batch-1 falcon cases and the one
-    writing 72 heads (out_heads), each also with the rotation in the kernel, and its norm cases, here interpreted:
+    writing 72 heads (out_heads), each also with the rotation in the kernel (as is, and an int8 wqkv's scale applied
+in the kernel), and its norm cases, here interpreted:
     it prints one JSON line per check and passes."""
     import importlib.util
     import json
@@ -212,6 +213,7 @@ def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
     attention = [r for r in rows if "splits" in r]
     assert [r["splits"] for r in attention] == [1, 4, 1] and all(r["ok"] for r in rows)
     assert [r["out_heads"] for r in attention] == [71, 71, 72]
-    assert [r["context"] for r in rows if r.get("rotating")] == [256, 2048, 256]
+    rotating = [(r["context"], r["scaled"]) for r in rows if r.get("rotating")]
+    assert rotating == [(256, False), (256, True), (2048, False), (2048, True), (256, False), (256, True)]
     assert [(r["norm"], r["rows"]) for r in rows if "norm" in r] == [("layernorm", 1), ("layernorm", 64),
                                                                       ("rmsnorm", 1)]  # fmt: skip

@@ -8,6 +8,8 @@ Interpret mode runs the kernel body on the CPU: the reference is XLA's path, `la
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,11 +47,12 @@ def test_rotating_kernel_equals_rotate_then_attend(
     inv_freq = layers.rope_frequencies(Q // 2, 10000.0)
     cos, sin = layers.rotary_tables(pos, inv_freq)
     layer = 2
-    o, k = da.decode_attention_rotating(projection, H, k_cache, v_cache, layer, pos, cos, sin, context,
-                                        interpret=True, head_block=head_block, out_heads=out_heads)  # fmt: skip
+    o, k, v = da.decode_attention_rotating(projection, H, k_cache, v_cache, layer, pos, cos, sin, context,
+                                           interpret=True, head_block=head_block, out_heads=out_heads)  # fmt: skip
     q_ref = layers.rotate(projection[:, :, :H], pos[:, None], inv_freq)
     k_ref = layers.rotate(projection[:, :, H : H + K], pos[:, None], inv_freq)
     v_new = projection[:, :, H + K : H + 2 * K]
+    assert (v == v_new).all()
     # The own key as the cache will hold it: XLA's rotation, to within one rounding of bf16 (Triton may fuse the
     # float32 multiply-adds that XLA rounds apart).
     assert k.shape == (B, 1, K, Q) and k.dtype == projection.dtype
@@ -64,6 +67,42 @@ def test_rotating_kernel_equals_rotate_then_attend(
     unrotated = layers.attend_cached(projection[:, :, :H], k_cache[layer, :, :context], v_cache[layer, :, :context],
                                      visible, projection[:, :, H : H + K], v_new)  # fmt: skip
     assert np.abs(np.asarray(o[:, :, :H], np.float32) - np.asarray(unrotated, np.float32)).max() > 0.05
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "K", "Q", "lengths", "split_positions", "head_block", "out_heads"),
+    [
+        (1, 71, 1, 64, [100], 512, None, 72),  # falcon-7b's int8 step: wo_padded's zero heads
+        (3, 8, 2, 32, [0, 5, 69], 16, None, None),  # GQA, several splits: only split 0 writes k and v
+        (2, 71, 1, 64, [40, 1], 512, 16, 72),  # head blocks: each block reads its own rows of the scale
+    ],
+)
+def test_scaled_rotating_kernel_equals_scaling_first(
+    monkeypatch, B, H, K, Q, lengths, split_positions, head_block, out_heads
+):
+    """projection_scale (an int8 wqkv's channel scale [H + 2K, Q]) applied in the kernel equals the projection
+    scaled first, in float32 and rounded to bf16 as XLA's int8 path does, then the unscaled kernel: o, the rotated
+    own k and the own v (which the kernel then writes, scaled), bit for bit."""
+    monkeypatch.setattr(da, "_SPLIT_POSITIONS", split_positions)
+    S = context = 136
+    projection, k_cache, v_cache = _rotating_operands(B, H, K, Q, S, 3, seed=1)
+    channel = jax.random.uniform(jax.random.key(2), (H + 2 * K, Q), jnp.float32, 0.5, 2.0).astype(jnp.bfloat16)
+    pos = jnp.asarray(lengths, jnp.int32)
+    cos, sin = layers.rotary_tables(pos, layers.rope_frequencies(Q // 2, 10000.0))
+    scaled = projection.at[:, :, : H + 2 * K].set(
+        (projection[:, :, : H + 2 * K].astype(jnp.float32) * channel.astype(jnp.float32)).astype(jnp.bfloat16)
+    )
+    run = functools.partial(da.decode_attention_rotating, n_heads=H, k_cache=k_cache, v_cache=v_cache, layer=1,
+                            pos=pos, cos=cos, sin=sin, context=context, interpret=True, head_block=head_block,
+                            out_heads=out_heads)  # fmt: skip
+    got, want = run(projection, projection_scale=channel), run(scaled)
+    for name, a, b in zip(("o", "k", "v"), got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    # The scale was applied: without it, v (and so o) differ.
+    assert not np.array_equal(np.asarray(got[2], np.float32), np.asarray(projection[:, :, H + K : H + 2 * K]))
+    with pytest.raises(ValueError, match="projection_scale must be"):
+        run(projection, projection_scale=channel[1:])
 
 
 def test_rotating_needs_q_of_32_and_all_of_q_k_v():
@@ -103,8 +142,10 @@ def _decode_logits(monkeypatch, mode, params, config, steps=3):
         ("tiny", dict(d_head=32, rope_scaling=(8.0, 1.0, 4.0, 16.0)), "bf16", True),  # Llama 3.1's scaled rotation
         # a windowed layer (window >= context: read whole) rotating at its own base, beside a global one
         ("tiny", dict(d_head=32, sliding_window=32, global_layers=(1,), local_rope_base=100.0), "bf16", True),
-        # int8 weights: never merged; 65 heads of 64 -> wo_padded's 4352 rows, the kernel writing 3 zero heads
-        ("tiny-falcon", dict(d_head=64, n_heads=65), "int8", False),
+        # int8 weights: merged too, unscaled (the kernel scales q, k, v); 65 heads of 64 -> wo_padded's 4352 rows,
+        # the kernel writing 3 zero heads
+        ("tiny-falcon", dict(d_head=64, n_heads=65), "int8", True),
+        ("tiny", dict(d_head=32, n_kv_heads=2, parallel_block=False), "int8", False),  # int8, serial: scaled alone
     ],
 )
 def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, overrides, weights, merged):
@@ -114,11 +155,12 @@ def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, over
     config = get_config(preset).replace(**overrides)
     params = unstack_layers(cast_params(config, init_params(config, jax.random.key(4), jnp.float32), weights))
     ref = _decode_logits(monkeypatch, "xla", params, config)
-    calls, ups = [], []
+    calls, ups, scales = [], [], []
     rotating, mlp_activation = da.decode_attention_rotating, layers.mlp_activation
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
+        scales.append(kwargs.get("projection_scale"))
         return rotating(*args, **kwargs)
 
     def noted(h, p, config, projected=None):
@@ -132,10 +174,12 @@ def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, over
     H, K, Q = config.n_heads, config.n_kv_heads, config.d_head
     mlp_inputs = ["gate", "up"] if config.mlp == "swiglu" else ["up"]
     assert calls[0][2] == H + 2 * K + (len(mlp_inputs) * config.d_ff // Q if merged else 0)
-    padded = "wo_padded" in params["layers"][0]
-    assert padded == (weights == "int8") and (
-        not padded or transformer._padded_heads(params["layers"][0], (1, 1, 1, K, Q)) == 68
-    )
+    padded = "wo_padded" in params["layers"][0]  # int8 whose H Q (65 x 64) is no multiple of 256
+    assert padded == (weights == "int8" and H * Q % 256 != 0)
+    assert not padded or transformer._padded_heads(params["layers"][0], (1, 1, 1, K, Q)) == 68
+    # int8: the kernel applied wqkv's scale to the GEMM's unscaled product (XLA's multiply kernel gone)
+    assert all((s is not None) == (weights == "int8") for s in scales)
+    assert weights != "int8" or scales[0].shape == (H + 2 * K, Q)
     # The decode step traced last (prefill first): the MLP took the merged GEMM's projections, or made its own.
     assert ups[-config.n_layers :] == [mlp_inputs if merged else []] * config.n_layers
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
