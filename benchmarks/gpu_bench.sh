@@ -52,8 +52,11 @@
 # (benchmarks/profile_step.py: decode bf16 and int8 at batch 1 and 64, and a $PROMPT_LONG-token bf16 prefill; kernel
 # time per step by name and kind, in logs.tgz),
 # attnsweep (benchmarks/attn_sweep.py: the attention kernel alone per block / warps / stages / splits against XLA's
-# attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.jsonl in logs.tgz).
-# hlo, flags, rowsum, attn, kernel, int8xla, profile and attnsweep are not in the default STEPS.
+# attention, falcon-7b at batch 1 and 64 and a GQA shape; attn_sweep.jsonl in logs.tgz),
+# probe (benchmarks/int8_probe.py at M = 1 and 64 without Pallas configs: per int8 weight shape, bf16's GEMM against
+# XLA's int8 convert + GEMM and w8a8, each over [K, N] and over [N, K] weights, and at M = 1 the reductions; GB/s of
+# weight bytes in int8_probe.txt; writes no tuning file).
+# hlo, flags, rowsum, attn, kernel, int8xla, profile, attnsweep and probe are not in the default STEPS.
 # Set DEADLINE to the device time left minus start-up (~90 s) and a margin, and the call's timeout to DEADLINE + 30.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -135,6 +138,11 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
         int8_args=(--int8-matmul pallas --int8-tuning "$TUNING")
       fi
       ;;
+    probe)  # the int8 matmul forms side by side at M = 1 and 64, no Pallas configs and no tuning file (~2 min)
+      small=(); [ "${SMALL:-0}" = 1 ] && small=(--small)
+      budget=$(( $(left) < 150 ? $(left) : 150 ))
+      timeout $((budget + 40)) $PY benchmarks/int8_probe.py --model "$MODEL" --rows 1,64 --candidates 0 \
+        --budget-s "$budget" "${small[@]}" 2>&1 | grep -v -i warning | tee "$OUT/int8_probe.txt" ;;
     targets) bench falcon_b1_b64 220 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 \
                --weights bf16,int8 --peer "${int8_args[@]}" ;;
     prefill) bench falcon_prefill_long 70 --model "$MODEL" --batch 1 --prompt-len "$PROMPT_LONG" --gen-len 0 \

@@ -7,6 +7,8 @@ times
   xla       (x @ w_int8.astype(bf16)) * scale           (what model/quant.einsum does by default)
   w8a8      int8(x / row scale) @ w_int8 -> int32, rescaled (MESHSERVE_INT8_MATMUL=w8a8: int8 activations too, so
             an integer GEMM reads the weights with no conversion; changes the numerics, never a tuning choice)
+  xla-rows, w8a8-rows  the same two over int8 stored [N, K], K minor (what unrolled layers store under w8a8 and
+            rowsum; the integer GEMM's TN layout): is XLA's GEMM faster K-major? (experiments, not tuning choices)
   rowsum    sum(x[:, None, :] * w_int8[N, K], -1)        (M <= 4; int8 stored transposed: XLA's row reduction,
             what MESHSERVE_INT8_MATMUL=rowsum runs (model/int8_rows.py); a layout, not a tuning choice)
   bf16-rows the same row reduction over bf16 weights stored [N, K] (M <= 4; an experiment: faster than the bf16
@@ -36,7 +38,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from meshserve.model.quant import QuantizedArray, w8a8_einsum
+from meshserve.model.quant import QuantizedArray, w8a8_einsum, w8a8_values_einsum
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows_list = [int(r) for r in args.rows.split(",")]
     interpret, repeats = args.small, (2 if args.small else 20)
-    n_candidates = 3 if args.small else args.candidates
+    n_candidates = min(3, args.candidates) if args.small else args.candidates
     start, results = time.perf_counter(), []
     if not args.xla_only:
         check_cudnn_attention(args.model)
@@ -138,12 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         w = jax.random.normal(jax.random.key(k * 7 + n), (copies, k, n), jnp.bfloat16)
         wq = jnp.clip(jnp.round(w.astype(jnp.float32) * 40), -127, 127).astype(jnp.int8)
         scale = jnp.full((n,), 0.025, jnp.bfloat16)
+        wq_t, w_t = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(w, 1, 2)  # stored [N, K]: K minor (int8_rows' layout)
         forms = {
             "bf16": (lambda x, w: jnp.stack([x @ w[i] for i in range(w.shape[0])]), w, 2),
             "xla": (lambda x, w, s=scale: jnp.stack([(x @ w[i].astype(x.dtype)) * s for i in range(w.shape[0])]), wq, 1),
             # int8 activations too (MESHSERVE_INT8_MATMUL=w8a8): an int8 x int8 -> int32 GEMM, no weight conversion
             "w8a8": (lambda x, w, s=scale: jnp.stack([w8a8_einsum("mk,kn->mn", x, QuantizedArray(w[i], s[None]))
                                                       for i in range(w.shape[0])]), wq, 1),
+            # The same two over weights stored [N, K] (K minor: the integer GEMM's TN layout, and what unrolled
+            # layers store under w8a8 and rowsum): does XLA's convert + GEMM stream int8 faster K-major?
+            "xla-rows": (lambda x, w, s=scale: jnp.stack([jnp.einsum("mk,nk->mn", x, w[i].astype(x.dtype)) * s
+                                                          for i in range(w.shape[0])]), wq_t, 1),
+            "w8a8-rows": (lambda x, w, s=scale: jnp.stack([w8a8_values_einsum("mk,nk->mn", x, w[i], s[None])
+                                                           for i in range(w.shape[0])]), wq_t, 1),
         }  # fmt: skip
         for m in rows_list:
             if time.perf_counter() - start > args.budget_s:
@@ -151,18 +160,20 @@ def main(argv: list[str] | None = None) -> int:
                 break
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             shape = dict(weight=label, m=m, k=k, n=n)
+            timed_here = []
             for form, (fn, weights, nbytes) in forms.items():
-                if args.xla_only and form == "w8a8":
+                if args.xla_only and form not in ("bf16", "xla"):
                     continue
-                results.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats))
-            xla = next(r for r in results[-len(forms) :] if r["form"] == "xla")
+                ref = wq if form.endswith("-rows") else None  # the declared [K, N] weights for the check
+                timed_here.append(time_form(shape, form, fn, x, weights, nbytes, None, repeats, ref_weights=ref))
+            results += timed_here
+            xla = next(r for r in timed_here if r["form"] == "xla")
             best, best_config = (xla["us"] if xla["ok"] else None), {"form": "xla"}
             if m <= COLSUM_MAX_ROWS and not args.xla_only:  # --xla-only: what its help says, and quick
 
                 def rowsum(x, w, s=scale):  # MESHSERVE_INT8_MATMUL=rowsum's matmul (int8_rows.py): stored [N, K]
                     return jnp.stack([rowsum_matmul(x, w[i], s, x.dtype) for i in range(w.shape[0])])
 
-                wq_t, w_t = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(w, 1, 2)
                 results.append(time_form(shape, "rowsum", rowsum, x, wq_t, 1, None, repeats, ref_weights=wq))
                 # The same row reduction over bf16 weights stored [N, K]: does it stream faster than the bf16 GEMM?
                 # (an experiment for bf16 decode at batch 1, where the GEMM read 1.6-2.0 TB/s on an H200)
