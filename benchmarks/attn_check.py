@@ -7,7 +7,8 @@ random bf16 queries, caches and own keys, runs `decode_attention` (the kernel on
 rotation in the kernel (`decode_attention_rotating`, over a projection with up-projection heads after q, k, v),
 against XLA's `layers.rotate` + float64 attention, and its rotated own k against XLA's, once as is and once with an
 int8 wqkv's channel scale applied in the kernel. Last, the norm kernel
-(model/decode_norm.py) against `layers.norm` and float64 at falcon-7b's LayerNorm and llama's RMSNorm.
+(model/decode_norm.py) against `layers.norm` and float64 at falcon-7b's LayerNorm and llama's RMSNorm, and a
+post-norm block's seam in one kernel (`decode_add_norm`) at gemma3-1b's.
 
     python benchmarks/attn_check.py            # exit 1 if any case is off by more than XLA's own error allows
 """
@@ -89,6 +90,7 @@ def main() -> int:
         # int8 wqkv: the projection unscaled and its channel scale applied in the kernel
         failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled=True)
     failed += sum(not _check_norm(*case) for case in NORM_CASES)
+    failed += not _check_add_norm("gemma3-1b")
     print("decode step kernels: " + ("all cases match" if not failed else f"{failed} case(s) OFF"))
     return 1 if failed else 0
 
@@ -188,6 +190,51 @@ def _check_norm(preset: str, rows: int) -> bool:
     ok = bool(np.isfinite(got).all() and err <= max(2 * err_xla, 1e-2))
     print(json.dumps({"norm": config.norm, "E": E, "rows": rows, "max_error": round(float(err), 5),
                       "xla_max_error": round(float(err_xla), 5), "ok": ok}))  # fmt: skip
+    return ok
+
+
+def _check_add_norm(preset: str) -> bool:
+    """`decode_add_norm` (a post-norm block's seam: y = x + norm(a), h = norm(y)) for one row of the preset's E
+    against `layers.norm` composed so and float64 of the same bf16 numbers: y and h each within twice XLA's error, or
+    1e-2. Prints one JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from meshserve.model import layers
+    from meshserve.model.config import get_config
+    from meshserve.model.decode_norm import decode_add_norm
+
+    config = get_config(preset)
+    E = config.d_model
+    keys = jax.random.split(jax.random.key(E), 4)
+    a = (3.0 * jax.random.normal(keys[0], (1, 1, E))).astype(jnp.bfloat16)
+    x = jax.random.normal(keys[1], (1, 1, E)).astype(jnp.bfloat16)
+    post, pre = ({"scale": (0.2 * jax.random.normal(k, (E,))).astype(jnp.bfloat16)} for k in keys[2:])
+    kernel = jax.jit(lambda a, x, s1, s2: decode_add_norm(a, x, s1, s2, kind=config.norm, eps=config.norm_eps,
+                                                          scale_offset=config.norm_scale_offset))  # fmt: skip
+    y, h = (np.asarray(t, np.float64) for t in kernel(a, x, post["scale"], pre["scale"]))
+
+    def composed(a, x):
+        y = x + layers.norm(a, post, config)
+        return y, layers.norm(y, pre, config)
+
+    y_xla, h_xla = (np.asarray(t, np.float64) for t in jax.jit(composed)(a, x))
+
+    def rms64(v, p):
+        s = np.asarray(p["scale"], np.float64)
+        return (
+            v / np.sqrt((v**2).mean(-1, keepdims=True) + config.norm_eps) * (1.0 + s if config.norm_scale_offset else s)
+        )
+
+    y64 = np.asarray(x, np.float64) + rms64(np.asarray(a, np.float64), post)
+    h64 = rms64(y64, pre)
+    errors = {name: (np.abs(got - want).max(), np.abs(ref - want).max())
+              for name, got, ref, want in (("y", y, y_xla, y64), ("h", h, h_xla, h64))}  # fmt: skip
+    ok = bool(np.isfinite(y).all() and np.isfinite(h).all())
+    ok = ok and all(err <= max(2 * err_xla, 1e-2) for err, err_xla in errors.values())
+    print(json.dumps({"add_norm": config.norm, "E": E, "rows": 1,
+                      **{f"{n}_max_error": round(float(e), 5) for n, (e, _) in errors.items()},
+                      **{f"{n}_xla_max_error": round(float(x), 5) for n, (_, x) in errors.items()}, "ok": ok}))  # fmt: skip
     return ok
 
 

@@ -2,7 +2,7 @@
 
 The H200 profile of 2026-11-28 (BENCHMARKS.md) put falcon-7b's kernel at 8.1 µs per layer at batch 1 over ~200
 cached positions, where it reads 64 KiB: latency, not bytes. This times the kernel alone (model/decode_attention.py,
-`_decode_attention`) per config, at the shapes decode runs, so the next change to its defaults rests on a number.
+`decode_attention_kernel`) per config, at the shapes decode runs, so the next change to its defaults rests on a number.
 Each timed call runs the kernel once per layer over N layers' caches (as a decode step does, inside one jitted
 call, so XLA may put them in one CUDA graph) and reports the call's wall time / N: one dispatch per call is in it,
 spread over N (32) kernels, the same for every config. XLA's attention (`layers.attend_cached`) is timed the same way
@@ -71,7 +71,8 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
     import numpy as np
     from attn_check import _reference
     from meshserve.model import layers as model_layers
-    from meshserve.model.decode_attention import _decode_attention, splits_for
+    from meshserve.model.decode_attention import splits_for
+    from meshserve.model.decode_attention_kernel import decode_attention_kernel
     from meshserve.model.quant import on_cuda
 
     name, B, H, K, Q, S, length = shape
@@ -88,7 +89,7 @@ def sweep_shape(shape: tuple, layers: int, repeats: int, small: bool, emit: Any)
         )
 
         def run(qkv, k_caches, v_caches, pos):  # one call per layer, as a decode step makes them
-            outs = [_decode_attention(qkv, kc, vc, pos, *tables, n_heads=H, layer=0, context=S, scale=scale,
+            outs = [decode_attention_kernel(qkv, kc, vc, pos, *tables, n_heads=H, layer=0, context=S, scale=scale,
                                       interpret=interpret, **launch)
                     for kc, vc in zip(k_caches, v_caches, strict=True)]  # fmt: skip
             return jnp.stack([o[0] if tables else o for o in outs])  # [N, B, K, G, Q]

@@ -141,6 +141,7 @@ print(d['model'], 'on', d['device'], len(d['configs']), 'shapes')" "$TUNING")"
     probe)  # the int8 matmul forms side by side at M = 1 and 64, no Pallas configs and no tuning file (~2 min)
       small=(); [ "${SMALL:-0}" = 1 ] && small=(--small)
       budget=$(( $(left) < 150 ? $(left) : 150 ))
+      [ "$budget" -lt 30 ] && { echo "== probe: skipped, ${budget} s left"; continue; }
       timeout $((budget + 40)) $PY benchmarks/int8_probe.py --model "$MODEL" --rows 1,64 --candidates 0 \
         --budget-s "$budget" "${small[@]}" 2>&1 | grep -v -i warning | tee "$OUT/int8_probe.txt" ;;
     targets) bench falcon_b1_b64 220 --model "$MODEL" --batch 1,64 --prompt-len 128 --gen-len 128 \

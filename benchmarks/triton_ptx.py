@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from decode_hlo import target_sharding
     from meshserve.errors import UserError
     from meshserve.model.decode_attention import decode_attention, decode_attention_rotating
-    from meshserve.model.decode_norm import decode_norm
+    from meshserve.model.decode_norm import decode_add_norm, decode_norm
 
     try:
         sharding = target_sharding(args.target)
@@ -134,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             lambda x, scale, *bias, kind=kind: decode_norm(x, scale, bias[0] if bias else None, kind=kind, eps=1e-5,
                                                            scale_offset=False, interpret=False),
             spec((R, 1, E)), spec((E,)), *([spec((E,))] if has_bias else []),
+        )  # fmt: skip
+        for k in kernels:
+            print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")
+    # A post-norm block's seam in one kernel (decode_norm.decode_add_norm) at gemma3-1b's E = 1152 and gemma3-27b's
+    # 5376, batch 1.
+    for name, E in (("decode_add_norm gemma3-1b E 1152 b1", 1152), ("decode_add_norm gemma3-27b E 5376 b1", 5376)):
+        kernels = ptx_of(
+            lambda a, x, s1, s2: decode_add_norm(a, x, s1, s2, kind="rmsnorm", eps=1e-6, scale_offset=True,
+                                                 interpret=False),
+            spec((1, 1, E)), spec((1, 1, E)), spec((E,)), spec((E,)),
         )  # fmt: skip
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")

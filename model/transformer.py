@@ -30,7 +30,6 @@ __all__ = [
     "scan_layers",
     "prefill",
     "decode_step",
-    "decode_norm_label",
     "insert",
     "compute_dtype",
     "unembed",
@@ -107,35 +106,6 @@ def unembed(h: jax.Array, params: Params) -> jax.Array:
 
 def _final_logits(x: jax.Array, params: Params, config: ModelConfig, norm_fn=layers.norm) -> jax.Array:
     return unembed(norm_fn(x, params["final_norm"], config), params)
-
-
-def _norms_in_kernel(config: ModelConfig, batch: int) -> bool:
-    """Whether a decode step of `batch` rows runs its norms as model/decode_norm.py's kernel: under the decode
-    attention's switch (`decode_attention_mode()` "pallas"), where XLA launches two kernels per norm (the
-    statistics, then their use) and the kernel one. That is LayerNorm (falcon-7b, palm-8b), and RMSNorm at batch 1
-    only: from batch 8 XLA makes each RMSNorm one Triton fusion, which in Gemma 3 also takes the residual add and
-    the post-norm, so there the kernel adds launches (deviceless H100 compile, gemma3-1b bf16 batch 8: 316 -> 434
-    kernels per step; llama-2-7b batch 64 402 either way). Post-norm blocks keep XLA's."""
-    if decode_attention.decode_attention_mode() != "pallas" or not decode_norm.norm_kernel_supported(config.d_model):
-        return False
-    return not config.post_norms and (config.norm == "layernorm" or batch == 1)
-
-
-def decode_norm_label(config: ModelConfig, batch: int, cuda: bool | None = None) -> str:
-    """How a decode step of `batch` rows runs its norms, as bench rows name it: "pallas" (model/decode_norm.py's
-    kernel on CUDA), "pallas-interpret" (elsewhere) or "xla" (`_norms_in_kernel`). cuda: whether the step is lowered
-    for CUDA (None: this process's first device)."""
-    from meshserve.model.quant import lowered_for_cuda
-
-    if not _norms_in_kernel(config, batch):
-        return "xla"
-    return "pallas" if lowered_for_cuda(cuda) else "pallas-interpret"
-
-
-def _kernel_norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
-    """`layers.norm` as one kernel (model/decode_norm.py): a decode step's norms where XLA launched two kernels."""
-    return decode_norm.decode_norm(x, p["scale"], p.get("bias"), kind=config.norm, eps=config.norm_eps,
-                                   scale_offset=config.norm_scale_offset)  # fmt: skip
 
 
 def prefill(
@@ -280,7 +250,8 @@ def decode_step(
     # MESHSERVE_DECODE_ATTENTION=pallas: a whole-context layer's attention in one kernel (model/decode_attention.py),
     # which takes the whole cache and picks its layer statically: unrolled layers and a 16-bit cache only.
     kernel = isinstance(cache.k, jax.Array) and decode_attention.kernel_enabled(config.d_head, cache.k.dtype)
-    norm_fn = _kernel_norm if _norms_in_kernel(config, B) else layers.norm
+    norm_fn = decode_norm.kernel_norm if decode_norm.norms_in_kernel(config, B) else layers.norm
+    add_norm_fn = decode_norm.kernel_add_norm if decode_norm.add_norms_in_kernel(config, B) else None
 
     def layer_fn(x, p, i):
         new = {}
@@ -319,7 +290,7 @@ def decode_step(
                 return windowed() if config.layer_windows[i] else whole()
             return jax.lax.cond(window > 0, windowed, whole)  # one scanned layer for all: chosen as it runs
 
-        x = layers.layer_residual(x, p, attn, config, norm_fn)
+        x = layers.layer_residual(x, p, attn, config, norm_fn, add_norm_fn)
         return x, (new["k"], new["v"])
 
     x, (k_new, v_new) = scan_layers(layer_fn, x, params["layers"], config.n_layers)  # [N, B, 1, K, Q]
@@ -349,7 +320,8 @@ def _attend_rotating(
 ) -> tuple[jax.Array | tuple[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
     """One layer's decode attention with the rotary embedding applied in the kernel: h [B, 1, E] -> (o [B, 1, H or
     the padded heads, Q], or in a parallel block (o, {"gate", "up": [B, 1, F]}), the MLP's input projections of h
-    for `layers.layer_residual`; (k, v) [B, 1, K, Q] for the cache: k rotated by the kernel, v from the projection).
+    for `layers.layer_residual`; (k, v) [B, 1, K, Q] for the cache: k rotated by the kernel, v the projection's (with
+    int8 weights scaled by the kernel)).
 
     The kernel's operand is the input projection unrotated, [B, 1, H + 2K, Q]. In a parallel block that is one
     GEMM over [wqkv, (w_gate,) w_up] (`quant.concat_einsum`: the paper's fused input projection), whose whole

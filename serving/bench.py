@@ -43,6 +43,7 @@ from meshserve.errors import UserError
 from meshserve.model import transformer
 from meshserve.model.config import ModelConfig
 from meshserve.model.decode_attention import decode_attention_label
+from meshserve.model.decode_norm import decode_norm_label
 from meshserve.model.kv_quant import bytes_per_element, check_kv_cache_dtype
 from meshserve.model.params import Params, cast_params, init_params, params_nbytes, unstack_layers
 from meshserve.model.quant import int8_matmul_label, int8_rows_layout
@@ -240,7 +241,7 @@ def bench_row(
         int8_matmul=int8_matmul_label(layers == "unrolled"),
         # gen_len 0: no decode step ran, so none ran the kernel
         decode_attention=decode_attention_label(config, layers == "unrolled", kv_dtype, context) if gen_len else "xla",
-        decode_norm=transformer.decode_norm_label(config, batch) if gen_len else "xla",
+        decode_norm=decode_norm_label(config, batch) if gen_len else "xla",
         device=jax.devices()[0].device_kind,
         platform=jax.devices()[0].platform,
         prefill_ms=prefill_s * 1e3,

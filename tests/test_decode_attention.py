@@ -195,9 +195,9 @@ def test_stacked_layers_and_an_int8_cache_keep_xla_attention(monkeypatch):
 
 def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
     """benchmarks/attn_check.py (run first in every gpu_bench.sh call) at its two batch-1 falcon cases and the one
-        writing 72 heads (out_heads), each also with the rotation in the kernel (as is, and an int8 wqkv's scale applied
-    in the kernel), and its norm cases, here interpreted:
-        it prints one JSON line per check and passes."""
+    writing 72 heads (out_heads), each also with the rotation in the kernel (as is, and an int8 wqkv's scale applied
+    in the kernel), its norm cases and gemma3-1b's post-norm seam, here interpreted: it prints one JSON line per
+    check and passes."""
     import importlib.util
     import json
     from pathlib import Path
@@ -217,3 +217,4 @@ def test_device_check_script_passes_on_this_device(monkeypatch, capsys):
     assert rotating == [(256, False), (256, True), (2048, False), (2048, True), (256, False), (256, True)]
     assert [(r["norm"], r["rows"]) for r in rows if "norm" in r] == [("layernorm", 1), ("layernorm", 64),
                                                                       ("rmsnorm", 1)]  # fmt: skip
+    assert [(r["add_norm"], r["E"]) for r in rows if "add_norm" in r] == [("rmsnorm", 1152)]
