@@ -167,9 +167,9 @@ def decode_add_norm(
     `layers.norm` without bias and rounded to x's dtype where XLA's is (the normed a before the add, y, h).
     a, x [..., E] (R rows, one program each) -> (y, h) [..., E] in x's dtype. RMSNorm only (kind "rmsnorm").
 
-    Why: in a Gemma 3 layer at batch 1 XLA spends three kernels between the attention's output projection and the
-    MLP's input (the post-norm's statistics, the next norm's statistics with the add, their use); here it is one
-    (deviceless H100 compile of gemma3-1b bf16: `add_norms_in_kernel`)."""
+    Why: in a Gemma 3 decode step at batch 1 XLA spends three kernels on each seam, between a sublayer's output and
+    the next one's input (the post-norm's statistics, the next norm's statistics with the add, their use); here it
+    is one (`transformer._post_norm_layer`, deviceless H100 compile of gemma3-1b bf16: 409 -> 307 kernels)."""
     if kind != "rmsnorm":  # the post-norm models (Gemma 2, 3) are RMSNorm ones
         raise ValueError(f"decode_add_norm takes kind 'rmsnorm' only, got {kind!r}")
     E = x.shape[-1]
@@ -232,10 +232,10 @@ def norms_in_kernel(config: ModelConfig, batch: int) -> bool:
 
 
 def add_norms_in_kernel(config: ModelConfig, batch: int) -> bool:
-    """Whether a post-norm block's seam (x + norm(attention's output), then the MLP's norm) runs as one kernel
-    (`decode_add_norm`) in a decode step of `batch` rows: under the same switch, RMSNorm without biases,
-    at batch 1, where XLA spent three kernels on it (gemma3-1b bf16, deviceless H100 compile); from batch 8 XLA
-    makes it one Triton fusion itself (`norms_in_kernel`)."""
+    """Whether a post-norm block's seams (x + norm(a sublayer's output), then the next norm) run as one kernel each
+    (`decode_add_norm`, `transformer._post_norm_layer`) in a decode step of `batch` rows: under the same switch,
+    RMSNorm, at batch 1, where XLA spent three kernels on each (gemma3-1b bf16, deviceless H100 compile); from
+    batch 8 XLA makes a seam one Triton fusion itself (`norms_in_kernel`)."""
     return (
         config.post_norms
         and config.norm == "rmsnorm"
@@ -246,8 +246,8 @@ def add_norms_in_kernel(config: ModelConfig, batch: int) -> bool:
 
 
 def kernel_add_norm(a: jax.Array, x: jax.Array, post: dict, pre: dict, config: ModelConfig):
-    """`layers.layer_residual`'s add_norm_fn as one kernel (model/decode_norm.py), or composed where a norm has a
-    bias (the kernel takes scales only)."""
+    """A post-norm seam (x + norm(a; post), norm(that; pre)) as one kernel (`decode_add_norm`), or composed where a
+    norm has a bias (the kernel takes scales only)."""
     if "bias" in post or "bias" in pre:
         y = x + layers.norm(a, post, config)
         return y, layers.norm(y, pre, config)

@@ -370,15 +370,11 @@ def gate_activation(gate: jax.Array, config: ModelConfig) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) if config.mlp == "geglu" else jax.nn.silu(gate)
 
 
-def layer_residual(
-    x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig, norm_fn=norm, add_norm_fn=None
-) -> jax.Array:
+def layer_residual(x: jax.Array, p: dict[str, Any], attend_fn, config: ModelConfig, norm_fn=norm) -> jax.Array:
     """One block. attend_fn(h) -> o [B, T, H, Q] runs attention (and updates the cache) on normalised h; its output
     projection is applied here. In a parallel block attend_fn may return (o, projected) instead, projected the MLP's
     input projections of h (`mlp_activation`), which the MLP then takes rather than computing its own. norm_fn:
     `norm`, or a decode step's one-kernel form of it (`transformer.decode_step`: model/decode_norm.py).
-    add_norm_fn(a, x, post, pre, config) -> (x + norm_fn(a, post), norm_fn(that, pre)): a post-norm block's seam
-    between attention and MLP as one step (None: composed here; a decode step's one kernel: `decode_add_norm`).
 
     Parallel (PaLM): x + attn(h) + mlp(h) over the one h = norm(x), the two output projections as one matmul where
     the layer holds them fused (wo_down: `parallel_output`). Serial: two norms, two residuals; with post_norms
@@ -395,13 +391,8 @@ def layer_residual(
     def attn(h: jax.Array) -> jax.Array:
         return attention_output(attend_fn(h), p)
 
-    if config.post_norms:
-        a = attn(norm_fn(x, p["attn_norm"], config))
-        if add_norm_fn is None:
-            x = x + norm_fn(a, p["attn_out_norm"], config)
-            h = norm_fn(x, p["mlp_norm"], config)
-        else:
-            x, h = add_norm_fn(a, x, p["attn_out_norm"], p["mlp_norm"], config)
-        return x + norm_fn(mlp(h, p, config), p["mlp_out_norm"], config)
+    if config.post_norms:  # a decode step of one row may take transformer._post_norm_layer instead
+        x = x + norm_fn(attn(norm_fn(x, p["attn_norm"], config)), p["attn_out_norm"], config)
+        return x + norm_fn(mlp(norm_fn(x, p["mlp_norm"], config), p, config), p["mlp_out_norm"], config)
     x = x + attn(norm_fn(x, p["attn_norm"], config))
     return x + mlp(norm_fn(x, p["mlp_norm"], config), p, config)

@@ -290,14 +290,34 @@ def decode_step(
                 return windowed() if config.layer_windows[i] else whole()
             return jax.lax.cond(window > 0, windowed, whole)  # one scanned layer for all: chosen as it runs
 
-        x = layers.layer_residual(x, p, attn, config, norm_fn, add_norm_fn)
-        return x, (new["k"], new["v"])
+        if add_norm_fn is not None:  # a post-norm block, its last residual add deferred into the next seam
+            return _post_norm_layer(x, p, attn, config, add_norm_fn), (new["k"], new["v"])
+        return layers.layer_residual(x, p, attn, config, norm_fn), (new["k"], new["v"])
 
+    if add_norm_fn is not None:  # (x, the MLP's output a and its post-norm, not yet added): layer 0 adds a = 0
+        x = (x, jnp.zeros_like(x), {"scale": jnp.zeros_like(params["final_norm"]["scale"])})
     x, (k_new, v_new) = scan_layers(layer_fn, x, params["layers"], config.n_layers)  # [N, B, 1, K, Q]
     k = cache.k.at[:, rows, pos].set(k_new[:, :, 0])
     v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])
-    logits = _final_logits(x, params, config, norm_fn)[:, 0]
+    if add_norm_fn is not None:
+        x, a, post = x
+        logits = unembed(add_norm_fn(a, x, post, params["final_norm"], config)[1], params)[:, 0]
+    else:
+        logits = _final_logits(x, params, config, norm_fn)[:, 0]
     return logits, KVCache(k=k, v=v, lengths=cache.lengths.at[:B].set(jnp.minimum(lengths + 1, S)))
+
+
+def _post_norm_layer(state: tuple, p: dict, attend_fn, config: ModelConfig, add_norm_fn) -> tuple:
+    """`layers.layer_residual` of a post-norm block with each seam in one step (`decode_norm.decode_add_norm`):
+    state (x, a, post) stands for the stream x + norm(a; post), the previous layer's last residual add deferred so
+    that it joins this layer's first norm (XLA spent three kernels on each seam at batch 1: the post-norm's
+    statistics, the next norm's with the add, their use). Returns this layer's state; the final norm takes the last.
+    At layer 0, a = 0 adds 0 exactly (norm(0) = 0)."""
+    x, a, post = state
+    x, h = add_norm_fn(a, x, post, p["attn_norm"], config)
+    a = layers.attention_output(attend_fn(h), p)
+    x, h = add_norm_fn(a, x, p["attn_out_norm"], p["mlp_norm"], config)
+    return x, layers.mlp(h, p, config), p["mlp_out_norm"]
 
 
 def _rotates_in_kernel(p: dict, config: ModelConfig, layer: Any, span: int, dtype: Any, cache_dtype: Any) -> bool:

@@ -1,5 +1,6 @@
 """A post-norm block's seam in one kernel (`decode_norm.decode_add_norm`): y = x + norm(a), h = norm(y), taken by a
-decode step of one row for Gemma-style blocks (`decode_norm.add_norms_in_kernel`).
+decode step of one row for Gemma-style blocks at each of its seams (`decode_norm.add_norms_in_kernel`,
+`transformer._post_norm_layer`).
 
 Interpret mode runs the kernel body on the CPU against `layers.norm` composed as `layers.layer_residual` composes
 it; exporting for `cuda` runs Pallas' Triton lowering without a device. Whether it saves kernels is a deviceless
@@ -100,16 +101,32 @@ def _decode_logits(monkeypatch, mode, params, config, rows):
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_gemma3_decode_step_of_one_row_takes_the_kernel(monkeypatch, weights):
-    """tiny-gemma3 (post-norms, RMSNorm with 1 + scale): a one-row decode step runs each layer's seam as the kernel
-    (per platform branch: CUDA's and the interpreted one) and its logits match XLA's composed norms; two rows keep
-    XLA's (from batch 8 XLA makes the seam one fusion itself)."""
+    """tiny-gemma3 (post-norms, RMSNorm with 1 + scale): a one-row decode step runs each seam as the kernel (between
+    attention and MLP, between a layer's MLP and the next layer's attention, and into the final norm:
+    `transformer._post_norm_layer`) and its logits match XLA's composed norms; two rows keep XLA's (from batch 8 XLA
+    makes the seam one fusion itself)."""
     config = get_config("tiny-gemma3")
     params = unstack_layers(cast_params(config, init_params(config, jax.random.key(3), jnp.float32), weights))
     ref, ref_jaxpr = _decode_logits(monkeypatch, "xla", params, config, rows=1)
     got, jaxpr = _decode_logits(monkeypatch, "pallas", params, config, rows=1)
     assert "decode_add_norm" not in ref_jaxpr
-    assert jaxpr.count("name=decode_add_norm") == 2 * config.n_layers
+    # Per platform branch (CUDA's and the interpreted one): each layer's two seams, and the last MLP's output with
+    # the final norm
+    assert jaxpr.count("name=decode_add_norm") == 2 * (2 * config.n_layers + 1)
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
     assert dn.decode_norm_label(config, 1) == "pallas-interpret" and dn.decode_norm_label(config, 2) == "xla"
     _, two_rows = _decode_logits(monkeypatch, "pallas", params, config, rows=2)
     assert "decode_add_norm" not in two_rows
+
+
+def test_deferred_residual_is_the_same_arithmetic(monkeypatch):
+    """In float32 (no bf16 rounding for XLA's fusions to skip) the seams in the kernel, each layer's last residual
+    add deferred into the next layer's first norm, give XLA's composed block's logits exactly."""
+    config = get_config("tiny-gemma3")
+    params = unstack_layers(init_params(config, jax.random.key(3), jnp.float32))
+    got, jaxpr = _decode_logits(monkeypatch, "pallas", params, config, rows=1)
+    assert "decode_add_norm" in jaxpr
+    monkeypatch.setattr(dn, "add_norms_in_kernel", lambda config, batch: False)
+    want, jaxpr = _decode_logits(monkeypatch, "pallas", params, config, rows=1)
+    assert "decode_add_norm" not in jaxpr
+    np.testing.assert_array_equal(got, want)
