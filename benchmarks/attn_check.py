@@ -89,19 +89,26 @@ def main() -> int:
         failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads)
         # int8 wqkv: the projection unscaled and its channel scale applied in the kernel
         failed += not _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled=True)
+        if K > 1:  # Qwen3's shape: q and k head norms in the kernel
+            failed += not _check_rotating(
+                q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, head_norm=True
+            )
     failed += sum(not _check_norm(*case) for case in NORM_CASES)
     failed += not _check_add_norm("gemma3-1b")
     print("decode step kernels: " + ("all cases match" if not failed else f"{failed} case(s) OFF"))
     return 1 if failed else 0
 
 
-def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled: bool = False) -> bool:
+def _check_rotating(
+    q, k_cache, v_cache, k_new, v_new, lengths, context, out_heads, scaled: bool = False, head_norm: bool = False
+) -> bool:
     """`decode_attention_rotating` over [q, k_new, v_new, 5 more heads] taken as unrotated, against float64
     attention of XLA's rotation of q and k_new (both rounded to bf16, as the kernel's are); its rotated own k
     against XLA's within one bf16 rounding. scaled: the projection handed over divided by a channel scale in
     [0.5, 2) (an int8 wqkv's GEMM product) and the scale as projection_scale, the reference over the product
     scaled back as XLA's int8 path rounds it; the own v the kernel then writes within one rounding of it too.
-    Prints one JSON line."""
+    head_norm: q_norm and k_norm scales (Qwen3, Gemma 3; 1 + scale) for the kernel, the reference's q and k_new
+    normed by `layers.head_norm` before the rotation. Prints one JSON line."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -117,13 +124,17 @@ def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_hea
         projection = (projection.astype(jnp.float32) / channel.astype(jnp.float32)).astype(q.dtype)
         q, k_new, v_new = jnp.split(quant.scaled_output(projection, channel), [H, H + K], axis=2)
     projection = jnp.concatenate([projection, extra], axis=2)
+    norm_scales = tuple(0.3 * jax.random.normal(jax.random.key(Q + i), (Q,)).astype(q.dtype) for i in (0, 1))
+    if head_norm:  # the reference's q and own k: normed before the rotation, as XLA's path does
+        q, k_new = (layers.head_norm(a, s, 1e-6, True) for a, s in zip((q, k_new), norm_scales, strict=True))
     pos = jnp.asarray(lengths, jnp.int32)
     inv_freq = layers.rope_frequencies(Q // 2, 10000.0)
     cos, sin = layers.rotary_tables(pos, inv_freq)
-    kernel = jax.jit(lambda proj, kc, vc, pos, cos, sin, channel: decode_attention_rotating(
+    kernel = jax.jit(lambda proj, kc, vc, pos, cos, sin, channel, qs, ks: decode_attention_rotating(
         proj, H, kc, vc, 1, pos, cos, sin, context, out_heads=out_heads,
-        projection_scale=channel if scaled else None))  # fmt: skip
-    o, k, v = (np.asarray(a, np.float64) for a in kernel(projection, k_cache, v_cache, pos, cos, sin, channel))
+        projection_scale=channel if scaled else None, head_norm=(qs, ks, 1e-6, True) if head_norm else None))  # fmt: skip
+    outs = kernel(projection, k_cache, v_cache, pos, cos, sin, channel, *norm_scales)
+    o, k, v = (np.asarray(a, np.float64) for a in outs)
     v_new64 = np.asarray(v_new, np.float64)
     v_err = np.abs(v - v_new64).max()
     q_r, k_r = (layers.rotate(a, pos[:, None], inv_freq) for a in (q, k_new))
@@ -141,6 +152,7 @@ def _check_rotating(q, k_cache, v_cache, k_new, v_new, lengths, context, out_hea
             {
                 "rotating": True,
                 "scaled": scaled,
+                "head_norm": head_norm,
                 "B": B,
                 "H": H,
                 "context": context,

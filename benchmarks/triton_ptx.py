@@ -110,15 +110,20 @@ def main(argv: list[str] | None = None) -> int:
                       ("rotating falcon-7b int8 b64", 64, 71, 1, 64, 357, 256, 72),
                       ("rotating palm-8b b1", 1, 16, 1, 256, 146, 256, None),
                       ("rotating llama GQA 4k int8 b1", 1, 32, 8, 128, 48, 4096, None),
-                      ("rotating llama GQA 4k b1", 1, 32, 8, 128, 48, 4096, None)]  # fmt: skip
+                      ("rotating llama GQA 4k b1", 1, 32, 8, 128, 48, 4096, None),
+                      ("rotating qwen3-8b qk-norm b1", 1, 32, 8, 128, 48, 256, None),
+                      ("rotating gemma3-1b qk-norm b1", 1, 4, 1, 256, 6, 256, None)]  # fmt: skip
     for name, B, H, K, Q, Hs, S, out_heads in rotating_cases:
         scales = [spec((H + 2 * K, Q))] if "int8" in name else []
+        norms = [spec((Q,)), spec((Q,))] if "qk-norm" in name else []  # q_norm's and k_norm's scales
+        n = len(scales)
         kernels = ptx_of(
-            lambda proj, kc, vc, pos, cos, sin, *scale, H=H, S=S, o=out_heads: decode_attention_rotating(
+            lambda proj, kc, vc, pos, cos, sin, *extra, H=H, S=S, o=out_heads, n=n: decode_attention_rotating(
                 proj, H, kc, vc, 0, pos, cos, sin, S, interpret=False, out_heads=o,
-                projection_scale=scale[0] if scale else None),
+                projection_scale=extra[0] if n else None,
+                head_norm=(extra[n], extra[n + 1], 1e-6, True) if len(extra) > n else None),
             spec((B, 1, Hs, Q)), spec((2, B, S, K, Q)), spec((2, B, S, K, Q)), spec((B,), jnp.int32),
-            spec((B, Q // 2), jnp.float32), spec((B, Q // 2), jnp.float32), *scales,
+            spec((B, Q // 2), jnp.float32), spec((B, Q // 2), jnp.float32), *scales, *norms,
         )  # fmt: skip
         for k in kernels:
             print(f"{name}: sm_{k['arch'].replace('.', '')} PTX {k['ptx_chars']} chars, {k['smem_bytes']} B shared")

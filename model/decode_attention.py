@@ -190,6 +190,7 @@ def decode_attention_rotating(
     out_heads: int | None = None,
     head_block: int | None = None,
     projection_scale: jax.Array | None = None,
+    head_norm: tuple[jax.Array, jax.Array, float, bool] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`decode_attention` over an unrotated projection, the rotary embedding applied inside the kernel.
 
@@ -200,6 +201,9 @@ def decode_attention_rotating(
     to projection's dtype as XLA's int8 path does (the projection from `quant.concat_einsum`); XLA applied it in a kernel of its own
     per layer (falcon-7b int8, deviceless H100 compile). Returns (o [B, 1, out_heads or H, Q], k [B, 1, K, Q]: the
     own key rotated, v [B, 1, K, Q]: the own value, scaled), all in projection's dtype: k and v for the cache.
+    head_norm (or None): (q_norm's scale [Q], k_norm's [Q], eps, offset: 1 + scale), Qwen3's and Gemma 3's RMSNorm
+    of each q and k head, applied after the projection's scale and before the rotation, as `layers.head_norm`; XLA
+    spent a kernel per layer on the norms and rotation and one on concatenating q, k, v for the kernel (qwen3-8b).
 
     Why: rotated by XLA, q and k took a kernel of their own per layer and step, between the input projection and
     this one (falcon-7b bf16 batch 1 on an H200: 1.6 us of ~125 us per layer). The projection may be the whole
@@ -208,12 +212,15 @@ def decode_attention_rotating(
     custom call.
     """
     H, K = n_heads, k_cache.shape[3]
+    if head_norm is not None and not head_norm[0].shape == head_norm[1].shape == (projection.shape[3],):
+        raise ValueError(f"head_norm's scales must be [Q] each, got {list(head_norm[0].shape)}, "
+                         f"{list(head_norm[1].shape)}")  # fmt: skip
     if projection_scale is not None and projection_scale.shape != (H + 2 * K, projection.shape[3]):
         raise ValueError(f"projection_scale must be [H + 2K, Q] = {[H + 2 * K, projection.shape[3]]}, "
                          f"got {list(projection_scale.shape)}")  # fmt: skip
     out, own = _launch(projection, H, k_cache, v_cache, layer, pos, context, scale, (cos, sin), block=block,
                        interpret=interpret, out_heads=out_heads, head_block=head_block,
-                       projection_scale=projection_scale)  # fmt: skip
+                       projection_scale=projection_scale, head_norm=head_norm)  # fmt: skip
     v = own[1][:, None] if projection_scale is not None else projection[:, :, H + K : H + 2 * K]
     return out, own[0][:, None], v
 
@@ -231,7 +238,7 @@ def run_kernel(kernel_fn, *args, interpret: bool | None, **static):
 
 
 def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block,
-            projection_scale=None):  # fmt: skip
+            projection_scale=None, head_norm=None):  # fmt: skip
     """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], () or
     with `rotary` (rotated own k [B, K, Q],) and with a projection_scale also (scaled own v [B, K, Q],))."""
     B, _, _, Q = qkv.shape
@@ -251,6 +258,9 @@ def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, blo
     if scaled and rotary is None:
         raise ValueError("projection_scale is taken by the rotating kernel only")
     extras = (*tables, projection_scale) if scaled else tables
+    if head_norm is not None:  # (q's scale [Q], k's [Q], eps, offset)
+        extras += tuple(head_norm[:2])
+        static.update(head_norm_eps=float(head_norm[2]), head_norm_offset=bool(head_norm[3]))
     args = (qkv, k_cache, v_cache, pos.astype(jnp.int32), *extras)
     outs = run_kernel(decode_attention_kernel, *args, interpret=interpret, scaled=scaled, **static)
     out, *own = outs if rotary is not None else (outs,)

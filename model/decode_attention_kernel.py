@@ -26,17 +26,22 @@ _STATIC = (
     "out_groups",
     "head_block",
     "scaled",
+    "head_norm_eps",
+    "head_norm_offset",
 )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
-def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, context, scale, splits, block, interpret,
-                      num_warps=4, num_stages=2, out_groups=None, head_block=None, scaled=False):  # fmt: skip
+def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, context, scale, splits, block,
+                            interpret, num_warps=4, num_stages=2, out_groups=None, head_block=None, scaled=False,
+                            head_norm_eps=None, head_norm_offset=False):  # fmt: skip
     """qkv [B, 1, Hs, Q] (q's H = n_heads heads, then the own k's K, then v's K; heads past H + 2K unread); caches
     [N, B, S, K, Q]; pos [B]; tables: () (q and the own k arrive rotated) or (cos, sin) [B, Q/2] float32 (the kernel
     rotates them), and with `scaled` then qkv's channel scale [H + 2K, Q] (applied to q, k, v as loaded) -> [B, K,
     Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G), with rotation also the
-    rotated own k [B, K, Q], and scaled also the scaled own v [B, K, Q]. num_warps, num_stages: Triton's launch config
+    rotated own k [B, K, Q], and scaled also the scaled own v [B, K, Q]. head_norm_eps (not None): last in tables
+    the head norms' scales, q's and k's [Q] (Qwen3's and Gemma 3's q_norm, k_norm), applied to q and the own k
+    before the rotation as `layers.head_norm` does (RMS over Q, this eps, 1 + scale with head_norm_offset). num_warps, num_stages: Triton's launch config
     (benchmarks/attn_sweep.py times others). head_block (one kv head only, a power of two >= 16): each program takes
     that many of the query heads, not all G, so a batch-1 step runs cdiv(Go, head_block) programs where it ran one
     (each reads the same keys; an option for attn_sweep to time)."""
@@ -48,8 +53,9 @@ def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer,
     Go = G if out_groups is None else out_groups
     S = k_cache.shape[2]
     rotary, half = bool(tables), Q // 2
-    if scaled and len(tables) != 3:
-        raise ValueError("scaled takes (cos, sin, scale) after the caches")
+    normed = head_norm_eps is not None
+    if rotary and len(tables) != 2 + scaled + 2 * normed:
+        raise ValueError("the tables are (cos, sin), then the projection's scale if scaled, the head norms' if normed")
     if head_block is not None and (K != 1 or head_block < 16 or head_block & (head_block - 1)):
         raise ValueError(f"head_block must be a power of two >= 16 with one kv head, got {head_block} with K = {K}")
     # A program's heads: all of its group (Gq rows of q, Gw rows written), or head_block of them (n_blocks programs).
@@ -74,6 +80,16 @@ def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer,
         rounded output."""
         return (x.astype(jnp.float32) * channel_scale.astype(jnp.float32)).astype(x.dtype)
 
+    def head_normed(x_halves, scale_halves):
+        """`layers.head_norm` over Q of rows given as halves (2 x [rows, Q/2], or 2 x [Q/2] for one row)."""
+        x32 = [x.astype(jnp.float32) for x in x_halves]
+        axis = x32[0].ndim - 1
+        mean_square = (jnp.sum(x32[0] * x32[0], axis=axis) + jnp.sum(x32[1] * x32[1], axis=axis)) / Q
+        r = jax.lax.rsqrt(mean_square + head_norm_eps)
+        r = r[:, None] if axis else r
+        return tuple((x * r * ((1.0 + s.astype(jnp.float32)) if head_norm_offset else s.astype(jnp.float32)))
+                     .astype(h.dtype) for x, s, h in zip(x32, scale_halves, x_halves, strict=True))  # fmt: skip
+
     def kernel(pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, *refs):
         s = pl.program_id(2)
         heads = pl.program_id(1) % n_blocks * Gq + jnp.arange(Gp)  # the rows' query heads within the group
@@ -91,6 +107,10 @@ def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer,
                 k_halves = tuple(map(scaled_by, k_halves, halves(ks_ref)))
                 vn = scaled_by(vn, vs_ref[...])
                 plgpu.store(out_refs.pop().at[pl.ds(0, Q)], vn, mask=jnp.full((Q,), first_program))
+            if normed:  # Qwen3's, Gemma 3's q_norm and k_norm, before the rotation
+                qn_ref, kn_norm_ref, *out_refs = out_refs
+                q_halves = head_normed(q_halves, halves(qn_ref))
+                k_halves = head_normed(k_halves, halves(kn_norm_ref))
             cos, sin = cos_ref[...], sin_ref[...]  # [Q/2] float32
             qv = rotate(*q_halves, cos[None, :], sin[None, :])  # 2 x [Gp, Q/2]
             kn = rotate(*k_halves, cos, sin)  # 2 x [Q/2]: the own key as the cache will hold it
@@ -172,6 +192,8 @@ def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer,
                      pl.BlockSpec((None, Q), lambda b, hg, s: (H + K + hg // n_blocks, 0))]  # fmt: skip
         out_shape.append(jax.ShapeDtypeStruct((B, K, Q), qkv.dtype))
         out_specs.append(own_spec)
+    if normed:  # the head norms' scales [Q], q's and k's
+        in_specs += [pl.BlockSpec((Q,), lambda b, hg, s: (0,))] * 2
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -181,7 +203,8 @@ def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(pos, qkv, k_cache, v_cache, qkv, qkv, *tables[:2], *([tables[2]] * 3 if scaled else []))
+    )(pos, qkv, k_cache, v_cache, qkv, qkv, *tables[:2], *([tables[2]] * 3 if scaled else []),
+      *(tables[-2:] if normed else []))  # fmt: skip
     outs = list(outs)
     own = [outs.pop() for _ in range(int(rotary) + int(scaled))][::-1]  # [k rotated (, v scaled)]
     if splits == 1:

@@ -322,14 +322,16 @@ def _post_norm_layer(state: tuple, p: dict, attend_fn, config: ModelConfig, add_
 
 def _rotates_in_kernel(p: dict, config: ModelConfig, layer: Any, span: int, dtype: Any, cache_dtype: Any) -> bool:
     """Whether layer `layer` of a decode step takes `decode_attention_rotating` (the rotation inside the kernel):
-    a fused wqkv without biases or head norms (the kernel's operand is the projection as the GEMM wrote it), a
+    a fused wqkv without biases (the kernel's operand is the projection as the GEMM wrote it; head norms of one
+    [Q] scale each it applies itself), a
     static layer index reading its whole context, the cache's dtype, and a head dim of at least 32 (two dots of
     Q/2 >= 16, Triton's least). Else `decode_attention`, after XLA's rotation."""
     return (
         isinstance(layer, int)
         and not (span and config.layer_windows[layer])
         and "wqkv" in p
-        and not {"bq", "q_norm"} & p.keys()
+        and "bq" not in p
+        and ("q_norm" not in p or p["q_norm"]["scale"].ndim == p["k_norm"]["scale"].ndim == 1)  # one [Q] each
         and config.d_head >= 32
         and jnp.dtype(dtype) == jnp.dtype(cache_dtype)
     )
@@ -365,9 +367,13 @@ def _attend_rotating(
     tails = jnp.split(y[..., (H + 2 * K) * Q :], len(names), axis=-1) if len(scales) > 1 else None
     projection_scale = None if scales[0] is None else scales[0].reshape(H + 2 * K, Q)
     cos, sin = layers.rotary_tables(pos, layers.layer_frequencies(config, layer))  # [B, Q/2]
+    head_norm = None
+    if "q_norm" in p:  # Qwen3's, Gemma 3's: applied in the kernel before the rotation
+        # two [Q] operands: stacked in the step they took a kernel per layer (qwen3-8b, deviceless H100 compile)
+        head_norm = (p["q_norm"]["scale"], p["k_norm"]["scale"], config.norm_eps, config.norm_scale_offset)
     o, k, v = decode_attention.decode_attention_rotating(
         projection, H, cache.k, cache.v, layer, pos, cos, sin, context, scale,
-        out_heads=_padded_heads(p, cache.k.shape), projection_scale=projection_scale)  # fmt: skip
+        out_heads=_padded_heads(p, cache.k.shape), projection_scale=projection_scale, head_norm=head_norm)  # fmt: skip
     kv = kv_quant.storable(k, cache.k), kv_quant.storable(v, cache.v)
     if tails is None:
         return o, kv

@@ -105,6 +105,31 @@ def test_scaled_rotating_kernel_equals_scaling_first(
         run(projection, projection_scale=channel[1:])
 
 
+@pytest.mark.parametrize(("B", "H", "K", "Q", "offset"), [(1, 8, 1, 64, True), (2, 8, 2, 32, False)])
+def test_head_norms_in_the_kernel_equal_norming_first(B, H, K, Q, offset):
+    """head_norm (Qwen3's, Gemma 3's q_norm and k_norm, [Q] each) applied in the kernel before the rotation equals
+    `layers.head_norm` applied to the projection's q and k heads first (bf16, as XLA's path rounds them), within the
+    rounding of a mean square summed in another order."""
+    S = context = 80
+    projection, k_cache, v_cache = _rotating_operands(B, H, K, Q, S, 2, seed=3)
+    projection = projection * 3.0  # a mean square far from 1: a kernel that skipped the norm would show
+    q_scale, k_scale = (jax.random.normal(jax.random.key(i), (Q,), jnp.float32).astype(jnp.bfloat16) for i in (7, 8))
+    pos = jnp.arange(B, dtype=jnp.int32) * 17 + 9
+    cos, sin = layers.rotary_tables(pos, layers.rope_frequencies(Q // 2, 10000.0))
+    normed = projection.at[:, :, :H].set(layers.head_norm(projection[:, :, :H], q_scale, 1e-6, offset))
+    normed = normed.at[:, :, H : H + K].set(layers.head_norm(projection[:, :, H : H + K], k_scale, 1e-6, offset))
+    run = functools.partial(da.decode_attention_rotating, n_heads=H, k_cache=k_cache, v_cache=v_cache, layer=0,
+                            pos=pos, cos=cos, sin=sin, context=context, interpret=True)  # fmt: skip
+    got, want = run(projection, head_norm=(q_scale, k_scale, 1e-6, offset)), run(normed)
+    for name, a, b in zip(("o", "k", "v"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2,
+                                   err_msg=name)  # fmt: skip
+    unnormed = run(projection)
+    assert np.abs(np.asarray(got[1], np.float32) - np.asarray(unnormed[1], np.float32)).max() > 0.5
+    with pytest.raises(ValueError, match="head_norm's scales must be \\[Q\\] each"):
+        run(projection, head_norm=(q_scale[:-1], k_scale, 1e-6, offset))
+
+
 def test_rotating_needs_q_of_32_and_all_of_q_k_v():
     projection, k_cache, v_cache = _rotating_operands(1, 4, 1, 16, 32, 0)
     cos = sin = jnp.zeros((1, 8), jnp.float32)
@@ -146,6 +171,10 @@ def _decode_logits(monkeypatch, mode, params, config, steps=3):
         # the kernel writing 3 zero heads
         ("tiny-falcon", dict(d_head=64, n_heads=65), "int8", True),
         ("tiny", dict(d_head=32, n_kv_heads=2, parallel_block=False), "int8", False),  # int8, serial: scaled alone
+        # Qwen3's and Gemma 3's head norms, applied in the kernel before the rotation
+        ("tiny", dict(d_head=32, n_kv_heads=2, parallel_block=False, qk_norm=True), "bf16", False),
+        ("tiny-gemma3", dict(d_head=32, sliding_window=32), "bf16", False),  # window >= context: read whole
+        ("tiny-gemma3", dict(d_head=32, sliding_window=32), "int8", False),
     ],
 )
 def test_decode_steps_rotating_in_the_kernel_equal_xla(monkeypatch, preset, overrides, weights, merged):

@@ -227,7 +227,7 @@ def test_target_compiles_the_step_for_an_h100_without_one(tmp_path):
 def test_decode_attention_kernel_compiles_to_ptx_without_a_gpu():
     """benchmarks/triton_ptx.py runs Triton's own compiler (the CUDA plugin's) on the decode step's Pallas kernels:
     the attention at five shapes (one writing zero heads, one in head blocks), the attention rotating q and k itself
-    at seven (three of them applying an int8 wqkv's scale), the norm at six and a post-norm block's seam at two. A kernel Triton rejects would otherwise pass every CPU test and fail on the GPU."""
+    at nine (three of them applying an int8 wqkv's scale, two q and k head norms), the norm at six and a post-norm block's seam at two. A kernel Triton rejects would otherwise pass every CPU test and fail on the GPU."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_ptx.py"
     done = subprocess.run([sys.executable, str(script), "--target", "h100"], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -235,7 +235,7 @@ def test_decode_attention_kernel_compiles_to_ptx_without_a_gpu():
     lines = [line for line in done.stdout.splitlines() if "sm_90 PTX" in line]
     kinds = [line.split()[0] for line in lines]
     counts = kinds.count("rotating"), kinds.count("decode_norm"), kinds.count("decode_add_norm"), len(lines)
-    assert counts == (7, 6, 2, 20), done.stdout
+    assert counts == (9, 6, 2, 22), done.stdout
 
 
 # XLA:GPU's thunk sequence dump as jaxlib 0.10.2 prints it for the bench's loop (trimmed): the while's `condition:`
