@@ -91,3 +91,26 @@ def test_mixed_kinds_are_not_merged(monkeypatch):
     monkeypatch.delenv("MESHSERVE_INT8_MATMUL", raising=False)
     p, p16 = _layer("int8"), _layer("bf16")
     assert quant.concat_einsum(_x(p), [p["wqkv"], p16["w_up"]]) is None
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_gated_mlp_takes_gate_and_up_from_one_gemm(monkeypatch, weights):
+    """`layers.mlp_activation` of a gated MLP (no projections given) runs one GEMM over [w_gate, w_up], and its
+    activation equals the two einsums' bit for bit (bf16; int8 on XLA's path, each scaled as einsum scales)."""
+    from meshserve.model import layers
+
+    monkeypatch.delenv("MESHSERVE_INT8_MATMUL", raising=False)
+    config = CONFIG.replace(parallel_block=False)
+    p = _layer(weights)
+    x = _x(p)
+    calls = []
+
+    def counted(x, ws):
+        calls.append(len(ws))
+        return quant.concat_einsum(x, ws)
+
+    monkeypatch.setattr(layers, "concat_einsum", counted)
+    got = layers.mlp_activation(x, p, config)
+    assert calls == [2]
+    gate, up = (quant.einsum("BTE,EF->BTF", x, p[name]) for name in ("w_gate", "w_up"))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(layers.gate_activation(gate, config) * up))
