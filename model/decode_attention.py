@@ -196,14 +196,14 @@ def decode_attention_rotating(
 
     projection [B, 1, Hs, Q]: heads [0, H) are q, [H, H + K) the own k, [H + K, H + 2K) the own v, all before
     rotation (H = n_heads); heads past H + 2K are not read. cos / sin [B, Q/2] float32: each row's rotation at its
-    own position (`layers.rotary_tables`), rotate-half convention as `layers.rotate`. projection_scale [H + 2K, Q]
-    (or None): an int8 wqkv's per-channel scale, which the kernel applies to q, k and v as it loads them, rounding
-    to projection's dtype as XLA's int8 path does (the projection from `quant.concat_einsum`); XLA applied it in a kernel of its own
-    per layer (falcon-7b int8, deviceless H100 compile). Returns (o [B, 1, out_heads or H, Q], k [B, 1, K, Q]: the
-    own key rotated, v [B, 1, K, Q]: the own value, scaled), all in projection's dtype: k and v for the cache.
-    head_norm (or None): (q_norm's scale [Q], k_norm's [Q], eps, offset: 1 + scale), Qwen3's and Gemma 3's RMSNorm
-    of each q and k head, applied after the projection's scale and before the rotation, as `layers.head_norm`; XLA
-    spent a kernel per layer on the norms and rotation and one on concatenating q, k, v for the kernel (qwen3-8b).
+    own position (`layers.rotary_tables`), rotate-half convention as `layers.rotate`. projection_scale [H + 2K, Q] (or
+    None): an int8 wqkv's per-channel scale, which the kernel applies to q, k and v as it loads them, rounding to
+    projection's dtype as XLA's int8 path does (the projection from `quant.concat_einsum`); XLA applied it in a kernel
+    of its own per layer (falcon-7b int8, deviceless H100 compile). Returns (o [B, 1, out_heads or H, Q], k [B, 1, K,
+    Q]: the own key rotated, v [B, 1, K, Q]: the own value, scaled), all in projection's dtype: k and v for the cache.
+    head_norm (or None): (q_norm's scale [Q], k_norm's [Q], eps, offset: 1 + scale), Qwen3's and Gemma 3's RMSNorm of
+    each q and k head, applied after the projection's scale and before the rotation, as `layers.head_norm`; XLA spent a
+    kernel per layer on the norms and rotation and one on concatenating q, k, v for the kernel (qwen3-8b).
 
     Why: rotated by XLA, q and k took a kernel of their own per layer and step, between the input projection and
     this one (falcon-7b bf16 batch 1 on an H200: 1.6 us of ~125 us per layer). The projection may be the whole

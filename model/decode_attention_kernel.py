@@ -35,16 +35,16 @@ _STATIC = (
 def decode_attention_kernel(qkv, k_cache, v_cache, pos, *tables, n_heads, layer, context, scale, splits, block,
                             interpret, num_warps=4, num_stages=2, out_groups=None, head_block=None, scaled=False,
                             head_norm_eps=None, head_norm_offset=False):  # fmt: skip
-    """qkv [B, 1, Hs, Q] (q's H = n_heads heads, then the own k's K, then v's K; heads past H + 2K unread); caches
-    [N, B, S, K, Q]; pos [B]; tables: () (q and the own k arrive rotated) or (cos, sin) [B, Q/2] float32 (the kernel
-    rotates them), and with `scaled` then qkv's channel scale [H + 2K, Q] (applied to q, k, v as loaded) -> [B, K,
-    Go, Q] (G = H / K query heads per kv head, then zeros up to Go = out_groups, default G), with rotation also the
-    rotated own k [B, K, Q], and scaled also the scaled own v [B, K, Q]. head_norm_eps (not None): last in tables
-    the head norms' scales, q's and k's [Q] (Qwen3's and Gemma 3's q_norm, k_norm), applied to q and the own k
-    before the rotation as `layers.head_norm` does (RMS over Q, this eps, 1 + scale with head_norm_offset). num_warps, num_stages: Triton's launch config
-    (benchmarks/attn_sweep.py times others). head_block (one kv head only, a power of two >= 16): each program takes
-    that many of the query heads, not all G, so a batch-1 step runs cdiv(Go, head_block) programs where it ran one
-    (each reads the same keys; an option for attn_sweep to time)."""
+    """qkv [B, 1, Hs, Q] (q's H = n_heads heads, then the own k's K, then v's K; heads past H + 2K unread); caches [N,
+    B, S, K, Q]; pos [B]; tables: () (q and the own k arrive rotated) or (cos, sin) [B, Q/2] float32 (the kernel rotates
+    them), and with `scaled` then qkv's channel scale [H + 2K, Q] (applied to q, k, v as loaded) -> [B, K, Go, Q] (G = H
+    / K query heads per kv head, then zeros up to Go = out_groups, default G), with rotation also the rotated own k [B,
+    K, Q], and scaled also the scaled own v [B, K, Q]. head_norm_eps (not None): last in tables the head norms' scales,
+    q's and k's [Q] (Qwen3's and Gemma 3's q_norm, k_norm), applied to q and the own k before the rotation as
+    `layers.head_norm` does (RMS over Q, this eps, 1 + scale with head_norm_offset). num_warps, num_stages: Triton's
+    launch config (benchmarks/attn_sweep.py times others). head_block (one kv head only, a power of two >= 16): each
+    program takes that many of the query heads, not all G, so a batch-1 step runs cdiv(Go, head_block) programs where it
+    ran one (each reads the same keys; an option for attn_sweep to time)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 

@@ -20,7 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from meshserve.model import decode_attention, layers
+from meshserve.model import decode_attention
 from meshserve.model.config import ModelConfig
 from meshserve.model.decode_attention import run_kernel
 
@@ -225,7 +225,7 @@ def norms_in_kernel(config: ModelConfig, batch: int) -> bool:
     statistics, then their use) and the kernel one. That is LayerNorm (falcon-7b, palm-8b), and RMSNorm at batch 1
     only: from batch 8 XLA makes each RMSNorm one Triton fusion, which in Gemma 3 also takes the residual add and
     the post-norm, so there the kernel adds launches (deviceless H100 compile, gemma3-1b bf16 batch 8: 316 -> 434
-    kernels per step; llama-2-7b batch 64 402 either way). Post-norm blocks keep XLA's."""
+    kernels per step; llama-2-7b batch 64 402 either way). Post-norm blocks take `add_norms_in_kernel` instead."""
     if decode_attention.decode_attention_mode() != "pallas" or not norm_kernel_supported(config.d_model):
         return False
     return not config.post_norms and (config.norm == "layernorm" or batch == 1)
@@ -246,11 +246,8 @@ def add_norms_in_kernel(config: ModelConfig, batch: int) -> bool:
 
 
 def kernel_add_norm(a: jax.Array, x: jax.Array, post: dict, pre: dict, config: ModelConfig):
-    """A post-norm seam (x + norm(a; post), norm(that; pre)) as one kernel (`decode_add_norm`), or composed where a
-    norm has a bias (the kernel takes scales only)."""
-    if "bias" in post or "bias" in pre:
-        y = x + layers.norm(a, post, config)
-        return y, layers.norm(y, pre, config)
+    """A post-norm seam (x + norm(a; post), norm(that; pre)) as one kernel (`decode_add_norm`). RMSNorm
+    (`add_norms_in_kernel`): its params are a scale only (`params.declare`)."""
     return decode_add_norm(a, x, post["scale"], pre["scale"], kind=config.norm, eps=config.norm_eps,
                                        scale_offset=config.norm_scale_offset)  # fmt: skip
 

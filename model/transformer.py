@@ -295,7 +295,9 @@ def decode_step(
         return layers.layer_residual(x, p, attn, config, norm_fn), (new["k"], new["v"])
 
     if add_norm_fn is not None:  # (x, the MLP's output a and its post-norm, not yet added): layer 0 adds a = 0
-        x = (x, jnp.zeros_like(x), {"scale": jnp.zeros_like(params["final_norm"]["scale"])})
+        layer0 = params["layers"][0] if isinstance(params["layers"], list | tuple) else params["layers"]
+        post = jax.tree.map(lambda s: jnp.zeros(s.shape[-1:], s.dtype), layer0["mlp_out_norm"])  # as scan carries
+        x = (x, jnp.zeros_like(x), post)
     x, (k_new, v_new) = scan_layers(layer_fn, x, params["layers"], config.n_layers)  # [N, B, 1, K, Q]
     k = cache.k.at[:, rows, pos].set(k_new[:, :, 0])
     v = cache.v.at[:, rows, pos].set(v_new[:, :, 0])

@@ -225,9 +225,10 @@ def test_target_compiles_the_step_for_an_h100_without_one(tmp_path):
 
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the CUDA plugin (pip install 'jax[cuda13]'), not in CI")
 def test_decode_attention_kernel_compiles_to_ptx_without_a_gpu():
-    """benchmarks/triton_ptx.py runs Triton's own compiler (the CUDA plugin's) on the decode step's Pallas kernels:
-    the attention at five shapes (one writing zero heads, one in head blocks), the attention rotating q and k itself
-    at nine (three of them applying an int8 wqkv's scale, two q and k head norms), the norm at six and a post-norm block's seam at two. A kernel Triton rejects would otherwise pass every CPU test and fail on the GPU."""
+    """benchmarks/triton_ptx.py runs Triton's own compiler (the CUDA plugin's) on the decode step's Pallas kernels: the
+    attention at five shapes (one writing zero heads, one in head blocks), the attention rotating q and k itself at nine
+    (three of them applying an int8 wqkv's scale, two q and k head norms), the norm at six and a post-norm block's seam
+    at two. A kernel Triton rejects would otherwise pass every CPU test and fail on the GPU."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_ptx.py"
     done = subprocess.run([sys.executable, str(script), "--target", "h100"], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
