@@ -240,7 +240,8 @@ def run_kernel(kernel_fn, *args, interpret: bool | None, **static):
 def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, block, interpret, out_heads, head_block,
             projection_scale=None, head_norm=None):  # fmt: skip
     """`decode_attention` / `decode_attention_rotating`'s checks and platform choice -> (o [B, 1, Go, Q], () or
-    with `rotary` (rotated own k [B, K, Q],) and with a projection_scale also (scaled own v [B, K, Q],))."""
+    with `rotary` (rotated own k [B, K, Q],) and with a projection_scale also (scaled own v [B, K, Q],)). head_norm:
+    `decode_attention_rotating`'s (q's scale, k's scale, eps, offset), or None."""
     B, _, _, Q = qkv.shape
     K = k_cache.shape[3]
     out_heads = H if out_heads is None else out_heads

@@ -324,10 +324,9 @@ def _post_norm_layer(state: tuple, p: dict, attend_fn, config: ModelConfig, add_
 
 def _rotates_in_kernel(p: dict, config: ModelConfig, layer: Any, span: int, dtype: Any, cache_dtype: Any) -> bool:
     """Whether layer `layer` of a decode step takes `decode_attention_rotating` (the rotation inside the kernel):
-    a fused wqkv without biases (the kernel's operand is the projection as the GEMM wrote it; head norms of one
-    [Q] scale each it applies itself), a
-    static layer index reading its whole context, the cache's dtype, and a head dim of at least 32 (two dots of
-    Q/2 >= 16, Triton's least). Else `decode_attention`, after XLA's rotation."""
+    a fused wqkv without biases (the kernel's operand is the projection as the GEMM wrote it; head norms, one [Q]
+    scale each, it applies itself), a static layer index reading its whole context, the cache's dtype, and a head dim
+    of at least 32 (two dots of Q/2 >= 16, Triton's least). Else `decode_attention`, after XLA's rotation."""
     return (
         isinstance(layer, int)
         and not (span and config.layer_windows[layer])
