@@ -192,17 +192,26 @@ def _check_norm(preset: str, rows: int) -> bool:
                                               scale_offset=config.norm_scale_offset))  # fmt: skip
     got = np.asarray(kernel(x, p), np.float64)
     xla = np.asarray(jax.jit(lambda x, p: layers.norm(x, p, config))(x, p), np.float64)
-    x64 = np.asarray(x, np.float64)
-    if config.norm == "layernorm":
-        y = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + config.norm_eps)
-    else:
-        y = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + config.norm_eps)
-    y = y * np.asarray(p["scale"], np.float64) + (np.asarray(p["bias"], np.float64) if "bias" in p else 0.0)
+    y = _norm64(np.asarray(x, np.float64), p, config)
     err, err_xla = np.abs(got - y).max(), np.abs(xla - y).max()
     ok = bool(np.isfinite(got).all() and err <= max(2 * err_xla, 1e-2))
     print(json.dumps({"norm": config.norm, "E": E, "rows": rows, "max_error": round(float(err), 5),
                       "xla_max_error": round(float(err_xla), 5), "ok": ok}))  # fmt: skip
     return ok
+
+
+def _norm64(x64, p: dict, config):
+    """`layers.norm` in float64 (two-pass statistics) of x64 [..., E]: the checks' reference."""
+    import numpy as np
+
+    if config.norm == "layernorm":
+        y = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + config.norm_eps)
+    else:
+        y = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + config.norm_eps)
+    s = np.asarray(p["scale"], np.float64)
+    return y * (1.0 + s if config.norm_scale_offset else s) + (
+        np.asarray(p["bias"], np.float64) if "bias" in p else 0.0
+    )
 
 
 def _check_add_norm(preset: str) -> bool:
@@ -232,14 +241,8 @@ def _check_add_norm(preset: str) -> bool:
 
     y_xla, h_xla = (np.asarray(t, np.float64) for t in jax.jit(composed)(a, x))
 
-    def rms64(v, p):
-        s = np.asarray(p["scale"], np.float64)
-        return (
-            v / np.sqrt((v**2).mean(-1, keepdims=True) + config.norm_eps) * (1.0 + s if config.norm_scale_offset else s)
-        )
-
-    y64 = np.asarray(x, np.float64) + rms64(np.asarray(a, np.float64), post)
-    h64 = rms64(y64, pre)
+    y64 = np.asarray(x, np.float64) + _norm64(np.asarray(a, np.float64), post, config)
+    h64 = _norm64(y64, pre, config)
     errors = {name: (np.abs(got - want).max(), np.abs(ref - want).max())
               for name, got, ref, want in (("y", y, y_xla, y64), ("h", h, h_xla, h64))}  # fmt: skip
     ok = bool(np.isfinite(y).all() and np.isfinite(h).all())

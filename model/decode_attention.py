@@ -255,9 +255,7 @@ def _launch(qkv, H, k_cache, v_cache, layer, pos, context, scale, rotary, *, blo
     static = dict(n_heads=H, layer=layer, context=context, scale=scale, splits=splits_for(B, K, context),
                   block=block, out_groups=out_heads // K, head_block=head_block)  # fmt: skip
     tables = () if rotary is None else tuple(t.astype(jnp.float32) for t in rotary)
-    scaled = projection_scale is not None
-    if scaled and rotary is None:
-        raise ValueError("projection_scale is taken by the rotating kernel only")
+    scaled = projection_scale is not None  # given by decode_attention_rotating only, with rotary
     extras = (*tables, projection_scale) if scaled else tables
     if head_norm is not None:  # (q's scale [Q], k's [Q], eps, offset)
         extras += tuple(head_norm[:2])

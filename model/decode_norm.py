@@ -249,7 +249,7 @@ def kernel_add_norm(a: jax.Array, x: jax.Array, post: dict, pre: dict, config: M
     """A post-norm seam (x + norm(a; post), norm(that; pre)) as one kernel (`decode_add_norm`). RMSNorm
     (`add_norms_in_kernel`): its params are a scale only (`params.declare`)."""
     return decode_add_norm(a, x, post["scale"], pre["scale"], kind=config.norm, eps=config.norm_eps,
-                                       scale_offset=config.norm_scale_offset)  # fmt: skip
+                           scale_offset=config.norm_scale_offset)  # fmt: skip
 
 
 def decode_norm_label(config: ModelConfig, batch: int, cuda: bool | None = None) -> str:
@@ -266,4 +266,4 @@ def decode_norm_label(config: ModelConfig, batch: int, cuda: bool | None = None)
 def kernel_norm(x: jax.Array, p: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
     """`layers.norm` as one kernel (model/decode_norm.py): a decode step's norms where XLA launched two kernels."""
     return decode_norm(x, p["scale"], p.get("bias"), kind=config.norm, eps=config.norm_eps,
-                                   scale_offset=config.norm_scale_offset)  # fmt: skip
+                       scale_offset=config.norm_scale_offset)  # fmt: skip

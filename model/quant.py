@@ -277,8 +277,8 @@ def concat_einsum(x: jax.Array, weights: Sequence[jax.Array | QuantizedArray]) -
 
 
 def scaled_output(y: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """y [..., N] (a product `concat_einsum` left unscaled) times its channel scale [N] (None: as is): in float32,
-    rounded to y's dtype, as `einsum` applies an int8 weight's scale."""
+    """y [..., N] (an int8 weight's product, unscaled) times its channel scale (broadcastable to y; None: as is): in
+    float32, rounded to y's dtype. XLA's int8 path (`_convert_einsum`) and `concat_einsum`'s callers both use it."""
     return y if scale is None else (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(y.dtype)
 
 
@@ -289,5 +289,4 @@ def _convert_einsum(subscripts: str, x: jax.Array, w: QuantizedArray, out_dtype)
     at batch 1: wqkv and wo, 4 bytes written and read per weight byte); in the weights' own dtype the conversion
     stays inside the GEMM. The product is rounded to out_dtype once before the scale and once after."""
     y = jnp.einsum(subscripts, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
-    y = y.astype(jnp.float32) * _scale_for_output(subscripts, w.scale).astype(jnp.float32)
-    return y.astype(out_dtype)
+    return scaled_output(y, _scale_for_output(subscripts, w.scale))
